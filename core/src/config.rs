@@ -1,0 +1,456 @@
+//! The YAML configuration (seed design, "统一配置格式").
+//!
+//! Canonical form: `listen`, `backends`, and `scripts.<hook>` for each of
+//! the seven hooks (`enabled`, `script` | `script_file`, `timeout_ms`,
+//! `memory_mb`, `on_error`), with `scripts.defaults` for the global limits and
+//! `scripts.pool` for the VM pool. The seed's per-section snippets load too:
+//! `routing.script`, `routing.request_transform`, `routing.response_transform`,
+//! `auth`, `rate_limit`, `usage_hook` and `error_handler`.
+//!
+//! Every problem names its key path (`scripts.routing.timeout_ms: ...`);
+//! `script_file` paths are relative to the config file. Structural errors
+//! (unknown keys, wrong types) stop at the first one, as the YAML parser
+//! does; semantic errors (missing files, `script` and `script_file` both
+//! set, a hook defined twice, duplicate backends) are all collected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::hooks::HookName;
+
+/// Default per-call time limit.
+pub const DEFAULT_TIMEOUT_MS: u64 = 100;
+/// Default per-call memory allowance.
+pub const DEFAULT_MEMORY_MB: u64 = 10;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (`":8000"`, `"127.0.0.1:8000"`), for gateways.
+    pub listen: Option<String>,
+    /// The configured backends.
+    pub backends: Vec<BackendConfig>,
+    /// Enabled hooks, indexed by [`HookName::index`].
+    pub hooks: [Option<HookConfig>; 7],
+    /// Global script limits (after defaults).
+    pub defaults: ScriptLimits,
+    /// VM pool settings.
+    pub pool: PoolConfig,
+    /// The file this config was read from, if any.
+    pub path: Option<PathBuf>,
+}
+
+/// A backend from the config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Unique name, used by routing scripts.
+    pub name: String,
+    /// Base URL, e.g. `http://127.0.0.1:9000`.
+    pub url: String,
+    /// Balancer weight (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Extra headers sent upstream (e.g. an upstream API key).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// What a host does when a hook's script fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Act as if the script returned `nil` (the standard behaviour).
+    Standard,
+    /// Fail the request (503). The default for `auth`: fail closed.
+    Deny,
+}
+
+impl OnError {
+    /// The default policy of a hook (DESIGN.md §3).
+    pub fn default_for(hook: HookName) -> OnError {
+        match hook {
+            HookName::Auth => OnError::Deny,
+            _ => OnError::Standard,
+        }
+    }
+}
+
+/// Limits applied to one script call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptLimits {
+    /// Wall-clock time limit per call.
+    pub timeout_ms: u64,
+    /// Memory the script may allocate per call.
+    pub memory_mb: u64,
+    /// Maximum nesting of input and output tables.
+    pub max_depth: usize,
+    /// Maximum size of the hook's JSON input.
+    pub max_input_bytes: usize,
+    /// Maximum size of the script's result as JSON.
+    pub max_output_bytes: usize,
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        ScriptLimits {
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            memory_mb: DEFAULT_MEMORY_MB,
+            max_depth: 64,
+            max_input_bytes: 16 << 20,
+            max_output_bytes: 16 << 20,
+        }
+    }
+}
+
+/// VM pool settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most VMs alive at once (0 = two per CPU).
+    pub size: usize,
+    /// A VM is replaced after this many calls.
+    pub recycle_after_calls: u64,
+    /// A VM holding more than this after a call (and a full GC) is replaced.
+    pub recycle_memory_mb: u64,
+    /// How long a call waits for a free VM before failing.
+    pub checkout_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { size: 0, recycle_after_calls: 100_000, recycle_memory_mb: 32, checkout_timeout_ms: 1000 }
+    }
+}
+
+/// An enabled hook: its script, limits and failure policy.
+#[derive(Debug, Clone)]
+pub struct HookConfig {
+    /// Which hook.
+    pub hook: HookName,
+    /// The script.
+    pub script: Script,
+    /// Limits, after defaults.
+    pub limits: ScriptLimits,
+    /// Failure policy.
+    pub on_error: OnError,
+}
+
+/// A script's source and the name errors refer to it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    /// `scripts.routing` for inline scripts, the file path for files.
+    pub name: Arc<str>,
+    /// The Lua source text.
+    pub source: Arc<str>,
+}
+
+// ---- the YAML shape ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    #[serde(default)]
+    backends: Vec<BackendConfig>,
+    #[serde(default)]
+    scripts: RawScripts,
+    // The seed's per-section forms.
+    routing: Option<RawSeedRouting>,
+    auth: Option<RawHook>,
+    rate_limit: Option<RawHook>,
+    usage_hook: Option<RawHook>,
+    error_handler: Option<RawHook>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScripts {
+    defaults: Option<RawLimits>,
+    pool: Option<PoolConfig>,
+    routing: Option<RawHook>,
+    auth: Option<RawHook>,
+    request_transform: Option<RawHook>,
+    response_transform: Option<RawHook>,
+    rate_limit: Option<RawHook>,
+    usage: Option<RawHook>,
+    error_handler: Option<RawHook>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    timeout_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    max_depth: Option<usize>,
+    max_input_bytes: Option<usize>,
+    max_output_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    enabled: Option<bool>,
+    script: Option<String>,
+    script_file: Option<String>,
+    timeout_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    max_depth: Option<usize>,
+    max_input_bytes: Option<usize>,
+    max_output_bytes: Option<usize>,
+    on_error: Option<OnError>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSeedRouting {
+    enabled: Option<bool>,
+    script: Option<String>,
+    script_file: Option<String>,
+    timeout_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    on_error: Option<OnError>,
+    request_transform: Option<RawHook>,
+    response_transform: Option<RawHook>,
+}
+
+impl Config {
+    /// Read and validate a config file; `script_file`s are relative to it.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(format!("{}: cannot read config: {e}", path.display())))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut config = Config::from_yaml(&text, &base)?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parse and validate YAML text; `script_file`s are relative to `base_dir`.
+    pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let raw: RawConfig = match serde_path_to_error::deserialize(de) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                return Err(ConfigError::one(if path == "." {
+                    format!("config: {inner}")
+                } else {
+                    format!("{path}: {inner}")
+                }));
+            }
+        };
+        raw.resolve(base_dir)
+    }
+
+    /// A config with one inline script (used by `llmproxy hook`).
+    pub fn single_hook(hook: HookName, name: &str, source: &str, limits: ScriptLimits) -> Config {
+        let mut hooks: [Option<HookConfig>; 7] = Default::default();
+        hooks[hook.index()] = Some(HookConfig {
+            hook,
+            script: Script { name: Arc::from(name), source: Arc::from(source) },
+            limits,
+            on_error: OnError::default_for(hook),
+        });
+        Config {
+            listen: None,
+            backends: Vec::new(),
+            hooks,
+            defaults: limits,
+            pool: PoolConfig::default(),
+            path: None,
+        }
+    }
+
+    /// The enabled hook's settings, if it is enabled.
+    pub fn hook(&self, hook: HookName) -> Option<&HookConfig> {
+        self.hooks[hook.index()].as_ref()
+    }
+}
+
+impl RawConfig {
+    fn resolve(self, base_dir: &Path) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let defaults = apply_limits(ScriptLimits::default(), self.scripts.defaults.as_ref(), "scripts.defaults", &mut problems);
+
+        // (config key path, hook, section) in a fixed order.
+        let mut sections: Vec<(String, HookName, RawHook)> = Vec::new();
+        let s = self.scripts;
+        for (hook, raw) in [
+            (HookName::Routing, s.routing),
+            (HookName::Auth, s.auth),
+            (HookName::RequestTransform, s.request_transform),
+            (HookName::ResponseTransform, s.response_transform),
+            (HookName::RateLimit, s.rate_limit),
+            (HookName::Usage, s.usage),
+            (HookName::ErrorHandler, s.error_handler),
+        ] {
+            if let Some(raw) = raw {
+                sections.push((format!("scripts.{hook}"), hook, raw));
+            }
+        }
+        if let Some(r) = self.routing {
+            if r.script.is_some() || r.script_file.is_some() || r.enabled.is_some() {
+                let raw = RawHook {
+                    enabled: r.enabled,
+                    script: r.script,
+                    script_file: r.script_file,
+                    timeout_ms: r.timeout_ms,
+                    memory_mb: r.memory_mb,
+                    on_error: r.on_error,
+                    ..RawHook::default()
+                };
+                sections.push(("routing".into(), HookName::Routing, raw));
+            }
+            if let Some(raw) = r.request_transform {
+                sections.push(("routing.request_transform".into(), HookName::RequestTransform, raw));
+            }
+            if let Some(raw) = r.response_transform {
+                sections.push(("routing.response_transform".into(), HookName::ResponseTransform, raw));
+            }
+        }
+        for (key, hook, raw) in [
+            ("auth", HookName::Auth, self.auth),
+            ("rate_limit", HookName::RateLimit, self.rate_limit),
+            ("usage_hook", HookName::Usage, self.usage_hook),
+            ("error_handler", HookName::ErrorHandler, self.error_handler),
+        ] {
+            if let Some(raw) = raw {
+                sections.push((key.into(), hook, raw));
+            }
+        }
+
+        let mut hooks: [Option<HookConfig>; 7] = Default::default();
+        let mut defined_at: [Option<String>; 7] = Default::default();
+        for (key, hook, raw) in sections {
+            if let Some(first) = &defined_at[hook.index()] {
+                problems.push(format!("{key}: the {hook} hook is already defined at {first}"));
+                continue;
+            }
+            defined_at[hook.index()] = Some(key.clone());
+            if let Some(cfg) = resolve_hook(&key, hook, raw, defaults, base_dir, &mut problems) {
+                hooks[hook.index()] = Some(cfg);
+            }
+        }
+
+        let mut seen = BTreeMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.name.trim().is_empty() {
+                problems.push(format!("backends[{i}].name: must not be empty"));
+            }
+            if let Some(first) = seen.insert(b.name.clone(), i) {
+                problems.push(format!("backends[{i}].name: '{}' is already used by backends[{first}]", b.name));
+            }
+            if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
+                problems.push(format!("backends[{i}].url: '{}' must start with http:// or https://", b.url));
+            }
+        }
+
+        let pool = s.pool.unwrap_or_default();
+        if problems.is_empty() {
+            Ok(Config { listen: self.listen, backends: self.backends, hooks, defaults, pool, path: None })
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+fn apply_limits(mut base: ScriptLimits, raw: Option<&RawLimits>, key: &str, problems: &mut Vec<String>) -> ScriptLimits {
+    let Some(raw) = raw else { return base };
+    set_limits(
+        &mut base,
+        [raw.timeout_ms, raw.memory_mb],
+        [raw.max_depth, raw.max_input_bytes, raw.max_output_bytes],
+        key,
+        problems,
+    );
+    base
+}
+
+fn set_limits(
+    l: &mut ScriptLimits,
+    [timeout_ms, memory_mb]: [Option<u64>; 2],
+    [max_depth, max_input, max_output]: [Option<usize>; 3],
+    key: &str,
+    problems: &mut Vec<String>,
+) {
+    let mut check = |name: &str, v: u64, min: u64, max: u64| {
+        if v < min || v > max {
+            problems.push(format!("{key}.{name}: {v} is out of range ({min}..={max})"));
+        }
+    };
+    if let Some(v) = timeout_ms {
+        check("timeout_ms", v, 1, 60_000);
+        l.timeout_ms = v;
+    }
+    if let Some(v) = memory_mb {
+        check("memory_mb", v, 1, 4096);
+        l.memory_mb = v;
+    }
+    if let Some(v) = max_depth {
+        check("max_depth", v as u64, 2, 1000);
+        l.max_depth = v;
+    }
+    if let Some(v) = max_input {
+        check("max_input_bytes", v as u64, 1024, 1 << 32);
+        l.max_input_bytes = v;
+    }
+    if let Some(v) = max_output {
+        check("max_output_bytes", v as u64, 1024, 1 << 32);
+        l.max_output_bytes = v;
+    }
+}
+
+fn resolve_hook(
+    key: &str,
+    hook: HookName,
+    raw: RawHook,
+    defaults: ScriptLimits,
+    base_dir: &Path,
+    problems: &mut Vec<String>,
+) -> Option<HookConfig> {
+    let has_source = raw.script.is_some() || raw.script_file.is_some();
+    let enabled = raw.enabled.unwrap_or(has_source);
+    if !enabled {
+        return None;
+    }
+    let mut limits = defaults;
+    set_limits(
+        &mut limits,
+        [raw.timeout_ms, raw.memory_mb],
+        [raw.max_depth, raw.max_input_bytes, raw.max_output_bytes],
+        key,
+        problems,
+    );
+    let script = match (raw.script, raw.script_file) {
+        (Some(_), Some(_)) => {
+            problems.push(format!("{key}: set either 'script' or 'script_file', not both"));
+            return None;
+        }
+        (None, None) => {
+            problems.push(format!("{key}: enabled, but neither 'script' nor 'script_file' is set"));
+            return None;
+        }
+        (Some(source), None) => Script { name: Arc::from(key), source: Arc::from(source) },
+        (None, Some(file)) => {
+            let path = base_dir.join(&file);
+            match std::fs::read_to_string(&path) {
+                Ok(source) => Script { name: Arc::from(file.as_str()), source: Arc::from(source) },
+                Err(e) => {
+                    problems.push(format!("{key}.script_file: cannot read '{}': {e}", path.display()));
+                    return None;
+                }
+            }
+        }
+    };
+    Some(HookConfig { hook, script, limits, on_error: raw.on_error.unwrap_or(OnError::default_for(hook)) })
+}

@@ -1,0 +1,409 @@
+//! Lossless JSON <-> Lua conversion.
+//!
+//! Rules (DESIGN.md §4):
+//! - JSON arrays become Lua sequences carrying a hidden array marker, so an
+//!   emptied array (and `[]`) encodes back as `[]`. Objects become plain
+//!   tables; an unmarked empty table encodes as `{}`.
+//! - `null` becomes `json.null` (a NULL light userdata, as in lua-cjson).
+//! - Numbers are LuaJIT doubles: an integral value within ±2^53 encodes back as
+//!   a JSON integer, anything else as a float; NaN and infinities are errors.
+//! - Strings keep their bytes; a Lua string that is not UTF-8 cannot become
+//!   JSON and is an error, never silently replaced.
+//! - Depth and size are bounded in both directions: deep or cyclic tables are
+//!   errors, never a stack overflow.
+//!
+//! Request and response bodies are **lazy** ([`lazy_object`]): the Lua table a
+//! script sees is empty, and each top-level field is converted the first time
+//! it is read. A routing script that reads `request.body.viplevel` does not pay
+//! for a 1 MB `messages` array. Iterating (`pairs`, `next`) or writing a new
+//! key turns the table into a plain one first ([`materialize`]), so scripts
+//! see ordinary Lua semantics. Encoding a lazy table that was never
+//! materialized re-uses the original JSON for every field the script did not
+//! read, so untouched data round-trips byte for byte.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use mlua::{AnyUserData, Function, LightUserData, Lua, Table, Value as LuaValue};
+use serde_json::{Map, Number, Value};
+
+/// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
+pub const NULL: LightUserData = LightUserData(std::ptr::null_mut());
+/// `json.empty_array`: a sentinel that encodes as `[]`.
+pub const EMPTY_ARRAY: LightUserData = LightUserData(1 as *mut c_void);
+/// The hidden key under which a lazy table's cache keeps its JSON source.
+const SOURCE_KEY: LightUserData = LightUserData(2 as *mut c_void);
+/// Largest integer a double holds exactly (2^53).
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_992.0;
+
+/// Bounds applied to a conversion.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Maximum nesting of arrays/objects (the top level is depth 1).
+    pub max_depth: usize,
+    /// Maximum approximate size of the JSON text produced, in bytes.
+    pub max_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_depth: 64, max_bytes: 10 << 20 }
+    }
+}
+
+/// Why a Lua value could not become JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertError(pub String);
+
+impl std::fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConvertError {}
+
+impl From<mlua::Error> for ConvertError {
+    fn from(e: mlua::Error) -> Self {
+        ConvertError(e.to_string())
+    }
+}
+
+/// Per-VM objects the conversion needs: the array marker and the lazy-table
+/// machinery. Created once per VM by [`Markers::install`] and kept in the
+/// VM's app data so Rust callbacks reach them.
+pub(crate) struct Markers {
+    /// Metatable of every array decoded from JSON (`__metatable` hides it).
+    pub array_mt: Table,
+    /// Metatable of every lazy cache: `__index` loads a field from the source.
+    cache_mt: Table,
+    /// `__newindex` of lazy tables: materialise, then store.
+    lazy_newindex: Function,
+}
+
+/// The JSON value behind a lazy table.
+struct LazySource(Arc<Value>);
+
+impl Markers {
+    /// Create the markers in `lua` and store them in its app data.
+    pub fn install(lua: &Lua) -> mlua::Result<()> {
+        let array_mt = lua.create_table()?;
+        array_mt.raw_set("__metatable", "json.array")?;
+
+        let cache_mt = lua.create_table()?;
+        let loader = lua.create_function(|lua, (cache, key): (Table, LuaValue)| {
+            let LuaValue::String(name) = key else { return Ok(LuaValue::Nil) };
+            let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
+            let source = source.borrow::<LazySource>()?;
+            let name_str = name.to_str()?;
+            let Some(field) = source.0.as_object().and_then(|o| o.get(&*name_str)) else {
+                return Ok(LuaValue::Nil);
+            };
+            let value = json_to_lua(lua, field)?;
+            cache.raw_set(name, &value)?;
+            Ok(value)
+        })?;
+        cache_mt.raw_set("__index", loader)?;
+        cache_mt.raw_set("__metatable", false)?;
+
+        let lazy_newindex = lua.create_function(|lua, (t, k, v): (Table, LuaValue, LuaValue)| {
+            materialize(lua, &t)?;
+            t.raw_set(k, v)
+        })?;
+        lua.set_app_data(Markers { array_mt, cache_mt, lazy_newindex });
+        Ok(())
+    }
+}
+
+fn markers(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, Markers>> {
+    lua.app_data_ref::<Markers>()
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: conversion markers missing"))
+}
+
+/// Convert a JSON value to a Lua value, eagerly.
+pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
+    let m = markers(lua)?;
+    to_lua(lua, &m, value)
+}
+
+fn to_lua(lua: &Lua, m: &Markers, value: &Value) -> mlua::Result<LuaValue> {
+    Ok(match value {
+        Value::Null => LuaValue::LightUserData(NULL),
+        Value::Bool(b) => LuaValue::Boolean(*b),
+        Value::Number(n) => LuaValue::Number(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => LuaValue::String(lua.create_string(s)?),
+        Value::Array(items) => {
+            let t = lua.create_table_with_capacity(items.len(), 0)?;
+            for (i, item) in items.iter().enumerate() {
+                t.raw_set(i + 1, to_lua(lua, m, item)?)?;
+            }
+            t.set_metatable(Some(m.array_mt.clone()))?;
+            LuaValue::Table(t)
+        }
+        Value::Object(map) => {
+            let t = lua.create_table_with_capacity(0, map.len())?;
+            for (k, v) in map {
+                t.raw_set(k.as_str(), to_lua(lua, m, v)?)?;
+            }
+            LuaValue::Table(t)
+        }
+    })
+}
+
+/// A lazy Lua view of `value`: objects are converted field by field on first
+/// read; anything else is converted eagerly (arrays need a real length).
+pub fn lazy_object(lua: &Lua, value: Arc<Value>) -> mlua::Result<LuaValue> {
+    if !value.is_object() {
+        return json_to_lua(lua, &value);
+    }
+    let m = markers(lua)?;
+    let cache = lua.create_table()?;
+    cache.raw_set(SOURCE_KEY, lua.create_any_userdata(LazySource(value))?)?;
+    cache.set_metatable(Some(m.cache_mt.clone()))?;
+    let mt = lua.create_table_with_capacity(0, 3)?;
+    mt.raw_set("__index", cache)?;
+    mt.raw_set("__newindex", m.lazy_newindex.clone())?;
+    mt.raw_set("__metatable", false)?;
+    let t = lua.create_table()?;
+    t.set_metatable(Some(mt))?;
+    Ok(LuaValue::Table(t))
+}
+
+/// The cache table of a lazy table, or `None` for any other table.
+fn lazy_cache(t: &Table) -> Option<Table> {
+    let mt = t.metatable()?;
+    let cache: Table = mt.raw_get("__index").ok()?;
+    cache.raw_get::<AnyUserData>(SOURCE_KEY).ok()?;
+    Some(cache)
+}
+
+/// Turn a lazy table into a plain table holding every field (no-op for any
+/// other table). Called before iteration and on the first new key.
+pub fn materialize(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    let Some(cache) = lazy_cache(t) else { return Ok(()) };
+    let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
+    let source = source.borrow::<LazySource>()?;
+    if let Some(obj) = source.0.as_object() {
+        for (k, v) in obj {
+            let cached: LuaValue = cache.raw_get(k.as_str())?;
+            let value = if cached.is_nil() { json_to_lua(lua, v)? } else { cached };
+            t.raw_set(k.as_str(), value)?;
+        }
+    }
+    t.set_metatable(None)
+}
+
+/// Convert a Lua value to JSON within `limits`.
+pub fn lua_to_json(value: &LuaValue, limits: Limits) -> Result<Value, ConvertError> {
+    let mut enc = Encoder { limits, used: 0 };
+    enc.value(value, 1)
+}
+
+struct Encoder {
+    limits: Limits,
+    used: usize,
+}
+
+impl Encoder {
+    fn charge(&mut self, bytes: usize) -> Result<(), ConvertError> {
+        self.used = self.used.saturating_add(bytes);
+        if self.used > self.limits.max_bytes {
+            return Err(ConvertError(format!(
+                "value is larger than the limit of {} bytes",
+                self.limits.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, value: &LuaValue, depth: usize) -> Result<Value, ConvertError> {
+        match value {
+            LuaValue::Nil => {
+                self.charge(4)?;
+                Ok(Value::Null)
+            }
+            LuaValue::LightUserData(p) if p.0.is_null() => {
+                self.charge(4)?;
+                Ok(Value::Null)
+            }
+            LuaValue::LightUserData(p) if *p == EMPTY_ARRAY => {
+                self.charge(2)?;
+                Ok(Value::Array(Vec::new()))
+            }
+            LuaValue::Boolean(b) => {
+                self.charge(5)?;
+                Ok(Value::Bool(*b))
+            }
+            LuaValue::Integer(i) => {
+                self.charge(20)?;
+                Ok(Value::from(*i))
+            }
+            LuaValue::Number(n) => {
+                self.charge(24)?;
+                number(*n)
+            }
+            LuaValue::String(s) => {
+                let bytes = s.as_bytes();
+                self.charge(bytes.len() + 2)?;
+                match std::str::from_utf8(&bytes) {
+                    Ok(s) => Ok(Value::String(s.to_owned())),
+                    Err(e) => Err(ConvertError(format!(
+                        "string is not valid UTF-8 (invalid byte at offset {})",
+                        e.valid_up_to()
+                    ))),
+                }
+            }
+            LuaValue::Table(t) => {
+                if depth > self.limits.max_depth {
+                    return Err(ConvertError(format!(
+                        "nesting is deeper than {} levels (or the table refers to itself)",
+                        self.limits.max_depth
+                    )));
+                }
+                self.table(t, depth)
+            }
+            other => Err(ConvertError(format!("a {} cannot be converted to JSON", other.type_name()))),
+        }
+    }
+
+    fn table(&mut self, t: &Table, depth: usize) -> Result<Value, ConvertError> {
+        if let Some(cache) = lazy_cache(t) {
+            return self.lazy(&cache, depth);
+        }
+        let marked_array = t
+            .metatable()
+            .and_then(|mt| mt.raw_get::<String>("__metatable").ok())
+            .is_some_and(|tag| tag == "json.array");
+
+        let mut entries: Vec<(LuaValue, LuaValue)> = Vec::new();
+        for pair in t.pairs::<LuaValue, LuaValue>() {
+            entries.push(pair?);
+        }
+        let len = t.raw_len();
+        let is_sequence = entries.len() == len
+            && entries.iter().all(|(k, _)| match k {
+                LuaValue::Integer(i) => *i >= 1 && (*i as usize) <= len,
+                LuaValue::Number(n) => n.fract() == 0.0 && *n >= 1.0 && (*n as usize) <= len,
+                _ => false,
+            });
+
+        if is_sequence && (len > 0 || marked_array) {
+            self.charge(2)?;
+            let mut items = Vec::with_capacity(len);
+            for i in 1..=len {
+                let v: LuaValue = t.raw_get(i)?;
+                items.push(self.value(&v, depth + 1)?);
+            }
+            return Ok(Value::Array(items));
+        }
+        if marked_array {
+            return Err(ConvertError(String::from(
+                "a table marked as a JSON array has keys that are not 1..n",
+            )));
+        }
+        self.charge(2)?;
+        let mut map = Map::with_capacity(entries.len());
+        for (k, v) in &entries {
+            let key = match k {
+                LuaValue::String(s) => s
+                    .to_str()
+                    .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")))?
+                    .to_owned(),
+                LuaValue::Integer(i) => i.to_string(),
+                LuaValue::Number(n) if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER => {
+                    format!("{}", *n as i64)
+                }
+                LuaValue::Number(n) if n.is_finite() => n.to_string(),
+                other => {
+                    return Err(ConvertError(format!(
+                        "a table key of type {} cannot be a JSON object key",
+                        other.type_name()
+                    )))
+                }
+            };
+            self.charge(key.len() + 4)?;
+            let value = self.value(v, depth + 1)?;
+            map.insert(key, value);
+        }
+        Ok(Value::Object(map))
+    }
+
+    /// A lazy table never materialised: original JSON for every field the
+    /// script did not read, the (possibly modified) Lua value for the others.
+    fn lazy(&mut self, cache: &Table, depth: usize) -> Result<Value, ConvertError> {
+        let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
+        let source = source.borrow::<LazySource>()?;
+        let Some(obj) = source.0.as_object() else { return Ok((*source.0).clone()) };
+        let mut map = Map::with_capacity(obj.len());
+        for (k, original) in obj {
+            let cached: LuaValue = cache.raw_get(k.as_str())?;
+            let value = if cached.is_nil() {
+                self.charge(json_size(original))?;
+                if depth + json_depth(original) > self.limits.max_depth + 1 {
+                    return Err(ConvertError(format!(
+                        "nesting is deeper than {} levels",
+                        self.limits.max_depth
+                    )));
+                }
+                original.clone()
+            } else {
+                self.value(&cached, depth + 1)?
+            };
+            map.insert(k.clone(), value);
+        }
+        Ok(Value::Object(map))
+    }
+}
+
+fn number(n: f64) -> Result<Value, ConvertError> {
+    if !n.is_finite() {
+        return Err(ConvertError(format!("number {n} cannot be represented in JSON")));
+    }
+    if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
+        return Ok(Value::from(n as i64));
+    }
+    Number::from_f64(n)
+        .map(Value::Number)
+        .ok_or_else(|| ConvertError(format!("number {n} cannot be represented in JSON")))
+}
+
+/// Approximate encoded size of a JSON value (used for the output budget).
+fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 20,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => a.iter().map(json_size).sum::<usize>() + 2,
+        Value::Object(o) => o.iter().map(|(k, v)| k.len() + 4 + json_size(v)).sum::<usize>() + 2,
+    }
+}
+
+/// Nesting depth of a JSON value (scalars are 0, `[]` is 1).
+pub fn json_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Parse JSON text within `limits` (size, then depth). Deep nesting is an
+/// error from the parser's own recursion limit or from the depth check.
+pub fn parse_json(text: &[u8], limits: Limits) -> Result<Value, ConvertError> {
+    if text.len() > limits.max_bytes {
+        return Err(ConvertError(format!(
+            "JSON text is {} bytes, larger than the limit of {} bytes",
+            text.len(),
+            limits.max_bytes
+        )));
+    }
+    let value: Value = serde_json::from_slice(text).map_err(|e| ConvertError(format!("invalid JSON: {e}")))?;
+    let depth = json_depth(&value);
+    if depth > limits.max_depth {
+        return Err(ConvertError(format!(
+            "JSON nesting is {depth} levels, deeper than the limit of {}",
+            limits.max_depth
+        )));
+    }
+    Ok(value)
+}

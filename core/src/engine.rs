@@ -1,0 +1,247 @@
+//! The [`Engine`]: compiled hooks plus a VM pool, built once from a config.
+//!
+//! An engine is immutable and `Send + Sync`; share it in an `Arc`. A reload
+//! builds a new engine (compiling every script first) and swaps it in; calls
+//! in flight finish on the engine they started with.
+
+use std::sync::Arc;
+
+use mlua::{Lua, Table};
+use serde_json::Value;
+
+use crate::config::{Config, HookConfig};
+use crate::convert::{self, Limits};
+use crate::error::{ConfigError, ErrorKind, HookError};
+use crate::hooks::{
+    AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput, RateVerdict,
+    RequestInfo, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput,
+    RouteDecision, RoutingInput, UsageInput, UsageRecord,
+};
+use crate::pool::{Pool, PoolStats};
+use crate::vm::{CallSpec, Vm};
+
+/// Compiled hooks and the VMs that run them.
+pub struct Engine {
+    config: Arc<Config>,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("pool", &self.pool.stats()).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Build an engine, compiling every enabled script. Every compile error
+    /// is reported (`script:line: message`), not just the first.
+    pub fn new(config: Config) -> Result<Engine, ConfigError> {
+        let pool = Pool::new(config.pool);
+        let mut problems = Vec::new();
+        {
+            let mut vm = pool.checkout().map_err(|e| ConfigError::one(e.message))?;
+            for hook in config.hooks.iter().flatten() {
+                if let Err(e) = vm.vm().compile(&hook.script) {
+                    problems.push(format!("{}: Lua syntax error: {}", hook.script.name, e.message));
+                }
+            }
+            vm.finish();
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        Ok(Engine { config: Arc::new(config), pool })
+    }
+
+    /// The configuration this engine was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether `hook` has an enabled script.
+    pub fn is_enabled(&self, hook: HookName) -> bool {
+        self.config.hook(hook).is_some()
+    }
+
+    /// VM pool counters.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Run `hook` with globals built by `set_globals`. `Ok(None)` when the
+    /// hook is not enabled.
+    fn run_raw(
+        &self,
+        hook: HookName,
+        request_id: Option<&str>,
+        set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
+    ) -> Result<Option<(Value, &HookConfig)>, HookError> {
+        let Some(cfg) = self.config.hook(hook) else { return Ok(None) };
+        let spec = CallSpec { hook, script: &cfg.script, limits: &cfg.limits, request_id };
+        let mut vm = self.pool.checkout().map_err(|e| e.at(hook, &cfg.script.name))?;
+        let result = vm.vm().call(&spec, set_globals);
+        vm.finish();
+        drop(vm);
+        match result {
+            Ok(v) => Ok(Some((v, cfg))),
+            Err(e) => Err(self.report(e.at(hook, &cfg.script.name), request_id)),
+        }
+    }
+
+    fn run<I: HookInput>(&self, input: &I) -> Result<Option<Value>, HookError> {
+        Ok(self.run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))?.map(|(v, _)| v))
+    }
+
+    /// Log a failed call once, with everything an operator needs.
+    fn report(&self, e: HookError, request_id: Option<&str>) -> HookError {
+        tracing::warn!(
+            target: "llmproxy::hook",
+            request_id = request_id.unwrap_or("-"),
+            hook = e.hook.map_or("-", HookName::as_str),
+            script = %e.location(),
+            kind = e.kind.as_str(),
+            "hook failed: {}", e.message
+        );
+        e
+    }
+
+    fn checked<T>(&self, hook: HookName, rid: &str, r: Result<T, HookError>) -> Result<T, HookError> {
+        r.map_err(|e| match self.config.hook(hook) {
+            Some(cfg) => self.report(e.at(hook, &cfg.script.name), Some(rid)),
+            None => e,
+        })
+    }
+
+    /// `routing`: a backend from `input.backends`, or the default balancer.
+    pub fn route(&self, input: &RoutingInput<'_>) -> Result<RouteDecision, HookError> {
+        let Some(v) = self.run(input)? else { return Ok(RouteDecision::Default) };
+        let names = input.backends.iter().map(|b| b.name.as_str());
+        self.checked(HookName::Routing, &input.request.id, RouteDecision::from_result(&v, names))
+    }
+
+    /// `auth`: the script's verdict over the standard checks.
+    pub fn auth(&self, input: &AuthInput<'_>) -> Result<AuthVerdict, HookError> {
+        let Some(v) = self.run(input)? else { return Ok(AuthVerdict::Standard) };
+        self.checked(HookName::Auth, &input.request.id, AuthVerdict::from_result(&v))
+    }
+
+    /// `request_transform`: changes to the request, `None` for unchanged.
+    pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
+        let Some(v) = self.run(input)? else { return Ok(None) };
+        self.checked(HookName::RequestTransform, &input.request.id, RequestRewrite::from_result(&v))
+    }
+
+    /// `response_transform`: changes to the response, `None` for unchanged.
+    pub fn transform_response(
+        &self,
+        input: &ResponseTransformInput<'_>,
+    ) -> Result<Option<ResponseRewrite>, HookError> {
+        let Some(v) = self.run(input)? else { return Ok(None) };
+        self.checked(HookName::ResponseTransform, &input.request.id, ResponseRewrite::from_result(&v))
+    }
+
+    /// `rate_limit`: the script's verdict over the standard limiter.
+    pub fn rate_limit(&self, input: &RateLimitInput<'_>) -> Result<RateVerdict, HookError> {
+        let Some(v) = self.run(input)? else { return Ok(RateVerdict::Standard) };
+        self.checked(HookName::RateLimit, &input.request.id, RateVerdict::from_result(&v))
+    }
+
+    /// `usage`: the usage record to store.
+    pub fn usage(&self, input: &UsageInput<'_>) -> Result<UsageRecord, HookError> {
+        let Some(v) = self.run(input)? else { return Ok(UsageRecord::Raw) };
+        self.checked(HookName::Usage, &input.request.id, UsageRecord::from_result(&v))
+    }
+
+    /// `error_handler`: the error response to send.
+    pub fn handle_error(&self, input: &ErrorInput<'_>) -> Result<ErrorResponse, HookError> {
+        let Some(v) = self.run(input)? else { return Ok(ErrorResponse::Default) };
+        let fallback = input.error.status_code;
+        self.checked(HookName::ErrorHandler, &input.request.id, ErrorResponse::from_result(&v, fallback))
+    }
+
+    /// Run `hook` on a JSON object holding its globals (the form the CLI
+    /// and the C ABI take) and return the script's result as JSON (`null`
+    /// for nil), validated against the hook's contract. `request.body` and
+    /// `response.body` are lazy; `request.body_raw` (JSON text) is parsed
+    /// here instead of by the caller.
+    pub fn run_json(&self, hook: HookName, input: &Value) -> Result<Value, HookError> {
+        let Some(cfg) = self.config.hook(hook) else {
+            return Err(HookError::bad_input(format!("the {hook} hook is not enabled in this engine")));
+        };
+        let at = |e: HookError| e.at(hook, &cfg.script.name);
+        let obj = input
+            .as_object()
+            .ok_or_else(|| at(HookError::bad_input("hook input must be a JSON object of the hook's globals")))?;
+        let limits = Limits { max_depth: cfg.limits.max_depth, max_bytes: cfg.limits.max_input_bytes };
+        let depth = convert::json_depth(input);
+        if depth > cfg.limits.max_depth + 1 {
+            return Err(at(HookError::bad_input(format!(
+                "input nesting is {depth} levels, deeper than the limit of {}",
+                cfg.limits.max_depth
+            ))));
+        }
+        let request = match obj.get("request") {
+            Some(r) => Some(RequestInfo::from_json(r, limits).map_err(|e| at(HookError::bad_input(e)))?),
+            None => None,
+        };
+        let response = match obj.get("response") {
+            Some(r) => Some(ResponseInfo::from_json(r).map_err(|e| at(HookError::bad_input(e)))?),
+            None => None,
+        };
+        let request_id = request.as_ref().map(|r| r.id.clone());
+        let set_globals = |lua: &Lua, env: &Table| -> mlua::Result<()> {
+            for (name, value) in obj {
+                match name.as_str() {
+                    "request" => {}
+                    "response" => {}
+                    _ => env.raw_set(name.as_str(), convert::json_to_lua(lua, value)?)?,
+                }
+            }
+            if let Some(r) = &request {
+                env.raw_set("request", r.to_lua(lua)?)?;
+            }
+            if let Some(r) = &response {
+                env.raw_set("response", r.to_lua(lua)?)?;
+            }
+            Ok(())
+        };
+        let Some((value, _)) = self.run_raw(hook, request_id.as_deref(), set_globals)? else {
+            return Err(at(HookError::new(ErrorKind::Internal, "hook disappeared")));
+        };
+        let rid = request_id.as_deref().unwrap_or("-");
+        let validated = match hook {
+            HookName::Routing => {
+                let names = obj.get("backends").and_then(Value::as_object);
+                let names = names.into_iter().flat_map(|m| m.keys().map(String::as_str));
+                RouteDecision::from_result(&value, names).map(|_| ())
+            }
+            HookName::Auth => AuthVerdict::from_result(&value).map(|_| ()),
+            HookName::RequestTransform => RequestRewrite::from_result(&value).map(|_| ()),
+            HookName::ResponseTransform => ResponseRewrite::from_result(&value).map(|_| ()),
+            HookName::RateLimit => RateVerdict::from_result(&value).map(|_| ()),
+            HookName::Usage => UsageRecord::from_result(&value).map(|_| ()),
+            HookName::ErrorHandler => {
+                let fallback = obj
+                    .get("error")
+                    .and_then(|e| e.get("status_code"))
+                    .and_then(Value::as_u64)
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(500);
+                ErrorResponse::from_result(&value, fallback).map(|_| ())
+            }
+        };
+        self.checked(hook, rid, validated)?;
+        Ok(value)
+    }
+}
+
+/// A standalone VM for tests and tools that need a sandbox state without an
+/// engine (e.g. to check what a script can see).
+#[doc(hidden)]
+pub fn scratch_vm_eval(source: &str) -> Result<Value, HookError> {
+    let mut vm = Vm::new()?;
+    let script = crate::config::Script { name: Arc::from("scratch"), source: Arc::from(source) };
+    let limits = crate::config::ScriptLimits::default();
+    let spec = CallSpec { hook: HookName::Routing, script: &script, limits: &limits, request_id: None };
+    vm.call(&spec, |_, _| Ok(()))
+}

@@ -1,0 +1,96 @@
+//! `auth`: decide over the standard key checks.
+
+use mlua::{Lua, Table};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{expect_object, optional_status, optional_string, reject_unknown, required_bool, set_json, set_serialized};
+use super::{HookInput, HookName, RequestInfo};
+use crate::error::HookError;
+
+/// Results of the standard key checks, shown to the script as
+/// `standard_checks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandardChecks {
+    /// The key exists.
+    pub key_valid: bool,
+    /// The key's status is `active`.
+    pub status_active: bool,
+    /// The key has not expired.
+    pub not_expired: bool,
+    /// The client's address is in the key's `allowed_ips`.
+    pub ip_allowed: bool,
+    /// The key's quota is not used up.
+    pub quota_available: bool,
+}
+
+impl StandardChecks {
+    /// The standard verdict: every check passed.
+    pub fn all_passed(&self) -> bool {
+        self.key_valid && self.status_active && self.not_expired && self.ip_allowed && self.quota_available
+    }
+}
+
+/// Input of the `auth` hook.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthInput<'a> {
+    /// The client's request.
+    pub request: &'a RequestInfo,
+    /// The key's record (seed fields: key, user_id, name, status, quotas,
+    /// allowed_ips, expires_at); `null` when the key is unknown.
+    pub key_info: &'a Value,
+    /// The standard checks.
+    pub standard_checks: StandardChecks,
+}
+
+impl HookInput for AuthInput<'_> {
+    const HOOK: HookName = HookName::Auth;
+
+    fn request_id(&self) -> Option<&str> {
+        Some(&self.request.id)
+    }
+
+    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+        env.raw_set("request", self.request.to_lua(lua)?)?;
+        set_json(lua, env, "key_info", self.key_info)?;
+        set_serialized(lua, env, "standard_checks", &self.standard_checks)
+    }
+}
+
+/// What the auth script decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthVerdict {
+    /// `nil`: the standard verdict stands.
+    Standard,
+    /// `{allow = true}`: allowed, whatever the standard checks said.
+    Allow,
+    /// `{allow = false, reason?, status_code?}`: denied (403 by default).
+    Deny {
+        /// Shown to the client.
+        reason: Option<String>,
+        /// HTTP status for the denial.
+        status_code: u16,
+    },
+}
+
+impl AuthVerdict {
+    /// Status used when a denying script gives none.
+    pub const DEFAULT_DENY_STATUS: u16 = 403;
+
+    /// Validate a script result.
+    pub fn from_result(value: &Value) -> Result<Self, HookError> {
+        if value.is_null() {
+            return Ok(AuthVerdict::Standard);
+        }
+        let what = "auth";
+        let obj = expect_object(value, what)?;
+        reject_unknown(obj, &["allow", "reason", "status_code"], what)?;
+        if required_bool(obj, "allow", what)? {
+            return Ok(AuthVerdict::Allow);
+        }
+        Ok(AuthVerdict::Deny {
+            reason: optional_string(obj, "reason", what)?,
+            status_code: optional_status(obj, "status_code", what)?.unwrap_or(Self::DEFAULT_DENY_STATUS),
+        })
+    }
+}

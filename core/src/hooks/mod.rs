@@ -1,0 +1,128 @@
+//! Typed inputs and outputs of the seven hooks (DESIGN.md §1, seed design).
+//!
+//! Every hook input knows how to become the script's globals
+//! ([`HookInput::set_globals`]); every output is parsed from the JSON form of
+//! what the script returned and validated against the hook's contract, so a
+//! wrong type or an out-of-range value is a `bad_output` error naming the
+//! field. `nil` always means "use the standard behaviour".
+
+mod auth;
+mod error_handler;
+mod name;
+mod rate_limit;
+mod request;
+mod routing;
+mod transform;
+mod usage;
+
+pub use auth::{AuthInput, AuthVerdict, StandardChecks};
+pub use error_handler::{ErrorInfo, ErrorInput, ErrorResponse};
+pub use name::HookName;
+pub use rate_limit::{CurrentTime, RateLimitInput, RateLimitStatus, RateVerdict};
+pub use request::RequestInfo;
+pub use routing::{BackendStatus, RouteDecision, RoutingInput};
+pub use transform::{
+    HeaderChange, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput,
+};
+pub use usage::{UsageInput, UsageMetadata, UsageRecord};
+
+use mlua::{Lua, Table};
+use serde_json::{Map, Value};
+
+use crate::error::HookError;
+
+/// The input of one hook call: which hook, and how to build its globals.
+pub trait HookInput {
+    /// The hook this input is for.
+    const HOOK: HookName;
+
+    /// The request id, for log lines written by the script.
+    fn request_id(&self) -> Option<&str>;
+
+    /// Set the hook's globals in the per-call environment `env`.
+    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()>;
+}
+
+/// Set `name = value` in `env`, converting JSON eagerly.
+pub(crate) fn set_json(lua: &Lua, env: &Table, name: &str, value: &Value) -> mlua::Result<()> {
+    env.raw_set(name, crate::convert::json_to_lua(lua, value)?)
+}
+
+/// Set `name = <serialized value>` in `env`.
+pub(crate) fn set_serialized<T: serde::Serialize>(lua: &Lua, env: &Table, name: &str, value: &T) -> mlua::Result<()> {
+    let json = serde_json::to_value(value).map_err(mlua::Error::external)?;
+    set_json(lua, env, name, &json)
+}
+
+/// The object a table-returning hook gave back, or a `bad_output` error.
+fn expect_object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Value>, HookError> {
+    value
+        .as_object()
+        .ok_or_else(|| HookError::bad_output(format!("{what} must return a table or nil, got {}", json_type(value))))
+}
+
+/// Reject keys outside `allowed` (catches typos such as `alow = true`).
+fn reject_unknown(obj: &Map<String, Value>, allowed: &[&str], what: &str) -> Result<(), HookError> {
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(HookError::bad_output(format!(
+            "{what}: unknown field '{k}' (allowed: {})",
+            allowed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// A field that must be a boolean.
+fn required_bool(obj: &Map<String, Value>, key: &str, what: &str) -> Result<bool, HookError> {
+    match obj.get(key) {
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(HookError::bad_output(format!("{what}: '{key}' must be a boolean, got {}", json_type(other)))),
+        None => Err(HookError::bad_output(format!("{what}: '{key}' is required"))),
+    }
+}
+
+/// An optional string field (`json.null` counts as absent).
+fn optional_string(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<String>, HookError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => Err(HookError::bad_output(format!("{what}: '{key}' must be a string, got {}", json_type(other)))),
+    }
+}
+
+/// An optional HTTP status code (an integer in 100..=599).
+fn optional_status(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<u16>, HookError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(code @ 100..=599) => Ok(Some(code as u16)),
+            _ => Err(HookError::bad_output(format!("{what}: '{key}' must be an HTTP status code (100-599), got {n}"))),
+        },
+        Some(other) => Err(HookError::bad_output(format!("{what}: '{key}' must be a number, got {}", json_type(other)))),
+    }
+}
+
+/// An optional non-negative number.
+fn optional_non_negative(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<f64>, HookError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if x >= 0.0 => Ok(Some(x)),
+            _ => Err(HookError::bad_output(format!("{what}: '{key}' must be a number >= 0, got {n}"))),
+        },
+        Some(other) => Err(HookError::bad_output(format!("{what}: '{key}' must be a number, got {}", json_type(other)))),
+    }
+}
+
+/// The JSON type name of a value, as a script author would call it.
+pub(crate) fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nil",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "table",
+    }
+}

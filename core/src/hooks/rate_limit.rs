@@ -1,0 +1,94 @@
+//! `rate_limit`: decide over the standard rate limiter.
+
+use mlua::{Lua, Table};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{expect_object, optional_non_negative, optional_string, reject_unknown, required_bool, set_json, set_serialized};
+use super::{HookInput, HookName, RequestInfo};
+use crate::error::HookError;
+
+/// The standard limiter's view, shown as `rate_limit_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitStatus {
+    /// Requests left in the global window.
+    pub global_remaining: i64,
+    /// Requests left in this key's window.
+    pub key_remaining: i64,
+    /// This key's requests in flight.
+    pub concurrent_count: i64,
+}
+
+/// The clock as scripts see it (`current_time`), in the configured zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentTime {
+    /// Hour of day, 0-23.
+    pub hour: u32,
+    /// Day of week, 1 = Monday … 7 = Sunday (the seed's 3 = Wednesday).
+    pub weekday: u32,
+    /// Unix timestamp in seconds.
+    pub timestamp: i64,
+}
+
+/// Input of the `rate_limit` hook.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimitInput<'a> {
+    /// The client's request.
+    pub request: &'a RequestInfo,
+    /// The key's record (`null` when unknown).
+    pub key_info: &'a Value,
+    /// The standard limiter's counters.
+    pub rate_limit_status: RateLimitStatus,
+    /// The current time.
+    pub current_time: CurrentTime,
+}
+
+impl HookInput for RateLimitInput<'_> {
+    const HOOK: HookName = HookName::RateLimit;
+
+    fn request_id(&self) -> Option<&str> {
+        Some(&self.request.id)
+    }
+
+    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+        env.raw_set("request", self.request.to_lua(lua)?)?;
+        set_json(lua, env, "key_info", self.key_info)?;
+        set_serialized(lua, env, "rate_limit_status", &self.rate_limit_status)?;
+        set_serialized(lua, env, "current_time", &self.current_time)
+    }
+}
+
+/// What the rate-limit script decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateVerdict {
+    /// `nil`: the standard limiter's verdict stands.
+    Standard,
+    /// `{allow = true}`.
+    Allow,
+    /// `{allow = false, reason?, retry_after?}`: 429.
+    Deny {
+        /// Shown to the client.
+        reason: Option<String>,
+        /// Seconds, for `Retry-After`.
+        retry_after: Option<f64>,
+    },
+}
+
+impl RateVerdict {
+    /// Validate a script result.
+    pub fn from_result(value: &Value) -> Result<Self, HookError> {
+        if value.is_null() {
+            return Ok(RateVerdict::Standard);
+        }
+        let what = "rate_limit";
+        let obj = expect_object(value, what)?;
+        reject_unknown(obj, &["allow", "reason", "retry_after"], what)?;
+        if required_bool(obj, "allow", what)? {
+            return Ok(RateVerdict::Allow);
+        }
+        Ok(RateVerdict::Deny {
+            reason: optional_string(obj, "reason", what)?,
+            retry_after: optional_non_negative(obj, "retry_after", what)?,
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! `request_transform` and `response_transform`.
+
+use std::sync::Arc;
+
+use mlua::{Lua, Table};
+use serde_json::{Map, Value};
+
+use super::{expect_object, json_type, optional_status, reject_unknown, HookInput, HookName, RequestInfo};
+use crate::convert;
+use crate::error::HookError;
+
+/// Input of the `request_transform` hook (`request.backend_url` is set).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTransformInput<'a> {
+    /// The client's request, with `backend_url` filled in.
+    pub request: &'a RequestInfo,
+}
+
+impl HookInput for RequestTransformInput<'_> {
+    const HOOK: HookName = HookName::RequestTransform;
+
+    fn request_id(&self) -> Option<&str> {
+        Some(&self.request.id)
+    }
+
+    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+        env.raw_set("request", self.request.to_lua(lua)?)
+    }
+}
+
+/// A response as scripts see it (`response`).
+#[derive(Debug, Clone, Default)]
+pub struct ResponseInfo {
+    /// HTTP status from the backend.
+    pub status_code: u16,
+    /// The parsed body (for streams: this event's JSON).
+    pub body: Arc<Value>,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// Whether this is one event of a stream.
+    pub is_stream: bool,
+}
+
+impl ResponseInfo {
+    pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Table> {
+        let t = lua.create_table_with_capacity(0, 4)?;
+        t.raw_set("status_code", self.status_code)?;
+        t.raw_set("body", convert::lazy_object(lua, Arc::clone(&self.body))?)?;
+        let headers = lua.create_table_with_capacity(0, self.headers.len())?;
+        for (k, v) in &self.headers {
+            headers.raw_set(k.as_str(), v.as_str())?;
+        }
+        t.raw_set("headers", headers)?;
+        t.raw_set("is_stream", self.is_stream)?;
+        Ok(t)
+    }
+
+    /// Build from the JSON form the CLI and the C ABI take.
+    pub fn from_json(value: &Value) -> Result<ResponseInfo, String> {
+        let obj = value.as_object().ok_or_else(|| format!("'response' must be an object, got {}", json_type(value)))?;
+        let mut r = ResponseInfo { status_code: 200, ..Default::default() };
+        if let Some(code) = obj.get("status_code") {
+            r.status_code = code
+                .as_u64()
+                .and_then(|c| u16::try_from(c).ok())
+                .ok_or_else(|| String::from("'response.status_code' must be an integer"))?;
+        }
+        if let Some(body) = obj.get("body") {
+            r.body = Arc::new(body.clone());
+        }
+        if let Some(Value::Object(h)) = obj.get("headers") {
+            r.headers = h.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect();
+        }
+        r.is_stream = obj.get("is_stream").and_then(Value::as_bool).unwrap_or(false);
+        Ok(r)
+    }
+}
+
+/// Input of the `response_transform` hook.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseTransformInput<'a> {
+    /// The client's request.
+    pub request: &'a RequestInfo,
+    /// The backend's response.
+    pub response: &'a ResponseInfo,
+    /// The backend that answered.
+    pub backend_url: &'a str,
+    /// Upstream latency in milliseconds.
+    pub latency_ms: f64,
+}
+
+impl HookInput for ResponseTransformInput<'_> {
+    const HOOK: HookName = HookName::ResponseTransform;
+
+    fn request_id(&self) -> Option<&str> {
+        Some(&self.request.id)
+    }
+
+    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+        env.raw_set("request", self.request.to_lua(lua)?)?;
+        env.raw_set("response", self.response.to_lua(lua)?)?;
+        env.raw_set("backend_url", self.backend_url)?;
+        env.raw_set("latency_ms", self.latency_ms)
+    }
+}
+
+/// One header change asked for by a transform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderChange {
+    /// Set the header to this value (replacing any previous value).
+    Set(String),
+    /// Remove the header (`false` or `json.null` in the script).
+    Remove,
+}
+
+/// The request changes a `request_transform` script asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRewrite {
+    /// The new body; `None` keeps the original.
+    pub body: Option<Value>,
+    /// Header changes in a stable (name-sorted) order.
+    pub headers: Vec<(String, HeaderChange)>,
+}
+
+impl RequestRewrite {
+    /// Validate a script result; `Ok(None)` means "unchanged".
+    pub fn from_result(value: &Value) -> Result<Option<Self>, HookError> {
+        if value.is_null() {
+            return Ok(None);
+        }
+        let what = "request_transform";
+        let obj = expect_object(value, what)?;
+        reject_unknown(obj, &["body", "headers"], what)?;
+        Ok(Some(RequestRewrite { body: body_field(obj), headers: header_changes(obj, what)? }))
+    }
+}
+
+/// The response changes a `response_transform` script asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseRewrite {
+    /// The new status; `None` keeps the backend's.
+    pub status_code: Option<u16>,
+    /// The new body; `None` keeps the original.
+    pub body: Option<Value>,
+    /// Header changes in a stable (name-sorted) order.
+    pub headers: Vec<(String, HeaderChange)>,
+}
+
+impl ResponseRewrite {
+    /// Validate a script result; `Ok(None)` means "unchanged".
+    pub fn from_result(value: &Value) -> Result<Option<Self>, HookError> {
+        if value.is_null() {
+            return Ok(None);
+        }
+        let what = "response_transform";
+        let obj = expect_object(value, what)?;
+        reject_unknown(obj, &["status_code", "body", "headers"], what)?;
+        Ok(Some(ResponseRewrite {
+            status_code: optional_status(obj, "status_code", what)?,
+            body: body_field(obj),
+            headers: header_changes(obj, what)?,
+        }))
+    }
+}
+
+fn body_field(obj: &Map<String, Value>) -> Option<Value> {
+    obj.get("body").cloned()
+}
+
+/// Parse `headers = {name = "value" | false | json.null}`; names must be
+/// HTTP tokens and values must not contain CR, LF or NUL (no header
+/// injection through a script).
+pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
+    let headers = match obj.get("headers") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(h)) => h,
+        Some(Value::Array(a)) if a.is_empty() => return Ok(Vec::new()),
+        Some(other) => {
+            return Err(HookError::bad_output(format!("{what}: 'headers' must be a table, got {}", json_type(other))))
+        }
+    };
+    let mut out = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        if name.is_empty() || !name.bytes().all(is_token_byte) {
+            return Err(HookError::bad_output(format!("{what}: '{name}' is not a valid header name")));
+        }
+        let change = match value {
+            Value::Bool(false) | Value::Null => HeaderChange::Remove,
+            Value::String(s) => HeaderChange::Set(s.clone()),
+            Value::Number(n) => HeaderChange::Set(n.to_string()),
+            Value::Bool(true) => HeaderChange::Set(String::from("true")),
+            other => {
+                return Err(HookError::bad_output(format!(
+                    "{what}: header '{name}' must be a string, or false to remove it, got {}",
+                    json_type(other)
+                )))
+            }
+        };
+        if let HeaderChange::Set(v) = &change {
+            if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(HookError::bad_output(format!(
+                    "{what}: header '{name}' contains CR, LF or NUL"
+                )));
+            }
+        }
+        out.push((name.clone(), change));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}

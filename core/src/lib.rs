@@ -1,0 +1,37 @@
+//! # llmproxy-core
+//!
+//! The scripting core of LLMProxy: it runs small, untrusted Lua scripts at the
+//! seven decision points of an LLM API gateway and turns what they return into
+//! typed, validated decisions. It opens no sockets and reads no file it was
+//! not told to read (`script_file` entries of a config); hosts (the C ABI, the
+//! LuaJIT module, the standalone gateway) translate, this crate decides.
+//!
+//! Table of contents:
+//!
+//! - [`config`]: the YAML configuration format, validated with key paths.
+//! - [`engine`]: [`Engine`], built once from a [`Config`], with one typed entry
+//!   point per hook and a JSON entry point for generic hosts.
+//! - [`hooks`]: the typed inputs and outputs of every hook.
+//! - [`sandbox`]: the safe environment, helper libraries and limits.
+//! - [`pool`]: the bounded pool of sandboxed LuaJIT states.
+//! - [`convert`]: lossless JSON <-> Lua conversion, lazy request bodies.
+//! - [`error`]: the error types of this crate.
+//! - [`conformance`]: the shared conformance case format every host runs.
+
+pub mod config;
+pub mod conformance;
+pub mod convert;
+pub mod engine;
+pub mod error;
+pub mod hooks;
+pub mod pool;
+pub mod sandbox;
+mod vm;
+
+pub use config::Config;
+pub use engine::Engine;
+pub use error::{ConfigError, ErrorKind, HookError};
+pub use hooks::HookName;
+
+/// The version of this crate, as reported by every host.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,172 @@
+//! A bounded pool of sandboxed VMs, safe to use from many threads.
+//!
+//! A call checks a VM out, runs, and checks it back in. A VM that hit a
+//! limit (timeout, memory) or whose call panicked is dropped, never reused;
+//! a VM is also replaced after `recycle_after_calls` calls or when its heap
+//! stays above `recycle_memory_mb` after a full collection. When every VM is
+//! busy a caller waits up to `checkout_timeout_ms`, then fails with an
+//! `internal` error rather than queueing without bound.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config::PoolConfig;
+use crate::error::{ErrorKind, HookError};
+use crate::vm::Vm;
+
+/// Counters a host can export as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// VMs alive (idle + busy).
+    pub alive: usize,
+    /// VMs idle in the pool.
+    pub idle: usize,
+    /// VMs created since the pool was built.
+    pub created: u64,
+    /// VMs dropped after hitting a limit or a panic.
+    pub discarded: u64,
+    /// VMs dropped because of age or memory.
+    pub recycled: u64,
+}
+
+struct Inner {
+    idle: Vec<Vm>,
+    stats: PoolStats,
+}
+
+/// The pool. Owned by an [`crate::Engine`].
+pub struct Pool {
+    inner: Mutex<Inner>,
+    freed: Condvar,
+    max: usize,
+    config: PoolConfig,
+}
+
+impl Pool {
+    /// A pool with the given settings (`size` 0 means two VMs per CPU).
+    pub fn new(config: PoolConfig) -> Pool {
+        let max = if config.size == 0 {
+            std::thread::available_parallelism().map_or(4, |n| n.get() * 2)
+        } else {
+            config.size
+        };
+        Pool {
+            inner: Mutex::new(Inner { idle: Vec::new(), stats: PoolStats::default() }),
+            freed: Condvar::new(),
+            max,
+            config,
+        }
+    }
+
+    /// Most VMs this pool keeps alive at once.
+    pub fn capacity(&self) -> usize {
+        self.max
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> PoolStats {
+        let inner = self.lock();
+        PoolStats { idle: inner.idle.len(), ..inner.stats }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave `Inner` inconsistent
+        // (every update is a single assignment), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a VM, creating one if the pool is below capacity, else waiting.
+    pub(crate) fn checkout(&self) -> Result<PooledVm<'_>, HookError> {
+        let deadline = Instant::now() + Duration::from_millis(self.config.checkout_timeout_ms);
+        let mut inner = self.lock();
+        loop {
+            if let Some(vm) = inner.idle.pop() {
+                return Ok(PooledVm { pool: self, vm: Some(vm), healthy: false });
+            }
+            if inner.stats.alive < self.max {
+                inner.stats.alive += 1;
+                inner.stats.created += 1;
+                drop(inner);
+                return match Vm::new() {
+                    Ok(vm) => Ok(PooledVm { pool: self, vm: Some(vm), healthy: false }),
+                    Err(e) => {
+                        self.lock().stats.alive -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(HookError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "all {} script VMs are busy (waited {} ms)",
+                        self.max, self.config.checkout_timeout_ms
+                    ),
+                ));
+            }
+            inner = self.freed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    fn checkin(&self, vm: Vm, healthy: bool) {
+        let mut keep = healthy && !vm.poisoned();
+        let mut recycled = false;
+        if keep && vm.calls >= self.config.recycle_after_calls {
+            keep = false;
+            recycled = true;
+        }
+        let limit = usize::try_from(self.config.recycle_memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        if keep && vm.used_memory() > limit / 2 {
+            vm.collect();
+            if vm.used_memory() > limit {
+                keep = false;
+                recycled = true;
+            }
+        }
+        let mut inner = self.lock();
+        if keep {
+            inner.idle.push(vm);
+        } else {
+            inner.stats.alive -= 1;
+            if recycled {
+                inner.stats.recycled += 1;
+            } else {
+                inner.stats.discarded += 1;
+            }
+            drop(inner);
+            drop(vm);
+        }
+        self.freed.notify_one();
+    }
+}
+
+/// A checked-out VM; goes back to the pool when dropped, and is discarded
+/// unless the call marked it healthy (so a panic mid-call discards it).
+pub(crate) struct PooledVm<'a> {
+    pool: &'a Pool,
+    vm: Option<Vm>,
+    healthy: bool,
+}
+
+impl PooledVm<'_> {
+    /// The VM.
+    pub fn vm(&mut self) -> &mut Vm {
+        // `vm` is only taken in `drop`.
+        self.vm.as_mut().expect("PooledVm used after drop")
+    }
+
+    /// Mark the call as finished without a host-side failure.
+    pub fn finish(&mut self) {
+        self.healthy = true;
+    }
+}
+
+impl Drop for PooledVm<'_> {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            self.pool.checkin(vm, self.healthy);
+        }
+    }
+}

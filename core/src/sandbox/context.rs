@@ -1,0 +1,38 @@
+//! What a Rust helper needs to know about the call it runs in.
+
+use std::sync::Arc;
+
+use crate::convert::Limits;
+use crate::hooks::HookName;
+
+/// Lines a single call may log before further lines are dropped.
+pub const LOG_LINES_PER_CALL: u32 = 50;
+/// Longest log line a script may write; longer lines are cut.
+pub const LOG_LINE_MAX_BYTES: usize = 4096;
+
+/// Per-call facts, stored in the VM's app data for the duration of a call.
+#[derive(Debug, Clone)]
+pub(crate) struct CallContext {
+    pub hook: Option<HookName>,
+    pub script: Arc<str>,
+    pub request_id: Option<Arc<str>>,
+    pub limits: Limits,
+    /// Bytes the script may still allocate; bounds `string.rep` and
+    /// `json.encode` results before they are built outside the Lua heap.
+    pub memory_allowance: usize,
+    pub log_lines: u32,
+}
+
+impl CallContext {
+    /// The context of a VM between calls (compile checks, tests).
+    pub fn idle() -> Self {
+        CallContext {
+            hook: None,
+            script: Arc::from("-"),
+            request_id: None,
+            limits: Limits::default(),
+            memory_allowance: 10 << 20,
+            log_lines: 0,
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The helper libraries scripts may use (seed design, "Lua 脚本公共库"):
+//! `json`, `string_utils`, `time`, `hash`, `log`, plus the guarded
+//! `string.rep`. Every helper is Rust; none can block, touch a file or
+//! allocate more than the call's memory allowance.
+
+use std::fmt::Write as _;
+
+use chrono::format::StrftimeItems;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use md5::Md5;
+use mlua::{Lua, LuaString, Table, Value, Variadic};
+use sha2::{Digest, Sha256};
+
+use super::context::{CallContext, LOG_LINES_PER_CALL, LOG_LINE_MAX_BYTES};
+use crate::convert::{self, Limits, Markers};
+
+/// Default `time.format` output: RFC 3339 in UTC.
+const DEFAULT_TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%SZ";
+
+fn context(lua: &Lua) -> CallContext {
+    lua.app_data_ref::<CallContext>().map(|c| c.clone()).unwrap_or_else(CallContext::idle)
+}
+
+/// `json` helper table.
+pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set(
+        "encode",
+        lua.create_function(|lua, value: Value| {
+            let ctx = context(lua);
+            let limits = Limits { max_depth: ctx.limits.max_depth, max_bytes: ctx.memory_allowance };
+            let json = convert::lua_to_json(&value, limits)
+                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            let text = serde_json::to_string(&json).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            lua.create_string(text)
+        })?,
+    )?;
+    t.raw_set(
+        "decode",
+        lua.create_function(|lua, text: LuaString| {
+            let ctx = context(lua);
+            let limits = Limits { max_depth: ctx.limits.max_depth, max_bytes: ctx.memory_allowance };
+            let value = convert::parse_json(&text.as_bytes(), limits)
+                .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
+            convert::json_to_lua(lua, &value)
+        })?,
+    )?;
+    t.raw_set(
+        "array",
+        lua.create_function(|lua, t: Option<Table>| {
+            let t = match t {
+                Some(t) => t,
+                None => lua.create_table()?,
+            };
+            let mt = lua
+                .app_data_ref::<Markers>()
+                .map(|m| m.array_mt.clone())
+                .ok_or_else(|| mlua::Error::runtime("json.array: markers missing"))?;
+            t.set_metatable(Some(mt))?;
+            Ok(t)
+        })?,
+    )?;
+    t.raw_set("null", Value::LightUserData(convert::NULL))?;
+    t.raw_set("empty_array", Value::LightUserData(convert::EMPTY_ARRAY))?;
+    Ok(t)
+}
+
+/// `string_utils` helper table.
+pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set(
+        "split",
+        lua.create_function(|lua, (s, sep): (LuaString, Option<LuaString>)| {
+            let s = s.as_bytes();
+            let sep = sep.as_ref().map(|x| x.as_bytes().to_vec()).unwrap_or_else(|| b",".to_vec());
+            if sep.is_empty() {
+                return Err(mlua::Error::runtime("string_utils.split: delimiter must not be empty"));
+            }
+            let parts = lua.create_table()?;
+            let mut start = 0;
+            let mut n = 0;
+            for pos in memchr::memmem::find_iter(&s, &sep) {
+                n += 1;
+                parts.raw_set(n, lua.create_string(&s[start..pos])?)?;
+                start = pos + sep.len();
+            }
+            parts.raw_set(n + 1, lua.create_string(&s[start..])?)?;
+            if let Some(m) = lua.app_data_ref::<Markers>() {
+                parts.set_metatable(Some(m.array_mt.clone()))?;
+            }
+            Ok(parts)
+        })?,
+    )?;
+    t.raw_set(
+        "trim",
+        lua.create_function(|lua, s: LuaString| {
+            let b = s.as_bytes();
+            let is_space = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
+            let start = b.iter().position(|c| !is_space(c)).unwrap_or(b.len());
+            let end = b.iter().rposition(|c| !is_space(c)).map_or(start, |p| p + 1);
+            lua.create_string(&b[start..end])
+        })?,
+    )?;
+    t.raw_set(
+        "starts_with",
+        lua.create_function(|_, (s, p): (LuaString, LuaString)| Ok(s.as_bytes().starts_with(&p.as_bytes())))?,
+    )?;
+    t.raw_set(
+        "ends_with",
+        lua.create_function(|_, (s, p): (LuaString, LuaString)| Ok(s.as_bytes().ends_with(&p.as_bytes())))?,
+    )?;
+    Ok(t)
+}
+
+fn strftime_items(fmt: &str) -> mlua::Result<Vec<chrono::format::Item<'_>>> {
+    let items: Vec<_> = StrftimeItems::new(fmt).collect();
+    if items.iter().any(|i| matches!(i, chrono::format::Item::Error)) {
+        return Err(mlua::Error::runtime(format!("time: invalid format string '{fmt}'")));
+    }
+    Ok(items)
+}
+
+/// `time` helper table.
+pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set(
+        "now",
+        lua.create_function(|_, ()| {
+            let now = Utc::now();
+            Ok(now.timestamp() as f64 + f64::from(now.timestamp_subsec_millis()) / 1000.0)
+        })?,
+    )?;
+    t.raw_set(
+        "format",
+        lua.create_function(|_, (ts, fmt): (Option<f64>, Option<String>)| {
+            let ts = ts.unwrap_or_else(|| Utc::now().timestamp() as f64);
+            if !ts.is_finite() {
+                return Err(mlua::Error::runtime("time.format: timestamp must be a finite number"));
+            }
+            let secs = ts.floor();
+            let nanos = ((ts - secs) * 1e9) as u32;
+            let dt = Utc
+                .timestamp_opt(secs as i64, nanos)
+                .single()
+                .ok_or_else(|| mlua::Error::runtime(format!("time.format: timestamp {ts} is out of range")))?;
+            let fmt = fmt.unwrap_or_else(|| DEFAULT_TIME_FORMAT.to_owned());
+            let items = strftime_items(&fmt)?;
+            let mut out = String::new();
+            write!(out, "{}", dt.format_with_items(items.into_iter()))
+                .map_err(|_| mlua::Error::runtime("time.format: could not format"))?;
+            Ok(out)
+        })?,
+    )?;
+    t.raw_set(
+        "parse",
+        lua.create_function(|_, (s, fmt): (String, Option<String>)| {
+            let parsed = match fmt {
+                None => DateTime::parse_from_rfc3339(s.trim()).map(|d| d.timestamp()).map_err(|e| e.to_string()),
+                Some(fmt) => {
+                    strftime_items(&fmt)?;
+                    DateTime::parse_from_str(&s, &fmt)
+                        .map(|d| d.timestamp())
+                        .or_else(|_| NaiveDateTime::parse_from_str(&s, &fmt).map(|d| d.and_utc().timestamp()))
+                        .or_else(|_| {
+                            NaiveDate::parse_from_str(&s, &fmt)
+                                .map(|d| d.and_hms_opt(0, 0, 0).map_or(0, |d| d.and_utc().timestamp()))
+                        })
+                        .map_err(|e| e.to_string())
+                }
+            };
+            Ok(match parsed {
+                Ok(ts) => (Some(ts as f64), None),
+                Err(e) => (None, Some(format!("time.parse: cannot parse '{s}': {e}"))),
+            })
+        })?,
+    )?;
+    Ok(t)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// `hash` helper table (lowercase hex digests).
+pub(crate) fn hash(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set("md5", lua.create_function(|_, s: LuaString| Ok(hex(&Md5::digest(&*s.as_bytes()))))?)?;
+    t.raw_set("sha256", lua.create_function(|_, s: LuaString| Ok(hex(&Sha256::digest(&*s.as_bytes()))))?)?;
+    Ok(t)
+}
+
+#[derive(Clone, Copy)]
+enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+/// Join log arguments like `print` does (tab-separated `tostring`).
+fn log_message(args: &Variadic<Value>) -> String {
+    let mut msg = String::new();
+    for (i, v) in args.iter().enumerate() {
+        if i > 0 {
+            msg.push('\t');
+        }
+        match v.to_string() {
+            Ok(s) => msg.push_str(&s),
+            Err(_) => msg.push_str(v.type_name()),
+        }
+        if msg.len() > LOG_LINE_MAX_BYTES {
+            break;
+        }
+    }
+    if msg.len() > LOG_LINE_MAX_BYTES {
+        let mut cut = LOG_LINE_MAX_BYTES;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+        msg.push_str("…");
+    }
+    msg
+}
+
+fn emit(lua: &Lua, level: Level, args: Variadic<Value>) {
+    let Some(mut ctx) = lua.app_data_mut::<CallContext>() else { return };
+    ctx.log_lines += 1;
+    if ctx.log_lines > LOG_LINES_PER_CALL + 1 {
+        return;
+    }
+    let hook = ctx.hook.map_or("-", |h| h.as_str());
+    let script = ctx.script.clone();
+    let request_id = ctx.request_id.clone().unwrap_or_else(|| "-".into());
+    if ctx.log_lines == LOG_LINES_PER_CALL + 1 {
+        tracing::warn!(target: "llmproxy::script", request_id = %request_id, hook, script = %script,
+            "script log limit of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped");
+        return;
+    }
+    drop(ctx);
+    let msg = log_message(&args);
+    match level {
+        Level::Info => tracing::info!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}"),
+        Level::Warn => tracing::warn!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}"),
+        Level::Error => tracing::error!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}"),
+    }
+}
+
+/// `log` helper table; lines are tagged with the request id, hook and script.
+pub(crate) fn log(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    for (name, level) in [("info", Level::Info), ("warn", Level::Warn), ("error", Level::Error)] {
+        t.raw_set(
+            name,
+            lua.create_function(move |lua, args: Variadic<Value>| {
+                emit(lua, level, args);
+                Ok(())
+            })?,
+        )?;
+    }
+    Ok(t)
+}
+
+/// `string.rep` bounded by the call's memory allowance. LuaJIT's own `rep`
+/// loops `n` times even when the result is empty (`("").rep("", 1e15)`), and
+/// a C function cannot be interrupted by the time limit.
+pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
+    lua.create_function(|lua, (s, n, sep): (LuaString, f64, Option<LuaString>)| {
+        let s = s.as_bytes();
+        let sep = sep.as_ref().map(|x| x.as_bytes().to_vec()).unwrap_or_default();
+        if !(n >= 1.0) || (s.is_empty() && sep.is_empty()) {
+            return lua.create_string("");
+        }
+        let allowance = context(lua).memory_allowance as f64;
+        let total = n.floor() * s.len() as f64 + (n.floor() - 1.0) * sep.len() as f64;
+        if total > allowance {
+            return Err(mlua::Error::runtime(format!(
+                "string.rep: a result of {total} bytes is larger than the script's memory limit"
+            )));
+        }
+        let count = n as usize;
+        let mut out = Vec::with_capacity(total as usize);
+        for i in 0..count {
+            if i > 0 {
+                out.extend_from_slice(&sep);
+            }
+            out.extend_from_slice(&s);
+        }
+        lua.create_string(out)
+    })
+}

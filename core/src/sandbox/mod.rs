@@ -1,0 +1,166 @@
+//! The sandbox: a LuaJIT state in which untrusted scripts can run.
+//!
+//! What a script sees is data ([`allowlist`]): a safe subset of the base
+//! library, read-only proxies of `string`, `table`, `math`, `bit` and three
+//! functions of `os`, and the helpers `json`, `string_utils`, `time`, `hash`
+//! and `log`. Each call runs the compiled chunk with a fresh environment whose
+//! reads fall through to this read-only base, so nothing a script writes
+//! survives the call. The string metatable is hidden (`getmetatable("")` is
+//! `false`) and its `__index` points at the guarded string functions.
+//!
+//! Limits ([`watchdog`], `docs/adr/002-limits.md`): the JIT engine is off so
+//! the count hook always fires; pattern functions are a Rust port with a step
+//! budget ([`pattern`]); `string.rep` is bounded by the memory allowance; the
+//! memory limit itself is mlua's allocator limit, set around each call.
+
+pub mod allowlist;
+pub(crate) mod context;
+mod helpers;
+pub mod pattern;
+pub(crate) mod watchdog;
+
+use std::sync::Arc;
+
+use mlua::{HookTriggers, LuaOptions, StdLib, Table, Value, VmState};
+
+use crate::convert::{self, Markers};
+use context::CallContext;
+use watchdog::{Watchdog, HOOK_INTERVAL};
+
+const PRELUDE: &str = include_str!("prelude.lua");
+
+/// A freshly built sandbox state.
+pub(crate) struct SandboxState {
+    /// The Lua state. Its raw globals are emptied; scripts never run in them.
+    pub lua: mlua::Lua,
+    /// Metatable of every per-call environment: reads fall through to the
+    /// read-only base environment.
+    pub env_mt: Table,
+    /// The time limit of this state.
+    pub watchdog: Arc<Watchdog>,
+}
+
+/// Build a sandbox state. Fails only if LuaJIT itself fails to start.
+pub(crate) fn build() -> mlua::Result<SandboxState> {
+    let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::BIT | StdLib::OS | StdLib::JIT;
+    let lua = mlua::Lua::new_with(libs, LuaOptions::new())?;
+    let g = lua.globals();
+
+    // Count hooks never fire inside compiled traces: turn the JIT engine off
+    // for the whole state, then check that it stayed off.
+    lua.load("jit.off() jit.flush()").set_name("=llmproxy.jit_off").exec()?;
+    let jit_on: bool = lua.load("return (jit.status())").set_name("=llmproxy.jit_status").eval()?;
+    if jit_on {
+        return Err(mlua::Error::runtime("llmproxy: could not turn the JIT engine off"));
+    }
+
+    Markers::install(&lua)?;
+    lua.set_app_data(CallContext::idle());
+
+    let watchdog = Arc::new(Watchdog::new());
+    let hook_watchdog = Arc::clone(&watchdog);
+    lua.set_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), move |_, _| {
+        hook_watchdog.check()?;
+        Ok(VmState::Continue)
+    })?;
+
+    // Raw functions the prelude wraps, plus the Rust callbacks it needs.
+    let raw = lua.create_table()?;
+    for name in ["pcall", "xpcall", "next", "pairs", "rawget", "error", "setmetatable", "collectgarbage"] {
+        raw.raw_set(name, g.raw_get::<Value>(name)?)?;
+    }
+    let poison_watchdog = Arc::clone(&watchdog);
+    raw.raw_set(
+        "poisoned",
+        lua.create_function(move |_, err: Value| {
+            if is_memory_error(&err) {
+                poison_watchdog.set_memory_hit();
+            }
+            Ok(poison_watchdog.fired() || poison_watchdog.memory_hit())
+        })?,
+    )?;
+    raw.raw_set(
+        "materialize",
+        lua.create_function(|lua, t: Value| match t {
+            Value::Table(t) => convert::materialize(lua, &t),
+            _ => Ok(()),
+        })?,
+    )?;
+    raw.raw_set("log_info", helpers::log(&lua)?.raw_get::<Value>("info")?)?;
+    let prelude: Table = lua.load(PRELUDE).set_name("=llmproxy.prelude").call(raw)?;
+    let readonly: mlua::Function = prelude.raw_get("readonly")?;
+
+    let base = lua.create_table()?;
+    for name in allowlist::BASE {
+        base.raw_set(*name, g.raw_get::<Value>(*name)?)?;
+    }
+    for name in allowlist::WRAPPED {
+        base.raw_set(*name, prelude.raw_get::<Value>(*name)?)?;
+    }
+
+    // Libraries: copy the allowed functions into fresh tables, swap in the
+    // guarded versions, expose read-only proxies.
+    let mut safe_string = None;
+    for (lib, names) in allowlist::LIBRARIES {
+        let src: Table = g.raw_get(*lib)?;
+        let dst = lua.create_table()?;
+        for name in *names {
+            dst.raw_set(*name, src.raw_get::<Value>(*name)?)?;
+        }
+        if *lib == "string" {
+            dst.raw_set("rep", helpers::string_rep(&lua)?)?;
+            let step_watchdog = Arc::clone(&watchdog);
+            pattern::install(&lua, &dst, Arc::new(move || step_watchdog.check()))?;
+            safe_string = Some(dst.clone());
+        }
+        base.raw_set(*lib, readonly.call::<Table>((dst, *lib))?)?;
+    }
+    let helpers: [(&str, Table); 5] = [
+        ("json", helpers::json(&lua)?),
+        ("string_utils", helpers::string_utils(&lua)?),
+        ("time", helpers::time(&lua)?),
+        ("hash", helpers::hash(&lua)?),
+        ("log", helpers::log(&lua)?),
+    ];
+    for (name, table) in helpers {
+        base.raw_set(name, readonly.call::<Table>((table, name))?)?;
+    }
+
+    // String methods (`s:rep(n)`) go through the guarded table, and the
+    // string metatable cannot be fetched, so it cannot be changed.
+    let string_mt: Table = lua.load("return getmetatable('')").set_name("=llmproxy.string_mt").eval()?;
+    if let Some(safe_string) = safe_string {
+        string_mt.raw_set("__index", safe_string)?;
+    }
+    string_mt.raw_set("__metatable", false)?;
+
+    let env_mt = lua.create_table()?;
+    env_mt.raw_set("__index", base)?;
+    env_mt.raw_set("__metatable", false)?;
+
+    // Nothing runs in the raw globals from here on; empty them so that no
+    // forgotten path can reach `jit`, `os.exit` or the real libraries.
+    lua.set_globals(lua.create_table()?)?;
+    lua.gc_collect()?;
+
+    Ok(SandboxState { lua, env_mt, watchdog })
+}
+
+/// Whether an error value caught by `pcall` is an out-of-memory error.
+fn is_memory_error(err: &Value) -> bool {
+    match err {
+        Value::Error(e) => is_memory(e),
+        Value::String(s) => s.as_bytes().as_ref() == b"not enough memory",
+        _ => false,
+    }
+}
+
+/// Whether an mlua error is (or wraps) an out-of-memory error.
+pub(crate) fn is_memory(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::RuntimeError(m) => m == "not enough memory",
+        mlua::Error::CallbackError { cause, .. } => is_memory(cause),
+        _ => false,
+    }
+}

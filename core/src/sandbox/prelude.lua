@@ -1,0 +1,111 @@
+--- Sandbox prelude: builds the wrapped base functions of a sandbox VM.
+-- Runs once per VM, before any script, with the raw functions passed in as
+-- arguments; scripts never see this chunk or its upvalues.
+-- @module llmproxy.prelude
+
+local raw = ...
+
+local raw_pcall = raw.pcall
+local raw_xpcall = raw.xpcall
+local raw_next = raw.next
+local raw_pairs = raw.pairs
+local raw_rawget = raw.rawget
+local raw_error = raw.error
+local raw_setmetatable = raw.setmetatable
+local raw_collectgarbage = raw.collectgarbage
+local poisoned = raw.poisoned
+local materialize = raw.materialize
+local log_info = raw.log_info
+
+-- proxy -> real table, for every read-only library proxy.
+local proxies = raw_setmetatable({}, { __mode = "k" })
+
+local _M = {}
+
+--- Wrap `real` in a read-only proxy.
+-- @tparam table real the library table
+-- @tparam string name its global name, for the error message
+-- @treturn table the proxy
+function _M.readonly(real, name)
+    local function deny()
+        raw_error("attempt to modify read-only table '" .. name .. "'", 2)
+    end
+    local proxy = raw_setmetatable({}, { __index = real, __newindex = deny, __metatable = false })
+    proxies[proxy] = real
+    return proxy
+end
+
+local function reraise(ok, ...)
+    if not ok and poisoned((...)) then
+        raw_error((...), 0)
+    end
+    return ok, ...
+end
+
+--- `pcall` that cannot swallow a timeout or a memory error.
+function _M.pcall(f, ...)
+    return reraise(raw_pcall(f, ...))
+end
+
+--- `xpcall` that cannot swallow a timeout or a memory error, even when the
+-- handler replaces the error value.
+function _M.xpcall(f, handler, ...)
+    local first
+    local function record(e)
+        first = e
+        return handler(e)
+    end
+    local function check(ok, ...)
+        if not ok and poisoned(first) then
+            raw_error(first, 0)
+        end
+        return ok, ...
+    end
+    return check(raw_xpcall(f, record, ...))
+end
+
+--- `pairs` that materialises lazy bodies and iterates read-only libraries
+-- without handing out the real table.
+function _M.pairs(t)
+    local real = proxies[t]
+    if real then
+        return function(_, k)
+            return raw_next(real, k)
+        end, t, nil
+    end
+    materialize(t)
+    return raw_pairs(t)
+end
+
+--- `next`, with the same view as `pairs`.
+function _M.next(t, k)
+    local real = proxies[t]
+    if real then
+        return raw_next(real, k)
+    end
+    materialize(t)
+    return raw_next(t, k)
+end
+
+--- `rawget`, with the same view as `pairs`.
+function _M.rawget(t, k)
+    local real = proxies[t]
+    if real then
+        return raw_rawget(real, k)
+    end
+    materialize(t)
+    return raw_rawget(t, k)
+end
+
+--- `collectgarbage("count")` only.
+function _M.collectgarbage(opt)
+    if opt == "count" then
+        return raw_collectgarbage("count")
+    end
+    raw_error("collectgarbage: only \"count\" is allowed in scripts", 2)
+end
+
+--- `print` writes to the gateway log at info level.
+_M.print = log_info
+
+return _M

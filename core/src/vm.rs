@@ -1,0 +1,194 @@
+//! One sandboxed VM: a sandbox state, its compiled-chunk cache and the call
+//! protocol (fresh environment, limits armed only while the script runs).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlua::chunk::ChunkMode;
+use mlua::{Function, Lua, Table, Value};
+
+use crate::config::{Script, ScriptLimits};
+use crate::convert::{self, Limits};
+use crate::error::{ErrorKind, HookError};
+use crate::hooks::HookName;
+use crate::sandbox::context::CallContext;
+use crate::sandbox::{self, SandboxState};
+
+/// What one call runs and under which limits.
+pub(crate) struct CallSpec<'a> {
+    pub hook: HookName,
+    pub script: &'a Script,
+    pub limits: &'a ScriptLimits,
+    pub request_id: Option<&'a str>,
+}
+
+/// A sandboxed LuaJIT state with its compiled scripts.
+pub(crate) struct Vm {
+    state: SandboxState,
+    /// Compiled chunks by script content (source text is the key: a reload
+    /// with the same text re-uses the chunk).
+    chunks: HashMap<Arc<str>, Function>,
+    /// Calls made on this VM.
+    pub calls: u64,
+}
+
+impl Vm {
+    /// A new VM. Fails only if LuaJIT cannot start.
+    pub fn new() -> Result<Vm, HookError> {
+        let state = sandbox::build()
+            .map_err(|e| HookError::new(ErrorKind::Internal, format!("cannot create a sandbox VM: {e}")))?;
+        Ok(Vm { state, chunks: HashMap::new(), calls: 0 })
+    }
+
+    /// Whether this VM hit a limit and must not be reused.
+    pub fn poisoned(&self) -> bool {
+        self.state.watchdog.fired() || self.state.watchdog.memory_hit()
+    }
+
+    /// Bytes held by the Lua heap.
+    pub fn used_memory(&self) -> usize {
+        self.state.lua.used_memory()
+    }
+
+    /// Run a full garbage collection.
+    pub fn collect(&self) {
+        let _ = self.state.lua.gc_collect();
+    }
+
+    /// Compile `script` (text mode only) or return the cached chunk.
+    pub fn compile(&mut self, script: &Script) -> Result<Function, HookError> {
+        if let Some(f) = self.chunks.get(&script.source) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .state
+            .lua
+            .load(&*script.source)
+            .set_name(format!("={}", script.name))
+            .set_mode(ChunkMode::Text)
+            .into_function()
+            .map_err(|e| classify(e, &script.name, ErrorKind::ScriptError))?;
+        self.chunks.insert(Arc::clone(&script.source), f.clone());
+        Ok(f)
+    }
+
+    /// Run one call: `set_globals` fills the fresh environment, then the
+    /// script runs under its limits, and its first return value comes back
+    /// as JSON.
+    pub fn call(
+        &mut self,
+        spec: &CallSpec<'_>,
+        set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
+    ) -> Result<serde_json::Value, HookError> {
+        let chunk = self.compile(spec.script)?;
+        let lua = &self.state.lua;
+        let limits = Limits { max_depth: spec.limits.max_depth, max_bytes: spec.limits.max_output_bytes };
+        let memory = usize::try_from(spec.limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        self.calls += 1;
+
+        let env = lua.create_table().map_err(internal)?;
+        env.set_metatable(Some(self.state.env_mt.clone())).map_err(internal)?;
+        env.raw_set("_G", &env).map_err(internal)?;
+        set_globals(lua, &env).map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
+        chunk.set_environment(env).map_err(internal)?;
+
+        lua.set_app_data(CallContext {
+            hook: Some(spec.hook),
+            script: Arc::clone(&spec.script.name),
+            request_id: spec.request_id.map(Arc::from),
+            limits,
+            memory_allowance: memory,
+            log_lines: 0,
+        });
+
+        // Limits are armed only while the script runs: with a memory limit
+        // set, mlua protects every API call, which costs more than the call
+        // itself for the input tables built above (see ADR 002).
+        let used = lua.used_memory();
+        lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
+        self.state.watchdog.arm(Duration::from_millis(spec.limits.timeout_ms));
+        let result = chunk.call::<Value>(());
+        self.state.watchdog.disarm();
+        let _ = lua.set_memory_limit(0);
+
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if self.state.watchdog.fired() {
+                    return Err(located(
+                        HookError::new(
+                            ErrorKind::Timeout,
+                            format!("script exceeded its time limit of {} ms", spec.limits.timeout_ms),
+                        ),
+                        &e,
+                        &spec.script.name,
+                    ));
+                }
+                if sandbox::is_memory(&e) || self.state.watchdog.memory_hit() {
+                    self.state.watchdog.set_memory_hit();
+                    return Err(located(
+                        HookError::new(
+                            ErrorKind::Memory,
+                            format!("script exceeded its memory limit of {} MB", spec.limits.memory_mb),
+                        ),
+                        &e,
+                        &spec.script.name,
+                    ));
+                }
+                return Err(classify(e, &spec.script.name, ErrorKind::ScriptError));
+            }
+        };
+        convert::lua_to_json(&value, limits).map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
+    }
+}
+
+fn internal(e: mlua::Error) -> HookError {
+    HookError::new(ErrorKind::Internal, e.to_string())
+}
+
+/// The innermost message of an mlua error, without mlua's traceback.
+fn message(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::CallbackError { cause, .. } => message(cause),
+        mlua::Error::RuntimeError(m) | mlua::Error::MemoryError(m) => strip_traceback(m),
+        mlua::Error::SyntaxError { message, .. } => strip_traceback(message),
+        mlua::Error::WithContext { cause, context } => format!("{context}: {}", message(cause)),
+        other => strip_traceback(&other.to_string()),
+    }
+}
+
+fn strip_traceback(m: &str) -> String {
+    m.split("\nstack traceback:").next().unwrap_or(m).trim_end().to_owned()
+}
+
+/// The first `script:LINE:` in the error's text or traceback.
+fn line_of(e: &mlua::Error, script: &str) -> Option<u32> {
+    let text = match e {
+        mlua::Error::CallbackError { traceback, cause } => format!("{}\n{traceback}", message(cause)),
+        other => other.to_string(),
+    };
+    let needle = format!("{script}:");
+    text.match_indices(&needle).find_map(|(i, _)| {
+        let rest = &text[i + needle.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if rest[digits.len()..].starts_with(':') {
+            digits.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+fn classify(e: mlua::Error, script: &str, kind: ErrorKind) -> HookError {
+    let mut err = HookError::new(kind, message(&e));
+    err.line = line_of(&e, script);
+    err.script = Some(script.to_owned());
+    err
+}
+
+fn located(mut err: HookError, cause: &mlua::Error, script: &str) -> HookError {
+    err.line = line_of(cause, script);
+    err.script = Some(script.to_owned());
+    err
+}
