@@ -241,12 +241,13 @@ impl Config {
             Ok(raw) => raw,
             Err(e) => {
                 let path = e.path().to_string();
-                let inner = e.into_inner();
-                return Err(ConfigError::one(if path == "." {
-                    format!("config: {inner}")
-                } else {
-                    format!("{path}: {inner}")
-                }));
+                let inner = e.into_inner().to_string();
+                // The YAML parser names a (sometimes shorter) path itself.
+                let message = match inner.split_once(": ") {
+                    Some((head, rest)) if path.starts_with(head) => rest,
+                    _ => inner.as_str(),
+                };
+                return Err(ConfigError::one(if path == "." { inner.clone() } else { format!("{path}: {message}") }));
             }
         };
         raw.resolve(base_dir)

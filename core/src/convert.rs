@@ -302,7 +302,7 @@ impl Encoder {
             )));
         }
         self.charge(2)?;
-        let mut map = Map::with_capacity(entries.len());
+        let mut fields = Vec::with_capacity(entries.len());
         for (k, v) in &entries {
             let key = match k {
                 LuaValue::String(s) => s
@@ -322,6 +322,13 @@ impl Encoder {
                 }
             };
             self.charge(key.len() + 4)?;
+            fields.push((key, v));
+        }
+        // Lua tables have no order; sorted keys make the output the same in
+        // every host and every run.
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut map = Map::with_capacity(fields.len());
+        for (key, v) in fields {
             let value = self.value(v, depth + 1)?;
             map.insert(key, value);
         }

@@ -42,7 +42,7 @@ impl Engine {
             let mut vm = pool.checkout().map_err(|e| ConfigError::one(e.message))?;
             for hook in config.hooks.iter().flatten() {
                 if let Err(e) = vm.vm().compile(&hook.script) {
-                    problems.push(format!("{}: Lua syntax error: {}", hook.script.name, e.message));
+                    problems.push(format!("{} hook: {}", hook.hook, e.message));
                 }
             }
             vm.finish();

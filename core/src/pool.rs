@@ -17,6 +17,8 @@ use crate::vm::Vm;
 /// Counters a host can export as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
+    /// Most VMs the pool keeps alive at once.
+    pub capacity: usize,
     /// VMs alive (idle + busy).
     pub alive: usize,
     /// VMs idle in the pool.
@@ -58,15 +60,10 @@ impl Pool {
         }
     }
 
-    /// Most VMs this pool keeps alive at once.
-    pub fn capacity(&self) -> usize {
-        self.max
-    }
-
     /// Current counters.
     pub fn stats(&self) -> PoolStats {
         let inner = self.lock();
-        PoolStats { idle: inner.idle.len(), ..inner.stats }
+        PoolStats { capacity: self.max, idle: inner.idle.len(), ..inner.stats }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -277,7 +277,9 @@ pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
         let allowance = context(lua).memory_allowance as f64;
         let total = n.floor() * s.len() as f64 + (n.floor() - 1.0) * sep.len() as f64;
         if total > allowance {
-            return Err(mlua::Error::runtime(format!(
+            // A memory error, like the allocator's: the VM is discarded and
+            // the sandbox pcall re-raises it.
+            return Err(mlua::Error::MemoryError(format!(
                 "string.rep: a result of {total} bytes is larger than the script's memory limit"
             )));
         }

@@ -55,7 +55,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use mlua::{Function, Lua, MultiValue, String as LuaString, Table, Value};
+use mlua::{Function, Lua, LuaString, MultiValue, Table, Value};
 
 /// The check callback, shared by every function [`install`] creates. It is
 /// called every [`CHECK_INTERVAL`] matcher steps; returning `Err` aborts the

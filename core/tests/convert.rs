@@ -1,0 +1,148 @@
+//! JSON <-> Lua conversion through real hook calls: lossless round trips,
+//! lazy bodies, and limits in both directions.
+
+use llmproxy_core::config::ScriptLimits;
+use llmproxy_core::{Config, Engine, ErrorKind, HookName};
+use serde_json::{json, Value};
+
+fn engine(hook: HookName, source: &str) -> Engine {
+    Engine::new(Config::single_hook(hook, "test", source, ScriptLimits::default())).expect("compiles")
+}
+
+/// Run a `usage` script (its result is free-form JSON) with `input`.
+fn usage(source: &str, input: Value) -> Result<Value, (ErrorKind, String)> {
+    engine(HookName::Usage, source).run_json(HookName::Usage, &input).map_err(|e| (e.kind, e.message))
+}
+
+#[test]
+fn values_round_trip_unchanged() {
+    // Each value goes in as `usage.v` and comes back as the script's `v`.
+    let values = [
+        json!([]),
+        json!({}),
+        json!(null),
+        json!([null, 1, "x"]),
+        json!({"a": {"b": [[], {}, [[]]]}}),
+        json!(0),
+        json!(-17),
+        json!(9007199254740992i64),
+        json!(-9007199254740992i64),
+        json!(1.5),
+        json!(1e-7),
+        json!(123456.789),
+        json!("plain"),
+        json!("ünïcödé 你好 🎉"),
+        json!("quote \" backslash \\ newline \n tab \t nul \u{0}"),
+        json!(true),
+        json!({"nested": {"deep": {"deeper": {"deepest": [1, 2, 3]}}}}),
+    ];
+    for v in values {
+        let got = usage("return {v = usage.v}", json!({"usage": {"v": v.clone()}}));
+        assert_eq!(got, Ok(json!({ "v": v })), "value {v}");
+    }
+}
+
+#[test]
+fn json_helper_round_trips_and_marks_arrays() {
+    let cases: &[(&str, Value)] = &[
+        ("return {s = json.encode(json.decode('[]'))}", json!({"s": "[]"})),
+        ("return {s = json.encode(json.decode('{}'))}", json!({"s": "{}"})),
+        ("return {s = json.encode({})}", json!({"s": "{}"})),
+        ("return {s = json.encode(json.array())}", json!({"s": "[]"})),
+        ("return {s = json.encode(json.empty_array)}", json!({"s": "[]"})),
+        ("return {s = json.encode({1, 2, 3})}", json!({"s": "[1,2,3]"})),
+        ("return {s = json.encode({a = json.null})}", json!({"s": "{\"a\":null}"})),
+        ("local t = json.decode('[1]'); table.remove(t); return {s = json.encode(t)}", json!({"s": "[]"})),
+        ("return {s = json.encode({[1] = 'a', [3] = 'c'})}", json!({"s": "{\"1\":\"a\",\"3\":\"c\"}"})),
+        ("return {n = json.decode('{\"x\": 2.5}').x * 2}", json!({"n": 5})),
+        ("return {ok = json.decode('null') == json.null}", json!({"ok": true})),
+        ("local t = string_utils.split('a,b,,c', ','); return {n = #t, s = json.encode(t)}", json!({"n": 4, "s": "[\"a\",\"b\",\"\",\"c\"]"})),
+        ("return {s = string_utils.trim('  x y \\n')}", json!({"s": "x y"})),
+        ("return {a = string_utils.starts_with('gpt-4o', 'gpt-'), b = string_utils.ends_with('gpt-4o', '4')}", json!({"a": true, "b": false})),
+        ("return {m = hash.md5('abc'), s = hash.sha256('')}", json!({"m": "900150983cd24fb0d6963f7d28e17f72", "s": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"})),
+        ("return {t = time.format(0), p = time.parse('2026-12-31T23:59:59Z')}", json!({"t": "1970-01-01T00:00:00Z", "p": 1798761599})),
+        ("return {t = time.format(86400 * 3, '%Y-%m-%d %a'), p = time.parse('2024-01-16 08:00', '%Y-%m-%d %H:%M')}", json!({"t": "1970-01-04 Sun", "p": 1705392000})),
+        ("local v, err = time.parse('nope'); return {v = v, err = err ~= nil}", json!({"err": true})),
+        ("return {ok = type(time.now()) == 'number' and time.now() > 1.7e9}", json!({"ok": true})),
+    ];
+    for (src, want) in cases {
+        assert_eq!(usage(src, json!({})), Ok(want.clone()), "{src}");
+    }
+}
+
+#[test]
+fn lazy_body_round_trips_untouched_fields_byte_for_byte() {
+    let body = json!({"model": "gpt-4", "n": 1.0, "big": 12345678901234567890u64, "tools": [], "meta": {}, "x": null});
+    let rt = engine(HookName::RequestTransform, "return {body = request.body}");
+    let got = rt.run_json(HookName::RequestTransform, &json!({"request": {"id": "r", "body": body.clone()}})).unwrap();
+    // Not read by the script: the original JSON (1.0 stays 1.0, u64 stays exact).
+    assert_eq!(serde_json::to_string(&got["body"]).unwrap(), serde_json::to_string(&body).unwrap());
+
+    // Read and modified in place: changes show, the rest is untouched.
+    let rt = engine(HookName::RequestTransform, "request.body.meta.k = 'v'; return {body = request.body}");
+    let got = rt.run_json(HookName::RequestTransform, &json!({"request": {"id": "r", "body": body.clone()}})).unwrap();
+    assert_eq!(got["body"]["meta"], json!({"k": "v"}));
+    assert_eq!(got["body"]["big"], body["big"]);
+
+    // A new key or a deletion turns the lazy table into a plain one.
+    let rt = engine(HookName::RequestTransform, "request.body.model = nil; request.body.extra = 1; return {body = request.body}");
+    let got = rt.run_json(HookName::RequestTransform, &json!({"request": {"id": "r", "body": body.clone()}})).unwrap();
+    assert_eq!(got["body"].get("model"), None);
+    assert_eq!(got["body"]["extra"], json!(1));
+    assert_eq!(got["body"]["tools"], json!([]));
+
+    // pairs/next see every field.
+    let u = usage("local n = 0 for _ in pairs(request.body) do n = n + 1 end return {n = n, first = next(request.body) ~= nil}",
+        json!({"request": {"id": "r", "body": body}}));
+    assert_eq!(u, Ok(json!({"n": 6, "first": true})));
+}
+
+#[test]
+fn body_raw_is_parsed_in_rust() {
+    let got = usage(
+        "return {m = request.body.model, n = #request.body.messages}",
+        json!({"request": {"id": "r", "body_raw": "{\"model\":\"gpt-4\",\"messages\":[{},{}]}"}}),
+    );
+    assert_eq!(got, Ok(json!({"m": "gpt-4", "n": 2})));
+}
+
+#[test]
+fn outputs_that_are_not_json_are_bad_output() {
+    let cases = [
+        ("return {x = 0/0}", "cannot be represented in JSON"),
+        ("return {x = 1/0}", "cannot be represented in JSON"),
+        ("return {x = '\\255\\254'}", "not valid UTF-8"),
+        ("return {x = print}", "a function cannot be converted"),
+        ("local t = {} t.self = t return t", "nesting is deeper than"),
+        ("return {[true] = 1}", "a table key of type boolean"),
+    ];
+    for (src, msg) in cases {
+        let err = usage(src, json!({})).expect_err(src);
+        assert_eq!(err.0, ErrorKind::BadOutput, "{src}: {err:?}");
+        assert!(err.1.contains(msg), "{src}: {}", err.1);
+    }
+}
+
+#[test]
+fn deep_and_large_inputs_are_errors_not_crashes() {
+    let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+    let err = usage("return {n = #json.decode(usage.s)}", json!({"usage": {"s": deep}})).expect_err("deep");
+    assert_eq!(err.0, ErrorKind::ScriptError);
+    assert!(err.1.contains("json.decode"), "{}", err.1);
+
+    let mut v = json!(1);
+    for _ in 0..200 {
+        v = json!([v]);
+    }
+    let e = engine(HookName::Usage, "return nil").run_json(HookName::Usage, &json!({"usage": v})).expect_err("deep input");
+    assert_eq!(e.kind, ErrorKind::BadInput);
+
+    let raw = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    let e = engine(HookName::Usage, "return nil")
+        .run_json(HookName::Usage, &json!({"request": {"id": "r", "body_raw": raw}}))
+        .expect_err("deep body_raw");
+    assert_eq!(e.kind, ErrorKind::BadInput);
+
+    let err = usage("local t = {} for i = 1, 64 do t = {t} end return {t = t}", json!({})).expect_err("deep output");
+    assert_eq!(err.0, ErrorKind::BadOutput);
+}
