@@ -127,7 +127,12 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { size: 0, recycle_after_calls: 100_000, recycle_memory_mb: 32, checkout_timeout_ms: 1000 }
+        PoolConfig {
+            size: 0,
+            recycle_after_calls: 100_000,
+            recycle_memory_mb: 32,
+            checkout_timeout_ms: 1000,
+        }
     }
 }
 
@@ -226,8 +231,9 @@ impl Config {
     /// Read and validate a config file; `script_file`s are relative to it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::one(format!("{}: cannot read config: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::one(format!("{}: cannot read config: {e}", path.display()))
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Config::from_yaml(&text, &base)?;
         config.path = Some(path.to_path_buf());
@@ -247,7 +253,11 @@ impl Config {
                     Some((head, rest)) if path.starts_with(head) => rest,
                     _ => inner.as_str(),
                 };
-                return Err(ConfigError::one(if path == "." { inner.clone() } else { format!("{path}: {message}") }));
+                return Err(ConfigError::one(if path == "." {
+                    inner.clone()
+                } else {
+                    format!("{path}: {message}")
+                }));
             }
         };
         raw.resolve(base_dir)
@@ -258,7 +268,10 @@ impl Config {
         let mut hooks: [Option<HookConfig>; 7] = Default::default();
         hooks[hook.index()] = Some(HookConfig {
             hook,
-            script: Script { name: Arc::from(name), source: Arc::from(source) },
+            script: Script {
+                name: Arc::from(name),
+                source: Arc::from(source),
+            },
             limits,
             on_error: OnError::default_for(hook),
         });
@@ -281,7 +294,12 @@ impl Config {
 impl RawConfig {
     fn resolve(self, base_dir: &Path) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        let defaults = apply_limits(ScriptLimits::default(), self.scripts.defaults.as_ref(), "scripts.defaults", &mut problems);
+        let defaults = apply_limits(
+            ScriptLimits::default(),
+            self.scripts.defaults.as_ref(),
+            "scripts.defaults",
+            &mut problems,
+        );
 
         // (config key path, hook, section) in a fixed order.
         let mut sections: Vec<(String, HookName, RawHook)> = Vec::new();
@@ -313,10 +331,18 @@ impl RawConfig {
                 sections.push(("routing".into(), HookName::Routing, raw));
             }
             if let Some(raw) = r.request_transform {
-                sections.push(("routing.request_transform".into(), HookName::RequestTransform, raw));
+                sections.push((
+                    "routing.request_transform".into(),
+                    HookName::RequestTransform,
+                    raw,
+                ));
             }
             if let Some(raw) = r.response_transform {
-                sections.push(("routing.response_transform".into(), HookName::ResponseTransform, raw));
+                sections.push((
+                    "routing.response_transform".into(),
+                    HookName::ResponseTransform,
+                    raw,
+                ));
             }
         }
         for (key, hook, raw) in [
@@ -334,7 +360,9 @@ impl RawConfig {
         let mut defined_at: [Option<String>; 7] = Default::default();
         for (key, hook, raw) in sections {
             if let Some(first) = &defined_at[hook.index()] {
-                problems.push(format!("{key}: the {hook} hook is already defined at {first}"));
+                problems.push(format!(
+                    "{key}: the {hook} hook is already defined at {first}"
+                ));
                 continue;
             }
             defined_at[hook.index()] = Some(key.clone());
@@ -349,23 +377,41 @@ impl RawConfig {
                 problems.push(format!("backends[{i}].name: must not be empty"));
             }
             if let Some(first) = seen.insert(b.name.clone(), i) {
-                problems.push(format!("backends[{i}].name: '{}' is already used by backends[{first}]", b.name));
+                problems.push(format!(
+                    "backends[{i}].name: '{}' is already used by backends[{first}]",
+                    b.name
+                ));
             }
             if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
-                problems.push(format!("backends[{i}].url: '{}' must start with http:// or https://", b.url));
+                problems.push(format!(
+                    "backends[{i}].url: '{}' must start with http:// or https://",
+                    b.url
+                ));
             }
         }
 
         let pool = s.pool.unwrap_or_default();
         if problems.is_empty() {
-            Ok(Config { listen: self.listen, backends: self.backends, hooks, defaults, pool, path: None })
+            Ok(Config {
+                listen: self.listen,
+                backends: self.backends,
+                hooks,
+                defaults,
+                pool,
+                path: None,
+            })
         } else {
             Err(ConfigError { problems })
         }
     }
 }
 
-fn apply_limits(mut base: ScriptLimits, raw: Option<&RawLimits>, key: &str, problems: &mut Vec<String>) -> ScriptLimits {
+fn apply_limits(
+    mut base: ScriptLimits,
+    raw: Option<&RawLimits>,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> ScriptLimits {
     let Some(raw) = raw else { return base };
     set_limits(
         &mut base,
@@ -434,24 +480,42 @@ fn resolve_hook(
     );
     let script = match (raw.script, raw.script_file) {
         (Some(_), Some(_)) => {
-            problems.push(format!("{key}: set either 'script' or 'script_file', not both"));
+            problems.push(format!(
+                "{key}: set either 'script' or 'script_file', not both"
+            ));
             return None;
         }
         (None, None) => {
-            problems.push(format!("{key}: enabled, but neither 'script' nor 'script_file' is set"));
+            problems.push(format!(
+                "{key}: enabled, but neither 'script' nor 'script_file' is set"
+            ));
             return None;
         }
-        (Some(source), None) => Script { name: Arc::from(key), source: Arc::from(source) },
+        (Some(source), None) => Script {
+            name: Arc::from(key),
+            source: Arc::from(source),
+        },
         (None, Some(file)) => {
             let path = base_dir.join(&file);
             match std::fs::read_to_string(&path) {
-                Ok(source) => Script { name: Arc::from(file.as_str()), source: Arc::from(source) },
+                Ok(source) => Script {
+                    name: Arc::from(file.as_str()),
+                    source: Arc::from(source),
+                },
                 Err(e) => {
-                    problems.push(format!("{key}.script_file: cannot read '{}': {e}", path.display()));
+                    problems.push(format!(
+                        "{key}.script_file: cannot read '{}': {e}",
+                        path.display()
+                    ));
                     return None;
                 }
             }
         }
     };
-    Some(HookConfig { hook, script, limits, on_error: raw.on_error.unwrap_or(OnError::default_for(hook)) })
+    Some(HookConfig {
+        hook,
+        script,
+        limits,
+        on_error: raw.on_error.unwrap_or(OnError::default_for(hook)),
+    })
 }

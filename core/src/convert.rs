@@ -29,7 +29,9 @@ use serde_json::{Map, Number, Value};
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
 pub const NULL: LightUserData = LightUserData(std::ptr::null_mut());
-/// `json.empty_array`: a sentinel that encodes as `[]`.
+/// `json.empty_array`: a sentinel that encodes as `[]`. Light userdata
+/// sentinels are compared by address only and never dereferenced.
+#[allow(clippy::manual_dangling_ptr)]
 pub const EMPTY_ARRAY: LightUserData = LightUserData(1 as *mut c_void);
 /// The hidden key under which a lazy table's cache keeps its JSON source.
 const SOURCE_KEY: LightUserData = LightUserData(2 as *mut c_void);
@@ -47,7 +49,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_depth: 64, max_bytes: 10 << 20 }
+        Limits {
+            max_depth: 64,
+            max_bytes: 10 << 20,
+        }
     }
 }
 
@@ -92,7 +97,9 @@ impl Markers {
 
         let cache_mt = lua.create_table()?;
         let loader = lua.create_function(|lua, (cache, key): (Table, LuaValue)| {
-            let LuaValue::String(name) = key else { return Ok(LuaValue::Nil) };
+            let LuaValue::String(name) = key else {
+                return Ok(LuaValue::Nil);
+            };
             let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
             let source = source.borrow::<LazySource>()?;
             let name_str = name.to_str()?;
@@ -106,11 +113,16 @@ impl Markers {
         cache_mt.raw_set("__index", loader)?;
         cache_mt.raw_set("__metatable", false)?;
 
-        let lazy_newindex = lua.create_function(|lua, (t, k, v): (Table, LuaValue, LuaValue)| {
-            materialize(lua, &t)?;
-            t.raw_set(k, v)
-        })?;
-        lua.set_app_data(Markers { array_mt, cache_mt, lazy_newindex });
+        let lazy_newindex =
+            lua.create_function(|lua, (t, k, v): (Table, LuaValue, LuaValue)| {
+                materialize(lua, &t)?;
+                t.raw_set(k, v)
+            })?;
+        lua.set_app_data(Markers {
+            array_mt,
+            cache_mt,
+            lazy_newindex,
+        });
         Ok(())
     }
 }
@@ -180,13 +192,19 @@ fn lazy_cache(t: &Table) -> Option<Table> {
 /// Turn a lazy table into a plain table holding every field (no-op for any
 /// other table). Called before iteration and on the first new key.
 pub fn materialize(lua: &Lua, t: &Table) -> mlua::Result<()> {
-    let Some(cache) = lazy_cache(t) else { return Ok(()) };
+    let Some(cache) = lazy_cache(t) else {
+        return Ok(());
+    };
     let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
     let source = source.borrow::<LazySource>()?;
     if let Some(obj) = source.0.as_object() {
         for (k, v) in obj {
             let cached: LuaValue = cache.raw_get(k.as_str())?;
-            let value = if cached.is_nil() { json_to_lua(lua, v)? } else { cached };
+            let value = if cached.is_nil() {
+                json_to_lua(lua, v)?
+            } else {
+                cached
+            };
             t.raw_set(k.as_str(), value)?;
         }
     }
@@ -262,7 +280,10 @@ impl Encoder {
                 }
                 self.table(t, depth)
             }
-            other => Err(ConvertError(format!("a {} cannot be converted to JSON", other.type_name()))),
+            other => Err(ConvertError(format!(
+                "a {} cannot be converted to JSON",
+                other.type_name()
+            ))),
         }
     }
 
@@ -340,7 +361,9 @@ impl Encoder {
     fn lazy(&mut self, cache: &Table, depth: usize) -> Result<Value, ConvertError> {
         let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
         let source = source.borrow::<LazySource>()?;
-        let Some(obj) = source.0.as_object() else { return Ok((*source.0).clone()) };
+        let Some(obj) = source.0.as_object() else {
+            return Ok((*source.0).clone());
+        };
         let mut map = Map::with_capacity(obj.len());
         for (k, original) in obj {
             let cached: LuaValue = cache.raw_get(k.as_str())?;
@@ -364,7 +387,9 @@ impl Encoder {
 
 fn number(n: f64) -> Result<Value, ConvertError> {
     if !n.is_finite() {
-        return Err(ConvertError(format!("number {n} cannot be represented in JSON")));
+        return Err(ConvertError(format!(
+            "number {n} cannot be represented in JSON"
+        )));
     }
     if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
         return Ok(Value::from(n as i64));
@@ -381,7 +406,12 @@ fn json_size(v: &Value) -> usize {
         Value::Number(_) => 20,
         Value::String(s) => s.len() + 2,
         Value::Array(a) => a.iter().map(json_size).sum::<usize>() + 2,
-        Value::Object(o) => o.iter().map(|(k, v)| k.len() + 4 + json_size(v)).sum::<usize>() + 2,
+        Value::Object(o) => {
+            o.iter()
+                .map(|(k, v)| k.len() + 4 + json_size(v))
+                .sum::<usize>()
+                + 2
+        }
     }
 }
 
@@ -404,7 +434,8 @@ pub fn parse_json(text: &[u8], limits: Limits) -> Result<Value, ConvertError> {
             limits.max_bytes
         )));
     }
-    let value: Value = serde_json::from_slice(text).map_err(|e| ConvertError(format!("invalid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(text).map_err(|e| ConvertError(format!("invalid JSON: {e}")))?;
     let depth = json_depth(&value);
     if depth > limits.max_depth {
         return Err(ConvertError(format!(

@@ -13,9 +13,9 @@ use crate::config::{Config, HookConfig};
 use crate::convert::{self, Limits};
 use crate::error::{ConfigError, ErrorKind, HookError};
 use crate::hooks::{
-    AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput, RateVerdict,
-    RequestInfo, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput,
-    RouteDecision, RoutingInput, UsageInput, UsageRecord,
+    AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput,
+    RateVerdict, RequestInfo, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite,
+    ResponseTransformInput, RouteDecision, RoutingInput, UsageInput, UsageRecord,
 };
 use crate::pool::{Pool, PoolStats};
 use crate::vm::{CallSpec, Vm};
@@ -28,7 +28,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("pool", &self.pool.stats()).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("pool", &self.pool.stats())
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,7 +52,10 @@ impl Engine {
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
-        Ok(Engine { config: Arc::new(config), pool })
+        Ok(Engine {
+            config: Arc::new(config),
+            pool,
+        })
     }
 
     /// The configuration this engine was built from.
@@ -76,9 +81,19 @@ impl Engine {
         request_id: Option<&str>,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
     ) -> Result<Option<(Value, &HookConfig)>, HookError> {
-        let Some(cfg) = self.config.hook(hook) else { return Ok(None) };
-        let spec = CallSpec { hook, script: &cfg.script, limits: &cfg.limits, request_id };
-        let mut vm = self.pool.checkout().map_err(|e| e.at(hook, &cfg.script.name))?;
+        let Some(cfg) = self.config.hook(hook) else {
+            return Ok(None);
+        };
+        let spec = CallSpec {
+            hook,
+            script: &cfg.script,
+            limits: &cfg.limits,
+            request_id,
+        };
+        let mut vm = self
+            .pool
+            .checkout()
+            .map_err(|e| e.at(hook, &cfg.script.name))?;
         let result = vm.vm().call(&spec, set_globals);
         vm.finish();
         drop(vm);
@@ -89,7 +104,11 @@ impl Engine {
     }
 
     fn run<I: HookInput>(&self, input: &I) -> Result<Option<Value>, HookError> {
-        Ok(self.run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))?.map(|(v, _)| v))
+        Ok(self
+            .run_raw(I::HOOK, input.request_id(), |lua, env| {
+                input.set_globals(lua, env)
+            })?
+            .map(|(v, _)| v))
     }
 
     /// Log a failed call once, with everything an operator needs.
@@ -105,7 +124,12 @@ impl Engine {
         e
     }
 
-    fn checked<T>(&self, hook: HookName, rid: &str, r: Result<T, HookError>) -> Result<T, HookError> {
+    fn checked<T>(
+        &self,
+        hook: HookName,
+        rid: &str,
+        r: Result<T, HookError>,
+    ) -> Result<T, HookError> {
         r.map_err(|e| match self.config.hook(hook) {
             Some(cfg) => self.report(e.at(hook, &cfg.script.name), Some(rid)),
             None => e,
@@ -114,21 +138,42 @@ impl Engine {
 
     /// `routing`: a backend from `input.backends`, or the default balancer.
     pub fn route(&self, input: &RoutingInput<'_>) -> Result<RouteDecision, HookError> {
-        let Some(v) = self.run(input)? else { return Ok(RouteDecision::Default) };
+        let Some(v) = self.run(input)? else {
+            return Ok(RouteDecision::Default);
+        };
         let names = input.backends.iter().map(|b| b.name.as_str());
-        self.checked(HookName::Routing, &input.request.id, RouteDecision::from_result(&v, names))
+        self.checked(
+            HookName::Routing,
+            &input.request.id,
+            RouteDecision::from_result(&v, names),
+        )
     }
 
     /// `auth`: the script's verdict over the standard checks.
     pub fn auth(&self, input: &AuthInput<'_>) -> Result<AuthVerdict, HookError> {
-        let Some(v) = self.run(input)? else { return Ok(AuthVerdict::Standard) };
-        self.checked(HookName::Auth, &input.request.id, AuthVerdict::from_result(&v))
+        let Some(v) = self.run(input)? else {
+            return Ok(AuthVerdict::Standard);
+        };
+        self.checked(
+            HookName::Auth,
+            &input.request.id,
+            AuthVerdict::from_result(&v),
+        )
     }
 
     /// `request_transform`: changes to the request, `None` for unchanged.
-    pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
-        let Some(v) = self.run(input)? else { return Ok(None) };
-        self.checked(HookName::RequestTransform, &input.request.id, RequestRewrite::from_result(&v))
+    pub fn transform_request(
+        &self,
+        input: &RequestTransformInput<'_>,
+    ) -> Result<Option<RequestRewrite>, HookError> {
+        let Some(v) = self.run(input)? else {
+            return Ok(None);
+        };
+        self.checked(
+            HookName::RequestTransform,
+            &input.request.id,
+            RequestRewrite::from_result(&v),
+        )
     }
 
     /// `response_transform`: changes to the response, `None` for unchanged.
@@ -136,27 +181,51 @@ impl Engine {
         &self,
         input: &ResponseTransformInput<'_>,
     ) -> Result<Option<ResponseRewrite>, HookError> {
-        let Some(v) = self.run(input)? else { return Ok(None) };
-        self.checked(HookName::ResponseTransform, &input.request.id, ResponseRewrite::from_result(&v))
+        let Some(v) = self.run(input)? else {
+            return Ok(None);
+        };
+        self.checked(
+            HookName::ResponseTransform,
+            &input.request.id,
+            ResponseRewrite::from_result(&v),
+        )
     }
 
     /// `rate_limit`: the script's verdict over the standard limiter.
     pub fn rate_limit(&self, input: &RateLimitInput<'_>) -> Result<RateVerdict, HookError> {
-        let Some(v) = self.run(input)? else { return Ok(RateVerdict::Standard) };
-        self.checked(HookName::RateLimit, &input.request.id, RateVerdict::from_result(&v))
+        let Some(v) = self.run(input)? else {
+            return Ok(RateVerdict::Standard);
+        };
+        self.checked(
+            HookName::RateLimit,
+            &input.request.id,
+            RateVerdict::from_result(&v),
+        )
     }
 
     /// `usage`: the usage record to store.
     pub fn usage(&self, input: &UsageInput<'_>) -> Result<UsageRecord, HookError> {
-        let Some(v) = self.run(input)? else { return Ok(UsageRecord::Raw) };
-        self.checked(HookName::Usage, &input.request.id, UsageRecord::from_result(&v))
+        let Some(v) = self.run(input)? else {
+            return Ok(UsageRecord::Raw);
+        };
+        self.checked(
+            HookName::Usage,
+            &input.request.id,
+            UsageRecord::from_result(&v),
+        )
     }
 
     /// `error_handler`: the error response to send.
     pub fn handle_error(&self, input: &ErrorInput<'_>) -> Result<ErrorResponse, HookError> {
-        let Some(v) = self.run(input)? else { return Ok(ErrorResponse::Default) };
+        let Some(v) = self.run(input)? else {
+            return Ok(ErrorResponse::Default);
+        };
         let fallback = input.error.status_code;
-        self.checked(HookName::ErrorHandler, &input.request.id, ErrorResponse::from_result(&v, fallback))
+        self.checked(
+            HookName::ErrorHandler,
+            &input.request.id,
+            ErrorResponse::from_result(&v, fallback),
+        )
     }
 
     /// Run `hook` on a JSON object holding its globals (the form the CLI
@@ -166,13 +235,20 @@ impl Engine {
     /// here instead of by the caller.
     pub fn run_json(&self, hook: HookName, input: &Value) -> Result<Value, HookError> {
         let Some(cfg) = self.config.hook(hook) else {
-            return Err(HookError::bad_input(format!("the {hook} hook is not enabled in this engine")));
+            return Err(HookError::bad_input(format!(
+                "the {hook} hook is not enabled in this engine"
+            )));
         };
         let at = |e: HookError| e.at(hook, &cfg.script.name);
-        let obj = input
-            .as_object()
-            .ok_or_else(|| at(HookError::bad_input("hook input must be a JSON object of the hook's globals")))?;
-        let limits = Limits { max_depth: cfg.limits.max_depth, max_bytes: cfg.limits.max_input_bytes };
+        let obj = input.as_object().ok_or_else(|| {
+            at(HookError::bad_input(
+                "hook input must be a JSON object of the hook's globals",
+            ))
+        })?;
+        let limits = Limits {
+            max_depth: cfg.limits.max_depth,
+            max_bytes: cfg.limits.max_input_bytes,
+        };
         let depth = convert::json_depth(input);
         if depth > cfg.limits.max_depth + 1 {
             return Err(at(HookError::bad_input(format!(
@@ -181,7 +257,9 @@ impl Engine {
             ))));
         }
         let request = match obj.get("request") {
-            Some(r) => Some(RequestInfo::from_json(r, limits).map_err(|e| at(HookError::bad_input(e)))?),
+            Some(r) => {
+                Some(RequestInfo::from_json(r, limits).map_err(|e| at(HookError::bad_input(e)))?)
+            }
             None => None,
         };
         let response = match obj.get("response") {
@@ -240,8 +318,16 @@ impl Engine {
 #[doc(hidden)]
 pub fn scratch_vm_eval(source: &str) -> Result<Value, HookError> {
     let mut vm = Vm::new()?;
-    let script = crate::config::Script { name: Arc::from("scratch"), source: Arc::from(source) };
+    let script = crate::config::Script {
+        name: Arc::from("scratch"),
+        source: Arc::from(source),
+    };
     let limits = crate::config::ScriptLimits::default();
-    let spec = CallSpec { hook: HookName::Routing, script: &script, limits: &limits, request_id: None };
+    let spec = CallSpec {
+        hook: HookName::Routing,
+        script: &script,
+        limits: &limits,
+        request_id: None,
+    };
     vm.call(&spec, |_, _| Ok(()))
 }

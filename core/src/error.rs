@@ -72,7 +72,13 @@ pub struct HookError {
 impl HookError {
     /// A new error with no location yet.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        HookError { kind, message: message.into(), hook: None, script: None, line: None }
+        HookError {
+            kind,
+            message: message.into(),
+            hook: None,
+            script: None,
+            line: None,
+        }
     }
 
     /// Shorthand for a [`ErrorKind::BadOutput`] error.
@@ -107,7 +113,14 @@ impl HookError {
 impl fmt::Display for HookError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.hook {
-            Some(h) => write!(f, "{} in {} hook ({}): {}", self.kind, h, self.location(), self.message),
+            Some(h) => write!(
+                f,
+                "{} in {} hook ({}): {}",
+                self.kind,
+                h,
+                self.location(),
+                self.message
+            ),
             None => write!(f, "{}: {}", self.kind, self.message),
         }
     }
@@ -126,7 +139,9 @@ pub struct ConfigError {
 impl ConfigError {
     /// A config error with a single problem.
     pub fn one(problem: impl Into<String>) -> Self {
-        ConfigError { problems: vec![problem.into()] }
+        ConfigError {
+            problems: vec![problem.into()],
+        }
     }
 }
 

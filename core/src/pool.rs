@@ -53,7 +53,10 @@ impl Pool {
             config.size
         };
         Pool {
-            inner: Mutex::new(Inner { idle: Vec::new(), stats: PoolStats::default() }),
+            inner: Mutex::new(Inner {
+                idle: Vec::new(),
+                stats: PoolStats::default(),
+            }),
             freed: Condvar::new(),
             max,
             config,
@@ -63,7 +66,11 @@ impl Pool {
     /// Current counters.
     pub fn stats(&self) -> PoolStats {
         let inner = self.lock();
-        PoolStats { capacity: self.max, idle: inner.idle.len(), ..inner.stats }
+        PoolStats {
+            capacity: self.max,
+            idle: inner.idle.len(),
+            ..inner.stats
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -78,14 +85,22 @@ impl Pool {
         let mut inner = self.lock();
         loop {
             if let Some(vm) = inner.idle.pop() {
-                return Ok(PooledVm { pool: self, vm: Some(vm), healthy: false });
+                return Ok(PooledVm {
+                    pool: self,
+                    vm: Some(vm),
+                    healthy: false,
+                });
             }
             if inner.stats.alive < self.max {
                 inner.stats.alive += 1;
                 inner.stats.created += 1;
                 drop(inner);
                 return match Vm::new() {
-                    Ok(vm) => Ok(PooledVm { pool: self, vm: Some(vm), healthy: false }),
+                    Ok(vm) => Ok(PooledVm {
+                        pool: self,
+                        vm: Some(vm),
+                        healthy: false,
+                    }),
                     Err(e) => {
                         self.lock().stats.alive -= 1;
                         self.freed.notify_one();
@@ -103,7 +118,11 @@ impl Pool {
                     ),
                 ));
             }
-            inner = self.freed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            inner = self
+                .freed
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -114,7 +133,8 @@ impl Pool {
             keep = false;
             recycled = true;
         }
-        let limit = usize::try_from(self.config.recycle_memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let limit = usize::try_from(self.config.recycle_memory_mb.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX);
         if keep && vm.used_memory() > limit / 2 {
             vm.collect();
             if vm.used_memory() > limit {

@@ -36,9 +36,17 @@ pub(crate) struct Vm {
 impl Vm {
     /// A new VM. Fails only if LuaJIT cannot start.
     pub fn new() -> Result<Vm, HookError> {
-        let state = sandbox::build()
-            .map_err(|e| HookError::new(ErrorKind::Internal, format!("cannot create a sandbox VM: {e}")))?;
-        Ok(Vm { state, chunks: HashMap::new(), calls: 0 })
+        let state = sandbox::build().map_err(|e| {
+            HookError::new(
+                ErrorKind::Internal,
+                format!("cannot create a sandbox VM: {e}"),
+            )
+        })?;
+        Ok(Vm {
+            state,
+            chunks: HashMap::new(),
+            calls: 0,
+        })
     }
 
     /// Whether this VM hit a limit and must not be reused.
@@ -83,14 +91,20 @@ impl Vm {
     ) -> Result<serde_json::Value, HookError> {
         let chunk = self.compile(spec.script)?;
         let lua = &self.state.lua;
-        let limits = Limits { max_depth: spec.limits.max_depth, max_bytes: spec.limits.max_output_bytes };
-        let memory = usize::try_from(spec.limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let limits = Limits {
+            max_depth: spec.limits.max_depth,
+            max_bytes: spec.limits.max_output_bytes,
+        };
+        let memory =
+            usize::try_from(spec.limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         self.calls += 1;
 
         let env = lua.create_table().map_err(internal)?;
-        env.set_metatable(Some(self.state.env_mt.clone())).map_err(internal)?;
+        env.set_metatable(Some(self.state.env_mt.clone()))
+            .map_err(internal)?;
         env.raw_set("_G", &env).map_err(internal)?;
-        set_globals(lua, &env).map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
+        set_globals(lua, &env)
+            .map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
         chunk.set_environment(env).map_err(internal)?;
 
         lua.set_app_data(CallContext {
@@ -106,8 +120,11 @@ impl Vm {
         // set, mlua protects every API call, which costs more than the call
         // itself for the input tables built above (see ADR 002).
         let used = lua.used_memory();
-        lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
-        self.state.watchdog.arm(Duration::from_millis(spec.limits.timeout_ms));
+        lua.set_memory_limit(used.saturating_add(memory))
+            .map_err(internal)?;
+        self.state
+            .watchdog
+            .arm(Duration::from_millis(spec.limits.timeout_ms));
         let result = chunk.call::<Value>(());
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);
@@ -119,7 +136,10 @@ impl Vm {
                     return Err(located(
                         HookError::new(
                             ErrorKind::Timeout,
-                            format!("script exceeded its time limit of {} ms", spec.limits.timeout_ms),
+                            format!(
+                                "script exceeded its time limit of {} ms",
+                                spec.limits.timeout_ms
+                            ),
                         ),
                         &e,
                         &spec.script.name,
@@ -130,7 +150,10 @@ impl Vm {
                     return Err(located(
                         HookError::new(
                             ErrorKind::Memory,
-                            format!("script exceeded its memory limit of {} MB", spec.limits.memory_mb),
+                            format!(
+                                "script exceeded its memory limit of {} MB",
+                                spec.limits.memory_mb
+                            ),
                         ),
                         &e,
                         &spec.script.name,
@@ -139,7 +162,8 @@ impl Vm {
                 return Err(classify(e, &spec.script.name, ErrorKind::ScriptError));
             }
         };
-        convert::lua_to_json(&value, limits).map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
+        convert::lua_to_json(&value, limits)
+            .map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
     }
 }
 
@@ -159,13 +183,19 @@ fn message(e: &mlua::Error) -> String {
 }
 
 fn strip_traceback(m: &str) -> String {
-    m.split("\nstack traceback:").next().unwrap_or(m).trim_end().to_owned()
+    m.split("\nstack traceback:")
+        .next()
+        .unwrap_or(m)
+        .trim_end()
+        .to_owned()
 }
 
 /// The first `script:LINE:` in the error's text or traceback.
 fn line_of(e: &mlua::Error, script: &str) -> Option<u32> {
     let text = match e {
-        mlua::Error::CallbackError { traceback, cause } => format!("{}\n{traceback}", message(cause)),
+        mlua::Error::CallbackError { traceback, cause } => {
+            format!("{}\n{traceback}", message(cause))
+        }
         other => other.to_string(),
     };
     let needle = format!("{script}:");

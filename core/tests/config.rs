@@ -12,7 +12,9 @@ fn seed(name: &str) -> String {
 }
 
 fn load(yaml: &str) -> Result<Engine, Vec<String>> {
-    Config::from_yaml(yaml, Path::new(".")).and_then(Engine::new).map_err(|e| e.problems)
+    Config::from_yaml(yaml, Path::new("."))
+        .and_then(Engine::new)
+        .map_err(|e| e.problems)
 }
 
 #[test]
@@ -41,10 +43,16 @@ fn seed_routing_snippet_sets_both_script_and_script_file() {
     // an error that names the key. Without the alternative it loads.
     let text = seed("routing");
     let problems = load(&text).expect_err("both sources must be rejected");
-    assert_eq!(problems, vec!["routing: set either 'script' or 'script_file', not both"]);
+    assert_eq!(
+        problems,
+        vec!["routing: set either 'script' or 'script_file', not both"]
+    );
 
-    let without_alternative: String =
-        text.lines().filter(|l| !l.contains("script_file")).collect::<Vec<_>>().join("\n");
+    let without_alternative: String = text
+        .lines()
+        .filter(|l| !l.contains("script_file"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let engine = load(&without_alternative).expect("routing snippet without script_file");
     assert!(engine.is_enabled(HookName::Routing));
 }
@@ -54,8 +62,11 @@ fn seed_unified_config_loads_when_its_script_files_exist() {
     let text = seed("config");
     let problems = load(&text).expect_err("/etc/llmproxy/scripts does not exist here");
     assert_eq!(problems.len(), 2, "{problems:?}");
-    assert!(problems[0].starts_with("scripts.routing.script_file: cannot read '/etc/llmproxy/scripts/routing.lua'"));
-    assert!(problems[1].starts_with("scripts.auth.script_file: cannot read '/etc/llmproxy/scripts/auth.lua'"));
+    assert!(problems[0].starts_with(
+        "scripts.routing.script_file: cannot read '/etc/llmproxy/scripts/routing.lua'"
+    ));
+    assert!(problems[1]
+        .starts_with("scripts.auth.script_file: cannot read '/etc/llmproxy/scripts/auth.lua'"));
 
     let dir = tempdir("seed-config");
     std::fs::write(dir.join("routing.lua"), "return 'standard'").unwrap();
@@ -64,7 +75,10 @@ fn seed_unified_config_loads_when_its_script_files_exist() {
     let engine = load(&relocated).expect("seed config with its scripts present");
     assert_eq!(engine.config().listen.as_deref(), Some(":8000"));
     assert_eq!(engine.config().backends.len(), 2);
-    let enabled: Vec<HookName> = HookName::ALL.into_iter().filter(|h| engine.is_enabled(*h)).collect();
+    let enabled: Vec<HookName> = HookName::ALL
+        .into_iter()
+        .filter(|h| engine.is_enabled(*h))
+        .collect();
     assert_eq!(enabled, vec![HookName::Auth, HookName::Routing]);
 }
 
@@ -91,18 +105,36 @@ fn limits_and_policies_have_defaults_and_overrides() {
     )
     .expect("loads");
     let auth = engine.config().hook(HookName::Auth).unwrap();
-    assert_eq!((auth.limits.timeout_ms, auth.limits.memory_mb, auth.on_error), (20, 4, OnError::Deny));
+    assert_eq!(
+        (auth.limits.timeout_ms, auth.limits.memory_mb, auth.on_error),
+        (20, 4, OnError::Deny)
+    );
     let routing = engine.config().hook(HookName::Routing).unwrap();
-    assert_eq!((routing.limits.timeout_ms, routing.limits.memory_mb, routing.on_error), (5, 4, OnError::Deny));
+    assert_eq!(
+        (
+            routing.limits.timeout_ms,
+            routing.limits.memory_mb,
+            routing.on_error
+        ),
+        (5, 4, OnError::Deny)
+    );
 
     let engine = load("scripts:\n  usage: {script: 'return nil'}\n").unwrap();
     let usage = engine.config().hook(HookName::Usage).unwrap();
-    assert_eq!((usage.limits.timeout_ms, usage.limits.memory_mb, usage.on_error), (100, 10, OnError::Standard));
+    assert_eq!(
+        (
+            usage.limits.timeout_ms,
+            usage.limits.memory_mb,
+            usage.on_error
+        ),
+        (100, 10, OnError::Standard)
+    );
 }
 
 #[test]
 fn disabled_hooks_are_not_loaded() {
-    let engine = load("scripts:\n  routing: {enabled: false, script_file: /does/not/exist.lua}\n").expect("loads");
+    let engine = load("scripts:\n  routing: {enabled: false, script_file: /does/not/exist.lua}\n")
+        .expect("loads");
     assert!(!engine.is_enabled(HookName::Routing));
 }
 
@@ -137,7 +169,9 @@ fn every_mistake_gets_a_clear_error_with_its_key_path() {
         ("scripts:\n  routing: {script: \"\\x1bLua\"}\n", &["routing hook: "]),
     ];
     for (yaml, expected) in cases {
-        let problems = load(yaml).err().unwrap_or_else(|| panic!("should fail:\n{yaml}"));
+        let problems = load(yaml)
+            .err()
+            .unwrap_or_else(|| panic!("should fail:\n{yaml}"));
         assert_eq!(problems.len(), expected.len(), "{yaml}\n{problems:#?}");
         let mut problems = problems.clone();
         problems.sort();
@@ -150,7 +184,10 @@ fn every_mistake_gets_a_clear_error_with_its_key_path() {
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("llmproxy-config-test-{}-{name}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "llmproxy-config-test-{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

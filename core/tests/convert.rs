@@ -6,12 +6,20 @@ use llmproxy_core::{Config, Engine, ErrorKind, HookName};
 use serde_json::{json, Value};
 
 fn engine(hook: HookName, source: &str) -> Engine {
-    Engine::new(Config::single_hook(hook, "test", source, ScriptLimits::default())).expect("compiles")
+    Engine::new(Config::single_hook(
+        hook,
+        "test",
+        source,
+        ScriptLimits::default(),
+    ))
+    .expect("compiles")
 }
 
 /// Run a `usage` script (its result is free-form JSON) with `input`.
 fn usage(source: &str, input: Value) -> Result<Value, (ErrorKind, String)> {
-    engine(HookName::Usage, source).run_json(HookName::Usage, &input).map_err(|e| (e.kind, e.message))
+    engine(HookName::Usage, source)
+        .run_json(HookName::Usage, &input)
+        .map_err(|e| (e.kind, e.message))
 }
 
 #[test]
@@ -74,19 +82,43 @@ fn json_helper_round_trips_and_marks_arrays() {
 fn lazy_body_round_trips_untouched_fields_byte_for_byte() {
     let body = json!({"model": "gpt-4", "n": 1.0, "big": 12345678901234567890u64, "tools": [], "meta": {}, "x": null});
     let rt = engine(HookName::RequestTransform, "return {body = request.body}");
-    let got = rt.run_json(HookName::RequestTransform, &json!({"request": {"id": "r", "body": body.clone()}})).unwrap();
+    let got = rt
+        .run_json(
+            HookName::RequestTransform,
+            &json!({"request": {"id": "r", "body": body.clone()}}),
+        )
+        .unwrap();
     // Not read by the script: the original JSON (1.0 stays 1.0, u64 stays exact).
-    assert_eq!(serde_json::to_string(&got["body"]).unwrap(), serde_json::to_string(&body).unwrap());
+    assert_eq!(
+        serde_json::to_string(&got["body"]).unwrap(),
+        serde_json::to_string(&body).unwrap()
+    );
 
     // Read and modified in place: changes show, the rest is untouched.
-    let rt = engine(HookName::RequestTransform, "request.body.meta.k = 'v'; return {body = request.body}");
-    let got = rt.run_json(HookName::RequestTransform, &json!({"request": {"id": "r", "body": body.clone()}})).unwrap();
+    let rt = engine(
+        HookName::RequestTransform,
+        "request.body.meta.k = 'v'; return {body = request.body}",
+    );
+    let got = rt
+        .run_json(
+            HookName::RequestTransform,
+            &json!({"request": {"id": "r", "body": body.clone()}}),
+        )
+        .unwrap();
     assert_eq!(got["body"]["meta"], json!({"k": "v"}));
     assert_eq!(got["body"]["big"], body["big"]);
 
     // A new key or a deletion turns the lazy table into a plain one.
-    let rt = engine(HookName::RequestTransform, "request.body.model = nil; request.body.extra = 1; return {body = request.body}");
-    let got = rt.run_json(HookName::RequestTransform, &json!({"request": {"id": "r", "body": body.clone()}})).unwrap();
+    let rt = engine(
+        HookName::RequestTransform,
+        "request.body.model = nil; request.body.extra = 1; return {body = request.body}",
+    );
+    let got = rt
+        .run_json(
+            HookName::RequestTransform,
+            &json!({"request": {"id": "r", "body": body.clone()}}),
+        )
+        .unwrap();
     assert_eq!(got["body"].get("model"), None);
     assert_eq!(got["body"]["extra"], json!(1));
     assert_eq!(got["body"]["tools"], json!([]));
@@ -126,7 +158,11 @@ fn outputs_that_are_not_json_are_bad_output() {
 #[test]
 fn deep_and_large_inputs_are_errors_not_crashes() {
     let deep = "[".repeat(100_000) + &"]".repeat(100_000);
-    let err = usage("return {n = #json.decode(usage.s)}", json!({"usage": {"s": deep}})).expect_err("deep");
+    let err = usage(
+        "return {n = #json.decode(usage.s)}",
+        json!({"usage": {"s": deep}}),
+    )
+    .expect_err("deep");
     assert_eq!(err.0, ErrorKind::ScriptError);
     assert!(err.1.contains("json.decode"), "{}", err.1);
 
@@ -134,15 +170,24 @@ fn deep_and_large_inputs_are_errors_not_crashes() {
     for _ in 0..200 {
         v = json!([v]);
     }
-    let e = engine(HookName::Usage, "return nil").run_json(HookName::Usage, &json!({"usage": v})).expect_err("deep input");
+    let e = engine(HookName::Usage, "return nil")
+        .run_json(HookName::Usage, &json!({"usage": v}))
+        .expect_err("deep input");
     assert_eq!(e.kind, ErrorKind::BadInput);
 
     let raw = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
     let e = engine(HookName::Usage, "return nil")
-        .run_json(HookName::Usage, &json!({"request": {"id": "r", "body_raw": raw}}))
+        .run_json(
+            HookName::Usage,
+            &json!({"request": {"id": "r", "body_raw": raw}}),
+        )
         .expect_err("deep body_raw");
     assert_eq!(e.kind, ErrorKind::BadInput);
 
-    let err = usage("local t = {} for i = 1, 64 do t = {t} end return {t = t}", json!({})).expect_err("deep output");
+    let err = usage(
+        "local t = {} for i = 1, 64 do t = {t} end return {t = t}",
+        json!({}),
+    )
+    .expect_err("deep output");
     assert_eq!(err.0, ErrorKind::BadOutput);
 }

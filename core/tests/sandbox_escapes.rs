@@ -14,7 +14,15 @@ fn probe() {
         let engine = Engine::new(Config::from_yaml(&yaml, Path::new(".")).unwrap()).unwrap();
         let t = Instant::now();
         let r = engine.run_json(HookName::Usage, &serde_json::json!({}));
-        let r = match r { Ok(v) => format!("OK {v}"), Err(e) => format!("ERR {} {}", e.kind, e.message) };
-        println!("{:>6.1}ms {:?} => {}", t.elapsed().as_secs_f64() * 1000.0, script.chars().take(90).collect::<String>(), r.chars().take(300).collect::<String>());
+        let r = match r {
+            Ok(v) => format!("OK {v}"),
+            Err(e) => format!("ERR {} {}", e.kind, e.message),
+        };
+        println!(
+            "{:>6.1}ms {:?} => {}",
+            t.elapsed().as_secs_f64() * 1000.0,
+            script.chars().take(90).collect::<String>(),
+            r.chars().take(300).collect::<String>()
+        );
     }
 }

@@ -60,9 +60,13 @@ pub fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Hook { hook, script, input, timeout_ms, memory_mb } => {
-            run_hook(&hook, &script, input.as_deref(), timeout_ms, memory_mb)
-        }
+        Command::Hook {
+            hook,
+            script,
+            input,
+            timeout_ms,
+            memory_mb,
+        } => run_hook(&hook, &script, input.as_deref(), timeout_ms, memory_mb),
     }
 }
 
@@ -70,20 +74,31 @@ pub fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
     let result = Config::from_file(path).and_then(Engine::new);
     match result {
         Ok(engine) => {
-            let hooks: Vec<&str> =
-                HookName::ALL.iter().filter(|h| engine.is_enabled(**h)).map(|h| h.as_str()).collect();
+            let hooks: Vec<&str> = HookName::ALL
+                .iter()
+                .filter(|h| engine.is_enabled(**h))
+                .map(|h| h.as_str())
+                .collect();
             println!(
                 "{}: ok ({} backends; hooks: {})",
                 path.display(),
                 engine.config().backends.len(),
-                if hooks.is_empty() { String::from("none") } else { hooks.join(", ") }
+                if hooks.is_empty() {
+                    String::from("none")
+                } else {
+                    hooks.join(", ")
+                }
             );
             ExitCode::SUCCESS
         }
@@ -102,13 +117,21 @@ fn usage_error(message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn run_hook(hook: &str, script: &std::path::Path, input: Option<&str>, timeout_ms: u64, memory_mb: u64) -> ExitCode {
+fn run_hook(
+    hook: &str,
+    script: &std::path::Path,
+    input: Option<&str>,
+    timeout_ms: u64,
+    memory_mb: u64,
+) -> ExitCode {
     let hook: HookName = match hook.parse() {
         Ok(h) => h,
         Err(e) => return usage_error(e),
     };
     if !(1..=60_000).contains(&timeout_ms) || !(1..=4096).contains(&memory_mb) {
-        return usage_error(String::from("--timeout-ms must be 1..=60000 and --memory-mb 1..=4096"));
+        return usage_error(String::from(
+            "--timeout-ms must be 1..=60000 and --memory-mb 1..=4096",
+        ));
     }
     let source = match std::fs::read_to_string(script) {
         Ok(s) => s,
@@ -128,20 +151,34 @@ fn run_hook(hook: &str, script: &std::path::Path, input: Option<&str>, timeout_m
             Err(e) => return usage_error(format!("cannot read {path}: {e}")),
         },
     };
-    let limits = ScriptLimits { timeout_ms, memory_mb, ..ScriptLimits::default() };
-    let input: Value = match llmproxy_core::convert::parse_json(text.as_bytes(), llmproxy_core::convert::Limits {
-        max_depth: limits.max_depth + 1,
-        max_bytes: limits.max_input_bytes,
-    }) {
+    let limits = ScriptLimits {
+        timeout_ms,
+        memory_mb,
+        ..ScriptLimits::default()
+    };
+    let input: Value = match llmproxy_core::convert::parse_json(
+        text.as_bytes(),
+        llmproxy_core::convert::Limits {
+            max_depth: limits.max_depth + 1,
+            max_bytes: limits.max_input_bytes,
+        },
+    ) {
         Ok(v) if v.is_object() => v,
-        Ok(_) => return usage_error(String::from("the input must be a JSON object of the hook's globals")),
+        Ok(_) => {
+            return usage_error(String::from(
+                "the input must be a JSON object of the hook's globals",
+            ))
+        }
         Err(e) => return usage_error(format!("input: {e}")),
     };
     let name = script.display().to_string();
     let engine = match Engine::new(Config::single_hook(hook, &name, &source, limits)) {
         Ok(e) => e,
         Err(e) => {
-            println!("{}", json!({"ok": false, "error": {"kind": "script_error", "message": e.to_string()}}));
+            println!(
+                "{}",
+                json!({"ok": false, "error": {"kind": "script_error", "message": e.to_string()}})
+            );
             return ExitCode::from(1);
         }
     };
@@ -150,11 +187,17 @@ fn run_hook(hook: &str, script: &std::path::Path, input: Option<&str>, timeout_m
     let elapsed_us = started.elapsed().as_micros() as u64;
     match result {
         Ok(value) => {
-            println!("{}", json!({"ok": true, "result": value, "elapsed_us": elapsed_us}));
+            println!(
+                "{}",
+                json!({"ok": true, "result": value, "elapsed_us": elapsed_us})
+            );
             ExitCode::SUCCESS
         }
         Err(e) if e.kind == llmproxy_core::ErrorKind::BadInput => {
-            println!("{}", json!({"ok": false, "error": {"kind": e.kind.as_str(), "message": e.message}}));
+            println!(
+                "{}",
+                json!({"ok": false, "error": {"kind": e.kind.as_str(), "message": e.message}})
+            );
             ExitCode::from(2)
         }
         Err(e) => {
@@ -162,7 +205,10 @@ fn run_hook(hook: &str, script: &std::path::Path, input: Option<&str>, timeout_m
             if let Some(line) = e.line {
                 err["line"] = json!(line);
             }
-            println!("{}", json!({"ok": false, "error": err, "elapsed_us": elapsed_us}));
+            println!(
+                "{}",
+                json!({"ok": false, "error": err, "elapsed_us": elapsed_us})
+            );
             ExitCode::from(1)
         }
     }

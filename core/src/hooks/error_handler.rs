@@ -5,7 +5,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::transform::header_changes;
-use super::{expect_object, optional_status, reject_unknown, set_serialized, HeaderChange, HookInput, HookName, RequestInfo};
+use super::{
+    expect_object, optional_status, reject_unknown, set_serialized, HeaderChange, HookInput,
+    HookName, RequestInfo,
+};
 use crate::error::HookError;
 
 /// The failure, shown as the `error` global.

@@ -4,7 +4,10 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{expect_object, optional_non_negative, optional_string, reject_unknown, required_bool, set_json, set_serialized};
+use super::{
+    expect_object, optional_non_negative, optional_string, reject_unknown, required_bool, set_json,
+    set_serialized,
+};
 use super::{HookInput, HookName, RequestInfo};
 use crate::error::HookError;
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
-use super::{expect_object, json_type, optional_status, reject_unknown, HookInput, HookName, RequestInfo};
+use super::{
+    expect_object, json_type, optional_status, reject_unknown, HookInput, HookName, RequestInfo,
+};
 use crate::convert;
 use crate::error::HookError;
 
@@ -57,8 +59,13 @@ impl ResponseInfo {
 
     /// Build from the JSON form the CLI and the C ABI take.
     pub fn from_json(value: &Value) -> Result<ResponseInfo, String> {
-        let obj = value.as_object().ok_or_else(|| format!("'response' must be an object, got {}", json_type(value)))?;
-        let mut r = ResponseInfo { status_code: 200, ..Default::default() };
+        let obj = value
+            .as_object()
+            .ok_or_else(|| format!("'response' must be an object, got {}", json_type(value)))?;
+        let mut r = ResponseInfo {
+            status_code: 200,
+            ..Default::default()
+        };
         if let Some(code) = obj.get("status_code") {
             r.status_code = code
                 .as_u64()
@@ -69,9 +76,20 @@ impl ResponseInfo {
             r.body = Arc::new(body.clone());
         }
         if let Some(Value::Object(h)) = obj.get("headers") {
-            r.headers = h.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect();
+            r.headers = h
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                    )
+                })
+                .collect();
         }
-        r.is_stream = obj.get("is_stream").and_then(Value::as_bool).unwrap_or(false);
+        r.is_stream = obj
+            .get("is_stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(r)
     }
 }
@@ -131,7 +149,10 @@ impl RequestRewrite {
         let what = "request_transform";
         let obj = expect_object(value, what)?;
         reject_unknown(obj, &["body", "headers"], what)?;
-        Ok(Some(RequestRewrite { body: body_field(obj), headers: header_changes(obj, what)? }))
+        Ok(Some(RequestRewrite {
+            body: body_field(obj),
+            headers: header_changes(obj, what)?,
+        }))
     }
 }
 
@@ -170,19 +191,27 @@ fn body_field(obj: &Map<String, Value>) -> Option<Value> {
 /// Parse `headers = {name = "value" | false | json.null}`; names must be
 /// HTTP tokens and values must not contain CR, LF or NUL (no header
 /// injection through a script).
-pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
+pub(crate) fn header_changes(
+    obj: &Map<String, Value>,
+    what: &str,
+) -> Result<Vec<(String, HeaderChange)>, HookError> {
     let headers = match obj.get("headers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Object(h)) => h,
         Some(Value::Array(a)) if a.is_empty() => return Ok(Vec::new()),
         Some(other) => {
-            return Err(HookError::bad_output(format!("{what}: 'headers' must be a table, got {}", json_type(other))))
+            return Err(HookError::bad_output(format!(
+                "{what}: 'headers' must be a table, got {}",
+                json_type(other)
+            )))
         }
     };
     let mut out = Vec::with_capacity(headers.len());
     for (name, value) in headers {
         if name.is_empty() || !name.bytes().all(is_token_byte) {
-            return Err(HookError::bad_output(format!("{what}: '{name}' is not a valid header name")));
+            return Err(HookError::bad_output(format!(
+                "{what}: '{name}' is not a valid header name"
+            )));
         }
         let change = match value {
             Value::Bool(false) | Value::Null => HeaderChange::Remove,

@@ -4,7 +4,10 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{expect_object, optional_non_negative, set_json, set_serialized, HookInput, HookName, RequestInfo, ResponseInfo};
+use super::{
+    expect_object, optional_non_negative, set_json, set_serialized, HookInput, HookName,
+    RequestInfo, ResponseInfo,
+};
 use crate::error::HookError;
 
 /// Facts about the upstream exchange, shown as `metadata`.
@@ -64,7 +67,13 @@ impl UsageRecord {
         }
         let what = "usage";
         let obj = expect_object(value, what)?;
-        for key in ["billable_tokens", "cost", "prompt_tokens", "completion_tokens", "total_tokens"] {
+        for key in [
+            "billable_tokens",
+            "cost",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+        ] {
             optional_non_negative(obj, key, what)?;
         }
         Ok(UsageRecord::Custom(obj.clone()))

@@ -18,7 +18,9 @@ use crate::convert::{self, Limits, Markers};
 const DEFAULT_TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%SZ";
 
 fn context(lua: &Lua) -> CallContext {
-    lua.app_data_ref::<CallContext>().map(|c| c.clone()).unwrap_or_else(CallContext::idle)
+    lua.app_data_ref::<CallContext>()
+        .map(|c| c.clone())
+        .unwrap_or_else(CallContext::idle)
 }
 
 /// `json` helper table.
@@ -28,10 +30,14 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
         "encode",
         lua.create_function(|lua, value: Value| {
             let ctx = context(lua);
-            let limits = Limits { max_depth: ctx.limits.max_depth, max_bytes: ctx.memory_allowance };
+            let limits = Limits {
+                max_depth: ctx.limits.max_depth,
+                max_bytes: ctx.memory_allowance,
+            };
             let json = convert::lua_to_json(&value, limits)
                 .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
-            let text = serde_json::to_string(&json).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            let text = serde_json::to_string(&json)
+                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             lua.create_string(text)
         })?,
     )?;
@@ -39,7 +45,10 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
         "decode",
         lua.create_function(|lua, text: LuaString| {
             let ctx = context(lua);
-            let limits = Limits { max_depth: ctx.limits.max_depth, max_bytes: ctx.memory_allowance };
+            let limits = Limits {
+                max_depth: ctx.limits.max_depth,
+                max_bytes: ctx.memory_allowance,
+            };
             let value = convert::parse_json(&text.as_bytes(), limits)
                 .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
             convert::json_to_lua(lua, &value)
@@ -72,9 +81,14 @@ pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
         "split",
         lua.create_function(|lua, (s, sep): (LuaString, Option<LuaString>)| {
             let s = s.as_bytes();
-            let sep = sep.as_ref().map(|x| x.as_bytes().to_vec()).unwrap_or_else(|| b",".to_vec());
+            let sep = sep
+                .as_ref()
+                .map(|x| x.as_bytes().to_vec())
+                .unwrap_or_else(|| b",".to_vec());
             if sep.is_empty() {
-                return Err(mlua::Error::runtime("string_utils.split: delimiter must not be empty"));
+                return Err(mlua::Error::runtime(
+                    "string_utils.split: delimiter must not be empty",
+                ));
             }
             let parts = lua.create_table()?;
             let mut start = 0;
@@ -97,25 +111,37 @@ pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
             let b = s.as_bytes();
             let is_space = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
             let start = b.iter().position(|c| !is_space(c)).unwrap_or(b.len());
-            let end = b.iter().rposition(|c| !is_space(c)).map_or(start, |p| p + 1);
+            let end = b
+                .iter()
+                .rposition(|c| !is_space(c))
+                .map_or(start, |p| p + 1);
             lua.create_string(&b[start..end])
         })?,
     )?;
     t.raw_set(
         "starts_with",
-        lua.create_function(|_, (s, p): (LuaString, LuaString)| Ok(s.as_bytes().starts_with(&p.as_bytes())))?,
+        lua.create_function(|_, (s, p): (LuaString, LuaString)| {
+            Ok(s.as_bytes().starts_with(&p.as_bytes()))
+        })?,
     )?;
     t.raw_set(
         "ends_with",
-        lua.create_function(|_, (s, p): (LuaString, LuaString)| Ok(s.as_bytes().ends_with(&p.as_bytes())))?,
+        lua.create_function(|_, (s, p): (LuaString, LuaString)| {
+            Ok(s.as_bytes().ends_with(&p.as_bytes()))
+        })?,
     )?;
     Ok(t)
 }
 
 fn strftime_items(fmt: &str) -> mlua::Result<Vec<chrono::format::Item<'_>>> {
     let items: Vec<_> = StrftimeItems::new(fmt).collect();
-    if items.iter().any(|i| matches!(i, chrono::format::Item::Error)) {
-        return Err(mlua::Error::runtime(format!("time: invalid format string '{fmt}'")));
+    if items
+        .iter()
+        .any(|i| matches!(i, chrono::format::Item::Error))
+    {
+        return Err(mlua::Error::runtime(format!(
+            "time: invalid format string '{fmt}'"
+        )));
     }
     Ok(items)
 }
@@ -135,14 +161,18 @@ pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|_, (ts, fmt): (Option<f64>, Option<String>)| {
             let ts = ts.unwrap_or_else(|| Utc::now().timestamp() as f64);
             if !ts.is_finite() {
-                return Err(mlua::Error::runtime("time.format: timestamp must be a finite number"));
+                return Err(mlua::Error::runtime(
+                    "time.format: timestamp must be a finite number",
+                ));
             }
             let secs = ts.floor();
             let nanos = ((ts - secs) * 1e9) as u32;
             let dt = Utc
                 .timestamp_opt(secs as i64, nanos)
                 .single()
-                .ok_or_else(|| mlua::Error::runtime(format!("time.format: timestamp {ts} is out of range")))?;
+                .ok_or_else(|| {
+                    mlua::Error::runtime(format!("time.format: timestamp {ts} is out of range"))
+                })?;
             let fmt = fmt.unwrap_or_else(|| DEFAULT_TIME_FORMAT.to_owned());
             let items = strftime_items(&fmt)?;
             let mut out = String::new();
@@ -155,15 +185,21 @@ pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
         "parse",
         lua.create_function(|_, (s, fmt): (String, Option<String>)| {
             let parsed = match fmt {
-                None => DateTime::parse_from_rfc3339(s.trim()).map(|d| d.timestamp()).map_err(|e| e.to_string()),
+                None => DateTime::parse_from_rfc3339(s.trim())
+                    .map(|d| d.timestamp())
+                    .map_err(|e| e.to_string()),
                 Some(fmt) => {
                     strftime_items(&fmt)?;
                     DateTime::parse_from_str(&s, &fmt)
                         .map(|d| d.timestamp())
-                        .or_else(|_| NaiveDateTime::parse_from_str(&s, &fmt).map(|d| d.and_utc().timestamp()))
                         .or_else(|_| {
-                            NaiveDate::parse_from_str(&s, &fmt)
-                                .map(|d| d.and_hms_opt(0, 0, 0).map_or(0, |d| d.and_utc().timestamp()))
+                            NaiveDateTime::parse_from_str(&s, &fmt).map(|d| d.and_utc().timestamp())
+                        })
+                        .or_else(|_| {
+                            NaiveDate::parse_from_str(&s, &fmt).map(|d| {
+                                d.and_hms_opt(0, 0, 0)
+                                    .map_or(0, |d| d.and_utc().timestamp())
+                            })
                         })
                         .map_err(|e| e.to_string())
                 }
@@ -188,8 +224,14 @@ fn hex(bytes: &[u8]) -> String {
 /// `hash` helper table (lowercase hex digests).
 pub(crate) fn hash(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    t.raw_set("md5", lua.create_function(|_, s: LuaString| Ok(hex(&Md5::digest(&*s.as_bytes()))))?)?;
-    t.raw_set("sha256", lua.create_function(|_, s: LuaString| Ok(hex(&Sha256::digest(&*s.as_bytes()))))?)?;
+    t.raw_set(
+        "md5",
+        lua.create_function(|_, s: LuaString| Ok(hex(&Md5::digest(&*s.as_bytes()))))?,
+    )?;
+    t.raw_set(
+        "sha256",
+        lua.create_function(|_, s: LuaString| Ok(hex(&Sha256::digest(&*s.as_bytes()))))?,
+    )?;
     Ok(t)
 }
 
@@ -221,13 +263,15 @@ fn log_message(args: &Variadic<Value>) -> String {
             cut -= 1;
         }
         msg.truncate(cut);
-        msg.push_str("…");
+        msg.push('…');
     }
     msg
 }
 
 fn emit(lua: &Lua, level: Level, args: Variadic<Value>) {
-    let Some(mut ctx) = lua.app_data_mut::<CallContext>() else { return };
+    let Some(mut ctx) = lua.app_data_mut::<CallContext>() else {
+        return;
+    };
     ctx.log_lines += 1;
     if ctx.log_lines > LOG_LINES_PER_CALL + 1 {
         return;
@@ -243,16 +287,26 @@ fn emit(lua: &Lua, level: Level, args: Variadic<Value>) {
     drop(ctx);
     let msg = log_message(&args);
     match level {
-        Level::Info => tracing::info!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}"),
-        Level::Warn => tracing::warn!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}"),
-        Level::Error => tracing::error!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}"),
+        Level::Info => {
+            tracing::info!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}")
+        }
+        Level::Warn => {
+            tracing::warn!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}")
+        }
+        Level::Error => {
+            tracing::error!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}")
+        }
     }
 }
 
 /// `log` helper table; lines are tagged with the request id, hook and script.
 pub(crate) fn log(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    for (name, level) in [("info", Level::Info), ("warn", Level::Warn), ("error", Level::Error)] {
+    for (name, level) in [
+        ("info", Level::Info),
+        ("warn", Level::Warn),
+        ("error", Level::Error),
+    ] {
         t.raw_set(
             name,
             lua.create_function(move |lua, args: Variadic<Value>| {
@@ -270,8 +324,12 @@ pub(crate) fn log(lua: &Lua) -> mlua::Result<Table> {
 pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
     lua.create_function(|lua, (s, n, sep): (LuaString, f64, Option<LuaString>)| {
         let s = s.as_bytes();
-        let sep = sep.as_ref().map(|x| x.as_bytes().to_vec()).unwrap_or_default();
-        if !(n >= 1.0) || (s.is_empty() && sep.is_empty()) {
+        let sep = sep
+            .as_ref()
+            .map(|x| x.as_bytes().to_vec())
+            .unwrap_or_default();
+        // NaN, zero and negative counts all give "", like LuaJIT.
+        if n.is_nan() || n < 1.0 || (s.is_empty() && sep.is_empty()) {
             return lua.create_string("");
         }
         let allowance = context(lua).memory_allowance as f64;

@@ -160,7 +160,11 @@ pub fn find_pattern(
     loop {
         if let Some(end) = m.try_at(start)? {
             let captures = m.captures(None)?;
-            return Ok(Some(Match { start, end, captures }));
+            return Ok(Some(Match {
+                start,
+                end,
+                captures,
+            }));
         }
         if anchor || start >= subject.len() {
             return Ok(None);
@@ -201,7 +205,10 @@ struct Budget<'c> {
 
 impl<'c> Budget<'c> {
     fn new(check: &'c dyn Fn() -> mlua::Result<()>) -> Self {
-        Budget { check, left: CHECK_INTERVAL }
+        Budget {
+            check,
+            left: CHECK_INTERVAL,
+        }
     }
 
     #[inline]
@@ -324,7 +331,10 @@ impl<'a, 'c> Matcher<'a, 'c> {
             pat,
             level: 0,
             depth: 0,
-            caps: [Cap { init: 0, len: CapLen::Unfinished }; MAX_CAPTURES],
+            caps: [Cap {
+                init: 0,
+                len: CapLen::Unfinished,
+            }; MAX_CAPTURES],
             budget: Budget::new(check),
         }
     }
@@ -505,7 +515,13 @@ impl<'a, 'c> Matcher<'a, 'c> {
                     p = ep + 1;
                 }
                 b'*' => return self.max_expand(s, p, ep),
-                b'+' => return if m { self.max_expand(s + 1, p, ep) } else { Ok(None) },
+                b'+' => {
+                    return if m {
+                        self.max_expand(s + 1, p, ep)
+                    } else {
+                        Ok(None)
+                    }
+                }
                 b'-' => return self.min_expand(s, p, ep),
                 _ => {
                     if !m {
@@ -623,10 +639,11 @@ impl<'a, 'c> Matcher<'a, 'c> {
             CapLen::Len(len) => {
                 self.budget.spend(bulk_cost(len))?;
                 let src = self.src;
-                if src.len() - s >= len && src[cap.init..cap.init + len] == src[s..s + len] {
-                    Ok(Some(s + len))
-                } else {
-                    Ok(None)
+                let captured = src.get(cap.init..cap.init.saturating_add(len));
+                let here = src.get(s..s.saturating_add(len));
+                match (captured, here) {
+                    (Some(a), Some(b)) if a == b => Ok(Some(s + len)),
+                    _ => Ok(None),
                 }
             }
         }
@@ -655,7 +672,11 @@ impl<'a, 'c> Matcher<'a, 'c> {
     /// the pattern, the whole match (Lua's `push_captures`).
     fn captures(&self, whole: Option<(usize, usize)>) -> MResult<Vec<Capture>> {
         let (s, e) = whole.unwrap_or((0, 0));
-        let n = if self.level == 0 && whole.is_some() { 1 } else { self.level };
+        let n = if self.level == 0 && whole.is_some() {
+            1
+        } else {
+            self.level
+        };
         (0..n).map(|i| self.capture(i, s, e)).collect()
     }
 }
@@ -694,6 +715,9 @@ fn plain_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn kmp_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
     // fail[i]: length of the longest proper border of needle[..=i].
     let mut fail = vec![0usize; needle.len()];
     let mut k = 0usize;
@@ -749,19 +773,32 @@ pub fn install(lua: &Lua, string_table: &Table, check: StepCheck) -> mlua::Resul
     let pcall = base_fn("pcall")?;
     let error = base_fn("error")?;
     let index: Function = lua.load(INDEX).set_name(SHIM_NAME).eval()?;
-    let shared = Arc::new(Shared { check, pcall, index });
+    let shared = Arc::new(Shared {
+        check,
+        pcall,
+        index,
+    });
 
     let sh = Arc::clone(&shared);
-    let rfind = lua.create_function(move |lua, args: MultiValue| finish(str_find_aux(lua, &args, &sh, true)))?;
+    let rfind = lua.create_function(move |lua, mut args: MultiValue| {
+        finish(str_find_aux(lua, &mut args, &sh, true))
+    })?;
     let sh = Arc::clone(&shared);
-    let rmatch = lua.create_function(move |lua, args: MultiValue| finish(str_find_aux(lua, &args, &sh, false)))?;
+    let rmatch = lua.create_function(move |lua, mut args: MultiValue| {
+        finish(str_find_aux(lua, &mut args, &sh, false))
+    })?;
     let sh = Arc::clone(&shared);
-    let rgmatch = lua.create_function(move |lua, args: MultiValue| finish(str_gmatch(lua, &args, &sh)))?;
+    let rgmatch = lua.create_function(move |lua, mut args: MultiValue| {
+        finish(str_gmatch(lua, &mut args, &sh))
+    })?;
     let sh = shared;
-    let rgsub = lua.create_function(move |lua, args: MultiValue| finish(str_gsub(lua, &args, &sh)))?;
+    let rgsub = lua
+        .create_function(move |lua, mut args: MultiValue| finish(str_gsub(lua, &mut args, &sh)))?;
 
-    let (find, match_, gmatch, gsub): (Function, Function, Function, Function) =
-        lua.load(SHIM).set_name(SHIM_NAME).call((rfind, rmatch, rgmatch, rgsub, error))?;
+    let (find, match_, gmatch, gsub): (Function, Function, Function, Function) = lua
+        .load(SHIM)
+        .set_name(SHIM_NAME)
+        .call((rfind, rmatch, rgmatch, rgsub, error))?;
     string_table.set("find", find)?;
     string_table.set("match", match_)?;
     string_table.set("gmatch", gmatch)?;
@@ -817,7 +854,11 @@ fn location(lua: &Lua) -> String {
             return None;
         }
         let line = d.current_line()?;
-        Some(format!("{}:{}: ", src.short_src.as_deref().unwrap_or("?"), line))
+        Some(format!(
+            "{}:{}: ",
+            src.short_src.as_deref().unwrap_or("?"),
+            line
+        ))
     })
     .flatten()
     .unwrap_or_default()
@@ -844,7 +885,10 @@ fn arg_error(lua: &Lua, narg: usize, msg: &str) -> Fail {
     let (name, method) = lua
         .inspect_stack(1, |d| {
             let names = d.names();
-            (names.name.map(|n| n.into_owned()), names.name_what == Some("method"))
+            (
+                names.name.map(|n| n.into_owned()),
+                names.name_what == Some("method"),
+            )
         })
         .unwrap_or((None, false));
     let name = name.unwrap_or_else(|| "?".to_owned());
@@ -882,16 +926,16 @@ fn truthy(v: &Value) -> bool {
     !matches!(v, Value::Nil | Value::Boolean(false))
 }
 
-/// A string argument; numbers are converted as Lua does.
-fn check_string(lua: &Lua, args: &MultiValue, narg: usize) -> BResult<LuaString> {
-    let arg = args.get(narg - 1);
-    match arg {
-        Some(Value::String(s)) => Ok(s.clone()),
+/// A string argument; numbers are converted as Lua does. The argument is
+/// moved out of `args` (saving a reference copy on every call).
+fn check_string(lua: &Lua, args: &mut MultiValue, narg: usize) -> BResult<LuaString> {
+    match args.get_mut(narg - 1).map(std::mem::take) {
+        Some(Value::String(s)) => Ok(s),
         Some(v @ (Value::Integer(_) | Value::Number(_))) => match lua.coerce_string(v.clone())? {
             Some(s) => Ok(s),
-            None => Err(type_error(lua, narg, "string", arg)),
+            None => Err(type_error(lua, narg, "string", Some(&v))),
         },
-        _ => Err(type_error(lua, narg, "string", arg)),
+        other => Err(type_error(lua, narg, "string", other.as_ref())),
     }
 }
 
@@ -900,6 +944,9 @@ fn check_string(lua: &Lua, args: &MultiValue, narg: usize) -> BResult<LuaString>
 fn opt_number(lua: &Lua, args: &MultiValue, narg: usize) -> BResult<Option<f64>> {
     match args.get(narg - 1) {
         None | Some(Value::Nil) => Ok(None),
+        // LuaJIT numbers are doubles; mlua reports integral ones as integers.
+        Some(Value::Integer(i)) => Ok(Some(*i as f64)),
+        Some(Value::Number(n)) => Ok(Some(*n)),
         Some(v) => match lua.coerce_number(v.clone())? {
             Some(n) => Ok(Some(n)),
             None => Err(type_error(lua, narg, "number", Some(v))),
@@ -910,17 +957,20 @@ fn opt_number(lua: &Lua, args: &MultiValue, narg: usize) -> BResult<Option<f64>>
 /// C's `(int32_t)` conversion of a double as LuaJIT's `lj_lib_optint` does it:
 /// truncation; out-of-range values give the x86 "integer indefinite".
 fn c_double_to_i32(x: f64) -> i32 {
-    if cfg!(any(target_arch = "x86", target_arch = "x86_64")) && !(x > -2147483649.0 && x < 2147483648.0) {
+    if cfg!(any(target_arch = "x86", target_arch = "x86_64"))
+        && !(x > -2147483649.0 && x < 2147483648.0)
+    {
         i32::MIN
     } else {
         x as i32
     }
 }
 
-/// C's `(int)(ptrdiff_t)` conversion of a double, as `luaL_optint` does it.
+/// C's `(int)(ptrdiff_t)` conversion of a double, as `luaL_optint` does it
+/// (so `2^32 + 1` becomes 1 and `1e20` becomes 0 on x86-64).
 fn c_double_to_int_via_i64(x: f64) -> i32 {
     let wide = if cfg!(any(target_arch = "x86", target_arch = "x86_64"))
-        && !(x >= -9223372036854775808.0 && x < 9223372036854775808.0)
+        && !(-9223372036854775808.0..9223372036854775808.0).contains(&x)
     {
         i64::MIN
     } else {
@@ -941,11 +991,13 @@ fn pos_value(p: usize) -> mlua::Integer {
 }
 
 fn capture_values(lua: &Lua, src: &[u8], caps: Vec<Capture>) -> mlua::Result<Vec<Value>> {
-    caps.into_iter().map(|c| capture_value(lua, src, c)).collect()
+    caps.into_iter()
+        .map(|c| capture_value(lua, src, c))
+        .collect()
 }
 
 /// `string.find` (`find == true`) and `string.match`.
-fn str_find_aux(lua: &Lua, args: &MultiValue, sh: &Shared, find: bool) -> BResult<MultiValue> {
+fn str_find_aux(lua: &Lua, args: &mut MultiValue, sh: &Shared, find: bool) -> BResult<MultiValue> {
     let s = check_string(lua, args, 1)?;
     let p = check_string(lua, args, 2)?;
     let init = opt_number(lua, args, 3)?.map_or(1, c_double_to_i32);
@@ -1000,19 +1052,26 @@ fn str_find_aux(lua: &Lua, args: &MultiValue, sh: &Shared, find: bool) -> BResul
 }
 
 /// `string.gmatch`: returns the iterator.
-fn str_gmatch(lua: &Lua, args: &MultiValue, sh: &Arc<Shared>) -> BResult<MultiValue> {
+fn str_gmatch(lua: &Lua, args: &mut MultiValue, sh: &Arc<Shared>) -> BResult<MultiValue> {
     let s = check_string(lua, args, 1)?;
     let p = check_string(lua, args, 2)?;
     let pat = c_pattern(&p.as_bytes()).to_vec();
     let pos = AtomicUsize::new(0);
     let sh = Arc::clone(sh);
-    let iter = lua.create_function(move |lua, _: MultiValue| finish(gmatch_step(lua, &s, &pat, &pos, &sh)))?;
+    let iter = lua
+        .create_function(move |lua, _: MultiValue| finish(gmatch_step(lua, &s, &pat, &pos, &sh)))?;
     Ok(MultiValue::from_vec(vec![Value::Function(iter)]))
 }
 
 /// One call of a `gmatch` iterator. An empty match advances the position by
 /// one so that the loop always makes progress; no results once exhausted.
-fn gmatch_step(lua: &Lua, s: &LuaString, pat: &[u8], pos: &AtomicUsize, sh: &Shared) -> BResult<MultiValue> {
+fn gmatch_step(
+    lua: &Lua,
+    s: &LuaString,
+    pat: &[u8],
+    pos: &AtomicUsize,
+    sh: &Shared,
+) -> BResult<MultiValue> {
     let src = s.as_bytes();
     let check: &dyn Fn() -> mlua::Result<()> = &*sh.check;
     let mut m = Matcher::new(&src, pat, check);
@@ -1036,25 +1095,27 @@ enum Repl {
 }
 
 /// `string.gsub`.
-fn str_gsub(lua: &Lua, args: &MultiValue, sh: &Shared) -> BResult<MultiValue> {
+fn str_gsub(lua: &Lua, args: &mut MultiValue, sh: &Shared) -> BResult<MultiValue> {
     let s = check_string(lua, args, 1)?;
     let p = check_string(lua, args, 2)?;
     let src = s.as_bytes();
     let pat_full = p.as_bytes();
-    let default_max = i64::try_from(src.len()).unwrap_or(i64::MAX).saturating_add(1);
+    let default_max = i64::try_from(src.len())
+        .unwrap_or(i64::MAX)
+        .saturating_add(1);
     // `(int)(srcl+1)` in C; subjects are far below 2^31 bytes in practice.
     let max_s = match opt_number(lua, args, 4)? {
         Some(n) => i64::from(c_double_to_int_via_i64(n)),
         None => default_max,
     };
-    let repl = match args.get(2) {
-        Some(Value::String(r)) => Repl::Str(r.clone()),
-        Some(v @ (Value::Integer(_) | Value::Number(_))) => match lua.coerce_string(v.clone())? {
+    let repl = match args.get_mut(2).map(std::mem::take) {
+        Some(Value::String(r)) => Repl::Str(r),
+        Some(v @ (Value::Integer(_) | Value::Number(_))) => match lua.coerce_string(v)? {
             Some(r) => Repl::Str(r),
             None => return Err(arg_error(lua, 3, "string/function/table expected")),
         },
-        Some(Value::Table(t)) => Repl::Table(t.clone()),
-        Some(Value::Function(f)) => Repl::Func(f.clone()),
+        Some(Value::Table(t)) => Repl::Table(t),
+        Some(Value::Function(f)) => Repl::Func(f),
         _ => return Err(arg_error(lua, 3, "string/function/table expected")),
     };
     let repl_bytes = match &repl {
@@ -1078,7 +1139,8 @@ fn str_gsub(lua: &Lua, args: &MultiValue, sh: &Shared) -> BResult<MultiValue> {
                 (Repl::Table(t), _) => {
                     let key = m.capture(0, pos, e).map_err(|a| abort(lua, a))?;
                     let key = capture_value(lua, &src, key)?;
-                    let v = protected_call(&sh.pcall, &sh.index, vec![Value::Table(t.clone()), key])?;
+                    let v =
+                        protected_call(&sh.pcall, &sh.index, vec![Value::Table(t.clone()), key])?;
                     add_value(lua, &src[pos..e], v, &mut out)?;
                 }
                 (Repl::Func(f), _) => {
@@ -1089,7 +1151,9 @@ fn str_gsub(lua: &Lua, args: &MultiValue, sh: &Shared) -> BResult<MultiValue> {
                 }
                 (Repl::Str(_), None) => {}
             }
-            m.budget.spend(bulk_cost(out.len() - before)).map_err(|a| abort(lua, a))?;
+            m.budget
+                .spend(bulk_cost(out.len() - before))
+                .map_err(|a| abort(lua, a))?;
         }
         match e {
             Some(e) if e > pos => pos = e,
@@ -1144,7 +1208,9 @@ fn protected_call(pcall: &Function, f: &Function, args: Vec<Value>) -> BResult<V
     let mut call_args = Vec::with_capacity(args.len() + 1);
     call_args.push(Value::Function(f.clone()));
     call_args.extend(args);
-    let mut results = pcall.call::<MultiValue>(MultiValue::from_vec(call_args))?.into_iter();
+    let mut results = pcall
+        .call::<MultiValue>(MultiValue::from_vec(call_args))?
+        .into_iter();
     let ok = results.next().is_some_and(|v| truthy(&v));
     let first = results.next().unwrap_or(Value::Nil);
     if ok {
@@ -1184,11 +1250,19 @@ mod tests {
     #[test]
     fn plain_find_matches_naive() {
         let hay = b"abababababcabababc";
-        for needle in [&b"abc"[..], b"ababc", b"c", b"", b"x", b"abababababcabababc", b"bca"] {
+        for needle in [
+            &b"abc"[..],
+            b"ababc",
+            b"c",
+            b"",
+            b"x",
+            b"abababababcabababc",
+            b"bca",
+        ] {
             let naive = (0..=hay.len().saturating_sub(needle.len()))
                 .find(|&i| hay.len() >= needle.len() && &hay[i..i + needle.len()] == needle);
             assert_eq!(plain_find(hay, needle), naive, "{needle:?}");
-            assert_eq!(kmp_find(hay, needle).or(if needle.is_empty() { Some(0) } else { None }), naive);
+            assert_eq!(kmp_find(hay, needle), naive);
         }
     }
 
@@ -1204,13 +1278,26 @@ mod tests {
 
     #[test]
     fn pure_find_pattern() {
-        let m = find_pattern(b"hello world", b"(o)()", 0, &ok).unwrap().unwrap();
+        let m = find_pattern(b"hello world", b"(o)()", 0, &ok)
+            .unwrap()
+            .unwrap();
         assert_eq!(m.start, 4);
         assert_eq!(m.end, 5);
         assert_eq!(m.captures, vec![Capture::Bytes(4..5), Capture::Position(5)]);
         assert!(find_pattern(b"abc", b"^b", 0, &ok).unwrap().is_none());
         assert!(find_pattern(b"abc", b"^b", 1, &ok).unwrap().is_some());
-        let e = find_pattern(b"abc", b"%", 0, &ok).unwrap_err();
-        assert_eq!(e.to_string(), "malformed pattern (ends with '%')");
+        match find_pattern(b"abc", b"%", 0, &ok) {
+            Err(mlua::Error::RuntimeError(msg)) => {
+                assert_eq!(msg, "malformed pattern (ends with '%')")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // The check's own error comes back unchanged.
+        let fail = || Err(mlua::Error::runtime("stop"));
+        let subject = vec![b'a'; 5000];
+        match find_pattern(&subject, b".-.-.-x", 0, &fail) {
+            Err(mlua::Error::RuntimeError(msg)) => assert_eq!(msg, "stop"),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

@@ -1,0 +1,59 @@
+# LLMProxy — every build and test step in one place.
+#
+#   make test        everything CI runs (lint + all tests of every host)
+#   make serve       the standalone gateway on the built-in demo config
+#   make bench-core  in-process hook benchmarks -> docs/benchmarks.md
+#
+# Debian packages are installed by scripts/apt-ensure when missing.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+# Host-specific targets (ffi, openresty, ...) add themselves to these.
+TEST_TARGETS := test-rust
+LINT_TARGETS := lint-rust lint-lua
+
+.PHONY: all test lint lint-rust lint-lua test-rust build release serve bench-core check-toolchain clean
+
+all: build
+
+check-toolchain:
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo "cargo not found: install the Rust toolchain (rustup, stable >= 1.88), then re-run make" >&2; exit 1; }
+
+build: check-toolchain
+	$(CARGO) build --workspace --all-targets
+
+release: check-toolchain
+	$(CARGO) build --release -p llmproxy-server
+
+lint-rust: check-toolchain
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+lint-lua:
+	@scripts/apt-ensure lua-check
+	luacheck --no-color $(LUA_SOURCES)
+
+LUA_SOURCES := core/src/sandbox/prelude.lua
+
+test-rust: check-toolchain
+	$(CARGO) test --workspace
+
+-include mk/*.mk
+
+lint: $(LINT_TARGETS)
+
+test: lint $(TEST_TARGETS)
+	@echo "make test: all suites passed"
+
+serve: release
+	./target/release/llmproxy serve
+
+bench-core: check-toolchain
+	$(CARGO) bench -p llmproxy-bench --bench hooks
+	$(CARGO) run -q --release -p llmproxy-bench --bin bench-report -- target/criterion docs/benchmarks.md
+
+clean:
+	$(CARGO) clean

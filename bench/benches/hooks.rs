@@ -1,0 +1,208 @@
+//! In-process hook benchmarks (criterion).
+//!
+//! - `body_parse/*`: the one-time JSON parse of a request body.
+//! - `routing/sandboxed/*`: the seed's routing script through the engine
+//!   (pool checkout, fresh environment, lazy body, limits, output checks).
+//! - `routing/unsandboxed_eager/*`: the same script in a plain LuaJIT state
+//!   (JIT on, no limits), the request table built per call with the body
+//!   converted eagerly: what a straightforward embedding does.
+//! - `routing/unsandboxed_bare/*`: the same script with its globals built
+//!   once: the cost of running the script alone, the floor.
+//! - `input_build/*`: building the request table with and without an mlua
+//!   memory limit set (mlua protects every API call while a limit is set).
+//!
+//! Run with `make bench-core`, which also writes docs/benchmarks.md.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use llmproxy_bench::{chat_body, SEED_ROUTING};
+use llmproxy_core::config::ScriptLimits;
+use llmproxy_core::hooks::{BackendStatus, RequestInfo, RouteDecision, RoutingInput};
+use llmproxy_core::{Config, Engine, HookName};
+use mlua::{Lua, Table, Value as LuaValue};
+use serde_json::Value;
+
+const SIZES: [(&str, usize); 2] = [("10KB", 10 << 10), ("1MB", 1 << 20)];
+
+fn backends() -> Vec<BackendStatus> {
+    ["standard", "high-performance", "ultra"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| BackendStatus {
+            name: (*name).to_owned(),
+            url: format!("http://127.0.0.1:{}", 9000 + i),
+            healthy: true,
+            weight: 10,
+            latency_ms: 80.0 + i as f64,
+            active_connections: i as u64,
+        })
+        .collect()
+}
+
+fn request(body: Arc<Value>) -> RequestInfo {
+    RequestInfo {
+        id: "req_abc123".into(),
+        body,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("user-agent".into(), "bench".into()),
+        ],
+        user_id: Some("user_001".into()),
+        api_key: Some("sk-xxx".into()),
+        client_ip: Some("127.0.0.1".into()),
+        path: Some("/v1/chat/completions".into()),
+        ..RequestInfo::default()
+    }
+}
+
+/// Plain eager JSON -> Lua conversion, as an unsandboxed embedding would do.
+fn to_lua_plain(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {
+    Ok(match v {
+        Value::Null => LuaValue::Nil,
+        Value::Bool(b) => LuaValue::Boolean(*b),
+        Value::Number(n) => LuaValue::Number(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => LuaValue::String(lua.create_string(s)?),
+        Value::Array(a) => {
+            let t = lua.create_table_with_capacity(a.len(), 0)?;
+            for (i, x) in a.iter().enumerate() {
+                t.raw_set(i + 1, to_lua_plain(lua, x)?)?;
+            }
+            LuaValue::Table(t)
+        }
+        Value::Object(o) => {
+            let t = lua.create_table_with_capacity(0, o.len())?;
+            for (k, x) in o {
+                t.raw_set(k.as_str(), to_lua_plain(lua, x)?)?;
+            }
+            LuaValue::Table(t)
+        }
+    })
+}
+
+fn plain_request(lua: &Lua, req: &RequestInfo, body: LuaValue) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set("id", req.id.as_str())?;
+    t.raw_set("body", body)?;
+    let h = lua.create_table()?;
+    for (k, v) in &req.headers {
+        h.raw_set(k.as_str(), v.as_str())?;
+    }
+    t.raw_set("headers", h)?;
+    t.raw_set("user_id", req.user_id.as_deref())?;
+    t.raw_set("api_key", req.api_key.as_deref())?;
+    t.raw_set("client_ip", req.client_ip.as_deref())?;
+    t.raw_set("path", req.path.as_deref())?;
+    Ok(t)
+}
+
+fn plain_backends(lua: &Lua, backends: &[BackendStatus]) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    for b in backends {
+        let e = lua.create_table()?;
+        e.raw_set("url", b.url.as_str())?;
+        e.raw_set("healthy", b.healthy)?;
+        e.raw_set("weight", b.weight)?;
+        e.raw_set("latency_ms", b.latency_ms)?;
+        e.raw_set("active_connections", b.active_connections)?;
+        t.raw_set(b.name.as_str(), e)?;
+    }
+    Ok(t)
+}
+
+fn bench_parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("body_parse");
+    for (label, size) in SIZES {
+        let text = serde_json::to_vec(&chat_body(size)).expect("serializes");
+        g.bench_with_input(BenchmarkId::from_parameter(label), &text, |b, text| {
+            b.iter(|| serde_json::from_slice::<Value>(black_box(text)).expect("parses"))
+        });
+    }
+    g.finish();
+}
+
+fn bench_routing(c: &mut Criterion) {
+    let backends = backends();
+    let engine = Engine::new(Config::single_hook(
+        HookName::Routing,
+        "seed-routing",
+        SEED_ROUTING,
+        ScriptLimits::default(),
+    ))
+    .expect("engine");
+    let mut g = c.benchmark_group("routing");
+    for (label, size) in SIZES {
+        let req = request(Arc::new(chat_body(size)));
+
+        g.bench_function(BenchmarkId::new("sandboxed", label), |b| {
+            b.iter(|| {
+                let d = engine
+                    .route(&RoutingInput {
+                        request: black_box(&req),
+                        backends: &backends,
+                    })
+                    .expect("routes");
+                assert_eq!(d, RouteDecision::Backend("ultra".into()));
+            })
+        });
+
+        let lua = Lua::new();
+        let f = lua.load(SEED_ROUTING).into_function().expect("compiles");
+        g.bench_function(BenchmarkId::new("unsandboxed_eager", label), |b| {
+            b.iter(|| {
+                let body = to_lua_plain(&lua, black_box(&req.body)).expect("converts");
+                let g = lua.globals();
+                g.raw_set("request", plain_request(&lua, &req, body).expect("request"))
+                    .expect("set");
+                g.raw_set(
+                    "backends",
+                    plain_backends(&lua, &backends).expect("backends"),
+                )
+                .expect("set");
+                let r: String = f.call(()).expect("runs");
+                assert_eq!(r, "ultra");
+            })
+        });
+
+        let body = to_lua_plain(&lua, &req.body).expect("converts");
+        lua.globals()
+            .raw_set("request", plain_request(&lua, &req, body).expect("request"))
+            .expect("set");
+        lua.globals()
+            .raw_set(
+                "backends",
+                plain_backends(&lua, &backends).expect("backends"),
+            )
+            .expect("set");
+        g.bench_function(BenchmarkId::new("unsandboxed_bare", label), |b| {
+            b.iter(|| {
+                let r: String = f.call(()).expect("runs");
+                assert_eq!(r, "ultra");
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_memory_limit(c: &mut Criterion) {
+    let req = request(Arc::new(chat_body(10 << 10)));
+    let backends = backends();
+    let mut g = c.benchmark_group("input_build");
+    for (label, limit) in [("limit_off", 0usize), ("limit_on", 64 << 20)] {
+        let lua = Lua::new();
+        lua.set_memory_limit(limit).expect("limit");
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                let body = LuaValue::Nil;
+                let t = plain_request(&lua, black_box(&req), body).expect("request");
+                let bk = plain_backends(&lua, &backends).expect("backends");
+                black_box((t, bk));
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_parse, bench_routing, bench_memory_limit);
+criterion_main!(benches);
