@@ -40,6 +40,8 @@ pub struct Config {
     pub defaults: ScriptLimits,
     /// VM pool settings.
     pub pool: PoolConfig,
+    /// Standalone gateway settings (`gateway:`).
+    pub gateway: GatewayConfig,
     /// The file this config was read from, if any.
     pub path: Option<PathBuf>,
 }
@@ -58,6 +60,148 @@ pub struct BackendConfig {
     /// Extra headers sent upstream (e.g. an upstream API key).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Per-backend upstream timeouts; unset fields use `gateway.timeouts`.
+    #[serde(default)]
+    pub timeouts: TimeoutsOverride,
+}
+
+/// Per-backend overrides of [`TimeoutsConfig`] (gateways only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsOverride {
+    /// Connect timeout.
+    pub connect_ms: Option<u64>,
+    /// Time from sending the request to the response head.
+    pub first_byte_ms: Option<u64>,
+    /// Longest silence between two body chunks.
+    pub idle_ms: Option<u64>,
+}
+
+/// Settings of a standalone gateway (`gateway:`). Every field is optional;
+/// hosts that are not gateways (the C ABI, OpenResty) ignore the section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Default balancer when routing returns nil.
+    pub balancer: BalancerKind,
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest non-streamed upstream response body the gateway buffers.
+    pub max_response_bytes: usize,
+    /// Model ids served by `GET /v1/models` (empty: the backend names).
+    pub models: Vec<String>,
+    /// Retries on another backend.
+    pub retry: RetryConfig,
+    /// Upstream timeouts.
+    pub timeouts: TimeoutsConfig,
+    /// Passive and active health checking.
+    pub health: HealthConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            balancer: BalancerKind::default(),
+            max_body_bytes: 10 << 20,
+            max_response_bytes: 64 << 20,
+            models: Vec::new(),
+            retry: RetryConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            health: HealthConfig::default(),
+        }
+    }
+}
+
+/// The default balancer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Smooth weighted round robin over healthy backends.
+    #[default]
+    WeightedRoundRobin,
+    /// Fewest requests in flight per unit of weight.
+    LeastConnections,
+    /// Lowest latency EWMA.
+    LowestLatency,
+}
+
+/// When a failed attempt is retried on another backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries after the first attempt (0 disables retries).
+    pub max_retries: u32,
+    /// Upstream statuses that are retried.
+    pub on_status: Vec<u16>,
+    /// Retry when the connection cannot be made.
+    pub on_connect_error: bool,
+    /// Retry when the backend does not answer in time.
+    pub on_timeout: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_retries: 2,
+            on_status: vec![500, 502, 503, 504],
+            on_connect_error: true,
+            on_timeout: true,
+        }
+    }
+}
+
+/// Upstream timeouts, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// Connect timeout.
+    pub connect_ms: u64,
+    /// Time from sending the request to the response head (and, for
+    /// streams, to the first event).
+    pub first_byte_ms: u64,
+    /// Longest silence between two body chunks.
+    pub idle_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect_ms: 2_000,
+            first_byte_ms: 60_000,
+            idle_ms: 60_000,
+        }
+    }
+}
+
+/// Health checking of backends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failures that mark a backend unhealthy.
+    pub failures_to_unhealthy: u32,
+    /// Consecutive successes that mark an unhealthy backend healthy again.
+    pub successes_to_healthy: u32,
+    /// An unhealthy backend gets trial requests again after this long.
+    pub cooldown_ms: u64,
+    /// Active probe period (0: passive checks only).
+    pub probe_interval_ms: u64,
+    /// Path probed with `GET`.
+    pub probe_path: String,
+    /// Probe timeout.
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            failures_to_unhealthy: 3,
+            successes_to_healthy: 1,
+            cooldown_ms: 5_000,
+            probe_interval_ms: 0,
+            probe_path: String::from("/healthz"),
+            probe_timeout_ms: 1_000,
+        }
+    }
 }
 
 fn default_weight() -> u32 {
@@ -168,6 +312,8 @@ struct RawConfig {
     backends: Vec<BackendConfig>,
     #[serde(default)]
     scripts: RawScripts,
+    #[serde(default)]
+    gateway: GatewayConfig,
     // The seed's per-section forms.
     routing: Option<RawSeedRouting>,
     auth: Option<RawHook>,
@@ -281,6 +427,7 @@ impl Config {
             hooks,
             defaults: limits,
             pool: PoolConfig::default(),
+            gateway: GatewayConfig::default(),
             path: None,
         }
     }
@@ -390,6 +537,45 @@ impl RawConfig {
             }
         }
 
+        let g = &self.gateway;
+        if g.max_body_bytes == 0 {
+            problems.push(String::from("gateway.max_body_bytes: must be > 0"));
+        }
+        if g.max_retries_out_of_range() {
+            problems.push(format!(
+                "gateway.retry.max_retries: {} is out of range (0..=10)",
+                g.retry.max_retries
+            ));
+        }
+        for (i, code) in g.retry.on_status.iter().enumerate() {
+            if !(100..=599).contains(code) {
+                problems.push(format!(
+                    "gateway.retry.on_status[{i}]: {code} is not an HTTP status"
+                ));
+            }
+        }
+        let t = &g.timeouts;
+        for (name, v) in [
+            ("connect_ms", t.connect_ms),
+            ("first_byte_ms", t.first_byte_ms),
+            ("idle_ms", t.idle_ms),
+        ] {
+            if v == 0 {
+                problems.push(format!("gateway.timeouts.{name}: must be > 0"));
+            }
+        }
+        if g.health.failures_to_unhealthy == 0 || g.health.successes_to_healthy == 0 {
+            problems.push(String::from(
+                "gateway.health: failures_to_unhealthy and successes_to_healthy must be > 0",
+            ));
+        }
+        if !g.health.probe_path.starts_with('/') {
+            problems.push(format!(
+                "gateway.health.probe_path: '{}' must start with /",
+                g.health.probe_path
+            ));
+        }
+
         let pool = s.pool.unwrap_or_default();
         if problems.is_empty() {
             Ok(Config {
@@ -398,11 +584,18 @@ impl RawConfig {
                 hooks,
                 defaults,
                 pool,
+                gateway: self.gateway,
                 path: None,
             })
         } else {
             Err(ConfigError { problems })
         }
+    }
+}
+
+impl GatewayConfig {
+    fn max_retries_out_of_range(&self) -> bool {
+        self.retry.max_retries > 10
     }
 }
 

@@ -9,6 +9,9 @@
 //!
 //! The remaining tests check that pattern bombs end at the deadline of the
 //! check callback and that deep matcher recursion is an error.
+//!
+//! `PATTERN_COMPAT_DUMP=1 cargo test --test pattern_compat -- --nocapture`
+//! prints every case with its outcome.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -23,4 +23,5 @@
 //! - [`lua`]: the LuaJIT module and its Lua <-> JSON conversion.
 
 pub mod capi;
+/// cbindgen:ignore
 pub mod lua;

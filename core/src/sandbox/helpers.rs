@@ -342,13 +342,9 @@ pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
             )));
         }
         let count = n as usize;
-        let mut out = Vec::with_capacity(total as usize);
-        for i in 0..count {
-            if i > 0 {
-                out.extend_from_slice(&sep);
-            }
-            out.extend_from_slice(&s);
-        }
+        let unit = [&s[..], &sep[..]].concat();
+        let mut out = unit.repeat(count - 1);
+        out.extend_from_slice(&s);
         lua.create_string(out)
     })
 }

@@ -42,8 +42,9 @@ fn build(config: Result<Config, llmproxy_core::ConfigError>, out: *mut *mut llmp
     Ok(())
 }
 
-/// Build an engine from YAML configuration text (the format of
-/// `docs/config.md`), compiling every enabled script.
+/// Build an engine from YAML configuration text (the gateway's config
+/// format: `scripts.<hook>.script`, limits, ...), compiling every enabled
+/// script.
 ///
 /// `yaml` points to `len` bytes of UTF-8 text (a terminating NUL is neither
 /// needed nor read). Relative `script_file` paths are resolved against the

@@ -1,0 +1,27 @@
+/*
+ * casefile.h: read conformance cases (conformance/cases/NNN-name.json) and compare
+ * JSON values, for the C host programs. Uses jansson (libjansson-dev).
+ *
+ * A case is {name, hook, script: [lines], input, limits?, expect: {result |
+ * error}} (core/src/conformance.rs). The config for a case is written as
+ * JSON, which is also YAML: {"scripts": {HOOK: {"script": ..., limits}}}.
+ */
+#ifndef LLMPROXY_EXAMPLES_CASEFILE_H
+#define LLMPROXY_EXAMPLES_CASEFILE_H
+
+#include <jansson.h>
+#include <stddef.h>
+
+/* Sorted list of "*.json" paths in dir; *count set. Free with free_paths. */
+char **list_cases(const char *dir, size_t *count);
+void free_paths(char **paths, size_t count);
+
+/* The YAML (JSON) config text that enables the case's hook with its script
+ * and limits. malloc'd; free() it. */
+char *case_config(json_t *c);
+
+/* Deep equality: numbers compare by value (integer 3 == real 3.0), arrays and
+ * objects must match in kind, length and keys. */
+int json_same(json_t *a, json_t *b);
+
+#endif
