@@ -671,6 +671,7 @@ fn resolve_hook(
         key,
         problems,
     );
+    let raw_is_file = raw.script_file.is_some();
     let script = match (raw.script, raw.script_file) {
         (Some(_), Some(_)) => {
             problems.push(format!(
@@ -705,6 +706,15 @@ fn resolve_hook(
             }
         }
     };
+    if let Err(e) = crate::vm::syntax_check(&script) {
+        let at = if raw_is_file {
+            format!("{key}.script_file")
+        } else {
+            format!("{key}.script")
+        };
+        problems.push(format!("{at}: {e}"));
+        return None;
+    }
     Some(HookConfig {
         hook,
         script,

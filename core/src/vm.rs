@@ -167,6 +167,24 @@ impl Vm {
     }
 }
 
+/// Parse `script` without running it (text mode only): `Err` holds the Lua
+/// syntax error as `name:line: message`. Used while loading a config so that
+/// syntax errors are reported with every other config problem.
+pub(crate) fn syntax_check(script: &Script) -> Result<(), String> {
+    thread_local! {
+        static CHECKER: Option<Lua> = Lua::new_with(mlua::StdLib::NONE, mlua::LuaOptions::new()).ok();
+    }
+    CHECKER.with(|lua| {
+        let Some(lua) = lua else { return Ok(()) };
+        lua.load(&*script.source)
+            .set_name(format!("={}", script.name))
+            .set_mode(ChunkMode::Text)
+            .into_function()
+            .map(drop)
+            .map_err(|e| message(&e))
+    })
+}
+
 fn internal(e: mlua::Error) -> HookError {
     HookError::new(ErrorKind::Internal, e.to_string())
 }

@@ -164,9 +164,9 @@ fn every_mistake_gets_a_clear_error_with_its_key_path() {
         ),
         (
             "scripts:\n  routing:\n    script: |\n      local x =\n  auth:\n    script: |\n      return {allow = true\n",
-            &["auth hook: scripts.auth:2: '}' expected", "routing hook: scripts.routing:2: unexpected symbol near '<eof>'"],
+            &["scripts.auth.script: scripts.auth:2: '}' expected", "scripts.routing.script: scripts.routing:2: unexpected symbol near '<eof>'"],
         ),
-        ("scripts:\n  routing: {script: \"\\x1bLua\"}\n", &["routing hook: "]),
+        ("scripts:\n  routing: {script: \"\\x1bLua\"}\n", &["scripts.routing.script: "]),
     ];
     for (yaml, expected) in cases {
         let problems = load(yaml)

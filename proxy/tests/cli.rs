@@ -1,0 +1,214 @@
+//! The offline subcommands: `llmproxy check` and `llmproxy hook`, run as a
+//! real process, with their output and exit codes.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+fn tmp(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmproxy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// Run `llmproxy hook`, return (exit code, parsed stdout).
+fn hook(args: &[&str], stdin: Option<&str>) -> (i32, Value) {
+    let mut child = bin()
+        .arg("hook")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn llmproxy");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), value)
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let out = bin()
+        .arg("check")
+        .arg(repo("examples/llmproxy.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok (3 backends; hooks: auth, rate_limit, routing"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_every_problem_and_exits_2() {
+    let config = tmp(
+        "broken.yaml",
+        "scripts:\n  routing:\n    script: 'return ('\n  auth:\n    script_file: missing.lua\n  usage:\n    script: x\n    script_file: y.lua\n",
+    );
+    let out = bin().arg("check").arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(
+        stderr
+            .contains("scripts.routing.script: scripts.routing:1: unexpected symbol near '<eof>'"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("scripts.auth.script_file: cannot read"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("scripts.usage: set either 'script' or 'script_file', not both"),
+        "{stderr}"
+    );
+
+    // Once the file problems are fixed, the Lua syntax error is reported with file:line.
+    let config = tmp(
+        "syntax.yaml",
+        "scripts:\n  routing:\n    script: |\n      local a = 1\n      return (\n",
+    );
+    let out = bin().arg("check").arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("scripts.routing.script: scripts.routing:3:"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn hook_runs_scripts_and_classifies_failures() {
+    let input = repo("conformance/cases/001-seed-routing-viplevel-3.json");
+    let case: Value = serde_json::from_str(&std::fs::read_to_string(input).unwrap()).unwrap();
+    let input = tmp("input.json", &case["input"].to_string());
+    let input = input.to_str().unwrap();
+    let routing = repo("examples/scripts/routing.lua");
+    let routing = routing.to_str().unwrap();
+
+    // (script or path, extra args, exit code, ok, result or error kind)
+    let loop_script = tmp("loop.lua", "while true do end");
+    let mem_script = tmp("mem.lua", "local s = 'x' while true do s = s .. s end");
+    let bad = tmp("bad.lua", "return 42");
+    let err = tmp("err.lua", "local x = nil\nreturn x.field");
+    let cases: Vec<(&str, Vec<&str>, i32, Value)> = vec![
+        (
+            routing,
+            vec!["--input", input],
+            0,
+            json!({"ok": true, "result": "ultra"}),
+        ),
+        (
+            loop_script.to_str().unwrap(),
+            vec!["--timeout-ms", "30"],
+            1,
+            json!({"ok": false, "kind": "timeout"}),
+        ),
+        (
+            mem_script.to_str().unwrap(),
+            vec!["--memory-mb", "2"],
+            1,
+            json!({"ok": false, "kind": "memory"}),
+        ),
+        (
+            bad.to_str().unwrap(),
+            vec![],
+            1,
+            json!({"ok": false, "kind": "bad_output"}),
+        ),
+        (
+            err.to_str().unwrap(),
+            vec![],
+            1,
+            json!({"ok": false, "kind": "script_error", "line": 2}),
+        ),
+    ];
+    for (script, extra, code, want) in cases {
+        let mut args = vec!["routing", "--script", script];
+        args.extend(extra.iter());
+        let (got_code, out) = hook(&args, None);
+        assert_eq!(got_code, code, "{script}: {out}");
+        assert_eq!(out["ok"], want["ok"], "{script}: {out}");
+        if let Some(result) = want.get("result") {
+            assert_eq!(&out["result"], result, "{script}: {out}");
+            assert!(out["elapsed_us"].is_u64(), "{out}");
+        } else {
+            assert_eq!(out["error"]["kind"], want["kind"], "{script}: {out}");
+            assert!(
+                out["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{out}"
+            );
+        }
+        if let Some(line) = want.get("line") {
+            assert_eq!(&out["error"]["line"], line, "{out}");
+        }
+    }
+}
+
+#[test]
+fn hook_reads_stdin_and_rejects_bad_usage_with_exit_2() {
+    let routing = repo("examples/scripts/routing.lua");
+    let routing = routing.to_str().unwrap();
+    let (code, out) = hook(
+        &["routing", "--script", routing, "--input", "-"],
+        Some(r#"{"request":{"id":"r","body":{"viplevel":1}},"backends":{"high-performance":{}}}"#),
+    );
+    assert_eq!(
+        (code, &out["result"]),
+        (0, &json!("high-performance")),
+        "{out}"
+    );
+
+    for (args, stdin) in [
+        (vec!["nohook", "--script", routing], None),
+        (vec!["routing", "--script", "/does/not/exist.lua"], None),
+        (
+            vec!["routing", "--script", routing, "--input", "-"],
+            Some("{not json"),
+        ),
+        (
+            vec!["routing", "--script", routing, "--input", "-"],
+            Some("[1, 2]"),
+        ),
+        (
+            vec!["routing", "--script", routing, "--timeout-ms", "0"],
+            None,
+        ),
+    ] {
+        let (code, _) = hook(&args, stdin);
+        assert_eq!(code, 2, "{args:?} {stdin:?}");
+    }
+}
