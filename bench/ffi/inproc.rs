@@ -48,14 +48,25 @@ fn bench(name: &str, n: usize, mut f: impl FnMut()) {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let root = args.next().unwrap_or_else(|| String::from("."));
-    let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100_000);
+    let n: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(100_000);
 
-    let case_text = std::fs::read_to_string(format!("{root}/conformance/cases/001-seed-routing-viplevel-3.json"))?;
+    let case_text = std::fs::read_to_string(format!(
+        "{root}/conformance/cases/001-seed-routing-viplevel-3.json"
+    ))?;
     let case: Case = serde_json::from_str(&case_text)?;
     let input_text = std::fs::read_to_string(format!("{root}/bench/ffi/routing-input-10k.json"))?;
     let input: Value = serde_json::from_str(&input_text)?;
 
-    let config = Config::single_hook(HookName::Routing, "scripts.routing", &case.source(), Default::default());
+    let config = Config::single_hook(
+        HookName::Routing,
+        "scripts.routing",
+        &case.source(),
+        Default::default(),
+    );
     let engine = Engine::new(config)?;
     let expect = Value::from("ultra");
     assert_eq!(engine.run_json(HookName::Routing, &input)?, expect);

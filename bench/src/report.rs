@@ -41,14 +41,8 @@ fn main() -> ExitCode {
     let rows = [
         ("body_parse/10KB", "one-time body parse, 10 KB"),
         ("body_parse/1MB", "one-time body parse, 1 MB"),
-        (
-            "routing/sandboxed/10KB",
-            "seed routing, sandboxed engine, 10 KB body",
-        ),
-        (
-            "routing/sandboxed/1MB",
-            "seed routing, sandboxed engine, 1 MB body",
-        ),
+        ("routing/sandboxed/10KB", "seed routing, sandboxed engine, 10 KB body"),
+        ("routing/sandboxed/1MB", "seed routing, sandboxed engine, 1 MB body"),
         (
             "routing/unsandboxed_eager/10KB",
             "baseline: plain LuaJIT, request built per call, 10 KB",
@@ -104,19 +98,17 @@ fn main() -> ExitCode {
         "| sandboxed 1 MB / sandboxed 10 KB | {} | <= 2x |",
         ratio("routing/sandboxed/1MB", "routing/sandboxed/10KB")
     ));
-    out.push(format!("| input build, limit on / limit off | {} | (why the limit is armed only around the script) |", ratio("input_build/limit_on", "input_build/limit_off")));
+    out.push(format!(
+        "| input build, limit on / limit off | {} | (why the limit is armed only around the script) |",
+        ratio("input_build/limit_on", "input_build/limit_off")
+    ));
     out.push(String::new());
     out.push(END.to_owned());
     let section = out.join("\n");
 
     let existing = std::fs::read_to_string(md).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
     let updated = match (existing.find(BEGIN), existing.find(END)) {
-        (Some(b), Some(e)) if e > b => format!(
-            "{}{}{}",
-            &existing[..b],
-            section,
-            &existing[e + END.len()..]
-        ),
+        (Some(b), Some(e)) if e > b => format!("{}{}{}", &existing[..b], section, &existing[e + END.len()..]),
         _ => format!("{}\n{}\n", existing.trim_end(), section),
     };
     if let Err(e) = std::fs::write(md, updated) {

@@ -377,9 +377,8 @@ impl Config {
     /// Read and validate a config file; `script_file`s are relative to it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::one(format!("{}: cannot read config: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(format!("{}: cannot read config: {e}", path.display())))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Config::from_yaml(&text, &base)?;
         config.path = Some(path.to_path_buf());
@@ -478,18 +477,10 @@ impl RawConfig {
                 sections.push(("routing".into(), HookName::Routing, raw));
             }
             if let Some(raw) = r.request_transform {
-                sections.push((
-                    "routing.request_transform".into(),
-                    HookName::RequestTransform,
-                    raw,
-                ));
+                sections.push(("routing.request_transform".into(), HookName::RequestTransform, raw));
             }
             if let Some(raw) = r.response_transform {
-                sections.push((
-                    "routing.response_transform".into(),
-                    HookName::ResponseTransform,
-                    raw,
-                ));
+                sections.push(("routing.response_transform".into(), HookName::ResponseTransform, raw));
             }
         }
         for (key, hook, raw) in [
@@ -507,9 +498,7 @@ impl RawConfig {
         let mut defined_at: [Option<String>; 7] = Default::default();
         for (key, hook, raw) in sections {
             if let Some(first) = &defined_at[hook.index()] {
-                problems.push(format!(
-                    "{key}: the {hook} hook is already defined at {first}"
-                ));
+                problems.push(format!("{key}: the {hook} hook is already defined at {first}"));
                 continue;
             }
             defined_at[hook.index()] = Some(key.clone());
@@ -549,9 +538,7 @@ impl RawConfig {
         }
         for (i, code) in g.retry.on_status.iter().enumerate() {
             if !(100..=599).contains(code) {
-                problems.push(format!(
-                    "gateway.retry.on_status[{i}]: {code} is not an HTTP status"
-                ));
+                problems.push(format!("gateway.retry.on_status[{i}]: {code} is not an HTTP status"));
             }
         }
         let t = &g.timeouts;
@@ -674,15 +661,11 @@ fn resolve_hook(
     let raw_is_file = raw.script_file.is_some();
     let script = match (raw.script, raw.script_file) {
         (Some(_), Some(_)) => {
-            problems.push(format!(
-                "{key}: set either 'script' or 'script_file', not both"
-            ));
+            problems.push(format!("{key}: set either 'script' or 'script_file', not both"));
             return None;
         }
         (None, None) => {
-            problems.push(format!(
-                "{key}: enabled, but neither 'script' nor 'script_file' is set"
-            ));
+            problems.push(format!("{key}: enabled, but neither 'script' nor 'script_file' is set"));
             return None;
         }
         (Some(source), None) => Script {
@@ -697,10 +680,7 @@ fn resolve_hook(
                     source: Arc::from(source),
                 },
                 Err(e) => {
-                    problems.push(format!(
-                        "{key}.script_file: cannot read '{}': {e}",
-                        path.display()
-                    ));
+                    problems.push(format!("{key}.script_file: cannot read '{}': {e}", path.display()));
                     return None;
                 }
             }

@@ -93,12 +93,7 @@ impl Case {
     /// Run the case in-process; `Err` says how the outcome differed.
     pub fn run(&self) -> Result<(), String> {
         let hook: HookName = self.hook.parse()?;
-        let config = Config::single_hook(
-            hook,
-            &format!("scripts.{hook}"),
-            &self.source(),
-            self.script_limits(),
-        );
+        let config = Config::single_hook(hook, &format!("scripts.{hook}"), &self.source(), self.script_limits());
         let engine = Engine::new(config).map_err(|e| format!("engine: {e}"))?;
         let outcome = engine.run_json(hook, &self.input);
         self.check(outcome.as_ref().map_err(|e| e.kind.as_str()))
@@ -135,10 +130,8 @@ pub fn load_dir(dir: impl AsRef<Path>) -> Result<Vec<Case>, String> {
     files
         .into_iter()
         .map(|path| {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let mut case: Case =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut case: Case = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             case.file = path;
             Ok(case)
         })

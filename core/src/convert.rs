@@ -113,11 +113,10 @@ impl Markers {
         cache_mt.raw_set("__index", loader)?;
         cache_mt.raw_set("__metatable", false)?;
 
-        let lazy_newindex =
-            lua.create_function(|lua, (t, k, v): (Table, LuaValue, LuaValue)| {
-                materialize(lua, &t)?;
-                t.raw_set(k, v)
-            })?;
+        let lazy_newindex = lua.create_function(|lua, (t, k, v): (Table, LuaValue, LuaValue)| {
+            materialize(lua, &t)?;
+            t.raw_set(k, v)
+        })?;
         lua.set_app_data(Markers {
             array_mt,
             cache_mt,
@@ -200,11 +199,7 @@ pub fn materialize(lua: &Lua, t: &Table) -> mlua::Result<()> {
     if let Some(obj) = source.0.as_object() {
         for (k, v) in obj {
             let cached: LuaValue = cache.raw_get(k.as_str())?;
-            let value = if cached.is_nil() {
-                json_to_lua(lua, v)?
-            } else {
-                cached
-            };
+            let value = if cached.is_nil() { json_to_lua(lua, v)? } else { cached };
             t.raw_set(k.as_str(), value)?;
         }
     }
@@ -387,9 +382,7 @@ impl Encoder {
 
 fn number(n: f64) -> Result<Value, ConvertError> {
     if !n.is_finite() {
-        return Err(ConvertError(format!(
-            "number {n} cannot be represented in JSON"
-        )));
+        return Err(ConvertError(format!("number {n} cannot be represented in JSON")));
     }
     if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
         return Ok(Value::from(n as i64));
@@ -406,12 +399,7 @@ fn json_size(v: &Value) -> usize {
         Value::Number(_) => 20,
         Value::String(s) => s.len() + 2,
         Value::Array(a) => a.iter().map(json_size).sum::<usize>() + 2,
-        Value::Object(o) => {
-            o.iter()
-                .map(|(k, v)| k.len() + 4 + json_size(v))
-                .sum::<usize>()
-                + 2
-        }
+        Value::Object(o) => o.iter().map(|(k, v)| k.len() + 4 + json_size(v)).sum::<usize>() + 2,
     }
 }
 
@@ -434,8 +422,7 @@ pub fn parse_json(text: &[u8], limits: Limits) -> Result<Value, ConvertError> {
             limits.max_bytes
         )));
     }
-    let value: Value =
-        serde_json::from_slice(text).map_err(|e| ConvertError(format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(text).map_err(|e| ConvertError(format!("invalid JSON: {e}")))?;
     let depth = json_depth(&value);
     if depth > limits.max_depth {
         return Err(ConvertError(format!(

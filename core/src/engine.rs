@@ -13,9 +13,9 @@ use crate::config::{Config, HookConfig};
 use crate::convert::{self, Limits};
 use crate::error::{ConfigError, ErrorKind, HookError};
 use crate::hooks::{
-    AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput,
-    RateVerdict, RequestInfo, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite,
-    ResponseTransformInput, RouteDecision, RoutingInput, UsageInput, UsageRecord,
+    AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput, RateVerdict, RequestInfo,
+    RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput, RouteDecision,
+    RoutingInput, UsageInput, UsageRecord,
 };
 use crate::pool::{Pool, PoolStats};
 use crate::vm::{CallSpec, Vm};
@@ -90,10 +90,7 @@ impl Engine {
             limits: &cfg.limits,
             request_id,
         };
-        let mut vm = self
-            .pool
-            .checkout()
-            .map_err(|e| e.at(hook, &cfg.script.name))?;
+        let mut vm = self.pool.checkout().map_err(|e| e.at(hook, &cfg.script.name))?;
         let result = vm.vm().call(&spec, set_globals);
         vm.finish();
         drop(vm);
@@ -105,9 +102,7 @@ impl Engine {
 
     fn run<I: HookInput>(&self, input: &I) -> Result<Option<Value>, HookError> {
         Ok(self
-            .run_raw(I::HOOK, input.request_id(), |lua, env| {
-                input.set_globals(lua, env)
-            })?
+            .run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))?
             .map(|(v, _)| v))
     }
 
@@ -124,12 +119,7 @@ impl Engine {
         e
     }
 
-    fn checked<T>(
-        &self,
-        hook: HookName,
-        rid: &str,
-        r: Result<T, HookError>,
-    ) -> Result<T, HookError> {
+    fn checked<T>(&self, hook: HookName, rid: &str, r: Result<T, HookError>) -> Result<T, HookError> {
         r.map_err(|e| match self.config.hook(hook) {
             Some(cfg) => self.report(e.at(hook, &cfg.script.name), Some(rid)),
             None => e,
@@ -154,18 +144,11 @@ impl Engine {
         let Some(v) = self.run(input)? else {
             return Ok(AuthVerdict::Standard);
         };
-        self.checked(
-            HookName::Auth,
-            &input.request.id,
-            AuthVerdict::from_result(&v),
-        )
+        self.checked(HookName::Auth, &input.request.id, AuthVerdict::from_result(&v))
     }
 
     /// `request_transform`: changes to the request, `None` for unchanged.
-    pub fn transform_request(
-        &self,
-        input: &RequestTransformInput<'_>,
-    ) -> Result<Option<RequestRewrite>, HookError> {
+    pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
         let Some(v) = self.run(input)? else {
             return Ok(None);
         };
@@ -177,10 +160,7 @@ impl Engine {
     }
 
     /// `response_transform`: changes to the response, `None` for unchanged.
-    pub fn transform_response(
-        &self,
-        input: &ResponseTransformInput<'_>,
-    ) -> Result<Option<ResponseRewrite>, HookError> {
+    pub fn transform_response(&self, input: &ResponseTransformInput<'_>) -> Result<Option<ResponseRewrite>, HookError> {
         let Some(v) = self.run(input)? else {
             return Ok(None);
         };
@@ -196,11 +176,7 @@ impl Engine {
         let Some(v) = self.run(input)? else {
             return Ok(RateVerdict::Standard);
         };
-        self.checked(
-            HookName::RateLimit,
-            &input.request.id,
-            RateVerdict::from_result(&v),
-        )
+        self.checked(HookName::RateLimit, &input.request.id, RateVerdict::from_result(&v))
     }
 
     /// `usage`: the usage record to store.
@@ -208,11 +184,7 @@ impl Engine {
         let Some(v) = self.run(input)? else {
             return Ok(UsageRecord::Raw);
         };
-        self.checked(
-            HookName::Usage,
-            &input.request.id,
-            UsageRecord::from_result(&v),
-        )
+        self.checked(HookName::Usage, &input.request.id, UsageRecord::from_result(&v))
     }
 
     /// `error_handler`: the error response to send.
@@ -257,9 +229,7 @@ impl Engine {
             ))));
         }
         let request = match obj.get("request") {
-            Some(r) => {
-                Some(RequestInfo::from_json(r, limits).map_err(|e| at(HookError::bad_input(e)))?)
-            }
+            Some(r) => Some(RequestInfo::from_json(r, limits).map_err(|e| at(HookError::bad_input(e)))?),
             None => None,
         };
         let response = match obj.get("response") {

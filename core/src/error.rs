@@ -113,14 +113,7 @@ impl HookError {
 impl fmt::Display for HookError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.hook {
-            Some(h) => write!(
-                f,
-                "{} in {} hook ({}): {}",
-                self.kind,
-                h,
-                self.location(),
-                self.message
-            ),
+            Some(h) => write!(f, "{} in {} hook ({}): {}", self.kind, h, self.location(), self.message),
             None => write!(f, "{}: {}", self.kind, self.message),
         }
     }

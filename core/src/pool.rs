@@ -133,8 +133,7 @@ impl Pool {
             keep = false;
             recycled = true;
         }
-        let limit = usize::try_from(self.config.recycle_memory_mb.saturating_mul(1 << 20))
-            .unwrap_or(usize::MAX);
+        let limit = usize::try_from(self.config.recycle_memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         if keep && vm.used_memory() > limit / 2 {
             vm.collect();
             if vm.used_memory() > limit {

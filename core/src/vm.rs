@@ -36,12 +36,8 @@ pub(crate) struct Vm {
 impl Vm {
     /// A new VM. Fails only if LuaJIT cannot start.
     pub fn new() -> Result<Vm, HookError> {
-        let state = sandbox::build().map_err(|e| {
-            HookError::new(
-                ErrorKind::Internal,
-                format!("cannot create a sandbox VM: {e}"),
-            )
-        })?;
+        let state = sandbox::build()
+            .map_err(|e| HookError::new(ErrorKind::Internal, format!("cannot create a sandbox VM: {e}")))?;
         Ok(Vm {
             state,
             chunks: HashMap::new(),
@@ -95,16 +91,13 @@ impl Vm {
             max_depth: spec.limits.max_depth,
             max_bytes: spec.limits.max_output_bytes,
         };
-        let memory =
-            usize::try_from(spec.limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let memory = usize::try_from(spec.limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         self.calls += 1;
 
         let env = lua.create_table().map_err(internal)?;
-        env.set_metatable(Some(self.state.env_mt.clone()))
-            .map_err(internal)?;
+        env.set_metatable(Some(self.state.env_mt.clone())).map_err(internal)?;
         env.raw_set("_G", &env).map_err(internal)?;
-        set_globals(lua, &env)
-            .map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
+        set_globals(lua, &env).map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
         chunk.set_environment(env).map_err(internal)?;
 
         lua.set_app_data(CallContext {
@@ -120,11 +113,8 @@ impl Vm {
         // set, mlua protects every API call, which costs more than the call
         // itself for the input tables built above (see ADR 002).
         let used = lua.used_memory();
-        lua.set_memory_limit(used.saturating_add(memory))
-            .map_err(internal)?;
-        self.state
-            .watchdog
-            .arm(Duration::from_millis(spec.limits.timeout_ms));
+        lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
+        self.state.watchdog.arm(Duration::from_millis(spec.limits.timeout_ms));
         let result = chunk.call::<Value>(());
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);
@@ -136,10 +126,7 @@ impl Vm {
                     return Err(located(
                         HookError::new(
                             ErrorKind::Timeout,
-                            format!(
-                                "script exceeded its time limit of {} ms",
-                                spec.limits.timeout_ms
-                            ),
+                            format!("script exceeded its time limit of {} ms", spec.limits.timeout_ms),
                         ),
                         &e,
                         &spec.script.name,
@@ -150,10 +137,7 @@ impl Vm {
                     return Err(located(
                         HookError::new(
                             ErrorKind::Memory,
-                            format!(
-                                "script exceeded its memory limit of {} MB",
-                                spec.limits.memory_mb
-                            ),
+                            format!("script exceeded its memory limit of {} MB", spec.limits.memory_mb),
                         ),
                         &e,
                         &spec.script.name,
@@ -162,8 +146,7 @@ impl Vm {
                 return Err(classify(e, &spec.script.name, ErrorKind::ScriptError));
             }
         };
-        convert::lua_to_json(&value, limits)
-            .map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
+        convert::lua_to_json(&value, limits).map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
     }
 }
 
@@ -201,11 +184,7 @@ fn message(e: &mlua::Error) -> String {
 }
 
 fn strip_traceback(m: &str) -> String {
-    m.split("\nstack traceback:")
-        .next()
-        .unwrap_or(m)
-        .trim_end()
-        .to_owned()
+    m.split("\nstack traceback:").next().unwrap_or(m).trim_end().to_owned()
 }
 
 /// The first `script:LINE:` in the error's text or traceback.

@@ -62,11 +62,8 @@ fn seed_unified_config_loads_when_its_script_files_exist() {
     let text = seed("config");
     let problems = load(&text).expect_err("/etc/llmproxy/scripts does not exist here");
     assert_eq!(problems.len(), 2, "{problems:?}");
-    assert!(problems[0].starts_with(
-        "scripts.routing.script_file: cannot read '/etc/llmproxy/scripts/routing.lua'"
-    ));
-    assert!(problems[1]
-        .starts_with("scripts.auth.script_file: cannot read '/etc/llmproxy/scripts/auth.lua'"));
+    assert!(problems[0].starts_with("scripts.routing.script_file: cannot read '/etc/llmproxy/scripts/routing.lua'"));
+    assert!(problems[1].starts_with("scripts.auth.script_file: cannot read '/etc/llmproxy/scripts/auth.lua'"));
 
     let dir = tempdir("seed-config");
     std::fs::write(dir.join("routing.lua"), "return 'standard'").unwrap();
@@ -75,10 +72,7 @@ fn seed_unified_config_loads_when_its_script_files_exist() {
     let engine = load(&relocated).expect("seed config with its scripts present");
     assert_eq!(engine.config().listen.as_deref(), Some(":8000"));
     assert_eq!(engine.config().backends.len(), 2);
-    let enabled: Vec<HookName> = HookName::ALL
-        .into_iter()
-        .filter(|h| engine.is_enabled(*h))
-        .collect();
+    let enabled: Vec<HookName> = HookName::ALL.into_iter().filter(|h| engine.is_enabled(*h)).collect();
     assert_eq!(enabled, vec![HookName::Auth, HookName::Routing]);
 }
 
@@ -111,30 +105,21 @@ fn limits_and_policies_have_defaults_and_overrides() {
     );
     let routing = engine.config().hook(HookName::Routing).unwrap();
     assert_eq!(
-        (
-            routing.limits.timeout_ms,
-            routing.limits.memory_mb,
-            routing.on_error
-        ),
+        (routing.limits.timeout_ms, routing.limits.memory_mb, routing.on_error),
         (5, 4, OnError::Deny)
     );
 
     let engine = load("scripts:\n  usage: {script: 'return nil'}\n").unwrap();
     let usage = engine.config().hook(HookName::Usage).unwrap();
     assert_eq!(
-        (
-            usage.limits.timeout_ms,
-            usage.limits.memory_mb,
-            usage.on_error
-        ),
+        (usage.limits.timeout_ms, usage.limits.memory_mb, usage.on_error),
         (100, 10, OnError::Standard)
     );
 }
 
 #[test]
 fn disabled_hooks_are_not_loaded() {
-    let engine = load("scripts:\n  routing: {enabled: false, script_file: /does/not/exist.lua}\n")
-        .expect("loads");
+    let engine = load("scripts:\n  routing: {enabled: false, script_file: /does/not/exist.lua}\n").expect("loads");
     assert!(!engine.is_enabled(HookName::Routing));
 }
 
@@ -169,9 +154,7 @@ fn every_mistake_gets_a_clear_error_with_its_key_path() {
         ("scripts:\n  routing: {script: \"\\x1bLua\"}\n", &["scripts.routing.script: "]),
     ];
     for (yaml, expected) in cases {
-        let problems = load(yaml)
-            .err()
-            .unwrap_or_else(|| panic!("should fail:\n{yaml}"));
+        let problems = load(yaml).err().unwrap_or_else(|| panic!("should fail:\n{yaml}"));
         assert_eq!(problems.len(), expected.len(), "{yaml}\n{problems:#?}");
         let mut problems = problems.clone();
         problems.sort();
@@ -184,10 +167,7 @@ fn every_mistake_gets_a_clear_error_with_its_key_path() {
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "llmproxy-config-test-{}-{name}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("llmproxy-config-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

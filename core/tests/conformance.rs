@@ -13,11 +13,7 @@ fn every_conformance_case_passes() {
     );
     let failures: Vec<String> = cases
         .iter()
-        .filter_map(|c| {
-            c.run()
-                .err()
-                .map(|e| format!("{} ({}): {e}", c.name, c.file.display()))
-        })
+        .filter_map(|c| c.run().err().map(|e| format!("{} ({}): {e}", c.name, c.file.display())))
         .collect();
     assert!(
         failures.is_empty(),

@@ -6,13 +6,7 @@ use llmproxy_core::{Config, Engine, ErrorKind, HookName};
 use serde_json::{json, Value};
 
 fn engine(hook: HookName, source: &str) -> Engine {
-    Engine::new(Config::single_hook(
-        hook,
-        "test",
-        source,
-        ScriptLimits::default(),
-    ))
-    .expect("compiles")
+    Engine::new(Config::single_hook(hook, "test", source, ScriptLimits::default())).expect("compiles")
 }
 
 /// Run a `usage` script (its result is free-form JSON) with `input`.
@@ -59,19 +53,49 @@ fn json_helper_round_trips_and_marks_arrays() {
         ("return {s = json.encode(json.array())}", json!({"s": "[]"})),
         ("return {s = json.encode(json.empty_array)}", json!({"s": "[]"})),
         ("return {s = json.encode({1, 2, 3})}", json!({"s": "[1,2,3]"})),
-        ("return {s = json.encode({a = json.null})}", json!({"s": "{\"a\":null}"})),
-        ("local t = json.decode('[1]'); table.remove(t); return {s = json.encode(t)}", json!({"s": "[]"})),
-        ("return {s = json.encode({[1] = 'a', [3] = 'c'})}", json!({"s": "{\"1\":\"a\",\"3\":\"c\"}"})),
+        (
+            "return {s = json.encode({a = json.null})}",
+            json!({"s": "{\"a\":null}"}),
+        ),
+        (
+            "local t = json.decode('[1]'); table.remove(t); return {s = json.encode(t)}",
+            json!({"s": "[]"}),
+        ),
+        (
+            "return {s = json.encode({[1] = 'a', [3] = 'c'})}",
+            json!({"s": "{\"1\":\"a\",\"3\":\"c\"}"}),
+        ),
         ("return {n = json.decode('{\"x\": 2.5}').x * 2}", json!({"n": 5})),
         ("return {ok = json.decode('null') == json.null}", json!({"ok": true})),
-        ("local t = string_utils.split('a,b,,c', ','); return {n = #t, s = json.encode(t)}", json!({"n": 4, "s": "[\"a\",\"b\",\"\",\"c\"]"})),
+        (
+            "local t = string_utils.split('a,b,,c', ','); return {n = #t, s = json.encode(t)}",
+            json!({"n": 4, "s": "[\"a\",\"b\",\"\",\"c\"]"}),
+        ),
         ("return {s = string_utils.trim('  x y \\n')}", json!({"s": "x y"})),
-        ("return {a = string_utils.starts_with('gpt-4o', 'gpt-'), b = string_utils.ends_with('gpt-4o', '4')}", json!({"a": true, "b": false})),
-        ("return {m = hash.md5('abc'), s = hash.sha256('')}", json!({"m": "900150983cd24fb0d6963f7d28e17f72", "s": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"})),
-        ("return {t = time.format(0), p = time.parse('2026-12-31T23:59:59Z')}", json!({"t": "1970-01-01T00:00:00Z", "p": 1798761599})),
-        ("return {t = time.format(86400 * 3, '%Y-%m-%d %a'), p = time.parse('2024-01-16 08:00', '%Y-%m-%d %H:%M')}", json!({"t": "1970-01-04 Sun", "p": 1705392000})),
-        ("local v, err = time.parse('nope'); return {v = v, err = err ~= nil}", json!({"err": true})),
-        ("return {ok = type(time.now()) == 'number' and time.now() > 1.7e9}", json!({"ok": true})),
+        (
+            "return {a = string_utils.starts_with('gpt-4o', 'gpt-'), b = string_utils.ends_with('gpt-4o', '4')}",
+            json!({"a": true, "b": false}),
+        ),
+        (
+            "return {m = hash.md5('abc'), s = hash.sha256('')}",
+            json!({"m": "900150983cd24fb0d6963f7d28e17f72", "s": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}),
+        ),
+        (
+            "return {t = time.format(0), p = time.parse('2026-12-31T23:59:59Z')}",
+            json!({"t": "1970-01-01T00:00:00Z", "p": 1798761599}),
+        ),
+        (
+            "return {t = time.format(86400 * 3, '%Y-%m-%d %a'), p = time.parse('2024-01-16 08:00', '%Y-%m-%d %H:%M')}",
+            json!({"t": "1970-01-04 Sun", "p": 1705392000}),
+        ),
+        (
+            "local v, err = time.parse('nope'); return {v = v, err = err ~= nil}",
+            json!({"err": true}),
+        ),
+        (
+            "return {ok = type(time.now()) == 'number' and time.now() > 1.7e9}",
+            json!({"ok": true}),
+        ),
     ];
     for (src, want) in cases {
         assert_eq!(usage(src, json!({})), Ok(want.clone()), "{src}");
@@ -124,8 +148,10 @@ fn lazy_body_round_trips_untouched_fields_byte_for_byte() {
     assert_eq!(got["body"]["tools"], json!([]));
 
     // pairs/next see every field.
-    let u = usage("local n = 0 for _ in pairs(request.body) do n = n + 1 end return {n = n, first = next(request.body) ~= nil}",
-        json!({"request": {"id": "r", "body": body}}));
+    let u = usage(
+        "local n = 0 for _ in pairs(request.body) do n = n + 1 end return {n = n, first = next(request.body) ~= nil}",
+        json!({"request": {"id": "r", "body": body}}),
+    );
     assert_eq!(u, Ok(json!({"n": 6, "first": true})));
 }
 
@@ -158,11 +184,7 @@ fn outputs_that_are_not_json_are_bad_output() {
 #[test]
 fn deep_and_large_inputs_are_errors_not_crashes() {
     let deep = "[".repeat(100_000) + &"]".repeat(100_000);
-    let err = usage(
-        "return {n = #json.decode(usage.s)}",
-        json!({"usage": {"s": deep}}),
-    )
-    .expect_err("deep");
+    let err = usage("return {n = #json.decode(usage.s)}", json!({"usage": {"s": deep}})).expect_err("deep");
     assert_eq!(err.0, ErrorKind::ScriptError);
     assert!(err.1.contains("json.decode"), "{}", err.1);
 
@@ -177,17 +199,10 @@ fn deep_and_large_inputs_are_errors_not_crashes() {
 
     let raw = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
     let e = engine(HookName::Usage, "return nil")
-        .run_json(
-            HookName::Usage,
-            &json!({"request": {"id": "r", "body_raw": raw}}),
-        )
+        .run_json(HookName::Usage, &json!({"request": {"id": "r", "body_raw": raw}}))
         .expect_err("deep body_raw");
     assert_eq!(e.kind, ErrorKind::BadInput);
 
-    let err = usage(
-        "local t = {} for i = 1, 64 do t = {t} end return {t = t}",
-        json!({}),
-    )
-    .expect_err("deep output");
+    let err = usage("local t = {} for i = 1, 64 do t = {t} end return {t = t}", json!({})).expect_err("deep output");
     assert_eq!(err.0, ErrorKind::BadOutput);
 }

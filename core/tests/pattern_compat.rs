@@ -72,12 +72,7 @@ struct Case {
     extra: &'static str,
 }
 
-const fn c(
-    func: &'static str,
-    subject: &'static str,
-    pattern: &'static str,
-    extra: &'static str,
-) -> Case {
+const fn c(func: &'static str, subject: &'static str, pattern: &'static str, extra: &'static str) -> Case {
     Case {
         func,
         subject,
@@ -448,10 +443,7 @@ const SNIPPETS: &[&str] = &[
 
 fn state_with_prelude(patched: bool, check: Option<StepCheck>) -> Lua {
     let lua = Lua::new();
-    lua.load(PRELUDE)
-        .set_name("=prelude")
-        .exec()
-        .expect("prelude");
+    lua.load(PRELUDE).set_name("=prelude").exec().expect("prelude");
     if patched {
         let string: Table = lua.globals().get("string").expect("string table");
         let check = check.unwrap_or_else(|| Arc::new(|| Ok(())));
@@ -518,9 +510,8 @@ fn lua_literal(bytes: &[u8]) -> String {
 #[test]
 fn random_differential() {
     const TOKENS: &[&str] = &[
-        "a", "b", ".", "%a", "%d", "%s", "%z", "%A", "%w", "[ab]", "[^a]", "[a-c]", "[%d%s]",
-        "[]a]", "(", ")", "()", "%1", "%2", "%b()", "%bab", "%f[%a]", "%f[^%z]", "*", "+", "-",
-        "?", "^", "$", "%", "[", "]", "\0", "x", " ",
+        "a", "b", ".", "%a", "%d", "%s", "%z", "%A", "%w", "[ab]", "[^a]", "[a-c]", "[%d%s]", "[]a]", "(", ")", "()",
+        "%1", "%2", "%b()", "%bab", "%f[%a]", "%f[^%z]", "*", "+", "-", "?", "^", "$", "%", "[", "]", "\0", "x", " ",
     ];
     const SUBJECT_BYTES: &[u8] = b"ab1 ()x\0";
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -539,12 +530,8 @@ fn random_differential() {
         for _ in 0..1 + next(6) {
             pat.extend_from_slice(TOKENS[next(TOKENS.len())].as_bytes());
         }
-        let pat: Vec<u8> = String::from_utf8_lossy(&pat)
-            .replace("\\0", "\0")
-            .into_bytes();
-        let subject: Vec<u8> = (0..next(9))
-            .map(|_| SUBJECT_BYTES[next(SUBJECT_BYTES.len())])
-            .collect();
+        let pat: Vec<u8> = String::from_utf8_lossy(&pat).replace("\\0", "\0").into_bytes();
+        let subject: Vec<u8> = (0..next(9)).map(|_| SUBJECT_BYTES[next(SUBJECT_BYTES.len())]).collect();
         let (s, p) = (lua_literal(&subject), lua_literal(&pat));
         let src = match next(5) {
             0 => format!("local r = pack(string.find({s}, {p}, {})) return r", next(11) as i64 - 5),
@@ -564,10 +551,7 @@ fn random_differential() {
             failures.push(format!("case: {src}\n  luajit: {want}\n  port:   {got}"));
         }
     }
-    eprintln!(
-        "random_differential: {rounds} cases, {} mismatches",
-        failures.len()
-    );
+    eprintln!("random_differential: {rounds} cases, {} mismatches", failures.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -612,10 +596,7 @@ fn callback_errors_keep_their_identity() {
             .load("return string.gsub('abc', '%w', function(c) fail() end)")
             .exec()
             .expect_err("must fail");
-        assert!(
-            err.downcast_ref::<Marker>().is_some(),
-            "patched={patched}: {err:?}"
-        );
+        assert!(err.downcast_ref::<Marker>().is_some(), "patched={patched}: {err:?}");
         // The same error can be caught and inspected by the script.
         let msg: String = lua
             .load("local ok, e = pcall(string.gsub, 'abc', '%w', function(c) fail() end) return tostring(e)")
@@ -641,38 +622,25 @@ fn time_bomb(name: &str, src: &str) -> Duration {
         }
     });
     let lua = state_with_prelude(true, Some(check));
-    let chunk = lua
-        .load(src)
-        .set_name("=bomb")
-        .into_function()
-        .expect("compile");
+    let chunk = lua.load(src).set_name("=bomb").into_function().expect("compile");
     let start = Instant::now();
     *deadline.lock().expect("lock") = Some(start + DEADLINE);
     let res = chunk.call::<mlua::MultiValue>(());
     let elapsed = start.elapsed();
-    eprintln!(
-        "bomb {name}: stopped after {:.1} ms",
-        elapsed.as_secs_f64() * 1000.0
-    );
+    eprintln!("bomb {name}: stopped after {:.1} ms", elapsed.as_secs_f64() * 1000.0);
     let err = res.expect_err("the bomb must be stopped by the check");
     assert!(
         err.to_string().contains("deadline exceeded"),
         "{name}: unexpected error {err}"
     );
-    assert!(
-        elapsed >= DEADLINE,
-        "{name}: stopped before the deadline ({elapsed:?})"
-    );
+    assert!(elapsed >= DEADLINE, "{name}: stopped before the deadline ({elapsed:?})");
     assert!(elapsed < LIMIT, "{name}: took {elapsed:?}");
     elapsed
 }
 
 #[test]
 fn bomb_find() {
-    time_bomb(
-        "find",
-        "return string.find(string.rep('a', 20000), '.-.-.-.-.-x')",
-    );
+    time_bomb("find", "return string.find(string.rep('a', 20000), '.-.-.-.-.-x')");
 }
 
 #[test]
@@ -685,10 +653,7 @@ fn bomb_match_anchored_greedy() {
 
 #[test]
 fn bomb_gsub() {
-    time_bomb(
-        "gsub",
-        "return string.gsub(string.rep('a', 20000), '.-.-.-.-.-x', '')",
-    );
+    time_bomb("gsub", "return string.gsub(string.rep('a', 20000), '.-.-.-.-.-x', '')");
 }
 
 #[test]
@@ -705,18 +670,12 @@ fn bomb_balance() {
         "%b + .-",
         "return string.find(string.rep('()', 10000), '%b().-%b().-%b()x')",
     );
-    time_bomb(
-        "%b scan",
-        "return string.find(string.rep('(', 40000), '%b()')",
-    );
+    time_bomb("%b scan", "return string.find(string.rep('(', 40000), '%b()')");
 }
 
 #[test]
 fn bomb_backreference() {
-    time_bomb(
-        "%1",
-        "return string.find(string.rep('a', 20000) .. 'b', '(.-)%1%1x')",
-    );
+    time_bomb("%1", "return string.find(string.rep('a', 20000) .. 'b', '(.-)%1%1x')");
 }
 
 #[test]
@@ -749,8 +708,7 @@ fn deep_recursion_is_an_error() {
             // The pure matcher too.
             let subject = vec![b'a'; 10000];
             let pat = b"a?".repeat(5000);
-            let pure =
-                pattern::find_pattern(&subject, &pat, 0, &|| Ok(())).map_err(|e| e.to_string());
+            let pure = pattern::find_pattern(&subject, &pat, 0, &|| Ok(())).map_err(|e| e.to_string());
             (out, pure)
         })
         .expect("spawn");

@@ -34,9 +34,7 @@ fn eight_threads_times_ten_thousand_calls_are_correct_and_isolated() {
                 for i in 0..10_000u64 {
                     let n = t * 1_000_000 + i;
                     let input = json!({"request": {"id": format!("r{n}"), "body": {"n": n}}});
-                    let got = engine
-                        .run_json(HookName::Usage, &input)
-                        .expect("call succeeds");
+                    let got = engine.run_json(HookName::Usage, &input).expect("call succeeds");
                     assert_eq!(got, json!({"n": n, "double": n * 2}), "thread {t} call {i}");
                 }
             })
@@ -46,10 +44,7 @@ fn eight_threads_times_ten_thousand_calls_are_correct_and_isolated() {
         t.join().expect("thread did not panic");
     }
     let stats = engine.pool_stats();
-    assert!(
-        stats.alive >= 1 && stats.alive <= stats.capacity,
-        "{stats:?}"
-    );
+    assert!(stats.alive >= 1 && stats.alive <= stats.capacity, "{stats:?}");
     assert_eq!(stats.discarded, 0, "{stats:?}");
 }
 
@@ -67,26 +62,19 @@ fn a_vm_that_hit_a_limit_is_discarded_and_the_next_call_is_fine() {
     assert_eq!(run(true).unwrap_err().kind, ErrorKind::Timeout);
     assert_eq!(run(false).unwrap(), json!({"ok": true}));
     let stats = engine.pool_stats();
-    assert_eq!(
-        (stats.discarded, stats.created, stats.alive),
-        (1, 2, 1),
-        "{stats:?}"
-    );
+    assert_eq!((stats.discarded, stats.created, stats.alive), (1, 2, 1), "{stats:?}");
 }
 
 #[test]
 fn a_busy_pool_times_out_instead_of_queueing_forever() {
     let yaml = "scripts:\n  pool: {size: 1, checkout_timeout_ms: 20}\n  usage:\n    timeout_ms: 300\n    script: |\n      local t = os.clock() while os.clock() - t < 0.2 do end return {}\n";
-    let engine =
-        Arc::new(Engine::new(Config::from_yaml(yaml, std::path::Path::new(".")).unwrap()).unwrap());
+    let engine = Arc::new(Engine::new(Config::from_yaml(yaml, std::path::Path::new(".")).unwrap()).unwrap());
     let busy = {
         let engine = Arc::clone(&engine);
         std::thread::spawn(move || engine.run_json(HookName::Usage, &json!({})))
     };
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let err = engine
-        .run_json(HookName::Usage, &json!({}))
-        .expect_err("pool is busy");
+    let err = engine.run_json(HookName::Usage, &json!({})).expect_err("pool is busy");
     assert_eq!(err.kind, ErrorKind::Internal);
     assert!(err.message.contains("busy"), "{}", err.message);
     assert!(busy.join().unwrap().is_ok());

@@ -4,10 +4,7 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    expect_object, optional_status, optional_string, reject_unknown, required_bool, set_json,
-    set_serialized,
-};
+use super::{expect_object, optional_status, optional_string, reject_unknown, required_bool, set_json, set_serialized};
 use super::{HookInput, HookName, RequestInfo};
 use crate::error::HookError;
 
@@ -30,11 +27,7 @@ pub struct StandardChecks {
 impl StandardChecks {
     /// The standard verdict: every check passed.
     pub fn all_passed(&self) -> bool {
-        self.key_valid
-            && self.status_active
-            && self.not_expired
-            && self.ip_allowed
-            && self.quota_available
+        self.key_valid && self.status_active && self.not_expired && self.ip_allowed && self.quota_available
     }
 }
 
@@ -97,8 +90,7 @@ impl AuthVerdict {
         }
         Ok(AuthVerdict::Deny {
             reason: optional_string(obj, "reason", what)?,
-            status_code: optional_status(obj, "status_code", what)?
-                .unwrap_or(Self::DEFAULT_DENY_STATUS),
+            status_code: optional_status(obj, "status_code", what)?.unwrap_or(Self::DEFAULT_DENY_STATUS),
         })
     }
 }

@@ -6,8 +6,7 @@ use serde_json::Value;
 
 use super::transform::header_changes;
 use super::{
-    expect_object, optional_status, reject_unknown, set_serialized, HeaderChange, HookInput,
-    HookName, RequestInfo,
+    expect_object, optional_status, reject_unknown, set_serialized, HeaderChange, HookInput, HookName, RequestInfo,
 };
 use crate::error::HookError;
 

@@ -22,8 +22,7 @@ pub use rate_limit::{CurrentTime, RateLimitInput, RateLimitStatus, RateVerdict};
 pub use request::RequestInfo;
 pub use routing::{BackendStatus, RouteDecision, RoutingInput};
 pub use transform::{
-    HeaderChange, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite,
-    ResponseTransformInput,
+    HeaderChange, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput,
 };
 pub use usage::{UsageInput, UsageMetadata, UsageRecord};
 
@@ -50,24 +49,16 @@ pub(crate) fn set_json(lua: &Lua, env: &Table, name: &str, value: &Value) -> mlu
 }
 
 /// Set `name = <serialized value>` in `env`.
-pub(crate) fn set_serialized<T: serde::Serialize>(
-    lua: &Lua,
-    env: &Table,
-    name: &str,
-    value: &T,
-) -> mlua::Result<()> {
+pub(crate) fn set_serialized<T: serde::Serialize>(lua: &Lua, env: &Table, name: &str, value: &T) -> mlua::Result<()> {
     let json = serde_json::to_value(value).map_err(mlua::Error::external)?;
     set_json(lua, env, name, &json)
 }
 
 /// The object a table-returning hook gave back, or a `bad_output` error.
 fn expect_object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Value>, HookError> {
-    value.as_object().ok_or_else(|| {
-        HookError::bad_output(format!(
-            "{what} must return a table or nil, got {}",
-            json_type(value)
-        ))
-    })
+    value
+        .as_object()
+        .ok_or_else(|| HookError::bad_output(format!("{what} must return a table or nil, got {}", json_type(value))))
 }
 
 /// Reject keys outside `allowed` (catches typos such as `alow = true`).
@@ -89,18 +80,12 @@ fn required_bool(obj: &Map<String, Value>, key: &str, what: &str) -> Result<bool
             "{what}: '{key}' must be a boolean, got {}",
             json_type(other)
         ))),
-        None => Err(HookError::bad_output(format!(
-            "{what}: '{key}' is required"
-        ))),
+        None => Err(HookError::bad_output(format!("{what}: '{key}' is required"))),
     }
 }
 
 /// An optional string field (`json.null` counts as absent).
-fn optional_string(
-    obj: &Map<String, Value>,
-    key: &str,
-    what: &str,
-) -> Result<Option<String>, HookError> {
+fn optional_string(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<String>, HookError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -113,11 +98,7 @@ fn optional_string(
 }
 
 /// An optional HTTP status code (an integer in 100..=599).
-fn optional_status(
-    obj: &Map<String, Value>,
-    key: &str,
-    what: &str,
-) -> Result<Option<u16>, HookError> {
+fn optional_status(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<u16>, HookError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
@@ -134,11 +115,7 @@ fn optional_status(
 }
 
 /// An optional non-negative number.
-fn optional_non_negative(
-    obj: &Map<String, Value>,
-    key: &str,
-    what: &str,
-) -> Result<Option<f64>, HookError> {
+fn optional_non_negative(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<f64>, HookError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {

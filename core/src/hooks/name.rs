@@ -76,12 +76,9 @@ impl FromStr for HookName {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        HookName::ALL
-            .into_iter()
-            .find(|h| h.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = HookName::ALL.iter().map(|h| h.as_str()).collect();
-                format!("unknown hook '{s}' (expected one of: {})", names.join(", "))
-            })
+        HookName::ALL.into_iter().find(|h| h.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = HookName::ALL.iter().map(|h| h.as_str()).collect();
+            format!("unknown hook '{s}' (expected one of: {})", names.join(", "))
+        })
     }
 }

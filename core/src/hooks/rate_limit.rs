@@ -5,8 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    expect_object, optional_non_negative, optional_string, reject_unknown, required_bool, set_json,
-    set_serialized,
+    expect_object, optional_non_negative, optional_string, reject_unknown, required_bool, set_json, set_serialized,
 };
 use super::{HookInput, HookName, RequestInfo};
 use crate::error::HookError;

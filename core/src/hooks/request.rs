@@ -64,10 +64,7 @@ impl RequestInfo {
     /// `body` may be given parsed (`body`) or as raw JSON text (`body_raw`).
     pub fn from_json(value: &Value, limits: convert::Limits) -> Result<RequestInfo, String> {
         let Some(obj) = value.as_object() else {
-            return Err(format!(
-                "'request' must be an object, got {}",
-                super::json_type(value)
-            ));
+            return Err(format!("'request' must be an object, got {}", super::json_type(value)));
         };
         let mut req = RequestInfo::default();
         for (k, v) in obj {
@@ -77,8 +74,7 @@ impl RequestInfo {
                 ("body", v) => req.body = Arc::new(v.clone()),
                 ("body_raw", Value::String(s)) => {
                     req.body = Arc::new(
-                        convert::parse_json(s.as_bytes(), limits)
-                            .map_err(|e| format!("request.body_raw: {e}"))?,
+                        convert::parse_json(s.as_bytes(), limits).map_err(|e| format!("request.body_raw: {e}"))?,
                     )
                 }
                 ("headers", Value::Object(h)) => {

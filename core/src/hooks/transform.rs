@@ -5,9 +5,7 @@ use std::sync::Arc;
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
-use super::{
-    expect_object, json_type, optional_status, reject_unknown, HookInput, HookName, RequestInfo,
-};
+use super::{expect_object, json_type, optional_status, reject_unknown, HookInput, HookName, RequestInfo};
 use crate::convert;
 use crate::error::HookError;
 
@@ -78,18 +76,10 @@ impl ResponseInfo {
         if let Some(Value::Object(h)) = obj.get("headers") {
             r.headers = h
                 .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-                    )
-                })
+                .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
                 .collect();
         }
-        r.is_stream = obj
-            .get("is_stream")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        r.is_stream = obj.get("is_stream").and_then(Value::as_bool).unwrap_or(false);
         Ok(r)
     }
 }
@@ -191,10 +181,7 @@ fn body_field(obj: &Map<String, Value>) -> Option<Value> {
 /// Parse `headers = {name = "value" | false | json.null}`; names must be
 /// HTTP tokens and values must not contain CR, LF or NUL (no header
 /// injection through a script).
-pub(crate) fn header_changes(
-    obj: &Map<String, Value>,
-    what: &str,
-) -> Result<Vec<(String, HeaderChange)>, HookError> {
+pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
     let headers = match obj.get("headers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Object(h)) => h,

@@ -5,8 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    expect_object, optional_non_negative, set_json, set_serialized, HookInput, HookName,
-    RequestInfo, ResponseInfo,
+    expect_object, optional_non_negative, set_json, set_serialized, HookInput, HookName, RequestInfo, ResponseInfo,
 };
 use crate::error::HookError;
 

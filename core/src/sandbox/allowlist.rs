@@ -21,15 +21,7 @@ pub const BASE: &[&str] = &[
 /// `pcall`/`xpcall` re-raise a timeout or memory error instead of swallowing
 /// it; `pairs`/`next`/`rawget` see through lazy bodies and read-only library
 /// tables; `collectgarbage` only answers `"count"`; `print` goes to the log.
-pub const WRAPPED: &[&str] = &[
-    "pcall",
-    "xpcall",
-    "pairs",
-    "next",
-    "rawget",
-    "collectgarbage",
-    "print",
-];
+pub const WRAPPED: &[&str] = &["pcall", "xpcall", "pairs", "next", "rawget", "collectgarbage", "print"];
 
 /// Standard libraries and the functions kept from each. Every library is
 /// exposed through a read-only proxy.
@@ -37,8 +29,8 @@ pub const LIBRARIES: &[(&str, &[&str])] = &[
     (
         "string",
         &[
-            "byte", "char", "find", "format", "gmatch", "gsub", "len", "lower", "match", "rep",
-            "reverse", "sub", "upper",
+            "byte", "char", "find", "format", "gmatch", "gsub", "len", "lower", "match", "rep", "reverse", "sub",
+            "upper",
         ],
     ),
     ("table", &["concat", "insert", "maxn", "remove", "sort"]),
@@ -80,8 +72,7 @@ pub const LIBRARIES: &[(&str, &[&str])] = &[
     (
         "bit",
         &[
-            "tobit", "tohex", "bnot", "band", "bor", "bxor", "lshift", "rshift", "arshift", "rol",
-            "ror", "bswap",
+            "tobit", "tohex", "bnot", "band", "bor", "bxor", "lshift", "rshift", "arshift", "rol", "ror", "bswap",
         ],
     ),
     ("os", &["time", "clock", "date"]),

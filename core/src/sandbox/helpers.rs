@@ -34,10 +34,9 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
                 max_depth: ctx.limits.max_depth,
                 max_bytes: ctx.memory_allowance,
             };
-            let json = convert::lua_to_json(&value, limits)
-                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
-            let text = serde_json::to_string(&json)
-                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            let json =
+                convert::lua_to_json(&value, limits).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            let text = serde_json::to_string(&json).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             lua.create_string(text)
         })?,
     )?;
@@ -86,9 +85,7 @@ pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
                 .map(|x| x.as_bytes().to_vec())
                 .unwrap_or_else(|| b",".to_vec());
             if sep.is_empty() {
-                return Err(mlua::Error::runtime(
-                    "string_utils.split: delimiter must not be empty",
-                ));
+                return Err(mlua::Error::runtime("string_utils.split: delimiter must not be empty"));
             }
             let parts = lua.create_table()?;
             let mut start = 0;
@@ -111,37 +108,25 @@ pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
             let b = s.as_bytes();
             let is_space = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
             let start = b.iter().position(|c| !is_space(c)).unwrap_or(b.len());
-            let end = b
-                .iter()
-                .rposition(|c| !is_space(c))
-                .map_or(start, |p| p + 1);
+            let end = b.iter().rposition(|c| !is_space(c)).map_or(start, |p| p + 1);
             lua.create_string(&b[start..end])
         })?,
     )?;
     t.raw_set(
         "starts_with",
-        lua.create_function(|_, (s, p): (LuaString, LuaString)| {
-            Ok(s.as_bytes().starts_with(&p.as_bytes()))
-        })?,
+        lua.create_function(|_, (s, p): (LuaString, LuaString)| Ok(s.as_bytes().starts_with(&p.as_bytes())))?,
     )?;
     t.raw_set(
         "ends_with",
-        lua.create_function(|_, (s, p): (LuaString, LuaString)| {
-            Ok(s.as_bytes().ends_with(&p.as_bytes()))
-        })?,
+        lua.create_function(|_, (s, p): (LuaString, LuaString)| Ok(s.as_bytes().ends_with(&p.as_bytes())))?,
     )?;
     Ok(t)
 }
 
 fn strftime_items(fmt: &str) -> mlua::Result<Vec<chrono::format::Item<'_>>> {
     let items: Vec<_> = StrftimeItems::new(fmt).collect();
-    if items
-        .iter()
-        .any(|i| matches!(i, chrono::format::Item::Error))
-    {
-        return Err(mlua::Error::runtime(format!(
-            "time: invalid format string '{fmt}'"
-        )));
+    if items.iter().any(|i| matches!(i, chrono::format::Item::Error)) {
+        return Err(mlua::Error::runtime(format!("time: invalid format string '{fmt}'")));
     }
     Ok(items)
 }
@@ -161,18 +146,14 @@ pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|_, (ts, fmt): (Option<f64>, Option<String>)| {
             let ts = ts.unwrap_or_else(|| Utc::now().timestamp() as f64);
             if !ts.is_finite() {
-                return Err(mlua::Error::runtime(
-                    "time.format: timestamp must be a finite number",
-                ));
+                return Err(mlua::Error::runtime("time.format: timestamp must be a finite number"));
             }
             let secs = ts.floor();
             let nanos = ((ts - secs) * 1e9) as u32;
             let dt = Utc
                 .timestamp_opt(secs as i64, nanos)
                 .single()
-                .ok_or_else(|| {
-                    mlua::Error::runtime(format!("time.format: timestamp {ts} is out of range"))
-                })?;
+                .ok_or_else(|| mlua::Error::runtime(format!("time.format: timestamp {ts} is out of range")))?;
             let fmt = fmt.unwrap_or_else(|| DEFAULT_TIME_FORMAT.to_owned());
             let items = strftime_items(&fmt)?;
             let mut out = String::new();
@@ -192,14 +173,10 @@ pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
                     strftime_items(&fmt)?;
                     DateTime::parse_from_str(&s, &fmt)
                         .map(|d| d.timestamp())
+                        .or_else(|_| NaiveDateTime::parse_from_str(&s, &fmt).map(|d| d.and_utc().timestamp()))
                         .or_else(|_| {
-                            NaiveDateTime::parse_from_str(&s, &fmt).map(|d| d.and_utc().timestamp())
-                        })
-                        .or_else(|_| {
-                            NaiveDate::parse_from_str(&s, &fmt).map(|d| {
-                                d.and_hms_opt(0, 0, 0)
-                                    .map_or(0, |d| d.and_utc().timestamp())
-                            })
+                            NaiveDate::parse_from_str(&s, &fmt)
+                                .map(|d| d.and_hms_opt(0, 0, 0).map_or(0, |d| d.and_utc().timestamp()))
                         })
                         .map_err(|e| e.to_string())
                 }
@@ -302,11 +279,7 @@ fn emit(lua: &Lua, level: Level, args: Variadic<Value>) {
 /// `log` helper table; lines are tagged with the request id, hook and script.
 pub(crate) fn log(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    for (name, level) in [
-        ("info", Level::Info),
-        ("warn", Level::Warn),
-        ("error", Level::Error),
-    ] {
+    for (name, level) in [("info", Level::Info), ("warn", Level::Warn), ("error", Level::Error)] {
         t.raw_set(
             name,
             lua.create_function(move |lua, args: Variadic<Value>| {
@@ -324,10 +297,7 @@ pub(crate) fn log(lua: &Lua) -> mlua::Result<Table> {
 pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
     lua.create_function(|lua, (s, n, sep): (LuaString, f64, Option<LuaString>)| {
         let s = s.as_bytes();
-        let sep = sep
-            .as_ref()
-            .map(|x| x.as_bytes().to_vec())
-            .unwrap_or_default();
+        let sep = sep.as_ref().map(|x| x.as_bytes().to_vec()).unwrap_or_default();
         // NaN, zero and negative counts all give "", like LuaJIT.
         if n.is_nan() || n < 1.0 || (s.is_empty() && sep.is_empty()) {
             return lua.create_string("");

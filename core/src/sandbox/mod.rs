@@ -42,24 +42,19 @@ pub(crate) struct SandboxState {
 
 /// Build a sandbox state. Fails only if LuaJIT itself fails to start.
 pub(crate) fn build() -> mlua::Result<SandboxState> {
-    let libs =
-        StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::BIT | StdLib::OS | StdLib::JIT;
+    let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::BIT | StdLib::OS | StdLib::JIT;
     let lua = mlua::Lua::new_with(libs, LuaOptions::new())?;
     let g = lua.globals();
 
     // Count hooks never fire inside compiled traces: turn the JIT engine off
     // for the whole state, then check that it stayed off.
-    lua.load("jit.off() jit.flush()")
-        .set_name("=llmproxy.jit_off")
-        .exec()?;
+    lua.load("jit.off() jit.flush()").set_name("=llmproxy.jit_off").exec()?;
     let jit_on: bool = lua
         .load("return (jit.status())")
         .set_name("=llmproxy.jit_status")
         .eval()?;
     if jit_on {
-        return Err(mlua::Error::runtime(
-            "llmproxy: could not turn the JIT engine off",
-        ));
+        return Err(mlua::Error::runtime("llmproxy: could not turn the JIT engine off"));
     }
 
     Markers::install(&lua)?;
@@ -67,13 +62,10 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
 
     let watchdog = Arc::new(Watchdog::new());
     let hook_watchdog = Arc::clone(&watchdog);
-    lua.set_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_INTERVAL),
-        move |_, _| {
-            hook_watchdog.check()?;
-            Ok(VmState::Continue)
-        },
-    )?;
+    lua.set_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), move |_, _| {
+        hook_watchdog.check()?;
+        Ok(VmState::Continue)
+    })?;
 
     // Raw functions the prelude wraps, plus the Rust callbacks it needs.
     let raw = lua.create_table()?;
@@ -166,11 +158,7 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
     lua.set_globals(lua.create_table()?)?;
     lua.gc_collect()?;
 
-    Ok(SandboxState {
-        lua,
-        env_mt,
-        watchdog,
-    })
+    Ok(SandboxState { lua, env_mt, watchdog })
 }
 
 /// Whether an error value caught by `pcall` is an out-of-memory error.

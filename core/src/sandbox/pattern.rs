@@ -160,11 +160,7 @@ pub fn find_pattern(
     loop {
         if let Some(end) = m.try_at(start)? {
             let captures = m.captures(None)?;
-            return Ok(Some(Match {
-                start,
-                end,
-                captures,
-            }));
+            return Ok(Some(Match { start, end, captures }));
         }
         if anchor || start >= subject.len() {
             return Ok(None);
@@ -515,13 +511,7 @@ impl<'a, 'c> Matcher<'a, 'c> {
                     p = ep + 1;
                 }
                 b'*' => return self.max_expand(s, p, ep),
-                b'+' => {
-                    return if m {
-                        self.max_expand(s + 1, p, ep)
-                    } else {
-                        Ok(None)
-                    }
-                }
+                b'+' => return if m { self.max_expand(s + 1, p, ep) } else { Ok(None) },
                 b'-' => return self.min_expand(s, p, ep),
                 _ => {
                     if !m {
@@ -773,27 +763,18 @@ pub fn install(lua: &Lua, string_table: &Table, check: StepCheck) -> mlua::Resul
     let pcall = base_fn("pcall")?;
     let error = base_fn("error")?;
     let index: Function = lua.load(INDEX).set_name(SHIM_NAME).eval()?;
-    let shared = Arc::new(Shared {
-        check,
-        pcall,
-        index,
-    });
+    let shared = Arc::new(Shared { check, pcall, index });
 
     let sh = Arc::clone(&shared);
-    let rfind = lua.create_function(move |lua, mut args: MultiValue| {
-        finish(str_find_aux(lua, &mut args, &sh, true))
-    })?;
+    let rfind =
+        lua.create_function(move |lua, mut args: MultiValue| finish(str_find_aux(lua, &mut args, &sh, true)))?;
     let sh = Arc::clone(&shared);
-    let rmatch = lua.create_function(move |lua, mut args: MultiValue| {
-        finish(str_find_aux(lua, &mut args, &sh, false))
-    })?;
+    let rmatch =
+        lua.create_function(move |lua, mut args: MultiValue| finish(str_find_aux(lua, &mut args, &sh, false)))?;
     let sh = Arc::clone(&shared);
-    let rgmatch = lua.create_function(move |lua, mut args: MultiValue| {
-        finish(str_gmatch(lua, &mut args, &sh))
-    })?;
+    let rgmatch = lua.create_function(move |lua, mut args: MultiValue| finish(str_gmatch(lua, &mut args, &sh)))?;
     let sh = shared;
-    let rgsub = lua
-        .create_function(move |lua, mut args: MultiValue| finish(str_gsub(lua, &mut args, &sh)))?;
+    let rgsub = lua.create_function(move |lua, mut args: MultiValue| finish(str_gsub(lua, &mut args, &sh)))?;
 
     let (find, match_, gmatch, gsub): (Function, Function, Function, Function) = lua
         .load(SHIM)
@@ -854,11 +835,7 @@ fn location(lua: &Lua) -> String {
             return None;
         }
         let line = d.current_line()?;
-        Some(format!(
-            "{}:{}: ",
-            src.short_src.as_deref().unwrap_or("?"),
-            line
-        ))
+        Some(format!("{}:{}: ", src.short_src.as_deref().unwrap_or("?"), line))
     })
     .flatten()
     .unwrap_or_default()
@@ -885,10 +862,7 @@ fn arg_error(lua: &Lua, narg: usize, msg: &str) -> Fail {
     let (name, method) = lua
         .inspect_stack(1, |d| {
             let names = d.names();
-            (
-                names.name.map(|n| n.into_owned()),
-                names.name_what == Some("method"),
-            )
+            (names.name.map(|n| n.into_owned()), names.name_what == Some("method"))
         })
         .unwrap_or((None, false));
     let name = name.unwrap_or_else(|| "?".to_owned());
@@ -957,9 +931,7 @@ fn opt_number(lua: &Lua, args: &MultiValue, narg: usize) -> BResult<Option<f64>>
 /// C's `(int32_t)` conversion of a double as LuaJIT's `lj_lib_optint` does it:
 /// truncation; out-of-range values give the x86 "integer indefinite".
 fn c_double_to_i32(x: f64) -> i32 {
-    if cfg!(any(target_arch = "x86", target_arch = "x86_64"))
-        && !(x > -2147483649.0 && x < 2147483648.0)
-    {
+    if cfg!(any(target_arch = "x86", target_arch = "x86_64")) && !(x > -2147483649.0 && x < 2147483648.0) {
         i32::MIN
     } else {
         x as i32
@@ -991,9 +963,7 @@ fn pos_value(p: usize) -> mlua::Integer {
 }
 
 fn capture_values(lua: &Lua, src: &[u8], caps: Vec<Capture>) -> mlua::Result<Vec<Value>> {
-    caps.into_iter()
-        .map(|c| capture_value(lua, src, c))
-        .collect()
+    caps.into_iter().map(|c| capture_value(lua, src, c)).collect()
 }
 
 /// `string.find` (`find == true`) and `string.match`.
@@ -1058,20 +1028,13 @@ fn str_gmatch(lua: &Lua, args: &mut MultiValue, sh: &Arc<Shared>) -> BResult<Mul
     let pat = c_pattern(&p.as_bytes()).to_vec();
     let pos = AtomicUsize::new(0);
     let sh = Arc::clone(sh);
-    let iter = lua
-        .create_function(move |lua, _: MultiValue| finish(gmatch_step(lua, &s, &pat, &pos, &sh)))?;
+    let iter = lua.create_function(move |lua, _: MultiValue| finish(gmatch_step(lua, &s, &pat, &pos, &sh)))?;
     Ok(MultiValue::from_vec(vec![Value::Function(iter)]))
 }
 
 /// One call of a `gmatch` iterator. An empty match advances the position by
 /// one so that the loop always makes progress; no results once exhausted.
-fn gmatch_step(
-    lua: &Lua,
-    s: &LuaString,
-    pat: &[u8],
-    pos: &AtomicUsize,
-    sh: &Shared,
-) -> BResult<MultiValue> {
+fn gmatch_step(lua: &Lua, s: &LuaString, pat: &[u8], pos: &AtomicUsize, sh: &Shared) -> BResult<MultiValue> {
     let src = s.as_bytes();
     let check: &dyn Fn() -> mlua::Result<()> = &*sh.check;
     let mut m = Matcher::new(&src, pat, check);
@@ -1100,9 +1063,7 @@ fn str_gsub(lua: &Lua, args: &mut MultiValue, sh: &Shared) -> BResult<MultiValue
     let p = check_string(lua, args, 2)?;
     let src = s.as_bytes();
     let pat_full = p.as_bytes();
-    let default_max = i64::try_from(src.len())
-        .unwrap_or(i64::MAX)
-        .saturating_add(1);
+    let default_max = i64::try_from(src.len()).unwrap_or(i64::MAX).saturating_add(1);
     // `(int)(srcl+1)` in C; subjects are far below 2^31 bytes in practice.
     let max_s = match opt_number(lua, args, 4)? {
         Some(n) => i64::from(c_double_to_int_via_i64(n)),
@@ -1139,8 +1100,7 @@ fn str_gsub(lua: &Lua, args: &mut MultiValue, sh: &Shared) -> BResult<MultiValue
                 (Repl::Table(t), _) => {
                     let key = m.capture(0, pos, e).map_err(|a| abort(lua, a))?;
                     let key = capture_value(lua, &src, key)?;
-                    let v =
-                        protected_call(&sh.pcall, &sh.index, vec![Value::Table(t.clone()), key])?;
+                    let v = protected_call(&sh.pcall, &sh.index, vec![Value::Table(t.clone()), key])?;
                     add_value(lua, &src[pos..e], v, &mut out)?;
                 }
                 (Repl::Func(f), _) => {
@@ -1208,9 +1168,7 @@ fn protected_call(pcall: &Function, f: &Function, args: Vec<Value>) -> BResult<V
     let mut call_args = Vec::with_capacity(args.len() + 1);
     call_args.push(Value::Function(f.clone()));
     call_args.extend(args);
-    let mut results = pcall
-        .call::<MultiValue>(MultiValue::from_vec(call_args))?
-        .into_iter();
+    let mut results = pcall.call::<MultiValue>(MultiValue::from_vec(call_args))?.into_iter();
     let ok = results.next().is_some_and(|v| truthy(&v));
     let first = results.next().unwrap_or(Value::Nil);
     if ok {
@@ -1250,15 +1208,7 @@ mod tests {
     #[test]
     fn plain_find_matches_naive() {
         let hay = b"abababababcabababc";
-        for needle in [
-            &b"abc"[..],
-            b"ababc",
-            b"c",
-            b"",
-            b"x",
-            b"abababababcabababc",
-            b"bca",
-        ] {
+        for needle in [&b"abc"[..], b"ababc", b"c", b"", b"x", b"abababababcabababc", b"bca"] {
             let naive = (0..=hay.len().saturating_sub(needle.len()))
                 .find(|&i| hay.len() >= needle.len() && &hay[i..i + needle.len()] == needle);
             assert_eq!(plain_find(hay, needle), naive, "{needle:?}");
@@ -1278,9 +1228,7 @@ mod tests {
 
     #[test]
     fn pure_find_pattern() {
-        let m = find_pattern(b"hello world", b"(o)()", 0, &ok)
-            .unwrap()
-            .unwrap();
+        let m = find_pattern(b"hello world", b"(o)()", 0, &ok).unwrap().unwrap();
         assert_eq!(m.start, 4);
         assert_eq!(m.end, 5);
         assert_eq!(m.captures, vec![Capture::Bytes(4..5), Capture::Position(5)]);

@@ -40,10 +40,8 @@ impl Watchdog {
     /// Start a call that may run for `timeout`.
     pub fn arm(&self, timeout: Duration) {
         let deadline = self.epoch.elapsed().saturating_add(timeout).as_nanos();
-        self.deadline_ns.store(
-            u64::try_from(deadline).unwrap_or(DISARMED - 1),
-            Ordering::Relaxed,
-        );
+        self.deadline_ns
+            .store(u64::try_from(deadline).unwrap_or(DISARMED - 1), Ordering::Relaxed);
         self.limit_ms.store(
             u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
