@@ -34,6 +34,13 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+// Hosts share one engine between threads (C, Go, the gateway): keep it so in
+// every link mode (`vendored` and `module`).
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+};
+
 impl Engine {
     /// Build an engine, compiling every enabled script. Every compile error
     /// is reported (`script:line: message`), not just the first.

@@ -18,6 +18,8 @@
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod conformance;
 pub mod convert;

@@ -31,7 +31,22 @@ pub(crate) struct Vm {
     chunks: HashMap<Arc<str>, Function>,
     /// Calls made on this VM.
     pub calls: u64,
+    /// Set when mlua itself failed (e.g. its stack): the state is suspect.
+    broken: bool,
 }
+
+// SAFETY: mlua is built without its `send` feature (it refuses `send` in
+// `module` mode), so its handles count references to their Lua state with
+// non-atomic `Rc`s. A `Vm` owns its state and every handle into it: the chunk
+// cache, `SandboxState` (`lua`, `env_mt`), the app data and the closures
+// registered in the state. No handle leaves a `Vm`: `call` returns plain JSON,
+// and the `Function` that `compile` returns is dropped by its caller before
+// the VM is checked back in. The pool hands a `Vm` to one thread at a time,
+// so those counts are only touched by the thread that owns the whole bundle;
+// moving the bundle between threads is then sound, as for a `Vec<Rc<T>>`
+// moved whole. LuaJIT states are not tied to the thread that created them,
+// and the watchdog shared with the count hook is an `Arc` of atomics.
+unsafe impl Send for Vm {}
 
 impl Vm {
     /// A new VM. Fails only if LuaJIT cannot start.
@@ -42,12 +57,13 @@ impl Vm {
             state,
             chunks: HashMap::new(),
             calls: 0,
+            broken: false,
         })
     }
 
     /// Whether this VM hit a limit and must not be reused.
     pub fn poisoned(&self) -> bool {
-        self.state.watchdog.fired() || self.state.watchdog.memory_hit()
+        self.broken || self.state.watchdog.fired() || self.state.watchdog.memory_hit()
     }
 
     /// Bytes held by the Lua heap.
@@ -119,9 +135,20 @@ impl Vm {
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);
 
+        // A limit can fire inside a helper whose error a script never sees
+        // (`print` of a table whose `__tostring` loops, then a normal
+        // return): the call still failed.
+        let result = match result {
+            Ok(_) if self.state.watchdog.fired() => Err(mlua::Error::runtime("time limit")),
+            Ok(_) if self.state.watchdog.memory_hit() => Err(mlua::Error::MemoryError("not enough memory".into())),
+            other => other,
+        };
         let value = match result {
             Ok(v) => v,
             Err(e) => {
+                if !is_script_level(&e) {
+                    self.broken = true;
+                }
                 if self.state.watchdog.fired() {
                     return Err(located(
                         HookError::new(
@@ -172,13 +199,46 @@ fn internal(e: mlua::Error) -> HookError {
     HookError::new(ErrorKind::Internal, e.to_string())
 }
 
-/// The innermost message of an mlua error, without mlua's traceback.
-fn message(e: &mlua::Error) -> String {
+/// Whether an error is one a script can cause in a healthy state (its own
+/// error, a failed conversion of its arguments, running out of memory).
+/// Anything else (mlua's stack, a recursive callback, ...) leaves the state
+/// suspect, and the VM is discarded.
+fn is_script_level(e: &mlua::Error) -> bool {
     match e {
-        mlua::Error::CallbackError { cause, .. } => message(cause),
+        mlua::Error::RuntimeError(_)
+        | mlua::Error::MemoryError(_)
+        | mlua::Error::SyntaxError { .. }
+        | mlua::Error::BadArgument { .. }
+        | mlua::Error::FromLuaConversionError { .. } => true,
+        mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => is_script_level(cause),
+        _ => false,
+    }
+}
+
+/// Longest error message kept (a script can raise a megabyte of text).
+const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// The innermost message of an mlua error, without mlua's traceback, cut to
+/// [`MAX_MESSAGE_BYTES`].
+fn message(e: &mlua::Error) -> String {
+    let mut m = full_message(e);
+    if m.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m.truncate(cut);
+        m.push_str("… (truncated)");
+    }
+    m
+}
+
+fn full_message(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::CallbackError { cause, .. } => full_message(cause),
         mlua::Error::RuntimeError(m) | mlua::Error::MemoryError(m) => strip_traceback(m),
         mlua::Error::SyntaxError { message, .. } => strip_traceback(message),
-        mlua::Error::WithContext { cause, context } => format!("{context}: {}", message(cause)),
+        mlua::Error::WithContext { cause, context } => format!("{context}: {}", full_message(cause)),
         other => strip_traceback(&other.to_string()),
     }
 }

@@ -98,3 +98,8 @@ pub const FORBIDDEN: &[&str] = &[
     "gcinfo",
     "coroutine",
 ];
+
+/// Base functions that call back into Lua from C (`__tostring`, the log
+/// line's values): wrapped so their nesting is bounded (see `prelude.lua`).
+/// `string.format`, `string.gsub`, `table.sort` and `log.*` are wrapped too.
+pub const CALLS_BACK: &[&str] = &["tostring", "print"];

@@ -219,17 +219,15 @@ enum Level {
     Error,
 }
 
-/// Join log arguments like `print` does (tab-separated `tostring`).
-fn log_message(args: &Variadic<Value>) -> String {
+/// Join log arguments like `print` does (tab-separated `tostring`). An error
+/// raised by a `__tostring` metamethod (a timeout among them) propagates.
+fn log_message(args: &Variadic<Value>) -> mlua::Result<String> {
     let mut msg = String::new();
     for (i, v) in args.iter().enumerate() {
         if i > 0 {
             msg.push('\t');
         }
-        match v.to_string() {
-            Ok(s) => msg.push_str(&s),
-            Err(_) => msg.push_str(v.type_name()),
-        }
+        msg.push_str(&v.to_string()?);
         if msg.len() > LOG_LINE_MAX_BYTES {
             break;
         }
@@ -242,16 +240,16 @@ fn log_message(args: &Variadic<Value>) -> String {
         msg.truncate(cut);
         msg.push('…');
     }
-    msg
+    Ok(msg)
 }
 
-fn emit(lua: &Lua, level: Level, args: Variadic<Value>) {
+fn emit(lua: &Lua, level: Level, args: Variadic<Value>) -> mlua::Result<()> {
     let Some(mut ctx) = lua.app_data_mut::<CallContext>() else {
-        return;
+        return Ok(());
     };
     ctx.log_lines += 1;
     if ctx.log_lines > LOG_LINES_PER_CALL + 1 {
-        return;
+        return Ok(());
     }
     let hook = ctx.hook.map_or("-", |h| h.as_str());
     let script = ctx.script.clone();
@@ -259,10 +257,10 @@ fn emit(lua: &Lua, level: Level, args: Variadic<Value>) {
     if ctx.log_lines == LOG_LINES_PER_CALL + 1 {
         tracing::warn!(target: "llmproxy::script", request_id = %request_id, hook, script = %script,
             "script log limit of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped");
-        return;
+        return Ok(());
     }
     drop(ctx);
-    let msg = log_message(&args);
+    let msg = log_message(&args)?;
     match level {
         Level::Info => {
             tracing::info!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}")
@@ -274,6 +272,7 @@ fn emit(lua: &Lua, level: Level, args: Variadic<Value>) {
             tracing::error!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}")
         }
     }
+    Ok(())
 }
 
 /// `log` helper table; lines are tagged with the request id, hook and script.
@@ -282,10 +281,7 @@ pub(crate) fn log(lua: &Lua) -> mlua::Result<Table> {
     for (name, level) in [("info", Level::Info), ("warn", Level::Warn), ("error", Level::Error)] {
         t.raw_set(
             name,
-            lua.create_function(move |lua, args: Variadic<Value>| {
-                emit(lua, level, args);
-                Ok(())
-            })?,
+            lua.create_function(move |lua, args: Variadic<Value>| emit(lua, level, args))?,
         )?;
     }
     Ok(t)
@@ -302,13 +298,18 @@ pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
         if n.is_nan() || n < 1.0 || (s.is_empty() && sep.is_empty()) {
             return lua.create_string("");
         }
-        let allowance = context(lua).memory_allowance as f64;
+        // Bound the count before any arithmetic that could overflow or turn
+        // into NaN (`1/0 * 0`): at most allowance / unit + 1 repetitions fit.
+        let allowance = context(lua).memory_allowance;
+        let unit = s.len() + sep.len();
+        let max_count = allowance / unit + 1;
         let total = n.floor() * s.len() as f64 + (n.floor() - 1.0) * sep.len() as f64;
-        if total > allowance {
+        if n.floor() > max_count as f64 || total > allowance as f64 {
             // A memory error, like the allocator's: the VM is discarded and
             // the sandbox pcall re-raises it.
             return Err(mlua::Error::MemoryError(format!(
-                "string.rep: a result of {total} bytes is larger than the script's memory limit"
+                "string.rep: a result of {} bytes is larger than the script's memory limit",
+                n.floor() * unit as f64
             )));
         }
         let count = n as usize;

@@ -29,6 +29,10 @@ use watchdog::{Watchdog, HOOK_INTERVAL};
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
+/// Most nested calls of C functions that call back into Lua (see
+/// `prelude.lua`): far below what a 2 MB thread stack holds.
+const MAX_CALLBACK_NESTING: u32 = 64;
+
 /// A freshly built sandbox state.
 pub(crate) struct SandboxState {
     /// The Lua state. Its raw globals are emptied; scripts never run in them.
@@ -99,8 +103,11 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
         })?,
     )?;
     raw.raw_set("log_info", helpers::log(&lua)?.raw_get::<Value>("info")?)?;
+    raw.raw_set("max_nesting", MAX_CALLBACK_NESTING)?;
     let prelude: Table = lua.load(PRELUDE).set_name("=llmproxy.prelude").call(raw)?;
     let readonly: mlua::Function = prelude.raw_get("readonly")?;
+    let guard: mlua::Function = prelude.raw_get("guard")?;
+    let guarded = |f: Value| -> mlua::Result<Value> { guard.call(f) };
 
     let base = lua.create_table()?;
     for name in allowlist::BASE {
@@ -108,6 +115,9 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
     }
     for name in allowlist::WRAPPED {
         base.raw_set(*name, prelude.raw_get::<Value>(*name)?)?;
+    }
+    for name in allowlist::CALLS_BACK {
+        base.raw_set(*name, guarded(base.raw_get::<Value>(*name)?)?)?;
     }
 
     // Libraries: copy the allowed functions into fresh tables, swap in the
@@ -123,7 +133,13 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
             dst.raw_set("rep", helpers::string_rep(&lua)?)?;
             let step_watchdog = Arc::clone(&watchdog);
             pattern::install(&lua, &dst, Arc::new(move || step_watchdog.check()))?;
+            for name in ["format", "gsub"] {
+                dst.raw_set(name, guarded(dst.raw_get::<Value>(name)?)?)?;
+            }
             safe_string = Some(dst.clone());
+        }
+        if *lib == "table" {
+            dst.raw_set("sort", guarded(dst.raw_get::<Value>("sort")?)?)?;
         }
         base.raw_set(*lib, readonly.call::<Table>((dst, *lib))?)?;
     }
@@ -135,6 +151,11 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
         ("log", helpers::log(&lua)?),
     ];
     for (name, table) in helpers {
+        if name == "log" {
+            for level in ["info", "warn", "error"] {
+                table.raw_set(level, guarded(table.raw_get::<Value>(level)?)?)?;
+            }
+        }
         base.raw_set(name, readonly.call::<Table>((table, name))?)?;
     }
 

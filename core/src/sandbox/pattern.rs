@@ -52,7 +52,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use mlua::{Function, Lua, LuaString, MultiValue, Table, Value};
@@ -95,7 +95,7 @@ const SHIM_NAME: &str = "=[string pattern shim]";
 /// The wrappers: each turns `(true, results...)` into `results...` and
 /// `(false, err)` into `error(err, 0)`. Only the Rust side computes messages.
 const SHIM: &str = r#"
-local rfind, rmatch, rgmatch, rgsub, error = ...
+local rfind, rmatch, rgmatch, rgstep, rgsub, error = ...
 local function ret(ok, ...)
   if ok then return ... end
   return error((...), 0)
@@ -103,9 +103,22 @@ end
 local function find(...) return ret(rfind(...)) end
 local function match(...) return ret(rmatch(...)) end
 local function gsub(...) return ret(rgsub(...)) end
+-- The iterator's state (subject, pattern, position) lives in Lua upvalues:
+-- a Rust closure per iterator would pin one of mlua's reference slots each,
+-- and enough live iterators would exhaust them.
 local function gmatch(...)
-  local it = ret(rgmatch(...))
-  return function() return ret(it()) end
+  local s, p = ret(rgmatch(...))
+  local pos = 0
+  local function step(ok, nextpos, ...)
+    if not ok then return error(nextpos, 0) end
+    if nextpos == nil then
+      pos = #s + 1
+      return
+    end
+    pos = nextpos
+    return ...
+  end
+  return function() return step(rgstep(s, p, pos)) end
 end
 return find, match, gmatch, gsub
 "#;
@@ -763,23 +776,28 @@ pub fn install(lua: &Lua, string_table: &Table, check: StepCheck) -> mlua::Resul
     let pcall = base_fn("pcall")?;
     let error = base_fn("error")?;
     let index: Function = lua.load(INDEX).set_name(SHIM_NAME).eval()?;
-    let shared = Arc::new(Shared { check, pcall, index });
+    // `Rc`: the callbacks live in this Lua state, which moves between
+    // threads only as a whole (see `vm::Vm`'s `Send`).
+    let shared = Rc::new(Shared { check, pcall, index });
 
-    let sh = Arc::clone(&shared);
+    let sh = Rc::clone(&shared);
     let rfind =
         lua.create_function(move |lua, mut args: MultiValue| finish(str_find_aux(lua, &mut args, &sh, true)))?;
-    let sh = Arc::clone(&shared);
+    let sh = Rc::clone(&shared);
     let rmatch =
         lua.create_function(move |lua, mut args: MultiValue| finish(str_find_aux(lua, &mut args, &sh, false)))?;
-    let sh = Arc::clone(&shared);
-    let rgmatch = lua.create_function(move |lua, mut args: MultiValue| finish(str_gmatch(lua, &mut args, &sh)))?;
+    let rgmatch = lua.create_function(move |lua, mut args: MultiValue| finish(str_gmatch(lua, &mut args)))?;
+    let sh = Rc::clone(&shared);
+    let rgstep = lua.create_function(move |lua, args: (LuaString, LuaString, usize)| {
+        finish(gmatch_step(lua, &args.0, &args.1, args.2, &sh))
+    })?;
     let sh = shared;
     let rgsub = lua.create_function(move |lua, mut args: MultiValue| finish(str_gsub(lua, &mut args, &sh)))?;
 
     let (find, match_, gmatch, gsub): (Function, Function, Function, Function) = lua
         .load(SHIM)
         .set_name(SHIM_NAME)
-        .call((rfind, rmatch, rgmatch, rgsub, error))?;
+        .call((rfind, rmatch, rgmatch, rgstep, rgsub, error))?;
     string_table.set("find", find)?;
     string_table.set("match", match_)?;
     string_table.set("gmatch", gmatch)?;
@@ -1021,29 +1039,34 @@ fn str_find_aux(lua: &Lua, args: &mut MultiValue, sh: &Shared, find: bool) -> BR
     Ok(MultiValue::from_vec(vec![Value::Nil]))
 }
 
-/// `string.gmatch`: returns the iterator.
-fn str_gmatch(lua: &Lua, args: &mut MultiValue, sh: &Arc<Shared>) -> BResult<MultiValue> {
+/// `string.gmatch`: checks and coerces the arguments; the Lua wrapper builds
+/// the iterator around [`gmatch_step`].
+fn str_gmatch(lua: &Lua, args: &mut MultiValue) -> BResult<MultiValue> {
     let s = check_string(lua, args, 1)?;
     let p = check_string(lua, args, 2)?;
-    let pat = c_pattern(&p.as_bytes()).to_vec();
-    let pos = AtomicUsize::new(0);
-    let sh = Arc::clone(sh);
-    let iter = lua.create_function(move |lua, _: MultiValue| finish(gmatch_step(lua, &s, &pat, &pos, &sh)))?;
-    Ok(MultiValue::from_vec(vec![Value::Function(iter)]))
+    Ok(MultiValue::from_vec(vec![Value::String(s), Value::String(p)]))
 }
 
-/// One call of a `gmatch` iterator. An empty match advances the position by
-/// one so that the loop always makes progress; no results once exhausted.
-fn gmatch_step(lua: &Lua, s: &LuaString, pat: &[u8], pos: &AtomicUsize, sh: &Shared) -> BResult<MultiValue> {
+/// One call of a `gmatch` iterator from position `pos`: the next position
+/// followed by the captures, or nothing once exhausted. An empty match
+/// advances the position by one so that the loop always makes progress.
+fn gmatch_step(lua: &Lua, s: &LuaString, p: &LuaString, pos: usize, sh: &Shared) -> BResult<MultiValue> {
     let src = s.as_bytes();
+    let pat_full = p.as_bytes();
+    let pat = c_pattern(&pat_full);
     let check: &dyn Fn() -> mlua::Result<()> = &*sh.check;
     let mut m = Matcher::new(&src, pat, check);
-    let mut i = pos.load(Ordering::Relaxed);
+    let mut i = pos;
     while i <= src.len() {
         if let Some(e) = m.try_at(i).map_err(|a| abort(lua, a))? {
-            pos.store(if e == i { e + 1 } else { e }, Ordering::Relaxed);
+            let next = if e == i { e + 1 } else { e };
             let caps = m.captures(Some((i, e))).map_err(|a| abort(lua, a))?;
-            return Ok(MultiValue::from_vec(capture_values(lua, &src, caps)?));
+            let mut values = capture_values(lua, &src, caps)?;
+            values.insert(
+                0,
+                Value::Integer(mlua::Integer::try_from(next).unwrap_or(mlua::Integer::MAX)),
+            );
+            return Ok(MultiValue::from_vec(values));
         }
         i += 1;
     }
@@ -1088,6 +1111,16 @@ fn str_gsub(lua: &Lua, args: &mut MultiValue, sh: &Shared) -> BResult<MultiValue
     let check: &dyn Fn() -> mlua::Result<()> = &*sh.check;
     let mut m = Matcher::new(&src, pat, check);
     let mut out: Vec<u8> = Vec::with_capacity(src.len());
+    // The result is built outside the Lua allocator: bound it by what the
+    // script may still allocate, so `gsub` cannot amplify past the limit.
+    let max_out = lua
+        .app_data_ref::<super::context::CallContext>()
+        .map_or(usize::MAX, |c| c.memory_allowance);
+    let too_big = || {
+        Fail::Host(mlua::Error::MemoryError(format!(
+            "string.gsub: the result is larger than the script's memory limit of {max_out} bytes"
+        )))
+    };
     let mut pos = 0usize;
     let mut n: i64 = 0;
     while n < max_s {
@@ -1114,6 +1147,9 @@ fn str_gsub(lua: &Lua, args: &mut MultiValue, sh: &Shared) -> BResult<MultiValue
             m.budget
                 .spend(bulk_cost(out.len() - before))
                 .map_err(|a| abort(lua, a))?;
+            if out.len() > max_out {
+                return Err(too_big());
+            }
         }
         match e {
             Some(e) if e > pos => pos = e,
@@ -1128,6 +1164,9 @@ fn str_gsub(lua: &Lua, args: &mut MultiValue, sh: &Shared) -> BResult<MultiValue
         }
     }
     out.extend_from_slice(&src[pos..]);
+    if out.len() > max_out {
+        return Err(too_big());
+    }
     Ok(MultiValue::from_vec(vec![
         Value::String(lua.create_string(&out)?),
         Value::Integer(mlua::Integer::try_from(n).unwrap_or(mlua::Integer::MAX)),

@@ -53,6 +53,13 @@ function _M.xpcall(f, handler, ...)
     local first
     local function record(e)
         first = e
+        -- A timeout is raised from the count hook, and LuaJIT runs the
+        -- handler before unwinding, with the hook still marked active: the
+        -- hook cannot fire inside the handler. Never run it for a timeout
+        -- or a memory error.
+        if poisoned(e) then
+            return e
+        end
         return handler(e)
     end
     local function check(ok, ...)
@@ -62,6 +69,35 @@ function _M.xpcall(f, handler, ...)
         return ok, ...
     end
     return check(raw_xpcall(f, record, ...))
+end
+
+-- Nesting of C functions that call back into Lua (`tostring`,
+-- `string.format`, `table.sort`, `string.gsub`, `print`, `log.*`). LuaJIT
+-- bounds Lua recursion but not this C recursion, which would overflow the
+-- host thread's stack (2 MB for Rust threads) long before LuaJIT notices.
+local MAX_NESTING = raw.max_nesting
+local nesting = 0
+
+local function leave(ok, ...)
+    nesting = nesting - 1
+    if not ok then
+        raw_error((...), 0)
+    end
+    return ...
+end
+
+--- Wrap a C function that may call back into Lua so that its nesting is
+-- bounded: past `MAX_NESTING` levels it raises "C stack overflow".
+-- @tparam function f the function
+-- @treturn function the guarded function
+function _M.guard(f)
+    return function(...)
+        if nesting >= MAX_NESTING then
+            raw_error("C stack overflow (callbacks nested deeper than " .. MAX_NESTING .. " levels)", 2)
+        end
+        nesting = nesting + 1
+        return leave(raw_pcall(f, ...))
+    end
 end
 
 --- `pairs` that materialises lazy bodies and iterates read-only libraries
