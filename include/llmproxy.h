@@ -211,9 +211,11 @@ void llmp_engine_free(llmp_engine *engine);
 
 /**
  * Free a string returned by `llmp_engine_run`. `llmp_string_free(NULL)`
- * does nothing. Do not pass strings from anywhere else (not even `free()`
- * can release these: use this function).
+ * does nothing.
  *
+ * Ownership: takes `s`; it is invalid afterwards. Only strings returned by
+ * this library may be passed, and `free()` must not be used on them (they
+ * belong to the library's allocator).
  * Thread safety: may be called from any thread.
  *
  * # Safety
@@ -234,6 +236,9 @@ const char *llmp_version(void);
  *
  * Ownership: the string is static; do not free it. NULL when `err` is NULL.
  * Thread safety: safe from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error from this library that is not yet freed.
  */
 const char *llmp_error_kind(const llmp_error *err);
 
@@ -241,7 +246,12 @@ const char *llmp_error_kind(const llmp_error *err);
  * The error's code, the same value the failed call returned.
  *
  * `LLMP_INVALID_ARGUMENT` when `err` is NULL.
+ *
+ * Ownership: returns a value; `err` stays owned by the caller.
  * Thread safety: safe from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error from this library that is not yet freed.
  */
 llmp_result llmp_error_code(const llmp_error *err);
 
@@ -255,6 +265,9 @@ llmp_result llmp_error_code(const llmp_error *err);
  * Ownership: the string belongs to `err` and lives until
  * `llmp_error_free(err)`; do not free it. NULL when `err` is NULL.
  * Thread safety: safe from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error from this library that is not yet freed.
  */
 const char *llmp_error_message(const llmp_error *err);
 
@@ -264,6 +277,9 @@ const char *llmp_error_message(const llmp_error *err);
  *
  * Ownership: static string; do not free it.
  * Thread safety: safe from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error from this library that is not yet freed.
  */
 const char *llmp_error_hook(const llmp_error *err);
 
@@ -273,6 +289,9 @@ const char *llmp_error_hook(const llmp_error *err);
  *
  * Ownership: the string belongs to `err`; do not free it.
  * Thread safety: safe from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error from this library that is not yet freed.
  */
 const char *llmp_error_script(const llmp_error *err);
 
@@ -280,7 +299,11 @@ const char *llmp_error_script(const llmp_error *err);
  * The line in the script where the failure happened; 0 when unknown or
  * `err` is NULL.
  *
+ * Ownership: returns a value; `err` stays owned by the caller.
  * Thread safety: safe from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error from this library that is not yet freed.
  */
 uint32_t llmp_error_line(const llmp_error *err);
 
@@ -291,6 +314,9 @@ uint32_t llmp_error_line(const llmp_error *err);
  * Ownership: takes `err`; it and every string read from it are invalid
  * afterwards. Thread safety: do not free an error another thread is still
  * reading.
+ *
+ * # Safety
+ * `err` is NULL or an error from this library, freed once.
  */
 void llmp_error_free(llmp_error *err);
 

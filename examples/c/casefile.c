@@ -48,7 +48,7 @@ void free_paths(char **paths, size_t count) {
     free(paths);
 }
 
-char *case_config(json_t *c) {
+char *case_config(json_t *c, int timeout_scale) {
     json_t *lines = json_object_get(c, "script");
     size_t size = 1, i;
     json_t *line;
@@ -67,6 +67,12 @@ char *case_config(json_t *c) {
     const char *key;
     json_t *value;
     json_object_foreach(limits, key, value) json_object_set(hook_cfg, key, value);
+    const char *want_error = json_string_value(json_object_get(json_object_get(c, "expect"), "error"));
+    if (timeout_scale > 1 && !(want_error && strcmp(want_error, "timeout") == 0)) {
+        json_t *t = json_object_get(hook_cfg, "timeout_ms");
+        json_int_t ms = json_is_integer(t) ? json_integer_value(t) : 100;
+        json_object_set_new(hook_cfg, "timeout_ms", json_integer(ms * timeout_scale));
+    }
     json_t *cfg = json_pack("{s:{s:o}}", "scripts", json_string_value(json_object_get(c, "hook")), hook_cfg);
     char *text = json_dumps(cfg, JSON_INDENT(2));
     json_decref(cfg);

@@ -17,8 +17,10 @@ char **list_cases(const char *dir, size_t *count);
 void free_paths(char **paths, size_t count);
 
 /* The YAML (JSON) config text that enables the case's hook with its script
- * and limits. malloc'd; free() it. */
-char *case_config(json_t *c);
+ * and limits. timeout_scale > 1 multiplies the case's time limit (default
+ * 100 ms) unless the case expects a timeout: under valgrind scripts run
+ * ~20x slower. malloc'd; free() it. */
+char *case_config(json_t *c, int timeout_scale);
 
 /* Deep equality: numbers compare by value (integer 3 == real 3.0), arrays and
  * objects must match in kind, length and keys. */

@@ -15,7 +15,10 @@ use super::error::{llmp_error, llmp_result, Failure};
 /// Run a fallible body at the C boundary. `Ok` is `LLMP_OK`; a failure or
 /// a panic becomes its code, and, when `err` is not NULL, `*err` receives a
 /// new error object the caller frees with `llmp_error_free`.
-pub fn call(err: *mut *mut llmp_error, body: impl FnOnce() -> Result<(), Failure>) -> llmp_result {
+///
+/// # Safety
+/// `err` is NULL or valid for writing one pointer.
+pub unsafe fn call(err: *mut *mut llmp_error, body: impl FnOnce() -> Result<(), Failure>) -> llmp_result {
     let outcome = panic::catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| Err(from_panic(payload)));
     match outcome {
         Ok(()) => llmp_result::LLMP_OK,
@@ -23,8 +26,8 @@ pub fn call(err: *mut *mut llmp_error, body: impl FnOnce() -> Result<(), Failure
             let code = failure.code;
             if !err.is_null() {
                 let boxed = Box::into_raw(Box::new(llmp_error::from(failure)));
-                // SAFETY: `err` is not NULL and, by every entry point's
-                // contract, points to writable storage for one pointer.
+                // SAFETY: `err` is not NULL and valid for writing one
+                // pointer (this function's contract).
                 unsafe { err.write(boxed) };
             }
             code
@@ -44,7 +47,10 @@ pub fn from_panic(payload: Box<dyn Any + Send>) -> Failure {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| String::from("unknown panic payload"));
-    Failure::new(llmp_result::LLMP_PANIC, format!("panic: internal error in libllmproxy: {what}"))
+    Failure::new(
+        llmp_result::LLMP_PANIC,
+        format!("panic: internal error in libllmproxy: {what}"),
+    )
 }
 
 /// `LLMP_INVALID_ARGUMENT` unless `p` is not NULL.
@@ -65,7 +71,8 @@ pub unsafe fn utf8_cstr<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fai
     non_null(p, what)?;
     // SAFETY: `p` is not NULL and NUL-terminated (the caller's contract).
     let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
-    std::str::from_utf8(bytes).map_err(|e| Failure::invalid(format!("{what} is not valid UTF-8 (byte {})", e.valid_up_to())))
+    std::str::from_utf8(bytes)
+        .map_err(|e| Failure::invalid(format!("{what} is not valid UTF-8 (byte {})", e.valid_up_to())))
 }
 
 /// A NUL-terminated argument as bytes (paths need not be UTF-8).

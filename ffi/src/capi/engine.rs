@@ -70,14 +70,16 @@ pub unsafe extern "C" fn llmp_engine_new(
     out: *mut *mut llmp_engine,
     err: *mut *mut llmp_error,
 ) -> llmp_result {
-    boundary::call(err, || {
+    let body = || {
         non_null(out, "out")?;
         // SAFETY: `yaml` is NULL or `len` readable bytes (the contract).
         let bytes = unsafe { byte_slice(yaml, len, "yaml") }?;
         let text = std::str::from_utf8(bytes)
             .map_err(|e| Failure::invalid(format!("yaml is not valid UTF-8 (byte {})", e.valid_up_to())))?;
         build(Config::from_yaml(text, Path::new(".")), out)
-    })
+    };
+    // SAFETY: `err` is NULL or writable (this function's contract).
+    unsafe { boundary::call(err, body) }
 }
 
 /// Build an engine from a YAML configuration file; relative `script_file`
@@ -99,12 +101,14 @@ pub unsafe extern "C" fn llmp_engine_new_from_file(
     out: *mut *mut llmp_engine,
     err: *mut *mut llmp_error,
 ) -> llmp_result {
-    boundary::call(err, || {
+    let body = || {
         non_null(out, "out")?;
         // SAFETY: `path` is NULL or NUL-terminated (the contract).
         let path = unsafe { cstr_bytes(path, "path") }?;
         build(Config::from_file(Path::new(OsStr::from_bytes(path))), out)
-    })
+    };
+    // SAFETY: `err` is NULL or writable (this function's contract).
+    unsafe { boundary::call(err, body) }
 }
 
 /// Run one hook and return the script's result as JSON.
@@ -151,7 +155,7 @@ pub unsafe extern "C" fn llmp_engine_run(
     out_len: *mut usize,
     err: *mut *mut llmp_error,
 ) -> llmp_result {
-    boundary::call(err, || {
+    let body = || {
         // SAFETY: `engine` is NULL or a live engine (the contract).
         let engine = unsafe { engine.as_ref() }.ok_or_else(|| Failure::invalid("engine is NULL"))?;
         non_null(out_json, "out_json")?;
@@ -168,17 +172,26 @@ pub unsafe extern "C" fn llmp_engine_run(
             unsafe { out_len.write(len) };
         }
         Ok(())
-    })
+    };
+    // SAFETY: `err` is NULL or writable (this function's contract).
+    unsafe { boundary::call(err, body) }
 }
 
 /// Parse the input, run the hook, encode the result.
 fn run(engine: &Engine, hook: &str, input: &[u8]) -> Result<CString, Failure> {
-    let hook: HookName = hook.parse().map_err(|e: String| Failure::invalid(format!("hook: {e}")))?;
+    let hook: HookName = hook
+        .parse()
+        .map_err(|e: String| Failure::invalid(format!("hook: {e}")))?;
     let Some(cfg) = engine.config().hook(hook) else {
-        return Err(Failure::invalid(format!("hook: the {hook} hook is not enabled in this engine")));
+        return Err(Failure::invalid(format!(
+            "hook: the {hook} hook is not enabled in this engine"
+        )));
     };
     // The globals object itself is one level above the hook's depth limit.
-    let limits = Limits { max_depth: cfg.limits.max_depth.saturating_add(1), max_bytes: cfg.limits.max_input_bytes };
+    let limits = Limits {
+        max_depth: cfg.limits.max_depth.saturating_add(1),
+        max_bytes: cfg.limits.max_input_bytes,
+    };
     let value = convert::parse_json(input, limits).map_err(|e| Failure::invalid(format!("input_json: {e}")))?;
     let result = engine.run_json(hook, &value)?;
     let text = serde_json::to_vec(&result)
@@ -207,9 +220,11 @@ pub unsafe extern "C" fn llmp_engine_free(engine: *mut llmp_engine) {
 }
 
 /// Free a string returned by `llmp_engine_run`. `llmp_string_free(NULL)`
-/// does nothing. Do not pass strings from anywhere else (not even `free()`
-/// can release these: use this function).
+/// does nothing.
 ///
+/// Ownership: takes `s`; it is invalid afterwards. Only strings returned by
+/// this library may be passed, and `free()` must not be used on them (they
+/// belong to the library's allocator).
 /// Thread safety: may be called from any thread.
 ///
 /// # Safety
@@ -232,6 +247,8 @@ pub unsafe extern "C" fn llmp_string_free(s: *mut c_char) {
 pub extern "C" fn llmp_version() -> *const c_char {
     static VERSION: OnceLock<CString> = OnceLock::new();
     boundary::call_or(ptr::null(), || {
-        VERSION.get_or_init(|| CString::new(llmproxy_core::VERSION).unwrap_or_default()).as_ptr()
+        VERSION
+            .get_or_init(|| CString::new(llmproxy_core::VERSION).unwrap_or_default())
+            .as_ptr()
     })
 }

@@ -95,7 +95,13 @@ pub struct Failure {
 impl Failure {
     /// A failure with a code and a message, and no location.
     pub fn new(code: llmp_result, message: impl Into<String>) -> Failure {
-        Failure { code, message: message.into(), hook: None, script: None, line: None }
+        Failure {
+            code,
+            message: message.into(),
+            hook: None,
+            script: None,
+            line: None,
+        }
     }
 
     /// `LLMP_INVALID_ARGUMENT` with a message.
@@ -189,6 +195,9 @@ unsafe fn error_ref<'a>(err: *const llmp_error) -> Option<&'a llmp_error> {
 ///
 /// Ownership: the string is static; do not free it. NULL when `err` is NULL.
 /// Thread safety: safe from any thread.
+///
+/// # Safety
+/// `err` is NULL or an error from this library that is not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn llmp_error_kind(err: *const llmp_error) -> *const c_char {
     boundary::call_or(ptr::null(), || {
@@ -203,7 +212,12 @@ pub unsafe extern "C" fn llmp_error_kind(err: *const llmp_error) -> *const c_cha
 /// The error's code, the same value the failed call returned.
 ///
 /// `LLMP_INVALID_ARGUMENT` when `err` is NULL.
+///
+/// Ownership: returns a value; `err` stays owned by the caller.
 /// Thread safety: safe from any thread.
+///
+/// # Safety
+/// `err` is NULL or an error from this library that is not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn llmp_error_code(err: *const llmp_error) -> llmp_result {
     boundary::call_or(llmp_result::LLMP_INVALID_ARGUMENT, || {
@@ -224,6 +238,9 @@ pub unsafe extern "C" fn llmp_error_code(err: *const llmp_error) -> llmp_result 
 /// Ownership: the string belongs to `err` and lives until
 /// `llmp_error_free(err)`; do not free it. NULL when `err` is NULL.
 /// Thread safety: safe from any thread.
+///
+/// # Safety
+/// `err` is NULL or an error from this library that is not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn llmp_error_message(err: *const llmp_error) -> *const c_char {
     boundary::call_or(ptr::null(), || {
@@ -240,6 +257,9 @@ pub unsafe extern "C" fn llmp_error_message(err: *const llmp_error) -> *const c_
 ///
 /// Ownership: static string; do not free it.
 /// Thread safety: safe from any thread.
+///
+/// # Safety
+/// `err` is NULL or an error from this library that is not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn llmp_error_hook(err: *const llmp_error) -> *const c_char {
     boundary::call_or(ptr::null(), || {
@@ -256,6 +276,9 @@ pub unsafe extern "C" fn llmp_error_hook(err: *const llmp_error) -> *const c_cha
 ///
 /// Ownership: the string belongs to `err`; do not free it.
 /// Thread safety: safe from any thread.
+///
+/// # Safety
+/// `err` is NULL or an error from this library that is not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn llmp_error_script(err: *const llmp_error) -> *const c_char {
     boundary::call_or(ptr::null(), || {
@@ -270,7 +293,11 @@ pub unsafe extern "C" fn llmp_error_script(err: *const llmp_error) -> *const c_c
 /// The line in the script where the failure happened; 0 when unknown or
 /// `err` is NULL.
 ///
+/// Ownership: returns a value; `err` stays owned by the caller.
 /// Thread safety: safe from any thread.
+///
+/// # Safety
+/// `err` is NULL or an error from this library that is not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn llmp_error_line(err: *const llmp_error) -> u32 {
     boundary::call_or(0, || {
@@ -285,6 +312,9 @@ pub unsafe extern "C" fn llmp_error_line(err: *const llmp_error) -> u32 {
 /// Ownership: takes `err`; it and every string read from it are invalid
 /// afterwards. Thread safety: do not free an error another thread is still
 /// reading.
+///
+/// # Safety
+/// `err` is NULL or an error from this library, freed once.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn llmp_error_free(err: *mut llmp_error) {
     boundary::call_or((), || {

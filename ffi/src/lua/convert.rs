@@ -21,14 +21,12 @@
 //! Results come back the other way: arrays get `llmproxy.array_mt`, so an
 //! empty array passed back in stays an array.
 
-use std::ffi::c_void;
-
-use mlua::{LightUserData, Lua, Table, Value};
+use mlua::{Lua, Table, Value};
 use serde_json::{Map, Number, Value as Json};
 
-/// `llmproxy.empty_array`, the same sentinel as the sandbox's
+/// `llmproxy.empty_array`: the same sentinel as the sandbox's
 /// `json.empty_array`.
-pub const EMPTY_ARRAY: LightUserData = LightUserData(1 as *mut c_void);
+pub use llmproxy_core::convert::EMPTY_ARRAY;
 /// Largest integer a double holds exactly (2^53).
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_992.0;
 
@@ -42,7 +40,10 @@ pub struct ToJsonError {
 
 impl ToJsonError {
     fn new(message: impl Into<String>) -> Self {
-        ToJsonError { path: Vec::new(), message: message.into() }
+        ToJsonError {
+            path: Vec::new(),
+            message: message.into(),
+        }
     }
 
     fn at(mut self, segment: String) -> Self {
@@ -87,7 +88,9 @@ impl ToJson<'_> {
                 Err(_) => {
                     let bytes = s.as_bytes();
                     let at = std::str::from_utf8(&bytes).err().map_or(0, |e| e.valid_up_to());
-                    Err(ToJsonError::new(format!("string is not valid UTF-8 (invalid byte at offset {at})")))
+                    Err(ToJsonError::new(format!(
+                        "string is not valid UTF-8 (invalid byte at offset {at})"
+                    )))
                 }
             },
             Value::Table(t) => {
@@ -99,12 +102,17 @@ impl ToJson<'_> {
                 }
                 self.table(t, depth)
             }
-            other => Err(ToJsonError::new(format!("a {} cannot be converted to JSON", other.type_name()))),
+            other => Err(ToJsonError::new(format!(
+                "a {} cannot be converted to JSON",
+                other.type_name()
+            ))),
         }
     }
 
     fn table(&self, t: &Table, depth: usize) -> Result<Json, ToJsonError> {
-        let marked = t.metatable().is_some_and(|mt| mt.to_pointer() == self.array_mt.to_pointer());
+        let marked = t
+            .metatable()
+            .is_some_and(|mt| mt.to_pointer() == self.array_mt.to_pointer());
         let len = t.raw_len();
         let mut count = 0usize;
         let mut sequence = true;
@@ -124,7 +132,9 @@ impl ToJson<'_> {
             return Ok(Json::Array(items));
         }
         if marked {
-            return Err(ToJsonError::new("a table marked as an array (llmproxy.array_mt) has keys that are not 1..n"));
+            return Err(ToJsonError::new(
+                "a table marked as an array (llmproxy.array_mt) has keys that are not 1..n",
+            ));
         }
         let mut map = Map::with_capacity(entries.len());
         for (k, v) in &entries {
@@ -134,7 +144,9 @@ impl ToJson<'_> {
                     .map_err(|_| ToJsonError::new("an object key is not valid UTF-8"))?
                     .to_owned(),
                 Value::Integer(i) => i.to_string(),
-                Value::Number(n) if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER => format!("{}", *n as i64),
+                Value::Number(n) if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER => {
+                    format!("{}", *n as i64)
+                }
                 Value::Number(n) if n.is_finite() => n.to_string(),
                 other => {
                     return Err(ToJsonError::new(format!(

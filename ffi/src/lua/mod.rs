@@ -4,6 +4,7 @@
 //! local llmproxy = require "llmproxy"
 //! local engine, err = llmproxy.new(config)   -- YAML text or a file path
 //! local res, err = engine:run("routing", { request = req, backends = bs })
+//! local list = engine:backends()             -- the config's backends
 //! -- res: the script's result as a Lua value; nil, nil when it returned nil;
 //! -- nil, err on failure, err = { kind = ..., message = ..., hook = ...,
 //! -- script = ..., line = ... } with a __tostring.
@@ -82,6 +83,7 @@ impl UserData for LuaEngine {
                 Err(f) => this.shared.fail(lua, f),
             }
         });
+        methods.add_method("backends", |lua, this, ()| backends(lua, this));
         methods.add_method("enabled", |_, this, hook: String| {
             Ok(hook.parse::<HookName>().is_ok_and(|h| this.engine.is_enabled(h)))
         });
@@ -89,27 +91,61 @@ impl UserData for LuaEngine {
     }
 }
 
+/// `engine:backends()`: the config's backends, in config order, as
+/// `{ {name=, url=, weight=, headers={...}}, ... }` (an array).
+fn backends(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
+    let list = &this.engine.config().backends;
+    let t = lua.create_table_with_capacity(list.len(), 0)?;
+    for (i, b) in list.iter().enumerate() {
+        let item = lua.create_table_with_capacity(0, 4)?;
+        item.raw_set("name", b.name.as_str())?;
+        item.raw_set("url", b.url.as_str())?;
+        item.raw_set("weight", b.weight)?;
+        let headers = lua.create_table_with_capacity(0, b.headers.len())?;
+        for (k, v) in &b.headers {
+            headers.raw_set(k.as_str(), v.as_str())?;
+        }
+        item.raw_set("headers", headers)?;
+        t.raw_set(i + 1, item)?;
+    }
+    t.set_metatable(Some(this.shared.array_mt.clone()))?;
+    Ok(t)
+}
+
 /// `engine:run` without the Lua plumbing: input to JSON, run, result.
 fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
     let Value::String(hook) = hook else {
-        return Err(Failure::invalid(format!("hook must be a string, got {}", hook.type_name())));
+        return Err(Failure::invalid(format!(
+            "hook must be a string, got {}",
+            hook.type_name()
+        )));
     };
     let hook = hook.to_str().map_err(|_| Failure::invalid("hook is not valid UTF-8"))?;
-    let hook: HookName = hook.parse().map_err(|e: String| Failure::invalid(format!("hook: {e}")))?;
+    let hook: HookName = hook
+        .parse()
+        .map_err(|e: String| Failure::invalid(format!("hook: {e}")))?;
     let Some(cfg) = this.engine.config().hook(hook) else {
-        return Err(Failure::invalid(format!("hook: the {hook} hook is not enabled in this engine")));
+        return Err(Failure::invalid(format!(
+            "hook: the {hook} hook is not enabled in this engine"
+        )));
     };
     let max_depth = cfg.limits.max_depth.saturating_add(1);
     let value = match input {
         // JSON text: parsed once, in Rust.
         Value::String(s) => {
-            let limits = llmproxy_core::convert::Limits { max_depth, max_bytes: cfg.limits.max_input_bytes };
+            let limits = llmproxy_core::convert::Limits {
+                max_depth,
+                max_bytes: cfg.limits.max_input_bytes,
+            };
             llmproxy_core::convert::parse_json(&s.as_bytes(), limits)
                 .map_err(|e| Failure::invalid(format!("input: {e}")))?
         }
-        Value::Table(_) => ToJson { array_mt: &this.shared.array_mt, max_depth }
-            .convert(input)
-            .map_err(|e| Failure::invalid(e.describe("input")))?,
+        Value::Table(_) => ToJson {
+            array_mt: &this.shared.array_mt,
+            max_depth,
+        }
+        .convert(input)
+        .map_err(|e| Failure::invalid(e.describe("input")))?,
         other => {
             return Err(Failure::invalid(format!(
                 "input must be a table of the hook's globals (or JSON text), got {}",
@@ -129,10 +165,14 @@ enum Source {
 fn source(cfg: &Value) -> Result<Source, Failure> {
     let text = |v: &Value, what: &str| -> Result<String, Failure> {
         match v {
-            Value::String(s) => {
-                s.to_str().map(|s| s.to_owned()).map_err(|_| Failure::invalid(format!("{what} is not valid UTF-8")))
-            }
-            other => Err(Failure::invalid(format!("{what} must be a string, got {}", other.type_name()))),
+            Value::String(s) => s
+                .to_str()
+                .map(|s| s.to_owned())
+                .map_err(|_| Failure::invalid(format!("{what} is not valid UTF-8"))),
+            other => Err(Failure::invalid(format!(
+                "{what} must be a string, got {}",
+                other.type_name()
+            ))),
         }
     };
     match cfg {
@@ -185,7 +225,10 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             Ok(format!("{kind}: {message}"))
         })?,
     )?;
-    let shared = Shared { array_mt: array_mt.clone(), err_mt };
+    let shared = Shared {
+        array_mt: array_mt.clone(),
+        err_mt,
+    };
 
     let exports = lua.create_table()?;
     exports.raw_set("version", llmproxy_core::VERSION)?;
@@ -199,7 +242,10 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
             match built {
                 Ok(engine) => {
-                    let ud = lua.create_userdata(LuaEngine { engine, shared: shared.clone() })?;
+                    let ud = lua.create_userdata(LuaEngine {
+                        engine,
+                        shared: shared.clone(),
+                    })?;
                     Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))
                 }
                 Err(f) => shared.fail(lua, f),

@@ -1,0 +1,69 @@
+--- Per-call cost of engine:run in the LuaJIT module (make bench-ffi).
+--
+--   luajit bench/ffi/bench_lua.lua ROOT [N]
+--
+-- Engine: conformance case 001's routing script. Input: the request of
+-- bench/ffi/routing-input-10k.json (a ~10 KB body) in three forms:
+-- - `table`: the whole input as Lua tables (the body converted on every call);
+-- - `body_raw`: the body as JSON text in request.body_raw (what an nginx host
+--   has: the raw request body), the rest as tables;
+-- - `json_text`: the whole input as one JSON string.
+-- Times N calls (default 100000) one by one after N/10 warm-up calls and
+-- prints the median, p99 and mean in ns.
+
+local root = arg[1] or "."
+local n = tonumber(arg[2]) or 100000
+local lib_dir = os.getenv("LLMP_LIB_DIR") or (root .. "/ffi/target/release")
+package.cpath = lib_dir .. "/lib?.so;" .. package.cpath
+package.path = root .. "/examples/lua/?.lua;" .. package.path
+
+local ffi = require "ffi"
+local llmproxy = require "llmproxy"
+local casejson = require "casejson"
+
+ffi.cdef [[
+  typedef struct { long tv_sec; long tv_nsec; } llmp_bench_timespec;
+  int clock_gettime(int clk_id, llmp_bench_timespec *tp);
+]]
+local ts = ffi.new("llmp_bench_timespec")
+local C = ffi.C
+local function now_ns()
+  C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec)
+end
+
+local case = casejson.read_file(root .. "/conformance/cases/001-seed-routing-viplevel-3.json")
+local engine = assert(llmproxy.new('{"scripts": {"routing": {"script": '
+  .. casejson.quote(table.concat(case.script, "\n")) .. "}}}"))
+
+local f = assert(io.open(root .. "/bench/ffi/routing-input-10k.json", "rb"))
+local input_text = f:read("*a")
+f:close()
+
+-- The body's JSON text, cut out of the input text verbatim.
+local body_text = input_text:match('"body":(%b{})')
+local as_table = casejson.decode(input_text)
+local with_raw = casejson.decode(input_text)
+with_raw.request.body = nil
+with_raw.request.body_raw = body_text
+
+local function bench(name, input)
+  local res, err = engine:run("routing", input)
+  assert(res == "ultra", tostring(err))
+  for _ = 1, n / 10 do engine:run("routing", input) end
+  local ns, total = {}, 0
+  for i = 1, n do
+    local t0 = now_ns()
+    engine:run("routing", input)
+    local dt = now_ns() - t0
+    ns[i] = dt
+    total = total + dt
+  end
+  table.sort(ns)
+  print(("lua   %-16s calls=%d median_ns=%d p99_ns=%d mean_ns=%d"):format(
+    name, n, ns[math.floor(n / 2) + 1], ns[math.floor((n - 1) * 0.99) + 1], total / n))
+end
+
+bench("body_raw", with_raw)
+bench("json_text", input_text)
+bench("table", as_table)

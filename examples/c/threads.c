@@ -1,0 +1,109 @@
+/*
+ * threads: one engine, many threads calling it at once.
+ *
+ *   threads CASE_FILE [THREADS] [CALLS_PER_THREAD]
+ *
+ * Builds one engine for the case's hook and script, then runs the case from
+ * THREADS threads (default 16), CALLS_PER_THREAD times each (default 2000),
+ * and checks every result against the case's expectation. Prints
+ * "N passed, N failed" (one per call) and exits 1 on any mismatch.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "casefile.h"
+#include "llmproxy.h"
+
+struct shared {
+    const llmp_engine *engine;
+    const char *hook;
+    const char *input;
+    json_t *want;
+    long calls;
+};
+
+struct outcome {
+    long passed, failed;
+};
+
+static void *worker(void *arg) {
+    struct shared *s = arg;
+    struct outcome *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    size_t input_len = strlen(s->input);
+    for (long i = 0; i < s->calls; i++) {
+        char *out = NULL;
+        size_t out_len = 0;
+        llmp_error *err = NULL;
+        int ok = 0;
+        if (llmp_engine_run(s->engine, s->hook, s->input, input_len, &out, &out_len, &err) == LLMP_OK) {
+            json_t *got = json_loadb(out, out_len, JSON_DECODE_ANY, NULL);
+            ok = got && json_same(s->want, got);
+            json_decref(got);
+        } else if (o->failed == 0) {
+            fprintf(stderr, "call failed: %s: %s\n", llmp_error_kind(err), llmp_error_message(err));
+        }
+        llmp_string_free(out);
+        llmp_error_free(err);
+        if (ok)
+            o->passed++;
+        else
+            o->failed++;
+    }
+    return o;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s CASE_FILE [THREADS] [CALLS_PER_THREAD]\n", argv[0]);
+        return 2;
+    }
+    int nthreads = argc > 2 ? atoi(argv[2]) : 16;
+    long calls = argc > 3 ? atol(argv[3]) : 2000;
+    if (nthreads < 1 || nthreads > 1024 || calls < 1) return 2;
+
+    json_t *c = json_load_file(argv[1], 0, NULL);
+    json_t *want = c ? json_object_get(json_object_get(c, "expect"), "result") : NULL;
+    if (!want) {
+        fprintf(stderr, "%s: not a case with an expected result\n", argv[1]);
+        json_decref(c);
+        return 2;
+    }
+    char *config = case_config(c, 1);
+    char *input = json_dumps(json_object_get(c, "input"), JSON_COMPACT);
+    llmp_engine *engine = NULL;
+    llmp_error *err = NULL;
+    if (llmp_engine_new(config, strlen(config), &engine, &err) != LLMP_OK) {
+        fprintf(stderr, "engine: %s\n", llmp_error_message(err));
+        return 1;
+    }
+
+    struct shared s = {engine, json_string_value(json_object_get(c, "hook")), input, want, calls};
+    pthread_t *threads = calloc((size_t)nthreads, sizeof *threads);
+    for (int i = 0; i < nthreads; i++) pthread_create(&threads[i], NULL, worker, &s);
+    long passed = 0, failed = 0;
+    for (int i = 0; i < nthreads; i++) {
+        struct outcome *o = NULL;
+        pthread_join(threads[i], (void **)&o);
+        if (o) {
+            passed += o->passed;
+            failed += o->failed;
+            free(o);
+        } else {
+            failed += calls;
+        }
+    }
+    printf("%d threads x %ld calls on one engine\n", nthreads, calls);
+    printf("%ld passed, %ld failed\n", passed, failed);
+
+    free(threads);
+    llmp_engine_free(engine);
+    free(input);
+    free(config);
+    json_decref(c);
+    return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,29 @@
+package llmproxy_test
+
+import (
+	"context"
+	"fmt"
+
+	"llmproxy.example/llmproxy"
+)
+
+func Example() {
+	engine, err := llmproxy.New(`
+scripts:
+  routing:
+    script: |
+      if (request.body.viplevel or 0) >= 3 then return "ultra" end
+      return nil
+`)
+	if err != nil {
+		panic(err)
+	}
+	defer engine.Close()
+
+	backend, err := engine.Route(context.Background(), map[string]any{
+		"request":  map[string]any{"id": "req-1", "body_raw": `{"model": "gpt-4", "viplevel": 3}`},
+		"backends": map[string]any{"ultra": map[string]any{"url": "http://ultra:8000"}},
+	})
+	fmt.Println(backend, err)
+	// Output: ultra <nil>
+}

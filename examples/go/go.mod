@@ -1,0 +1,3 @@
+module llmproxy.example/llmproxy
+
+go 1.19

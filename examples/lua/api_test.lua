@@ -1,0 +1,221 @@
+--- The LuaJIT module's API, beyond the conformance cases.
+--
+--   luajit examples/lua/api_test.lua
+--
+-- Table-driven: each test names what it shows. Prints "N passed, N failed"
+-- and exits 1 on a failure. Run from the repository root (or set
+-- LLMP_LIB_DIR to the directory holding libllmproxy.so).
+
+local lib_dir = os.getenv("LLMP_LIB_DIR") or "ffi/target/release"
+package.cpath = lib_dir .. "/lib?.so;" .. package.cpath
+
+local llmproxy = require "llmproxy"
+
+local ROUTING = [[
+scripts:
+  routing:
+    script: |
+      local v = request.body.viplevel
+      if v == "loop" then while true do end end
+      if v == "boom" then error("boom") end
+      if v == "big" then local t = {} for i = 1, 1e8 do t[i] = i end end
+      if v == nil then return nil end
+      return v >= 3 and "ultra" or "standard"
+    timeout_ms: 50
+    memory_mb: 2
+  request_transform:
+    script: "return { body = request.body }"
+]]
+
+local BACKENDS = { ultra = { url = "http://u" }, standard = { url = "http://s" } }
+
+local function routing_input(body)
+  return { request = { id = "r1", body = body }, backends = BACKENDS }
+end
+
+local engine = assert(llmproxy.new(ROUTING))
+
+--- Run the request_transform echo: what the engine saw as request.body.
+local function echo(body)
+  local res, err = engine:run("request_transform", { request = { id = "r2", body = body } })
+  return res and res.body, err
+end
+
+local function is_array(t)
+  return type(t) == "table" and getmetatable(t) == llmproxy.array_mt
+end
+
+local function expect_error(kind, res, err)
+  assert(res == nil, "expected no result")
+  assert(type(err) == "table", "expected an error table, got " .. tostring(err))
+  assert(err.kind == kind, ("expected kind %s, got %s"):format(kind, tostring(err)))
+  assert(tostring(err) == err.kind .. ": " .. err.message, "__tostring")
+  return err
+end
+
+local tests = {
+  { "version is a string", function()
+    assert(type(llmproxy.version) == "string" and #llmproxy.version > 0)
+  end },
+  { "null is a NULL light userdata, equal to cjson.null when lua-cjson is installed", function()
+    assert(type(llmproxy.null) == "userdata")
+    local ok, cjson = pcall(require, "cjson")
+    if ok then assert(cjson.null == llmproxy.null) end
+  end },
+  { "a string result comes back as a string, with a nil error", function()
+    local res, err = engine:run("routing", routing_input({ viplevel = 3 }))
+    assert(res == "ultra" and err == nil)
+  end },
+  { "a nil result is nil, nil (two values)", function()
+    local n = select("#", engine:run("routing", routing_input({})))
+    local res, err = engine:run("routing", routing_input({}))
+    assert(n == 2 and res == nil and err == nil)
+  end },
+  { "request.body_raw (JSON text) is parsed by the engine", function()
+    local res = engine:run("routing", { request = { id = "r", body_raw = '{"viplevel": 5}' }, backends = BACKENDS })
+    assert(res == "ultra")
+  end },
+  { "the input may be JSON text", function()
+    local res = engine:run("routing", '{"request": {"body": {"viplevel": 1}}, "backends": {"standard": {"url": "x"}}}')
+    assert(res == "standard")
+  end },
+  { "a script error is {kind, message, hook, script, line} with __tostring", function()
+    local err = expect_error("script_error", engine:run("routing", routing_input({ viplevel = "boom" })))
+    assert(err.hook == "routing" and err.script == "scripts.routing" and err.line == 3, tostring(err))
+  end },
+  { "a loop is a timeout, and the engine keeps working", function()
+    expect_error("timeout", engine:run("routing", routing_input({ viplevel = "loop" })))
+    assert(engine:run("routing", routing_input({ viplevel = 3 })) == "ultra")
+  end },
+  { "memory_mb limits the sandbox state (separate states inside a module)", function()
+    expect_error("memory", engine:run("routing", routing_input({ viplevel = "big" })))
+    assert(engine:run("routing", routing_input({ viplevel = 3 })) == "ultra")
+  end },
+  { "a backend not in backends is bad_output", function()
+    expect_error("bad_output", engine:run("routing", { request = { body = { viplevel = 3 } }, backends = {} }))
+  end },
+  { "an unknown hook is invalid_argument", function()
+    expect_error("invalid_argument", engine:run("nope", routing_input({})))
+  end },
+  { "a hook that is not enabled is invalid_argument", function()
+    expect_error("invalid_argument", engine:run("auth", routing_input({})))
+  end },
+  { "a non-string hook is invalid_argument", function()
+    expect_error("invalid_argument", engine:run(42, routing_input({})))
+  end },
+  { "an input that is not a table is invalid_argument", function()
+    expect_error("invalid_argument", engine:run("routing", 42))
+    expect_error("invalid_argument", engine:run("routing", nil))
+  end },
+  { "truncated JSON text is invalid_argument", function()
+    expect_error("invalid_argument", engine:run("routing", '{"request": {'))
+  end },
+  { "a non-UTF-8 string is invalid_argument, naming its path", function()
+    local err = expect_error("invalid_argument", engine:run("routing", { request = { id = "\255" } }))
+    assert(err.message:find("input.request.id", 1, true), err.message)
+  end },
+  { "a function in the input is invalid_argument", function()
+    expect_error("invalid_argument", engine:run("routing", { request = { body = { f = print } } }))
+  end },
+  { "NaN is invalid_argument", function()
+    expect_error("invalid_argument", engine:run("routing", { request = { body = { x = 0 / 0 } } }))
+  end },
+  { "a table that contains itself is invalid_argument, not a stack overflow", function()
+    local t = {}
+    t.self = t
+    expect_error("invalid_argument", engine:run("routing", { request = { body = t } }))
+  end },
+  { "{} is an object; empty_array and array_mt tables are arrays", function()
+    local body = assert(echo({ a = {}, b = llmproxy.empty_array, c = setmetatable({}, llmproxy.array_mt) }))
+    assert(type(body.a) == "table" and not is_array(body.a) and next(body.a) == nil, "a")
+    assert(is_array(body.b) and #body.b == 0, "b")
+    assert(is_array(body.c) and #body.c == 0, "c")
+  end },
+  { "sequences are arrays; sparse tables and number keys are objects", function()
+    local body = assert(echo({ seq = { 1, 2, 3 }, sparse = { [1] = "a", [3] = "c" }, nums = { [2.5] = "x" } }))
+    assert(is_array(body.seq) and #body.seq == 3 and body.seq[3] == 3, "seq")
+    assert(not is_array(body.sparse) and body.sparse["1"] == "a" and body.sparse["3"] == "c", "sparse")
+    assert(body.nums["2.5"] == "x", "nums")
+  end },
+  { "null in a result is llmproxy.null; nested arrays carry array_mt", function()
+    local body = assert(echo({ n = llmproxy.null, deep = { { 1 }, { 2 } } }))
+    assert(body.n == llmproxy.null, "null")
+    assert(is_array(body.deep) and is_array(body.deep[1]) and body.deep[2][1] == 2, "deep")
+  end },
+  { "integers and floats survive", function()
+    local body = assert(echo({ i = 9007199254740992, f = 0.1, neg = -3 }))
+    assert(body.i == 9007199254740992 and body.f == 0.1 and body.neg == -3)
+  end },
+  { "engine:enabled", function()
+    assert(engine:enabled("routing") and engine:enabled("request_transform"))
+    assert(not engine:enabled("auth") and not engine:enabled("nope"))
+  end },
+  { "new: invalid YAML is a config error", function()
+    expect_error("config", llmproxy.new("scripts: [\n"))
+  end },
+  { "new: a script that does not compile is a config error", function()
+    expect_error("config", llmproxy.new("scripts:\n  routing:\n    script: 'return ('\n"))
+  end },
+  { "new: a missing file is a config error", function()
+    local err = expect_error("config", llmproxy.new("/nonexistent/llmproxy.yaml"))
+    assert(err.message:find("cannot read", 1, true), err.message)
+  end },
+  { "new: a config file path, with script_file relative to it", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir) == 0)
+    local f = assert(io.open(dir .. "/route.lua", "w"))
+    f:write("return 'ultra'\n")
+    f:close()
+    f = assert(io.open(dir .. "/llmproxy.yaml", "w"))
+    f:write("scripts:\n  routing:\n    script_file: route.lua\n")
+    f:close()
+    local e1 = assert(llmproxy.new(dir .. "/llmproxy.yaml"))
+    local e2 = assert(llmproxy.new({ file = dir .. "/llmproxy.yaml" }))
+    assert(e1:run("routing", routing_input({})) == "ultra")
+    assert(e2:run("routing", routing_input({})) == "ultra")
+    os.execute("rm -rf " .. dir)
+  end },
+  { "new{yaml = ...}", function()
+    local e = assert(llmproxy.new({ yaml = "scripts:\n  routing:\n    script: return 'standard'\n" }))
+    assert(e:run("routing", routing_input({})) == "standard")
+  end },
+  { "new: a wrong argument is invalid_argument", function()
+    expect_error("invalid_argument", llmproxy.new(42))
+    expect_error("invalid_argument", llmproxy.new({}))
+  end },
+  { "engines are garbage-collected", function()
+    for _ = 1, 50 do
+      local e = assert(llmproxy.new(ROUTING))
+      assert(e:run("routing", routing_input({ viplevel = 1 })) == "standard")
+    end
+    collectgarbage()
+    collectgarbage()
+  end },
+  { "engine:backends() lists the config's backends in order", function()
+    local e = assert(llmproxy.new("backends:\n  - {name: a, url: 'http://127.0.0.1:1', weight: 3,"
+      .. " headers: {X-Key: k}}\n  - {name: b, url: 'http://127.0.0.1:2'}\n"))
+    local list = e:backends()
+    assert(is_array(list) and #list == 2, "array of 2")
+    assert(list[1].name == "a" and list[1].url == "http://127.0.0.1:1" and list[1].weight == 3, "a")
+    assert(list[1].headers["X-Key"] == "k" and list[2].name == "b" and list[2].weight == 1, "b")
+    assert(is_array(engine:backends()) and #engine:backends() == 0, "none")
+  end },
+  { "tostring(engine)", function()
+    assert(tostring(engine) == "llmproxy.engine")
+  end },
+}
+
+local passed, failed = 0, 0
+for _, t in ipairs(tests) do
+  local ok, err = pcall(t[2])
+  if ok then
+    passed = passed + 1
+    print("ok   " .. t[1])
+  else
+    failed = failed + 1
+    print("FAIL " .. t[1] .. ": " .. tostring(err))
+  end
+end
+print(("%d passed, %d failed"):format(passed, failed))
+os.exit(failed == 0 and 0 or 1)

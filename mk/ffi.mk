@@ -1,0 +1,179 @@
+# mk/ffi.mk: libllmproxy (C ABI + LuaJIT module), its header, its hosts.
+#
+# Included by the top Makefile (`-include mk/*.mk`); also runs on its own:
+# `make -f mk/ffi.mk test-ffi`. Paths are relative to the repository root.
+#
+#   make ffi                 build ffi/target/release/libllmproxy.{so,a}
+#   make ffi-header          regenerate include/llmproxy.h (cbindgen, pinned)
+#   make ffi-header-check    fail when include/llmproxy.h is out of date
+#   make lint-ffi            rustfmt + clippy -D warnings on ffi/
+#   make test-ffi            header check + C, Go and LuaJIT hosts (+ valgrind)
+#   make bench-ffi           per-call cost: Rust in-process, C ABI, Lua module
+#   make install             lib, header, llmproxy.pc, Lua module link
+#                            (PREFIX=/usr/local, DESTDIR= respected)
+#
+# ffi/ is a workspace of its own (mlua `module` mode, docs/adr/001).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CC ?= cc
+
+FFI_TARGET    := ffi/target
+FFI_LIB_DIR   := $(FFI_TARGET)/release
+FFI_SO        := $(FFI_LIB_DIR)/libllmproxy.so
+FFI_A         := $(FFI_LIB_DIR)/libllmproxy.a
+FFI_CARGO     := $(CARGO) --locked
+FFI_MANIFEST  := --manifest-path ffi/Cargo.toml --target-dir $(FFI_TARGET)
+FFI_VERSION    = $(shell sed -n 's/^version = "\(.*\)"/\1/p' ffi/Cargo.toml | head -1)
+FFI_DEBS      := luajit2 libluajit2-5.1-dev libjansson-dev lua-cjson golang-go pkg-config valgrind
+
+# cbindgen, pinned, installed on first use into an ignored project-local root.
+CBINDGEN_VERSION := 0.29.4
+FFI_TOOLS     := $(FFI_TARGET)/tools
+CBINDGEN      := $(FFI_TOOLS)/bin/cbindgen
+
+# Host programs and the uninstalled pkg-config file they build against.
+FFI_OUT       := $(FFI_TARGET)/hosts
+FFI_PC_DIR    := $(FFI_TARGET)/pkgconfig
+FFI_PC        := $(FFI_PC_DIR)/llmproxy.pc
+FFI_PKG       := PKG_CONFIG_PATH=$(CURDIR)/$(FFI_PC_DIR)$${PKG_CONFIG_PATH:+:$$PKG_CONFIG_PATH}
+FFI_CFLAGS    := -std=c11 -Wall -Wextra -Werror -O2 -g -pthread
+FFI_C_COMMON  := examples/c/casefile.c examples/c/casefile.h include/llmproxy.h
+VALGRIND      := valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible -q
+
+# Go: the build cache and GOPATH live under ffi/target (ignored), no network.
+FFI_GO_ENV    := GOCACHE=$(CURDIR)/$(FFI_TARGET)/go/cache GOPATH=$(CURDIR)/$(FFI_TARGET)/go/path \
+                 GOFLAGS= GOPROXY=off GO111MODULE=on CGO_ENABLED=1 $(FFI_PKG)
+
+PREFIX        ?= /usr/local
+DESTDIR       ?=
+LIBDIR        ?= $(PREFIX)/lib
+INCLUDEDIR    ?= $(PREFIX)/include
+LUA_CMODDIR   ?= $(LIBDIR)/lua/5.1
+
+TEST_TARGETS  += test-ffi
+LINT_TARGETS  += lint-ffi
+LUA_SOURCES   += examples/lua/*.lua bench/ffi/*.lua
+
+.PHONY: ffi ffi-deps ffi-tools ffi-header ffi-header-check lint-ffi test-ffi test-ffi-c test-ffi-c-valgrind \
+        test-ffi-go test-ffi-lua test-ffi-install bench-ffi install install-ffi
+
+ffi-deps:
+	@scripts/apt-ensure $(FFI_DEBS)
+
+ffi: ffi-deps
+	$(FFI_CARGO) build --release $(FFI_MANIFEST)
+
+$(FFI_PC): ffi/llmproxy.pc.in ffi/Cargo.toml
+	@mkdir -p $(FFI_PC_DIR)
+	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/$(FFI_LIB_DIR)|' \
+	    -e 's|@INCLUDEDIR@|$(CURDIR)/include|' -e 's|@VERSION@|$(FFI_VERSION)|' \
+	    -e 's|@RPATH@|-Wl,-rpath,$${libdir} |' $< > $@
+
+# ---- header -------------------------------------------------------------
+
+ffi-tools:
+	@if ! $(CBINDGEN) --version 2>/dev/null | grep -qx 'cbindgen $(CBINDGEN_VERSION)'; then \
+	  echo "installing cbindgen $(CBINDGEN_VERSION) into $(FFI_TOOLS)"; \
+	  $(CARGO) install cbindgen --version '=$(CBINDGEN_VERSION)' --locked --root $(FFI_TOOLS); \
+	fi
+
+ffi-header: ffi-tools
+	$(CBINDGEN) --config ffi/cbindgen.toml --crate llmproxy-ffi --output include/llmproxy.h ffi
+
+ffi-header-check: ffi-tools
+	@mkdir -p $(FFI_TARGET)
+	$(CBINDGEN) --config ffi/cbindgen.toml --crate llmproxy-ffi --output $(FFI_TARGET)/llmproxy.h.fresh ffi
+	@diff -u include/llmproxy.h $(FFI_TARGET)/llmproxy.h.fresh || { \
+	  echo "include/llmproxy.h is out of date: run 'make ffi-header' and commit it" >&2; exit 1; }
+	@echo '#include "llmproxy.h"' | $(CC) -x c -std=c99 -Wall -Wextra -Werror -pedantic -fsyntax-only -Iinclude -
+	@echo '#include "llmproxy.h"' | $(CXX) -x c++ -Wall -Wextra -Werror -fsyntax-only -Iinclude -
+	@echo "include/llmproxy.h is up to date and compiles as C99 and C++"
+
+lint-ffi:
+	$(CARGO) fmt --manifest-path ffi/Cargo.toml -- --check
+	$(FFI_CARGO) clippy --release $(FFI_MANIFEST) --all-targets -- -D warnings
+
+# ---- hosts --------------------------------------------------------------
+
+test-ffi: ffi-header-check test-ffi-c test-ffi-c-valgrind test-ffi-go test-ffi-lua test-ffi-install
+	@echo "test-ffi: C, Go and LuaJIT hosts passed"
+
+$(FFI_OUT)/%: examples/c/%.c $(FFI_C_COMMON) $(FFI_PC) $(FFI_SO)
+	@mkdir -p $(FFI_OUT)
+	libs="$$($(FFI_PKG) pkg-config --libs llmproxy jansson)" && \
+	  $(CC) $(FFI_CFLAGS) -Iinclude -o $@ $< examples/c/casefile.c $$libs
+
+# The library is (re)built by cargo, which knows when it is stale.
+$(FFI_SO): ffi
+	@:
+
+test-ffi-c: ffi $(FFI_OUT)/conformance $(FFI_OUT)/badcalls $(FFI_OUT)/threads
+	$(FFI_OUT)/conformance conformance/cases
+	$(FFI_OUT)/badcalls
+	$(FFI_OUT)/threads conformance/cases/020-seed-request-transform-model-map.json 16 2000
+
+# valgrind runs scripts ~20x slower: stretch time limits, except where a
+# timeout is the expected outcome (LLMP_TIMEOUT_SCALE, examples/c/conformance.c).
+test-ffi-c-valgrind: test-ffi-c
+	LLMP_TIMEOUT_SCALE=20 $(VALGRIND) $(FFI_OUT)/conformance conformance/cases
+	$(VALGRIND) $(FFI_OUT)/badcalls
+	$(VALGRIND) $(FFI_OUT)/threads conformance/cases/001-seed-routing-viplevel-3.json 4 50
+
+test-ffi-go: ffi $(FFI_PC)
+	cd examples/go && $(FFI_GO_ENV) go vet ./...
+	cd examples/go && $(FFI_GO_ENV) go test -count=1 -race ./...
+
+test-ffi-lua: ffi
+	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit examples/lua/conformance.lua conformance/cases/*.json
+	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit examples/lua/api_test.lua
+
+# `make install` into a scratch PREFIX, then build and run hosts against it.
+export FFI_LUA_SMOKE := local m = require "llmproxy"; \
+  assert(m.new("scripts: {routing: {script: return nil}}")); print("installed Lua module: " .. m.version)
+FFI_STAGE := $(CURDIR)/$(FFI_TARGET)/install-test
+test-ffi-install: ffi
+	rm -rf $(FFI_STAGE)
+	$(MAKE) -f $(firstword $(MAKEFILE_LIST)) --no-print-directory install-ffi PREFIX=$(FFI_STAGE)
+	flags="$$(PKG_CONFIG_PATH=$(FFI_STAGE)/lib/pkgconfig pkg-config --cflags --libs llmproxy jansson)" && \
+	  $(CC) $(FFI_CFLAGS) -Iexamples/c -o $(FFI_STAGE)/conformance examples/c/conformance.c \
+	    examples/c/casefile.c $$flags -Wl,-rpath,$(FFI_STAGE)/lib
+	$(FFI_STAGE)/conformance conformance/cases > /dev/null && echo "installed library: conformance passed"
+	LUA_CPATH='$(FFI_STAGE)/lib/lua/5.1/?.so' luajit -e "$$FFI_LUA_SMOKE"
+
+# ---- install ------------------------------------------------------------
+
+# Files are copied next to their destination and renamed over it: a running
+# nginx that mapped the old library keeps a valid mapping (DESIGN.md §7).
+install: install-ffi
+
+install-ffi: ffi
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LUA_CMODDIR)
+	install -m 0755 $(FFI_SO) $(DESTDIR)$(LIBDIR)/.libllmproxy.so.new
+	mv -f $(DESTDIR)$(LIBDIR)/.libllmproxy.so.new $(DESTDIR)$(LIBDIR)/libllmproxy.so
+	install -m 0644 $(FFI_A) $(DESTDIR)$(LIBDIR)/libllmproxy.a
+	install -m 0644 include/llmproxy.h $(DESTDIR)$(INCLUDEDIR)/llmproxy.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+	    -e 's|@VERSION@|$(FFI_VERSION)|' -e 's|@RPATH@||' ffi/llmproxy.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/llmproxy.pc
+	ln -sfn $(LIBDIR)/libllmproxy.so $(DESTDIR)$(LUA_CMODDIR)/llmproxy.so
+
+# ---- benchmarks ---------------------------------------------------------
+
+FFI_BENCH_N ?= 100000
+
+bench-ffi: ffi $(FFI_PC)
+	@mkdir -p $(FFI_OUT)
+	libs="$$($(FFI_PKG) pkg-config --libs llmproxy)" && \
+	  $(CC) -std=c11 -O2 -g -Wall -Wextra -Werror -Iinclude -o $(FFI_OUT)/bench_c bench/ffi/bench_c.c $$libs
+	$(FFI_CARGO) build --release $(FFI_MANIFEST) --example bench-inproc
+	@echo "bench-ffi on $$(nproc) cores, $(FFI_BENCH_N) calls each, routing script of case 001, ~10 KB body"
+	$(FFI_TARGET)/release/examples/bench-inproc . $(FFI_BENCH_N)
+	$(FFI_OUT)/bench_c . $(FFI_BENCH_N)
+	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/bench_lua.lua . $(FFI_BENCH_N)
+
+# ---- housekeeping -------------------------------------------------------
+
+.PHONY: clean-ffi
+clean-ffi:
+	$(CARGO) clean $(FFI_MANIFEST)
+	rm -rf $(FFI_OUT) $(FFI_PC_DIR) $(FFI_TARGET)/go $(FFI_STAGE)
