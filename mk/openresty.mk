@@ -1,0 +1,71 @@
+# mk/openresty.mk: the OpenResty host (openresty/, nginx-conf/, t/).
+#
+# Included by the top Makefile (`-include mk/*.mk`); also runs on its own:
+# `make -f mk/openresty.mk test-openresty`. Paths are relative to the
+# repository root.
+#
+#   make test-openresty      nginx tests: prove -r t/ (t/README.md)
+#   make openresty-deps      the Debian packages they need
+#   make install-openresty   resty/llmproxy*.lua into $(LUA_LDIR)
+#
+# The tests start their own nginx per test file on free 127.0.0.1 ports
+# under t/servroot-<pid>/; they never use a system nginx or port 80.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+
+OPENRESTY_DEBS := nginx libnginx-mod-http-lua lua-resty-core lua-cjson libtest-base-perl lua-check
+PROVE          ?= prove
+PROVE_FLAGS    ?= -r
+
+# The Lua module comes from mk/ffi.mk's `ffi` target (cargo knows when it
+# is stale). On its own (`make -f mk/openresty.mk`) this file pulls
+# mk/ffi.mk in; without mk/ffi.mk it builds the library itself.
+ifndef FFI_SO
+-include mk/ffi.mk
+endif
+ifdef FFI_SO
+OPENRESTY_LIB_TARGET := ffi
+OPENRESTY_LIB_DIR    := $(FFI_LIB_DIR)
+else
+OPENRESTY_LIB_TARGET := openresty-ffi
+OPENRESTY_LIB_DIR    := ffi/target/release
+.PHONY: openresty-ffi
+openresty-ffi:
+	$(CARGO) build --locked --release --manifest-path ffi/Cargo.toml --target-dir ffi/target
+endif
+
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+LUA_LDIR ?= $(PREFIX)/share/lua/5.1
+
+TEST_TARGETS += test-openresty
+LUA_SOURCES  += openresty/lib t/lib/llmproxy_mock.lua
+
+.PHONY: openresty-deps test-openresty install-openresty
+
+# Debian's nginx package starts a system nginx from its postinst where
+# services may start (no policy-rc.d refusing it). That nginx is not used by
+# the tests; if this install is what started it, stop it again, so
+# `make test` leaves no daemon on port 80 behind. A system nginx that was
+# already running is left alone.
+openresty-deps:
+	@before="$$(cat /run/nginx.pid 2>/dev/null || true)"; \
+	scripts/apt-ensure $(OPENRESTY_DEBS); \
+	after="$$(cat /run/nginx.pid 2>/dev/null || true)"; \
+	if [ -n "$$after" ] && [ "$$after" != "$$before" ] && kill -0 "$$after" 2>/dev/null; then \
+	  echo "openresty-deps: stopping the system nginx (pid $$after) that the package install started"; \
+	  nginx -s stop 2>/dev/null || kill -QUIT "$$after"; \
+	fi
+
+test-openresty: openresty-deps $(OPENRESTY_LIB_TARGET)
+	perl -It/lib -c t/lib/Test/LLMProxy/Nginx.pm
+	LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" $(PROVE) $(PROVE_FLAGS) t/
+
+# Atomic replace: a running nginx keeps the files it has loaded.
+install-openresty:
+	install -d $(DESTDIR)$(LUA_LDIR)/resty/llmproxy
+	for f in resty/llmproxy.lua resty/llmproxy/json.lua; do \
+	  install -m 0644 openresty/lib/$$f $(DESTDIR)$(LUA_LDIR)/$$f.new && \
+	  mv -f $(DESTDIR)$(LUA_LDIR)/$$f.new $(DESTDIR)$(LUA_LDIR)/$$f || exit 1; \
+	done

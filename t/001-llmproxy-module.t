@@ -1,0 +1,188 @@
+# The LuaJIT module (libllmproxy.so, `require "llmproxy"`) inside nginx:
+# loading in init_worker and content phases, running the seed's routing
+# script, and a looping script that times out while nginx keeps serving.
+
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::LLMProxy::Nginx;
+
+plan skip_all => 'libllmproxy.so not built (' . llmproxy_lib() . '): make ffi-lib, or set LLMP_LIB_DIR'
+    unless -f llmproxy_lib();
+
+add_block_preprocessor(sub {
+    my $block = shift;
+    # Every block gets a worker-level engine built from inline YAML with
+    # the seed's routing script, unless it brings its own http_config.
+    $block->set_value('http_config', <<'CONF') unless defined $block->http_config;
+    init_worker_by_lua_block {
+        local llmproxy = require "llmproxy"
+        local engine, err = llmproxy.new([[
+scripts:
+  routing:
+    script_file: $TEST_NGINX_REPO/examples/scripts/routing.lua
+]])
+        if not engine then
+            ngx.log(ngx.ERR, "engine: ", tostring(err))
+            return
+        end
+        package.loaded.test_engine = engine
+    }
+CONF
+});
+
+run_tests();
+
+__DATA__
+
+=== TEST 1: require "llmproxy" in init_worker
+--- http_config
+    init_worker_by_lua_block {
+        local llmproxy = require "llmproxy"
+        ngx.log(ngx.NOTICE, "init_worker: llmproxy ", llmproxy.version, ", new is a ", type(llmproxy.new))
+    }
+--- config
+    location = /t {
+        content_by_lua_block { ngx.say(package.loaded.llmproxy ~= nil) }
+    }
+--- request
+GET /t
+--- response_body
+true
+--- error_log eval
+qr/init_worker: llmproxy \d+\.\d+\.\d+, new is a function/
+--- no_error_log
+[error]
+
+
+
+=== TEST 2: require "llmproxy" in the content phase; the module's exports
+--- http_config
+--- config
+    location = /t {
+        content_by_lua_block {
+            local llmproxy = require "llmproxy"
+            ngx.say("version: ", (llmproxy.version:match("^%d+%.%d+%.%d+$")))
+            ngx.say("new: ", type(llmproxy.new))
+            ngx.say("null is cjson.null: ", llmproxy.null == require("cjson").null)
+            ngx.say("array_mt: ", type(llmproxy.array_mt))
+        }
+    }
+--- request
+GET /t
+--- response_body eval
+qr/^version: \d+\.\d+\.\d+\nnew: function\nnull is cjson.null: true\narray_mt: table\n\z/
+--- no_error_log
+[error]
+
+
+
+=== TEST 3: the seed's routing script, on requests built in Lua
+--- config
+    location = /t {
+        content_by_lua_block {
+            local engine = package.loaded.test_engine
+            local backends = {
+                standard = { url = "http://127.0.0.1:9001", healthy = true, weight = 10 },
+                ["high-performance"] = { url = "http://127.0.0.1:9002", healthy = true, weight = 10 },
+                ultra = { url = "http://127.0.0.1:9003", healthy = true, weight = 5 },
+            }
+            for _, body in ipairs({ { viplevel = 3 }, { viplevel = 1 }, { model = "gpt-4" } }) do
+                local res, err = engine:run("routing", { request = { id = "r1", body = body }, backends = backends })
+                ngx.say(tostring(body.viplevel), " -> ", tostring(res), " ", tostring(err))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+3 -> ultra nil
+1 -> high-performance nil
+nil -> standard nil
+--- no_error_log
+[error]
+
+
+
+=== TEST 4: the seed's routing script on the client's raw JSON body (body_raw)
+--- config
+    location = /v1/chat/completions {
+        content_by_lua_block {
+            ngx.req.read_body()
+            local engine = package.loaded.test_engine
+            local res, err = engine:run("routing", {
+                request = { id = ngx.var.request_id, body_raw = ngx.req.get_body_data() },
+                backends = { standard = { url = "http://a" }, ultra = { url = "http://b" },
+                             ["high-performance"] = { url = "http://c" } },
+            })
+            ngx.say(res, " ", tostring(err))
+        }
+    }
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4","messages":[{"role":"user","content":"hi"}],"viplevel":3,"user":{"profile":{"region":"cn-north"}}}
+--- response_body
+ultra nil
+--- no_error_log
+[error]
+
+
+
+=== TEST 5: a routing result that names no backend is bad_output
+--- config
+    location = /t {
+        content_by_lua_block {
+            local engine = package.loaded.test_engine
+            local res, err = engine:run("routing", {
+                request = { id = "r5", body = { viplevel = 3 } },
+                backends = { standard = { url = "http://a" } },
+            })
+            ngx.say(tostring(res), " ", err.kind)
+        }
+    }
+--- request
+GET /t
+--- response_body
+nil bad_output
+
+
+
+=== TEST 6: a looping script gets a timeout error, and the worker keeps serving
+--- http_config
+    init_worker_by_lua_block {
+        local llmproxy = require "llmproxy"
+        package.loaded.loop_engine = assert(llmproxy.new([[
+scripts:
+  routing:
+    timeout_ms: 50
+    script: |
+      local n = 0
+      while true do n = n + 1 end
+]]))
+    }
+--- config
+    location = /loop {
+        content_by_lua_block {
+            ngx.update_time()
+            local t0 = ngx.now()
+            local res, err = package.loaded.loop_engine:run("routing", { request = { id = "loop-1" } })
+            ngx.update_time()
+            local ms = (ngx.now() - t0) * 1000
+            ngx.say(tostring(res), " ", err.kind, " ", ms >= 40 and ms < 1000)
+            ngx.log(ngx.WARN, "loop result: ", tostring(err))
+        }
+    }
+    location = /ok {
+        content_by_lua_block { ngx.say("still serving, pid ", ngx.worker.pid() == tonumber(ngx.var.pid)) }
+    }
+--- request eval
+["GET /loop", "GET /ok", "GET /loop", "GET /ok"]
+--- response_body eval
+["nil timeout true\n", "still serving, pid true\n", "nil timeout true\n", "still serving, pid true\n"]
+--- error_log
+loop result: timeout:
+script exceeded its time limit of 50 ms
+--- no_error_log
+[alert]
+[crit]
