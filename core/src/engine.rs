@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use mlua::{Lua, Table};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::config::{Config, HookConfig};
 use crate::convert::{self, Limits};
@@ -18,7 +18,7 @@ use crate::hooks::{
     RoutingInput, UsageInput, UsageRecord,
 };
 use crate::pool::{Pool, PoolStats};
-use crate::vm::{CallSpec, Vm};
+use crate::vm::CallSpec;
 
 /// Compiled hooks and the VMs that run them.
 pub struct Engine {
@@ -213,21 +213,13 @@ impl Engine {
     /// `response.body` are lazy; `request.body_raw` (JSON text) is parsed
     /// here instead of by the caller.
     pub fn run_json(&self, hook: HookName, input: &Value) -> Result<Value, HookError> {
-        let Some(cfg) = self.config.hook(hook) else {
-            return Err(HookError::bad_input(format!(
-                "the {hook} hook is not enabled in this engine"
-            )));
-        };
+        let cfg = self.enabled(hook)?;
         let at = |e: HookError| e.at(hook, &cfg.script.name);
         let obj = input.as_object().ok_or_else(|| {
             at(HookError::bad_input(
                 "hook input must be a JSON object of the hook's globals",
             ))
         })?;
-        let limits = Limits {
-            max_depth: cfg.limits.max_depth,
-            max_bytes: cfg.limits.max_input_bytes,
-        };
         let depth = convert::json_depth(input);
         if depth > cfg.limits.max_depth + 1 {
             return Err(at(HookError::bad_input(format!(
@@ -235,6 +227,10 @@ impl Engine {
                 cfg.limits.max_depth
             ))));
         }
+        let limits = Limits {
+            max_depth: cfg.limits.max_depth,
+            max_bytes: cfg.limits.max_input_bytes,
+        };
         let request = match obj.get("request") {
             Some(r) => Some(RequestInfo::from_json(r, limits).map_err(|e| at(HookError::bad_input(e)))?),
             None => None,
@@ -243,30 +239,42 @@ impl Engine {
             Some(r) => Some(ResponseInfo::from_json(r).map_err(|e| at(HookError::bad_input(e)))?),
             None => None,
         };
-        let request_id = request.as_ref().map(|r| r.id.clone());
+        self.run_parts(hook, request.as_ref(), response.as_ref(), obj)
+    }
+
+    /// [`Engine::run_json`] with the request and response already built, so
+    /// a host that runs several hooks on one request parses its body once.
+    /// `globals` holds the hook's other globals (`backends`, `key_info`,
+    /// ...); its `request` and `response` entries, if any, are ignored.
+    pub fn run_parts(
+        &self,
+        hook: HookName,
+        request: Option<&RequestInfo>,
+        response: Option<&ResponseInfo>,
+        globals: &Map<String, Value>,
+    ) -> Result<Value, HookError> {
+        let cfg = self.enabled(hook)?;
+        let request_id = request.map(|r| r.id.as_str());
         let set_globals = |lua: &Lua, env: &Table| -> mlua::Result<()> {
-            for (name, value) in obj {
-                match name.as_str() {
-                    "request" => {}
-                    "response" => {}
-                    _ => env.raw_set(name.as_str(), convert::json_to_lua(lua, value)?)?,
+            for (name, value) in globals {
+                if name != "request" && name != "response" {
+                    env.raw_set(name.as_str(), convert::json_to_lua(lua, value)?)?;
                 }
             }
-            if let Some(r) = &request {
+            if let Some(r) = request {
                 env.raw_set("request", r.to_lua(lua)?)?;
             }
-            if let Some(r) = &response {
+            if let Some(r) = response {
                 env.raw_set("response", r.to_lua(lua)?)?;
             }
             Ok(())
         };
-        let Some((value, _)) = self.run_raw(hook, request_id.as_deref(), set_globals)? else {
-            return Err(at(HookError::new(ErrorKind::Internal, "hook disappeared")));
+        let Some((value, _)) = self.run_raw(hook, request_id, set_globals)? else {
+            return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
-        let rid = request_id.as_deref().unwrap_or("-");
         let validated = match hook {
             HookName::Routing => {
-                let names = obj.get("backends").and_then(Value::as_object);
+                let names = globals.get("backends").and_then(Value::as_object);
                 let names = names.into_iter().flat_map(|m| m.keys().map(String::as_str));
                 RouteDecision::from_result(&value, names).map(|_| ())
             }
@@ -276,7 +284,7 @@ impl Engine {
             HookName::RateLimit => RateVerdict::from_result(&value).map(|_| ()),
             HookName::Usage => UsageRecord::from_result(&value).map(|_| ()),
             HookName::ErrorHandler => {
-                let fallback = obj
+                let fallback = globals
                     .get("error")
                     .and_then(|e| e.get("status_code"))
                     .and_then(Value::as_u64)
@@ -285,26 +293,14 @@ impl Engine {
                 ErrorResponse::from_result(&value, fallback).map(|_| ())
             }
         };
-        self.checked(hook, rid, validated)?;
+        self.checked(hook, request_id.unwrap_or("-"), validated)?;
         Ok(value)
     }
-}
 
-/// A standalone VM for tests and tools that need a sandbox state without an
-/// engine (e.g. to check what a script can see).
-#[doc(hidden)]
-pub fn scratch_vm_eval(source: &str) -> Result<Value, HookError> {
-    let mut vm = Vm::new()?;
-    let script = crate::config::Script {
-        name: Arc::from("scratch"),
-        source: Arc::from(source),
-    };
-    let limits = crate::config::ScriptLimits::default();
-    let spec = CallSpec {
-        hook: HookName::Routing,
-        script: &script,
-        limits: &limits,
-        request_id: None,
-    };
-    vm.call(&spec, |_, _| Ok(()))
+    /// The config of an enabled hook, or a `bad_input` error.
+    fn enabled(&self, hook: HookName) -> Result<&HookConfig, HookError> {
+        self.config
+            .hook(hook)
+            .ok_or_else(|| HookError::bad_input(format!("the {hook} hook is not enabled in this engine")))
+    }
 }
