@@ -15,6 +15,7 @@
 //! - [`sandbox`]: the safe environment, helper libraries and limits.
 //! - [`pool`]: the bounded pool of sandboxed LuaJIT states.
 //! - [`convert`]: lossless JSON <-> Lua conversion, lazy request bodies.
+//! - [`keys`]: API key records and the standard checks every host shares.
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
 
@@ -26,6 +27,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod hooks;
+pub mod keys;
 pub mod pool;
 pub mod sandbox;
 mod vm;

@@ -1,0 +1,318 @@
+//! API keys and the standard checks every host computes the same way.
+//!
+//! A key record carries the seed's `key_info` fields (key, user_id, name,
+//! status, total_quota, used_quota, allowed_ips, expires_at). The standard
+//! checks (`key_valid`, `status_active`, `not_expired`, `ip_allowed`,
+//! `quota_available`) are computed here, not in the hosts, so the gateway and
+//! nginx agree on every verdict. Keys are never logged in clear:
+//! [`key_fingerprint`] gives the short hash used in logs and the ledger.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::hooks::StandardChecks;
+
+/// One API key, as configured (`keys:` or `keys_file`) and as shown to the
+/// `auth` and `rate_limit` scripts (`key_info`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    /// The secret the client sends (`Authorization: Bearer <key>` or `x-api-key`).
+    pub key: String,
+    /// The user the key belongs to.
+    pub user_id: String,
+    /// A display name.
+    #[serde(default)]
+    pub name: String,
+    /// `active` or `disabled`.
+    #[serde(default)]
+    pub status: KeyStatus,
+    /// Token quota; 0 means unlimited.
+    #[serde(default)]
+    pub total_quota: u64,
+    /// Tokens used so far.
+    #[serde(default)]
+    pub used_quota: u64,
+    /// Client addresses allowed (CIDR, IPv4 or IPv6); empty means any.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    /// Expiry (RFC 3339); absent means never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// Whether a key may be used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// In use.
+    #[default]
+    Active,
+    /// Turned off by an operator.
+    Disabled,
+}
+
+/// An address range such as `192.168.1.0/24`, `10.0.0.1` or `2001:db8::/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parse `addr[/prefix]`.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not an IP address or CIDR range"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("'{s}': prefix must be 0..={max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside this range (IPv4-mapped IPv6 addresses match
+    /// IPv4 ranges).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
+    let full = usize::from(prefix / 8);
+    let rest = prefix % 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    (a[full] & mask) == (b[full] & mask)
+}
+
+impl KeyRecord {
+    /// Check the record's own fields (CIDRs, expiry format); `at` names it.
+    pub fn validate(&self, at: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.key.trim().is_empty() {
+            problems.push(format!("{at}.key: must not be empty"));
+        }
+        for (i, c) in self.allowed_ips.iter().enumerate() {
+            if let Err(e) = Cidr::parse(c) {
+                problems.push(format!("{at}.allowed_ips[{i}]: {e}"));
+            }
+        }
+        if let Some(exp) = &self.expires_at {
+            if DateTime::parse_from_rfc3339(exp).is_err() {
+                problems.push(format!("{at}.expires_at: '{exp}' is not an RFC 3339 time"));
+            }
+        }
+        problems
+    }
+
+    /// Whether `client_ip` may use this key (no `allowed_ips` = any).
+    /// An unparsable client address never matches a non-empty list.
+    pub fn ip_allowed(&self, client_ip: Option<&str>) -> bool {
+        if self.allowed_ips.is_empty() {
+            return true;
+        }
+        let Some(ip) = client_ip.and_then(|ip| ip.parse::<IpAddr>().ok()) else {
+            return false;
+        };
+        self.allowed_ips
+            .iter()
+            .filter_map(|c| Cidr::parse(c).ok())
+            .any(|c| c.contains(ip))
+    }
+
+    /// Whether the key has expired at `now` (an unparsable expiry counts as
+    /// expired: fail closed).
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        match &self.expires_at {
+            None => false,
+            Some(exp) => DateTime::parse_from_rfc3339(exp).map_or(true, |e| e <= now),
+        }
+    }
+
+    /// Whether quota is left (`total_quota` 0 = unlimited).
+    pub fn quota_available(&self) -> bool {
+        self.total_quota == 0 || self.used_quota < self.total_quota
+    }
+}
+
+/// The standard checks for a request that presented `key` (or none).
+pub fn standard_checks(key: Option<&KeyRecord>, client_ip: Option<&str>, now: DateTime<Utc>) -> StandardChecks {
+    match key {
+        None => StandardChecks {
+            key_valid: false,
+            status_active: false,
+            not_expired: false,
+            ip_allowed: false,
+            quota_available: false,
+        },
+        Some(k) => StandardChecks {
+            key_valid: true,
+            status_active: k.status == KeyStatus::Active,
+            not_expired: !k.expired(now),
+            ip_allowed: k.ip_allowed(client_ip),
+            quota_available: k.quota_available(),
+        },
+    }
+}
+
+/// Why the standard checks deny, with the HTTP status the hosts answer.
+/// `None` when every check passed.
+pub fn standard_denial(checks: &StandardChecks) -> Option<(u16, &'static str)> {
+    if !checks.key_valid {
+        Some((401, "invalid or missing API key"))
+    } else if !checks.status_active {
+        Some((403, "API key is disabled"))
+    } else if !checks.not_expired {
+        Some((403, "API key has expired"))
+    } else if !checks.ip_allowed {
+        Some((403, "client address is not allowed for this API key"))
+    } else if !checks.quota_available {
+        Some((429, "API key quota is exhausted"))
+    } else {
+        None
+    }
+}
+
+/// A short, stable fingerprint of a key for logs and the ledger
+/// (`sha256:` + the first 12 hex digits); the key itself is never logged.
+pub fn key_fingerprint(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::from("sha256:");
+    for b in &digest[..6] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> KeyRecord {
+        KeyRecord {
+            key: "sk-test".into(),
+            user_id: "u1".into(),
+            name: "test".into(),
+            status: KeyStatus::Active,
+            total_quota: 100,
+            used_quota: 10,
+            allowed_ips: vec!["192.168.1.0/24".into(), "2001:db8::/32".into(), "10.0.0.7".into()],
+            expires_at: Some("2026-12-31T23:59:59Z".into()),
+        }
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).map(|d| d.with_timezone(&Utc)).unwrap()
+    }
+
+    #[test]
+    fn cidr_matching_is_exact_at_the_prefix_boundary() {
+        let cases = [
+            ("192.168.1.0/24", "192.168.1.255", true),
+            ("192.168.1.0/24", "192.168.2.0", false),
+            ("192.168.1.0/23", "192.168.0.9", true),
+            ("10.0.0.7", "10.0.0.7", true),
+            ("10.0.0.7", "10.0.0.8", false),
+            ("0.0.0.0/0", "8.8.8.8", true),
+            ("2001:db8::/32", "2001:db8:ffff::1", true),
+            ("2001:db8::/32", "2001:db9::1", false),
+            ("192.168.1.0/24", "::ffff:192.168.1.3", true),
+            ("192.168.1.0/24", "2001:db8::1", false),
+            ("172.16.0.0/12", "172.31.255.255", true),
+            ("172.16.0.0/12", "172.32.0.0", false),
+        ];
+        for (cidr, ip, want) in cases {
+            let c = Cidr::parse(cidr).unwrap();
+            assert_eq!(c.contains(ip.parse().unwrap()), want, "{cidr} contains {ip}");
+        }
+        for bad in ["", "300.1.1.1", "10.0.0.0/33", "::/129", "abc/8", "10.0.0.0/x"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn standard_checks_follow_each_field() {
+        let now = at("2026-06-01T00:00:00Z");
+        let ip = Some("192.168.1.100");
+        let all = standard_checks(Some(&key()), ip, now);
+        assert!(all.all_passed(), "{all:?}");
+        assert_eq!(standard_denial(&all), None);
+
+        let none = standard_checks(None, ip, now);
+        assert_eq!(standard_denial(&none), Some((401, "invalid or missing API key")));
+
+        let mut disabled = key();
+        disabled.status = KeyStatus::Disabled;
+        assert_eq!(
+            standard_denial(&standard_checks(Some(&disabled), ip, now)).map(|d| d.0),
+            Some(403)
+        );
+
+        let expired = standard_checks(Some(&key()), ip, at("2027-01-01T00:00:00Z"));
+        assert!(!expired.not_expired);
+        assert_eq!(standard_denial(&expired), Some((403, "API key has expired")));
+
+        let wrong_ip = standard_checks(Some(&key()), Some("8.8.8.8"), now);
+        assert!(!wrong_ip.ip_allowed);
+        let no_ip = standard_checks(Some(&key()), None, now);
+        assert!(!no_ip.ip_allowed);
+
+        let mut spent = key();
+        spent.used_quota = 100;
+        let spent = standard_checks(Some(&spent), ip, now);
+        assert_eq!(standard_denial(&spent), Some((429, "API key quota is exhausted")));
+
+        let mut unlimited = key();
+        unlimited.total_quota = 0;
+        unlimited.used_quota = u64::MAX;
+        unlimited.allowed_ips.clear();
+        unlimited.expires_at = None;
+        assert!(standard_checks(Some(&unlimited), None, now).all_passed());
+    }
+
+    #[test]
+    fn validation_names_each_bad_field_and_fingerprints_hide_the_key() {
+        let mut k = key();
+        k.allowed_ips.push("10.0.0.0/99".into());
+        k.expires_at = Some("tomorrow".into());
+        let problems = k.validate("keys[0]");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("keys[0].allowed_ips[3]:"));
+        assert!(problems[1].starts_with("keys[0].expires_at:"));
+
+        let f = key_fingerprint("sk-secret-123");
+        assert_eq!(f.len(), "sha256:".len() + 12);
+        assert!(!f.contains("secret"));
+        assert_eq!(f, key_fingerprint("sk-secret-123"));
+        assert_ne!(f, key_fingerprint("sk-secret-124"));
+    }
+}
