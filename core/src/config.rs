@@ -7,6 +7,10 @@
 //! `routing.script`, `routing.request_transform`, `routing.response_transform`,
 //! `auth`, `rate_limit`, `usage_hook` and `error_handler`.
 //!
+//! Standalone gateways also read `gateway:` ([`GatewayConfig`]: balancer,
+//! body limit, models, retry, timeouts, health) and per-backend
+//! `timeouts`; other hosts ignore them.
+//!
 //! Every problem names its key path (`scripts.routing.timeout_ms: ...`);
 //! `script_file` paths are relative to the config file. Structural errors
 //! (unknown keys, wrong types) stop at the first one, as the YAML parser

@@ -1,17 +1,23 @@
-//! Command-line parsing and the offline subcommands (`check`, `hook`).
+//! Command-line parsing: `serve` (the gateway), `mock-backend`, and the
+//! offline subcommands `check` and `hook`.
 //!
-//! Exit codes: 0 success, 1 the script failed (`hook`), 2 usage, input or
-//! config errors.
+//! Exit codes: 0 success, 1 the script failed (`hook`) or the server could
+//! not start, 2 usage, input or config errors.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use llmproxy_core::config::ScriptLimits;
 use llmproxy_core::{Config, Engine, HookName};
 use serde_json::{json, Value};
+
+use crate::demo;
+use crate::gateway::{Gateway, GatewayOptions};
+use crate::listen::parse_listen;
+use crate::mock::{MockOptions, MockServer};
 
 /// LLMProxy: an LLM API gateway whose decisions are small Lua scripts.
 #[derive(Debug, Parser)]
@@ -23,6 +29,37 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway. Without --config: the built-in demo (three mock
+    /// backends, the seed's viplevel routing script) on :8000.
+    Serve {
+        /// The YAML config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address (`:8000`, `127.0.0.1:8000`); overrides `listen`.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run an OpenAI-compatible fake backend (tests, demo, benchmarks).
+    MockBackend {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Name reported in `x-mock-backend`.
+        #[arg(long, default_value = "mock")]
+        name: String,
+        /// Delay before the response (and before a stream's first event).
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Content chunks per completion (stream events).
+        #[arg(long, default_value_t = 8)]
+        chunks: usize,
+        /// Delay between stream events.
+        #[arg(long, default_value_t = 0)]
+        chunk_delay_ms: u64,
+        /// Fraction of requests answered with a 500 (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+    },
     /// Load a config and compile every script; exit 2 with every error found.
     Check {
         /// The YAML config file.
@@ -47,7 +84,7 @@ enum Command {
     },
 }
 
-/// Entry point of the binary.
+/// Entry point of the `llmproxy` binary.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -59,6 +96,18 @@ pub fn main() -> ExitCode {
     };
     init_logging();
     match cli.command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::MockBackend {
+            listen,
+            name,
+            latency_ms,
+            chunks,
+            chunk_delay_ms,
+            fail_rate,
+        } => mock_backend(
+            &listen,
+            llmproxy_mock_options(name, latency_ms, chunks, chunk_delay_ms, fail_rate),
+        ),
         Command::Check { config } => check(&config),
         Command::Hook {
             hook,
@@ -79,6 +128,146 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+fn llmproxy_mock_options(
+    name: String,
+    latency_ms: u64,
+    chunks: usize,
+    chunk_delay_ms: u64,
+    fail_rate: f64,
+) -> MockOptions {
+    MockOptions {
+        name,
+        latency_ms,
+        chunks,
+        chunk_delay_ms,
+        fail_rate,
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("llmproxy: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let (config, _mocks) = match &config {
+            Some(path) => match Config::from_file(path) {
+                Ok(c) => (c, Vec::new()),
+                Err(e) => {
+                    eprintln!("{}: {} problem(s)", path.display(), e.problems.len());
+                    for p in &e.problems {
+                        eprintln!("  {p}");
+                    }
+                    return ExitCode::from(2);
+                }
+            },
+            None => match demo::start().await {
+                Ok((c, mocks)) => {
+                    tracing::info!(
+                        target: "llmproxy::gateway",
+                        backends = ?mocks.iter().map(MockServer::url).collect::<Vec<_>>(),
+                        "no --config: serving the built-in demo (standard, high-performance, ultra)"
+                    );
+                    (c, mocks)
+                }
+                Err(e) => {
+                    eprintln!("llmproxy serve: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+        };
+        let text = listen
+            .or_else(|| config.listen.clone())
+            .unwrap_or_else(|| String::from(":8000"));
+        let addr = match parse_listen(&text) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("llmproxy serve: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let gateway = match Gateway::start(config, addr, GatewayOptions::default()).await {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("llmproxy serve: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(
+            target: "llmproxy::gateway",
+            addr = %gateway.local_addr(),
+            hook_threads = gateway.shared().hooks.threads(),
+            "listening"
+        );
+        shutdown_signal().await;
+        tracing::info!(target: "llmproxy::gateway", "shutting down");
+        gateway.shutdown(Duration::from_secs(10)).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn mock_backend(listen: &str, options: MockOptions) -> ExitCode {
+    if !(0.0..=1.0).contains(&options.fail_rate) {
+        eprintln!("llmproxy mock-backend: --fail-rate must be within 0..=1");
+        return ExitCode::from(2);
+    }
+    let addr = match parse_listen(listen) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("llmproxy mock-backend: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let mock = match MockServer::start(addr, options).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("llmproxy mock-backend: cannot listen on {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(target: "llmproxy::mock", addr = %mock.local_addr(), "listening");
+        shutdown_signal().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
@@ -117,21 +306,13 @@ fn usage_error(message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn run_hook(
-    hook: &str,
-    script: &std::path::Path,
-    input: Option<&str>,
-    timeout_ms: u64,
-    memory_mb: u64,
-) -> ExitCode {
+fn run_hook(hook: &str, script: &std::path::Path, input: Option<&str>, timeout_ms: u64, memory_mb: u64) -> ExitCode {
     let hook: HookName = match hook.parse() {
         Ok(h) => h,
         Err(e) => return usage_error(e),
     };
     if !(1..=60_000).contains(&timeout_ms) || !(1..=4096).contains(&memory_mb) {
-        return usage_error(String::from(
-            "--timeout-ms must be 1..=60000 and --memory-mb 1..=4096",
-        ));
+        return usage_error(String::from("--timeout-ms must be 1..=60000 and --memory-mb 1..=4096"));
     }
     let source = match std::fs::read_to_string(script) {
         Ok(s) => s,
@@ -164,11 +345,7 @@ fn run_hook(
         },
     ) {
         Ok(v) if v.is_object() => v,
-        Ok(_) => {
-            return usage_error(String::from(
-                "the input must be a JSON object of the hook's globals",
-            ))
-        }
+        Ok(_) => return usage_error(String::from("the input must be a JSON object of the hook's globals")),
         Err(e) => return usage_error(format!("input: {e}")),
     };
     let name = script.display().to_string();
@@ -187,10 +364,7 @@ fn run_hook(
     let elapsed_us = started.elapsed().as_micros() as u64;
     match result {
         Ok(value) => {
-            println!(
-                "{}",
-                json!({"ok": true, "result": value, "elapsed_us": elapsed_us})
-            );
+            println!("{}", json!({"ok": true, "result": value, "elapsed_us": elapsed_us}));
             ExitCode::SUCCESS
         }
         Err(e) if e.kind == llmproxy_core::ErrorKind::BadInput => {
@@ -205,10 +379,7 @@ fn run_hook(
             if let Some(line) = e.line {
                 err["line"] = json!(line);
             }
-            println!(
-                "{}",
-                json!({"ok": false, "error": err, "elapsed_us": elapsed_us})
-            );
+            println!("{}", json!({"ok": false, "error": err, "elapsed_us": elapsed_us}));
             ExitCode::from(1)
         }
     }

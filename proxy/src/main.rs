@@ -1,12 +1,13 @@
-//! `llmproxy`: the LLMProxy command line.
-//!
-//! - `llmproxy check CONFIG`: load and compile a config, report every error.
-//! - `llmproxy hook HOOK --script FILE`: run one hook once on a JSON input.
-
-mod cli;
+//! `llmproxy`: the LLMProxy command line (see [`llmproxy_server::cli`]).
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc malloc: the Lua VMs allocate on every hook
+/// call from several threads, and glibc's malloc/free were a quarter of the
+/// gateway's CPU with four hooks on (docs/adr/014-allocator.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
-    cli::main()
+    llmproxy_server::cli::main()
 }

@@ -12,9 +12,7 @@ fn bin() -> Command {
 }
 
 fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
 fn tmp(name: &str, contents: &str) -> PathBuf {
@@ -36,12 +34,7 @@ fn hook(args: &[&str], stdin: Option<&str>) -> (i32, Value) {
         .spawn()
         .expect("spawn llmproxy");
     if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     }
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
@@ -52,17 +45,8 @@ fn hook(args: &[&str], stdin: Option<&str>) -> (i32, Value) {
 
 #[test]
 fn check_accepts_the_example_config() {
-    let out = bin()
-        .arg("check")
-        .arg(repo("examples/llmproxy.yaml"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bin().arg("check").arg(repo("examples/llmproxy.yaml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("ok (3 backends; hooks: auth, rate_limit, routing"),
@@ -81,14 +65,10 @@ fn check_reports_every_problem_and_exits_2() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("3 problem(s)"), "{stderr}");
     assert!(
-        stderr
-            .contains("scripts.routing.script: scripts.routing:1: unexpected symbol near '<eof>'"),
+        stderr.contains("scripts.routing.script: scripts.routing:1: unexpected symbol near '<eof>'"),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("scripts.auth.script_file: cannot read"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("scripts.auth.script_file: cannot read"), "{stderr}");
     assert!(
         stderr.contains("scripts.usage: set either 'script' or 'script_file', not both"),
         "{stderr}"
@@ -165,12 +145,7 @@ fn hook_runs_scripts_and_classifies_failures() {
             assert!(out["elapsed_us"].is_u64(), "{out}");
         } else {
             assert_eq!(out["error"]["kind"], want["kind"], "{script}: {out}");
-            assert!(
-                out["error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| !m.is_empty()),
-                "{out}"
-            );
+            assert!(out["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{out}");
         }
         if let Some(line) = want.get("line") {
             assert_eq!(&out["error"]["line"], line, "{out}");
@@ -186,27 +161,14 @@ fn hook_reads_stdin_and_rejects_bad_usage_with_exit_2() {
         &["routing", "--script", routing, "--input", "-"],
         Some(r#"{"request":{"id":"r","body":{"viplevel":1}},"backends":{"high-performance":{}}}"#),
     );
-    assert_eq!(
-        (code, &out["result"]),
-        (0, &json!("high-performance")),
-        "{out}"
-    );
+    assert_eq!((code, &out["result"]), (0, &json!("high-performance")), "{out}");
 
     for (args, stdin) in [
         (vec!["nohook", "--script", routing], None),
         (vec!["routing", "--script", "/does/not/exist.lua"], None),
-        (
-            vec!["routing", "--script", routing, "--input", "-"],
-            Some("{not json"),
-        ),
-        (
-            vec!["routing", "--script", routing, "--input", "-"],
-            Some("[1, 2]"),
-        ),
-        (
-            vec!["routing", "--script", routing, "--timeout-ms", "0"],
-            None,
-        ),
+        (vec!["routing", "--script", routing, "--input", "-"], Some("{not json")),
+        (vec!["routing", "--script", routing, "--input", "-"], Some("[1, 2]")),
+        (vec!["routing", "--script", routing, "--timeout-ms", "0"], None),
     ] {
         let (code, _) = hook(&args, stdin);
         assert_eq!(code, 2, "{args:?} {stdin:?}");

@@ -1,0 +1,29 @@
+# The standalone gateway (proxy/): its extra test and benchmark targets.
+#
+#   make test-openai-client  the official `openai` Python client against
+#                            the gateway (project-local .venv)
+#   make bench-http          mock vs nginx proxy_pass vs llmproxy
+#                            -> docs/benchmarks.md (http-bench section)
+
+PROXY_TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+VENV := .venv
+OPENAI_REQUIREMENTS := proxy/tests/openai_client/requirements.txt
+
+TEST_TARGETS += test-openai-client
+
+.PHONY: test-openai-client bench-http
+
+# python3 -m venv needs Debian's python3-venv (ensurepip) on a Debian Python.
+$(VENV)/.installed: $(OPENAI_REQUIREMENTS)
+	@python3 -m venv $(VENV) 2>/dev/null || { scripts/apt-ensure python3-venv && python3 -m venv --clear $(VENV); }
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r $(OPENAI_REQUIREMENTS)
+	@touch $@
+
+test-openai-client: check-toolchain $(VENV)/.installed
+	$(CARGO) build -q -p llmproxy-server --bin llmproxy
+	LLMPROXY_BIN=$(PROXY_TARGET_DIR)/debug/llmproxy $(VENV)/bin/python proxy/tests/openai_client/test_openai_client.py
+
+bench-http: check-toolchain
+	@scripts/apt-ensure nginx curl
+	$(CARGO) build --release -p llmproxy-server --bin llmproxy --example loadgen
+	bench/http/run.sh $(PROXY_TARGET_DIR)/release docs/benchmarks.md

@@ -1,0 +1,106 @@
+//! Failures of a proxied request and the OpenAI-style error bodies the
+//! gateway writes itself (`{"error": {"message", "type", "code"}}`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::HeaderMap;
+use serde_json::json;
+
+use super::backend::Backend;
+
+/// The error types handed to `error_handler` (seed design, hook 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    /// The backend failed (connect error, 5xx, broken connection).
+    BackendError,
+    /// The backend was too slow.
+    Timeout,
+    /// Authentication failed (upstream 401/403; the auth stage later).
+    AuthError,
+    /// Rate limited (upstream 429; the rate limit stage later).
+    RateLimit,
+    /// The client's request is wrong (malformed JSON, too large, 4xx).
+    BadRequest,
+}
+
+impl ErrorType {
+    /// The name scripts see as `error.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::BackendError => "backend_error",
+            ErrorType::Timeout => "timeout",
+            ErrorType::AuthError => "auth_error",
+            ErrorType::RateLimit => "rate_limit",
+            ErrorType::BadRequest => "bad_request",
+        }
+    }
+
+    /// The type of an upstream error status.
+    pub fn of_upstream_status(status: u16) -> ErrorType {
+        match status {
+            401 | 403 => ErrorType::AuthError,
+            429 => ErrorType::RateLimit,
+            408 | 504 => ErrorType::Timeout,
+            400..=499 => ErrorType::BadRequest,
+            _ => ErrorType::BackendError,
+        }
+    }
+}
+
+/// A backend's own error response, passed through unless `error_handler`
+/// replaces it.
+#[derive(Debug, Clone)]
+pub struct UpstreamReply {
+    /// Status from the backend.
+    pub status: u16,
+    /// Headers from the backend (hop-by-hop headers removed).
+    pub headers: HeaderMap,
+    /// Body from the backend.
+    pub body: Bytes,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The type scripts see.
+    pub kind: ErrorType,
+    /// A stable machine-readable code (`invalid_json`, `body_too_large`,
+    /// `backend_unavailable`, ...).
+    pub code: &'static str,
+    /// What happened.
+    pub message: String,
+    /// The status the gateway answers with by default.
+    pub status: u16,
+    /// The backend involved, if any.
+    pub backend: Option<Arc<Backend>>,
+    /// Retries made before giving up.
+    pub retry_count: u32,
+    /// The backend's own error response, if it sent one.
+    pub upstream: Option<Box<UpstreamReply>>,
+}
+
+impl Failure {
+    /// A failure the gateway detected before or without a backend.
+    pub fn new(kind: ErrorType, status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            code,
+            message: message.into(),
+            status,
+            backend: None,
+            retry_count: 0,
+            upstream: None,
+        }
+    }
+
+    /// The default body of this failure.
+    pub fn default_body(&self) -> Bytes {
+        error_body(&self.message, self.kind.as_str(), self.code)
+    }
+}
+
+/// `{"error": {"message", "type", "code"}}` as bytes.
+pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
+    Bytes::from(json!({"error": {"message": message, "type": kind, "code": code}}).to_string())
+}

@@ -1,0 +1,796 @@
+//! One proxied request: read and parse the body once, then attempts
+//! (routing -> balancer -> request_transform -> upstream) with retries on
+//! another backend, then the response (response_transform, usage) or the
+//! failure (error_handler).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use llmproxy_core::convert;
+use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
+use llmproxy_core::HookName;
+use serde_json::Value;
+
+use super::backend::Backend;
+use super::body::GatewayBody;
+use super::errors::{error_body, ErrorType, Failure, UpstreamReply};
+use super::pipeline::{Denied, StageResult, Timings};
+use super::upstream::{self, UpstreamError};
+use super::{headers, relay, request_id, Shared};
+
+/// Which endpoint a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// Any other `/v1/*`: routed and relayed as is, no transforms.
+    Passthrough,
+    /// Not an endpoint of the gateway (404 through `error_handler`).
+    NotFound,
+}
+
+impl Endpoint {
+    /// JSON bodies, transforms and usage apply.
+    fn is_api(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+        )
+    }
+
+    /// Streams of this endpoint can carry a final usage chunk.
+    fn streams_usage(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+    }
+}
+
+/// Everything known about the request being proxied.
+pub(crate) struct Exchange {
+    pub shared: Arc<Shared>,
+    pub info: Arc<RequestInfo>,
+    pub endpoint: Endpoint,
+    pub method: Method,
+    pub path_and_query: String,
+    pub client_headers: HeaderMap,
+    pub body: Bytes,
+    pub started: Instant,
+    pub timings: Timings,
+    pub retries: u32,
+}
+
+/// One attempt's plan: the backend and what to send it.
+struct Plan {
+    backend: Arc<Backend>,
+    body: Bytes,
+    header_changes: Vec<(String, HeaderChange)>,
+    stream: bool,
+    strip_usage: bool,
+}
+
+enum Outcome {
+    Done(Response<GatewayBody>),
+    Retry(Failure),
+    Fail(Failure),
+}
+
+/// Proxy one request to a backend.
+pub async fn proxy(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    endpoint: Endpoint,
+) -> Response<GatewayBody> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let id = request_id::accept_or_generate(parts.headers.get(request_id::HEADER).map(HeaderValue::as_bytes));
+    let info = RequestInfo {
+        id,
+        // Scripts see the headers; without scripts nobody does.
+        headers: if shared.stages.any_enabled() {
+            headers::for_scripts(&parts.headers)
+        } else {
+            Vec::new()
+        },
+        api_key: headers::bearer(&parts.headers),
+        client_ip: Some(peer.ip().to_string()),
+        path: Some(parts.uri.path().to_owned()),
+        ..RequestInfo::default()
+    };
+    let mut ex = Exchange {
+        shared,
+        info: Arc::new(info),
+        endpoint,
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| String::from("/"), |p| p.as_str().to_owned()),
+        client_headers: parts.headers,
+        body: Bytes::new(),
+        started,
+        timings: Timings::default(),
+        retries: 0,
+    };
+    if endpoint == Endpoint::NotFound {
+        let f = Failure::new(
+            ErrorType::BadRequest,
+            404,
+            "not_found",
+            format!(
+                "{} {} is not an endpoint of this gateway",
+                ex.method,
+                ex.info.path.as_deref().unwrap_or("/")
+            ),
+        );
+        return ex.fail(f).await;
+    }
+    let max = ex.shared.config.max_body_bytes;
+    match read_body(body, &ex.client_headers, max).await {
+        Ok(b) => ex.body = b,
+        Err(f) => return ex.fail(f).await,
+    }
+    let parsed = if endpoint.is_api() {
+        match parse_api_body(&ex.body, ex.shared.stages.engine()) {
+            Ok(v) => v,
+            Err(f) => return ex.fail(f).await,
+        }
+    } else {
+        // Passthrough: scripts see the body when it happens to be JSON.
+        serde_json::from_slice(&ex.body).unwrap_or(Value::Null)
+    };
+    if let Some(info) = Arc::get_mut(&mut ex.info) {
+        info.body = Arc::new(parsed);
+    }
+    ex.run().await
+}
+
+async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Result<Bytes, Failure> {
+    let too_large = || {
+        Failure::new(
+            ErrorType::BadRequest,
+            413,
+            "body_too_large",
+            format!("the request body is larger than {max} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(Failure::new(
+            ErrorType::BadRequest,
+            400,
+            "body_unreadable",
+            format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+fn parse_api_body(body: &[u8], engine: &llmproxy_core::Engine) -> Result<Value, Failure> {
+    let limits = convert::Limits {
+        max_depth: engine.config().defaults.max_depth + 1,
+        max_bytes: usize::MAX,
+    };
+    match convert::parse_json(body, limits) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(Failure::new(
+            ErrorType::BadRequest,
+            400,
+            "invalid_body",
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(Failure::new(
+            ErrorType::BadRequest,
+            400,
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+impl Exchange {
+    async fn run(mut self) -> Response<GatewayBody> {
+        let max_retries = self.shared.config.retry.max_retries;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last: Option<Failure> = None;
+        for attempt in 0..=max_retries {
+            let plan = match self.plan(attempt == 0, &tried).await {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(denied) => return self.denied(denied),
+            };
+            tried.push(plan.backend.index);
+            if attempt > 0 {
+                self.retries += 1;
+                self.shared.metrics.retry();
+            }
+            match self.attempt(plan, attempt < max_retries).await {
+                Outcome::Done(resp) => return resp,
+                Outcome::Retry(f) => {
+                    tracing::info!(
+                        target: "llmproxy::gateway",
+                        request_id = %self.info.id,
+                        backend = f.backend.as_ref().map_or("-", |b| b.name.as_str()),
+                        "attempt failed, retrying: {}", f.message
+                    );
+                    last = Some(f);
+                }
+                Outcome::Fail(f) => return self.fail(f).await,
+            }
+        }
+        let mut f =
+            last.unwrap_or_else(|| Failure::new(ErrorType::BackendError, 503, "no_backend", "no backend is available"));
+        f.retry_count = self.retries;
+        self.fail(f).await
+    }
+
+    /// Routing (first attempt only), the balancer, and request_transform,
+    /// in one trip to a hook thread when a script is involved.
+    async fn plan(&mut self, use_routing: bool, tried: &[usize]) -> StageResult<Option<Plan>> {
+        let shared = Arc::clone(&self.shared);
+        let info = Arc::clone(&self.info);
+        let raw = self.body.clone();
+        let endpoint = self.endpoint;
+        let tried = tried.to_vec();
+        let scripted = (use_routing && shared.stages.enabled(HookName::Routing))
+            || (endpoint.is_api() && shared.stages.enabled(HookName::RequestTransform));
+        let job = move || {
+            let mut t = Timings::default();
+            let r = plan_sync(&shared, &info, raw, endpoint, use_routing, &tried, &mut t);
+            (r, t)
+        };
+        let (result, t) = if scripted {
+            match self.shared.hooks.run(job).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let denied = self.shared.stages.lost(HookName::Routing);
+                    return match denied {
+                        Some(d) => Err(d),
+                        None => Ok(None),
+                    };
+                }
+            }
+        } else {
+            job()
+        };
+        self.timings.merge(t);
+        result
+    }
+
+    async fn attempt(&mut self, plan: Plan, can_retry: bool) -> Outcome {
+        let b = Arc::clone(&plan.backend);
+        let req = match self.upstream_request(&plan) {
+            Ok(r) => r,
+            Err(msg) => {
+                return Outcome::Fail(self.failure_at(&b, ErrorType::BadRequest, 400, "bad_upstream_request", msg))
+            }
+        };
+        let inflight = b.health.begin();
+        let sent = Instant::now();
+        let resp = match upstream::send(&b, req).await {
+            Ok(r) => r,
+            Err(e) => return self.upstream_error(&b, e, can_retry),
+        };
+        let status = resp.status().as_u16();
+        let retry_cfg = &self.shared.config.retry;
+        if can_retry && retry_cfg.on_status.contains(&status) {
+            b.health.failure();
+            // Keep the backend's answer: it is what the client gets when no
+            // other backend is left to try.
+            let (parts, mut body) = resp.into_parts();
+            let max = self.shared.config.max_response_bytes;
+            let bytes = upstream::read_all(&mut body, b.timeouts.idle, max)
+                .await
+                .unwrap_or_default();
+            self.shared.metrics.upstream_latency(b.index, sent.elapsed());
+            let message = upstream_message(&bytes).unwrap_or_else(|| format!("the backend answered {status}"));
+            let mut f = self.failure_at(
+                &b,
+                ErrorType::of_upstream_status(status),
+                status,
+                "backend_status",
+                message,
+            );
+            f.upstream = Some(Box::new(UpstreamReply {
+                status,
+                headers: headers::downstream(&parts.headers),
+                body: bytes,
+            }));
+            return Outcome::Retry(f);
+        }
+        if plan.stream && resp.status().is_success() && headers::is_event_stream(resp.headers()) {
+            let ctx = relay::StreamStart {
+                backend: Arc::clone(&b),
+                sent,
+                strip_usage: plan.strip_usage,
+                transform: self.endpoint.is_api(),
+                inflight,
+            };
+            return match relay::start(self, ctx, resp).await {
+                Ok(r) => Outcome::Done(r),
+                Err(e) => self.upstream_error(&b, e, can_retry),
+            };
+        }
+        let (parts, mut body) = resp.into_parts();
+        let max = self.shared.config.max_response_bytes;
+        let bytes = match upstream::read_all(&mut body, b.timeouts.idle, max).await {
+            Ok(bytes) => bytes,
+            Err(e) => return self.upstream_error(&b, e, can_retry),
+        };
+        drop(inflight);
+        let latency = sent.elapsed();
+        self.shared.metrics.upstream_latency(b.index, latency);
+        if status >= 500 {
+            b.health.failure();
+        } else {
+            b.health.success(Some(latency));
+        }
+        if status >= 400 {
+            let message = upstream_message(&bytes).unwrap_or_else(|| format!("the backend answered {status}"));
+            let mut f = self.failure_at(
+                &b,
+                ErrorType::of_upstream_status(status),
+                status,
+                "backend_status",
+                message,
+            );
+            f.upstream = Some(Box::new(UpstreamReply {
+                status,
+                headers: headers::downstream(&parts.headers),
+                body: bytes,
+            }));
+            return Outcome::Fail(f);
+        }
+        Outcome::Done(self.respond(&b, parts, bytes, latency).await)
+    }
+
+    fn upstream_error(&self, b: &Backend, e: UpstreamError, can_retry: bool) -> Outcome {
+        b.health.failure();
+        let retry = &self.shared.config.retry;
+        let (kind, status, code, retryable) = match &e {
+            UpstreamError::Connect(_) => (
+                ErrorType::BackendError,
+                502,
+                "backend_unreachable",
+                retry.on_connect_error,
+            ),
+            UpstreamError::Timeout(_) => (ErrorType::Timeout, 504, "backend_timeout", retry.on_timeout),
+            UpstreamError::Io(_) => (ErrorType::BackendError, 502, "backend_failed", retry.on_connect_error),
+            UpstreamError::TooLarge => (ErrorType::BackendError, 502, "response_too_large", false),
+        };
+        let f = self.failure_at(b, kind, status, code, e.message());
+        if can_retry && retryable {
+            Outcome::Retry(f)
+        } else {
+            Outcome::Fail(f)
+        }
+    }
+
+    fn failure_at(&self, b: &Backend, kind: ErrorType, status: u16, code: &'static str, message: String) -> Failure {
+        let mut f = Failure::new(kind, status, code, message);
+        f.backend = self.shared.backends.get(b.index).cloned();
+        f.retry_count = self.retries;
+        f
+    }
+
+    fn upstream_request(&self, plan: &Plan) -> Result<Request<Full<Bytes>>, String> {
+        let b = &plan.backend;
+        let uri = b.uri(&self.path_and_query)?;
+        let mut h = headers::upstream(&self.client_headers, self.endpoint.is_api());
+        headers::apply(&mut h, &plan.header_changes, &self.info.id);
+        for (k, v) in &b.headers {
+            h.insert(k.clone(), v.clone());
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.info.id) {
+            h.insert(request_id::HEADER, v);
+        }
+        if !plan.body.is_empty() || self.method == Method::POST {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(plan.body.len()));
+        }
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(uri)
+            .body(Full::new(plan.body.clone()))
+            .map_err(|e| format!("cannot build the upstream request: {e}"))?;
+        *req.headers_mut() = h;
+        Ok(req)
+    }
+
+    /// A successful non-streamed response: response_transform, then the
+    /// usage stage (after the response is on its way).
+    async fn respond(
+        &mut self,
+        b: &Arc<Backend>,
+        parts: hyper::http::response::Parts,
+        bytes: Bytes,
+        latency: Duration,
+    ) -> Response<GatewayBody> {
+        let mut status = parts.status.as_u16();
+        let mut out_headers = headers::downstream(&parts.headers);
+        let mut out_body = bytes.clone();
+        let parsed: Option<Arc<Value>> = if self.endpoint.is_api() {
+            serde_json::from_slice::<Value>(&bytes).ok().map(Arc::new)
+        } else {
+            None
+        };
+        let latency_ms = latency.as_secs_f64() * 1e3;
+        // The usage stage runs after the response is on its way: on the
+        // hook thread right after response_transform when both run, else
+        // on its own.
+        let usage_job = parsed.as_ref().and_then(|json| {
+            let usage = json.get("usage").filter(|u| u.is_object())?.clone();
+            let response = ResponseInfo {
+                status_code: status,
+                body: Arc::clone(json),
+                headers: Vec::new(),
+                is_stream: false,
+            };
+            Some(usage_job(
+                &self.shared,
+                &self.info,
+                b,
+                usage,
+                response,
+                latency_ms,
+                false,
+            ))
+        });
+        let transform = self.shared.stages.enabled(HookName::ResponseTransform);
+        match parsed.as_ref().filter(|_| transform) {
+            Some(json) => {
+                let shared = Arc::clone(&self.shared);
+                let info = Arc::clone(&self.info);
+                let response = ResponseInfo {
+                    status_code: status,
+                    body: Arc::clone(json),
+                    headers: headers::for_scripts(&out_headers),
+                    is_stream: false,
+                };
+                let url = b.url.clone();
+                let job = move || {
+                    let mut t = Timings::default();
+                    let r = shared
+                        .stages
+                        .transform_response(&info, &response, &url, latency_ms, &mut t);
+                    (r, t)
+                };
+                let then = move || {
+                    if let Some(u) = usage_job {
+                        u();
+                    }
+                };
+                let result = match self.shared.hooks.run_then(job, then).await {
+                    Ok((r, t)) => {
+                        self.timings.merge(t);
+                        r
+                    }
+                    Err(_) => match self.shared.stages.lost(HookName::ResponseTransform) {
+                        Some(d) => Err(d),
+                        None => Ok(None),
+                    },
+                };
+                match result {
+                    Ok(Some(rw)) => {
+                        if let Some(s) = rw.status_code {
+                            status = s;
+                        }
+                        if let Some(body) = rw.body {
+                            out_body = Bytes::from(body.to_string());
+                        }
+                        headers::apply(&mut out_headers, &rw.headers, &self.info.id);
+                    }
+                    Ok(None) => {}
+                    Err(denied) => return self.denied(denied),
+                }
+            }
+            None => {
+                if let Some(u) = usage_job {
+                    run_usage(&self.shared, u);
+                }
+            }
+        }
+        let mut resp = Response::new(GatewayBody::full(out_body));
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        *resp.headers_mut() = out_headers;
+        self.finish(resp, Some(b), Some(latency))
+    }
+
+    /// Add the gateway's headers, log the request, count it.
+    pub(crate) fn finish(
+        &self,
+        mut resp: Response<GatewayBody>,
+        backend: Option<&Backend>,
+        upstream: Option<Duration>,
+    ) -> Response<GatewayBody> {
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&self.info.id) {
+            h.insert(request_id::HEADER, v);
+        }
+        if let Some(b) = backend {
+            if let Ok(v) = HeaderValue::from_str(&b.name) {
+                h.insert("x-llmproxy-backend", v);
+            }
+        }
+        let status = resp.status().as_u16();
+        let name = backend.map_or(super::metrics::NO_BACKEND, |b| b.name.as_str());
+        self.shared.metrics.request(backend.map(|b| b.index), status);
+        access_log(self, name, status, upstream, false);
+        resp
+    }
+
+    /// A request failed: error_handler decides the response; with nil, the
+    /// backend's own error response (if any) or the default error body.
+    pub(crate) async fn fail(&mut self, f: Failure) -> Response<GatewayBody> {
+        let decision = if self.shared.stages.enabled(HookName::ErrorHandler) {
+            let shared = Arc::clone(&self.shared);
+            let info = Arc::clone(&self.info);
+            let error = ErrorInfo {
+                kind: f.kind.as_str().to_owned(),
+                message: f.message.clone(),
+                status_code: f.status,
+                backend_url: f.backend.as_ref().map(|b| b.url.clone()),
+                retry_count: f.retry_count,
+            };
+            let job = move || {
+                let mut t = Timings::default();
+                let r = shared.stages.handle_error(&info, &error, &mut t);
+                (r, t)
+            };
+            match self.shared.hooks.run(job).await {
+                Ok((r, t)) => {
+                    self.timings.merge(t);
+                    r
+                }
+                Err(_) => match self.shared.stages.lost(HookName::ErrorHandler) {
+                    Some(d) => Err(d),
+                    None => Ok(ErrorResponse::Default),
+                },
+            }
+        } else {
+            Ok(ErrorResponse::Default)
+        };
+        let backend = f.backend.clone();
+        let resp = match decision {
+            Err(denied) => return self.denied(denied),
+            Ok(ErrorResponse::Default) => match f.upstream {
+                Some(up) => {
+                    let mut r = Response::new(GatewayBody::full(up.body));
+                    *r.status_mut() = StatusCode::from_u16(up.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                    *r.headers_mut() = up.headers;
+                    r
+                }
+                None => json_response(f.status, f.default_body()),
+            },
+            Ok(ErrorResponse::Custom {
+                status_code,
+                body,
+                headers: changes,
+            }) => {
+                let mut r = json_response(status_code, Bytes::from(body.to_string()));
+                headers::apply(r.headers_mut(), &changes, &self.info.id);
+                r
+            }
+        };
+        tracing::debug!(target: "llmproxy::gateway", request_id = %self.info.id, kind = f.kind.as_str(), "request failed: {}", f.message);
+        self.finish(resp, backend.as_deref(), None)
+    }
+
+    /// A hook failed under `on_error: deny`: 503, not shaped by scripts.
+    pub(crate) fn denied(&self, d: Denied) -> Response<GatewayBody> {
+        let body = error_body(
+            &format!(
+                "the request was refused: the {} hook failed ({})",
+                d.hook,
+                d.error.kind.as_str()
+            ),
+            "hook_error",
+            "hook_failed",
+        );
+        self.finish(json_response(503, body), None, None)
+    }
+}
+
+fn plan_sync(
+    shared: &Shared,
+    info: &RequestInfo,
+    raw: Bytes,
+    endpoint: Endpoint,
+    use_routing: bool,
+    tried: &[usize],
+    t: &mut Timings,
+) -> StageResult<Option<Plan>> {
+    let stages = &shared.stages;
+    let backends = &shared.backends;
+    let chosen = if use_routing && stages.enabled(HookName::Routing) {
+        let statuses: Vec<_> = backends.iter().map(|b| b.status()).collect();
+        stages.route(info, &statuses, t)?
+    } else {
+        None
+    };
+    let index = match chosen.and_then(|name| backends.iter().position(|b| b.name == name)) {
+        Some(i) => Some(i),
+        None => shared.balancer.pick(backends, tried),
+    };
+    let Some(index) = index else {
+        return Ok(None);
+    };
+    let backend = Arc::clone(&backends[index]);
+    let rewrite = if endpoint.is_api() && stages.enabled(HookName::RequestTransform) {
+        let mut req = info.clone();
+        req.backend_url = Some(backend.url.clone());
+        stages.transform_request(&req, t)?
+    } else {
+        None
+    };
+    let (new_body, header_changes) = match rewrite {
+        Some(rw) => (rw.body, rw.headers),
+        None => (None, Vec::new()),
+    };
+    let (body, stream, strip_usage) = upstream_body(endpoint, &info.body, raw, new_body);
+    Ok(Some(Plan {
+        backend,
+        body,
+        header_changes,
+        stream,
+        strip_usage,
+    }))
+}
+
+/// The body to send upstream: the client's bytes when nothing changed; the
+/// script's body when it gave one; and for streams whose client did not ask
+/// for `stream_options.include_usage`, the body with it set (the usage
+/// chunk is then removed before the client sees it).
+fn upstream_body(endpoint: Endpoint, original: &Value, raw: Bytes, new_body: Option<Value>) -> (Bytes, bool, bool) {
+    let effective = new_body.as_ref().unwrap_or(original);
+    let stream = effective.get("stream") == Some(&Value::Bool(true));
+    let wants_usage = effective.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+    if stream && endpoint.streams_usage() && !wants_usage {
+        let mut v = new_body.unwrap_or_else(|| original.clone());
+        if let Value::Object(obj) = &mut v {
+            let opts = obj
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if !opts.is_object() {
+                *opts = Value::Object(Default::default());
+            }
+            if let Value::Object(o) = opts {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
+        return (Bytes::from(v.to_string()), true, true);
+    }
+    match new_body {
+        Some(v) => (Bytes::from(v.to_string()), stream, false),
+        None => (raw, stream, false),
+    }
+}
+
+/// `error.message` of an OpenAI-style error body.
+fn upstream_message(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned)
+}
+
+/// A JSON response with the given status.
+pub(crate) fn json_response(status: u16, body: Bytes) -> Response<GatewayBody> {
+    let mut r = Response::new(GatewayBody::full(body));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Run the usage stage off the request path and hand the record to the sink.
+pub(crate) fn record_usage(
+    shared: &Arc<Shared>,
+    info: &Arc<RequestInfo>,
+    backend: &Arc<Backend>,
+    usage: Value,
+    response: ResponseInfo,
+    latency_ms: f64,
+    is_stream: bool,
+) {
+    let job = usage_job(shared, info, backend, usage, response, latency_ms, is_stream);
+    run_usage(shared, job);
+}
+
+/// Run a usage job: on a hook thread when a script runs, inline otherwise.
+fn run_usage(shared: &Shared, job: impl FnOnce() + Send + 'static) {
+    if shared.stages.enabled(HookName::Usage) {
+        if shared.hooks.spawn(job).is_err() {
+            shared.stages.lost(HookName::Usage);
+        }
+    } else {
+        job();
+    }
+}
+
+/// The usage stage as a job: the hook, metrics, and the sink.
+fn usage_job(
+    shared: &Arc<Shared>,
+    info: &Arc<RequestInfo>,
+    backend: &Arc<Backend>,
+    usage: Value,
+    response: ResponseInfo,
+    latency_ms: f64,
+    is_stream: bool,
+) -> impl FnOnce() + Send + 'static {
+    let shared = Arc::clone(shared);
+    let info = Arc::clone(info);
+    let backend = Arc::clone(backend);
+    move || {
+        let metadata = llmproxy_core::hooks::UsageMetadata {
+            backend_url: backend.url.clone(),
+            latency_ms,
+            is_stream,
+        };
+        let mut t = Timings::default();
+        let record = shared.stages.usage(&info, &usage, &response, &metadata, &mut t);
+        let record = match record {
+            llmproxy_core::hooks::UsageRecord::Raw => usage.clone(),
+            llmproxy_core::hooks::UsageRecord::Custom(m) => Value::Object(m),
+        };
+        let m = &shared.metrics;
+        for key in [
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "billable_tokens",
+            "cost",
+        ] {
+            let v = record
+                .get(key)
+                .or_else(|| (key == "billable_tokens").then(|| record.get("total_tokens")).flatten());
+            if let Some(v) = v.and_then(Value::as_f64) {
+                m.usage(&backend.name, key, v);
+            }
+        }
+        shared.usage_sink.record(super::UsageEntry {
+            request_id: info.id.clone(),
+            backend: backend.name.clone(),
+            backend_url: backend.url.clone(),
+            path: info.path.clone().unwrap_or_default(),
+            is_stream,
+            raw: usage,
+            record,
+        });
+    }
+}
+
+/// One JSON log line per request.
+pub(crate) fn access_log(ex: &Exchange, backend: &str, status: u16, upstream: Option<Duration>, stream: bool) {
+    let t = &ex.timings;
+    tracing::info!(
+        target: "llmproxy::access",
+        request_id = %ex.info.id,
+        method = %ex.method,
+        path = ex.info.path.as_deref().unwrap_or("/"),
+        backend,
+        status,
+        stream,
+        retries = ex.retries,
+        latency_ms = ex.started.elapsed().as_secs_f64() * 1e3,
+        upstream_ms = upstream.map(|d| d.as_secs_f64() * 1e3),
+        routing_us = t.get(HookName::Routing),
+        request_transform_us = t.get(HookName::RequestTransform),
+        response_transform_us = t.get(HookName::ResponseTransform),
+        error_handler_us = t.get(HookName::ErrorHandler),
+        "request"
+    );
+}

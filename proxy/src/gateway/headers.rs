@@ -1,0 +1,160 @@
+//! Header handling between client, gateway and backend.
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use llmproxy_core::hooks::HeaderChange;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers scripts may not set: the gateway computes them.
+const PROTECTED: [&str; 4] = ["content-length", "transfer-encoding", "connection", "host"];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Client headers to forward upstream: no hop-by-hop headers, no `Host`
+/// or `Content-Length` (recomputed), no `X-Request-ID` (set by the gateway)
+/// and, when the gateway must read the response, no `Accept-Encoding`.
+pub fn upstream(client: &HeaderMap, strip_accept_encoding: bool) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + 2);
+    for (name, value) in client {
+        if is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name.as_str() == super::request_id::HEADER
+            || (strip_accept_encoding && name == header::ACCEPT_ENCODING)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Backend headers to send to the client: no hop-by-hop headers and no
+/// `Content-Length` (recomputed for the body actually sent).
+pub fn downstream(backend: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(backend.len() + 2);
+    for (name, value) in backend {
+        if is_hop_by_hop(name) || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Apply a script's header changes. Protected headers and values the HTTP
+/// layer rejects are skipped with a warning.
+pub fn apply(map: &mut HeaderMap, changes: &[(String, HeaderChange)], request_id: &str) {
+    for (name, change) in changes {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if PROTECTED.contains(&name.as_str()) {
+            tracing::warn!(target: "llmproxy::gateway", request_id, header = %name, "a script may not set this header; ignored");
+            continue;
+        }
+        match change {
+            HeaderChange::Remove => {
+                map.remove(&name);
+            }
+            HeaderChange::Set(v) => match HeaderValue::from_str(v) {
+                Ok(v) => {
+                    map.insert(name, v);
+                }
+                Err(_) => {
+                    tracing::warn!(target: "llmproxy::gateway", request_id, header = %name, "header value rejected; ignored");
+                }
+            },
+        }
+    }
+}
+
+/// Headers as scripts see them: `Title-Case` names (`Content-Type`, as in
+/// the seed design's examples; HTTP/1 does not keep the client's case),
+/// values as text; repeated headers are joined with `, `.
+pub fn for_scripts(map: &HeaderMap) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let name = title_case(name.as_str());
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => {
+                v.push_str(", ");
+                v.push_str(&value);
+            }
+            None => out.push((name, value)),
+        }
+    }
+    out
+}
+
+/// `content-type` -> `Content-Type`.
+pub fn title_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = true;
+    for c in name.chars() {
+        if upper {
+            out.extend(c.to_uppercase());
+        } else {
+            out.push(c);
+        }
+        upper = c == '-';
+    }
+    out
+}
+
+/// The key of `Authorization: Bearer <key>`.
+pub fn bearer(map: &HeaderMap) -> Option<String> {
+    let v = map.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim().to_owned())
+}
+
+/// Whether the response is an event stream.
+pub fn is_event_stream(map: &HeaderMap) -> bool {
+    map.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn title_case_and_bearer() {
+        assert_eq!(title_case("content-type"), "Content-Type");
+        assert_eq!(title_case("x-request-id"), "X-Request-Id");
+        let mut m = HeaderMap::new();
+        m.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-1 "));
+        assert_eq!(bearer(&m).as_deref(), Some("sk-1"));
+    }
+
+    #[test]
+    fn protected_headers_are_not_set() {
+        let mut m = HeaderMap::new();
+        apply(
+            &mut m,
+            &[
+                ("Content-Length".into(), HeaderChange::Set("1".into())),
+                ("X-A".into(), HeaderChange::Set("b".into())),
+            ],
+            "r",
+        );
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["x-a"], "b");
+    }
+}

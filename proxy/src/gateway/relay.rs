@@ -1,0 +1,393 @@
+//! SSE streams: relayed event by event, never buffered whole.
+//!
+//! The response head goes to the client when the backend's first event has
+//! arrived (until then a failure can still be retried on another backend;
+//! after it, never). Each event runs `response_transform` with
+//! `response.is_stream = true` and the event's JSON as `response.body`;
+//! `[DONE]` and non-JSON events pass through untouched. The usage chunk is
+//! captured for the usage stage, and removed when only the gateway asked
+//! for it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Response, StatusCode};
+use llmproxy_core::hooks::{HeaderChange, RequestInfo, ResponseInfo};
+use llmproxy_core::HookName;
+use memchr::memmem;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::backend::Backend;
+use super::body::GatewayBody;
+use super::errors::error_body;
+use super::exchange::{record_usage, Exchange};
+use super::health::InFlight;
+use super::pipeline::{Denied, Timings};
+use super::sse::{self, SseParser};
+use super::upstream::{self, UpstreamError};
+use super::{headers, request_id, Shared};
+
+/// Frames buffered between the relay task and the client connection.
+const CHANNEL_FRAMES: usize = 16;
+
+/// What the attempt hands over to the relay.
+pub(crate) struct StreamStart {
+    pub backend: Arc<Backend>,
+    pub sent: Instant,
+    pub strip_usage: bool,
+    pub transform: bool,
+    pub inflight: InFlight,
+}
+
+/// Status and header changes asked for by the first event's transform.
+type HeadRewrite = (Option<u16>, Vec<(String, HeaderChange)>);
+
+/// Per-stream state used while processing events.
+struct Events {
+    shared: Arc<Shared>,
+    info: Arc<RequestInfo>,
+    backend_url: String,
+    status: u16,
+    script_headers: Vec<(String, String)>,
+    sent: Instant,
+    strip_usage: bool,
+    transform: bool,
+    usage: Option<Value>,
+    usage_body: Option<Arc<Value>>,
+    head: Option<HeadRewrite>,
+    denied: Option<Denied>,
+    timings: Timings,
+}
+
+impl Events {
+    /// Process a batch of complete events into the bytes to send.
+    fn process(&mut self, events: Vec<Bytes>) -> Bytes {
+        let mut out = BytesMut::new();
+        for ev in events {
+            if self.denied.is_some() {
+                break;
+            }
+            if let Some(b) = self.one(ev) {
+                out.extend_from_slice(&b);
+            }
+        }
+        out.freeze()
+    }
+
+    fn one(&mut self, ev: Bytes) -> Option<Bytes> {
+        let Some(data) = sse::data(&ev) else {
+            return Some(ev);
+        };
+        if data.as_ref() == b"[DONE]" {
+            return Some(ev);
+        }
+        let has_usage = memmem::find(&data, b"\"usage\"").is_some();
+        if !self.transform && !has_usage {
+            return Some(ev);
+        }
+        if !self.transform && self.strip_usage {
+            // The `"usage":null` the gateway's include_usage added to every
+            // chunk: removed without re-encoding when written compactly.
+            if let Some(at) = memmem::find(&data, b",\"usage\":null") {
+                let mut d = data.into_owned();
+                d.drain(at..at + 13);
+                return Some(sse::with_data(&ev, &d));
+            }
+        }
+        let Ok(mut value) = serde_json::from_slice::<Value>(&data) else {
+            return Some(ev);
+        };
+        let mut modified = false;
+        if self.strip_usage && value.get("usage").is_some_and(Value::is_null) {
+            if let Some(obj) = value.as_object_mut() {
+                obj.remove("usage");
+                modified = true;
+            }
+        }
+        let reencode = |ev: Bytes, value: &Value| {
+            if modified {
+                sse::with_data(&ev, value.to_string().as_bytes())
+            } else {
+                ev
+            }
+        };
+        if let Some(u) = value.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(u.clone());
+            let no_choices = value.get("choices").and_then(Value::as_array).is_none_or(Vec::is_empty);
+            if self.strip_usage && no_choices {
+                self.usage_body = Some(Arc::new(value));
+                return None;
+            }
+            self.usage_body = Some(Arc::new(value.clone()));
+        }
+        if !self.transform || !self.shared.stages.enabled(HookName::ResponseTransform) {
+            return Some(reencode(ev, &value));
+        }
+        let value = Arc::new(value);
+        let response = ResponseInfo {
+            status_code: self.status,
+            body: Arc::clone(&value),
+            headers: self.script_headers.clone(),
+            is_stream: true,
+        };
+        let latency_ms = self.sent.elapsed().as_secs_f64() * 1e3;
+        let result = self.shared.stages.transform_response(
+            &self.info,
+            &response,
+            &self.backend_url,
+            latency_ms,
+            &mut self.timings,
+        );
+        match result {
+            Ok(None) => {
+                self.head.get_or_insert((None, Vec::new()));
+                Some(reencode(ev, &value))
+            }
+            Ok(Some(rw)) => {
+                if self.head.is_none() {
+                    self.head = Some((rw.status_code, rw.headers));
+                }
+                match rw.body {
+                    Some(body) => Some(sse::with_data(&ev, body.to_string().as_bytes())),
+                    None => Some(reencode(ev, &value)),
+                }
+            }
+            Err(d) => {
+                let msg = format!("the stream was stopped: the {} hook failed", d.hook);
+                self.denied = Some(d);
+                Some(sse::data_event(&error_body(&msg, "hook_error", "hook_failed")))
+            }
+        }
+    }
+}
+
+/// Run `process` where it may: on a hook thread when a script runs, inline
+/// otherwise. `None` when the hook job was lost.
+async fn process(mut ev: Events, batch: Vec<Bytes>) -> Option<(Events, Bytes)> {
+    if ev.transform && ev.shared.stages.enabled(HookName::ResponseTransform) {
+        let shared = Arc::clone(&ev.shared);
+        match shared
+            .hooks
+            .run(move || {
+                let out = ev.process(batch);
+                (ev, out)
+            })
+            .await
+        {
+            Ok(r) => Some(r),
+            Err(_) => {
+                shared.stages.lost(HookName::ResponseTransform);
+                None
+            }
+        }
+    } else {
+        let out = ev.process(batch);
+        Some((ev, out))
+    }
+}
+
+/// Wait for the first event, send the head with it, and relay the rest
+/// from a task. An error before the first event is returned (retryable).
+pub(crate) async fn start(
+    ex: &mut Exchange,
+    start: StreamStart,
+    resp: Response<Incoming>,
+) -> Result<Response<GatewayBody>, UpstreamError> {
+    let b = Arc::clone(&start.backend);
+    let (parts, mut body) = resp.into_parts();
+    let deadline = start.sent + b.timeouts.first_byte;
+    let mut parser = SseParser::default();
+    let mut first = Vec::new();
+    let mut ended = false;
+    while first.is_empty() {
+        match upstream::next_chunk(&mut body, b.timeouts.idle, Some(deadline)).await? {
+            Some(chunk) => first = parser.push(&chunk),
+            None => {
+                ended = true;
+                first.extend(std::mem::take(&mut parser).finish());
+                break;
+            }
+        }
+    }
+    let ttfb = start.sent.elapsed();
+    ex.shared.metrics.upstream_latency(b.index, ttfb);
+    b.health.success(Some(ttfb));
+
+    let mut out_headers = headers::downstream(&parts.headers);
+    let events = Events {
+        shared: Arc::clone(&ex.shared),
+        info: Arc::clone(&ex.info),
+        backend_url: b.url.clone(),
+        status: parts.status.as_u16(),
+        script_headers: headers::for_scripts(&out_headers),
+        sent: start.sent,
+        strip_usage: start.strip_usage,
+        transform: start.transform,
+        usage: None,
+        usage_body: None,
+        head: None,
+        denied: None,
+        timings: Timings::default(),
+    };
+    let Some((mut events, first_bytes)) = process(events, first).await else {
+        return Err(UpstreamError::Io(String::from("the response_transform call was lost")));
+    };
+    let mut status = parts.status;
+    if let Some((code, changes)) = events.head.take() {
+        if let Some(s) = code.and_then(|c| StatusCode::from_u16(c).ok()) {
+            status = s;
+        }
+        headers::apply(&mut out_headers, &changes, &ex.info.id);
+    }
+    out_headers.insert(
+        "x-llmproxy-backend",
+        HeaderValue::from_str(&b.name).unwrap_or(HeaderValue::from_static("-")),
+    );
+    if let Ok(v) = HeaderValue::from_str(&ex.info.id) {
+        out_headers.insert(request_id::HEADER, v);
+    }
+
+    let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+    if !first_bytes.is_empty() {
+        let _ = tx.try_send(first_bytes);
+    }
+    let log = StreamLog {
+        shared: Arc::clone(&ex.shared),
+        info: Arc::clone(&ex.info),
+        method: ex.method.clone(),
+        started: ex.started,
+        retries: ex.retries,
+        timings: ex.timings,
+        status: status.as_u16(),
+    };
+    let stop_early = ended || events.denied.is_some();
+    ex.shared.metrics.streams(1);
+    tokio::spawn(relay(body, parser, events, tx, start, stop_early, log));
+    let mut resp = Response::new(GatewayBody::Channel(rx));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = out_headers;
+    Ok(resp)
+}
+
+/// What the relay needs to log and count the request at its end.
+struct StreamLog {
+    shared: Arc<Shared>,
+    info: Arc<RequestInfo>,
+    method: hyper::Method,
+    started: Instant,
+    retries: u32,
+    timings: Timings,
+    status: u16,
+}
+
+async fn relay(
+    mut body: Incoming,
+    mut parser: SseParser,
+    mut events: Events,
+    tx: mpsc::Sender<Bytes>,
+    start: StreamStart,
+    stop_early: bool,
+    log: StreamLog,
+) {
+    let b = Arc::clone(&start.backend);
+    let mut upstream_error: Option<UpstreamError> = None;
+    let mut client_gone = false;
+    if !stop_early {
+        loop {
+            let chunk = tokio::select! {
+                _ = tx.closed() => { client_gone = true; break; }
+                r = upstream::next_chunk(&mut body, b.timeouts.idle, None) => r,
+            };
+            let batch = match chunk {
+                Ok(Some(c)) => parser.push(&c),
+                Ok(None) => {
+                    let rest: Vec<Bytes> = std::mem::take(&mut parser).finish().into_iter().collect();
+                    if !rest.is_empty() {
+                        if let Some((ev, out)) = process(events, rest).await {
+                            events = ev;
+                            let _ = tx.send(out).await;
+                        } else {
+                            return finish_lost(&log, &b);
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    upstream_error = Some(e);
+                    break;
+                }
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let Some((ev, out)) = process(events, batch).await else {
+                return finish_lost(&log, &b);
+            };
+            events = ev;
+            if !out.is_empty() && tx.send(out).await.is_err() {
+                client_gone = true;
+                break;
+            }
+            if events.denied.is_some() {
+                break;
+            }
+        }
+    }
+    if let Some(e) = &upstream_error {
+        b.health.failure();
+        let body = error_body(&e.message(), "backend_error", "stream_interrupted");
+        let _ = tx.send(sse::data_event(&body)).await;
+    }
+    drop(tx);
+    drop(start.inflight);
+    let total = start.sent.elapsed();
+    log.shared.metrics.streams(-1);
+    log.shared.metrics.request(Some(b.index), log.status);
+    let mut timings = log.timings;
+    timings.merge(events.timings);
+    tracing::info!(
+        target: "llmproxy::access",
+        request_id = %log.info.id,
+        method = %log.method,
+        path = log.info.path.as_deref().unwrap_or("/"),
+        backend = %b.name,
+        status = log.status,
+        stream = true,
+        retries = log.retries,
+        latency_ms = log.started.elapsed().as_secs_f64() * 1e3,
+        upstream_ms = total.as_secs_f64() * 1e3,
+        client_gone,
+        upstream_error = upstream_error.as_ref().map(UpstreamError::message),
+        routing_us = timings.get(HookName::Routing),
+        request_transform_us = timings.get(HookName::RequestTransform),
+        response_transform_us = timings.get(HookName::ResponseTransform),
+        "request"
+    );
+    if let Some(usage) = events.usage.take() {
+        let response = ResponseInfo {
+            status_code: events.status,
+            body: events.usage_body.take().unwrap_or_default(),
+            headers: Vec::new(),
+            is_stream: true,
+        };
+        record_usage(
+            &log.shared,
+            &log.info,
+            &b,
+            usage,
+            response,
+            total.as_secs_f64() * 1e3,
+            true,
+        );
+    }
+}
+
+fn finish_lost(log: &StreamLog, b: &Backend) {
+    log.shared.metrics.streams(-1);
+    log.shared.metrics.request(Some(b.index), log.status);
+    tracing::warn!(target: "llmproxy::access", request_id = %log.info.id, "stream stopped: a hook call was lost");
+}

@@ -1,0 +1,251 @@
+//! Helpers shared by the gateway integration tests: real sockets on
+//! 127.0.0.1 with ephemeral ports, the real mock backend, a small client.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderMap;
+use hyper::{Method, Request};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use llmproxy_core::Config;
+use llmproxy_server::mock::{MockOptions, MockServer};
+use llmproxy_server::{Gateway, GatewayOptions, UsageEntry, UsageSink};
+use serde_json::Value;
+
+/// The loopback address with a free port.
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Start a mock backend.
+pub async fn mock(name: &str, tweak: impl FnOnce(&mut MockOptions)) -> MockServer {
+    let mut o = MockOptions {
+        name: name.to_owned(),
+        ..MockOptions::default()
+    };
+    tweak(&mut o);
+    MockServer::start(any_port(), o).await.expect("mock backend")
+}
+
+/// A URL nothing listens on (a port that was just free).
+pub fn refused_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    format!("http://{addr}")
+}
+
+/// Usage records collected in memory.
+#[derive(Default)]
+pub struct Collect(pub Mutex<Vec<UsageEntry>>);
+
+impl UsageSink for Collect {
+    fn record(&self, entry: UsageEntry) {
+        self.0.lock().unwrap().push(entry);
+    }
+}
+
+impl Collect {
+    /// Wait until a record for `request_id` shows up (usage runs after the
+    /// response is sent).
+    pub async fn wait_for(&self, request_id: &str) -> UsageEntry {
+        for _ in 0..200 {
+            if let Some(e) = self.0.lock().unwrap().iter().find(|e| e.request_id == request_id) {
+                return e.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no usage record for {request_id}");
+    }
+}
+
+/// A gateway under test.
+pub struct TestGateway {
+    pub gateway: Gateway,
+    pub usage: Arc<Collect>,
+    pub base: String,
+}
+
+impl TestGateway {
+    /// Start a gateway from YAML.
+    pub async fn start(yaml: &str) -> TestGateway {
+        let config = Config::from_yaml(yaml, Path::new(".")).expect("config");
+        let usage = Arc::new(Collect::default());
+        let options = GatewayOptions {
+            usage_sink: Some(Arc::clone(&usage) as Arc<dyn UsageSink>),
+        };
+        let gateway = Gateway::start(config, any_port(), options).await.expect("gateway");
+        let base = format!("http://{}", gateway.local_addr());
+        TestGateway { gateway, usage, base }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let r = get(&format!("{}/metrics", self.base)).await;
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+
+    /// The value of one metric sample (exact line prefix), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+}
+
+/// A backend list entry for YAML.
+pub fn backend(name: &str, url: &str) -> String {
+    format!("  - name: \"{name}\"\n    url: \"{url}\"\n")
+}
+
+/// Indent a Lua script for a YAML block scalar.
+pub fn script(source: &str) -> String {
+    source.lines().map(|l| format!("      {l}\n")).collect::<String>()
+}
+
+/// A conformance case's script, joined.
+pub fn conformance_script(file: &str) -> String {
+    let path = format!("{}/../conformance/cases/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let v: Value = serde_json::from_str(&text).unwrap();
+    match &v["script"] {
+        Value::Array(lines) => lines.iter().map(|l| l.as_str().unwrap()).collect::<Vec<_>>().join("\n"),
+        Value::String(s) => s.clone(),
+        other => panic!("{file}: script is {other}"),
+    }
+}
+
+/// A response, read whole.
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn backend(&self) -> Option<&str> {
+        self.header("x-llmproxy-backend")
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Send a request and read the whole response.
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client()
+        .request(b.body(Full::new(body)).unwrap())
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply { status, headers, body }
+}
+
+/// `GET url`.
+pub async fn get(url: &str) -> Reply {
+    send(Method::GET, url, &[], Bytes::new()).await
+}
+
+/// `POST url` with a JSON body.
+pub async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    send(Method::POST, url, &h, Bytes::from(body.to_string())).await
+}
+
+/// A streamed response: head plus each body chunk with its arrival time.
+pub struct Streamed {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub chunks: Vec<(Instant, Bytes)>,
+}
+
+impl Streamed {
+    /// The `data:` payloads of all events, in order.
+    pub fn data(&self) -> Vec<String> {
+        let all: Vec<u8> = self.chunks.iter().flat_map(|(_, c)| c.to_vec()).collect();
+        String::from_utf8(all)
+            .unwrap()
+            .split("\n\n")
+            .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ").map(str::to_owned)))
+            .collect()
+    }
+
+    /// The JSON events (everything but `[DONE]`).
+    pub fn events(&self) -> Vec<Value> {
+        self.data()
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// POST and read the body chunk by chunk.
+pub async fn post_stream(url: &str, body: &Value, headers: &[(&str, &str)]) -> Streamed {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client()
+        .request(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let mut body = resp.into_body();
+    let mut chunks = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("frame").into_data() {
+            chunks.push((Instant::now(), data));
+        }
+    }
+    Streamed {
+        status,
+        headers,
+        chunks,
+    }
+}
+
+/// A chat request body.
+pub fn chat(model: &str, extra: Value) -> Value {
+    let mut v = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "你好 there"}],
+    });
+    if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+        o.extend(e);
+    }
+    v
+}
