@@ -201,5 +201,94 @@ fn bench_memory_limit(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_parse, bench_routing, bench_memory_limit);
+/// The seed's transform and usage scripts on a small chat request, as the
+/// gateway runs them on every request.
+fn bench_pipeline_hooks(c: &mut Criterion) {
+    use llmproxy_core::hooks::{
+        RequestTransformInput, ResponseInfo, ResponseTransformInput, UsageInput, UsageMetadata,
+    };
+    let script = |name: &str| {
+        std::fs::read_to_string(format!("{}/../examples/scripts/{name}.lua", env!("CARGO_MANIFEST_DIR")))
+            .expect("script")
+    };
+    let yaml = format!(
+        "scripts:\n  request_transform:\n    script: |\n{}\n  response_transform:\n    script: |\n{}\n  usage:\n    script: |\n{}\n",
+        indent(&script("request_transform")),
+        indent(&script("response_transform")),
+        indent(&script("usage"))
+    );
+    let engine = Engine::new(Config::from_yaml(&yaml, std::path::Path::new(".")).expect("config")).expect("engine");
+    let body: Value = serde_json::from_str(
+        r#"{"model":"gpt-4","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello to the benchmark, please."}],"temperature":0.7,"viplevel":3}"#,
+    )
+    .expect("body");
+    let mut req = request(Arc::new(body));
+    req.backend_url = Some("http://127.0.0.1:9000".into());
+    let response = ResponseInfo {
+        status_code: 200,
+        body: Arc::new(
+            serde_json::from_str(r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"llama-3-70b-instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the mock backend, friend."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28}}"#)
+                .expect("response"),
+        ),
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        is_stream: false,
+    };
+    let usage = serde_json::json!({"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28});
+    let metadata = UsageMetadata {
+        backend_url: "http://127.0.0.1:9000".into(),
+        latency_ms: 1.0,
+        is_stream: false,
+    };
+    let mut g = c.benchmark_group("pipeline");
+    g.bench_function("request_transform", |b| {
+        b.iter(|| {
+            engine
+                .transform_request(&RequestTransformInput {
+                    request: black_box(&req),
+                })
+                .expect("ok")
+        })
+    });
+    g.bench_function("response_transform", |b| {
+        b.iter(|| {
+            engine
+                .transform_response(&ResponseTransformInput {
+                    request: &req,
+                    response: black_box(&response),
+                    backend_url: "http://127.0.0.1:9000",
+                    latency_ms: 1.0,
+                })
+                .expect("ok")
+        })
+    });
+    g.bench_function("usage", |b| {
+        b.iter(|| {
+            engine
+                .usage(&UsageInput {
+                    request: &req,
+                    usage: &usage,
+                    response: &response,
+                    metadata: &metadata,
+                })
+                .expect("ok")
+        })
+    });
+    g.finish();
+}
+
+fn indent(script: &str) -> String {
+    script
+        .lines()
+        .map(|l| format!("      {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+criterion_group!(
+    benches,
+    bench_parse,
+    bench_routing,
+    bench_memory_limit,
+    bench_pipeline_hooks
+);
 criterion_main!(benches);

@@ -106,7 +106,7 @@ impl Markers {
             let Some(field) = source.0.as_object().and_then(|o| o.get(&*name_str)) else {
                 return Ok(LuaValue::Nil);
             };
-            let value = json_to_lua(lua, field)?;
+            let value = outside_limit(lua, || json_to_lua(lua, field))?;
             cache.raw_set(name, &value)?;
             Ok(value)
         })?;
@@ -194,6 +194,27 @@ pub fn materialize(lua: &Lua, t: &Table) -> mlua::Result<()> {
     let Some(cache) = lazy_cache(t) else {
         return Ok(());
     };
+    outside_limit(lua, || materialize_from(lua, t, &cache))
+}
+
+/// Run a conversion of input data with the memory limit lifted, then put
+/// the limit back, raised by what the conversion allocated. While a limit is
+/// set mlua protects every API call, which made lazy conversion ~4x slower;
+/// lifting it is safe here because what is converted is bounded by the
+/// hook's input limits (each field converts once), not by the script. The
+/// script's own allowance is unchanged.
+fn outside_limit<R>(lua: &Lua, convert: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
+    let before = lua.used_memory();
+    let limit = lua.set_memory_limit(0)?;
+    let result = convert();
+    if limit != 0 {
+        let grown = lua.used_memory().saturating_sub(before);
+        lua.set_memory_limit(limit.saturating_add(grown))?;
+    }
+    result
+}
+
+fn materialize_from(lua: &Lua, t: &Table, cache: &Table) -> mlua::Result<()> {
     let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
     let source = source.borrow::<LazySource>()?;
     if let Some(obj) = source.0.as_object() {
