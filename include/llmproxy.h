@@ -3,7 +3,10 @@
  *
  * Run sandboxed Lua hook scripts from C: build an llmp_engine from a YAML
  * config, call llmp_engine_run with a hook name and the hook's globals as
- * JSON, get the script's result back as JSON. See docs/c-api.md.
+ * JSON, get the script's result back as JSON. A host that runs several hooks
+ * on one request parses it once (llmp_request_new), its other globals once
+ * per change (llmp_globals_new), and calls llmp_engine_run_prepared.
+ * See docs/c-api.md.
  *
  * Conventions: every fallible function returns an llmp_result (LLMP_OK is 0);
  * outputs go through out-parameters, written only on success; the optional
@@ -95,8 +98,9 @@ typedef uint32_t llmp_result;
  * pool of sandboxed LuaJIT states. Immutable once built.
  *
  * Create with `llmp_engine_new` or `llmp_engine_new_from_file`, free with
- * `llmp_engine_free`. Thread safety: `llmp_engine_run` may be called on
- * one engine from any number of threads at once.
+ * `llmp_engine_free`. Thread safety: `llmp_engine_run` and
+ * `llmp_engine_run_prepared` may be called on one engine from any number
+ * of threads at once.
  */
 typedef struct llmp_engine llmp_engine;
 
@@ -106,6 +110,28 @@ typedef struct llmp_engine llmp_engine;
  * `llmp_error_free`. Immutable: safe to read from any thread.
  */
 typedef struct llmp_error llmp_error;
+
+/**
+ * A hook's globals other than `request`, parsed once. Immutable once
+ * built.
+ *
+ * Create with `llmp_globals_new`, free with `llmp_globals_free`. Thread
+ * safety: one globals object may be passed to any number of
+ * `llmp_engine_run_prepared` calls at once, on any threads, and on any
+ * engine.
+ */
+typedef struct llmp_globals llmp_globals;
+
+/**
+ * A client request parsed once: id, headers, body, ... as the `request`
+ * global of every hook. Immutable once built.
+ *
+ * Create with `llmp_request_new`, free with `llmp_request_free`. Thread
+ * safety: one request may be passed to any number of
+ * `llmp_engine_run_prepared` calls at once, on any threads, and on any
+ * engine.
+ */
+typedef struct llmp_request llmp_request;
 
 #ifdef __cplusplus
 extern "C" {
@@ -198,6 +224,49 @@ llmp_result llmp_engine_run(const llmp_engine *engine,
                             llmp_error **err);
 
 /**
+ * Run one hook on a request and globals parsed once
+ * (`llmp_request_new`, `llmp_globals_new`), and return the script's result
+ * as JSON: what `llmp_engine_run` does with the same JSON as one input,
+ * without parsing it again.
+ *
+ * - `hook`: as for `llmp_engine_run`.
+ * - `request`: the `request` global, or NULL for a hook call without one.
+ * - `globals`: the hook's other globals (`backends` for routing, ...), or
+ *   NULL for none.
+ * - `out_json`, `out_len`: as for `llmp_engine_run`; free the string with
+ *   `llmp_string_free`.
+ *
+ * The request and the globals are checked against the hook's limits
+ * (`max_depth`, `max_input_bytes`; their text sizes count together) on
+ * every call. The result is validated against the hook's contract (a
+ * routing script must name a backend from the globals' `backends`, ...).
+ *
+ * Errors: as for `llmp_engine_run`: `LLMP_TIMEOUT`, `LLMP_MEMORY`,
+ * `LLMP_SCRIPT_ERROR`, `LLMP_BAD_OUTPUT` when the script fails;
+ * `LLMP_INVALID_ARGUMENT` for a NULL `engine`, `hook` or `out_json`, an
+ * unknown or disabled hook, or a request or globals past the hook's
+ * limits; `LLMP_INTERNAL` when no VM became free in time. On failure the
+ * out-parameters are left unchanged and, if `err` is not NULL, `*err`
+ * receives an error to free with `llmp_error_free`.
+ *
+ * Thread safety: any number of threads may run hooks at once on one
+ * engine with the same or different requests and globals: all three are
+ * only read. None of them may be freed while a call using it is running.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `hook` is NULL or NUL-terminated;
+ * `request` is NULL or a live request; `globals` is NULL or a live
+ * globals object; `out_json`, `out_len` and `err` are NULL or writable.
+ */
+llmp_result llmp_engine_run_prepared(const llmp_engine *engine,
+                                     const char *hook,
+                                     const llmp_request *request,
+                                     const llmp_globals *globals,
+                                     char **out_json,
+                                     size_t *out_len,
+                                     llmp_error **err);
+
+/**
  * Free an engine. `llmp_engine_free(NULL)` does nothing.
  *
  * Ownership: takes `engine`; it is invalid afterwards. Strings and errors
@@ -210,8 +279,8 @@ llmp_result llmp_engine_run(const llmp_engine *engine,
 void llmp_engine_free(llmp_engine *engine);
 
 /**
- * Free a string returned by `llmp_engine_run`. `llmp_string_free(NULL)`
- * does nothing.
+ * Free a string returned by `llmp_engine_run` or
+ * `llmp_engine_run_prepared`. `llmp_string_free(NULL)` does nothing.
  *
  * Ownership: takes `s`; it is invalid afterwards. Only strings returned by
  * this library may be passed, and `free()` must not be used on them (they
@@ -319,6 +388,102 @@ uint32_t llmp_error_line(const llmp_error *err);
  * `err` is NULL or an error from this library, freed once.
  */
 void llmp_error_free(llmp_error *err);
+
+/**
+ * Parse a hook's other globals once: build one when they change (the
+ * backend set, say), not on every call.
+ *
+ * `json` points to `len` bytes of UTF-8 (no terminating NUL needed): a
+ * JSON object of globals, e.g. `{"backends": {"ultra": {"url": ...}}}` for
+ * routing, `{"key_info": {...}}` for auth, `{"usage": {...}}` for usage.
+ * `response` (response_transform) is parsed into the response scripts
+ * see (`status_code`, `headers`, `body`, `is_stream`). `request` is not
+ * accepted here: it goes in an `llmp_request`.
+ *
+ * Limits: as for `llmp_request_new`, parsed within the largest limits a
+ * config may set and checked against the hook's limits on every call;
+ * the request's and the globals' text count together against
+ * `max_input_bytes`, as one input would.
+ *
+ * On success returns `LLMP_OK` and stores a new globals object in `*out`;
+ * the caller owns it and frees it with `llmp_globals_free` once its last
+ * call has returned. On failure returns `LLMP_INVALID_ARGUMENT` (NULL
+ * `json` or `out`, text that is not UTF-8, not valid JSON, not an object,
+ * an object with a `request` key, a `response` that is not an object or
+ * has a non-numeric `status_code`), leaves `*out` unchanged and, if `err`
+ * is not NULL, stores an error the caller frees with `llmp_error_free`.
+ *
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `json` is NULL or points to `len` readable bytes; `out` is NULL or
+ * writable; `err` is NULL or writable.
+ */
+llmp_result llmp_globals_new(const char *json, size_t len, llmp_globals **out, llmp_error **err);
+
+/**
+ * Free a globals object. `llmp_globals_free(NULL)` does nothing.
+ *
+ * Ownership: takes `globals`; it is invalid afterwards. Results and errors
+ * of calls that used it stay valid.
+ * Thread safety: no `llmp_engine_run_prepared` call using `globals` may be
+ * running, on any thread.
+ *
+ * # Safety
+ * `globals` is NULL or a live globals object, freed once.
+ */
+void llmp_globals_free(llmp_globals *globals);
+
+/**
+ * Parse a request once, for every hook that runs on it.
+ *
+ * `request_json` points to `len` bytes of UTF-8 (no terminating NUL
+ * needed): the JSON object a hook sees as `request`, e.g.
+ * `{"id": "r1", "headers": {...}, "body_raw": "{\"model\": ...}"}`. The
+ * body may be given parsed (`body`) or as JSON text (`body_raw`, what a
+ * host usually holds); either way it is parsed here, once. Other fields:
+ * `id`, `headers`, `user_id`, `api_key`, `client_ip`, `path`,
+ * `backend_url`; any further field is passed to scripts as is.
+ *
+ * Limits: no engine is involved yet, so the text is parsed within the
+ * largest limits a config may set (4 GiB, 1000 levels; JSON nested deeper
+ * than 128 levels is rejected by the parser on every path). Each
+ * `llmp_engine_run_prepared` call then checks the request against the
+ * hook's own `max_input_bytes` and `max_depth`, so a hook accepts a
+ * request exactly when it would accept the same JSON in
+ * `llmp_engine_run`'s input.
+ *
+ * On success returns `LLMP_OK` and stores a new request in `*out`; the
+ * caller owns it and frees it with `llmp_request_free` once its last call
+ * has returned. On failure returns `LLMP_INVALID_ARGUMENT` (NULL
+ * `request_json` or `out`, text that is not UTF-8, not valid JSON, not an
+ * object, a `body_raw` that is not valid JSON), leaves `*out` unchanged
+ * and, if `err` is not NULL, stores an error the caller frees with
+ * `llmp_error_free`.
+ *
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `request_json` is NULL or points to `len` readable bytes; `out` is NULL
+ * or writable; `err` is NULL or writable.
+ */
+llmp_result llmp_request_new(const char *request_json,
+                             size_t len,
+                             llmp_request **out,
+                             llmp_error **err);
+
+/**
+ * Free a request. `llmp_request_free(NULL)` does nothing.
+ *
+ * Ownership: takes `request`; it is invalid afterwards. Results and errors
+ * of calls that used it stay valid.
+ * Thread safety: no `llmp_engine_run_prepared` call using `request` may be
+ * running, on any thread.
+ *
+ * # Safety
+ * `request` is NULL or a live request, freed once.
+ */
+void llmp_request_free(llmp_request *request);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -9,6 +9,7 @@
 #   make lint-ffi            rustfmt + clippy -D warnings on ffi/
 #   make test-ffi            header check + C, Go and LuaJIT hosts (+ valgrind)
 #   make bench-ffi           per-call cost: Rust in-process, C ABI, Lua module
+#                            -> docs/benchmarks.md (ffi-bench section)
 #   make install             lib, header, llmproxy.pc, Lua module link
 #                            (PREFIX=/usr/local, DESTDIR= respected)
 #
@@ -159,7 +160,11 @@ install-ffi: ffi
 
 # ---- benchmarks ---------------------------------------------------------
 
-FFI_BENCH_N ?= 100000
+# Rounds of the three hosts, interleaved so each C and Lua figure has an
+# in-process figure from the same run; FFI_BENCH_DOC=- leaves docs alone.
+FFI_BENCH_N      ?= 100000
+FFI_BENCH_ROUNDS ?= 3
+FFI_BENCH_DOC    ?= docs/benchmarks.md
 
 bench-ffi: ffi $(FFI_PC)
 	@mkdir -p $(FFI_OUT)
@@ -167,9 +172,10 @@ bench-ffi: ffi $(FFI_PC)
 	  $(CC) -std=c11 -O2 -g -Wall -Wextra -Werror -Iinclude -o $(FFI_OUT)/bench_c bench/ffi/bench_c.c $$libs
 	$(FFI_CARGO) build --release $(FFI_MANIFEST) --example bench-inproc
 	@echo "bench-ffi on $$(nproc) cores, $(FFI_BENCH_N) calls each, routing script of case 001, ~10 KB body"
-	$(FFI_TARGET)/release/examples/bench-inproc . $(FFI_BENCH_N)
-	$(FFI_OUT)/bench_c . $(FFI_BENCH_N)
-	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/bench_lua.lua . $(FFI_BENCH_N)
+	python3 bench/ffi/report.py . $(FFI_BENCH_N) $(FFI_BENCH_ROUNDS) $(FFI_BENCH_DOC) \
+	  -- $(FFI_TARGET)/release/examples/bench-inproc . $(FFI_BENCH_N) \
+	  -- $(FFI_OUT)/bench_c . $(FFI_BENCH_N) \
+	  -- env LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/bench_lua.lua . $(FFI_BENCH_N)
 
 # ---- housekeeping -------------------------------------------------------
 

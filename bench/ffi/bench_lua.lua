@@ -3,11 +3,17 @@
 --   luajit bench/ffi/bench_lua.lua ROOT [N]
 --
 -- Engine: conformance case 001's routing script. Input: the request of
--- bench/ffi/routing-input-10k.json (a ~10 KB body) in three forms:
--- - `table`: the whole input as Lua tables (the body converted on every call);
+-- bench/ffi/routing-input-10k.json (a ~10 KB body) in five forms:
+-- - `run_prepared`: engine:run_prepared with the request (body as body_raw
+--   text) parsed once by llmproxy.request and the backends once by
+--   llmproxy.globals, outside the loop (the C ABI's prepared path);
+-- - `request_handle`: the request (body as body_raw text) parsed once by
+--   llmproxy.request outside the loop, passed as input.request; the backends
+--   as a Lua table, converted on every call;
 -- - `body_raw`: the body as JSON text in request.body_raw (what an nginx host
---   has: the raw request body), the rest as tables;
--- - `json_text`: the whole input as one JSON string.
+--   has: the raw request body), the rest as tables; parsed on every call;
+-- - `json_text`: the whole input as one JSON string;
+-- - `table`: the whole input as Lua tables (the body converted on every call).
 -- Times N calls (default 100000) one by one after N/10 warm-up calls and
 -- prints the median, p99 and mean in ns.
 
@@ -47,14 +53,15 @@ local with_raw = casejson.decode(input_text)
 with_raw.request.body = nil
 with_raw.request.body_raw = body_text
 
-local function bench(name, input)
-  local res, err = engine:run("routing", input)
+local function bench(name, input, run)
+  run = run or function(inp) return engine:run("routing", inp) end
+  local res, err = run(input)
   assert(res == "ultra", tostring(err))
-  for _ = 1, n / 10 do engine:run("routing", input) end
+  for _ = 1, n / 10 do run(input) end
   local ns, total = {}, 0
   for i = 1, n do
     local t0 = now_ns()
-    engine:run("routing", input)
+    run(input)
     local dt = now_ns() - t0
     ns[i] = dt
     total = total + dt
@@ -64,6 +71,12 @@ local function bench(name, input)
     name, n, ns[math.floor(n / 2) + 1], ns[math.floor((n - 1) * 0.99) + 1], total / n))
 end
 
+local request = assert(llmproxy.request(with_raw.request))
+local globals = assert(llmproxy.globals({ backends = with_raw.backends }))
+local with_handle = { request = request, backends = with_raw.backends }
+
+bench("run_prepared", nil, function() return engine:run_prepared("routing", request, globals) end)
+bench("request_handle", with_handle)
 bench("body_raw", with_raw)
 bench("json_text", input_text)
 bench("table", as_table)

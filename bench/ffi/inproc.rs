@@ -7,7 +7,11 @@
 //! Prints the median and p99 of 100k individually timed calls for:
 //! - `route(typed)`: `Engine::route` with the request (body parsed once,
 //!   shared in an `Arc`) and backends built once: what the Rust gateway
-//!   pays per hook call, and what `make bench-core` measures;
+//!   pays per hook call, and what `make bench-core` measures; the baseline
+//!   of the C ABI's prepared path;
+//! - `run_parts`: `Engine::run_parts` with the same prebuilt request and the
+//!   backends as a prebuilt JSON map: the core call under
+//!   `llmp_engine_run_prepared`, without the C boundary;
 //! - `run_json(value)`: the generic JSON entry point, input already parsed;
 //! - `parse`: `serde_json::from_slice` of the input text alone;
 //! - `parse+run_json`: parse the JSON text, then run (the work the C ABI
@@ -79,6 +83,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     bench("route(typed)", n, || {
         let out = engine.route(&typed);
         assert!(matches!(out, Ok(RouteDecision::Backend(ref b)) if b == "ultra"));
+    });
+    let globals = input
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| *k != "request")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    bench("run_parts", n, || {
+        let out = engine.run_parts(HookName::Routing, Some(&request), None, &globals);
+        assert!(matches!(out, Ok(ref v) if *v == expect));
     });
     bench("run_json(value)", n, || {
         let out = engine.run_json(HookName::Routing, &input);

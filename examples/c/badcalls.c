@@ -63,6 +63,60 @@ static void check_run(const char *call, const llmp_engine *engine, const char *h
     report(call, want, got, err, wrote);
 }
 
+/* Run a hook on prepared inputs and check the outcome. */
+static void check_prepared(const char *call, const llmp_engine *engine, const char *hook, const llmp_request *request,
+                           const llmp_globals *globals, llmp_result want) {
+    char *const sentinel = (char *)(uintptr_t)0x1;
+    char *out = sentinel;
+    size_t out_len = 12345;
+    llmp_error *err = NULL;
+    llmp_result got = llmp_engine_run_prepared(engine, hook, request, globals, &out, &out_len, &err);
+    int wrote = got != LLMP_OK && (out != sentinel || out_len != 12345 || err == NULL);
+    if (got == LLMP_OK) llmp_string_free(out);
+    report(call, want, got, err, wrote);
+}
+
+static void check_request_new(const char *call, const char *json, size_t len, llmp_result want) {
+    llmp_request *sentinel = (llmp_request *)(uintptr_t)0x1;
+    llmp_request *request = sentinel;
+    llmp_error *err = NULL;
+    llmp_result got = llmp_request_new(json, len, &request, &err);
+    int wrote = got != LLMP_OK && (request != sentinel || err == NULL);
+    if (got == LLMP_OK) llmp_request_free(request);
+    report(call, want, got, err, wrote);
+}
+
+static void check_globals_new(const char *call, const char *json, size_t len, llmp_result want) {
+    llmp_globals *sentinel = (llmp_globals *)(uintptr_t)0x1;
+    llmp_globals *globals = sentinel;
+    llmp_error *err = NULL;
+    llmp_result got = llmp_globals_new(json, len, &globals, &err);
+    int wrote = got != LLMP_OK && (globals != sentinel || err == NULL);
+    if (got == LLMP_OK) llmp_globals_free(globals);
+    report(call, want, got, err, wrote);
+}
+
+/* A request handle for the test (exits on failure: a setup error). */
+static llmp_request *request_of(const char *json) {
+    llmp_request *r = NULL;
+    llmp_error *err = NULL;
+    if (llmp_request_new(json, strlen(json), &r, &err) != LLMP_OK) {
+        fprintf(stderr, "setup: request %s: %s\n", json, llmp_error_message(err));
+        exit(1);
+    }
+    return r;
+}
+
+static llmp_globals *globals_of(const char *json) {
+    llmp_globals *g = NULL;
+    llmp_error *err = NULL;
+    if (llmp_globals_new(json, strlen(json), &g, &err) != LLMP_OK) {
+        fprintf(stderr, "setup: globals %s: %s\n", json, llmp_error_message(err));
+        exit(1);
+    }
+    return g;
+}
+
 static void check_new(const char *call, const char *yaml, size_t len, llmp_result want) {
     llmp_engine *sentinel = (llmp_engine *)(uintptr_t)0x1;
     llmp_engine *engine = sentinel;
@@ -157,6 +211,130 @@ int main(void) {
     check_input("run: script names a backend not in backends", engine, "nope", LLMP_BAD_OUTPUT);
     check_run("run: good input again (engine still healthy)", engine, "routing", GOOD_INPUT, good_len, LLMP_OK);
 
+    /* The prepared path: llmp_request_new, llmp_globals_new. */
+    {
+        static const char req[] = "{\"id\":\"r1\",\"body\":{\"viplevel\":3}}";
+        size_t req_len = strlen(req);
+        check_request_new("request_new(good request)", req, req_len, LLMP_OK);
+        check_request_new("request_new(body_raw)", "{\"body_raw\":\"{\\\"viplevel\\\":3}\"}", 31, LLMP_OK);
+        check_request_new("request_new(\"{}\") (no field is required)", "{}", 2, LLMP_OK);
+        check_request_new("request_new(json = NULL)", NULL, 0, LLMP_INVALID_ARGUMENT);
+        check_request_new("request_new(json = NULL, len 10)", NULL, 10, LLMP_INVALID_ARGUMENT);
+        {
+            llmp_error *e = NULL;
+            llmp_result got = llmp_request_new(req, req_len, NULL, &e);
+            report("request_new(out = NULL)", LLMP_INVALID_ARGUMENT, got, e, 0);
+        }
+        check_request_new("request_new(\"{not json\")", "{not json", 9, LLMP_INVALID_ARGUMENT);
+        check_request_new("request_new(truncated by len)", req, req_len - 3, LLMP_INVALID_ARGUMENT);
+        check_request_new("request_new(\"\", len 0)", "", 0, LLMP_INVALID_ARGUMENT);
+        check_request_new("request_new(\"[1]\") (not an object)", "[1]", 3, LLMP_INVALID_ARGUMENT);
+        check_request_new("request_new(body_raw = \"{oops\") (body not JSON)", "{\"body_raw\":\"{oops\"}", 20,
+                          LLMP_INVALID_ARGUMENT);
+        check_request_new("request_new(bytes FF FE in a string)", "{\"id\":\"\xff\xfe\"}", 11, LLMP_INVALID_ARGUMENT);
+        {
+            size_t depth = 100000;
+            char *deep = malloc(2 * depth);
+            memset(deep, '[', depth);
+            memset(deep + depth, ']', depth);
+            check_request_new("request_new(100000 nested arrays)", deep, 2 * depth, LLMP_INVALID_ARGUMENT);
+            free(deep);
+        }
+        {
+            llmp_result got = llmp_request_new(NULL, 0, NULL, NULL);
+            report("request_new(everything NULL, err = NULL)", LLMP_INVALID_ARGUMENT, got, NULL, 0);
+        }
+
+        static const char glob[] = "{\"backends\":{\"ultra\":{\"url\":\"http://u\"},\"standard\":{\"url\":\"http://s\"}}}";
+        size_t glob_len = strlen(glob);
+        check_globals_new("globals_new(good backends)", glob, glob_len, LLMP_OK);
+        check_globals_new("globals_new(\"{}\")", "{}", 2, LLMP_OK);
+        check_globals_new("globals_new(response object)", "{\"response\":{\"status_code\":200,\"body\":{}}}", 42,
+                          LLMP_OK);
+        check_globals_new("globals_new(json = NULL)", NULL, 0, LLMP_INVALID_ARGUMENT);
+        {
+            llmp_error *e = NULL;
+            llmp_result got = llmp_globals_new(glob, glob_len, NULL, &e);
+            report("globals_new(out = NULL)", LLMP_INVALID_ARGUMENT, got, e, 0);
+        }
+        check_globals_new("globals_new(\"{\\\"backends\\\": \")", "{\"backends\": ", 13, LLMP_INVALID_ARGUMENT);
+        check_globals_new("globals_new(\"[]\") (not an object)", "[]", 2, LLMP_INVALID_ARGUMENT);
+        check_globals_new("globals_new(\"null\")", "null", 4, LLMP_INVALID_ARGUMENT);
+        check_globals_new("globals_new(with a request key)", "{\"request\":{}}", 14, LLMP_INVALID_ARGUMENT);
+        check_globals_new("globals_new(response.status_code = \"x\")", "{\"response\":{\"status_code\":\"x\"}}", 32,
+                          LLMP_INVALID_ARGUMENT);
+        check_globals_new("globals_new(bytes FF in a key)", "{\"\xff\":1}", 7, LLMP_INVALID_ARGUMENT);
+
+        /* llmp_engine_run_prepared. */
+        llmp_request *r = request_of(req);
+        llmp_globals *g = globals_of(glob);
+        check_prepared("run_prepared(engine, \"routing\", request, globals)", engine, "routing", r, g, LLMP_OK);
+        check_prepared("run_prepared(NULL engine)", NULL, "routing", r, g, LLMP_INVALID_ARGUMENT);
+        check_prepared("run_prepared(hook = NULL)", engine, NULL, r, g, LLMP_INVALID_ARGUMENT);
+        check_prepared("run_prepared(hook = \"nope\") (unknown)", engine, "nope", r, g, LLMP_INVALID_ARGUMENT);
+        check_prepared("run_prepared(hook = \"auth\") (not enabled)", engine, "auth", r, g, LLMP_INVALID_ARGUMENT);
+        check_prepared("run_prepared(request = NULL): script indexes nil", engine, "routing", NULL, g,
+                       LLMP_SCRIPT_ERROR);
+        check_prepared("run_prepared(globals = NULL): no backends to name", engine, "routing", r, NULL,
+                       LLMP_BAD_OUTPUT);
+        check_prepared("run_prepared(NULL, NULL)", engine, "routing", NULL, NULL, LLMP_SCRIPT_ERROR);
+        {
+            llmp_error *e = NULL;
+            llmp_result got = llmp_engine_run_prepared(engine, "routing", r, g, NULL, NULL, &e);
+            report("run_prepared(out_json = NULL)", LLMP_INVALID_ARGUMENT, got, e, 0);
+        }
+        {
+            char *out = NULL;
+            llmp_error *e = NULL;
+            llmp_result got = llmp_engine_run_prepared(engine, "routing", r, g, &out, NULL, &e);
+            int bad = got != LLMP_OK || !out || strcmp(out, "\"ultra\"") != 0;
+            llmp_string_free(out);
+            report("run_prepared(out_len = NULL) is allowed", LLMP_OK, bad ? LLMP_PANIC : got, e, 0);
+        }
+        {
+            llmp_result got = llmp_engine_run_prepared(NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+            report("run_prepared(everything NULL, err = NULL)", LLMP_INVALID_ARGUMENT, got, NULL, 0);
+        }
+        {
+            llmp_request *boom = request_of("{\"id\":\"r2\",\"body\":{\"viplevel\":\"boom\"}}");
+            llmp_request *loop = request_of("{\"id\":\"r3\",\"body_raw\":\"{\\\"viplevel\\\":\\\"loop\\\"}\"}");
+            check_prepared("run_prepared: script calls error('boom')", engine, "routing", boom, g, LLMP_SCRIPT_ERROR);
+            check_prepared("run_prepared: script loops forever (timeout_ms 50)", engine, "routing", loop, g,
+                           LLMP_TIMEOUT);
+            check_prepared("run_prepared: good call again (handles still usable)", engine, "routing", r, g, LLMP_OK);
+            llmp_request_free(boom);
+            llmp_request_free(loop);
+        }
+        {
+            /* The hook's own limits apply to prepared inputs on every call. */
+            static const char small[] =
+                "scripts:\n  routing:\n    script: return 'ultra'\n    max_depth: 3\n    max_input_bytes: 1024\n";
+            llmp_engine *tight = NULL;
+            llmp_error *e = NULL;
+            if (llmp_engine_new(small, strlen(small), &tight, &e) != LLMP_OK) {
+                fprintf(stderr, "setup: %s\n", llmp_error_message(e));
+                return 1;
+            }
+            llmp_request *deep = request_of("{\"body\":{\"a\":{\"b\":{\"c\":1}}}}");
+            char big[1200];
+            int n = snprintf(big, sizeof big, "{\"body\":{\"pad\":\"%01100d\"}}", 0);
+            llmp_request *large = NULL;
+            if (llmp_request_new(big, (size_t)n, &large, &e) != LLMP_OK) return 1;
+            check_prepared("run_prepared: request within the hook's limits", tight, "routing", r, g, LLMP_OK);
+            check_prepared("run_prepared: request deeper than the hook's max_depth 3", tight, "routing", deep, g,
+                           LLMP_INVALID_ARGUMENT);
+            check_prepared("run_prepared: request over the hook's max_input_bytes 1024", tight, "routing", large, g,
+                           LLMP_INVALID_ARGUMENT);
+            check_prepared("run_prepared: the same deep request, default limits", engine, "routing", deep, g,
+                           LLMP_OK);
+            llmp_request_free(deep);
+            llmp_request_free(large);
+            llmp_engine_free(tight);
+        }
+        llmp_request_free(r);
+        llmp_globals_free(g);
+    }
+
     /* Building engines. */
     check_new("engine_new(yaml = NULL)", NULL, 0, LLMP_INVALID_ARGUMENT);
     {
@@ -190,7 +368,10 @@ int main(void) {
     llmp_engine_free(NULL);
     llmp_error_free(NULL);
     llmp_string_free(NULL);
-    report("engine_free(NULL); error_free(NULL); string_free(NULL)", LLMP_OK, LLMP_OK, NULL, 0);
+    llmp_request_free(NULL);
+    llmp_globals_free(NULL);
+    report("engine_free(NULL); error_free(NULL); string_free(NULL); request_free(NULL); globals_free(NULL)", LLMP_OK,
+           LLMP_OK, NULL, 0);
     report("version() = non-NULL", LLMP_OK, llmp_version() ? LLMP_OK : LLMP_PANIC, NULL, 0);
 
     /* Error details of a script failure. */

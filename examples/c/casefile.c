@@ -103,3 +103,28 @@ int json_same(json_t *a, json_t *b) {
         return json_equal(a, b);
     }
 }
+
+llmp_result case_prepare(json_t *input, llmp_request **request, llmp_globals **globals, llmp_error **err) {
+    llmp_result rc = LLMP_OK;
+    *request = NULL;
+    *globals = NULL;
+    json_t *req = json_object_get(input, "request");
+    json_t *rest = json_deep_copy(input);
+    json_object_del(rest, "request");
+    if (req) {
+        char *text = json_dumps(req, JSON_COMPACT | JSON_ENCODE_ANY);
+        rc = llmp_request_new(text, strlen(text), request, err);
+        free(text);
+    }
+    if (rc == LLMP_OK && json_object_size(rest) > 0) {
+        char *text = json_dumps(rest, JSON_COMPACT);
+        rc = llmp_globals_new(text, strlen(text), globals, err);
+        free(text);
+    }
+    if (rc != LLMP_OK) {
+        llmp_request_free(*request);
+        *request = NULL;
+    }
+    json_decref(rest);
+    return rc;
+}

@@ -12,6 +12,8 @@
 #include <jansson.h>
 #include <stddef.h>
 
+#include "llmproxy.h"
+
 /* Sorted list of "*.json" paths in dir; *count set. Free with free_paths. */
 char **list_cases(const char *dir, size_t *count);
 void free_paths(char **paths, size_t count);
@@ -21,6 +23,13 @@ void free_paths(char **paths, size_t count);
  * 100 ms) unless the case expects a timeout: under valgrind scripts run
  * ~20x slower. malloc'd; free() it. */
 char *case_config(json_t *c, int timeout_scale);
+
+/* Split a case's input as a host would and parse both parts once: its
+ * `request` through llmp_request_new, its other globals through
+ * llmp_globals_new. *request and *globals are left NULL when the input has
+ * no such part (and on failure); free them with llmp_request_free and
+ * llmp_globals_free. */
+llmp_result case_prepare(json_t *input, llmp_request **request, llmp_globals **globals, llmp_error **err);
 
 /* Deep equality: numbers compare by value (integer 3 == real 3.0), arrays and
  * objects must match in kind, length and keys. */

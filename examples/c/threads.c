@@ -5,8 +5,11 @@
  *
  * Builds one engine for the case's hook and script, then runs the case from
  * THREADS threads (default 16), CALLS_PER_THREAD times each (default 2000),
- * and checks every result against the case's expectation. Prints
- * "N passed, N failed" (one per call) and exits 1 on any mismatch.
+ * and checks every result against the case's expectation. Even-numbered
+ * threads call llmp_engine_run with the input as JSON text; odd-numbered
+ * ones call llmp_engine_run_prepared with one request and one globals
+ * object, built once and shared by all of them. Prints "N passed, N
+ * failed" (one per call) and exits 1 on any mismatch.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -22,8 +25,15 @@ struct shared {
     const llmp_engine *engine;
     const char *hook;
     const char *input;
+    const llmp_request *request;
+    const llmp_globals *globals;
     json_t *want;
     long calls;
+};
+
+struct job {
+    struct shared *shared;
+    int prepared;
 };
 
 struct outcome {
@@ -31,7 +41,8 @@ struct outcome {
 };
 
 static void *worker(void *arg) {
-    struct shared *s = arg;
+    struct job *job = arg;
+    struct shared *s = job->shared;
     struct outcome *o = calloc(1, sizeof *o);
     if (!o) return NULL;
     size_t input_len = strlen(s->input);
@@ -40,7 +51,10 @@ static void *worker(void *arg) {
         size_t out_len = 0;
         llmp_error *err = NULL;
         int ok = 0;
-        if (llmp_engine_run(s->engine, s->hook, s->input, input_len, &out, &out_len, &err) == LLMP_OK) {
+        llmp_result rc = job->prepared ? llmp_engine_run_prepared(s->engine, s->hook, s->request, s->globals, &out,
+                                                                  &out_len, &err)
+                                       : llmp_engine_run(s->engine, s->hook, s->input, input_len, &out, &out_len, &err);
+        if (rc == LLMP_OK) {
             json_t *got = json_loadb(out, out_len, JSON_DECODE_ANY, NULL);
             ok = got && json_same(s->want, got);
             json_decref(got);
@@ -82,9 +96,19 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    struct shared s = {engine, json_string_value(json_object_get(c, "hook")), input, want, calls};
+    llmp_request *request = NULL;
+    llmp_globals *globals = NULL;
+    if (case_prepare(json_object_get(c, "input"), &request, &globals, &err) != LLMP_OK) {
+        fprintf(stderr, "prepare: %s\n", llmp_error_message(err));
+        return 1;
+    }
+    struct shared s = {engine, json_string_value(json_object_get(c, "hook")), input, request, globals, want, calls};
     pthread_t *threads = calloc((size_t)nthreads, sizeof *threads);
-    for (int i = 0; i < nthreads; i++) pthread_create(&threads[i], NULL, worker, &s);
+    struct job *jobs = calloc((size_t)nthreads, sizeof *jobs);
+    for (int i = 0; i < nthreads; i++) {
+        jobs[i] = (struct job){&s, i % 2};
+        pthread_create(&threads[i], NULL, worker, &jobs[i]);
+    }
     long passed = 0, failed = 0;
     for (int i = 0; i < nthreads; i++) {
         struct outcome *o = NULL;
@@ -97,10 +121,15 @@ int main(int argc, char **argv) {
             failed += calls;
         }
     }
-    printf("%d threads x %ld calls on one engine\n", nthreads, calls);
+    printf("%d threads x %ld calls on one engine (%d with llmp_engine_run, %d with llmp_engine_run_prepared on"
+           " shared handles)\n",
+           nthreads, calls, (nthreads + 1) / 2, nthreads / 2);
     printf("%ld passed, %ld failed\n", passed, failed);
 
     free(threads);
+    free(jobs);
+    llmp_request_free(request);
+    llmp_globals_free(globals);
     llmp_engine_free(engine);
     free(input);
     free(config);

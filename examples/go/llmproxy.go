@@ -12,6 +12,14 @@
 //	defer engine.Close()
 //	backend, err := engine.Route(ctx, map[string]any{"request": req, "backends": backends})
 //
+// A host that runs several hooks on one request parses it once, and its
+// other globals once per change, with NewRequest and NewGlobals (both safe
+// for concurrent use), then calls RunPrepared or RoutePrepared:
+//
+//	r, err := llmproxy.NewRequest(map[string]any{"id": id, "body_raw": body})
+//	defer r.Close()
+//	backend, err := engine.RoutePrepared(ctx, r, globals)
+//
 // Build: the package links libllmproxy and LuaJIT through pkg-config
 // (`llmproxy.pc`, installed by `make install`; `make test-ffi` points
 // PKG_CONFIG_PATH at an in-tree one).
@@ -55,8 +63,9 @@ var hookNames = func() map[string]*C.char {
 	return m
 }()
 
-// ErrClosed is returned by calls on an Engine after Close.
-var ErrClosed = errors.New("llmproxy: engine is closed")
+// ErrClosed is returned by calls on an Engine, or with a Request or
+// Globals, after its Close.
+var ErrClosed = errors.New("llmproxy: engine, request or globals used after Close")
 
 // Version is the version of the linked libllmproxy.
 func Version() string {
@@ -144,10 +153,7 @@ func (e *Engine) Run(ctx context.Context, hook string, input any) (json.RawMessa
 		chook = C.CString(hook)
 		defer C.free(unsafe.Pointer(chook))
 	}
-	in := empty
-	if len(data) > 0 {
-		in = (*C.char)(unsafe.Pointer(&data[0]))
-	}
+	in := bytesPtr(data)
 
 	e.mu.RLock()
 	defer e.mu.RUnlock()
@@ -174,6 +180,11 @@ func (e *Engine) Route(ctx context.Context, input any) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return backendName(raw)
+}
+
+// backendName decodes a routing result: a name, or "" for null.
+func backendName(raw json.RawMessage) (string, error) {
 	var name *string
 	if err := json.Unmarshal(raw, &name); err != nil {
 		return "", &Error{Kind: KindBadOutput, Hook: HookRouting, Message: "routing result is not a string: " + string(raw)}

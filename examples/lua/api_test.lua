@@ -201,6 +201,113 @@ local tests = {
     assert(list[1].headers["X-Key"] == "k" and list[2].name == "b" and list[2].weight == 1, "b")
     assert(is_array(engine:backends()) and #engine:backends() == 0, "none")
   end },
+  { "llmproxy.request: a table, used as input.request by several hooks", function()
+    local req = assert(llmproxy.request({ id = "r1", body = { viplevel = 3 } }))
+    assert(engine:run("routing", { request = req, backends = BACKENDS }) == "ultra")
+    local res = assert(engine:run("request_transform", { request = req }))
+    assert(res.body.viplevel == 3)
+  end },
+  { "llmproxy.request: JSON text with body_raw (the body parsed once, here)", function()
+    local req = assert(llmproxy.request('{"id": "r2", "body_raw": "{\\"viplevel\\": 1}"}'))
+    assert(engine:run("routing", { request = req, backends = BACKENDS }) == "standard")
+  end },
+  { "llmproxy.request: a table with body_raw", function()
+    local req = assert(llmproxy.request({ id = "r3", body_raw = '{"viplevel": 5}' }))
+    assert(engine:run("routing", { request = req, backends = BACKENDS }) == "ultra")
+  end },
+  { "a request handle gives the same results as the table it came from", function()
+    for _, body in ipairs({ { viplevel = 0 }, { viplevel = 2 }, { viplevel = 7 }, {} }) do
+      local input = routing_input(body)
+      local want, werr = engine:run("routing", input)
+      local req = assert(llmproxy.request(input.request))
+      local got, gerr = engine:run("routing", { request = req, backends = BACKENDS })
+      assert(want == got and werr == nil and gerr == nil, tostring(want) .. " vs " .. tostring(got))
+    end
+  end },
+  { "a request handle is reusable and shared between engines", function()
+    local req = assert(llmproxy.request({ body = { viplevel = 3 } }))
+    local other = assert(llmproxy.new("scripts:\n  routing:\n    script: return 'standard'\n"))
+    for _ = 1, 100 do
+      assert(engine:run("routing", { request = req, backends = BACKENDS }) == "ultra")
+      assert(other:run("routing", { request = req, backends = BACKENDS }) == "standard")
+    end
+  end },
+  { "script errors and limits work the same with a request handle", function()
+    local boom = assert(llmproxy.request({ body = { viplevel = "boom" } }))
+    local err = expect_error("script_error", engine:run("routing", { request = boom, backends = BACKENDS }))
+    assert(err.hook == "routing" and err.line == 3, tostring(err))
+    local loop = assert(llmproxy.request({ body = { viplevel = "loop" } }))
+    expect_error("timeout", engine:run("routing", { request = loop, backends = BACKENDS }))
+    local ultra = assert(llmproxy.request({ body = { viplevel = 3 } }))
+    expect_error("bad_output", engine:run("routing", { request = ultra, backends = {} }))
+  end },
+  { "the hook's max_depth applies to a request handle", function()
+    local tight = assert(llmproxy.new("scripts:\n  routing:\n    script: return 'ultra'\n    max_depth: 3\n"))
+    local deep = assert(llmproxy.request({ body = { a = { b = { c = 1 } } } }))
+    expect_error("invalid_argument", tight:run("routing", { request = deep, backends = BACKENDS }))
+    assert(engine:run("routing", { request = deep, backends = BACKENDS }) == nil)
+  end },
+  { "llmproxy.request: wrong arguments are invalid_argument", function()
+    expect_error("invalid_argument", llmproxy.request(42))
+    expect_error("invalid_argument", llmproxy.request(nil))
+    expect_error("invalid_argument", llmproxy.request("{not json"))
+    expect_error("invalid_argument", llmproxy.request("[1, 2]"))
+    expect_error("invalid_argument", llmproxy.request({ body_raw = "{oops" }))
+    expect_error("invalid_argument", llmproxy.request({ body = { f = print } }))
+    local t = {}
+    t.self = t
+    expect_error("invalid_argument", llmproxy.request({ body = t }))
+  end },
+  { "with a request handle, the other globals are checked as before", function()
+    local req = assert(llmproxy.request({ body = { viplevel = 3 } }))
+    local err = expect_error("invalid_argument", engine:run("routing", { request = req, backends = { x = print } }))
+    assert(err.message:find("input.backends.x", 1, true), err.message)
+    expect_error("invalid_argument", engine:run("routing", { request = req, [1] = "x" }))
+  end },
+  { "llmproxy.globals + engine:run_prepared, from tables and from JSON text", function()
+    local req = assert(llmproxy.request({ body = { viplevel = 3 } }))
+    local g1 = assert(llmproxy.globals({ backends = BACKENDS }))
+    local g2 = assert(llmproxy.globals('{"backends": {"ultra": {"url": "http://u"}}}'))
+    local res, err = engine:run_prepared("routing", req, g1)
+    assert(res == "ultra" and err == nil, tostring(err))
+    assert(engine:run_prepared("routing", req, g2) == "ultra")
+    local low = assert(llmproxy.request({ body = { viplevel = 1 } }))
+    assert(engine:run_prepared("routing", low, g1) == "standard")
+    local echo_res = assert(engine:run_prepared("request_transform", req, nil))
+    assert(echo_res.body.viplevel == 3)
+  end },
+  { "run_prepared: nil request or globals, and failures", function()
+    local g = assert(llmproxy.globals({ backends = BACKENDS }))
+    local req = assert(llmproxy.request({ body = { viplevel = 3 } }))
+    expect_error("script_error", engine:run_prepared("routing", nil, g))
+    expect_error("bad_output", engine:run_prepared("routing", req, nil))
+    local boom = assert(llmproxy.request({ body = { viplevel = "boom" } }))
+    expect_error("script_error", engine:run_prepared("routing", boom, g))
+    expect_error("invalid_argument", engine:run_prepared("auth", req, g))
+    expect_error("invalid_argument", engine:run_prepared(42, req, g))
+    expect_error("invalid_argument", engine:run_prepared("routing", g, g))
+    expect_error("invalid_argument", engine:run_prepared("routing", req, req))
+    expect_error("invalid_argument", engine:run_prepared("routing", { body = {} }, g))
+    expect_error("invalid_argument", engine:run_prepared("routing", req, { backends = BACKENDS }))
+    assert(engine:run_prepared("routing", req, g) == "ultra")
+  end },
+  { "llmproxy.globals: wrong arguments are invalid_argument", function()
+    expect_error("invalid_argument", llmproxy.globals(42))
+    expect_error("invalid_argument", llmproxy.globals("[1]"))
+    expect_error("invalid_argument", llmproxy.globals("{oops"))
+    expect_error("invalid_argument", llmproxy.globals({ request = { id = "r" } }))
+    expect_error("invalid_argument", llmproxy.globals({ backends = { f = print } }))
+    expect_error("invalid_argument", llmproxy.globals({ response = { status_code = "x" } }))
+    assert(tostring(assert(llmproxy.globals({}))) == "llmproxy.globals")
+  end },
+  { "request handles are garbage-collected; tostring(request)", function()
+    for i = 1, 200 do
+      local req = assert(llmproxy.request({ id = tostring(i), body_raw = '{"viplevel": 3}' }))
+      assert(tostring(req) == "llmproxy.request")
+    end
+    collectgarbage()
+    collectgarbage()
+  end },
   { "tostring(engine)", function()
     assert(tostring(engine) == "llmproxy.engine")
   end },

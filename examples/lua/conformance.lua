@@ -7,7 +7,11 @@
 -- pattern). Each case's input table goes through the module's Lua -> JSON
 -- conversion, each result comes back through JSON -> Lua, and is compared
 -- strictly with the expectation (arrays stay arrays, null stays null).
--- Prints one line per case and "N passed, N failed"; exits 1 on a failure.
+-- Each case runs twice: `table` passes the input table as is; `request`
+-- first parses its `request` once with llmproxy.request and passes that
+-- handle as `input.request` (a failure there counts as the call's outcome).
+-- Prints one line per case and path, and "N passed, N failed" (counting
+-- both paths); exits 1 on a failure.
 
 local lib_dir = os.getenv("LLMP_LIB_DIR") or "ffi/target/release"
 package.cpath = lib_dir .. "/lib?.so;" .. package.cpath
@@ -29,12 +33,18 @@ local function config_for(c)
   return '{"scripts": {' .. casejson.quote(c.hook) .. ": {" .. table.concat(fields, ", ") .. "}}}"
 end
 
-local function run_case(path)
-  local ok, c = pcall(casejson.read_file, path)
-  if not ok then return false, "cannot read case: " .. tostring(c) end
-  local engine, err = llmproxy.new(config_for(c))
-  if not engine then return false, "engine: " .. tostring(err) end
-  local res, rerr = engine:run(c.hook, c.input)
+--- The case's input with its request parsed once by llmproxy.request.
+local function with_request_handle(input)
+  if type(input) ~= "table" or input.request == nil then return input end
+  local req, err = llmproxy.request(input.request)
+  if not req then return nil, err end
+  local copy = {}
+  for k, v in pairs(input) do copy[k] = v end
+  copy.request = req
+  return copy
+end
+
+local function check(c, res, rerr)
   local want = c.expect
   if want.error then
     if res ~= nil or not rerr then return false, "expected error " .. want.error .. ", got " .. casejson.show(res) end
@@ -55,17 +65,35 @@ local function run_case(path)
   return true
 end
 
-print(("llmproxy %s (%s): %d conformance cases"):format(llmproxy.version, jit.version, #arg))
+local PATHS = { "table", "request" }
+
+local function run_case(path, mode)
+  local ok, c = pcall(casejson.read_file, path)
+  if not ok then return false, "cannot read case: " .. tostring(c) end
+  local engine, err = llmproxy.new(config_for(c))
+  if not engine then return false, "engine: " .. tostring(err) end
+  local input = c.input
+  if mode == "request" then
+    local perr
+    input, perr = with_request_handle(c.input)
+    if not input then return check(c, nil, perr) end
+  end
+  return check(c, engine:run(c.hook, input))
+end
+
+print(("llmproxy %s (%s): %d conformance cases x 2 paths (table, request)"):format(llmproxy.version, jit.version, #arg))
 local passed, failed = 0, 0
 for _, path in ipairs(arg) do
-  local ok, why = run_case(path)
   local name = path:match("[^/]*$")
-  if ok then
-    passed = passed + 1
-    print("ok   " .. name)
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. ": " .. why)
+  for _, mode in ipairs(PATHS) do
+    local ok, why = run_case(path, mode)
+    if ok then
+      passed = passed + 1
+      print("ok   " .. name .. " [" .. mode .. "]")
+    else
+      failed = failed + 1
+      print("FAIL " .. name .. " [" .. mode .. "]: " .. why)
+    end
   end
 end
 print(("%d passed, %d failed"):format(passed, failed))

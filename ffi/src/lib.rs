@@ -19,9 +19,14 @@
 //! Table of contents:
 //!
 //! - [`capi`]: the `extern "C"` functions, by concept ([`capi::engine`],
-//!   [`capi::error`]), and the panic boundary ([`capi::boundary`]).
+//!   [`capi::request`], [`capi::globals`], [`capi::error`]), and the panic
+//!   boundary ([`capi::boundary`]).
+//! - [`input`]: the hook lookup, and the inputs a host parses once and
+//!   reuses (a request, a hook's other globals), shared by both APIs.
 //! - [`lua`]: the LuaJIT module and its Lua <-> JSON conversion.
 
 pub mod capi;
+/// cbindgen:ignore
+pub mod input;
 /// cbindgen:ignore
 pub mod lua;

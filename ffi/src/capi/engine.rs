@@ -10,17 +10,22 @@ use std::ptr;
 use std::sync::OnceLock;
 
 use llmproxy_core::convert::{self, Limits};
-use llmproxy_core::{Config, Engine, HookName};
+use llmproxy_core::{Config, Engine};
+use serde_json::Value;
 
 use super::boundary::{self, byte_slice, cstr_bytes, non_null, utf8_cstr};
 use super::error::{llmp_error, llmp_result, Failure};
+use super::globals::llmp_globals;
+use super::request::llmp_request;
+use crate::input;
 
 /// A compiled configuration: every enabled hook's script, its limits and a
 /// pool of sandboxed LuaJIT states. Immutable once built.
 ///
 /// Create with `llmp_engine_new` or `llmp_engine_new_from_file`, free with
-/// `llmp_engine_free`. Thread safety: `llmp_engine_run` may be called on
-/// one engine from any number of threads at once.
+/// `llmp_engine_free`. Thread safety: `llmp_engine_run` and
+/// `llmp_engine_run_prepared` may be called on one engine from any number
+/// of threads at once.
 pub struct llmp_engine {
     engine: Engine,
 }
@@ -163,41 +168,109 @@ pub unsafe extern "C" fn llmp_engine_run(
         let hook = unsafe { utf8_cstr(hook, "hook") }?;
         // SAFETY: `input_json` is NULL or `input_len` readable bytes.
         let input = unsafe { byte_slice(input_json, input_len, "input_json") }?;
-        let json = run(&engine.engine, hook, input)?;
-        let len = json.as_bytes().len();
-        // SAFETY: `out_json` is not NULL and writable (checked, contract).
-        unsafe { out_json.write(json.into_raw()) };
-        if !out_len.is_null() {
-            // SAFETY: `out_len` is not NULL and writable (the contract).
-            unsafe { out_len.write(len) };
-        }
-        Ok(())
+        let result = run(&engine.engine, hook, input)?;
+        // SAFETY: `out_json` is not NULL; both are writable (the contract).
+        unsafe { write_result(&result, out_json, out_len) }
     };
     // SAFETY: `err` is NULL or writable (this function's contract).
     unsafe { boundary::call(err, body) }
 }
 
-/// Parse the input, run the hook, encode the result.
-fn run(engine: &Engine, hook: &str, input: &[u8]) -> Result<CString, Failure> {
-    let hook: HookName = hook
-        .parse()
-        .map_err(|e: String| Failure::invalid(format!("hook: {e}")))?;
-    let Some(cfg) = engine.config().hook(hook) else {
-        return Err(Failure::invalid(format!(
-            "hook: the {hook} hook is not enabled in this engine"
-        )));
-    };
+/// Parse the input, run the hook.
+fn run(engine: &Engine, hook: &str, input: &[u8]) -> Result<Value, Failure> {
+    let (hook, cfg) = input::enabled(engine, hook)?;
     // The globals object itself is one level above the hook's depth limit.
     let limits = Limits {
         max_depth: cfg.limits.max_depth.saturating_add(1),
         max_bytes: cfg.limits.max_input_bytes,
     };
     let value = convert::parse_json(input, limits).map_err(|e| Failure::invalid(format!("input_json: {e}")))?;
-    let result = engine.run_json(hook, &value)?;
-    let text = serde_json::to_vec(&result)
+    Ok(engine.run_json(hook, &value)?)
+}
+
+/// Run one hook on a request and globals parsed once
+/// (`llmp_request_new`, `llmp_globals_new`), and return the script's result
+/// as JSON: what `llmp_engine_run` does with the same JSON as one input,
+/// without parsing it again.
+///
+/// - `hook`: as for `llmp_engine_run`.
+/// - `request`: the `request` global, or NULL for a hook call without one.
+/// - `globals`: the hook's other globals (`backends` for routing, ...), or
+///   NULL for none.
+/// - `out_json`, `out_len`: as for `llmp_engine_run`; free the string with
+///   `llmp_string_free`.
+///
+/// The request and the globals are checked against the hook's limits
+/// (`max_depth`, `max_input_bytes`; their text sizes count together) on
+/// every call. The result is validated against the hook's contract (a
+/// routing script must name a backend from the globals' `backends`, ...).
+///
+/// Errors: as for `llmp_engine_run`: `LLMP_TIMEOUT`, `LLMP_MEMORY`,
+/// `LLMP_SCRIPT_ERROR`, `LLMP_BAD_OUTPUT` when the script fails;
+/// `LLMP_INVALID_ARGUMENT` for a NULL `engine`, `hook` or `out_json`, an
+/// unknown or disabled hook, or a request or globals past the hook's
+/// limits; `LLMP_INTERNAL` when no VM became free in time. On failure the
+/// out-parameters are left unchanged and, if `err` is not NULL, `*err`
+/// receives an error to free with `llmp_error_free`.
+///
+/// Thread safety: any number of threads may run hooks at once on one
+/// engine with the same or different requests and globals: all three are
+/// only read. None of them may be freed while a call using it is running.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `hook` is NULL or NUL-terminated;
+/// `request` is NULL or a live request; `globals` is NULL or a live
+/// globals object; `out_json`, `out_len` and `err` are NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn llmp_engine_run_prepared(
+    engine: *const llmp_engine,
+    hook: *const c_char,
+    request: *const llmp_request,
+    globals: *const llmp_globals,
+    out_json: *mut *mut c_char,
+    out_len: *mut usize,
+    err: *mut *mut llmp_error,
+) -> llmp_result {
+    let body = || {
+        // SAFETY: `engine` is NULL or a live engine (the contract).
+        let engine = unsafe { engine.as_ref() }.ok_or_else(|| Failure::invalid("engine is NULL"))?;
+        non_null(out_json, "out_json")?;
+        // SAFETY: `hook` is NULL or NUL-terminated (the contract).
+        let hook = unsafe { utf8_cstr(hook, "hook") }?;
+        // SAFETY: `request` and `globals` are NULL or live (the contract).
+        let (request, globals) = unsafe { (request.as_ref(), globals.as_ref()) };
+        let result = input::run(
+            &engine.engine,
+            hook,
+            request.map(llmp_request::request),
+            globals.map(llmp_globals::globals),
+        )?;
+        // SAFETY: `out_json` is not NULL; both are writable (the contract).
+        unsafe { write_result(&result, out_json, out_len) }
+    };
+    // SAFETY: `err` is NULL or writable (this function's contract).
+    unsafe { boundary::call(err, body) }
+}
+
+/// Encode a result as a NUL-terminated JSON string owned by the caller
+/// (`llmp_string_free`) and hand it out.
+///
+/// # Safety
+/// `out_json` is not NULL and writable; `out_len` is NULL or writable.
+unsafe fn write_result(result: &Value, out_json: *mut *mut c_char, out_len: *mut usize) -> Result<(), Failure> {
+    let text = serde_json::to_vec(result)
         .map_err(|e| Failure::new(llmp_result::LLMP_INTERNAL, format!("cannot encode the result: {e}")))?;
     // JSON text never holds a raw NUL (serde_json escapes it as \u0000).
-    CString::new(text).map_err(|_| Failure::new(llmp_result::LLMP_INTERNAL, "result JSON holds a NUL byte"))
+    let json =
+        CString::new(text).map_err(|_| Failure::new(llmp_result::LLMP_INTERNAL, "result JSON holds a NUL byte"))?;
+    let len = json.as_bytes().len();
+    // SAFETY: `out_json` is not NULL and writable (this function's contract).
+    unsafe { out_json.write(json.into_raw()) };
+    if !out_len.is_null() {
+        // SAFETY: `out_len` is not NULL and writable (the contract).
+        unsafe { out_len.write(len) };
+    }
+    Ok(())
 }
 
 /// Free an engine. `llmp_engine_free(NULL)` does nothing.
@@ -219,8 +292,8 @@ pub unsafe extern "C" fn llmp_engine_free(engine: *mut llmp_engine) {
     })
 }
 
-/// Free a string returned by `llmp_engine_run`. `llmp_string_free(NULL)`
-/// does nothing.
+/// Free a string returned by `llmp_engine_run` or
+/// `llmp_engine_run_prepared`. `llmp_string_free(NULL)` does nothing.
 ///
 /// Ownership: takes `s`; it is invalid afterwards. Only strings returned by
 /// this library may be passed, and `free()` must not be used on them (they
@@ -234,7 +307,7 @@ pub unsafe extern "C" fn llmp_string_free(s: *mut c_char) {
     boundary::call_or((), || {
         if !s.is_null() {
             // SAFETY: a non-NULL `s` came from `CString::into_raw` in
-            // `llmp_engine_run` and is freed once (the contract).
+            // `write_result` and is freed once (the contract).
             drop(unsafe { CString::from_raw(s) });
         }
     })

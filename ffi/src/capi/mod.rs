@@ -16,6 +16,10 @@
 pub mod boundary;
 pub mod engine;
 pub mod error;
+pub mod globals;
+pub mod request;
 
 pub use engine::llmp_engine;
 pub use error::{llmp_error, llmp_result};
+pub use globals::llmp_globals;
+pub use request::llmp_request;

@@ -75,6 +75,12 @@ impl ToJson<'_> {
         self.value(value, 1)
     }
 
+    /// Convert `value` found at nesting `depth` (a member of a top-level
+    /// table is at depth 2).
+    pub fn convert_at(&self, value: &Value, depth: usize) -> Result<Json, ToJsonError> {
+        self.value(value, depth)
+    }
+
     fn value(&self, value: &Value, depth: usize) -> Result<Json, ToJsonError> {
         match value {
             Value::Nil => Ok(Json::Null),

@@ -8,16 +8,27 @@
 //! -- res: the script's result as a Lua value; nil, nil when it returned nil;
 //! -- nil, err on failure, err = { kind = ..., message = ..., hook = ...,
 //! -- script = ..., line = ... } with a __tostring.
+//!
+//! -- Several hooks on one request: parse it (and its body) once.
+//! local r, err = llmproxy.request({ id = id, headers = h, body_raw = body })
+//! engine:run("routing", { request = r, backends = bs })
+//! engine:run("usage", { request = r, usage = u })
+//! -- Globals that change rarely (the backend set): parse them once too.
+//! local g, err = llmproxy.globals({ backends = bs })
+//! local res, err = engine:run_prepared("routing", r, g)  -- r, g: or nil
 //! ```
 //!
-//! Exports: `new`, `version`, `null` (`json.null`, a NULL light userdata,
-//! equal to `cjson.null`), `empty_array`, `array_mt`.
+//! Exports: `new`, `request`, `globals`, `version`, `null` (`json.null`, a
+//! NULL light userdata, equal to `cjson.null`), `empty_array`, `array_mt`.
 //!
 //! The module runs in the host's Lua state (mlua `module` mode: LuaJIT comes
 //! from the host); scripts run in the engine's own sandbox states, never in
 //! the host's. `input.request.body_raw` may hold the request body as JSON
-//! text, so the body is parsed once, in Rust, rather than converted from a
-//! Lua table.
+//! text, so the body is parsed in Rust rather than converted from a Lua
+//! table; `llmproxy.request` goes one step further and parses the whole
+//! request once, for every hook that runs on it, and `llmproxy.globals` a
+//! hook's other globals once per change (immutable userdata, usable with
+//! any engine; see `crate::input` for how limits apply).
 
 pub mod convert;
 
@@ -26,10 +37,11 @@ use std::path::Path;
 
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
+use crate::input::{self, Globals, Request};
 use convert::{ToJson, EMPTY_ARRAY};
 
 /// Tables the module's functions share.
@@ -72,22 +84,35 @@ impl UserData for LuaEngine {
         methods.add_method("run", |lua, this, (hook, input): (Value, Value)| {
             let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(this, &hook, &input)))
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
-            match outcome {
-                Ok(json) => {
-                    let value = match json {
-                        Json::Null => Value::Nil,
-                        other => convert::to_lua(lua, &other, &this.shared.array_mt)?,
-                    };
-                    Ok(MultiValue::from_vec(vec![value, Value::Nil]))
-                }
-                Err(f) => this.shared.fail(lua, f),
-            }
+            respond(lua, this, outcome)
         });
+        methods.add_method(
+            "run_prepared",
+            |lua, this, (hook, request, globals): (Value, Value, Value)| {
+                let outcome = panic::catch_unwind(AssertUnwindSafe(|| run_prepared(this, &hook, &request, &globals)))
+                    .unwrap_or_else(|payload| Err(from_panic(payload)));
+                respond(lua, this, outcome)
+            },
+        );
         methods.add_method("backends", |lua, this, ()| backends(lua, this));
         methods.add_method("enabled", |_, this, hook: String| {
             Ok(hook.parse::<HookName>().is_ok_and(|h| this.engine.is_enabled(h)))
         });
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.engine"));
+    }
+}
+
+/// `res, nil` (`nil, nil` for a nil result) or `nil, err`.
+fn respond(lua: &Lua, this: &LuaEngine, outcome: Result<Json, Failure>) -> mlua::Result<MultiValue> {
+    match outcome {
+        Ok(json) => {
+            let value = match json {
+                Json::Null => Value::Nil,
+                other => convert::to_lua(lua, &other, &this.shared.array_mt)?,
+            };
+            Ok(MultiValue::from_vec(vec![value, Value::Nil]))
+        }
+        Err(f) => this.shared.fail(lua, f),
     }
 }
 
@@ -112,23 +137,21 @@ fn backends(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// `engine:run` without the Lua plumbing: input to JSON, run, result.
-fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
+/// The hook argument's text.
+fn hook_name(hook: &Value) -> Result<mlua::BorrowedStr, Failure> {
     let Value::String(hook) = hook else {
         return Err(Failure::invalid(format!(
             "hook must be a string, got {}",
             hook.type_name()
         )));
     };
-    let hook = hook.to_str().map_err(|_| Failure::invalid("hook is not valid UTF-8"))?;
-    let hook: HookName = hook
-        .parse()
-        .map_err(|e: String| Failure::invalid(format!("hook: {e}")))?;
-    let Some(cfg) = this.engine.config().hook(hook) else {
-        return Err(Failure::invalid(format!(
-            "hook: the {hook} hook is not enabled in this engine"
-        )));
-    };
+    hook.to_str().map_err(|_| Failure::invalid("hook is not valid UTF-8"))
+}
+
+/// `engine:run` without the Lua plumbing: input to JSON, run, result.
+fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
+    let hook = hook_name(hook)?;
+    let (hook, cfg) = input::enabled(&this.engine, &hook)?;
     let max_depth = cfg.limits.max_depth.saturating_add(1);
     let value = match input {
         // JSON text: parsed once, in Rust.
@@ -140,12 +163,21 @@ fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
             llmproxy_core::convert::parse_json(&s.as_bytes(), limits)
                 .map_err(|e| Failure::invalid(format!("input: {e}")))?
         }
-        Value::Table(_) => ToJson {
-            array_mt: &this.shared.array_mt,
-            max_depth,
+        Value::Table(t) => {
+            // A request parsed by llmproxy.request: convert only the rest.
+            if let Ok(Value::UserData(ud)) = t.raw_get::<Value>("request") {
+                if let Ok(request) = ud.borrow::<LuaRequest>() {
+                    let globals = table_globals(t, &this.shared.array_mt, max_depth, true)?;
+                    return input::run(&this.engine, hook.as_str(), Some(&request.request), Some(&globals));
+                }
+            }
+            ToJson {
+                array_mt: &this.shared.array_mt,
+                max_depth,
+            }
+            .convert(input)
+            .map_err(|e| Failure::invalid(e.describe("input")))?
         }
-        .convert(input)
-        .map_err(|e| Failure::invalid(e.describe("input")))?,
         other => {
             return Err(Failure::invalid(format!(
                 "input must be a table of the hook's globals (or JSON text), got {}",
@@ -154,6 +186,131 @@ fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
         }
     };
     Ok(this.engine.run_json(hook, &value)?)
+}
+
+/// `engine:run_prepared(hook, request, globals)`: both handles or nil.
+fn run_prepared(this: &LuaEngine, hook: &Value, request: &Value, globals: &Value) -> Result<Json, Failure> {
+    let hook = hook_name(hook)?;
+    let request = match request {
+        Value::Nil => None,
+        Value::UserData(ud) => Some(
+            ud.borrow::<LuaRequest>()
+                .map_err(|_| Failure::invalid("request must be an llmproxy.request or nil"))?,
+        ),
+        other => {
+            return Err(Failure::invalid(format!(
+                "request must be an llmproxy.request or nil, got {}",
+                other.type_name()
+            )))
+        }
+    };
+    let globals = match globals {
+        Value::Nil => None,
+        Value::UserData(ud) => Some(
+            ud.borrow::<LuaGlobals>()
+                .map_err(|_| Failure::invalid("globals must be an llmproxy.globals or nil"))?,
+        ),
+        other => {
+            return Err(Failure::invalid(format!(
+                "globals must be an llmproxy.globals or nil, got {}",
+                other.type_name()
+            )))
+        }
+    };
+    input::run(
+        &this.engine,
+        &hook,
+        request.as_ref().map(|r| &r.request),
+        globals.as_ref().map(|g| &g.globals),
+    )
+}
+
+/// The globals in `t` as JSON (members are at depth 2). With
+/// `skip_request`, `request` is left out (it is a handle); without, it is
+/// an error.
+fn table_globals(t: &Table, array_mt: &Table, max_depth: usize, skip_request: bool) -> Result<Globals, Failure> {
+    let to_json = ToJson { array_mt, max_depth };
+    let mut map = Map::new();
+    for pair in t.pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| Failure::invalid(format!("input: {e}")))?;
+        let Value::String(k) = k else {
+            return Err(Failure::invalid(format!(
+                "input: a {} key cannot name a global",
+                k.type_name()
+            )));
+        };
+        let key = k
+            .to_str()
+            .map_err(|_| Failure::invalid("input: a key is not valid UTF-8"))?;
+        if *key == *"request" {
+            if skip_request {
+                continue;
+            }
+            return Err(Failure::invalid(
+                "globals: 'request' is not a global here: pass it as an llmproxy.request",
+            ));
+        }
+        let value = to_json
+            .convert_at(&v, 2)
+            .map_err(|e| Failure::invalid(e.describe(&format!("input.{}", &*key))))?;
+        map.insert(key.to_owned(), value);
+    }
+    Globals::from_map(map, 0)
+}
+
+/// A hook's other globals parsed once (`llmproxy.globals`), for
+/// `engine:run_prepared`.
+struct LuaGlobals {
+    globals: Globals,
+}
+
+impl UserData for LuaGlobals {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.globals"));
+    }
+}
+
+/// `llmproxy.globals(tbl_or_json)` without the Lua plumbing.
+fn globals(value: &Value, array_mt: &Table) -> Result<Globals, Failure> {
+    match value {
+        Value::String(s) => Globals::parse(&s.as_bytes()),
+        Value::Table(t) => table_globals(t, array_mt, input::MAX_DEPTH + 1, false),
+        other => Err(Failure::invalid(format!(
+            "globals must be a table or JSON text, got {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// A request parsed once (`llmproxy.request`), usable as `input.request`.
+struct LuaRequest {
+    request: Request,
+}
+
+impl UserData for LuaRequest {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.request"));
+    }
+}
+
+/// `llmproxy.request(tbl_or_json)` without the Lua plumbing.
+fn request(value: &Value, array_mt: &Table) -> Result<Request, Failure> {
+    match value {
+        Value::String(s) => Request::parse(&s.as_bytes()),
+        Value::Table(_) => {
+            let json = ToJson {
+                array_mt,
+                max_depth: input::MAX_DEPTH,
+            }
+            .convert(value)
+            .map_err(|e| Failure::invalid(e.describe("request")))?;
+            Request::from_value(&json, 0)
+        }
+        other => Err(Failure::invalid(format!(
+            "request must be a table or JSON text, got {}",
+            other.type_name()
+        ))),
+    }
 }
 
 /// Where a `llmproxy.new` argument says the config is.
@@ -235,6 +392,38 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     exports.raw_set("null", Value::NULL)?;
     exports.raw_set("empty_array", Value::LightUserData(EMPTY_ARRAY))?;
     exports.raw_set("array_mt", array_mt)?;
+    let shared_globals = shared.clone();
+    exports.raw_set(
+        "globals",
+        lua.create_function(move |lua, value: Value| {
+            let shared = &shared_globals;
+            let built = panic::catch_unwind(AssertUnwindSafe(|| globals(&value, &shared.array_mt)))
+                .unwrap_or_else(|payload| Err(from_panic(payload)));
+            match built {
+                Ok(globals) => {
+                    let ud = lua.create_userdata(LuaGlobals { globals })?;
+                    Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))
+                }
+                Err(f) => shared.fail(lua, f),
+            }
+        })?,
+    )?;
+    let shared_request = shared.clone();
+    exports.raw_set(
+        "request",
+        lua.create_function(move |lua, value: Value| {
+            let shared = &shared_request;
+            let built = panic::catch_unwind(AssertUnwindSafe(|| request(&value, &shared.array_mt)))
+                .unwrap_or_else(|payload| Err(from_panic(payload)));
+            match built {
+                Ok(request) => {
+                    let ud = lua.create_userdata(LuaRequest { request })?;
+                    Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))
+                }
+                Err(f) => shared.fail(lua, f),
+            }
+        })?,
+    )?;
     exports.raw_set(
         "new",
         lua.create_function(move |lua, cfg: Value| {
