@@ -56,6 +56,15 @@ fn main() -> ExitCode {
             "floor: plain LuaJIT, globals built once, 10 KB",
         ),
         (
+            "pipeline/request_transform",
+            "seed request_transform (copies the body), small chat body",
+        ),
+        (
+            "pipeline/response_transform",
+            "seed response_transform (copies the body), small completion",
+        ),
+        ("pipeline/usage", "seed usage (VIP discount), small chat body"),
+        (
             "input_build/limit_off",
             "build request+backends tables, no mlua memory limit",
         ),

@@ -63,39 +63,75 @@ impl RequestInfo {
     /// Build a `RequestInfo` from the JSON form the CLI and the C ABI take.
     /// `body` may be given parsed (`body`) or as raw JSON text (`body_raw`).
     pub fn from_json(value: &Value, limits: convert::Limits) -> Result<RequestInfo, String> {
-        let Some(obj) = value.as_object() else {
-            return Err(format!("'request' must be an object, got {}", super::json_type(value)));
+        RequestInfo::default().with_fields(value, limits)
+    }
+
+    /// A copy of this request with the fields of the JSON object `fields`
+    /// set (same rules as [`RequestInfo::from_json`]). The body is shared,
+    /// not re-parsed, unless `fields` holds `body` or `body_raw`: this is how
+    /// a host adds `backend_url` after routing without parsing the body again.
+    pub fn with_fields(&self, fields: &Value, limits: convert::Limits) -> Result<RequestInfo, String> {
+        let Some(obj) = fields.as_object() else {
+            return Err(format!("'request' must be an object, got {}", super::json_type(fields)));
         };
-        let mut req = RequestInfo::default();
+        let mut req = self.clone();
         for (k, v) in obj {
-            match (k.as_str(), v) {
-                ("id", Value::String(s)) => req.id = s.clone(),
-                ("id", Value::Number(n)) => req.id = n.to_string(),
-                ("body", v) => req.body = Arc::new(v.clone()),
-                ("body_raw", Value::String(s)) => {
-                    req.body = Arc::new(
-                        convert::parse_json(s.as_bytes(), limits).map_err(|e| format!("request.body_raw: {e}"))?,
-                    )
-                }
-                ("headers", Value::Object(h)) => {
-                    for (name, value) in h {
-                        let value = match value {
-                            Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        req.headers.push((name.clone(), value));
-                    }
-                }
-                ("user_id", Value::String(s)) => req.user_id = Some(s.clone()),
-                ("api_key", Value::String(s)) => req.api_key = Some(s.clone()),
-                ("client_ip", Value::String(s)) => req.client_ip = Some(s.clone()),
-                ("path", Value::String(s)) => req.path = Some(s.clone()),
-                ("backend_url", Value::String(s)) => req.backend_url = Some(s.clone()),
-                (other, v) => {
-                    req.extra.insert(other.to_owned(), v.clone());
-                }
-            }
+            req.set_field(k, v, limits)?;
         }
         Ok(req)
+    }
+
+    fn set_field(&mut self, key: &str, value: &Value, limits: convert::Limits) -> Result<(), String> {
+        match (key, value) {
+            ("id", Value::String(s)) => self.id = s.clone(),
+            ("id", Value::Number(n)) => self.id = n.to_string(),
+            ("body", v) => self.body = Arc::new(v.clone()),
+            ("body_raw", Value::String(s)) => {
+                let parsed = convert::parse_json(s.as_bytes(), limits).map_err(|e| format!("request.body_raw: {e}"))?;
+                self.body = Arc::new(parsed);
+            }
+            ("headers", Value::Object(h)) => {
+                self.headers = h
+                    .iter()
+                    .map(|(name, v)| (name.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                    .collect();
+            }
+            ("user_id", Value::String(s)) => self.user_id = Some(s.clone()),
+            ("api_key", Value::String(s)) => self.api_key = Some(s.clone()),
+            ("client_ip", Value::String(s)) => self.client_ip = Some(s.clone()),
+            ("path", Value::String(s)) => self.path = Some(s.clone()),
+            ("backend_url", Value::String(s)) => self.backend_url = Some(s.clone()),
+            (other, v) => {
+                self.extra.insert(other.to_owned(), v.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn with_fields_shares_the_body_and_overrides_fields() {
+        let limits = convert::Limits::default();
+        let base = RequestInfo::from_json(
+            &json!({"id": "r1", "body_raw": "{\"model\":\"gpt-4\"}", "headers": {"A": "1"}, "tier": 2}),
+            limits,
+        )
+        .unwrap();
+        assert_eq!(base.body["model"], "gpt-4");
+        assert_eq!(base.extra["tier"], 2);
+        let routed = base.with_fields(&json!({"backend_url": "http://b:1"}), limits).unwrap();
+        assert!(
+            Arc::ptr_eq(&base.body, &routed.body),
+            "the body is shared, not re-parsed"
+        );
+        assert_eq!(routed.backend_url.as_deref(), Some("http://b:1"));
+        assert_eq!((routed.id.as_str(), routed.headers.len()), ("r1", 1));
+        assert!(base.with_fields(&json!([1]), limits).is_err());
+        assert!(RequestInfo::from_json(&json!({"body_raw": "{"}), limits).is_err());
     }
 }
