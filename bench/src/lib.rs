@@ -4,15 +4,7 @@
 use serde_json::{json, Value};
 
 /// The seed design's routing example, verbatim.
-pub const SEED_ROUTING: &str = r#"local viplevel = request.body.viplevel or 0
-if viplevel >= 3 then
-  return "ultra"
-elseif viplevel >= 1 then
-  return "high-performance"
-else
-  return "standard"
-end
-"#;
+pub const SEED_ROUTING: &str = include_str!("../../examples/scripts/routing.lua");
 
 /// A chat-completion body of roughly `bytes` bytes: a conversation of
 /// 1 KB messages plus the fields the seed's scripts read.

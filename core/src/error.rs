@@ -4,6 +4,21 @@ use std::fmt;
 
 use crate::hooks::HookName;
 
+/// Cut `text` to at most `max` bytes on a character boundary, appending
+/// `marker` when something was cut. Used for script-controlled text that
+/// reaches logs (error messages, log lines).
+pub(crate) fn truncate_utf8(text: &mut String, max: usize, marker: &str) {
+    if text.len() <= max {
+        return;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(marker);
+}
+
 /// What went wrong when a hook ran. Hosts map these to metrics labels and to
 /// the failure policy (`on_error`) of the hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -222,14 +222,7 @@ const MAX_MESSAGE_BYTES: usize = 2048;
 /// [`MAX_MESSAGE_BYTES`].
 fn message(e: &mlua::Error) -> String {
     let mut m = full_message(e);
-    if m.len() > MAX_MESSAGE_BYTES {
-        let mut cut = MAX_MESSAGE_BYTES;
-        while !m.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        m.truncate(cut);
-        m.push_str("… (truncated)");
-    }
+    crate::error::truncate_utf8(&mut m, MAX_MESSAGE_BYTES, "… (truncated)");
     m
 }
 

@@ -18,16 +18,9 @@ use llmproxy_core::Config;
 
 use crate::mock::{MockOptions, MockServer};
 
-/// The seed's routing example, verbatim.
-pub const ROUTING_SCRIPT: &str = r#"local viplevel = request.body.viplevel or 0
-if viplevel >= 3 then
-  return "ultra"
-elseif viplevel >= 1 then
-  return "high-performance"
-else
-  return "standard"
-end
-"#;
+/// The seed's routing example, verbatim (the same file the examples and
+/// the benchmarks use).
+pub const ROUTING_SCRIPT: &str = include_str!("../../examples/scripts/routing.lua");
 
 /// Names of the demo backends, in config order.
 pub const BACKENDS: [&str; 3] = ["standard", "high-performance", "ultra"];

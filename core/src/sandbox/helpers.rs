@@ -232,14 +232,7 @@ fn log_message(args: &Variadic<Value>) -> mlua::Result<String> {
             break;
         }
     }
-    if msg.len() > LOG_LINE_MAX_BYTES {
-        let mut cut = LOG_LINE_MAX_BYTES;
-        while !msg.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        msg.truncate(cut);
-        msg.push('…');
-    }
+    crate::error::truncate_utf8(&mut msg, LOG_LINE_MAX_BYTES, "…");
     Ok(msg)
 }
 
