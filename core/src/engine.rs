@@ -87,7 +87,7 @@ impl Engine {
         hook: HookName,
         request_id: Option<&str>,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
-    ) -> Result<Option<(Value, &HookConfig)>, HookError> {
+    ) -> Result<Option<Value>, HookError> {
         let Some(cfg) = self.config.hook(hook) else {
             return Ok(None);
         };
@@ -102,15 +102,13 @@ impl Engine {
         vm.finish();
         drop(vm);
         match result {
-            Ok(v) => Ok(Some((v, cfg))),
+            Ok(v) => Ok(Some(v)),
             Err(e) => Err(self.report(e.at(hook, &cfg.script.name), request_id)),
         }
     }
 
     fn run<I: HookInput>(&self, input: &I) -> Result<Option<Value>, HookError> {
-        Ok(self
-            .run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))?
-            .map(|(v, _)| v))
+        self.run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))
     }
 
     /// Log a failed call once, with everything an operator needs.
@@ -269,7 +267,7 @@ impl Engine {
             }
             Ok(())
         };
-        let Some((value, _)) = self.run_raw(hook, request_id, set_globals)? else {
+        let Some(value) = self.run_raw(hook, request_id, set_globals)? else {
             return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
         let validated = match hook {
