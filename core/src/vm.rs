@@ -26,9 +26,11 @@ pub(crate) struct CallSpec<'a> {
 /// A sandboxed LuaJIT state with its compiled scripts.
 pub(crate) struct Vm {
     state: SandboxState,
-    /// Compiled chunks by script content (source text is the key: a reload
-    /// with the same text re-uses the chunk).
-    chunks: HashMap<Arc<str>, Function>,
+    /// Compiled chunks, keyed by the address of the script's source text.
+    /// Scripts live in the engine's immutable config, which outlives its
+    /// VMs, so an address names one script for the VM's whole life; hashing
+    /// the text itself would cost microseconds per call for long scripts.
+    chunks: HashMap<usize, Function>,
     /// Calls made on this VM.
     pub calls: u64,
     /// Set when mlua itself failed (e.g. its stack): the state is suspect.
@@ -78,7 +80,8 @@ impl Vm {
 
     /// Compile `script` (text mode only) or return the cached chunk.
     pub fn compile(&mut self, script: &Script) -> Result<Function, HookError> {
-        if let Some(f) = self.chunks.get(&script.source) {
+        let key = Arc::as_ptr(&script.source).cast::<u8>() as usize;
+        if let Some(f) = self.chunks.get(&key) {
             return Ok(f.clone());
         }
         let f = self
@@ -89,7 +92,7 @@ impl Vm {
             .set_mode(ChunkMode::Text)
             .into_function()
             .map_err(|e| classify(e, &script.name, ErrorKind::ScriptError))?;
-        self.chunks.insert(Arc::clone(&script.source), f.clone());
+        self.chunks.insert(key, f.clone());
         Ok(f)
     }
 
