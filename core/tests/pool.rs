@@ -79,3 +79,28 @@ fn a_busy_pool_times_out_instead_of_queueing_forever() {
     assert!(err.message.contains("busy"), "{}", err.message);
     assert!(busy.join().unwrap().is_ok());
 }
+
+#[test]
+fn vms_are_recycled_after_n_calls_and_above_the_memory_high_water_mark() {
+    let yaml = "scripts:\n  pool: {size: 1, recycle_after_calls: 3}\n  usage: {script: 'return {}'}\n";
+    let engine = Engine::new(Config::from_yaml(yaml, std::path::Path::new(".")).unwrap()).unwrap();
+    for _ in 0..7 {
+        engine.run_json(HookName::Usage, &json!({})).unwrap();
+    }
+    let stats = engine.pool_stats();
+    // The VM built by Engine::new served the first 3 calls, a second one the
+    // next 3, a third the last one.
+    assert_eq!((stats.recycled, stats.discarded, stats.alive), (2, 0, 1), "{stats:?}");
+
+    // A global left in the call's environment keeps 20 MB alive after the
+    // call: above recycle_memory_mb even after a full collection.
+    let yaml = "scripts:\n  pool: {size: 1, recycle_memory_mb: 8}\n  usage:\n    memory_mb: 64\n    script: |\n      if request.body.big then big = string.rep('x', 20e6) end\n      return {}\n";
+    let engine = Engine::new(Config::from_yaml(yaml, std::path::Path::new(".")).unwrap()).unwrap();
+    let run = |big: bool| engine.run_json(HookName::Usage, &json!({"request": {"id": "r", "body": {"big": big}}}));
+    run(false).unwrap();
+    assert_eq!(engine.pool_stats().recycled, 0);
+    run(true).unwrap();
+    assert_eq!(engine.pool_stats().recycled, 1, "{:?}", engine.pool_stats());
+    run(false).unwrap();
+    assert_eq!(engine.pool_stats().recycled, 1, "a small call does not recycle");
+}
