@@ -27,3 +27,24 @@ bench-http: check-toolchain
 	@scripts/apt-ensure nginx curl
 	$(CARGO) build --release -p llmproxy-server --bin llmproxy --example loadgen
 	bench/http/run.sh $(PROXY_TARGET_DIR)/release docs/benchmarks.md
+
+# --- keys, limits, ledger, shared state (issue 5) ---
+#
+#   make bench-accounts      RPS with auth + rate_limit + usage hooks and the
+#                            SQLite ledger on vs off, and with Redis state
+#                            -> docs/benchmarks.md (account-bench section)
+#
+# The Redis tests (proxy/tests/redis_state.rs) start their own
+# redis-server; Debian's package is installed before the Rust tests run.
+
+.PHONY: proxy-test-deps bench-accounts
+
+proxy-test-deps:
+	@scripts/apt-ensure redis-server
+
+test-rust: proxy-test-deps
+
+bench-accounts: check-toolchain
+	@scripts/apt-ensure redis-server curl
+	$(CARGO) build --release -p llmproxy-server --bin llmproxy --example loadgen
+	bench/http/accounts.sh $(PROXY_TARGET_DIR)/release docs/benchmarks.md

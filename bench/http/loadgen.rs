@@ -14,6 +14,8 @@
 //!   requests, alone and while one slow request runs.
 //!
 //! BODY is a JSON string (not a file). Only loopback targets are accepted.
+//! `LOADGEN_HEADER="name: value"` adds one header to every request (an API
+//! key for the account benchmark).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +34,7 @@ struct Target {
     host: String,
     path: String,
     body: Bytes,
+    header: Option<(String, String)>,
 }
 
 impl Target {
@@ -44,19 +47,26 @@ impl Target {
         if !(ip == "localhost" || ip.starts_with("127.") || ip == "[::1]") {
             fail("only loopback targets are allowed");
         }
+        let header = std::env::var("LOADGEN_HEADER").ok().and_then(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        });
         Target {
             host: host.to_owned(),
             path: if path.is_empty() { "/".into() } else { path.to_owned() },
             body: Bytes::from(body.to_owned()),
+            header,
         }
     }
 
     fn request(&self, body: &Bytes) -> Request<Full<Bytes>> {
-        Request::post(&self.path)
+        let mut b = Request::post(&self.path)
             .header("host", &self.host)
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()))
-            .unwrap_or_else(|_| fail("bad request"))
+            .header("content-type", "application/json");
+        if let Some((k, v)) = &self.header {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        b.body(Full::new(body.clone())).unwrap_or_else(|_| fail("bad request"))
     }
 
     async fn connect(&self) -> Sender {

@@ -9,7 +9,11 @@
 //!
 //! Standalone gateways also read `gateway:` ([`GatewayConfig`]: balancer,
 //! body limit, models, retry, timeouts, health) and per-backend
-//! `timeouts`; other hosts ignore them.
+//! `timeouts`; other hosts ignore them. The account sections are also read
+//! by gateways only: `keys:` / `keys_file:` (API keys, [`KeyRecord`]),
+//! `limits:` ([`LimitsConfig`]), `state:` ([`StateConfig`]), `ledger:`
+//! ([`LedgerConfig`]), `admin:` ([`AdminConfig`]) and `reload:`
+//! ([`ReloadConfig`]).
 //!
 //! Every problem names its key path (`scripts.routing.timeout_ms: ...`);
 //! `script_file` paths are relative to the config file. Structural errors
@@ -25,6 +29,7 @@ use serde::Deserialize;
 
 use crate::error::ConfigError;
 use crate::hooks::HookName;
+use crate::keys::KeyRecord;
 
 /// Default per-call time limit.
 pub const DEFAULT_TIMEOUT_MS: u64 = 100;
@@ -46,8 +51,229 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Standalone gateway settings (`gateway:`).
     pub gateway: GatewayConfig,
+    /// API keys from `keys:` and `keys_file:`, in that order.
+    pub keys: Vec<KeyRecord>,
+    /// Whether the config declares keys at all (`keys:` or `keys_file:`
+    /// present, even when empty): gateways then check every request's key.
+    pub keys_configured: bool,
+    /// The `keys_file`, resolved against the config's directory.
+    pub keys_file: Option<PathBuf>,
+    /// The standard rate limiter (`limits:`).
+    pub limits: LimitsConfig,
+    /// Where limiter and quota counters live (`state:`).
+    pub state: StateConfig,
+    /// The usage ledger (`ledger:`); `None` when absent or disabled.
+    pub ledger: Option<LedgerConfig>,
+    /// The admin endpoint (`admin:`).
+    pub admin: AdminConfig,
+    /// Hot reload settings (`reload:`).
+    pub reload: ReloadConfig,
+    /// The files this config was built from besides the config file itself
+    /// (`keys_file`, `script_file`s), resolved; watched for hot reload.
+    pub sources: Vec<PathBuf>,
     /// The file this config was read from, if any.
     pub path: Option<PathBuf>,
+}
+
+/// The standard rate limiter (`limits:`). Every limit is a token bucket
+/// refilled continuously (a limit of N per minute holds at most N tokens and
+/// gains N/60 per second); 0 means unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per minute over all keys.
+    pub global_rpm: u64,
+    /// Requests per minute per key.
+    pub key_rpm: u64,
+    /// Tokens per minute per key (charged after each response).
+    pub key_tpm: u64,
+    /// Requests in flight per key.
+    pub key_concurrency: u64,
+    /// The zone of `current_time` for `rate_limit` scripts: `UTC` or a
+    /// fixed offset such as `+08:00`.
+    pub time_zone: String,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            global_rpm: 0,
+            key_rpm: 0,
+            key_tpm: 0,
+            key_concurrency: 0,
+            time_zone: String::from("UTC"),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.global_rpm > 0 || self.key_rpm > 0 || self.key_tpm > 0 || self.key_concurrency > 0
+    }
+
+    /// `time_zone` as seconds east of UTC.
+    pub fn utc_offset_seconds(&self) -> Result<i32, String> {
+        parse_utc_offset(&self.time_zone)
+    }
+}
+
+/// Parse `UTC`, `Z` or a fixed offset `+HH:MM` / `-HH:MM` / `+HH` into
+/// seconds east of UTC.
+pub fn parse_utc_offset(text: &str) -> Result<i32, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("utc") || t == "Z" || t.is_empty() {
+        return Ok(0);
+    }
+    let bad = || format!("'{text}' is not UTC or a fixed offset such as +08:00");
+    let (sign, rest) = match t.as_bytes().first() {
+        Some(b'+') => (1, &t[1..]),
+        Some(b'-') => (-1, &t[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = match rest.split_once(':') {
+        Some((h, m)) => (h, m),
+        None if rest.len() == 4 => rest.split_at(2),
+        None => (rest, "0"),
+    };
+    let h: i32 = h.parse().map_err(|_| bad())?;
+    let m: i32 = m.parse().map_err(|_| bad())?;
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return Err(bad());
+    }
+    Ok(sign * (h * 3600 + m * 60))
+}
+
+/// Where the limiter's and the quotas' counters live (`state:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// `local` (this process; quotas persisted in the ledger) or `redis`
+    /// (shared by every gateway using the same Redis and prefix).
+    pub backend: StateBackend,
+    /// `redis://host:port[/db]` for the `redis` backend.
+    pub url: Option<String>,
+    /// Prefix of every Redis key.
+    pub prefix: String,
+    /// Time limit of one Redis call.
+    pub timeout_ms: u64,
+    /// What a request gets when Redis cannot be reached.
+    pub on_error: StateOnError,
+    /// Connections to Redis.
+    pub connections: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: StateBackend::Local,
+            url: None,
+            prefix: String::from("llmproxy:"),
+            timeout_ms: 250,
+            on_error: StateOnError::Deny,
+            connections: 2,
+        }
+    }
+}
+
+/// The state backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    /// In this process.
+    #[default]
+    Local,
+    /// In Redis, shared by several gateways.
+    Redis,
+}
+
+/// What a request gets when the state backend fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateOnError {
+    /// 503 (fail closed).
+    #[default]
+    Deny,
+    /// Let the request through unlimited (fail open).
+    Allow,
+}
+
+/// The usage ledger (`ledger:`), a SQLite database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// The database file, resolved against the config's directory.
+    pub path: PathBuf,
+    /// Longest time a record waits before it is written (1..=100 ms).
+    pub flush_ms: u64,
+    /// Most records written in one transaction.
+    pub batch_max: usize,
+    /// Records queued for the writer before producers wait.
+    pub queue: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    enabled: Option<bool>,
+    path: Option<String>,
+    flush_ms: Option<u64>,
+    batch_max: Option<usize>,
+    queue: Option<usize>,
+}
+
+/// The admin endpoint (`admin:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token of `POST /admin/reload`; without it the endpoint is off.
+    pub token: Option<String>,
+}
+
+/// Hot reload (`reload:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Reload when the config file, the keys file or a script file changes.
+    pub watch: bool,
+    /// How often their modification times are polled.
+    pub poll_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            poll_ms: 1000,
+        }
+    }
+}
+
+/// The forms a `keys_file` may take: a list of keys, or `{keys: [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawKeysFile {
+    List(Vec<KeyRecord>),
+    Map {
+        #[serde(default)]
+        keys: Vec<KeyRecord>,
+    },
+}
+
+/// Read a keys file (YAML or JSON: a list of keys, or `{keys: [...]}`).
+pub fn read_keys_file(path: &Path) -> Result<Vec<KeyRecord>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read '{}': {e}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let de = serde_norway::Deserializer::from_str(&text);
+    let raw: Option<RawKeysFile> = serde_path_to_error::deserialize(de).map_err(|e| {
+        let at = e.path().to_string();
+        format!("'{}': {at}: {}", path.display(), e.into_inner())
+    })?;
+    Ok(match raw {
+        None => Vec::new(),
+        Some(RawKeysFile::List(k)) | Some(RawKeysFile::Map { keys: k }) => k,
+    })
 }
 
 /// A backend from the config.
@@ -295,6 +521,8 @@ pub struct HookConfig {
     pub limits: ScriptLimits,
     /// Failure policy.
     pub on_error: OnError,
+    /// The `script_file`, resolved, when the script came from a file.
+    pub file: Option<PathBuf>,
 }
 
 /// A script's source and the name errors refer to it by.
@@ -318,6 +546,17 @@ struct RawConfig {
     scripts: RawScripts,
     #[serde(default)]
     gateway: GatewayConfig,
+    keys: Option<Vec<KeyRecord>>,
+    keys_file: Option<String>,
+    #[serde(default)]
+    limits: LimitsConfig,
+    #[serde(default)]
+    state: StateConfig,
+    ledger: Option<RawLedger>,
+    #[serde(default)]
+    admin: AdminConfig,
+    #[serde(default)]
+    reload: ReloadConfig,
     // The seed's per-section forms.
     routing: Option<RawSeedRouting>,
     auth: Option<RawHook>,
@@ -423,6 +662,7 @@ impl Config {
             },
             limits,
             on_error: OnError::default_for(hook),
+            file: None,
         });
         Config {
             listen: None,
@@ -431,6 +671,15 @@ impl Config {
             defaults: limits,
             pool: PoolConfig::default(),
             gateway: GatewayConfig::default(),
+            keys: Vec::new(),
+            keys_configured: false,
+            keys_file: None,
+            limits: LimitsConfig::default(),
+            state: StateConfig::default(),
+            ledger: None,
+            admin: AdminConfig::default(),
+            reload: ReloadConfig::default(),
+            sources: Vec::new(),
             path: None,
         }
     }
@@ -567,6 +816,24 @@ impl RawConfig {
             ));
         }
 
+        let mut sources: Vec<PathBuf> = hooks.iter().flatten().filter_map(|h| h.file.clone()).collect();
+        let accounts = resolve_accounts(
+            AccountSections {
+                keys: self.keys,
+                keys_file: self.keys_file,
+                limits: &self.limits,
+                state: &self.state,
+                ledger: self.ledger,
+                admin: &self.admin,
+                reload: &self.reload,
+            },
+            base_dir,
+            &mut problems,
+        );
+        if let Some(f) = &accounts.keys_file {
+            sources.push(f.clone());
+        }
+
         let pool = s.pool.unwrap_or_default();
         if problems.is_empty() {
             Ok(Config {
@@ -576,6 +843,15 @@ impl RawConfig {
                 defaults,
                 pool,
                 gateway: self.gateway,
+                keys: accounts.keys,
+                keys_configured: accounts.keys_configured,
+                keys_file: accounts.keys_file,
+                limits: self.limits,
+                state: self.state,
+                ledger: accounts.ledger,
+                admin: self.admin,
+                reload: self.reload,
+                sources,
                 path: None,
             })
         } else {
@@ -663,6 +939,7 @@ fn resolve_hook(
         problems,
     );
     let raw_is_file = raw.script_file.is_some();
+    let mut file_path = None;
     let script = match (raw.script, raw.script_file) {
         (Some(_), Some(_)) => {
             problems.push(format!("{key}: set either 'script' or 'script_file', not both"));
@@ -678,6 +955,7 @@ fn resolve_hook(
         },
         (None, Some(file)) => {
             let path = base_dir.join(&file);
+            file_path = Some(path.clone());
             match std::fs::read_to_string(&path) {
                 Ok(source) => Script {
                     name: Arc::from(file.as_str()),
@@ -704,5 +982,208 @@ fn resolve_hook(
         script,
         limits,
         on_error: raw.on_error.unwrap_or(OnError::default_for(hook)),
+        file: file_path,
     })
+}
+
+/// The account sections as read, before validation.
+struct AccountSections<'a> {
+    keys: Option<Vec<KeyRecord>>,
+    keys_file: Option<String>,
+    limits: &'a LimitsConfig,
+    state: &'a StateConfig,
+    ledger: Option<RawLedger>,
+    admin: &'a AdminConfig,
+    reload: &'a ReloadConfig,
+}
+
+/// The account sections, validated.
+struct Accounts {
+    keys: Vec<KeyRecord>,
+    keys_configured: bool,
+    keys_file: Option<PathBuf>,
+    ledger: Option<LedgerConfig>,
+}
+
+fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<String>) -> Accounts {
+    let keys_configured = a.keys.is_some() || a.keys_file.is_some();
+    let mut keys: Vec<(String, KeyRecord)> = a
+        .keys
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (format!("keys[{i}]"), k))
+        .collect();
+    let keys_file = a.keys_file.map(|f| base_dir.join(f));
+    if let Some(path) = &keys_file {
+        match read_keys_file(path) {
+            Ok(list) => keys.extend(
+                list.into_iter()
+                    .enumerate()
+                    .map(|(i, k)| (format!("keys_file[{i}]"), k)),
+            ),
+            Err(e) => problems.push(format!("keys_file: {e}")),
+        }
+    }
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for (at, k) in &keys {
+        problems.extend(k.validate(at));
+        if let Some(first) = seen.insert(k.key.clone(), at.clone()) {
+            problems.push(format!("{at}.key: the same key is already defined at {first}"));
+        }
+    }
+
+    let l = a.limits;
+    if let Err(e) = l.utc_offset_seconds() {
+        problems.push(format!("limits.time_zone: {e}"));
+    }
+    let st = a.state;
+    if st.backend == StateBackend::Redis {
+        match &st.url {
+            Some(u) if u.starts_with("redis://") => {}
+            Some(u) => problems.push(format!("state.url: '{u}' must start with redis://")),
+            None => problems.push(String::from("state.url: the redis backend needs a url")),
+        }
+    }
+    if st.timeout_ms == 0 || st.timeout_ms > 60_000 {
+        problems.push(format!(
+            "state.timeout_ms: {} is out of range (1..=60000)",
+            st.timeout_ms
+        ));
+    }
+    if st.connections == 0 || st.connections > 64 {
+        problems.push(format!(
+            "state.connections: {} is out of range (1..=64)",
+            st.connections
+        ));
+    }
+    let ledger = match a.ledger {
+        None => None,
+        Some(raw) if raw.enabled == Some(false) => None,
+        Some(raw) => {
+            let flush_ms = raw.flush_ms.unwrap_or(50);
+            if !(1..=100).contains(&flush_ms) {
+                problems.push(format!("ledger.flush_ms: {flush_ms} is out of range (1..=100)"));
+            }
+            let batch_max = raw.batch_max.unwrap_or(4096);
+            if batch_max == 0 {
+                problems.push(String::from("ledger.batch_max: must be > 0"));
+            }
+            let queue = raw.queue.unwrap_or(65_536);
+            if queue == 0 {
+                problems.push(String::from("ledger.queue: must be > 0"));
+            }
+            Some(LedgerConfig {
+                path: base_dir.join(raw.path.unwrap_or_else(|| String::from("usage.db"))),
+                flush_ms,
+                batch_max,
+                queue,
+            })
+        }
+    };
+    if a.admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        problems.push(String::from("admin.token: must not be empty"));
+    }
+    if a.reload.poll_ms < 100 {
+        problems.push(format!("reload.poll_ms: {} is below 100", a.reload.poll_ms));
+    }
+    Accounts {
+        keys: keys.into_iter().map(|(_, k)| k).collect(),
+        keys_configured,
+        keys_file,
+        ledger,
+    }
+}
+
+#[cfg(test)]
+mod account_section_tests {
+    use super::*;
+
+    fn load(yaml: &str, base: &Path) -> Result<Config, Vec<String>> {
+        Config::from_yaml(yaml, base).map_err(|e| e.problems)
+    }
+
+    #[test]
+    fn utc_offsets_parse_and_bad_ones_are_named() {
+        for (text, want) in [
+            ("UTC", 0),
+            ("Z", 0),
+            ("+08:00", 8 * 3600),
+            ("-05:30", -(5 * 3600 + 30 * 60)),
+            ("+0530", 5 * 3600 + 30 * 60),
+            ("+09", 9 * 3600),
+        ] {
+            assert_eq!(parse_utc_offset(text), Ok(want), "{text}");
+        }
+        for bad in ["08:00", "+25:00", "+08:61", "Asia/Shanghai", "+x"] {
+            assert!(parse_utc_offset(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn account_sections_default_off_and_validate() {
+        let c = load("backends: []\n", Path::new(".")).unwrap();
+        assert!(!c.keys_configured && c.keys.is_empty() && c.ledger.is_none());
+        assert!(!c.limits.any());
+        assert_eq!(c.state.backend, StateBackend::Local);
+
+        let c = load(
+            "keys: []\nlimits: {key_rpm: 5, time_zone: '+08:00'}\nledger: {path: u.db}\nadmin: {token: t0ken}\n",
+            Path::new("/srv"),
+        )
+        .unwrap();
+        assert!(c.keys_configured);
+        assert_eq!(c.limits.utc_offset_seconds(), Ok(8 * 3600));
+        assert_eq!(
+            c.ledger.as_ref().map(|l| l.path.clone()),
+            Some(PathBuf::from("/srv/u.db"))
+        );
+        assert_eq!(c.admin.token.as_deref(), Some("t0ken"));
+
+        let p = load(
+            "keys:\n  - {key: a, user_id: u}\n  - {key: a, user_id: v, allowed_ips: [bad]}\n\
+             limits: {time_zone: Mars}\nstate: {backend: redis}\nledger: {flush_ms: 500}\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p
+            .iter()
+            .any(|x| x.starts_with("keys[1].key: the same key is already defined at keys[0]")));
+        assert!(p.iter().any(|x| x.starts_with("keys[1].allowed_ips[0]:")));
+        assert!(p.iter().any(|x| x.starts_with("limits.time_zone:")));
+        assert!(p.iter().any(|x| x.starts_with("state.url:")));
+        assert!(p.iter().any(|x| x.starts_with("ledger.flush_ms:")));
+        assert!(load("ledger: {enabled: false}\n", Path::new("."))
+            .unwrap()
+            .ledger
+            .is_none());
+        let p = load("limits: {key_rmp: 5}\n", Path::new(".")).unwrap_err();
+        assert!(p[0].starts_with("limits.key_rmp: unknown field"), "{p:?}");
+    }
+
+    #[test]
+    fn keys_files_are_read_in_both_forms_and_watched() {
+        let dir = std::env::temp_dir().join(format!("llmproxy-keys-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("list.yaml"), "- {key: sk-1, user_id: u1, total_quota: 10}\n").unwrap();
+        std::fs::write(dir.join("map.json"), r#"{"keys": [{"key": "sk-2", "user_id": "u2"}]}"#).unwrap();
+        std::fs::write(dir.join("r.lua"), "return nil").unwrap();
+        let c = load(
+            "keys: [{key: sk-0, user_id: u0}]\nkeys_file: list.yaml\nscripts:\n  auth: {script_file: r.lua}\n",
+            &dir,
+        )
+        .unwrap();
+        let names: Vec<&str> = c.keys.iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(names, ["sk-0", "sk-1"]);
+        assert_eq!(c.keys[1].total_quota, 10);
+        assert_eq!(c.sources, vec![dir.join("r.lua"), dir.join("list.yaml")]);
+        let c = load("keys_file: map.json\n", &dir).unwrap();
+        assert_eq!(c.keys[0].user_id, "u2");
+        let p = load("keys_file: missing.yaml\n", &dir).unwrap_err();
+        assert!(p[0].starts_with("keys_file: cannot read"), "{p:?}");
+        std::fs::write(dir.join("bad.yaml"), "- {key: sk-3, usr: x}\n").unwrap();
+        let p = load("keys_file: bad.yaml\n", &dir).unwrap_err();
+        assert!(p[0].starts_with("keys_file: "), "{p:?}");
+    }
 }

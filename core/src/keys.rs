@@ -184,6 +184,22 @@ pub fn standard_checks(key: Option<&KeyRecord>, client_ip: Option<&str>, now: Da
     }
 }
 
+/// [`standard_checks`] with the key's live usage: hosts that count usage
+/// outside the record (a ledger, a shared store) pass it as `used_quota`
+/// instead of copying the record per request.
+pub fn standard_checks_with_usage(
+    key: Option<&KeyRecord>,
+    used_quota: u64,
+    client_ip: Option<&str>,
+    now: DateTime<Utc>,
+) -> StandardChecks {
+    let mut checks = standard_checks(key, client_ip, now);
+    if let Some(k) = key {
+        checks.quota_available = k.total_quota == 0 || used_quota < k.total_quota;
+    }
+    checks
+}
+
 /// Why the standard checks deny, with the HTTP status the hosts answer.
 /// `None` when every check passed.
 pub fn standard_denial(checks: &StandardChecks) -> Option<(u16, &'static str)> {
@@ -297,6 +313,20 @@ mod tests {
         unlimited.allowed_ips.clear();
         unlimited.expires_at = None;
         assert!(standard_checks(Some(&unlimited), None, now).all_passed());
+    }
+
+    #[test]
+    fn live_usage_replaces_the_records_used_quota() {
+        let now = at("2026-06-01T00:00:00Z");
+        let ip = Some("192.168.1.100");
+        let k = key();
+        assert!(standard_checks_with_usage(Some(&k), 99, ip, now).quota_available);
+        let spent = standard_checks_with_usage(Some(&k), 100, ip, now);
+        assert!(!spent.quota_available && spent.key_valid && spent.ip_allowed);
+        let mut unlimited = key();
+        unlimited.total_quota = 0;
+        assert!(standard_checks_with_usage(Some(&unlimited), u64::MAX, ip, now).quota_available);
+        assert!(!standard_checks_with_usage(None, 0, ip, now).quota_available);
     }
 
     #[test]

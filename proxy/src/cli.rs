@@ -1,5 +1,6 @@
-//! Command-line parsing: `serve` (the gateway), `mock-backend`, and the
-//! offline subcommands `check` and `hook`.
+//! Command-line parsing: `serve` (the gateway), `mock-backend`, the
+//! offline subcommands `check` and `hook`, and the operator's `keys` and
+//! `usage` (see [`crate::admin_cli`]).
 //!
 //! Exit codes: 0 success, 1 the script failed (`hook`) or the server could
 //! not start, 2 usage, input or config errors.
@@ -14,6 +15,7 @@ use llmproxy_core::config::ScriptLimits;
 use llmproxy_core::{Config, Engine, HookName};
 use serde_json::{json, Value};
 
+use crate::admin_cli::{self, KeysCommand};
 use crate::demo;
 use crate::gateway::{Gateway, GatewayOptions};
 use crate::listen::parse_listen;
@@ -65,6 +67,33 @@ enum Command {
         /// The YAML config file.
         config: PathBuf,
     },
+    /// Manage API keys (edits the config's keys_file; a running gateway
+    /// reloads it).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Report usage from the ledger (per key; `--records` for each request).
+    Usage {
+        /// The gateway's config file (its `ledger.path` is read).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Ledger files to read instead (repeat to merge several nodes).
+        #[arg(long = "db")]
+        dbs: Vec<PathBuf>,
+        /// Only requests completed since (RFC 3339, or an age: 30s, 15m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this key (the key or its `sha256:` fingerprint).
+        #[arg(long)]
+        key: Option<String>,
+        /// `json` or `csv`.
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// One row per request instead of per key.
+        #[arg(long)]
+        records: bool,
+    },
     /// Run one hook once on a JSON object holding the hook's globals.
     Hook {
         /// routing, auth, request_transform, response_transform, rate_limit, usage or error_handler.
@@ -109,6 +138,22 @@ pub fn main() -> ExitCode {
             llmproxy_mock_options(name, latency_ms, chunks, chunk_delay_ms, fail_rate),
         ),
         Command::Check { config } => check(&config),
+        Command::Keys { command } => admin_cli::keys(command),
+        Command::Usage {
+            config,
+            dbs,
+            since,
+            key,
+            format,
+            records,
+        } => admin_cli::usage(
+            config.as_deref(),
+            &dbs,
+            since.as_deref(),
+            key.as_deref(),
+            &format,
+            records,
+        ),
         Command::Hook {
             hook,
             script,
@@ -211,9 +256,22 @@ fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             hook_threads = gateway.shared().hooks.threads(),
             "listening"
         );
+        let shared = std::sync::Arc::clone(gateway.shared());
+        let hup = tokio::spawn(async move {
+            #[cfg(unix)]
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                while s.recv().await.is_some() {
+                    shared.reload(crate::gateway::reload::Trigger::Signal).await;
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = shared;
+        });
         shutdown_signal().await;
+        hup.abort();
         tracing::info!(target: "llmproxy::gateway", "shutting down");
         gateway.shutdown(Duration::from_secs(10)).await;
+        tracing::info!(target: "llmproxy::gateway", "stopped");
         ExitCode::SUCCESS
     })
 }

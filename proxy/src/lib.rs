@@ -6,7 +6,8 @@
 //! Table of contents:
 //!
 //! - [`cli`]: the `llmproxy` command line (`serve`, `mock-backend`, `check`,
-//!   `hook`).
+//!   `hook`, `keys`, `usage`).
+//! - [`admin_cli`]: the operator's `keys` and `usage` subcommands.
 //! - [`gateway`]: the gateway itself (server, pipeline, balancer, health,
 //!   upstream, SSE relay, errors, metrics, request ids).
 //! - [`mock`]: an OpenAI-compatible fake backend for the demo, the tests and
@@ -15,6 +16,7 @@
 //!   seed's viplevel routing script).
 //! - [`listen`]: parsing of listen addresses (`":8000"`, `"host:port"`).
 
+pub mod admin_cli;
 pub mod cli;
 pub mod demo;
 pub mod gateway;

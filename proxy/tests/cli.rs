@@ -174,3 +174,31 @@ fn hook_reads_stdin_and_rejects_bad_usage_with_exit_2() {
         assert_eq!(code, 2, "{args:?} {stdin:?}");
     }
 }
+
+#[test]
+fn check_accepts_the_accounts_example() {
+    let out = bin()
+        .arg("check")
+        .arg(repo("examples/configs/accounts.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hooks: auth, rate_limit, usage"));
+}
+
+#[test]
+fn keys_and_usage_commands_explain_their_mistakes() {
+    let config = tmp("inline-keys.yaml", "keys: [{key: sk-1, user_id: u}]\n");
+    let out = bin()
+        .args(["keys", "disable", "sk-1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no keys_file"));
+    let out = bin().args(["usage", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no ledger"));
+    let out = bin().args(["usage", "--db", "/nonexistent/x.db"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -37,7 +37,8 @@ pub struct AuthInput<'a> {
     /// The client's request.
     pub request: &'a RequestInfo,
     /// The key's record (seed fields: key, user_id, name, status, quotas,
-    /// allowed_ips, expires_at); `null` when the key is unknown.
+    /// allowed_ips, expires_at); `null` when the key is unknown, which
+    /// scripts see as `key_info == nil`.
     pub key_info: &'a Value,
     /// The standard checks.
     pub standard_checks: StandardChecks,
@@ -52,7 +53,10 @@ impl HookInput for AuthInput<'_> {
 
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
         env.raw_set("request", self.request.to_lua(lua)?)?;
-        set_json(lua, env, "key_info", self.key_info)?;
+        // An unknown key is `nil`, not `json.null`: `if not key_info` works.
+        if !self.key_info.is_null() {
+            set_json(lua, env, "key_info", self.key_info)?;
+        }
         set_serialized(lua, env, "standard_checks", &self.standard_checks)
     }
 }

@@ -37,7 +37,7 @@ pub struct CurrentTime {
 pub struct RateLimitInput<'a> {
     /// The client's request.
     pub request: &'a RequestInfo,
-    /// The key's record (`null` when unknown).
+    /// The key's record (`null` when unknown: `key_info == nil` in scripts).
     pub key_info: &'a Value,
     /// The standard limiter's counters.
     pub rate_limit_status: RateLimitStatus,
@@ -54,7 +54,10 @@ impl HookInput for RateLimitInput<'_> {
 
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
         env.raw_set("request", self.request.to_lua(lua)?)?;
-        set_json(lua, env, "key_info", self.key_info)?;
+        // An unknown key is `nil`, not `json.null`: `if not key_info` works.
+        if !self.key_info.is_null() {
+            set_json(lua, env, "key_info", self.key_info)?;
+        }
         set_serialized(lua, env, "rate_limit_status", &self.rate_limit_status)?;
         set_serialized(lua, env, "current_time", &self.current_time)
     }

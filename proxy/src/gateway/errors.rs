@@ -16,9 +16,9 @@ pub enum ErrorType {
     BackendError,
     /// The backend was too slow.
     Timeout,
-    /// Authentication failed (upstream 401/403; the auth stage later).
+    /// Authentication failed (the auth stage, or upstream 401/403).
     AuthError,
-    /// Rate limited (upstream 429; the rate limit stage later).
+    /// Rate limited (the rate limit stage, or upstream 429).
     RateLimit,
     /// The client's request is wrong (malformed JSON, too large, 4xx).
     BadRequest,
@@ -78,6 +78,8 @@ pub struct Failure {
     pub retry_count: u32,
     /// The backend's own error response, if it sent one.
     pub upstream: Option<Box<UpstreamReply>>,
+    /// Seconds for a `Retry-After` header (rate limit refusals).
+    pub retry_after: Option<u64>,
 }
 
 impl Failure {
@@ -91,6 +93,7 @@ impl Failure {
             backend: None,
             retry_count: 0,
             upstream: None,
+            retry_after: None,
         }
     }
 

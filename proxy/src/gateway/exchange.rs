@@ -1,7 +1,9 @@
-//! One proxied request: read and parse the body once, then attempts
-//! (routing -> balancer -> request_transform -> upstream) with retries on
-//! another backend, then the response (response_transform, usage) or the
-//! failure (error_handler).
+//! One proxied request: read and parse the body once, admission (auth and
+//! rate limit, see [`super::admission`]), then attempts (routing -> balancer
+//! -> request_transform -> upstream) with retries on another backend, then
+//! the response (response_transform, usage) or the failure (error_handler).
+//! With the local state backend, admission runs in the same hook-thread job
+//! as the first attempt's routing and request_transform.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +19,14 @@ use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, 
 use llmproxy_core::HookName;
 use serde_json::Value;
 
+use super::admission::{self, Admitted, Caller, Completion, Refusal, Ticket};
 use super::backend::Backend;
 use super::body::GatewayBody;
 use super::errors::{error_body, ErrorType, Failure, UpstreamReply};
+use super::keyset;
+use super::live::Live;
 use super::pipeline::{Denied, StageResult, Timings};
+use super::state::State;
 use super::upstream::{self, UpstreamError};
 use super::{headers, relay, request_id, Shared};
 
@@ -57,6 +63,10 @@ impl Endpoint {
 /// Everything known about the request being proxied.
 pub(crate) struct Exchange {
     pub shared: Arc<Shared>,
+    pub live: Arc<Live>,
+    pub caller: Caller,
+    /// Set once admitted; completed (or dropped) exactly once.
+    pub ticket: Option<Ticket>,
     pub info: Arc<RequestInfo>,
     pub endpoint: Endpoint,
     pub method: Method,
@@ -83,6 +93,12 @@ enum Outcome {
     Fail(Failure),
 }
 
+/// Why planning an attempt stopped the request.
+enum Stop {
+    Denied(Denied),
+    Refused(Refusal),
+}
+
 /// Proxy one request to a backend.
 pub async fn proxy(
     shared: Arc<Shared>,
@@ -93,21 +109,36 @@ pub async fn proxy(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let id = request_id::accept_or_generate(parts.headers.get(request_id::HEADER).map(HeaderValue::as_bytes));
+    let live = shared.live();
+    let api_key = keyset::presented_key(&parts.headers);
+    let key = api_key.as_deref().and_then(|k| live.keys.get(k));
+    let caller = Caller {
+        key_id: match (&key, &api_key) {
+            (Some(k), _) => Some(Arc::clone(&k.fingerprint)),
+            (None, Some(k)) if live.admission_on() => Some(Arc::from(llmproxy_core::keys::key_fingerprint(k))),
+            _ => None,
+        },
+        key: key.clone(),
+    };
     let info = RequestInfo {
         id,
         // Scripts see the headers; without scripts nobody does.
-        headers: if shared.stages.any_enabled() {
+        headers: if live.stages.any_enabled() {
             headers::for_scripts(&parts.headers)
         } else {
             Vec::new()
         },
-        api_key: headers::bearer(&parts.headers),
+        api_key,
+        user_id: key.map(|k| k.record.user_id.clone()),
         client_ip: Some(peer.ip().to_string()),
         path: Some(parts.uri.path().to_owned()),
         ..RequestInfo::default()
     };
     let mut ex = Exchange {
         shared,
+        live,
+        caller,
+        ticket: None,
         info: Arc::new(info),
         endpoint,
         method: parts.method,
@@ -140,7 +171,7 @@ pub async fn proxy(
         Err(f) => return ex.fail(f).await,
     }
     let parsed = if endpoint.is_api() {
-        match parse_api_body(&ex.body, ex.shared.stages.engine()) {
+        match parse_api_body(&ex.body, ex.live.stages.engine()) {
             Ok(v) => v,
             Err(f) => return ex.fail(f).await,
         }
@@ -206,14 +237,36 @@ fn parse_api_body(body: &[u8], engine: &llmproxy_core::Engine) -> Result<Value, 
 
 impl Exchange {
     async fn run(mut self) -> Response<GatewayBody> {
+        // Admission: inline in the first plan job with local state, awaited
+        // here with Redis, nothing to do when neither auth nor limits apply.
+        let mut admit_in_plan = false;
+        if !self.live.admission_on() {
+            self.admitted(Admitted::default());
+        } else {
+            let shared = Arc::clone(&self.shared);
+            match &*shared.state {
+                State::Local(_) => admit_in_plan = true,
+                State::Redis(redis) => {
+                    let mut t = Timings::default();
+                    let r = admission::admit_redis(&shared, &self.live, redis, &self.info, &self.caller, &mut t).await;
+                    self.timings.merge(t);
+                    match r {
+                        Ok(a) => self.admitted(a),
+                        Err(r) => return self.refused(r).await,
+                    }
+                }
+            }
+        }
         let max_retries = self.shared.config.retry.max_retries;
         let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<Failure> = None;
         for attempt in 0..=max_retries {
-            let plan = match self.plan(attempt == 0, &tried).await {
+            let admit = admit_in_plan && attempt == 0;
+            let plan = match self.plan(attempt == 0, &tried, admit).await {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
-                Err(denied) => return self.denied(denied),
+                Err(Stop::Denied(denied)) => return self.denied(denied),
+                Err(Stop::Refused(r)) => return self.refused(r).await,
             };
             tried.push(plan.backend.index);
             if attempt > 0 {
@@ -240,28 +293,69 @@ impl Exchange {
         self.fail(f).await
     }
 
-    /// Routing (first attempt only), the balancer, and request_transform,
-    /// in one trip to a hook thread when a script is involved.
-    async fn plan(&mut self, use_routing: bool, tried: &[usize]) -> StageResult<Option<Plan>> {
+    /// The request was admitted: it now owns a ticket.
+    fn admitted(&mut self, a: Admitted) {
+        self.ticket = Some(Ticket::new(
+            &self.shared,
+            &self.live,
+            &self.info,
+            &self.caller,
+            a,
+            self.started,
+        ));
+    }
+
+    /// Admission refused the request.
+    async fn refused(&mut self, r: Refusal) -> Response<GatewayBody> {
+        match r {
+            Refusal::Fail(f) => self.fail(*f).await,
+            Refusal::Deny(d) => self.denied(d),
+        }
+    }
+
+    /// Admission (when `admit`: local state), routing (first attempt only),
+    /// the balancer, and request_transform, in one trip to a hook thread
+    /// when a script is involved.
+    async fn plan(&mut self, use_routing: bool, tried: &[usize], admit: bool) -> Result<Option<Plan>, Stop> {
         let shared = Arc::clone(&self.shared);
+        let live = Arc::clone(&self.live);
         let info = Arc::clone(&self.info);
+        let caller = self.caller.clone();
         let raw = self.body.clone();
         let endpoint = self.endpoint;
         let tried = tried.to_vec();
-        let scripted = (use_routing && shared.stages.enabled(HookName::Routing))
-            || (endpoint.is_api() && shared.stages.enabled(HookName::RequestTransform));
+        let stages = &self.live.stages;
+        let scripted = (use_routing && stages.enabled(HookName::Routing))
+            || (endpoint.is_api() && stages.enabled(HookName::RequestTransform))
+            || (admit && (stages.enabled(HookName::Auth) || stages.enabled(HookName::RateLimit)));
         let job = move || {
             let mut t = Timings::default();
-            let r = plan_sync(&shared, &info, raw, endpoint, use_routing, &tried, &mut t);
-            (r, t)
+            let admitted = match (admit, &*shared.state) {
+                (true, State::Local(local)) => {
+                    match admission::admit_local(&shared, &live, local, &info, &caller, &mut t) {
+                        Ok(a) => Some(a),
+                        Err(r) => return (Err(Stop::Refused(r)), None, t),
+                    }
+                }
+                _ => None,
+            };
+            let r = plan_sync(&shared, &live, &info, raw, endpoint, use_routing, &tried, &mut t);
+            (r.map_err(Stop::Denied), admitted, t)
         };
-        let (result, t) = if scripted {
+        let (result, admitted, t) = if scripted {
             match self.shared.hooks.run(job).await {
                 Ok(r) => r,
                 Err(_) => {
-                    let denied = self.shared.stages.lost(HookName::Routing);
-                    return match denied {
-                        Some(d) => Err(d),
+                    let hook = if admit { HookName::Auth } else { HookName::Routing };
+                    return match self.live.stages.lost(hook) {
+                        Some(d) => Err(Stop::Denied(d)),
+                        None if admit => Err(Stop::Denied(Denied {
+                            hook,
+                            error: llmproxy_core::HookError::new(
+                                llmproxy_core::ErrorKind::Internal,
+                                "the hook call was lost",
+                            ),
+                        })),
                         None => Ok(None),
                     };
                 }
@@ -270,6 +364,9 @@ impl Exchange {
             job()
         };
         self.timings.merge(t);
+        if let Some(a) = admitted {
+            self.admitted(a);
+        }
         result
     }
 
@@ -393,6 +490,11 @@ impl Exchange {
         let b = &plan.backend;
         let uri = b.uri(&self.path_and_query)?;
         let mut h = headers::upstream(&self.client_headers, self.endpoint.is_api());
+        if self.live.auth_on {
+            // The client's key is the gateway's, never the backend's.
+            h.remove(header::AUTHORIZATION);
+            h.remove("x-api-key");
+        }
         headers::apply(&mut h, &plan.header_changes, &self.info.id);
         for (k, v) in &b.headers {
             h.insert(k.clone(), v.clone());
@@ -430,31 +532,30 @@ impl Exchange {
             None
         };
         let latency_ms = latency.as_secs_f64() * 1e3;
-        // The usage stage runs after the response is on its way: on the
-        // hook thread right after response_transform when both run, else
-        // on its own.
-        let usage_job = parsed.as_ref().and_then(|json| {
-            let usage = json.get("usage").filter(|u| u.is_object())?.clone();
-            let response = ResponseInfo {
+        let transform = self.live.stages.enabled(HookName::ResponseTransform);
+        let completion = Completion {
+            backend: Some(Arc::clone(b)),
+            status,
+            usage: parsed
+                .as_ref()
+                .and_then(|json| json.get("usage").filter(|u| u.is_object()).cloned()),
+            response: parsed.as_ref().map(|json| ResponseInfo {
                 status_code: status,
                 body: Arc::clone(json),
                 headers: Vec::new(),
                 is_stream: false,
-            };
-            Some(usage_job(
-                &self.shared,
-                &self.info,
-                b,
-                usage,
-                response,
-                latency_ms,
-                false,
-            ))
-        });
-        let transform = self.shared.stages.enabled(HookName::ResponseTransform);
+            }),
+            latency_ms,
+            is_stream: false,
+        };
+        // The usage stage runs after the response is on its way: on the
+        // hook thread right after response_transform when both run, else
+        // on its own. (A transform may change the status the client gets;
+        // the ledger records the backend's.)
+        let usage_job = self.ticket.take().and_then(|t| t.job(completion));
         match parsed.as_ref().filter(|_| transform) {
             Some(json) => {
-                let shared = Arc::clone(&self.shared);
+                let live = Arc::clone(&self.live);
                 let info = Arc::clone(&self.info);
                 let response = ResponseInfo {
                     status_code: status,
@@ -465,7 +566,7 @@ impl Exchange {
                 let url = b.url.clone();
                 let job = move || {
                     let mut t = Timings::default();
-                    let r = shared
+                    let r = live
                         .stages
                         .transform_response(&info, &response, &url, latency_ms, &mut t);
                     (r, t)
@@ -480,7 +581,7 @@ impl Exchange {
                         self.timings.merge(t);
                         r
                     }
-                    Err(_) => match self.shared.stages.lost(HookName::ResponseTransform) {
+                    Err(_) => match self.live.stages.lost(HookName::ResponseTransform) {
                         Some(d) => Err(d),
                         None => Ok(None),
                     },
@@ -501,7 +602,7 @@ impl Exchange {
             }
             None => {
                 if let Some(u) = usage_job {
-                    run_usage(&self.shared, u);
+                    admission::run_usage(&self.shared, &self.live, u);
                 }
             }
         }
@@ -537,8 +638,8 @@ impl Exchange {
     /// A request failed: error_handler decides the response; with nil, the
     /// backend's own error response (if any) or the default error body.
     pub(crate) async fn fail(&mut self, f: Failure) -> Response<GatewayBody> {
-        let decision = if self.shared.stages.enabled(HookName::ErrorHandler) {
-            let shared = Arc::clone(&self.shared);
+        let decision = if self.live.stages.enabled(HookName::ErrorHandler) {
+            let live = Arc::clone(&self.live);
             let info = Arc::clone(&self.info);
             let error = ErrorInfo {
                 kind: f.kind.as_str().to_owned(),
@@ -549,7 +650,7 @@ impl Exchange {
             };
             let job = move || {
                 let mut t = Timings::default();
-                let r = shared.stages.handle_error(&info, &error, &mut t);
+                let r = live.stages.handle_error(&info, &error, &mut t);
                 (r, t)
             };
             match self.shared.hooks.run(job).await {
@@ -557,7 +658,7 @@ impl Exchange {
                     self.timings.merge(t);
                     r
                 }
-                Err(_) => match self.shared.stages.lost(HookName::ErrorHandler) {
+                Err(_) => match self.live.stages.lost(HookName::ErrorHandler) {
                     Some(d) => Err(d),
                     None => Ok(ErrorResponse::Default),
                 },
@@ -566,6 +667,12 @@ impl Exchange {
             Ok(ErrorResponse::Default)
         };
         let backend = f.backend.clone();
+        let upstream_usage = f
+            .upstream
+            .as_ref()
+            .and_then(|u| serde_json::from_slice::<Value>(&u.body).ok())
+            .and_then(|v| v.get("usage").filter(|u| u.is_object()).cloned());
+        let retry_after = f.retry_after;
         let resp = match decision {
             Err(denied) => return self.denied(denied),
             Ok(ErrorResponse::Default) => match f.upstream {
@@ -587,12 +694,34 @@ impl Exchange {
                 r
             }
         };
+        let mut resp = resp;
+        if let Some(secs) = retry_after {
+            if !resp.headers().contains_key(header::RETRY_AFTER) {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+        }
         tracing::debug!(target: "llmproxy::gateway", request_id = %self.info.id, kind = f.kind.as_str(), "request failed: {}", f.message);
+        if let Some(t) = self.ticket.take() {
+            t.complete(Completion {
+                backend: backend.clone(),
+                status: resp.status().as_u16(),
+                usage: upstream_usage,
+                response: None,
+                latency_ms: self.started.elapsed().as_secs_f64() * 1e3,
+                is_stream: false,
+            });
+        }
         self.finish(resp, backend.as_deref(), None)
     }
 
     /// A hook failed under `on_error: deny`: 503, not shaped by scripts.
-    pub(crate) fn denied(&self, d: Denied) -> Response<GatewayBody> {
+    pub(crate) fn denied(&mut self, d: Denied) -> Response<GatewayBody> {
+        if let Some(t) = self.ticket.take() {
+            t.complete(Completion {
+                status: 503,
+                ..Completion::default()
+            });
+        }
         let body = error_body(
             &format!(
                 "the request was refused: the {} hook failed ({})",
@@ -606,8 +735,10 @@ impl Exchange {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn plan_sync(
     shared: &Shared,
+    live: &Live,
     info: &RequestInfo,
     raw: Bytes,
     endpoint: Endpoint,
@@ -615,7 +746,7 @@ fn plan_sync(
     tried: &[usize],
     t: &mut Timings,
 ) -> StageResult<Option<Plan>> {
-    let stages = &shared.stages;
+    let stages = &live.stages;
     let backends = &shared.backends;
     let chosen = if use_routing && stages.enabled(HookName::Routing) {
         let statuses: Vec<_> = backends.iter().map(|b| b.status()).collect();
@@ -696,83 +827,6 @@ pub(crate) fn json_response(status: u16, body: Bytes) -> Response<GatewayBody> {
     r
 }
 
-/// Run the usage stage off the request path and hand the record to the sink.
-pub(crate) fn record_usage(
-    shared: &Arc<Shared>,
-    info: &Arc<RequestInfo>,
-    backend: &Arc<Backend>,
-    usage: Value,
-    response: ResponseInfo,
-    latency_ms: f64,
-    is_stream: bool,
-) {
-    let job = usage_job(shared, info, backend, usage, response, latency_ms, is_stream);
-    run_usage(shared, job);
-}
-
-/// Run a usage job: on a hook thread when a script runs, inline otherwise.
-fn run_usage(shared: &Shared, job: impl FnOnce() + Send + 'static) {
-    if shared.stages.enabled(HookName::Usage) {
-        if shared.hooks.spawn(job).is_err() {
-            shared.stages.lost(HookName::Usage);
-        }
-    } else {
-        job();
-    }
-}
-
-/// The usage stage as a job: the hook, metrics, and the sink.
-fn usage_job(
-    shared: &Arc<Shared>,
-    info: &Arc<RequestInfo>,
-    backend: &Arc<Backend>,
-    usage: Value,
-    response: ResponseInfo,
-    latency_ms: f64,
-    is_stream: bool,
-) -> impl FnOnce() + Send + 'static {
-    let shared = Arc::clone(shared);
-    let info = Arc::clone(info);
-    let backend = Arc::clone(backend);
-    move || {
-        let metadata = llmproxy_core::hooks::UsageMetadata {
-            backend_url: backend.url.clone(),
-            latency_ms,
-            is_stream,
-        };
-        let mut t = Timings::default();
-        let record = shared.stages.usage(&info, &usage, &response, &metadata, &mut t);
-        let record = match record {
-            llmproxy_core::hooks::UsageRecord::Raw => usage.clone(),
-            llmproxy_core::hooks::UsageRecord::Custom(m) => Value::Object(m),
-        };
-        let m = &shared.metrics;
-        for key in [
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "billable_tokens",
-            "cost",
-        ] {
-            let v = record
-                .get(key)
-                .or_else(|| (key == "billable_tokens").then(|| record.get("total_tokens")).flatten());
-            if let Some(v) = v.and_then(Value::as_f64) {
-                m.usage(&backend.name, key, v);
-            }
-        }
-        shared.usage_sink.record(super::UsageEntry {
-            request_id: info.id.clone(),
-            backend: backend.name.clone(),
-            backend_url: backend.url.clone(),
-            path: info.path.clone().unwrap_or_default(),
-            is_stream,
-            raw: usage,
-            record,
-        });
-    }
-}
-
 /// One JSON log line per request.
 pub(crate) fn access_log(ex: &Exchange, backend: &str, status: u16, upstream: Option<Duration>, stream: bool) {
     let t = &ex.timings;
@@ -787,6 +841,8 @@ pub(crate) fn access_log(ex: &Exchange, backend: &str, status: u16, upstream: Op
         retries = ex.retries,
         latency_ms = ex.started.elapsed().as_secs_f64() * 1e3,
         upstream_ms = upstream.map(|d| d.as_secs_f64() * 1e3),
+        auth_us = t.get(HookName::Auth),
+        rate_limit_us = t.get(HookName::RateLimit),
         routing_us = t.get(HookName::Routing),
         request_transform_us = t.get(HookName::RequestTransform),
         response_transform_us = t.get(HookName::ResponseTransform),

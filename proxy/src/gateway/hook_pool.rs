@@ -19,6 +19,7 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 pub struct HookPool {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     threads: usize,
+    handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// The job did not run to completion (it panicked, or the pool is closed).
@@ -31,9 +32,10 @@ impl HookPool {
         let threads = threads.max(1);
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let rx = Arc::clone(&rx);
-            std::thread::Builder::new()
+            let h = std::thread::Builder::new()
                 .name(format!("llmproxy-hook-{i}"))
                 .spawn(move || loop {
                     let job = {
@@ -46,10 +48,12 @@ impl HookPool {
                         Err(_) => return,
                     }
                 })?;
+            handles.push(h);
         }
         Ok(HookPool {
             tx: Mutex::new(Some(tx)),
             threads,
+            handles: Mutex::new(handles),
         })
     }
 
@@ -100,9 +104,44 @@ impl HookPool {
         }
     }
 
+    /// Run `f` on a hook thread without waiting for it; when the pool is
+    /// closed (shutdown), run it here instead, so the work is never lost.
+    pub fn spawn_or_inline<F>(&self, f: F)
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let job: Job = Box::new(f);
+        let job = match guard.as_ref() {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        drop(guard);
+        job();
+    }
+
     /// Stop taking jobs; threads exit once the queue is drained.
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Stop taking jobs and wait until every queued job has run (blocking).
+    /// Jobs queued by running jobs still run (they hold the queue open only
+    /// until they finish: the threads exit when it is empty and closed).
+    pub fn close_and_join(&self) {
+        self.close();
+        let handles: Vec<_> = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
     }
 }
 

@@ -85,8 +85,54 @@ pub struct Metrics {
     hooks: Vec<HookMetrics>,
     retries: AtomicU64,
     active_streams: AtomicI64,
-    usage_tokens: Mutex<BTreeMap<(String, &'static str), f64>>,
+    /// Per backend index, per [`USAGE_KINDS`]: an f64 sum as bits.
+    usage_tokens: Vec<[AtomicU64; USAGE_KINDS.len()]>,
+    auth_denied: [AtomicU64; AUTH_REASONS.len()],
+    rate_limited: [AtomicU64; RATE_REASONS.len()],
+    reloads: [AtomicU64; 2],
+    generation: AtomicU64,
 }
+
+/// Why the auth stage refused a request (`llmproxy_auth_denied_total{reason}`).
+pub const AUTH_REASONS: [&str; 7] = [
+    "invalid_key",
+    "disabled",
+    "expired",
+    "ip_not_allowed",
+    "quota_exhausted",
+    "script",
+    "hook_failed",
+];
+
+/// Why the rate limit stage refused a request
+/// (`llmproxy_rate_limited_total{reason}`).
+pub const RATE_REASONS: [&str; 6] = [
+    "global_rpm",
+    "key_rpm",
+    "key_tpm",
+    "key_concurrency",
+    "script",
+    "state_unavailable",
+];
+
+/// Account-path gauges read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccountGauges {
+    /// Ledger records committed, transactions, failures, producer waits,
+    /// records queued; `None` without a ledger.
+    pub ledger: Option<[u64; 5]>,
+    /// Failed calls to the state backend.
+    pub state_errors: u64,
+}
+
+/// The kinds of `llmproxy_usage_total`.
+pub const USAGE_KINDS: [&str; 5] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "billable_tokens",
+    "cost",
+];
 
 /// Label used when no backend was involved.
 pub const NO_BACKEND: &str = "none";
@@ -94,6 +140,7 @@ pub const NO_BACKEND: &str = "none";
 impl Metrics {
     /// Metrics for the given backend names (index = backend index).
     pub fn new(backends: Vec<String>) -> Self {
+        let backends_len = backends.len();
         Metrics {
             upstream_latency: backends.iter().map(|_| Histogram::new(&UPSTREAM_BUCKETS)).collect(),
             requests: (0..=backends.len()).map(|_| Mutex::new(BTreeMap::new())).collect(),
@@ -107,8 +154,97 @@ impl Metrics {
                 .collect(),
             retries: AtomicU64::new(0),
             active_streams: AtomicI64::new(0),
-            usage_tokens: Mutex::new(BTreeMap::new()),
+            usage_tokens: (0..=backends_len).map(|_| Default::default()).collect(),
+            auth_denied: Default::default(),
+            rate_limited: Default::default(),
+            reloads: Default::default(),
+            generation: AtomicU64::new(1),
         }
+    }
+
+    /// The auth stage refused a request (`reason` from [`AUTH_REASONS`]).
+    pub fn auth_denied(&self, reason: &str) {
+        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+            self.auth_denied[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The rate limit stage refused a request (`reason` from [`RATE_REASONS`]).
+    pub fn rate_limited(&self, reason: &str) {
+        if let Some(i) = RATE_REASONS.iter().position(|r| *r == reason) {
+            self.rate_limited[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A reload was applied (`ok`) or rejected; `generation` is the one
+    /// serving now.
+    pub fn reload(&self, ok: bool, generation: u64) {
+        self.reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// Reloads applied and rejected so far.
+    pub fn reloads(&self) -> (u64, u64) {
+        (
+            self.reloads[0].load(Ordering::Relaxed),
+            self.reloads[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// The exposition text of the account path (appended to [`Metrics::render`]).
+    pub fn render_accounts(&self, out: &mut String, g: AccountGauges) {
+        out.push_str("# HELP llmproxy_auth_denied_total Requests refused by the auth stage, by reason.\n");
+        out.push_str("# TYPE llmproxy_auth_denied_total counter\n");
+        for (r, n) in AUTH_REASONS.iter().zip(&self.auth_denied) {
+            let _ = writeln!(
+                out,
+                "llmproxy_auth_denied_total{{reason=\"{r}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP llmproxy_rate_limited_total Requests refused by the rate limit stage, by reason.\n");
+        out.push_str("# TYPE llmproxy_rate_limited_total counter\n");
+        for (r, n) in RATE_REASONS.iter().zip(&self.rate_limited) {
+            let _ = writeln!(
+                out,
+                "llmproxy_rate_limited_total{{reason=\"{r}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP llmproxy_reloads_total Configuration reloads, applied or rejected.\n");
+        out.push_str("# TYPE llmproxy_reloads_total counter\n");
+        let (ok, failed) = self.reloads();
+        let _ = writeln!(out, "llmproxy_reloads_total{{result=\"ok\"}} {ok}");
+        let _ = writeln!(out, "llmproxy_reloads_total{{result=\"failed\"}} {failed}");
+        out.push_str("# HELP llmproxy_config_generation The configuration generation serving requests.\n");
+        out.push_str("# TYPE llmproxy_config_generation gauge\n");
+        let _ = writeln!(
+            out,
+            "llmproxy_config_generation {}",
+            self.generation.load(Ordering::Relaxed)
+        );
+        if let Some([written, batches, failed, waits, pending]) = g.ledger {
+            out.push_str("# HELP llmproxy_ledger_records_total Usage records committed to the ledger.\n");
+            out.push_str("# TYPE llmproxy_ledger_records_total counter\n");
+            let _ = writeln!(out, "llmproxy_ledger_records_total {written}");
+            out.push_str("# HELP llmproxy_ledger_batches_total Ledger transactions committed.\n");
+            out.push_str("# TYPE llmproxy_ledger_batches_total counter\n");
+            let _ = writeln!(out, "llmproxy_ledger_batches_total {batches}");
+            out.push_str("# HELP llmproxy_ledger_failed_total Usage records the ledger could not write.\n");
+            out.push_str("# TYPE llmproxy_ledger_failed_total counter\n");
+            let _ = writeln!(out, "llmproxy_ledger_failed_total {failed}");
+            out.push_str(
+                "# HELP llmproxy_ledger_backpressure_total Times a producer waited for a full ledger queue.\n",
+            );
+            out.push_str("# TYPE llmproxy_ledger_backpressure_total counter\n");
+            let _ = writeln!(out, "llmproxy_ledger_backpressure_total {waits}");
+            out.push_str("# HELP llmproxy_ledger_pending Usage records queued, not yet committed.\n");
+            out.push_str("# TYPE llmproxy_ledger_pending gauge\n");
+            let _ = writeln!(out, "llmproxy_ledger_pending {pending}");
+        }
+        out.push_str("# HELP llmproxy_state_errors_total Failed calls to the state backend.\n");
+        out.push_str("# TYPE llmproxy_state_errors_total counter\n");
+        let _ = writeln!(out, "llmproxy_state_errors_total {}", g.state_errors);
     }
 
     /// One finished request, by backend index (`None`: no backend).
@@ -154,10 +290,24 @@ impl Metrics {
         self.active_streams.load(Ordering::Relaxed)
     }
 
-    /// Tokens (and cost) recorded by the usage stage.
-    pub fn usage(&self, backend: &str, kind: &'static str, amount: f64) {
-        let mut map = self.usage_tokens.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((backend.to_owned(), kind)).or_insert(0.0) += amount;
+    /// Tokens (and cost) recorded by the usage stage, by backend index and
+    /// kind (one of [`USAGE_KINDS`]); lock-free.
+    pub fn usage(&self, backend: usize, kind: &'static str, amount: f64) {
+        let (Some(slots), Some(k)) = (
+            self.usage_tokens.get(backend),
+            USAGE_KINDS.iter().position(|x| *x == kind),
+        ) else {
+            return;
+        };
+        let cell = &slots[k];
+        let mut cur = cell.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(cur) + amount).to_bits();
+            match cell.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(v) => cur = v,
+            }
+        }
     }
 
     /// Errors of `hook` of the given kind so far.
@@ -229,12 +379,18 @@ impl Metrics {
         let _ = writeln!(out, "llmproxy_active_streams {}", self.active_streams());
         out.push_str("# HELP llmproxy_usage_total Usage recorded after the usage hook (tokens, cost).\n");
         out.push_str("# TYPE llmproxy_usage_total counter\n");
-        for ((backend, kind), v) in self.usage_tokens.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "llmproxy_usage_total{{backend=\"{}\",kind=\"{kind}\"}} {v}",
-                escape(backend)
-            );
+        for (i, slots) in self.usage_tokens.iter().enumerate() {
+            let backend = self.backends.get(i).map_or(NO_BACKEND, String::as_str);
+            for (kind, cell) in USAGE_KINDS.iter().zip(slots) {
+                let v = f64::from_bits(cell.load(Ordering::Relaxed));
+                if v != 0.0 {
+                    let _ = writeln!(
+                        out,
+                        "llmproxy_usage_total{{backend=\"{}\",kind=\"{kind}\"}} {v}",
+                        escape(backend)
+                    );
+                }
+            }
         }
         out.push_str("# HELP llmproxy_backend_healthy Whether the backend is considered healthy.\n");
         out.push_str("# TYPE llmproxy_backend_healthy gauge\n");

@@ -5,10 +5,17 @@
 //! - [`relay`]: SSE streams, relayed event by event.
 //! - [`pipeline`]: the hook stages, one function each.
 //! - [`hook_pool`]: the threads hook calls run on.
+//! - [`admission`]: the auth and rate limit stages, and the ticket every
+//!   admitted request carries (its concurrency slot and usage record).
+//! - [`keyset`], [`limiter`], [`state`], [`resp`]: API keys, the standard
+//!   limiter, where counters live (this process or Redis), the Redis client.
+//! - [`ledger`]: the SQLite usage ledger.
+//! - [`live`], [`reload`]: the reloadable snapshot and hot reload.
 //! - [`backend`], [`balancer`], [`health`], [`upstream`]: backends.
 //! - [`sse`], [`headers`], [`body`], [`errors`], [`metrics`],
 //!   [`request_id`]: helpers with one job each.
 
+pub mod admission;
 pub mod backend;
 pub mod balancer;
 pub mod body;
@@ -17,21 +24,29 @@ pub mod exchange;
 pub mod headers;
 pub mod health;
 pub mod hook_pool;
+pub mod keyset;
+pub mod ledger;
+pub mod limiter;
+pub mod live;
 pub mod metrics;
 pub mod pipeline;
 pub mod relay;
+pub mod reload;
 pub mod request_id;
+pub mod resp;
 pub mod server;
 pub mod sse;
+pub mod state;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
-use llmproxy_core::config::GatewayConfig;
-use llmproxy_core::{Config, Engine};
+use llmproxy_core::config::{GatewayConfig, StateBackend};
+use llmproxy_core::Config;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -40,8 +55,10 @@ use tokio::task::JoinHandle;
 use backend::Backend;
 use balancer::Balancer;
 use hook_pool::HookPool;
-use metrics::Metrics;
-use pipeline::Stages;
+use ledger::Ledger;
+use live::Live;
+use metrics::{AccountGauges, Metrics};
+use state::State;
 
 /// One usage record, after the `usage` hook.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,10 +78,24 @@ pub struct UsageEntry {
     /// The record to store: the script's table, or `raw` when the hook is
     /// off, returned nil or failed.
     pub record: Value,
+    /// The status the client got (499: the client went away first).
+    pub status: u16,
+    /// The fingerprint of the client's API key.
+    pub key_fingerprint: Option<String>,
+    /// The key's user.
+    pub user_id: Option<String>,
+    /// The `model` the client asked for.
+    pub model: Option<String>,
+    /// Tokens charged to the key's quota (`billable_tokens`, else
+    /// `total_tokens`, rounded).
+    pub billable_tokens: u64,
+    /// Time from request to completion, in milliseconds.
+    pub latency_ms: f64,
 }
 
-/// Where usage records go. The next issue's usage ledger implements this;
-/// by default records are logged (`llmproxy::usage`) and counted in metrics.
+/// Where usage records go besides the ledger (`ledger:`): one record per
+/// admitted request. By default, without a ledger, records are logged
+/// (`llmproxy::usage`); they are always counted in metrics.
 pub trait UsageSink: Send + Sync {
     /// Store one record. Called on a hook thread; must not block for long.
     fn record(&self, entry: UsageEntry);
@@ -81,6 +112,8 @@ impl UsageSink for LogUsageSink {
             request_id = %e.request_id,
             backend = %e.backend,
             is_stream = e.is_stream,
+            status = e.status,
+            key = e.key_fingerprint.as_deref().unwrap_or("-"),
             usage = %e.record,
             "usage recorded"
         );
@@ -90,8 +123,11 @@ impl UsageSink for LogUsageSink {
 /// Options of a gateway beyond its config.
 #[derive(Clone, Default)]
 pub struct GatewayOptions {
-    /// Where usage records go (default: [`LogUsageSink`]).
+    /// Where usage records go besides the ledger (default: [`LogUsageSink`]
+    /// without a ledger, nothing with one).
     pub usage_sink: Option<Arc<dyn UsageSink>>,
+    /// The node name in ledger records (default: the host name and pid).
+    pub node: Option<String>,
 }
 
 impl std::fmt::Debug for GatewayOptions {
@@ -102,9 +138,8 @@ impl std::fmt::Debug for GatewayOptions {
 
 /// State shared by every connection and request.
 pub struct Shared {
-    /// Hook stages over the engine.
-    pub stages: Stages,
-    /// Backends, in config order.
+    live: ArcSwap<Live>,
+    /// Backends, in config order (fixed at start).
     pub backends: Arc<[Arc<Backend>]>,
     /// The default balancer.
     pub balancer: Balancer,
@@ -112,12 +147,20 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Threads for hook calls.
     pub hooks: HookPool,
-    /// Gateway settings.
+    /// Gateway settings (fixed at start).
     pub config: GatewayConfig,
-    /// Usage sink.
-    pub usage_sink: Arc<dyn UsageSink>,
+    /// Usage sinks besides the ledger.
+    pub usage_sinks: Vec<Arc<dyn UsageSink>>,
+    /// Rate-limit counters, concurrency slots, quota usage.
+    pub state: Arc<State>,
+    /// The usage ledger.
+    pub ledger: Option<Arc<Ledger>>,
+    /// This gateway's name in the ledger.
+    pub node: String,
     /// The body of `GET /v1/models`.
     pub models_body: Bytes,
+    /// Hot reload bookkeeping.
+    pub reloader: reload::Reloader,
 }
 
 impl std::fmt::Debug for Shared {
@@ -128,9 +171,17 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+fn default_node() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| String::from("llmproxy"));
+    format!("{host}-{}", std::process::id())
+}
+
 impl Shared {
-    /// Build the shared state from a config: compiles every script, starts
-    /// the hook threads (as many as the engine has VMs).
+    /// Build the shared state from a config: compiles every script, opens
+    /// the ledger, starts the hook threads (as many as the engine has VMs).
+    /// Must run inside a tokio runtime (the Redis backend spawns on it).
     pub fn new(config: Config, options: GatewayOptions) -> Result<Shared, String> {
         let mut problems = Vec::new();
         let mut backends = Vec::new();
@@ -147,9 +198,25 @@ impl Shared {
             return Err(problems.join("\n"));
         }
         let gateway = config.gateway.clone();
-        let engine = Arc::new(Engine::new(config).map_err(|e| e.to_string())?);
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| format!("no tokio runtime: {e}"))?;
         let metrics = Arc::new(Metrics::new(backends.iter().map(|b| b.name.clone()).collect()));
-        let threads = engine.pool_stats().capacity;
+        let ledger = match &config.ledger {
+            Some(cfg) => Some(Arc::new(Ledger::open(cfg)?)),
+            None => None,
+        };
+        let state = Arc::new(State::new(&config.state, ledger.clone(), handle)?);
+        if config.state.backend == StateBackend::Local
+            && ledger.is_none()
+            && config.keys.iter().any(|k| k.total_quota > 0)
+        {
+            tracing::warn!(
+                target: "llmproxy::gateway",
+                "keys have quotas but there is no ledger: used_quota is counted in memory and lost on restart (add `ledger:`)"
+            );
+        }
+        let reloader = reload::Reloader::new(&config);
+        let live = Live::build(config, Arc::clone(&metrics), 1)?;
+        let threads = live.stages.engine().pool_stats().capacity;
         let hooks = HookPool::new(threads).map_err(|e| format!("cannot start hook threads: {e}"))?;
         let models: Vec<Value> = if gateway.models.is_empty() {
             backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>()
@@ -160,16 +227,36 @@ impl Shared {
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llmproxy"}))
         .collect();
         let models_body = Bytes::from(json!({"object": "list", "data": models}).to_string());
+        let mut usage_sinks: Vec<Arc<dyn UsageSink>> = Vec::new();
+        match options.usage_sink {
+            Some(s) => usage_sinks.push(s),
+            None if ledger.is_none() => usage_sinks.push(Arc::new(LogUsageSink)),
+            None => {}
+        }
         Ok(Shared {
-            stages: Stages::new(engine, Arc::clone(&metrics)),
+            live: ArcSwap::from_pointee(live),
             balancer: Balancer::new(gateway.balancer, backends.len()),
             backends: backends.into(),
             metrics,
             hooks,
             config: gateway,
-            usage_sink: options.usage_sink.unwrap_or_else(|| Arc::new(LogUsageSink)),
+            usage_sinks,
+            state,
+            ledger,
+            node: options.node.unwrap_or_else(default_node),
             models_body,
+            reloader,
         })
+    }
+
+    /// The configuration generation serving new requests.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Replace the live generation (requests in flight keep theirs).
+    pub(crate) fn swap_live(&self, live: Live) {
+        self.live.store(Arc::new(live));
     }
 
     /// The Prometheus exposition text.
@@ -186,7 +273,26 @@ impl Shared {
                 )
             })
             .collect();
-        self.metrics.render(self.stages.engine().pool_stats(), &backends)
+        let mut out = self.metrics.render(self.live().stages.engine().pool_stats(), &backends);
+        let ledger = self.ledger.as_ref().map(|l| {
+            let s = &l.stats;
+            let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            [
+                r(&s.written),
+                r(&s.batches),
+                r(&s.failed),
+                r(&s.backpressure),
+                r(&s.pending),
+            ]
+        });
+        self.metrics.render_accounts(
+            &mut out,
+            AccountGauges {
+                ledger,
+                state_errors: self.state.errors(),
+            },
+        );
+        out
     }
 }
 
@@ -197,7 +303,7 @@ pub struct Gateway {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
-    probe: Option<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -205,18 +311,41 @@ impl Gateway {
     /// (port 0 picks a free port; see [`Gateway::local_addr`]).
     pub async fn start(config: Config, listen: SocketAddr, options: GatewayOptions) -> Result<Gateway, String> {
         let shared = Arc::new(Shared::new(config, options)?);
+        let mut background = Vec::new();
+        if let State::Redis(r) = &*shared.state {
+            if let Err(e) = r.heartbeat_once().await {
+                tracing::warn!(target: "llmproxy::state", "redis is not reachable yet: {e}");
+            }
+            let s = Arc::clone(&shared);
+            background.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    if let State::Redis(r) = &*s.state {
+                        if let Err(e) = r.heartbeat_once().await {
+                            tracing::warn!(target: "llmproxy::state", "redis heartbeat failed: {e}");
+                        }
+                    }
+                }
+            }));
+        }
+        if let Err(e) = shared.state.sync_keys(&shared.live().keys).await {
+            tracing::warn!(target: "llmproxy::state", "cannot sync key usage with the state backend: {e}");
+        }
+        if let Some(w) = reload::spawn_watcher(&shared) {
+            background.push(w);
+        }
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the listen address: {e}"))?;
-        let probe = (shared.config.health.probe_interval_ms > 0).then(|| {
-            tokio::spawn(health::probe_loop(
+        if shared.config.health.probe_interval_ms > 0 {
+            background.push(tokio::spawn(health::probe_loop(
                 Arc::clone(&shared.backends),
                 shared.config.health.clone(),
-            ))
-        });
+            )));
+        }
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(server::serve(listener, Arc::clone(&shared), stopped));
         Ok(Gateway {
@@ -224,7 +353,7 @@ impl Gateway {
             addr,
             stop: Some(stop),
             server,
-            probe,
+            background,
         })
     }
 
@@ -239,17 +368,23 @@ impl Gateway {
     }
 
     /// Stop accepting, let requests in flight finish (at most `grace`),
-    /// then return.
+    /// then finish the usage work they left (hook jobs, Redis charges) and
+    /// commit the ledger: nothing admitted before the call is lost.
     pub async fn shutdown(mut self, grace: Duration) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(p) = self.probe.take() {
-            p.abort();
+        for b in self.background.drain(..) {
+            b.abort();
         }
         let _ = tokio::time::timeout(grace, &mut self.server).await;
         self.server.abort();
-        self.shared.hooks.close();
+        let shared = Arc::clone(&self.shared);
+        let _ = tokio::task::spawn_blocking(move || shared.hooks.close_and_join()).await;
+        self.shared.state.drain(grace).await;
+        if let Some(l) = self.shared.ledger.clone() {
+            let _ = tokio::task::spawn_blocking(move || l.close()).await;
+        }
     }
 
     /// Serve until the server task ends (it does not end on its own).

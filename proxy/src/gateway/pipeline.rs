@@ -1,8 +1,8 @@
 //! The hook stages of a request, one function per stage, in the order a
 //! request meets them:
 //!
-//! `auth` and `rate_limit` (next issue: seams are [`Stages::auth`] and
-//! [`Stages::rate_limit`]) -> [`Stages::route`] -> [`Stages::transform_request`]
+//! [`Stages::auth`] (over the standard key checks) -> [`Stages::rate_limit`]
+//! (over the standard limiter) -> [`Stages::route`] -> [`Stages::transform_request`]
 //! -> upstream -> [`Stages::transform_response`] (per event on streams) ->
 //! [`Stages::usage`] -> on failure [`Stages::handle_error`].
 //!
@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use llmproxy_core::config::OnError;
 use llmproxy_core::hooks::{
-    BackendStatus, ErrorInfo, ErrorInput, ErrorResponse, RequestInfo, RequestRewrite, RequestTransformInput,
-    ResponseInfo, ResponseRewrite, ResponseTransformInput, RouteDecision, RoutingInput, UsageInput, UsageMetadata,
-    UsageRecord,
+    AuthInput, AuthVerdict, BackendStatus, CurrentTime, ErrorInfo, ErrorInput, ErrorResponse, RateLimitInput,
+    RateLimitStatus, RateVerdict, RequestInfo, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite,
+    ResponseTransformInput, RouteDecision, RoutingInput, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
 use llmproxy_core::{Engine, ErrorKind, HookError, HookName};
 
@@ -223,15 +223,51 @@ impl Stages {
         )
     }
 
-    /// Seam for the next issue: `auth` runs first, over the standard key
-    /// checks. Without a key store every request passes.
-    pub fn auth(&self, _request: &RequestInfo, _timings: &mut Timings) -> StageResult<()> {
-        Ok(())
+    /// `auth`: the script's verdict over the standard key checks
+    /// (`key_info` is `null` for an unknown key). A failing script denies
+    /// (503) unless `on_error: standard`, which keeps the standard verdict.
+    pub fn auth(
+        &self,
+        request: &RequestInfo,
+        key_info: &serde_json::Value,
+        standard_checks: StandardChecks,
+        timings: &mut Timings,
+    ) -> StageResult<AuthVerdict> {
+        self.call(
+            HookName::Auth,
+            timings,
+            || AuthVerdict::Standard,
+            |e| {
+                e.auth(&AuthInput {
+                    request,
+                    key_info,
+                    standard_checks,
+                })
+            },
+        )
     }
 
-    /// Seam for the next issue: `rate_limit` runs after `auth`. Without a
-    /// limiter every request passes.
-    pub fn rate_limit(&self, _request: &RequestInfo, _timings: &mut Timings) -> StageResult<()> {
-        Ok(())
+    /// `rate_limit`: the script's verdict over the standard limiter.
+    pub fn rate_limit(
+        &self,
+        request: &RequestInfo,
+        key_info: &serde_json::Value,
+        rate_limit_status: RateLimitStatus,
+        current_time: CurrentTime,
+        timings: &mut Timings,
+    ) -> StageResult<RateVerdict> {
+        self.call(
+            HookName::RateLimit,
+            timings,
+            || RateVerdict::Standard,
+            |e| {
+                e.rate_limit(&RateLimitInput {
+                    request,
+                    key_info,
+                    rate_limit_status,
+                    current_time,
+                })
+            },
+        )
     }
 }

@@ -21,11 +21,13 @@ use memchr::memmem;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::admission::{Completion, Ticket};
 use super::backend::Backend;
 use super::body::GatewayBody;
 use super::errors::error_body;
-use super::exchange::{record_usage, Exchange};
+use super::exchange::Exchange;
 use super::health::InFlight;
+use super::live::Live;
 use super::pipeline::{Denied, Timings};
 use super::sse::{self, SseParser};
 use super::upstream::{self, UpstreamError};
@@ -49,6 +51,7 @@ type HeadRewrite = (Option<u16>, Vec<(String, HeaderChange)>);
 /// Per-stream state used while processing events.
 struct Events {
     shared: Arc<Shared>,
+    live: Arc<Live>,
     info: Arc<RequestInfo>,
     backend_url: String,
     status: u16,
@@ -124,7 +127,7 @@ impl Events {
             }
             self.usage_body = Some(Arc::new(value.clone()));
         }
-        if !self.transform || !self.shared.stages.enabled(HookName::ResponseTransform) {
+        if !self.transform || !self.live.stages.enabled(HookName::ResponseTransform) {
             return Some(reencode(ev, &value));
         }
         let value = Arc::new(value);
@@ -135,7 +138,7 @@ impl Events {
             is_stream: true,
         };
         let latency_ms = self.sent.elapsed().as_secs_f64() * 1e3;
-        let result = self.shared.stages.transform_response(
+        let result = self.live.stages.transform_response(
             &self.info,
             &response,
             &self.backend_url,
@@ -168,8 +171,9 @@ impl Events {
 /// Run `process` where it may: on a hook thread when a script runs, inline
 /// otherwise. `None` when the hook job was lost.
 async fn process(mut ev: Events, batch: Vec<Bytes>) -> Option<(Events, Bytes)> {
-    if ev.transform && ev.shared.stages.enabled(HookName::ResponseTransform) {
+    if ev.transform && ev.live.stages.enabled(HookName::ResponseTransform) {
         let shared = Arc::clone(&ev.shared);
+        let live = Arc::clone(&ev.live);
         match shared
             .hooks
             .run(move || {
@@ -180,7 +184,7 @@ async fn process(mut ev: Events, batch: Vec<Bytes>) -> Option<(Events, Bytes)> {
         {
             Ok(r) => Some(r),
             Err(_) => {
-                shared.stages.lost(HookName::ResponseTransform);
+                live.stages.lost(HookName::ResponseTransform);
                 None
             }
         }
@@ -220,6 +224,7 @@ pub(crate) async fn start(
     let mut out_headers = headers::downstream(&parts.headers);
     let events = Events {
         shared: Arc::clone(&ex.shared),
+        live: Arc::clone(&ex.live),
         info: Arc::clone(&ex.info),
         backend_url: b.url.clone(),
         status: parts.status.as_u16(),
@@ -263,6 +268,8 @@ pub(crate) async fn start(
         retries: ex.retries,
         timings: ex.timings,
         status: status.as_u16(),
+        // From here on the stream owns the request's slot and usage record.
+        ticket: ex.ticket.take(),
     };
     let stop_early = ended || events.denied.is_some();
     ex.shared.metrics.streams(1);
@@ -282,6 +289,7 @@ struct StreamLog {
     retries: u32,
     timings: Timings,
     status: u16,
+    ticket: Option<Ticket>,
 }
 
 async fn relay(
@@ -291,7 +299,7 @@ async fn relay(
     tx: mpsc::Sender<Bytes>,
     start: StreamStart,
     stop_early: bool,
-    log: StreamLog,
+    mut log: StreamLog,
 ) {
     let b = Arc::clone(&start.backend);
     let mut upstream_error: Option<UpstreamError> = None;
@@ -311,7 +319,7 @@ async fn relay(
                             events = ev;
                             let _ = tx.send(out).await;
                         } else {
-                            return finish_lost(&log, &b);
+                            return finish_lost(log, &b);
                         }
                     }
                     break;
@@ -325,7 +333,7 @@ async fn relay(
                 continue;
             }
             let Some((ev, out)) = process(events, batch).await else {
-                return finish_lost(&log, &b);
+                return finish_lost(log, &b);
             };
             events = ev;
             if !out.is_empty() && tx.send(out).await.is_err() {
@@ -367,26 +375,28 @@ async fn relay(
         response_transform_us = timings.get(HookName::ResponseTransform),
         "request"
     );
-    if let Some(usage) = events.usage.take() {
+    if let Some(ticket) = log.ticket.take() {
+        let usage = events.usage.take();
         let response = ResponseInfo {
             status_code: events.status,
             body: events.usage_body.take().unwrap_or_default(),
             headers: Vec::new(),
             is_stream: true,
         };
-        record_usage(
-            &log.shared,
-            &log.info,
-            &b,
+        ticket.complete(Completion {
+            backend: Some(Arc::clone(&b)),
+            // A client that left mid-stream is recorded as 499, with the
+            // usage captured so far (usually none: it comes last).
+            status: if client_gone { 499 } else { log.status },
             usage,
-            response,
-            total.as_secs_f64() * 1e3,
-            true,
-        );
+            response: Some(response),
+            latency_ms: total.as_secs_f64() * 1e3,
+            is_stream: true,
+        });
     }
 }
 
-fn finish_lost(log: &StreamLog, b: &Backend) {
+fn finish_lost(log: StreamLog, b: &Backend) {
     log.shared.metrics.streams(-1);
     log.shared.metrics.request(Some(b.index), log.status);
     tracing::warn!(target: "llmproxy::access", request_id = %log.info.id, "stream stopped: a hook call was lost");

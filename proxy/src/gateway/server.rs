@@ -76,6 +76,7 @@ pub async fn handle(
             let body = shared.models_body.clone();
             return local(&req, StatusCode::OK, "application/json", body);
         }
+        (&Method::POST, "/admin/reload") => return admin_reload(&shared, &req).await,
         (&Method::POST, "/v1/chat/completions") => Endpoint::ChatCompletions,
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
@@ -83,6 +84,47 @@ pub async fn handle(
         _ => Endpoint::NotFound,
     };
     exchange::proxy(shared, req, peer, endpoint).await
+}
+
+/// `POST /admin/reload`: `Authorization: Bearer <admin.token>`; 404 when
+/// no token is configured, 401 on a wrong token, 200 when the new config
+/// serves, 422 with the problems when it was rejected.
+async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>) -> Response<GatewayBody> {
+    let json = "application/json";
+    let live = shared.live();
+    let Some(token) = live.admin_token() else {
+        let body = super::errors::error_body("the admin endpoint is off (no admin.token)", "bad_request", "not_found");
+        return local(req, StatusCode::NOT_FOUND, json, body);
+    };
+    let given = super::headers::bearer(req.headers()).unwrap_or_default();
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        let body = super::errors::error_body("invalid admin token", "auth_error", "invalid_admin_token");
+        return local(req, StatusCode::UNAUTHORIZED, json, body);
+    }
+    drop(live);
+    match shared.reload(super::reload::Trigger::Admin).await {
+        super::reload::Outcome::Applied {
+            generation,
+            needs_restart,
+        } => {
+            let body =
+                serde_json::json!({"status": "reloaded", "generation": generation, "needs_restart": needs_restart});
+            local(req, StatusCode::OK, json, body.to_string().into())
+        }
+        super::reload::Outcome::Rejected { problems } => {
+            let body =
+                serde_json::json!({"status": "rejected", "generation": shared.live().generation, "problems": problems});
+            local(req, StatusCode::UNPROCESSABLE_ENTITY, json, body.to_string().into())
+        }
+    }
+}
+
+/// Compare secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn local<B>(

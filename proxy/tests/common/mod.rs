@@ -81,6 +81,7 @@ impl TestGateway {
         let usage = Arc::new(Collect::default());
         let options = GatewayOptions {
             usage_sink: Some(Arc::clone(&usage) as Arc<dyn UsageSink>),
+            ..GatewayOptions::default()
         };
         let gateway = Gateway::start(config, any_port(), options).await.expect("gateway");
         let base = format!("http://{}", gateway.local_addr());
@@ -248,4 +249,129 @@ pub fn chat(model: &str, extra: Value) -> Value {
         o.extend(e);
     }
     v
+}
+
+/// A fresh temporary directory for one test.
+pub fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmproxy-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// `Authorization: Bearer <key>`.
+pub fn bearer(key: &str) -> (&'static str, String) {
+    ("authorization", format!("Bearer {key}"))
+}
+
+/// Headers as `send` takes them.
+pub fn hdrs<'a>(h: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    h.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+impl TestGateway {
+    /// Start a gateway from a config (e.g. read from a file, for reloads).
+    pub async fn start_config(config: Config) -> TestGateway {
+        let usage = Arc::new(Collect::default());
+        let options = GatewayOptions {
+            usage_sink: Some(Arc::clone(&usage) as Arc<dyn UsageSink>),
+            ..GatewayOptions::default()
+        };
+        let gateway = Gateway::start(config, any_port(), options).await.expect("gateway");
+        let base = format!("http://{}", gateway.local_addr());
+        TestGateway { gateway, usage, base }
+    }
+
+    /// `POST /v1/chat/completions` with a chat body and a key.
+    pub async fn chat(&self, key: Option<&str>, extra: Value) -> Reply {
+        let h: Vec<(&str, String)> = key
+            .map(|k| ("authorization", format!("Bearer {k}")))
+            .into_iter()
+            .collect();
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        post(&format!("{}/v1/chat/completions", self.base), &chat("gpt-4", extra), &h).await
+    }
+
+    /// Number of usage records so far.
+    pub fn records(&self) -> usize {
+        self.usage.0.lock().unwrap().len()
+    }
+
+    /// Wait until there are `n` usage records.
+    pub async fn wait_records(&self, n: usize) {
+        for _ in 0..500 {
+            if self.records() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} usage records, expected {n}", self.records());
+    }
+}
+
+/// A `redis-server` child process on a free loopback port, in a temp dir,
+/// killed on drop. `None` (and a note) when redis-server is not installed
+/// and this is not CI (`make test` installs it; CI fails without it).
+pub struct Redis {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: std::path::PathBuf,
+}
+
+impl Redis {
+    pub fn start(name: &str) -> Option<Redis> {
+        let found = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("CI").is_err(),
+                "redis-server is missing (scripts/apt-ensure redis-server)"
+            );
+            eprintln!("SKIP: redis-server is not installed (scripts/apt-ensure redis-server)");
+            return None;
+        }
+        let dir = tempdir(&format!("redis-{name}"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--dir", dir.to_str().unwrap(), "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Redis { child, port, _dir: dir });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server did not come up on {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

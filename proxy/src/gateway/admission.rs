@@ -1,0 +1,664 @@
+//! Admission: the auth and rate limit stages, and the [`Ticket`] every
+//! admitted request carries to its end (docs/adr/030, 031).
+//!
+//! Auth: the key (`Authorization: Bearer` or `x-api-key`) is looked up in
+//! the live key set; core's standard checks run with the key's live quota
+//! usage; the `auth` script (if any) sees `key_info` and `standard_checks`
+//! and its table is final, `nil` keeps the standard verdict. Rate limit:
+//! the standard limiter checks and takes (atomically, in this process or in
+//! Redis); the `rate_limit` script sees `rate_limit_status` and
+//! `current_time` and may overrule it either way (tokens are then taken or
+//! given back).
+//!
+//! With the local state backend the whole admission is synchronous and
+//! runs in the same hook-thread job as routing and request_transform; with
+//! Redis it awaits the Redis calls between the script jobs.
+//!
+//! An admitted request owns a [`Ticket`]: its concurrency slot and its
+//! promise of exactly one usage record. Completing the ticket (success,
+//! upstream error, end of stream) frees the slot and records usage; a
+//! ticket dropped without completion (the client went away) does both
+//! with status 499.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{Datelike, FixedOffset, Timelike, Utc};
+use llmproxy_core::config::StateOnError;
+use llmproxy_core::hooks::{
+    AuthVerdict, CurrentTime, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata, UsageRecord,
+};
+use llmproxy_core::keys::{standard_checks_with_usage, standard_denial};
+use llmproxy_core::HookName;
+use serde_json::{json, Value};
+
+use super::backend::Backend;
+use super::errors::{ErrorType, Failure};
+use super::keyset::KeyEntry;
+use super::ledger::LedgerRecord;
+use super::limiter::{AcquireArgs, Acquired, LimitDenial};
+use super::live::Live;
+use super::pipeline::{Denied, Timings};
+use super::state::{LocalState, Permit, RedisState, State};
+use super::{Shared, UsageEntry};
+
+/// `Retry-After` when a `rate_limit` script refuses without `retry_after`
+/// and no standard limit gives one: one window.
+pub const DEFAULT_RETRY_AFTER: u64 = 60;
+
+/// Why a request was not admitted.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// 401/403/429 (or 503 when the state backend is down): through
+    /// `error_handler`.
+    Fail(Box<Failure>),
+    /// A script failed under `on_error: deny`: 503, not shaped.
+    Deny(Denied),
+}
+
+/// Who the request is, as far as admission knows before it runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The configured key the client presented.
+    pub key: Option<Arc<KeyEntry>>,
+    /// The fingerprint of the presented key (known or not): the limiter's
+    /// and the ledger's id for the caller.
+    pub key_id: Option<Arc<str>>,
+}
+
+/// What admission hands to the rest of the request.
+#[derive(Debug, Default)]
+pub(crate) struct Admitted {
+    /// The concurrency slot (when the limiter counts this caller).
+    pub permit: Option<Permit>,
+}
+
+/// The clock as `rate_limit` scripts see it, in the configured zone.
+pub fn current_time(utc_offset: i32) -> CurrentTime {
+    let now = Utc::now();
+    let local = match FixedOffset::east_opt(utc_offset) {
+        Some(tz) => now.with_timezone(&tz).naive_local(),
+        None => now.naive_utc(),
+    };
+    CurrentTime {
+        hour: local.hour(),
+        weekday: local.weekday().number_from_monday(),
+        timestamp: now.timestamp(),
+    }
+}
+
+/// The error code and metrics reason of a standard denial.
+fn denial_reason(c: &StandardChecks) -> (&'static str, &'static str) {
+    if !c.key_valid {
+        ("invalid_api_key", "invalid_key")
+    } else if !c.status_active {
+        ("key_disabled", "disabled")
+    } else if !c.not_expired {
+        ("key_expired", "expired")
+    } else if !c.ip_allowed {
+        ("ip_not_allowed", "ip_not_allowed")
+    } else {
+        ("quota_exhausted", "quota_exhausted")
+    }
+}
+
+fn auth_failure(status: u16, code: &'static str, message: String) -> Refusal {
+    Refusal::Fail(Box::new(Failure::new(ErrorType::AuthError, status, code, message)))
+}
+
+fn rate_failure(code: &'static str, message: String, retry_after: f64) -> Refusal {
+    let mut f = Failure::new(ErrorType::RateLimit, 429, code, message);
+    f.retry_after = Some((retry_after.ceil().max(1.0)) as u64);
+    Refusal::Fail(Box::new(f))
+}
+
+/// Turn an auth verdict into admission or refusal.
+fn judge_auth(shared: &Shared, verdict: AuthVerdict, checks: &StandardChecks) -> Result<(), Refusal> {
+    match verdict {
+        AuthVerdict::Allow => Ok(()),
+        AuthVerdict::Deny { reason, status_code } => {
+            shared.metrics.auth_denied("script");
+            Err(auth_failure(
+                status_code,
+                "denied_by_script",
+                reason.unwrap_or_else(|| String::from("access denied")),
+            ))
+        }
+        AuthVerdict::Standard => match standard_denial(checks) {
+            None => Ok(()),
+            Some((status, message)) => {
+                let (code, reason) = denial_reason(checks);
+                shared.metrics.auth_denied(reason);
+                Err(auth_failure(status, code, message.to_owned()))
+            }
+        },
+    }
+}
+
+/// An auth script that failed under `on_error: deny` fails closed. When the
+/// standard checks deny as well (say an unknown key, and a script that reads
+/// `key_info`), the client gets that precise 401/403/429 rather than a 503.
+fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks) -> Refusal {
+    match judge_auth(shared, AuthVerdict::Standard, checks) {
+        Err(standard) => standard,
+        Ok(()) => {
+            shared.metrics.auth_denied("hook_failed");
+            Refusal::Deny(d)
+        }
+    }
+}
+
+fn standard_rate_refusal(shared: &Shared, d: LimitDenial) -> Refusal {
+    shared.metrics.rate_limited(d.kind.as_str());
+    let code = match d.kind {
+        super::limiter::LimitKind::GlobalRpm => "global_rate_limit",
+        super::limiter::LimitKind::KeyRpm => "key_rate_limit",
+        super::limiter::LimitKind::KeyTpm => "key_token_limit",
+        super::limiter::LimitKind::Concurrency => "key_concurrency_limit",
+    };
+    rate_failure(code, d.kind.message().to_owned(), d.retry_after)
+}
+
+fn script_rate_refusal(
+    shared: &Shared,
+    reason: Option<String>,
+    retry_after: Option<f64>,
+    standard: Option<LimitDenial>,
+) -> Refusal {
+    shared.metrics.rate_limited("script");
+    let retry = retry_after
+        .or(standard.map(|d| d.retry_after))
+        .unwrap_or(DEFAULT_RETRY_AFTER as f64);
+    rate_failure(
+        "rate_limited_by_script",
+        reason.unwrap_or_else(|| String::from("rate limited")),
+        retry,
+    )
+}
+
+fn key_info(caller: &Caller, used: u64) -> Value {
+    caller.key.as_ref().map_or(Value::Null, |k| k.key_info(used))
+}
+
+/// The whole admission with the local state backend (synchronous; runs on
+/// a hook thread when a script is involved).
+pub(crate) fn admit_local(
+    shared: &Arc<Shared>,
+    live: &Live,
+    local: &LocalState,
+    info: &RequestInfo,
+    caller: &Caller,
+    t: &mut Timings,
+) -> Result<Admitted, Refusal> {
+    let stages = &live.stages;
+    let used = caller.key.as_ref().map_or(0, |k| local.used(&k.fingerprint));
+    let scripts = stages.enabled(HookName::Auth) || stages.enabled(HookName::RateLimit);
+    let info_value = if scripts { key_info(caller, used) } else { Value::Null };
+    if live.auth_on {
+        let checks = standard_checks_with_usage(
+            caller.key.as_ref().map(|k| &k.record),
+            used,
+            info.client_ip.as_deref(),
+            Utc::now(),
+        );
+        let verdict = stages
+            .auth(info, &info_value, checks, t)
+            .map_err(|d| auth_script_failed(shared, d, &checks))?;
+        judge_auth(shared, verdict, &checks)?;
+    }
+    let mut admitted = Admitted::default();
+    if live.limit_on {
+        let limits = live.limits();
+        let key = caller.key_id.as_deref();
+        let acq = local.limiter.acquire(AcquireArgs {
+            key,
+            limits,
+            force: false,
+        });
+        let took = acq.denial.is_none();
+        let verdict = stages
+            .rate_limit(info, &info_value, acq.status, current_time(live.utc_offset), t)
+            .map_err(|d| {
+                if took {
+                    local.limiter.refund(key, limits);
+                }
+                Refusal::Deny(d)
+            })?;
+        let taken = match verdict {
+            RateVerdict::Standard => match acq.denial {
+                None => true,
+                Some(d) => return Err(standard_rate_refusal(shared, d)),
+            },
+            RateVerdict::Allow => {
+                if !took {
+                    local.limiter.force(key, limits);
+                }
+                true
+            }
+            RateVerdict::Deny { reason, retry_after } => {
+                if took {
+                    local.limiter.refund(key, limits);
+                }
+                return Err(script_rate_refusal(shared, reason, retry_after, acq.denial));
+            }
+        };
+        if let (true, Some(id)) = (taken, &caller.key_id) {
+            admitted.permit = Some(Permit::new(&shared.state, Arc::clone(id)));
+        }
+    }
+    Ok(admitted)
+}
+
+/// A hook job from async code; a lost job counts as a script failure.
+async fn hook_job<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    hook: HookName,
+    f: impl FnOnce() -> (Result<T, Denied>, Timings) + Send + 'static,
+    lost_default: impl FnOnce() -> T,
+    timings: &mut Timings,
+) -> Result<T, Denied> {
+    match shared.hooks.run(f).await {
+        Ok((r, t)) => {
+            timings.merge(t);
+            r
+        }
+        Err(_) => match shared.live().stages.lost(hook) {
+            Some(d) => Err(d),
+            None => Ok(lost_default()),
+        },
+    }
+}
+
+fn state_failure(shared: &Shared, redis: &RedisState) -> Option<Refusal> {
+    let _ = redis;
+    match shared.state.on_error() {
+        StateOnError::Allow => None,
+        StateOnError::Deny => {
+            shared.metrics.rate_limited("state_unavailable");
+            Some(Refusal::Fail(Box::new(Failure::new(
+                ErrorType::BackendError,
+                503,
+                "state_unavailable",
+                "the gateway's rate limit and quota store is unavailable",
+            ))))
+        }
+    }
+}
+
+/// The whole admission with the Redis state backend.
+pub(crate) async fn admit_redis(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    redis: &RedisState,
+    info: &Arc<RequestInfo>,
+    caller: &Caller,
+    t: &mut Timings,
+) -> Result<Admitted, Refusal> {
+    let auth_script = live.stages.enabled(HookName::Auth);
+    let rate_script = live.stages.enabled(HookName::RateLimit);
+    let record = caller.key.as_ref().map(|k| &k.record);
+    let mut used = 0;
+    let mut quota_total = 0;
+    let mut info_value = Value::Null;
+    if live.auth_on {
+        if auth_script {
+            if let Some(k) = &caller.key {
+                match redis.used(&k.fingerprint).await {
+                    Ok(u) => used = u,
+                    Err(_) => {
+                        if let Some(r) = state_failure(shared, redis) {
+                            return Err(r);
+                        }
+                    }
+                }
+            }
+            let checks = standard_checks_with_usage(record, used, info.client_ip.as_deref(), Utc::now());
+            info_value = key_info(caller, used);
+            let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value.clone());
+            let verdict = hook_job(
+                shared,
+                HookName::Auth,
+                move || {
+                    let mut t = Timings::default();
+                    let r = l2.stages.auth(&i2, &v2, checks, &mut t);
+                    (r, t)
+                },
+                || AuthVerdict::Standard,
+                t,
+            )
+            .await
+            .map_err(|d| auth_script_failed(shared, d, &checks))?;
+            judge_auth(shared, verdict, &checks)?;
+        } else {
+            // Everything but the quota now; the quota is checked by Redis in
+            // the same step as the limits.
+            let checks = standard_checks_with_usage(record, 0, info.client_ip.as_deref(), Utc::now());
+            judge_auth(shared, AuthVerdict::Standard, &checks)?;
+            quota_total = record.map_or(0, |r| r.total_quota);
+        }
+    }
+    if !live.limit_on && quota_total == 0 {
+        return Ok(Admitted::default());
+    }
+    let limits = live.limits();
+    let mut no_limits;
+    let limits = if live.limit_on {
+        limits
+    } else {
+        // Only the quota is asked for.
+        no_limits = limits.clone();
+        no_limits.global_rpm = 0;
+        no_limits.key_rpm = 0;
+        no_limits.key_tpm = 0;
+        no_limits.key_concurrency = 0;
+        &no_limits
+    };
+    let key = caller.key_id.as_deref();
+    let acq: Acquired = match redis
+        .acquire(
+            AcquireArgs {
+                key,
+                limits,
+                force: false,
+            },
+            quota_total,
+        )
+        .await
+    {
+        Ok(a) => a,
+        Err(_) => {
+            return match state_failure(shared, redis) {
+                Some(r) => Err(r),
+                None => Ok(Admitted::default()),
+            }
+        }
+    };
+    if acq.quota_exhausted {
+        let checks = standard_checks_with_usage(record, acq.used, info.client_ip.as_deref(), Utc::now());
+        judge_auth(shared, AuthVerdict::Standard, &checks)?;
+    }
+    let took = acq.denial.is_none();
+    let slot = |shared: &Arc<Shared>| key.map(|id| Permit::new(&shared.state, Arc::from(id)));
+    if !live.limit_on {
+        return Ok(Admitted { permit: slot(shared) });
+    }
+    let verdict = if rate_script {
+        if info_value.is_null() {
+            info_value = key_info(caller, acq.used);
+        }
+        let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value);
+        let status = acq.status;
+        let now = current_time(live.utc_offset);
+        let r = hook_job(
+            shared,
+            HookName::RateLimit,
+            move || {
+                let mut t = Timings::default();
+                let r = l2.stages.rate_limit(&i2, &v2, status, now, &mut t);
+                (r, t)
+            },
+            || RateVerdict::Standard,
+            t,
+        )
+        .await;
+        match r {
+            Ok(v) => v,
+            Err(d) => {
+                if took {
+                    redis.refund(key, limits).await;
+                }
+                return Err(Refusal::Deny(d));
+            }
+        }
+    } else {
+        RateVerdict::Standard
+    };
+    match verdict {
+        RateVerdict::Standard => match acq.denial {
+            None => Ok(Admitted { permit: slot(shared) }),
+            Some(d) => Err(standard_rate_refusal(shared, d)),
+        },
+        RateVerdict::Allow => {
+            if !took
+                && redis
+                    .acquire(
+                        AcquireArgs {
+                            key,
+                            limits,
+                            force: true,
+                        },
+                        0,
+                    )
+                    .await
+                    .is_err()
+            {
+                return Ok(Admitted::default());
+            }
+            Ok(Admitted { permit: slot(shared) })
+        }
+        RateVerdict::Deny { reason, retry_after } => {
+            if took {
+                redis.refund(key, limits).await;
+            }
+            Err(script_rate_refusal(shared, reason, retry_after, acq.denial))
+        }
+    }
+}
+
+/// How an admitted request ended.
+#[derive(Debug, Default)]
+pub(crate) struct Completion {
+    /// The backend that answered last, if any.
+    pub backend: Option<Arc<Backend>>,
+    /// The status the client got (499: it went away first).
+    pub status: u16,
+    /// Usage as the backend reported it.
+    pub usage: Option<Value>,
+    /// The response the usage script sees (default: status and no body).
+    pub response: Option<ResponseInfo>,
+    /// Upstream latency in milliseconds (0 without a backend).
+    pub latency_ms: f64,
+    /// Whether the response was streamed.
+    pub is_stream: bool,
+}
+
+/// An admitted request's slot and its promise of one usage record.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    inner: Option<TicketInner>,
+}
+
+#[derive(Debug)]
+struct TicketInner {
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    info: Arc<RequestInfo>,
+    caller: Caller,
+    permit: Option<Permit>,
+    started: Instant,
+}
+
+impl Ticket {
+    /// The ticket of a request admitted by `admitted`.
+    pub fn new(
+        shared: &Arc<Shared>,
+        live: &Arc<Live>,
+        info: &Arc<RequestInfo>,
+        caller: &Caller,
+        admitted: Admitted,
+        started: Instant,
+    ) -> Ticket {
+        Ticket {
+            inner: Some(TicketInner {
+                shared: Arc::clone(shared),
+                live: Arc::clone(live),
+                info: Arc::clone(info),
+                caller: caller.clone(),
+                permit: admitted.permit,
+                started,
+            }),
+        }
+    }
+
+    /// Free the slot now and return the usage job (the usage script, the
+    /// quota charge, the ledger record) to run where it fits.
+    pub fn job(mut self, c: Completion) -> Option<impl FnOnce() + Send + 'static> {
+        let mut inner = self.inner.take()?;
+        drop(inner.permit.take());
+        Some(move || usage_job(inner, c))
+    }
+
+    /// Free the slot and run the usage job: on a hook thread when a usage
+    /// script runs, inline otherwise.
+    pub fn complete(self, c: Completion) {
+        let Some(shared) = self.inner.as_ref().map(|i| Arc::clone(&i.shared)) else {
+            return;
+        };
+        let live = self.inner.as_ref().map(|i| Arc::clone(&i.live));
+        if let (Some(job), Some(live)) = (self.job(c), live) {
+            run_usage(&shared, &live, job);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            let t = Ticket {
+                inner: self.inner.take(),
+            };
+            t.complete(Completion {
+                status: 499,
+                ..Completion::default()
+            });
+        }
+    }
+}
+
+/// Run a usage job: on a hook thread when a script runs, inline otherwise
+/// (and inline when the hook threads are already shut down: a usage
+/// record is never dropped).
+pub(crate) fn run_usage(shared: &Shared, live: &Live, job: impl FnOnce() + Send + 'static) {
+    if live.stages.enabled(HookName::Usage) {
+        shared.hooks.spawn_or_inline(job);
+    } else {
+        job();
+    }
+}
+
+fn zero_usage() -> Value {
+    json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+}
+
+fn tokens(v: &Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .map_or(0, |x| if x.is_finite() && x > 0.0 { x.round() as u64 } else { 0 })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The usage stage of one admitted request: the script, metrics, the quota
+/// charge, the ledger record and the sinks.
+fn usage_job(inner: TicketInner, c: Completion) {
+    let TicketInner {
+        shared,
+        live,
+        info,
+        caller,
+        started,
+        ..
+    } = inner;
+    let raw = c.usage.filter(Value::is_object).unwrap_or_else(zero_usage);
+    let response = c.response.unwrap_or_else(|| ResponseInfo {
+        status_code: c.status,
+        body: Arc::new(Value::Null),
+        headers: Vec::new(),
+        is_stream: c.is_stream,
+    });
+    let backend_url = c.backend.as_ref().map(|b| b.url.clone()).unwrap_or_default();
+    let metadata = UsageMetadata {
+        backend_url: backend_url.clone(),
+        latency_ms: c.latency_ms,
+        is_stream: c.is_stream,
+    };
+    let mut t = Timings::default();
+    let result = live.stages.usage(&info, &raw, &response, &metadata, &mut t);
+    let billable_f = result.billable_tokens(&raw);
+    let record = match result {
+        UsageRecord::Raw => raw.clone(),
+        UsageRecord::Custom(m) => Value::Object(m),
+    };
+    let billable = if billable_f.is_finite() && billable_f > 0.0 {
+        billable_f.round() as u64
+    } else {
+        0
+    };
+    let backend_name = c.backend.as_ref().map(|b| b.name.clone());
+    if let Some(b) = &c.backend {
+        let m = &shared.metrics;
+        for key in ["prompt_tokens", "completion_tokens", "total_tokens", "cost"] {
+            if let Some(v) = record.get(key).and_then(Value::as_f64) {
+                m.usage(b.index, key, v);
+            }
+        }
+        m.usage(b.index, "billable_tokens", billable as f64);
+    }
+    let pick = |k: &str| record.get(k).map_or_else(|| tokens(&raw, k), |_| tokens(&record, k));
+    let (prompt, completion, total) = (pick("prompt_tokens"), pick("completion_tokens"), pick("total_tokens"));
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    let model = info.body.get("model").and_then(Value::as_str).map(str::to_owned);
+    let key_fp = caller.key_id.as_deref().map(str::to_owned);
+    let user_id = info.user_id.clone();
+    let path = info.path.clone().unwrap_or_default();
+    let ledger_record = shared.ledger.as_ref().map(|_| LedgerRecord {
+        request_id: info.id.clone(),
+        ts_ms: now_ms(),
+        node: shared.node.clone(),
+        key_fp: key_fp.clone(),
+        user_id: user_id.clone(),
+        backend: backend_name.clone(),
+        model: model.clone(),
+        path: path.clone(),
+        is_stream: c.is_stream,
+        status: c.status,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: total,
+        billable_tokens: billable,
+        cost: record.get("cost").and_then(Value::as_f64),
+        latency_ms,
+        record: record.to_string(),
+        charge_quota: matches!(*shared.state, State::Local(_)),
+    });
+    shared.state.charge(
+        caller.key_id.as_deref(),
+        billable,
+        tokens(&raw, "total_tokens"),
+        live.limits(),
+        ledger_record,
+        shared.ledger.as_deref(),
+    );
+    let entry = UsageEntry {
+        request_id: info.id.clone(),
+        backend: backend_name.unwrap_or_default(),
+        backend_url,
+        path,
+        is_stream: c.is_stream,
+        raw,
+        record,
+        status: c.status,
+        key_fingerprint: key_fp,
+        user_id,
+        model,
+        billable_tokens: billable,
+        latency_ms,
+    };
+    for sink in shared.usage_sinks.iter() {
+        sink.record(entry.clone());
+    }
+}

@@ -1,0 +1,143 @@
+//! The API keys a gateway accepts, indexed by the secret the client sends.
+//!
+//! Built from the config's `keys:` and `keys_file:` (core's
+//! [`KeyRecord`]s) each time the config is (re)loaded; a request looks its
+//! key up once. Each entry keeps its `key_info` table ready for the `auth`
+//! and `rate_limit` scripts, so a request only adds the live `used_quota`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hyper::header::HeaderMap;
+use llmproxy_core::keys::{key_fingerprint, KeyRecord};
+use serde_json::{Map, Value};
+
+/// One configured key.
+#[derive(Debug)]
+pub struct KeyEntry {
+    /// The record as configured (`used_quota` is the configured starting
+    /// value; the state backend counts the live one).
+    pub record: KeyRecord,
+    /// `sha256:` + 12 hex digits: what logs and the ledger show.
+    pub fingerprint: Arc<str>,
+    info: Map<String, Value>,
+}
+
+impl KeyEntry {
+    /// Build an entry for `record`.
+    pub fn new(record: KeyRecord) -> KeyEntry {
+        let info = match serde_json::to_value(&record) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        KeyEntry {
+            fingerprint: Arc::from(key_fingerprint(&record.key)),
+            record,
+            info,
+        }
+    }
+
+    /// The `key_info` global: the seed's fields with `used_quota` = `used`.
+    pub fn key_info(&self, used: u64) -> Value {
+        let mut m = self.info.clone();
+        m.insert("used_quota".into(), Value::from(used));
+        Value::Object(m)
+    }
+}
+
+/// The keys of one config generation.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    by_key: HashMap<String, Arc<KeyEntry>>,
+    ordered: Vec<Arc<KeyEntry>>,
+}
+
+impl KeySet {
+    /// Index `keys` (the config has rejected duplicates already; a later
+    /// duplicate would win).
+    pub fn new(keys: &[KeyRecord]) -> KeySet {
+        let ordered: Vec<Arc<KeyEntry>> = keys.iter().cloned().map(|k| Arc::new(KeyEntry::new(k))).collect();
+        let by_key = ordered.iter().map(|e| (e.record.key.clone(), Arc::clone(e))).collect();
+        KeySet { by_key, ordered }
+    }
+
+    /// The entry for the secret `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<KeyEntry>> {
+        self.by_key.get(key).cloned()
+    }
+
+    /// Every entry, in config order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+        self.ordered.iter()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+}
+
+/// The API key of a request: `Authorization: Bearer <key>`, else
+/// `x-api-key: <key>`.
+pub fn presented_key(headers: &HeaderMap) -> Option<String> {
+    super::headers::bearer(headers).or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    fn record(key: &str) -> KeyRecord {
+        serde_json::from_value(serde_json::json!({
+            "key": key, "user_id": "u1", "name": "测试用户", "total_quota": 100000,
+            "used_quota": 50000, "allowed_ips": ["192.168.1.0/24"], "expires_at": "2026-12-31T23:59:59Z"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn key_info_has_the_seed_fields_and_the_live_usage() {
+        let set = KeySet::new(&[record("sk-xxx")]);
+        let e = set.get("sk-xxx").unwrap();
+        let info = e.key_info(50_123);
+        for f in [
+            "key",
+            "user_id",
+            "name",
+            "status",
+            "total_quota",
+            "used_quota",
+            "allowed_ips",
+            "expires_at",
+        ] {
+            assert!(info.get(f).is_some(), "{f}: {info}");
+        }
+        assert_eq!(info["used_quota"], 50_123);
+        assert_eq!(info["status"], "active");
+        assert!(set.get("sk-yyy").is_none());
+        assert!(e.fingerprint.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn keys_come_from_bearer_or_x_api_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static(" sk-b "));
+        assert_eq!(presented_key(&h).as_deref(), Some("sk-b"));
+        h.insert("authorization", HeaderValue::from_static("Bearer sk-a"));
+        assert_eq!(presented_key(&h).as_deref(), Some("sk-a"));
+    }
+}

@@ -1,0 +1,627 @@
+//! The usage ledger: one SQLite row per admitted request, written off the
+//! request path (docs/adr/032).
+//!
+//! Producers (usage jobs) send records into a bounded channel; one writer
+//! thread takes them in batches — everything that arrived within
+//! `ledger.flush_ms` (≤ 100 ms) of the first, at most `ledger.batch_max` —
+//! and commits each batch in one transaction. The database is in WAL mode
+//! with `synchronous = NORMAL`: a committed batch survives the process
+//! being killed, so `kill -9` loses at most the records of the last
+//! `flush_ms` plus the batch being committed. Closing the ledger (graceful
+//! shutdown) drains the channel and commits everything before returning.
+//!
+//! With the local state backend, the per-key quota usage is kept in the same
+//! database (`key_usage`) and updated in the same transaction as the records
+//! that charge it, so the ledger and the quotas always agree.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use llmproxy_core::config::LedgerConfig;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::Value;
+
+/// One ledger row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerRecord {
+    /// The request id.
+    pub request_id: String,
+    /// When the request completed (Unix milliseconds).
+    pub ts_ms: i64,
+    /// The node that served it.
+    pub node: String,
+    /// The key's fingerprint (never the key).
+    pub key_fp: Option<String>,
+    /// The key's user.
+    pub user_id: Option<String>,
+    /// The backend that answered (none when no backend was reached).
+    pub backend: Option<String>,
+    /// The `model` the client asked for.
+    pub model: Option<String>,
+    /// The request path.
+    pub path: String,
+    /// Whether the response was streamed.
+    pub is_stream: bool,
+    /// The status the client got (499: the client went away first).
+    pub status: u16,
+    /// Prompt tokens (as recorded).
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Total tokens.
+    pub total_tokens: u64,
+    /// Tokens charged to the key's quota.
+    pub billable_tokens: u64,
+    /// `cost`, when the usage script gave one.
+    pub cost: Option<f64>,
+    /// Time from request to completion, in milliseconds.
+    pub latency_ms: f64,
+    /// The usage record as JSON (the usage script's result, or raw usage).
+    pub record: String,
+    /// Whether `billable_tokens` is also added to `key_usage` (local state).
+    pub charge_quota: bool,
+}
+
+enum Msg {
+    Record(Box<LedgerRecord>),
+    /// Set a key's usage (a configured `used_quota` changed).
+    SetUsed {
+        key_fp: String,
+        used: u64,
+        config_used: u64,
+    },
+    /// Commit everything before this, then answer.
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// Ledger counters for metrics.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    /// Records committed.
+    pub written: AtomicU64,
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// Records that could not be written (after retries).
+    pub failed: AtomicU64,
+    /// Times a producer waited because the queue was full.
+    pub backpressure: AtomicU64,
+    /// Records queued and not yet committed.
+    pub pending: AtomicU64,
+}
+
+/// The writer side of the ledger.
+#[derive(Debug)]
+pub struct Ledger {
+    tx: Mutex<Option<SyncSender<Msg>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    path: PathBuf,
+    /// Counters.
+    pub stats: Arc<LedgerStats>,
+}
+
+/// Create the tables (idempotent).
+pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS usage (
+            id INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            node TEXT NOT NULL,
+            key_fp TEXT,
+            user_id TEXT,
+            backend TEXT,
+            model TEXT,
+            path TEXT NOT NULL,
+            is_stream INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            total_tokens INTEGER NOT NULL,
+            billable_tokens INTEGER NOT NULL,
+            cost REAL,
+            latency_ms REAL NOT NULL,
+            record TEXT NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS usage_ts ON usage(ts_ms);
+         CREATE INDEX IF NOT EXISTS usage_key ON usage(key_fp, ts_ms);
+         CREATE TABLE IF NOT EXISTS key_usage (
+            key_fp TEXT PRIMARY KEY,
+            used INTEGER NOT NULL,
+            config_used INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL,
+            reset_ms INTEGER NOT NULL DEFAULT 0
+         );",
+    )
+}
+
+/// Open (creating) the database for writing: WAL, `synchronous = NORMAL`.
+pub fn open_rw(path: &Path) -> Result<Connection, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("ledger: cannot create {}: {e}", dir.display()))?;
+    }
+    let conn = Connection::open(path).map_err(|e| format!("ledger: cannot open {}: {e}", path.display()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .and_then(|_| conn.pragma_update(None, "synchronous", "NORMAL"))
+        .and_then(|_| conn.busy_timeout(Duration::from_secs(5)))
+        .and_then(|_| migrate(&conn))
+        .map_err(|e| format!("ledger: cannot prepare {}: {e}", path.display()))?;
+    Ok(conn)
+}
+
+/// Open an existing database read-only (reports, `keys list`).
+pub fn open_ro(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| format!("cannot open the ledger {}: {e}", path.display()))?;
+    let _ = conn.busy_timeout(Duration::from_secs(5));
+    Ok(conn)
+}
+
+/// A key's usage row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// Tokens used.
+    pub used: u64,
+    /// The configured `used_quota` this count started from.
+    pub config_used: u64,
+    /// When an operator last reset the count (`llmproxy keys set-quota
+    /// --used`), Unix ms; 0 if never.
+    pub reset_ms: i64,
+}
+
+/// Every `key_usage` row.
+pub fn read_key_usage(conn: &Connection) -> rusqlite::Result<HashMap<String, KeyUsage>> {
+    let mut stmt = conn.prepare("SELECT key_fp, used, config_used, reset_ms FROM key_usage")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            KeyUsage {
+                used: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                config_used: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                reset_ms: r.get(3)?,
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+/// One key's usage row, if any.
+pub fn read_one_key_usage(conn: &Connection, key_fp: &str) -> rusqlite::Result<Option<KeyUsage>> {
+    conn.query_row(
+        "SELECT used, config_used, reset_ms FROM key_usage WHERE key_fp = ?1",
+        [key_fp],
+        |r| {
+            Ok(KeyUsage {
+                used: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                config_used: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                reset_ms: r.get(2)?,
+            })
+        },
+    )
+    .optional()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Reset one key's usage from outside the gateway (`llmproxy keys
+/// set-quota --used`): the row gets a new `reset_ms`, which a running
+/// gateway applies at its next reload.
+pub fn reset_key_usage(conn: &Connection, key_fp: &str, used: u64) -> rusqlite::Result<()> {
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO key_usage (key_fp, used, config_used, updated_ms, reset_ms) VALUES (?1, ?2, ?2, ?3, ?3)
+         ON CONFLICT(key_fp) DO UPDATE SET used = excluded.used, config_used = excluded.config_used,
+         updated_ms = excluded.updated_ms, reset_ms = excluded.reset_ms",
+        params![key_fp, clamp(used), now],
+    )?;
+    Ok(())
+}
+
+impl Ledger {
+    /// Open the database and start the writer thread.
+    pub fn open(cfg: &LedgerConfig) -> Result<Ledger, String> {
+        let conn = open_rw(&cfg.path)?;
+        let (tx, rx) = mpsc::sync_channel(cfg.queue);
+        let stats = Arc::new(LedgerStats::default());
+        let flush = Duration::from_millis(cfg.flush_ms);
+        let batch_max = cfg.batch_max;
+        let s = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name(String::from("llmproxy-ledger"))
+            .spawn(move || writer(conn, rx, flush, batch_max, &s))
+            .map_err(|e| format!("ledger: cannot start the writer thread: {e}"))?;
+        Ok(Ledger {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            path: cfg.path.clone(),
+            stats,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sender(&self) -> Option<SyncSender<Msg>> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn send(&self, msg: Msg) -> bool {
+        let Some(tx) = self.sender() else {
+            return false;
+        };
+        match tx.try_send(msg) {
+            Ok(()) => true,
+            Err(TrySendError::Full(msg)) => {
+                // Never drop a record: wait for the writer (back-pressure).
+                self.stats.backpressure.fetch_add(1, Ordering::Relaxed);
+                tx.send(msg).is_ok()
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Queue one record.
+    pub fn record(&self, r: LedgerRecord) {
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        if !self.send(Msg::Record(Box::new(r))) {
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(target: "llmproxy::ledger", "usage record lost: the ledger is closed");
+        }
+    }
+
+    /// Queue a change of a key's usage (ordered with the records).
+    pub fn set_used(&self, key_fp: &str, used: u64, config_used: u64) {
+        let _ = self.send(Msg::SetUsed {
+            key_fp: key_fp.to_owned(),
+            used,
+            config_used,
+        });
+    }
+
+    /// Wait until everything queued so far is committed.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.send(Msg::Flush(tx)) {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+        }
+    }
+
+    /// Stop taking records, commit everything queued and stop the writer.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn writer(mut conn: Connection, rx: Receiver<Msg>, flush: Duration, batch_max: usize, stats: &LedgerStats) {
+    let mut batch: Vec<Msg> = Vec::with_capacity(batch_max.min(8192));
+    loop {
+        // Wait for the first message, then gather for at most `flush`.
+        let first = match rx.recv() {
+            Ok(m) => m,
+            Err(_) => return,
+        };
+        batch.push(first);
+        let deadline = Instant::now() + flush;
+        let mut closed = false;
+        while batch.len() < batch_max && !matches!(batch.last(), Some(Msg::Flush(_))) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Past the deadline: take what is already queued, no waiting.
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+                continue;
+            }
+            match rx.recv_timeout(left) {
+                Ok(m) => batch.push(m),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        commit(&mut conn, &mut batch, stats);
+        if closed {
+            // Drain whatever is left (the channel is closed and empty now,
+            // but be explicit).
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+            }
+            commit(&mut conn, &mut batch, stats);
+            return;
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &mut Vec<Msg>, stats: &LedgerStats) {
+    if batch.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let mut attempt = 0;
+    let records = batch.iter().filter(|m| matches!(m, Msg::Record(_))).count() as u64;
+    loop {
+        match write_batch(conn, batch) {
+            Ok(()) => {
+                stats.written.fetch_add(records, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(target: "llmproxy::ledger", attempt, "ledger write failed, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(20 << attempt));
+            }
+            Err(e) => {
+                stats.failed.fetch_add(records, Ordering::Relaxed);
+                tracing::error!(target: "llmproxy::ledger", records, "ledger write failed, records lost: {e}");
+                break;
+            }
+        }
+    }
+    stats.pending.fetch_sub(records, Ordering::Relaxed);
+    for m in batch.drain(..) {
+        if let Msg::Flush(done) = m {
+            let _ = done.try_send(());
+        }
+    }
+    tracing::trace!(target: "llmproxy::ledger", records, us = started.elapsed().as_micros() as u64, "batch committed");
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO usage (request_id, ts_ms, node, key_fp, user_id, backend, model, path, is_stream,
+             status, prompt_tokens, completion_tokens, total_tokens, billable_tokens, cost, latency_ms, record)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )?;
+        let mut charge = tx.prepare_cached(
+            "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, 0, ?3)
+             ON CONFLICT(key_fp) DO UPDATE SET used = used + excluded.used, updated_ms = excluded.updated_ms",
+        )?;
+        let mut set = tx.prepare_cached(
+            "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(key_fp) DO UPDATE SET used = excluded.used, config_used = excluded.config_used,
+             updated_ms = excluded.updated_ms",
+        )?;
+        let now = now_ms();
+        for m in batch {
+            match m {
+                Msg::Record(r) => {
+                    insert.execute(params![
+                        r.request_id,
+                        r.ts_ms,
+                        r.node,
+                        r.key_fp,
+                        r.user_id,
+                        r.backend,
+                        r.model,
+                        r.path,
+                        r.is_stream,
+                        r.status,
+                        clamp(r.prompt_tokens),
+                        clamp(r.completion_tokens),
+                        clamp(r.total_tokens),
+                        clamp(r.billable_tokens),
+                        r.cost,
+                        r.latency_ms,
+                        r.record,
+                    ])?;
+                    if let (true, Some(fp)) = (r.charge_quota && r.billable_tokens > 0, &r.key_fp) {
+                        charge.execute(params![fp, clamp(r.billable_tokens), now])?;
+                    }
+                }
+                Msg::SetUsed {
+                    key_fp,
+                    used,
+                    config_used,
+                } => {
+                    set.execute(params![key_fp, clamp(*used), clamp(*config_used), now])?;
+                }
+                Msg::Flush(_) => {}
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// What `llmproxy usage` reads: filters.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// Records completed at or after this time (Unix ms).
+    pub since_ms: Option<i64>,
+    /// Records of this key fingerprint.
+    pub key_fp: Option<String>,
+}
+
+/// One row per key (and user) over the selected records.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Summary {
+    /// The key's fingerprint (`-` for requests without a key).
+    pub key: String,
+    /// Its user.
+    pub user_id: String,
+    /// Records.
+    pub requests: u64,
+    /// Records whose status was >= 400.
+    pub errors: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Total tokens.
+    pub total_tokens: u64,
+    /// Tokens charged.
+    pub billable_tokens: u64,
+    /// Sum of `cost`.
+    pub cost: f64,
+}
+
+fn where_clause(q: &Query) -> (String, Vec<rusqlite::types::Value>) {
+    let mut clauses = Vec::new();
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(s) = q.since_ms {
+        clauses.push("ts_ms >= ?");
+        args.push(s.into());
+    }
+    if let Some(k) = &q.key_fp {
+        clauses.push("key_fp = ?");
+        args.push(k.clone().into());
+    }
+    let w = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", clauses.join(" AND "))
+    };
+    (w, args)
+}
+
+/// Per-key totals over `q`.
+pub fn summarize(conn: &Connection, q: &Query) -> rusqlite::Result<Vec<Summary>> {
+    let (w, args) = where_clause(q);
+    let sql = format!(
+        "SELECT COALESCE(key_fp, '-'), COALESCE(user_id, '-'), COUNT(*), SUM(status >= 400),
+         SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(billable_tokens),
+         COALESCE(SUM(cost), 0) FROM usage{w} GROUP BY 1, 2 ORDER BY 1, 2"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
+        let n = |i: usize| r.get::<_, i64>(i).map(|v| u64::try_from(v).unwrap_or(0));
+        Ok(Summary {
+            key: r.get(0)?,
+            user_id: r.get(1)?,
+            requests: n(2)?,
+            errors: n(3)?,
+            prompt_tokens: n(4)?,
+            completion_tokens: n(5)?,
+            total_tokens: n(6)?,
+            billable_tokens: n(7)?,
+            cost: r.get(8)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The records selected by `q`, oldest first, as JSON objects.
+pub fn records(conn: &Connection, q: &Query) -> rusqlite::Result<Vec<Value>> {
+    let (w, args) = where_clause(q);
+    let sql = format!(
+        "SELECT request_id, ts_ms, node, key_fp, user_id, backend, model, path, is_stream, status,
+         prompt_tokens, completion_tokens, total_tokens, billable_tokens, cost, latency_ms, record
+         FROM usage{w} ORDER BY ts_ms, id"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
+        let record: String = r.get(16)?;
+        Ok(serde_json::json!({
+            "request_id": r.get::<_, String>(0)?,
+            "ts_ms": r.get::<_, i64>(1)?,
+            "node": r.get::<_, String>(2)?,
+            "key": r.get::<_, Option<String>>(3)?,
+            "user_id": r.get::<_, Option<String>>(4)?,
+            "backend": r.get::<_, Option<String>>(5)?,
+            "model": r.get::<_, Option<String>>(6)?,
+            "path": r.get::<_, String>(7)?,
+            "is_stream": r.get::<_, bool>(8)?,
+            "status": r.get::<_, i64>(9)?,
+            "prompt_tokens": r.get::<_, i64>(10)?,
+            "completion_tokens": r.get::<_, i64>(11)?,
+            "total_tokens": r.get::<_, i64>(12)?,
+            "billable_tokens": r.get::<_, i64>(13)?,
+            "cost": r.get::<_, Option<f64>>(14)?,
+            "latency_ms": r.get::<_, f64>(15)?,
+            "record": serde_json::from_str::<Value>(&record).unwrap_or(Value::String(record)),
+        }))
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u64, fp: &str, billable: u64) -> LedgerRecord {
+        LedgerRecord {
+            request_id: format!("req-{i}"),
+            ts_ms: 1_000 + i as i64,
+            node: "n1".into(),
+            key_fp: Some(fp.into()),
+            user_id: Some("u".into()),
+            backend: Some("b".into()),
+            model: Some("gpt-4".into()),
+            path: "/v1/chat/completions".into(),
+            is_stream: i.is_multiple_of(2),
+            status: 200,
+            prompt_tokens: 2,
+            completion_tokens: 3,
+            total_tokens: 5,
+            billable_tokens: billable,
+            cost: Some(0.5),
+            latency_ms: 1.5,
+            record: r#"{"billable_tokens":4}"#.into(),
+            charge_quota: true,
+        }
+    }
+
+    #[test]
+    fn batches_commit_and_close_loses_nothing() {
+        let dir = std::env::temp_dir().join(format!("llmproxy-ledger-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = LedgerConfig {
+            path: dir.join("u.db"),
+            flush_ms: 20,
+            batch_max: 100,
+            queue: 16,
+        };
+        let ledger = Ledger::open(&cfg).unwrap();
+        ledger.set_used("fp-a", 10, 10);
+        for i in 0..1000 {
+            ledger.record(rec(i, if i % 2 == 0 { "fp-a" } else { "fp-b" }, 4));
+        }
+        ledger.close();
+        assert!(ledger.stats.batches.load(Ordering::Relaxed) >= 10);
+        assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 1000);
+        assert_eq!(ledger.stats.pending.load(Ordering::Relaxed), 0);
+        let conn = open_ro(&cfg.path).unwrap();
+        let s = summarize(&conn, &Query::default()).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.iter().map(|s| s.requests).sum::<u64>(), 1000);
+        let usage = read_key_usage(&conn).unwrap();
+        assert_eq!(usage["fp-a"].used, 10 + 500 * 4);
+        assert_eq!(usage["fp-b"].used, 500 * 4);
+        let q = Query {
+            since_ms: Some(1_990),
+            key_fp: Some("fp-a".into()),
+        };
+        let r = records(&conn, &q).unwrap();
+        assert_eq!(r.len(), 5);
+        assert_eq!(r[0]["record"]["billable_tokens"], 4);
+    }
+}
