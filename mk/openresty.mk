@@ -5,6 +5,9 @@
 # repository root.
 #
 #   make test-openresty      nginx tests: prove -r t/ (t/README.md)
+#   make test-openai-client-nginx
+#                            the official `openai` Python client against
+#                            nginx + resty.llmproxy (t/openai_client_nginx.py)
 #   make openresty-deps      the Debian packages they need
 #   make install-openresty   resty/llmproxy*.lua into $(LUA_LDIR)
 #
@@ -39,10 +42,16 @@ PREFIX   ?= /usr/local
 DESTDIR  ?=
 LUA_LDIR ?= $(PREFIX)/share/lua/5.1
 
-TEST_TARGETS += test-openresty
-LUA_SOURCES  += openresty/lib t/lib/llmproxy_mock.lua
+TEST_TARGETS += test-openresty test-openai-client-nginx
+LUA_SOURCES  += openresty/lib t/lib/*.lua
 
-.PHONY: openresty-deps test-openresty install-openresty
+# The same venv and mock backend as mk/proxy.mk's test-openai-client (its
+# rule makes the venv: mk/proxy.mk is read after this file, so the venv is
+# made by a sub-make that works whether or not it was included).
+OPENRESTY_VENV       := .venv
+OPENRESTY_PROXY_DIR  := $(or $(CARGO_TARGET_DIR),target)
+
+.PHONY: openresty-deps test-openresty test-openai-client-nginx install-openresty
 
 # Debian's nginx package starts a system nginx from its postinst where
 # services may start (no policy-rc.d refusing it). That nginx is not used by
@@ -62,10 +71,21 @@ test-openresty: openresty-deps $(OPENRESTY_LIB_TARGET)
 	perl -It/lib -c t/lib/Test/LLMProxy/Nginx.pm
 	LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" $(PROVE) $(PROVE_FLAGS) t/
 
+# The client tests of the standalone gateway, against nginx on the same
+# config and `llmproxy mock-backend`s, plus error bodies compared with the
+# standalone gateway's.
+test-openai-client-nginx: openresty-deps $(OPENRESTY_LIB_TARGET)
+	@command -v $(CARGO) >/dev/null 2>&1 || { echo "cargo not found: install the Rust toolchain" >&2; exit 1; }
+	$(MAKE) --no-print-directory -f mk/proxy.mk $(OPENRESTY_VENV)/.installed
+	$(CARGO) build -q -p llmproxy-server --bin llmproxy
+	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/debug/llmproxy LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" \
+	  $(OPENRESTY_VENV)/bin/python t/openai_client_nginx.py
+
 # Atomic replace: a running nginx keeps the files it has loaded.
 install-openresty:
 	install -d $(DESTDIR)$(LUA_LDIR)/resty/llmproxy
-	for f in resty/llmproxy.lua resty/llmproxy/json.lua; do \
+	for f in resty/llmproxy.lua resty/llmproxy/json.lua resty/llmproxy/sse.lua \
+	         resty/llmproxy/metrics.lua resty/llmproxy/backends.lua; do \
 	  install -m 0644 openresty/lib/$$f $(DESTDIR)$(LUA_LDIR)/$$f.new && \
 	  mv -f $(DESTDIR)$(LUA_LDIR)/$$f.new $(DESTDIR)$(LUA_LDIR)/$$f || exit 1; \
 	done

@@ -22,7 +22,8 @@ backends:
   - {name: ultra,            url: "http://127.0.0.1:$TEST_NGINX_PORT_3", weight: 5}
 YAML
 
-# Until the module exposes engine:backends(), init_worker gets the same list.
+# init_worker's opts.backends overrides the YAML's list (the same list here;
+# the other test files use the YAML's, from engine:backends()).
 my $init_worker = <<'LUA';
         require("resty.llmproxy").init_worker("$TEST_NGINX_SERVROOT/html/llmproxy.yaml", { backends = {
             { name = "standard", url = "http://127.0.0.1:$TEST_NGINX_PORT_1", weight = 10 },
@@ -38,7 +39,6 @@ for my $m (['standard', 1], ['high-performance', 2], ['ultra', 3]) {
     server {
         listen 127.0.0.1:\$TEST_NGINX_PORT_$n;
         location / { content_by_lua_block { require("llmproxy_mock").chat("$name") } }
-        location /v1/bad-json { content_by_lua_block { require("llmproxy_mock").chat("$name", { body = "{not json" }) } }
     }
 CONF
 }
@@ -328,8 +328,10 @@ they were already sent
 --- hooks
   response_transform: {script_file: $TEST_NGINX_REPO/examples/scripts/response_transform.lua}
 --- request
-POST /v1/bad-json
+POST /v1/chat/completions
 {"model":"gpt-4"}
+--- more_headers
+X-Mock-Body: bad-json
 --- response_body chomp
 {not json
 --- error_log
@@ -423,6 +425,10 @@ resty.llmproxy.access() must be called from access_by_lua*, not in the content p
                 ngx.say(ok, " ", (tostring(err):match("resty%.llmproxy%..*")))
             end
         }
+        log_by_lua_block {
+            local ok, err = pcall(require("resty.llmproxy").metrics)
+            ngx.log(ngx.WARN, "metrics in log: ", ok, " ", (tostring(err):match("resty%.llmproxy%..*")))
+        }
     }
 --- request
 GET /t
@@ -434,6 +440,8 @@ false resty.llmproxy.balancer() must be called from balancer_by_lua*, not in the
 false resty.llmproxy.header_filter() must be called from header_filter_by_lua*, not in the content phase
 false resty.llmproxy.body_filter() must be called from body_filter_by_lua*, not in the content phase
 false resty.llmproxy.log() must be called from log_by_lua*, not in the content phase
+--- error_log
+metrics in log: false resty.llmproxy.metrics() must be called from content_by_lua*, not in the log phase
 
 
 
@@ -492,7 +500,7 @@ no engine: requests get 503
 POST /v1/chat/completions
 {"model":"gpt-4"}
 --- error_code: 503
---- response_body_like
-"code":"backend_unavailable"
+--- response_body chomp
+{"error":{"message":"no backend is available","type":"backend_error","code":"no_backend"}}
 --- error_log
 host 'standard-backend' is not an IP address

@@ -39,7 +39,6 @@ $conf = rewrite($conf, '"$prefix/../openresty/lib/?.lua;;"',
 $conf = rewrite($conf, '"$prefix/../ffi/target/release/lib?.so;;"', '"$TEST_NGINX_LIB_DIR/lib?.so;;"');
 $conf = rewrite($conf, 'ngx.config.prefix() .. "../examples/llmproxy.yaml"',
     '"$TEST_NGINX_SERVROOT/html/llmproxy.yaml"');
-$conf = rewrite($conf, "127.0.0.1:$_\"", "127.0.0.1:$port{$_}\"") for sort keys %port;
 
 my $mocks = '';
 for my $m (['standard', 1], ['high-performance', 2], ['ultra', 3]) {
@@ -109,10 +108,16 @@ GET /llmproxy/status
 
 
 
-=== TEST 4: the metrics placeholder answers
+=== TEST 4: /metrics answers in the gateway's names, for the requests of this file
 --- request
 GET /metrics
 --- response_headers
 Content-Type: text/plain; version=0.0.4
---- response_body
-# llmproxy metrics are not implemented yet
+--- response_body_like eval
+qr/^# HELP llmproxy_requests_total .*
+llmproxy_requests_total\{backend="ultra",status="200"\} [1-9].*
+llmproxy_hook_calls_total\{hook="routing"\} [1-9].*
+llmproxy_hook_duration_seconds_bucket\{hook="usage",le="0.00001"\} \d+
+.*llmproxy_vm_pool\{stat="capacity"\} [1-9]/s
+--- no_error_log
+[error]

@@ -300,6 +300,120 @@ local tests = {
     expect_error("invalid_argument", llmproxy.globals({ response = { status_code = "x" } }))
     assert(tostring(assert(llmproxy.globals({}))) == "llmproxy.globals")
   end },
+  { "req:with adds fields; the body is shared, the original handle unchanged", function()
+    local t = assert(llmproxy.new("scripts:\n  request_transform:\n    script: |\n"
+      .. "      return {headers = {u = request.backend_url or 'none', m = request.body.model,"
+      .. " t = tostring(request.tier)}}\n"))
+    local req = assert(llmproxy.request({ id = "r1", body_raw = '{"model": "gpt-4"}' }))
+    local routed = assert(req:with({ backend_url = "http://b:1", tier = 2 }))
+    assert(tostring(routed) == "llmproxy.request")
+    local res = assert(t:run_prepared("request_transform", routed, nil))
+    assert(res.headers.u == "http://b:1" and res.headers.m == "gpt-4" and res.headers.t == "2", "routed")
+    res = assert(t:run_prepared("request_transform", req, nil))
+    assert(res.headers.u == "none" and res.headers.t == "nil", "original unchanged")
+    local json_fields = assert(req:with('{"backend_url": "http://c:2"}'))
+    assert(t:run_prepared("request_transform", json_fields, nil).headers.u == "http://c:2", "JSON text")
+    local rebodied = assert(req:with({ body_raw = '{"model": "llama"}' }))
+    assert(t:run_prepared("request_transform", rebodied, nil).headers.m == "llama", "body_raw")
+  end },
+  { "req:with: wrong arguments are invalid_argument", function()
+    local req = assert(llmproxy.request({ id = "r1" }))
+    expect_error("invalid_argument", req:with(42))
+    expect_error("invalid_argument", req:with("[1]"))
+    expect_error("invalid_argument", req:with("{oops"))
+    expect_error("invalid_argument", req:with({ body_raw = "{oops" }))
+    expect_error("invalid_argument", req:with({ f = print }))
+  end },
+  { "req:body_get reads one field by JSON pointer", function()
+    local req = assert(llmproxy.request({ body_raw = '{"stream": true, "o": {"a": [1, {"b": null}]}, "e": []}' }))
+    assert(req:body_get("/stream") == true)
+    assert(req:body_get("/o/a/0") == 1 and req:body_get("/o/a/1/b") == llmproxy.null, "0-based indices")
+    assert(req:body_get("/missing") == nil and req:body_get("/o/a/9") == nil)
+    assert(is_array(req:body_get("/e")) and is_array(req:body_get("/o/a")))
+    assert(req:body_get("").stream == true)
+    expect_error("invalid_argument", req:body_get("stream"))
+    expect_error("invalid_argument", req:body_get(1))
+    assert(assert(llmproxy.request({ id = "x" })):body_get("/stream") == nil, "no body")
+  end },
+  { "req:body_json: the body as sent (key order kept), or with a merge patch", function()
+    local text = '{"z":1,"stream":true,"a":[],"o":{},"n":null,"stream_options":{"x":1}}'
+    local req = assert(llmproxy.request({ body_raw = text }))
+    assert(req:body_json() == text, req:body_json())
+    local patched = req:body_json({ stream_options = { include_usage = true }, z = llmproxy.null, new = "v" })
+    assert(patched == '{"stream":true,"a":[],"o":{},"n":null,"stream_options":{"x":1,"include_usage":true},'
+      .. '"new":"v"}', patched)
+    assert(req:body_json({ stream_options = 5 }):find('"stream_options":5', 1, true))
+    expect_error("invalid_argument", req:body_json({ f = print }))
+  end },
+  { "response.body_raw is parsed in Rust, in run and in globals", function()
+    local t = assert(llmproxy.new("scripts:\n  response_transform:\n    script: |\n"
+      .. "      return {body = {m = response.body.model, s = response.is_stream, e = response.body.e}}\n"))
+    local req = assert(llmproxy.request({ id = "r1" }))
+    local response = { status_code = 200, headers = {}, is_stream = true, body_raw = '{"model": "x", "e": []}' }
+    local res = assert(t:run("response_transform", { request = req, response = response, backend_url = "u",
+      latency_ms = 1 }))
+    assert(res.body.m == "x" and res.body.s == true and is_array(res.body.e), "run with a handle")
+    res = assert(t:run("response_transform", { request = { id = "r" }, response = response, backend_url = "u",
+      latency_ms = 1 }))
+    assert(res.body.m == "x", "run with a table")
+    local g = assert(llmproxy.globals({ response = response, backend_url = "u", latency_ms = 1 }))
+    assert(t:run_prepared("response_transform", req, g).body.m == "x", "globals")
+    local bad = { status_code = 200, body_raw = "{oops" }
+    expect_error("invalid_argument", t:run("response_transform", { request = req, response = bad }))
+    expect_error("invalid_argument", llmproxy.globals({ response = bad }))
+    expect_error("invalid_argument", llmproxy.globals({ response = { status_code = 200, body = {}, body_raw = "1" } }))
+  end },
+  { "response.body_raw counts against max_input_bytes", function()
+    local t = assert(llmproxy.new("scripts:\n  response_transform:\n    script: return nil\n"
+      .. "    max_input_bytes: 1024\n"))
+    local req = assert(llmproxy.request({ id = "r1" }))
+    local big = '{"x": "' .. string.rep("a", 2000) .. '"}'
+    local err = expect_error("invalid_argument", t:run("response_transform", { request = req,
+      response = { status_code = 200, body_raw = big } }))
+    assert(err.message:find("over the limit", 1, true), err.message)
+  end },
+  { "opts.body_json: a result's body comes back as JSON text", function()
+    local t = assert(llmproxy.new("scripts:\n  request_transform:\n    script: |\n"
+      .. "      return {body = {a = json.empty_array, n = json.null}, headers = {X = '1'}}\n"
+      .. "  error_handler:\n    script: return {status_code = 418, body = 'teapot'}\n"))
+    local req = assert(llmproxy.request({ id = "r1" }))
+    local res = assert(t:run_prepared("request_transform", req, nil, { body_json = true }))
+    assert(res.body == '{"a":[],"n":null}' and res.headers.X == "1", tostring(res.body))
+    res = assert(t:run("request_transform", { request = req }, { body_json = true }))
+    assert(res.body == '{"a":[],"n":null}', "run")
+    res = assert(t:run_prepared("error_handler", req, assert(llmproxy.globals({ error = { type = "timeout",
+      message = "m", status_code = 504 } })), { body_json = true }))
+    assert(res.status_code == 418 and res.body == '"teapot"', tostring(res.body))
+    assert(type(t:run_prepared("request_transform", req, nil, { body_json = false }).body) == "table")
+    expect_error("invalid_argument", t:run_prepared("request_transform", req, nil, { nope = true }))
+    expect_error("invalid_argument", t:run_prepared("request_transform", req, nil, 5))
+  end },
+  { "engine:gateway() and engine:backends() timeouts: the config's settings, defaults filled in", function()
+    local e = assert(llmproxy.new("backends:\n  - {name: a, url: 'http://127.0.0.1:1', timeouts: {connect_ms: 7}}\n"
+      .. "gateway:\n  max_body_bytes: 1000\n  balancer: least_connections\n"
+      .. "  retry: {max_retries: 1, on_status: [502]}\n  timeouts: {idle_ms: 5}\n"))
+    local g = e:gateway()
+    assert(g.max_body_bytes == 1000 and g.max_response_bytes == 64 * 1024 * 1024, "sizes")
+    assert(g.balancer == "least_connections", g.balancer)
+    assert(g.retry.max_retries == 1 and is_array(g.retry.on_status) and g.retry.on_status[1] == 502, "retry")
+    assert(g.retry.on_connect_error == true and g.retry.on_timeout == true, "retry flags")
+    assert(g.timeouts.connect_ms == 2000 and g.timeouts.idle_ms == 5, "timeouts")
+    assert(g.health.failures_to_unhealthy == 3 and g.health.probe_path == "/healthz", "health")
+    local t = e:backends()[1].timeouts
+    assert(t.connect_ms == 7 and t.first_byte_ms == 60000 and t.idle_ms == 5, "backend timeouts")
+  end },
+  { "engine:on_error(hook): the failure policy, nil when the hook is off", function()
+    local e = assert(llmproxy.new("scripts:\n  auth: {script: 'return nil'}\n"
+      .. "  routing: {script: 'return nil', on_error: deny}\n  usage: {script: 'return nil'}\n"))
+    assert(e:on_error("auth") == "deny", "auth fails closed by default")
+    assert(e:on_error("routing") == "deny" and e:on_error("usage") == "standard")
+    assert(e:on_error("error_handler") == nil and e:on_error("nope") == nil)
+  end },
+  { "engine:pool_stats() counts the engine's VMs", function()
+    local s = engine:pool_stats()
+    assert(s.capacity > 0 and s.alive >= 1 and s.created >= 1 and s.discarded >= 1, "after a timeout")
+    assert(type(s.idle) == "number" and type(s.recycled) == "number")
+  end },
   { "request handles are garbage-collected; tostring(request)", function()
     for i = 1, 200 do
       local req = assert(llmproxy.request({ id = tostring(i), body_raw = '{"viplevel": 3}' }))

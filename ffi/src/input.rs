@@ -99,6 +99,38 @@ impl Request {
     pub fn info(&self) -> &RequestInfo {
         &self.info
     }
+
+    /// A copy with the fields of the JSON object `fields` set (e.g.
+    /// `backend_url` after routing). The body is shared, not re-parsed,
+    /// unless `fields` holds `body` or `body_raw`. `bytes` is the size of
+    /// the text `fields` came from (0 if none). Limits are tracked as for
+    /// [`Request::from_value`]: nesting is the deeper of the two objects
+    /// (conservative when `body` is replaced), sizes add up.
+    pub fn with_fields(&self, fields: &Value, bytes: usize) -> Result<Request, Failure> {
+        let depth = convert::json_depth(fields);
+        if depth > MAX_DEPTH {
+            return Err(Failure::invalid(format!(
+                "fields: nesting is {depth} levels, deeper than any limit ({MAX_DEPTH})"
+            )));
+        }
+        let limits = Limits {
+            max_depth: MAX_DEPTH,
+            max_bytes: MAX_BYTES,
+        };
+        let info = self.info.with_fields(fields, limits).map_err(Failure::invalid)?;
+        let (raw_body_depth, raw_body_bytes) = match (fields.get("body_raw"), fields.get("body")) {
+            (Some(Value::String(s)), _) => (convert::json_depth(&info.body), s.len()),
+            (_, Some(_)) => (0, 0),
+            _ => (self.raw_body_depth, self.raw_body_bytes),
+        };
+        Ok(Request {
+            info,
+            bytes: self.bytes.saturating_add(bytes),
+            depth: self.depth.max(depth),
+            raw_body_depth,
+            raw_body_bytes,
+        })
+    }
 }
 
 /// A hook's globals other than `request`, parsed once. Immutable.

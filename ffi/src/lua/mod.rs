@@ -16,6 +16,20 @@
 //! -- Globals that change rarely (the backend set): parse them once too.
 //! local g, err = llmproxy.globals({ backends = bs })
 //! local res, err = engine:run_prepared("routing", r, g)  -- r, g: or nil
+//!
+//! -- A request handle with more fields, the body shared (not re-parsed).
+//! local routed = r:with({ backend_url = "http://10.0.0.2:8000" })
+//! r:body_get("/stream")                     -- one body field, by JSON pointer
+//! r:body_json({ stream_options = { include_usage = true } })  -- merge patch
+//! -- A response body as JSON text, parsed in Rust like request.body_raw.
+//! engine:run("response_transform", { request = r,
+//!     response = { status_code = 200, headers = {}, body_raw = text } })
+//! -- `body` of a result as JSON text (serialized in Rust), for a host that
+//! -- sends it on: request_transform, response_transform, error_handler.
+//! local res = engine:run_prepared("request_transform", routed, nil, { body_json = true })
+//! engine:gateway()      -- the config's `gateway:` settings
+//! engine:on_error("auth")  -- "deny" | "standard": the hook's failure policy
+//! engine:pool_stats()   -- the VM pool's counters
 //! ```
 //!
 //! Exports: `new`, `request`, `globals`, `version`, `null` (`json.null`, a
@@ -35,6 +49,7 @@ pub mod convert;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use llmproxy_core::config::{BalancerKind, OnError};
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
@@ -81,22 +96,49 @@ struct LuaEngine {
 
 impl UserData for LuaEngine {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("run", |lua, this, (hook, input): (Value, Value)| {
-            let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(this, &hook, &input)))
-                .unwrap_or_else(|payload| Err(from_panic(payload)));
+        methods.add_method("run", |lua, this, (hook, input, opts): (Value, Value, Value)| {
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+                let opts = RunOptions::from_lua(&opts)?;
+                run(this, &hook, &input).map(|r| opts.apply(r))
+            }))
+            .unwrap_or_else(|payload| Err(from_panic(payload)));
             respond(lua, this, outcome)
         });
         methods.add_method(
             "run_prepared",
-            |lua, this, (hook, request, globals): (Value, Value, Value)| {
-                let outcome = panic::catch_unwind(AssertUnwindSafe(|| run_prepared(this, &hook, &request, &globals)))
-                    .unwrap_or_else(|payload| Err(from_panic(payload)));
+            |lua, this, (hook, request, globals, opts): (Value, Value, Value, Value)| {
+                let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+                    let opts = RunOptions::from_lua(&opts)?;
+                    run_prepared(this, &hook, &request, &globals).map(|r| opts.apply(r))
+                }))
+                .unwrap_or_else(|payload| Err(from_panic(payload)));
                 respond(lua, this, outcome)
             },
         );
         methods.add_method("backends", |lua, this, ()| backends(lua, this));
+        methods.add_method("gateway", |lua, this, ()| gateway(lua, this));
+        methods.add_method("pool_stats", |lua, this, ()| {
+            let s = this.engine.pool_stats();
+            let t = lua.create_table_with_capacity(0, 6)?;
+            t.raw_set("capacity", s.capacity)?;
+            t.raw_set("alive", s.alive)?;
+            t.raw_set("idle", s.idle)?;
+            t.raw_set("created", s.created)?;
+            t.raw_set("discarded", s.discarded)?;
+            t.raw_set("recycled", s.recycled)?;
+            Ok(t)
+        });
         methods.add_method("enabled", |_, this, hook: String| {
             Ok(hook.parse::<HookName>().is_ok_and(|h| this.engine.is_enabled(h)))
+        });
+        // engine:on_error(hook) -> "standard" | "deny" (nil: not enabled):
+        // the failure policy a host applies when the hook fails.
+        methods.add_method("on_error", |_, this, hook: String| {
+            let cfg = hook.parse::<HookName>().ok().and_then(|h| this.engine.config().hook(h));
+            Ok(cfg.map(|c| match c.on_error {
+                OnError::Standard => "standard",
+                OnError::Deny => "deny",
+            }))
         });
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.engine"));
     }
@@ -131,10 +173,146 @@ fn backends(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
             headers.raw_set(k.as_str(), v.as_str())?;
         }
         item.raw_set("headers", headers)?;
+        // The backend's timeouts, its overrides over `gateway.timeouts`.
+        let d = &this.engine.config().gateway.timeouts;
+        let o = &b.timeouts;
+        let timeouts = lua.create_table_with_capacity(0, 3)?;
+        timeouts.raw_set("connect_ms", o.connect_ms.unwrap_or(d.connect_ms))?;
+        timeouts.raw_set("first_byte_ms", o.first_byte_ms.unwrap_or(d.first_byte_ms))?;
+        timeouts.raw_set("idle_ms", o.idle_ms.unwrap_or(d.idle_ms))?;
+        item.raw_set("timeouts", timeouts)?;
         t.raw_set(i + 1, item)?;
     }
     t.set_metatable(Some(this.shared.array_mt.clone()))?;
     Ok(t)
+}
+
+/// `engine:gateway()`: the config's `gateway:` section (defaults filled
+/// in), for hosts that proxy: body and response size limits, the default
+/// balancer, retries, timeouts and health checking.
+fn gateway(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
+    let g = &this.engine.config().gateway;
+    let t = lua.create_table_with_capacity(0, 7)?;
+    t.raw_set("max_body_bytes", g.max_body_bytes)?;
+    t.raw_set("max_response_bytes", g.max_response_bytes)?;
+    t.raw_set(
+        "balancer",
+        match g.balancer {
+            BalancerKind::WeightedRoundRobin => "weighted_round_robin",
+            BalancerKind::LeastConnections => "least_connections",
+            BalancerKind::LowestLatency => "lowest_latency",
+        },
+    )?;
+    let retry = lua.create_table_with_capacity(0, 4)?;
+    retry.raw_set("max_retries", g.retry.max_retries)?;
+    let on_status = lua.create_table_with_capacity(g.retry.on_status.len(), 0)?;
+    for (i, s) in g.retry.on_status.iter().enumerate() {
+        on_status.raw_set(i + 1, *s)?;
+    }
+    on_status.set_metatable(Some(this.shared.array_mt.clone()))?;
+    retry.raw_set("on_status", on_status)?;
+    retry.raw_set("on_connect_error", g.retry.on_connect_error)?;
+    retry.raw_set("on_timeout", g.retry.on_timeout)?;
+    t.raw_set("retry", retry)?;
+    let timeouts = lua.create_table_with_capacity(0, 3)?;
+    timeouts.raw_set("connect_ms", g.timeouts.connect_ms)?;
+    timeouts.raw_set("first_byte_ms", g.timeouts.first_byte_ms)?;
+    timeouts.raw_set("idle_ms", g.timeouts.idle_ms)?;
+    t.raw_set("timeouts", timeouts)?;
+    let h = &g.health;
+    let health = lua.create_table_with_capacity(0, 6)?;
+    health.raw_set("failures_to_unhealthy", h.failures_to_unhealthy)?;
+    health.raw_set("successes_to_healthy", h.successes_to_healthy)?;
+    health.raw_set("cooldown_ms", h.cooldown_ms)?;
+    health.raw_set("probe_interval_ms", h.probe_interval_ms)?;
+    health.raw_set("probe_path", h.probe_path.as_str())?;
+    health.raw_set("probe_timeout_ms", h.probe_timeout_ms)?;
+    t.raw_set("health", health)?;
+    Ok(t)
+}
+
+/// Options of `engine:run` and `engine:run_prepared` (an optional last
+/// argument, a table).
+#[derive(Debug, Default, Clone, Copy)]
+struct RunOptions {
+    /// `body_json = true`: a result's `body` comes back as JSON text,
+    /// serialized in Rust (key order kept, `[]`/`{}`/null exact), for a
+    /// host that sends it on without looking inside.
+    body_json: bool,
+}
+
+impl RunOptions {
+    fn from_lua(v: &Value) -> Result<RunOptions, Failure> {
+        match v {
+            Value::Nil => Ok(RunOptions::default()),
+            Value::Table(t) => {
+                let mut opts = RunOptions::default();
+                for pair in t.pairs::<Value, Value>() {
+                    let (k, v) = pair.map_err(|e| Failure::invalid(format!("opts: {e}")))?;
+                    match (&k, &v) {
+                        (Value::String(k), Value::Boolean(b)) if *k == "body_json" => opts.body_json = *b,
+                        (Value::String(k), Value::Nil) if *k == "body_json" => {}
+                        _ => {
+                            return Err(Failure::invalid(format!(
+                                "opts: unknown option {} (known: body_json = boolean)",
+                                describe_key(&k)
+                            )))
+                        }
+                    }
+                }
+                Ok(opts)
+            }
+            other => Err(Failure::invalid(format!(
+                "opts must be a table or nil, got {}",
+                other.type_name()
+            ))),
+        }
+    }
+
+    fn apply(self, result: Json) -> Json {
+        match result {
+            Json::Object(mut map) if self.body_json => {
+                if let Some(body) = map.get_mut("body") {
+                    *body = Json::String(body.to_string());
+                }
+                Json::Object(map)
+            }
+            other => other,
+        }
+    }
+}
+
+fn describe_key(k: &Value) -> String {
+    match k {
+        Value::String(s) => format!("'{}'", s.to_string_lossy()),
+        other => format!("of type {}", other.type_name()),
+    }
+}
+
+/// `response.body_raw` (JSON text) -> `response.body`, parsed here, as
+/// `request.body_raw` is. Returns the text's size (it counts against the
+/// hook's `max_input_bytes`).
+fn splice_response_raw(globals: &mut Json) -> Result<usize, Failure> {
+    let Some(Json::Object(response)) = globals.get_mut("response") else {
+        return Ok(0);
+    };
+    let Some(raw) = response.remove("body_raw") else {
+        return Ok(0);
+    };
+    let Json::String(text) = raw else {
+        return Err(Failure::invalid("response.body_raw must be a string of JSON text"));
+    };
+    if response.contains_key("body") {
+        return Err(Failure::invalid("response: give body or body_raw, not both"));
+    }
+    let limits = llmproxy_core::convert::Limits {
+        max_depth: input::MAX_DEPTH,
+        max_bytes: input::MAX_BYTES,
+    };
+    let body = llmproxy_core::convert::parse_json(text.as_bytes(), limits)
+        .map_err(|e| Failure::invalid(format!("response.body_raw: {e}")))?;
+    response.insert(String::from("body"), body);
+    Ok(text.len())
 }
 
 /// The hook argument's text.
@@ -171,12 +349,14 @@ fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
                     return input::run(&this.engine, hook.as_str(), Some(&request.request), Some(&globals));
                 }
             }
-            ToJson {
+            let mut value = ToJson {
                 array_mt: &this.shared.array_mt,
                 max_depth,
             }
             .convert(input)
-            .map_err(|e| Failure::invalid(e.describe("input")))?
+            .map_err(|e| Failure::invalid(e.describe("input")))?;
+            splice_response_raw(&mut value)?;
+            value
         }
         other => {
             return Err(Failure::invalid(format!(
@@ -255,7 +435,12 @@ fn table_globals(t: &Table, array_mt: &Table, max_depth: usize, skip_request: bo
             .map_err(|e| Failure::invalid(e.describe(&format!("input.{}", &*key))))?;
         map.insert(key.to_owned(), value);
     }
-    Globals::from_map(map, 0)
+    let mut value = Json::Object(map);
+    let raw_bytes = splice_response_raw(&mut value)?;
+    let Json::Object(map) = value else {
+        unreachable!("an object stays an object");
+    };
+    Globals::from_map(map, raw_bytes)
 }
 
 /// A hook's other globals parsed once (`llmproxy.globals`), for
@@ -285,11 +470,134 @@ fn globals(value: &Value, array_mt: &Table) -> Result<Globals, Failure> {
 /// A request parsed once (`llmproxy.request`), usable as `input.request`.
 struct LuaRequest {
     request: Request,
+    shared: Shared,
 }
 
 impl UserData for LuaRequest {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        // req:with(fields) -> a new handle with these fields set; the body
+        // is shared unless fields hold `body` or `body_raw`.
+        methods.add_method("with", |lua, this, fields: Value| {
+            let built = panic::catch_unwind(AssertUnwindSafe(|| with_fields(this, &fields)))
+                .unwrap_or_else(|payload| Err(from_panic(payload)));
+            match built {
+                Ok(request) => {
+                    let ud = lua.create_userdata(LuaRequest {
+                        request,
+                        shared: this.shared.clone(),
+                    })?;
+                    Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))
+                }
+                Err(f) => this.shared.fail(lua, f),
+            }
+        });
+        // req:body_get(pointer) -> the body's value at a JSON pointer
+        // (RFC 6901, "" = the whole body), converted alone; nil if absent.
+        methods.add_method("body_get", |lua, this, pointer: Value| {
+            let Value::String(p) = pointer else {
+                return this.shared.fail(
+                    lua,
+                    Failure::invalid(format!("pointer must be a string, got {}", pointer.type_name())),
+                );
+            };
+            let p = p.to_string_lossy();
+            if !p.is_empty() && !p.starts_with('/') {
+                return this.shared.fail(
+                    lua,
+                    Failure::invalid(format!("pointer '{p}' must be empty or start with '/'")),
+                );
+            }
+            let value = match this.request.info().body.pointer(&p) {
+                None => Value::Nil,
+                Some(v) => convert::to_lua(lua, v, &this.shared.array_mt)?,
+            };
+            Ok(MultiValue::from_vec(vec![value]))
+        });
+        // req:body_json(patch?) -> the body as JSON text (key order kept),
+        // with a JSON merge patch (RFC 7386) applied when given.
+        methods.add_method("body_json", |lua, this, patch: Value| {
+            let out = panic::catch_unwind(AssertUnwindSafe(|| body_json(this, &patch)))
+                .unwrap_or_else(|payload| Err(from_panic(payload)));
+            match out {
+                Ok(text) => Ok(MultiValue::from_vec(vec![Value::String(lua.create_string(text)?)])),
+                Err(f) => this.shared.fail(lua, f),
+            }
+        });
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.request"));
+    }
+}
+
+/// `req:with(fields)` without the Lua plumbing.
+fn with_fields(this: &LuaRequest, fields: &Value) -> Result<Request, Failure> {
+    let (json, bytes) = match fields {
+        Value::String(s) => {
+            let limits = llmproxy_core::convert::Limits {
+                max_depth: input::MAX_DEPTH,
+                max_bytes: input::MAX_BYTES,
+            };
+            let text = s.as_bytes();
+            let v = llmproxy_core::convert::parse_json(&text, limits)
+                .map_err(|e| Failure::invalid(format!("fields: {e}")))?;
+            (v, text.len())
+        }
+        Value::Table(_) => {
+            let v = ToJson {
+                array_mt: &this.shared.array_mt,
+                max_depth: input::MAX_DEPTH,
+            }
+            .convert(fields)
+            .map_err(|e| Failure::invalid(e.describe("fields")))?;
+            (v, 0)
+        }
+        other => {
+            return Err(Failure::invalid(format!(
+                "fields must be a table or JSON text, got {}",
+                other.type_name()
+            )))
+        }
+    };
+    if !json.is_object() {
+        return Err(Failure::invalid("fields must be an object"));
+    }
+    this.request.with_fields(&json, bytes)
+}
+
+/// `req:body_json(patch)` without the Lua plumbing.
+fn body_json(this: &LuaRequest, patch: &Value) -> Result<String, Failure> {
+    let body = &this.request.info().body;
+    if patch.is_nil() {
+        return Ok(body.to_string());
+    }
+    let patch = ToJson {
+        array_mt: &this.shared.array_mt,
+        max_depth: input::MAX_DEPTH,
+    }
+    .convert(patch)
+    .map_err(|e| Failure::invalid(e.describe("patch")))?;
+    let mut merged = (**body).clone();
+    merge_patch(&mut merged, patch);
+    Ok(merged.to_string())
+}
+
+/// RFC 7386: objects merge member by member, `null` removes a member,
+/// anything else replaces.
+fn merge_patch(target: &mut Json, patch: Json) {
+    let Json::Object(members) = patch else {
+        *target = patch;
+        return;
+    };
+    if !target.is_object() {
+        *target = Json::Object(Map::new());
+    }
+    let Json::Object(t) = target else {
+        return;
+    };
+    for (k, v) in members {
+        if v.is_null() {
+            t.shift_remove(&k);
+        } else {
+            merge_patch(t.entry(k).or_insert(Json::Null), v);
+        }
     }
 }
 
@@ -417,7 +725,10 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
             match built {
                 Ok(request) => {
-                    let ud = lua.create_userdata(LuaRequest { request })?;
+                    let ud = lua.create_userdata(LuaRequest {
+                        request,
+                        shared: shared.clone(),
+                    })?;
                     Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))
                 }
                 Err(f) => shared.fail(lua, f),

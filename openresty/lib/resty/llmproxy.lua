@@ -2,8 +2,10 @@
 --
 -- One function per phase; each checks that it runs in its phase. The hook
 -- semantics live in the Rust core: this module only translates between
--- nginx and the engine, and applies each hook's failure policy.
+-- nginx and the engine, and applies each hook's failure policy, the way the
+-- standalone gateway (`llmproxy serve`) does.
 --
+--     lua_shared_dict llmproxy_metrics 1m;
 --     init_worker_by_lua_block  { require("resty.llmproxy").init_worker("/etc/llmproxy/llmproxy.yaml") }
 --     upstream llmproxy_backends {
 --         server 0.0.0.1;   # placeholder, never used
@@ -14,14 +16,24 @@
 --         header_filter_by_lua_block { require("resty.llmproxy").header_filter() }
 --         body_filter_by_lua_block   { require("resty.llmproxy").body_filter() }
 --         log_by_lua_block           { require("resty.llmproxy").log() }
+--         proxy_buffering off;
 --         proxy_pass http://llmproxy_backends;
 --     }
+--     location = /metrics { content_by_lua_block { require("resty.llmproxy").metrics() } }
 --
--- A complete example: `nginx-conf/nginx.conf`; design notes:
--- `docs/adr/020-openresty-host.md`.
+-- Per request, the request (and its body) is parsed once, in Rust, into an
+-- `llmproxy.request` handle that every hook of the request runs on; the
+-- routing hook's `backends` global is one `llmproxy.globals` handle per
+-- worker, rebuilt when a backend's health changes.
 --
--- Not yet here (seams are marked `-- seam:`): auth and rate_limit hooks,
--- shared-dict limits, the usage ledger, metrics, error_handler, SSE streams.
+-- A complete example: `nginx-conf/nginx.conf`; a guide:
+-- `openresty/README.md`; design notes: `docs/adr/020-openresty-host.md` and
+-- 022-027.
+--
+-- Not yet here (seams are marked `-- seam:`): the key store, standard auth
+-- checks, the shared-dict limiter and the usage ledger (issue 5). Until
+-- then the auth and rate_limit scripts run (`admission = "observe"` logs
+-- their verdicts; `"enforce"` applies explicit verdicts).
 --
 -- @module resty.llmproxy
 
@@ -32,6 +44,9 @@
 local ngx = ngx
 local balancer = require "ngx.balancer"
 local json = require "resty.llmproxy.json"
+local sse = require "resty.llmproxy.sse"
+local metrics = require "resty.llmproxy.metrics"
+local backends = require "resty.llmproxy.backends"
 
 local type = type
 local pairs = pairs
@@ -42,22 +57,28 @@ local tostring = tostring
 local tonumber = tonumber
 local error = error
 local concat = table.concat
-local sort = table.sort
 local min = math.min
+local max = math.max
+local floor = math.floor
 local fmt = string.format
 local find = string.find
+local sub = string.sub
 local lower = string.lower
 local upper = string.upper
 local gsub = string.gsub
 local match = string.match
+local gmatch = string.gmatch
 local io_open = io.open
+local os_date = os.date
 
 local ngx_log = ngx.log
 local ERR = ngx.ERR
 local WARN = ngx.WARN
 local NOTICE = ngx.NOTICE
+local INFO = ngx.INFO
 local get_phase = ngx.get_phase
 local ngx_now = ngx.now
+local ngx_time = ngx.time
 local ngx_exit = ngx.exit
 local ngx_print = ngx.print
 local ngx_var = ngx.var
@@ -67,20 +88,22 @@ local req_get_body_data = ngx.req.get_body_data
 local req_get_body_file = ngx.req.get_body_file
 local req_set_body_data = ngx.req.set_body_data
 local req_get_headers = ngx.req.get_headers
+local req_get_method = ngx.req.get_method
 local req_set_header = ngx.req.set_header
 local req_clear_header = ngx.req.clear_header
 local resp_get_headers = ngx.resp.get_headers
 local set_current_peer = balancer.set_current_peer
 local set_more_tries = balancer.set_more_tries
+local set_timeouts = balancer.set_timeouts
 local get_last_failure = balancer.get_last_failure
 
-local _M = { _VERSION = "0.1.0" }
+local _M = { _VERSION = "0.2.0" }
 
--- Defaults of init_worker's `opts`.
-local DEFAULT_MAX_RETRIES = 2 -- like the standalone gateway's retry.max_retries
-local DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 local MAX_HEADERS = 100
 local MAX_REQUEST_ID = 128
+local DEFAULT_RETRY_AFTER = 60 -- seconds, as the gateway's rate limit refusals
+local UNLIMITED = 2147483647 -- the gateway's "no limit" in rate_limit_status
+local POOL_STATS_EVERY = 1 -- seconds between two copies of this worker's pool stats
 
 -- Headers a script may not set (nginx computes them), as in the gateway.
 local PROTECTED_HEADERS = {
@@ -90,20 +113,15 @@ local PROTECTED_HEADERS = {
     ["host"] = true,
 }
 
+-- `engine:run*` option: results' `body` as JSON text, from Rust.
+local BODY_JSON = { body_json = true }
+
 -- Per-worker state. Replaced as a whole by `load`, so a request that
 -- started on one engine finishes on it (it keeps `ctx.state`).
-local current -- { engine, enabled, backends, by_name, routing_backends, encode, null, ... }
-
--- lua-cjson, used to validate response bodies and read their `usage`.
-local cjson
-do
-    local ok, lib = pcall(require, "cjson.safe")
-    if ok then
-        cjson = lib.new()
-        cjson.decode_invalid_numbers(false)
-        cjson.decode_max_depth(1000)
-    end
-end
+local current
+-- This worker's metrics store (nil without the shared dict).
+local store
+local pool_stats_at = 0
 
 ---------------------------------------------------------------- helpers
 
@@ -116,6 +134,7 @@ local PHASE_WHERE = {
     body_filter = "body_filter_by_lua*",
     log = "log_by_lua*",
     timer = "an ngx.timer callback",
+    content = "content_by_lua*",
 }
 
 -- Every public function starts here: a clear error in the wrong phase.
@@ -123,6 +142,32 @@ local function check_phase(fn, want)
     local phase = get_phase()
     if phase ~= want then
         error(fmt("resty.llmproxy.%s() must be called from %s, not in the %s phase", fn, PHASE_WHERE[want], phase), 3)
+    end
+end
+
+-- A monotonic clock in seconds with sub-microsecond resolution, for hook
+-- latency (ngx.now() is cached per event loop turn and has ms resolution).
+local clock
+do
+    local ok, ffi = pcall(require, "ffi")
+    if ok then
+        ok = pcall(ffi.cdef, [[
+            typedef struct { long tv_sec; long tv_nsec; } llmproxy_timespec_t;
+            int clock_gettime(int clk_id, llmproxy_timespec_t *tp);
+        ]])
+    end
+    if ok then
+        local ts = ffi.new("llmproxy_timespec_t")
+        local C = ffi.C
+        clock = function()
+            C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+            return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+        end
+    else
+        clock = function()
+            ngx.update_time()
+            return ngx_now()
+        end
     end
 end
 
@@ -154,163 +199,90 @@ local function title_case(name)
     return (gsub(lower(name), "^%l", upper):gsub("%-%l", upper))
 end
 
--- An OpenAI-style error the gateway writes itself; ends the request.
-local function exit_error(status, message, kind, code)
-    local state = current
-    local encode = state and state.encode or json.encoder({})
-    local body = encode({ error = { message = message, type = kind, code = code } })
-    ngx.status = status
-    ngx_header["Content-Type"] = "application/json"
-    ngx_header["Content-Length"] = #body
-    ngx_print(body)
-    return ngx_exit(ngx.HTTP_OK)
+-- The last entry of an `$upstream_*` list ("0.001, 0.002 : 0.003").
+local function last_entry(list)
+    if not list or list == "" then
+        return nil
+    end
+    return match(list, "([^,:%s]+)%s*$")
 end
 
----------------------------------------------------------------- backends
-
--- `http://10.0.0.1:8000` -> scheme, host, port, path.
-local function parse_url(url)
-    local scheme, rest = match(url, "^(https?)://(.+)$")
-    if not scheme then
-        return nil, "not an http(s) URL"
+-- Every entry of an `$upstream_*` list.
+local function entries(list)
+    local out = {}
+    if list then
+        for v in gmatch(list, "[^,:%s]+") do
+            out[#out + 1] = v
+        end
     end
-    local host, port, path = match(rest, "^%[([^%]]+)%]:?(%d*)(.*)$")
-    if not host then
-        host, port, path = match(rest, "^([^/:]+):?(%d*)(.*)$")
-    end
-    if not host then
-        return nil, "no host"
-    end
-    port = tonumber(port) or (scheme == "https" and 443 or 80)
-    if port < 1 or port > 65535 then
-        return nil, "port out of range"
-    end
-    return scheme, host, port, path
+    return out
 end
 
-local function is_ip(host)
-    return match(host, "^%d+%.%d+%.%d+%.%d+$") ~= nil or find(host, ":", 1, true) ~= nil
+--- The gateway's error body: `{"error": {"message", "type", "code"}}`,
+-- byte for byte (proxy/src/gateway/errors.rs: serde_json, keys in this
+-- order).
+-- @tparam string message what happened
+-- @tparam string kind the error type (`bad_request`, `backend_error`, ...)
+-- @tparam string code a stable machine-readable code
+-- @treturn string the JSON text
+-- @phases any
+local function error_body(message, kind, code)
+    return '{"error":{"message":' .. json.quote(message) .. ',"type":' .. json.quote(kind)
+        .. ',"code":' .. json.quote(code) .. "}}"
+end
+_M.error_body = error_body
+
+-- A failure of the request, the gateway's `Failure`: `kind` is what
+-- error_handler sees as `error.type`.
+local function failure(kind, status, code, message)
+    return { kind = kind, status = status, code = code, message = message }
 end
 
--- Headers a backend adds upstream, as one comparable string: retries only
--- go to backends that get the same headers (never leak a backend's key).
-local function header_signature(headers)
-    if type(headers) ~= "table" then
-        return ""
+-- The type of an upstream error status (the gateway's `of_upstream_status`).
+local function of_status(status)
+    if status == 401 or status == 403 then
+        return "auth_error"
+    elseif status == 429 then
+        return "rate_limit"
+    elseif status == 408 or status == 504 then
+        return "timeout"
+    elseif status >= 400 and status < 500 then
+        return "bad_request"
     end
-    local parts = {}
-    for k, v in pairs(headers) do
-        parts[#parts + 1] = lower(tostring(k)) .. "\0" .. tostring(v)
-    end
-    sort(parts)
-    return concat(parts, "\0")
+    return "backend_error"
 end
 
--- The backend list: from the engine (`engine:backends()`, the config the
--- engine was built from) when the module offers it, else `opts.backends`.
-local function backend_list(engine, opts)
-    if opts.backends ~= nil then
-        return opts.backends
+-- Run `hook` on the request handle `req` with `globals` (an
+-- `llmproxy.globals` handle, or a table of the other globals), counting
+-- the call in the metrics. Failures the script never saw (the host's
+-- input: e.g. a body that is not JSON) are not counted as hook calls.
+local function run_hook(state, hook, req, globals, opts)
+    local t0 = clock()
+    local res, err
+    if type(globals) == "table" then
+        globals.request = req
+        res, err = state.engine:run(hook, globals, opts)
+    else
+        res, err = state.engine:run_prepared(hook, req, globals, opts)
     end
-    local ok, method = pcall(function()
-        return engine.backends
-    end)
-    if ok and method then
-        return method(engine)
+    if store and (not err or err.hook) then
+        metrics.hook_call(store, hook, clock() - t0, err and err.kind)
     end
-    return nil, "the llmproxy module has no engine:backends(); pass init_worker(config, {backends = {...}})"
+    return res, err
 end
 
--- Parse URLs once; a backend nginx cannot reach is kept (scripts may name
--- it) but marked unusable.
-local function load_backends(list)
-    local backends, by_name, routing = {}, {}, {}
-    for i, b in ipairs(list) do
-        local name, url = b.name, b.url
-        if type(name) ~= "string" or type(url) ~= "string" then
-            return nil, fmt("backends[%d]: needs a string name and url", i)
-        end
-        if by_name[name] then
-            return nil, fmt("backends[%d]: duplicate name '%s'", i, name)
-        end
-        local scheme, host, port, path = parse_url(url)
-        if not scheme then
-            return nil, fmt("backend '%s': bad url '%s': %s", name, url, host)
-        end
-        if host == "localhost" then
-            host = "127.0.0.1"
-        end
-        local usable = true
-        if not is_ip(host) then
-            ngx_log(WARN, "llmproxy: backend '", name, "': host '", host, "' is not an IP address; ",
-                "ngx.balancer cannot resolve names, so it is marked unusable")
-            usable = false
-        end
-        if path ~= "" and path ~= "/" then
-            ngx_log(WARN, "llmproxy: backend '", name, "': the URL path '", path,
-                "' is ignored; proxy_pass decides the upstream URI")
-        end
-        local weight = tonumber(b.weight) or 1
-        local entry = {
-            name = name,
-            url = url,
-            scheme = scheme,
-            host = host,
-            port = port,
-            weight = weight,
-            current = 0, -- smooth weighted round-robin state
-            usable = usable,
-            headers = type(b.headers) == "table" and b.headers or nil,
-            signature = header_signature(b.headers),
-        }
-        backends[i] = entry
-        by_name[name] = entry
-        -- The routing hook's `backends` global (health checks: later).
-        routing[name] = {
-            url = url,
-            healthy = usable,
-            weight = weight,
-            latency_ms = 0,
-            active_connections = 0,
-        }
-    end
-    return backends, by_name, routing
-end
-
--- Smooth weighted round-robin (nginx's algorithm) over usable backends not
--- in `exclude`, optionally only those with header signature `signature`.
-local function pick_default(state, exclude, signature)
-    local best, total = nil, 0
-    for _, b in ipairs(state.backends) do
-        if b.usable and not (exclude and exclude[b.name]) and (not signature or b.signature == signature) then
-            b.current = b.current + b.weight
-            total = total + b.weight
-            if not best or b.current > best.current then
-                best = b
-            end
-        end
-    end
-    if best then
-        best.current = best.current - total
-    end
-    return best
-end
-
-local function count_alternatives(state, first)
-    local n = 0
-    for _, b in ipairs(state.backends) do
-        if b.usable and b ~= first and b.signature == first.signature then
-            n = n + 1
-        end
-    end
-    return n
+-- A hook failed under `on_error: deny`: 503, not shaped by error_handler
+-- (the gateway's `denied`).
+local function denied_failure(hook, err)
+    local f = failure("hook_error", 503, "hook_failed",
+        fmt("the request was refused: the %s hook failed (%s)", hook, tostring(err and err.kind or "internal")))
+    f.denied = true
+    return f
 end
 
 ---------------------------------------------------------------- engine
 
-local HOOKS = {
-    "routing", "auth", "request_transform", "response_transform", "rate_limit", "usage", "error_handler",
-}
+local HOOKS = metrics.HOOKS
 
 -- Build a complete new state; nothing is replaced unless everything worked.
 local function load(config, opts)
@@ -323,35 +295,49 @@ local function load(config, opts)
     if not engine then
         return nil, "cannot build the engine from " .. describe_config(config) .. ": " .. describe_error(err)
     end
-    local list, lerr = backend_list(engine, opts)
-    if not list then
-        return nil, lerr
+    local gateway = engine:gateway()
+    local list = opts.backends or engine:backends()
+    local set, berr = backends.new(list, gateway)
+    if not set then
+        return nil, berr
     end
-    local backends, by_name, routing = load_backends(list)
-    if not backends then
-        return nil, by_name
-    end
-    local enabled, names = {}, {}
+    local enabled, on_error, names = {}, {}, {}
     for _, hook in ipairs(HOOKS) do
         enabled[hook] = engine:enabled(hook)
+        on_error[hook] = engine:on_error(hook)
         if enabled[hook] then
             names[#names + 1] = hook
         end
     end
+    local names_list = {}
+    for i, b in ipairs(set.list) do
+        names_list[i] = b.name
+    end
+    local admission = opts.admission or "observe"
+    if admission ~= "observe" and admission ~= "enforce" then
+        return nil, "opts.admission must be 'observe' or 'enforce', got " .. tostring(admission)
+    end
     return {
+        llmproxy = llmproxy,
         engine = engine,
         version = llmproxy.version,
         null = llmproxy.null,
-        -- Sorted keys: stable bodies upstream and in logs (ADR 020).
         encode = json.encoder(llmproxy, { sort_keys = true }),
         config = describe_config(config),
         enabled = enabled,
+        on_error = on_error,
         enabled_names = concat(names, ", "),
-        backends = backends,
-        by_name = by_name,
-        routing_backends = routing,
-        max_retries = tonumber(opts.max_retries) or DEFAULT_MAX_RETRIES,
-        max_response_bytes = tonumber(opts.max_response_bytes) or DEFAULT_MAX_RESPONSE_BYTES,
+        backends = set,
+        backend_names = names_list,
+        max_retries = tonumber(opts.max_retries) or gateway.retry.max_retries,
+        max_body_bytes = tonumber(opts.max_body_bytes) or gateway.max_body_bytes,
+        max_response_bytes = tonumber(opts.max_response_bytes) or gateway.max_response_bytes,
+        apply_timeouts = opts.timeouts ~= false,
+        -- seam (issue 5): auth and rate_limit verdicts. "observe" runs the
+        -- scripts and logs what they decided; "enforce" applies explicit
+        -- verdicts. The standard checks and limiter come with issue 5.
+        admission = admission,
+        key_info = type(opts.key_info) == "function" and opts.key_info or nil,
     }
 end
 
@@ -366,7 +352,7 @@ local function install(config, opts)
         return nil, err
     end
     current = state
-    ngx_log(NOTICE, "llmproxy: engine ", state.version, " loaded from ", state.config, " (", #state.backends,
+    ngx_log(NOTICE, "llmproxy: engine ", state.version, " loaded from ", state.config, " (", #state.backends.list,
         " backends; hooks: ", state.enabled_names ~= "" and state.enabled_names or "none", ")")
     return true
 end
@@ -375,20 +361,37 @@ end
 --
 -- Loads `llmproxy.so` (via `lua_package_cpath`) and builds the engine once
 -- per worker: engines hold threads and LuaJIT states, which must not be
--- created in the master and forked. On failure the error is logged and the
--- worker keeps the engine it had (none at startup: requests get 503).
+-- created in the master and forked. The backends, retries, size limits
+-- and timeouts come from the same YAML (`backends:`, `gateway:`). On
+-- failure the error is logged and the worker keeps the engine it had
+-- (none at startup: requests get 503). Metrics go to the shared dict
+-- `llmproxy_metrics` when it exists.
 --
 -- @tparam string config path of the YAML config (scripts are relative to
 --   it), or YAML text
--- @tparam[opt] table opts `backends` (a list of `{name, url, weight?,
---   headers?}`, needed until the module exposes `engine:backends()`),
---   `max_retries` (2), `max_response_bytes` (16 MiB buffered for a
---   response transform)
+-- @tparam[opt] table opts overrides: `backends` (a list of `{name, url,
+--   weight?, headers?}`; default `engine:backends()`), `max_retries`
+--   (`gateway.retry.max_retries`), `max_body_bytes`
+--   (`gateway.max_body_bytes`), `max_response_bytes`
+--   (`gateway.max_response_bytes`), `timeouts = false` (keep nginx's
+--   `proxy_*_timeout` instead of the YAML's), `metrics_dict`
+--   (`"llmproxy_metrics"`), `admission` (`"observe"` or `"enforce"`, see
+--   the module doc), `key_info` (a function `api_key -> table|nil`: the
+--   auth and rate_limit scripts' `key_info` until issue 5's key store)
 -- @treturn boolean|nil true, or nil and an error message
 -- @phases init_worker
 -- @usage init_worker_by_lua_block { require("resty.llmproxy").init_worker("/etc/llmproxy/llmproxy.yaml") }
 function _M.init_worker(config, opts)
     check_phase("init_worker", "init_worker")
+    local dict = opts and opts.metrics_dict or "llmproxy_metrics"
+    local m, merr = metrics.new(dict)
+    if m then
+        store = m
+        metrics.reset_worker(m, ngx.worker.count())
+    else
+        store = nil
+        ngx_log(NOTICE, "llmproxy: metrics off: ", merr)
+    end
     return install(config, opts)
 end
 
@@ -397,6 +400,9 @@ end
 -- Same arguments and failure behaviour as `init_worker`: a config that does
 -- not build never replaces a working engine; requests in flight finish on
 -- the engine they started with.
+-- @tparam string config as for `init_worker`
+-- @tparam[opt] table opts as for `init_worker`
+-- @treturn boolean|nil true, or nil and an error message
 -- @phases timer
 function _M.reload(config, opts)
     check_phase("reload", "timer")
@@ -412,10 +418,133 @@ function _M.status()
         return nil
     end
     local names = {}
-    for i, b in ipairs(state.backends) do
-        names[i] = b.name
+    for i, n in ipairs(state.backend_names) do
+        names[i] = n
     end
     return { version = state.version, config = state.config, hooks = state.enabled_names, backends = names }
+end
+
+---------------------------------------------------------------- errors
+
+-- Headers of an error_handler result: set, or remove with false/null.
+local function apply_response_headers(ctx, headers)
+    if type(headers) ~= "table" then
+        return
+    end
+    for name, value in pairs(headers) do
+        if PROTECTED_HEADERS[lower(name)] then
+            ngx_log(WARN, "llmproxy: request ", ctx.id, ": a script may not set header ", name, "; ignored")
+        elseif value == false or value == ctx.state.null then
+            ngx_header[name] = nil
+        else
+            ngx_header[name] = tostring(value)
+        end
+    end
+end
+
+-- A request handle without a body for error_handler when access() did
+-- not build one (a body that is not JSON, or an error nginx found before
+-- access ran), as the gateway's `request` with a null body.
+local function bare_request(ctx)
+    local fields = ctx.fields or { id = ctx.id, client_ip = ngx_var.remote_addr, path = ngx_var.uri }
+    fields.body_raw = nil
+    return ctx.state.llmproxy.request(fields)
+end
+
+-- The response for failure `f`: error_handler decides; nil means the
+-- default (the backend's own response when it sent one, else the
+-- gateway's error body). Returns status, body, headers or nil.
+local function decide_error(ctx, f)
+    local state = ctx.state
+    if f.denied or not (state and state.enabled.error_handler) then
+        return nil
+    end
+    local req = ctx.req or bare_request(ctx)
+    local res, err = run_hook(state, "error_handler", req, {
+        error = {
+            type = f.kind,
+            message = f.message,
+            status_code = f.status,
+            backend_url = f.backend_url,
+            retry_count = f.retry_count or 0,
+        },
+    }, BODY_JSON)
+    if err then
+        if state.on_error.error_handler == "deny" then
+            log_hook_error("error_handler", ctx, err, "refusing the request (on_error: deny)")
+            local d = denied_failure("error_handler", err)
+            return d.status, error_body(d.message, d.kind, d.code)
+        end
+        log_hook_error("error_handler", ctx, err, "sending the default error")
+        return nil
+    end
+    if res == nil then
+        return nil
+    end
+    return tonumber(res.status_code) or f.status, res.body or "null", res.headers
+end
+
+-- End the request from the access phase with failure `f`, through
+-- error_handler.
+local function fail(ctx, f)
+    ctx.failure = f
+    ctx.handled = true
+    local status, body, headers = decide_error(ctx, f)
+    if not status then
+        status, body = f.status, error_body(f.message, f.kind, f.code)
+    end
+    ngx.status = status
+    ngx_header["Content-Type"] = "application/json"
+    ngx_header["Content-Length"] = #body
+    apply_response_headers(ctx, headers)
+    if f.retry_after and not ngx_header["Retry-After"] then
+        ngx_header["Retry-After"] = f.retry_after
+    end
+    ngx_print(body)
+    return ngx_exit(ngx.HTTP_OK)
+end
+
+-- What went wrong, for a response of status >= 400 that access() did not
+-- write itself: a failure, and whether the body is nginx's own error page
+-- (to be replaced) rather than the backend's answer (passed through by
+-- default).
+local function classify_error(ctx, status)
+    local retry_count = ctx.tries and ctx.tries - 1 or 0
+    local backend = ctx.tried and ctx.backend
+    local f
+    if not backend then
+        -- nginx answered before any backend: the body limit, a bad request,
+        -- the balancer finding no backend, a Lua error.
+        if status == 413 then
+            f = failure("bad_request", 413, "body_too_large", "the request body is too large")
+        elseif status == 503 then
+            f = failure("backend_error", 503, "no_backend", "no backend is available")
+        elseif status >= 500 then
+            f = failure("backend_error", status, "internal_error", "the gateway failed to handle the request")
+        else
+            f = failure(of_status(status), status, "bad_request", "nginx refused the request (" .. status .. ")")
+        end
+        return f, true
+    end
+    local header_time = last_entry(ngx_var.upstream_header_time)
+    if header_time == nil or header_time == "-" then
+        -- No response head from the (last) backend: nginx's error page.
+        if status == 504 then
+            f = failure("timeout", 504, "backend_timeout", "the backend timed out (first byte)")
+        elseif status == 502 and last_entry(ngx_var.upstream_connect_time) == "-" then
+            f = failure("backend_error", 502, "backend_unreachable",
+                "cannot connect to the backend '" .. backend.name .. "'")
+        elseif status == 502 then
+            f = failure("backend_error", 502, "backend_failed", "the backend connection failed")
+        else
+            f = failure(of_status(status), status, "gateway_error", "the request failed (" .. status .. ")")
+        end
+        f.backend_url, f.retry_count = backend.url, retry_count
+        return f, true
+    end
+    f = failure(of_status(status), status, "backend_status", "the backend answered " .. status)
+    f.backend_url, f.retry_count = backend.url, retry_count
+    return f, false
 end
 
 ---------------------------------------------------------------- access
@@ -430,8 +559,9 @@ local function request_id(headers)
 end
 
 -- The whole body as a string (also when nginx spooled it to a file), or
--- nil when there is none. Reading a spooled file blocks the worker briefly:
--- keep client_body_buffer_size at the largest body you expect.
+-- nil when there is none. Reading a spooled file blocks the worker (the
+-- one blocking read of this module): nginx spools a body only above
+-- client_body_buffer_size, so set that to gateway.max_body_bytes.
 local function read_request_body()
     req_read_body()
     local data = req_get_body_data()
@@ -451,12 +581,24 @@ local function read_request_body()
     return data
 end
 
--- The `request` global, as the standalone gateway builds it.
-local function build_request(ctx)
-    local raw, truncated = req_get_headers(MAX_HEADERS)
-    if truncated == "truncated" then
-        ngx_log(WARN, "llmproxy: more than ", MAX_HEADERS, " request headers; scripts see the first ", MAX_HEADERS)
+-- Endpoints whose bodies are JSON (the gateway's `is_api`), by path suffix
+-- so a location may sit under any prefix.
+local function api_endpoint(method, uri)
+    if method ~= "POST" then
+        return nil
     end
+    if find(uri, "/chat/completions$") then
+        return "chat"
+    elseif find(uri, "/completions$") then
+        return "completions"
+    elseif find(uri, "/embeddings$") then
+        return "embeddings"
+    end
+    return nil
+end
+
+-- The hooks' `request` as a table, as the standalone gateway builds it.
+local function request_fields(ctx, raw)
     local headers = {}
     for name, value in pairs(raw) do
         if type(value) == "table" then
@@ -464,7 +606,6 @@ local function build_request(ctx)
         end
         headers[title_case(name)] = value
     end
-    ctx.id = request_id(raw)
     local request = {
         id = ctx.id,
         headers = headers,
@@ -478,31 +619,182 @@ local function build_request(ctx)
             request.api_key = key
         end
     end
-    local body, err = read_request_body()
-    if err then
-        return nil, err
-    end
-    if body and body ~= "" then
-        request.body_raw = body -- parsed once per hook call, in Rust
-    end
     return request
 end
 
--- The routing hook, then the default balancer.
-local function route(state, ctx, request)
+-- Read the body and parse the request once into `ctx.req`. Returns a
+-- failure when the request cannot go on.
+local function prepare_request(state, ctx)
+    local raw, truncated = req_get_headers(MAX_HEADERS)
+    if truncated == "truncated" then
+        ngx_log(WARN, "llmproxy: more than ", MAX_HEADERS, " request headers; scripts see the first ", MAX_HEADERS)
+    end
+    ctx.id = request_id(raw)
+    req_set_header("X-Request-ID", ctx.id)
+    local fields = request_fields(ctx, raw)
+    ctx.fields = fields -- error_handler's request if the body cannot be parsed
+    local limit = state.max_body_bytes
+    local declared = tonumber(raw["content-length"])
+    local too_large = failure("bad_request", 413, "body_too_large",
+        "the request body is larger than " .. limit .. " bytes")
+    if declared and declared > limit then
+        return too_large
+    end
+    local body, err = read_request_body()
+    if err then
+        ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", err)
+        return failure("bad_request", 400, "body_unreadable", "cannot read the request body: " .. err)
+    end
+    if body and #body > limit then
+        return too_large
+    end
+    ctx.api_key = fields.api_key
+    ctx.api = api_endpoint(req_get_method(), ngx_var.uri)
+    local llmproxy = state.llmproxy
+    if ctx.api then
+        fields.body_raw = body or ""
+        local req, perr = llmproxy.request(fields)
+        if not req then
+            local message = tostring(perr and perr.message or perr)
+            message = gsub(message, "^request%.body_raw: ", "")
+            return failure("bad_request", 400, "invalid_json", "the request body is not valid JSON: " .. message)
+        end
+        if not match(body, "^%s*{") then
+            ctx.req = req
+            return failure("bad_request", 400, "invalid_body", "the request body must be a JSON object")
+        end
+        ctx.req = req
+        return nil
+    end
+    -- Other endpoints: scripts see the body when it happens to be JSON.
+    if body and body ~= "" then
+        fields.body_raw = body
+        ctx.req = llmproxy.request(fields)
+        if ctx.req then
+            return nil
+        end
+        fields.body_raw = nil
+    end
+    local req, rerr = llmproxy.request(fields)
+    if not req then
+        ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", describe_error(rerr))
+        return failure("bad_request", 400, "bad_request", "the request cannot be read: " .. tostring(rerr))
+    end
+    ctx.req = req
+    return nil
+end
+
+-- The clock as rate_limit scripts see it (UTC until issue 5 brings
+-- `limits.time_zone`).
+local function current_time()
+    local now = ngx_time()
+    local t = os_date("!*t", now)
+    return { hour = t.hour, weekday = (t.wday + 5) % 7 + 1, timestamp = now }
+end
+
+-- seam (issue 5): the key store (`key_info`), the standard checks, the
+-- shared-dict limiter (`rate_limit_status`) and the usage ledger. Until
+-- then the auth and rate_limit scripts run with `key_info` from
+-- `opts.key_info` (else null), every standard check passing when a key
+-- was found, and an unlimited `rate_limit_status`; a nil verdict admits.
+-- With `admission = "observe"` verdicts are logged, with "enforce" an
+-- explicit denial (or a failing script under on_error: deny) refuses the
+-- request through error_handler, as in the gateway.
+local function admit(state, ctx)
+    local auth, rate = state.enabled.auth, state.enabled.rate_limit
+    if not (auth or rate) then
+        return nil
+    end
+    local enforce = state.admission == "enforce"
+    local key_info = state.key_info and ctx.api_key and state.key_info(ctx.api_key) or nil
+    local known = key_info ~= nil
+    local refusal
+    if auth then
+        local res, err = run_hook(state, "auth", ctx.req, {
+            key_info = key_info or state.null,
+            standard_checks = {
+                key_valid = known, status_active = known, not_expired = known,
+                ip_allowed = known, quota_available = known,
+            },
+        })
+        if err then
+            if state.on_error.auth == "deny" then
+                refusal = denied_failure("auth", err)
+                if enforce then
+                    log_hook_error("auth", ctx, err, "refusing the request (on_error: deny)")
+                else
+                    ngx_log(WARN, "llmproxy: auth hook failed for request ", ctx.id, ": ", describe_error(err),
+                        "; would refuse the request (on_error: deny; admission: observe)")
+                end
+            else
+                log_hook_error("auth", ctx, err, "using the standard verdict")
+            end
+        elseif res ~= nil and res.allow == false then
+            refusal = failure("auth_error", tonumber(res.status_code) or 403, "denied_by_script",
+                type(res.reason) == "string" and res.reason or "access denied")
+        end
+        ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ",
+            err and "failed" or (res == nil and "standard" or (res.allow and "allow" or "deny")),
+            refusal and (" (" .. refusal.message .. ")") or "")
+    end
+    if rate and not refusal then
+        local res, err = run_hook(state, "rate_limit", ctx.req, {
+            key_info = key_info or state.null,
+            rate_limit_status = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 },
+            current_time = current_time(),
+        })
+        if err then
+            if state.on_error.rate_limit == "deny" then
+                refusal = denied_failure("rate_limit", err)
+                if enforce then
+                    log_hook_error("rate_limit", ctx, err, "refusing the request (on_error: deny)")
+                else
+                    ngx_log(WARN, "llmproxy: rate_limit hook failed for request ", ctx.id, ": ", describe_error(err),
+                        "; would refuse the request (on_error: deny; admission: observe)")
+                end
+            else
+                log_hook_error("rate_limit", ctx, err, "using the standard verdict")
+            end
+        elseif res ~= nil and res.allow == false then
+            refusal = failure("rate_limit", 429, "rate_limited_by_script",
+                type(res.reason) == "string" and res.reason or "rate limited")
+            refusal.retry_after = max(1, math.ceil(tonumber(res.retry_after) or DEFAULT_RETRY_AFTER))
+        end
+        ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ",
+            err and "failed" or (res == nil and "standard" or (res.allow and "allow" or "deny")),
+            refusal and (" (" .. refusal.message .. ")") or "")
+    end
+    if refusal and not enforce then
+        ngx_log(NOTICE, "llmproxy: request ", ctx.id, ": admission would refuse it (", refusal.kind, ": ",
+            refusal.message, "); admitted (admission: observe)")
+        return nil
+    end
+    return refusal
+end
+
+-- The routing hook, then the default balancer. Returns the backend, or
+-- nil and a failure.
+local function route(state, ctx)
+    local set = state.backends
     local name
     if state.enabled.routing then
-        local res, err = state.engine:run("routing", { request = request, backends = state.routing_backends })
-        if err then
-            if err.kind == "invalid_argument" then
-                return nil, err
-            end
-            log_hook_error("routing", ctx, err, "using the default balancer")
+        local g, gerr = backends.routing_globals(set, state.llmproxy)
+        if not g then
+            ngx_log(ERR, "llmproxy: cannot build the routing globals: ", describe_error(gerr))
         else
-            name = res
+            local res, err = run_hook(state, "routing", ctx.req, g)
+            if err then
+                if state.on_error.routing == "deny" then
+                    log_hook_error("routing", ctx, err, "refusing the request (on_error: deny)")
+                    return nil, denied_failure("routing", err)
+                end
+                log_hook_error("routing", ctx, err, "using the default balancer")
+            else
+                name = res
+            end
         end
     end
-    local backend = name and state.by_name[name]
+    local backend = name and set.by_name[name]
     if backend and not backend.usable then
         ngx_log(WARN, "llmproxy: routing chose backend '", name, "' for request ", ctx.id,
             ", which nginx cannot reach; using the default balancer")
@@ -511,7 +803,10 @@ local function route(state, ctx, request)
     if backend then
         ctx.routed = true
     else
-        backend = pick_default(state)
+        backend = backends.pick(set)
+    end
+    if not backend then
+        return nil, failure("backend_error", 503, "no_backend", "no backend is available")
     end
     ctx.backend = backend
     return backend
@@ -529,39 +824,55 @@ local function set_request_header(ctx, name, value)
     end
 end
 
--- The request_transform hook: new body and header changes, or unchanged.
--- Returns the engine's error when the client's body is the problem.
-local function transform_request(state, ctx, request, backend)
-    if not state.enabled.request_transform then
-        return
-    end
-    request.backend_url = backend.url
-    local res, err = state.engine:run("request_transform", { request = request })
-    request.backend_url = nil
-    if err then
-        if err.kind == "invalid_argument" then
-            return err -- the client's body: a 400, as for routing
+-- request_transform (with `request.backend_url`), then the stream
+-- options: for a stream whose client did not ask for
+-- `stream_options.include_usage`, ask the backend for it (the usage chunk
+-- is removed before the client sees it). Sets the body to send, if it
+-- changed. Returns a failure when the request cannot go on.
+local function prepare_upstream(state, ctx, backend)
+    local text -- the body to send, when it is not the client's
+    local effective = ctx.req
+    if ctx.api and state.enabled.request_transform then
+        local routed, werr = ctx.req:with({ backend_url = backend.url })
+        local res, err
+        if routed then
+            res, err = run_hook(state, "request_transform", routed, nil, BODY_JSON)
+        else
+            err = werr
         end
-        log_hook_error("request_transform", ctx, err, "sending the request unchanged")
-        return
-    end
-    if res == nil then
-        return
-    end
-    if res.body ~= nil and res.body ~= state.null then
-        local text, eerr = state.encode(res.body)
-        if not text then
-            log_hook_error("request_transform", ctx, { kind = "bad_output", message = eerr },
-                "sending the request unchanged")
-            return
+        if err then
+            if state.on_error.request_transform == "deny" then
+                log_hook_error("request_transform", ctx, err, "refusing the request (on_error: deny)")
+                return denied_failure("request_transform", err)
+            end
+            log_hook_error("request_transform", ctx, err, "sending the request unchanged")
+        elseif res ~= nil then
+            if type(res.body) == "string" and res.body ~= "null" then
+                text = res.body
+            end
+            if type(res.headers) == "table" then
+                for name, value in pairs(res.headers) do
+                    set_request_header(ctx, name, value)
+                end
+            end
         end
+    end
+    if ctx.api == "chat" or ctx.api == "completions" then
+        if text then
+            -- Only a body that mentions "stream" can be a stream.
+            effective = find(text, '"stream"', 1, true) and state.llmproxy.request({ body_raw = text }) or nil
+        end
+        local stream = effective ~= nil and effective:body_get("/stream") == true
+        if stream and effective:body_get("/stream_options/include_usage") ~= true then
+            text = effective:body_json({ stream_options = { include_usage = true } })
+            ctx.strip_usage = true
+        end
+        ctx.stream = stream
+    end
+    if text then
         req_set_body_data(text)
     end
-    if type(res.headers) == "table" then
-        for name, value in pairs(res.headers) do
-            set_request_header(ctx, name, value)
-        end
-    end
+    return nil
 end
 
 -- Headers the backend's config adds (e.g. an upstream API key).
@@ -573,50 +884,53 @@ local function apply_backend_headers(ctx, backend)
     end
 end
 
--- seam: auth (standard key checks + auth hook; fails closed with 503)
--- seam: rate_limit (lua_shared_dict llmproxy_limits + rate_limit hook)
-
---- Route the request and rewrite it for its backend.
+--- Admit, route and rewrite the request for its backend.
 --
--- Reads the body (also when spooled to a file), builds the hooks' `request`
--- (`id` from a sane `X-Request-ID` or `$request_id`, headers, client_ip,
--- path, api_key from a Bearer token, the body as raw JSON text), runs
--- `routing` (a failure falls back to the default balancer) and
--- `request_transform` (a failure sends the request unchanged). Answers
--- 503 when no engine is loaded or no backend is usable, 400 when the body
--- is not valid JSON for a hook.
+-- Reads the body (also when spooled to a file) and parses the request
+-- once, in Rust, into an `llmproxy.request` handle (`id` from a sane
+-- `X-Request-ID` or `$request_id`, title-cased headers, client_ip, path,
+-- api_key from a Bearer token, the body). On it run `auth` and
+-- `rate_limit` (seams, see the module doc), `routing` (a failure falls
+-- back to the default balancer) and `request_transform` (with
+-- `request.backend_url`; a failure sends the request unchanged). A
+-- stream's body asks the backend for usage. Failures (a body that is too
+-- large or not JSON, no backend, a refusal) answer through
+-- `error_handler` with the gateway's error bodies; 503 when no engine is
+-- loaded.
 -- @phases access
 -- @usage access_by_lua_block { require("resty.llmproxy").access() }
 function _M.access()
     check_phase("access", "access")
     local state = current
-    if not state then
-        return exit_error(503, "the gateway has no engine loaded", "backend_error", "engine_unavailable")
-    end
     local ctx = { state = state, started = ngx_now() }
     ngx.ctx.llmproxy = ctx
-    local request, err = build_request(ctx)
-    if not request then
-        ngx_log(ERR, "llmproxy: request ", tostring(ctx.id), ": ", err)
-        return exit_error(500, "cannot read the request body", "backend_error", "body_unreadable")
+    if not state then
+        ctx.id = ngx_var.request_id
+        ctx.handled = true
+        local body = error_body("the gateway has no engine loaded", "backend_error", "engine_unavailable")
+        ngx.status = 503
+        ngx_header["Content-Type"] = "application/json"
+        ngx_header["Content-Length"] = #body
+        ngx_print(body)
+        return ngx_exit(ngx.HTTP_OK)
     end
-    ctx.request = request
-    req_set_header("X-Request-ID", ctx.id)
-
+    local f = prepare_request(state, ctx)
+    if f then
+        return fail(ctx, f)
+    end
+    f = admit(state, ctx)
+    if f then
+        return fail(ctx, f)
+    end
     local backend
-    backend, err = route(state, ctx, request)
-    if err then
-        return exit_error(400, "the request body is not valid JSON: " .. tostring(err.message), "bad_request",
-            "invalid_json")
-    end
+    backend, f = route(state, ctx)
     if not backend then
-        return exit_error(503, "no backend is available", "backend_error", "backend_unavailable")
+        return fail(ctx, f)
     end
     apply_backend_headers(ctx, backend)
-    err = transform_request(state, ctx, request, backend)
-    if err then
-        return exit_error(400, "the request body is not valid JSON: " .. tostring(err.message), "bad_request",
-            "invalid_json")
+    f = prepare_upstream(state, ctx, backend)
+    if f then
+        return fail(ctx, f)
     end
 end
 
@@ -625,8 +939,10 @@ end
 --- Send the request to its backend; on a retry, to another one.
 --
 -- The first try goes to the backend `access()` chose (routing or default
--- balancer) and allows up to `max_retries` more tries over backends that
--- get the same upstream headers; each retry picks another untried one.
+-- balancer) and allows up to `gateway.retry.max_retries` more tries over
+-- backends that get the same upstream headers; each retry marks the failed
+-- backend (passive health) and picks another untried one. Each try gets
+-- the backend's timeouts from the YAML (`ngx.balancer.set_timeouts`).
 -- @phases balancer
 -- @usage balancer_by_lua_block { require("resty.llmproxy").balancer() }
 function _M.balancer()
@@ -642,16 +958,18 @@ function _M.balancer()
         ctx = { state = state, id = ngx_var.request_id, started = ngx_now() }
         ngx.ctx.llmproxy = ctx
     end
+    local set = state.backends
     local backend
     if not ctx.tried then
-        backend = ctx.backend or pick_default(state)
+        backend = ctx.backend or backends.pick(set)
         if not backend then
             ngx_log(ERR, "llmproxy: request ", ctx.id, ": no usable backend")
             return ngx_exit(503)
         end
         ctx.tried = { [backend.name] = true }
+        ctx.attempts = { backend }
         ctx.tries = 1
-        local more = min(state.max_retries, count_alternatives(state, backend))
+        local more = min(state.max_retries, backends.alternatives(set, backend))
         if more > 0 then
             local ok, err = set_more_tries(more)
             if not ok then
@@ -659,19 +977,36 @@ function _M.balancer()
             end
         end
     else
-        local failure, code = get_last_failure()
+        local reason, code = get_last_failure()
         local previous = ctx.backend
-        backend = pick_default(state, ctx.tried, previous.signature)
-        ngx_log(WARN, "llmproxy: request ", ctx.id, ": backend '", previous.name, "' failed (", tostring(failure),
+        previous.active = max(0, previous.active - 1)
+        backends.failure(set, previous)
+        backend = backends.pick(set, ctx.tried, previous.signature)
+        ngx_log(WARN, "llmproxy: request ", ctx.id, ": backend '", previous.name, "' failed (", tostring(reason),
             code and (" " .. tostring(code)) or "", ")", backend and ("; retrying on '" .. backend.name .. "'") or "")
         if not backend then
             return ngx_exit(502)
         end
         ctx.tried[backend.name] = true
+        ctx.attempts[#ctx.attempts + 1] = backend
         ctx.tries = ctx.tries + 1
     end
     ctx.backend = backend
+    backend.active = backend.active + 1
     ctx.upstream_started = ngx_now()
+    if store then
+        metrics.backend(store, backend.name, backend.usable and backend.healthy, backend.ewma, backend.active)
+        local previous = ctx.attempts[#ctx.attempts - 1]
+        if previous then
+            metrics.backend(store, previous.name, previous.usable and previous.healthy, previous.ewma, previous.active)
+        end
+    end
+    if state.apply_timeouts and (backend.connect_timeout or backend.read_timeout) then
+        local ok, err = set_timeouts(backend.connect_timeout, backend.send_timeout, backend.read_timeout)
+        if not ok then
+            ngx_log(WARN, "llmproxy: set_timeouts: ", err)
+        end
+    end
     local ok, err = set_current_peer(backend.host, backend.port)
     if not ok then
         ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot use backend '", backend.name, "': ", err)
@@ -701,83 +1036,103 @@ local function response_headers()
     return headers
 end
 
+local function latency_ms(ctx)
+    return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
+end
+
+-- Shape the response to a failure found after access(): error_handler, or
+-- the default (nginx's error page replaced by the gateway's error body;
+-- the backend's own error response passed through).
+local function handle_error(ctx, status)
+    local f, replace = classify_error(ctx, status)
+    ctx.failure = f
+    local new_status, body, headers = decide_error(ctx, f)
+    if not new_status then
+        if not replace then
+            return -- the backend's answer, as it came
+        end
+        new_status, body = f.status, error_body(f.message, f.kind, f.code)
+    end
+    ngx.status = new_status
+    ngx_header["Content-Type"] = "application/json"
+    ngx_header["Content-Length"] = #body
+    ngx_header["Content-Encoding"] = nil
+    apply_response_headers(ctx, headers)
+    ctx.error_body = body
+end
+
 --- Decide what the body filter does with this response.
 --
--- Adds `X-Request-ID` and `X-LLMProxy-Backend`. For a JSON response of
--- status < 400 that `response_transform` or `usage` needs, it arranges for
--- the body to be buffered; with a transform the body length changes, so
--- `Content-Length` is removed here (headers go out before the body is
--- known). Event streams are left alone for now.
+-- Adds `X-Request-ID` and `X-LLMProxy-Backend`. An error (status >= 400)
+-- goes through `error_handler` here, where status and headers can still
+-- change: nginx's own error pages (backend unreachable, timeout, retries
+-- exhausted, body too large) become the gateway's error bodies; a
+-- backend's error response passes through unless the script replaces it.
+-- An event stream is relayed event by event; a JSON response that
+-- `response_transform` or usage capture needs is buffered (`Content-Length`
+-- is removed when a transform will run).
 -- @phases header_filter
 function _M.header_filter()
     check_phase("header_filter", "header_filter")
     local ctx = ngx.ctx.llmproxy
+    local status = ngx.status
     if not ctx then
-        return
+        if status < 400 or not current then
+            return
+        end
+        -- An error nginx found before access() (e.g. 413 from
+        -- client_max_body_size): shape it like the gateway's.
+        local headers = req_get_headers(MAX_HEADERS)
+        ctx = { state = current, id = request_id(headers), started = ngx_now() }
+        ngx.ctx.llmproxy = ctx
     end
     ngx_header["X-Request-ID"] = ctx.id
-    if ctx.backend then
+    if ctx.tried and ctx.backend then
         ngx_header["X-LLMProxy-Backend"] = ctx.backend.name
     end
-    local state = ctx.state
-    local transform = state.enabled.response_transform
-    local usage = state.enabled.usage
-    if not (transform or usage) or not ctx.tried then
-        return -- nothing to do, or not a response from a backend
+    if ctx.handled then
+        return -- written by access() itself
     end
-    local status = ngx.status
-    local content_type = ngx_header["Content-Type"]
-    if is_event_stream(content_type) then
-        ctx.stream = true -- seam: SSE (per-event transform, usage capture)
+    local state = ctx.state
+    if not state then
         return
     end
-    if status >= 400 or not is_json(content_type) then
-        return -- seam: error_handler for status >= 400
+    if status >= 400 then
+        return handle_error(ctx, status)
+    end
+    if not (ctx.api and ctx.tried) then
+        return -- not an API response from a backend: relayed as is
+    end
+    ctx.status = status
+    local content_type = ngx_header["Content-Type"]
+    local transform = state.enabled.response_transform
+    if is_event_stream(content_type) then
+        ctx.sse = sse.new()
+        ngx_header["Content-Length"] = nil
+        if transform then
+            ctx.sse_transform = true
+            ctx.response_headers = response_headers()
+        end
+        if store then
+            metrics.streams(store, 1)
+            ctx.stream_counted = true
+        end
+        return
+    end
+    if not is_json(content_type) then
+        return
     end
     if ngx_header["Content-Encoding"] then
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": compressed response, not transformed ",
             "(proxy_set_header Accept-Encoding \"\")")
         return
     end
-    if not cjson then
-        ngx_log(ERR, "llmproxy: response_transform and usage need lua-cjson (cjson.safe); passing through")
-        return
-    end
-    ctx.status = status
-    ctx.response_headers = response_headers()
     ctx.chunks, ctx.nbytes = {}, 0
     if transform then
         ctx.transform = true
+        ctx.response_headers = response_headers()
         ngx_header["Content-Length"] = nil
     end
-end
-
--- The input of response_transform as JSON text, the response body spliced
--- in as it came (validated by cjson first: it is one JSON value, so it
--- cannot add keys of its own).
-local function response_input(state, ctx, body, latency_ms)
-    local encode = state.encode
-    local request, err = encode(ctx.request)
-    if not request then
-        return nil, err
-    end
-    local headers
-    headers, err = encode(ctx.response_headers)
-    if not headers then
-        return nil, err
-    end
-    return concat({
-        '{"request":', request,
-        ',"backend_url":', json.quote(ctx.backend.url),
-        ',"latency_ms":', json.number(latency_ms) or "0",
-        ',"response":{"status_code":', ctx.status,
-        ',"headers":', headers,
-        ',"is_stream":false,"body":', body, "}}",
-    })
-end
-
-local function latency_ms(ctx)
-    return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
 end
 
 -- Whether a response_transform result asks for another status or other
@@ -797,38 +1152,152 @@ local function changes_head(ctx, res)
     return false
 end
 
--- The response_transform hook on a whole body: the new body, or the old one.
-local function transform_response(state, ctx, body)
-    local input, err = response_input(state, ctx, body, latency_ms(ctx))
-    if not input then
-        log_hook_error("response_transform", ctx, { kind = "bad_input", message = err }, "passing the response through")
-        return body
-    end
-    local res
-    res, err = state.engine:run("response_transform", input)
+-- response_transform on `data` (JSON text: a whole body, or one event).
+-- Returns the new text (or nil: unchanged) and, under on_error: deny, the
+-- failure that stops the response.
+local function transform_response(state, ctx, data, is_stream)
+    local res, err = run_hook(state, "response_transform", ctx.req, {
+        response = {
+            status_code = ctx.status,
+            headers = ctx.response_headers,
+            is_stream = is_stream,
+            body_raw = data,
+        },
+        backend_url = ctx.backend.url,
+        latency_ms = latency_ms(ctx),
+    }, BODY_JSON)
     if err then
+        if not err.hook then
+            -- The host's input: the backend's body is not JSON.
+            if not is_stream then
+                ngx_log(WARN, "llmproxy: request ", ctx.id, ": the backend's JSON response is not valid JSON; ",
+                    "passed through")
+            end
+            return nil
+        end
+        if state.on_error.response_transform == "deny" then
+            log_hook_error("response_transform", ctx, err, "stopping the response (on_error: deny)")
+            return nil, denied_failure("response_transform", err)
+        end
         log_hook_error("response_transform", ctx, err, "passing the response through")
-        return body
+        return nil
     end
     if res == nil then
-        return body
+        return nil
     end
-    if changes_head(ctx, res) then
+    if not ctx.head_warned and changes_head(ctx, res) then
+        ctx.head_warned = true
         -- seam: a content-phase mode (subrequest) could apply these.
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": response_transform changed the status or headers; ",
             "they were already sent (only the body can change in body_filter)")
     end
-    if res.body == nil or res.body == state.null then
-        return body
+    if type(res.body) ~= "string" or res.body == "null" then
+        return nil
     end
-    local text
-    text, err = state.encode(res.body)
-    if not text then
-        log_hook_error("response_transform", ctx, { kind = "bad_output", message = err },
-            "passing the response through")
-        return body
+    return res.body
+end
+
+-- Usage of a JSON text (a body or an event), parsed in Rust: the `usage`
+-- object (or nil), the parsed handle, and whether `choices` is empty.
+local function read_usage(state, text)
+    local h = state.llmproxy.request({ body_raw = text })
+    if not h then
+        return nil
     end
-    return text
+    local usage = h:body_get("/usage")
+    local choices = h:body_get("/choices")
+    local no_choices = type(choices) ~= "table" or #choices == 0
+    return usage, h, no_choices
+end
+
+-- One SSE event: usage capture (and removal when only the gateway asked
+-- for it), then response_transform. Returns the bytes to send (nil: drop
+-- the event).
+local function process_event(state, ctx, event)
+    local data = sse.data(event)
+    if not data or data == "[DONE]" then
+        return event
+    end
+    local transform = ctx.sse_transform
+    local has_usage = find(data, '"usage"', 1, true) ~= nil
+    if not transform and not has_usage then
+        return event
+    end
+    local modified = false
+    if has_usage and ctx.strip_usage then
+        -- The `"usage":null` the gateway's include_usage added to every
+        -- chunk: removed without parsing when written compactly.
+        local at = find(data, ',"usage":null', 1, true)
+        if at and not find(data, '"usage"', at + 13, true) and not find(sub(data, 1, at), '"usage"', 1, true) then
+            data = sub(data, 1, at - 1) .. sub(data, at + 13)
+            modified = true
+            has_usage = false
+        end
+    end
+    if has_usage then
+        local usage, h, no_choices = read_usage(state, data)
+        if h then
+            if usage == state.null and ctx.strip_usage then
+                data = h:body_json({ usage = state.null })
+                modified = true
+            elseif type(usage) == "table" then
+                ctx.usage = usage
+                ctx.usage_body = data
+                if ctx.strip_usage and no_choices then
+                    return nil
+                end
+            end
+        end
+    end
+    if transform then
+        local text, f = transform_response(state, ctx, data, true)
+        if f then
+            ctx.sse_stopped = true
+            return sse.data_event(error_body("the stream was stopped: the response_transform hook failed",
+                "hook_error", "hook_failed"))
+        end
+        if text then
+            return sse.with_data(event, text)
+        end
+    end
+    if modified then
+        return sse.with_data(event, data)
+    end
+    return event
+end
+
+-- Relay an event stream: complete events are processed and sent as they
+-- come; only an unfinished event is held back.
+local function stream_filter(state, ctx)
+    local chunk, eof = ngx.arg[1], ngx.arg[2]
+    if ctx.sse_stopped then
+        ngx.arg[1] = nil
+        return
+    end
+    local out, n = {}, 0
+    local events, count = sse.push(ctx.sse, chunk)
+    for i = 1, count do
+        local bytes = process_event(state, ctx, events[i])
+        if bytes then
+            n = n + 1
+            out[n] = bytes
+        end
+        if ctx.sse_stopped then
+            ngx.arg[2] = true -- truncate: nothing after the error event
+            break
+        end
+    end
+    if eof and not ctx.sse_stopped then
+        local rest = sse.finish(ctx.sse)
+        if rest then
+            local bytes = process_event(state, ctx, rest)
+            if bytes then
+                n = n + 1
+                out[n] = bytes
+            end
+        end
+    end
+    ngx.arg[1] = n > 0 and concat(out, "", 1, n) or nil
 end
 
 -- Stop buffering an oversized response: emit what was held back.
@@ -840,21 +1309,11 @@ local function give_up_buffering(ctx, chunk)
     return held .. chunk
 end
 
---- Buffer a JSON response and apply `response_transform` to it.
---
--- Chunks are held back until the last one when a transform runs (copied
--- and passed on when only `usage` needs the body). A body that is not
--- valid JSON, a failing script or an oversized body passes through.
--- @phases body_filter
-function _M.body_filter()
-    check_phase("body_filter", "body_filter")
-    local ctx = ngx.ctx.llmproxy
-    if not ctx or not ctx.chunks then
-        return
-    end
+-- A whole JSON body: usage capture and response_transform.
+local function json_filter(state, ctx)
     local chunk, eof = ngx.arg[1], ngx.arg[2]
     if chunk ~= "" then
-        if ctx.nbytes + #chunk > ctx.state.max_response_bytes then
+        if ctx.nbytes + #chunk > state.max_response_bytes then
             ngx.arg[1] = give_up_buffering(ctx, chunk)
             return
         end
@@ -872,84 +1331,240 @@ function _M.body_filter()
     if body == "" then
         return -- HEAD, 204, 304: nothing to transform
     end
-    local decoded = cjson.decode(body)
-    if decoded == nil then
-        ngx_log(WARN, "llmproxy: request ", ctx.id, ": the backend's JSON response is not valid JSON; passed through")
-        if ctx.transform then
-            ngx.arg[1] = body
+    if find(body, '"usage"', 1, true) then
+        local usage = read_usage(state, body)
+        if type(usage) == "table" then
+            ctx.usage = usage -- for log(); seam: usage ledger
+            ctx.usage_body = body
+        end
+    end
+    if ctx.transform then
+        local text, f = transform_response(state, ctx, body, false)
+        if f then
+            -- The status is already sent: the body says what happened.
+            text = error_body(f.message, f.kind, f.code)
+        end
+        ngx.arg[1] = text or body
+    end
+end
+
+--- Relay the response body: error bodies, event streams, JSON bodies.
+--
+-- An error shaped by `header_filter` replaces the body. An event stream
+-- is relayed event by event (events split across chunks are joined; only
+-- an unfinished event is held back): the usage chunk is captured (and
+-- removed when the client did not ask for it), and `response_transform`
+-- runs per event with `response.is_stream = true` (`[DONE]` passes). A
+-- JSON body is buffered when a transform runs (copied when only usage is
+-- read), up to `gateway.max_response_bytes`. A body that is not valid
+-- JSON, a failing script or an oversized body passes through.
+-- @phases body_filter
+function _M.body_filter()
+    check_phase("body_filter", "body_filter")
+    local ctx = ngx.ctx.llmproxy
+    if not ctx then
+        return
+    end
+    if ctx.error_body then
+        if ctx.error_sent then
+            ngx.arg[1] = nil
+        else
+            ngx.arg[1] = ctx.error_body
+            ctx.error_sent = true
         end
         return
     end
-    if type(decoded) == "table" and type(decoded.usage) == "table" then
-        ctx.usage = decoded.usage -- for log(); seam: usage ledger
-        ctx.response_body = body
+    if ctx.sse then
+        return stream_filter(ctx.state, ctx)
     end
-    if ctx.transform then
-        ngx.arg[1] = transform_response(ctx.state, ctx, body)
+    if ctx.chunks then
+        return json_filter(ctx.state, ctx)
     end
 end
 
 ---------------------------------------------------------------- log
 
--- The usage hook's input as JSON text (response body spliced, validated).
-local function usage_input(state, ctx)
-    local encode = state.encode
-    local request, err = encode(ctx.request)
-    if not request then
-        return nil, err
-    end
-    local usage
-    usage, err = encode(ctx.usage)
-    if not usage then
-        return nil, err
-    end
-    local upstream = tonumber(match(ngx_var.upstream_response_time or "", "([%d.]+)%s*$"))
-    local latency = upstream and upstream * 1000 or latency_ms(ctx)
-    return concat({
-        '{"request":', request,
-        ',"usage":', usage,
-        ',"metadata":{"backend_url":', json.quote(ctx.backend.url),
-        ',"latency_ms":', json.number(latency) or "0",
-        ',"is_stream":false}',
-        ',"response":{"status_code":', ctx.status, ',"body":', ctx.response_body, "}}",
-    })
-end
+local USAGE_KINDS = { "prompt_tokens", "completion_tokens", "total_tokens", "cost" }
 
+-- The usage hook on the captured usage; the record goes to the log (and,
+-- with issue 5, to the ledger) and to the metrics.
 local function record_usage(state, ctx)
-    if not (ctx.usage and state.enabled.usage) then
+    local usage = ctx.usage
+    if not usage or not ctx.backend then
         return
     end
-    local input, err = usage_input(state, ctx)
-    local record
-    if input then
-        record, err = state.engine:run("usage", input)
+    local record = usage
+    local upstream = tonumber(match(ngx_var.upstream_response_time or "", "([%d.]+)%s*$"))
+    if state.enabled.usage then
+        local res, err = run_hook(state, "usage", ctx.req, {
+            usage = usage,
+            response = {
+                status_code = ctx.status or ngx.status,
+                body_raw = ctx.usage_body,
+                is_stream = ctx.sse ~= nil,
+            },
+            metadata = {
+                backend_url = ctx.backend.url,
+                latency_ms = upstream and upstream * 1000 or latency_ms(ctx),
+                is_stream = ctx.sse ~= nil,
+            },
+        })
+        if err then
+            log_hook_error("usage", ctx, err, "recording the raw usage")
+        elseif res ~= nil then
+            record = res
+        end
     end
-    if err then
-        log_hook_error("usage", ctx, err, "recording the raw usage")
-        record = ctx.usage
+    ctx.usage_record = record -- seam: usage ledger (issue 5)
+    if store then
+        local name = ctx.backend.name
+        for _, k in ipairs(USAGE_KINDS) do
+            local v = tonumber(record[k])
+            if v then
+                metrics.usage(store, name, k, v)
+            end
+        end
+        local billable = tonumber(record.billable_tokens) or tonumber(usage.total_tokens) or 0
+        billable = billable == billable and billable > 0 and floor(billable + 0.5) or 0
+        metrics.usage(store, name, "billable_tokens", billable)
     end
-    ctx.usage_record = record -- seam: usage ledger (shared dict / upstream sink)
-    local text = state.encode(record)
+    local text = state.encode(record) or "?"
     ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", ctx.backend.name, "': ", text)
 end
 
---- Record the request's usage (the `usage` hook on the response's usage).
+-- Health and upstream latency of every try, from nginx's `$upstream_*`.
+local function record_attempts(state, ctx)
+    local attempts = ctx.attempts
+    if not attempts then
+        return
+    end
+    local set = state.backends
+    local statuses = entries(ngx_var.upstream_status)
+    local times = entries(ngx_var.upstream_response_time)
+    local heads = entries(ngx_var.upstream_header_time)
+    local n = #attempts
+    for i, b in ipairs(attempts) do
+        local t = tonumber(times[i])
+        if ctx.sse and i == n then
+            t = tonumber(heads[i]) or t -- streams: to the first event
+        end
+        if store and t then
+            metrics.upstream_latency(store, b.name, t)
+        end
+    end
+    local last = attempts[n]
+    last.active = max(0, last.active - 1)
+    local status = tonumber(statuses[n])
+    local head = tonumber(heads[n])
+    if not head and ngx.status == 499 then -- luacheck: ignore 542
+        -- the client left before the backend answered: no verdict on it
+    elseif not head or not status or status >= 500 then
+        backends.failure(set, last)
+    else
+        backends.success(set, last, head * 1000)
+    end
+    if store then
+        if n > 1 then
+            metrics.retries(store, n - 1)
+        end
+        metrics.backend(store, last.name, last.usable and last.healthy, last.ewma, last.active)
+    end
+end
+
+--- Account for the request: passive health, usage, metrics.
 --
--- The record is kept in `ngx.ctx.llmproxy.usage_record` and logged at
--- NOTICE level; a failing script records the raw usage.
+-- Runs the `usage` hook on the usage captured from the response (the
+-- final usage chunk for streams; a failing script records the raw usage),
+-- keeps the record in `ngx.ctx.llmproxy.usage_record` and logs it at
+-- NOTICE level; updates this worker's view of backend health from every
+-- try; counts the request, its tries and latencies in the metrics.
 -- @phases log
+-- @usage log_by_lua_block { require("resty.llmproxy").log() }
 function _M.log()
     check_phase("log", "log")
     local ctx = ngx.ctx.llmproxy
     if not ctx then
         return
     end
-    record_usage(ctx.state, ctx)
-    -- seam: metrics (per hook latency and failures, per backend status)
+    local state = ctx.state
+    if not state then
+        if store then
+            metrics.request(store, nil, ngx.status)
+        end
+        return
+    end
+    record_attempts(state, ctx)
+    if ctx.usage then
+        record_usage(state, ctx)
+    end
+    if store then
+        metrics.request(store, ctx.tried and ctx.backend and ctx.backend.name or nil, ngx.status)
+        if ctx.stream_counted then
+            metrics.streams(store, -1)
+        end
+        local now = ngx_now()
+        if now - pool_stats_at >= POOL_STATS_EVERY then
+            pool_stats_at = now
+            metrics.pool(store, state.engine:pool_stats())
+        end
+    end
 end
 
--- For tests: parse_url and title_case without nginx.
-_M._parse_url = parse_url
+---------------------------------------------------------------- metrics
+
+--- Answer a Prometheus scrape: every worker's metrics, merged.
+--
+-- Needs `lua_shared_dict llmproxy_metrics` (or `opts.metrics_dict`);
+-- without it, answers 503. Names and labels are the standalone gateway's.
+-- @phases content
+-- @usage location = /metrics { content_by_lua_block { require("resty.llmproxy").metrics() } }
+function _M.metrics()
+    check_phase("metrics", "content")
+    if not store then
+        ngx.status = 503
+        ngx_header["Content-Type"] = "text/plain"
+        ngx_print("llmproxy metrics are off: no lua_shared_dict llmproxy_metrics\n")
+        return
+    end
+    local state = current
+    if state then
+        metrics.pool(store, state.engine:pool_stats())
+    end
+    local text = metrics.render(store, state and state.backend_names or {})
+    ngx_header["Content-Type"] = "text/plain; version=0.0.4"
+    ngx_print(text)
+end
+
+---------------------------------------------------------------- tests
+
+--- Run one hook the way the phases do (a request handle, other globals as
+-- a table or an `llmproxy.globals` handle, metrics counted), on the
+-- worker's engine or `engine`. For the nginx conformance tests.
+-- @tparam userdata|nil engine an engine (nil: this worker's)
+-- @tparam string hook the hook
+-- @tparam table input the hook's globals, `request` as a table
+-- @treturn any the result, or nil and an error
+-- @phases any
+function _M._run(engine, hook, input)
+    local state = current
+    if engine then
+        state = { engine = engine, llmproxy = require "llmproxy" }
+    end
+    local globals = {}
+    for k, v in pairs(input) do
+        if k ~= "request" then
+            globals[k] = v
+        end
+    end
+    local req, err = state.llmproxy.request(input.request or {})
+    if not req then
+        return nil, err
+    end
+    return run_hook(state, hook, req, globals)
+end
+
+_M._parse_url = backends.parse_url
 _M._title_case = title_case
+_M._sse = sse
 
 return _M

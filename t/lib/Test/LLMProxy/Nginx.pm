@@ -602,6 +602,12 @@ sub _check_response {
         my $re = ref $pat eq 'Regexp' ? $pat : qr/$pat/s;
         like($res->{body}, $re, "$name - response_body_like - response is expected");
     }
+    if (defined(my $pat = _val($block, 'diag_body'))) {
+        # Lines of the body worth seeing in the TAP output (e.g. a summary).
+        $pat =~ s/\n\z// unless ref $pat;
+        my $re = ref $pat eq 'Regexp' ? $pat : qr/$pat/;
+        diag("$name: $_") for grep { $_ =~ $re } split /\n/, $res->{body} // '';
+    }
     for my $line (_header_lines($block, $vars)) {
         $line =~ s/^\s+|\s+$//g;
         if ($line =~ /^!\s*(.+)$/) {

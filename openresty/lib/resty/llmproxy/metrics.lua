@@ -1,0 +1,411 @@
+--- Prometheus metrics of resty.llmproxy, kept in a `lua_shared_dict` so
+-- that every worker counts into the same numbers and any worker renders
+-- them (docs/adr/025-openresty-metrics.md).
+--
+-- Names, labels and buckets are the standalone gateway's
+-- (proxy/src/gateway/metrics.rs, docs/gateway.md). Counters and histogram
+-- buckets are shared-dict counters (`incr` with an initial value: atomic
+-- across workers). Gauges that describe one worker (backend health as it
+-- sees it, its in-flight requests and streams, its VM pool) are kept per
+-- worker id and merged when rendered: sums for counts, the minimum for
+-- `healthy`, the mean for the latency EWMA.
+--
+--     lua_shared_dict llmproxy_metrics 1m;
+--
+-- @module resty.llmproxy.metrics
+
+local ngx = ngx
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local tonumber = tonumber
+local floor = math.floor
+local huge = math.huge
+local fmt = string.format
+local find = string.find
+local sub = string.sub
+local gsub = string.gsub
+local concat = table.concat
+local sort = table.sort
+
+local _M = {}
+
+local SEP = "\31" -- between the parts of a key (never in a label value we write)
+
+--- Upper bounds (seconds) of the upstream latency histogram, and their
+-- `le` labels as the gateway writes them (Rust's `Display` of f64).
+local UPSTREAM_BUCKETS = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
+local UPSTREAM_LE = { "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5",
+    "10", "30" }
+--- Upper bounds (seconds) of the hook latency histogram.
+local HOOK_BUCKETS = { 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1 }
+local HOOK_LE = { "0.00001", "0.000025", "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005",
+    "0.01", "0.05", "0.1" }
+
+--- The hooks, in the gateway's order (`HookName::ALL`).
+_M.HOOKS = { "routing", "auth", "request_transform", "response_transform", "rate_limit", "usage", "error_handler" }
+--- Error kinds (`ErrorKind::ALL`).
+_M.KINDS = { "timeout", "memory", "script_error", "bad_output", "bad_input", "internal" }
+local KNOWN_KIND = {}
+for _, k in ipairs(_M.KINDS) do
+    KNOWN_KIND[k] = true
+end
+--- Label of requests that reached no backend.
+_M.NO_BACKEND = "none"
+local POOL_STATS = { "capacity", "alive", "idle", "created", "discarded", "recycled" }
+
+--- The metrics store over shared dict `dict_name`.
+-- @tparam string dict_name the `lua_shared_dict` to use
+-- @treturn table|nil the store, or nil and an error when the dict is missing
+-- @phases init_worker
+function _M.new(dict_name)
+    local dict = ngx.shared[dict_name]
+    if not dict then
+        return nil, "lua_shared_dict " .. dict_name .. " is not defined"
+    end
+    local wid = ngx.worker.id() or 0
+    return { dict = dict, name = dict_name, wid = tostring(wid), warned = false }
+end
+
+local function incr(m, key, value)
+    local _, err = m.dict:incr(key, value, 0)
+    if err and not m.warned then
+        m.warned = true
+        ngx.log(ngx.WARN, "llmproxy: metrics: lua_shared_dict ", m.name, ": ", err,
+            " (further errors are not logged)")
+    end
+end
+
+local function set(m, key, value)
+    local ok, err = m.dict:set(key, value)
+    if not ok and not m.warned then
+        m.warned = true
+        ngx.log(ngx.WARN, "llmproxy: metrics: lua_shared_dict ", m.name, ": ", err,
+            " (further errors are not logged)")
+    end
+end
+
+local function observe(m, prefix, bounds, seconds)
+    for i = 1, #bounds do
+        if seconds <= bounds[i] then
+            incr(m, prefix .. i, 1)
+            break
+        end
+    end
+    incr(m, prefix .. "s", seconds)
+    incr(m, prefix .. "n", 1)
+end
+
+--- One hook call: latency and how it ended.
+-- @tparam table m the store
+-- @tparam string hook the hook
+-- @tparam number seconds how long the call took
+-- @tparam[opt] string kind the error kind when it failed (the module's
+--   `invalid_argument` counts as `bad_input`)
+-- @phases any
+function _M.hook_call(m, hook, seconds, kind)
+    incr(m, "hc" .. SEP .. hook, 1)
+    observe(m, "hd" .. SEP .. hook .. SEP, HOOK_BUCKETS, seconds)
+    if kind then
+        if kind == "invalid_argument" then
+            kind = "bad_input"
+        elseif not KNOWN_KIND[kind] then
+            kind = "internal"
+        end
+        incr(m, "he" .. SEP .. hook .. SEP .. kind, 1)
+    end
+end
+
+--- One answered request.
+-- @tparam table m the store
+-- @tparam string|nil backend the backend that answered (nil: none)
+-- @tparam number status the status the client got
+-- @phases any
+function _M.request(m, backend, status)
+    incr(m, "rq" .. SEP .. (backend or _M.NO_BACKEND) .. SEP .. status, 1)
+end
+
+--- Upstream latency of one attempt on `backend`.
+-- @phases any
+function _M.upstream_latency(m, backend, seconds)
+    observe(m, "ul" .. SEP .. backend .. SEP, UPSTREAM_BUCKETS, seconds)
+end
+
+--- Attempts retried on another backend.
+-- @phases any
+function _M.retries(m, n)
+    incr(m, "rt", n)
+end
+
+--- Usage recorded after the usage hook (tokens, cost).
+-- @phases any
+function _M.usage(m, backend, kind, amount)
+    incr(m, "us" .. SEP .. backend .. SEP .. kind, amount)
+end
+
+--- A stream of this worker started (+1) or ended (-1).
+-- @phases any
+function _M.streams(m, delta)
+    incr(m, "g" .. SEP .. m.wid .. SEP .. "st", delta)
+end
+
+--- This worker's view of one backend.
+-- @tparam table m the store
+-- @tparam string backend the backend
+-- @tparam boolean healthy whether this worker considers it healthy
+-- @tparam number ewma latency EWMA in ms
+-- @tparam number active this worker's requests in flight on it
+-- @phases any
+function _M.backend(m, backend, healthy, ewma, active)
+    local prefix = "g" .. SEP .. m.wid .. SEP
+    set(m, prefix .. "h" .. SEP .. backend, healthy and 1 or 0)
+    set(m, prefix .. "e" .. SEP .. backend, ewma)
+    set(m, prefix .. "a" .. SEP .. backend, active)
+end
+
+--- This worker's VM pool counters (`engine:pool_stats()`).
+-- @phases any
+function _M.pool(m, stats)
+    local prefix = "g" .. SEP .. m.wid .. SEP .. "p" .. SEP
+    for _, k in ipairs(POOL_STATS) do
+        set(m, prefix .. k, tonumber(stats[k]) or 0)
+    end
+end
+
+--- Forget this worker's gauges (a new worker with the same id starts
+-- from zero) and those of worker ids beyond `count` (fewer workers after
+-- a reload).
+-- @phases init_worker
+function _M.reset_worker(m, count)
+    local me = "g" .. SEP .. m.wid .. SEP
+    for _, key in ipairs(m.dict:get_keys(0)) do
+        if sub(key, 1, 2) == "g" .. SEP then
+            local wid = tonumber(sub(key, 3, (find(key, SEP, 3, true) or 0) - 1))
+            if sub(key, 1, #me) == me or (wid and count and wid >= count) then
+                m.dict:delete(key)
+            end
+        end
+    end
+end
+
+---------------------------------------------------------------- render
+
+local function escape(v)
+    return (gsub(gsub(gsub(v, "\\", "\\\\"), '"', '\\"'), "\n", "\\n"))
+end
+
+local function num(v)
+    v = tonumber(v) or 0
+    if v == floor(v) and v > -9007199254740992 and v < 9007199254740992 then
+        return fmt("%d", v)
+    end
+    if v ~= v then
+        return "NaN"
+    elseif v == huge then
+        return "+Inf"
+    elseif v == -huge then
+        return "-Inf"
+    end
+    return fmt("%.17g", v)
+end
+
+local function split(key)
+    local parts, n, pos = {}, 0, 1
+    while true do
+        local at = find(key, SEP, pos, true)
+        n = n + 1
+        if not at then
+            parts[n] = sub(key, pos)
+            return parts, n
+        end
+        parts[n] = sub(key, pos, at - 1)
+        pos = at + 1
+    end
+end
+
+local function histogram(out, values, name, prefix, labels, le)
+    local sep = labels == "" and "" or ","
+    local cumulative = 0
+    for i = 1, #le do
+        cumulative = cumulative + (values[prefix .. i] or 0)
+        out[#out + 1] = fmt('%s_bucket{%s%sle="%s"} %s', name, labels, sep, le[i], num(cumulative))
+    end
+    local count = values[prefix .. "n"] or 0
+    out[#out + 1] = fmt('%s_bucket{%s%sle="+Inf"} %s', name, labels, sep, num(count))
+    out[#out + 1] = fmt("%s_sum{%s} %s", name, labels, num(values[prefix .. "s"] or 0))
+    out[#out + 1] = fmt("%s_count{%s} %s", name, labels, num(count))
+end
+
+local function sorted_keys(t)
+    local keys = {}
+    for k in pairs(t) do
+        keys[#keys + 1] = k
+    end
+    sort(keys)
+    return keys
+end
+
+--- The exposition text (Prometheus text format 0.0.4), merged across workers.
+-- @tparam table m the store
+-- @tparam table backends backend names, in config order
+-- @treturn string the page
+-- @phases any
+function _M.render(m, backends)
+    local dict = m.dict
+    local values = {}
+    local requests, usage = {}, {}
+    local gauges = { h = {}, e = {}, a = {}, p = {} }
+    local streams = 0
+    for _, key in ipairs(dict:get_keys(0)) do
+        local v = dict:get(key)
+        if v then
+            values[key] = v
+            local kind = sub(key, 1, 2)
+            if kind == "rq" or kind == "us" then
+                local p = split(key)
+                local t = kind == "rq" and requests or usage
+                t[p[2]] = t[p[2]] or {}
+                t[p[2]][p[3]] = (t[p[2]][p[3]] or 0) + v
+            elseif kind == "g" .. SEP then
+                local p, n = split(key)
+                if p[3] == "st" then
+                    streams = streams + v
+                elseif n == 4 and gauges[p[3]] then
+                    local g = gauges[p[3]]
+                    g[p[4]] = g[p[4]] or {}
+                    g[p[4]][#g[p[4]] + 1] = v
+                end
+            end
+        end
+    end
+
+    local out = {}
+    out[#out + 1] = "# HELP llmproxy_requests_total Requests answered, by backend and status."
+    out[#out + 1] = "# TYPE llmproxy_requests_total counter"
+    local names = {}
+    for _, b in ipairs(backends) do
+        names[#names + 1] = b
+    end
+    names[#names + 1] = _M.NO_BACKEND
+    local seen = {}
+    for _, b in ipairs(names) do
+        seen[b] = true
+    end
+    for _, b in ipairs(sorted_keys(requests)) do
+        if not seen[b] then
+            names[#names + 1] = b -- a backend of an older config
+            seen[b] = true
+        end
+    end
+    for _, b in ipairs(names) do
+        local by_status = requests[b]
+        if by_status then
+            local statuses = sorted_keys(by_status)
+            sort(statuses, function(x, y)
+                return (tonumber(x) or 0) < (tonumber(y) or 0)
+            end)
+            for _, s in ipairs(statuses) do
+                out[#out + 1] = fmt('llmproxy_requests_total{backend="%s",status="%s"} %s', escape(b), s,
+                    num(by_status[s]))
+            end
+        end
+    end
+
+    out[#out + 1] = "# HELP llmproxy_upstream_latency_seconds Upstream latency per attempt "
+        .. "(to the whole body; to the first event for streams)."
+    out[#out + 1] = "# TYPE llmproxy_upstream_latency_seconds histogram"
+    for _, b in ipairs(backends) do
+        histogram(out, values, "llmproxy_upstream_latency_seconds", "ul" .. SEP .. b .. SEP,
+            fmt('backend="%s"', escape(b)), UPSTREAM_LE)
+    end
+
+    out[#out + 1] = "# HELP llmproxy_hook_calls_total Hook calls."
+    out[#out + 1] = "# TYPE llmproxy_hook_calls_total counter"
+    for _, h in ipairs(_M.HOOKS) do
+        out[#out + 1] = fmt('llmproxy_hook_calls_total{hook="%s"} %s', h, num(values["hc" .. SEP .. h]))
+    end
+    out[#out + 1] = "# HELP llmproxy_hook_errors_total Failed hook calls, by kind."
+    out[#out + 1] = "# TYPE llmproxy_hook_errors_total counter"
+    for _, h in ipairs(_M.HOOKS) do
+        for _, k in ipairs(_M.KINDS) do
+            out[#out + 1] = fmt('llmproxy_hook_errors_total{hook="%s",kind="%s"} %s', h, k,
+                num(values["he" .. SEP .. h .. SEP .. k]))
+        end
+    end
+    out[#out + 1] = "# HELP llmproxy_hook_duration_seconds Hook call latency, queueing included."
+    out[#out + 1] = "# TYPE llmproxy_hook_duration_seconds histogram"
+    for _, h in ipairs(_M.HOOKS) do
+        histogram(out, values, "llmproxy_hook_duration_seconds", "hd" .. SEP .. h .. SEP, fmt('hook="%s"', h),
+            HOOK_LE)
+    end
+
+    out[#out + 1] = "# HELP llmproxy_retries_total Attempts retried on another backend."
+    out[#out + 1] = "# TYPE llmproxy_retries_total counter"
+    out[#out + 1] = "llmproxy_retries_total " .. num(values.rt)
+    out[#out + 1] = "# HELP llmproxy_active_streams Streams being relayed."
+    out[#out + 1] = "# TYPE llmproxy_active_streams gauge"
+    out[#out + 1] = "llmproxy_active_streams " .. num(streams > 0 and streams or 0)
+
+    out[#out + 1] = "# HELP llmproxy_usage_total Usage recorded after the usage hook (tokens, cost)."
+    out[#out + 1] = "# TYPE llmproxy_usage_total counter"
+    for _, b in ipairs(sorted_keys(usage)) do
+        for _, k in ipairs(sorted_keys(usage[b])) do
+            out[#out + 1] = fmt('llmproxy_usage_total{backend="%s",kind="%s"} %s', escape(b), escape(k),
+                num(usage[b][k]))
+        end
+    end
+
+    local function merged(g, b, how)
+        local list = gauges[g][b]
+        if not list or #list == 0 then
+            return nil
+        end
+        local acc = how == "min" and huge or 0
+        local n = 0
+        for _, v in ipairs(list) do
+            if how == "min" then
+                acc = v < acc and v or acc
+            elseif how == "mean" then
+                if v > 0 then
+                    acc = acc + v
+                    n = n + 1
+                end
+            else
+                acc = acc + v
+            end
+        end
+        if how == "mean" then
+            return n > 0 and acc / n or 0
+        end
+        return acc
+    end
+    out[#out + 1] = "# HELP llmproxy_backend_healthy Whether the backend is considered healthy."
+    out[#out + 1] = "# TYPE llmproxy_backend_healthy gauge"
+    for _, b in ipairs(backends) do
+        out[#out + 1] = fmt('llmproxy_backend_healthy{backend="%s"} %s', escape(b), num(merged("h", b, "min") or 1))
+    end
+    out[#out + 1] = "# HELP llmproxy_backend_latency_ewma_ms Latency EWMA the balancer and routing scripts see."
+    out[#out + 1] = "# TYPE llmproxy_backend_latency_ewma_ms gauge"
+    for _, b in ipairs(backends) do
+        out[#out + 1] = fmt('llmproxy_backend_latency_ewma_ms{backend="%s"} %s', escape(b),
+            num(merged("e", b, "mean") or 0))
+    end
+    out[#out + 1] = "# HELP llmproxy_backend_active_connections Requests in flight per backend."
+    out[#out + 1] = "# TYPE llmproxy_backend_active_connections gauge"
+    for _, b in ipairs(backends) do
+        local active = merged("a", b, "sum") or 0
+        out[#out + 1] = fmt('llmproxy_backend_active_connections{backend="%s"} %s', escape(b),
+            num(active > 0 and active or 0))
+    end
+    out[#out + 1] = "# HELP llmproxy_vm_pool VM pool counters of the engine."
+    out[#out + 1] = "# TYPE llmproxy_vm_pool gauge"
+    for _, k in ipairs(POOL_STATS) do
+        out[#out + 1] = fmt('llmproxy_vm_pool{stat="%s"} %s', k, num(merged("p", k, "sum") or 0))
+    end
+    out[#out + 1] = ""
+    return concat(out, "\n")
+end
+
+_M._num = num
+
+return _M
