@@ -255,7 +255,9 @@ impl Engine {
         let request_id = request.map(|r| r.id.as_str());
         let set_globals = |lua: &Lua, env: &Table| -> mlua::Result<()> {
             for (name, value) in globals {
-                if name != "request" && name != "response" {
+                // A global given as `null` is absent (`nil`), as the typed
+                // entry points do for an unknown key's `key_info`.
+                if name != "request" && name != "response" && !value.is_null() {
                     env.raw_set(name.as_str(), convert::json_to_lua(lua, value)?)?;
                 }
             }
