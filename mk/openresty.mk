@@ -10,6 +10,9 @@
 #                            nginx + resty.llmproxy (t/openai_client_nginx.py)
 #   make openresty-deps      the Debian packages they need
 #   make install-openresty   resty/llmproxy*.lua into $(LUA_LDIR)
+#   make bench-openresty     plain nginx proxy_pass vs nginx + resty.llmproxy
+#                            (auth, rate_limit, routing, usage; 1 and 2
+#                            workers) -> docs/benchmarks.md (openresty-bench)
 #
 # The tests start their own nginx per test file on free 127.0.0.1 ports
 # under t/servroot-<pid>/; they never use a system nginx or port 80.
@@ -51,7 +54,7 @@ LUA_SOURCES  += openresty/lib t/lib/*.lua
 OPENRESTY_VENV       := .venv
 OPENRESTY_PROXY_DIR  := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: openresty-deps test-openresty test-openai-client-nginx install-openresty
+.PHONY: openresty-deps test-openresty test-openai-client-nginx install-openresty bench-openresty
 
 # Debian's nginx package starts a system nginx from its postinst where
 # services may start (no policy-rc.d refusing it). That nginx is not used by
@@ -85,7 +88,15 @@ test-openai-client-nginx: openresty-deps $(OPENRESTY_LIB_TARGET)
 install-openresty:
 	install -d $(DESTDIR)$(LUA_LDIR)/resty/llmproxy
 	for f in resty/llmproxy.lua resty/llmproxy/json.lua resty/llmproxy/sse.lua \
-	         resty/llmproxy/metrics.lua resty/llmproxy/backends.lua; do \
+	         resty/llmproxy/metrics.lua resty/llmproxy/backends.lua resty/llmproxy/limits.lua; do \
 	  install -m 0644 openresty/lib/$$f $(DESTDIR)$(LUA_LDIR)/$$f.new && \
 	  mv -f $(DESTDIR)$(LUA_LDIR)/$$f.new $(DESTDIR)$(LUA_LDIR)/$$f || exit 1; \
 	done
+
+# One run on this machine (openresty/bench/run.sh): the same mock backend
+# and load generator as bench-http, release builds of both.
+OPENRESTY_BENCH_DOC ?= docs/benchmarks.md
+bench-openresty: openresty-deps $(OPENRESTY_LIB_TARGET)
+	$(CARGO) build --release -p llmproxy-server --examples --bins
+	@echo "bench-openresty on $$(nproc) cores"
+	openresty/bench/run.sh $(OPENRESTY_PROXY_DIR)/release "$(CURDIR)/$(OPENRESTY_LIB_DIR)" $(OPENRESTY_BENCH_DOC)

@@ -1,7 +1,8 @@
 # nginx-conf/nginx.conf, the documented example, runs as written: only its
 # port, paths and log level are rewritten for the test, and it loads a copy
 # of examples/llmproxy.yaml (all seven seed scripts) whose backends are the
-# mock backends of t/lib/llmproxy_mock.lua.
+# mock backends of t/lib/llmproxy_mock.lua (plus one key: the seed's auth
+# script runs).
 
 use strict;
 use warnings;
@@ -51,6 +52,8 @@ $conf = rewrite($conf, "http {\n", "http {\n$mocks");
 my $yaml = slurp("$repo/examples/llmproxy.yaml");
 $yaml = rewrite($yaml, 'script_file: scripts/', 'script_file: $TEST_NGINX_REPO/examples/scripts/');
 $yaml = rewrite($yaml, "127.0.0.1:$_\"", "127.0.0.1:$port{$_}\"") for sort keys %port;
+# The example config runs the seed's auth script: clients need a key.
+$yaml .= "keys:\n  - {key: sk-example, user_id: example, total_quota: 5000000}\n";
 
 add_block_preprocessor(sub {
     my $block = shift;
@@ -68,6 +71,7 @@ POST /v1/chat/completions
 {"model":"gpt-4","messages":[{"role":"user","content":"hi"}],"viplevel":3}
 --- more_headers
 X-Request-ID: example-1
+Authorization: Bearer sk-example
 --- response_headers
 X-LLMProxy-Backend: ultra
 X-Request-ID: example-1
@@ -88,6 +92,8 @@ X-Seen-Original-Model: gpt-4
 --- request
 POST /v1/chat/completions
 {"model":"gpt-3.5","viplevel":1}
+--- more_headers
+Authorization: Bearer sk-example
 --- response_headers
 X-LLMProxy-Backend: high-performance
 X-Seen-Model: qwen-72b-chat

@@ -4,7 +4,7 @@
 # for failures the gateway finds itself (a body that is not JSON or too
 # large, no backend, a backend that cannot be reached or times out), the
 # backend's own answer when it sent one. Also the auth and rate_limit
-# seams in "enforce" mode, and hooks failing under on_error: deny.
+# stages, and hooks failing under on_error: deny.
 
 use strict;
 use warnings;
@@ -297,11 +297,11 @@ refusing the request (on_error: deny)
 
 
 
-=== TEST 17: auth seam, enforce: the seed's auth script denies gpt-4 to a small key (403 through error_handler)
---- init_opts
-{ admission = "enforce", key_info = function(key)
-    return ({ ["sk-small"] = { total_quota = 1000 }, ["sk-vip"] = { total_quota = 5000000 } })[key]
-  end }
+=== TEST 17: auth: the seed's auth script denies gpt-4 to a small key (403 through error_handler)
+--- yaml
+keys:
+  - {key: sk-small, user_id: u1, total_quota: 1000}
+  - {key: sk-vip, user_id: u2, total_quota: 5000000}
 --- hooks
   auth: {script_file: $TEST_NGINX_REPO/examples/scripts/auth.lua}
   error_handler:
@@ -322,11 +322,10 @@ auth verdict: allow
 
 
 
-=== TEST 18: auth seam, enforce: a VIP key may use gpt-4; no key makes the seed script fail: 503 (fails closed)
---- init_opts
-{ admission = "enforce", key_info = function(key)
-    return ({ ["sk-vip"] = { total_quota = 5000000 } })[key]
-  end }
+=== TEST 18: auth: a VIP key may use gpt-4
+--- yaml
+keys:
+  - {key: sk-vip, user_id: u2, total_quota: 5000000}
 --- hooks
   auth: {script_file: $TEST_NGINX_REPO/examples/scripts/auth.lua}
 --- request eval
@@ -340,41 +339,46 @@ Authorization: Bearer sk-vip
 
 
 
-=== TEST 19: auth seam, enforce: no key: the seed script indexes a null key_info and auth fails closed
---- init_opts
-{ admission = "enforce" }
+=== TEST 19: auth: no key: the seed script indexes a null key_info and auth fails closed with the standard 401
+--- yaml
+keys:
+  - {key: sk-vip, user_id: u2, total_quota: 5000000}
 --- hooks
   auth: {script_file: $TEST_NGINX_REPO/examples/scripts/auth.lua}
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4"}
+--- error_code: 401
+--- response_body chomp
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
+--- error_log
+auth hook failed for request
+refusing the request with the standard verdict (on_error: deny)
+
+
+
+=== TEST 20: auth: a valid key and a failing auth script (on_error: deny): 503 hook_failed, not shaped
+--- yaml
+keys:
+  - {key: sk-vip, user_id: u2, total_quota: 5000000}
+--- hooks
+  auth:
+    script: |
+      error("boom")
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+Authorization: Bearer sk-vip
 --- error_code: 503
 --- response_body chomp
 {"error":{"message":"the request was refused: the auth hook failed (script_error)","type":"hook_error","code":"hook_failed"}}
 --- error_log
-auth hook failed for request
 refusing the request (on_error: deny)
 
 
 
-=== TEST 20: auth seam, observe (the default): the verdict is logged, the request goes on
---- hooks
-  auth:
-    script: |
-      return {allow = false, reason = "no", status_code = 402}
---- request
-POST /v1/chat/completions
-{"model":"gpt-4"}
---- error_code: 200
---- error_log
-auth verdict: deny (no)
-admission would refuse it (auth_error: no); admitted (admission: observe)
-
-
-
-=== TEST 21: rate_limit seam, enforce: a script denial is 429 with Retry-After, through error_handler
---- init_opts
-{ admission = "enforce" }
+=== TEST 21: rate_limit: a script denial is 429 with Retry-After, through error_handler
 --- hooks
   rate_limit:
     script: |

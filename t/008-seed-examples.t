@@ -1,9 +1,8 @@
 # Every example script of the seed design end to end through nginx, on
 # examples/llmproxy.yaml (all seven hooks, script files unchanged) against
-# the mock backends: routing by viplevel, auth allow and deny (admission
-# "enforce", keys from init_worker's key_info seam until the key store of
-# issue 5), rate_limit, request and response transforms on JSON and on
-# streams, usage, error_handler.
+# the mock backends: routing by viplevel, auth allow and deny (keys from
+# the config's `keys:`), rate_limit, request and response transforms on
+# JSON and on streams, usage, error_handler.
 
 use strict;
 use warnings;
@@ -26,11 +25,17 @@ my %port = (9001 => '$TEST_NGINX_PORT_1', 9002 => '$TEST_NGINX_PORT_2', 9003 => 
 gateway_setup();
 
 # After gateway_setup's preprocessor: the example config instead of the
-# generated one (plus a block's `--- yaml`), and the seam's keys.
+# generated one (plus a block's `--- yaml`), and the keys.
+my $keys = <<'YAML';
+keys:
+  - {key: sk-vip, user_id: vip, total_quota: 5000000}
+  - {key: sk-basic, user_id: basic, total_quota: 1000}
+  - {key: sk-any, user_id: any, total_quota: 5000000}
+YAML
 add_block_preprocessor(sub {
     my $block = shift;
     my $extra = exists $block->{yaml} ? $block->yaml : '';
-    $block->set_value('user_files', ">>> llmproxy.yaml\n$yaml$extra");
+    $block->set_value('user_files', ">>> llmproxy.yaml\n$yaml$keys$extra");
 });
 
 run_tests();
@@ -38,10 +43,6 @@ run_tests();
 __DATA__
 
 === TEST 1: a VIP key, viplevel 3: auth allows, routing picks ultra, the model is mapped both ways, usage at 50%
---- init_opts
-{ admission = "enforce", key_info = function(key)
-    return ({ ["sk-vip"] = { total_quota = 5000000 }, ["sk-basic"] = { total_quota = 1000 } })[key]
-  end }
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4","messages":[{"role":"user","content":"你好"}],"viplevel":3}
@@ -67,10 +68,6 @@ X-Request-ID: seed-1
 
 
 === TEST 2: viplevel 1 and gpt-3.5 for a basic key: high-performance, qwen upstream, usage at 80%
---- init_opts
-{ admission = "enforce", key_info = function(key)
-    return ({ ["sk-vip"] = { total_quota = 5000000 }, ["sk-basic"] = { total_quota = 1000 } })[key]
-  end }
 --- request
 POST /v1/chat/completions
 {"model":"gpt-3.5","viplevel":1}
@@ -90,8 +87,6 @@ X-Seen-Model: qwen-72b-chat
 
 
 === TEST 3: no viplevel: standard
---- init_opts
-{ admission = "enforce", key_info = function(key) return { total_quota = 5000000 } end }
 --- request
 POST /v1/chat/completions
 {"model":"gpt-3.5"}
@@ -105,10 +100,6 @@ X-LLMProxy-Backend: standard
 
 
 === TEST 4: a basic key asking for gpt-4: the seed's auth denies, the seed's error_handler answers 403
---- init_opts
-{ admission = "enforce", key_info = function(key)
-    return ({ ["sk-vip"] = { total_quota = 5000000 }, ["sk-basic"] = { total_quota = 1000 } })[key]
-  end }
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4","viplevel":3}
@@ -127,8 +118,6 @@ auth verdict: deny (您的账户等级不支持 GPT-4 模型)
 
 
 === TEST 5: a stream through every seed script: events keep the client's model, usage at the end
---- init_opts
-{ admission = "enforce", key_info = function(key) return { total_quota = 5000000 } end }
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4","stream":true,"viplevel":3,"messages":[{"role":"user","content":"hi"}]}
@@ -150,8 +139,6 @@ usage of request seed-5 on 'ultra': {"billable_tokens":5,"completion_tokens":6,"
 
 
 === TEST 6: every backend fails: the seed's error_handler gives its backend_error message
---- init_opts
-{ admission = "enforce", key_info = function(key) return { total_quota = 5000000 } end }
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4"}
@@ -170,8 +157,6 @@ X-Mock-Status: 502
 gateway:
   retry: {max_retries: 0}
   timeouts: {first_byte_ms: 150, idle_ms: 150}
---- init_opts
-{ admission = "enforce", key_info = function(key) return { total_quota = 5000000 } end }
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4"}
@@ -185,14 +170,16 @@ X-Mock-Delay-Ms: 800
 
 
 
-=== TEST 8: admission "observe" (the default): the same config runs, auth's failure on a missing key is only logged
+=== TEST 8: no key: the seed's auth script fails on a null key_info; auth fails closed with the standard 401
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4","viplevel":1}
---- response_headers
-X-LLMProxy-Backend: high-performance
+--- more_headers
+X-Request-ID: seed-8
+--- error_code: 401
+--- response_body chomp
+{"error":{"message":"未知错误","request_id":"seed-8","type":"auth_error"}}
 --- error_log
 auth hook failed for request
-would refuse the request (on_error: deny; admission: observe)
---- no_error_log
-[error]
+refusing the request with the standard verdict (on_error: deny)
+

@@ -422,6 +422,32 @@ local tests = {
     collectgarbage()
     collectgarbage()
   end },
+  { "engine:key and engine:standard_checks: the config's keys, core's checks and denials", function()
+    local e = assert(llmproxy.new("keys:\n"
+      .. "  - {key: sk-a, user_id: u1, total_quota: 100, allowed_ips: ['10.0.0.0/8']}\n"
+      .. "  - {key: sk-off, user_id: u2, status: disabled}\n"))
+    local info, fp = e:key("sk-a")
+    assert(info.user_id == "u1" and info.total_quota == 100 and info.status == "active", "key_info")
+    assert(fp == e:key_fingerprint("sk-a") and fp:match("^sha256:%x+$") and #fp == 19, tostring(fp))
+    assert(e:key("sk-nope") == nil and e:key(nil) == nil, "unknown keys")
+    local c, status = e:standard_checks("sk-a", "10.1.2.3", 99)
+    assert(c.key_valid and c.status_active and c.not_expired and c.ip_allowed and c.quota_available)
+    assert(status == nil, "every check passed")
+    local msg, code
+    c, status, msg, code = e:standard_checks("sk-a", "10.1.2.3", 100)
+    assert(not c.quota_available and status == 429 and code == "quota_exhausted", msg)
+    c, status, msg, code = e:standard_checks("sk-a", "192.168.0.1", 0)
+    assert(not c.ip_allowed and status == 403 and code == "ip_not_allowed", msg)
+    c, status, msg, code = e:standard_checks("sk-off", nil, 0)
+    assert(not c.status_active and status == 403 and code == "key_disabled" and msg == "API key is disabled", msg)
+    c, status, msg, code = e:standard_checks(nil, "10.0.0.1", 0)
+    assert(not c.key_valid and status == 401 and code == "invalid_api_key", msg)
+    local a = e:admission()
+    assert(a.auth == true and a.limits == false and a.keys == 2 and a.utc_offset == 0, "admission")
+    assert(e:ledger_stats() == nil and e:ledger_record({}) == nil, "no ledger configured")
+    a = assert(llmproxy.new("limits: {key_rpm: 5, time_zone: '+08:00'}\n")):admission()
+    assert(a.auth == false and a.limits == true and a.key_rpm == 5 and a.utc_offset == 8 * 3600, "limits")
+  end },
   { "tostring(engine)", function()
     assert(tostring(engine) == "llmproxy.engine")
   end },

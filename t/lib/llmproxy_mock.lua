@@ -121,6 +121,7 @@ function _M.chat(name, opts)
     seen("Request-ID", headers["x-request-id"])
     seen("Original-Model", headers["x-original-model"])
     seen("Authorization", headers["authorization"])
+    seen("Api-Key", headers["x-api-key"])
     seen("Debug", headers["x-debug"])
     local status = tonumber(headers["x-mock-status"]) or opts.status
     if status and status >= 400 then

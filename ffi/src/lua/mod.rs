@@ -45,6 +45,8 @@
 //! any engine; see `crate::input` for how limits apply).
 
 pub mod convert;
+mod keys;
+mod ledger;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -92,6 +94,9 @@ impl Shared {
 struct LuaEngine {
     engine: Engine,
     shared: Shared,
+    keys: keys::KeyStore,
+    /// The usage ledger's writer (`ledger:` in the config).
+    ledger: Option<std::sync::Arc<ledger::Writer>>,
 }
 
 impl UserData for LuaEngine {
@@ -139,6 +144,122 @@ impl UserData for LuaEngine {
                 OnError::Standard => "standard",
                 OnError::Deny => "deny",
             }))
+        });
+        // engine:key(api_key) -> key_info table (the record's fields), its
+        // fingerprint; nil when the key is not configured.
+        methods.add_method("key", |lua, this, key: Option<mlua::LuaString>| {
+            let Some(key) = key else {
+                return Ok(MultiValue::new());
+            };
+            let Some(e) = key.to_str().ok().and_then(|k| this.keys.get(&k)) else {
+                return Ok(MultiValue::new());
+            };
+            let info = convert::to_lua(lua, &e.info, &this.shared.array_mt)?;
+            Ok(MultiValue::from_vec(vec![
+                info,
+                Value::String(lua.create_string(&e.fingerprint)?),
+            ]))
+        });
+        // engine:standard_checks(api_key, client_ip, used_quota) -> checks,
+        // status, message, code (status nil: every check passed).
+        methods.add_method(
+            "standard_checks",
+            |lua, this, (key, ip, used): (Option<mlua::LuaString>, Option<mlua::LuaString>, Option<f64>)| {
+                let key = key.as_ref().and_then(|k| k.to_str().ok().map(|s| s.to_owned()));
+                let ip = ip.as_ref().and_then(|k| k.to_str().ok().map(|s| s.to_owned()));
+                let used = used.filter(|u| u.is_finite() && *u > 0.0).map_or(0, |u| u as u64);
+                let (c, denial) = keys::checks(&this.keys, key.as_deref(), ip.as_deref(), used);
+                let t = lua.create_table_with_capacity(0, 5)?;
+                t.raw_set("key_valid", c.key_valid)?;
+                t.raw_set("status_active", c.status_active)?;
+                t.raw_set("not_expired", c.not_expired)?;
+                t.raw_set("ip_allowed", c.ip_allowed)?;
+                t.raw_set("quota_available", c.quota_available)?;
+                let mut out = vec![Value::Table(t)];
+                if let Some((status, message, code)) = denial {
+                    out.push(Value::Integer(i64::from(status)));
+                    out.push(Value::String(lua.create_string(message)?));
+                    out.push(Value::String(lua.create_string(code)?));
+                }
+                Ok(MultiValue::from_vec(out))
+            },
+        );
+        // engine:key_fingerprint(api_key) -> "sha256:..." (core's), for
+        // any presented key, configured or not.
+        methods.add_method("key_fingerprint", |_, _, key: mlua::LuaString| {
+            Ok(llmproxy_core::keys::key_fingerprint(&key.to_string_lossy()))
+        });
+        // engine:admission() -> {auth, limits, time_zone_offset, keys,
+        // global_rpm, key_rpm, key_tpm, key_concurrency, ledger?}
+        methods.add_method("admission", |lua, this, ()| {
+            let config = this.engine.config();
+            let a = keys::admission(config, |h| this.engine.is_enabled(h));
+            let t = lua.create_table()?;
+            t.raw_set("auth", a.auth_on)?;
+            t.raw_set("limits", a.limit_on)?;
+            t.raw_set("utc_offset", a.utc_offset)?;
+            t.raw_set("keys", this.keys.len())?;
+            let l = &config.limits;
+            t.raw_set("global_rpm", l.global_rpm)?;
+            t.raw_set("key_rpm", l.key_rpm)?;
+            t.raw_set("key_tpm", l.key_tpm)?;
+            t.raw_set("key_concurrency", l.key_concurrency)?;
+            if let Some(ledger) = &config.ledger {
+                t.raw_set("ledger", ledger.path.to_string_lossy().into_owned())?;
+            }
+            Ok(t)
+        });
+        // engine:ledger_record(tbl) -> true (queued), false (the queue was
+        // full: dropped and counted), nil (no ledger). Never blocks.
+        methods.add_method("ledger_record", |_, this, t: Table| {
+            let Some(w) = &this.ledger else {
+                return Ok(None);
+            };
+            Ok(Some(w.record(ledger_record(&t)?)))
+        });
+        // engine:ledger_stats() -> {written, batches, failed, dropped, pending} or nil.
+        methods.add_method("ledger_stats", |lua, this, ()| {
+            let Some(w) = &this.ledger else {
+                return Ok(None);
+            };
+            let s = &w.stats;
+            let t = lua.create_table()?;
+            t.raw_set("written", s.written.load(std::sync::atomic::Ordering::Relaxed))?;
+            t.raw_set("batches", s.batches.load(std::sync::atomic::Ordering::Relaxed))?;
+            t.raw_set("failed", s.failed.load(std::sync::atomic::Ordering::Relaxed))?;
+            t.raw_set("dropped", s.dropped.load(std::sync::atomic::Ordering::Relaxed))?;
+            t.raw_set("pending", s.pending.load(std::sync::atomic::Ordering::Relaxed))?;
+            Ok(Some(t))
+        });
+        // engine:key_quotas() -> {fingerprint = configured used_quota}.
+        methods.add_method("key_quotas", |lua, this, ()| {
+            let t = lua.create_table()?;
+            for (fp, used) in this.keys.quota_keys() {
+                t.raw_set(fp, used)?;
+            }
+            Ok(t)
+        });
+        // engine:ledger_sync() -> {fingerprint = used} for every configured
+        // key: where each key's quota usage starts (nil, err on failure; nil
+        // without a ledger).
+        methods.add_method("ledger_sync", |lua, this, ()| {
+            let Some(w) = &this.ledger else {
+                return Ok(MultiValue::new());
+            };
+            let keys = this.keys.quota_keys();
+            match w.sync_keys(&keys) {
+                Ok(rows) => {
+                    let t = lua.create_table()?;
+                    for (fp, used) in rows {
+                        t.raw_set(fp, used)?;
+                    }
+                    Ok(MultiValue::from_vec(vec![Value::Table(t)]))
+                }
+                Err(e) => Ok(MultiValue::from_vec(vec![
+                    Value::Nil,
+                    Value::String(lua.create_string(e)?),
+                ])),
+            }
         });
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.engine"));
     }
@@ -562,6 +683,44 @@ fn with_fields(this: &LuaRequest, fields: &Value) -> Result<Request, Failure> {
     this.request.with_fields(&json, bytes)
 }
 
+/// A ledger record from `log()`'s table.
+fn ledger_record(t: &Table) -> mlua::Result<ledger::Record> {
+    let text = |k: &str| -> mlua::Result<Option<String>> {
+        Ok(match t.raw_get::<Value>(k)? {
+            Value::String(s) => Some(s.to_string_lossy()),
+            Value::Integer(i) => Some(i.to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let num = |k: &str| -> mlua::Result<Option<f64>> {
+        Ok(match t.raw_get::<Value>(k)? {
+            Value::Integer(i) => Some(i as f64),
+            Value::Number(n) if n.is_finite() => Some(n),
+            _ => None,
+        })
+    };
+    let count = |k: &str| -> mlua::Result<u64> { Ok(num(k)?.filter(|n| *n > 0.0).map_or(0, |n| n.round() as u64)) };
+    Ok(ledger::Record {
+        request_id: text("request_id")?.unwrap_or_default(),
+        node: text("node")?.unwrap_or_default(),
+        key_fp: text("key_fp")?,
+        user_id: text("user_id")?,
+        backend: text("backend")?,
+        model: text("model")?,
+        path: text("path")?.unwrap_or_default(),
+        is_stream: matches!(t.raw_get::<Value>("is_stream")?, Value::Boolean(true)),
+        status: num("status")?.map_or(0, |n| n.clamp(0.0, 999.0) as u16),
+        prompt_tokens: count("prompt_tokens")?,
+        completion_tokens: count("completion_tokens")?,
+        total_tokens: count("total_tokens")?,
+        billable_tokens: count("billable_tokens")?,
+        cost: num("cost")?,
+        latency_ms: num("latency_ms")?.unwrap_or(0.0),
+        record: text("record")?.unwrap_or_else(|| String::from("{}")),
+    })
+}
+
 /// `req:body_json(patch)` without the Lua plumbing.
 fn body_json(this: &LuaRequest, patch: &Value) -> Result<String, Failure> {
     let body = &this.request.info().body;
@@ -742,9 +901,17 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
             match built {
                 Ok(engine) => {
+                    let keys = keys::KeyStore::new(engine.config());
+                    let ledger = match engine.config().ledger.as_ref().map(ledger::writer) {
+                        None => None,
+                        Some(Ok(w)) => Some(w),
+                        Some(Err(e)) => return shared.fail(lua, Failure::invalid(e)),
+                    };
                     let ud = lua.create_userdata(LuaEngine {
                         engine,
                         shared: shared.clone(),
+                        keys,
+                        ledger,
                     })?;
                     Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))
                 }

@@ -28,12 +28,13 @@
 --
 -- A complete example: `nginx-conf/nginx.conf`; a guide:
 -- `openresty/README.md`; design notes: `docs/adr/020-openresty-host.md` and
--- 022-027.
+-- 022-029.
 --
--- Not yet here (seams are marked `-- seam:`): the key store, standard auth
--- checks, the shared-dict limiter and the usage ledger (issue 5). Until
--- then the auth and rate_limit scripts run (`admission = "observe"` logs
--- their verdicts; `"enforce"` applies explicit verdicts).
+-- Admission is the standalone gateway's: the config's keys (Bearer or
+-- x-api-key, never forwarded), core's standard checks and the auth script;
+-- the limiter in `lua_shared_dict llmproxy_limits` (one limit for every
+-- worker) and the rate_limit script; quota charging and the usage ledger
+-- (a writer thread in the module) in log(). docs/adr/028, 029.
 --
 -- @module resty.llmproxy
 
@@ -47,6 +48,7 @@ local json = require "resty.llmproxy.json"
 local sse = require "resty.llmproxy.sse"
 local metrics = require "resty.llmproxy.metrics"
 local backends = require "resty.llmproxy.backends"
+local limits = require "resty.llmproxy.limits"
 
 local type = type
 local pairs = pairs
@@ -282,6 +284,17 @@ end
 
 ---------------------------------------------------------------- engine
 
+-- The host name, for ledger records' `node` (as the gateway's default).
+local function ngx_var_hostname()
+    local f = io_open("/proc/sys/kernel/hostname", "r")
+    if not f then
+        return "nginx"
+    end
+    local host = f:read("*l") or "nginx"
+    f:close()
+    return host
+end
+
 local HOOKS = metrics.HOOKS
 
 -- Build a complete new state; nothing is replaced unless everything worked.
@@ -309,13 +322,29 @@ local function load(config, opts)
             names[#names + 1] = hook
         end
     end
+    local admission = engine:admission()
+    local dict_name = opts.limits_dict or "llmproxy_limits"
+    local dict = ngx.shared[dict_name]
+    local any_limit = admission.global_rpm > 0 or admission.key_rpm > 0 or admission.key_tpm > 0
+        or admission.key_concurrency > 0
+    if any_limit and not dict then
+        return nil, "limits: are set but there is no lua_shared_dict " .. dict_name
+            .. " (the limiter's counters, shared by the workers)"
+    end
+    if admission.keys > 0 and not dict then
+        ngx_log(WARN, "llmproxy: no lua_shared_dict ", dict_name, ": keys' quota usage is not charged ",
+            "(the configured used_quota stays)")
+    end
     local names_list = {}
     for i, b in ipairs(set.list) do
         names_list[i] = b.name
     end
-    local admission = opts.admission or "observe"
-    if admission ~= "observe" and admission ~= "enforce" then
-        return nil, "opts.admission must be 'observe' or 'enforce', got " .. tostring(admission)
+    if opts.admission ~= nil and opts.admission ~= "enforce" then
+        return nil, "opts.admission: only 'enforce' remains (the key store is the config's), got "
+            .. tostring(opts.admission)
+    end
+    if opts.key_info ~= nil then
+        return nil, "opts.key_info is gone: keys come from the config's keys: / keys_file:"
     end
     return {
         llmproxy = llmproxy,
@@ -333,11 +362,13 @@ local function load(config, opts)
         max_body_bytes = tonumber(opts.max_body_bytes) or gateway.max_body_bytes,
         max_response_bytes = tonumber(opts.max_response_bytes) or gateway.max_response_bytes,
         apply_timeouts = opts.timeouts ~= false,
-        -- seam (issue 5): auth and rate_limit verdicts. "observe" runs the
-        -- scripts and logs what they decided; "enforce" applies explicit
-        -- verdicts. The standard checks and limiter come with issue 5.
+        -- What admission runs (auth, limits, utc_offset, the limits), as
+        -- the gateway decides it; the keys are the config's.
         admission = admission,
-        key_info = type(opts.key_info) == "function" and opts.key_info or nil,
+        limits_dict = dict, -- nil: no counters (scripts see unlimited status)
+        ledger = engine:ledger_stats() ~= nil,
+        node = opts.node or (ngx_var_hostname() .. "-" .. ngx.worker.pid()),
+        keys = {}, -- known keys' {info, fp}, by secret
     }
 end
 
@@ -352,6 +383,32 @@ local function install(config, opts)
         return nil, err
     end
     current = state
+    local dict = state.limits_dict
+    if dict then
+        -- Where each key's quota usage starts, as the gateway's local state:
+        -- a key first seen starts at the ledger's count (else its configured
+        -- `used_quota`); a key whose configured `used_quota` changed since
+        -- (a reload) is reset to it. The dict outlives reloads; `qc:` holds
+        -- the configured value last applied.
+        local used
+        if state.ledger then
+            local lerr
+            used, lerr = state.engine:ledger_sync()
+            if not used then
+                ngx_log(ERR, "llmproxy: cannot read the keys' usage from the ledger: ", lerr)
+            end
+        end
+        for fp, configured in pairs(state.engine:key_quotas()) do
+            local applied = dict:get("qc:" .. fp)
+            if applied == nil then
+                dict:add("q:" .. fp, used and used[fp] or configured)
+                dict:add("qc:" .. fp, configured)
+            elseif applied ~= configured then
+                dict:set("q:" .. fp, configured)
+                dict:set("qc:" .. fp, configured)
+            end
+        end
+    end
     ngx_log(NOTICE, "llmproxy: engine ", state.version, " loaded from ", state.config, " (", #state.backends.list,
         " backends; hooks: ", state.enabled_names ~= "" and state.enabled_names or "none", ")")
     return true
@@ -375,9 +432,9 @@ end
 --   (`gateway.max_body_bytes`), `max_response_bytes`
 --   (`gateway.max_response_bytes`), `timeouts = false` (keep nginx's
 --   `proxy_*_timeout` instead of the YAML's), `metrics_dict`
---   (`"llmproxy_metrics"`), `admission` (`"observe"` or `"enforce"`, see
---   the module doc), `key_info` (a function `api_key -> table|nil`: the
---   auth and rate_limit scripts' `key_info` until issue 5's key store)
+--   (`"llmproxy_metrics"`), `limits_dict` (`"llmproxy_limits"`: the
+--   limiter's counters and quota usage, shared by the workers), `node`
+--   (ledger rows' node; default: host name and worker pid)
 -- @treturn boolean|nil true, or nil and an error message
 -- @phases init_worker
 -- @usage init_worker_by_lua_block { require("resty.llmproxy").init_worker("/etc/llmproxy/llmproxy.yaml") }
@@ -619,7 +676,33 @@ local function request_fields(ctx, raw)
             request.api_key = key
         end
     end
+    if not request.api_key then
+        local key = raw["x-api-key"]
+        key = type(key) == "string" and match(key, "^%s*(.-)%s*$") or nil
+        if key and key ~= "" then
+            request.api_key = key
+        end
+    end
     return request
+end
+
+-- The configured key behind `api_key`: `{info, fp}` (info: the record as
+-- a table, the scripts' `key_info`), or nil. Known keys are cached per
+-- engine; unknown ones are not (a client could fill the cache).
+local function key_entry(state, api_key)
+    if not api_key then
+        return nil
+    end
+    local e = state.keys[api_key]
+    if e == nil then
+        local info, fp = state.engine:key(api_key)
+        if not info then
+            return nil
+        end
+        e = { info = info, fp = fp, configured_used = tonumber(info.used_quota) or 0 }
+        state.keys[api_key] = e
+    end
+    return e
 end
 
 -- Read the body and parse the request once into `ctx.req`. Returns a
@@ -632,6 +715,11 @@ local function prepare_request(state, ctx)
     ctx.id = request_id(raw)
     req_set_header("X-Request-ID", ctx.id)
     local fields = request_fields(ctx, raw)
+    local entry = key_entry(state, fields.api_key)
+    if entry then
+        fields.user_id = entry.info.user_id
+    end
+    ctx.key = entry
     ctx.fields = fields -- error_handler's request if the body cannot be parsed
     local limit = state.max_body_bytes
     local declared = tonumber(raw["content-length"])
@@ -684,92 +772,210 @@ local function prepare_request(state, ctx)
     return nil
 end
 
--- The clock as rate_limit scripts see it (UTC until issue 5 brings
--- `limits.time_zone`).
-local function current_time()
+-- The clock as rate_limit scripts see it, in the YAML's
+-- `limits.time_zone` (a fixed offset), as the gateway's `current_time`.
+local function current_time(offset)
     local now = ngx_time()
-    local t = os_date("!*t", now)
+    local t = os_date("!*t", now + (offset or 0))
     return { hour = t.hour, weekday = (t.wday + 5) % 7 + 1, timestamp = now }
 end
 
--- seam (issue 5): the key store (`key_info`), the standard checks, the
--- shared-dict limiter (`rate_limit_status`) and the usage ledger. Until
--- then the auth and rate_limit scripts run with `key_info` from
--- `opts.key_info` (else null), every standard check passing when a key
--- was found, and an unlimited `rate_limit_status`; a nil verdict admits.
--- With `admission = "observe"` verdicts are logged, with "enforce" an
--- explicit denial (or a failing script under on_error: deny) refuses the
--- request through error_handler, as in the gateway.
-local function admit(state, ctx)
-    local auth, rate = state.enabled.auth, state.enabled.rate_limit
-    if not (auth or rate) then
-        return nil
+-- The key's live quota usage: `q:<fingerprint>` in the limits dict,
+-- shared by the workers (charged in log()), else the configured
+-- `used_quota`.
+local function used_quota(state, entry)
+    if not entry then
+        return 0
     end
-    local enforce = state.admission == "enforce"
-    local key_info = state.key_info and ctx.api_key and state.key_info(ctx.api_key) or nil
-    local known = key_info ~= nil
-    local refusal
-    if auth then
-        local res, err = run_hook(state, "auth", ctx.req, {
-            key_info = key_info or state.null,
-            standard_checks = {
-                key_valid = known, status_active = known, not_expired = known,
-                ip_allowed = known, quota_available = known,
-            },
-        })
-        if err then
-            if state.on_error.auth == "deny" then
-                refusal = denied_failure("auth", err)
-                if enforce then
-                    log_hook_error("auth", ctx, err, "refusing the request (on_error: deny)")
-                else
-                    ngx_log(WARN, "llmproxy: auth hook failed for request ", ctx.id, ": ", describe_error(err),
-                        "; would refuse the request (on_error: deny; admission: observe)")
-                end
-            else
-                log_hook_error("auth", ctx, err, "using the standard verdict")
-            end
-        elseif res ~= nil and res.allow == false then
-            refusal = failure("auth_error", tonumber(res.status_code) or 403, "denied_by_script",
-                type(res.reason) == "string" and res.reason or "access denied")
+    local dict = state.limits_dict
+    local used = dict and dict:get("q:" .. entry.fp)
+    return used or entry.configured_used
+end
+
+-- `llmproxy_auth_denied_total` / `llmproxy_rate_limited_total` reasons of
+-- a refusal's code (the gateway's).
+local AUTH_REASON = {
+    invalid_api_key = "invalid_key", key_disabled = "disabled", key_expired = "expired",
+    ip_not_allowed = "ip_not_allowed", quota_exhausted = "quota_exhausted", denied_by_script = "script",
+    hook_failed = "hook_failed",
+}
+local RATE_REASON = {
+    global_rate_limit = "global_rpm", key_rate_limit = "key_rpm", key_token_limit = "key_tpm",
+    key_concurrency_limit = "key_concurrency", rate_limited_by_script = "script",
+    state_unavailable = "state_unavailable",
+}
+
+-- The auth stage, as the gateway's (proxy/src/gateway/admission.rs): the
+-- standard checks (core's, with the key's live usage), then the auth
+-- script, whose table is final (nil keeps the standard verdict). A script
+-- that fails under `on_error: deny` fails closed: the standard denial when
+-- there is one, else 503.
+local function authenticate(state, ctx, entry, used)
+    local checks, status, message, code = state.engine:standard_checks(ctx.api_key, ctx.fields.client_ip, used)
+    local standard = status and failure("auth_error", status, code, message) or nil
+    if not state.enabled.auth then
+        if standard and store then
+            metrics.auth_denied(store, AUTH_REASON[code])
         end
-        ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ",
-            err and "failed" or (res == nil and "standard" or (res.allow and "allow" or "deny")),
-            refusal and (" (" .. refusal.message .. ")") or "")
+        return standard
     end
-    if rate and not refusal then
+    local res, err = run_hook(state, "auth", ctx.req, {
+        key_info = entry and entry.info or state.null,
+        standard_checks = checks,
+    })
+    local refusal
+    if err then
+        if state.on_error.auth == "deny" then
+            if standard then
+                log_hook_error("auth", ctx, err, "refusing the request with the standard verdict (on_error: deny)")
+                refusal = standard
+            else
+                log_hook_error("auth", ctx, err, "refusing the request (on_error: deny)")
+                refusal = denied_failure("auth", err)
+            end
+        else
+            log_hook_error("auth", ctx, err, "using the standard verdict")
+            refusal = standard
+        end
+    elseif res == nil then
+        refusal = standard
+    elseif res.allow == false then
+        refusal = failure("auth_error", tonumber(res.status_code) or 403, "denied_by_script",
+            type(res.reason) == "string" and res.reason or "access denied")
+    end
+    ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ",
+        err and "failed" or (res == nil and "standard" or (res.allow == false and "deny" or "allow")),
+        refusal and (" (" .. refusal.message .. ")") or "")
+    if refusal and store then
+        metrics.auth_denied(store, AUTH_REASON[refusal.code] or "hook_failed")
+    end
+    return refusal
+end
+
+-- The caller's id for the limiter and the ledger: the fingerprint of the
+-- presented key (known or not), nil without a key.
+local function key_id(state, ctx)
+    if ctx.key then
+        return ctx.key.fp
+    end
+    if ctx.api_key then
+        ctx.key_fp = ctx.key_fp or state.engine:key_fingerprint(ctx.api_key)
+        return ctx.key_fp
+    end
+    return nil
+end
+
+local UNLIMITED_STATUS = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 }
+
+-- A standard limit refused: 429 with Retry-After, type rate_limit.
+local function rate_failure(code, message, retry_after)
+    local f = failure("rate_limit", 429, code, message)
+    f.retry_after = max(1, math.ceil(retry_after))
+    return f
+end
+
+-- The rate limit stage, as the gateway's: the standard limiter checks and
+-- takes (atomically, across workers); the rate_limit script sees
+-- `rate_limit_status` and `current_time` and may overrule it either way
+-- (requests are then taken or given back). The concurrency slot is freed
+-- in log().
+local function limit(state, ctx, entry)
+    local adm = state.admission
+    local dict = state.limits_dict
+    local id = key_id(state, ctx)
+    local acq
+    if dict then
+        local err
+        acq, err = limits.acquire(dict, adm, id, ngx_now(), false)
+        if not acq then
+            -- The gateway's state backend failing: fail closed.
+            ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's shared dict failed: ", tostring(err))
+            if store then
+                metrics.rate_limited(store, "state_unavailable")
+            end
+            return failure("backend_error", 503, "state_unavailable",
+                "the gateway's rate limit and quota store is unavailable")
+        end
+    else
+        acq = { status = UNLIMITED_STATUS, taken = {}, n = 0 }
+    end
+    acq.id = id
+    ctx.limits = acq
+    local took = acq.denial == nil
+    local refusal
+    local verdict = "standard"
+    if state.enabled.rate_limit then
         local res, err = run_hook(state, "rate_limit", ctx.req, {
-            key_info = key_info or state.null,
-            rate_limit_status = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 },
-            current_time = current_time(),
+            key_info = entry and entry.info or state.null,
+            rate_limit_status = acq.status,
+            current_time = current_time(adm.utc_offset),
         })
         if err then
+            verdict = "failed"
             if state.on_error.rate_limit == "deny" then
+                log_hook_error("rate_limit", ctx, err, "refusing the request (on_error: deny)")
                 refusal = denied_failure("rate_limit", err)
-                if enforce then
-                    log_hook_error("rate_limit", ctx, err, "refusing the request (on_error: deny)")
-                else
-                    ngx_log(WARN, "llmproxy: rate_limit hook failed for request ", ctx.id, ": ", describe_error(err),
-                        "; would refuse the request (on_error: deny; admission: observe)")
-                end
             else
                 log_hook_error("rate_limit", ctx, err, "using the standard verdict")
             end
         elseif res ~= nil and res.allow == false then
-            refusal = failure("rate_limit", 429, "rate_limited_by_script",
-                type(res.reason) == "string" and res.reason or "rate limited")
-            refusal.retry_after = max(1, math.ceil(tonumber(res.retry_after) or DEFAULT_RETRY_AFTER))
+            verdict = "deny"
+            local d = acq.denial
+            refusal = rate_failure("rate_limited_by_script",
+                type(res.reason) == "string" and res.reason or "rate limited",
+                tonumber(res.retry_after) or (d and d.retry_after) or DEFAULT_RETRY_AFTER)
+        elseif res ~= nil then
+            verdict = "allow"
+            if not took and dict then
+                acq = limits.acquire(dict, adm, id, ngx_now(), true) or { taken = {}, n = 0 }
+                acq.id = id
+                ctx.limits = acq
+                took = true
+            end
         end
-        ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ",
-            err and "failed" or (res == nil and "standard" or (res.allow and "allow" or "deny")),
-            refusal and (" (" .. refusal.message .. ")") or "")
     end
-    if refusal and not enforce then
-        ngx_log(NOTICE, "llmproxy: request ", ctx.id, ": admission would refuse it (", refusal.kind, ": ",
-            refusal.message, "); admitted (admission: observe)")
-        return nil
+    if verdict == "standard" and acq.denial then
+        local d = acq.denial
+        local kind = limits.KINDS[d.kind]
+        refusal = rate_failure(kind.code, kind.message, d.retry_after)
+    end
+    if refusal and took and dict then
+        limits.refund(dict, acq)
+    end
+    ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict,
+        refusal and (" (" .. refusal.message .. ")") or "")
+    if refusal and store and RATE_REASON[refusal.code] then
+        metrics.rate_limited(store, RATE_REASON[refusal.code])
     end
     return refusal
+end
+
+-- Admission, as the gateway's: auth (when keys are configured or an auth
+-- script is enabled), then the rate limit (when a limit is set or a
+-- rate_limit script is enabled). The client's key never goes upstream
+-- when auth runs.
+local function admit(state, ctx)
+    local adm = state.admission
+    if not (adm.auth or adm.limits) then
+        return nil
+    end
+    local entry = ctx.key
+    local used = used_quota(state, entry)
+    if entry then
+        entry.info.used_quota = used
+    end
+    if adm.auth then
+        req_clear_header("Authorization")
+        req_clear_header("X-Api-Key")
+        local refusal = authenticate(state, ctx, entry, used)
+        if refusal then
+            return refusal
+        end
+    end
+    if adm.limits then
+        return limit(state, ctx, entry)
+    end
+    return nil
 end
 
 -- The routing hook, then the default balancer. Returns the backend, or
@@ -889,8 +1095,10 @@ end
 -- Reads the body (also when spooled to a file) and parses the request
 -- once, in Rust, into an `llmproxy.request` handle (`id` from a sane
 -- `X-Request-ID` or `$request_id`, title-cased headers, client_ip, path,
--- api_key from a Bearer token, the body). On it run `auth` and
--- `rate_limit` (seams, see the module doc), `routing` (a failure falls
+-- api_key from a Bearer token or x-api-key, the body). Admission as the
+-- gateway's: the standard checks and `auth`, the shared limiter and
+-- `rate_limit` (refusals: 401/403/429 through error_handler; the key is
+-- removed before upstream), then `routing` (a failure falls
 -- back to the default balancer) and `request_transform` (with
 -- `request.backend_url`; a failure sends the request unchanged). A
 -- stream's body asks the backend for usage. Failures (a body that is too
@@ -922,6 +1130,7 @@ function _M.access()
     if f then
         return fail(ctx, f)
     end
+    ctx.admitted = true
     local backend
     backend, f = route(state, ctx)
     if not backend then
@@ -1334,7 +1543,7 @@ local function json_filter(state, ctx)
     if find(body, '"usage"', 1, true) then
         local usage = read_usage(state, body)
         if type(usage) == "table" then
-            ctx.usage = usage -- for log(); seam: usage ledger
+            ctx.usage = usage -- for log(): usage hook, quota, ledger
             ctx.usage_body = body
         end
     end
@@ -1386,8 +1595,8 @@ end
 
 local USAGE_KINDS = { "prompt_tokens", "completion_tokens", "total_tokens", "cost" }
 
--- The usage hook on the captured usage; the record goes to the log (and,
--- with issue 5, to the ledger) and to the metrics.
+-- The usage hook on the captured usage; the record goes to the log, the
+-- quota (shared dict), the ledger (in log()) and the metrics.
 local function record_usage(state, ctx)
     local usage = ctx.usage
     if not usage or not ctx.backend then
@@ -1415,7 +1624,25 @@ local function record_usage(state, ctx)
             record = res
         end
     end
-    ctx.usage_record = record -- seam: usage ledger (issue 5)
+    ctx.usage_record = record
+    -- Quota: `billable_tokens` of the record, else the backend's
+    -- `total_tokens` (the gateway's charge), shared by the workers.
+    local billable = tonumber(record.billable_tokens) or tonumber(usage.total_tokens) or 0
+    billable = billable == billable and billable > 0 and floor(billable + 0.5) or 0
+    ctx.billable = billable
+    local dict = state.limits_dict
+    if dict and ctx.key and billable > 0 then
+        local _, err = dict:incr("q:" .. ctx.key.fp, billable, ctx.key.configured_used)
+        if err then
+            ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot charge the quota: ", err)
+        end
+    end
+    if dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id then
+        local total = tonumber(usage.total_tokens) or 0
+        if total == total and total > 0 then
+            limits.charge_tokens(dict, ctx.limits.id, floor(total + 0.5), ngx_now())
+        end
+    end
     if store then
         local name = ctx.backend.name
         for _, k in ipairs(USAGE_KINDS) do
@@ -1424,11 +1651,10 @@ local function record_usage(state, ctx)
                 metrics.usage(store, name, k, v)
             end
         end
-        local billable = tonumber(record.billable_tokens) or tonumber(usage.total_tokens) or 0
-        billable = billable == billable and billable > 0 and floor(billable + 0.5) or 0
         metrics.usage(store, name, "billable_tokens", billable)
     end
     local text = state.encode(record) or "?"
+    ctx.usage_text = text
     ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", ctx.backend.name, "': ", text)
 end
 
@@ -1471,13 +1697,61 @@ local function record_attempts(state, ctx)
     end
 end
 
---- Account for the request: passive health, usage, metrics.
+local ZERO_USAGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 }
+
+local function tokens(v)
+    v = tonumber(v)
+    return v and v == v and v > 0 and floor(v + 0.5) or 0
+end
+
+-- The ledger row of an admitted request (the gateway's `LedgerRecord`),
+-- queued for the module's writer thread; never waits (a full queue drops
+-- the record and counts it).
+local function write_ledger(state, ctx)
+    local raw = ctx.usage or ZERO_USAGE
+    local record = ctx.usage_record or raw
+    local function pick(k)
+        if record[k] ~= nil then
+            return tokens(record[k])
+        end
+        return tokens(raw[k])
+    end
+    local model = ctx.req and ctx.req:body_get("/model")
+    local backend = ctx.tried and ctx.backend
+    local ok = state.engine:ledger_record({
+        request_id = ctx.id,
+        node = state.node,
+        key_fp = key_id(state, ctx),
+        user_id = ctx.key and ctx.key.info.user_id or nil,
+        backend = backend and backend.name or nil,
+        model = type(model) == "string" and model or nil,
+        path = ngx_var.uri,
+        is_stream = ctx.sse ~= nil,
+        status = ngx.status,
+        prompt_tokens = pick("prompt_tokens"),
+        completion_tokens = pick("completion_tokens"),
+        total_tokens = pick("total_tokens"),
+        billable_tokens = ctx.billable or 0,
+        cost = tonumber(record.cost),
+        latency_ms = (ngx_now() - ctx.started) * 1000,
+        record = ctx.usage_text or state.encode(record) or "{}",
+    })
+    if ok == false then
+        ngx_log(WARN, "llmproxy: request ", ctx.id, ": the ledger queue is full; usage record dropped (counted)")
+    end
+end
+
+--- Account for the request: the concurrency slot, passive health, usage,
+-- quota, the ledger, metrics.
 --
--- Runs the `usage` hook on the usage captured from the response (the
--- final usage chunk for streams; a failing script records the raw usage),
--- keeps the record in `ngx.ctx.llmproxy.usage_record` and logs it at
--- NOTICE level; updates this worker's view of backend health from every
--- try; counts the request, its tries and latencies in the metrics.
+-- Frees the request's concurrency slot (on every path); runs the `usage`
+-- hook on the usage captured from the response (the final usage chunk for
+-- streams; a failing script records the raw usage), keeps the record in
+-- `ngx.ctx.llmproxy.usage_record`, logs it at NOTICE level and charges
+-- the key's quota (`billable_tokens`, else `total_tokens`) and tokens per
+-- minute; queues the ledger row of an admitted request (never waits);
+-- updates this worker's view of backend health from every try; counts the
+-- request, its tries and latencies in the metrics.
 -- @phases log
 -- @usage log_by_lua_block { require("resty.llmproxy").log() }
 function _M.log()
@@ -1493,9 +1767,17 @@ function _M.log()
         end
         return
     end
+    local acq = ctx.limits
+    if acq and acq.slot and state.limits_dict then
+        limits.release(state.limits_dict, acq.slot)
+        acq.slot = nil
+    end
     record_attempts(state, ctx)
     if ctx.usage then
         record_usage(state, ctx)
+    end
+    if state.ledger and ctx.admitted then
+        write_ledger(state, ctx)
     end
     if store then
         metrics.request(store, ctx.tried and ctx.backend and ctx.backend.name or nil, ngx.status)
@@ -1506,6 +1788,9 @@ function _M.log()
         if now - pool_stats_at >= POOL_STATS_EVERY then
             pool_stats_at = now
             metrics.pool(store, state.engine:pool_stats())
+            if state.ledger then
+                metrics.ledger(store, state.engine:ledger_stats())
+            end
         end
     end
 end
@@ -1529,6 +1814,9 @@ function _M.metrics()
     local state = current
     if state then
         metrics.pool(store, state.engine:pool_stats())
+        if state.ledger then
+            metrics.ledger(store, state.engine:ledger_stats())
+        end
     end
     local text = metrics.render(store, state and state.backend_names or {})
     ngx_header["Content-Type"] = "text/plain; version=0.0.4"

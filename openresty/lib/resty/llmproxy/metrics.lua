@@ -53,6 +53,15 @@ end
 --- Label of requests that reached no backend.
 _M.NO_BACKEND = "none"
 local POOL_STATS = { "capacity", "alive", "idle", "created", "discarded", "recycled" }
+-- `engine:ledger_stats()`: metric name, help, type.
+local LEDGER_STATS = {
+    { "written", "llmproxy_ledger_records_total", "Usage records committed to the ledger.", "counter" },
+    { "batches", "llmproxy_ledger_batches_total", "Ledger transactions committed.", "counter" },
+    { "failed", "llmproxy_ledger_failed_total", "Usage records the ledger could not write.", "counter" },
+    { "dropped", "llmproxy_ledger_dropped_total",
+        "Usage records dropped because the ledger queue was full (log() never waits).", "counter" },
+    { "pending", "llmproxy_ledger_pending", "Usage records queued, not yet committed.", "gauge" },
+}
 
 --- The metrics store over shared dict `dict_name`.
 -- @tparam string dict_name the `lua_shared_dict` to use
@@ -172,6 +181,32 @@ function _M.pool(m, stats)
     end
 end
 
+-- The gateway's reasons (proxy/src/gateway/metrics.rs).
+_M.AUTH_REASONS = { "invalid_key", "disabled", "expired", "ip_not_allowed", "quota_exhausted", "script",
+    "hook_failed" }
+_M.RATE_REASONS = { "global_rpm", "key_rpm", "key_tpm", "key_concurrency", "script", "state_unavailable" }
+
+--- The auth stage refused a request (`reason` from `AUTH_REASONS`).
+-- @phases any
+function _M.auth_denied(m, reason)
+    incr(m, "ad" .. SEP .. reason, 1)
+end
+
+--- The rate limit stage refused a request (`reason` from `RATE_REASONS`).
+-- @phases any
+function _M.rate_limited(m, reason)
+    incr(m, "rl" .. SEP .. reason, 1)
+end
+
+--- This worker's ledger counters (`engine:ledger_stats()`).
+-- @phases any
+function _M.ledger(m, stats)
+    local prefix = "g" .. SEP .. m.wid .. SEP .. "l" .. SEP
+    for _, k in ipairs(LEDGER_STATS) do
+        set(m, prefix .. k[1], tonumber(stats[k[1]]) or 0)
+    end
+end
+
 --- Forget this worker's gauges (a new worker with the same id starts
 -- from zero) and those of worker ids beyond `count` (fewer workers after
 -- a reload).
@@ -254,7 +289,7 @@ function _M.render(m, backends)
     local dict = m.dict
     local values = {}
     local requests, usage = {}, {}
-    local gauges = { h = {}, e = {}, a = {}, p = {} }
+    local gauges = { h = {}, e = {}, a = {}, p = {}, l = {} }
     local streams = 0
     for _, key in ipairs(dict:get_keys(0)) do
         local v = dict:get(key)
@@ -401,6 +436,23 @@ function _M.render(m, backends)
     out[#out + 1] = "# TYPE llmproxy_vm_pool gauge"
     for _, k in ipairs(POOL_STATS) do
         out[#out + 1] = fmt('llmproxy_vm_pool{stat="%s"} %s', k, num(merged("p", k, "sum") or 0))
+    end
+    out[#out + 1] = "# HELP llmproxy_auth_denied_total Requests refused by the auth stage, by reason."
+    out[#out + 1] = "# TYPE llmproxy_auth_denied_total counter"
+    for _, r in ipairs(_M.AUTH_REASONS) do
+        out[#out + 1] = fmt('llmproxy_auth_denied_total{reason="%s"} %s', r, num(values["ad" .. SEP .. r]))
+    end
+    out[#out + 1] = "# HELP llmproxy_rate_limited_total Requests refused by the rate limit stage, by reason."
+    out[#out + 1] = "# TYPE llmproxy_rate_limited_total counter"
+    for _, r in ipairs(_M.RATE_REASONS) do
+        out[#out + 1] = fmt('llmproxy_rate_limited_total{reason="%s"} %s', r, num(values["rl" .. SEP .. r]))
+    end
+    if next(gauges.l) then
+        for _, k in ipairs(LEDGER_STATS) do
+            out[#out + 1] = "# HELP " .. k[2] .. " " .. k[3]
+            out[#out + 1] = "# TYPE " .. k[2] .. " " .. k[4]
+            out[#out + 1] = k[2] .. " " .. num(merged("l", k[1], "sum") or 0)
+        end
     end
     out[#out + 1] = ""
     return concat(out, "\n")

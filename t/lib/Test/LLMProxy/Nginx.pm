@@ -174,6 +174,9 @@ sub _config_text {
     my $main = _expand(_val($block, 'main_config') // '', $vars);
     my $http = _expand(_val($block, 'http_config') // '', $vars);
     my $server = _expand(_val($block, 'config') // '', $vars);
+    my $listen_opts = _val($block, 'listen_opts') // '';
+    $listen_opts =~ s/\s+\z//;
+    $listen_opts = " $listen_opts" if $listen_opts ne '';
     my $user = $> == 0 ? "user root;\n" : '';
     my $title = $block->name // '';
     $title =~ s/\n.*//s;
@@ -211,7 +214,7 @@ http {
 $http
 
     server {
-        listen 127.0.0.1:$Port;
+        listen 127.0.0.1:$Port$listen_opts;
         server_name localhost;
         client_max_body_size 30m;
 

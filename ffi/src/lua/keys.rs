@@ -1,0 +1,103 @@
+//! The config's key store and the standard checks, for the Lua module
+//! (docs/adr/028): `engine:key(api_key)`, `engine:standard_checks(...)`,
+//! `engine:admission()`. The checks and denials are core's
+//! (`llmproxy_core::keys`), so nginx and the standalone gateway agree.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use llmproxy_core::hooks::StandardChecks;
+use llmproxy_core::keys::{key_fingerprint, standard_checks_with_usage, standard_denial, KeyRecord};
+use llmproxy_core::{Config, HookName};
+use serde_json::Value as Json;
+
+/// One configured key: its record, its fingerprint and its `key_info`.
+pub(crate) struct KeyEntry {
+    pub record: KeyRecord,
+    pub fingerprint: String,
+    pub info: Json,
+}
+
+/// The keys of one engine's config, by secret.
+#[derive(Default)]
+pub(crate) struct KeyStore {
+    by_key: HashMap<String, KeyEntry>,
+}
+
+impl KeyStore {
+    pub fn new(config: &Config) -> KeyStore {
+        let mut by_key = HashMap::new();
+        for record in &config.keys {
+            let info = serde_json::to_value(record).unwrap_or(Json::Null);
+            by_key.entry(record.key.clone()).or_insert_with(|| KeyEntry {
+                fingerprint: key_fingerprint(&record.key),
+                info,
+                record: record.clone(),
+            });
+        }
+        KeyStore { by_key }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&KeyEntry> {
+        self.by_key.get(key)
+    }
+
+    /// Every key's fingerprint and configured `used_quota`.
+    pub fn quota_keys(&self) -> Vec<(String, u64)> {
+        self.by_key
+            .values()
+            .map(|e| (e.fingerprint.clone(), e.record.used_quota))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+/// The standard checks of a request that presented `key` (or none), with
+/// the key's live usage, and the standard denial: status, message and the
+/// gateway's error code (proxy/src/gateway/admission.rs `denial_reason`).
+pub(crate) fn checks(
+    store: &KeyStore,
+    key: Option<&str>,
+    client_ip: Option<&str>,
+    used_quota: u64,
+) -> (StandardChecks, Option<(u16, &'static str, &'static str)>) {
+    let record = key.and_then(|k| store.get(k)).map(|e| &e.record);
+    let c = standard_checks_with_usage(record, used_quota, client_ip, Utc::now());
+    let denial = standard_denial(&c).map(|(status, message)| (status, message, denial_code(&c)));
+    (c, denial)
+}
+
+fn denial_code(c: &StandardChecks) -> &'static str {
+    if !c.key_valid {
+        "invalid_api_key"
+    } else if !c.status_active {
+        "key_disabled"
+    } else if !c.not_expired {
+        "key_expired"
+    } else if !c.ip_allowed {
+        "ip_not_allowed"
+    } else {
+        "quota_exhausted"
+    }
+}
+
+/// What admission runs for this config, as the gateway decides it
+/// (proxy/src/gateway/live.rs): auth when keys are configured or an auth
+/// script is enabled, the limiter when a limit is set or a rate_limit
+/// script is enabled.
+pub(crate) struct Admission {
+    pub auth_on: bool,
+    pub limit_on: bool,
+    pub utc_offset: i32,
+}
+
+pub(crate) fn admission(config: &Config, enabled: impl Fn(HookName) -> bool) -> Admission {
+    Admission {
+        auth_on: config.keys_configured || enabled(HookName::Auth),
+        limit_on: config.limits.any() || enabled(HookName::RateLimit),
+        utc_offset: config.limits.utc_offset_seconds().unwrap_or(0),
+    }
+}
