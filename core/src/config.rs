@@ -35,6 +35,11 @@ use crate::keys::KeyRecord;
 pub const DEFAULT_TIMEOUT_MS: u64 = 100;
 /// Default per-call memory allowance.
 pub const DEFAULT_MEMORY_MB: u64 = 10;
+/// Largest `max_depth` a config may set (hosts that parse input before they
+/// know which hook it is for parse within this).
+pub const MAX_DEPTH_LIMIT: usize = 1000;
+/// Largest `max_input_bytes` / `max_output_bytes` a config may set.
+pub const MAX_BYTES_LIMIT: usize = 1 << 32;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -904,15 +909,15 @@ fn set_limits(
         l.memory_mb = v;
     }
     if let Some(v) = max_depth {
-        check("max_depth", v as u64, 2, 1000);
+        check("max_depth", v as u64, 2, MAX_DEPTH_LIMIT as u64);
         l.max_depth = v;
     }
     if let Some(v) = max_input {
-        check("max_input_bytes", v as u64, 1024, 1 << 32);
+        check("max_input_bytes", v as u64, 1024, MAX_BYTES_LIMIT as u64);
         l.max_input_bytes = v;
     }
     if let Some(v) = max_output {
-        check("max_output_bytes", v as u64, 1024, 1 << 32);
+        check("max_output_bytes", v as u64, 1024, MAX_BYTES_LIMIT as u64);
         l.max_output_bytes = v;
     }
 }

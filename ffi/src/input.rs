@@ -27,11 +27,11 @@ use serde_json::{Map, Value};
 
 use crate::capi::error::Failure;
 
-/// The deepest `max_depth` a config may set (`core/src/config.rs`,
-/// `set_limits`); the globals object itself is one level above it.
-pub const MAX_DEPTH: usize = 1000;
+/// The deepest `max_depth` a config may set; the globals object itself is
+/// one level above it.
+pub const MAX_DEPTH: usize = llmproxy_core::config::MAX_DEPTH_LIMIT;
 /// The largest `max_input_bytes` a config may set (4 GiB).
-pub const MAX_BYTES: usize = 1 << 32;
+pub const MAX_BYTES: usize = llmproxy_core::config::MAX_BYTES_LIMIT;
 
 /// The hook named `hook`, which must be enabled in `engine`.
 pub fn enabled<'e>(engine: &'e Engine, hook: &str) -> Result<(HookName, &'e HookConfig), Failure> {
