@@ -96,7 +96,7 @@ struct LuaEngine {
     shared: Shared,
     keys: keys::KeyStore,
     /// The usage ledger's writer (`ledger:` in the config).
-    ledger: Option<std::sync::Arc<ledger::Writer>>,
+    ledger: Option<std::sync::Arc<llmproxy_ledger::Ledger>>,
 }
 
 impl UserData for LuaEngine {
@@ -215,7 +215,7 @@ impl UserData for LuaEngine {
             let Some(w) = &this.ledger else {
                 return Ok(None);
             };
-            Ok(Some(w.record(ledger_record(&t)?)))
+            Ok(Some(w.try_record(ledger_record(&t)?)))
         });
         // engine:ledger_stats() -> {written, batches, failed, dropped, pending} or nil.
         methods.add_method("ledger_stats", |lua, this, ()| {
@@ -247,7 +247,7 @@ impl UserData for LuaEngine {
                 return Ok(MultiValue::new());
             };
             let keys = this.keys.quota_keys();
-            match w.sync_keys(&keys) {
+            match ledger::sync_keys(w, &keys) {
                 Ok(rows) => {
                     let t = lua.create_table()?;
                     for (fp, used) in rows {
@@ -684,7 +684,7 @@ fn with_fields(this: &LuaRequest, fields: &Value) -> Result<Request, Failure> {
 }
 
 /// A ledger record from `log()`'s table.
-fn ledger_record(t: &Table) -> mlua::Result<ledger::Record> {
+fn ledger_record(t: &Table) -> mlua::Result<llmproxy_ledger::LedgerRecord> {
     let text = |k: &str| -> mlua::Result<Option<String>> {
         Ok(match t.raw_get::<Value>(k)? {
             Value::String(s) => Some(s.to_string_lossy()),
@@ -701,8 +701,9 @@ fn ledger_record(t: &Table) -> mlua::Result<ledger::Record> {
         })
     };
     let count = |k: &str| -> mlua::Result<u64> { Ok(num(k)?.filter(|n| *n > 0.0).map_or(0, |n| n.round() as u64)) };
-    Ok(ledger::Record {
+    Ok(llmproxy_ledger::LedgerRecord {
         request_id: text("request_id")?.unwrap_or_default(),
+        ts_ms: llmproxy_ledger::now_ms(),
         node: text("node")?.unwrap_or_default(),
         key_fp: text("key_fp")?,
         user_id: text("user_id")?,
@@ -718,6 +719,8 @@ fn ledger_record(t: &Table) -> mlua::Result<ledger::Record> {
         cost: num("cost")?,
         latency_ms: num("latency_ms")?.unwrap_or(0.0),
         record: text("record")?.unwrap_or_else(|| String::from("{}")),
+        // nginx charges every record's billable tokens to its key.
+        charge_quota: true,
     })
 }
 

@@ -556,12 +556,6 @@ fn tokens(v: &Value, key: &str) -> u64 {
         .map_or(0, |x| if x.is_finite() && x > 0.0 { x.round() as u64 } else { 0 })
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The usage stage of one admitted request: the script, metrics, the quota
 /// charge, the ledger record and the sinks.
 fn usage_job(inner: TicketInner, c: Completion) {
@@ -617,7 +611,7 @@ fn usage_job(inner: TicketInner, c: Completion) {
     let path = info.path.clone().unwrap_or_default();
     let ledger_record = shared.ledger.as_ref().map(|_| LedgerRecord {
         request_id: info.id.clone(),
-        ts_ms: now_ms(),
+        ts_ms: super::ledger::now_ms(),
         node: shared.node.clone(),
         key_fp: key_fp.clone(),
         user_id: user_id.clone(),

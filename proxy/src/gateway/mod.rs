@@ -25,7 +25,7 @@ pub mod headers;
 pub mod health;
 pub mod hook_pool;
 pub mod keyset;
-pub mod ledger;
+pub use llmproxy_ledger as ledger;
 pub mod limiter;
 pub mod live;
 pub mod metrics;
@@ -201,7 +201,12 @@ impl Shared {
         let handle = tokio::runtime::Handle::try_current().map_err(|e| format!("no tokio runtime: {e}"))?;
         let metrics = Arc::new(Metrics::new(backends.iter().map(|b| b.name.clone()).collect()));
         let ledger = match &config.ledger {
-            Some(cfg) => Some(Arc::new(Ledger::open(cfg)?)),
+            Some(cfg) => Some(Arc::new(Ledger::open(
+                &cfg.path,
+                std::time::Duration::from_millis(cfg.flush_ms),
+                cfg.batch_max,
+                cfg.queue,
+            )?)),
             None => None,
         };
         let state = Arc::new(State::new(&config.state, ledger.clone(), handle)?);

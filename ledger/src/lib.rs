@@ -1,5 +1,8 @@
 //! The usage ledger: one SQLite row per admitted request, written off the
-//! request path (docs/adr/032).
+//! request path (docs/adr/032, docs/adr/028). One crate for every host that
+//! writes it — the standalone gateway and the nginx module — so the schema,
+//! the batching writer and the quota charging cannot drift apart;
+//! `llmproxy usage` reads what either wrote.
 //!
 //! Producers (usage jobs) send records into a bounded channel; one writer
 //! thread takes them in batches — everything that arrived within
@@ -22,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use llmproxy_core::config::LedgerConfig;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
@@ -92,6 +94,8 @@ pub struct LedgerStats {
     pub backpressure: AtomicU64,
     /// Records queued and not yet committed.
     pub pending: AtomicU64,
+    /// Records [`Ledger::try_record`] dropped because the queue was full.
+    pub dropped: AtomicU64,
 }
 
 /// The writer side of the ledger.
@@ -205,7 +209,8 @@ pub fn read_one_key_usage(conn: &Connection, key_fp: &str) -> rusqlite::Result<O
     .optional()
 }
 
-fn now_ms() -> i64 {
+/// Now, in Unix milliseconds: what a record's `ts_ms` holds.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -230,13 +235,14 @@ pub fn reset_key_usage(conn: &Connection, key_fp: &str, used: u64) -> rusqlite::
 }
 
 impl Ledger {
-    /// Open the database and start the writer thread.
-    pub fn open(cfg: &LedgerConfig) -> Result<Ledger, String> {
-        let conn = open_rw(&cfg.path)?;
-        let (tx, rx) = mpsc::sync_channel(cfg.queue);
+    /// Open the database at `path` and start the writer thread: batches of
+    /// at most `batch_max` records, gathered for at most `flush` after the
+    /// first, with up to `queue` records waiting.
+    pub fn open(path: &Path, flush: Duration, batch_max: usize, queue: usize) -> Result<Ledger, String> {
+        let conn = open_rw(path)?;
+        let (tx, rx) = mpsc::sync_channel(queue.max(1));
         let stats = Arc::new(LedgerStats::default());
-        let flush = Duration::from_millis(cfg.flush_ms);
-        let batch_max = cfg.batch_max;
+        let batch_max = batch_max.max(1);
         let s = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name(String::from("llmproxy-ledger"))
@@ -245,7 +251,7 @@ impl Ledger {
         Ok(Ledger {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
-            path: cfg.path.clone(),
+            path: path.to_path_buf(),
             stats,
         })
     }
@@ -282,6 +288,34 @@ impl Ledger {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(target: "llmproxy::ledger", "usage record lost: the ledger is closed");
         }
+    }
+
+    /// Queue one record without ever waiting (for hosts that must not
+    /// block, such as an nginx phase): `false`, and counted in
+    /// [`LedgerStats::dropped`], when the queue is full or closed.
+    pub fn try_record(&self, r: LedgerRecord) -> bool {
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .sender()
+            .is_some_and(|tx| tx.try_send(Msg::Record(Box::new(r))).is_ok());
+        if !sent {
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// [`Ledger::set_used`] without ever waiting: `false` when the queue is
+    /// full or closed.
+    pub fn try_set_used(&self, key_fp: &str, used: u64, config_used: u64) -> bool {
+        self.sender().is_some_and(|tx| {
+            tx.try_send(Msg::SetUsed {
+                key_fp: key_fp.to_owned(),
+                used,
+                config_used,
+            })
+            .is_ok()
+        })
     }
 
     /// Queue a change of a key's usage (ordered with the records).
@@ -594,13 +628,8 @@ mod tests {
     fn batches_commit_and_close_loses_nothing() {
         let dir = std::env::temp_dir().join(format!("llmproxy-ledger-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cfg = LedgerConfig {
-            path: dir.join("u.db"),
-            flush_ms: 20,
-            batch_max: 100,
-            queue: 16,
-        };
-        let ledger = Ledger::open(&cfg).unwrap();
+        let path = dir.join("u.db");
+        let ledger = Ledger::open(&path, Duration::from_millis(20), 100, 16).unwrap();
         ledger.set_used("fp-a", 10, 10);
         for i in 0..1000 {
             ledger.record(rec(i, if i % 2 == 0 { "fp-a" } else { "fp-b" }, 4));
@@ -609,7 +638,7 @@ mod tests {
         assert!(ledger.stats.batches.load(Ordering::Relaxed) >= 10);
         assert_eq!(ledger.stats.written.load(Ordering::Relaxed), 1000);
         assert_eq!(ledger.stats.pending.load(Ordering::Relaxed), 0);
-        let conn = open_ro(&cfg.path).unwrap();
+        let conn = open_ro(&path).unwrap();
         let s = summarize(&conn, &Query::default()).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s.iter().map(|s| s.requests).sum::<u64>(), 1000);
