@@ -96,18 +96,6 @@ http {{
 """
 
 
-def wait_http(url, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def start(binary, lib_dir, tmp, tests):
     """Mock backends, nginx, and the standalone gateway on the same config."""
     procs = []
@@ -148,9 +136,9 @@ def start(binary, lib_dir, tmp, tests):
         [binary, "serve", "--config", config_path, "--listen", f"127.0.0.1:{gw_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="warn")))
     for _, port in backends:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-    wait_http(f"http://127.0.0.1:{nginx_port}/metrics")
-    wait_http(f"http://127.0.0.1:{gw_port}/healthz")
+        tests.wait_http(f"http://127.0.0.1:{port}/healthz")
+    tests.wait_http(f"http://127.0.0.1:{nginx_port}/metrics")
+    tests.wait_http(f"http://127.0.0.1:{gw_port}/healthz")
     return procs, prefix, f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{gw_port}"
 
 
