@@ -21,9 +21,10 @@
 //! materialized re-uses the original JSON for every field the script did not
 //! read, so untouched data round-trips byte for byte.
 
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void, CStr};
 use std::sync::Arc;
 
+use mlua::ffi::{self, lua_State};
 use mlua::{AnyUserData, Function, LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::{Map, Number, Value};
 
@@ -132,9 +133,66 @@ fn markers(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, Markers>> {
 }
 
 /// Convert a JSON value to a Lua value, eagerly.
+///
+/// Arrays and objects are built on the Lua stack ([`push_json`]): through
+/// mlua each string and table would become a registry reference on the way.
 pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
     let m = markers(lua)?;
-    to_lua(lua, &m, value)
+    match value {
+        Value::Array(_) | Value::Object(_) => {
+            let array_mt = m.array_mt.clone();
+            drop(m);
+            // SAFETY: `exec_raw` pushes the array marker (index 1) and runs
+            // the closure in a protected call: an allocation failure raises
+            // a Lua error that the call returns as an error (the closure
+            // holds nothing that needs dropping). `push_json` checks stack
+            // space before each push and leaves exactly one value above the
+            // marker; the marker is removed, so `exec_raw` returns the value.
+            unsafe {
+                lua.exec_raw::<LuaValue>(&array_mt, |state| {
+                    push_json(state, value, 1);
+                    ffi::lua_remove(state, 1); // the marker: the result alone is returned
+                })
+            }
+        }
+        _ => to_lua(lua, &m, value),
+    }
+}
+
+/// Push `value` on the stack of `state` (the array marker at `array_mt`).
+///
+/// # Safety
+/// `state` is live, inside a protected call, with the array marker at the
+/// absolute index `array_mt`. Nesting is bounded by the input limits.
+unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int) {
+    if ffi::lua_checkstack(state, 3) == 0 {
+        ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
+    }
+    match value {
+        Value::Null => ffi::lua_pushlightuserdata(state, NULL.0),
+        Value::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
+        Value::Number(n) => ffi::lua_pushnumber(state, n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => {
+            ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
+        }
+        Value::Array(items) => {
+            ffi::lua_createtable(state, c_int::try_from(items.len()).unwrap_or(0), 0);
+            for (i, item) in items.iter().enumerate() {
+                push_json(state, item, array_mt);
+                ffi::lua_rawseti(state, -2, (i + 1) as ffi::lua_Integer);
+            }
+            ffi::lua_pushvalue(state, array_mt);
+            ffi::lua_setmetatable(state, -2);
+        }
+        Value::Object(map) => {
+            ffi::lua_createtable(state, 0, c_int::try_from(map.len()).unwrap_or(0));
+            for (k, v) in map {
+                ffi::lua_pushlstring(state, k.as_ptr().cast(), k.len());
+                push_json(state, v, array_mt);
+                ffi::lua_rawset(state, -3);
+            }
+        }
+    }
 }
 
 fn to_lua(lua: &Lua, m: &Markers, value: &Value) -> mlua::Result<LuaValue> {
@@ -228,9 +286,277 @@ fn materialize_from(lua: &Lua, t: &Table, cache: &Table) -> mlua::Result<()> {
 }
 
 /// Convert a Lua value to JSON within `limits`.
-pub fn lua_to_json(value: &LuaValue, limits: Limits) -> Result<Value, ConvertError> {
+///
+/// Tables are walked on the Lua stack ([`RawEncoder`]): going through
+/// mlua's `pairs` makes a registry reference of every string and table, which
+/// cost more than the conversion. A table with a metatable of its own (a lazy
+/// body the script never iterated, a script's `setmetatable`) takes the
+/// general path, [`Encoder`], for the whole value; both give the same JSON
+/// and the same errors.
+pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value, ConvertError> {
+    if let LuaValue::Table(t) = value {
+        if let Some(done) = raw_table_to_json(lua, t, limits)? {
+            return done;
+        }
+    }
     let mut enc = Encoder { limits, used: 0 };
     enc.value(value, 1)
+}
+
+/// [`RawEncoder`] on `t`: `None` when it met a table it leaves to
+/// [`Encoder`].
+fn raw_table_to_json(
+    lua: &Lua,
+    t: &Table,
+    limits: Limits,
+) -> Result<Option<Result<Value, ConvertError>>, ConvertError> {
+    let array_mt = markers(lua)?.array_mt.clone();
+    let mut enc = RawEncoder {
+        limits,
+        used: 0,
+        array_mt: 2,
+    };
+    let mut out = None;
+    // SAFETY: `exec_raw` pushes `t` (index 1) and the array marker (index 2)
+    // and runs the closure in a protected call. `RawEncoder` only reads: it
+    // keeps the stack balanced on every path, checks stack space before it
+    // pushes, never converts a key in place (numbers are read with
+    // lua_tonumber), and copies string bytes while the string is on the
+    // stack. It runs no Lua code (no metamethod is called).
+    unsafe {
+        lua.exec_raw::<()>((t, &array_mt), |state| {
+            out = match enc.value(state, 1, 1) {
+                Ok(v) => Some(Ok(v)),
+                Err(RawError::General) => None,
+                Err(RawError::Convert(e)) => Some(Err(e)),
+            };
+        })?;
+    }
+    Ok(out)
+}
+
+/// Why [`RawEncoder`] stopped.
+enum RawError {
+    /// The value cannot be JSON (the same error [`Encoder`] gives).
+    Convert(ConvertError),
+    /// A table with a metatable other than the array marker: use [`Encoder`].
+    General,
+}
+
+impl From<ConvertError> for RawError {
+    fn from(e: ConvertError) -> Self {
+        RawError::Convert(e)
+    }
+}
+
+/// [`Encoder`]'s rules, on the raw Lua stack.
+struct RawEncoder {
+    limits: Limits,
+    used: usize,
+    /// Stack index of the array marker.
+    array_mt: c_int,
+}
+
+impl RawEncoder {
+    fn charge(&mut self, bytes: usize) -> Result<(), RawError> {
+        self.used = self.used.saturating_add(bytes);
+        if self.used > self.limits.max_bytes {
+            return Err(RawError::Convert(ConvertError(format!(
+                "value is larger than the limit of {} bytes",
+                self.limits.max_bytes
+            ))));
+        }
+        Ok(())
+    }
+
+    /// The value at absolute stack index `idx`.
+    ///
+    /// # Safety
+    /// `state` is live, inside a protected call, with a value at `idx` and
+    /// the array marker at `self.array_mt`.
+    unsafe fn value(&mut self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Value, RawError> {
+        match ffi::lua_type(state, idx) {
+            ffi::LUA_TNIL => {
+                self.charge(4)?;
+                Ok(Value::Null)
+            }
+            ffi::LUA_TLIGHTUSERDATA => {
+                let p = ffi::lua_touserdata(state, idx);
+                if p.is_null() {
+                    self.charge(4)?;
+                    Ok(Value::Null)
+                } else if p == EMPTY_ARRAY.0 {
+                    self.charge(2)?;
+                    Ok(Value::Array(Vec::new()))
+                } else {
+                    Err(ConvertError(String::from("a lightuserdata cannot be converted to JSON")).into())
+                }
+            }
+            ffi::LUA_TBOOLEAN => {
+                self.charge(5)?;
+                Ok(Value::Bool(ffi::lua_toboolean(state, idx) != 0))
+            }
+            ffi::LUA_TNUMBER => {
+                let n = ffi::lua_tonumber(state, idx);
+                // mlua reads an integral number in i64's range as an integer.
+                if n.fract() == 0.0 && n >= i64::MIN as f64 && n < i64::MAX as f64 && n.to_bits() != (-0.0f64).to_bits()
+                {
+                    self.charge(20)?;
+                    Ok(Value::from(n as i64))
+                } else {
+                    self.charge(24)?;
+                    Ok(number(n)?)
+                }
+            }
+            ffi::LUA_TSTRING => {
+                let bytes = raw_bytes(state, idx);
+                self.charge(bytes.len() + 2)?;
+                match std::str::from_utf8(bytes) {
+                    Ok(s) => Ok(Value::String(s.to_owned())),
+                    Err(e) => Err(ConvertError(format!(
+                        "string is not valid UTF-8 (invalid byte at offset {})",
+                        e.valid_up_to()
+                    ))
+                    .into()),
+                }
+            }
+            ffi::LUA_TTABLE => {
+                if depth > self.limits.max_depth {
+                    return Err(ConvertError(format!(
+                        "nesting is deeper than {} levels (or the table refers to itself)",
+                        self.limits.max_depth
+                    ))
+                    .into());
+                }
+                self.table(state, idx, depth)
+            }
+            other => {
+                let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
+                Err(ConvertError(format!("a {name} cannot be converted to JSON")).into())
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`RawEncoder::value`], with a table at `idx`.
+    unsafe fn table(&mut self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Value, RawError> {
+        if ffi::lua_checkstack(state, 4) == 0 {
+            return Err(ConvertError(String::from("the Lua stack cannot grow")).into());
+        }
+        let mut marked_array = false;
+        if ffi::lua_getmetatable(state, idx) != 0 {
+            marked_array = ffi::lua_rawequal(state, -1, self.array_mt) != 0;
+            ffi::lua_pop(state, 1);
+            if !marked_array {
+                return Err(RawError::General);
+            }
+        }
+        let len = ffi::lua_objlen(state, idx);
+        let mut count = 0usize;
+        let mut sequence = true;
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, idx) != 0 {
+            count += 1;
+            sequence = sequence && ffi::lua_type(state, -2) == ffi::LUA_TNUMBER && {
+                let k = ffi::lua_tonumber(state, -2);
+                k.fract() == 0.0 && k >= 1.0 && k <= len as f64
+            };
+            ffi::lua_pop(state, 1);
+        }
+        if sequence && count == len && (len > 0 || marked_array) {
+            self.charge(2)?;
+            let mut items = Vec::with_capacity(len);
+            for i in 1..=len {
+                ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
+                let item = self.value(state, ffi::lua_gettop(state), depth + 1);
+                ffi::lua_pop(state, 1);
+                items.push(item?);
+            }
+            return Ok(Value::Array(items));
+        }
+        if marked_array {
+            return Err(ConvertError(String::from(
+                "a table marked as a JSON array has keys that are not 1..n",
+            ))
+            .into());
+        }
+        self.charge(2)?;
+        // Keys first (in table order, as Encoder), then values by sorted key.
+        // (JSON key, the Lua key when it is a number)
+        let mut keys: Vec<(String, Option<f64>)> = Vec::with_capacity(count);
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, idx) != 0 {
+            let key = object_key(state, -2).and_then(|k| {
+                self.charge(k.len() + 4)?;
+                Ok(k)
+            });
+            let number = (ffi::lua_type(state, -2) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(state, -2));
+            ffi::lua_pop(state, 1);
+            match key {
+                Ok(k) => keys.push((k, number)),
+                Err(e) => {
+                    ffi::lua_pop(state, 1);
+                    return Err(e);
+                }
+            }
+        }
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut map = Map::with_capacity(keys.len());
+        for (key, number) in keys {
+            match number {
+                Some(n) => ffi::lua_pushnumber(state, n),
+                None => {
+                    ffi::lua_pushlstring(state, key.as_ptr().cast(), key.len());
+                }
+            }
+            ffi::lua_rawget(state, idx);
+            let value = self.value(state, ffi::lua_gettop(state), depth + 1);
+            ffi::lua_pop(state, 1);
+            map.insert(key, value?);
+        }
+        Ok(Value::Object(map))
+    }
+}
+
+/// The object key at `idx` as [`Encoder`] writes it.
+///
+/// # Safety
+/// `state` is live with a value at `idx`.
+unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, RawError> {
+    match ffi::lua_type(state, idx) {
+        ffi::LUA_TSTRING => std::str::from_utf8(raw_bytes(state, idx))
+            .map(str::to_owned)
+            .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")).into()),
+        ffi::LUA_TNUMBER => {
+            let n = ffi::lua_tonumber(state, idx);
+            if n.fract() == 0.0 && n >= i64::MIN as f64 && n < i64::MAX as f64 && n.to_bits() != (-0.0f64).to_bits() {
+                Ok((n as i64).to_string())
+            } else if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
+                Ok(format!("{}", n as i64))
+            } else if n.is_finite() {
+                Ok(n.to_string())
+            } else {
+                Err(ConvertError(String::from("a table key of type number cannot be a JSON object key")).into())
+            }
+        }
+        other => {
+            let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
+            Err(ConvertError(format!("a table key of type {name} cannot be a JSON object key")).into())
+        }
+    }
+}
+
+/// The bytes of the string at `idx`, valid while it stays on the stack.
+///
+/// # Safety
+/// `state` is live with a string at `idx`.
+unsafe fn raw_bytes<'s>(state: *mut lua_State, idx: c_int) -> &'s [u8] {
+    let mut len = 0usize;
+    let p = ffi::lua_tolstring(state, idx, &mut len);
+    if p.is_null() {
+        return &[];
+    }
+    std::slice::from_raw_parts(p.cast::<u8>(), len)
 }
 
 struct Encoder {

@@ -176,7 +176,8 @@ impl Vm {
                 return Err(classify(e, &spec.script.name, ErrorKind::ScriptError));
             }
         };
-        convert::lua_to_json(&value, limits).map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
+        convert::lua_to_json(lua, &value, limits)
+            .map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
     }
 }
 

@@ -206,3 +206,34 @@ fn deep_and_large_inputs_are_errors_not_crashes() {
     let err = usage("local t = {} for i = 1, 64 do t = {t} end return {t = t}", json!({})).expect_err("deep output");
     assert_eq!(err.0, ErrorKind::BadOutput);
 }
+
+/// Script results are encoded on the Lua stack, except when a table has a
+/// metatable of its own, which sends the whole value through the general
+/// encoder. Both must give the same JSON and the same errors: each value
+/// is returned bare and inside a table with an empty metatable.
+#[test]
+fn stack_encoder_and_general_encoder_agree() {
+    let values = [
+        "{}",
+        "{1, 2, 3}",
+        "{[1] = 'a', [3] = 'c'}",
+        "{[1.5] = 'x', [-0.0] = 'z', [2^53] = 'big', [-7] = 'neg'}",
+        "{a = {b = {c = {1, json.null, {}}}}, z = json.empty_array}",
+        "json.decode('[[], {}, [[]], {\"k\": [1, 2.5, -3e300]}]')",
+        "{n = 0/0}",
+        "{n = 1/0}",
+        "{s = '\\255\\254'}",
+        "{[true] = 1}",
+        "{f = print}",
+        "{x = 2^63, y = -2^63, w = 1e300, v = -0.0, u = 0.1}",
+        "setmetatable({1, 2}, getmetatable(json.decode('[]')))",
+        "{s = string.rep('x', 5000)}",
+        "{deep = json.decode(string.rep('[', 30) .. string.rep(']', 30))}",
+        "{['ünï'] = 'ok', [''] = 'empty'}",
+    ];
+    for v in values {
+        let plain = usage(&format!("return {{v = {v}}}"), json!({}));
+        let general = usage(&format!("return setmetatable({{v = {v}}}, {{}})"), json!({}));
+        assert_eq!(plain, general, "{v}");
+    }
+}

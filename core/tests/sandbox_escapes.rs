@@ -718,6 +718,13 @@ fn memory(v: &mut Vec<Case>) {
             "return {d = json.decode(string.rep('[', 1e5))}",
             kind(ScriptError),
         ),
+        Case::new(
+            G,
+            "Decode a million empty arrays",
+            "3 MB of JSON text that becomes far more Lua tables than the limit allows (built on the Lua stack)",
+            "local t = json.decode(string.format('[%s0]', string.rep('[],', 1e6))) return {n = #t}",
+            kind(Memory),
+        ),
     ]);
 }
 

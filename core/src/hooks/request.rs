@@ -1,7 +1,9 @@
 //! The `request` global every hook sees.
 
+use std::ffi::c_int;
 use std::sync::Arc;
 
+use mlua::ffi::{self, lua_State};
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
@@ -35,25 +37,40 @@ pub struct RequestInfo {
 impl RequestInfo {
     /// Build the Lua table for this request.
     pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Table> {
-        let t = lua.create_table_with_capacity(0, 9)?;
-        t.raw_set("id", self.id.as_str())?;
-        t.raw_set("body", convert::lazy_object(lua, Arc::clone(&self.body))?)?;
-        let headers = lua.create_table_with_capacity(0, self.headers.len())?;
-        for (k, v) in &self.headers {
-            headers.raw_set(k.as_str(), v.as_str())?;
-        }
-        t.raw_set("headers", headers)?;
-        for (key, value) in [
-            ("user_id", &self.user_id),
-            ("api_key", &self.api_key),
-            ("client_ip", &self.client_ip),
-            ("path", &self.path),
-            ("backend_url", &self.backend_url),
-        ] {
-            if let Some(v) = value {
-                t.raw_set(key, v.as_str())?;
-            }
-        }
+        let body = convert::lazy_object(lua, Arc::clone(&self.body))?;
+        // SAFETY: `exec_raw` pushes the body (index 1) and runs the closure
+        // in a protected call (an allocation failure becomes the call's
+        // error; the closure owns nothing that needs dropping). It checks
+        // stack space, leaves the new table alone on the stack (the body
+        // argument is removed) and `exec_raw` returns it.
+        let t: Table = unsafe {
+            lua.exec_raw(body, |state| {
+                ffi::luaL_checkstack(state, 8, std::ptr::null());
+                ffi::lua_createtable(state, 0, 9);
+                set_str(state, "id", &self.id);
+                push_str(state, "body");
+                ffi::lua_pushvalue(state, 1);
+                ffi::lua_rawset(state, -3);
+                push_str(state, "headers");
+                ffi::lua_createtable(state, 0, c_int::try_from(self.headers.len()).unwrap_or(0));
+                for (k, v) in &self.headers {
+                    set_str(state, k, v);
+                }
+                ffi::lua_rawset(state, -3);
+                for (key, value) in [
+                    ("user_id", &self.user_id),
+                    ("api_key", &self.api_key),
+                    ("client_ip", &self.client_ip),
+                    ("path", &self.path),
+                    ("backend_url", &self.backend_url),
+                ] {
+                    if let Some(v) = value {
+                        set_str(state, key, v);
+                    }
+                }
+                ffi::lua_remove(state, 1);
+            })?
+        };
         for (k, v) in &self.extra {
             t.raw_set(k.as_str(), convert::json_to_lua(lua, v)?)?;
         }
@@ -107,6 +124,24 @@ impl RequestInfo {
         }
         Ok(())
     }
+}
+
+/// Push `s`.
+///
+/// # Safety
+/// `state` is live, inside a protected call, with room for one value.
+unsafe fn push_str(state: *mut lua_State, s: &str) {
+    ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
+}
+
+/// `t[key] = value` for the table on top of the stack.
+///
+/// # Safety
+/// As [`push_str`], with a table on top and room for two values.
+unsafe fn set_str(state: *mut lua_State, key: &str, value: &str) {
+    push_str(state, key);
+    push_str(state, value);
+    ffi::lua_rawset(state, -3);
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
                 max_depth: ctx.limits.max_depth,
                 max_bytes: ctx.memory_allowance,
             };
-            let json =
-                convert::lua_to_json(&value, limits).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            let json = convert::lua_to_json(lua, &value, limits)
+                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             let text = serde_json::to_string(&json).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             lua.create_string(text)
         })?,

@@ -81,6 +81,9 @@ local nesting = 0
 local function leave(ok, ...)
     nesting = nesting - 1
     if not ok then
+        -- Re-raised as a plain error: record a memory error first (the
+        -- host cannot tell it from the message afterwards).
+        poisoned((...))
         raw_error((...), 0)
     end
     return ...
