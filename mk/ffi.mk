@@ -25,6 +25,10 @@ FFI_SO        := $(FFI_LIB_DIR)/libllmproxy.so
 FFI_A         := $(FFI_LIB_DIR)/libllmproxy.a
 FFI_CARGO     := $(CARGO) --locked
 FFI_MANIFEST  := --manifest-path ffi/Cargo.toml --target-dir $(FFI_TARGET)
+# The shipped library allocates through mimalloc (docs/adr/035); valgrind
+# checks a build without it, where every Rust allocation is malloc's.
+FFI_FEATURES  := --features mimalloc
+FFI_PLAIN_DIR := $(FFI_TARGET)/plain/release
 FFI_VERSION    = $(shell sed -n 's/^version = "\(.*\)"/\1/p' ffi/Cargo.toml | head -1)
 FFI_DEBS      := luajit2 libluajit2-5.1-dev libjansson-dev lua-cjson golang-go pkg-config valgrind
 
@@ -56,14 +60,17 @@ TEST_TARGETS  += test-ffi
 LINT_TARGETS  += lint-ffi
 LUA_SOURCES   += examples/lua/*.lua bench/ffi/*.lua
 
-.PHONY: ffi ffi-deps ffi-tools ffi-header ffi-header-check lint-ffi test-ffi test-ffi-c test-ffi-c-valgrind \
+.PHONY: ffi ffi-plain ffi-deps ffi-tools ffi-header ffi-header-check lint-ffi test-ffi test-ffi-unit test-ffi-c test-ffi-c-valgrind \
         test-ffi-go test-ffi-lua test-ffi-install bench-ffi install install-ffi
 
 ffi-deps:
 	@scripts/apt-ensure $(FFI_DEBS)
 
 ffi: ffi-deps
-	$(FFI_CARGO) build --release $(FFI_MANIFEST)
+	$(FFI_CARGO) build --release $(FFI_MANIFEST) $(FFI_FEATURES)
+
+ffi-plain: ffi-deps
+	$(FFI_CARGO) build --release --manifest-path ffi/Cargo.toml --target-dir $(FFI_TARGET)/plain
 
 $(FFI_PC): ffi/llmproxy.pc.in ffi/Cargo.toml
 	@mkdir -p $(FFI_PC_DIR)
@@ -93,11 +100,11 @@ ffi-header-check: ffi-tools
 
 lint-ffi:
 	$(CARGO) fmt --manifest-path ffi/Cargo.toml -- --check
-	$(FFI_CARGO) clippy --release $(FFI_MANIFEST) --all-targets -- -D warnings
+	$(FFI_CARGO) clippy --release $(FFI_MANIFEST) $(FFI_FEATURES) --all-targets -- -D warnings
 
 # ---- hosts --------------------------------------------------------------
 
-test-ffi: ffi-header-check test-ffi-c test-ffi-c-valgrind test-ffi-go test-ffi-lua test-ffi-install
+test-ffi: ffi-header-check test-ffi-unit test-ffi-c test-ffi-c-valgrind test-ffi-go test-ffi-lua test-ffi-install
 	@echo "test-ffi: C, Go and LuaJIT hosts passed"
 
 $(FFI_OUT)/%: examples/c/%.c $(FFI_C_COMMON) $(FFI_PC) $(FFI_SO)
@@ -109,6 +116,10 @@ $(FFI_OUT)/%: examples/c/%.c $(FFI_C_COMMON) $(FFI_PC) $(FFI_SO)
 $(FFI_SO): ffi
 	@:
 
+# The crate's own unit tests (pure Rust: no Lua state is opened).
+test-ffi-unit: ffi-deps
+	$(FFI_CARGO) test --release $(FFI_MANIFEST) $(FFI_FEATURES) --lib
+
 test-ffi-c: ffi $(FFI_OUT)/conformance $(FFI_OUT)/badcalls $(FFI_OUT)/threads
 	$(FFI_OUT)/conformance conformance/cases
 	$(FFI_OUT)/badcalls
@@ -116,7 +127,11 @@ test-ffi-c: ffi $(FFI_OUT)/conformance $(FFI_OUT)/badcalls $(FFI_OUT)/threads
 
 # valgrind runs scripts ~20x slower: stretch time limits, except where a
 # timeout is the expected outcome (LLMP_TIMEOUT_SCALE, examples/c/conformance.c).
-test-ffi-c-valgrind: test-ffi-c
+# The hosts load the build without mimalloc (RUNPATH yields to
+# LD_LIBRARY_PATH); ldd proves it.
+test-ffi-c-valgrind: export LD_LIBRARY_PATH := $(CURDIR)/$(FFI_PLAIN_DIR)
+test-ffi-c-valgrind: test-ffi-c ffi-plain
+	ldd $(FFI_OUT)/conformance | grep -F '$(CURDIR)/$(FFI_PLAIN_DIR)/libllmproxy.so'
 	LLMP_TIMEOUT_SCALE=20 $(VALGRIND) $(FFI_OUT)/conformance conformance/cases
 	$(VALGRIND) $(FFI_OUT)/badcalls
 	$(VALGRIND) $(FFI_OUT)/threads conformance/cases/001-seed-routing-viplevel-3.json 4 50
@@ -170,7 +185,7 @@ bench-ffi: ffi $(FFI_PC)
 	@mkdir -p $(FFI_OUT)
 	libs="$$($(FFI_PKG) pkg-config --libs llmproxy)" && \
 	  $(CC) -std=c11 -O2 -g -Wall -Wextra -Werror -Iinclude -o $(FFI_OUT)/bench_c bench/ffi/bench_c.c $$libs
-	$(FFI_CARGO) build --release $(FFI_MANIFEST) --example bench-inproc
+	$(FFI_CARGO) build --release $(FFI_MANIFEST) $(FFI_FEATURES) --example bench-inproc
 	@echo "bench-ffi on $$(nproc) cores, $(FFI_BENCH_N) calls each, routing script of case 001, ~10 KB body"
 	python3 bench/ffi/report.py . $(FFI_BENCH_N) $(FFI_BENCH_ROUNDS) $(FFI_BENCH_DOC) \
 	  -- $(FFI_TARGET)/release/examples/bench-inproc . $(FFI_BENCH_N) \

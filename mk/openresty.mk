@@ -38,7 +38,7 @@ OPENRESTY_LIB_TARGET := openresty-ffi
 OPENRESTY_LIB_DIR    := ffi/target/release
 .PHONY: openresty-ffi
 openresty-ffi:
-	$(CARGO) build --locked --release --manifest-path ffi/Cargo.toml --target-dir ffi/target
+	$(CARGO) build --locked --release --manifest-path ffi/Cargo.toml --target-dir ffi/target --features mimalloc
 endif
 
 PREFIX   ?= /usr/local

@@ -451,6 +451,20 @@ local tests = {
   { "tostring(engine)", function()
     assert(tostring(engine) == "llmproxy.engine")
   end },
+  { "usage(text): the usage object and whether choices has entries, without the rest", function()
+    local u, has = llmproxy.usage('{"choices":[{"message":{"content":"hi"}}],"usage":{"total_tokens":5,"x":[]}}')
+    assert(u.total_tokens == 5 and is_array(u.x) and has == true, "body")
+    u, has = llmproxy.usage('{"choices":[],"usage":{"total_tokens":7}}')
+    assert(u.total_tokens == 7 and has == false, "final stream chunk")
+    u, has = llmproxy.usage('{"choices":[{}],"usage":null}')
+    assert(u == llmproxy.null and has == true, "usage null")
+    u, has = llmproxy.usage('{"note":"\\"usage\\" inside a string"}')
+    assert(u == nil and has == false, "no usage key")
+    for _, bad in ipairs({ "[1]", '{"usage":', "", "nope" }) do
+      u, has = llmproxy.usage(bad)
+      assert(u == nil and has == false, "not an object: " .. bad)
+    end
+  end },
 }
 
 local passed, failed = 0, 0

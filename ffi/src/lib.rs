@@ -30,3 +30,9 @@ pub mod capi;
 pub mod input;
 /// cbindgen:ignore
 pub mod lua;
+
+/// With feature `mimalloc`: the library's Rust allocations (its own and the
+/// sandbox VMs') go to mimalloc instead of the host's malloc.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -21,6 +21,9 @@
 //! Results come back the other way: arrays get `llmproxy.array_mt`, so an
 //! empty array passed back in stays an array.
 
+use std::ffi::{c_int, CStr};
+
+use mlua::ffi::{self, lua_State};
 use mlua::{Lua, Table, Value};
 use serde_json::{Map, Number, Value as Json};
 
@@ -63,6 +66,8 @@ impl ToJsonError {
 
 /// Converts host Lua values to JSON.
 pub struct ToJson<'a> {
+    /// The host's state.
+    pub lua: &'a Lua,
     /// `llmproxy.array_mt`.
     pub array_mt: &'a Table,
     /// Deepest nesting accepted (the top level is depth 1).
@@ -89,25 +94,8 @@ impl ToJson<'_> {
             Value::Boolean(b) => Ok(Json::Bool(*b)),
             Value::Integer(i) => Ok(Json::from(*i)),
             Value::Number(n) => number(*n),
-            Value::String(s) => match s.to_str() {
-                Ok(s) => Ok(Json::String(s.to_owned())),
-                Err(_) => {
-                    let bytes = s.as_bytes();
-                    let at = std::str::from_utf8(&bytes).err().map_or(0, |e| e.valid_up_to());
-                    Err(ToJsonError::new(format!(
-                        "string is not valid UTF-8 (invalid byte at offset {at})"
-                    )))
-                }
-            },
-            Value::Table(t) => {
-                if depth > self.max_depth {
-                    return Err(ToJsonError::new(format!(
-                        "nesting is deeper than {} levels (or a table contains itself)",
-                        self.max_depth
-                    )));
-                }
-                self.table(t, depth)
-            }
+            Value::String(s) => utf8(&s.as_bytes()).map(|s| Json::String(s.to_owned())),
+            Value::Table(t) => self.table(t, depth),
             other => Err(ToJsonError::new(format!(
                 "a {} cannot be converted to JSON",
                 other.type_name()
@@ -115,25 +103,110 @@ impl ToJson<'_> {
         }
     }
 
+    /// A table, walked on the host's stack: mlua's `pairs` would make a
+    /// registry reference of every string and table it yields, which cost
+    /// more than the conversion itself.
     fn table(&self, t: &Table, depth: usize) -> Result<Json, ToJsonError> {
-        let marked = t
-            .metatable()
-            .is_some_and(|mt| mt.to_pointer() == self.array_mt.to_pointer());
-        let len = t.raw_len();
+        let mut out = Err(ToJsonError::new("the table was not converted"));
+        let walk = Walk {
+            array_mt: 2,
+            max_depth: self.max_depth,
+        };
+        // SAFETY: `exec_raw` pushes the table (index 1) and `array_mt`
+        // (index 2) and calls the closure in a protected call with them on
+        // the stack. `Walk` only reads: it keeps the stack balanced, checks
+        // stack space before each push, never converts a key in place
+        // (numbers are read with lua_tonumber), and borrows string bytes
+        // only while the string is on the stack.
+        let ran = unsafe {
+            self.lua
+                .exec_raw::<()>((t, self.array_mt), |state| out = walk.value(state, 1, depth))
+        };
+        ran.map_err(|e| ToJsonError::new(e.to_string()))?;
+        out
+    }
+}
+
+/// The raw-stack walk behind [`ToJson::table`].
+struct Walk {
+    /// Stack index of `llmproxy.array_mt`.
+    array_mt: c_int,
+    max_depth: usize,
+}
+
+impl Walk {
+    /// The value at absolute stack index `idx`.
+    ///
+    /// # Safety
+    /// `state` is a live state with a valid value at `idx` and `array_mt`
+    /// at `self.array_mt`, inside a protected call.
+    unsafe fn value(&self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Json, ToJsonError> {
+        match ffi::lua_type(state, idx) {
+            ffi::LUA_TNIL => Ok(Json::Null),
+            ffi::LUA_TBOOLEAN => Ok(Json::Bool(ffi::lua_toboolean(state, idx) != 0)),
+            ffi::LUA_TNUMBER => {
+                let n = ffi::lua_tonumber(state, idx);
+                match as_integer(n) {
+                    Some(i) => Ok(Json::from(i)),
+                    None => number(n),
+                }
+            }
+            ffi::LUA_TSTRING => utf8(raw_bytes(state, idx)).map(|s| Json::String(s.to_owned())),
+            ffi::LUA_TLIGHTUSERDATA => {
+                let p = ffi::lua_touserdata(state, idx);
+                if p.is_null() {
+                    Ok(Json::Null)
+                } else if p == EMPTY_ARRAY.0 {
+                    Ok(Json::Array(Vec::new()))
+                } else {
+                    Err(ToJsonError::new("a lightuserdata cannot be converted to JSON"))
+                }
+            }
+            ffi::LUA_TTABLE => self.table(state, idx, depth),
+            other => {
+                let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
+                Err(ToJsonError::new(format!("a {name} cannot be converted to JSON")))
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`Walk::value`], with a table at `idx`.
+    unsafe fn table(&self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Json, ToJsonError> {
+        if depth > self.max_depth {
+            return Err(ToJsonError::new(format!(
+                "nesting is deeper than {} levels (or a table contains itself)",
+                self.max_depth
+            )));
+        }
+        if ffi::lua_checkstack(state, 4) == 0 {
+            return Err(ToJsonError::new("the Lua stack cannot grow"));
+        }
+        let marked = ffi::lua_getmetatable(state, idx) != 0 && {
+            let same = ffi::lua_rawequal(state, -1, self.array_mt) != 0;
+            ffi::lua_pop(state, 1);
+            same
+        };
+        let len = ffi::lua_objlen(state, idx);
+        // First pass: is it the sequence 1..len?
         let mut count = 0usize;
         let mut sequence = true;
-        let mut entries: Vec<(Value, Value)> = Vec::new();
-        for pair in t.pairs::<Value, Value>() {
-            let (k, v) = pair.map_err(|e| ToJsonError::new(e.to_string()))?;
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, idx) != 0 {
             count += 1;
-            sequence = sequence && index_in(&k, len);
-            entries.push((k, v));
+            sequence = sequence && ffi::lua_type(state, -2) == ffi::LUA_TNUMBER && {
+                let k = ffi::lua_tonumber(state, -2);
+                k.fract() == 0.0 && k >= 1.0 && k <= len as f64
+            };
+            ffi::lua_pop(state, 1);
         }
         if sequence && count == len && (len > 0 || marked) {
             let mut items = Vec::with_capacity(len);
             for i in 1..=len {
-                let v: Value = t.raw_get(i).map_err(|e| ToJsonError::new(e.to_string()))?;
-                items.push(self.value(&v, depth + 1).map_err(|e| e.at(format!("[{i}]")))?);
+                ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
+                let item = self.value(state, ffi::lua_gettop(state), depth + 1);
+                ffi::lua_pop(state, 1);
+                items.push(item.map_err(|e| e.at(format!("[{i}]")))?);
             }
             return Ok(Json::Array(items));
         }
@@ -142,39 +215,83 @@ impl ToJson<'_> {
                 "a table marked as an array (llmproxy.array_mt) has keys that are not 1..n",
             ));
         }
-        let mut map = Map::with_capacity(entries.len());
-        for (k, v) in &entries {
-            let key = match k {
-                Value::String(s) => s
-                    .to_str()
-                    .map_err(|_| ToJsonError::new("an object key is not valid UTF-8"))?
-                    .to_owned(),
-                Value::Integer(i) => i.to_string(),
-                Value::Number(n) if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER => {
-                    format!("{}", *n as i64)
+        let mut map = Map::with_capacity(count);
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, idx) != 0 {
+            let top = ffi::lua_gettop(state);
+            let entry = object_key(state, top - 1).and_then(|key| {
+                let value = self.value(state, top, depth + 1).map_err(|e| e.at(format!(".{key}")))?;
+                Ok((key, value))
+            });
+            ffi::lua_pop(state, 1);
+            match entry {
+                Ok((key, value)) => {
+                    map.insert(key, value);
                 }
-                Value::Number(n) if n.is_finite() => n.to_string(),
-                other => {
-                    return Err(ToJsonError::new(format!(
-                        "a table key of type {} cannot be a JSON object key",
-                        other.type_name()
-                    )))
+                Err(e) => {
+                    ffi::lua_pop(state, 1); // the key: the walk stops here
+                    return Err(e);
                 }
-            };
-            let value = self.value(v, depth + 1).map_err(|e| e.at(format!(".{key}")))?;
-            map.insert(key, value);
+            }
         }
         Ok(Json::Object(map))
     }
 }
 
-/// Whether `k` is an integer key in `1..=len`.
-fn index_in(k: &Value, len: usize) -> bool {
-    match k {
-        Value::Integer(i) => *i >= 1 && usize::try_from(*i).is_ok_and(|i| i <= len),
-        Value::Number(n) => n.fract() == 0.0 && *n >= 1.0 && *n <= len as f64,
-        _ => false,
+/// The object key at `idx`: a string, or a number written as JSON writes it.
+///
+/// # Safety
+/// `state` is live with a value at `idx`.
+unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, ToJsonError> {
+    match ffi::lua_type(state, idx) {
+        ffi::LUA_TSTRING => utf8(raw_bytes(state, idx))
+            .map(str::to_owned)
+            .map_err(|_| ToJsonError::new("an object key is not valid UTF-8")),
+        ffi::LUA_TNUMBER => {
+            let n = ffi::lua_tonumber(state, idx);
+            match as_integer(n) {
+                Some(i) => Ok(i.to_string()),
+                None if n.is_finite() => Ok(n.to_string()),
+                None => Err(ToJsonError::new(
+                    "a table key of type number cannot be a JSON object key",
+                )),
+            }
+        }
+        other => {
+            let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
+            Err(ToJsonError::new(format!(
+                "a table key of type {name} cannot be a JSON object key"
+            )))
+        }
     }
+}
+
+/// The bytes of the string at `idx`, valid while it stays on the stack.
+///
+/// # Safety
+/// `state` is live with a string at `idx`.
+unsafe fn raw_bytes<'s>(state: *mut lua_State, idx: c_int) -> &'s [u8] {
+    let mut len = 0usize;
+    let p = ffi::lua_tolstring(state, idx, &mut len);
+    if p.is_null() {
+        return &[];
+    }
+    std::slice::from_raw_parts(p.cast::<u8>(), len)
+}
+
+/// `bytes` as UTF-8, or the error JSON gives for them.
+fn utf8(bytes: &[u8]) -> Result<&str, ToJsonError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        ToJsonError::new(format!(
+            "string is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+/// The integer a Lua number is, as mlua reads one (integral and in range).
+fn as_integer(n: f64) -> Option<i64> {
+    (n.fract() == 0.0 && n >= i64::MIN as f64 && n < i64::MAX as f64).then_some(n as i64)
 }
 
 fn number(n: f64) -> Result<Json, ToJsonError> {

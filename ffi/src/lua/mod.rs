@@ -47,6 +47,7 @@
 pub mod convert;
 mod keys;
 mod ledger;
+mod usage;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -104,7 +105,7 @@ impl UserData for LuaEngine {
         methods.add_method("run", |lua, this, (hook, input, opts): (Value, Value, Value)| {
             let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
                 let opts = RunOptions::from_lua(&opts)?;
-                run(this, &hook, &input).map(|r| opts.apply(r))
+                run(lua, this, &hook, &input).map(|r| opts.apply(r))
             }))
             .unwrap_or_else(|payload| Err(from_panic(payload)));
             respond(lua, this, outcome)
@@ -448,7 +449,7 @@ fn hook_name(hook: &Value) -> Result<mlua::BorrowedStr, Failure> {
 }
 
 /// `engine:run` without the Lua plumbing: input to JSON, run, result.
-fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
+fn run(lua: &Lua, this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
     let hook = hook_name(hook)?;
     let (hook, cfg) = input::enabled(&this.engine, &hook)?;
     let max_depth = cfg.limits.max_depth.saturating_add(1);
@@ -466,11 +467,12 @@ fn run(this: &LuaEngine, hook: &Value, input: &Value) -> Result<Json, Failure> {
             // A request parsed by llmproxy.request: convert only the rest.
             if let Ok(Value::UserData(ud)) = t.raw_get::<Value>("request") {
                 if let Ok(request) = ud.borrow::<LuaRequest>() {
-                    let globals = table_globals(t, &this.shared.array_mt, max_depth, true)?;
+                    let globals = table_globals(lua, t, &this.shared.array_mt, max_depth, true)?;
                     return input::run(&this.engine, hook.as_str(), Some(&request.request), Some(&globals));
                 }
             }
             let mut value = ToJson {
+                lua,
                 array_mt: &this.shared.array_mt,
                 max_depth,
             }
@@ -529,8 +531,18 @@ fn run_prepared(this: &LuaEngine, hook: &Value, request: &Value, globals: &Value
 /// The globals in `t` as JSON (members are at depth 2). With
 /// `skip_request`, `request` is left out (it is a handle); without, it is
 /// an error.
-fn table_globals(t: &Table, array_mt: &Table, max_depth: usize, skip_request: bool) -> Result<Globals, Failure> {
-    let to_json = ToJson { array_mt, max_depth };
+fn table_globals(
+    lua: &Lua,
+    t: &Table,
+    array_mt: &Table,
+    max_depth: usize,
+    skip_request: bool,
+) -> Result<Globals, Failure> {
+    let to_json = ToJson {
+        lua,
+        array_mt,
+        max_depth,
+    };
     let mut map = Map::new();
     for pair in t.pairs::<Value, Value>() {
         let (k, v) = pair.map_err(|e| Failure::invalid(format!("input: {e}")))?;
@@ -577,10 +589,10 @@ impl UserData for LuaGlobals {
 }
 
 /// `llmproxy.globals(tbl_or_json)` without the Lua plumbing.
-fn globals(value: &Value, array_mt: &Table) -> Result<Globals, Failure> {
+fn globals(lua: &Lua, value: &Value, array_mt: &Table) -> Result<Globals, Failure> {
     match value {
         Value::String(s) => Globals::parse(&s.as_bytes()),
-        Value::Table(t) => table_globals(t, array_mt, input::MAX_DEPTH + 1, false),
+        Value::Table(t) => table_globals(lua, t, array_mt, input::MAX_DEPTH + 1, false),
         other => Err(Failure::invalid(format!(
             "globals must be a table or JSON text, got {}",
             other.type_name()
@@ -599,7 +611,7 @@ impl UserData for LuaRequest {
         // req:with(fields) -> a new handle with these fields set; the body
         // is shared unless fields hold `body` or `body_raw`.
         methods.add_method("with", |lua, this, fields: Value| {
-            let built = panic::catch_unwind(AssertUnwindSafe(|| with_fields(this, &fields)))
+            let built = panic::catch_unwind(AssertUnwindSafe(|| with_fields(lua, this, &fields)))
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
             match built {
                 Ok(request) => {
@@ -637,7 +649,7 @@ impl UserData for LuaRequest {
         // req:body_json(patch?) -> the body as JSON text (key order kept),
         // with a JSON merge patch (RFC 7386) applied when given.
         methods.add_method("body_json", |lua, this, patch: Value| {
-            let out = panic::catch_unwind(AssertUnwindSafe(|| body_json(this, &patch)))
+            let out = panic::catch_unwind(AssertUnwindSafe(|| body_json(lua, this, &patch)))
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
             match out {
                 Ok(text) => Ok(MultiValue::from_vec(vec![Value::String(lua.create_string(text)?)])),
@@ -649,7 +661,7 @@ impl UserData for LuaRequest {
 }
 
 /// `req:with(fields)` without the Lua plumbing.
-fn with_fields(this: &LuaRequest, fields: &Value) -> Result<Request, Failure> {
+fn with_fields(lua: &Lua, this: &LuaRequest, fields: &Value) -> Result<Request, Failure> {
     let (json, bytes) = match fields {
         Value::String(s) => {
             let limits = llmproxy_core::convert::Limits {
@@ -663,6 +675,7 @@ fn with_fields(this: &LuaRequest, fields: &Value) -> Result<Request, Failure> {
         }
         Value::Table(_) => {
             let v = ToJson {
+                lua,
                 array_mt: &this.shared.array_mt,
                 max_depth: input::MAX_DEPTH,
             }
@@ -725,12 +738,13 @@ fn ledger_record(t: &Table) -> mlua::Result<llmproxy_ledger::LedgerRecord> {
 }
 
 /// `req:body_json(patch)` without the Lua plumbing.
-fn body_json(this: &LuaRequest, patch: &Value) -> Result<String, Failure> {
+fn body_json(lua: &Lua, this: &LuaRequest, patch: &Value) -> Result<String, Failure> {
     let body = &this.request.info().body;
     if patch.is_nil() {
         return Ok(body.to_string());
     }
     let patch = ToJson {
+        lua,
         array_mt: &this.shared.array_mt,
         max_depth: input::MAX_DEPTH,
     }
@@ -764,11 +778,12 @@ fn merge_patch(target: &mut Json, patch: Json) {
 }
 
 /// `llmproxy.request(tbl_or_json)` without the Lua plumbing.
-fn request(value: &Value, array_mt: &Table) -> Result<Request, Failure> {
+fn request(lua: &Lua, value: &Value, array_mt: &Table) -> Result<Request, Failure> {
     match value {
         Value::String(s) => Request::parse(&s.as_bytes()),
         Value::Table(_) => {
             let json = ToJson {
+                lua,
                 array_mt,
                 max_depth: input::MAX_DEPTH,
             }
@@ -839,7 +854,15 @@ fn build(cfg: &Value) -> Result<Engine, Failure> {
 }
 
 /// The module table (`luaopen_llmproxy`).
-#[mlua::lua_module(name = "llmproxy")]
+///
+/// `skip_memory_check`: the host's state is not ours (nginx's or a LuaJIT
+/// program's), so by default mlua wraps every string, table and field it
+/// creates there in a protected call, in case the host's allocator fails;
+/// that wrapping was a fifth of nginx's CPU per request. Off, as in every C
+/// module of OpenResty: an allocation failure of the host's LuaJIT raises
+/// in it unprotected and ends the process, which is where an nginx worker
+/// whose Lua heap cannot grow ends anyway (docs/adr/035-openresty-hot-path.md).
+#[mlua::lua_module(name = "llmproxy", skip_memory_check)]
 fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     let array_mt = lua.create_table()?;
     array_mt.raw_set("__name", "llmproxy.array")?;
@@ -867,7 +890,7 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
         "globals",
         lua.create_function(move |lua, value: Value| {
             let shared = &shared_globals;
-            let built = panic::catch_unwind(AssertUnwindSafe(|| globals(&value, &shared.array_mt)))
+            let built = panic::catch_unwind(AssertUnwindSafe(|| globals(lua, &value, &shared.array_mt)))
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
             match built {
                 Ok(globals) => {
@@ -878,12 +901,29 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             }
         })?,
     )?;
+    // llmproxy.usage(text) -> usage (a table, llmproxy.null, or nil when
+    // absent or `text` is not a JSON object), has_choices (a non-empty
+    // `choices` array).
+    let shared_usage = shared.clone();
+    exports.raw_set(
+        "usage",
+        lua.create_function(move |lua, text: mlua::LuaString| {
+            let Some(p) = usage::probe(&text.as_bytes()) else {
+                return Ok((Value::Nil, false));
+            };
+            let value = match p.usage {
+                None => Value::Nil,
+                Some(u) => convert::to_lua(lua, &u, &shared_usage.array_mt)?,
+            };
+            Ok((value, p.has_choices))
+        })?,
+    )?;
     let shared_request = shared.clone();
     exports.raw_set(
         "request",
         lua.create_function(move |lua, value: Value| {
             let shared = &shared_request;
-            let built = panic::catch_unwind(AssertUnwindSafe(|| request(&value, &shared.array_mt)))
+            let built = panic::catch_unwind(AssertUnwindSafe(|| request(lua, &value, &shared.array_mt)))
                 .unwrap_or_else(|payload| Err(from_panic(payload)));
             match built {
                 Ok(request) => {

@@ -1,0 +1,176 @@
+//! `llmproxy.usage(text)`: the `usage` object of a backend's JSON answer (a
+//! whole body or one stream event) without parsing the rest into values.
+//!
+//! The body filter calls this on every answer that mentions `"usage"`;
+//! building the whole document (choices, message text) only to read three
+//! numbers was most of that phase's cost.
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value as Json;
+
+/// What the body filter needs of an answer.
+#[derive(Debug, Default, PartialEq)]
+pub struct UsageProbe {
+    /// `usage`: absent (`None`), or its value (`Some(Json::Null)` for null).
+    pub usage: Option<Json>,
+    /// Whether `choices` is a non-empty array.
+    pub has_choices: bool,
+}
+
+/// Read `usage` and whether `choices` has entries from the JSON object
+/// `text`; `None` when `text` is not a JSON object or `usage` is not JSON
+/// within serde_json's nesting limit.
+pub fn probe(text: &[u8]) -> Option<UsageProbe> {
+    let top: Top<'_> = serde_json::from_slice(text).ok()?;
+    let usage = match top.usage {
+        Some(raw) => Some(serde_json::from_str(raw.get()).ok()?),
+        None => None,
+    };
+    Some(UsageProbe {
+        usage,
+        has_choices: top.choices > 0,
+    })
+}
+
+/// The top-level object: `usage` kept as text, `choices` counted, the rest
+/// skipped. A repeated key keeps its last value, as a full parse does.
+struct Top<'a> {
+    usage: Option<&'a RawValue>,
+    choices: usize,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Top<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TopVisitor;
+        impl<'de> Visitor<'de> for TopVisitor {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+                let mut top = Top {
+                    usage: None,
+                    choices: 0,
+                };
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "usage" => top.usage = Some(map.next_value()?),
+                        "choices" => top.choices = map.next_value::<Count>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(TopVisitor)
+    }
+}
+
+/// The number of entries of an array; 0 for anything else.
+struct Count(usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct CountVisitor;
+        impl<'de> Visitor<'de> for CountVisitor {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(0))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+        }
+        d.deserialize_any(CountVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn probes_answers_and_events() {
+        let cases: &[(&str, Option<UsageProbe>)] = &[
+            (
+                r#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":3,"total_tokens":5}}"#,
+                Some(UsageProbe {
+                    usage: Some(json!({"prompt_tokens":3,"total_tokens":5})),
+                    has_choices: true,
+                }),
+            ),
+            (
+                r#"{"choices":[],"usage":{"total_tokens":7}}"#,
+                Some(UsageProbe {
+                    usage: Some(json!({"total_tokens":7})),
+                    has_choices: false,
+                }),
+            ),
+            (
+                r#"{"choices":[{}],"usage":null}"#,
+                Some(UsageProbe {
+                    usage: Some(Json::Null),
+                    has_choices: true,
+                }),
+            ),
+            (
+                r#"{"choices":{"a":1}}"#,
+                Some(UsageProbe {
+                    usage: None,
+                    has_choices: false,
+                }),
+            ),
+            (
+                r#"{"usage":{"a":1},"usage":{"b":2}}"#,
+                Some(UsageProbe {
+                    usage: Some(json!({"b":2})),
+                    has_choices: false,
+                }),
+            ),
+            (
+                r#"{"note":"\"usage\" in a string"}"#,
+                Some(UsageProbe {
+                    usage: None,
+                    has_choices: false,
+                }),
+            ),
+            (r#"[1,2]"#, None),
+            (r#"{"usage":"#, None),
+            ("not json", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(&probe(text.as_bytes()), want, "{text}");
+        }
+    }
+}
