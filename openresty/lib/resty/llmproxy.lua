@@ -79,6 +79,7 @@ local WARN = ngx.WARN
 local NOTICE = ngx.NOTICE
 local INFO = ngx.INFO
 local get_phase = ngx.get_phase
+local worker_exiting = ngx.worker.exiting
 local ngx_now = ngx.now
 local ngx_time = ngx.time
 local ngx_exit = ngx.exit
@@ -98,6 +99,20 @@ local set_current_peer = balancer.set_current_peer
 local set_more_tries = balancer.set_more_tries
 local set_timeouts = balancer.set_timeouts
 local get_last_failure = balancer.get_last_failure
+
+-- The error_log level of the request (usage lines are logged at NOTICE:
+-- encoded only when they would be written).
+local log_level
+do
+    local ok, errlog = pcall(require, "ngx.errlog")
+    if ok then
+        log_level = errlog.get_sys_filter_level
+    else
+        log_level = function()
+            return NOTICE
+        end
+    end
+end
 
 local _M = { _VERSION = "0.2.0" }
 
@@ -196,9 +211,20 @@ local function log_hook_error(hook, ctx, err, policy)
     ngx_log(ERR, "llmproxy: ", hook, " hook failed for request ", ctx.id, ": ", describe_error(err), "; ", policy)
 end
 
--- `content-type` -> `Content-Type`, as the standalone gateway shows them.
+-- `content-type` -> `Content-Type`, as the standalone gateway shows them;
+-- the first 512 names seen are remembered (clients choose names freely).
+local titles, ntitles = {}, 0
 local function title_case(name)
-    return (gsub(lower(name), "^%l", upper):gsub("%-%l", upper))
+    local t = titles[name]
+    if t then
+        return t
+    end
+    t = gsub(lower(name), "^%l", upper):gsub("%-%l", upper)
+    if ntitles < 512 then
+        titles[name] = t
+        ntitles = ntitles + 1
+    end
+    return t
 end
 
 -- The last entry of an `$upstream_*` list ("0.001, 0.002 : 0.003").
@@ -433,18 +459,24 @@ end
 --   (`gateway.max_response_bytes`), `timeouts = false` (keep nginx's
 --   `proxy_*_timeout` instead of the YAML's), `metrics_dict`
 --   (`"llmproxy_metrics"`), `limits_dict` (`"llmproxy_limits"`: the
---   limiter's counters and quota usage, shared by the workers), `node`
---   (ledger rows' node; default: host name and worker pid)
+--   limiter's counters and quota usage, shared by the workers),
+--   `metrics_sync_interval` (seconds between two syncs of this worker's
+--   counts into the metrics dict; default 0.1), `node` (ledger rows'
+--   node; default: host name and worker pid)
 -- @treturn boolean|nil true, or nil and an error message
 -- @phases init_worker
 -- @usage init_worker_by_lua_block { require("resty.llmproxy").init_worker("/etc/llmproxy/llmproxy.yaml") }
 function _M.init_worker(config, opts)
     check_phase("init_worker", "init_worker")
     local dict = opts and opts.metrics_dict or "llmproxy_metrics"
-    local m, merr = metrics.new(dict)
+    local m, merr = metrics.new(dict, opts and tonumber(opts.metrics_sync_interval))
     if m then
         store = m
         metrics.reset_worker(m, ngx.worker.count())
+        local ok, terr = metrics.sync_timer(m)
+        if not ok then
+            ngx_log(ERR, "llmproxy: cannot start the metrics sync timer: ", terr)
+        end
     else
         store = nil
         ngx_log(NOTICE, "llmproxy: metrics off: ", merr)
@@ -1406,17 +1438,12 @@ local function transform_response(state, ctx, data, is_stream)
     return res.body
 end
 
--- Usage of a JSON text (a body or an event), parsed in Rust: the `usage`
--- object (or nil), the parsed handle, and whether `choices` is empty.
+-- Usage of a JSON text (a body or an event), read in Rust without
+-- parsing the rest: the `usage` object (null, or nil when absent or the
+-- text is not a JSON object) and whether `choices` is empty.
 local function read_usage(state, text)
-    local h = state.llmproxy.request({ body_raw = text })
-    if not h then
-        return nil
-    end
-    local usage = h:body_get("/usage")
-    local choices = h:body_get("/choices")
-    local no_choices = type(choices) ~= "table" or #choices == 0
-    return usage, h, no_choices
+    local usage, has_choices = state.llmproxy.usage(text)
+    return usage, not has_choices
 end
 
 -- One SSE event: usage capture (and removal when only the gateway asked
@@ -1444,17 +1471,18 @@ local function process_event(state, ctx, event)
         end
     end
     if has_usage then
-        local usage, h, no_choices = read_usage(state, data)
-        if h then
-            if usage == state.null and ctx.strip_usage then
+        local usage, no_choices = read_usage(state, data)
+        if usage == state.null and ctx.strip_usage then
+            local h = state.llmproxy.request({ body_raw = data })
+            if h then
                 data = h:body_json({ usage = state.null })
                 modified = true
-            elseif type(usage) == "table" then
-                ctx.usage = usage
-                ctx.usage_body = data
-                if ctx.strip_usage and no_choices then
-                    return nil
-                end
+            end
+        elseif type(usage) == "table" then
+            ctx.usage = usage
+            ctx.usage_body = data
+            if ctx.strip_usage and no_choices then
+                return nil
             end
         end
     end
@@ -1653,9 +1681,11 @@ local function record_usage(state, ctx)
         end
         metrics.usage(store, name, "billable_tokens", billable)
     end
-    local text = state.encode(record) or "?"
-    ctx.usage_text = text
-    ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", ctx.backend.name, "': ", text)
+    if log_level() >= NOTICE then
+        local text = state.encode(record) or "?"
+        ctx.usage_text = text
+        ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", ctx.backend.name, "': ", text)
+    end
 end
 
 -- Health and upstream latency of every try, from nginx's `$upstream_*`.
@@ -1665,10 +1695,15 @@ local function record_attempts(state, ctx)
         return
     end
     local set = state.backends
-    local statuses = entries(ngx_var.upstream_status)
-    local times = entries(ngx_var.upstream_response_time)
-    local heads = entries(ngx_var.upstream_header_time)
     local n = #attempts
+    local statuses, times, heads
+    local status_v, time_v, head_v = ngx_var.upstream_status, ngx_var.upstream_response_time,
+        ngx_var.upstream_header_time
+    if n == 1 and tonumber(status_v) and tonumber(time_v) and tonumber(head_v) then
+        statuses, times, heads = { status_v }, { time_v }, { head_v } -- one try: no list to split
+    else
+        statuses, times, heads = entries(status_v), entries(time_v), entries(head_v)
+    end
     for i, b in ipairs(attempts) do
         local t = tonumber(times[i])
         if ctx.sse and i == n then
@@ -1785,6 +1820,9 @@ function _M.log()
             metrics.streams(store, -1)
         end
         local now = ngx_now()
+        if worker_exiting() then
+            metrics.sync(store) -- the sync timer has run its last time
+        end
         if now - pool_stats_at >= POOL_STATS_EVERY then
             pool_stats_at = now
             metrics.pool(store, state.engine:pool_stats())
@@ -1817,6 +1855,10 @@ function _M.metrics()
         if state.ledger then
             metrics.ledger(store, state.engine:ledger_stats())
         end
+    end
+    if ngx.worker.count() > 1 then
+        -- The other workers' counts reach the dict within one sync interval.
+        ngx.sleep(store.interval + 0.01)
     end
     local text = metrics.render(store, state and state.backend_names or {})
     ngx_header["Content-Type"] = "text/plain; version=0.0.4"

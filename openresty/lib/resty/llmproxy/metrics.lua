@@ -3,12 +3,15 @@
 -- them (docs/adr/025-openresty-metrics.md).
 --
 -- Names, labels and buckets are the standalone gateway's
--- (proxy/src/gateway/metrics.rs, docs/gateway.md). Counters and histogram
--- buckets are shared-dict counters (`incr` with an initial value: atomic
--- across workers). Gauges that describe one worker (backend health as it
--- sees it, its in-flight requests and streams, its VM pool) are kept per
--- worker id and merged when rendered: sums for counts, the minimum for
--- `healthy`, the mean for the latency EWMA.
+-- (proxy/src/gateway/metrics.rs, docs/gateway.md). A request's counts go
+-- to a per-worker Lua table first and are added to the shared dict (`incr`
+-- with an initial value: atomic across workers) by a timer every
+-- `sync_interval` seconds: a request costs table updates, not a few dozen
+-- dict locks (docs/adr/035-openresty-hot-path.md). Gauges that describe one
+-- worker (backend health as it sees it, its in-flight requests and
+-- streams, its VM pool) are kept per worker id and merged when rendered:
+-- sums for counts, the minimum for `healthy`, the mean for the latency
+-- EWMA.
 --
 --     lua_shared_dict llmproxy_metrics 1m;
 --
@@ -27,6 +30,7 @@ local sub = string.sub
 local gsub = string.gsub
 local concat = table.concat
 local sort = table.sort
+local clear = require "table.clear"
 
 local _M = {}
 
@@ -63,46 +67,148 @@ local LEDGER_STATS = {
     { "pending", "llmproxy_ledger_pending", "Usage records queued, not yet committed.", "gauge" },
 }
 
+--- Seconds between two syncs of a worker's counts into the shared dict.
+_M.SYNC_INTERVAL = 0.1
+
 --- The metrics store over shared dict `dict_name`.
 -- @tparam string dict_name the `lua_shared_dict` to use
+-- @tparam[opt] number sync_interval seconds between two syncs (default
+--   `SYNC_INTERVAL`); `sync_timer` starts them
 -- @treturn table|nil the store, or nil and an error when the dict is missing
 -- @phases init_worker
-function _M.new(dict_name)
+function _M.new(dict_name, sync_interval)
     local dict = ngx.shared[dict_name]
     if not dict then
         return nil, "lua_shared_dict " .. dict_name .. " is not defined"
     end
     local wid = ngx.worker.id() or 0
-    return { dict = dict, name = dict_name, wid = tostring(wid), warned = false }
+    return {
+        dict = dict,
+        name = dict_name,
+        wid = tostring(wid),
+        warned = false,
+        interval = sync_interval or _M.SYNC_INTERVAL,
+        counts = {}, -- key -> amount not yet in the dict
+        gauges = {}, -- key -> latest value not yet in the dict
+        backend_keys = {}, -- backend -> its gauges' keys for this worker
+        dirty = false,
+    }
+end
+
+local function warn_once(m, err)
+    if not m.warned then
+        m.warned = true
+        ngx.log(ngx.WARN, "llmproxy: metrics: lua_shared_dict ", m.name, ": ", err,
+            " (further errors are not logged)")
+    end
+end
+
+--- Add this worker's pending counts and gauges to the shared dict.
+-- @tparam table m the store
+-- @phases any
+function _M.sync(m)
+    if not m.dirty then
+        return
+    end
+    m.dirty = false
+    local dict = m.dict
+    for key, value in pairs(m.counts) do
+        local _, err = dict:incr(key, value, 0)
+        if err then
+            warn_once(m, err)
+        end
+    end
+    clear(m.counts)
+    for key, value in pairs(m.gauges) do
+        local ok, err = dict:set(key, value)
+        if not ok then
+            warn_once(m, err)
+        end
+    end
+    clear(m.gauges)
+end
+
+--- Start this worker's sync timer (also syncs once more when the worker
+-- exits).
+-- @tparam table m the store
+-- @treturn boolean|nil true, or nil and an error
+-- @phases init_worker
+function _M.sync_timer(m)
+    return ngx.timer.every(m.interval, function()
+        _M.sync(m)
+    end)
 end
 
 local function incr(m, key, value)
-    local _, err = m.dict:incr(key, value, 0)
-    if err and not m.warned then
-        m.warned = true
-        ngx.log(ngx.WARN, "llmproxy: metrics: lua_shared_dict ", m.name, ": ", err,
-            " (further errors are not logged)")
-    end
+    local counts = m.counts
+    counts[key] = (counts[key] or 0) + value
+    m.dirty = true
 end
 
 local function set(m, key, value)
-    local ok, err = m.dict:set(key, value)
-    if not ok and not m.warned then
-        m.warned = true
-        ngx.log(ngx.WARN, "llmproxy: metrics: lua_shared_dict ", m.name, ": ", err,
-            " (further errors are not logged)")
-    end
+    m.gauges[key] = value
+    m.dirty = true
 end
 
-local function observe(m, prefix, bounds, seconds)
+-- Keys are label values joined by SEP; built once (a few hundred at most:
+-- hooks, kinds, backends and statuses are bounded).
+local key_cache = {}
+local function key_of(a, b, c)
+    local t = key_cache[a]
+    if not t then
+        t = {}
+        key_cache[a] = t
+    end
+    if c == nil then
+        local k = t[b]
+        if not k then
+            k = a .. SEP .. b
+            t[b] = k
+        end
+        return k
+    end
+    local t2 = t[b]
+    if not t2 then
+        t2 = {}
+        t[b] = t2
+    end
+    local k = t2[c]
+    if not k then
+        k = a .. SEP .. b .. SEP .. c
+        t2[c] = k
+    end
+    return k
+end
+
+-- A histogram's keys: `prefix .. i` per bucket, `s` (sum), `n` (count).
+local histograms = {}
+local function histogram_keys(kind, label, nbounds)
+    local t = histograms[kind]
+    if not t then
+        t = {}
+        histograms[kind] = t
+    end
+    local h = t[label]
+    if not h then
+        local prefix = kind .. SEP .. label .. SEP
+        h = { s = prefix .. "s", n = prefix .. "n" }
+        for i = 1, nbounds do
+            h[i] = prefix .. i
+        end
+        t[label] = h
+    end
+    return h
+end
+
+local function observe(m, h, bounds, seconds)
     for i = 1, #bounds do
         if seconds <= bounds[i] then
-            incr(m, prefix .. i, 1)
+            incr(m, h[i], 1)
             break
         end
     end
-    incr(m, prefix .. "s", seconds)
-    incr(m, prefix .. "n", 1)
+    incr(m, h.s, seconds)
+    incr(m, h.n, 1)
 end
 
 --- One hook call: latency and how it ended.
@@ -113,15 +219,15 @@ end
 --   `invalid_argument` counts as `bad_input`)
 -- @phases any
 function _M.hook_call(m, hook, seconds, kind)
-    incr(m, "hc" .. SEP .. hook, 1)
-    observe(m, "hd" .. SEP .. hook .. SEP, HOOK_BUCKETS, seconds)
+    incr(m, key_of("hc", hook), 1)
+    observe(m, histogram_keys("hd", hook, #HOOK_BUCKETS), HOOK_BUCKETS, seconds)
     if kind then
         if kind == "invalid_argument" then
             kind = "bad_input"
         elseif not KNOWN_KIND[kind] then
             kind = "internal"
         end
-        incr(m, "he" .. SEP .. hook .. SEP .. kind, 1)
+        incr(m, key_of("he", hook, kind), 1)
     end
 end
 
@@ -131,13 +237,13 @@ end
 -- @tparam number status the status the client got
 -- @phases any
 function _M.request(m, backend, status)
-    incr(m, "rq" .. SEP .. (backend or _M.NO_BACKEND) .. SEP .. status, 1)
+    incr(m, key_of("rq", backend or _M.NO_BACKEND, status), 1)
 end
 
 --- Upstream latency of one attempt on `backend`.
 -- @phases any
 function _M.upstream_latency(m, backend, seconds)
-    observe(m, "ul" .. SEP .. backend .. SEP, UPSTREAM_BUCKETS, seconds)
+    observe(m, histogram_keys("ul", backend, #UPSTREAM_BUCKETS), UPSTREAM_BUCKETS, seconds)
 end
 
 --- Attempts retried on another backend.
@@ -149,13 +255,13 @@ end
 --- Usage recorded after the usage hook (tokens, cost).
 -- @phases any
 function _M.usage(m, backend, kind, amount)
-    incr(m, "us" .. SEP .. backend .. SEP .. kind, amount)
+    incr(m, key_of("us", backend, kind), amount)
 end
 
 --- A stream of this worker started (+1) or ended (-1).
 -- @phases any
 function _M.streams(m, delta)
-    incr(m, "g" .. SEP .. m.wid .. SEP .. "st", delta)
+    incr(m, key_of("g", m.wid, "st"), delta)
 end
 
 --- This worker's view of one backend.
@@ -166,10 +272,16 @@ end
 -- @tparam number active this worker's requests in flight on it
 -- @phases any
 function _M.backend(m, backend, healthy, ewma, active)
-    local prefix = "g" .. SEP .. m.wid .. SEP
-    set(m, prefix .. "h" .. SEP .. backend, healthy and 1 or 0)
-    set(m, prefix .. "e" .. SEP .. backend, ewma)
-    set(m, prefix .. "a" .. SEP .. backend, active)
+    local k = m.backend_keys[backend]
+    if not k then
+        local prefix = "g" .. SEP .. m.wid .. SEP
+        k = { h = prefix .. "h" .. SEP .. backend, e = prefix .. "e" .. SEP .. backend,
+            a = prefix .. "a" .. SEP .. backend }
+        m.backend_keys[backend] = k
+    end
+    set(m, k.h, healthy and 1 or 0)
+    set(m, k.e, ewma)
+    set(m, k.a, active)
 end
 
 --- This worker's VM pool counters (`engine:pool_stats()`).
@@ -189,13 +301,13 @@ _M.RATE_REASONS = { "global_rpm", "key_rpm", "key_tpm", "key_concurrency", "scri
 --- The auth stage refused a request (`reason` from `AUTH_REASONS`).
 -- @phases any
 function _M.auth_denied(m, reason)
-    incr(m, "ad" .. SEP .. reason, 1)
+    incr(m, key_of("ad", reason), 1)
 end
 
 --- The rate limit stage refused a request (`reason` from `RATE_REASONS`).
 -- @phases any
 function _M.rate_limited(m, reason)
-    incr(m, "rl" .. SEP .. reason, 1)
+    incr(m, key_of("rl", reason), 1)
 end
 
 --- This worker's ledger counters (`engine:ledger_stats()`).
@@ -286,6 +398,7 @@ end
 -- @treturn string the page
 -- @phases any
 function _M.render(m, backends)
+    _M.sync(m)
     local dict = m.dict
     local values = {}
     local requests, usage = {}, {}
