@@ -806,10 +806,17 @@ end
 
 -- The clock as rate_limit scripts see it, in the YAML's
 -- `limits.time_zone` (a fixed offset), as the gateway's `current_time`.
+-- Built once per second (and offset); the engine copies it per call.
+local clock_at, clock_offset, clock_table
 local function current_time(offset)
     local now = ngx_time()
-    local t = os_date("!*t", now + (offset or 0))
-    return { hour = t.hour, weekday = (t.wday + 5) % 7 + 1, timestamp = now }
+    offset = offset or 0
+    if now ~= clock_at or offset ~= clock_offset then
+        local t = os_date("!*t", now + offset)
+        clock_at, clock_offset = now, offset
+        clock_table = { hour = t.hour, weekday = (t.wday + 5) % 7 + 1, timestamp = now }
+    end
+    return clock_table
 end
 
 -- The key's live quota usage: `q:<fingerprint>` in the limits dict,
