@@ -38,14 +38,15 @@ OPENRESTY_LIB_TARGET := openresty-ffi
 OPENRESTY_LIB_DIR    := ffi/target/release
 .PHONY: openresty-ffi
 openresty-ffi:
-	$(CARGO) build --locked --release --manifest-path ffi/Cargo.toml --target-dir ffi/target --features mimalloc
+	@# luarocks passes CC, CFLAGS and friends: cargo would rebuild the C parts for them
+	env -u CC -u CFLAGS -u LIBFLAG -u LDFLAGS $(CARGO) build --locked --release --manifest-path ffi/Cargo.toml --target-dir ffi/target --features mimalloc
 endif
 
 PREFIX   ?= /usr/local
 DESTDIR  ?=
 LUA_LDIR ?= $(PREFIX)/share/lua/5.1
 
-TEST_TARGETS += test-openresty test-openai-client-nginx
+TEST_TARGETS += test-openresty test-openai-client-nginx test-rock
 LUA_SOURCES  += openresty/lib t/lib/*.lua
 
 # The same venv and mock backend as mk/proxy.mk's test-openai-client (its
@@ -54,7 +55,7 @@ LUA_SOURCES  += openresty/lib t/lib/*.lua
 OPENRESTY_VENV       := .venv
 OPENRESTY_PROXY_DIR  := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: openresty-deps test-openresty test-openai-client-nginx install-openresty bench-openresty
+.PHONY: openresty-deps test-openresty test-openai-client-nginx install-openresty bench-openresty rock-build rock-install test-rock
 
 # Debian's nginx package starts a system nginx from its postinst where
 # services may start (no policy-rc.d refusing it). That nginx is not used by
@@ -92,6 +93,33 @@ install-openresty:
 	  install -m 0644 openresty/lib/$$f $(DESTDIR)$(LUA_LDIR)/$$f.new && \
 	  mv -f $(DESTDIR)$(LUA_LDIR)/$$f.new $(DESTDIR)$(LUA_LDIR)/$$f || exit 1; \
 	done
+
+# LuaRocks (openresty/lua-resty-llmproxy-*.rockspec, type "make"): build
+# the release library with cargo alone, then install the Lua modules into
+# LUA_LDIR and the library as LUA_CDIR/llmproxy.so.
+ROCKSPEC := $(wildcard openresty/lua-resty-llmproxy-*.rockspec)
+rock-build:
+	@# luarocks passes CC, CFLAGS and friends: cargo would rebuild the C parts for them
+	env -u CC -u CFLAGS -u LIBFLAG -u LDFLAGS $(CARGO) build --locked --release --manifest-path ffi/Cargo.toml --target-dir ffi/target --features mimalloc
+
+rock-install:
+	@test -n "$(LUA_CDIR)" || { echo "rock-install: set LUA_LDIR and LUA_CDIR (luarocks does)" >&2; exit 2; }
+	$(MAKE) -f $(firstword $(MAKEFILE_LIST)) --no-print-directory install-openresty LUA_LDIR="$(LUA_LDIR)" DESTDIR=
+	install -d $(LUA_CDIR)
+	install -m 0755 ffi/target/release/libllmproxy.so $(LUA_CDIR)/llmproxy.so
+
+# The rockspec on a scratch tree: every module lands, and LuaJIT loads the
+# engine from the tree's paths alone.
+ROCK_TREE := $(CURDIR)/ffi/target/rock-tree
+test-rock: openresty-deps
+	@scripts/apt-ensure luarocks
+	rm -rf $(ROCK_TREE)
+	luarocks --tree $(ROCK_TREE) make $(ROCKSPEC)
+	for m in llmproxy llmproxy/json llmproxy/sse llmproxy/metrics llmproxy/backends llmproxy/limits; do \
+	  test -f $(ROCK_TREE)/share/lua/5.1/resty/$$m.lua || { echo "test-rock: resty/$$m.lua missing" >&2; exit 1; }; \
+	done
+	eval "$$(luarocks --tree $(ROCK_TREE) path)" && luajit -e \
+	  'local m = require "llmproxy"; assert(m.new("scripts: {routing: {script: return nil}}")); print("rock: llmproxy " .. m.version .. " from " .. package.searchpath("llmproxy", package.cpath))'
 
 # One run on this machine (openresty/bench/run.sh): the same mock backend
 # and load generator as bench-http, release builds of both.

@@ -1,6 +1,12 @@
--- The OpenResty glue only: the engine itself is libllmproxy.so, built from
--- ffi/ (`make ffi install`), which must be on lua_package_cpath as
--- llmproxy.so or libllmproxy.so (see nginx-conf/nginx.conf).
+-- resty.llmproxy and the engine it drives (libllmproxy, from ffi/, built
+-- with cargo). Run from the repository root:
+--
+--   luarocks make openresty/lua-resty-llmproxy-0.1.0-1.rockspec
+--
+-- which runs `make rock-build` (the release library) and `make rock-install`
+-- (the Lua modules into the rock's lua dir, the library as llmproxy.so into
+-- its lib dir, so the tree's package paths find both). Needs cargo (Rust
+-- 1.88+); `make test-rock` checks this file on a scratch tree.
 package = "lua-resty-llmproxy"
 version = "0.1.0-1"
 source = {
@@ -22,12 +28,12 @@ dependencies = {
    "lua >= 5.1, < 5.2",   -- LuaJIT 2.1 under lua-nginx-module >= 0.10.16
 }
 build = {
-   type = "builtin",
-   modules = {
-      ["resty.llmproxy"] = "lib/resty/llmproxy.lua",
-      ["resty.llmproxy.json"] = "lib/resty/llmproxy/json.lua",
-      ["resty.llmproxy.sse"] = "lib/resty/llmproxy/sse.lua",
-      ["resty.llmproxy.metrics"] = "lib/resty/llmproxy/metrics.lua",
-      ["resty.llmproxy.backends"] = "lib/resty/llmproxy/backends.lua",
+   type = "make",
+   build_target = "rock-build",
+   build_variables = { CFLAGS = "$(CFLAGS)", LIBFLAG = "$(LIBFLAG)" }, -- unused: cargo builds
+   install_target = "rock-install",
+   install_variables = {
+      LUA_LDIR = "$(LUADIR)",
+      LUA_CDIR = "$(LIBDIR)",
    },
 }
