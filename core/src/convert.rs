@@ -21,12 +21,14 @@
 //! materialized re-uses the original JSON for every field the script did not
 //! read, so untouched data round-trips byte for byte.
 
-use std::ffi::{c_int, c_void, CStr};
+use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
 use mlua::ffi::{self, lua_State};
 use mlua::{AnyUserData, Function, LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::{Map, Number, Value};
+
+use crate::stack;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
 pub const NULL: LightUserData = LightUserData(std::ptr::null_mut());
@@ -398,18 +400,16 @@ impl RawEncoder {
             }
             ffi::LUA_TNUMBER => {
                 let n = ffi::lua_tonumber(state, idx);
-                // mlua reads an integral number in i64's range as an integer.
-                if n.fract() == 0.0 && n >= i64::MIN as f64 && n < i64::MAX as f64 && n.to_bits() != (-0.0f64).to_bits()
-                {
+                if let Some(i) = stack::as_integer(n) {
                     self.charge(20)?;
-                    Ok(Value::from(n as i64))
+                    Ok(Value::from(i))
                 } else {
                     self.charge(24)?;
                     Ok(number(n)?)
                 }
             }
             ffi::LUA_TSTRING => {
-                let bytes = raw_bytes(state, idx);
+                let bytes = stack::str_at(state, idx);
                 self.charge(bytes.len() + 2)?;
                 match std::str::from_utf8(bytes) {
                     Ok(s) => Ok(Value::String(s.to_owned())),
@@ -430,10 +430,11 @@ impl RawEncoder {
                 }
                 self.table(state, idx, depth)
             }
-            other => {
-                let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
-                Err(ConvertError(format!("a {name} cannot be converted to JSON")).into())
-            }
+            other => Err(ConvertError(format!(
+                "a {} cannot be converted to JSON",
+                stack::type_name(state, other)
+            ))
+            .into()),
         }
     }
 
@@ -451,22 +452,11 @@ impl RawEncoder {
                 return Err(RawError::General);
             }
         }
-        let len = ffi::lua_objlen(state, idx);
-        let mut count = 0usize;
-        let mut sequence = true;
-        ffi::lua_pushnil(state);
-        while ffi::lua_next(state, idx) != 0 {
-            count += 1;
-            sequence = sequence && ffi::lua_type(state, -2) == ffi::LUA_TNUMBER && {
-                let k = ffi::lua_tonumber(state, -2);
-                k.fract() == 0.0 && k >= 1.0 && k <= len as f64
-            };
-            ffi::lua_pop(state, 1);
-        }
-        if sequence && count == len && (len > 0 || marked_array) {
+        let shape = stack::table_shape(state, idx);
+        if shape.is_array(marked_array) {
             self.charge(2)?;
-            let mut items = Vec::with_capacity(len);
-            for i in 1..=len {
+            let mut items = Vec::with_capacity(shape.len);
+            for i in 1..=shape.len {
                 ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
                 let item = self.value(state, ffi::lua_gettop(state), depth + 1);
                 ffi::lua_pop(state, 1);
@@ -483,7 +473,7 @@ impl RawEncoder {
         self.charge(2)?;
         // Keys first (in table order, as Encoder), then values by sorted key.
         // (JSON key, the Lua key when it is a number)
-        let mut keys: Vec<(String, Option<f64>)> = Vec::with_capacity(count);
+        let mut keys: Vec<(String, Option<f64>)> = Vec::with_capacity(shape.count);
         ffi::lua_pushnil(state);
         while ffi::lua_next(state, idx) != 0 {
             let key = object_key(state, -2).and_then(|k| {
@@ -524,13 +514,13 @@ impl RawEncoder {
 /// `state` is live with a value at `idx`.
 unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, RawError> {
     match ffi::lua_type(state, idx) {
-        ffi::LUA_TSTRING => std::str::from_utf8(raw_bytes(state, idx))
+        ffi::LUA_TSTRING => std::str::from_utf8(stack::str_at(state, idx))
             .map(str::to_owned)
             .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")).into()),
         ffi::LUA_TNUMBER => {
             let n = ffi::lua_tonumber(state, idx);
-            if n.fract() == 0.0 && n >= i64::MIN as f64 && n < i64::MAX as f64 && n.to_bits() != (-0.0f64).to_bits() {
-                Ok((n as i64).to_string())
+            if let Some(i) = stack::as_integer(n) {
+                Ok(i.to_string())
             } else if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
                 Ok(format!("{}", n as i64))
             } else if n.is_finite() {
@@ -539,24 +529,12 @@ unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, RawErr
                 Err(ConvertError(String::from("a table key of type number cannot be a JSON object key")).into())
             }
         }
-        other => {
-            let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
-            Err(ConvertError(format!("a table key of type {name} cannot be a JSON object key")).into())
-        }
+        other => Err(ConvertError(format!(
+            "a table key of type {} cannot be a JSON object key",
+            stack::type_name(state, other)
+        ))
+        .into()),
     }
-}
-
-/// The bytes of the string at `idx`, valid while it stays on the stack.
-///
-/// # Safety
-/// `state` is live with a string at `idx`.
-unsafe fn raw_bytes<'s>(state: *mut lua_State, idx: c_int) -> &'s [u8] {
-    let mut len = 0usize;
-    let p = ffi::lua_tolstring(state, idx, &mut len);
-    if p.is_null() {
-        return &[];
-    }
-    std::slice::from_raw_parts(p.cast::<u8>(), len)
 }
 
 struct Encoder {

@@ -30,6 +30,7 @@ pub mod hooks;
 pub mod keys;
 pub mod pool;
 pub mod sandbox;
+pub mod stack;
 mod vm;
 
 pub use config::Config;

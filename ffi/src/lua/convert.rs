@@ -21,8 +21,9 @@
 //! Results come back the other way: arrays get `llmproxy.array_mt`, so an
 //! empty array passed back in stays an array.
 
-use std::ffi::{c_int, CStr};
+use std::ffi::c_int;
 
+use llmproxy_core::stack;
 use mlua::ffi::{self, lua_State};
 use mlua::{Lua, Table, Value};
 use serde_json::{Map, Number, Value as Json};
@@ -146,12 +147,12 @@ impl Walk {
             ffi::LUA_TBOOLEAN => Ok(Json::Bool(ffi::lua_toboolean(state, idx) != 0)),
             ffi::LUA_TNUMBER => {
                 let n = ffi::lua_tonumber(state, idx);
-                match as_integer(n) {
+                match stack::as_integer(n) {
                     Some(i) => Ok(Json::from(i)),
                     None => number(n),
                 }
             }
-            ffi::LUA_TSTRING => utf8(raw_bytes(state, idx)).map(|s| Json::String(s.to_owned())),
+            ffi::LUA_TSTRING => utf8(stack::str_at(state, idx)).map(|s| Json::String(s.to_owned())),
             ffi::LUA_TLIGHTUSERDATA => {
                 let p = ffi::lua_touserdata(state, idx);
                 if p.is_null() {
@@ -163,10 +164,10 @@ impl Walk {
                 }
             }
             ffi::LUA_TTABLE => self.table(state, idx, depth),
-            other => {
-                let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
-                Err(ToJsonError::new(format!("a {name} cannot be converted to JSON")))
-            }
+            other => Err(ToJsonError::new(format!(
+                "a {} cannot be converted to JSON",
+                stack::type_name(state, other)
+            ))),
         }
     }
 
@@ -187,22 +188,10 @@ impl Walk {
             ffi::lua_pop(state, 1);
             same
         };
-        let len = ffi::lua_objlen(state, idx);
-        // First pass: is it the sequence 1..len?
-        let mut count = 0usize;
-        let mut sequence = true;
-        ffi::lua_pushnil(state);
-        while ffi::lua_next(state, idx) != 0 {
-            count += 1;
-            sequence = sequence && ffi::lua_type(state, -2) == ffi::LUA_TNUMBER && {
-                let k = ffi::lua_tonumber(state, -2);
-                k.fract() == 0.0 && k >= 1.0 && k <= len as f64
-            };
-            ffi::lua_pop(state, 1);
-        }
-        if sequence && count == len && (len > 0 || marked) {
-            let mut items = Vec::with_capacity(len);
-            for i in 1..=len {
+        let shape = stack::table_shape(state, idx);
+        if shape.is_array(marked) {
+            let mut items = Vec::with_capacity(shape.len);
+            for i in 1..=shape.len {
                 ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
                 let item = self.value(state, ffi::lua_gettop(state), depth + 1);
                 ffi::lua_pop(state, 1);
@@ -215,7 +204,7 @@ impl Walk {
                 "a table marked as an array (llmproxy.array_mt) has keys that are not 1..n",
             ));
         }
-        let mut map = Map::with_capacity(count);
+        let mut map = Map::with_capacity(shape.count);
         ffi::lua_pushnil(state);
         while ffi::lua_next(state, idx) != 0 {
             let top = ffi::lua_gettop(state);
@@ -244,39 +233,25 @@ impl Walk {
 /// `state` is live with a value at `idx`.
 unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, ToJsonError> {
     match ffi::lua_type(state, idx) {
-        ffi::LUA_TSTRING => utf8(raw_bytes(state, idx))
+        ffi::LUA_TSTRING => utf8(stack::str_at(state, idx))
             .map(str::to_owned)
             .map_err(|_| ToJsonError::new("an object key is not valid UTF-8")),
         ffi::LUA_TNUMBER => {
             let n = ffi::lua_tonumber(state, idx);
-            match as_integer(n) {
+            match stack::as_integer(n) {
                 Some(i) => Ok(i.to_string()),
+                None if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER => Ok(format!("{}", n as i64)), // -0
                 None if n.is_finite() => Ok(n.to_string()),
                 None => Err(ToJsonError::new(
                     "a table key of type number cannot be a JSON object key",
                 )),
             }
         }
-        other => {
-            let name = CStr::from_ptr(ffi::lua_typename(state, other)).to_string_lossy();
-            Err(ToJsonError::new(format!(
-                "a table key of type {name} cannot be a JSON object key"
-            )))
-        }
+        other => Err(ToJsonError::new(format!(
+            "a table key of type {} cannot be a JSON object key",
+            stack::type_name(state, other)
+        ))),
     }
-}
-
-/// The bytes of the string at `idx`, valid while it stays on the stack.
-///
-/// # Safety
-/// `state` is live with a string at `idx`.
-unsafe fn raw_bytes<'s>(state: *mut lua_State, idx: c_int) -> &'s [u8] {
-    let mut len = 0usize;
-    let p = ffi::lua_tolstring(state, idx, &mut len);
-    if p.is_null() {
-        return &[];
-    }
-    std::slice::from_raw_parts(p.cast::<u8>(), len)
 }
 
 /// `bytes` as UTF-8, or the error JSON gives for them.
@@ -287,11 +262,6 @@ fn utf8(bytes: &[u8]) -> Result<&str, ToJsonError> {
             e.valid_up_to()
         ))
     })
-}
-
-/// The integer a Lua number is, as mlua reads one (integral and in range).
-fn as_integer(n: f64) -> Option<i64> {
-    (n.fract() == 0.0 && n >= i64::MIN as f64 && n < i64::MAX as f64).then_some(n as i64)
 }
 
 fn number(n: f64) -> Result<Json, ToJsonError> {
