@@ -34,6 +34,9 @@ pub struct PoolStats {
 struct Inner {
     idle: Vec<Vm>,
     stats: PoolStats,
+    /// Callers blocked in `checkout`: a checkin wakes one only if there is
+    /// one (a futex wake per call was a syscall per hook call).
+    waiters: usize,
 }
 
 /// The pool. Owned by an [`crate::Engine`].
@@ -56,6 +59,7 @@ impl Pool {
             inner: Mutex::new(Inner {
                 idle: Vec::new(),
                 stats: PoolStats::default(),
+                waiters: 0,
             }),
             freed: Condvar::new(),
             max,
@@ -102,8 +106,9 @@ impl Pool {
                         healthy: false,
                     }),
                     Err(e) => {
-                        self.lock().stats.alive -= 1;
-                        self.freed.notify_one();
+                        let mut inner = self.lock();
+                        inner.stats.alive -= 1;
+                        self.wake_one(&inner);
                         Err(e)
                     }
                 };
@@ -118,11 +123,20 @@ impl Pool {
                     ),
                 ));
             }
+            inner.waiters += 1;
             inner = self
                 .freed
                 .wait_timeout(inner, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            inner.waiters -= 1;
+        }
+    }
+
+    /// Wake one caller blocked in `checkout`, if any (called with the lock).
+    fn wake_one(&self, inner: &Inner) {
+        if inner.waiters > 0 {
+            self.freed.notify_one();
         }
     }
 
@@ -144,6 +158,7 @@ impl Pool {
         let mut inner = self.lock();
         if keep {
             inner.idle.push(vm);
+            self.wake_one(&inner);
         } else {
             inner.stats.alive -= 1;
             if recycled {
@@ -151,10 +166,11 @@ impl Pool {
             } else {
                 inner.stats.discarded += 1;
             }
+            // A waiter may now create a VM in its place.
+            self.wake_one(&inner);
             drop(inner);
             drop(vm);
         }
-        self.freed.notify_one();
     }
 }
 
