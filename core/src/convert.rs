@@ -139,11 +139,13 @@ fn markers(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, Markers>> {
 /// Arrays and objects are built on the Lua stack ([`push_json`]): through
 /// mlua each string and table would become a registry reference on the way.
 pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
-    let m = markers(lua)?;
-    match value {
+    Ok(match value {
+        Value::Null => LuaValue::LightUserData(NULL),
+        Value::Bool(b) => LuaValue::Boolean(*b),
+        Value::Number(n) => LuaValue::Number(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => LuaValue::String(lua.create_string(s)?),
         Value::Array(_) | Value::Object(_) => {
-            let array_mt = m.array_mt.clone();
-            drop(m);
+            let m = markers(lua)?;
             // SAFETY: `exec_raw` pushes the array marker (index 1) and runs
             // the closure in a protected call: an allocation failure raises
             // a Lua error that the call returns as an error (the closure
@@ -151,14 +153,13 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
             // space before each push and leaves exactly one value above the
             // marker; the marker is removed, so `exec_raw` returns the value.
             unsafe {
-                lua.exec_raw::<LuaValue>(&array_mt, |state| {
+                lua.exec_raw::<LuaValue>(&m.array_mt, |state| {
                     push_json(state, value, 1);
                     ffi::lua_remove(state, 1); // the marker: the result alone is returned
-                })
+                })?
             }
         }
-        _ => to_lua(lua, &m, value),
-    }
+    })
 }
 
 /// Push `value` on the stack of `state` (the array marker at `array_mt`).
@@ -195,30 +196,6 @@ unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int) {
             }
         }
     }
-}
-
-fn to_lua(lua: &Lua, m: &Markers, value: &Value) -> mlua::Result<LuaValue> {
-    Ok(match value {
-        Value::Null => LuaValue::LightUserData(NULL),
-        Value::Bool(b) => LuaValue::Boolean(*b),
-        Value::Number(n) => LuaValue::Number(n.as_f64().unwrap_or(f64::NAN)),
-        Value::String(s) => LuaValue::String(lua.create_string(s)?),
-        Value::Array(items) => {
-            let t = lua.create_table_with_capacity(items.len(), 0)?;
-            for (i, item) in items.iter().enumerate() {
-                t.raw_set(i + 1, to_lua(lua, m, item)?)?;
-            }
-            t.set_metatable(Some(m.array_mt.clone()))?;
-            LuaValue::Table(t)
-        }
-        Value::Object(map) => {
-            let t = lua.create_table_with_capacity(0, map.len())?;
-            for (k, v) in map {
-                t.raw_set(k.as_str(), to_lua(lua, m, v)?)?;
-            }
-            LuaValue::Table(t)
-        }
-    })
 }
 
 /// A lazy Lua view of `value`: objects are converted field by field on first
