@@ -180,35 +180,17 @@ local function key_of(a, b, c)
     return k
 end
 
--- A histogram's keys: `prefix .. i` per bucket, `s` (sum), `n` (count).
-local histograms = {}
-local function histogram_keys(kind, label, nbounds)
-    local t = histograms[kind]
-    if not t then
-        t = {}
-        histograms[kind] = t
-    end
-    local h = t[label]
-    if not h then
-        local prefix = kind .. SEP .. label .. SEP
-        h = { s = prefix .. "s", n = prefix .. "n" }
-        for i = 1, nbounds do
-            h[i] = prefix .. i
-        end
-        t[label] = h
-    end
-    return h
-end
-
-local function observe(m, h, bounds, seconds)
+-- A histogram is one key per bucket (`kind SEP label SEP i`), a sum (`s`)
+-- and a count (`n`).
+local function observe(m, kind, label, bounds, seconds)
     for i = 1, #bounds do
         if seconds <= bounds[i] then
-            incr(m, h[i], 1)
+            incr(m, key_of(kind, label, i), 1)
             break
         end
     end
-    incr(m, h.s, seconds)
-    incr(m, h.n, 1)
+    incr(m, key_of(kind, label, "s"), seconds)
+    incr(m, key_of(kind, label, "n"), 1)
 end
 
 --- One hook call: latency and how it ended.
@@ -220,7 +202,7 @@ end
 -- @phases any
 function _M.hook_call(m, hook, seconds, kind)
     incr(m, key_of("hc", hook), 1)
-    observe(m, histogram_keys("hd", hook, #HOOK_BUCKETS), HOOK_BUCKETS, seconds)
+    observe(m, "hd", hook, HOOK_BUCKETS, seconds)
     if kind then
         if kind == "invalid_argument" then
             kind = "bad_input"
@@ -243,7 +225,7 @@ end
 --- Upstream latency of one attempt on `backend`.
 -- @phases any
 function _M.upstream_latency(m, backend, seconds)
-    observe(m, histogram_keys("ul", backend, #UPSTREAM_BUCKETS), UPSTREAM_BUCKETS, seconds)
+    observe(m, "ul", backend, UPSTREAM_BUCKETS, seconds)
 end
 
 --- Attempts retried on another backend.
