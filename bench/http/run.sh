@@ -132,16 +132,8 @@ URL_NGINX=http://127.0.0.1:$NGINX/v1/chat/completions
 URL_GW=http://127.0.0.1:$GW/v1/chat/completions
 
 # peak URL PID...: one peak run, with the CPU time of the given processes
-# per request added to the load generator's JSON (`cpu_us`).
-cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
-peak() {
-  local url=$1 before out after
-  shift
-  before=$(cpu_ticks "$@")
-  out=$("$LOADGEN" rps "$url" "$BODY" $CONNS $DUR)
-  after=$(cpu_ticks "$@")
-  python3 bench/lib/rounds.py cpu "$out" "$before" "$after"
-}
+# per request (`cpu_us`).
+peak() { python3 bench/lib/rounds.py peak "$LOADGEN" "$1" "$BODY" $CONNS $DUR "${@:2}"; }
 NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
 
 echo "bench-http: peak RPS, $CONNS connections, ${DUR}s each, $ROUNDS rounds" >&2
@@ -156,7 +148,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 PEAKS=$(python3 bench/lib/rounds.py peaks rg rn "${rounds[@]}")
 
-HALF=$(python3 -c "import json,sys; m=json.loads(sys.argv[1]); print(int(min(m['rg']['rps'], m['rn']['rps'])/2))" "$PEAKS")
+HALF=$(python3 bench/lib/rounds.py half rg rn "$PEAKS")
 echo "bench-http: fixed rate $HALF req/s (half of the lower peak)" >&2
 halves=()
 for r in $(seq 1 "$ROUNDS"); do

@@ -1,28 +1,44 @@
 #!/usr/bin/env python3
 """Helpers of the HTTP benchmark scripts (bench/http/run.sh,
 openresty/bench/run.sh): CPU per request, and the median of interleaved
-rounds. Each prints one JSON object.
+rounds. Each prints one JSON value.
 
-  rounds.py cpu RUN_JSON TICKS_BEFORE TICKS_AFTER
-      the load generator's JSON with `cpu_us`: the CPU ticks spent over the
-      run (utime + stime of the measured processes) per answered request
+  rounds.py peak LOADGEN URL BODY CONNECTIONS SECONDS PID...
+      one `LOADGEN rps` run, its JSON with `cpu_us`: the CPU time (utime +
+      stime, from /proc) the processes PID... spent over the run, per
+      answered request
   rounds.py peaks NUM DEN ROUND_JSON...
       per key, the round with the median peak RPS; `ratios`: NUM/DEN RPS of
       every round, sorted; `ratio`: their median (a paired comparison: both
       figures come from the same round)
+  rounds.py half A B PEAKS_JSON
+      half of the lower peak RPS of keys A and B, as an integer
   rounds.py halves PROXY BASE ROUND_JSON...
       the round with the median p99 PROXY adds over BASE; `added`: that
       difference in every round, sorted
 """
 import json
 import os
+import subprocess
 import sys
 
 
-def cpu(run, before, after):
-    o = json.loads(run)
-    ticks = int(after) - int(before)
-    o["cpu_us"] = ticks * 1e6 / os.sysconf("SC_CLK_TCK") / max(o["requests"], 1)
+def cpu_ticks(pids):
+    """utime + stime of the processes, in clock ticks."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)"
+        total += int(fields[11]) + int(fields[12])  # stat fields 14 and 15
+    return total
+
+
+def peak(loadgen, url, body, conns, dur, pids):
+    before = cpu_ticks(pids)
+    out = subprocess.run([loadgen, "rps", url, body, conns, dur], check=True, capture_output=True, text=True)
+    after = cpu_ticks(pids)
+    o = json.loads(out.stdout)
+    o["cpu_us"] = (after - before) * 1e6 / os.sysconf("SC_CLK_TCK") / max(o["requests"], 1)
     return o
 
 
@@ -45,8 +61,11 @@ def halves(proxy, base, rounds):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "cpu":
-        result = cpu(*args)
+    if cmd == "peak":
+        result = peak(*args[:5], args[5:])
+    elif cmd == "half":
+        m = json.loads(args[2])
+        result = int(min(m[args[0]]["rps"], m[args[1]]["rps"]) / 2)
     elif cmd == "peaks":
         result = peaks(args[0], args[1], args[2:])
     elif cmd == "halves":

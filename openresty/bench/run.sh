@@ -173,15 +173,10 @@ NGX
 BODY='{"model":"gpt-4","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello to the benchmark."}],"viplevel":3,"temperature":0.7}'
 export LOADGEN_HEADER="Authorization: Bearer sk-bench"
 # peak URL NGINX_DIR: one peak run, with the CPU time of nginx's workers per
-# request added to the load generator's JSON (`cpu_us`).
-cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+# request (`cpu_us`).
 peak() {
-  local pids before out after
-  pids=$(pgrep -P "$(cat "$2/nginx.pid")" | tr '\n' ' ')
-  before=$(cpu_ticks $pids)
-  out=$("$LOADGEN" rps "$1" "$BODY" $CONNS $DUR)
-  after=$(cpu_ticks $pids)
-  python3 bench/lib/rounds.py cpu "$out" "$before" "$after"
+  # shellcheck disable=SC2046 # one argument per worker pid
+  python3 bench/lib/rounds.py peak "$LOADGEN" "$1" "$BODY" $CONNS $DUR $(pgrep -P "$(cat "$2/nginx.pid")")
 }
 
 results=()
@@ -205,7 +200,7 @@ for W in 1 2; do
     rounds+=("{\"rp\":$R_P,\"rf\":$R_F,\"rl\":$R_L,\"rb\":$R_B}")
   done
   MED=$(python3 bench/lib/rounds.py peaks rl rp "${rounds[@]}")
-  HALF=$(python3 -c "import json,sys; m=json.loads(sys.argv[1]); print(int(min(m['rp']['rps'], m['rl']['rps'])/2))" "$MED")
+  HALF=$(python3 bench/lib/rounds.py half rp rl "$MED")
   echo "bench-openresty: fixed rate $HALF req/s" >&2
   halves=()
   for r in $(seq 1 "$ROUNDS"); do
