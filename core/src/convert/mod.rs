@@ -30,6 +30,8 @@ use serde_json::{Map, Number, Value};
 
 use crate::stack;
 
+pub mod parse;
+
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
 pub const NULL: LightUserData = LightUserData(std::ptr::null_mut());
 /// `json.empty_array`: a sentinel that encodes as `[]`. Light userdata
@@ -686,12 +688,20 @@ fn number(n: f64) -> Result<Value, ConvertError> {
     if !n.is_finite() {
         return Err(ConvertError(format!("number {n} cannot be represented in JSON")));
     }
+    if n == 0.0 && n.is_sign_negative() {
+        return Ok(Value::Number(negative_zero()));
+    }
     if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
         return Ok(Value::from(n as i64));
     }
     Number::from_f64(n)
         .map(Value::Number)
         .ok_or_else(|| ConvertError(format!("number {n} cannot be represented in JSON")))
+}
+
+/// `-0`, as JSON writes it (a double keeps the sign; JSON text `-0` came in).
+fn negative_zero() -> Number {
+    "-0".parse().unwrap_or_else(|_| Number::from(0))
 }
 
 /// Approximate encoded size of a JSON value (used for the output budget).
@@ -714,8 +724,8 @@ pub fn json_depth(v: &Value) -> usize {
     }
 }
 
-/// Parse JSON text within `limits` (size, then depth). Deep nesting is an
-/// error from the parser's own recursion limit or from the depth check.
+/// Parse JSON text within `limits` (size, then depth, duplicate keys
+/// refused; see [`parse`]).
 pub fn parse_json(text: &[u8], limits: Limits) -> Result<Value, ConvertError> {
     if text.len() > limits.max_bytes {
         return Err(ConvertError(format!(
@@ -724,13 +734,10 @@ pub fn parse_json(text: &[u8], limits: Limits) -> Result<Value, ConvertError> {
             limits.max_bytes
         )));
     }
-    let value: Value = serde_json::from_slice(text).map_err(|e| ConvertError(format!("invalid JSON: {e}")))?;
-    let depth = json_depth(&value);
-    if depth > limits.max_depth {
-        return Err(ConvertError(format!(
-            "JSON nesting is {depth} levels, deeper than the limit of {}",
-            limits.max_depth
-        )));
-    }
-    Ok(value)
+    let bounds = parse::Bounds {
+        max_depth: limits.max_depth,
+        max_memory: usize::MAX,
+        interrupt: None,
+    };
+    parse::parse(text, &bounds).map_err(|e| ConvertError(e.to_string()))
 }
