@@ -126,6 +126,7 @@ impl Vm {
             limits,
             memory_allowance: memory,
             log_lines: 0,
+            rng: None,
         });
 
         // Limits are armed only while the script runs: with a memory limit
