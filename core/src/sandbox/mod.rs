@@ -71,6 +71,7 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
 
     Markers::install(&lua)?;
     lua.set_app_data(CallContext::idle());
+    lua.set_app_data(convert::NumberTexts::default());
 
     let watchdog = Arc::new(Watchdog::new());
     // Helpers that run long outside the interpreter poll the deadline.
