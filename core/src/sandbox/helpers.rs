@@ -125,6 +125,9 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
+/// Parts `string_utils.split` makes between two checks of the deadline.
+const SPLIT_CHECK_EVERY: usize = 4096;
+
 /// `string_utils` helper table.
 pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
@@ -140,10 +143,18 @@ pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
                 return Err(mlua::Error::runtime("string_utils.split: delimiter must not be empty"));
             }
             let parts = lua.create_table()?;
+            let watchdog = lua.app_data_ref::<Arc<Watchdog>>().map(|w| Arc::clone(&w));
             let mut start = 0;
             let mut n = 0;
             for pos in memchr::memmem::find_iter(&s, &sep) {
                 n += 1;
+                // Millions of parts are one uninterruptible call: check the
+                // deadline as the time limit's count hook would.
+                if n % SPLIT_CHECK_EVERY == 0 {
+                    if let Some(w) = &watchdog {
+                        w.check()?;
+                    }
+                }
                 parts.raw_set(n, lua.create_string(&s[start..pos])?)?;
                 start = pos + sep.len();
             }
@@ -255,16 +266,31 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// Bytes hashed between two checks of the call's deadline.
+const HASH_CHUNK: usize = 256 << 10;
+
+/// The hex digest of `s`, hashed in chunks with the deadline checked in
+/// between: a C-speed loop over megabytes is still one uninterruptible call.
+fn digest<D: Digest>(lua: &Lua, s: &LuaString) -> mlua::Result<String> {
+    let watchdog = lua.app_data_ref::<Arc<Watchdog>>().map(|w| Arc::clone(&w));
+    let bytes = s.as_bytes();
+    let mut d = D::new();
+    for chunk in bytes.chunks(HASH_CHUNK) {
+        if let Some(w) = &watchdog {
+            w.check()?;
+        }
+        d.update(chunk);
+    }
+    Ok(hex(&d.finalize()))
+}
+
 /// `hash` helper table (lowercase hex digests).
 pub(crate) fn hash(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    t.raw_set(
-        "md5",
-        lua.create_function(|_, s: LuaString| Ok(hex(&Md5::digest(&*s.as_bytes()))))?,
-    )?;
+    t.raw_set("md5", lua.create_function(|lua, s: LuaString| digest::<Md5>(lua, &s))?)?;
     t.raw_set(
         "sha256",
-        lua.create_function(|_, s: LuaString| Ok(hex(&Sha256::digest(&*s.as_bytes()))))?,
+        lua.create_function(|lua, s: LuaString| digest::<Sha256>(lua, &s))?,
     )?;
     Ok(t)
 }
