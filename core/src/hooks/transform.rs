@@ -139,8 +139,13 @@ impl RequestRewrite {
         let what = "request_transform";
         let obj = expect_object(value, what)?;
         reject_unknown(obj, &["body", "headers"], what)?;
+        let body = body_field(obj);
+        // The host decides `stream` from this body, as from the client's.
+        if let Some(b) = &body {
+            crate::http::fields::check(b).map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
+        }
         Ok(Some(RequestRewrite {
-            body: body_field(obj),
+            body,
             headers: header_changes(obj, what)?,
         }))
     }
@@ -181,6 +186,16 @@ fn body_field(obj: &Map<String, Value>) -> Option<Value> {
 /// Parse `headers = {name = "value" | false | json.null}`; names must be
 /// HTTP tokens and values must not contain CR, LF or NUL (no header
 /// injection through a script).
+///
+/// Setting a hop-by-hop header ([`crate::http::hop_by_hop`]: `Connection`,
+/// `Upgrade`, `TE`, `Trailer`, `Transfer-Encoding`, `Keep-Alive`, `Proxy-*`)
+/// is `bad_output`, not a silent drop: those headers describe the host's own
+/// connections, a host could not honour them without breaking its framing
+/// (a `Transfer-Encoding` or `Upgrade` the host does not do), and refusing
+/// the result makes the mistake visible the same way in every host (hook
+/// error metrics and logs, the hook's `on_error` policy) like the other
+/// header checks above. Removing one (`false`) is allowed: hosts never
+/// forward them anyway.
 pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
     let headers = match obj.get("headers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
@@ -213,6 +228,11 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
             }
         };
         if let HeaderChange::Set(v) = &change {
+            if crate::http::hop_by_hop::is_hop_by_hop(name) {
+                return Err(HookError::bad_output(format!(
+                    "{what}: '{name}' is a hop-by-hop header; scripts cannot set it"
+                )));
+            }
             if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 return Err(HookError::bad_output(format!(
                     "{what}: header '{name}' contains CR, LF or NUL"
