@@ -1009,28 +1009,36 @@ fn outputs(v: &mut Vec<Case>) {
             "return {allow = false, status_code = 100}",
         )
         .hook(HookName::Auth),
-        o(
+        Case::new(
+            G,
             "Set the Upgrade header",
-            "response_transform sets `Upgrade = 'websocket'` (hop-by-hop)",
-            "return {headers = {Upgrade = 'websocket'}}",
+            "response_transform sets `Upgrade = 'websocket'` (hop-by-hop: dropped with a warning)",
+            "return {headers = {Upgrade = 'websocket', ['X-A'] = '1'}}",
+            value(json!({"headers": {"X-A": "1"}})),
         )
         .hook(HookName::ResponseTransform),
-        o(
+        Case::new(
+            G,
             "Set Transfer-Encoding upstream",
             "request_transform sets `Transfer-Encoding = 'chunked'` to desync the upstream framing",
             "return {headers = {['Transfer-Encoding'] = 'chunked'}}",
+            value(json!({"headers": {}})),
         )
         .hook(HookName::RequestTransform),
-        o(
+        Case::new(
+            G,
             "Set a Proxy-* header",
             "error_handler sets `Proxy-Authenticate` (hop-by-hop)",
             "return {body = {}, headers = {['proxy-authenticate'] = 'Basic'}}",
+            value(json!({"body": {}, "headers": {}})),
         )
         .hook(HookName::ErrorHandler),
-        o(
+        Case::new(
+            G,
             "Set TE, Trailer, Keep-Alive and Connection",
             "request_transform sets every other hop-by-hop header",
             "return {headers = {TE = 'trailers', Trailer = 'X-A', ['Keep-Alive'] = 'timeout=5', Connection = 'X-A'}}",
+            value(json!({"headers": {}})),
         )
         .hook(HookName::RequestTransform),
         o(

@@ -228,4 +228,15 @@ async fn an_upstream_101_is_a_502_and_a_script_101_never_reaches_the_client() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["object"], "chat.completion");
     assert_eq!(r.header("upgrade"), None);
+
+    // Hop-by-hop headers a script sets are dropped; its other changes apply.
+    let yaml = format!(
+        "backends:\n{}scripts:\n  response_transform:\n    script: |\n{}",
+        backend("m", &m.url()),
+        script("return {headers = {Upgrade = 'websocket', Connection = 'Upgrade', ['X-A'] = '1'}}"),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let r = gw.chat(None, json!({})).await;
+    assert_eq!((r.status, r.header("x-a")), (200, Some("1")));
+    assert_eq!(r.header("upgrade"), None);
 }

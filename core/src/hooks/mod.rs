@@ -26,6 +26,8 @@ pub use transform::{
 };
 pub use usage::{UsageInput, UsageMetadata, UsageRecord};
 
+pub(crate) use transform::drop_hop_by_hop;
+
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 

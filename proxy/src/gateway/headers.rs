@@ -5,7 +5,7 @@ use llmproxy_core::hooks::HeaderChange;
 use llmproxy_core::http::hop_by_hop;
 
 /// Headers scripts may not set: the gateway computes them. (Hop-by-hop
-/// headers are refused earlier, by core's hook result checks.)
+/// headers are dropped earlier, by core's engine.)
 const PROTECTED: [&str; 4] = ["content-length", "transfer-encoding", "connection", "host"];
 
 /// The hop-by-hop headers of one message (RFC 9110 §7.6.1): the fixed list
