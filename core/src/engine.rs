@@ -111,6 +111,27 @@ impl Engine {
         self.run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))
     }
 
+    /// Drop the hop-by-hop headers a transform or error_handler result
+    /// sets, with one warning each (why: [`crate::hooks::drop_hop_by_hop`]).
+    fn drop_hop_by_hop(&self, hook: HookName, request_id: Option<&str>, value: &mut Value) {
+        if !matches!(
+            hook,
+            HookName::RequestTransform | HookName::ResponseTransform | HookName::ErrorHandler
+        ) {
+            return;
+        }
+        for header in crate::hooks::drop_hop_by_hop(value) {
+            tracing::warn!(
+                target: "llmproxy::hook",
+                request_id = request_id.unwrap_or("-"),
+                hook = hook.as_str(),
+                script = self.config.hook(hook).map_or("-", |c| &*c.script.name),
+                header = %header,
+                "a script may not set a hop-by-hop header; dropped"
+            );
+        }
+    }
+
     /// Log a failed call once, with everything an operator needs.
     fn report(&self, e: HookError, request_id: Option<&str>) -> HookError {
         tracing::warn!(
@@ -154,9 +175,10 @@ impl Engine {
 
     /// `request_transform`: changes to the request, `None` for unchanged.
     pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(mut v) = self.run(input)? else {
             return Ok(None);
         };
+        self.drop_hop_by_hop(HookName::RequestTransform, Some(&input.request.id), &mut v);
         self.checked(
             HookName::RequestTransform,
             &input.request.id,
@@ -166,9 +188,10 @@ impl Engine {
 
     /// `response_transform`: changes to the response, `None` for unchanged.
     pub fn transform_response(&self, input: &ResponseTransformInput<'_>) -> Result<Option<ResponseRewrite>, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(mut v) = self.run(input)? else {
             return Ok(None);
         };
+        self.drop_hop_by_hop(HookName::ResponseTransform, Some(&input.request.id), &mut v);
         self.checked(
             HookName::ResponseTransform,
             &input.request.id,
@@ -194,9 +217,10 @@ impl Engine {
 
     /// `error_handler`: the error response to send.
     pub fn handle_error(&self, input: &ErrorInput<'_>) -> Result<ErrorResponse, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(mut v) = self.run(input)? else {
             return Ok(ErrorResponse::Default);
         };
+        self.drop_hop_by_hop(HookName::ErrorHandler, Some(&input.request.id), &mut v);
         let fallback = input.error.status_code;
         self.checked(
             HookName::ErrorHandler,
@@ -269,9 +293,10 @@ impl Engine {
             }
             Ok(())
         };
-        let Some(value) = self.run_raw(hook, request_id, set_globals)? else {
+        let Some(mut value) = self.run_raw(hook, request_id, set_globals)? else {
             return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
+        self.drop_hop_by_hop(hook, request_id, &mut value);
         let validated = match hook {
             HookName::Routing => {
                 let names = globals.get("backends").and_then(Value::as_object);

@@ -15,6 +15,8 @@
 //! - [`sandbox`]: the safe environment, helper libraries and limits.
 //! - [`pool`]: the bounded pool of sandboxed LuaJIT states.
 //! - [`convert`]: lossless JSON <-> Lua conversion, lazy request bodies.
+//! - [`http`]: request rules every host shares: the canonical path, the
+//!   OpenAI field types, hop-by-hop headers.
 //! - [`keys`]: API key records and the standard checks every host shares.
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
@@ -27,6 +29,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod hooks;
+pub mod http;
 pub mod keys;
 pub mod pool;
 pub mod sandbox;

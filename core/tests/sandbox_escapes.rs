@@ -996,6 +996,62 @@ fn outputs(v: &mut Vec<Case>) {
         )
         .hook(HookName::ResponseTransform),
         o(
+            "Switch protocols with status_code 101",
+            "response_transform returns status 101 (a final answer must be 200-599)",
+            "return {status_code = 101}",
+        )
+        .hook(HookName::ResponseTransform),
+        o(
+            "Answer an error with status_code 103",
+            "error_handler returns status 103 (Early Hints) as the final answer",
+            "return {status_code = 103, body = {}}",
+        )
+        .hook(HookName::ErrorHandler),
+        o(
+            "Deny auth with status_code 100",
+            "auth denies with status 100 Continue",
+            "return {allow = false, status_code = 100}",
+        )
+        .hook(HookName::Auth),
+        Case::new(
+            G,
+            "Set the Upgrade header",
+            "response_transform sets `Upgrade = 'websocket'` (hop-by-hop: dropped with a warning)",
+            "return {headers = {Upgrade = 'websocket', ['X-A'] = '1'}}",
+            value(json!({"headers": {"X-A": "1"}})),
+        )
+        .hook(HookName::ResponseTransform),
+        Case::new(
+            G,
+            "Set Transfer-Encoding upstream",
+            "request_transform sets `Transfer-Encoding = 'chunked'` to desync the upstream framing",
+            "return {headers = {['Transfer-Encoding'] = 'chunked'}}",
+            value(json!({"headers": {}})),
+        )
+        .hook(HookName::RequestTransform),
+        Case::new(
+            G,
+            "Set a Proxy-* header",
+            "error_handler sets `Proxy-Authenticate` (hop-by-hop)",
+            "return {body = {}, headers = {['proxy-authenticate'] = 'Basic'}}",
+            value(json!({"body": {}, "headers": {}})),
+        )
+        .hook(HookName::ErrorHandler),
+        Case::new(
+            G,
+            "Set TE, Trailer, Keep-Alive and Connection",
+            "request_transform sets every other hop-by-hop header",
+            "return {headers = {TE = 'trailers', Trailer = 'X-A', ['Keep-Alive'] = 'timeout=5', Connection = 'X-A'}}",
+            value(json!({"headers": {}})),
+        )
+        .hook(HookName::RequestTransform),
+        o(
+            "Stream with stream = 'true'",
+            "request_transform rewrites the body with `stream = 'true'` (a string the upstream coerces)",
+            "return {body = {model = 'm', stream = 'true'}}",
+        )
+        .hook(HookName::RequestTransform),
+        o(
             "Answer without a body",
             "error_handler omits the required body",
             "return {status_code = 500}",

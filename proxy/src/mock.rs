@@ -8,7 +8,10 @@
 //! `x-mock-status: N` answers N with an OpenAI-style error,
 //! `x-mock-delay-ms`, `x-mock-chunks` and `x-mock-chunk-delay-ms` override
 //! the options. Every `x-*` request header is echoed back as
-//! `x-echo-<name>` so tests can see what reached the backend.
+//! `x-echo-<name>` so tests can see what reached the backend, and
+//! `x-mock-path` gives the path and query the backend was asked for.
+//! `x-mock-connection: V` makes the answer carry `Connection: V` (for
+//! tests of headers a `Connection` header names).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -175,6 +178,7 @@ async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_owned());
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return error(400, "cannot read body"),
@@ -183,6 +187,12 @@ async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
     let rh = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&o.name) {
         rh.insert("x-mock-backend", v);
+    }
+    if let Some(v) = path_and_query.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        rh.insert("x-mock-path", v);
+    }
+    if let Some(v) = h.get("x-mock-connection") {
+        rh.insert(header::CONNECTION, v.clone());
     }
     for (name, value) in &h {
         if name.as_str().starts_with("x-") && !name.as_str().starts_with("x-mock-") {

@@ -26,6 +26,8 @@ pub use transform::{
 };
 pub use usage::{UsageInput, UsageMetadata, UsageRecord};
 
+pub(crate) use transform::drop_hop_by_hop;
+
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
@@ -97,14 +99,16 @@ fn optional_string(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Op
     }
 }
 
-/// An optional HTTP status code (an integer in 100..=599).
+/// An optional HTTP status code for a final response: an integer in
+/// 200..=599. 1xx codes are interim responses (a 101 switches protocols and
+/// hands the connection over), never a final answer a script can give.
 fn optional_status(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<u16>, HookError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
-            Some(code @ 100..=599) => Ok(Some(code as u16)),
+            Some(code @ 200..=599) => Ok(Some(code as u16)),
             _ => Err(HookError::bad_output(format!(
-                "{what}: '{key}' must be an HTTP status code (100-599), got {n}"
+                "{what}: '{key}' must be an HTTP status code (200-599), got {n}"
             ))),
         },
         Some(other) => Err(HookError::bad_output(format!(

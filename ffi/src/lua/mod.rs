@@ -20,6 +20,7 @@
 //! -- A request handle with more fields, the body shared (not re-parsed).
 //! local routed = r:with({ backend_url = "http://10.0.0.2:8000" })
 //! r:body_get("/stream")                     -- one body field, by JSON pointer
+//! r:check_fields()    -- nil, or why `stream` & co. do not have their OpenAI types
 //! r:body_json({ stream_options = { include_usage = true } })  -- merge patch
 //! -- A response body as JSON text, parsed in Rust like request.body_raw.
 //! engine:run("response_transform", { request = r,
@@ -646,6 +647,17 @@ impl UserData for LuaRequest {
             };
             Ok(MultiValue::from_vec(vec![value]))
         });
+        // req:check_fields() -> nil when the OpenAI fields a host decides on
+        // (`model`, `stream`, `stream_options`, `stream_options.include_usage`)
+        // have their OpenAI types, else a message naming the first that does
+        // not (core's `llmproxy_core::http::fields`, as the gateway).
+        methods.add_method(
+            "check_fields",
+            |lua, this, ()| match llmproxy_core::http::fields::check(&this.request.info().body) {
+                Ok(()) => Ok(Value::Nil),
+                Err(e) => Ok(Value::String(lua.create_string(e.to_string())?)),
+            },
+        );
         // req:body_json(patch?) -> the body as JSON text (key order kept),
         // with a JSON merge patch (RFC 7386) applied when given.
         methods.add_method("body_json", |lua, this, patch: Value| {

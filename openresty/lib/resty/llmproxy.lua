@@ -784,6 +784,12 @@ local function prepare_request(state, ctx)
             return failure("bad_request", 400, "invalid_body", "the request body must be a JSON object")
         end
         ctx.req = req
+        -- `stream` and its options must have their OpenAI types (core's
+        -- check, as the gateway): a "true" would stream upstream unbilled.
+        local ferr = req:check_fields()
+        if ferr then
+            return failure("bad_request", 400, "invalid_field", "invalid request: " .. ferr)
+        end
         return nil
     end
     -- Other endpoints: scripts see the body when it happens to be JSON.

@@ -16,6 +16,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
+use llmproxy_core::http::{fields, path::PathError};
 use llmproxy_core::HookName;
 use serde_json::Value;
 
@@ -43,6 +44,8 @@ pub enum Endpoint {
     Passthrough,
     /// Not an endpoint of the gateway (404 through `error_handler`).
     NotFound,
+    /// The path has no canonical form (400 through `error_handler`).
+    BadPath(PathError),
 }
 
 impl Endpoint {
@@ -99,12 +102,16 @@ enum Stop {
     Refused(Refusal),
 }
 
-/// Proxy one request to a backend.
+/// Proxy one request to a backend. `path` is the request's canonical path
+/// (see [`llmproxy_core::http::path`]): scripts see it, the upstream gets
+/// it (with the client's query string); for [`Endpoint::BadPath`], the
+/// path as sent, for the logs.
 pub async fn proxy(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     peer: SocketAddr,
     endpoint: Endpoint,
+    path: String,
 ) -> Response<GatewayBody> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
@@ -131,8 +138,12 @@ pub async fn proxy(
         api_key,
         user_id: key.map(|k| k.record.user_id.clone()),
         client_ip: Some(peer.ip().to_string()),
-        path: Some(parts.uri.path().to_owned()),
+        path: Some(path),
         ..RequestInfo::default()
+    };
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", info.path.as_deref().unwrap_or("/")),
+        None => info.path.clone().unwrap_or_else(|| String::from("/")),
     };
     let mut ex = Exchange {
         shared,
@@ -142,10 +153,7 @@ pub async fn proxy(
         info: Arc::new(info),
         endpoint,
         method: parts.method,
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| String::from("/"), |p| p.as_str().to_owned()),
+        path_and_query,
         client_headers: parts.headers,
         body: Bytes::new(),
         started,
@@ -163,6 +171,10 @@ pub async fn proxy(
                 ex.info.path.as_deref().unwrap_or("/")
             ),
         );
+        return ex.fail(f).await;
+    }
+    if let Endpoint::BadPath(e) = endpoint {
+        let f = Failure::new(ErrorType::BadRequest, 400, "invalid_path", e.to_string());
         return ex.fail(f).await;
     }
     let max = ex.shared.config.max_body_bytes;
@@ -219,7 +231,17 @@ fn parse_api_body(body: &[u8], engine: &llmproxy_core::Engine) -> Result<Value, 
         max_bytes: usize::MAX,
     };
     match convert::parse_json(body, limits) {
-        Ok(v @ Value::Object(_)) => Ok(v),
+        // The fields the gateway decides on (`stream`) have the OpenAI
+        // types, or the request is refused before any hook runs.
+        Ok(v @ Value::Object(_)) => match fields::check(&v) {
+            Ok(()) => Ok(v),
+            Err(e) => Err(Failure::new(
+                ErrorType::BadRequest,
+                400,
+                "invalid_field",
+                format!("invalid request: {e}"),
+            )),
+        },
         Ok(_) => Err(Failure::new(
             ErrorType::BadRequest,
             400,
@@ -470,6 +492,12 @@ impl Exchange {
             UpstreamError::Timeout(_) => (ErrorType::Timeout, 504, "backend_timeout", retry.on_timeout),
             UpstreamError::Io(_) => (ErrorType::BackendError, 502, "backend_failed", retry.on_connect_error),
             UpstreamError::TooLarge => (ErrorType::BackendError, 502, "response_too_large", false),
+            UpstreamError::InterimStatus(_) => (
+                ErrorType::BackendError,
+                502,
+                "backend_bad_status",
+                retry.on_connect_error,
+            ),
         };
         let f = self.failure_at(b, kind, status, code, e.message());
         if can_retry && retryable {

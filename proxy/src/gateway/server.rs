@@ -63,8 +63,15 @@ pub async fn handle(
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
 ) -> Response<GatewayBody> {
-    let path = req.uri().path();
-    let endpoint = match (req.method(), path) {
+    // Endpoints match on the canonical path, and it is what goes upstream.
+    let path = match llmproxy_core::http::path::canonical(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => {
+            let raw = req.uri().path().to_owned();
+            return exchange::proxy(shared, req, peer, Endpoint::BadPath(e), raw).await;
+        }
+    };
+    let endpoint = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => {
             return local(&req, StatusCode::OK, "application/json", r#"{"status":"ok"}"#.into())
         }
@@ -83,7 +90,7 @@ pub async fn handle(
         (_, p) if p.starts_with("/v1/") => Endpoint::Passthrough,
         _ => Endpoint::NotFound,
     };
-    exchange::proxy(shared, req, peer, endpoint).await
+    exchange::proxy(shared, req, peer, endpoint, path).await
 }
 
 /// `POST /admin/reload`: `Authorization: Bearer <admin.token>`; 404 when
