@@ -54,6 +54,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
 use llmproxy_core::config::{BalancerKind, OnError};
+use llmproxy_core::http::hop_by_hop;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
@@ -928,6 +929,39 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 Some(u) => convert::to_lua(lua, &u, &shared_usage.array_mt)?,
             };
             Ok((value, p.has_choices))
+        })?,
+    )?;
+    // llmproxy.hop_by_hop(headers) -> the names of `headers` (a table as
+    // `ngx.req.get_headers()` gives it) that describe the client's
+    // connection and must not go upstream, or nil when there are none: the
+    // core's rule, so nginx and the gateway drop the same names.
+    exports.raw_set(
+        "hop_by_hop",
+        lua.create_function(|lua, headers: Table| {
+            let connection: Option<String> = match headers.raw_get::<Value>("connection")? {
+                Value::String(s) => Some(s.to_string_lossy()),
+                Value::Table(t) => Some(
+                    t.sequence_values::<String>()
+                        .collect::<mlua::Result<Vec<_>>>()?
+                        .join(","),
+                ),
+                _ => None,
+            };
+            let listed: Vec<String> = connection
+                .as_deref()
+                .map(|c| hop_by_hop::connection_names(c).collect())
+                .unwrap_or_default();
+            let mut drop: Vec<String> = Vec::new();
+            for pair in headers.pairs::<String, Value>() {
+                let (name, _) = pair?;
+                if hop_by_hop::is_hop_by_hop(&name) || listed.iter().any(|l| l.eq_ignore_ascii_case(&name)) {
+                    drop.push(name);
+                }
+            }
+            if drop.is_empty() {
+                return Ok(Value::Nil);
+            }
+            Ok(Value::Table(lua.create_sequence_from(drop)?))
         })?,
     )?;
     let shared_request = shared.clone();

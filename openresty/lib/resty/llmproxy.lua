@@ -737,6 +737,9 @@ local function key_entry(state, api_key)
     return e
 end
 
+-- Request headers nginx's proxy module writes itself.
+local NGINX_FRAMED = { host = true, ["content-length"] = true, ["transfer-encoding"] = true }
+
 -- Read the body and parse the request once into `ctx.req`. Returns a
 -- failure when the request cannot go on.
 local function prepare_request(state, ctx)
@@ -746,6 +749,19 @@ local function prepare_request(state, ctx)
     end
     ctx.id = request_id(raw)
     req_set_header("X-Request-ID", ctx.id)
+    -- Headers that describe the client's connection (the fixed hop-by-hop
+    -- names and every name its Connection header lists) stay on this hop.
+    -- nginx frames the upstream message itself (Host, Content-Length,
+    -- Transfer-Encoding): those are left to it.
+    local hop = state.llmproxy.hop_by_hop(raw)
+    if hop then
+        for i = 1, #hop do
+            local name = hop[i]
+            if not NGINX_FRAMED[name] then
+                req_clear_header(name)
+            end
+        end
+    end
     local fields = request_fields(ctx, raw)
     local entry = key_entry(state, fields.api_key)
     if entry then
