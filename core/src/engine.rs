@@ -4,7 +4,9 @@
 //! builds a new engine (compiling every script first) and swaps it in; calls
 //! in flight finish on the engine they started with.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
@@ -24,7 +26,16 @@ use crate::vm::CallSpec;
 pub struct Engine {
     config: Arc<Config>,
     pool: Pool,
+    /// Unknown result fields ignored, per hook ([`HookName::index`]).
+    ignored_fields: [AtomicU64; 7],
+    /// `(hook, field)` pairs already warned about: one warning per script
+    /// and field for the engine's life, not one per call.
+    warned_fields: Mutex<HashSet<(HookName, String)>>,
 }
+
+/// Most distinct `(hook, field)` warnings one engine remembers; past it,
+/// further unknown fields are still counted but no longer logged.
+const MAX_WARNED_FIELDS: usize = 256;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,6 +73,8 @@ impl Engine {
         Ok(Engine {
             config: Arc::new(config),
             pool,
+            ignored_fields: Default::default(),
+            warned_fields: Mutex::new(HashSet::new()),
         })
     }
 
@@ -73,6 +86,12 @@ impl Engine {
     /// Whether `hook` has an enabled script.
     pub fn is_enabled(&self, hook: HookName) -> bool {
         self.config.hook(hook).is_some()
+    }
+
+    /// Unknown fields ignored in `hook`'s results so far (a counter for
+    /// the hosts' metrics).
+    pub fn ignored_fields(&self, hook: HookName) -> u64 {
+        self.ignored_fields[hook.index()].load(Ordering::Relaxed)
     }
 
     /// VM pool counters.
@@ -102,8 +121,38 @@ impl Engine {
         vm.finish();
         drop(vm);
         match result {
-            Ok(v) => Ok(Some(v)),
+            Ok(mut v) => {
+                self.ignore_unknown_fields(hook, &cfg.script.name, request_id, &mut v);
+                Ok(Some(v))
+            }
             Err(e) => Err(self.report(e.at(hook, &cfg.script.name), request_id)),
+        }
+    }
+
+    /// Drop the fields a result has beyond its hook's contract: counted,
+    /// and logged once per script and field (why: [`crate::hooks::drop_unknown_fields`]).
+    fn ignore_unknown_fields(&self, hook: HookName, script: &str, request_id: Option<&str>, value: &mut Value) {
+        let unknown = crate::hooks::drop_unknown_fields(hook, value);
+        if unknown.is_empty() {
+            return;
+        }
+        self.ignored_fields[hook.index()].fetch_add(unknown.len() as u64, Ordering::Relaxed);
+        let Ok(mut warned) = self.warned_fields.lock() else {
+            return;
+        };
+        for field in unknown {
+            if warned.len() >= MAX_WARNED_FIELDS || warned.contains(&(hook, field.clone())) {
+                continue;
+            }
+            tracing::warn!(
+                target: "llmproxy::hook",
+                request_id = request_id.unwrap_or("-"),
+                hook = hook.as_str(),
+                script = script,
+                field = %field,
+                "the script's result has a field its hook does not use; ignored (logged once per script and field)"
+            );
+            warned.insert((hook, field));
         }
     }
 

@@ -4,7 +4,7 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{expect_object, optional_status, optional_string, reject_unknown, required_bool, set_json, set_serialized};
+use super::{expect_object, optional_status, optional_string, required_bool, set_json, set_serialized};
 use super::{HookInput, HookName, RequestInfo};
 use crate::error::HookError;
 
@@ -88,7 +88,6 @@ impl AuthVerdict {
         }
         let what = "auth";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["allow", "reason", "status_code"], what)?;
         if required_bool(obj, "allow", what)? {
             return Ok(AuthVerdict::Allow);
         }

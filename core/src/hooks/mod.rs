@@ -63,15 +63,33 @@ fn expect_object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Val
         .ok_or_else(|| HookError::bad_output(format!("{what} must return a table or nil, got {}", json_type(value))))
 }
 
-/// Reject keys outside `allowed` (catches typos such as `alow = true`).
-fn reject_unknown(obj: &Map<String, Value>, allowed: &[&str], what: &str) -> Result<(), HookError> {
-    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(HookError::bad_output(format!(
-            "{what}: unknown field '{k}' (allowed: {})",
-            allowed.join(", ")
-        )));
+/// The fields a hook's result table has, for hooks whose result is a table
+/// with fixed fields (`usage` returns free-form fields, `routing` a name).
+pub(crate) fn result_fields(hook: HookName) -> Option<&'static [&'static str]> {
+    match hook {
+        HookName::Auth => Some(&["allow", "reason", "status_code"]),
+        HookName::RateLimit => Some(&["allow", "reason", "retry_after"]),
+        HookName::RequestTransform => Some(&["body", "headers"]),
+        HookName::ResponseTransform | HookName::ErrorHandler => Some(&["status_code", "body", "headers"]),
+        HookName::Routing | HookName::Usage => None,
     }
-    Ok(())
+}
+
+/// Remove the fields of a result table that `hook`'s contract does not
+/// have, and return their names. Unknown fields are ignored rather than
+/// refused: a ported script returning `{allow = false, retry_after = 5}`
+/// from auth must not fail closed for everyone. A known field of the wrong
+/// type is still `bad_output`, and a typo of a required field (`alow`)
+/// still fails as a missing field.
+pub(crate) fn drop_unknown_fields(hook: HookName, value: &mut Value) -> Vec<String> {
+    let (Some(allowed), Some(obj)) = (result_fields(hook), value.as_object_mut()) else {
+        return Vec::new();
+    };
+    let unknown: Vec<String> = obj.keys().filter(|k| !allowed.contains(&k.as_str())).cloned().collect();
+    for k in &unknown {
+        obj.shift_remove(k);
+    }
+    unknown
 }
 
 /// A field that must be a boolean.

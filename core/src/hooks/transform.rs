@@ -5,7 +5,7 @@ use std::sync::Arc;
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
-use super::{expect_object, json_type, optional_status, reject_unknown, HookInput, HookName, RequestInfo};
+use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
 use crate::convert;
 use crate::error::HookError;
 use crate::http::hop_by_hop;
@@ -139,7 +139,6 @@ impl RequestRewrite {
         }
         let what = "request_transform";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["body", "headers"], what)?;
         let body = body_field(obj);
         // The host decides `stream` from this body, as from the client's.
         if let Some(b) = &body {
@@ -171,7 +170,6 @@ impl ResponseRewrite {
         }
         let what = "response_transform";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["status_code", "body", "headers"], what)?;
         Ok(Some(ResponseRewrite {
             status_code: optional_status(obj, "status_code", what)?,
             body: body_field(obj),
