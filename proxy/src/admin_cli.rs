@@ -2,8 +2,9 @@
 //! set-quota) and `llmproxy usage` (reports from the ledger).
 //!
 //! `keys` edits the config's `keys_file` (rewritten atomically as a YAML
-//! list; comments are not kept); a running gateway picks the change up by
-//! hot reload. Quota usage is not stored in the file but in the state
+//! list, keeping the file's mode and owner; comments are not kept; `add`
+//! creates a missing file with mode 0600); a running gateway picks the
+//! change up by hot reload. Quota usage is not stored in the file but in the state
 //! backend: the file's `used_quota` is where a new key starts, and changing
 //! it (`set-quota --used N`) resets the key's count to N on the next load.
 
@@ -18,6 +19,7 @@ use llmproxy_core::keys::{key_fingerprint, KeyRecord, KeyStatus};
 use llmproxy_core::Config;
 use serde_json::{json, Value};
 
+use crate::atomic_file;
 use crate::gateway::ledger::{self, Query};
 use crate::gateway::resp::RedisClient;
 
@@ -137,6 +139,9 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             let problems = record.validate("key");
             if !problems.is_empty() {
                 return fail(problems.join("; "));
+            }
+            if let Err(e) = create_missing_keys_file(&config) {
+                return fail(e);
             }
             edit(&config, None, |keys| {
                 keys.push(record.clone());
@@ -304,10 +309,14 @@ fn edit(
     }
     let yaml = serde_norway::to_string(&keys).map_err(fail)?;
     let text = format!("# API keys of llmproxy; edited by `llmproxy keys` (comments are not kept).\n{yaml}");
-    let tmp = path.with_extension("tmp-llmproxy");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+    // Atomic, and never more readable than the file it replaces.
+    atomic_file::replace(&path, text.as_bytes(), atomic_file::PRIVATE_MODE).map_err(fail)?;
+    if let Some(mode) = atomic_file::readable_by_others(&path) {
+        eprintln!(
+            "llmproxy: warning: {} holds API keys and is readable by others (mode {mode:04o}); `chmod 600` it",
+            path.display()
+        );
+    }
     Ok(key
         .map(|k| {
             keys.iter()
@@ -315,6 +324,26 @@ fn edit(
                 .map_or_else(|| k.to_owned(), |r| key_fingerprint(&r.key))
         })
         .unwrap_or_default())
+}
+
+/// `keys add` on a config whose `keys_file` does not exist yet creates it
+/// (empty, mode 0600) so that the config loads and the key can be added.
+fn create_missing_keys_file(config: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(config).map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+    let Ok(raw) = serde_norway::from_str::<Value>(&text) else {
+        return Ok(()); // the config loader reports the problem
+    };
+    let Some(file) = raw.get("keys_file").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let base = config.parent().unwrap_or_else(|| Path::new("."));
+    let path = base.join(file);
+    if path.exists() {
+        return Ok(());
+    }
+    atomic_file::replace(&path, b"[]\n", atomic_file::PRIVATE_MODE)?;
+    eprintln!("created {} (mode 0600)", path.display());
+    Ok(())
 }
 
 fn new_key() -> Result<String, String> {
