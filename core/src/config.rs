@@ -226,12 +226,25 @@ struct RawLedger {
     queue: Option<usize>,
 }
 
-/// The admin endpoint (`admin:`).
+/// The admin listener and endpoint (`admin:`, docs/adr/038).
+///
+/// `POST /admin/reload` and `GET /metrics` are served on their own listener
+/// (`listen`), never on the public one unless `on_public_listener` says so.
+/// Without `listen` (and without `on_public_listener`) neither is served.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Bearer token of `POST /admin/reload`; without it the endpoint is off.
+    /// On a listener that is not loopback it must not be a shipped example
+    /// token and must be at least [`crate::admin::MIN_EXPOSED_TOKEN_BYTES`]
+    /// long (see [`crate::admin::exposed_token_problem`]).
     pub token: Option<String>,
+    /// Address of the admin listener (`/admin/*`, `/metrics`, `/healthz`),
+    /// e.g. `127.0.0.1:8001`; absent: no admin listener.
+    pub listen: Option<String>,
+    /// Also serve `/admin/*` and `/metrics` on the public listener (the
+    /// behaviour before the admin listener existed). Off by default.
+    pub on_public_listener: bool,
 }
 
 /// Hot reload (`reload:`).
@@ -1089,6 +1102,9 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
     if a.admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         problems.push(String::from("admin.token: must not be empty"));
     }
+    if a.admin.listen.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        problems.push(String::from("admin.listen: must not be empty"));
+    }
     if a.reload.poll_ms < 100 {
         problems.push(format!("reload.poll_ms: {} is below 100", a.reload.poll_ms));
     }
@@ -1144,6 +1160,17 @@ mod account_section_tests {
             Some(PathBuf::from("/srv/u.db"))
         );
         assert_eq!(c.admin.token.as_deref(), Some("t0ken"));
+        assert_eq!(c.admin.listen, None);
+        assert!(!c.admin.on_public_listener);
+        let c = load(
+            "admin: {token: t, listen: '127.0.0.1:8001', on_public_listener: true}\n",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:8001"));
+        assert!(c.admin.on_public_listener);
+        let p = load("admin: {listen: ''}\n", Path::new(".")).unwrap_err();
+        assert_eq!(p, vec![String::from("admin.listen: must not be empty")]);
 
         let p = load(
             "keys:\n  - {key: a, user_id: u}\n  - {key: a, user_id: v, allowed_ips: [bad]}\n\

@@ -16,11 +16,13 @@
 //! - [`pool`]: the bounded pool of sandboxed LuaJIT states.
 //! - [`convert`]: lossless JSON <-> Lua conversion, lazy request bodies.
 //! - [`keys`]: API key records and the standard checks every host shares.
+//! - [`admin`]: the admin token policy for admin endpoints off loopback.
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod conformance;
 pub mod convert;

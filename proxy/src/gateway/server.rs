@@ -1,4 +1,9 @@
 //! Accepting connections (HTTP/1.1, keep-alive) and dispatching endpoints.
+//!
+//! A gateway has a public listener (the API, `/healthz`, `/v1/models`) and,
+//! when `admin.listen` is set, an admin listener (`/admin/reload`,
+//! `/metrics`, `/healthz`); the public listener serves the admin endpoints
+//! only with `admin.on_public_listener: true` (docs/adr/038).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,9 +23,21 @@ use super::body::GatewayBody;
 use super::exchange::{self, Endpoint};
 use super::{request_id, Shared};
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The API; with `admin: true`, `/admin/*` and `/metrics` as well.
+    Public {
+        /// Whether the admin endpoints are served here too.
+        admin: bool,
+    },
+    /// `/admin/*`, `/metrics` and `/healthz` only.
+    Admin,
+}
+
 /// Accept connections until `stop` fires, then wait for open connections
 /// to finish their requests.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut stop: oneshot::Receiver<()>) {
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder
@@ -43,7 +60,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot
                 let shared = Arc::clone(&shared);
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, Infallible>(handle(shared, req, peer).await) }
+                    async move { Ok::<_, Infallible>(handle(shared, req, peer, role).await) }
                 });
                 let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
@@ -62,21 +79,32 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
+    role: Role,
 ) -> Response<GatewayBody> {
+    if let Some(resp) = handle_admin(&shared, &req, role).await {
+        return resp;
+    }
+    if role == Role::Admin {
+        let body = super::errors::error_body(
+            &format!(
+                "{} {} is not an endpoint of the admin listener",
+                req.method(),
+                req.uri().path()
+            ),
+            "bad_request",
+            "not_found",
+        );
+        return local(&req, StatusCode::NOT_FOUND, "application/json", body);
+    }
     let path = req.uri().path();
     let endpoint = match (req.method(), path) {
         (&Method::GET, "/healthz") => {
             return local(&req, StatusCode::OK, "application/json", r#"{"status":"ok"}"#.into())
         }
-        (&Method::GET, "/metrics") => {
-            let text = shared.render_metrics();
-            return local(&req, StatusCode::OK, "text/plain; version=0.0.4", text.into());
-        }
         (&Method::GET, "/v1/models") => {
             let body = shared.models_body.clone();
             return local(&req, StatusCode::OK, "application/json", body);
         }
-        (&Method::POST, "/admin/reload") => return admin_reload(&shared, &req).await,
         (&Method::POST, "/v1/chat/completions") => Endpoint::ChatCompletions,
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
@@ -84,6 +112,28 @@ pub async fn handle(
         _ => Endpoint::NotFound,
     };
     exchange::proxy(shared, req, peer, endpoint).await
+}
+
+/// The admin endpoints, on the listeners that serve them; `None` for
+/// every other request.
+async fn handle_admin<B>(shared: &Arc<Shared>, req: &Request<B>, role: Role) -> Option<Response<GatewayBody>> {
+    if role == (Role::Public { admin: false }) {
+        return None;
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => Some(local(
+            req,
+            StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.into(),
+        )),
+        (&Method::GET, "/metrics") => {
+            let text = shared.render_metrics();
+            Some(local(req, StatusCode::OK, "text/plain; version=0.0.4", text.into()))
+        }
+        (&Method::POST, "/admin/reload") => Some(admin_reload(shared, req).await),
+        _ => None,
+    }
 }
 
 /// `POST /admin/reload`: `Authorization: Bearer <admin.token>`; 404 when
