@@ -344,6 +344,36 @@ pub struct GatewayConfig {
     pub timeouts: TimeoutsConfig,
     /// Passive and active health checking.
     pub health: HealthConfig,
+    /// Throttling of clients that keep failing API key or admin token
+    /// checks (docs/adr/039).
+    pub auth_throttle: AuthThrottleConfig,
+}
+
+/// Throttling of failed credential attempts per client address
+/// (`gateway.auth_throttle`): each address may fail `max_failures` times in
+/// a burst, and earns one more attempt every `window_s / max_failures`
+/// seconds; past that, its requests are answered 429 with `Retry-After`
+/// before any key or token is checked. IPv6 clients are grouped by /64.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthThrottleConfig {
+    /// Failures allowed in a burst (0: no throttling).
+    pub max_failures: u32,
+    /// Time over which `max_failures` attempts come back, in seconds.
+    pub window_s: u64,
+    /// Most client addresses tracked at once (memory bound); addresses
+    /// beyond it are not throttled until tracked ones recover.
+    pub max_clients: usize,
+}
+
+impl Default for AuthThrottleConfig {
+    fn default() -> Self {
+        AuthThrottleConfig {
+            max_failures: 10,
+            window_s: 60,
+            max_clients: 100_000,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -356,6 +386,7 @@ impl Default for GatewayConfig {
             retry: RetryConfig::default(),
             timeouts: TimeoutsConfig::default(),
             health: HealthConfig::default(),
+            auth_throttle: AuthThrottleConfig::default(),
         }
     }
 }
@@ -826,6 +857,16 @@ impl RawConfig {
             problems.push(String::from(
                 "gateway.health: failures_to_unhealthy and successes_to_healthy must be > 0",
             ));
+        }
+        let th = &g.auth_throttle;
+        if th.max_failures > 0 && !(1..=86_400).contains(&th.window_s) {
+            problems.push(format!(
+                "gateway.auth_throttle.window_s: {} is out of range (1..=86400)",
+                th.window_s
+            ));
+        }
+        if th.max_failures > 0 && th.max_clients == 0 {
+            problems.push(String::from("gateway.auth_throttle.max_clients: must be > 0"));
         }
         if !g.health.probe_path.starts_with('/') {
             problems.push(format!(

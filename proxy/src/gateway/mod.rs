@@ -13,6 +13,7 @@
 //! - [`live`], [`reload`]: the reloadable snapshot and hot reload.
 //! - [`exposure`]: which listener exposes the admin endpoints, and the
 //!   admin token policy for it.
+//! - [`throttle`]: throttling of clients that fail key or token checks.
 //! - [`backend`], [`balancer`], [`health`], [`upstream`]: backends.
 //! - [`sse`], [`headers`], [`body`], [`errors`], [`metrics`],
 //!   [`request_id`]: helpers with one job each.
@@ -40,6 +41,7 @@ pub mod resp;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod throttle;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -167,6 +169,8 @@ pub struct Shared {
     /// A listener serving the admin endpoints off loopback (set by
     /// [`Gateway::start`]): reloads are held to the admin token policy.
     pub admin_exposed: Option<SocketAddr>,
+    /// Failed API key and admin token checks per client address.
+    pub throttles: throttle::Throttles,
 }
 
 impl std::fmt::Debug for Shared {
@@ -244,6 +248,7 @@ impl Shared {
             None if ledger.is_none() => usage_sinks.push(Arc::new(LogUsageSink)),
             None => {}
         }
+        let throttles = throttle::Throttles::new(&gateway.auth_throttle);
         Ok(Shared {
             live: ArcSwap::from_pointee(live),
             balancer: Balancer::new(gateway.balancer, backends.len()),
@@ -258,6 +263,7 @@ impl Shared {
             models_body,
             reloader,
             admin_exposed: None,
+            throttles,
         })
     }
 
@@ -304,6 +310,7 @@ impl Shared {
                 state_errors: self.state.errors(),
             },
         );
+        throttle::render(&mut out, &self.throttles);
         out
     }
 }

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -81,7 +81,7 @@ pub async fn handle(
     peer: SocketAddr,
     role: Role,
 ) -> Response<GatewayBody> {
-    if let Some(resp) = handle_admin(&shared, &req, role).await {
+    if let Some(resp) = handle_admin(&shared, &req, role, peer).await {
         return resp;
     }
     if role == Role::Admin {
@@ -111,12 +111,20 @@ pub async fn handle(
         (_, p) if p.starts_with("/v1/") => Endpoint::Passthrough,
         _ => Endpoint::NotFound,
     };
+    if let Some(wait) = shared.throttles.api.check(peer.ip(), Instant::now()) {
+        return throttled(&req, wait, "API key");
+    }
     exchange::proxy(shared, req, peer, endpoint).await
 }
 
 /// The admin endpoints, on the listeners that serve them; `None` for
 /// every other request.
-async fn handle_admin<B>(shared: &Arc<Shared>, req: &Request<B>, role: Role) -> Option<Response<GatewayBody>> {
+async fn handle_admin<B>(
+    shared: &Arc<Shared>,
+    req: &Request<B>,
+    role: Role,
+    peer: SocketAddr,
+) -> Option<Response<GatewayBody>> {
     if role == (Role::Public { admin: false }) {
         return None;
     }
@@ -131,7 +139,7 @@ async fn handle_admin<B>(shared: &Arc<Shared>, req: &Request<B>, role: Role) -> 
             let text = shared.render_metrics();
             Some(local(req, StatusCode::OK, "text/plain; version=0.0.4", text.into()))
         }
-        (&Method::POST, "/admin/reload") => Some(admin_reload(shared, req).await),
+        (&Method::POST, "/admin/reload") => Some(admin_reload(shared, req, peer).await),
         _ => None,
     }
 }
@@ -139,15 +147,19 @@ async fn handle_admin<B>(shared: &Arc<Shared>, req: &Request<B>, role: Role) -> 
 /// `POST /admin/reload`: `Authorization: Bearer <admin.token>`; 404 when
 /// no token is configured, 401 on a wrong token, 200 when the new config
 /// serves, 422 with the problems when it was rejected.
-async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>) -> Response<GatewayBody> {
+async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>, peer: SocketAddr) -> Response<GatewayBody> {
     let json = "application/json";
     let live = shared.live();
     let Some(token) = live.admin_token() else {
         let body = super::errors::error_body("the admin endpoint is off (no admin.token)", "bad_request", "not_found");
         return local(req, StatusCode::NOT_FOUND, json, body);
     };
+    if let Some(wait) = shared.throttles.admin.check(peer.ip(), Instant::now()) {
+        return throttled(req, wait, "admin token");
+    }
     let given = super::headers::bearer(req.headers()).unwrap_or_default();
     if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        shared.throttles.admin.failed(peer.ip(), Instant::now());
         let body = super::errors::error_body("invalid admin token", "auth_error", "invalid_admin_token");
         return local(req, StatusCode::UNAUTHORIZED, json, body);
     }
@@ -167,6 +179,25 @@ async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>) -> Response<Gat
             local(req, StatusCode::UNPROCESSABLE_ENTITY, json, body.to_string().into())
         }
     }
+}
+
+/// 429 for a client that failed too many `what` checks (docs/adr/039):
+/// answered before its credentials are looked at.
+fn throttled<B>(req: &Request<B>, wait: u64, what: &str) -> Response<GatewayBody> {
+    tracing::warn!(
+        target: "llmproxy::gateway",
+        path = req.uri().path(),
+        retry_after = wait,
+        "refused: too many failed {what} checks from this address"
+    );
+    let body = super::errors::error_body(
+        &format!("too many failed {what} attempts from this address; retry after {wait} s"),
+        "rate_limit",
+        "too_many_auth_failures",
+    );
+    let mut resp = local(req, StatusCode::TOO_MANY_REQUESTS, "application/json", body);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
+    resp
 }
 
 /// Compare secrets without leaking where they differ through timing.
