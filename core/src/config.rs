@@ -1084,10 +1084,10 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
             Err(e) => problems.push(format!("keys_file: {e}")),
         }
     }
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut seen: BTreeMap<[u8; 32], String> = BTreeMap::new();
     for (at, k) in &keys {
         problems.extend(k.validate(at));
-        if let Some(first) = seen.insert(k.key.clone(), at.clone()) {
+        if let Some(first) = seen.insert(k.key_digest(), at.clone()) {
             problems.push(format!("{at}.key: the same key is already defined at {first}"));
         }
     }
@@ -1231,6 +1231,19 @@ mod account_section_tests {
             .unwrap()
             .ledger
             .is_none());
+        // A key given in clear and as its hash is the same key.
+        let p = load(
+            &format!(
+                "keys:\n  - {{key: sk-a, user_id: u}}\n  - {{key_sha256: {}, user_id: v}}\n",
+                crate::keys::key_sha256_hex("sk-a")
+            ),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(
+            p,
+            vec![String::from("keys[1].key: the same key is already defined at keys[0]")]
+        );
         let p = load("limits: {key_rmp: 5}\n", Path::new(".")).unwrap_err();
         assert!(p[0].starts_with("limits.key_rmp: unknown field"), "{p:?}");
     }

@@ -36,6 +36,7 @@ pub enum KeysCommand {
         format: String,
     },
     /// Add a key to the keys_file and print it (the only time it is shown).
+    /// The file stores its SHA-256 (`key_sha256`) unless `--plaintext`.
     Add {
         /// The gateway's config file.
         #[arg(long)]
@@ -58,6 +59,9 @@ pub enum KeysCommand {
         /// Expiry, RFC 3339.
         #[arg(long)]
         expires_at: Option<String>,
+        /// Store the key in clear (`key:`) instead of its SHA-256.
+        #[arg(long)]
+        plaintext: bool,
     },
     /// Set a key's status to disabled.
     Disable {
@@ -118,6 +122,7 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             total_quota,
             allowed_ips,
             expires_at,
+            plaintext,
         } => {
             let key = match key {
                 Some(k) => k,
@@ -128,6 +133,7 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             };
             let record = KeyRecord {
                 key: key.clone(),
+                key_sha256: None,
                 user_id: user,
                 name,
                 status: KeyStatus::Active,
@@ -140,6 +146,7 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             if !problems.is_empty() {
                 return fail(problems.join("; "));
             }
+            let record = if plaintext { record } else { record.hashed() };
             if let Err(e) = create_missing_keys_file(&config) {
                 return fail(e);
             }
@@ -151,7 +158,16 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
                 |c| c,
                 |_| {
                     println!("{key}");
-                    eprintln!("added {} for user {}", key_fingerprint(&key), record.user_id);
+                    eprintln!(
+                        "added {} for user {} ({}); the key is not shown again",
+                        key_fingerprint(&key),
+                        record.user_id,
+                        if plaintext {
+                            "stored in clear"
+                        } else {
+                            "stored as its SHA-256"
+                        }
+                    );
                     ExitCode::SUCCESS
                 },
             )
@@ -203,7 +219,7 @@ fn reset_usage(config: &Path, key: &str, used: u64) -> Result<(), String> {
         .iter()
         .find(|k| matches(k, key))
         .ok_or_else(|| format!("no key '{}' in {}", mask(key), config.display()))?;
-    let fp = key_fingerprint(&record.key);
+    let fp = record.fingerprint();
     match cfg.state.backend {
         StateBackend::Local => {
             let Some(l) = &cfg.ledger else {
@@ -253,8 +269,10 @@ fn set_status(config: &Path, key: &str, status: KeyStatus) -> ExitCode {
     )
 }
 
+/// Whether `wanted` (a key or a `sha256:` fingerprint) names `k`, held in
+/// clear or hashed.
 fn matches(k: &KeyRecord, wanted: &str) -> bool {
-    k.key == wanted || key_fingerprint(&k.key) == wanted
+    k.matches_secret(wanted) || k.fingerprint() == wanted
 }
 
 fn find<'a>(keys: &'a mut [KeyRecord], wanted: &str) -> Result<&'a mut KeyRecord, String> {
@@ -300,7 +318,8 @@ fn edit(
     let mut seen = std::collections::HashSet::new();
     for (i, k) in keys.iter().enumerate() {
         problems.extend(k.validate(&format!("keys_file[{i}]")));
-        if !seen.insert(k.key.clone()) || cfg.keys.iter().filter(|c| c.key == k.key).count() > 1 {
+        let digest = k.key_digest();
+        if !seen.insert(digest) || cfg.keys.iter().filter(|c| c.key_digest() == digest).count() > 1 {
             problems.push(format!("keys_file[{i}]: the key is already defined"));
         }
     }
@@ -321,7 +340,7 @@ fn edit(
         .map(|k| {
             keys.iter()
                 .find(|r| matches(r, k))
-                .map_or_else(|| k.to_owned(), |r| key_fingerprint(&r.key))
+                .map_or_else(|| k.to_owned(), KeyRecord::fingerprint)
         })
         .unwrap_or_default())
 }
@@ -380,7 +399,7 @@ fn live_usage(cfg: &Config) -> std::collections::HashMap<String, u64> {
             };
             let url = cfg.state.url.clone().unwrap_or_default();
             let prefix = cfg.state.prefix.clone();
-            let fps: Vec<String> = cfg.keys.iter().map(|k| key_fingerprint(&k.key)).collect();
+            let fps: Vec<String> = cfg.keys.iter().map(KeyRecord::fingerprint).collect();
             rt.block_on(async {
                 let Ok(client) = RedisClient::new(&url, 1, Duration::from_millis(cfg.state.timeout_ms.max(1000)))
                 else {
@@ -416,10 +435,10 @@ fn list(config: &Path, format: &str) -> ExitCode {
         .keys
         .iter()
         .map(|k| {
-            let fp = key_fingerprint(&k.key);
+            let fp = k.fingerprint();
             json!({
                 "fingerprint": fp,
-                "key": mask(&k.key),
+                "key": if k.key_sha256.is_some() { String::from("(hashed)") } else { mask(&k.key) },
                 "user_id": k.user_id,
                 "name": k.name,
                 "status": if k.status == KeyStatus::Active { "active" } else { "disabled" },

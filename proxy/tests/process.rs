@@ -466,6 +466,13 @@ async fn keys_cli_edits_reach_a_running_gateway() {
         .trim()
         .to_owned();
     assert!(new_key.starts_with("sk-") && new_key.len() > 20, "{new_key}");
+    // The file keeps the key's SHA-256 only; the old clear record stays.
+    let file = std::fs::read_to_string(dir.join("keys.yaml")).unwrap();
+    assert!(!file.contains(&new_key), "{file}");
+    assert!(
+        file.contains(&llmproxy_core::keys::key_sha256_hex(&new_key)) && file.contains("key: sk-1"),
+        "{file}"
+    );
     eventually(&new_key, 200).await;
     cli(&["disable", "sk-1"]);
     eventually("sk-1", 403).await;
