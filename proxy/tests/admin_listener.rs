@@ -133,3 +133,36 @@ fn serve_refuses_the_example_token_on_a_public_admin_listener() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_the_token_policy_when_admin_is_exposed() {
+    use llmproxy_server::gateway::reload::{Outcome, Trigger};
+    use llmproxy_server::gateway::Shared;
+    let m = mock("m", |_| {}).await;
+    let dir = std::env::temp_dir().join(format!("llmproxy-admin-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.yaml");
+    let write = |token: &str| std::fs::write(&path, yaml(&m.url(), &format!("{{token: {token}}}"))).unwrap();
+    write("9f86d081884c7d659a2feaa0c55ad015");
+    // The state of a gateway whose admin listener is off loopback; no
+    // listener is bound (tests listen on 127.0.0.1 only).
+    let mut shared = Shared::new(Config::from_file(&path).unwrap(), GatewayOptions::default()).unwrap();
+    shared.admin_exposed = Some("0.0.0.0:8001".parse().unwrap());
+    let shared = std::sync::Arc::new(shared);
+    write("change-me-admin-token");
+    match shared.reload(Trigger::Admin).await {
+        Outcome::Rejected { problems } => {
+            assert!(
+                problems[0].starts_with("admin.token: 'change-me-admin-token'"),
+                "{problems:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(shared.live().generation, 1);
+    write("another-random-token-0123456789");
+    assert!(matches!(
+        shared.reload(Trigger::Admin).await,
+        Outcome::Applied { generation: 2, .. }
+    ));
+}

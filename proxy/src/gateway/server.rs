@@ -160,6 +160,7 @@ async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>, peer: SocketAdd
     let given = super::headers::bearer(req.headers()).unwrap_or_default();
     if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
         shared.throttles.admin.failed(peer.ip(), Instant::now());
+        tracing::warn!(target: "llmproxy::gateway", client_ip = %peer.ip(), "refused: invalid admin token");
         let body = super::errors::error_body("invalid admin token", "auth_error", "invalid_admin_token");
         return local(req, StatusCode::UNAUTHORIZED, json, body);
     }
