@@ -266,7 +266,9 @@ fn keys_edits_keep_the_keys_file_private() {
             .unwrap()
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp") || n.contains("tmp-llmproxy"))
+            // This case's temporary files only: other tests write in the
+            // same directory concurrently.
+            .filter(|n| n.contains(&format!("keys-{case}.yaml")) && n.ends_with(".tmp"))
             .collect();
         assert!(stray.is_empty(), "{case}: temporary files left: {stray:?}");
     }
