@@ -226,12 +226,25 @@ struct RawLedger {
     queue: Option<usize>,
 }
 
-/// The admin endpoint (`admin:`).
+/// The admin listener and endpoint (`admin:`, docs/adr/038).
+///
+/// `POST /admin/reload` and `GET /metrics` are served on their own listener
+/// (`listen`), never on the public one unless `on_public_listener` says so.
+/// Without `listen` (and without `on_public_listener`) neither is served.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Bearer token of `POST /admin/reload`; without it the endpoint is off.
+    /// On a listener that is not loopback it must not be a shipped example
+    /// token and must be at least [`crate::admin::MIN_EXPOSED_TOKEN_BYTES`]
+    /// long (see [`crate::admin::exposed_token_problem`]).
     pub token: Option<String>,
+    /// Address of the admin listener (`/admin/*`, `/metrics`, `/healthz`),
+    /// e.g. `127.0.0.1:8001`; absent: no admin listener.
+    pub listen: Option<String>,
+    /// Also serve `/admin/*` and `/metrics` on the public listener (the
+    /// behaviour before the admin listener existed). Off by default.
+    pub on_public_listener: bool,
 }
 
 /// Hot reload (`reload:`).
@@ -331,6 +344,36 @@ pub struct GatewayConfig {
     pub timeouts: TimeoutsConfig,
     /// Passive and active health checking.
     pub health: HealthConfig,
+    /// Throttling of clients that keep failing API key or admin token
+    /// checks (docs/adr/039).
+    pub auth_throttle: AuthThrottleConfig,
+}
+
+/// Throttling of failed credential attempts per client address
+/// (`gateway.auth_throttle`): each address may fail `max_failures` times in
+/// a burst, and earns one more attempt every `window_s / max_failures`
+/// seconds; past that, its requests are answered 429 with `Retry-After`
+/// before any key or token is checked. IPv6 clients are grouped by /64.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthThrottleConfig {
+    /// Failures allowed in a burst (0: no throttling).
+    pub max_failures: u32,
+    /// Time over which `max_failures` attempts come back, in seconds.
+    pub window_s: u64,
+    /// Most client addresses tracked at once (memory bound); addresses
+    /// beyond it are not throttled until tracked ones recover.
+    pub max_clients: usize,
+}
+
+impl Default for AuthThrottleConfig {
+    fn default() -> Self {
+        AuthThrottleConfig {
+            max_failures: 10,
+            window_s: 60,
+            max_clients: 100_000,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -343,6 +386,7 @@ impl Default for GatewayConfig {
             retry: RetryConfig::default(),
             timeouts: TimeoutsConfig::default(),
             health: HealthConfig::default(),
+            auth_throttle: AuthThrottleConfig::default(),
         }
     }
 }
@@ -814,6 +858,16 @@ impl RawConfig {
                 "gateway.health: failures_to_unhealthy and successes_to_healthy must be > 0",
             ));
         }
+        let th = &g.auth_throttle;
+        if th.max_failures > 0 && !(1..=86_400).contains(&th.window_s) {
+            problems.push(format!(
+                "gateway.auth_throttle.window_s: {} is out of range (1..=86400)",
+                th.window_s
+            ));
+        }
+        if th.max_failures > 0 && th.max_clients == 0 {
+            problems.push(String::from("gateway.auth_throttle.max_clients: must be > 0"));
+        }
         if !g.health.probe_path.starts_with('/') {
             problems.push(format!(
                 "gateway.health.probe_path: '{}' must start with /",
@@ -1030,10 +1084,10 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
             Err(e) => problems.push(format!("keys_file: {e}")),
         }
     }
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut seen: BTreeMap<[u8; 32], String> = BTreeMap::new();
     for (at, k) in &keys {
         problems.extend(k.validate(at));
-        if let Some(first) = seen.insert(k.key.clone(), at.clone()) {
+        if let Some(first) = seen.insert(k.key_digest(), at.clone()) {
             problems.push(format!("{at}.key: the same key is already defined at {first}"));
         }
     }
@@ -1088,6 +1142,9 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
     };
     if a.admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         problems.push(String::from("admin.token: must not be empty"));
+    }
+    if a.admin.listen.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        problems.push(String::from("admin.listen: must not be empty"));
     }
     if a.reload.poll_ms < 100 {
         problems.push(format!("reload.poll_ms: {} is below 100", a.reload.poll_ms));
@@ -1144,6 +1201,17 @@ mod account_section_tests {
             Some(PathBuf::from("/srv/u.db"))
         );
         assert_eq!(c.admin.token.as_deref(), Some("t0ken"));
+        assert_eq!(c.admin.listen, None);
+        assert!(!c.admin.on_public_listener);
+        let c = load(
+            "admin: {token: t, listen: '127.0.0.1:8001', on_public_listener: true}\n",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:8001"));
+        assert!(c.admin.on_public_listener);
+        let p = load("admin: {listen: ''}\n", Path::new(".")).unwrap_err();
+        assert_eq!(p, vec![String::from("admin.listen: must not be empty")]);
 
         let p = load(
             "keys:\n  - {key: a, user_id: u}\n  - {key: a, user_id: v, allowed_ips: [bad]}\n\
@@ -1163,6 +1231,19 @@ mod account_section_tests {
             .unwrap()
             .ledger
             .is_none());
+        // A key given in clear and as its hash is the same key.
+        let p = load(
+            &format!(
+                "keys:\n  - {{key: sk-a, user_id: u}}\n  - {{key_sha256: {}, user_id: v}}\n",
+                crate::keys::key_sha256_hex("sk-a")
+            ),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(
+            p,
+            vec![String::from("keys[1].key: the same key is already defined at keys[0]")]
+        );
         let p = load("limits: {key_rmp: 5}\n", Path::new(".")).unwrap_err();
         assert!(p[0].starts_with("limits.key_rmp: unknown field"), "{p:?}");
     }

@@ -6,7 +6,12 @@
 //! `quota_available`) are computed here, not in the hosts, so the gateway and
 //! nginx agree on every verdict. Keys are never logged in clear:
 //! [`key_fingerprint`] gives the short hash used in logs and the ledger.
+//!
+//! A record holds its key in clear (`key`) or only its SHA-256
+//! (`key_sha256`, docs/adr/039); [`KeyIndex`] finds the record of a key
+//! the client presents either way, so every host accepts both forms.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
@@ -20,8 +25,14 @@ use crate::hooks::StandardChecks;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRecord {
-    /// The secret the client sends (`Authorization: Bearer <key>` or `x-api-key`).
+    /// The secret the client sends (`Authorization: Bearer <key>` or
+    /// `x-api-key`), in clear; empty when only `key_sha256` is stored.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
+    /// The SHA-256 of the key (64 hex digits), stored instead of `key`
+    /// (what `llmproxy keys add` writes). Exactly one of the two is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
     /// The user the key belongs to.
     pub user_id: String,
     /// A display name.
@@ -118,8 +129,16 @@ impl KeyRecord {
     /// Check the record's own fields (CIDRs, expiry format); `at` names it.
     pub fn validate(&self, at: &str) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.key.trim().is_empty() {
-            problems.push(format!("{at}.key: must not be empty"));
+        match &self.key_sha256 {
+            None if self.key.trim().is_empty() => problems.push(format!("{at}.key: must not be empty")),
+            None => {}
+            Some(_) if !self.key.is_empty() => {
+                problems.push(format!("{at}: set key or key_sha256, not both"));
+            }
+            Some(h) if parse_digest(h).is_none() => {
+                problems.push(format!("{at}.key_sha256: must be 64 hex digits (a SHA-256)"));
+            }
+            Some(_) => {}
         }
         for (i, c) in self.allowed_ips.iter().enumerate() {
             if let Err(e) = Cidr::parse(c) {
@@ -132,6 +151,40 @@ impl KeyRecord {
             }
         }
         problems
+    }
+
+    /// The SHA-256 of the key: `key_sha256` as given, else computed from
+    /// `key` (an unparsable `key_sha256`, which validation rejects, gives
+    /// all zeros and matches nothing a client can send in practice).
+    pub fn key_digest(&self) -> [u8; 32] {
+        match &self.key_sha256 {
+            Some(h) => parse_digest(h).unwrap_or([0; 32]),
+            None => Sha256::digest(self.key.as_bytes()).into(),
+        }
+    }
+
+    /// The key's fingerprint ([`key_fingerprint`]), the same whether the
+    /// record holds the key or its hash.
+    pub fn fingerprint(&self) -> String {
+        fingerprint_of(&self.key_digest())
+    }
+
+    /// Whether `secret` is this record's key.
+    pub fn matches_secret(&self, secret: &str) -> bool {
+        match &self.key_sha256 {
+            None => !self.key.is_empty() && self.key == secret,
+            Some(_) => <[u8; 32]>::from(Sha256::digest(secret.as_bytes())) == self.key_digest(),
+        }
+    }
+
+    /// This record with its key replaced by the key's SHA-256 (no change
+    /// when it holds a hash already).
+    pub fn hashed(mut self) -> KeyRecord {
+        if self.key_sha256.is_none() {
+            self.key_sha256 = Some(hex(&self.key_digest()));
+            self.key.clear();
+        }
+        self
     }
 
     /// Whether `client_ip` may use this key (no `allowed_ips` = any).
@@ -221,12 +274,76 @@ pub fn standard_denial(checks: &StandardChecks) -> Option<(u16, &'static str)> {
 /// A short, stable fingerprint of a key for logs and the ledger
 /// (`sha256:` + the first 12 hex digits); the key itself is never logged.
 pub fn key_fingerprint(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    let mut out = String::from("sha256:");
-    for b in &digest[..6] {
-        out.push_str(&format!("{b:02x}"));
+    fingerprint_of(&Sha256::digest(key.as_bytes()).into())
+}
+
+fn fingerprint_of(digest: &[u8; 32]) -> String {
+    format!("sha256:{}", hex(&digest[..6]))
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The SHA-256 of `key` as 64 lowercase hex digits (the `key_sha256` form).
+pub fn key_sha256_hex(key: &str) -> String {
+    hex(&Sha256::digest(key.as_bytes()))
+}
+
+/// Parse 64 hex digits (either case).
+fn parse_digest(text: &str) -> Option<[u8; 32]> {
+    let t = text.trim().as_bytes();
+    if t.len() != 64 {
+        return None;
     }
-    out
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in t.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Finds the record of the key a client presents, whether records hold
+/// keys in clear or only their SHA-256. A presented key is hashed only
+/// when some record is stored hashed and no clear key matched.
+#[derive(Debug, Clone, Default)]
+pub struct KeyIndex {
+    plain: HashMap<String, usize>,
+    hashed: HashMap<[u8; 32], usize>,
+}
+
+impl KeyIndex {
+    /// Index `records` (positions into the slice; the first of duplicates
+    /// wins, configs reject duplicates anyway).
+    pub fn new(records: &[KeyRecord]) -> KeyIndex {
+        let mut index = KeyIndex::default();
+        for (i, r) in records.iter().enumerate() {
+            if r.key_sha256.is_some() {
+                index.hashed.entry(r.key_digest()).or_insert(i);
+            } else if !r.key.is_empty() {
+                index.plain.entry(r.key.clone()).or_insert(i);
+            }
+        }
+        index
+    }
+
+    /// The position of the record whose key is `presented`.
+    pub fn find(&self, presented: &str) -> Option<usize> {
+        if let Some(i) = self.plain.get(presented) {
+            return Some(*i);
+        }
+        if self.hashed.is_empty() {
+            return None;
+        }
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.hashed.get(&digest).copied()
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +353,7 @@ mod tests {
     fn key() -> KeyRecord {
         KeyRecord {
             key: "sk-test".into(),
+            key_sha256: None,
             user_id: "u1".into(),
             name: "test".into(),
             status: KeyStatus::Active,
@@ -344,5 +462,49 @@ mod tests {
         assert!(!f.contains("secret"));
         assert_eq!(f, key_fingerprint("sk-secret-123"));
         assert_ne!(f, key_fingerprint("sk-secret-124"));
+    }
+
+    #[test]
+    fn hashed_records_match_their_key_and_fingerprint_alike() {
+        let plain = key();
+        let hashed = key().hashed();
+        assert!(hashed.key.is_empty());
+        assert_eq!(hashed.key_sha256.as_deref(), Some(key_sha256_hex("sk-test").as_str()));
+        assert_eq!(hashed.fingerprint(), plain.fingerprint());
+        assert_eq!(plain.fingerprint(), key_fingerprint("sk-test"));
+        assert!(hashed.matches_secret("sk-test") && plain.matches_secret("sk-test"));
+        assert!(!hashed.matches_secret("sk-tesT") && !plain.matches_secret(""));
+        assert!(hashed.validate("k").is_empty(), "{:?}", hashed.validate("k"));
+        let mut upper = key().hashed();
+        upper.key_sha256 = upper.key_sha256.map(|h| h.to_uppercase());
+        assert!(upper.validate("k").is_empty() && upper.matches_secret("sk-test"));
+
+        // (key, key_sha256, problem)
+        let cases = [
+            ("", None, Some("k.key: must not be empty")),
+            ("sk-x", Some("ab"), Some("k: set key or key_sha256, not both")),
+            ("", Some("abc"), Some("k.key_sha256: must be 64 hex digits (a SHA-256)")),
+            (
+                "",
+                Some(&"zz".repeat(32)[..]),
+                Some("k.key_sha256: must be 64 hex digits (a SHA-256)"),
+            ),
+        ];
+        for (k, h, want) in cases {
+            let mut r = key();
+            r.key = k.into();
+            r.key_sha256 = h.map(str::to_owned);
+            assert_eq!(r.validate("k").first().map(String::as_str), want, "{k:?} {h:?}");
+        }
+
+        let mut other = key();
+        other.key = "sk-other".into();
+        let records = [plain.clone(), other.clone().hashed()];
+        let index = KeyIndex::new(&records);
+        assert_eq!(index.find("sk-test"), Some(0));
+        assert_eq!(index.find("sk-other"), Some(1));
+        assert_eq!(index.find("sk-none"), None);
+        assert_eq!(index.find(""), None);
+        assert_eq!(KeyIndex::new(&[plain]).find("sk-other"), None);
     }
 }

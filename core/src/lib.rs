@@ -18,11 +18,13 @@
 //! - [`http`]: request rules every host shares: the canonical path, the
 //!   OpenAI field types, hop-by-hop headers.
 //! - [`keys`]: API key records and the standard checks every host shares.
+//! - [`admin`]: the admin token policy for admin endpoints off loopback.
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod conformance;
 pub mod convert;

@@ -486,6 +486,13 @@ async fn restart_keeps_used_quota_and_the_ledger_records_everything() {
     .await;
     assert_eq!(r.status, 400);
     gw.wait_records(3).await;
+    // The ledger and its WAL files are the gateway's alone (0600).
+    #[cfg(unix)]
+    for file in ["usage.db", "usage.db-wal", "usage.db-shm"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
     gw.gateway.shutdown(Duration::from_secs(5)).await;
     let (n, billable, usage) = ledger_counts(&db);
     assert_eq!((n, billable), (3, 20));

@@ -201,3 +201,23 @@ async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     assert_eq!(open.chat(Some("sk-b"), json!({})).await.status, 200);
     assert!(open.metric("llmproxy_state_errors_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_keys_are_throttled_with_the_redis_backend_too() {
+    let Some(redis) = Redis::start("throttle") else { return };
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(
+        &m.url(),
+        &redis.url(),
+        "throttle",
+        "gateway: {auth_throttle: {max_failures: 2, window_s: 60}}\n",
+    ))
+    .await;
+    for _ in 0..2 {
+        assert_eq!(gw.chat(Some("sk-guess"), json!({})).await.status, 401);
+    }
+    let r = gw.chat(Some("sk-b"), json!({})).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "too_many_auth_failures");
+    assert!(r.header("retry-after").is_some());
+}

@@ -112,8 +112,15 @@ fn rate_failure(code: &'static str, message: String, retry_after: f64) -> Refusa
     Refusal::Fail(Box::new(f))
 }
 
-/// Turn an auth verdict into admission or refusal.
-fn judge_auth(shared: &Shared, verdict: AuthVerdict, checks: &StandardChecks) -> Result<(), Refusal> {
+/// Turn an auth verdict into admission or refusal. A standard 401 (no
+/// key, or an unknown one) counts against the client's address in the auth
+/// throttle (docs/adr/039).
+fn judge_auth(
+    shared: &Shared,
+    verdict: AuthVerdict,
+    checks: &StandardChecks,
+    info: &RequestInfo,
+) -> Result<(), Refusal> {
     match verdict {
         AuthVerdict::Allow => Ok(()),
         AuthVerdict::Deny { reason, status_code } => {
@@ -129,6 +136,11 @@ fn judge_auth(shared: &Shared, verdict: AuthVerdict, checks: &StandardChecks) ->
             Some((status, message)) => {
                 let (code, reason) = denial_reason(checks);
                 shared.metrics.auth_denied(reason);
+                if !checks.key_valid {
+                    if let Some(ip) = info.client_ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                        shared.throttles.api.failed(ip, Instant::now());
+                    }
+                }
                 Err(auth_failure(status, code, message.to_owned()))
             }
         },
@@ -138,8 +150,8 @@ fn judge_auth(shared: &Shared, verdict: AuthVerdict, checks: &StandardChecks) ->
 /// An auth script that failed under `on_error: deny` fails closed. When the
 /// standard checks deny as well (say an unknown key, and a script that reads
 /// `key_info`), the client gets that precise 401/403/429 rather than a 503.
-fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks) -> Refusal {
-    match judge_auth(shared, AuthVerdict::Standard, checks) {
+fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks, info: &RequestInfo) -> Refusal {
+    match judge_auth(shared, AuthVerdict::Standard, checks, info) {
         Err(standard) => standard,
         Ok(()) => {
             shared.metrics.auth_denied("hook_failed");
@@ -203,8 +215,8 @@ pub(crate) fn admit_local(
         );
         let verdict = stages
             .auth(info, &info_value, checks, t)
-            .map_err(|d| auth_script_failed(shared, d, &checks))?;
-        judge_auth(shared, verdict, &checks)?;
+            .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
+        judge_auth(shared, verdict, &checks, info)?;
     }
     let mut admitted = Admitted::default();
     if live.limit_on {
@@ -327,13 +339,13 @@ pub(crate) async fn admit_redis(
                 t,
             )
             .await
-            .map_err(|d| auth_script_failed(shared, d, &checks))?;
-            judge_auth(shared, verdict, &checks)?;
+            .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
+            judge_auth(shared, verdict, &checks, info)?;
         } else {
             // Everything but the quota now; the quota is checked by Redis in
             // the same step as the limits.
             let checks = standard_checks_with_usage(record, 0, info.client_ip.as_deref(), Utc::now());
-            judge_auth(shared, AuthVerdict::Standard, &checks)?;
+            judge_auth(shared, AuthVerdict::Standard, &checks, info)?;
             quota_total = record.map_or(0, |r| r.total_quota);
         }
     }
@@ -375,7 +387,7 @@ pub(crate) async fn admit_redis(
     };
     if acq.quota_exhausted {
         let checks = standard_checks_with_usage(record, acq.used, info.client_ip.as_deref(), Utc::now());
-        judge_auth(shared, AuthVerdict::Standard, &checks)?;
+        judge_auth(shared, AuthVerdict::Standard, &checks, info)?;
     }
     let took = acq.denial.is_none();
     let slot = |shared: &Arc<Shared>| key.map(|id| Permit::new(&shared.state, Arc::from(id)));
