@@ -220,9 +220,11 @@ impl Shared {
             );
         }
         let reloader = reload::Reloader::new(&config);
+        let job_deadline = Duration::from_millis(config.pool.checkout_timeout_ms);
         let live = Live::build(config, Arc::clone(&metrics), 1)?;
         let threads = live.stages.engine().pool_stats().capacity;
-        let hooks = HookPool::new(threads).map_err(|e| format!("cannot start hook threads: {e}"))?;
+        let hooks = HookPool::new(threads, gateway.hook_queue, job_deadline)
+            .map_err(|e| format!("cannot start hook threads: {e}"))?;
         let models: Vec<Value> = if gateway.models.is_empty() {
             backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>()
         } else {
@@ -295,6 +297,15 @@ impl Shared {
             AccountGauges {
                 ledger,
                 state_errors: self.state.errors(),
+            },
+        );
+        let r = &self.hooks.rejections;
+        self.metrics.render_bounds(
+            &mut out,
+            metrics::HookQueueGauges {
+                queued: self.hooks.queued(),
+                queue_full: r.queue_full.load(std::sync::atomic::Ordering::Relaxed),
+                expired: r.expired.load(std::sync::atomic::Ordering::Relaxed),
             },
         );
         out
