@@ -9,13 +9,80 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// A Lua script that keeps its hook thread busy for about 90 ms.
 const BUSY_90MS: &str = "local t0 = time.now()\nwhile time.now() - t0 < 0.09 do end\nreturn nil";
 
 fn config(url: &str, rest: &str) -> String {
     format!("backends:\n{}{rest}", backend("m", url))
+}
+
+/// Send raw bytes on a fresh connection and read until the peer closes or
+/// `wait` passes; returns what arrived and whether the peer closed.
+async fn raw(addr: &str, bytes: &[u8], wait: Duration) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    read_for(&mut s, wait).await
+}
+
+/// Read until the peer closes or `wait` passes.
+async fn read_for(s: &mut TcpStream, wait: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+/// Read one whole response (head and a Content-Length body) from a
+/// keep-alive connection.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let len = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if out.len() >= head_end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+fn status_of(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a response: {response:?}"))
+}
+
+fn body_of(response: &str) -> Value {
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
 }
 
 // ---- point 10: the hook queue -------------------------------------------
@@ -168,4 +235,151 @@ async fn error_handler_runs_only_for_identified_callers_on_real_endpoints() {
             assert!(v["error"]["code"].is_string(), "{name}: the default body: {v}");
         }
     }
+}
+
+// ---- point 7: body read timeout, connection cap, write timeout -----------
+
+fn addr_of(gw: &TestGateway) -> String {
+    gw.gateway.local_addr().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_body_gets_408_and_the_connection_closes() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "gateway:\n  body_read_timeout_ms: 300\n")).await;
+    let started = Instant::now();
+    let (reply, closed) = raw(
+        &addr_of(&gw),
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(status_of(&reply), 408, "{reply}");
+    assert_eq!(body_of(&reply)["error"]["code"], "body_timeout");
+    assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
+    assert!(closed, "the connection closes after the 408");
+    assert_eq!(gw.metric("llmproxy_body_timeouts_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_refused_and_the_cap_recovers() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "gateway:\n  max_connections: 2\n")).await;
+    let addr = addr_of(&gw);
+    let healthz = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(healthz).await.unwrap();
+        assert_eq!(status_of(&read_response(&mut c).await), 200);
+        held.push(c);
+    }
+    // The third connection is refused, clearly and at once.
+    let (reply, closed) = raw(&addr, healthz, Duration::from_secs(10)).await;
+    assert_eq!(status_of(&reply), 503, "{reply}");
+    assert_eq!(body_of(&reply)["error"]["code"], "too_many_connections");
+    assert!(reply.to_ascii_lowercase().contains("connection: close"));
+    assert!(closed);
+    // Open connections keep working.
+    held[0].write_all(healthz).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut held[0]).await), 200);
+    // When one closes, a new connection gets in.
+    drop(held.pop());
+    let mut recovered = false;
+    for _ in 0..100 {
+        let (reply, _) = raw(&addr, healthz, Duration::from_secs(5)).await;
+        if status_of(&reply) == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "a slot came back after a client closed");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(gw.metric("llmproxy_connections_refused_total").await >= 1.0);
+}
+
+/// Wait until the mock has no stream open (the gateway dropped its
+/// upstream), at most `wait`.
+async fn upstream_released(m: &llmproxy_server::mock::MockServer, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if m.open_streams() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn stream_request(headers: &str) -> Vec<u8> {
+    let body = chat("m", json!({"stream": true})).to_string();
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_releases_the_upstream() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "gateway:\n  write_timeout_ms: 300\n")).await;
+    let mut c = TcpStream::connect(addr_of(&gw)).await.unwrap();
+    c.write_all(&stream_request("x-mock-sse: forever\r\n")).await.unwrap();
+    let mut head = [0u8; 64];
+    let n = c.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    assert_eq!(m.open_streams(), 1);
+    // The client holds the connection open and never reads again.
+    assert!(
+        upstream_released(&m, Duration::from_secs(30)).await,
+        "the upstream stream is still open"
+    );
+    assert!(gw.metric("llmproxy_write_timeouts_total").await >= 1.0);
+    drop(c);
+}
+
+// ---- point 8: the key before the body --------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_body_is_refused_before_it_is_read() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(
+        &m.url(),
+        "keys:\n  - {key: sk-good, user_id: g}\ngateway:\n  body_read_timeout_ms: 20000\n",
+    ))
+    .await;
+    // Announce 10 MB and send a few bytes that are not even JSON: without a
+    // valid key the answer is 401 at once, not 400, not a wait for the body.
+    for auth in ["", "authorization: Bearer sk-nope\r\n"] {
+        let started = Instant::now();
+        let (reply, _) = raw(
+            &addr_of(&gw),
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{auth}content-length: 10000000\r\n\r\n{{not json"
+            )
+            .as_bytes(),
+            Duration::from_secs(15),
+        )
+        .await;
+        assert_eq!(status_of(&reply), 401, "{reply}");
+        assert_eq!(body_of(&reply)["error"]["code"], "invalid_api_key");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    }
+    // With the right key the same bytes are read, and found wanting.
+    let r = send(
+        hyper::Method::POST,
+        &format!("{}/v1/chat/completions", gw.base),
+        &[("authorization", "Bearer sk-good")],
+        "{not json".into(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        gw.metric("llmproxy_auth_denied_total{reason=\"invalid_key\"}").await,
+        2.0
+    );
 }

@@ -12,6 +12,7 @@
 //! - [`ledger`]: the SQLite usage ledger.
 //! - [`live`], [`reload`]: the reloadable snapshot and hot reload.
 //! - [`backend`], [`balancer`], [`health`], [`upstream`]: backends.
+//! - [`conn`]: the connection cap and the client write timeout.
 //! - [`sse`], [`headers`], [`body`], [`errors`], [`metrics`],
 //!   [`request_id`]: helpers with one job each.
 
@@ -19,6 +20,7 @@ pub mod admission;
 pub mod backend;
 pub mod balancer;
 pub mod body;
+pub mod conn;
 pub mod errors;
 pub mod exchange;
 pub mod headers;

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::body::GatewayBody;
+use super::conn::{ConnectionCap, WriteTimeout};
 use super::exchange::{self, Endpoint};
 use super::{request_id, Shared};
 
@@ -22,6 +23,8 @@ use super::{request_id, Shared};
 /// to finish their requests.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     let graceful = GracefulShutdown::new();
+    let cap = ConnectionCap::new(shared.config.max_connections, Arc::clone(&shared.metrics));
+    let write_timeout = Duration::from_millis(shared.config.write_timeout_ms);
     let mut builder = http1::Builder::new();
     builder
         .keep_alive(true)
@@ -39,15 +42,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot
                         continue;
                     }
                 };
+                let Some((stream, admitted)) = cap.admit(stream) else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
+                let io = TokioIo::new(WriteTimeout::new(stream, write_timeout, Arc::clone(&shared.metrics)));
                 let shared = Arc::clone(&shared);
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&shared);
                     async move { Ok::<_, Infallible>(handle(shared, req, peer).await) }
                 });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let conn = graceful.watch(builder.serve_connection(io, service));
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    drop(admitted);
                 });
             }
             _ = &mut stop => break,
