@@ -419,7 +419,11 @@ async fn hostile_stream(kind: Hostile, first: Bytes, delay: Duration, tx: mpsc::
             pause().await;
         },
         Hostile::Endless => {
-            if tx.send(first).await.is_err() || tx.send(Bytes::from_static(b"data: ")).await.is_err() {
+            if tx.send(first).await.is_err() {
+                return;
+            }
+            pause().await;
+            if tx.send(Bytes::from_static(b"data: ")).await.is_err() {
                 return;
             }
             let filler = Bytes::from(vec![b'x'; 64 << 10]);

@@ -383,3 +383,95 @@ async fn an_unauthenticated_body_is_refused_before_it_is_read() {
         2.0
     );
 }
+
+// ---- point 9: the SSE relay -------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_ms_is_a_deadline_for_the_first_event_despite_trickling_bytes() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(
+        &m.url(),
+        "gateway:\n  retry:\n    max_retries: 0\n  timeouts:\n    first_byte_ms: 500\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let r = post_stream(
+        &format!("{}/v1/chat/completions", gw.base),
+        &chat("m", json!({"stream": true})),
+        &[("x-mock-sse", "trickle"), ("x-mock-chunk-delay-ms", "20")],
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    assert!(upstream_released(&m, Duration::from_secs(10)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_event_ends_the_stream_and_releases_the_upstream() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "gateway:\n  max_event_bytes: 200000\n")).await;
+    let r = post_stream(
+        &format!("{}/v1/chat/completions", gw.base),
+        &chat("m", json!({"stream": true})),
+        &[("x-mock-sse", "endless"), ("x-mock-chunk-delay-ms", "50")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let events = r.events();
+    assert_eq!(events[0]["choices"][0]["delta"]["content"], "Hello", "{events:?}");
+    let last = events.last().unwrap();
+    assert_eq!(last["error"]["code"], "event_too_large", "{last}");
+    assert!(upstream_released(&m, Duration::from_secs(10)).await);
+    assert_eq!(gw.metric("llmproxy_sse_events_too_large_total").await, 1.0);
+}
+
+// ---- points 9 and 11: a client that leaves mid-stream -----------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_stops_the_upstream_and_is_charged_an_estimate() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "keys:\n  - {key: sk-good, user_id: g}\n")).await;
+    let mut c = TcpStream::connect(addr_of(&gw)).await.unwrap();
+    c.write_all(&stream_request(
+        "authorization: Bearer sk-good\r\nx-request-id: rid-leaves\r\nx-mock-sse: forever\r\nx-mock-chunk-delay-ms: 20\r\n",
+    ))
+    .await
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < 4 {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("events in time")
+            .unwrap();
+        assert!(n > 0);
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(c);
+    assert!(
+        upstream_released(&m, Duration::from_secs(10)).await,
+        "work stops when the client leaves"
+    );
+    let rec = gw.usage.wait_for("rid-leaves").await;
+    assert_eq!(rec.status, 499);
+    assert!(rec.estimated);
+    assert_eq!(rec.raw["estimated"], true, "{}", rec.raw);
+    assert_eq!(rec.record["estimated"], true, "{}", rec.record);
+    // "你好 there": 12 bytes of prompt text -> 3 tokens; one per event relayed.
+    assert_eq!(rec.raw["prompt_tokens"], 3, "{}", rec.raw);
+    assert!(rec.raw["completion_tokens"].as_u64().unwrap() >= 4, "{}", rec.raw);
+    assert!(rec.billable_tokens >= 7);
+    assert_eq!(gw.metric("llmproxy_usage_estimated_total").await, 1.0);
+
+    // A stream that ends with its usage chunk is charged what the backend said.
+    let r = post_stream(
+        &format!("{}/v1/chat/completions", gw.base),
+        &chat("m", json!({"stream": true})),
+        &[("authorization", "Bearer sk-good"), ("x-request-id", "rid-whole")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let rec = gw.usage.wait_for("rid-whole").await;
+    assert!(!rec.estimated);
+    assert_eq!(rec.raw.get("estimated"), None);
+}

@@ -613,6 +613,14 @@ fn usage_job(inner: TicketInner, c: Completion) {
         ..
     } = inner;
     let raw = c.usage.filter(Value::is_object).unwrap_or_else(zero_usage);
+    let estimated = raw.get("estimated") == Some(&Value::Bool(true));
+    if estimated {
+        shared
+            .metrics
+            .bounds
+            .usage_estimated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let response = c.response.unwrap_or_else(|| ResponseInfo {
         status_code: c.status,
         body: Arc::new(Value::Null),
@@ -696,6 +704,7 @@ fn usage_job(inner: TicketInner, c: Completion) {
         model,
         billable_tokens: billable,
         latency_ms,
+        estimated,
     };
     for sink in shared.usage_sinks.iter() {
         sink.record(entry.clone());

@@ -537,6 +537,7 @@ impl Exchange {
             UpstreamError::Timeout(_) => (ErrorType::Timeout, 504, "backend_timeout", retry.on_timeout),
             UpstreamError::Io(_) => (ErrorType::BackendError, 502, "backend_failed", retry.on_connect_error),
             UpstreamError::TooLarge => (ErrorType::BackendError, 502, "response_too_large", false),
+            UpstreamError::EventTooLarge => (ErrorType::BackendError, 502, "event_too_large", false),
         };
         let f = self.failure_at(b, kind, status, code, e.message());
         if can_retry && retryable {

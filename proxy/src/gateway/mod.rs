@@ -93,6 +93,9 @@ pub struct UsageEntry {
     pub billable_tokens: u64,
     /// Time from request to completion, in milliseconds.
     pub latency_ms: f64,
+    /// The tokens were estimated by the gateway: the backend's usage never
+    /// came (a stream whose client left first); `raw` has `"estimated": true`.
+    pub estimated: bool,
 }
 
 /// Where usage records go besides the ledger (`ledger:`): one record per

@@ -21,6 +21,8 @@ pub enum UpstreamError {
     Io(String),
     /// The response body was larger than `gateway.max_response_bytes`.
     TooLarge,
+    /// An SSE event grew past `gateway.max_event_bytes` without ending.
+    EventTooLarge,
 }
 
 impl UpstreamError {
@@ -31,6 +33,9 @@ impl UpstreamError {
             UpstreamError::Timeout(phase) => format!("the backend timed out ({phase})"),
             UpstreamError::Io(m) => format!("the backend connection failed: {m}"),
             UpstreamError::TooLarge => String::from("the backend response is too large"),
+            UpstreamError::EventTooLarge => {
+                String::from("the backend sent a stream event larger than gateway.max_event_bytes")
+            }
         }
     }
 }
