@@ -344,6 +344,24 @@ pub struct GatewayConfig {
     pub timeouts: TimeoutsConfig,
     /// Passive and active health checking.
     pub health: HealthConfig,
+    /// Most client connections open at once; connections over the cap get
+    /// a 503 (`too_many_connections`) with `Connection: close`.
+    pub max_connections: usize,
+    /// Longest time to receive a request body once its head arrived (408
+    /// and the connection closes after it).
+    pub body_read_timeout_ms: u64,
+    /// Longest time a write to a client may stay blocked (a client that
+    /// stops reading): the connection, and the upstream stream it was
+    /// relaying, are then dropped.
+    pub write_timeout_ms: u64,
+    /// Largest SSE event the relay buffers while waiting for its end; an
+    /// upstream event over it ends the stream (502 before the first event,
+    /// an error event after).
+    pub max_event_bytes: usize,
+    /// Most hook jobs queued for the hook threads; a request whose job
+    /// does not fit, or does not start within `scripts.pool.checkout_timeout_ms`,
+    /// gets a 503 (`hooks_overloaded`).
+    pub hook_queue: usize,
     /// Throttling of clients that keep failing API key or admin token
     /// checks (docs/adr/039).
     pub auth_throttle: AuthThrottleConfig,
@@ -387,6 +405,11 @@ impl Default for GatewayConfig {
             timeouts: TimeoutsConfig::default(),
             health: HealthConfig::default(),
             auth_throttle: AuthThrottleConfig::default(),
+            max_connections: 1024,
+            body_read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            max_event_bytes: 1 << 20,
+            hook_queue: 1024,
         }
     }
 }
@@ -831,6 +854,17 @@ impl RawConfig {
         let g = &self.gateway;
         if g.max_body_bytes == 0 {
             problems.push(String::from("gateway.max_body_bytes: must be > 0"));
+        }
+        for (name, v) in [
+            ("max_connections", g.max_connections as u64),
+            ("body_read_timeout_ms", g.body_read_timeout_ms),
+            ("write_timeout_ms", g.write_timeout_ms),
+            ("max_event_bytes", g.max_event_bytes as u64),
+            ("hook_queue", g.hook_queue as u64),
+        ] {
+            if v == 0 {
+                problems.push(format!("gateway.{name}: must be > 0"));
+            }
         }
         if g.max_retries_out_of_range() {
             problems.push(format!(

@@ -36,6 +36,7 @@ pub mod keys;
 pub mod pool;
 pub mod sandbox;
 pub mod stack;
+pub mod usage_estimate;
 mod vm;
 
 pub use config::Config;

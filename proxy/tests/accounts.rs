@@ -89,7 +89,7 @@ async fn each_standard_check_reaches_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auth_denials_go_through_error_handler() {
+async fn auth_denials_skip_error_handler_but_the_quota_goes_through_it() {
     let m = mock("m", |_| {}).await;
     let eh = conformance_script("063-seed-error-handler-auth-error.json");
     let gw = TestGateway::start(&yaml(
@@ -97,8 +97,12 @@ async fn auth_denials_go_through_error_handler() {
         &format!("scripts:\n  error_handler:\n    script: |\n{}", script(&eh)),
     ))
     .await;
+    // An unidentified caller never makes a script run (docs/gateway.md).
     let r = gw.chat(Some("sk-off"), json!({})).await;
-    assert_eq!(r.status, 403);
+    assert_eq!(err(&r), (403, "auth_error".into(), "key_disabled".into()));
+    // A known key out of quota is identified: the handler shapes it.
+    let r = gw.chat(Some("sk-spent"), json!({})).await;
+    assert_eq!(r.status, 429);
     let v = r.json();
     assert_eq!(v["error"]["type"], "auth_error", "{v}");
     assert!(

@@ -192,6 +192,40 @@ fn key_info(caller: &Caller, used: u64) -> Value {
     caller.key.as_ref().map_or(Value::Null, |k| k.key_info(used))
 }
 
+/// The standard key checks before the request body is read
+/// (docs/adr/036-bounds-before-the-body.md): an unknown, disabled or
+/// expired key, a refused address, or (with local state) an exhausted
+/// quota is refused without reading or parsing the body. Only when auth is
+/// on and no `auth` script runs: a script may allow what the standard
+/// checks deny, and it sees the body. Admission proper runs later as
+/// before; the checks are cheap and repeatable.
+pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller: &Caller) -> Result<(), Refusal> {
+    if !live.auth_on || live.stages.enabled(HookName::Auth) {
+        return Ok(());
+    }
+    let used = match (&*shared.state, &caller.key) {
+        (State::Local(local), Some(k)) => local.used(&k.fingerprint),
+        _ => 0,
+    };
+    let checks = standard_checks_with_usage(
+        caller.key.as_ref().map(|k| &k.record),
+        used,
+        info.client_ip.as_deref(),
+        Utc::now(),
+    );
+    judge_auth(shared, AuthVerdict::Standard, &checks, info)
+}
+
+/// Whether a refusal still established who the caller is (the key is
+/// valid, active, unexpired and allowed from this address): rate limits and
+/// an exhausted quota. `error_handler` runs for those, not for the rest.
+pub(crate) fn caller_identified(r: &Refusal) -> bool {
+    match r {
+        Refusal::Fail(f) => f.kind == ErrorType::RateLimit || f.code == "quota_exhausted",
+        Refusal::Deny(_) => false,
+    }
+}
+
 /// The whole admission with the local state backend (synchronous; runs on
 /// a hook thread when a script is involved).
 pub(crate) fn admit_local(
@@ -261,23 +295,25 @@ pub(crate) fn admit_local(
     Ok(admitted)
 }
 
-/// A hook job from async code; a lost job counts as a script failure.
+/// A hook job from async code; a lost job counts as a script failure, a
+/// job the overloaded pool refused is a 503 `hooks_overloaded` (outer error).
 async fn hook_job<T: Send + 'static>(
     shared: &Arc<Shared>,
     hook: HookName,
     f: impl FnOnce() -> (Result<T, Denied>, Timings) + Send + 'static,
     lost_default: impl FnOnce() -> T,
     timings: &mut Timings,
-) -> Result<T, Denied> {
+) -> Result<Result<T, Denied>, Refusal> {
     match shared.hooks.run(f).await {
         Ok((r, t)) => {
             timings.merge(t);
-            r
+            Ok(r)
         }
-        Err(_) => match shared.live().stages.lost(hook) {
+        Err(e) if e.is_overload() => Err(Refusal::Fail(Box::new(Failure::overloaded()))),
+        Err(_) => Ok(match shared.live().stages.lost(hook) {
             Some(d) => Err(d),
             None => Ok(lost_default()),
-        },
+        }),
     }
 }
 
@@ -338,7 +374,7 @@ pub(crate) async fn admit_redis(
                 || AuthVerdict::Standard,
                 t,
             )
-            .await
+            .await?
             .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
             judge_auth(shared, verdict, &checks, info)?;
         } else {
@@ -413,6 +449,15 @@ pub(crate) async fn admit_redis(
             t,
         )
         .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(overloaded) => {
+                if took {
+                    redis.refund(key, limits).await;
+                }
+                return Err(overloaded);
+            }
+        };
         match r {
             Ok(v) => v,
             Err(d) => {
@@ -580,6 +625,14 @@ fn usage_job(inner: TicketInner, c: Completion) {
         ..
     } = inner;
     let raw = c.usage.filter(Value::is_object).unwrap_or_else(zero_usage);
+    let estimated = raw.get("estimated") == Some(&Value::Bool(true));
+    if estimated {
+        shared
+            .metrics
+            .bounds
+            .usage_estimated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let response = c.response.unwrap_or_else(|| ResponseInfo {
         status_code: c.status,
         body: Arc::new(Value::Null),
@@ -663,6 +716,7 @@ fn usage_job(inner: TicketInner, c: Completion) {
         model,
         billable_tokens: billable,
         latency_ms,
+        estimated,
     };
     for sink in shared.usage_sinks.iter() {
         sink.record(entry.clone());

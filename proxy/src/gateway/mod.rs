@@ -15,6 +15,7 @@
 //!   admin token policy for it.
 //! - [`throttle`]: throttling of clients that fail key or token checks.
 //! - [`backend`], [`balancer`], [`health`], [`upstream`]: backends.
+//! - [`conn`]: the connection cap and the client write timeout.
 //! - [`sse`], [`headers`], [`body`], [`errors`], [`metrics`],
 //!   [`request_id`]: helpers with one job each.
 
@@ -22,6 +23,7 @@ pub mod admission;
 pub mod backend;
 pub mod balancer;
 pub mod body;
+pub mod conn;
 pub mod errors;
 pub mod exchange;
 pub mod exposure;
@@ -96,6 +98,9 @@ pub struct UsageEntry {
     pub billable_tokens: u64,
     /// Time from request to completion, in milliseconds.
     pub latency_ms: f64,
+    /// The tokens were estimated by the gateway: the backend's usage never
+    /// came (a stream whose client left first); `raw` has `"estimated": true`.
+    pub estimated: bool,
 }
 
 /// Where usage records go besides the ledger (`ledger:`): one record per
@@ -230,9 +235,11 @@ impl Shared {
             );
         }
         let reloader = reload::Reloader::new(&config);
+        let job_deadline = Duration::from_millis(config.pool.checkout_timeout_ms);
         let live = Live::build(config, Arc::clone(&metrics), 1)?;
         let threads = live.stages.engine().pool_stats().capacity;
-        let hooks = HookPool::new(threads).map_err(|e| format!("cannot start hook threads: {e}"))?;
+        let hooks = HookPool::new(threads, gateway.hook_queue, job_deadline)
+            .map_err(|e| format!("cannot start hook threads: {e}"))?;
         let models: Vec<Value> = if gateway.models.is_empty() {
             backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>()
         } else {
@@ -311,6 +318,15 @@ impl Shared {
             },
         );
         throttle::render(&mut out, &self.throttles);
+        let r = &self.hooks.rejections;
+        self.metrics.render_bounds(
+            &mut out,
+            metrics::HookQueueGauges {
+                queued: self.hooks.queued(),
+                queue_full: r.queue_full.load(std::sync::atomic::Ordering::Relaxed),
+                expired: r.expired.load(std::sync::atomic::Ordering::Relaxed),
+            },
+        );
         out
     }
 }

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::body::GatewayBody;
+use super::conn::{ConnectionCap, WriteTimeout};
 use super::exchange::{self, Endpoint};
 use super::{request_id, Shared};
 
@@ -39,6 +40,8 @@ pub enum Role {
 /// to finish their requests.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut stop: oneshot::Receiver<()>) {
     let graceful = GracefulShutdown::new();
+    let cap = ConnectionCap::new(shared.config.max_connections, Arc::clone(&shared.metrics));
+    let write_timeout = Duration::from_millis(shared.config.write_timeout_ms);
     let mut builder = http1::Builder::new();
     builder
         .keep_alive(true)
@@ -56,15 +59,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut s
                         continue;
                     }
                 };
+                let Some((stream, admitted)) = cap.admit(stream) else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
+                let io = TokioIo::new(WriteTimeout::new(stream, write_timeout, Arc::clone(&shared.metrics)));
                 let shared = Arc::clone(&shared);
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&shared);
                     async move { Ok::<_, Infallible>(handle(shared, req, peer, role).await) }
                 });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let conn = graceful.watch(builder.serve_connection(io, service));
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    drop(admitted);
                 });
             }
             _ = &mut stop => break,

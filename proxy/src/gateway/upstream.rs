@@ -26,6 +26,8 @@ pub enum UpstreamError {
     /// skipped). Never relayed: a 101 to the client would drop the body and
     /// hand the client's connection over.
     InterimStatus(u16),
+    /// An SSE event grew past `gateway.max_event_bytes` without ending.
+    EventTooLarge,
 }
 
 impl UpstreamError {
@@ -38,6 +40,9 @@ impl UpstreamError {
             UpstreamError::TooLarge => String::from("the backend response is too large"),
             UpstreamError::InterimStatus(status) => {
                 format!("the backend answered {status}, an interim (1xx) status, as its final response")
+            }
+            UpstreamError::EventTooLarge => {
+                String::from("the backend sent a stream event larger than gateway.max_event_bytes")
             }
         }
     }
