@@ -136,6 +136,15 @@ impl UserData for LuaEngine {
             t.raw_set("recycled", s.recycled)?;
             Ok(t)
         });
+        // engine:ignored_fields() -> {hook = count}: result fields scripts
+        // returned that their hook does not use (ignored, logged once).
+        methods.add_method("ignored_fields", |lua, this, ()| {
+            let t = lua.create_table_with_capacity(0, HookName::ALL.len())?;
+            for hook in HookName::ALL {
+                t.raw_set(hook.as_str(), this.engine.ignored_fields(hook))?;
+            }
+            Ok(t)
+        });
         methods.add_method("enabled", |_, this, hook: String| {
             Ok(hook.parse::<HookName>().is_ok_and(|h| this.engine.is_enabled(h)))
         });

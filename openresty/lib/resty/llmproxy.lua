@@ -1855,6 +1855,7 @@ function _M.log()
         if now - pool_stats_at >= POOL_STATS_EVERY then
             pool_stats_at = now
             metrics.pool(store, state.engine:pool_stats())
+            metrics.ignored_fields(store, state.engine:ignored_fields())
             if state.ledger then
                 metrics.ledger(store, state.engine:ledger_stats())
             end
@@ -1881,6 +1882,7 @@ function _M.metrics()
     local state = current
     if state then
         metrics.pool(store, state.engine:pool_stats())
+        metrics.ignored_fields(store, state.engine:ignored_fields())
         if state.ledger then
             metrics.ledger(store, state.engine:ledger_stats())
         end

@@ -532,3 +532,18 @@ impl Metrics {
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+/// `llmproxy_hook_ignored_fields_total{hook}`: fields scripts returned that
+/// their hook does not use (ignored, logged once per script and field). The
+/// count is the serving engine's, so it starts again after a reload.
+pub fn render_ignored_fields(out: &mut String, engine: &llmproxy_core::Engine) {
+    out.push_str("# HELP llmproxy_hook_ignored_fields_total Result fields a hook does not use, ignored (per engine: restarts on reload).\n");
+    out.push_str("# TYPE llmproxy_hook_ignored_fields_total counter\n");
+    for hook in HookName::ALL {
+        let _ = writeln!(
+            out,
+            "llmproxy_hook_ignored_fields_total{{hook=\"{hook}\"}} {}",
+            engine.ignored_fields(hook)
+        );
+    }
+}

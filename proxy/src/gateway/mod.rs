@@ -327,6 +327,7 @@ impl Shared {
                 expired: r.expired.load(std::sync::atomic::Ordering::Relaxed),
             },
         );
+        metrics::render_ignored_fields(&mut out, self.live().stages.engine());
         out
     }
 }
