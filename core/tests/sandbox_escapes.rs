@@ -953,10 +953,12 @@ fn outputs(v: &mut Vec<Case>) {
             "return {allow = 'yes'}",
         )
         .hook(HookName::Auth),
-        o(
+        Case::new(
+            G,
             "Allow with an extra field",
-            "auth returns `{allow = true, admin = true}`",
+            "auth returns `{allow = true, admin = true}`: the field auth does not use is dropped, not obeyed",
             "return {allow = true, admin = true}",
+            value(json!({"allow": true})),
         )
         .hook(HookName::Auth),
         o(

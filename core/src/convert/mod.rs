@@ -157,12 +157,14 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
         Value::String(s) => LuaValue::String(lua.create_string(s)?),
         Value::Array(_) | Value::Object(_) => {
             let m = markers(lua)?;
-            // Outside the closure: a Lua error jumps over the closure's frame.
+            // Owned here, outside the closure: a Lua error jumps over the
+            // closure's frames, and this Vec is still dropped normally.
             let mut texts = Vec::new();
             // SAFETY: `exec_raw` pushes the array marker (index 1) and runs
             // the closure in a protected call: an allocation failure raises
-            // a Lua error that the call returns as an error (the closure
-            // holds nothing that needs dropping). `push_json` checks stack
+            // a Lua error that the call returns as an error (the closure's
+            // frames own nothing that needs dropping; each push to `texts`
+            // completes before the next Lua call). `push_json` checks stack
             // space before each push and leaves exactly one value above the
             // marker; the marker is removed, so `exec_raw` returns the value.
             let v = unsafe {
