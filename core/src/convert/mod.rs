@@ -427,7 +427,7 @@ impl RawEncoder {
             }
             ffi::LUA_TNUMBER => {
                 let n = ffi::lua_tonumber(state, idx);
-                if let Some(text) = self.texts.as_ref().and_then(|t| t.text_of(n)).cloned() {
+                if let Some(text) = numbers::recorded(&self.texts, n) {
                     self.charge(text.as_str().len())?;
                     Ok(Value::Number(text))
                 } else if let Some(i) = stack::as_integer(n) {
@@ -605,7 +605,7 @@ impl Encoder {
                 Ok(Value::Bool(*b))
             }
             LuaValue::Integer(i) => {
-                if let Some(text) = self.texts.as_ref().and_then(|t| t.text_of(*i as f64)).cloned() {
+                if let Some(text) = numbers::recorded(&self.texts, *i as f64) {
                     self.charge(text.as_str().len())?;
                     return Ok(Value::Number(text));
                 }
@@ -613,7 +613,7 @@ impl Encoder {
                 Ok(Value::from(*i))
             }
             LuaValue::Number(n) => {
-                if let Some(text) = self.texts.as_ref().and_then(|t| t.text_of(*n)).cloned() {
+                if let Some(text) = numbers::recorded(&self.texts, *n) {
                     self.charge(text.as_str().len())?;
                     return Ok(Value::Number(text));
                 }

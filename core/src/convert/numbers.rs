@@ -57,6 +57,12 @@ impl NumberTexts {
     }
 }
 
+/// The original text an encoder writes for the double `f`, when this call
+/// recorded one (both encoders of `convert` ask here).
+pub(crate) fn recorded(texts: &Option<NumberTexts>, f: f64) -> Option<Number> {
+    texts.as_ref().and_then(|t| t.text_of(f)).cloned()
+}
+
 /// Whether `n`, read as the double `f`, comes back with another value: it
 /// has more significant digits than a double keeps (16 or more) and the
 /// double's own text differs. Spelling alone (`1.0`, `1e2`) is not recorded:
