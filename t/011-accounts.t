@@ -204,10 +204,11 @@ POST /v1/chat/completions
 
 
 
-=== TEST 13: auth script (deny): allow lets an unknown key in
+=== TEST 13: auth script (deny): allow lets an unknown key in when may_override lists unknown
 --- hooks
   auth:
     on_error: deny
+    may_override: [unknown]
     script: |
       local mode = request.body.mode
       if mode == "allow" then return {allow = true} end
@@ -229,7 +230,7 @@ Authorization: Bearer sk-nope
 
 
 
-=== TEST 14: auth script (deny): allow lets a request without a key in
+=== TEST 14: auth script (deny): allow cannot let a request without a key in (no may_override): 401
 --- hooks
   auth:
     on_error: deny
@@ -246,9 +247,9 @@ Authorization: Bearer sk-nope
 --- request
 POST /v1/chat/completions
 {"mode":"allow"}
---- error_code: 200
---- response_body_like
-"choices"
+--- error_code: 401
+--- response_body chomp
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 
 
 
@@ -431,10 +432,11 @@ refusing the request with the standard verdict (on_error: deny)
 
 
 
-=== TEST 22: auth script (standard): allow lets an unknown key in
+=== TEST 22: auth script (standard): allow lets an unknown key in when may_override lists unknown
 --- hooks
   auth:
     on_error: standard
+    may_override: [unknown]
     script: |
       local mode = request.body.mode
       if mode == "allow" then return {allow = true} end
@@ -456,7 +458,7 @@ Authorization: Bearer sk-nope
 
 
 
-=== TEST 23: auth script (standard): allow lets a request without a key in
+=== TEST 23: auth script (standard): allow cannot let a request without a key in (no may_override): 401
 --- hooks
   auth:
     on_error: standard
@@ -473,9 +475,9 @@ Authorization: Bearer sk-nope
 --- request
 POST /v1/chat/completions
 {"mode":"allow"}
---- error_code: 200
---- response_body_like
-"choices"
+--- error_code: 401
+--- response_body chomp
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 
 
 

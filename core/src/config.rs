@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::admission::Check;
 use crate::error::ConfigError;
 use crate::hooks::HookName;
 use crate::keys::KeyRecord;
@@ -63,6 +64,10 @@ pub struct Config {
     pub keys_configured: bool,
     /// The `keys_file`, resolved against the config's directory.
     pub keys_file: Option<PathBuf>,
+    /// The standard checks whose failure an `auth` script's `allow = true`
+    /// may overrule (`scripts.auth.may_override`, default none:
+    /// docs/adr/040).
+    pub auth_may_override: Vec<Check>,
     /// The standard rate limiter (`limits:`).
     pub limits: LimitsConfig,
     /// Where limiter and quota counters live (`state:`).
@@ -673,6 +678,8 @@ struct RawHook {
     max_input_bytes: Option<usize>,
     max_output_bytes: Option<usize>,
     on_error: Option<OnError>,
+    /// `auth` only: the checks a script's `allow = true` may overrule.
+    may_override: Option<Vec<Check>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -746,6 +753,7 @@ impl Config {
             keys: Vec::new(),
             keys_configured: false,
             keys_file: None,
+            auth_may_override: Vec::new(),
             limits: LimitsConfig::default(),
             state: StateConfig::default(),
             ledger: None,
@@ -821,12 +829,18 @@ impl RawConfig {
 
         let mut hooks: [Option<HookConfig>; 7] = Default::default();
         let mut defined_at: [Option<String>; 7] = Default::default();
-        for (key, hook, raw) in sections {
+        let mut auth_may_override = Vec::new();
+        for (key, hook, mut raw) in sections {
             if let Some(first) = &defined_at[hook.index()] {
                 problems.push(format!("{key}: the {hook} hook is already defined at {first}"));
                 continue;
             }
             defined_at[hook.index()] = Some(key.clone());
+            match raw.may_override.take() {
+                Some(list) if hook == HookName::Auth => auth_may_override = list,
+                Some(_) => problems.push(format!("{key}.may_override: only the auth hook has may_override")),
+                None => {}
+            }
             if let Some(cfg) = resolve_hook(&key, hook, raw, defaults, base_dir, &mut problems) {
                 hooks[hook.index()] = Some(cfg);
             }
@@ -939,6 +953,7 @@ impl RawConfig {
                 keys: accounts.keys,
                 keys_configured: accounts.keys_configured,
                 keys_file: accounts.keys_file,
+                auth_may_override,
                 limits: self.limits,
                 state: self.state,
                 ledger: accounts.ledger,

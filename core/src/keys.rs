@@ -255,20 +255,9 @@ pub fn standard_checks_with_usage(
 
 /// Why the standard checks deny, with the HTTP status the hosts answer.
 /// `None` when every check passed.
+/// ([`crate::admission::standard_denial`] has the error code too.)
 pub fn standard_denial(checks: &StandardChecks) -> Option<(u16, &'static str)> {
-    if !checks.key_valid {
-        Some((401, "invalid or missing API key"))
-    } else if !checks.status_active {
-        Some((403, "API key is disabled"))
-    } else if !checks.not_expired {
-        Some((403, "API key has expired"))
-    } else if !checks.ip_allowed {
-        Some((403, "client address is not allowed for this API key"))
-    } else if !checks.quota_available {
-        Some((429, "API key quota is exhausted"))
-    } else {
-        None
-    }
+    crate::admission::standard_denial(checks).map(|d| (d.status, d.message))
 }
 
 /// A short, stable fingerprint of a key for logs and the ledger

@@ -134,10 +134,11 @@ async fn every_auth_script_verdict_reaches_the_client() {
             ),
         ))
         .await;
-        // A table is final: it can let an unknown key in, or keep a good
-        // key out.
-        assert_eq!(gw.chat(Some("sk-nope"), json!({"mode": "allow"})).await.status, 200);
-        assert_eq!(gw.chat(None, json!({"mode": "allow"})).await.status, 200);
+        // An allow does not overrule a failed standard check (no
+        // may_override here: docs/adr/040); a deny keeps a good key out.
+        assert_eq!(gw.chat(Some("sk-nope"), json!({"mode": "allow"})).await.status, 401);
+        assert_eq!(gw.chat(None, json!({"mode": "allow"})).await.status, 401);
+        assert_eq!(gw.chat(Some("sk-good"), json!({"mode": "allow"})).await.status, 200);
         let r = gw.chat(Some("sk-good"), json!({"mode": "deny"})).await;
         assert_eq!(err(&r), (402, "auth_error".into(), "denied_by_script".into()));
         assert_eq!(r.json()["error"]["message"], "no u-good");
@@ -182,6 +183,74 @@ async fn every_auth_script_verdict_reaches_the_client() {
         );
         assert_eq!(seen["s"]["key_valid"], false);
     }
+}
+
+/// A script's `allow = true` against each failed standard check, without
+/// and with `scripts.auth.may_override` (docs/adr/040): the seed's auth
+/// example ends with `return {allow = true}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_allow_overrules_a_failed_check_only_where_the_config_opts_in() {
+    let m = mock("m", |_| {}).await;
+    // (may_override, key, status with `allow = true`)
+    let cases: &[(&str, Option<&str>, u16)] = &[
+        ("[]", Some("sk-nope"), 401),
+        ("[]", None, 401),
+        ("[]", Some("sk-off"), 403),
+        ("[]", Some("sk-old"), 403),
+        ("[]", Some("sk-far"), 403),
+        ("[]", Some("sk-spent"), 429),
+        ("[]", Some("sk-good"), 200),
+        ("[unknown]", Some("sk-nope"), 200),
+        ("[unknown]", Some("sk-off"), 403),
+        ("[disabled, expired]", Some("sk-off"), 200),
+        ("[disabled, expired]", Some("sk-old"), 200),
+        ("[disabled, expired]", Some("sk-far"), 403),
+        ("[ip_not_allowed, quota_exhausted]", Some("sk-far"), 200),
+        ("[ip_not_allowed, quota_exhausted]", Some("sk-spent"), 200),
+    ];
+    let mut current: Option<(&str, TestGateway)> = None;
+    for (may, key, want) in cases {
+        if current.as_ref().map(|c| c.0) != Some(*may) {
+            let gw = TestGateway::start(&yaml(
+                &m.url(),
+                &format!("scripts:\n  auth:\n    may_override: {may}\n    script: \"return {{allow = true}}\"\n"),
+            ))
+            .await;
+            current = Some((may, gw));
+        }
+        let Some((_, gw)) = &current else { unreachable!() };
+        let r = gw.chat(*key, json!({})).await;
+        assert_eq!(
+            r.status,
+            *want,
+            "may_override {may}, key {key:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // The seed form takes it too; other hooks refuse it.
+    let gw = TestGateway::start(&yaml(
+        &m.url(),
+        "auth:\n  may_override: [disabled]\n  script: \"return {allow = true}\"\n",
+    ))
+    .await;
+    assert_eq!(gw.chat(Some("sk-off"), json!({})).await.status, 200);
+    assert_eq!(gw.chat(Some("sk-old"), json!({})).await.status, 403);
+    let bad = llmproxy_core::Config::from_yaml(
+        "scripts:\n  routing:\n    may_override: [unknown]\n    script: return nil\n",
+        std::path::Path::new("."),
+    )
+    .unwrap_err();
+    assert!(
+        bad.problems
+            .iter()
+            .any(|p| p == "scripts.routing.may_override: only the auth hook has may_override"),
+        "{bad:?}"
+    );
+    assert!(llmproxy_core::Config::from_yaml(
+        "scripts:\n  auth:\n    may_override: [ip]\n    script: return nil\n",
+        std::path::Path::new(".")
+    )
+    .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

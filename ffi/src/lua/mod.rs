@@ -53,7 +53,9 @@ mod usage;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::config::{BalancerKind, OnError};
+use llmproxy_core::hooks::{AuthVerdict, StandardChecks};
 use llmproxy_core::http::hop_by_hop;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
@@ -193,6 +195,51 @@ impl UserData for LuaEngine {
                     out.push(Value::String(lua.create_string(message)?));
                     out.push(Value::String(lua.create_string(code)?));
                 }
+                Ok(MultiValue::from_vec(out))
+            },
+        );
+        // engine:auth_decision(checks, result) -> nil (admitted) or status,
+        // message, code: core's `admission::decide` over the standard
+        // checks (the table `standard_checks` returned) and the auth
+        // script's result (nil, or its validated table), with the
+        // config's `scripts.auth.may_override` (docs/adr/040).
+        methods.add_method(
+            "auth_decision",
+            |lua, this, (checks, result): (Table, Option<Table>)| {
+                let flag = |name: &str| checks.raw_get::<_, Option<bool>>(name).map(|v| v.unwrap_or(false));
+                let c = StandardChecks {
+                    key_valid: flag("key_valid")?,
+                    status_active: flag("status_active")?,
+                    not_expired: flag("not_expired")?,
+                    ip_allowed: flag("ip_allowed")?,
+                    quota_available: flag("quota_available")?,
+                };
+                let verdict = match result {
+                    None => AuthVerdict::Standard,
+                    Some(r) if r.raw_get::<_, Option<bool>>("allow").ok().flatten() == Some(true) => AuthVerdict::Allow,
+                    Some(r) => AuthVerdict::Deny {
+                        reason: r.raw_get::<_, Option<String>>("reason").ok().flatten(),
+                        status_code: r
+                            .raw_get::<_, Option<f64>>("status_code")
+                            .ok()
+                            .flatten()
+                            .filter(|s| (200.0..=599.0).contains(s))
+                            .map_or(AuthVerdict::DEFAULT_DENY_STATUS, |s| s as u16),
+                    },
+                };
+                let out = match admission::decide(&c, &verdict, &this.engine.config().auth_may_override) {
+                    Decision::Allow => Vec::new(),
+                    Decision::Standard(d) => vec![
+                        Value::Integer(i64::from(d.status)),
+                        Value::String(lua.create_string(d.message)?),
+                        Value::String(lua.create_string(d.code)?),
+                    ],
+                    Decision::Script { status, reason } => vec![
+                        Value::Integer(i64::from(status)),
+                        Value::String(lua.create_string(reason.as_deref().unwrap_or("access denied"))?),
+                        Value::String(lua.create_string("denied_by_script")?),
+                    ],
+                };
                 Ok(MultiValue::from_vec(out))
             },
         );

@@ -868,7 +868,8 @@ local RATE_REASON = {
 
 -- The auth stage, as the gateway's (proxy/src/gateway/admission.rs): the
 -- standard checks (core's, with the key's live usage), then the auth
--- script, whose table is final (nil keeps the standard verdict). A script
+-- script: nil keeps the standard verdict, a deny is final, an allow
+-- overrules only the checks the config lists in may_override. A script
 -- that fails under `on_error: deny` fails closed: the standard denial when
 -- there is one, else 503.
 local function authenticate(state, ctx, entry, used)
@@ -898,11 +899,12 @@ local function authenticate(state, ctx, entry, used)
             log_hook_error("auth", ctx, err, "using the standard verdict")
             refusal = standard
         end
-    elseif res == nil then
-        refusal = standard
-    elseif res.allow == false then
-        refusal = failure("auth_error", tonumber(res.status_code) or 403, "denied_by_script",
-            type(res.reason) == "string" and res.reason or "access denied")
+    else
+        -- Core's decision (admission::decide): nil keeps the standard
+        -- verdict, a deny is final, an allow overrules only the failed
+        -- checks listed in scripts.auth.may_override (docs/adr/040).
+        local dstatus, dmessage, dcode = state.engine:auth_decision(checks, res)
+        refusal = dstatus and failure("auth_error", dstatus, dcode, dmessage) or nil
     end
     ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ",
         err and "failed" or (res == nil and "standard" or (res.allow == false and "deny" or "allow")),
