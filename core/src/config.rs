@@ -99,8 +99,9 @@ pub struct LimitsConfig {
     pub key_tpm: u64,
     /// Requests in flight per key.
     pub key_concurrency: u64,
-    /// The zone of `current_time` for `rate_limit` scripts: `UTC` or a
-    /// fixed offset such as `+08:00`.
+    /// The zone of `current_time` for `rate_limit` scripts: `local` (the
+    /// default: the machine's zone, `TZ` or the system's), `UTC`, or a
+    /// fixed offset such as `+08:00` (docs/adr/041).
     pub time_zone: String,
 }
 
@@ -111,7 +112,7 @@ impl Default for LimitsConfig {
             key_rpm: 0,
             key_tpm: 0,
             key_concurrency: 0,
-            time_zone: String::from("UTC"),
+            time_zone: String::from("local"),
         }
     }
 }
@@ -122,9 +123,15 @@ impl LimitsConfig {
         self.global_rpm > 0 || self.key_rpm > 0 || self.key_tpm > 0 || self.key_concurrency > 0
     }
 
-    /// `time_zone` as seconds east of UTC.
+    /// `time_zone` as seconds east of UTC (an error for `local`, whose
+    /// offset changes with the date: use [`LimitsConfig::zone`]).
     pub fn utc_offset_seconds(&self) -> Result<i32, String> {
         parse_utc_offset(&self.time_zone)
+    }
+
+    /// `time_zone`, parsed.
+    pub fn zone(&self) -> Result<crate::clock::Zone, String> {
+        crate::clock::Zone::parse(&self.time_zone)
     }
 }
 
@@ -764,6 +771,15 @@ impl Config {
         }
     }
 
+    /// What loads but deserves a warning (hosts log these; `llmproxy
+    /// check` prints them), such as a key's `total_quota: 0`.
+    pub fn warnings(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .flat_map(|k| k.warnings(&format!("keys[{}]", k.fingerprint())))
+            .collect()
+    }
+
     /// The enabled hook's settings, if it is enabled.
     pub fn hook(&self, hook: HookName) -> Option<&HookConfig> {
         self.hooks[hook.index()].as_ref()
@@ -1142,7 +1158,7 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
     }
 
     let l = a.limits;
-    if let Err(e) = l.utc_offset_seconds() {
+    if let Err(e) = l.zone() {
         problems.push(format!("limits.time_zone: {e}"));
     }
     let st = a.state;
@@ -1311,7 +1327,7 @@ mod account_section_tests {
         .unwrap();
         let names: Vec<&str> = c.keys.iter().map(|k| k.key.as_str()).collect();
         assert_eq!(names, ["sk-0", "sk-1"]);
-        assert_eq!(c.keys[1].total_quota, 10);
+        assert_eq!(c.keys[1].total_quota, Some(10));
         assert_eq!(c.sources, vec![dir.join("r.lua"), dir.join("list.yaml")]);
         let c = load("keys_file: map.json\n", &dir).unwrap();
         assert_eq!(c.keys[0].user_id, "u2");

@@ -23,8 +23,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::{Datelike, FixedOffset, Timelike, Utc};
+use chrono::Utc;
 use llmproxy_core::admission::{self, Check, Decision};
+use llmproxy_core::clock::{self, Zone};
 use llmproxy_core::config::StateOnError;
 use llmproxy_core::hooks::{
     AuthVerdict, CurrentTime, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata, UsageRecord,
@@ -74,18 +75,10 @@ pub(crate) struct Admitted {
     pub permit: Option<Permit>,
 }
 
-/// The clock as `rate_limit` scripts see it, in the configured zone.
-pub fn current_time(utc_offset: i32) -> CurrentTime {
-    let now = Utc::now();
-    let local = match FixedOffset::east_opt(utc_offset) {
-        Some(tz) => now.with_timezone(&tz).naive_local(),
-        None => now.naive_utc(),
-    };
-    CurrentTime {
-        hour: local.hour(),
-        weekday: local.weekday().number_from_monday(),
-        timestamp: now.timestamp(),
-    }
+/// The clock as `rate_limit` scripts see it, in the configured zone
+/// (core's [`clock::current_time`]).
+pub fn current_time(zone: Zone) -> CurrentTime {
+    clock::current_time(Utc::now(), zone)
 }
 
 fn auth_failure(status: u16, code: &'static str, message: String) -> Refusal {
@@ -248,7 +241,7 @@ pub(crate) fn admit_local(
         });
         let took = acq.denial.is_none();
         let verdict = stages
-            .rate_limit(info, &info_value, acq.status, current_time(live.utc_offset), t)
+            .rate_limit(info, &info_value, acq.status, current_time(live.zone), t)
             .map_err(|d| {
                 if took {
                     local.limiter.refund(key, limits);
@@ -367,7 +360,7 @@ pub(crate) async fn admit_redis(
             // the same step as the limits.
             let checks = standard_checks_with_usage(record, 0, info.client_ip.as_deref(), Utc::now());
             judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])?;
-            quota_total = record.map_or(0, |r| r.total_quota);
+            quota_total = record.and_then(|r| r.quota_limit()).unwrap_or(0);
         }
     }
     if !live.limit_on && quota_total == 0 {
@@ -421,7 +414,7 @@ pub(crate) async fn admit_redis(
         }
         let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value);
         let status = acq.status;
-        let now = current_time(live.utc_offset);
+        let now = current_time(live.zone);
         let r = hook_job(
             shared,
             HookName::RateLimit,
