@@ -86,7 +86,7 @@ pub enum KeysCommand {
         config: PathBuf,
         /// The key or its fingerprint (`sha256:...`).
         key: String,
-        /// New total quota (0: unlimited).
+        /// New total quota (0: unlimited, written as `unlimited`).
         #[arg(long)]
         total: Option<u64>,
         /// Reset the tokens used to this value.

@@ -3,8 +3,10 @@
 //!
 //! Auth: the key (`Authorization: Bearer` or `x-api-key`) is looked up in
 //! the live key set; core's standard checks run with the key's live quota
-//! usage; the `auth` script (if any) sees `key_info` and `standard_checks`
-//! and its table is final, `nil` keeps the standard verdict. Rate limit:
+//! usage; the `auth` script (if any) sees `key_info` and `standard_checks`:
+//! `nil` keeps the standard verdict, a deny is final, an allow overrules
+//! only the failed checks `may_override` lists (core's
+//! `admission::decide`, docs/adr/040). Rate limit:
 //! the standard limiter checks and takes (atomically, in this process or in
 //! Redis); the `rate_limit` script sees `rate_limit_status` and
 //! `current_time` and may overrule it either way (tokens are then taken or
@@ -175,8 +177,9 @@ fn key_info(caller: &Caller, used: u64) -> Value {
 /// expired key, a refused address, or (with local state) an exhausted
 /// quota is refused without reading or parsing the body. Only when auth is
 /// on and no `auth` script runs: a script may allow what the standard
-/// checks deny, and it sees the body. Admission proper runs later as
-/// before; the checks are cheap and repeatable.
+/// checks deny (where `may_override` lets it), and it sees the body.
+/// Admission proper runs later as before; the checks are cheap and
+/// repeatable.
 pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller: &Caller) -> Result<(), Refusal> {
     if !live.auth_on || live.stages.enabled(HookName::Auth) {
         return Ok(());
