@@ -1,7 +1,8 @@
-//! `current_time` follows the machine's local zone (`TZ`) unless
-//! `limits.time_zone` overrides it, and `llmproxy check` names the zone in
-//! effect (docs/adr/041). Real `llmproxy` processes with `TZ` set, a real
-//! mock backend, real sockets.
+//! The defaults scripts meet (docs/adr/041): `current_time` follows the
+//! machine's local zone (`TZ`) unless `limits.time_zone` overrides it, and
+//! `llmproxy check` names the zone in effect and warns about the old
+//! `total_quota: 0`. Real `llmproxy` processes with `TZ` set, a real mock
+//! backend, real sockets.
 
 mod common;
 
@@ -107,5 +108,31 @@ fn check_names_the_zone_in_effect() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains(&want), "{zone:?}: {stdout}");
+    }
+}
+
+#[test]
+fn check_warns_that_a_zero_quota_reads_as_unlimited() {
+    let dir = tempdir("quota-warning");
+    // (total_quota, warns)
+    for (quota, warns) in [("0", true), ("unlimited", false), ("100", false)] {
+        let path = dir.join(format!("q-{quota}.yaml"));
+        std::fs::write(
+            &path,
+            format!("keys:\n  - {{key: sk-a, user_id: u, total_quota: {quota}}}\n"),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .arg("check")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "total_quota {quota}: it still loads");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.contains("total_quota: 0 is read as unlimited"),
+            warns,
+            "total_quota {quota}: {stderr}"
+        );
     }
 }
