@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::admission::Check;
 use crate::error::ConfigError;
 use crate::hooks::HookName;
 use crate::keys::KeyRecord;
@@ -63,6 +64,10 @@ pub struct Config {
     pub keys_configured: bool,
     /// The `keys_file`, resolved against the config's directory.
     pub keys_file: Option<PathBuf>,
+    /// The standard checks whose failure an `auth` script's `allow = true`
+    /// may overrule (`scripts.auth.may_override`, default none:
+    /// docs/adr/040).
+    pub auth_may_override: Vec<Check>,
     /// The standard rate limiter (`limits:`).
     pub limits: LimitsConfig,
     /// Where limiter and quota counters live (`state:`).
@@ -94,8 +99,9 @@ pub struct LimitsConfig {
     pub key_tpm: u64,
     /// Requests in flight per key.
     pub key_concurrency: u64,
-    /// The zone of `current_time` for `rate_limit` scripts: `UTC` or a
-    /// fixed offset such as `+08:00`.
+    /// The zone of `current_time` for `rate_limit` scripts: `local` (the
+    /// default: the machine's zone, `TZ` or the system's), `UTC`, or a
+    /// fixed offset such as `+08:00` (docs/adr/041).
     pub time_zone: String,
 }
 
@@ -106,7 +112,7 @@ impl Default for LimitsConfig {
             key_rpm: 0,
             key_tpm: 0,
             key_concurrency: 0,
-            time_zone: String::from("UTC"),
+            time_zone: String::from("local"),
         }
     }
 }
@@ -117,9 +123,15 @@ impl LimitsConfig {
         self.global_rpm > 0 || self.key_rpm > 0 || self.key_tpm > 0 || self.key_concurrency > 0
     }
 
-    /// `time_zone` as seconds east of UTC.
+    /// `time_zone` as seconds east of UTC (an error for `local`, whose
+    /// offset changes with the date: use [`LimitsConfig::zone`]).
     pub fn utc_offset_seconds(&self) -> Result<i32, String> {
         parse_utc_offset(&self.time_zone)
+    }
+
+    /// `time_zone`, parsed.
+    pub fn zone(&self) -> Result<crate::clock::Zone, String> {
+        crate::clock::Zone::parse(&self.time_zone)
     }
 }
 
@@ -673,6 +685,8 @@ struct RawHook {
     max_input_bytes: Option<usize>,
     max_output_bytes: Option<usize>,
     on_error: Option<OnError>,
+    /// `auth` only: the checks a script's `allow = true` may overrule.
+    may_override: Option<Vec<Check>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -746,6 +760,7 @@ impl Config {
             keys: Vec::new(),
             keys_configured: false,
             keys_file: None,
+            auth_may_override: Vec::new(),
             limits: LimitsConfig::default(),
             state: StateConfig::default(),
             ledger: None,
@@ -754,6 +769,15 @@ impl Config {
             sources: Vec::new(),
             path: None,
         }
+    }
+
+    /// What loads but deserves a warning (hosts log these; `llmproxy
+    /// check` prints them), such as a key's `total_quota: 0`.
+    pub fn warnings(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .flat_map(|k| k.warnings(&format!("keys[{}]", k.fingerprint())))
+            .collect()
     }
 
     /// The enabled hook's settings, if it is enabled.
@@ -821,12 +845,18 @@ impl RawConfig {
 
         let mut hooks: [Option<HookConfig>; 7] = Default::default();
         let mut defined_at: [Option<String>; 7] = Default::default();
-        for (key, hook, raw) in sections {
+        let mut auth_may_override = Vec::new();
+        for (key, hook, mut raw) in sections {
             if let Some(first) = &defined_at[hook.index()] {
                 problems.push(format!("{key}: the {hook} hook is already defined at {first}"));
                 continue;
             }
             defined_at[hook.index()] = Some(key.clone());
+            match raw.may_override.take() {
+                Some(list) if hook == HookName::Auth => auth_may_override = list,
+                Some(_) => problems.push(format!("{key}.may_override: only the auth hook has may_override")),
+                None => {}
+            }
             if let Some(cfg) = resolve_hook(&key, hook, raw, defaults, base_dir, &mut problems) {
                 hooks[hook.index()] = Some(cfg);
             }
@@ -939,6 +969,7 @@ impl RawConfig {
                 keys: accounts.keys,
                 keys_configured: accounts.keys_configured,
                 keys_file: accounts.keys_file,
+                auth_may_override,
                 limits: self.limits,
                 state: self.state,
                 ledger: accounts.ledger,
@@ -1127,7 +1158,7 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
     }
 
     let l = a.limits;
-    if let Err(e) = l.utc_offset_seconds() {
+    if let Err(e) = l.zone() {
         problems.push(format!("limits.time_zone: {e}"));
     }
     let st = a.state;
@@ -1296,7 +1327,7 @@ mod account_section_tests {
         .unwrap();
         let names: Vec<&str> = c.keys.iter().map(|k| k.key.as_str()).collect();
         assert_eq!(names, ["sk-0", "sk-1"]);
-        assert_eq!(c.keys[1].total_quota, 10);
+        assert_eq!(c.keys[1].total_quota, Some(10));
         assert_eq!(c.sources, vec![dir.join("r.lua"), dir.join("list.yaml")]);
         let c = load("keys_file: map.json\n", &dir).unwrap();
         assert_eq!(c.keys[0].user_id, "u2");

@@ -41,9 +41,11 @@ pub struct KeyRecord {
     /// `active` or `disabled`.
     #[serde(default)]
     pub status: KeyStatus,
-    /// Token quota; 0 means unlimited.
-    #[serde(default)]
-    pub total_quota: u64,
+    /// Token quota: `None` (absent, or `unlimited` in the file) means
+    /// unlimited. `0`, the old spelling of unlimited, still reads as
+    /// unlimited, with a warning ([`KeyRecord::warnings`], docs/adr/041).
+    #[serde(default, with = "quota_form")]
+    pub total_quota: Option<u64>,
     /// Tokens used so far.
     #[serde(default)]
     pub used_quota: u64,
@@ -211,9 +213,76 @@ impl KeyRecord {
         }
     }
 
-    /// Whether quota is left (`total_quota` 0 = unlimited).
+    /// Whether quota is left.
     pub fn quota_available(&self) -> bool {
-        self.total_quota == 0 || self.used_quota < self.total_quota
+        self.quota_limit().is_none_or(|q| self.used_quota < q)
+    }
+
+    /// The quota in force: `None` when unlimited (no `total_quota`,
+    /// `unlimited`, or the old `0`).
+    pub fn quota_limit(&self) -> Option<u64> {
+        self.total_quota.filter(|q| *q > 0)
+    }
+
+    /// What is worth a warning but still loads; `at` names the record.
+    pub fn warnings(&self, at: &str) -> Vec<String> {
+        match self.total_quota {
+            Some(0) => vec![format!(
+                "{at}.total_quota: 0 is read as unlimited (its old meaning); write `unlimited` or leave it out (docs/adr/041)"
+            )],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The `key_info` scripts see (`auth`, `rate_limit`): the record's
+    /// fields with `used_quota` = `used`, `unlimited` (whether the key has
+    /// no quota) and, for an unlimited key, `total_quota` =
+    /// [`UNLIMITED_QUOTA`], so a tier check such as the seed's
+    /// `key_info.total_quota >= 1000000` puts it in the top tier.
+    pub fn key_info(&self, used: u64) -> serde_json::Value {
+        let mut info = match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let limit = self.quota_limit();
+        info.insert("total_quota".into(), limit.unwrap_or(UNLIMITED_QUOTA).into());
+        info.insert("unlimited".into(), limit.is_none().into());
+        info.insert("used_quota".into(), used.into());
+        serde_json::Value::Object(info)
+    }
+}
+
+/// What scripts see as an unlimited key's `total_quota`: 2^53 - 1, the
+/// largest integer a Lua number holds exactly.
+pub const UNLIMITED_QUOTA: u64 = (1 << 53) - 1;
+
+/// `total_quota` in a keys file: a number, or `unlimited` / absent / null.
+mod quota_form {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Number(u64),
+        Word(String),
+    }
+
+    pub fn serialize<S: Serializer>(q: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match q {
+            Some(n) => s.serialize_u64(*n),
+            None => s.serialize_str("unlimited"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Option::<Form>::deserialize(d)? {
+            None => Ok(None),
+            Some(Form::Number(n)) => Ok(Some(n)),
+            Some(Form::Word(w)) if w.trim().eq_ignore_ascii_case("unlimited") => Ok(None),
+            Some(Form::Word(w)) => Err(serde::de::Error::custom(format!(
+                "total_quota must be a number of tokens or `unlimited`, not '{w}'"
+            ))),
+        }
     }
 }
 
@@ -248,27 +317,16 @@ pub fn standard_checks_with_usage(
 ) -> StandardChecks {
     let mut checks = standard_checks(key, client_ip, now);
     if let Some(k) = key {
-        checks.quota_available = k.total_quota == 0 || used_quota < k.total_quota;
+        checks.quota_available = k.quota_limit().is_none_or(|q| used_quota < q);
     }
     checks
 }
 
 /// Why the standard checks deny, with the HTTP status the hosts answer.
 /// `None` when every check passed.
+/// ([`crate::admission::standard_denial`] has the error code too.)
 pub fn standard_denial(checks: &StandardChecks) -> Option<(u16, &'static str)> {
-    if !checks.key_valid {
-        Some((401, "invalid or missing API key"))
-    } else if !checks.status_active {
-        Some((403, "API key is disabled"))
-    } else if !checks.not_expired {
-        Some((403, "API key has expired"))
-    } else if !checks.ip_allowed {
-        Some((403, "client address is not allowed for this API key"))
-    } else if !checks.quota_available {
-        Some((429, "API key quota is exhausted"))
-    } else {
-        None
-    }
+    crate::admission::standard_denial(checks).map(|d| (d.status, d.message))
 }
 
 /// A short, stable fingerprint of a key for logs and the ledger
@@ -357,7 +415,7 @@ mod tests {
             user_id: "u1".into(),
             name: "test".into(),
             status: KeyStatus::Active,
-            total_quota: 100,
+            total_quota: Some(100),
             used_quota: 10,
             allowed_ips: vec!["192.168.1.0/24".into(), "2001:db8::/32".into(), "10.0.0.7".into()],
             expires_at: Some("2026-12-31T23:59:59Z".into()),
@@ -426,7 +484,7 @@ mod tests {
         assert_eq!(standard_denial(&spent), Some((429, "API key quota is exhausted")));
 
         let mut unlimited = key();
-        unlimited.total_quota = 0;
+        unlimited.total_quota = None;
         unlimited.used_quota = u64::MAX;
         unlimited.allowed_ips.clear();
         unlimited.expires_at = None;
@@ -442,7 +500,7 @@ mod tests {
         let spent = standard_checks_with_usage(Some(&k), 100, ip, now);
         assert!(!spent.quota_available && spent.key_valid && spent.ip_allowed);
         let mut unlimited = key();
-        unlimited.total_quota = 0;
+        unlimited.total_quota = None;
         assert!(standard_checks_with_usage(Some(&unlimited), u64::MAX, ip, now).quota_available);
         assert!(!standard_checks_with_usage(None, 0, ip, now).quota_available);
     }
@@ -506,5 +564,38 @@ mod tests {
         assert_eq!(index.find("sk-none"), None);
         assert_eq!(index.find(""), None);
         assert_eq!(KeyIndex::new(&[plain]).find("sk-other"), None);
+    }
+
+    #[test]
+    fn unlimited_is_explicit_in_the_record_and_top_tier_for_scripts() {
+        // (total_quota in the file, quota in force, warns, key_info.total_quota)
+        let cases: [(&str, Option<u64>, bool, u64); 5] = [
+            ("", None, false, UNLIMITED_QUOTA),
+            (", total_quota: unlimited", None, false, UNLIMITED_QUOTA),
+            (", total_quota: null", None, false, UNLIMITED_QUOTA),
+            (", total_quota: 0", None, true, UNLIMITED_QUOTA),
+            (", total_quota: 100000", Some(100_000), false, 100_000),
+        ];
+        for (field, limit, warns, seen) in cases {
+            let r: KeyRecord = serde_norway::from_str(&format!("{{key: sk-a, user_id: u{field}}}")).unwrap();
+            assert_eq!(r.quota_limit(), limit, "{field}");
+            assert_eq!(!r.warnings("k").is_empty(), warns, "{field}");
+            let info = r.key_info(7);
+            assert_eq!(info["total_quota"], seen, "{field}");
+            assert_eq!(info["unlimited"], limit.is_none(), "{field}");
+            assert_eq!(info["used_quota"], 7);
+            // The seed's tier check puts unlimited keys at the top.
+            assert_eq!(
+                info["total_quota"].as_u64().unwrap() >= 1_000_000,
+                limit.is_none(),
+                "{field}"
+            );
+        }
+        let unlimited: KeyRecord = serde_norway::from_str("{key: sk-a, user_id: u}").unwrap();
+        assert!(serde_norway::to_string(&unlimited)
+            .unwrap()
+            .contains("total_quota: unlimited"));
+        assert!(serde_norway::from_str::<KeyRecord>("{key: sk-a, user_id: u, total_quota: lots}").is_err());
+        assert!(serde_norway::from_str::<KeyRecord>("{key: sk-a, user_id: u, total_quota: -1}").is_err());
     }
 }

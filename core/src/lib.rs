@@ -18,6 +18,8 @@
 //! - [`http`]: request rules every host shares: the canonical path, the
 //!   OpenAI field types, hop-by-hop headers.
 //! - [`keys`]: API key records and the standard checks every host shares.
+//! - [`admission`]: the auth decision over the checks and the script.
+//! - [`clock`]: `current_time` for `rate_limit` scripts, in the configured zone.
 //! - [`admin`]: the admin token policy for admin endpoints off loopback.
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
@@ -25,6 +27,8 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admission;
+pub mod clock;
 pub mod config;
 pub mod conformance;
 pub mod convert;

@@ -50,7 +50,7 @@ pub enum KeysCommand {
         /// The key itself (default: a new random `sk-...`).
         #[arg(long)]
         key: Option<String>,
-        /// Token quota (0: unlimited).
+        /// Token quota (0 or absent: unlimited).
         #[arg(long, default_value_t = 0)]
         total_quota: u64,
         /// Allowed client range (CIDR); repeat for several.
@@ -86,7 +86,7 @@ pub enum KeysCommand {
         config: PathBuf,
         /// The key or its fingerprint (`sha256:...`).
         key: String,
-        /// New total quota (0: unlimited).
+        /// New total quota (0: unlimited, written as `unlimited`).
         #[arg(long)]
         total: Option<u64>,
         /// Reset the tokens used to this value.
@@ -137,7 +137,7 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
                 user_id: user,
                 name,
                 status: KeyStatus::Active,
-                total_quota,
+                total_quota: Some(total_quota).filter(|q| *q > 0),
                 used_quota: 0,
                 allowed_ips,
                 expires_at,
@@ -193,7 +193,8 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             edit(&config, Some(&key), |keys| {
                 let k = find(keys, &key)?;
                 if let Some(t) = total {
-                    k.total_quota = t;
+                    // 0 on the command line keeps its old meaning: unlimited.
+                    k.total_quota = Some(t).filter(|q| *q > 0);
                 }
                 if let Some(u) = used {
                     k.used_quota = u;
@@ -442,7 +443,7 @@ fn list(config: &Path, format: &str) -> ExitCode {
                 "user_id": k.user_id,
                 "name": k.name,
                 "status": if k.status == KeyStatus::Active { "active" } else { "disabled" },
-                "total_quota": k.total_quota,
+                "total_quota": k.quota_limit().map_or_else(|| json!("unlimited"), |q| json!(q)),
                 "used_quota": usage.get(&fp).copied().unwrap_or(k.used_quota),
                 "allowed_ips": k.allowed_ips,
                 "expires_at": k.expires_at,

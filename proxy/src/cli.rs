@@ -349,16 +349,24 @@ fn check(path: &std::path::Path) -> ExitCode {
                 .filter(|h| engine.is_enabled(**h))
                 .map(|h| h.as_str())
                 .collect();
+            let config = engine.config();
+            let zone = config
+                .limits
+                .zone()
+                .map_or_else(|e| e, |z| z.describe(chrono::Utc::now()));
             println!(
-                "{}: ok ({} backends; hooks: {})",
+                "{}: ok ({} backends; hooks: {}; current_time zone: {zone})",
                 path.display(),
-                engine.config().backends.len(),
+                config.backends.len(),
                 if hooks.is_empty() {
                     String::from("none")
                 } else {
                     hooks.join(", ")
                 }
             );
+            for w in config.warnings() {
+                eprintln!("  warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -159,8 +159,9 @@ async fn response_transform_can_change_status_and_headers() {
 async fn fields_a_hook_does_not_use_are_ignored_and_counted() {
     let m = mock("m", |_| {}).await;
     // A ported script: auth has no retry_after, response_transform no `note`.
+    // No keys: the script's allow admits only with may_override (ADR 040).
     let yaml = format!(
-        "backends:\n{}scripts:\n  auth:\n    script: |\n{}  response_transform:\n    script: |\n{}",
+        "backends:\n{}scripts:\n  auth:\n    may_override: [unknown]\n    script: |\n{}  response_transform:\n    script: |\n{}",
         backend("m", &m.url()),
         script("if request.body.model == 'blocked' then return {allow = false, reason = 'no', retry_after = 5} end return {allow = true, note = 'x'}"),
         script("return {status_code = 201, note = 'ignored'}")

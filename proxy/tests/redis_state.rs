@@ -162,7 +162,7 @@ async fn wait_redis_charge(redis: &Redis, prefix: &str, key: &str, want: i64) {
 async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     let Some(redis) = Redis::start("scripts") else { return };
     let m = mock("m", |_| {}).await;
-    let scripts = "scripts:\n  auth:\n    script: |\n      if request.body.mode == 'allow' then return {allow = true} end\n      return nil\n\
+    let scripts = "scripts:\n  auth:\n    may_override: [unknown]\n    script: |\n      if request.body.mode == 'allow' then return {allow = true} end\n      return nil\n\
                    \x20 rate_limit:\n    script: |\n      if request.body.mode == 'status' then return {allow = false, reason = json.encode(rate_limit_status)} end\n      return nil\n";
     let yaml = config(
         &m.url(),
@@ -186,6 +186,7 @@ async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     }
     assert_eq!(a.chat(Some("sk-b"), json!({})).await.status, 429);
     assert_eq!(a.chat(Some("sk-nope"), json!({})).await.status, 401);
+    // may_override: [unknown] lets the script's allow admit an unknown key.
     assert_eq!(a.chat(Some("sk-nope"), json!({"mode": "allow"})).await.status, 200);
 
     // Redis goes away: deny (default) answers 503, allow lets requests in.

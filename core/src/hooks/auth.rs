@@ -66,7 +66,9 @@ impl HookInput for AuthInput<'_> {
 pub enum AuthVerdict {
     /// `nil`: the standard verdict stands.
     Standard,
-    /// `{allow = true}`: allowed, whatever the standard checks said.
+    /// `{allow = true}`: allowed where the standard checks passed, or
+    /// where every failed check is one the config lets scripts overrule
+    /// ([`crate::admission::decide`]).
     Allow,
     /// `{allow = false, reason?, status_code?}`: denied (403 by default).
     Deny {

@@ -4,6 +4,7 @@
 //! (`llmproxy_core::keys`), so nginx and the standalone gateway agree.
 
 use chrono::Utc;
+use llmproxy_core::clock::Zone;
 use llmproxy_core::hooks::StandardChecks;
 use llmproxy_core::keys::{standard_checks_with_usage, standard_denial, KeyIndex, KeyRecord};
 use llmproxy_core::{Config, HookName};
@@ -32,7 +33,7 @@ impl KeyStore {
             .iter()
             .map(|record| KeyEntry {
                 fingerprint: record.fingerprint(),
-                info: serde_json::to_value(record).unwrap_or(Json::Null),
+                info: record.key_info(record.used_quota),
                 record: record.clone(),
             })
             .collect();
@@ -95,13 +96,13 @@ fn denial_code(c: &StandardChecks) -> &'static str {
 pub(crate) struct Admission {
     pub auth_on: bool,
     pub limit_on: bool,
-    pub utc_offset: i32,
+    pub zone: Zone,
 }
 
 pub(crate) fn admission(config: &Config, enabled: impl Fn(HookName) -> bool) -> Admission {
     Admission {
         auth_on: config.keys_configured || enabled(HookName::Auth),
         limit_on: config.limits.any() || enabled(HookName::RateLimit),
-        utc_offset: config.limits.utc_offset_seconds().unwrap_or(0),
+        zone: config.limits.zone().unwrap_or(Zone::Local),
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Auth: the key (`Authorization: Bearer` or `x-api-key`) is looked up in
 //! the live key set; core's standard checks run with the key's live quota
-//! usage; the `auth` script (if any) sees `key_info` and `standard_checks`
-//! and its table is final, `nil` keeps the standard verdict. Rate limit:
+//! usage; the `auth` script (if any) sees `key_info` and `standard_checks`:
+//! `nil` keeps the standard verdict, a deny is final, an allow overrules
+//! only the failed checks `may_override` lists (core's
+//! `admission::decide`, docs/adr/040). Rate limit:
 //! the standard limiter checks and takes (atomically, in this process or in
 //! Redis); the `rate_limit` script sees `rate_limit_status` and
 //! `current_time` and may overrule it either way (tokens are then taken or
@@ -23,12 +25,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::{Datelike, FixedOffset, Timelike, Utc};
+use chrono::Utc;
+use llmproxy_core::admission::{self, Check, Decision};
+use llmproxy_core::clock::{self, Zone};
 use llmproxy_core::config::StateOnError;
 use llmproxy_core::hooks::{
     AuthVerdict, CurrentTime, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata, UsageRecord,
 };
-use llmproxy_core::keys::{standard_checks_with_usage, standard_denial};
+use llmproxy_core::keys::standard_checks_with_usage;
 use llmproxy_core::HookName;
 use serde_json::{json, Value};
 
@@ -73,33 +77,10 @@ pub(crate) struct Admitted {
     pub permit: Option<Permit>,
 }
 
-/// The clock as `rate_limit` scripts see it, in the configured zone.
-pub fn current_time(utc_offset: i32) -> CurrentTime {
-    let now = Utc::now();
-    let local = match FixedOffset::east_opt(utc_offset) {
-        Some(tz) => now.with_timezone(&tz).naive_local(),
-        None => now.naive_utc(),
-    };
-    CurrentTime {
-        hour: local.hour(),
-        weekday: local.weekday().number_from_monday(),
-        timestamp: now.timestamp(),
-    }
-}
-
-/// The error code and metrics reason of a standard denial.
-fn denial_reason(c: &StandardChecks) -> (&'static str, &'static str) {
-    if !c.key_valid {
-        ("invalid_api_key", "invalid_key")
-    } else if !c.status_active {
-        ("key_disabled", "disabled")
-    } else if !c.not_expired {
-        ("key_expired", "expired")
-    } else if !c.ip_allowed {
-        ("ip_not_allowed", "ip_not_allowed")
-    } else {
-        ("quota_exhausted", "quota_exhausted")
-    }
+/// The clock as `rate_limit` scripts see it, in the configured zone
+/// (core's [`clock::current_time`]).
+pub fn current_time(zone: Zone) -> CurrentTime {
+    clock::current_time(Utc::now(), zone)
 }
 
 fn auth_failure(status: u16, code: &'static str, message: String) -> Refusal {
@@ -112,38 +93,37 @@ fn rate_failure(code: &'static str, message: String, retry_after: f64) -> Refusa
     Refusal::Fail(Box::new(f))
 }
 
-/// Turn an auth verdict into admission or refusal. A standard 401 (no
-/// key, or an unknown one) counts against the client's address in the auth
-/// throttle (docs/adr/039).
+/// Turn an auth verdict into admission or refusal: core's
+/// [`admission::decide`], so a script's `allow = true` overrules only the
+/// failed checks listed in `scripts.auth.may_override` (docs/adr/040). A
+/// standard 401 (no key, or an unknown one) counts against the client's
+/// address in the auth throttle (docs/adr/039).
 fn judge_auth(
     shared: &Shared,
     verdict: AuthVerdict,
     checks: &StandardChecks,
     info: &RequestInfo,
+    may_override: &[Check],
 ) -> Result<(), Refusal> {
-    match verdict {
-        AuthVerdict::Allow => Ok(()),
-        AuthVerdict::Deny { reason, status_code } => {
+    match admission::decide(checks, &verdict, may_override) {
+        Decision::Allow => Ok(()),
+        Decision::Script { status, reason } => {
             shared.metrics.auth_denied("script");
             Err(auth_failure(
-                status_code,
+                status,
                 "denied_by_script",
                 reason.unwrap_or_else(|| String::from("access denied")),
             ))
         }
-        AuthVerdict::Standard => match standard_denial(checks) {
-            None => Ok(()),
-            Some((status, message)) => {
-                let (code, reason) = denial_reason(checks);
-                shared.metrics.auth_denied(reason);
-                if !checks.key_valid {
-                    if let Some(ip) = info.client_ip.as_deref().and_then(|ip| ip.parse().ok()) {
-                        shared.throttles.api.failed(ip, Instant::now());
-                    }
+        Decision::Standard(d) => {
+            shared.metrics.auth_denied(d.reason);
+            if d.check == Check::Unknown {
+                if let Some(ip) = info.client_ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                    shared.throttles.api.failed(ip, Instant::now());
                 }
-                Err(auth_failure(status, code, message.to_owned()))
             }
-        },
+            Err(auth_failure(d.status, d.code, d.message.to_owned()))
+        }
     }
 }
 
@@ -151,7 +131,7 @@ fn judge_auth(
 /// standard checks deny as well (say an unknown key, and a script that reads
 /// `key_info`), the client gets that precise 401/403/429 rather than a 503.
 fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks, info: &RequestInfo) -> Refusal {
-    match judge_auth(shared, AuthVerdict::Standard, checks, info) {
+    match judge_auth(shared, AuthVerdict::Standard, checks, info, &[]) {
         Err(standard) => standard,
         Ok(()) => {
             shared.metrics.auth_denied("hook_failed");
@@ -197,8 +177,9 @@ fn key_info(caller: &Caller, used: u64) -> Value {
 /// expired key, a refused address, or (with local state) an exhausted
 /// quota is refused without reading or parsing the body. Only when auth is
 /// on and no `auth` script runs: a script may allow what the standard
-/// checks deny, and it sees the body. Admission proper runs later as
-/// before; the checks are cheap and repeatable.
+/// checks deny (where `may_override` lets it), and it sees the body.
+/// Admission proper runs later as before; the checks are cheap and
+/// repeatable.
 pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller: &Caller) -> Result<(), Refusal> {
     if !live.auth_on || live.stages.enabled(HookName::Auth) {
         return Ok(());
@@ -213,7 +194,7 @@ pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller:
         info.client_ip.as_deref(),
         Utc::now(),
     );
-    judge_auth(shared, AuthVerdict::Standard, &checks, info)
+    judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])
 }
 
 /// Whether a refusal still established who the caller is (the key is
@@ -250,7 +231,7 @@ pub(crate) fn admit_local(
         let verdict = stages
             .auth(info, &info_value, checks, t)
             .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
-        judge_auth(shared, verdict, &checks, info)?;
+        judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
     }
     let mut admitted = Admitted::default();
     if live.limit_on {
@@ -263,7 +244,7 @@ pub(crate) fn admit_local(
         });
         let took = acq.denial.is_none();
         let verdict = stages
-            .rate_limit(info, &info_value, acq.status, current_time(live.utc_offset), t)
+            .rate_limit(info, &info_value, acq.status, current_time(live.zone), t)
             .map_err(|d| {
                 if took {
                     local.limiter.refund(key, limits);
@@ -376,13 +357,13 @@ pub(crate) async fn admit_redis(
             )
             .await?
             .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
-            judge_auth(shared, verdict, &checks, info)?;
+            judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
         } else {
             // Everything but the quota now; the quota is checked by Redis in
             // the same step as the limits.
             let checks = standard_checks_with_usage(record, 0, info.client_ip.as_deref(), Utc::now());
-            judge_auth(shared, AuthVerdict::Standard, &checks, info)?;
-            quota_total = record.map_or(0, |r| r.total_quota);
+            judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])?;
+            quota_total = record.and_then(|r| r.quota_limit()).unwrap_or(0);
         }
     }
     if !live.limit_on && quota_total == 0 {
@@ -423,7 +404,7 @@ pub(crate) async fn admit_redis(
     };
     if acq.quota_exhausted {
         let checks = standard_checks_with_usage(record, acq.used, info.client_ip.as_deref(), Utc::now());
-        judge_auth(shared, AuthVerdict::Standard, &checks, info)?;
+        judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])?;
     }
     let took = acq.denial.is_none();
     let slot = |shared: &Arc<Shared>| key.map(|id| Permit::new(&shared.state, Arc::from(id)));
@@ -436,7 +417,7 @@ pub(crate) async fn admit_redis(
         }
         let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value);
         let status = acq.status;
-        let now = current_time(live.utc_offset);
+        let now = current_time(live.zone);
         let r = hook_job(
             shared,
             HookName::RateLimit,

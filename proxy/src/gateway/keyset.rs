@@ -23,10 +23,11 @@ pub struct KeyEntry {
 }
 
 impl KeyEntry {
-    /// Build an entry for `record`.
+    /// Build an entry for `record` (its `key_info` is core's
+    /// [`KeyRecord::key_info`], as in every host).
     pub fn new(record: KeyRecord) -> KeyEntry {
-        let info = match serde_json::to_value(&record) {
-            Ok(Value::Object(m)) => m,
+        let info = match record.key_info(record.used_quota) {
+            Value::Object(m) => m,
             _ => Map::new(),
         };
         KeyEntry {

@@ -227,7 +227,7 @@ impl Shared {
         let state = Arc::new(State::new(&config.state, ledger.clone(), handle)?);
         if config.state.backend == StateBackend::Local
             && ledger.is_none()
-            && config.keys.iter().any(|k| k.total_quota > 0)
+            && config.keys.iter().any(|k| k.quota_limit().is_some())
         {
             tracing::warn!(
                 target: "llmproxy::gateway",
