@@ -558,11 +558,14 @@ impl Ticket {
     }
 
     /// Free the slot now and return the usage job (the usage script, the
-    /// quota charge, the ledger record) to run where it fits.
+    /// quota charge, the ledger record) to run where it fits. The record's
+    /// time is now, before the client has the answer: the job may run
+    /// later, and a quota reset in between must not count it (docs/adr/043).
     pub fn job(mut self, c: Completion) -> Option<impl FnOnce() + Send + 'static> {
         let mut inner = self.inner.take()?;
         drop(inner.permit.take());
-        Some(move || usage_job(inner, c))
+        let answered_ms = super::ledger::now_ms();
+        Some(move || usage_job(inner, c, answered_ms))
     }
 
     /// Free the slot and run the usage job: on a hook thread when a usage
@@ -615,7 +618,7 @@ fn tokens(v: &Value, key: &str) -> u64 {
 
 /// The usage stage of one admitted request: the script, metrics, the quota
 /// charge, the ledger record and the sinks.
-fn usage_job(inner: TicketInner, c: Completion) {
+fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
     let TicketInner {
         shared,
         live,
@@ -676,7 +679,7 @@ fn usage_job(inner: TicketInner, c: Completion) {
     let path = info.path.clone().unwrap_or_default();
     let ledger_record = shared.ledger.as_ref().map(|_| LedgerRecord {
         request_id: info.id.clone(),
-        ts_ms: super::ledger::now_ms(),
+        ts_ms: answered_ms,
         node: shared.node.clone(),
         key_fp: key_fp.clone(),
         user_id: user_id.clone(),

@@ -210,15 +210,31 @@ impl LocalState {
             .map_or(0, |u| u.used)
     }
 
-    fn sync_keys(&self, keys: &KeySet) {
-        // Resets made by `llmproxy keys set-quota --used` while we ran.
-        let stored = self
-            .ledger
+    /// The ledger's `key_usage` rows (empty without a ledger or on error).
+    fn stored_usage(&self) -> HashMap<String, KeyUsage> {
+        self.ledger
             .as_ref()
             .and_then(|l| ledger::open_ro(l.path()).ok())
             .and_then(|c| ledger::read_key_usage(&c).ok())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    fn sync_keys(&self, keys: &KeySet) {
+        // Resets made by `llmproxy keys set-quota --used` while we ran.
+        let mut stored = self.stored_usage();
         let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let reset_outside = stored
+            .iter()
+            .any(|(fp, s)| s.reset_ms > usage.get(fp.as_str()).map_or(0, |u| u.reset_ms));
+        if let (true, Some(l)) = (reset_outside, &self.ledger) {
+            // Records charged before the reset may still be queued: commit
+            // them (the ledger does not add those answered before the
+            // reset to the new count, and does add those answered after
+            // it), then read the rows again. Charges wait on the lock, so
+            // none falls between this read and the memory count.
+            l.flush();
+            stored = self.stored_usage();
+        }
         for e in keys.iter() {
             let configured = e.record.used_quota;
             let fp: &str = &e.fingerprint;
@@ -267,7 +283,11 @@ impl LocalState {
                 // The memory count and the ledger's queue change together, so
                 // a reset (sync_keys) never falls between the two.
                 let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+                // A request answered before the key's last reset belongs to
+                // the count the reset replaced (as in the ledger).
+                let answered = record.as_ref().map_or(i64::MAX, |r| r.ts_ms);
                 match usage.get_mut(k) {
+                    Some(u) if answered < u.reset_ms => {}
                     Some(u) => u.used = u.used.saturating_add(billable),
                     None => {
                         usage.insert(
