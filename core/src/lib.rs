@@ -19,6 +19,8 @@
 //!   OpenAI field types, hop-by-hop headers.
 //! - [`keys`]: API key records and the standard checks every host shares.
 //! - [`admin`]: the admin token policy for admin endpoints off loopback.
+//! - [`policy`]: decisions every host makes alike (which hooks shape a
+//!   failed request's response, and in what order).
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
 
@@ -33,6 +35,7 @@ pub mod error;
 pub mod hooks;
 pub mod http;
 pub mod keys;
+pub mod policy;
 pub mod pool;
 pub mod sandbox;
 pub mod stack;
