@@ -354,10 +354,14 @@ impl Ledger {
 
     /// Wait until everything queued so far is committed.
     pub fn flush(&self) {
+        self.flush_within(Duration::from_secs(30));
+    }
+
+    /// Wait at most `limit` until everything queued so far is committed:
+    /// whether it was.
+    pub fn flush_within(&self, limit: Duration) -> bool {
         let (tx, rx) = mpsc::sync_channel(1);
-        if self.send(Msg::Flush(tx)) {
-            let _ = rx.recv_timeout(Duration::from_secs(30));
-        }
+        self.send(Msg::Flush(tx)) && rx.recv_timeout(limit).is_ok()
     }
 
     /// Stop taking records, commit everything queued and stop the writer.

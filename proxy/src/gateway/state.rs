@@ -173,6 +173,10 @@ impl State {
     }
 }
 
+/// How long a reload that applies a quota reset waits for the ledger to
+/// commit what is queued (normally at most `ledger.flush_ms`, <= 100 ms).
+const RESET_FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 /// Counters in this process.
 #[derive(Debug)]
 pub struct LocalState {
@@ -231,8 +235,16 @@ impl LocalState {
             // them (the ledger does not add those answered before the
             // reset to the new count, and does add those answered after
             // it), then read the rows again. Charges wait on the lock, so
-            // none falls between this read and the memory count.
-            l.flush();
+            // none falls between this read and the memory count. A writer
+            // stuck on its disk does not hold them long: after
+            // RESET_FLUSH_WAIT the rows are taken as they are.
+            if !l.flush_within(RESET_FLUSH_WAIT) {
+                tracing::warn!(
+                    target: "llmproxy::ledger",
+                    "the ledger did not commit within {} ms of a quota reset; usage counts may be off until the next reload",
+                    RESET_FLUSH_WAIT.as_millis()
+                );
+            }
             stored = self.stored_usage();
         }
         for e in keys.iter() {
