@@ -242,10 +242,22 @@ fn reset_usage(config: &Path, key: &str, used: u64) -> Result<(), String> {
             let url = cfg.state.url.clone().unwrap_or_default();
             let q = format!("{}q:{fp}", cfg.state.prefix);
             let n = used.to_string();
+            // `reset`: charges of requests answered before now are not
+            // added to the new count (docs/adr/043).
+            let at = ledger::now_ms().to_string();
             rt.block_on(async {
                 let client = RedisClient::new(&url, 1, Duration::from_millis(cfg.state.timeout_ms.max(1000)))?;
                 client
-                    .cmd(&[b"HSET", q.as_bytes(), b"used", n.as_bytes(), b"cfg", n.as_bytes()])
+                    .cmd(&[
+                        b"HSET",
+                        q.as_bytes(),
+                        b"used",
+                        n.as_bytes(),
+                        b"cfg",
+                        n.as_bytes(),
+                        b"reset",
+                        at.as_bytes(),
+                    ])
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string())

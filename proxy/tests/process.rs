@@ -495,23 +495,44 @@ async fn keys_cli_edits_reach_a_running_gateway() {
 
 /// Issue 14, point 7: `keys set-quota --used N` right after traffic (the
 /// records of the last requests still queued for the ledger, their usage
-/// jobs possibly still running) resets the count to N, in the ledger and in
-/// what the gateway enforces; five times in a row.
+/// jobs still running: a slow usage script) resets the count to N, in the
+/// store and in what the gateway enforces; five times in a row. Both state
+/// backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_quota_used_right_after_traffic_resets_the_count() {
+    reset_right_after_traffic("resetrace-local", "").await;
+}
+
+/// ... with `state: {backend: redis}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_quota_used_right_after_traffic_resets_the_count_in_redis() {
+    let Some(redis) = Redis::start("resetrace") else {
+        return;
+    };
+    let state = format!("state: {{backend: redis, url: \"{}\", prefix: \"rr:\"}}\n", redis.url());
+    reset_right_after_traffic("resetrace-redis", &state).await;
+}
+
+/// A usage script that keeps its hook thread busy for 250 ms of CPU: the
+/// charge of a request lands well after its answer.
+const SLOW_USAGE: &str = "local t = os.clock()\nwhile os.clock() - t < 0.25 do end\nreturn nil\n";
+
+async fn reset_right_after_traffic(name: &str, state: &str) {
     let m = mock("m", |_| {}).await;
-    let dir = tempdir("resetrace");
+    let dir = tempdir(name);
     std::fs::write(
         dir.join("keys.yaml"),
         "- {key: sk-reset, user_id: u1, total_quota: 100, used_quota: 60}\n",
     )
     .unwrap();
+    std::fs::write(dir.join("usage.lua"), SLOW_USAGE).unwrap();
     let config = dir.join("gateway.yaml");
     std::fs::write(
         &config,
         format!(
-            "backends:\n{}keys_file: keys.yaml\nledger: {{path: usage.db, flush_ms: 100}}\n\
-             reload: {{watch: true, poll_ms: 100}}\n",
+            "backends:\n{}keys_file: keys.yaml\nledger: {{path: usage.db, flush_ms: 100}}\n{state}\
+             reload: {{watch: true, poll_ms: 100}}\n\
+             scripts:\n  usage: {{script_file: usage.lua, timeout_ms: 5000}}\n",
             backend("m", &m.url())
         ),
     )
@@ -579,6 +600,17 @@ async fn set_quota_used_right_after_traffic_resets_the_count() {
             .unwrap();
         assert_eq!(status, 200, "after the last reset, request {i}");
     }
+    // Their charges land after the slow usage script: 105 in the end.
+    let mut used = Value::Null;
+    for _ in 0..100 {
+        let list: Value = serde_json::from_str(&cli(&["list", "--format", "json"])).unwrap();
+        used = list[0]["used_quota"].clone();
+        if used == 105 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(used, 105, "65 + 4 * 10");
     let (status, _) = call(&c, &gw.url(), "sk-reset", &chat("gpt-4", json!({})), &[])
         .await
         .unwrap();

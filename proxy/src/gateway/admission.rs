@@ -39,7 +39,7 @@ use super::ledger::LedgerRecord;
 use super::limiter::{AcquireArgs, Acquired, LimitDenial};
 use super::live::Live;
 use super::pipeline::{Denied, Timings};
-use super::state::{LocalState, Permit, RedisState, State};
+use super::state::{Charge, LocalState, Permit, RedisState, State};
 use super::{Shared, UsageEntry};
 
 /// `Retry-After` when a `rate_limit` script refuses without `retry_after`
@@ -698,9 +698,12 @@ fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
         charge_quota: matches!(*shared.state, State::Local(_)),
     });
     shared.state.charge(
-        caller.key_id.as_deref(),
-        billable,
-        tokens(&raw, "total_tokens"),
+        Charge {
+            key: caller.key_id.as_deref(),
+            billable,
+            tokens: tokens(&raw, "total_tokens"),
+            answered_ms,
+        },
         live.limits(),
         ledger_record,
         shared.ledger.as_deref(),
