@@ -186,3 +186,49 @@ script exceeded its time limit of 50 ms
 --- no_error_log
 [alert]
 [crit]
+
+
+
+=== TEST 7: llmproxy.failure_step: core's order of error_handler and response_transform (ADR 042)
+--- http_config
+--- config
+    location = /t {
+        content_by_lua_block {
+            local step = require("llmproxy").failure_step
+            local up = { source = "upstream", json_body = true, error_handler = true, response_transform = true }
+            local function with(t, k, v)
+                local c = {}
+                for a, b in pairs(t) do c[a] = b end
+                c[k] = v
+                return c
+            end
+            ngx.say(step(up))
+            ngx.say(step(with(up, "handled", "kept")))
+            ngx.say(step(with(up, "handled", "replaced")))
+            ngx.say(step(with(up, "handled", "denied")))
+            ngx.say(step(with(up, "error_handler", false)))
+            ngx.say(step({ source = "upstream", json_body = false, response_transform = true }))
+            ngx.say(step({ source = "gateway", error_handler = true, response_transform = true }))
+            ngx.say(step({ source = "gateway", response_transform = true, handled = "kept" }))
+            local ok, err = pcall(step, { source = "elsewhere" })
+            ngx.say(ok, " ", (tostring(err):match("[^\n]*")))
+            ok, err = pcall(step, { handled = "maybe" })
+            ngx.say(ok, " ", (tostring(err):match("[^\n]*")))
+        }
+    }
+--- request
+GET /t
+--- response_body eval
+qr/^error_handler
+response_transform
+send
+send
+response_transform
+send
+error_handler
+send
+false runtime error: failure_step: source must be 'gateway' or 'upstream', not 'elsewhere'
+false runtime error: failure_step: handled must be not_run, kept, replaced or denied, not 'maybe'
+\z/
+--- no_error_log
+[error]

@@ -509,3 +509,98 @@ Content-Type: application/json
  '{"error":{"message":"invalid request: \'model\' must be a string, got number","type":"bad_request","code":"invalid_field"}}']
 --- no_error_log
 [error]
+
+
+
+=== TEST 28: a backend's 500 reaches response_transform (issue 14, point 2): it normalises the error message
+--- hooks
+  response_transform:
+    script: |
+      if response.status_code >= 400 then
+        return {body = {error = {message = "normalised: " .. tostring(response.body.error.message) .. " (" .. response.status_code .. ")"}}}
+      end
+      return nil
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Mock-Status: 500
+--- error_code: 500
+--- response_headers
+Content-Type: application/json
+!Content-Length
+--- response_body chomp
+{"error":{"message":"normalised: mock error 500 (500)"}}
+--- no_error_log
+[error]
+changed the status or headers
+
+
+
+=== TEST 29: error_handler runs first: when it returns nil (a 400), response_transform sees the backend's answer
+--- hooks
+  error_handler:
+    script: |
+      if error.status_code == 500 then
+        return {status_code = 502, body = {error = {message = "handled"}}}
+      end
+      return nil
+  response_transform:
+    script: |
+      if response.status_code >= 400 then
+        return {body = {error = {message = "normalised: " .. tostring(response.body.error.message)}}}
+      end
+      return nil
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Mock-Status: 400
+--- error_code: 400
+--- response_body chomp
+{"error":{"message":"normalised: mock error 400"}}
+--- no_error_log
+[error]
+
+
+
+=== TEST 30: ... and when it replaces the answer (a 500), response_transform never sees its body
+--- hooks
+  error_handler:
+    script: |
+      if error.status_code == 500 then
+        return {status_code = 502, body = {error = {message = "handled"}}}
+      end
+      return nil
+  response_transform:
+    script: |
+      if response.status_code >= 400 then
+        return {body = {error = {message = "normalised: " .. tostring(response.body.error.message)}}}
+      end
+      return nil
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Mock-Status: 500
+--- error_code: 502
+--- response_body chomp
+{"error":{"message":"handled"}}
+--- no_error_log
+[error]
+
+
+
+=== TEST 31: a failure the gateway finds itself (no backend reachable) never reaches response_transform
+--- backends
+  - {name: down, url: "http://127.0.0.1:1"}
+--- hooks
+  response_transform:
+    script: |
+      return {body = {transformed = true}}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- error_code: 502
+--- response_body_like
+^\{"error":\{"message":"cannot connect to the backend 'down'","type":"backend_error","code":"backend_unreachable"\}\}$

@@ -27,6 +27,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+mod accounts_only;
+pub use accounts_only::AccountsConfig;
+
 use crate::admission::Check;
 use crate::error::ConfigError;
 use crate::hooks::HookName;

@@ -21,6 +21,8 @@
 //! - [`admission`]: the auth decision over the checks and the script.
 //! - [`clock`]: `current_time` for `rate_limit` scripts, in the configured zone.
 //! - [`admin`]: the admin token policy for admin endpoints off loopback.
+//! - [`policy`]: decisions every host makes alike (which hooks shape a
+//!   failed request's response, and in what order).
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
 
@@ -37,6 +39,7 @@ pub mod error;
 pub mod hooks;
 pub mod http;
 pub mod keys;
+pub mod policy;
 pub mod pool;
 pub mod sandbox;
 pub mod stack;

@@ -76,6 +76,8 @@ enum Msg {
         key_fp: String,
         used: u64,
         config_used: u64,
+        /// When it was asked for (Unix ms): a reset after it wins.
+        at_ms: i64,
     },
     /// Commit everything before this, then answer.
     Flush(mpsc::SyncSender<()>),
@@ -241,7 +243,9 @@ fn clamp(n: u64) -> i64 {
 
 /// Reset one key's usage from outside the gateway (`llmproxy keys
 /// set-quota --used`): the row gets a new `reset_ms`, which a running
-/// gateway applies at its next reload.
+/// gateway applies at its next reload. Records answered before `reset_ms`
+/// that a writer commits after it are not charged to the new count (the
+/// reset marker, docs/adr/043).
 pub fn reset_key_usage(conn: &Connection, key_fp: &str, used: u64) -> rusqlite::Result<()> {
     let now = now_ms();
     conn.execute(
@@ -332,6 +336,7 @@ impl Ledger {
                 key_fp: key_fp.to_owned(),
                 used,
                 config_used,
+                at_ms: now_ms(),
             })
             .is_ok()
         })
@@ -343,15 +348,20 @@ impl Ledger {
             key_fp: key_fp.to_owned(),
             used,
             config_used,
+            at_ms: now_ms(),
         });
     }
 
     /// Wait until everything queued so far is committed.
     pub fn flush(&self) {
+        self.flush_within(Duration::from_secs(30));
+    }
+
+    /// Wait at most `limit` until everything queued so far is committed:
+    /// whether it was.
+    pub fn flush_within(&self, limit: Duration) -> bool {
         let (tx, rx) = mpsc::sync_channel(1);
-        if self.send(Msg::Flush(tx)) {
-            let _ = rx.recv_timeout(Duration::from_secs(30));
-        }
+        self.send(Msg::Flush(tx)) && rx.recv_timeout(limit).is_ok()
     }
 
     /// Stop taking records, commit everything queued and stop the writer.
@@ -455,14 +465,19 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
              status, prompt_tokens, completion_tokens, total_tokens, billable_tokens, cost, latency_ms, record)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
+        // A record answered before the key's last reset (`reset_ms`) is
+        // not charged, and a count set before it is not applied: the reset
+        // replaced the count they belong to, even when they reach the
+        // database after it.
         let mut charge = tx.prepare_cached(
             "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, 0, ?3)
-             ON CONFLICT(key_fp) DO UPDATE SET used = used + excluded.used, updated_ms = excluded.updated_ms",
+             ON CONFLICT(key_fp) DO UPDATE SET used = used + excluded.used, updated_ms = excluded.updated_ms
+             WHERE key_usage.reset_ms <= ?4",
         )?;
         let mut set = tx.prepare_cached(
             "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(key_fp) DO UPDATE SET used = excluded.used, config_used = excluded.config_used,
-             updated_ms = excluded.updated_ms",
+             updated_ms = excluded.updated_ms WHERE key_usage.reset_ms <= ?5",
         )?;
         let now = now_ms();
         for m in batch {
@@ -488,15 +503,16 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
                         r.record,
                     ])?;
                     if let (true, Some(fp)) = (r.charge_quota && r.billable_tokens > 0, &r.key_fp) {
-                        charge.execute(params![fp, clamp(r.billable_tokens), now])?;
+                        charge.execute(params![fp, clamp(r.billable_tokens), now, r.ts_ms])?;
                     }
                 }
                 Msg::SetUsed {
                     key_fp,
                     used,
                     config_used,
+                    at_ms,
                 } => {
-                    set.execute(params![key_fp, clamp(*used), clamp(*config_used), now])?;
+                    set.execute(params![key_fp, clamp(*used), clamp(*config_used), now, at_ms])?;
                 }
                 Msg::Flush(_) => {}
             }
@@ -641,6 +657,35 @@ mod tests {
             record: r#"{"billable_tokens":4}"#.into(),
             charge_quota: true,
         }
+    }
+
+    /// Issue 14, point 7: records answered before a reset but still
+    /// queued when it happens are not added to the reset count.
+    #[test]
+    fn a_reset_is_not_undone_by_records_answered_before_it() {
+        let dir = std::env::temp_dir().join(format!("llmproxy-ledger-reset-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("u.db");
+        let ledger = Ledger::open(&path, Duration::from_millis(100), 100, 16).unwrap();
+        ledger.record(rec(0, "fp-a", 4));
+        ledger.flush();
+        // Queued before the reset, committed after it.
+        ledger.set_used("fp-a", 60, 60);
+        std::thread::sleep(Duration::from_millis(2));
+        let before = now_ms() - 10;
+        // Answered (ts_ms) before the reset, committed after it.
+        let mut late = rec(1, "fp-a", 4);
+        late.ts_ms = before;
+        reset_key_usage(&open_rw(&path).unwrap(), "fp-a", 7).unwrap();
+        ledger.record(late);
+        let mut after = rec(2, "fp-a", 4);
+        after.ts_ms = now_ms() + 10;
+        ledger.record(after);
+        ledger.close();
+        let conn = open_ro(&path).unwrap();
+        assert_eq!(read_key_usage(&conn).unwrap()["fp-a"].used, 7 + 4);
+        // The records themselves are all in the ledger.
+        assert_eq!(summarize(&conn, &Query::default()).unwrap()[0].requests, 3);
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! change up by hot reload. Quota usage is not stored in the file but in the state
 //! backend: the file's `used_quota` is where a new key starts, and changing
 //! it (`set-quota --used N`) resets the key's count to N on the next load.
+//!
+//! Both read only the config's account sections ([`AccountsConfig`]:
+//! `keys`, `keys_file`, `state`, `ledger`), never its scripts: a script
+//! that does not compile must not stop an operator from disabling a key.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,9 +18,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
-use llmproxy_core::config::{read_keys_file, StateBackend};
+use llmproxy_core::config::{read_keys_file, AccountsConfig, StateBackend};
 use llmproxy_core::keys::{key_fingerprint, KeyRecord, KeyStatus};
-use llmproxy_core::Config;
 use serde_json::{json, Value};
 
 use crate::atomic_file;
@@ -100,8 +103,11 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn load(config: &Path) -> Result<Config, ExitCode> {
-    Config::from_file(config).map_err(|e| {
+/// The account sections of `config` only: no script is read or compiled,
+/// so the commands work while a script is broken (an incident is when a
+/// key most needs disabling).
+fn load(config: &Path) -> Result<AccountsConfig, ExitCode> {
+    AccountsConfig::from_file(config).map_err(|e| {
         eprintln!("{}: {} problem(s)", config.display(), e.problems.len());
         for p in &e.problems {
             eprintln!("  {p}");
@@ -214,7 +220,7 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
 
 /// Reset a key's usage in the state backend (`set-quota --used N`).
 fn reset_usage(config: &Path, key: &str, used: u64) -> Result<(), String> {
-    let cfg = Config::from_file(config).map_err(|e| e.to_string())?;
+    let cfg = AccountsConfig::from_file(config).map_err(|e| e.to_string())?;
     let record = cfg
         .keys
         .iter()
@@ -237,10 +243,22 @@ fn reset_usage(config: &Path, key: &str, used: u64) -> Result<(), String> {
             let url = cfg.state.url.clone().unwrap_or_default();
             let q = format!("{}q:{fp}", cfg.state.prefix);
             let n = used.to_string();
+            // `reset`: charges of requests answered before now are not
+            // added to the new count (docs/adr/043).
+            let at = ledger::now_ms().to_string();
             rt.block_on(async {
                 let client = RedisClient::new(&url, 1, Duration::from_millis(cfg.state.timeout_ms.max(1000)))?;
                 client
-                    .cmd(&[b"HSET", q.as_bytes(), b"used", n.as_bytes(), b"cfg", n.as_bytes()])
+                    .cmd(&[
+                        b"HSET",
+                        q.as_bytes(),
+                        b"used",
+                        n.as_bytes(),
+                        b"cfg",
+                        n.as_bytes(),
+                        b"reset",
+                        at.as_bytes(),
+                    ])
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string())
@@ -380,7 +398,7 @@ fn new_key() -> Result<String, String> {
 }
 
 /// Live usage per key fingerprint from the state backend (best effort).
-fn live_usage(cfg: &Config) -> std::collections::HashMap<String, u64> {
+fn live_usage(cfg: &AccountsConfig) -> std::collections::HashMap<String, u64> {
     let mut out = std::collections::HashMap::new();
     match cfg.state.backend {
         StateBackend::Local => {

@@ -342,3 +342,39 @@ fn keys_add_stores_a_hash_unless_told_otherwise() {
     let out = bin().arg("check").arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Issue 14, point 8: the operator's commands read only the account
+/// sections, so a key can be disabled (and listed, re-quota'd, reported)
+/// while a script that does not compile keeps the config from loading.
+#[test]
+fn keys_commands_work_while_a_script_is_broken() {
+    let config = tmp(
+        "broken-script.yaml",
+        "keys_file: broken-script-keys.yaml\nledger: {path: broken-script/usage.db}\n\
+         scripts:\n  auth: {script_file: broken-script.lua}\n  routing: {script: \"return (\"}\n",
+    );
+    let dir = config.parent().unwrap();
+    std::fs::write(dir.join("broken-script.lua"), "if then end\n").unwrap();
+    std::fs::write(
+        dir.join("broken-script-keys.yaml"),
+        "- {key: sk-incident-0123456789, user_id: u1}\n",
+    )
+    .unwrap();
+    // The config itself is refused (as `serve` would refuse it) ...
+    let out = bin().arg("check").arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    // ... but every keys command still works on it.
+    keys_ok(&["disable", "sk-incident-0123456789"], &config);
+    let text = std::fs::read_to_string(dir.join("broken-script-keys.yaml")).unwrap();
+    assert!(text.contains("status: disabled"), "{text}");
+    keys_ok(
+        &["set-quota", "sk-incident-0123456789", "--used", "7", "--total", "100"],
+        &config,
+    );
+    let list: Value = serde_json::from_str(&keys_ok(&["list", "--format", "json"], &config)).unwrap();
+    assert_eq!(list[0]["status"], "disabled");
+    assert_eq!(list[0]["used_quota"], 7);
+    keys_ok(&["enable", "sk-incident-0123456789"], &config);
+    let out = bin().args(["usage", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -393,3 +393,132 @@ async fn per_backend_headers_reach_the_backend() {
     assert_eq!(r.header("x-echo-x-api-key"), Some("upstream-secret"));
     let _ = Value::Null;
 }
+
+/// A response_transform that normalises error messages (the seed names it
+/// as a use of the hook) and leaves other answers alone.
+const NORMALISE: &str = "if response.status_code >= 400 then\n  return {status_code = response.status_code, body = {error = {message = 'normalised: ' .. tostring(response.body.error.message), type = 'upstream_error', code = response.status_code, stream = response.is_stream}}, headers = {['X-Normalised'] = 'yes'}}\nend\nreturn nil";
+
+/// error_handler that replaces upstream 500s and keeps everything else.
+const HANDLE_500: &str =
+    "if error.status_code == 500 then\n  return {status_code = 502, body = {error = {message = 'handled', type = error.type}}}\nend\nreturn nil";
+
+/// One request of [`upstream_errors_reach_response_transform_after_error_handler`].
+struct Case {
+    /// The `scripts:` section.
+    scripts: String,
+    /// The backend is up (else: a refused connection).
+    up: bool,
+    /// `x-mock-status` ("": a success).
+    status: &'static str,
+    stream: bool,
+    /// The status the client gets, and its error message's start.
+    want: u16,
+    message: &'static str,
+    /// Calls of response_transform and error_handler.
+    transforms: f64,
+    handlers: f64,
+}
+
+/// Issue 14, point 2 (docs/adr/042): a backend's error answer reaches
+/// response_transform unless error_handler replaced it; failures the
+/// gateway finds itself never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_reach_response_transform_after_error_handler() {
+    let m = mock("m", |_| {}).await;
+    let transform_only = format!("scripts:\n{}", hook("response_transform", NORMALISE, ""));
+    let both = format!(
+        "scripts:\n{}{}",
+        hook("response_transform", NORMALISE, ""),
+        hook("error_handler", HANDLE_500, "")
+    );
+    let no_retry = "gateway:\n  retry:\n    max_retries: 0\n";
+    let case = |scripts: &str, up: bool, status: &'static str, stream: bool, want: u16, message: &'static str| Case {
+        scripts: scripts.to_owned(),
+        up,
+        status,
+        stream,
+        want,
+        message,
+        transforms: 0.0,
+        handlers: 0.0,
+    };
+    let calls = |c: Case, transforms: f64, handlers: f64| Case {
+        transforms,
+        handlers,
+        ..c
+    };
+    let cases = [
+        calls(
+            case(&transform_only, true, "500", false, 500, "normalised: mock error 500"),
+            1.0,
+            0.0,
+        ),
+        calls(
+            case(&transform_only, true, "400", false, 400, "normalised: mock error 400"),
+            1.0,
+            0.0,
+        ),
+        calls(
+            case(&transform_only, true, "429", true, 429, "normalised: mock error 429"),
+            1.0,
+            0.0,
+        ),
+        // error_handler keeps the answer (nil): the transform sees it next.
+        calls(
+            case(&both, true, "400", false, 400, "normalised: mock error 400"),
+            1.0,
+            1.0,
+        ),
+        calls(
+            case(&both, true, "503", true, 503, "normalised: mock error 503"),
+            1.0,
+            1.0,
+        ),
+        // error_handler replaced it: the transform never sees its body.
+        calls(case(&both, true, "500", false, 502, "handled"), 0.0, 1.0),
+        // Failures the gateway finds itself: error_handler only.
+        calls(case(&transform_only, false, "", false, 502, "cannot connect"), 0.0, 0.0),
+        calls(case(&both, false, "", false, 502, "cannot connect"), 0.0, 1.0),
+        // A success is not touched by error_handler.
+        calls(case(&both, true, "", false, 200, ""), 1.0, 0.0),
+    ];
+    for (i, c) in cases.into_iter().enumerate() {
+        let Case {
+            scripts,
+            up,
+            status,
+            stream,
+            want: want_status,
+            message: want_message,
+            transforms,
+            handlers,
+        } = c;
+        let url = if up { m.url() } else { refused_url() };
+        let gw = TestGateway::start(&yaml(&[("m", url)], &format!("{no_retry}{scripts}"))).await;
+        let headers: Vec<(&str, &str)> = if status.is_empty() {
+            Vec::new()
+        } else {
+            vec![("x-mock-status", status)]
+        };
+        let body = chat("gpt-4", if stream { json!({"stream": true}) } else { json!({}) });
+        let r = post(&format!("{}/v1/chat/completions", gw.base), &body, &headers).await;
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, want_status, "case {i}: {text}");
+        if want_status >= 400 {
+            let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
+            assert!(message.starts_with(want_message), "case {i}: {text}");
+        }
+        let normalised = want_message.starts_with("normalised");
+        assert_eq!(r.header("x-normalised").is_some(), normalised, "case {i}");
+        if normalised {
+            assert_eq!(
+                r.json()["error"]["stream"],
+                false,
+                "case {i}: an error answer is one body"
+            );
+        }
+        let calls = |hook: &str| format!("llmproxy_hook_calls_total{{hook=\"{hook}\"}}");
+        assert_eq!(gw.metric(&calls("response_transform")).await, transforms, "case {i}");
+        assert_eq!(gw.metric(&calls("error_handler")).await, handlers, "case {i}");
+    }
+}

@@ -492,3 +492,127 @@ async fn keys_cli_edits_reach_a_running_gateway() {
     cli(&["set-quota", &new_key, "--used", "0"]);
     eventually(&new_key, 200).await;
 }
+
+/// Issue 14, point 7: `keys set-quota --used N` right after traffic (the
+/// records of the last requests still queued for the ledger, their usage
+/// jobs still running: a slow usage script) resets the count to N, in the
+/// store and in what the gateway enforces; five times in a row. Both state
+/// backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_quota_used_right_after_traffic_resets_the_count() {
+    reset_right_after_traffic("resetrace-local", "").await;
+}
+
+/// ... with `state: {backend: redis}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_quota_used_right_after_traffic_resets_the_count_in_redis() {
+    let Some(redis) = Redis::start("resetrace") else {
+        return;
+    };
+    let state = format!("state: {{backend: redis, url: \"{}\", prefix: \"rr:\"}}\n", redis.url());
+    reset_right_after_traffic("resetrace-redis", &state).await;
+}
+
+/// A usage script that keeps its hook thread busy for 250 ms of CPU: the
+/// charge of a request lands well after its answer.
+const SLOW_USAGE: &str = "local t = os.clock()\nwhile os.clock() - t < 0.25 do end\nreturn nil\n";
+
+async fn reset_right_after_traffic(name: &str, state: &str) {
+    let m = mock("m", |_| {}).await;
+    let dir = tempdir(name);
+    std::fs::write(
+        dir.join("keys.yaml"),
+        "- {key: sk-reset, user_id: u1, total_quota: 100, used_quota: 60}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("usage.lua"), SLOW_USAGE).unwrap();
+    let config = dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "backends:\n{}keys_file: keys.yaml\nledger: {{path: usage.db, flush_ms: 100}}\n{state}\
+             reload: {{watch: true, poll_ms: 100}}\n\
+             scripts:\n  usage: {{script_file: usage.lua, timeout_ms: 5000}}\n",
+            backend("m", &m.url())
+        ),
+    )
+    .unwrap();
+    let gw = Serve::start(&config, dir.join("serve.log")).await;
+    let c = http();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .arg("keys")
+            .args(args)
+            .args(["--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let generation = || {
+        let url = format!("http://127.0.0.1:{}/metrics", gw.admin_port);
+        async move {
+            let text = String::from_utf8(get(&url).await.body.to_vec()).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("llmproxy_config_generation "))
+                .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+        }
+    };
+    let first = generation().await;
+    for round in 1..=5u64 {
+        // The gateway's count is 60 + round - 1 (each request costs 10 of
+        // 100): three requests fit only if the last reset was applied.
+        for i in 0..3 {
+            let (status, body) = call(&c, &gw.url(), "sk-reset", &chat("gpt-4", json!({})), &[])
+                .await
+                .unwrap();
+            assert_eq!(
+                status,
+                200,
+                "round {round}, request {i}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let n = 60 + round;
+        cli(&["set-quota", "sk-reset", "--used", &n.to_string()]);
+        let want = first + round as f64;
+        for _ in 0..200 {
+            if generation().await >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(generation().await >= want, "round {round}: the reset was not reloaded");
+        // Past any ledger flush still under way (flush_ms: 100).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let list: Value = serde_json::from_str(&cli(&["list", "--format", "json"])).unwrap();
+        assert_eq!(list[0]["used_quota"], n, "round {round}: the ledger's count");
+    }
+    // What the gateway enforces is the last reset: from 65, four requests
+    // of 10 start below 100 (the last at 95), the fifth finds 105.
+    for i in 0..4 {
+        let (status, _) = call(&c, &gw.url(), "sk-reset", &chat("gpt-4", json!({})), &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "after the last reset, request {i}");
+    }
+    // Their charges land after the slow usage script: 105 in the end.
+    let mut used = Value::Null;
+    for _ in 0..100 {
+        let list: Value = serde_json::from_str(&cli(&["list", "--format", "json"])).unwrap();
+        used = list[0]["used_quota"].clone();
+        if used == 105 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(used, 105, "65 + 4 * 10");
+    let (status, _) = call(&c, &gw.url(), "sk-reset", &chat("gpt-4", json!({})), &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 429, "105 of 100 used");
+}

@@ -34,7 +34,9 @@
 //! ```
 //!
 //! Exports: `new`, `request`, `globals`, `version`, `null` (`json.null`, a
-//! NULL light userdata, equal to `cjson.null`), `empty_array`, `array_mt`.
+//! NULL light userdata, equal to `cjson.null`), `empty_array`, `array_mt`,
+//! and host rules from core: `usage`, `hop_by_hop`, `failure_step` (which
+//! hook shapes a failed request's response next, docs/adr/042).
 //!
 //! The module runs in the host's Lua state (mlua `module` mode: LuaJIT comes
 //! from the host); scripts run in the engine's own sandbox states, never in
@@ -48,6 +50,7 @@
 pub mod convert;
 mod keys;
 mod ledger;
+mod policy;
 mod usage;
 
 use std::panic::{self, AssertUnwindSafe};
@@ -999,6 +1002,9 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             Ok((value, p.has_choices))
         })?,
     )?;
+    // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"
+    // | "send": core's order of the hooks on a failed request (ADR 042).
+    exports.raw_set("failure_step", lua.create_function(policy::failure_step)?)?;
     // llmproxy.hop_by_hop(headers) -> the names of `headers` (a table as
     // `ngx.req.get_headers()` gives it) that describe the client's
     // connection and must not go upstream, or nil when there are none: the

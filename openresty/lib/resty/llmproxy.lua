@@ -539,13 +539,22 @@ local function bare_request(ctx)
     return ctx.state.llmproxy.request(fields)
 end
 
+-- Whether error_handler applies to failure `f` (not to a hook failure
+-- under `on_error: deny`).
+local function handler_applies(ctx, f)
+    local state = ctx.state
+    return not f.denied and state ~= nil and state.enabled.error_handler == true
+end
+
 -- The response for failure `f`: error_handler decides; nil means the
 -- default (the backend's own response when it sent one, else the
--- gateway's error body). Returns status, body, headers or nil.
+-- gateway's error body). Returns status, body, headers (or nil) and how
+-- error_handler ended, as core's failure policy names it: "not_run",
+-- "kept", "replaced", "denied".
 local function decide_error(ctx, f)
     local state = ctx.state
-    if f.denied or not (state and state.enabled.error_handler) then
-        return nil
+    if not handler_applies(ctx, f) then
+        return nil, nil, nil, "not_run"
     end
     local req = ctx.req or bare_request(ctx)
     local res, err = run_hook(state, "error_handler", req, {
@@ -561,15 +570,15 @@ local function decide_error(ctx, f)
         if state.on_error.error_handler == "deny" then
             log_hook_error("error_handler", ctx, err, "refusing the request (on_error: deny)")
             local d = denied_failure("error_handler", err)
-            return d.status, error_body(d.message, d.kind, d.code)
+            return d.status, error_body(d.message, d.kind, d.code), nil, "denied"
         end
         log_hook_error("error_handler", ctx, err, "sending the default error")
-        return nil
+        return nil, nil, nil, "kept"
     end
     if res == nil then
-        return nil
+        return nil, nil, nil, "kept"
     end
-    return tonumber(res.status_code) or f.status, res.body or "null", res.headers
+    return tonumber(res.status_code) or f.status, res.body or "null", res.headers, "replaced"
 end
 
 -- End the request from the access phase with failure `f`, through
@@ -1310,13 +1319,41 @@ local function latency_ms(ctx)
     return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
 end
 
--- Shape the response to a failure found after access(): error_handler, or
--- the default (nginx's error page replaced by the gateway's error body;
--- the backend's own error response passed through).
+-- Buffer a backend's JSON answer for response_transform in body_filter
+-- (status and headers go out now; a transform can change only the body).
+local function buffer_for_transform(ctx, status)
+    ctx.status = status
+    ctx.chunks, ctx.nbytes = {}, 0
+    ctx.transform = true
+    ctx.response_headers = response_headers()
+    ngx_header["Content-Length"] = nil
+end
+
+-- Shape the response to a failure found after access(), in core's order
+-- (`llmproxy.failure_step`, docs/adr/042): error_handler first; when it
+-- keeps a backend's JSON error answer, response_transform runs on it in
+-- body_filter as on any answer. Without either: nginx's error page
+-- replaced by the gateway's error body; the backend's own error response
+-- passed through.
 local function handle_error(ctx, status)
     local f, replace = classify_error(ctx, status)
     ctx.failure = f
-    local new_status, body, headers = decide_error(ctx, f)
+    local state = ctx.state
+    local facts = {
+        source = replace and "gateway" or "upstream",
+        json_body = is_json(ngx_header["Content-Type"]) and not ngx_header["Content-Encoding"],
+        error_handler = handler_applies(ctx, f),
+        response_transform = (state.enabled.response_transform and ctx.api and ctx.req) and true or false,
+    }
+    local step = state.llmproxy.failure_step(facts)
+    local new_status, body, headers
+    if step == "error_handler" then
+        new_status, body, headers, facts.handled = decide_error(ctx, f)
+        step = state.llmproxy.failure_step(facts)
+    end
+    if step == "response_transform" then
+        return buffer_for_transform(ctx, status)
+    end
     if not new_status then
         if not replace then
             return -- the backend's answer, as it came

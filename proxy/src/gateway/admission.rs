@@ -43,7 +43,7 @@ use super::ledger::LedgerRecord;
 use super::limiter::{AcquireArgs, Acquired, LimitDenial};
 use super::live::Live;
 use super::pipeline::{Denied, Timings};
-use super::state::{LocalState, Permit, RedisState, State};
+use super::state::{Charge, LocalState, Permit, RedisState, State};
 use super::{Shared, UsageEntry};
 
 /// `Retry-After` when a `rate_limit` script refuses without `retry_after`
@@ -539,11 +539,14 @@ impl Ticket {
     }
 
     /// Free the slot now and return the usage job (the usage script, the
-    /// quota charge, the ledger record) to run where it fits.
+    /// quota charge, the ledger record) to run where it fits. The record's
+    /// time is now, before the client has the answer: the job may run
+    /// later, and a quota reset in between must not count it (docs/adr/043).
     pub fn job(mut self, c: Completion) -> Option<impl FnOnce() + Send + 'static> {
         let mut inner = self.inner.take()?;
         drop(inner.permit.take());
-        Some(move || usage_job(inner, c))
+        let answered_ms = super::ledger::now_ms();
+        Some(move || usage_job(inner, c, answered_ms))
     }
 
     /// Free the slot and run the usage job: on a hook thread when a usage
@@ -596,7 +599,7 @@ fn tokens(v: &Value, key: &str) -> u64 {
 
 /// The usage stage of one admitted request: the script, metrics, the quota
 /// charge, the ledger record and the sinks.
-fn usage_job(inner: TicketInner, c: Completion) {
+fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
     let TicketInner {
         shared,
         live,
@@ -657,7 +660,7 @@ fn usage_job(inner: TicketInner, c: Completion) {
     let path = info.path.clone().unwrap_or_default();
     let ledger_record = shared.ledger.as_ref().map(|_| LedgerRecord {
         request_id: info.id.clone(),
-        ts_ms: super::ledger::now_ms(),
+        ts_ms: answered_ms,
         node: shared.node.clone(),
         key_fp: key_fp.clone(),
         user_id: user_id.clone(),
@@ -676,9 +679,12 @@ fn usage_job(inner: TicketInner, c: Completion) {
         charge_quota: matches!(*shared.state, State::Local(_)),
     });
     shared.state.charge(
-        caller.key_id.as_deref(),
-        billable,
-        tokens(&raw, "total_tokens"),
+        Charge {
+            key: caller.key_id.as_deref(),
+            billable,
+            tokens: tokens(&raw, "total_tokens"),
+            answered_ms,
+        },
         live.limits(),
         ledger_record,
         shared.ledger.as_deref(),

@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
 use llmproxy_core::http::{fields, path::PathError};
+use llmproxy_core::policy::failure::{self, Handled};
 use llmproxy_core::HookName;
 use serde_json::Value;
 
@@ -742,44 +743,44 @@ impl Exchange {
             && f.code != OVERLOADED
     }
 
-    /// A request failed: error_handler decides the response (see
-    /// [`Exchange::handler_applies`]); with nil, the backend's own error
-    /// response (if any) or the default error body.
+    /// A request failed. Which hooks shape the response, in what order, is
+    /// core's rule (`llmproxy_core::policy::failure`, docs/adr/042):
+    /// error_handler first (see [`Exchange::handler_applies`]); when it
+    /// keeps the default and the backend answered with a JSON error,
+    /// response_transform runs on that answer as on any other; the
+    /// default is the backend's own answer, else the gateway's error body.
     pub(crate) async fn fail(&mut self, f: Failure) -> Response<GatewayBody> {
-        let decision = if self.handler_applies(&f) {
-            let live = Arc::clone(&self.live);
-            let info = Arc::clone(&self.info);
-            let error = ErrorInfo {
-                kind: f.kind.as_str().to_owned(),
-                message: f.message.clone(),
-                status_code: f.status,
-                backend_url: f.backend.as_ref().map(|b| b.url.clone()),
-                retry_count: f.retry_count,
-            };
-            let job = move || {
-                let mut t = Timings::default();
-                let r = live.stages.handle_error(&info, &error, &mut t);
-                (r, t)
-            };
-            match self.shared.hooks.run(job).await {
-                Ok((r, t)) => {
-                    self.timings.merge(t);
-                    r
-                }
-                Err(e) if e.is_overload() => Ok(ErrorResponse::Default),
-                Err(_) => match self.live.stages.lost(HookName::ErrorHandler) {
-                    Some(d) => Err(d),
-                    None => Ok(ErrorResponse::Default),
-                },
-            }
-        } else {
-            Ok(ErrorResponse::Default)
-        };
-        let backend = f.backend.clone();
-        let upstream_usage = f
+        let upstream_json: Option<Arc<Value>> = f
             .upstream
             .as_ref()
             .and_then(|u| serde_json::from_slice::<Value>(&u.body).ok())
+            .map(Arc::new);
+        let facts = failure::Facts {
+            source: match &f.upstream {
+                Some(_) => failure::Source::Upstream {
+                    json_body: upstream_json.is_some(),
+                },
+                None => failure::Source::Gateway,
+            },
+            error_handler: self.handler_applies(&f),
+            response_transform: self.endpoint.is_api() && self.live.stages.enabled(HookName::ResponseTransform),
+        };
+        let (decision, handled) = match failure::next_step(&facts, Handled::NotRun) {
+            failure::Step::ErrorHandler => {
+                let d = self.run_error_handler(&f).await;
+                let handled = match &d {
+                    Err(_) => Handled::Denied,
+                    Ok(ErrorResponse::Default) => Handled::Kept,
+                    Ok(ErrorResponse::Custom { .. }) => Handled::Replaced,
+                };
+                (d, handled)
+            }
+            _ => (Ok(ErrorResponse::Default), Handled::NotRun),
+        };
+        let transform = failure::next_step(&facts, handled) == failure::Step::ResponseTransform;
+        let backend = f.backend.clone();
+        let upstream_usage = upstream_json
+            .as_ref()
             .and_then(|v| v.get("usage").filter(|u| u.is_object()).cloned());
         let retry_after = f.retry_after;
         let close = f.close_connection;
@@ -790,7 +791,13 @@ impl Exchange {
                     let mut r = Response::new(GatewayBody::full(up.body));
                     *r.status_mut() = StatusCode::from_u16(up.status).unwrap_or(StatusCode::BAD_GATEWAY);
                     *r.headers_mut() = up.headers;
-                    r
+                    match (transform, upstream_json, &backend) {
+                        (true, Some(json), Some(b)) => match self.transform_error_answer(r, json, &b.url).await {
+                            Ok(r) => r,
+                            Err(denied) => return self.denied(denied),
+                        },
+                        _ => r,
+                    }
                 }
                 None => json_response(f.status, f.default_body()),
             },
@@ -826,6 +833,91 @@ impl Exchange {
             });
         }
         self.finish(resp, backend.as_deref(), None)
+    }
+
+    /// Run error_handler on failure `f` (a hook thread job).
+    async fn run_error_handler(&mut self, f: &Failure) -> Result<ErrorResponse, Denied> {
+        let live = Arc::clone(&self.live);
+        let info = Arc::clone(&self.info);
+        let error = ErrorInfo {
+            kind: f.kind.as_str().to_owned(),
+            message: f.message.clone(),
+            status_code: f.status,
+            backend_url: f.backend.as_ref().map(|b| b.url.clone()),
+            retry_count: f.retry_count,
+        };
+        let job = move || {
+            let mut t = Timings::default();
+            let r = live.stages.handle_error(&info, &error, &mut t);
+            (r, t)
+        };
+        match self.shared.hooks.run(job).await {
+            Ok((r, t)) => {
+                self.timings.merge(t);
+                r
+            }
+            Err(e) if e.is_overload() => Ok(ErrorResponse::Default),
+            Err(_) => match self.live.stages.lost(HookName::ErrorHandler) {
+                Some(d) => Err(d),
+                None => Ok(ErrorResponse::Default),
+            },
+        }
+    }
+
+    /// response_transform on a backend's error answer `r` (its body parsed
+    /// as `json`), as on any other answer: the script sees the backend's
+    /// status and may change status, body and headers.
+    async fn transform_error_answer(
+        &mut self,
+        mut r: Response<GatewayBody>,
+        json: Arc<Value>,
+        backend_url: &str,
+    ) -> Result<Response<GatewayBody>, Denied> {
+        let live = Arc::clone(&self.live);
+        let info = Arc::clone(&self.info);
+        let response = ResponseInfo {
+            status_code: r.status().as_u16(),
+            body: json,
+            headers: headers::for_scripts(r.headers()),
+            is_stream: false,
+        };
+        let url = backend_url.to_owned();
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let job = move || {
+            let mut t = Timings::default();
+            let r = live
+                .stages
+                .transform_response(&info, &response, &url, latency_ms, &mut t);
+            (r, t)
+        };
+        let result = match self.shared.hooks.run(job).await {
+            Ok((r, t)) => {
+                self.timings.merge(t);
+                r
+            }
+            Err(e) if e.is_overload() => {
+                // The answer goes out untransformed rather than as a
+                // second failure.
+                tracing::warn!(target: "llmproxy::gateway", request_id = %self.info.id, "hook threads overloaded: the backend's error answer is not transformed");
+                Ok(None)
+            }
+            Err(_) => match self.live.stages.lost(HookName::ResponseTransform) {
+                Some(d) => Err(d),
+                None => Ok(None),
+            },
+        };
+        if let Some(rw) = result? {
+            if let Some(s) = rw.status_code.and_then(|s| StatusCode::from_u16(s).ok()) {
+                *r.status_mut() = s;
+            }
+            if let Some(body) = rw.body {
+                let bytes = Bytes::from(body.to_string());
+                r.headers_mut().remove(header::CONTENT_LENGTH);
+                *r.body_mut() = GatewayBody::full(bytes);
+            }
+            headers::apply(r.headers_mut(), &rw.headers, &self.info.id);
+        }
+        Ok(r)
     }
 
     /// A hook failed under `on_error: deny`: 503, not shaped by scripts.

@@ -121,24 +121,17 @@ impl State {
         }
     }
 
-    /// Charge a finished request: `billable` to the key's quota, `tokens`
-    /// to its tokens-per-minute bucket; with a ledger, queue the record
-    /// (with the local backend in the same ledger transaction as the
+    /// Charge a finished request: `billable` to the key's quota (unless
+    /// the key was reset after the request was answered, docs/adr/043),
+    /// `tokens` to its tokens-per-minute bucket; with a ledger, queue the
+    /// record (with the local backend in the same ledger transaction as the
     /// quota change).
-    pub fn charge(
-        &self,
-        key: Option<&str>,
-        billable: u64,
-        tokens: u64,
-        limits: &LimitsConfig,
-        record: Option<LedgerRecord>,
-        ledger: Option<&Ledger>,
-    ) {
+    pub fn charge(&self, c: Charge<'_>, limits: &LimitsConfig, record: Option<LedgerRecord>, ledger: Option<&Ledger>) {
         match self {
-            State::Local(l) => l.charge(key, billable, tokens, limits, record, ledger),
+            State::Local(l) => l.charge(c, limits, record, ledger),
             State::Redis(r) => {
-                if let Some(k) = key {
-                    r.charge(k, billable, tokens, limits.key_tpm);
+                if let Some(k) = c.key {
+                    r.charge(k, &c, limits.key_tpm);
                 }
                 if let (Some(rec), Some(ledger)) = (record, ledger) {
                     ledger.record(rec);
@@ -172,6 +165,23 @@ impl State {
         }
     }
 }
+
+/// What a finished request charges ([`State::charge`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    /// The caller's key fingerprint, if any.
+    pub key: Option<&'a str>,
+    /// Tokens charged to the key's quota.
+    pub billable: u64,
+    /// Tokens charged to the key's tokens-per-minute bucket.
+    pub tokens: u64,
+    /// When the request was answered (Unix ms): a reset after it wins.
+    pub answered_ms: i64,
+}
+
+/// How long a reload that applies a quota reset waits for the ledger to
+/// commit what is queued (normally at most `ledger.flush_ms`, <= 100 ms).
+const RESET_FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// Counters in this process.
 #[derive(Debug)]
@@ -210,15 +220,39 @@ impl LocalState {
             .map_or(0, |u| u.used)
     }
 
-    fn sync_keys(&self, keys: &KeySet) {
-        // Resets made by `llmproxy keys set-quota --used` while we ran.
-        let stored = self
-            .ledger
+    /// The ledger's `key_usage` rows (empty without a ledger or on error).
+    fn stored_usage(&self) -> HashMap<String, KeyUsage> {
+        self.ledger
             .as_ref()
             .and_then(|l| ledger::open_ro(l.path()).ok())
             .and_then(|c| ledger::read_key_usage(&c).ok())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    fn sync_keys(&self, keys: &KeySet) {
+        // Resets made by `llmproxy keys set-quota --used` while we ran.
+        let mut stored = self.stored_usage();
         let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let reset_outside = stored
+            .iter()
+            .any(|(fp, s)| s.reset_ms > usage.get(fp.as_str()).map_or(0, |u| u.reset_ms));
+        if let (true, Some(l)) = (reset_outside, &self.ledger) {
+            // Records charged before the reset may still be queued: commit
+            // them (the ledger does not add those answered before the
+            // reset to the new count, and does add those answered after
+            // it), then read the rows again. Charges wait on the lock, so
+            // none falls between this read and the memory count. A writer
+            // stuck on its disk does not hold them long: after
+            // RESET_FLUSH_WAIT the rows are taken as they are.
+            if !l.flush_within(RESET_FLUSH_WAIT) {
+                tracing::warn!(
+                    target: "llmproxy::ledger",
+                    "the ledger did not commit within {} ms of a quota reset; usage counts may be off until the next reload",
+                    RESET_FLUSH_WAIT.as_millis()
+                );
+            }
+            stored = self.stored_usage();
+        }
         for e in keys.iter() {
             let configured = e.record.used_quota;
             let fp: &str = &e.fingerprint;
@@ -250,15 +284,13 @@ impl LocalState {
         }
     }
 
-    fn charge(
-        &self,
-        key: Option<&str>,
-        billable: u64,
-        tokens: u64,
-        limits: &LimitsConfig,
-        record: Option<LedgerRecord>,
-        ledger: Option<&Ledger>,
-    ) {
+    fn charge(&self, c: Charge<'_>, limits: &LimitsConfig, record: Option<LedgerRecord>, ledger: Option<&Ledger>) {
+        let Charge {
+            key,
+            billable,
+            tokens,
+            answered_ms,
+        } = c;
         if let Some(k) = key {
             self.limiter.charge_tokens(k, tokens, limits);
         }
@@ -267,7 +299,10 @@ impl LocalState {
                 // The memory count and the ledger's queue change together, so
                 // a reset (sync_keys) never falls between the two.
                 let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+                // A request answered before the key's last reset belongs to
+                // the count the reset replaced (as in the ledger).
                 match usage.get_mut(k) {
+                    Some(u) if answered_ms < u.reset_ms => {}
                     Some(u) => u.used = u.used.saturating_add(billable),
                     None => {
                         usage.insert(
@@ -426,10 +461,16 @@ return n
 );
 
 /// Charge a finished request. KEYS: key quota, key tpm bucket. ARGV:
-/// billable, tokens, key_tpm.
+/// billable, tokens, key_tpm, answered (Unix ms: not charged to the quota
+/// when the key was reset after it, field `reset`, docs/adr/043).
 static CHARGE: Script = Script::new(
     r#"
-local used = redis.call('HINCRBY', KEYS[1], 'used', tonumber(ARGV[1]))
+local used
+if tonumber(ARGV[4]) >= tonumber(redis.call('HGET', KEYS[1], 'reset') or '0') then
+  used = redis.call('HINCRBY', KEYS[1], 'used', tonumber(ARGV[1]))
+else
+  used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+end
 local ktpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[2])
 if ktpm > 0 and tokens > 0 then
   local tm = redis.call('TIME')
@@ -634,14 +675,19 @@ impl RedisState {
         });
     }
 
-    fn charge(&self, key: &str, billable: u64, tokens: u64, key_tpm: u64) {
-        if billable == 0 && (tokens == 0 || key_tpm == 0) {
+    fn charge(&self, key: &str, c: &Charge<'_>, key_tpm: u64) {
+        if c.billable == 0 && (c.tokens == 0 || key_tpm == 0) {
             return;
         }
         let q = self.k(&["q", key]);
         let tpm = self.k(&["k", key, "tpm"]);
         let me = self.clone_client();
-        let args = [billable.to_string(), tokens.to_string(), key_tpm.to_string()];
+        let args = [
+            c.billable.to_string(),
+            c.tokens.to_string(),
+            key_tpm.to_string(),
+            c.answered_ms.to_string(),
+        ];
         self.background("charge", async move {
             let ab: Vec<&[u8]> = args.iter().map(|s| s.as_bytes()).collect();
             me.eval(&CHARGE, &[q.as_bytes(), tpm.as_bytes()], &ab).await
