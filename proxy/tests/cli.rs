@@ -202,3 +202,40 @@ fn keys_and_usage_commands_explain_their_mistakes() {
     let out = bin().args(["usage", "--db", "/nonexistent/x.db"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `keys list`: TOTAL and USED end under their headers whatever the widths
+/// of the cells before them (a long user id, quotas of any size).
+#[test]
+fn keys_list_aligns_total_and_used_under_their_headers() {
+    let config = tmp(
+        "keys-table.yaml",
+        "keys:\n  - {key: sk-a, user_id: u, total_quota: 0}\n  - {key: sk-bb, user_id: a-user-id-longer-than-sixteen, total_quota: 5000000, used_quota: 123456}\n  - {key: sk-ccc, user_id: mid, status: disabled, total_quota: 1000, used_quota: 7, expires_at: '2030-01-01T00:00:00Z'}\n",
+    );
+    let out = bin().args(["keys", "list", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    let end_of = |line: &str, word: &str| line.find(word).map(|i| i + word.len());
+    let (total_end, used_end) = (end_of(lines[0], "TOTAL").unwrap(), end_of(lines[0], "USED").unwrap());
+    let user_start = lines[0].find("USER").unwrap();
+    // Columns in characters: masked keys end in a multi-byte '…'.
+    let upto = |line: &str, n: usize| line.chars().take(n).collect::<String>();
+    for (line, user, total, used) in [
+        (lines[1], "u", "0", "0"),
+        (lines[2], "a-user-id-longer-than-sixteen", "5000000", "123456"),
+        (lines[3], "mid", "1000", "7"),
+    ] {
+        let from_user: String = line.chars().skip(user_start).collect();
+        assert!(from_user.starts_with(&format!("{user} ")), "USER column\n{table}");
+        assert!(
+            upto(line, total_end).ends_with(&format!(" {total}")),
+            "TOTAL ends under its header\n{table}"
+        );
+        assert!(
+            upto(line, used_end).ends_with(&format!(" {used}")),
+            "USED ends under its header\n{table}"
+        );
+    }
+    assert!(lines[3].ends_with("2030-01-01T00:00:00Z"), "{table}");
+}
