@@ -239,3 +239,72 @@ fn keys_list_aligns_total_and_used_under_their_headers() {
     }
     assert!(lines[3].ends_with("2030-01-01T00:00:00Z"), "{table}");
 }
+
+/// Every hook has an input under examples/inputs/ that its example script
+/// runs on, with the documented result.
+#[test]
+fn every_hook_runs_on_its_shipped_example_input() {
+    let cases: &[(&str, Value)] = &[
+        ("routing", json!("ultra")),
+        ("auth", json!({"allow": true})),
+        (
+            "request_transform",
+            json!({"headers": {"X-Original-Model": "gpt-4", "X-User-ID": "user_001"}}),
+        ),
+        ("response_transform", json!({"status_code": 200})),
+        ("rate_limit", json!({"allow": false})),
+        ("usage", json!({"billable_tokens": 28, "total_tokens": 57})),
+        ("error_handler", json!({"status_code": 502})),
+    ];
+    for (name, want) in cases {
+        let script = repo(&format!("examples/scripts/{name}.lua"));
+        let input = repo(&format!("examples/inputs/{name}.json"));
+        let (code, out) = hook(
+            &[
+                name,
+                "--script",
+                script.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_eq!((code, &out["ok"]), (0, &json!(true)), "{name}: {out}");
+        match want {
+            Value::Object(fields) => {
+                for (k, v) in fields {
+                    assert_eq!(&out["result"][k], v, "{name}.{k}: {out}");
+                }
+            }
+            other => assert_eq!(&out["result"], other, "{name}: {out}"),
+        }
+    }
+}
+
+/// `llmproxy hook --help` shows every hook's globals (as the core defines
+/// them) and where the example inputs are.
+#[test]
+fn hook_help_shows_the_input_of_every_hook() {
+    let out = bin().args(["hook", "--help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("examples/inputs/<hook>.json"), "{help}");
+    for hook in llmproxy_core::HookName::ALL {
+        let start = help
+            .find(&format!("\n  {hook} "))
+            .unwrap_or_else(|| panic!("{hook} missing from:\n{help}"));
+        let section: String = help[start + 1..]
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .enumerate()
+            .take_while(|(i, l)| *i == 0 || l.starts_with("                   "))
+            .map(|(_, l)| l)
+            .collect();
+        for global in hook.globals() {
+            assert!(
+                section.contains(&format!("\"{global}\"")),
+                "{hook}: {global} not shown in:\n{section}"
+            );
+        }
+    }
+}
