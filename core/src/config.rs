@@ -456,7 +456,7 @@ pub enum OnError {
 }
 
 impl OnError {
-    /// The default policy of a hook (DESIGN.md §3).
+    /// The default policy of a hook (`docs/architecture.md`, "Failure policy").
     pub fn default_for(hook: HookName) -> OnError {
         match hook {
             HookName::Auth => OnError::Deny,
