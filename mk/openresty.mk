@@ -22,7 +22,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-OPENRESTY_DEBS := nginx libnginx-mod-http-lua lua-resty-core lua-cjson libtest-base-perl lua-check
+OPENRESTY_DEBS := nginx libnginx-mod-http-lua lua-resty-core lua-cjson libtest-base-perl lua-check curl
 PROVE          ?= prove
 PROVE_FLAGS    ?= -r
 
