@@ -4,6 +4,7 @@
 # `make -f mk/ffi.mk test-ffi`. Paths are relative to the repository root.
 #
 #   make ffi                 build ffi/target/release/libllmproxy.{so,a}
+#   make ffi-pkgconfig       that, and ffi/target/pkgconfig/llmproxy.pc for it
 #   make ffi-header          regenerate include/llmproxy.h (cbindgen, pinned)
 #   make ffi-header-check    fail when include/llmproxy.h is out of date
 #   make lint-ffi            rustfmt + clippy -D warnings on ffi/
@@ -55,12 +56,13 @@ DESTDIR       ?=
 LIBDIR        ?= $(PREFIX)/lib
 INCLUDEDIR    ?= $(PREFIX)/include
 LUA_CMODDIR   ?= $(LIBDIR)/lua/5.1
+LDCONFIG      ?= ldconfig
 
 TEST_TARGETS  += test-ffi
 LINT_TARGETS  += lint-ffi
 LUA_SOURCES   += examples/lua/*.lua bench/ffi/*.lua
 
-.PHONY: ffi ffi-plain ffi-deps ffi-tools ffi-header ffi-header-check lint-ffi test-ffi test-ffi-unit test-ffi-c test-ffi-c-valgrind \
+.PHONY: ffi ffi-pkgconfig ffi-plain ffi-deps ffi-tools ffi-header ffi-header-check lint-ffi test-ffi test-ffi-unit test-ffi-c test-ffi-c-valgrind \
         test-ffi-go test-ffi-lua test-ffi-install bench-ffi install install-ffi
 
 ffi-deps:
@@ -71,6 +73,11 @@ ffi: ffi-deps
 
 ffi-plain: ffi-deps
 	$(FFI_CARGO) build --release --manifest-path ffi/Cargo.toml --target-dir $(FFI_TARGET)/plain
+
+# The library and an uninstalled llmproxy.pc for it, for programs built
+# against the checkout: PKG_CONFIG_PATH=$PWD/ffi/target/pkgconfig.
+ffi-pkgconfig: ffi $(FFI_PC)
+	@echo "PKG_CONFIG_PATH=$(CURDIR)/$(FFI_PC_DIR)"
 
 $(FFI_PC): ffi/llmproxy.pc.in ffi/Cargo.toml
 	@mkdir -p $(FFI_PC_DIR)
@@ -150,17 +157,18 @@ export FFI_LUA_SMOKE := local m = require "llmproxy"; \
 FFI_STAGE := $(CURDIR)/$(FFI_TARGET)/install-test
 test-ffi-install: ffi
 	rm -rf $(FFI_STAGE)
-	$(MAKE) -f $(firstword $(MAKEFILE_LIST)) --no-print-directory install-ffi PREFIX=$(FFI_STAGE)
+	$(MAKE) -f $(firstword $(MAKEFILE_LIST)) --no-print-directory install-ffi PREFIX=$(FFI_STAGE) LDCONFIG=true
 	flags="$$(PKG_CONFIG_PATH=$(FFI_STAGE)/lib/pkgconfig pkg-config --cflags --libs llmproxy jansson)" && \
 	  $(CC) $(FFI_CFLAGS) -Iexamples/c -o $(FFI_STAGE)/conformance examples/c/conformance.c \
-	    examples/c/casefile.c $$flags -Wl,-rpath,$(FFI_STAGE)/lib
-	$(FFI_STAGE)/conformance conformance/cases > /dev/null && echo "installed library: conformance passed"
+	    examples/c/casefile.c $$flags
+	@# No LD_LIBRARY_PATH: the installed llmproxy.pc's rpath finds the library.
+	env -u LD_LIBRARY_PATH $(FFI_STAGE)/conformance conformance/cases > /dev/null && echo "installed library: conformance passed"
 	LUA_CPATH='$(FFI_STAGE)/lib/lua/5.1/?.so' luajit -e "$$FFI_LUA_SMOKE"
 
 # ---- install ------------------------------------------------------------
 
 # Files are copied next to their destination and renamed over it: a running
-# nginx that mapped the old library keeps a valid mapping (DESIGN.md §7).
+# nginx that mapped the old library keeps a valid mapping (docs/architecture.md, "LuaJIT, as embedded here").
 install: install-ffi
 
 install-ffi: ffi
@@ -170,8 +178,11 @@ install-ffi: ffi
 	install -m 0644 $(FFI_A) $(DESTDIR)$(LIBDIR)/libllmproxy.a
 	install -m 0644 include/llmproxy.h $(DESTDIR)$(INCLUDEDIR)/llmproxy.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
-	    -e 's|@VERSION@|$(FFI_VERSION)|' -e 's|@RPATH@||' ffi/llmproxy.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/llmproxy.pc
+	    -e 's|@VERSION@|$(FFI_VERSION)|' -e 's|@RPATH@|-Wl,-rpath,$${libdir} |' ffi/llmproxy.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/llmproxy.pc
 	ln -sfn $(LIBDIR)/libllmproxy.so $(DESTDIR)$(LUA_CMODDIR)/llmproxy.so
+	@# Programs linked through llmproxy.pc carry an rpath to LIBDIR; the
+	@# loader cache serves the others (on Debian /usr/local/lib is in it).
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" -eq 0 ] && command -v $(LDCONFIG) >/dev/null; then $(LDCONFIG); fi
 
 # ---- benchmarks ---------------------------------------------------------
 

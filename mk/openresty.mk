@@ -9,6 +9,8 @@
 #                            the official `openai` Python client against
 #                            nginx + resty.llmproxy (t/openai_client_nginx.py)
 #   make openresty-deps      the Debian packages they need
+#   make nginx-up / nginx-down  the README's nginx example (nginx-conf/) on :8000
+#                            with mock backends; nginx-down stops them
 #   make install-openresty   resty/llmproxy*.lua into $(LUA_LDIR)
 #   make bench-openresty     plain nginx proxy_pass vs nginx + resty.llmproxy
 #                            (auth, rate_limit, routing, usage; 1 and 2
@@ -20,7 +22,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-OPENRESTY_DEBS := nginx libnginx-mod-http-lua lua-resty-core lua-cjson libtest-base-perl lua-check
+OPENRESTY_DEBS := nginx libnginx-mod-http-lua lua-resty-core lua-cjson libtest-base-perl lua-check curl
 PROVE          ?= prove
 PROVE_FLAGS    ?= -r
 
@@ -55,7 +57,7 @@ LUA_SOURCES  += openresty/lib t/lib/*.lua
 OPENRESTY_VENV       := .venv
 OPENRESTY_PROXY_DIR  := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: openresty-deps test-openresty test-openai-client-nginx install-openresty bench-openresty rock-build rock-install test-rock
+.PHONY: openresty-deps nginx-up nginx-down test-openresty test-openai-client-nginx install-openresty bench-openresty rock-build rock-install test-rock
 
 # Debian's nginx package starts a system nginx from its postinst where
 # services may start (no policy-rc.d refusing it). That nginx is not used by
@@ -71,9 +73,22 @@ openresty-deps:
 	  nginx -s stop 2>/dev/null || kill -QUIT "$$after"; \
 	fi
 
+# t/003 runs nginx-conf/nginx.conf as written (scripts/nginx-demo), with
+# `llmproxy mock-backend`s as its backends.
 test-openresty: openresty-deps $(OPENRESTY_LIB_TARGET)
 	perl -It/lib -c t/lib/Test/LLMProxy/Nginx.pm
-	LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" $(PROVE) $(PROVE_FLAGS) t/
+	$(CARGO) build -q -p llmproxy-server --bin llmproxy
+	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/debug/llmproxy LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" $(PROVE) $(PROVE_FLAGS) t/
+
+# The README's nginx example: nginx-conf/nginx.conf as written on
+# examples/llmproxy.yaml (:8000), mock backends on 127.0.0.1:9001-9003.
+# `make nginx-down` stops both (they stop by themselves after an hour).
+nginx-up: openresty-deps $(OPENRESTY_LIB_TARGET)
+	$(CARGO) build -q --release -p llmproxy-server --bin llmproxy
+	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/release/llmproxy scripts/nginx-demo up
+
+nginx-down:
+	scripts/nginx-demo down
 
 # The client tests of the standalone gateway, against nginx on the same
 # config and `llmproxy mock-backend`s, plus error bodies compared with the

@@ -16,10 +16,10 @@
 //! ([`ReloadConfig`]).
 //!
 //! Every problem names its key path (`scripts.routing.timeout_ms: ...`);
-//! `script_file` paths are relative to the config file. Structural errors
-//! (unknown keys, wrong types) stop at the first one, as the YAML parser
-//! does; semantic errors (missing files, `script` and `script_file` both
-//! set, a hook defined twice, duplicate backends) are all collected.
+//! `script_file` paths are relative to the config file. Every problem is
+//! reported at once: structural ones (unknown keys, wrong types: each is
+//! cut out and the rest parsed again) and semantic ones (missing files, `script` and
+//! `script_file` both set, a hook defined twice, duplicate backends).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,8 @@ use crate::admission::Check;
 use crate::error::ConfigError;
 use crate::hooks::HookName;
 use crate::keys::KeyRecord;
+
+mod structural;
 
 /// Default per-call time limit.
 pub const DEFAULT_TIMEOUT_MS: u64 = 100;
@@ -536,7 +538,7 @@ pub enum OnError {
 }
 
 impl OnError {
-    /// The default policy of a hook (DESIGN.md §3).
+    /// The default policy of a hook (`docs/architecture.md`, "Failure policy").
     pub fn default_for(hook: HookName) -> OnError {
         match hook {
             HookName::Auth => OnError::Deny,
@@ -719,25 +721,17 @@ impl Config {
 
     /// Parse and validate YAML text; `script_file`s are relative to `base_dir`.
     pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        let de = serde_norway::Deserializer::from_str(text);
-        let raw: RawConfig = match serde_path_to_error::deserialize(de) {
-            Ok(raw) => raw,
-            Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner().to_string();
-                // The YAML parser names a (sometimes shorter) path itself.
-                let message = match inner.split_once(": ") {
-                    Some((head, rest)) if path.starts_with(head) => rest,
-                    _ => inner.as_str(),
-                };
-                return Err(ConfigError::one(if path == "." {
-                    inner.clone()
-                } else {
-                    format!("{path}: {message}")
-                }));
+        match structural::deserialize_all::<RawConfig>(text) {
+            Ok(raw) => raw.resolve(base_dir),
+            // Every unknown key and wrong type, then what the rest of the
+            // document gets wrong (missing files, duplicate backends, ...).
+            Err((mut problems, rest)) => {
+                if let Some(Err(e)) = rest.map(|raw| raw.resolve(base_dir)) {
+                    problems.extend(e.problems);
+                }
+                Err(ConfigError { problems })
             }
-        };
-        raw.resolve(base_dir)
+        }
     }
 
     /// A config with one inline script (used by `llmproxy hook`).

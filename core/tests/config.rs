@@ -172,3 +172,68 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// `llmproxy check` reports every structural problem of a file at once
+/// (unknown keys, wrong types, missing fields), each with its key path as
+/// written in the file, together with the semantic ones.
+#[test]
+fn every_structural_problem_is_reported_at_once() {
+    // (yaml, expected problems in order, each a prefix)
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "listen: ':8000'\nbackendz: []\nscripts:\n  routng: {script: x}\n  routing:\n    timeout_ms: fast\n    script: 'return nil'\n",
+            &[
+                "backendz: unknown field `backendz`",
+                "scripts.routng: unknown field `routng`",
+                "scripts.routing.timeout_ms: invalid type: string \"fast\"",
+            ],
+        ),
+        (
+            // Indices stay the file's own after an element is cut out.
+            "backends:\n  - {name: a, url: 'http://x', wieght: 2}\n  - {name: b}\n  - {name: c, url: 'http://z', weight: heavy}\n  - {name: d, url: 'http://w', hedaers: {}}\n",
+            &[
+                "backends[0].wieght: unknown field `wieght`",
+                "backends[1]: missing field `url`",
+                "backends[2].weight: invalid type: string \"heavy\"",
+                "backends[3].hedaers: unknown field `hedaers`",
+            ],
+        ),
+        (
+            // Structural and semantic problems together.
+            "scripts:\n  routing: {script_file: /nonexistent/r.lua, on_eror: deny}\nlimits: {key_rpm: many}\n",
+            &[
+                "scripts.routing.on_eror: unknown field `on_eror`",
+                "limits.key_rpm: invalid type: string \"many\"",
+                "scripts.routing.script_file: cannot read '/nonexistent/r.lua'",
+            ],
+        ),
+        (
+            "keys:\n  - {key: sk-1, user_id: u, total_quota: lots}\n  - {key: sk-2, user: u}\n",
+            &[
+                "keys[0].total_quota: invalid type: string \"lots\"",
+                "keys[1].user: unknown field `user`",
+                "keys[1]: missing field `user_id`",
+            ],
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let problems = load(yaml).err().unwrap_or_else(|| panic!("should fail:\n{yaml}"));
+        assert_eq!(problems.len(), expected.len(), "{yaml}\n{problems:#?}");
+        for (got, want) in problems.iter().zip(expected.iter()) {
+            assert!(got.starts_with(want), "got:  {got}\nwant: {want}…\n{yaml}");
+        }
+    }
+}
+
+/// The first problem keeps the parser's line and column; the others name
+/// their key path only (their text was re-read without the bad nodes).
+#[test]
+fn the_first_structural_problem_keeps_its_location() {
+    let problems =
+        load("listen: ':8000'\nbackendz: []\nscripts:\n  routing: {script: 'return nil', timeout_ms: fast}\n")
+            .err()
+            .unwrap_or_default();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(problems[0].ends_with("at line 2 column 1"), "{}", problems[0]);
+    assert!(!problems[1].contains(" at line "), "{}", problems[1]);
+}

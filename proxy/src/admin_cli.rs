@@ -470,28 +470,68 @@ fn list(config: &Path, format: &str) -> ExitCode {
         .collect();
     match format {
         "json" => println!("{}", Value::Array(rows)),
-        "table" => {
-            println!(
-                "{:<20} {:<10} {:<16} {:<9} {:>12} {:>12}  EXPIRES",
-                "FINGERPRINT", "KEY", "USER", "STATUS", "TOTAL", "USED"
-            );
-            for r in rows {
-                let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
-                println!(
-                    "{:<20} {:<10} {:<16} {:<9} {:>12} {:>12}  {}",
-                    s("fingerprint"),
-                    s("key"),
-                    s("user_id"),
-                    s("status"),
-                    r["total_quota"],
-                    r["used_quota"],
-                    s("expires_at")
-                );
-            }
-        }
+        "table" => print!("{}", keys_table(&rows)),
         other => return fail(format!("--format must be table or json, not '{other}'")),
     }
     ExitCode::SUCCESS
+}
+
+/// The rows of `keys list` as a table: every column as wide as its widest
+/// cell, text left-aligned, the TOTAL and USED numbers right-aligned under
+/// their headers.
+fn keys_table(rows: &[Value]) -> String {
+    const HEADERS: [&str; 7] = ["FINGERPRINT", "KEY", "USER", "STATUS", "TOTAL", "USED", "EXPIRES"];
+    const NUMERIC: [bool; 7] = [false, false, false, false, true, true, false];
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::from("-"),
+        other => other.to_string(),
+    };
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                text(&r["fingerprint"]),
+                text(&r["key"]),
+                text(&r["user_id"]),
+                text(&r["status"]),
+                text(&r["total_quota"]),
+                text(&r["used_quota"]),
+                text(&r["expires_at"]),
+            ]
+        })
+        .collect();
+    let mut widths = HEADERS.map(|h| h.chars().count());
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |row: [&str; 7]| {
+        let mut out = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            let pad = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if NUMERIC[i] {
+                out.push_str(&pad);
+                out.push_str(cell);
+            } else {
+                out.push_str(cell);
+                if i + 1 < row.len() {
+                    out.push_str(&pad);
+                }
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(HEADERS);
+    for row in &cells {
+        out.push_str(&line(row.each_ref().map(String::as_str)));
+    }
+    out
 }
 
 /// Parse `--since`: RFC 3339, or an age such as `30s`, `15m`, `2h`, `7d`.

@@ -99,6 +99,7 @@ enum Command {
         records: bool,
     },
     /// Run one hook once on a JSON object holding the hook's globals.
+    #[command(after_help = HOOK_INPUT_HELP)]
     Hook {
         /// routing, auth, request_transform, response_transform, rate_limit, usage or error_handler.
         hook: String,
@@ -116,6 +117,37 @@ enum Command {
         memory_mb: u64,
     },
 }
+
+/// The shape of `llmproxy hook --input`, shown by `llmproxy hook --help`.
+/// `examples/inputs/<hook>.json` holds a complete input per hook.
+const HOOK_INPUT_HELP: &str = r#"Input (--input): a JSON object whose keys are the hook's globals; a global
+left out is nil. A complete input per hook: examples/inputs/<hook>.json.
+
+  routing             {"request": R, "backends": {"<name>": {"url": "http://...", "healthy": true,
+                       "weight": 10, "latency_ms": 80, "active_connections": 3}, ...}}
+                      (a name the script returns must be a key of backends)
+  auth                {"request": R, "key_info": {"key", "user_id", "name", "status", "total_quota",
+                       "used_quota", "allowed_ips", "expires_at"} (left out: unknown key),
+                       "standard_checks": {"key_valid", "status_active", "not_expired",
+                       "ip_allowed", "quota_available"}}
+  request_transform   {"request": R with "backend_url"}
+  response_transform  {"request": R, "response": {"status_code", "body", "headers", "is_stream"},
+                       "backend_url", "latency_ms"}
+  rate_limit          {"request": R, "key_info": {...}, "rate_limit_status": {"global_remaining",
+                       "key_remaining", "concurrent_count"}, "current_time": {"hour",
+                       "weekday", "timestamp"}}
+  usage               {"request": R, "usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
+                       "response": {"status_code", "body"}, "metadata": {"backend_url",
+                       "latency_ms", "is_stream"}}
+  error_handler       {"request": R, "error": {"type", "message", "status_code", "backend_url",
+                       "retry_count"}}
+
+  R = {"id": "req-1", "body": {"model": "gpt-4", ...}, "headers": {...}, "user_id",
+       "api_key", "client_ip", "path"}
+
+Example:
+  llmproxy hook routing --script examples/scripts/routing.lua --input examples/inputs/routing.json
+  {"ok":true,"result":"ultra","elapsed_us":113}"#;
 
 /// Entry point of the `llmproxy` binary.
 pub fn main() -> ExitCode {

@@ -378,3 +378,109 @@ fn keys_commands_work_while_a_script_is_broken() {
     let out = bin().args(["usage", "--config"]).arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `keys list`: TOTAL and USED end under their headers whatever the widths
+/// of the cells before them (a long user id, quotas of any size).
+#[test]
+fn keys_list_aligns_total_and_used_under_their_headers() {
+    let config = tmp(
+        "keys-table.yaml",
+        "keys:\n  - {key: sk-a, user_id: u, total_quota: 0}\n  - {key: sk-bb, user_id: a-user-id-longer-than-sixteen, total_quota: 5000000, used_quota: 123456}\n  - {key: sk-ccc, user_id: mid, status: disabled, total_quota: 1000, used_quota: 7, expires_at: '2030-01-01T00:00:00Z'}\n",
+    );
+    let out = bin().args(["keys", "list", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    let end_of = |line: &str, word: &str| line.find(word).map(|i| i + word.len());
+    let (total_end, used_end) = (end_of(lines[0], "TOTAL").unwrap(), end_of(lines[0], "USED").unwrap());
+    let user_start = lines[0].find("USER").unwrap();
+    // Columns in characters: masked keys end in a multi-byte '…'.
+    let upto = |line: &str, n: usize| line.chars().take(n).collect::<String>();
+    for (line, user, total, used) in [
+        (lines[1], "u", "0", "0"),
+        (lines[2], "a-user-id-longer-than-sixteen", "5000000", "123456"),
+        (lines[3], "mid", "1000", "7"),
+    ] {
+        let from_user: String = line.chars().skip(user_start).collect();
+        assert!(from_user.starts_with(&format!("{user} ")), "USER column\n{table}");
+        assert!(
+            upto(line, total_end).ends_with(&format!(" {total}")),
+            "TOTAL ends under its header\n{table}"
+        );
+        assert!(
+            upto(line, used_end).ends_with(&format!(" {used}")),
+            "USED ends under its header\n{table}"
+        );
+    }
+    assert!(lines[3].ends_with("2030-01-01T00:00:00Z"), "{table}");
+}
+
+/// Every hook has an input under examples/inputs/ that its example script
+/// runs on, with the documented result.
+#[test]
+fn every_hook_runs_on_its_shipped_example_input() {
+    let cases: &[(&str, Value)] = &[
+        ("routing", json!("ultra")),
+        ("auth", json!({"allow": true})),
+        (
+            "request_transform",
+            json!({"headers": {"X-Original-Model": "gpt-4", "X-User-ID": "user_001"}}),
+        ),
+        ("response_transform", json!({"status_code": 200})),
+        ("rate_limit", json!({"allow": false})),
+        ("usage", json!({"billable_tokens": 28, "total_tokens": 57})),
+        ("error_handler", json!({"status_code": 502})),
+    ];
+    for (name, want) in cases {
+        let script = repo(&format!("examples/scripts/{name}.lua"));
+        let input = repo(&format!("examples/inputs/{name}.json"));
+        let (code, out) = hook(
+            &[
+                name,
+                "--script",
+                script.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_eq!((code, &out["ok"]), (0, &json!(true)), "{name}: {out}");
+        match want {
+            Value::Object(fields) => {
+                for (k, v) in fields {
+                    assert_eq!(&out["result"][k], v, "{name}.{k}: {out}");
+                }
+            }
+            other => assert_eq!(&out["result"], other, "{name}: {out}"),
+        }
+    }
+}
+
+/// `llmproxy hook --help` shows every hook's globals (as the core defines
+/// them) and where the example inputs are.
+#[test]
+fn hook_help_shows_the_input_of_every_hook() {
+    let out = bin().args(["hook", "--help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("examples/inputs/<hook>.json"), "{help}");
+    for hook in llmproxy_core::HookName::ALL {
+        let start = help
+            .find(&format!("\n  {hook} "))
+            .unwrap_or_else(|| panic!("{hook} missing from:\n{help}"));
+        let section: String = help[start + 1..]
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .enumerate()
+            .take_while(|(i, l)| *i == 0 || l.starts_with("                   "))
+            .map(|(_, l)| l)
+            .collect();
+        for global in hook.globals() {
+            assert!(
+                section.contains(&format!("\"{global}\"")),
+                "{hook}: {global} not shown in:\n{section}"
+            );
+        }
+    }
+}

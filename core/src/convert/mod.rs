@@ -1,6 +1,6 @@
 //! Lossless JSON <-> Lua conversion.
 //!
-//! Rules (DESIGN.md §4):
+//! Rules (`docs/architecture.md`, "Data conversion"; ADR 003):
 //! - JSON arrays become Lua sequences carrying a hidden array marker, so an
 //!   emptied array (and `[]`) encodes back as `[]`. Objects become plain
 //!   tables; an unmarked empty table encodes as `{}`.

@@ -1,4 +1,4 @@
-//! Typed inputs and outputs of the seven hooks (DESIGN.md §1, seed design).
+//! Typed inputs and outputs of the seven hooks (`docs/architecture.md`, "Hooks").
 //!
 //! Every hook input knows how to become the script's globals
 //! ([`HookInput::set_globals`]); every output is parsed from the JSON form of

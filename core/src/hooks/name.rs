@@ -52,7 +52,7 @@ impl HookName {
         self as usize
     }
 
-    /// The globals a script of this hook is given (DESIGN.md §1).
+    /// The globals a script of this hook is given (`docs/architecture.md`, "Hooks").
     pub fn globals(self) -> &'static [&'static str] {
         match self {
             HookName::Routing => &["request", "backends"],

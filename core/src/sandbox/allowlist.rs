@@ -1,6 +1,7 @@
 //! What a script may touch, as data. Anything not listed here does not exist
-//! in a script's environment. DESIGN.md §3 "Forbidden" lists what is left out
-//! on purpose; `tests/sandbox_escapes.rs` has one named test per attack.
+//! in a script's environment. `docs/architecture.md` ("Sandbox") and the
+//! README list what is left out on purpose; `tests/sandbox_escapes.rs` has
+//! one named test per attack.
 
 /// Base functions copied as they are from LuaJIT.
 pub const BASE: &[&str] = &[

@@ -294,7 +294,7 @@ sub _prepare_servroot {
     remove_tree($Servroot) if -d $Servroot;
     make_path(map { "$Servroot/$_" } qw(conf logs html temp lib));
     # nginx maps libllmproxy.so for its whole life; a rebuild that rewrites
-    # the file in place under a running nginx crashes it (DESIGN.md 7). So
+    # the file in place under a running nginx crashes it (docs/architecture.md, "LuaJIT, as embedded here"). So
     # each test file loads its own copy, taken once, by an atomic rename.
     $CpathDir = "$Servroot/lib";
     if (-f llmproxy_lib()) {
