@@ -195,7 +195,8 @@ script exceeded its time limit of 50 ms
     location = /t {
         content_by_lua_block {
             local step = require("llmproxy").failure_step
-            local up = { source = "upstream", json_body = true, error_handler = true, response_transform = true }
+            local up = { source = "upstream", json_body = true, error_handler = true, caller_identified = true,
+                         response_transform = true }
             local function with(t, k, v)
                 local c = {}
                 for a, b in pairs(t) do c[a] = b end
@@ -207,7 +208,9 @@ script exceeded its time limit of 50 ms
             ngx.say(step(with(up, "handled", "replaced")))
             ngx.say(step(with(up, "handled", "denied")))
             ngx.say(step(with(up, "error_handler", false)))
+            ngx.say(step(with(up, "caller_identified", false)))
             ngx.say(step({ source = "upstream", json_body = false, response_transform = true }))
+            ngx.say(step({ source = "gateway", error_handler = true, caller_identified = true, response_transform = true }))
             ngx.say(step({ source = "gateway", error_handler = true, response_transform = true }))
             ngx.say(step({ source = "gateway", response_transform = true, handled = "kept" }))
             local ok, err = pcall(step, { source = "elsewhere" })
@@ -224,8 +227,10 @@ response_transform
 send
 send
 response_transform
+response_transform
 send
 error_handler
+send
 send
 false runtime error: failure_step: source must be 'gateway' or 'upstream', not 'elsewhere'
 false runtime error: failure_step: handled must be not_run, kept, replaced or denied, not 'maybe'

@@ -604,3 +604,86 @@ POST /v1/chat/completions
 --- error_code: 502
 --- response_body_like
 ^\{"error":\{"message":"cannot connect to the backend 'down'","type":"backend_error","code":"backend_unreachable"\}\}$
+
+
+
+=== TEST 32: error_handler shapes only an identified caller's failures: no key: the gateway's 401
+--- yaml
+keys:
+  - {key: sk-good, user_id: g}
+--- hooks
+  error_handler:
+    script: |
+      return {status_code = error.status_code, body = {shaped = error.type}}
+--- request
+POST /v1/chat/completions
+{"model":"m"}
+--- error_code: 401
+--- response_body chomp
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
+
+
+
+=== TEST 33: ... a disabled key: the gateway's 403, also when an auth script denies it
+--- yaml
+keys:
+  - {key: sk-off, user_id: o, status: disabled}
+--- hooks
+  auth:
+    script: |
+      return {allow = false, reason = "not you"}
+  error_handler:
+    script: |
+      return {status_code = error.status_code, body = {shaped = error.type}}
+--- request
+POST /v1/chat/completions
+{"model":"m"}
+--- more_headers
+Authorization: Bearer sk-off
+--- error_code: 403
+--- response_body chomp
+{"error":{"message":"not you","type":"auth_error","code":"denied_by_script"}}
+
+
+
+=== TEST 34: ... an unknown key's bad body (read before the auth script runs): the gateway's 400
+--- yaml
+keys:
+  - {key: sk-good, user_id: g}
+--- hooks
+  auth:
+    script: |
+      return nil
+  error_handler:
+    script: |
+      return {status_code = error.status_code, body = {shaped = error.type}}
+--- request
+POST /v1/chat/completions
+{"model": oops
+--- more_headers
+Authorization: Bearer sk-unknown
+--- error_code: 400
+--- response_body_like: "code":"invalid_json"
+
+
+
+=== TEST 35: ... an identified caller: its bad body, a script's denial and an exhausted quota are shaped
+--- yaml
+keys:
+  - {key: sk-good, user_id: g, total_quota: 10, used_quota: 10}
+--- hooks
+  auth:
+    script: |
+      if request.body.model == "deny" then return {allow = false} end
+      return nil
+  error_handler:
+    script: |
+      return {status_code = error.status_code, body = {shaped = error.type}}
+--- request eval
+["POST /v1/chat/completions\n{\"model\": oops", "POST /v1/chat/completions\n{\"model\":\"deny\"}", "POST /v1/chat/completions\n{\"model\":\"m\"}"]
+--- more_headers
+Authorization: Bearer sk-good
+--- error_code eval
+[400, 403, 429]
+--- response_body eval
+['{"shaped":"bad_request"}', '{"shaped":"auth_error"}', '{"shaped":"auth_error"}']

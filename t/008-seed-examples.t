@@ -172,7 +172,7 @@ X-Mock-Delay-Ms: 800
 
 
 
-=== TEST 8: no key: the example's auth leaves it to the standard checks: 401, shaped by the seed's error_handler
+=== TEST 8: no key: the example's auth leaves it to the standard checks: the gateway's 401 (error_handler serves identified callers only)
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4","viplevel":1}
@@ -180,7 +180,7 @@ POST /v1/chat/completions
 X-Request-ID: seed-8
 --- error_code: 401
 --- response_body chomp
-{"error":{"message":"未知错误","request_id":"seed-8","type":"auth_error"}}
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 --- no_error_log
 auth hook failed for request
 

@@ -176,7 +176,7 @@ Authorization: Bearer sk-near
 
 
 
-=== TEST 11: standard denials go through error_handler as type auth_error (403)
+=== TEST 11: standard denials of a caller without a usable key are the gateway's, not error_handler's (403)
 --- hooks
   error_handler:
     script: |
@@ -188,11 +188,11 @@ POST /v1/chat/completions
 Authorization: Bearer sk-off
 --- error_code: 403
 --- response_body chomp
-{"m":"API key is disabled","s":403,"t":"auth_error"}
+{"error":{"message":"API key is disabled","type":"auth_error","code":"key_disabled"}}
 
 
 
-=== TEST 12: standard denials go through error_handler as type auth_error (401)
+=== TEST 12: standard denials of a caller without a usable key are the gateway's, not error_handler's (401)
 --- hooks
   error_handler:
     script: |
@@ -202,7 +202,7 @@ POST /v1/chat/completions
 {"model":"gpt-4"}
 --- error_code: 401
 --- response_body chomp
-{"m":"invalid or missing API key","s":401,"t":"auth_error"}
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 
 
 

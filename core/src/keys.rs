@@ -322,6 +322,15 @@ pub fn standard_checks_with_usage(
     checks
 }
 
+/// Whether a request that presented `key` (or none) from `client_ip` comes
+/// from an identified caller: the key is known, active, unexpired and
+/// allowed from that address (the quota does not matter). Hosts ask before
+/// anything can fail, so that `error_handler` shapes the same failures
+/// wherever they happen ([`crate::policy::failure::Facts::caller_identified`]).
+pub fn identifies_caller(key: Option<&KeyRecord>, client_ip: Option<&str>, now: DateTime<Utc>) -> bool {
+    standard_checks(key, client_ip, now).identify_caller()
+}
+
 /// Why the standard checks deny, with the HTTP status the hosts answer.
 /// `None` when every check passed.
 /// ([`crate::admission::standard_denial`] has the error code too.)
@@ -489,6 +498,28 @@ mod tests {
         unlimited.allowed_ips.clear();
         unlimited.expires_at = None;
         assert!(standard_checks(Some(&unlimited), None, now).all_passed());
+    }
+
+    #[test]
+    fn identity_is_the_checks_before_the_quota() {
+        let now = at("2026-06-01T00:00:00Z");
+        let ip = Some("192.168.1.100");
+        let mut disabled = key();
+        disabled.status = KeyStatus::Disabled;
+        let mut spent = key();
+        spent.used_quota = 100;
+        // (case, key, client address, when, identified)
+        let cases = [
+            ("no key", None, ip, now, false),
+            ("active key", Some(key()), ip, now, true),
+            ("disabled", Some(disabled), ip, now, false),
+            ("expired", Some(key()), ip, at("2027-01-01T00:00:00Z"), false),
+            ("address not allowed", Some(key()), Some("8.8.8.8"), now, false),
+            ("quota used up", Some(spent), ip, now, true),
+        ];
+        for (case, k, ip, when, want) in cases {
+            assert_eq!(identifies_caller(k.as_ref(), ip, when), want, "{case}");
+        }
     }
 
     #[test]

@@ -210,7 +210,7 @@ fn every_structural_problem_is_reported_at_once() {
         (
             "keys:\n  - {key: sk-1, user_id: u, total_quota: lots}\n  - {key: sk-2, user: u}\n",
             &[
-                "keys[0].total_quota: invalid type: string \"lots\"",
+                "keys[0].total_quota: total_quota must be a number of tokens or `unlimited`, not 'lots'",
                 "keys[1].user: unknown field `user`",
                 "keys[1]: missing field `user_id`",
             ],

@@ -460,6 +460,11 @@ local tests = {
     assert(status == 402 and msg == "no" and code == "denied_by_script", msg)
     status, msg, code = e:auth_decision(off, nil)
     assert(status == 403 and code == "key_disabled", msg)
+    -- core's keys::identifies_caller: the checks before the quota
+    assert(e:caller_identified("sk-a", "10.1.2.3") == true, "a known key")
+    assert(e:caller_identified("sk-a", "192.168.0.1") == false, "an address the key may not use")
+    assert(e:caller_identified("sk-off", nil) == false and e:caller_identified(nil, nil) == false, "disabled, none")
+    assert(e:caller_identified("sk-nope", "10.1.2.3") == false, "unknown")
     local a = e:admission()
     assert(a.auth == true and a.limits == false and a.keys == 3, "admission")
     assert(e:ledger_stats() == nil and e:ledger_record({}) == nil, "no ledger configured")

@@ -237,6 +237,60 @@ async fn error_handler_runs_only_for_identified_callers_on_real_endpoints() {
     }
 }
 
+/// With an auth script the body is read before admission, yet who may
+/// shape a failure is settled by the headers: an unknown key's bad body
+/// gets the gateway's 400, an identified caller's is shaped; a script's
+/// denial is shaped for an identified caller only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_handler_follows_the_callers_identity_not_where_the_request_failed() {
+    let m = mock("m", |_| {}).await;
+    let handler = "return {status_code = error.status_code, body = {shaped = error.type}}";
+    let auth = "if request.body.model == 'deny' then return {allow = false, reason = 'not you'} end\nreturn nil";
+    let gw = TestGateway::start(&config(
+        &m.url(),
+        &format!(
+            "keys:\n  - {{key: sk-good, user_id: g}}\n  - {{key: sk-off, user_id: o, status: disabled}}\nscripts:\n  auth:\n    script: |\n{}\n  error_handler:\n    script: |\n{}",
+            script(auth),
+            script(handler)
+        ),
+    ))
+    .await;
+    let url = format!("{}/v1/chat/completions", gw.base);
+    // (case, key, body, status, shaped)
+    let cases = [
+        ("unknown key, bad body", "Bearer sk-x", "{nope", 400, false),
+        ("disabled key, bad body", "Bearer sk-off", "{nope", 400, false),
+        (
+            "disabled key, script denies",
+            "Bearer sk-off",
+            r#"{"model":"deny"}"#,
+            403,
+            false,
+        ),
+        (
+            "unknown key, script denies",
+            "Bearer sk-x",
+            r#"{"model":"deny"}"#,
+            403,
+            false,
+        ),
+        ("good key, bad body", "Bearer sk-good", "{nope", 400, true),
+        (
+            "good key, script denies",
+            "Bearer sk-good",
+            r#"{"model":"deny"}"#,
+            403,
+            true,
+        ),
+    ];
+    for (name, key, body, status, shaped) in cases {
+        let r = send(hyper::Method::POST, &url, &[("authorization", key)], body.into()).await;
+        assert_eq!(r.status, status, "{name}: {}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        assert_eq!(v.get("shaped").is_some(), shaped, "{name}: {v}");
+    }
+}
+
 // ---- point 7: body read timeout, connection cap, write timeout -----------
 
 fn addr_of(gw: &TestGateway) -> String {

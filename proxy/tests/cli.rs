@@ -398,7 +398,7 @@ fn keys_list_aligns_total_and_used_under_their_headers() {
     // Columns in characters: masked keys end in a multi-byte '…'.
     let upto = |line: &str, n: usize| line.chars().take(n).collect::<String>();
     for (line, user, total, used) in [
-        (lines[1], "u", "0", "0"),
+        (lines[1], "u", "unlimited", "0"),
         (lines[2], "a-user-id-longer-than-sixteen", "5000000", "123456"),
         (lines[3], "mid", "1000", "7"),
     ] {

@@ -29,6 +29,13 @@ impl StandardChecks {
     pub fn all_passed(&self) -> bool {
         self.key_valid && self.status_active && self.not_expired && self.ip_allowed && self.quota_available
     }
+
+    /// The checks that say who the caller is passed: the key is known,
+    /// active, unexpired and allowed from this address. The quota is not
+    /// one of them: a caller over quota is still known.
+    pub fn identify_caller(&self) -> bool {
+        self.key_valid && self.status_active && self.not_expired && self.ip_allowed
+    }
 }
 
 /// Input of the `auth` hook.

@@ -5,10 +5,14 @@
 //! The rule:
 //!
 //! 1. `error_handler` runs first, for every failure it applies to (the
-//!    host's rules: the hook is enabled and the caller identified, ...):
-//!    failures the gateway finds itself (no backend, connect errors,
-//!    timeouts, refusals, bad requests) and a backend's final error answer
-//!    (status >= 400, no retry left).
+//!    hook is enabled and the failure is not the hook system's own, see
+//!    [`Facts::error_handler`]) of an identified caller (see
+//!    [`Facts::caller_identified`]): failures the gateway finds itself (no
+//!    backend, connect errors, timeouts, refusals, bad requests) and a
+//!    backend's final error answer (status >= 400, no retry left). An
+//!    unidentified caller (no key, an unknown, disabled or expired one, an
+//!    address the key may not use) gets the gateway's own error body:
+//!    a script must not shape, or learn from, what anyone can send.
 //! 2. `response_transform` runs on a backend's error answer exactly as on
 //!    any other backend answer — when it reaches the client as the
 //!    backend's answer: `error_handler` did not run, returned `nil`, or
@@ -41,9 +45,18 @@ pub enum Source {
 pub struct Facts {
     /// Where the response would come from.
     pub source: Source,
-    /// `error_handler` is enabled and applies to this failure under the
-    /// host's rules (an identified caller, not a hook failure, ...).
+    /// `error_handler` is enabled and this failure is not the hook
+    /// system's own (a hook that failed under `on_error: deny`, hook
+    /// threads overloaded) nor, in the gateway, a path that is not an
+    /// endpoint.
     pub error_handler: bool,
+    /// Who the caller is, is known: auth is off, or the presented key
+    /// passes the identity checks
+    /// ([`crate::hooks::StandardChecks::identify_caller`]), or admission let
+    /// the request in. Hosts decide it from the request's headers, before
+    /// and whatever the failure, so where a failure happens does not change
+    /// who may shape it.
+    pub caller_identified: bool,
     /// `response_transform` is enabled and applies to this request (an
     /// API endpoint, where transforms run).
     pub response_transform: bool,
@@ -109,7 +122,7 @@ impl Handled {
 /// The next step for a failed request, given how `error_handler` ended.
 pub fn next_step(facts: &Facts, handled: Handled) -> Step {
     match handled {
-        Handled::NotRun if facts.error_handler => Step::ErrorHandler,
+        Handled::NotRun if facts.error_handler && facts.caller_identified => Step::ErrorHandler,
         Handled::NotRun | Handled::Kept => match facts.source {
             Source::Upstream { json_body: true } if facts.response_transform => Step::ResponseTransform,
             _ => Step::Send,
@@ -150,9 +163,25 @@ mod tests {
             let facts = Facts {
                 source,
                 error_handler,
+                caller_identified: true,
                 response_transform,
             };
             assert_eq!(next_step(&facts, handled), want, "case {i}: {facts:?} {handled:?}");
+        }
+    }
+
+    /// An unidentified caller's failure is never shaped by error_handler;
+    /// a backend answer still goes through response_transform.
+    #[test]
+    fn an_unidentified_caller_gets_no_error_handler() {
+        for (source, want) in [(GW, Step::Send), (UP, Step::ResponseTransform), (UP_TEXT, Step::Send)] {
+            let facts = Facts {
+                source,
+                error_handler: true,
+                caller_identified: false,
+                response_transform: true,
+            };
+            assert_eq!(next_step(&facts, Handled::NotRun), want, "{source:?}");
         }
     }
 

@@ -4,9 +4,10 @@
 //! (`llmproxy_core::keys`), so nginx and the standalone gateway agree.
 
 use chrono::Utc;
+use llmproxy_core::admission;
 use llmproxy_core::clock::Zone;
 use llmproxy_core::hooks::StandardChecks;
-use llmproxy_core::keys::{standard_checks_with_usage, standard_denial, KeyIndex, KeyRecord};
+use llmproxy_core::keys::{identifies_caller, standard_checks_with_usage, KeyIndex, KeyRecord};
 use llmproxy_core::{Config, HookName};
 use serde_json::Value as Json;
 
@@ -61,8 +62,8 @@ impl KeyStore {
 }
 
 /// The standard checks of a request that presented `key` (or none), with
-/// the key's live usage, and the standard denial: status, message and the
-/// gateway's error code (proxy/src/gateway/admission.rs `denial_reason`).
+/// the key's live usage, and the standard denial: status, message and error
+/// code (core's `admission::standard_denial`, as the gateway answers).
 pub(crate) fn checks(
     store: &KeyStore,
     key: Option<&str>,
@@ -71,22 +72,15 @@ pub(crate) fn checks(
 ) -> (StandardChecks, Option<(u16, &'static str, &'static str)>) {
     let record = key.and_then(|k| store.get(k)).map(|e| &e.record);
     let c = standard_checks_with_usage(record, used_quota, client_ip, Utc::now());
-    let denial = standard_denial(&c).map(|(status, message)| (status, message, denial_code(&c)));
+    let denial = admission::standard_denial(&c).map(|d| (d.status, d.message, d.code));
     (c, denial)
 }
 
-fn denial_code(c: &StandardChecks) -> &'static str {
-    if !c.key_valid {
-        "invalid_api_key"
-    } else if !c.status_active {
-        "key_disabled"
-    } else if !c.not_expired {
-        "key_expired"
-    } else if !c.ip_allowed {
-        "ip_not_allowed"
-    } else {
-        "quota_exhausted"
-    }
+/// Whether a request that presented `key` (or none) from `client_ip` comes
+/// from an identified caller (core's `keys::identifies_caller`).
+pub(crate) fn identified(store: &KeyStore, key: Option<&str>, client_ip: Option<&str>) -> bool {
+    let record = key.and_then(|k| store.get(k)).map(|e| &e.record);
+    identifies_caller(record, client_ip, Utc::now())
 }
 
 /// What admission runs for this config, as the gateway decides it

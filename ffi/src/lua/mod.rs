@@ -177,6 +177,18 @@ impl UserData for LuaEngine {
                 Value::String(lua.create_string(&e.fingerprint)?),
             ]))
         });
+        // engine:caller_identified(api_key, client_ip) -> boolean: the key
+        // is known, active, unexpired and allowed from the address; with
+        // auth on, only such a caller's failures go through error_handler
+        // (core's `policy::failure`, docs/adr/042).
+        methods.add_method(
+            "caller_identified",
+            |_, this, (key, ip): (Option<mlua::LuaString>, Option<mlua::LuaString>)| {
+                let key = key.as_ref().and_then(|k| k.to_str().ok().map(|s| s.to_owned()));
+                let ip = ip.as_ref().and_then(|k| k.to_str().ok().map(|s| s.to_owned()));
+                Ok(keys::identified(&this.keys, key.as_deref(), ip.as_deref()))
+            },
+        );
         // engine:standard_checks(api_key, client_ip, used_quota) -> checks,
         // status, message, code (status nil: every check passed).
         methods.add_method(

@@ -5,7 +5,8 @@
 //!
 //! ```lua
 //! llmproxy.failure_step({ source = "upstream", json_body = true,
-//!     error_handler = true, response_transform = true, handled = "kept" })
+//!     error_handler = true, caller_identified = true,
+//!     response_transform = true, handled = "kept" })
 //! --> "response_transform"   -- or "error_handler", "send"
 //! ```
 
@@ -37,6 +38,7 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
     let facts = Facts {
         source,
         error_handler: flag("error_handler")?,
+        caller_identified: flag("caller_identified")?,
         response_transform: flag("response_transform")?,
     };
     Ok(next_step(&facts, handled).as_str())

@@ -539,11 +539,17 @@ local function bare_request(ctx)
     return ctx.state.llmproxy.request(fields)
 end
 
--- Whether error_handler applies to failure `f` (not to a hook failure
--- under `on_error: deny`).
-local function handler_applies(ctx, f)
+-- The facts core's failure policy (`llmproxy.failure_step`, docs/adr/042)
+-- needs about failure `f` beyond its source: error_handler is enabled and
+-- `f` is not a hook failure under `on_error: deny`; the caller is
+-- identified (auth is off, the key passed the identity checks in
+-- prepare_request, or admission let the request in).
+local function failure_facts(ctx, f)
     local state = ctx.state
-    return not f.denied and state ~= nil and state.enabled.error_handler == true
+    return {
+        error_handler = not f.denied and state.enabled.error_handler == true,
+        caller_identified = ctx.identified == true or not state.admission.auth,
+    }
 end
 
 -- The response for failure `f`: error_handler decides; nil means the
@@ -553,7 +559,7 @@ end
 -- "kept", "replaced", "denied".
 local function decide_error(ctx, f)
     local state = ctx.state
-    if not handler_applies(ctx, f) then
+    if not state or state.llmproxy.failure_step(failure_facts(ctx, f)) ~= "error_handler" then
         return nil, nil, nil, "not_run"
     end
     local req = ctx.req or bare_request(ctx)
@@ -776,6 +782,9 @@ local function prepare_request(state, ctx)
         fields.user_id = entry.info.user_id
     end
     ctx.key = entry
+    -- Settled by the headers before anything can fail, as in the gateway:
+    -- only an identified caller's failures go through error_handler.
+    ctx.identified = state.admission.auth and state.engine:caller_identified(fields.api_key, fields.client_ip)
     ctx.fields = fields -- error_handler's request if the body cannot be parsed
     local limit = state.max_body_bytes
     local declared = tonumber(raw["content-length"])
@@ -1201,6 +1210,7 @@ function _M.access()
         return fail(ctx, f)
     end
     ctx.admitted = true
+    ctx.identified = true
     local backend
     backend, f = route(state, ctx)
     if not backend then
@@ -1339,12 +1349,10 @@ local function handle_error(ctx, status)
     local f, replace = classify_error(ctx, status)
     ctx.failure = f
     local state = ctx.state
-    local facts = {
-        source = replace and "gateway" or "upstream",
-        json_body = is_json(ngx_header["Content-Type"]) and not ngx_header["Content-Encoding"],
-        error_handler = handler_applies(ctx, f),
-        response_transform = (state.enabled.response_transform and ctx.api and ctx.req) and true or false,
-    }
+    local facts = failure_facts(ctx, f)
+    facts.source = replace and "gateway" or "upstream"
+    facts.json_body = is_json(ngx_header["Content-Type"]) and not ngx_header["Content-Encoding"]
+    facts.response_transform = (state.enabled.response_transform and ctx.api and ctx.req) and true or false
     local step = state.llmproxy.failure_step(facts)
     local new_status, body, headers
     if step == "error_handler" then

@@ -197,16 +197,6 @@ pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller:
     judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])
 }
 
-/// Whether a refusal still established who the caller is (the key is
-/// valid, active, unexpired and allowed from this address): rate limits and
-/// an exhausted quota. `error_handler` runs for those, not for the rest.
-pub(crate) fn caller_identified(r: &Refusal) -> bool {
-    match r {
-        Refusal::Fail(f) => f.kind == ErrorType::RateLimit || f.code == "quota_exhausted",
-        Refusal::Deny(_) => false,
-    }
-}
-
 /// The whole admission with the local state backend (synchronous; runs on
 /// a hook thread when a script is involved).
 pub(crate) fn admit_local(

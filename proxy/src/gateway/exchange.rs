@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chrono::Utc;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -19,7 +20,7 @@ use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
 use llmproxy_core::http::{fields, path::PathError};
 use llmproxy_core::policy::failure::{self, Handled};
-use llmproxy_core::HookName;
+use llmproxy_core::{keys, HookName};
 use serde_json::Value;
 
 use super::admission::{self, Admitted, Caller, Completion, Refusal, Ticket};
@@ -82,7 +83,8 @@ pub(crate) struct Exchange {
     pub timings: Timings,
     pub retries: u32,
     /// Who the caller is has been established (auth is off, or the key
-    /// passed the identity checks): only then does `error_handler` run.
+    /// passed the identity checks, or admission let the request in): only
+    /// then does `error_handler` run.
     pub identified: bool,
 }
 
@@ -170,7 +172,14 @@ pub async fn proxy(
         retries: 0,
         identified: false,
     };
-    ex.identified = !ex.live.auth_on;
+    // Who may shape this request's failures is settled by its headers, not
+    // by where it fails (core's `policy::failure`, docs/adr/042).
+    ex.identified = !ex.live.auth_on
+        || keys::identifies_caller(
+            ex.caller.key.as_ref().map(|k| &k.record),
+            ex.info.client_ip.as_deref(),
+            Utc::now(),
+        );
     if endpoint == Endpoint::NotFound {
         let f = Failure::new(
             ErrorType::BadRequest,
@@ -191,7 +200,7 @@ pub async fn proxy(
     // The key before the body: an unauthenticated body is never read.
     if ex.live.auth_on && !ex.live.stages.enabled(HookName::Auth) {
         match admission::precheck(&ex.shared, &ex.live, &ex.info, &ex.caller) {
-            Ok(()) => ex.identified = true,
+            Ok(()) => {}
             Err(r) => return ex.refused(r).await,
         }
     }
@@ -391,9 +400,6 @@ impl Exchange {
 
     /// Admission refused the request.
     async fn refused(&mut self, r: Refusal) -> Response<GatewayBody> {
-        if admission::caller_identified(&r) {
-            self.identified = true;
-        }
         match r {
             Refusal::Fail(f) => self.fail(*f).await,
             Refusal::Deny(d) => self.denied(d),
@@ -733,14 +739,12 @@ impl Exchange {
         resp
     }
 
-    /// Whether `error_handler` shapes this failure: only once the caller is
-    /// identified, never for an unknown endpoint (404), and not when the
-    /// hook threads are overloaded (docs/gateway.md, "Errors").
+    /// Whether `error_handler` may shape this failure at all: never for an
+    /// unknown endpoint (404), nor when the hook threads are overloaded.
+    /// Whether the caller is identified is the other half of core's rule
+    /// (docs/gateway.md, "Errors").
     fn handler_applies(&self, f: &Failure) -> bool {
-        self.live.stages.enabled(HookName::ErrorHandler)
-            && self.identified
-            && self.endpoint != Endpoint::NotFound
-            && f.code != OVERLOADED
+        self.live.stages.enabled(HookName::ErrorHandler) && self.endpoint != Endpoint::NotFound && f.code != OVERLOADED
     }
 
     /// A request failed. Which hooks shape the response, in what order, is
@@ -763,6 +767,7 @@ impl Exchange {
                 None => failure::Source::Gateway,
             },
             error_handler: self.handler_applies(&f),
+            caller_identified: self.identified,
             response_transform: self.endpoint.is_api() && self.live.stages.enabled(HookName::ResponseTransform),
         };
         let (decision, handled) = match failure::next_step(&facts, Handled::NotRun) {
