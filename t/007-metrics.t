@@ -215,3 +215,30 @@ timeout: 2
 script_error: 1
 bad_output: 3
 memory: 0
+
+
+
+=== TEST 4: result fields a hook does not use are ignored and counted, across both workers
+--- hooks
+  response_transform:
+    script: |
+      return {headers = {["X-Seen-Note"] = "kept"}, note = "not a field of response_transform"}
+--- config
+    location = /t {
+        content_by_lua_block {
+            local drive = require "llmproxy_drive"
+            local port = $TEST_NGINX_PORT_1
+            local name = 'llmproxy_hook_ignored_fields_total{hook="response_transform"}'
+            for _ = 1, 3 do
+                local status = drive.chat(port, '{"model":"gpt-4"}')
+                assert(status == 200, "the rest of the result applies")
+            end
+            ngx.sleep(0.2)
+            local m = assert(drive.metrics(port))
+            ngx.say("ignored: ", m[name])
+        }
+    }
+--- request
+GET /t
+--- response_body
+ignored: 3

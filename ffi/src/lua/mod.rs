@@ -150,6 +150,15 @@ impl UserData for LuaEngine {
             }
             Ok(t)
         });
+        // engine:ignored_fields_total() -> count: the sum of the above, one
+        // integer: the log phase compares it to refresh the metric only
+        // when a request added to it.
+        methods.add_method("ignored_fields_total", |_, this, ()| {
+            Ok(HookName::ALL
+                .iter()
+                .map(|&h| this.engine.ignored_fields(h))
+                .sum::<u64>())
+        });
         methods.add_method("enabled", |_, this, hook: String| {
             Ok(hook.parse::<HookName>().is_ok_and(|h| this.engine.is_enabled(h)))
         });

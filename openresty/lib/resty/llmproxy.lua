@@ -1897,10 +1897,16 @@ function _M.log()
         if worker_exiting() then
             metrics.sync(store) -- the sync timer has run its last time
         end
+        -- Exact, not sampled: a request that added an ignored field shows
+        -- in the next sync (one integer compared per request).
+        local ignored = state.engine:ignored_fields_total()
+        if ignored ~= state.ignored_seen then
+            state.ignored_seen = ignored
+            metrics.ignored_fields(store, state.engine:ignored_fields())
+        end
         if now - pool_stats_at >= POOL_STATS_EVERY then
             pool_stats_at = now
             metrics.pool(store, state.engine:pool_stats())
-            metrics.ignored_fields(store, state.engine:ignored_fields())
             if state.ledger then
                 metrics.ledger(store, state.engine:ledger_stats())
             end
