@@ -141,6 +141,7 @@ POST /v1/chat/completions
 --- more_headers
 Authorization: Bearer sk-seed-basic
 --- error_code: 403
+--- response_body_like: "message":"未知错误".*"type":"auth_error"
 --- error_log
 auth verdict: deny (您的账户等级不支持 GPT-4 模型)
 
