@@ -1,6 +1,6 @@
 # The seed suite in nginx: the seed design's unified config
 # (examples/seed/config.yaml) and each of its example scripts, unchanged
-# (examples/seed/scripts/), with its keys (examples/seed/keys.yaml), against
+# (examples/scripts/), with its keys (examples/seed/keys.yaml), against
 # the mock backends; the outcomes the seed documents, as the gateway's
 # proxy/tests/seed_suite.rs asserts them. The auth example ends with
 # `return {allow = true}` and still cannot let a disabled, expired or
@@ -22,7 +22,7 @@ my $seed = do { local $/; <$fh> };
 close $fh;
 my %port = (9001 => '$TEST_NGINX_PORT_1', 9002 => '$TEST_NGINX_PORT_2', 9003 => '$TEST_NGINX_PORT_3');
 ($seed =~ s/127\.0\.0\.1:$_"/127.0.0.1:$port{$_}"/g) or die "no port $_ in the seed config\n" for sort keys %port;
-($seed =~ s{script_file: "scripts/}{script_file: "\$TEST_NGINX_REPO/examples/seed/scripts/}g) or die "no script_file\n";
+($seed =~ s{script_file: "\.\./scripts/}{script_file: "\$TEST_NGINX_REPO/examples/scripts/}g) or die "no script_file\n";
 ($seed =~ s{keys_file: keys\.yaml}{keys_file: \$TEST_NGINX_REPO/examples/seed/keys.yaml}) or die "no keys_file\n";
 
 # A fixed offset where it is $hour:00 now (the seed's peak hours are 9-18).

@@ -421,6 +421,24 @@ async fn reloads_under_load_fail_no_request() {
     assert!(log.contains("configuration rejected"), "{log}");
 }
 
+/// Run `llmproxy keys ARGS --config CONFIG` as an operator would, asserting
+/// success; its standard output.
+fn keys_cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_cli_edits_reach_a_running_gateway() {
     let m = mock("m", |_| {}).await;
@@ -430,20 +448,7 @@ async fn keys_cli_edits_reach_a_running_gateway() {
     let config = dir.join("gateway.yaml");
     let gw = Serve::start(&config, dir.join("serve.log")).await;
     let c = http();
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
-            .arg("keys")
-            .args(args)
-            .args(["--config", config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| keys_cli(&config, args);
     let status = |key: String| {
         let (c, url) = (c.clone(), gw.url());
         async move { call(&c, &url, &key, &chat("gpt-4", json!({})), &[]).await.unwrap().0 }
@@ -539,20 +544,7 @@ async fn reset_right_after_traffic(name: &str, state: &str) {
     .unwrap();
     let gw = Serve::start(&config, dir.join("serve.log")).await;
     let c = http();
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
-            .arg("keys")
-            .args(args)
-            .args(["--config", config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| keys_cli(&config, args);
     let generation = || {
         let url = format!("http://127.0.0.1:{}/metrics", gw.admin_port);
         async move {

@@ -1,6 +1,6 @@
 //! The seed suite in the gateway: the seed design's unified config
 //! (`examples/seed/config.yaml`) with each of its example scripts
-//! unchanged (`examples/seed/scripts/`), its keys (`examples/seed/keys.yaml`),
+//! unchanged (`examples/scripts/`), its keys (`examples/seed/keys.yaml`),
 //! real mock backends, real sockets; every outcome the seed documents is
 //! asserted, and the auth example (which ends with `return {allow = true}`)
 //! cannot let a disabled or expired key in (docs/adr/040). The same suite
