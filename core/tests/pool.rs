@@ -67,7 +67,7 @@ fn a_vm_that_hit_a_limit_is_discarded_and_the_next_call_is_fine() {
 
 #[test]
 fn a_busy_pool_times_out_instead_of_queueing_forever() {
-    let yaml = "scripts:\n  pool: {size: 1, checkout_timeout_ms: 20}\n  usage:\n    timeout_ms: 300\n    script: |\n      local t = os.clock() while os.clock() - t < 0.2 do end return {}\n";
+    let yaml = "scripts:\n  pool: {size: 1, checkout_timeout_ms: 20}\n  usage:\n    timeout_ms: 5000\n    script: |\n      local t = os.clock() while os.clock() - t < 0.2 do end return {}\n";
     let engine = Arc::new(Engine::new(Config::from_yaml(yaml, std::path::Path::new(".")).unwrap()).unwrap());
     let busy = {
         let engine = Arc::clone(&engine);
