@@ -1,5 +1,8 @@
 //! `routing`: pick a backend by name, or `nil` for the default balancer.
 
+use std::ffi::c_int;
+
+use mlua::ffi;
 use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -54,18 +57,54 @@ impl HookInput for RoutingInput<'_> {
 
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
         env.raw_set("request", self.request.to_lua(lua)?)?;
-        let backends = lua.create_table_with_capacity(0, self.backends.len())?;
-        for b in self.backends {
-            let t = lua.create_table_with_capacity(0, 5)?;
-            t.raw_set("url", b.url.as_str())?;
-            t.raw_set("healthy", b.healthy)?;
-            t.raw_set("weight", b.weight)?;
-            t.raw_set("latency_ms", b.latency_ms)?;
-            t.raw_set("active_connections", b.active_connections)?;
-            backends.raw_set(b.name.as_str(), t)?;
-        }
-        env.raw_set("backends", backends)
+        env.raw_set("backends", backends_to_lua(lua, self.backends)?)
     }
+}
+
+/// The `backends` table, built in one protected call on the raw stack:
+/// through mlua each field was its own API call, and the routing call spent
+/// as long building this table as running the script.
+fn backends_to_lua(lua: &Lua, backends: &[BackendStatus]) -> mlua::Result<Table> {
+    // SAFETY: `exec_raw` runs the closure in a protected call (an
+    // allocation failure becomes the call's error; the closure owns nothing
+    // that needs dropping). It checks stack space for the outer table, one
+    // backend table, and a key and value above them (4), and leaves only the
+    // outer table on the stack, which `exec_raw` returns.
+    unsafe {
+        lua.exec_raw((), |state| {
+            ffi::luaL_checkstack(state, 4, std::ptr::null());
+            ffi::lua_createtable(state, 0, c_int::try_from(backends.len()).unwrap_or(0));
+            for b in backends {
+                push_str(state, &b.name);
+                ffi::lua_createtable(state, 0, 5);
+                push_str(state, "url");
+                push_str(state, &b.url);
+                ffi::lua_rawset(state, -3);
+                push_str(state, "healthy");
+                ffi::lua_pushboolean(state, c_int::from(b.healthy));
+                ffi::lua_rawset(state, -3);
+                for (key, n) in [
+                    ("weight", f64::from(b.weight)),
+                    ("latency_ms", b.latency_ms),
+                    // As a Lua number, as mlua converted it: exact below 2^53.
+                    ("active_connections", b.active_connections as f64),
+                ] {
+                    push_str(state, key);
+                    ffi::lua_pushnumber(state, n);
+                    ffi::lua_rawset(state, -3);
+                }
+                ffi::lua_rawset(state, -3);
+            }
+        })
+    }
+}
+
+/// Push `s`.
+///
+/// # Safety
+/// `state` is live, inside a protected call, with room for one value.
+unsafe fn push_str(state: *mut ffi::lua_State, s: &str) {
+    ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
 }
 
 /// What the routing script decided.
