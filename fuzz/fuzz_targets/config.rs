@@ -63,8 +63,11 @@ fn located(problem: &str, shape: &Shape) -> bool {
         "duplicate field",
     ];
     if SERDE_HEADS.iter().any(|h| path.starts_with(h)) {
-        // Only a key spelled like serde's words, which the message names.
-        return message.contains(&format!("`{path}`"));
+        // Only a key spelled like serde's words (it may hold ": " too),
+        // which the message then names.
+        return problem
+            .match_indices(": ")
+            .any(|(i, _)| problem[i + 2..].contains(&format!("`{}`", &problem[..i])));
     }
     !message.is_empty()
 }
