@@ -45,8 +45,10 @@ LINT_TARGETS += lint-fuzz
 
 .PHONY: fuzz-build test-fuzz fuzz-run lint-fuzz clean-fuzz
 
+# libfuzzer-sys compiles libFuzzer (C++) from source.
 fuzz-build:
 	@test -n "$(FUZZ_TRIPLE)" || { echo "fuzz: rustc not found" >&2; exit 1; }
+	@scripts/apt-ensure g++
 	RUSTFLAGS='$(FUZZ_RUSTFLAGS)' $(CARGO) build --locked --release \
 	  --manifest-path $(FUZZ_DIR)/Cargo.toml --target $(FUZZ_TRIPLE) --bins
 
