@@ -504,3 +504,34 @@ POST /v1/chat/completions
 {"error":{"message":"no backend is available","type":"backend_error","code":"no_backend"}}
 --- error_log
 host 'standard-backend' is not an IP address
+
+
+
+=== TEST 24: headers the client's Connection header names, and Proxy-*, stay on the client's hop
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+Connection: close, X-Debug
+X-Debug: secret
+Proxy-Authorization: Basic c2VjcmV0
+--- error_code: 200
+--- response_headers
+X-Seen-Debug: -
+X-Seen-Proxy-Authorization: -
+--- no_error_log
+[error]
+
+
+
+=== TEST 25: without a Connection header naming it, the same header goes upstream
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Debug: visible
+--- error_code: 200
+--- response_headers
+X-Seen-Debug: visible
+--- no_error_log
+[error]

@@ -488,3 +488,24 @@ X-Request-ID: err-26
 --- error_code: 400
 --- response_body chomp
 {"id":"err-26","key":"sk-1","null_body":true,"path":"/v1/chat/completions","tier":"gold"}
+
+
+
+=== TEST 27: "stream" and its options must have their OpenAI types: 400 invalid_field, nothing sent upstream
+--- request eval
+["POST /v1/chat/completions\n{\"model\":\"gpt-4\",\"stream\":\"true\"}",
+ "POST /v1/chat/completions\n{\"model\":\"gpt-4\",\"stream\":1}",
+ "POST /v1/completions\n{\"model\":\"gpt-4\",\"stream\":true,\"stream_options\":{\"include_usage\":\"yes\"}}",
+ "POST /v1/chat/completions\n{\"model\":4}"]
+--- error_code eval
+[400, 400, 400, 400]
+--- response_headers
+Content-Type: application/json
+!X-LLMProxy-Backend
+--- response_body eval
+['{"error":{"message":"invalid request: \'stream\' must be a boolean, got string","type":"bad_request","code":"invalid_field"}}',
+ '{"error":{"message":"invalid request: \'stream\' must be a boolean, got number","type":"bad_request","code":"invalid_field"}}',
+ '{"error":{"message":"invalid request: \'stream_options.include_usage\' must be a boolean, got string","type":"bad_request","code":"invalid_field"}}',
+ '{"error":{"message":"invalid request: \'model\' must be a string, got number","type":"bad_request","code":"invalid_field"}}']
+--- no_error_log
+[error]

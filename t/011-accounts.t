@@ -24,6 +24,8 @@ keys:
   - {key: sk-near, user_id: u-near, allowed_ips: ["127.0.0.0/8"]}
   - {key: sk-spent, user_id: u-spent, total_quota: 100, used_quota: 100}
   - {key: sk-vip, user_id: u-vip, total_quota: 2000000}
+  - {key: sk-std, user_id: u-std, total_quota: 100000}
+  - {key: sk-free, user_id: u-free, total_quota: unlimited}
 YAML
 
 # Every block gets the keys (before its own `--- yaml`).
@@ -204,10 +206,11 @@ POST /v1/chat/completions
 
 
 
-=== TEST 13: auth script (deny): allow lets an unknown key in
+=== TEST 13: auth script (deny): allow lets an unknown key in when may_override lists unknown
 --- hooks
   auth:
     on_error: deny
+    may_override: [unknown]
     script: |
       local mode = request.body.mode
       if mode == "allow" then return {allow = true} end
@@ -229,7 +232,7 @@ Authorization: Bearer sk-nope
 
 
 
-=== TEST 14: auth script (deny): allow lets a request without a key in
+=== TEST 14: auth script (deny): allow cannot let a request without a key in (no may_override): 401
 --- hooks
   auth:
     on_error: deny
@@ -246,9 +249,9 @@ Authorization: Bearer sk-nope
 --- request
 POST /v1/chat/completions
 {"mode":"allow"}
---- error_code: 200
---- response_body_like
-"choices"
+--- error_code: 401
+--- response_body chomp
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 
 
 
@@ -431,10 +434,11 @@ refusing the request with the standard verdict (on_error: deny)
 
 
 
-=== TEST 22: auth script (standard): allow lets an unknown key in
+=== TEST 22: auth script (standard): allow lets an unknown key in when may_override lists unknown
 --- hooks
   auth:
     on_error: standard
+    may_override: [unknown]
     script: |
       local mode = request.body.mode
       if mode == "allow" then return {allow = true} end
@@ -456,7 +460,7 @@ Authorization: Bearer sk-nope
 
 
 
-=== TEST 23: auth script (standard): allow lets a request without a key in
+=== TEST 23: auth script (standard): allow cannot let a request without a key in (no may_override): 401
 --- hooks
   auth:
     on_error: standard
@@ -473,9 +477,9 @@ Authorization: Bearer sk-nope
 --- request
 POST /v1/chat/completions
 {"mode":"allow"}
---- error_code: 200
---- response_body_like
-"choices"
+--- error_code: 401
+--- response_body chomp
+{"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 
 
 
@@ -713,10 +717,38 @@ Authorization: Bearer sk-nope
 POST /v1/chat/completions
 {"model":"gpt-4"}
 --- more_headers
-Authorization: Bearer sk-good
+Authorization: Bearer sk-std
 --- error_code: 403
 --- response_body_like
 您的账户等级不支持 GPT-4 模型
+
+
+
+=== TEST 33b: the seed's auth script verbatim: an unlimited key is the top tier (key_info.total_quota 2^53-1)
+--- hooks
+  auth: {script_file: $TEST_NGINX_REPO/examples/scripts/auth.lua}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+Authorization: Bearer sk-free
+--- error_code: 200
+--- response_body_like
+"model":"gpt-4"
+
+
+
+=== TEST 33c: the seed's auth script verbatim: the old total_quota 0 reads as unlimited
+--- hooks
+  auth: {script_file: $TEST_NGINX_REPO/examples/scripts/auth.lua}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+Authorization: Bearer sk-good
+--- error_code: 200
+--- response_body_like
+"model":"gpt-4"
 
 
 

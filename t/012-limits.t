@@ -16,6 +16,8 @@ plan skip_all => 'libllmproxy.so not built (' . llmproxy_lib() . '): make ffi, o
 
 # The dict outlives the reloads between blocks (as it does nginx's): each
 # block uses its own key, and global counts are compared loosely.
+# nginx keeps TZ for its workers: current_time's default zone (local).
+$ENV{TZ} = 'Asia/Kolkata';
 gateway_setup();
 run_tests();
 
@@ -203,3 +205,51 @@ limits: are set but there is no lua_shared_dict no_such_dict
 GET /metrics
 --- response_body_like eval
 qr/llmproxy_rate_limited_total\{reason="global_rpm"\} [1-9]\d*\n(?s:.*)llmproxy_rate_limited_total\{reason="key_rpm"\} [1-9]\d*\n(?s:.*)llmproxy_rate_limited_total\{reason="key_tpm"\} [1-9]\d*\n(?s:.*)llmproxy_rate_limited_total\{reason="key_concurrency"\} [1-9]\d*\n(?s:.*)llmproxy_rate_limited_total\{reason="script"\} [1-9]\d*\n/
+
+
+
+=== TEST 11: no time_zone: current_time is in the machine's local zone (TZ=Asia/Kolkata, UTC+05:30)
+--- yaml
+keys:
+  - {key: sk-11, user_id: a}
+--- hooks
+  rate_limit:
+    script: |
+      local h = math.floor((current_time.timestamp + 19800) / 3600) % 24
+      return {allow = false, reason = (h == current_time.hour) and "local" or ("hour " .. current_time.hour)}
+--- more_headers
+Authorization: Bearer sk-11
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- error_code: 429
+--- response_body_like
+"message":"local"
+
+
+
+=== TEST 12: key_rpm 2, spent (the next block raises it)
+--- yaml
+keys:
+  - {key: sk-12, user_id: a}
+limits: {key_rpm: 2}
+--- more_headers
+Authorization: Bearer sk-12
+--- request eval
+[("POST /v1/chat/completions\n{}") x 3]
+--- error_code eval
+[200, 200, 429]
+
+
+
+=== TEST 13: raised to 100 by reload: the same key is admitted at once (ADR 041)
+--- yaml
+keys:
+  - {key: sk-12, user_id: a}
+limits: {key_rpm: 100}
+--- more_headers
+Authorization: Bearer sk-12
+--- request eval
+[("POST /v1/chat/completions\n{}") x 2]
+--- error_code eval
+[200, 200]

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::admission::Check;
 use crate::error::ConfigError;
 use crate::hooks::HookName;
 use crate::keys::KeyRecord;
@@ -63,6 +64,10 @@ pub struct Config {
     pub keys_configured: bool,
     /// The `keys_file`, resolved against the config's directory.
     pub keys_file: Option<PathBuf>,
+    /// The standard checks whose failure an `auth` script's `allow = true`
+    /// may overrule (`scripts.auth.may_override`, default none:
+    /// docs/adr/040).
+    pub auth_may_override: Vec<Check>,
     /// The standard rate limiter (`limits:`).
     pub limits: LimitsConfig,
     /// Where limiter and quota counters live (`state:`).
@@ -94,8 +99,9 @@ pub struct LimitsConfig {
     pub key_tpm: u64,
     /// Requests in flight per key.
     pub key_concurrency: u64,
-    /// The zone of `current_time` for `rate_limit` scripts: `UTC` or a
-    /// fixed offset such as `+08:00`.
+    /// The zone of `current_time` for `rate_limit` scripts: `local` (the
+    /// default: the machine's zone, `TZ` or the system's), `UTC`, or a
+    /// fixed offset such as `+08:00` (docs/adr/041).
     pub time_zone: String,
 }
 
@@ -106,7 +112,7 @@ impl Default for LimitsConfig {
             key_rpm: 0,
             key_tpm: 0,
             key_concurrency: 0,
-            time_zone: String::from("UTC"),
+            time_zone: String::from("local"),
         }
     }
 }
@@ -117,9 +123,15 @@ impl LimitsConfig {
         self.global_rpm > 0 || self.key_rpm > 0 || self.key_tpm > 0 || self.key_concurrency > 0
     }
 
-    /// `time_zone` as seconds east of UTC.
+    /// `time_zone` as seconds east of UTC (an error for `local`, whose
+    /// offset changes with the date: use [`LimitsConfig::zone`]).
     pub fn utc_offset_seconds(&self) -> Result<i32, String> {
         parse_utc_offset(&self.time_zone)
+    }
+
+    /// `time_zone`, parsed.
+    pub fn zone(&self) -> Result<crate::clock::Zone, String> {
+        crate::clock::Zone::parse(&self.time_zone)
     }
 }
 
@@ -226,12 +238,25 @@ struct RawLedger {
     queue: Option<usize>,
 }
 
-/// The admin endpoint (`admin:`).
+/// The admin listener and endpoint (`admin:`, docs/adr/038).
+///
+/// `POST /admin/reload` and `GET /metrics` are served on their own listener
+/// (`listen`), never on the public one unless `on_public_listener` says so.
+/// Without `listen` (and without `on_public_listener`) neither is served.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Bearer token of `POST /admin/reload`; without it the endpoint is off.
+    /// On a listener that is not loopback it must not be a shipped example
+    /// token and must be at least [`crate::admin::MIN_EXPOSED_TOKEN_BYTES`]
+    /// long (see [`crate::admin::exposed_token_problem`]).
     pub token: Option<String>,
+    /// Address of the admin listener (`/admin/*`, `/metrics`, `/healthz`),
+    /// e.g. `127.0.0.1:8001`; absent: no admin listener.
+    pub listen: Option<String>,
+    /// Also serve `/admin/*` and `/metrics` on the public listener (the
+    /// behaviour before the admin listener existed). Off by default.
+    pub on_public_listener: bool,
 }
 
 /// Hot reload (`reload:`).
@@ -331,6 +356,54 @@ pub struct GatewayConfig {
     pub timeouts: TimeoutsConfig,
     /// Passive and active health checking.
     pub health: HealthConfig,
+    /// Most client connections open at once; connections over the cap get
+    /// a 503 (`too_many_connections`) with `Connection: close`.
+    pub max_connections: usize,
+    /// Longest time to receive a request body once its head arrived (408
+    /// and the connection closes after it).
+    pub body_read_timeout_ms: u64,
+    /// Longest time a write to a client may stay blocked (a client that
+    /// stops reading): the connection, and the upstream stream it was
+    /// relaying, are then dropped.
+    pub write_timeout_ms: u64,
+    /// Largest SSE event the relay buffers while waiting for its end; an
+    /// upstream event over it ends the stream (502 before the first event,
+    /// an error event after).
+    pub max_event_bytes: usize,
+    /// Most hook jobs queued for the hook threads; a request whose job
+    /// does not fit, or does not start within `scripts.pool.checkout_timeout_ms`,
+    /// gets a 503 (`hooks_overloaded`).
+    pub hook_queue: usize,
+    /// Throttling of clients that keep failing API key or admin token
+    /// checks (docs/adr/039).
+    pub auth_throttle: AuthThrottleConfig,
+}
+
+/// Throttling of failed credential attempts per client address
+/// (`gateway.auth_throttle`): each address may fail `max_failures` times in
+/// a burst, and earns one more attempt every `window_s / max_failures`
+/// seconds; past that, its requests are answered 429 with `Retry-After`
+/// before any key or token is checked. IPv6 clients are grouped by /64.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthThrottleConfig {
+    /// Failures allowed in a burst (0: no throttling).
+    pub max_failures: u32,
+    /// Time over which `max_failures` attempts come back, in seconds.
+    pub window_s: u64,
+    /// Most client addresses tracked at once (memory bound); addresses
+    /// beyond it are not throttled until tracked ones recover.
+    pub max_clients: usize,
+}
+
+impl Default for AuthThrottleConfig {
+    fn default() -> Self {
+        AuthThrottleConfig {
+            max_failures: 10,
+            window_s: 60,
+            max_clients: 100_000,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -343,6 +416,12 @@ impl Default for GatewayConfig {
             retry: RetryConfig::default(),
             timeouts: TimeoutsConfig::default(),
             health: HealthConfig::default(),
+            auth_throttle: AuthThrottleConfig::default(),
+            max_connections: 1024,
+            body_read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            max_event_bytes: 1 << 20,
+            hook_queue: 1024,
         }
     }
 }
@@ -606,6 +685,8 @@ struct RawHook {
     max_input_bytes: Option<usize>,
     max_output_bytes: Option<usize>,
     on_error: Option<OnError>,
+    /// `auth` only: the checks a script's `allow = true` may overrule.
+    may_override: Option<Vec<Check>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -679,6 +760,7 @@ impl Config {
             keys: Vec::new(),
             keys_configured: false,
             keys_file: None,
+            auth_may_override: Vec::new(),
             limits: LimitsConfig::default(),
             state: StateConfig::default(),
             ledger: None,
@@ -687,6 +769,15 @@ impl Config {
             sources: Vec::new(),
             path: None,
         }
+    }
+
+    /// What loads but deserves a warning (hosts log these; `llmproxy
+    /// check` prints them), such as a key's `total_quota: 0`.
+    pub fn warnings(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .flat_map(|k| k.warnings(&format!("keys[{}]", k.fingerprint())))
+            .collect()
     }
 
     /// The enabled hook's settings, if it is enabled.
@@ -754,12 +845,18 @@ impl RawConfig {
 
         let mut hooks: [Option<HookConfig>; 7] = Default::default();
         let mut defined_at: [Option<String>; 7] = Default::default();
-        for (key, hook, raw) in sections {
+        let mut auth_may_override = Vec::new();
+        for (key, hook, mut raw) in sections {
             if let Some(first) = &defined_at[hook.index()] {
                 problems.push(format!("{key}: the {hook} hook is already defined at {first}"));
                 continue;
             }
             defined_at[hook.index()] = Some(key.clone());
+            match raw.may_override.take() {
+                Some(list) if hook == HookName::Auth => auth_may_override = list,
+                Some(_) => problems.push(format!("{key}.may_override: only the auth hook has may_override")),
+                None => {}
+            }
             if let Some(cfg) = resolve_hook(&key, hook, raw, defaults, base_dir, &mut problems) {
                 hooks[hook.index()] = Some(cfg);
             }
@@ -788,6 +885,17 @@ impl RawConfig {
         if g.max_body_bytes == 0 {
             problems.push(String::from("gateway.max_body_bytes: must be > 0"));
         }
+        for (name, v) in [
+            ("max_connections", g.max_connections as u64),
+            ("body_read_timeout_ms", g.body_read_timeout_ms),
+            ("write_timeout_ms", g.write_timeout_ms),
+            ("max_event_bytes", g.max_event_bytes as u64),
+            ("hook_queue", g.hook_queue as u64),
+        ] {
+            if v == 0 {
+                problems.push(format!("gateway.{name}: must be > 0"));
+            }
+        }
         if g.max_retries_out_of_range() {
             problems.push(format!(
                 "gateway.retry.max_retries: {} is out of range (0..=10)",
@@ -813,6 +921,16 @@ impl RawConfig {
             problems.push(String::from(
                 "gateway.health: failures_to_unhealthy and successes_to_healthy must be > 0",
             ));
+        }
+        let th = &g.auth_throttle;
+        if th.max_failures > 0 && !(1..=86_400).contains(&th.window_s) {
+            problems.push(format!(
+                "gateway.auth_throttle.window_s: {} is out of range (1..=86400)",
+                th.window_s
+            ));
+        }
+        if th.max_failures > 0 && th.max_clients == 0 {
+            problems.push(String::from("gateway.auth_throttle.max_clients: must be > 0"));
         }
         if !g.health.probe_path.starts_with('/') {
             problems.push(format!(
@@ -851,6 +969,7 @@ impl RawConfig {
                 keys: accounts.keys,
                 keys_configured: accounts.keys_configured,
                 keys_file: accounts.keys_file,
+                auth_may_override,
                 limits: self.limits,
                 state: self.state,
                 ledger: accounts.ledger,
@@ -1030,16 +1149,16 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
             Err(e) => problems.push(format!("keys_file: {e}")),
         }
     }
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut seen: BTreeMap<[u8; 32], String> = BTreeMap::new();
     for (at, k) in &keys {
         problems.extend(k.validate(at));
-        if let Some(first) = seen.insert(k.key.clone(), at.clone()) {
+        if let Some(first) = seen.insert(k.key_digest(), at.clone()) {
             problems.push(format!("{at}.key: the same key is already defined at {first}"));
         }
     }
 
     let l = a.limits;
-    if let Err(e) = l.utc_offset_seconds() {
+    if let Err(e) = l.zone() {
         problems.push(format!("limits.time_zone: {e}"));
     }
     let st = a.state;
@@ -1088,6 +1207,9 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
     };
     if a.admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         problems.push(String::from("admin.token: must not be empty"));
+    }
+    if a.admin.listen.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        problems.push(String::from("admin.listen: must not be empty"));
     }
     if a.reload.poll_ms < 100 {
         problems.push(format!("reload.poll_ms: {} is below 100", a.reload.poll_ms));
@@ -1144,6 +1266,17 @@ mod account_section_tests {
             Some(PathBuf::from("/srv/u.db"))
         );
         assert_eq!(c.admin.token.as_deref(), Some("t0ken"));
+        assert_eq!(c.admin.listen, None);
+        assert!(!c.admin.on_public_listener);
+        let c = load(
+            "admin: {token: t, listen: '127.0.0.1:8001', on_public_listener: true}\n",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:8001"));
+        assert!(c.admin.on_public_listener);
+        let p = load("admin: {listen: ''}\n", Path::new(".")).unwrap_err();
+        assert_eq!(p, vec![String::from("admin.listen: must not be empty")]);
 
         let p = load(
             "keys:\n  - {key: a, user_id: u}\n  - {key: a, user_id: v, allowed_ips: [bad]}\n\
@@ -1163,6 +1296,19 @@ mod account_section_tests {
             .unwrap()
             .ledger
             .is_none());
+        // A key given in clear and as its hash is the same key.
+        let p = load(
+            &format!(
+                "keys:\n  - {{key: sk-a, user_id: u}}\n  - {{key_sha256: {}, user_id: v}}\n",
+                crate::keys::key_sha256_hex("sk-a")
+            ),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(
+            p,
+            vec![String::from("keys[1].key: the same key is already defined at keys[0]")]
+        );
         let p = load("limits: {key_rmp: 5}\n", Path::new(".")).unwrap_err();
         assert!(p[0].starts_with("limits.key_rmp: unknown field"), "{p:?}");
     }
@@ -1181,7 +1327,7 @@ mod account_section_tests {
         .unwrap();
         let names: Vec<&str> = c.keys.iter().map(|k| k.key.as_str()).collect();
         assert_eq!(names, ["sk-0", "sk-1"]);
-        assert_eq!(c.keys[1].total_quota, 10);
+        assert_eq!(c.keys[1].total_quota, Some(10));
         assert_eq!(c.sources, vec![dir.join("r.lua"), dir.join("list.yaml")]);
         let c = load("keys_file: map.json\n", &dir).unwrap();
         assert_eq!(c.keys[0].user_id, "u2");

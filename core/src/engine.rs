@@ -4,7 +4,9 @@
 //! builds a new engine (compiling every script first) and swaps it in; calls
 //! in flight finish on the engine they started with.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
@@ -24,7 +26,16 @@ use crate::vm::CallSpec;
 pub struct Engine {
     config: Arc<Config>,
     pool: Pool,
+    /// Unknown result fields ignored, per hook ([`HookName::index`]).
+    ignored_fields: [AtomicU64; 7],
+    /// `(hook, field)` pairs already warned about: one warning per script
+    /// and field for the engine's life, not one per call.
+    warned_fields: Mutex<HashSet<(HookName, String)>>,
 }
+
+/// Most distinct `(hook, field)` warnings one engine remembers; past it,
+/// further unknown fields are still counted but no longer logged.
+const MAX_WARNED_FIELDS: usize = 256;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,6 +73,8 @@ impl Engine {
         Ok(Engine {
             config: Arc::new(config),
             pool,
+            ignored_fields: Default::default(),
+            warned_fields: Mutex::new(HashSet::new()),
         })
     }
 
@@ -73,6 +86,12 @@ impl Engine {
     /// Whether `hook` has an enabled script.
     pub fn is_enabled(&self, hook: HookName) -> bool {
         self.config.hook(hook).is_some()
+    }
+
+    /// Unknown fields ignored in `hook`'s results so far (a counter for
+    /// the hosts' metrics).
+    pub fn ignored_fields(&self, hook: HookName) -> u64 {
+        self.ignored_fields[hook.index()].load(Ordering::Relaxed)
     }
 
     /// VM pool counters.
@@ -102,13 +121,64 @@ impl Engine {
         vm.finish();
         drop(vm);
         match result {
-            Ok(v) => Ok(Some(v)),
+            Ok(mut v) => {
+                self.ignore_unknown_fields(hook, &cfg.script.name, request_id, &mut v);
+                Ok(Some(v))
+            }
             Err(e) => Err(self.report(e.at(hook, &cfg.script.name), request_id)),
+        }
+    }
+
+    /// Drop the fields a result has beyond its hook's contract: counted,
+    /// and logged once per script and field (why: [`crate::hooks::drop_unknown_fields`]).
+    fn ignore_unknown_fields(&self, hook: HookName, script: &str, request_id: Option<&str>, value: &mut Value) {
+        let unknown = crate::hooks::drop_unknown_fields(hook, value);
+        if unknown.is_empty() {
+            return;
+        }
+        self.ignored_fields[hook.index()].fetch_add(unknown.len() as u64, Ordering::Relaxed);
+        let Ok(mut warned) = self.warned_fields.lock() else {
+            return;
+        };
+        for field in unknown {
+            if warned.len() >= MAX_WARNED_FIELDS || warned.contains(&(hook, field.clone())) {
+                continue;
+            }
+            tracing::warn!(
+                target: "llmproxy::hook",
+                request_id = request_id.unwrap_or("-"),
+                hook = hook.as_str(),
+                script = script,
+                field = %field,
+                "the script's result has a field its hook does not use; ignored (logged once per script and field)"
+            );
+            warned.insert((hook, field));
         }
     }
 
     fn run<I: HookInput>(&self, input: &I) -> Result<Option<Value>, HookError> {
         self.run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))
+    }
+
+    /// Drop the hop-by-hop headers a transform or error_handler result
+    /// sets, with one warning each (why: [`crate::hooks::drop_hop_by_hop`]).
+    fn drop_hop_by_hop(&self, hook: HookName, request_id: Option<&str>, value: &mut Value) {
+        if !matches!(
+            hook,
+            HookName::RequestTransform | HookName::ResponseTransform | HookName::ErrorHandler
+        ) {
+            return;
+        }
+        for header in crate::hooks::drop_hop_by_hop(value) {
+            tracing::warn!(
+                target: "llmproxy::hook",
+                request_id = request_id.unwrap_or("-"),
+                hook = hook.as_str(),
+                script = self.config.hook(hook).map_or("-", |c| &*c.script.name),
+                header = %header,
+                "a script may not set a hop-by-hop header; dropped"
+            );
+        }
     }
 
     /// Log a failed call once, with everything an operator needs.
@@ -154,9 +224,10 @@ impl Engine {
 
     /// `request_transform`: changes to the request, `None` for unchanged.
     pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(mut v) = self.run(input)? else {
             return Ok(None);
         };
+        self.drop_hop_by_hop(HookName::RequestTransform, Some(&input.request.id), &mut v);
         self.checked(
             HookName::RequestTransform,
             &input.request.id,
@@ -166,9 +237,10 @@ impl Engine {
 
     /// `response_transform`: changes to the response, `None` for unchanged.
     pub fn transform_response(&self, input: &ResponseTransformInput<'_>) -> Result<Option<ResponseRewrite>, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(mut v) = self.run(input)? else {
             return Ok(None);
         };
+        self.drop_hop_by_hop(HookName::ResponseTransform, Some(&input.request.id), &mut v);
         self.checked(
             HookName::ResponseTransform,
             &input.request.id,
@@ -194,9 +266,10 @@ impl Engine {
 
     /// `error_handler`: the error response to send.
     pub fn handle_error(&self, input: &ErrorInput<'_>) -> Result<ErrorResponse, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(mut v) = self.run(input)? else {
             return Ok(ErrorResponse::Default);
         };
+        self.drop_hop_by_hop(HookName::ErrorHandler, Some(&input.request.id), &mut v);
         let fallback = input.error.status_code;
         self.checked(
             HookName::ErrorHandler,
@@ -269,9 +342,10 @@ impl Engine {
             }
             Ok(())
         };
-        let Some(value) = self.run_raw(hook, request_id, set_globals)? else {
+        let Some(mut value) = self.run_raw(hook, request_id, set_globals)? else {
             return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
+        self.drop_hop_by_hop(hook, request_id, &mut value);
         let validated = match hook {
             HookName::Routing => {
                 let names = globals.get("backends").and_then(Value::as_object);

@@ -15,22 +15,32 @@
 //! - [`sandbox`]: the safe environment, helper libraries and limits.
 //! - [`pool`]: the bounded pool of sandboxed LuaJIT states.
 //! - [`convert`]: lossless JSON <-> Lua conversion, lazy request bodies.
+//! - [`http`]: request rules every host shares: the canonical path, the
+//!   OpenAI field types, hop-by-hop headers.
 //! - [`keys`]: API key records and the standard checks every host shares.
+//! - [`admission`]: the auth decision over the checks and the script.
+//! - [`clock`]: `current_time` for `rate_limit` scripts, in the configured zone.
+//! - [`admin`]: the admin token policy for admin endpoints off loopback.
 //! - [`error`]: the error types of this crate.
 //! - [`conformance`]: the shared conformance case format every host runs.
 
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod admission;
+pub mod clock;
 pub mod config;
 pub mod conformance;
 pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod hooks;
+pub mod http;
 pub mod keys;
 pub mod pool;
 pub mod sandbox;
 pub mod stack;
+pub mod usage_estimate;
 mod vm;
 
 pub use config::Config;

@@ -113,6 +113,10 @@ impl Vm {
         let memory = usize::try_from(spec.limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         self.calls += 1;
 
+        // Number texts are per call: what the last call read is forgotten.
+        if let Some(mut texts) = lua.app_data_mut::<convert::NumberTexts>() {
+            texts.clear();
+        }
         let env = lua.create_table().map_err(internal)?;
         env.set_metatable(Some(self.state.env_mt.clone())).map_err(internal)?;
         env.raw_set("_G", &env).map_err(internal)?;
@@ -126,6 +130,7 @@ impl Vm {
             limits,
             memory_allowance: memory,
             log_lines: 0,
+            rng: None,
         });
 
         // Limits are armed only while the script runs: with a memory limit

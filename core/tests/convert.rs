@@ -237,3 +237,66 @@ fn stack_encoder_and_general_encoder_agree() {
         assert_eq!(plain, general, "{v}");
     }
 }
+
+/// Numbers at the edges of what a double holds, and duplicate keys: what the
+/// upstream gets is what the client sent unless a script changed it.
+#[test]
+fn numbers_a_double_cannot_hold_keep_their_text() {
+    let body = r#"{"model":"m","big":123456789012345678901234567890,"seed":9223372036854775807,"neg":-9007199254740993,"z":-0,"f":0.1000000000000000055511151231257827,"one":1.0,"n":3}"#;
+    let input = format!(r#"{{"request":{{"id":"r","body":{body}}}}}"#);
+    let input = llmproxy_core::convert::parse_json(input.as_bytes(), Default::default()).expect("parses");
+    let scripts = [
+        // Never read.
+        "return {body = request.body}",
+        // Every field read and copied into a new table, as the seed transforms do.
+        "local out = {} for k, v in pairs(request.body) do out[k] = v end return {body = out}",
+        // Copied one by one, and through json.decode/json.encode.
+        "local b = request.body return {body = {model = b.model, big = b.big, seed = b.seed, neg = b.neg, z = b.z, f = b.f, one = b.one, n = b.n}}",
+        "return {body = json.decode(json.encode(request.body))}",
+    ];
+    for script in scripts {
+        let got = engine(HookName::RequestTransform, script)
+            .run_json(HookName::RequestTransform, &input)
+            .expect(script);
+        let want = llmproxy_core::convert::parse_json(body.as_bytes(), Default::default()).expect("parses");
+        // Object key order may differ; every number keeps its value, and
+        // every number a double cannot hold keeps its text. Spelling alone
+        // (`1.0`) is the double's own once a script copied it.
+        for (k, v) in want.as_object().expect("object") {
+            if k == "one" {
+                assert_eq!(got["body"][k].as_f64(), Some(1.0), "{script}");
+                continue;
+            }
+            assert_eq!(
+                serde_json::to_string(&got["body"][k]).expect("encode"),
+                serde_json::to_string(v).expect("encode"),
+                "{script}: field {k}"
+            );
+        }
+    }
+
+    // A value the script changed is written as the double it computed.
+    let got = engine(
+        HookName::RequestTransform,
+        "local b = request.body b.seed = b.seed + 0.5 b.n = b.n + 1 return {body = b}",
+    )
+    .run_json(HookName::RequestTransform, &input)
+    .expect("runs");
+    assert_eq!(got["body"]["n"], json!(4));
+    assert_eq!(
+        serde_json::to_string(&got["body"]["seed"]).expect("encode"),
+        "9223372036854775807"
+    );
+}
+
+#[test]
+fn duplicate_keys_are_refused_in_every_direction() {
+    use llmproxy_core::convert::parse_json;
+    for text in [r#"{"a":1,"a":2}"#, r#"{"m":[{"role":"user","role":"system"}]}"#] {
+        let err = parse_json(text.as_bytes(), Default::default()).expect_err(text);
+        assert!(err.to_string().contains("duplicate key"), "{text}: {err}");
+    }
+    // In a script, json.decode refuses them too.
+    let got = usage(r#"return {ok = pcall(json.decode, '{"a":1,"a":2}')}"#, json!({}));
+    assert_eq!(got, Ok(json!({"ok": false})));
+}

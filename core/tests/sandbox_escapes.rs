@@ -66,10 +66,11 @@ enum Group {
     CStack,
     Output,
     Errors,
+    Helpers,
 }
 
 impl Group {
-    const ALL: [Group; 9] = [
+    const ALL: [Group; 10] = [
         Group::Escape,
         Group::Leak,
         Group::Loop,
@@ -79,6 +80,7 @@ impl Group {
         Group::CStack,
         Group::Output,
         Group::Errors,
+        Group::Helpers,
     ];
 
     fn title(self) -> &'static str {
@@ -92,6 +94,7 @@ impl Group {
             Group::CStack => "C-stack exhaustion (each in a child process)",
             Group::Output => "Bad outputs",
             Group::Errors => "Error values",
+            Group::Helpers => "Hostile helper arguments (library tables, foreign metatables, huge inputs)",
         }
     }
 }
@@ -237,6 +240,7 @@ fn cases() -> Vec<Case> {
     cstack(&mut v);
     outputs(&mut v);
     errors(&mut v);
+    helpers(&mut v);
     v
 }
 
@@ -949,10 +953,12 @@ fn outputs(v: &mut Vec<Case>) {
             "return {allow = 'yes'}",
         )
         .hook(HookName::Auth),
-        o(
+        Case::new(
+            G,
             "Allow with an extra field",
-            "auth returns `{allow = true, admin = true}`",
+            "auth returns `{allow = true, admin = true}`: the field auth does not use is dropped, not obeyed",
             "return {allow = true, admin = true}",
+            value(json!({"allow": true})),
         )
         .hook(HookName::Auth),
         o(
@@ -991,6 +997,62 @@ fn outputs(v: &mut Vec<Case>) {
             "return {status_code = 200.5}",
         )
         .hook(HookName::ResponseTransform),
+        o(
+            "Switch protocols with status_code 101",
+            "response_transform returns status 101 (a final answer must be 200-599)",
+            "return {status_code = 101}",
+        )
+        .hook(HookName::ResponseTransform),
+        o(
+            "Answer an error with status_code 103",
+            "error_handler returns status 103 (Early Hints) as the final answer",
+            "return {status_code = 103, body = {}}",
+        )
+        .hook(HookName::ErrorHandler),
+        o(
+            "Deny auth with status_code 100",
+            "auth denies with status 100 Continue",
+            "return {allow = false, status_code = 100}",
+        )
+        .hook(HookName::Auth),
+        Case::new(
+            G,
+            "Set the Upgrade header",
+            "response_transform sets `Upgrade = 'websocket'` (hop-by-hop: dropped with a warning)",
+            "return {headers = {Upgrade = 'websocket', ['X-A'] = '1'}}",
+            value(json!({"headers": {"X-A": "1"}})),
+        )
+        .hook(HookName::ResponseTransform),
+        Case::new(
+            G,
+            "Set Transfer-Encoding upstream",
+            "request_transform sets `Transfer-Encoding = 'chunked'` to desync the upstream framing",
+            "return {headers = {['Transfer-Encoding'] = 'chunked'}}",
+            value(json!({"headers": {}})),
+        )
+        .hook(HookName::RequestTransform),
+        Case::new(
+            G,
+            "Set a Proxy-* header",
+            "error_handler sets `Proxy-Authenticate` (hop-by-hop)",
+            "return {body = {}, headers = {['proxy-authenticate'] = 'Basic'}}",
+            value(json!({"body": {}, "headers": {}})),
+        )
+        .hook(HookName::ErrorHandler),
+        Case::new(
+            G,
+            "Set TE, Trailer, Keep-Alive and Connection",
+            "request_transform sets every other hop-by-hop header",
+            "return {headers = {TE = 'trailers', Trailer = 'X-A', ['Keep-Alive'] = 'timeout=5', Connection = 'X-A'}}",
+            value(json!({"headers": {}})),
+        )
+        .hook(HookName::RequestTransform),
+        o(
+            "Stream with stream = 'true'",
+            "request_transform rewrites the body with `stream = 'true'` (a string the upstream coerces)",
+            "return {body = {model = 'm', stream = 'true'}}",
+        )
+        .hook(HookName::RequestTransform),
         o(
             "Answer without a body",
             "error_handler omits the required body",
@@ -1039,6 +1101,173 @@ fn outputs(v: &mut Vec<Case>) {
             "Return a string where an object is due",
             "usage returns `'free'`",
             "return 'free'",
+        ),
+    ]);
+}
+
+/// sha256("a"), what an unpoisoned `hash.sha256` answers.
+const SHA256_A: &str = "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb";
+
+/// Every table a script can reach that it must not be able to change.
+const SHARED_TABLES: &[&str] = &[
+    "string",
+    "table",
+    "math",
+    "bit",
+    "os",
+    "json",
+    "string_utils",
+    "time",
+    "hash",
+    "log",
+];
+
+fn helpers(v: &mut Vec<Case>) {
+    use Group::Helpers as G;
+    // json.array used to set its marker raw, replacing the read-only proxy's
+    // metatable: the table became writable for every later call on the VM.
+    for lib in SHARED_TABLES {
+        v.push(
+            Case::new(
+                G,
+                format!("Unlock '{lib}' with json.array, then poison it"),
+                format!("call 1: `json.array({lib})`, then write into it; call 2 checks it is untouched"),
+                format!(
+                    r#"if phase == 1 then
+  local marked = pcall(json.array, {lib})
+  local wrote = pcall(function() {lib}.pwned = true; {lib}.sha256 = function() return "pwned" end end)
+  return {{marked = marked, wrote = wrote}}
+end
+return {{pwned = tostring({lib}.pwned), sha = hash.sha256("a")}}"#
+                ),
+                Expect::Survives,
+            )
+            .two_calls(
+                value(json!({"marked": false, "wrote": false})),
+                value(json!({"pwned": "nil", "sha": SHA256_A})),
+            ),
+        );
+    }
+    let e = |name: &str, tries: &str, script: &str, expect: Expect| Case::new(G, name, tries, script, expect);
+    v.extend([
+        Case::new(
+            G,
+            "Wrap hash.sha256 to steal the next caller's key",
+            "the adversarial pass's exploit: unlock `hash` with json.array, wrap sha256 to record its input; call 2 hashes a key",
+            r#"if phase == 1 then
+  pcall(function()
+    local h = json.array(hash)
+    local real = h.sha256
+    rawset(h, "sha256", function(s) STOLEN = s return real(s) end)
+  end)
+  return {done = 1}
+end
+return {sha = hash.sha256("a"), stolen = tostring(STOLEN)}"#,
+            Expect::Survives,
+        )
+        .two_calls(value(json!({"done": 1})), value(json!({"sha": SHA256_A, "stolen": "nil"}))),
+        e(
+            "json.array on a lazy request body",
+            "replace the lazy body's metatable with the array marker",
+            "return {ok = pcall(json.array, request.body), model = request.body.model}",
+            value(json!({"ok": false, "model": "m"})),
+        )
+        .input(json!({"request": {"body": {"model": "m"}}})),
+        e(
+            "json.array on a table with the script's own metatable",
+            "mark an object whose metatable the script set",
+            "local t = setmetatable({}, {__index = function() return 1 end}) return {ok = pcall(json.array, t), x = t.x}",
+            value(json!({"ok": false, "x": 1})),
+        ),
+        e(
+            "json.array twice and on a decoded array",
+            "marking is idempotent for tables the marker already owns",
+            "local a = json.array({}) json.array(a) local d = json.array(json.decode('[1]')) return {a = json.encode(a), d = json.encode(d)}",
+            value(json!({"a": "[]", "d": "[1]"})),
+        ),
+        e(
+            "json.array on a string",
+            "`json.array('x')`",
+            "return {r = json.array('x')}",
+            kind(ScriptError),
+        ),
+        e(
+            "time.format with a 6 MB format",
+            "`time.format(0, string.rep('%c', 3e6))`: 4.9 s and 2.6 GB before the fix",
+            "return {n = #time.format(0, string.rep('%c', 3e6))}",
+            kind(ScriptError),
+        ),
+        e(
+            "time.parse with a 6 MB format",
+            "`time.parse` of a huge text with a huge format",
+            "return {n = time.parse(string.rep('1', 2e6), string.rep('%Y', 1e6))}",
+            kind(ScriptError),
+        ),
+        e(
+            "os.date with a 6 MB format",
+            "`os.date(string.rep('%c', 3e6))`: strftime per conversion in one C call",
+            "return {n = #os.date(string.rep('%c', 3e6))}",
+            kind(ScriptError),
+        ),
+        e(
+            "time.format with a short format still works",
+            "the bound does not get in the way of real formats",
+            "return {s = time.format(0, '%Y-%m-%d %H:%M:%S'), t = time.parse('1970-01-02T00:00:00Z')}",
+            value(json!({"s": "1970-01-01 00:00:00", "t": 86400})),
+        ),
+        e(
+            "json.decode of a million empty arrays in 8 MB",
+            "a 6 MB text whose tree costs far more outside the Lua heap (269 MB before the fix)",
+            "return {n = #json.decode('[' .. string.rep('[],', 2e6) .. '[]]')}",
+            kind(Memory),
+        ),
+        e(
+            "json.decode caught by pcall and retried",
+            "swallow the decode's memory error and decode again",
+            "local s = '[' .. string.rep('[],', 2e6) .. '[]]' for i = 1, 20 do pcall(json.decode, s) end return {survived = true}",
+            kind(Memory),
+        ),
+        e(
+            "json.decode of duplicate keys",
+            "`{\"a\":1,\"a\":2}`: the script and the upstream would see different values",
+            r#"return {r = json.decode('{"a":1,"a":2}')}"#,
+            kind(ScriptError),
+        ),
+        e(
+            "hash and split of a 2 MB string",
+            "big inputs to the digest and split helpers",
+            "local s = string.rep('a,', 1e6) local ok = pcall(string_utils.split, s, ',') return {h = #hash.sha256(s), m = #hash.md5(s)}",
+            Expect::Survives,
+        ),
+        e(
+            "json.encode of a library table",
+            "encode a read-only proxy and a table whose __index loops",
+            "local a = pcall(json.encode, string) local b = pcall(json.encode, setmetatable({}, {__index = function(t, k) return t[k] end})) return {done = 1}",
+            Expect::Survives,
+        ),
+        Case::new(
+            G,
+            "Fix math.random with randomseed for the next caller",
+            "call 1: `math.randomseed(42)`; call 2 draws without seeding and compares with the seed-42 sequence",
+            r#"if phase == 1 then math.randomseed(42) return {done = 1} end
+local a = math.random(1, 1e9)
+math.randomseed(42)
+local b = math.random(1, 1e9)
+math.randomseed(7)
+local c = math.random()
+math.randomseed(7)
+return {same_as_seed_42 = a == b, seeded_repeats = c == math.random()}"#,
+            Expect::Survives,
+        )
+        .two_calls(
+            value(json!({"done": 1})),
+            value(json!({"same_as_seed_42": false, "seeded_repeats": true})),
+        ),
+        e(
+            "math.random bounds",
+            "`random(m)`, `random(m, n)`, an empty interval",
+            "local x = math.random(3) local y = math.random(5, 5) local ok = pcall(math.random, 2, 1) return {x = x >= 1 and x <= 3, y = y, ok = ok}",
+            value(json!({"x": true, "y": 5, "ok": false})),
         ),
     ]);
 }

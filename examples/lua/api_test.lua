@@ -423,9 +423,16 @@ local tests = {
     collectgarbage()
   end },
   { "engine:key and engine:standard_checks: the config's keys, core's checks and denials", function()
+    local sk_h_sha256 = "324c89d5f74d2f012bf8dfbba24159f1f7aef4dbfaf56be28c935a2016704728" -- sha256("sk-h")
     local e = assert(llmproxy.new("keys:\n"
       .. "  - {key: sk-a, user_id: u1, total_quota: 100, allowed_ips: ['10.0.0.0/8']}\n"
-      .. "  - {key: sk-off, user_id: u2, status: disabled}\n"))
+      .. "  - {key: sk-off, user_id: u2, status: disabled}\n"
+      -- stored as its SHA-256 (docs/adr/039): found by the key, same fingerprint
+      .. "  - {key_sha256: " .. sk_h_sha256 .. ", user_id: u3}\n"))
+    local hinfo, hfp = e:key("sk-h")
+    assert(hinfo and hinfo.user_id == "u3" and hinfo.key == nil, "a hashed key is found")
+    assert(hfp == e:key_fingerprint("sk-h"), tostring(hfp))
+    assert(e:key(sk_h_sha256) == nil, "the hash itself is not a key")
     local info, fp = e:key("sk-a")
     assert(info.user_id == "u1" and info.total_quota == 100 and info.status == "active", "key_info")
     assert(fp == e:key_fingerprint("sk-a") and fp:match("^sha256:%x+$") and #fp == 19, tostring(fp))
@@ -442,11 +449,29 @@ local tests = {
     assert(not c.status_active and status == 403 and code == "key_disabled" and msg == "API key is disabled", msg)
     c, status, msg, code = e:standard_checks(nil, "10.0.0.1", 0)
     assert(not c.key_valid and status == 401 and code == "invalid_api_key", msg)
+    -- core's admission::decide: an allow overrules no failed check
+    -- without may_override (ADR 040); a deny is final; nil is standard.
+    local off = e:standard_checks("sk-off", nil, 0)
+    local ok = e:standard_checks("sk-a", "10.1.2.3", 0)
+    status, msg, code = e:auth_decision(off, { allow = true })
+    assert(status == 403 and code == "key_disabled", msg)
+    assert(e:auth_decision(ok, { allow = true }) == nil, "allowed")
+    status, msg, code = e:auth_decision(ok, { allow = false, reason = "no", status_code = 402 })
+    assert(status == 402 and msg == "no" and code == "denied_by_script", msg)
+    status, msg, code = e:auth_decision(off, nil)
+    assert(status == 403 and code == "key_disabled", msg)
     local a = e:admission()
-    assert(a.auth == true and a.limits == false and a.keys == 2 and a.utc_offset == 0, "admission")
+    assert(a.auth == true and a.limits == false and a.keys == 3, "admission")
     assert(e:ledger_stats() == nil and e:ledger_record({}) == nil, "no ledger configured")
-    a = assert(llmproxy.new("limits: {key_rpm: 5, time_zone: '+08:00'}\n")):admission()
-    assert(a.auth == false and a.limits == true and a.key_rpm == 5 and a.utc_offset == 8 * 3600, "limits")
+    local z = assert(llmproxy.new("limits: {key_rpm: 5, time_zone: '+08:00'}\n"))
+    a = z:admission()
+    assert(a.auth == false and a.limits == true and a.key_rpm == 5, "limits")
+    -- 2024-01-16T08:00:00Z is 16:00 on a Tuesday in +08:00 (ADR 041).
+    local t = z:current_time(1705392000)
+    assert(t.hour == 16 and t.weekday == 2 and t.timestamp == 1705392000, "current_time")
+    local o = assert(llmproxy.new("scripts:\n  auth:\n    may_override: [disabled]\n    script: return nil\n"
+      .. "keys:\n  - {key: sk-off, user_id: u, status: disabled}\n"))
+    assert(o:auth_decision(o:standard_checks("sk-off", nil, 0), { allow = true }) == nil, "may_override")
   end },
   { "tostring(engine)", function()
     assert(tostring(engine) == "llmproxy.engine")

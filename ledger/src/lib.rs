@@ -148,6 +148,7 @@ pub fn open_rw(path: &Path) -> Result<Connection, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("ledger: cannot create {}: {e}", dir.display()))?;
     }
+    create_private(path)?;
     let conn = Connection::open(path).map_err(|e| format!("ledger: cannot open {}: {e}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .and_then(|_| conn.pragma_update(None, "synchronous", "NORMAL"))
@@ -155,6 +156,24 @@ pub fn open_rw(path: &Path) -> Result<Connection, String> {
         .and_then(|_| migrate(&conn))
         .map_err(|e| format!("ledger: cannot prepare {}: {e}", path.display()))?;
     Ok(conn)
+}
+
+/// Create a missing database file with mode 0600: the ledger names users and
+/// keys' fingerprints, and SQLite gives its `-wal` and `-shm` files the
+/// database file's mode. An existing file keeps the mode it has.
+fn create_private(path: &Path) -> Result<(), String> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("ledger: cannot create {}: {e}", path.display())),
+    }
 }
 
 /// Open an existing database read-only (reports, `keys list`).

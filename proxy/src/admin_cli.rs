@@ -2,8 +2,9 @@
 //! set-quota) and `llmproxy usage` (reports from the ledger).
 //!
 //! `keys` edits the config's `keys_file` (rewritten atomically as a YAML
-//! list; comments are not kept); a running gateway picks the change up by
-//! hot reload. Quota usage is not stored in the file but in the state
+//! list, keeping the file's mode and owner; comments are not kept; `add`
+//! creates a missing file with mode 0600); a running gateway picks the
+//! change up by hot reload. Quota usage is not stored in the file but in the state
 //! backend: the file's `used_quota` is where a new key starts, and changing
 //! it (`set-quota --used N`) resets the key's count to N on the next load.
 
@@ -18,6 +19,7 @@ use llmproxy_core::keys::{key_fingerprint, KeyRecord, KeyStatus};
 use llmproxy_core::Config;
 use serde_json::{json, Value};
 
+use crate::atomic_file;
 use crate::gateway::ledger::{self, Query};
 use crate::gateway::resp::RedisClient;
 
@@ -34,6 +36,7 @@ pub enum KeysCommand {
         format: String,
     },
     /// Add a key to the keys_file and print it (the only time it is shown).
+    /// The file stores its SHA-256 (`key_sha256`) unless `--plaintext`.
     Add {
         /// The gateway's config file.
         #[arg(long)]
@@ -47,7 +50,7 @@ pub enum KeysCommand {
         /// The key itself (default: a new random `sk-...`).
         #[arg(long)]
         key: Option<String>,
-        /// Token quota (0: unlimited).
+        /// Token quota (0 or absent: unlimited).
         #[arg(long, default_value_t = 0)]
         total_quota: u64,
         /// Allowed client range (CIDR); repeat for several.
@@ -56,6 +59,9 @@ pub enum KeysCommand {
         /// Expiry, RFC 3339.
         #[arg(long)]
         expires_at: Option<String>,
+        /// Store the key in clear (`key:`) instead of its SHA-256.
+        #[arg(long)]
+        plaintext: bool,
     },
     /// Set a key's status to disabled.
     Disable {
@@ -80,7 +86,7 @@ pub enum KeysCommand {
         config: PathBuf,
         /// The key or its fingerprint (`sha256:...`).
         key: String,
-        /// New total quota (0: unlimited).
+        /// New total quota (0: unlimited, written as `unlimited`).
         #[arg(long)]
         total: Option<u64>,
         /// Reset the tokens used to this value.
@@ -116,6 +122,7 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             total_quota,
             allowed_ips,
             expires_at,
+            plaintext,
         } => {
             let key = match key {
                 Some(k) => k,
@@ -126,10 +133,11 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             };
             let record = KeyRecord {
                 key: key.clone(),
+                key_sha256: None,
                 user_id: user,
                 name,
                 status: KeyStatus::Active,
-                total_quota,
+                total_quota: Some(total_quota).filter(|q| *q > 0),
                 used_quota: 0,
                 allowed_ips,
                 expires_at,
@@ -137,6 +145,10 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             let problems = record.validate("key");
             if !problems.is_empty() {
                 return fail(problems.join("; "));
+            }
+            let record = if plaintext { record } else { record.hashed() };
+            if let Err(e) = create_missing_keys_file(&config) {
+                return fail(e);
             }
             edit(&config, None, |keys| {
                 keys.push(record.clone());
@@ -146,7 +158,16 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
                 |c| c,
                 |_| {
                     println!("{key}");
-                    eprintln!("added {} for user {}", key_fingerprint(&key), record.user_id);
+                    eprintln!(
+                        "added {} for user {} ({}); the key is not shown again",
+                        key_fingerprint(&key),
+                        record.user_id,
+                        if plaintext {
+                            "stored in clear"
+                        } else {
+                            "stored as its SHA-256"
+                        }
+                    );
                     ExitCode::SUCCESS
                 },
             )
@@ -172,7 +193,8 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             edit(&config, Some(&key), |keys| {
                 let k = find(keys, &key)?;
                 if let Some(t) = total {
-                    k.total_quota = t;
+                    // 0 on the command line keeps its old meaning: unlimited.
+                    k.total_quota = Some(t).filter(|q| *q > 0);
                 }
                 if let Some(u) = used {
                     k.used_quota = u;
@@ -198,7 +220,7 @@ fn reset_usage(config: &Path, key: &str, used: u64) -> Result<(), String> {
         .iter()
         .find(|k| matches(k, key))
         .ok_or_else(|| format!("no key '{}' in {}", mask(key), config.display()))?;
-    let fp = key_fingerprint(&record.key);
+    let fp = record.fingerprint();
     match cfg.state.backend {
         StateBackend::Local => {
             let Some(l) = &cfg.ledger else {
@@ -248,8 +270,10 @@ fn set_status(config: &Path, key: &str, status: KeyStatus) -> ExitCode {
     )
 }
 
+/// Whether `wanted` (a key or a `sha256:` fingerprint) names `k`, held in
+/// clear or hashed.
 fn matches(k: &KeyRecord, wanted: &str) -> bool {
-    k.key == wanted || key_fingerprint(&k.key) == wanted
+    k.matches_secret(wanted) || k.fingerprint() == wanted
 }
 
 fn find<'a>(keys: &'a mut [KeyRecord], wanted: &str) -> Result<&'a mut KeyRecord, String> {
@@ -295,7 +319,8 @@ fn edit(
     let mut seen = std::collections::HashSet::new();
     for (i, k) in keys.iter().enumerate() {
         problems.extend(k.validate(&format!("keys_file[{i}]")));
-        if !seen.insert(k.key.clone()) || cfg.keys.iter().filter(|c| c.key == k.key).count() > 1 {
+        let digest = k.key_digest();
+        if !seen.insert(digest) || cfg.keys.iter().filter(|c| c.key_digest() == digest).count() > 1 {
             problems.push(format!("keys_file[{i}]: the key is already defined"));
         }
     }
@@ -304,17 +329,41 @@ fn edit(
     }
     let yaml = serde_norway::to_string(&keys).map_err(fail)?;
     let text = format!("# API keys of llmproxy; edited by `llmproxy keys` (comments are not kept).\n{yaml}");
-    let tmp = path.with_extension("tmp-llmproxy");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+    // Atomic, and never more readable than the file it replaces.
+    atomic_file::replace(&path, text.as_bytes(), atomic_file::PRIVATE_MODE).map_err(fail)?;
+    if let Some(mode) = atomic_file::readable_by_others(&path) {
+        eprintln!(
+            "llmproxy: warning: {} holds API keys and is readable by others (mode {mode:04o}); `chmod 600` it",
+            path.display()
+        );
+    }
     Ok(key
         .map(|k| {
             keys.iter()
                 .find(|r| matches(r, k))
-                .map_or_else(|| k.to_owned(), |r| key_fingerprint(&r.key))
+                .map_or_else(|| k.to_owned(), KeyRecord::fingerprint)
         })
         .unwrap_or_default())
+}
+
+/// `keys add` on a config whose `keys_file` does not exist yet creates it
+/// (empty, mode 0600) so that the config loads and the key can be added.
+fn create_missing_keys_file(config: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(config).map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+    let Ok(raw) = serde_norway::from_str::<Value>(&text) else {
+        return Ok(()); // the config loader reports the problem
+    };
+    let Some(file) = raw.get("keys_file").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let base = config.parent().unwrap_or_else(|| Path::new("."));
+    let path = base.join(file);
+    if path.exists() {
+        return Ok(());
+    }
+    atomic_file::replace(&path, b"[]\n", atomic_file::PRIVATE_MODE)?;
+    eprintln!("created {} (mode 0600)", path.display());
+    Ok(())
 }
 
 fn new_key() -> Result<String, String> {
@@ -351,7 +400,7 @@ fn live_usage(cfg: &Config) -> std::collections::HashMap<String, u64> {
             };
             let url = cfg.state.url.clone().unwrap_or_default();
             let prefix = cfg.state.prefix.clone();
-            let fps: Vec<String> = cfg.keys.iter().map(|k| key_fingerprint(&k.key)).collect();
+            let fps: Vec<String> = cfg.keys.iter().map(KeyRecord::fingerprint).collect();
             rt.block_on(async {
                 let Ok(client) = RedisClient::new(&url, 1, Duration::from_millis(cfg.state.timeout_ms.max(1000)))
                 else {
@@ -387,14 +436,14 @@ fn list(config: &Path, format: &str) -> ExitCode {
         .keys
         .iter()
         .map(|k| {
-            let fp = key_fingerprint(&k.key);
+            let fp = k.fingerprint();
             json!({
                 "fingerprint": fp,
-                "key": mask(&k.key),
+                "key": if k.key_sha256.is_some() { String::from("(hashed)") } else { mask(&k.key) },
                 "user_id": k.user_id,
                 "name": k.name,
                 "status": if k.status == KeyStatus::Active { "active" } else { "disabled" },
-                "total_quota": k.total_quota,
+                "total_quota": k.quota_limit().map_or_else(|| json!("unlimited"), |q| json!(q)),
                 "used_quota": usage.get(&fp).copied().unwrap_or(k.used_quota),
                 "allowed_ips": k.allowed_ips,
                 "expires_at": k.expires_at,

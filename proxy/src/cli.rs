@@ -40,6 +40,10 @@ enum Command {
         /// Listen address (`:8000`, `127.0.0.1:8000`); overrides `listen`.
         #[arg(long)]
         listen: Option<String>,
+        /// Admin listener (`/admin/*`, `/metrics`), e.g. `127.0.0.1:8001`;
+        /// overrides `admin.listen`.
+        #[arg(long)]
+        admin_listen: Option<String>,
     },
     /// Run an OpenAI-compatible fake backend (tests, demo, benchmarks).
     MockBackend {
@@ -125,7 +129,11 @@ pub fn main() -> ExitCode {
     };
     init_logging();
     match cli.command {
-        Command::Serve { config, listen } => serve(config, listen),
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+        } => serve(config, listen, admin_listen),
         Command::MockBackend {
             listen,
             name,
@@ -201,13 +209,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+fn serve(config: Option<PathBuf>, listen: Option<String>, admin_listen: Option<String>) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     rt.block_on(async move {
-        let (config, _mocks) = match &config {
+        let (mut config, _mocks) = match &config {
             Some(path) => match Config::from_file(path) {
                 Ok(c) => (c, Vec::new()),
                 Err(e) => {
@@ -243,6 +251,9 @@ fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if admin_listen.is_some() {
+            config.admin.listen = admin_listen;
+        }
         let gateway = match Gateway::start(config, addr, GatewayOptions::default()).await {
             Ok(g) => g,
             Err(e) => {
@@ -253,6 +264,7 @@ fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         tracing::info!(
             target: "llmproxy::gateway",
             addr = %gateway.local_addr(),
+            admin_addr = %gateway.admin_addr().map_or_else(|| String::from("off"), |a| a.to_string()),
             hook_threads = gateway.shared().hooks.threads(),
             "listening"
         );
@@ -337,16 +349,24 @@ fn check(path: &std::path::Path) -> ExitCode {
                 .filter(|h| engine.is_enabled(**h))
                 .map(|h| h.as_str())
                 .collect();
+            let config = engine.config();
+            let zone = config
+                .limits
+                .zone()
+                .map_or_else(|e| e, |z| z.describe(chrono::Utc::now()));
             println!(
-                "{}: ok ({} backends; hooks: {})",
+                "{}: ok ({} backends; hooks: {}; current_time zone: {zone})",
                 path.display(),
-                engine.config().backends.len(),
+                config.backends.len(),
                 if hooks.is_empty() {
                     String::from("none")
                 } else {
                     hooks.join(", ")
                 }
             );
+            for w in config.warnings() {
+                eprintln!("  warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

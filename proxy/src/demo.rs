@@ -9,7 +9,8 @@
 //!   -d '{"model":"gpt-4","messages":[{"role":"user","content":"hi"}],"viplevel":3}'
 //! ```
 //!
-//! answers from `ultra` (`x-llmproxy-backend: ultra`).
+//! answers from `ultra` (`x-llmproxy-backend: ultra`); metrics are on the
+//! admin listener, `curl localhost:8001/metrics`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,7 +29,7 @@ pub const BACKENDS: [&str; 3] = ["standard", "high-performance", "ultra"];
 /// The demo config for backends at the given URLs (same order as
 /// [`BACKENDS`]).
 pub fn config_yaml(urls: &[String]) -> String {
-    let mut yaml = String::from("listen: \":8000\"\n\nbackends:\n");
+    let mut yaml = String::from("listen: \":8000\"\nadmin:\n  listen: \"127.0.0.1:8001\"\n\nbackends:\n");
     for (name, url) in BACKENDS.iter().zip(urls) {
         yaml.push_str(&format!("  - name: \"{name}\"\n    url: \"{url}\"\n    weight: 10\n"));
     }

@@ -8,6 +8,7 @@
 //! - [`cli`]: the `llmproxy` command line (`serve`, `mock-backend`, `check`,
 //!   `hook`, `keys`, `usage`).
 //! - [`admin_cli`]: the operator's `keys` and `usage` subcommands.
+//! - [`atomic_file`]: replacing a secrets file atomically, keeping its mode.
 //! - [`gateway`]: the gateway itself (server, pipeline, balancer, health,
 //!   upstream, SSE relay, errors, metrics, request ids).
 //! - [`mock`]: an OpenAI-compatible fake backend for the demo, the tests and
@@ -17,6 +18,7 @@
 //! - [`listen`]: parsing of listen addresses (`":8000"`, `"host:port"`).
 
 pub mod admin_cli;
+pub mod atomic_file;
 pub mod cli;
 pub mod demo;
 pub mod gateway;

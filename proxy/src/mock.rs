@@ -7,12 +7,20 @@
 //! `GET /healthz`. Tests steer single requests with headers:
 //! `x-mock-status: N` answers N with an OpenAI-style error,
 //! `x-mock-delay-ms`, `x-mock-chunks` and `x-mock-chunk-delay-ms` override
-//! the options. Every `x-*` request header is echoed back as
-//! `x-echo-<name>` so tests can see what reached the backend.
+//! the options. Hostile streams (for the relay's bounds): `x-mock-sse:
+//! forever` sends content events until the reader leaves, `endless` one
+//! event and then an event that never ends (64 KiB of data at a time, no
+//! blank line), `trickle` one byte of an event every `x-mock-chunk-delay-ms`
+//! (never finishing it). [`MockServer::open_streams`] counts the streams
+//! still being written. Every `x-*` request header is echoed back as
+//! `x-echo-<name>` so tests can see what reached the backend, and
+//! `x-mock-path` gives the path and query the backend was asked for.
+//! `x-mock-connection: V` makes the answer carry `Connection: V` (for
+//! tests of headers a `Connection` header names).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,6 +69,7 @@ impl Default for MockOptions {
 #[derive(Debug)]
 pub struct MockServer {
     addr: SocketAddr,
+    streams: Arc<AtomicI64>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -71,7 +80,9 @@ impl MockServer {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = oneshot::channel::<()>();
+        let streams = Arc::new(AtomicI64::new(0));
         let state = Arc::new(State {
+            streams: Arc::clone(&streams),
             options,
             counter: AtomicU64::new(0),
             rng: AtomicU64::new(0x853c_49e6_748f_ea9b ^ u64::from(addr.port())),
@@ -103,9 +114,15 @@ impl MockServer {
         });
         Ok(MockServer {
             addr,
+            streams,
             stop: Some(stop),
             task,
         })
+    }
+
+    /// Streams being written now (a stream ends when its reader leaves).
+    pub fn open_streams(&self) -> i64 {
+        self.streams.load(Ordering::Relaxed)
     }
 
     /// The address it listens on.
@@ -138,6 +155,7 @@ impl Drop for MockServer {
 }
 
 struct State {
+    streams: Arc<AtomicI64>,
     options: MockOptions,
     counter: AtomicU64,
     rng: AtomicU64,
@@ -159,6 +177,31 @@ struct Knobs {
     latency: Duration,
     chunks: usize,
     chunk_delay: Duration,
+    hostile: Option<Hostile>,
+}
+
+/// A hostile stream (`x-mock-sse`).
+#[derive(Debug, Clone, Copy)]
+enum Hostile {
+    Forever,
+    Endless,
+    Trickle,
+}
+
+/// Counts a stream as open while it lives.
+struct OpenStream(Arc<AtomicI64>);
+
+impl OpenStream {
+    fn new(c: &Arc<AtomicI64>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        OpenStream(Arc::clone(c))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
@@ -172,9 +215,16 @@ async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
         latency: Duration::from_millis(header_u64(&h, "x-mock-delay-ms").unwrap_or(o.latency_ms)),
         chunks: header_u64(&h, "x-mock-chunks").map_or(o.chunks, |n| n as usize).max(1),
         chunk_delay: Duration::from_millis(header_u64(&h, "x-mock-chunk-delay-ms").unwrap_or(o.chunk_delay_ms)),
+        hostile: match h.get("x-mock-sse").map(HeaderValue::as_bytes) {
+            Some(b"forever") => Some(Hostile::Forever),
+            Some(b"endless") => Some(Hostile::Endless),
+            Some(b"trickle") => Some(Hostile::Trickle),
+            _ => None,
+        },
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_owned());
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return error(400, "cannot read body"),
@@ -183,6 +233,12 @@ async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
     let rh = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&o.name) {
         rh.insert("x-mock-backend", v);
+    }
+    if let Some(v) = path_and_query.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        rh.insert("x-mock-path", v);
+    }
+    if let Some(v) = h.get("x-mock-connection") {
+        rh.insert(header::CONNECTION, v.clone());
     }
     for (name, value) in &h {
         if name.as_str().starts_with("x-") && !name.as_str().starts_with("x-mock-") {
@@ -328,7 +384,14 @@ async fn completion(state: &State, chat: bool, req: &Value, k: &Knobs) -> Respon
     tokio::time::sleep(k.latency).await;
     let (tx, rx) = mpsc::channel(4);
     let delay = k.chunk_delay;
+    let open = OpenStream::new(&state.streams);
+    if let Some(hostile) = k.hostile {
+        let first = events.first().cloned().unwrap_or_default();
+        tokio::spawn(hostile_stream(hostile, first, delay, tx, open));
+        return event_stream(rx);
+    }
     tokio::spawn(async move {
+        let _open = open;
         for (i, ev) in events.into_iter().enumerate() {
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -338,11 +401,55 @@ async fn completion(state: &State, chat: bool, req: &Value, k: &Knobs) -> Respon
             }
         }
     });
+    event_stream(rx)
+}
+
+fn event_stream(rx: mpsc::Receiver<Bytes>) -> Response<GatewayBody> {
     let mut resp = Response::new(GatewayBody::Channel(rx));
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+/// Write a hostile stream until the reader leaves.
+async fn hostile_stream(kind: Hostile, first: Bytes, delay: Duration, tx: mpsc::Sender<Bytes>, _open: OpenStream) {
+    let pause = || async {
+        if delay.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(delay).await;
+        }
+    };
+    match kind {
+        Hostile::Forever => loop {
+            if tx.send(first.clone()).await.is_err() {
+                return;
+            }
+            pause().await;
+        },
+        Hostile::Endless => {
+            if tx.send(first).await.is_err() {
+                return;
+            }
+            pause().await;
+            if tx.send(Bytes::from_static(b"data: ")).await.is_err() {
+                return;
+            }
+            let filler = Bytes::from(vec![b'x'; 64 << 10]);
+            while tx.send(filler.clone()).await.is_ok() {
+                pause().await;
+            }
+        }
+        Hostile::Trickle => {
+            for b in first.iter().take(first.len().saturating_sub(2)).cycle() {
+                if tx.send(Bytes::copy_from_slice(&[*b])).await.is_err() {
+                    return;
+                }
+                pause().await;
+            }
+        }
+    }
 }
 
 fn embeddings(req: &Value) -> Response<GatewayBody> {

@@ -17,6 +17,8 @@ const KEYS: &str = r#"keys:
   - {key: sk-near, user_id: u-near, allowed_ips: ["127.0.0.0/8"]}
   - {key: sk-spent, user_id: u-spent, total_quota: 100, used_quota: 100}
   - {key: sk-vip, user_id: u-vip, total_quota: 2000000}
+  - {key: sk-std, user_id: u-std, total_quota: 100000}
+  - {key: sk-free, user_id: u-free, total_quota: unlimited}
 "#;
 
 fn yaml(url: &str, rest: &str) -> String {
@@ -89,7 +91,7 @@ async fn each_standard_check_reaches_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auth_denials_go_through_error_handler() {
+async fn auth_denials_skip_error_handler_but_the_quota_goes_through_it() {
     let m = mock("m", |_| {}).await;
     let eh = conformance_script("063-seed-error-handler-auth-error.json");
     let gw = TestGateway::start(&yaml(
@@ -97,8 +99,12 @@ async fn auth_denials_go_through_error_handler() {
         &format!("scripts:\n  error_handler:\n    script: |\n{}", script(&eh)),
     ))
     .await;
+    // An unidentified caller never makes a script run (docs/gateway.md).
     let r = gw.chat(Some("sk-off"), json!({})).await;
-    assert_eq!(r.status, 403);
+    assert_eq!(err(&r), (403, "auth_error".into(), "key_disabled".into()));
+    // A known key out of quota is identified: the handler shapes it.
+    let r = gw.chat(Some("sk-spent"), json!({})).await;
+    assert_eq!(r.status, 429);
     let v = r.json();
     assert_eq!(v["error"]["type"], "auth_error", "{v}");
     assert!(
@@ -130,10 +136,11 @@ async fn every_auth_script_verdict_reaches_the_client() {
             ),
         ))
         .await;
-        // A table is final: it can let an unknown key in, or keep a good
-        // key out.
-        assert_eq!(gw.chat(Some("sk-nope"), json!({"mode": "allow"})).await.status, 200);
-        assert_eq!(gw.chat(None, json!({"mode": "allow"})).await.status, 200);
+        // An allow does not overrule a failed standard check (no
+        // may_override here: docs/adr/040); a deny keeps a good key out.
+        assert_eq!(gw.chat(Some("sk-nope"), json!({"mode": "allow"})).await.status, 401);
+        assert_eq!(gw.chat(None, json!({"mode": "allow"})).await.status, 401);
+        assert_eq!(gw.chat(Some("sk-good"), json!({"mode": "allow"})).await.status, 200);
         let r = gw.chat(Some("sk-good"), json!({"mode": "deny"})).await;
         assert_eq!(err(&r), (402, "auth_error".into(), "denied_by_script".into()));
         assert_eq!(r.json()["error"]["message"], "no u-good");
@@ -180,6 +187,74 @@ async fn every_auth_script_verdict_reaches_the_client() {
     }
 }
 
+/// A script's `allow = true` against each failed standard check, without
+/// and with `scripts.auth.may_override` (docs/adr/040): the seed's auth
+/// example ends with `return {allow = true}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_allow_overrules_a_failed_check_only_where_the_config_opts_in() {
+    let m = mock("m", |_| {}).await;
+    // (may_override, key, status with `allow = true`)
+    let cases: &[(&str, Option<&str>, u16)] = &[
+        ("[]", Some("sk-nope"), 401),
+        ("[]", None, 401),
+        ("[]", Some("sk-off"), 403),
+        ("[]", Some("sk-old"), 403),
+        ("[]", Some("sk-far"), 403),
+        ("[]", Some("sk-spent"), 429),
+        ("[]", Some("sk-good"), 200),
+        ("[unknown]", Some("sk-nope"), 200),
+        ("[unknown]", Some("sk-off"), 403),
+        ("[disabled, expired]", Some("sk-off"), 200),
+        ("[disabled, expired]", Some("sk-old"), 200),
+        ("[disabled, expired]", Some("sk-far"), 403),
+        ("[ip_not_allowed, quota_exhausted]", Some("sk-far"), 200),
+        ("[ip_not_allowed, quota_exhausted]", Some("sk-spent"), 200),
+    ];
+    let mut current: Option<(&str, TestGateway)> = None;
+    for (may, key, want) in cases {
+        if current.as_ref().map(|c| c.0) != Some(*may) {
+            let gw = TestGateway::start(&yaml(
+                &m.url(),
+                &format!("scripts:\n  auth:\n    may_override: {may}\n    script: \"return {{allow = true}}\"\n"),
+            ))
+            .await;
+            current = Some((may, gw));
+        }
+        let Some((_, gw)) = &current else { unreachable!() };
+        let r = gw.chat(*key, json!({})).await;
+        assert_eq!(
+            r.status,
+            *want,
+            "may_override {may}, key {key:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // The seed form takes it too; other hooks refuse it.
+    let gw = TestGateway::start(&yaml(
+        &m.url(),
+        "auth:\n  may_override: [disabled]\n  script: \"return {allow = true}\"\n",
+    ))
+    .await;
+    assert_eq!(gw.chat(Some("sk-off"), json!({})).await.status, 200);
+    assert_eq!(gw.chat(Some("sk-old"), json!({})).await.status, 403);
+    let bad = llmproxy_core::Config::from_yaml(
+        "scripts:\n  routing:\n    may_override: [unknown]\n    script: return nil\n",
+        std::path::Path::new("."),
+    )
+    .unwrap_err();
+    assert!(
+        bad.problems
+            .iter()
+            .any(|p| p == "scripts.routing.may_override: only the auth hook has may_override"),
+        "{bad:?}"
+    );
+    assert!(llmproxy_core::Config::from_yaml(
+        "scripts:\n  auth:\n    may_override: [ip]\n    script: return nil\n",
+        std::path::Path::new(".")
+    )
+    .is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_auth_script_runs_verbatim() {
     let m = mock("m", |_| {}).await;
@@ -191,13 +266,32 @@ async fn the_seed_auth_script_runs_verbatim() {
     .await;
     let url = format!("{}/v1/chat/completions", gw.base);
     let good = bearer("sk-good");
-    let r = post(&url, &chat("gpt-4", json!({})), &hdrs(std::slice::from_ref(&good))).await;
+    let std = bearer("sk-std");
+    let r = post(&url, &chat("gpt-4", json!({})), &hdrs(std::slice::from_ref(&std))).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"]["message"], "您的账户等级不支持 GPT-4 模型");
     let r = post(&url, &chat("gpt-3.5", json!({})), &hdrs(&[good])).await;
     assert_eq!(r.status, 200);
     let r = post(&url, &chat("gpt-4", json!({})), &hdrs(&[bearer("sk-vip")])).await;
     assert_eq!(r.status, 200, "total_quota >= 1000000 may use gpt-4");
+    // Unlimited keys are the top tier (docs/adr/041): `unlimited`, the old
+    // `0`, or no total_quota at all; a 100k key is not.
+    for (key, want) in [("sk-free", 200), ("sk-good", 200), ("sk-near", 200), ("sk-std", 403)] {
+        let r = post(&url, &chat("gpt-4", json!({})), &hdrs(&[bearer(key)])).await;
+        assert_eq!(r.status, want, "{key}: {}", String::from_utf8_lossy(&r.body));
+    }
+    // The script ends with `return {allow = true}`, and still cannot let a
+    // disabled, expired or unknown key in (docs/adr/040).
+    for (key, want) in [
+        ("sk-off", (403, "key_disabled")),
+        ("sk-old", (403, "key_expired")),
+        ("sk-nope", (401, "invalid_api_key")),
+        ("sk-far", (403, "ip_not_allowed")),
+        ("sk-spent", (429, "quota_exhausted")),
+    ] {
+        let r = post(&url, &chat("gpt-3.5", json!({})), &hdrs(&[bearer(key)])).await;
+        assert_eq!(err(&r), (want.0, "auth_error".into(), want.1.into()), "{key}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,10 +397,19 @@ async fn the_seed_rate_limit_script_runs_verbatim() {
     // refuses ordinary keys at peak hours, but not VIP quotas.
     let mut codes = Vec::new();
     for _ in 0..4 {
-        codes.push(gw.chat(Some("sk-good"), json!({})).await.status);
+        codes.push(gw.chat(Some("sk-std"), json!({})).await.status);
     }
     assert_eq!(codes, [200, 200, 429, 429], "key_remaining 11, 10, 9, ...");
     assert_eq!(gw.chat(Some("sk-vip"), json!({})).await.status, 200);
+    // Unlimited keys (the old 0 here) are the top tier too (docs/adr/041).
+    let codes: Vec<u16> = {
+        let mut c = Vec::new();
+        for _ in 0..4 {
+            c.push(gw.chat(Some("sk-good"), json!({})).await.status);
+        }
+        c
+    };
+    assert_eq!(codes, [200, 200, 200, 200], "an unlimited key is not an ordinary one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,6 +589,13 @@ async fn restart_keeps_used_quota_and_the_ledger_records_everything() {
     .await;
     assert_eq!(r.status, 400);
     gw.wait_records(3).await;
+    // The ledger and its WAL files are the gateway's alone (0600).
+    #[cfg(unix)]
+    for file in ["usage.db", "usage.db-wal", "usage.db-shm"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
     gw.gateway.shutdown(Duration::from_secs(5)).await;
     let (n, billable, usage) = ledger_counts(&db);
     assert_eq!((n, billable), (3, 20));

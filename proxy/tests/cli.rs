@@ -202,3 +202,143 @@ fn keys_and_usage_commands_explain_their_mistakes() {
     let out = bin().args(["usage", "--db", "/nonexistent/x.db"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The mode bits of a file.
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Run `llmproxy keys ARGS --config CONFIG`, asserting success.
+fn keys_ok(args: &[&str], config: &std::path::Path) -> String {
+    let out = bin()
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "keys {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[cfg(unix)]
+#[test]
+fn keys_edits_keep_the_keys_file_private() {
+    use std::os::unix::fs::PermissionsExt;
+    // (keys file mode before, or None: no file yet; mode expected after)
+    for (case, before, want) in [
+        ("private", Some(0o600), 0o600),
+        ("group", Some(0o640), 0o640),
+        ("new", None, 0o600),
+    ] {
+        let config = tmp(
+            &format!("keys-mode-{case}.yaml"),
+            &format!("keys_file: keys-{case}.yaml\n"),
+        );
+        let keys = config.with_file_name(format!("keys-{case}.yaml"));
+        let _ = std::fs::remove_file(&keys);
+        if let Some(m) = before {
+            std::fs::write(&keys, "- {key: sk-old-0123456789, user_id: u0}\n").unwrap();
+            std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let key = keys_ok(&["add", "--user", "u1"], &config);
+        assert!(key.starts_with("sk-"), "{case}: {key}");
+        assert_eq!(mode(&keys), want, "{case}: after keys add");
+        keys_ok(&["disable", &key], &config);
+        assert_eq!(mode(&keys), want, "{case}: after keys disable");
+        keys_ok(&["set-quota", &key, "--total", "10"], &config);
+        assert_eq!(mode(&keys), want, "{case}: after keys set-quota");
+        let text = std::fs::read_to_string(&keys).unwrap();
+        assert!(text.contains("disabled"), "{case}: {text}");
+        let dir = keys.parent().unwrap();
+        let stray: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            // This case's temporary files only: other tests write in the
+            // same directory concurrently.
+            .filter(|n| n.contains(&format!("keys-{case}.yaml")) && n.ends_with(".tmp"))
+            .collect();
+        assert!(stray.is_empty(), "{case}: temporary files left: {stray:?}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn the_ledger_database_is_created_private() {
+    let config = tmp(
+        "ledger-mode.yaml",
+        "keys_file: ledger-mode-keys.yaml\nledger: {path: ledger-mode/usage.db}\n",
+    );
+    let dir = config.with_file_name("ledger-mode");
+    let _ = std::fs::remove_dir_all(&dir);
+    let key = keys_ok(&["add", "--user", "u1"], &config);
+    // `--used` resets the count in the ledger, which creates it.
+    keys_ok(&["set-quota", &key, "--used", "5"], &config);
+    let db = dir.join("usage.db");
+    assert_eq!(mode(&db), 0o600);
+    for side in ["usage.db-wal", "usage.db-shm"] {
+        let p = dir.join(side);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{side}");
+        }
+    }
+}
+
+#[test]
+fn keys_add_stores_a_hash_unless_told_otherwise() {
+    let config = tmp(
+        "keys-hash.yaml",
+        "keys_file: keys-hash-keys.yaml
+",
+    );
+    let keys = config.with_file_name("keys-hash-keys.yaml");
+    let _ = std::fs::remove_file(&keys);
+    let hashed = keys_ok(&["add", "--user", "u1"], &config);
+    let clear = keys_ok(&["add", "--user", "u2", "--plaintext"], &config);
+    let text = std::fs::read_to_string(&keys).unwrap();
+    assert!(!text.contains(&hashed), "{text}");
+    assert!(
+        text.contains(&format!("key_sha256: {}", llmproxy_core::keys::key_sha256_hex(&hashed))),
+        "{text}"
+    );
+    assert!(text.contains(&format!("key: {clear}")), "{text}");
+    // Both forms are found by the key and by the fingerprint; adding the
+    // same key again is refused whatever the form.
+    keys_ok(&["disable", &hashed], &config);
+    keys_ok(&["enable", &llmproxy_core::keys::key_fingerprint(&hashed)], &config);
+    let out = bin()
+        .args([
+            "keys",
+            "add",
+            "--user",
+            "u3",
+            "--plaintext",
+            "--key",
+            &hashed,
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already defined"));
+    let list: Value = serde_json::from_str(&keys_ok(&["list", "--format", "json"], &config)).unwrap();
+    assert_eq!(list[0]["key"], "(hashed)");
+    assert_eq!(list[0]["fingerprint"], llmproxy_core::keys::key_fingerprint(&hashed));
+    assert!(!list.to_string().contains(&hashed));
+    // The config loads with both (the gateway reads it the same way).
+    let out = bin().arg("check").arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

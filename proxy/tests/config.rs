@@ -21,6 +21,11 @@ fn the_example_gateway_config_loads() {
     assert_eq!(g.max_body_bytes, 10 << 20);
     assert_eq!(g.models, ["gpt-4", "gpt-3.5"]);
     assert_eq!(g.retry.max_retries, 2);
+    assert_eq!(
+        (g.max_connections, g.body_read_timeout_ms, g.write_timeout_ms),
+        (1024, 30_000, 30_000)
+    );
+    assert_eq!((g.max_event_bytes, g.hook_queue), (1 << 20, 1024));
     assert_eq!(c.backends[2].timeouts.first_byte_ms, Some(30000));
     assert_eq!(
         c.backends[1].headers.get("Authorization").map(String::as_str),
@@ -51,6 +56,19 @@ fn the_gateway_section_is_optional_and_checked() {
             "gateway.retry.max_retries: 50 is out of range (0..=10)",
             "gateway.retry.on_status[0]: 999 is not an HTTP status",
             "gateway.timeouts.idle_ms: must be > 0",
+        ]
+    );
+    let p = problems(&format!(
+        "{base}gateway:\n  max_connections: 0\n  body_read_timeout_ms: 0\n  write_timeout_ms: 0\n  max_event_bytes: 0\n  hook_queue: 0\n"
+    ));
+    assert_eq!(
+        p,
+        [
+            "gateway.max_connections: must be > 0",
+            "gateway.body_read_timeout_ms: must be > 0",
+            "gateway.write_timeout_ms: must be > 0",
+            "gateway.max_event_bytes: must be > 0",
+            "gateway.hook_queue: must be > 0",
         ]
     );
     let p = problems("backends:\n  - {name: a, url: \"http://x\", timeouts: {idle: 1}}\n");

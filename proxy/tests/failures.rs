@@ -258,7 +258,12 @@ async fn broken_scripts_never_take_the_gateway_down() {
             "    memory_mb: 2\n",
             "memory",
         ),
-        ("request_transform", "return {body = 1, bogus = true}", "", "bad_output"),
+        (
+            "request_transform",
+            "return {headers = 5, bogus = true}",
+            "",
+            "bad_output",
+        ),
         ("request_transform", "local x = nil; return x.y", "", "script_error"),
         ("response_transform", "return 'garbage'", "", "bad_output"),
         (

@@ -156,6 +156,35 @@ async fn response_transform_can_change_status_and_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_a_hook_does_not_use_are_ignored_and_counted() {
+    let m = mock("m", |_| {}).await;
+    // A ported script: auth has no retry_after, response_transform no `note`.
+    // No keys: the script's allow admits only with may_override (ADR 040).
+    let yaml = format!(
+        "backends:\n{}scripts:\n  auth:\n    may_override: [unknown]\n    script: |\n{}  response_transform:\n    script: |\n{}",
+        backend("m", &m.url()),
+        script("if request.body.model == 'blocked' then return {allow = false, reason = 'no', retry_after = 5} end return {allow = true, note = 'x'}"),
+        script("return {status_code = 201, note = 'ignored'}")
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let url = format!("{}/v1/chat/completions", gw.base);
+    let r = post(&url, &chat("blocked", json!({})), &[]).await;
+    assert_eq!(r.status, 403, "the denial stands: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["message"], "no");
+    let r = post(&url, &chat("x", json!({})), &[]).await;
+    assert_eq!(r.status, 201, "the rest of the result applies");
+    assert_eq!(
+        gw.metric("llmproxy_hook_ignored_fields_total{hook=\"auth\"}").await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric("llmproxy_hook_ignored_fields_total{hook=\"response_transform\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_transform_sets_and_removes_headers_and_recomputes_length() {
     let m = mock("m", |_| {}).await;
     let yaml = format!(

@@ -28,23 +28,35 @@ fn free_port() -> u16 {
 struct Serve {
     child: Child,
     port: u16,
+    /// The admin listener (`--admin-listen`): `/admin/reload`, `/metrics`.
+    admin_port: u16,
     log: PathBuf,
 }
 
 impl Serve {
     async fn start(config: &Path, log: PathBuf) -> Serve {
         let port = free_port();
+        let admin_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
             .args(["serve", "--config", config.to_str().unwrap(), "--listen"])
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin_port}"))
             .env("RUST_LOG", "warn,llmproxy::reload=info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let s = Serve { child, port, log };
+        let s = Serve {
+            child,
+            port,
+            admin_port,
+            log,
+        };
         for _ in 0..400 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_ok()
+            {
                 return s;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -331,7 +343,7 @@ async fn reloads_under_load_fail_no_request() {
             }
         }));
     }
-    let admin = format!("http://127.0.0.1:{}/admin/reload", gw.port);
+    let admin = format!("http://127.0.0.1:{}/admin/reload", gw.admin_port);
     let c = http();
     let mut token = String::from("adm-a");
     let mut applied = 0;
@@ -391,7 +403,7 @@ async fn reloads_under_load_fail_no_request() {
         ok.load(Ordering::Relaxed)
     );
     let text = String::from_utf8(
-        get(&format!("http://127.0.0.1:{}/metrics", gw.port))
+        get(&format!("http://127.0.0.1:{}/metrics", gw.admin_port))
             .await
             .body
             .to_vec(),
@@ -454,6 +466,13 @@ async fn keys_cli_edits_reach_a_running_gateway() {
         .trim()
         .to_owned();
     assert!(new_key.starts_with("sk-") && new_key.len() > 20, "{new_key}");
+    // The file keeps the key's SHA-256 only; the old clear record stays.
+    let file = std::fs::read_to_string(dir.join("keys.yaml")).unwrap();
+    assert!(!file.contains(&new_key), "{file}");
+    assert!(
+        file.contains(&llmproxy_core::keys::key_sha256_hex(&new_key)) && file.contains("key: sk-1"),
+        "{file}"
+    );
     eventually(&new_key, 200).await;
     cli(&["disable", "sk-1"]);
     eventually("sk-1", 403).await;

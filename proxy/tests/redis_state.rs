@@ -162,7 +162,7 @@ async fn wait_redis_charge(redis: &Redis, prefix: &str, key: &str, want: i64) {
 async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     let Some(redis) = Redis::start("scripts") else { return };
     let m = mock("m", |_| {}).await;
-    let scripts = "scripts:\n  auth:\n    script: |\n      if request.body.mode == 'allow' then return {allow = true} end\n      return nil\n\
+    let scripts = "scripts:\n  auth:\n    may_override: [unknown]\n    script: |\n      if request.body.mode == 'allow' then return {allow = true} end\n      return nil\n\
                    \x20 rate_limit:\n    script: |\n      if request.body.mode == 'status' then return {allow = false, reason = json.encode(rate_limit_status)} end\n      return nil\n";
     let yaml = config(
         &m.url(),
@@ -186,6 +186,7 @@ async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     }
     assert_eq!(a.chat(Some("sk-b"), json!({})).await.status, 429);
     assert_eq!(a.chat(Some("sk-nope"), json!({})).await.status, 401);
+    // may_override: [unknown] lets the script's allow admit an unknown key.
     assert_eq!(a.chat(Some("sk-nope"), json!({"mode": "allow"})).await.status, 200);
 
     // Redis goes away: deny (default) answers 503, allow lets requests in.
@@ -200,4 +201,24 @@ async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     .await;
     assert_eq!(open.chat(Some("sk-b"), json!({})).await.status, 200);
     assert!(open.metric("llmproxy_state_errors_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_keys_are_throttled_with_the_redis_backend_too() {
+    let Some(redis) = Redis::start("throttle") else { return };
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(
+        &m.url(),
+        &redis.url(),
+        "throttle",
+        "gateway: {auth_throttle: {max_failures: 2, window_s: 60}}\n",
+    ))
+    .await;
+    for _ in 0..2 {
+        assert_eq!(gw.chat(Some("sk-guess"), json!({})).await.status, 401);
+    }
+    let r = gw.chat(Some("sk-b"), json!({})).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "too_many_auth_failures");
+    assert!(r.header("retry-after").is_some());
 }

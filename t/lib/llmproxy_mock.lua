@@ -123,6 +123,7 @@ function _M.chat(name, opts)
     seen("Authorization", headers["authorization"])
     seen("Api-Key", headers["x-api-key"])
     seen("Debug", headers["x-debug"])
+    seen("Proxy-Authorization", headers["proxy-authorization"])
     local status = tonumber(headers["x-mock-status"]) or opts.status
     if status and status >= 400 then
         return error_status(status)

@@ -4,7 +4,7 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{expect_object, optional_status, optional_string, reject_unknown, required_bool, set_json, set_serialized};
+use super::{expect_object, optional_status, optional_string, required_bool, set_json, set_serialized};
 use super::{HookInput, HookName, RequestInfo};
 use crate::error::HookError;
 
@@ -66,7 +66,9 @@ impl HookInput for AuthInput<'_> {
 pub enum AuthVerdict {
     /// `nil`: the standard verdict stands.
     Standard,
-    /// `{allow = true}`: allowed, whatever the standard checks said.
+    /// `{allow = true}`: allowed where the standard checks passed, or
+    /// where every failed check is one the config lets scripts overrule
+    /// ([`crate::admission::decide`]).
     Allow,
     /// `{allow = false, reason?, status_code?}`: denied (403 by default).
     Deny {
@@ -88,7 +90,6 @@ impl AuthVerdict {
         }
         let what = "auth";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["allow", "reason", "status_code"], what)?;
         if required_bool(obj, "allow", what)? {
             return Ok(AuthVerdict::Allow);
         }

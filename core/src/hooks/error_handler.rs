@@ -5,9 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::transform::header_changes;
-use super::{
-    expect_object, optional_status, reject_unknown, set_serialized, HeaderChange, HookInput, HookName, RequestInfo,
-};
+use super::{expect_object, optional_status, set_serialized, HeaderChange, HookInput, HookName, RequestInfo};
 use crate::error::HookError;
 
 /// The failure, shown as the `error` global.
@@ -73,7 +71,6 @@ impl ErrorResponse {
         }
         let what = "error_handler";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["status_code", "body", "headers"], what)?;
         let body = obj
             .get("body")
             .cloned()

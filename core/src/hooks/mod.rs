@@ -26,6 +26,8 @@ pub use transform::{
 };
 pub use usage::{UsageInput, UsageMetadata, UsageRecord};
 
+pub(crate) use transform::drop_hop_by_hop;
+
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
@@ -61,15 +63,33 @@ fn expect_object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Val
         .ok_or_else(|| HookError::bad_output(format!("{what} must return a table or nil, got {}", json_type(value))))
 }
 
-/// Reject keys outside `allowed` (catches typos such as `alow = true`).
-fn reject_unknown(obj: &Map<String, Value>, allowed: &[&str], what: &str) -> Result<(), HookError> {
-    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(HookError::bad_output(format!(
-            "{what}: unknown field '{k}' (allowed: {})",
-            allowed.join(", ")
-        )));
+/// The fields a hook's result table has, for hooks whose result is a table
+/// with fixed fields (`usage` returns free-form fields, `routing` a name).
+pub(crate) fn result_fields(hook: HookName) -> Option<&'static [&'static str]> {
+    match hook {
+        HookName::Auth => Some(&["allow", "reason", "status_code"]),
+        HookName::RateLimit => Some(&["allow", "reason", "retry_after"]),
+        HookName::RequestTransform => Some(&["body", "headers"]),
+        HookName::ResponseTransform | HookName::ErrorHandler => Some(&["status_code", "body", "headers"]),
+        HookName::Routing | HookName::Usage => None,
     }
-    Ok(())
+}
+
+/// Remove the fields of a result table that `hook`'s contract does not
+/// have, and return their names. Unknown fields are ignored rather than
+/// refused: a ported script returning `{allow = false, retry_after = 5}`
+/// from auth must not fail closed for everyone. A known field of the wrong
+/// type is still `bad_output`, and a typo of a required field (`alow`)
+/// still fails as a missing field.
+pub(crate) fn drop_unknown_fields(hook: HookName, value: &mut Value) -> Vec<String> {
+    let (Some(allowed), Some(obj)) = (result_fields(hook), value.as_object_mut()) else {
+        return Vec::new();
+    };
+    let unknown: Vec<String> = obj.keys().filter(|k| !allowed.contains(&k.as_str())).cloned().collect();
+    for k in &unknown {
+        obj.shift_remove(k);
+    }
+    unknown
 }
 
 /// A field that must be a boolean.
@@ -97,14 +117,16 @@ fn optional_string(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Op
     }
 }
 
-/// An optional HTTP status code (an integer in 100..=599).
+/// An optional HTTP status code for a final response: an integer in
+/// 200..=599. 1xx codes are interim responses (a 101 switches protocols and
+/// hands the connection over), never a final answer a script can give.
 fn optional_status(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<u16>, HookError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
-            Some(code @ 100..=599) => Ok(Some(code as u16)),
+            Some(code @ 200..=599) => Ok(Some(code as u16)),
             _ => Err(HookError::bad_output(format!(
-                "{what}: '{key}' must be an HTTP status code (100-599), got {n}"
+                "{what}: '{key}' must be an HTTP status code (200-599), got {n}"
             ))),
         },
         Some(other) => Err(HookError::bad_output(format!(

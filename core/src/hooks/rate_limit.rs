@@ -4,9 +4,7 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    expect_object, optional_non_negative, optional_string, reject_unknown, required_bool, set_json, set_serialized,
-};
+use super::{expect_object, optional_non_negative, optional_string, required_bool, set_json, set_serialized};
 use super::{HookInput, HookName, RequestInfo};
 use crate::error::HookError;
 
@@ -87,7 +85,6 @@ impl RateVerdict {
         }
         let what = "rate_limit";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["allow", "reason", "retry_after"], what)?;
         if required_bool(obj, "allow", what)? {
             return Ok(RateVerdict::Allow);
         }

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
-use super::{expect_object, json_type, optional_status, reject_unknown, HookInput, HookName, RequestInfo};
+use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
 use crate::convert;
 use crate::error::HookError;
+use crate::http::hop_by_hop;
 
 /// Input of the `request_transform` hook (`request.backend_url` is set).
 #[derive(Debug, Clone, Copy)]
@@ -138,9 +139,13 @@ impl RequestRewrite {
         }
         let what = "request_transform";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["body", "headers"], what)?;
+        let body = body_field(obj);
+        // The host decides `stream` from this body, as from the client's.
+        if let Some(b) = &body {
+            crate::http::fields::check(b).map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
+        }
         Ok(Some(RequestRewrite {
-            body: body_field(obj),
+            body,
             headers: header_changes(obj, what)?,
         }))
     }
@@ -165,7 +170,6 @@ impl ResponseRewrite {
         }
         let what = "response_transform";
         let obj = expect_object(value, what)?;
-        reject_unknown(obj, &["status_code", "body", "headers"], what)?;
         Ok(Some(ResponseRewrite {
             status_code: optional_status(obj, "status_code", what)?,
             body: body_field(obj),
@@ -181,6 +185,9 @@ fn body_field(obj: &Map<String, Value>) -> Option<Value> {
 /// Parse `headers = {name = "value" | false | json.null}`; names must be
 /// HTTP tokens and values must not contain CR, LF or NUL (no header
 /// injection through a script).
+///
+/// Hop-by-hop headers are skipped here; the engine drops them from the
+/// result first, with a warning (see [`drop_hop_by_hop`]).
 pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
     let headers = match obj.get("headers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
@@ -212,6 +219,9 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
                 )))
             }
         };
+        if hop_by_hop::is_hop_by_hop(name) {
+            continue;
+        }
         if let HeaderChange::Set(v) = &change {
             if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 return Err(HookError::bad_output(format!(
@@ -223,6 +233,36 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// Remove the hop-by-hop entries ([`crate::http::hop_by_hop`]:
+/// `Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`,
+/// `Upgrade`, `Proxy-*`) from the `headers` table of a transform or
+/// error_handler result; returns the names removed.
+///
+/// Dropped with a warning rather than refused as `bad_output`: those
+/// headers describe the host's own connections and no host can honour a
+/// script's (a `Transfer-Encoding` or `Upgrade` the host does not do would
+/// break its framing), but scripts legitimately echo the headers they were
+/// given (the seed's response_transform returns `headers =
+/// response.headers`), and a host may show them a `Connection` or
+/// `Transfer-Encoding` it received; failing those scripts would turn a
+/// harmless echo into a hook failure. Dropping them from the result itself
+/// (not only from the parsed changes) means hosts that take the result as
+/// JSON (the C ABI, the Lua module) never see them either.
+pub(crate) fn drop_hop_by_hop(result: &mut Value) -> Vec<String> {
+    let Some(Value::Object(headers)) = result.get_mut("headers") else {
+        return Vec::new();
+    };
+    let dropped: Vec<String> = headers
+        .keys()
+        .filter(|k| hop_by_hop::is_hop_by_hop(k))
+        .cloned()
+        .collect();
+    for k in &dropped {
+        headers.remove(k);
+    }
+    dropped
 }
 
 fn is_token_byte(b: u8) -> bool {

@@ -21,6 +21,8 @@ pub(crate) struct CallContext {
     /// `json.encode` results before they are built outside the Lua heap.
     pub memory_allowance: usize,
     pub log_lines: u32,
+    /// The call's own `math.random` generator, made on first use.
+    pub rng: Option<super::random::Rng>,
 }
 
 impl CallContext {
@@ -33,6 +35,7 @@ impl CallContext {
             limits: Limits::default(),
             memory_allowance: 10 << 20,
             log_lines: 0,
+            rng: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! allocate more than the call's memory allowance.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use chrono::format::StrftimeItems;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
@@ -12,10 +13,30 @@ use mlua::{Lua, LuaString, Table, Value, Variadic};
 use sha2::{Digest, Sha256};
 
 use super::context::{CallContext, LOG_LINES_PER_CALL, LOG_LINE_MAX_BYTES};
+use super::watchdog::Watchdog;
+use crate::convert::parse::{self, ParseError};
 use crate::convert::{self, Limits, Markers};
 
 /// Default `time.format` output: RFC 3339 in UTC.
 const DEFAULT_TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%SZ";
+
+/// Longest format string (and `time.parse` input) the time helpers and
+/// `os.date` take. Formatting runs outside the Lua heap in one C or Rust
+/// call that the time limit cannot interrupt, so its size is bounded up
+/// front: a few hundred bytes of output at most, microseconds of work.
+pub(crate) const MAX_TIME_TEXT_BYTES: usize = 256;
+
+/// `s` as UTF-8 text of at most [`MAX_TIME_TEXT_BYTES`] bytes.
+fn time_text(what: &str, s: &LuaString) -> mlua::Result<String> {
+    let b = s.as_bytes();
+    if b.len() > MAX_TIME_TEXT_BYTES {
+        return Err(mlua::Error::runtime(format!(
+            "{what} is {} bytes, longer than the limit of {MAX_TIME_TEXT_BYTES}",
+            b.len()
+        )));
+    }
+    String::from_utf8(b.to_vec()).map_err(|_| mlua::Error::runtime(format!("{what} is not valid UTF-8")))
+}
 
 fn context(lua: &Lua) -> CallContext {
     lua.app_data_ref::<CallContext>()
@@ -44,12 +65,32 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
         "decode",
         lua.create_function(|lua, text: LuaString| {
             let ctx = context(lua);
-            let limits = Limits {
-                max_depth: ctx.limits.max_depth,
-                max_bytes: ctx.memory_allowance,
+            let text = text.as_bytes();
+            if text.len() > ctx.memory_allowance {
+                return Err(mlua::Error::MemoryError(format!(
+                    "json.decode: a text of {} bytes is larger than the script's memory limit",
+                    text.len()
+                )));
+            }
+            // The tree is built outside the Lua heap: it is charged to the
+            // script's allowance, and the parse stops at the call's deadline.
+            let watchdog = lua.app_data_ref::<Arc<Watchdog>>().map(|w| Arc::clone(&w));
+            let deadline = || {
+                watchdog
+                    .as_ref()
+                    .map_or(Ok(()), |w| w.check().map_err(|e| e.to_string()))
             };
-            let value = convert::parse_json(&text.as_bytes(), limits)
-                .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
+            let bounds = parse::Bounds {
+                max_depth: ctx.limits.max_depth,
+                max_memory: ctx.memory_allowance,
+                interrupt: Some(&deadline),
+            };
+            let value = match parse::parse(&text, &bounds) {
+                Ok(v) => v,
+                Err(ParseError::Invalid(m)) => return Err(mlua::Error::runtime(format!("json.decode: {m}"))),
+                Err(ParseError::Memory(m)) => return Err(mlua::Error::MemoryError(format!("json.decode: {m}"))),
+                Err(ParseError::Interrupted(m)) => return Err(mlua::Error::runtime(m)),
+            };
             convert::json_to_lua(lua, &value)
         })?,
     )?;
@@ -64,7 +105,18 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
                 .app_data_ref::<Markers>()
                 .map(|m| m.array_mt.clone())
                 .ok_or_else(|| mlua::Error::runtime("json.array: markers missing"))?;
-            t.set_metatable(Some(mt))?;
+            // mlua sets metatables raw (it ignores `__metatable`): never
+            // replace one this helper did not set. A library proxy, a lazy
+            // body or a script's own object keeps its metatable.
+            match t.metatable() {
+                None => t.set_metatable(Some(mt))?,
+                Some(existing) if existing.to_pointer() == mt.to_pointer() => {}
+                Some(_) => {
+                    return Err(mlua::Error::runtime(
+                        "json.array: the table already has a metatable; only a plain table can be marked as an array",
+                    ))
+                }
+            }
             Ok(t)
         })?,
     )?;
@@ -72,6 +124,9 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set("empty_array", Value::LightUserData(convert::EMPTY_ARRAY))?;
     Ok(t)
 }
+
+/// Parts `string_utils.split` makes between two checks of the deadline.
+const SPLIT_CHECK_EVERY: usize = 4096;
 
 /// `string_utils` helper table.
 pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
@@ -88,10 +143,18 @@ pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
                 return Err(mlua::Error::runtime("string_utils.split: delimiter must not be empty"));
             }
             let parts = lua.create_table()?;
+            let watchdog = lua.app_data_ref::<Arc<Watchdog>>().map(|w| Arc::clone(&w));
             let mut start = 0;
             let mut n = 0;
             for pos in memchr::memmem::find_iter(&s, &sep) {
                 n += 1;
+                // Millions of parts are one uninterruptible call: check the
+                // deadline as the time limit's count hook would.
+                if n % SPLIT_CHECK_EVERY == 0 {
+                    if let Some(w) = &watchdog {
+                        w.check()?;
+                    }
+                }
                 parts.raw_set(n, lua.create_string(&s[start..pos])?)?;
                 start = pos + sep.len();
             }
@@ -143,7 +206,7 @@ pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "format",
-        lua.create_function(|_, (ts, fmt): (Option<f64>, Option<String>)| {
+        lua.create_function(|_, (ts, fmt): (Option<f64>, Option<LuaString>)| {
             let ts = ts.unwrap_or_else(|| Utc::now().timestamp() as f64);
             if !ts.is_finite() {
                 return Err(mlua::Error::runtime("time.format: timestamp must be a finite number"));
@@ -154,7 +217,10 @@ pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
                 .timestamp_opt(secs as i64, nanos)
                 .single()
                 .ok_or_else(|| mlua::Error::runtime(format!("time.format: timestamp {ts} is out of range")))?;
-            let fmt = fmt.unwrap_or_else(|| DEFAULT_TIME_FORMAT.to_owned());
+            let fmt = match fmt {
+                Some(f) => time_text("time.format: the format", &f)?,
+                None => DEFAULT_TIME_FORMAT.to_owned(),
+            };
             let items = strftime_items(&fmt)?;
             let mut out = String::new();
             write!(out, "{}", dt.format_with_items(items.into_iter()))
@@ -164,7 +230,9 @@ pub(crate) fn time(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "parse",
-        lua.create_function(|_, (s, fmt): (String, Option<String>)| {
+        lua.create_function(|_, (s, fmt): (LuaString, Option<LuaString>)| {
+            let s = time_text("time.parse: the text", &s)?;
+            let fmt = fmt.map(|f| time_text("time.parse: the format", &f)).transpose()?;
             let parsed = match fmt {
                 None => DateTime::parse_from_rfc3339(s.trim())
                     .map(|d| d.timestamp())
@@ -198,16 +266,31 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// Bytes hashed between two checks of the call's deadline.
+const HASH_CHUNK: usize = 256 << 10;
+
+/// The hex digest of `s`, hashed in chunks with the deadline checked in
+/// between: a C-speed loop over megabytes is still one uninterruptible call.
+fn digest<D: Digest>(lua: &Lua, s: &LuaString) -> mlua::Result<String> {
+    let watchdog = lua.app_data_ref::<Arc<Watchdog>>().map(|w| Arc::clone(&w));
+    let bytes = s.as_bytes();
+    let mut d = D::new();
+    for chunk in bytes.chunks(HASH_CHUNK) {
+        if let Some(w) = &watchdog {
+            w.check()?;
+        }
+        d.update(chunk);
+    }
+    Ok(hex(&d.finalize()))
+}
+
 /// `hash` helper table (lowercase hex digests).
 pub(crate) fn hash(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    t.raw_set(
-        "md5",
-        lua.create_function(|_, s: LuaString| Ok(hex(&Md5::digest(&*s.as_bytes()))))?,
-    )?;
+    t.raw_set("md5", lua.create_function(|lua, s: LuaString| digest::<Md5>(lua, &s))?)?;
     t.raw_set(
         "sha256",
-        lua.create_function(|_, s: LuaString| Ok(hex(&Sha256::digest(&*s.as_bytes()))))?,
+        lua.create_function(|lua, s: LuaString| digest::<Sha256>(lua, &s))?,
     )?;
     Ok(t)
 }
@@ -310,5 +393,16 @@ pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
         let mut out = unit.repeat(count - 1);
         out.extend_from_slice(&s);
         lua.create_string(out)
+    })
+}
+
+/// `os.date` with its format bounded like `time.format`'s (LuaJIT's runs
+/// `strftime` once per conversion, in one uninterruptible C call).
+pub(crate) fn os_date(lua: &Lua, raw: mlua::Function) -> mlua::Result<mlua::Function> {
+    lua.create_function(move |_, args: mlua::MultiValue| {
+        if let Some(Value::String(fmt)) = args.front() {
+            time_text("os.date: the format", fmt)?;
+        }
+        raw.call::<mlua::MultiValue>(args)
     })
 }

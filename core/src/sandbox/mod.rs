@@ -12,11 +12,19 @@
 //! the count hook always fires; pattern functions are a Rust port with a step
 //! budget ([`pattern`]); `string.rep` is bounded by the memory allowance; the
 //! memory limit itself is mlua's allocator limit, set around each call.
+//! Helpers that work outside the Lua heap charge the same allowance and poll
+//! the same deadline (`json.decode`), or take bounded inputs (`time.*`,
+//! `os.date`).
+//!
+//! Helpers never change a metatable they did not create (`json.array`
+//! refuses a table that has one), so no path makes a shared table writable;
+//! `math.random` keeps its state per call ([`random`]).
 
 pub mod allowlist;
 pub(crate) mod context;
 mod helpers;
 pub mod pattern;
+mod random;
 pub(crate) mod watchdog;
 
 use std::sync::Arc;
@@ -63,8 +71,11 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
 
     Markers::install(&lua)?;
     lua.set_app_data(CallContext::idle());
+    lua.set_app_data(convert::NumberTexts::default());
 
     let watchdog = Arc::new(Watchdog::new());
+    // Helpers that run long outside the interpreter poll the deadline.
+    lua.set_app_data(Arc::clone(&watchdog));
     let hook_watchdog = Arc::clone(&watchdog);
     lua.set_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), move |_, _| {
         hook_watchdog.check()?;
@@ -140,6 +151,12 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
         }
         if *lib == "table" {
             dst.raw_set("sort", guarded(dst.raw_get::<Value>("sort")?)?)?;
+        }
+        if *lib == "math" {
+            random::install(&lua, &dst)?;
+        }
+        if *lib == "os" {
+            dst.raw_set("date", helpers::os_date(&lua, dst.raw_get("date")?)?)?;
         }
         base.raw_set(*lib, readonly.call::<Table>((dst, *lib))?)?;
     }

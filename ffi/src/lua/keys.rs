@@ -3,11 +3,10 @@
 //! `engine:admission()`. The checks and denials are core's
 //! (`llmproxy_core::keys`), so nginx and the standalone gateway agree.
 
-use std::collections::HashMap;
-
 use chrono::Utc;
+use llmproxy_core::clock::Zone;
 use llmproxy_core::hooks::StandardChecks;
-use llmproxy_core::keys::{key_fingerprint, standard_checks_with_usage, standard_denial, KeyRecord};
+use llmproxy_core::keys::{standard_checks_with_usage, standard_denial, KeyIndex, KeyRecord};
 use llmproxy_core::{Config, HookName};
 use serde_json::Value as Json;
 
@@ -18,40 +17,46 @@ pub(crate) struct KeyEntry {
     pub info: Json,
 }
 
-/// The keys of one engine's config, by secret.
+/// The keys of one engine's config, found by the secret a client presents
+/// whether the config holds it in clear or as `key_sha256` (core's
+/// [`KeyIndex`]).
 #[derive(Default)]
 pub(crate) struct KeyStore {
-    by_key: HashMap<String, KeyEntry>,
+    entries: Vec<KeyEntry>,
+    index: KeyIndex,
 }
 
 impl KeyStore {
     pub fn new(config: &Config) -> KeyStore {
-        let mut by_key = HashMap::new();
-        for record in &config.keys {
-            let info = serde_json::to_value(record).unwrap_or(Json::Null);
-            by_key.entry(record.key.clone()).or_insert_with(|| KeyEntry {
-                fingerprint: key_fingerprint(&record.key),
-                info,
+        let entries = config
+            .keys
+            .iter()
+            .map(|record| KeyEntry {
+                fingerprint: record.fingerprint(),
+                info: record.key_info(record.used_quota),
                 record: record.clone(),
-            });
+            })
+            .collect();
+        KeyStore {
+            entries,
+            index: KeyIndex::new(&config.keys),
         }
-        KeyStore { by_key }
     }
 
     pub fn get(&self, key: &str) -> Option<&KeyEntry> {
-        self.by_key.get(key)
+        self.index.find(key).and_then(|i| self.entries.get(i))
     }
 
     /// Every key's fingerprint and configured `used_quota`.
     pub fn quota_keys(&self) -> Vec<(String, u64)> {
-        self.by_key
-            .values()
+        self.entries
+            .iter()
             .map(|e| (e.fingerprint.clone(), e.record.used_quota))
             .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.entries.len()
     }
 }
 
@@ -91,13 +96,13 @@ fn denial_code(c: &StandardChecks) -> &'static str {
 pub(crate) struct Admission {
     pub auth_on: bool,
     pub limit_on: bool,
-    pub utc_offset: i32,
+    pub zone: Zone,
 }
 
 pub(crate) fn admission(config: &Config, enabled: impl Fn(HookName) -> bool) -> Admission {
     Admission {
         auth_on: config.keys_configured || enabled(HookName::Auth),
         limit_on: config.limits.any() || enabled(HookName::RateLimit),
-        utc_offset: config.limits.utc_offset_seconds().unwrap_or(0),
+        zone: config.limits.zone().unwrap_or(Zone::Local),
     }
 }

@@ -20,6 +20,7 @@
 //! -- A request handle with more fields, the body shared (not re-parsed).
 //! local routed = r:with({ backend_url = "http://10.0.0.2:8000" })
 //! r:body_get("/stream")                     -- one body field, by JSON pointer
+//! r:check_fields()    -- nil, or why `stream` & co. do not have their OpenAI types
 //! r:body_json({ stream_options = { include_usage = true } })  -- merge patch
 //! -- A response body as JSON text, parsed in Rust like request.body_raw.
 //! engine:run("response_transform", { request = r,
@@ -52,7 +53,10 @@ mod usage;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::config::{BalancerKind, OnError};
+use llmproxy_core::hooks::{AuthVerdict, StandardChecks};
+use llmproxy_core::http::hop_by_hop;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
@@ -134,6 +138,15 @@ impl UserData for LuaEngine {
             t.raw_set("recycled", s.recycled)?;
             Ok(t)
         });
+        // engine:ignored_fields() -> {hook = count}: result fields scripts
+        // returned that their hook does not use (ignored, logged once).
+        methods.add_method("ignored_fields", |lua, this, ()| {
+            let t = lua.create_table_with_capacity(0, HookName::ALL.len())?;
+            for hook in HookName::ALL {
+                t.raw_set(hook.as_str(), this.engine.ignored_fields(hook))?;
+            }
+            Ok(t)
+        });
         methods.add_method("enabled", |_, this, hook: String| {
             Ok(hook.parse::<HookName>().is_ok_and(|h| this.engine.is_enabled(h)))
         });
@@ -185,12 +198,70 @@ impl UserData for LuaEngine {
                 Ok(MultiValue::from_vec(out))
             },
         );
+        // engine:auth_decision(checks, result) -> nil (admitted) or status,
+        // message, code: core's `admission::decide` over the standard
+        // checks (the table `standard_checks` returned) and the auth
+        // script's result (nil, or its validated table), with the
+        // config's `scripts.auth.may_override` (docs/adr/040).
+        methods.add_method(
+            "auth_decision",
+            |lua, this, (checks, result): (Table, Option<Table>)| {
+                let flag = |name: &str| checks.raw_get::<Option<bool>>(name).map(|v| v.unwrap_or(false));
+                let c = StandardChecks {
+                    key_valid: flag("key_valid")?,
+                    status_active: flag("status_active")?,
+                    not_expired: flag("not_expired")?,
+                    ip_allowed: flag("ip_allowed")?,
+                    quota_available: flag("quota_available")?,
+                };
+                let verdict = match result {
+                    None => AuthVerdict::Standard,
+                    Some(r) if r.raw_get::<Option<bool>>("allow").ok().flatten() == Some(true) => AuthVerdict::Allow,
+                    Some(r) => AuthVerdict::Deny {
+                        reason: r.raw_get::<Option<String>>("reason").ok().flatten(),
+                        status_code: r
+                            .raw_get::<Option<f64>>("status_code")
+                            .ok()
+                            .flatten()
+                            .filter(|s| (200.0..=599.0).contains(s))
+                            .map_or(AuthVerdict::DEFAULT_DENY_STATUS, |s| s as u16),
+                    },
+                };
+                let out = match admission::decide(&c, &verdict, &this.engine.config().auth_may_override) {
+                    Decision::Allow => Vec::new(),
+                    Decision::Standard(d) => vec![
+                        Value::Integer(i64::from(d.status)),
+                        Value::String(lua.create_string(d.message)?),
+                        Value::String(lua.create_string(d.code)?),
+                    ],
+                    Decision::Script { status, reason } => vec![
+                        Value::Integer(i64::from(status)),
+                        Value::String(lua.create_string(reason.as_deref().unwrap_or("access denied"))?),
+                        Value::String(lua.create_string("denied_by_script")?),
+                    ],
+                };
+                Ok(MultiValue::from_vec(out))
+            },
+        );
         // engine:key_fingerprint(api_key) -> "sha256:..." (core's), for
         // any presented key, configured or not.
         methods.add_method("key_fingerprint", |_, _, key: mlua::LuaString| {
             Ok(llmproxy_core::keys::key_fingerprint(&key.to_string_lossy()))
         });
-        // engine:admission() -> {auth, limits, time_zone_offset, keys,
+        // engine:current_time(unix_seconds) -> {hour, weekday, timestamp}:
+        // core's `clock::current_time` in `limits.time_zone` (default: the
+        // machine's local zone), as the gateway's (docs/adr/041).
+        methods.add_method("current_time", |lua, this, ts: f64| {
+            let zone = keys::admission(this.engine.config(), |h| this.engine.is_enabled(h)).zone;
+            let now = chrono::DateTime::from_timestamp(ts as i64, 0).unwrap_or_else(chrono::Utc::now);
+            let c = llmproxy_core::clock::current_time(now, zone);
+            let t = lua.create_table_with_capacity(0, 3)?;
+            t.raw_set("hour", c.hour)?;
+            t.raw_set("weekday", c.weekday)?;
+            t.raw_set("timestamp", c.timestamp)?;
+            Ok(t)
+        });
+        // engine:admission() -> {auth, limits, keys,
         // global_rpm, key_rpm, key_tpm, key_concurrency, ledger?}
         methods.add_method("admission", |lua, this, ()| {
             let config = this.engine.config();
@@ -198,7 +269,6 @@ impl UserData for LuaEngine {
             let t = lua.create_table()?;
             t.raw_set("auth", a.auth_on)?;
             t.raw_set("limits", a.limit_on)?;
-            t.raw_set("utc_offset", a.utc_offset)?;
             t.raw_set("keys", this.keys.len())?;
             let l = &config.limits;
             t.raw_set("global_rpm", l.global_rpm)?;
@@ -646,6 +716,17 @@ impl UserData for LuaRequest {
             };
             Ok(MultiValue::from_vec(vec![value]))
         });
+        // req:check_fields() -> nil when the OpenAI fields a host decides on
+        // (`model`, `stream`, `stream_options`, `stream_options.include_usage`)
+        // have their OpenAI types, else a message naming the first that does
+        // not (core's `llmproxy_core::http::fields`, as the gateway).
+        methods.add_method(
+            "check_fields",
+            |lua, this, ()| match llmproxy_core::http::fields::check(&this.request.info().body) {
+                Ok(()) => Ok(Value::Nil),
+                Err(e) => Ok(Value::String(lua.create_string(e.to_string())?)),
+            },
+        );
         // req:body_json(patch?) -> the body as JSON text (key order kept),
         // with a JSON merge patch (RFC 7386) applied when given.
         methods.add_method("body_json", |lua, this, patch: Value| {
@@ -916,6 +997,39 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 Some(u) => convert::to_lua(lua, &u, &shared_usage.array_mt)?,
             };
             Ok((value, p.has_choices))
+        })?,
+    )?;
+    // llmproxy.hop_by_hop(headers) -> the names of `headers` (a table as
+    // `ngx.req.get_headers()` gives it) that describe the client's
+    // connection and must not go upstream, or nil when there are none: the
+    // core's rule, so nginx and the gateway drop the same names.
+    exports.raw_set(
+        "hop_by_hop",
+        lua.create_function(|lua, headers: Table| {
+            let connection: Option<String> = match headers.raw_get::<Value>("connection")? {
+                Value::String(s) => Some(s.to_string_lossy()),
+                Value::Table(t) => Some(
+                    t.sequence_values::<String>()
+                        .collect::<mlua::Result<Vec<_>>>()?
+                        .join(","),
+                ),
+                _ => None,
+            };
+            let listed: Vec<String> = connection
+                .as_deref()
+                .map(|c| hop_by_hop::connection_names(c).collect())
+                .unwrap_or_default();
+            let mut drop: Vec<String> = Vec::new();
+            for pair in headers.pairs::<String, Value>() {
+                let (name, _) = pair?;
+                if hop_by_hop::is_hop_by_hop(&name) || listed.iter().any(|l| l.eq_ignore_ascii_case(&name)) {
+                    drop.push(name);
+                }
+            }
+            if drop.is_empty() {
+                return Ok(Value::Nil);
+            }
+            Ok(Value::Table(lua.create_sequence_from(drop)?))
         })?,
     )?;
     let shared_request = shared.clone();

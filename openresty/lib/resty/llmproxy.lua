@@ -71,7 +71,6 @@ local gsub = string.gsub
 local match = string.match
 local gmatch = string.gmatch
 local io_open = io.open
-local os_date = os.date
 
 local ngx_log = ngx.log
 local ERR = ngx.ERR
@@ -388,7 +387,7 @@ local function load(config, opts)
         max_body_bytes = tonumber(opts.max_body_bytes) or gateway.max_body_bytes,
         max_response_bytes = tonumber(opts.max_response_bytes) or gateway.max_response_bytes,
         apply_timeouts = opts.timeouts ~= false,
-        -- What admission runs (auth, limits, utc_offset, the limits), as
+        -- What admission runs (auth, limits, the limits), as
         -- the gateway decides it; the keys are the config's.
         admission = admission,
         limits_dict = dict, -- nil: no counters (scripts see unlimited status)
@@ -737,6 +736,9 @@ local function key_entry(state, api_key)
     return e
 end
 
+-- Request headers nginx's proxy module writes itself.
+local NGINX_FRAMED = { host = true, ["content-length"] = true, ["transfer-encoding"] = true }
+
 -- Read the body and parse the request once into `ctx.req`. Returns a
 -- failure when the request cannot go on.
 local function prepare_request(state, ctx)
@@ -746,6 +748,19 @@ local function prepare_request(state, ctx)
     end
     ctx.id = request_id(raw)
     req_set_header("X-Request-ID", ctx.id)
+    -- Headers that describe the client's connection (the fixed hop-by-hop
+    -- names and every name its Connection header lists) stay on this hop.
+    -- nginx frames the upstream message itself (Host, Content-Length,
+    -- Transfer-Encoding): those are left to it.
+    local hop = state.llmproxy.hop_by_hop(raw)
+    if hop then
+        for i = 1, #hop do
+            local name = hop[i]
+            if not NGINX_FRAMED[name] then
+                req_clear_header(name)
+            end
+        end
+    end
     local fields = request_fields(ctx, raw)
     local entry = key_entry(state, fields.api_key)
     if entry then
@@ -784,6 +799,12 @@ local function prepare_request(state, ctx)
             return failure("bad_request", 400, "invalid_body", "the request body must be a JSON object")
         end
         ctx.req = req
+        -- `stream` and its options must have their OpenAI types (core's
+        -- check, as the gateway): a "true" would stream upstream unbilled.
+        local ferr = req:check_fields()
+        if ferr then
+            return failure("bad_request", 400, "invalid_field", "invalid request: " .. ferr)
+        end
         return nil
     end
     -- Other endpoints: scripts see the body when it happens to be JSON.
@@ -804,17 +825,16 @@ local function prepare_request(state, ctx)
     return nil
 end
 
--- The clock as rate_limit scripts see it, in the YAML's
--- `limits.time_zone` (a fixed offset), as the gateway's `current_time`.
--- Built once per second (and offset); the engine copies it per call.
-local clock_at, clock_offset, clock_table
-local function current_time(offset)
+-- The clock as rate_limit scripts see it: core's current_time in the
+-- YAML's `limits.time_zone` (default: the machine's local zone, `TZ`;
+-- nginx keeps TZ for its workers), as the gateway's. Built once per
+-- second (and engine); the engine copies it per call.
+local clock_at, clock_engine, clock_table
+local function current_time(engine)
     local now = ngx_time()
-    offset = offset or 0
-    if now ~= clock_at or offset ~= clock_offset then
-        local t = os_date("!*t", now + offset)
-        clock_at, clock_offset = now, offset
-        clock_table = { hour = t.hour, weekday = (t.wday + 5) % 7 + 1, timestamp = now }
+    if now ~= clock_at or engine ~= clock_engine then
+        clock_table = engine:current_time(now)
+        clock_at, clock_engine = now, engine
     end
     return clock_table
 end
@@ -846,7 +866,8 @@ local RATE_REASON = {
 
 -- The auth stage, as the gateway's (proxy/src/gateway/admission.rs): the
 -- standard checks (core's, with the key's live usage), then the auth
--- script, whose table is final (nil keeps the standard verdict). A script
+-- script: nil keeps the standard verdict, a deny is final, an allow
+-- overrules only the checks the config lists in may_override. A script
 -- that fails under `on_error: deny` fails closed: the standard denial when
 -- there is one, else 503.
 local function authenticate(state, ctx, entry, used)
@@ -876,11 +897,12 @@ local function authenticate(state, ctx, entry, used)
             log_hook_error("auth", ctx, err, "using the standard verdict")
             refusal = standard
         end
-    elseif res == nil then
-        refusal = standard
-    elseif res.allow == false then
-        refusal = failure("auth_error", tonumber(res.status_code) or 403, "denied_by_script",
-            type(res.reason) == "string" and res.reason or "access denied")
+    else
+        -- Core's decision (admission::decide): nil keeps the standard
+        -- verdict, a deny is final, an allow overrules only the failed
+        -- checks listed in scripts.auth.may_override (docs/adr/040).
+        local dstatus, dmessage, dcode = state.engine:auth_decision(checks, res)
+        refusal = dstatus and failure("auth_error", dstatus, dcode, dmessage) or nil
     end
     ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ",
         err and "failed" or (res == nil and "standard" or (res.allow == false and "deny" or "allow")),
@@ -947,7 +969,7 @@ local function limit(state, ctx, entry)
         local res, err = run_hook(state, "rate_limit", ctx.req, {
             key_info = entry and entry.info or state.null,
             rate_limit_status = acq.status,
-            current_time = current_time(adm.utc_offset),
+            current_time = current_time(state.engine),
         })
         if err then
             verdict = "failed"
@@ -1833,6 +1855,7 @@ function _M.log()
         if now - pool_stats_at >= POOL_STATS_EVERY then
             pool_stats_at = now
             metrics.pool(store, state.engine:pool_stats())
+            metrics.ignored_fields(store, state.engine:ignored_fields())
             if state.ledger then
                 metrics.ledger(store, state.engine:ledger_stats())
             end
@@ -1859,6 +1882,7 @@ function _M.metrics()
     local state = current
     if state then
         metrics.pool(store, state.engine:pool_stats())
+        metrics.ignored_fields(store, state.engine:ignored_fields())
         if state.ledger then
             metrics.ledger(store, state.engine:ledger_stats())
         end

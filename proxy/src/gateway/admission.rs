@@ -3,8 +3,10 @@
 //!
 //! Auth: the key (`Authorization: Bearer` or `x-api-key`) is looked up in
 //! the live key set; core's standard checks run with the key's live quota
-//! usage; the `auth` script (if any) sees `key_info` and `standard_checks`
-//! and its table is final, `nil` keeps the standard verdict. Rate limit:
+//! usage; the `auth` script (if any) sees `key_info` and `standard_checks`:
+//! `nil` keeps the standard verdict, a deny is final, an allow overrules
+//! only the failed checks `may_override` lists (core's
+//! `admission::decide`, docs/adr/040). Rate limit:
 //! the standard limiter checks and takes (atomically, in this process or in
 //! Redis); the `rate_limit` script sees `rate_limit_status` and
 //! `current_time` and may overrule it either way (tokens are then taken or
@@ -23,12 +25,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::{Datelike, FixedOffset, Timelike, Utc};
+use chrono::Utc;
+use llmproxy_core::admission::{self, Check, Decision};
+use llmproxy_core::clock::{self, Zone};
 use llmproxy_core::config::StateOnError;
 use llmproxy_core::hooks::{
     AuthVerdict, CurrentTime, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata, UsageRecord,
 };
-use llmproxy_core::keys::{standard_checks_with_usage, standard_denial};
+use llmproxy_core::keys::standard_checks_with_usage;
 use llmproxy_core::HookName;
 use serde_json::{json, Value};
 
@@ -73,33 +77,10 @@ pub(crate) struct Admitted {
     pub permit: Option<Permit>,
 }
 
-/// The clock as `rate_limit` scripts see it, in the configured zone.
-pub fn current_time(utc_offset: i32) -> CurrentTime {
-    let now = Utc::now();
-    let local = match FixedOffset::east_opt(utc_offset) {
-        Some(tz) => now.with_timezone(&tz).naive_local(),
-        None => now.naive_utc(),
-    };
-    CurrentTime {
-        hour: local.hour(),
-        weekday: local.weekday().number_from_monday(),
-        timestamp: now.timestamp(),
-    }
-}
-
-/// The error code and metrics reason of a standard denial.
-fn denial_reason(c: &StandardChecks) -> (&'static str, &'static str) {
-    if !c.key_valid {
-        ("invalid_api_key", "invalid_key")
-    } else if !c.status_active {
-        ("key_disabled", "disabled")
-    } else if !c.not_expired {
-        ("key_expired", "expired")
-    } else if !c.ip_allowed {
-        ("ip_not_allowed", "ip_not_allowed")
-    } else {
-        ("quota_exhausted", "quota_exhausted")
-    }
+/// The clock as `rate_limit` scripts see it, in the configured zone
+/// (core's [`clock::current_time`]).
+pub fn current_time(zone: Zone) -> CurrentTime {
+    clock::current_time(Utc::now(), zone)
 }
 
 fn auth_failure(status: u16, code: &'static str, message: String) -> Refusal {
@@ -112,34 +93,45 @@ fn rate_failure(code: &'static str, message: String, retry_after: f64) -> Refusa
     Refusal::Fail(Box::new(f))
 }
 
-/// Turn an auth verdict into admission or refusal.
-fn judge_auth(shared: &Shared, verdict: AuthVerdict, checks: &StandardChecks) -> Result<(), Refusal> {
-    match verdict {
-        AuthVerdict::Allow => Ok(()),
-        AuthVerdict::Deny { reason, status_code } => {
+/// Turn an auth verdict into admission or refusal: core's
+/// [`admission::decide`], so a script's `allow = true` overrules only the
+/// failed checks listed in `scripts.auth.may_override` (docs/adr/040). A
+/// standard 401 (no key, or an unknown one) counts against the client's
+/// address in the auth throttle (docs/adr/039).
+fn judge_auth(
+    shared: &Shared,
+    verdict: AuthVerdict,
+    checks: &StandardChecks,
+    info: &RequestInfo,
+    may_override: &[Check],
+) -> Result<(), Refusal> {
+    match admission::decide(checks, &verdict, may_override) {
+        Decision::Allow => Ok(()),
+        Decision::Script { status, reason } => {
             shared.metrics.auth_denied("script");
             Err(auth_failure(
-                status_code,
+                status,
                 "denied_by_script",
                 reason.unwrap_or_else(|| String::from("access denied")),
             ))
         }
-        AuthVerdict::Standard => match standard_denial(checks) {
-            None => Ok(()),
-            Some((status, message)) => {
-                let (code, reason) = denial_reason(checks);
-                shared.metrics.auth_denied(reason);
-                Err(auth_failure(status, code, message.to_owned()))
+        Decision::Standard(d) => {
+            shared.metrics.auth_denied(d.reason);
+            if d.check == Check::Unknown {
+                if let Some(ip) = info.client_ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                    shared.throttles.api.failed(ip, Instant::now());
+                }
             }
-        },
+            Err(auth_failure(d.status, d.code, d.message.to_owned()))
+        }
     }
 }
 
 /// An auth script that failed under `on_error: deny` fails closed. When the
 /// standard checks deny as well (say an unknown key, and a script that reads
 /// `key_info`), the client gets that precise 401/403/429 rather than a 503.
-fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks) -> Refusal {
-    match judge_auth(shared, AuthVerdict::Standard, checks) {
+fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks, info: &RequestInfo) -> Refusal {
+    match judge_auth(shared, AuthVerdict::Standard, checks, info, &[]) {
         Err(standard) => standard,
         Ok(()) => {
             shared.metrics.auth_denied("hook_failed");
@@ -180,6 +172,41 @@ fn key_info(caller: &Caller, used: u64) -> Value {
     caller.key.as_ref().map_or(Value::Null, |k| k.key_info(used))
 }
 
+/// The standard key checks before the request body is read
+/// (docs/adr/036-bounds-before-the-body.md): an unknown, disabled or
+/// expired key, a refused address, or (with local state) an exhausted
+/// quota is refused without reading or parsing the body. Only when auth is
+/// on and no `auth` script runs: a script may allow what the standard
+/// checks deny (where `may_override` lets it), and it sees the body.
+/// Admission proper runs later as before; the checks are cheap and
+/// repeatable.
+pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller: &Caller) -> Result<(), Refusal> {
+    if !live.auth_on || live.stages.enabled(HookName::Auth) {
+        return Ok(());
+    }
+    let used = match (&*shared.state, &caller.key) {
+        (State::Local(local), Some(k)) => local.used(&k.fingerprint),
+        _ => 0,
+    };
+    let checks = standard_checks_with_usage(
+        caller.key.as_ref().map(|k| &k.record),
+        used,
+        info.client_ip.as_deref(),
+        Utc::now(),
+    );
+    judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])
+}
+
+/// Whether a refusal still established who the caller is (the key is
+/// valid, active, unexpired and allowed from this address): rate limits and
+/// an exhausted quota. `error_handler` runs for those, not for the rest.
+pub(crate) fn caller_identified(r: &Refusal) -> bool {
+    match r {
+        Refusal::Fail(f) => f.kind == ErrorType::RateLimit || f.code == "quota_exhausted",
+        Refusal::Deny(_) => false,
+    }
+}
+
 /// The whole admission with the local state backend (synchronous; runs on
 /// a hook thread when a script is involved).
 pub(crate) fn admit_local(
@@ -203,8 +230,8 @@ pub(crate) fn admit_local(
         );
         let verdict = stages
             .auth(info, &info_value, checks, t)
-            .map_err(|d| auth_script_failed(shared, d, &checks))?;
-        judge_auth(shared, verdict, &checks)?;
+            .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
+        judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
     }
     let mut admitted = Admitted::default();
     if live.limit_on {
@@ -217,7 +244,7 @@ pub(crate) fn admit_local(
         });
         let took = acq.denial.is_none();
         let verdict = stages
-            .rate_limit(info, &info_value, acq.status, current_time(live.utc_offset), t)
+            .rate_limit(info, &info_value, acq.status, current_time(live.zone), t)
             .map_err(|d| {
                 if took {
                     local.limiter.refund(key, limits);
@@ -249,23 +276,25 @@ pub(crate) fn admit_local(
     Ok(admitted)
 }
 
-/// A hook job from async code; a lost job counts as a script failure.
+/// A hook job from async code; a lost job counts as a script failure, a
+/// job the overloaded pool refused is a 503 `hooks_overloaded` (outer error).
 async fn hook_job<T: Send + 'static>(
     shared: &Arc<Shared>,
     hook: HookName,
     f: impl FnOnce() -> (Result<T, Denied>, Timings) + Send + 'static,
     lost_default: impl FnOnce() -> T,
     timings: &mut Timings,
-) -> Result<T, Denied> {
+) -> Result<Result<T, Denied>, Refusal> {
     match shared.hooks.run(f).await {
         Ok((r, t)) => {
             timings.merge(t);
-            r
+            Ok(r)
         }
-        Err(_) => match shared.live().stages.lost(hook) {
+        Err(e) if e.is_overload() => Err(Refusal::Fail(Box::new(Failure::overloaded()))),
+        Err(_) => Ok(match shared.live().stages.lost(hook) {
             Some(d) => Err(d),
             None => Ok(lost_default()),
-        },
+        }),
     }
 }
 
@@ -326,15 +355,15 @@ pub(crate) async fn admit_redis(
                 || AuthVerdict::Standard,
                 t,
             )
-            .await
-            .map_err(|d| auth_script_failed(shared, d, &checks))?;
-            judge_auth(shared, verdict, &checks)?;
+            .await?
+            .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
+            judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
         } else {
             // Everything but the quota now; the quota is checked by Redis in
             // the same step as the limits.
             let checks = standard_checks_with_usage(record, 0, info.client_ip.as_deref(), Utc::now());
-            judge_auth(shared, AuthVerdict::Standard, &checks)?;
-            quota_total = record.map_or(0, |r| r.total_quota);
+            judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])?;
+            quota_total = record.and_then(|r| r.quota_limit()).unwrap_or(0);
         }
     }
     if !live.limit_on && quota_total == 0 {
@@ -375,7 +404,7 @@ pub(crate) async fn admit_redis(
     };
     if acq.quota_exhausted {
         let checks = standard_checks_with_usage(record, acq.used, info.client_ip.as_deref(), Utc::now());
-        judge_auth(shared, AuthVerdict::Standard, &checks)?;
+        judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])?;
     }
     let took = acq.denial.is_none();
     let slot = |shared: &Arc<Shared>| key.map(|id| Permit::new(&shared.state, Arc::from(id)));
@@ -388,7 +417,7 @@ pub(crate) async fn admit_redis(
         }
         let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value);
         let status = acq.status;
-        let now = current_time(live.utc_offset);
+        let now = current_time(live.zone);
         let r = hook_job(
             shared,
             HookName::RateLimit,
@@ -401,6 +430,15 @@ pub(crate) async fn admit_redis(
             t,
         )
         .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(overloaded) => {
+                if took {
+                    redis.refund(key, limits).await;
+                }
+                return Err(overloaded);
+            }
+        };
         match r {
             Ok(v) => v,
             Err(d) => {
@@ -568,6 +606,14 @@ fn usage_job(inner: TicketInner, c: Completion) {
         ..
     } = inner;
     let raw = c.usage.filter(Value::is_object).unwrap_or_else(zero_usage);
+    let estimated = raw.get("estimated") == Some(&Value::Bool(true));
+    if estimated {
+        shared
+            .metrics
+            .bounds
+            .usage_estimated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let response = c.response.unwrap_or_else(|| ResponseInfo {
         status_code: c.status,
         body: Arc::new(Value::Null),
@@ -651,6 +697,7 @@ fn usage_job(inner: TicketInner, c: Completion) {
         model,
         billable_tokens: billable,
         latency_ms,
+        estimated,
     };
     for sink in shared.usage_sinks.iter() {
         sink.record(entry.clone());

@@ -48,6 +48,9 @@ impl ErrorType {
     }
 }
 
+/// The code of [`Failure::overloaded`].
+pub const OVERLOADED: &str = "hooks_overloaded";
+
 /// A backend's own error response, passed through unless `error_handler`
 /// replaces it.
 #[derive(Debug, Clone)]
@@ -80,6 +83,9 @@ pub struct Failure {
     pub upstream: Option<Box<UpstreamReply>>,
     /// Seconds for a `Retry-After` header (rate limit refusals).
     pub retry_after: Option<u64>,
+    /// Answer with `Connection: close` (the request body was not read to
+    /// its end, so the connection cannot carry another request).
+    pub close_connection: bool,
 }
 
 impl Failure {
@@ -94,7 +100,22 @@ impl Failure {
             retry_count: 0,
             upstream: None,
             retry_after: None,
+            close_connection: false,
         }
+    }
+
+    /// The hook threads are overloaded: the job did not fit in the queue or
+    /// did not start within `scripts.pool.checkout_timeout_ms`. A fast 503
+    /// that skips `error_handler` (which would need the same threads).
+    pub fn overloaded() -> Self {
+        let mut f = Failure::new(
+            ErrorType::BackendError,
+            503,
+            OVERLOADED,
+            "the gateway is overloaded (hook threads busy); retry later",
+        );
+        f.retry_after = Some(1);
+        f
     }
 
     /// The default body of this failure.

@@ -6,6 +6,7 @@
 //! as the first attempt's routing and request_transform.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,13 +17,14 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
+use llmproxy_core::http::{fields, path::PathError};
 use llmproxy_core::HookName;
 use serde_json::Value;
 
 use super::admission::{self, Admitted, Caller, Completion, Refusal, Ticket};
 use super::backend::Backend;
 use super::body::GatewayBody;
-use super::errors::{error_body, ErrorType, Failure, UpstreamReply};
+use super::errors::{error_body, ErrorType, Failure, UpstreamReply, OVERLOADED};
 use super::keyset;
 use super::live::Live;
 use super::pipeline::{Denied, StageResult, Timings};
@@ -43,6 +45,8 @@ pub enum Endpoint {
     Passthrough,
     /// Not an endpoint of the gateway (404 through `error_handler`).
     NotFound,
+    /// The path has no canonical form (400 through `error_handler`).
+    BadPath(PathError),
 }
 
 impl Endpoint {
@@ -76,6 +80,9 @@ pub(crate) struct Exchange {
     pub started: Instant,
     pub timings: Timings,
     pub retries: u32,
+    /// Who the caller is has been established (auth is off, or the key
+    /// passed the identity checks): only then does `error_handler` run.
+    pub identified: bool,
 }
 
 /// One attempt's plan: the backend and what to send it.
@@ -93,18 +100,26 @@ enum Outcome {
     Fail(Failure),
 }
 
+/// Bodies up to this size are parsed on the tokio worker that read them;
+/// larger ones on a blocking thread, so a big body cannot stall the worker.
+const INLINE_PARSE_BYTES: usize = 64 << 10;
+
 /// Why planning an attempt stopped the request.
 enum Stop {
     Denied(Denied),
     Refused(Refusal),
 }
 
-/// Proxy one request to a backend.
+/// Proxy one request to a backend. `path` is the request's canonical path
+/// (see [`llmproxy_core::http::path`]): scripts see it, the upstream gets
+/// it (with the client's query string); for [`Endpoint::BadPath`], the
+/// path as sent, for the logs.
 pub async fn proxy(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     peer: SocketAddr,
     endpoint: Endpoint,
+    path: String,
 ) -> Response<GatewayBody> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
@@ -131,8 +146,12 @@ pub async fn proxy(
         api_key,
         user_id: key.map(|k| k.record.user_id.clone()),
         client_ip: Some(peer.ip().to_string()),
-        path: Some(parts.uri.path().to_owned()),
+        path: Some(path),
         ..RequestInfo::default()
+    };
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", info.path.as_deref().unwrap_or("/")),
+        None => info.path.clone().unwrap_or_else(|| String::from("/")),
     };
     let mut ex = Exchange {
         shared,
@@ -142,16 +161,15 @@ pub async fn proxy(
         info: Arc::new(info),
         endpoint,
         method: parts.method,
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| String::from("/"), |p| p.as_str().to_owned()),
+        path_and_query,
         client_headers: parts.headers,
         body: Bytes::new(),
         started,
         timings: Timings::default(),
         retries: 0,
+        identified: false,
     };
+    ex.identified = !ex.live.auth_on;
     if endpoint == Endpoint::NotFound {
         let f = Failure::new(
             ErrorType::BadRequest,
@@ -165,19 +183,31 @@ pub async fn proxy(
         );
         return ex.fail(f).await;
     }
-    let max = ex.shared.config.max_body_bytes;
-    match read_body(body, &ex.client_headers, max).await {
-        Ok(b) => ex.body = b,
-        Err(f) => return ex.fail(f).await,
+    if let Endpoint::BadPath(e) = endpoint {
+        let f = Failure::new(ErrorType::BadRequest, 400, "invalid_path", e.to_string());
+        return ex.fail(f).await;
     }
-    let parsed = if endpoint.is_api() {
-        match parse_api_body(&ex.body, ex.live.stages.engine()) {
-            Ok(v) => v,
-            Err(f) => return ex.fail(f).await,
+    // The key before the body: an unauthenticated body is never read.
+    if ex.live.auth_on && !ex.live.stages.enabled(HookName::Auth) {
+        match admission::precheck(&ex.shared, &ex.live, &ex.info, &ex.caller) {
+            Ok(()) => ex.identified = true,
+            Err(r) => return ex.refused(r).await,
         }
-    } else {
-        // Passthrough: scripts see the body when it happens to be JSON.
-        serde_json::from_slice(&ex.body).unwrap_or(Value::Null)
+    }
+    let max = ex.shared.config.max_body_bytes;
+    let timeout = Duration::from_millis(ex.shared.config.body_read_timeout_ms);
+    match read_body(body, &ex.client_headers, max, timeout).await {
+        Ok(b) => ex.body = b,
+        Err(f) => {
+            if f.code == "body_timeout" {
+                ex.shared.metrics.bounds.body_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            return ex.fail(f).await;
+        }
+    }
+    let parsed = match parse_body(endpoint, &ex.body, &ex.live).await {
+        Ok(v) => v,
+        Err(f) => return ex.fail(f).await,
     };
     if let Some(info) = Arc::get_mut(&mut ex.info) {
         info.body = Arc::new(parsed);
@@ -185,7 +215,36 @@ pub async fn proxy(
     ex.run().await
 }
 
-async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Result<Bytes, Failure> {
+/// Parse the body: API endpoints need a JSON object; passthrough scripts
+/// see the body when it happens to be JSON. Big bodies are parsed on a
+/// blocking thread.
+async fn parse_body(endpoint: Endpoint, body: &Bytes, live: &Arc<Live>) -> Result<Value, Failure> {
+    let parse = move |body: &[u8], live: &Live| {
+        if endpoint.is_api() {
+            parse_api_body(body, live.stages.engine())
+        } else {
+            Ok(serde_json::from_slice(body).unwrap_or(Value::Null))
+        }
+    };
+    if body.len() <= INLINE_PARSE_BYTES {
+        return parse(body, live);
+    }
+    let (body, live) = (body.clone(), Arc::clone(live));
+    tokio::task::spawn_blocking(move || parse(&body, &live))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Failure::new(
+                ErrorType::BadRequest,
+                400,
+                "invalid_json",
+                format!("the request body could not be parsed: {e}"),
+            ))
+        })
+}
+
+/// Read the whole body: at most `max` bytes (413), within `timeout` of the
+/// head (408, and the connection closes: the rest of the body is unread).
+async fn read_body(body: Incoming, headers: &HeaderMap, max: usize, timeout: Duration) -> Result<Bytes, Failure> {
     let too_large = || {
         Failure::new(
             ErrorType::BadRequest,
@@ -201,7 +260,20 @@ async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Result<By
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, max).collect().await {
+    let collected = match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut f = Failure::new(
+                ErrorType::Timeout,
+                408,
+                "body_timeout",
+                format!("the request body did not arrive within {} ms", timeout.as_millis()),
+            );
+            f.close_connection = true;
+            return Err(f);
+        }
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => Err(Failure::new(
@@ -219,7 +291,17 @@ fn parse_api_body(body: &[u8], engine: &llmproxy_core::Engine) -> Result<Value, 
         max_bytes: usize::MAX,
     };
     match convert::parse_json(body, limits) {
-        Ok(v @ Value::Object(_)) => Ok(v),
+        // The fields the gateway decides on (`stream`) have the OpenAI
+        // types, or the request is refused before any hook runs.
+        Ok(v @ Value::Object(_)) => match fields::check(&v) {
+            Ok(()) => Ok(v),
+            Err(e) => Err(Failure::new(
+                ErrorType::BadRequest,
+                400,
+                "invalid_field",
+                format!("invalid request: {e}"),
+            )),
+        },
         Ok(_) => Err(Failure::new(
             ErrorType::BadRequest,
             400,
@@ -295,6 +377,7 @@ impl Exchange {
 
     /// The request was admitted: it now owns a ticket.
     fn admitted(&mut self, a: Admitted) {
+        self.identified = true;
         self.ticket = Some(Ticket::new(
             &self.shared,
             &self.live,
@@ -307,6 +390,9 @@ impl Exchange {
 
     /// Admission refused the request.
     async fn refused(&mut self, r: Refusal) -> Response<GatewayBody> {
+        if admission::caller_identified(&r) {
+            self.identified = true;
+        }
         match r {
             Refusal::Fail(f) => self.fail(*f).await,
             Refusal::Deny(d) => self.denied(d),
@@ -345,6 +431,9 @@ impl Exchange {
         let (result, admitted, t) = if scripted {
             match self.shared.hooks.run(job).await {
                 Ok(r) => r,
+                Err(e) if e.is_overload() => {
+                    return Err(Stop::Refused(Refusal::Fail(Box::new(Failure::overloaded()))));
+                }
                 Err(_) => {
                     let hook = if admit { HookName::Auth } else { HookName::Routing };
                     return match self.live.stages.lost(hook) {
@@ -470,6 +559,13 @@ impl Exchange {
             UpstreamError::Timeout(_) => (ErrorType::Timeout, 504, "backend_timeout", retry.on_timeout),
             UpstreamError::Io(_) => (ErrorType::BackendError, 502, "backend_failed", retry.on_connect_error),
             UpstreamError::TooLarge => (ErrorType::BackendError, 502, "response_too_large", false),
+            UpstreamError::InterimStatus(_) => (
+                ErrorType::BackendError,
+                502,
+                "backend_bad_status",
+                retry.on_connect_error,
+            ),
+            UpstreamError::EventTooLarge => (ErrorType::BackendError, 502, "event_too_large", false),
         };
         let f = self.failure_at(b, kind, status, code, e.message());
         if can_retry && retryable {
@@ -581,6 +677,7 @@ impl Exchange {
                         self.timings.merge(t);
                         r
                     }
+                    Err(e) if e.is_overload() => return self.fail(Failure::overloaded()).await,
                     Err(_) => match self.live.stages.lost(HookName::ResponseTransform) {
                         Some(d) => Err(d),
                         None => Ok(None),
@@ -635,10 +732,21 @@ impl Exchange {
         resp
     }
 
-    /// A request failed: error_handler decides the response; with nil, the
-    /// backend's own error response (if any) or the default error body.
+    /// Whether `error_handler` shapes this failure: only once the caller is
+    /// identified, never for an unknown endpoint (404), and not when the
+    /// hook threads are overloaded (docs/gateway.md, "Errors").
+    fn handler_applies(&self, f: &Failure) -> bool {
+        self.live.stages.enabled(HookName::ErrorHandler)
+            && self.identified
+            && self.endpoint != Endpoint::NotFound
+            && f.code != OVERLOADED
+    }
+
+    /// A request failed: error_handler decides the response (see
+    /// [`Exchange::handler_applies`]); with nil, the backend's own error
+    /// response (if any) or the default error body.
     pub(crate) async fn fail(&mut self, f: Failure) -> Response<GatewayBody> {
-        let decision = if self.live.stages.enabled(HookName::ErrorHandler) {
+        let decision = if self.handler_applies(&f) {
             let live = Arc::clone(&self.live);
             let info = Arc::clone(&self.info);
             let error = ErrorInfo {
@@ -658,6 +766,7 @@ impl Exchange {
                     self.timings.merge(t);
                     r
                 }
+                Err(e) if e.is_overload() => Ok(ErrorResponse::Default),
                 Err(_) => match self.live.stages.lost(HookName::ErrorHandler) {
                     Some(d) => Err(d),
                     None => Ok(ErrorResponse::Default),
@@ -673,6 +782,7 @@ impl Exchange {
             .and_then(|u| serde_json::from_slice::<Value>(&u.body).ok())
             .and_then(|v| v.get("usage").filter(|u| u.is_object()).cloned());
         let retry_after = f.retry_after;
+        let close = f.close_connection;
         let resp = match decision {
             Err(denied) => return self.denied(denied),
             Ok(ErrorResponse::Default) => match f.upstream {
@@ -695,6 +805,10 @@ impl Exchange {
             }
         };
         let mut resp = resp;
+        if close {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(secs) = retry_after {
             if !resp.headers().contains_key(header::RETRY_AFTER) {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -2,34 +2,43 @@
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use llmproxy_core::hooks::HeaderChange;
+use llmproxy_core::http::hop_by_hop;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Headers scripts may not set: the gateway computes them.
+/// Headers scripts may not set: the gateway computes them. (Hop-by-hop
+/// headers are dropped earlier, by core's engine.)
 const PROTECTED: [&str; 4] = ["content-length", "transfer-encoding", "connection", "host"];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+/// The hop-by-hop headers of one message (RFC 9110 §7.6.1): the fixed list
+/// (core's [`hop_by_hop::is_hop_by_hop`]) plus every name its `Connection`
+/// headers list (`Connection: close, X-Secret` makes `X-Secret` one).
+struct HopByHop {
+    named: Vec<String>,
 }
 
-/// Client headers to forward upstream: no hop-by-hop headers, no `Host`
-/// or `Content-Length` (recomputed), no `X-Request-ID` (set by the gateway)
-/// and, when the gateway must read the response, no `Accept-Encoding`.
+impl HopByHop {
+    fn of(map: &HeaderMap) -> HopByHop {
+        let named = map
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| hop_by_hop::connection_names(&String::from_utf8_lossy(v.as_bytes())).collect::<Vec<_>>())
+            .collect();
+        HopByHop { named }
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        hop_by_hop::is_hop_by_hop(name.as_str()) || self.named.iter().any(|n| n == name.as_str())
+    }
+}
+
+/// Client headers to forward upstream: no hop-by-hop headers (nor those
+/// the client's `Connection` header names), no `Host` or `Content-Length`
+/// (recomputed), no `X-Request-ID` (set by the gateway) and, when the
+/// gateway must read the response, no `Accept-Encoding`.
 pub fn upstream(client: &HeaderMap, strip_accept_encoding: bool) -> HeaderMap {
+    let hop = HopByHop::of(client);
     let mut out = HeaderMap::with_capacity(client.len() + 2);
     for (name, value) in client {
-        if is_hop_by_hop(name)
+        if hop.contains(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
             || name.as_str() == super::request_id::HEADER
@@ -42,12 +51,14 @@ pub fn upstream(client: &HeaderMap, strip_accept_encoding: bool) -> HeaderMap {
     out
 }
 
-/// Backend headers to send to the client: no hop-by-hop headers and no
-/// `Content-Length` (recomputed for the body actually sent).
+/// Backend headers to send to the client: no hop-by-hop headers (nor those
+/// the backend's `Connection` header names) and no `Content-Length`
+/// (recomputed for the body actually sent).
 pub fn downstream(backend: &HeaderMap) -> HeaderMap {
+    let hop = HopByHop::of(backend);
     let mut out = HeaderMap::with_capacity(backend.len() + 2);
     for (name, value) in backend {
-        if is_hop_by_hop(name) || name == header::CONTENT_LENGTH {
+        if hop.contains(name) || name == header::CONTENT_LENGTH {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -141,6 +152,26 @@ mod tests {
         let mut m = HeaderMap::new();
         m.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-1 "));
         assert_eq!(bearer(&m).as_deref(), Some("sk-1"));
+    }
+
+    #[test]
+    fn connection_named_headers_are_hop_by_hop() {
+        let mut m = HeaderMap::new();
+        m.append(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        m.append(header::CONNECTION, HeaderValue::from_static("x-other"));
+        for (k, v) in [
+            ("x-secret", "s"),
+            ("x-other", "o"),
+            ("x-kept", "k"),
+            ("upgrade", "h2c"),
+            ("proxy-x", "p"),
+        ] {
+            m.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        for out in [upstream(&m, false), downstream(&m)] {
+            let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+            assert_eq!(names, ["x-kept"]);
+        }
     }
 
     #[test]

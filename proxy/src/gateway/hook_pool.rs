@@ -5,55 +5,213 @@
 //! engine has VMs, takes jobs from a queue; an async caller awaits a oneshot.
 //! One slow script therefore holds one thread and one VM, and every other
 //! request keeps the rest (see docs/adr/011-hook-threads.md).
+//!
+//! The queue is bounded and every awaited job has a deadline to *start*
+//! (docs/adr/037-hook-queue-bound.md): a job that does not fit in the queue
+//! fails at once with [`JobError::QueueFull`], one still queued when the
+//! deadline passes is cancelled ([`JobError::Expired`]) and never runs.
+//! Jobs that must not be lost (usage records) bypass the bound.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// A fixed pool of threads for blocking hook calls.
-#[derive(Debug)]
-pub struct HookPool {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
-    threads: usize,
-    handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
+/// A job waiting for a thread.
+const QUEUED: u8 = 0;
+/// A thread took the job: it runs to completion.
+const STARTED: u8 = 1;
+/// The caller gave up before the job started: it will not run.
+const CANCELLED: u8 = 2;
+
+/// Why a hook job did not give a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobError {
+    /// The job did not run to completion (it panicked, or the pool is
+    /// closed).
+    Lost,
+    /// The queue was full: the job was not queued.
+    QueueFull,
+    /// The job was still queued when its deadline passed: it was cancelled.
+    Expired,
 }
 
-/// The job did not run to completion (it panicked, or the pool is closed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JobLost;
+impl JobError {
+    /// The pool is overloaded (the job never started): the request gets a
+    /// fast 503 rather than the hook's failure policy.
+    pub fn is_overload(self) -> bool {
+        matches!(self, JobError::QueueFull | JobError::Expired)
+    }
+}
+
+/// Kept for callers that only care that the job gave nothing back.
+pub type JobLost = JobError;
+
+/// Counters of jobs refused by the bound and the deadline.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    /// Jobs refused because the queue was full.
+    pub queue_full: AtomicU64,
+    /// Jobs cancelled because they did not start before their deadline.
+    pub expired: AtomicU64,
+}
+
+struct Queue {
+    /// Jobs, with the start state of those that count against the bound.
+    jobs: VecDeque<(Job, Option<Arc<AtomicU8>>)>,
+    /// Queued jobs that count against the bound (cancelled ones do not).
+    bounded: usize,
+    closed: bool,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue a job; a bounded job (with its start state) is refused when
+    /// `capacity` bounded jobs are queued.
+    fn push(&self, job: Job, bounded: Option<(usize, Arc<AtomicU8>)>) -> Result<(), (Job, JobError)> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err((job, JobError::Lost));
+        }
+        let state = match bounded {
+            Some((cap, _)) if q.bounded >= cap => return Err((job, JobError::QueueFull)),
+            Some((_, state)) => {
+                q.bounded += 1;
+                Some(state)
+            }
+            None => None,
+        };
+        q.jobs.push_back((job, state));
+        drop(q);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job, or `None` once the queue is closed and empty. A bounded
+    /// job is marked started here, under the lock, unless it was cancelled.
+    fn pop(&self) -> Option<Job> {
+        let mut q = self.lock();
+        loop {
+            if let Some((job, state)) = q.jobs.pop_front() {
+                let started = state.is_some_and(|s| {
+                    s.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                });
+                if started {
+                    q.bounded -= 1;
+                }
+                return Some(job);
+            }
+            if q.closed {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Cancels a queued job when the caller stops waiting for it (deadline, or
+/// the request's future was dropped because the client left).
+struct StartGuard(Arc<AtomicU8>, Arc<Inner>);
+
+impl StartGuard {
+    /// Cancel the job if it has not started (it then leaves the bound at
+    /// once); `true` when it was cancelled.
+    fn cancel(&self) -> bool {
+        if self.0.load(Ordering::Acquire) != QUEUED {
+            return false;
+        }
+        let mut q = self.1.lock();
+        let cancelled = self
+            .0
+            .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if cancelled {
+            q.bounded -= 1;
+        }
+        cancelled
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// Whether a thread took the job (rather than skipping a cancelled one).
+fn started(state: &AtomicU8) -> bool {
+    state.load(Ordering::Acquire) == STARTED
+}
+
+/// A fixed pool of threads for blocking hook calls.
+pub struct HookPool {
+    inner: Arc<Inner>,
+    threads: usize,
+    capacity: usize,
+    deadline: Duration,
+    handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Jobs refused by the bound or the deadline.
+    pub rejections: Rejections,
+}
+
+impl std::fmt::Debug for HookPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookPool")
+            .field("threads", &self.threads)
+            .field("capacity", &self.capacity)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
 
 impl HookPool {
-    /// Start `threads` threads (at least one).
-    pub fn new(threads: usize) -> std::io::Result<HookPool> {
+    /// Start `threads` threads (at least one) over a queue of at most
+    /// `capacity` awaited jobs (at least one), each of which must start
+    /// within `deadline`.
+    pub fn new(threads: usize, capacity: usize, deadline: Duration) -> std::io::Result<HookPool> {
         let threads = threads.max(1);
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                bounded: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        });
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
-            let rx = Arc::clone(&rx);
+            let inner = Arc::clone(&inner);
             let h = std::thread::Builder::new()
                 .name(format!("llmproxy-hook-{i}"))
-                .spawn(move || loop {
-                    let job = {
-                        let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
-                        guard.recv()
-                    };
-                    match job {
+                .spawn(move || {
+                    while let Some(job) = inner.pop() {
                         // A panicking job loses its reply; the thread lives on.
-                        Ok(job) => drop(catch_unwind(AssertUnwindSafe(job))),
-                        Err(_) => return,
+                        drop(catch_unwind(AssertUnwindSafe(job)));
                     }
                 })?;
             handles.push(h);
         }
         Ok(HookPool {
-            tx: Mutex::new(Some(tx)),
+            inner,
             threads,
+            capacity: capacity.max(1),
+            deadline,
             handles: Mutex::new(handles),
+            rejections: Rejections::default(),
         })
     }
 
@@ -62,75 +220,111 @@ impl HookPool {
         self.threads
     }
 
+    /// Jobs queued now (not yet taken by a thread).
+    pub fn queued(&self) -> usize {
+        self.inner.lock().jobs.len()
+    }
+
+    fn refused(&self, e: JobError) -> JobError {
+        if e == JobError::QueueFull {
+            self.rejections.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+        e
+    }
+
+    /// Await a queued job's result: give up (and cancel it) when it has not
+    /// started within the deadline; once started it runs to the end.
+    async fn await_result<T>(&self, guard: StartGuard, mut result: oneshot::Receiver<T>) -> Result<T, JobError> {
+        match tokio::time::timeout(self.deadline, &mut result).await {
+            Ok(r) => r.map_err(|_| JobError::Lost),
+            Err(_) if guard.cancel() => {
+                self.rejections.expired.fetch_add(1, Ordering::Relaxed);
+                Err(JobError::Expired)
+            }
+            Err(_) => result.await.map_err(|_| JobError::Lost),
+        }
+    }
+
     /// Run `f` on a hook thread and await its result.
-    pub async fn run<T, F>(&self, f: F) -> Result<T, JobLost>
+    pub async fn run<T, F>(&self, f: F) -> Result<T, JobError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
         let (reply, result) = oneshot::channel();
-        self.spawn(move || {
-            let _ = reply.send(f());
-        })?;
-        result.await.map_err(|_| JobLost)
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let s = Arc::clone(&state);
+        let job: Job = Box::new(move || {
+            if started(&s) {
+                let _ = reply.send(f());
+            }
+        });
+        if let Err((_, e)) = self.inner.push(job, Some((self.capacity, Arc::clone(&state)))) {
+            return Err(self.refused(e));
+        }
+        self.await_result(StartGuard(state, Arc::clone(&self.inner)), result)
+            .await
     }
 
     /// Run `f` on a hook thread and await its result; then, on the same
     /// thread and after the result was handed over, run `then` (work that
     /// must not delay the caller, without a second trip to the pool).
-    pub async fn run_then<T, F, G>(&self, f: F, then: G) -> Result<T, JobLost>
+    /// `then` runs even when `f` does not (queue full, deadline passed).
+    pub async fn run_then<T, F, G>(&self, f: F, then: G) -> Result<T, JobError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
         G: FnOnce() + Send + 'static,
     {
         let (reply, result) = oneshot::channel();
-        self.spawn(move || {
-            let _ = reply.send(f());
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let s = Arc::clone(&state);
+        let job: Job = Box::new(move || {
+            if started(&s) {
+                let _ = reply.send(f());
+            }
             then();
-        })?;
-        result.await.map_err(|_| JobLost)
+        });
+        if let Err((job, e)) = self.inner.push(job, Some((self.capacity, Arc::clone(&state)))) {
+            // `f` will not run (the state stays QUEUED, never STARTED);
+            // `then` must.
+            self.spawn_or_inline(job);
+            return Err(self.refused(e));
+        }
+        self.await_result(StartGuard(state, Arc::clone(&self.inner)), result)
+            .await
     }
 
-    /// Run `f` on a hook thread without waiting for it.
-    pub fn spawn<F>(&self, f: F) -> Result<(), JobLost>
+    /// Run `f` on a hook thread without waiting for it (outside the bound).
+    pub fn spawn<F>(&self, f: F) -> Result<(), JobError>
     where
         F: FnOnce() + Send + 'static,
     {
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(tx) => tx.send(Box::new(f)).map_err(|_| JobLost),
-            None => Err(JobLost),
-        }
+        self.inner.push(Box::new(f), None).map_err(|(_, e)| e)
     }
 
-    /// Run `f` on a hook thread without waiting for it; when the pool is
-    /// closed (shutdown), run it here instead, so the work is never lost.
+    /// Run `f` on a hook thread without waiting for it (outside the bound:
+    /// this work is never refused); when the pool is closed (shutdown), run
+    /// it here instead, so the work is never lost.
     pub fn spawn_or_inline<F>(&self, f: F)
     where
         F: FnOnce() + Send + 'static,
     {
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let job: Job = Box::new(f);
-        let job = match guard.as_ref() {
-            Some(tx) => match tx.send(job) {
-                Ok(()) => return,
-                Err(mpsc::SendError(job)) => job,
-            },
-            None => job,
-        };
-        drop(guard);
-        job();
+        if let Err((job, _)) = self.inner.push(Box::new(f), None) {
+            job();
+        }
     }
 
     /// Stop taking jobs; threads exit once the queue is drained.
     pub fn close(&self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner.lock().closed = true;
+        self.inner.ready.notify_all();
     }
 
     /// Stop taking jobs and wait until every queued job has run (blocking).
-    /// Jobs queued by running jobs still run (they hold the queue open only
-    /// until they finish: the threads exit when it is empty and closed).
+    /// Jobs queued by running jobs are refused (they run inline with
+    /// [`HookPool::spawn_or_inline`]); the threads exit when the queue is
+    /// empty.
     pub fn close_and_join(&self) {
         self.close();
         let handles: Vec<_> = self
@@ -148,5 +342,67 @@ impl HookPool {
 impl Drop for HookPool {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Occupy the only thread for `ms`; returns once the job has started.
+    async fn occupy(pool: &HookPool, ms: u64) {
+        let (tx, rx) = oneshot::channel();
+        pool.spawn(move || {
+            let _ = tx.send(());
+            std::thread::sleep(Duration::from_millis(ms));
+        })
+        .unwrap();
+        rx.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_and_a_passed_deadline_refuse_fast() {
+        let pool = HookPool::new(1, 2, Duration::from_millis(100)).unwrap();
+        occupy(&pool, 1000).await;
+        let started = Instant::now();
+        let (r1, r2, r3) = tokio::join!(pool.run(|| 1), pool.run(|| 2), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            pool.run(|| 3).await
+        });
+        assert_eq!(r3, Err(JobError::QueueFull));
+        assert_eq!((r1, r2), (Err(JobError::Expired), Err(JobError::Expired)));
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "refused before the thread was free"
+        );
+        assert_eq!(pool.rejections.queue_full.load(Ordering::Relaxed), 1);
+        assert_eq!(pool.rejections.expired.load(Ordering::Relaxed), 2);
+        // The cancelled jobs left the bound at once and never run; the pool
+        // serves again once its thread is free.
+        assert_eq!(pool.queued(), 2);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(pool.run(|| 7).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn run_then_runs_then_even_when_refused() {
+        let pool = HookPool::new(1, 1, Duration::from_millis(50)).unwrap();
+        let ran = Arc::new(AtomicU64::new(0));
+        occupy(&pool, 300).await;
+        let count = |ran: &Arc<AtomicU64>| {
+            let ran = Arc::clone(ran);
+            move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let (r1, r2) = tokio::join!(pool.run_then(|| 1, count(&ran)), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            pool.run_then(|| 2, count(&ran)).await
+        });
+        assert_eq!(r1, Err(JobError::Expired));
+        assert_eq!(r2, Err(JobError::QueueFull));
+        pool.close_and_join();
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
     }
 }

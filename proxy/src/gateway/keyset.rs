@@ -5,11 +5,10 @@
 //! key up once. Each entry keeps its `key_info` table ready for the `auth`
 //! and `rate_limit` scripts, so a request only adds the live `used_quota`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use hyper::header::HeaderMap;
-use llmproxy_core::keys::{key_fingerprint, KeyRecord};
+use llmproxy_core::keys::{KeyIndex, KeyRecord};
 use serde_json::{Map, Value};
 
 /// One configured key.
@@ -24,14 +23,15 @@ pub struct KeyEntry {
 }
 
 impl KeyEntry {
-    /// Build an entry for `record`.
+    /// Build an entry for `record` (its `key_info` is core's
+    /// [`KeyRecord::key_info`], as in every host).
     pub fn new(record: KeyRecord) -> KeyEntry {
-        let info = match serde_json::to_value(&record) {
-            Ok(Value::Object(m)) => m,
+        let info = match record.key_info(record.used_quota) {
+            Value::Object(m) => m,
             _ => Map::new(),
         };
         KeyEntry {
-            fingerprint: Arc::from(key_fingerprint(&record.key)),
+            fingerprint: Arc::from(record.fingerprint()),
             record,
             info,
         }
@@ -48,22 +48,24 @@ impl KeyEntry {
 /// The keys of one config generation.
 #[derive(Debug, Default)]
 pub struct KeySet {
-    by_key: HashMap<String, Arc<KeyEntry>>,
+    index: KeyIndex,
     ordered: Vec<Arc<KeyEntry>>,
 }
 
 impl KeySet {
-    /// Index `keys` (the config has rejected duplicates already; a later
-    /// duplicate would win).
+    /// Index `keys`, held in clear or as `key_sha256` (core's
+    /// [`KeyIndex`]; the config has rejected duplicates already).
     pub fn new(keys: &[KeyRecord]) -> KeySet {
         let ordered: Vec<Arc<KeyEntry>> = keys.iter().cloned().map(|k| Arc::new(KeyEntry::new(k))).collect();
-        let by_key = ordered.iter().map(|e| (e.record.key.clone(), Arc::clone(e))).collect();
-        KeySet { by_key, ordered }
+        KeySet {
+            index: KeyIndex::new(keys),
+            ordered,
+        }
     }
 
     /// The entry for the secret `key`.
     pub fn get(&self, key: &str) -> Option<Arc<KeyEntry>> {
-        self.by_key.get(key).cloned()
+        self.index.find(key).and_then(|i| self.ordered.get(i)).cloned()
     }
 
     /// Every entry, in config order.
@@ -129,6 +131,18 @@ mod tests {
         assert_eq!(info["status"], "active");
         assert!(set.get("sk-yyy").is_none());
         assert!(e.fingerprint.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn hashed_keys_are_found_and_show_no_secret() {
+        let set = KeySet::new(&[record("sk-plain"), record("sk-hashed").hashed()]);
+        let plain = set.get("sk-plain").unwrap();
+        let hashed = set.get("sk-hashed").unwrap();
+        assert_eq!(*hashed.fingerprint, *llmproxy_core::keys::key_fingerprint("sk-hashed"));
+        let info = hashed.key_info(1);
+        assert!(info.get("key").is_none() && info["key_sha256"].is_string(), "{info}");
+        assert_eq!(plain.key_info(1)["key"], "sk-plain");
+        assert!(set.get("sk-nope").is_none());
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub struct AcquireArgs<'a> {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// The limit the bucket was filled for.
+    limit: u64,
 }
 
 impl Bucket {
@@ -115,11 +117,19 @@ impl Bucket {
         Bucket {
             tokens: limit as f64,
             at: now,
+            limit,
         }
     }
 
-    /// Refill to `now` for a limit of `limit` per minute.
+    /// Refill to `now` for a limit of `limit` per minute. A bucket filled
+    /// for another limit (a reload changed it) keeps what was used of the
+    /// old one: a raised limit admits at once, a lowered one counts what
+    /// was used against the new capacity (docs/adr/041).
     fn refill(&mut self, limit: u64, now: Instant) {
+        if limit != self.limit {
+            self.tokens = (self.tokens + limit as f64 - self.limit as f64).min(limit as f64);
+            self.limit = limit;
+        }
         let per_sec = limit as f64 / 60.0;
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + dt * per_sec).min(limit as f64);
@@ -378,6 +388,24 @@ mod tests {
         l.release("k");
         assert_eq!(l.in_flight("k"), 1);
         assert_eq!(take(&l, "k", &lim).denial, None);
+    }
+
+    #[test]
+    fn a_changed_limit_keeps_what_was_used_of_the_old_one() {
+        let l = LocalLimiter::new();
+        let two = limits(0, 2, 0, 0);
+        assert_eq!(take(&l, "k", &two).denial, None);
+        assert_eq!(take(&l, "k", &two).denial, None);
+        assert!(take(&l, "k", &two).denial.is_some(), "2 per minute, both used");
+        // Raised to 100: 98 left at once.
+        let hundred = limits(0, 100, 0, 0);
+        let a = take(&l, "k", &hundred);
+        assert_eq!((a.denial, a.status.key_remaining), (None, 97));
+        // Lowered to 5 with 3 used: 2 left.
+        let five = limits(0, 5, 0, 0);
+        assert_eq!(take(&l, "k", &five).status.key_remaining, 1);
+        assert_eq!(take(&l, "k", &five).status.key_remaining, 0);
+        assert!(take(&l, "k", &five).denial.is_some());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use llmproxy_core::clock::Zone;
 use llmproxy_core::config::LimitsConfig;
 use llmproxy_core::{Config, Engine, HookName};
 
@@ -27,8 +28,8 @@ pub struct Live {
     /// Whether requests must pass the rate limit stage (a limit set, or a
     /// `rate_limit` script).
     pub limit_on: bool,
-    /// `limits.time_zone` in seconds east of UTC.
-    pub utc_offset: i32,
+    /// `limits.time_zone`: the zone of `current_time`.
+    pub zone: Zone,
     /// 1 for the config the gateway started with, +1 per reload.
     pub generation: u64,
 }
@@ -37,7 +38,10 @@ impl Live {
     /// Compile `config` into a snapshot (blocking: compiles every script).
     pub fn build(config: Config, metrics: Arc<Metrics>, generation: u64) -> Result<Live, String> {
         let keys = KeySet::new(&config.keys);
-        let utc_offset = config.limits.utc_offset_seconds()?;
+        let zone = config.limits.zone()?;
+        for w in config.warnings() {
+            tracing::warn!(target: "llmproxy::config", "{w}");
+        }
         let keys_configured = config.keys_configured;
         let limits_any = config.limits.any();
         let engine = Engine::new(config).map_err(|e| e.to_string())?;
@@ -48,7 +52,7 @@ impl Live {
             keys,
             auth_on,
             limit_on,
-            utc_offset,
+            zone,
             generation,
         })
     }

@@ -91,6 +91,39 @@ pub struct Metrics {
     rate_limited: [AtomicU64; RATE_REASONS.len()],
     reloads: [AtomicU64; 2],
     generation: AtomicU64,
+    /// Bounds on what clients and upstreams control.
+    pub bounds: Bounds,
+}
+
+/// Counters of the bounds on sizes and times that clients and upstreams
+/// control (docs/adr/036-bounds-before-the-body.md).
+#[derive(Debug, Default)]
+pub struct Bounds {
+    /// Client connections open now.
+    pub connections_open: AtomicI64,
+    /// Connections refused over `gateway.max_connections`.
+    pub connections_refused: AtomicU64,
+    /// Request bodies that did not arrive within `gateway.body_read_timeout_ms`.
+    pub body_timeouts: AtomicU64,
+    /// Client connections dropped after a write blocked longer than
+    /// `gateway.write_timeout_ms`.
+    pub write_timeouts: AtomicU64,
+    /// Upstream SSE events over `gateway.max_event_bytes`.
+    pub events_too_large: AtomicU64,
+    /// Usage records whose tokens were estimated (no usage from the backend).
+    pub usage_estimated: AtomicU64,
+}
+
+/// The hook queue as `/metrics` shows it: jobs queued now, refused because
+/// the queue was full, cancelled because they did not start in time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HookQueueGauges {
+    /// Jobs queued now.
+    pub queued: usize,
+    /// Jobs refused (queue full).
+    pub queue_full: u64,
+    /// Jobs cancelled (deadline).
+    pub expired: u64,
 }
 
 /// Why the auth stage refused a request (`llmproxy_auth_denied_total{reason}`).
@@ -159,7 +192,67 @@ impl Metrics {
             rate_limited: Default::default(),
             reloads: Default::default(),
             generation: AtomicU64::new(1),
+            bounds: Bounds::default(),
         }
+    }
+
+    /// Append the bounds counters and the hook queue.
+    pub fn render_bounds(&self, out: &mut String, q: HookQueueGauges) {
+        let b = &self.bounds;
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut one = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one(
+            "llmproxy_connections_open",
+            "gauge",
+            "Client connections open now.",
+            b.connections_open.load(Ordering::Relaxed).to_string(),
+        );
+        one(
+            "llmproxy_connections_refused_total",
+            "counter",
+            "Client connections refused over gateway.max_connections.",
+            r(&b.connections_refused).to_string(),
+        );
+        one(
+            "llmproxy_body_timeouts_total",
+            "counter",
+            "Request bodies not received within gateway.body_read_timeout_ms (408).",
+            r(&b.body_timeouts).to_string(),
+        );
+        one(
+            "llmproxy_write_timeouts_total",
+            "counter",
+            "Client connections dropped after a write blocked over gateway.write_timeout_ms.",
+            r(&b.write_timeouts).to_string(),
+        );
+        one(
+            "llmproxy_sse_events_too_large_total",
+            "counter",
+            "Upstream SSE events over gateway.max_event_bytes (the stream was ended).",
+            r(&b.events_too_large).to_string(),
+        );
+        one(
+            "llmproxy_usage_estimated_total",
+            "counter",
+            "Usage records with estimated tokens (the backend's usage never came).",
+            r(&b.usage_estimated).to_string(),
+        );
+        one(
+            "llmproxy_hook_queue_depth",
+            "gauge",
+            "Hook jobs waiting for a hook thread.",
+            q.queued.to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP llmproxy_hook_jobs_rejected_total Hook jobs refused with 503 hooks_overloaded, by reason.\n\
+             # TYPE llmproxy_hook_jobs_rejected_total counter\n\
+             llmproxy_hook_jobs_rejected_total{{reason=\"queue_full\"}} {}\n\
+             llmproxy_hook_jobs_rejected_total{{reason=\"deadline\"}} {}",
+            q.queue_full, q.expired
+        );
     }
 
     /// The auth stage refused a request (`reason` from [`AUTH_REASONS`]).
@@ -438,4 +531,19 @@ impl Metrics {
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// `llmproxy_hook_ignored_fields_total{hook}`: fields scripts returned that
+/// their hook does not use (ignored, logged once per script and field). The
+/// count is the serving engine's, so it starts again after a reload.
+pub fn render_ignored_fields(out: &mut String, engine: &llmproxy_core::Engine) {
+    out.push_str("# HELP llmproxy_hook_ignored_fields_total Result fields a hook does not use, ignored (per engine: restarts on reload).\n");
+    out.push_str("# TYPE llmproxy_hook_ignored_fields_total counter\n");
+    for hook in HookName::ALL {
+        let _ = writeln!(
+            out,
+            "llmproxy_hook_ignored_fields_total{{hook=\"{hook}\"}} {}",
+            engine.ignored_fields(hook)
+        );
+    }
 }

@@ -11,7 +11,11 @@
 //!   limiter, where counters live (this process or Redis), the Redis client.
 //! - [`ledger`]: the SQLite usage ledger.
 //! - [`live`], [`reload`]: the reloadable snapshot and hot reload.
+//! - [`exposure`]: which listener exposes the admin endpoints, and the
+//!   admin token policy for it.
+//! - [`throttle`]: throttling of clients that fail key or token checks.
 //! - [`backend`], [`balancer`], [`health`], [`upstream`]: backends.
+//! - [`conn`]: the connection cap and the client write timeout.
 //! - [`sse`], [`headers`], [`body`], [`errors`], [`metrics`],
 //!   [`request_id`]: helpers with one job each.
 
@@ -19,8 +23,10 @@ pub mod admission;
 pub mod backend;
 pub mod balancer;
 pub mod body;
+pub mod conn;
 pub mod errors;
 pub mod exchange;
+pub mod exposure;
 pub mod headers;
 pub mod health;
 pub mod hook_pool;
@@ -37,6 +43,7 @@ pub mod resp;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod throttle;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -91,6 +98,9 @@ pub struct UsageEntry {
     pub billable_tokens: u64,
     /// Time from request to completion, in milliseconds.
     pub latency_ms: f64,
+    /// The tokens were estimated by the gateway: the backend's usage never
+    /// came (a stream whose client left first); `raw` has `"estimated": true`.
+    pub estimated: bool,
 }
 
 /// Where usage records go besides the ledger (`ledger:`): one record per
@@ -161,6 +171,11 @@ pub struct Shared {
     pub models_body: Bytes,
     /// Hot reload bookkeeping.
     pub reloader: reload::Reloader,
+    /// A listener serving the admin endpoints off loopback (set by
+    /// [`Gateway::start`]): reloads are held to the admin token policy.
+    pub admin_exposed: Option<SocketAddr>,
+    /// Failed API key and admin token checks per client address.
+    pub throttles: throttle::Throttles,
 }
 
 impl std::fmt::Debug for Shared {
@@ -212,7 +227,7 @@ impl Shared {
         let state = Arc::new(State::new(&config.state, ledger.clone(), handle)?);
         if config.state.backend == StateBackend::Local
             && ledger.is_none()
-            && config.keys.iter().any(|k| k.total_quota > 0)
+            && config.keys.iter().any(|k| k.quota_limit().is_some())
         {
             tracing::warn!(
                 target: "llmproxy::gateway",
@@ -220,9 +235,11 @@ impl Shared {
             );
         }
         let reloader = reload::Reloader::new(&config);
+        let job_deadline = Duration::from_millis(config.pool.checkout_timeout_ms);
         let live = Live::build(config, Arc::clone(&metrics), 1)?;
         let threads = live.stages.engine().pool_stats().capacity;
-        let hooks = HookPool::new(threads).map_err(|e| format!("cannot start hook threads: {e}"))?;
+        let hooks = HookPool::new(threads, gateway.hook_queue, job_deadline)
+            .map_err(|e| format!("cannot start hook threads: {e}"))?;
         let models: Vec<Value> = if gateway.models.is_empty() {
             backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>()
         } else {
@@ -238,6 +255,7 @@ impl Shared {
             None if ledger.is_none() => usage_sinks.push(Arc::new(LogUsageSink)),
             None => {}
         }
+        let throttles = throttle::Throttles::new(&gateway.auth_throttle);
         Ok(Shared {
             live: ArcSwap::from_pointee(live),
             balancer: Balancer::new(gateway.balancer, backends.len()),
@@ -251,6 +269,8 @@ impl Shared {
             node: options.node.unwrap_or_else(default_node),
             models_body,
             reloader,
+            admin_exposed: None,
+            throttles,
         })
     }
 
@@ -297,6 +317,17 @@ impl Shared {
                 state_errors: self.state.errors(),
             },
         );
+        throttle::render(&mut out, &self.throttles);
+        let r = &self.hooks.rejections;
+        self.metrics.render_bounds(
+            &mut out,
+            metrics::HookQueueGauges {
+                queued: self.hooks.queued(),
+                queue_full: r.queue_full.load(std::sync::atomic::Ordering::Relaxed),
+                expired: r.expired.load(std::sync::atomic::Ordering::Relaxed),
+            },
+        );
+        metrics::render_ignored_fields(&mut out, self.live().stages.engine());
         out
     }
 }
@@ -308,14 +339,46 @@ pub struct Gateway {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    admin: Option<AdminServer>,
     background: Vec<JoinHandle<()>>,
+}
+
+/// The admin listener's server task.
+#[derive(Debug)]
+struct AdminServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the {what} address: {e}"))?;
+    Ok((listener, local))
 }
 
 impl Gateway {
     /// Build the gateway from `config` and start serving on `listen`
-    /// (port 0 picks a free port; see [`Gateway::local_addr`]).
+    /// (port 0 picks a free port; see [`Gateway::local_addr`]), and on
+    /// `admin.listen` when set ([`Gateway::admin_addr`]). Refuses an
+    /// example or short admin token on a listener off loopback.
     pub async fn start(config: Config, listen: SocketAddr, options: GatewayOptions) -> Result<Gateway, String> {
-        let shared = Arc::new(Shared::new(config, options)?);
+        let admin_listen = match config.admin.listen.as_deref() {
+            Some(text) => Some(crate::listen::parse_listen(text).map_err(|e| format!("admin.listen: {e}"))?),
+            None => None,
+        };
+        let exposed = exposure::exposed_admin(&config.admin, listen, admin_listen);
+        exposure::check_token(&config.admin, exposed)?;
+        let public_role = server::Role::Public {
+            admin: config.admin.on_public_listener,
+        };
+        let mut shared = Shared::new(config, options)?;
+        shared.admin_exposed = exposed;
+        let shared = Arc::new(shared);
         let mut background = Vec::new();
         if let State::Redis(r) = &*shared.state {
             if let Err(e) = r.heartbeat_once().await {
@@ -339,25 +402,34 @@ impl Gateway {
         if let Some(w) = reload::spawn_watcher(&shared) {
             background.push(w);
         }
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("cannot read the listen address: {e}"))?;
+        let (listener, addr) = bind(listen, "listen").await?;
+        let admin_listener = match admin_listen {
+            Some(a) => Some(bind(a, "admin.listen").await?),
+            None => None,
+        };
         if shared.config.health.probe_interval_ms > 0 {
             background.push(tokio::spawn(health::probe_loop(
                 Arc::clone(&shared.backends),
                 shared.config.health.clone(),
             )));
         }
+        let admin = admin_listener.map(|(l, addr)| {
+            let (stop, stopped) = oneshot::channel();
+            let task = tokio::spawn(server::serve(l, Arc::clone(&shared), server::Role::Admin, stopped));
+            AdminServer {
+                addr,
+                stop: Some(stop),
+                task,
+            }
+        });
         let (stop, stopped) = oneshot::channel();
-        let server = tokio::spawn(server::serve(listener, Arc::clone(&shared), stopped));
+        let server = tokio::spawn(server::serve(listener, Arc::clone(&shared), public_role, stopped));
         Ok(Gateway {
             shared,
             addr,
             stop: Some(stop),
             server,
+            admin,
             background,
         })
     }
@@ -365,6 +437,11 @@ impl Gateway {
     /// The address the gateway listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the admin listener (`admin.listen`), if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
     }
 
     /// The shared state (metrics, backends), for tests and embedding hosts.
@@ -379,11 +456,18 @@ impl Gateway {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        if let Some(stop) = self.admin.as_mut().and_then(|a| a.stop.take()) {
+            let _ = stop.send(());
+        }
         for b in self.background.drain(..) {
             b.abort();
         }
         let _ = tokio::time::timeout(grace, &mut self.server).await;
         self.server.abort();
+        if let Some(mut a) = self.admin.take() {
+            let _ = tokio::time::timeout(grace, &mut a.task).await;
+            a.task.abort();
+        }
         let shared = Arc::clone(&self.shared);
         let _ = tokio::task::spawn_blocking(move || shared.hooks.close_and_join()).await;
         self.shared.state.drain(grace).await;

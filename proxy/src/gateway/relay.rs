@@ -8,6 +8,7 @@
 //! captured for the usage stage, and removed when only the gateway asked
 //! for it.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,6 +65,9 @@ struct Events {
     head: Option<HeadRewrite>,
     denied: Option<Denied>,
     timings: Timings,
+    /// Data events relayed (not `[DONE]`): the completion tokens charged
+    /// when the usage chunk never comes.
+    relayed: u64,
 }
 
 impl Events {
@@ -88,6 +92,7 @@ impl Events {
         if data.as_ref() == b"[DONE]" {
             return Some(ev);
         }
+        self.relayed += 1;
         let has_usage = memmem::find(&data, b"\"usage\"").is_some();
         if !self.transform && !has_usage {
             return Some(ev);
@@ -204,12 +209,22 @@ pub(crate) async fn start(
     let b = Arc::clone(&start.backend);
     let (parts, mut body) = resp.into_parts();
     let deadline = start.sent + b.timeouts.first_byte;
-    let mut parser = SseParser::default();
+    let mut parser = SseParser::with_max(ex.shared.config.max_event_bytes);
     let mut first = Vec::new();
     let mut ended = false;
     while first.is_empty() {
         match upstream::next_chunk(&mut body, b.timeouts.idle, Some(deadline)).await? {
-            Some(chunk) => first = parser.push(&chunk),
+            Some(chunk) => {
+                first = parser.push(&chunk);
+                if parser.overflowed() {
+                    ex.shared
+                        .metrics
+                        .bounds
+                        .events_too_large
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(UpstreamError::EventTooLarge);
+                }
+            }
             None => {
                 ended = true;
                 first.extend(std::mem::take(&mut parser).finish());
@@ -237,6 +252,7 @@ pub(crate) async fn start(
         head: None,
         denied: None,
         timings: Timings::default(),
+        relayed: 0,
     };
     let Some((mut events, first_bytes)) = process(events, first).await else {
         return Err(UpstreamError::Io(String::from("the response_transform call was lost")));
@@ -311,7 +327,19 @@ async fn relay(
                 r = upstream::next_chunk(&mut body, b.timeouts.idle, None) => r,
             };
             let batch = match chunk {
-                Ok(Some(c)) => parser.push(&c),
+                Ok(Some(c)) => {
+                    let batch = parser.push(&c);
+                    if parser.overflowed() {
+                        // Relay what completed, then end the stream.
+                        log.shared
+                            .metrics
+                            .bounds
+                            .events_too_large
+                            .fetch_add(1, Ordering::Relaxed);
+                        upstream_error = Some(UpstreamError::EventTooLarge);
+                    }
+                    batch
+                }
                 Ok(None) => {
                     let rest: Vec<Bytes> = std::mem::take(&mut parser).finish().into_iter().collect();
                     if !rest.is_empty() {
@@ -329,27 +357,33 @@ async fn relay(
                     break;
                 }
             };
-            if batch.is_empty() {
-                continue;
+            if !batch.is_empty() {
+                let Some((ev, out)) = process(events, batch).await else {
+                    return finish_lost(log, &b);
+                };
+                events = ev;
+                if !out.is_empty() && tx.send(out).await.is_err() {
+                    client_gone = true;
+                    break;
+                }
             }
-            let Some((ev, out)) = process(events, batch).await else {
-                return finish_lost(log, &b);
-            };
-            events = ev;
-            if !out.is_empty() && tx.send(out).await.is_err() {
-                client_gone = true;
-                break;
-            }
-            if events.denied.is_some() {
+            if events.denied.is_some() || upstream_error.is_some() {
                 break;
             }
         }
     }
     if let Some(e) = &upstream_error {
         b.health.failure();
-        let body = error_body(&e.message(), "backend_error", "stream_interrupted");
+        let code = match e {
+            UpstreamError::EventTooLarge => "event_too_large",
+            _ => "stream_interrupted",
+        };
+        let body = error_body(&e.message(), "backend_error", code);
         let _ = tx.send(sse::data_event(&body)).await;
     }
+    // Stop reading the backend now: dropping the body closes the upstream
+    // connection (the client left, or the stream is over).
+    drop(body);
     drop(tx);
     drop(start.inflight);
     let total = start.sent.elapsed();
@@ -376,7 +410,13 @@ async fn relay(
         "request"
     );
     if let Some(ticket) = log.ticket.take() {
-        let usage = events.usage.take();
+        // No usage chunk (the client left first, or the backend never sent
+        // one): charge an estimate of what was relayed.
+        let usage = events.usage.take().or_else(|| {
+            start
+                .transform
+                .then(|| llmproxy_core::usage_estimate::estimated_usage(&log.info.body, events.relayed))
+        });
         let response = ResponseInfo {
             status_code: events.status,
             body: events.usage_body.take().unwrap_or_default(),

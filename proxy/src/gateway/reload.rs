@@ -7,9 +7,11 @@
 //! finish on the generation they started with.
 //!
 //! What a reload changes: scripts and their settings, keys, limits, the
-//! admin token. What needs a restart: `listen`, `backends`, `gateway`,
-//! `state`, `ledger`, `scripts.pool` and `reload` (a reload that changes
-//! them is applied for the rest and says so in the log).
+//! admin token (held to the admin token policy when the admin endpoints
+//! are off loopback). What needs a restart: `listen`, `backends`,
+//! `gateway`, `state`, `ledger`, `scripts.pool`, `reload` and
+//! `admin.listen` / `admin.on_public_listener` (a reload that changes them
+//! is applied for the rest and says so in the log).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,6 +118,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.reload != new.reload {
         v.push("reload");
     }
+    if old.admin.listen != new.admin.listen || old.admin.on_public_listener != new.admin.on_public_listener {
+        v.push("admin.listen");
+    }
     v
 }
 
@@ -161,6 +166,9 @@ impl Shared {
             Ok(Err(problems)) => return self.rejected(trigger, problems, current.generation),
             Err(e) => return self.rejected(trigger, vec![format!("reload task failed: {e}")], current.generation),
         };
+        if let Err(e) = super::exposure::check_token(&live.config().admin, self.admin_exposed) {
+            return self.rejected(trigger, vec![e], current.generation);
+        }
         let needs_restart = restart_only(current.config(), live.config());
         if let Err(e) = self.state.sync_keys(&live.keys).await {
             return self.rejected(

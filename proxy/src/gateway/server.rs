@@ -1,9 +1,14 @@
 //! Accepting connections (HTTP/1.1, keep-alive) and dispatching endpoints.
+//!
+//! A gateway has a public listener (the API, `/healthz`, `/v1/models`) and,
+//! when `admin.listen` is set, an admin listener (`/admin/reload`,
+//! `/metrics`, `/healthz`); the public listener serves the admin endpoints
+//! only with `admin.on_public_listener: true` (docs/adr/038).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -15,13 +20,28 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::body::GatewayBody;
+use super::conn::{ConnectionCap, WriteTimeout};
 use super::exchange::{self, Endpoint};
 use super::{request_id, Shared};
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The API; with `admin: true`, `/admin/*` and `/metrics` as well.
+    Public {
+        /// Whether the admin endpoints are served here too.
+        admin: bool,
+    },
+    /// `/admin/*`, `/metrics` and `/healthz` only.
+    Admin,
+}
+
 /// Accept connections until `stop` fires, then wait for open connections
 /// to finish their requests.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut stop: oneshot::Receiver<()>) {
     let graceful = GracefulShutdown::new();
+    let cap = ConnectionCap::new(shared.config.max_connections, Arc::clone(&shared.metrics));
+    let write_timeout = Duration::from_millis(shared.config.write_timeout_ms);
     let mut builder = http1::Builder::new();
     builder
         .keep_alive(true)
@@ -39,15 +59,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot
                         continue;
                     }
                 };
+                let Some((stream, admitted)) = cap.admit(stream) else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
+                let io = TokioIo::new(WriteTimeout::new(stream, write_timeout, Arc::clone(&shared.metrics)));
                 let shared = Arc::clone(&shared);
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, Infallible>(handle(shared, req, peer).await) }
+                    async move { Ok::<_, Infallible>(handle(shared, req, peer, role).await) }
                 });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let conn = graceful.watch(builder.serve_connection(io, service));
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    drop(admitted);
                 });
             }
             _ = &mut stop => break,
@@ -62,42 +87,92 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
+    role: Role,
 ) -> Response<GatewayBody> {
-    let path = req.uri().path();
-    let endpoint = match (req.method(), path) {
+    // Endpoints match on the canonical path, and it is what goes upstream.
+    let path = match llmproxy_core::http::path::canonical(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => {
+            let raw = req.uri().path().to_owned();
+            return exchange::proxy(shared, req, peer, Endpoint::BadPath(e), raw).await;
+        }
+    };
+    if let Some(resp) = handle_admin(&shared, &req, &path, role, peer).await {
+        return resp;
+    }
+    if role == Role::Admin {
+        let body = super::errors::error_body(
+            &format!("{} {path} is not an endpoint of the admin listener", req.method()),
+            "bad_request",
+            "not_found",
+        );
+        return local(&req, StatusCode::NOT_FOUND, "application/json", body);
+    }
+    let endpoint = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => {
             return local(&req, StatusCode::OK, "application/json", r#"{"status":"ok"}"#.into())
-        }
-        (&Method::GET, "/metrics") => {
-            let text = shared.render_metrics();
-            return local(&req, StatusCode::OK, "text/plain; version=0.0.4", text.into());
         }
         (&Method::GET, "/v1/models") => {
             let body = shared.models_body.clone();
             return local(&req, StatusCode::OK, "application/json", body);
         }
-        (&Method::POST, "/admin/reload") => return admin_reload(&shared, &req).await,
         (&Method::POST, "/v1/chat/completions") => Endpoint::ChatCompletions,
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
         (_, p) if p.starts_with("/v1/") => Endpoint::Passthrough,
         _ => Endpoint::NotFound,
     };
-    exchange::proxy(shared, req, peer, endpoint).await
+    if let Some(wait) = shared.throttles.api.check(peer.ip(), Instant::now()) {
+        return throttled(&req, wait, "API key");
+    }
+    exchange::proxy(shared, req, peer, endpoint, path).await
+}
+
+/// The admin endpoints, on the listeners that serve them; `None` for
+/// every other request.
+async fn handle_admin<B>(
+    shared: &Arc<Shared>,
+    req: &Request<B>,
+    path: &str,
+    role: Role,
+    peer: SocketAddr,
+) -> Option<Response<GatewayBody>> {
+    if role == (Role::Public { admin: false }) {
+        return None;
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/healthz") => Some(local(
+            req,
+            StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.into(),
+        )),
+        (&Method::GET, "/metrics") => {
+            let text = shared.render_metrics();
+            Some(local(req, StatusCode::OK, "text/plain; version=0.0.4", text.into()))
+        }
+        (&Method::POST, "/admin/reload") => Some(admin_reload(shared, req, peer).await),
+        _ => None,
+    }
 }
 
 /// `POST /admin/reload`: `Authorization: Bearer <admin.token>`; 404 when
 /// no token is configured, 401 on a wrong token, 200 when the new config
 /// serves, 422 with the problems when it was rejected.
-async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>) -> Response<GatewayBody> {
+async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>, peer: SocketAddr) -> Response<GatewayBody> {
     let json = "application/json";
     let live = shared.live();
     let Some(token) = live.admin_token() else {
         let body = super::errors::error_body("the admin endpoint is off (no admin.token)", "bad_request", "not_found");
         return local(req, StatusCode::NOT_FOUND, json, body);
     };
+    if let Some(wait) = shared.throttles.admin.check(peer.ip(), Instant::now()) {
+        return throttled(req, wait, "admin token");
+    }
     let given = super::headers::bearer(req.headers()).unwrap_or_default();
     if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        shared.throttles.admin.failed(peer.ip(), Instant::now());
+        tracing::warn!(target: "llmproxy::gateway", client_ip = %peer.ip(), "refused: invalid admin token");
         let body = super::errors::error_body("invalid admin token", "auth_error", "invalid_admin_token");
         return local(req, StatusCode::UNAUTHORIZED, json, body);
     }
@@ -117,6 +192,25 @@ async fn admin_reload<B>(shared: &Arc<Shared>, req: &Request<B>) -> Response<Gat
             local(req, StatusCode::UNPROCESSABLE_ENTITY, json, body.to_string().into())
         }
     }
+}
+
+/// 429 for a client that failed too many `what` checks (docs/adr/039):
+/// answered before its credentials are looked at.
+fn throttled<B>(req: &Request<B>, wait: u64, what: &str) -> Response<GatewayBody> {
+    tracing::warn!(
+        target: "llmproxy::gateway",
+        path = req.uri().path(),
+        retry_after = wait,
+        "refused: too many failed {what} checks from this address"
+    );
+    let body = super::errors::error_body(
+        &format!("too many failed {what} attempts from this address; retry after {wait} s"),
+        "rate_limit",
+        "too_many_auth_failures",
+    );
+    let mut resp = local(req, StatusCode::TOO_MANY_REQUESTS, "application/json", body);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
+    resp
 }
 
 /// Compare secrets without leaking where they differ through timing.

@@ -323,9 +323,15 @@ if quota_total > 0 and used >= quota_total then
   return {'quota', '0', '-1', '-1', '0', tostring(used)}
 end
 local function refill(key, limit)
-  local v = redis.call('HMGET', key, 't', 'ts')
-  local t, ts = tonumber(v[1]), tonumber(v[2])
+  local v = redis.call('HMGET', key, 't', 'ts', 'c')
+  local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
   if t == nil or ts == nil then return limit end
+  -- Filled for another limit (a reload changed it): keep what was used
+  -- of the old one, so a raised limit admits at once (ADR 041).
+  if c and c ~= limit then
+    t = t + (limit - c)
+    if t > limit then t = limit end
+  end
   local dt = now - ts
   if dt < 0 then dt = 0 end
   t = t + dt * limit / 60000
@@ -333,7 +339,7 @@ local function refill(key, limit)
   return t
 end
 local function save(key, t, limit)
-  redis.call('HSET', key, 't', tostring(t), 'ts', tostring(now))
+  redis.call('HSET', key, 't', tostring(t), 'ts', tostring(now), 'c', tostring(limit))
   local ttl = 60000
   if t < limit then ttl = ttl + math.ceil((limit - t) * 60000 / limit) end
   redis.call('PEXPIRE', key, ttl)
@@ -428,15 +434,19 @@ local ktpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[2])
 if ktpm > 0 and tokens > 0 then
   local tm = redis.call('TIME')
   local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-  local v = redis.call('HMGET', KEYS[2], 't', 'ts')
-  local t, ts = tonumber(v[1]), tonumber(v[2])
+  local v = redis.call('HMGET', KEYS[2], 't', 'ts', 'c')
+  local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
   if t == nil or ts == nil then t = ktpm; ts = now end
+  if c and c ~= ktpm then
+    t = t + (ktpm - c)
+    if t > ktpm then t = ktpm end
+  end
   local dt = now - ts
   if dt < 0 then dt = 0 end
   t = t + dt * ktpm / 60000
   if t > ktpm then t = ktpm end
   t = t - tokens
-  redis.call('HSET', KEYS[2], 't', tostring(t), 'ts', tostring(now))
+  redis.call('HSET', KEYS[2], 't', tostring(t), 'ts', tostring(now), 'c', tostring(ktpm))
   redis.call('PEXPIRE', KEYS[2], 60000 + math.ceil((ktpm - t) * 60000 / ktpm))
 end
 return used

@@ -21,6 +21,13 @@ pub enum UpstreamError {
     Io(String),
     /// The response body was larger than `gateway.max_response_bytes`.
     TooLarge,
+    /// The backend's final response had a 1xx status (hyper hands over a
+    /// `101 Switching Protocols` as final; other 1xx are interim and
+    /// skipped). Never relayed: a 101 to the client would drop the body and
+    /// hand the client's connection over.
+    InterimStatus(u16),
+    /// An SSE event grew past `gateway.max_event_bytes` without ending.
+    EventTooLarge,
 }
 
 impl UpstreamError {
@@ -31,18 +38,25 @@ impl UpstreamError {
             UpstreamError::Timeout(phase) => format!("the backend timed out ({phase})"),
             UpstreamError::Io(m) => format!("the backend connection failed: {m}"),
             UpstreamError::TooLarge => String::from("the backend response is too large"),
+            UpstreamError::InterimStatus(status) => {
+                format!("the backend answered {status}, an interim (1xx) status, as its final response")
+            }
+            UpstreamError::EventTooLarge => {
+                String::from("the backend sent a stream event larger than gateway.max_event_bytes")
+            }
         }
     }
 }
 
 /// Send `req` to `backend`; the response head must arrive within the
-/// backend's first-byte timeout.
+/// backend's first-byte timeout and have a final (>= 200) status.
 pub async fn send(
     backend: &Backend,
     req: Request<http_body_util::Full<Bytes>>,
 ) -> Result<Response<Incoming>, UpstreamError> {
     match tokio::time::timeout(backend.timeouts.first_byte, backend.client.request(req)).await {
         Err(_) => Err(UpstreamError::Timeout("first byte")),
+        Ok(Ok(resp)) if resp.status().is_informational() => Err(UpstreamError::InterimStatus(resp.status().as_u16())),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(source_chain(&e))),
         Ok(Err(e)) => Err(UpstreamError::Io(source_chain(&e))),

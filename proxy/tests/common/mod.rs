@@ -71,13 +71,28 @@ impl Collect {
 pub struct TestGateway {
     pub gateway: Gateway,
     pub usage: Arc<Collect>,
+    /// The public listener.
     pub base: String,
+    /// The admin listener (`/metrics`, `/admin/reload`); the public one
+    /// when the config puts the admin endpoints there.
+    pub admin_base: String,
 }
 
 impl TestGateway {
-    /// Start a gateway from YAML.
+    /// Start a gateway from YAML. Without `admin.listen` (and without
+    /// `admin.on_public_listener`) the admin listener goes on a free
+    /// loopback port, so that every test can read `/metrics`.
     pub async fn start(yaml: &str) -> TestGateway {
         let config = Config::from_yaml(yaml, Path::new(".")).expect("config");
+        TestGateway::start_config(config).await
+    }
+
+    /// Start a gateway from a config (e.g. read from a file, for reloads);
+    /// the admin listener as in [`TestGateway::start`].
+    pub async fn start_config(mut config: Config) -> TestGateway {
+        if config.admin.listen.is_none() && !config.admin.on_public_listener {
+            config.admin.listen = Some(String::from("127.0.0.1:0"));
+        }
         let usage = Arc::new(Collect::default());
         let options = GatewayOptions {
             usage_sink: Some(Arc::clone(&usage) as Arc<dyn UsageSink>),
@@ -85,12 +100,21 @@ impl TestGateway {
         };
         let gateway = Gateway::start(config, any_port(), options).await.expect("gateway");
         let base = format!("http://{}", gateway.local_addr());
-        TestGateway { gateway, usage, base }
+        let admin_base = gateway
+            .admin_addr()
+            .map_or_else(|| base.clone(), |a| format!("http://{a}"));
+        TestGateway {
+            gateway,
+            usage,
+            base,
+            admin_base,
+        }
     }
 
-    /// The `/metrics` text.
+    /// The `/metrics` text (from the admin listener).
     pub async fn metrics(&self) -> String {
-        let r = get(&format!("{}/metrics", self.base)).await;
+        let r = get(&format!("{}/metrics", self.admin_base)).await;
+        assert_eq!(r.status, 200, "GET {}/metrics", self.admin_base);
         String::from_utf8(r.body.to_vec()).unwrap()
     }
 
@@ -270,18 +294,6 @@ pub fn hdrs<'a>(h: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)>
 }
 
 impl TestGateway {
-    /// Start a gateway from a config (e.g. read from a file, for reloads).
-    pub async fn start_config(config: Config) -> TestGateway {
-        let usage = Arc::new(Collect::default());
-        let options = GatewayOptions {
-            usage_sink: Some(Arc::clone(&usage) as Arc<dyn UsageSink>),
-            ..GatewayOptions::default()
-        };
-        let gateway = Gateway::start(config, any_port(), options).await.expect("gateway");
-        let base = format!("http://{}", gateway.local_addr());
-        TestGateway { gateway, usage, base }
-    }
-
     /// `POST /v1/chat/completions` with a chat body and a key.
     pub async fn chat(&self, key: Option<&str>, extra: Value) -> Reply {
         let h: Vec<(&str, String)> = key

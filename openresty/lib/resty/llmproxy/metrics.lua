@@ -292,6 +292,15 @@ function _M.rate_limited(m, reason)
     incr(m, key_of("rl", reason), 1)
 end
 
+--- This worker's count of ignored result fields (`engine:ignored_fields()`).
+-- @phases any
+function _M.ignored_fields(m, stats)
+    local prefix = "g" .. SEP .. m.wid .. SEP .. "i" .. SEP
+    for _, h in ipairs(_M.HOOKS) do
+        set(m, prefix .. h, tonumber(stats[h]) or 0)
+    end
+end
+
 --- This worker's ledger counters (`engine:ledger_stats()`).
 -- @phases any
 function _M.ledger(m, stats)
@@ -384,7 +393,7 @@ function _M.render(m, backends)
     local dict = m.dict
     local values = {}
     local requests, usage = {}, {}
-    local gauges = { h = {}, e = {}, a = {}, p = {}, l = {} }
+    local gauges = { h = {}, e = {}, a = {}, p = {}, l = {}, i = {} }
     local streams = 0
     for _, key in ipairs(dict:get_keys(0)) do
         local v = dict:get(key)
@@ -531,6 +540,12 @@ function _M.render(m, backends)
     out[#out + 1] = "# TYPE llmproxy_vm_pool gauge"
     for _, k in ipairs(POOL_STATS) do
         out[#out + 1] = fmt('llmproxy_vm_pool{stat="%s"} %s', k, num(merged("p", k, "sum") or 0))
+    end
+    out[#out + 1] = "# HELP llmproxy_hook_ignored_fields_total Result fields a hook does not use, ignored"
+        .. " (per engine: restarts on reload)."
+    out[#out + 1] = "# TYPE llmproxy_hook_ignored_fields_total counter"
+    for _, h in ipairs(_M.HOOKS) do
+        out[#out + 1] = fmt('llmproxy_hook_ignored_fields_total{hook="%s"} %s', h, num(merged("i", h, "sum") or 0))
     end
     out[#out + 1] = "# HELP llmproxy_auth_denied_total Requests refused by the auth stage, by reason."
     out[#out + 1] = "# TYPE llmproxy_auth_denied_total counter"

@@ -30,6 +30,11 @@ use serde_json::{Map, Number, Value};
 
 use crate::stack;
 
+mod numbers;
+pub mod parse;
+
+pub(crate) use numbers::NumberTexts;
+
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
 pub const NULL: LightUserData = LightUserData(std::ptr::null_mut());
 /// `json.empty_array`: a sentinel that encodes as `[]`. Light userdata
@@ -142,24 +147,49 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
     Ok(match value {
         Value::Null => LuaValue::LightUserData(NULL),
         Value::Bool(b) => LuaValue::Boolean(*b),
-        Value::Number(n) => LuaValue::Number(n.as_f64().unwrap_or(f64::NAN)),
+        Value::Number(n) => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if numbers::needs_text(n, f) {
+                record_texts(lua, vec![(f, n.clone())]);
+            }
+            LuaValue::Number(f)
+        }
         Value::String(s) => LuaValue::String(lua.create_string(s)?),
         Value::Array(_) | Value::Object(_) => {
             let m = markers(lua)?;
+            // Owned here, outside the closure: a Lua error jumps over the
+            // closure's frames, and this Vec is still dropped normally.
+            let mut texts = Vec::new();
             // SAFETY: `exec_raw` pushes the array marker (index 1) and runs
             // the closure in a protected call: an allocation failure raises
-            // a Lua error that the call returns as an error (the closure
-            // holds nothing that needs dropping). `push_json` checks stack
+            // a Lua error that the call returns as an error (the closure's
+            // frames own nothing that needs dropping; each push to `texts`
+            // completes before the next Lua call). `push_json` checks stack
             // space before each push and leaves exactly one value above the
             // marker; the marker is removed, so `exec_raw` returns the value.
-            unsafe {
+            let v = unsafe {
                 lua.exec_raw::<LuaValue>(&m.array_mt, |state| {
-                    push_json(state, value, 1);
+                    push_json(state, value, 1, &mut texts);
                     ffi::lua_remove(state, 1); // the marker: the result alone is returned
                 })?
-            }
+            };
+            drop(m);
+            record_texts(lua, texts);
+            v
         }
     })
+}
+
+/// Record numbers whose text a double does not reproduce (see [`numbers`]).
+fn record_texts(lua: &Lua, found: Vec<(f64, Number)>) {
+    if found.is_empty() {
+        return;
+    }
+    if let Some(mut texts) = lua.app_data_mut::<NumberTexts>() {
+        for (f, n) in found {
+            texts.record(f, n);
+        }
+    }
 }
 
 /// Push `value` on the stack of `state` (the array marker at `array_mt`).
@@ -167,21 +197,28 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
 /// # Safety
 /// `state` is live, inside a protected call, with the array marker at the
 /// absolute index `array_mt`. Nesting is bounded by the input limits.
-unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int) {
+/// Numbers a double changes are added to `texts`.
+unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int, texts: &mut Vec<(f64, Number)>) {
     if ffi::lua_checkstack(state, 3) == 0 {
         ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
     }
     match value {
         Value::Null => ffi::lua_pushlightuserdata(state, NULL.0),
         Value::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
-        Value::Number(n) => ffi::lua_pushnumber(state, n.as_f64().unwrap_or(f64::NAN)),
+        Value::Number(n) => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if numbers::needs_text(n, f) {
+                texts.push((f, n.clone()));
+            }
+            ffi::lua_pushnumber(state, f)
+        }
         Value::String(s) => {
             ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
         }
         Value::Array(items) => {
             ffi::lua_createtable(state, c_int::try_from(items.len()).unwrap_or(0), 0);
             for (i, item) in items.iter().enumerate() {
-                push_json(state, item, array_mt);
+                push_json(state, item, array_mt, texts);
                 ffi::lua_rawseti(state, -2, (i + 1) as ffi::lua_Integer);
             }
             ffi::lua_pushvalue(state, array_mt);
@@ -191,7 +228,7 @@ unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int) {
             ffi::lua_createtable(state, 0, c_int::try_from(map.len()).unwrap_or(0));
             for (k, v) in map {
                 ffi::lua_pushlstring(state, k.as_ptr().cast(), k.len());
-                push_json(state, v, array_mt);
+                push_json(state, v, array_mt, texts);
                 ffi::lua_rawset(state, -3);
             }
         }
@@ -278,8 +315,18 @@ pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value,
             return done;
         }
     }
-    let mut enc = Encoder { limits, used: 0 };
+    let mut enc = Encoder {
+        limits,
+        used: 0,
+        texts: number_texts(lua),
+    };
     enc.value(value, 1)
+}
+
+/// This call's recorded number texts, when there are any.
+fn number_texts(lua: &Lua) -> Option<NumberTexts> {
+    lua.app_data_ref::<NumberTexts>()
+        .and_then(|t| (!t.is_empty()).then(|| t.clone()))
 }
 
 /// [`RawEncoder`] on `t`: `None` when it met a table it leaves to
@@ -294,6 +341,7 @@ fn raw_table_to_json(
         limits,
         used: 0,
         array_mt: 2,
+        texts: number_texts(lua),
     };
     let mut out = None;
     // SAFETY: `exec_raw` pushes `t` (index 1) and the array marker (index 2)
@@ -334,6 +382,8 @@ struct RawEncoder {
     used: usize,
     /// Stack index of the array marker.
     array_mt: c_int,
+    /// Original texts of numbers a double changed.
+    texts: Option<NumberTexts>,
 }
 
 impl RawEncoder {
@@ -377,7 +427,10 @@ impl RawEncoder {
             }
             ffi::LUA_TNUMBER => {
                 let n = ffi::lua_tonumber(state, idx);
-                if let Some(i) = stack::as_integer(n) {
+                if let Some(text) = numbers::recorded(&self.texts, n) {
+                    self.charge(text.as_str().len())?;
+                    Ok(Value::Number(text))
+                } else if let Some(i) = stack::as_integer(n) {
                     self.charge(20)?;
                     Ok(Value::from(i))
                 } else {
@@ -517,6 +570,8 @@ unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, RawErr
 struct Encoder {
     limits: Limits,
     used: usize,
+    /// Original texts of numbers a double changed.
+    texts: Option<NumberTexts>,
 }
 
 impl Encoder {
@@ -550,10 +605,18 @@ impl Encoder {
                 Ok(Value::Bool(*b))
             }
             LuaValue::Integer(i) => {
+                if let Some(text) = numbers::recorded(&self.texts, *i as f64) {
+                    self.charge(text.as_str().len())?;
+                    return Ok(Value::Number(text));
+                }
                 self.charge(20)?;
                 Ok(Value::from(*i))
             }
             LuaValue::Number(n) => {
+                if let Some(text) = numbers::recorded(&self.texts, *n) {
+                    self.charge(text.as_str().len())?;
+                    return Ok(Value::Number(text));
+                }
                 self.charge(24)?;
                 number(*n)
             }
@@ -686,12 +749,20 @@ fn number(n: f64) -> Result<Value, ConvertError> {
     if !n.is_finite() {
         return Err(ConvertError(format!("number {n} cannot be represented in JSON")));
     }
+    if n == 0.0 && n.is_sign_negative() {
+        return Ok(Value::Number(negative_zero()));
+    }
     if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
         return Ok(Value::from(n as i64));
     }
     Number::from_f64(n)
         .map(Value::Number)
         .ok_or_else(|| ConvertError(format!("number {n} cannot be represented in JSON")))
+}
+
+/// `-0`, as JSON writes it (a double keeps the sign; JSON text `-0` came in).
+fn negative_zero() -> Number {
+    "-0".parse().unwrap_or_else(|_| Number::from(0))
 }
 
 /// Approximate encoded size of a JSON value (used for the output budget).
@@ -714,8 +785,8 @@ pub fn json_depth(v: &Value) -> usize {
     }
 }
 
-/// Parse JSON text within `limits` (size, then depth). Deep nesting is an
-/// error from the parser's own recursion limit or from the depth check.
+/// Parse JSON text within `limits` (size, then depth, duplicate keys
+/// refused; see [`parse`]).
 pub fn parse_json(text: &[u8], limits: Limits) -> Result<Value, ConvertError> {
     if text.len() > limits.max_bytes {
         return Err(ConvertError(format!(
@@ -724,13 +795,10 @@ pub fn parse_json(text: &[u8], limits: Limits) -> Result<Value, ConvertError> {
             limits.max_bytes
         )));
     }
-    let value: Value = serde_json::from_slice(text).map_err(|e| ConvertError(format!("invalid JSON: {e}")))?;
-    let depth = json_depth(&value);
-    if depth > limits.max_depth {
-        return Err(ConvertError(format!(
-            "JSON nesting is {depth} levels, deeper than the limit of {}",
-            limits.max_depth
-        )));
-    }
-    Ok(value)
+    let bounds = parse::Bounds {
+        max_depth: limits.max_depth,
+        max_memory: usize::MAX,
+        interrupt: None,
+    };
+    parse::parse(text, &bounds).map_err(|e| ConvertError(e.to_string()))
 }

@@ -1,0 +1,12 @@
+//! HTTP request rules every host shares, as pure data-in/data-out functions:
+//! the canonical form of a request path ([`path`]), the OpenAI request fields
+//! a host acts on ([`fields`]) and the hop-by-hop header names that are
+//! never forwarded nor set by scripts ([`hop_by_hop`]).
+//!
+//! A host computes these once per request, before any hook runs, so every
+//! decision (endpoint matching, transforms, billing, what goes upstream) is
+//! made on the same view of the request.
+
+pub mod fields;
+pub mod hop_by_hop;
+pub mod path;
