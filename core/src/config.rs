@@ -32,6 +32,8 @@ use crate::error::ConfigError;
 use crate::hooks::HookName;
 use crate::keys::KeyRecord;
 
+mod yaml_error;
+
 /// Default per-call time limit.
 pub const DEFAULT_TIMEOUT_MS: u64 = 100;
 /// Default per-call memory allowance.
@@ -296,10 +298,8 @@ pub fn read_keys_file(path: &Path) -> Result<Vec<KeyRecord>, String> {
         return Ok(Vec::new());
     }
     let de = serde_norway::Deserializer::from_str(&text);
-    let raw: Option<RawKeysFile> = serde_path_to_error::deserialize(de).map_err(|e| {
-        let at = e.path().to_string();
-        format!("'{}': {at}: {}", path.display(), e.into_inner())
-    })?;
+    let raw: Option<RawKeysFile> = serde_path_to_error::deserialize(de)
+        .map_err(|e| format!("'{}': {}", path.display(), yaml_error::describe(e)))?;
     Ok(match raw {
         None => Vec::new(),
         Some(RawKeysFile::List(k)) | Some(RawKeysFile::Map { keys: k }) => k,
@@ -717,23 +717,8 @@ impl Config {
     /// Parse and validate YAML text; `script_file`s are relative to `base_dir`.
     pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let de = serde_norway::Deserializer::from_str(text);
-        let raw: RawConfig = match serde_path_to_error::deserialize(de) {
-            Ok(raw) => raw,
-            Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner().to_string();
-                // The YAML parser names a (sometimes shorter) path itself.
-                let message = match inner.split_once(": ") {
-                    Some((head, rest)) if path.starts_with(head) => rest,
-                    _ => inner.as_str(),
-                };
-                return Err(ConfigError::one(if path == "." {
-                    inner.clone()
-                } else {
-                    format!("{path}: {message}")
-                }));
-            }
-        };
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::one(yaml_error::describe(e)))?;
         raw.resolve(base_dir)
     }
 
