@@ -1,8 +1,10 @@
 //! The config loader: `Config::from_yaml` on any text.
 //!
 //! It must not panic, and a config it refuses must say where: every
-//! problem starts with a key path (`backends[0].url: ...`) or, for YAML
-//! that does not parse, names a line and column. A config it accepts must
+//! problem starts with a key path as the loader writes them
+//! (`backends[0].url: ...`, `["a.b"]: ...` for a key that is not a word)
+//! or names a line and column (YAML that does not parse, a document that is
+//! not a mapping). A config it accepts must
 //! build an engine or refuse with the same kind of problems (the scripts
 //! are compiled there, so the LuaJIT parser sees fuzzed source too).
 //!
@@ -17,59 +19,50 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use llmproxy_core::{Config, Engine};
 
-/// What the text is as plain YAML, before the config schema applies.
-enum Shape {
-    /// Not YAML: problems must name a line/column or position, except at
-    /// the first character, where the YAML library names none (a known
-    /// finding, docs/fuzzing.md).
-    Unparsable { at_start: bool },
-    /// YAML, but no mapping at the top (a scalar, a list, nothing): a
-    /// problem is about the whole document and needs no key path.
-    NotAMapping,
-    /// A mapping: problems must start with a key path.
-    Mapping,
+/// The length of the key path `text` starts with, as the loader writes
+/// them: words (`[A-Za-z0-9_-]+`) joined by `.`, list indexes `[N]`, and
+/// keys that are not words quoted as a JSON string, `["a.b"]`.
+fn key_path_len(text: &str) -> Option<usize> {
+    let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-';
+    let mut at = 0;
+    loop {
+        let rest = &text[at..];
+        if rest.starts_with("[\"") {
+            // A JSON string up to its closing quote, then `]`.
+            let mut strings = serde_json::Deserializer::from_str(&rest[1..]).into_iter::<String>();
+            let Some(Ok(_)) = strings.next() else { return None };
+            let end = 1 + strings.byte_offset();
+            rest[end..].starts_with(']').then_some(())?;
+            at += end + 1;
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let n = r.bytes().take_while(u8::is_ascii_digit).count();
+            (n > 0 && r[n..].starts_with(']')).then_some(())?;
+            at += n + 2;
+        } else {
+            let dot = usize::from(at > 0 && rest.starts_with('.'));
+            if at > 0 && dot == 0 {
+                return Some(at);
+            }
+            let n = rest[dot..].bytes().take_while(word).count();
+            if n == 0 {
+                return (at > 0 && dot == 0).then_some(at);
+            }
+            at += dot + n;
+        }
+    }
 }
 
-/// Whether `problem` says where it is.
-fn located(problem: &str, shape: &Shape) -> bool {
-    if (problem.contains(" line ") && problem.contains(" column ")) || problem.contains(" at position ") {
+/// Whether `problem` says where it is: a key path, or a line and column.
+fn located(problem: &str) -> bool {
+    if problem.contains(" at line ") && problem.contains(" column ") {
         return true;
     }
-    if matches!(shape, Shape::NotAMapping | Shape::Unparsable { at_start: true }) {
-        return true;
+    if let Some(m) = problem.strip_prefix("the config document: ") {
+        return !m.is_empty();
     }
-    // A top-level key named "." is reported as if it were the root (known
-    // finding, docs/fuzzing.md); the message still names the key.
-    if problem.starts_with("unknown field `.`") {
-        return true;
-    }
-    // The top of the document is not a mapping (found before a later
-    // syntax error): the problem is about the whole document.
-    if problem.starts_with("invalid type: ") && problem.ends_with("expected struct RawConfig") {
-        return true;
-    }
-    let Some((path, message)) = problem.split_once(": ") else {
-        return false;
-    };
-    // Keys are the config's own text: a path may hold any character, or
-    // none (a key that is the empty string); it is not serde's own words.
-    const SERDE_HEADS: &[&str] = &[
-        "invalid type",
-        "invalid value",
-        "invalid length",
-        "missing field",
-        "unknown field",
-        "unknown variant",
-        "duplicate field",
-    ];
-    if SERDE_HEADS.iter().any(|h| path.starts_with(h)) {
-        // Only a key spelled like serde's words (it may hold ": " too),
-        // which the message then names.
-        return problem
-            .match_indices(": ")
-            .any(|(i, _)| problem[i + 2..].contains(&format!("`{}`", &problem[..i])));
-    }
-    !message.is_empty()
+    key_path_len(problem)
+        .and_then(|n| problem[n..].strip_prefix(": "))
+        .is_some_and(|message| !message.is_empty())
 }
 
 /// Whether the YAML has a mapping key ending in `_file`, at any depth.
@@ -89,21 +82,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // YAML that does not parse as a value is refused before any file is read.
-    let shape = match serde_norway::from_str::<serde_norway::Value>(text) {
-        Ok(v) if names_a_file(&v) => return,
-        Ok(serde_norway::Value::Mapping(_)) => Shape::Mapping,
-        Ok(_) => Shape::NotAMapping,
-        Err(e) => Shape::Unparsable {
-            at_start: e.location().is_none_or(|l| l.index() == 0),
-        },
-    };
+    if let Ok(v) = serde_norway::from_str::<serde_norway::Value>(text) {
+        if names_a_file(&v) {
+            return;
+        }
+    }
     // An empty directory: a relative `script_file` that slips through finds nothing.
     let base = Path::new("/nonexistent-llmproxy-fuzz");
     match Config::from_yaml(text, base) {
         Err(e) => {
             assert!(!e.problems.is_empty(), "a refused config with no problem");
             for p in &e.problems {
-                assert!(located(p, &shape), "a config problem without a key path or line: {p:?}");
+                assert!(located(p), "a config problem without a key path or line: {p:?}");
             }
         }
         Ok(config) if config.hooks.iter().any(Option::is_some) => {

@@ -2,19 +2,25 @@
 //! every host uses it.
 //!
 //! The input is JSON text (any bytes). `convert::parse_json` must accept it
-//! or say why (an "invalid JSON"/size/nesting error, never a panic). A
-//! value it accepts goes in as `request.body` of three request_transform
+//! or say why, with a class (`invalid JSON: ...`, size, nesting; never a
+//! panic), and agree with serde_json: what serde_json refuses it refuses,
+//! and what serde_json takes it takes as the same value, or refuses only
+//! for a duplicate key, a number beyond a double, or nesting past 64.
+//! A value it accepts goes in as `request.body` of three request_transform
 //! scripts that return it:
 //!
 //! - `lazy`: returns the body untouched: an object comes back exactly
-//!   (types, big integers and all: the documented lossless path);
+//!   (types, number texts and all: the documented lossless path);
 //! - `walked`: iterates the body first (materialising the lazy table), so
-//!   every value is converted to Lua and back: the same value, numbers
-//!   rounded at most to the nearest double;
+//!   every value is converted to Lua and back: numbers come back with the
+//!   text `llmproxy_fuzz::json` derives from the README's rules (their
+//!   double's text, or their own when a double does not hold them);
 //! - `decoded`: `json.decode` of the same text in the sandbox, encoded and
-//!   decoded again: the same value again.
+//!   decoded again: the same value by the same rules.
 //!
-//! A hook that fails must fail with a classified error: bad input, bad
+//! A body object whose OpenAI fields have the wrong type (`"stream": 1`)
+//! must make `lazy` and `walked` fail with `bad_output` naming the field.
+//! Any other hook that fails must fail with a classified error: bad input, bad
 //! output (past a limit) or a limit (timeout, memory); never `internal` or
 //! a script error.
 
@@ -25,8 +31,9 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use llmproxy_core::config::ScriptLimits;
 use llmproxy_core::convert::{self, Limits};
+use llmproxy_core::http::fields;
 use llmproxy_core::{Config, Engine, ErrorKind, HookError, HookName};
-use llmproxy_fuzz::json::{first_difference, same_modulo_doubles};
+use llmproxy_fuzz::json::{first_difference, NumberRule};
 use serde_json::{json, Value};
 
 const LAZY: &str = "return {body = request.body}";
@@ -89,15 +96,30 @@ fn check_error(which: &str, depth: usize, e: &HookError) {
     );
 }
 
+/// `parse_json`'s answer compared with serde_json's on the same text.
+fn check_parse(data: &[u8], ours: &Result<Value, String>) {
+    let theirs = serde_json::from_slice::<Value>(data);
+    match (ours, theirs) {
+        (Ok(v), Ok(w)) => assert!(v == &w, "parse_json and serde_json differ: {v} vs {w}"),
+        (Ok(v), Err(e)) => panic!("parse_json took what serde_json refuses ({e}): {v}"),
+        (Err(m), Ok(_)) => assert!(
+            m.contains("duplicate key") || m.contains("number out of range") || m.starts_with("JSON nesting is"),
+            "parse_json refused JSON serde_json takes: {m}"
+        ),
+        (Err(_), Err(_)) => {}
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         max_depth: 64,
         max_bytes: 1 << 20,
     };
-    let value = match convert::parse_json(data, limits) {
+    let parsed = convert::parse_json(data, limits).map_err(|e| e.to_string());
+    check_parse(data, &parsed);
+    let value = match parsed {
         Ok(v) => v,
-        Err(e) => {
-            let m = e.to_string();
+        Err(m) => {
             assert!(
                 m.starts_with("invalid JSON:") || m.starts_with("JSON nesting is") || m.starts_with("JSON text is"),
                 "parse_json error without a class: {m}"
@@ -106,31 +128,42 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     let depth = convert::json_depth(&value);
+    let rule = NumberRule::of(&value);
     let e = engines();
     let input = json!({"request": {"id": "fuzz", "body": value}});
 
+    // A body whose OpenAI fields have the wrong type (`"stream": 1`) is not
+    // a body a request_transform may return (README): bad_output, named.
+    if let Err(field) = fields::check(&value) {
+        for (which, engine) in [("lazy", &e.lazy), ("walked", &e.walked)] {
+            match run(engine, &input) {
+                Ok(got) => panic!("{which}: a body with {field} was returned: {got}"),
+                Err(err) if matches!(err.kind, ErrorKind::Timeout | ErrorKind::Memory) => {}
+                Err(err) => assert!(
+                    err.kind == ErrorKind::BadOutput && err.message.contains(&field.to_string()),
+                    "{which}: a body with {field} failed otherwise: {err}"
+                ),
+            }
+        }
+        return;
+    }
+
     match run(&e.lazy, &input) {
         Ok(got) if value.is_object() => {
-            assert!(
-                got == value,
-                "lazy: an untouched body changed: {:?}",
-                first_difference(&value, &got, "$")
-            );
+            assert!(got == value, "lazy: an untouched body changed: {value} -> {got}");
         }
-        Ok(got) => assert!(
-            same_modulo_doubles(&value, &got),
-            "lazy: {:?}",
-            first_difference(&value, &got, "$")
-        ),
+        Ok(got) => {
+            let diff = first_difference(&value, &got, &rule, "$");
+            assert!(diff.is_none(), "lazy: {diff:?}");
+        }
         Err(err) => check_error("lazy", depth, &err),
     }
 
     match run(&e.walked, &input) {
-        Ok(got) => assert!(
-            same_modulo_doubles(&value, &got),
-            "walked: {:?}",
-            first_difference(&value, &got, "$")
-        ),
+        Ok(got) => {
+            let diff = first_difference(&value, &got, &rule, "$");
+            assert!(diff.is_none(), "walked: {diff:?}");
+        }
         Err(err) => check_error("walked", depth, &err),
     }
 
@@ -140,18 +173,10 @@ fuzz_target!(|data: &[u8]| {
         let input = json!({"request": {"id": "fuzz", "text": text}});
         match run(&e.decoded, &input) {
             Ok(got) if got["ok"] == json!(true) => {
-                let v = &got["v"];
-                let again = &got["again"];
-                assert!(
-                    same_modulo_doubles(&value, v),
-                    "json.decode: {:?}",
-                    first_difference(&value, v, "$")
-                );
-                assert!(
-                    same_modulo_doubles(v, again),
-                    "json.decode(json.encode(v)): {:?}",
-                    first_difference(v, again, "$")
-                );
+                let diff = first_difference(&value, &got["v"], &rule, "$");
+                assert!(diff.is_none(), "json.decode: {diff:?}");
+                let diff = first_difference(&value, &got["again"], &rule, "$");
+                assert!(diff.is_none(), "json.decode(json.encode(v)): {diff:?}");
             }
             // json.decode refused text parse_json took: only past its
             // limits (the sandbox's memory allowance).

@@ -36,8 +36,9 @@ const IDLE: Duration = Duration::from_millis(500);
 /// Check `/healthz` every this many inputs.
 const HEALTH_EVERY: u64 = 16;
 /// Written after each input: the connection ends soon after a complete
-/// input (hyper answers nothing once the client half-closes, so it cannot
-/// be used to mark the end). After an incomplete one it becomes part of it.
+/// input. A half-close cannot mark the end: the gateway takes it as a
+/// client that left and answers nothing (docs/gateway.md, "Bounds").
+/// After an incomplete input it becomes part of it.
 const SENTINEL: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: fuzz\r\nconnection: close\r\n\r\n";
 
 /// What one connection brought back.
