@@ -87,7 +87,10 @@ mod tests {
                 "did not find expected node content, while parsing a block node at line 1 column 1",
             ),
             ("\u{1}", "control characters are not allowed at line 1 column 1"),
-            (":", "did not find expected key, while parsing a block mapping at line 1 column 1"),
+            (
+                ":",
+                "did not find expected key, while parsing a block mapping at line 1 column 1",
+            ),
             (".: 1\n", "[\".\"]: unknown field `.`, expected one of `listen`"),
             ("'': 1\n", "[\"\"]: unknown field ``"),
             ("a.b: 1\n", "[\"a.b\"]: unknown field `a.b`"),
