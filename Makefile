@@ -1,6 +1,7 @@
 # LLMProxy — every build and test step in one place.
 #
 #   make test        everything CI runs (lint + all tests of every host)
+#   make test-fuzz   each fuzz target for FUZZ_SECONDS (docs/fuzzing.md)
 #   make serve       the standalone gateway on the built-in demo config
 #   make bench-core  in-process hook benchmarks -> docs/benchmarks.md
 #

@@ -36,6 +36,7 @@ use crate::hooks::HookName;
 use crate::keys::KeyRecord;
 
 mod structural;
+mod yaml_error;
 
 /// Default per-call time limit.
 pub const DEFAULT_TIMEOUT_MS: u64 = 100;
@@ -301,10 +302,8 @@ pub fn read_keys_file(path: &Path) -> Result<Vec<KeyRecord>, String> {
         return Ok(Vec::new());
     }
     let de = serde_norway::Deserializer::from_str(&text);
-    let raw: Option<RawKeysFile> = serde_path_to_error::deserialize(de).map_err(|e| {
-        let at = e.path().to_string();
-        format!("'{}': {at}: {}", path.display(), e.into_inner())
-    })?;
+    let raw: Option<RawKeysFile> = serde_path_to_error::deserialize(de)
+        .map_err(|e| format!("'{}': {}", path.display(), yaml_error::describe(&e)))?;
     Ok(match raw {
         None => Vec::new(),
         Some(RawKeysFile::List(k)) | Some(RawKeysFile::Map { keys: k }) => k,

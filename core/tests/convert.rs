@@ -300,3 +300,39 @@ fn duplicate_keys_are_refused_in_every_direction() {
     let got = usage(r#"return {ok = pcall(json.decode, '{"a":1,"a":2}')}"#, json!({}));
     assert_eq!(got, Ok(json!({"ok": false})));
 }
+
+/// A number whose own text a double reproduces keeps it, even when another
+/// number of the same call has a longer text for the same double (found by
+/// the convert fuzz target: `9007199254740992` came back as the
+/// `9007199254740993` next to it).
+#[test]
+fn a_short_number_is_not_respelled_as_a_long_one_with_the_same_double() {
+    let bodies = [
+        r#"{"a":9007199254740993,"b":9007199254740992}"#,
+        r#"{"b":9007199254740992,"a":9007199254740993}"#,
+        r#"{"a":[1.00000000000000001],"b":[1]}"#,
+        r#"{"b":{"x":1},"a":{"y":1.00000000000000001}}"#,
+    ];
+    let scripts = [
+        "local out = {} for k, v in pairs(request.body) do out[k] = v end return {body = out}",
+        // Read one field, then the other (lazy fields convert one at a time).
+        "local b = request.body return {body = {b = b.b, a = b.a}}",
+        "local b = request.body return {body = {a = b.a, b = b.b}}",
+        "return {body = json.decode(json.encode(request.body))}",
+    ];
+    for body in bodies {
+        let input = format!(r#"{{"request":{{"id":"r","body":{body}}}}}"#);
+        let input = llmproxy_core::convert::parse_json(input.as_bytes(), Default::default()).expect("parses");
+        let want = llmproxy_core::convert::parse_json(body.as_bytes(), Default::default()).expect("parses");
+        for script in scripts {
+            let got = engine(HookName::RequestTransform, script)
+                .run_json(HookName::RequestTransform, &input)
+                .expect(script);
+            assert_eq!(
+                serde_json::to_string(&got["body"]["b"]).expect("encode"),
+                serde_json::to_string(&want["b"]).expect("encode"),
+                "{body} / {script}"
+            );
+        }
+    }
+}

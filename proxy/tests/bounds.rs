@@ -396,6 +396,35 @@ async fn a_client_that_stops_reading_releases_the_upstream() {
     drop(c);
 }
 
+/// A client that shuts down its sending side after a whole request is
+/// taken as gone (docs/gateway.md, "Bounds"): no response, the connection
+/// closes, and the gateway keeps serving. Answering half-closed clients
+/// would keep abandoned requests running until their upstream answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_is_a_client_that_left() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "")).await;
+    let body = chat("m", json!({})).to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-mock-delay-ms: 3000\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut c = TcpStream::connect(addr_of(&gw)).await.unwrap();
+    c.write_all(request.as_bytes()).await.unwrap();
+    c.shutdown().await.unwrap();
+    let (reply, closed) = read_for(&mut c, Duration::from_secs(30)).await;
+    assert!(closed, "the connection stays open: {reply}");
+    assert_eq!(reply, "", "a half-closed client got an answer");
+    let (reply, _) = raw(
+        &addr_of(&gw),
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(status_of(&reply), 200, "{reply}");
+}
+
 // ---- point 8: the key before the body --------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,11 +55,8 @@ impl AccountsConfig {
     /// `base_dir`.
     pub fn from_yaml(text: &str, base_dir: &Path) -> Result<AccountsConfig, ConfigError> {
         let de = serde_norway::Deserializer::from_str(text);
-        let raw: RawAccounts = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            ConfigError::one(if path == "." { inner } else { format!("{path}: {inner}") })
-        })?;
+        let raw: RawAccounts =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::one(super::yaml_error::describe(&e)))?;
         let mut problems = Vec::new();
         let accounts = resolve_accounts(
             AccountSections {

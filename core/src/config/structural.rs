@@ -30,13 +30,9 @@ pub(super) fn deserialize_all<T: DeserializeOwned>(text: &str) -> Result<T, (Vec
         Ok(value) => return Ok(value),
         Err(failure) => failure,
     };
-    let mut problems = vec![describe(
-        &render(&to_file_steps(&first.path, &[])),
-        &first.path,
-        &first.message,
-        true,
-        &first.error,
-    )];
+    // The first problem is in the file's own text: its own description,
+    // with the line and column where it names no key.
+    let mut problems = vec![first.described.clone()];
     // The document as a tree, to cut bad nodes out of. Text that is not
     // YAML at all has nothing more to report.
     let Ok(mut doc) = serde_norway::from_str::<Value>(text) else {
@@ -65,7 +61,7 @@ pub(super) fn deserialize_all<T: DeserializeOwned>(text: &str) -> Result<T, (Vec
             Ok(value) => return Err((problems, Some(value))),
             Err(next) => {
                 let steps = to_file_steps(&next.path, &removed);
-                let problem = describe(&render(&steps), &next.path, &next.message, false, &next.error);
+                let problem = describe(&render(&steps), &next.path, &next.message, &next.error);
                 // The same problem again: the cut did not reach it; stop.
                 if problems.last() == Some(&problem) || problems.len() >= MAX_PROBLEMS {
                     return Err((problems, None));
@@ -82,34 +78,38 @@ struct Failure {
     path: Vec<Segment>,
     message: String,
     error: serde_norway::Error,
+    /// The problem as one line for the text it was found in (see
+    /// [`super::yaml_error::describe`]).
+    described: String,
 }
 
 fn attempt<T: DeserializeOwned>(text: &str) -> Result<T, Failure> {
     let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path: Vec<Segment> = e.path().iter().cloned().collect();
+        let described = super::yaml_error::describe(&e);
         let error = e.into_inner();
+        let message = error.to_string();
         Failure {
             path,
-            message: error.to_string(),
+            message,
             error,
+            described,
         }
     })
 }
-
-/// `path: message`; the parser sometimes names a (shorter) path itself,
-/// which is dropped. Locations are kept only for the file's own text.
-fn describe(path: &str, seen: &[Segment], message: &str, keep_location: bool, error: &serde_norway::Error) -> String {
+/// `path: message` for a problem found in a re-serialized document: the
+/// parser sometimes names a (shorter) path itself, which is dropped, and its
+/// location points into that text, not the file's, so it is dropped too.
+fn describe(path: &str, seen: &[Segment], message: &str, error: &serde_norway::Error) -> String {
     let mut message = message.to_string();
-    if !keep_location {
-        if let Some(loc) = error.location() {
-            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-            if let Some(stripped) = message.strip_suffix(&suffix) {
-                message = stripped.to_string();
-            }
+    if let Some(loc) = error.location() {
+        let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_string();
         }
     }
-    if path == "." {
+    if path.is_empty() {
         return message;
     }
     let seen_path = render(&seen.iter().filter_map(step_of).collect::<Vec<_>>());
@@ -128,22 +128,15 @@ fn step_of(segment: &Segment) -> Option<Step> {
     }
 }
 
-/// A key path as text: `scripts.routing.timeout_ms`, `backends[1].url`.
+/// A key path as text: `scripts.routing.timeout_ms`, `backends[1].url`,
+/// `["."]` for a key that is not a plain word; empty for the document.
 fn render(steps: &[Step]) -> String {
     let mut out = String::new();
     for step in steps {
         match step {
-            Step::Key(k) => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(k);
-            }
+            Step::Key(k) => super::yaml_error::push_key(&mut out, k),
             Step::Index(i) => out.push_str(&format!("[{i}]")),
         }
-    }
-    if out.is_empty() {
-        out.push('.');
     }
     out
 }

@@ -5,8 +5,9 @@
 //!   emptied array (and `[]`) encodes back as `[]`. Objects become plain
 //!   tables; an unmarked empty table encodes as `{}`.
 //! - `null` becomes `json.null` (a NULL light userdata, as in lua-cjson).
-//! - Numbers are LuaJIT doubles: an integral value within ±2^53 encodes back as
-//!   a JSON integer, anything else as a float; NaN and infinities are errors.
+//! - Numbers are LuaJIT doubles: an integral value within the i64 range
+//!   encodes back as a JSON integer, anything else as a float; NaN and
+//!   infinities are errors (and JSON numbers beyond a double are refused).
 //! - Strings keep their bytes; a Lua string that is not UTF-8 cannot become
 //!   JSON and is an error, never silently replaced.
 //! - Depth and size are bounded in both directions: deep or cyclic tables are
@@ -150,7 +151,9 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
         Value::Number(n) => {
             let f = n.as_f64().unwrap_or(f64::NAN);
             if numbers::needs_text(n, f) {
-                record_texts(lua, vec![(f, n.clone())]);
+                record_texts(lua, vec![(f, n.clone())], &[]);
+            } else {
+                record_texts(lua, Vec::new(), &[f.to_bits()]);
             }
             LuaValue::Number(f)
         }
@@ -160,35 +163,38 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
             // Owned here, outside the closure: a Lua error jumps over the
             // closure's frames, and this Vec is still dropped normally.
             let mut texts = Vec::new();
+            let mut plain = Vec::new();
             // SAFETY: `exec_raw` pushes the array marker (index 1) and runs
             // the closure in a protected call: an allocation failure raises
             // a Lua error that the call returns as an error (the closure's
             // frames own nothing that needs dropping; each push to `texts`
-            // completes before the next Lua call). `push_json` checks stack
+            // or `plain` completes before the next Lua call). `push_json` checks stack
             // space before each push and leaves exactly one value above the
             // marker; the marker is removed, so `exec_raw` returns the value.
             let v = unsafe {
                 lua.exec_raw::<LuaValue>(&m.array_mt, |state| {
-                    push_json(state, value, 1, &mut texts);
+                    push_json(state, value, 1, &mut texts, &mut plain);
                     ffi::lua_remove(state, 1); // the marker: the result alone is returned
                 })?
             };
             drop(m);
-            record_texts(lua, texts);
+            record_texts(lua, texts, &plain);
             v
         }
     })
 }
 
-/// Record numbers whose text a double does not reproduce (see [`numbers`]).
-fn record_texts(lua: &Lua, found: Vec<(f64, Number)>) {
-    if found.is_empty() {
+/// Record numbers whose text a double does not reproduce, and the doubles
+/// of the others (see [`numbers`]).
+fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
+    if found.is_empty() && plain.is_empty() {
         return;
     }
     if let Some(mut texts) = lua.app_data_mut::<NumberTexts>() {
         for (f, n) in found {
             texts.record(f, n);
         }
+        texts.record_plain(plain);
     }
 }
 
@@ -197,8 +203,15 @@ fn record_texts(lua: &Lua, found: Vec<(f64, Number)>) {
 /// # Safety
 /// `state` is live, inside a protected call, with the array marker at the
 /// absolute index `array_mt`. Nesting is bounded by the input limits.
-/// Numbers a double changes are added to `texts`.
-unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int, texts: &mut Vec<(f64, Number)>) {
+/// Numbers a double changes are added to `texts`, the doubles of the
+/// others to `plain`.
+unsafe fn push_json(
+    state: *mut lua_State,
+    value: &Value,
+    array_mt: c_int,
+    texts: &mut Vec<(f64, Number)>,
+    plain: &mut Vec<u64>,
+) {
     if ffi::lua_checkstack(state, 3) == 0 {
         ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
     }
@@ -209,6 +222,8 @@ unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int, texts
             let f = n.as_f64().unwrap_or(f64::NAN);
             if numbers::needs_text(n, f) {
                 texts.push((f, n.clone()));
+            } else {
+                plain.push(f.to_bits());
             }
             ffi::lua_pushnumber(state, f)
         }
@@ -218,7 +233,7 @@ unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int, texts
         Value::Array(items) => {
             ffi::lua_createtable(state, c_int::try_from(items.len()).unwrap_or(0), 0);
             for (i, item) in items.iter().enumerate() {
-                push_json(state, item, array_mt, texts);
+                push_json(state, item, array_mt, texts, plain);
                 ffi::lua_rawseti(state, -2, (i + 1) as ffi::lua_Integer);
             }
             ffi::lua_pushvalue(state, array_mt);
@@ -228,7 +243,7 @@ unsafe fn push_json(state: *mut lua_State, value: &Value, array_mt: c_int, texts
             ffi::lua_createtable(state, 0, c_int::try_from(map.len()).unwrap_or(0));
             for (k, v) in map {
                 ffi::lua_pushlstring(state, k.as_ptr().cast(), k.len());
-                push_json(state, v, array_mt, texts);
+                push_json(state, v, array_mt, texts, plain);
                 ffi::lua_rawset(state, -3);
             }
         }
@@ -323,10 +338,11 @@ pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value,
     enc.value(value, 1)
 }
 
-/// This call's recorded number texts, when there are any.
+/// This call's recorded number texts, when there are any, settled against
+/// the plain numbers it saw.
 fn number_texts(lua: &Lua) -> Option<NumberTexts> {
     lua.app_data_ref::<NumberTexts>()
-        .and_then(|t| (!t.is_empty()).then(|| t.clone()))
+        .and_then(|t| (!t.is_empty()).then(|| t.settled()))
 }
 
 /// [`RawEncoder`] on `t`: `None` when it met a table it leaves to

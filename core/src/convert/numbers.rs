@@ -11,7 +11,10 @@
 //! double with recorded bits is written with its original text: the script
 //! either passed the value through or computed exactly the same double, and
 //! the text is the more precise spelling of that double. Two texts that map
-//! to the same double are ambiguous and fall back to the double's own text.
+//! to the same double are ambiguous and fall back to the double's own text,
+//! and so does a recorded double that a number of the input also has with a
+//! text the double reproduces (`9007199254740992` next to
+//! `9007199254740993`): either may be the one the script passed through.
 //! The record is per call (cleared before each call) and costs nothing when
 //! a body has no such number.
 
@@ -24,7 +27,15 @@ use serde_json::Number;
 #[derive(Debug, Default, Clone)]
 pub(crate) struct NumberTexts {
     by_bits: HashMap<u64, Option<Number>>,
+    /// Bits of the doubles of the other numbers seen in this call (their
+    /// own text is the double's); [`NumberTexts::settled`] applies them.
+    plain: Vec<u64>,
+    /// `plain` is sorted and deduplicated when it reaches this length.
+    compact_at: usize,
 }
+
+/// `plain` is first compacted at this length.
+const COMPACT_FIRST: usize = 4096;
 
 impl NumberTexts {
     /// Forget everything (a new call starts).
@@ -32,9 +43,11 @@ impl NumberTexts {
         if !self.by_bits.is_empty() {
             self.by_bits.clear();
         }
+        self.plain.clear();
+        self.compact_at = COMPACT_FIRST;
     }
 
-    /// Whether nothing was recorded.
+    /// Whether no text was recorded.
     pub fn is_empty(&self) -> bool {
         self.by_bits.is_empty()
     }
@@ -49,6 +62,33 @@ impl NumberTexts {
                 }
             })
             .or_insert(Some(text));
+    }
+
+    /// Record the bits of doubles whose own text is their number's text.
+    pub fn record_plain(&mut self, bits: &[u64]) {
+        self.plain.extend_from_slice(bits);
+        if self.plain.len() >= self.compact_at.max(COMPACT_FIRST) {
+            // Repeated numbers (a script decoding the same text in a loop)
+            // do not grow the list.
+            self.plain.sort_unstable();
+            self.plain.dedup();
+            self.compact_at = self.plain.len().saturating_mul(2);
+        }
+    }
+
+    /// The texts an encoder may write: those of doubles no plain number has.
+    pub fn settled(&self) -> NumberTexts {
+        let mut by_bits = self.by_bits.clone();
+        for bits in &self.plain {
+            if let Some(seen) = by_bits.get_mut(bits) {
+                *seen = None;
+            }
+        }
+        NumberTexts {
+            by_bits,
+            plain: Vec::new(),
+            compact_at: COMPACT_FIRST,
+        }
     }
 
     /// The original text of the double `f`, if one was recorded.
@@ -132,5 +172,22 @@ mod tests {
         assert_eq!(t.text_of(f), None);
         t.clear();
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_plain_number_with_the_same_double_makes_a_text_ambiguous() {
+        let mut t = NumberTexts::default();
+        let a = num("9007199254740993");
+        let f = a.as_f64().unwrap_or_default();
+        t.record(f, a.clone());
+        t.record_plain(&[1.5f64.to_bits()]);
+        assert_eq!(t.settled().text_of(f), Some(&a));
+        t.record_plain(&[f.to_bits()]);
+        assert_eq!(t.settled().text_of(f), None);
+        for i in 0..3 * COMPACT_FIRST {
+            t.record_plain(&[(i % 10) as u64]);
+        }
+        assert!(t.plain.len() < COMPACT_FIRST + 12, "repeats are compacted");
+        assert_eq!(t.settled().text_of(f), None);
     }
 }

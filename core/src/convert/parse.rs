@@ -227,10 +227,15 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
         if first == NUMBER_TOKEN {
             let text: String = map.next_value()?;
             self.state.charge(NODE_COST + text.len())?;
-            return text
+            let n = text
                 .parse::<Number>()
-                .map(Value::Number)
-                .map_err(|e| de::Error::custom(format!("invalid number: {e}")));
+                .map_err(|e| de::Error::custom(format!("invalid number: {e}")))?;
+            // A number past the largest double (`1e400`) would reach a
+            // script as NaN: refused, as without `arbitrary_precision`.
+            if n.as_f64().is_none() {
+                return Err(de::Error::custom("number out of range"));
+            }
+            return Ok(Value::Number(n));
         }
         let child = self.deeper()?;
         self.state.charge(NODE_COST)?;
@@ -281,6 +286,8 @@ mod tests {
             ("9223372036854775807", "9223372036854775807"),
             ("-9223372036854775809", "-9223372036854775809"),
             ("0.30000000000000000001", "0.30000000000000000001"),
+            ("1e-400", "1e-400"),
+            ("1.7976931348623157e308", "1.7976931348623157e+308"),
         ] {
             let v = parse(text.as_bytes(), &bounds()).expect(text);
             assert_eq!(serde_json::to_string(&v).expect("encode"), out);
@@ -296,6 +303,9 @@ mod tests {
             (r#"{"a":{"b":{"c":{"d":{}}}}}"#, "deeper than the limit of 4"),
             ("[1,]", "invalid JSON"),
             ("{} x", "invalid JSON"),
+            // Found by the convert fuzz target: it reached scripts as NaN.
+            ("7e308", "number out of range"),
+            (r#"{"t":-1e400}"#, "number out of range"),
         ];
         for (text, want) in cases {
             let err = parse(text.as_bytes(), &bounds()).expect_err(text);
