@@ -237,3 +237,23 @@ fn the_first_structural_problem_keeps_its_location() {
     assert!(problems[0].ends_with("at line 2 column 1"), "{}", problems[0]);
     assert!(!problems[1].contains(" at line "), "{}", problems[1]);
 }
+
+/// A problem found after a cut that names no key (a mapping used as a
+/// key) still says what it is about (found by the config fuzz target).
+#[test]
+fn a_later_problem_without_a_key_names_the_document() {
+    let problems = load("rgnouit:\n  enabled: true\n? script=: \"return nil\"\n  request_transform: {s%cript: x}\n")
+        .err()
+        .unwrap_or_default();
+    assert!(problems.len() >= 2, "{problems:#?}");
+    for p in &problems {
+        assert!(
+            p.contains(" at line ") || p.starts_with("the config document: ") || p.contains(": "),
+            "{p}"
+        );
+    }
+    assert!(
+        problems.iter().any(|p| p.starts_with("the config document: ")),
+        "{problems:#?}"
+    );
+}

@@ -110,7 +110,9 @@ fn describe(path: &str, seen: &[Segment], message: &str, error: &serde_norway::E
         }
     }
     if path.is_empty() {
-        return message;
+        // No key names it, and the location would point into the
+        // re-serialized text (a mapping used as a key, say).
+        return format!("the config document: {message}");
     }
     let seen_path = render(&seen.iter().filter_map(step_of).collect::<Vec<_>>());
     let message = match message.split_once(": ") {

@@ -21,8 +21,7 @@ pub(crate) fn describe(error: &serde_path_to_error::Error<serde_norway::Error>) 
             .replace("expected struct RawConfig", "expected a mapping of config sections")
             .replace("expected struct RawAccounts", "expected a mapping of config sections");
         return match inner.location() {
-            Some(l) if !text.contains(" at line ") => format!("{text} at line {} column {}", l.line(), l.column()),
-            Some(_) => text,
+            Some(l) => with_location(text, l),
             None => format!("the config document: {text}"),
         };
     }
@@ -32,10 +31,20 @@ pub(crate) fn describe(error: &serde_path_to_error::Error<serde_norway::Error>) 
         _ => text.as_str(),
     };
     match inner.location() {
-        Some(l) if unknown > 0 && !message.contains(" at line ") => {
-            format!("{path}: {message} at line {} column {}", l.line(), l.column())
-        }
+        Some(l) if unknown > 0 => with_location(format!("{path}: {message}"), l),
         _ => format!("{path}: {message}"),
+    }
+}
+
+/// `text` ending with its location: kept when the YAML library put it
+/// there, appended otherwise. Only the end counts: the message may quote
+/// the document's own text, " at line " included.
+fn with_location(text: String, l: serde_norway::Location) -> String {
+    let suffix = format!(" at line {} column {}", l.line(), l.column());
+    if text.ends_with(&suffix) {
+        text
+    } else {
+        text + &suffix
     }
 }
 
@@ -109,6 +118,12 @@ mod tests {
             (
                 "5\n",
                 "invalid type: integer `5`, expected a mapping of config sections at line 1 column 1",
+            ),
+            (
+                // The document's own text may say " at line ": the location
+                // still ends the message.
+                "00 at line 1 cumno l1.:X1\n",
+                "invalid type: string \"00 at line 1 cumno l1.:X1\", expected a mapping of config sections at line 1 column 1",
             ),
             (
                 "- a\n",
