@@ -491,7 +491,7 @@ local tests = {
     assert(lines[3].level == "error" and lines[3].message == "e", "error")
     local req = assert(llmproxy.request({ id = "r9" }))
     res, err, lines = e:run_prepared("routing", req, assert(llmproxy.globals({ backends = BACKENDS })))
-    assert(err == nil and #lines == 3 and lines[1].request_id == "r9", "run_prepared")
+    assert(res == nil and err == nil and #lines == 3 and lines[1].request_id == "r9", "run_prepared")
     assert(select("#", e:run("usage", { request = { id = "r" }, usage = {} })) == 2, "a silent script")
   end },
   { "engine:models_body(), llmproxy.healthz_body: the gateway's GET /v1/models and /healthz bodies", function()
