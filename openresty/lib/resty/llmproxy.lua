@@ -19,7 +19,16 @@
 --         proxy_buffering off;
 --         proxy_pass http://llmproxy_backends;
 --     }
---     location = /metrics { content_by_lua_block { require("resty.llmproxy").metrics() } }
+--     location = /healthz { content_by_lua_block { require("resty.llmproxy").healthz() } }
+--     location = /metrics {
+--         allow 127.0.0.1;
+--         deny all;
+--         content_by_lua_block { require("resty.llmproxy").metrics() }
+--     }
+--
+-- `lua_code_cache` must stay on: the worker's engine lives in this
+-- module's state. A hook runs on the worker's event loop: a script that
+-- runs to its `timeout_ms` stalls every request of the worker.
 --
 -- Per request, the request (and its body) is parsed once, in Rust, into an
 -- `llmproxy.request` handle that every hook of the request runs on; the
@@ -520,7 +529,7 @@ end
 -- `llmproxy_metrics` when it exists.
 --
 -- @tparam string config path of the YAML config (scripts are relative to
---   it), or YAML text
+--   it; a relative path is relative to nginx's prefix), or YAML text
 -- @tparam[opt] table opts overrides: `backends` (a list of `{name, url,
 --   weight?, headers?}`; default `engine:backends()`), `max_retries`
 --   (`gateway.retry.max_retries`), `max_body_bytes`
@@ -1298,7 +1307,9 @@ end
 -- stream's body asks the backend for usage. Failures (a body that is too
 -- large or not JSON, no backend, a refusal) answer through
 -- `error_handler` with the gateway's error bodies; 503 when no engine is
--- loaded.
+-- loaded (naming `lua_code_cache` when that is why). `GET .../v1/models`
+-- is answered here, as the gateway does: the config's model list, no
+-- admission, no backend.
 -- @phases access
 -- @usage access_by_lua_block { require("resty.llmproxy").access() }
 function _M.access()
