@@ -526,7 +526,9 @@ end
 -- and timeouts come from the same YAML (`backends:`, `gateway:`). On
 -- failure the error is logged and the worker keeps the engine it had
 -- (none at startup: requests get 503). Metrics go to the shared dict
--- `llmproxy_metrics` when it exists.
+-- `llmproxy_metrics` when it exists. When the worker exits (quit, reload,
+-- stop) it first waits, at most 5 s, for the ledger's queued rows to be
+-- committed (the writer thread ends with the worker).
 --
 -- @tparam string config path of the YAML config (scripts are relative to
 --   it; a relative path is relative to nginx's prefix), or YAML text
@@ -1982,7 +1984,8 @@ end
 -- streams; a failing script records the raw usage), keeps the record in
 -- `ngx.ctx.llmproxy.usage_record`, logs it at NOTICE level and charges
 -- the key's quota (`billable_tokens`, else `total_tokens`) and tokens per
--- minute; queues the ledger row of an admitted request (never waits);
+-- minute; queues the ledger row of an admitted request (never waits,
+-- except in a worker that is exiting: then until it is committed);
 -- updates this worker's view of backend health from every try; counts the
 -- request, its tries and latencies in the metrics.
 -- @phases log
