@@ -62,6 +62,12 @@ $r = $http->get("$url/llmproxy/status");
 like($r->{content}, qr/"hooks":"routing, auth, request_transform, response_transform, rate_limit, usage, error_handler"/,
     'the status location shows the engine');
 
+$r = $http->get("$url/healthz");
+is("$r->{status} $r->{content}", '200 {"status":"ok"}', '/healthz as the gateway answers it');
+$r = $http->get("$url/v1/models");
+is($r->{content}, '{"object":"list","data":[' . join(',', map { qq({"id":"$_","object":"model","created":0,"owned_by":"llmproxy"}) }
+    qw(standard high-performance ultra)) . ']}', 'GET /v1/models: the backend names, no key needed, as the gateway');
+
 $r = $http->get("$url/metrics");
 like($r->{content}, qr/llmproxy_requests_total\{backend="ultra",status="200"\} [1-9]/, '/metrics counts the requests');
 

@@ -434,17 +434,17 @@ stopping the response (on_error: deny)
 
 
 
-=== TEST 24: other paths are relayed as they are: routed (body null), no transforms
+=== TEST 24: other paths are relayed as they are: routed (body null), no transforms (GET /v1/models is answered locally: t/016)
 --- hooks
   routing:
     script: |
-      if request.body == json.null and request.path == "/v1/models" then return "ultra" end
+      if request.body == json.null and request.path == "/v1/files" then return "ultra" end
       return "standard"
   response_transform:
     script: |
       return {body = {transformed = true}}
 --- request
-GET /v1/models
+GET /v1/files
 --- response_headers
 X-LLMProxy-Backend: ultra
 --- response_body chomp

@@ -133,3 +133,36 @@ Authorization: Bearer sk-l2
 [("POST /v1/chat/completions\n{\"model\":\"gpt-4\"}") x 3]
 --- error_code eval
 [200, 200, 429]
+
+
+
+=== TEST 5: two requests, then a graceful stop at once (QUIT): the exiting worker commits their rows first
+--- yaml
+ledger: {path: $TEST_NGINX_SERVROOT/html/quit.db, flush_ms: 100}
+--- request eval
+[("POST /v1/chat/completions\n{\"model\":\"gpt-4\"}") x 2]
+--- error_code eval
+[200, 200]
+--- stop_after
+--- no_error_log
+[error]
+
+
+
+=== TEST 6: a fresh nginx reads the stopped one's ledger: both rows are there
+--- yaml
+ledger: {path: $TEST_NGINX_SERVROOT/html/quit.db, flush_ms: 100}
+--- config
+    location = /rows {
+        content_by_lua_block {
+            local conf = ngx.config.prefix() .. "html/llmproxy.yaml"
+            local p = io.popen("@LLMPROXY_BIN@ usage --config " .. conf .. " --records 2>&1")
+            local out = p:read("*a")
+            p:close()
+            ngx.say("rows: ", select(2, out:gsub('"request_id"', "")))
+        }
+    }
+--- request
+GET /rows
+--- response_body
+rows: 2

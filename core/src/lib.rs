@@ -39,6 +39,7 @@ pub mod error;
 pub mod hooks;
 pub mod http;
 pub mod keys;
+pub mod models;
 pub mod policy;
 pub mod pool;
 pub mod sandbox;

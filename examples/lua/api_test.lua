@@ -478,6 +478,48 @@ local tests = {
       .. "keys:\n  - {key: sk-off, user_id: u, status: disabled}\n"))
     assert(o:auth_decision(o:standard_checks("sk-off", nil, 0), { allow = true }) == nil, "may_override")
   end },
+  { "a script's log.* and print lines come back third from run/run_prepared, tagged; none: no third value", function()
+    local e = assert(llmproxy.new("scripts:\n  routing:\n    script: |\n"
+      .. "      log.warn('w', 1)\n      print('p')\n      log.error('e')\n      return nil\n"
+      .. "  usage: {script: 'return nil'}\n"))
+    local res, err, lines = e:run("routing", routing_input({}))
+    assert(res == nil and err == nil and #lines == 3, "three lines")
+    local l = lines[1]
+    assert(l.level == "warn" and l.message == "w\t1" and l.request_id == "r1" and l.hook == "routing"
+      and l.script == "scripts.routing", l.message)
+    assert(lines[2].level == "info" and lines[2].message == "p", "print is info")
+    assert(lines[3].level == "error" and lines[3].message == "e", "error")
+    local req = assert(llmproxy.request({ id = "r9" }))
+    res, err, lines = e:run_prepared("routing", req, assert(llmproxy.globals({ backends = BACKENDS })))
+    assert(res == nil and err == nil and #lines == 3 and lines[1].request_id == "r9", "run_prepared")
+    assert(select("#", e:run("usage", { request = { id = "r" }, usage = {} })) == 2, "a silent script")
+  end },
+  { "engine:models_body(), llmproxy.healthz_body: the gateway's GET /v1/models and /healthz bodies", function()
+    local e = assert(llmproxy.new("backends:\n  - {name: a, url: 'http://a'}\n  - {name: b, url: 'http://b'}\n"))
+    assert(e:models_body() == '{"object":"list","data":[{"id":"a","object":"model","created":0,"owned_by":"llmproxy"},'
+      .. '{"id":"b","object":"model","created":0,"owned_by":"llmproxy"}]}', e:models_body())
+    local m = assert(llmproxy.new("backends:\n  - {name: a, url: 'http://a'}\ngateway: {models: [gpt-4]}\n"))
+    assert(m:models_body():find('"data":[{"id":"gpt-4",', 1, true), m:models_body())
+    assert(llmproxy.healthz_body == '{"status":"ok"}')
+  end },
+  { "llmproxy.installed(): a process-wide mark, set once by a host", function()
+    local before = llmproxy.installed()
+    assert(before == false, "not yet")
+    assert(llmproxy.installed(true) == true and llmproxy.installed() == true, "marked")
+  end },
+  { "engine:ledger_flush(secs): true once the queued rows are committed; nil without a ledger", function()
+    assert(engine:ledger_flush(1) == nil, "no ledger")
+    local path = os.tmpname()
+    os.remove(path)
+    local e = assert(llmproxy.new("ledger: {path: " .. path .. ", flush_ms: 100}\n"))
+    assert(e:ledger_record({ request_id = "r1", node = "n", path = "/v1/x", status = 200 }) == true, "queued")
+    assert(e:ledger_flush(5) == true, "committed")
+    local s = e:ledger_stats()
+    assert(s.written == 1 and s.pending == 0, "written " .. tostring(s.written))
+    for _, f in ipairs({ path, path .. "-wal", path .. "-shm" }) do
+      os.remove(f)
+    end
+  end },
   { "tostring(engine)", function()
     assert(tostring(engine) == "llmproxy.engine")
   end },

@@ -31,11 +31,18 @@
 //! engine:gateway()      -- the config's `gateway:` settings
 //! engine:on_error("auth")  -- "deny" | "standard": the hook's failure policy
 //! engine:pool_stats()   -- the VM pool's counters
+//! engine:models_body()  -- `GET /v1/models`' JSON text, as the gateway's
+//! engine:ledger_flush(5) -- wait (at most 5 s) for the ledger's commits
+//! -- A call whose script logged (`log.*`, `print`) returns its lines third:
+//! -- res, err, lines = engine:run(...); lines = { {level = "warn",
+//! -- message = ..., request_id = ..., hook = ..., script = ...}, ... }
 //! ```
 //!
 //! Exports: `new`, `request`, `globals`, `version`, `null` (`json.null`, a
 //! NULL light userdata, equal to `cjson.null`), `empty_array`, `array_mt`,
-//! and host rules from core: `usage`, `hop_by_hop`, `failure_step` (which
+//! `healthz_body` (`GET /healthz`' body), `installed([true])` (a
+//! process-wide mark that a host installed an engine), and host rules from
+//! core: `usage`, `hop_by_hop`, `failure_step` (which
 //! hook shapes a failed request's response next, docs/adr/042).
 //!
 //! The module runs in the host's Lua state (mlua `module` mode: LuaJIT comes
@@ -51,6 +58,7 @@ pub mod convert;
 mod keys;
 mod ledger;
 mod policy;
+mod script_log;
 mod usage;
 
 use std::panic::{self, AssertUnwindSafe};
@@ -110,24 +118,34 @@ struct LuaEngine {
 impl UserData for LuaEngine {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("run", |lua, this, (hook, input, opts): (Value, Value, Value)| {
-            let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-                let opts = RunOptions::from_lua(&opts)?;
-                run(lua, this, &hook, &input).map(|r| opts.apply(r))
-            }))
-            .unwrap_or_else(|payload| Err(from_panic(payload)));
-            respond(lua, this, outcome)
+            let (outcome, lines) = script_log::capture(|| {
+                panic::catch_unwind(AssertUnwindSafe(|| {
+                    let opts = RunOptions::from_lua(&opts)?;
+                    run(lua, this, &hook, &input).map(|r| opts.apply(r))
+                }))
+                .unwrap_or_else(|payload| Err(from_panic(payload)))
+            });
+            respond(lua, this, outcome, lines)
         });
         methods.add_method(
             "run_prepared",
             |lua, this, (hook, request, globals, opts): (Value, Value, Value, Value)| {
-                let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-                    let opts = RunOptions::from_lua(&opts)?;
-                    run_prepared(this, &hook, &request, &globals).map(|r| opts.apply(r))
-                }))
-                .unwrap_or_else(|payload| Err(from_panic(payload)));
-                respond(lua, this, outcome)
+                let (outcome, lines) = script_log::capture(|| {
+                    panic::catch_unwind(AssertUnwindSafe(|| {
+                        let opts = RunOptions::from_lua(&opts)?;
+                        run_prepared(this, &hook, &request, &globals).map(|r| opts.apply(r))
+                    }))
+                    .unwrap_or_else(|payload| Err(from_panic(payload)))
+                });
+                respond(lua, this, outcome, lines)
             },
         );
+        // engine:models_body() -> the JSON text of `GET /v1/models`, as the
+        // gateway answers it (core's rule: gateway.models, else the
+        // backend names).
+        methods.add_method("models_body", |_, this, ()| {
+            Ok(llmproxy_core::models::models_body(this.engine.config()))
+        });
         methods.add_method("backends", |lua, this, ()| backends(lua, this));
         methods.add_method("gateway", |lua, this, ()| gateway(lua, this));
         methods.add_method("pool_stats", |lua, this, ()| {
@@ -312,6 +330,16 @@ impl UserData for LuaEngine {
             };
             Ok(Some(w.try_record(ledger_record(&t)?)))
         });
+        // engine:ledger_flush(seconds) -> whether everything queued so far
+        // was committed within `seconds` (nil without a ledger). Blocks the
+        // caller: for a worker that is exiting, never on a request's path.
+        methods.add_method("ledger_flush", |_, this, seconds: Option<f64>| {
+            let Some(w) = &this.ledger else {
+                return Ok(None);
+            };
+            let secs = seconds.filter(|s| s.is_finite() && *s >= 0.0).unwrap_or(5.0).min(60.0);
+            Ok(Some(w.flush_within(std::time::Duration::from_secs_f64(secs))))
+        });
         // engine:ledger_stats() -> {written, batches, failed, dropped, pending} or nil.
         methods.add_method("ledger_stats", |lua, this, ()| {
             let Some(w) = &this.ledger else {
@@ -360,18 +388,39 @@ impl UserData for LuaEngine {
     }
 }
 
-/// `res, nil` (`nil, nil` for a nil result) or `nil, err`.
-fn respond(lua: &Lua, this: &LuaEngine, outcome: Result<Json, Failure>) -> mlua::Result<MultiValue> {
-    match outcome {
+/// `res, nil` (`nil, nil` for a nil result) or `nil, err`; then, when the
+/// script logged, a third value: its lines, `{ {level, message,
+/// request_id, hook, script}, ... }`, for the host to write.
+fn respond(
+    lua: &Lua,
+    this: &LuaEngine,
+    outcome: Result<Json, Failure>,
+    lines: Vec<script_log::Line>,
+) -> mlua::Result<MultiValue> {
+    let mut out = match outcome {
         Ok(json) => {
             let value = match json {
                 Json::Null => Value::Nil,
                 other => convert::to_lua(lua, &other, &this.shared.array_mt)?,
             };
-            Ok(MultiValue::from_vec(vec![value, Value::Nil]))
+            MultiValue::from_vec(vec![value, Value::Nil])
         }
-        Err(f) => this.shared.fail(lua, f),
+        Err(f) => this.shared.fail(lua, f)?,
+    };
+    if !lines.is_empty() {
+        let t = lua.create_table_with_capacity(lines.len(), 0)?;
+        for (i, l) in lines.into_iter().enumerate() {
+            let e = lua.create_table_with_capacity(0, 5)?;
+            e.raw_set("level", l.level)?;
+            e.raw_set("message", l.message)?;
+            e.raw_set("request_id", l.request_id)?;
+            e.raw_set("hook", l.hook)?;
+            e.raw_set("script", l.script)?;
+            t.raw_set(i + 1, e)?;
+        }
+        out.push_back(Value::Table(t));
     }
+    Ok(out)
 }
 
 /// `engine:backends()`: the config's backends, in config order, as
@@ -958,6 +1007,10 @@ fn build(cfg: &Value) -> Result<Engine, Failure> {
     Ok(Engine::new(config)?)
 }
 
+/// Whether a host module installed an engine in this process
+/// (`llmproxy.installed`).
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The module table (`luaopen_llmproxy`).
 ///
 /// `skip_memory_check`: the host's state is not ours (nginx's or a LuaJIT
@@ -969,6 +1022,7 @@ fn build(cfg: &Value) -> Result<Engine, Failure> {
 /// whose Lua heap cannot grow ends anyway (docs/adr/035-openresty-hot-path.md).
 #[mlua::lua_module(name = "llmproxy", skip_memory_check)]
 fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
+    script_log::install();
     let array_mt = lua.create_table()?;
     array_mt.raw_set("__name", "llmproxy.array")?;
     let err_mt = lua.create_table()?;
@@ -990,6 +1044,21 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     exports.raw_set("null", Value::NULL)?;
     exports.raw_set("empty_array", Value::LightUserData(EMPTY_ARRAY))?;
     exports.raw_set("array_mt", array_mt)?;
+    // `GET /healthz`' body, as the gateway answers it.
+    exports.raw_set("healthz_body", llmproxy_core::models::HEALTHZ_BODY)?;
+    // llmproxy.installed([true]) -> whether a host module installed an
+    // engine in this process: process-wide, so it outlives the Lua state
+    // that did it (nginx with `lua_code_cache off` runs every request in
+    // a fresh Lua VM, without the worker's engine, and says why).
+    exports.raw_set(
+        "installed",
+        lua.create_function(|_, mark: Option<bool>| {
+            if mark == Some(true) {
+                INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(INSTALLED.load(std::sync::atomic::Ordering::Relaxed))
+        })?,
+    )?;
     let shared_globals = shared.clone();
     exports.raw_set(
         "globals",

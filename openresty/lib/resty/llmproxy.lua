@@ -19,7 +19,16 @@
 --         proxy_buffering off;
 --         proxy_pass http://llmproxy_backends;
 --     }
---     location = /metrics { content_by_lua_block { require("resty.llmproxy").metrics() } }
+--     location = /healthz { content_by_lua_block { require("resty.llmproxy").healthz() } }
+--     location = /metrics {
+--         allow 127.0.0.1;
+--         deny all;
+--         content_by_lua_block { require("resty.llmproxy").metrics() }
+--     }
+--
+-- `lua_code_cache` must stay on: the worker's engine lives in this
+-- module's state. A hook runs on the worker's event loop: a script that
+-- runs to its `timeout_ms` stalls every request of the worker.
 --
 -- Per request, the request (and its body) is parsed once, in Rust, into an
 -- `llmproxy.request` handle that every hook of the request runs on; the
@@ -120,6 +129,7 @@ local MAX_REQUEST_ID = 128
 local DEFAULT_RETRY_AFTER = 60 -- seconds, as the gateway's rate limit refusals
 local UNLIMITED = 2147483647 -- the gateway's "no limit" in rate_limit_status
 local POOL_STATS_EVERY = 1 -- seconds between two copies of this worker's pool stats
+local LEDGER_EXIT_WAIT = 5 -- seconds an exiting worker waits for the ledger's commits
 
 -- Headers a script may not set (nginx computes them), as in the gateway.
 local PROTECTED_HEADERS = {
@@ -283,17 +293,33 @@ end
 -- `llmproxy.globals` handle, or a table of the other globals), counting
 -- the call in the metrics. Failures the script never saw (the host's
 -- input: e.g. a body that is not JSON) are not counted as hook calls.
+-- Log levels of scripts' `log.*` lines (`print` is `log.info`).
+local SCRIPT_LOG_LEVEL = { info = INFO, warn = WARN, error = ERR }
+
+-- Write the lines a hook call's script logged to the error log, tagged as
+-- the gateway tags them (request id, hook, script).
+local function script_log(lines)
+    for i = 1, #lines do
+        local l = lines[i]
+        ngx_log(SCRIPT_LOG_LEVEL[l.level] or INFO, "llmproxy: script log: ", l.message, " (request_id=",
+            l.request_id, ", hook=", l.hook, ", script=", l.script, ")")
+    end
+end
+
 local function run_hook(state, hook, req, globals, opts)
     local t0 = clock()
-    local res, err
+    local res, err, lines
     if type(globals) == "table" then
         globals.request = req
-        res, err = state.engine:run(hook, globals, opts)
+        res, err, lines = state.engine:run(hook, globals, opts)
     else
-        res, err = state.engine:run_prepared(hook, req, globals, opts)
+        res, err, lines = state.engine:run_prepared(hook, req, globals, opts)
     end
     if store and (not err or err.hook) then
         metrics.hook_call(store, hook, clock() - t0, err and err.kind)
+    end
+    if lines then
+        script_log(lines)
     end
     return res, err
 end
@@ -322,9 +348,48 @@ end
 
 local HOOKS = metrics.HOOKS
 
+local function is_file(path)
+    local f = io_open(path, "r")
+    if f then
+        f:close()
+        return true
+    end
+    return false
+end
+
+-- A relative config path is relative to nginx's prefix (`-p`, where
+-- nginx.conf's own relative paths point), not to the worker's working
+-- directory. `config` is a path when `llmproxy.new` takes it as one: one
+-- line without a ':', or one line naming a file.
+local function resolve_config(config)
+    local prefix = ngx.config and ngx.config.prefix and ngx.config.prefix()
+    if not prefix or prefix == "" then
+        return config
+    end
+    local function under_prefix(path)
+        if type(path) ~= "string" or find(path, "\n", 1, true) or sub(path, 1, 1) == "/" or path == "" then
+            return nil
+        end
+        local full = prefix .. path
+        if find(path, ":", 1, true) and not is_file(full) then
+            return nil -- YAML text
+        end
+        return full
+    end
+    if type(config) == "table" and config.file then
+        local full = under_prefix(config.file)
+        if full then
+            return { file = full }
+        end
+        return config
+    end
+    return under_prefix(config) or config
+end
+
 -- Build a complete new state; nothing is replaced unless everything worked.
 local function load(config, opts)
     opts = opts or {}
+    config = resolve_config(config)
     local ok, llmproxy = pcall(require, "llmproxy")
     if not ok then
         return nil, "cannot load the llmproxy module (is libllmproxy.so on lua_package_cpath?): " .. tostring(llmproxy)
@@ -394,7 +459,20 @@ local function load(config, opts)
         ledger = engine:ledger_stats() ~= nil,
         node = opts.node or (ngx_var_hostname() .. "-" .. ngx.worker.pid()),
         keys = {}, -- known keys' {info, fp}, by secret
+        models_body = engine:models_body(), -- GET /v1/models, as the gateway's
     }
+end
+
+-- Wait (bounded) until the ledger rows queued so far are committed: for
+-- an exiting worker, whose writer thread dies with it.
+local function flush_ledger(state)
+    if not (state and state.ledger) then
+        return
+    end
+    if not state.engine:ledger_flush(LEDGER_EXIT_WAIT) then
+        ngx_log(ERR, "llmproxy: the ledger did not commit its queued rows within ", LEDGER_EXIT_WAIT,
+            " s of the worker's exit; they are lost")
+    end
 end
 
 local function install(config, opts)
@@ -408,6 +486,7 @@ local function install(config, opts)
         return nil, err
     end
     current = state
+    state.llmproxy.installed(true)
     local dict = state.limits_dict
     if dict then
         -- Where each key's quota usage starts, as the gateway's local state:
@@ -447,10 +526,12 @@ end
 -- and timeouts come from the same YAML (`backends:`, `gateway:`). On
 -- failure the error is logged and the worker keeps the engine it had
 -- (none at startup: requests get 503). Metrics go to the shared dict
--- `llmproxy_metrics` when it exists.
+-- `llmproxy_metrics` when it exists. When the worker exits (quit, reload,
+-- stop) it first waits, at most 5 s, for the ledger's queued rows to be
+-- committed (the writer thread ends with the worker).
 --
 -- @tparam string config path of the YAML config (scripts are relative to
---   it), or YAML text
+--   it; a relative path is relative to nginx's prefix), or YAML text
 -- @tparam[opt] table opts overrides: `backends` (a list of `{name, url,
 --   weight?, headers?}`; default `engine:backends()`), `max_retries`
 --   (`gateway.retry.max_retries`), `max_body_bytes`
@@ -479,6 +560,17 @@ function _M.init_worker(config, opts)
     else
         store = nil
         ngx_log(NOTICE, "llmproxy: metrics off: ", merr)
+    end
+    -- Runs (prematurely) when the worker starts to exit: commit the rows
+    -- of the requests it has finished; log() does it for those still in
+    -- flight then.
+    local ok, terr = ngx.timer.every(3600, function(premature)
+        if premature then
+            flush_ledger(current)
+        end
+    end)
+    if not ok then
+        ngx_log(ERR, "llmproxy: cannot start the worker-exit timer (the ledger is not flushed on exit): ", terr)
     end
     return install(config, opts)
 end
@@ -651,6 +743,40 @@ local function classify_error(ctx, status)
 end
 
 ---------------------------------------------------------------- access
+
+-- Answer from this module (not a backend) and end the request.
+local function send_local(status, body)
+    ngx.status = status
+    ngx_header["Content-Type"] = "application/json"
+    ngx_header["Content-Length"] = #body
+    ngx_print(body)
+    return ngx_exit(ngx.HTTP_OK)
+end
+
+-- Why this worker has no engine, when it can tell: with `lua_code_cache
+-- off`, every request runs in a fresh Lua VM, without the module state
+-- init_worker built (the library, loaded once per process, remembers that
+-- an engine was installed).
+local function no_engine_reason()
+    local ok, llmproxy = pcall(require, "llmproxy")
+    if ok and llmproxy.installed and llmproxy.installed() then
+        return "lua_code_cache is off: each request runs in a new Lua VM, without the engine init_worker loaded;"
+            .. " set lua_code_cache on"
+    end
+    return nil
+end
+
+-- 503 `engine_unavailable`, with the reason when there is one (also
+-- logged).
+local function no_engine()
+    local reason = no_engine_reason()
+    local message = "the gateway has no engine loaded"
+    if reason then
+        message = message .. " (" .. reason .. ")"
+        ngx_log(ERR, "llmproxy: request ", ngx_var.request_id, " gets 503: ", reason)
+    end
+    return send_local(503, error_body(message, "backend_error", "engine_unavailable"))
+end
 
 -- The client's id if it is 1..128 visible ASCII characters, else nginx's.
 local function request_id(headers)
@@ -1183,23 +1309,23 @@ end
 -- stream's body asks the backend for usage. Failures (a body that is too
 -- large or not JSON, no backend, a refusal) answer through
 -- `error_handler` with the gateway's error bodies; 503 when no engine is
--- loaded.
+-- loaded (naming `lua_code_cache` when that is why). `GET .../v1/models`
+-- is answered here, as the gateway does: the config's model list, no
+-- admission, no backend.
 -- @phases access
 -- @usage access_by_lua_block { require("resty.llmproxy").access() }
 function _M.access()
     check_phase("access", "access")
     local state = current
+    if state and req_get_method() == "GET" and find(ngx_var.uri, "/v1/models$") then
+        return send_local(200, state.models_body) -- the gateway's: no auth, no backend
+    end
     local ctx = { state = state, started = ngx_now() }
     ngx.ctx.llmproxy = ctx
     if not state then
         ctx.id = ngx_var.request_id
         ctx.handled = true
-        local body = error_body("the gateway has no engine loaded", "backend_error", "engine_unavailable")
-        ngx.status = 503
-        ngx_header["Content-Type"] = "application/json"
-        ngx_header["Content-Length"] = #body
-        ngx_print(body)
-        return ngx_exit(ngx.HTTP_OK)
+        return no_engine()
     end
     local f = prepare_request(state, ctx)
     if f then
@@ -1858,7 +1984,8 @@ end
 -- streams; a failing script records the raw usage), keeps the record in
 -- `ngx.ctx.llmproxy.usage_record`, logs it at NOTICE level and charges
 -- the key's quota (`billable_tokens`, else `total_tokens`) and tokens per
--- minute; queues the ledger row of an admitted request (never waits);
+-- minute; queues the ledger row of an admitted request (never waits,
+-- except in a worker that is exiting: then until it is committed);
 -- updates this worker's view of backend health from every try; counts the
 -- request, its tries and latencies in the metrics.
 -- @phases log
@@ -1887,6 +2014,9 @@ function _M.log()
     end
     if state.ledger and ctx.admitted then
         write_ledger(state, ctx)
+        if worker_exiting() then
+            flush_ledger(state) -- the writer thread ends with the worker
+        end
     end
     if store then
         metrics.request(store, ctx.tried and ctx.backend and ctx.backend.name or nil, ngx.status)
@@ -1945,6 +2075,36 @@ function _M.metrics()
     local text = metrics.render(store, state and state.backend_names or {})
     ngx_header["Content-Type"] = "text/plain; version=0.0.4"
     ngx_print(text)
+end
+
+---------------------------------------------------------------- local endpoints
+
+--- Answer `GET /healthz` as the gateway does: 200 `{"status":"ok"}`, or
+-- 503 `engine_unavailable` while this worker has no engine.
+-- @phases content
+-- @usage location = /healthz { content_by_lua_block { require("resty.llmproxy").healthz() } }
+function _M.healthz()
+    check_phase("healthz", "content")
+    local state = current
+    if not state then
+        return no_engine()
+    end
+    return send_local(200, state.llmproxy.healthz_body)
+end
+
+--- Answer `GET /v1/models` as the gateway does: the config's
+-- `gateway.models`, else the backend names (core's rule), without auth.
+-- `access()` answers it too, for a `location /v1/` that runs it; this is
+-- for a location of its own.
+-- @phases content
+-- @usage location = /v1/models { content_by_lua_block { require("resty.llmproxy").models() } }
+function _M.models()
+    check_phase("models", "content")
+    local state = current
+    if not state then
+        return no_engine()
+    end
+    return send_local(200, state.models_body)
 end
 
 ---------------------------------------------------------------- tests

@@ -54,7 +54,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use llmproxy_core::config::{GatewayConfig, StateBackend};
 use llmproxy_core::Config;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -234,21 +234,13 @@ impl Shared {
                 "keys have quotas but there is no ledger: used_quota is counted in memory and lost on restart (add `ledger:`)"
             );
         }
+        let models_body = Bytes::from(llmproxy_core::models::models_body(&config));
         let reloader = reload::Reloader::new(&config);
         let job_deadline = Duration::from_millis(config.pool.checkout_timeout_ms);
         let live = Live::build(config, Arc::clone(&metrics), 1)?;
         let threads = live.stages.engine().pool_stats().capacity;
         let hooks = HookPool::new(threads, gateway.hook_queue, job_deadline)
             .map_err(|e| format!("cannot start hook threads: {e}"))?;
-        let models: Vec<Value> = if gateway.models.is_empty() {
-            backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>()
-        } else {
-            gateway.models.clone()
-        }
-        .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llmproxy"}))
-        .collect();
-        let models_body = Bytes::from(json!({"object": "list", "data": models}).to_string());
         let mut usage_sinks: Vec<Arc<dyn UsageSink>> = Vec::new();
         match options.usage_sink {
             Some(s) => usage_sinks.push(s),

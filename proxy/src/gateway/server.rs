@@ -110,7 +110,12 @@ pub async fn handle(
     }
     let endpoint = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => {
-            return local(&req, StatusCode::OK, "application/json", r#"{"status":"ok"}"#.into())
+            return local(
+                &req,
+                StatusCode::OK,
+                "application/json",
+                llmproxy_core::models::HEALTHZ_BODY.into(),
+            )
         }
         (&Method::GET, "/v1/models") => {
             let body = shared.models_body.clone();
@@ -145,7 +150,7 @@ async fn handle_admin<B>(
             req,
             StatusCode::OK,
             "application/json",
-            r#"{"status":"ok"}"#.into(),
+            llmproxy_core::models::HEALTHZ_BODY.into(),
         )),
         (&Method::GET, "/metrics") => {
             let text = shared.render_metrics();

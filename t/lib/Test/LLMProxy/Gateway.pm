@@ -4,7 +4,7 @@ package Test::LLMProxy::Gateway;
 # three mock backends (t/lib/llmproxy_mock.lua) on $TEST_NGINX_PORT_1..3
 # named standard, high-performance and ultra, the balancer upstream, the
 # metrics dict, an init_worker that loads html/llmproxy.yaml, and a
-# /v1/ location with every phase handler plus /metrics.
+# /v1/ location with every phase handler plus /metrics and /healthz.
 #
 #   use Test::LLMProxy::Gateway;
 #   gateway_setup();          # installs a block preprocessor
@@ -98,6 +98,9 @@ $location
     }
     location = /metrics {
         content_by_lua_block { require("resty.llmproxy").metrics() }
+    }
+    location = /healthz {
+        content_by_lua_block { require("resty.llmproxy").healthz() }
     }
 CONF
         unless (defined _sec($block, 'user_files')) {

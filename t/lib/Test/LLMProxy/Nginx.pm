@@ -683,6 +683,12 @@ sub _run_block {
         }
         _check_response($block, $label, $res, $i, $vars);
     }
+    if (defined _val($block, 'stop_after')) {
+        # A graceful stop (QUIT) right after the last response, waited for:
+        # what the workers do on their way out (and the log lines it leaves)
+        # is checked below; the next block starts a fresh nginx.
+        _stop();
+    }
     my @want_log = _patterns(_val($block, 'error_log'));
     my @no_log = _patterns(_val($block, 'no_error_log'));
     return unless @want_log || @no_log;

@@ -1,0 +1,117 @@
+# How a worker finds and keeps its engine: a relative config path is
+# relative to nginx's prefix (-p), not the working directory; with
+# `lua_code_cache off` (every request a new Lua VM, without the engine
+# init_worker built) requests get 503 engine_unavailable naming the cause.
+
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::LLMProxy::Nginx;
+
+plan skip_all => 'libllmproxy.so not built (' . llmproxy_lib() . '): make ffi, or set LLMP_LIB_DIR'
+    unless -f llmproxy_lib();
+no_reload();    # lua_code_cache is an http-level directive: a fresh nginx per block
+run_tests();
+
+__DATA__
+
+=== TEST 1: init_worker("html/llmproxy.yaml") reads the file under nginx's prefix
+--- http_config
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker("html/llmproxy.yaml")
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local s = require("resty.llmproxy").status()
+            ngx.say(s and s.config == ngx.config.prefix() .. "html/llmproxy.yaml" and "loaded from the prefix"
+                or "not loaded")
+            ngx.say(s and table.concat(s.backends, ",") or "-")
+        }
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: relative-ok, url: "http://127.0.0.1:9"}
+--- request
+GET /t
+--- response_body
+loaded from the prefix
+relative-ok
+--- no_error_log
+[error]
+
+
+
+=== TEST 2: a {file = ...} table is resolved the same way
+--- http_config
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker({ file = "html/llmproxy.yaml" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local s = require("resty.llmproxy").status()
+            ngx.say(s and table.concat(s.backends, ",") or "not loaded")
+        }
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: table-ok, url: "http://127.0.0.1:9"}
+--- request
+GET /t
+--- response_body
+table-ok
+
+
+
+=== TEST 3: lua_code_cache off: 503 engine_unavailable that names lua_code_cache, in the body and the log
+--- http_config
+    lua_code_cache off;
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker("$TEST_NGINX_SERVROOT/html/llmproxy.yaml")
+    }
+--- config
+    location /v1/ {
+        access_by_lua_block { require("resty.llmproxy").access() }
+        proxy_pass http://127.0.0.1:9;
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: a, url: "http://127.0.0.1:9"}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- error_code: 503
+--- response_body_like
+"message":"the gateway has no engine loaded \(lua_code_cache is off: .*set lua_code_cache on\)","type":"backend_error","code":"engine_unavailable"
+--- error_log
+llmproxy: engine
+gets 503: lua_code_cache is off
+
+
+
+=== TEST 4: lua_code_cache on (the default), same config: served
+--- http_config
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker("$TEST_NGINX_SERVROOT/html/llmproxy.yaml")
+    }
+--- config
+    location /v1/ {
+        access_by_lua_block { require("resty.llmproxy").access() }
+        content_by_lua_block { ngx.say("admitted") }
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: a, url: "http://127.0.0.1:9"}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- response_body
+admitted
+--- no_error_log
+lua_code_cache
