@@ -37,7 +37,7 @@ lint-lua:
 	@scripts/apt-ensure lua-check
 	luacheck --no-color $(LUA_SOURCES)
 
-LUA_SOURCES := core/src/sandbox/prelude.lua
+LUA_SOURCES := core/src/sandbox/prelude.lua core/src/convert/lazy.lua
 
 test-rust: check-toolchain
 	$(CARGO) test --workspace

@@ -334,11 +334,15 @@ impl Engine {
                     env.raw_set(name.as_str(), convert::json_to_lua(lua, value)?)?;
                 }
             }
-            if let Some(r) = request {
-                env.raw_set("request", r.to_lua(lua)?)?;
-            }
-            if let Some(r) = response {
-                env.raw_set("response", r.to_lua(lua)?)?;
+            // SAFETY: `request` and `response` are borrowed for this whole
+            // function, which outlasts the call.
+            unsafe {
+                if let Some(r) = request {
+                    r.defer(lua)?;
+                }
+                if let Some(r) = response {
+                    r.defer(lua)?;
+                }
             }
             Ok(())
         };

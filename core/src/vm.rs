@@ -1,12 +1,13 @@
 //! One sandboxed VM: a sandbox state, its compiled-chunk cache and the call
-//! protocol (fresh environment, limits armed only while the script runs).
+//! protocol (lazy inputs, limits armed only while the script runs, the
+//! environment emptied after the call).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mlua::chunk::ChunkMode;
-use mlua::{Function, Lua, Table, Value};
+use mlua::{ffi, Function, Lua, Table, Value};
 
 use crate::config::{Script, ScriptLimits};
 use crate::convert::{self, Limits};
@@ -26,6 +27,10 @@ pub(crate) struct CallSpec<'a> {
 /// A sandboxed LuaJIT state with its compiled scripts.
 pub(crate) struct Vm {
     state: SandboxState,
+    /// Every chunk's environment: the call's globals, read through to the
+    /// read-only base. Emptied after each call ([`Vm::reset_env`]), so
+    /// nothing a call writes reaches the next one.
+    env: Table,
     /// Compiled chunks, keyed by the address of the script's source text.
     /// Scripts live in the engine's immutable config, which outlives its
     /// VMs, so an address names one script for the VM's whole life; hashing
@@ -40,10 +45,11 @@ pub(crate) struct Vm {
 // SAFETY: mlua is built without its `send` feature (it refuses `send` in
 // `module` mode), so its handles count references to their Lua state with
 // non-atomic `Rc`s. A `Vm` owns its state and every handle into it: the chunk
-// cache, `SandboxState` (`lua`, `env_mt`), the app data and the closures
-// registered in the state. No handle leaves a `Vm`: `call` returns plain JSON,
-// and the `Function` that `compile` returns is dropped by its caller before
-// the VM is checked back in. The pool hands a `Vm` to one thread at a time,
+// cache, `SandboxState` (`lua`, `env_mt`, `run`), the environment, the app
+// data and the closures registered in the state. No handle leaves a `Vm`:
+// `call` returns plain JSON and `compile` returns nothing. The pointers to a
+// call's inputs in the app data (`convert::lazy`) are dropped before `call`
+// returns. The pool hands a `Vm` to one thread at a time,
 // so those counts are only touched by the thread that owns the whole bundle;
 // moving the bundle between threads is then sound, as for a `Vec<Rc<T>>`
 // moved whole. LuaJIT states are not tied to the thread that created them,
@@ -53,10 +59,14 @@ unsafe impl Send for Vm {}
 impl Vm {
     /// A new VM. Fails only if LuaJIT cannot start.
     pub fn new() -> Result<Vm, HookError> {
-        let state = sandbox::build()
-            .map_err(|e| HookError::new(ErrorKind::Internal, format!("cannot create a sandbox VM: {e}")))?;
+        let start = |e: mlua::Error| HookError::new(ErrorKind::Internal, format!("cannot create a sandbox VM: {e}"));
+        let state = sandbox::build().map_err(start)?;
+        let env = state.lua.create_table().map_err(start)?;
+        env.set_metatable(Some(state.env_mt.clone())).map_err(start)?;
+        env.raw_set("_G", &env).map_err(start)?;
         Ok(Vm {
             state,
+            env,
             chunks: HashMap::new(),
             calls: 0,
             broken: false,
@@ -78,11 +88,11 @@ impl Vm {
         let _ = self.state.lua.gc_collect();
     }
 
-    /// Compile `script` (text mode only) or return the cached chunk.
-    pub fn compile(&mut self, script: &Script) -> Result<Function, HookError> {
-        let key = Arc::as_ptr(&script.source).cast::<u8>() as usize;
-        if let Some(f) = self.chunks.get(&key) {
-            return Ok(f.clone());
+    /// Compile `script` (text mode only) unless it is cached.
+    pub fn compile(&mut self, script: &Script) -> Result<(), HookError> {
+        let key = chunk_key(script);
+        if self.chunks.contains_key(&key) {
+            return Ok(());
         }
         let f = self
             .state
@@ -92,19 +102,74 @@ impl Vm {
             .set_mode(ChunkMode::Text)
             .into_function()
             .map_err(|e| classify(e, &script.name, ErrorKind::ScriptError))?;
-        self.chunks.insert(key, f.clone());
-        Ok(f)
+        f.set_environment(self.env.clone()).map_err(internal)?;
+        self.chunks.insert(key, f);
+        Ok(())
     }
 
-    /// Run one call: `set_globals` fills the fresh environment, then the
+    /// Run one call: `set_globals` fills the (empty) environment, then the
     /// script runs under its limits, and its first return value comes back
-    /// as JSON.
+    /// as JSON. Lazy views of the input built by `set_globals` live until
+    /// this returns (`convert::defer`); the environment is emptied.
     pub fn call(
         &mut self,
         spec: &CallSpec<'_>,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
     ) -> Result<serde_json::Value, HookError> {
-        let chunk = self.compile(spec.script)?;
+        convert::begin_call(&self.state.lua);
+        let result = self.run(spec, set_globals);
+        convert::end_call(&self.state.lua);
+        self.reset_env();
+        result
+    }
+
+    /// Empty the environment after a call and put `_G` back. A script that
+    /// left more than [`MAX_REUSED_GLOBALS`] globals gets its VM discarded
+    /// instead: the table would keep its size, and emptying it would walk
+    /// all of it after every later call.
+    fn reset_env(&mut self) {
+        let env = &self.env;
+        let keys = self.state.lua.exec_raw_lua(|raw| {
+            // SAFETY: mlua's lock is held and the stack is ours; it is left
+            // as it was. `push_into_stack` pushes a reference (no
+            // allocation, hence no error). Walking with `lua_next` and
+            // assigning nil to keys that exist allocates nothing and raises
+            // nothing, so no protected call is needed (what `Table::clear`
+            // does too).
+            unsafe {
+                let state = raw.state();
+                if ffi::lua_checkstack(state, 4) == 0 || mlua::IntoLua::push_into_stack(env, raw).is_err() {
+                    return usize::MAX;
+                }
+                let mut keys = 0usize;
+                ffi::lua_pushnil(state);
+                while ffi::lua_next(state, -2) != 0 {
+                    ffi::lua_pop(state, 1);
+                    ffi::lua_pushvalue(state, -1);
+                    ffi::lua_pushnil(state);
+                    ffi::lua_rawset(state, -4);
+                    keys += 1;
+                }
+                ffi::lua_pop(state, 1);
+                keys
+            }
+        });
+        // With no memory limit set, mlua stores `_G` without a protected call.
+        if keys > MAX_REUSED_GLOBALS || self.env.raw_set("_G", &self.env).is_err() {
+            self.broken = true;
+        }
+    }
+
+    fn run(
+        &mut self,
+        spec: &CallSpec<'_>,
+        set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
+    ) -> Result<serde_json::Value, HookError> {
+        self.compile(spec.script)?;
+        let chunk = self
+            .chunks
+            .get(&chunk_key(spec.script))
+            .ok_or_else(|| HookError::new(ErrorKind::Internal, "compiled chunk missing"))?;
         let lua = &self.state.lua;
         let limits = Limits {
             max_depth: spec.limits.max_depth,
@@ -117,21 +182,12 @@ impl Vm {
         if let Some(mut texts) = lua.app_data_mut::<convert::NumberTexts>() {
             texts.clear();
         }
-        let env = lua.create_table().map_err(internal)?;
-        env.set_metatable(Some(self.state.env_mt.clone())).map_err(internal)?;
-        env.raw_set("_G", &env).map_err(internal)?;
-        set_globals(lua, &env).map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
-        chunk.set_environment(env).map_err(internal)?;
+        set_globals(lua, &self.env)
+            .map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
 
-        lua.set_app_data(CallContext {
-            hook: Some(spec.hook),
-            script: Arc::clone(&spec.script.name),
-            request_id: spec.request_id.map(Arc::from),
-            limits,
-            memory_allowance: memory,
-            log_lines: 0,
-            rng: None,
-        });
+        if let Some(mut ctx) = lua.app_data_mut::<CallContext>() {
+            ctx.begin(spec.hook, &spec.script.name, spec.request_id, limits, memory);
+        }
 
         // Limits are armed only while the script runs: with a memory limit
         // set, mlua protects every API call, which costs more than the call
@@ -139,7 +195,11 @@ impl Vm {
         let used = lua.used_memory();
         lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
         self.state.watchdog.arm(Duration::from_millis(spec.limits.timeout_ms));
-        let result = chunk.call::<Value>(());
+        let result = convert::run_args(lua).and_then(|[generation, n1, s1, n2, s2]| {
+            self.state
+                .run
+                .call::<Value>((chunk, &self.env, generation, n1, s1, n2, s2))
+        });
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);
 
@@ -184,6 +244,15 @@ impl Vm {
         convert::lua_to_json(lua, &value, limits)
             .map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
     }
+}
+
+/// Most globals an environment may hold after a call and still be reused
+/// (the hook's inputs, `_G`, and what a script defined as globals).
+const MAX_REUSED_GLOBALS: usize = 256;
+
+/// The chunk cache key of `script`: the address of its source text.
+fn chunk_key(script: &Script) -> usize {
+    Arc::as_ptr(&script.source).cast::<u8>() as usize
 }
 
 /// Parse `script` without running it (text mode only): `Err` holds the Lua

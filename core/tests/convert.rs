@@ -155,6 +155,95 @@ fn lazy_body_round_trips_untouched_fields_byte_for_byte() {
     assert_eq!(u, Ok(json!({"n": 6, "first": true})));
 }
 
+/// `request` is a lazy view (fields convert on first read); every way a
+/// script can look at it gives what a plain table would.
+#[test]
+fn the_lazy_request_table_behaves_as_a_plain_table() {
+    let request = json!({"request": {
+        "id": "r", "body": {"model": "m"}, "headers": {"X-A": "1"},
+        "user_id": "u", "api_key": "k", "tier": 2
+    }});
+    let cases = [
+        (
+            "json.encode sees every field",
+            "return json.decode(json.encode(request))",
+            json!({"api_key": "k", "body": {"model": "m"}, "headers": {"X-A": "1"}, "id": "r", "tier": 2, "user_id": "u"}),
+        ),
+        (
+            "pairs sees every field once",
+            "local n = 0 for _ in pairs(request) do n = n + 1 end return {n = n}",
+            json!({"n": 6}),
+        ),
+        (
+            "a field read, then removed, stays removed",
+            "local _ = request.user_id request.user_id = nil return {u = request.user_id or 'gone'}",
+            json!({"u": "gone"}),
+        ),
+        (
+            "a field never read, removed, stays removed",
+            "request.body = nil return {b = request.body or 'gone', id = request.id}",
+            json!({"b": "gone", "id": "r"}),
+        ),
+        (
+            "a field replaced after a read",
+            "local _ = request.id request.id = 'x' return {id = request.id}",
+            json!({"id": "x"}),
+        ),
+        (
+            "a field is the same value on every read",
+            "return {same = request.body == request.body and request.headers == request.headers}",
+            json!({"same": true}),
+        ),
+        (
+            "absent fields are nil",
+            "return {p = request.path == nil, b = request.backend_url == nil}",
+            json!({"p": true, "b": true}),
+        ),
+        (
+            "no metatable shows, rawget sees the field",
+            "return {mt = getmetatable(request) == nil, id = rawget(request, 'id')}",
+            json!({"mt": true, "id": "r"}),
+        ),
+        (
+            "a script's own metatable works",
+            "setmetatable(request, {__index = function() return 1 end}) return {x = request.nope, id = request.id}",
+            json!({"x": 1, "id": "r"}),
+        ),
+        (
+            "lazy and plain encodings are the same text",
+            "local lazy = json.encode(request) for _ in pairs(request) do end return {same = lazy == json.encode(request)}",
+            json!({"same": true}),
+        ),
+        (
+            "the returned request is encoded whole",
+            "return request",
+            json!({"api_key": "k", "body": {"model": "m"}, "headers": {"X-A": "1"}, "id": "r", "tier": 2, "user_id": "u"}),
+        ),
+    ];
+    for (what, src, want) in cases {
+        assert_eq!(usage(src, request.clone()), Ok(want), "{what}: {src}");
+    }
+}
+
+/// `backends` is lazy too: encoded before and after it turns into a plain
+/// table, it gives the same text, and every backend is there.
+#[test]
+fn the_lazy_backends_table_encodes_as_a_plain_table() {
+    let src = "local lazy = json.encode(backends) \
+               local n = 0 for _ in pairs(backends) do n = n + 1 end \
+               if lazy == json.encode(backends) and n == 2 and backends.b.weight == 2 then return 'a' end \
+               return 'b'";
+    let input = json!({
+        "request": {"id": "r", "body": {}},
+        "backends": {
+            "a": {"url": "http://a", "latency_ms": 1.5, "active_connections": 3},
+            "b": {"url": "http://b", "weight": 2, "healthy": false}
+        }
+    });
+    let got = engine(HookName::Routing, src).run_json(HookName::Routing, &input);
+    assert_eq!(got.map_err(|e| e.message), Ok(json!("a")));
+}
+
 #[test]
 fn body_raw_is_parsed_in_rust() {
     let got = usage(

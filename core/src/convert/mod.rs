@@ -13,27 +13,28 @@
 //! - Depth and size are bounded in both directions: deep or cyclic tables are
 //!   errors, never a stack overflow.
 //!
-//! Request and response bodies are **lazy** ([`lazy_object`]): the Lua table a
-//! script sees is empty, and each top-level field is converted the first time
-//! it is read. A routing script that reads `request.body.viplevel` does not pay
-//! for a 1 MB `messages` array. Iterating (`pairs`, `next`) or writing a new
-//! key turns the table into a plain one first ([`materialize`]), so scripts
-//! see ordinary Lua semantics. Encoding a lazy table that was never
+//! Inputs are **lazy** (`lazy.rs`): `request`, `response`, `backends` and the
+//! bodies are empty tables whose top-level fields convert the first time they
+//! are read. A routing script that reads `request.body.viplevel` does not pay
+//! for a 1 MB `messages` array, nor for the headers. Iterating (`pairs`,
+//! `next`) or writing a new key turns the table into a plain one first, so
+//! scripts see ordinary Lua semantics. Encoding a lazy table that was never
 //! materialized re-uses the original JSON for every field the script did not
 //! read, so untouched data round-trips byte for byte.
 
 use std::ffi::{c_int, c_void};
-use std::sync::Arc;
 
 use mlua::ffi::{self, lua_State};
-use mlua::{AnyUserData, Function, LightUserData, Lua, Table, Value as LuaValue};
+use mlua::{LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::{Map, Number, Value};
 
 use crate::stack;
 
+pub(crate) mod lazy;
 mod numbers;
 pub mod parse;
 
+pub(crate) use lazy::{begin_call, defer, end_call, run_args, Fields, Loaded};
 pub(crate) use numbers::NumberTexts;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
@@ -42,8 +43,6 @@ pub const NULL: LightUserData = LightUserData(std::ptr::null_mut());
 /// sentinels are compared by address only and never dereferenced.
 #[allow(clippy::manual_dangling_ptr)]
 pub const EMPTY_ARRAY: LightUserData = LightUserData(1 as *mut c_void);
-/// The hidden key under which a lazy table's cache keeps its JSON source.
-const SOURCE_KEY: LightUserData = LightUserData(2 as *mut c_void);
 /// Largest integer a double holds exactly (2^53).
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_992.0;
 
@@ -83,54 +82,20 @@ impl From<mlua::Error> for ConvertError {
     }
 }
 
-/// Per-VM objects the conversion needs: the array marker and the lazy-table
-/// machinery. Created once per VM by [`Markers::install`] and kept in the
-/// VM's app data so Rust callbacks reach them.
+/// Per-VM objects the conversion needs: the array marker. Created once per
+/// VM by [`Markers::install`] and kept in the VM's app data so Rust
+/// callbacks reach it.
 pub(crate) struct Markers {
     /// Metatable of every array decoded from JSON (`__metatable` hides it).
     pub array_mt: Table,
-    /// Metatable of every lazy cache: `__index` loads a field from the source.
-    cache_mt: Table,
-    /// `__newindex` of lazy tables: materialise, then store.
-    lazy_newindex: Function,
 }
-
-/// The JSON value behind a lazy table.
-struct LazySource(Arc<Value>);
 
 impl Markers {
     /// Create the markers in `lua` and store them in its app data.
     pub fn install(lua: &Lua) -> mlua::Result<()> {
         let array_mt = lua.create_table()?;
         array_mt.raw_set("__metatable", "json.array")?;
-
-        let cache_mt = lua.create_table()?;
-        let loader = lua.create_function(|lua, (cache, key): (Table, LuaValue)| {
-            let LuaValue::String(name) = key else {
-                return Ok(LuaValue::Nil);
-            };
-            let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
-            let source = source.borrow::<LazySource>()?;
-            let name_str = name.to_str()?;
-            let Some(field) = source.0.as_object().and_then(|o| o.get(&*name_str)) else {
-                return Ok(LuaValue::Nil);
-            };
-            let value = outside_limit(lua, || json_to_lua(lua, field))?;
-            cache.raw_set(name, &value)?;
-            Ok(value)
-        })?;
-        cache_mt.raw_set("__index", loader)?;
-        cache_mt.raw_set("__metatable", false)?;
-
-        let lazy_newindex = lua.create_function(|lua, (t, k, v): (Table, LuaValue, LuaValue)| {
-            materialize(lua, &t)?;
-            t.raw_set(k, v)
-        })?;
-        lua.set_app_data(Markers {
-            array_mt,
-            cache_mt,
-            lazy_newindex,
-        });
+        lua.set_app_data(Markers { array_mt });
         Ok(())
     }
 }
@@ -250,72 +215,6 @@ unsafe fn push_json(
     }
 }
 
-/// A lazy Lua view of `value`: objects are converted field by field on first
-/// read; anything else is converted eagerly (arrays need a real length).
-pub fn lazy_object(lua: &Lua, value: Arc<Value>) -> mlua::Result<LuaValue> {
-    if !value.is_object() {
-        return json_to_lua(lua, &value);
-    }
-    let m = markers(lua)?;
-    let cache = lua.create_table()?;
-    cache.raw_set(SOURCE_KEY, lua.create_any_userdata(LazySource(value))?)?;
-    cache.set_metatable(Some(m.cache_mt.clone()))?;
-    let mt = lua.create_table_with_capacity(0, 3)?;
-    mt.raw_set("__index", cache)?;
-    mt.raw_set("__newindex", m.lazy_newindex.clone())?;
-    mt.raw_set("__metatable", false)?;
-    let t = lua.create_table()?;
-    t.set_metatable(Some(mt))?;
-    Ok(LuaValue::Table(t))
-}
-
-/// The cache table of a lazy table, or `None` for any other table.
-fn lazy_cache(t: &Table) -> Option<Table> {
-    let mt = t.metatable()?;
-    let cache: Table = mt.raw_get("__index").ok()?;
-    cache.raw_get::<AnyUserData>(SOURCE_KEY).ok()?;
-    Some(cache)
-}
-
-/// Turn a lazy table into a plain table holding every field (no-op for any
-/// other table). Called before iteration and on the first new key.
-pub fn materialize(lua: &Lua, t: &Table) -> mlua::Result<()> {
-    let Some(cache) = lazy_cache(t) else {
-        return Ok(());
-    };
-    outside_limit(lua, || materialize_from(lua, t, &cache))
-}
-
-/// Run a conversion of input data with the memory limit lifted, then put
-/// the limit back, raised by what the conversion allocated. While a limit is
-/// set mlua protects every API call, which made lazy conversion ~4x slower;
-/// lifting it is safe here because what is converted is bounded by the
-/// hook's input limits (each field converts once), not by the script. The
-/// script's own allowance is unchanged.
-fn outside_limit<R>(lua: &Lua, convert: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
-    let before = lua.used_memory();
-    let limit = lua.set_memory_limit(0)?;
-    let result = convert();
-    if limit != 0 {
-        let grown = lua.used_memory().saturating_sub(before);
-        lua.set_memory_limit(limit.saturating_add(grown))?;
-    }
-    result
-}
-
-fn materialize_from(lua: &Lua, t: &Table, cache: &Table) -> mlua::Result<()> {
-    let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
-    let source = source.borrow::<LazySource>()?;
-    if let Some(obj) = source.0.as_object() {
-        for (k, v) in obj {
-            let cached: LuaValue = cache.raw_get(k.as_str())?;
-            let value = if cached.is_nil() { json_to_lua(lua, v)? } else { cached };
-            t.raw_set(k.as_str(), value)?;
-        }
-    }
-    t.set_metatable(None)
-}
-
 /// Convert a Lua value to JSON within `limits`.
 ///
 /// Tables are walked on the Lua stack ([`RawEncoder`]): going through
@@ -331,6 +230,7 @@ pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value,
         }
     }
     let mut enc = Encoder {
+        lua,
         limits,
         used: 0,
         texts: number_texts(lua),
@@ -583,14 +483,15 @@ unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, RawErr
     }
 }
 
-struct Encoder {
+struct Encoder<'l> {
+    lua: &'l Lua,
     limits: Limits,
     used: usize,
     /// Original texts of numbers a double changed.
     texts: Option<NumberTexts>,
 }
 
-impl Encoder {
+impl Encoder<'_> {
     fn charge(&mut self, bytes: usize) -> Result<(), ConvertError> {
         self.used = self.used.saturating_add(bytes);
         if self.used > self.limits.max_bytes {
@@ -664,7 +565,7 @@ impl Encoder {
     }
 
     fn table(&mut self, t: &Table, depth: usize) -> Result<Value, ConvertError> {
-        if let Some(cache) = lazy_cache(t) {
+        if let Some(cache) = lazy::cache_of(t) {
             return self.lazy(&cache, depth);
         }
         let marked_array = t
@@ -735,33 +636,30 @@ impl Encoder {
     /// A lazy table never materialised: original JSON for every field the
     /// script did not read, the (possibly modified) Lua value for the others.
     fn lazy(&mut self, cache: &Table, depth: usize) -> Result<Value, ConvertError> {
-        let source: AnyUserData = cache.raw_get(SOURCE_KEY)?;
-        let source = source.borrow::<LazySource>()?;
-        let Some(obj) = source.0.as_object() else {
-            return Ok((*source.0).clone());
-        };
-        let mut map = Map::with_capacity(obj.len());
-        for (k, original) in obj {
-            let cached: LuaValue = cache.raw_get(k.as_str())?;
-            let value = if cached.is_nil() {
-                self.charge(json_size(original))?;
-                if depth + json_depth(original) > self.limits.max_depth + 1 {
-                    return Err(ConvertError(format!(
-                        "nesting is deeper than {} levels",
-                        self.limits.max_depth
-                    )));
+        let fields = lazy::encoding_fields(self.lua, cache)?;
+        let mut map = Map::with_capacity(fields.len());
+        for (name, field) in fields {
+            let value = match field {
+                Ok(read) => self.value(&read, depth + 1)?,
+                Err(original) => {
+                    self.charge(json_size(&original))?;
+                    if depth + json_depth(&original) > self.limits.max_depth + 1 {
+                        return Err(ConvertError(format!(
+                            "nesting is deeper than {} levels",
+                            self.limits.max_depth
+                        )));
+                    }
+                    original
                 }
-                original.clone()
-            } else {
-                self.value(&cached, depth + 1)?
             };
-            map.insert(k.clone(), value);
+            map.insert(name, value);
         }
         Ok(Value::Object(map))
     }
 }
 
-fn number(n: f64) -> Result<Value, ConvertError> {
+/// The JSON a Lua number encodes as (integral values as integers).
+pub(crate) fn number(n: f64) -> Result<Value, ConvertError> {
     if !n.is_finite() {
         return Err(ConvertError(format!("number {n} cannot be represented in JSON")));
     }

@@ -42,7 +42,9 @@ impl HookInput for ErrorInput<'_> {
     }
 
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
-        env.raw_set("request", self.request.to_lua(lua)?)?;
+        // SAFETY: the input outlives the call: `set_globals` runs inside
+        // `Vm::call` (the `HookInput` contract).
+        unsafe { self.request.defer(lua)? };
         set_serialized(lua, env, "error", self.error)
     }
 }

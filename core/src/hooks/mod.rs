@@ -28,7 +28,9 @@ pub use usage::{UsageInput, UsageMetadata, UsageRecord};
 
 pub(crate) use transform::drop_hop_by_hop;
 
-use mlua::{Lua, Table};
+use std::ffi::c_int;
+
+use mlua::{ffi, Lua, Table};
 use serde_json::{Map, Value};
 
 use crate::error::HookError;
@@ -41,8 +43,47 @@ pub trait HookInput {
     /// The request id, for log lines written by the script.
     fn request_id(&self) -> Option<&str>;
 
-    /// Set the hook's globals in the per-call environment `env`.
+    /// Set the hook's globals in the (empty) environment `env`.
+    ///
+    /// Runs only inside the VM's call (`Vm::call`), while `self` is
+    /// borrowed: large inputs (`request`, `response`, `backends`) are
+    /// registered as lazy views of `self` (`convert::defer`), which the
+    /// call drops before it returns.
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()>;
+}
+
+/// A headers table (`request.headers`, `response.headers`), built in one
+/// protected call on the raw stack. The last of two headers with one name
+/// wins.
+fn headers_to_lua(lua: &Lua, headers: &[(String, String)]) -> mlua::Result<mlua::Value> {
+    // SAFETY: `exec_raw` runs the closure in a protected call (an allocation
+    // failure becomes the call's error; the closure owns nothing that needs
+    // dropping). It checks stack space for the table and a key and value
+    // above it, and leaves only the table on the stack, which `exec_raw`
+    // returns.
+    unsafe {
+        lua.exec_raw((), |state| {
+            ffi::luaL_checkstack(state, 3, std::ptr::null());
+            ffi::lua_createtable(state, 0, c_int::try_from(headers.len()).unwrap_or(0));
+            for (k, v) in headers {
+                ffi::lua_pushlstring(state, k.as_ptr().cast(), k.len());
+                ffi::lua_pushlstring(state, v.as_ptr().cast(), v.len());
+                ffi::lua_rawset(state, -3);
+            }
+        })
+    }
+}
+
+/// The JSON of a headers table no script read: keys sorted, as the encoder
+/// writes a table's, and the last of two headers with one name wins.
+fn headers_json(headers: &[(String, String)]) -> Value {
+    let mut sorted: Vec<&(String, String)> = headers.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut map = Map::with_capacity(sorted.len());
+    for (k, v) in sorted {
+        map.insert(k.clone(), Value::String(v.clone()));
+    }
+    Value::Object(map)
 }
 
 /// Set `name = value` in `env`, converting JSON eagerly.

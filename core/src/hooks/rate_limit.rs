@@ -51,7 +51,9 @@ impl HookInput for RateLimitInput<'_> {
     }
 
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
-        env.raw_set("request", self.request.to_lua(lua)?)?;
+        // SAFETY: the input outlives the call: `set_globals` runs inside
+        // `Vm::call` (the `HookInput` contract).
+        unsafe { self.request.defer(lua)? };
         // An unknown key is `nil`, not `json.null`: `if not key_info` works.
         if !self.key_info.is_null() {
             set_json(lua, env, "key_info", self.key_info)?;

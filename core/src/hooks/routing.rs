@@ -3,11 +3,12 @@
 use std::ffi::c_int;
 
 use mlua::ffi;
-use mlua::{Lua, Table};
+use mlua::{Lua, Table, Value as LuaValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{json_type, HookInput, HookName, RequestInfo};
+use crate::convert::{self, Loaded};
 use crate::error::HookError;
 
 /// One backend as the routing script sees it (`backends[name]`).
@@ -55,44 +56,82 @@ impl HookInput for RoutingInput<'_> {
         Some(&self.request.id)
     }
 
-    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
-        env.raw_set("request", self.request.to_lua(lua)?)?;
-        env.raw_set("backends", backends_to_lua(lua, self.backends)?)
+    fn set_globals(&self, lua: &Lua, _env: &Table) -> mlua::Result<()> {
+        // SAFETY: the input outlives the call: `set_globals` runs inside
+        // `Vm::call` (the `HookInput` contract).
+        unsafe {
+            self.request.defer(lua)?;
+            convert::defer(lua, "backends", self)
+        }
     }
 }
 
-/// The `backends` table, built in one protected call on the raw stack:
-/// through mlua each field was its own API call, and the routing call spent
-/// as long building this table as running the script.
-fn backends_to_lua(lua: &Lua, backends: &[BackendStatus]) -> mlua::Result<Table> {
-    // SAFETY: `exec_raw` runs the closure in a protected call (an
-    // allocation failure becomes the call's error; the closure owns nothing
-    // that needs dropping). It checks stack space for the outer table, one
-    // backend table, and a key and value above them (4), and leaves only the
-    // outer table on the stack, which `exec_raw` returns.
+/// `backends` as a lazy table: a backend's table is built when a script
+/// first reads it (the routing seed reads none). The last of two backends
+/// with the same name wins, as in a table built by assignment.
+impl convert::Fields for RoutingInput<'_> {
+    fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.backends.iter().map(|b| b.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded> {
+        match self.backend(name) {
+            Some(b) => backend_to_lua(lua, b).map(Loaded::Value),
+            None => Ok(Loaded::Value(LuaValue::Nil)),
+        }
+    }
+
+    fn json(&self, name: &str) -> Option<Value> {
+        // As the encoder writes the numbers of the Lua table.
+        let n = |x: f64| convert::number(x).unwrap_or(Value::Null);
+        self.backend(name).map(|b| {
+            // Keys sorted, as the encoder writes a plain table's.
+            serde_json::json!({
+                "active_connections": n(b.active_connections as f64),
+                "healthy": b.healthy,
+                "latency_ms": n(b.latency_ms),
+                "url": b.url,
+                "weight": n(f64::from(b.weight)),
+            })
+        })
+    }
+}
+
+impl RoutingInput<'_> {
+    fn backend(&self, name: &str) -> Option<&BackendStatus> {
+        self.backends.iter().rev().find(|b| b.name == name)
+    }
+}
+
+/// One backend's table, built in one protected call on the raw stack:
+/// through mlua each field was its own API call.
+fn backend_to_lua(lua: &Lua, b: &BackendStatus) -> mlua::Result<LuaValue> {
+    // SAFETY: `exec_raw` runs the closure in a protected call (an allocation
+    // failure becomes the call's error; the closure owns nothing that needs
+    // dropping). It checks stack space for the table and a key and value
+    // above it, and leaves only the table on the stack, which `exec_raw`
+    // returns.
     unsafe {
         lua.exec_raw((), |state| {
-            ffi::luaL_checkstack(state, 4, std::ptr::null());
-            ffi::lua_createtable(state, 0, c_int::try_from(backends.len()).unwrap_or(0));
-            for b in backends {
-                push_str(state, &b.name);
-                ffi::lua_createtable(state, 0, 5);
-                push_str(state, "url");
-                push_str(state, &b.url);
-                ffi::lua_rawset(state, -3);
-                push_str(state, "healthy");
-                ffi::lua_pushboolean(state, c_int::from(b.healthy));
-                ffi::lua_rawset(state, -3);
-                for (key, n) in [
-                    ("weight", f64::from(b.weight)),
-                    ("latency_ms", b.latency_ms),
-                    // As a Lua number, as mlua converted it: exact below 2^53.
-                    ("active_connections", b.active_connections as f64),
-                ] {
-                    push_str(state, key);
-                    ffi::lua_pushnumber(state, n);
-                    ffi::lua_rawset(state, -3);
-                }
+            ffi::luaL_checkstack(state, 3, std::ptr::null());
+            ffi::lua_createtable(state, 0, 5);
+            push_str(state, "url");
+            push_str(state, &b.url);
+            ffi::lua_rawset(state, -3);
+            push_str(state, "healthy");
+            ffi::lua_pushboolean(state, c_int::from(b.healthy));
+            ffi::lua_rawset(state, -3);
+            for (key, n) in [
+                ("weight", f64::from(b.weight)),
+                ("latency_ms", b.latency_ms),
+                // As a Lua number, as mlua converted it: exact below 2^53.
+                ("active_connections", b.active_connections as f64),
+            ] {
+                push_str(state, key);
+                ffi::lua_pushnumber(state, n);
                 ffi::lua_rawset(state, -3);
             }
         })

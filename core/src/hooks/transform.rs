@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use mlua::{Lua, Table};
+use mlua::{Lua, Table, Value as LuaValue};
 use serde_json::{Map, Value};
 
 use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
-use crate::convert;
+use crate::convert::{self, Loaded};
 use crate::error::HookError;
 use crate::http::hop_by_hop;
 
@@ -24,8 +24,10 @@ impl HookInput for RequestTransformInput<'_> {
         Some(&self.request.id)
     }
 
-    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
-        env.raw_set("request", self.request.to_lua(lua)?)
+    fn set_globals(&self, lua: &Lua, _env: &Table) -> mlua::Result<()> {
+        // SAFETY: the input outlives the call: `set_globals` runs inside
+        // `Vm::call` (the `HookInput` contract).
+        unsafe { self.request.defer(lua) }
     }
 }
 
@@ -43,17 +45,14 @@ pub struct ResponseInfo {
 }
 
 impl ResponseInfo {
-    pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Table> {
-        let t = lua.create_table_with_capacity(0, 4)?;
-        t.raw_set("status_code", self.status_code)?;
-        t.raw_set("body", convert::lazy_object(lua, Arc::clone(&self.body))?)?;
-        let headers = lua.create_table_with_capacity(0, self.headers.len())?;
-        for (k, v) in &self.headers {
-            headers.raw_set(k.as_str(), v.as_str())?;
-        }
-        t.raw_set("headers", headers)?;
-        t.raw_set("is_stream", self.is_stream)?;
-        Ok(t)
+    /// Set the `response` global of the current call: a lazy view, as
+    /// `request` is.
+    ///
+    /// # Safety
+    /// `self` outlives the VM's current call (as for [`convert::defer`]).
+    pub(crate) unsafe fn defer(&self, lua: &Lua) -> mlua::Result<()> {
+        // SAFETY: the caller's promise.
+        unsafe { convert::defer(lua, "response", self) }
     }
 
     /// Build from the JSON form the CLI and the C ABI take.
@@ -85,6 +84,33 @@ impl ResponseInfo {
     }
 }
 
+/// `response` as a lazy table.
+impl convert::Fields for ResponseInfo {
+    fn names(&self) -> Vec<&str> {
+        vec!["body", "headers", "is_stream", "status_code"]
+    }
+
+    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded> {
+        Ok(Loaded::Value(match name {
+            "body" => return Loaded::json(lua, &self.body),
+            "headers" => super::headers_to_lua(lua, &self.headers)?,
+            "is_stream" => LuaValue::Boolean(self.is_stream),
+            "status_code" => LuaValue::Number(f64::from(self.status_code)),
+            _ => LuaValue::Nil,
+        }))
+    }
+
+    fn json(&self, name: &str) -> Option<Value> {
+        Some(match name {
+            "body" => (*self.body).clone(),
+            "headers" => super::headers_json(&self.headers),
+            "is_stream" => Value::Bool(self.is_stream),
+            "status_code" => Value::from(self.status_code),
+            _ => return None,
+        })
+    }
+}
+
 /// Input of the `response_transform` hook.
 #[derive(Debug, Clone, Copy)]
 pub struct ResponseTransformInput<'a> {
@@ -106,8 +132,12 @@ impl HookInput for ResponseTransformInput<'_> {
     }
 
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
-        env.raw_set("request", self.request.to_lua(lua)?)?;
-        env.raw_set("response", self.response.to_lua(lua)?)?;
+        // SAFETY: the input outlives the call: `set_globals` runs inside
+        // `Vm::call` (the `HookInput` contract).
+        unsafe {
+            self.request.defer(lua)?;
+            self.response.defer(lua)?;
+        }
         env.raw_set("backend_url", self.backend_url)?;
         env.raw_set("latency_ms", self.latency_ms)
     }

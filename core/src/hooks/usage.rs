@@ -41,9 +41,12 @@ impl HookInput for UsageInput<'_> {
     }
 
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
-        env.raw_set("request", self.request.to_lua(lua)?)?;
+        // SAFETY: the input outlives the call: `set_globals` runs inside
+        // `Vm::call` (the `HookInput` contract).
+        unsafe { self.request.defer(lua)? };
         set_json(lua, env, "usage", self.usage)?;
-        env.raw_set("response", self.response.to_lua(lua)?)?;
+        // SAFETY: as for `request`.
+        unsafe { self.response.defer(lua)? };
         set_serialized(lua, env, "metadata", self.metadata)
     }
 }

@@ -5,24 +5,24 @@
 
 /// Base functions copied as they are from LuaJIT.
 pub const BASE: &[&str] = &[
-    "assert",
-    "error",
-    "ipairs",
-    "rawequal",
-    "select",
-    "setmetatable",
-    "getmetatable",
-    "tonumber",
-    "tostring",
-    "type",
-    "unpack",
+    "assert", "error", "ipairs", "rawequal", "select", "tonumber", "tostring", "type", "unpack",
 ];
 
 /// Base functions replaced by sandbox versions (see `prelude.lua`):
 /// `pcall`/`xpcall` re-raise a timeout or memory error instead of swallowing
 /// it; `pairs`/`next`/`rawget` see through lazy bodies and read-only library
 /// tables; `collectgarbage` only answers `"count"`; `print` goes to the log.
-pub const WRAPPED: &[&str] = &["pcall", "xpcall", "pairs", "next", "rawget", "collectgarbage", "print"];
+pub const WRAPPED: &[&str] = &[
+    "pcall",
+    "xpcall",
+    "pairs",
+    "next",
+    "rawget",
+    "setmetatable",
+    "getmetatable",
+    "collectgarbage",
+    "print",
+];
 
 /// Standard libraries and the functions kept from each. Every library is
 /// exposed through a read-only proxy.

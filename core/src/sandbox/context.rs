@@ -26,6 +26,29 @@ pub(crate) struct CallContext {
 }
 
 impl CallContext {
+    /// Set up this context for a new call, in place: the script name and
+    /// request id are shared, not copied, when they did not change.
+    pub fn begin(
+        &mut self,
+        hook: HookName,
+        script: &Arc<str>,
+        request_id: Option<&str>,
+        limits: Limits,
+        memory: usize,
+    ) {
+        self.hook = Some(hook);
+        if !Arc::ptr_eq(&self.script, script) {
+            self.script = Arc::clone(script);
+        }
+        if self.request_id.as_deref() != request_id {
+            self.request_id = request_id.map(Arc::from);
+        }
+        self.limits = limits;
+        self.memory_allowance = memory;
+        self.log_lines = 0;
+        self.rng = None;
+    }
+
     /// The context of a VM between calls (compile checks, tests).
     pub fn idle() -> Self {
         CallContext {

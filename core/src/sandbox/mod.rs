@@ -3,9 +3,9 @@
 //! What a script sees is data ([`allowlist`]): a safe subset of the base
 //! library, read-only proxies of `string`, `table`, `math`, `bit` and three
 //! functions of `os`, and the helpers `json`, `string_utils`, `time`, `hash`
-//! and `log`. Each call runs the compiled chunk with a fresh environment whose
-//! reads fall through to this read-only base, so nothing a script writes
-//! survives the call. The string metatable is hidden (`getmetatable("")` is
+//! and `log`. Every chunk runs in the VM's one environment, whose reads fall
+//! through to this read-only base and which is emptied after each call
+//! (`vm.rs`), so nothing a script writes survives the call. The string metatable is hidden (`getmetatable("")` is
 //! `false`) and its `__index` points at the guarded string functions.
 //!
 //! Limits ([`watchdog`], `docs/adr/002-limits.md`): the JIT engine is off so
@@ -45,11 +45,14 @@ const MAX_CALLBACK_NESTING: u32 = 64;
 pub(crate) struct SandboxState {
     /// The Lua state. Its raw globals are emptied; scripts never run in them.
     pub lua: mlua::Lua,
-    /// Metatable of every per-call environment: reads fall through to the
+    /// Metatable of the VM's environment: reads fall through to the
     /// read-only base environment.
     pub env_mt: Table,
     /// The time limit of this state.
     pub watchdog: Arc<Watchdog>,
+    /// Runs one call: sets the call's lazy inputs, then the script
+    /// (`convert::lazy`).
+    pub run: mlua::Function,
 }
 
 /// Build a sandbox state. Fails only if LuaJIT itself fails to start.
@@ -92,6 +95,7 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
         "rawget",
         "error",
         "setmetatable",
+        "getmetatable",
         "collectgarbage",
     ] {
         raw.raw_set(name, g.raw_get::<Value>(name)?)?;
@@ -106,13 +110,8 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
             Ok(poison_watchdog.fired() || poison_watchdog.memory_hit())
         })?,
     )?;
-    raw.raw_set(
-        "materialize",
-        lua.create_function(|lua, t: Value| match t {
-            Value::Table(t) => convert::materialize(lua, &t),
-            _ => Ok(()),
-        })?,
-    )?;
+    let lazy = convert::lazy::install(&lua)?;
+    raw.raw_set("materialize", &lazy.materialize)?;
     raw.raw_set("log_info", helpers::log(&lua)?.raw_get::<Value>("info")?)?;
     raw.raw_set("max_nesting", MAX_CALLBACK_NESTING)?;
     let prelude: Table = lua.load(PRELUDE).set_name("=llmproxy.prelude").call(raw)?;
@@ -196,7 +195,12 @@ pub(crate) fn build() -> mlua::Result<SandboxState> {
     lua.set_globals(lua.create_table()?)?;
     lua.gc_collect()?;
 
-    Ok(SandboxState { lua, env_mt, watchdog })
+    Ok(SandboxState {
+        lua,
+        env_mt,
+        watchdog,
+        run: lazy.run,
+    })
 }
 
 /// Whether an error value caught by `pcall` is an out-of-memory error.

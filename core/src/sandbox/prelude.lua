@@ -12,6 +12,7 @@ local raw_pairs = raw.pairs
 local raw_rawget = raw.rawget
 local raw_error = raw.error
 local raw_setmetatable = raw.setmetatable
+local raw_getmetatable = raw.getmetatable
 local raw_collectgarbage = raw.collectgarbage
 local poisoned = raw.poisoned
 local materialize = raw.materialize
@@ -134,6 +135,24 @@ function _M.rawget(t, k)
     end
     materialize(t)
     return raw_rawget(t, k)
+end
+
+--- `setmetatable`, on the plain table a lazy input turns into first.
+-- @tparam table t the table
+-- @tparam ?table mt its new metatable
+-- @treturn table t
+function _M.setmetatable(t, mt)
+    materialize(t)
+    return raw_setmetatable(t, mt)
+end
+
+--- `getmetatable`, with the same view as `setmetatable`: a lazy input
+-- has none.
+-- @param v any value
+-- @return its metatable, or its `__metatable` field
+function _M.getmetatable(v)
+    materialize(v)
+    return raw_getmetatable(v)
 end
 
 --- `collectgarbage("count")` only.

@@ -1,0 +1,345 @@
+//! Lazy tables: views of a call's input that convert a field the first time
+//! a script reads it.
+//!
+//! A lazy table is an empty table `t` whose metatable sends reads to a cache
+//! table; the cache's own `__index` converts the field from the table's
+//! source ([`load_field`]) and keeps it. Writing a new key into `t`,
+//! iterating it, `rawget`, `getmetatable` and `setmetatable` first turn `t`
+//! into a plain table holding every field (`materialize` in `lazy.lua`,
+//! with [`load_missing`]), so
+//! scripts see ordinary Lua semantics. Encoding a lazy table re-uses the
+//! source's JSON for every field the script did not read.
+//!
+//! The tables are built in Lua (`lazy.lua`), inside the call's one protected
+//! call: a hook registers its inputs as sources ([`defer`]), and the VM runs
+//! `run(chunk, env, generation, name, slot, ...)`, which sets the lazy
+//! globals and tail-calls the script. Sources belong to one call:
+//! [`CallSources`] (VM app data) holds them, a cache holds the index of its
+//! source and the call's generation, and the VM forgets them when the call
+//! ends ([`end_call`]). No userdata, no mlua reference and no protected call
+//! of its own per table: with those, building the inputs cost as much as
+//! the routing script they fed.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use mlua::{Function, LightUserData, Lua, Table, Value as LuaValue};
+use serde_json::Value;
+
+use super::json_to_lua;
+
+const LAZY_LUA: &str = include_str!("lazy.lua");
+
+/// The hidden key under which a cache keeps the index of its source.
+const SOURCE_KEY: LightUserData = LightUserData(2 as *mut c_void);
+/// The hidden key under which a cache keeps the generation of its call.
+const GENERATION_KEY: LightUserData = LightUserData(3 as *mut c_void);
+/// Most lazy globals one call sets (`request` and `backends` or `response`).
+const MAX_DEFERRED: usize = 2;
+/// The globals that can be lazy. `run` gets a global's index in this list,
+/// not its name: pushing a string while the call's memory limit is armed
+/// costs mlua a protected call.
+const LAZY_GLOBALS: [&str; 3] = ["request", "response", "backends"];
+
+/// Data a lazy table reads field by field.
+pub(crate) trait Fields {
+    /// Every field that is present, in the order encoding writes them.
+    fn names(&self) -> Vec<&str>;
+    /// Field `name` (`nil` when absent).
+    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded>;
+    /// The JSON of field `name`, for encoding a field no script read.
+    fn json(&self, name: &str) -> Option<Value>;
+}
+
+/// A field as [`Fields::load`] gives it.
+pub(crate) enum Loaded {
+    /// Converted.
+    Value(LuaValue),
+    /// A JSON object, seen as a lazy table of its own.
+    Lazy(Arc<Value>),
+}
+
+impl Loaded {
+    /// `value` as a lazy table when it is an object, converted otherwise.
+    pub fn json(lua: &Lua, value: &Arc<Value>) -> mlua::Result<Loaded> {
+        if value.is_object() {
+            Ok(Loaded::Lazy(Arc::clone(value)))
+        } else {
+            json_to_lua(lua, value).map(Loaded::Value)
+        }
+    }
+}
+
+/// A JSON object's top-level fields, in their original order.
+impl Fields for Value {
+    fn names(&self) -> Vec<&str> {
+        self.as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded> {
+        match self.get(name) {
+            Some(field) => json_to_lua(lua, field).map(Loaded::Value),
+            None => Ok(Loaded::Value(LuaValue::Nil)),
+        }
+    }
+
+    fn json(&self, name: &str) -> Option<Value> {
+        self.get(name).cloned()
+    }
+}
+
+/// Where a lazy table's fields come from.
+#[derive(Clone)]
+enum Source {
+    /// A parsed body, shared by every hook of the request.
+    Json(Arc<Value>),
+    /// Host data borrowed for the current call only (see [`defer`]).
+    Borrowed(*const (dyn Fields + 'static)),
+}
+
+impl Source {
+    fn fields(&self) -> &dyn Fields {
+        match self {
+            Source::Json(v) => &**v,
+            // SAFETY: `defer`'s contract: the data outlives the call, and
+            // `source_at` hands out sources of the current call only.
+            Source::Borrowed(p) => unsafe { &**p },
+        }
+    }
+}
+
+/// The sources of the lazy tables of the current call (VM app data).
+#[derive(Default)]
+pub(crate) struct CallSources {
+    generation: u64,
+    sources: Vec<Source>,
+    /// Lazy globals registered for the call (index in [`LAZY_GLOBALS`]),
+    /// with their source.
+    deferred: [Option<(usize, usize)>; MAX_DEFERRED],
+}
+
+impl CallSources {
+    fn push(&mut self, source: Source) -> usize {
+        self.sources.push(source);
+        self.sources.len() - 1
+    }
+}
+
+/// The Lua half of lazy tables, for the VM and the sandbox.
+pub(crate) struct LazyLua {
+    /// `run(chunk, env, generation, name1, slot1, name2, slot2)`.
+    pub run: Function,
+    /// `materialize(t)`, for the sandbox's `pairs`, `next`, `rawget`, ... .
+    pub materialize: Function,
+}
+
+/// Install lazy tables in a VM: the per-call source list, the Rust
+/// callbacks and the Lua half. Takes raw base functions from the globals,
+/// so it runs before the sandbox empties them.
+pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
+    lua.set_app_data(CallSources::default());
+    let g = lua.globals();
+    let rust = lua.create_table()?;
+    for name in ["rawget", "rawset", "setmetatable", "getmetatable", "type", "next"] {
+        rust.raw_set(name, g.raw_get::<LuaValue>(name)?)?;
+    }
+    rust.raw_set("names", LAZY_GLOBALS)?;
+    rust.raw_set("source_key", SOURCE_KEY)?;
+    rust.raw_set("generation_key", GENERATION_KEY)?;
+    rust.raw_set(
+        "load_field",
+        lua.create_function(|lua, (slot, generation, key): (f64, f64, LuaValue)| {
+            load_field(lua, slot, generation, key)
+        })?,
+    )?;
+    rust.raw_set(
+        "load_missing",
+        lua.create_function(|lua, (cache, slot, generation): (Table, f64, f64)| {
+            load_missing(lua, &cache, slot, generation)
+        })?,
+    )?;
+    let module: Table = lua.load(LAZY_LUA).set_name("=llmproxy.lazy").call(rust)?;
+    Ok(LazyLua {
+        run: module.raw_get("run")?,
+        materialize: module.raw_get("materialize")?,
+    })
+}
+
+/// Start a call: lazy tables built from here on belong to it.
+pub(crate) fn begin_call(lua: &Lua) {
+    end_call(lua);
+}
+
+/// End a call: its sources are dropped, and any lazy table of it that
+/// survived (nothing should) fails loudly instead of reading freed data.
+pub(crate) fn end_call(lua: &Lua) {
+    if let Some(mut s) = lua.app_data_mut::<CallSources>() {
+        s.sources.clear();
+        s.deferred = [None; MAX_DEFERRED];
+        s.generation = s.generation.wrapping_add(1);
+    }
+}
+
+/// Register `fields` as the lazy global `name` of the current call: `run`
+/// sets it in the environment as the script starts.
+///
+/// # Safety
+/// `fields` must stay alive and unchanged until the VM's current call ends
+/// ([`end_call`]): the view keeps a pointer to it, not a copy.
+pub(crate) unsafe fn defer<'a>(lua: &Lua, name: &str, fields: &'a (dyn Fields + 'a)) -> mlua::Result<()> {
+    let name = LAZY_GLOBALS
+        .iter()
+        .position(|n| *n == name)
+        .ok_or_else(|| mlua::Error::runtime(format!("llmproxy: '{name}' cannot be a lazy global")))?;
+    let p: *const (dyn Fields + 'a) = fields;
+    // SAFETY: only the lifetime bound of the trait object changes; the
+    // caller keeps the data alive for as long as the pointer is reachable.
+    let p: *const (dyn Fields + 'static) = unsafe { std::mem::transmute(p) };
+    let mut s = sources_mut(lua)?;
+    let slot = s.push(Source::Borrowed(p));
+    let free = s
+        .deferred
+        .iter_mut()
+        .find(|d| d.is_none())
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: too many lazy globals for one call"))?;
+    *free = Some((name, slot));
+    Ok(())
+}
+
+/// `run`'s arguments after `chunk` and `env`: the call's generation and its
+/// lazy globals (1-based index in `LAZY_GLOBALS`, 0 for none) with their
+/// sources.
+pub(crate) fn run_args(lua: &Lua) -> mlua::Result<[f64; 1 + 2 * MAX_DEFERRED]> {
+    let s = lua
+        .app_data_ref::<CallSources>()
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+    let mut args = [0.0; 1 + 2 * MAX_DEFERRED];
+    args[0] = s.generation as f64;
+    for (i, (name, slot)) in s.deferred.iter().flatten().enumerate() {
+        args[1 + 2 * i] = (name + 1) as f64;
+        args[2 + 2 * i] = *slot as f64;
+    }
+    Ok(args)
+}
+
+fn sources_mut(lua: &Lua) -> mlua::Result<mlua::AppDataRefMut<'_, CallSources>> {
+    lua.app_data_mut::<CallSources>()
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))
+}
+
+/// The cache table of a lazy table, or `None` for any other table.
+pub(super) fn cache_of(t: &Table) -> Option<Table> {
+    let mt = t.metatable()?;
+    let cache: Table = mt.raw_get("__index").ok()?;
+    matches!(
+        cache.raw_get::<LuaValue>(SOURCE_KEY),
+        Ok(LuaValue::Number(_) | LuaValue::Integer(_))
+    )
+    .then_some(cache)
+}
+
+/// The source behind `cache`.
+fn source_of(lua: &Lua, cache: &Table) -> mlua::Result<Source> {
+    source_at(lua, cache.raw_get(SOURCE_KEY)?, cache.raw_get(GENERATION_KEY)?)
+}
+
+/// Source `slot` of the call `generation`; an error for another call's.
+fn source_at(lua: &Lua, slot: f64, generation: f64) -> mlua::Result<Source> {
+    let s = lua
+        .app_data_ref::<CallSources>()
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+    if generation != s.generation as f64 {
+        return Err(mlua::Error::runtime("llmproxy: a lazy table outlived its call"));
+    }
+    s.sources
+        .get(slot as usize)
+        .cloned()
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: a lazy table lost its source"))
+}
+
+/// The loader behind every cache's `__index`: field `key` of source `slot`,
+/// converted; or `nil` and the slot of a new source when the field is a
+/// JSON object, which `lazy.lua` turns into a lazy table.
+fn load_field(lua: &Lua, slot: f64, generation: f64, key: LuaValue) -> mlua::Result<(LuaValue, Option<f64>)> {
+    let LuaValue::String(name) = key else {
+        return Ok((LuaValue::Nil, None));
+    };
+    let Ok(name) = name.to_str() else {
+        return Ok((LuaValue::Nil, None));
+    };
+    let source = source_at(lua, slot, generation)?;
+    match outside_limit(lua, || source.fields().load(lua, &name))? {
+        Loaded::Value(v) => Ok((v, None)),
+        Loaded::Lazy(object) => {
+            let child = sources_mut(lua)?.push(Source::Json(object));
+            Ok((LuaValue::Nil, Some(child as f64)))
+        }
+    }
+}
+
+/// Load every field of source `slot` that `cache` lacks into it, in one
+/// call (a script iterating a body would otherwise cross into Rust once per
+/// field). JSON objects come back as `{name, slot, ...}` for `lazy.lua` to
+/// wrap; `nil` when there are none.
+fn load_missing(lua: &Lua, cache: &Table, slot: f64, generation: f64) -> mlua::Result<Option<Table>> {
+    let source = source_at(lua, slot, generation)?;
+    let mut children = Vec::new();
+    outside_limit(lua, || {
+        let fields = source.fields();
+        for name in fields.names() {
+            if cache.raw_get::<LuaValue>(name)?.is_nil() {
+                match fields.load(lua, name)? {
+                    Loaded::Value(v) => cache.raw_set(name, v)?,
+                    Loaded::Lazy(object) => children.push((name, object)),
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if children.is_empty() {
+        return Ok(None);
+    }
+    let list = lua.create_table_with_capacity(children.len() * 2, 0)?;
+    for (name, object) in children {
+        let child = sources_mut(lua)?.push(Source::Json(object));
+        list.raw_push(name)?;
+        list.raw_push(child as f64)?;
+    }
+    Ok(Some(list))
+}
+
+/// The fields of a lazy table for the encoder: each name with the Lua value
+/// a script read (`Ok`), or the source's JSON when none did (`Err`).
+pub(super) fn encoding_fields(lua: &Lua, cache: &Table) -> mlua::Result<Vec<(String, Result<LuaValue, Value>)>> {
+    let source = source_of(lua, cache)?;
+    let fields = source.fields();
+    let mut out = Vec::new();
+    for name in fields.names() {
+        let cached: LuaValue = cache.raw_get(name)?;
+        if !cached.is_nil() {
+            out.push((name.to_owned(), Ok(cached)));
+        } else if let Some(original) = fields.json(name) {
+            out.push((name.to_owned(), Err(original)));
+        }
+    }
+    Ok(out)
+}
+
+/// Run a conversion of input data with the memory limit lifted, then put
+/// the limit back, raised by what the conversion allocated. While a limit is
+/// set mlua protects every API call, which made lazy conversion ~4x slower;
+/// lifting it is safe here because what is converted is bounded by the
+/// hook's input limits (each field converts once), not by the script. The
+/// script's own allowance is unchanged.
+fn outside_limit<R>(lua: &Lua, convert: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
+    let before = lua.used_memory();
+    let limit = lua.set_memory_limit(0)?;
+    let result = convert();
+    if limit != 0 {
+        let grown = lua.used_memory().saturating_sub(before);
+        lua.set_memory_limit(limit.saturating_add(grown))?;
+    }
+    result
+}
