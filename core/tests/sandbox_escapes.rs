@@ -541,6 +541,24 @@ return {seen = request.body.model .. "," .. tostring(request.body.injected)}"#,
         ]),
         Case::new(
             G,
+            "Leak a request field read in call 1 into call 2",
+            "call 1 reads `request.user_id`, `request.headers` and the body (the views are re-armed for the next call); call 2, another caller's request without them, reads the same",
+            r#"if phase == 1 then local _ = request.user_id .. request.headers["X-Key"] .. request.body.model return {done = 1} end
+return {seen = tostring(request.user_id) .. "," .. tostring(request.headers["x-key"]) .. "," .. tostring(request.body.model) .. "," .. request.id}"#,
+            Expect::Survives,
+        )
+        .steps(vec![
+            Step {
+                input: json!({"phase": 1, "request": {"id": "r1", "user_id": "alice", "headers": {"X-Key": "sk-alice"}, "body": {"model": "gpt-4"}}}),
+                expect: done(),
+            },
+            Step {
+                input: json!({"phase": 2, "request": {"id": "r2", "body": {}}}),
+                expect: value(json!({"seen": "nil,nil,nil,r2"})),
+            },
+        ]),
+        Case::new(
+            G,
             "Leak a closure over call 1's environment",
             "call 1 hides a closure in every reachable shared place; call 2 looks for it",
             r#"if phase == 1 then

@@ -16,6 +16,7 @@ local setmetatable = rust.setmetatable
 local getmetatable = rust.getmetatable
 local type = rust.type
 local next = rust.next
+local lower = rust.lower
 
 -- Marks the metatable of a lazy table. Scripts cannot reach it: the
 -- sandbox's `getmetatable` materialises a lazy table first, which removes
@@ -82,6 +83,33 @@ function lazy(slot, generation)
     return setmetatable({}, { __index = cache, __newindex = newindex, [LAZY] = true })
 end
 
+-- The views of the lazy globals, kept from one call to the next by index in
+-- `NAMES`: the table, its metatable and its cache. An untouched view is
+-- re-armed for the next call (its cache emptied and pointed at the new
+-- source), which saves three tables per global per call; one a script
+-- materialized has lost its metatable and is replaced. Scripts cannot reach
+-- a cache, and cannot keep a view past their call (the environment is
+-- emptied), so a re-armed view shows nothing of the previous call. What a
+-- cache held stays alive until the next call on this VM.
+local shell_t, shell_mt, shell_cache = {}, {}, {}
+
+local function arm(index, slot, generation)
+    local t, mt = shell_t[index], shell_mt[index]
+    if t and getmetatable(t) == mt then
+        local cache = shell_cache[index]
+        for key in next, cache do
+            rawset(cache, key, nil)
+        end
+        rawset(cache, SOURCE, slot)
+        rawset(cache, GENERATION, generation)
+        return t
+    end
+    t = lazy(slot, generation)
+    mt = getmetatable(t)
+    shell_t[index], shell_mt[index], shell_cache[index] = t, mt, rawget(mt, "__index")
+    return t
+end
+
 --- Run one call: set the call's lazy globals in `env`, then the chunk.
 -- @tparam function chunk the compiled script (its environment is `env`)
 -- @tparam table env the VM's environment
@@ -92,12 +120,30 @@ end
 -- @return what the chunk returns
 local function run(chunk, env, generation, name1, slot1, name2, slot2)
     if name1 ~= 0 then
-        rawset(env, NAMES[name1], lazy(slot1, generation))
+        rawset(env, NAMES[name1], arm(name1, slot1, generation))
     end
     if name2 ~= 0 then
-        rawset(env, NAMES[name2], lazy(slot2, generation))
+        rawset(env, NAMES[name2], arm(name2, slot2, generation))
     end
     return chunk()
 end
 
-return { materialize = materialize, run = run }
+-- Metatable of `request.headers` and `response.headers`: a name not found
+-- as written is looked up case-insensitively, as `ngx.req.get_headers()`
+-- does. Shared by every headers table of the VM, hence protected.
+local headers_mt = { __metatable = false }
+
+function headers_mt.__index(headers, name)
+    if type(name) ~= "string" then
+        return nil
+    end
+    local wanted = lower(name)
+    for key, value in next, headers do
+        if type(key) == "string" and lower(key) == wanted then
+            return value
+        end
+    end
+    return nil
+end
+
+return { materialize = materialize, run = run, headers_mt = headers_mt }

@@ -145,6 +145,7 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
     for name in ["rawget", "rawset", "setmetatable", "getmetatable", "type", "next"] {
         rust.raw_set(name, g.raw_get::<LuaValue>(name)?)?;
     }
+    rust.raw_set("lower", g.raw_get::<Table>("string")?.raw_get::<LuaValue>("lower")?)?;
     rust.raw_set("names", LAZY_GLOBALS)?;
     rust.raw_set("source_key", SOURCE_KEY)?;
     rust.raw_set("generation_key", GENERATION_KEY)?;
@@ -161,10 +162,20 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
         })?,
     )?;
     let module: Table = lua.load(LAZY_LUA).set_name("=llmproxy.lazy").call(rust)?;
+    lua.set_app_data(HeadersMt(module.raw_get("headers_mt")?));
     Ok(LazyLua {
         run: module.raw_get("run")?,
         materialize: module.raw_get("materialize")?,
     })
+}
+
+/// The metatable of headers tables (VM app data).
+struct HeadersMt(Table);
+
+/// The metatable that makes a headers table's lookups case-insensitive
+/// (`None` in a state without lazy tables).
+pub(crate) fn headers_metatable(lua: &Lua) -> Option<Table> {
+    lua.app_data_ref::<HeadersMt>().map(|m| m.0.clone())
 }
 
 /// Start a call: lazy tables built from here on belong to it.

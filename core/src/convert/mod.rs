@@ -34,7 +34,7 @@ pub(crate) mod lazy;
 mod numbers;
 pub mod parse;
 
-pub(crate) use lazy::{begin_call, defer, end_call, run_args, Fields, Loaded};
+pub(crate) use lazy::{begin_call, defer, end_call, headers_metatable, run_args, Fields, Loaded};
 pub(crate) use numbers::NumberTexts;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
@@ -253,21 +253,24 @@ fn raw_table_to_json(
     limits: Limits,
 ) -> Result<Option<Result<Value, ConvertError>>, ConvertError> {
     let array_mt = markers(lua)?.array_mt.clone();
+    let headers_mt = lazy::headers_metatable(lua);
     let mut enc = RawEncoder {
         limits,
         used: 0,
         array_mt: 2,
+        headers_mt: 3,
         texts: number_texts(lua),
     };
     let mut out = None;
-    // SAFETY: `exec_raw` pushes `t` (index 1) and the array marker (index 2)
-    // and runs the closure in a protected call. `RawEncoder` only reads: it
+    // SAFETY: `exec_raw` pushes `t` (index 1), the array marker (index 2) and
+    // the headers metatable or nil (index 3) and runs the closure in a
+    // protected call. `RawEncoder` only reads: it
     // keeps the stack balanced on every path, checks stack space before it
     // pushes, never converts a key in place (numbers are read with
     // lua_tonumber), and copies string bytes while the string is on the
     // stack. It runs no Lua code (no metamethod is called).
     unsafe {
-        lua.exec_raw::<()>((t, &array_mt), |state| {
+        lua.exec_raw::<()>((t, &array_mt, headers_mt.as_ref()), |state| {
             out = match enc.value(state, 1, 1) {
                 Ok(v) => Some(Ok(v)),
                 Err(RawError::General) => None,
@@ -282,7 +285,8 @@ fn raw_table_to_json(
 enum RawError {
     /// The value cannot be JSON (the same error [`Encoder`] gives).
     Convert(ConvertError),
-    /// A table with a metatable other than the array marker: use [`Encoder`].
+    /// A table with a metatable other than the array marker or the headers
+    /// metatable: use [`Encoder`].
     General,
 }
 
@@ -298,6 +302,9 @@ struct RawEncoder {
     used: usize,
     /// Stack index of the array marker.
     array_mt: c_int,
+    /// Stack index of the headers metatable (lookups only: a headers table
+    /// encodes as a plain one).
+    headers_mt: c_int,
     /// Original texts of numbers a double changed.
     texts: Option<NumberTexts>,
 }
@@ -393,8 +400,9 @@ impl RawEncoder {
         let mut marked_array = false;
         if ffi::lua_getmetatable(state, idx) != 0 {
             marked_array = ffi::lua_rawequal(state, -1, self.array_mt) != 0;
+            let headers = ffi::lua_rawequal(state, -1, self.headers_mt) != 0;
             ffi::lua_pop(state, 1);
-            if !marked_array {
+            if !marked_array && !headers {
                 return Err(RawError::General);
             }
         }
