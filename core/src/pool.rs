@@ -89,6 +89,13 @@ impl Pool {
         let mut inner = self.lock();
         loop {
             if let Some(vm) = inner.idle.pop() {
+                if !vm.watched() {
+                    // Built before this process was forked.
+                    inner.stats.alive -= 1;
+                    inner.stats.discarded += 1;
+                    drop(vm);
+                    continue;
+                }
                 return Ok(PooledVm {
                     pool: self,
                     vm: Some(vm),

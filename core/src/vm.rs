@@ -53,7 +53,8 @@ pub(crate) struct Vm {
 // so those counts are only touched by the thread that owns the whole bundle;
 // moving the bundle between threads is then sound, as for a `Vec<Rc<T>>`
 // moved whole. LuaJIT states are not tied to the thread that created them,
-// and the watchdog shared with the count hook is an `Arc` of atomics.
+// and the watchdog shared with the deadline timer is an `Arc` of atomics
+// (its state pointer is only used for `lua_sethook`, see `watchdog.rs`).
 unsafe impl Send for Vm {}
 
 impl Vm {
@@ -73,9 +74,16 @@ impl Vm {
         })
     }
 
-    /// Whether this VM hit a limit and must not be reused.
+    /// Whether this VM hit a limit and must not be reused (or was built
+    /// before this process was forked, so no deadline timer watches it).
     pub fn poisoned(&self) -> bool {
-        self.broken || self.state.watchdog.fired() || self.state.watchdog.memory_hit()
+        self.broken || self.state.watchdog.fired() || self.state.watchdog.memory_hit() || !self.watched()
+    }
+
+    /// Whether this process's deadline timer watches this VM (it does not
+    /// in a child forked after the VM was built).
+    pub fn watched(&self) -> bool {
+        self.state.watchdog.timer_alive()
     }
 
     /// Bytes held by the Lua heap.

@@ -110,10 +110,58 @@ fn vms_are_recycled_after_n_calls_and_above_the_memory_high_water_mark() {
 
     // A global set by a call is gone with the call (the environment is
     // emptied): its 20 MB do not keep the VM above an 8 MB mark.
-    let yaml = "scripts:\n  pool: {size: 1, recycle_memory_mb: 8}\n  usage:\n    memory_mb: 64\n    script: |\n      if request.body.big then big = string.rep('x', 20e6) end\n      return {}\n";
+    let yaml = "scripts:\n  pool: {size: 1, recycle_memory_mb: 8}\n  usage:\n    memory_mb: 64\n    timeout_ms: 2000\n    script: |\n      if request.body.big then big = string.rep('x', 20e6) end\n      return {}\n";
     let engine = Engine::new(Config::from_yaml(yaml, std::path::Path::new(".")).unwrap()).unwrap();
     let run = |big: bool| engine.run_json(HookName::Usage, &json!({"request": {"id": "r", "body": {"big": big}}}));
     run(true).unwrap();
     run(false).unwrap();
     assert_eq!(engine.pool_stats().recycled, 0, "{:?}", engine.pool_stats());
+}
+
+/// A process forked after its engine built VMs (an nginx worker forked from
+/// a master that loaded the config) has no deadline timer thread: the
+/// parent's did not survive the fork. The child must still stop an endless
+/// loop at its deadline.
+#[test]
+fn a_forked_child_still_stops_an_endless_loop() {
+    let yaml = "scripts:\n  pool: {size: 1}\n  usage:\n    timeout_ms: 50\n    script: |\n      if request.body.spin then while true do end end\n      return {ok = true}\n";
+    let engine = Engine::new(Config::from_yaml(yaml, std::path::Path::new(".")).unwrap()).unwrap();
+    let spin = json!({"request": {"id": "r", "body": {"spin": true}}});
+    let calm = json!({"request": {"id": "r", "body": {}}});
+    assert_eq!(
+        engine.run_json(HookName::Usage, &spin).unwrap_err().kind,
+        ErrorKind::Timeout
+    );
+    // The pool's one VM, idle and healthy when the process forks.
+    assert_eq!(engine.run_json(HookName::Usage, &calm).unwrap(), json!({"ok": true}));
+
+    // SAFETY: the child only runs the engine and leaves with `_exit`; the
+    // parent waits for it (and kills it if it hangs).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let stopped = matches!(engine.run_json(HookName::Usage, &spin), Err(e) if e.kind == ErrorKind::Timeout);
+        let fine = engine.run_json(HookName::Usage, &calm).ok() == Some(json!({"ok": true}));
+        // SAFETY: ends the child without running the test harness's exit.
+        unsafe { libc::_exit(if stopped && fine { 0 } else { 1 }) };
+    }
+    let started = std::time::Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child.
+        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if done == pid {
+            break;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the forked child's endless loop was never stopped");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status}"
+    );
 }

@@ -304,7 +304,7 @@ return {present = table.concat(r, ","), time = type(os.time), clock = type(os.cl
             value(json!({"present": "", "time": "function", "clock": "function", "date": "function"})),
         ),
         e("Try debug.getregistry", "`debug.getregistry()`", "return {r = debug.getregistry()}", kind(ScriptError)),
-        e("Try jit.on to defeat the count hook", "`jit.on()` then a hot loop", "jit.on() for i = 1, 1e9 do end", kind(ScriptError)),
+        e("Try jit.on to defeat the time limit", "`jit.on()` then a hot loop", "jit.on() for i = 1, 1e9 do end", kind(ScriptError)),
         e("Try ffi.C", "`ffi.cdef` + `ffi.C.getpid()`", "ffi.cdef('int getpid(void);') return {p = ffi.C.getpid()}", kind(ScriptError)),
         e("Try package.loaded", "`package.loaded.io`", "return {t = type(package.loaded.io)}", kind(ScriptError)),
         e(
@@ -669,6 +669,21 @@ fn loops(v: &mut Vec<Case>) {
             "Spin in a __concat metamethod",
             "loop inside `..` on a table",
             "local t = setmetatable({}, {__concat = function() while true do end end}) return {s = t .. 'x'}",
+            t(),
+        ),
+        Case::new(
+            G,
+            "Spin in a loop the JIT compiler has compiled",
+            "warm a function up until LuaJIT compiles its loop, then call it with a bound that never ends",
+            "local function work(n) local s = 0 for i = 1, n do s = s + i % 7 end return s end \
+             for _ = 1, 300 do work(100) end return {s = work(1e15)}",
+            t(),
+        ),
+        Case::new(
+            G,
+            "Spin with string work in a compiled loop",
+            "string functions LuaJIT compiles inline (`sub`, `byte`, `..`) in an endless loop",
+            "local s = 'abcdef' while true do s = s:sub(2, 4) .. s:byte(1) .. 'x' end",
             t(),
         ),
         Case::new(

@@ -149,7 +149,7 @@ pub(crate) fn string_utils(lua: &Lua) -> mlua::Result<Table> {
             for pos in memchr::memmem::find_iter(&s, &sep) {
                 n += 1;
                 // Millions of parts are one uninterruptible call: check the
-                // deadline as the time limit's count hook would.
+                // deadline, as the timer's hook does for Lua code.
                 if n % SPLIT_CHECK_EVERY == 0 {
                     if let Some(w) = &watchdog {
                         w.check()?;

@@ -8,8 +8,10 @@
 //! (`vm.rs`), so nothing a script writes survives the call. The string metatable is hidden (`getmetatable("")` is
 //! `false`) and its `__index` points at the guarded string functions.
 //!
-//! Limits ([`watchdog`], `docs/adr/002-limits.md`): the JIT engine is off so
-//! the count hook always fires; pattern functions are a Rust port with a step
+//! Limits ([`watchdog`], `docs/adr/002-limits.md`, `docs/adr/045`): a call
+//! runs with no hook until the deadline timer finds it overdue; the JIT
+//! compiler stays on only where compiled loops check for that hook
+//! ([`jit`]); pattern functions are a Rust port with a step
 //! budget ([`pattern`]); `string.rep` is bounded by the memory allowance; the
 //! memory limit itself is mlua's allocator limit, set around each call.
 //! Helpers that work outside the Lua heap charge the same allowance and poll
@@ -23,17 +25,19 @@
 pub mod allowlist;
 pub(crate) mod context;
 mod helpers;
+pub mod jit;
 pub mod pattern;
 mod random;
+mod timer;
 pub(crate) mod watchdog;
 
 use std::sync::Arc;
 
-use mlua::{HookTriggers, LuaOptions, StdLib, Table, Value, VmState};
+use mlua::{LuaOptions, StdLib, Table, Value};
 
 use crate::convert::{self, Markers};
 use context::CallContext;
-use watchdog::{Watchdog, HOOK_INTERVAL};
+use watchdog::Watchdog;
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
@@ -55,35 +59,49 @@ pub(crate) struct SandboxState {
     pub run: mlua::Function,
 }
 
+impl Drop for SandboxState {
+    fn drop(&mut self) {
+        // Before the state closes (the fields drop after this).
+        self.watchdog.release();
+    }
+}
+
 /// Build a sandbox state. Fails only if LuaJIT itself fails to start.
 pub(crate) fn build() -> mlua::Result<SandboxState> {
+    let watchdog =
+        Watchdog::new().map_err(|e| mlua::Error::runtime(format!("cannot start the deadline timer: {e}")))?;
+    // On success the state releases it when dropped.
+    build_on(Arc::clone(&watchdog)).inspect_err(|_| watchdog.release())
+}
+
+fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
     let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::BIT | StdLib::OS | StdLib::JIT;
     let lua = mlua::Lua::new_with(libs, LuaOptions::new())?;
     let g = lua.globals();
 
-    // Count hooks never fire inside compiled traces: turn the JIT engine off
-    // for the whole state, then check that it stayed off.
-    lua.load("jit.off() jit.flush()").set_name("=llmproxy.jit_off").exec()?;
+    // The JIT compiler stays on only where the deadline can interrupt
+    // compiled loops (`jit.rs`).
+    let jit = if jit::enabled() {
+        "jit.on()"
+    } else {
+        "jit.off() jit.flush()"
+    };
+    lua.load(jit).set_name("=llmproxy.jit").exec()?;
     let jit_on: bool = lua
         .load("return (jit.status())")
         .set_name("=llmproxy.jit_status")
         .eval()?;
-    if jit_on {
-        return Err(mlua::Error::runtime("llmproxy: could not turn the JIT engine off"));
+    if jit_on != jit::enabled() {
+        return Err(mlua::Error::runtime("llmproxy: could not set the JIT engine's mode"));
     }
 
     Markers::install(&lua)?;
     lua.set_app_data(CallContext::idle());
     lua.set_app_data(convert::NumberTexts::default());
 
-    let watchdog = Arc::new(Watchdog::new());
+    watchdog.install(&lua);
     // Helpers that run long outside the interpreter poll the deadline.
     lua.set_app_data(Arc::clone(&watchdog));
-    let hook_watchdog = Arc::clone(&watchdog);
-    lua.set_hook(HookTriggers::new().every_nth_instruction(HOOK_INTERVAL), move |_, _| {
-        hook_watchdog.check()?;
-        Ok(VmState::Continue)
-    })?;
 
     // Raw functions the prelude wraps, plus the Rust callbacks it needs.
     let raw = lua.create_table()?;

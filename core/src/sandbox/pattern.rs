@@ -3,7 +3,7 @@
 //!
 //! # Why this exists
 //!
-//! Sandboxed scripts get a wall-clock limit that is enforced by a count hook
+//! Sandboxed scripts get a wall-clock limit that is enforced by a hook
 //! (see `watchdog`). Lua hooks only fire between VM instructions, never while a
 //! C function runs, and LuaJIT's built-in pattern functions are C functions
 //! whose backtracking matcher is exponential in the worst case:

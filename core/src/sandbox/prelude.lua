@@ -54,7 +54,7 @@ function _M.xpcall(f, handler, ...)
     local first
     local function record(e)
         first = e
-        -- A timeout is raised from the count hook, and LuaJIT runs the
+        -- A timeout is raised from a hook, and LuaJIT runs the
         -- handler before unwinding, with the hook still marked active: the
         -- hook cannot fire inside the handler. Never run it for a timeout
         -- or a memory error.

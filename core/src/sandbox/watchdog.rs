@@ -1,51 +1,144 @@
 //! The per-VM time limit.
 //!
-//! A count hook runs every [`HOOK_INTERVAL`] VM instructions and compares the
-//! clock with the call's deadline. Count hooks never fire inside JIT-compiled
-//! traces, which is why sandbox states run with the JIT engine off (see
-//! `docs/adr/002-limits.md`). Once the deadline has passed the watchdog stays
-//! fired: every later hook raises again, and the sandbox `pcall`/`xpcall`
-//! re-raise, so no script can swallow its own timeout.
+//! A call pays nothing for its deadline while it runs within it: no hook is
+//! set, so the interpreter runs at full speed and the JIT compiler, where
+//! it may stay on ([`super::jit`]), compiles loops as usual. The process's
+//! deadline timer ([`super::timer`]) looks at every armed watchdog each
+//! tick; once a call's deadline has passed it sets a count hook of 1 on
+//! the VM (`lua_sethook` may be called from another thread). The next VM
+//! instruction, or the next iteration of a compiled loop in a LuaJIT built
+//! with `LUAJIT_ENABLE_CHECKHOOK`, enters [`on_hook`], which raises the
+//! timeout error; the hook stays set, so every later instruction raises
+//! again, and the sandbox `pcall`/`xpcall` re-raise: no script can swallow
+//! its own timeout. A hook left over from a call that ended just before the
+//! timer reached it removes itself. See `docs/adr/045-deadline-watchdog.md`.
 
+use std::ffi::c_void;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// VM instructions between two deadline checks. At interpreter speed this is
-/// a check every few microseconds, far below any useful timeout.
-pub const HOOK_INTERVAL: u32 = 1000;
+use mlua::ffi;
+
+use super::timer::{self, Timer};
 
 const DISARMED: u64 = u64::MAX;
 
-/// Deadline state shared between a VM and its count hook.
+/// The clock every deadline is measured on.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`].
+pub(super) fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(DISARMED - 1)
+}
+
+/// The main state of a VM, for the timer thread. Null once the VM is gone.
+struct StatePtr(*mut ffi::lua_State);
+
+// SAFETY: the pointer is only used under the watchdog's mutex, for
+// `lua_sethook`, which LuaJIT allows from any thread at any time
+// (lj_dispatch.c: "can be called asynchronously"). It is nulled (under the
+// same mutex) before the state is closed ([`Watchdog::release`]).
+unsafe impl Send for StatePtr {}
+
+/// Deadline state shared between a VM, its hook and the deadline timer.
 #[derive(Debug)]
 pub(crate) struct Watchdog {
-    epoch: Instant,
     deadline_ns: AtomicU64,
     limit_ms: AtomicU64,
     fired: AtomicBool,
     memory: AtomicBool,
+    state: Mutex<StatePtrSlot>,
+    timer: &'static Timer,
+    /// The fork generation the timer belongs to ([`timer::fork_generation`]).
+    fork_generation: u64,
+}
+
+/// [`StatePtr`] with a `Debug` that prints nothing of the pointer.
+struct StatePtrSlot(StatePtr);
+
+impl std::fmt::Debug for StatePtrSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0 .0.is_null() { "closed" } else { "open" })
+    }
 }
 
 impl Watchdog {
-    pub fn new() -> Self {
-        Watchdog {
-            epoch: Instant::now(),
+    /// A watchdog watched by this process's deadline timer, not yet tied to
+    /// a state ([`Watchdog::install`]). Fails only if the timer thread
+    /// cannot be started.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        let (timer, fork_generation) = timer::current()?;
+        let watchdog = Arc::new(Watchdog {
             deadline_ns: AtomicU64::new(DISARMED),
             limit_ms: AtomicU64::new(0),
             fired: AtomicBool::new(false),
             memory: AtomicBool::new(false),
+            state: Mutex::new(StatePtrSlot(StatePtr(std::ptr::null_mut()))),
+            timer,
+            fork_generation,
+        });
+        timer.watch(&watchdog)?;
+        Ok(watchdog)
+    }
+
+    /// Tie this watchdog to `lua`: the hook finds it in the registry, and
+    /// the timer may interrupt the state. `self` must outlive `lua`'s
+    /// state (the sandbox state holds the `Arc`), and
+    /// [`Watchdog::release`] must run before the state is closed.
+    pub fn install(self: &Arc<Self>, lua: &mlua::Lua) {
+        let me = Arc::as_ptr(self).cast_mut().cast::<c_void>();
+        let main = lua.exec_raw_lua(|raw| {
+            let state = raw.state();
+            // SAFETY: mlua's lock is held and we are not inside a callback,
+            // so `state` is the main state, valid until the `Lua` is
+            // dropped. Pushing a light userdata and a key and `rawset` on
+            // the registry allocate at most one table slot, before any
+            // memory limit is set; the stack is left as it was.
+            unsafe {
+                if ffi::lua_checkstack(state, 2) != 0 {
+                    ffi::lua_pushlightuserdata(state, registry_key());
+                    ffi::lua_pushlightuserdata(state, me);
+                    ffi::lua_rawset(state, ffi::LUA_REGISTRYINDEX);
+                }
+            }
+            state
+        });
+        if let Ok(mut slot) = self.state.lock() {
+            slot.0 = StatePtr(main);
         }
+    }
+
+    /// Stop the timer from touching the state, and let the timer stop if
+    /// this was the last VM: called once, before the state is closed.
+    pub fn release(&self) {
+        match self.state.lock() {
+            Ok(mut slot) => slot.0 = StatePtr(std::ptr::null_mut()),
+            Err(poisoned) => poisoned.into_inner().0 = StatePtr(std::ptr::null_mut()),
+        }
+        self.timer.release();
+    }
+
+    /// Whether this watchdog's timer runs in this process (it does not in
+    /// a child forked after the VM was built: such a VM must not run).
+    pub fn timer_alive(&self) -> bool {
+        self.fork_generation == timer::fork_generation()
     }
 
     /// Start a call that may run for `timeout`.
     pub fn arm(&self, timeout: Duration) {
-        let deadline = self.epoch.elapsed().saturating_add(timeout).as_nanos();
-        self.deadline_ns
-            .store(u64::try_from(deadline).unwrap_or(DISARMED - 1), Ordering::Relaxed);
+        let deadline = now_ns().saturating_add(u64::try_from(timeout.as_nanos()).unwrap_or(DISARMED));
         self.limit_ms.store(
             u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+        // Sequentially consistent with the timer's parking (see `Timer`).
+        self.deadline_ns.store(deadline.min(DISARMED - 1), Ordering::SeqCst);
+        self.timer.wake_if_parked();
     }
 
     /// End a call. A fired watchdog stays fired (the VM is then discarded).
@@ -53,25 +146,69 @@ impl Watchdog {
         self.deadline_ns.store(DISARMED, Ordering::Relaxed);
     }
 
-    /// Called by the count hook: an error once the deadline has passed, and
-    /// on every call after that.
-    pub fn check(&self) -> mlua::Result<()> {
+    /// Whether a call is armed (seen by the timer).
+    pub(super) fn armed(&self) -> bool {
+        self.deadline_ns.load(Ordering::SeqCst) != DISARMED
+    }
+
+    /// Whether the call is past its deadline, or the watchdog has fired;
+    /// marks it fired in the first case.
+    fn overran(&self) -> bool {
         if self.fired.load(Ordering::Relaxed) {
-            return Err(self.timeout_error());
+            return true;
         }
         let deadline = self.deadline_ns.load(Ordering::Relaxed);
-        if deadline != DISARMED && self.epoch.elapsed().as_nanos() > u128::from(deadline) {
+        if deadline != DISARMED && now_ns() > deadline {
             self.fired.store(true, Ordering::Relaxed);
-            return Err(self.timeout_error());
+            return true;
+        }
+        false
+    }
+
+    /// Called by the timer thread: if the armed call is past its deadline,
+    /// set the hook that stops it. Repeated every tick until the call ends,
+    /// so a hook lost to a race with [`on_hook`] removing a stale one is
+    /// set again.
+    pub(super) fn interrupt_if_overdue(&self, now: u64) {
+        let deadline = self.deadline_ns.load(Ordering::SeqCst);
+        if deadline == DISARMED || now <= deadline {
+            return;
+        }
+        let Ok(slot) = self.state.lock() else { return };
+        let state = slot.0 .0;
+        if !state.is_null() {
+            // SAFETY: see `StatePtr`: the state is open while the pointer
+            // is set, and `lua_sethook` is safe to call from another thread.
+            // Cleared first: `lua_sethook` rewrites LuaJIT's dispatch table
+            // only when its recorded mode changes, and an update racing on
+            // the VM's thread (a trace starting or stopping, a stale hook
+            // removing itself) can leave the table behind the mode. Going
+            // through the hookless mode rewrites the whole table each tick.
+            unsafe {
+                ffi::lua_sethook(state, None, 0, 0);
+                ffi::lua_sethook(state, Some(on_hook), ffi::LUA_MASKCOUNT, 1);
+            }
+        }
+    }
+
+    /// Called by helpers that run long outside the interpreter: an error
+    /// once the deadline has passed, and on every call after that.
+    pub fn check(&self) -> mlua::Result<()> {
+        if self.overran() {
+            return Err(mlua::Error::runtime(self.message().as_str()));
         }
         Ok(())
     }
 
-    fn timeout_error(&self) -> mlua::Error {
-        mlua::Error::runtime(format!(
+    fn message(&self) -> Message {
+        let mut m = Message::default();
+        // Cannot fail: the text fits the buffer.
+        let _ = write!(
+            m,
             "script exceeded its time limit of {} ms",
             self.limit_ms.load(Ordering::Relaxed)
-        ))
+        );
+        m
     }
 
     /// Whether the time limit fired during this VM's life.
@@ -87,5 +224,145 @@ impl Watchdog {
     /// Whether the memory limit was hit during this VM's life.
     pub fn memory_hit(&self) -> bool {
         self.memory.load(Ordering::Relaxed)
+    }
+}
+
+/// The registry key of a state's watchdog: an address no one else uses.
+fn registry_key() -> *mut c_void {
+    static KEY: u8 = 0;
+    std::ptr::addr_of!(KEY).cast_mut().cast()
+}
+
+/// The timeout message, built without the heap: [`on_hook`] raises a Lua
+/// error, which unwinds its frame without running destructors.
+struct Message {
+    bytes: [u8; 96],
+    len: usize,
+}
+
+impl Default for Message {
+    fn default() -> Self {
+        Message { bytes: [0; 96], len: 0 }
+    }
+}
+
+impl Message {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("script exceeded its time limit")
+    }
+}
+
+impl std::fmt::Write for Message {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.bytes.len() {
+            return Err(std::fmt::Error);
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// The count hook the timer sets on an overdue VM.
+///
+/// Raises the timeout error when the VM's call is past its deadline (the
+/// hook then stays set), and removes itself otherwise (set for a call that
+/// has ended since). Nothing on this frame owns a destructor: `lua_error`
+/// unwinds it.
+unsafe extern "C-unwind" fn on_hook(state: *mut ffi::lua_State, _ar: *mut ffi::lua_Debug) {
+    // SAFETY: LuaJIT calls hooks with at least LUA_MINSTACK free slots; the
+    // registry read allocates nothing. The pointer was stored by `install`
+    // and the `Arc` it points into outlives the state.
+    unsafe {
+        ffi::lua_pushlightuserdata(state, registry_key());
+        ffi::lua_rawget(state, ffi::LUA_REGISTRYINDEX);
+        let watchdog = ffi::lua_touserdata(state, -1).cast::<Watchdog>().cast_const();
+        ffi::lua_pop(state, 1);
+        let Some(watchdog) = watchdog.as_ref() else {
+            ffi::lua_sethook(state, None, 0, 0);
+            return;
+        };
+        if !watchdog.overran() {
+            ffi::lua_sethook(state, None, 0, 0);
+            return;
+        }
+        let message = watchdog.message();
+        ffi::lua_pushlstring(state, message.bytes.as_ptr().cast(), message.len);
+        ffi::lua_error(state);
+    }
+}
+
+/// `true` when `mask` has the count hook bit, for tests.
+#[cfg(test)]
+fn counts(mask: std::ffi::c_int) -> bool {
+    mask & ffi::LUA_MASKCOUNT != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain state, interpreted: these tests are about the hook, the JIT
+    /// compiler's part is `jit.rs`'s.
+    fn interpreted() -> mlua::Lua {
+        let lua = mlua::Lua::new();
+        lua.load("jit.off()").exec().expect("jit.off");
+        lua
+    }
+
+    #[test]
+    fn a_call_within_its_deadline_sets_no_hook() {
+        let lua = interpreted();
+        let dog = Watchdog::new().expect("timer");
+        dog.install(&lua);
+        dog.arm(Duration::from_secs(5));
+        let n: i64 = lua
+            .load("local n = 0 for i = 1, 1e5 do n = n + i end return n")
+            .eval()
+            .expect("runs");
+        dog.disarm();
+        assert_eq!(n, 5_000_050_000);
+        // SAFETY: the main state of `lua`, on this thread.
+        let mask = lua.exec_raw_lua(|raw| unsafe { ffi::lua_gethookmask(raw.state()) });
+        assert!(!counts(mask), "no hook while within the deadline");
+        dog.release();
+    }
+
+    #[test]
+    fn an_overdue_loop_is_stopped_and_stays_stopped() {
+        let lua = interpreted();
+        let dog = Watchdog::new().expect("timer");
+        dog.install(&lua);
+        dog.arm(Duration::from_millis(5));
+        let started = Instant::now();
+        let err = lua
+            .load("local ok, e = pcall(function() while true do end end) while true do end")
+            .exec()
+            .expect_err("stopped");
+        assert!(err.to_string().contains("time limit of 5 ms"), "{err}");
+        assert!(dog.fired());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        dog.disarm();
+        assert!(dog.check().is_err(), "a fired watchdog stays fired");
+        dog.release();
+    }
+
+    #[test]
+    fn a_stale_hook_removes_itself() {
+        let lua = interpreted();
+        let dog = Watchdog::new().expect("timer");
+        dog.install(&lua);
+        lua.exec_raw_lua(|raw| {
+            // SAFETY: the main state of `lua`, on this thread.
+            unsafe { ffi::lua_sethook(raw.state(), Some(on_hook), ffi::LUA_MASKCOUNT, 1) };
+        });
+        let n: i64 = lua.load("return 1 + 1").eval().expect("runs");
+        assert_eq!(n, 2);
+        // SAFETY: as above.
+        let mask = lua.exec_raw_lua(|raw| unsafe { ffi::lua_gethookmask(raw.state()) });
+        assert!(!counts(mask));
+        assert!(!dog.fired());
+        dog.release();
     }
 }
