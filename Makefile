@@ -54,6 +54,7 @@ serve: release
 
 bench-core: check-toolchain
 	$(CARGO) bench -p llmproxy-bench --bench hooks
+	LLMPROXY_SANDBOX_JIT=off $(CARGO) bench -p llmproxy-bench --bench hooks -- compute/sandboxed
 	$(CARGO) run -q --release -p llmproxy-bench --bin bench-report -- target/criterion docs/benchmarks.md
 
 clean:

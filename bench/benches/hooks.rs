@@ -10,6 +10,11 @@
 //!   once: the cost of running the script alone, the floor.
 //! - `input_build/*`: building the request table with and without an mlua
 //!   memory limit set (mlua protects every API call while a limit is set).
+//! - `compute/*`: a compute-bound script (a byte loop over the text of 200
+//!   messages, ~200 KB) sandboxed (`jit` or `interpreted`, as the process
+//!   runs sandbox VMs: `LLMPROXY_SANDBOX_JIT=off` for the latter) and as the
+//!   same function in a plain LuaJIT state with the JIT compiler on and off,
+//!   its input built once.
 //!
 //! Run with `make bench-core`, which also writes docs/benchmarks.md.
 
@@ -182,6 +187,69 @@ fn bench_routing(c: &mut Criterion) {
     g.finish();
 }
 
+/// Loops and string work over every message: what a token estimate or a
+/// content filter does.
+const COMPUTE: &str = r#"
+local messages = request.body.messages
+local score, upper, spaces = 0, 0, 0
+for i = 1, #messages do
+    local text = messages[i].content
+    for j = 1, #text do
+        local b = string.byte(text, j)
+        if b == 32 then
+            spaces = spaces + 1
+        elseif b >= 65 and b <= 90 then
+            upper = upper + 1
+        end
+        score = (score * 31 + b) % 1000000007
+    end
+end
+return {score = score, upper = upper, spaces = spaces}
+"#;
+
+fn bench_compute(c: &mut Criterion) {
+    let body = chat_body(200 * 1039);
+    assert_eq!(body["messages"].as_array().map(Vec::len), Some(200));
+    let engine = Engine::new(Config::single_hook(
+        HookName::Usage,
+        "compute",
+        COMPUTE,
+        ScriptLimits::default(),
+    ))
+    .expect("engine");
+    let input = serde_json::json!({"request": {"id": "req_abc123", "body": body}});
+    let mut g = c.benchmark_group("compute");
+    let mode = if llmproxy_core::sandbox::jit::enabled() {
+        "jit"
+    } else {
+        "interpreted"
+    };
+    let expected = engine.run_json(HookName::Usage, &input).expect("runs");
+    g.bench_function(BenchmarkId::new("sandboxed", mode), |b| {
+        b.iter(|| {
+            let r = engine.run_json(HookName::Usage, black_box(&input)).expect("runs");
+            assert_eq!(r["score"], expected["score"]);
+        })
+    });
+    for (label, jit) in [("jit", "jit.on()"), ("interpreted", "jit.off() jit.flush()")] {
+        let lua = Lua::new();
+        lua.load(jit).exec().expect("jit mode");
+        let f = lua.load(COMPUTE).into_function().expect("compiles");
+        let request = lua.create_table().expect("table");
+        request
+            .raw_set("body", to_lua_plain(&lua, &input["request"]["body"]).expect("converts"))
+            .expect("set");
+        lua.globals().raw_set("request", request).expect("set");
+        g.bench_function(BenchmarkId::new("plain", label), |b| {
+            b.iter(|| {
+                let r: Table = f.call(()).expect("runs");
+                assert_eq!(r.raw_get::<f64>("score").ok(), expected["score"].as_f64());
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_memory_limit(c: &mut Criterion) {
     let req = request(Arc::new(chat_body(10 << 10)));
     let backends = backends();
@@ -289,6 +357,7 @@ criterion_group!(
     bench_parse,
     bench_routing,
     bench_memory_limit,
-    bench_pipeline_hooks
+    bench_pipeline_hooks,
+    bench_compute
 );
 criterion_main!(benches);

@@ -65,6 +65,22 @@ fn main() -> ExitCode {
         ),
         ("pipeline/usage", "seed usage (VIP discount), small chat body"),
         (
+            "compute/sandboxed/jit",
+            "byte loop over 200 messages (~200 KB), sandboxed, JIT compiler on",
+        ),
+        (
+            "compute/sandboxed/interpreted",
+            "the same, sandboxed, interpreted (`LLMPROXY_SANDBOX_JIT=off`, as under nginx)",
+        ),
+        (
+            "compute/plain/jit",
+            "baseline: the same function in plain LuaJIT, JIT compiler on",
+        ),
+        (
+            "compute/plain/interpreted",
+            "baseline: the same function in plain LuaJIT, interpreted",
+        ),
+        (
             "input_build/limit_off",
             "build request+backends tables, no mlua memory limit",
         ),
@@ -79,7 +95,7 @@ fn main() -> ExitCode {
         String::new(),
         "## Core: hook calls in-process (criterion)".to_owned(),
         String::new(),
-        format!("Command: `make bench-core` (`cargo bench -p llmproxy-bench --bench hooks`); machine: {cores} cores. Medians from one run."),
+        format!("Command: `make bench-core` (`cargo bench -p llmproxy-bench --bench hooks`, then `compute/sandboxed` again with `LLMPROXY_SANDBOX_JIT=off`); machine: {cores} cores. Medians from one run."),
         String::new(),
         "| benchmark | what | median |".to_owned(),
         "|---|---|---|".to_owned(),
@@ -106,6 +122,14 @@ fn main() -> ExitCode {
     out.push(format!(
         "| sandboxed 1 MB / sandboxed 10 KB | {} | <= 2x |",
         ratio("routing/sandboxed/1MB", "routing/sandboxed/10KB")
+    ));
+    out.push(format!(
+        "| compute-bound script, sandboxed / plain LuaJIT, JIT on | {} | <= 1.3x |",
+        ratio("compute/sandboxed/jit", "compute/plain/jit")
+    ));
+    out.push(format!(
+        "| compute-bound script, sandboxed / plain LuaJIT, interpreted | {} | (reported: the nginx host) |",
+        ratio("compute/sandboxed/interpreted", "compute/plain/interpreted")
     ));
     out.push(format!(
         "| input build, limit on / limit off | {} | (why the limit is armed only around the script) |",
