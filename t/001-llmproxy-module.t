@@ -237,3 +237,108 @@ false runtime error: failure_step: handled must be not_run, kept, replaced or de
 \z/
 --- no_error_log
 [error]
+
+
+
+=== TEST 8: llmproxy.sse_event: core's rule for one stream event, the shared cases (conformance/sse-events.json)
+--- config
+    location = /t {
+        content_by_lua_block {
+            local cjson = require "cjson"
+            local sse_event = require("llmproxy").sse_event
+            local f = assert(io.open("$TEST_NGINX_REPO/conformance/sse-events.json"))
+            local doc = cjson.decode(f:read("*a"))
+            f:close()
+            local function same_usage(got, want)
+                if want == cjson.null then
+                    return got == nil
+                end
+                if type(got) ~= "table" then
+                    return false
+                end
+                local n = 0
+                for k, v in pairs(got) do
+                    if want[k] ~= v then
+                        return false
+                    end
+                    n = n + 1
+                end
+                for _ in pairs(want) do
+                    n = n - 1
+                end
+                return n == 0
+            end
+            local failed = 0
+            for _, c in ipairs(doc.cases) do
+                local relayed, usage = sse_event(c.data, c.strip_usage)
+                local want = c.relayed ~= cjson.null and c.relayed or nil
+                if relayed ~= want or not same_usage(usage, c.usage) then
+                    failed = failed + 1
+                    ngx.say("FAIL ", c.name, ": relayed ", tostring(relayed), ", usage ",
+                        usage and cjson.encode(usage) or "nil")
+                end
+            end
+            ngx.say(#doc.cases, " cases, ", failed, " failed")
+        }
+    }
+--- request
+GET /t
+--- response_body_like
+^[1-9]\d* cases, 0 failed$
+--- no_error_log
+[error]
+
+
+
+=== TEST 9: llmproxy.usage_charge: core's charge of a finished request, the shared cases (conformance/usage-charges.json)
+--- config
+    location = /t {
+        content_by_lua_block {
+            local cjson = require "cjson"
+            local usage_charge = require("llmproxy").usage_charge
+            local f = assert(io.open("$TEST_NGINX_REPO/conformance/usage-charges.json"))
+            local doc = cjson.decode(f:read("*a"))
+            f:close()
+            local failed = 0
+            for _, c in ipairs(doc.cases) do
+                local record = c.record ~= cjson.null and c.record or nil
+                local got = usage_charge(c.raw, record)
+                local want = c.charge
+                local bad = {}
+                for _, k in ipairs({ "billable_tokens", "limit_tokens", "prompt_tokens", "completion_tokens",
+                                     "total_tokens" }) do
+                    if got[k] ~= want[k] then
+                        bad[#bad + 1] = k .. "=" .. tostring(got[k])
+                    end
+                end
+                local want_cost = want.cost ~= cjson.null and want.cost or nil
+                if got.cost ~= want_cost then
+                    bad[#bad + 1] = "cost=" .. tostring(got.cost)
+                end
+                local n = 0
+                for k, v in pairs(got.metrics) do
+                    n = n + 1
+                    if want.metrics[k] ~= v then
+                        bad[#bad + 1] = "metrics." .. k .. "=" .. tostring(v)
+                    end
+                end
+                for _ in pairs(want.metrics) do
+                    n = n - 1
+                end
+                if n ~= 0 then
+                    bad[#bad + 1] = "metric count"
+                end
+                if #bad > 0 then
+                    failed = failed + 1
+                    ngx.say("FAIL ", c.name, ": ", table.concat(bad, ", "))
+                end
+            end
+            ngx.say(#doc.cases, " cases, ", failed, " failed")
+        }
+    }
+--- request
+GET /t
+--- response_body_like
+^[1-9]\d* cases, 0 failed$
+--- no_error_log
+[error]

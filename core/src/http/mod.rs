@@ -1,7 +1,8 @@
 //! HTTP request rules every host shares, as pure data-in/data-out functions:
 //! the canonical form of a request path ([`path`]), the OpenAI request fields
-//! a host acts on ([`fields`]) and the hop-by-hop header names that are
-//! never forwarded nor set by scripts ([`hop_by_hop`]).
+//! a host acts on ([`fields`]), the hop-by-hop header names that are
+//! never forwarded nor set by scripts ([`hop_by_hop`]), and the `usage` of
+//! a backend's answer read without parsing the rest ([`usage_probe`]).
 //!
 //! A host computes these once per request, before any hook runs, so every
 //! decision (endpoint matching, transforms, billing, what goes upstream) is
@@ -10,3 +11,4 @@
 pub mod fields;
 pub mod hop_by_hop;
 pub mod path;
+pub mod usage_probe;

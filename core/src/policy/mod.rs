@@ -3,5 +3,11 @@
 //!
 //! - [`failure`]: which hooks shape the response to a failed request, and
 //!   in what order (docs/adr/042).
+//! - [`sse`]: what happens to one event of a backend's stream before
+//!   `response_transform` (usage capture, the forced usage undone).
+//! - [`usage`]: what a finished request is charged (quota, tokens per
+//!   minute, ledger columns, usage metrics).
 
 pub mod failure;
+pub mod sse;
+pub mod usage;

@@ -59,7 +59,6 @@ mod keys;
 mod ledger;
 mod policy;
 mod script_log;
-mod usage;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -1082,7 +1081,7 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     exports.raw_set(
         "usage",
         lua.create_function(move |lua, text: mlua::LuaString| {
-            let Some(p) = usage::probe(&text.as_bytes()) else {
+            let Some(p) = llmproxy_core::http::usage_probe::probe(&text.as_bytes()) else {
                 return Ok((Value::Nil, false));
             };
             let value = match p.usage {
@@ -1090,6 +1089,68 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 Some(u) => convert::to_lua(lua, &u, &shared_usage.array_mt)?,
             };
             Ok((value, p.has_choices))
+        })?,
+    )?;
+    // llmproxy.sse_event(data, strip_usage) -> data (the same string when
+    // untouched, a new one when the forced usage was removed, nil to drop
+    // the event), usage (a table or nil): core's rule for one event of a
+    // backend's stream (`policy::sse`), the gateway's too.
+    let shared_sse = shared.clone();
+    exports.raw_set(
+        "sse_event",
+        lua.create_function(move |lua, (text, strip_usage): (mlua::LuaString, bool)| {
+            let bytes = text.as_bytes();
+            let out = llmproxy_core::policy::sse::event(&bytes, strip_usage, false);
+            let data = match out.data {
+                None => Value::Nil,
+                Some(std::borrow::Cow::Borrowed(_)) => Value::String(text.clone()),
+                Some(std::borrow::Cow::Owned(d)) => Value::String(lua.create_string(d)?),
+            };
+            let usage = match out.usage {
+                None => Value::Nil,
+                Some(u) => convert::to_lua(lua, &u, &shared_sse.array_mt)?,
+            };
+            Ok((data, usage))
+        })?,
+    )?;
+    // llmproxy.usage_charge(raw, record) -> { billable_tokens, limit_tokens,
+    // prompt_tokens, completion_tokens, total_tokens, cost, metrics = {kind
+    // = value, ...} }: what a finished request is charged (core's
+    // `policy::usage`, the gateway's rule); `record` nil when the usage hook
+    // did not give one.
+    let shared_charge = shared.clone();
+    exports.raw_set(
+        "usage_charge",
+        lua.create_function(move |lua, (raw, record): (Value, Value)| {
+            let to_json = ToJson {
+                lua,
+                array_mt: &shared_charge.array_mt,
+                max_depth: 16,
+            };
+            let json = |v: &Value, what: &str| {
+                to_json
+                    .convert(v)
+                    .map_err(|e| mlua::Error::runtime(format!("usage_charge: {}", e.describe(what))))
+            };
+            let raw = json(&raw, "raw")?;
+            let record = match record {
+                Value::Nil => None,
+                other => Some(json(&other, "record")?),
+            };
+            let c = llmproxy_core::policy::usage::charge(&raw, record.as_ref());
+            let out = lua.create_table_with_capacity(0, 7)?;
+            out.raw_set("billable_tokens", c.billable_tokens)?;
+            out.raw_set("limit_tokens", c.limit_tokens)?;
+            out.raw_set("prompt_tokens", c.prompt_tokens)?;
+            out.raw_set("completion_tokens", c.completion_tokens)?;
+            out.raw_set("total_tokens", c.total_tokens)?;
+            out.raw_set("cost", c.cost)?;
+            let metrics = lua.create_table_with_capacity(0, c.metrics.len())?;
+            for (kind, v) in c.metrics {
+                metrics.raw_set(kind, v)?;
+            }
+            out.raw_set("metrics", metrics)?;
+            Ok(out)
         })?,
     )?;
     // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"

@@ -70,7 +70,6 @@ local error = error
 local concat = table.concat
 local min = math.min
 local max = math.max
-local floor = math.floor
 local fmt = string.format
 local find = string.find
 local sub = string.sub
@@ -1647,44 +1646,30 @@ local function read_usage(state, text)
 end
 
 -- One SSE event: usage capture (and removal when only the gateway asked
--- for it), then response_transform. Returns the bytes to send (nil: drop
--- the event).
+-- for it: core's rule, `llmproxy.sse_event`), then response_transform.
+-- Returns the bytes to send (nil: drop the event).
 local function process_event(state, ctx, event)
     local data = sse.data(event)
     if not data or data == "[DONE]" then
         return event
     end
     local transform = ctx.sse_transform
-    local has_usage = find(data, '"usage"', 1, true) ~= nil
-    if not transform and not has_usage then
+    local mentions_usage = find(data, '"usage"', 1, true) ~= nil
+    if not transform and not mentions_usage then
         return event
     end
     local modified = false
-    if has_usage and ctx.strip_usage then
-        -- The `"usage":null` the gateway's include_usage added to every
-        -- chunk: removed without parsing when written compactly.
-        local at = find(data, ',"usage":null', 1, true)
-        if at and not find(data, '"usage"', at + 13, true) and not find(sub(data, 1, at), '"usage"', 1, true) then
-            data = sub(data, 1, at - 1) .. sub(data, at + 13)
-            modified = true
-            has_usage = false
-        end
-    end
-    if has_usage then
-        local usage, no_choices = read_usage(state, data)
-        if usage == state.null and ctx.strip_usage then
-            local h = state.llmproxy.request({ body_raw = data })
-            if h then
-                data = h:body_json({ usage = state.null })
-                modified = true
-            end
-        elseif type(usage) == "table" then
+    if mentions_usage then
+        local relayed, usage = state.llmproxy.sse_event(data, ctx.strip_usage == true)
+        if usage then
             ctx.usage = usage
             ctx.usage_body = data
-            if ctx.strip_usage and no_choices then
-                return nil
-            end
         end
+        if not relayed then
+            return nil
+        end
+        modified = relayed ~= data
+        data = relayed
     end
     if transform then
         local text, f = transform_response(state, ctx, data, true)
@@ -1821,8 +1806,6 @@ end
 
 ---------------------------------------------------------------- log
 
-local USAGE_KINDS = { "prompt_tokens", "completion_tokens", "total_tokens", "cost" }
-
 -- The usage hook on the captured usage; the record goes to the log, the
 -- quota (shared dict), the ledger (in log()) and the metrics.
 local function record_usage(state, ctx)
@@ -1830,7 +1813,7 @@ local function record_usage(state, ctx)
     if not usage or not ctx.backend then
         return
     end
-    local record = usage
+    local record
     local upstream = tonumber(match(ngx_var.upstream_response_time or "", "([%d.]+)%s*$"))
     if state.enabled.usage then
         local res, err = run_hook(state, "usage", ctx.req, {
@@ -1852,12 +1835,13 @@ local function record_usage(state, ctx)
             record = res
         end
     end
+    -- Quota, tokens per minute, ledger columns and metrics: core's rule
+    -- (`policy::usage`), the gateway's.
+    local charge = state.llmproxy.usage_charge(usage, record)
+    record = record or usage
     ctx.usage_record = record
-    -- Quota: `billable_tokens` of the record, else the backend's
-    -- `total_tokens` (the gateway's charge), shared by the workers.
-    local billable = tonumber(record.billable_tokens) or tonumber(usage.total_tokens) or 0
-    billable = billable == billable and billable > 0 and floor(billable + 0.5) or 0
-    ctx.billable = billable
+    ctx.charge = charge
+    local billable = charge.billable_tokens
     local dict = state.limits_dict
     if dict and ctx.key and billable > 0 then
         local _, err = dict:incr("q:" .. ctx.key.fp, billable, ctx.key.configured_used)
@@ -1865,21 +1849,14 @@ local function record_usage(state, ctx)
             ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot charge the quota: ", err)
         end
     end
-    if dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id then
-        local total = tonumber(usage.total_tokens) or 0
-        if total == total and total > 0 then
-            limits.charge_tokens(dict, ctx.limits.id, floor(total + 0.5), ngx_now())
-        end
+    if dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id and charge.limit_tokens > 0 then
+        limits.charge_tokens(dict, ctx.limits.id, charge.limit_tokens, ngx_now())
     end
     if store then
         local name = ctx.backend.name
-        for _, k in ipairs(USAGE_KINDS) do
-            local v = tonumber(record[k])
-            if v then
-                metrics.usage(store, name, k, v)
-            end
+        for kind, v in pairs(charge.metrics) do
+            metrics.usage(store, name, kind, v)
         end
-        metrics.usage(store, name, "billable_tokens", billable)
     end
     if log_level() >= NOTICE then
         local text = state.encode(record) or "?"
@@ -1933,24 +1910,14 @@ local function record_attempts(state, ctx)
 end
 
 local ZERO_USAGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 }
-
-local function tokens(v)
-    v = tonumber(v)
-    return v and v == v and v > 0 and floor(v + 0.5) or 0
-end
+local ZERO_CHARGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, billable_tokens = 0 }
 
 -- The ledger row of an admitted request (the gateway's `LedgerRecord`),
 -- queued for the module's writer thread; never waits (a full queue drops
 -- the record and counts it).
 local function write_ledger(state, ctx)
-    local raw = ctx.usage or ZERO_USAGE
-    local record = ctx.usage_record or raw
-    local function pick(k)
-        if record[k] ~= nil then
-            return tokens(record[k])
-        end
-        return tokens(raw[k])
-    end
+    local record = ctx.usage_record or ZERO_USAGE
+    local charge = ctx.charge or ZERO_CHARGE
     local model = ctx.req and ctx.req:body_get("/model")
     local backend = ctx.tried and ctx.backend
     local ok = state.engine:ledger_record({
@@ -1963,11 +1930,11 @@ local function write_ledger(state, ctx)
         path = ngx_var.uri,
         is_stream = ctx.sse ~= nil,
         status = ngx.status,
-        prompt_tokens = pick("prompt_tokens"),
-        completion_tokens = pick("completion_tokens"),
-        total_tokens = pick("total_tokens"),
-        billable_tokens = ctx.billable or 0,
-        cost = tonumber(record.cost),
+        prompt_tokens = charge.prompt_tokens,
+        completion_tokens = charge.completion_tokens,
+        total_tokens = charge.total_tokens,
+        billable_tokens = charge.billable_tokens,
+        cost = charge.cost,
         latency_ms = (ngx_now() - ctx.started) * 1000,
         record = ctx.usage_text or state.encode(record) or "{}",
     })

@@ -33,6 +33,7 @@ use llmproxy_core::hooks::{
     AuthVerdict, CurrentTime, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata, UsageRecord,
 };
 use llmproxy_core::keys::standard_checks_with_usage;
+use llmproxy_core::policy::usage as usage_policy;
 use llmproxy_core::HookName;
 use serde_json::{json, Value};
 
@@ -581,12 +582,6 @@ fn zero_usage() -> Value {
     json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
 }
 
-fn tokens(v: &Value, key: &str) -> u64 {
-    v.get(key)
-        .and_then(Value::as_f64)
-        .map_or(0, |x| if x.is_finite() && x > 0.0 { x.round() as u64 } else { 0 })
-}
-
 /// The usage stage of one admitted request: the script, metrics, the quota
 /// charge, the ledger record and the sinks.
 fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
@@ -621,28 +616,19 @@ fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
     };
     let mut t = Timings::default();
     let result = live.stages.usage(&info, &raw, &response, &metadata, &mut t);
-    let billable_f = result.billable_tokens(&raw);
     let record = match result {
-        UsageRecord::Raw => raw.clone(),
-        UsageRecord::Custom(m) => Value::Object(m),
+        UsageRecord::Raw => None,
+        UsageRecord::Custom(m) => Some(Value::Object(m)),
     };
-    let billable = if billable_f.is_finite() && billable_f > 0.0 {
-        billable_f.round() as u64
-    } else {
-        0
-    };
+    let charged = usage_policy::charge(&raw, record.as_ref());
+    let record = record.unwrap_or_else(|| raw.clone());
+    let billable = charged.billable_tokens;
     let backend_name = c.backend.as_ref().map(|b| b.name.clone());
     if let Some(b) = &c.backend {
-        let m = &shared.metrics;
-        for key in ["prompt_tokens", "completion_tokens", "total_tokens", "cost"] {
-            if let Some(v) = record.get(key).and_then(Value::as_f64) {
-                m.usage(b.index, key, v);
-            }
+        for (kind, v) in &charged.metrics {
+            shared.metrics.usage(b.index, kind, *v);
         }
-        m.usage(b.index, "billable_tokens", billable as f64);
     }
-    let pick = |k: &str| record.get(k).map_or_else(|| tokens(&raw, k), |_| tokens(&record, k));
-    let (prompt, completion, total) = (pick("prompt_tokens"), pick("completion_tokens"), pick("total_tokens"));
     let latency_ms = started.elapsed().as_secs_f64() * 1e3;
     let model = info.body.get("model").and_then(Value::as_str).map(str::to_owned);
     let key_fp = caller.key_id.as_deref().map(str::to_owned);
@@ -659,11 +645,11 @@ fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
         path: path.clone(),
         is_stream: c.is_stream,
         status: c.status,
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: total,
+        prompt_tokens: charged.prompt_tokens,
+        completion_tokens: charged.completion_tokens,
+        total_tokens: charged.total_tokens,
         billable_tokens: billable,
-        cost: record.get("cost").and_then(Value::as_f64),
+        cost: charged.cost,
         latency_ms,
         record: record.to_string(),
         charge_quota: matches!(*shared.state, State::Local(_)),
@@ -672,7 +658,7 @@ fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
         Charge {
             key: caller.key_id.as_deref(),
             billable,
-            tokens: tokens(&raw, "total_tokens"),
+            tokens: charged.limit_tokens,
             answered_ms,
         },
         live.limits(),

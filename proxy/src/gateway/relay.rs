@@ -6,8 +6,9 @@
 //! `response.is_stream = true` and the event's JSON as `response.body`;
 //! `[DONE]` and non-JSON events pass through untouched. The usage chunk is
 //! captured for the usage stage, and removed when only the gateway asked
-//! for it.
+//! for it (core's `policy::sse`, the rule nginx follows too).
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,8 +18,8 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
 use llmproxy_core::hooks::{HeaderChange, RequestInfo, ResponseInfo};
+use llmproxy_core::policy::sse as sse_policy;
 use llmproxy_core::HookName;
-use memchr::memmem;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -93,48 +94,28 @@ impl Events {
             return Some(ev);
         }
         self.relayed += 1;
-        let has_usage = memmem::find(&data, b"\"usage\"").is_some();
-        if !self.transform && !has_usage {
-            return Some(ev);
+        let transform = self.transform && self.live.stages.enabled(HookName::ResponseTransform);
+        let sse_policy::Event {
+            data: relay,
+            usage,
+            parsed,
+        } = sse_policy::event(&data, self.strip_usage, transform);
+        if let Some(u) = usage {
+            self.usage = Some(u);
+            let body = parsed.clone().or_else(|| serde_json::from_slice(&data).ok());
+            self.usage_body = body.map(Arc::new);
         }
-        if !self.transform && self.strip_usage {
-            // The `"usage":null` the gateway's include_usage added to every
-            // chunk: removed without re-encoding when written compactly.
-            if let Some(at) = memmem::find(&data, b",\"usage\":null") {
-                let mut d = data.into_owned();
-                d.drain(at..at + 13);
-                return Some(sse::with_data(&ev, &d));
-            }
-        }
-        let Ok(mut value) = serde_json::from_slice::<Value>(&data) else {
-            return Some(ev);
+        let rewritten = match relay? {
+            Cow::Owned(d) => Some(d),
+            Cow::Borrowed(_) => None,
         };
-        let mut modified = false;
-        if self.strip_usage && value.get("usage").is_some_and(Value::is_null) {
-            if let Some(obj) = value.as_object_mut() {
-                obj.remove("usage");
-                modified = true;
-            }
-        }
-        let reencode = |ev: Bytes, value: &Value| {
-            if modified {
-                sse::with_data(&ev, value.to_string().as_bytes())
-            } else {
-                ev
-            }
+        let relay = |ev: Bytes| match &rewritten {
+            Some(d) => sse::with_data(&ev, d),
+            None => ev,
         };
-        if let Some(u) = value.get("usage").filter(|u| u.is_object()) {
-            self.usage = Some(u.clone());
-            let no_choices = value.get("choices").and_then(Value::as_array).is_none_or(Vec::is_empty);
-            if self.strip_usage && no_choices {
-                self.usage_body = Some(Arc::new(value));
-                return None;
-            }
-            self.usage_body = Some(Arc::new(value.clone()));
-        }
-        if !self.transform || !self.live.stages.enabled(HookName::ResponseTransform) {
-            return Some(reencode(ev, &value));
-        }
+        let Some(value) = parsed.filter(|_| transform) else {
+            return Some(relay(ev));
+        };
         let value = Arc::new(value);
         let response = ResponseInfo {
             status_code: self.status,
@@ -153,7 +134,7 @@ impl Events {
         match result {
             Ok(None) => {
                 self.head.get_or_insert((None, Vec::new()));
-                Some(reencode(ev, &value))
+                Some(relay(ev))
             }
             Ok(Some(rw)) => {
                 if self.head.is_none() {
@@ -161,7 +142,7 @@ impl Events {
                 }
                 match rw.body {
                     Some(body) => Some(sse::with_data(&ev, body.to_string().as_bytes())),
-                    None => Some(reencode(ev, &value)),
+                    None => Some(relay(ev)),
                 }
             }
             Err(d) => {

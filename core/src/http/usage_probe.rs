@@ -1,9 +1,10 @@
-//! `llmproxy.usage(text)`: the `usage` object of a backend's JSON answer (a
-//! whole body or one stream event) without parsing the rest into values.
+//! The `usage` object of a backend's JSON answer (a whole body or one stream
+//! event) without parsing the rest into values.
 //!
-//! The body filter calls this on every answer that mentions `"usage"`;
-//! building the whole document (choices, message text) only to read three
-//! numbers was most of that phase's cost.
+//! Hosts call this on every answer that mentions `"usage"` (nginx's body
+//! filter through `llmproxy.usage(text)`, and [`crate::policy::sse`] for
+//! stream events); building the whole document (choices, message text) only
+//! to read three numbers was most of nginx's body-filter cost.
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
