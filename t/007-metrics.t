@@ -118,7 +118,7 @@ requests counted: 40, routing calls: 40
 
 
 
-=== TEST 2: the page is valid exposition text with the gateway's metric names and buckets
+=== TEST 2: the page is valid exposition text with core's metric catalog and the gateway's buckets
 --- config
     location = /t {
         content_by_lua_block {
@@ -128,6 +128,9 @@ requests counted: 40, routing calls: 40
             ngx.sleep(0.1)
             local m, _, text, bad = assert(drive.metrics(port))
             ngx.say("invalid lines: ", #bad)
+            -- Every family is core's catalog's, as the gateway's are.
+            local problems = require("llmproxy").metric_problems(text)
+            ngx.say("catalog problems: ", #problems, table.concat(problems, "; "))
             for _, name in ipairs({ "llmproxy_requests_total", "llmproxy_upstream_latency_seconds",
                     "llmproxy_hook_calls_total", "llmproxy_hook_errors_total", "llmproxy_hook_duration_seconds",
                     "llmproxy_retries_total", "llmproxy_active_streams", "llmproxy_usage_total",
@@ -162,6 +165,7 @@ requests counted: 40, routing calls: 40
 GET /t
 --- response_body
 invalid lines: 0
+catalog problems: 0
 llmproxy_requests_total counter
 llmproxy_upstream_latency_seconds histogram
 llmproxy_hook_calls_total counter

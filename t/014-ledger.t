@@ -63,9 +63,12 @@ ledger: {path: $TEST_NGINX_SERVROOT/html/usage.db, flush_ms: 10}
             out = p:read("*a")
             p:close()
             ngx.say("summary: ", out:match('"billable_tokens":%s*(%d+)'))
-            local m = drive.metrics(port)
+            local m, _, text = drive.metrics(port)
             ngx.say("metrics: written ", m and m["llmproxy_ledger_records_total"],
                 ", dropped ", m and m["llmproxy_ledger_dropped_total"])
+            -- The ledger's families too are core's catalog's.
+            local problems = require("llmproxy").metric_problems(text or "")
+            ngx.say("catalog problems: ", #problems, table.concat(problems, "; "))
         }
     }
 --- request
@@ -75,6 +78,7 @@ statuses: 200 200 200 200 200 401
 records: 5, ledger-user: 5, key fingerprints: 5
 summary: 50
 metrics: written 5, dropped 0
+catalog problems: 0
 
 
 

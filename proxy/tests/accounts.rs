@@ -589,6 +589,12 @@ async fn restart_keeps_used_quota_and_the_ledger_records_everything() {
     .await;
     assert_eq!(r.status, 400);
     gw.wait_records(3).await;
+    // Every family, the account and ledger ones included, is the catalog's
+    // (core's `policy::metrics`, which nginx prints from too).
+    let text = gw.metrics().await;
+    assert!(text.contains("llmproxy_ledger_records_total"), "{text}");
+    let problems = llmproxy_core::policy::metrics::check_exposition(&text);
+    assert!(problems.is_empty(), "{problems:#?}");
     // The ledger and its WAL files are the gateway's alone (0600).
     #[cfg(unix)]
     for file in ["usage.db", "usage.db-wal", "usage.db-shm"] {

@@ -53,6 +53,9 @@ async fn models_healthz_metrics_and_passthrough() {
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    // Every family is the catalog's (core's `policy::metrics`).
+    let problems = llmproxy_core::policy::metrics::check_exposition(&text);
+    assert!(problems.is_empty(), "{problems:#?}");
     // Every sample line is `name{labels} value` with a numeric value.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let value = line.rsplit(' ').next().unwrap();

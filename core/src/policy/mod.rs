@@ -7,7 +7,9 @@
 //!   `response_transform` (usage capture, the forced usage undone).
 //! - [`usage`]: what a finished request is charged (quota, tokens per
 //!   minute, ledger columns, usage metrics).
+//! - [`metrics`]: the metric catalog (names, types, help, labels).
 
 pub mod failure;
+pub mod metrics;
 pub mod sse;
 pub mod usage;

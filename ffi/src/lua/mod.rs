@@ -1153,6 +1153,28 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             Ok(out)
         })?,
     )?;
+    // llmproxy.metric_headers() -> { [name] = "# HELP ...\n# TYPE ..." }:
+    // core's metric catalog (`policy::metrics`), the gateway's too.
+    exports.raw_set(
+        "metric_headers",
+        lua.create_function(|lua, ()| {
+            use llmproxy_core::policy::metrics::{header, FAMILIES};
+            let t = lua.create_table_with_capacity(0, FAMILIES.len())?;
+            for family in FAMILIES {
+                t.raw_set(family.name, header(family).trim_end())?;
+            }
+            Ok(t)
+        })?,
+    )?;
+    // llmproxy.metric_problems(text) -> { "problem", ... }: where an
+    // exposition text departs from the catalog (empty: it follows it).
+    exports.raw_set(
+        "metric_problems",
+        lua.create_function(|lua, text: mlua::LuaString| {
+            let text = text.to_str()?;
+            lua.create_sequence_from(llmproxy_core::policy::metrics::check_exposition(&text))
+        })?,
+    )?;
     // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"
     // | "send": core's order of the hooks on a failed request (ADR 042).
     exports.raw_set("failure_step", lua.create_function(policy::failure_step)?)?;

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use llmproxy_core::policy::metrics as catalog;
 use llmproxy_core::pool::PoolStats;
 use llmproxy_core::{ErrorKind, HookName};
 
@@ -167,6 +168,14 @@ pub const USAGE_KINDS: [&str; 5] = [
     "cost",
 ];
 
+/// The `# HELP` and `# TYPE` lines of the catalog's family `name`
+/// (core's `policy::metrics`, which nginx prints from too).
+fn head(out: &mut String, name: &str) {
+    if let Some(family) = catalog::find(name) {
+        out.push_str(&catalog::header(family));
+    }
+}
+
 /// Label used when no backend was involved.
 pub const NO_BACKEND: &str = "none";
 
@@ -200,56 +209,30 @@ impl Metrics {
     pub fn render_bounds(&self, out: &mut String, q: HookQueueGauges) {
         let b = &self.bounds;
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut one = |name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        let mut one = |name: &str, v: String| {
+            head(out, name);
+            let _ = writeln!(out, "{name} {v}");
         };
         one(
             "llmproxy_connections_open",
-            "gauge",
-            "Client connections open now.",
             b.connections_open.load(Ordering::Relaxed).to_string(),
         );
         one(
             "llmproxy_connections_refused_total",
-            "counter",
-            "Client connections refused over gateway.max_connections.",
             r(&b.connections_refused).to_string(),
         );
-        one(
-            "llmproxy_body_timeouts_total",
-            "counter",
-            "Request bodies not received within gateway.body_read_timeout_ms (408).",
-            r(&b.body_timeouts).to_string(),
-        );
-        one(
-            "llmproxy_write_timeouts_total",
-            "counter",
-            "Client connections dropped after a write blocked over gateway.write_timeout_ms.",
-            r(&b.write_timeouts).to_string(),
-        );
+        one("llmproxy_body_timeouts_total", r(&b.body_timeouts).to_string());
+        one("llmproxy_write_timeouts_total", r(&b.write_timeouts).to_string());
         one(
             "llmproxy_sse_events_too_large_total",
-            "counter",
-            "Upstream SSE events over gateway.max_event_bytes (the stream was ended).",
             r(&b.events_too_large).to_string(),
         );
-        one(
-            "llmproxy_usage_estimated_total",
-            "counter",
-            "Usage records with estimated tokens (the backend's usage never came).",
-            r(&b.usage_estimated).to_string(),
-        );
-        one(
-            "llmproxy_hook_queue_depth",
-            "gauge",
-            "Hook jobs waiting for a hook thread.",
-            q.queued.to_string(),
-        );
+        one("llmproxy_usage_estimated_total", r(&b.usage_estimated).to_string());
+        one("llmproxy_hook_queue_depth", q.queued.to_string());
+        head(out, "llmproxy_hook_jobs_rejected_total");
         let _ = writeln!(
             out,
-            "# HELP llmproxy_hook_jobs_rejected_total Hook jobs refused with 503 hooks_overloaded, by reason.\n\
-             # TYPE llmproxy_hook_jobs_rejected_total counter\n\
-             llmproxy_hook_jobs_rejected_total{{reason=\"queue_full\"}} {}\n\
+            "llmproxy_hook_jobs_rejected_total{{reason=\"queue_full\"}} {}\n\
              llmproxy_hook_jobs_rejected_total{{reason=\"deadline\"}} {}",
             q.queue_full, q.expired
         );
@@ -286,8 +269,7 @@ impl Metrics {
 
     /// The exposition text of the account path (appended to [`Metrics::render`]).
     pub fn render_accounts(&self, out: &mut String, g: AccountGauges) {
-        out.push_str("# HELP llmproxy_auth_denied_total Requests refused by the auth stage, by reason.\n");
-        out.push_str("# TYPE llmproxy_auth_denied_total counter\n");
+        head(out, "llmproxy_auth_denied_total");
         for (r, n) in AUTH_REASONS.iter().zip(&self.auth_denied) {
             let _ = writeln!(
                 out,
@@ -295,8 +277,7 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
-        out.push_str("# HELP llmproxy_rate_limited_total Requests refused by the rate limit stage, by reason.\n");
-        out.push_str("# TYPE llmproxy_rate_limited_total counter\n");
+        head(out, "llmproxy_rate_limited_total");
         for (r, n) in RATE_REASONS.iter().zip(&self.rate_limited) {
             let _ = writeln!(
                 out,
@@ -304,39 +285,29 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
-        out.push_str("# HELP llmproxy_reloads_total Configuration reloads, applied or rejected.\n");
-        out.push_str("# TYPE llmproxy_reloads_total counter\n");
+        head(out, "llmproxy_reloads_total");
         let (ok, failed) = self.reloads();
         let _ = writeln!(out, "llmproxy_reloads_total{{result=\"ok\"}} {ok}");
         let _ = writeln!(out, "llmproxy_reloads_total{{result=\"failed\"}} {failed}");
-        out.push_str("# HELP llmproxy_config_generation The configuration generation serving requests.\n");
-        out.push_str("# TYPE llmproxy_config_generation gauge\n");
+        head(out, "llmproxy_config_generation");
         let _ = writeln!(
             out,
             "llmproxy_config_generation {}",
             self.generation.load(Ordering::Relaxed)
         );
         if let Some([written, batches, failed, waits, pending]) = g.ledger {
-            out.push_str("# HELP llmproxy_ledger_records_total Usage records committed to the ledger.\n");
-            out.push_str("# TYPE llmproxy_ledger_records_total counter\n");
+            head(out, "llmproxy_ledger_records_total");
             let _ = writeln!(out, "llmproxy_ledger_records_total {written}");
-            out.push_str("# HELP llmproxy_ledger_batches_total Ledger transactions committed.\n");
-            out.push_str("# TYPE llmproxy_ledger_batches_total counter\n");
+            head(out, "llmproxy_ledger_batches_total");
             let _ = writeln!(out, "llmproxy_ledger_batches_total {batches}");
-            out.push_str("# HELP llmproxy_ledger_failed_total Usage records the ledger could not write.\n");
-            out.push_str("# TYPE llmproxy_ledger_failed_total counter\n");
+            head(out, "llmproxy_ledger_failed_total");
             let _ = writeln!(out, "llmproxy_ledger_failed_total {failed}");
-            out.push_str(
-                "# HELP llmproxy_ledger_backpressure_total Times a producer waited for a full ledger queue.\n",
-            );
-            out.push_str("# TYPE llmproxy_ledger_backpressure_total counter\n");
+            head(out, "llmproxy_ledger_backpressure_total");
             let _ = writeln!(out, "llmproxy_ledger_backpressure_total {waits}");
-            out.push_str("# HELP llmproxy_ledger_pending Usage records queued, not yet committed.\n");
-            out.push_str("# TYPE llmproxy_ledger_pending gauge\n");
+            head(out, "llmproxy_ledger_pending");
             let _ = writeln!(out, "llmproxy_ledger_pending {pending}");
         }
-        out.push_str("# HELP llmproxy_state_errors_total Failed calls to the state backend.\n");
-        out.push_str("# TYPE llmproxy_state_errors_total counter\n");
+        head(out, "llmproxy_state_errors_total");
         let _ = writeln!(out, "llmproxy_state_errors_total {}", g.state_errors);
     }
 
@@ -412,8 +383,7 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, pool: PoolStats, backends: &[(String, bool, f64, u64)]) -> String {
         let mut out = String::with_capacity(16 << 10);
-        out.push_str("# HELP llmproxy_requests_total Requests answered, by backend and status.\n");
-        out.push_str("# TYPE llmproxy_requests_total counter\n");
+        head(&mut out, "llmproxy_requests_total");
         for (slot, map) in self.requests.iter().enumerate() {
             let backend = self.backends.get(slot).map_or(NO_BACKEND, String::as_str);
             for (status, n) in map.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -424,8 +394,7 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP llmproxy_upstream_latency_seconds Upstream latency per attempt (to the whole body; to the first event for streams).\n");
-        out.push_str("# TYPE llmproxy_upstream_latency_seconds histogram\n");
+        head(&mut out, "llmproxy_upstream_latency_seconds");
         for (name, h) in self.backends.iter().zip(&self.upstream_latency) {
             h.write(
                 &mut out,
@@ -433,8 +402,7 @@ impl Metrics {
                 &format!("backend=\"{}\"", escape(name)),
             );
         }
-        out.push_str("# HELP llmproxy_hook_calls_total Hook calls.\n");
-        out.push_str("# TYPE llmproxy_hook_calls_total counter\n");
+        head(&mut out, "llmproxy_hook_calls_total");
         for hook in HookName::ALL {
             let m = &self.hooks[hook.index()];
             let _ = writeln!(
@@ -443,8 +411,7 @@ impl Metrics {
                 m.calls.load(Ordering::Relaxed)
             );
         }
-        out.push_str("# HELP llmproxy_hook_errors_total Failed hook calls, by kind.\n");
-        out.push_str("# TYPE llmproxy_hook_errors_total counter\n");
+        head(&mut out, "llmproxy_hook_errors_total");
         for hook in HookName::ALL {
             let m = &self.hooks[hook.index()];
             for (kind, n) in ErrorKind::ALL.iter().zip(&m.errors) {
@@ -455,8 +422,7 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP llmproxy_hook_duration_seconds Hook call latency, queueing included.\n");
-        out.push_str("# TYPE llmproxy_hook_duration_seconds histogram\n");
+        head(&mut out, "llmproxy_hook_duration_seconds");
         for hook in HookName::ALL {
             self.hooks[hook.index()].latency.write(
                 &mut out,
@@ -464,14 +430,11 @@ impl Metrics {
                 &format!("hook=\"{hook}\""),
             );
         }
-        out.push_str("# HELP llmproxy_retries_total Attempts retried on another backend.\n");
-        out.push_str("# TYPE llmproxy_retries_total counter\n");
+        head(&mut out, "llmproxy_retries_total");
         let _ = writeln!(out, "llmproxy_retries_total {}", self.retries.load(Ordering::Relaxed));
-        out.push_str("# HELP llmproxy_active_streams Streams being relayed.\n");
-        out.push_str("# TYPE llmproxy_active_streams gauge\n");
+        head(&mut out, "llmproxy_active_streams");
         let _ = writeln!(out, "llmproxy_active_streams {}", self.active_streams());
-        out.push_str("# HELP llmproxy_usage_total Usage recorded after the usage hook (tokens, cost).\n");
-        out.push_str("# TYPE llmproxy_usage_total counter\n");
+        head(&mut out, "llmproxy_usage_total");
         for (i, slots) in self.usage_tokens.iter().enumerate() {
             let backend = self.backends.get(i).map_or(NO_BACKEND, String::as_str);
             for (kind, cell) in USAGE_KINDS.iter().zip(slots) {
@@ -485,8 +448,7 @@ impl Metrics {
                 }
             }
         }
-        out.push_str("# HELP llmproxy_backend_healthy Whether the backend is considered healthy.\n");
-        out.push_str("# TYPE llmproxy_backend_healthy gauge\n");
+        head(&mut out, "llmproxy_backend_healthy");
         for (name, healthy, _, _) in backends {
             let _ = writeln!(
                 out,
@@ -495,8 +457,7 @@ impl Metrics {
                 u8::from(*healthy)
             );
         }
-        out.push_str("# HELP llmproxy_backend_latency_ewma_ms Latency EWMA the balancer and routing scripts see.\n");
-        out.push_str("# TYPE llmproxy_backend_latency_ewma_ms gauge\n");
+        head(&mut out, "llmproxy_backend_latency_ewma_ms");
         for (name, _, latency, _) in backends {
             let _ = writeln!(
                 out,
@@ -504,8 +465,7 @@ impl Metrics {
                 escape(name)
             );
         }
-        out.push_str("# HELP llmproxy_backend_active_connections Requests in flight per backend.\n");
-        out.push_str("# TYPE llmproxy_backend_active_connections gauge\n");
+        head(&mut out, "llmproxy_backend_active_connections");
         for (name, _, _, active) in backends {
             let _ = writeln!(
                 out,
@@ -513,8 +473,7 @@ impl Metrics {
                 escape(name)
             );
         }
-        out.push_str("# HELP llmproxy_vm_pool VM pool counters of the engine.\n");
-        out.push_str("# TYPE llmproxy_vm_pool gauge\n");
+        head(&mut out, "llmproxy_vm_pool");
         for (what, v) in [
             ("capacity", pool.capacity as u64),
             ("alive", pool.alive as u64),
@@ -537,8 +496,7 @@ fn escape(v: &str) -> String {
 /// their hook does not use (ignored, logged once per script and field). The
 /// count is the serving engine's, so it starts again after a reload.
 pub fn render_ignored_fields(out: &mut String, engine: &llmproxy_core::Engine) {
-    out.push_str("# HELP llmproxy_hook_ignored_fields_total Result fields a hook does not use, ignored (per engine: restarts on reload).\n");
-    out.push_str("# TYPE llmproxy_hook_ignored_fields_total counter\n");
+    head(out, "llmproxy_hook_ignored_fields_total");
     for hook in HookName::ALL {
         let _ = writeln!(
             out,

@@ -21,6 +21,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use llmproxy_core::config::AuthThrottleConfig;
+use llmproxy_core::policy::metrics as catalog;
 
 /// What the failed check was for (the `kind` label of the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,26 +197,15 @@ pub fn render(out: &mut String, t: &Throttles) {
     let mut parts: [String; 3] = Default::default();
     t.api.samples(&mut parts);
     t.admin.samples(&mut parts);
-    let heads = [
-        (
-            "llmproxy_auth_failures_total",
-            "Failed API key and admin token checks.",
-            "counter",
-        ),
-        (
-            "llmproxy_auth_throttled_total",
-            "Requests answered 429 because their address failed too many checks.",
-            "counter",
-        ),
-        (
-            "llmproxy_auth_throttle_clients",
-            "Client addresses with recent failed checks.",
-            "gauge",
-        ),
+    let names = [
+        "llmproxy_auth_failures_total",
+        "llmproxy_auth_throttled_total",
+        "llmproxy_auth_throttle_clients",
     ];
-    for ((name, help, kind), samples) in heads.iter().zip(parts) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (name, samples) in names.iter().zip(parts) {
+        if let Some(family) = catalog::find(name) {
+            out.push_str(&catalog::header(family));
+        }
         out.push_str(&samples);
     }
 }

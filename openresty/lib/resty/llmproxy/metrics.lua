@@ -2,7 +2,9 @@
 -- that every worker counts into the same numbers and any worker renders
 -- them (docs/adr/025-openresty-metrics.md).
 --
--- Names, labels and buckets are the standalone gateway's
+-- Names, types, help texts and labels are core's metric catalog
+-- (`policy::metrics`, through `llmproxy.metric_headers()`), which the
+-- standalone gateway prints from too; buckets are the gateway's
 -- (proxy/src/gateway/metrics.rs, docs/gateway.md). A request's counts go
 -- to a per-worker Lua table first and are added to the shared dict (`incr`
 -- with an initial value: atomic across workers) by a timer every
@@ -32,6 +34,9 @@ local concat = table.concat
 local sort = table.sort
 local clear = require "table.clear"
 
+-- `# HELP` and `# TYPE` lines of every family, by name.
+local HEAD = require("llmproxy").metric_headers()
+
 local _M = {}
 
 local SEP = "\31" -- between the parts of a key (never in a label value we write)
@@ -59,12 +64,11 @@ _M.NO_BACKEND = "none"
 local POOL_STATS = { "capacity", "alive", "idle", "created", "discarded", "recycled" }
 -- `engine:ledger_stats()`: metric name, help, type.
 local LEDGER_STATS = {
-    { "written", "llmproxy_ledger_records_total", "Usage records committed to the ledger.", "counter" },
-    { "batches", "llmproxy_ledger_batches_total", "Ledger transactions committed.", "counter" },
-    { "failed", "llmproxy_ledger_failed_total", "Usage records the ledger could not write.", "counter" },
-    { "dropped", "llmproxy_ledger_dropped_total",
-        "Usage records dropped because the ledger queue was full (log() never waits).", "counter" },
-    { "pending", "llmproxy_ledger_pending", "Usage records queued, not yet committed.", "gauge" },
+    { "written", "llmproxy_ledger_records_total" },
+    { "batches", "llmproxy_ledger_batches_total" },
+    { "failed", "llmproxy_ledger_failed_total" },
+    { "dropped", "llmproxy_ledger_dropped_total" },
+    { "pending", "llmproxy_ledger_pending" },
 }
 
 --- Seconds between two syncs of a worker's counts into the shared dict.
@@ -419,8 +423,7 @@ function _M.render(m, backends)
     end
 
     local out = {}
-    out[#out + 1] = "# HELP llmproxy_requests_total Requests answered, by backend and status."
-    out[#out + 1] = "# TYPE llmproxy_requests_total counter"
+    out[#out + 1] = HEAD.llmproxy_requests_total
     local names = {}
     for _, b in ipairs(backends) do
         names[#names + 1] = b
@@ -450,43 +453,35 @@ function _M.render(m, backends)
         end
     end
 
-    out[#out + 1] = "# HELP llmproxy_upstream_latency_seconds Upstream latency per attempt "
-        .. "(to the whole body; to the first event for streams)."
-    out[#out + 1] = "# TYPE llmproxy_upstream_latency_seconds histogram"
+    out[#out + 1] = HEAD.llmproxy_upstream_latency_seconds
     for _, b in ipairs(backends) do
         histogram(out, values, "llmproxy_upstream_latency_seconds", "ul" .. SEP .. b .. SEP,
             fmt('backend="%s"', escape(b)), UPSTREAM_LE)
     end
 
-    out[#out + 1] = "# HELP llmproxy_hook_calls_total Hook calls."
-    out[#out + 1] = "# TYPE llmproxy_hook_calls_total counter"
+    out[#out + 1] = HEAD.llmproxy_hook_calls_total
     for _, h in ipairs(_M.HOOKS) do
         out[#out + 1] = fmt('llmproxy_hook_calls_total{hook="%s"} %s', h, num(values["hc" .. SEP .. h]))
     end
-    out[#out + 1] = "# HELP llmproxy_hook_errors_total Failed hook calls, by kind."
-    out[#out + 1] = "# TYPE llmproxy_hook_errors_total counter"
+    out[#out + 1] = HEAD.llmproxy_hook_errors_total
     for _, h in ipairs(_M.HOOKS) do
         for _, k in ipairs(_M.KINDS) do
             out[#out + 1] = fmt('llmproxy_hook_errors_total{hook="%s",kind="%s"} %s', h, k,
                 num(values["he" .. SEP .. h .. SEP .. k]))
         end
     end
-    out[#out + 1] = "# HELP llmproxy_hook_duration_seconds Hook call latency, queueing included."
-    out[#out + 1] = "# TYPE llmproxy_hook_duration_seconds histogram"
+    out[#out + 1] = HEAD.llmproxy_hook_duration_seconds
     for _, h in ipairs(_M.HOOKS) do
         histogram(out, values, "llmproxy_hook_duration_seconds", "hd" .. SEP .. h .. SEP, fmt('hook="%s"', h),
             HOOK_LE)
     end
 
-    out[#out + 1] = "# HELP llmproxy_retries_total Attempts retried on another backend."
-    out[#out + 1] = "# TYPE llmproxy_retries_total counter"
+    out[#out + 1] = HEAD.llmproxy_retries_total
     out[#out + 1] = "llmproxy_retries_total " .. num(values.rt)
-    out[#out + 1] = "# HELP llmproxy_active_streams Streams being relayed."
-    out[#out + 1] = "# TYPE llmproxy_active_streams gauge"
+    out[#out + 1] = HEAD.llmproxy_active_streams
     out[#out + 1] = "llmproxy_active_streams " .. num(streams > 0 and streams or 0)
 
-    out[#out + 1] = "# HELP llmproxy_usage_total Usage recorded after the usage hook (tokens, cost)."
-    out[#out + 1] = "# TYPE llmproxy_usage_total counter"
+    out[#out + 1] = HEAD.llmproxy_usage_total
     for _, b in ipairs(sorted_keys(usage)) do
         for _, k in ipairs(sorted_keys(usage[b])) do
             out[#out + 1] = fmt('llmproxy_usage_total{backend="%s",kind="%s"} %s', escape(b), escape(k),
@@ -518,49 +513,40 @@ function _M.render(m, backends)
         end
         return acc
     end
-    out[#out + 1] = "# HELP llmproxy_backend_healthy Whether the backend is considered healthy."
-    out[#out + 1] = "# TYPE llmproxy_backend_healthy gauge"
+    out[#out + 1] = HEAD.llmproxy_backend_healthy
     for _, b in ipairs(backends) do
         out[#out + 1] = fmt('llmproxy_backend_healthy{backend="%s"} %s', escape(b), num(merged("h", b, "min") or 1))
     end
-    out[#out + 1] = "# HELP llmproxy_backend_latency_ewma_ms Latency EWMA the balancer and routing scripts see."
-    out[#out + 1] = "# TYPE llmproxy_backend_latency_ewma_ms gauge"
+    out[#out + 1] = HEAD.llmproxy_backend_latency_ewma_ms
     for _, b in ipairs(backends) do
         out[#out + 1] = fmt('llmproxy_backend_latency_ewma_ms{backend="%s"} %s', escape(b),
             num(merged("e", b, "mean") or 0))
     end
-    out[#out + 1] = "# HELP llmproxy_backend_active_connections Requests in flight per backend."
-    out[#out + 1] = "# TYPE llmproxy_backend_active_connections gauge"
+    out[#out + 1] = HEAD.llmproxy_backend_active_connections
     for _, b in ipairs(backends) do
         local active = merged("a", b, "sum") or 0
         out[#out + 1] = fmt('llmproxy_backend_active_connections{backend="%s"} %s', escape(b),
             num(active > 0 and active or 0))
     end
-    out[#out + 1] = "# HELP llmproxy_vm_pool VM pool counters of the engine."
-    out[#out + 1] = "# TYPE llmproxy_vm_pool gauge"
+    out[#out + 1] = HEAD.llmproxy_vm_pool
     for _, k in ipairs(POOL_STATS) do
         out[#out + 1] = fmt('llmproxy_vm_pool{stat="%s"} %s', k, num(merged("p", k, "sum") or 0))
     end
-    out[#out + 1] = "# HELP llmproxy_hook_ignored_fields_total Result fields a hook does not use, ignored"
-        .. " (per engine: restarts on reload)."
-    out[#out + 1] = "# TYPE llmproxy_hook_ignored_fields_total counter"
+    out[#out + 1] = HEAD.llmproxy_hook_ignored_fields_total
     for _, h in ipairs(_M.HOOKS) do
         out[#out + 1] = fmt('llmproxy_hook_ignored_fields_total{hook="%s"} %s', h, num(merged("i", h, "sum") or 0))
     end
-    out[#out + 1] = "# HELP llmproxy_auth_denied_total Requests refused by the auth stage, by reason."
-    out[#out + 1] = "# TYPE llmproxy_auth_denied_total counter"
+    out[#out + 1] = HEAD.llmproxy_auth_denied_total
     for _, r in ipairs(_M.AUTH_REASONS) do
         out[#out + 1] = fmt('llmproxy_auth_denied_total{reason="%s"} %s', r, num(values["ad" .. SEP .. r]))
     end
-    out[#out + 1] = "# HELP llmproxy_rate_limited_total Requests refused by the rate limit stage, by reason."
-    out[#out + 1] = "# TYPE llmproxy_rate_limited_total counter"
+    out[#out + 1] = HEAD.llmproxy_rate_limited_total
     for _, r in ipairs(_M.RATE_REASONS) do
         out[#out + 1] = fmt('llmproxy_rate_limited_total{reason="%s"} %s', r, num(values["rl" .. SEP .. r]))
     end
     if next(gauges.l) then
         for _, k in ipairs(LEDGER_STATS) do
-            out[#out + 1] = "# HELP " .. k[2] .. " " .. k[3]
-            out[#out + 1] = "# TYPE " .. k[2] .. " " .. k[4]
+            out[#out + 1] = HEAD[k[2]]
             out[#out + 1] = k[2] .. " " .. num(merged("l", k[1], "sum") or 0)
         end
     end
