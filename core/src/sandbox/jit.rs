@@ -17,14 +17,8 @@ use std::time::Duration;
 
 use super::watchdog::Watchdog;
 
-/// Iterations of [`PROBE`]'s loop: a tenth of a second or more compiled.
+/// Iterations of the probe's loop: a tenth of a second or more compiled.
 const ITERATIONS: f64 = 4e8;
-
-/// A loop the JIT compiler turns into one trace within its first hundred
-/// iterations; the global `reached` says how far it got. A LuaJIT without
-/// the flag runs the trace to its end and stops at the next interpreted
-/// instruction, after the loop.
-const PROBE: &str = "local x = 0 for i = 1, 4e8 do x = x + i reached = i end return x";
 
 /// The environment variable that turns the JIT compiler off for sandbox
 /// VMs (`off`); read once per process.
@@ -50,8 +44,11 @@ pub fn enabled() -> bool {
     })
 }
 
-/// Run [`PROBE`] compiled under a 2 ms deadline: `true` if the watchdog
-/// stopped it inside the loop.
+/// Run a loop the JIT compiler turns into one trace within its first
+/// hundred iterations under a 2 ms deadline: `true` if the watchdog stopped
+/// it inside the loop. The global `reached` says how far it got: a LuaJIT
+/// without the flag runs the trace to its end and stops at the next
+/// interpreted instruction, after the loop.
 fn compiled_loops_interruptible() -> bool {
     let Ok(lua) = mlua::Lua::new_with(mlua::StdLib::JIT, mlua::LuaOptions::new()) else {
         return false;
@@ -62,7 +59,8 @@ fn compiled_loops_interruptible() -> bool {
     let Ok(watchdog) = Watchdog::new() else { return false };
     watchdog.install(&lua);
     watchdog.arm(Duration::from_millis(2));
-    let stopped = lua.load(PROBE).exec().is_err();
+    let probe = format!("local x = 0 for i = 1, {ITERATIONS} do x = x + i reached = i end return x");
+    let stopped = lua.load(probe).exec().is_err();
     watchdog.disarm();
     watchdog.release();
     let reached = lua.globals().raw_get::<f64>("reached").unwrap_or(ITERATIONS);

@@ -137,10 +137,7 @@ impl Timer {
         if let Some(handle) = running.handle.take() {
             self.stop.store(true, Ordering::SeqCst);
             self.parked.store(false, Ordering::SeqCst);
-            {
-                let _guard = lock(&self.wake_lock);
-                self.wake.notify_one();
-            }
+            self.notify();
             let _ = handle.join();
         }
     }
@@ -148,9 +145,14 @@ impl Timer {
     /// Wake the timer if it parked (the first call after an idle second).
     pub fn wake_if_parked(&self) {
         if self.parked.load(Ordering::SeqCst) && self.parked.swap(false, Ordering::SeqCst) {
-            let _guard = lock(&self.wake_lock);
-            self.wake.notify_one();
+            self.notify();
         }
+    }
+
+    /// Wake the parked thread (after `parked` was cleared).
+    fn notify(&self) {
+        let _guard = lock(&self.wake_lock);
+        self.wake.notify_one();
     }
 
     /// Interrupt every overdue call; `true` if any call is armed.
@@ -197,6 +199,6 @@ impl Timer {
 
 /// Lock a mutex whose data stays consistent through a panic (single
 /// assignments and pushes).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

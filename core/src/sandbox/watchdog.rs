@@ -39,6 +39,13 @@ pub(super) fn now_ns() -> u64 {
 /// The main state of a VM, for the timer thread. Null once the VM is gone.
 struct StatePtr(*mut ffi::lua_State);
 
+/// Prints whether the state is open, nothing of the pointer.
+impl std::fmt::Debug for StatePtr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_null() { "closed" } else { "open" })
+    }
+}
+
 // SAFETY: the pointer is only used under the watchdog's mutex, for
 // `lua_sethook`, which LuaJIT allows from any thread at any time
 // (lj_dispatch.c: "can be called asynchronously"). It is nulled (under the
@@ -52,19 +59,10 @@ pub(crate) struct Watchdog {
     limit_ms: AtomicU64,
     fired: AtomicBool,
     memory: AtomicBool,
-    state: Mutex<StatePtrSlot>,
+    state: Mutex<StatePtr>,
     timer: &'static Timer,
     /// The fork generation the timer belongs to ([`timer::fork_generation`]).
     fork_generation: u64,
-}
-
-/// [`StatePtr`] with a `Debug` that prints nothing of the pointer.
-struct StatePtrSlot(StatePtr);
-
-impl std::fmt::Debug for StatePtrSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0 .0.is_null() { "closed" } else { "open" })
-    }
 }
 
 impl Watchdog {
@@ -78,7 +76,7 @@ impl Watchdog {
             limit_ms: AtomicU64::new(0),
             fired: AtomicBool::new(false),
             memory: AtomicBool::new(false),
-            state: Mutex::new(StatePtrSlot(StatePtr(std::ptr::null_mut()))),
+            state: Mutex::new(StatePtr(std::ptr::null_mut())),
             timer,
             fork_generation,
         });
@@ -108,18 +106,13 @@ impl Watchdog {
             }
             state
         });
-        if let Ok(mut slot) = self.state.lock() {
-            slot.0 = StatePtr(main);
-        }
+        *timer::lock(&self.state) = StatePtr(main);
     }
 
     /// Stop the timer from touching the state, and let the timer stop if
     /// this was the last VM: called once, before the state is closed.
     pub fn release(&self) {
-        match self.state.lock() {
-            Ok(mut slot) => slot.0 = StatePtr(std::ptr::null_mut()),
-            Err(poisoned) => poisoned.into_inner().0 = StatePtr(std::ptr::null_mut()),
-        }
+        *timer::lock(&self.state) = StatePtr(std::ptr::null_mut());
         self.timer.release();
     }
 
@@ -174,8 +167,8 @@ impl Watchdog {
         if deadline == DISARMED || now <= deadline {
             return;
         }
-        let Ok(slot) = self.state.lock() else { return };
-        let state = slot.0 .0;
+        let slot = timer::lock(&self.state);
+        let state = slot.0;
         if !state.is_null() {
             // SAFETY: see `StatePtr`: the state is open while the pointer
             // is set, and `lua_sethook` is safe to call from another thread.
@@ -279,24 +272,14 @@ unsafe extern "C-unwind" fn on_hook(state: *mut ffi::lua_State, _ar: *mut ffi::l
         ffi::lua_rawget(state, ffi::LUA_REGISTRYINDEX);
         let watchdog = ffi::lua_touserdata(state, -1).cast::<Watchdog>().cast_const();
         ffi::lua_pop(state, 1);
-        let Some(watchdog) = watchdog.as_ref() else {
+        let Some(watchdog) = watchdog.as_ref().filter(|w| w.overran()) else {
             ffi::lua_sethook(state, None, 0, 0);
             return;
         };
-        if !watchdog.overran() {
-            ffi::lua_sethook(state, None, 0, 0);
-            return;
-        }
         let message = watchdog.message();
         ffi::lua_pushlstring(state, message.bytes.as_ptr().cast(), message.len);
         ffi::lua_error(state);
     }
-}
-
-/// `true` when `mask` has the count hook bit, for tests.
-#[cfg(test)]
-fn counts(mask: std::ffi::c_int) -> bool {
-    mask & ffi::LUA_MASKCOUNT != 0
 }
 
 #[cfg(test)]
@@ -311,6 +294,13 @@ mod tests {
         lua
     }
 
+    /// Whether `lua` has a count hook set.
+    fn count_hook_set(lua: &mlua::Lua) -> bool {
+        // SAFETY: the main state of `lua`, on this thread.
+        let mask = lua.exec_raw_lua(|raw| unsafe { ffi::lua_gethookmask(raw.state()) });
+        mask & ffi::LUA_MASKCOUNT != 0
+    }
+
     #[test]
     fn a_call_within_its_deadline_sets_no_hook() {
         let lua = interpreted();
@@ -323,9 +313,7 @@ mod tests {
             .expect("runs");
         dog.disarm();
         assert_eq!(n, 5_000_050_000);
-        // SAFETY: the main state of `lua`, on this thread.
-        let mask = lua.exec_raw_lua(|raw| unsafe { ffi::lua_gethookmask(raw.state()) });
-        assert!(!counts(mask), "no hook while within the deadline");
+        assert!(!count_hook_set(&lua), "no hook while within the deadline");
         dog.release();
     }
 
@@ -359,9 +347,7 @@ mod tests {
         });
         let n: i64 = lua.load("return 1 + 1").eval().expect("runs");
         assert_eq!(n, 2);
-        // SAFETY: as above.
-        let mask = lua.exec_raw_lua(|raw| unsafe { ffi::lua_gethookmask(raw.state()) });
-        assert!(!counts(mask));
+        assert!(!count_hook_set(&lua));
         assert!(!dog.fired());
         dog.release();
     }

@@ -62,7 +62,7 @@ end
 --- Label of requests that reached no backend.
 _M.NO_BACKEND = "none"
 local POOL_STATS = { "capacity", "alive", "idle", "created", "discarded", "recycled" }
--- `engine:ledger_stats()`: metric name, help, type.
+-- `engine:ledger_stats()` field, metric name (help and type: the catalog).
 local LEDGER_STATS = {
     { "written", "llmproxy_ledger_records_total" },
     { "batches", "llmproxy_ledger_batches_total" },
