@@ -253,3 +253,78 @@ Authorization: Bearer sk-12
 [("POST /v1/chat/completions\n{}") x 2]
 --- error_code eval
 [200, 200]
+
+
+
+=== TEST 14: the core's shared limiter cases (conformance/limits.json) through the shared dict, its lock and engine's rule
+--- http_config
+    lua_shared_dict limits_cases 1m;
+--- config
+    location = /cases {
+        content_by_lua_block {
+            local cjson = require "cjson"
+            local llmproxy = require "llmproxy"
+            local limits = require "resty.llmproxy.limits"
+            local dict = ngx.shared.limits_cases
+            local f = assert(io.open("$TEST_NGINX_REPO/conformance/limits.json"))
+            local cases = cjson.decode(f:read("*a"))
+            f:close()
+            local failed, steps = 0, 0
+            local function check(at, what, got, want)
+                if want ~= nil and want ~= cjson.null and got ~= want
+                    and not (type(want) == "number" and type(got) == "number" and math.abs(got - want) < 0.01) then
+                    failed = failed + 1
+                    ngx.say("FAIL ", at, ": ", what, " ", tostring(got), " ~= ", tostring(want))
+                end
+            end
+            for _, case in ipairs(cases) do
+                dict:flush_all()
+                local limiter = llmproxy.limiter(case.limits)
+                local held = {}
+                for i, step in ipairs(case.steps) do
+                    steps = steps + 1
+                    local at = case.name .. ": step " .. i
+                    local id = step.key ~= cjson.null and step.key or nil
+                    local now = step.at_ms / 1000
+                    local op = step.op
+                    if op == "acquire" or op == "force" then
+                        local acq = assert(limits.acquire(dict, limiter, id, now, op == "force"))
+                        if acq.took and id then
+                            held[id] = held[id] or {}
+                            table.insert(held[id], acq)
+                        end
+                        held.last = acq
+                        local e = step.expect
+                        if e then
+                            local d = acq.denial
+                            check(at, "denial", d and d.kind or cjson.null, e.denial or cjson.null)
+                            check(at, "retry_after", d and d.retry_after, e.retry_after)
+                            for _, k in ipairs({ "global_remaining", "key_remaining", "concurrent_count" }) do
+                                check(at, k, acq.status[k], e[k])
+                            end
+                        end
+                    elseif op == "refund" then
+                        -- Give back the last request of this key (or without one).
+                        local acq = id and table.remove(held[id]) or held.last
+                        assert(limits.refund(dict, limiter, acq))
+                    elseif op == "release" then
+                        limits.release(dict, table.remove(held[id], 1))
+                    elseif op == "charge" then
+                        assert(limits.charge_tokens(dict, limiter, id, step.tokens, now))
+                    elseif op == "limits" then
+                        limiter = llmproxy.limiter(step.limits)
+                    else
+                        error(at .. ": unknown op " .. tostring(op))
+                    end
+                end
+            end
+            ngx.say(#cases, " cases, ", steps, " steps, ", failed, " failed")
+        }
+    }
+--- request
+GET /cases
+--- response_body_like
+^[1-9]\d* cases, \d+ steps, 0 failed$
+--- no_error_log
+[error]
+

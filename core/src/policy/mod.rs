@@ -7,9 +7,12 @@
 //!   `response_transform` (usage capture, the forced usage undone).
 //! - [`usage`]: what a finished request is charged (quota, tokens per
 //!   minute, ledger columns, usage metrics).
+//! - [`limits`]: the standard rate limiter's token buckets (what a
+//!   request takes, what is given back, what a response is charged).
 //! - [`metrics`]: the metric catalog (names, types, help, labels).
 
 pub mod failure;
+pub mod limits;
 pub mod metrics;
 pub mod sse;
 pub mod usage;

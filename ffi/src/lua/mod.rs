@@ -57,6 +57,7 @@
 pub mod convert;
 mod keys;
 mod ledger;
+mod limiter;
 mod policy;
 mod script_log;
 
@@ -320,6 +321,11 @@ impl UserData for LuaEngine {
                 t.raw_set("ledger", ledger.path.to_string_lossy().into_owned())?;
             }
             Ok(t)
+        });
+        // engine:limiter() -> the core's limiter rule for the config's
+        // `limits:` (see `limiter.rs`).
+        methods.add_method("limiter", |_, this, ()| {
+            Ok(limiter::LuaLimiter(this.engine.config().limits.clone()))
         });
         // engine:ledger_record(tbl) -> true (queued), false (the queue was
         // full: dropped and counted), nil (no ledger). Never blocks.
@@ -1175,6 +1181,9 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             lua.create_sequence_from(llmproxy_core::policy::metrics::check_exposition(&text))
         })?,
     )?;
+    // llmproxy.limiter(limits) -> the core's limiter rule for `limits`
+    // (`engine:limiter()` gives the config's).
+    exports.raw_set("limiter", lua.create_function(limiter::from_table)?)?;
     // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"
     // | "send": core's order of the hooks on a failed request (ADR 042).
     exports.raw_set("failure_step", lua.create_function(policy::failure_step)?)?;

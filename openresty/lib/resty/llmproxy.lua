@@ -455,6 +455,7 @@ local function load(config, opts)
         -- the gateway decides it; the keys are the config's.
         admission = admission,
         limits_dict = dict, -- nil: no counters (scripts see unlimited status)
+        limiter = engine:limiter(), -- the core's rule for `limits:`
         ledger = engine:ledger_stats() ~= nil,
         node = opts.node or (ngx_var_hostname() .. "-" .. ngx.worker.pid()),
         keys = {}, -- known keys' {info, fp}, by secret
@@ -1084,13 +1085,13 @@ end
 -- (requests are then taken or given back). The concurrency slot is freed
 -- in log().
 local function limit(state, ctx, entry)
-    local adm = state.admission
     local dict = state.limits_dict
     local id = key_id(state, ctx)
+    local limiter = state.limiter
     local acq
     if dict then
         local err
-        acq, err = limits.acquire(dict, adm, id, ngx_now(), false)
+        acq, err = limits.acquire(dict, limiter, id, ngx_now(), false)
         if not acq then
             -- The gateway's state backend failing: fail closed.
             ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's shared dict failed: ", tostring(err))
@@ -1101,11 +1102,9 @@ local function limit(state, ctx, entry)
                 "the gateway's rate limit and quota store is unavailable")
         end
     else
-        acq = { status = UNLIMITED_STATUS, taken = {}, n = 0 }
+        acq = { status = UNLIMITED_STATUS, took = false }
     end
-    acq.id = id
     ctx.limits = acq
-    local took = acq.denial == nil
     local refusal
     local verdict = "standard"
     if state.enabled.rate_limit then
@@ -1130,21 +1129,26 @@ local function limit(state, ctx, entry)
                 tonumber(res.retry_after) or (d and d.retry_after) or DEFAULT_RETRY_AFTER)
         elseif res ~= nil then
             verdict = "allow"
-            if not took and dict then
-                acq = limits.acquire(dict, adm, id, ngx_now(), true) or { taken = {}, n = 0 }
-                acq.id = id
+            if not acq.took and dict then
+                local forced, ferr = limits.acquire(dict, limiter, id, ngx_now(), true)
+                if not forced then
+                    ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's shared dict failed: ",
+                        tostring(ferr), " (admitted uncounted: the rate_limit script allowed it)")
+                end
+                acq = forced or acq
                 ctx.limits = acq
-                took = true
             end
         end
     end
     if verdict == "standard" and acq.denial then
         local d = acq.denial
-        local kind = limits.KINDS[d.kind]
-        refusal = rate_failure(kind.code, kind.message, d.retry_after)
+        refusal = rate_failure(d.code, d.message, d.retry_after)
     end
-    if refusal and took and dict then
-        limits.refund(dict, acq)
+    if refusal and acq.took then
+        local ok, rerr = limits.refund(dict, limiter, acq)
+        if not ok then
+            ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot give back a refused request: ", tostring(rerr))
+        end
     end
     ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict,
         refusal and (" (" .. refusal.message .. ")") or "")
@@ -1849,8 +1853,8 @@ local function record_usage(state, ctx)
             ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot charge the quota: ", err)
         end
     end
-    if dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id and charge.limit_tokens > 0 then
-        limits.charge_tokens(dict, ctx.limits.id, charge.limit_tokens, ngx_now())
+    if dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id then
+        limits.charge_tokens(dict, state.limiter, ctx.limits.id, charge.limit_tokens, ngx_now())
     end
     if store then
         local name = ctx.backend.name
@@ -1971,9 +1975,8 @@ function _M.log()
         return
     end
     local acq = ctx.limits
-    if acq and acq.slot and state.limits_dict then
-        limits.release(state.limits_dict, acq.slot)
-        acq.slot = nil
+    if acq and state.limits_dict then
+        limits.release(state.limits_dict, acq)
     end
     record_attempts(state, ctx)
     if ctx.usage then

@@ -143,13 +143,7 @@ fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks, info:
 
 fn standard_rate_refusal(shared: &Shared, d: LimitDenial) -> Refusal {
     shared.metrics.rate_limited(d.kind.as_str());
-    let code = match d.kind {
-        super::limiter::LimitKind::GlobalRpm => "global_rate_limit",
-        super::limiter::LimitKind::KeyRpm => "key_rate_limit",
-        super::limiter::LimitKind::KeyTpm => "key_token_limit",
-        super::limiter::LimitKind::Concurrency => "key_concurrency_limit",
-    };
-    rate_failure(code, d.kind.message().to_owned(), d.retry_after)
+    rate_failure(d.kind.code(), d.kind.message().to_owned(), d.retry_after)
 }
 
 fn script_rate_refusal(

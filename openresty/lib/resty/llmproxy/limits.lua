@@ -1,139 +1,200 @@
---- The standard rate limiter across nginx workers, in
--- `lua_shared_dict llmproxy_limits` (docs/adr/028).
+--- The standard rate limiter's store across nginx workers:
+-- `lua_shared_dict llmproxy_limits` (docs/adr/047).
 --
--- Requests per minute (global and per key) are counted in fixed one-minute
--- windows with atomic `incr` (init 0, ttl one window): a limit of N admits
--- N requests per window over all workers, and a refusal's `Retry-After` is
--- the rest of the window. Tokens per minute are charged after the
--- response into the key's window; a key whose window is spent waits for
--- the next. Concurrency counts requests in flight per key: a slot taken in
--- access() is given back in log() (on every path). Every check first takes
--- (incr) and gives back (incr -1) what it took when a limit refuses, so
--- the counters are right without a lock; two racing requests at the limit
--- may both be refused, never both admitted over it.
+-- The rule is the core's (`engine:limiter()`, the gateway's token buckets:
+-- a limit of N per minute admits a burst of N, then one request per 60/N
+-- s); this module only loads the buckets, hands them to it and saves what
+-- it returns. A load-decide-save runs under one lock in the dict, so two
+-- workers never decide on the same bucket at once: the section does no
+-- I/O and lasts microseconds, so a waiter spins, then (where the phase may
+-- yield) sleeps a millisecond at a time. Concurrency slots are counters
+-- changed with atomic `incr`: a slot taken in access() is given back in
+-- log() on every path without the lock.
 --
--- The standalone gateway's local limiter refills token buckets
--- continuously (a burst of N, then one per 60/N s); the totals per minute
--- are the same, the shape within the minute differs.
+-- Keys: `g` (the global bucket), `r:<id>`, `t:<id>` (the key's request and
+-- token buckets), `c:<id>` (its requests in flight), `lock`.
 --
 -- @module resty.llmproxy.limits
 
-local floor = math.floor
-local max = math.max
+local ngx = ngx
+local sleep = ngx.sleep
+local timer_at = ngx.timer.at
+local log = ngx.log
+local ERR = ngx.ERR
+local pcall = pcall
 
 local _M = {}
 
-local WINDOW = 60 -- seconds
-local UNLIMITED = 2147483647 -- the gateway's "no limit" in rate_limit_status
-_M.UNLIMITED = UNLIMITED
+local LOCK = "lock"
+local LOCK_TTL = 0.5 -- seconds: a lock left by a crashed worker expires
+local SPINS = 1000 -- tries before a waiter sleeps (~0.1 ms)
+local NAPS = 200 -- 1 ms sleeps before a waiter gives up
 
--- What the client is told, and the error code, per limit (the gateway's
--- `LimitKind`).
-_M.KINDS = {
-    global_rpm = { code = "global_rate_limit", message = "the gateway's request rate limit is reached" },
-    key_rpm = { code = "key_rate_limit", message = "this API key's request rate limit is reached" },
-    key_tpm = { code = "key_token_limit", message = "this API key's token rate limit is reached" },
-    key_concurrency = { code = "key_concurrency_limit", message = "this API key has too many requests in flight" },
-}
 
-local function undo(dict, taken, n)
-    for i = n, 1, -1 do
-        dict:incr(taken[i], -1)
+-- Take the dict's lock; `can_sleep`: the phase may yield.
+local function lock(dict, can_sleep)
+    for _ = 1, SPINS do
+        local ok, err = dict:add(LOCK, true, LOCK_TTL)
+        if ok then
+            return true
+        end
+        if err ~= "exists" then
+            return nil, err
+        end
     end
+    if not can_sleep then
+        return nil, "the limiter's lock is busy"
+    end
+    for _ = 1, NAPS do
+        sleep(0.001)
+        local ok, err = dict:add(LOCK, true, LOCK_TTL)
+        if ok then
+            return true
+        end
+        if err ~= "exists" then
+            return nil, err
+        end
+    end
+    return nil, "the limiter's lock stayed busy for " .. NAPS .. " ms"
+end
+
+-- Run f(...) under the lock; its results, or nil and an error.
+local function locked(dict, can_sleep, f, ...)
+    local ok, err = lock(dict, can_sleep)
+    if not ok then
+        return nil, err
+    end
+    local done, res, ferr = pcall(f, ...)
+    dict:delete(LOCK)
+    if not done then
+        return nil, res
+    end
+    return res, ferr
+end
+
+local function put(dict, key, value, ttl)
+    if value then
+        local ok, err = dict:set(key, value, ttl)
+        if not ok then
+            return nil, err
+        end
+    end
+    return true
+end
+
+local function acquire_locked(dict, limiter, id, now, force)
+    local r_key, t_key, c_key
+    local r, t, c
+    if id then
+        r_key, t_key, c_key = "r:" .. id, "t:" .. id, "c:" .. id
+        r, t, c = dict:get(r_key), dict:get(t_key), dict:get(c_key)
+    end
+    local v = limiter:acquire(now * 1000, id ~= nil, force, dict:get("g"), r, t, c)
+    local ok, err = put(dict, "g", v.g, v.g_ttl)
+    if ok and id then
+        ok, err = put(dict, r_key, v.r, v.r_ttl)
+        if ok then
+            ok, err = put(dict, t_key, v.t, v.t_ttl)
+        end
+        if ok and v.took then
+            ok, err = dict:incr(c_key, 1, 0)
+        end
+    end
+    if not ok then
+        return nil, err
+    end
+    return v
 end
 
 --- Check every limit and, when all pass (or `force`), take a request from
--- the global and the key's window and a concurrency slot.
+-- the global and the key's bucket and a concurrency slot.
 -- @param dict the shared dict
--- @tparam table l the limits (`global_rpm`, `key_rpm`, `key_tpm`,
---   `key_concurrency`; 0 = unlimited)
+-- @param limiter the core's rule (`engine:limiter()`)
 -- @tparam string|nil id the caller's key id (its fingerprint), nil: global only
--- @tparam number now seconds
+-- @tparam number now seconds (`ngx.now()`)
 -- @tparam boolean force take even when a limit refuses
--- @treturn table|nil `{status, denial?, taken, n, slot?}`, or nil and an error
-function _M.acquire(dict, l, id, now, force)
-    local win = floor(now / WINDOW)
-    local wait = (win + 1) * WINDOW - now
-    local taken, n = {}, 0
-    local denial
-    local status = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 }
-    if l.global_rpm > 0 then
-        local k = "g:" .. win
-        local v, err = dict:incr(k, 1, 0, WINDOW + 1)
-        if not v then
-            return nil, err
-        end
-        n = n + 1
-        taken[n] = k
-        if v > l.global_rpm then
-            denial = { kind = "global_rpm", retry_after = wait }
-        end
-        status.global_remaining = max(0, l.global_rpm - v)
+-- @treturn table|nil `{status, denial?, took, id}` (`denial`: `{kind, code,
+--   message, retry_after}`), or nil and an error
+function _M.acquire(dict, limiter, id, now, force)
+    local v, err = locked(dict, true, acquire_locked, dict, limiter, id, now, force)
+    if not v then
+        return nil, err
     end
-    local slot
-    if id then
-        if l.key_rpm > 0 then
-            local k = "r:" .. id .. ":" .. win
-            local v, err = dict:incr(k, 1, 0, WINDOW + 1)
-            if not v then
-                undo(dict, taken, n)
-                return nil, err
-            end
-            n = n + 1
-            taken[n] = k
-            if v > l.key_rpm and not denial then
-                denial = { kind = "key_rpm", retry_after = wait }
-            end
-            status.key_remaining = max(0, l.key_rpm - v)
+    return { status = v.status, denial = v.denial, took = v.took, id = id }
+end
+
+local function refund_locked(dict, limiter, id)
+    local r_key = id and "r:" .. id
+    local b = limiter:refund(id ~= nil, dict:get("g"), r_key and dict:get(r_key))
+    local ok, err = put(dict, "g", b.g, b.g_ttl)
+    if ok and id then
+        ok, err = put(dict, r_key, b.r, b.r_ttl)
+        if ok then
+            ok, err = dict:incr("c:" .. id, -1, 0)
         end
-        if l.key_tpm > 0 and not denial then
-            local used = dict:get("t:" .. id .. ":" .. win) or 0
-            if used >= l.key_tpm then
-                denial = { kind = "key_tpm", retry_after = wait }
-            end
-        end
-        slot = "c:" .. id
-        local v, err = dict:incr(slot, 1, 0)
-        if not v then
-            undo(dict, taken, n)
-            return nil, err
-        end
-        n = n + 1
-        taken[n] = slot
-        if l.key_concurrency > 0 and v > l.key_concurrency and not denial then
-            denial = { kind = "key_concurrency", retry_after = 1 }
-        end
-        status.concurrent_count = v
     end
-    if denial and not force then
-        undo(dict, taken, n)
-        if slot then
-            status.concurrent_count = status.concurrent_count - 1
-        end
-        return { status = status, denial = denial, taken = taken, n = 0 }
-    end
-    return { status = status, taken = taken, n = n, slot = slot }
+    return ok, err
 end
 
 --- Give back what `acquire` took (a rate_limit script refused a request
 -- the limits allowed).
-function _M.refund(dict, acq)
-    undo(dict, acq.taken, acq.n)
-    acq.n = 0
-    acq.slot = nil
-end
-
---- A request ended: free its concurrency slot.
-function _M.release(dict, slot)
-    dict:incr(slot, -1, 0)
-end
-
---- Charge `tokens` to the key's tokens-per-minute window.
-function _M.charge_tokens(dict, id, tokens, now)
-    if tokens > 0 then
-        local win = floor(now / WINDOW)
-        dict:incr("t:" .. id .. ":" .. win, tokens, 0, WINDOW + 1)
+-- @treturn boolean|nil true, or nil and an error
+function _M.refund(dict, limiter, acq)
+    if not acq.took then
+        return true
     end
+    acq.took = false
+    return locked(dict, true, refund_locked, dict, limiter, acq.id)
+end
+
+--- A request ended: free the concurrency slot `acquire` took for it.
+function _M.release(dict, acq)
+    if acq.took and acq.id then
+        acq.took = false
+        dict:incr("c:" .. acq.id, -1, 0)
+    end
+end
+
+local function charge_locked(dict, limiter, id, tokens, now)
+    local key = "t:" .. id
+    local t, ttl = limiter:charge(now * 1000, dict:get(key), tokens)
+    return put(dict, key, t, ttl)
+end
+
+local charge_later
+
+local function charge(dict, limiter, id, tokens, now, can_sleep)
+    local ok, err = locked(dict, can_sleep, charge_locked, dict, limiter, id, tokens, now)
+    if ok then
+        return true
+    end
+    if not can_sleep then
+        -- The log phase cannot wait for the lock: a timer can.
+        local queued, terr = timer_at(0, charge_later, dict, limiter, id, tokens, now)
+        if queued then
+            return true
+        end
+        err = err .. "; no timer to retry: " .. tostring(terr)
+    end
+    log(ERR, "llmproxy: ", tokens, " tokens of key ", id, " not charged to its token limit: ", tostring(err))
+    return nil, err
+end
+
+charge_later = function(premature, dict, limiter, id, tokens, now)
+    if not premature then
+        charge(dict, limiter, id, tokens, now, true)
+    end
+end
+
+--- Charge a finished request's `tokens` to the key's tokens-per-minute
+-- bucket (called from log(): never yields; a busy lock hands the charge to
+-- a timer).
+-- @treturn boolean|nil true, or nil and an error (logged)
+function _M.charge_tokens(dict, limiter, id, tokens, now)
+    if tokens <= 0 then
+        return true
+    end
+    return charge(dict, limiter, id, tokens, now, false)
 end
 
 return _M
