@@ -22,7 +22,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-OPENRESTY_DEBS := nginx libnginx-mod-http-lua lua-resty-core lua-cjson libtest-base-perl lua-check curl
+OPENRESTY_DEBS := nginx libnginx-mod-http-lua lua-resty-core lua-cjson lua-nginx-redis redis-server libtest-base-perl lua-check curl
 PROVE          ?= prove
 PROVE_FLAGS    ?= -r
 
@@ -100,11 +100,14 @@ test-openai-client-nginx: openresty-deps $(OPENRESTY_LIB_TARGET)
 	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/debug/llmproxy LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" \
 	  $(OPENRESTY_VENV)/bin/python t/openai_client_nginx.py
 
+# The Lua modules under openresty/lib/resty/ (install, test-rock).
+OPENRESTY_MODULES := llmproxy llmproxy/json llmproxy/sse llmproxy/metrics llmproxy/backends \
+                     llmproxy/limits llmproxy/redis_state
+
 # Atomic replace: a running nginx keeps the files it has loaded.
 install-openresty:
 	install -d $(DESTDIR)$(LUA_LDIR)/resty/llmproxy
-	for f in resty/llmproxy.lua resty/llmproxy/json.lua resty/llmproxy/sse.lua \
-	         resty/llmproxy/metrics.lua resty/llmproxy/backends.lua resty/llmproxy/limits.lua; do \
+	for m in $(OPENRESTY_MODULES); do f=resty/$$m.lua; \
 	  install -m 0644 openresty/lib/$$f $(DESTDIR)$(LUA_LDIR)/$$f.new && \
 	  mv -f $(DESTDIR)$(LUA_LDIR)/$$f.new $(DESTDIR)$(LUA_LDIR)/$$f || exit 1; \
 	done
@@ -130,7 +133,7 @@ test-rock: openresty-deps
 	@scripts/apt-ensure luarocks
 	rm -rf $(ROCK_TREE)
 	luarocks --tree $(ROCK_TREE) make $(ROCKSPEC)
-	for m in llmproxy llmproxy/json llmproxy/sse llmproxy/metrics llmproxy/backends llmproxy/limits; do \
+	for m in $(OPENRESTY_MODULES); do \
 	  test -f $(ROCK_TREE)/share/lua/5.1/resty/$$m.lua || { echo "test-rock: resty/$$m.lua missing" >&2; exit 1; }; \
 	done
 	eval "$$(luarocks --tree $(ROCK_TREE) path)" && luajit -e \

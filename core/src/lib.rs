@@ -43,6 +43,7 @@ pub mod models;
 pub mod policy;
 pub mod pool;
 pub mod sandbox;
+pub mod shared_state;
 pub mod stack;
 pub mod usage_estimate;
 mod vm;

@@ -12,6 +12,7 @@
 //! -- when that limit is off) and v.g_ttl / v.r_ttl / v.t_ttl (seconds)
 //! local b = limiter:refund(has_key, g, r)   -- b.g, b.g_ttl, b.r, b.r_ttl
 //! local t, ttl = limiter:charge(now_ms, t, tokens)
+//! local code, message = limiter:describe("key_rpm")  -- a refusal's words
 //! ```
 
 use llmproxy_core::config::LimitsConfig;
@@ -91,6 +92,10 @@ impl UserData for LuaLimiter {
                 save(&out, "r", c.rpm, lim.key_rpm)?;
             }
             Ok(out)
+        });
+        methods.add_method("describe", |_, _, kind: mlua::BorrowedStr| {
+            let k = limits::LimitKind::parse(&kind);
+            Ok((k.map(|k| k.code()), k.map(|k| k.message())))
         });
         methods.add_method("charge", |_, this, (now_ms, t, tokens): (f64, Value, u64)| {
             let lim = &this.0;

@@ -322,6 +322,65 @@ impl UserData for LuaEngine {
             }
             Ok(t)
         });
+        // engine:state() -> where counters live (`state:`): `{backend,
+        // on_error, timeout_ms, connections, prefix, host, port, password,
+        // db, instance_ttl_ms, heartbeat_ms, scripts = {name = source}}`;
+        // the Redis layout and scripts are the core's (`shared_state`), the
+        // gateway's too.
+        methods.add_method("state", |lua, this, ()| {
+            use llmproxy_core::config::{StateBackend, StateOnError};
+            use llmproxy_core::shared_state::{self as ss, RedisUrl};
+            let cfg = &this.engine.config().state;
+            let t = lua.create_table_with_capacity(0, 12)?;
+            t.raw_set(
+                "backend",
+                match cfg.backend {
+                    StateBackend::Local => "local",
+                    StateBackend::Redis => "redis",
+                },
+            )?;
+            t.raw_set(
+                "on_error",
+                match cfg.on_error {
+                    StateOnError::Deny => "deny",
+                    StateOnError::Allow => "allow",
+                },
+            )?;
+            t.raw_set("timeout_ms", cfg.timeout_ms)?;
+            t.raw_set("connections", cfg.connections)?;
+            t.raw_set("prefix", cfg.prefix.as_str())?;
+            t.raw_set("instance_ttl_ms", ss::INSTANCE_TTL_MS)?;
+            t.raw_set("heartbeat_ms", ss::HEARTBEAT_MS)?;
+            if cfg.backend == StateBackend::Redis {
+                let url = RedisUrl::parse(cfg.url.as_deref().unwrap_or("redis://127.0.0.1:6379"))
+                    .map_err(|e| mlua::Error::runtime(format!("state.url: {e}")))?;
+                t.raw_set("host", url.host())?;
+                t.raw_set("port", url.port())?;
+                t.raw_set("db", url.db)?;
+                t.raw_set("password", url.password.as_deref())?;
+            }
+            let scripts = lua.create_table_with_capacity(0, ss::SCRIPTS.len())?;
+            for (name, src) in ss::SCRIPTS {
+                scripts.raw_set(name, src)?;
+            }
+            t.raw_set("scripts", scripts)?;
+            Ok(t)
+        });
+        // engine:state_keys(id) -> the Redis keys of a caller (nil: no key):
+        // global rpm, key rpm, key tpm, key slots, key quota, and the
+        // instance announcements' prefix.
+        methods.add_method("state_keys", |_, this, id: Option<mlua::BorrowedStr>| {
+            let l = llmproxy_core::shared_state::Layout::new(&this.engine.config().state.prefix);
+            let id = id.as_deref().unwrap_or("-");
+            Ok((
+                l.global_rpm(),
+                l.key_rpm(id),
+                l.key_tpm(id),
+                l.key_slots(id),
+                l.quota(id),
+                l.instance(""),
+            ))
+        });
         // engine:limiter() -> the core's limiter rule for the config's
         // `limits:` (see `limiter.rs`).
         methods.add_method("limiter", |_, this, ()| {

@@ -416,11 +416,21 @@ local function load(config, opts)
     local dict = ngx.shared[dict_name]
     local any_limit = admission.global_rpm > 0 or admission.key_rpm > 0 or admission.key_tpm > 0
         or admission.key_concurrency > 0
-    if any_limit and not dict then
+    local state_cfg = engine:state()
+    local redis
+    local node = opts.node or (ngx_var_hostname() .. "-" .. ngx.worker.pid())
+    if state_cfg.backend == "redis" then
+        local found, redis_state = pcall(require, "resty.llmproxy.redis_state")
+        if not found then
+            return nil, "state: {backend: redis} needs lua-resty-redis (Debian's lua-nginx-redis): " .. redis_state
+        end
+        -- One instance per worker and start: its slots count while it lives.
+        redis = redis_state.new(engine, engine:limiter(), node .. "-" .. math.floor(ngx_now() * 1000))
+    elseif any_limit and not dict then
         return nil, "limits: are set but there is no lua_shared_dict " .. dict_name
             .. " (the limiter's counters, shared by the workers)"
     end
-    if admission.keys > 0 and not dict then
+    if admission.keys > 0 and not dict and not redis then
         ngx_log(WARN, "llmproxy: no lua_shared_dict ", dict_name, ": keys' quota usage is not charged ",
             "(the configured used_quota stays)")
     end
@@ -456,8 +466,10 @@ local function load(config, opts)
         admission = admission,
         limits_dict = dict, -- nil: no counters (scripts see unlimited status)
         limiter = engine:limiter(), -- the core's rule for `limits:`
+        redis = redis, -- `state: {backend: redis}`: counters and quotas there
+        state_on_error = state_cfg.on_error,
         ledger = engine:ledger_stats() ~= nil,
-        node = opts.node or (ngx_var_hostname() .. "-" .. ngx.worker.pid()),
+        node = node,
         keys = {}, -- known keys' {info, fp}, by secret
         models_body = engine:models_body(), -- GET /v1/models, as the gateway's
     }
@@ -475,6 +487,29 @@ local function flush_ledger(state)
     end
 end
 
+-- Renew the loaded engine's Redis announcement every `every` seconds
+-- (one timer per worker, whatever reloads install).
+local heartbeat_started = false
+local function start_heartbeat(every)
+    if heartbeat_started then
+        return
+    end
+    local ok, err = ngx.timer.every(every, function(premature)
+        local redis = not premature and current and current.redis
+        if redis then
+            local _, herr = redis:heartbeat()
+            if herr then
+                ngx_log(WARN, "llmproxy: cannot renew this worker's announcement in Redis: ", herr)
+            end
+        end
+    end)
+    if not ok then
+        ngx_log(ERR, "llmproxy: cannot start the Redis heartbeat timer (this worker's slots stop counting): ", err)
+        return
+    end
+    heartbeat_started = true
+end
+
 local function install(config, opts)
     local state, err = load(config, opts)
     if not state then
@@ -488,7 +523,11 @@ local function install(config, opts)
     current = state
     state.llmproxy.installed(true)
     local dict = state.limits_dict
-    if dict then
+    if state.redis then
+        -- Redis holds the usage (started as the gateway starts it).
+        state.redis:start(state.engine:key_quotas())
+        start_heartbeat(state.redis.cfg.heartbeat_ms / 1000)
+    elseif dict then
         -- Where each key's quota usage starts, as the gateway's local state:
         -- a key first seen starts at the ledger's count (else its configured
         -- `used_quota`); a key whose configured `used_quota` changed since
@@ -990,6 +1029,9 @@ local function used_quota(state, entry)
     if not entry then
         return 0
     end
+    if state.redis then
+        return state.redis:used(entry.fp)
+    end
     local dict = state.limits_dict
     local used = dict and dict:get("q:" .. entry.fp)
     return used or entry.configured_used
@@ -1079,27 +1121,55 @@ local function rate_failure(code, message, retry_after)
     return f
 end
 
+-- The limiter's store: Redis (`state: {backend: redis}`) or the shared
+-- dict; the rule is the core's either way.
+local function take(state, id, force)
+    if state.redis then
+        return state.redis:acquire(state.admission, id, force, 0)
+    end
+    return limits.acquire(state.limits_dict, state.limiter, id, ngx_now(), force)
+end
+
+local function give_back(state, acq)
+    if state.redis then
+        return state.redis:refund(state.admission, acq)
+    end
+    return limits.refund(state.limits_dict, state.limiter, acq)
+end
+
+-- The state store failed: 503 state_unavailable (`state.on_error: deny`,
+-- the default, and always for the shared dict), or nil to let the request
+-- through uncounted (`allow`), as the gateway's.
+local function state_failed(state, ctx, what, err)
+    ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", what, tostring(err))
+    if state.redis and state.state_on_error == "allow" then
+        return nil
+    end
+    if store then
+        metrics.rate_limited(store, "state_unavailable")
+    end
+    return failure("backend_error", 503, "state_unavailable",
+        "the gateway's rate limit and quota store is unavailable")
+end
+
 -- The rate limit stage, as the gateway's: the standard limiter checks and
 -- takes (atomically, across workers); the rate_limit script sees
 -- `rate_limit_status` and `current_time` and may overrule it either way
 -- (requests are then taken or given back). The concurrency slot is freed
 -- in log().
 local function limit(state, ctx, entry)
-    local dict = state.limits_dict
+    local counted = state.limits_dict or state.redis
     local id = key_id(state, ctx)
-    local limiter = state.limiter
     local acq
-    if dict then
+    if counted then
         local err
-        acq, err = limits.acquire(dict, limiter, id, ngx_now(), false)
+        acq, err = take(state, id, false)
         if not acq then
-            -- The gateway's state backend failing: fail closed.
-            ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's shared dict failed: ", tostring(err))
-            if store then
-                metrics.rate_limited(store, "state_unavailable")
+            local refusal = state_failed(state, ctx, "the limiter's store failed: ", err)
+            if refusal then
+                return refusal
             end
-            return failure("backend_error", 503, "state_unavailable",
-                "the gateway's rate limit and quota store is unavailable")
+            acq = { status = UNLIMITED_STATUS, took = false }
         end
     else
         acq = { status = UNLIMITED_STATUS, took = false }
@@ -1129,10 +1199,10 @@ local function limit(state, ctx, entry)
                 tonumber(res.retry_after) or (d and d.retry_after) or DEFAULT_RETRY_AFTER)
         elseif res ~= nil then
             verdict = "allow"
-            if not acq.took and dict then
-                local forced, ferr = limits.acquire(dict, limiter, id, ngx_now(), true)
+            if not acq.took and counted then
+                local forced, ferr = take(state, id, true)
                 if not forced then
-                    ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's shared dict failed: ",
+                    ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's store failed: ",
                         tostring(ferr), " (admitted uncounted: the rate_limit script allowed it)")
                 end
                 acq = forced or acq
@@ -1145,7 +1215,7 @@ local function limit(state, ctx, entry)
         refusal = rate_failure(d.code, d.message, d.retry_after)
     end
     if refusal and acq.took then
-        local ok, rerr = limits.refund(dict, limiter, acq)
+        local ok, rerr = give_back(state, acq)
         if not ok then
             ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot give back a refused request: ", tostring(rerr))
         end
@@ -1168,7 +1238,14 @@ local function admit(state, ctx)
         return nil
     end
     local entry = ctx.key
-    local used = used_quota(state, entry)
+    local used, uerr = used_quota(state, entry)
+    if not used then
+        local refusal = state_failed(state, ctx, "cannot read the key's quota usage: ", uerr)
+        if refusal then
+            return refusal
+        end
+        used = 0
+    end
     if entry then
         entry.info.used_quota = used
     end
@@ -1847,13 +1924,19 @@ local function record_usage(state, ctx)
     ctx.charge = charge
     local billable = charge.billable_tokens
     local dict = state.limits_dict
-    if dict and ctx.key and billable > 0 then
+    if state.redis then
+        local id = ctx.key and ctx.key.fp or (ctx.limits and ctx.limits.id)
+        if id then
+            state.redis:charge(id, ctx.key and billable or 0, charge.limit_tokens, state.admission.key_tpm,
+                ngx_now() * 1000)
+        end
+    elseif dict and ctx.key and billable > 0 then
         local _, err = dict:incr("q:" .. ctx.key.fp, billable, ctx.key.configured_used)
         if err then
             ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot charge the quota: ", err)
         end
     end
-    if dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id then
+    if not state.redis and dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id then
         limits.charge_tokens(dict, state.limiter, ctx.limits.id, charge.limit_tokens, ngx_now())
     end
     if store then
@@ -1975,7 +2058,9 @@ function _M.log()
         return
     end
     local acq = ctx.limits
-    if acq and state.limits_dict then
+    if acq and state.redis then
+        state.redis:release(acq)
+    elseif acq and state.limits_dict then
         limits.release(state.limits_dict, acq)
     end
     record_attempts(state, ctx)

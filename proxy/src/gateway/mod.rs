@@ -379,7 +379,7 @@ impl Gateway {
             let s = Arc::clone(&shared);
             background.push(tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tokio::time::sleep(Duration::from_millis(llmproxy_core::shared_state::HEARTBEAT_MS)).await;
                     if let State::Redis(r) = &*s.state {
                         if let Err(e) = r.heartbeat_once().await {
                             tracing::warn!(target: "llmproxy::state", "redis heartbeat failed: {e}");

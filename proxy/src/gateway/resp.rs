@@ -79,48 +79,7 @@ impl std::fmt::Display for RedisError {
     }
 }
 
-/// Where and how to connect, from `redis://[:password@]host:port[/db]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisUrl {
-    /// `host:port`.
-    pub addr: String,
-    /// `AUTH` password.
-    pub password: Option<String>,
-    /// `SELECT` database.
-    pub db: u32,
-}
-
-impl RedisUrl {
-    /// Parse a `redis://` URL.
-    pub fn parse(url: &str) -> Result<RedisUrl, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("'{url}' must start with redis://"))?;
-        let (auth, rest) = match rest.rsplit_once('@') {
-            Some((a, r)) => (Some(a), r),
-            None => (None, rest),
-        };
-        let (hostport, db) = match rest.split_once('/') {
-            Some((h, d)) if !d.is_empty() => (h, d.parse::<u32>().map_err(|_| format!("'{url}': bad database"))?),
-            Some((h, _)) => (h, 0),
-            None => (rest, 0),
-        };
-        if hostport.is_empty() {
-            return Err(format!("'{url}': no host"));
-        }
-        let addr = if hostport.contains(':') && !hostport.ends_with(']') {
-            hostport.to_owned()
-        } else {
-            format!("{hostport}:6379")
-        };
-        let password = auth.map(|a| a.rsplit_once(':').map_or(a, |(_, p)| p).to_owned());
-        Ok(RedisUrl {
-            addr,
-            password: password.filter(|p| !p.is_empty()),
-            db,
-        })
-    }
-}
+pub use llmproxy_core::shared_state::RedisUrl;
 
 /// Encode a command as a RESP array of bulk strings.
 pub fn encode(args: &[&[u8]]) -> Vec<u8> {
@@ -483,21 +442,5 @@ mod tests {
         }
         assert!(parse(b"?x\r\n").is_err());
         assert_eq!(encode(&[b"GET", b"k"]), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec());
-    }
-
-    #[test]
-    fn urls() {
-        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!(
-            (u.addr.as_str(), u.db, u.password.as_deref()),
-            ("127.0.0.1:6380", 2, None)
-        );
-        let u = RedisUrl::parse("redis://:s3cret@localhost").unwrap();
-        assert_eq!(
-            (u.addr.as_str(), u.password.as_deref()),
-            ("localhost:6379", Some("s3cret"))
-        );
-        assert!(RedisUrl::parse("http://x").is_err());
-        assert!(RedisUrl::parse("redis://h:1/x").is_err());
     }
 }

@@ -19,6 +19,7 @@ use super::keyset::KeySet;
 use super::ledger::{self, KeyUsage, Ledger, LedgerRecord};
 use super::limiter::{AcquireArgs, Acquired, LimitDenial, LimitKind, LocalLimiter, UNLIMITED};
 use super::resp::{self, RedisClient, RedisError, Reply, Script};
+use llmproxy_core::shared_state::{self, Layout, INSTANCE_TTL_MS};
 
 /// The state backend of a gateway.
 #[derive(Debug)]
@@ -78,7 +79,7 @@ impl State {
                     .map_err(|e| format!("state.url: {e}"))?;
                 Ok(State::Redis(RedisState {
                     client: Arc::new(client),
-                    prefix: cfg.prefix.clone(),
+                    layout: Layout::new(&cfg.prefix),
                     instance: resp::instance_id().to_owned(),
                     on_error: cfg.on_error,
                     handle,
@@ -332,7 +333,7 @@ impl LocalState {
 #[derive(Debug)]
 pub struct RedisState {
     client: Arc<RedisClient>,
-    prefix: String,
+    layout: Layout,
     instance: String,
     on_error: StateOnError,
     handle: tokio::runtime::Handle,
@@ -340,171 +341,11 @@ pub struct RedisState {
     stats: Arc<StateStats>,
 }
 
-/// Check the quota (when asked), the limits, and take a request.
-/// KEYS: global rpm bucket, key rpm bucket, key tpm bucket, key slots,
-/// key quota. ARGV: global_rpm, key_rpm, key_tpm, key_concurrency,
-/// instance, instance key prefix, has_key, quota_total (0: no check), force.
-static ACQUIRE: Script = Script::new(
-    r#"
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local grpm, krpm, ktpm, kconc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local has_key = ARGV[7] == '1'
-local quota_total = tonumber(ARGV[8])
-local force = ARGV[9] == '1'
-local used = 0
-if has_key then used = tonumber(redis.call('HGET', KEYS[5], 'used') or '0') end
-if quota_total > 0 and used >= quota_total then
-  return {'quota', '0', '-1', '-1', '0', tostring(used)}
-end
-local function refill(key, limit)
-  local v = redis.call('HMGET', key, 't', 'ts', 'c')
-  local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
-  if t == nil or ts == nil then return limit end
-  -- Filled for another limit (a reload changed it): keep what was used
-  -- of the old one, so a raised limit admits at once (ADR 041).
-  if c and c ~= limit then
-    t = t + (limit - c)
-    if t > limit then t = limit end
-  end
-  local dt = now - ts
-  if dt < 0 then dt = 0 end
-  t = t + dt * limit / 60000
-  if t > limit then t = limit end
-  return t
-end
-local function save(key, t, limit)
-  redis.call('HSET', key, 't', tostring(t), 'ts', tostring(now), 'c', tostring(limit))
-  local ttl = 60000
-  if t < limit then ttl = ttl + math.ceil((limit - t) * 60000 / limit) end
-  redis.call('PEXPIRE', key, ttl)
-end
-local deny, retry = '', 0
-local function refuse(kind, wait)
-  if deny == '' then deny = kind; retry = wait end
-end
-local g, k, tp
-if grpm > 0 then
-  g = refill(KEYS[1], grpm)
-  if g < 1 then refuse('global_rpm', (1 - g) * 60 / grpm) end
-end
-if has_key and krpm > 0 then
-  k = refill(KEYS[2], krpm)
-  if k < 1 then refuse('key_rpm', (1 - k) * 60 / krpm) end
-end
-if has_key and ktpm > 0 then
-  tp = refill(KEYS[3], ktpm)
-  if tp <= 0 then refuse('key_tpm', (1 - tp) * 60 / ktpm) end
-end
-local conc = 0
-if has_key then
-  local h = redis.call('HGETALL', KEYS[4])
-  for i = 1, #h, 2 do
-    if redis.call('EXISTS', ARGV[6] .. h[i]) == 1 then
-      conc = conc + tonumber(h[i + 1])
-    else
-      redis.call('HDEL', KEYS[4], h[i])
-    end
-  end
-  if kconc > 0 and conc >= kconc then refuse('key_concurrency', 1) end
-end
-if deny == '' or force then
-  if g then g = g - 1 end
-  if k then k = k - 1 end
-  if has_key then
-    redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
-    redis.call('PEXPIRE', KEYS[4], 86400000)
-    conc = conc + 1
-  end
-  if force then deny = '' end
-end
-local grem, krem = -1, -1
-if g then save(KEYS[1], g, grpm); grem = math.max(0, math.floor(g)) end
-if k then save(KEYS[2], k, krpm); krem = math.max(0, math.floor(k)) end
-if tp then save(KEYS[3], tp, ktpm) end
-if deny == '' then deny = 'ok' end
-return {deny, tostring(retry), tostring(grem), tostring(krem), tostring(conc), tostring(used)}
-"#,
-);
-
-/// Give back one request. KEYS: global rpm, key rpm, key slots. ARGV:
-/// global_rpm, key_rpm, instance, has_key.
-static REFUND: Script = Script::new(
-    r#"
-local function give(key, limit)
-  if limit > 0 then
-    local t = tonumber(redis.call('HGET', key, 't'))
-    if t then
-      t = t + 1
-      if t > limit then t = limit end
-      redis.call('HSET', key, 't', tostring(t))
-    end
-  end
-end
-give(KEYS[1], tonumber(ARGV[1]))
-if ARGV[4] == '1' then
-  give(KEYS[2], tonumber(ARGV[2]))
-  local n = redis.call('HINCRBY', KEYS[3], ARGV[3], -1)
-  if n <= 0 then redis.call('HDEL', KEYS[3], ARGV[3]) end
-end
-return 1
-"#,
-);
-
-/// Free a slot. KEYS: key slots. ARGV: instance.
-static RELEASE: Script = Script::new(
-    r#"
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return n
-"#,
-);
-
-/// Charge a finished request. KEYS: key quota, key tpm bucket. ARGV:
-/// billable, tokens, key_tpm, answered (Unix ms: not charged to the quota
-/// when the key was reset after it, field `reset`, docs/adr/043).
-static CHARGE: Script = Script::new(
-    r#"
-local used
-if tonumber(ARGV[4]) >= tonumber(redis.call('HGET', KEYS[1], 'reset') or '0') then
-  used = redis.call('HINCRBY', KEYS[1], 'used', tonumber(ARGV[1]))
-else
-  used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
-end
-local ktpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[2])
-if ktpm > 0 and tokens > 0 then
-  local tm = redis.call('TIME')
-  local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-  local v = redis.call('HMGET', KEYS[2], 't', 'ts', 'c')
-  local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
-  if t == nil or ts == nil then t = ktpm; ts = now end
-  if c and c ~= ktpm then
-    t = t + (ktpm - c)
-    if t > ktpm then t = ktpm end
-  end
-  local dt = now - ts
-  if dt < 0 then dt = 0 end
-  t = t + dt * ktpm / 60000
-  if t > ktpm then t = ktpm end
-  t = t - tokens
-  redis.call('HSET', KEYS[2], 't', tostring(t), 'ts', tostring(now), 'c', tostring(ktpm))
-  redis.call('PEXPIRE', KEYS[2], 60000 + math.ceil((ktpm - t) * 60000 / ktpm))
-end
-return used
-"#,
-);
-
-/// Start or reset a key's usage. KEYS: key quota. ARGV: configured used.
-static SYNC_KEY: Script = Script::new(
-    r#"
-local cfg = redis.call('HGET', KEYS[1], 'cfg')
-if cfg ~= ARGV[1] then
-  redis.call('HSET', KEYS[1], 'used', ARGV[1], 'cfg', ARGV[1])
-  return tonumber(ARGV[1])
-end
-return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
-"#,
-);
+static ACQUIRE: Script = Script::new(shared_state::ACQUIRE);
+static REFUND: Script = Script::new(shared_state::REFUND);
+static RELEASE: Script = Script::new(shared_state::RELEASE);
+static CHARGE: Script = Script::new(shared_state::CHARGE);
+static SYNC_KEY: Script = Script::new(shared_state::SYNC_KEY);
 
 fn num(r: Option<&Reply>) -> f64 {
     r.and_then(Reply::as_text)
@@ -513,19 +354,8 @@ fn num(r: Option<&Reply>) -> f64 {
 }
 
 impl RedisState {
-    fn k(&self, parts: &[&str]) -> String {
-        let mut s = self.prefix.clone();
-        for (i, p) in parts.iter().enumerate() {
-            if i > 0 {
-                s.push(':');
-            }
-            s.push_str(p);
-        }
-        s
-    }
-
     fn instance_key(&self) -> String {
-        self.k(&["inst", &self.instance])
+        self.layout.instance(&self.instance)
     }
 
     fn failed(&self, e: &RedisError, op: &str) {
@@ -538,14 +368,20 @@ impl RedisState {
     pub async fn heartbeat_once(&self) -> Result<(), StateError> {
         let key = self.instance_key();
         self.client
-            .cmd(&[b"SET", key.as_bytes(), b"1", b"PX", b"15000"])
+            .cmd(&[
+                b"SET",
+                key.as_bytes(),
+                b"1",
+                b"PX",
+                INSTANCE_TTL_MS.to_string().as_bytes(),
+            ])
             .await
             .map(|_| ())
     }
 
     /// The key's quota usage.
     pub async fn used(&self, key: &str) -> Result<u64, StateError> {
-        let q = self.k(&["q", key]);
+        let q = self.layout.quota(key);
         let r = self.client.cmd(&[b"HGET", q.as_bytes(), b"used"]).await;
         match r {
             Ok(r) => Ok(r.as_i64().map_or(0, |v| u64::try_from(v).unwrap_or(0))),
@@ -562,13 +398,13 @@ impl RedisState {
         let l = a.limits;
         let key = a.key.unwrap_or("-");
         let keys = [
-            self.k(&["g", "rpm"]),
-            self.k(&["k", key, "rpm"]),
-            self.k(&["k", key, "tpm"]),
-            self.k(&["k", key, "slots"]),
-            self.k(&["q", key]),
+            self.layout.global_rpm(),
+            self.layout.key_rpm(key),
+            self.layout.key_tpm(key),
+            self.layout.key_slots(key),
+            self.layout.quota(key),
         ];
-        let inst_prefix = self.k(&["inst", ""]);
+        let inst_prefix = self.layout.instance("");
         let args = [
             l.global_rpm.to_string(),
             l.key_rpm.to_string(),
@@ -633,9 +469,9 @@ impl RedisState {
     pub async fn refund(&self, key: Option<&str>, limits: &LimitsConfig) {
         let k = key.unwrap_or("-");
         let keys = [
-            self.k(&["g", "rpm"]),
-            self.k(&["k", k, "rpm"]),
-            self.k(&["k", k, "slots"]),
+            self.layout.global_rpm(),
+            self.layout.key_rpm(k),
+            self.layout.key_slots(k),
         ];
         let args = [
             limits.global_rpm.to_string(),
@@ -667,7 +503,7 @@ impl RedisState {
     }
 
     fn release(&self, key: &str) {
-        let slots = self.k(&["k", key, "slots"]);
+        let slots = self.layout.key_slots(key);
         let inst = self.instance.clone();
         let me = self.clone_client();
         self.background("release", async move {
@@ -679,8 +515,8 @@ impl RedisState {
         if c.billable == 0 && (c.tokens == 0 || key_tpm == 0) {
             return;
         }
-        let q = self.k(&["q", key]);
-        let tpm = self.k(&["k", key, "tpm"]);
+        let q = self.layout.quota(key);
+        let tpm = self.layout.key_tpm(key);
         let me = self.clone_client();
         let args = [
             c.billable.to_string(),
@@ -700,7 +536,7 @@ impl RedisState {
 
     async fn sync_keys(&self, keys: &KeySet) -> Result<(), StateError> {
         for e in keys.iter() {
-            let q = self.k(&["q", &e.fingerprint]);
+            let q = self.layout.quota(&e.fingerprint);
             let cfg = e.record.used_quota.to_string();
             if let Err(err) = self.client.eval(&SYNC_KEY, &[q.as_bytes()], &[cfg.as_bytes()]).await {
                 self.failed(&err, "sync_keys");

@@ -1,0 +1,338 @@
+//! The layout of the shared state in Redis (`state: {backend: redis}`,
+//! docs/adr/033) that every host uses, so that gateways and nginx nodes on
+//! one Redis and prefix share one limit and one quota per key: the key
+//! names ([`Layout`]) and the scripts that change them atomically. The
+//! scripts run the token-bucket arithmetic of [`crate::policy::limits`]
+//! inside Redis (where it must be atomic across processes).
+
+/// Key names under a prefix (`llmproxy:` by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Layout {
+    /// The layout under `prefix`.
+    pub fn new(prefix: &str) -> Layout {
+        Layout {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut s = self.prefix.clone();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                s.push(':');
+            }
+            s.push_str(p);
+        }
+        s
+    }
+
+    /// The global requests-per-minute bucket.
+    pub fn global_rpm(&self) -> String {
+        self.key(&["g", "rpm"])
+    }
+
+    /// A key's requests-per-minute bucket (`id`: the key's fingerprint).
+    pub fn key_rpm(&self, id: &str) -> String {
+        self.key(&["k", id, "rpm"])
+    }
+
+    /// A key's tokens-per-minute bucket.
+    pub fn key_tpm(&self, id: &str) -> String {
+        self.key(&["k", id, "tpm"])
+    }
+
+    /// A key's concurrency slots (a hash: instance -> requests in flight).
+    pub fn key_slots(&self, id: &str) -> String {
+        self.key(&["k", id, "slots"])
+    }
+
+    /// A key's quota usage (a hash: `used`, `cfg`, `reset`).
+    pub fn quota(&self, id: &str) -> String {
+        self.key(&["q", id])
+    }
+
+    /// An instance's announcement (its slots count while it lives).
+    pub fn instance(&self, instance: &str) -> String {
+        self.key(&["inst", instance])
+    }
+}
+
+/// Where and how to connect, from `redis://[:password@]host:port[/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// `host:port`.
+    pub addr: String,
+    /// `AUTH` password.
+    pub password: Option<String>,
+    /// `SELECT` database.
+    pub db: u32,
+}
+
+impl RedisUrl {
+    /// The host of [`RedisUrl::addr`] (brackets of an IPv6 address kept).
+    pub fn host(&self) -> &str {
+        self.addr.rsplit_once(':').map_or(self.addr.as_str(), |(h, _)| h)
+    }
+
+    /// The port of [`RedisUrl::addr`].
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(6379)
+    }
+
+    /// Parse a `redis://` URL.
+    pub fn parse(url: &str) -> Result<RedisUrl, String> {
+        let rest = url
+            .strip_prefix("redis://")
+            .ok_or_else(|| format!("'{url}' must start with redis://"))?;
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (Some(a), r),
+            None => (None, rest),
+        };
+        let (hostport, db) = match rest.split_once('/') {
+            Some((h, d)) if !d.is_empty() => (h, d.parse::<u32>().map_err(|_| format!("'{url}': bad database"))?),
+            Some((h, _)) => (h, 0),
+            None => (rest, 0),
+        };
+        if hostport.is_empty() {
+            return Err(format!("'{url}': no host"));
+        }
+        let addr = if hostport.contains(':') && !hostport.ends_with(']') {
+            hostport.to_owned()
+        } else {
+            format!("{hostport}:6379")
+        };
+        let password = auth.map(|a| a.rsplit_once(':').map_or(a, |(_, p)| p).to_owned());
+        Ok(RedisUrl {
+            addr,
+            password: password.filter(|p| !p.is_empty()),
+            db,
+        })
+    }
+}
+
+/// How long an instance's announcement lives (ms); renewed every
+/// [`HEARTBEAT_MS`].
+pub const INSTANCE_TTL_MS: u64 = 15_000;
+
+/// How often an instance renews its announcement (ms).
+pub const HEARTBEAT_MS: u64 = 5_000;
+
+/// Every script by name (the Lua module exports them so).
+pub const SCRIPTS: [(&str, &str); 5] = [
+    ("acquire", ACQUIRE),
+    ("refund", REFUND),
+    ("release", RELEASE),
+    ("charge", CHARGE),
+    ("sync_key", SYNC_KEY),
+];
+
+/// Check the quota (when asked), the limits, and take a request.
+/// KEYS: global rpm bucket, key rpm bucket, key tpm bucket, key slots,
+/// key quota. ARGV: global_rpm, key_rpm, key_tpm, key_concurrency,
+/// instance, instance key prefix, has_key, quota_total (0: no check), force.
+pub const ACQUIRE: &str = r#"
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local grpm, krpm, ktpm, kconc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local has_key = ARGV[7] == '1'
+local quota_total = tonumber(ARGV[8])
+local force = ARGV[9] == '1'
+local used = 0
+if has_key then used = tonumber(redis.call('HGET', KEYS[5], 'used') or '0') end
+if quota_total > 0 and used >= quota_total then
+  return {'quota', '0', '-1', '-1', '0', tostring(used)}
+end
+local function refill(key, limit)
+  local v = redis.call('HMGET', key, 't', 'ts', 'c')
+  local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+  if t == nil or ts == nil then return limit end
+  -- Filled for another limit (a reload changed it): keep what was used
+  -- of the old one, so a raised limit admits at once (ADR 041).
+  if c and c ~= limit then
+    t = t + (limit - c)
+    if t > limit then t = limit end
+  end
+  local dt = now - ts
+  if dt < 0 then dt = 0 end
+  t = t + dt * limit / 60000
+  if t > limit then t = limit end
+  return t
+end
+local function save(key, t, limit)
+  redis.call('HSET', key, 't', tostring(t), 'ts', tostring(now), 'c', tostring(limit))
+  local ttl = 60000
+  if t < limit then ttl = ttl + math.ceil((limit - t) * 60000 / limit) end
+  redis.call('PEXPIRE', key, ttl)
+end
+local deny, retry = '', 0
+local function refuse(kind, wait)
+  if deny == '' then deny = kind; retry = wait end
+end
+local g, k, tp
+if grpm > 0 then
+  g = refill(KEYS[1], grpm)
+  if g < 1 then refuse('global_rpm', (1 - g) * 60 / grpm) end
+end
+if has_key and krpm > 0 then
+  k = refill(KEYS[2], krpm)
+  if k < 1 then refuse('key_rpm', (1 - k) * 60 / krpm) end
+end
+if has_key and ktpm > 0 then
+  tp = refill(KEYS[3], ktpm)
+  if tp <= 0 then refuse('key_tpm', (1 - tp) * 60 / ktpm) end
+end
+local conc = 0
+if has_key then
+  local h = redis.call('HGETALL', KEYS[4])
+  for i = 1, #h, 2 do
+    if redis.call('EXISTS', ARGV[6] .. h[i]) == 1 then
+      conc = conc + tonumber(h[i + 1])
+    else
+      redis.call('HDEL', KEYS[4], h[i])
+    end
+  end
+  if kconc > 0 and conc >= kconc then refuse('key_concurrency', 1) end
+end
+if deny == '' or force then
+  if g then g = g - 1 end
+  if k then k = k - 1 end
+  if has_key then
+    redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
+    redis.call('PEXPIRE', KEYS[4], 86400000)
+    conc = conc + 1
+  end
+  if force then deny = '' end
+end
+local grem, krem = -1, -1
+if g then save(KEYS[1], g, grpm); grem = math.max(0, math.floor(g)) end
+if k then save(KEYS[2], k, krpm); krem = math.max(0, math.floor(k)) end
+if tp then save(KEYS[3], tp, ktpm) end
+if deny == '' then deny = 'ok' end
+return {deny, tostring(retry), tostring(grem), tostring(krem), tostring(conc), tostring(used)}
+"#;
+
+/// Give back one request. KEYS: global rpm, key rpm, key slots. ARGV:
+/// global_rpm, key_rpm, instance, has_key.
+pub const REFUND: &str = r#"
+local function give(key, limit)
+  if limit > 0 then
+    local t = tonumber(redis.call('HGET', key, 't'))
+    if t then
+      t = t + 1
+      if t > limit then t = limit end
+      redis.call('HSET', key, 't', tostring(t))
+    end
+  end
+end
+give(KEYS[1], tonumber(ARGV[1]))
+if ARGV[4] == '1' then
+  give(KEYS[2], tonumber(ARGV[2]))
+  local n = redis.call('HINCRBY', KEYS[3], ARGV[3], -1)
+  if n <= 0 then redis.call('HDEL', KEYS[3], ARGV[3]) end
+end
+return 1
+"#;
+
+/// Free a slot. KEYS: key slots. ARGV: instance.
+pub const RELEASE: &str = r#"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return n
+"#;
+
+/// Charge a finished request. KEYS: key quota, key tpm bucket. ARGV:
+/// billable, tokens, key_tpm, answered (Unix ms: not charged to the quota
+/// when the key was reset after it, field `reset`, docs/adr/043).
+pub const CHARGE: &str = r#"
+local used
+if tonumber(ARGV[4]) >= tonumber(redis.call('HGET', KEYS[1], 'reset') or '0') then
+  used = redis.call('HINCRBY', KEYS[1], 'used', tonumber(ARGV[1]))
+else
+  used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+end
+local ktpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[2])
+if ktpm > 0 and tokens > 0 then
+  local tm = redis.call('TIME')
+  local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+  local v = redis.call('HMGET', KEYS[2], 't', 'ts', 'c')
+  local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+  if t == nil or ts == nil then t = ktpm; ts = now end
+  if c and c ~= ktpm then
+    t = t + (ktpm - c)
+    if t > ktpm then t = ktpm end
+  end
+  local dt = now - ts
+  if dt < 0 then dt = 0 end
+  t = t + dt * ktpm / 60000
+  if t > ktpm then t = ktpm end
+  t = t - tokens
+  redis.call('HSET', KEYS[2], 't', tostring(t), 'ts', tostring(now), 'c', tostring(ktpm))
+  redis.call('PEXPIRE', KEYS[2], 60000 + math.ceil((ktpm - t) * 60000 / ktpm))
+end
+return used
+"#;
+
+/// Start or reset a key's usage. KEYS: key quota. ARGV: configured used.
+pub const SYNC_KEY: &str = r#"
+local cfg = redis.call('HGET', KEYS[1], 'cfg')
+if cfg ~= ARGV[1] then
+  redis.call('HSET', KEYS[1], 'used', ARGV[1], 'cfg', ARGV[1])
+  return tonumber(ARGV[1])
+end
+return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!((u.host(), u.port()), ("127.0.0.1", 6380));
+        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!(
+            (u.addr.as_str(), u.db, u.password.as_deref()),
+            ("127.0.0.1:6380", 2, None)
+        );
+        let u = RedisUrl::parse("redis://:s3cret@localhost").unwrap();
+        assert_eq!(
+            (u.addr.as_str(), u.password.as_deref()),
+            ("localhost:6379", Some("s3cret"))
+        );
+        assert!(RedisUrl::parse("http://x").is_err());
+        assert!(RedisUrl::parse("redis://h:1/x").is_err());
+    }
+
+    #[test]
+    fn the_layout_is_stable() {
+        let l = Layout::new("llmproxy:");
+        assert_eq!(
+            [
+                l.global_rpm(),
+                l.key_rpm("fp"),
+                l.key_tpm("fp"),
+                l.key_slots("fp"),
+                l.quota("fp"),
+                l.instance("i1"),
+                l.instance(""),
+            ],
+            [
+                "llmproxy:g:rpm",
+                "llmproxy:k:fp:rpm",
+                "llmproxy:k:fp:tpm",
+                "llmproxy:k:fp:slots",
+                "llmproxy:q:fp",
+                "llmproxy:inst:i1",
+                "llmproxy:inst:",
+            ]
+        );
+    }
+}
