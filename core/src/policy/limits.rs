@@ -21,6 +21,9 @@ use serde::Serialize;
 use crate::config::LimitsConfig;
 use crate::hooks::RateLimitStatus;
 
+/// The period of every `limits:` rate (ms).
+const MINUTE_MS: f64 = 60_000.0;
+
 /// What `rate_limit_status` shows for a limit that is not set.
 pub const UNLIMITED: i64 = i32::MAX as i64;
 
@@ -119,21 +122,31 @@ impl Bucket {
     /// of the old one: a raised limit admits at once, a lowered one counts
     /// what was used against the new capacity (docs/adr/041).
     pub fn refill(&mut self, limit: u64, now_ms: f64) {
+        self.refill_over(limit, MINUTE_MS, now_ms);
+    }
+
+    /// [`Bucket::refill`] for `limit` tokens per `window_ms`.
+    pub fn refill_over(&mut self, limit: u64, window_ms: f64, now_ms: f64) {
         let cap = limit as f64;
         if limit != self.limit {
             self.tokens = (self.tokens + cap - self.limit as f64).min(cap);
             self.limit = limit;
         }
         let dt = (now_ms - self.at_ms).max(0.0);
-        self.tokens = (self.tokens + dt * cap / 60_000.0).min(cap);
+        self.tokens = (self.tokens + dt * cap / window_ms.max(1.0)).min(cap);
         self.at_ms = self.at_ms.max(now_ms);
     }
 
     /// Seconds until the bucket holds `need` tokens.
     pub fn wait_for(&self, need: f64) -> f64 {
-        let per_sec = self.limit as f64 / 60.0;
+        self.wait_for_over(need, MINUTE_MS)
+    }
+
+    /// [`Bucket::wait_for`] for a bucket refilled over `window_ms`.
+    pub fn wait_for_over(&self, need: f64, window_ms: f64) -> f64 {
+        let per_sec = self.limit as f64 * 1000.0 / window_ms.max(1.0);
         if per_sec <= 0.0 {
-            return 60.0;
+            return window_ms / 1000.0;
         }
         ((need - self.tokens) / per_sec).max(0.0)
     }

@@ -9,10 +9,13 @@
 //!   minute, ledger columns, usage metrics).
 //! - [`limits`]: the standard rate limiter's token buckets (what a
 //!   request takes, what is given back, what a response is charged).
+//! - [`throttle`]: the auth throttle (clients that keep failing key
+//!   checks).
 //! - [`metrics`]: the metric catalog (names, types, help, labels).
 
 pub mod failure;
 pub mod limits;
 pub mod metrics;
 pub mod sse;
+pub mod throttle;
 pub mod usage;

@@ -17,6 +17,7 @@
 
 use llmproxy_core::config::LimitsConfig;
 use llmproxy_core::policy::limits::{self, Bucket, Counters};
+use llmproxy_core::policy::throttle::{client_key, message, Check, Throttle};
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
 
 /// The limits a limiter applies.
@@ -120,4 +121,36 @@ pub(crate) fn from_table(_: &Lua, t: Table) -> mlua::Result<LuaLimiter> {
         key_concurrency: n("key_concurrency")?,
         ..LimitsConfig::default()
     }))
+}
+
+/// `engine:auth_throttle()`: the core's auth throttle for the config's
+/// `gateway.auth_throttle` (`llmproxy_core::policy::throttle`), for a host
+/// that keeps the buckets (text, as the limiter's) on the Lua side.
+///
+/// ```lua
+/// local key = throttle:client_key(ngx.var.remote_addr)  -- nil: not an address
+/// local wait, recovered, message = throttle:check(now_ms, dict:get("a:" .. key))
+/// local value, ttl = throttle:failed(now_ms, dict:get("a:" .. key))
+/// ```
+pub(crate) struct LuaThrottle(pub(crate) Throttle);
+
+impl UserData for LuaThrottle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("enabled", |_, this, ()| Ok(this.0.enabled()));
+        methods.add_method("client_key", |_, _, ip: mlua::BorrowedStr| {
+            Ok(ip.parse::<std::net::IpAddr>().ok().map(|ip| client_key(ip).to_string()))
+        });
+        methods.add_method("check", |_, this, (now_ms, stored): (f64, Value)| {
+            let mut b = load(&stored);
+            Ok(match this.0.check(b.as_mut(), now_ms) {
+                Check::Pass => (None, false, None),
+                Check::Recovered => (None, true, None),
+                Check::Wait(s) => (Some(s), false, Some(message("API key", s))),
+            })
+        });
+        methods.add_method("failed", |_, this, (now_ms, stored): (f64, Value)| {
+            let b = this.0.failed(load(&stored), now_ms);
+            Ok((b.encode(), this.0.idle_ttl_s(&b).max(0.001)))
+        });
+    }
 }

@@ -386,6 +386,14 @@ impl UserData for LuaEngine {
         methods.add_method("limiter", |_, this, ()| {
             Ok(limiter::LuaLimiter(this.engine.config().limits.clone()))
         });
+        // engine:auth_throttle() -> the core's auth throttle for the config's
+        // `gateway.auth_throttle` (see `limiter.rs`).
+        methods.add_method("auth_throttle", |_, this, ()| {
+            let cfg = &this.engine.config().gateway.auth_throttle;
+            Ok(limiter::LuaThrottle(llmproxy_core::policy::throttle::Throttle::new(
+                cfg,
+            )))
+        });
         // engine:ledger_record(tbl) -> true (queued), false (the queue was
         // full: dropped and counted), nil (no ledger). Never blocks.
         methods.add_method("ledger_record", |_, this, t: Table| {

@@ -417,6 +417,7 @@ local function load(config, opts)
     local any_limit = admission.global_rpm > 0 or admission.key_rpm > 0 or admission.key_tpm > 0
         or admission.key_concurrency > 0
     local state_cfg = engine:state()
+    local throttle = engine:auth_throttle()
     local redis
     local node = opts.node or (ngx_var_hostname() .. "-" .. ngx.worker.pid())
     if state_cfg.backend == "redis" then
@@ -466,6 +467,8 @@ local function load(config, opts)
         admission = admission,
         limits_dict = dict, -- nil: no counters (scripts see unlimited status)
         limiter = engine:limiter(), -- the core's rule for `limits:`
+        throttle = throttle, -- the core's auth throttle (`gateway.auth_throttle`)
+        throttle_on = throttle:enabled(),
         redis = redis, -- `state: {backend: redis}`: counters and quotas there
         state_on_error = state_cfg.on_error,
         ledger = engine:ledger_stats() ~= nil,
@@ -1254,6 +1257,15 @@ local function admit(state, ctx)
         req_clear_header("X-Api-Key")
         local refusal = authenticate(state, ctx, entry, used)
         if refusal then
+            if refusal.code == "invalid_api_key" and state.throttle_on and state.limits_dict then
+                -- The standard 401 (no key, an unknown one) counts against
+                -- the client's address (the auth throttle).
+                local ok, terr = limits.throttle_failed(state.limits_dict, state.throttle, ngx_var.remote_addr,
+                    ngx_now())
+                if not ok then
+                    ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot count a failed key check: ", tostring(terr))
+                end
+            end
             return refusal
         end
     end
@@ -1389,15 +1401,16 @@ end
 -- stream's body asks the backend for usage. Failures (a body that is too
 -- large or not JSON, no backend, a refusal) answer through
 -- `error_handler` with the gateway's error bodies; 503 when no engine is
--- loaded (naming `lua_code_cache` when that is why). `GET .../v1/models`
--- is answered here, as the gateway does: the config's model list, no
--- admission, no backend.
+-- loaded (naming `lua_code_cache` when that is why). `GET /v1/models`
+-- (that path exactly, as the gateway matches it; `models()` serves other
+-- locations) is answered here: the config's model list, no admission, no
+-- backend.
 -- @phases access
 -- @usage access_by_lua_block { require("resty.llmproxy").access() }
 function _M.access()
     check_phase("access", "access")
     local state = current
-    if state and req_get_method() == "GET" and find(ngx_var.uri, "/v1/models$") then
+    if state and req_get_method() == "GET" and ngx_var.uri == "/v1/models" then
         return send_local(200, state.models_body) -- the gateway's: no auth, no backend
     end
     local ctx = { state = state, started = ngx_now() }
@@ -1406,6 +1419,21 @@ function _M.access()
         ctx.id = ngx_var.request_id
         ctx.handled = true
         return no_engine()
+    end
+    local dict = state.limits_dict
+    if dict and state.throttle_on then
+        -- A client that failed too many key checks is refused before its
+        -- key is looked at (the gateway's auth throttle, core's rule).
+        local wait, message = limits.throttle_check(dict, state.throttle, ngx_var.remote_addr, ngx_now())
+        if wait then
+            ctx.id = ngx_var.request_id
+            ctx.handled = true
+            ngx_log(WARN, "llmproxy: refused: too many failed API key checks from ", ngx_var.remote_addr)
+            ngx_header["Retry-After"] = wait
+            return send_local(429, state.encode({
+                error = { message = message, type = "rate_limit", code = "too_many_auth_failures" },
+            }))
+        end
     end
     local f = prepare_request(state, ctx)
     if f then

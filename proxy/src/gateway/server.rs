@@ -208,11 +208,8 @@ fn throttled<B>(req: &Request<B>, wait: u64, what: &str) -> Response<GatewayBody
         retry_after = wait,
         "refused: too many failed {what} checks from this address"
     );
-    let body = super::errors::error_body(
-        &format!("too many failed {what} attempts from this address; retry after {wait} s"),
-        "rate_limit",
-        "too_many_auth_failures",
-    );
+    use llmproxy_core::policy::throttle;
+    let body = super::errors::error_body(&throttle::message(what, wait), "rate_limit", throttle::CODE);
     let mut resp = local(req, StatusCode::TOO_MANY_REQUESTS, "application/json", body);
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
     resp

@@ -1,12 +1,7 @@
 //! Throttling of clients that keep presenting wrong credentials
-//! (`gateway.auth_throttle`, docs/adr/039).
-//!
-//! One token bucket per client address: `max_failures` tokens, refilled
-//! continuously at `max_failures / window_s` per second; every failed API
-//! key check (the standard 401) or admin token check takes one. A client
-//! whose bucket is empty is answered 429 with `Retry-After` before its key
-//! or token is looked at, so guessing is held to `max_failures` per window.
-//! IPv6 clients are grouped by /64 (one host usually owns a whole /64).
+//! (`gateway.auth_throttle`, docs/adr/039): the core's rule
+//! (`llmproxy_core::policy::throttle`, nginx's too) over a map of buckets
+//! per client address, one map per kind of credential.
 //!
 //! The map is bounded (`max_clients`): full buckets are dropped when it
 //! fills up, and an address that still finds no room is not tracked (the
@@ -21,7 +16,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use llmproxy_core::config::AuthThrottleConfig;
+use llmproxy_core::policy::limits::Bucket;
 use llmproxy_core::policy::metrics as catalog;
+use llmproxy_core::policy::throttle::{client_key, Check, Throttle};
 
 /// What the failed check was for (the `kind` label of the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,18 +38,13 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// The failure buckets of one kind of credential.
 #[derive(Debug)]
 pub struct AuthThrottle {
     kind: Kind,
-    capacity: f64,
-    per_sec: f64,
+    rule: Throttle,
+    /// Where the buckets' clock starts.
+    origin: Instant,
     max_clients: usize,
     tracked: AtomicUsize,
     clients: Mutex<HashMap<IpAddr, Bucket>>,
@@ -60,27 +52,13 @@ pub struct AuthThrottle {
     throttled: AtomicU64,
 }
 
-/// The address a client is tracked under: IPv4 (IPv4-mapped IPv6
-/// included) as is, IPv6 by its /64.
-fn client_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let mut o = v6.octets();
-            o[8..].fill(0);
-            IpAddr::from(o)
-        }
-        v4 => v4,
-    }
-}
-
 impl AuthThrottle {
     /// A throttle for `kind` with `config` (`max_failures` 0: never throttles).
     pub fn new(kind: Kind, config: &AuthThrottleConfig) -> AuthThrottle {
-        let capacity = f64::from(config.max_failures);
         AuthThrottle {
             kind,
-            capacity,
-            per_sec: capacity / config.window_s.max(1) as f64,
+            rule: Throttle::new(config),
+            origin: Instant::now(),
             max_clients: config.max_clients.max(1),
             tracked: AtomicUsize::new(0),
             clients: Mutex::new(HashMap::new()),
@@ -89,48 +67,48 @@ impl AuthThrottle {
         }
     }
 
-    fn refill(&self, b: &mut Bucket, now: Instant) {
-        let dt = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + dt * self.per_sec).min(self.capacity);
-        b.at = now;
+    /// Whole milliseconds on the throttle's clock (whole numbers keep the
+    /// bucket arithmetic exact).
+    fn ms(&self, now: Instant) -> f64 {
+        now.saturating_duration_since(self.origin).as_millis() as f64
     }
 
     /// Seconds `ip` must wait before its next attempt, or `None` when it may
     /// try now. Counts the refusal in the metrics.
     pub fn check(&self, ip: IpAddr, now: Instant) -> Option<u64> {
-        if self.capacity <= 0.0 || self.tracked.load(Ordering::Relaxed) == 0 {
+        if !self.rule.enabled() || self.tracked.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let key = client_key(ip);
-        let b = clients.get_mut(&key)?;
-        self.refill(b, now);
-        if b.tokens >= self.capacity {
-            // Recovered: forget it.
-            clients.remove(&key);
-            self.tracked.store(clients.len(), Ordering::Relaxed);
-            return None;
+        match self.rule.check(clients.get_mut(&key), self.ms(now)) {
+            Check::Pass => None,
+            Check::Recovered => {
+                clients.remove(&key);
+                self.tracked.store(clients.len(), Ordering::Relaxed);
+                None
+            }
+            Check::Wait(s) => {
+                self.throttled.fetch_add(1, Ordering::Relaxed);
+                Some(s)
+            }
         }
-        if b.tokens >= 1.0 {
-            return None;
-        }
-        self.throttled.fetch_add(1, Ordering::Relaxed);
-        Some(((1.0 - b.tokens) / self.per_sec).ceil().max(1.0) as u64)
     }
 
     /// `ip` failed a check.
     pub fn failed(&self, ip: IpAddr, now: Instant) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        if self.capacity <= 0.0 {
+        if !self.rule.enabled() {
             return;
         }
         let key = client_key(ip);
+        let now_ms = self.ms(now);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if !clients.contains_key(&key) && clients.len() >= self.max_clients {
             // Forget the clients that have recovered; if none has, this
             // one is not tracked.
-            let (cap, per_sec) = (self.capacity, self.per_sec);
-            clients.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec < cap);
+            let rule = self.rule;
+            clients.retain(|_, b| rule.check(Some(b), now_ms) != Check::Recovered);
             if clients.len() >= self.max_clients {
                 tracing::warn!(
                     target: "llmproxy::gateway",
@@ -141,12 +119,8 @@ impl AuthThrottle {
                 return;
             }
         }
-        let b = clients.entry(key).or_insert(Bucket {
-            tokens: self.capacity,
-            at: now,
-        });
-        self.refill(b, now);
-        b.tokens = (b.tokens - 1.0).max(0.0);
+        let b = self.rule.failed(clients.get(&key).copied(), now_ms);
+        clients.insert(key, b);
         self.tracked.store(clients.len(), Ordering::Relaxed);
     }
 

@@ -12,7 +12,8 @@
 -- log() on every path without the lock.
 --
 -- Keys: `g` (the global bucket), `r:<id>`, `t:<id>` (the key's request and
--- token buckets), `c:<id>` (its requests in flight), `lock`.
+-- token buckets), `c:<id>` (its requests in flight), `a:<address>` (the
+-- auth throttle's bucket of a client), `lock`.
 --
 -- @module resty.llmproxy.limits
 
@@ -195,6 +196,45 @@ function _M.charge_tokens(dict, limiter, id, tokens, now)
         return true
     end
     return charge(dict, limiter, id, tokens, now, false)
+end
+
+--- May the client at `ip` try a key now (the auth throttle)? A read: a
+-- recovered client's bucket is dropped, nothing else is written.
+-- @param throttle the core's rule (`engine:auth_throttle()`)
+-- @tparam string ip the client's address
+-- @tparam number now seconds
+-- @treturn number|nil seconds to wait (429), or nil
+-- @treturn string|nil what the client is told then
+function _M.throttle_check(dict, throttle, ip, now)
+    local key = throttle:client_key(ip)
+    if not key then
+        return nil
+    end
+    key = "a:" .. key
+    local stored = dict:get(key)
+    if stored == nil then
+        return nil
+    end
+    local wait, recovered, message = throttle:check(now * 1000, stored)
+    if recovered then
+        dict:delete(key)
+    end
+    return wait, message
+end
+
+local function throttle_failed_locked(dict, throttle, key, now)
+    local value, ttl = throttle:failed(now * 1000, dict:get(key))
+    return put(dict, key, value, ttl)
+end
+
+--- The client at `ip` failed a key check (the standard 401).
+-- @treturn boolean|nil true, or nil and an error
+function _M.throttle_failed(dict, throttle, ip, now)
+    local key = throttle:client_key(ip)
+    if not key then
+        return true
+    end
+    return locked(dict, true, throttle_failed_locked, dict, throttle, "a:" .. key, now)
 end
 
 return _M
