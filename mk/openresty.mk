@@ -49,7 +49,7 @@ DESTDIR  ?=
 LUA_LDIR ?= $(PREFIX)/share/lua/5.1
 
 TEST_TARGETS += test-openresty test-openai-client-nginx test-rock
-LUA_SOURCES  += openresty/lib t/lib/*.lua
+LUA_SOURCES  += openresty/lib openresty/bench t/lib/*.lua
 
 # The same venv and mock backend as mk/proxy.mk's test-openai-client (its
 # rule makes the venv: mk/proxy.mk is read after this file, so the venv is

@@ -75,7 +75,7 @@ YAML
 head -4 "$tmp/llmproxy.yaml" > "$tmp/bare.yaml"
 echo "scripts: {}" >> "$tmp/bare.yaml"
 
-# nginx_conf DIR PORT WORKERS llmproxy|plain|floor [YAML]
+# nginx_conf DIR PORT WORKERS llmproxy|plain|floor|handwritten [YAML]
 nginx_conf() {
   local d=$1 p=$2 w=$3 kind=$4 yaml=${5:-$tmp/llmproxy.yaml}
   mkdir -p "$d/logs"
@@ -113,6 +113,32 @@ NGX
       header_filter_by_lua_block { }
       body_filter_by_lua_block   { }
       log_by_lua_block           { }
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_pass http://backend;
+    }
+  }
+}
+NGX
+    elif [ "$kind" = handwritten ]; then
+      cat <<NGX
+  lua_package_path "$REPO/openresty/bench/?.lua;;";
+  lua_shared_dict handwritten 10m;
+  init_by_lua_block { require "handwritten" }
+  upstream backend {
+    server 0.0.0.1;
+    balancer_by_lua_block { require("handwritten").balancer($MOCK) }
+    keepalive 256;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$p;
+    client_body_buffer_size 1m;
+    location / {
+      access_by_lua_block      { require("handwritten").access() }
+      body_filter_by_lua_block { require("handwritten").body_filter() }
+      log_by_lua_block         { require("handwritten").log() }
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering off;
@@ -181,12 +207,15 @@ peak() {
 
 results=()
 for W in 1 2; do
-  PP=$(port); LP=$(port); BP=$(port); FP=$(port)
+  PP=$(port); LP=$(port); BP=$(port); FP=$(port); HP=$(port)
+  nginx_conf "$tmp/nh$W" $HP $W handwritten
   nginx_conf "$tmp/np$W" $PP $W plain
   nginx_conf "$tmp/nl$W" $LP $W llmproxy
   nginx_conf "$tmp/nb$W" $BP $W llmproxy "$tmp/bare.yaml"
   nginx_conf "$tmp/nf$W" $FP $W floor
-  wait_up $PP; wait_up $LP; wait_up $BP; wait_up $FP
+  wait_up $PP; wait_up $LP; wait_up $BP; wait_up $FP; wait_up $HP
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "$LOADGEN_HEADER" -d "$BODY" "http://127.0.0.1:$HP/v1/chat/completions")
+  [ "$code" = 200 ] || { echo "bench-openresty: the hand-written baseline answered $code" >&2; cat "$tmp/nh$W/logs/error.log" >&2; exit 1; }
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "$LOADGEN_HEADER" -d "$BODY" "http://127.0.0.1:$LP/v1/chat/completions")
   [ "$code" = 200 ] || { echo "bench-openresty: llmproxy answered $code" >&2; cat "$tmp/nl$W/logs/error.log" >&2; exit 1; }
   : > "$tmp/nl$W/logs/error.log" # wait_up's keyless probe is refused (logged): not part of the run
@@ -197,7 +226,8 @@ for W in 1 2; do
     R_F=$(peak "http://127.0.0.1:$FP/v1/chat/completions" "$tmp/nf$W"); echo "floor    $R_F" >&2
     R_L=$(peak "http://127.0.0.1:$LP/v1/chat/completions" "$tmp/nl$W"); echo "llmproxy $R_L" >&2
     R_B=$(peak "http://127.0.0.1:$BP/v1/chat/completions" "$tmp/nb$W"); echo "no hooks $R_B" >&2
-    rounds+=("{\"rp\":$R_P,\"rf\":$R_F,\"rl\":$R_L,\"rb\":$R_B}")
+    R_H=$(peak "http://127.0.0.1:$HP/v1/chat/completions" "$tmp/nh$W"); echo "by hand  $R_H" >&2
+    rounds+=("{\"rp\":$R_P,\"rf\":$R_F,\"rl\":$R_L,\"rb\":$R_B,\"rh\":$R_H}")
   done
   MED=$(python3 bench/lib/rounds.py peaks rl rp "${rounds[@]}")
   HALF=$(python3 bench/lib/rounds.py half rp rl "$MED")
@@ -213,7 +243,7 @@ for W in 1 2; do
   errs=$(grep -c '\[error\]' "$tmp/nl$W/logs/error.log" || true)
   grep '\[error\]' "$tmp/nl$W/logs/error.log" | head -3 >&2 || true
   results+=("{\"workers\":$W,\"med\":$MED,\"half\":$HMED,\"log_errors\":$errs}")
-  for k in p l b f; do stop_nginx "$tmp/n$k$W"; done
+  for k in p l b f h; do stop_nginx "$tmp/n$k$W"; done
 done
 
 python3 - "$OUT" "$(nproc)" "$CONNS" "$DUR" "$(nginx -v 2>&1)" "$ROUNDS" "${results[@]}" <<'PY'
@@ -235,7 +265,9 @@ lines = [
     "standard checks and the shared-dict limiter (`limits:` global and per-key rpm and per-key "
     "concurrency set high enough never to refuse; quota charged per request; no ledger); "
     "the module with no keys, limits or scripts (request parsing, usage capture, metrics); and, as the "
-    "floor of any Lua module, empty Lua handlers in the same five phases (`balancer_by_lua` sets the peak). "
+    "floor of any Lua module, empty Lua handlers in the same five phases (`balancer_by_lua` sets the peak); "
+    "and what an OpenResty user would write instead: the same four seed rules by hand in plain, unsandboxed "
+    "OpenResty Lua (`openresty/bench/handwritten.lua`: lua-cjson, JIT on, a shared-dict limiter). "
     f"Load: `target/release/examples/loadgen` (one thread), {conns} keep-alive connections, "
     f"{dur} s per run, non-streamed chat completions (~250-byte body, `Authorization: Bearer`); "
     f"{rounds} interleaved rounds of the four peak runs, the median round per row. "
@@ -252,7 +284,8 @@ for r in runs:
     m = r["med"]
     for name, x in (("plain proxy_pass", m["rp"]), ("empty Lua handlers in the five phases (floor)", m["rf"]),
                     ("llmproxy (auth + rate_limit + routing + usage)", m["rl"]),
-                    ("llmproxy, no keys, limits or hooks", m["rb"])):
+                    ("llmproxy, no keys, limits or hooks", m["rb"]),
+                    ("the same four seed rules hand-written in plain OpenResty Lua (cjson, shared-dict limiter)", m["rh"])):
         lines.append(f"| {r['workers']} | {name} | {x['rps']:.0f} | {x['p50_ms']:.3f} | {x['p99_ms']:.3f} | "
                      f"{x['errors']} | {x['cpu_us']:.1f} |")
 lines += ["", "At a fixed rate of half of the lower peak (latency from each request's scheduled start; "
@@ -273,6 +306,8 @@ for r in runs:
                  f">= 0.90 | {ok(ratio >= 0.9)} |")
     lines.append(f"| {r['workers']} | plain proxy_pass CPU / llmproxy CPU per request (the ratio where nginx is "
                  f"the bottleneck) | {m['rp']['cpu_us'] / m['rl']['cpu_us']:.2f} | (reported) | - |")
+    lines.append(f"| {r['workers']} | llmproxy CPU / hand-written OpenResty CPU per request | "
+                 f"{m['rl']['cpu_us'] / m['rh']['cpu_us']:.2f} | (reported) | - |")
     lines.append(f"| {r['workers']} | p99 added at half of peak (rounds: {added_rounds} ms) | {added:.3f} ms | "
                  f"<= 0.5 ms | {ok(added <= 0.5)} |")
     lines.append(f"| {r['workers']} | `[error]` lines in the llmproxy nginx's log | {r['log_errors']} | 0 | {ok(r['log_errors'] == 0)} |")

@@ -165,19 +165,35 @@ impl Bucket {
         (self.limit as f64 - self.tokens).max(0.0) * 60.0 / self.limit as f64
     }
 
-    /// The bucket as a store's text value: `tokens/at_ms/limit`.
-    pub fn encode(&self) -> String {
-        format!("{}/{}/{}", self.tokens, self.at_ms, self.limit)
+    /// The bucket as a store's value: 24 bytes (tokens, time, limit; little
+    /// endian), cheaper to write and read than text on every request.
+    pub fn to_bytes(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[..8].copy_from_slice(&self.tokens.to_le_bytes());
+        out[8..16].copy_from_slice(&self.at_ms.to_le_bytes());
+        out[16..].copy_from_slice(&self.limit.to_le_bytes());
+        out
     }
 
-    /// Parse [`Bucket::encode`]; `None` for anything else (the store then
+    /// Read [`Bucket::to_bytes`]; `None` for anything else (the store then
     /// starts a full bucket).
-    pub fn decode(s: &str) -> Option<Bucket> {
-        let mut it = s.splitn(3, '/');
-        let tokens = it.next()?.parse::<f64>().ok().filter(|t| t.is_finite())?;
-        let at_ms = it.next()?.parse::<f64>().ok().filter(|t| t.is_finite())?;
-        let limit = it.next()?.parse::<u64>().ok()?;
-        Some(Bucket { tokens, at_ms, limit })
+    pub fn from_bytes(b: &[u8]) -> Option<Bucket> {
+        let b: &[u8; 24] = b.try_into().ok()?;
+        let f = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i..i + 8]);
+            x
+        };
+        let tokens = f64::from_le_bytes(f(0));
+        let at_ms = f64::from_le_bytes(f(8));
+        if !tokens.is_finite() || !at_ms.is_finite() {
+            return None;
+        }
+        Some(Bucket {
+            tokens,
+            at_ms,
+            limit: u64::from_le_bytes(f(16)),
+        })
     }
 }
 
@@ -447,15 +463,17 @@ mod tests {
     }
 
     #[test]
-    fn a_bucket_round_trips_through_its_text() {
+    fn a_bucket_round_trips_through_its_bytes() {
         let b = Bucket {
             tokens: -12.5,
             at_ms: 1_733_300_000_123.25,
             limit: 60,
         };
-        assert_eq!(Bucket::decode(&b.encode()), Some(b));
-        for bad in ["", "1/2", "x/2/3", "1/2/-3", "NaN/2/3", "inf/1/1"] {
-            assert_eq!(Bucket::decode(bad), None, "{bad}");
+        assert_eq!(Bucket::from_bytes(&b.to_bytes()), Some(b));
+        let mut nan = b.to_bytes();
+        nan[..8].copy_from_slice(&f64::NAN.to_le_bytes());
+        for bad in [&b""[..], b"1/2/3", &b.to_bytes()[..23], &nan[..]] {
+            assert_eq!(Bucket::from_bytes(bad), None, "{bad:?}");
         }
     }
 

@@ -1,16 +1,20 @@
 //! `engine:limiter()` (the config's `limits:`) and `llmproxy.limiter(t)`:
 //! the core's token-bucket rule (`llmproxy_core::policy::limits`) for a
 //! host whose store is on the Lua side, as nginx's shared dict is. The host
-//! loads the buckets (text values, `nil` when absent), calls, and saves
+//! loads the buckets (the core's byte form, `nil` when absent), calls, and saves
 //! what comes back with its time to live; the arithmetic is the core's, the
 //! same the gateway runs.
 //!
+//! Values are the core's 24-byte bucket form; results come back as
+//! multiple values (no tables: this runs on every request).
+//!
 //! ```lua
-//! local v = limiter:acquire(now_ms, has_key, force, g, r, t, in_flight)
-//! -- v.took, v.status (rate_limit_status), v.denial ({kind, code,
-//! -- message, retry_after} or nil), v.g / v.r / v.t (new values or nil
-//! -- when that limit is off) and v.g_ttl / v.r_ttl / v.t_ttl (seconds)
-//! local b = limiter:refund(has_key, g, r)   -- b.g, b.g_ttl, b.r, b.r_ttl
+//! local took, kind, retry_after, global_remaining, key_remaining, in_flight,
+//!       g, g_ttl, r, r_ttl, t, t_ttl =
+//!     limiter:acquire(now_ms, has_key, force, g, r, t, in_flight)
+//! -- kind: the refusing limit or nil; g, r, t: new values, nil when that
+//! -- limit is off; *_ttl: seconds the store may keep them
+//! local g, g_ttl, r, r_ttl = limiter:refund(has_key, g, r)
 //! local t, ttl = limiter:charge(now_ms, t, tokens)
 //! local code, message = limiter:describe("key_rpm")  -- a refusal's words
 //! ```
@@ -26,19 +30,22 @@ pub(crate) struct LuaLimiter(pub(crate) LimitsConfig);
 /// A stored value as a bucket (`None`: absent or not one of ours).
 fn load(v: &Value) -> Option<Bucket> {
     match v {
-        Value::String(s) => Bucket::decode(&s.to_str().ok()?),
+        Value::String(s) => Bucket::from_bytes(&s.as_bytes()),
         _ => None,
     }
 }
 
-/// Set `name` and `name_ttl` in `out` for a bucket kept for a set limit.
-fn save(out: &Table, name: &str, b: Option<Bucket>, limit: u64) -> mlua::Result<()> {
-    if let Some(b) = b.filter(|_| limit > 0) {
-        out.raw_set(name, b.encode())?;
-        // A full bucket may go at once; 0 would mean "never" to nginx.
-        out.raw_set(format!("{name}_ttl"), b.idle_ttl_s().max(0.001))?;
+/// A bucket kept for a set limit as a value and its time to live, else
+/// `nil, nil`.
+fn save(lua: &Lua, b: Option<Bucket>, limit: u64) -> mlua::Result<(Value, Value)> {
+    match b.filter(|_| limit > 0) {
+        Some(b) => Ok((
+            Value::String(lua.create_string(b.to_bytes())?),
+            // A full bucket may go at once; 0 would mean "never" to nginx.
+            Value::Number(b.idle_ttl_s().max(0.001)),
+        )),
+        None => Ok((Value::Nil, Value::Nil)),
     }
-    Ok(())
 }
 
 impl UserData for LuaLimiter {
@@ -56,27 +63,26 @@ impl UserData for LuaLimiter {
                     in_flight: u64::try_from(in_flight.unwrap_or(0)).unwrap_or(0),
                 };
                 let v = limits::acquire(lim, &mut c, has_key, now_ms, force);
-                let out = lua.create_table_with_capacity(0, 10)?;
-                out.raw_set("took", v.took)?;
-                let status = lua.create_table_with_capacity(0, 3)?;
-                status.raw_set("global_remaining", v.status.global_remaining)?;
-                status.raw_set("key_remaining", v.status.key_remaining)?;
-                status.raw_set("concurrent_count", v.status.concurrent_count)?;
-                out.raw_set("status", status)?;
-                if let Some(d) = v.denial {
-                    let denial = lua.create_table_with_capacity(0, 4)?;
-                    denial.raw_set("kind", d.kind.as_str())?;
-                    denial.raw_set("code", d.kind.code())?;
-                    denial.raw_set("message", d.kind.message())?;
-                    denial.raw_set("retry_after", d.retry_after)?;
-                    out.raw_set("denial", denial)?;
-                }
-                save(&out, "g", c.global, lim.global_rpm)?;
-                if has_key {
-                    save(&out, "r", c.rpm, lim.key_rpm)?;
-                    save(&out, "t", c.tpm, lim.key_tpm)?;
-                }
-                Ok(out)
+                let (g, g_ttl) = save(lua, c.global, lim.global_rpm)?;
+                let key = |b, limit| if has_key { save(lua, b, limit) } else { Ok((Value::Nil, Value::Nil)) };
+                let (r, r_ttl) = key(c.rpm, lim.key_rpm)?;
+                let (t, t_ttl) = key(c.tpm, lim.key_tpm)?;
+                let kind = v.denial.map(|d| d.kind.as_str());
+                let retry_after = v.denial.map(|d| d.retry_after);
+                Ok(mlua::Variadic::from_iter([
+                    Value::Boolean(v.took),
+                    kind.map_or(Ok(Value::Nil), |k| lua.create_string(k).map(Value::String))?,
+                    retry_after.map_or(Value::Nil, Value::Number),
+                    Value::Integer(v.status.global_remaining),
+                    Value::Integer(v.status.key_remaining),
+                    Value::Integer(v.status.concurrent_count),
+                    g,
+                    g_ttl,
+                    r,
+                    r_ttl,
+                    t,
+                    t_ttl,
+                ]))
             },
         );
         methods.add_method("refund", |lua, this, (has_key, g, r): (bool, Value, Value)| {
@@ -87,25 +93,23 @@ impl UserData for LuaLimiter {
                 ..Counters::default()
             };
             limits::refund(lim, &mut c, has_key);
-            let out = lua.create_table_with_capacity(0, 4)?;
-            save(&out, "g", c.global, lim.global_rpm)?;
-            if has_key {
-                save(&out, "r", c.rpm, lim.key_rpm)?;
-            }
-            Ok(out)
+            let (g, g_ttl) = save(lua, c.global, lim.global_rpm)?;
+            let (r, r_ttl) = if has_key {
+                save(lua, c.rpm, lim.key_rpm)?
+            } else {
+                (Value::Nil, Value::Nil)
+            };
+            Ok((g, g_ttl, r, r_ttl))
         });
         methods.add_method("describe", |_, _, kind: mlua::BorrowedStr| {
             let k = limits::LimitKind::parse(&kind);
             Ok((k.map(|k| k.code()), k.map(|k| k.message())))
         });
-        methods.add_method("charge", |_, this, (now_ms, t, tokens): (f64, Value, u64)| {
+        methods.add_method("charge", |lua, this, (now_ms, t, tokens): (f64, Value, u64)| {
             let lim = &this.0;
             let mut tpm = load(&t);
             limits::charge(lim, &mut tpm, tokens, now_ms);
-            Ok(match tpm.filter(|_| lim.key_tpm > 0) {
-                Some(b) => (Some(b.encode()), Some(b.idle_ttl_s().max(0.001))),
-                None => (None, None),
-            })
+            save(lua, tpm, lim.key_tpm)
         });
     }
 }
@@ -125,7 +129,7 @@ pub(crate) fn from_table(_: &Lua, t: Table) -> mlua::Result<LuaLimiter> {
 
 /// `engine:auth_throttle()`: the core's auth throttle for the config's
 /// `gateway.auth_throttle` (`llmproxy_core::policy::throttle`), for a host
-/// that keeps the buckets (text, as the limiter's) on the Lua side.
+/// that keeps the buckets (bytes, as the limiter's) on the Lua side.
 ///
 /// ```lua
 /// local key = throttle:client_key(ngx.var.remote_addr)  -- nil: not an address
@@ -148,9 +152,9 @@ impl UserData for LuaThrottle {
                 Check::Wait(s) => (Some(s), false, Some(message("API key", s))),
             })
         });
-        methods.add_method("failed", |_, this, (now_ms, stored): (f64, Value)| {
+        methods.add_method("failed", |lua, this, (now_ms, stored): (f64, Value)| {
             let b = this.0.failed(load(&stored), now_ms);
-            Ok((b.encode(), this.0.idle_ttl_s(&b).max(0.001)))
+            Ok((lua.create_string(b.to_bytes())?, this.0.idle_ttl_s(&b).max(0.001)))
         });
     }
 }

@@ -90,21 +90,35 @@ local function acquire_locked(dict, limiter, id, now, force)
         r_key, t_key, c_key = "r:" .. id, "t:" .. id, "c:" .. id
         r, t, c = dict:get(r_key), dict:get(t_key), dict:get(c_key)
     end
-    local v = limiter:acquire(now * 1000, id ~= nil, force, dict:get("g"), r, t, c)
-    local ok, err = put(dict, "g", v.g, v.g_ttl)
+    local took, kind, retry_after, global_remaining, key_remaining, in_flight, g, g_ttl, r2, r_ttl, t2, t_ttl =
+        limiter:acquire(now * 1000, id ~= nil, force, dict:get("g"), r, t, c)
+    local ok, err = put(dict, "g", g, g_ttl)
     if ok and id then
-        ok, err = put(dict, r_key, v.r, v.r_ttl)
+        ok, err = put(dict, r_key, r2, r_ttl)
         if ok then
-            ok, err = put(dict, t_key, v.t, v.t_ttl)
+            ok, err = put(dict, t_key, t2, t_ttl)
         end
-        if ok and v.took then
+        if ok and took then
             ok, err = dict:incr(c_key, 1, 0)
         end
     end
     if not ok then
         return nil, err
     end
-    return v
+    local acq = {
+        status = {
+            global_remaining = global_remaining,
+            key_remaining = key_remaining,
+            concurrent_count = in_flight,
+        },
+        took = took,
+        id = id,
+    }
+    if kind then
+        local code, message = limiter:describe(kind)
+        acq.denial = { kind = kind, code = code, message = message, retry_after = retry_after }
+    end
+    return acq
 end
 
 --- Check every limit and, when all pass (or `force`), take a request from
@@ -117,19 +131,15 @@ end
 -- @treturn table|nil `{status, denial?, took, id}` (`denial`: `{kind, code,
 --   message, retry_after}`), or nil and an error
 function _M.acquire(dict, limiter, id, now, force)
-    local v, err = locked(dict, true, acquire_locked, dict, limiter, id, now, force)
-    if not v then
-        return nil, err
-    end
-    return { status = v.status, denial = v.denial, took = v.took, id = id }
+    return locked(dict, true, acquire_locked, dict, limiter, id, now, force)
 end
 
 local function refund_locked(dict, limiter, id)
     local r_key = id and "r:" .. id
-    local b = limiter:refund(id ~= nil, dict:get("g"), r_key and dict:get(r_key))
-    local ok, err = put(dict, "g", b.g, b.g_ttl)
+    local g, g_ttl, r, r_ttl = limiter:refund(id ~= nil, dict:get("g"), r_key and dict:get(r_key))
+    local ok, err = put(dict, "g", g, g_ttl)
     if ok and id then
-        ok, err = put(dict, r_key, b.r, b.r_ttl)
+        ok, err = put(dict, r_key, r, r_ttl)
         if ok then
             ok, err = dict:incr("c:" .. id, -1, 0)
         end
