@@ -391,14 +391,7 @@ mod tests {
     }
 
     fn limits_of(v: &serde_json::Value) -> LimitsConfig {
-        let n = |name: &str| v.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
-        LimitsConfig {
-            global_rpm: n("global_rpm"),
-            key_rpm: n("key_rpm"),
-            key_tpm: n("key_tpm"),
-            key_concurrency: n("key_concurrency"),
-            ..LimitsConfig::default()
-        }
+        serde_json::from_value(v.clone()).expect("a case's limits")
     }
 
     /// The shared cases (`conformance/limits.json`; the gateway's store and

@@ -178,14 +178,7 @@ mod tests {
     use serde_json::Value;
 
     fn limits_of(v: &Value) -> LimitsConfig {
-        let n = |name: &str| v.get(name).and_then(Value::as_u64).unwrap_or(0);
-        LimitsConfig {
-            global_rpm: n("global_rpm"),
-            key_rpm: n("key_rpm"),
-            key_tpm: n("key_tpm"),
-            key_concurrency: n("key_concurrency"),
-            ..LimitsConfig::default()
-        }
+        serde_json::from_value(v.clone()).expect("a case's limits")
     }
 
     /// The core's shared cases through this store (the map, the lock,
