@@ -32,6 +32,7 @@ for my $name (qw(standard ultra)) {
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
         open STDOUT, '>', '/dev/null';
+        open STDERR, '>', '/dev/null';
         exec $bin, 'mock-backend', '--listen', "127.0.0.1:$port", '--name', $name or die "exec: $!\n";
     }
     push @pids, $pid;
@@ -45,6 +46,7 @@ for my $name (qw(standard ultra)) {
 }
 push @mocks, 'unreachable=http://127.0.0.1:' . free_port();
 $ENV{TEST_NGINX_MOCKS} = join ',', @mocks;
+$ENV{TEST_NGINX_LLMPROXY_BIN} = $bin;
 END { kill 'TERM', @pids if @pids; waitpid $_, 0 for @pids }
 
 gateway_setup();
@@ -69,8 +71,11 @@ __DATA__
             local doc = assert(cjson.decode(f:read("*a")))
             f:close()
 
-            local function install(case)
+            local function install(case, index)
                 local config = case.config
+                if case.ledger then
+                    config.ledger = { path = "$TEST_NGINX_SERVROOT/html/ledger-" .. index .. ".db", flush_ms = 10 }
+                end
                 local backends = {}
                 for i, name in ipairs(case.backends or { "standard" }) do
                     backends[i] = { name = name, url = assert(urls[name], name) }
@@ -96,6 +101,15 @@ __DATA__
             local function metrics()
                 ngx.sleep(0.25) -- workers sync their counts every 0.1 s
                 return assert(drive.metrics(port))
+            end
+
+            -- The rows of a ledger, oldest first, as `llmproxy usage
+            -- --records` prints them (the reader the gateway's tests use).
+            local function ledger_rows(db)
+                local p = assert(io.popen("$TEST_NGINX_LLMPROXY_BIN usage --records --db " .. db .. " 2>/dev/null"))
+                local rows = cjson.decode(p:read("*a"))
+                p:close()
+                return type(rows) == "table" and rows or {}
             end
 
             local failed, n, skipped = 0, 0, {}
@@ -135,7 +149,7 @@ __DATA__
                     goto next_case
                 end
                 n = n + 1
-                local ok, err = install(case)
+                local ok, err = install(case, n)
                 if not ok then
                     fail(case.name, ": the config did not load: ", tostring(err))
                 else
@@ -194,6 +208,28 @@ __DATA__
                         for _, s in ipairs(e.body_lacks or {}) do
                             if text and text:find(s, 1, true) then
                                 fail(at, ": body has ", s, ": ", text)
+                            end
+                        end
+                    end
+                    if case.ledger then
+                        local rows = {}
+                        for _ = 1, 100 do
+                            rows = ledger_rows(case.config.ledger.path)
+                            if #rows >= #case.ledger then
+                                break
+                            end
+                            ngx.sleep(0.03)
+                        end
+                        if #rows ~= #case.ledger then
+                            fail(case.name, ": ", #rows, " ledger rows, not ", #case.ledger)
+                        end
+                        for i, want in ipairs(case.ledger) do
+                            for field, v in pairs(want) do
+                                local got = rows[i] and rows[i][field]
+                                if rows[i] and got ~= v then
+                                    fail(case.name, ": ledger row ", i, ": ", field, " is ", tostring(got),
+                                        ", not ", tostring(v))
+                                end
                             end
                         end
                     end

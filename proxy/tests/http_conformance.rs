@@ -10,8 +10,22 @@ use hyper::Method;
 use regex::Regex;
 use serde_json::{json, Value};
 
+/// The ledger rows of `db`, oldest first, as `llmproxy usage --records`
+/// prints them (the reader both hosts' tests use).
+fn ledger_rows(db: &std::path::Path) -> Vec<Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .args(["usage", "--records", "--db"])
+        .arg(db)
+        .output()
+        .expect("llmproxy usage");
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
 /// Every failure of one case, as lines.
-async fn run_case(case: &Value) -> Vec<String> {
+async fn run_case(case: &Value, index: usize) -> Vec<String> {
     let name = case["name"].as_str().unwrap_or("?");
     let mut failures = Vec::new();
     let mut mocks = Vec::new();
@@ -33,6 +47,11 @@ async fn run_case(case: &Value) -> Vec<String> {
     }
     let mut config = case["config"].clone();
     config["backends"] = Value::Array(backends);
+    let ledger = case["ledger"].as_array();
+    let db = common::tempdir(&format!("http-case-{index}")).join("usage.db");
+    if ledger.is_some() {
+        config["ledger"] = json!({"path": db, "flush_ms": 10});
+    }
     let gw = TestGateway::start(&config.to_string()).await;
     let samples: Vec<&String> = case["metrics"]
         .as_object()
@@ -140,6 +159,26 @@ async fn run_case(case: &Value) -> Vec<String> {
             failures.push(format!("{name}: {s} rose by {got}, not {want}"));
         }
     }
+    if let Some(want) = ledger {
+        let mut rows = Vec::new();
+        for _ in 0..100 {
+            rows = ledger_rows(&db);
+            if rows.len() >= want.len() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        if rows.len() != want.len() {
+            failures.push(format!("{name}: {} ledger rows, not {}: {rows:?}", rows.len(), want.len()));
+        }
+        for (i, (got, want)) in rows.iter().zip(want).enumerate() {
+            for (field, v) in want.as_object().into_iter().flatten() {
+                if &got[field] != v {
+                    failures.push(format!("{name}: ledger row {}: {field} is {}, not {v}", i + 1, got[field]));
+                }
+            }
+        }
+    }
     drop(mocks);
     failures
 }
@@ -151,14 +190,14 @@ async fn every_http_case_holds_on_the_gateway() {
     let cases = doc["cases"].as_array().expect("cases");
     assert!(cases.len() >= 15, "http.json has {} cases", cases.len());
     let mut failures = Vec::new();
-    for case in cases {
+    for (index, case) in cases.iter().enumerate() {
         if let Some(hosts) = case["hosts"].as_array() {
             if !hosts.iter().any(|h| h == "gateway") {
                 eprintln!("not for the gateway: {} ({})", case["name"], case["why"]);
                 continue;
             }
         }
-        failures.extend(run_case(case).await);
+        failures.extend(run_case(case, index).await);
     }
     assert!(
         failures.is_empty(),

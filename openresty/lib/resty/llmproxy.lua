@@ -1917,11 +1917,14 @@ end
 
 -- The usage hook on the captured usage; the record goes to the log, the
 -- quota (shared dict), the ledger (in log()) and the metrics.
+-- The usage of an answer that reported none (read-only).
+local ZERO_USAGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 }
+
 local function record_usage(state, ctx)
-    local usage = ctx.usage
-    if not usage or not ctx.backend then
-        return
-    end
+    -- Every admitted request is accounted, as the gateway accounts it: an
+    -- answer without usage (a backend error, no backend) with zero usage.
+    local usage = ctx.usage or ZERO_USAGE
+    local backend = ctx.backend
     local record
     local upstream = tonumber(match(ngx_var.upstream_response_time or "", "([%d.]+)%s*$"))
     if state.enabled.usage then
@@ -1933,7 +1936,7 @@ local function record_usage(state, ctx)
                 is_stream = ctx.sse ~= nil,
             },
             metadata = {
-                backend_url = ctx.backend.url,
+                backend_url = backend and backend.url or "",
                 latency_ms = upstream and upstream * 1000 or latency_ms(ctx),
                 is_stream = ctx.sse ~= nil,
             },
@@ -1967,8 +1970,8 @@ local function record_usage(state, ctx)
     if not state.redis and dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id then
         limits.charge_tokens(dict, state.limiter, ctx.limits.id, charge.limit_tokens, ngx_now())
     end
-    if store then
-        local name = ctx.backend.name
+    if store and backend then
+        local name = backend.name
         for kind, v in pairs(charge.metrics) do
             metrics.usage(store, name, kind, v)
         end
@@ -1976,7 +1979,7 @@ local function record_usage(state, ctx)
     if log_level() >= NOTICE then
         local text = state.encode(record) or "?"
         ctx.usage_text = text
-        ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", ctx.backend.name, "': ", text)
+        ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", backend and backend.name or "-", "': ", text)
     end
 end
 
@@ -2024,7 +2027,6 @@ local function record_attempts(state, ctx)
     end
 end
 
-local ZERO_USAGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 }
 local ZERO_CHARGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, billable_tokens = 0 }
 
 -- The ledger row of an admitted request (the gateway's `LedgerRecord`),
@@ -2092,7 +2094,7 @@ function _M.log()
         limits.release(state.limits_dict, acq)
     end
     record_attempts(state, ctx)
-    if ctx.usage then
+    if ctx.usage or ctx.admitted then
         record_usage(state, ctx)
     end
     if state.ledger and ctx.admitted then
