@@ -178,7 +178,23 @@ cannot connect to 127.0.0.1:1
 
 
 
-=== TEST 6: key_concurrency 1 in Redis: a second request in flight is refused; slots come back after each request
+=== TEST 6: the failed calls are counted (llmproxy_state_errors_total, as the gateway's)
+--- config
+    location = /count {
+        content_by_lua_block {
+            ngx.sleep(0.3) -- workers sync their counts every 0.1 s
+            local m = require("llmproxy_drive").metrics(ngx.var.server_port)
+            ngx.say("state errors counted: ", (m and m.llmproxy_state_errors_total or 0) > 0)
+        }
+    }
+--- request
+GET /count
+--- response_body
+state errors counted: true
+
+
+
+=== TEST 7: key_concurrency 1 in Redis: a second request in flight is refused; slots come back after each request
 --- yaml
 keys:
   - {key: sk-r6, user_id: a}
@@ -210,7 +226,7 @@ GET /drive
 
 
 
-=== TEST 7: one limit for nginx and a standalone gateway on the same Redis and prefix: key_rpm 4, two requests each, the fifth refused by either
+=== TEST 8: one limit for nginx and a standalone gateway on the same Redis and prefix: key_rpm 4, two requests each, the fifth refused by either
 --- yaml
 keys:
   - {key: sk-r7, user_id: a}

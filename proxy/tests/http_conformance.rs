@@ -169,12 +169,20 @@ async fn run_case(case: &Value, index: usize) -> Vec<String> {
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
         }
         if rows.len() != want.len() {
-            failures.push(format!("{name}: {} ledger rows, not {}: {rows:?}", rows.len(), want.len()));
+            failures.push(format!(
+                "{name}: {} ledger rows, not {}: {rows:?}",
+                rows.len(),
+                want.len()
+            ));
         }
         for (i, (got, want)) in rows.iter().zip(want).enumerate() {
             for (field, v) in want.as_object().into_iter().flatten() {
                 if &got[field] != v {
-                    failures.push(format!("{name}: ledger row {}: {field} is {}, not {v}", i + 1, got[field]));
+                    failures.push(format!(
+                        "{name}: ledger row {}: {field} is {}, not {v}",
+                        i + 1,
+                        got[field]
+                    ));
                 }
             }
         }

@@ -232,7 +232,7 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         "Failed calls to the state backend.",
         &[],
-        Gateway,
+        Both,
     ),
     family(
         "llmproxy_connections_open",
@@ -288,14 +288,14 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         "Failed API key and admin token checks.",
         &["kind"],
-        Gateway,
+        Both,
     ),
     family(
         "llmproxy_auth_throttled_total",
         Counter,
         "Requests answered 429 because their address failed too many checks.",
         &["kind"],
-        Gateway,
+        Both,
     ),
     family(
         "llmproxy_auth_throttle_clients",

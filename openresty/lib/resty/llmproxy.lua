@@ -426,7 +426,12 @@ local function load(config, opts)
             return nil, "state: {backend: redis} needs lua-resty-redis (Debian's lua-nginx-redis): " .. redis_state
         end
         -- One instance per worker and start: its slots count while it lives.
-        redis = redis_state.new(engine, engine:limiter(), node .. "-" .. math.floor(ngx_now() * 1000))
+        redis = redis_state.new(engine, engine:limiter(), node .. "-" .. math.floor(ngx_now() * 1000),
+            function()
+                if store then
+                    metrics.state_error(store)
+                end
+            end)
     elseif any_limit and not dict then
         return nil, "limits: are set but there is no lua_shared_dict " .. dict_name
             .. " (the limiter's counters, shared by the workers)"
@@ -1257,6 +1262,9 @@ local function admit(state, ctx)
         req_clear_header("X-Api-Key")
         local refusal = authenticate(state, ctx, entry, used)
         if refusal then
+            if refusal.code == "invalid_api_key" and store then
+                metrics.auth_failed(store)
+            end
             if refusal.code == "invalid_api_key" and state.throttle_on and state.limits_dict then
                 -- The standard 401 (no key, an unknown one) counts against
                 -- the client's address (the auth throttle).
@@ -1429,6 +1437,9 @@ function _M.access()
             ctx.id = ngx_var.request_id
             ctx.handled = true
             ngx_log(WARN, "llmproxy: refused: too many failed API key checks from ", ngx_var.remote_addr)
+            if store then
+                metrics.auth_throttled(store)
+            end
             ngx_header["Retry-After"] = wait
             return send_local(429, state.encode({
                 error = { message = message, type = "rate_limit", code = "too_many_auth_failures" },

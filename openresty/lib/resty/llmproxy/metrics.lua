@@ -296,6 +296,25 @@ function _M.rate_limited(m, reason)
     incr(m, key_of("rl", reason), 1)
 end
 
+--- A client failed an API key check (the standard 401; the auth throttle
+-- counts it against its address).
+-- @phases any
+function _M.auth_failed(m)
+    incr(m, "af", 1)
+end
+
+--- The auth throttle refused a client before looking at its key.
+-- @phases any
+function _M.auth_throttled(m)
+    incr(m, "at", 1)
+end
+
+--- A call to the state backend (`state: {backend: redis}`) failed.
+-- @phases any
+function _M.state_error(m)
+    incr(m, "se", 1)
+end
+
 --- This worker's count of ignored result fields (`engine:ignored_fields()`).
 -- @phases any
 function _M.ignored_fields(m, stats)
@@ -544,6 +563,12 @@ function _M.render(m, backends)
     for _, r in ipairs(_M.RATE_REASONS) do
         out[#out + 1] = fmt('llmproxy_rate_limited_total{reason="%s"} %s', r, num(values["rl" .. SEP .. r]))
     end
+    out[#out + 1] = HEAD.llmproxy_auth_failures_total
+    out[#out + 1] = 'llmproxy_auth_failures_total{kind="api_key"} ' .. num(values.af or 0)
+    out[#out + 1] = HEAD.llmproxy_auth_throttled_total
+    out[#out + 1] = 'llmproxy_auth_throttled_total{kind="api_key"} ' .. num(values.at or 0)
+    out[#out + 1] = HEAD.llmproxy_state_errors_total
+    out[#out + 1] = "llmproxy_state_errors_total " .. num(values.se or 0)
     if next(gauges.l) then
         for _, k in ipairs(LEDGER_STATS) do
             out[#out + 1] = HEAD[k[2]]

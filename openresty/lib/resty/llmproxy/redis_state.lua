@@ -57,8 +57,9 @@ end
 -- @param engine the engine (`engine:state()` gives the address and scripts)
 -- @param limiter the core's limiter rule (`engine:limiter()`: names of refusals)
 -- @tparam string instance this worker's unique name (node, pid, start time)
+-- @tparam function on_error called once per failed call (the metric)
 -- @treturn table the state
-function _M.new(engine, limiter, instance)
+function _M.new(engine, limiter, instance, on_error)
     local cfg = engine:state()
     local shas = {}
     for name, src in pairs(cfg.scripts) do
@@ -73,7 +74,7 @@ function _M.new(engine, limiter, instance)
         announcement = select(6, engine:state_keys(nil)) .. instance,
         pool = concat({ "llmproxy", cfg.host, cfg.port, cfg.db }, ":"),
         pool_size = max(cfg.connections, MIN_POOL),
-        errors = 0,
+        failed = on_error,
     }, mt)
 end
 
@@ -114,7 +115,7 @@ local function done(self, red, op, res, err)
         red:set_keepalive(KEEPALIVE_MS, self.pool_size)
     end
     if not res then
-        self.errors = self.errors + 1
+        self.failed()
         return nil, op .. ": " .. tostring(err)
     end
     return res
@@ -124,7 +125,7 @@ end
 local function script(self, name, nkeys, ...)
     local red, err = connect(self)
     if not red then
-        self.errors = self.errors + 1
+        self.failed()
         return nil, err
     end
     local res, rerr = red:evalsha(self.shas[name], nkeys, ...)
@@ -153,7 +154,7 @@ end
 function _M.used(self, id)
     local red, err = connect(self)
     if not red then
-        self.errors = self.errors + 1
+        self.failed()
         return nil, err
     end
     local _, _, _, _, q = self.engine:state_keys(id)
@@ -259,7 +260,7 @@ end
 local function heartbeat(self)
     local red, err = connect(self)
     if not red then
-        self.errors = self.errors + 1
+        self.failed()
         return nil, err
     end
     local res, rerr = red:set(self.announcement, "1", "PX", self.cfg.instance_ttl_ms)
