@@ -108,7 +108,7 @@ POST /v1/chat/completions
 Content-Type: application/json
 X-LLMProxy-Backend: down2
 --- response_body chomp
-{"error":{"message":"cannot connect to the backend 'down2'","type":"backend_error","code":"backend_unreachable"}}
+{"error":{"message":"cannot connect to the backend: down2 (http://127.0.0.1:2)","type":"backend_error","code":"backend_unreachable"}}
 --- error_log
 backend 'down1' failed
 retrying on 'down2'
@@ -603,7 +603,7 @@ POST /v1/chat/completions
 {"model":"gpt-4"}
 --- error_code: 502
 --- response_body_like
-^\{"error":\{"message":"cannot connect to the backend 'down'","type":"backend_error","code":"backend_unreachable"\}\}$
+^\{"error":\{"message":"cannot connect to the backend: down \(http://127.0.0.1:1\)","type":"backend_error","code":"backend_unreachable"\}\}$
 
 
 

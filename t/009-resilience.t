@@ -173,8 +173,8 @@ sending the request unchanged
 --- error_code eval
 [502, 502]
 --- response_body eval
-['{"error":{"message":"cannot connect to the backend \'down\'","type":"backend_error","code":"backend_unreachable"}}',
- '{"error":{"message":"cannot connect to the backend \'down\'","type":"backend_error","code":"backend_unreachable"}}']
+['{"error":{"message":"cannot connect to the backend: down (http://127.0.0.1:1)","type":"backend_error","code":"backend_unreachable"}}',
+ '{"error":{"message":"cannot connect to the backend: down (http://127.0.0.1:1)","type":"backend_error","code":"backend_unreachable"}}']
 --- error_log
 error_handler hook failed for request
 timeout:

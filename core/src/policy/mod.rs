@@ -1,6 +1,8 @@
 //! Decisions every host makes the same way about a request, as pure
 //! functions of what the host knows (no I/O, no Lua).
 //!
+//! - [`errors`]: the failures a host answers itself (type, status, code,
+//!   message) and the type of a backend's error status.
 //! - [`failure`]: which hooks shape the response to a failed request, and
 //!   in what order (docs/adr/042).
 //! - [`sse`]: what happens to one event of a backend's stream before
@@ -13,6 +15,7 @@
 //!   checks).
 //! - [`metrics`]: the metric catalog (names, types, help, labels).
 
+pub mod errors;
 pub mod failure;
 pub mod limits;
 pub mod metrics;

@@ -1254,6 +1254,11 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"
     // | "send": core's order of the hooks on a failed request (ADR 042).
     exports.raw_set("failure_step", lua.create_function(policy::failure_step)?)?;
+    // llmproxy.gateway_error(name, arg?) -> type, status, code, message: the
+    // failures the core names (`policy::errors`), the gateway's words.
+    exports.raw_set("gateway_error", lua.create_function(policy::gateway_error)?)?;
+    // llmproxy.error_type(status) -> the error type of a backend's status.
+    exports.raw_set("error_type", lua.create_function(policy::error_type)?)?;
     // llmproxy.hop_by_hop(headers) -> the names of `headers` (a table as
     // `ngx.req.get_headers()` gives it) that describe the client's
     // connection and must not go upstream, or nil when there are none: the

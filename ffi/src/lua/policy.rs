@@ -43,3 +43,56 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
     };
     Ok(next_step(&facts, handled).as_str())
 }
+
+/// `llmproxy.gateway_error(name, arg?)` -> type, status, code, message:
+/// one of the failures the core names (`policy::errors`), so nginx answers
+/// what the gateway answers. `arg`: the bound of `body_too_large`, the
+/// detail of `invalid_json`, `invalid_field`, `body_unreadable`,
+/// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`;
+/// `hook_failed` takes the hook and the error's kind.
+pub(crate) fn gateway_error(
+    _: &Lua,
+    (name, arg, arg2): (mlua::BorrowedStr, Option<mlua::Value>, Option<String>),
+) -> mlua::Result<(&'static str, u16, &'static str, String)> {
+    use llmproxy_core::policy::errors::{hook_failed_message, GatewayError, HOOK_ERROR, HOOK_FAILED};
+    let text = || -> String {
+        match &arg {
+            Some(mlua::Value::String(s)) => s.to_string_lossy(),
+            Some(mlua::Value::Integer(n)) => n.to_string(),
+            Some(mlua::Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        }
+    };
+    let e = match &*name {
+        "body_too_large" => GatewayError::body_too_large(match &arg {
+            Some(mlua::Value::Integer(n)) => u64::try_from(*n).unwrap_or(0),
+            Some(mlua::Value::Number(n)) => *n as u64,
+            _ => 0,
+        }),
+        "invalid_json" => GatewayError::invalid_json(text()),
+        "invalid_body" => GatewayError::invalid_body(),
+        "invalid_field" => GatewayError::invalid_field(text()),
+        "body_unreadable" => GatewayError::body_unreadable(text()),
+        "no_backend" => GatewayError::no_backend(),
+        "backend_unreachable" => GatewayError::backend_unreachable(text()),
+        "backend_timeout" => GatewayError::backend_timeout(text()),
+        "backend_failed" => GatewayError::backend_failed(text()),
+        "state_unavailable" => GatewayError::state_unavailable(),
+        "hook_failed" => {
+            let kind = arg2.unwrap_or_else(|| String::from("internal"));
+            return Ok((HOOK_ERROR, 503, HOOK_FAILED, hook_failed_message(&text(), &kind)));
+        }
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "gateway_error: no failure named '{other}'"
+            )))
+        }
+    };
+    Ok((e.kind.as_str(), e.status, e.code, e.message))
+}
+
+/// `llmproxy.error_type(status)` -> the type `error_handler` sees for a
+/// backend's error status.
+pub(crate) fn error_type(_: &Lua, status: u16) -> mlua::Result<&'static str> {
+    Ok(llmproxy_core::policy::errors::ErrorType::of_upstream_status(status).as_str())
+}

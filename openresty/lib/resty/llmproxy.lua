@@ -274,18 +274,16 @@ local function failure(kind, status, code, message)
     return { kind = kind, status = status, code = code, message = message }
 end
 
--- The type of an upstream error status (the gateway's `of_upstream_status`).
+-- One of the failures the core names (`llmproxy.gateway_error`): the
+-- gateway's type, status, code and words. Failure paths only.
+local function known_failure(name, arg, arg2)
+    local kind, status, code, message = require("llmproxy").gateway_error(name, arg, arg2)
+    return failure(kind, status, code, message)
+end
+
+-- The type of an upstream error status (core's, the gateway's).
 local function of_status(status)
-    if status == 401 or status == 403 then
-        return "auth_error"
-    elseif status == 429 then
-        return "rate_limit"
-    elseif status == 408 or status == 504 then
-        return "timeout"
-    elseif status >= 400 and status < 500 then
-        return "bad_request"
-    end
-    return "backend_error"
+    return require("llmproxy").error_type(status)
 end
 
 -- Run `hook` on the request handle `req` with `globals` (an
@@ -326,8 +324,7 @@ end
 -- A hook failed under `on_error: deny`: 503, not shaped by error_handler
 -- (the gateway's `denied`).
 local function denied_failure(hook, err)
-    local f = failure("hook_error", 503, "hook_failed",
-        fmt("the request was refused: the %s hook failed (%s)", hook, tostring(err and err.kind or "internal")))
+    local f = known_failure("hook_failed", hook, tostring(err and err.kind or "internal"))
     f.denied = true
     return f
 end
@@ -758,9 +755,10 @@ local function classify_error(ctx, status)
         -- nginx answered before any backend: the body limit, a bad request,
         -- the balancer finding no backend, a Lua error.
         if status == 413 then
+            -- nginx's own client_max_body_size (its value is not known here).
             f = failure("bad_request", 413, "body_too_large", "the request body is too large")
         elseif status == 503 then
-            f = failure("backend_error", 503, "no_backend", "no backend is available")
+            f = known_failure("no_backend")
         elseif status >= 500 then
             f = failure("backend_error", status, "internal_error", "the gateway failed to handle the request")
         else
@@ -772,12 +770,11 @@ local function classify_error(ctx, status)
     if header_time == nil or header_time == "-" then
         -- No response head from the (last) backend: nginx's error page.
         if status == 504 then
-            f = failure("timeout", 504, "backend_timeout", "the backend timed out (first byte)")
+            f = known_failure("backend_timeout", "first byte")
         elseif status == 502 and last_entry(ngx_var.upstream_connect_time) == "-" then
-            f = failure("backend_error", 502, "backend_unreachable",
-                "cannot connect to the backend '" .. backend.name .. "'")
+            f = known_failure("backend_unreachable", backend.name .. " (" .. backend.url .. ")")
         elseif status == 502 then
-            f = failure("backend_error", 502, "backend_failed", "the backend connection failed")
+            f = known_failure("backend_failed", "see nginx's error log")
         else
             f = failure(of_status(status), status, "gateway_error", "the request failed (" .. status .. ")")
         end
@@ -961,18 +958,16 @@ local function prepare_request(state, ctx)
     ctx.fields = fields -- error_handler's request if the body cannot be parsed
     local limit = state.max_body_bytes
     local declared = tonumber(raw["content-length"])
-    local too_large = failure("bad_request", 413, "body_too_large",
-        "the request body is larger than " .. limit .. " bytes")
     if declared and declared > limit then
-        return too_large
+        return known_failure("body_too_large", limit)
     end
     local body, err = read_request_body()
     if err then
         ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", err)
-        return failure("bad_request", 400, "body_unreadable", "cannot read the request body: " .. err)
+        return known_failure("body_unreadable", err)
     end
     if body and #body > limit then
-        return too_large
+        return known_failure("body_too_large", limit)
     end
     ctx.api_key = fields.api_key
     ctx.api = api_endpoint(req_get_method(), ngx_var.uri)
@@ -983,18 +978,18 @@ local function prepare_request(state, ctx)
         if not req then
             local message = tostring(perr and perr.message or perr)
             message = gsub(message, "^request%.body_raw: ", "")
-            return failure("bad_request", 400, "invalid_json", "the request body is not valid JSON: " .. message)
+            return known_failure("invalid_json", message)
         end
         if not match(body, "^%s*{") then
             ctx.req = req
-            return failure("bad_request", 400, "invalid_body", "the request body must be a JSON object")
+            return known_failure("invalid_body")
         end
         ctx.req = req
         -- `stream` and its options must have their OpenAI types (core's
         -- check, as the gateway): a "true" would stream upstream unbilled.
         local ferr = req:check_fields()
         if ferr then
-            return failure("bad_request", 400, "invalid_field", "invalid request: " .. ferr)
+            return known_failure("invalid_field", ferr)
         end
         return nil
     end
@@ -1156,8 +1151,7 @@ local function state_failed(state, ctx, what, err)
     if store then
         metrics.rate_limited(store, "state_unavailable")
     end
-    return failure("backend_error", 503, "state_unavailable",
-        "the gateway's rate limit and quota store is unavailable")
+    return known_failure("state_unavailable")
 end
 
 -- The rate limit stage, as the gateway's: the standard limiter checks and
@@ -1317,7 +1311,7 @@ local function route(state, ctx)
         backend = backends.pick(set)
     end
     if not backend then
-        return nil, failure("backend_error", 503, "no_backend", "no backend is available")
+        return nil, known_failure("no_backend")
     end
     ctx.backend = backend
     return backend

@@ -33,6 +33,7 @@ use llmproxy_core::hooks::{
     AuthVerdict, CurrentTime, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata, UsageRecord,
 };
 use llmproxy_core::keys::standard_checks_with_usage;
+use llmproxy_core::policy::errors::GatewayError;
 use llmproxy_core::policy::usage as usage_policy;
 use llmproxy_core::HookName;
 use serde_json::{json, Value};
@@ -289,12 +290,7 @@ fn state_failure(shared: &Shared, redis: &RedisState) -> Option<Refusal> {
         StateOnError::Allow => None,
         StateOnError::Deny => {
             shared.metrics.rate_limited("state_unavailable");
-            Some(Refusal::Fail(Box::new(Failure::new(
-                ErrorType::BackendError,
-                503,
-                "state_unavailable",
-                "the gateway's rate limit and quota store is unavailable",
-            ))))
+            Some(Refusal::Fail(Box::new(Failure::of(GatewayError::state_unavailable()))))
         }
     }
 }

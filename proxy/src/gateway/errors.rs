@@ -9,44 +9,8 @@ use serde_json::json;
 
 use super::backend::Backend;
 
-/// The error types handed to `error_handler` (seed design, hook 7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorType {
-    /// The backend failed (connect error, 5xx, broken connection).
-    BackendError,
-    /// The backend was too slow.
-    Timeout,
-    /// Authentication failed (the auth stage, or upstream 401/403).
-    AuthError,
-    /// Rate limited (the rate limit stage, or upstream 429).
-    RateLimit,
-    /// The client's request is wrong (malformed JSON, too large, 4xx).
-    BadRequest,
-}
-
-impl ErrorType {
-    /// The name scripts see as `error.type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorType::BackendError => "backend_error",
-            ErrorType::Timeout => "timeout",
-            ErrorType::AuthError => "auth_error",
-            ErrorType::RateLimit => "rate_limit",
-            ErrorType::BadRequest => "bad_request",
-        }
-    }
-
-    /// The type of an upstream error status.
-    pub fn of_upstream_status(status: u16) -> ErrorType {
-        match status {
-            401 | 403 => ErrorType::AuthError,
-            429 => ErrorType::RateLimit,
-            408 | 504 => ErrorType::Timeout,
-            400..=499 => ErrorType::BadRequest,
-            _ => ErrorType::BackendError,
-        }
-    }
-}
+pub use llmproxy_core::policy::errors::ErrorType;
+use llmproxy_core::policy::errors::GatewayError;
 
 /// The code of [`Failure::overloaded`].
 pub const OVERLOADED: &str = "hooks_overloaded";
@@ -102,6 +66,11 @@ impl Failure {
             retry_after: None,
             close_connection: false,
         }
+    }
+
+    /// One of the failures the core names (`policy::errors`).
+    pub fn of(e: GatewayError) -> Self {
+        Failure::new(e.kind, e.status, e.code, e.message)
     }
 
     /// The hook threads are overloaded: the job did not fit in the queue or

@@ -19,6 +19,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
 use llmproxy_core::http::{fields, path::PathError};
+use llmproxy_core::policy::errors::{self, GatewayError};
 use llmproxy_core::policy::failure::{self, Handled};
 use llmproxy_core::{keys, HookName};
 use serde_json::Value;
@@ -242,27 +243,13 @@ async fn parse_body(endpoint: Endpoint, body: &Bytes, live: &Arc<Live>) -> Resul
     let (body, live) = (body.clone(), Arc::clone(live));
     tokio::task::spawn_blocking(move || parse(&body, &live))
         .await
-        .unwrap_or_else(|e| {
-            Err(Failure::new(
-                ErrorType::BadRequest,
-                400,
-                "invalid_json",
-                format!("the request body could not be parsed: {e}"),
-            ))
-        })
+        .unwrap_or_else(|e| Err(Failure::of(GatewayError::invalid_json(e))))
 }
 
 /// Read the whole body: at most `max` bytes (413), within `timeout` of the
 /// head (408, and the connection closes: the rest of the body is unread).
 async fn read_body(body: Incoming, headers: &HeaderMap, max: usize, timeout: Duration) -> Result<Bytes, Failure> {
-    let too_large = || {
-        Failure::new(
-            ErrorType::BadRequest,
-            413,
-            "body_too_large",
-            format!("the request body is larger than {max} bytes"),
-        )
-    };
+    let too_large = || Failure::of(GatewayError::body_too_large(max as u64));
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -286,12 +273,7 @@ async fn read_body(body: Incoming, headers: &HeaderMap, max: usize, timeout: Dur
     match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(Failure::new(
-            ErrorType::BadRequest,
-            400,
-            "body_unreadable",
-            format!("cannot read the request body: {e}"),
-        )),
+        Err(e) => Err(Failure::of(GatewayError::body_unreadable(e))),
     }
 }
 
@@ -305,25 +287,10 @@ fn parse_api_body(body: &[u8], engine: &llmproxy_core::Engine) -> Result<Value, 
         // types, or the request is refused before any hook runs.
         Ok(v @ Value::Object(_)) => match fields::check(&v) {
             Ok(()) => Ok(v),
-            Err(e) => Err(Failure::new(
-                ErrorType::BadRequest,
-                400,
-                "invalid_field",
-                format!("invalid request: {e}"),
-            )),
+            Err(e) => Err(Failure::of(GatewayError::invalid_field(e))),
         },
-        Ok(_) => Err(Failure::new(
-            ErrorType::BadRequest,
-            400,
-            "invalid_body",
-            "the request body must be a JSON object",
-        )),
-        Err(e) => Err(Failure::new(
-            ErrorType::BadRequest,
-            400,
-            "invalid_json",
-            format!("the request body is not valid JSON: {e}"),
-        )),
+        Ok(_) => Err(Failure::of(GatewayError::invalid_body())),
+        Err(e) => Err(Failure::of(GatewayError::invalid_json(e))),
     }
 }
 
@@ -379,8 +346,7 @@ impl Exchange {
                 Outcome::Fail(f) => return self.fail(f).await,
             }
         }
-        let mut f =
-            last.unwrap_or_else(|| Failure::new(ErrorType::BackendError, 503, "no_backend", "no backend is available"));
+        let mut f = last.unwrap_or_else(|| Failure::of(GatewayError::no_backend()));
         f.retry_count = self.retries;
         self.fail(f).await
     }
@@ -556,25 +522,17 @@ impl Exchange {
     fn upstream_error(&self, b: &Backend, e: UpstreamError, can_retry: bool) -> Outcome {
         b.health.failure();
         let retry = &self.shared.config.retry;
-        let (kind, status, code, retryable) = match &e {
-            UpstreamError::Connect(_) => (
-                ErrorType::BackendError,
-                502,
-                "backend_unreachable",
-                retry.on_connect_error,
-            ),
-            UpstreamError::Timeout(_) => (ErrorType::Timeout, 504, "backend_timeout", retry.on_timeout),
-            UpstreamError::Io(_) => (ErrorType::BackendError, 502, "backend_failed", retry.on_connect_error),
-            UpstreamError::TooLarge => (ErrorType::BackendError, 502, "response_too_large", false),
-            UpstreamError::InterimStatus(_) => (
-                ErrorType::BackendError,
-                502,
-                "backend_bad_status",
-                retry.on_connect_error,
-            ),
-            UpstreamError::EventTooLarge => (ErrorType::BackendError, 502, "event_too_large", false),
+        // The failures every host has are the core's; the rest are bounds
+        // only this gateway enforces.
+        let (e, retryable) = match &e {
+            UpstreamError::Connect(m) => (GatewayError::backend_unreachable(m), retry.on_connect_error),
+            UpstreamError::Timeout(phase) => (GatewayError::backend_timeout(phase), retry.on_timeout),
+            UpstreamError::Io(m) => (GatewayError::backend_failed(m), retry.on_connect_error),
+            UpstreamError::TooLarge => (bound(&e, "response_too_large"), false),
+            UpstreamError::InterimStatus(_) => (bound(&e, "backend_bad_status"), retry.on_connect_error),
+            UpstreamError::EventTooLarge => (bound(&e, "event_too_large"), false),
         };
-        let f = self.failure_at(b, kind, status, code, e.message());
+        let f = self.failure_at(b, e.kind, e.status, e.code, e.message);
         if can_retry && retryable {
             Outcome::Retry(f)
         } else {
@@ -934,15 +892,21 @@ impl Exchange {
             });
         }
         let body = error_body(
-            &format!(
-                "the request was refused: the {} hook failed ({})",
-                d.hook,
-                d.error.kind.as_str()
-            ),
-            "hook_error",
-            "hook_failed",
+            &errors::hook_failed_message(d.hook.as_str(), d.error.kind.as_str()),
+            errors::HOOK_ERROR,
+            errors::HOOK_FAILED,
         );
         self.finish(json_response(503, body), None, None)
+    }
+}
+
+/// A 502 for a bound of this gateway's that the backend's answer broke.
+fn bound(e: &UpstreamError, code: &'static str) -> GatewayError {
+    GatewayError {
+        kind: ErrorType::BackendError,
+        status: 502,
+        code,
+        message: e.message(),
     }
 }
 

@@ -8,6 +8,7 @@
 //! captured for the usage stage, and removed when only the gateway asked
 //! for it (core's `policy::sse`, the rule nginx follows too).
 
+use llmproxy_core::policy::errors::{HOOK_ERROR, HOOK_FAILED};
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -148,7 +149,7 @@ impl Events {
             Err(d) => {
                 let msg = format!("the stream was stopped: the {} hook failed", d.hook);
                 self.denied = Some(d);
-                Some(sse::data_event(&error_body(&msg, "hook_error", "hook_failed")))
+                Some(sse::data_event(&error_body(&msg, HOOK_ERROR, HOOK_FAILED)))
             }
         }
     }

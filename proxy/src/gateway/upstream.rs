@@ -1,6 +1,7 @@
 //! Sending one attempt upstream and reading its body under the configured
 //! timeouts.
 
+use llmproxy_core::policy::errors::GatewayError;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -34,9 +35,9 @@ impl UpstreamError {
     /// A message for logs and error bodies.
     pub fn message(&self) -> String {
         match self {
-            UpstreamError::Connect(m) => format!("cannot connect to the backend: {m}"),
-            UpstreamError::Timeout(phase) => format!("the backend timed out ({phase})"),
-            UpstreamError::Io(m) => format!("the backend connection failed: {m}"),
+            UpstreamError::Connect(m) => GatewayError::backend_unreachable(m).message,
+            UpstreamError::Timeout(phase) => GatewayError::backend_timeout(phase).message,
+            UpstreamError::Io(m) => GatewayError::backend_failed(m).message,
             UpstreamError::TooLarge => String::from("the backend response is too large"),
             UpstreamError::InterimStatus(status) => {
                 format!("the backend answered {status}, an interim (1xx) status, as its final response")
