@@ -46,17 +46,48 @@ struct KeyState {
     in_flight: u64,
 }
 
-#[derive(Debug, Default)]
+impl KeyState {
+    /// Nothing in flight and every bucket full again at `now_ms`: the same
+    /// as no state at all (a missing bucket is a full one).
+    fn idle(&self, now_ms: f64) -> bool {
+        let full = |b: &Option<Bucket>| b.is_none_or(|b| b.at_ms + b.idle_ttl_s() * 1000.0 <= now_ms);
+        self.in_flight == 0 && full(&self.rpm) && full(&self.tpm)
+    }
+}
+
+/// Keys tracked before idle ones are swept out. Per-key counters are kept
+/// for every presented key (with auth off, any string): without a sweep,
+/// random keys would grow the map without bound.
+const SWEEP_AT: usize = 65_536;
+
+#[derive(Debug)]
 struct Store {
     global: Option<Bucket>,
     keys: HashMap<Arc<str>, KeyState>,
+    /// The size at which the next sweep runs (doubles when a sweep frees
+    /// little, so that sweeps stay amortized O(1) per new key).
+    sweep_at: usize,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            global: None,
+            keys: HashMap::new(),
+            sweep_at: SWEEP_AT,
+        }
+    }
 }
 
 impl Store {
     /// Run `f` over the counters of `key` (created when missing) and keep
     /// what it leaves.
-    fn with<T>(&mut self, key: Option<&str>, f: impl FnOnce(&mut Counters) -> T) -> T {
+    fn with<T>(&mut self, key: Option<&str>, now_ms: f64, f: impl FnOnce(&mut Counters) -> T) -> T {
         if let Some(k) = key.filter(|k| !self.keys.contains_key(*k)) {
+            if self.keys.len() >= self.sweep_at {
+                self.keys.retain(|_, s| !s.idle(now_ms));
+                self.sweep_at = (self.keys.len() * 2).max(SWEEP_AT);
+            }
             self.keys.insert(Arc::from(k), KeyState::default());
         }
         let slot = key.and_then(|k| self.keys.get_mut(k));
@@ -119,7 +150,7 @@ impl LocalLimiter {
 
     /// [`LocalLimiter::acquire`] at `now_ms` on the limiter's clock.
     fn acquire_at(&self, a: AcquireArgs<'_>, now_ms: f64) -> Acquired {
-        let v = self.store().with(a.key, |c| {
+        let v = self.store().with(a.key, now_ms, |c| {
             limits::acquire(a.limits, c, a.key.is_some(), now_ms, a.force)
         });
         Acquired {
@@ -143,7 +174,9 @@ impl LocalLimiter {
     /// Give back what [`LocalLimiter::acquire`] took (a `rate_limit`
     /// script refused a request the limits allowed).
     pub fn refund(&self, key: Option<&str>, lim: &LimitsConfig) {
-        self.store().with(key, |c| limits::refund(lim, c, key.is_some()));
+        let now_ms = self.now_ms();
+        self.store()
+            .with(key, now_ms, |c| limits::refund(lim, c, key.is_some()));
     }
 
     /// A request of `key` ended: free its concurrency slot.
@@ -163,7 +196,7 @@ impl LocalLimiter {
             return;
         }
         self.store()
-            .with(Some(key), |c| limits::charge(lim, &mut c.tpm, tokens, now_ms));
+            .with(Some(key), now_ms, |c| limits::charge(lim, &mut c.tpm, tokens, now_ms));
     }
 
     /// Requests of `key` in flight.
@@ -245,6 +278,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn idle_keys_are_swept_when_the_map_is_full_busy_ones_stay() {
+        let mut store = Store {
+            sweep_at: 4,
+            ..Store::default()
+        };
+        let lim = LimitsConfig {
+            key_rpm: 60,
+            ..LimitsConfig::default()
+        };
+        // Four keys take a request at t=0 and finish it.
+        for k in ["a", "b", "c", "d"] {
+            store.with(Some(k), 0.0, |c| limits::acquire(&lim, c, true, 0.0, false));
+            store.keys.get_mut(k).expect("tracked").in_flight = 0;
+        }
+        // "d" is still in flight.
+        store.keys.get_mut("d").expect("tracked").in_flight = 1;
+        // One second later every bucket is full again: a new key sweeps
+        // the idle ones out, the busy one stays.
+        store.with(Some("e"), 1_000.0, |c| limits::acquire(&lim, c, true, 1_000.0, false));
+        let mut left: Vec<_> = store.keys.keys().map(|k| k.to_string()).collect();
+        left.sort();
+        assert_eq!(left, ["d", "e"]);
+        assert_eq!(store.sweep_at, SWEEP_AT);
     }
 
     #[test]
