@@ -280,3 +280,51 @@ state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix:
 GET /drive
 --- response_body
 nginx 200, gw 200, nginx 200, gw 200, nginx 429, gw 429
+
+
+
+=== TEST 9: Redis stops answering (CLIENT PAUSE): after failed calls the breaker stops calling it (503 at once), and a probe once it answers again closes it without a restart
+--- yaml
+keys:
+  - {key: sk-r9, user_id: a}
+limits: {key_rpm: 1000}
+state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t9:", timeout_ms: 100}
+--- config
+    location = /drive {
+        content_by_lua_block {
+            local drive = require "llmproxy_drive"
+            local port = ngx.var.server_port
+            local h = { Authorization = "Bearer sk-r9" }
+            local function count(name)
+                ngx.sleep(0.25) -- workers sync their counts every 0.1 s
+                local m = drive.metrics(port)
+                return m and m[name] or 0
+            end
+            ngx.say("up: ", (drive.chat(port, '{"model":"gpt-4"}', h)))
+            local skipped0 = count("llmproxy_state_skipped_total")
+            os.execute("redis-cli -p $TEST_NGINX_REDIS_PORT client pause 3000 ALL >/dev/null 2>&1")
+            local statuses = {}
+            for i = 1, 8 do
+                statuses[i] = drive.chat(port, '{"model":"gpt-4"}', h)
+            end
+            ngx.say("paused: ", table.concat(statuses, " "))
+            ngx.say("skipped some: ", count("llmproxy_state_skipped_total") - skipped0 >= 3)
+            local status
+            for _ = 1, 60 do
+                ngx.sleep(0.1)
+                status = drive.chat(port, '{"model":"gpt-4"}', h)
+                if status == 200 then
+                    break
+                end
+            end
+            ngx.say("back: ", status)
+        }
+    }
+--- request
+GET /drive
+--- timeout: 20
+--- response_body
+up: 200
+paused: 503 503 503 503 503 503 503 503
+skipped some: true
+back: 200

@@ -222,3 +222,44 @@ async fn failed_keys_are_throttled_with_the_redis_backend_too() {
     assert_eq!(r.json()["error"]["code"], "too_many_auth_failures");
     assert!(r.header("retry-after").is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_is_skipped_until_it_comes_back() {
+    let Some(mut redis) = Redis::start("breaker") else {
+        return;
+    };
+    let m = mock("m", |_| {}).await;
+    let yaml = config(&m.url(), &redis.url(), "brk", "limits: {key_rpm: 1000}\n");
+    let gw = TestGateway::start(&yaml).await;
+    assert_eq!(gw.chat(Some("sk-b"), json!({})).await.status, 200);
+    redis.stop();
+    // state.on_error is deny: 503 state_unavailable, first after failed
+    // calls, then (the circuit open) without calling Redis at all.
+    for _ in 0..8 {
+        let r = gw.chat(Some("sk-b"), json!({})).await;
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].clone()),
+            (503, json!("state_unavailable"))
+        );
+    }
+    let errors = gw.metric("llmproxy_state_errors_total").await;
+    let skipped = gw.metric("llmproxy_state_skipped_total").await;
+    assert_eq!(errors, 5.0, "the calls that opened the circuit");
+    assert!(skipped >= 3.0, "skipped {skipped}");
+    // Back, and no restart: a probe after the open period closes it.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = gw.chat(Some("sk-b"), json!({})).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {} after Redis came back", r.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gw.metric("llmproxy_state_errors_total").await,
+        errors,
+        "no call failed while open"
+    );
+}

@@ -235,6 +235,13 @@ pub const FAMILIES: &[Family] = &[
         Both,
     ),
     family(
+        "llmproxy_state_skipped_total",
+        Counter,
+        "Calls to the state backend not made: its circuit breaker was open.",
+        &[],
+        Both,
+    ),
+    family(
         "llmproxy_connections_open",
         Gauge,
         "Client connections open now.",

@@ -1,6 +1,7 @@
 //! Decisions every host makes the same way about a request, as pure
 //! functions of what the host knows (no I/O, no Lua).
 //!
+//! - [`breaker`]: the circuit breaker in front of the shared state (Redis).
 //! - [`errors`]: the failures a host answers itself (type, status, code,
 //!   message) and the type of a backend's error status.
 //! - [`failure`]: which hooks shape the response to a failed request, and
@@ -15,6 +16,7 @@
 //!   checks).
 //! - [`metrics`]: the metric catalog (names, types, help, labels).
 
+pub mod breaker;
 pub mod errors;
 pub mod failure;
 pub mod limits;

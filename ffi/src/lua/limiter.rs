@@ -20,6 +20,7 @@
 //! ```
 
 use llmproxy_core::config::LimitsConfig;
+use llmproxy_core::policy::breaker::Breaker;
 use llmproxy_core::policy::limits::{self, Bucket, Counters};
 use llmproxy_core::policy::throttle::{client_key, message, Check, Throttle};
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
@@ -157,4 +158,42 @@ impl UserData for LuaThrottle {
             Ok((lua.create_string(b.to_bytes())?, this.0.idle_ttl_s(&b).max(0.001)))
         });
     }
+}
+
+/// `llmproxy.breaker()`: the core's circuit breaker for the shared state
+/// (`llmproxy_core::policy::breaker`), one per nginx worker.
+///
+/// ```lua
+/// if breaker:allow(now_ms) then ... breaker:success() / breaker:failure(now_ms) end
+/// ```
+pub(crate) struct LuaBreaker(std::cell::Cell<Breaker>);
+
+impl UserData for LuaBreaker {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("allow", |_, this, now_ms: f64| {
+            let mut b = this.0.get();
+            let ok = b.allow(now_ms);
+            this.0.set(b);
+            Ok(ok)
+        });
+        methods.add_method("success", |_, this, ()| {
+            let mut b = this.0.get();
+            b.success();
+            this.0.set(b);
+            Ok(())
+        });
+        // -> true when this failure opened the circuit
+        methods.add_method("failure", |_, this, now_ms: f64| {
+            let mut b = this.0.get();
+            let was_open = b.is_open();
+            b.failure(now_ms);
+            this.0.set(b);
+            Ok(!was_open && b.is_open())
+        });
+    }
+}
+
+/// `llmproxy.breaker()`: a closed breaker.
+pub(crate) fn breaker(_: &Lua, (): ()) -> mlua::Result<LuaBreaker> {
+    Ok(LuaBreaker(std::cell::Cell::new(Breaker::new())))
 }

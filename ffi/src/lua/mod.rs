@@ -1251,6 +1251,8 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // llmproxy.limiter(limits) -> the core's limiter rule for `limits`
     // (`engine:limiter()` gives the config's).
     exports.raw_set("limiter", lua.create_function(limiter::from_table)?)?;
+    // llmproxy.breaker() -> the core's circuit breaker for the shared state.
+    exports.raw_set("breaker", lua.create_function(limiter::breaker)?)?;
     // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"
     // | "send": core's order of the hooks on a failed request (ADR 042).
     exports.raw_set("failure_step", lua.create_function(policy::failure_step)?)?;

@@ -428,6 +428,11 @@ local function load(config, opts)
                 if store then
                     metrics.state_error(store)
                 end
+            end,
+            function()
+                if store then
+                    metrics.state_skipped(store)
+                end
             end)
     elseif any_limit and not dict then
         return nil, "limits: are set but there is no lua_shared_dict " .. dict_name
@@ -1144,7 +1149,9 @@ end
 -- the default, and always for the shared dict), or nil to let the request
 -- through uncounted (`allow`), as the gateway's.
 local function state_failed(state, ctx, what, err)
-    ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", what, tostring(err))
+    -- A call the breaker skipped: the failures that opened it were logged.
+    local skipped = state.redis and err == state.redis.CIRCUIT_OPEN
+    ngx_log(skipped and INFO or ERR, "llmproxy: request ", ctx.id, ": ", what, tostring(err))
     if state.redis and state.state_on_error == "allow" then
         return nil
     end

@@ -157,6 +157,8 @@ pub struct AccountGauges {
     pub ledger: Option<[u64; 5]>,
     /// Failed calls to the state backend.
     pub state_errors: u64,
+    /// Calls to the state backend the breaker skipped.
+    pub state_skipped: u64,
 }
 
 /// The kinds of `llmproxy_usage_total`.
@@ -309,6 +311,8 @@ impl Metrics {
         }
         head(out, "llmproxy_state_errors_total");
         let _ = writeln!(out, "llmproxy_state_errors_total {}", g.state_errors);
+        head(out, "llmproxy_state_skipped_total");
+        let _ = writeln!(out, "llmproxy_state_skipped_total {}", g.state_skipped);
     }
 
     /// One finished request, by backend index (`None`: no backend).

@@ -307,6 +307,7 @@ impl Shared {
             AccountGauges {
                 ledger,
                 state_errors: self.state.errors(),
+                state_skipped: self.state.skipped(),
             },
         );
         throttle::render(&mut out, &self.throttles);

@@ -66,6 +66,8 @@ pub enum RedisError {
     Command(String),
     /// A reply that could not be parsed.
     Protocol(String),
+    /// Not called: the circuit breaker is open (recent calls failed).
+    CircuitOpen,
 }
 
 impl std::fmt::Display for RedisError {
@@ -75,6 +77,7 @@ impl std::fmt::Display for RedisError {
             RedisError::Timeout => write!(f, "redis: no answer in time"),
             RedisError::Command(e) => write!(f, "redis: {e}"),
             RedisError::Protocol(e) => write!(f, "redis: protocol error: {e}"),
+            RedisError::CircuitOpen => write!(f, "redis: not called, its circuit is open (recent calls failed)"),
         }
     }
 }

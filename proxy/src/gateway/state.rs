@@ -19,6 +19,7 @@ use super::keyset::KeySet;
 use super::ledger::{self, KeyUsage, Ledger, LedgerRecord};
 use super::limiter::{AcquireArgs, Acquired, LimitDenial, LimitKind, LocalLimiter, UNLIMITED};
 use super::resp::{self, RedisClient, RedisError, Reply, Script};
+use llmproxy_core::policy::breaker::{self, Breaker};
 use llmproxy_core::shared_state::{self, Layout, INSTANCE_TTL_MS};
 
 /// The state backend of a gateway.
@@ -61,6 +62,8 @@ impl Drop for Permit {
 pub struct StateStats {
     /// Failed calls.
     pub errors: AtomicU64,
+    /// Calls not made: the circuit breaker was open.
+    pub skipped: AtomicU64,
 }
 
 impl State {
@@ -85,6 +88,8 @@ impl State {
                     handle,
                     pending: Arc::new(AtomicUsize::new(0)),
                     stats: Arc::new(StateStats::default()),
+                    breaker: Mutex::new(Breaker::new()),
+                    origin: std::time::Instant::now(),
                 }))
             }
         }
@@ -111,6 +116,14 @@ impl State {
         match self {
             State::Local(_) => 0,
             State::Redis(r) => r.stats.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Calls skipped by the breaker so far.
+    pub fn skipped(&self) -> u64 {
+        match self {
+            State::Local(_) => 0,
+            State::Redis(r) => r.skipped(),
         }
     }
 
@@ -339,6 +352,11 @@ pub struct RedisState {
     handle: tokio::runtime::Handle,
     pending: Arc<AtomicUsize>,
     stats: Arc<StateStats>,
+    /// The core's breaker over the calls a request waits for (quota,
+    /// acquire, refund); background calls (releases, charges) always go.
+    breaker: Mutex<Breaker>,
+    /// Where the breaker's clock starts.
+    origin: std::time::Instant,
 }
 
 static ACQUIRE: Script = Script::new(shared_state::ACQUIRE);
@@ -359,8 +377,51 @@ impl RedisState {
     }
 
     fn failed(&self, e: &RedisError, op: &str) {
+        if *e == RedisError::CircuitOpen {
+            // Counted in `skipped`; the failures that opened it were logged.
+            return;
+        }
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target: "llmproxy::state", op, "state backend call failed: {e}");
+    }
+
+    fn now_ms(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// Run a call a request waits for behind the breaker: skipped at once
+    /// while it is open. Redis answering with an error is Redis being up.
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let breaker = || self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        if !breaker().allow(self.now_ms()) {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return Err(RedisError::CircuitOpen);
+        }
+        let r = call.await;
+        match &r {
+            Ok(_) | Err(RedisError::Command(_)) => breaker().success(),
+            Err(_) => {
+                let was_open = breaker().is_open();
+                breaker().failure(self.now_ms());
+                if !was_open && breaker().is_open() {
+                    tracing::warn!(
+                        target: "llmproxy::state",
+                        "state backend: {} calls in a row failed; not calling it for {} ms (state.on_error applies)",
+                        breaker::TRIP_AFTER,
+                        breaker::OPEN_MS
+                    );
+                }
+            }
+        }
+        r
+    }
+
+    /// Calls skipped by the breaker so far.
+    pub fn skipped(&self) -> u64 {
+        self.stats.skipped.load(Ordering::Relaxed)
     }
 
     /// Announce this instance (its concurrency slots count while the
@@ -382,7 +443,7 @@ impl RedisState {
     /// The key's quota usage.
     pub async fn used(&self, key: &str) -> Result<u64, StateError> {
         let q = self.layout.quota(key);
-        let r = self.client.cmd(&[b"HGET", q.as_bytes(), b"used"]).await;
+        let r = self.guarded(self.client.cmd(&[b"HGET", q.as_bytes(), b"used"])).await;
         match r {
             Ok(r) => Ok(r.as_i64().map_or(0, |v| u64::try_from(v).unwrap_or(0))),
             Err(e) => {
@@ -418,7 +479,7 @@ impl RedisState {
         ];
         let kb: Vec<&[u8]> = keys.iter().map(|s| s.as_bytes()).collect();
         let ab: Vec<&[u8]> = args.iter().map(|s| s.as_bytes()).collect();
-        let reply = match self.client.eval(&ACQUIRE, &kb, &ab).await {
+        let reply = match self.guarded(self.client.eval(&ACQUIRE, &kb, &ab)).await {
             Ok(r) => r,
             Err(e) => {
                 self.failed(&e, "acquire");
@@ -481,7 +542,7 @@ impl RedisState {
         ];
         let kb: Vec<&[u8]> = keys.iter().map(|s| s.as_bytes()).collect();
         let ab: Vec<&[u8]> = args.iter().map(|s| s.as_bytes()).collect();
-        if let Err(e) = self.client.eval(&REFUND, &kb, &ab).await {
+        if let Err(e) = self.guarded(self.client.eval(&REFUND, &kb, &ab)).await {
             self.failed(&e, "refund");
         }
     }

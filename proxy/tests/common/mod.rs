@@ -349,7 +349,14 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("free port");
-        let mut child = std::process::Command::new("redis-server")
+        let child = Redis::spawn(port, &dir);
+        let mut r = Redis { child, port, _dir: dir };
+        r.wait_up();
+        Some(r)
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+        std::process::Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -364,16 +371,32 @@ impl Redis {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("spawn redis-server");
+            .expect("spawn redis-server")
+    }
+
+    fn wait_up(&mut self) {
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Redis { child, port, _dir: dir });
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("redis-server did not come up on {port}");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("redis-server did not come up on {}", self.port);
+    }
+
+    /// Stop the server (its data is gone: no persistence).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Redis::spawn(self.port, &self._dir);
+        self.wait_up();
     }
 
     pub fn url(&self) -> String {

@@ -315,6 +315,12 @@ function _M.state_error(m)
     incr(m, "se", 1)
 end
 
+--- A call to the state backend was not made: its circuit breaker was open.
+-- @phases any
+function _M.state_skipped(m)
+    incr(m, "ss", 1)
+end
+
 --- This worker's count of ignored result fields (`engine:ignored_fields()`).
 -- @phases any
 function _M.ignored_fields(m, stats)
@@ -569,6 +575,8 @@ function _M.render(m, backends)
     out[#out + 1] = 'llmproxy_auth_throttled_total{kind="api_key"} ' .. num(values.at or 0)
     out[#out + 1] = HEAD.llmproxy_state_errors_total
     out[#out + 1] = "llmproxy_state_errors_total " .. num(values.se or 0)
+    out[#out + 1] = HEAD.llmproxy_state_skipped_total
+    out[#out + 1] = "llmproxy_state_skipped_total " .. num(values.ss or 0)
     if next(gauges.l) then
         for _, k in ipairs(LEDGER_STATS) do
             out[#out + 1] = HEAD[k[2]]

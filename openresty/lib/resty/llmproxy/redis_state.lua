@@ -39,6 +39,9 @@ local tostring = tostring
 local _M = {}
 local mt = { __index = _M }
 
+--- The error of a call the breaker skipped.
+_M.CIRCUIT_OPEN = "not called: the circuit to Redis is open (recent calls failed)"
+
 local UNLIMITED = 2147483647 -- rate_limit_status for a limit that is off
 local KEEPALIVE_MS = 60000
 -- Cosockets do not pipeline requests: a worker keeps this many idle
@@ -58,8 +61,9 @@ end
 -- @param limiter the core's limiter rule (`engine:limiter()`: names of refusals)
 -- @tparam string instance this worker's unique name (node, pid, start time)
 -- @tparam function on_error called once per failed call (the metric)
+-- @tparam function on_skip called once per call the breaker skipped
 -- @treturn table the state
-function _M.new(engine, limiter, instance, on_error)
+function _M.new(engine, limiter, instance, on_error, on_skip)
     local cfg = engine:state()
     local shas = {}
     for name, src in pairs(cfg.scripts) do
@@ -75,6 +79,8 @@ function _M.new(engine, limiter, instance, on_error)
         pool = concat({ "llmproxy", cfg.host, cfg.port, cfg.db }, ":"),
         pool_size = max(cfg.connections, MIN_POOL),
         failed = on_error,
+        skipped = on_skip,
+        breaker = require("llmproxy").breaker(),
     }, mt)
 end
 
@@ -107,7 +113,7 @@ end
 
 -- The connection back to the pool after a reply; closed after a network
 -- error (its state is unknown). `res` nil: network error, false: an error
--- reply (the connection is fine).
+-- reply (the connection is fine). The third result says Redis looked down.
 local function done(self, red, op, res, err)
     if res == nil then
         red:close()
@@ -116,9 +122,29 @@ local function done(self, red, op, res, err)
     end
     if not res then
         self.failed()
-        return nil, op .. ": " .. tostring(err)
+        return nil, op .. ": " .. tostring(err), res == nil
     end
     return res
+end
+
+-- `call(...)` behind the breaker: skipped while it is open; a result of
+-- Redis looking down (no connection, no answer) counts against it.
+local function guarded(self, call, ...)
+    local breaker = self.breaker
+    if not breaker:allow(ngx.now() * 1000) then
+        self.skipped()
+        return nil, _M.CIRCUIT_OPEN
+    end
+    local res, err, down = call(...)
+    if down then
+        if breaker:failure(ngx.now() * 1000) then
+            log(WARN, "llmproxy: Redis failed several calls in a row; this worker stops calling it for a ",
+                "while (state.on_error applies), then probes")
+        end
+    else
+        breaker:success()
+    end
+    return res, err
 end
 
 -- Run one of the core's scripts by its SHA, loading it on NOSCRIPT.
@@ -126,7 +152,7 @@ local function script(self, name, nkeys, ...)
     local red, err = connect(self)
     if not red then
         self.failed()
-        return nil, err
+        return nil, err, true
     end
     local res, rerr = red:evalsha(self.shas[name], nkeys, ...)
     if not res and rerr and find(rerr, "NOSCRIPT", 1, true) then
@@ -148,20 +174,24 @@ local function later(what, f, ...)
     end
 end
 
+local function hget_used(self, id)
+    local red, err = connect(self)
+    if not red then
+        self.failed()
+        return nil, err, true
+    end
+    local _, _, _, _, q = self.engine:state_keys(id)
+    local res, rerr = red:hget(q, "used")
+    return done(self, red, "used", res, rerr)
+end
+
 --- A key's quota usage.
 -- @tparam string id the key's fingerprint
 -- @treturn number|nil the usage, or nil and an error
 function _M.used(self, id)
-    local red, err = connect(self)
-    if not red then
-        self.failed()
-        return nil, err
-    end
-    local _, _, _, _, q = self.engine:state_keys(id)
-    local res, rerr = red:hget(q, "used")
-    res, rerr = done(self, red, "used", res, rerr)
+    local res, err = guarded(self, hget_used, self, id)
     if res == nil then
-        return nil, rerr
+        return nil, err
     end
     return tonumber(res) or 0
 end
@@ -184,7 +214,7 @@ end
 --   or nil and an error
 function _M.acquire(self, l, id, force, quota_total)
     local g, r, t, slots, q, inst = self.engine:state_keys(id)
-    local res, err = script(self, "acquire", 5, g, r, t, slots, q,
+    local res, err = guarded(self, script, self, "acquire", 5, g, r, t, slots, q,
         l.global_rpm, l.key_rpm, l.key_tpm, l.key_concurrency, self.instance, inst,
         id and "1" or "0", quota_total or 0, force and "1" or "0")
     if not res then
@@ -223,7 +253,8 @@ function _M.refund(self, l, acq)
     end
     acq.took = false
     local g, r, _, slots = self.engine:state_keys(acq.id)
-    return script(self, "refund", 3, g, r, slots, l.global_rpm, l.key_rpm, self.instance, acq.id and "1" or "0")
+    return guarded(self, script, self, "refund", 3, g, r, slots, l.global_rpm, l.key_rpm, self.instance,
+        acq.id and "1" or "0")
 end
 
 --- A request ended: free its concurrency slot (from log(): in a timer).
