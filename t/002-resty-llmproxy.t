@@ -56,6 +56,7 @@ my $location = <<'CONF';
     }
 CONF
 
+known_sections(qw(hooks init_worker));
 add_block_preprocessor(sub {
     my $block = shift;
     my $init = $block->init_worker // $init_worker;

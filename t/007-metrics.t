@@ -23,6 +23,7 @@ workers(2);
 
 my $mocks = mock_servers(['standard', 2], ['ultra', 3]);
 
+known_sections(qw(hooks));
 add_block_preprocessor(sub {
     my $block = shift;
     my $hooks = exists $block->{hooks} ? $block->hooks

@@ -62,6 +62,7 @@ sub _sec {
 
 sub gateway_setup {
     my (%opts) = @_;
+    known_sections(qw(hooks yaml backends init_opts location));
     my $mocks = mock_servers();
     add_block_preprocessor(sub {
         my $block = shift;

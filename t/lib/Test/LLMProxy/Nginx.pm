@@ -20,7 +20,7 @@ use Time::HiRes qw(sleep time);
 our $VERSION = '0.1.0';
 
 my @EXPORTS = qw(
-    run_tests workers add_block_preprocessor no_reload
+    run_tests workers add_block_preprocessor no_reload known_sections
     repo_root servroot server_port llmproxy_lib_dir llmproxy_lib nginx_binary
     blocks plan diag skip
 );
@@ -37,6 +37,14 @@ sub import {
 my $Repo = abs_path(File::Spec->catdir(dirname(abs_path(__FILE__)), ('..') x 4));
 my $Workers = 1;
 my @Preprocessors;
+# The sections a block may have: the harness's, and those helpers and test
+# files read themselves (known_sections). Any other is an error, so that a
+# check this harness does not implement can never pass by doing nothing.
+my %Known = map { $_ => 1 } qw(
+    request response_body response_body_like response_headers error_code more_headers
+    error_log no_error_log config http_config main_config nginx_conf user_files
+    listen_opts timeout wait diag_body skip_nginx stop_after
+);
 my $Reload = $ENV{TEST_NGINX_NO_RELOAD} ? 0 : 1;
 my $DefaultTimeout = $ENV{TEST_NGINX_TIMEOUT} || 5;
 
@@ -627,9 +635,20 @@ sub _check_response {
     return;
 }
 
+# known_sections(NAME...): sections a helper or test file reads itself.
+sub known_sections {
+    $Known{$_} = 1 for @_;
+    return;
+}
+
 sub _run_block {
     my ($block, $version) = @_;
     my $name = $block->name;
+    # Test::Base keeps the sections as written, in order, as [[names]].
+    for my $section (map { @$_ } @{ $block->{_section_order} || [] }) {
+        die "$name: --- $section is not a section this harness knows (t/lib/Test/LLMProxy/Nginx.pm)\n"
+            unless $Known{$section};
+    }
     my $n = _count_checks($block);
 
     if (my $why = _skip_reason($block, $version)) {
