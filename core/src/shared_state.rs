@@ -133,22 +133,15 @@ pub const SCRIPTS: [(&str, &str); 5] = [
     ("sync_key", SYNC_KEY),
 ];
 
-/// Check the quota (when asked), the limits, and take a request.
-/// KEYS: global rpm bucket, key rpm bucket, key tpm bucket, key slots,
-/// key quota. ARGV: global_rpm, key_rpm, key_tpm, key_concurrency,
-/// instance, instance key prefix, has_key, quota_total (0: no check), force.
-pub const ACQUIRE: &str = r#"
+/// What the bucket scripts share: `now` (Redis' clock, ms), `refill(key,
+/// limit)` (a bucket's tokens now, `policy::limits`' arithmetic: a missing
+/// bucket is full, a bucket filled for another limit keeps what was used of
+/// it, ADR 041) and `save(key, tokens, limit)` (kept until full again).
+macro_rules! buckets_lua {
+    () => {
+        r#"
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local grpm, krpm, ktpm, kconc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local has_key = ARGV[7] == '1'
-local quota_total = tonumber(ARGV[8])
-local force = ARGV[9] == '1'
-local used = 0
-if has_key then used = tonumber(redis.call('HGET', KEYS[5], 'used') or '0') end
-if quota_total > 0 and used >= quota_total then
-  return {'quota', '0', '-1', '-1', '0', tostring(used)}
-end
 local function refill(key, limit)
   local v = redis.call('HMGET', key, 't', 'ts', 'c')
   local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
@@ -170,6 +163,26 @@ local function save(key, t, limit)
   local ttl = 60000
   if t < limit then ttl = ttl + math.ceil((limit - t) * 60000 / limit) end
   redis.call('PEXPIRE', key, ttl)
+end
+"#
+    };
+}
+
+/// Check the quota (when asked), the limits, and take a request.
+/// KEYS: global rpm bucket, key rpm bucket, key tpm bucket, key slots,
+/// key quota. ARGV: global_rpm, key_rpm, key_tpm, key_concurrency,
+/// instance, instance key prefix, has_key, quota_total (0: no check), force.
+pub const ACQUIRE: &str = concat!(
+    buckets_lua!(),
+    r#"
+local grpm, krpm, ktpm, kconc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local has_key = ARGV[7] == '1'
+local quota_total = tonumber(ARGV[8])
+local force = ARGV[9] == '1'
+local used = 0
+if has_key then used = tonumber(redis.call('HGET', KEYS[5], 'used') or '0') end
+if quota_total > 0 and used >= quota_total then
+  return {'quota', '0', '-1', '-1', '0', tostring(used)}
 end
 local deny, retry = '', 0
 local function refuse(kind, wait)
@@ -216,7 +229,8 @@ if k then save(KEYS[2], k, krpm); krem = math.max(0, math.floor(k)) end
 if tp then save(KEYS[3], tp, ktpm) end
 if deny == '' then deny = 'ok' end
 return {deny, tostring(retry), tostring(grem), tostring(krem), tostring(conc), tostring(used)}
-"#;
+"#
+);
 
 /// Give back one request. KEYS: global rpm, key rpm, key slots. ARGV:
 /// global_rpm, key_rpm, instance, has_key.
@@ -250,7 +264,9 @@ return n
 /// Charge a finished request. KEYS: key quota, key tpm bucket. ARGV:
 /// billable, tokens, key_tpm, answered (Unix ms: not charged to the quota
 /// when the key was reset after it, field `reset`, docs/adr/043).
-pub const CHARGE: &str = r#"
+pub const CHARGE: &str = concat!(
+    buckets_lua!(),
+    r#"
 local used
 if tonumber(ARGV[4]) >= tonumber(redis.call('HGET', KEYS[1], 'reset') or '0') then
   used = redis.call('HINCRBY', KEYS[1], 'used', tonumber(ARGV[1]))
@@ -259,25 +275,11 @@ else
 end
 local ktpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[2])
 if ktpm > 0 and tokens > 0 then
-  local tm = redis.call('TIME')
-  local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-  local v = redis.call('HMGET', KEYS[2], 't', 'ts', 'c')
-  local t, ts, c = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
-  if t == nil or ts == nil then t = ktpm; ts = now end
-  if c and c ~= ktpm then
-    t = t + (ktpm - c)
-    if t > ktpm then t = ktpm end
-  end
-  local dt = now - ts
-  if dt < 0 then dt = 0 end
-  t = t + dt * ktpm / 60000
-  if t > ktpm then t = ktpm end
-  t = t - tokens
-  redis.call('HSET', KEYS[2], 't', tostring(t), 'ts', tostring(now), 'c', tostring(ktpm))
-  redis.call('PEXPIRE', KEYS[2], 60000 + math.ceil((ktpm - t) * 60000 / ktpm))
+  save(KEYS[2], refill(KEYS[2], ktpm) - tokens, ktpm)
 end
 return used
-"#;
+"#
+);
 
 /// Start or reset a key's usage. KEYS: key quota. ARGV: configured used.
 pub const SYNC_KEY: &str = r#"

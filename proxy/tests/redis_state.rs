@@ -262,3 +262,30 @@ async fn a_dead_redis_is_skipped_until_it_comes_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_are_charged_to_the_bucket_in_redis() {
+    let Some(redis) = Redis::start("tpm") else { return };
+    let m = mock("m", |_| {}).await;
+    let yaml = config(&m.url(), &redis.url(), "tpm", "limits: {key_tpm: 10}\n");
+    let gw = TestGateway::start(&yaml).await;
+    // The mock's answer uses 1 prompt + 8 completion tokens: 10 -> 1 left,
+    // then 1 -> -8 (debt), then refused until it refills.
+    assert_eq!(gw.chat(Some("sk-b"), json!({"messages": []})).await.status, 200);
+    wait_redis_charge(&redis, "tpm", "sk-b", 9).await;
+    assert_eq!(gw.chat(Some("sk-b"), json!({"messages": []})).await.status, 200);
+    wait_redis_charge(&redis, "tpm", "sk-b", 18).await;
+    let r = gw.chat(Some("sk-b"), json!({"messages": []})).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (429, json!("key_token_limit"))
+    );
+    // The bucket, as the core's rule keeps it: in debt, for this limit.
+    let client = llmproxy_server::gateway::resp::RedisClient::new(&redis.url(), 1, Duration::from_secs(1)).unwrap();
+    let key = format!("tpm:k:{}:tpm", llmproxy_core::keys::key_fingerprint("sk-b"));
+    let t = client.cmd(&[b"HGET", key.as_bytes(), b"t"]).await.unwrap();
+    let tokens: f64 = t.as_text().and_then(|s| s.parse().ok()).expect("tokens");
+    assert!((-8.5..-7.0).contains(&tokens), "tokens {tokens}");
+    let c = client.cmd(&[b"HGET", key.as_bytes(), b"c"]).await.unwrap();
+    assert_eq!(c.as_i64(), Some(10));
+}
