@@ -79,10 +79,7 @@ state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix:
 --- config
     location = /peek {
         content_by_lua_block {
-            local ok, redis = pcall(require, "resty.redis")
-            if not ok then redis = require "nginx.redis" end
-            local red = redis:new()
-            assert(red:connect("127.0.0.1", $TEST_NGINX_REDIS_PORT))
+            local red = require("llmproxy_drive").redis($TEST_NGINX_REDIS_PORT)
             local keys = red:keys("t1:k:*:rpm")
             ngx.say("buckets: ", #keys)
             local v = red:hmget(keys[1], "t", "ts", "c")
@@ -120,14 +117,11 @@ state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix:
     location = /drive {
         content_by_lua_block {
             local drive = require "llmproxy_drive"
-            local ok, redis = pcall(require, "resty.redis")
-            if not ok then redis = require "nginx.redis" end
             local port = ngx.var.server_port
             local h = { Authorization = "Bearer sk-r3" }
             local s1 = drive.chat(port, '{"model":"gpt-4"}', h)
             ngx.sleep(0.2) -- the charge runs in a timer after log()
-            local red = redis:new()
-            assert(red:connect("127.0.0.1", $TEST_NGINX_REDIS_PORT))
+            local red = drive.redis($TEST_NGINX_REDIS_PORT)
             local q = red:keys("t3:q:*")[1]
             ngx.say(s1, " used: ", red:hget(q, "used"))
             -- Another node (a gateway, say) charged the rest.

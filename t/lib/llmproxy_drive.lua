@@ -104,4 +104,16 @@ function _M.metrics(port)
     return values, h["x-worker-pid"], text, bad
 end
 
+--- A connection to the Redis on 127.0.0.1:`port` (lua-resty-redis, as
+-- `resty.redis` or Debian's `nginx.redis`).
+function _M.redis(port)
+    local found, redis = pcall(require, "resty.redis")
+    if not found then
+        redis = require "nginx.redis"
+    end
+    local red = redis:new()
+    assert(red:connect("127.0.0.1", port))
+    return red
+end
+
 return _M

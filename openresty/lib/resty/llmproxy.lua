@@ -414,6 +414,7 @@ local function load(config, opts)
     local any_limit = admission.global_rpm > 0 or admission.key_rpm > 0 or admission.key_tpm > 0
         or admission.key_concurrency > 0
     local state_cfg = engine:state()
+    local limiter = engine:limiter()
     local throttle = engine:auth_throttle()
     local redis
     local node = opts.node or (ngx_var_hostname() .. "-" .. ngx.worker.pid())
@@ -423,7 +424,7 @@ local function load(config, opts)
             return nil, "state: {backend: redis} needs lua-resty-redis (Debian's lua-nginx-redis): " .. redis_state
         end
         -- One instance per worker and start: its slots count while it lives.
-        redis = redis_state.new(engine, engine:limiter(), node .. "-" .. math.floor(ngx_now() * 1000),
+        redis = redis_state.new(engine, limiter, node .. "-" .. math.floor(ngx_now() * 1000),
             function()
                 if store then
                     metrics.state_error(store)
@@ -473,7 +474,7 @@ local function load(config, opts)
         -- the gateway decides it; the keys are the config's.
         admission = admission,
         limits_dict = dict, -- nil: no counters (scripts see unlimited status)
-        limiter = engine:limiter(), -- the core's rule for `limits:`
+        limiter = limiter, -- the core's rule for `limits:`
         throttle = throttle, -- the core's auth throttle (`gateway.auth_throttle`)
         throttle_on = throttle:enabled(),
         redis = redis, -- `state: {backend: redis}`: counters and quotas there
