@@ -165,6 +165,17 @@ impl GatewayError {
         )
     }
 
+    /// A client failed too many `what` checks (such as "API key") and must
+    /// wait `wait_s` seconds (the auth throttle): 429.
+    pub fn auth_throttled(what: &str, wait_s: u64) -> GatewayError {
+        GatewayError::new(
+            ErrorType::RateLimit,
+            429,
+            crate::policy::throttle::CODE,
+            crate::policy::throttle::message(what, wait_s),
+        )
+    }
+
     /// The limiter's and quotas' store (Redis) failed and `state.on_error`
     /// is `deny`: 503.
     pub fn state_unavailable() -> GatewayError {

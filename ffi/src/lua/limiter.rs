@@ -22,7 +22,7 @@
 use llmproxy_core::config::LimitsConfig;
 use llmproxy_core::policy::breaker::Breaker;
 use llmproxy_core::policy::limits::{self, Bucket, Counters};
-use llmproxy_core::policy::throttle::{client_key, message, Check, Throttle};
+use llmproxy_core::policy::throttle::{client_key, Check, Throttle};
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
 
 /// The limits a limiter applies.
@@ -134,7 +134,7 @@ pub(crate) fn from_table(_: &Lua, t: Table) -> mlua::Result<LuaLimiter> {
 ///
 /// ```lua
 /// local key = throttle:client_key(ngx.var.remote_addr)  -- nil: not an address
-/// local wait, recovered, message = throttle:check(now_ms, dict:get("a:" .. key))
+/// local wait, recovered = throttle:check(now_ms, dict:get("a:" .. key))
 /// local value, ttl = throttle:failed(now_ms, dict:get("a:" .. key))
 /// ```
 pub(crate) struct LuaThrottle(pub(crate) Throttle);
@@ -148,9 +148,9 @@ impl UserData for LuaThrottle {
         methods.add_method("check", |_, this, (now_ms, stored): (f64, Value)| {
             let mut b = load(&stored);
             Ok(match this.0.check(b.as_mut(), now_ms) {
-                Check::Pass => (None, false, None),
-                Check::Recovered => (None, true, None),
-                Check::Wait(s) => (Some(s), false, Some(message("API key", s))),
+                Check::Pass => (None, false),
+                Check::Recovered => (None, true),
+                Check::Wait(s) => (Some(s), false),
             })
         });
         methods.add_method("failed", |lua, this, (now_ms, stored): (f64, Value)| {

@@ -47,6 +47,7 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
 /// `llmproxy.gateway_error(name, arg?)` -> type, status, code, message:
 /// one of the failures the core names (`policy::errors`), so nginx answers
 /// what the gateway answers. `arg`: the bound of `body_too_large`, the
+/// seconds to wait of `auth_throttled` (for an API key), the
 /// detail of `invalid_json`, `invalid_field`, `body_unreadable`,
 /// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`;
 /// `hook_failed` takes the hook and the error's kind.
@@ -63,12 +64,15 @@ pub(crate) fn gateway_error(
             _ => String::new(),
         }
     };
-    let e = match &*name {
-        "body_too_large" => GatewayError::body_too_large(match &arg {
+    let number = || -> u64 {
+        match &arg {
             Some(mlua::Value::Integer(n)) => u64::try_from(*n).unwrap_or(0),
             Some(mlua::Value::Number(n)) => *n as u64,
             _ => 0,
-        }),
+        }
+    };
+    let e = match &*name {
+        "body_too_large" => GatewayError::body_too_large(number()),
         "invalid_json" => GatewayError::invalid_json(text()),
         "invalid_body" => GatewayError::invalid_body(),
         "invalid_field" => GatewayError::invalid_field(text()),
@@ -78,6 +82,7 @@ pub(crate) fn gateway_error(
         "backend_timeout" => GatewayError::backend_timeout(text()),
         "backend_failed" => GatewayError::backend_failed(text()),
         "state_unavailable" => GatewayError::state_unavailable(),
+        "auth_throttled" => GatewayError::auth_throttled("API key", number()),
         "hook_failed" => {
             let kind = arg2.unwrap_or_else(|| String::from("internal"));
             return Ok((HOOK_ERROR, 503, HOOK_FAILED, hook_failed_message(&text(), &kind)));

@@ -1434,7 +1434,7 @@ function _M.access()
     if dict and state.throttle_on then
         -- A client that failed too many key checks is refused before its
         -- key is looked at (the gateway's auth throttle, core's rule).
-        local wait, message = limits.throttle_check(dict, state.throttle, ngx_var.remote_addr, ngx_now())
+        local wait = limits.throttle_check(dict, state.throttle, ngx_var.remote_addr, ngx_now())
         if wait then
             ctx.id = ngx_var.request_id
             ctx.handled = true
@@ -1442,10 +1442,9 @@ function _M.access()
             if store then
                 metrics.auth_throttled(store)
             end
+            local f = known_failure("auth_throttled", wait)
             ngx_header["Retry-After"] = wait
-            return send_local(429, state.encode({
-                error = { message = message, type = "rate_limit", code = "too_many_auth_failures" },
-            }))
+            return send_local(f.status, state.encode({ error = { message = f.message, type = f.kind, code = f.code } }))
         end
     end
     local f = prepare_request(state, ctx)

@@ -208,8 +208,8 @@ fn throttled<B>(req: &Request<B>, wait: u64, what: &str) -> Response<GatewayBody
         retry_after = wait,
         "refused: too many failed {what} checks from this address"
     );
-    use llmproxy_core::policy::throttle;
-    let body = super::errors::error_body(&throttle::message(what, wait), "rate_limit", throttle::CODE);
+    let e = llmproxy_core::policy::errors::GatewayError::auth_throttled(what, wait);
+    let body = super::errors::error_body(&e.message, e.kind.as_str(), e.code);
     let mut resp = local(req, StatusCode::TOO_MANY_REQUESTS, "application/json", body);
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
     resp

@@ -214,7 +214,6 @@ end
 -- @tparam string ip the client's address
 -- @tparam number now seconds
 -- @treturn number|nil seconds to wait (429), or nil
--- @treturn string|nil what the client is told then
 function _M.throttle_check(dict, throttle, ip, now)
     local key = throttle:client_key(ip)
     if not key then
@@ -225,11 +224,11 @@ function _M.throttle_check(dict, throttle, ip, now)
     if stored == nil then
         return nil
     end
-    local wait, recovered, message = throttle:check(now * 1000, stored)
+    local wait, recovered = throttle:check(now * 1000, stored)
     if recovered then
         dict:delete(key)
     end
-    return wait, message
+    return wait
 end
 
 local function throttle_failed_locked(dict, throttle, key, now)
