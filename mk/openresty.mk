@@ -101,8 +101,7 @@ test-openai-client-nginx: openresty-deps $(OPENRESTY_LIB_TARGET)
 	  $(OPENRESTY_VENV)/bin/python t/openai_client_nginx.py
 
 # The Lua modules under openresty/lib/resty/ (install, test-rock).
-OPENRESTY_MODULES := llmproxy llmproxy/json llmproxy/sse llmproxy/metrics llmproxy/backends \
-                     llmproxy/limits llmproxy/redis_state
+OPENRESTY_MODULES := $(patsubst openresty/lib/resty/%.lua,%,$(wildcard openresty/lib/resty/*.lua openresty/lib/resty/llmproxy/*.lua))
 
 # Atomic replace: a running nginx keeps the files it has loaded.
 install-openresty:

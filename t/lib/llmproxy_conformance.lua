@@ -1,5 +1,5 @@
 --- The shared conformance cases (conformance/cases/*.json) inside nginx,
--- through the code path resty.llmproxy's phases use (`_run`: a request
+-- through the code path resty.llmproxy's phases use (`hook.run_input`: a request
 -- handle plus the other globals). For t/010-conformance.t.
 -- luacheck: std ngx_lua
 --
@@ -10,7 +10,7 @@
 
 local llmproxy = require "llmproxy"
 local casejson = require "casejson"
-local run = require("resty.llmproxy")._run
+local run = require("resty.llmproxy.hook").run_input
 
 local _M = {}
 

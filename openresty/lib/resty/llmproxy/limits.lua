@@ -31,7 +31,6 @@ local LOCK_TTL = 0.5 -- seconds: a lock left by a crashed worker expires
 local SPINS = 1000 -- tries before a waiter sleeps (~0.1 ms)
 local NAPS = 200 -- 1 ms sleeps before a waiter gives up
 
-
 -- Take the dict's lock; `can_sleep`: the phase may yield.
 local function lock(dict, can_sleep)
     for _ = 1, SPINS do

@@ -153,5 +153,4 @@ function _M.data_event(data)
     return "data: " .. data .. "\n\n"
 end
 
-
 return _M

@@ -1,0 +1,208 @@
+--- The access phase: the request parsed, admitted, routed and rewritten for
+-- its backend.
+-- @module resty.llmproxy.access
+
+-- luacheck: globals ngx.status ngx.ctx ngx.header ngx.arg
+
+local ngx = ngx
+local metrics = require "resty.llmproxy.metrics"
+local backends = require "resty.llmproxy.backends"
+local limits = require "resty.llmproxy.limits"
+local W = require "resty.llmproxy.worker"
+
+local type = type
+local pairs = pairs
+local tostring = tostring
+local find = string.find
+local lower = string.lower
+local ngx_log = ngx.log
+local ERR = ngx.ERR
+local WARN = ngx.WARN
+local ngx_now = ngx.now
+local ngx_var = ngx.var
+local ngx_header = ngx.header
+local req_set_body_data = ngx.req.set_body_data
+local req_get_method = ngx.req.get_method
+local req_set_header = ngx.req.set_header
+local req_clear_header = ngx.req.clear_header
+local BODY_JSON = require("resty.llmproxy.hook").BODY_JSON
+local log_hook_error = require("resty.llmproxy.hook").log_error
+local run_hook = require("resty.llmproxy.hook").run
+local PROTECTED_HEADERS = require("resty.llmproxy.util").PROTECTED_HEADERS
+local describe_error = require("resty.llmproxy.util").describe_error
+local admit = require("resty.llmproxy.admission").admit
+local denied_failure = require("resty.llmproxy.failure").denied
+local fail = require("resty.llmproxy.failure").fail
+local known_failure = require("resty.llmproxy.failure").known
+local no_engine = require("resty.llmproxy.failure").no_engine
+local send_local = require("resty.llmproxy.failure").send_local
+local prepare_request = require("resty.llmproxy.request").prepare
+
+local _M = {}
+
+-- The routing hook, then the default balancer. Returns the backend, or
+-- nil and a failure.
+local function route(state, ctx)
+    local set = state.backends
+    local name
+    if state.enabled.routing then
+        local g, gerr = backends.routing_globals(set, state.llmproxy)
+        if not g then
+            ngx_log(ERR, "llmproxy: cannot build the routing globals: ", describe_error(gerr))
+        else
+            local res, err = run_hook(state, "routing", ctx.req, g)
+            if err then
+                if state.on_error.routing == "deny" then
+                    log_hook_error("routing", ctx, err, "refusing the request (on_error: deny)")
+                    return nil, denied_failure("routing", err)
+                end
+                log_hook_error("routing", ctx, err, "using the default balancer")
+            else
+                name = res
+            end
+        end
+    end
+    local backend = name and set.by_name[name]
+    if backend and not backend.usable then
+        ngx_log(WARN, "llmproxy: routing chose backend '", name, "' for request ", ctx.id,
+            ", which nginx cannot reach; using the default balancer")
+        backend = nil
+    end
+    if backend then
+        ctx.routed = true
+    else
+        backend = backends.pick(set)
+    end
+    if not backend then
+        return nil, known_failure("no_backend")
+    end
+    ctx.backend = backend
+    return backend
+end
+
+local function set_request_header(ctx, name, value)
+    if PROTECTED_HEADERS[lower(name)] then
+        ngx_log(WARN, "llmproxy: request ", ctx.id, ": a script may not set header ", name, "; ignored")
+        return
+    end
+    if value == false or value == ctx.state.null then
+        req_clear_header(name)
+    else
+        req_set_header(name, tostring(value))
+    end
+end
+
+-- request_transform (with `request.backend_url`), then the stream
+-- options: for a stream whose client did not ask for
+-- `stream_options.include_usage`, ask the backend for it (the usage chunk
+-- is removed before the client sees it). Sets the body to send, if it
+-- changed. Returns a failure when the request cannot go on.
+local function prepare_upstream(state, ctx, backend)
+    local text -- the body to send, when it is not the client's
+    local effective = ctx.req
+    if ctx.api and state.enabled.request_transform then
+        local routed, werr = ctx.req:with({ backend_url = backend.url })
+        local res, err
+        if routed then
+            res, err = run_hook(state, "request_transform", routed, nil, BODY_JSON)
+        else
+            err = werr
+        end
+        if err then
+            if state.on_error.request_transform == "deny" then
+                log_hook_error("request_transform", ctx, err, "refusing the request (on_error: deny)")
+                return denied_failure("request_transform", err)
+            end
+            log_hook_error("request_transform", ctx, err, "sending the request unchanged")
+        elseif res ~= nil then
+            if type(res.body) == "string" and res.body ~= "null" then
+                text = res.body
+            end
+            if type(res.headers) == "table" then
+                for name, value in pairs(res.headers) do
+                    set_request_header(ctx, name, value)
+                end
+            end
+        end
+    end
+    if ctx.api == "chat" or ctx.api == "completions" then
+        if text then
+            -- Only a body that mentions "stream" can be a stream.
+            effective = find(text, '"stream"', 1, true) and state.llmproxy.request({ body_raw = text }) or nil
+        end
+        local stream = effective ~= nil and effective:body_get("/stream") == true
+        if stream and effective:body_get("/stream_options/include_usage") ~= true then
+            text = effective:body_json({ stream_options = { include_usage = true } })
+            ctx.strip_usage = true
+        end
+        ctx.stream = stream
+    end
+    if text then
+        req_set_body_data(text)
+    end
+    return nil
+end
+
+-- Headers the backend's config adds (e.g. an upstream API key).
+local function apply_backend_headers(ctx, backend)
+    if backend.headers then
+        for name, value in pairs(backend.headers) do
+            set_request_header(ctx, name, value)
+        end
+    end
+end
+
+--- Run the access phase for this request (`resty.llmproxy.access()`, which checks
+-- the phase, documents it).
+function _M.run()
+    local state = W.current
+    if state and req_get_method() == "GET" and ngx_var.uri == "/v1/models" then
+        return send_local(200, state.models_body) -- the gateway's: no auth, no backend
+    end
+    local ctx = { state = state, started = ngx_now() }
+    ngx.ctx.llmproxy = ctx
+    if not state then
+        ctx.id = ngx_var.request_id
+        ctx.handled = true
+        return no_engine()
+    end
+    local dict = state.limits_dict
+    if dict and state.throttle_on then
+        -- A client that failed too many key checks is refused before its
+        -- key is looked at (the gateway's auth throttle, core's rule).
+        local wait = limits.throttle_check(dict, state.throttle, ngx_var.remote_addr, ngx_now())
+        if wait then
+            ctx.id = ngx_var.request_id
+            ctx.handled = true
+            ngx_log(WARN, "llmproxy: refused: too many failed API key checks from ", ngx_var.remote_addr)
+            if W.store then
+                metrics.auth_throttled(W.store)
+            end
+            local f = known_failure("auth_throttled", wait)
+            ngx_header["Retry-After"] = wait
+            return send_local(f.status, state.encode({ error = { message = f.message, type = f.kind, code = f.code } }))
+        end
+    end
+    local f = prepare_request(state, ctx)
+    if f then
+        return fail(ctx, f)
+    end
+    f = admit(state, ctx)
+    if f then
+        return fail(ctx, f)
+    end
+    ctx.admitted = true
+    ctx.identified = true
+    local backend
+    backend, f = route(state, ctx)
+    if not backend then
+        return fail(ctx, f)
+    end
+    apply_backend_headers(ctx, backend)
+    f = prepare_upstream(state, ctx, backend)
+    if f then
+        return fail(ctx, f)
+    end
+end
+
+return _M

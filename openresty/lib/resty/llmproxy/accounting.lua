@@ -1,0 +1,240 @@
+--- The log phase: the concurrency slot, passive health, usage, quota, the
+-- ledger and the request's metrics.
+-- @module resty.llmproxy.accounting
+
+-- luacheck: globals ngx.status ngx.ctx ngx.header ngx.arg
+
+local ngx = ngx
+local metrics = require "resty.llmproxy.metrics"
+local backends = require "resty.llmproxy.backends"
+local limits = require "resty.llmproxy.limits"
+local W = require "resty.llmproxy.worker"
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tonumber = tonumber
+local max = math.max
+local match = string.match
+local ngx_log = ngx.log
+local ERR = ngx.ERR
+local WARN = ngx.WARN
+local NOTICE = ngx.NOTICE
+local worker_exiting = ngx.worker.exiting
+local ngx_now = ngx.now
+local ngx_var = ngx.var
+local entries = require("resty.llmproxy.util").entries
+local latency_ms = require("resty.llmproxy.util").latency_ms
+local log_level = require("resty.llmproxy.util").log_level
+local flush_ledger = require("resty.llmproxy.install").flush_ledger
+local key_id = require("resty.llmproxy.admission").key_id
+local log_hook_error = require("resty.llmproxy.hook").log_error
+local run_hook = require("resty.llmproxy.hook").run
+
+local _M = {}
+
+local POOL_STATS_EVERY = 1 -- seconds between two copies of this worker's pool stats
+local pool_stats_at = 0
+
+-- The usage hook on the captured usage; the record goes to the log, the
+-- quota (shared dict), the ledger (in log()) and the metrics.
+-- The usage of an answer that reported none (read-only).
+local ZERO_USAGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 }
+
+local function record_usage(state, ctx)
+    -- Every admitted request is accounted, as the gateway accounts it: an
+    -- answer without usage (a backend error, no backend) with zero usage.
+    local usage = ctx.usage or ZERO_USAGE
+    local backend = ctx.backend
+    local record
+    local upstream = tonumber(match(ngx_var.upstream_response_time or "", "([%d.]+)%s*$"))
+    if state.enabled.usage then
+        local res, err = run_hook(state, "usage", ctx.req, {
+            usage = usage,
+            response = {
+                status_code = ctx.status or ngx.status,
+                body_raw = ctx.usage_body,
+                is_stream = ctx.sse ~= nil,
+            },
+            metadata = {
+                backend_url = backend and backend.url or "",
+                latency_ms = upstream and upstream * 1000 or latency_ms(ctx),
+                is_stream = ctx.sse ~= nil,
+            },
+        })
+        if err then
+            log_hook_error("usage", ctx, err, "recording the raw usage")
+        elseif res ~= nil then
+            record = res
+        end
+    end
+    -- Quota, tokens per minute, ledger columns and metrics: core's rule
+    -- (`policy::usage`), the gateway's.
+    local charge = state.llmproxy.usage_charge(usage, record)
+    record = record or usage
+    ctx.usage_record = record
+    ctx.charge = charge
+    local billable = charge.billable_tokens
+    local dict = state.limits_dict
+    if state.redis then
+        local id = ctx.key and ctx.key.fp or (ctx.limits and ctx.limits.id)
+        if id then
+            state.redis:charge(id, ctx.key and billable or 0, charge.limit_tokens, state.admission.key_tpm,
+                ngx_now() * 1000)
+        end
+    elseif dict and ctx.key and billable > 0 then
+        local _, err = dict:incr("q:" .. ctx.key.fp, billable, ctx.key.configured_used)
+        if err then
+            ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot charge the quota: ", err)
+        end
+    end
+    if not state.redis and dict and state.admission.key_tpm > 0 and ctx.limits and ctx.limits.id then
+        limits.charge_tokens(dict, state.limiter, ctx.limits.id, charge.limit_tokens, ngx_now())
+    end
+    if W.store and backend then
+        local name = backend.name
+        for kind, v in pairs(charge.metrics) do
+            metrics.usage(W.store, name, kind, v)
+        end
+    end
+    if log_level() >= NOTICE then
+        local text = state.encode(record) or "?"
+        ctx.usage_text = text
+        ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", backend and backend.name or "-", "': ", text)
+    end
+end
+
+-- Health and upstream latency of every try, from nginx's `$upstream_*`.
+local function record_attempts(state, ctx)
+    local attempts = ctx.attempts
+    if not attempts then
+        return
+    end
+    local set = state.backends
+    local n = #attempts
+    local statuses, times, heads
+    local status_v, time_v, head_v = ngx_var.upstream_status, ngx_var.upstream_response_time,
+        ngx_var.upstream_header_time
+    if n == 1 and tonumber(status_v) and tonumber(time_v) and tonumber(head_v) then
+        statuses, times, heads = { status_v }, { time_v }, { head_v } -- one try: no list to split
+    else
+        statuses, times, heads = entries(status_v), entries(time_v), entries(head_v)
+    end
+    for i, b in ipairs(attempts) do
+        local t = tonumber(times[i])
+        if ctx.sse and i == n then
+            t = tonumber(heads[i]) or t -- streams: to the first event
+        end
+        if W.store and t then
+            metrics.upstream_latency(W.store, b.name, t)
+        end
+    end
+    local last = attempts[n]
+    last.active = max(0, last.active - 1)
+    local status = tonumber(statuses[n])
+    local head = tonumber(heads[n])
+    if not head and ngx.status == 499 then -- luacheck: ignore 542
+        -- the client left before the backend answered: no verdict on it
+    elseif not head or not status or status >= 500 then
+        backends.failure(set, last)
+    else
+        backends.success(set, last, head * 1000)
+    end
+    if W.store then
+        if n > 1 then
+            metrics.retries(W.store, n - 1)
+        end
+        metrics.backend(W.store, last.name, last.usable and last.healthy, last.ewma, last.active)
+    end
+end
+
+local ZERO_CHARGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, billable_tokens = 0 }
+
+-- The ledger row of an admitted request (the gateway's `LedgerRecord`),
+-- queued for the module's writer thread; never waits (a full queue drops
+-- the record and counts it).
+local function write_ledger(state, ctx)
+    local record = ctx.usage_record or ZERO_USAGE
+    local charge = ctx.charge or ZERO_CHARGE
+    local model = ctx.req and ctx.req:body_get("/model")
+    local backend = ctx.tried and ctx.backend
+    local ok = state.engine:ledger_record({
+        request_id = ctx.id,
+        node = state.node,
+        key_fp = key_id(state, ctx),
+        user_id = ctx.key and ctx.key.info.user_id or nil,
+        backend = backend and backend.name or nil,
+        model = type(model) == "string" and model or nil,
+        path = ngx_var.uri,
+        is_stream = ctx.sse ~= nil,
+        status = ngx.status,
+        prompt_tokens = charge.prompt_tokens,
+        completion_tokens = charge.completion_tokens,
+        total_tokens = charge.total_tokens,
+        billable_tokens = charge.billable_tokens,
+        cost = charge.cost,
+        latency_ms = (ngx_now() - ctx.started) * 1000,
+        record = ctx.usage_text or state.encode(record) or "{}",
+    })
+    if ok == false then
+        ngx_log(WARN, "llmproxy: request ", ctx.id, ": the ledger queue is full; usage record dropped (counted)")
+    end
+end
+
+--- Run the log phase for this request (`resty.llmproxy.log()`, which checks
+-- the phase, documents it).
+function _M.run()
+    local ctx = ngx.ctx.llmproxy
+    if not ctx then
+        return
+    end
+    local state = ctx.state
+    if not state then
+        if W.store then
+            metrics.request(W.store, nil, ngx.status)
+        end
+        return
+    end
+    local acq = ctx.limits
+    if acq and state.redis then
+        state.redis:release(acq)
+    elseif acq and state.limits_dict then
+        limits.release(state.limits_dict, acq)
+    end
+    record_attempts(state, ctx)
+    if ctx.usage or ctx.admitted then
+        record_usage(state, ctx)
+    end
+    if state.ledger and ctx.admitted then
+        write_ledger(state, ctx)
+        if worker_exiting() then
+            flush_ledger(state) -- the writer thread ends with the worker
+        end
+    end
+    if W.store then
+        metrics.request(W.store, ctx.tried and ctx.backend and ctx.backend.name or nil, ngx.status)
+        if ctx.stream_counted then
+            metrics.streams(W.store, -1)
+        end
+        local now = ngx_now()
+        if worker_exiting() then
+            metrics.sync(W.store) -- the sync timer has run its last time
+        end
+        -- Exact, not sampled: a request that added an ignored field shows
+        -- in the next sync (one integer compared per request).
+        local ignored = state.engine:ignored_fields_total()
+        if ignored ~= state.ignored_seen then
+            state.ignored_seen = ignored
+            metrics.ignored_fields(W.store, state.engine:ignored_fields())
+        end
+        if now - pool_stats_at >= POOL_STATS_EVERY then
+            pool_stats_at = now
+            metrics.pool(W.store, state.engine:pool_stats())
+            if state.ledger then
+                metrics.ledger(W.store, state.engine:ledger_stats())
+            end
+        end
+    end
+end
+
+return _M

@@ -1,0 +1,304 @@
+--- Admission: the auth stage (core's standard checks and the auth script)
+-- and the rate limit stage (core's limiter over the shared dict or Redis,
+-- and the rate_limit script).
+-- @module resty.llmproxy.admission
+
+local ngx = ngx
+local metrics = require "resty.llmproxy.metrics"
+local limits = require "resty.llmproxy.limits"
+local W = require "resty.llmproxy.worker"
+
+local type = type
+local tostring = tostring
+local tonumber = tonumber
+local max = math.max
+local ngx_log = ngx.log
+local ERR = ngx.ERR
+local INFO = ngx.INFO
+local ngx_now = ngx.now
+local ngx_time = ngx.time
+local ngx_var = ngx.var
+local req_clear_header = ngx.req.clear_header
+local denied_failure = require("resty.llmproxy.failure").denied
+local failure = require("resty.llmproxy.failure").new
+local known_failure = require("resty.llmproxy.failure").known
+local log_hook_error = require("resty.llmproxy.hook").log_error
+local run_hook = require("resty.llmproxy.hook").run
+
+local _M = {}
+
+local DEFAULT_RETRY_AFTER = 60 -- seconds, as the gateway's rate limit refusals
+local UNLIMITED = 2147483647 -- the gateway's "no limit" in rate_limit_status
+
+-- The clock as rate_limit scripts see it: core's current_time in the
+-- YAML's `limits.time_zone` (default: the machine's local zone, `TZ`;
+-- nginx keeps TZ for its workers), as the gateway's. Built once per
+-- second (and engine); the engine copies it per call.
+local clock_at, clock_engine, clock_table
+local function current_time(engine)
+    local now = ngx_time()
+    if now ~= clock_at or engine ~= clock_engine then
+        clock_table = engine:current_time(now)
+        clock_at, clock_engine = now, engine
+    end
+    return clock_table
+end
+
+-- The key's live quota usage: `q:<fingerprint>` in the limits dict,
+-- shared by the workers (charged in log()), else the configured
+-- `used_quota`.
+local function used_quota(state, entry)
+    if not entry then
+        return 0
+    end
+    if state.redis then
+        return state.redis:used(entry.fp)
+    end
+    local dict = state.limits_dict
+    local used = dict and dict:get("q:" .. entry.fp)
+    return used or entry.configured_used
+end
+
+-- `llmproxy_auth_denied_total` / `llmproxy_rate_limited_total` reasons of
+-- a refusal's code (the gateway's).
+local AUTH_REASON = {
+    invalid_api_key = "invalid_key", key_disabled = "disabled", key_expired = "expired",
+    ip_not_allowed = "ip_not_allowed", quota_exhausted = "quota_exhausted", denied_by_script = "script",
+    hook_failed = "hook_failed",
+}
+local RATE_REASON = {
+    global_rate_limit = "global_rpm", key_rate_limit = "key_rpm", key_token_limit = "key_tpm",
+    key_concurrency_limit = "key_concurrency", rate_limited_by_script = "script",
+    state_unavailable = "state_unavailable",
+}
+
+-- The auth stage, as the gateway's (proxy/src/gateway/admission.rs): the
+-- standard checks (core's, with the key's live usage), then the auth
+-- script: nil keeps the standard verdict, a deny is final, an allow
+-- overrules only the checks the config lists in may_override. A script
+-- that fails under `on_error: deny` fails closed: the standard denial when
+-- there is one, else 503.
+local function authenticate(state, ctx, entry, used)
+    local checks, status, message, code = state.engine:standard_checks(ctx.api_key, ctx.fields.client_ip, used)
+    local standard = status and failure("auth_error", status, code, message) or nil
+    if not state.enabled.auth then
+        if standard and W.store then
+            metrics.auth_denied(W.store, AUTH_REASON[code])
+        end
+        return standard
+    end
+    local res, err = run_hook(state, "auth", ctx.req, {
+        key_info = entry and entry.info or state.null,
+        standard_checks = checks,
+    })
+    local refusal
+    if err then
+        if state.on_error.auth == "deny" then
+            if standard then
+                log_hook_error("auth", ctx, err, "refusing the request with the standard verdict (on_error: deny)")
+                refusal = standard
+            else
+                log_hook_error("auth", ctx, err, "refusing the request (on_error: deny)")
+                refusal = denied_failure("auth", err)
+            end
+        else
+            log_hook_error("auth", ctx, err, "using the standard verdict")
+            refusal = standard
+        end
+    else
+        -- Core's decision (admission::decide): nil keeps the standard
+        -- verdict, a deny is final, an allow overrules only the failed
+        -- checks listed in scripts.auth.may_override (docs/adr/040).
+        local dstatus, dmessage, dcode = state.engine:auth_decision(checks, res)
+        refusal = dstatus and failure("auth_error", dstatus, dcode, dmessage) or nil
+    end
+    ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ",
+        err and "failed" or (res == nil and "standard" or (res.allow == false and "deny" or "allow")),
+        refusal and (" (" .. refusal.message .. ")") or "")
+    if refusal and W.store then
+        metrics.auth_denied(W.store, AUTH_REASON[refusal.code] or "hook_failed")
+    end
+    return refusal
+end
+
+-- The caller's id for the limiter and the ledger: the fingerprint of the
+-- presented key (known or not), nil without a key.
+local function key_id(state, ctx)
+    if ctx.key then
+        return ctx.key.fp
+    end
+    if ctx.api_key then
+        ctx.key_fp = ctx.key_fp or state.engine:key_fingerprint(ctx.api_key)
+        return ctx.key_fp
+    end
+    return nil
+end
+
+local UNLIMITED_STATUS = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 }
+
+-- A standard limit refused: 429 with Retry-After, type rate_limit.
+local function rate_failure(code, message, retry_after)
+    local f = failure("rate_limit", 429, code, message)
+    f.retry_after = max(1, math.ceil(retry_after))
+    return f
+end
+
+-- The limiter's store: Redis (`state: {backend: redis}`) or the shared
+-- dict; the rule is the core's either way.
+local function take(state, id, force)
+    if state.redis then
+        return state.redis:acquire(state.admission, id, force, 0)
+    end
+    return limits.acquire(state.limits_dict, state.limiter, id, ngx_now(), force)
+end
+
+local function give_back(state, acq)
+    if state.redis then
+        return state.redis:refund(state.admission, acq)
+    end
+    return limits.refund(state.limits_dict, state.limiter, acq)
+end
+
+-- The state store failed: 503 state_unavailable (`state.on_error: deny`,
+-- the default, and always for the shared dict), or nil to let the request
+-- through uncounted (`allow`), as the gateway's.
+local function state_failed(state, ctx, what, err)
+    -- A call the breaker skipped: the failures that opened it were logged.
+    local skipped = state.redis and err == state.redis.CIRCUIT_OPEN
+    ngx_log(skipped and INFO or ERR, "llmproxy: request ", ctx.id, ": ", what, tostring(err))
+    if state.redis and state.state_on_error == "allow" then
+        return nil
+    end
+    if W.store then
+        metrics.rate_limited(W.store, "state_unavailable")
+    end
+    return known_failure("state_unavailable")
+end
+
+-- The rate limit stage, as the gateway's: the standard limiter checks and
+-- takes (atomically, across workers); the rate_limit script sees
+-- `rate_limit_status` and `current_time` and may overrule it either way
+-- (requests are then taken or given back). The concurrency slot is freed
+-- in log().
+local function limit(state, ctx, entry)
+    local counted = state.limits_dict or state.redis
+    local id = key_id(state, ctx)
+    local acq
+    if counted then
+        local err
+        acq, err = take(state, id, false)
+        if not acq then
+            local refusal = state_failed(state, ctx, "the limiter's W.store failed: ", err)
+            if refusal then
+                return refusal
+            end
+            acq = { status = UNLIMITED_STATUS, took = false }
+        end
+    else
+        acq = { status = UNLIMITED_STATUS, took = false }
+    end
+    ctx.limits = acq
+    local refusal
+    local verdict = "standard"
+    if state.enabled.rate_limit then
+        local res, err = run_hook(state, "rate_limit", ctx.req, {
+            key_info = entry and entry.info or state.null,
+            rate_limit_status = acq.status,
+            current_time = current_time(state.engine),
+        })
+        if err then
+            verdict = "failed"
+            if state.on_error.rate_limit == "deny" then
+                log_hook_error("rate_limit", ctx, err, "refusing the request (on_error: deny)")
+                refusal = denied_failure("rate_limit", err)
+            else
+                log_hook_error("rate_limit", ctx, err, "using the standard verdict")
+            end
+        elseif res ~= nil and res.allow == false then
+            verdict = "deny"
+            local d = acq.denial
+            refusal = rate_failure("rate_limited_by_script",
+                type(res.reason) == "string" and res.reason or "rate limited",
+                tonumber(res.retry_after) or (d and d.retry_after) or DEFAULT_RETRY_AFTER)
+        elseif res ~= nil then
+            verdict = "allow"
+            if not acq.took and counted then
+                local forced, ferr = take(state, id, true)
+                if not forced then
+                    ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's W.store failed: ",
+                        tostring(ferr), " (admitted uncounted: the rate_limit script allowed it)")
+                end
+                acq = forced or acq
+                ctx.limits = acq
+            end
+        end
+    end
+    if verdict == "standard" and acq.denial then
+        local d = acq.denial
+        refusal = rate_failure(d.code, d.message, d.retry_after)
+    end
+    if refusal and acq.took then
+        local ok, rerr = give_back(state, acq)
+        if not ok then
+            ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot give back a refused request: ", tostring(rerr))
+        end
+    end
+    ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict,
+        refusal and (" (" .. refusal.message .. ")") or "")
+    if refusal and W.store and RATE_REASON[refusal.code] then
+        metrics.rate_limited(W.store, RATE_REASON[refusal.code])
+    end
+    return refusal
+end
+
+-- Admission, as the gateway's: auth (when keys are configured or an auth
+-- script is enabled), then the rate limit (when a limit is set or a
+-- rate_limit script is enabled). The client's key never goes upstream
+-- when auth runs.
+local function admit(state, ctx)
+    local adm = state.admission
+    if not (adm.auth or adm.limits) then
+        return nil
+    end
+    local entry = ctx.key
+    local used, uerr = used_quota(state, entry)
+    if not used then
+        local refusal = state_failed(state, ctx, "cannot read the key's quota usage: ", uerr)
+        if refusal then
+            return refusal
+        end
+        used = 0
+    end
+    if entry then
+        entry.info.used_quota = used
+    end
+    if adm.auth then
+        req_clear_header("Authorization")
+        req_clear_header("X-Api-Key")
+        local refusal = authenticate(state, ctx, entry, used)
+        if refusal then
+            if refusal.code == "invalid_api_key" and W.store then
+                metrics.auth_failed(W.store)
+            end
+            if refusal.code == "invalid_api_key" and state.throttle_on and state.limits_dict then
+                -- The standard 401 (no key, an unknown one) counts against
+                -- the client's address (the auth throttle).
+                local ok, terr = limits.throttle_failed(state.limits_dict, state.throttle, ngx_var.remote_addr,
+                    ngx_now())
+                if not ok then
+                    ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot count a failed key check: ", tostring(terr))
+                end
+            end
+            return refusal
+        end
+    end
+    if adm.limits then
+        return limit(state, ctx, entry)
+    end
+    return nil
+end
+
+_M.admit = admit
+_M.key_id = key_id
+
+return _M

@@ -1,0 +1,101 @@
+--- Hook calls from the phases: the engine's call, its metrics, the
+-- script's log lines in the error log.
+-- @module resty.llmproxy.hook
+
+local ngx = ngx
+local metrics = require "resty.llmproxy.metrics"
+local W = require "resty.llmproxy.worker"
+
+local type = type
+local pairs = pairs
+local require = require
+local ngx_log = ngx.log
+local ERR = ngx.ERR
+local WARN = ngx.WARN
+local INFO = ngx.INFO
+local clock = require("resty.llmproxy.util").clock
+local describe_error = require("resty.llmproxy.util").describe_error
+
+local _M = {}
+
+-- `engine:run*` option: results' `body` as JSON text, from Rust.
+local BODY_JSON = { body_json = true }
+
+-- "<hook> hook failed for request <id>: <error>; <what happens now>".
+local function log_hook_error(hook, ctx, err, policy)
+    ngx_log(ERR, "llmproxy: ", hook, " hook failed for request ", ctx.id, ": ", describe_error(err), "; ", policy)
+end
+
+-- Log levels of scripts' `log.*` lines (`print` is `log.info`).
+local SCRIPT_LOG_LEVEL = { info = INFO, warn = WARN, error = ERR }
+
+-- Write the lines a hook call's script logged to the error log, tagged as
+-- the gateway tags them (request id, hook, script).
+local function script_log(lines)
+    for i = 1, #lines do
+        local l = lines[i]
+        ngx_log(SCRIPT_LOG_LEVEL[l.level] or INFO, "llmproxy: script log: ", l.message, " (request_id=",
+            l.request_id, ", hook=", l.hook, ", script=", l.script, ")")
+    end
+end
+
+--- Run `hook` on the request handle `req` with `globals` (an
+-- `llmproxy.globals` handle, or a table of the other globals), counting
+-- the call in the metrics and writing the script's log lines to the
+-- error log. Failures the script never saw (the host's input: e.g. a body
+-- that is not JSON) are not counted as hook calls.
+-- @tparam table state the engine state the request runs on
+-- @tparam string hook the hook
+-- @tparam userdata req an `llmproxy.request`
+-- @tparam table|userdata|nil globals the other globals
+-- @tparam[opt] table opts `engine:run` options
+-- @return the result, or nil and an error
+local function run_hook(state, hook, req, globals, opts)
+    local t0 = clock()
+    local res, err, lines
+    if type(globals) == "table" then
+        globals.request = req
+        res, err, lines = state.engine:run(hook, globals, opts)
+    else
+        res, err, lines = state.engine:run_prepared(hook, req, globals, opts)
+    end
+    if W.store and (not err or err.hook) then
+        metrics.hook_call(W.store, hook, clock() - t0, err and err.kind)
+    end
+    if lines then
+        script_log(lines)
+    end
+    return res, err
+end
+
+--- Run one hook the way the phases do (a request handle, other globals as
+-- a table, metrics counted), on the worker's engine or `engine`. For the
+-- nginx conformance tests.
+-- @tparam userdata|nil engine an engine (nil: this worker's)
+-- @tparam string hook the hook
+-- @tparam table input the hook's globals, `request` as a table
+-- @treturn any the result, or nil and an error
+-- @phases any
+function _M.run_input(engine, hook, input)
+    local state = W.current
+    if engine then
+        state = { engine = engine, llmproxy = require "llmproxy" }
+    end
+    local globals = {}
+    for k, v in pairs(input) do
+        if k ~= "request" then
+            globals[k] = v
+        end
+    end
+    local req, err = state.llmproxy.request(input.request or {})
+    if not req then
+        return nil, err
+    end
+    return run_hook(state, hook, req, globals)
+end
+
+_M.BODY_JSON = BODY_JSON
+_M.log_error = log_hook_error
+_M.run = run_hook
+
+return _M

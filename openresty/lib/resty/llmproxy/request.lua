@@ -1,0 +1,219 @@
+--- The access phase's first step: the request's id, headers, key and body,
+-- parsed once (in Rust) into the `llmproxy.request` every hook runs on.
+-- @module resty.llmproxy.request
+
+local ngx = ngx
+
+local type = type
+local pairs = pairs
+local tostring = tostring
+local tonumber = tonumber
+local concat = table.concat
+local find = string.find
+local lower = string.lower
+local gsub = string.gsub
+local match = string.match
+local io_open = io.open
+local ngx_log = ngx.log
+local ERR = ngx.ERR
+local WARN = ngx.WARN
+local ngx_var = ngx.var
+local req_read_body = ngx.req.read_body
+local req_get_body_data = ngx.req.get_body_data
+local req_get_body_file = ngx.req.get_body_file
+local req_get_headers = ngx.req.get_headers
+local req_get_method = ngx.req.get_method
+local req_set_header = ngx.req.set_header
+local req_clear_header = ngx.req.clear_header
+local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
+local describe_error = require("resty.llmproxy.util").describe_error
+local request_id = require("resty.llmproxy.util").request_id
+local title_case = require("resty.llmproxy.util").title_case
+local failure = require("resty.llmproxy.failure").new
+local known_failure = require("resty.llmproxy.failure").known
+
+local _M = {}
+
+-- The whole body as a string (also when nginx spooled it to a file), or
+-- nil when there is none. Reading a spooled file blocks the worker (the
+-- one blocking read of this module): nginx spools a body only above
+-- client_body_buffer_size, so set that to gateway.max_body_bytes.
+local function read_request_body()
+    req_read_body()
+    local data = req_get_body_data()
+    if data then
+        return data
+    end
+    local path = req_get_body_file()
+    if not path then
+        return nil
+    end
+    local f, err = io_open(path, "rb")
+    if not f then
+        return nil, "cannot read the spooled request body: " .. tostring(err)
+    end
+    data = f:read("*a")
+    f:close()
+    return data
+end
+
+-- Endpoints whose bodies are JSON (the gateway's `is_api`), by path suffix
+-- so a location may sit under any prefix.
+local function api_endpoint(method, uri)
+    if method ~= "POST" then
+        return nil
+    end
+    if find(uri, "/chat/completions$") then
+        return "chat"
+    elseif find(uri, "/completions$") then
+        return "completions"
+    elseif find(uri, "/embeddings$") then
+        return "embeddings"
+    end
+    return nil
+end
+
+-- The hooks' `request` as a table, as the standalone gateway builds it.
+local function request_fields(ctx, raw)
+    local headers = {}
+    for name, value in pairs(raw) do
+        if type(value) == "table" then
+            value = concat(value, ", ")
+        end
+        headers[title_case(name)] = value
+    end
+    local request = {
+        id = ctx.id,
+        headers = headers,
+        client_ip = ngx_var.remote_addr,
+        path = ngx_var.uri,
+    }
+    local auth = raw["authorization"]
+    if type(auth) == "string" then
+        local scheme, key = match(auth, "^(%S+)%s+(.-)%s*$")
+        if scheme and lower(scheme) == "bearer" and key ~= "" then
+            request.api_key = key
+        end
+    end
+    if not request.api_key then
+        local key = raw["x-api-key"]
+        key = type(key) == "string" and match(key, "^%s*(.-)%s*$") or nil
+        if key and key ~= "" then
+            request.api_key = key
+        end
+    end
+    return request
+end
+
+-- The configured key behind `api_key`: `{info, fp}` (info: the record as
+-- a table, the scripts' `key_info`), or nil. Known keys are cached per
+-- engine; unknown ones are not (a client could fill the cache).
+local function key_entry(state, api_key)
+    if not api_key then
+        return nil
+    end
+    local e = state.keys[api_key]
+    if e == nil then
+        local info, fp = state.engine:key(api_key)
+        if not info then
+            return nil
+        end
+        e = { info = info, fp = fp, configured_used = tonumber(info.used_quota) or 0 }
+        state.keys[api_key] = e
+    end
+    return e
+end
+
+-- Request headers nginx's proxy module writes itself.
+local NGINX_FRAMED = { host = true, ["content-length"] = true, ["transfer-encoding"] = true }
+
+-- Read the body and parse the request once into `ctx.req`. Returns a
+-- failure when the request cannot go on.
+local function prepare_request(state, ctx)
+    local raw, truncated = req_get_headers(MAX_HEADERS)
+    if truncated == "truncated" then
+        ngx_log(WARN, "llmproxy: more than ", MAX_HEADERS, " request headers; scripts see the first ", MAX_HEADERS)
+    end
+    ctx.id = request_id(raw)
+    req_set_header("X-Request-ID", ctx.id)
+    -- Headers that describe the client's connection (the fixed hop-by-hop
+    -- names and every name its Connection header lists) stay on this hop.
+    -- nginx frames the upstream message itself (Host, Content-Length,
+    -- Transfer-Encoding): those are left to it.
+    local hop = state.llmproxy.hop_by_hop(raw)
+    if hop then
+        for i = 1, #hop do
+            local name = hop[i]
+            if not NGINX_FRAMED[name] then
+                req_clear_header(name)
+            end
+        end
+    end
+    local fields = request_fields(ctx, raw)
+    local entry = key_entry(state, fields.api_key)
+    if entry then
+        fields.user_id = entry.info.user_id
+    end
+    ctx.key = entry
+    -- Settled by the headers before anything can fail, as in the gateway:
+    -- only an identified caller's failures go through error_handler.
+    ctx.identified = state.admission.auth and state.engine:caller_identified(fields.api_key, fields.client_ip)
+    ctx.fields = fields -- error_handler's request if the body cannot be parsed
+    local limit = state.max_body_bytes
+    local declared = tonumber(raw["content-length"])
+    if declared and declared > limit then
+        return known_failure("body_too_large", limit)
+    end
+    local body, err = read_request_body()
+    if err then
+        ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", err)
+        return known_failure("body_unreadable", err)
+    end
+    if body and #body > limit then
+        return known_failure("body_too_large", limit)
+    end
+    ctx.api_key = fields.api_key
+    ctx.api = api_endpoint(req_get_method(), ngx_var.uri)
+    local llmproxy = state.llmproxy
+    if ctx.api then
+        fields.body_raw = body or ""
+        local req, perr = llmproxy.request(fields)
+        if not req then
+            local message = tostring(perr and perr.message or perr)
+            message = gsub(message, "^request%.body_raw: ", "")
+            return known_failure("invalid_json", message)
+        end
+        if not match(body, "^%s*{") then
+            ctx.req = req
+            return known_failure("invalid_body")
+        end
+        ctx.req = req
+        -- `stream` and its options must have their OpenAI types (core's
+        -- check, as the gateway): a "true" would stream upstream unbilled.
+        local ferr = req:check_fields()
+        if ferr then
+            return known_failure("invalid_field", ferr)
+        end
+        return nil
+    end
+    -- Other endpoints: scripts see the body when it happens to be JSON.
+    if body and body ~= "" then
+        fields.body_raw = body
+        ctx.req = llmproxy.request(fields)
+        if ctx.req then
+            return nil
+        end
+        fields.body_raw = nil
+    end
+    local req, rerr = llmproxy.request(fields)
+    if not req then
+        ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", describe_error(rerr))
+        return failure("bad_request", 400, "bad_request", "the request cannot be read: " .. tostring(rerr))
+    end
+    ctx.req = req
+    return nil
+end
+
+_M.prepare = prepare_request
+
+return _M

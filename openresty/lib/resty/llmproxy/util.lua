@@ -1,0 +1,164 @@
+--- Small helpers of the nginx host's phases: clock, names, lists, content
+-- types. No state beyond a cache of header names.
+-- @module resty.llmproxy.util
+
+local ngx = ngx
+
+local type = type
+local pcall = pcall
+local require = require
+local tostring = tostring
+local tonumber = tonumber
+local find = string.find
+local lower = string.lower
+local upper = string.upper
+local gsub = string.gsub
+local match = string.match
+local gmatch = string.gmatch
+local NOTICE = ngx.NOTICE
+local ngx_now = ngx.now
+local ngx_var = ngx.var
+
+local _M = {}
+
+-- The error_log level of the request (usage lines are logged at NOTICE:
+-- encoded only when they would be written).
+local log_level
+do
+    local ok, errlog = pcall(require, "ngx.errlog")
+    if ok then
+        log_level = errlog.get_sys_filter_level
+    else
+        log_level = function()
+            return NOTICE
+        end
+    end
+end
+
+local MAX_HEADERS = 100
+local MAX_REQUEST_ID = 128
+
+-- Headers a script may not set (nginx computes them), as in the gateway.
+local PROTECTED_HEADERS = {
+    ["content-length"] = true,
+    ["transfer-encoding"] = true,
+    ["connection"] = true,
+    ["host"] = true,
+}
+
+-- A monotonic clock in seconds with sub-microsecond resolution, for hook
+-- latency (ngx.now() is cached per event loop turn and has ms resolution).
+local clock
+do
+    local ok, ffi = pcall(require, "ffi")
+    if ok then
+        ok = pcall(ffi.cdef, [[
+            typedef struct { long tv_sec; long tv_nsec; } llmproxy_timespec_t;
+            int clock_gettime(int clk_id, llmproxy_timespec_t *tp);
+        ]])
+    end
+    if ok then
+        local ts = ffi.new("llmproxy_timespec_t")
+        local C = ffi.C
+        clock = function()
+            C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+            return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+        end
+    else
+        clock = function()
+            ngx.update_time()
+            return ngx_now()
+        end
+    end
+end
+
+local function describe_config(config)
+    if type(config) == "string" and not find(config, "\n", 1, true) then
+        return config
+    end
+    return "inline YAML"
+end
+
+-- "kind: message (script:line)" for logs.
+local function describe_error(err)
+    if type(err) ~= "table" then
+        return tostring(err)
+    end
+    local where = ""
+    if err.script then
+        where = " (" .. tostring(err.script) .. (err.line and (":" .. tostring(err.line)) or "") .. ")"
+    end
+    return tostring(err.kind) .. ": " .. tostring(err.message) .. where
+end
+
+-- `content-type` -> `Content-Type`, as the standalone gateway shows them;
+-- the first 512 names seen are remembered (clients choose names freely).
+local titles, ntitles = {}, 0
+local function title_case(name)
+    local t = titles[name]
+    if t then
+        return t
+    end
+    t = gsub(lower(name), "^%l", upper):gsub("%-%l", upper)
+    if ntitles < 512 then
+        titles[name] = t
+        ntitles = ntitles + 1
+    end
+    return t
+end
+
+-- The last entry of an `$upstream_*` list ("0.001, 0.002 : 0.003").
+local function last_entry(list)
+    if not list or list == "" then
+        return nil
+    end
+    return match(list, "([^,:%s]+)%s*$")
+end
+
+-- Every entry of an `$upstream_*` list.
+local function entries(list)
+    local out = {}
+    if list then
+        for v in gmatch(list, "[^,:%s]+") do
+            out[#out + 1] = v
+        end
+    end
+    return out
+end
+
+-- The client's id if it is 1..128 visible ASCII characters, else nginx's.
+local function request_id(headers)
+    local id = headers["x-request-id"]
+    if type(id) == "string" and #id <= MAX_REQUEST_ID and match(id, "^[\33-\126]+$") then
+        return id
+    end
+    return ngx_var.request_id
+end
+
+local function is_json(content_type)
+    return type(content_type) == "string" and find(lower(content_type), "^%s*application/[%w.+-]*json") ~= nil
+end
+
+local function is_event_stream(content_type)
+    return type(content_type) == "string" and find(lower(content_type), "^%s*text/event%-stream") ~= nil
+end
+
+local function latency_ms(ctx)
+    return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
+end
+
+_M.log_level = log_level
+_M.MAX_HEADERS = MAX_HEADERS
+_M.PROTECTED_HEADERS = PROTECTED_HEADERS
+_M.clock = clock
+_M.describe_config = describe_config
+_M.describe_error = describe_error
+_M.title_case = title_case
+_M.last_entry = last_entry
+_M.entries = entries
+_M.request_id = request_id
+_M.is_json = is_json
+_M.is_event_stream = is_event_stream
+_M.latency_ms = latency_ms
+
+return _M
