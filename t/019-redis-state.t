@@ -220,11 +220,11 @@ GET /drive
 
 
 
-=== TEST 8: one limit for nginx and a standalone gateway on the same Redis and prefix: key_rpm 4, two requests each, the fifth refused by either
+=== TEST 8: one limit for nginx and a standalone gateway on the same Redis and prefix: key_rpm N = 5, 2N requests alternating between them admit exactly N
 --- yaml
 keys:
   - {key: sk-r7, user_id: a}
-limits: {key_rpm: 4}
+limits: {key_rpm: 5}
 state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t7:"}
 --- config
     location = /drive {
@@ -239,7 +239,7 @@ backends:
   - {name: standard, url: "http://127.0.0.1:$TEST_NGINX_PORT_1"}
 keys:
   - {key: sk-r7, user_id: a}
-limits: {key_rpm: 4}
+limits: {key_rpm: 5}
 state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t7:"}
 ]])
             f:close()
@@ -258,9 +258,12 @@ state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix:
             local h = { Authorization = "Bearer sk-r7" }
             local port = ngx.var.server_port
             local out = {}
-            for _, p in ipairs({ port, gw, port, gw, port, gw }) do
+            local admitted = 0
+            for i = 1, 10 do
+                local p = i % 2 == 1 and port or gw
                 local status = drive.chat(p, '{"model":"gpt-4"}', h)
                 out[#out + 1] = (p == gw and "gw " or "nginx ") .. status
+                admitted = admitted + (status == 200 and 1 or 0)
                 ngx.sleep(0.02) -- slots come back after the response
             end
             local pf = io.open(root .. "/gw.pid")
@@ -268,12 +271,14 @@ state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix:
             if pf then pf:close() end
             if pid then os.execute("kill " .. pid) end
             ngx.say(table.concat(out, ", "))
+            ngx.say("admitted: ", admitted)
         }
     }
 --- request
 GET /drive
 --- response_body
-nginx 200, gw 200, nginx 200, gw 200, nginx 429, gw 429
+nginx 200, gw 200, nginx 200, gw 200, nginx 200, gw 429, nginx 429, gw 429, nginx 429, gw 429
+admitted: 5
 
 
 
