@@ -2,15 +2,17 @@
 # HTTP benchmark behind `make bench-http`: one run, one mock backend, one
 # machine, 127.0.0.1 only. Compares the mock reached directly, through
 # nginx `proxy_pass`, and through llmproxy with the routing, request and
-# response transform and usage hooks on (the seed's scripts); then 1,000
+# response transform and usage hooks on (the seed's scripts): peak RPS,
+# a fixed half-peak rate and one connection sending requests one after
+# another (c=1: the latency a proxy adds when nothing queues); then 1,000
 # concurrent streams through llmproxy (peak RSS) and the slow-script
 # isolation measurement. Writes a section of docs/benchmarks.md.
 #
 # Usage: bench/http/run.sh BIN_DIR [OUT_MD]
 #   BIN_DIR holds llmproxy and examples/loadgen (a release build).
-# Env: SECONDS_PER_RUN (default 8), ROUNDS (default 3: the peak and
-#      half-rate runs are interleaved, the median round is kept),
-#      CONNECTIONS (default 64).
+# Env: SECONDS_PER_RUN (default 8), ROUNDS (default 3: the peak,
+#      half-rate and c=1 runs are interleaved, the median round is kept),
+#      CONNECTIONS (default 64), C1_SECONDS (default 4: each c=1 run).
 #
 # Each peak run also reports the CPU time the proxy's processes spent per
 # request (utime + stime from /proc over the run, divided by the requests
@@ -25,6 +27,7 @@ LOADGEN=$BIN_DIR/examples/loadgen
 DUR=${SECONDS_PER_RUN:-8}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNECTIONS:-64}
+C1_DUR=${C1_SECONDS:-4}
 ulimit -n 65536 2>/dev/null || ulimit -n 8192
 
 tmp=$(mktemp -d /tmp/llmproxy-bench.XXXXXX)
@@ -160,6 +163,18 @@ done
 # The round with the median p99 added by llmproxy (over the mock reached directly).
 HALVES=$(python3 bench/lib/rounds.py halves hg hd "${halves[@]}")
 
+echo "bench-http: one connection, sequential requests (c=1), ${C1_DUR}s each, $ROUNDS rounds" >&2
+ones=()
+for r in $(seq 1 "$ROUNDS"); do
+  O_DIRECT=$("$LOADGEN" rps "$URL_DIRECT" "$BODY" 1 $C1_DUR); echo "direct   $O_DIRECT" >&2
+  O_NGINX=$("$LOADGEN" rps "$URL_NGINX" "$BODY" 1 $C1_DUR); echo "nginx    $O_NGINX" >&2
+  O_GW=$("$LOADGEN" rps "$URL_GW" "$BODY" 1 $C1_DUR); echo "llmproxy $O_GW" >&2
+  O_BGW=$("$LOADGEN" rps "http://127.0.0.1:$BGW/v1/chat/completions" "$BODY" 1 $C1_DUR); echo "no hooks $O_BGW" >&2
+  ones+=("{\"od\":$O_DIRECT,\"on\":$O_NGINX,\"og\":$O_GW,\"ob\":$O_BGW}")
+done
+# The round with the median p50 the 4-hook gateway adds over the mock.
+ONES=$(python3 bench/lib/rounds.py ones og od "${ones[@]}")
+
 echo "bench-http: 1000 concurrent streams (20 events, 500 ms apart)" >&2
 S_GW=$("$LOADGEN" streams "http://127.0.0.1:$SGW/v1/chat/completions" "$SBODY" 1000 $SGW_PID); echo "streams  $S_GW" >&2
 
@@ -167,12 +182,16 @@ echo "bench-http: slow-script isolation" >&2
 I_GW=$("$LOADGEN" isolation "http://127.0.0.1:$IGW/v1/chat/completions" "$BODY" \
   '{"model":"gpt-4","messages":[],"burn":true}' 100); echo "isolation $I_GW" >&2
 
-python3 - "$OUT" "$(nproc)" "$CONNS" "$DUR" "$PEAKS" "$HALVES" "$S_GW" "$I_GW" "$(nginx -v 2>&1)" "$ROUNDS" <<'PY'
+python3 - "$OUT" "$(nproc)" "$CONNS" "$DUR" "$PEAKS" "$HALVES" "$S_GW" "$I_GW" "$(nginx -v 2>&1)" "$ROUNDS" \
+  "$ONES" "$C1_DUR" <<'PY'
 import json, re, sys
 out, nproc, conns, dur = sys.argv[1:5]
 peaks, halves, sg, ig = (json.loads(a) for a in sys.argv[5:9])
 nginx_version = sys.argv[9].split("/")[-1]
 rounds = sys.argv[10]
+ones, c1_dur = json.loads(sys.argv[11]), sys.argv[12]
+od, on, og, ob = (ones[k] for k in ("od", "on", "og", "ob"))
+us_added = lambda r, m: (r[m] - od[m]) * 1000
 rd, rn, rg, rb, rr = (peaks[k] for k in ("rd", "rn", "rg", "rb", "rr"))
 hd, hn, hg = (halves[k] for k in ("hd", "hn", "hg"))
 ok = lambda c: "yes" if c else "**no**"
@@ -212,6 +231,19 @@ for name, r in (("mock directly", hd), ("nginx proxy_pass", hn), ("llmproxy, 4 h
     lines.append(f"| {name} | {r['achieved_rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p999_ms']:.3f} |")
 lines += [
     "",
+    f"One connection, sequential requests (c=1, {c1_dur} s per run; {rounds} rounds, the round with "
+    "the median p50 the 4-hook gateway adds over the mock reached directly; added = the target's "
+    "latency minus the mock's in that round):",
+    "",
+    "| target | requests | p50 ms | p99 ms | added p50 µs | added p99 µs |",
+    "|---|---|---|---|---|---|",
+]
+for name, r in (("mock directly", od), ("nginx proxy_pass", on), ("llmproxy, no hooks", ob),
+                ("llmproxy, 4 hooks", og)):
+    lines.append(f"| {name} | {r['requests']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                 f"{us_added(r, 'p50_ms'):.0f} | {us_added(r, 'p99_ms'):.0f} |")
+lines += [
+    "",
     f"1,000 concurrent streams through llmproxy (same hooks, response_transform per event; "
     f"20 events 500 ms apart): {sg['completed']}/{sg['streams']} completed, {sg['events']} events, "
     f"all open after {sg['all_open_after_s']} s; gateway RSS {sg['rss_before_mb']:.1f} MB before, "
@@ -232,6 +264,12 @@ lines += [
     f"{rn['cpu_us'] / rg['cpu_us']:.2f} | (reported) | - |",
     f"| p99 added by llmproxy at half of peak (rounds: {', '.join(f'{x:.3f}' for x in halves['added'])} ms) | "
     f"{added:.3f} ms | <= 1 ms | {ok(added <= 1.0)} |",
+    f"| c=1, no hooks: added p50, llmproxy vs nginx (rounds: "
+    f"{', '.join(f'{x * 1000:.0f}' for x in ones['added'])} µs for 4 hooks) | "
+    f"{us_added(ob, 'p50_ms'):.0f} vs {us_added(on, 'p50_ms'):.0f} µs | <= nginx + 15 µs | "
+    f"{ok(us_added(ob, 'p50_ms') <= us_added(on, 'p50_ms') + 15)} |",
+    f"| c=1, four seed hooks: added p50 | {us_added(og, 'p50_ms'):.0f} µs | <= 60 µs | "
+    f"{ok(us_added(og, 'p50_ms') <= 60)} |",
     f"| RSS with 1,000 streams | {sg['rss_peak_mb']:.1f} MB | < 100 MB | {ok(sg['rss_peak_mb'] < 100)} |",
     f"| p99 added by a 90 ms script | {ig['p99_added_ms']:.3f} ms | < 5 ms | {ok(ig['p99_added_ms'] < 5)} |",
     "",

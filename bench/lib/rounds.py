@@ -16,6 +16,8 @@ rounds. Each prints one JSON value.
   rounds.py halves PROXY BASE ROUND_JSON...
       the round with the median p99 PROXY adds over BASE; `added`: that
       difference in every round, sorted
+  rounds.py ones PROXY BASE ROUND_JSON...
+      the same with the median p50 (the one-connection runs)
 """
 import json
 import os
@@ -51,8 +53,8 @@ def peaks(num, den, rounds):
     return out
 
 
-def halves(proxy, base, rounds):
-    added = lambda r: r[proxy]["p99_ms"] - r[base]["p99_ms"]
+def median_added(proxy, base, rounds, metric):
+    added = lambda r: r[proxy][metric] - r[base][metric]
     rs = sorted((json.loads(a) for a in rounds), key=added)
     out = rs[len(rs) // 2]
     out["added"] = [round(added(r), 3) for r in rs]
@@ -69,7 +71,9 @@ if __name__ == "__main__":
     elif cmd == "peaks":
         result = peaks(args[0], args[1], args[2:])
     elif cmd == "halves":
-        result = halves(args[0], args[1], args[2:])
+        result = median_added(args[0], args[1], args[2:], "p99_ms")
+    elif cmd == "ones":
+        result = median_added(args[0], args[1], args[2:], "p50_ms")
     else:
         sys.exit(f"rounds.py: unknown command {cmd!r}")
     print(json.dumps(result))
