@@ -128,6 +128,45 @@ impl ToJson<'_> {
     }
 }
 
+/// Why a table of hook globals could not become a JSON object.
+#[derive(Debug)]
+pub enum GlobalsError {
+    /// A key that is not a string (its Lua type).
+    Key(String),
+    /// A key that is not UTF-8.
+    KeyNotUtf8,
+    /// `request` where it may not be (it is passed as a handle).
+    Request,
+    /// The value of global `.0` could not be converted.
+    Value(String, ToJsonError),
+    /// The walk itself failed (the Lua stack).
+    Lua(String),
+}
+
+impl ToJson<'_> {
+    /// The globals table `t` as a JSON object, walked once on the host's
+    /// stack (one protected call for the whole table, no registry
+    /// references for its keys and values); members are at depth 2. With
+    /// `skip_request`, the `request` global is left out (a handle the
+    /// caller passes on its own); without, it is an error.
+    pub fn globals(&self, t: &Table, skip_request: bool) -> Result<Map<String, Json>, GlobalsError> {
+        let mut out = Err(GlobalsError::Lua("the table was not converted".into()));
+        let walk = Walk {
+            array_mt: 2,
+            max_depth: self.max_depth,
+        };
+        // SAFETY: as in `ToJson::table`: the table is at index 1 and
+        // `array_mt` at index 2 inside a protected call; the walk keeps the
+        // stack balanced (on an early return it pops the key it holds).
+        let ran = unsafe {
+            self.lua
+                .exec_raw::<()>((t, self.array_mt), |state| out = walk.globals(state, 1, skip_request))
+        };
+        ran.map_err(|e| GlobalsError::Lua(e.to_string()))?;
+        out
+    }
+}
+
 /// The raw-stack walk behind [`ToJson::table`].
 struct Walk {
     /// Stack index of `llmproxy.array_mt`.
@@ -169,6 +208,51 @@ impl Walk {
                 stack::type_name(state, other)
             ))),
         }
+    }
+
+    /// The globals table at `idx` (see [`ToJson::globals`]).
+    ///
+    /// # Safety
+    /// As [`Walk::value`], with a table at `idx`.
+    unsafe fn globals(
+        &self,
+        state: *mut lua_State,
+        idx: c_int,
+        skip_request: bool,
+    ) -> Result<Map<String, Json>, GlobalsError> {
+        if ffi::lua_checkstack(state, 4) == 0 {
+            return Err(GlobalsError::Lua("the Lua stack cannot grow".into()));
+        }
+        let mut map = Map::new();
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, idx) != 0 {
+            let top = ffi::lua_gettop(state);
+            let entry = match ffi::lua_type(state, top - 1) {
+                ffi::LUA_TSTRING => match std::str::from_utf8(stack::str_at(state, top - 1)) {
+                    Ok("request") if skip_request => None,
+                    Ok("request") => Some(Err(GlobalsError::Request)),
+                    Ok(key) => Some(
+                        self.value(state, top, 2)
+                            .map(|v| (key.to_owned(), v))
+                            .map_err(|e| GlobalsError::Value(key.to_owned(), e)),
+                    ),
+                    Err(_) => Some(Err(GlobalsError::KeyNotUtf8)),
+                },
+                other => Some(Err(GlobalsError::Key(stack::type_name(state, other)))),
+            };
+            ffi::lua_pop(state, 1);
+            match entry {
+                None => {}
+                Some(Ok((key, value))) => {
+                    map.insert(key, value);
+                }
+                Some(Err(e)) => {
+                    ffi::lua_pop(state, 1); // the key: the walk stops here
+                    return Err(e);
+                }
+            }
+        }
+        Ok(map)
     }
 
     /// # Safety

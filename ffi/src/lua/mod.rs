@@ -75,7 +75,7 @@ use serde_json::{Map, Value as Json};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
 use crate::input::{self, Globals, Request};
-use convert::{ToJson, EMPTY_ARRAY};
+use convert::{GlobalsError, ToJson, EMPTY_ARRAY};
 
 /// Tables the module's functions share.
 #[derive(Clone)]
@@ -753,36 +753,21 @@ fn table_globals(
     max_depth: usize,
     skip_request: bool,
 ) -> Result<Globals, Failure> {
-    let to_json = ToJson {
+    let map = ToJson {
         lua,
         array_mt,
         max_depth,
-    };
-    let mut map = Map::new();
-    for pair in t.pairs::<Value, Value>() {
-        let (k, v) = pair.map_err(|e| Failure::invalid(format!("input: {e}")))?;
-        let Value::String(k) = k else {
-            return Err(Failure::invalid(format!(
-                "input: a {} key cannot name a global",
-                k.type_name()
-            )));
-        };
-        let key = k
-            .to_str()
-            .map_err(|_| Failure::invalid("input: a key is not valid UTF-8"))?;
-        if *key == *"request" {
-            if skip_request {
-                continue;
-            }
-            return Err(Failure::invalid(
-                "globals: 'request' is not a global here: pass it as an llmproxy.request",
-            ));
-        }
-        let value = to_json
-            .convert_at(&v, 2)
-            .map_err(|e| Failure::invalid(e.describe(&format!("input.{}", &*key))))?;
-        map.insert(key.to_owned(), value);
     }
+    .globals(t, skip_request)
+    .map_err(|e| match e {
+        GlobalsError::Key(kind) => Failure::invalid(format!("input: a {kind} key cannot name a global")),
+        GlobalsError::KeyNotUtf8 => Failure::invalid("input: a key is not valid UTF-8"),
+        GlobalsError::Request => {
+            Failure::invalid("globals: 'request' is not a global here: pass it as an llmproxy.request")
+        }
+        GlobalsError::Value(key, e) => Failure::invalid(e.describe(&format!("input.{key}"))),
+        GlobalsError::Lua(m) => Failure::invalid(format!("input: {m}")),
+    })?;
     let mut value = Json::Object(map);
     let raw_bytes = splice_response_raw(&mut value)?;
     let Json::Object(map) = value else {
