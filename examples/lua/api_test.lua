@@ -262,6 +262,46 @@ local tests = {
     local g = assert(llmproxy.globals({ backends = BACKENDS }))
     assert(engine:run_prepared("routing", req, g) == "ultra")
   end },
+  { "llmproxy.request: a table and the same request as JSON text give the same request", function()
+    -- error_handler returns the request it sees: its JSON shows every field.
+    local echo = assert(llmproxy.new("scripts:\n  error_handler:\n    script: "
+      .. "'return { status_code = 500, body = request }'\n"))
+    local function seen(req)
+      local res = assert(echo:run("error_handler", { request = req, error = { type = "t", message = "m" } },
+        { body_json = true }))
+      return res.body
+    end
+    local cases = {
+      { { id = "r1", client_ip = "127.0.0.1", path = "/v1/chat/completions", api_key = "sk-1",
+          headers = { ["Content-Type"] = "application/json", ["X-Tag"] = "a, b" },
+          body_raw = '{"model":"m","messages":[{"role":"user","content":"hi"}],"n":1.5}' },
+        '{"id":"r1","client_ip":"127.0.0.1","path":"/v1/chat/completions","api_key":"sk-1",'
+          .. '"headers":{"Content-Type":"application/json","X-Tag":"a, b"},'
+          .. '"body_raw":"{\\"model\\":\\"m\\",\\"messages\\":[{\\"role\\":\\"user\\",'
+          .. '\\"content\\":\\"hi\\"}],\\"n\\":1.5}"}' },
+      { { id = "r2", user_id = "u", backend_url = "http://b", body = { a = { 1, 2, 3 } }, tier = 2 },
+        '{"id":"r2","user_id":"u","backend_url":"http://b","body":{"a":[1,2,3]},"tier":2}' },
+      -- Read by the JSON path: a number id, a header that is not a string,
+      -- headers given as an array, both body and body_raw.
+      { { id = 5, headers = { ["X-N"] = 7 } }, '{"id":5,"headers":{"X-N":7}}' },
+      { { headers = { "a" } }, '{"headers":["a"]}' },
+      { { body = { x = 1 }, body_raw = '{"y":2}' }, nil },
+      { {}, "{}" },
+    }
+    for i, c in ipairs(cases) do
+      local from_table = seen(assert(llmproxy.request(c[1])))
+      if c[2] then
+        local from_text = seen(assert(llmproxy.request(c[2])))
+        assert(from_table == from_text, ("case %d: %s vs %s"):format(i, from_table, from_text))
+      end
+    end
+    local err = expect_error("invalid_argument", llmproxy.request({ id = "r", body_raw = "{oops" }))
+    assert(err.message:find("body_raw", 1, true), err.message)
+    expect_error("invalid_argument", llmproxy.request({ body_raw = "\255" }))
+    local tight = assert(llmproxy.new("scripts:\n  routing:\n    script: return 'ultra'\n    max_depth: 3\n"))
+    local deep = assert(llmproxy.request({ body_raw = '{"a":{"b":{"c":{"d":1}}}}' }))
+    expect_error("invalid_argument", tight:run("routing", { request = deep, backends = BACKENDS }))
+  end },
   { "llmproxy.request: wrong arguments are invalid_argument", function()
     expect_error("invalid_argument", llmproxy.request(42))
     expect_error("invalid_argument", llmproxy.request(nil))

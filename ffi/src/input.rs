@@ -95,6 +95,20 @@ impl Request {
         })
     }
 
+    /// A request a host built field by field (`llmproxy.request` on a
+    /// table): `depth` is the request object's nesting, `raw_body_depth`
+    /// and `raw_body_bytes` those of `body_raw` when it came as text (else
+    /// 0), as [`Request::from_value`] records them.
+    pub fn from_parts(info: RequestInfo, depth: usize, raw_body_depth: usize, raw_body_bytes: usize) -> Request {
+        Request {
+            info,
+            bytes: 0,
+            depth,
+            raw_body_depth,
+            raw_body_bytes,
+        }
+    }
+
     /// The core's request.
     pub fn info(&self) -> &RequestInfo {
         &self.info

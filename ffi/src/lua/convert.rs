@@ -50,7 +50,7 @@ impl ToJsonError {
         }
     }
 
-    fn at(mut self, segment: String) -> Self {
+    pub(super) fn at(mut self, segment: String) -> Self {
         self.path.push(segment);
         self
     }
@@ -168,10 +168,11 @@ impl ToJson<'_> {
 }
 
 /// The raw-stack walk behind [`ToJson::table`].
-struct Walk {
+pub(super) struct Walk {
     /// Stack index of `llmproxy.array_mt`.
-    array_mt: c_int,
-    max_depth: usize,
+    pub(super) array_mt: c_int,
+    /// Deepest nesting accepted (the top level is depth 1).
+    pub(super) max_depth: usize,
 }
 
 impl Walk {
@@ -180,7 +181,7 @@ impl Walk {
     /// # Safety
     /// `state` is a live state with a valid value at `idx` and `array_mt`
     /// at `self.array_mt`, inside a protected call.
-    unsafe fn value(&self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Json, ToJsonError> {
+    pub(super) unsafe fn value(&self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Json, ToJsonError> {
         match ffi::lua_type(state, idx) {
             ffi::LUA_TNIL => Ok(Json::Null),
             ffi::LUA_TBOOLEAN => Ok(Json::Bool(ffi::lua_toboolean(state, idx) != 0)),

@@ -59,6 +59,7 @@ mod keys;
 mod ledger;
 mod limiter;
 mod policy;
+mod request_table;
 mod script_log;
 
 use std::panic::{self, AssertUnwindSafe};
@@ -992,7 +993,10 @@ fn merge_patch(target: &mut Json, patch: Json) {
 fn request(lua: &Lua, value: &Value, array_mt: &Table) -> Result<Request, Failure> {
     match value {
         Value::String(s) => Request::parse(&s.as_bytes()),
-        Value::Table(_) => {
+        Value::Table(t) => {
+            if let Some(built) = request_table::read(lua, t, array_mt) {
+                return Ok(built);
+            }
             let json = ToJson {
                 lua,
                 array_mt,

@@ -1,0 +1,218 @@
+//! `llmproxy.request(tbl)` read in place.
+//!
+//! The nginx host builds one fields table per request (`id`, `headers`,
+//! `client_ip`, `path`, `api_key`, `body_raw`). Turning it into a JSON
+//! object and that object into the core's [`RequestInfo`] copied every
+//! string twice and the body's text once more; this reads the table on the
+//! host's stack, in one protected call, straight into a `RequestInfo`, and
+//! parses `body_raw` from the Lua string's own bytes.
+//!
+//! The JSON path stays the reference: a table this walk cannot read
+//! exactly as that path would (a field of an unusual type, a header table
+//! that is an array, a key or a string that is not UTF-8, an error) is
+//! handed back, and [`super::request`] builds it the old way, so both give
+//! the same request, the same limits and the same error messages.
+
+use std::ffi::c_int;
+use std::sync::Arc;
+
+use llmproxy_core::convert::{self, Limits};
+use llmproxy_core::hooks::RequestInfo;
+use llmproxy_core::stack;
+use mlua::ffi::{self, lua_State};
+use mlua::{Lua, Table};
+
+use super::convert::Walk;
+use crate::input::{Request, MAX_BYTES, MAX_DEPTH};
+
+/// Read `t` in place: `None` when it needs the JSON path.
+pub(super) fn read(lua: &Lua, t: &Table, array_mt: &Table) -> Option<Request> {
+    let mut out = None;
+    let walk = Walk {
+        array_mt: 2,
+        max_depth: MAX_DEPTH,
+    };
+    // SAFETY: `exec_raw` pushes the table (index 1) and `array_mt` (index
+    // 2) and runs the closure in a protected call. The walk keeps the stack
+    // balanced (every early exit pops what it pushed) and borrows string
+    // bytes only while their string is on the stack.
+    let ran = unsafe { lua.exec_raw::<()>((t, array_mt), |state| out = fields(state, 1, &walk)) };
+    ran.ok()?;
+    out
+}
+
+/// What the walk found, before the body's limits are recorded.
+#[derive(Default)]
+struct Read {
+    info: RequestInfo,
+    /// Deepest field (0 for a string), for the request's own nesting.
+    deepest: usize,
+    /// `body_raw`'s size and the nesting of what it parsed into.
+    raw_body: Option<(usize, usize)>,
+    /// Whether `body` was given parsed.
+    body: bool,
+}
+
+/// # Safety
+/// `state` is live, inside a protected call, with the fields table at
+/// `idx` and `llmproxy.array_mt` at `walk.array_mt`.
+unsafe fn fields(state: *mut lua_State, idx: c_int, walk: &Walk) -> Option<Request> {
+    if ffi::lua_checkstack(state, 6) == 0 {
+        return None;
+    }
+    let mut read = Read::default();
+    ffi::lua_pushnil(state);
+    while ffi::lua_next(state, idx) != 0 {
+        let top = ffi::lua_gettop(state);
+        let step = match text(state, top - 1) {
+            Some(key) => field(state, top, key, walk, &mut read),
+            None => Step::Fallback,
+        };
+        ffi::lua_pop(state, 1);
+        match step {
+            Step::Next => {}
+            Step::Fallback => {
+                ffi::lua_pop(state, 1); // the key: the walk stops here
+                return None;
+            }
+        }
+    }
+    let depth = 1 + read.deepest;
+    let (raw_body_bytes, raw_body_depth) = read.raw_body.unwrap_or((0, 0));
+    Some(Request::from_parts(read.info, depth, raw_body_depth, raw_body_bytes))
+}
+
+enum Step {
+    Next,
+    Fallback,
+}
+
+/// One field, its value at `idx`.
+///
+/// # Safety
+/// As [`fields`], with the field's value at `idx`.
+unsafe fn field(state: *mut lua_State, idx: c_int, key: &str, walk: &Walk, read: &mut Read) -> Step {
+    let info = &mut read.info;
+    if key == "id" {
+        return match text(state, idx) {
+            Some(s) => {
+                info.id = s.to_owned();
+                Step::Next
+            }
+            None => Step::Fallback,
+        };
+    }
+    let optional = match key {
+        "user_id" => Some(&mut info.user_id),
+        "api_key" => Some(&mut info.api_key),
+        "client_ip" => Some(&mut info.client_ip),
+        "path" => Some(&mut info.path),
+        "backend_url" => Some(&mut info.backend_url),
+        _ => None,
+    };
+    if let Some(slot) = optional {
+        return match text(state, idx) {
+            Some(s) => {
+                *slot = Some(s.to_owned());
+                Step::Next
+            }
+            None => Step::Fallback,
+        };
+    }
+    match key {
+        "headers" => match headers(state, idx, walk) {
+            Some(h) => {
+                info.headers = h;
+                read.deepest = read.deepest.max(1);
+                Step::Next
+            }
+            None => Step::Fallback,
+        },
+        "body_raw" => {
+            if ffi::lua_type(state, idx) != ffi::LUA_TSTRING || read.body {
+                return Step::Fallback;
+            }
+            // Not checked as UTF-8 first: the parser refuses what is not.
+            let bytes = stack::str_at(state, idx);
+            let limits = Limits {
+                max_depth: MAX_DEPTH,
+                max_bytes: MAX_BYTES,
+            };
+            match convert::parse_json(bytes, limits) {
+                Ok(body) => {
+                    read.raw_body = Some((bytes.len(), convert::json_depth(&body)));
+                    info.body = Arc::new(body);
+                    Step::Next
+                }
+                // The JSON path gives the error, with its words.
+                Err(_) => Step::Fallback,
+            }
+        }
+        // Both `body` and `body_raw`: the JSON path decides which wins.
+        "body" if read.raw_body.is_some() => Step::Fallback,
+        _ => match walk.value(state, idx, 2) {
+            Ok(v) => {
+                read.deepest = read.deepest.max(convert::json_depth(&v));
+                if key == "body" {
+                    info.body = Arc::new(v);
+                    read.body = true;
+                } else {
+                    info.extra.insert(key.to_owned(), v);
+                }
+                Step::Next
+            }
+            Err(_) => Step::Fallback,
+        },
+    }
+}
+
+/// A headers table of strings by string names, in the table's order; `None`
+/// when the JSON path would read it otherwise (an array, a marked table,
+/// other types).
+///
+/// # Safety
+/// As [`fields`], with the headers' value at `idx`.
+unsafe fn headers(state: *mut lua_State, idx: c_int, walk: &Walk) -> Option<Vec<(String, String)>> {
+    if ffi::lua_type(state, idx) != ffi::LUA_TTABLE || ffi::lua_checkstack(state, 4) == 0 {
+        return None;
+    }
+    if ffi::lua_getmetatable(state, idx) != 0 {
+        let marked = ffi::lua_rawequal(state, -1, walk.array_mt) != 0;
+        ffi::lua_pop(state, 1);
+        if marked {
+            return None;
+        }
+    }
+    let shape = stack::table_shape(state, idx);
+    if shape.is_array(false) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(shape.count);
+    ffi::lua_pushnil(state);
+    while ffi::lua_next(state, idx) != 0 {
+        let top = ffi::lua_gettop(state);
+        let pair = text(state, top - 1).zip(text(state, top));
+        ffi::lua_pop(state, 1);
+        match pair {
+            Some((name, value)) => out.push((name.to_owned(), value.to_owned())),
+            None => {
+                ffi::lua_pop(state, 1);
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The UTF-8 string at `idx` (not a number: `lua_tolstring` would convert
+/// it in place), else `None`.
+///
+/// # Safety
+/// `state` is live with a value at `idx`; the result lives while the value
+/// stays on the stack.
+unsafe fn text<'s>(state: *mut lua_State, idx: c_int) -> Option<&'s str> {
+    if ffi::lua_type(state, idx) != ffi::LUA_TSTRING {
+        return None;
+    }
+    std::str::from_utf8(stack::str_at(state, idx)).ok()
+}
