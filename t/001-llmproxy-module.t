@@ -342,3 +342,53 @@ GET /t
 ^[1-9]\d* cases, 0 failed$
 --- no_error_log
 [error]
+
+
+
+=== TEST 10: llmproxy.rate_step: core's rate limit stage decision, the shared cases (conformance/rate-stage.json)
+--- config
+    location = /t {
+        content_by_lua_block {
+            local cjson = require "cjson"
+            local rate_step = require("llmproxy").rate_step
+            local f = assert(io.open("$TEST_NGINX_REPO/conformance/rate-stage.json"))
+            local doc = cjson.decode(f:read("*a"))
+            f:close()
+            local failed = 0
+            for _, c in ipairs(doc.cases) do
+                local script = c.script ~= cjson.null and c.script or nil
+                local denial = c.denial ~= cjson.null and c.denial or nil
+                local admit, a2, code, message, retry_after, reason = rate_step(script, c.took, denial)
+                local want = c.expect
+                local got
+                if admit then
+                    got = { admit = true, force = a2 }
+                else
+                    got = { admit = false, refund = a2, code = code, message = message,
+                            retry_after = retry_after, reason = reason }
+                end
+                local bad = {}
+                for k, v in pairs(want) do
+                    if got[k] ~= v then
+                        bad[#bad + 1] = k .. "=" .. tostring(got[k])
+                    end
+                end
+                for k in pairs(got) do
+                    if want[k] == nil then
+                        bad[#bad + 1] = "extra " .. k
+                    end
+                end
+                if #bad > 0 then
+                    failed = failed + 1
+                    ngx.say("FAIL ", c.name, ": ", table.concat(bad, ", "))
+                end
+            end
+            ngx.say(#doc.cases, " cases, ", failed, " failed")
+        }
+    }
+--- request
+GET /t
+--- response_body_like
+^[1-9]\d* cases, 0 failed$
+--- no_error_log
+[error]

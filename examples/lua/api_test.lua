@@ -264,10 +264,10 @@ local tests = {
   end },
   { "llmproxy.request: a table and the same request as JSON text give the same request", function()
     -- error_handler returns the request it sees: its JSON shows every field.
-    local echo = assert(llmproxy.new("scripts:\n  error_handler:\n    script: "
+    local echoes = assert(llmproxy.new("scripts:\n  error_handler:\n    script: "
       .. "'return { status_code = 500, body = request }'\n"))
     local function seen(req)
-      local res = assert(echo:run("error_handler", { request = req, error = { type = "t", message = "m" } },
+      local res = assert(echoes:run("error_handler", { request = req, error = { type = "t", message = "m" } },
         { body_json = true }))
       return res.body
     end

@@ -12,6 +12,8 @@
 //!   minute, ledger columns, usage metrics).
 //! - [`limits`]: the standard rate limiter's token buckets (what a
 //!   request takes, what is given back, what a response is charged).
+//! - [`rate_stage`]: the limiter's verdict and the rate_limit script's,
+//!   combined (admit, take without a check, refuse, give back).
 //! - [`throttle`]: the auth throttle (clients that keep failing key
 //!   checks).
 //! - [`metrics`]: the metric catalog (names, types, help, labels).
@@ -21,6 +23,7 @@ pub mod errors;
 pub mod failure;
 pub mod limits;
 pub mod metrics;
+pub mod rate_stage;
 pub mod sse;
 pub mod throttle;
 pub mod usage;

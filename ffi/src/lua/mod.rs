@@ -1245,6 +1245,9 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"
     // | "send": core's order of the hooks on a failed request (ADR 042).
     exports.raw_set("failure_step", lua.create_function(policy::failure_step)?)?;
+    // llmproxy.rate_step(res, took, denial): the rate limit stage's
+    // decision (core's `policy::rate_stage`, the gateway's too).
+    exports.raw_set("rate_step", lua.create_function(policy::rate_step)?)?;
     // llmproxy.gateway_error(name, arg?) -> type, status, code, message: the
     // failures the core names (`policy::errors`), the gateway's words.
     exports.raw_set("gateway_error", lua.create_function(policy::gateway_error)?)?;

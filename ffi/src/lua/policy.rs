@@ -101,3 +101,61 @@ pub(crate) fn gateway_error(
 pub(crate) fn error_type(_: &Lua, status: u16) -> mlua::Result<&'static str> {
     Ok(llmproxy_core::policy::errors::ErrorType::of_upstream_status(status).as_str())
 }
+
+/// `llmproxy.rate_step(res, took, denial)`: core's rate limit stage
+/// decision (`policy::rate_stage`) from the rate_limit script's result
+/// (`nil`, or the validated `{allow, reason?, retry_after?}`), whether the
+/// limiter took the request, and its refusal (`{kind, retry_after}` or
+/// `nil`). Returns `true, force` (admit; `force`: take the request without a
+/// check) or `false, refund, code, message, retry_after, reason` (429;
+/// `refund`: give back what was taken; `reason`: the metric label).
+pub(crate) fn rate_step(
+    lua: &Lua,
+    (res, took, denial): (Option<Table>, bool, Option<Table>),
+) -> mlua::Result<mlua::MultiValue> {
+    use llmproxy_core::hooks::RateVerdict;
+    use llmproxy_core::policy::limits::{LimitDenial, LimitKind};
+    use llmproxy_core::policy::rate_stage::{decide, RateStep};
+    use mlua::IntoLuaMulti;
+
+    let script = match res {
+        None => RateVerdict::Standard,
+        Some(t) => {
+            let mut obj = serde_json::Map::new();
+            if let Some(allow) = t.raw_get::<Option<bool>>("allow")? {
+                obj.insert("allow".into(), allow.into());
+            }
+            if let Some(reason) = t.raw_get::<Option<String>>("reason")? {
+                obj.insert("reason".into(), reason.into());
+            }
+            if let Some(wait) = t.raw_get::<Option<f64>>("retry_after")? {
+                obj.insert("retry_after".into(), wait.into());
+            }
+            RateVerdict::from_result(&serde_json::Value::Object(obj))
+                .map_err(|e| mlua::Error::runtime(format!("rate_step: {}", e.message)))?
+        }
+    };
+    let denial = match denial {
+        None => None,
+        Some(d) => {
+            let kind: String = d.raw_get("kind")?;
+            Some(LimitDenial {
+                kind: LimitKind::parse(&kind)
+                    .ok_or_else(|| mlua::Error::runtime(format!("rate_step: no limit named '{kind}'")))?,
+                retry_after: d.raw_get::<Option<f64>>("retry_after")?.unwrap_or(1.0),
+            })
+        }
+    };
+    match decide(&script, took, denial.as_ref()) {
+        RateStep::Admit { force } => (true, force).into_lua_multi(lua),
+        RateStep::Refuse { refund, refusal } => (
+            false,
+            refund,
+            refusal.code,
+            refusal.message,
+            refusal.retry_after,
+            refusal.reason,
+        )
+            .into_lua_multi(lua),
+    }
+}

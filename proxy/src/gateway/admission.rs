@@ -34,6 +34,7 @@ use llmproxy_core::hooks::{
 };
 use llmproxy_core::keys::standard_checks_with_usage;
 use llmproxy_core::policy::errors::GatewayError;
+use llmproxy_core::policy::rate_stage::{self, RateRefusal, RateStep};
 use llmproxy_core::policy::usage as usage_policy;
 use llmproxy_core::HookName;
 use serde_json::{json, Value};
@@ -42,15 +43,11 @@ use super::backend::Backend;
 use super::errors::{ErrorType, Failure};
 use super::keyset::KeyEntry;
 use super::ledger::LedgerRecord;
-use super::limiter::{AcquireArgs, Acquired, LimitDenial};
+use super::limiter::{AcquireArgs, Acquired};
 use super::live::Live;
 use super::pipeline::{Denied, Timings};
 use super::state::{Charge, LocalState, Permit, RedisState, State};
 use super::{Shared, UsageEntry};
-
-/// `Retry-After` when a `rate_limit` script refuses without `retry_after`
-/// and no standard limit gives one: one window.
-pub const DEFAULT_RETRY_AFTER: u64 = 60;
 
 /// Why a request was not admitted.
 #[derive(Debug)]
@@ -87,12 +84,6 @@ pub fn current_time(zone: Zone) -> CurrentTime {
 
 fn auth_failure(status: u16, code: &'static str, message: String) -> Refusal {
     Refusal::Fail(Box::new(Failure::new(ErrorType::AuthError, status, code, message)))
-}
-
-fn rate_failure(code: &'static str, message: String, retry_after: f64) -> Refusal {
-    let mut f = Failure::new(ErrorType::RateLimit, 429, code, message);
-    f.retry_after = Some((retry_after.ceil().max(1.0)) as u64);
-    Refusal::Fail(Box::new(f))
 }
 
 /// Turn an auth verdict into admission or refusal: core's
@@ -142,26 +133,12 @@ fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks, info:
     }
 }
 
-fn standard_rate_refusal(shared: &Shared, d: LimitDenial) -> Refusal {
-    shared.metrics.rate_limited(d.kind.as_str());
-    rate_failure(d.kind.code(), d.kind.message().to_owned(), d.retry_after)
-}
-
-fn script_rate_refusal(
-    shared: &Shared,
-    reason: Option<String>,
-    retry_after: Option<f64>,
-    standard: Option<LimitDenial>,
-) -> Refusal {
-    shared.metrics.rate_limited("script");
-    let retry = retry_after
-        .or(standard.map(|d| d.retry_after))
-        .unwrap_or(DEFAULT_RETRY_AFTER as f64);
-    rate_failure(
-        "rate_limited_by_script",
-        reason.unwrap_or_else(|| String::from("rate limited")),
-        retry,
-    )
+/// The rate limit stage's 429 (core's decision), counted by its reason.
+fn rate_refusal(shared: &Shared, r: RateRefusal) -> Refusal {
+    shared.metrics.rate_limited(r.reason);
+    let mut f = Failure::new(ErrorType::RateLimit, 429, r.code, r.message);
+    f.retry_after = Some(r.retry_after);
+    Refusal::Fail(Box::new(f))
 }
 
 fn key_info(caller: &Caller, used: u64) -> Value {
@@ -237,25 +214,20 @@ pub(crate) fn admit_local(
                 }
                 Refusal::Deny(d)
             })?;
-        let taken = match verdict {
-            RateVerdict::Standard => match acq.denial {
-                None => true,
-                Some(d) => return Err(standard_rate_refusal(shared, d)),
-            },
-            RateVerdict::Allow => {
-                if !took {
+        match rate_stage::decide(&verdict, took, acq.denial.as_ref()) {
+            RateStep::Admit { force } => {
+                if force {
                     local.limiter.force(key, limits);
                 }
-                true
             }
-            RateVerdict::Deny { reason, retry_after } => {
-                if took {
+            RateStep::Refuse { refund, refusal } => {
+                if refund {
                     local.limiter.refund(key, limits);
                 }
-                return Err(script_rate_refusal(shared, reason, retry_after, acq.denial));
+                return Err(rate_refusal(shared, refusal));
             }
-        };
-        if let (true, Some(id)) = (taken, &caller.key_id) {
+        }
+        if let Some(id) = &caller.key_id {
             admitted.permit = Some(Permit::new(&shared.state, Arc::clone(id)));
         }
     }
@@ -432,14 +404,10 @@ pub(crate) async fn admit_redis(
     } else {
         RateVerdict::Standard
     };
-    match verdict {
-        RateVerdict::Standard => match acq.denial {
-            None => Ok(Admitted { permit: slot(shared) }),
-            Some(d) => Err(standard_rate_refusal(shared, d)),
-        },
-        RateVerdict::Allow => {
-            if !took
-                && redis
+    match rate_stage::decide(&verdict, took, acq.denial.as_ref()) {
+        RateStep::Admit { force } => {
+            let forced = !force
+                || redis
                     .acquire(
                         AcquireArgs {
                             key,
@@ -449,17 +417,18 @@ pub(crate) async fn admit_redis(
                         0,
                     )
                     .await
-                    .is_err()
-            {
-                return Ok(Admitted::default());
-            }
-            Ok(Admitted { permit: slot(shared) })
+                    .is_ok();
+            // A request the script allowed but the store could not count
+            // goes through uncounted (no slot to give back).
+            Ok(Admitted {
+                permit: if forced { slot(shared) } else { None },
+            })
         }
-        RateVerdict::Deny { reason, retry_after } => {
-            if took {
+        RateStep::Refuse { refund, refusal } => {
+            if refund {
                 redis.refund(key, limits).await;
             }
-            Err(script_rate_refusal(shared, reason, retry_after, acq.denial))
+            Err(rate_refusal(shared, refusal))
         }
     }
 }

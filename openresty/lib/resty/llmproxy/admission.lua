@@ -8,10 +8,7 @@ local metrics = require "resty.llmproxy.metrics"
 local limits = require "resty.llmproxy.limits"
 local W = require "resty.llmproxy.worker"
 
-local type = type
 local tostring = tostring
-local tonumber = tonumber
-local max = math.max
 local ngx_log = ngx.log
 local ERR = ngx.ERR
 local INFO = ngx.INFO
@@ -27,7 +24,6 @@ local run_hook = require("resty.llmproxy.hook").run
 
 local _M = {}
 
-local DEFAULT_RETRY_AFTER = 60 -- seconds, as the gateway's rate limit refusals
 local UNLIMITED = 2147483647 -- the gateway's "no limit" in rate_limit_status
 
 -- The clock as rate_limit scripts see it: core's current_time in the
@@ -59,17 +55,12 @@ local function used_quota(state, entry)
     return used or entry.configured_used
 end
 
--- `llmproxy_auth_denied_total` / `llmproxy_rate_limited_total` reasons of
+-- `llmproxy_auth_denied_total` reasons of
 -- a refusal's code (the gateway's).
 local AUTH_REASON = {
     invalid_api_key = "invalid_key", key_disabled = "disabled", key_expired = "expired",
     ip_not_allowed = "ip_not_allowed", quota_exhausted = "quota_exhausted", denied_by_script = "script",
     hook_failed = "hook_failed",
-}
-local RATE_REASON = {
-    global_rate_limit = "global_rpm", key_rate_limit = "key_rpm", key_token_limit = "key_tpm",
-    key_concurrency_limit = "key_concurrency", rate_limited_by_script = "script",
-    state_unavailable = "state_unavailable",
 }
 
 -- The auth stage, as the gateway's (proxy/src/gateway/admission.rs): the
@@ -136,12 +127,6 @@ end
 
 local UNLIMITED_STATUS = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 }
 
--- A standard limit refused: 429 with Retry-After, type rate_limit.
-local function rate_failure(code, message, retry_after)
-    local f = failure("rate_limit", 429, code, message)
-    f.retry_after = max(1, math.ceil(retry_after))
-    return f
-end
 
 -- The limiter's store: Redis (`state: {backend: redis}`) or the shared
 -- dict; the rule is the core's either way.
@@ -175,6 +160,14 @@ local function state_failed(state, ctx, what, err)
     return known_failure("state_unavailable")
 end
 
+-- Give back what the limiter took for a request that is refused.
+local function give_back_refused(state, ctx, acq)
+    local ok, err = give_back(state, acq)
+    if not ok then
+        ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot give back a refused request: ", tostring(err))
+    end
+end
+
 -- The rate limit stage, as the gateway's: the standard limiter checks and
 -- takes (atomically, across workers); the rate_limit script sees
 -- `rate_limit_status` and `current_time` and may overrule it either way
@@ -188,7 +181,7 @@ local function limit(state, ctx, entry)
         local err
         acq, err = take(state, id, false)
         if not acq then
-            local refusal = state_failed(state, ctx, "the limiter's W.store failed: ", err)
+            local refusal = state_failed(state, ctx, "the limiter's store failed: ", err)
             if refusal then
                 return refusal
             end
@@ -198,57 +191,53 @@ local function limit(state, ctx, entry)
         acq = { status = UNLIMITED_STATUS, took = false }
     end
     ctx.limits = acq
-    local refusal
-    local verdict = "standard"
+    local res, verdict = nil, "standard"
     if state.enabled.rate_limit then
-        local res, err = run_hook(state, "rate_limit", ctx.req, {
+        local err
+        res, err = run_hook(state, "rate_limit", ctx.req, {
             key_info = entry and entry.info or state.null,
             rate_limit_status = acq.status,
             current_time = current_time(state.engine),
         })
         if err then
-            verdict = "failed"
+            res, verdict = nil, "failed"
             if state.on_error.rate_limit == "deny" then
                 log_hook_error("rate_limit", ctx, err, "refusing the request (on_error: deny)")
-                refusal = denied_failure("rate_limit", err)
-            else
-                log_hook_error("rate_limit", ctx, err, "using the standard verdict")
-            end
-        elseif res ~= nil and res.allow == false then
-            verdict = "deny"
-            local d = acq.denial
-            refusal = rate_failure("rate_limited_by_script",
-                type(res.reason) == "string" and res.reason or "rate limited",
-                tonumber(res.retry_after) or (d and d.retry_after) or DEFAULT_RETRY_AFTER)
-        elseif res ~= nil then
-            verdict = "allow"
-            if not acq.took and counted then
-                local forced, ferr = take(state, id, true)
-                if not forced then
-                    ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's W.store failed: ",
-                        tostring(ferr), " (admitted uncounted: the rate_limit script allowed it)")
+                if acq.took then
+                    give_back_refused(state, ctx, acq)
                 end
-                acq = forced or acq
-                ctx.limits = acq
+                return denied_failure("rate_limit", err)
             end
+            log_hook_error("rate_limit", ctx, err, "using the standard verdict")
+        elseif res ~= nil then
+            verdict = res.allow == false and "deny" or "allow"
         end
     end
-    if verdict == "standard" and acq.denial then
-        local d = acq.denial
-        refusal = rate_failure(d.code, d.message, d.retry_after)
-    end
-    if refusal and acq.took then
-        local ok, rerr = give_back(state, acq)
-        if not ok then
-            ngx_log(ERR, "llmproxy: request ", ctx.id, ": cannot give back a refused request: ", tostring(rerr))
+    -- Core's decision (`policy::rate_stage`, the gateway's too).
+    local admit_it, a2, code, message, retry_after, reason = state.llmproxy.rate_step(res, acq.took == true, acq.denial)
+    if admit_it then
+        if a2 and counted then
+            -- The script allowed what a limit refused: take it unchecked.
+            local forced, ferr = take(state, id, true)
+            if not forced then
+                ngx_log(ERR, "llmproxy: request ", ctx.id, ": the limiter's store failed: ",
+                    tostring(ferr), " (admitted uncounted: the rate_limit script allowed it)")
+            end
+            ctx.limits = forced or acq
         end
+        ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict)
+        return nil
     end
-    ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict,
-        refusal and (" (" .. refusal.message .. ")") or "")
-    if refusal and W.store and RATE_REASON[refusal.code] then
-        metrics.rate_limited(W.store, RATE_REASON[refusal.code])
+    if a2 then
+        give_back_refused(state, ctx, acq)
     end
-    return refusal
+    ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict, " (", message, ")")
+    if W.store then
+        metrics.rate_limited(W.store, reason)
+    end
+    local f = failure("rate_limit", 429, code, message)
+    f.retry_after = retry_after
+    return f
 end
 
 -- Admission, as the gateway's: auth (when keys are configured or an auth

@@ -149,7 +149,7 @@ local function load(config, opts)
         names_list[i] = b.name
     end
     if opts.admission ~= nil and opts.admission ~= "enforce" then
-        return nil, "opts.admission: only 'enforce' remains (the key W.store is the config's), got "
+        return nil, "opts.admission: only 'enforce' remains (the key store is the config's), got "
             .. tostring(opts.admission)
     end
     if opts.key_info ~= nil then
