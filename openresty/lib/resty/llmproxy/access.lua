@@ -32,6 +32,7 @@ local PROTECTED_HEADERS = require("resty.llmproxy.util").PROTECTED_HEADERS
 local describe_error = require("resty.llmproxy.util").describe_error
 local admit = require("resty.llmproxy.admission").admit
 local denied_failure = require("resty.llmproxy.failure").denied
+local error_body = require("resty.llmproxy.failure").body
 local fail = require("resty.llmproxy.failure").fail
 local known_failure = require("resty.llmproxy.failure").known
 local no_engine = require("resty.llmproxy.failure").no_engine
@@ -180,7 +181,7 @@ function _M.run()
             end
             local f = known_failure("auth_throttled", wait)
             ngx_header["Retry-After"] = wait
-            return send_local(f.status, state.encode({ error = { message = f.message, type = f.kind, code = f.code } }))
+            return send_local(f.status, error_body(f.message, f.kind, f.code))
         end
     end
     local f = prepare_request(state, ctx)

@@ -9,9 +9,6 @@ local sse = require "resty.llmproxy.sse"
 local metrics = require "resty.llmproxy.metrics"
 local W = require "resty.llmproxy.worker"
 
-local type = type
-local pairs = pairs
-local concat = table.concat
 local ngx_log = ngx.log
 local WARN = ngx.WARN
 local ngx_now = ngx.now
@@ -22,7 +19,7 @@ local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
 local is_event_stream = require("resty.llmproxy.util").is_event_stream
 local is_json = require("resty.llmproxy.util").is_json
 local request_id = require("resty.llmproxy.util").request_id
-local title_case = require("resty.llmproxy.util").title_case
+local titled_headers = require("resty.llmproxy.util").titled_headers
 local apply_response_headers = require("resty.llmproxy.failure").apply_response_headers
 local classify_error = require("resty.llmproxy.failure").classify
 local decide_error = require("resty.llmproxy.failure").decide
@@ -32,15 +29,7 @@ local failure_facts = require("resty.llmproxy.failure").facts
 local _M = {}
 
 local function response_headers()
-    local raw = resp_get_headers(MAX_HEADERS)
-    local headers = {}
-    for name, value in pairs(raw) do
-        if type(value) == "table" then
-            value = concat(value, ", ")
-        end
-        headers[title_case(name)] = value
-    end
-    return headers
+    return titled_headers(resp_get_headers(MAX_HEADERS))
 end
 
 -- Buffer a backend's JSON answer for response_transform in body_filter

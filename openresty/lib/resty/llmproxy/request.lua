@@ -5,10 +5,8 @@
 local ngx = ngx
 
 local type = type
-local pairs = pairs
 local tostring = tostring
 local tonumber = tonumber
-local concat = table.concat
 local find = string.find
 local lower = string.lower
 local gsub = string.gsub
@@ -28,7 +26,7 @@ local req_clear_header = ngx.req.clear_header
 local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
 local describe_error = require("resty.llmproxy.util").describe_error
 local request_id = require("resty.llmproxy.util").request_id
-local title_case = require("resty.llmproxy.util").title_case
+local titled_headers = require("resty.llmproxy.util").titled_headers
 local failure = require("resty.llmproxy.failure").new
 local known_failure = require("resty.llmproxy.failure").known
 
@@ -75,16 +73,9 @@ end
 
 -- The hooks' `request` as a table, as the standalone gateway builds it.
 local function request_fields(ctx, raw)
-    local headers = {}
-    for name, value in pairs(raw) do
-        if type(value) == "table" then
-            value = concat(value, ", ")
-        end
-        headers[title_case(name)] = value
-    end
     local request = {
         id = ctx.id,
-        headers = headers,
+        headers = titled_headers(raw),
         client_ip = ngx_var.remote_addr,
         path = ngx_var.uri,
     }

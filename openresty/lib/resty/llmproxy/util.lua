@@ -5,10 +5,12 @@
 local ngx = ngx
 
 local type = type
+local pairs = pairs
 local pcall = pcall
 local require = require
 local tostring = tostring
 local tonumber = tonumber
+local concat = table.concat
 local find = string.find
 local lower = string.lower
 local upper = string.upper
@@ -107,6 +109,20 @@ local function title_case(name)
     return t
 end
 
+-- nginx's header table (`ngx.req.get_headers()`, `ngx.resp.get_headers()`)
+-- as scripts see headers: title-cased names, a repeated header's values
+-- joined with ", " (the gateway's form).
+local function titled_headers(raw)
+    local headers = {}
+    for name, value in pairs(raw) do
+        if type(value) == "table" then
+            value = concat(value, ", ")
+        end
+        headers[title_case(name)] = value
+    end
+    return headers
+end
+
 -- The last entry of an `$upstream_*` list ("0.001, 0.002 : 0.003").
 local function last_entry(list)
     if not list or list == "" then
@@ -154,6 +170,7 @@ _M.clock = clock
 _M.describe_config = describe_config
 _M.describe_error = describe_error
 _M.title_case = title_case
+_M.titled_headers = titled_headers
 _M.last_entry = last_entry
 _M.entries = entries
 _M.request_id = request_id
