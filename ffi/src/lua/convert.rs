@@ -256,6 +256,21 @@ impl Walk {
         Ok(map)
     }
 
+    /// Whether the table at `idx` carries `llmproxy.array_mt`, and its
+    /// shape: together they say whether it is a JSON array.
+    ///
+    /// # Safety
+    /// As [`Walk::value`], with a table at `idx` and room for two more
+    /// values on the stack.
+    pub(super) unsafe fn shape(&self, state: *mut lua_State, idx: c_int) -> (bool, stack::TableShape) {
+        let marked = ffi::lua_getmetatable(state, idx) != 0 && {
+            let same = ffi::lua_rawequal(state, -1, self.array_mt) != 0;
+            ffi::lua_pop(state, 1);
+            same
+        };
+        (marked, stack::table_shape(state, idx))
+    }
+
     /// # Safety
     /// As [`Walk::value`], with a table at `idx`.
     unsafe fn table(&self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Json, ToJsonError> {
@@ -268,12 +283,7 @@ impl Walk {
         if ffi::lua_checkstack(state, 4) == 0 {
             return Err(ToJsonError::new("the Lua stack cannot grow"));
         }
-        let marked = ffi::lua_getmetatable(state, idx) != 0 && {
-            let same = ffi::lua_rawequal(state, -1, self.array_mt) != 0;
-            ffi::lua_pop(state, 1);
-            same
-        };
-        let shape = stack::table_shape(state, idx);
+        let (marked, shape) = self.shape(state, idx);
         if shape.is_array(marked) {
             let mut items = Vec::with_capacity(shape.len);
             for i in 1..=shape.len {

@@ -176,15 +176,9 @@ unsafe fn headers(state: *mut lua_State, idx: c_int, walk: &Walk) -> Option<Vec<
     if ffi::lua_type(state, idx) != ffi::LUA_TTABLE || ffi::lua_checkstack(state, 4) == 0 {
         return None;
     }
-    if ffi::lua_getmetatable(state, idx) != 0 {
-        let marked = ffi::lua_rawequal(state, -1, walk.array_mt) != 0;
-        ffi::lua_pop(state, 1);
-        if marked {
-            return None;
-        }
-    }
-    let shape = stack::table_shape(state, idx);
-    if shape.is_array(false) {
+    // A marked table or a sequence is a JSON array: not headers.
+    let (marked, shape) = walk.shape(state, idx);
+    if marked || shape.is_array(false) {
         return None;
     }
     let mut out = Vec::with_capacity(shape.count);
