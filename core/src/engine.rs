@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
@@ -19,6 +20,7 @@ use crate::hooks::{
     RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput, RouteDecision,
     RoutingInput, UsageInput, UsageRecord,
 };
+use crate::inline::{self, Overrun, SlowHooks};
 use crate::pool::{Pool, PoolStats};
 use crate::vm::CallSpec;
 
@@ -31,6 +33,8 @@ pub struct Engine {
     /// `(hook, field)` pairs already warned about: one warning per script
     /// and field for the engine's life, not one per call.
     warned_fields: Mutex<HashSet<(HookName, String)>>,
+    /// Hooks that overran an inline budget lately (`crate::inline`).
+    slow: SlowHooks,
 }
 
 /// Most distinct `(hook, field)` warnings one engine remembers; past it,
@@ -75,6 +79,7 @@ impl Engine {
             pool,
             ignored_fields: Default::default(),
             warned_fields: Mutex::new(HashSet::new()),
+            slow: SlowHooks::default(),
         })
     }
 
@@ -110,16 +115,46 @@ impl Engine {
         let Some(cfg) = self.config.hook(hook) else {
             return Ok(None);
         };
+        let budget = inline::budget();
+        let over_budget = |reason: Overrun| {
+            inline::mark_overrun(hook, reason);
+            Err(HookError::new(ErrorKind::Timeout, "over its inline budget").at(hook, &cfg.script.name))
+        };
+        if inline::overrun() {
+            return over_budget(Overrun::Budget);
+        }
+        if budget.is_some() && self.slow.is_slow(hook) {
+            return over_budget(Overrun::SlowHook);
+        }
         let spec = CallSpec {
             hook,
             script: &cfg.script,
             limits: &cfg.limits,
             request_id,
+            budget,
         };
-        let mut vm = self.pool.checkout().map_err(|e| e.at(hook, &cfg.script.name))?;
+        let mut vm = match budget {
+            // An inline call must not wait for a VM.
+            Some(_) => match self.pool.try_checkout() {
+                Some(vm) => vm,
+                None => return over_budget(Overrun::NoIdleVm),
+            },
+            None => self.pool.checkout().map_err(|e| e.at(hook, &cfg.script.name))?,
+        };
+        // A blocking call of a hook that overran an inline budget lately
+        // tells whether the script is slow or its worker was preempted.
+        let timed = (budget.is_none() && self.slow.is_suspect(hook)).then(Instant::now);
         let result = vm.vm().call(&spec, set_globals);
+        let overran = vm.vm().over_budget();
         vm.finish();
         drop(vm);
+        if let Some(started) = timed {
+            self.slow.ran(hook, started.elapsed());
+        }
+        if let (true, Some(budget)) = (overran, budget) {
+            self.slow.overran(hook, budget);
+            return over_budget(Overrun::Budget);
+        }
         match result {
             Ok(mut v) => {
                 self.ignore_unknown_fields(hook, &cfg.script.name, request_id, &mut v);
@@ -183,6 +218,10 @@ impl Engine {
 
     /// Log a failed call once, with everything an operator needs.
     fn report(&self, e: HookError, request_id: Option<&str>) -> HookError {
+        if inline::overrun() {
+            // Thrown away with the attempt; the job runs again (crate::inline).
+            return e;
+        }
         tracing::warn!(
             target: "llmproxy::hook",
             request_id = request_id.unwrap_or("-"),

@@ -38,6 +38,7 @@ pub mod engine;
 pub mod error;
 pub mod hooks;
 pub mod http;
+pub mod inline;
 pub mod keys;
 pub mod models;
 pub mod policy;

@@ -140,6 +140,43 @@ impl Pool {
         }
     }
 
+    /// Take an idle VM, or create one if the pool is below capacity;
+    /// `None` rather than waiting (a caller that must not block: an inline
+    /// call, `crate::inline`).
+    pub(crate) fn try_checkout(&self) -> Option<PooledVm<'_>> {
+        let mut inner = self.lock();
+        while let Some(vm) = inner.idle.pop() {
+            if vm.watched() {
+                return Some(PooledVm {
+                    pool: self,
+                    vm: Some(vm),
+                    healthy: false,
+                });
+            }
+            inner.stats.alive -= 1;
+            inner.stats.discarded += 1;
+        }
+        if inner.stats.alive >= self.max {
+            return None;
+        }
+        inner.stats.alive += 1;
+        inner.stats.created += 1;
+        drop(inner);
+        match Vm::new() {
+            Ok(vm) => Some(PooledVm {
+                pool: self,
+                vm: Some(vm),
+                healthy: false,
+            }),
+            Err(_) => {
+                let mut inner = self.lock();
+                inner.stats.alive -= 1;
+                self.wake_one(&inner);
+                None
+            }
+        }
+    }
+
     /// Wake one caller blocked in `checkout`, if any (called with the lock).
     fn wake_one(&self, inner: &Inner) {
         if inner.waiters > 0 {

@@ -22,6 +22,9 @@ pub(crate) struct CallSpec<'a> {
     pub script: &'a Script,
     pub limits: &'a ScriptLimits,
     pub request_id: Option<&'a str>,
+    /// An inline budget shorter than `limits.timeout_ms`: the watchdog stops
+    /// the call there and [`Vm::over_budget`] tells it apart from a timeout.
+    pub budget: Option<Duration>,
 }
 
 /// A sandboxed LuaJIT state with its compiled scripts.
@@ -40,6 +43,8 @@ pub(crate) struct Vm {
     pub calls: u64,
     /// Set when mlua itself failed (e.g. its stack): the state is suspect.
     broken: bool,
+    /// Whether the last call was stopped by its inline budget.
+    over_budget: bool,
 }
 
 // SAFETY: mlua is built without its `send` feature (it refuses `send` in
@@ -71,6 +76,7 @@ impl Vm {
             chunks: HashMap::new(),
             calls: 0,
             broken: false,
+            over_budget: false,
         })
     }
 
@@ -125,10 +131,20 @@ impl Vm {
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
     ) -> Result<serde_json::Value, HookError> {
         convert::begin_call(&self.state.lua);
+        self.over_budget = false;
         let result = self.run(spec, set_globals);
         convert::end_call(&self.state.lua);
+        if let Some(mut ctx) = self.state.lua.app_data_mut::<CallContext>() {
+            ctx.release_held(!self.over_budget);
+        }
         self.reset_env();
         result
+    }
+
+    /// Whether the last call was stopped by its inline budget rather than
+    /// by its own time limit (the call then failed with a timeout error).
+    pub fn over_budget(&self) -> bool {
+        self.over_budget
     }
 
     /// Empty the environment after a call and put `_G` back. A script that
@@ -193,8 +209,11 @@ impl Vm {
         set_globals(lua, &self.env)
             .map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
 
+        let timeout = Duration::from_millis(spec.limits.timeout_ms);
+        let budget = spec.budget.filter(|b| *b < timeout);
         if let Some(mut ctx) = lua.app_data_mut::<CallContext>() {
             ctx.begin(spec.hook, &spec.script.name, spec.request_id, limits, memory);
+            ctx.hold_logs = budget.is_some();
         }
 
         // Limits are armed only while the script runs: with a memory limit
@@ -202,7 +221,7 @@ impl Vm {
         // itself for the input tables built above (see ADR 002).
         let used = lua.used_memory();
         lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
-        self.state.watchdog.arm(Duration::from_millis(spec.limits.timeout_ms));
+        self.state.watchdog.arm(budget.unwrap_or(timeout));
         let result = convert::run_args(lua).and_then(|[generation, n1, s1, n2, s2]| {
             self.state
                 .run
@@ -226,6 +245,13 @@ impl Vm {
                     self.broken = true;
                 }
                 if self.state.watchdog.fired() {
+                    if let Some(budget) = budget {
+                        self.over_budget = true;
+                        return Err(HookError::new(
+                            ErrorKind::Timeout,
+                            format!("over its inline budget of {} µs", budget.as_micros()),
+                        ));
+                    }
                     return Err(located(
                         HookError::new(
                             ErrorKind::Timeout,

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::helpers::{write_log_line, Level};
 use crate::convert::Limits;
 use crate::hooks::HookName;
 
@@ -23,6 +24,12 @@ pub(crate) struct CallContext {
     pub log_lines: u32,
     /// The call's own `math.random` generator, made on first use.
     pub rng: Option<super::random::Rng>,
+    /// Whether log lines are held until the call ends (a call under an
+    /// inline budget: an overrun call's lines are dropped, see
+    /// `crate::inline`).
+    pub hold_logs: bool,
+    /// Lines held so far.
+    pub held: Vec<(Level, String)>,
 }
 
 impl CallContext {
@@ -47,6 +54,28 @@ impl CallContext {
         self.memory_allowance = memory;
         self.log_lines = 0;
         self.rng = None;
+        self.hold_logs = false;
+        self.held.clear();
+    }
+
+    /// Write a script's log line now, or hold it until the call ends.
+    pub fn log(&mut self, level: Level, msg: String) {
+        if self.hold_logs {
+            self.held.push((level, msg));
+        } else {
+            write_log_line(self, level, &msg);
+        }
+    }
+
+    /// The call ended: write the held lines when `keep`, else drop them.
+    pub fn release_held(&mut self, keep: bool) {
+        let held = std::mem::take(&mut self.held);
+        if keep {
+            for (level, msg) in &held {
+                write_log_line(self, *level, msg);
+            }
+        }
+        self.hold_logs = false;
     }
 
     /// The context of a VM between calls (compile checks, tests).
@@ -59,6 +88,8 @@ impl CallContext {
             memory_allowance: 10 << 20,
             log_lines: 0,
             rng: None,
+            hold_logs: false,
+            held: Vec::new(),
         }
     }
 }

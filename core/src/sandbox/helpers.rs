@@ -295,8 +295,9 @@ pub(crate) fn hash(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-#[derive(Clone, Copy)]
-enum Level {
+/// The level of a script's log line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Level {
     Info,
     Warn,
     Error,
@@ -327,16 +328,24 @@ fn emit(lua: &Lua, level: Level, args: Variadic<Value>) -> mlua::Result<()> {
     if ctx.log_lines > LOG_LINES_PER_CALL + 1 {
         return Ok(());
     }
-    let hook = ctx.hook.map_or("-", |h| h.as_str());
-    let script = ctx.script.clone();
-    let request_id = ctx.request_id.clone().unwrap_or_else(|| "-".into());
     if ctx.log_lines == LOG_LINES_PER_CALL + 1 {
-        tracing::warn!(target: "llmproxy::script", request_id = %request_id, hook, script = %script,
-            "script log limit of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped");
+        let msg = format!("script log limit of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped");
+        ctx.log(Level::Warn, msg);
         return Ok(());
     }
     drop(ctx);
     let msg = log_message(&args)?;
+    if let Some(mut ctx) = lua.app_data_mut::<CallContext>() {
+        ctx.log(level, msg);
+    }
+    Ok(())
+}
+
+/// Write one script log line, tagged with the request id, hook and script.
+pub(crate) fn write_log_line(ctx: &CallContext, level: Level, msg: &str) {
+    let hook = ctx.hook.map_or("-", |h| h.as_str());
+    let script = &*ctx.script;
+    let request_id = ctx.request_id.as_deref().unwrap_or("-");
     match level {
         Level::Info => {
             tracing::info!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}")
@@ -348,7 +357,6 @@ fn emit(lua: &Lua, level: Level, args: Variadic<Value>) -> mlua::Result<()> {
             tracing::error!(target: "llmproxy::script", request_id = %request_id, hook, script = %script, "{msg}")
         }
     }
-    Ok(())
 }
 
 /// `log` helper table; lines are tagged with the request id, hook and script.
