@@ -378,6 +378,10 @@ pub struct GatewayConfig {
     /// does not fit, or does not start within `scripts.pool.checkout_timeout_ms`,
     /// gets a 503 (`hooks_overloaded`).
     pub hook_queue: usize,
+    /// Budget of a hook job run inline on the gateway's async worker, in
+    /// milliseconds; a job that passes it is stopped and runs again on a
+    /// hook thread (docs/adr/049). 0: every job goes to the hook threads.
+    pub inline_budget_ms: u64,
     /// Throttling of clients that keep failing API key or admin token
     /// checks (docs/adr/039).
     pub auth_throttle: AuthThrottleConfig,
@@ -426,6 +430,7 @@ impl Default for GatewayConfig {
             write_timeout_ms: 30_000,
             max_event_bytes: 1 << 20,
             hook_queue: 1024,
+            inline_budget_ms: 1,
         }
     }
 }

@@ -325,6 +325,10 @@ if mode == "status" then
 end
 if mode == "deny" then return {allow = false, reason = "not now"} end
 if mode == "allow" then return {allow = true} end
+if mode == "slow" then
+  local t0 = time.now()
+  while time.now() - t0 < 0.02 do end
+end
 return nil
 "#;
 
@@ -372,6 +376,32 @@ async fn every_rate_limit_script_verdict_reaches_the_client() {
     assert_eq!(r.status, 429);
     assert_eq!(r.header("retry-after"), Some("60"));
     assert_eq!(r.json()["error"]["message"], "not now");
+}
+
+/// A rate_limit script past the inline budget runs again on a hook thread
+/// (docs/adr/049); the limiter's tokens are taken outside the script's job,
+/// so once per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_rate_limit_script_takes_each_token_once() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&yaml(
+        &m.url(),
+        &format!(
+            "limits: {{key_rpm: 2}}\nscripts:\n  rate_limit:\n    timeout_ms: 500\n    script: |\n{}",
+            script(RATE_SCRIPT)
+        ),
+    ))
+    .await;
+    assert_eq!(gw.chat(Some("sk-good"), json!({"mode": "slow"})).await.status, 200);
+    assert_eq!(
+        gw.metric("llmproxy_hook_jobs_offloaded_total{reason=\"over_budget\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(gw.chat(Some("sk-good"), json!({})).await.status, 200);
+    let r = gw.chat(Some("sk-good"), json!({})).await;
+    assert_eq!(err(&r).2, "key_rate_limit");
+    assert_eq!(gw.metric("llmproxy_hook_calls_total{hook=\"rate_limit\"}").await, 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,6 +139,95 @@ async fn a_slow_script_does_not_stall_other_requests() {
     assert!(added < Duration::from_millis(80), "added p99 {added:?}");
 }
 
+/// A hook job runs inline on the async worker when it is fast; one that
+/// passes `gateway.inline_budget_ms` is stopped there and runs again on a
+/// hook thread (docs/adr/049): the client sees one answer, the metrics one
+/// call and no failure, and the hook stays on the threads for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_past_the_inline_budget_runs_again_on_a_hook_thread() {
+    let m = mock("m", |_| {}).await;
+    let scripts = format!(
+        "scripts:\n  routing:\n    timeout_ms: 500\n    script: |\n{}",
+        script("if request.body.burn then\n  local t0 = time.now()\n  while time.now() - t0 < 0.03 do end\nend\nreturn \"m\"")
+    );
+    let offloaded = |reason: &str| format!("llmproxy_hook_jobs_offloaded_total{{reason=\"{reason}\"}}");
+    let calls = "llmproxy_hook_calls_total{hook=\"routing\"}";
+    let timeouts = "llmproxy_hook_errors_total{hook=\"routing\",kind=\"timeout\"}";
+    for budget in [1, 0] {
+        let y = format!(
+            "backends:\n{}gateway:\n  inline_budget_ms: {budget}\n{scripts}",
+            backend("m", &m.url())
+        );
+        let gw = TestGateway::start(&y).await;
+        let url = format!("{}/v1/chat/completions", gw.base);
+        // (body, offloaded over_budget, slow_hook after it)
+        let steps = [
+            (json!({}), 0.0, 0.0),
+            (json!({"burn": true}), 1.0, 0.0),
+            (json!({}), 1.0, 1.0),
+        ];
+        for (i, (extra, over, slow)) in steps.into_iter().enumerate() {
+            let r = post(&url, &chat("x", extra), &[]).await;
+            assert_eq!((r.status, r.backend()), (200, Some("m")), "budget {budget} step {i}");
+            let want = if budget == 0 { (0.0, 0.0) } else { (over, slow) };
+            let got = (
+                gw.metric(&offloaded("over_budget")).await,
+                gw.metric(&offloaded("slow_hook")).await,
+            );
+            assert_eq!(got, want, "budget {budget} step {i}");
+            assert_eq!(gw.metric(calls).await, (i + 1) as f64, "one call per request");
+            assert_eq!(gw.metric(timeouts).await, 0.0, "an overrun is not a failure");
+        }
+        assert_eq!(gw.metric(&offloaded("no_idle_vm")).await, 0.0);
+    }
+}
+
+/// A stream's per-event transform runs inline on a copy of the relay's
+/// state: when one event of a batch passes the budget, the whole batch
+/// runs again on a hook thread, and the client still gets every event
+/// once, transformed, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_event_past_the_inline_budget_is_transformed_once() {
+    let m = mock("m", |o| o.chunks = 4).await;
+    let transform = r#"if not response.is_stream then return nil end
+local d = response.body.choices and response.body.choices[1] and response.body.choices[1].delta
+if d and d.content == " the" then
+  local t0 = time.now()
+  while time.now() - t0 < 0.02 do end
+end
+local copy = json.decode(json.encode(response.body))
+copy.mark = "t"
+return {body = copy}"#;
+    let y = format!(
+        "backends:\n{}scripts:\n  response_transform:\n    timeout_ms: 500\n    script: |\n{}",
+        backend("m", &m.url()),
+        script(transform)
+    );
+    let gw = TestGateway::start(&y).await;
+    let url = format!("{}/v1/chat/completions", gw.base);
+    let s = post_stream(&url, &chat("x", json!({"stream": true})), &[]).await;
+    assert_eq!(s.status, 200);
+    let events = s.events();
+    let contents: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(contents, ["Hello", " from", " the", " mock"]);
+    assert!(events.iter().all(|e| e["mark"] == "t"), "{events:?}");
+    assert_eq!(s.data().last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        gw.metric("llmproxy_hook_jobs_offloaded_total{reason=\"over_budget\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("llmproxy_hook_calls_total{hook=\"response_transform\"}")
+            .await,
+        events.len() as f64,
+        "one call per event"
+    );
+}
+
 #[test]
 fn the_binary_serves_the_demo_without_a_config() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))

@@ -291,6 +291,13 @@ pub const FAMILIES: &[Family] = &[
         Gateway,
     ),
     family(
+        "llmproxy_hook_jobs_offloaded_total",
+        Counter,
+        "Hook jobs tried inline that ran on a hook thread: over_budget (stopped at gateway.inline_budget_ms), slow_hook (its hook overran lately), no_idle_vm.",
+        &["reason"],
+        Gateway,
+    ),
+    family(
         "llmproxy_auth_failures_total",
         Counter,
         "Failed API key and admin token checks.",

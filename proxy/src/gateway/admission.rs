@@ -12,9 +12,9 @@
 //! `current_time` and may overrule it either way (tokens are then taken or
 //! given back).
 //!
-//! With the local state backend the whole admission is synchronous and
-//! runs in the same hook-thread job as routing and request_transform; with
-//! Redis it awaits the Redis calls between the script jobs.
+//! The limiter's steps (in this process, or Redis calls) run on the async
+//! side; the auth and rate_limit scripts run between them as hook jobs,
+//! inline when they are fast (docs/adr/049-inline-hooks-with-a-budget.md).
 //!
 //! An admitted request owns a [`Ticket`]: its concurrency slot and its
 //! promise of exactly one usage record. Completing the ticket (success,
@@ -170,20 +170,25 @@ pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller:
     judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])
 }
 
-/// The whole admission with the local state backend (synchronous; runs on
-/// a hook thread when a script is involved).
-pub(crate) fn admit_local(
+/// The whole admission with the local state backend. The limiter steps run
+/// here (they never block); the auth and rate_limit scripts run as hook
+/// jobs between them, inline when they are fast (docs/adr/049).
+pub(crate) async fn admit_local(
     shared: &Arc<Shared>,
-    live: &Live,
+    live: &Arc<Live>,
     local: &LocalState,
-    info: &RequestInfo,
+    info: &Arc<RequestInfo>,
     caller: &Caller,
     t: &mut Timings,
 ) -> Result<Admitted, Refusal> {
-    let stages = &live.stages;
     let used = caller.key.as_ref().map_or(0, |k| local.used(&k.fingerprint));
-    let scripts = stages.enabled(HookName::Auth) || stages.enabled(HookName::RateLimit);
-    let info_value = if scripts { key_info(caller, used) } else { Value::Null };
+    let auth_script = live.stages.enabled(HookName::Auth);
+    let rate_script = live.stages.enabled(HookName::RateLimit);
+    let info_value = if auth_script || rate_script {
+        key_info(caller, used)
+    } else {
+        Value::Null
+    };
     if live.auth_on {
         let checks = standard_checks_with_usage(
             caller.key.as_ref().map(|k| &k.record),
@@ -191,9 +196,24 @@ pub(crate) fn admit_local(
             info.client_ip.as_deref(),
             Utc::now(),
         );
-        let verdict = stages
-            .auth(info, &info_value, checks, t)
-            .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
+        let verdict = if auth_script {
+            let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value.clone());
+            hook_job(
+                shared,
+                HookName::Auth,
+                move || {
+                    let mut t = Timings::default();
+                    let r = l2.stages.auth(&i2, &v2, checks, &mut t);
+                    (r, t)
+                },
+                || AuthVerdict::Standard,
+                t,
+            )
+            .await?
+            .map_err(|d| auth_script_failed(shared, d, &checks, info))?
+        } else {
+            AuthVerdict::Standard
+        };
         judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
     }
     let mut admitted = Admitted::default();
@@ -206,14 +226,39 @@ pub(crate) fn admit_local(
             force: false,
         });
         let took = acq.denial.is_none();
-        let verdict = stages
-            .rate_limit(info, &info_value, acq.status, current_time(live.zone), t)
-            .map_err(|d| {
-                if took {
-                    local.limiter.refund(key, limits);
+        let verdict = if rate_script {
+            let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value);
+            let (status, now) = (acq.status, current_time(live.zone));
+            let r = hook_job(
+                shared,
+                HookName::RateLimit,
+                move || {
+                    let mut t = Timings::default();
+                    let r = l2.stages.rate_limit(&i2, &v2, status, now, &mut t);
+                    (r, t)
+                },
+                || RateVerdict::Standard,
+                t,
+            )
+            .await;
+            match r {
+                Ok(Ok(v)) => v,
+                Ok(Err(d)) => {
+                    if took {
+                        local.limiter.refund(key, limits);
+                    }
+                    return Err(Refusal::Deny(d));
                 }
-                Refusal::Deny(d)
-            })?;
+                Err(overloaded) => {
+                    if took {
+                        local.limiter.refund(key, limits);
+                    }
+                    return Err(overloaded);
+                }
+            }
+        } else {
+            RateVerdict::Standard
+        };
         match rate_stage::decide(&verdict, took, acq.denial.as_ref()) {
             RateStep::Admit { force } => {
                 if force {
@@ -234,16 +279,17 @@ pub(crate) fn admit_local(
     Ok(admitted)
 }
 
-/// A hook job from async code; a lost job counts as a script failure, a
-/// job the overloaded pool refused is a 503 `hooks_overloaded` (outer error).
+/// A hook job from async code (inline when fast, else on a hook thread); a
+/// lost job counts as a script failure, a job the overloaded pool refused
+/// is a 503 `hooks_overloaded` (outer error).
 async fn hook_job<T: Send + 'static>(
     shared: &Arc<Shared>,
     hook: HookName,
-    f: impl FnOnce() -> (Result<T, Denied>, Timings) + Send + 'static,
+    f: impl Fn() -> (Result<T, Denied>, Timings) + Send + 'static,
     lost_default: impl FnOnce() -> T,
     timings: &mut Timings,
 ) -> Result<Result<T, Denied>, Refusal> {
-    match shared.hooks.run(f).await {
+    match shared.hooks.call(f).await {
         Ok((r, t)) => {
             timings.merge(t);
             Ok(r)
@@ -492,15 +538,13 @@ impl Ticket {
     /// quota charge, the ledger record) to run where it fits. The record's
     /// time is now, before the client has the answer: the job may run
     /// later, and a quota reset in between must not count it (docs/adr/043).
-    pub fn job(mut self, c: Completion) -> Option<impl FnOnce() + Send + 'static> {
+    pub fn job(mut self, c: Completion) -> Option<UsageJob> {
         let mut inner = self.inner.take()?;
         drop(inner.permit.take());
-        let answered_ms = super::ledger::now_ms();
-        Some(move || usage_job(inner, c, answered_ms))
+        Some(UsageJob::new(inner, c, super::ledger::now_ms()))
     }
 
-    /// Free the slot and run the usage job: on a hook thread when a usage
-    /// script runs, inline otherwise.
+    /// Free the slot and run the usage job (see [`run_usage`]).
     pub fn complete(self, c: Completion) {
         let Some(shared) = self.inner.as_ref().map(|i| Arc::clone(&i.shared)) else {
             return;
@@ -526,14 +570,17 @@ impl Drop for Ticket {
     }
 }
 
-/// Run a usage job: on a hook thread when a script runs, inline otherwise
-/// (and inline when the hook threads are already shut down: a usage
-/// record is never dropped).
-pub(crate) fn run_usage(shared: &Shared, live: &Live, job: impl FnOnce() + Send + 'static) {
-    if live.stages.enabled(HookName::Usage) {
-        shared.hooks.spawn_or_inline(job);
-    } else {
-        job();
+/// Run a usage job: the usage script inline when it is fast, else the
+/// whole job on a hook thread (docs/adr/049); with no usage script, here.
+/// When the hook threads are already shut down it runs here: a usage
+/// record is never dropped.
+pub(crate) fn run_usage(shared: &Shared, live: &Live, job: UsageJob) {
+    if !live.stages.enabled(HookName::Usage) {
+        return job.run();
+    }
+    match shared.hooks.try_inline(&|| job.record()) {
+        Some(Ok(record)) => job.finish(record),
+        _ => shared.hooks.spawn_or_inline(move || job.run()),
     }
 }
 
@@ -541,106 +588,152 @@ fn zero_usage() -> Value {
     json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
 }
 
-/// The usage stage of one admitted request: the script, metrics, the quota
-/// charge, the ledger record and the sinks.
-fn usage_job(inner: TicketInner, c: Completion, answered_ms: i64) {
-    let TicketInner {
-        shared,
-        live,
-        info,
-        caller,
-        started,
-        ..
-    } = inner;
-    let raw = c.usage.filter(Value::is_object).unwrap_or_else(zero_usage);
-    let estimated = raw.get("estimated") == Some(&Value::Bool(true));
-    if estimated {
-        shared
-            .metrics
-            .bounds
-            .usage_estimated
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    let response = c.response.unwrap_or_else(|| ResponseInfo {
-        status_code: c.status,
-        body: Arc::new(Value::Null),
-        headers: Vec::new(),
-        is_stream: c.is_stream,
-    });
-    let backend_url = c.backend.as_ref().map(|b| b.url.clone()).unwrap_or_default();
-    let metadata = UsageMetadata {
-        backend_url: backend_url.clone(),
-        latency_ms: c.latency_ms,
-        is_stream: c.is_stream,
-    };
-    let mut t = Timings::default();
-    let result = live.stages.usage(&info, &raw, &response, &metadata, &mut t);
-    let record = match result {
-        UsageRecord::Raw => None,
-        UsageRecord::Custom(m) => Some(Value::Object(m)),
-    };
-    let charged = usage_policy::charge(&raw, record.as_ref());
-    let record = record.unwrap_or_else(|| raw.clone());
-    let billable = charged.billable_tokens;
-    let backend_name = c.backend.as_ref().map(|b| b.name.clone());
-    if let Some(b) = &c.backend {
-        for (kind, v) in &charged.metrics {
-            shared.metrics.usage(b.index, kind, *v);
+/// The usage stage of one admitted request: the script (a pure call,
+/// [`UsageJob::record`]), then its effects: metrics, the quota charge, the
+/// ledger record and the sinks ([`UsageJob::finish`]).
+pub(crate) struct UsageJob {
+    inner: TicketInner,
+    c: Completion,
+    /// The backend's usage (zeros when it never came).
+    raw: Value,
+    response: ResponseInfo,
+    metadata: UsageMetadata,
+    answered_ms: i64,
+}
+
+impl UsageJob {
+    fn new(inner: TicketInner, mut c: Completion, answered_ms: i64) -> UsageJob {
+        let raw = c.usage.take().filter(Value::is_object).unwrap_or_else(zero_usage);
+        let response = c.response.take().unwrap_or_else(|| ResponseInfo {
+            status_code: c.status,
+            body: Arc::new(Value::Null),
+            headers: Vec::new(),
+            is_stream: c.is_stream,
+        });
+        let metadata = UsageMetadata {
+            backend_url: c.backend.as_ref().map(|b| b.url.clone()).unwrap_or_default(),
+            latency_ms: c.latency_ms,
+            is_stream: c.is_stream,
+        };
+        UsageJob {
+            inner,
+            c,
+            raw,
+            response,
+            metadata,
+            answered_ms,
         }
     }
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-    let model = info.body.get("model").and_then(Value::as_str).map(str::to_owned);
-    let key_fp = caller.key_id.as_deref().map(str::to_owned);
-    let user_id = info.user_id.clone();
-    let path = info.path.clone().unwrap_or_default();
-    let ledger_record = shared.ledger.as_ref().map(|_| LedgerRecord {
-        request_id: info.id.clone(),
-        ts_ms: answered_ms,
-        node: shared.node.clone(),
-        key_fp: key_fp.clone(),
-        user_id: user_id.clone(),
-        backend: backend_name.clone(),
-        model: model.clone(),
-        path: path.clone(),
-        is_stream: c.is_stream,
-        status: c.status,
-        prompt_tokens: charged.prompt_tokens,
-        completion_tokens: charged.completion_tokens,
-        total_tokens: charged.total_tokens,
-        billable_tokens: billable,
-        cost: charged.cost,
-        latency_ms,
-        record: record.to_string(),
-        charge_quota: matches!(*shared.state, State::Local(_)),
-    });
-    shared.state.charge(
-        Charge {
-            key: caller.key_id.as_deref(),
-            billable,
-            tokens: charged.limit_tokens,
+
+    /// The usage script's record (no effect but the hook call).
+    fn record(&self) -> UsageRecord {
+        let mut t = Timings::default();
+        let i = &self.inner;
+        i.live
+            .stages
+            .usage(&i.info, &self.raw, &self.response, &self.metadata, &mut t)
+    }
+
+    /// The whole job, where it may block.
+    pub fn run(self) {
+        let record = self.record();
+        self.finish(record);
+    }
+
+    /// Everything after the script: metrics, charge, ledger, sinks.
+    fn finish(self, result: UsageRecord) {
+        let UsageJob {
+            inner,
+            c,
+            raw,
+            metadata,
             answered_ms,
-        },
-        live.limits(),
-        ledger_record,
-        shared.ledger.as_deref(),
-    );
-    let entry = UsageEntry {
-        request_id: info.id.clone(),
-        backend: backend_name.unwrap_or_default(),
-        backend_url,
-        path,
-        is_stream: c.is_stream,
-        raw,
-        record,
-        status: c.status,
-        key_fingerprint: key_fp,
-        user_id,
-        model,
-        billable_tokens: billable,
-        latency_ms,
-        estimated,
-    };
-    for sink in shared.usage_sinks.iter() {
-        sink.record(entry.clone());
+            ..
+        } = self;
+        let TicketInner {
+            shared,
+            live,
+            info,
+            caller,
+            started,
+            ..
+        } = inner;
+        let estimated = raw.get("estimated") == Some(&Value::Bool(true));
+        if estimated {
+            shared
+                .metrics
+                .bounds
+                .usage_estimated
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let backend_url = metadata.backend_url;
+        let record = match result {
+            UsageRecord::Raw => None,
+            UsageRecord::Custom(m) => Some(Value::Object(m)),
+        };
+        let charged = usage_policy::charge(&raw, record.as_ref());
+        let record = record.unwrap_or_else(|| raw.clone());
+        let billable = charged.billable_tokens;
+        let backend_name = c.backend.as_ref().map(|b| b.name.clone());
+        if let Some(b) = &c.backend {
+            for (kind, v) in &charged.metrics {
+                shared.metrics.usage(b.index, kind, *v);
+            }
+        }
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        let model = info.body.get("model").and_then(Value::as_str).map(str::to_owned);
+        let key_fp = caller.key_id.as_deref().map(str::to_owned);
+        let user_id = info.user_id.clone();
+        let path = info.path.clone().unwrap_or_default();
+        let ledger_record = shared.ledger.as_ref().map(|_| LedgerRecord {
+            request_id: info.id.clone(),
+            ts_ms: answered_ms,
+            node: shared.node.clone(),
+            key_fp: key_fp.clone(),
+            user_id: user_id.clone(),
+            backend: backend_name.clone(),
+            model: model.clone(),
+            path: path.clone(),
+            is_stream: c.is_stream,
+            status: c.status,
+            prompt_tokens: charged.prompt_tokens,
+            completion_tokens: charged.completion_tokens,
+            total_tokens: charged.total_tokens,
+            billable_tokens: billable,
+            cost: charged.cost,
+            latency_ms,
+            record: record.to_string(),
+            charge_quota: matches!(*shared.state, State::Local(_)),
+        });
+        shared.state.charge(
+            Charge {
+                key: caller.key_id.as_deref(),
+                billable,
+                tokens: charged.limit_tokens,
+                answered_ms,
+            },
+            live.limits(),
+            ledger_record,
+            shared.ledger.as_deref(),
+        );
+        let entry = UsageEntry {
+            request_id: info.id.clone(),
+            backend: backend_name.unwrap_or_default(),
+            backend_url,
+            path,
+            is_stream: c.is_stream,
+            raw,
+            record,
+            status: c.status,
+            key_fingerprint: key_fp,
+            user_id,
+            model,
+            billable_tokens: billable,
+            latency_ms,
+            estimated,
+        };
+        for sink in shared.usage_sinks.iter() {
+            sink.record(entry.clone());
+        }
     }
 }

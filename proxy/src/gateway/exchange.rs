@@ -296,32 +296,31 @@ fn parse_api_body(body: &[u8], engine: &llmproxy_core::Engine) -> Result<Value, 
 
 impl Exchange {
     async fn run(mut self) -> Response<GatewayBody> {
-        // Admission: inline in the first plan job with local state, awaited
-        // here with Redis, nothing to do when neither auth nor limits apply.
-        let mut admit_in_plan = false;
+        // Admission, unless neither auth nor limits apply.
         if !self.live.admission_on() {
             self.admitted(Admitted::default());
         } else {
             let shared = Arc::clone(&self.shared);
-            match &*shared.state {
-                State::Local(_) => admit_in_plan = true,
-                State::Redis(redis) => {
-                    let mut t = Timings::default();
-                    let r = admission::admit_redis(&shared, &self.live, redis, &self.info, &self.caller, &mut t).await;
-                    self.timings.merge(t);
-                    match r {
-                        Ok(a) => self.admitted(a),
-                        Err(r) => return self.refused(r).await,
-                    }
+            let mut t = Timings::default();
+            let r = match &*shared.state {
+                State::Local(local) => {
+                    admission::admit_local(&shared, &self.live, local, &self.info, &self.caller, &mut t).await
                 }
+                State::Redis(redis) => {
+                    admission::admit_redis(&shared, &self.live, redis, &self.info, &self.caller, &mut t).await
+                }
+            };
+            self.timings.merge(t);
+            match r {
+                Ok(a) => self.admitted(a),
+                Err(r) => return self.refused(r).await,
             }
         }
         let max_retries = self.shared.config.retry.max_retries;
         let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<Failure> = None;
         for attempt in 0..=max_retries {
-            let admit = admit_in_plan && attempt == 0;
-            let plan = match self.plan(attempt == 0, &tried, admit).await {
+            let plan = match self.plan(attempt == 0, &tried).await {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(Stop::Denied(denied)) => return self.denied(denied),
@@ -372,52 +371,45 @@ impl Exchange {
         }
     }
 
-    /// Admission (when `admit`: local state), routing (first attempt only),
-    /// the balancer, and request_transform, in one trip to a hook thread
-    /// when a script is involved.
-    async fn plan(&mut self, use_routing: bool, tried: &[usize], admit: bool) -> Result<Option<Plan>, Stop> {
+    /// Routing (first attempt only), the balancer, and request_transform,
+    /// as one hook job when a script is involved: inline when fast, else
+    /// on a hook thread (docs/adr/049). An overloaded hook pool fails the
+    /// request with a 503.
+    async fn plan(&mut self, use_routing: bool, tried: &[usize]) -> Result<Option<Plan>, Stop> {
         let shared = Arc::clone(&self.shared);
         let live = Arc::clone(&self.live);
         let info = Arc::clone(&self.info);
-        let caller = self.caller.clone();
         let raw = self.body.clone();
         let endpoint = self.endpoint;
         let tried = tried.to_vec();
         let stages = &self.live.stages;
         let scripted = (use_routing && stages.enabled(HookName::Routing))
-            || (endpoint.is_api() && stages.enabled(HookName::RequestTransform))
-            || (admit && (stages.enabled(HookName::Auth) || stages.enabled(HookName::RateLimit)));
+            || (endpoint.is_api() && stages.enabled(HookName::RequestTransform));
+        // Run twice when an inline attempt overruns: the balancer's pick is
+        // then made twice (a round-robin turn skipped), nothing else.
         let job = move || {
             let mut t = Timings::default();
-            let admitted = match (admit, &*shared.state) {
-                (true, State::Local(local)) => {
-                    match admission::admit_local(&shared, &live, local, &info, &caller, &mut t) {
-                        Ok(a) => Some(a),
-                        Err(r) => return (Err(Stop::Refused(r)), None, t),
-                    }
-                }
-                _ => None,
-            };
-            let r = plan_sync(&shared, &live, &info, raw, endpoint, use_routing, &tried, &mut t);
-            (r.map_err(Stop::Denied), admitted, t)
+            let r = plan_sync(
+                &shared,
+                &live,
+                &info,
+                raw.clone(),
+                endpoint,
+                use_routing,
+                &tried,
+                &mut t,
+            );
+            (r, t)
         };
-        let (result, admitted, t) = if scripted {
-            match self.shared.hooks.run(job).await {
+        let (result, t) = if scripted {
+            match self.shared.hooks.call(job).await {
                 Ok(r) => r,
                 Err(e) if e.is_overload() => {
                     return Err(Stop::Refused(Refusal::Fail(Box::new(Failure::overloaded()))));
                 }
                 Err(_) => {
-                    let hook = if admit { HookName::Auth } else { HookName::Routing };
-                    return match self.live.stages.lost(hook) {
+                    return match self.live.stages.lost(HookName::Routing) {
                         Some(d) => Err(Stop::Denied(d)),
-                        None if admit => Err(Stop::Denied(Denied {
-                            hook,
-                            error: llmproxy_core::HookError::new(
-                                llmproxy_core::ErrorKind::Internal,
-                                "the hook call was lost",
-                            ),
-                        })),
                         None => Ok(None),
                     };
                 }
@@ -426,10 +418,7 @@ impl Exchange {
             job()
         };
         self.timings.merge(t);
-        if let Some(a) = admitted {
-            self.admitted(a);
-        }
-        result
+        result.map_err(Stop::Denied)
     }
 
     async fn attempt(&mut self, plan: Plan, can_retry: bool) -> Outcome {
@@ -610,8 +599,8 @@ impl Exchange {
             is_stream: false,
         };
         // The usage stage runs after the response is on its way: on the
-        // hook thread right after response_transform when both run, else
-        // on its own. (A transform may change the status the client gets;
+        // hook thread right after response_transform when that ran there,
+        // else on its own. (A transform may change the status the client gets;
         // the ledger records the backend's.)
         let usage_job = self.ticket.take().and_then(|t| t.job(completion));
         match parsed.as_ref().filter(|_| transform) {
@@ -632,12 +621,25 @@ impl Exchange {
                         .transform_response(&info, &response, &url, latency_ms, &mut t);
                     (r, t)
                 };
-                let then = move || {
-                    if let Some(u) = usage_job {
-                        u();
+                // Inline when fast; else on a hook thread, with the usage
+                // job right after it there (no second trip).
+                let ran = match self.shared.hooks.try_inline(&job) {
+                    Some(r) => {
+                        if let Some(u) = usage_job {
+                            admission::run_usage(&self.shared, &self.live, u);
+                        }
+                        r
+                    }
+                    None => {
+                        let then = move || {
+                            if let Some(u) = usage_job {
+                                u.run();
+                            }
+                        };
+                        self.shared.hooks.run_then(job, then).await
                     }
                 };
-                let result = match self.shared.hooks.run_then(job, then).await {
+                let result = match ran {
                     Ok((r, t)) => {
                         self.timings.merge(t);
                         r
@@ -798,7 +800,7 @@ impl Exchange {
         self.finish(resp, backend.as_deref(), None)
     }
 
-    /// Run error_handler on failure `f` (a hook thread job).
+    /// Run error_handler on failure `f` (a hook job: inline when fast, else on a hook thread).
     async fn run_error_handler(&mut self, f: &Failure) -> Result<ErrorResponse, Denied> {
         let live = Arc::clone(&self.live);
         let info = Arc::clone(&self.info);
@@ -814,7 +816,7 @@ impl Exchange {
             let r = live.stages.handle_error(&info, &error, &mut t);
             (r, t)
         };
-        match self.shared.hooks.run(job).await {
+        match self.shared.hooks.call(job).await {
             Ok((r, t)) => {
                 self.timings.merge(t);
                 r
@@ -853,7 +855,7 @@ impl Exchange {
                 .transform_response(&info, &response, &url, latency_ms, &mut t);
             (r, t)
         };
-        let result = match self.shared.hooks.run(job).await {
+        let result = match self.shared.hooks.call(job).await {
             Ok((r, t)) => {
                 self.timings.merge(t);
                 r

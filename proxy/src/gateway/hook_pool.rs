@@ -1,10 +1,14 @@
 //! The threads that run hook calls.
 //!
-//! Engine calls block (a LuaJIT call may run up to its `timeout_ms`), so they
-//! never run on a tokio worker. A fixed set of OS threads, as many as the
-//! engine has VMs, takes jobs from a queue; an async caller awaits a oneshot.
-//! One slow script therefore holds one thread and one VM, and every other
-//! request keeps the rest (see docs/adr/011-hook-threads.md).
+//! Engine calls may block (a LuaJIT call may run up to its `timeout_ms`).
+//! [`HookPool::call`] first runs a job on the caller's tokio worker under a
+//! short budget (`gateway.inline_budget_ms`, docs/adr/049-inline-hooks-with-a-budget.md):
+//! a job whose hook calls all finish within it makes no trip at all. A job
+//! that passes it is stopped there and runs again on the hook threads: a
+//! fixed set of OS threads, as many as the engine has VMs, taking jobs from
+//! a queue while the async caller awaits a oneshot. One slow script
+//! therefore holds one thread and one VM, and every other request keeps the
+//! rest (docs/adr/011-hook-threads.md).
 //!
 //! The queue is bounded and every awaited job has a deadline to *start*
 //! (docs/adr/037-hook-queue-bound.md): a job that does not fit in the queue
@@ -18,6 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use llmproxy_core::inline;
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -59,6 +64,9 @@ pub struct Rejections {
     pub queue_full: AtomicU64,
     /// Jobs cancelled because they did not start before their deadline.
     pub expired: AtomicU64,
+    /// Jobs tried inline that went to a hook thread, by
+    /// [`inline::Overrun`] (in [`inline::Overrun::ALL`] order).
+    pub offloaded: [AtomicU64; 3],
 }
 
 struct Queue {
@@ -163,6 +171,9 @@ pub struct HookPool {
     threads: usize,
     capacity: usize,
     deadline: Duration,
+    /// Budget of a job run inline on the caller's thread; `None`: every job
+    /// goes to the threads.
+    inline_budget: Option<Duration>,
     handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Jobs refused by the bound or the deadline.
     pub rejections: Rejections,
@@ -174,6 +185,7 @@ impl std::fmt::Debug for HookPool {
             .field("threads", &self.threads)
             .field("capacity", &self.capacity)
             .field("deadline", &self.deadline)
+            .field("inline_budget", &self.inline_budget)
             .finish_non_exhaustive()
     }
 }
@@ -181,8 +193,14 @@ impl std::fmt::Debug for HookPool {
 impl HookPool {
     /// Start `threads` threads (at least one) over a queue of at most
     /// `capacity` awaited jobs (at least one), each of which must start
-    /// within `deadline`.
-    pub fn new(threads: usize, capacity: usize, deadline: Duration) -> std::io::Result<HookPool> {
+    /// within `deadline`. [`HookPool::call`] tries a job inline first
+    /// when `inline_budget` is not zero.
+    pub fn new(
+        threads: usize,
+        capacity: usize,
+        deadline: Duration,
+        inline_budget: Duration,
+    ) -> std::io::Result<HookPool> {
         let threads = threads.max(1);
         let inner = Arc::new(Inner {
             queue: Mutex::new(Queue {
@@ -210,6 +228,7 @@ impl HookPool {
             threads,
             capacity: capacity.max(1),
             deadline,
+            inline_budget: (!inline_budget.is_zero()).then_some(inline_budget),
             handles: Mutex::new(handles),
             rejections: Rejections::default(),
         })
@@ -242,6 +261,39 @@ impl HookPool {
                 Err(JobError::Expired)
             }
             Err(_) => result.await.map_err(|_| JobError::Lost),
+        }
+    }
+
+    /// Run `f` here, on the caller's thread, with every hook call it makes
+    /// under the inline budget; `None` when a call passed it or the budget
+    /// is off (then nothing `f` did counts: run it on a hook thread). `f`
+    /// must have no effect but its hook calls and its result
+    /// (`llmproxy_core::inline`).
+    pub fn try_inline<T, F: Fn() -> T>(&self, f: &F) -> Option<Result<T, JobError>> {
+        let budget = self.inline_budget?;
+        match catch_unwind(AssertUnwindSafe(|| inline::attempt(budget, f))) {
+            Ok(Ok(v)) => Some(Ok(v)),
+            Ok(Err(stopped)) => {
+                let i = inline::Overrun::ALL.iter().position(|r| *r == stopped.reason);
+                if let Some(n) = i.and_then(|i| self.rejections.offloaded.get(i)) {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            Err(_) => Some(Err(JobError::Lost)),
+        }
+    }
+
+    /// Run `f`, a job of hook calls with no other effect: inline when it
+    /// finishes within the budget, else on a hook thread as [`HookPool::run`].
+    pub async fn call<T, F>(&self, f: F) -> Result<T, JobError>
+    where
+        T: Send + 'static,
+        F: Fn() -> T + Send + 'static,
+    {
+        match self.try_inline(&f) {
+            Some(r) => r,
+            None => self.run(f).await,
         }
     }
 
@@ -363,7 +415,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_and_a_passed_deadline_refuse_fast() {
-        let pool = HookPool::new(1, 2, Duration::from_millis(100)).unwrap();
+        let pool = HookPool::new(1, 2, Duration::from_millis(100), Duration::ZERO).unwrap();
         occupy(&pool, 1000).await;
         let started = Instant::now();
         let (r1, r2, r3) = tokio::join!(pool.run(|| 1), pool.run(|| 2), async {
@@ -387,7 +439,7 @@ mod tests {
 
     #[tokio::test]
     async fn run_then_runs_then_even_when_refused() {
-        let pool = HookPool::new(1, 1, Duration::from_millis(50)).unwrap();
+        let pool = HookPool::new(1, 1, Duration::from_millis(50), Duration::ZERO).unwrap();
         let ran = Arc::new(AtomicU64::new(0));
         occupy(&pool, 300).await;
         let count = |ran: &Arc<AtomicU64>| {

@@ -125,6 +125,9 @@ pub struct HookQueueGauges {
     pub queue_full: u64,
     /// Jobs cancelled (deadline).
     pub expired: u64,
+    /// Jobs tried inline that went to a hook thread, by reason
+    /// (`llmproxy_core::inline::Overrun::ALL` order).
+    pub offloaded: [u64; 3],
 }
 
 /// Why the auth stage refused a request (`llmproxy_auth_denied_total{reason}`).
@@ -238,6 +241,14 @@ impl Metrics {
              llmproxy_hook_jobs_rejected_total{{reason=\"deadline\"}} {}",
             q.queue_full, q.expired
         );
+        head(out, "llmproxy_hook_jobs_offloaded_total");
+        for (reason, n) in llmproxy_core::inline::Overrun::ALL.iter().zip(q.offloaded) {
+            let _ = writeln!(
+                out,
+                "llmproxy_hook_jobs_offloaded_total{{reason=\"{}\"}} {n}",
+                reason.as_str()
+            );
+        }
     }
 
     /// The auth stage refused a request (`reason` from [`AUTH_REASONS`]).

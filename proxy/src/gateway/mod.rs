@@ -239,7 +239,8 @@ impl Shared {
         let job_deadline = Duration::from_millis(config.pool.checkout_timeout_ms);
         let live = Live::build(config, Arc::clone(&metrics), 1)?;
         let threads = live.stages.engine().pool_stats().capacity;
-        let hooks = HookPool::new(threads, gateway.hook_queue, job_deadline)
+        let inline_budget = Duration::from_millis(gateway.inline_budget_ms);
+        let hooks = HookPool::new(threads, gateway.hook_queue, job_deadline, inline_budget)
             .map_err(|e| format!("cannot start hook threads: {e}"))?;
         let mut usage_sinks: Vec<Arc<dyn UsageSink>> = Vec::new();
         match options.usage_sink {
@@ -318,6 +319,10 @@ impl Shared {
                 queued: self.hooks.queued(),
                 queue_full: r.queue_full.load(std::sync::atomic::Ordering::Relaxed),
                 expired: r.expired.load(std::sync::atomic::Ordering::Relaxed),
+                offloaded: r
+                    .offloaded
+                    .each_ref()
+                    .map(|n| n.load(std::sync::atomic::Ordering::Relaxed)),
             },
         );
         metrics::render_ignored_fields(&mut out, self.live().stages.engine());

@@ -7,7 +7,8 @@
 //! [`Stages::usage`] -> on failure [`Stages::handle_error`].
 //!
 //! Every function here is synchronous and may block for a script's
-//! `timeout_ms`: call them on the [`super::hook_pool::HookPool`], never on a
+//! `timeout_ms`: call them through [`super::hook_pool::HookPool::call`]
+//! (inline under a short budget, else on a hook thread), never bare on a
 //! tokio worker. Each applies the hook's failure policy (`on_error`):
 //! `standard` acts as if the script returned nil, `deny` fails the request
 //! with a 503 ([`Denied`]). Failures are logged by the core and counted here.
@@ -100,6 +101,11 @@ impl Stages {
         };
         let started = Instant::now();
         let result = f(&self.engine);
+        if llmproxy_core::inline::overrun() {
+            // An inline attempt passed its budget: this job is thrown away
+            // and runs again on a hook thread, where it is counted.
+            return Ok(fallback());
+        }
         let elapsed = started.elapsed();
         self.metrics
             .hook_call(hook, elapsed, result.as_ref().err().map(|e| e.kind));

@@ -52,6 +52,7 @@ pub(crate) struct StreamStart {
 type HeadRewrite = (Option<u16>, Vec<(String, HeaderChange)>);
 
 /// Per-stream state used while processing events.
+#[derive(Clone)]
 struct Events {
     shared: Arc<Shared>,
     live: Arc<Live>,
@@ -155,29 +156,40 @@ impl Events {
     }
 }
 
-/// Run `process` where it may: on a hook thread when a script runs, inline
-/// otherwise. `None` when the hook job was lost.
+/// Run `process` where it may: with a response_transform script, inline
+/// when it is fast (on a copy of the relay's state, so that an attempt
+/// that overruns is dropped whole, docs/adr/049), else on a hook thread;
+/// without one, here. `None` when the hook job was lost.
 async fn process(mut ev: Events, batch: Vec<Bytes>) -> Option<(Events, Bytes)> {
-    if ev.transform && ev.live.stages.enabled(HookName::ResponseTransform) {
-        let shared = Arc::clone(&ev.shared);
-        let live = Arc::clone(&ev.live);
-        match shared
-            .hooks
-            .run(move || {
-                let out = ev.process(batch);
-                (ev, out)
-            })
-            .await
-        {
-            Ok(r) => Some(r),
-            Err(_) => {
-                live.stages.lost(HookName::ResponseTransform);
-                None
-            }
-        }
-    } else {
+    if !(ev.transform && ev.live.stages.enabled(HookName::ResponseTransform)) {
         let out = ev.process(batch);
-        Some((ev, out))
+        return Some((ev, out));
+    }
+    let shared = Arc::clone(&ev.shared);
+    let live = Arc::clone(&ev.live);
+    let inline = shared.hooks.try_inline(&|| {
+        let mut copy = ev.clone();
+        let out = copy.process(batch.clone());
+        (copy, out)
+    });
+    let result = match inline {
+        Some(r) => r,
+        None => {
+            shared
+                .hooks
+                .run(move || {
+                    let out = ev.process(batch);
+                    (ev, out)
+                })
+                .await
+        }
+    };
+    match result {
+        Ok(r) => Some(r),
+        Err(_) => {
+            live.stages.lost(HookName::ResponseTransform);
+            None
+        }
     }
 }
 
