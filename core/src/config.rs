@@ -382,6 +382,9 @@ pub struct GatewayConfig {
     /// milliseconds; a job that passes it is stopped and runs again on a
     /// hook thread (docs/adr/049). 0: every job goes to the hook threads.
     pub inline_budget_ms: u64,
+    /// Threads serving client connections, each with its own
+    /// single-threaded runtime and upstream pools; 0: one per CPU.
+    pub workers: usize,
     /// Throttling of clients that keep failing API key or admin token
     /// checks (docs/adr/039).
     pub auth_throttle: AuthThrottleConfig,
@@ -431,9 +434,13 @@ impl Default for GatewayConfig {
             max_event_bytes: 1 << 20,
             hook_queue: 1024,
             inline_budget_ms: 1,
+            workers: 0,
         }
     }
 }
+
+/// Most connection workers a gateway may start (`gateway.workers`).
+pub const MAX_WORKERS: usize = 1024;
 
 /// The default balancer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -896,6 +903,12 @@ impl RawConfig {
             if v == 0 {
                 problems.push(format!("gateway.{name}: must be > 0"));
             }
+        }
+        if g.workers > MAX_WORKERS {
+            problems.push(format!(
+                "gateway.workers: {} is more than {MAX_WORKERS} (0 means one per CPU)",
+                g.workers
+            ));
         }
         if g.max_retries_out_of_range() {
             problems.push(format!(

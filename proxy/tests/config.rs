@@ -26,6 +26,7 @@ fn the_example_gateway_config_loads() {
         (1024, 30_000, 30_000)
     );
     assert_eq!((g.max_event_bytes, g.hook_queue), (1 << 20, 1024));
+    assert_eq!((g.inline_budget_ms, g.workers), (1, 0));
     assert_eq!(c.backends[2].timeouts.first_byte_ms, Some(30000));
     assert_eq!(
         c.backends[1].headers.get("Authorization").map(String::as_str),
@@ -59,7 +60,7 @@ fn the_gateway_section_is_optional_and_checked() {
         ]
     );
     let p = problems(&format!(
-        "{base}gateway:\n  max_connections: 0\n  body_read_timeout_ms: 0\n  write_timeout_ms: 0\n  max_event_bytes: 0\n  hook_queue: 0\n"
+        "{base}gateway:\n  max_connections: 0\n  body_read_timeout_ms: 0\n  write_timeout_ms: 0\n  max_event_bytes: 0\n  hook_queue: 0\n  workers: 5000\n"
     ));
     assert_eq!(
         p,
@@ -69,6 +70,7 @@ fn the_gateway_section_is_optional_and_checked() {
             "gateway.write_timeout_ms: must be > 0",
             "gateway.max_event_bytes: must be > 0",
             "gateway.hook_queue: must be > 0",
+            "gateway.workers: 5000 is more than 1024 (0 means one per CPU)",
         ]
     );
     let p = problems("backends:\n  - {name: a, url: \"http://x\", timeouts: {idle: 1}}\n");

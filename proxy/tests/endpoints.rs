@@ -228,6 +228,25 @@ return {body = copy}"#;
     );
 }
 
+/// Client connections are handed to the connection workers in turn
+/// (`gateway.workers`), each serving its requests to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_over_the_workers() {
+    let m = mock("m", |_| {}).await;
+    let y = format!("backends:\n{}gateway:\n  workers: 3\n", backend("m", &m.url()));
+    let gw = TestGateway::start(&y).await;
+    let url = format!("{}/v1/chat/completions", gw.base);
+    for i in 0..6 {
+        // A new connection each time.
+        let r = post(&url, &chat("x", json!({"stream": i % 2 == 0})), &[]).await;
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    for w in 0..3 {
+        let sample = format!("llmproxy_worker_connections_total{{worker=\"{w}\"}}");
+        assert_eq!(gw.metric(&sample).await, 2.0, "worker {w}");
+    }
+}
+
 #[test]
 fn the_binary_serves_the_demo_without_a_config() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))

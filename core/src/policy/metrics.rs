@@ -291,6 +291,13 @@ pub const FAMILIES: &[Family] = &[
         Gateway,
     ),
     family(
+        "llmproxy_worker_connections_total",
+        Counter,
+        "Client connections handed to each connection worker (gateway.workers).",
+        &["worker"],
+        Gateway,
+    ),
+    family(
         "llmproxy_hook_jobs_offloaded_total",
         Counter,
         "Hook jobs tried inline that ran on a hook thread: over_budget (stopped at gateway.inline_budget_ms), slow_hook (its hook overran lately), no_idle_vm.",

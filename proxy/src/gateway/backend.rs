@@ -44,15 +44,23 @@ pub struct Backend {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Timeouts.
     pub timeouts: Timeouts,
-    /// Pooled keep-alive client.
-    pub client: UpstreamClient,
+    /// Pooled keep-alive clients: one per connection worker (its upstream
+    /// connections stay on its thread), then one for every other thread
+    /// (health probes). See [`Backend::client`].
+    clients: Box<[UpstreamClient]>,
     /// Live health state.
     pub health: Arc<Health>,
 }
 
 impl Backend {
-    /// Build from the config; errors name the config key.
-    pub fn from_config(index: usize, cfg: &BackendConfig, gateway: &GatewayConfig) -> Result<Backend, String> {
+    /// Build from the config, with upstream pools for `workers` connection
+    /// workers; errors name the config key.
+    pub fn from_config(
+        index: usize,
+        cfg: &BackendConfig,
+        gateway: &GatewayConfig,
+        workers: usize,
+    ) -> Result<Backend, String> {
         let key = format!("backends[{index}]");
         if cfg.url.starts_with("https://") {
             return Err(format!(
@@ -81,10 +89,14 @@ impl Backend {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeouts.connect));
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(4096)
-            .build(connector);
+        let clients = (0..=workers)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(4096)
+                    .build(connector.clone())
+            })
+            .collect();
         Ok(Backend {
             index,
             name: cfg.name.clone(),
@@ -92,9 +104,17 @@ impl Backend {
             weight: cfg.weight,
             headers,
             timeouts,
-            client,
+            clients,
             health: Arc::new(Health::new(&gateway.health)),
         })
+    }
+
+    /// The upstream client for this thread: the worker's own pool on a
+    /// connection worker, the shared one elsewhere.
+    pub fn client(&self) -> &UpstreamClient {
+        let last = self.clients.len() - 1;
+        let i = super::workers::current().map_or(last, |w| w.min(last));
+        &self.clients[i]
     }
 
     /// The upstream URI for a client's path and query.
@@ -129,7 +149,7 @@ impl Backend {
             return false;
         };
         let fut = async {
-            let resp = self.client.request(req).await.ok()?;
+            let resp = self.client().request(req).await.ok()?;
             let ok = resp.status().is_success();
             // Drain so the connection goes back to the pool.
             let _ = resp.into_body().collect().await;

@@ -175,7 +175,7 @@ pub const USAGE_KINDS: [&str; 5] = [
 
 /// The `# HELP` and `# TYPE` lines of the catalog's family `name`
 /// (core's `policy::metrics`, which nginx prints from too).
-fn head(out: &mut String, name: &str) {
+pub(crate) fn head(out: &mut String, name: &str) {
     if let Some(family) = catalog::find(name) {
         out.push_str(&catalog::header(family));
     }

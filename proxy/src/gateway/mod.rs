@@ -1,6 +1,8 @@
 //! The standalone gateway.
 //!
 //! - [`server`]: accepting connections and dispatching endpoints.
+//! - [`workers`]: the threads (one single-threaded runtime each) that serve
+//!   client connections.
 //! - [`exchange`]: one proxied request, attempts and retries included.
 //! - [`relay`]: SSE streams, relayed event by event.
 //! - [`pipeline`]: the hook stages, one function each.
@@ -45,6 +47,7 @@ pub mod sse;
 pub mod state;
 pub mod throttle;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -157,6 +160,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Threads for hook calls.
     pub hooks: HookPool,
+    /// The threads serving the public listener's connections.
+    pub workers: workers::Workers,
     /// Gateway settings (fixed at start).
     pub config: GatewayConfig,
     /// Usage sinks besides the ledger.
@@ -195,13 +200,15 @@ fn default_node() -> String {
 
 impl Shared {
     /// Build the shared state from a config: compiles every script, opens
-    /// the ledger, starts the hook threads (as many as the engine has VMs).
+    /// the ledger, starts the hook threads (as many as the engine has VMs)
+    /// and the connection workers.
     /// Must run inside a tokio runtime (the Redis backend spawns on it).
     pub fn new(config: Config, options: GatewayOptions) -> Result<Shared, String> {
         let mut problems = Vec::new();
         let mut backends = Vec::new();
+        let workers = workers::resolve(config.gateway.workers);
         for (i, b) in config.backends.iter().enumerate() {
-            match Backend::from_config(i, b, &config.gateway) {
+            match Backend::from_config(i, b, &config.gateway, workers) {
                 Ok(b) => backends.push(Arc::new(b)),
                 Err(e) => problems.push(e),
             }
@@ -242,6 +249,8 @@ impl Shared {
         let inline_budget = Duration::from_millis(gateway.inline_budget_ms);
         let hooks = HookPool::new(threads, gateway.hook_queue, job_deadline, inline_budget)
             .map_err(|e| format!("cannot start hook threads: {e}"))?;
+        let workers =
+            workers::Workers::start(workers).map_err(|e| format!("cannot start the connection workers: {e}"))?;
         let mut usage_sinks: Vec<Arc<dyn UsageSink>> = Vec::new();
         match options.usage_sink {
             Some(s) => usage_sinks.push(s),
@@ -255,6 +264,7 @@ impl Shared {
             backends: backends.into(),
             metrics,
             hooks,
+            workers,
             config: gateway,
             usage_sinks,
             state,
@@ -312,6 +322,7 @@ impl Shared {
             },
         );
         throttle::render(&mut out, &self.throttles);
+        self.workers.render(&mut out);
         let r = &self.hooks.rejections;
         self.metrics.render_bounds(
             &mut out,
@@ -462,6 +473,8 @@ impl Gateway {
         }
         let _ = tokio::time::timeout(grace, &mut self.server).await;
         self.server.abort();
+        let shared = Arc::clone(&self.shared);
+        let _ = tokio::task::spawn_blocking(move || shared.workers.stop_and_join()).await;
         if let Some(mut a) = self.admin.take() {
             let _ = tokio::time::timeout(grace, &mut a.task).await;
             a.task.abort();

@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use super::body::GatewayBody;
@@ -37,7 +37,9 @@ pub enum Role {
 }
 
 /// Accept connections until `stop` fires, then wait for open connections
-/// to finish their requests.
+/// to finish their requests. The public listener's connections are served
+/// on the connection workers ([`super::workers`]), the admin listener's on
+/// this runtime.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut stop: oneshot::Receiver<()>) {
     let graceful = GracefulShutdown::new();
     let cap = ConnectionCap::new(shared.config.max_connections, Arc::clone(&shared.metrics));
@@ -62,18 +64,36 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut s
                 let Some((stream, admitted)) = cap.admit(stream) else {
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
-                let io = TokioIo::new(WriteTimeout::new(stream, write_timeout, Arc::clone(&shared.metrics)));
-                let shared = Arc::clone(&shared);
-                let service = service_fn(move |req| {
+                let connection = {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, Infallible>(handle(shared, req, peer, role).await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(io, service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(admitted);
-                });
+                    let watcher = graceful.watcher();
+                    let builder = builder.clone();
+                    move |stream: TcpStream| async move {
+                        let _ = stream.set_nodelay(true);
+                        let metrics = Arc::clone(&shared.metrics);
+                        let io = TokioIo::new(WriteTimeout::new(stream, write_timeout, metrics));
+                        let service = service_fn(move |req| {
+                            let shared = Arc::clone(&shared);
+                            async move { Ok::<_, Infallible>(handle(shared, req, peer, role).await) }
+                        });
+                        let _ = watcher.watch(builder.serve_connection(io, service)).await;
+                        drop(admitted);
+                    }
+                };
+                if role == Role::Admin {
+                    tokio::spawn(connection(stream));
+                    continue;
+                }
+                // The socket moves to the worker's own reactor.
+                match stream.into_std() {
+                    Ok(std) => shared.workers.spawn(async move {
+                        match TcpStream::from_std(std) {
+                            Ok(stream) => connection(stream).await,
+                            Err(e) => tracing::warn!(target: "llmproxy::gateway", "cannot hand a connection to a worker: {e}"),
+                        }
+                    }),
+                    Err(e) => tracing::warn!(target: "llmproxy::gateway", "cannot hand a connection to a worker: {e}"),
+                }
             }
             _ = &mut stop => break,
         }

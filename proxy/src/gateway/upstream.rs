@@ -55,7 +55,7 @@ pub async fn send(
     backend: &Backend,
     req: Request<http_body_util::Full<Bytes>>,
 ) -> Result<Response<Incoming>, UpstreamError> {
-    match tokio::time::timeout(backend.timeouts.first_byte, backend.client.request(req)).await {
+    match tokio::time::timeout(backend.timeouts.first_byte, backend.client().request(req)).await {
         Err(_) => Err(UpstreamError::Timeout("first byte")),
         Ok(Ok(resp)) if resp.status().is_informational() => Err(UpstreamError::InterimStatus(resp.status().as_u16())),
         Ok(Ok(resp)) => Ok(resp),
