@@ -18,7 +18,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
-use llmproxy_core::http::{fields, path::PathError};
+use llmproxy_core::http::{fields, path::PathError, usage_probe};
 use llmproxy_core::policy::errors::{self, GatewayError};
 use llmproxy_core::policy::failure::{self, Handled};
 use llmproxy_core::{keys, HookName};
@@ -576,19 +576,28 @@ impl Exchange {
         let mut status = parts.status.as_u16();
         let mut out_headers = headers::downstream(&parts.headers);
         let mut out_body = bytes.clone();
-        let parsed: Option<Arc<Value>> = if self.endpoint.is_api() {
+        let transform = self.live.stages.enabled(HookName::ResponseTransform);
+        // The whole answer is built only for a script that reads it; the
+        // usage record needs `usage` alone, read without the rest.
+        let scripted = transform || self.live.stages.enabled(HookName::Usage);
+        let is_api = self.endpoint.is_api();
+        let parsed: Option<Arc<Value>> = if is_api && scripted {
             serde_json::from_slice::<Value>(&bytes).ok().map(Arc::new)
         } else {
             None
         };
+        let usage = match &parsed {
+            Some(json) => json.get("usage").filter(|u| u.is_object()).cloned(),
+            None if is_api => usage_probe::probe(&bytes)
+                .and_then(|p| p.usage)
+                .filter(Value::is_object),
+            None => None,
+        };
         let latency_ms = latency.as_secs_f64() * 1e3;
-        let transform = self.live.stages.enabled(HookName::ResponseTransform);
         let completion = Completion {
             backend: Some(Arc::clone(b)),
             status,
-            usage: parsed
-                .as_ref()
-                .and_then(|json| json.get("usage").filter(|u| u.is_object()).cloned()),
+            usage,
             response: parsed.as_ref().map(|json| ResponseInfo {
                 status_code: status,
                 body: Arc::clone(json),
