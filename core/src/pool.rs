@@ -88,38 +88,10 @@ impl Pool {
         let deadline = Instant::now() + Duration::from_millis(self.config.checkout_timeout_ms);
         let mut inner = self.lock();
         loop {
-            if let Some(vm) = inner.idle.pop() {
-                if !vm.watched() {
-                    // Built before this process was forked.
-                    inner.stats.alive -= 1;
-                    inner.stats.discarded += 1;
-                    drop(vm);
-                    continue;
-                }
-                return Ok(PooledVm {
-                    pool: self,
-                    vm: Some(vm),
-                    healthy: false,
-                });
-            }
-            if inner.stats.alive < self.max {
-                inner.stats.alive += 1;
-                inner.stats.created += 1;
-                drop(inner);
-                return match Vm::new() {
-                    Ok(vm) => Ok(PooledVm {
-                        pool: self,
-                        vm: Some(vm),
-                        healthy: false,
-                    }),
-                    Err(e) => {
-                        let mut inner = self.lock();
-                        inner.stats.alive -= 1;
-                        self.wake_one(&inner);
-                        Err(e)
-                    }
-                };
-            }
+            inner = match self.take(inner) {
+                Ok(taken) => return taken,
+                Err(inner) => inner,
+            };
             let now = Instant::now();
             if now >= deadline {
                 return Err(HookError::new(
@@ -144,37 +116,40 @@ impl Pool {
     /// `None` rather than waiting (a caller that must not block: an inline
     /// call, `crate::inline`).
     pub(crate) fn try_checkout(&self) -> Option<PooledVm<'_>> {
-        let mut inner = self.lock();
+        self.take(self.lock()).ok().and_then(Result::ok)
+    }
+
+    /// An idle VM, or a new one (`Err` when it cannot be built) when the
+    /// pool is below capacity; the lock back when neither is possible now.
+    #[allow(clippy::type_complexity)]
+    fn take<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+    ) -> Result<Result<PooledVm<'a>, HookError>, MutexGuard<'a, Inner>> {
+        let pooled = |vm| PooledVm {
+            pool: self,
+            vm: Some(vm),
+            healthy: false,
+        };
         while let Some(vm) = inner.idle.pop() {
             if vm.watched() {
-                return Some(PooledVm {
-                    pool: self,
-                    vm: Some(vm),
-                    healthy: false,
-                });
+                return Ok(Ok(pooled(vm)));
             }
+            // Built before this process was forked.
             inner.stats.alive -= 1;
             inner.stats.discarded += 1;
         }
         if inner.stats.alive >= self.max {
-            return None;
+            return Err(inner);
         }
         inner.stats.alive += 1;
         inner.stats.created += 1;
         drop(inner);
-        match Vm::new() {
-            Ok(vm) => Some(PooledVm {
-                pool: self,
-                vm: Some(vm),
-                healthy: false,
-            }),
-            Err(_) => {
-                let mut inner = self.lock();
-                inner.stats.alive -= 1;
-                self.wake_one(&inner);
-                None
-            }
-        }
+        Ok(Vm::new().map(pooled).inspect_err(|_| {
+            let mut inner = self.lock();
+            inner.stats.alive -= 1;
+            self.wake_one(&inner);
+        }))
     }
 
     /// Wake one caller blocked in `checkout`, if any (called with the lock).

@@ -30,7 +30,8 @@ use llmproxy_core::admission::{self, Check, Decision};
 use llmproxy_core::clock::{self, Zone};
 use llmproxy_core::config::StateOnError;
 use llmproxy_core::hooks::{
-    AuthVerdict, CurrentTime, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata, UsageRecord,
+    AuthVerdict, CurrentTime, RateLimitStatus, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata,
+    UsageRecord,
 };
 use llmproxy_core::keys::standard_checks_with_usage;
 use llmproxy_core::policy::errors::GatewayError;
@@ -197,20 +198,7 @@ pub(crate) async fn admit_local(
             Utc::now(),
         );
         let verdict = if auth_script {
-            let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value.clone());
-            hook_job(
-                shared,
-                HookName::Auth,
-                move || {
-                    let mut t = Timings::default();
-                    let r = l2.stages.auth(&i2, &v2, checks, &mut t);
-                    (r, t)
-                },
-                || AuthVerdict::Standard,
-                t,
-            )
-            .await?
-            .map_err(|d| auth_script_failed(shared, d, &checks, info))?
+            auth_script_job(shared, live, info, info_value.clone(), checks, t).await?
         } else {
             AuthVerdict::Standard
         };
@@ -227,21 +215,7 @@ pub(crate) async fn admit_local(
         });
         let took = acq.denial.is_none();
         let verdict = if rate_script {
-            let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value);
-            let (status, now) = (acq.status, current_time(live.zone));
-            let r = hook_job(
-                shared,
-                HookName::RateLimit,
-                move || {
-                    let mut t = Timings::default();
-                    let r = l2.stages.rate_limit(&i2, &v2, status, now, &mut t);
-                    (r, t)
-                },
-                || RateVerdict::Standard,
-                t,
-            )
-            .await;
-            match r {
+            match rate_limit_script_job(shared, live, info, info_value, acq.status, t).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(d)) => {
                     if took {
@@ -277,6 +251,48 @@ pub(crate) async fn admit_local(
         }
     }
     Ok(admitted)
+}
+
+/// The auth script's verdict, as a hook job. A failure under `on_error:
+/// deny` refuses the request ([`auth_script_failed`]).
+async fn auth_script_job(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    info: &Arc<RequestInfo>,
+    info_value: Value,
+    checks: StandardChecks,
+    t: &mut Timings,
+) -> Result<AuthVerdict, Refusal> {
+    let (l2, i2) = (Arc::clone(live), Arc::clone(info));
+    let job = move || {
+        let mut t = Timings::default();
+        let r = l2.stages.auth(&i2, &info_value, checks, &mut t);
+        (r, t)
+    };
+    hook_job(shared, HookName::Auth, job, || AuthVerdict::Standard, t)
+        .await?
+        .map_err(|d| auth_script_failed(shared, d, &checks, info))
+}
+
+/// The rate_limit script's verdict on `status`, as a hook job: the outer
+/// error is an overloaded pool, the inner one a failure under `on_error:
+/// deny` (the caller gives its tokens back in both cases).
+async fn rate_limit_script_job(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    info: &Arc<RequestInfo>,
+    info_value: Value,
+    status: RateLimitStatus,
+    t: &mut Timings,
+) -> Result<Result<RateVerdict, Denied>, Refusal> {
+    let (l2, i2) = (Arc::clone(live), Arc::clone(info));
+    let now = current_time(live.zone);
+    let job = move || {
+        let mut t = Timings::default();
+        let r = l2.stages.rate_limit(&i2, &info_value, status, now, &mut t);
+        (r, t)
+    };
+    hook_job(shared, HookName::RateLimit, job, || RateVerdict::Standard, t).await
 }
 
 /// A hook job from async code (inline when fast, else on a hook thread); a
@@ -342,20 +358,7 @@ pub(crate) async fn admit_redis(
             }
             let checks = standard_checks_with_usage(record, used, info.client_ip.as_deref(), Utc::now());
             info_value = key_info(caller, used);
-            let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value.clone());
-            let verdict = hook_job(
-                shared,
-                HookName::Auth,
-                move || {
-                    let mut t = Timings::default();
-                    let r = l2.stages.auth(&i2, &v2, checks, &mut t);
-                    (r, t)
-                },
-                || AuthVerdict::Standard,
-                t,
-            )
-            .await?
-            .map_err(|d| auth_script_failed(shared, d, &checks, info))?;
+            let verdict = auth_script_job(shared, live, info, info_value.clone(), checks, t).await?;
             judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
         } else {
             // Everything but the quota now; the quota is checked by Redis in
@@ -414,22 +417,7 @@ pub(crate) async fn admit_redis(
         if info_value.is_null() {
             info_value = key_info(caller, acq.used);
         }
-        let (l2, i2, v2) = (Arc::clone(live), Arc::clone(info), info_value);
-        let status = acq.status;
-        let now = current_time(live.zone);
-        let r = hook_job(
-            shared,
-            HookName::RateLimit,
-            move || {
-                let mut t = Timings::default();
-                let r = l2.stages.rate_limit(&i2, &v2, status, now, &mut t);
-                (r, t)
-            },
-            || RateVerdict::Standard,
-            t,
-        )
-        .await;
-        let r = match r {
+        let r = match rate_limit_script_job(shared, live, info, info_value, acq.status, t).await {
             Ok(r) => r,
             Err(overloaded) => {
                 if took {
