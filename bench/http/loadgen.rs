@@ -10,6 +10,9 @@
 //!   shows up in the percentiles (no coordinated omission).
 //! - `streams URL BODY N PID`: N concurrent streamed requests, one
 //!   connection each; peak RSS of process PID while all are open.
+//! - `ttfb URL BODY SECONDS`: one connection, sequential streamed requests;
+//!   percentiles of the time from sending a request to its first `data:`
+//!   event (the rest of each stream is read before the next request).
 //! - `isolation URL FAST_BODY SLOW_BODY N`: p99 of N concurrent fast
 //!   requests, alone and while one slow request runs.
 //!
@@ -280,6 +283,51 @@ async fn streams(t: Arc<Target>, n: usize, pid: u32) {
     );
 }
 
+async fn ttfb(t: Arc<Target>, secs: f64) {
+    let warmup = Duration::from_secs_f64((secs * 0.1).min(2.0));
+    let start = Instant::now() + warmup;
+    let end = start + Duration::from_secs_f64(secs);
+    let mut s = t.connect().await;
+    let (mut firsts, mut errors) = (Vec::new(), 0u64);
+    while Instant::now() < end {
+        let sent = Instant::now();
+        let mut first = None;
+        let ok = async {
+            s.ready().await.ok()?;
+            let resp = s.send_request(t.request(&t.body)).await.ok()?;
+            if resp.status() != 200 {
+                return None;
+            }
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.ok()?;
+                if let Ok(d) = frame.into_data() {
+                    if first.is_none() && memchr::memmem::find(&d, b"data:").is_some() {
+                        first = Some(sent.elapsed().as_micros() as u64);
+                    }
+                }
+            }
+            Some(())
+        }
+        .await;
+        match (ok, first) {
+            (Some(()), Some(us)) if sent >= start => firsts.push(us),
+            (Some(()), Some(_)) => {}
+            _ => {
+                errors += 1;
+                s = t.connect().await;
+            }
+        }
+    }
+    firsts.sort_unstable();
+    println!(
+        "{{\"mode\":\"ttfb\",\"seconds\":{secs},\"requests\":{},\"errors\":{errors},\"p50_ms\":{:.3},\"p99_ms\":{:.3}}}",
+        firsts.len(),
+        percentile(&firsts, 0.50),
+        percentile(&firsts, 0.99)
+    );
+}
+
 async fn burst(t: &Arc<Target>, n: usize) -> Vec<u64> {
     let mut senders = Vec::new();
     for _ in 0..n {
@@ -360,6 +408,7 @@ fn main() {
             "rps" => rps(t, num(3) as usize, num(4)).await,
             "rate" => rate(t, num(3), num(4) as usize, num(5)).await,
             "streams" => streams(t, num(3) as usize, num(4) as u32).await,
+            "ttfb" => ttfb(t, num(3)).await,
             "isolation" => isolation(Arc::clone(&t), arg(3), num(4) as usize).await,
             other => fail(&format!("unknown mode {other}")),
         }

@@ -11,7 +11,8 @@
 # Usage: bench/http/run.sh BIN_DIR [OUT_MD]
 #   BIN_DIR holds llmproxy and examples/loadgen (a release build).
 # Env: SECONDS_PER_RUN (default 8), ROUNDS (default 3: the peak,
-#      half-rate and c=1 runs are interleaved, the median round is kept),
+#      half-rate and c=1 runs are interleaved, the median round is kept;
+#      the c=1 rounds also time the first event of streamed answers),
 #      CONNECTIONS (default 64), C1_SECONDS (default 4: each c=1 run).
 #
 # Each peak run also reports the CPU time the proxy's processes spent per
@@ -170,7 +171,10 @@ for r in $(seq 1 "$ROUNDS"); do
   O_NGINX=$("$LOADGEN" rps "$URL_NGINX" "$BODY" 1 $C1_DUR); echo "nginx    $O_NGINX" >&2
   O_GW=$("$LOADGEN" rps "$URL_GW" "$BODY" 1 $C1_DUR); echo "llmproxy $O_GW" >&2
   O_BGW=$("$LOADGEN" rps "http://127.0.0.1:$BGW/v1/chat/completions" "$BODY" 1 $C1_DUR); echo "no hooks $O_BGW" >&2
-  ones+=("{\"od\":$O_DIRECT,\"on\":$O_NGINX,\"og\":$O_GW,\"ob\":$O_BGW}")
+  T_DIRECT=$("$LOADGEN" ttfb "$URL_DIRECT" "$SBODY" $C1_DUR); echo "direct   $T_DIRECT" >&2
+  T_NGINX=$("$LOADGEN" ttfb "$URL_NGINX" "$SBODY" $C1_DUR); echo "nginx    $T_NGINX" >&2
+  T_GW=$("$LOADGEN" ttfb "$URL_GW" "$SBODY" $C1_DUR); echo "llmproxy $T_GW" >&2
+  ones+=("{\"od\":$O_DIRECT,\"on\":$O_NGINX,\"og\":$O_GW,\"ob\":$O_BGW,\"td\":$T_DIRECT,\"tn\":$T_NGINX,\"tg\":$T_GW}")
 done
 # The round with the median p50 the 4-hook gateway adds over the mock.
 ONES=$(python3 bench/lib/rounds.py ones og od "${ones[@]}")
@@ -191,7 +195,9 @@ nginx_version = sys.argv[9].split("/")[-1]
 rounds = sys.argv[10]
 ones, c1_dur = json.loads(sys.argv[11]), sys.argv[12]
 od, on, og, ob = (ones[k] for k in ("od", "on", "og", "ob"))
+td, tn, tg = (ones[k] for k in ("td", "tn", "tg"))
 us_added = lambda r, m: (r[m] - od[m]) * 1000
+ttfb_added = lambda r: (r["p50_ms"] - td["p50_ms"]) * 1000
 rd, rn, rg, rb, rr = (peaks[k] for k in ("rd", "rn", "rg", "rb", "rr"))
 hd, hn, hg = (halves[k] for k in ("hd", "hn", "hg"))
 ok = lambda c: "yes" if c else "**no**"
@@ -244,6 +250,16 @@ for name, r in (("mock directly", od), ("nginx proxy_pass", on), ("llmproxy, no 
                  f"{us_added(r, 'p50_ms'):.0f} | {us_added(r, 'p99_ms'):.0f} |")
 lines += [
     "",
+    "Streamed answers in the same rounds, one connection (time from sending the request to its "
+    "first `data:` event; 8 events, no delay; the 4-hook gateway runs response_transform per event):",
+    "",
+    "| target | streams | first event p50 ms | p99 ms | added p50 µs |",
+    "|---|---|---|---|---|",
+]
+for name, r in (("mock directly", td), ("nginx proxy_pass", tn), ("llmproxy, 4 hooks", tg)):
+    lines.append(f"| {name} | {r['requests']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {ttfb_added(r):.0f} |")
+lines += [
+    "",
     f"1,000 concurrent streams through llmproxy (same hooks, response_transform per event; "
     f"20 events 500 ms apart): {sg['completed']}/{sg['streams']} completed, {sg['events']} events, "
     f"all open after {sg['all_open_after_s']} s; gateway RSS {sg['rss_before_mb']:.1f} MB before, "
@@ -270,6 +286,8 @@ lines += [
     f"{ok(us_added(ob, 'p50_ms') <= us_added(on, 'p50_ms') + 15)} |",
     f"| c=1, four seed hooks: added p50 | {us_added(og, 'p50_ms'):.0f} µs | <= 60 µs | "
     f"{ok(us_added(og, 'p50_ms') <= 60)} |",
+    f"| four seed hooks: stream added first-event latency, p50 at c=1 (nginx {ttfb_added(tn):.0f} µs) | "
+    f"{ttfb_added(tg):.0f} µs | <= 250 µs | {ok(ttfb_added(tg) <= 250)} |",
     f"| RSS with 1,000 streams | {sg['rss_peak_mb']:.1f} MB | < 100 MB | {ok(sg['rss_peak_mb'] < 100)} |",
     f"| p99 added by a 90 ms script | {ig['p99_added_ms']:.3f} ms | < 5 ms | {ok(ig['p99_added_ms'] < 5)} |",
     "",
