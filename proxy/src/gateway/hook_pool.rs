@@ -1,8 +1,8 @@
 //! The threads that run hook calls.
 //!
 //! Engine calls may block (a LuaJIT call may run up to its `timeout_ms`).
-//! [`HookPool::call`] first runs a job on the caller's tokio worker under a
-//! short budget (`gateway.inline_budget_ms`, docs/adr/049-inline-hooks-with-a-budget.md):
+//! [`HookPool::call`] first runs a job on the caller's thread (the connection
+//! worker serving the request, docs/adr/050) under a short budget (`gateway.inline_budget_ms`, docs/adr/049-inline-hooks-with-a-budget.md):
 //! a job whose hook calls all finish within it makes no trip at all. A job
 //! that passes it is stopped there and runs again on the hook threads: a
 //! fixed set of OS threads, as many as the engine has VMs, taking jobs from
@@ -57,7 +57,8 @@ impl JobError {
 /// Kept for callers that only care that the job gave nothing back.
 pub type JobLost = JobError;
 
-/// Counters of jobs refused by the bound and the deadline.
+/// Counters of jobs refused by the bound and the deadline, and of jobs
+/// that could not finish inline.
 #[derive(Debug, Default)]
 pub struct Rejections {
     /// Jobs refused because the queue was full.
