@@ -86,16 +86,6 @@ impl Workers {
         })
     }
 
-    /// Number of workers.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Always false: there is at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Run `f`, a client connection, on the next worker, round robin.
     pub fn spawn<F>(&self, f: F)
     where
