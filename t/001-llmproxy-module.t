@@ -244,41 +244,12 @@ false runtime error: failure_step: handled must be not_run, kept, replaced or de
 --- config
     location = /t {
         content_by_lua_block {
-            local cjson = require "cjson"
+            local cases = require "llmproxy_cases"
             local sse_event = require("llmproxy").sse_event
-            local f = assert(io.open("$TEST_NGINX_REPO/conformance/sse-events.json"))
-            local doc = cjson.decode(f:read("*a"))
-            f:close()
-            local function same_usage(got, want)
-                if want == cjson.null then
-                    return got == nil
-                end
-                if type(got) ~= "table" then
-                    return false
-                end
-                local n = 0
-                for k, v in pairs(got) do
-                    if want[k] ~= v then
-                        return false
-                    end
-                    n = n + 1
-                end
-                for _ in pairs(want) do
-                    n = n - 1
-                end
-                return n == 0
-            end
-            local failed = 0
-            for _, c in ipairs(doc.cases) do
+            cases.run("$TEST_NGINX_REPO/conformance/sse-events.json", function(c)
                 local relayed, usage = sse_event(c.data, c.strip_usage)
-                local want = c.relayed ~= cjson.null and c.relayed or nil
-                if relayed ~= want or not same_usage(usage, c.usage) then
-                    failed = failed + 1
-                    ngx.say("FAIL ", c.name, ": relayed ", tostring(relayed), ", usage ",
-                        usage and cjson.encode(usage) or "nil")
-                end
-            end
-            ngx.say(#doc.cases, " cases, ", failed, " failed")
+                return cases.differ("relayed", relayed, c.relayed) or cases.differ("usage", usage, c.usage)
+            end)
         }
     }
 --- request
@@ -294,46 +265,19 @@ GET /t
 --- config
     location = /t {
         content_by_lua_block {
-            local cjson = require "cjson"
+            local cases = require "llmproxy_cases"
             local usage_charge = require("llmproxy").usage_charge
-            local f = assert(io.open("$TEST_NGINX_REPO/conformance/usage-charges.json"))
-            local doc = cjson.decode(f:read("*a"))
-            f:close()
-            local failed = 0
-            for _, c in ipairs(doc.cases) do
-                local record = c.record ~= cjson.null and c.record or nil
-                local got = usage_charge(c.raw, record)
-                local want = c.charge
-                local bad = {}
-                for _, k in ipairs({ "billable_tokens", "limit_tokens", "prompt_tokens", "completion_tokens",
-                                     "total_tokens" }) do
-                    if got[k] ~= want[k] then
-                        bad[#bad + 1] = k .. "=" .. tostring(got[k])
+            local FIELDS = { "billable_tokens", "limit_tokens", "prompt_tokens", "completion_tokens",
+                             "total_tokens", "cost", "metrics" }
+            cases.run("$TEST_NGINX_REPO/conformance/usage-charges.json", function(c)
+                local got = usage_charge(c.raw, cases.value(c.record))
+                for _, k in ipairs(FIELDS) do
+                    local problem = cases.differ(k, got[k], c.charge[k])
+                    if problem then
+                        return problem
                     end
                 end
-                local want_cost = want.cost ~= cjson.null and want.cost or nil
-                if got.cost ~= want_cost then
-                    bad[#bad + 1] = "cost=" .. tostring(got.cost)
-                end
-                local n = 0
-                for k, v in pairs(got.metrics) do
-                    n = n + 1
-                    if want.metrics[k] ~= v then
-                        bad[#bad + 1] = "metrics." .. k .. "=" .. tostring(v)
-                    end
-                end
-                for _ in pairs(want.metrics) do
-                    n = n - 1
-                end
-                if n ~= 0 then
-                    bad[#bad + 1] = "metric count"
-                end
-                if #bad > 0 then
-                    failed = failed + 1
-                    ngx.say("FAIL ", c.name, ": ", table.concat(bad, ", "))
-                end
-            end
-            ngx.say(#doc.cases, " cases, ", failed, " failed")
+            end)
         }
     }
 --- request
@@ -349,17 +293,11 @@ GET /t
 --- config
     location = /t {
         content_by_lua_block {
-            local cjson = require "cjson"
+            local cases = require "llmproxy_cases"
             local rate_step = require("llmproxy").rate_step
-            local f = assert(io.open("$TEST_NGINX_REPO/conformance/rate-stage.json"))
-            local doc = cjson.decode(f:read("*a"))
-            f:close()
-            local failed = 0
-            for _, c in ipairs(doc.cases) do
-                local script = c.script ~= cjson.null and c.script or nil
-                local denial = c.denial ~= cjson.null and c.denial or nil
-                local admit, a2, code, message, retry_after, reason = rate_step(script, c.took, denial)
-                local want = c.expect
+            cases.run("$TEST_NGINX_REPO/conformance/rate-stage.json", function(c)
+                local admit, a2, code, message, retry_after, reason =
+                    rate_step(cases.value(c.script), c.took, cases.value(c.denial))
                 local got
                 if admit then
                     got = { admit = true, force = a2 }
@@ -367,23 +305,8 @@ GET /t
                     got = { admit = false, refund = a2, code = code, message = message,
                             retry_after = retry_after, reason = reason }
                 end
-                local bad = {}
-                for k, v in pairs(want) do
-                    if got[k] ~= v then
-                        bad[#bad + 1] = k .. "=" .. tostring(got[k])
-                    end
-                end
-                for k in pairs(got) do
-                    if want[k] == nil then
-                        bad[#bad + 1] = "extra " .. k
-                    end
-                end
-                if #bad > 0 then
-                    failed = failed + 1
-                    ngx.say("FAIL ", c.name, ": ", table.concat(bad, ", "))
-                end
-            end
-            ngx.say(#doc.cases, " cases, ", failed, " failed")
+                return cases.differ("step", got, c.expect)
+            end)
         }
     }
 --- request

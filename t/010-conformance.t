@@ -23,7 +23,6 @@ __DATA__
 --- config
     location = /t {
         content_by_lua_block {
-            package.path = "$TEST_NGINX_REPO/examples/lua/?.lua;" .. package.path
             require("llmproxy_conformance").run_all("$TEST_NGINX_REPO/conformance/cases")
         }
     }

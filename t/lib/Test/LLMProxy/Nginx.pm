@@ -216,7 +216,7 @@ http {
     uwsgi_temp_path temp/uwsgi;
     scgi_temp_path temp/scgi;
 
-    lua_package_path "$Repo/openresty/lib/?.lua;$Repo/t/lib/?.lua;;";
+    lua_package_path "$Repo/openresty/lib/?.lua;$Repo/t/lib/?.lua;$Repo/examples/lua/?.lua;;";
     lua_package_cpath "$CpathDir/lib?.so;;";
 
 $http
