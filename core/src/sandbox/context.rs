@@ -12,7 +12,7 @@ pub const LOG_LINES_PER_CALL: u32 = 50;
 pub const LOG_LINE_MAX_BYTES: usize = 4096;
 
 /// Per-call facts, stored in the VM's app data for the duration of a call.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct CallContext {
     pub hook: Option<HookName>,
     pub script: Arc<str>,

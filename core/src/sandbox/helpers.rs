@@ -38,10 +38,19 @@ fn time_text(what: &str, s: &LuaString) -> mlua::Result<String> {
     String::from_utf8(b.to_vec()).map_err(|_| mlua::Error::runtime(format!("{what} is not valid UTF-8")))
 }
 
-fn context(lua: &Lua) -> CallContext {
-    lua.app_data_ref::<CallContext>()
-        .map(|c| c.clone())
-        .unwrap_or_else(CallContext::idle)
+/// What the helpers bound their work by: the call's nesting limit, and as
+/// `max_bytes` the bytes its script may still allocate (the idle context's
+/// outside a call). Read in place: the context also holds the call's
+/// held log lines, which a copy would duplicate on every call of a helper.
+fn call_limits(lua: &Lua) -> Limits {
+    let of = |c: &CallContext| Limits {
+        max_depth: c.limits.max_depth,
+        max_bytes: c.memory_allowance,
+    };
+    match lua.app_data_ref::<CallContext>() {
+        Some(c) => of(&c),
+        None => of(&CallContext::idle()),
+    }
 }
 
 /// `json` helper table.
@@ -50,12 +59,7 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "encode",
         lua.create_function(|lua, value: Value| {
-            let ctx = context(lua);
-            let limits = Limits {
-                max_depth: ctx.limits.max_depth,
-                max_bytes: ctx.memory_allowance,
-            };
-            let json = convert::lua_to_json(lua, &value, limits)
+            let json = convert::lua_to_json(lua, &value, call_limits(lua))
                 .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             let text = serde_json::to_string(&json).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             lua.create_string(text)
@@ -64,9 +68,9 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "decode",
         lua.create_function(|lua, text: LuaString| {
-            let ctx = context(lua);
+            let limits = call_limits(lua);
             let text = text.as_bytes();
-            if text.len() > ctx.memory_allowance {
+            if text.len() > limits.max_bytes {
                 return Err(mlua::Error::MemoryError(format!(
                     "json.decode: a text of {} bytes is larger than the script's memory limit",
                     text.len()
@@ -81,8 +85,8 @@ pub(crate) fn json(lua: &Lua) -> mlua::Result<Table> {
                     .map_or(Ok(()), |w| w.check().map_err(|e| e.to_string()))
             };
             let bounds = parse::Bounds {
-                max_depth: ctx.limits.max_depth,
-                max_memory: ctx.memory_allowance,
+                max_depth: limits.max_depth,
+                max_memory: limits.max_bytes,
                 interrupt: Some(&deadline),
             };
             let value = match parse::parse(&text, &bounds) {
@@ -384,7 +388,7 @@ pub(crate) fn string_rep(lua: &Lua) -> mlua::Result<mlua::Function> {
         }
         // Bound the count before any arithmetic that could overflow or turn
         // into NaN (`1/0 * 0`): at most allowance / unit + 1 repetitions fit.
-        let allowance = context(lua).memory_allowance;
+        let allowance = call_limits(lua).max_bytes;
         let unit = s.len() + sep.len();
         let max_count = allowance / unit + 1;
         let total = n.floor() * s.len() as f64 + (n.floor() - 1.0) * sep.len() as f64;
