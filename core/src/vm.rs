@@ -212,8 +212,14 @@ impl Vm {
         let timeout = Duration::from_millis(spec.limits.timeout_ms);
         let budget = spec.budget.filter(|b| *b < timeout);
         if let Some(mut ctx) = lua.app_data_mut::<CallContext>() {
-            ctx.begin(spec.hook, &spec.script.name, spec.request_id, limits, memory);
-            ctx.hold_logs = budget.is_some();
+            ctx.begin(
+                spec.hook,
+                &spec.script.name,
+                spec.request_id,
+                limits,
+                memory,
+                budget.is_some(),
+            );
         }
 
         // Limits are armed only while the script runs: with a memory limit

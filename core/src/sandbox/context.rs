@@ -34,7 +34,8 @@ pub(crate) struct CallContext {
 
 impl CallContext {
     /// Set up this context for a new call, in place: the script name and
-    /// request id are shared, not copied, when they did not change.
+    /// request id are shared, not copied, when they did not change. With
+    /// `hold_logs`, the call's log lines wait for [`CallContext::release_held`].
     pub fn begin(
         &mut self,
         hook: HookName,
@@ -42,6 +43,7 @@ impl CallContext {
         request_id: Option<&str>,
         limits: Limits,
         memory: usize,
+        hold_logs: bool,
     ) {
         self.hook = Some(hook);
         if !Arc::ptr_eq(&self.script, script) {
@@ -54,7 +56,7 @@ impl CallContext {
         self.memory_allowance = memory;
         self.log_lines = 0;
         self.rng = None;
-        self.hold_logs = false;
+        self.hold_logs = hold_logs;
         self.held.clear();
     }
 
