@@ -184,6 +184,26 @@ pub struct StateConfig {
     pub on_error: StateOnError,
     /// Connections to Redis.
     pub connections: usize,
+    /// `batched` (the default: admit from this node's view, settle with
+    /// Redis every `settle_ms`; docs/adr/051) or `exact` (Redis on every
+    /// request).
+    pub mode: StateMode,
+    /// How often a batched node settles with Redis (ms).
+    pub settle_ms: u64,
+    /// Most requests a batched node admits under one limit unseen by the
+    /// fleet (and at most 1% of the limit).
+    pub batch: u64,
+}
+
+/// How a Redis-backed node counts (`state.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateMode {
+    /// From a local view, settled in batches (`policy::fleet`).
+    #[default]
+    Batched,
+    /// One Redis call per request.
+    Exact,
 }
 
 impl Default for StateConfig {
@@ -195,6 +215,9 @@ impl Default for StateConfig {
             timeout_ms: 250,
             on_error: StateOnError::Deny,
             connections: 2,
+            mode: StateMode::Batched,
+            settle_ms: 10,
+            batch: 50,
         }
     }
 }
@@ -214,10 +237,13 @@ pub enum StateBackend {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StateOnError {
-    /// 503 (fail closed).
+    /// 503 `state_unavailable` (fail closed).
     #[default]
+    #[serde(alias = "fail_closed")]
     Deny,
-    /// Let the request through unlimited (fail open).
+    /// Admit (fail open): in `batched` mode on this node's limits, with the
+    /// counts settled after recovery; in `exact` mode uncounted.
+    #[serde(alias = "fail_open")]
     Allow,
 }
 
@@ -1188,6 +1214,12 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
             "state.timeout_ms: {} is out of range (1..=60000)",
             st.timeout_ms
         ));
+    }
+    if st.settle_ms == 0 || st.settle_ms > 1_000 {
+        problems.push(format!("state.settle_ms: {} is out of range (1..=1000)", st.settle_ms));
+    }
+    if st.batch == 0 || st.batch > 100_000 {
+        problems.push(format!("state.batch: {} is out of range (1..=100000)", st.batch));
     }
     if st.connections == 0 || st.connections > 64 {
         problems.push(format!(

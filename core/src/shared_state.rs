@@ -5,6 +5,8 @@
 //! scripts run the token-bucket arithmetic of [`crate::policy::limits`]
 //! inside Redis (where it must be atomic across processes).
 
+use crate::policy::fleet::{KeyLevels, SettleReply, Settlement};
+
 /// Key names under a prefix (`llmproxy:` by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -58,6 +60,12 @@ impl Layout {
     /// An instance's announcement (its slots count while it lives).
     pub fn instance(&self, instance: &str) -> String {
         self.key(&["inst", instance])
+    }
+
+    /// The number of the last settlement applied for an instance
+    /// ([`SETTLE`]).
+    pub fn settled(&self, instance: &str) -> String {
+        self.key(&["settled", instance])
     }
 }
 
@@ -125,12 +133,13 @@ pub const INSTANCE_TTL_MS: u64 = 15_000;
 pub const HEARTBEAT_MS: u64 = 5_000;
 
 /// Every script by name (the Lua module exports them so).
-pub const SCRIPTS: [(&str, &str); 5] = [
+pub const SCRIPTS: [(&str, &str); 6] = [
     ("acquire", ACQUIRE),
     ("refund", REFUND),
     ("release", RELEASE),
     ("charge", CHARGE),
     ("sync_key", SYNC_KEY),
+    ("settle", SETTLE),
 ];
 
 /// What the bucket scripts share: `now` (Redis' clock, ms), `refill(key,
@@ -290,6 +299,136 @@ if cfg ~= ARGV[1] then
 end
 return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
 "#;
+
+/// Apply one node's settlement (`policy::fleet`, `mode: batched`) and
+/// answer the fleet's counters. KEYS: global rpm bucket, the node's
+/// last-applied key ([`Layout::settled`]), then per key: rpm bucket, tpm
+/// bucket, slots, quota. ARGV: seq, instance, instance key prefix,
+/// global_rpm, global taken, key_rpm, key_tpm, then per key: taken,
+/// tokens, billable, last answered (Unix ms), in flight on this node.
+/// Deltas are applied only when seq is above the last one applied (a
+/// settlement sent again after a lost answer is not counted twice); the
+/// node's slots are set, not added. Answers: applied (1/0), the global
+/// level, then per key: rpm level, tpm level ('' for a limit not set),
+/// requests in flight on the other live nodes, quota used.
+pub const SETTLE: &str = concat!(
+    buckets_lua!(),
+    r#"
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local apply = tonumber(ARGV[1]) > last
+if apply then redis.call('SET', KEYS[2], ARGV[1], 'PX', 86400000) end
+local function settle(key, limit, take)
+  if limit <= 0 then return '' end
+  local t = refill(key, limit)
+  if apply and take ~= 0 then
+    t = t - take
+    if t > limit then t = limit end
+    save(key, t, limit)
+  end
+  return tostring(t)
+end
+local krpm, ktpm = tonumber(ARGV[6]), tonumber(ARGV[7])
+local out = {apply and '1' or '0', settle(KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]))}
+for i = 0, (#KEYS - 2) / 4 - 1 do
+  local k, a = 3 + i * 4, 8 + i * 5
+  out[#out + 1] = settle(KEYS[k], krpm, tonumber(ARGV[a]))
+  out[#out + 1] = settle(KEYS[k + 1], ktpm, tonumber(ARGV[a + 1]))
+  if tonumber(ARGV[a + 4]) > 0 then
+    redis.call('HSET', KEYS[k + 2], ARGV[2], ARGV[a + 4])
+    redis.call('PEXPIRE', KEYS[k + 2], 86400000)
+  else
+    redis.call('HDEL', KEYS[k + 2], ARGV[2])
+  end
+  local others = 0
+  local h = redis.call('HGETALL', KEYS[k + 2])
+  for j = 1, #h, 2 do
+    if h[j] ~= ARGV[2] then
+      if redis.call('EXISTS', ARGV[3] .. h[j]) == 1 then
+        others = others + tonumber(h[j + 1])
+      else
+        redis.call('HDEL', KEYS[k + 2], h[j])
+      end
+    end
+  end
+  local billable, used = tonumber(ARGV[a + 2]), nil
+  if apply and billable > 0
+      and tonumber(ARGV[a + 3]) >= tonumber(redis.call('HGET', KEYS[k + 3], 'reset') or '0') then
+    used = redis.call('HINCRBY', KEYS[k + 3], 'used', billable)
+  else
+    used = tonumber(redis.call('HGET', KEYS[k + 3], 'used') or '0')
+  end
+  out[#out + 1] = tostring(others)
+  out[#out + 1] = tostring(used)
+end
+return out
+"#
+);
+
+/// The KEYS and ARGV of [`SETTLE`] for settlement `s` of `instance`.
+pub fn settle_call(layout: &Layout, instance: &str, s: &Settlement) -> (Vec<String>, Vec<String>) {
+    let mut keys = Vec::with_capacity(2 + 4 * s.keys.len());
+    keys.push(layout.global_rpm());
+    keys.push(layout.settled(instance));
+    let mut args = Vec::with_capacity(7 + 5 * s.keys.len());
+    args.extend([
+        s.seq.to_string(),
+        instance.to_owned(),
+        layout.instance(""),
+        s.rates.global_rpm.to_string(),
+        s.global_taken.to_string(),
+        s.rates.key_rpm.to_string(),
+        s.rates.key_tpm.to_string(),
+    ]);
+    for k in &s.keys {
+        keys.extend([
+            layout.key_rpm(&k.key),
+            layout.key_tpm(&k.key),
+            layout.key_slots(&k.key),
+            layout.quota(&k.key),
+        ]);
+        args.extend([
+            k.delta.taken.to_string(),
+            k.delta.tokens.to_string(),
+            k.delta.billable.to_string(),
+            k.delta.last_answered_ms.to_string(),
+            k.in_flight.to_string(),
+        ]);
+    }
+    (keys, args)
+}
+
+/// Read [`SETTLE`]'s answer for a settlement of `keys` keys.
+pub fn parse_settle_reply(items: &[String], keys: usize) -> Result<SettleReply, String> {
+    if items.len() != 2 + 4 * keys {
+        return Err(format!("settle: {} items for {keys} keys", items.len()));
+    }
+    let level = |s: &str| -> Result<Option<f64>, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse::<f64>()
+            .map(Some)
+            .map_err(|_| format!("settle: bad level '{s}'"))
+    };
+    let count = |s: &str| -> Result<u64, String> {
+        s.parse::<f64>()
+            .map(|v| v.max(0.0) as u64)
+            .map_err(|_| format!("settle: bad count '{s}'"))
+    };
+    let mut reply = SettleReply {
+        global: level(&items[1])?,
+        keys: Vec::with_capacity(keys),
+    };
+    for c in items[2..].chunks_exact(4) {
+        reply.keys.push(KeyLevels {
+            rpm: level(&c[0])?,
+            tpm: level(&c[1])?,
+            others_in_flight: count(&c[2])?,
+            used: count(&c[3])?,
+        });
+    }
+    Ok(reply)
+}
 
 #[cfg(test)]
 mod tests {

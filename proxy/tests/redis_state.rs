@@ -1,6 +1,7 @@
 //! Several gateways, one Redis: one limit, one quota, one set of
-//! concurrency slots (docs/adr/033). Each test starts its own
-//! `redis-server` on a free loopback port in a temp dir.
+//! concurrency slots (docs/adr/033), counted exactly (`mode: exact`; the
+//! batched mode's bound and outages are in `redis_fleet.rs`). Each test
+//! starts its own `redis-server` on a free loopback port in a temp dir.
 
 mod common;
 
@@ -9,6 +10,13 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
+/// A gateway on Redis in `exact` mode (a Redis call per limiter step: every
+/// gateway sees every other's counts at once).
+fn exact(mock: &str, redis: &str, prefix: &str, rest: &str) -> String {
+    config(mock, redis, prefix, rest).replace("\"}\n", "\", mode: exact}\n")
+}
+
+/// A gateway on Redis in the default mode (`batched`).
 fn config(mock: &str, redis: &str, prefix: &str, rest: &str) -> String {
     format!(
         "backends:\n{}keys:\n  - {{key: sk-a, user_id: ua, total_quota: 45}}\n  - {{key: sk-b, user_id: ub}}\n\
@@ -21,7 +29,7 @@ fn config(mock: &str, redis: &str, prefix: &str, rest: &str) -> String {
 async fn two_gateways_enforce_one_shared_request_limit() {
     let Some(redis) = Redis::start("rpm") else { return };
     let m = mock("m", |_| {}).await;
-    let yaml = config(&m.url(), &redis.url(), "rpm", "limits: {global_rpm: 100}\n");
+    let yaml = exact(&m.url(), &redis.url(), "rpm", "limits: {global_rpm: 100}\n");
     let a = TestGateway::start(&yaml).await;
     let b = TestGateway::start(&yaml).await;
     // 160 requests, alternately on each gateway, 16 at a time.
@@ -73,7 +81,7 @@ async fn quota_and_concurrency_are_shared_and_slots_come_back() {
         o.chunk_delay_ms = 50;
     })
     .await;
-    let yaml = config(
+    let yaml = exact(
         &m.url(),
         &redis.url(),
         "quota",
@@ -164,7 +172,7 @@ async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     let m = mock("m", |_| {}).await;
     let scripts = "scripts:\n  auth:\n    may_override: [unknown]\n    script: |\n      if request.body.mode == 'allow' then return {allow = true} end\n      return nil\n\
                    \x20 rate_limit:\n    script: |\n      if request.body.mode == 'status' then return {allow = false, reason = json.encode(rate_limit_status)} end\n      return nil\n";
-    let yaml = config(
+    let yaml = exact(
         &m.url(),
         &redis.url(),
         "scripts",
@@ -195,8 +203,8 @@ async fn scripts_see_shared_counters_and_redis_failures_follow_on_error() {
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["code"], "state_unavailable");
     let open = TestGateway::start(&yaml.replace(
-        "prefix: \"scripts:\"}",
-        "prefix: \"scripts:\", on_error: allow, timeout_ms: 100}",
+        "prefix: \"scripts:\", mode: exact}",
+        "prefix: \"scripts:\", mode: exact, on_error: allow, timeout_ms: 100}",
     ))
     .await;
     assert_eq!(open.chat(Some("sk-b"), json!({})).await.status, 200);
@@ -229,7 +237,7 @@ async fn a_dead_redis_is_skipped_until_it_comes_back() {
         return;
     };
     let m = mock("m", |_| {}).await;
-    let yaml = config(&m.url(), &redis.url(), "brk", "limits: {key_rpm: 1000}\n");
+    let yaml = exact(&m.url(), &redis.url(), "brk", "limits: {key_rpm: 1000}\n");
     let gw = TestGateway::start(&yaml).await;
     assert_eq!(gw.chat(Some("sk-b"), json!({})).await.status, 200);
     redis.stop();

@@ -242,6 +242,20 @@ pub const FAMILIES: &[Family] = &[
         Both,
     ),
     family(
+        "llmproxy_state_settlements_total",
+        Counter,
+        "Settlement rounds of a batched node with Redis (state.mode: batched), by result.",
+        &["result"],
+        Gateway,
+    ),
+    family(
+        "llmproxy_state_fail_open_total",
+        Counter,
+        "Requests a batched node admitted on its own limits while Redis was unreachable (state.on_error: allow).",
+        &[],
+        Gateway,
+    ),
+    family(
         "llmproxy_connections_open",
         Gauge,
         "Client connections open now.",

@@ -12,6 +12,8 @@
 //!   minute, ledger columns, usage metrics).
 //! - [`limits`]: the standard rate limiter's token buckets (what a
 //!   request takes, what is given back, what a response is charged).
+//! - [`fleet`]: one node's view of limits shared by a fleet, settled with
+//!   the shared store in batches.
 //! - [`rate_stage`]: the limiter's verdict and the rate_limit script's,
 //!   combined (admit, take without a check, refuse, give back).
 //! - [`throttle`]: the auth throttle (clients that keep failing key
@@ -21,6 +23,7 @@
 pub mod breaker;
 pub mod errors;
 pub mod failure;
+pub mod fleet;
 pub mod limits;
 pub mod metrics;
 pub mod rate_stage;

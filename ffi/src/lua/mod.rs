@@ -324,12 +324,12 @@ impl UserData for LuaEngine {
             Ok(t)
         });
         // engine:state() -> where counters live (`state:`): `{backend,
-        // on_error, timeout_ms, connections, prefix, host, port, password,
+        // on_error, mode, timeout_ms, connections, prefix, host, port, password,
         // db, instance_ttl_ms, heartbeat_ms, scripts = {name = source}}`;
         // the Redis layout and scripts are the core's (`shared_state`), the
         // gateway's too.
         methods.add_method("state", |lua, this, ()| {
-            use llmproxy_core::config::{StateBackend, StateOnError};
+            use llmproxy_core::config::{StateBackend, StateMode, StateOnError};
             use llmproxy_core::shared_state::{self as ss, RedisUrl};
             let cfg = &this.engine.config().state;
             let t = lua.create_table_with_capacity(0, 12)?;
@@ -345,6 +345,16 @@ impl UserData for LuaEngine {
                 match cfg.on_error {
                     StateOnError::Deny => "deny",
                     StateOnError::Allow => "allow",
+                },
+            )?;
+            // nginx runs the exact scripts whatever `state.mode` says
+            // (docs/adr/051); the mode is shown for `llmproxy check`-like
+            // tooling.
+            t.raw_set(
+                "mode",
+                match cfg.mode {
+                    StateMode::Batched => "batched",
+                    StateMode::Exact => "exact",
                 },
             )?;
             t.raw_set("timeout_ms", cfg.timeout_ms)?;

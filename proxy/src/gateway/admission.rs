@@ -7,8 +7,9 @@
 //! `nil` keeps the standard verdict, a deny is final, an allow overrules
 //! only the failed checks `may_override` lists (core's
 //! `admission::decide`, docs/adr/040). Rate limit:
-//! the standard limiter checks and takes (atomically, in this process or in
-//! Redis); the `rate_limit` script sees `rate_limit_status` and
+//! the standard limiter checks and takes (atomically: in this process, on a
+//! batched node's view of the fleet's counters (docs/adr/051), or in Redis
+//! with `state.mode: exact`); the `rate_limit` script sees `rate_limit_status` and
 //! `current_time` and may overrule it either way (tokens are then taken or
 //! given back).
 //!
@@ -28,7 +29,7 @@ use std::time::Instant;
 use chrono::Utc;
 use llmproxy_core::admission::{self, Check, Decision};
 use llmproxy_core::clock::{self, Zone};
-use llmproxy_core::config::StateOnError;
+use llmproxy_core::config::{LimitsConfig, StateOnError};
 use llmproxy_core::hooks::{
     AuthVerdict, CurrentTime, RateLimitStatus, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata,
     UsageRecord,
@@ -41,6 +42,7 @@ use llmproxy_core::HookName;
 use serde_json::{json, Value};
 
 use super::backend::Backend;
+use super::batched::{Batched, Unsettled};
 use super::errors::{ErrorType, Failure};
 use super::keyset::KeyEntry;
 use super::ledger::LedgerRecord;
@@ -160,6 +162,7 @@ pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller:
     }
     let used = match (&*shared.state, &caller.key) {
         (State::Local(local), Some(k)) => local.used(&k.fingerprint),
+        (State::Redis(r), Some(k)) => r.batched.as_ref().map_or(0, |b| b.used(&k.fingerprint)),
         _ => 0,
     };
     let checks = standard_checks_with_usage(
@@ -171,18 +174,129 @@ pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller:
     judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])
 }
 
-/// The whole admission with the local state backend. The limiter steps run
-/// here (they never block); the auth and rate_limit scripts run as hook
-/// jobs between them, inline when they are fast (docs/adr/049).
-pub(crate) async fn admit_local(
+/// The counters a request is decided on in this process: the local state
+/// backend's, or a batched Redis node's view of the fleet's (docs/adr/051).
+/// Neither makes a store call per request; a batched node waits only for a
+/// settlement round (a key it has not seen, no room left under a limit).
+#[derive(Clone, Copy)]
+pub(crate) enum Counting<'a> {
+    /// `state.backend: local`.
+    Local(&'a LocalState),
+    /// `state.backend: redis` with `mode: batched`.
+    Fleet(&'a RedisState, &'a Batched),
+}
+
+impl Counting<'_> {
+    /// Ready to check `key`: a batched node makes sure its view knows the
+    /// key's usage; with `on_error: deny`, a Redis taken as down refuses.
+    /// `Ok(true)`: Redis is unreachable and `on_error: allow` lets the
+    /// request be decided on this node's counters alone.
+    async fn prepare(&self, shared: &Shared, key: Option<&str>) -> Result<bool, Refusal> {
+        let Counting::Fleet(redis, batched) = *self else {
+            return Ok(false);
+        };
+        if redis.on_error() == StateOnError::Deny && redis.breaker_open() {
+            return Err(state_unavailable(shared));
+        }
+        match key {
+            Some(k) if batched.know(k, || !redis.breaker_open()).await.is_err() => {
+                self.unsettled(shared).map(|()| true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// A batched node could not settle: `on_error: deny` refuses, `allow`
+    /// goes on with this node's counters (counted, settled later).
+    fn unsettled(&self, shared: &Shared) -> Result<(), Refusal> {
+        let Counting::Fleet(redis, _) = *self else {
+            return Ok(());
+        };
+        match redis.on_error() {
+            StateOnError::Deny => Err(state_unavailable(shared)),
+            StateOnError::Allow => {
+                if let Some(s) = shared.state.stats() {
+                    s.fail_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn used(&self, fingerprint: &str) -> u64 {
+        match self {
+            Counting::Local(l) => l.used(fingerprint),
+            Counting::Fleet(_, b) => b.used(fingerprint),
+        }
+    }
+
+    /// The limiter's step. `offline`: [`Counting::prepare`] found Redis
+    /// unreachable and `on_error: allow` (no room check, no wait).
+    async fn acquire(&self, shared: &Shared, a: AcquireArgs<'_>, offline: bool) -> Result<Acquired, Refusal> {
+        match *self {
+            Counting::Local(l) => Ok(l.limiter.acquire(a)),
+            Counting::Fleet(redis, b) => {
+                let v = if offline {
+                    b.acquire_unchecked(a.limits, a.key, a.force)
+                } else {
+                    match b.acquire(a.limits, a.key, a.force, || !redis.breaker_open()).await {
+                        Ok(v) => v,
+                        Err(Unsettled) => {
+                            self.unsettled(shared)?;
+                            b.acquire_unchecked(a.limits, a.key, a.force)
+                        }
+                    }
+                };
+                Ok(Acquired {
+                    status: v.status,
+                    denial: v.denial,
+                    used: 0,
+                    quota_exhausted: false,
+                })
+            }
+        }
+    }
+
+    fn refund(&self, key: Option<&str>, limits: &LimitsConfig) {
+        match self {
+            Counting::Local(l) => l.limiter.refund(key, limits),
+            Counting::Fleet(_, b) => b.refund(limits, key),
+        }
+    }
+
+    fn force(&self, key: Option<&str>, limits: &LimitsConfig) {
+        match self {
+            Counting::Local(l) => {
+                l.limiter.force(key, limits);
+            }
+            Counting::Fleet(_, b) => {
+                b.acquire_unchecked(limits, key, true);
+            }
+        }
+    }
+}
+
+fn state_unavailable(shared: &Shared) -> Refusal {
+    shared.metrics.rate_limited("state_unavailable");
+    Refusal::Fail(Box::new(Failure::of(GatewayError::state_unavailable())))
+}
+
+/// The whole admission on counters in this process ([`Counting`]). The
+/// limiter steps run here (they never call a store per request); the auth
+/// and rate_limit scripts run as hook jobs between them, inline when they
+/// are fast (docs/adr/049).
+pub(crate) async fn admit_counted(
     shared: &Arc<Shared>,
     live: &Arc<Live>,
-    local: &LocalState,
+    counting: Counting<'_>,
     info: &Arc<RequestInfo>,
     caller: &Caller,
     t: &mut Timings,
 ) -> Result<Admitted, Refusal> {
-    let used = caller.key.as_ref().map_or(0, |k| local.used(&k.fingerprint));
+    let offline = counting
+        .prepare(shared, caller.key.as_ref().map(|k| &*k.fingerprint))
+        .await?;
+    let used = caller.key.as_ref().map_or(0, |k| counting.used(&k.fingerprint));
     let auth_script = live.stages.enabled(HookName::Auth);
     let rate_script = live.stages.enabled(HookName::RateLimit);
     let info_value = if auth_script || rate_script {
@@ -208,24 +322,30 @@ pub(crate) async fn admit_local(
     if live.limit_on {
         let limits = live.limits();
         let key = caller.key_id.as_deref();
-        let acq = local.limiter.acquire(AcquireArgs {
-            key,
-            limits,
-            force: false,
-        });
+        let acq = counting
+            .acquire(
+                shared,
+                AcquireArgs {
+                    key,
+                    limits,
+                    force: false,
+                },
+                offline,
+            )
+            .await?;
         let took = acq.denial.is_none();
         let verdict = if rate_script {
             match rate_limit_script_job(shared, live, info, info_value, acq.status, t).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(d)) => {
                     if took {
-                        local.limiter.refund(key, limits);
+                        counting.refund(key, limits);
                     }
                     return Err(Refusal::Deny(d));
                 }
                 Err(overloaded) => {
                     if took {
-                        local.limiter.refund(key, limits);
+                        counting.refund(key, limits);
                     }
                     return Err(overloaded);
                 }
@@ -236,12 +356,12 @@ pub(crate) async fn admit_local(
         match rate_stage::decide(&verdict, took, acq.denial.as_ref()) {
             RateStep::Admit { force } => {
                 if force {
-                    local.limiter.force(key, limits);
+                    counting.force(key, limits);
                 }
             }
             RateStep::Refuse { refund, refusal } => {
                 if refund {
-                    local.limiter.refund(key, limits);
+                    counting.refund(key, limits);
                 }
                 return Err(rate_refusal(shared, refusal));
             }
@@ -319,17 +439,14 @@ async fn hook_job<T: Send + 'static>(
 }
 
 fn state_failure(shared: &Shared, redis: &RedisState) -> Option<Refusal> {
-    let _ = redis;
-    match shared.state.on_error() {
+    match redis.on_error() {
         StateOnError::Allow => None,
-        StateOnError::Deny => {
-            shared.metrics.rate_limited("state_unavailable");
-            Some(Refusal::Fail(Box::new(Failure::of(GatewayError::state_unavailable()))))
-        }
+        StateOnError::Deny => Some(state_unavailable(shared)),
     }
 }
 
-/// The whole admission with the Redis state backend.
+/// The whole admission with the Redis state backend in `exact` mode (one
+/// Redis call per limiter step).
 pub(crate) async fn admit_redis(
     shared: &Arc<Shared>,
     live: &Arc<Live>,

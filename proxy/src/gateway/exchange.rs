@@ -2,8 +2,8 @@
 //! rate limit, see [`super::admission`]), then attempts (routing -> balancer
 //! -> request_transform -> upstream) with retries on another backend, then
 //! the response (response_transform, usage) or the failure (error_handler).
-//! With the local state backend, admission runs in the same hook-thread job
-//! as the first attempt's routing and request_transform.
+//! Admission decides on counters in this process (the local backend, or a
+//! batched Redis node's view) or, with `state.mode: exact`, in Redis.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -304,11 +304,16 @@ impl Exchange {
             let mut t = Timings::default();
             let r = match &*shared.state {
                 State::Local(local) => {
-                    admission::admit_local(&shared, &self.live, local, &self.info, &self.caller, &mut t).await
+                    let counting = admission::Counting::Local(local);
+                    admission::admit_counted(&shared, &self.live, counting, &self.info, &self.caller, &mut t).await
                 }
-                State::Redis(redis) => {
-                    admission::admit_redis(&shared, &self.live, redis, &self.info, &self.caller, &mut t).await
-                }
+                State::Redis(redis) => match &redis.batched {
+                    Some(b) => {
+                        let counting = admission::Counting::Fleet(redis, b);
+                        admission::admit_counted(&shared, &self.live, counting, &self.info, &self.caller, &mut t).await
+                    }
+                    None => admission::admit_redis(&shared, &self.live, redis, &self.info, &self.caller, &mut t).await,
+                },
             };
             self.timings.merge(t);
             match r {

@@ -162,6 +162,9 @@ pub struct AccountGauges {
     pub state_errors: u64,
     /// Calls to the state backend the breaker skipped.
     pub state_skipped: u64,
+    /// With Redis state: settlement rounds answered, failed, and requests
+    /// admitted on this node's limits alone while Redis was unreachable.
+    pub state_settlements: Option<[u64; 3]>,
 }
 
 /// The kinds of `llmproxy_usage_total`.
@@ -324,6 +327,13 @@ impl Metrics {
         let _ = writeln!(out, "llmproxy_state_errors_total {}", g.state_errors);
         head(out, "llmproxy_state_skipped_total");
         let _ = writeln!(out, "llmproxy_state_skipped_total {}", g.state_skipped);
+        if let Some([ok, failed, fail_open]) = g.state_settlements {
+            head(out, "llmproxy_state_settlements_total");
+            let _ = writeln!(out, "llmproxy_state_settlements_total{{result=\"ok\"}} {ok}");
+            let _ = writeln!(out, "llmproxy_state_settlements_total{{result=\"failed\"}} {failed}");
+            head(out, "llmproxy_state_fail_open_total");
+            let _ = writeln!(out, "llmproxy_state_fail_open_total {fail_open}");
+        }
     }
 
     /// One finished request, by backend index (`None`: no backend).

@@ -34,6 +34,7 @@ pub mod health;
 pub mod hook_pool;
 pub mod keyset;
 pub use llmproxy_ledger as ledger;
+pub mod batched;
 pub mod limiter;
 pub mod live;
 pub mod metrics;
@@ -302,9 +303,9 @@ impl Shared {
             })
             .collect();
         let mut out = self.metrics.render(self.live().stages.engine().pool_stats(), &backends);
+        let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         let ledger = self.ledger.as_ref().map(|l| {
             let s = &l.stats;
-            let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             [
                 r(&s.written),
                 r(&s.batches),
@@ -319,6 +320,10 @@ impl Shared {
                 ledger,
                 state_errors: self.state.errors(),
                 state_skipped: self.state.skipped(),
+                state_settlements: self
+                    .state
+                    .stats()
+                    .map(|s| [r(&s.settlements[0]), r(&s.settlements[1]), r(&s.fail_open)]),
             },
         );
         throttle::render(&mut out, &self.throttles);
@@ -404,6 +409,20 @@ impl Gateway {
                     }
                 }
             }));
+        }
+        if let State::Redis(r) = &*shared.state {
+            if r.batched.is_some() {
+                // The batched view's settlement rounds (docs/adr/051).
+                let s = Arc::clone(&shared);
+                background.push(tokio::spawn(async move {
+                    let State::Redis(r) = &*s.state else { return };
+                    let Some(b) = &r.batched else { return };
+                    loop {
+                        b.next_tick().await;
+                        r.settle_round().await;
+                    }
+                }));
+            }
         }
         if let Err(e) = shared.state.sync_keys(&shared.live().keys).await {
             tracing::warn!(target: "llmproxy::state", "cannot sync key usage with the state backend: {e}");

@@ -12,14 +12,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llmproxy_core::config::{LimitsConfig, StateConfig, StateOnError};
+use llmproxy_core::config::{LimitsConfig, StateConfig, StateMode, StateOnError};
 use llmproxy_core::hooks::RateLimitStatus;
 
+use super::batched::Batched;
 use super::keyset::KeySet;
 use super::ledger::{self, KeyUsage, Ledger, LedgerRecord};
 use super::limiter::{AcquireArgs, Acquired, LimitDenial, LimitKind, LocalLimiter, UNLIMITED};
 use super::resp::{self, RedisClient, RedisError, Reply, Script};
 use llmproxy_core::policy::breaker::{self, Breaker};
+use llmproxy_core::policy::fleet::MAX_KEYS_PER_SETTLEMENT;
 use llmproxy_core::shared_state::{self, Layout, INSTANCE_TTL_MS};
 
 /// The state backend of a gateway.
@@ -33,6 +35,14 @@ pub enum State {
 
 /// Failures of the state backend (Redis unreachable, bad reply).
 pub type StateError = RedisError;
+
+/// This state backend's identity in Redis: the process's id and a number
+/// per backend created in it (tests run several gateways in one process;
+/// each must own its slots and settlement numbers).
+fn state_instance() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", resp::instance_id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
 
 /// A concurrency slot; dropping it frees the slot, on every path.
 #[derive(Debug)]
@@ -64,6 +74,11 @@ pub struct StateStats {
     pub errors: AtomicU64,
     /// Calls not made: the circuit breaker was open.
     pub skipped: AtomicU64,
+    /// Settlement rounds of a batched node: answered, failed.
+    pub settlements: [AtomicU64; 2],
+    /// Requests a batched node admitted on its own limits while Redis was
+    /// unreachable (`on_error: allow`).
+    pub fail_open: AtomicU64,
 }
 
 impl State {
@@ -83,13 +98,14 @@ impl State {
                 Ok(State::Redis(RedisState {
                     client: Arc::new(client),
                     layout: Layout::new(&cfg.prefix),
-                    instance: resp::instance_id().to_owned(),
+                    instance: state_instance(),
                     on_error: cfg.on_error,
                     handle,
                     pending: Arc::new(AtomicUsize::new(0)),
                     stats: Arc::new(StateStats::default()),
                     breaker: Mutex::new(Breaker::new()),
                     origin: std::time::Instant::now(),
+                    batched: (cfg.mode == StateMode::Batched).then(|| Box::new(Batched::new(cfg))),
                 }))
             }
         }
@@ -100,14 +116,6 @@ impl State {
         match self {
             State::Local(l) => Some(l),
             State::Redis(_) => None,
-        }
-    }
-
-    /// What a request gets when the backend fails.
-    pub fn on_error(&self) -> StateOnError {
-        match self {
-            State::Local(_) => StateOnError::Deny,
-            State::Redis(r) => r.on_error,
         }
     }
 
@@ -124,6 +132,14 @@ impl State {
         match self {
             State::Local(_) => 0,
             State::Redis(r) => r.skipped(),
+        }
+    }
+
+    /// The counters of the state backend (`None` for the local one).
+    pub fn stats(&self) -> Option<&StateStats> {
+        match self {
+            State::Local(_) => None,
+            State::Redis(r) => Some(&r.stats),
         }
     }
 
@@ -145,7 +161,7 @@ impl State {
             State::Local(l) => l.charge(c, limits, record, ledger),
             State::Redis(r) => {
                 if let Some(k) = c.key {
-                    r.charge(k, &c, limits.key_tpm);
+                    r.charge(k, &c, limits);
                 }
                 if let (Some(rec), Some(ledger)) = (record, ledger) {
                     ledger.record(rec);
@@ -172,6 +188,14 @@ impl State {
     pub async fn drain(&self, limit: Duration) {
         if let State::Redis(r) = self {
             let deadline = tokio::time::Instant::now() + limit;
+            if let Some(b) = &r.batched {
+                // What this node took and charged since the last round.
+                while b.has_work() && tokio::time::Instant::now() < deadline {
+                    if !r.settle_round().await {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
             while r.pending.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -357,8 +381,11 @@ pub struct RedisState {
     breaker: Mutex<Breaker>,
     /// Where the breaker's clock starts.
     origin: std::time::Instant,
+    /// The view of a batched node (`state.mode: batched`).
+    pub batched: Option<Box<Batched>>,
 }
 
+static SETTLE: Script = Script::new(shared_state::SETTLE);
 static ACQUIRE: Script = Script::new(shared_state::ACQUIRE);
 static REFUND: Script = Script::new(shared_state::REFUND);
 static RELEASE: Script = Script::new(shared_state::RELEASE);
@@ -422,6 +449,58 @@ impl RedisState {
     /// Calls skipped by the breaker so far.
     pub fn skipped(&self) -> u64 {
         self.stats.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Is the breaker open (Redis taken as down)?
+    pub fn breaker_open(&self) -> bool {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner()).is_open()
+    }
+
+    /// What a request gets when Redis fails.
+    pub fn on_error(&self) -> StateOnError {
+        self.on_error
+    }
+
+    /// Settle a batched node's view with Redis: the settlement left
+    /// unanswered, else what is pending (in rounds of at most
+    /// [`MAX_KEYS_PER_SETTLEMENT`] keys). With nothing to send while the
+    /// breaker is open, a probe (so that Redis coming back is noticed).
+    /// `false` when a round failed.
+    pub async fn settle_round(&self) -> bool {
+        let Some(b) = &self.batched else { return true };
+        loop {
+            let Some(s) = b.settlement() else {
+                if self.breaker_open() {
+                    return self.guarded(self.client.cmd(&[b"PING"])).await.is_ok();
+                }
+                return true;
+            };
+            let (keys, args) = shared_state::settle_call(&self.layout, &self.instance, &s);
+            let kb: Vec<&[u8]> = keys.iter().map(|s| s.as_bytes()).collect();
+            let ab: Vec<&[u8]> = args.iter().map(|s| s.as_bytes()).collect();
+            let reply = self.guarded(self.client.eval(&SETTLE, &kb, &ab)).await.and_then(|r| {
+                let Reply::Array(items) = r else {
+                    return Err(RedisError::Protocol(String::from("settle: not an array")));
+                };
+                let items: Vec<String> = items.iter().map(|i| i.as_text().unwrap_or_default()).collect();
+                shared_state::parse_settle_reply(&items, s.keys.len()).map_err(RedisError::Protocol)
+            });
+            match reply {
+                Ok(reply) => {
+                    self.stats.settlements[0].fetch_add(1, Ordering::Relaxed);
+                    b.finish_round(Some((s.seq, &reply)));
+                    if s.keys.len() < MAX_KEYS_PER_SETTLEMENT {
+                        return true;
+                    }
+                }
+                Err(e) => {
+                    self.failed(&e, "settle");
+                    self.stats.settlements[1].fetch_add(1, Ordering::Relaxed);
+                    b.finish_round(None);
+                    return false;
+                }
+            }
+        }
     }
 
     /// Announce this instance (its concurrency slots count while the
@@ -564,6 +643,10 @@ impl RedisState {
     }
 
     fn release(&self, key: &str) {
+        if let Some(b) = &self.batched {
+            b.release(key);
+            return;
+        }
         let slots = self.layout.key_slots(key);
         let inst = self.instance.clone();
         let me = self.clone_client();
@@ -572,7 +655,12 @@ impl RedisState {
         });
     }
 
-    fn charge(&self, key: &str, c: &Charge<'_>, key_tpm: u64) {
+    fn charge(&self, key: &str, c: &Charge<'_>, limits: &LimitsConfig) {
+        let key_tpm = limits.key_tpm;
+        if let Some(b) = &self.batched {
+            b.charge(limits, key, c.tokens, c.billable, c.answered_ms);
+            return;
+        }
         if c.billable == 0 && (c.tokens == 0 || key_tpm == 0) {
             return;
         }

@@ -328,10 +328,22 @@ pub struct Redis {
     child: std::process::Child,
     pub port: u16,
     _dir: std::path::PathBuf,
+    persistent: bool,
 }
 
 impl Redis {
     pub fn start(name: &str) -> Option<Redis> {
+        Redis::start_with(name, false)
+    }
+
+    /// A server that keeps every acknowledged write across [`Redis::stop`]
+    /// and [`Redis::restart`] (append-only file, fsync on every write), as
+    /// a production Redis with persistence would.
+    pub fn start_persistent(name: &str) -> Option<Redis> {
+        Redis::start_with(name, true)
+    }
+
+    fn start_with(name: &str, persistent: bool) -> Option<Redis> {
         let found = std::process::Command::new("redis-server")
             .arg("--version")
             .output()
@@ -349,13 +361,19 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("free port");
-        let child = Redis::spawn(port, &dir);
-        let mut r = Redis { child, port, _dir: dir };
+        let child = Redis::spawn(port, &dir, persistent);
+        let mut r = Redis {
+            child,
+            port,
+            _dir: dir,
+            persistent,
+        };
         r.wait_up();
         Some(r)
     }
 
-    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+    fn spawn(port: u16, dir: &std::path::Path, persistent: bool) -> std::process::Child {
+        let aof = if persistent { "yes" } else { "no" };
         std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -365,7 +383,9 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                aof,
+                "--appendfsync",
+                "always",
             ])
             .args(["--dir", dir.to_str().unwrap(), "--daemonize", "no"])
             .stdout(std::process::Stdio::null())
@@ -386,7 +406,7 @@ impl Redis {
         panic!("redis-server did not come up on {}", self.port);
     }
 
-    /// Stop the server (its data is gone: no persistence).
+    /// Stop the server (kill -9; its data is gone unless it is persistent).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -395,7 +415,7 @@ impl Redis {
     /// Start it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = Redis::spawn(self.port, &self._dir);
+        self.child = Redis::spawn(self.port, &self._dir, self.persistent);
         self.wait_up();
     }
 
