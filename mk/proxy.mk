@@ -34,13 +34,15 @@ bench-http: check-toolchain
 #                            SQLite ledger on vs off, and with Redis state
 #                            -> docs/benchmarks.md (account-bench section)
 #
-# The Redis tests (proxy/tests/redis_state.rs) start their own
-# redis-server; Debian's package is installed before the Rust tests run.
+# The Redis tests (proxy/tests/redis_*.rs) start their own redis-server,
+# the PostgreSQL ledger tests (proxy/tests/ledger_postgres.rs) their own
+# PostgreSQL server; Debian's packages are installed before the Rust tests
+# run.
 
 .PHONY: proxy-test-deps bench-accounts
 
 proxy-test-deps:
-	@scripts/apt-ensure redis-server
+	@scripts/apt-ensure redis-server postgresql
 
 test-rust: proxy-test-deps
 

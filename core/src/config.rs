@@ -250,8 +250,12 @@ pub enum StateOnError {
 /// The usage ledger (`ledger:`), a SQLite database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerConfig {
-    /// The database file, resolved against the config's directory.
+    /// The database file, resolved against the config's directory (unused
+    /// with `url`).
     pub path: PathBuf,
+    /// A PostgreSQL database a fleet shares (`postgres://...`) instead of
+    /// the SQLite file (docs/adr/052).
+    pub url: Option<String>,
     /// Longest time a record waits before it is written (1..=100 ms).
     pub flush_ms: u64,
     /// Most records written in one transaction.
@@ -265,6 +269,7 @@ pub struct LedgerConfig {
 struct RawLedger {
     enabled: Option<bool>,
     path: Option<String>,
+    url: Option<String>,
     flush_ms: Option<u64>,
     batch_max: Option<usize>,
     queue: Option<usize>,
@@ -1243,8 +1248,24 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
             if queue == 0 {
                 problems.push(String::from("ledger.queue: must be > 0"));
             }
+            if let Some(url) = &raw.url {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    problems.push(String::from("ledger.url: must be a postgres:// or postgresql:// URL"));
+                }
+                if raw.path.is_some() {
+                    problems.push(String::from(
+                        "ledger.url: set either path (SQLite) or url (PostgreSQL), not both",
+                    ));
+                }
+                if st.backend != StateBackend::Redis {
+                    problems.push(String::from(
+                        "ledger.url: a PostgreSQL ledger is for a fleet, whose quotas live in Redis: set state.backend: redis",
+                    ));
+                }
+            }
             Some(LedgerConfig {
                 path: base_dir.join(raw.path.unwrap_or_else(|| String::from("usage.db"))),
+                url: raw.url,
                 flush_ms,
                 batch_max,
                 queue,
@@ -1290,6 +1311,51 @@ mod account_section_tests {
         }
         for bad in ["08:00", "+25:00", "+08:61", "Asia/Shanghai", "+x"] {
             assert!(parse_utc_offset(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// `state:` and `ledger:` for a fleet: the batched mode's knobs and a
+    /// PostgreSQL ledger, with every misuse named.
+    #[test]
+    fn fleet_state_and_ledger_settings_validate() {
+        let redis = "state: {backend: redis, url: \"redis://127.0.0.1:6379\"";
+        let ok = load(
+            &format!("backends: []\n{redis}, on_error: fail_open}}\nledger: {{url: \"postgres://u@db/x\"}}\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(ok.state.mode, StateMode::Batched);
+        assert_eq!((ok.state.settle_ms, ok.state.batch), (10, 50));
+        assert_eq!(ok.state.on_error, StateOnError::Allow);
+        assert_eq!(ok.ledger.and_then(|l| l.url).as_deref(), Some("postgres://u@db/x"));
+        let exact = load(
+            &format!("backends: []\n{redis}, mode: exact, on_error: fail_closed}}\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            (exact.state.mode, exact.state.on_error),
+            (StateMode::Exact, StateOnError::Deny)
+        );
+        for (yaml, problem) in [
+            (format!("{redis}, settle_ms: 0}}"), "state.settle_ms: 0 is out of range"),
+            (format!("{redis}, batch: 0}}"), "state.batch: 0 is out of range"),
+            (format!("{redis}, mode: sometimes}}"), "state.mode"),
+            (
+                String::from("ledger: {url: \"postgres://db/x\"}"),
+                "ledger.url: a PostgreSQL ledger is for a fleet",
+            ),
+            (
+                format!("{redis}}}\nledger: {{url: \"mysql://db/x\"}}"),
+                "ledger.url: must be a postgres://",
+            ),
+            (
+                format!("{redis}}}\nledger: {{url: \"postgres://db/x\", path: u.db}}"),
+                "ledger.url: set either path",
+            ),
+        ] {
+            let p = load(&format!("backends: []\n{yaml}\n"), Path::new(".")).unwrap_err();
+            assert!(p.iter().any(|x| x.contains(problem)), "{yaml}: {p:?}");
         }
     }
 

@@ -1,5 +1,7 @@
-//! The usage ledger: one SQLite row per admitted request, written off the
-//! request path (docs/adr/032, docs/adr/028). One crate for every host that
+//! The usage ledger: one row per admitted request, written off the request
+//! path (docs/adr/032, docs/adr/028) to a SQLite file (one per node, the
+//! default) or, with the `postgres` feature, to a PostgreSQL database a
+//! fleet shares ([`postgres`], docs/adr/052). One crate for every host that
 //! writes it — the standalone gateway and the nginx module — so the schema,
 //! the batching writer and the quota charging cannot drift apart;
 //! `llmproxy usage` reads what either wrote.
@@ -27,6 +29,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 /// One ledger row.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,7 +75,10 @@ pub struct LedgerRecord {
 }
 
 enum Msg {
-    Record(Box<LedgerRecord>),
+    /// A record and its number in this ledger's life (with the ledger's
+    /// [`Ledger::boot`] id, a row's identity: a batch retried after a lost
+    /// connection does not write it twice).
+    Record(Box<LedgerRecord>, u64),
     /// Set a key's usage (a configured `used_quota` changed).
     SetUsed {
         key_fp: String,
@@ -106,8 +114,31 @@ pub struct Ledger {
     tx: Mutex<Option<SyncSender<Msg>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
+    next: AtomicU64,
     /// Counters.
     pub stats: Arc<LedgerStats>,
+}
+
+/// Where a writer commits batches.
+trait Store: Send + 'static {
+    /// Commit one batch in one transaction (all or nothing).
+    fn write(&mut self, batch: &[Msg]) -> Result<(), String>;
+    /// How long a failing batch is retried before its records count as
+    /// lost.
+    fn retry_for(&self) -> Duration;
+}
+
+/// The SQLite file.
+struct Sqlite(Connection);
+
+impl Store for Sqlite {
+    fn write(&mut self, batch: &[Msg]) -> Result<(), String> {
+        write_batch(&mut self.0, batch).map_err(|e| e.to_string())
+    }
+
+    fn retry_for(&self) -> Duration {
+        Duration::from_millis(1_500)
+    }
 }
 
 /// Create the tables (idempotent).
@@ -263,23 +294,49 @@ impl Ledger {
     /// first, with up to `queue` records waiting.
     pub fn open(path: &Path, flush: Duration, batch_max: usize, queue: usize) -> Result<Ledger, String> {
         let conn = open_rw(path)?;
+        Ledger::start(move || Ok(Sqlite(conn)), path.to_path_buf(), flush, batch_max, queue)
+    }
+
+    /// Start the writer thread on the store `make` opens there (a store
+    /// that needs its own runtime, such as the PostgreSQL client, must not
+    /// be opened on an async caller's thread); its error is returned.
+    fn start<S: Store>(
+        make: impl FnOnce() -> Result<S, String> + Send + 'static,
+        path: PathBuf,
+        flush: Duration,
+        batch_max: usize,
+        queue: usize,
+    ) -> Result<Ledger, String> {
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
         let stats = Arc::new(LedgerStats::default());
         let batch_max = batch_max.max(1);
         let s = Arc::clone(&stats);
+        let (opened_tx, opened) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(String::from("llmproxy-ledger"))
-            .spawn(move || writer(conn, rx, flush, batch_max, &s))
+            .spawn(move || match make() {
+                Ok(store) => {
+                    let _ = opened_tx.send(Ok(()));
+                    writer(store, rx, flush, batch_max, &s);
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                }
+            })
             .map_err(|e| format!("ledger: cannot start the writer thread: {e}"))?;
+        opened
+            .recv()
+            .map_err(|_| String::from("ledger: the writer thread ended"))??;
         Ok(Ledger {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
-            path: path.to_path_buf(),
+            path,
+            next: AtomicU64::new(0),
             stats,
         })
     }
 
-    /// The database file.
+    /// The database file (empty for a PostgreSQL ledger).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -306,7 +363,8 @@ impl Ledger {
     /// Queue one record.
     pub fn record(&self, r: LedgerRecord) {
         self.stats.pending.fetch_add(1, Ordering::Relaxed);
-        if !self.send(Msg::Record(Box::new(r))) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        if !self.send(Msg::Record(Box::new(r), n)) {
             self.stats.pending.fetch_sub(1, Ordering::Relaxed);
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(target: "llmproxy::ledger", "usage record lost: the ledger is closed");
@@ -318,9 +376,10 @@ impl Ledger {
     /// [`LedgerStats::dropped`], when the queue is full or closed.
     pub fn try_record(&self, r: LedgerRecord) -> bool {
         self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
         let sent = self
             .sender()
-            .is_some_and(|tx| tx.try_send(Msg::Record(Box::new(r))).is_ok());
+            .is_some_and(|tx| tx.try_send(Msg::Record(Box::new(r), n)).is_ok());
         if !sent {
             self.stats.pending.fetch_sub(1, Ordering::Relaxed);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -382,7 +441,7 @@ impl Drop for Ledger {
 /// How often the writer looks at the queue while it gathers a batch.
 const GATHER_TICK: Duration = Duration::from_millis(5);
 
-fn writer(mut conn: Connection, rx: Receiver<Msg>, flush: Duration, batch_max: usize, stats: &LedgerStats) {
+fn writer<S: Store>(mut store: S, rx: Receiver<Msg>, flush: Duration, batch_max: usize, stats: &LedgerStats) {
     let mut batch: Vec<Msg> = Vec::with_capacity(batch_max.min(8192));
     loop {
         // Wait for the first message, then gather for at most `flush`.
@@ -392,14 +451,14 @@ fn writer(mut conn: Connection, rx: Receiver<Msg>, flush: Duration, batch_max: u
         };
         batch.push(first);
         let closed = gather(&rx, &mut batch, Instant::now() + flush, batch_max);
-        commit(&mut conn, &mut batch, stats);
+        commit(&mut store, &mut batch, stats);
         if closed {
             // Drain whatever is left (the channel is closed and empty now,
             // but be explicit).
             while let Ok(m) = rx.try_recv() {
                 batch.push(m);
             }
-            commit(&mut conn, &mut batch, stats);
+            commit(&mut store, &mut batch, stats);
             return;
         }
     }
@@ -431,24 +490,24 @@ fn gather(rx: &Receiver<Msg>, batch: &mut Vec<Msg>, deadline: Instant, batch_max
     }
 }
 
-fn commit(conn: &mut Connection, batch: &mut Vec<Msg>, stats: &LedgerStats) {
+fn commit<S: Store>(store: &mut S, batch: &mut Vec<Msg>, stats: &LedgerStats) {
     if batch.is_empty() {
         return;
     }
     let started = Instant::now();
-    let mut attempt = 0;
-    let records = batch.iter().filter(|m| matches!(m, Msg::Record(_))).count() as u64;
+    let mut attempt = 0u32;
+    let records = batch.iter().filter(|m| matches!(m, Msg::Record(..))).count() as u64;
     loop {
-        match write_batch(conn, batch) {
+        match store.write(batch) {
             Ok(()) => {
                 stats.written.fetch_add(records, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            Err(e) if attempt < 5 => {
+            Err(e) if started.elapsed() < store.retry_for() => {
                 attempt += 1;
                 tracing::warn!(target: "llmproxy::ledger", attempt, "ledger write failed, retrying: {e}");
-                std::thread::sleep(Duration::from_millis(20 << attempt));
+                std::thread::sleep(Duration::from_millis(20 << attempt.min(6)));
             }
             Err(e) => {
                 stats.failed.fetch_add(records, Ordering::Relaxed);
@@ -491,7 +550,7 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
         let now = now_ms();
         for m in batch {
             match m {
-                Msg::Record(r) => {
+                Msg::Record(r, _) => {
                     insert.execute(params![
                         r.request_id,
                         r.ts_ms,

@@ -558,6 +558,20 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<i64, String> {
     Ok(now.timestamp_millis() - secs * 1000)
 }
 
+/// A ledger source as it may be shown: a URL's password masked.
+fn redact(source: &str) -> String {
+    match (source.find("://"), source.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &source[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &source[..scheme + 3], &source[at..]),
+                None => source.to_owned(),
+            }
+        }
+        _ => source.to_owned(),
+    }
+}
+
 /// Run `llmproxy usage`.
 pub fn usage(
     config: Option<&Path>,
@@ -567,14 +581,17 @@ pub fn usage(
     format: &str,
     records: bool,
 ) -> ExitCode {
-    let mut paths: Vec<PathBuf> = dbs.to_vec();
+    // A `--db` is a SQLite file or a PostgreSQL URL (a fleet's ledger).
+    let mut paths: Vec<String> = dbs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
     if let Some(c) = config {
         let cfg = match load(c) {
             Ok(c) => c,
             Err(code) => return code,
         };
         match &cfg.ledger {
-            Some(l) if dbs.is_empty() => paths.push(l.path.clone()),
+            Some(l) if dbs.is_empty() => {
+                paths.push(l.url.clone().unwrap_or_else(|| l.path.to_string_lossy().into_owned()))
+            }
             Some(_) => {}
             None if dbs.is_empty() => return fail(format!("{} has no ledger", c.display())),
             None => {}
@@ -600,17 +617,26 @@ pub fn usage(
     let mut summaries: Vec<ledger::Summary> = Vec::new();
     let mut rows: Vec<Value> = Vec::new();
     for p in &paths {
-        let conn = match ledger::open_ro(p) {
-            Ok(c) => c,
-            Err(e) => return fail(e),
-        };
-        let r = if records {
-            ledger::records(&conn, &q).map(|r| rows.extend(r))
+        let r = if ledger::postgres::is_url(p) {
+            if records {
+                ledger::postgres::records(p, &q).map(|r| rows.extend(r))
+            } else {
+                ledger::postgres::summarize(p, &q).map(|s| summaries.extend(s))
+            }
         } else {
-            ledger::summarize(&conn, &q).map(|s| summaries.extend(s))
+            let conn = match ledger::open_ro(Path::new(p)) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let r = if records {
+                ledger::records(&conn, &q).map(|r| rows.extend(r))
+            } else {
+                ledger::summarize(&conn, &q).map(|s| summaries.extend(s))
+            };
+            r.map_err(|e| e.to_string())
         };
         if let Err(e) = r {
-            return fail(format!("{}: {e}", p.display()));
+            return fail(format!("{}: {e}", redact(p)));
         }
     }
     if records {

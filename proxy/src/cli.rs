@@ -79,10 +79,11 @@ enum Command {
     },
     /// Report usage from the ledger (per key; `--records` for each request).
     Usage {
-        /// The gateway's config file (its `ledger.path` is read).
+        /// The gateway's config file (its `ledger.path` or `ledger.url` is read).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Ledger files to read instead (repeat to merge several nodes).
+        /// Ledgers to read instead: SQLite files (repeat to merge several
+        /// nodes) or a fleet's PostgreSQL URL (`postgres://...`).
         #[arg(long = "db")]
         dbs: Vec<PathBuf>,
         /// Only requests completed since (RFC 3339, or an age: 30s, 15m, 2h, 7d).

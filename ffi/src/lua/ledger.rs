@@ -23,6 +23,11 @@ fn registry() -> &'static Mutex<HashMap<PathBuf, Arc<Ledger>>> {
 
 /// The writer of `cfg.path` in this process (started on first use).
 pub(crate) fn writer(cfg: &LedgerConfig) -> Result<Arc<Ledger>, String> {
+    if cfg.url.is_some() {
+        return Err(String::from(
+            "ledger.url: the nginx module writes a SQLite ledger (ledger.path); a PostgreSQL ledger is the standalone gateway's",
+        ));
+    }
     let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(w) = reg.get(&cfg.path) {
         return Ok(Arc::clone(w));

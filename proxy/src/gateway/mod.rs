@@ -224,12 +224,13 @@ impl Shared {
         let handle = tokio::runtime::Handle::try_current().map_err(|e| format!("no tokio runtime: {e}"))?;
         let metrics = Arc::new(Metrics::new(backends.iter().map(|b| b.name.clone()).collect()));
         let ledger = match &config.ledger {
-            Some(cfg) => Some(Arc::new(Ledger::open(
-                &cfg.path,
-                std::time::Duration::from_millis(cfg.flush_ms),
-                cfg.batch_max,
-                cfg.queue,
-            )?)),
+            Some(cfg) => {
+                let flush = std::time::Duration::from_millis(cfg.flush_ms);
+                Some(Arc::new(match &cfg.url {
+                    Some(url) => Ledger::open_postgres(url, flush, cfg.batch_max, cfg.queue)?,
+                    None => Ledger::open(&cfg.path, flush, cfg.batch_max, cfg.queue)?,
+                }))
+            }
             None => None,
         };
         let state = Arc::new(State::new(&config.state, ledger.clone(), handle)?);

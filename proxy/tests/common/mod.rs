@@ -430,3 +430,171 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// A PostgreSQL server (Debian's `postgresql`) on a free loopback port,
+/// its data in a temp dir, run as the `postgres` user when the tests run
+/// as root (it refuses root). User `llmproxy`, trust authentication,
+/// database `postgres`. `None` (and a note) when it is not installed and
+/// this is not CI. Stopped (fast shutdown) on drop.
+pub struct Postgres {
+    child: std::process::Child,
+    pub port: u16,
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    owner: Option<(u32, u32)>,
+}
+
+impl Postgres {
+    pub fn start(name: &str) -> Option<Postgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("postgres").exists())
+            .max();
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "postgresql is missing (scripts/apt-ensure postgresql)"
+            );
+            eprintln!("SKIP: postgresql is not installed (scripts/apt-ensure postgresql)");
+            return None;
+        };
+        let dir = tempdir(&format!("pg-{name}"));
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let id = |args: &[&str]| -> u32 {
+            let out = std::process::Command::new("id").args(args).output().expect("id");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("a numeric id")
+        };
+        let root = id(&["-u"]) == 0;
+        let owner = root.then(|| (id(&["-u", "postgres"]), id(&["-g", "postgres"])));
+        if root {
+            let ok = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+        }
+        let mut initdb = std::process::Command::new(bin.join("initdb"));
+        initdb.args([
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "llmproxy",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]);
+        let out = as_owner(&mut initdb, owner).output().expect("initdb");
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let child = Postgres::spawn(&bin, &data, port, owner);
+        let mut pg = Postgres {
+            child,
+            port,
+            bin,
+            data,
+            owner,
+        };
+        pg.wait_up();
+        Some(pg)
+    }
+
+    fn spawn(bin: &Path, data: &Path, port: u16, owner: Option<(u32, u32)>) -> std::process::Child {
+        let mut c = std::process::Command::new(bin.join("postgres"));
+        c.args([
+            "-D",
+            data.to_str().unwrap(),
+            "-p",
+            &port.to_string(),
+            "-k",
+            data.to_str().unwrap(),
+        ])
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        as_owner(&mut c, owner).spawn().expect("spawn postgres")
+    }
+
+    fn wait_up(&mut self) {
+        for _ in 0..500 {
+            if self.sql_status("SELECT 1") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("postgres did not come up on {}", self.port);
+    }
+
+    /// `postgres://llmproxy@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://llmproxy@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn psql(&self, sql: &str) -> std::process::Output {
+        std::process::Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "llmproxy",
+                "-d",
+                "postgres",
+            ])
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql")
+    }
+
+    fn sql_status(&self, sql: &str) -> bool {
+        self.psql(sql).status.success()
+    }
+
+    /// Run one statement; its rows, `|`-separated, one per line.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = self.psql(sql);
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Stop (fast shutdown: sessions are cut, committed data stays).
+    pub fn stop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Postgres::spawn(&self.bin, &self.data, self.port, self.owner);
+        self.wait_up();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn as_owner(c: &mut std::process::Command, owner: Option<(u32, u32)>) -> &mut std::process::Command {
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt;
+        c.uid(uid).gid(gid);
+    }
+    c
+}

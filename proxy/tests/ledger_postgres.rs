@@ -1,0 +1,237 @@
+//! One usage store for a fleet (docs/adr/052): gateways on one Redis write
+//! their ledger rows to one PostgreSQL database, and `llmproxy usage`
+//! reports the fleet from it. Real servers on 127.0.0.1: `redis-server`,
+//! PostgreSQL (Debian's, started by the test), `llmproxy serve` processes
+//! stopped with SIGTERM.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// A real `llmproxy serve` process.
+struct Serve {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Serve {
+    async fn start(config: &Path, log: PathBuf) -> Serve {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .args(["serve", "--config", config.to_str().unwrap(), "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // Owned from here: dropped (killed and waited for) on every path.
+        let s = Serve { child, port, log };
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "llmproxy serve did not start: {}",
+            std::fs::read_to_string(&s.log).unwrap_or_default()
+        );
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Wait for a clean exit (after [`Serve::sigterm`]).
+    async fn wait_exit(&mut self) {
+        for _ in 0..3000 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                assert!(s.success(), "{s:?}: {}", std::fs::read_to_string(&self.log).unwrap());
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("llmproxy did not exit after SIGTERM");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, mock: &str, redis: &str, pg: &str) -> PathBuf {
+    let config = dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "backends:\n{}keys:\n  - {{key: sk-1, user_id: u1}}\n  - {{key: sk-2, user_id: u2}}\n\
+             state: {{backend: redis, url: \"{redis}\", prefix: \"pgfleet:\"}}\n\
+             ledger: {{url: \"{pg}\", flush_ms: 20}}\n",
+            backend("m", mock)
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `llmproxy usage --db URL [--records]`, parsed.
+fn usage(pg: &str, records: bool) -> Vec<Value> {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_llmproxy"));
+    c.args(["usage", "--db", pg]);
+    if records {
+        c.arg("--records");
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Chats from `conns` tasks over `bases` until `stop` (or `limit` in all);
+/// the 200s.
+fn load(bases: Vec<String>, conns: usize, stop: Arc<AtomicBool>, limit: u64) -> Vec<tokio::task::JoinHandle<u64>> {
+    let next = Arc::new(AtomicU64::new(0));
+    (0..conns)
+        .map(|_| {
+            let (bases, stop, next) = (bases.clone(), Arc::clone(&stop), Arc::clone(&next));
+            tokio::spawn(async move {
+                let mut ok = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= limit {
+                        break;
+                    }
+                    let key = if i % 2 == 0 { "sk-1" } else { "sk-2" };
+                    let base = &bases[i as usize % bases.len()];
+                    let r = post(
+                        &format!("{base}/v1/chat/completions"),
+                        &chat("gpt-4", json!({"stream": i % 3 == 0})),
+                        &[("authorization", &format!("Bearer {key}"))],
+                    )
+                    .await;
+                    assert_eq!(r.status, 200, "request {i}");
+                    ok += 1;
+                }
+                ok
+            })
+        })
+        .collect()
+}
+
+async fn total(tasks: Vec<tokio::task::JoinHandle<u64>>) -> u64 {
+    let mut n = 0;
+    for t in tasks {
+        n += t.await.unwrap();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_one_ledger_nothing_lost_across_sigterm_and_usage_reports_the_fleet() {
+    let Some(redis) = Redis::start("pgfleet") else { return };
+    let Some(pg) = Postgres::start("fleet") else { return };
+    let m = mock("m", |_| {}).await;
+    let dir = tempdir("pgfleet");
+    let config = write_config(&dir, &m.url(), &redis.url(), &pg.url());
+    let mut gws = Vec::new();
+    for i in 0..3 {
+        gws.push(Serve::start(&config, dir.join(format!("serve-{i}.log"))).await);
+    }
+    const N: u64 = 3_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = total(load(gws.iter().map(Serve::base).collect(), 24, stop, N)).await;
+    assert_eq!(ok, N);
+    // Every node stops at once, with its last records still queued.
+    for g in &gws {
+        g.sigterm();
+    }
+    for g in &mut gws {
+        g.wait_exit().await;
+    }
+    assert_eq!(
+        pg.sql("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM usage"),
+        format!("{N}|{N}")
+    );
+    // Three nodes wrote.
+    assert_eq!(pg.sql("SELECT COUNT(DISTINCT node) FROM usage"), "3");
+    // The fleet's report: one row per key, every request in it.
+    let summary = usage(&pg.url(), false);
+    assert_eq!(summary.len(), 2, "{summary:?}");
+    let requests: u64 = summary.iter().map(|s| s["requests"].as_u64().unwrap()).sum();
+    assert_eq!(requests, N);
+    let billable: u64 = summary.iter().map(|s| s["billable_tokens"].as_u64().unwrap()).sum();
+    let in_db: u64 = pg.sql("SELECT SUM(billable_tokens) FROM usage").parse().unwrap();
+    assert_eq!(billable, in_db);
+    assert!(billable > 0);
+    let rows = usage(&pg.url(), true);
+    assert_eq!(rows.len() as u64, N);
+    assert_eq!(rows[0]["path"], "/v1/chat/completions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_and_cut_connections_lose_no_row_and_write_none_twice() {
+    let Some(redis) = Redis::start("pgrestart") else {
+        return;
+    };
+    let Some(mut pg) = Postgres::start("restart") else {
+        return;
+    };
+    let m = mock("m", |_| {}).await;
+    let dir = tempdir("pgrestart");
+    let config = write_config(&dir, &m.url(), &redis.url(), &pg.url());
+    let mut gw = Serve::start(&config, dir.join("serve.log")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(vec![gw.base()], 8, Arc::clone(&stop), u64::MAX);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The ledger's connection is cut a few times (a commit's answer may be
+    // lost: the batch is sent again)...
+    for _ in 0..5 {
+        pg.sql(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'llmproxy-ledger'",
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...then the server restarts, for about a second, under load.
+    pg.stop();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    pg.restart();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let ok = total(tasks).await;
+    gw.sigterm();
+    gw.wait_exit().await;
+    assert!(ok > 100, "{ok} requests");
+    assert_eq!(
+        pg.sql("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM usage"),
+        format!("{ok}|{ok}")
+    );
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert!(log.contains("ledger write failed, retrying"), "{log}");
+    assert!(!log.contains("records lost"), "{log}");
+}
