@@ -76,9 +76,12 @@ pub struct LedgerRecord {
 
 enum Msg {
     /// A record and its number in this ledger's life (with the ledger's
-    /// [`Ledger::boot`] id, a row's identity: a batch retried after a lost
+    /// PostgreSQL store's boot id, a row's identity: a batch retried after a lost
     /// connection does not write it twice).
-    Record(Box<LedgerRecord>, u64),
+    Record(
+        Box<LedgerRecord>,
+        #[cfg_attr(not(feature = "postgres"), allow(dead_code))] u64,
+    ),
     /// Set a key's usage (a configured `used_quota` changed).
     SetUsed {
         key_fp: String,
