@@ -36,13 +36,13 @@ bench-http: check-toolchain
 #
 # The Redis tests (proxy/tests/redis_*.rs) start their own redis-server,
 # the PostgreSQL ledger tests (proxy/tests/ledger_postgres.rs) their own
-# PostgreSQL server; Debian's packages are installed before the Rust tests
-# run.
+# PostgreSQL server, the TLS test its certificates (openssl); Debian's
+# packages are installed before the Rust tests run.
 
 .PHONY: proxy-test-deps bench-accounts
 
 proxy-test-deps:
-	@scripts/apt-ensure redis-server postgresql
+	@scripts/apt-ensure redis-server postgresql openssl
 
 test-rust: proxy-test-deps
 

@@ -220,7 +220,7 @@ GET /drive
 
 
 
-=== TEST 8: one limit for nginx and a standalone gateway on the same Redis and prefix: key_rpm N = 5, 2N requests alternating between them admit exactly N
+=== TEST 8: one limit for nginx and a standalone gateway on the same Redis and prefix: key_rpm N = 5, 2N requests alternating between them admit exactly N (the gateway in mode: exact, as nginx counts)
 --- yaml
 keys:
   - {key: sk-r7, user_id: a}
@@ -240,7 +240,7 @@ backends:
 keys:
   - {key: sk-r7, user_id: a}
 limits: {key_rpm: 5}
-state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t7:"}
+state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t7:", mode: exact}
 ]])
             f:close()
             os.execute("$TEST_NGINX_LLMPROXY_BIN serve --config " .. root .. "/gw.yaml >" .. root

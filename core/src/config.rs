@@ -193,6 +193,9 @@ pub struct StateConfig {
     /// Most requests a batched node admits under one limit unseen by the
     /// fleet (and at most 1% of the limit).
     pub batch: u64,
+    /// PEM roots to verify a `rediss://` server with (a private CA),
+    /// resolved against the config's directory; default: the system's.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// How a Redis-backed node counts (`state.mode`).
@@ -218,6 +221,7 @@ impl Default for StateConfig {
             mode: StateMode::Batched,
             settle_ms: 10,
             batch: 50,
+            tls_ca_file: None,
         }
     }
 }
@@ -1016,7 +1020,10 @@ impl RawConfig {
                 keys_file: accounts.keys_file,
                 auth_may_override,
                 limits: self.limits,
-                state: self.state,
+                state: StateConfig {
+                    tls_ca_file: accounts.state_tls_ca,
+                    ..self.state
+                },
                 ledger: accounts.ledger,
                 admin: self.admin,
                 reload: self.reload,
@@ -1172,6 +1179,8 @@ struct Accounts {
     keys_configured: bool,
     keys_file: Option<PathBuf>,
     ledger: Option<LedgerConfig>,
+    /// `state.tls_ca_file`, resolved.
+    state_tls_ca: Option<PathBuf>,
 }
 
 fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<String>) -> Accounts {
@@ -1208,11 +1217,18 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
     }
     let st = a.state;
     if st.backend == StateBackend::Redis {
+        const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://"];
         match &st.url {
-            Some(u) if u.starts_with("redis://") => {}
-            Some(u) => problems.push(format!("state.url: '{u}' must start with redis://")),
+            Some(u) if SCHEMES.iter().any(|s| u.starts_with(s)) => {}
+            Some(u) => problems.push(format!(
+                "state.url: '{u}' must start with redis://, rediss:// (TLS), redis+sentinel:// or rediss+sentinel://"
+            )),
             None => problems.push(String::from("state.url: the redis backend needs a url")),
         }
+    }
+    let state_tls_ca = st.tls_ca_file.as_ref().map(|f| base_dir.join(f));
+    if let Some(f) = state_tls_ca.as_ref().filter(|f| !f.is_file()) {
+        problems.push(format!("state.tls_ca_file: {} is not a readable file", f.display()));
     }
     if st.timeout_ms == 0 || st.timeout_ms > 60_000 {
         problems.push(format!(
@@ -1286,6 +1302,7 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
         keys_configured,
         keys_file,
         ledger,
+        state_tls_ca,
     }
 }
 

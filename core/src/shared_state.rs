@@ -69,11 +69,15 @@ impl Layout {
     }
 }
 
-/// Where and how to connect, from `redis://[:password@]host:port[/db]`.
+/// Where and how to connect, from `redis://[[user]:password@]host:port[/db]`
+/// (what the nginx module's cosockets connect to; the gateway's client also
+/// takes TLS and Sentinel URLs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisUrl {
     /// `host:port`.
     pub addr: String,
+    /// The ACL user (`AUTH user password`), if any.
+    pub username: Option<String>,
     /// `AUTH` password.
     pub password: Option<String>,
     /// `SELECT` database.
@@ -96,9 +100,9 @@ impl RedisUrl {
 
     /// Parse a `redis://` URL.
     pub fn parse(url: &str) -> Result<RedisUrl, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("'{url}' must start with redis://"))?;
+        let rest = url.strip_prefix("redis://").ok_or_else(|| {
+            format!("'{url}': the nginx module connects to redis:// URLs (TLS and Sentinel are the gateway's)")
+        })?;
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((a, r)) => (Some(a), r),
             None => (None, rest),
@@ -116,9 +120,13 @@ impl RedisUrl {
         } else {
             format!("{hostport}:6379")
         };
-        let password = auth.map(|a| a.rsplit_once(':').map_or(a, |(_, p)| p).to_owned());
+        let (username, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
+            Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
+            None => (None, None),
+        };
         Ok(RedisUrl {
             addr,
+            username: username.filter(|u| !u.is_empty()),
             password: password.filter(|p| !p.is_empty()),
             db,
         })
@@ -445,8 +453,13 @@ mod tests {
         );
         let u = RedisUrl::parse("redis://:s3cret@localhost").unwrap();
         assert_eq!(
-            (u.addr.as_str(), u.password.as_deref()),
-            ("localhost:6379", Some("s3cret"))
+            (u.addr.as_str(), u.username.as_deref(), u.password.as_deref()),
+            ("localhost:6379", None, Some("s3cret"))
+        );
+        let u = RedisUrl::parse("redis://llm:s3:cret@h:1").unwrap();
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref()),
+            (Some("llm"), Some("s3:cret"))
         );
         assert!(RedisUrl::parse("http://x").is_err());
         assert!(RedisUrl::parse("redis://h:1/x").is_err());

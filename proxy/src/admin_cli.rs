@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::atomic_file;
 use crate::gateway::ledger::{self, Query};
-use crate::gateway::resp::RedisClient;
+use crate::gateway::redis_conn::RedisClient;
 
 /// `llmproxy keys ...`.
 #[derive(Debug, Subcommand)]

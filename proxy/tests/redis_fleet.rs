@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use llmproxy_server::gateway::resp::RedisClient;
+use llmproxy_server::gateway::redis_conn::RedisClient;
 use serde_json::json;
 
 fn config(mock: &str, redis: &str, prefix: &str, state: &str, limits: &str) -> String {

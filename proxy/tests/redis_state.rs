@@ -154,7 +154,8 @@ async fn quota_and_concurrency_are_shared_and_slots_come_back() {
 /// Wait until Redis shows the key's usage charged (charges are background
 /// calls, made right after the usage record).
 async fn wait_redis_charge(redis: &Redis, prefix: &str, key: &str, want: i64) {
-    let client = llmproxy_server::gateway::resp::RedisClient::new(&redis.url(), 1, Duration::from_secs(1)).unwrap();
+    let client =
+        llmproxy_server::gateway::redis_conn::RedisClient::new(&redis.url(), 1, Duration::from_secs(1)).unwrap();
     let q = format!("{prefix}:q:{}", llmproxy_core::keys::key_fingerprint(key));
     for _ in 0..200 {
         let r = client.cmd(&[b"HGET", q.as_bytes(), b"used"]).await.unwrap();
@@ -289,7 +290,8 @@ async fn tokens_per_minute_are_charged_to_the_bucket_in_redis() {
         (429, json!("key_token_limit"))
     );
     // The bucket, as the core's rule keeps it: in debt, for this limit.
-    let client = llmproxy_server::gateway::resp::RedisClient::new(&redis.url(), 1, Duration::from_secs(1)).unwrap();
+    let client =
+        llmproxy_server::gateway::redis_conn::RedisClient::new(&redis.url(), 1, Duration::from_secs(1)).unwrap();
     let key = format!("tpm:k:{}:tpm", llmproxy_core::keys::key_fingerprint("sk-b"));
     let t = client.cmd(&[b"HGET", key.as_bytes(), b"t"]).await.unwrap();
     let tokens: f64 = t.as_text().and_then(|s| s.parse().ok()).expect("tokens");

@@ -77,7 +77,10 @@ impl AccountsConfig {
         Ok(AccountsConfig {
             keys: accounts.keys,
             keys_file: accounts.keys_file,
-            state: raw.state,
+            state: super::StateConfig {
+                tls_ca_file: accounts.state_tls_ca,
+                ..raw.state
+            },
             ledger: accounts.ledger,
         })
     }

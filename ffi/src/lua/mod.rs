@@ -324,7 +324,7 @@ impl UserData for LuaEngine {
             Ok(t)
         });
         // engine:state() -> where counters live (`state:`): `{backend,
-        // on_error, mode, timeout_ms, connections, prefix, host, port, password,
+        // on_error, mode, timeout_ms, connections, prefix, host, port, username, password,
         // db, instance_ttl_ms, heartbeat_ms, scripts = {name = source}}`;
         // the Redis layout and scripts are the core's (`shared_state`), the
         // gateway's too.
@@ -368,6 +368,7 @@ impl UserData for LuaEngine {
                 t.raw_set("host", url.host())?;
                 t.raw_set("port", url.port())?;
                 t.raw_set("db", url.db)?;
+                t.raw_set("username", url.username.as_deref())?;
                 t.raw_set("password", url.password.as_deref())?;
             }
             let scripts = lua.create_table_with_capacity(0, ss::SCRIPTS.len())?;

@@ -19,7 +19,7 @@ use super::batched::Batched;
 use super::keyset::KeySet;
 use super::ledger::{self, KeyUsage, Ledger, LedgerRecord};
 use super::limiter::{AcquireArgs, Acquired, LimitDenial, LimitKind, LocalLimiter, UNLIMITED};
-use super::resp::{self, RedisClient, RedisError, Reply, Script};
+use super::redis_conn::{self, RedisClient, RedisError, Reply, Script};
 use llmproxy_core::policy::breaker::{self, Breaker};
 use llmproxy_core::policy::fleet::MAX_KEYS_PER_SETTLEMENT;
 use llmproxy_core::shared_state::{self, Layout, INSTANCE_TTL_MS};
@@ -41,7 +41,7 @@ pub type StateError = RedisError;
 /// each must own its slots and settlement numbers).
 fn state_instance() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", resp::instance_id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!("{}-{}", redis_conn::instance_id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A concurrency slot; dropping it frees the slot, on every path.
@@ -93,7 +93,12 @@ impl State {
             llmproxy_core::config::StateBackend::Local => Ok(State::Local(LocalState::new(ledger))),
             llmproxy_core::config::StateBackend::Redis => {
                 let url = cfg.url.as_deref().unwrap_or("redis://127.0.0.1:6379");
-                let client = RedisClient::new(url, cfg.connections, Duration::from_millis(cfg.timeout_ms))
+                let ca = match &cfg.tls_ca_file {
+                    Some(f) => Some(std::fs::read(f).map_err(|e| format!("state.tls_ca_file: {}: {e}", f.display()))?),
+                    None => None,
+                };
+                let timeout = Duration::from_millis(cfg.timeout_ms);
+                let client = RedisClient::with_tls(url, cfg.connections, timeout, ca.as_deref())
                     .map_err(|e| format!("state.url: {e}"))?;
                 Ok(State::Redis(RedisState {
                     client: Arc::new(client),

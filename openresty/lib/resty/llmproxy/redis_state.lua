@@ -94,7 +94,12 @@ local function connect(self)
     end
     if red:get_reused_times() == 0 then
         if c.password then
-            ok, err = red:auth(c.password)
+            -- An ACL user authenticates as `AUTH user password`.
+            if c.username then
+                ok, err = red:auth(c.username, c.password)
+            else
+                ok, err = red:auth(c.password)
+            end
             if not ok then
                 red:close()
                 return nil, "AUTH: " .. tostring(err)

@@ -1,0 +1,462 @@
+//! The shared state's connection to Redis, on the `redis` crate
+//! (docs/adr/053): a few multiplexed connections (many calls in flight on
+//! each, answered in order) used round robin, each reopened on the next
+//! call after it failed; scripts by `EVALSHA`, loaded again after a
+//! `NOSCRIPT`; and the deployments operators run:
+//!
+//! - `redis://[user:password@]host:port[/db]`: password or ACL user;
+//! - `rediss://...`: TLS (rustls; the system's roots, or `state.tls_ca_file`
+//!   for a private CA);
+//! - `redis+sentinel://[user:password@]host:port[,host:port...]/master[/db]`
+//!   (`rediss+sentinel://` with TLS to the master): the master is asked of
+//!   the sentinels at every (re)connection, so a failover is followed
+//!   without a restart.
+//!
+//! Every call has a time limit (`state.timeout_ms`). The API (`cmd`,
+//! `eval`, [`Reply`], [`RedisError`]) is what the state backend and the
+//! operator commands use; nothing else here knows the crate.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, TlsCertificates, TlsMode};
+
+/// A reply from Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// No value.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A bulk string.
+    Bulk(Vec<u8>),
+    /// A status (`OK` and friends) or other text.
+    Status(String),
+    /// A list.
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    fn of(v: redis::Value) -> Reply {
+        match v {
+            redis::Value::Nil => Reply::Nil,
+            redis::Value::Int(n) => Reply::Int(n),
+            redis::Value::BulkString(b) => Reply::Bulk(b),
+            redis::Value::SimpleString(s) => Reply::Status(s),
+            redis::Value::Okay => Reply::Status(String::from("OK")),
+            redis::Value::Boolean(b) => Reply::Int(i64::from(b)),
+            redis::Value::Double(d) => Reply::Status(d.to_string()),
+            redis::Value::VerbatimString { text, .. } => Reply::Status(text),
+            redis::Value::Array(a) | redis::Value::Set(a) => Reply::Array(a.into_iter().map(Reply::of).collect()),
+            redis::Value::Map(m) => {
+                Reply::Array(m.into_iter().flat_map(|(k, v)| [Reply::of(k), Reply::of(v)]).collect())
+            }
+            redis::Value::Attribute { data, .. } => Reply::of(*data),
+            other => Reply::Status(format!("{other:?}")),
+        }
+    }
+
+    /// The reply as an integer (integers, numeric strings).
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Reply::Int(n) => Some(*n),
+            Reply::Bulk(b) => std::str::from_utf8(b).ok()?.trim().parse().ok(),
+            Reply::Status(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The reply as text (bulk and status strings, integers).
+    pub fn as_text(&self) -> Option<String> {
+        match self {
+            Reply::Bulk(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Reply::Status(s) => Some(s.clone()),
+            Reply::Int(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisError {
+    /// Connecting, writing or reading failed, or the connection closed.
+    Io(String),
+    /// No answer within the time limit.
+    Timeout,
+    /// Redis answered with an error (it is up).
+    Command(String),
+    /// A reply that could not be read.
+    Protocol(String),
+    /// Not called: the circuit breaker is open (recent calls failed).
+    CircuitOpen,
+}
+
+impl std::fmt::Display for RedisError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisError::Io(e) => write!(f, "redis: {e}"),
+            RedisError::Timeout => write!(f, "redis: no answer in time"),
+            RedisError::Command(e) => write!(f, "redis: {e}"),
+            RedisError::Protocol(e) => write!(f, "redis: protocol error: {e}"),
+            RedisError::CircuitOpen => write!(f, "redis: not called, its circuit is open (recent calls failed)"),
+        }
+    }
+}
+
+impl RedisError {
+    fn of(e: &redis::RedisError) -> RedisError {
+        if e.is_timeout() {
+            return RedisError::Timeout;
+        }
+        match e.kind() {
+            ErrorKind::Server(_) | ErrorKind::Extension => RedisError::Command(e.to_string()),
+            ErrorKind::Parse | ErrorKind::UnexpectedReturnType => RedisError::Protocol(e.to_string()),
+            _ => RedisError::Io(e.to_string()),
+        }
+    }
+
+    /// Should the connection be dropped (and reopened by the next call)?
+    fn breaks_connection(&self) -> bool {
+        matches!(self, RedisError::Io(_) | RedisError::Timeout | RedisError::Protocol(_))
+    }
+}
+
+/// A Lua script, called by its SHA-1 (loaded when Redis does not know it).
+pub struct Script(OnceLock<redis::Script>, &'static str);
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Script").field(&self.1.len()).finish()
+    }
+}
+
+impl Script {
+    /// A script with this source.
+    pub const fn new(source: &'static str) -> Script {
+        Script(OnceLock::new(), source)
+    }
+
+    fn get(&self) -> &redis::Script {
+        self.0.get_or_init(|| redis::Script::new(self.1))
+    }
+}
+
+/// Where connections come from.
+enum Source {
+    /// One server (`redis://`, `rediss://`).
+    Direct(Client),
+    /// The master the sentinels name at connection time.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+/// A client: a few multiplexed connections used round robin.
+pub struct RedisClient {
+    source: Source,
+    timeout: Duration,
+    conns: Vec<Mutex<Option<MultiplexedConnection>>>,
+    connecting: Vec<tokio::sync::Mutex<()>>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for RedisClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisClient")
+            .field("connections", &self.conns.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A sentinel URL's parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SentinelUrl {
+    tls: bool,
+    username: Option<String>,
+    password: Option<String>,
+    sentinels: Vec<(String, u16)>,
+    master: String,
+    db: i64,
+}
+
+impl SentinelUrl {
+    fn parse(url: &str) -> Result<SentinelUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("redis+sentinel://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("rediss+sentinel://") {
+            (true, r)
+        } else {
+            return Err(format!("'{url}' is not a redis+sentinel:// URL"));
+        };
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (Some(a), r),
+            None => (None, rest),
+        };
+        let (username, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
+            Some((u, p)) => (
+                Some(u.to_owned()).filter(|u| !u.is_empty()),
+                Some(p.to_owned()).filter(|p| !p.is_empty()),
+            ),
+            None => (None, None),
+        };
+        let (hosts, path) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("'{url}': no master name (.../mymaster)"))?;
+        let (master, db) = match path.split_once('/') {
+            Some((m, d)) => (m, d.parse::<i64>().map_err(|_| format!("'{url}': bad database '{d}'"))?),
+            None => (path, 0),
+        };
+        if master.is_empty() {
+            return Err(format!("'{url}': no master name (.../mymaster)"));
+        }
+        let sentinels = hosts
+            .split(',')
+            .map(|h| {
+                let (host, port) = h.rsplit_once(':').unwrap_or((h, "26379"));
+                let port = port.parse::<u16>().map_err(|_| format!("'{url}': bad port in '{h}'"))?;
+                if host.is_empty() {
+                    return Err(format!("'{url}': a sentinel without a host"));
+                }
+                Ok((host.to_owned(), port))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(SentinelUrl {
+            tls,
+            username,
+            password,
+            sentinels,
+            master: master.to_owned(),
+            db,
+        })
+    }
+}
+
+/// The TLS roots for `rediss://`: `ca` (PEM) when given, else the system's.
+fn certificates(ca: Option<&[u8]>) -> TlsCertificates {
+    TlsCertificates {
+        client_tls: None,
+        root_cert: ca.map(<[u8]>::to_vec),
+    }
+}
+
+/// rustls needs one process-wide crypto provider. The gateway uses ring,
+/// which builds with the C compiler every machine here has (aws-lc, the
+/// default, needs more); rustls marks ring's provider deprecated for its
+/// lack of post-quantum key exchange, which a link to the gateway's own
+/// Redis does not need (docs/adr/053).
+fn install_crypto() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let _ = provider.install_default();
+    });
+}
+
+impl RedisClient {
+    /// A client for `url` with `connections` connections (opened lazily)
+    /// and a time limit per call; `ca` is a PEM bundle of roots for TLS.
+    pub fn with_tls(
+        url: &str,
+        connections: usize,
+        timeout: Duration,
+        ca: Option<&[u8]>,
+    ) -> Result<RedisClient, String> {
+        install_crypto();
+        let source = if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
+            let s = SentinelUrl::parse(url)?;
+            let addrs = s.sentinels.iter().map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
+            let mut b = SentinelClientBuilder::new(addrs, &s.master, SentinelServerType::Master)
+                .map_err(|e| e.to_string())?
+                .set_client_to_redis_db(s.db);
+            if let Some(u) = &s.username {
+                b = b.set_client_to_redis_username(u);
+            }
+            if let Some(p) = &s.password {
+                b = b.set_client_to_redis_password(p);
+            }
+            if s.tls {
+                b = b
+                    .set_client_to_redis_tls_mode(TlsMode::Secure)
+                    .set_client_to_redis_certificates(certificates(ca));
+            }
+            Source::Sentinel(tokio::sync::Mutex::new(b.build().map_err(|e| e.to_string())?))
+        } else if url.starts_with("rediss://") {
+            Source::Direct(Client::build_with_tls(url, certificates(ca)).map_err(|e| e.to_string())?)
+        } else if url.starts_with("redis://") {
+            Source::Direct(Client::open(url).map_err(|e| e.to_string())?)
+        } else {
+            return Err(format!(
+                "'{url}' must start with redis://, rediss://, redis+sentinel:// or rediss+sentinel://"
+            ));
+        };
+        let n = connections.max(1);
+        Ok(RedisClient {
+            source,
+            timeout,
+            conns: (0..n).map(|_| Mutex::new(None)).collect(),
+            connecting: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// [`RedisClient::with_tls`] with the system's TLS roots.
+    pub fn new(url: &str, connections: usize, timeout: Duration) -> Result<RedisClient, String> {
+        RedisClient::with_tls(url, connections, timeout, None)
+    }
+
+    /// Run one command.
+    pub async fn cmd(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
+        let Some((name, rest)) = args.split_first() else {
+            return Err(RedisError::Protocol(String::from("an empty command")));
+        };
+        let mut c = redis::cmd(&String::from_utf8_lossy(name));
+        for a in rest {
+            c.arg(*a);
+        }
+        self.call(|mut conn| async move { c.query_async::<redis::Value>(&mut conn).await })
+            .await
+    }
+
+    /// Run a Lua script (`EVALSHA`, loading it when Redis does not know it).
+    pub async fn eval(&self, script: &Script, keys: &[&[u8]], args: &[&[u8]]) -> Result<Reply, RedisError> {
+        let mut inv = script.get().prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        self.call(|mut conn| {
+            let inv = &inv;
+            async move { inv.invoke_async::<redis::Value>(&mut conn).await }
+        })
+        .await
+    }
+
+    /// Run `f` on one of the connections, within the time limit; a
+    /// connection that failed is dropped (the next call reopens it).
+    async fn call<F, Fut>(&self, f: F) -> Result<Reply, RedisError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<redis::Value>>,
+    {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let run = async {
+            let conn = self.connection(i).await?;
+            f(conn).await.map(Reply::of).map_err(|e| RedisError::of(&e))
+        };
+        let r = match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::Timeout),
+        };
+        if r.as_ref().is_err_and(RedisError::breaks_connection) {
+            self.conns[i].lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        r
+    }
+
+    async fn connection(&self, i: usize) -> Result<MultiplexedConnection, RedisError> {
+        let live = || self.conns[i].lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(c) = live() {
+            return Ok(c);
+        }
+        // One connect per slot at a time; the others wait for it.
+        let _guard = self.connecting[i].lock().await;
+        if let Some(c) = live() {
+            return Ok(c);
+        }
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let client = match &self.source {
+            Source::Direct(c) => c.clone(),
+            Source::Sentinel(s) => s
+                .lock()
+                .await
+                .async_get_client()
+                .await
+                .map_err(|e| RedisError::of(&e))?,
+        };
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| RedisError::of(&e))?;
+        *self.conns[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+/// A process-wide random instance id (hex), for concurrency leases.
+pub fn instance_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            use std::io::Read;
+            let _ = f.read_exact(&mut bytes);
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut s = String::new();
+        for b in bytes {
+            s.push_str(&format!("{b:02x}"));
+        }
+        format!("{s}-{}-{nanos:x}", std::process::id())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_urls_parse_and_bad_ones_are_named() {
+        let u = SentinelUrl::parse("redis+sentinel://llm:pw@10.0.0.1:26379,10.0.0.2/mymaster/2").unwrap();
+        assert_eq!(
+            u,
+            SentinelUrl {
+                tls: false,
+                username: Some("llm".into()),
+                password: Some("pw".into()),
+                sentinels: vec![("10.0.0.1".into(), 26379), ("10.0.0.2".into(), 26379)],
+                master: "mymaster".into(),
+                db: 2,
+            }
+        );
+        let u = SentinelUrl::parse("rediss+sentinel://:pw@s1:5000/m").unwrap();
+        assert_eq!(
+            (u.tls, u.username, u.password.as_deref(), u.db),
+            (true, None, Some("pw"), 0)
+        );
+        for bad in [
+            "redis://h/m",
+            "redis+sentinel://h:1",
+            "redis+sentinel://h:1/",
+            "redis+sentinel://h:x/m",
+            "redis+sentinel://:1/m",
+            "redis+sentinel://h/m/x",
+        ] {
+            assert!(SentinelUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replies_of_every_kind_read_as_text_and_numbers() {
+        let r = Reply::of(redis::Value::Array(vec![
+            redis::Value::Okay,
+            redis::Value::Int(3),
+            redis::Value::BulkString(b"-1.5".to_vec()),
+            redis::Value::Nil,
+        ]));
+        let Reply::Array(items) = r else { panic!("an array") };
+        assert_eq!(items[0].as_text().as_deref(), Some("OK"));
+        assert_eq!(items[1].as_i64(), Some(3));
+        assert_eq!(items[2].as_text().as_deref(), Some("-1.5"));
+        assert_eq!(items[3], Reply::Nil);
+    }
+}
