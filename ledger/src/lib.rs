@@ -75,8 +75,8 @@ pub struct LedgerRecord {
 }
 
 enum Msg {
-    /// A record and its number in this ledger's life (with the ledger's
-    /// PostgreSQL store's boot id, a row's identity: a batch retried after a lost
+    /// A record and its number in this ledger's life: with the PostgreSQL
+    /// store's boot id, the row's identity (a batch retried after a lost
     /// connection does not write it twice).
     Record(
         Box<LedgerRecord>,
@@ -679,28 +679,71 @@ pub fn records(conn: &Connection, q: &Query) -> rusqlite::Result<Vec<Value>> {
     );
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
-        let record: String = r.get(16)?;
-        Ok(serde_json::json!({
-            "request_id": r.get::<_, String>(0)?,
-            "ts_ms": r.get::<_, i64>(1)?,
-            "node": r.get::<_, String>(2)?,
-            "key": r.get::<_, Option<String>>(3)?,
-            "user_id": r.get::<_, Option<String>>(4)?,
-            "backend": r.get::<_, Option<String>>(5)?,
-            "model": r.get::<_, Option<String>>(6)?,
-            "path": r.get::<_, String>(7)?,
-            "is_stream": r.get::<_, bool>(8)?,
-            "status": r.get::<_, i64>(9)?,
-            "prompt_tokens": r.get::<_, i64>(10)?,
-            "completion_tokens": r.get::<_, i64>(11)?,
-            "total_tokens": r.get::<_, i64>(12)?,
-            "billable_tokens": r.get::<_, i64>(13)?,
-            "cost": r.get::<_, Option<f64>>(14)?,
-            "latency_ms": r.get::<_, f64>(15)?,
-            "record": serde_json::from_str::<Value>(&record).unwrap_or(Value::String(record)),
-        }))
+        Ok(StoredRecord {
+            request_id: r.get(0)?,
+            ts_ms: r.get(1)?,
+            node: r.get(2)?,
+            key: r.get(3)?,
+            user_id: r.get(4)?,
+            backend: r.get(5)?,
+            model: r.get(6)?,
+            path: r.get(7)?,
+            is_stream: r.get(8)?,
+            status: r.get(9)?,
+            tokens: [r.get(10)?, r.get(11)?, r.get(12)?, r.get(13)?],
+            cost: r.get(14)?,
+            latency_ms: r.get(15)?,
+            record: r.get(16)?,
+        }
+        .into_json())
     })?;
     rows.collect()
+}
+
+/// One stored record, as every store reads it back for the reports.
+struct StoredRecord {
+    request_id: String,
+    ts_ms: i64,
+    node: String,
+    key: Option<String>,
+    user_id: Option<String>,
+    backend: Option<String>,
+    model: Option<String>,
+    path: String,
+    is_stream: bool,
+    status: i64,
+    /// Prompt, completion, total, billable.
+    tokens: [i64; 4],
+    cost: Option<f64>,
+    latency_ms: f64,
+    record: String,
+}
+
+impl StoredRecord {
+    /// The record as `llmproxy usage --records` prints it (the usage record
+    /// as JSON when it parses).
+    fn into_json(self) -> Value {
+        let [prompt, completion, total, billable] = self.tokens;
+        serde_json::json!({
+            "request_id": self.request_id,
+            "ts_ms": self.ts_ms,
+            "node": self.node,
+            "key": self.key,
+            "user_id": self.user_id,
+            "backend": self.backend,
+            "model": self.model,
+            "path": self.path,
+            "is_stream": self.is_stream,
+            "status": self.status,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": total,
+            "billable_tokens": billable,
+            "cost": self.cost,
+            "latency_ms": self.latency_ms,
+            "record": serde_json::from_str::<Value>(&self.record).unwrap_or(Value::String(self.record)),
+        })
+    }
 }
 
 #[cfg(test)]

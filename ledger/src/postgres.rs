@@ -23,7 +23,7 @@ use std::time::Duration;
 use postgres::{Client, NoTls};
 use serde_json::Value;
 
-use super::{clamp, Ledger, Msg, Query, Store, Summary};
+use super::{clamp, Ledger, Msg, Query, Store, StoredRecord, Summary};
 
 /// How long a failing batch is retried before its records count as lost.
 const RETRY_FOR: Duration = Duration::from_secs(60);
@@ -298,26 +298,23 @@ pub fn records(url: &str, q: &Query) -> Result<Vec<Value>, String> {
     let rows = query(url, &sql, &args)?;
     rows.iter()
         .map(|r| {
-            let record: String = r.try_get(16)?;
-            Ok(serde_json::json!({
-                "request_id": r.try_get::<_, String>(0)?,
-                "ts_ms": r.try_get::<_, i64>(1)?,
-                "node": r.try_get::<_, String>(2)?,
-                "key": r.try_get::<_, Option<String>>(3)?,
-                "user_id": r.try_get::<_, Option<String>>(4)?,
-                "backend": r.try_get::<_, Option<String>>(5)?,
-                "model": r.try_get::<_, Option<String>>(6)?,
-                "path": r.try_get::<_, String>(7)?,
-                "is_stream": r.try_get::<_, bool>(8)?,
-                "status": r.try_get::<_, i32>(9)?,
-                "prompt_tokens": r.try_get::<_, i64>(10)?,
-                "completion_tokens": r.try_get::<_, i64>(11)?,
-                "total_tokens": r.try_get::<_, i64>(12)?,
-                "billable_tokens": r.try_get::<_, i64>(13)?,
-                "cost": r.try_get::<_, Option<f64>>(14)?,
-                "latency_ms": r.try_get::<_, f64>(15)?,
-                "record": serde_json::from_str::<Value>(&record).unwrap_or(Value::String(record)),
-            }))
+            Ok(StoredRecord {
+                request_id: r.try_get(0)?,
+                ts_ms: r.try_get(1)?,
+                node: r.try_get(2)?,
+                key: r.try_get(3)?,
+                user_id: r.try_get(4)?,
+                backend: r.try_get(5)?,
+                model: r.try_get(6)?,
+                path: r.try_get(7)?,
+                is_stream: r.try_get(8)?,
+                status: i64::from(r.try_get::<_, i32>(9)?),
+                tokens: [r.try_get(10)?, r.try_get(11)?, r.try_get(12)?, r.try_get(13)?],
+                cost: r.try_get(14)?,
+                latency_ms: r.try_get(15)?,
+                record: r.try_get(16)?,
+            }
+            .into_json())
         })
         .collect::<Result<_, postgres::Error>>()
         .map_err(|e| format!("ledger: {e}"))

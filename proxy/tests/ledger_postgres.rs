@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,75 +15,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
-/// A real `llmproxy serve` process.
-struct Serve {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Serve {
-    async fn start(config: &Path, log: PathBuf) -> Serve {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
-            .args(["serve", "--config", config.to_str().unwrap(), "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        // Owned from here: dropped (killed and waited for) on every path.
-        let s = Serve { child, port, log };
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!(
-            "llmproxy serve did not start: {}",
-            std::fs::read_to_string(&s.log).unwrap_or_default()
-        );
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    /// Wait for a clean exit (after [`Serve::sigterm`]).
-    async fn wait_exit(&mut self) {
-        for _ in 0..3000 {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                assert!(s.success(), "{s:?}: {}", std::fs::read_to_string(&self.log).unwrap());
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("llmproxy did not exit after SIGTERM");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn base(s: &Serve) -> String {
+    format!("http://127.0.0.1:{}", s.port)
 }
 
 fn write_config(dir: &Path, mock: &str, redis: &str, pg: &str) -> PathBuf {
@@ -165,14 +98,18 @@ async fn three_gateways_one_ledger_nothing_lost_across_sigterm_and_usage_reports
     }
     const N: u64 = 3_000;
     let stop = Arc::new(AtomicBool::new(false));
-    let ok = total(load(gws.iter().map(Serve::base).collect(), 24, stop, N)).await;
+    let ok = total(load(gws.iter().map(base).collect(), 24, stop, N)).await;
     assert_eq!(ok, N);
     // Every node stops at once, with its last records still queued.
     for g in &gws {
-        g.sigterm();
+        g.signal("-TERM");
     }
     for g in &mut gws {
-        g.wait_exit().await;
+        assert!(
+            g.wait_exit().await.success(),
+            "{}",
+            std::fs::read_to_string(&g.log).unwrap()
+        );
     }
     assert_eq!(
         pg.sql("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM usage"),
@@ -207,7 +144,7 @@ async fn a_postgres_restart_and_cut_connections_lose_no_row_and_write_none_twice
     let config = write_config(&dir, &m.url(), &redis.url(), &pg.url());
     let mut gw = Serve::start(&config, dir.join("serve.log")).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(vec![gw.base()], 8, Arc::clone(&stop), u64::MAX);
+    let tasks = load(vec![base(&gw)], 8, Arc::clone(&stop), u64::MAX);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The ledger's connection is cut a few times (a commit's answer may be
     // lost: the batch is sent again)...
@@ -224,8 +161,8 @@ async fn a_postgres_restart_and_cut_connections_lose_no_row_and_write_none_twice
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let ok = total(tasks).await;
-    gw.sigterm();
-    gw.wait_exit().await;
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().await.success());
     assert!(ok > 100, "{ok} requests");
     assert_eq!(
         pg.sql("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM usage"),

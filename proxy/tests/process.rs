@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,86 +17,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
-struct Serve {
-    child: Child,
-    port: u16,
-    /// The admin listener (`--admin-listen`): `/admin/reload`, `/metrics`.
-    admin_port: u16,
-    log: PathBuf,
-}
-
-impl Serve {
-    async fn start(config: &Path, log: PathBuf) -> Serve {
-        let port = free_port();
-        let admin_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
-            .args(["serve", "--config", config.to_str().unwrap(), "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--admin-listen")
-            .arg(format!("127.0.0.1:{admin_port}"))
-            .env("RUST_LOG", "warn,llmproxy::reload=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let s = Serve {
-            child,
-            port,
-            admin_port,
-            log,
-        };
-        for _ in 0..400 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_ok()
-            {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!(
-            "llmproxy serve did not start: {}",
-            std::fs::read_to_string(&s.log).unwrap_or_default()
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1/chat/completions", self.port)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        for _ in 0..3000 {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let _ = self.child.kill();
-        panic!("llmproxy did not exit");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 

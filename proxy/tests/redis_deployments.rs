@@ -13,13 +13,6 @@ use common::*;
 use llmproxy_server::gateway::redis_conn::RedisClient;
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
 /// A redis-server (or sentinel) child with the given arguments, killed on
 /// drop.
 struct Server(Child);

@@ -150,6 +150,8 @@ pub struct SettleReply {
 
 #[derive(Debug, Default)]
 struct KeyView {
+    /// The key (the map's, shared).
+    key: Arc<str>,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
     /// This node's requests in flight.
@@ -162,8 +164,9 @@ struct KeyView {
     pending: Delta,
     /// In the settlement not yet answered.
     sent: Delta,
-    /// The next settlement must carry this key (its slots changed, or it
-    /// has never been settled).
+    /// The next settlement must carry this key (its slots or deltas
+    /// changed, or it has never been settled); such a key is in
+    /// [`Fleet::queue`] once.
     dirty: bool,
     /// A settlement has answered for this key since it was created.
     known: bool,
@@ -172,6 +175,12 @@ struct KeyView {
 }
 
 impl KeyView {
+    /// Mark the key for the next settlement: `Some(key)` when it was not
+    /// marked yet (the caller queues it).
+    fn mark(&mut self) -> Option<Arc<str>> {
+        (!std::mem::replace(&mut self.dirty, true)).then(|| Arc::clone(&self.key))
+    }
+
     fn idle(&self, now_ms: f64) -> bool {
         self.in_flight == 0
             && !self.dirty
@@ -206,6 +215,8 @@ pub struct Fleet {
     global_pending: i64,
     global_sent: i64,
     keys: HashMap<Arc<str>, KeyView>,
+    /// The keys marked for the next settlement, each once.
+    queue: Vec<Arc<str>>,
     seq: u64,
     unacked: Option<Settlement>,
     sweep_at: usize,
@@ -223,6 +234,7 @@ impl Fleet {
             global_pending: 0,
             global_sent: 0,
             keys: HashMap::new(),
+            queue: Vec::new(),
             seq: first_seq,
             unacked: None,
             sweep_at: SWEEP_AT,
@@ -240,9 +252,12 @@ impl Fleet {
 
     fn view(&mut self, key: &str, now_ms: f64) -> &mut KeyView {
         if !self.keys.contains_key(key) {
+            let key: Arc<str> = Arc::from(key);
+            self.queue.push(Arc::clone(&key));
             self.keys.insert(
-                Arc::from(key),
+                Arc::clone(&key),
                 KeyView {
+                    key,
                     dirty: true,
                     touched_ms: now_ms,
                     ..KeyView::default()
@@ -278,14 +293,15 @@ impl Fleet {
         let Some(k) = key else { return global };
         let key_room = self.key_room(limits);
         let v = self.view(k, now_ms);
-        if now_ms - v.settled_ms > REFRESH_MS {
-            v.dirty = true;
-        }
+        let stale = now_ms - v.settled_ms > REFRESH_MS;
         let key = if v.known {
             fill(v.unseen(), key_room)
         } else {
             Room::Settle
         };
+        if let Some(k) = stale.then(|| v.mark()).flatten() {
+            self.queue.push(k);
+        }
         global.max(key)
     }
 
@@ -318,7 +334,9 @@ impl Fleet {
                 }
                 // Taken: the slot count changed. Refused: the next
                 // settlement brings the fleet's counters sooner.
-                view.dirty = true;
+                if let Some(k) = view.mark() {
+                    self.queue.push(k);
+                }
                 global = c.global;
                 v
             }
@@ -353,7 +371,9 @@ impl Fleet {
             view.rpm = c.rpm;
             view.in_flight = c.in_flight;
             view.pending.taken -= 1;
-            view.dirty = true;
+            if let Some(k) = view.mark() {
+                self.queue.push(k);
+            }
         } else {
             limits::refund(limits, &mut c, false);
         }
@@ -365,7 +385,9 @@ impl Fleet {
     pub fn release(&mut self, key: &str) {
         if let Some(v) = self.keys.get_mut(key) {
             v.in_flight = v.in_flight.saturating_sub(1);
-            v.dirty = true;
+            if let Some(k) = v.mark() {
+                self.queue.push(k);
+            }
         }
     }
 
@@ -389,6 +411,12 @@ impl Fleet {
             view.pending.billable = view.pending.billable.saturating_add(billable);
             view.pending.last_answered_ms = view.pending.last_answered_ms.max(answered_ms);
         }
+        if view.pending.is_empty() {
+            return;
+        }
+        if let Some(k) = view.mark() {
+            self.queue.push(k);
+        }
     }
 
     /// The key's quota usage as this node knows it: the fleet's at the last
@@ -408,9 +436,7 @@ impl Fleet {
 
     /// Is anything waiting to be settled?
     pub fn has_work(&self) -> bool {
-        self.unacked.is_some()
-            || self.global_pending != 0
-            || self.keys.values().any(|v| v.dirty || !v.pending.is_empty())
+        self.unacked.is_some() || self.global_pending != 0 || !self.queue.is_empty()
     }
 
     /// The settlement to send now: the last one again if it was not
@@ -420,18 +446,16 @@ impl Fleet {
             return Some(s.clone());
         }
         let mut keys = Vec::new();
-        for (k, v) in self.keys.iter_mut() {
-            if keys.len() >= MAX_KEYS_PER_SETTLEMENT {
-                break;
-            }
-            if !v.dirty && v.pending.is_empty() {
+        while keys.len() < MAX_KEYS_PER_SETTLEMENT {
+            let Some(k) = self.queue.pop() else { break };
+            let Some(v) = self.keys.get_mut(&k) else {
                 continue;
-            }
+            };
             let delta = std::mem::take(&mut v.pending);
             v.sent.add(&delta);
             v.dirty = false;
             keys.push(KeySettlement {
-                key: Arc::clone(k),
+                key: k,
                 delta,
                 in_flight: v.in_flight,
             });
@@ -692,6 +716,31 @@ mod tests {
         let v = &f.keys["k"];
         assert_eq!(v.rpm.map(|b| b.tokens), Some(997.0));
         assert_eq!(v.unseen(), 2);
+    }
+
+    #[test]
+    fn a_settlement_carries_only_marked_keys_and_at_most_its_share() {
+        let l = lim(1_000);
+        let mut f = Fleet::new(50, 0);
+        let mut store = Store::default();
+        for i in 0..300 {
+            assert_eq!(f.room(&l, Some(&format!("k{i}")), 0.0), Room::Settle);
+        }
+        let first = f.settlement().expect("new keys");
+        assert_eq!(first.keys.len(), MAX_KEYS_PER_SETTLEMENT);
+        let r = store.settle(0, &first);
+        f.settled(first.seq, &r, 0.0);
+        let second = f.settlement().expect("the rest");
+        assert_eq!(second.keys.len(), 300 - MAX_KEYS_PER_SETTLEMENT);
+        let r = store.settle(0, &second);
+        f.settled(second.seq, &r, 0.0);
+        // Nothing changed since: nothing to send.
+        assert!(!f.has_work());
+        assert!(f.settlement().is_none());
+        // One key's request marks that key alone.
+        f.release("k7");
+        let s = f.settlement().expect("one key");
+        assert_eq!(s.keys.iter().map(|k| &*k.key).collect::<Vec<_>>(), ["k7"]);
     }
 
     #[test]

@@ -598,3 +598,90 @@ fn as_owner(c: &mut std::process::Command, owner: Option<(u32, u32)>) -> &mut st
     }
     c
 }
+
+/// A free port on 127.0.0.1 (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// A real `llmproxy serve` process (killed on drop), with its admin
+/// listener on a port of its own.
+pub struct Serve {
+    pub child: std::process::Child,
+    pub port: u16,
+    /// The admin listener (`--admin-listen`): `/admin/reload`, `/metrics`.
+    pub admin_port: u16,
+    pub log: std::path::PathBuf,
+}
+
+impl Serve {
+    /// Start it on `config`, its log in `log`, and wait until it listens.
+    pub async fn start(config: &Path, log: std::path::PathBuf) -> Serve {
+        let port = free_port();
+        let admin_port = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .args(["serve", "--config", config.to_str().unwrap(), "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .env("RUST_LOG", "warn,llmproxy::reload=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let s = Serve {
+            child,
+            port,
+            admin_port,
+            log,
+        };
+        for _ in 0..400 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_ok()
+            {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "llmproxy serve did not start: {}",
+            std::fs::read_to_string(&s.log).unwrap_or_default()
+        );
+    }
+
+    /// The chat completions URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/chat/completions", self.port)
+    }
+
+    /// Send a signal (`-TERM`, `-HUP`, `-9`).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Wait for it to exit (at most 30 s).
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..3000 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.child.kill();
+        panic!("llmproxy did not exit");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
