@@ -159,6 +159,8 @@ lines += [
     f"| full path (+ auth, rate_limit scripts) vs the 4-hook gateway | {cost('full', 'h4'):.1f}% | <= 10% | {ok(cost('full', 'h4') <= 10)} |",
     f"| standard path with Redis state (batched) vs no accounts | {cost('stdr', 'bare'):.1f}% | <= 10% | {ok(cost('stdr', 'bare') <= 10)} |",
     f"| full path with Redis state (batched) vs the 4-hook gateway | {cost('fullr', 'h4'):.1f}% | <= 15% | {ok(cost('fullr', 'h4') <= 15)} |",
+    f"| what Redis adds (batched): standard path, Redis vs local state | {cost('stdr', 'std'):.1f}% | (reported) | - |",
+    f"| what Redis adds (batched): full path, Redis vs local state | {cost('fullr', 'full'):.1f}% | (reported) | - |",
     f"| standard path with Redis state (exact) vs no accounts | {cost('stdx', 'bare'):.1f}% | (reported) | - |",
     f"| full path with Redis state (exact) vs the 4-hook gateway | {cost('fullx', 'h4'):.1f}% | (reported) | - |",
     "",

@@ -89,6 +89,8 @@ async fn statuses(tasks: Vec<tokio::task::JoinHandle<Vec<u16>>>) -> Vec<u16> {
 const CHAT_TOKENS: i64 = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The figure as it is stated: three gateways, one Redis, a
+/// per-key limit of N per minute, load for one whole minute.
 async fn three_gateways_admit_a_shared_limit_within_the_documented_bound() {
     let Some(redis) = Redis::start("fleet-bound") else {
         return;
@@ -103,19 +105,20 @@ async fn three_gateways_admit_a_shared_limit_within_the_documented_bound() {
     ];
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let tasks = load(gws.iter().map(|g| g.base.clone()).collect(), 24, Arc::clone(&stop));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tasks = load(gws.iter().map(|g| g.base.clone()).collect(), 12, Arc::clone(&stop));
+    tokio::time::sleep(Duration::from_secs(60)).await;
     stop.store(true, Ordering::Relaxed);
     let all = statuses(tasks).await;
     let secs = started.elapsed().as_secs_f64();
     let ok = all.iter().filter(|s| **s == 200).count() as f64;
     let limited = all.iter().filter(|s| **s == 429).count();
     assert_eq!(ok as usize + limited, all.len(), "only 200 and 429");
-    // One exact counter admits the bucket (600) plus its refill; the
-    // fleet may add nodes x room = 3 x 6.
+    // One exact counter admits the bucket (600) plus its refill (600 in a
+    // minute); the fleet may add nodes x room = 3 x 6. It must not admit
+    // much less either: at most that, and a second of refill, below.
     let exact = 600.0 + (secs * 600.0 / 60.0).ceil();
     assert!(
-        ok >= 600.0 && ok <= exact + 18.0,
+        ok >= exact - 18.0 - 10.0 && ok <= exact + 18.0,
         "{ok} admitted in {secs:.2}s; one counter: {exact}, bound: {}",
         exact + 18.0
     );
