@@ -1,8 +1,10 @@
 //! One usage store for a fleet (docs/adr/052): gateways on one Redis write
 //! their ledger rows to one PostgreSQL database, and `llmproxy usage`
-//! reports the fleet from it. Real servers on 127.0.0.1: `redis-server`,
-//! PostgreSQL (Debian's, started by the test), `llmproxy serve` processes
-//! stopped with SIGTERM.
+//! reports the fleet from it, with the SQLite ledger's guarantees: nothing
+//! lost on SIGTERM, at most the last flush interval on `kill -9`, nothing
+//! lost or written twice across cut connections and a database restart.
+//! Real servers on 127.0.0.1: `redis-server`, PostgreSQL (Debian's,
+//! started by the test), `llmproxy serve` processes.
 
 mod common;
 
@@ -20,13 +22,17 @@ fn base(s: &Serve) -> String {
 }
 
 fn write_config(dir: &Path, mock: &str, redis: &str, pg: &str) -> PathBuf {
+    write_config_flush(dir, mock, redis, pg, 20)
+}
+
+fn write_config_flush(dir: &Path, mock: &str, redis: &str, pg: &str, flush_ms: u64) -> PathBuf {
     let config = dir.join("gateway.yaml");
     std::fs::write(
         &config,
         format!(
             "backends:\n{}keys:\n  - {{key: sk-1, user_id: u1}}\n  - {{key: sk-2, user_id: u2}}\n\
              state: {{backend: redis, url: \"{redis}\", prefix: \"pgfleet:\"}}\n\
-             ledger: {{url: \"{pg}\", flush_ms: 20}}\n",
+             ledger: {{url: \"{pg}\", flush_ms: {flush_ms}}}\n",
             backend("m", mock)
         ),
     )
@@ -171,4 +177,50 @@ async fn a_postgres_restart_and_cut_connections_lose_no_row_and_write_none_twice
     let log = std::fs::read_to_string(&gw.log).unwrap();
     assert!(log.contains("ledger write failed, retrying"), "{log}");
     assert!(!log.contains("records lost"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_at_most_the_last_flush_interval() {
+    let Some(redis) = Redis::start("pgkill") else { return };
+    let Some(pg) = Postgres::start("kill") else { return };
+    let m = mock("m", |_| {}).await;
+    let dir = tempdir("pgkill");
+    let config = write_config_flush(&dir, &m.url(), &redis.url(), &pg.url(), 100);
+    let mut gw = Serve::start(&config, dir.join("serve.log")).await;
+    let done: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (done, stop, url) = (Arc::clone(&done), Arc::clone(&stop), gw.url());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = post(&url, &chat("gpt-4", json!({})), &[("authorization", "Bearer sk-1")]).await;
+                if r.status != 200 {
+                    break;
+                }
+                done.lock().unwrap().push(std::time::Instant::now());
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = std::time::Instant::now();
+    gw.signal("-KILL");
+    stop.store(true, Ordering::Relaxed);
+    gw.wait_exit().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let done = done.lock().unwrap().clone();
+    // flush_ms 100, and the batch being committed: 250 ms.
+    let before = done
+        .iter()
+        .filter(|t| **t + Duration::from_millis(250) <= killed_at)
+        .count();
+    let rows: usize = pg.sql("SELECT COUNT(*) FROM usage").parse().unwrap();
+    assert!(before > 100, "{before} requests before the kill");
+    assert!(
+        rows >= before && rows <= done.len(),
+        "{rows} rows; {before} requests completed more than 250 ms before kill -9, {} in all",
+        done.len()
+    );
 }
