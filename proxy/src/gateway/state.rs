@@ -200,6 +200,13 @@ impl State {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
+                if b.has_work() {
+                    tracing::warn!(
+                        target: "llmproxy::state",
+                        "shutting down with counts not settled (Redis did not answer within the grace period): \
+                         the fleet does not see this node's last requests"
+                    );
+                }
             }
             while r.pending.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
