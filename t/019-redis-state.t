@@ -327,3 +327,38 @@ up: 200
 paused: 503 503 503 503 503 503 503 503
 skipped some: true
 back: 200
+
+
+
+=== TEST 10: an ACL user in the URL (redis://user:password@...): the module authenticates as that user, as the gateway does
+--- yaml
+keys:
+  - {key: sk-r10, user_id: a}
+limits: {key_rpm: 2}
+state: {backend: redis, url: "redis://llmacl:s3cret@127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t10:"}
+--- config
+    location = /drive {
+        content_by_lua_block {
+            local drive = require "llmproxy_drive"
+            -- The user exists before the module's first connection; the
+            -- default user has no password, so `AUTH s3cret` alone would
+            -- fail (the request would get 503).
+            local red = drive.redis($TEST_NGINX_REDIS_PORT)
+            assert(red:acl("setuser", "llmacl", "on", ">s3cret", "~*", "&*", "+@all"))
+            local port = ngx.var.server_port
+            local h = { Authorization = "Bearer sk-r10" }
+            local out = {}
+            for _ = 1, 3 do
+                out[#out + 1] = drive.chat(port, '{"model":"gpt-4"}', h)
+                ngx.sleep(0.02) -- the slot comes back in a timer after log()
+            end
+            local users = red:eval("return #redis.call('KEYS', 't10:k:*')", 0)
+            ngx.say(table.concat(out, " "), "; counters in Redis: ", tostring(users > 0))
+        }
+    }
+--- request
+GET /drive
+--- response_body
+200 200 429; counters in Redis: true
+--- no_error_log
+[error]
