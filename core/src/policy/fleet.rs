@@ -429,11 +429,6 @@ impl Fleet {
         })
     }
 
-    /// Requests of `key` in flight on this node.
-    pub fn in_flight(&self, key: &str) -> u64 {
-        self.keys.get(key).map_or(0, |v| v.in_flight)
-    }
-
     /// Is anything waiting to be settled?
     pub fn has_work(&self) -> bool {
         self.unacked.is_some() || self.global_pending != 0 || !self.queue.is_empty()

@@ -319,8 +319,8 @@ impl Shared {
             &mut out,
             AccountGauges {
                 ledger,
-                state_errors: self.state.errors(),
-                state_skipped: self.state.skipped(),
+                state_errors: self.state.stats().map_or(0, |s| r(&s.errors)),
+                state_skipped: self.state.stats().map_or(0, |s| r(&s.skipped)),
                 state_settlements: self
                     .state
                     .stats()

@@ -124,22 +124,6 @@ impl State {
         }
     }
 
-    /// Errors so far.
-    pub fn errors(&self) -> u64 {
-        match self {
-            State::Local(_) => 0,
-            State::Redis(r) => r.stats.errors.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Calls skipped by the breaker so far.
-    pub fn skipped(&self) -> u64 {
-        match self {
-            State::Local(_) => 0,
-            State::Redis(r) => r.skipped(),
-        }
-    }
-
     /// The counters of the state backend (`None` for the local one).
     pub fn stats(&self) -> Option<&StateStats> {
         match self {
@@ -456,11 +440,6 @@ impl RedisState {
             }
         }
         r
-    }
-
-    /// Calls skipped by the breaker so far.
-    pub fn skipped(&self) -> u64 {
-        self.stats.skipped.load(Ordering::Relaxed)
     }
 
     /// Is the breaker open (Redis taken as down)?
