@@ -187,30 +187,7 @@ async fn kill_9_loses_at_most_the_last_flush_interval() {
     let dir = tempdir("pgkill");
     let config = write_config_flush(&dir, &m.url(), &redis.url(), &pg.url(), 100);
     let mut gw = Serve::start(&config, dir.join("serve.log")).await;
-    let done: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let (done, stop, url) = (Arc::clone(&done), Arc::clone(&stop), gw.url());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let r = post(&url, &chat("gpt-4", json!({})), &[("authorization", "Bearer sk-1")]).await;
-                if r.status != 200 {
-                    break;
-                }
-                done.lock().unwrap().push(std::time::Instant::now());
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let killed_at = std::time::Instant::now();
-    gw.signal("-KILL");
-    stop.store(true, Ordering::Relaxed);
-    gw.wait_exit().await;
-    for t in tasks {
-        let _ = t.await;
-    }
-    let done = done.lock().unwrap().clone();
+    let (done, killed_at) = kill_9_under_load(&mut gw, "sk-1", Duration::from_millis(1500)).await;
     // flush_ms 100, and the batch being committed: 250 ms.
     let before = done
         .iter()

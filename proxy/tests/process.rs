@@ -175,30 +175,7 @@ async fn kill_9_loses_at_most_the_last_250_ms() {
     )
     .unwrap();
     let mut gw = Serve::start(&config, dir.join("serve.log")).await;
-    let done: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let (done, stop, url) = (done.clone(), stop.clone(), gw.url());
-        tasks.push(tokio::spawn(async move {
-            let c = http();
-            while !stop.load(Ordering::Relaxed) {
-                match call(&c, &url, "sk-1", &chat("gpt-4", json!({})), &[]).await {
-                    Ok((200, _)) => done.lock().unwrap().push(Instant::now()),
-                    _ => break,
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let killed_at = Instant::now();
-    gw.signal("-KILL");
-    stop.store(true, Ordering::Relaxed);
-    gw.wait_exit().await;
-    for t in tasks {
-        let _ = t.await;
-    }
-    let done = done.lock().unwrap().clone();
+    let (done, killed_at) = kill_9_under_load(&mut gw, "sk-1", Duration::from_millis(1500)).await;
     let before = done
         .iter()
         .filter(|t| **t + Duration::from_millis(250) <= killed_at)

@@ -685,3 +685,44 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
+
+/// Load `gw` with chats of `key` from 8 keep-alive connections for
+/// `load_for`, then `kill -9` it: when each 200 was answered, and when the
+/// kill was sent. (The ledger tests count what survived against these.)
+pub async fn kill_9_under_load(gw: &mut Serve, key: &str, load_for: Duration) -> (Vec<Instant>, Instant) {
+    let done: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (done, stop, url) = (Arc::clone(&done), Arc::clone(&stop), gw.url());
+        let auth = format!("Bearer {key}");
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let body = Bytes::from(chat("gpt-4", serde_json::json!({})).to_string());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = Request::post(&url)
+                    .header("authorization", &auth)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .unwrap();
+                // A request cut by the kill ends the task.
+                let Ok(resp) = c.request(req).await else { break };
+                let ok = resp.status() == 200;
+                if resp.into_body().collect().await.is_err() || !ok {
+                    break;
+                }
+                done.lock().unwrap().push(Instant::now());
+            }
+        }));
+    }
+    tokio::time::sleep(load_for).await;
+    let killed_at = Instant::now();
+    gw.signal("-KILL");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    gw.wait_exit().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let done = done.lock().unwrap().clone();
+    (done, killed_at)
+}
