@@ -148,12 +148,15 @@ async fn a_script_past_the_inline_budget_runs_again_on_a_hook_thread() {
     let m = mock("m", |_| {}).await;
     let scripts = format!(
         "scripts:\n  routing:\n    timeout_ms: 500\n    script: |\n{}",
-        script("if request.body.burn then\n  local t0 = time.now()\n  while time.now() - t0 < 0.03 do end\nend\nreturn \"m\"")
+        script("if request.body.burn then\n  local t0 = time.now()\n  while time.now() - t0 < 0.08 do end\nend\nreturn \"m\"")
     );
     let offloaded = |reason: &str| format!("llmproxy_hook_jobs_offloaded_total{{reason=\"{reason}\"}}");
     let calls = "llmproxy_hook_calls_total{hook=\"routing\"}";
     let timeouts = "llmproxy_hook_errors_total{hook=\"routing\",kind=\"timeout\"}";
-    for budget in [1, 0] {
+    // A budget well above a fast call's cost, so that a loaded machine
+    // (CI runs the suites in parallel on two cores) does not push a fast
+    // call past it.
+    for budget in [20, 0] {
         let y = format!(
             "backends:\n{}gateway:\n  inline_budget_ms: {budget}\n{scripts}",
             backend("m", &m.url())
@@ -193,13 +196,14 @@ async fn a_stream_event_past_the_inline_budget_is_transformed_once() {
 local d = response.body.choices and response.body.choices[1] and response.body.choices[1].delta
 if d and d.content == " the" then
   local t0 = time.now()
-  while time.now() - t0 < 0.02 do end
+  while time.now() - t0 < 0.08 do end
 end
 local copy = json.decode(json.encode(response.body))
 copy.mark = "t"
 return {body = copy}"#;
+    // The budget is well above a fast event's cost (see above).
     let y = format!(
-        "backends:\n{}scripts:\n  response_transform:\n    timeout_ms: 500\n    script: |\n{}",
+        "backends:\n{}gateway:\n  inline_budget_ms: 20\nscripts:\n  response_transform:\n    timeout_ms: 500\n    script: |\n{}",
         backend("m", &m.url()),
         script(transform)
     );
