@@ -32,7 +32,10 @@ pub struct PoolStats {
 }
 
 struct Inner {
-    idle: Vec<Vm>,
+    /// Boxed, as `PooledVm` holds them: a checkout and a checkin move a
+    /// pointer, not the whole `Vm`.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<Vm>>,
     stats: PoolStats,
     /// Callers blocked in `checkout`: a checkin wakes one only if there is
     /// one (a futex wake per call was a syscall per hook call).
@@ -85,14 +88,16 @@ impl Pool {
 
     /// Take a VM, creating one if the pool is below capacity, else waiting.
     pub(crate) fn checkout(&self) -> Result<PooledVm<'_>, HookError> {
-        let deadline = Instant::now() + Duration::from_millis(self.config.checkout_timeout_ms);
         let mut inner = self.lock();
+        // Read the clock only when the pool is exhausted.
+        let mut deadline = None;
         loop {
             inner = match self.take(inner) {
                 Ok(taken) => return taken,
                 Err(inner) => inner,
             };
             let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + Duration::from_millis(self.config.checkout_timeout_ms));
             if now >= deadline {
                 return Err(HookError::new(
                     ErrorKind::Internal,
@@ -145,7 +150,7 @@ impl Pool {
         inner.stats.alive += 1;
         inner.stats.created += 1;
         drop(inner);
-        Ok(Vm::new().map(pooled).inspect_err(|_| {
+        Ok(Vm::new().map(Box::new).map(pooled).inspect_err(|_| {
             let mut inner = self.lock();
             inner.stats.alive -= 1;
             self.wake_one(&inner);
@@ -159,7 +164,7 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, vm: Vm, healthy: bool) {
+    fn checkin(&self, vm: Box<Vm>, healthy: bool) {
         let mut keep = healthy && !vm.poisoned();
         let mut recycled = false;
         if keep && vm.calls >= self.config.recycle_after_calls {
@@ -197,7 +202,9 @@ impl Pool {
 /// unless the call marked it healthy (so a panic mid-call discards it).
 pub(crate) struct PooledVm<'a> {
     pool: &'a Pool,
-    vm: Option<Vm>,
+    /// Boxed: a `Vm` is a few hundred bytes, moved in and out of the idle
+    /// list on every call.
+    vm: Option<Box<Vm>>,
     healthy: bool,
 }
 

@@ -559,6 +559,30 @@ return {seen = tostring(request.user_id) .. "," .. tostring(request.headers["x-k
         ]),
         Case::new(
             G,
+            "Leak a value put into a request view with table.insert",
+            "call 1 reads `request.body.metadata.user` and writes into `request`, `request.body` and `metadata` with `table.insert` (a raw write, no `__newindex`); call 2 (the views re-armed) reads the same",
+            r#"if phase == 1 then
+  local _ = request.body.metadata.user
+  table.insert(request, "leaked")
+  table.insert(request.body, "leaked")
+  table.insert(request.body.metadata, "leaked")
+  return {done = 1}
+end
+return {seen = tostring(request[1]) .. "," .. tostring(request.body[1]) .. "," .. tostring(request.body.metadata[1]) .. "," .. tostring(request.body.metadata.team) .. "," .. tostring(request.body.metadata.user)}"#,
+            Expect::Survives,
+        )
+        .steps(vec![
+            Step {
+                input: json!({"phase": 1, "request": {"id": "r1", "body": {"model": "gpt-4", "metadata": {"team": "a", "user": "alice"}}}}),
+                expect: done(),
+            },
+            Step {
+                input: json!({"phase": 2, "request": {"id": "r2", "body": {"metadata": {"team": "b"}}}}),
+                expect: value(json!({"seen": "nil,nil,nil,b,nil"})),
+            },
+        ]),
+        Case::new(
+            G,
             "Leak a closure over call 1's environment",
             "call 1 hides a closure in every reachable shared place; call 2 looks for it",
             r#"if phase == 1 then

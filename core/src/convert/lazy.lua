@@ -1,5 +1,5 @@
 --- Lazy tables: the Lua half of `convert/lazy.rs`.
--- Loaded once per VM with the Rust callbacks and a few raw base functions;
+-- Loaded once per VM with the Rust loaders and a few raw base functions;
 -- scripts never see this chunk or its upvalues.
 -- @module llmproxy.lazy
 
@@ -17,6 +17,7 @@ local getmetatable = rust.getmetatable
 local type = rust.type
 local next = rust.next
 local lower = rust.lower
+local ARRAY_MT = rust.array_mt
 
 -- Marks the metatable of a lazy table. Scripts cannot reach it: the
 -- sandbox's `getmetatable` materialises a lazy table first, which removes
@@ -27,6 +28,24 @@ local LAZY = {}
 
 local lazy
 
+-- Metatable of `request.headers` and `response.headers`: a name not found
+-- as written is looked up case-insensitively, as `ngx.req.get_headers()`
+-- does. Shared by every headers table of the VM, hence protected.
+local headers_mt = { __metatable = false }
+
+function headers_mt.__index(headers, name)
+    if type(name) ~= "string" then
+        return nil
+    end
+    local wanted = lower(name)
+    for key, value in next, headers do
+        if type(key) == "string" and lower(key) == wanted then
+            return value
+        end
+    end
+    return nil
+end
+
 -- Metatable of every cache: a read of a field not cached yet converts it.
 local cache_mt = {}
 
@@ -35,7 +54,7 @@ function cache_mt.__index(cache, key)
         return nil
     end
     local generation = rawget(cache, GENERATION)
-    local value, child = load_field(rawget(cache, SOURCE), generation, key)
+    local value, child = load_field(rawget(cache, SOURCE), generation, key, ARRAY_MT, headers_mt)
     if child then
         value = lazy(child, generation)
     end
@@ -56,7 +75,7 @@ local function materialize(t)
     local cache = rawget(mt, "__index")
     setmetatable(t, nil)
     local generation = rawget(cache, GENERATION)
-    local children = load_missing(cache, rawget(cache, SOURCE), generation)
+    local children = load_missing(cache, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt)
     if children then
         for i = 1, #children, 2 do
             rawset(cache, children[i], lazy(children[i + 1], generation))
@@ -74,76 +93,126 @@ local function newindex(t, key, value)
     rawset(t, key, value)
 end
 
+-- A view can be re-armed for a later call when the script left it as it
+-- was made: its metatable in place (nothing materialized it) and the table
+-- itself empty (`table.insert` writes into it raw, without `__newindex`).
+local function untouched(t, mt)
+    return getmetatable(t) == mt and next(t) == nil
+end
+
+-- A new view over source `slot` of the call `generation`: the (empty)
+-- table, its metatable and its cache.
+local function fresh(slot, generation)
+    local cache = setmetatable({ [SOURCE] = slot, [GENERATION] = generation }, cache_mt)
+    local mt = { __index = cache, __newindex = newindex, [LAZY] = true }
+    return setmetatable({}, mt), mt, cache
+end
+
+-- Empty `cache` and point it at source `slot` of the call `generation`.
+local function rearm(cache, slot, generation)
+    for key in next, cache do
+        rawset(cache, key, nil)
+    end
+    rawset(cache, SOURCE, slot)
+    rawset(cache, GENERATION, generation)
+end
+
+-- The views made for JSON objects inside the inputs (`request.body`,
+-- `request.body.metadata`, ...), kept for the next calls as the globals'
+-- views are (see `arm`): `spare_*` can be taken by this call, `used_*`
+-- were handed out by it. A view costs three tables; re-arming one costs
+-- emptying its cache.
+local spare_t, spare_mt, spare_cache, spares = {}, {}, {}, 0
+local used_t, used_mt, used_cache, used = {}, {}, {}, 0
+
 --- A lazy table over source `slot` of the call `generation`.
 -- @tparam number slot the source's index in the call's source list
 -- @tparam number generation the call's generation
 -- @treturn table the (empty) lazy table
 function lazy(slot, generation)
-    local cache = setmetatable({ [SOURCE] = slot, [GENERATION] = generation }, cache_mt)
-    return setmetatable({}, { __index = cache, __newindex = newindex, [LAZY] = true })
+    local t, mt, cache
+    while spares > 0 do
+        t, mt, cache = spare_t[spares], spare_mt[spares], spare_cache[spares]
+        spares = spares - 1
+        if untouched(t, mt) then
+            rearm(cache, slot, generation)
+            break
+        end
+        t = nil
+    end
+    if not t then
+        t, mt, cache = fresh(slot, generation)
+    end
+    used = used + 1
+    used_t[used], used_mt[used], used_cache[used] = t, mt, cache
+    return t
+end
+
+-- Hand the views the last call used to the next one. The lists keep their
+-- entries past the counts (overwritten later): a view stays alive until
+-- its slot is reused, which bounds them by the most views one call made.
+local function recycle()
+    for i = 1, used do
+        spares = spares + 1
+        spare_t[spares], spare_mt[spares], spare_cache[spares] = used_t[i], used_mt[i], used_cache[i]
+    end
+    used = 0
 end
 
 -- The views of the lazy globals, kept from one call to the next by index in
 -- `NAMES`: the table, its metatable and its cache. An untouched view is
 -- re-armed for the next call (its cache emptied and pointed at the new
 -- source), which saves three tables per global per call; one a script
--- materialized has lost its metatable and is replaced. Scripts cannot reach
--- a cache, and cannot keep a view past their call (the environment is
--- emptied), so a re-armed view shows nothing of the previous call. What a
--- cache held stays alive until the next call on this VM.
+-- materialized or wrote into is replaced. Scripts cannot reach a cache,
+-- and cannot keep a view past their call (the environment is emptied), so
+-- a re-armed view shows nothing of the previous call. What a cache held
+-- stays alive until the next call on this VM.
 local shell_t, shell_mt, shell_cache = {}, {}, {}
 
 local function arm(index, slot, generation)
     local t, mt = shell_t[index], shell_mt[index]
-    if t and getmetatable(t) == mt then
-        local cache = shell_cache[index]
-        for key in next, cache do
-            rawset(cache, key, nil)
-        end
-        rawset(cache, SOURCE, slot)
-        rawset(cache, GENERATION, generation)
+    if t and untouched(t, mt) then
+        rearm(shell_cache[index], slot, generation)
         return t
     end
-    t = lazy(slot, generation)
-    mt = getmetatable(t)
-    shell_t[index], shell_mt[index], shell_cache[index] = t, mt, rawget(mt, "__index")
+    local cache
+    t, mt, cache = fresh(slot, generation)
+    shell_t[index], shell_mt[index], shell_cache[index] = t, mt, cache
     return t
 end
 
---- Run one call: set the call's lazy globals in `env`, then the chunk.
+-- Most globals an environment may hold after a call and still be reused
+-- (the Rust side's `MAX_REUSED_GLOBALS`).
+local MAX_GLOBALS = rust.max_globals
+
+--- Run one call: set the call's lazy globals in `env`, run the chunk, then
+-- empty `env` for the next call (keeping `_G`).
 -- @tparam function chunk the compiled script (its environment is `env`)
 -- @tparam table env the VM's environment
 -- @tparam number generation the call's generation
 -- @tparam number name1 first lazy global (index in `NAMES`, 0 for none),
 -- with its source `slot1`
 -- @tparam number name2 second lazy global, with its source `slot2`
--- @return what the chunk returns
+-- @return the chunk's first result, and whether `env` was emptied (false
+-- when the call left more than `MAX_GLOBALS` globals: the VM is then
+-- discarded, as emptying that table would walk all of it on every later
+-- call). When the chunk raises, the VM empties `env` itself.
 local function run(chunk, env, generation, name1, slot1, name2, slot2)
+    recycle()
     if name1 ~= 0 then
         rawset(env, NAMES[name1], arm(name1, slot1, generation))
     end
     if name2 ~= 0 then
         rawset(env, NAMES[name2], arm(name2, slot2, generation))
     end
-    return chunk()
-end
-
--- Metatable of `request.headers` and `response.headers`: a name not found
--- as written is looked up case-insensitively, as `ngx.req.get_headers()`
--- does. Shared by every headers table of the VM, hence protected.
-local headers_mt = { __metatable = false }
-
-function headers_mt.__index(headers, name)
-    if type(name) ~= "string" then
-        return nil
+    local result = chunk()
+    local n = 0
+    for key in next, env do
+        rawset(env, key, nil)
+        n = n + 1
     end
-    local wanted = lower(name)
-    for key, value in next, headers do
-        if type(key) == "string" and lower(key) == wanted then
-            return value
-        end
-    end
-    return nil
+    rawset(env, "_G", env)
+    return result, n <= MAX_GLOBALS
 end
 
 return { materialize = materialize, run = run, headers_mt = headers_mt }

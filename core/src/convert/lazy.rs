@@ -20,13 +20,14 @@
 //! of its own per table: with those, building the inputs cost as much as
 //! the routing script they fed.
 
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void, CStr};
 use std::sync::Arc;
 
+use mlua::ffi::{self, lua_State};
 use mlua::{Function, LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::Value;
 
-use super::json_to_lua;
+use super::fields::{self, Field, Fields, PushTo};
 
 const LAZY_LUA: &str = include_str!("lazy.lua");
 
@@ -40,55 +41,6 @@ const MAX_DEFERRED: usize = 2;
 /// not its name: pushing a string while the call's memory limit is armed
 /// costs mlua a protected call.
 const LAZY_GLOBALS: [&str; 3] = ["request", "response", "backends"];
-
-/// Data a lazy table reads field by field.
-pub(crate) trait Fields {
-    /// Every field that is present, in the order encoding writes them.
-    fn names(&self) -> Vec<&str>;
-    /// Field `name` (`nil` when absent).
-    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded>;
-    /// The JSON of field `name`, for encoding a field no script read.
-    fn json(&self, name: &str) -> Option<Value>;
-}
-
-/// A field as [`Fields::load`] gives it.
-pub(crate) enum Loaded {
-    /// Converted.
-    Value(LuaValue),
-    /// A JSON object, seen as a lazy table of its own.
-    Lazy(Arc<Value>),
-}
-
-impl Loaded {
-    /// `value` as a lazy table when it is an object, converted otherwise.
-    pub fn json(lua: &Lua, value: &Arc<Value>) -> mlua::Result<Loaded> {
-        if value.is_object() {
-            Ok(Loaded::Lazy(Arc::clone(value)))
-        } else {
-            json_to_lua(lua, value).map(Loaded::Value)
-        }
-    }
-}
-
-/// A JSON object's top-level fields, in their original order.
-impl Fields for Value {
-    fn names(&self) -> Vec<&str> {
-        self.as_object()
-            .map(|o| o.keys().map(String::as_str).collect())
-            .unwrap_or_default()
-    }
-
-    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded> {
-        match self.get(name) {
-            Some(field) => json_to_lua(lua, field).map(Loaded::Value),
-            None => Ok(Loaded::Value(LuaValue::Nil)),
-        }
-    }
-
-    fn json(&self, name: &str) -> Option<Value> {
-        self.get(name).cloned()
-    }
-}
 
 /// Where a lazy table's fields come from.
 #[derive(Clone)]
@@ -149,18 +101,14 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
     rust.raw_set("names", LAZY_GLOBALS)?;
     rust.raw_set("source_key", SOURCE_KEY)?;
     rust.raw_set("generation_key", GENERATION_KEY)?;
-    rust.raw_set(
-        "load_field",
-        lua.create_function(|lua, (slot, generation, key): (f64, f64, LuaValue)| {
-            load_field(lua, slot, generation, key)
-        })?,
-    )?;
-    rust.raw_set(
-        "load_missing",
-        lua.create_function(|lua, (cache, slot, generation): (Table, f64, f64)| {
-            load_missing(lua, &cache, slot, generation)
-        })?,
-    )?;
+    // SAFETY: both are raw C functions that follow the Lua C API and raise
+    // errors only with nothing of their own left to drop (see `load_field`).
+    unsafe {
+        rust.raw_set("load_field", lua.create_c_function(load_field)?)?;
+        rust.raw_set("load_missing", lua.create_c_function(load_missing)?)?;
+    }
+    rust.raw_set("array_mt", super::markers(lua)?.array_mt.clone())?;
+    rust.raw_set("max_globals", crate::vm::MAX_REUSED_GLOBALS)?;
     let module: Table = lua.load(LAZY_LUA).set_name("=llmproxy.lazy").call(rust)?;
     lua.set_app_data(HeadersMt(module.raw_get("headers_mt")?));
     Ok(LazyLua {
@@ -258,67 +206,205 @@ fn source_of(lua: &Lua, cache: &Table) -> mlua::Result<Source> {
 
 /// Source `slot` of the call `generation`; an error for another call's.
 fn source_at(lua: &Lua, slot: f64, generation: f64) -> mlua::Result<Source> {
+    source_in(lua, slot, generation).map_err(|e| mlua::Error::runtime(e.to_string_lossy()))
+}
+
+/// [`source_at`], with its error as a static text: the raw loaders raise it
+/// with nothing owned on their frames.
+fn source_in(lua: &Lua, slot: f64, generation: f64) -> Result<Source, &'static CStr> {
     let s = lua
         .app_data_ref::<CallSources>()
-        .ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+        .ok_or(c"llmproxy: lazy sources missing")?;
     if generation != s.generation as f64 {
-        return Err(mlua::Error::runtime("llmproxy: a lazy table outlived its call"));
+        return Err(c"llmproxy: a lazy table outlived its call");
     }
     s.sources
         .get(slot as usize)
         .cloned()
-        .ok_or_else(|| mlua::Error::runtime("llmproxy: a lazy table lost its source"))
+        .ok_or(c"llmproxy: a lazy table lost its source")
 }
 
-/// The loader behind every cache's `__index`: field `key` of source `slot`,
-/// converted; or `nil` and the slot of a new source when the field is a
-/// JSON object, which `lazy.lua` turns into a lazy table.
-fn load_field(lua: &Lua, slot: f64, generation: f64, key: LuaValue) -> mlua::Result<(LuaValue, Option<f64>)> {
-    let LuaValue::String(name) = key else {
-        return Ok((LuaValue::Nil, None));
-    };
-    let Ok(name) = name.to_str() else {
-        return Ok((LuaValue::Nil, None));
-    };
-    let source = source_at(lua, slot, generation)?;
-    match outside_limit(lua, || source.fields().load(lua, &name))? {
-        Loaded::Value(v) => Ok((v, None)),
-        Loaded::Lazy(object) => {
-            let child = sources_mut(lua)?.push(Source::Json(object));
-            Ok((LuaValue::Nil, Some(child as f64)))
+/// Stack positions of the raw loaders' arguments after their own three.
+const ARRAY_MT_ARG: c_int = 4;
+const HEADERS_MT_ARG: c_int = 5;
+
+/// `load_field(slot, generation, key, array_mt, headers_mt)`, the loader
+/// behind every cache's `__index`: field `key` of source `slot`, converted;
+/// or `nil` and the slot of a new source when the field is a JSON object,
+/// which `lazy.lua` turns into a lazy table.
+///
+/// A raw C function, not an mlua callback: the callback's argument
+/// conversion, its own protection and the registry references of the
+/// values it returned cost several times the conversion.
+///
+/// # Safety
+/// Called by Lua only, as `lazy.lua` does. Errors are raised with a static
+/// message after everything this frame owns is dropped; an allocation
+/// failure while pushing (the memory limit is lifted, so only a real
+/// out-of-memory) unwinds through frames that own at most a `Source` and
+/// the number lists, which unwinding drops.
+unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
+    // SAFETY: the function's contract; `key_at` reads a string argument
+    // that stays on the stack below everything pushed here.
+    unsafe {
+        let Some(name) = key_at(state, 3) else {
+            ffi::lua_pushnil(state);
+            return 1;
+        };
+        let lua = Lua::get_or_init_from_ptr(state);
+        let source = match source_in(lua, ffi::lua_tonumber(state, 1), ffi::lua_tonumber(state, 2)) {
+            Ok(source) => source,
+            Err(message) => return ffi::luaL_error(state, message.as_ptr()),
+        };
+        let field = source.fields().field(name);
+        if let Field::Object(object) = field {
+            let child = push_source(lua, Source::Json(Arc::clone(object)));
+            drop(source);
+            return match child {
+                Ok(child) => {
+                    ffi::lua_pushnil(state);
+                    ffi::lua_pushnumber(state, child as f64);
+                    2
+                }
+                Err(message) => ffi::luaL_error(state, message.as_ptr()),
+            };
         }
+        if field.allocates() {
+            push_outside_limit(lua, |to| fields::push(state, &field, to));
+        } else {
+            push_in_place(lua, state, &field);
+        }
+        1
     }
 }
 
-/// Load every field of source `slot` that `cache` lacks into it, in one
-/// call (a script iterating a body would otherwise cross into Rust once per
-/// field). JSON objects come back as `{name, slot, ...}` for `lazy.lua` to
-/// wrap; `nil` when there are none.
-fn load_missing(lua: &Lua, cache: &Table, slot: f64, generation: f64) -> mlua::Result<Option<Table>> {
-    let source = source_at(lua, slot, generation)?;
-    let mut children = Vec::new();
-    outside_limit(lua, || {
+/// `load_missing(cache, slot, generation, array_mt, headers_mt)`: load
+/// every field of source `slot` that `cache` lacks into it, in one call (a
+/// script iterating a body would otherwise cross into Rust once per field).
+/// JSON objects come back as `{name, slot, ...}` for `lazy.lua` to wrap;
+/// `nil` when there are none.
+///
+/// # Safety
+/// As [`load_field`].
+unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
+    // SAFETY: the function's contract; the cache is argument 1.
+    unsafe {
+        let lua = Lua::get_or_init_from_ptr(state);
+        let source = match source_in(lua, ffi::lua_tonumber(state, 2), ffi::lua_tonumber(state, 3)) {
+            Ok(source) => source,
+            Err(message) => return ffi::luaL_error(state, message.as_ptr()),
+        };
         let fields = source.fields();
-        for name in fields.names() {
-            if cache.raw_get::<LuaValue>(name)?.is_nil() {
-                match fields.load(lua, name)? {
-                    Loaded::Value(v) => cache.raw_set(name, v)?,
-                    Loaded::Lazy(object) => children.push((name, object)),
+        let mut children = Vec::new();
+        push_outside_limit(lua, |to| {
+            for name in fields.names() {
+                ffi::luaL_checkstack(state, 2, std::ptr::null());
+                fields::push_str(state, name);
+                if ffi::lua_rawget(state, 1) != ffi::LUA_TNIL {
+                    ffi::lua_pop(state, 1);
+                    continue;
+                }
+                ffi::lua_pop(state, 1);
+                match fields.field(name) {
+                    Field::Object(object) => children.push((name, Arc::clone(object))),
+                    field => {
+                        fields::push_str(state, name);
+                        fields::push(state, &field, to);
+                        ffi::lua_rawset(state, 1);
+                    }
                 }
             }
+        });
+        if children.is_empty() {
+            ffi::lua_pushnil(state);
+            return 1;
         }
+        ffi::lua_createtable(state, c_int::try_from(children.len() * 2).unwrap_or(0), 0);
+        for (i, (name, object)) in children.into_iter().enumerate() {
+            let Ok(child) = push_source(lua, Source::Json(object)) else {
+                return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
+            };
+            fields::push_str(state, name);
+            ffi::lua_rawseti(state, -2, (2 * i + 1) as ffi::lua_Integer);
+            ffi::lua_pushnumber(state, child as f64);
+            ffi::lua_rawseti(state, -2, (2 * i + 2) as ffi::lua_Integer);
+        }
+        1
+    }
+}
+
+/// The string argument at `index` when it is valid UTF-8.
+///
+/// # Safety
+/// `state` is live; the returned text borrows the argument, which must stay
+/// on the stack while the text is used.
+unsafe fn key_at<'a>(state: *mut lua_State, index: c_int) -> Option<&'a str> {
+    // SAFETY: the caller's contract; `lua_tolstring` is only called on a
+    // string, so it converts nothing.
+    unsafe {
+        if ffi::lua_type(state, index) != ffi::LUA_TSTRING {
+            return None;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(state, index, &mut len);
+        if p.is_null() {
+            return None;
+        }
+        std::str::from_utf8(std::slice::from_raw_parts(p.cast::<u8>(), len)).ok()
+    }
+}
+
+/// Add a source to the current call; its slot.
+fn push_source(lua: &Lua, source: Source) -> Result<usize, &'static CStr> {
+    let mut s = lua
+        .app_data_mut::<CallSources>()
+        .ok_or(c"llmproxy: lazy sources missing")?;
+    Ok(s.push(source))
+}
+
+/// Push a field that allocates nothing in the Lua heap, with the memory
+/// limit as it is, and record its number.
+///
+/// # Safety
+/// As [`push_outside_limit`].
+unsafe fn push_in_place(lua: &Lua, state: *mut lua_State, field: &Field<'_>) {
+    let mut texts = Vec::new();
+    let mut plain = Vec::new();
+    // SAFETY: the caller's contract.
+    unsafe {
+        fields::push(
+            state,
+            field,
+            &mut PushTo {
+                array_mt: ARRAY_MT_ARG,
+                headers_mt: HEADERS_MT_ARG,
+                texts: &mut texts,
+                plain: &mut plain,
+            },
+        );
+    }
+    super::record_texts(lua, texts, &plain);
+}
+
+/// Run `push` with the memory limit lifted (see [`outside_limit`]) and the
+/// loaders' metatable arguments, then record the numbers it converted.
+///
+/// # Safety
+/// `push` pushes on a stack whose arguments 4 and 5 are the array marker
+/// and the headers metatable.
+unsafe fn push_outside_limit(lua: &Lua, push: impl FnOnce(&mut PushTo<'_>)) {
+    let mut texts = Vec::new();
+    let mut plain = Vec::new();
+    let _ = outside_limit(lua, || {
+        push(&mut PushTo {
+            array_mt: ARRAY_MT_ARG,
+            headers_mt: HEADERS_MT_ARG,
+            texts: &mut texts,
+            plain: &mut plain,
+        });
         Ok(())
-    })?;
-    if children.is_empty() {
-        return Ok(None);
-    }
-    let list = lua.create_table_with_capacity(children.len() * 2, 0)?;
-    for (name, object) in children {
-        let child = sources_mut(lua)?.push(Source::Json(object));
-        list.raw_push(name)?;
-        list.raw_push(child as f64)?;
-    }
-    Ok(Some(list))
+    });
+    super::record_texts(lua, texts, &plain);
 }
 
 /// The fields of a lazy table for the encoder: each name with the Lua value

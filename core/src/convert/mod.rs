@@ -30,11 +30,13 @@ use serde_json::{Map, Number, Value};
 
 use crate::stack;
 
+mod fields;
 pub(crate) mod lazy;
 mod numbers;
 pub mod parse;
 
-pub(crate) use lazy::{begin_call, defer, end_call, headers_metatable, run_args, Fields, Loaded};
+pub(crate) use fields::{push_str, Field, Fields, PushTable};
+pub(crate) use lazy::{begin_call, defer, end_call, run_args};
 pub(crate) use numbers::NumberTexts;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
@@ -100,7 +102,7 @@ impl Markers {
     }
 }
 
-fn markers(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, Markers>> {
+pub(super) fn markers(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, Markers>> {
     lua.app_data_ref::<Markers>()
         .ok_or_else(|| mlua::Error::runtime("llmproxy: conversion markers missing"))
 }
@@ -151,7 +153,7 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
 
 /// Record numbers whose text a double does not reproduce, and the doubles
 /// of the others (see [`numbers`]).
-fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
+pub(super) fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
     if found.is_empty() && plain.is_empty() {
         return;
     }
@@ -170,7 +172,7 @@ fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
 /// absolute index `array_mt`. Nesting is bounded by the input limits.
 /// Numbers a double changes are added to `texts`, the doubles of the
 /// others to `plain`.
-unsafe fn push_json(
+pub(super) unsafe fn push_json(
     state: *mut lua_State,
     value: &Value,
     array_mt: c_int,

@@ -28,9 +28,7 @@ pub use usage::{UsageInput, UsageMetadata, UsageRecord};
 
 pub(crate) use transform::drop_hop_by_hop;
 
-use std::ffi::c_int;
-
-use mlua::{ffi, Lua, Table};
+use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
 use crate::error::HookError;
@@ -50,35 +48,6 @@ pub trait HookInput {
     /// registered as lazy views of `self` (`convert::defer`), which the
     /// call drops before it returns.
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()>;
-}
-
-/// A headers table (`request.headers`, `response.headers`), built in one
-/// protected call on the raw stack. Names keep their case; a name not found
-/// as written is looked up case-insensitively (`convert::headers_metatable`).
-/// The last of two headers with one name wins.
-fn headers_to_lua(lua: &Lua, headers: &[(String, String)]) -> mlua::Result<mlua::Value> {
-    let mt = crate::convert::headers_metatable(lua)
-        .ok_or_else(|| mlua::Error::runtime("llmproxy: headers metatable missing"))?;
-    // SAFETY: `exec_raw` pushes the metatable (index 1) and runs the closure
-    // in a protected call (an allocation failure becomes the call's error;
-    // the closure owns nothing that needs dropping). It checks stack space
-    // for the table and a key and value above it, and leaves only the table
-    // on the stack (the metatable argument is removed), which `exec_raw`
-    // returns.
-    unsafe {
-        lua.exec_raw(&mt, |state| {
-            ffi::luaL_checkstack(state, 3, std::ptr::null());
-            ffi::lua_createtable(state, 0, c_int::try_from(headers.len()).unwrap_or(0));
-            for (k, v) in headers {
-                ffi::lua_pushlstring(state, k.as_ptr().cast(), k.len());
-                ffi::lua_pushlstring(state, v.as_ptr().cast(), v.len());
-                ffi::lua_rawset(state, -3);
-            }
-            ffi::lua_pushvalue(state, 1);
-            ffi::lua_setmetatable(state, -2);
-            ffi::lua_remove(state, 1);
-        })
-    }
 }
 
 /// The JSON of a headers table no script read: keys sorted, as the encoder

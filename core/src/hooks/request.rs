@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use mlua::{Lua, Value as LuaValue};
+use mlua::Lua;
 use serde_json::{Map, Value};
 
-use crate::convert::{self, Loaded};
+use crate::convert::{self, Field};
 
 /// What a script knows about the client's request. The body is parsed once
 /// per request by the host and shared by every hook of that request; scripts
@@ -138,17 +138,14 @@ impl convert::Fields for RequestInfo {
         names
     }
 
-    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded> {
+    fn field(&self, name: &str) -> Field<'_> {
         if let Some(v) = self.extra.get(name) {
-            return convert::json_to_lua(lua, v).map(Loaded::Value);
+            return Field::Json(v);
         }
         match name {
-            "body" => Loaded::json(lua, &self.body),
-            "headers" => super::headers_to_lua(lua, &self.headers).map(Loaded::Value),
-            other => match self.text(other) {
-                Some(s) => lua.create_string(s).map(|s| Loaded::Value(LuaValue::String(s))),
-                None => Ok(Loaded::Value(LuaValue::Nil)),
-            },
+            "body" => Field::json(&self.body),
+            "headers" => Field::Headers(&self.headers),
+            other => self.text(other).map_or(Field::Nil, Field::Text),
         }
     }
 

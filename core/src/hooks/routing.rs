@@ -3,12 +3,12 @@
 use std::ffi::c_int;
 
 use mlua::ffi;
-use mlua::{Lua, Table, Value as LuaValue};
+use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{json_type, HookInput, HookName, RequestInfo};
-use crate::convert::{self, Loaded};
+use crate::convert::{self, push_str, Field, PushTable};
 use crate::error::HookError;
 
 /// One backend as the routing script sees it (`backends[name]`).
@@ -77,11 +77,8 @@ impl convert::Fields for RoutingInput<'_> {
         names
     }
 
-    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded> {
-        match self.backend(name) {
-            Some(b) => backend_to_lua(lua, b).map(Loaded::Value),
-            None => Ok(Loaded::Value(LuaValue::Nil)),
-        }
+    fn field(&self, name: &str) -> Field<'_> {
+        self.backend(name).map_or(Field::Nil, |b| Field::Table(b))
     }
 
     fn json(&self, name: &str) -> Option<Value> {
@@ -106,44 +103,32 @@ impl RoutingInput<'_> {
     }
 }
 
-/// One backend's table, built in one protected call on the raw stack:
-/// through mlua each field was its own API call.
-fn backend_to_lua(lua: &Lua, b: &BackendStatus) -> mlua::Result<LuaValue> {
-    // SAFETY: `exec_raw` runs the closure in a protected call (an allocation
-    // failure becomes the call's error; the closure owns nothing that needs
-    // dropping). It checks stack space for the table and a key and value
-    // above it, and leaves only the table on the stack, which `exec_raw`
-    // returns.
-    unsafe {
-        lua.exec_raw((), |state| {
-            ffi::luaL_checkstack(state, 3, std::ptr::null());
+/// One backend's table, built on the raw stack: through mlua each field
+/// was its own API call.
+impl PushTable for BackendStatus {
+    unsafe fn push(&self, state: *mut ffi::lua_State) {
+        // SAFETY: the trait's contract: room for the table and a key and
+        // value above it; nothing here needs dropping.
+        unsafe {
             ffi::lua_createtable(state, 0, 5);
             push_str(state, "url");
-            push_str(state, &b.url);
+            push_str(state, &self.url);
             ffi::lua_rawset(state, -3);
             push_str(state, "healthy");
-            ffi::lua_pushboolean(state, c_int::from(b.healthy));
+            ffi::lua_pushboolean(state, c_int::from(self.healthy));
             ffi::lua_rawset(state, -3);
             for (key, n) in [
-                ("weight", f64::from(b.weight)),
-                ("latency_ms", b.latency_ms),
+                ("weight", f64::from(self.weight)),
+                ("latency_ms", self.latency_ms),
                 // As a Lua number, as mlua converted it: exact below 2^53.
-                ("active_connections", b.active_connections as f64),
+                ("active_connections", self.active_connections as f64),
             ] {
                 push_str(state, key);
                 ffi::lua_pushnumber(state, n);
                 ffi::lua_rawset(state, -3);
             }
-        })
+        }
     }
-}
-
-/// Push `s`.
-///
-/// # Safety
-/// `state` is live, inside a protected call, with room for one value.
-unsafe fn push_str(state: *mut ffi::lua_State, s: &str) {
-    ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
 }
 
 /// What the routing script decided.

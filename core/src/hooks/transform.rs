@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use mlua::{Lua, Table, Value as LuaValue};
+use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
 use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
-use crate::convert::{self, Loaded};
+use crate::convert::{self, Field};
 use crate::error::HookError;
 use crate::http::hop_by_hop;
 
@@ -90,14 +90,14 @@ impl convert::Fields for ResponseInfo {
         vec!["body", "headers", "is_stream", "status_code"]
     }
 
-    fn load(&self, lua: &Lua, name: &str) -> mlua::Result<Loaded> {
-        Ok(Loaded::Value(match name {
-            "body" => return Loaded::json(lua, &self.body),
-            "headers" => super::headers_to_lua(lua, &self.headers)?,
-            "is_stream" => LuaValue::Boolean(self.is_stream),
-            "status_code" => LuaValue::Number(f64::from(self.status_code)),
-            _ => LuaValue::Nil,
-        }))
+    fn field(&self, name: &str) -> Field<'_> {
+        match name {
+            "body" => Field::json(&self.body),
+            "headers" => Field::Headers(&self.headers),
+            "is_stream" => Field::Bool(self.is_stream),
+            "status_code" => Field::Number(f64::from(self.status_code)),
+            _ => Field::Nil,
+        }
     }
 
     fn json(&self, name: &str) -> Option<Value> {
