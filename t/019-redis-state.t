@@ -330,21 +330,22 @@ back: 200
 
 
 
-=== TEST 10: an ACL user in the URL (redis://user:password@...): the module authenticates as that user, as the gateway does
+=== TEST 10: an ACL user in the URL (redis://user:password@..., the password percent-encoded): the module authenticates as that user, as the gateway does
 --- yaml
 keys:
   - {key: sk-r10, user_id: a}
 limits: {key_rpm: 2}
-state: {backend: redis, url: "redis://llmacl:s3cret@127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t10:"}
+state: {backend: redis, url: "redis://llmacl:s3%3Acr%40t%25@127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t10:"}
 --- config
     location = /drive {
         content_by_lua_block {
             local drive = require "llmproxy_drive"
             -- The user exists before the module's first connection; the
-            -- default user has no password, so `AUTH s3cret` alone would
-            -- fail (the request would get 503).
+            -- default user has no password, so `AUTH <password>` alone
+            -- would fail (the request would get 503), as would the
+            -- password as written in the URL, undecoded.
             local red = drive.redis($TEST_NGINX_REDIS_PORT)
-            assert(red:acl("setuser", "llmacl", "on", ">s3cret", "~*", "&*", "+@all"))
+            assert(red:acl("setuser", "llmacl", "on", ">s3:cr@t%", "~*", "&*", "+@all"))
             local port = ngx.var.server_port
             local h = { Authorization = "Bearer sk-r10" }
             local out = {}

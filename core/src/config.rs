@@ -1217,12 +1217,9 @@ fn resolve_accounts(a: AccountSections<'_>, base_dir: &Path, problems: &mut Vec<
     }
     let st = a.state;
     if st.backend == StateBackend::Redis {
-        const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://"];
-        match &st.url {
-            Some(u) if SCHEMES.iter().any(|s| u.starts_with(s)) => {}
-            Some(u) => problems.push(format!(
-                "state.url: '{u}' must start with redis://, rediss:// (TLS), redis+sentinel:// or rediss+sentinel://"
-            )),
+        match st.url.as_deref().map(crate::redis_url::RedisUrl::parse) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => problems.push(format!("state.url: {e}")),
             None => problems.push(String::from("state.url: the redis backend needs a url")),
         }
     }

@@ -7,6 +7,18 @@ use crate::hooks::HookName;
 /// Cut `text` to at most `max` bytes on a character boundary, appending
 /// `marker` when something was cut. Used for script-controlled text that
 /// reaches logs (error messages, log lines).
+/// A URL as it may be shown in messages and logs: the password of its
+/// `user:password@` masked (`postgres://u:***@db/x`).
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
 pub(crate) fn truncate_utf8(text: &mut String, max: usize, marker: &str) {
     if text.len() <= max {
         return;
@@ -169,3 +181,22 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        for (url, shown) in [
+            ("redis://u:pw@h:1/2", "redis://u:***@h:1/2"),
+            ("redis://:pw@h", "redis://:***@h"),
+            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
+            ("redis://u@h", "redis://u@h"),
+            ("redis://h", "redis://h"),
+            ("/var/lib/usage.db", "/var/lib/usage.db"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+}

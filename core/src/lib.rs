@@ -43,6 +43,7 @@ pub mod keys;
 pub mod models;
 pub mod policy;
 pub mod pool;
+pub mod redis_url;
 pub mod sandbox;
 pub mod shared_state;
 pub mod stack;

@@ -69,70 +69,6 @@ impl Layout {
     }
 }
 
-/// Where and how to connect, from `redis://[[user]:password@]host:port[/db]`
-/// (what the nginx module's cosockets connect to; the gateway's client also
-/// takes TLS and Sentinel URLs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisUrl {
-    /// `host:port`.
-    pub addr: String,
-    /// The ACL user (`AUTH user password`), if any.
-    pub username: Option<String>,
-    /// `AUTH` password.
-    pub password: Option<String>,
-    /// `SELECT` database.
-    pub db: u32,
-}
-
-impl RedisUrl {
-    /// The host of [`RedisUrl::addr`] (brackets of an IPv6 address kept).
-    pub fn host(&self) -> &str {
-        self.addr.rsplit_once(':').map_or(self.addr.as_str(), |(h, _)| h)
-    }
-
-    /// The port of [`RedisUrl::addr`].
-    pub fn port(&self) -> u16 {
-        self.addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(6379)
-    }
-
-    /// Parse a `redis://` URL.
-    pub fn parse(url: &str) -> Result<RedisUrl, String> {
-        let rest = url.strip_prefix("redis://").ok_or_else(|| {
-            format!("'{url}': the nginx module connects to redis:// URLs (TLS and Sentinel are the gateway's)")
-        })?;
-        let (auth, rest) = match rest.rsplit_once('@') {
-            Some((a, r)) => (Some(a), r),
-            None => (None, rest),
-        };
-        let (hostport, db) = match rest.split_once('/') {
-            Some((h, d)) if !d.is_empty() => (h, d.parse::<u32>().map_err(|_| format!("'{url}': bad database"))?),
-            Some((h, _)) => (h, 0),
-            None => (rest, 0),
-        };
-        if hostport.is_empty() {
-            return Err(format!("'{url}': no host"));
-        }
-        let addr = if hostport.contains(':') && !hostport.ends_with(']') {
-            hostport.to_owned()
-        } else {
-            format!("{hostport}:6379")
-        };
-        let (username, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
-            Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
-            None => (None, None),
-        };
-        Ok(RedisUrl {
-            addr,
-            username: username.filter(|u| !u.is_empty()),
-            password: password.filter(|p| !p.is_empty()),
-            db,
-        })
-    }
-}
-
 /// How long an instance's announcement lives (ms); renewed every
 /// [`HEARTBEAT_MS`].
 pub const INSTANCE_TTL_MS: u64 = 15_000;
@@ -441,29 +377,6 @@ pub fn parse_settle_reply(items: &[String], keys: usize) -> Result<SettleReply, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!((u.host(), u.port()), ("127.0.0.1", 6380));
-        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!(
-            (u.addr.as_str(), u.db, u.password.as_deref()),
-            ("127.0.0.1:6380", 2, None)
-        );
-        let u = RedisUrl::parse("redis://:s3cret@localhost").unwrap();
-        assert_eq!(
-            (u.addr.as_str(), u.username.as_deref(), u.password.as_deref()),
-            ("localhost:6379", None, Some("s3cret"))
-        );
-        let u = RedisUrl::parse("redis://llm:s3:cret@h:1").unwrap();
-        assert_eq!(
-            (u.username.as_deref(), u.password.as_deref()),
-            (Some("llm"), Some("s3:cret"))
-        );
-        assert!(RedisUrl::parse("http://x").is_err());
-        assert!(RedisUrl::parse("redis://h:1/x").is_err());
-    }
 
     #[test]
     fn the_layout_is_stable() {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use llmproxy_core::config::{read_keys_file, AccountsConfig, StateBackend};
+use llmproxy_core::error::redact_url;
 use llmproxy_core::keys::{key_fingerprint, KeyRecord, KeyStatus};
 use serde_json::{json, Value};
 
@@ -558,20 +559,6 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<i64, String> {
     Ok(now.timestamp_millis() - secs * 1000)
 }
 
-/// A ledger source as it may be shown: a URL's password masked.
-fn redact(source: &str) -> String {
-    match (source.find("://"), source.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &source[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &source[..scheme + 3], &source[at..]),
-                None => source.to_owned(),
-            }
-        }
-        _ => source.to_owned(),
-    }
-}
-
 /// Run `llmproxy usage`.
 pub fn usage(
     config: Option<&Path>,
@@ -636,7 +623,7 @@ pub fn usage(
             r.map_err(|e| e.to_string())
         };
         if let Err(e) = r {
-            return fail(format!("{}: {e}", redact(p)));
+            return fail(format!("{}: {e}", redact_url(p)));
         }
     }
     if records {

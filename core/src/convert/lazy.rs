@@ -319,14 +319,22 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
             ffi::lua_pushnil(state);
             return 1;
         }
-        ffi::lua_createtable(state, c_int::try_from(children.len() * 2).unwrap_or(0), 0);
-        for (i, (name, object)) in children.into_iter().enumerate() {
-            let Ok(child) = push_source(lua, Source::Json(object)) else {
-                return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
-            };
+        let slots: Result<Vec<(&str, usize)>, _> = children
+            .into_iter()
+            .map(|(name, object)| push_source(lua, Source::Json(object)).map(|slot| (name, slot)))
+            .collect();
+        let slots = match slots {
+            Ok(slots) => slots,
+            Err(message) => {
+                drop(source);
+                return ffi::luaL_error(state, message.as_ptr());
+            }
+        };
+        ffi::lua_createtable(state, c_int::try_from(slots.len() * 2).unwrap_or(0), 0);
+        for (i, (name, slot)) in slots.iter().enumerate() {
             fields::push_str(state, name);
             ffi::lua_rawseti(state, -2, (2 * i + 1) as ffi::lua_Integer);
-            ffi::lua_pushnumber(state, child as f64);
+            ffi::lua_pushnumber(state, *slot as f64);
             ffi::lua_rawseti(state, -2, (2 * i + 2) as ffi::lua_Integer);
         }
         1

@@ -330,7 +330,8 @@ impl UserData for LuaEngine {
         // gateway's too.
         methods.add_method("state", |lua, this, ()| {
             use llmproxy_core::config::{StateBackend, StateMode, StateOnError};
-            use llmproxy_core::shared_state::{self as ss, RedisUrl};
+            use llmproxy_core::redis_url::RedisUrl;
+            use llmproxy_core::shared_state as ss;
             let cfg = &this.engine.config().state;
             let t = lua.create_table_with_capacity(0, 12)?;
             t.raw_set(
@@ -364,8 +365,15 @@ impl UserData for LuaEngine {
             t.raw_set("heartbeat_ms", ss::HEARTBEAT_MS)?;
             if cfg.backend == StateBackend::Redis {
                 let url = RedisUrl::parse(cfg.url.as_deref().unwrap_or("redis://127.0.0.1:6379"))
+                    .and_then(|u| u.for_nginx().map(|()| u))
                     .map_err(|e| mlua::Error::runtime(format!("state.url: {e}")))?;
-                t.raw_set("host", url.host())?;
+                // A cosocket connects to an IPv6 address in brackets.
+                let host = url.host();
+                if host.contains(':') {
+                    t.raw_set("host", format!("[{host}]"))?;
+                } else {
+                    t.raw_set("host", host)?;
+                }
                 t.raw_set("port", url.port())?;
                 t.raw_set("db", url.db)?;
                 t.raw_set("username", url.username.as_deref())?;

@@ -12,6 +12,10 @@
 //!   the sentinels at every (re)connection, so a failover is followed
 //!   without a restart.
 //!
+//! The URL is read by the core (`llmproxy_core::redis_url`), as for the
+//! nginx module; the client is built from its parts, so both hosts log in
+//! alike.
+//!
 //! Every call has a time limit (`state.timeout_ms`). The API (`cmd`,
 //! `eval`, [`Reply`], [`RedisError`]) is what the state backend and the
 //! operator commands use; nothing else here knows the crate.
@@ -20,9 +24,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use llmproxy_core::redis_url::RedisUrl;
 use redis::aio::MultiplexedConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, TlsCertificates, TlsMode};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisConnectionInfo, TlsCertificates,
+    TlsMode,
+};
 
 /// A reply from Redis.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,69 +179,6 @@ impl std::fmt::Debug for RedisClient {
     }
 }
 
-/// A sentinel URL's parts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SentinelUrl {
-    tls: bool,
-    username: Option<String>,
-    password: Option<String>,
-    sentinels: Vec<(String, u16)>,
-    master: String,
-    db: i64,
-}
-
-impl SentinelUrl {
-    fn parse(url: &str) -> Result<SentinelUrl, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("redis+sentinel://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("rediss+sentinel://") {
-            (true, r)
-        } else {
-            return Err(format!("'{url}' is not a redis+sentinel:// URL"));
-        };
-        let (auth, rest) = match rest.rsplit_once('@') {
-            Some((a, r)) => (Some(a), r),
-            None => (None, rest),
-        };
-        let (username, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
-            Some((u, p)) => (
-                Some(u.to_owned()).filter(|u| !u.is_empty()),
-                Some(p.to_owned()).filter(|p| !p.is_empty()),
-            ),
-            None => (None, None),
-        };
-        let (hosts, path) = rest
-            .split_once('/')
-            .ok_or_else(|| format!("'{url}': no master name (.../mymaster)"))?;
-        let (master, db) = match path.split_once('/') {
-            Some((m, d)) => (m, d.parse::<i64>().map_err(|_| format!("'{url}': bad database '{d}'"))?),
-            None => (path, 0),
-        };
-        if master.is_empty() {
-            return Err(format!("'{url}': no master name (.../mymaster)"));
-        }
-        let sentinels = hosts
-            .split(',')
-            .map(|h| {
-                let (host, port) = h.rsplit_once(':').unwrap_or((h, "26379"));
-                let port = port.parse::<u16>().map_err(|_| format!("'{url}': bad port in '{h}'"))?;
-                if host.is_empty() {
-                    return Err(format!("'{url}': a sentinel without a host"));
-                }
-                Ok((host.to_owned(), port))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        Ok(SentinelUrl {
-            tls,
-            username,
-            password,
-            sentinels,
-            master: master.to_owned(),
-            db,
-        })
-    }
-}
-
 /// The TLS roots for `rediss://`: `ca` (PEM) when given, else the system's.
 fn certificates(ca: Option<&[u8]>) -> TlsCertificates {
     TlsCertificates {
@@ -266,32 +211,56 @@ impl RedisClient {
         ca: Option<&[u8]>,
     ) -> Result<RedisClient, String> {
         install_crypto();
-        let source = if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
-            let s = SentinelUrl::parse(url)?;
-            let addrs = s.sentinels.iter().map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
-            let mut b = SentinelClientBuilder::new(addrs, &s.master, SentinelServerType::Master)
-                .map_err(|e| e.to_string())?
-                .set_client_to_redis_db(s.db);
-            if let Some(u) = &s.username {
-                b = b.set_client_to_redis_username(u);
+        let u = RedisUrl::parse(url)?;
+        let mut login = RedisConnectionInfo::default().set_db(i64::from(u.db));
+        if let Some(user) = &u.username {
+            login = login.set_username(user);
+        }
+        if let Some(password) = &u.password {
+            login = login.set_password(password);
+        }
+        let source = match &u.master {
+            Some(master) => {
+                let addrs = u.servers.iter().map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
+                let mut b = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+                    .map_err(|e| e.to_string())?
+                    .set_client_to_redis_db(i64::from(u.db));
+                if let Some(user) = &u.username {
+                    b = b.set_client_to_redis_username(user);
+                }
+                if let Some(password) = &u.password {
+                    b = b.set_client_to_redis_password(password);
+                }
+                if u.tls {
+                    b = b
+                        .set_client_to_redis_tls_mode(TlsMode::Secure)
+                        .set_client_to_redis_certificates(certificates(ca));
+                }
+                Source::Sentinel(tokio::sync::Mutex::new(b.build().map_err(|e| e.to_string())?))
             }
-            if let Some(p) = &s.password {
-                b = b.set_client_to_redis_password(p);
+            None => {
+                let (host, port) = (u.host().to_owned(), u.port());
+                let addr = if u.tls {
+                    ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: false,
+                        tls_params: None,
+                    }
+                } else {
+                    ConnectionAddr::Tcp(host, port)
+                };
+                let info = addr
+                    .into_connection_info()
+                    .map_err(|e| e.to_string())?
+                    .set_redis_settings(login);
+                let client = if u.tls {
+                    Client::build_with_tls(info, certificates(ca))
+                } else {
+                    Client::open(info)
+                };
+                Source::Direct(client.map_err(|e| e.to_string())?)
             }
-            if s.tls {
-                b = b
-                    .set_client_to_redis_tls_mode(TlsMode::Secure)
-                    .set_client_to_redis_certificates(certificates(ca));
-            }
-            Source::Sentinel(tokio::sync::Mutex::new(b.build().map_err(|e| e.to_string())?))
-        } else if url.starts_with("rediss://") {
-            Source::Direct(Client::build_with_tls(url, certificates(ca)).map_err(|e| e.to_string())?)
-        } else if url.starts_with("redis://") {
-            Source::Direct(Client::open(url).map_err(|e| e.to_string())?)
-        } else {
-            return Err(format!(
-                "'{url}' must start with redis://, rediss://, redis+sentinel:// or rediss+sentinel://"
-            ));
         };
         let n = connections.max(1);
         Ok(RedisClient {
@@ -413,37 +382,6 @@ pub fn instance_id() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sentinel_urls_parse_and_bad_ones_are_named() {
-        let u = SentinelUrl::parse("redis+sentinel://llm:pw@10.0.0.1:26379,10.0.0.2/mymaster/2").unwrap();
-        assert_eq!(
-            u,
-            SentinelUrl {
-                tls: false,
-                username: Some("llm".into()),
-                password: Some("pw".into()),
-                sentinels: vec![("10.0.0.1".into(), 26379), ("10.0.0.2".into(), 26379)],
-                master: "mymaster".into(),
-                db: 2,
-            }
-        );
-        let u = SentinelUrl::parse("rediss+sentinel://:pw@s1:5000/m").unwrap();
-        assert_eq!(
-            (u.tls, u.username, u.password.as_deref(), u.db),
-            (true, None, Some("pw"), 0)
-        );
-        for bad in [
-            "redis://h/m",
-            "redis+sentinel://h:1",
-            "redis+sentinel://h:1/",
-            "redis+sentinel://h:x/m",
-            "redis+sentinel://:1/m",
-            "redis+sentinel://h/m/x",
-        ] {
-            assert!(SentinelUrl::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn replies_of_every_kind_read_as_text_and_numbers() {
