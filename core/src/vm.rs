@@ -221,10 +221,6 @@ impl Vm {
         let memory = usize::try_from(spec.limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         self.calls += 1;
 
-        // Number texts are per call: what the last call read is forgotten.
-        if let Some(mut texts) = lua.app_data_mut::<convert::NumberTexts>() {
-            texts.clear();
-        }
         set_globals(lua, &self.env)
             .map_err(|e| HookError::bad_input(format!("cannot build the script's input: {e}")))?;
 

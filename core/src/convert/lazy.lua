@@ -18,6 +18,7 @@ local type = rust.type
 local next = rust.next
 local lower = rust.lower
 local ARRAY_MT = rust.array_mt
+local CALL_DATA = rust.call_data
 
 -- Marks the metatable of a lazy table. Scripts cannot reach it: the
 -- sandbox's `getmetatable` materialises a lazy table first, which removes
@@ -54,7 +55,7 @@ function cache_mt.__index(cache, key)
         return nil
     end
     local generation = rawget(cache, GENERATION)
-    local value, child = load_field(rawget(cache, SOURCE), generation, key, ARRAY_MT, headers_mt)
+    local value, child = load_field(rawget(cache, SOURCE), generation, key, ARRAY_MT, headers_mt, CALL_DATA)
     if child then
         value = lazy(child, generation)
     end
@@ -75,7 +76,7 @@ local function materialize(t)
     local cache = rawget(mt, "__index")
     setmetatable(t, nil)
     local generation = rawget(cache, GENERATION)
-    local children = load_missing(cache, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt)
+    local children = load_missing(cache, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt, CALL_DATA)
     if children then
         for i = 1, #children, 2 do
             rawset(cache, children[i], lazy(children[i + 1], generation))

@@ -13,13 +13,15 @@
 //! The tables are built in Lua (`lazy.lua`), inside the call's one protected
 //! call: a hook registers its inputs as sources ([`defer`]), and the VM runs
 //! `run(chunk, env, generation, name, slot, ...)`, which sets the lazy
-//! globals and tail-calls the script. Sources belong to one call:
-//! [`CallSources`] (VM app data) holds them, a cache holds the index of its
-//! source and the call's generation, and the VM forgets them when the call
-//! ends ([`end_call`]). No userdata, no mlua reference and no protected call
-//! of its own per table: with those, building the inputs cost as much as
-//! the routing script they fed.
+//! globals, runs the script and empties the environment. Sources belong to
+//! one call: [`CallData`] (VM app data) holds them, a cache holds the index
+//! of its source and the call's generation, and the VM forgets them when
+//! the call ends ([`end_call`]). No userdata, no mlua reference and no
+//! protected call of its own per table: with those, building the inputs
+//! cost as much as the routing script they fed. Fields are read by raw C
+//! loaders (ADR 054).
 
+use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ use mlua::{Function, LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::Value;
 
 use super::fields::{self, Field, Fields, PushTo};
+use super::NumberTexts;
 
 const LAZY_LUA: &str = include_str!("lazy.lua");
 
@@ -62,9 +65,21 @@ impl Source {
     }
 }
 
-/// The sources of the lazy tables of the current call (VM app data).
+/// What the conversions of the current call share (VM app data): the
+/// sources of its lazy tables and the texts of the numbers it converted.
+/// It stays at one address for the VM's life, and the raw loaders get a
+/// pointer to it as an argument: looking it up in the app data on every
+/// field read cost more than the read.
 #[derive(Default)]
-pub(crate) struct CallSources {
+pub(crate) struct CallData {
+    sources: RefCell<CallSources>,
+    /// The texts of the numbers this call converted (see `numbers.rs`).
+    pub(super) texts: RefCell<NumberTexts>,
+}
+
+/// The sources of the lazy tables of the current call.
+#[derive(Default)]
+struct CallSources {
     generation: u64,
     sources: Vec<Source>,
     /// Lazy globals registered for the call (index in [`LAZY_GLOBALS`]),
@@ -91,7 +106,11 @@ pub(crate) struct LazyLua {
 /// callbacks and the Lua half. Takes raw base functions from the globals,
 /// so it runs before the sandbox empties them.
 pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
-    lua.set_app_data(CallSources::default());
+    lua.set_app_data(CallData::default());
+    let data = lua
+        .app_data_ref::<CallData>()
+        .map(|d| LightUserData(std::ptr::from_ref::<CallData>(&d).cast_mut().cast()))
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: call data missing"))?;
     let g = lua.globals();
     let rust = lua.create_table()?;
     for name in ["rawget", "rawset", "setmetatable", "getmetatable", "type", "next"] {
@@ -109,6 +128,7 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
     }
     rust.raw_set("array_mt", super::markers(lua)?.array_mt.clone())?;
     rust.raw_set("max_globals", crate::vm::MAX_REUSED_GLOBALS)?;
+    rust.raw_set("call_data", data)?;
     let module: Table = lua.load(LAZY_LUA).set_name("=llmproxy.lazy").call(rust)?;
     lua.set_app_data(HeadersMt(module.raw_get("headers_mt")?));
     Ok(LazyLua {
@@ -126,18 +146,64 @@ pub(crate) fn headers_metatable(lua: &Lua) -> Option<Table> {
     lua.app_data_ref::<HeadersMt>().map(|m| m.0.clone())
 }
 
-/// Start a call: lazy tables built from here on belong to it.
+/// The current call's shared conversion data (`None` in a state without
+/// lazy tables).
+pub(super) fn call_data(lua: &Lua) -> Option<mlua::AppDataRef<'_, CallData>> {
+    lua.app_data_ref::<CallData>()
+}
+
+/// Start a call: lazy tables built from here on belong to it, and the
+/// number texts of the last call are forgotten.
 pub(crate) fn begin_call(lua: &Lua) {
-    end_call(lua);
+    if let Some(d) = call_data(lua) {
+        d.end_call();
+        d.texts.borrow_mut().clear();
+    }
 }
 
 /// End a call: its sources are dropped, and any lazy table of it that
 /// survived (nothing should) fails loudly instead of reading freed data.
 pub(crate) fn end_call(lua: &Lua) {
-    if let Some(mut s) = lua.app_data_mut::<CallSources>() {
+    if let Some(d) = call_data(lua) {
+        d.end_call();
+    }
+}
+
+impl CallData {
+    fn end_call(&self) {
+        let mut s = self.sources.borrow_mut();
         s.sources.clear();
         s.deferred = [None; MAX_DEFERRED];
         s.generation = s.generation.wrapping_add(1);
+    }
+
+    /// Source `slot` of the call `generation`; an error for another call's.
+    fn source(&self, slot: f64, generation: f64) -> Result<Source, &'static CStr> {
+        let s = self.sources.borrow();
+        if generation != s.generation as f64 {
+            return Err(c"llmproxy: a lazy table outlived its call");
+        }
+        s.sources
+            .get(slot as usize)
+            .cloned()
+            .ok_or(c"llmproxy: a lazy table lost its source")
+    }
+
+    /// Add a source to the current call; its slot.
+    fn push(&self, source: Source) -> usize {
+        self.sources.borrow_mut().push(source)
+    }
+
+    /// Record the numbers a conversion met (see `numbers.rs`).
+    pub(super) fn record(&self, found: Vec<(f64, serde_json::Number)>, plain: &[u64]) {
+        if found.is_empty() && plain.is_empty() {
+            return;
+        }
+        let mut texts = self.texts.borrow_mut();
+        for (f, n) in found {
+            texts.record(f, n);
+        }
+        texts.record_plain(plain);
     }
 }
 
@@ -156,7 +222,8 @@ pub(crate) unsafe fn defer<'a>(lua: &Lua, name: &str, fields: &'a (dyn Fields + 
     // SAFETY: only the lifetime bound of the trait object changes; the
     // caller keeps the data alive for as long as the pointer is reachable.
     let p: *const (dyn Fields + 'static) = unsafe { std::mem::transmute(p) };
-    let mut s = sources_mut(lua)?;
+    let d = call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+    let mut s = d.sources.borrow_mut();
     let slot = s.push(Source::Borrowed(p));
     let free = s
         .deferred
@@ -171,9 +238,8 @@ pub(crate) unsafe fn defer<'a>(lua: &Lua, name: &str, fields: &'a (dyn Fields + 
 /// lazy globals (1-based index in `LAZY_GLOBALS`, 0 for none) with their
 /// sources.
 pub(crate) fn run_args(lua: &Lua) -> mlua::Result<[f64; 1 + 2 * MAX_DEFERRED]> {
-    let s = lua
-        .app_data_ref::<CallSources>()
-        .ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+    let d = call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+    let s = d.sources.borrow();
     let mut args = [0.0; 1 + 2 * MAX_DEFERRED];
     args[0] = s.generation as f64;
     for (i, (name, slot)) in s.deferred.iter().flatten().enumerate() {
@@ -181,11 +247,6 @@ pub(crate) fn run_args(lua: &Lua) -> mlua::Result<[f64; 1 + 2 * MAX_DEFERRED]> {
         args[2 + 2 * i] = *slot as f64;
     }
     Ok(args)
-}
-
-fn sources_mut(lua: &Lua) -> mlua::Result<mlua::AppDataRefMut<'_, CallSources>> {
-    lua.app_data_mut::<CallSources>()
-        .ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))
 }
 
 /// The cache table of a lazy table, or `None` for any other table.
@@ -206,32 +267,21 @@ fn source_of(lua: &Lua, cache: &Table) -> mlua::Result<Source> {
 
 /// Source `slot` of the call `generation`; an error for another call's.
 fn source_at(lua: &Lua, slot: f64, generation: f64) -> mlua::Result<Source> {
-    source_in(lua, slot, generation).map_err(|e| mlua::Error::runtime(e.to_string_lossy()))
-}
-
-/// [`source_at`], with its error as a static text: the raw loaders raise it
-/// with nothing owned on their frames.
-fn source_in(lua: &Lua, slot: f64, generation: f64) -> Result<Source, &'static CStr> {
-    let s = lua
-        .app_data_ref::<CallSources>()
-        .ok_or(c"llmproxy: lazy sources missing")?;
-    if generation != s.generation as f64 {
-        return Err(c"llmproxy: a lazy table outlived its call");
-    }
-    s.sources
-        .get(slot as usize)
-        .cloned()
-        .ok_or(c"llmproxy: a lazy table lost its source")
+    call_data(lua)
+        .ok_or(c"llmproxy: lazy sources missing")
+        .and_then(|d| d.source(slot, generation))
+        .map_err(|e| mlua::Error::runtime(e.to_string_lossy()))
 }
 
 /// Stack positions of the raw loaders' arguments after their own three.
 const ARRAY_MT_ARG: c_int = 4;
 const HEADERS_MT_ARG: c_int = 5;
+const CALL_DATA_ARG: c_int = 6;
 
-/// `load_field(slot, generation, key, array_mt, headers_mt)`, the loader
-/// behind every cache's `__index`: field `key` of source `slot`, converted;
-/// or `nil` and the slot of a new source when the field is a JSON object,
-/// which `lazy.lua` turns into a lazy table.
+/// `load_field(slot, generation, key, array_mt, headers_mt, call_data)`,
+/// the loader behind every cache's `__index`: field `key` of source
+/// `slot`, converted; or `nil` and the slot of a new source when the field
+/// is a JSON object, which `lazy.lua` turns into a lazy table.
 ///
 /// A raw C function, not an mlua callback: the callback's argument
 /// conversion, its own protection and the registry references of the
@@ -251,52 +301,50 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
             ffi::lua_pushnil(state);
             return 1;
         };
-        let lua = Lua::get_or_init_from_ptr(state);
-        let source = match source_in(lua, ffi::lua_tonumber(state, 1), ffi::lua_tonumber(state, 2)) {
+        let Some(data) = call_data_at(state) else {
+            return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
+        };
+        let source = match data.source(ffi::lua_tonumber(state, 1), ffi::lua_tonumber(state, 2)) {
             Ok(source) => source,
             Err(message) => return ffi::luaL_error(state, message.as_ptr()),
         };
         let field = source.fields().field(name);
         if let Field::Object(object) = field {
-            let child = push_source(lua, Source::Json(Arc::clone(object)));
-            drop(source);
-            return match child {
-                Ok(child) => {
-                    ffi::lua_pushnil(state);
-                    ffi::lua_pushnumber(state, child as f64);
-                    2
-                }
-                Err(message) => ffi::luaL_error(state, message.as_ptr()),
-            };
+            let child = data.push(Source::Json(Arc::clone(object)));
+            ffi::lua_pushnil(state);
+            ffi::lua_pushnumber(state, child as f64);
+            return 2;
         }
         if field.allocates() {
-            push_outside_limit(lua, |to| fields::push(state, &field, to));
+            push_outside_limit(state, data, |to| fields::push(state, &field, to));
         } else {
-            push_in_place(lua, state, &field);
+            push_numbers(data, |to| fields::push(state, &field, to));
         }
         1
     }
 }
 
-/// `load_missing(cache, slot, generation, array_mt, headers_mt)`: load
-/// every field of source `slot` that `cache` lacks into it, in one call (a
-/// script iterating a body would otherwise cross into Rust once per field).
-/// JSON objects come back as `{name, slot, ...}` for `lazy.lua` to wrap;
-/// `nil` when there are none.
+/// `load_missing(cache, slot, generation, array_mt, headers_mt,
+/// call_data)`: load every field of source `slot` that `cache` lacks into
+/// it, in one call (a script iterating a body would otherwise cross into
+/// Rust once per field). JSON objects come back as `{name, slot, ...}` for
+/// `lazy.lua` to wrap; `nil` when there are none.
 ///
 /// # Safety
 /// As [`load_field`].
 unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
     // SAFETY: the function's contract; the cache is argument 1.
     unsafe {
-        let lua = Lua::get_or_init_from_ptr(state);
-        let source = match source_in(lua, ffi::lua_tonumber(state, 2), ffi::lua_tonumber(state, 3)) {
+        let Some(data) = call_data_at(state) else {
+            return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
+        };
+        let source = match data.source(ffi::lua_tonumber(state, 2), ffi::lua_tonumber(state, 3)) {
             Ok(source) => source,
             Err(message) => return ffi::luaL_error(state, message.as_ptr()),
         };
         let fields = source.fields();
         let mut children = Vec::new();
-        push_outside_limit(lua, |to| {
+        push_outside_limit(state, data, |to| {
             for name in fields.names() {
                 ffi::luaL_checkstack(state, 2, std::ptr::null());
                 fields::push_str(state, name);
@@ -306,7 +354,7 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
                 }
                 ffi::lua_pop(state, 1);
                 match fields.field(name) {
-                    Field::Object(object) => children.push((name, Arc::clone(object))),
+                    Field::Object(object) => children.push((name, data.push(Source::Json(Arc::clone(object))))),
                     field => {
                         fields::push_str(state, name);
                         fields::push(state, &field, to);
@@ -319,25 +367,31 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
             ffi::lua_pushnil(state);
             return 1;
         }
-        let slots: Result<Vec<(&str, usize)>, _> = children
-            .into_iter()
-            .map(|(name, object)| push_source(lua, Source::Json(object)).map(|slot| (name, slot)))
-            .collect();
-        let slots = match slots {
-            Ok(slots) => slots,
-            Err(message) => {
-                drop(source);
-                return ffi::luaL_error(state, message.as_ptr());
-            }
-        };
-        ffi::lua_createtable(state, c_int::try_from(slots.len() * 2).unwrap_or(0), 0);
-        for (i, (name, slot)) in slots.iter().enumerate() {
+        ffi::lua_createtable(state, c_int::try_from(children.len() * 2).unwrap_or(0), 0);
+        for (i, (name, slot)) in children.iter().enumerate() {
             fields::push_str(state, name);
             ffi::lua_rawseti(state, -2, (2 * i + 1) as ffi::lua_Integer);
             ffi::lua_pushnumber(state, *slot as f64);
             ffi::lua_rawseti(state, -2, (2 * i + 2) as ffi::lua_Integer);
         }
         1
+    }
+}
+
+/// The loaders' [`CallData`] argument.
+///
+/// # Safety
+/// `state` is live; argument 6 is the light userdata `install` made, which
+/// points into the VM's app data for the VM's life.
+unsafe fn call_data_at<'a>(state: *mut lua_State) -> Option<&'a CallData> {
+    // SAFETY: the caller's contract; `CallData` is only ever borrowed
+    // shared (its parts are `RefCell`s), so a shared reference here aliases
+    // nothing mutable.
+    unsafe {
+        ffi::lua_touserdata(state, CALL_DATA_ARG)
+            .cast::<CallData>()
+            .cast_const()
+            .as_ref()
     }
 }
 
@@ -362,57 +416,32 @@ unsafe fn key_at<'a>(state: *mut lua_State, index: c_int) -> Option<&'a str> {
     }
 }
 
-/// Add a source to the current call; its slot.
-fn push_source(lua: &Lua, source: Source) -> Result<usize, &'static CStr> {
-    let mut s = lua
-        .app_data_mut::<CallSources>()
-        .ok_or(c"llmproxy: lazy sources missing")?;
-    Ok(s.push(source))
-}
-
-/// Push a field that allocates nothing in the Lua heap, with the memory
-/// limit as it is, and record its number.
-///
-/// # Safety
-/// As [`push_outside_limit`].
-unsafe fn push_in_place(lua: &Lua, state: *mut lua_State, field: &Field<'_>) {
+/// Run `push` with the loaders' metatable arguments, then record the
+/// numbers it converted.
+fn push_numbers(data: &CallData, push: impl FnOnce(&mut PushTo<'_>)) {
     let mut texts = Vec::new();
     let mut plain = Vec::new();
+    push(&mut PushTo {
+        array_mt: ARRAY_MT_ARG,
+        headers_mt: HEADERS_MT_ARG,
+        texts: &mut texts,
+        plain: &mut plain,
+    });
+    data.record(texts, &plain);
+}
+
+/// [`push_numbers`] with the memory limit lifted (see [`outside_limit`]):
+/// for fields that allocate.
+///
+/// # Safety
+/// `state` is the loader's (a state mlua made, so `Lua` is found from it).
+unsafe fn push_outside_limit(state: *mut lua_State, data: &CallData, push: impl FnOnce(&mut PushTo<'_>)) {
     // SAFETY: the caller's contract.
-    unsafe {
-        fields::push(
-            state,
-            field,
-            &mut PushTo {
-                array_mt: ARRAY_MT_ARG,
-                headers_mt: HEADERS_MT_ARG,
-                texts: &mut texts,
-                plain: &mut plain,
-            },
-        );
-    }
-    super::record_texts(lua, texts, &plain);
-}
-
-/// Run `push` with the memory limit lifted (see [`outside_limit`]) and the
-/// loaders' metatable arguments, then record the numbers it converted.
-///
-/// # Safety
-/// `push` pushes on a stack whose arguments 4 and 5 are the array marker
-/// and the headers metatable.
-unsafe fn push_outside_limit(lua: &Lua, push: impl FnOnce(&mut PushTo<'_>)) {
-    let mut texts = Vec::new();
-    let mut plain = Vec::new();
+    let lua = unsafe { Lua::get_or_init_from_ptr(state) };
     let _ = outside_limit(lua, || {
-        push(&mut PushTo {
-            array_mt: ARRAY_MT_ARG,
-            headers_mt: HEADERS_MT_ARG,
-            texts: &mut texts,
-            plain: &mut plain,
-        });
+        push_numbers(data, push);
         Ok(())
     });
-    super::record_texts(lua, texts, &plain);
 }
 
 /// The fields of a lazy table for the encoder: each name with the Lua value

@@ -153,15 +153,12 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
 
 /// Record numbers whose text a double does not reproduce, and the doubles
 /// of the others (see [`numbers`]).
-pub(super) fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
+fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
     if found.is_empty() && plain.is_empty() {
         return;
     }
-    if let Some(mut texts) = lua.app_data_mut::<NumberTexts>() {
-        for (f, n) in found {
-            texts.record(f, n);
-        }
-        texts.record_plain(plain);
+    if let Some(d) = lazy::call_data(lua) {
+        d.record(found, plain);
     }
 }
 
@@ -243,8 +240,9 @@ pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value,
 /// This call's recorded number texts, when there are any, settled against
 /// the plain numbers it saw.
 fn number_texts(lua: &Lua) -> Option<NumberTexts> {
-    lua.app_data_ref::<NumberTexts>()
-        .and_then(|t| (!t.is_empty()).then(|| t.settled()))
+    let d = lazy::call_data(lua)?;
+    let t = d.texts.borrow();
+    (!t.is_empty()).then(|| t.settled())
 }
 
 /// [`RawEncoder`] on `t`: `None` when it met a table it leaves to

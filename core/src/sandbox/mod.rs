@@ -97,7 +97,6 @@ fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
 
     Markers::install(&lua)?;
     lua.set_app_data(CallContext::idle());
-    lua.set_app_data(convert::NumberTexts::default());
 
     watchdog.install(&lua);
     // Helpers that run long outside the interpreter poll the deadline.
