@@ -155,38 +155,28 @@ impl Vm {
         self.over_budget
     }
 
-    /// Empty the environment after a call that failed (`lazy.lua` does it
-    /// after one that returned), keeping `_G` when it still
-    /// names the environment (pushing the string `"_G"` to set it again
-    /// cost more than the rest of the walk). A script that left more than
-    /// [`MAX_REUSED_GLOBALS`] globals gets its VM discarded instead: the
-    /// table would keep its size, and emptying it would walk all of it after
-    /// every later call.
+    /// Empty the environment after a call that failed (`run` in
+    /// `lazy.lua` does it after one that returned) and put `_G` back. A
+    /// script that left more than [`MAX_REUSED_GLOBALS`] globals gets its
+    /// VM discarded instead: the table would keep its size, and emptying it
+    /// would walk all of it after every later call.
     fn reset_env(&mut self) {
         let env = &self.env;
-        let (keys, kept_g) = self.state.lua.exec_raw_lua(|raw| {
+        let keys = self.state.lua.exec_raw_lua(|raw| {
             // SAFETY: mlua's lock is held and the stack is ours; it is left
             // as it was. `push_into_stack` pushes a reference (no
             // allocation, hence no error). Walking with `lua_next` and
             // assigning nil to keys that exist allocates nothing and raises
             // nothing, so no protected call is needed (what `Table::clear`
-            // does too). `lua_tolstring` is only called on string keys, so
-            // it converts nothing (which would confuse `lua_next`).
+            // does too).
             unsafe {
                 let state = raw.state();
                 if ffi::lua_checkstack(state, 4) == 0 || mlua::IntoLua::push_into_stack(env, raw).is_err() {
-                    return (usize::MAX, false);
+                    return usize::MAX;
                 }
                 let mut keys = 0usize;
-                let mut kept_g = false;
                 ffi::lua_pushnil(state);
                 while ffi::lua_next(state, -2) != 0 {
-                    // Stack: env, key, value.
-                    if !kept_g && ffi::lua_rawequal(state, -1, -3) != 0 && is_g(state, -2) {
-                        kept_g = true;
-                        ffi::lua_pop(state, 1);
-                        continue;
-                    }
                     ffi::lua_pop(state, 1);
                     ffi::lua_pushvalue(state, -1);
                     ffi::lua_pushnil(state);
@@ -194,11 +184,11 @@ impl Vm {
                     keys += 1;
                 }
                 ffi::lua_pop(state, 1);
-                (keys, kept_g)
+                keys
             }
         });
         // With no memory limit set, mlua stores `_G` without a protected call.
-        if keys > MAX_REUSED_GLOBALS || (!kept_g && self.env.raw_set("_G", &self.env).is_err()) {
+        if keys > MAX_REUSED_GLOBALS || self.env.raw_set("_G", &self.env).is_err() {
             self.broken = true;
         }
     }
@@ -308,21 +298,6 @@ impl Vm {
 /// Most globals an environment may hold after a call and still be reused
 /// (the hook's inputs, `_G`, and what a script defined as globals).
 pub(crate) const MAX_REUSED_GLOBALS: usize = 256;
-
-/// Whether the value at `index` is the string `"_G"`.
-///
-/// # Safety
-/// `state` is live and `index` is a valid stack index.
-unsafe fn is_g(state: *mut ffi::lua_State, index: i32) -> bool {
-    if unsafe { ffi::lua_type(state, index) } != ffi::LUA_TSTRING {
-        return false;
-    }
-    let mut len = 0usize;
-    // SAFETY: a string value: `lua_tolstring` returns its bytes without
-    // converting anything, valid while the value is on the stack.
-    let p = unsafe { ffi::lua_tolstring(state, index, &mut len) };
-    len == 2 && !p.is_null() && unsafe { std::slice::from_raw_parts(p.cast::<u8>(), 2) } == b"_G"
-}
 
 /// The chunk cache key of `script`: the address of its source text.
 fn chunk_key(script: &Script) -> usize {
