@@ -121,7 +121,7 @@ end
 -- The views made for JSON objects inside the inputs (`request.body`,
 -- `request.body.metadata`, ...), kept for the next calls as the globals'
 -- views are (see `arm`): `spare_*` can be taken by this call, `used_*`
--- were handed out by it. A view costs three tables; re-arming one costs
+-- were handed out by it. A view costs three tables; re-using one costs
 -- emptying its cache.
 local spare_t, spare_mt, spare_cache, spares = {}, {}, {}, 0
 local used_t, used_mt, used_cache, used = {}, {}, {}, 0
@@ -132,16 +132,13 @@ local used_t, used_mt, used_cache, used = {}, {}, {}, 0
 -- @treturn table the (empty) lazy table
 function lazy(slot, generation)
     local t, mt, cache
-    while spares > 0 do
+    if spares > 0 then
         t, mt, cache = spare_t[spares], spare_mt[spares], spare_cache[spares]
+        spare_t[spares], spare_mt[spares], spare_cache[spares] = nil, nil, nil
         spares = spares - 1
-        if untouched(t, mt) then
-            rearm(cache, slot, generation)
-            break
-        end
-        t = nil
-    end
-    if not t then
+        rawset(cache, SOURCE, slot)
+        rawset(cache, GENERATION, generation)
+    else
         t, mt, cache = fresh(slot, generation)
     end
     used = used + 1
@@ -149,13 +146,20 @@ function lazy(slot, generation)
     return t
 end
 
--- Hand the views the last call used to the next one. The lists keep their
--- entries past the counts (overwritten later): a view stays alive until
--- its slot is reused, which bounds them by the most views one call made.
+-- At the start of a call, turn the views the last call handed out into
+-- spares: those it left untouched, with their caches emptied (so nothing
+-- they held outlives the next call's start); the others are dropped.
 local function recycle()
     for i = 1, used do
-        spares = spares + 1
-        spare_t[spares], spare_mt[spares], spare_cache[spares] = used_t[i], used_mt[i], used_cache[i]
+        local t, mt, cache = used_t[i], used_mt[i], used_cache[i]
+        used_t[i], used_mt[i], used_cache[i] = nil, nil, nil
+        if untouched(t, mt) then
+            for key in next, cache do
+                rawset(cache, key, nil)
+            end
+            spares = spares + 1
+            spare_t[spares], spare_mt[spares], spare_cache[spares] = t, mt, cache
+        end
     end
     used = 0
 end
