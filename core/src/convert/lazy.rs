@@ -59,7 +59,7 @@ impl Source {
         match self {
             Source::Json(v) => &**v,
             // SAFETY: `defer`'s contract: the data outlives the call, and
-            // `source_at` hands out sources of the current call only.
+            // `CallData::source` hands out sources of the current call only.
             Source::Borrowed(p) => unsafe { &**p },
         }
     }
@@ -260,13 +260,9 @@ pub(super) fn cache_of(t: &Table) -> Option<Table> {
     .then_some(cache)
 }
 
-/// The source behind `cache`.
+/// The source behind `cache`; an error when it is another call's.
 fn source_of(lua: &Lua, cache: &Table) -> mlua::Result<Source> {
-    source_at(lua, cache.raw_get(SOURCE_KEY)?, cache.raw_get(GENERATION_KEY)?)
-}
-
-/// Source `slot` of the call `generation`; an error for another call's.
-fn source_at(lua: &Lua, slot: f64, generation: f64) -> mlua::Result<Source> {
+    let (slot, generation) = (cache.raw_get(SOURCE_KEY)?, cache.raw_get(GENERATION_KEY)?);
     call_data(lua)
         .ok_or(c"llmproxy: lazy sources missing")
         .and_then(|d| d.source(slot, generation))
@@ -430,18 +426,24 @@ fn push_numbers(data: &CallData, push: impl FnOnce(&mut PushTo<'_>)) {
     data.record(texts, &plain);
 }
 
-/// [`push_numbers`] with the memory limit lifted (see [`outside_limit`]):
-/// for fields that allocate.
+/// [`push_numbers`] for fields that allocate: with the memory limit
+/// lifted, then put back raised by what the push allocated. Lifting it is
+/// safe here because what is converted is bounded by the hook's input
+/// limits (each field converts once), not by the script; the script's own
+/// allowance is unchanged.
 ///
 /// # Safety
 /// `state` is the loader's (a state mlua made, so `Lua` is found from it).
 unsafe fn push_outside_limit(state: *mut lua_State, data: &CallData, push: impl FnOnce(&mut PushTo<'_>)) {
     // SAFETY: the caller's contract.
     let lua = unsafe { Lua::get_or_init_from_ptr(state) };
-    let _ = outside_limit(lua, || {
-        push_numbers(data, push);
-        Ok(())
-    });
+    let before = lua.used_memory();
+    let limit = lua.set_memory_limit(0).unwrap_or(0);
+    push_numbers(data, push);
+    if limit != 0 {
+        let grown = lua.used_memory().saturating_sub(before);
+        let _ = lua.set_memory_limit(limit.saturating_add(grown));
+    }
 }
 
 /// The fields of a lazy table for the encoder: each name with the Lua value
@@ -459,21 +461,4 @@ pub(super) fn encoding_fields(lua: &Lua, cache: &Table) -> mlua::Result<Vec<(Str
         }
     }
     Ok(out)
-}
-
-/// Run a conversion of input data with the memory limit lifted, then put
-/// the limit back, raised by what the conversion allocated. While a limit is
-/// set mlua protects every API call, which made lazy conversion ~4x slower;
-/// lifting it is safe here because what is converted is bounded by the
-/// hook's input limits (each field converts once), not by the script. The
-/// script's own allowance is unchanged.
-fn outside_limit<R>(lua: &Lua, convert: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
-    let before = lua.used_memory();
-    let limit = lua.set_memory_limit(0)?;
-    let result = convert();
-    if limit != 0 {
-        let grown = lua.used_memory().saturating_sub(before);
-        lua.set_memory_limit(limit.saturating_add(grown))?;
-    }
-    result
 }

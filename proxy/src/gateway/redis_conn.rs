@@ -212,13 +212,6 @@ impl RedisClient {
     ) -> Result<RedisClient, String> {
         install_crypto();
         let u = RedisUrl::parse(url)?;
-        let mut login = RedisConnectionInfo::default().set_db(i64::from(u.db));
-        if let Some(user) = &u.username {
-            login = login.set_username(user);
-        }
-        if let Some(password) = &u.password {
-            login = login.set_password(password);
-        }
         let source = match &u.master {
             Some(master) => {
                 let addrs = u.servers.iter().map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
@@ -239,6 +232,13 @@ impl RedisClient {
                 Source::Sentinel(tokio::sync::Mutex::new(b.build().map_err(|e| e.to_string())?))
             }
             None => {
+                let mut login = RedisConnectionInfo::default().set_db(i64::from(u.db));
+                if let Some(user) = &u.username {
+                    login = login.set_username(user);
+                }
+                if let Some(password) = &u.password {
+                    login = login.set_password(password);
+                }
                 let (host, port) = (u.host().to_owned(), u.port());
                 let addr = if u.tls {
                     ConnectionAddr::TcpTls {
