@@ -123,6 +123,14 @@ typedef struct llmp_error llmp_error;
 typedef struct llmp_globals llmp_globals;
 
 /**
+ * A request handle: the request, its body parsed once, and what its steps
+ * decided so far. Create with `llmp_handle_new`, free with
+ * `llmp_handle_free`. Thread safety: one thread at a time (a step changes
+ * the handle); different handles are independent.
+ */
+typedef struct llmp_handle llmp_handle;
+
+/**
  * A client request parsed once: id, headers, body, ... as the `request`
  * global of every hook. Immutable once built.
  *
@@ -433,6 +441,230 @@ llmp_result llmp_globals_new(const char *json, size_t len, llmp_globals **out, l
  * `globals` is NULL or a live globals object, freed once.
  */
 void llmp_globals_free(llmp_globals *globals);
+
+/**
+ * Create a request handle: the request's fields, and its body parsed once.
+ *
+ * - `engine`: the engine whose hooks the handle runs; pass the same one to
+ *   every step.
+ * - `request_json`, `request_len`: a JSON object of the request's fields as
+ *   hooks see them: `path` (required: `/v1/chat/completions`,
+ *   `/v1/completions` or `/v1/embeddings`), `id`, `headers`, `user_id`,
+ *   `api_key`, `client_ip`, any further field as is. Not `body`.
+ * - `body`, `body_len`: the client's body as it came (a JSON object),
+ *   parsed here within the engine's `max_depth`; the OpenAI fields a host
+ *   acts on (`model`, `stream`, `stream_options`) must have their types.
+ *
+ * On success returns `LLMP_OK` and stores a new handle in `*out`; free it
+ * with `llmp_handle_free`. On failure returns `LLMP_INVALID_ARGUMENT` (a
+ * NULL argument, text that is not UTF-8 JSON, a request that is not an
+ * object or holds a body, a path that is not an API endpoint, a body that
+ * is not a JSON object or has a field of the wrong type), leaves `*out`
+ * unchanged and, if `err` is not NULL, stores an error to free with
+ * `llmp_error_free`. The host answers such a request 400.
+ *
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `request_json` is NULL or
+ * `request_len` readable bytes; `body` is NULL or `body_len` readable
+ * bytes; `out` and `err` are NULL or writable.
+ */
+llmp_result llmp_handle_new(const llmp_engine *engine,
+                            const char *request_json,
+                            size_t request_len,
+                            const char *body,
+                            size_t body_len,
+                            llmp_handle **out,
+                            llmp_error **err);
+
+/**
+ * The routing step: which backend of `globals`' `backends` gets the
+ * request.
+ *
+ * On success returns `LLMP_OK` and stores in `*backend` the chosen
+ * backend's name (NUL-terminated, borrowed from the handle), or NULL for
+ * "the host's own balancer" (no routing script, it returned nil, or it
+ * failed under `on_error: standard`: see `llmp_handle_fell_back`).
+ *
+ * Errors: `LLMP_INVALID_ARGUMENT` for a NULL argument or `globals` without
+ * a valid `backends` object; a hook failure code (`LLMP_TIMEOUT`,
+ * `LLMP_MEMORY`, `LLMP_SCRIPT_ERROR`, `LLMP_BAD_OUTPUT`) when the script
+ * failed and its policy is `deny`: the host answers 503.
+ *
+ * # Safety
+ * `engine`, `handle` and `globals` are NULL or live; `backend` and `err`
+ * are NULL or writable.
+ */
+llmp_result llmp_handle_route(const llmp_engine *engine,
+                              llmp_handle *handle,
+                              const llmp_globals *globals,
+                              const char **backend,
+                              llmp_error **err);
+
+/**
+ * The request_transform step for the backend at `backend_url` (a
+ * NUL-terminated URL; scripts see it as `request.backend_url`), and the
+ * body to send it.
+ *
+ * On success returns `LLMP_OK` and stores:
+ * - `*body`, `*body_len`: the body to send (borrowed), or NULL and 0 to
+ *   send the client's bytes unchanged;
+ * - `*headers`: the header changes as a NUL-terminated JSON object
+ *   (borrowed; a string sets a header, `null` removes it), or NULL for
+ *   none;
+ * - `*stream`: 1 when the request is a stream (answer it with
+ *   `llmp_handle_stream` and `llmp_handle_event`), else 0.
+ *
+ * For a stream whose client did not ask for
+ * `stream_options.include_usage`, the body asks for it (the backend
+ * reports usage only then) and the events hide it from the client.
+ *
+ * Errors: as for `llmp_handle_route`. Call again for a retry on another
+ * backend.
+ *
+ * # Safety
+ * `engine` and `handle` are NULL or live; `backend_url` is NULL or
+ * NUL-terminated; the out-parameters and `err` are NULL or writable.
+ */
+llmp_result llmp_handle_upstream(const llmp_engine *engine,
+                                 llmp_handle *handle,
+                                 const char *backend_url,
+                                 const char **body,
+                                 size_t *body_len,
+                                 const char **headers,
+                                 int32_t *stream,
+                                 llmp_error **err);
+
+/**
+ * The response_transform step on a backend's whole (non-stream) answer:
+ * `status`, its headers as a JSON object of strings (`headers_json`,
+ * `headers_len`; NULL for none), its body as it came, and `latency_ms`
+ * since the request went upstream (scripts see it). The body is parsed
+ * once, here, when a script reads it; the usage it reports is kept for
+ * `llmp_handle_usage`.
+ *
+ * On success returns `LLMP_OK` and stores the status to send in
+ * `*out_status`, the body to send in `*out_body`, `*out_body_len`
+ * (borrowed; NULL and 0 to send the backend's bytes unchanged), and the
+ * header changes in `*out_headers` (as for `llmp_handle_upstream`).
+ *
+ * Errors: `LLMP_INVALID_ARGUMENT` for a NULL argument or headers that are
+ * not a JSON object; a hook failure code when the script failed under
+ * `on_error: deny` (the host answers 503).
+ *
+ * # Safety
+ * `engine` and `handle` are NULL or live; `headers_json` is NULL or
+ * `headers_len` readable bytes; `body` is NULL or `body_len` readable
+ * bytes; the out-parameters and `err` are NULL or writable.
+ */
+llmp_result llmp_handle_respond(const llmp_engine *engine,
+                                llmp_handle *handle,
+                                uint16_t status,
+                                const char *headers_json,
+                                size_t headers_len,
+                                const char *body,
+                                size_t body_len,
+                                double latency_ms,
+                                uint16_t *out_status,
+                                const char **out_body,
+                                size_t *out_body_len,
+                                const char **out_headers,
+                                llmp_error **err);
+
+/**
+ * A stream's answer begins: the backend's `status` and headers (as for
+ * `llmp_handle_respond`), which response_transform sees with each event.
+ *
+ * Errors: `LLMP_INVALID_ARGUMENT` for a NULL `handle` or headers that are
+ * not a JSON object.
+ *
+ * # Safety
+ * `handle` is NULL or live; `headers_json` is NULL or `headers_len`
+ * readable bytes; `err` is NULL or writable.
+ */
+llmp_result llmp_handle_stream(llmp_handle *handle,
+                               uint16_t status,
+                               const char *headers_json,
+                               size_t headers_len,
+                               llmp_error **err);
+
+/**
+ * One event of a backend's stream: its `data` field (`data`, `data_len`),
+ * `latency_ms` since the request went upstream.
+ * The usage it carries is kept for `llmp_handle_usage`, what the forced
+ * `include_usage` added is removed, and response_transform runs on it.
+ *
+ * On success returns `LLMP_OK` and stores in `*out`, `*out_len` the data
+ * to send (borrowed; NULL and 0: send the event as it came), and in
+ * `*drop` 1 when the event must not reach the client at all (the usage
+ * chunk the client did not ask for), else 0.
+ *
+ * Errors: `LLMP_INVALID_ARGUMENT` for a NULL argument; a hook failure code
+ * when the script failed under `on_error: deny` (the host ends the
+ * stream with an error event).
+ *
+ * # Safety
+ * `engine` and `handle` are NULL or live; `data` is NULL or `data_len`
+ * readable bytes; the out-parameters and `err` are NULL or writable.
+ */
+llmp_result llmp_handle_event(const llmp_engine *engine,
+                              llmp_handle *handle,
+                              const char *data,
+                              size_t data_len,
+                              double latency_ms,
+                              const char **out,
+                              size_t *out_len,
+                              int32_t *drop,
+                              llmp_error **err);
+
+/**
+ * The usage step, after the answer was sent: the usage hook on the
+ * backend's usage (zeros when it reported none) and what the request is
+ * charged. Never fails because of the script: a failing one records the
+ * backend's usage (see `llmp_handle_fell_back`).
+ *
+ * On success returns `LLMP_OK` and stores in `*json`, `*json_len` a
+ * NUL-terminated JSON object (borrowed): `usage` (the backend's),
+ * `record` (the script's record, or `null` when the usage is the
+ * record), `billable_tokens` (the quota charge), `limit_tokens` (the
+ * tokens-per-minute charge), `prompt_tokens`, `completion_tokens`,
+ * `total_tokens` (the ledger's columns) and `cost` (or `null`).
+ *
+ * # Safety
+ * `engine` and `handle` are NULL or live; `json`, `json_len` and `err` are
+ * NULL or writable.
+ */
+llmp_result llmp_handle_usage(const llmp_engine *engine,
+                              llmp_handle *handle,
+                              const char **json,
+                              size_t *json_len,
+                              llmp_error **err);
+
+/**
+ * The failure of the handle's last step when its hook failed and the
+ * policy (`on_error: standard`) made the step succeed with the decision
+ * for nil; NULL when the last step's hook did not fail. For the host's
+ * metrics: the core has logged it already.
+ *
+ * Ownership: borrowed from the handle, valid until its next step; read it
+ * with the `llmp_error_*` accessors, never `llmp_error_free` it.
+ *
+ * # Safety
+ * `handle` is NULL or live.
+ */
+const llmp_error *llmp_handle_fell_back(const llmp_handle *handle);
+
+/**
+ * Free a request handle. `llmp_handle_free(NULL)` does nothing.
+ *
+ * Ownership: takes `handle`; it and everything borrowed from it are
+ * invalid afterwards.
+ *
+ * # Safety
+ * `handle` is NULL or a live handle, freed once.
+ */
+void llmp_handle_free(llmp_handle *handle);
 
 /**
  * Parse a request once, for every hook that runs on it.

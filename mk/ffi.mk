@@ -127,9 +127,10 @@ $(FFI_SO): ffi
 test-ffi-unit: ffi-deps
 	$(FFI_CARGO) test --release $(FFI_MANIFEST) $(FFI_FEATURES) --lib
 
-test-ffi-c: ffi $(FFI_OUT)/conformance $(FFI_OUT)/badcalls $(FFI_OUT)/threads
+test-ffi-c: ffi $(FFI_OUT)/conformance $(FFI_OUT)/badcalls $(FFI_OUT)/threads $(FFI_OUT)/handle
 	$(FFI_OUT)/conformance conformance/cases
 	$(FFI_OUT)/badcalls
+	$(FFI_OUT)/handle
 	$(FFI_OUT)/threads conformance/cases/020-seed-request-transform-model-map.json 16 2000
 
 # valgrind runs scripts ~20x slower: stretch time limits, except where a
@@ -141,6 +142,7 @@ test-ffi-c-valgrind: test-ffi-c ffi-plain
 	ldd $(FFI_OUT)/conformance | grep -F '$(CURDIR)/$(FFI_PLAIN_DIR)/libllmproxy.so'
 	LLMP_TIMEOUT_SCALE=20 $(VALGRIND) $(FFI_OUT)/conformance conformance/cases
 	$(VALGRIND) $(FFI_OUT)/badcalls
+	$(VALGRIND) $(FFI_OUT)/handle
 	$(VALGRIND) $(FFI_OUT)/threads conformance/cases/001-seed-routing-viplevel-3.json 4 50
 
 test-ffi-go: ffi $(FFI_PC)
@@ -201,7 +203,8 @@ bench-ffi: ffi $(FFI_PC)
 	python3 bench/ffi/report.py . $(FFI_BENCH_N) $(FFI_BENCH_ROUNDS) $(FFI_BENCH_DOC) \
 	  -- $(FFI_TARGET)/release/examples/bench-inproc . $(FFI_BENCH_N) \
 	  -- $(FFI_OUT)/bench_c . $(FFI_BENCH_N) \
-	  -- env LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/bench_lua.lua . $(FFI_BENCH_N)
+	  -- env LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/bench_lua.lua . $(FFI_BENCH_N) \
+	  -- env LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/request_life.lua . $(FFI_BENCH_N)
 
 # ---- housekeeping -------------------------------------------------------
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Run the per-call benchmarks of `make bench-ffi` and write the report.
 
-    report.py ROOT N ROUNDS DOC  -- INPROC_CMD -- C_CMD -- LUA_CMD
+    report.py ROOT N ROUNDS DOC  -- INPROC_CMD -- C_CMD -- LUA_CMD [-- LIFE_CMD]
 
-Runs the three hosts (Rust in-process, C ABI, LuaJIT module) one after the
-other, ROUNDS times, so every C and Lua figure has in-process figures from
-the same run next to it, measured minutes apart at most on the same load.
+Runs the three hosts (Rust in-process, C ABI, LuaJIT module), and one
+request's whole data path through the C ABI next to the same rules
+hand-written in LuaJIT (`request_life.lua`), one after the other, ROUNDS
+times, so every C and Lua figure has in-process figures from the same run
+next to it, measured minutes apart at most on the same load.
 Each host prints one line per case: `host name calls=N median_ns=...
 p99_ns=... mean_ns=...`. The report gives, per case, the median of the
-rounds' medians (and of their p99s), and the ratio of the C ABI's prepared
-path to `Engine::route` per round (the median of those ratios). It prints
+rounds' medians (and of their p99s), the ratio of the C ABI's prepared
+path to `Engine::route` per round and that of the request handle to the
+hand-written rules (the median of those ratios). It prints
 the table and, unless DOC is `-`, writes it into DOC between
 `<!-- BEGIN ffi-bench -->` and `<!-- END ffi-bench -->` (appended at the end
 when the markers are missing; other sections are left as they are).
@@ -39,6 +42,17 @@ CASES = [
     ("lua", "json_text", "`engine:run` on the input as one JSON string"),
     ("lua", "table", "`engine:run` on the input as Lua tables (body converted per call)"),
 ]
+# One request's whole data path (`request_life.lua`): its own table.
+LIFE_CASES = [
+    ("lua", "handwritten(cjson)", "the seed's four rules hand-written in plain LuaJIT + lua-cjson (decode the body, "
+     "route, transform, encode; decode the answer, transform, encode; the usage record encoded), JIT on: "
+     "**the baseline**"),
+    ("lua", "handle(c_abi)", "`llmp_handle_new` (body parsed once) + `route` + `upstream` + `respond` + `usage` + "
+     "`free` through LuaJIT's FFI; the seed scripts sandboxed; header changes decoded from JSON"),
+]
+LIFE_BASELINE = ("lua", "handwritten(cjson)")
+LIFE_TARGET = ("lua", "handle(c_abi)")
+LIFE_TARGET_MAX = 1.5
 BASELINE = ("rust", "route(typed)")
 TARGET = ("c", "run_prepared")
 TARGET_MAX = 1.3
@@ -70,7 +84,7 @@ def main():
             cmds.append(cur)
         else:
             cur.append(a)
-    medians, p99s, ratios = {}, {}, []
+    medians, p99s, ratios, life_ratios = {}, {}, [], []
     for r in range(rounds):
         print(f"-- round {r + 1} of {rounds}", flush=True)
         seen = {}
@@ -81,6 +95,8 @@ def main():
             p99s.setdefault(key, []).append(p99)
         if BASELINE in seen and TARGET in seen:
             ratios.append(seen[TARGET][0] / seen[BASELINE][0])
+        if LIFE_BASELINE in seen and LIFE_TARGET in seen:
+            life_ratios.append(seen[LIFE_TARGET][0] / seen[LIFE_BASELINE][0])
 
     med = {k: statistics.median(v) for k, v in medians.items()}
     p99 = {k: statistics.median(v) for k, v in p99s.items()}
@@ -130,6 +146,30 @@ def main():
     if boundary is not None:
         lines.append(f"| C `run_prepared` − Rust `run_parts` (the C boundary: hook name, result to JSON text, "
                      f"string free) | {boundary / 1000:+.2f} µs | (reference) | |")
+    if life_ratios:
+        life_base = med[LIFE_BASELINE]
+        life_ratio = statistics.median(life_ratios)
+        lines += [
+            "",
+            "One request's whole data path (`bench/ffi/request_life.lua`, same rounds, same process for both "
+            "rows): a ~250-byte chat body (viplevel 3) and a completion with usage; the seed's routing, "
+            "request_transform, response_transform and usage rules; both rows end with the upstream body, the "
+            "client body and the usage record as Lua strings.",
+            "",
+            "| host | case | what | median µs | p99 µs | x hand-written |",
+            "|---|---|---|---|---|---|",
+        ]
+        for host, name, what in LIFE_CASES:
+            m, p = med[(host, name)], p99[(host, name)]
+            lines.append(f"| {host} | `{name}` | {what} | {us(m)} | {us(p)} | {m / life_base:.2f}x |")
+        life_met = "yes" if life_ratio <= LIFE_TARGET_MAX else "**no**"
+        lines += [
+            "",
+            "| ratio | value | target | met |",
+            "|---|---|---|---|",
+            f"| request handle through the C ABI / hand-written LuaJIT + cjson (median of per-round ratios) | "
+            f"{life_ratio:.2f}x | <= {LIFE_TARGET_MAX}x | {life_met} |",
+        ]
     lines += ["", "<!-- END ffi-bench -->"]
     section = "\n".join(lines)
     print()

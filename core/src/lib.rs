@@ -17,6 +17,9 @@
 //! - [`convert`]: lossless JSON <-> Lua conversion, lazy request bodies.
 //! - [`http`]: request rules every host shares: the canonical path, the
 //!   OpenAI field types, hop-by-hop headers.
+//! - [`request_handle`]: one API request's life (route, upstream body,
+//!   answer, charge) over one parse of each body, the hooks' failure policy
+//!   applied.
 //! - [`keys`]: API key records and the standard checks every host shares.
 //! - [`admission`]: the auth decision over the checks and the script.
 //! - [`clock`]: `current_time` for `rate_limit` scripts, in the configured zone.
@@ -44,6 +47,7 @@ pub mod models;
 pub mod policy;
 pub mod pool;
 pub mod redis_url;
+pub mod request_handle;
 pub mod sandbox;
 pub mod shared_state;
 pub mod stack;

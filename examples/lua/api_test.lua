@@ -592,6 +592,69 @@ local tests = {
       assert(u == nil and has == false, "not an object: " .. bad)
     end
   end },
+  { "a request handle runs the seed's data path over one parse of each body", function()
+    local seed = assert(llmproxy.new(table.concat({
+      "scripts:",
+      "  routing: {script_file: examples/scripts/routing.lua}",
+      "  request_transform: {script_file: examples/scripts/request_transform.lua}",
+      "  response_transform: {script_file: examples/scripts/response_transform.lua}",
+      "  usage: {script_file: examples/scripts/usage.lua}",
+    }, "\n")))
+    local globals = assert(llmproxy.globals({ backends = {
+      standard = { url = "http://s" }, ["high-performance"] = { url = "http://h" }, ultra = { url = "http://u" },
+    } }))
+    local fields = { id = "r1", path = "/v1/chat/completions", user_id = "user_001" }
+    local h = assert(seed:handle(fields, '{"model":"gpt-4","viplevel":3,"messages":[]}'))
+    assert(tostring(h) == "llmproxy.handle")
+    local name, err = h:route(globals)
+    assert(name == "ultra" and err == nil, tostring(err))
+    local up = assert(h:upstream("http://u"))
+    assert(up.body:find('"model":"llama-3-70b-instruct"', 1, true) and up.stream == false, up.body)
+    assert(up.headers["X-Original-Model"] == "gpt-4" and up.headers["X-User-ID"] == "user_001")
+    assert(h:fell_back() == nil)
+    local answer = '{"model":"llama-3-70b-instruct","choices":[],'
+      .. '"usage":{"prompt_tokens":15,"completion_tokens":42,"total_tokens":57}}'
+    local a = assert(h:respond(200, { ["Content-Type"] = "application/json" }, answer, 9.5))
+    assert(a.status == 200 and a.body:find('"model":"gpt-4"', 1, true), a.body)
+    local b = assert(h:usage())
+    assert(b.billable_tokens == 28 and b.limit_tokens == 57 and b.record.discount == 0.5)
+
+    -- A stream: the forced usage is asked for, then hidden from the client.
+    h = assert(seed:handle(fields, '{"model":"gpt-3.5","stream":true,"viplevel":1}'))
+    up = assert(h:upstream("http://h"))
+    assert(up.stream and up.body:find('"include_usage":true', 1, true), up.body)
+    h:stream(200, { ["Content-Type"] = "text/event-stream" })
+    local out = assert(h:event('{"model":"qwen-72b-chat","choices":[{"delta":{}}],"usage":null}', 1))
+    assert(out:find('"model":"gpt-3.5"', 1, true) and not out:find("usage", 1, true), out)
+    assert(h:event('{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":9,"total_tokens":10}}') == false)
+    assert(h:event("[DONE]") == true)
+    assert(assert(h:usage()).billable_tokens == 8)
+  end },
+  { "a request handle applies each hook's failure policy", function()
+    for _, policy in ipairs({ "standard", "deny" }) do
+      local e = assert(llmproxy.new("scripts:\n  request_transform: {on_error: " .. policy
+        .. ", script: \"error('boom')\"}\n"))
+      local h = assert(e:handle({ path = "/v1/chat/completions" }, '{"model":"m"}'))
+      local up, err = h:upstream("http://b")
+      if policy == "standard" then
+        assert(up and up.body == nil and err == nil, "the client's body goes")
+        assert(h:fell_back().kind == "script_error")
+      else
+        expect_error("script_error", up, err)
+      end
+    end
+  end },
+  { "a request handle refuses what a host answers 400", function()
+    for _, c in ipairs({
+      { { path = "/v1/models" }, "{}" },
+      { { id = "r" }, "{}" },
+      { { path = "/v1/chat/completions" }, "{" },
+      { { path = "/v1/chat/completions" }, '{"stream":"yes"}' },
+      { '{"path":"/v1/embeddings","body":{}}', "{}" },
+    }) do
+      expect_error("invalid_argument", engine:handle(c[1], c[2]))
+    end
+  end },
 }
 
 local passed, failed = 0, 0

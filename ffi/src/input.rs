@@ -19,9 +19,13 @@
 //! input would be. The request's and the globals' text count together
 //! against `max_input_bytes`, as they would in one input.
 
+use std::sync::OnceLock;
+
 use llmproxy_core::config::HookConfig;
 use llmproxy_core::convert::{self, Limits};
-use llmproxy_core::hooks::{RequestInfo, ResponseInfo};
+use llmproxy_core::hooks::{BackendStatus, RequestInfo, ResponseInfo};
+use llmproxy_core::http::{api::Api, fields};
+use llmproxy_core::request_handle::RequestHandle;
 use llmproxy_core::{Engine, HookError, HookName};
 use serde_json::{Map, Value};
 
@@ -158,9 +162,24 @@ pub struct Globals {
     bytes: usize,
     /// Nesting of the globals object (the object itself is level 1).
     depth: usize,
+    /// `backends` typed, for the request handle's routing step: built on
+    /// first use.
+    backends: OnceLock<Result<Vec<BackendStatus>, String>>,
 }
 
 impl Globals {
+    /// The `backends` global, typed (built once, on first use).
+    pub fn backends(&self) -> Result<&[BackendStatus], Failure> {
+        let typed = self.backends.get_or_init(|| match self.map.get("backends") {
+            Some(b) => BackendStatus::list_from_json(b),
+            None => Err("the globals have no backends".to_owned()),
+        });
+        match typed {
+            Ok(list) => Ok(list),
+            Err(e) => Err(Failure::invalid(format!("globals: {e}"))),
+        }
+    }
+
     /// Parse the JSON text of a globals object (`{"backends": ..., ...}`).
     pub fn parse(text: &[u8]) -> Result<Globals, Failure> {
         match parse_text(text, MAX_DEPTH + 1, "json")? {
@@ -196,8 +215,36 @@ impl Globals {
             response,
             bytes,
             depth,
+            backends: OnceLock::new(),
         })
     }
+}
+
+/// A request handle over `request`'s fields (without a body: it must have
+/// an API endpoint's `path`) and the client's `body` as it came, parsed
+/// here within the engine's `max_depth`, as the gateway parses it: a JSON
+/// object whose OpenAI fields have their types.
+pub fn request_handle(engine: &Engine, request: &Request, body: &[u8]) -> Result<RequestHandle, Failure> {
+    let mut info = request.info().clone();
+    if !info.body.is_null() {
+        return Err(Failure::invalid(
+            "request: the body goes apart, as the client's bytes, not in the request's fields",
+        ));
+    }
+    let api = info.path.as_deref().and_then(Api::from_path).ok_or_else(|| {
+        Failure::invalid("request: `path` must be /v1/chat/completions, /v1/completions or /v1/embeddings")
+    })?;
+    let limits = Limits {
+        max_depth: engine.config().defaults.max_depth + 1,
+        max_bytes: usize::MAX,
+    };
+    let parsed = convert::parse_json(body, limits).map_err(|e| Failure::invalid(format!("body: {e}")))?;
+    if !parsed.is_object() {
+        return Err(Failure::invalid("body: a request body must be a JSON object"));
+    }
+    fields::check(&parsed).map_err(|e| Failure::invalid(format!("body: {e}")))?;
+    info.body = parsed.into();
+    Ok(RequestHandle::new(info, api))
 }
 
 /// Run `hook` on prepared inputs: check them against the hook's limits,

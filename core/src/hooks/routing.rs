@@ -32,6 +32,29 @@ pub struct BackendStatus {
     pub active_connections: u64,
 }
 
+impl BackendStatus {
+    /// The backend set a host gives scripts as JSON (`{"name": {"url":
+    /// ..., "healthy": ..., ...}}`, the `backends` global), typed.
+    pub fn list_from_json(backends: &Value) -> Result<Vec<BackendStatus>, String> {
+        let Some(map) = backends.as_object() else {
+            return Err(format!(
+                "backends must be an object of backends by name, got {}",
+                json_type(backends)
+            ));
+        };
+        map.iter()
+            .map(|(name, b)| {
+                let Some(fields) = b.as_object() else {
+                    return Err(format!("backends.{name} must be an object, got {}", json_type(b)));
+                };
+                let mut fields = fields.clone();
+                fields.insert("name".into(), Value::String(name.clone()));
+                serde_json::from_value(Value::Object(fields)).map_err(|e| format!("backends.{name}: {e}"))
+            })
+            .collect()
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -1,4 +1,5 @@
 //! HTTP request rules every host shares, as pure data-in/data-out functions:
+//! the API endpoints ([`api`]),
 //! the canonical form of a request path ([`path`]), the OpenAI request fields
 //! a host acts on ([`fields`]), the hop-by-hop header names that are
 //! never forwarded nor set by scripts ([`hop_by_hop`]), and the `usage` of
@@ -8,6 +9,7 @@
 //! decision (endpoint matching, transforms, billing, what goes upstream) is
 //! made on the same view of the request.
 
+pub mod api;
 pub mod fields;
 pub mod hop_by_hop;
 pub mod path;

@@ -19,6 +19,8 @@
 //! - [`throttle`]: the auth throttle (clients that keep failing key
 //!   checks).
 //! - [`metrics`]: the metric catalog (names, types, help, labels).
+//! - [`upstream`]: the body sent to a backend (the script's, or the
+//!   client's bytes; `stream_options.include_usage` forced on streams).
 
 pub mod breaker;
 pub mod errors;
@@ -29,4 +31,5 @@ pub mod metrics;
 pub mod rate_stage;
 pub mod sse;
 pub mod throttle;
+pub mod upstream;
 pub mod usage;

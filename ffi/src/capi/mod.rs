@@ -17,9 +17,11 @@ pub mod boundary;
 pub mod engine;
 pub mod error;
 pub mod globals;
+pub mod handle;
 pub mod request;
 
 pub use engine::llmp_engine;
 pub use error::{llmp_error, llmp_result};
 pub use globals::llmp_globals;
+pub use handle::llmp_handle;
 pub use request::llmp_request;

@@ -28,6 +28,9 @@
 //! -- `body` of a result as JSON text (serialized in Rust), for a host that
 //! -- sends it on: request_transform, response_transform, error_handler.
 //! local res = engine:run_prepared("request_transform", routed, nil, { body_json = true })
+//! -- A proxied API request's whole life in the core (handle.rs): route,
+//! -- upstream body, answer or stream events, charge.
+//! local h, err = engine:handle({ path = "/v1/chat/completions", id = id }, body_text)
 //! engine:gateway()      -- the config's `gateway:` settings
 //! engine:on_error("auth")  -- "deny" | "standard": the hook's failure policy
 //! engine:pool_stats()   -- the VM pool's counters
@@ -55,6 +58,7 @@
 //! any engine; see `crate::input` for how limits apply).
 
 pub mod convert;
+mod handle;
 mod keys;
 mod ledger;
 mod limiter;
@@ -70,7 +74,7 @@ use llmproxy_core::config::{BalancerKind, OnError};
 use llmproxy_core::hooks::{AuthVerdict, StandardChecks};
 use llmproxy_core::http::hop_by_hop;
 use llmproxy_core::{Config, Engine, HookName};
-use mlua::{Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
+use mlua::{AnyUserData, Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
 
 use crate::capi::boundary::from_panic;
@@ -90,6 +94,14 @@ struct Shared {
 impl Shared {
     /// `nil, err` with err a `{kind, message, hook?, script?, line?}` table.
     fn fail(&self, lua: &Lua, f: Failure) -> mlua::Result<MultiValue> {
+        Ok(MultiValue::from_vec(vec![
+            Value::Nil,
+            Value::Table(self.error(lua, f)?),
+        ]))
+    }
+
+    /// The `{kind, message, hook?, script?, line?}` table of `f`.
+    fn error(&self, lua: &Lua, f: Failure) -> mlua::Result<Table> {
         let t = lua.create_table_with_capacity(0, 5)?;
         t.raw_set("kind", f.code.kind().to_str().unwrap_or("internal"))?;
         t.raw_set("message", f.message)?;
@@ -103,7 +115,7 @@ impl Shared {
             t.raw_set("line", l)?;
         }
         t.set_metatable(Some(self.err_mt.clone()))?;
-        Ok(MultiValue::from_vec(vec![Value::Nil, Value::Table(t)]))
+        Ok(t)
     }
 }
 
@@ -128,6 +140,29 @@ impl UserData for LuaEngine {
             });
             respond(lua, this, outcome, lines)
         });
+        // engine:handle(request, body) -> a request handle (handle.rs), or
+        // nil, err for a request to answer 400.
+        methods.add_function(
+            "handle",
+            |lua, (ud, request, body): (AnyUserData, Value, mlua::LuaString)| {
+                let (built, shared) = {
+                    let this = ud.borrow::<LuaEngine>()?;
+                    let built = panic::catch_unwind(AssertUnwindSafe(|| {
+                        let fields = self::request(lua, &request, &this.shared.array_mt)?;
+                        input::request_handle(&this.engine, &fields, &body.as_bytes())
+                    }))
+                    .unwrap_or_else(|payload| Err(from_panic(payload)));
+                    (built, this.shared.clone())
+                };
+                match built {
+                    Ok(h) => {
+                        let h = lua.create_userdata(handle::LuaHandle::new(ud, h, shared))?;
+                        Ok(MultiValue::from_vec(vec![Value::UserData(h)]))
+                    }
+                    Err(f) => shared.fail(lua, f),
+                }
+            },
+        );
         methods.add_method(
             "run_prepared",
             |lua, this, (hook, request, globals, opts): (Value, Value, Value, Value)| {
@@ -489,15 +524,25 @@ fn respond(
     outcome: Result<Json, Failure>,
     lines: Vec<script_log::Line>,
 ) -> mlua::Result<MultiValue> {
+    let outcome = match outcome {
+        Ok(Json::Null) => Ok(Value::Nil),
+        Ok(json) => Ok(convert::to_lua(lua, &json, &this.shared.array_mt)?),
+        Err(f) => Err(f),
+    };
+    reply(lua, &this.shared, outcome, lines)
+}
+
+/// `value, nil` or `nil, err`, then the lines the call's scripts logged
+/// (when there are any).
+fn reply(
+    lua: &Lua,
+    shared: &Shared,
+    outcome: Result<Value, Failure>,
+    lines: Vec<script_log::Line>,
+) -> mlua::Result<MultiValue> {
     let mut out = match outcome {
-        Ok(json) => {
-            let value = match json {
-                Json::Null => Value::Nil,
-                other => convert::to_lua(lua, &other, &this.shared.array_mt)?,
-            };
-            MultiValue::from_vec(vec![value, Value::Nil])
-        }
-        Err(f) => this.shared.fail(lua, f)?,
+        Ok(value) => MultiValue::from_vec(vec![value, Value::Nil]),
+        Err(f) => shared.fail(lua, f)?,
     };
     if !lines.is_empty() {
         let t = lua.create_table_with_capacity(lines.len(), 0)?;

@@ -21,6 +21,7 @@ use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, 
 use llmproxy_core::http::{fields, path::PathError, usage_probe};
 use llmproxy_core::policy::errors::{self, GatewayError};
 use llmproxy_core::policy::failure::{self, Handled};
+use llmproxy_core::policy::upstream as upstream_policy;
 use llmproxy_core::{keys, HookName};
 use serde_json::Value;
 
@@ -974,33 +975,13 @@ fn plan_sync(
     }))
 }
 
-/// The body to send upstream: the client's bytes when nothing changed; the
-/// script's body when it gave one; and for streams whose client did not ask
-/// for `stream_options.include_usage`, the body with it set (the usage
-/// chunk is then removed before the client sees it).
+/// The body to send upstream (the core's rule,
+/// [`llmproxy_core::policy::upstream`]): the client's bytes when nothing
+/// changed.
 fn upstream_body(endpoint: Endpoint, original: &Value, raw: Bytes, new_body: Option<Value>) -> (Bytes, bool, bool) {
-    let effective = new_body.as_ref().unwrap_or(original);
-    let stream = effective.get("stream") == Some(&Value::Bool(true));
-    let wants_usage = effective.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-    if stream && endpoint.streams_usage() && !wants_usage {
-        let mut v = new_body.unwrap_or_else(|| original.clone());
-        if let Value::Object(obj) = &mut v {
-            let opts = obj
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if !opts.is_object() {
-                *opts = Value::Object(Default::default());
-            }
-            if let Value::Object(o) = opts {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-        }
-        return (Bytes::from(v.to_string()), true, true);
-    }
-    match new_body {
-        Some(v) => (Bytes::from(v.to_string()), stream, false),
-        None => (raw, stream, false),
-    }
+    let sent = upstream_policy::body(original, new_body, endpoint.streams_usage());
+    let body = sent.body.map_or(raw, Bytes::from);
+    (body, sent.stream, sent.strip_usage)
 }
 
 /// `error.message` of an OpenAI-style error body.

@@ -1,0 +1,375 @@
+//! One API request's life in the core, driven by a host that only does
+//! I/O: the body is parsed once, every data-path hook of the request reads
+//! that one parse (and the response's, parsed once too), and each step
+//! returns a typed decision with the hook's failure policy already applied.
+//!
+//! ```text
+//! RequestHandle::new(request, api)
+//!   -> route(backends)            which backend (or the host's balancer)
+//!   -> upstream(backend_url)      request_transform; the body to send
+//!   -> respond(status, headers, body)   response_transform; the client's body
+//!      or stream(status, headers) then event(data) per server-sent event
+//!   -> usage()                    the usage hook; what the request is charged
+//! ```
+//!
+//! A host may call `route` and `upstream` again for a retry on another
+//! backend. Auth and rate limiting happen before a request reaches its
+//! backend and have their own policy ([`crate::admission`],
+//! [`crate::policy::rate_stage`]); a failed request's answer comes from
+//! [`crate::policy::failure`].
+//!
+//! Failure policy (`on_error` of each hook): `standard` acts as if the
+//! script returned nil and the step says so ([`Step::FellBack`], for the
+//! host's metrics; the core has logged it); `deny` stops the request
+//! ([`Step::Denied`]: the host answers 503). The usage step never denies:
+//! it runs after the answer was sent, so a failing script records the
+//! backend's usage.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::config::OnError;
+use crate::hooks::{
+    BackendStatus, HeaderChange, RequestInfo, RequestTransformInput, ResponseInfo, ResponseTransformInput,
+    RouteDecision, RoutingInput, UsageInput, UsageMetadata, UsageRecord,
+};
+use crate::http::api::Api;
+use crate::http::usage_probe;
+use crate::policy::upstream::{self, UpstreamBody};
+use crate::policy::{sse, usage};
+use crate::{Engine, HookError, HookName};
+
+/// What one step of a request decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step<T> {
+    /// The hook ran (or has no script) and this is its decision.
+    Ran(T),
+    /// The hook failed and its policy is `standard`: this is the decision
+    /// for nil. The error is for the host's metrics; the core logged it.
+    FellBack(T, HookError),
+    /// The hook failed and its policy is `deny`: the request fails (503).
+    Denied(HookError),
+}
+
+impl<T> Step<T> {
+    /// The step of `hook` whose call gave `result`; `fallback` is the
+    /// decision for nil.
+    fn of(engine: &Engine, hook: HookName, result: Result<T, HookError>, fallback: impl FnOnce() -> T) -> Step<T> {
+        match result {
+            Ok(v) => Step::Ran(v),
+            Err(e) => match engine.config().hook(hook).map(|c| c.on_error) {
+                Some(OnError::Deny) => Step::Denied(e),
+                _ => Step::FellBack(fallback(), e),
+            },
+        }
+    }
+
+    /// The decision, or the error that denied the request.
+    pub fn into_result(self) -> Result<T, HookError> {
+        match self {
+            Step::Ran(v) | Step::FellBack(v, _) => Ok(v),
+            Step::Denied(e) => Err(e),
+        }
+    }
+
+    /// The hook's failure, whether it fell back or denied.
+    pub fn failure(&self) -> Option<&HookError> {
+        match self {
+            Step::Ran(_) => None,
+            Step::FellBack(_, e) | Step::Denied(e) => Some(e),
+        }
+    }
+
+    /// The same step with its decision mapped.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Step<U> {
+        match self {
+            Step::Ran(v) => Step::Ran(f(v)),
+            Step::FellBack(v, e) => Step::FellBack(f(v), e),
+            Step::Denied(e) => Step::Denied(e),
+        }
+    }
+}
+
+/// What to send the chosen backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// The body; `None` sends the client's bytes unchanged.
+    pub body: Option<Vec<u8>>,
+    /// Header changes from `request_transform`, name-sorted.
+    pub headers: Vec<(String, HeaderChange)>,
+    /// The request is a stream (answer with [`RequestHandle::stream`] and
+    /// [`RequestHandle::event`]).
+    pub stream: bool,
+}
+
+/// What the client gets for a backend's (non-stream) answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The status to send.
+    pub status: u16,
+    /// The body; `None` sends the backend's bytes unchanged.
+    pub body: Option<Vec<u8>>,
+    /// Header changes from `response_transform`, name-sorted.
+    pub headers: Vec<(String, HeaderChange)>,
+}
+
+/// What to do with one event of a backend's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Relay {
+    /// Send the event's data as it came.
+    Unchanged,
+    /// Send this data instead.
+    Data(Vec<u8>),
+    /// Send nothing (the usage chunk the gateway asked for itself).
+    Drop,
+}
+
+/// What the request is charged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Billing {
+    /// The backend's usage (zeros when it reported none).
+    pub usage: Value,
+    /// The usage hook's record; `None` when it is off, returned nil or
+    /// failed (the backend's usage is then the record).
+    pub record: Option<Value>,
+    /// The charge: quota, tokens per minute, ledger columns, metrics.
+    pub charge: usage::Charge,
+}
+
+/// One API request, from its parsed body to its charge.
+#[derive(Debug)]
+pub struct RequestHandle {
+    request: RequestInfo,
+    api: Api,
+    strip_usage: bool,
+    /// The backend's answer as scripts see it: the parsed body of a
+    /// non-stream answer, or a stream's status and headers (and, once an
+    /// event carried usage, that event).
+    response: Option<ResponseInfo>,
+    latency_ms: f64,
+    usage: Option<Value>,
+}
+
+impl RequestHandle {
+    /// A request to `api` whose body the host parsed once into
+    /// `request.body`.
+    pub fn new(request: RequestInfo, api: Api) -> RequestHandle {
+        RequestHandle {
+            request,
+            api,
+            strip_usage: false,
+            response: None,
+            latency_ms: 0.0,
+            usage: None,
+        }
+    }
+
+    /// The request as hooks see it (`backend_url` set once
+    /// [`RequestHandle::upstream`] ran).
+    pub fn request(&self) -> &RequestInfo {
+        &self.request
+    }
+
+    /// `routing`: a backend from `backends`, or `Default` for the host's
+    /// balancer.
+    pub fn route(&self, engine: &Engine, backends: &[BackendStatus]) -> Step<RouteDecision> {
+        let result = engine.route(&RoutingInput {
+            request: &self.request,
+            backends,
+        });
+        Step::of(engine, HookName::Routing, result, || RouteDecision::Default)
+    }
+
+    /// `request_transform` for the backend at `backend_url`, then the body
+    /// to send ([`crate::policy::upstream`]).
+    pub fn upstream(&mut self, engine: &Engine, backend_url: &str) -> Step<Upstream> {
+        self.request.backend_url = Some(backend_url.to_owned());
+        let result = engine.transform_request(&RequestTransformInput { request: &self.request });
+        let step = Step::of(engine, HookName::RequestTransform, result, || None);
+        step.map(|rewrite| {
+            let (new_body, headers) = rewrite.map_or((None, Vec::new()), |rw| (rw.body, rw.headers));
+            let UpstreamBody {
+                body,
+                stream,
+                strip_usage,
+            } = upstream::body(&self.request.body, new_body, self.api.streams_usage());
+            self.strip_usage = strip_usage;
+            Upstream { body, headers, stream }
+        })
+    }
+
+    /// `response_transform` on a backend's non-stream answer; the body is
+    /// parsed once, here, when a script reads it (else only its `usage`
+    /// is read).
+    pub fn respond(
+        &mut self,
+        engine: &Engine,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: &[u8],
+        latency_ms: f64,
+    ) -> Step<Answer> {
+        self.latency_ms = latency_ms;
+        let transform = engine.is_enabled(HookName::ResponseTransform);
+        let scripted = transform || engine.is_enabled(HookName::Usage);
+        let parsed = scripted
+            .then(|| serde_json::from_slice::<Value>(body).ok())
+            .flatten()
+            .map(Arc::new);
+        self.usage = match &parsed {
+            Some(json) => json.get("usage").filter(|u| u.is_object()).cloned(),
+            None => usage_probe::probe(body).and_then(|p| p.usage).filter(Value::is_object),
+        };
+        self.response = parsed.map(|body| ResponseInfo {
+            status_code: status,
+            body,
+            headers,
+            is_stream: false,
+        });
+        let unchanged = Answer {
+            status,
+            body: None,
+            headers: Vec::new(),
+        };
+        let Some(response) = self.response.as_ref().filter(|_| transform) else {
+            return Step::Ran(unchanged);
+        };
+        let result = engine.transform_response(&ResponseTransformInput {
+            request: &self.request,
+            response,
+            backend_url: self.backend_url(),
+            latency_ms,
+        });
+        Step::of(engine, HookName::ResponseTransform, result, || None).map(|rewrite| match rewrite {
+            None => unchanged,
+            Some(rw) => Answer {
+                status: rw.status_code.unwrap_or(status),
+                body: rw.body.map(|v| v.to_string().into_bytes()),
+                headers: rw.headers,
+            },
+        })
+    }
+
+    /// A stream's answer begins: its status and headers, as
+    /// `response_transform` sees them with each event.
+    pub fn stream(&mut self, status: u16, headers: Vec<(String, String)>) {
+        self.response = Some(ResponseInfo {
+            status_code: status,
+            body: Arc::new(Value::Null),
+            headers,
+            is_stream: true,
+        });
+    }
+
+    /// One event of the stream (its `data`): the usage it carries is kept
+    /// for [`RequestHandle::usage`], what the forced `include_usage` added
+    /// is removed ([`crate::policy::sse`]), and `response_transform` runs
+    /// on the event. `latency_ms`: since the request went upstream.
+    pub fn event(&mut self, engine: &Engine, data: &[u8], latency_ms: f64) -> Step<Relay> {
+        self.latency_ms = latency_ms;
+        let transform = engine.is_enabled(HookName::ResponseTransform);
+        let sse::Event {
+            data: relay,
+            usage,
+            parsed,
+        } = sse::event(data, self.strip_usage, transform);
+        let relay = match relay {
+            None => Relay::Drop,
+            Some(Cow::Borrowed(_)) => Relay::Unchanged,
+            Some(Cow::Owned(d)) => Relay::Data(d),
+        };
+        let (status, headers) = match &self.response {
+            Some(r) => (r.status_code, r.headers.clone()),
+            None => (200, Vec::new()),
+        };
+        let parsed = parsed.map(Arc::new);
+        if let Some(u) = usage {
+            self.usage = Some(u);
+            let body = parsed
+                .clone()
+                .or_else(|| serde_json::from_slice(data).ok().map(Arc::new));
+            self.response = Some(ResponseInfo {
+                status_code: status,
+                body: body.unwrap_or_else(|| Arc::new(Value::Null)),
+                headers: headers.clone(),
+                is_stream: true,
+            });
+        }
+        let Some(body) = parsed.filter(|_| transform && relay != Relay::Drop) else {
+            return Step::Ran(relay);
+        };
+        let response = ResponseInfo {
+            status_code: status,
+            body,
+            headers,
+            is_stream: true,
+        };
+        let result = engine.transform_response(&ResponseTransformInput {
+            request: &self.request,
+            response: &response,
+            backend_url: self.backend_url(),
+            latency_ms,
+        });
+        Step::of(engine, HookName::ResponseTransform, result, || None).map(|rewrite| {
+            match rewrite.and_then(|rw| rw.body) {
+                Some(body) => Relay::Data(body.to_string().into_bytes()),
+                None => relay,
+            }
+        })
+    }
+
+    /// The `usage` hook on the backend's usage (zeros when it reported
+    /// none), and the charge that follows. Never denies (see the module).
+    pub fn usage(&self, engine: &Engine) -> Step<Billing> {
+        let raw = self
+            .usage
+            .clone()
+            .unwrap_or_else(|| json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}));
+        let null_response;
+        let response = match &self.response {
+            Some(r) => r,
+            None => {
+                null_response = ResponseInfo {
+                    status_code: 0,
+                    body: Arc::new(Value::Null),
+                    headers: Vec::new(),
+                    is_stream: false,
+                };
+                &null_response
+            }
+        };
+        let metadata = UsageMetadata {
+            backend_url: self.backend_url().to_owned(),
+            latency_ms: self.latency_ms,
+            is_stream: response.is_stream,
+        };
+        let result = engine.usage(&UsageInput {
+            request: &self.request,
+            usage: &raw,
+            response,
+            metadata: &metadata,
+        });
+        let step = match result {
+            Ok(record) => Step::Ran(record),
+            Err(e) => Step::FellBack(UsageRecord::Raw, e),
+        };
+        step.map(|record| {
+            let record = match record {
+                UsageRecord::Raw => None,
+                UsageRecord::Custom(map) => Some(Value::Object(map)),
+            };
+            let charge = usage::charge(&raw, record.as_ref());
+            Billing {
+                usage: raw,
+                record,
+                charge,
+            }
+        })
+    }
+
+    fn backend_url(&self) -> &str {
+        self.request.backend_url.as_deref().unwrap_or_default()
+    }
+}

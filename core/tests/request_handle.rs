@@ -1,0 +1,213 @@
+//! A request's life through `RequestHandle`: the seed's data-path scripts
+//! over one parse of each body, streams, and each hook's failure policy.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use llmproxy_core::hooks::{BackendStatus, HeaderChange, RequestInfo, RouteDecision};
+use llmproxy_core::http::api::Api;
+use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
+use llmproxy_core::{Config, Engine, ErrorKind};
+use serde_json::{json, Value};
+
+/// An engine with `hooks`: (hook, `script_file` under examples/scripts or
+/// inline `script`, on_error).
+fn engine(hooks: &[(&str, &str, &str)]) -> Engine {
+    let mut yaml = String::from("scripts:\n");
+    for (hook, script, on_error) in hooks {
+        yaml.push_str(&format!("  {hook}:\n    on_error: {on_error}\n"));
+        if script.ends_with(".lua") {
+            yaml.push_str(&format!("    script_file: ../examples/scripts/{script}\n"));
+        } else {
+            yaml.push_str(&format!(
+                "    script: {}\n",
+                serde_json::to_string(script).expect("text")
+            ));
+        }
+    }
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+    Engine::new(Config::from_yaml(&yaml, base).expect("config")).expect("engine")
+}
+
+fn seed_engine() -> Engine {
+    engine(&[
+        ("routing", "routing.lua", "standard"),
+        ("request_transform", "request_transform.lua", "standard"),
+        ("response_transform", "response_transform.lua", "standard"),
+        ("usage", "usage.lua", "standard"),
+    ])
+}
+
+fn backends() -> Vec<BackendStatus> {
+    ["standard", "high-performance", "ultra"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| BackendStatus {
+            name: (*name).to_owned(),
+            url: format!("http://127.0.0.1:900{}", i + 1),
+            healthy: true,
+            weight: 1,
+            latency_ms: 0.0,
+            active_connections: 0,
+        })
+        .collect()
+}
+
+fn handle(body: Value) -> RequestHandle {
+    let request = RequestInfo {
+        id: "r-1".into(),
+        body: Arc::new(body),
+        user_id: Some("user_001".into()),
+        path: Some("/v1/chat/completions".into()),
+        ..RequestInfo::default()
+    };
+    RequestHandle::new(request, Api::ChatCompletions)
+}
+
+fn ran<T: std::fmt::Debug>(step: Step<T>) -> T {
+    match step {
+        Step::Ran(v) => v,
+        other => panic!("expected the hook to run, got {other:?}"),
+    }
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).expect("JSON")
+}
+
+const COMPLETION: &str = r#"{"id":"c-1","object":"chat.completion","model":"llama-3-70b-instruct","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":15,"completion_tokens":42,"total_tokens":57}}"#;
+
+#[test]
+fn the_seed_scripts_decide_every_step_of_one_request() {
+    let engine = seed_engine();
+    let mut h = handle(json!({"model": "gpt-4", "viplevel": 3, "messages": [{"role": "user", "content": "hi"}]}));
+
+    let route = ran(h.route(&engine, &backends()));
+    assert_eq!(route, RouteDecision::Backend("ultra".into()));
+
+    let up = ran(h.upstream(&engine, "http://127.0.0.1:9003"));
+    let sent = json_of(up.body.as_deref().expect("a new body"));
+    assert_eq!(
+        sent,
+        json!({"model": "llama-3-70b-instruct", "viplevel": 3, "messages": [{"role": "user", "content": "hi"}]})
+    );
+    assert_eq!(
+        up.headers,
+        vec![
+            ("X-Original-Model".to_owned(), HeaderChange::Set("gpt-4".into())),
+            ("X-User-ID".to_owned(), HeaderChange::Set("user_001".into())),
+        ]
+    );
+    assert!(!up.stream);
+    assert_eq!(h.request().backend_url.as_deref(), Some("http://127.0.0.1:9003"));
+
+    let headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+    let answer = ran(h.respond(&engine, 200, headers, COMPLETION.as_bytes(), 12.0));
+    assert_eq!(answer.status, 200);
+    let client = json_of(answer.body.as_deref().expect("a new body"));
+    assert_eq!(client["model"], "gpt-4");
+    assert_eq!(client["choices"][0]["message"]["content"], "hi");
+
+    let billing = ran(h.usage(&engine));
+    assert_eq!(
+        billing.usage,
+        json!({"prompt_tokens": 15, "completion_tokens": 42, "total_tokens": 57})
+    );
+    let record = billing.record.expect("the script's record");
+    assert_eq!(
+        (record["billable_tokens"].clone(), record["discount"].clone()),
+        (json!(28), json!(0.5))
+    );
+    assert_eq!((billing.charge.billable_tokens, billing.charge.limit_tokens), (28, 57));
+}
+
+#[test]
+fn without_scripts_the_client_and_backend_bytes_go_through() {
+    let engine = engine(&[]);
+    let mut h = handle(json!({"model": "gpt-4"}));
+    assert_eq!(ran(h.route(&engine, &backends())), RouteDecision::Default);
+    let up = ran(h.upstream(&engine, "http://b"));
+    assert_eq!((up.body, up.headers, up.stream), (None, Vec::new(), false));
+    let answer = ran(h.respond(&engine, 201, Vec::new(), COMPLETION.as_bytes(), 1.0));
+    assert_eq!((answer.status, answer.body, answer.headers), (201, None, Vec::new()));
+    // The usage is read from the answer without a script.
+    let billing = ran(h.usage(&engine));
+    assert_eq!((billing.record, billing.charge.billable_tokens), (None, 57));
+}
+
+#[test]
+fn a_stream_asks_for_usage_and_hides_it_from_the_client() {
+    let engine = engine(&[
+        ("response_transform", "response_transform.lua", "standard"),
+        ("usage", "usage.lua", "standard"),
+    ]);
+    let mut h = handle(json!({"model": "gpt-4", "stream": true, "viplevel": 1}));
+    let up = ran(h.upstream(&engine, "http://b"));
+    assert!(up.stream);
+    assert_eq!(
+        json_of(&up.body.expect("forced usage"))["stream_options"],
+        json!({"include_usage": true})
+    );
+
+    h.stream(200, vec![("Content-Type".into(), "text/event-stream".into())]);
+    // (event data, what the client gets)
+    let events: [(&str, Relay); 3] = [
+        (
+            r#"{"model":"qwen-72b-chat","choices":[{"delta":{"content":"a"}}],"usage":null}"#,
+            Relay::Data(br#"{"choices":[{"delta":{"content":"a"}}],"model":"gpt-3.5"}"#.to_vec()),
+        ),
+        (
+            r#"{"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":9,"total_tokens":10}}"#,
+            Relay::Drop,
+        ),
+        ("[DONE]", Relay::Unchanged),
+    ];
+    for (data, want) in events {
+        let got = ran(h.event(&engine, data.as_bytes(), 5.0));
+        match (&got, &want) {
+            (Relay::Data(a), Relay::Data(b)) => assert_eq!(json_of(a), json_of(b), "{data}"),
+            _ => assert_eq!(got, want, "{data}"),
+        }
+    }
+    let billing = ran(h.usage(&engine));
+    assert_eq!(billing.charge.billable_tokens, 8, "viplevel 1: 10 tokens at 0.8");
+}
+
+#[test]
+fn a_failing_hook_falls_back_or_denies_by_its_policy() {
+    let failing = "error('boom')";
+    let body = json!({"model": "gpt-4"});
+    for (hook, on_error, fell_back) in [
+        ("routing", "standard", true),
+        ("routing", "deny", false),
+        ("request_transform", "standard", true),
+        ("request_transform", "deny", false),
+        ("response_transform", "standard", true),
+        ("response_transform", "deny", false),
+        // The usage hook runs after the answer: it never denies.
+        ("usage", "deny", true),
+    ] {
+        let engine = engine(&[(hook, failing, on_error)]);
+        let mut h = handle(body.clone());
+        let failure = match hook {
+            "routing" => h
+                .route(&engine, &backends())
+                .map(|d| assert_eq!(d, RouteDecision::Default)),
+            "request_transform" => h.upstream(&engine, "http://b").map(|u| assert_eq!(u.body, None)),
+            "response_transform" => h
+                .respond(&engine, 200, Vec::new(), COMPLETION.as_bytes(), 1.0)
+                .map(|a| assert_eq!(a.body, None)),
+            _ => {
+                h.respond(&engine, 200, Vec::new(), COMPLETION.as_bytes(), 1.0);
+                h.usage(&engine)
+                    .map(|b| assert_eq!((b.record, b.charge.billable_tokens), (None, 57)))
+            }
+        };
+        let what = format!("{hook} with on_error: {on_error}");
+        match failure {
+            Step::FellBack((), e) if fell_back => assert_eq!(e.kind, ErrorKind::ScriptError, "{what}"),
+            Step::Denied(e) if !fell_back => assert_eq!(e.kind, ErrorKind::ScriptError, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}

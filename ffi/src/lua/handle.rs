@@ -1,0 +1,212 @@
+//! `engine:handle(request, body)`: a request handle in the LuaJIT module,
+//! the core's `RequestHandle` as the C ABI's `llmp_handle` exposes it.
+//!
+//! ```lua
+//! local h, err = engine:handle({ id = id, path = "/v1/chat/completions",
+//!     headers = hdrs, user_id = uid }, body_text)      -- 400 on err
+//! local name, err = h:route(globals)   -- llmproxy.globals({ backends = ... });
+//!                                      -- nil, nil: the host's balancer
+//! local up, err = h:upstream(url)      -- { body = text|nil (the client's),
+//!                                      --   headers = {name = value|false}|nil,
+//!                                      --   stream = bool }
+//! local a, err = h:respond(status, headers, body_text, latency_ms)
+//!                                      -- { status =, body = text|nil, headers = }
+//! h:stream(status, headers)            -- a stream's answer begins, then per event:
+//! local out, err = h:event(data, latency_ms)  -- text | true (as it came) | false (drop)
+//! local b, err = h:usage()             -- { usage =, record = tbl|nil,
+//!                                      --   billable_tokens =, limit_tokens =, ... }
+//! local e = h:fell_back()              -- the last step's failure under
+//!                                      -- on_error: standard, or nil
+//! ```
+//!
+//! Each step returns `nil, err` when its hook failed under `on_error: deny`
+//! (the host answers 503), and, third, the lines its script logged. The
+//! handle keeps its engine alive.
+
+use std::panic::{self, AssertUnwindSafe};
+
+use llmproxy_core::hooks::{HeaderChange, RouteDecision};
+use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
+use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
+
+use super::{convert, reply, script_log, LuaEngine, LuaGlobals, Shared};
+use crate::capi::boundary::from_panic;
+use crate::capi::error::Failure;
+
+/// A request handle as a Lua userdata.
+pub(super) struct LuaHandle {
+    /// The `LuaEngine` userdata the handle was made by.
+    engine: AnyUserData,
+    handle: RequestHandle,
+    shared: Shared,
+    /// The failure of the last step whose hook fell back.
+    fell_back: Option<Failure>,
+}
+
+impl LuaHandle {
+    /// A handle made by the engine `engine` (a `LuaEngine` userdata).
+    pub(super) fn new(engine: AnyUserData, handle: RequestHandle, shared: Shared) -> LuaHandle {
+        LuaHandle {
+            engine,
+            handle,
+            shared,
+            fell_back: None,
+        }
+    }
+
+    /// Run one step on the engine, catching panics and the lines its script
+    /// logged; keep a fallen-back failure; `nil, err` for a denial.
+    fn step<T>(
+        &mut self,
+        lua: &Lua,
+        run: impl FnOnce(&mut RequestHandle, &llmproxy_core::Engine) -> Result<Step<T>, Failure>,
+        to_lua: impl FnOnce(&Lua, &Shared, T) -> mlua::Result<Value>,
+    ) -> mlua::Result<MultiValue> {
+        let engine = self.engine.borrow::<LuaEngine>()?;
+        let handle = &mut self.handle;
+        let (outcome, lines) = script_log::capture(|| {
+            panic::catch_unwind(AssertUnwindSafe(|| run(handle, &engine.engine)))
+                .unwrap_or_else(|payload| Err(from_panic(payload)))
+        });
+        self.fell_back = None;
+        let outcome = match outcome {
+            Ok(Step::Ran(v)) => Ok(to_lua(lua, &self.shared, v)?),
+            Ok(Step::FellBack(v, e)) => {
+                self.fell_back = Some(Failure::from(e));
+                Ok(to_lua(lua, &self.shared, v)?)
+            }
+            Ok(Step::Denied(e)) => Err(Failure::from(e)),
+            Err(f) => Err(f),
+        };
+        reply(lua, &self.shared, outcome, lines)
+    }
+}
+
+impl UserData for LuaHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.handle"));
+        methods.add_method_mut("route", |lua, this, globals: AnyUserData| {
+            let globals = globals.borrow::<LuaGlobals>()?;
+            this.step(
+                lua,
+                |h, engine| Ok(h.route(engine, globals.globals.backends()?)),
+                |lua, _, decision| match decision {
+                    RouteDecision::Default => Ok(Value::Nil),
+                    RouteDecision::Backend(name) => Ok(Value::String(lua.create_string(name)?)),
+                },
+            )
+        });
+        methods.add_method_mut("upstream", |lua, this, url: String| {
+            this.step(
+                lua,
+                |h, engine| Ok(h.upstream(engine, &url)),
+                |lua, _, up| {
+                    let t = lua.create_table_with_capacity(0, 3)?;
+                    if let Some(body) = up.body {
+                        t.raw_set("body", lua.create_string(body)?)?;
+                    }
+                    t.raw_set("headers", header_changes(lua, &up.headers)?)?;
+                    t.raw_set("stream", up.stream)?;
+                    Ok(Value::Table(t))
+                },
+            )
+        });
+        methods.add_method_mut(
+            "respond",
+            |lua, this, (status, headers, body, latency_ms): (u16, Option<Table>, LuaString, Option<f64>)| {
+                let headers = response_headers(headers)?;
+                this.step(
+                    lua,
+                    |h, engine| Ok(h.respond(engine, status, headers, &body.as_bytes(), latency_ms.unwrap_or(0.0))),
+                    |lua, _, a| {
+                        let t = lua.create_table_with_capacity(0, 3)?;
+                        t.raw_set("status", a.status)?;
+                        if let Some(body) = a.body {
+                            t.raw_set("body", lua.create_string(body)?)?;
+                        }
+                        t.raw_set("headers", header_changes(lua, &a.headers)?)?;
+                        Ok(Value::Table(t))
+                    },
+                )
+            },
+        );
+        methods.add_method_mut("stream", |_, this, (status, headers): (u16, Option<Table>)| {
+            this.handle.stream(status, response_headers(headers)?);
+            Ok(())
+        });
+        methods.add_method_mut("event", |lua, this, (data, latency_ms): (LuaString, Option<f64>)| {
+            this.step(
+                lua,
+                |h, engine| Ok(h.event(engine, &data.as_bytes(), latency_ms.unwrap_or(0.0))),
+                |lua, _, relay| match relay {
+                    Relay::Unchanged => Ok(Value::Boolean(true)),
+                    Relay::Drop => Ok(Value::Boolean(false)),
+                    Relay::Data(d) => Ok(Value::String(lua.create_string(d)?)),
+                },
+            )
+        });
+        methods.add_method_mut("usage", |lua, this, ()| {
+            this.step(
+                lua,
+                |h, engine| Ok(h.usage(engine)),
+                |lua, shared, b| {
+                    let c = &b.charge;
+                    let t = lua.create_table_with_capacity(0, 8)?;
+                    t.raw_set("usage", convert::to_lua(lua, &b.usage, &shared.array_mt)?)?;
+                    if let Some(record) = &b.record {
+                        t.raw_set("record", convert::to_lua(lua, record, &shared.array_mt)?)?;
+                    }
+                    t.raw_set("billable_tokens", c.billable_tokens)?;
+                    t.raw_set("limit_tokens", c.limit_tokens)?;
+                    t.raw_set("prompt_tokens", c.prompt_tokens)?;
+                    t.raw_set("completion_tokens", c.completion_tokens)?;
+                    t.raw_set("total_tokens", c.total_tokens)?;
+                    t.raw_set("cost", c.cost)?;
+                    Ok(Value::Table(t))
+                },
+            )
+        });
+        methods.add_method("fell_back", |lua, this, ()| match &this.fell_back {
+            Some(f) => Ok(Value::Table(this.shared.error(lua, f.clone())?)),
+            None => Ok(Value::Nil),
+        });
+    }
+}
+
+/// Header changes as `{name = value}`, `false` for a removal; `nil` for none.
+fn header_changes(lua: &Lua, changes: &[(String, HeaderChange)]) -> mlua::Result<Value> {
+    if changes.is_empty() {
+        return Ok(Value::Nil);
+    }
+    let t = lua.create_table_with_capacity(0, changes.len())?;
+    for (name, change) in changes {
+        match change {
+            HeaderChange::Set(v) => t.raw_set(name.as_str(), v.as_str())?,
+            HeaderChange::Remove => t.raw_set(name.as_str(), false)?,
+        }
+    }
+    Ok(Value::Table(t))
+}
+
+/// Response headers from `{name = value}` (strings and numbers).
+fn response_headers(headers: Option<Table>) -> mlua::Result<Vec<(String, String)>> {
+    let Some(t) = headers else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for pair in t.pairs::<String, Value>() {
+        let (name, value) = pair?;
+        match value {
+            Value::String(s) => out.push((name, s.to_str()?.to_owned())),
+            Value::Integer(i) => out.push((name, i.to_string())),
+            Value::Number(n) => out.push((name, n.to_string())),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "header {name} must be a string, got {}",
+                    other.type_name()
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
