@@ -57,11 +57,11 @@ fn main() -> ExitCode {
         ),
         (
             "pipeline/request_transform",
-            "seed request_transform (copies the body), small chat body",
+            "seed request_transform (copies the body; the new body out as JSON text), small chat body",
         ),
         (
             "pipeline/response_transform",
-            "seed response_transform (copies the body), small completion",
+            "seed response_transform (copies the body; the new body out as JSON text), small completion",
         ),
         ("pipeline/usage", "seed usage (VIP discount), small chat body"),
         (

@@ -22,7 +22,7 @@ use crate::hooks::{
 };
 use crate::inline::{self, Overrun, SlowHooks};
 use crate::pool::{Pool, PoolStats};
-use crate::vm::CallSpec;
+use crate::vm::{CallSpec, Output};
 
 /// Compiled hooks and the VMs that run them.
 pub struct Engine {
@@ -110,8 +110,9 @@ impl Engine {
         &self,
         hook: HookName,
         request_id: Option<&str>,
+        body_as_text: bool,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
-    ) -> Result<Option<Value>, HookError> {
+    ) -> Result<Option<Output>, HookError> {
         let Some(cfg) = self.config.hook(hook) else {
             return Ok(None);
         };
@@ -132,6 +133,7 @@ impl Engine {
             limits: &cfg.limits,
             request_id,
             budget,
+            body_as_text,
         };
         let mut vm = match budget {
             // An inline call must not wait for a VM.
@@ -156,9 +158,9 @@ impl Engine {
             return over_budget(Overrun::Budget);
         }
         match result {
-            Ok(mut v) => {
-                self.ignore_unknown_fields(hook, &cfg.script.name, request_id, &mut v);
-                Ok(Some(v))
+            Ok(mut out) => {
+                self.ignore_unknown_fields(hook, &cfg.script.name, request_id, &mut out.value);
+                Ok(Some(out))
             }
             Err(e) => Err(self.report(e.at(hook, &cfg.script.name), request_id)),
         }
@@ -191,8 +193,10 @@ impl Engine {
         }
     }
 
-    fn run<I: HookInput>(&self, input: &I) -> Result<Option<Value>, HookError> {
-        self.run_raw(I::HOOK, input.request_id(), |lua, env| input.set_globals(lua, env))
+    fn run<I: HookInput>(&self, input: &I) -> Result<Option<Output>, HookError> {
+        self.run_raw(I::HOOK, input.request_id(), I::BODY_AS_TEXT, |lua, env| {
+            input.set_globals(lua, env)
+        })
     }
 
     /// Drop the hop-by-hop headers a transform or error_handler result
@@ -242,7 +246,7 @@ impl Engine {
 
     /// `routing`: a backend from `input.backends`, or the default balancer.
     pub fn route(&self, input: &RoutingInput<'_>) -> Result<RouteDecision, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(Output { value: v, .. }) = self.run(input)? else {
             return Ok(RouteDecision::Default);
         };
         let names = input.backends.iter().map(|b| b.name.as_str());
@@ -255,7 +259,7 @@ impl Engine {
 
     /// `auth`: the script's verdict over the standard checks.
     pub fn auth(&self, input: &AuthInput<'_>) -> Result<AuthVerdict, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(Output { value: v, .. }) = self.run(input)? else {
             return Ok(AuthVerdict::Standard);
         };
         self.checked(HookName::Auth, &input.request.id, AuthVerdict::from_result(&v))
@@ -263,33 +267,33 @@ impl Engine {
 
     /// `request_transform`: changes to the request, `None` for unchanged.
     pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
-        let Some(mut v) = self.run(input)? else {
+        let Some(Output { value: mut v, body }) = self.run(input)? else {
             return Ok(None);
         };
         self.drop_hop_by_hop(HookName::RequestTransform, Some(&input.request.id), &mut v);
         self.checked(
             HookName::RequestTransform,
             &input.request.id,
-            RequestRewrite::from_result(&v),
+            RequestRewrite::from_result(&v, body),
         )
     }
 
     /// `response_transform`: changes to the response, `None` for unchanged.
     pub fn transform_response(&self, input: &ResponseTransformInput<'_>) -> Result<Option<ResponseRewrite>, HookError> {
-        let Some(mut v) = self.run(input)? else {
+        let Some(Output { value: mut v, body }) = self.run(input)? else {
             return Ok(None);
         };
         self.drop_hop_by_hop(HookName::ResponseTransform, Some(&input.request.id), &mut v);
         self.checked(
             HookName::ResponseTransform,
             &input.request.id,
-            ResponseRewrite::from_result(&v),
+            ResponseRewrite::from_result(&v, body),
         )
     }
 
     /// `rate_limit`: the script's verdict over the standard limiter.
     pub fn rate_limit(&self, input: &RateLimitInput<'_>) -> Result<RateVerdict, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(Output { value: v, .. }) = self.run(input)? else {
             return Ok(RateVerdict::Standard);
         };
         self.checked(HookName::RateLimit, &input.request.id, RateVerdict::from_result(&v))
@@ -297,7 +301,7 @@ impl Engine {
 
     /// `usage`: the usage record to store.
     pub fn usage(&self, input: &UsageInput<'_>) -> Result<UsageRecord, HookError> {
-        let Some(v) = self.run(input)? else {
+        let Some(Output { value: v, .. }) = self.run(input)? else {
             return Ok(UsageRecord::Raw);
         };
         self.checked(HookName::Usage, &input.request.id, UsageRecord::from_result(&v))
@@ -305,7 +309,7 @@ impl Engine {
 
     /// `error_handler`: the error response to send.
     pub fn handle_error(&self, input: &ErrorInput<'_>) -> Result<ErrorResponse, HookError> {
-        let Some(mut v) = self.run(input)? else {
+        let Some(Output { value: mut v, .. }) = self.run(input)? else {
             return Ok(ErrorResponse::Default);
         };
         self.drop_hop_by_hop(HookName::ErrorHandler, Some(&input.request.id), &mut v);
@@ -385,7 +389,7 @@ impl Engine {
             }
             Ok(())
         };
-        let Some(mut value) = self.run_raw(hook, request_id, set_globals)? else {
+        let Some(Output { mut value, .. }) = self.run_raw(hook, request_id, false, set_globals)? else {
             return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
         self.drop_hop_by_hop(hook, request_id, &mut value);
@@ -396,8 +400,8 @@ impl Engine {
                 RouteDecision::from_result(&value, names).map(|_| ())
             }
             HookName::Auth => AuthVerdict::from_result(&value).map(|_| ()),
-            HookName::RequestTransform => RequestRewrite::from_result(&value).map(|_| ()),
-            HookName::ResponseTransform => ResponseRewrite::from_result(&value).map(|_| ()),
+            HookName::RequestTransform => RequestRewrite::validate(&value),
+            HookName::ResponseTransform => ResponseRewrite::validate(&value),
             HookName::RateLimit => RateVerdict::from_result(&value).map(|_| ()),
             HookName::Usage => UsageRecord::from_result(&value).map(|_| ()),
             HookName::ErrorHandler => {

@@ -246,7 +246,7 @@ impl RequestHandle {
             None => unchanged,
             Some(rw) => Answer {
                 status: rw.status_code.unwrap_or(status),
-                body: rw.body.map(|v| v.to_string().into_bytes()),
+                body: rw.body,
                 headers: rw.headers,
             },
         })
@@ -314,7 +314,7 @@ impl RequestHandle {
         });
         Step::of(engine, HookName::ResponseTransform, result, || None).map(|rewrite| {
             match rewrite.and_then(|rw| rw.body) {
-                Some(body) => Relay::Data(body.to_string().into_bytes()),
+                Some(body) => Relay::Data(body),
                 None => relay,
             }
         })

@@ -25,6 +25,19 @@ pub(crate) struct CallSpec<'a> {
     /// An inline budget shorter than `limits.timeout_ms`: the watchdog stops
     /// the call there and [`Vm::over_budget`] tells it apart from a timeout.
     pub budget: Option<Duration>,
+    /// Encode the result's `body` as JSON text on its own
+    /// ([`crate::hooks::HookInput::BODY_AS_TEXT`]).
+    pub body_as_text: bool,
+}
+
+/// What a call returned, as JSON.
+#[derive(Debug)]
+pub(crate) struct Output {
+    /// The result (without `body` when that came as text).
+    pub value: serde_json::Value,
+    /// The result's `body` as JSON text, when the call asked for it
+    /// ([`CallSpec::body_as_text`]) and the result held one.
+    pub body: Option<Vec<u8>>,
 }
 
 /// A sandboxed LuaJIT state with its compiled scripts.
@@ -133,7 +146,7 @@ impl Vm {
         &mut self,
         spec: &CallSpec<'_>,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
-    ) -> Result<serde_json::Value, HookError> {
+    ) -> Result<Output, HookError> {
         convert::begin_call(&self.state.lua);
         self.over_budget = false;
         let result = self.run(spec, set_globals);
@@ -197,7 +210,7 @@ impl Vm {
         &mut self,
         spec: &CallSpec<'_>,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
-    ) -> Result<serde_json::Value, HookError> {
+    ) -> Result<Output, HookError> {
         self.compile(spec.script)?;
         let chunk = self
             .chunks
@@ -290,9 +303,41 @@ impl Vm {
                 return Err(classify(e, &spec.script.name, ErrorKind::ScriptError));
             }
         };
-        convert::lua_to_json(lua, &value, limits)
-            .map_err(|e| HookError::bad_output(format!("{} returned {e}", spec.hook)))
+        let bad = |e: convert::ConvertError| HookError::bad_output(format!("{} returned {e}", spec.hook));
+        let body = match &value {
+            Value::Table(t) if spec.body_as_text => body_text(lua, t, limits).map_err(bad)?,
+            _ => None,
+        };
+        let rest = Limits {
+            max_bytes: limits.max_bytes.saturating_sub(body.as_ref().map_or(0, Vec::len)),
+            ..limits
+        };
+        let value = match convert::lua_to_json(lua, &value, rest).map_err(bad)? {
+            // `{body = b, "x"}` without its body is `{"x"}`, an array; whole,
+            // it was an object with a field "1" (ignored, as any unknown).
+            serde_json::Value::Array(items) if body.is_some() => {
+                serde_json::Value::Object((1..).map(|i: usize| i.to_string()).zip(items).collect())
+            }
+            v => v,
+        };
+        Ok(Output { value, body })
     }
+}
+
+/// The `body` a result table holds raw, as JSON text, taken out of the
+/// table (the call is over: the table is the script's, or a plain table it
+/// returned; frozen helpers and views hold no raw keys, so are never
+/// written). `None` when it holds none (then the rest of the encoding
+/// finds `body`, if a view or metatable provides one).
+fn body_text(lua: &Lua, t: &Table, limits: Limits) -> Result<Option<Vec<u8>>, convert::ConvertError> {
+    let body: Value = t.raw_get("body").map_err(|e| convert::ConvertError(e.to_string()))?;
+    if body.is_nil() {
+        return Ok(None);
+    }
+    let text = convert::lua_to_json_text(lua, &body, limits)?;
+    t.raw_set("body", Value::Nil)
+        .map_err(|e| convert::ConvertError(e.to_string()))?;
+    Ok(Some(text))
 }
 
 /// Most globals an environment may hold after a call and still be reused

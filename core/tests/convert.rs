@@ -300,30 +300,77 @@ fn deep_and_large_inputs_are_errors_not_crashes() {
 /// metatable of its own, which sends the whole value through the general
 /// encoder. Both must give the same JSON and the same errors: each value
 /// is returned bare and inside a table with an empty metatable.
+/// Values every encoder of a script's result is checked on.
+const RESULT_VALUES: [&str; 16] = [
+    "{}",
+    "{1, 2, 3}",
+    "{[1] = 'a', [3] = 'c'}",
+    "{[1.5] = 'x', [-0.0] = 'z', [2^53] = 'big', [-7] = 'neg'}",
+    "{a = {b = {c = {1, json.null, {}}}}, z = json.empty_array}",
+    "json.decode('[[], {}, [[]], {\"k\": [1, 2.5, -3e300]}]')",
+    "{n = 0/0}",
+    "{n = 1/0}",
+    "{s = '\\255\\254'}",
+    "{[true] = 1}",
+    "{f = print}",
+    "{x = 2^63, y = -2^63, w = 1e300, v = -0.0, u = 0.1}",
+    "setmetatable({1, 2}, getmetatable(json.decode('[]')))",
+    "{s = string.rep('x', 5000)}",
+    "{deep = json.decode(string.rep('[', 30) .. string.rep(']', 30))}",
+    "{['ünï'] = 'ok', [''] = 'empty'}",
+];
+
 #[test]
 fn stack_encoder_and_general_encoder_agree() {
-    let values = [
-        "{}",
-        "{1, 2, 3}",
-        "{[1] = 'a', [3] = 'c'}",
-        "{[1.5] = 'x', [-0.0] = 'z', [2^53] = 'big', [-7] = 'neg'}",
-        "{a = {b = {c = {1, json.null, {}}}}, z = json.empty_array}",
-        "json.decode('[[], {}, [[]], {\"k\": [1, 2.5, -3e300]}]')",
-        "{n = 0/0}",
-        "{n = 1/0}",
-        "{s = '\\255\\254'}",
-        "{[true] = 1}",
-        "{f = print}",
-        "{x = 2^63, y = -2^63, w = 1e300, v = -0.0, u = 0.1}",
-        "setmetatable({1, 2}, getmetatable(json.decode('[]')))",
-        "{s = string.rep('x', 5000)}",
-        "{deep = json.decode(string.rep('[', 30) .. string.rep(']', 30))}",
-        "{['ünï'] = 'ok', [''] = 'empty'}",
-    ];
-    for v in values {
+    for v in RESULT_VALUES {
         let plain = usage(&format!("return {{v = {v}}}"), json!({}));
         let general = usage(&format!("return setmetatable({{v = {v}}}, {{}})"), json!({}));
         assert_eq!(plain, general, "{v}");
+    }
+}
+
+/// A transform's body is encoded straight to JSON text (no
+/// `serde_json::Value` in between): it must be the text the JSON entry
+/// point's value encodes as, byte for byte, and fail the same way. Each
+/// value goes as the body, bare and in a table with a metatable (the
+/// general encoder), and the client's body comes back through a copy, as
+/// the seed transform makes it (numbers a double cannot hold included).
+#[test]
+fn a_body_encoded_as_text_is_the_text_of_the_json_result() {
+    let client = r#"{"model":"gpt-4","big":123456789012345678901234567890,"f":0.1000000000000000055511151231257827,"messages":[{"role":"user","content":"hi \"there\"\n"}],"meta":{"a":[],"b":{}},"stream":false}"#;
+    let copy = "(function() local t = {} for k, v in pairs(request.body) do t[k] = v end return t end)()";
+    let lazy = "request.body";
+    let cases = RESULT_VALUES
+        .iter()
+        .flat_map(|v| [v.to_string(), format!("setmetatable({{v = {v}}}, {{}})")])
+        .chain([copy.to_owned(), lazy.to_owned(), "{v = request.body.meta}".to_owned()]);
+    for body in cases {
+        let e = engine(
+            HookName::RequestTransform,
+            &format!("return {{body = {body}, headers = {{['X-A'] = 'b'}}}}"),
+        );
+        let input = json!({"request": {"id": "r", "body_raw": client}});
+        let as_json = e
+            .run_json(HookName::RequestTransform, &input)
+            .map(|v| serde_json::to_vec(&v["body"]).expect("text"))
+            .map_err(|e| (e.kind, e.message));
+        let info = llmproxy_core::hooks::RequestInfo::from_json(
+            &input["request"],
+            llmproxy_core::convert::Limits {
+                max_depth: 100,
+                max_bytes: usize::MAX,
+            },
+        )
+        .expect("request");
+        let typed = e
+            .transform_request(&llmproxy_core::hooks::RequestTransformInput { request: &info })
+            .map(|rw| rw.and_then(|rw| rw.body).map(|b| b.text).unwrap_or_default())
+            .map_err(|e| (e.kind, e.message));
+        match (&as_json, &typed) {
+            (Ok(a), Ok(b)) => assert_eq!(String::from_utf8_lossy(a), String::from_utf8_lossy(b), "{body}"),
+            (Err(a), Err(b)) => assert_eq!(a.0, b.0, "{body}: {a:?} / {b:?}"),
+            _ => panic!("{body}: the JSON entry point gave {as_json:?}, the typed one {typed:?}"),
+        }
     }
 }
 

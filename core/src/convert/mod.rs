@@ -23,6 +23,7 @@
 //! read, so untouched data round-trips byte for byte.
 
 use std::ffi::{c_int, c_void};
+use std::io::Write;
 
 use mlua::ffi::{self, lua_State};
 use mlua::{LightUserData, Lua, Table, Value as LuaValue};
@@ -216,7 +217,7 @@ pub(super) unsafe fn push_json(
 
 /// Convert a Lua value to JSON within `limits`.
 ///
-/// Tables are walked on the Lua stack ([`RawEncoder`]): going through
+/// Tables are walked on the Lua stack ([`RawWalk`]): going through
 /// mlua's `pairs` makes a registry reference of every string and table, which
 /// cost more than the conversion. A table with a metatable of its own (a lazy
 /// body the script never iterated, a script's `setmetatable`) takes the
@@ -224,8 +225,8 @@ pub(super) unsafe fn push_json(
 /// and the same errors.
 pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value, ConvertError> {
     if let LuaValue::Table(t) = value {
-        if let Some(done) = raw_table_to_json(lua, t, limits)? {
-            return done;
+        if let Some((_, v)) = raw_walk(lua, t, limits, ToValue)? {
+            return Ok(v);
         }
     }
     let mut enc = Encoder {
@@ -245,43 +246,53 @@ fn number_texts(lua: &Lua) -> Option<NumberTexts> {
     (!t.is_empty()).then(|| t.settled())
 }
 
-/// [`RawEncoder`] on `t`: `None` when it met a table it leaves to
-/// [`Encoder`].
-fn raw_table_to_json(
-    lua: &Lua,
-    t: &Table,
-    limits: Limits,
-) -> Result<Option<Result<Value, ConvertError>>, ConvertError> {
+/// [`RawWalk`] on `t` into `emit`: `None` when it met a table it leaves to
+/// [`Encoder`] (a metatable of its own).
+fn raw_walk<E: Emit>(lua: &Lua, t: &Table, limits: Limits, emit: E) -> Result<Option<(E, E::Item)>, ConvertError> {
     let array_mt = markers(lua)?.array_mt.clone();
     let headers_mt = lazy::headers_metatable(lua);
-    let mut enc = RawEncoder {
+    let mut walk = RawWalk {
         limits,
         used: 0,
         array_mt: 2,
         headers_mt: 3,
         texts: number_texts(lua),
+        emit,
     };
-    let mut out = None;
+    let mut out = Ok(None);
     // SAFETY: `exec_raw` pushes `t` (index 1), the array marker (index 2) and
     // the headers metatable or nil (index 3) and runs the closure in a
-    // protected call. `RawEncoder` only reads: it
+    // protected call. `RawWalk` only reads: it
     // keeps the stack balanced on every path, checks stack space before it
     // pushes, never converts a key in place (numbers are read with
     // lua_tonumber), and copies string bytes while the string is on the
     // stack. It runs no Lua code (no metamethod is called).
     unsafe {
         lua.exec_raw::<()>((t, &array_mt, headers_mt.as_ref()), |state| {
-            out = match enc.value(state, 1, 1) {
-                Ok(v) => Some(Ok(v)),
-                Err(RawError::General) => None,
-                Err(RawError::Convert(e)) => Some(Err(e)),
+            out = match walk.value(state, 1, 1) {
+                Ok(item) => Ok(Some(item)),
+                Err(RawError::General) => Ok(None),
+                Err(RawError::Convert(e)) => Err(e),
             };
         })?;
     }
-    Ok(out)
+    Ok(out?.map(|item| (walk.emit, item)))
 }
 
-/// Why [`RawEncoder`] stopped.
+/// Convert a Lua value to JSON text within `limits`: the text
+/// [`lua_to_json`]'s value encodes as (`serde_json::to_writer`), without
+/// building the value where [`RawWalk`] applies.
+pub fn lua_to_json_text(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Vec<u8>, ConvertError> {
+    if let LuaValue::Table(t) = value {
+        if let Some((text, ())) = raw_walk(lua, t, limits, ToText { out: Vec::new() })? {
+            return Ok(text.out);
+        }
+    }
+    let v = lua_to_json(lua, value, limits)?;
+    serde_json::to_vec(&v).map_err(|e| ConvertError(format!("cannot write JSON: {e}")))
+}
+
+/// Why [`RawWalk`] stopped.
 enum RawError {
     /// The value cannot be JSON (the same error [`Encoder`] gives).
     Convert(ConvertError),
@@ -296,8 +307,144 @@ impl From<ConvertError> for RawError {
     }
 }
 
-/// [`Encoder`]'s rules, on the raw Lua stack.
-struct RawEncoder {
+/// What a [`RawWalk`] produces, value by value: a `serde_json::Value`
+/// ([`ToValue`]) or JSON text ([`ToText`]). Containers are opened, filled
+/// item by item (`*_next` before each item is walked, `*_push` after) and
+/// closed.
+trait Emit {
+    /// One converted value.
+    type Item;
+    /// An array being filled.
+    type Array;
+    /// An object being filled.
+    type Object;
+    fn null(&mut self) -> Self::Item;
+    fn boolean(&mut self, b: bool) -> Self::Item;
+    fn number(&mut self, n: Number) -> Self::Item;
+    fn integer(&mut self, i: i64) -> Self::Item;
+    fn string(&mut self, s: &str) -> Self::Item;
+    fn array_open(&mut self, len: usize) -> Self::Array;
+    fn array_next(&mut self, a: &mut Self::Array, index: usize);
+    fn array_push(&mut self, a: &mut Self::Array, item: Self::Item);
+    fn array_close(&mut self, a: Self::Array) -> Self::Item;
+    fn object_open(&mut self, len: usize) -> Self::Object;
+    fn object_next(&mut self, o: &mut Self::Object, index: usize, key: String);
+    fn object_push(&mut self, o: &mut Self::Object, item: Self::Item);
+    fn object_close(&mut self, o: Self::Object) -> Self::Item;
+}
+
+/// [`Emit`] into a `serde_json::Value`.
+struct ToValue;
+
+impl Emit for ToValue {
+    type Item = Value;
+    type Array = Vec<Value>;
+    /// The map, and the key of the item being walked.
+    type Object = (Map<String, Value>, String);
+
+    fn null(&mut self) -> Value {
+        Value::Null
+    }
+    fn boolean(&mut self, b: bool) -> Value {
+        Value::Bool(b)
+    }
+    fn number(&mut self, n: Number) -> Value {
+        Value::Number(n)
+    }
+    fn integer(&mut self, i: i64) -> Value {
+        Value::from(i)
+    }
+    fn string(&mut self, s: &str) -> Value {
+        Value::String(s.to_owned())
+    }
+    fn array_open(&mut self, len: usize) -> Vec<Value> {
+        Vec::with_capacity(len)
+    }
+    fn array_next(&mut self, _: &mut Vec<Value>, _: usize) {}
+    fn array_push(&mut self, a: &mut Vec<Value>, item: Value) {
+        a.push(item);
+    }
+    fn array_close(&mut self, a: Vec<Value>) -> Value {
+        Value::Array(a)
+    }
+    fn object_open(&mut self, len: usize) -> Self::Object {
+        (Map::with_capacity(len), String::new())
+    }
+    fn object_next(&mut self, o: &mut Self::Object, _: usize, key: String) {
+        o.1 = key;
+    }
+    fn object_push(&mut self, o: &mut Self::Object, item: Value) {
+        o.0.insert(std::mem::take(&mut o.1), item);
+    }
+    fn object_close(&mut self, o: Self::Object) -> Value {
+        Value::Object(o.0)
+    }
+}
+
+/// [`Emit`] as JSON text (compact, as `serde_json::to_writer` writes a
+/// value).
+struct ToText {
+    out: Vec<u8>,
+}
+
+impl ToText {
+    fn quoted(&mut self, s: &str) {
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.out, s);
+    }
+}
+
+impl Emit for ToText {
+    type Item = ();
+    type Array = ();
+    type Object = ();
+
+    fn null(&mut self) {
+        self.out.extend_from_slice(b"null");
+    }
+    fn boolean(&mut self, b: bool) {
+        self.out.extend_from_slice(if b { b"true" } else { b"false" });
+    }
+    fn number(&mut self, n: Number) {
+        self.out.extend_from_slice(n.as_str().as_bytes());
+    }
+    fn integer(&mut self, i: i64) {
+        // Writing into a Vec cannot fail.
+        let _ = write!(self.out, "{i}");
+    }
+    fn string(&mut self, s: &str) {
+        self.quoted(s);
+    }
+    fn array_open(&mut self, _: usize) {
+        self.out.push(b'[');
+    }
+    fn array_next(&mut self, _: &mut (), index: usize) {
+        if index > 0 {
+            self.out.push(b',');
+        }
+    }
+    fn array_push(&mut self, _: &mut (), (): ()) {}
+    fn array_close(&mut self, (): ()) {
+        self.out.push(b']');
+    }
+    fn object_open(&mut self, _: usize) {
+        self.out.push(b'{');
+    }
+    fn object_next(&mut self, _: &mut (), index: usize, key: String) {
+        if index > 0 {
+            self.out.push(b',');
+        }
+        self.quoted(&key);
+        self.out.push(b':');
+    }
+    fn object_push(&mut self, _: &mut (), (): ()) {}
+    fn object_close(&mut self, (): ()) {
+        self.out.push(b'}');
+    }
+}
+
+/// [`Encoder`]'s rules, on the raw Lua stack, into an [`Emit`].
+struct RawWalk<E> {
     limits: Limits,
     used: usize,
     /// Stack index of the array marker.
@@ -307,9 +454,10 @@ struct RawEncoder {
     headers_mt: c_int,
     /// Original texts of numbers a double changed.
     texts: Option<NumberTexts>,
+    emit: E,
 }
 
-impl RawEncoder {
+impl<E: Emit> RawWalk<E> {
     fn charge(&mut self, bytes: usize) -> Result<(), RawError> {
         self.used = self.used.saturating_add(bytes);
         if self.used > self.limits.max_bytes {
@@ -326,46 +474,50 @@ impl RawEncoder {
     /// # Safety
     /// `state` is live, inside a protected call, with a value at `idx` and
     /// the array marker at `self.array_mt`.
-    unsafe fn value(&mut self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Value, RawError> {
+    unsafe fn value(&mut self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<E::Item, RawError> {
         match ffi::lua_type(state, idx) {
             ffi::LUA_TNIL => {
                 self.charge(4)?;
-                Ok(Value::Null)
+                Ok(self.emit.null())
             }
             ffi::LUA_TLIGHTUSERDATA => {
                 let p = ffi::lua_touserdata(state, idx);
                 if p.is_null() {
                     self.charge(4)?;
-                    Ok(Value::Null)
+                    Ok(self.emit.null())
                 } else if p == EMPTY_ARRAY.0 {
                     self.charge(2)?;
-                    Ok(Value::Array(Vec::new()))
+                    let a = self.emit.array_open(0);
+                    Ok(self.emit.array_close(a))
                 } else {
                     Err(ConvertError(String::from("a lightuserdata cannot be converted to JSON")).into())
                 }
             }
             ffi::LUA_TBOOLEAN => {
                 self.charge(5)?;
-                Ok(Value::Bool(ffi::lua_toboolean(state, idx) != 0))
+                Ok(self.emit.boolean(ffi::lua_toboolean(state, idx) != 0))
             }
             ffi::LUA_TNUMBER => {
                 let n = ffi::lua_tonumber(state, idx);
                 if let Some(text) = numbers::recorded(&self.texts, n) {
                     self.charge(text.as_str().len())?;
-                    Ok(Value::Number(text))
+                    Ok(self.emit.number(text))
                 } else if let Some(i) = stack::as_integer(n) {
                     self.charge(20)?;
-                    Ok(Value::from(i))
+                    Ok(self.emit.integer(i))
                 } else {
                     self.charge(24)?;
-                    Ok(number(n)?)
+                    match number(n)? {
+                        Value::Number(n) => Ok(self.emit.number(n)),
+                        _ => Ok(self.emit.null()),
+                    }
                 }
             }
             ffi::LUA_TSTRING => {
                 let bytes = stack::str_at(state, idx);
                 self.charge(bytes.len() + 2)?;
                 match std::str::from_utf8(bytes) {
-                    Ok(s) => Ok(Value::String(s.to_owned())),
+                    Ok(s) => Ok(self.emit.string(s)),
                     Err(e) => Err(ConvertError(format!(
                         "string is not valid UTF-8 (invalid byte at offset {})",
                         e.valid_up_to()
@@ -392,8 +544,8 @@ impl RawEncoder {
     }
 
     /// # Safety
-    /// As [`RawEncoder::value`], with a table at `idx`.
-    unsafe fn table(&mut self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<Value, RawError> {
+    /// As [`RawWalk::value`], with a table at `idx`.
+    unsafe fn table(&mut self, state: *mut lua_State, idx: c_int, depth: usize) -> Result<E::Item, RawError> {
         if ffi::lua_checkstack(state, 4) == 0 {
             return Err(ConvertError(String::from("the Lua stack cannot grow")).into());
         }
@@ -409,14 +561,15 @@ impl RawEncoder {
         let shape = stack::table_shape(state, idx);
         if shape.is_array(marked_array) {
             self.charge(2)?;
-            let mut items = Vec::with_capacity(shape.len);
+            let mut items = self.emit.array_open(shape.len);
             for i in 1..=shape.len {
+                self.emit.array_next(&mut items, i - 1);
                 ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
                 let item = self.value(state, ffi::lua_gettop(state), depth + 1);
                 ffi::lua_pop(state, 1);
-                items.push(item?);
+                self.emit.array_push(&mut items, item?);
             }
-            return Ok(Value::Array(items));
+            return Ok(self.emit.array_close(items));
         }
         if marked_array {
             return Err(ConvertError(String::from(
@@ -445,20 +598,21 @@ impl RawEncoder {
             }
         }
         keys.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut map = Map::with_capacity(keys.len());
-        for (key, number) in keys {
+        let mut map = self.emit.object_open(keys.len());
+        for (i, (key, number)) in keys.into_iter().enumerate() {
             match number {
                 Some(n) => ffi::lua_pushnumber(state, n),
                 None => {
                     ffi::lua_pushlstring(state, key.as_ptr().cast(), key.len());
                 }
             }
+            self.emit.object_next(&mut map, i, key);
             ffi::lua_rawget(state, idx);
             let value = self.value(state, ffi::lua_gettop(state), depth + 1);
             ffi::lua_pop(state, 1);
-            map.insert(key, value?);
+            self.emit.object_push(&mut map, value?);
         }
-        Ok(Value::Object(map))
+        Ok(self.emit.object_close(map))
     }
 }
 

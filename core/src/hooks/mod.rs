@@ -38,6 +38,11 @@ pub trait HookInput {
     /// The hook this input is for.
     const HOOK: HookName;
 
+    /// The result's `body` is wanted as JSON text (a transform's new body,
+    /// which a host sends as is): it is encoded straight from the Lua
+    /// stack, without a `serde_json::Value` in between.
+    const BODY_AS_TEXT: bool = false;
+
     /// The request id, for log lines written by the script.
     fn request_id(&self) -> Option<&str>;
 

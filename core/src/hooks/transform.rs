@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
 use crate::convert::{self, Field};
 use crate::error::HookError;
+use crate::http::fields::TextBody;
 use crate::http::hop_by_hop;
 
 /// Input of the `request_transform` hook (`request.backend_url` is set).
@@ -19,6 +20,7 @@ pub struct RequestTransformInput<'a> {
 
 impl HookInput for RequestTransformInput<'_> {
     const HOOK: HookName = HookName::RequestTransform;
+    const BODY_AS_TEXT: bool = true;
 
     fn request_id(&self) -> Option<&str> {
         Some(&self.request.id)
@@ -126,6 +128,7 @@ pub struct ResponseTransformInput<'a> {
 
 impl HookInput for ResponseTransformInput<'_> {
     const HOOK: HookName = HookName::ResponseTransform;
+    const BODY_AS_TEXT: bool = true;
 
     fn request_id(&self) -> Option<&str> {
         Some(&self.request.id)
@@ -155,29 +158,45 @@ pub enum HeaderChange {
 /// The request changes a `request_transform` script asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestRewrite {
-    /// The new body; `None` keeps the original.
-    pub body: Option<Value>,
+    /// The new body as JSON text, its OpenAI fields checked; `None` keeps
+    /// the original.
+    pub body: Option<TextBody>,
     /// Header changes in a stable (name-sorted) order.
     pub headers: Vec<(String, HeaderChange)>,
 }
 
 impl RequestRewrite {
-    /// Validate a script result; `Ok(None)` means "unchanged".
-    pub fn from_result(value: &Value) -> Result<Option<Self>, HookError> {
-        if value.is_null() {
+    /// Validate a script result (`body`: the result's body as text, taken
+    /// out of `value` by the call, [`super::HookInput::BODY_AS_TEXT`]);
+    /// `Ok(None)` means "unchanged".
+    pub fn from_result(value: &Value, body: Option<Vec<u8>>) -> Result<Option<Self>, HookError> {
+        if value.is_null() && body.is_none() {
             return Ok(None);
         }
         let what = "request_transform";
         let obj = expect_object(value, what)?;
-        let body = body_field(obj);
         // The host decides `stream` from this body, as from the client's.
-        if let Some(b) = &body {
-            crate::http::fields::check(b).map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
-        }
+        let body = body_text(obj, body)
+            .map(TextBody::new)
+            .transpose()
+            .map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
         Ok(Some(RequestRewrite {
             body,
             headers: header_changes(obj, what)?,
         }))
+    }
+
+    /// Validate a result held whole as JSON (the JSON entry points).
+    pub fn validate(value: &Value) -> Result<(), HookError> {
+        if value.is_null() {
+            return Ok(());
+        }
+        let what = "request_transform";
+        let obj = expect_object(value, what)?;
+        if let Some(b) = obj.get("body") {
+            crate::http::fields::check(b).map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
+        }
+        header_changes(obj, what).map(drop)
     }
 }
 
@@ -186,30 +205,44 @@ impl RequestRewrite {
 pub struct ResponseRewrite {
     /// The new status; `None` keeps the backend's.
     pub status_code: Option<u16>,
-    /// The new body; `None` keeps the original.
-    pub body: Option<Value>,
+    /// The new body as JSON text; `None` keeps the original.
+    pub body: Option<Vec<u8>>,
     /// Header changes in a stable (name-sorted) order.
     pub headers: Vec<(String, HeaderChange)>,
 }
 
 impl ResponseRewrite {
-    /// Validate a script result; `Ok(None)` means "unchanged".
-    pub fn from_result(value: &Value) -> Result<Option<Self>, HookError> {
-        if value.is_null() {
+    /// Validate a script result (`body` as for
+    /// [`RequestRewrite::from_result`]); `Ok(None)` means "unchanged".
+    pub fn from_result(value: &Value, body: Option<Vec<u8>>) -> Result<Option<Self>, HookError> {
+        if value.is_null() && body.is_none() {
             return Ok(None);
         }
         let what = "response_transform";
         let obj = expect_object(value, what)?;
         Ok(Some(ResponseRewrite {
             status_code: optional_status(obj, "status_code", what)?,
-            body: body_field(obj),
+            body: body_text(obj, body),
             headers: header_changes(obj, what)?,
         }))
     }
+
+    /// Validate a result held whole as JSON (the JSON entry points).
+    pub fn validate(value: &Value) -> Result<(), HookError> {
+        if value.is_null() {
+            return Ok(());
+        }
+        let what = "response_transform";
+        let obj = expect_object(value, what)?;
+        optional_status(obj, "status_code", what)?;
+        header_changes(obj, what).map(drop)
+    }
 }
 
-fn body_field(obj: &Map<String, Value>) -> Option<Value> {
-    obj.get("body").cloned()
+/// The body as text: the call's, else (a result whose `body` a view or a
+/// metatable provided) the value's, encoded.
+fn body_text(obj: &Map<String, Value>, text: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    text.or_else(|| obj.get("body").map(|b| b.to_string().into_bytes()))
 }
 
 /// Parse `headers = {name = "value" | false | json.null}`; names must be

@@ -20,6 +20,8 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// A request field with the wrong type.
@@ -71,6 +73,103 @@ pub fn check(body: &Value) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// A request body as JSON text (a transform's new body, encoded straight
+/// from Lua), with the fields a host acts on checked as [`check`] checks a
+/// parsed body, and read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextBody {
+    /// The JSON text.
+    pub text: Vec<u8>,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// `"stream_options": {"include_usage": true}`.
+    pub include_usage: bool,
+}
+
+/// The fields of a body object [`TextBody`] reads, left as JSON text; a
+/// present `null` is `Some("null")`.
+#[derive(Deserialize)]
+struct Top<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Options<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    include_usage: Option<&'a RawValue>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+impl TextBody {
+    /// Check and read `text`, valid JSON text. A body that is not an
+    /// object is not checked (as [`check`]) and is not a stream.
+    pub fn new(text: Vec<u8>) -> Result<TextBody, FieldError> {
+        let (stream, include_usage) = Self::read(&text)?;
+        Ok(TextBody {
+            text,
+            stream,
+            include_usage,
+        })
+    }
+
+    fn read(text: &[u8]) -> Result<(bool, bool), FieldError> {
+        if first_byte(text) != Some(b'{') {
+            return Ok((false, false));
+        }
+        let Ok(top) = serde_json::from_slice::<Top<'_>>(text) else {
+            return Ok((false, false));
+        };
+        let err = |field, expected, got| FieldError { field, expected, got };
+        match top.model.map(raw_type) {
+            None | Some("string") => {}
+            Some(got) => return Err(err("model", "a string", got)),
+        }
+        let stream = match top.stream.map(|r| (raw_type(r), r.get())) {
+            None | Some(("null", _)) => false,
+            Some(("boolean", v)) => v == "true",
+            Some((got, _)) => return Err(err("stream", "a boolean", got)),
+        };
+        let include_usage = match top.stream_options.map(|r| (raw_type(r), r)) {
+            None | Some(("null", _)) => false,
+            Some(("object", r)) => {
+                let opts = serde_json::from_str::<Options<'_>>(r.get())
+                    .map_err(|_| err("stream_options", "an object", "object"))?;
+                match opts.include_usage.map(|r| (raw_type(r), r.get())) {
+                    None | Some(("null", _)) => false,
+                    Some(("boolean", v)) => v == "true",
+                    Some((got, _)) => return Err(err("stream_options.include_usage", "a boolean", got)),
+                }
+            }
+            Some((got, _)) => return Err(err("stream_options", "an object", got)),
+        };
+        Ok((stream, include_usage))
+    }
+}
+
+fn first_byte(text: &[u8]) -> Option<u8> {
+    text.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
+/// The JSON type name of a value given as JSON text.
+fn raw_type(raw: &RawValue) -> &'static str {
+    match first_byte(raw.get().as_bytes()) {
+        Some(b'"') => "string",
+        Some(b't' | b'f') => "boolean",
+        Some(b'n') => "null",
+        Some(b'{') => "object",
+        Some(b'[') => "array",
+        _ => "number",
+    }
+}
+
 /// The JSON type name of a value, as the OpenAI API docs name it.
 fn json_type(v: &Value) -> &'static str {
     match v {
@@ -101,6 +200,10 @@ mod tests {
         ];
         for body in &ok {
             assert_eq!(check(body), Ok(()), "{body}");
+            let text = TextBody::new(body.to_string().into_bytes()).expect("the same verdict as text");
+            let stream = body.get("stream") == Some(&Value::Bool(true));
+            let usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+            assert_eq!((text.stream, text.include_usage), (stream, usage), "{body}");
         }
         let bad = [
             (json!({"stream": "true"}), "'stream' must be a boolean, got string"),
@@ -129,6 +232,8 @@ mod tests {
         for (body, message) in &bad {
             let e = check(body).expect_err("must be refused");
             assert_eq!(e.to_string(), *message, "{body}");
+            let e = TextBody::new(body.to_string().into_bytes()).expect_err("refused as text too");
+            assert_eq!(e.to_string(), *message, "{body} as text");
         }
     }
 }

@@ -12,6 +12,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::http::fields::TextBody;
+
 /// What to send upstream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamBody {
@@ -27,13 +29,20 @@ pub struct UpstreamBody {
 /// The body to send for a client body `original` and a script's
 /// `new_body`; `streams_usage` says whether the endpoint's streams can
 /// carry a usage chunk (chat and text completions, not embeddings).
-pub fn body(original: &Value, new_body: Option<Value>, streams_usage: bool) -> UpstreamBody {
-    let effective = new_body.as_ref().unwrap_or(original);
-    let stream = effective.get("stream") == Some(&Value::Bool(true));
-    let asks_usage = effective.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+pub fn body(original: &Value, new_body: Option<TextBody>, streams_usage: bool) -> UpstreamBody {
+    let (stream, asks_usage) = match &new_body {
+        Some(b) => (b.stream, b.include_usage),
+        None => (
+            original.get("stream") == Some(&Value::Bool(true)),
+            original.pointer("/stream_options/include_usage") == Some(&Value::Bool(true)),
+        ),
+    };
     if stream && streams_usage && !asks_usage {
-        let mut v = new_body.unwrap_or_else(|| original.clone());
-        if let Value::Object(obj) = &mut v {
+        let parsed = match &new_body {
+            Some(b) => serde_json::from_slice::<Value>(&b.text).ok(),
+            None => Some(original.clone()),
+        };
+        if let Some(Value::Object(mut obj)) = parsed {
             let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
             if !opts.is_object() {
                 *opts = Value::Object(Map::new());
@@ -41,15 +50,15 @@ pub fn body(original: &Value, new_body: Option<Value>, streams_usage: bool) -> U
             if let Value::Object(o) = opts {
                 o.insert("include_usage".into(), Value::Bool(true));
             }
+            return UpstreamBody {
+                body: Some(Value::Object(obj).to_string().into_bytes()),
+                stream: true,
+                strip_usage: true,
+            };
         }
-        return UpstreamBody {
-            body: Some(v.to_string().into_bytes()),
-            stream: true,
-            strip_usage: true,
-        };
     }
     UpstreamBody {
-        body: new_body.map(|v| v.to_string().into_bytes()),
+        body: new_body.map(|b| b.text),
         stream,
         strip_usage: false,
     }
@@ -108,6 +117,7 @@ mod tests {
             ),
         ];
         for (i, (original, new_body, streams_usage, sent, stream, strip)) in cases.into_iter().enumerate() {
+            let new_body = new_body.map(|b: Value| TextBody::new(b.to_string().into_bytes()).expect("fields"));
             let got = body(&original, new_body, streams_usage);
             let got_body = got.body.map(|b| serde_json::from_slice::<Value>(&b).expect("JSON"));
             assert_eq!(

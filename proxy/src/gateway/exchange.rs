@@ -18,7 +18,8 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
-use llmproxy_core::http::{fields, path::PathError, usage_probe};
+use llmproxy_core::http::fields::{self, TextBody};
+use llmproxy_core::http::{path::PathError, usage_probe};
 use llmproxy_core::policy::errors::{self, GatewayError};
 use llmproxy_core::policy::failure::{self, Handled};
 use llmproxy_core::policy::upstream as upstream_policy;
@@ -671,7 +672,7 @@ impl Exchange {
                             status = s;
                         }
                         if let Some(body) = rw.body {
-                            out_body = Bytes::from(body.to_string());
+                            out_body = Bytes::from(body);
                         }
                         headers::apply(&mut out_headers, &rw.headers, &self.info.id);
                     }
@@ -891,7 +892,7 @@ impl Exchange {
                 *r.status_mut() = s;
             }
             if let Some(body) = rw.body {
-                let bytes = Bytes::from(body.to_string());
+                let bytes = Bytes::from(body);
                 r.headers_mut().remove(header::CONTENT_LENGTH);
                 *r.body_mut() = GatewayBody::full(bytes);
             }
@@ -978,7 +979,7 @@ fn plan_sync(
 /// The body to send upstream (the core's rule,
 /// [`llmproxy_core::policy::upstream`]): the client's bytes when nothing
 /// changed.
-fn upstream_body(endpoint: Endpoint, original: &Value, raw: Bytes, new_body: Option<Value>) -> (Bytes, bool, bool) {
+fn upstream_body(endpoint: Endpoint, original: &Value, raw: Bytes, new_body: Option<TextBody>) -> (Bytes, bool, bool) {
     let sent = upstream_policy::body(original, new_body, endpoint.streams_usage());
     let body = sent.body.map_or(raw, Bytes::from);
     (body, sent.stream, sent.strip_usage)

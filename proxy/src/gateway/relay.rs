@@ -143,7 +143,7 @@ impl Events {
                     self.head = Some((rw.status_code, rw.headers));
                 }
                 match rw.body {
-                    Some(body) => Some(sse::with_data(&ev, body.to_string().as_bytes())),
+                    Some(body) => Some(sse::with_data(&ev, &body)),
                     None => Some(relay(ev)),
                 }
             }
