@@ -592,6 +592,27 @@ local tests = {
       assert(u == nil and has == false, "not an object: " .. bad)
     end
   end },
+  { "req:upstream_body: core's rule for the body sent upstream", function()
+    -- (client body, script body, streams_usage) -> body sent (nil: the
+    -- client's), stream, strip_usage
+    local cases = {
+      { '{"model":"m"}', nil, true, nil, false, false },
+      { '{"model":"m"}', '{"model":"n"}', true, '{"model":"n"}', false, false },
+      { '{"model":"m"}', "null", true, nil, false, false },
+      { '{"model":"m","stream":true}', nil, true,
+        '{"model":"m","stream":true,"stream_options":{"include_usage":true}}', true, true },
+      { '{"model":"m","stream":true}', nil, false, nil, true, false },
+      { '{"stream":true,"stream_options":{"include_usage":true}}', nil, true, nil, true, false },
+    }
+    for i, c in ipairs(cases) do
+      local r = assert(llmproxy.request({ id = "r", body_raw = c[1] }))
+      local body, stream, strip = r:upstream_body(c[2], c[3])
+      assert(body == c[4] and stream == c[5] and strip == c[6],
+        ("case %d: %s %s %s"):format(i, tostring(body), tostring(stream), tostring(strip)))
+    end
+    local r = assert(llmproxy.request({ id = "r", body_raw = "{}" }))
+    expect_error("invalid_argument", r:upstream_body('{"stream":"yes"}', true))
+  end },
   { "a request handle runs the seed's data path over one parse of each body", function()
     local seed = assert(llmproxy.new(table.concat({
       "scripts:",

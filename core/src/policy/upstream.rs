@@ -2,6 +2,8 @@
 //! `request_transform` script gave (if any):
 //!
 //! - nothing changed: the client's bytes, as they came (`body: None`);
+//!   a script's `null` body (`json.null`) changes nothing either: a null
+//!   request body is never what an API backend takes;
 //! - the script gave a body: that body, encoded;
 //! - a stream (`"stream": true` in the body that goes) of an endpoint whose
 //!   streams can end with a usage chunk, whose body does not ask for
@@ -30,6 +32,7 @@ pub struct UpstreamBody {
 /// `new_body`; `streams_usage` says whether the endpoint's streams can
 /// carry a usage chunk (chat and text completions, not embeddings).
 pub fn body(original: &Value, new_body: Option<TextBody>, streams_usage: bool) -> UpstreamBody {
+    let new_body = new_body.filter(|b| b.text != b"null");
     let (stream, asks_usage) = match &new_body {
         Some(b) => (b.stream, b.include_usage),
         None => (
@@ -107,6 +110,7 @@ mod tests {
                 true,
             ),
             (json!({"stream": true}), None, false, None, true, false),
+            (json!({"model": "m"}), Some(Value::Null), true, None, false, false),
             (
                 json!({"model": "m"}),
                 Some(json!({"model": "m", "stream": true})),

@@ -22,6 +22,7 @@
 //! r:body_get("/stream")                     -- one body field, by JSON pointer
 //! r:check_fields()    -- nil, or why `stream` & co. do not have their OpenAI types
 //! r:body_json({ stream_options = { include_usage = true } })  -- merge patch
+//! local body, stream, strip_usage = r:upstream_body(new_text, true) -- what goes upstream
 //! -- A response body as JSON text, parsed in Rust like request.body_raw.
 //! engine:run("response_transform", { request = r,
 //!     response = { status_code = 200, headers = {}, body_raw = text } })
@@ -72,7 +73,9 @@ use std::path::Path;
 use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::config::{BalancerKind, OnError};
 use llmproxy_core::hooks::{AuthVerdict, StandardChecks};
+use llmproxy_core::http::fields::TextBody;
 use llmproxy_core::http::hop_by_hop;
+use llmproxy_core::policy::upstream;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{AnyUserData, Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
@@ -932,6 +935,35 @@ impl UserData for LuaRequest {
                 Err(f) => this.shared.fail(lua, f),
             }
         });
+        // req:upstream_body(text?, streams_usage) -> body, stream, strip_usage:
+        // what to send upstream for this request when request_transform gave
+        // `text` (or nothing): core's rule (`llmproxy_core::policy::upstream`,
+        // as the gateway and the request handle): `body` is nil for the
+        // client's bytes; a stream of an endpoint whose streams carry usage
+        // (`streams_usage`) gets `stream_options.include_usage` set, and
+        // `strip_usage` says the usage chunk must be hidden from the client.
+        methods.add_method(
+            "upstream_body",
+            |lua, this, (text, streams_usage): (Option<mlua::LuaString>, bool)| {
+                let new_body = match text {
+                    Some(t) => match TextBody::new(t.as_bytes().to_vec()) {
+                        Ok(b) => Some(b),
+                        Err(e) => return this.shared.fail(lua, Failure::invalid(format!("body: {e}"))),
+                    },
+                    None => None,
+                };
+                let sent = upstream::body(&this.request.info().body, new_body, streams_usage);
+                let body = match sent.body {
+                    Some(b) => Value::String(lua.create_string(b)?),
+                    None => Value::Nil,
+                };
+                Ok(MultiValue::from_vec(vec![
+                    body,
+                    Value::Boolean(sent.stream),
+                    Value::Boolean(sent.strip_usage),
+                ]))
+            },
+        );
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.request"));
     }
 }

@@ -13,7 +13,6 @@ local W = require "resty.llmproxy.worker"
 local type = type
 local pairs = pairs
 local tostring = tostring
-local find = string.find
 local lower = string.lower
 local ngx_log = ngx.log
 local ERR = ngx.ERR
@@ -93,14 +92,14 @@ local function set_request_header(ctx, name, value)
     end
 end
 
--- request_transform (with `request.backend_url`), then the stream
--- options: for a stream whose client did not ask for
--- `stream_options.include_usage`, ask the backend for it (the usage chunk
+-- request_transform (with `request.backend_url`), then the body to send:
+-- core's rule (`req:upstream_body`, as the gateway's): the script's body
+-- or the client's, and for a stream whose client did not ask for
+-- `stream_options.include_usage`, the body asking for it (the usage chunk
 -- is removed before the client sees it). Sets the body to send, if it
 -- changed. Returns a failure when the request cannot go on.
 local function prepare_upstream(state, ctx, backend)
-    local text -- the body to send, when it is not the client's
-    local effective = ctx.req
+    local text -- the script's body
     if ctx.api and state.enabled.request_transform then
         local routed, werr = ctx.req:with({ backend_url = backend.url })
         local res, err
@@ -116,7 +115,7 @@ local function prepare_upstream(state, ctx, backend)
             end
             log_hook_error("request_transform", ctx, err, "sending the request unchanged")
         elseif res ~= nil then
-            if type(res.body) == "string" and res.body ~= "null" then
+            if type(res.body) == "string" then
                 text = res.body
             end
             if type(res.headers) == "table" then
@@ -126,20 +125,19 @@ local function prepare_upstream(state, ctx, backend)
             end
         end
     end
-    if ctx.api == "chat" or ctx.api == "completions" then
-        if text then
-            -- Only a body that mentions "stream" can be a stream.
-            effective = find(text, '"stream"', 1, true) and state.llmproxy.request({ body_raw = text }) or nil
-        end
-        local stream = effective ~= nil and effective:body_get("/stream") == true
-        if stream and effective:body_get("/stream_options/include_usage") ~= true then
-            text = effective:body_json({ stream_options = { include_usage = true } })
-            ctx.strip_usage = true
+    if ctx.api then
+        local streams_usage = ctx.api == "chat" or ctx.api == "completions"
+        local body, stream, strip_usage = ctx.req:upstream_body(text, streams_usage)
+        if body == nil and type(stream) == "table" then
+            -- A body core's field check refuses (run_hook checked it already).
+            log_hook_error("request_transform", ctx, stream, "sending the request unchanged")
+            body, stream, strip_usage = ctx.req:upstream_body(nil, streams_usage)
         end
         ctx.stream = stream
-    end
-    if text then
-        req_set_body_data(text)
+        ctx.strip_usage = strip_usage
+        if body then
+            req_set_body_data(body)
+        end
     end
     return nil
 end
