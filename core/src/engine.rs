@@ -370,13 +370,14 @@ impl Engine {
         let cfg = self.enabled(hook)?;
         let request_id = request.map(|r| r.id.as_str());
         let set_globals = |lua: &Lua, env: &Table| -> mlua::Result<()> {
-            for (name, value) in globals {
-                // A global given as `null` is absent (`nil`), as the typed
-                // entry points do for an unknown key's `key_info`.
-                if name != "request" && name != "response" && !value.is_null() {
-                    env.raw_set(name.as_str(), convert::json_to_lua(lua, value)?)?;
-                }
-            }
+            // A global given as `null` is absent (`nil`), as the typed
+            // entry points do for an unknown key's `key_info`.
+            let eager: Vec<(&str, &Value)> = globals
+                .iter()
+                .filter(|(name, value)| *name != "request" && *name != "response" && !value.is_null())
+                .map(|(name, value)| (name.as_str(), value))
+                .collect();
+            convert::set_globals(lua, env, &eager)?;
             // SAFETY: `request` and `response` are borrowed for this whole
             // function, which outlasts the call.
             unsafe {

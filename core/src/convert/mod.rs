@@ -117,8 +117,8 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
         Value::Null => LuaValue::LightUserData(NULL),
         Value::Bool(b) => LuaValue::Boolean(*b),
         Value::Number(n) => {
-            let f = n.as_f64().unwrap_or(f64::NAN);
-            if numbers::needs_text(n, f) {
+            let (f, needs_text) = numbers::read(n);
+            if needs_text {
                 record_texts(lua, vec![(f, n.clone())], &[]);
             } else {
                 record_texts(lua, Vec::new(), &[f.to_bits()]);
@@ -154,6 +154,39 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
 
 /// Record numbers whose text a double does not reproduce, and the doubles
 /// of the others (see [`numbers`]).
+/// Set each `name = value` of `globals` in the table `env`, eagerly, in
+/// one raw call: a hook's small globals (`usage`, `key_info`, `metadata`,
+/// ...). Through mlua each would be a protected call, a registry
+/// reference for the table and another call to store it.
+pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) -> mlua::Result<()> {
+    let m = markers(lua)?;
+    // Owned here, outside the closure (see `json_to_lua`).
+    let mut texts = Vec::new();
+    let mut plain = Vec::new();
+    // SAFETY: `exec_raw` pushes `env` (index 1) and the array marker (index
+    // 2) and runs the closure in a protected call: an allocation failure
+    // raises a Lua error the call returns as an error (the closure owns
+    // nothing that needs dropping; each push to `texts` or `plain`
+    // completes before the next Lua call). Each name and value is pushed
+    // (`push_json` checks stack space) and stored with `lua_rawset`, which
+    // pops both: the stack is balanced after each global.
+    unsafe {
+        lua.exec_raw::<()>((env, &m.array_mt), |state| {
+            for (name, value) in globals {
+                if ffi::lua_checkstack(state, 2) == 0 {
+                    ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
+                }
+                ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+                push_json(state, value, 2, &mut texts, &mut plain);
+                ffi::lua_rawset(state, 1);
+            }
+        })?;
+    }
+    drop(m);
+    record_texts(lua, texts, &plain);
+    Ok(())
+}
+
 fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
     if found.is_empty() && plain.is_empty() {
         return;
@@ -184,8 +217,8 @@ pub(super) unsafe fn push_json(
         Value::Null => ffi::lua_pushlightuserdata(state, NULL.0),
         Value::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
         Value::Number(n) => {
-            let f = n.as_f64().unwrap_or(f64::NAN);
-            if numbers::needs_text(n, f) {
+            let (f, needs_text) = numbers::read(n);
+            if needs_text {
                 texts.push((f, n.clone()));
             } else {
                 plain.push(f.to_bits());

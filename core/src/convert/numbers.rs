@@ -103,6 +103,25 @@ pub(crate) fn recorded(texts: &Option<NumberTexts>, f: f64) -> Option<Number> {
     texts.as_ref().and_then(|t| t.text_of(f)).cloned()
 }
 
+/// `n` as the double a script sees, and whether its text must be recorded
+/// ([`needs_text`]). Integers of up to 15 digits, most numbers of a body,
+/// take a short path: no float parsing, nothing to record.
+pub(crate) fn read(n: &Number) -> (f64, bool) {
+    let text = n.as_str();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        // `-0` is the double -0.0, which the integer 0 is not.
+        if let Ok(i @ (..=-1 | 1..)) = text.parse::<i64>() {
+            return (i as f64, false);
+        }
+        if text == "0" {
+            return (0.0, false);
+        }
+    }
+    let f = n.as_f64().unwrap_or(f64::NAN);
+    (f, needs_text(n, f))
+}
+
 /// Whether `n`, read as the double `f`, comes back with another value: it
 /// has more significant digits than a double keeps (16 or more) and the
 /// double's own text differs. Spelling alone (`1.0`, `1e2`) is not recorded:
@@ -122,17 +141,37 @@ pub(crate) fn needs_text(n: &Number, f: f64) -> bool {
 /// of its mantissa do not count).
 fn significant_digits(text: &str) -> usize {
     let mantissa = text.split(['e', 'E']).next().unwrap_or(text);
-    let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
-    let first = digits.iter().position(|&b| b != b'0');
-    let last = digits.iter().rposition(|&b| b != b'0');
+    let digits = || mantissa.bytes().filter(u8::is_ascii_digit);
+    let first = digits().position(|b| b != b'0');
+    let last = digits().rev().position(|b| b != b'0');
     match (first, last) {
-        (Some(a), Some(b)) => b - a + 1,
+        (Some(a), Some(b)) => digits().count() - a - b,
         _ => 0,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_short_path_reads_as_the_long_one() {
+        for text in [
+            "0",
+            "-0",
+            "7",
+            "-42",
+            "123456789012345",
+            "-123456789012345",
+            "1234567890123456",
+            "1.5",
+            "1e3",
+        ] {
+            let n: super::Number = text.parse().expect("number");
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            let (g, t) = super::read(&n);
+            assert_eq!((g.to_bits(), t), (f.to_bits(), super::needs_text(&n, f)), "{text}");
+        }
+    }
+
     use super::*;
 
     fn num(s: &str) -> Number {

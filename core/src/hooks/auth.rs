@@ -4,8 +4,9 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{expect_object, optional_status, optional_string, required_bool, set_json, set_serialized};
+use super::{expect_object, optional_status, optional_string, required_bool, serialized};
 use super::{HookInput, HookName, RequestInfo};
+use crate::convert;
 use crate::error::HookError;
 
 /// Results of the standard key checks, shown to the script as
@@ -62,11 +63,11 @@ impl HookInput for AuthInput<'_> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
+        let checks = serialized(&self.standard_checks)?;
         // An unknown key is `nil`, not `json.null`: `if not key_info` works.
-        if !self.key_info.is_null() {
-            set_json(lua, env, "key_info", self.key_info)?;
-        }
-        set_serialized(lua, env, "standard_checks", &self.standard_checks)
+        let key_info = (!self.key_info.is_null()).then_some(("key_info", self.key_info));
+        let globals: Vec<(&str, &Value)> = key_info.into_iter().chain([("standard_checks", &checks)]).collect();
+        convert::set_globals(lua, env, &globals)
     }
 }
 

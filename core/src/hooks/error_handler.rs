@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::transform::header_changes;
-use super::{expect_object, optional_status, set_serialized, HeaderChange, HookInput, HookName, RequestInfo};
+use super::{expect_object, optional_status, serialized, HeaderChange, HookInput, HookName, RequestInfo};
+use crate::convert;
 use crate::error::HookError;
 
 /// The failure, shown as the `error` global.
@@ -45,7 +46,8 @@ impl HookInput for ErrorInput<'_> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
-        set_serialized(lua, env, "error", self.error)
+        let error = serialized(self.error)?;
+        convert::set_globals(lua, env, &[("error", &error)])
     }
 }
 

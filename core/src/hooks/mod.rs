@@ -67,15 +67,9 @@ fn headers_json(headers: &[(String, String)]) -> Value {
     Value::Object(map)
 }
 
-/// Set `name = value` in `env`, converting JSON eagerly.
-pub(crate) fn set_json(lua: &Lua, env: &Table, name: &str, value: &Value) -> mlua::Result<()> {
-    env.raw_set(name, crate::convert::json_to_lua(lua, value)?)
-}
-
-/// Set `name = <serialized value>` in `env`.
-pub(crate) fn set_serialized<T: serde::Serialize>(lua: &Lua, env: &Table, name: &str, value: &T) -> mlua::Result<()> {
-    let json = serde_json::to_value(value).map_err(mlua::Error::external)?;
-    set_json(lua, env, name, &json)
+/// `value` as the JSON a script sees it as.
+pub(crate) fn serialized<T: serde::Serialize>(value: &T) -> mlua::Result<Value> {
+    serde_json::to_value(value).map_err(mlua::Error::external)
 }
 
 /// The object a table-returning hook gave back, or a `bad_output` error.

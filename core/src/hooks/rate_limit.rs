@@ -4,8 +4,9 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{expect_object, optional_non_negative, optional_string, required_bool, set_json, set_serialized};
+use super::{expect_object, optional_non_negative, optional_string, required_bool, serialized};
 use super::{HookInput, HookName, RequestInfo};
+use crate::convert;
 use crate::error::HookError;
 
 /// The standard limiter's view, shown as `rate_limit_status`.
@@ -54,12 +55,15 @@ impl HookInput for RateLimitInput<'_> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
+        let status = serialized(&self.rate_limit_status)?;
+        let time = serialized(&self.current_time)?;
         // An unknown key is `nil`, not `json.null`: `if not key_info` works.
-        if !self.key_info.is_null() {
-            set_json(lua, env, "key_info", self.key_info)?;
-        }
-        set_serialized(lua, env, "rate_limit_status", &self.rate_limit_status)?;
-        set_serialized(lua, env, "current_time", &self.current_time)
+        let key_info = (!self.key_info.is_null()).then_some(("key_info", self.key_info));
+        let globals: Vec<(&str, &Value)> = key_info
+            .into_iter()
+            .chain([("rate_limit_status", &status), ("current_time", &time)])
+            .collect();
+        convert::set_globals(lua, env, &globals)
     }
 }
 

@@ -4,9 +4,8 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{
-    expect_object, optional_non_negative, set_json, set_serialized, HookInput, HookName, RequestInfo, ResponseInfo,
-};
+use super::{expect_object, optional_non_negative, serialized, HookInput, HookName, RequestInfo, ResponseInfo};
+use crate::convert;
 use crate::error::HookError;
 
 /// Facts about the upstream exchange, shown as `metadata`.
@@ -44,10 +43,10 @@ impl HookInput for UsageInput<'_> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
-        set_json(lua, env, "usage", self.usage)?;
         // SAFETY: as for `request`.
         unsafe { self.response.defer(lua)? };
-        set_serialized(lua, env, "metadata", self.metadata)
+        let metadata = serialized(self.metadata)?;
+        convert::set_globals(lua, env, &[("usage", self.usage), ("metadata", &metadata)])
     }
 }
 
