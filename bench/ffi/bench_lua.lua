@@ -21,22 +21,11 @@ local root = arg[1] or "."
 local n = tonumber(arg[2]) or 100000
 local lib_dir = os.getenv("LLMP_LIB_DIR") or (root .. "/ffi/target/release")
 package.cpath = lib_dir .. "/lib?.so;" .. package.cpath
-package.path = root .. "/examples/lua/?.lua;" .. package.path
+package.path = root .. "/examples/lua/?.lua;" .. root .. "/bench/ffi/?.lua;" .. package.path
 
-local ffi = require "ffi"
+local timer = require "timer"
 local llmproxy = require "llmproxy"
 local casejson = require "casejson"
-
-ffi.cdef [[
-  typedef struct { long tv_sec; long tv_nsec; } llmp_bench_timespec;
-  int clock_gettime(int clk_id, llmp_bench_timespec *tp);
-]]
-local ts = ffi.new("llmp_bench_timespec")
-local C = ffi.C
-local function now_ns()
-  C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-  return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec)
-end
 
 local case = casejson.read_file(root .. "/conformance/cases/001-seed-routing-viplevel-3.json")
 local engine = assert(llmproxy.new('{"scripts": {"routing": {"script": '
@@ -57,18 +46,7 @@ local function bench(name, input, run)
   run = run or function(inp) return engine:run("routing", inp) end
   local res, err = run(input)
   assert(res == "ultra", tostring(err))
-  for _ = 1, n / 10 do run(input) end
-  local ns, total = {}, 0
-  for i = 1, n do
-    local t0 = now_ns()
-    run(input)
-    local dt = now_ns() - t0
-    ns[i] = dt
-    total = total + dt
-  end
-  table.sort(ns)
-  print(("lua   %-16s calls=%d median_ns=%d p99_ns=%d mean_ns=%d"):format(
-    name, n, ns[math.floor(n / 2) + 1], ns[math.floor((n - 1) * 0.99) + 1], total / n))
+  timer.measure(name, n, function() return run(input) end)
 end
 
 local request = assert(llmproxy.request(with_raw.request))

@@ -25,13 +25,13 @@ local root = arg[1] or "."
 local n = tonumber(arg[2]) or 100000
 local lib_dir = os.getenv("LLMP_LIB_DIR") or (root .. "/ffi/target/release")
 
+package.path = root .. "/bench/ffi/?.lua;" .. package.path
+
 local ffi = require "ffi"
 local cjson = require "cjson.safe"
+local timer = require "timer"
 
 ffi.cdef [[
-  typedef struct { long tv_sec; long tv_nsec; } llmp_life_timespec;
-  int clock_gettime(int clk_id, llmp_life_timespec *tp);
-
   typedef struct llmp_engine llmp_engine;
   typedef struct llmp_error llmp_error;
   typedef struct llmp_globals llmp_globals;
@@ -54,14 +54,7 @@ ffi.cdef [[
                         size_t *json_len, llmp_error **err);
   void llmp_handle_free(llmp_handle *handle);
 ]]
-local C = ffi.C
 local lib = ffi.load(lib_dir .. "/libllmproxy.so")
-
-local ts = ffi.new("llmp_life_timespec")
-local function now_ns()
-  C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-  return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec)
-end
 
 local BODY = '{"model":"gpt-4","messages":[{"role":"system","content":"You are a helpful assistant."},'
   .. '{"role":"user","content":"Say hello in three languages."}],"temperature":0.7,"max_tokens":64,"viplevel":3}'
@@ -203,20 +196,5 @@ for name, run in pairs({ ["handle(c_abi)"] = via_handle, ["handwritten(cjson)"] 
   assert(billed == 28, name .. ": usage record")
 end
 
-local function bench(name, run)
-  for _ = 1, n / 10 do run() end
-  local ns, total = {}, 0
-  for i = 1, n do
-    local t0 = now_ns()
-    run()
-    local dt = now_ns() - t0
-    ns[i] = dt
-    total = total + dt
-  end
-  table.sort(ns)
-  print(("lua   %-18s calls=%d median_ns=%d p99_ns=%d mean_ns=%d"):format(
-    name, n, ns[floor(n / 2) + 1], ns[floor((n - 1) * 0.99) + 1], total / n))
-end
-
-bench("handwritten(cjson)", handwritten)
-bench("handle(c_abi)", via_handle)
+timer.measure("handwritten(cjson)", n, handwritten)
+timer.measure("handle(c_abi)", n, via_handle)

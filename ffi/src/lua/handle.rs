@@ -13,8 +13,9 @@
 //!                                      -- { status =, body = text|nil, headers = }
 //! h:stream(status, headers)            -- a stream's answer begins, then per event:
 //! local out, err = h:event(data, latency_ms)  -- text | true (as it came) | false (drop)
-//! local b, err = h:usage()             -- { usage =, record = tbl|nil,
-//!                                      --   billable_tokens =, limit_tokens =, ... }
+//! local b, err = h:usage()             -- { usage =, record = tbl|nil, billable_tokens =,
+//!                                      --   limit_tokens =, ..., metrics = {...} }
+//!                                      -- (llmproxy.usage_charge's table)
 //! local e = h:fell_back()              -- the last step's failure under
 //!                                      -- on_error: standard, or nil
 //! ```
@@ -29,7 +30,7 @@ use llmproxy_core::hooks::{HeaderChange, RouteDecision};
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
-use super::{convert, reply, script_log, LuaEngine, LuaGlobals, Shared};
+use super::{charge_table, convert, reply, script_log, LuaEngine, LuaGlobals, Shared};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
 
@@ -150,18 +151,11 @@ impl UserData for LuaHandle {
                 lua,
                 |h, engine| Ok(h.usage(engine)),
                 |lua, shared, b| {
-                    let c = &b.charge;
-                    let t = lua.create_table_with_capacity(0, 8)?;
+                    let t = charge_table(lua, b.charge)?;
                     t.raw_set("usage", convert::to_lua(lua, &b.usage, &shared.array_mt)?)?;
                     if let Some(record) = &b.record {
                         t.raw_set("record", convert::to_lua(lua, record, &shared.array_mt)?)?;
                     }
-                    t.raw_set("billable_tokens", c.billable_tokens)?;
-                    t.raw_set("limit_tokens", c.limit_tokens)?;
-                    t.raw_set("prompt_tokens", c.prompt_tokens)?;
-                    t.raw_set("completion_tokens", c.completion_tokens)?;
-                    t.raw_set("total_tokens", c.total_tokens)?;
-                    t.raw_set("cost", c.cost)?;
                     Ok(Value::Table(t))
                 },
             )

@@ -563,6 +563,24 @@ fn reply(
     Ok(out)
 }
 
+/// A charge as `{ billable_tokens, limit_tokens, prompt_tokens,
+/// completion_tokens, total_tokens, cost, metrics = {kind = value} }`.
+fn charge_table(lua: &Lua, c: llmproxy_core::policy::usage::Charge) -> mlua::Result<Table> {
+    let out = lua.create_table_with_capacity(0, 9)?;
+    out.raw_set("billable_tokens", c.billable_tokens)?;
+    out.raw_set("limit_tokens", c.limit_tokens)?;
+    out.raw_set("prompt_tokens", c.prompt_tokens)?;
+    out.raw_set("completion_tokens", c.completion_tokens)?;
+    out.raw_set("total_tokens", c.total_tokens)?;
+    out.raw_set("cost", c.cost)?;
+    let metrics = lua.create_table_with_capacity(0, c.metrics.len())?;
+    for (kind, v) in c.metrics {
+        metrics.raw_set(kind, v)?;
+    }
+    out.raw_set("metrics", metrics)?;
+    Ok(out)
+}
+
 /// `engine:backends()`: the config's backends, in config order, as
 /// `{ {name=, url=, weight=, headers={...}}, ... }` (an array).
 fn backends(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
@@ -1295,20 +1313,7 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 Value::Nil => None,
                 other => Some(json(&other, "record")?),
             };
-            let c = llmproxy_core::policy::usage::charge(&raw, record.as_ref());
-            let out = lua.create_table_with_capacity(0, 7)?;
-            out.raw_set("billable_tokens", c.billable_tokens)?;
-            out.raw_set("limit_tokens", c.limit_tokens)?;
-            out.raw_set("prompt_tokens", c.prompt_tokens)?;
-            out.raw_set("completion_tokens", c.completion_tokens)?;
-            out.raw_set("total_tokens", c.total_tokens)?;
-            out.raw_set("cost", c.cost)?;
-            let metrics = lua.create_table_with_capacity(0, c.metrics.len())?;
-            for (kind, v) in c.metrics {
-                metrics.raw_set(kind, v)?;
-            }
-            out.raw_set("metrics", metrics)?;
-            Ok(out)
+            charge_table(lua, llmproxy_core::policy::usage::charge(&raw, record.as_ref()))
         })?,
     )?;
     // llmproxy.metric_headers() -> { [name] = "# HELP ...\n# TYPE ..." }:
