@@ -596,9 +596,13 @@ llmp_result llmp_handle_stream(llmp_handle *handle,
  * `include_usage` added is removed, and response_transform runs on it.
  *
  * On success returns `LLMP_OK` and stores in `*out`, `*out_len` the data
- * to send (borrowed; NULL and 0: send the event as it came), and in
- * `*drop` 1 when the event must not reach the client at all (the usage
- * chunk the client did not ask for), else 0.
+ * to send (borrowed; NULL and 0: send the event as it came), in `*drop` 1
+ * when the event must not reach the client at all (the usage chunk the
+ * client did not ask for), else 0, and the response head changes the
+ * transform asked for: `*status` (0 for none) and `*headers` (as for
+ * `llmp_handle_upstream`, borrowed, or NULL). A host sends the response
+ * head with the first event it relays, with that event's changes applied
+ * (as the gateway does); later events' come too late.
  *
  * Errors: `LLMP_INVALID_ARGUMENT` for a NULL argument; a hook failure code
  * when the script failed under `on_error: deny` (the host ends the
@@ -616,6 +620,8 @@ llmp_result llmp_handle_event(const llmp_engine *engine,
                               const char **out,
                               size_t *out_len,
                               int32_t *drop,
+                              uint16_t *status,
+                              const char **headers,
                               llmp_error **err);
 
 /**

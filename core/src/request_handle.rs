@@ -115,7 +115,19 @@ pub struct Answer {
     pub headers: Vec<(String, HeaderChange)>,
 }
 
-/// What to do with one event of a backend's stream.
+/// What to do with one event of a backend's stream, and the response head
+/// changes its `response_transform` asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvent {
+    /// The event's data.
+    pub relay: Relay,
+    /// The status the transform asked for.
+    pub status: Option<u16>,
+    /// Header changes the transform asked for, name-sorted.
+    pub headers: Vec<(String, HeaderChange)>,
+}
+
+/// What becomes of one event's data.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Relay {
     /// Send the event's data as it came.
@@ -266,8 +278,11 @@ impl RequestHandle {
     /// One event of the stream (its `data`): the usage it carries is kept
     /// for [`RequestHandle::usage`], what the forced `include_usage` added
     /// is removed ([`crate::policy::sse`]), and `response_transform` runs
-    /// on the event. `latency_ms`: since the request went upstream.
-    pub fn event(&mut self, engine: &Engine, data: &[u8], latency_ms: f64) -> Step<Relay> {
+    /// on the event. `latency_ms`: since the request went upstream. A
+    /// host sends the response head with the first event it relays, with
+    /// that event's status and header changes applied (later events' are
+    /// too late to apply, as in the gateway).
+    pub fn event(&mut self, engine: &Engine, data: &[u8], latency_ms: f64) -> Step<StreamEvent> {
         self.latency_ms = latency_ms;
         let transform = engine.is_enabled(HookName::ResponseTransform);
         let sse::Event {
@@ -297,8 +312,13 @@ impl RequestHandle {
                 is_stream: true,
             });
         }
+        let unchanged = |relay| StreamEvent {
+            relay,
+            status: None,
+            headers: Vec::new(),
+        };
         let Some(body) = parsed.filter(|_| transform && relay != Relay::Drop) else {
-            return Step::Ran(relay);
+            return Step::Ran(unchanged(relay));
         };
         let response = ResponseInfo {
             status_code: status,
@@ -312,11 +332,13 @@ impl RequestHandle {
             backend_url: self.backend_url(),
             latency_ms,
         });
-        Step::of(engine, HookName::ResponseTransform, result, || None).map(|rewrite| {
-            match rewrite.and_then(|rw| rw.body) {
-                Some(body) => Relay::Data(body),
-                None => relay,
-            }
+        Step::of(engine, HookName::ResponseTransform, result, || None).map(|rewrite| match rewrite {
+            None => unchanged(relay),
+            Some(rw) => StreamEvent {
+                relay: rw.body.map_or(relay, Relay::Data),
+                status: rw.status_code,
+                headers: rw.headers,
+            },
         })
     }
 

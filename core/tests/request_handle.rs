@@ -163,7 +163,18 @@ fn a_stream_asks_for_usage_and_hides_it_from_the_client() {
         ("[DONE]", Relay::Unchanged),
     ];
     for (data, want) in events {
-        let got = ran(h.event(&engine, data.as_bytes(), 5.0));
+        if data.starts_with('{') && want != Relay::Drop {
+            // The seed transform returns the response's headers and status.
+            let ev = ran(h.event(&engine, data.as_bytes(), 5.0));
+            assert_eq!(
+                (ev.status, ev.headers),
+                (
+                    Some(200),
+                    vec![("Content-Type".to_owned(), HeaderChange::Set("text/event-stream".into()))]
+                )
+            );
+        }
+        let got = ran(h.event(&engine, data.as_bytes(), 5.0)).relay;
         match (&got, &want) {
             (Relay::Data(a), Relay::Data(b)) => assert_eq!(json_of(a), json_of(b), "{data}"),
             _ => assert_eq!(got, want, "{data}"),

@@ -118,16 +118,23 @@ static void seed_request(const llmp_engine *engine, const llmp_globals *globals)
     check(llmp_handle_stream(h, 200, sse_headers, strlen(sse_headers), NULL) == LLMP_OK, "stream: the answer begins");
     const char *chunk = "{\"model\":\"qwen-72b-chat\",\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}";
     int drop = -1;
-    r = llmp_handle_event(engine, h, chunk, strlen(chunk), 3.0, &out, &out_len, &drop, NULL);
+    uint16_t head_status = 1;
+    const char *head_headers = NULL;
+    r = llmp_handle_event(engine, h, chunk, strlen(chunk), 3.0, &out, &out_len, &drop, &head_status, &head_headers,
+                          NULL);
     check(r == LLMP_OK && drop == 0 && contains(out, out_len, "\"model\":\"gpt-3.5\"") &&
               !contains(out, out_len, "usage"),
           "event: transformed, the forced usage:null gone");
+    check(head_status == 200 && head_headers && strstr(head_headers, "\"Content-Type\":\"text/event-stream\""),
+          "event: the head changes the transform asked for (the seed returns the response's)");
     const char *usage_chunk =
         "{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":9,\"total_tokens\":10}}";
-    r = llmp_handle_event(engine, h, usage_chunk, strlen(usage_chunk), 4.0, &out, &out_len, &drop, NULL);
+    r = llmp_handle_event(engine, h, usage_chunk, strlen(usage_chunk), 4.0, &out, &out_len, &drop, &head_status,
+                          &head_headers, NULL);
     check(r == LLMP_OK && drop == 1, "event: the usage chunk the client did not ask for is dropped");
-    r = llmp_handle_event(engine, h, "[DONE]", 6, 4.0, &out, &out_len, &drop, NULL);
-    check(r == LLMP_OK && drop == 0 && out == NULL, "event: [DONE] goes as it came");
+    r = llmp_handle_event(engine, h, "[DONE]", 6, 4.0, &out, &out_len, &drop, &head_status, &head_headers, NULL);
+    check(r == LLMP_OK && drop == 0 && out == NULL && head_status == 0 && head_headers == NULL,
+          "event: [DONE] goes as it came");
     r = llmp_handle_usage(engine, h, &billing, &billing_len, NULL);
     check(r == LLMP_OK && contains(billing, billing_len, "\"billable_tokens\":8"),
           "stream usage: VIP 1 pays 80% of 10 tokens");

@@ -39,6 +39,7 @@ pub struct llmp_handle {
     answer_headers: Option<CString>,
     /// What `llmp_handle_event` decided.
     event: Vec<u8>,
+    event_headers: Option<CString>,
     /// What `llmp_handle_usage` decided, as JSON.
     billing: Option<CString>,
     /// The failure of the last step whose hook failed and fell back.
@@ -127,6 +128,7 @@ fn new_handle(engine: &Engine, text: &[u8], body: &[u8]) -> Result<llmp_handle, 
         answer_body: None,
         answer_headers: None,
         event: Vec::new(),
+        event_headers: None,
         billing: None,
         fell_back: None,
     })
@@ -344,9 +346,13 @@ pub unsafe extern "C" fn llmp_handle_stream(
 /// `include_usage` added is removed, and response_transform runs on it.
 ///
 /// On success returns `LLMP_OK` and stores in `*out`, `*out_len` the data
-/// to send (borrowed; NULL and 0: send the event as it came), and in
-/// `*drop` 1 when the event must not reach the client at all (the usage
-/// chunk the client did not ask for), else 0.
+/// to send (borrowed; NULL and 0: send the event as it came), in `*drop` 1
+/// when the event must not reach the client at all (the usage chunk the
+/// client did not ask for), else 0, and the response head changes the
+/// transform asked for: `*status` (0 for none) and `*headers` (as for
+/// `llmp_handle_upstream`, borrowed, or NULL). A host sends the response
+/// head with the first event it relays, with that event's changes applied
+/// (as the gateway does); later events' come too late.
 ///
 /// Errors: `LLMP_INVALID_ARGUMENT` for a NULL argument; a hook failure code
 /// when the script failed under `on_error: deny` (the host ends the
@@ -365,6 +371,8 @@ pub unsafe extern "C" fn llmp_handle_event(
     out: *mut *const c_char,
     out_len: *mut usize,
     drop: *mut i32,
+    status: *mut u16,
+    headers: *mut *const c_char,
     err: *mut *mut llmp_error,
 ) -> llmp_result {
     let run = || {
@@ -373,23 +381,29 @@ pub unsafe extern "C" fn llmp_handle_event(
         non_null(out, "out")?;
         non_null(out_len, "out_len")?;
         non_null(drop, "drop")?;
+        non_null(status, "status")?;
+        non_null(headers, "headers")?;
         // SAFETY: NULL or readable for its length (the contract).
         let data = unsafe { byte_slice(data, data_len, "data") }?;
         let step = h.handle.event(engine, data, latency_ms);
-        let relay = h.settle(step)?;
-        let dropped = relay == Relay::Drop;
-        let (p, len) = match relay {
+        let ev = h.settle(step)?;
+        h.event_headers = header_changes(&ev.headers)?;
+        let hp = h.event_headers.as_ref().map_or(ptr::null(), |c| c.as_ptr());
+        let dropped = ev.relay == Relay::Drop;
+        let (p, len) = match ev.relay {
             Relay::Data(d) => {
                 h.event = d;
                 (h.event.as_ptr().cast::<c_char>(), h.event.len())
             }
             Relay::Unchanged | Relay::Drop => (ptr::null(), 0),
         };
-        // SAFETY: all three are not NULL and writable (checked, contract).
+        // SAFETY: all five are not NULL and writable (checked, contract).
         unsafe {
             out.write(p);
             out_len.write(len);
             drop.write(i32::from(dropped));
+            status.write(ev.status.unwrap_or(0));
+            headers.write(hp);
         }
         Ok(())
     };

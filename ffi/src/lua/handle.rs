@@ -12,7 +12,8 @@
 //! local a, err = h:respond(status, headers, body_text, latency_ms)
 //!                                      -- { status =, body = text|nil, headers = }
 //! h:stream(status, headers)            -- a stream's answer begins, then per event:
-//! local out, err = h:event(data, latency_ms)  -- text | true (as it came) | false (drop)
+//! local ev, err = h:event(data, latency_ms)  -- { data = text|nil (as it came),
+//!                                      --   drop = bool, status =, headers = }
 //! local b, err = h:usage()             -- { usage =, record = tbl|nil, billable_tokens =,
 //!                                      --   limit_tokens =, ..., metrics = {...} }
 //!                                      -- (llmproxy.usage_charge's table)
@@ -139,10 +140,15 @@ impl UserData for LuaHandle {
             this.step(
                 lua,
                 |h, engine| Ok(h.event(engine, &data.as_bytes(), latency_ms.unwrap_or(0.0))),
-                |lua, _, relay| match relay {
-                    Relay::Unchanged => Ok(Value::Boolean(true)),
-                    Relay::Drop => Ok(Value::Boolean(false)),
-                    Relay::Data(d) => Ok(Value::String(lua.create_string(d)?)),
+                |lua, _, ev| {
+                    let t = lua.create_table_with_capacity(0, 4)?;
+                    t.raw_set("drop", ev.relay == Relay::Drop)?;
+                    if let Relay::Data(d) = ev.relay {
+                        t.raw_set("data", lua.create_string(d)?)?;
+                    }
+                    t.raw_set("status", ev.status)?;
+                    t.raw_set("headers", header_changes(lua, &ev.headers)?)?;
+                    Ok(Value::Table(t))
                 },
             )
         });
