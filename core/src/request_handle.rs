@@ -226,17 +226,11 @@ impl RequestHandle {
         self.latency_ms = latency_ms;
         let transform = engine.is_enabled(HookName::ResponseTransform);
         let scripted = transform || engine.is_enabled(HookName::Usage);
-        let parsed = scripted
-            .then(|| serde_json::from_slice::<Value>(body).ok())
-            .flatten()
-            .map(Arc::new);
-        self.usage = match &parsed {
-            Some(json) => json.get("usage").filter(|u| u.is_object()).cloned(),
-            None => usage_probe::probe(body).and_then(|p| p.usage).filter(Value::is_object),
-        };
+        let (parsed, usage) = usage_probe::answer(body, scripted);
+        self.usage = usage;
         self.response = parsed.map(|body| ResponseInfo {
             status_code: status,
-            body,
+            body: Arc::new(body),
             headers,
             is_stream: false,
         });
@@ -285,11 +279,13 @@ impl RequestHandle {
     pub fn event(&mut self, engine: &Engine, data: &[u8], latency_ms: f64) -> Step<StreamEvent> {
         self.latency_ms = latency_ms;
         let transform = engine.is_enabled(HookName::ResponseTransform);
+        let event = sse::event(data, self.strip_usage, transform);
+        let usage_body = event.usage_body(data);
         let sse::Event {
             data: relay,
             usage,
             parsed,
-        } = sse::event(data, self.strip_usage, transform);
+        } = event;
         let relay = match relay {
             None => Relay::Drop,
             Some(Cow::Borrowed(_)) => Relay::Unchanged,
@@ -300,14 +296,11 @@ impl RequestHandle {
             None => (200, Vec::new()),
         };
         let parsed = parsed.map(Arc::new);
-        if let Some(u) = usage {
-            self.usage = Some(u);
-            let body = parsed
-                .clone()
-                .or_else(|| serde_json::from_slice(data).ok().map(Arc::new));
+        if usage.is_some() {
+            self.usage = usage;
             self.response = Some(ResponseInfo {
                 status_code: status,
-                body: body.unwrap_or_else(|| Arc::new(Value::Null)),
+                body: Arc::new(usage_body.unwrap_or(Value::Null)),
                 headers: headers.clone(),
                 is_stream: true,
             });

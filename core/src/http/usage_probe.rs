@@ -11,6 +11,19 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
+/// A backend's whole (non-stream) answer read once: parsed when `parse`
+/// (a script reads it; `None` when it is not JSON), and its `usage` object
+/// (`None` when absent or not an object), read from the parse or, without
+/// one, probed.
+pub fn answer(body: &[u8], parse: bool) -> (Option<Json>, Option<Json>) {
+    let parsed = parse.then(|| serde_json::from_slice::<Json>(body).ok()).flatten();
+    let usage = match &parsed {
+        Some(json) => json.get("usage").filter(|u| u.is_object()).cloned(),
+        None => probe(body).and_then(|p| p.usage).filter(Json::is_object),
+    };
+    (parsed, usage)
+}
+
 /// What the body filter needs of an answer.
 #[derive(Debug, Default, PartialEq)]
 pub struct UsageProbe {

@@ -42,6 +42,14 @@ pub struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
+    /// When the event carried usage, the event as the usage stage sees it
+    /// (`response.body`): its parse, or `data` (the event as it came)
+    /// parsed.
+    pub fn usage_body(&self, data: &[u8]) -> Option<Value> {
+        self.usage.as_ref()?;
+        self.parsed.clone().or_else(|| serde_json::from_slice(data).ok())
+    }
+
     fn pass(data: Cow<'a, [u8]>) -> Self {
         Event {
             data: Some(data),

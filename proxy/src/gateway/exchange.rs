@@ -587,19 +587,12 @@ impl Exchange {
         // The whole answer is built only for a script that reads it; the
         // usage record needs `usage` alone, read without the rest.
         let scripted = transform || self.live.stages.enabled(HookName::Usage);
-        let is_api = self.endpoint.is_api();
-        let parsed: Option<Arc<Value>> = if is_api && scripted {
-            serde_json::from_slice::<Value>(&bytes).ok().map(Arc::new)
+        let (parsed, usage) = if self.endpoint.is_api() {
+            usage_probe::answer(&bytes, scripted)
         } else {
-            None
+            (None, None)
         };
-        let usage = match &parsed {
-            Some(json) => json.get("usage").filter(|u| u.is_object()).cloned(),
-            None if is_api => usage_probe::probe(&bytes)
-                .and_then(|p| p.usage)
-                .filter(Value::is_object),
-            None => None,
-        };
+        let parsed = parsed.map(Arc::new);
         let latency_ms = latency.as_secs_f64() * 1e3;
         let completion = Completion {
             backend: Some(Arc::clone(b)),

@@ -97,15 +97,17 @@ impl Events {
         }
         self.relayed += 1;
         let transform = self.transform && self.live.stages.enabled(HookName::ResponseTransform);
+        let event = sse_policy::event(&data, self.strip_usage, transform);
+        if event.usage.is_some() {
+            self.usage_body = event.usage_body(&data).map(Arc::new);
+        }
         let sse_policy::Event {
             data: relay,
             usage,
             parsed,
-        } = sse_policy::event(&data, self.strip_usage, transform);
-        if let Some(u) = usage {
-            self.usage = Some(u);
-            let body = parsed.clone().or_else(|| serde_json::from_slice(&data).ok());
-            self.usage_body = body.map(Arc::new);
+        } = event;
+        if usage.is_some() {
+            self.usage = usage;
         }
         let rewritten = match relay? {
             Cow::Owned(d) => Some(d),
