@@ -160,6 +160,8 @@ pub struct RequestHandle {
     /// non-stream answer, or a stream's status and headers (and, once an
     /// event carried usage, that event).
     response: Option<ResponseInfo>,
+    /// The backend's status (0 before it answered).
+    status: u16,
     latency_ms: f64,
     usage: Option<Value>,
 }
@@ -173,6 +175,7 @@ impl RequestHandle {
             api,
             strip_usage: false,
             response: None,
+            status: 0,
             latency_ms: 0.0,
             usage: None,
         }
@@ -223,6 +226,7 @@ impl RequestHandle {
         body: &[u8],
         latency_ms: f64,
     ) -> Step<Answer> {
+        self.status = status;
         self.latency_ms = latency_ms;
         let transform = engine.is_enabled(HookName::ResponseTransform);
         let scripted = transform || engine.is_enabled(HookName::Usage);
@@ -261,6 +265,7 @@ impl RequestHandle {
     /// A stream's answer begins: its status and headers, as
     /// `response_transform` sees them with each event.
     pub fn stream(&mut self, status: u16, headers: Vec<(String, String)>) {
+        self.status = status;
         self.response = Some(ResponseInfo {
             status_code: status,
             body: Arc::new(Value::Null),
@@ -346,8 +351,9 @@ impl RequestHandle {
         let response = match &self.response {
             Some(r) => r,
             None => {
+                // An answer no script read, or that was not JSON.
                 null_response = ResponseInfo {
-                    status_code: 0,
+                    status_code: self.status,
                     body: Arc::new(Value::Null),
                     headers: Vec::new(),
                     is_stream: false,

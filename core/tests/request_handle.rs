@@ -222,3 +222,17 @@ fn a_failing_hook_falls_back_or_denies_by_its_policy() {
         }
     }
 }
+
+#[test]
+fn the_usage_hook_sees_the_backends_status_when_the_answer_is_not_json() {
+    let engine = engine(&[(
+        "usage",
+        "return {status = response.status_code, body = type(response.body)}",
+        "standard",
+    )]);
+    let mut h = handle(json!({"model": "gpt-4"}));
+    ran(h.upstream(&engine, "http://b"));
+    ran(h.respond(&engine, 502, Vec::new(), b"upstream said no", 3.0));
+    let billing = ran(h.usage(&engine));
+    assert_eq!(billing.record, Some(json!({"status": 502, "body": "userdata"})));
+}
