@@ -370,11 +370,11 @@ impl Engine {
         let cfg = self.enabled(hook)?;
         let request_id = request.map(|r| r.id.as_str());
         let set_globals = |lua: &Lua, env: &Table| -> mlua::Result<()> {
-            // A global given as `null` is absent (`nil`), as the typed
-            // entry points do for an unknown key's `key_info`.
+            // A global given as `null` is absent (`nil`), as for the typed
+            // entry points ([`convert::set_globals`]).
             let eager: Vec<(&str, &Value)> = globals
                 .iter()
-                .filter(|(name, value)| *name != "request" && *name != "response" && !value.is_null())
+                .filter(|(name, _)| *name != "request" && *name != "response")
                 .map(|(name, value)| (name.as_str(), value))
                 .collect();
             convert::set_globals(lua, env, &eager)?;

@@ -312,32 +312,24 @@ impl Vm {
             max_bytes: limits.max_bytes.saturating_sub(body.as_ref().map_or(0, Vec::len)),
             ..limits
         };
-        let value = match convert::lua_to_json(lua, &value, rest).map_err(bad)? {
-            // `{body = b, "x"}` without its body is `{"x"}`, an array; whole,
-            // it was an object with a field "1" (ignored, as any unknown).
-            serde_json::Value::Array(items) if body.is_some() => {
-                serde_json::Value::Object((1..).map(|i: usize| i.to_string()).zip(items).collect())
-            }
-            v => v,
-        };
+        let value = match body {
+            Some(_) => convert::lua_to_json_without(lua, &value, rest, "body"),
+            None => convert::lua_to_json(lua, &value, rest),
+        }
+        .map_err(bad)?;
         Ok(Output { value, body })
     }
 }
 
-/// The `body` a result table holds raw, as JSON text, taken out of the
-/// table (the call is over: the table is the script's, or a plain table it
-/// returned; frozen helpers and views hold no raw keys, so are never
-/// written). `None` when it holds none (then the rest of the encoding
-/// finds `body`, if a view or metatable provides one).
+/// The `body` a result table holds raw, as JSON text; `None` when it holds
+/// none (then the rest of the encoding finds `body`, if a view or a
+/// metatable provides one).
 fn body_text(lua: &Lua, t: &Table, limits: Limits) -> Result<Option<Vec<u8>>, convert::ConvertError> {
     let body: Value = t.raw_get("body").map_err(|e| convert::ConvertError(e.to_string()))?;
     if body.is_nil() {
         return Ok(None);
     }
-    let text = convert::lua_to_json_text(lua, &body, limits)?;
-    t.raw_set("body", Value::Nil)
-        .map_err(|e| convert::ConvertError(e.to_string()))?;
-    Ok(Some(text))
+    convert::lua_to_json_text(lua, &body, limits).map(Some)
 }
 
 /// Most globals an environment may hold after a call and still be reused

@@ -374,6 +374,46 @@ fn a_body_encoded_as_text_is_the_text_of_the_json_result() {
     }
 }
 
+/// The rest of a result whose body went apart as text is read as it would
+/// be with the body: the same verdict from the typed and the JSON entry
+/// points (an array item beside the body is an ignored field, a table
+/// marked as an array with a body is refused).
+#[test]
+fn a_result_without_its_body_is_judged_as_the_whole_result() {
+    let results = [
+        "{body = {a = 1}, 'x'}",
+        "setmetatable({body = {a = 1}}, getmetatable(json.decode('[]')))",
+        "setmetatable({body = {a = 1}, headers = {['X-A'] = 'b'}}, {})",
+        "{body = {a = 1}, headers = 3}",
+        "{body = json.null}",
+    ];
+    for result in results {
+        let e = engine(HookName::RequestTransform, &format!("return {result}"));
+        let input = json!({"request": {"id": "r", "body": {"model": "m"}}});
+        let as_json = e
+            .run_json(HookName::RequestTransform, &input)
+            .map(|v| v["body"].to_string())
+            .map_err(|e| e.kind);
+        let info = llmproxy_core::hooks::RequestInfo::from_json(
+            &input["request"],
+            llmproxy_core::convert::Limits {
+                max_depth: 100,
+                max_bytes: usize::MAX,
+            },
+        )
+        .expect("request");
+        let typed = e
+            .transform_request(&llmproxy_core::hooks::RequestTransformInput { request: &info })
+            .map(|rw| {
+                rw.and_then(|rw| rw.body)
+                    .map(|b| String::from_utf8_lossy(&b.text).into_owned())
+                    .unwrap_or_default()
+            })
+            .map_err(|e| e.kind);
+        assert_eq!(as_json, typed, "{result}");
+    }
+}
+
 /// Numbers at the edges of what a double holds, and duplicate keys: what the
 /// upstream gets is what the client sent unless a script changed it.
 #[test]

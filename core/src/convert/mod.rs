@@ -152,12 +152,12 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
     })
 }
 
-/// Record numbers whose text a double does not reproduce, and the doubles
-/// of the others (see [`numbers`]).
 /// Set each `name = value` of `globals` in the table `env`, eagerly, in
 /// one raw call: a hook's small globals (`usage`, `key_info`, `metadata`,
 /// ...). Through mlua each would be a protected call, a registry
-/// reference for the table and another call to store it.
+/// reference for the table and another call to store it. A `null` value
+/// leaves its global absent (`nil`, not `json.null`): `if not key_info`
+/// works for an unknown key.
 pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) -> mlua::Result<()> {
     let m = markers(lua)?;
     // Owned here, outside the closure (see `json_to_lua`).
@@ -172,7 +172,7 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) ->
     // pops both: the stack is balanced after each global.
     unsafe {
         lua.exec_raw::<()>((env, &m.array_mt), |state| {
-            for (name, value) in globals {
+            for (name, value) in globals.iter().filter(|(_, v)| !v.is_null()) {
                 if ffi::lua_checkstack(state, 2) == 0 {
                     ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
                 }
@@ -187,6 +187,8 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) ->
     Ok(())
 }
 
+/// Record numbers whose text a double does not reproduce, and the doubles
+/// of the others (see [`numbers`]).
 fn record_texts(lua: &Lua, found: Vec<(f64, Number)>, plain: &[u64]) {
     if found.is_empty() && plain.is_empty() {
         return;
@@ -257,8 +259,24 @@ pub(super) unsafe fn push_json(
 /// general path, [`Encoder`], for the whole value; both give the same JSON
 /// and the same errors.
 pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value, ConvertError> {
+    to_json(lua, value, limits, None)
+}
+
+/// [`lua_to_json`] leaving out the top-level field `key` of a table (a
+/// result whose `body` was encoded apart, [`lua_to_json_text`]): the rest
+/// of the table encodes as it would with the field.
+pub(crate) fn lua_to_json_without(
+    lua: &Lua,
+    value: &LuaValue,
+    limits: Limits,
+    key: &'static str,
+) -> Result<Value, ConvertError> {
+    to_json(lua, value, limits, Some(key))
+}
+
+fn to_json(lua: &Lua, value: &LuaValue, limits: Limits, skip: Option<&'static str>) -> Result<Value, ConvertError> {
     if let LuaValue::Table(t) = value {
-        if let Some((_, v)) = raw_walk(lua, t, limits, ToValue)? {
+        if let Some((_, v)) = raw_walk(lua, t, limits, skip, ToValue)? {
             return Ok(v);
         }
     }
@@ -267,6 +285,7 @@ pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value,
         limits,
         used: 0,
         texts: number_texts(lua),
+        skip,
     };
     enc.value(value, 1)
 }
@@ -281,7 +300,13 @@ fn number_texts(lua: &Lua) -> Option<NumberTexts> {
 
 /// [`RawWalk`] on `t` into `emit`: `None` when it met a table it leaves to
 /// [`Encoder`] (a metatable of its own).
-fn raw_walk<E: Emit>(lua: &Lua, t: &Table, limits: Limits, emit: E) -> Result<Option<(E, E::Item)>, ConvertError> {
+fn raw_walk<E: Emit>(
+    lua: &Lua,
+    t: &Table,
+    limits: Limits,
+    skip: Option<&'static str>,
+    emit: E,
+) -> Result<Option<(E, E::Item)>, ConvertError> {
     let array_mt = markers(lua)?.array_mt.clone();
     let headers_mt = lazy::headers_metatable(lua);
     let mut walk = RawWalk {
@@ -290,6 +315,7 @@ fn raw_walk<E: Emit>(lua: &Lua, t: &Table, limits: Limits, emit: E) -> Result<Op
         array_mt: 2,
         headers_mt: 3,
         texts: number_texts(lua),
+        skip,
         emit,
     };
     let mut out = Ok(None);
@@ -317,7 +343,7 @@ fn raw_walk<E: Emit>(lua: &Lua, t: &Table, limits: Limits, emit: E) -> Result<Op
 /// building the value where [`RawWalk`] applies.
 pub fn lua_to_json_text(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Vec<u8>, ConvertError> {
     if let LuaValue::Table(t) = value {
-        if let Some((text, ())) = raw_walk(lua, t, limits, ToText { out: Vec::new() })? {
+        if let Some((text, ())) = raw_walk(lua, t, limits, None, ToText { out: Vec::new() })? {
             return Ok(text.out);
         }
     }
@@ -487,6 +513,8 @@ struct RawWalk<E> {
     headers_mt: c_int,
     /// Original texts of numbers a double changed.
     texts: Option<NumberTexts>,
+    /// A field of the top-level table left out.
+    skip: Option<&'static str>,
     emit: E,
 }
 
@@ -540,10 +568,7 @@ impl<E: Emit> RawWalk<E> {
                     Ok(self.emit.integer(i))
                 } else {
                     self.charge(24)?;
-                    match number(n)? {
-                        Value::Number(n) => Ok(self.emit.number(n)),
-                        _ => Ok(self.emit.null()),
-                    }
+                    Ok(self.emit.number(number(n)?))
                 }
             }
             ffi::LUA_TSTRING => {
@@ -616,14 +641,18 @@ impl<E: Emit> RawWalk<E> {
         let mut keys: Vec<(String, Option<f64>)> = Vec::with_capacity(shape.count);
         ffi::lua_pushnil(state);
         while ffi::lua_next(state, idx) != 0 {
-            let key = object_key(state, -2).and_then(|k| {
-                self.charge(k.len() + 4)?;
-                Ok(k)
-            });
             let number = (ffi::lua_type(state, -2) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(state, -2));
+            let key = object_key(state, -2).and_then(|k| {
+                if depth == 1 && number.is_none() && self.skip == Some(k.as_str()) {
+                    return Ok(None);
+                }
+                self.charge(k.len() + 4)?;
+                Ok(Some(k))
+            });
             ffi::lua_pop(state, 1);
             match key {
-                Ok(k) => keys.push((k, number)),
+                Ok(Some(k)) => keys.push((k, number)),
+                Ok(None) => {}
                 Err(e) => {
                     ffi::lua_pop(state, 1);
                     return Err(e);
@@ -684,6 +713,8 @@ struct Encoder<'l> {
     used: usize,
     /// Original texts of numbers a double changed.
     texts: Option<NumberTexts>,
+    /// A field of the top-level table left out.
+    skip: Option<&'static str>,
 }
 
 impl Encoder<'_> {
@@ -730,7 +761,7 @@ impl Encoder<'_> {
                     return Ok(Value::Number(text));
                 }
                 self.charge(24)?;
-                number(*n)
+                number(*n).map(Value::Number)
             }
             LuaValue::String(s) => {
                 let bytes = s.as_bytes();
@@ -798,6 +829,9 @@ impl Encoder<'_> {
         let mut fields = Vec::with_capacity(entries.len());
         for (k, v) in &entries {
             let key = match k {
+                LuaValue::String(s) if depth == 1 && self.skip.is_some_and(|skip| s.as_bytes() == skip.as_bytes()) => {
+                    continue;
+                }
                 LuaValue::String(s) => s
                     .to_str()
                     .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")))?
@@ -854,19 +888,17 @@ impl Encoder<'_> {
 }
 
 /// The JSON a Lua number encodes as (integral values as integers).
-pub(crate) fn number(n: f64) -> Result<Value, ConvertError> {
+pub(crate) fn number(n: f64) -> Result<Number, ConvertError> {
     if !n.is_finite() {
         return Err(ConvertError(format!("number {n} cannot be represented in JSON")));
     }
     if n == 0.0 && n.is_sign_negative() {
-        return Ok(Value::Number(negative_zero()));
+        return Ok(negative_zero());
     }
     if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
-        return Ok(Value::from(n as i64));
+        return Ok(Number::from(n as i64));
     }
-    Number::from_f64(n)
-        .map(Value::Number)
-        .ok_or_else(|| ConvertError(format!("number {n} cannot be represented in JSON")))
+    Number::from_f64(n).ok_or_else(|| ConvertError(format!("number {n} cannot be represented in JSON")))
 }
 
 /// `-0`, as JSON writes it (a double keeps the sign; JSON text `-0` came in).

@@ -132,8 +132,8 @@ pub(crate) fn needs_text(n: &Number, f: f64) -> bool {
         return false;
     }
     match super::number(f) {
-        Ok(serde_json::Value::Number(canonical)) => canonical.as_str() != n.as_str(),
-        _ => false,
+        Ok(canonical) => canonical.as_str() != n.as_str(),
+        Err(_) => false,
     }
 }
 

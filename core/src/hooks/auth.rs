@@ -64,10 +64,8 @@ impl HookInput for AuthInput<'_> {
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
         let checks = serialized(&self.standard_checks)?;
-        // An unknown key is `nil`, not `json.null`: `if not key_info` works.
-        let key_info = (!self.key_info.is_null()).then_some(("key_info", self.key_info));
-        let globals: Vec<(&str, &Value)> = key_info.into_iter().chain([("standard_checks", &checks)]).collect();
-        convert::set_globals(lua, env, &globals)
+        // An unknown key's `null` key_info is left out (`nil`).
+        convert::set_globals(lua, env, &[("key_info", self.key_info), ("standard_checks", &checks)])
     }
 }
 

@@ -57,12 +57,12 @@ impl HookInput for RateLimitInput<'_> {
         unsafe { self.request.defer(lua)? };
         let status = serialized(&self.rate_limit_status)?;
         let time = serialized(&self.current_time)?;
-        // An unknown key is `nil`, not `json.null`: `if not key_info` works.
-        let key_info = (!self.key_info.is_null()).then_some(("key_info", self.key_info));
-        let globals: Vec<(&str, &Value)> = key_info
-            .into_iter()
-            .chain([("rate_limit_status", &status), ("current_time", &time)])
-            .collect();
+        // An unknown key's `null` key_info is left out (`nil`).
+        let globals = [
+            ("key_info", self.key_info),
+            ("rate_limit_status", &status),
+            ("current_time", &time),
+        ];
         convert::set_globals(lua, env, &globals)
     }
 }

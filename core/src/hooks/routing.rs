@@ -106,7 +106,7 @@ impl convert::Fields for RoutingInput<'_> {
 
     fn json(&self, name: &str) -> Option<Value> {
         // As the encoder writes the numbers of the Lua table.
-        let n = |x: f64| convert::number(x).unwrap_or(Value::Null);
+        let n = |x: f64| convert::number(x).map_or(Value::Null, Value::Number);
         self.backend(name).map(|b| {
             // Keys sorted, as the encoder writes a plain table's.
             serde_json::json!({
