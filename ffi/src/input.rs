@@ -222,8 +222,7 @@ impl Globals {
 
 /// A request handle over `request`'s fields (without a body: it must have
 /// an API endpoint's `path`) and the client's `body` as it came, parsed
-/// here within the engine's `max_depth`, as the gateway parses it: a JSON
-/// object whose OpenAI fields have their types.
+/// here as the gateway parses it (`fields::parse_body`).
 pub fn request_handle(engine: &Engine, request: &Request, body: &[u8]) -> Result<RequestHandle, Failure> {
     let mut info = request.info().clone();
     if !info.body.is_null() {
@@ -234,15 +233,7 @@ pub fn request_handle(engine: &Engine, request: &Request, body: &[u8]) -> Result
     let api = info.path.as_deref().and_then(Api::from_path).ok_or_else(|| {
         Failure::invalid("request: `path` must be /v1/chat/completions, /v1/completions or /v1/embeddings")
     })?;
-    let limits = Limits {
-        max_depth: engine.config().defaults.max_depth + 1,
-        max_bytes: usize::MAX,
-    };
-    let parsed = convert::parse_json(body, limits).map_err(|e| Failure::invalid(format!("body: {e}")))?;
-    if !parsed.is_object() {
-        return Err(Failure::invalid("body: a request body must be a JSON object"));
-    }
-    fields::check(&parsed).map_err(|e| Failure::invalid(format!("body: {e}")))?;
+    let parsed = fields::parse_body(body, engine.config()).map_err(|e| Failure::invalid(e.message))?;
     info.body = parsed.into();
     Ok(RequestHandle::new(info, api))
 }

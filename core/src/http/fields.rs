@@ -24,6 +24,8 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::policy::errors::GatewayError;
+
 /// A request field with the wrong type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -71,6 +73,26 @@ pub fn check(body: &Value) -> Result<(), FieldError> {
         Some(v) => return Err(err("stream_options", "an object", v)),
     }
     Ok(())
+}
+
+/// Parse a client's request body to an API endpoint, as every host does
+/// before any hook runs: JSON nested at most one level deeper than the
+/// config's `max_depth` (the body sits one level below `request`), an
+/// object, its OpenAI fields of their types ([`check`]). The error is the
+/// 400 the host answers.
+pub fn parse_body(text: &[u8], config: &crate::Config) -> Result<Value, GatewayError> {
+    let limits = crate::convert::Limits {
+        max_depth: config.defaults.max_depth + 1,
+        max_bytes: usize::MAX,
+    };
+    match crate::convert::parse_json(text, limits) {
+        Ok(v @ Value::Object(_)) => match check(&v) {
+            Ok(()) => Ok(v),
+            Err(e) => Err(GatewayError::invalid_field(e)),
+        },
+        Ok(_) => Err(GatewayError::invalid_body()),
+        Err(e) => Err(GatewayError::invalid_json(e)),
+    }
 }
 
 /// A request body as JSON text (a transform's new body, encoded straight

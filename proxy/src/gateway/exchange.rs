@@ -16,7 +16,6 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use llmproxy_core::convert;
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
 use llmproxy_core::http::fields::{self, TextBody};
 use llmproxy_core::http::{path::PathError, usage_probe};
@@ -234,7 +233,7 @@ pub async fn proxy(
 async fn parse_body(endpoint: Endpoint, body: &Bytes, live: &Arc<Live>) -> Result<Value, Failure> {
     let parse = move |body: &[u8], live: &Live| {
         if endpoint.is_api() {
-            parse_api_body(body, live.stages.engine())
+            fields::parse_body(body, live.stages.engine().config()).map_err(Failure::of)
         } else {
             Ok(serde_json::from_slice(body).unwrap_or(Value::Null))
         }
@@ -276,23 +275,6 @@ async fn read_body(body: Incoming, headers: &HeaderMap, max: usize, timeout: Dur
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => Err(Failure::of(GatewayError::body_unreadable(e))),
-    }
-}
-
-fn parse_api_body(body: &[u8], engine: &llmproxy_core::Engine) -> Result<Value, Failure> {
-    let limits = convert::Limits {
-        max_depth: engine.config().defaults.max_depth + 1,
-        max_bytes: usize::MAX,
-    };
-    match convert::parse_json(body, limits) {
-        // The fields the gateway decides on (`stream`) have the OpenAI
-        // types, or the request is refused before any hook runs.
-        Ok(v @ Value::Object(_)) => match fields::check(&v) {
-            Ok(()) => Ok(v),
-            Err(e) => Err(Failure::of(GatewayError::invalid_field(e))),
-        },
-        Ok(_) => Err(Failure::of(GatewayError::invalid_body())),
-        Err(e) => Err(Failure::of(GatewayError::invalid_json(e))),
     }
 }
 
