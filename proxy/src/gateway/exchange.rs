@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
+use llmproxy_core::http::api::Api;
 use llmproxy_core::http::fields::{self, TextBody};
 use llmproxy_core::http::{path::PathError, usage_probe};
 use llmproxy_core::policy::errors::{self, GatewayError};
@@ -39,12 +40,9 @@ use super::{headers, relay, request_id, Shared};
 /// Which endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    /// `POST /v1/chat/completions`.
-    ChatCompletions,
-    /// `POST /v1/completions`.
-    Completions,
-    /// `POST /v1/embeddings`.
-    Embeddings,
+    /// `POST` to an API endpoint (core's [`Api`]): JSON bodies,
+    /// transforms and usage apply.
+    Api(Api),
     /// Any other `/v1/*`: routed and relayed as is, no transforms.
     Passthrough,
     /// Not an endpoint of the gateway (404 through `error_handler`).
@@ -56,15 +54,12 @@ pub enum Endpoint {
 impl Endpoint {
     /// JSON bodies, transforms and usage apply.
     fn is_api(self) -> bool {
-        matches!(
-            self,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
-        )
+        matches!(self, Endpoint::Api(_))
     }
 
     /// Streams of this endpoint can carry a final usage chunk.
     fn streams_usage(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+        matches!(self, Endpoint::Api(api) if api.streams_usage())
     }
 }
 

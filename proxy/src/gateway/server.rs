@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use llmproxy_core::http::api::Api;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -128,6 +129,7 @@ pub async fn handle(
         );
         return local(&req, StatusCode::NOT_FOUND, "application/json", body);
     }
+    let api = (req.method() == Method::POST).then(|| Api::from_path(&path)).flatten();
     let endpoint = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => {
             return local(
@@ -141,9 +143,7 @@ pub async fn handle(
             let body = shared.models_body.clone();
             return local(&req, StatusCode::OK, "application/json", body);
         }
-        (&Method::POST, "/v1/chat/completions") => Endpoint::ChatCompletions,
-        (&Method::POST, "/v1/completions") => Endpoint::Completions,
-        (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
+        _ if let Some(api) = api => Endpoint::Api(api),
         (_, p) if p.starts_with("/v1/") => Endpoint::Passthrough,
         _ => Endpoint::NotFound,
     };
