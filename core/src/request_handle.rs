@@ -4,7 +4,7 @@
 //! returns a typed decision with the hook's failure policy already applied.
 //!
 //! ```text
-//! RequestHandle::new(request, api)
+//! RequestHandle::new(request, api)   api: None for a request relayed as is
 //!   -> route(backends)            which backend (or the host's balancer)
 //!   -> upstream(backend_url)      request_transform; the body to send
 //!   -> respond(status, headers, body)   response_transform; the client's body
@@ -154,7 +154,9 @@ pub struct Billing {
 #[derive(Debug)]
 pub struct RequestHandle {
     request: RequestInfo,
-    api: Api,
+    /// `None`: not an API call (relayed as is: no transforms, no usage
+    /// read from the answer).
+    api: Option<Api>,
     strip_usage: bool,
     /// The backend's answer as scripts see it: the parsed body of a
     /// non-stream answer, or a stream's status and headers (and, once an
@@ -164,12 +166,15 @@ pub struct RequestHandle {
     status: u16,
     latency_ms: f64,
     usage: Option<Value>,
+    /// The last step called its hook's script.
+    called: bool,
 }
 
 impl RequestHandle {
-    /// A request to `api` whose body the host parsed once into
-    /// `request.body`.
-    pub fn new(request: RequestInfo, api: Api) -> RequestHandle {
+    /// A request to `api` (`None`: any other request, relayed as is) whose
+    /// body the host parsed once into `request.body`
+    /// ([`crate::http::fields::parse_request_body`]).
+    pub fn new(request: RequestInfo, api: Option<Api>) -> RequestHandle {
         RequestHandle {
             request,
             api,
@@ -178,7 +183,21 @@ impl RequestHandle {
             status: 0,
             latency_ms: 0.0,
             usage: None,
+            called: false,
         }
+    }
+
+    /// Whether the last step called its hook's script (for the host's
+    /// metrics: a step whose hook has no script, or had nothing to read,
+    /// e.g. an answer that is not JSON, called none).
+    pub fn called(&self) -> bool {
+        self.called
+    }
+
+    /// The API endpoint the request calls; `None` when it is relayed as
+    /// is.
+    pub fn api(&self) -> Option<Api> {
+        self.api
     }
 
     /// The request as hooks see it (`backend_url` set once
@@ -189,7 +208,8 @@ impl RequestHandle {
 
     /// `routing`: a backend from `backends`, or `Default` for the host's
     /// balancer.
-    pub fn route(&self, engine: &Engine, backends: &[BackendStatus]) -> Step<RouteDecision> {
+    pub fn route(&mut self, engine: &Engine, backends: &[BackendStatus]) -> Step<RouteDecision> {
+        self.called = engine.is_enabled(HookName::Routing);
         let result = engine.route(&RoutingInput {
             request: &self.request,
             backends,
@@ -197,11 +217,15 @@ impl RequestHandle {
         Step::of(engine, HookName::Routing, result, || RouteDecision::Default)
     }
 
-    /// `request_transform` for the backend at `backend_url`, then the body
-    /// to send ([`crate::policy::upstream`]).
+    /// `request_transform` for the backend at `backend_url` (API calls
+    /// only), then the body to send ([`crate::policy::upstream`]).
     pub fn upstream(&mut self, engine: &Engine, backend_url: &str) -> Step<Upstream> {
         self.request.backend_url = Some(backend_url.to_owned());
-        let result = engine.transform_request(&RequestTransformInput { request: &self.request });
+        self.called = self.api.is_some() && engine.is_enabled(HookName::RequestTransform);
+        let result = match self.api {
+            Some(_) => engine.transform_request(&RequestTransformInput { request: &self.request }),
+            None => Ok(None),
+        };
         let step = Step::of(engine, HookName::RequestTransform, result, || None);
         step.map(|rewrite| {
             let (new_body, headers) = rewrite.map_or((None, Vec::new()), |rw| (rw.body, rw.headers));
@@ -209,15 +233,15 @@ impl RequestHandle {
                 body,
                 stream,
                 strip_usage,
-            } = upstream::body(&self.request.body, new_body, self.api.streams_usage());
+            } = upstream::body(&self.request.body, new_body, self.api.is_some_and(Api::streams_usage));
             self.strip_usage = strip_usage;
             Upstream { body, headers, stream }
         })
     }
 
-    /// `response_transform` on a backend's non-stream answer; the body is
-    /// parsed once, here, when a script reads it (else only its `usage`
-    /// is read).
+    /// `response_transform` on a backend's non-stream answer to an API
+    /// call; the body is parsed once, here, when a script reads it (else
+    /// only its `usage` is read). Any other answer is relayed as is.
     pub fn respond(
         &mut self,
         engine: &Engine,
@@ -228,9 +252,12 @@ impl RequestHandle {
     ) -> Step<Answer> {
         self.status = status;
         self.latency_ms = latency_ms;
-        let transform = engine.is_enabled(HookName::ResponseTransform);
+        let transform = self.api.is_some() && engine.is_enabled(HookName::ResponseTransform);
         let scripted = transform || engine.is_enabled(HookName::Usage);
-        let (parsed, usage) = usage_probe::answer(body, scripted);
+        let (parsed, usage) = match self.api {
+            Some(_) => usage_probe::answer(body, scripted),
+            None => (None, None),
+        };
         self.usage = usage;
         self.response = parsed.map(|body| ResponseInfo {
             status_code: status,
@@ -244,8 +271,10 @@ impl RequestHandle {
             headers: Vec::new(),
         };
         let Some(response) = self.response.as_ref().filter(|_| transform) else {
+            self.called = false;
             return Step::Ran(unchanged);
         };
+        self.called = true;
         let result = engine.transform_response(&ResponseTransformInput {
             request: &self.request,
             response,
@@ -260,6 +289,13 @@ impl RequestHandle {
                 headers: rw.headers,
             },
         })
+    }
+
+    /// Whether the backend's non-stream answer was JSON the hooks could
+    /// read (after [`RequestHandle::respond`]; a host may warn when a
+    /// transform could not see it).
+    pub fn answer_parsed(&self) -> bool {
+        self.response.as_ref().is_some_and(|r| !r.is_stream)
     }
 
     /// A stream's answer begins: its status and headers, as
@@ -283,7 +319,7 @@ impl RequestHandle {
     /// too late to apply, as in the gateway).
     pub fn event(&mut self, engine: &Engine, data: &[u8], latency_ms: f64) -> Step<StreamEvent> {
         self.latency_ms = latency_ms;
-        let transform = engine.is_enabled(HookName::ResponseTransform);
+        let transform = self.api.is_some() && engine.is_enabled(HookName::ResponseTransform);
         let event = sse::event(data, self.strip_usage, transform);
         let usage_body = event.usage_body(data);
         let sse::Event {
@@ -316,8 +352,10 @@ impl RequestHandle {
             headers: Vec::new(),
         };
         let Some(body) = parsed.filter(|_| transform && relay != Relay::Drop) else {
+            self.called = false;
             return Step::Ran(unchanged(relay));
         };
+        self.called = true;
         let response = ResponseInfo {
             status_code: status,
             body,
@@ -340,9 +378,20 @@ impl RequestHandle {
         })
     }
 
+    /// The status the client got when the answer never reached
+    /// [`RequestHandle::respond`] or [`RequestHandle::stream`] (an error
+    /// relayed as is, a refusal): what the usage hook sees as
+    /// `response.status_code`. An answer the handle saw keeps its status.
+    pub fn answered(&mut self, status: u16) {
+        if self.status == 0 {
+            self.status = status;
+        }
+    }
+
     /// The `usage` hook on the backend's usage (zeros when it reported
     /// none), and the charge that follows. Never denies (see the module).
-    pub fn usage(&self, engine: &Engine) -> Step<Billing> {
+    pub fn usage(&mut self, engine: &Engine) -> Step<Billing> {
+        self.called = engine.is_enabled(HookName::Usage);
         let raw = self
             .usage
             .clone()

@@ -61,7 +61,7 @@ fn handle(body: Value) -> RequestHandle {
         path: Some("/v1/chat/completions".into()),
         ..RequestInfo::default()
     };
-    RequestHandle::new(request, Api::ChatCompletions)
+    RequestHandle::new(request, Some(Api::ChatCompletions))
 }
 
 fn ran<T: std::fmt::Debug>(step: Step<T>) -> T {
@@ -235,4 +235,46 @@ fn the_usage_hook_sees_the_backends_status_when_the_answer_is_not_json() {
     ran(h.respond(&engine, 502, Vec::new(), b"upstream said no", 3.0));
     let billing = ran(h.usage(&engine));
     assert_eq!(billing.record, Some(json!({"status": 502, "body": "userdata"})));
+}
+
+#[test]
+fn a_request_relayed_as_is_runs_no_transform_and_reads_no_usage() {
+    let engine = seed_engine();
+    let request = RequestInfo {
+        id: "r-2".into(),
+        body: Arc::new(json!({"model": "gpt-4", "stream": true})),
+        path: Some("/v1/files".into()),
+        ..RequestInfo::default()
+    };
+    let mut h = RequestHandle::new(request, None);
+    assert_eq!(h.api(), None);
+    ran(h.route(&engine, &backends()));
+    assert!(h.called(), "routing decides every proxied request");
+    let up = ran(h.upstream(&engine, "http://b"));
+    assert_eq!((up.body, up.headers, up.stream), (None, Vec::new(), true));
+    assert!(!h.called(), "no request_transform: the body is relayed as is");
+    let answer = ran(h.respond(&engine, 200, Vec::new(), COMPLETION.as_bytes(), 1.0));
+    assert_eq!(answer.body, None);
+    assert!(!h.called() && !h.answer_parsed());
+    let billing = ran(h.usage(&engine));
+    assert_eq!(
+        billing.charge.billable_tokens, 0,
+        "no usage read from an answer relayed as is"
+    );
+}
+
+#[test]
+fn the_host_tells_the_usage_hook_the_status_of_an_answer_the_handle_never_saw() {
+    let engine = engine(&[("usage", "return {status = response.status_code}", "standard")]);
+    let mut h = handle(json!({"model": "gpt-4"}));
+    h.answered(429);
+    assert_eq!(ran(h.usage(&engine)).record, Some(json!({"status": 429})));
+    let mut h = handle(json!({"model": "gpt-4"}));
+    ran(h.respond(&engine, 200, Vec::new(), b"{}", 1.0));
+    h.answered(503);
+    assert_eq!(
+        ran(h.usage(&engine)).record,
+        Some(json!({"status": 200})),
+        "the backend's status, which the handle saw, stays"
+    );
 }

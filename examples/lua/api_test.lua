@@ -592,27 +592,6 @@ local tests = {
       assert(u == nil and has == false, "not an object: " .. bad)
     end
   end },
-  { "req:upstream_body: core's rule for the body sent upstream", function()
-    -- (client body, script body, streams_usage) -> body sent (nil: the
-    -- client's), stream, strip_usage
-    local cases = {
-      { '{"model":"m"}', nil, true, nil, false, false },
-      { '{"model":"m"}', '{"model":"n"}', true, '{"model":"n"}', false, false },
-      { '{"model":"m"}', "null", true, nil, false, false },
-      { '{"model":"m","stream":true}', nil, true,
-        '{"model":"m","stream":true,"stream_options":{"include_usage":true}}', true, true },
-      { '{"model":"m","stream":true}', nil, false, nil, true, false },
-      { '{"stream":true,"stream_options":{"include_usage":true}}', nil, true, nil, true, false },
-    }
-    for i, c in ipairs(cases) do
-      local r = assert(llmproxy.request({ id = "r", body_raw = c[1] }))
-      local body, stream, strip = r:upstream_body(c[2], c[3])
-      assert(body == c[4] and stream == c[5] and strip == c[6],
-        ("case %d: %s %s %s"):format(i, tostring(body), tostring(stream), tostring(strip)))
-    end
-    local r = assert(llmproxy.request({ id = "r", body_raw = "{}" }))
-    expect_error("invalid_argument", r:upstream_body('{"stream":"yes"}', true))
-  end },
   { "a request handle runs the seed's data path over one parse of each body", function()
     local seed = assert(llmproxy.new(table.concat({
       "scripts:",
@@ -626,9 +605,11 @@ local tests = {
     } }))
     local fields = { id = "r1", path = "/v1/chat/completions", user_id = "user_001" }
     local h = assert(seed:handle(fields, '{"model":"gpt-4","viplevel":3,"messages":[]}'))
-    assert(tostring(h) == "llmproxy.handle")
+    assert(tostring(h) == "llmproxy.handle" and h:api() == "chat_completions")
     local name, err = h:route(globals)
-    assert(name == "ultra" and err == nil, tostring(err))
+    assert(name == "ultra" and err == nil and h:called(), tostring(err))
+    -- Hooks outside the data path run on the handle's request (one parse).
+    assert(seed:run_prepared("routing", h:request(), globals) == "ultra")
     local up = assert(h:upstream("http://u"))
     assert(up.body:find('"model":"llama-3-70b-instruct"', 1, true) and up.stream == false, up.body)
     assert(up.headers["X-Original-Model"] == "gpt-4" and up.headers["X-User-ID"] == "user_001")
@@ -637,6 +618,7 @@ local tests = {
       .. '"usage":{"prompt_tokens":15,"completion_tokens":42,"total_tokens":57}}'
     local a = assert(h:respond(200, { ["Content-Type"] = "application/json" }, answer, 9.5))
     assert(a.status == 200 and a.body:find('"model":"gpt-4"', 1, true), a.body)
+    assert(h:called() and h:answer_parsed())
     local b = assert(h:usage())
     assert(b.billable_tokens == 28 and b.limit_tokens == 57 and b.record.discount == 0.5)
 
@@ -672,12 +654,49 @@ local tests = {
     for _, c in ipairs({
       { { path = "/v1/models" }, "{}" },
       { { id = "r" }, "{}" },
-      { { path = "/v1/chat/completions" }, "{" },
-      { { path = "/v1/chat/completions" }, '{"stream":"yes"}' },
       { '{"path":"/v1/embeddings","body":{}}', "{}" },
     }) do
-      expect_error("invalid_argument", engine:handle(c[1], c[2]))
+      local h, err = engine:handle(c[1], c[2])
+      expect_error("invalid_argument", h, err)
+      assert(err.code == nil, "the host's fields, not the client's body")
     end
+    -- The client's body: the gateway's 400, named.
+    local chat = { path = "/v1/chat/completions" }
+    for _, c in ipairs({
+      { "{", "invalid_json" },
+      { "[1]", "invalid_body" },
+      { '{"stream":"yes"}', "invalid_field" },
+    }) do
+      for _, method in ipairs({ false, "POST" }) do
+        local h, err = engine:handle(chat, c[1], method or nil)
+        expect_error("invalid_argument", h, err)
+        assert(err.status == 400 and err.type == "bad_request" and err.code == c[2], c[2])
+      end
+    end
+  end },
+  { "with a method, every request has a handle; only a POST to an API path is an API call", function()
+    local seed = assert(llmproxy.new("scripts:\n"
+      .. "  request_transform: {script_file: examples/scripts/request_transform.lua}\n"
+      .. "  response_transform: {script_file: examples/scripts/response_transform.lua}\n"))
+    for _, c in ipairs({
+      { "/v1/models", "{}", "GET" },
+      { "/v1/chat/completions", "{ not json", "GET" },
+      { "/v1/files", "plain bytes", "POST" },
+    }) do
+      local h = assert(seed:handle({ path = c[1] }, c[2], c[3]))
+      assert(h:api() == nil, c[1])
+      local up = assert(h:upstream("http://b"))
+      assert(up.body == nil and up.headers == nil and not h:called(), "relayed as is, no transform")
+      local a = assert(h:respond(200, nil, '{"model":"m"}', 1))
+      assert(a.body == nil and not h:called() and not h:answer_parsed())
+    end
+    local h = assert(seed:handle({ path = "/v1/files" }, '{"purpose":"x"}', "POST"))
+    assert(h:request():body_get("/purpose") == "x", "scripts see a body that happens to be JSON")
+    -- An API call whose answer is not JSON: the transform is not called.
+    h = assert(seed:handle({ path = "/v1/chat/completions" }, '{"model":"gpt-4"}', "POST"))
+    assert(h:api() == "chat_completions")
+    local a = assert(h:respond(200, nil, "{not json", 1))
+    assert(a.body == nil and not h:called() and not h:answer_parsed())
   end },
 }
 

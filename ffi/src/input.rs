@@ -25,6 +25,7 @@ use llmproxy_core::config::HookConfig;
 use llmproxy_core::convert::{self, Limits};
 use llmproxy_core::hooks::{BackendStatus, RequestInfo, ResponseInfo};
 use llmproxy_core::http::{api::Api, fields};
+use llmproxy_core::policy::errors::GatewayError;
 use llmproxy_core::request_handle::RequestHandle;
 use llmproxy_core::{Engine, HookError, HookName};
 use serde_json::{Map, Value};
@@ -111,6 +112,11 @@ impl Request {
             raw_body_depth,
             raw_body_bytes,
         }
+    }
+
+    /// Nesting of the request object (the object itself is level 1).
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 
     /// The core's request.
@@ -220,21 +226,60 @@ impl Globals {
     }
 }
 
-/// A request handle over `request`'s fields (without a body: it must have
-/// an API endpoint's `path`) and the client's `body` as it came, parsed
-/// here as the gateway parses it (`fields::parse_body`).
-pub fn request_handle(engine: &Engine, request: &Request, body: &[u8]) -> Result<RequestHandle, Failure> {
+/// Why [`request_handle`] made no handle.
+#[derive(Debug)]
+pub enum Refused {
+    /// The host's fields are wrong (a bug of the host).
+    Fields(Failure),
+    /// The client's body is refused: the 400 the host answers, as the
+    /// gateway answers it.
+    Body(GatewayError),
+}
+
+impl From<Failure> for Refused {
+    fn from(f: Failure) -> Refused {
+        Refused::Fields(f)
+    }
+}
+
+impl From<Refused> for Failure {
+    fn from(r: Refused) -> Failure {
+        match r {
+            Refused::Fields(f) => f,
+            Refused::Body(e) => Failure::invalid(e.message),
+        }
+    }
+}
+
+/// A request handle over `request`'s fields (without a body) and the
+/// client's `body` as it came, parsed here as the gateway parses it
+/// (`fields::parse_request_body`). `method`: the request's, when the host
+/// hands every request to a handle (an API call is a `POST` to an API
+/// path, any other is relayed as is); `None` when only API calls are
+/// (then `path` must be an API endpoint's).
+pub fn request_handle(
+    engine: &Engine,
+    request: &Request,
+    body: &[u8],
+    method: Option<&str>,
+) -> Result<RequestHandle, Refused> {
     let mut info = request.info().clone();
     if !info.body.is_null() {
         return Err(Failure::invalid(
             "request: the body goes apart, as the client's bytes, not in the request's fields",
-        ));
+        )
+        .into());
     }
-    let api = info.path.as_deref().and_then(Api::from_path).ok_or_else(|| {
-        Failure::invalid("request: `path` must be /v1/chat/completions, /v1/completions or /v1/embeddings")
-    })?;
-    let parsed = fields::parse_body(body, engine.config()).map_err(|e| Failure::invalid(e.message))?;
-    info.body = parsed.into();
+    let path = info.path.as_deref().unwrap_or_default();
+    let api = match method {
+        Some(m) => Api::of_request(m, path),
+        None => Some(Api::from_path(path).ok_or_else(|| {
+            Failure::invalid("request: `path` must be /v1/chat/completions, /v1/completions or /v1/embeddings")
+        })?),
+    };
+    info.body = fields::parse_request_body(api, body, engine.config())
+        .map_err(Refused::Body)?
+        .into();
     Ok(RequestHandle::new(info, api))
 }
 

@@ -94,6 +94,7 @@ async fn run_case(case: &Value, index: usize) -> Vec<String> {
         let r = send(method, &format!("{}{path}", gw.base), &h, body).await;
         let text = String::from_utf8_lossy(&r.body).into_owned();
         let e = &req["expect"];
+        failures.extend(malformed(e).map(|m| format!("{at}: the case is malformed: {m}")));
         if let Some(want) = e["status"].as_u64() {
             if u64::from(r.status) != want {
                 failures.push(format!("{at}: status {} != {want}; body {text}", r.status));
@@ -213,4 +214,26 @@ async fn every_http_case_holds_on_the_gateway() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// What is wrong with an `expect` object (see the suite's `about`): an
+/// expectation this runner would otherwise skip in silence.
+fn malformed(e: &Value) -> Option<String> {
+    let Some(map) = e.as_object() else {
+        return Some(format!("expect is {e}, not an object"));
+    };
+    for (key, v) in map {
+        let ok = match key.as_str() {
+            "status" => v.is_u64(),
+            "json" | "headers" => v.is_object(),
+            "no_headers" | "body_contains" | "body_lacks" => {
+                v.as_array().is_some_and(|a| a.iter().all(Value::is_string))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Some(format!("expect.{key} is {v}"));
+        }
+    }
+    None
 }

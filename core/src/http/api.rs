@@ -24,6 +24,26 @@ impl Api {
         }
     }
 
+    /// The endpoint a request with `method` to the canonical `path` is
+    /// for: only a `POST` is an API call (any other method is relayed as
+    /// is).
+    pub fn of_request(method: &str, path: &str) -> Option<Api> {
+        if method == "POST" {
+            Api::from_path(path)
+        } else {
+            None
+        }
+    }
+
+    /// The endpoint's name: `chat_completions`, `completions`, `embeddings`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "chat_completions",
+            Api::Completions => "completions",
+            Api::Embeddings => "embeddings",
+        }
+    }
+
     /// Whether a stream of this endpoint can end with a usage chunk.
     pub fn streams_usage(self) -> bool {
         matches!(self, Api::ChatCompletions | Api::Completions)

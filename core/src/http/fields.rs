@@ -95,6 +95,21 @@ pub fn parse_body(text: &[u8], config: &crate::Config) -> Result<Value, GatewayE
     }
 }
 
+/// The body of a request as hooks see it: an API call's is parsed by
+/// [`parse_body`] (its refusal is the 400 the host answers); any other
+/// request's is its JSON when it is JSON, else `null` (it is relayed as
+/// is, whatever it holds).
+pub fn parse_request_body(
+    api: Option<crate::http::api::Api>,
+    text: &[u8],
+    config: &crate::Config,
+) -> Result<Value, GatewayError> {
+    match api {
+        Some(_) => parse_body(text, config),
+        None => Ok(serde_json::from_slice(text).unwrap_or(Value::Null)),
+    }
+}
+
 /// A request body as JSON text (a transform's new body, encoded straight
 /// from Lua), with the fields a host acts on checked as [`check`] checks a
 /// parsed body, and read.

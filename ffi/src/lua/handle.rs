@@ -14,9 +14,13 @@
 //! h:stream(status, headers)            -- a stream's answer begins, then per event:
 //! local ev, err = h:event(data, latency_ms)  -- { data = text|nil (as it came),
 //!                                      --   drop = bool, status =, headers = }
-//! local b, err = h:usage()             -- { usage =, record = tbl|nil, billable_tokens =,
+//! local b, err = h:usage(status?)      -- status: the client's, when the
+//!                                      -- handle saw no answer; { usage =, record = tbl|nil, billable_tokens =,
 //!                                      --   limit_tokens =, ..., metrics = {...} }
 //!                                      -- (llmproxy.usage_charge's table)
+//! local api = h:api()                 -- "chat_completions" | ... | nil
+//! local req = h:request()             -- an llmproxy.request sharing the body,
+//!                                      -- for auth, rate_limit, error_handler
 //! local e = h:fell_back()              -- the last step's failure under
 //!                                      -- on_error: standard, or nil
 //! ```
@@ -31,15 +35,20 @@ use llmproxy_core::hooks::{HeaderChange, RouteDecision};
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
-use super::{charge_table, convert, reply, script_log, LuaEngine, LuaGlobals, Shared};
+use super::{charge_table, convert, reply, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
+use crate::input;
 
 /// A request handle as a Lua userdata.
 pub(super) struct LuaHandle {
     /// The `LuaEngine` userdata the handle was made by.
     engine: AnyUserData,
     handle: RequestHandle,
+    /// Nesting of the request's fields and size of the client's body,
+    /// for `h:request()` (a hook's input limits).
+    depth: usize,
+    body_bytes: usize,
     shared: Shared,
     /// The failure of the last step whose hook fell back.
     fell_back: Option<Failure>,
@@ -47,10 +56,17 @@ pub(super) struct LuaHandle {
 
 impl LuaHandle {
     /// A handle made by the engine `engine` (a `LuaEngine` userdata).
-    pub(super) fn new(engine: AnyUserData, handle: RequestHandle, shared: Shared) -> LuaHandle {
+    pub(super) fn new(
+        engine: AnyUserData,
+        handle: RequestHandle,
+        (depth, body_bytes): (usize, usize),
+        shared: Shared,
+    ) -> LuaHandle {
         LuaHandle {
             engine,
             handle,
+            depth,
+            body_bytes,
             shared,
             fell_back: None,
         }
@@ -152,7 +168,10 @@ impl UserData for LuaHandle {
                 },
             )
         });
-        methods.add_method_mut("usage", |lua, this, ()| {
+        methods.add_method_mut("usage", |lua, this, status: Option<u16>| {
+            if let Some(status) = status {
+                this.handle.answered(status);
+            }
             this.step(
                 lua,
                 |h, engine| Ok(h.usage(engine)),
@@ -165,6 +184,27 @@ impl UserData for LuaHandle {
                     Ok(Value::Table(t))
                 },
             )
+        });
+        // h:called() -> whether the last step called its hook's script (the
+        // host counts the call).
+        methods.add_method("called", |_, this, ()| Ok(this.handle.called()));
+        // h:answer_parsed() -> whether the backend's answer (h:respond) was
+        // JSON the hooks could read.
+        methods.add_method("answer_parsed", |_, this, ()| Ok(this.handle.answer_parsed()));
+        // h:api() -> "chat_completions" | "completions" | "embeddings", or
+        // nil for a request relayed as is.
+        methods.add_method("api", |_, this, ()| Ok(this.handle.api().map(|a| a.as_str())));
+        // h:request() -> the request as an `llmproxy.request` (its parsed
+        // body shared), for the hooks outside the data path: auth,
+        // rate_limit, error_handler (`engine:run_prepared`).
+        methods.add_method("request", |lua, this, ()| {
+            let info = this.handle.request().clone();
+            let body_depth = llmproxy_core::convert::json_depth(&info.body);
+            let request = input::Request::from_parts(info, this.depth, body_depth, this.body_bytes);
+            lua.create_userdata(LuaRequest {
+                request,
+                shared: this.shared.clone(),
+            })
         });
         methods.add_method("fell_back", |lua, this, ()| match &this.fell_back {
             Some(f) => Ok(Value::Table(this.shared.error(lua, f.clone())?)),

@@ -73,9 +73,7 @@ use std::path::Path;
 use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::config::{BalancerKind, OnError};
 use llmproxy_core::hooks::{AuthVerdict, StandardChecks};
-use llmproxy_core::http::fields::TextBody;
 use llmproxy_core::http::hop_by_hop;
-use llmproxy_core::policy::upstream;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{AnyUserData, Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
@@ -143,26 +141,39 @@ impl UserData for LuaEngine {
             });
             respond(lua, this, outcome, lines)
         });
-        // engine:handle(request, body) -> a request handle (handle.rs), or
-        // nil, err for a request to answer 400.
+        // engine:handle(request, body, method?) -> a request handle
+        // (handle.rs), or nil, err for a request to answer 400:
+        // `err.status`, `err.type` and `err.code` name the refusal when the
+        // body is refused. Without `method`, `request.path` must be an API
+        // endpoint's; with it, any request has a handle (API calls: a POST
+        // to an API path; the rest are relayed as is).
         methods.add_function(
             "handle",
-            |lua, (ud, request, body): (AnyUserData, Value, mlua::LuaString)| {
+            |lua, (ud, request, body, method): (AnyUserData, Value, mlua::LuaString, Option<mlua::LuaString>)| {
                 let (built, shared) = {
                     let this = ud.borrow::<LuaEngine>()?;
                     let built = panic::catch_unwind(AssertUnwindSafe(|| {
                         let fields = self::request(lua, &request, &this.shared.array_mt)?;
-                        input::request_handle(&this.engine, &fields, &body.as_bytes())
+                        let method = method.as_ref().map(|m| m.to_string_lossy());
+                        let h = input::request_handle(&this.engine, &fields, &body.as_bytes(), method.as_deref())?;
+                        Ok((h, (fields.depth(), body.as_bytes().len())))
                     }))
-                    .unwrap_or_else(|payload| Err(from_panic(payload)));
+                    .unwrap_or_else(|payload| Err(input::Refused::Fields(from_panic(payload))));
                     (built, this.shared.clone())
                 };
                 match built {
-                    Ok(h) => {
-                        let h = lua.create_userdata(handle::LuaHandle::new(ud, h, shared))?;
+                    Ok((h, sizes)) => {
+                        let h = lua.create_userdata(handle::LuaHandle::new(ud, h, sizes, shared))?;
                         Ok(MultiValue::from_vec(vec![Value::UserData(h)]))
                     }
-                    Err(f) => shared.fail(lua, f),
+                    Err(input::Refused::Fields(f)) => shared.fail(lua, f),
+                    Err(input::Refused::Body(e)) => {
+                        let t = shared.error(lua, Failure::invalid(e.message))?;
+                        t.raw_set("status", e.status)?;
+                        t.raw_set("type", e.kind.as_str())?;
+                        t.raw_set("code", e.code)?;
+                        Ok(MultiValue::from_vec(vec![Value::Nil, Value::Table(t)]))
+                    }
                 }
             },
         );
@@ -953,35 +964,6 @@ impl UserData for LuaRequest {
                 Err(f) => this.shared.fail(lua, f),
             }
         });
-        // req:upstream_body(text?, streams_usage) -> body, stream, strip_usage:
-        // what to send upstream for this request when request_transform gave
-        // `text` (or nothing): core's rule (`llmproxy_core::policy::upstream`,
-        // as the gateway and the request handle): `body` is nil for the
-        // client's bytes; a stream of an endpoint whose streams carry usage
-        // (`streams_usage`) gets `stream_options.include_usage` set, and
-        // `strip_usage` says the usage chunk must be hidden from the client.
-        methods.add_method(
-            "upstream_body",
-            |lua, this, (text, streams_usage): (Option<mlua::LuaString>, bool)| {
-                let new_body = match text {
-                    Some(t) => match TextBody::new(t.as_bytes().to_vec()) {
-                        Ok(b) => Some(b),
-                        Err(e) => return this.shared.fail(lua, Failure::invalid(format!("body: {e}"))),
-                    },
-                    None => None,
-                };
-                let sent = upstream::body(&this.request.info().body, new_body, streams_usage);
-                let body = match sent.body {
-                    Some(b) => Value::String(lua.create_string(b)?),
-                    None => Value::Nil,
-                };
-                Ok(MultiValue::from_vec(vec![
-                    body,
-                    Value::Boolean(sent.stream),
-                    Value::Boolean(sent.strip_usage),
-                ]))
-            },
-        );
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.request"));
     }
 }

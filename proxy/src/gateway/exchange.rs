@@ -222,16 +222,16 @@ pub async fn proxy(
     ex.run().await
 }
 
-/// Parse the body: API endpoints need a JSON object; passthrough scripts
-/// see the body when it happens to be JSON. Big bodies are parsed on a
-/// blocking thread.
+/// Parse the body (core's rule, `fields::parse_request_body`: API
+/// endpoints need a JSON object; passthrough scripts see the body when it
+/// happens to be JSON). Big bodies are parsed on a blocking thread.
 async fn parse_body(endpoint: Endpoint, body: &Bytes, live: &Arc<Live>) -> Result<Value, Failure> {
+    let api = match endpoint {
+        Endpoint::Api(api) => Some(api),
+        _ => None,
+    };
     let parse = move |body: &[u8], live: &Live| {
-        if endpoint.is_api() {
-            fields::parse_body(body, live.stages.engine().config()).map_err(Failure::of)
-        } else {
-            Ok(serde_json::from_slice(body).unwrap_or(Value::Null))
-        }
+        fields::parse_request_body(api, body, live.stages.engine().config()).map_err(Failure::of)
     };
     if body.len() <= INLINE_PARSE_BYTES {
         return parse(body, live);

@@ -129,7 +129,7 @@ pub async fn handle(
         );
         return local(&req, StatusCode::NOT_FOUND, "application/json", body);
     }
-    let api = (req.method() == Method::POST).then(|| Api::from_path(&path)).flatten();
+    let api = Api::of_request(req.method().as_str(), &path);
     let endpoint = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => {
             return local(

@@ -10,7 +10,6 @@ local backends = require "resty.llmproxy.backends"
 local limits = require "resty.llmproxy.limits"
 local W = require "resty.llmproxy.worker"
 
-local type = type
 local pairs = pairs
 local tostring = tostring
 local lower = string.lower
@@ -24,9 +23,7 @@ local req_set_body_data = ngx.req.set_body_data
 local req_get_method = ngx.req.get_method
 local req_set_header = ngx.req.set_header
 local req_clear_header = ngx.req.clear_header
-local BODY_JSON = require("resty.llmproxy.hook").BODY_JSON
-local log_hook_error = require("resty.llmproxy.hook").log_error
-local run_hook = require("resty.llmproxy.hook").run
+local step = require("resty.llmproxy.hook").step
 local PROTECTED_HEADERS = require("resty.llmproxy.util").PROTECTED_HEADERS
 local describe_error = require("resty.llmproxy.util").describe_error
 local admit = require("resty.llmproxy.admission").admit
@@ -40,8 +37,12 @@ local prepare_request = require("resty.llmproxy.request").prepare
 
 local _M = {}
 
--- The routing hook, then the default balancer. Returns the backend, or
--- nil and a failure.
+-- What happens when a hook of this phase fails: `{fallback, deny}`.
+local ROUTING = { "using the default balancer", "refusing the request" }
+local REQUEST_TRANSFORM = { "sending the request unchanged", "refusing the request" }
+
+-- The routing step (core's: the hook and its failure policy), then the
+-- default balancer. Returns the backend, or nil and a failure.
 local function route(state, ctx)
     local set = state.backends
     local name
@@ -50,15 +51,10 @@ local function route(state, ctx)
         if not g then
             ngx_log(ERR, "llmproxy: cannot build the routing globals: ", describe_error(gerr))
         else
-            local res, err = run_hook(state, "routing", ctx.req, g)
+            local err
+            name, err = step(ctx, "routing", ROUTING, ctx.h.route, g)
             if err then
-                if state.on_error.routing == "deny" then
-                    log_hook_error("routing", ctx, err, "refusing the request (on_error: deny)")
-                    return nil, denied_failure("routing", err)
-                end
-                log_hook_error("routing", ctx, err, "using the default balancer")
-            else
-                name = res
+                return nil, denied_failure("routing", err)
             end
         end
     end
@@ -92,52 +88,27 @@ local function set_request_header(ctx, name, value)
     end
 end
 
--- request_transform (with `request.backend_url`), then the body to send:
--- core's rule (`req:upstream_body`, as the gateway's): the script's body
--- or the client's, and for a stream whose client did not ask for
--- `stream_options.include_usage`, the body asking for it (the usage chunk
--- is removed before the client sees it). Sets the body to send, if it
--- changed. Returns a failure when the request cannot go on.
-local function prepare_upstream(state, ctx, backend)
-    local text -- the script's body
-    if ctx.api and state.enabled.request_transform then
-        local routed, werr = ctx.req:with({ backend_url = backend.url })
-        local res, err
-        if routed then
-            res, err = run_hook(state, "request_transform", routed, nil, BODY_JSON)
-        else
-            err = werr
-        end
-        if err then
-            if state.on_error.request_transform == "deny" then
-                log_hook_error("request_transform", ctx, err, "refusing the request (on_error: deny)")
-                return denied_failure("request_transform", err)
-            end
-            log_hook_error("request_transform", ctx, err, "sending the request unchanged")
-        elseif res ~= nil then
-            if type(res.body) == "string" then
-                text = res.body
-            end
-            if type(res.headers) == "table" then
-                for name, value in pairs(res.headers) do
-                    set_request_header(ctx, name, value)
-                end
-            end
+-- The upstream step (core's: request_transform with `request.backend_url`,
+-- then the body to send: the script's or the client's, and for a stream
+-- whose client did not ask for `stream_options.include_usage`, the body
+-- asking for it; the usage chunk is removed before the client sees it).
+-- Sets the headers and the body to send. Returns a failure when the
+-- request cannot go on.
+local function prepare_upstream(ctx, backend)
+    local up, err = step(ctx, "request_transform", REQUEST_TRANSFORM, ctx.h.upstream, backend.url)
+    if err then
+        return denied_failure("request_transform", err)
+    end
+    if not up then
+        return nil
+    end
+    if up.headers then
+        for name, value in pairs(up.headers) do
+            set_request_header(ctx, name, value)
         end
     end
-    if ctx.api then
-        local streams_usage = ctx.api == "chat" or ctx.api == "completions"
-        local body, stream, strip_usage = ctx.req:upstream_body(text, streams_usage)
-        if body == nil and type(stream) == "table" then
-            -- A body core's field check refuses (run_hook checked it already).
-            log_hook_error("request_transform", ctx, stream, "sending the request unchanged")
-            body, stream, strip_usage = ctx.req:upstream_body(nil, streams_usage)
-        end
-        ctx.stream = stream
-        ctx.strip_usage = strip_usage
-        if body then
-            req_set_body_data(body)
-        end
+    if up.body then
+        req_set_body_data(up.body)
     end
     return nil
 end
@@ -198,7 +169,7 @@ function _M.run()
         return fail(ctx, f)
     end
     apply_backend_headers(ctx, backend)
-    f = prepare_upstream(state, ctx, backend)
+    f = prepare_upstream(ctx, backend)
     if f then
         return fail(ctx, f)
     end

@@ -15,7 +15,6 @@ local pairs = pairs
 local ipairs = ipairs
 local tonumber = tonumber
 local max = math.max
-local match = string.match
 local ngx_log = ngx.log
 local ERR = ngx.ERR
 local WARN = ngx.WARN
@@ -24,54 +23,34 @@ local worker_exiting = ngx.worker.exiting
 local ngx_now = ngx.now
 local ngx_var = ngx.var
 local entries = require("resty.llmproxy.util").entries
-local latency_ms = require("resty.llmproxy.util").latency_ms
 local log_level = require("resty.llmproxy.util").log_level
 local flush_ledger = require("resty.llmproxy.install").flush_ledger
 local key_id = require("resty.llmproxy.admission").key_id
-local log_hook_error = require("resty.llmproxy.hook").log_error
-local run_hook = require("resty.llmproxy.hook").run
+local step = require("resty.llmproxy.hook").step
 
 local _M = {}
 
 local POOL_STATS_EVERY = 1 -- seconds between two copies of this worker's pool stats
 local pool_stats_at = 0
 
--- The usage hook on the captured usage; the record goes to the log, the
--- quota (shared dict), the ledger (in log()) and the metrics.
 -- The usage of an answer that reported none (read-only).
 local ZERO_USAGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 }
 
+-- What happens when the usage hook fails: `{fallback, deny}` (it never
+-- denies: the answer is sent).
+local USAGE = { "recording the raw usage", "recording the raw usage" }
+
+-- The handle's usage step (core's: the usage hook on the backend's usage,
+-- zeros when it reported none, and the charge that follows); the record
+-- goes to the log, the quota (shared dict or Redis), the ledger (in log())
+-- and the metrics.
 local function record_usage(state, ctx)
-    -- Every admitted request is accounted, as the gateway accounts it: an
-    -- answer without usage (a backend error, no backend) with zero usage.
-    local usage = ctx.usage or ZERO_USAGE
     local backend = ctx.backend
-    local record
-    local upstream = tonumber(match(ngx_var.upstream_response_time or "", "([%d.]+)%s*$"))
-    if state.enabled.usage then
-        local res, err = run_hook(state, "usage", ctx.req, {
-            usage = usage,
-            response = {
-                status_code = ctx.status or ngx.status,
-                body_raw = ctx.usage_body,
-                is_stream = ctx.sse ~= nil,
-            },
-            metadata = {
-                backend_url = backend and backend.url or "",
-                latency_ms = upstream and upstream * 1000 or latency_ms(ctx),
-                is_stream = ctx.sse ~= nil,
-            },
-        })
-        if err then
-            log_hook_error("usage", ctx, err, "recording the raw usage")
-        elseif res ~= nil then
-            record = res
-        end
+    local charge = step(ctx, "usage", USAGE, ctx.h.usage, ctx.status or ngx.status)
+    if not charge then
+        return
     end
-    -- Quota, tokens per minute, ledger columns and metrics: core's rule
-    -- (`policy::usage`), the gateway's.
-    local charge = state.llmproxy.usage_charge(usage, record)
-    record = record or usage
+    local record = charge.record or charge.usage
     ctx.usage_record = record
     ctx.charge = charge
     local billable = charge.billable_tokens
@@ -202,7 +181,7 @@ function _M.run()
         limits.release(state.limits_dict, acq)
     end
     record_attempts(state, ctx)
-    if ctx.usage or ctx.admitted then
+    if ctx.admitted then
         record_usage(state, ctx)
     end
     if state.ledger and ctx.admitted then

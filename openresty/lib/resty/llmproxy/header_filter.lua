@@ -121,6 +121,7 @@ function _M.run()
             ctx.sse_transform = true
             ctx.response_headers = response_headers()
         end
+        ctx.h:stream(status, ctx.response_headers)
         if W.store then
             metrics.streams(W.store, 1)
             ctx.stream_counted = true

@@ -68,6 +68,48 @@ local function run_hook(state, hook, req, globals, opts)
     return res, err
 end
 
+--- Run one step of the request's handle (`ctx.h`, core's
+-- `RequestHandle`: `h:route`, `h:upstream`, `h:respond`, `h:event`,
+-- `h:usage`), which applies the hook's failure policy itself: counts the
+-- hook's call when its script ran, writes its script's log lines to the
+-- error log and logs a failure, whether the core fell back from it
+-- (`policy[1]` says what happens instead) or it denies the request.
+-- @tparam table ctx the request's context
+-- @tparam string hook the step's hook
+-- @tparam table policy what happens when the hook fails: `{fallback,
+-- deny}` (e.g. `{"using the default balancer", "refusing the request"}`)
+-- @tparam function method the handle's method (e.g. `h.route`)
+-- @param ... its arguments
+-- @return the decision (nil when the host's input was refused: logged,
+-- and the request goes on as without the hook), or nil and the error that
+-- denies the request
+local function step(ctx, hook, policy, method, ...)
+    local h = ctx.h
+    local t0 = clock()
+    local res, err, lines = method(h, ...)
+    if lines then
+        script_log(lines)
+    end
+    if err and not err.hook then
+        -- The host's input (a bug of this module), not the script's.
+        ngx_log(ERR, "llmproxy: ", hook, " step of request ", ctx.id, " failed: ", describe_error(err))
+        return nil
+    end
+    if not h:called() then
+        return res -- no script ran: nothing to count, nothing failed
+    end
+    local failed = err or h:fell_back()
+    if W.store then
+        metrics.hook_call(W.store, hook, clock() - t0, failed and failed.kind)
+    end
+    if err then
+        log_hook_error(hook, ctx, err, policy[2] .. " (on_error: deny)")
+    elseif failed then
+        log_hook_error(hook, ctx, failed, policy[1])
+    end
+    return res, err
+end
+
 --- Run one hook the way the phases do (a request handle, other globals as
 -- a table, metrics counted), on the worker's engine or `engine`. For the
 -- nginx conformance tests.
@@ -97,5 +139,6 @@ end
 _M.BODY_JSON = BODY_JSON
 _M.log_error = log_hook_error
 _M.run = run_hook
+_M.step = step
 
 return _M

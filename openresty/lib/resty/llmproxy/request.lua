@@ -1,5 +1,6 @@
 --- The access phase's first step: the request's id, headers, key and body,
--- parsed once (in Rust) into the `llmproxy.request` every hook runs on.
+-- parsed once (in Rust) into the request handle (`engine:handle`) every
+-- hook of the request runs on.
 -- @module resty.llmproxy.request
 
 local ngx = ngx
@@ -7,9 +8,7 @@ local ngx = ngx
 local type = type
 local tostring = tostring
 local tonumber = tonumber
-local find = string.find
 local lower = string.lower
-local gsub = string.gsub
 local match = string.match
 local io_open = io.open
 local ngx_log = ngx.log
@@ -53,22 +52,6 @@ local function read_request_body()
     data = f:read("*a")
     f:close()
     return data
-end
-
--- Endpoints whose bodies are JSON (the gateway's `is_api`), by path suffix
--- so a location may sit under any prefix.
-local function api_endpoint(method, uri)
-    if method ~= "POST" then
-        return nil
-    end
-    if find(uri, "/chat/completions$") then
-        return "chat"
-    elseif find(uri, "/completions$") then
-        return "completions"
-    elseif find(uri, "/embeddings$") then
-        return "embeddings"
-    end
-    return nil
 end
 
 -- The hooks' `request` as a table, as the standalone gateway builds it.
@@ -164,44 +147,20 @@ local function prepare_request(state, ctx)
         return known_failure("body_too_large", limit)
     end
     ctx.api_key = fields.api_key
-    ctx.api = api_endpoint(req_get_method(), ngx_var.uri)
-    local llmproxy = state.llmproxy
-    if ctx.api then
-        fields.body_raw = body or ""
-        local req, perr = llmproxy.request(fields)
-        if not req then
-            local message = tostring(perr and perr.message or perr)
-            message = gsub(message, "^request%.body_raw: ", "")
-            return known_failure("invalid_json", message)
+    -- One handle per request (core's): the body parsed as the gateway
+    -- parses it (an API call's must be a JSON object whose OpenAI fields
+    -- have their types; any other's is seen when it happens to be JSON).
+    local h, herr = state.engine:handle(fields, body or "", req_get_method())
+    if not h then
+        if herr.code then
+            return failure(herr.type, herr.status, herr.code, herr.message)
         end
-        if not match(body, "^%s*{") then
-            ctx.req = req
-            return known_failure("invalid_body")
-        end
-        ctx.req = req
-        -- `stream` and its options must have their OpenAI types (core's
-        -- check, as the gateway): a "true" would stream upstream unbilled.
-        local ferr = req:check_fields()
-        if ferr then
-            return known_failure("invalid_field", ferr)
-        end
-        return nil
+        ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", describe_error(herr))
+        return failure("bad_request", 400, "bad_request", "the request cannot be read: " .. tostring(herr))
     end
-    -- Other endpoints: scripts see the body when it happens to be JSON.
-    if body and body ~= "" then
-        fields.body_raw = body
-        ctx.req = llmproxy.request(fields)
-        if ctx.req then
-            return nil
-        end
-        fields.body_raw = nil
-    end
-    local req, rerr = llmproxy.request(fields)
-    if not req then
-        ngx_log(ERR, "llmproxy: request ", ctx.id, ": ", describe_error(rerr))
-        return failure("bad_request", 400, "bad_request", "the request cannot be read: " .. tostring(rerr))
-    end
-    ctx.req = req
+    ctx.h = h
+    ctx.api = h:api()
+    ctx.req = h:request()
     return nil
 end
 
