@@ -157,6 +157,8 @@ pub struct RequestHandle {
     /// `None`: not an API call (relayed as is: no transforms, no usage
     /// read from the answer).
     api: Option<Api>,
+    /// The body sent upstream asks for a stream.
+    stream: bool,
     strip_usage: bool,
     /// The backend's answer as scripts see it: the parsed body of a
     /// non-stream answer, or a stream's status and headers (and, once an
@@ -178,6 +180,7 @@ impl RequestHandle {
         RequestHandle {
             request,
             api,
+            stream: false,
             strip_usage: false,
             response: None,
             status: 0,
@@ -235,6 +238,7 @@ impl RequestHandle {
                 strip_usage,
             } = upstream::body(&self.request.body, new_body, self.api.is_some_and(Api::streams_usage));
             self.strip_usage = strip_usage;
+            self.stream = stream;
             Upstream { body, headers, stream }
         })
     }
@@ -289,6 +293,15 @@ impl RequestHandle {
                 headers: rw.headers,
             },
         })
+    }
+
+    /// Whether the backend's answer (`status`, `Content-Type`) is relayed
+    /// as events ([`RequestHandle::stream`], [`RequestHandle::event`]) or
+    /// read whole ([`RequestHandle::respond`]): core's rule,
+    /// [`crate::http::api::answer_is_stream`], for the body
+    /// [`RequestHandle::upstream`] sent.
+    pub fn answer_is_stream(&self, status: u16, content_type: Option<&str>) -> bool {
+        crate::http::api::answer_is_stream(self.stream, status, content_type)
     }
 
     /// Whether the backend's non-stream answer was JSON the hooks could

@@ -674,6 +674,28 @@ local tests = {
       end
     end
   end },
+  { "a client's key and request id: core's rules (llmproxy.api_key, request_id_acceptable)", function()
+    for _, c in ipairs({
+      { nil, nil, nil }, { nil, " sk-b ", "sk-b" }, { "Bearer sk-a", "sk-b", "sk-a" },
+      { "bearer \tsk-a ", nil, "sk-a" }, { "Bearer ", "sk-b", "sk-b" }, { "Basic dXNlcg==", nil, nil },
+      { "Bearer \255", nil, nil },
+    }) do
+      assert(llmproxy.api_key(c[1], c[2]) == c[3], tostring(c[1]) .. " " .. tostring(c[2]))
+    end
+    assert(llmproxy.request_id_acceptable("abc-123") and llmproxy.request_id_acceptable(("x"):rep(128)))
+    for _, bad in ipairs({ "", "has space", ("x"):rep(129), "\255" }) do
+      assert(not llmproxy.request_id_acceptable(bad), bad)
+    end
+  end },
+  { "a handle says which answer is a stream: asked for, a success, text/event-stream", function()
+    local h = assert(engine:handle({ path = "/v1/chat/completions" }, '{"model":"m","stream":true}'))
+    assert(assert(h:upstream("http://b")).stream)
+    assert(h:answer_is_stream(200, "Text/Event-Stream; charset=utf-8"))
+    assert(not h:answer_is_stream(502, "text/event-stream") and not h:answer_is_stream(200, "application/json"))
+    assert(not h:answer_is_stream(200, nil))
+    h = assert(engine:handle({ path = "/v1/chat/completions" }, '{"model":"m"}'))
+    assert(not assert(h:upstream("http://b")).stream and not h:answer_is_stream(200, "text/event-stream"))
+  end },
   { "with a method, every request has a handle; only a POST to an API path is an API call", function()
     local seed = assert(llmproxy.new("scripts:\n"
       .. "  request_transform: {script_file: examples/scripts/request_transform.lua}\n"

@@ -49,3 +49,37 @@ impl Api {
         matches!(self, Api::ChatCompletions | Api::Completions)
     }
 }
+
+/// Whether a backend's answer is relayed as server-sent events, event by
+/// event (usage read and `response_transform` run per event): the request
+/// asked for a stream, the answer is a success, and its `Content-Type` is
+/// `text/event-stream` (in any case). Any other answer is read whole.
+pub fn answer_is_stream(asked_stream: bool, status: u16, content_type: Option<&str>) -> bool {
+    asked_stream
+        && (200..300).contains(&status)
+        && content_type.is_some_and(|ct| {
+            let ct = ct.trim_start().as_bytes();
+            ct.len() >= 17 && ct[..17].eq_ignore_ascii_case(b"text/event-stream")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_successful_event_stream_asked_for_is_relayed_as_events() {
+        let cases = [
+            (true, 200, Some("text/event-stream"), true),
+            (true, 200, Some(" Text/Event-Stream; charset=utf-8"), true),
+            (false, 200, Some("text/event-stream"), false),
+            (true, 500, Some("text/event-stream"), false),
+            (true, 200, Some("application/json"), false),
+            (true, 200, Some("text/event"), false),
+            (true, 200, None, false),
+        ];
+        for (asked, status, ct, want) in cases {
+            assert_eq!(answer_is_stream(asked, status, ct), want, "{asked} {status} {ct:?}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! HTTP request rules every host shares, as pure data-in/data-out functions:
-//! the API endpoints ([`api`]),
+//! the API endpoints ([`api`]), the API key and request id a client
+//! presents ([`client`]),
 //! the canonical form of a request path ([`path`]), the OpenAI request fields
 //! a host acts on ([`fields`]), the hop-by-hop header names that are
 //! never forwarded nor set by scripts ([`hop_by_hop`]), and the `usage` of
@@ -10,6 +11,7 @@
 //! made on the same view of the request.
 
 pub mod api;
+pub mod client;
 pub mod fields;
 pub mod hop_by_hop;
 pub mod path;

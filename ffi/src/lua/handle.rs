@@ -11,6 +11,7 @@
 //!                                      --   stream = bool }
 //! local a, err = h:respond(status, headers, body_text, latency_ms)
 //!                                      -- { status =, body = text|nil, headers = }
+//! h:answer_is_stream(status, ctype)    -- true: h:stream + h:event; false: h:respond
 //! h:stream(status, headers)            -- a stream's answer begins, then per event:
 //! local ev, err = h:event(data, latency_ms)  -- { data = text|nil (as it came),
 //!                                      --   drop = bool, status =, headers = }
@@ -185,6 +186,16 @@ impl UserData for LuaHandle {
                 },
             )
         });
+        // h:answer_is_stream(status, content_type) -> whether the backend's
+        // answer goes through h:stream + h:event (else h:respond): core's
+        // rule for the body h:upstream sent.
+        methods.add_method(
+            "answer_is_stream",
+            |_, this, (status, content_type): (u16, Option<mlua::LuaString>)| {
+                let ct = content_type.as_ref().and_then(|s| s.to_str().ok());
+                Ok(this.handle.answer_is_stream(status, ct.as_deref()))
+            },
+        );
         // h:called() -> whether the last step called its hook's script (the
         // host counts the call).
         methods.add_method("called", |_, this, ()| Ok(this.handle.called()));

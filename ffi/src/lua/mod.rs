@@ -1334,6 +1334,29 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // llmproxy.gateway_error(name, arg?) -> type, status, code, message: the
     // failures the core names (`policy::errors`), the gateway's words.
     exports.raw_set("gateway_error", lua.create_function(policy::gateway_error)?)?;
+    // llmproxy.api_key(authorization, x_api_key) -> the API key a client
+    // presents (`Authorization: Bearer`, else `x-api-key`), or nil: core's
+    // rule (`http::client`), the gateway's.
+    exports.raw_set(
+        "api_key",
+        lua.create_function(|lua, (auth, key): (Option<mlua::LuaString>, Option<mlua::LuaString>)| {
+            // A value that is not UTF-8 presents no key.
+            let auth = auth.as_ref().and_then(|s| s.to_str().ok());
+            let key = key.as_ref().and_then(|s| s.to_str().ok());
+            match llmproxy_core::http::client::api_key(auth.as_deref(), key.as_deref()) {
+                Some(k) => Ok(Value::String(lua.create_string(k)?)),
+                None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    // llmproxy.request_id_acceptable(id) -> whether a client's X-Request-ID
+    // may be the request's id (core's rule, the gateway's).
+    exports.raw_set(
+        "request_id_acceptable",
+        lua.create_function(|_, id: mlua::LuaString| {
+            Ok(llmproxy_core::http::client::request_id_acceptable(&id.as_bytes()))
+        })?,
+    )?;
     // llmproxy.error_type(status) -> the error type of a backend's status.
     exports.raw_set("error_type", lua.create_function(policy::error_type)?)?;
     // llmproxy.hop_by_hop(headers) -> the names of `headers` (a table as

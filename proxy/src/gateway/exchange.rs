@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
-use llmproxy_core::http::api::Api;
+use llmproxy_core::http::api::{answer_is_stream, Api};
 use llmproxy_core::http::fields::{self, TextBody};
 use llmproxy_core::http::{path::PathError, usage_probe};
 use llmproxy_core::policy::errors::{self, GatewayError};
@@ -446,7 +446,7 @@ impl Exchange {
             }));
             return Outcome::Retry(f);
         }
-        if plan.stream && resp.status().is_success() && headers::is_event_stream(resp.headers()) {
+        if answer_is_stream(plan.stream, status, headers::content_type(resp.headers())) {
             let ctx = relay::StreamStart {
                 backend: Arc::clone(&b),
                 sent,

@@ -127,18 +127,16 @@ pub fn title_case(name: &str) -> String {
     out
 }
 
-/// The key of `Authorization: Bearer <key>`.
-pub fn bearer(map: &HeaderMap) -> Option<String> {
+/// The token of `Authorization: Bearer <token>` (core's rule,
+/// [`llmproxy_core::http::client::bearer`]).
+pub fn bearer(map: &HeaderMap) -> Option<&str> {
     let v = map.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, key) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim().to_owned())
+    llmproxy_core::http::client::bearer(v)
 }
 
-/// Whether the response is an event stream.
-pub fn is_event_stream(map: &HeaderMap) -> bool {
-    map.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+/// The `Content-Type` of a message, when it is text.
+pub fn content_type(map: &HeaderMap) -> Option<&str> {
+    map.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
 }
 
 #[cfg(test)]
@@ -151,7 +149,7 @@ mod tests {
         assert_eq!(title_case("x-request-id"), "X-Request-Id");
         let mut m = HeaderMap::new();
         m.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-1 "));
-        assert_eq!(bearer(&m).as_deref(), Some("sk-1"));
+        assert_eq!(bearer(&m), Some("sk-1"));
     }
 
     #[test]

@@ -84,17 +84,11 @@ impl KeySet {
     }
 }
 
-/// The API key of a request: `Authorization: Bearer <key>`, else
-/// `x-api-key: <key>`.
+/// The API key of a request (core's rule,
+/// [`llmproxy_core::http::client::api_key`]).
 pub fn presented_key(headers: &HeaderMap) -> Option<String> {
-    super::headers::bearer(headers).or_else(|| {
-        headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
-    })
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    llmproxy_core::http::client::api_key(text("authorization"), text("x-api-key")).map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -4,22 +4,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use llmproxy_core::http::client::request_id_acceptable;
+
 /// The header name, lower case as hyper stores it.
 pub const HEADER: &str = "x-request-id";
 
-/// Longest client-supplied id accepted.
-pub const MAX_LEN: usize = 128;
-
-/// The client's id if it is 1..=128 visible ASCII characters, else a new one.
+/// The client's id when core accepts it
+/// ([`llmproxy_core::http::client::request_id_acceptable`]), else a new one.
 pub fn accept_or_generate(client: Option<&[u8]>) -> String {
     match client {
-        Some(id) if is_acceptable(id) => String::from_utf8_lossy(id).into_owned(),
+        Some(id) if request_id_acceptable(id) => String::from_utf8_lossy(id).into_owned(),
         _ => generate(),
     }
-}
-
-fn is_acceptable(id: &[u8]) -> bool {
-    !id.is_empty() && id.len() <= MAX_LEN && id.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
 /// A new id, `req_` + 24 hex digits: a per-process random prefix and a

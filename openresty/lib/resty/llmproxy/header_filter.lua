@@ -9,6 +9,7 @@ local sse = require "resty.llmproxy.sse"
 local metrics = require "resty.llmproxy.metrics"
 local W = require "resty.llmproxy.worker"
 
+local type = type
 local ngx_log = ngx.log
 local WARN = ngx.WARN
 local ngx_now = ngx.now
@@ -16,7 +17,6 @@ local ngx_header = ngx.header
 local req_get_headers = ngx.req.get_headers
 local resp_get_headers = ngx.resp.get_headers
 local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
-local is_event_stream = require("resty.llmproxy.util").is_event_stream
 local is_json = require("resty.llmproxy.util").is_json
 local request_id = require("resty.llmproxy.util").request_id
 local titled_headers = require("resty.llmproxy.util").titled_headers
@@ -113,8 +113,11 @@ function _M.run()
     end
     ctx.status = status
     local content_type = ngx_header["Content-Type"]
+    if type(content_type) ~= "string" then
+        content_type = nil -- absent, or sent twice
+    end
     local transform = state.enabled.response_transform
-    if is_event_stream(content_type) then
+    if ctx.h:answer_is_stream(status, content_type) then
         ctx.sse = sse.new()
         ngx_header["Content-Length"] = nil
         if transform then

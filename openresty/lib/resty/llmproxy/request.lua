@@ -8,8 +8,6 @@ local ngx = ngx
 local type = type
 local tostring = tostring
 local tonumber = tonumber
-local lower = string.lower
-local match = string.match
 local io_open = io.open
 local ngx_log = ngx.log
 local ERR = ngx.ERR
@@ -62,20 +60,11 @@ local function request_fields(ctx, raw)
         client_ip = ngx_var.remote_addr,
         path = ngx_var.uri,
     }
-    local auth = raw["authorization"]
-    if type(auth) == "string" then
-        local scheme, key = match(auth, "^(%S+)%s+(.-)%s*$")
-        if scheme and lower(scheme) == "bearer" and key ~= "" then
-            request.api_key = key
-        end
-    end
-    if not request.api_key then
-        local key = raw["x-api-key"]
-        key = type(key) == "string" and match(key, "^%s*(.-)%s*$") or nil
-        if key and key ~= "" then
-            request.api_key = key
-        end
-    end
+    -- The key (core's rule, the gateway's): Bearer, else x-api-key. A
+    -- header sent twice comes as a table: it presents no key.
+    local auth, key = raw["authorization"], raw["x-api-key"]
+    request.api_key = ctx.state.llmproxy.api_key(type(auth) == "string" and auth or nil,
+        type(key) == "string" and key or nil)
     return request
 end
 

@@ -38,7 +38,6 @@ do
 end
 
 local MAX_HEADERS = 100
-local MAX_REQUEST_ID = 128
 
 -- Headers a script may not set (nginx computes them), as in the gateway.
 local PROTECTED_HEADERS = {
@@ -142,11 +141,16 @@ local function entries(list)
     return out
 end
 
--- The client's id if it is 1..128 visible ASCII characters, else nginx's.
+-- The client's id when core accepts it (`llmproxy.request_id_acceptable`,
+-- the gateway's rule), else nginx's.
+local id_acceptable
 local function request_id(headers)
     local id = headers["x-request-id"]
-    if type(id) == "string" and #id <= MAX_REQUEST_ID and match(id, "^[\33-\126]+$") then
-        return id
+    if type(id) == "string" then
+        id_acceptable = id_acceptable or require("llmproxy").request_id_acceptable
+        if id_acceptable(id) then
+            return id
+        end
     end
     return ngx_var.request_id
 end
@@ -155,9 +159,6 @@ local function is_json(content_type)
     return type(content_type) == "string" and find(lower(content_type), "^%s*application/[%w.+-]*json") ~= nil
 end
 
-local function is_event_stream(content_type)
-    return type(content_type) == "string" and find(lower(content_type), "^%s*text/event%-stream") ~= nil
-end
 
 local function latency_ms(ctx)
     return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
@@ -175,7 +176,6 @@ _M.last_entry = last_entry
 _M.entries = entries
 _M.request_id = request_id
 _M.is_json = is_json
-_M.is_event_stream = is_event_stream
 _M.latency_ms = latency_ms
 
 return _M
