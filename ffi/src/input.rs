@@ -259,11 +259,11 @@ impl From<Refused> for Failure {
 /// (then `path` must be an API endpoint's).
 pub fn request_handle(
     engine: &Engine,
-    request: &Request,
+    request: Request,
     body: &[u8],
     method: Option<&str>,
 ) -> Result<RequestHandle, Refused> {
-    let mut info = request.info().clone();
+    let mut info = request.info;
     if !info.body.is_null() {
         return Err(Failure::invalid(
             "request: the body goes apart, as the client's bytes, not in the request's fields",

@@ -119,7 +119,7 @@ pub unsafe extern "C" fn llmp_handle_new(
 }
 
 fn new_handle(engine: &Engine, text: &[u8], body: &[u8]) -> Result<llmp_handle, Failure> {
-    let handle = input::request_handle(engine, &Request::parse(text)?, body, None)?;
+    let handle = input::request_handle(engine, Request::parse(text)?, body, None)?;
     Ok(llmp_handle {
         handle,
         backend: None,

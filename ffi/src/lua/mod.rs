@@ -155,8 +155,9 @@ impl UserData for LuaEngine {
                     let built = panic::catch_unwind(AssertUnwindSafe(|| {
                         let fields = self::request(lua, &request, &this.shared.array_mt)?;
                         let method = method.as_ref().map(|m| m.to_string_lossy());
-                        let h = input::request_handle(&this.engine, &fields, &body.as_bytes(), method.as_deref())?;
-                        Ok((h, (fields.depth(), body.as_bytes().len())))
+                        let sizes = (fields.depth(), body.as_bytes().len());
+                        let h = input::request_handle(&this.engine, fields, &body.as_bytes(), method.as_deref())?;
+                        Ok((h, sizes))
                     }))
                     .unwrap_or_else(|payload| Err(input::Refused::Fields(from_panic(payload))));
                     (built, this.shared.clone())
@@ -1380,10 +1381,12 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 .map(|c| hop_by_hop::connection_names(c).collect())
                 .unwrap_or_default();
             let mut drop: Vec<String> = Vec::new();
-            for pair in headers.pairs::<String, Value>() {
+            for pair in headers.pairs::<mlua::LuaString, Value>() {
                 let (name, _) = pair?;
+                // Names are compared in place; only the ones to drop are copied.
+                let Ok(name) = name.to_str() else { continue };
                 if hop_by_hop::is_hop_by_hop(&name) || listed.iter().any(|l| l.eq_ignore_ascii_case(&name)) {
-                    drop.push(name);
+                    drop.push(name.to_owned());
                 }
             }
             if drop.is_empty() {

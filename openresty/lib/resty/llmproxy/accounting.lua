@@ -27,6 +27,7 @@ local log_level = require("resty.llmproxy.util").log_level
 local flush_ledger = require("resty.llmproxy.install").flush_ledger
 local key_id = require("resty.llmproxy.admission").key_id
 local step = require("resty.llmproxy.hook").step
+local request_of = require("resty.llmproxy.util").request_of
 
 local _M = {}
 
@@ -135,7 +136,8 @@ local ZERO_CHARGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0
 local function write_ledger(state, ctx)
     local record = ctx.usage_record or ZERO_USAGE
     local charge = ctx.charge or ZERO_CHARGE
-    local model = ctx.req and ctx.req:body_get("/model")
+    local req = request_of(ctx)
+    local model = req and req:body_get("/model")
     local backend = ctx.tried and ctx.backend
     local ok = state.engine:ledger_record({
         request_id = ctx.id,

@@ -21,6 +21,7 @@ local failure = require("resty.llmproxy.failure").new
 local known_failure = require("resty.llmproxy.failure").known
 local log_hook_error = require("resty.llmproxy.hook").log_error
 local run_hook = require("resty.llmproxy.hook").run
+local request_of = require("resty.llmproxy.util").request_of
 
 local _M = {}
 
@@ -78,7 +79,7 @@ local function authenticate(state, ctx, entry, used)
         end
         return standard
     end
-    local res, err = run_hook(state, "auth", ctx.req, {
+    local res, err = run_hook(state, "auth", request_of(ctx), {
         key_info = entry and entry.info or state.null,
         standard_checks = checks,
     })
@@ -194,7 +195,7 @@ local function limit(state, ctx, entry)
     local res, verdict = nil, "standard"
     if state.enabled.rate_limit then
         local err
-        res, err = run_hook(state, "rate_limit", ctx.req, {
+        res, err = run_hook(state, "rate_limit", request_of(ctx), {
             key_info = entry and entry.info or state.null,
             rate_limit_status = acq.status,
             current_time = current_time(state.engine),

@@ -27,6 +27,7 @@ local log_hook_error = require("resty.llmproxy.hook").log_error
 local run_hook = require("resty.llmproxy.hook").run
 local PROTECTED_HEADERS = require("resty.llmproxy.util").PROTECTED_HEADERS
 local last_entry = require("resty.llmproxy.util").last_entry
+local request_of = require("resty.llmproxy.util").request_of
 
 local _M = {}
 
@@ -117,7 +118,7 @@ local function decide_error(ctx, f)
     if not state or state.llmproxy.failure_step(failure_facts(ctx, f)) ~= "error_handler" then
         return nil, nil, nil, "not_run"
     end
-    local req = ctx.req or bare_request(ctx)
+    local req = request_of(ctx) or bare_request(ctx)
     local res, err = run_hook(state, "error_handler", req, {
         error = {
             type = f.kind,

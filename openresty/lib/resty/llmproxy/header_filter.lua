@@ -55,7 +55,7 @@ local function handle_error(ctx, status)
     local facts = failure_facts(ctx, f)
     facts.source = replace and "gateway" or "upstream"
     facts.json_body = is_json(ngx_header["Content-Type"]) and not ngx_header["Content-Encoding"]
-    facts.response_transform = (state.enabled.response_transform and ctx.api and ctx.req) and true or false
+    facts.response_transform = (state.enabled.response_transform and ctx.api and ctx.h) and true or false
     local step = state.llmproxy.failure_step(facts)
     local new_status, body, headers
     if step == "error_handler" then

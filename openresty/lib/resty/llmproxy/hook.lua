@@ -85,7 +85,7 @@ end
 -- denies the request
 local function step(ctx, hook, policy, method, ...)
     local h = ctx.h
-    local t0 = clock()
+    local t0 = ctx.state.enabled[hook] and clock() -- a hook without a script is never timed
     local res, err, lines = method(h, ...)
     if lines then
         script_log(lines)
@@ -95,7 +95,7 @@ local function step(ctx, hook, policy, method, ...)
         ngx_log(ERR, "llmproxy: ", hook, " step of request ", ctx.id, " failed: ", describe_error(err))
         return nil
     end
-    if not h:called() then
+    if not (t0 and h:called()) then
         return res -- no script ran: nothing to count, nothing failed
     end
     local failed = err or h:fell_back()

@@ -90,7 +90,7 @@ end
 -- Request headers nginx's proxy module writes itself.
 local NGINX_FRAMED = { host = true, ["content-length"] = true, ["transfer-encoding"] = true }
 
--- Read the body and parse the request once into `ctx.req`. Returns a
+-- Read the body and parse the request once into its handle, `ctx.h`. Returns a
 -- failure when the request cannot go on.
 local function prepare_request(state, ctx)
     local raw, truncated = req_get_headers(MAX_HEADERS)
@@ -149,7 +149,6 @@ local function prepare_request(state, ctx)
     end
     ctx.h = h
     ctx.api = h:api()
-    ctx.req = h:request()
     return nil
 end
 

@@ -164,6 +164,19 @@ local function latency_ms(ctx)
     return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
 end
 
+-- The request's `llmproxy.request` for the hooks outside the data path
+-- (auth, rate_limit, error_handler) and the ledger, made from its handle
+-- on first use (most requests need none), or nil without a handle.
+local function request_of(ctx)
+    local req = ctx.req
+    if req == nil and ctx.h then
+        req = ctx.h:request()
+        ctx.req = req
+    end
+    return req
+end
+
+_M.request_of = request_of
 _M.log_level = log_level
 _M.MAX_HEADERS = MAX_HEADERS
 _M.PROTECTED_HEADERS = PROTECTED_HEADERS
