@@ -54,9 +54,11 @@ pub enum Step<T> {
 }
 
 impl<T> Step<T> {
-    /// The step of `hook` whose call gave `result`; `fallback` is the
-    /// decision for nil.
-    fn of(engine: &Engine, hook: HookName, result: Result<T, HookError>, fallback: impl FnOnce() -> T) -> Step<T> {
+    /// The step of `hook` whose call gave `result`, by the hook's failure
+    /// policy (`on_error`); `fallback` is the decision for nil. The one
+    /// place that policy is read: a host that calls hooks itself (the
+    /// gateway's stages) goes through here too.
+    pub fn of(engine: &Engine, hook: HookName, result: Result<T, HookError>, fallback: impl FnOnce() -> T) -> Step<T> {
         match result {
             Ok(v) => Step::Ran(v),
             Err(e) => match engine.config().hook(hook).map(|c| c.on_error) {

@@ -9,19 +9,20 @@
 //! Every function here is synchronous and may block for a script's
 //! `timeout_ms`: call them through [`super::hook_pool::HookPool::call`]
 //! (inline under a short budget, else on a hook thread), never bare on a
-//! tokio worker. Each applies the hook's failure policy (`on_error`):
-//! `standard` acts as if the script returned nil, `deny` fails the request
-//! with a 503 ([`Denied`]). Failures are logged by the core and counted here.
+//! tokio worker. Each applies the hook's failure policy (`on_error`, read by
+//! the core's [`Step::of`], as the request handle reads it): `standard`
+//! acts as if the script returned nil, `deny` fails the request with a 503
+//! ([`Denied`]). Failures are logged by the core and counted here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llmproxy_core::config::OnError;
 use llmproxy_core::hooks::{
     AuthInput, AuthVerdict, BackendStatus, CurrentTime, ErrorInfo, ErrorInput, ErrorResponse, RateLimitInput,
     RateLimitStatus, RateVerdict, RequestInfo, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite,
     ResponseTransformInput, RouteDecision, RoutingInput, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
+use llmproxy_core::request_handle::Step;
 use llmproxy_core::{Engine, ErrorKind, HookError, HookName};
 
 use super::metrics::Metrics;
@@ -96,9 +97,9 @@ impl Stages {
         fallback: impl FnOnce() -> T,
         f: impl FnOnce(&Engine) -> Result<T, HookError>,
     ) -> StageResult<T> {
-        let Some(cfg) = self.engine.config().hook(hook) else {
+        if self.engine.config().hook(hook).is_none() {
             return Ok(fallback());
-        };
+        }
         let started = Instant::now();
         let result = f(&self.engine);
         if llmproxy_core::inline::overrun() {
@@ -110,22 +111,21 @@ impl Stages {
         self.metrics
             .hook_call(hook, elapsed, result.as_ref().err().map(|e| e.kind));
         timings.add(hook, elapsed);
-        match result {
-            Ok(v) => Ok(v),
-            Err(_) if cfg.on_error == OnError::Standard => Ok(fallback()),
-            Err(error) => Err(Denied { hook, error }),
-        }
+        Step::of(&self.engine, hook, result, fallback)
+            .into_result()
+            .map_err(|error| Denied { hook, error })
     }
 
     /// Count a hook call whose job never came back (a panic on the hook
     /// thread); the policy then applies as for any failure.
     pub fn lost(&self, hook: HookName) -> Option<Denied> {
-        let cfg = self.engine.config().hook(hook)?;
+        self.engine.config().hook(hook)?;
         self.metrics.hook_call(hook, Duration::ZERO, Some(ErrorKind::Internal));
-        (cfg.on_error == OnError::Deny).then(|| Denied {
-            hook,
-            error: HookError::new(ErrorKind::Internal, "the hook call was lost"),
-        })
+        let lost = Err(HookError::new(ErrorKind::Internal, "the hook call was lost"));
+        match Step::of(&self.engine, hook, lost, || ()) {
+            Step::Denied(error) => Some(Denied { hook, error }),
+            _ => None,
+        }
     }
 
     /// `routing`: a backend name, or `None` for the default balancer.
