@@ -61,10 +61,8 @@ impl<T> Step<T> {
     pub fn of(engine: &Engine, hook: HookName, result: Result<T, HookError>, fallback: impl FnOnce() -> T) -> Step<T> {
         match result {
             Ok(v) => Step::Ran(v),
-            Err(e) => match engine.config().hook(hook).map(|c| c.on_error) {
-                Some(OnError::Deny) => Step::Denied(e),
-                _ => Step::FellBack(fallback(), e),
-            },
+            Err(e) if denies(engine, hook) => Step::Denied(e),
+            Err(e) => Step::FellBack(fallback(), e),
         }
     }
 
@@ -92,6 +90,13 @@ impl<T> Step<T> {
             Step::Denied(e) => Step::Denied(e),
         }
     }
+}
+
+/// Whether a failure of `hook` fails the request (`on_error: deny`)
+/// rather than falling back to the decision for nil (`standard`): the
+/// rule [`Step::of`] applies.
+pub fn denies(engine: &Engine, hook: HookName) -> bool {
+    engine.config().hook(hook).map(|c| c.on_error) == Some(OnError::Deny)
 }
 
 /// What to send the chosen backend.

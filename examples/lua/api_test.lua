@@ -650,6 +650,26 @@ local tests = {
       end
     end
   end },
+  { "engine:run_step applies the hook's failure policy, as the handle's steps do", function()
+    for _, policy in ipairs({ "standard", "deny" }) do
+      local e = assert(llmproxy.new("scripts:\n  error_handler: {on_error: " .. policy .. ", script: \""
+        .. "log.info('x'); if error.type == 'boom' then error('boom') end; "
+        .. "return {status_code = 418, body = 'teapot'}\"}\n"))
+      local req = assert(llmproxy.request({ id = "r" }))
+      local function run(kind)
+        return e:run_step("error_handler", { request = req, error = { type = kind, message = "m" } })
+      end
+      local res, denied, lines, fell = run("t")
+      assert(res.status_code == 418 and denied == nil and fell == nil and lines[1].message == "x")
+      res, denied, lines, fell = run("boom")
+      assert(res == nil and lines[1].hook == "error_handler")
+      if policy == "standard" then
+        assert(denied == nil and fell.kind == "script_error" and fell.hook == "error_handler")
+      else
+        assert(fell == nil and denied.kind == "script_error")
+      end
+    end
+  end },
   { "a request handle refuses what a host answers 400", function()
     for _, c in ipairs({
       { { path = "/v1/models" }, "{}" },

@@ -141,6 +141,43 @@ impl UserData for LuaEngine {
             });
             respond(lua, this, outcome, lines)
         });
+        // engine:run_step(hook, input, opts) -> result, denied, lines,
+        // fell_back: engine:run with the hook's failure policy applied by
+        // the core (`request_handle::denies`, as the request handle and the
+        // gateway apply it): a failure under `on_error: deny` is `denied`;
+        // under `standard` the result is nil and the failure `fell_back`.
+        // `lines`: what the script logged, or nil.
+        methods.add_method("run_step", |lua, this, (hook, input, opts): (Value, Value, Value)| {
+            let (outcome, lines) = script_log::capture(|| {
+                panic::catch_unwind(AssertUnwindSafe(|| {
+                    let opts = RunOptions::from_lua(&opts)?;
+                    run(lua, this, &hook, &input).map(|r| opts.apply(r))
+                }))
+                .unwrap_or_else(|payload| Err(from_panic(payload)))
+            });
+            let lines = log_lines(lua, lines)?;
+            Ok(match outcome {
+                Ok(json) => {
+                    let v = match json {
+                        Json::Null => Value::Nil,
+                        json => convert::to_lua(lua, &json, &this.shared.array_mt)?,
+                    };
+                    MultiValue::from_vec(vec![v, Value::Nil, lines, Value::Nil])
+                }
+                Err(f) => {
+                    let named = hook_name(&hook)
+                        .ok()
+                        .and_then(|h| HookName::ALL.into_iter().find(|n| n.as_str() == &*h));
+                    let denies = named.is_none_or(|h| llmproxy_core::request_handle::denies(&this.engine, h));
+                    let err = Value::Table(this.shared.error(lua, f)?);
+                    if denies {
+                        MultiValue::from_vec(vec![Value::Nil, err, lines, Value::Nil])
+                    } else {
+                        MultiValue::from_vec(vec![Value::Nil, Value::Nil, lines, err])
+                    }
+                }
+            })
+        });
         // engine:handle(request, body, method?) -> a request handle
         // (handle.rs), or nil, err for a request to answer 400:
         // `err.status`, `err.type` and `err.code` name the refusal when the
@@ -560,19 +597,28 @@ fn reply(
         Err(f) => shared.fail(lua, f)?,
     };
     if !lines.is_empty() {
-        let t = lua.create_table_with_capacity(lines.len(), 0)?;
-        for (i, l) in lines.into_iter().enumerate() {
-            let e = lua.create_table_with_capacity(0, 5)?;
-            e.raw_set("level", l.level)?;
-            e.raw_set("message", l.message)?;
-            e.raw_set("request_id", l.request_id)?;
-            e.raw_set("hook", l.hook)?;
-            e.raw_set("script", l.script)?;
-            t.raw_set(i + 1, e)?;
-        }
-        out.push_back(Value::Table(t));
+        out.push_back(log_lines(lua, lines)?);
     }
     Ok(out)
+}
+
+/// The lines a call's scripts logged as
+/// `{ {level, message, request_id, hook, script}, ... }`, or nil for none.
+fn log_lines(lua: &Lua, lines: Vec<script_log::Line>) -> mlua::Result<Value> {
+    if lines.is_empty() {
+        return Ok(Value::Nil);
+    }
+    let t = lua.create_table_with_capacity(lines.len(), 0)?;
+    for (i, l) in lines.into_iter().enumerate() {
+        let e = lua.create_table_with_capacity(0, 5)?;
+        e.raw_set("level", l.level)?;
+        e.raw_set("message", l.message)?;
+        e.raw_set("request_id", l.request_id)?;
+        e.raw_set("hook", l.hook)?;
+        e.raw_set("script", l.script)?;
+        t.raw_set(i + 1, e)?;
+    }
+    Ok(Value::Table(t))
 }
 
 /// A charge as `{ billable_tokens, limit_tokens, prompt_tokens,

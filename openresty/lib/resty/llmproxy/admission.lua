@@ -19,9 +19,13 @@ local req_clear_header = ngx.req.clear_header
 local denied_failure = require("resty.llmproxy.failure").denied
 local failure = require("resty.llmproxy.failure").new
 local known_failure = require("resty.llmproxy.failure").known
-local log_hook_error = require("resty.llmproxy.hook").log_error
-local run_hook = require("resty.llmproxy.hook").run
+local run_step = require("resty.llmproxy.hook").run_step
 local request_of = require("resty.llmproxy.util").request_of
+
+-- What happens when a hook of admission fails: `{fallback, deny}`.
+local AUTH = { "using the standard verdict", "refusing the request" }
+local AUTH_OVER_DENIAL = { "using the standard verdict", "refusing the request with the standard verdict" }
+local RATE_LIMIT = { "using the standard verdict", "refusing the request" }
 
 local _M = {}
 
@@ -79,24 +83,16 @@ local function authenticate(state, ctx, entry, used)
         end
         return standard
     end
-    local res, err = run_hook(state, "auth", request_of(ctx), {
+    local res, denied, fell = run_step(state, ctx, "auth", standard and AUTH_OVER_DENIAL or AUTH, request_of(ctx), {
         key_info = entry and entry.info or state.null,
         standard_checks = checks,
     })
+    local err = denied or fell
     local refusal
-    if err then
-        if state.on_error.auth == "deny" then
-            if standard then
-                log_hook_error("auth", ctx, err, "refusing the request with the standard verdict (on_error: deny)")
-                refusal = standard
-            else
-                log_hook_error("auth", ctx, err, "refusing the request (on_error: deny)")
-                refusal = denied_failure("auth", err)
-            end
-        else
-            log_hook_error("auth", ctx, err, "using the standard verdict")
-            refusal = standard
-        end
+    if denied then
+        refusal = standard or denied_failure("auth", denied)
+    elseif fell then
+        refusal = standard
     else
         -- Core's decision (admission::decide): nil keeps the standard
         -- verdict, a deny is final, an allow overrules only the failed
@@ -194,22 +190,19 @@ local function limit(state, ctx, entry)
     ctx.limits = acq
     local res, verdict = nil, "standard"
     if state.enabled.rate_limit then
-        local err
-        res, err = run_hook(state, "rate_limit", request_of(ctx), {
+        local denied, fell
+        res, denied, fell = run_step(state, ctx, "rate_limit", RATE_LIMIT, request_of(ctx), {
             key_info = entry and entry.info or state.null,
             rate_limit_status = acq.status,
             current_time = current_time(state.engine),
         })
-        if err then
-            res, verdict = nil, "failed"
-            if state.on_error.rate_limit == "deny" then
-                log_hook_error("rate_limit", ctx, err, "refusing the request (on_error: deny)")
-                if acq.took then
-                    give_back_refused(state, ctx, acq)
-                end
-                return denied_failure("rate_limit", err)
+        if denied then
+            if acq.took then
+                give_back_refused(state, ctx, acq)
             end
-            log_hook_error("rate_limit", ctx, err, "using the standard verdict")
+            return denied_failure("rate_limit", denied)
+        elseif fell then
+            verdict = "failed"
         elseif res ~= nil then
             verdict = res.allow == false and "deny" or "allow"
         end

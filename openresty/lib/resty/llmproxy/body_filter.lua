@@ -58,7 +58,7 @@ local function denied_body(err)
 end
 
 -- One SSE event through the handle's event step (core's: usage capture,
--- the usage chunk only the gateway asked for removed, response_transform).
+-- the usage chunk only the module asked for removed, response_transform).
 -- Returns the bytes to send (nil: drop the event).
 local function process_event(ctx, event)
     local data = sse.data(event)

@@ -23,8 +23,7 @@ local ngx_print = ngx.print
 local ngx_var = ngx.var
 local ngx_header = ngx.header
 local BODY_JSON = require("resty.llmproxy.hook").BODY_JSON
-local log_hook_error = require("resty.llmproxy.hook").log_error
-local run_hook = require("resty.llmproxy.hook").run
+local run_step = require("resty.llmproxy.hook").run_step
 local PROTECTED_HEADERS = require("resty.llmproxy.util").PROTECTED_HEADERS
 local last_entry = require("resty.llmproxy.util").last_entry
 local request_of = require("resty.llmproxy.util").request_of
@@ -61,6 +60,9 @@ end
 local function of_status(status)
     return require("llmproxy").error_type(status)
 end
+
+-- What happens when error_handler fails: `{fallback, deny}`.
+local ERROR_HANDLER = { "sending the default error", "refusing the request" }
 
 -- A hook failed under `on_error: deny`: 503, not shaped by error_handler
 -- (the gateway's `denied`).
@@ -119,7 +121,7 @@ local function decide_error(ctx, f)
         return nil, nil, nil, "not_run"
     end
     local req = request_of(ctx) or bare_request(ctx)
-    local res, err = run_hook(state, "error_handler", req, {
+    local res, denied, fell = run_step(state, ctx, "error_handler", ERROR_HANDLER, req, {
         error = {
             type = f.kind,
             message = f.message,
@@ -128,16 +130,11 @@ local function decide_error(ctx, f)
             retry_count = f.retry_count or 0,
         },
     }, BODY_JSON)
-    if err then
-        if state.on_error.error_handler == "deny" then
-            log_hook_error("error_handler", ctx, err, "refusing the request (on_error: deny)")
-            local d = denied_failure("error_handler", err)
-            return d.status, error_body(d.message, d.kind, d.code), nil, "denied"
-        end
-        log_hook_error("error_handler", ctx, err, "sending the default error")
-        return nil, nil, nil, "kept"
+    if denied then
+        local d = denied_failure("error_handler", denied)
+        return d.status, error_body(d.message, d.kind, d.code), nil, "denied"
     end
-    if res == nil then
+    if fell or res == nil then
         return nil, nil, nil, "kept"
     end
     return tonumber(res.status_code) or f.status, res.body or "null", res.headers, "replaced"

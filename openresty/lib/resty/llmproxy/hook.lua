@@ -68,6 +68,39 @@ local function run_hook(state, hook, req, globals, opts)
     return res, err
 end
 
+--- Run `hook` outside a request's data path (auth, rate_limit,
+-- error_handler) on the request `req` with the other globals as a table,
+-- its failure policy applied by the core (`engine:run_step`, as the
+-- handle's steps and the gateway apply it); metrics, script log lines and
+-- the error log line as for a handle's step.
+-- @tparam table state the engine state the request runs on
+-- @tparam table ctx the request's context
+-- @tparam string hook the hook
+-- @tparam table policy what happens when the hook fails: `{fallback, deny}`
+-- @tparam userdata req an `llmproxy.request`
+-- @tparam table globals the other globals (`request` is set here)
+-- @tparam[opt] table opts `engine:run` options
+-- @return the result (nil also when the hook failed and fell back), the
+-- error that denies the request, the failure the core fell back from
+local function run_step(state, ctx, hook, policy, req, globals, opts)
+    local t0 = clock()
+    globals.request = req
+    local res, denied, lines, fell = state.engine:run_step(hook, globals, opts)
+    local failed = denied or fell
+    if W.store and (not failed or failed.hook) then
+        metrics.hook_call(W.store, hook, clock() - t0, failed and failed.kind)
+    end
+    if lines then
+        script_log(lines)
+    end
+    if denied then
+        log_hook_error(hook, ctx, denied, policy[2] .. " (on_error: deny)")
+    elseif fell then
+        log_hook_error(hook, ctx, fell, policy[1])
+    end
+    return res, denied, fell
+end
+
 --- Run one step of the request's handle (`ctx.h`, core's
 -- `RequestHandle`: `h:route`, `h:upstream`, `h:respond`, `h:event`,
 -- `h:usage`), which applies the hook's failure policy itself: counts the
@@ -140,5 +173,6 @@ _M.BODY_JSON = BODY_JSON
 _M.log_error = log_hook_error
 _M.run = run_hook
 _M.step = step
+_M.run_step = run_step
 
 return _M

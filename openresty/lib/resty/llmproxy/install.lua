@@ -101,10 +101,9 @@ local function load(config, opts)
     if not set then
         return nil, berr
     end
-    local enabled, on_error, names = {}, {}, {}
+    local enabled, names = {}, {}
     for _, hook in ipairs(HOOKS) do
         enabled[hook] = engine:enabled(hook)
-        on_error[hook] = engine:on_error(hook)
         if enabled[hook] then
             names[#names + 1] = hook
         end
@@ -163,7 +162,6 @@ local function load(config, opts)
         encode = json.encoder(llmproxy, { sort_keys = true }),
         config = describe_config(config),
         enabled = enabled,
-        on_error = on_error,
         enabled_names = concat(names, ", "),
         backends = set,
         backend_names = names_list,
