@@ -132,13 +132,7 @@ struct LuaEngine {
 impl UserData for LuaEngine {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("run", |lua, this, (hook, input, opts): (Value, Value, Value)| {
-            let (outcome, lines) = script_log::capture(|| {
-                panic::catch_unwind(AssertUnwindSafe(|| {
-                    let opts = RunOptions::from_lua(&opts)?;
-                    run(lua, this, &hook, &input).map(|r| opts.apply(r))
-                }))
-                .unwrap_or_else(|payload| Err(from_panic(payload)))
-            });
+            let (outcome, lines) = run_captured(lua, this, &hook, &input, &opts);
             respond(lua, this, outcome, lines)
         });
         // engine:run_step(hook, input, opts) -> result, denied, lines,
@@ -148,13 +142,7 @@ impl UserData for LuaEngine {
         // under `standard` the result is nil and the failure `fell_back`.
         // `lines`: what the script logged, or nil.
         methods.add_method("run_step", |lua, this, (hook, input, opts): (Value, Value, Value)| {
-            let (outcome, lines) = script_log::capture(|| {
-                panic::catch_unwind(AssertUnwindSafe(|| {
-                    let opts = RunOptions::from_lua(&opts)?;
-                    run(lua, this, &hook, &input).map(|r| opts.apply(r))
-                }))
-                .unwrap_or_else(|payload| Err(from_panic(payload)))
-            });
+            let (outcome, lines) = run_captured(lua, this, &hook, &input, &opts);
             let lines = log_lines(lua, lines)?;
             Ok(match outcome {
                 Ok(json) => {
@@ -805,6 +793,24 @@ fn hook_name(hook: &Value) -> Result<mlua::BorrowedStr, Failure> {
         )));
     };
     hook.to_str().map_err(|_| Failure::invalid("hook is not valid UTF-8"))
+}
+
+/// `engine:run(hook, input, opts)`: the result (panics caught) and the
+/// lines its script logged.
+fn run_captured(
+    lua: &Lua,
+    this: &LuaEngine,
+    hook: &Value,
+    input: &Value,
+    opts: &Value,
+) -> (Result<Json, Failure>, Vec<script_log::Line>) {
+    script_log::capture(|| {
+        panic::catch_unwind(AssertUnwindSafe(|| {
+            let opts = RunOptions::from_lua(opts)?;
+            run(lua, this, hook, input).map(|r| opts.apply(r))
+        }))
+        .unwrap_or_else(|payload| Err(from_panic(payload)))
+    })
 }
 
 /// `engine:run` without the Lua plumbing: input to JSON, run, result.

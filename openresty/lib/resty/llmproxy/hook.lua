@@ -68,6 +68,21 @@ local function run_hook(state, hook, req, globals, opts)
     return res, err
 end
 
+-- Count a hook's call (its time since `t0`; not a failure of the host's
+-- input) and log its failure: `denied` under on_error: deny, `fell` when
+-- the core fell back (`policy`: `{fallback, deny}`, what happens then).
+local function account(ctx, hook, policy, t0, denied, fell)
+    local failed = denied or fell
+    if W.store and (not failed or failed.hook) then
+        metrics.hook_call(W.store, hook, clock() - t0, failed and failed.kind)
+    end
+    if denied then
+        log_hook_error(hook, ctx, denied, policy[2] .. " (on_error: deny)")
+    elseif fell then
+        log_hook_error(hook, ctx, fell, policy[1])
+    end
+end
+
 --- Run `hook` outside a request's data path (auth, rate_limit,
 -- error_handler) on the request `req` with the other globals as a table,
 -- its failure policy applied by the core (`engine:run_step`, as the
@@ -86,18 +101,10 @@ local function run_step(state, ctx, hook, policy, req, globals, opts)
     local t0 = clock()
     globals.request = req
     local res, denied, lines, fell = state.engine:run_step(hook, globals, opts)
-    local failed = denied or fell
-    if W.store and (not failed or failed.hook) then
-        metrics.hook_call(W.store, hook, clock() - t0, failed and failed.kind)
-    end
     if lines then
         script_log(lines)
     end
-    if denied then
-        log_hook_error(hook, ctx, denied, policy[2] .. " (on_error: deny)")
-    elseif fell then
-        log_hook_error(hook, ctx, fell, policy[1])
-    end
+    account(ctx, hook, policy, t0, denied, fell)
     return res, denied, fell
 end
 
@@ -131,15 +138,7 @@ local function step(ctx, hook, policy, method, ...)
     if not (t0 and h:called()) then
         return res -- no script ran: nothing to count, nothing failed
     end
-    local failed = err or h:fell_back()
-    if W.store then
-        metrics.hook_call(W.store, hook, clock() - t0, failed and failed.kind)
-    end
-    if err then
-        log_hook_error(hook, ctx, err, policy[2] .. " (on_error: deny)")
-    elseif failed then
-        log_hook_error(hook, ctx, failed, policy[1])
-    end
+    account(ctx, hook, policy, t0, err, not err and h:fell_back() or nil)
     return res, err
 end
 
