@@ -246,10 +246,10 @@ impl Vm {
         let used = lua.used_memory();
         lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
         self.state.watchdog.arm(budget.unwrap_or(timeout));
-        let result = convert::run_args(lua).and_then(|[generation, n1, s1, n2, s2]| {
+        let result = convert::run_args(lua).and_then(|[generation, n1, s1, n2, s2, n3, s3]| {
             self.state
                 .run
-                .call::<(Value, bool)>((chunk, &self.env, generation, n1, s1, n2, s2))
+                .call::<(Value, bool)>((chunk, &self.env, generation, n1, s1, n2, s2, n3, s3))
         });
         let result = result.map(|(value, emptied)| {
             self.env_emptied = Some(emptied);

@@ -198,17 +198,21 @@ local MAX_GLOBALS = rust.max_globals
 -- @tparam number name1 first lazy global (index in `NAMES`, 0 for none),
 -- with its source `slot1`
 -- @tparam number name2 second lazy global, with its source `slot2`
+-- @tparam number name3 third lazy global, with its source `slot3`
 -- @return the chunk's first result, and whether `env` was emptied (false
 -- when the call left more than `MAX_GLOBALS` globals: the VM is then
 -- discarded, as emptying that table would walk all of it on every later
 -- call). When the chunk raises, the VM empties `env` itself.
-local function run(chunk, env, generation, name1, slot1, name2, slot2)
+local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, slot3)
     recycle()
     if name1 ~= 0 then
         rawset(env, NAMES[name1], arm(name1, slot1, generation))
     end
     if name2 ~= 0 then
         rawset(env, NAMES[name2], arm(name2, slot2, generation))
+    end
+    if name3 ~= 0 then
+        rawset(env, NAMES[name3], arm(name3, slot3, generation))
     end
     local result = chunk()
     local n = 0

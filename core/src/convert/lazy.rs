@@ -38,12 +38,13 @@ const LAZY_LUA: &str = include_str!("lazy.lua");
 const SOURCE_KEY: LightUserData = LightUserData(2 as *mut c_void);
 /// The hidden key under which a cache keeps the generation of its call.
 const GENERATION_KEY: LightUserData = LightUserData(3 as *mut c_void);
-/// Most lazy globals one call sets (`request` and `backends` or `response`).
-const MAX_DEFERRED: usize = 2;
+/// Most lazy globals one call sets (`request`, and `backends`, `response`
+/// or `key_info`).
+const MAX_DEFERRED: usize = 3;
 /// The globals that can be lazy. `run` gets a global's index in this list,
 /// not its name: pushing a string while the call's memory limit is armed
 /// costs mlua a protected call.
-const LAZY_GLOBALS: [&str; 3] = ["request", "response", "backends"];
+const LAZY_GLOBALS: [&str; 4] = ["request", "response", "backends", "key_info"];
 
 /// Where a lazy table's fields come from.
 #[derive(Clone)]
@@ -232,6 +233,23 @@ pub(crate) unsafe fn defer<'a>(lua: &Lua, name: &str, fields: &'a (dyn Fields + 
         .ok_or_else(|| mlua::Error::runtime("llmproxy: too many lazy globals for one call"))?;
     *free = Some((name, slot));
     Ok(())
+}
+
+/// Set the global `name` of the current call to a lazy view of `value`
+/// when it is a JSON object (a record whose fields a script may read a few
+/// of: `key_info`); returns what is left to set eagerly: `null` (nothing)
+/// then, else `value` itself.
+///
+/// # Safety
+/// As for [`defer`]: `value` outlives the VM's current call.
+pub(crate) unsafe fn defer_object<'a>(lua: &Lua, name: &str, value: &'a Value) -> mlua::Result<&'a Value> {
+    static NULL: Value = Value::Null;
+    if !value.is_object() {
+        return Ok(value);
+    }
+    // SAFETY: the caller's promise.
+    unsafe { defer(lua, name, value)? };
+    Ok(&NULL)
 }
 
 /// `run`'s arguments after `chunk` and `env`: the call's generation and its

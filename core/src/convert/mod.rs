@@ -37,7 +37,7 @@ mod numbers;
 pub mod parse;
 
 pub(crate) use fields::{push_str, Field, Fields, PushTable};
-pub(crate) use lazy::{begin_call, defer, end_call, run_args};
+pub(crate) use lazy::{begin_call, defer, defer_object, end_call, run_args};
 pub(crate) use numbers::NumberTexts;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.

@@ -63,9 +63,11 @@ impl HookInput for AuthInput<'_> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
+        // SAFETY: as above.
+        let key_info = unsafe { convert::defer_object(lua, "key_info", self.key_info)? };
         let checks = serialized(&self.standard_checks)?;
         // An unknown key's `null` key_info is left out (`nil`).
-        convert::set_globals(lua, env, &[("key_info", self.key_info), ("standard_checks", &checks)])
+        convert::set_globals(lua, env, &[("key_info", key_info), ("standard_checks", &checks)])
     }
 }
 

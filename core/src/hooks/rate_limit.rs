@@ -55,11 +55,13 @@ impl HookInput for RateLimitInput<'_> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
+        // SAFETY: as above.
+        let key_info = unsafe { convert::defer_object(lua, "key_info", self.key_info)? };
         let status = serialized(&self.rate_limit_status)?;
         let time = serialized(&self.current_time)?;
         // An unknown key's `null` key_info is left out (`nil`).
         let globals = [
-            ("key_info", self.key_info),
+            ("key_info", key_info),
             ("rate_limit_status", &status),
             ("current_time", &time),
         ];
