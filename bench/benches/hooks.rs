@@ -16,6 +16,10 @@
 //!   same function in a plain LuaJIT state with the JIT compiler on and off,
 //!   its input built once.
 //!
+//! - `pipeline/*`: the seed's data-path scripts (request_transform,
+//!   response_transform, usage) and admission scripts (auth, rate_limit,
+//!   with a key's full record as `key_info`) through the engine.
+//!
 //! Run with `make bench-core`, which also writes docs/benchmarks.md.
 
 use std::hint::black_box;
@@ -344,6 +348,74 @@ fn bench_pipeline_hooks(c: &mut Criterion) {
     g.finish();
 }
 
+/// `pipeline/auth` and `pipeline/rate_limit`: the seed's admission scripts
+/// with a key's full record as `key_info` (the scripts read three fields).
+fn bench_admission_hooks(c: &mut Criterion) {
+    use llmproxy_core::hooks::{AuthInput, CurrentTime, RateLimitInput, RateLimitStatus, StandardChecks};
+    let script = |name: &str| {
+        std::fs::read_to_string(format!("{}/../examples/scripts/{name}.lua", env!("CARGO_MANIFEST_DIR")))
+            .expect("script")
+    };
+    let yaml = format!(
+        "scripts:\n  auth:\n    script: |\n{}\n  rate_limit:\n    script: |\n{}\n",
+        indent(&script("auth")),
+        indent(&script("rate_limit"))
+    );
+    let engine = Engine::new(Config::from_yaml(&yaml, std::path::Path::new(".")).expect("config")).expect("engine");
+    let req = request(Arc::new(
+        serde_json::json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "viplevel": 3}),
+    ));
+    let key_info = serde_json::json!({
+        "key_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        "user_id": "user_001", "name": "bench", "status": "active",
+        "total_quota": 1_000_000_000_000u64, "used_quota": 50_000,
+        "allowed_ips": ["10.0.0.0/8", "192.168.1.0/24"], "expires_at": "2030-12-31T23:59:59Z",
+        "allowed_models": ["gpt-4", "gpt-3.5-turbo"], "viplevel": 3
+    });
+    let checks = StandardChecks {
+        key_valid: true,
+        status_active: true,
+        not_expired: true,
+        ip_allowed: true,
+        quota_available: true,
+    };
+    let status = RateLimitStatus {
+        global_remaining: 1000,
+        key_remaining: 100,
+        concurrent_count: 1,
+    };
+    let now = CurrentTime {
+        hour: 15,
+        weekday: 3,
+        timestamp: 1_796_400_000,
+    };
+    let mut g = c.benchmark_group("pipeline");
+    g.bench_function("auth", |b| {
+        b.iter(|| {
+            engine
+                .auth(&AuthInput {
+                    request: &req,
+                    key_info: black_box(&key_info),
+                    standard_checks: checks,
+                })
+                .expect("ok")
+        })
+    });
+    g.bench_function("rate_limit", |b| {
+        b.iter(|| {
+            engine
+                .rate_limit(&RateLimitInput {
+                    request: &req,
+                    key_info: black_box(&key_info),
+                    rate_limit_status: status,
+                    current_time: now,
+                })
+                .expect("ok")
+        })
+    });
+    g.finish();
+}
+
 fn indent(script: &str) -> String {
     script
         .lines()
@@ -358,6 +430,7 @@ criterion_group!(
     bench_routing,
     bench_memory_limit,
     bench_pipeline_hooks,
+    bench_admission_hooks,
     bench_compute
 );
 criterion_main!(benches);
