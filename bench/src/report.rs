@@ -65,6 +65,14 @@ fn main() -> ExitCode {
         ),
         ("pipeline/usage", "seed usage (VIP discount), small chat body"),
         (
+            "pipeline/auth",
+            "seed auth (model by VIP level), a 10-field key record as key_info",
+        ),
+        (
+            "pipeline/rate_limit",
+            "seed rate_limit (peak hour), the same key record",
+        ),
+        (
             "compute/sandboxed/jit",
             "byte loop over 200 messages (~200 KB), sandboxed, JIT compiler on",
         ),
