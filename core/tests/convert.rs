@@ -354,24 +354,29 @@ fn a_body_encoded_as_text_is_the_text_of_the_json_result() {
             .run_json(HookName::RequestTransform, &input)
             .map(|v| serde_json::to_vec(&v["body"]).expect("text"))
             .map_err(|e| (e.kind, e.message));
-        let info = llmproxy_core::hooks::RequestInfo::from_json(
-            &input["request"],
-            llmproxy_core::convert::Limits {
-                max_depth: 100,
-                max_bytes: usize::MAX,
-            },
-        )
-        .expect("request");
-        let typed = e
-            .transform_request(&llmproxy_core::hooks::RequestTransformInput { request: &info })
-            .map(|rw| rw.and_then(|rw| rw.body).map(|b| b.text).unwrap_or_default())
-            .map_err(|e| (e.kind, e.message));
+        let typed = typed_transform_body(&e, &input).map_err(|e| (e.kind, e.message));
         match (&as_json, &typed) {
             (Ok(a), Ok(b)) => assert_eq!(String::from_utf8_lossy(a), String::from_utf8_lossy(b), "{body}"),
             (Err(a), Err(b)) => assert_eq!(a.0, b.0, "{body}: {a:?} / {b:?}"),
             _ => panic!("{body}: the JSON entry point gave {as_json:?}, the typed one {typed:?}"),
         }
     }
+}
+
+/// The body text `request_transform` gives through the typed entry point
+/// for the JSON input `input` (empty when it gives none), to compare with
+/// `run_json`'s.
+fn typed_transform_body(e: &Engine, input: &Value) -> Result<Vec<u8>, llmproxy_core::HookError> {
+    let info = llmproxy_core::hooks::RequestInfo::from_json(
+        &input["request"],
+        llmproxy_core::convert::Limits {
+            max_depth: 100,
+            max_bytes: usize::MAX,
+        },
+    )
+    .expect("request");
+    e.transform_request(&llmproxy_core::hooks::RequestTransformInput { request: &info })
+        .map(|rw| rw.and_then(|rw| rw.body).map(|b| b.text).unwrap_or_default())
 }
 
 /// The rest of a result whose body went apart as text is read as it would
@@ -394,21 +399,8 @@ fn a_result_without_its_body_is_judged_as_the_whole_result() {
             .run_json(HookName::RequestTransform, &input)
             .map(|v| v["body"].to_string())
             .map_err(|e| e.kind);
-        let info = llmproxy_core::hooks::RequestInfo::from_json(
-            &input["request"],
-            llmproxy_core::convert::Limits {
-                max_depth: 100,
-                max_bytes: usize::MAX,
-            },
-        )
-        .expect("request");
-        let typed = e
-            .transform_request(&llmproxy_core::hooks::RequestTransformInput { request: &info })
-            .map(|rw| {
-                rw.and_then(|rw| rw.body)
-                    .map(|b| String::from_utf8_lossy(&b.text).into_owned())
-                    .unwrap_or_default()
-            })
+        let typed = typed_transform_body(&e, &input)
+            .map(|text| String::from_utf8_lossy(&text).into_owned())
             .map_err(|e| e.kind);
         assert_eq!(as_json, typed, "{result}");
     }
