@@ -153,9 +153,7 @@ impl UserData for LuaEngine {
                     MultiValue::from_vec(vec![v, Value::Nil, lines, Value::Nil])
                 }
                 Err(f) => {
-                    let named = hook_name(&hook)
-                        .ok()
-                        .and_then(|h| HookName::ALL.into_iter().find(|n| n.as_str() == &*h));
+                    let named = hook_name(&hook).ok().and_then(|h| h.parse::<HookName>().ok());
                     let denies = named.is_none_or(|h| llmproxy_core::request_handle::denies(&this.engine, h));
                     let err = Value::Table(this.shared.error(lua, f)?);
                     if denies {

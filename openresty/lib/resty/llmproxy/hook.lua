@@ -6,7 +6,6 @@ local ngx = ngx
 local metrics = require "resty.llmproxy.metrics"
 local W = require "resty.llmproxy.worker"
 
-local type = type
 local pairs = pairs
 local require = require
 local ngx_log = ngx.log
@@ -37,35 +36,6 @@ local function script_log(lines)
         ngx_log(SCRIPT_LOG_LEVEL[l.level] or INFO, "llmproxy: script log: ", l.message, " (request_id=",
             l.request_id, ", hook=", l.hook, ", script=", l.script, ")")
     end
-end
-
---- Run `hook` on the request handle `req` with `globals` (an
--- `llmproxy.globals` handle, or a table of the other globals), counting
--- the call in the metrics and writing the script's log lines to the
--- error log. Failures the script never saw (the host's input: e.g. a body
--- that is not JSON) are not counted as hook calls.
--- @tparam table state the engine state the request runs on
--- @tparam string hook the hook
--- @tparam userdata req an `llmproxy.request`
--- @tparam table|userdata|nil globals the other globals
--- @tparam[opt] table opts `engine:run` options
--- @return the result, or nil and an error
-local function run_hook(state, hook, req, globals, opts)
-    local t0 = clock()
-    local res, err, lines
-    if type(globals) == "table" then
-        globals.request = req
-        res, err, lines = state.engine:run(hook, globals, opts)
-    else
-        res, err, lines = state.engine:run_prepared(hook, req, globals, opts)
-    end
-    if W.store and (not err or err.hook) then
-        metrics.hook_call(W.store, hook, clock() - t0, err and err.kind)
-    end
-    if lines then
-        script_log(lines)
-    end
-    return res, err
 end
 
 -- Count a hook's call (its time since `t0`; not a failure of the host's
@@ -142,9 +112,11 @@ local function step(ctx, hook, policy, method, ...)
     return res, err
 end
 
---- Run one hook the way the phases do (a request handle, other globals as
--- a table, metrics counted), on the worker's engine or `engine`. For the
--- nginx conformance tests.
+--- Run one hook as the phases call the engine (a request handle, other
+-- globals as a table, metrics counted, script lines logged), on the
+-- worker's engine or `engine`, with its error returned as it came (no
+-- failure policy: the cases check the error). For the nginx conformance
+-- tests.
 -- @tparam userdata|nil engine an engine (nil: this worker's)
 -- @tparam string hook the hook
 -- @tparam table input the hook's globals, `request` as a table
@@ -165,12 +137,19 @@ function _M.run_input(engine, hook, input)
     if not req then
         return nil, err
     end
-    return run_hook(state, hook, req, globals)
+    globals.request = req
+    local t0 = clock()
+    local res, rerr, lines = state.engine:run(hook, globals)
+    if W.store and (not rerr or rerr.hook) then
+        metrics.hook_call(W.store, hook, clock() - t0, rerr and rerr.kind)
+    end
+    if lines then
+        script_log(lines)
+    end
+    return res, rerr
 end
 
 _M.BODY_JSON = BODY_JSON
-_M.log_error = log_hook_error
-_M.run = run_hook
 _M.step = step
 _M.run_step = run_step
 

@@ -159,7 +159,6 @@ local function is_json(content_type)
     return type(content_type) == "string" and find(lower(content_type), "^%s*application/[%w.+-]*json") ~= nil
 end
 
-
 local function latency_ms(ctx)
     return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
 end
