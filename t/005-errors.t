@@ -353,7 +353,7 @@ POST /v1/chat/completions
 {"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 --- error_log
 auth hook failed for request
-refusing the request with the standard verdict (on_error: deny)
+; using the standard verdict
 
 
 

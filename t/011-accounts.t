@@ -430,7 +430,7 @@ Authorization: Bearer sk-nope
 --- response_body chomp
 {"error":{"message":"invalid or missing API key","type":"auth_error","code":"invalid_api_key"}}
 --- error_log
-refusing the request with the standard verdict (on_error: deny)
+; using the standard verdict
 
 
 

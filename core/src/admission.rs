@@ -9,13 +9,19 @@
 //! disabled, expired, address-refused or spent key in unless the operator
 //! says so per check.
 //!
+//! A script that fails under `on_error: standard` keeps the standard
+//! verdict; under `on_error: deny` it fails closed: the standard denial
+//! when a check failed (the client gets the precise 401/403/429), else the
+//! request fails (503) ([`decide_step`]).
+//!
 //! Pure data in, data out: the gateway (`proxy/src/gateway/admission.rs`)
-//! and the Lua module (`engine:auth_decision(...)`, used by nginx) both
-//! call [`decide`].
+//! and the request handle's auth step in the Lua module (`h:auth`, used
+//! by nginx) both call [`decide_step`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::{AuthVerdict, StandardChecks};
+use crate::request_handle::Step;
 
 /// One standard check, by the name its failure has in the config's
 /// `may_override` list.
@@ -127,6 +133,45 @@ pub enum Decision {
     },
 }
 
+/// How a refused request is answered and counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRefusal {
+    /// HTTP status.
+    pub status: u16,
+    /// The error `code` in the body.
+    pub code: &'static str,
+    /// The error message.
+    pub message: String,
+    /// The `reason` label of `llmproxy_auth_denied_total`.
+    pub reason: &'static str,
+    /// The refusal counts against the client's address in the auth
+    /// throttle (a standard 401: no key, or an unknown one; docs/adr/039).
+    pub throttles: bool,
+}
+
+impl Decision {
+    /// The refusal, `None` when admitted.
+    pub fn refusal(self) -> Option<AuthRefusal> {
+        match self {
+            Decision::Allow => None,
+            Decision::Script { status, reason } => Some(AuthRefusal {
+                status,
+                code: "denied_by_script",
+                message: reason.unwrap_or_else(|| String::from("access denied")),
+                reason: "script",
+                throttles: false,
+            }),
+            Decision::Standard(d) => Some(AuthRefusal {
+                status: d.status,
+                code: d.code,
+                message: d.message.to_owned(),
+                reason: d.reason,
+                throttles: d.check == Check::Unknown,
+            }),
+        }
+    }
+}
+
 /// Decide over the standard checks and the script's verdict
 /// ([`AuthVerdict::Standard`] when no script runs). `may_override` lists
 /// the checks whose failure a script's `allow = true` overrules.
@@ -150,9 +195,28 @@ pub fn decide(checks: &StandardChecks, verdict: &AuthVerdict, may_override: &[Ch
     }
 }
 
+/// Decide over the standard checks and the auth script's step (the
+/// request handle's `auth`, or a host's own call through [`Step::of`]): a
+/// verdict, or the fallback of a script that failed under `on_error:
+/// standard`, decides with [`decide`]; a script that failed under
+/// `on_error: deny` yields the standard denial when a check failed (its
+/// failure kept for the host's metrics and log), else stays denied: the
+/// request fails (503).
+pub fn decide_step(checks: &StandardChecks, step: Step<AuthVerdict>, may_override: &[Check]) -> Step<Decision> {
+    match step {
+        Step::Ran(v) => Step::Ran(decide(checks, &v, may_override)),
+        Step::FellBack(v, e) => Step::FellBack(decide(checks, &v, may_override), e),
+        Step::Denied(e) => match standard_denial(checks) {
+            Some(d) => Step::FellBack(Decision::Standard(d), e),
+            None => Step::Denied(e),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{ErrorKind, HookError};
 
     const PASS: StandardChecks = StandardChecks {
         key_valid: true,
@@ -231,6 +295,43 @@ mod tests {
             decide(&two, &AuthVerdict::Allow, &[Check::Disabled]),
             Decision::Standard(Check::Expired.denial())
         );
+    }
+
+    #[test]
+    fn a_script_that_fails_closed_gets_the_standard_denial_when_a_check_failed() {
+        let e = || HookError::new(ErrorKind::ScriptError, "boom");
+        let allow = Step::Ran(AuthVerdict::Allow);
+        // (checks, the script's step, the stage's step as (status, failed, denied))
+        type Case = (StandardChecks, Step<AuthVerdict>, Option<u16>, bool, bool);
+        let cases: [Case; 6] = [
+            (PASS, allow.clone(), None, false, false),
+            (failing(Check::Disabled), allow, Some(403), false, false),
+            (PASS, Step::FellBack(AuthVerdict::Standard, e()), None, true, false),
+            (
+                failing(Check::Unknown),
+                Step::FellBack(AuthVerdict::Standard, e()),
+                Some(401),
+                true,
+                false,
+            ),
+            // on_error: deny: the precise standard denial, else 503.
+            (
+                failing(Check::QuotaExhausted),
+                Step::Denied(e()),
+                Some(429),
+                true,
+                false,
+            ),
+            (PASS, Step::Denied(e()), None, true, true),
+        ];
+        for (i, (checks, step, status, failed, denied)) in cases.into_iter().enumerate() {
+            let out = decide_step(&checks, step, &[]);
+            assert_eq!(out.failure().is_some(), failed, "case {i}");
+            assert_eq!(matches!(out, Step::Denied(_)), denied, "case {i}");
+            if let Ok(d) = out.into_result() {
+                assert_eq!(code(&d), status, "case {i}");
+            }
+        }
     }
 
     #[test]

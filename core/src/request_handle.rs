@@ -12,11 +12,13 @@
 //!   -> usage()                    the usage hook; what the request is charged
 //! ```
 //!
-//! A host may call `route` and `upstream` again for a retry on another
-//! backend. Auth and rate limiting happen before a request reaches its
-//! backend and have their own policy ([`crate::admission`],
-//! [`crate::policy::rate_stage`]); a failed request's answer comes from
-//! [`crate::policy::failure`].
+//! Before it is routed, a request is admitted: `auth(key_info, checks)`
+//! and `rate_limit(key_info, status, now)` run their scripts on the same
+//! parse, and the host turns their verdicts into an answer with the
+//! admission policy ([`crate::admission::decide_step`],
+//! [`crate::policy::rate_stage`]). A host may call `route` and `upstream`
+//! again for a retry on another backend; a failed request's answer comes
+//! from [`crate::policy::failure`].
 //!
 //! Failure policy (`on_error` of each hook): `standard` acts as if the
 //! script returned nil and the step says so ([`Step::FellBack`], for the
@@ -32,8 +34,9 @@ use serde_json::{json, Value};
 
 use crate::config::OnError;
 use crate::hooks::{
-    BackendStatus, HeaderChange, RequestInfo, RequestTransformInput, ResponseInfo, ResponseTransformInput,
-    RouteDecision, RoutingInput, UsageInput, UsageMetadata, UsageRecord,
+    AuthInput, AuthVerdict, BackendStatus, CurrentTime, HeaderChange, RateLimitInput, RateLimitStatus, RateVerdict,
+    RequestInfo, RequestTransformInput, ResponseInfo, ResponseTransformInput, RouteDecision, RoutingInput,
+    StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
 use crate::http::api::Api;
 use crate::http::usage_probe;
@@ -214,6 +217,39 @@ impl RequestHandle {
     /// [`RequestHandle::upstream`] ran).
     pub fn request(&self) -> &RequestInfo {
         &self.request
+    }
+
+    /// `auth`: the script's verdict over the standard checks of the key
+    /// the client presented (`key_info`: its record, `null` when unknown).
+    /// The host decides with [`crate::admission::decide_step`].
+    pub fn auth(&mut self, engine: &Engine, key_info: &Value, checks: StandardChecks) -> Step<AuthVerdict> {
+        self.called = engine.is_enabled(HookName::Auth);
+        let result = engine.auth(&AuthInput {
+            request: &self.request,
+            key_info,
+            standard_checks: checks,
+        });
+        Step::of(engine, HookName::Auth, result, || AuthVerdict::Standard)
+    }
+
+    /// `rate_limit`: the script's verdict over the standard limiter's
+    /// `status` at `now`. The host decides with
+    /// [`crate::policy::rate_stage::decide`].
+    pub fn rate_limit(
+        &mut self,
+        engine: &Engine,
+        key_info: &Value,
+        status: RateLimitStatus,
+        now: CurrentTime,
+    ) -> Step<RateVerdict> {
+        self.called = engine.is_enabled(HookName::RateLimit);
+        let result = engine.rate_limit(&RateLimitInput {
+            request: &self.request,
+            key_info,
+            rate_limit_status: status,
+            current_time: now,
+        });
+        Step::of(engine, HookName::RateLimit, result, || RateVerdict::Standard)
     }
 
     /// `routing`: a backend from `backends`, or `Default` for the host's

@@ -477,7 +477,7 @@ local tests = {
     collectgarbage()
     collectgarbage()
   end },
-  { "engine:key and engine:standard_checks: the config's keys, core's checks and denials", function()
+  { "engine:key, h:auth and h:rate_limit: the config's keys, core's checks, admission decisions", function()
     local sk_h_sha256 = "324c89d5f74d2f012bf8dfbba24159f1f7aef4dbfaf56be28c935a2016704728" -- sha256("sk-h")
     local e = assert(llmproxy.new("keys:\n"
       .. "  - {key: sk-a, user_id: u1, total_quota: 100, allowed_ips: ['10.0.0.0/8']}\n"
@@ -492,29 +492,24 @@ local tests = {
     assert(info.user_id == "u1" and info.total_quota == 100 and info.status == "active", "key_info")
     assert(fp == e:key_fingerprint("sk-a") and fp:match("^sha256:%x+$") and #fp == 19, tostring(fp))
     assert(e:key("sk-nope") == nil and e:key(nil) == nil, "unknown keys")
-    local c, status = e:standard_checks("sk-a", "10.1.2.3", 99)
-    assert(c.key_valid and c.status_active and c.not_expired and c.ip_allowed and c.quota_available)
-    assert(status == nil, "every check passed")
-    local msg, code
-    c, status, msg, code = e:standard_checks("sk-a", "10.1.2.3", 100)
-    assert(not c.quota_available and status == 429 and code == "quota_exhausted", msg)
-    c, status, msg, code = e:standard_checks("sk-a", "192.168.0.1", 0)
-    assert(not c.ip_allowed and status == 403 and code == "ip_not_allowed", msg)
-    c, status, msg, code = e:standard_checks("sk-off", nil, 0)
-    assert(not c.status_active and status == 403 and code == "key_disabled" and msg == "API key is disabled", msg)
-    c, status, msg, code = e:standard_checks(nil, "10.0.0.1", 0)
-    assert(not c.key_valid and status == 401 and code == "invalid_api_key", msg)
-    -- core's admission::decide: an allow overrules no failed check
-    -- without may_override (ADR 040); a deny is final; nil is standard.
-    local off = e:standard_checks("sk-off", nil, 0)
-    local ok = e:standard_checks("sk-a", "10.1.2.3", 0)
-    status, msg, code = e:auth_decision(off, { allow = true })
-    assert(status == 403 and code == "key_disabled", msg)
-    assert(e:auth_decision(ok, { allow = true }) == nil, "allowed")
-    status, msg, code = e:auth_decision(ok, { allow = false, reason = "no", status_code = 402 })
-    assert(status == 402 and msg == "no" and code == "denied_by_script", msg)
-    status, msg, code = e:auth_decision(off, nil)
-    assert(status == 403 and code == "key_disabled", msg)
+    -- h:auth: core's standard checks with the key's live usage, and its
+    -- refusal (status, code, message, the metric's reason).
+    local function auth(eng, key, ip, used)
+      local h = assert(eng:handle({ id = "a", path = "/v1/chat/completions", api_key = key, client_ip = ip }, "{}"))
+      return h:auth(used)
+    end
+    assert(auth(e, "sk-a", "10.1.2.3", 99) == nil, "every check passed")
+    for _, c in ipairs({
+      { "sk-a", "10.1.2.3", 100, 429, "quota_exhausted", "quota_exhausted" },
+      { "sk-a", "192.168.0.1", 0, 403, "ip_not_allowed", "ip_not_allowed" },
+      { "sk-off", nil, 0, 403, "key_disabled", "disabled", "API key is disabled" },
+      { nil, "10.0.0.1", 0, 401, "invalid_api_key", "invalid_key" },
+    }) do
+      local r = auth(e, c[1], c[2], c[3])
+      assert(r.status == c[4] and r.code == c[5] and r.reason == c[6], r.code)
+      assert(r.throttles == (c[4] == 401), "only a standard 401 counts in the auth throttle")
+      assert(c[7] == nil or r.message == c[7], r.message)
+    end
     -- core's keys::identifies_caller: the checks before the quota
     assert(e:caller_identified("sk-a", "10.1.2.3") == true, "a known key")
     assert(e:caller_identified("sk-a", "192.168.0.1") == false, "an address the key may not use")
@@ -527,11 +522,58 @@ local tests = {
     a = z:admission()
     assert(a.auth == false and a.limits == true and a.key_rpm == 5, "limits")
     -- 2024-01-16T08:00:00Z is 16:00 on a Tuesday in +08:00 (ADR 041).
-    local t = z:current_time(1705392000)
-    assert(t.hour == 16 and t.weekday == 2 and t.timestamp == 1705392000, "current_time")
-    local o = assert(llmproxy.new("scripts:\n  auth:\n    may_override: [disabled]\n    script: return nil\n"
-      .. "keys:\n  - {key: sk-off, user_id: u, status: disabled}\n"))
-    assert(o:auth_decision(o:standard_checks("sk-off", nil, 0), { allow = true }) == nil, "may_override")
+    -- core's admission::decide_step with the auth script: an allow
+    -- overrules only the checks may_override lists (ADR 040); a deny is
+    -- final; a script failing under on_error: deny gets the standard
+    -- denial when a check failed, else the step is denied (503).
+    local scripted = function(policy, may)
+      return assert(llmproxy.new("scripts:\n  auth:\n    may_override: [" .. may .. "]\n    on_error: " .. policy
+        .. "\n    script: |\n      if request.body.fail then error('boom') end\n"
+        .. "      return {allow = request.body.allow, reason = 'r', status_code = 402}\n"
+        .. "keys:\n  - {key: sk-off, user_id: u, status: disabled}\n  - {key: sk-on, user_id: v}\n"))
+    end
+    local function scripted_auth(eng, key, body)
+      local h = assert(eng:handle({ id = "s", path = "/v1/chat/completions", api_key = key }, body))
+      local r, err = h:auth(0)
+      return r, err, h:verdict(), h:fell_back()
+    end
+    local o = scripted("deny", "disabled")
+    assert(scripted_auth(o, "sk-off", '{"allow": true}') == nil, "may_override lets the script allow")
+    local r, err, verdict = scripted_auth(o, "sk-on", '{"allow": false}')
+    assert(r.status == 402 and r.code == "denied_by_script" and r.message == "r" and err == nil, "a deny is final")
+    assert(verdict == "deny", verdict)
+    r, err, verdict = scripted_auth(o, nil, '{"allow": true}')
+    assert(r.status == 401 and err == nil and verdict == "allow", "unknown is not in may_override")
+    r, err, verdict = scripted_auth(o, "sk-off", '{"fail": true}')
+    assert(r.status == 403 and err == nil and verdict == "failed", "fails closed with the standard denial")
+    r, err = scripted_auth(o, "sk-on", '{"fail": true}')
+    assert(r == nil and err.kind == "script_error", "fails closed: 503")
+    local fell
+    r, err, verdict, fell = scripted_auth(scripted("standard", ""), "sk-on", '{"fail": true}')
+    assert(r == nil and err == nil and verdict == "failed" and fell.kind == "script_error", "falls back: admitted")
+    -- h:rate_limit: the script sees the limiter's status and the clock in
+    -- limits.time_zone; core's policy::rate_stage decides.
+    local rl = assert(llmproxy.new("limits: {key_rpm: 5, time_zone: '+08:00'}\nscripts:\n  rate_limit:\n"
+      .. "    script: |\n      if rate_limit_status.key_remaining == 7 then return {allow = true} end\n"
+      .. "      if key_info == nil and rate_limit_status.global_remaining == 1 then\n"
+      .. "        return {allow = false, reason = current_time.hour .. ',' .. current_time.timestamp}\n"
+      .. "      end\n      return nil\n"))
+    local function limited(...)
+      local h = assert(rl:handle({ id = "l", path = "/v1/chat/completions" }, "{}"))
+      local out, lerr = h:rate_limit(0, ...)
+      return out, lerr, h:verdict()
+    end
+    assert(limited(10, 3, 0, true) == nil, "standard: admitted")
+    local out, _, v = limited(10, 7, 0, false, "key_rpm", 12)
+    assert(out == "force" and v == "allow", "the script allowed what a limit refused")
+    out, _, v = limited(10, 0, 0, false, "key_rpm", 12)
+    assert(out.code == "key_rate_limit" and out.retry_after == 12 and out.refund == false and v == "standard",
+      tostring(out.code))
+    out, _, v = limited(1, 3, 0, true)
+    local hour, ts = out.message:match("^(%d+),(%d+)$")
+    assert(tonumber(hour) == math.floor(tonumber(ts) / 3600 + 8) % 24, "current_time in +08:00: " .. out.message)
+    assert(out.code == "rate_limited_by_script" and out.refund == true and v == "deny",
+      "a deny gives back what was taken")
   end },
   { "a script's log.* and print lines come back third from run/run_prepared, tagged; none: no third value", function()
     local e = assert(llmproxy.new("scripts:\n  routing:\n    script: |\n"

@@ -19,9 +19,18 @@
 //!                                      -- handle saw no answer; { usage =, record = tbl|nil, billable_tokens =,
 //!                                      --   limit_tokens =, ..., metrics = {...} }
 //!                                      -- (llmproxy.usage_charge's table)
+//! local r, err = h:auth(used_quota)    -- nil: admitted; r: the refusal
+//!                                      -- { status =, code =, message =, reason =, throttles = }
+//! local r, err = h:rate_limit(used_quota, global_remaining, key_remaining,
+//!     concurrent_count, took, denial_kind, denial_retry_after)
+//!                                      -- nil: admitted; "force": admitted, take the
+//!                                      -- request unchecked; r: the 429 { refund =,
+//!                                      -- code =, message =, retry_after =, reason = }
+//! h:verdict()                          -- the last admission script's verdict, for
+//!                                      -- the log: "standard" | "allow" | "deny" | "failed"
 //! local api = h:api()                 -- "chat_completions" | ... | nil
 //! local req = h:request()             -- an llmproxy.request sharing the body,
-//!                                      -- for auth, rate_limit, error_handler
+//!                                      -- for error_handler
 //! local e = h:fell_back()              -- the last step's failure under
 //!                                      -- on_error: standard, or nil
 //! ```
@@ -32,11 +41,13 @@
 
 use std::panic::{self, AssertUnwindSafe};
 
-use llmproxy_core::hooks::{HeaderChange, RouteDecision};
+use llmproxy_core::admission::{self, Decision};
+use llmproxy_core::hooks::{AuthVerdict, HeaderChange, RateLimitStatus, RateVerdict, RouteDecision};
+use llmproxy_core::policy::rate_stage::{self, RateStep};
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
-use super::{charge_table, convert, reply, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
+use super::{charge_table, convert, keys, policy, reply, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
 use crate::input;
@@ -53,6 +64,8 @@ pub(super) struct LuaHandle {
     shared: Shared,
     /// The failure of the last step whose hook fell back.
     fell_back: Option<Failure>,
+    /// The last admission script's verdict, as the host logs it.
+    verdict: &'static str,
 }
 
 impl LuaHandle {
@@ -70,6 +83,7 @@ impl LuaHandle {
             body_bytes,
             shared,
             fell_back: None,
+            verdict: "standard",
         }
     }
 
@@ -104,6 +118,70 @@ impl LuaHandle {
 impl UserData for LuaHandle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("llmproxy.handle"));
+        methods.add_method_mut("auth", |lua, this, used: Option<f64>| {
+            let (key_info, checks) = {
+                let e = this.engine.borrow::<LuaEngine>()?;
+                let r = this.handle.request();
+                let used = keys::quota_units(used);
+                keys::admission_input(&e.keys, r.api_key.as_deref(), r.client_ip.as_deref(), used)
+            };
+            let mut verdict = "standard";
+            let out = this.step(
+                lua,
+                |h, engine| {
+                    let step = h.auth(engine, &key_info, checks);
+                    verdict = auth_label(&step);
+                    Ok(admission::decide_step(
+                        &checks,
+                        step,
+                        &engine.config().auth_may_override,
+                    ))
+                },
+                |lua, _, d| auth_refusal(lua, d),
+            );
+            this.verdict = verdict;
+            out
+        });
+        methods.add_method_mut(
+            "rate_limit",
+            |lua,
+             this,
+             (used, global_remaining, key_remaining, concurrent_count, took, kind, retry_after): (
+                Option<f64>,
+                i64,
+                i64,
+                i64,
+                bool,
+                Option<mlua::BorrowedStr>,
+                Option<f64>,
+            )| {
+                let denial = policy::limit_denial(kind.as_deref(), retry_after)?;
+                let (key_info, now) = {
+                    let e = this.engine.borrow::<LuaEngine>()?;
+                    let key = this.handle.request().api_key.as_deref();
+                    let now = llmproxy_core::clock::current_time(chrono::Utc::now(), e.admission.zone);
+                    (keys::key_info(&e.keys, key, keys::quota_units(used)), now)
+                };
+                let status = RateLimitStatus {
+                    global_remaining,
+                    key_remaining,
+                    concurrent_count,
+                };
+                let mut verdict = "standard";
+                let out = this.step(
+                    lua,
+                    |h, engine| {
+                        let step = h.rate_limit(engine, &key_info, status, now);
+                        verdict = rate_label(&step);
+                        Ok(step.map(|v| rate_stage::decide(&v, took, denial.as_ref())))
+                    },
+                    |lua, _, d| rate_outcome(lua, d),
+                );
+                this.verdict = verdict;
+                out
+            },
+        );
+        methods.add_method("verdict", |_, this, ()| Ok(this.verdict));
         methods.add_method_mut("route", |lua, this, globals: AnyUserData| {
             let globals = globals.borrow::<LuaGlobals>()?;
             this.step(
@@ -221,6 +299,60 @@ impl UserData for LuaHandle {
             Some(f) => Ok(Value::Table(this.shared.error(lua, f.clone())?)),
             None => Ok(Value::Nil),
         });
+    }
+}
+
+/// How the host logs an auth script's verdict.
+fn auth_label(step: &Step<AuthVerdict>) -> &'static str {
+    match step {
+        Step::Ran(AuthVerdict::Standard) => "standard",
+        Step::Ran(AuthVerdict::Allow) => "allow",
+        Step::Ran(AuthVerdict::Deny { .. }) => "deny",
+        Step::FellBack(..) | Step::Denied(_) => "failed",
+    }
+}
+
+/// How the host logs a rate_limit script's verdict.
+fn rate_label(step: &Step<RateVerdict>) -> &'static str {
+    match step {
+        Step::Ran(RateVerdict::Standard) => "standard",
+        Step::Ran(RateVerdict::Allow) => "allow",
+        Step::Ran(RateVerdict::Deny { .. }) => "deny",
+        Step::FellBack(..) | Step::Denied(_) => "failed",
+    }
+}
+
+/// The auth stage's refusal as `{status, code, message, reason,
+/// throttles}`; nil when admitted.
+fn auth_refusal(lua: &Lua, d: Decision) -> mlua::Result<Value> {
+    let Some(r) = d.refusal() else {
+        return Ok(Value::Nil);
+    };
+    let t = lua.create_table_with_capacity(0, 5)?;
+    t.raw_set("status", r.status)?;
+    t.raw_set("code", r.code)?;
+    t.raw_set("message", r.message)?;
+    t.raw_set("reason", r.reason)?;
+    t.raw_set("throttles", r.throttles)?;
+    Ok(Value::Table(t))
+}
+
+/// The rate limit stage's decision: nil (admitted), `"force"` (admitted
+/// past a limit: take the request unchecked), or the 429 as `{refund,
+/// code, message, retry_after, reason}`.
+fn rate_outcome(lua: &Lua, d: RateStep) -> mlua::Result<Value> {
+    match d {
+        RateStep::Admit { force: false } => Ok(Value::Nil),
+        RateStep::Admit { force: true } => Ok(Value::String(lua.create_string("force")?)),
+        RateStep::Refuse { refund, refusal } => {
+            let t = lua.create_table_with_capacity(0, 5)?;
+            t.raw_set("refund", refund)?;
+            t.raw_set("code", refusal.code)?;
+            t.raw_set("message", refusal.message)?;
+            t.raw_set("retry_after", refusal.retry_after)?;
+            t.raw_set("reason", refusal.reason)?;
+            Ok(Value::Table(t))
+        }
     }
 }
 

@@ -1,10 +1,9 @@
 //! The config's key store and the standard checks, for the Lua module
-//! (docs/adr/028): `engine:key(api_key)`, `engine:standard_checks(...)`,
-//! `engine:admission()`. The checks and denials are core's
+//! (docs/adr/028): `engine:key(api_key)`, the request handle's `h:auth`
+//! and `h:rate_limit`, `engine:admission()`. The checks and denials are core's
 //! (`llmproxy_core::keys`), so nginx and the standalone gateway agree.
 
 use chrono::Utc;
-use llmproxy_core::admission;
 use llmproxy_core::clock::Zone;
 use llmproxy_core::hooks::StandardChecks;
 use llmproxy_core::keys::{identifies_caller, standard_checks_with_usage, KeyIndex, KeyRecord};
@@ -61,19 +60,35 @@ impl KeyStore {
     }
 }
 
-/// The standard checks of a request that presented `key` (or none), with
-/// the key's live usage, and the standard denial: status, message and error
-/// code (core's `admission::standard_denial`, as the gateway answers).
-pub(crate) fn checks(
+/// What the admission hooks of a request that presented `key` (or none)
+/// from `client_ip` see: the key's record as `key_info` with its live
+/// usage (`null` when the key is unknown) and the standard checks.
+pub(crate) fn admission_input(
     store: &KeyStore,
     key: Option<&str>,
     client_ip: Option<&str>,
     used_quota: u64,
-) -> (StandardChecks, Option<(u16, &'static str, &'static str)>) {
+) -> (Json, StandardChecks) {
     let record = key.and_then(|k| store.get(k)).map(|e| &e.record);
-    let c = standard_checks_with_usage(record, used_quota, client_ip, Utc::now());
-    let denial = admission::standard_denial(&c).map(|d| (d.status, d.message, d.code));
-    (c, denial)
+    let checks = standard_checks_with_usage(record, used_quota, client_ip, Utc::now());
+    (key_info(store, key, used_quota), checks)
+}
+
+/// The `key_info` of the key a request presented, with its live usage;
+/// `null` when the key is unknown.
+pub(crate) fn key_info(store: &KeyStore, key: Option<&str>, used_quota: u64) -> Json {
+    key.and_then(|k| store.get(k)).map_or(Json::Null, |e| {
+        let mut info = e.info.clone();
+        if let Json::Object(m) = &mut info {
+            m.insert("used_quota".into(), used_quota.into());
+        }
+        info
+    })
+}
+
+/// A quota count from Lua: a finite positive number, else 0.
+pub(crate) fn quota_units(n: Option<f64>) -> u64 {
+    n.filter(|u| u.is_finite() && *u > 0.0).map_or(0, |u| u as u64)
 }
 
 /// Whether a request that presented `key` (or none) from `client_ip` comes
@@ -87,6 +102,7 @@ pub(crate) fn identified(store: &KeyStore, key: Option<&str>, client_ip: Option<
 /// (proxy/src/gateway/live.rs): auth when keys are configured or an auth
 /// script is enabled, the limiter when a limit is set or a rate_limit
 /// script is enabled.
+#[derive(Clone, Copy)]
 pub(crate) struct Admission {
     pub auth_on: bool,
     pub limit_on: bool,

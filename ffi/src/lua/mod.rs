@@ -70,9 +70,7 @@ mod script_log;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
-use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::config::{BalancerKind, OnError};
-use llmproxy_core::hooks::{AuthVerdict, StandardChecks};
 use llmproxy_core::http::hop_by_hop;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{AnyUserData, Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
@@ -125,6 +123,8 @@ struct LuaEngine {
     engine: Engine,
     shared: Shared,
     keys: keys::KeyStore,
+    /// What admission runs, and the zone of `current_time`.
+    admission: keys::Admission,
     /// The usage ledger's writer (`ledger:` in the config).
     ledger: Option<std::sync::Arc<llmproxy_ledger::Ledger>>,
 }
@@ -290,98 +290,16 @@ impl UserData for LuaEngine {
                 Ok(keys::identified(&this.keys, key.as_deref(), ip.as_deref()))
             },
         );
-        // engine:standard_checks(api_key, client_ip, used_quota) -> checks,
-        // status, message, code (status nil: every check passed).
-        methods.add_method(
-            "standard_checks",
-            |lua, this, (key, ip, used): (Option<mlua::LuaString>, Option<mlua::LuaString>, Option<f64>)| {
-                let key = key.as_ref().and_then(|k| k.to_str().ok().map(|s| s.to_owned()));
-                let ip = ip.as_ref().and_then(|k| k.to_str().ok().map(|s| s.to_owned()));
-                let used = used.filter(|u| u.is_finite() && *u > 0.0).map_or(0, |u| u as u64);
-                let (c, denial) = keys::checks(&this.keys, key.as_deref(), ip.as_deref(), used);
-                let t = lua.create_table_with_capacity(0, 5)?;
-                t.raw_set("key_valid", c.key_valid)?;
-                t.raw_set("status_active", c.status_active)?;
-                t.raw_set("not_expired", c.not_expired)?;
-                t.raw_set("ip_allowed", c.ip_allowed)?;
-                t.raw_set("quota_available", c.quota_available)?;
-                let mut out = vec![Value::Table(t)];
-                if let Some((status, message, code)) = denial {
-                    out.push(Value::Integer(i64::from(status)));
-                    out.push(Value::String(lua.create_string(message)?));
-                    out.push(Value::String(lua.create_string(code)?));
-                }
-                Ok(MultiValue::from_vec(out))
-            },
-        );
-        // engine:auth_decision(checks, result) -> nil (admitted) or status,
-        // message, code: core's `admission::decide` over the standard
-        // checks (the table `standard_checks` returned) and the auth
-        // script's result (nil, or its validated table), with the
-        // config's `scripts.auth.may_override` (docs/adr/040).
-        methods.add_method(
-            "auth_decision",
-            |lua, this, (checks, result): (Table, Option<Table>)| {
-                let flag = |name: &str| checks.raw_get::<Option<bool>>(name).map(|v| v.unwrap_or(false));
-                let c = StandardChecks {
-                    key_valid: flag("key_valid")?,
-                    status_active: flag("status_active")?,
-                    not_expired: flag("not_expired")?,
-                    ip_allowed: flag("ip_allowed")?,
-                    quota_available: flag("quota_available")?,
-                };
-                let verdict = match result {
-                    None => AuthVerdict::Standard,
-                    Some(r) if r.raw_get::<Option<bool>>("allow").ok().flatten() == Some(true) => AuthVerdict::Allow,
-                    Some(r) => AuthVerdict::Deny {
-                        reason: r.raw_get::<Option<String>>("reason").ok().flatten(),
-                        status_code: r
-                            .raw_get::<Option<f64>>("status_code")
-                            .ok()
-                            .flatten()
-                            .filter(|s| (200.0..=599.0).contains(s))
-                            .map_or(AuthVerdict::DEFAULT_DENY_STATUS, |s| s as u16),
-                    },
-                };
-                let out = match admission::decide(&c, &verdict, &this.engine.config().auth_may_override) {
-                    Decision::Allow => Vec::new(),
-                    Decision::Standard(d) => vec![
-                        Value::Integer(i64::from(d.status)),
-                        Value::String(lua.create_string(d.message)?),
-                        Value::String(lua.create_string(d.code)?),
-                    ],
-                    Decision::Script { status, reason } => vec![
-                        Value::Integer(i64::from(status)),
-                        Value::String(lua.create_string(reason.as_deref().unwrap_or("access denied"))?),
-                        Value::String(lua.create_string("denied_by_script")?),
-                    ],
-                };
-                Ok(MultiValue::from_vec(out))
-            },
-        );
         // engine:key_fingerprint(api_key) -> "sha256:..." (core's), for
         // any presented key, configured or not.
         methods.add_method("key_fingerprint", |_, _, key: mlua::LuaString| {
             Ok(llmproxy_core::keys::key_fingerprint(&key.to_string_lossy()))
         });
-        // engine:current_time(unix_seconds) -> {hour, weekday, timestamp}:
-        // core's `clock::current_time` in `limits.time_zone` (default: the
-        // machine's local zone), as the gateway's (docs/adr/041).
-        methods.add_method("current_time", |lua, this, ts: f64| {
-            let zone = keys::admission(this.engine.config(), |h| this.engine.is_enabled(h)).zone;
-            let now = chrono::DateTime::from_timestamp(ts as i64, 0).unwrap_or_else(chrono::Utc::now);
-            let c = llmproxy_core::clock::current_time(now, zone);
-            let t = lua.create_table_with_capacity(0, 3)?;
-            t.raw_set("hour", c.hour)?;
-            t.raw_set("weekday", c.weekday)?;
-            t.raw_set("timestamp", c.timestamp)?;
-            Ok(t)
-        });
         // engine:admission() -> {auth, limits, keys,
         // global_rpm, key_rpm, key_tpm, key_concurrency, ledger?}
         methods.add_method("admission", |lua, this, ()| {
             let config = this.engine.config();
-            let a = keys::admission(config, |h| this.engine.is_enabled(h));
+            let a = this.admission;
             let t = lua.create_table()?;
             t.raw_set("auth", a.auth_on)?;
             t.raw_set("limits", a.limit_on)?;
@@ -1477,10 +1395,12 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                         Some(Ok(w)) => Some(w),
                         Some(Err(e)) => return shared.fail(lua, Failure::invalid(e)),
                     };
+                    let admission = keys::admission(engine.config(), |h| engine.is_enabled(h));
                     let ud = lua.create_userdata(LuaEngine {
                         engine,
                         shared: shared.clone(),
                         keys,
+                        admission,
                         ledger,
                     })?;
                     Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))

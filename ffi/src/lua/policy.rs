@@ -114,7 +114,6 @@ pub(crate) fn rate_step(
     (res, took, denial): (Option<Table>, bool, Option<Table>),
 ) -> mlua::Result<mlua::MultiValue> {
     use llmproxy_core::hooks::RateVerdict;
-    use llmproxy_core::policy::limits::{LimitDenial, LimitKind};
     use llmproxy_core::policy::rate_stage::{decide, RateStep};
     use mlua::IntoLuaMulti;
 
@@ -137,14 +136,7 @@ pub(crate) fn rate_step(
     };
     let denial = match denial {
         None => None,
-        Some(d) => {
-            let kind: String = d.raw_get("kind")?;
-            Some(LimitDenial {
-                kind: LimitKind::parse(&kind)
-                    .ok_or_else(|| mlua::Error::runtime(format!("rate_step: no limit named '{kind}'")))?,
-                retry_after: d.raw_get::<Option<f64>>("retry_after")?.unwrap_or(1.0),
-            })
-        }
+        Some(d) => limit_denial(Some(&d.raw_get::<String>("kind")?), d.raw_get("retry_after")?)?,
     };
     match decide(&script, took, denial.as_ref()) {
         RateStep::Admit { force } => (true, force).into_lua_multi(lua),
@@ -158,4 +150,20 @@ pub(crate) fn rate_step(
         )
             .into_lua_multi(lua),
     }
+}
+
+/// The limiter's refusal from the limits module's `{kind, retry_after}`
+/// (`kind`: `global_rpm`, `key_rpm`, ...; `retry_after` defaults to 1 s).
+pub(crate) fn limit_denial(
+    kind: Option<&str>,
+    retry_after: Option<f64>,
+) -> mlua::Result<Option<llmproxy_core::policy::limits::LimitDenial>> {
+    use llmproxy_core::policy::limits::{LimitDenial, LimitKind};
+    let Some(kind) = kind else {
+        return Ok(None);
+    };
+    Ok(Some(LimitDenial {
+        kind: LimitKind::parse(kind).ok_or_else(|| mlua::Error::runtime(format!("no limit named '{kind}'")))?,
+        retry_after: retry_after.unwrap_or(1.0),
+    }))
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use llmproxy_core::admission::{self, Check, Decision};
+use llmproxy_core::admission::{self, Check};
 use llmproxy_core::clock::{self, Zone};
 use llmproxy_core::config::{LimitsConfig, StateOnError};
 use llmproxy_core::hooks::{
@@ -38,6 +38,7 @@ use llmproxy_core::keys::standard_checks_with_usage;
 use llmproxy_core::policy::errors::GatewayError;
 use llmproxy_core::policy::rate_stage::{self, RateRefusal, RateStep};
 use llmproxy_core::policy::usage as usage_policy;
+use llmproxy_core::request_handle::Step;
 use llmproxy_core::HookName;
 use serde_json::{json, Value};
 
@@ -89,51 +90,45 @@ fn auth_failure(status: u16, code: &'static str, message: String) -> Refusal {
     Refusal::Fail(Box::new(Failure::new(ErrorType::AuthError, status, code, message)))
 }
 
-/// Turn an auth verdict into admission or refusal: core's
-/// [`admission::decide`], so a script's `allow = true` overrules only the
-/// failed checks listed in `scripts.auth.may_override` (docs/adr/040). A
-/// standard 401 (no key, or an unknown one) counts against the client's
-/// address in the auth throttle (docs/adr/039).
+/// Turn the auth script's step into admission or refusal: core's
+/// [`admission::decide_step`], so a script's `allow = true` overrules only
+/// the failed checks listed in `scripts.auth.may_override` (docs/adr/040),
+/// and a script that failed under `on_error: deny` gets the standard
+/// denial when a check failed, else 503. A standard 401 (no key, or an
+/// unknown one) counts against the client's address in the auth throttle
+/// (docs/adr/039).
 fn judge_auth(
     shared: &Shared,
-    verdict: AuthVerdict,
+    step: Step<AuthVerdict>,
     checks: &StandardChecks,
     info: &RequestInfo,
     may_override: &[Check],
 ) -> Result<(), Refusal> {
-    match admission::decide(checks, &verdict, may_override) {
-        Decision::Allow => Ok(()),
-        Decision::Script { status, reason } => {
-            shared.metrics.auth_denied("script");
-            Err(auth_failure(
-                status,
-                "denied_by_script",
-                reason.unwrap_or_else(|| String::from("access denied")),
-            ))
+    let decision = match admission::decide_step(checks, step, may_override) {
+        Step::Ran(d) | Step::FellBack(d, _) => d,
+        Step::Denied(error) => {
+            shared.metrics.auth_denied("hook_failed");
+            return Err(Refusal::Deny(Denied {
+                hook: HookName::Auth,
+                error,
+            }));
         }
-        Decision::Standard(d) => {
-            shared.metrics.auth_denied(d.reason);
-            if d.check == Check::Unknown {
-                if let Some(ip) = info.client_ip.as_deref().and_then(|ip| ip.parse().ok()) {
-                    shared.throttles.api.failed(ip, Instant::now());
-                }
-            }
-            Err(auth_failure(d.status, d.code, d.message.to_owned()))
+    };
+    let Some(r) = decision.refusal() else {
+        return Ok(());
+    };
+    shared.metrics.auth_denied(r.reason);
+    if r.throttles {
+        if let Some(ip) = info.client_ip.as_deref().and_then(|ip| ip.parse().ok()) {
+            shared.throttles.api.failed(ip, Instant::now());
         }
     }
+    Err(auth_failure(r.status, r.code, r.message))
 }
 
-/// An auth script that failed under `on_error: deny` fails closed. When the
-/// standard checks deny as well (say an unknown key, and a script that reads
-/// `key_info`), the client gets that precise 401/403/429 rather than a 503.
-fn auth_script_failed(shared: &Shared, d: Denied, checks: &StandardChecks, info: &RequestInfo) -> Refusal {
-    match judge_auth(shared, AuthVerdict::Standard, checks, info, &[]) {
-        Err(standard) => standard,
-        Ok(()) => {
-            shared.metrics.auth_denied("hook_failed");
-            Refusal::Deny(d)
-        }
-    }
+/// The standard verdict alone (no auth script).
+fn standard() -> Step<AuthVerdict> {
+    Step::Ran(AuthVerdict::Standard)
 }
 
 /// The rate limit stage's 429 (core's decision), counted by its reason.
@@ -171,7 +166,7 @@ pub(crate) fn precheck(shared: &Shared, live: &Live, info: &RequestInfo, caller:
         info.client_ip.as_deref(),
         Utc::now(),
     );
-    judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])
+    judge_auth(shared, standard(), &checks, info, &[])
 }
 
 /// The counters a request is decided on in this process: the local state
@@ -311,12 +306,12 @@ pub(crate) async fn admit_counted(
             info.client_ip.as_deref(),
             Utc::now(),
         );
-        let verdict = if auth_script {
+        let step = if auth_script {
             auth_script_job(shared, live, info, info_value.clone(), checks, t).await?
         } else {
-            AuthVerdict::Standard
+            standard()
         };
-        judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
+        judge_auth(shared, step, &checks, info, &live.config().auth_may_override)?;
     }
     let mut admitted = Admitted::default();
     if live.limit_on {
@@ -373,8 +368,8 @@ pub(crate) async fn admit_counted(
     Ok(admitted)
 }
 
-/// The auth script's verdict, as a hook job. A failure under `on_error:
-/// deny` refuses the request ([`auth_script_failed`]).
+/// The auth script's step, as a hook job (a failure under `on_error:
+/// deny` is [`Step::Denied`]; [`judge_auth`] decides).
 async fn auth_script_job(
     shared: &Arc<Shared>,
     live: &Arc<Live>,
@@ -382,16 +377,19 @@ async fn auth_script_job(
     info_value: Value,
     checks: StandardChecks,
     t: &mut Timings,
-) -> Result<AuthVerdict, Refusal> {
+) -> Result<Step<AuthVerdict>, Refusal> {
     let (l2, i2) = (Arc::clone(live), Arc::clone(info));
     let job = move || {
         let mut t = Timings::default();
         let r = l2.stages.auth(&i2, &info_value, checks, &mut t);
         (r, t)
     };
-    hook_job(shared, HookName::Auth, job, || AuthVerdict::Standard, t)
-        .await?
-        .map_err(|d| auth_script_failed(shared, d, &checks, info))
+    Ok(
+        match hook_job(shared, HookName::Auth, job, || AuthVerdict::Standard, t).await? {
+            Ok(verdict) => Step::Ran(verdict),
+            Err(d) => Step::Denied(d.error),
+        },
+    )
 }
 
 /// The rate_limit script's verdict on `status`, as a hook job: the outer
@@ -475,13 +473,13 @@ pub(crate) async fn admit_redis(
             }
             let checks = standard_checks_with_usage(record, used, info.client_ip.as_deref(), Utc::now());
             info_value = key_info(caller, used);
-            let verdict = auth_script_job(shared, live, info, info_value.clone(), checks, t).await?;
-            judge_auth(shared, verdict, &checks, info, &live.config().auth_may_override)?;
+            let step = auth_script_job(shared, live, info, info_value.clone(), checks, t).await?;
+            judge_auth(shared, step, &checks, info, &live.config().auth_may_override)?;
         } else {
             // Everything but the quota now; the quota is checked by Redis in
             // the same step as the limits.
             let checks = standard_checks_with_usage(record, 0, info.client_ip.as_deref(), Utc::now());
-            judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])?;
+            judge_auth(shared, standard(), &checks, info, &[])?;
             quota_total = record.and_then(|r| r.quota_limit()).unwrap_or(0);
         }
     }
@@ -523,7 +521,7 @@ pub(crate) async fn admit_redis(
     };
     if acq.quota_exhausted {
         let checks = standard_checks_with_usage(record, acq.used, info.client_ip.as_deref(), Utc::now());
-        judge_auth(shared, AuthVerdict::Standard, &checks, info, &[])?;
+        judge_auth(shared, standard(), &checks, info, &[])?;
     }
     let took = acq.denial.is_none();
     let slot = |shared: &Arc<Shared>| key.map(|id| Permit::new(&shared.state, Arc::from(id)));

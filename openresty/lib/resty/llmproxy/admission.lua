@@ -13,37 +13,23 @@ local ngx_log = ngx.log
 local ERR = ngx.ERR
 local INFO = ngx.INFO
 local ngx_now = ngx.now
-local ngx_time = ngx.time
 local ngx_var = ngx.var
 local req_clear_header = ngx.req.clear_header
 local denied_failure = require("resty.llmproxy.failure").denied
 local failure = require("resty.llmproxy.failure").new
 local known_failure = require("resty.llmproxy.failure").known
-local run_step = require("resty.llmproxy.hook").run_step
-local request_of = require("resty.llmproxy.util").request_of
+local step = require("resty.llmproxy.hook").step
+local log_level = require("resty.llmproxy.util").log_level
 
--- What happens when a hook of admission fails: `{fallback, deny}`.
+-- What happens when a hook of admission fails: `{fallback, deny}`. An
+-- auth script that fails under `on_error: deny` when a standard check
+-- failed too gets the standard verdict (core's `admission::decide_step`).
 local AUTH = { "using the standard verdict", "refusing the request" }
-local AUTH_OVER_DENIAL = { "using the standard verdict", "refusing the request with the standard verdict" }
 local RATE_LIMIT = { "using the standard verdict", "refusing the request" }
 
 local _M = {}
 
 local UNLIMITED = 2147483647 -- the gateway's "no limit" in rate_limit_status
-
--- The clock as rate_limit scripts see it: core's current_time in the
--- YAML's `limits.time_zone` (default: the machine's local zone, `TZ`;
--- nginx keeps TZ for its workers), as the gateway's. Built once per
--- second (and engine); the engine copies it per call.
-local clock_at, clock_engine, clock_table
-local function current_time(engine)
-    local now = ngx_time()
-    if now ~= clock_at or engine ~= clock_engine then
-        clock_table = engine:current_time(now)
-        clock_at, clock_engine = now, engine
-    end
-    return clock_table
-end
 
 -- The key's live quota usage: `q:<fingerprint>` in the limits dict,
 -- shared by the workers (charged in log()), else the configured
@@ -60,51 +46,27 @@ local function used_quota(state, entry)
     return used or entry.configured_used
 end
 
--- `llmproxy_auth_denied_total` reasons of
--- a refusal's code (the gateway's).
-local AUTH_REASON = {
-    invalid_api_key = "invalid_key", key_disabled = "disabled", key_expired = "expired",
-    ip_not_allowed = "ip_not_allowed", quota_exhausted = "quota_exhausted", denied_by_script = "script",
-    hook_failed = "hook_failed",
-}
-
--- The auth stage, as the gateway's (proxy/src/gateway/admission.rs): the
--- standard checks (core's, with the key's live usage), then the auth
--- script: nil keeps the standard verdict, a deny is final, an allow
--- overrules only the checks the config lists in may_override. A script
--- that fails under `on_error: deny` fails closed: the standard denial when
--- there is one, else 503.
-local function authenticate(state, ctx, entry, used)
-    local checks, status, message, code = state.engine:standard_checks(ctx.api_key, ctx.fields.client_ip, used)
-    local standard = status and failure("auth_error", status, code, message) or nil
-    if not state.enabled.auth then
-        if standard and W.store then
-            metrics.auth_denied(W.store, AUTH_REASON[code])
-        end
-        return standard
-    end
-    local res, denied, fell = run_step(state, ctx, "auth", standard and AUTH_OVER_DENIAL or AUTH, request_of(ctx), {
-        key_info = entry and entry.info or state.null,
-        standard_checks = checks,
-    })
-    local err = denied or fell
+-- The auth stage on the request's handle (core's, as the gateway's):
+-- the standard checks with the key's live usage, the auth script, and
+-- the decision (`admission::decide_step`: nil keeps the standard verdict,
+-- a deny is final, an allow overrules only the checks the config lists in
+-- may_override; a script that fails under `on_error: deny` fails closed).
+-- Returns the refusal, or nil.
+local function authenticate(state, ctx, used)
+    local r, denied, broken = step(ctx, "auth", AUTH, ctx.h.auth, used)
     local refusal
-    if denied then
-        refusal = standard or denied_failure("auth", denied)
-    elseif fell then
-        refusal = standard
-    else
-        -- Core's decision (admission::decide): nil keeps the standard
-        -- verdict, a deny is final, an allow overrules only the failed
-        -- checks listed in scripts.auth.may_override (docs/adr/040).
-        local dstatus, dmessage, dcode = state.engine:auth_decision(checks, res)
-        refusal = dstatus and failure("auth_error", dstatus, dcode, dmessage) or nil
+    if denied or broken then
+        refusal = denied_failure("auth", denied or broken) -- fails closed
+    elseif r then
+        refusal = failure("auth_error", r.status, r.code, r.message)
+        refusal.throttles = r.throttles
     end
-    ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ",
-        err and "failed" or (res == nil and "standard" or (res.allow == false and "deny" or "allow")),
-        refusal and (" (" .. refusal.message .. ")") or "")
+    if state.enabled.auth and log_level() >= INFO then
+        ngx_log(INFO, "llmproxy: request ", ctx.id, ": auth verdict: ", ctx.h:verdict(),
+            refusal and (" (" .. refusal.message .. ")") or "")
+    end
     if refusal and W.store then
-        metrics.auth_denied(W.store, AUTH_REASON[refusal.code] or "hook_failed")
+        metrics.auth_denied(W.store, r and r.reason or "hook_failed")
     end
     return refusal
 end
@@ -123,7 +85,6 @@ local function key_id(state, ctx)
 end
 
 local UNLIMITED_STATUS = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 }
-
 
 -- The limiter's store: Redis (`state: {backend: redis}`) or the shared
 -- dict; the rule is the core's either way.
@@ -165,12 +126,12 @@ local function give_back_refused(state, ctx, acq)
     end
 end
 
--- The rate limit stage, as the gateway's: the standard limiter checks and
--- takes (atomically, across workers); the rate_limit script sees
--- `rate_limit_status` and `current_time` and may overrule it either way
--- (requests are then taken or given back). The concurrency slot is freed
--- in log().
-local function limit(state, ctx, entry)
+-- The rate limit stage on the request's handle, as the gateway's: the
+-- standard limiter checks and takes (atomically, across workers); the
+-- rate_limit script sees `rate_limit_status` and `current_time` and may
+-- overrule it either way (requests are then taken or given back: core's
+-- `policy::rate_stage`). The concurrency slot is freed in log().
+local function limit(state, ctx, used)
     local counted = state.limits_dict or state.redis
     local id = key_id(state, ctx)
     local acq
@@ -188,29 +149,20 @@ local function limit(state, ctx, entry)
         acq = { status = UNLIMITED_STATUS, took = false }
     end
     ctx.limits = acq
-    local res, verdict = nil, "standard"
-    if state.enabled.rate_limit then
-        local denied, fell
-        res, denied, fell = run_step(state, ctx, "rate_limit", RATE_LIMIT, request_of(ctx), {
-            key_info = entry and entry.info or state.null,
-            rate_limit_status = acq.status,
-            current_time = current_time(state.engine),
-        })
-        if denied then
-            if acq.took then
-                give_back_refused(state, ctx, acq)
-            end
-            return denied_failure("rate_limit", denied)
-        elseif fell then
-            verdict = "failed"
-        elseif res ~= nil then
-            verdict = res.allow == false and "deny" or "allow"
+    local st, denial = acq.status, acq.denial
+    local r, denied, broken = step(ctx, "rate_limit", RATE_LIMIT, ctx.h.rate_limit, used, st.global_remaining,
+        st.key_remaining, st.concurrent_count, acq.took == true, denial and denial.kind,
+        denial and denial.retry_after)
+    denied = denied or broken -- fails closed
+    if denied then
+        if acq.took then
+            give_back_refused(state, ctx, acq)
         end
+        return denied_failure("rate_limit", denied)
     end
-    -- Core's decision (`policy::rate_stage`, the gateway's too).
-    local admit_it, a2, code, message, retry_after, reason = state.llmproxy.rate_step(res, acq.took == true, acq.denial)
-    if admit_it then
-        if a2 and counted then
+    local verdict = state.enabled.rate_limit and log_level() >= INFO and ctx.h:verdict()
+    if r == nil or r == "force" then
+        if r and counted then
             -- The script allowed what a limit refused: take it unchecked.
             local forced, ferr = take(state, id, true)
             if not forced then
@@ -219,18 +171,22 @@ local function limit(state, ctx, entry)
             end
             ctx.limits = forced or acq
         end
-        ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict)
+        if verdict then
+            ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict)
+        end
         return nil
     end
-    if a2 then
+    if r.refund then
         give_back_refused(state, ctx, acq)
     end
-    ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict, " (", message, ")")
-    if W.store then
-        metrics.rate_limited(W.store, reason)
+    if verdict then
+        ngx_log(INFO, "llmproxy: request ", ctx.id, ": rate_limit verdict: ", verdict, " (", r.message, ")")
     end
-    local f = failure("rate_limit", 429, code, message)
-    f.retry_after = retry_after
+    if W.store then
+        metrics.rate_limited(W.store, r.reason)
+    end
+    local f = failure("rate_limit", 429, r.code, r.message)
+    f.retry_after = r.retry_after
     return f
 end
 
@@ -252,18 +208,15 @@ local function admit(state, ctx)
         end
         used = 0
     end
-    if entry then
-        entry.info.used_quota = used
-    end
     if adm.auth then
         req_clear_header("Authorization")
         req_clear_header("X-Api-Key")
-        local refusal = authenticate(state, ctx, entry, used)
+        local refusal = authenticate(state, ctx, used)
         if refusal then
             if refusal.code == "invalid_api_key" and W.store then
                 metrics.auth_failed(W.store)
             end
-            if refusal.code == "invalid_api_key" and state.throttle_on and state.limits_dict then
+            if refusal.throttles and state.throttle_on and state.limits_dict then
                 -- The standard 401 (no key, an unknown one) counts against
                 -- the client's address (the auth throttle).
                 local ok, terr = limits.throttle_failed(state.limits_dict, state.throttle, ngx_var.remote_addr,
@@ -276,7 +229,7 @@ local function admit(state, ctx)
         end
     end
     if adm.limits then
-        return limit(state, ctx, entry)
+        return limit(state, ctx, used)
     end
     return nil
 end

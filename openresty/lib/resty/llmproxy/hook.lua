@@ -90,9 +90,9 @@ end
 -- deny}` (e.g. `{"using the default balancer", "refusing the request"}`)
 -- @tparam function method the handle's method (e.g. `h.route`)
 -- @param ... its arguments
--- @return the decision (nil when the host's input was refused: logged,
--- and the request goes on as without the hook), or nil and the error that
--- denies the request
+-- @return the decision, or nil and the error that denies the request; or
+-- nil, nil and the error of the host's input (a bug of this module,
+-- logged: the data path goes on as without the hook, admission refuses)
 local function step(ctx, hook, policy, method, ...)
     local h = ctx.h
     local t0 = ctx.state.enabled[hook] and clock() -- a hook without a script is never timed
@@ -103,7 +103,7 @@ local function step(ctx, hook, policy, method, ...)
     if err and not err.hook then
         -- The host's input (a bug of this module), not the script's.
         ngx_log(ERR, "llmproxy: ", hook, " step of request ", ctx.id, " failed: ", describe_error(err))
-        return nil
+        return nil, nil, err
     end
     if not (t0 and h:called()) then
         return res -- no script ran: nothing to count, nothing failed
