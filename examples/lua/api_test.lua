@@ -736,7 +736,7 @@ local tests = {
       end
     end
   end },
-  { "a client's key and request id: core's rules (llmproxy.api_key, request_id_acceptable)", function()
+  { "a client's key and request id: core's rules (llmproxy.api_key, request_id)", function()
     for _, c in ipairs({
       { nil, nil, nil }, { nil, " sk-b ", "sk-b" }, { "Bearer sk-a", "sk-b", "sk-a" },
       { "bearer \tsk-a ", nil, "sk-a" }, { "Bearer ", "sk-b", "sk-b" }, { "Basic dXNlcg==", nil, nil },
@@ -744,9 +744,12 @@ local tests = {
     }) do
       assert(llmproxy.api_key(c[1], c[2]) == c[3], tostring(c[1]) .. " " .. tostring(c[2]))
     end
-    assert(llmproxy.request_id_acceptable("abc-123") and llmproxy.request_id_acceptable(("x"):rep(128)))
-    for _, bad in ipairs({ "", "has space", ("x"):rep(129), "\255" }) do
-      assert(not llmproxy.request_id_acceptable(bad), bad)
+    assert(llmproxy.request_id("abc-123") == "abc-123" and llmproxy.request_id(("x"):rep(128)) == ("x"):rep(128))
+    local seen = {}
+    for _, bad in ipairs({ false, "", "has space", ("x"):rep(129), "\255" }) do
+      local id = llmproxy.request_id(bad or nil)
+      assert(id:match("^req_%x+$") and #id == 28 and not seen[id], id)
+      seen[id] = true
     end
   end },
   { "a handle says which answer is a stream: asked for, a success, text/event-stream", function()

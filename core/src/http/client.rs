@@ -1,6 +1,11 @@
 //! What a client says about itself in its request's headers: the API key
 //! it presents and the request id it asks for. Every host reads them with
-//! these functions, so a key or an id one host accepts, every host accepts.
+//! these functions, so a key or an id one host accepts, every host accepts,
+//! and every host makes its own ids the same way.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest client-supplied request id accepted.
 pub const MAX_REQUEST_ID: usize = 128;
@@ -10,6 +15,40 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// otherwise).
 pub fn request_id_acceptable(id: &[u8]) -> bool {
     !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+/// The request's id: the client's `X-Request-ID` when acceptable
+/// ([`request_id_acceptable`]), else a new one ([`new_request_id`]).
+pub fn request_id(client: Option<&[u8]>) -> String {
+    match client {
+        Some(id) if request_id_acceptable(id) => String::from_utf8_lossy(id).into_owned(),
+        _ => new_request_id(),
+    }
+}
+
+/// A new request id, `req_` + 24 hex digits: a per-process random prefix
+/// and a counter, so ids are unique within a process (an nginx worker, a
+/// gateway) and unlikely to collide across processes. No system call and
+/// no entropy per id.
+pub fn new_request_id() -> String {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        splitmix(nanos ^ (u64::from(std::process::id()) << 32))
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("req_{:08x}{:016x}", prefix as u32, splitmix(prefix ^ n))
+}
+
+/// SplitMix64's finalizer: a bijection that spreads a counter's bits.
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// The credentials of `Authorization: Bearer <token>` (the scheme in any
@@ -32,6 +71,24 @@ pub fn api_key<'a>(authorization: Option<&'a str>, x_api_key: Option<&'a str>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_the_clients_when_sane_else_new() {
+        assert_eq!(request_id(Some(b"abc-123")), "abc-123");
+        for bad in [
+            None,
+            Some(&b""[..]),
+            Some(b"has space"),
+            Some(b"tab\t"),
+            Some(&[b'x'; 129][..]),
+            Some(b"\xff"),
+        ] {
+            let id = request_id(bad);
+            assert!(id.starts_with("req_") && id.len() == 28, "{id}");
+            assert!(id[4..].bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        assert_ne!(new_request_id(), new_request_id());
+    }
 
     #[test]
     fn keys_come_from_bearer_else_x_api_key() {

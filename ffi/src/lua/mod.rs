@@ -46,8 +46,8 @@
 //! NULL light userdata, equal to `cjson.null`), `empty_array`, `array_mt`,
 //! `healthz_body` (`GET /healthz`' body), `installed([true])` (a
 //! process-wide mark that a host installed an engine), and host rules from
-//! core: `usage`, `hop_by_hop`, `failure_step` (which
-//! hook shapes a failed request's response next, docs/adr/042).
+//! core: `usage`, `hop_by_hop`, `api_key`, `request_id`, `failure_step`
+//! (which hook shapes a failed request's response next, docs/adr/042).
 //!
 //! The module runs in the host's Lua state (mlua `module` mode: LuaJIT comes
 //! from the host); scripts run in the engine's own sandbox states, never in
@@ -1318,12 +1318,15 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             }
         })?,
     )?;
-    // llmproxy.request_id_acceptable(id) -> whether a client's X-Request-ID
-    // may be the request's id (core's rule, the gateway's).
+    // llmproxy.request_id(client_id?) -> the request's id: the client's
+    // X-Request-ID when acceptable, else a new `req_` id (core's rule and
+    // generator, the gateway's).
     exports.raw_set(
-        "request_id_acceptable",
-        lua.create_function(|_, id: mlua::LuaString| {
-            Ok(llmproxy_core::http::client::request_id_acceptable(&id.as_bytes()))
+        "request_id",
+        lua.create_function(|_, id: Option<mlua::LuaString>| {
+            Ok(llmproxy_core::http::client::request_id(
+                id.as_ref().map(|s| s.as_bytes()).as_deref(),
+            ))
         })?,
     )?;
     // llmproxy.error_type(status) -> the error type of a backend's status.

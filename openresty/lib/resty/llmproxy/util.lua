@@ -19,7 +19,6 @@ local match = string.match
 local gmatch = string.gmatch
 local NOTICE = ngx.NOTICE
 local ngx_now = ngx.now
-local ngx_var = ngx.var
 
 local _M = {}
 
@@ -141,18 +140,15 @@ local function entries(list)
     return out
 end
 
--- The client's id when core accepts it (`llmproxy.request_id_acceptable`,
--- the gateway's rule), else nginx's.
-local id_acceptable
+-- The request's id: the client's X-Request-ID when core accepts it, else
+-- a new one, as the gateway makes it (`llmproxy.request_id`: core's rule
+-- and generator; nginx's $request_id would cost the worker 16 random bytes
+-- from OpenSSL per request).
+local core_request_id
 local function request_id(headers)
     local id = headers["x-request-id"]
-    if type(id) == "string" then
-        id_acceptable = id_acceptable or require("llmproxy").request_id_acceptable
-        if id_acceptable(id) then
-            return id
-        end
-    end
-    return ngx_var.request_id
+    core_request_id = core_request_id or require("llmproxy").request_id
+    return core_request_id(type(id) == "string" and id or nil)
 end
 
 local function is_json(content_type)
