@@ -741,6 +741,9 @@ local tests = {
       { nil, nil, nil }, { nil, " sk-b ", "sk-b" }, { "Bearer sk-a", "sk-b", "sk-a" },
       { "bearer \tsk-a ", nil, "sk-a" }, { "Bearer ", "sk-b", "sk-b" }, { "Basic dXNlcg==", nil, nil },
       { "Bearer \255", nil, nil },
+      -- a header sent twice (a table, as ngx.req.get_headers() gives it) presents nothing
+      { { "Bearer sk-a", "Bearer sk-c" }, "sk-b", "sk-b" }, { { "Bearer sk-a" }, nil, "sk-a" },
+      { nil, { "sk-b", "sk-d" }, nil },
     }) do
       assert(llmproxy.api_key(c[1], c[2]) == c[3], tostring(c[1]) .. " " .. tostring(c[2]))
     end

@@ -68,14 +68,21 @@ async fn run_case(case: &Value, index: usize) -> Vec<String> {
         }
         let method = Method::from_bytes(req["method"].as_str().unwrap_or("POST").as_bytes()).expect("method");
         let path = req["path"].as_str().unwrap_or("/v1/chat/completions");
+        // A list value: the header sent once per value.
         let mut headers: Vec<(String, String)> = req["headers"]
             .as_object()
-            .map(|h| {
-                h.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                    .collect()
+            .into_iter()
+            .flatten()
+            .flat_map(|(k, v)| {
+                let values = match v {
+                    Value::Array(list) => list.iter().collect(),
+                    one => vec![one],
+                };
+                values
+                    .into_iter()
+                    .map(|v| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
             })
-            .unwrap_or_default();
+            .collect();
         if let Some(k) = req["key"].as_str() {
             headers.push(("authorization".into(), format!("Bearer {k}")));
         }

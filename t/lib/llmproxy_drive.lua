@@ -25,7 +25,8 @@ local function dechunk(body)
     return table.concat(out)
 end
 
---- One request to 127.0.0.1:`port` (Connection: close).
+--- One request to 127.0.0.1:`port` (Connection: close); `headers`: name ->
+-- value, or a list of values (the header sent once per value).
 -- @treturn number status
 -- @treturn table headers (lower-case names)
 -- @treturn string body
@@ -38,7 +39,13 @@ function _M.request(port, method, path, headers, body)
     end
     local req = { method, " ", path, " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" }
     for k, v in pairs(headers or {}) do
-        req[#req + 1] = k .. ": " .. v .. "\r\n"
+        if type(v) == "table" then -- sent once per value
+            for i = 1, #v do
+                req[#req + 1] = k .. ": " .. v[i] .. "\r\n"
+            end
+        else
+            req[#req + 1] = k .. ": " .. v .. "\r\n"
+        end
     end
     if body then
         req[#req + 1] = "Content-Length: " .. #body .. "\r\n"

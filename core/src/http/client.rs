@@ -60,8 +60,19 @@ pub fn bearer(authorization: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The value of a header the client sent once; `None` when it sent none
+/// or several. A credential header sent twice is ambiguous (a proxy in
+/// front may have read the other one), so hosts pass [`api_key`] the
+/// headers through this: neither value is used.
+pub fn sole<'a, I: IntoIterator<Item = &'a str>>(values: I) -> Option<&'a str> {
+    let mut it = values.into_iter();
+    let first = it.next()?;
+    it.next().is_none().then_some(first)
+}
+
 /// The API key a client presents: `Authorization: Bearer <key>`, else
-/// `x-api-key: <key>` (blanks trimmed, an empty key is none).
+/// `x-api-key: <key>` (blanks trimmed, an empty key is none); each header
+/// as [`sole`] reads it.
 pub fn api_key<'a>(authorization: Option<&'a str>, x_api_key: Option<&'a str>) -> Option<&'a str> {
     authorization
         .and_then(bearer)
@@ -88,6 +99,14 @@ mod tests {
             assert!(id[4..].bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
         }
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn a_header_sent_twice_presents_nothing() {
+        assert_eq!(sole([]), None);
+        assert_eq!(sole(["Bearer a"]), Some("Bearer a"));
+        assert_eq!(sole(["Bearer a", "Bearer b"]), None);
+        assert_eq!(api_key(sole(["Bearer a", "Bearer b"]), sole(["sk-x"])), Some("sk-x"));
     }
 
     #[test]

@@ -1078,6 +1078,19 @@ fn request(lua: &Lua, value: &Value, array_mt: &Table) -> Result<Request, Failur
     }
 }
 
+/// A request header's value as `ngx.req.get_headers()` gives it (a string,
+/// a table of the values of a header sent more than once, or nil) read
+/// with core's `client::sole`: one text value, else none (a value that is
+/// not UTF-8 is none too).
+fn header_text(v: &Value) -> Option<String> {
+    let values: Vec<String> = match v {
+        Value::String(s) => vec![s.to_str().map(|t| t.to_owned()).unwrap_or_default()],
+        Value::Table(t) => t.sequence_values::<String>().map(|s| s.unwrap_or_default()).collect(),
+        _ => Vec::new(),
+    };
+    llmproxy_core::http::client::sole(values.iter().map(String::as_str)).map(str::to_owned)
+}
+
 /// Where a `llmproxy.new` argument says the config is.
 enum Source {
     Yaml(String),
@@ -1305,13 +1318,13 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     exports.raw_set("gateway_error", lua.create_function(policy::gateway_error)?)?;
     // llmproxy.api_key(authorization, x_api_key) -> the API key a client
     // presents (`Authorization: Bearer`, else `x-api-key`), or nil: core's
-    // rule (`http::client`), the gateway's.
+    // rule (`http::client`), the gateway's. Each header as
+    // `ngx.req.get_headers()` gives it: a string, or a table when it was
+    // sent more than once, which presents nothing (`client::sole`).
     exports.raw_set(
         "api_key",
-        lua.create_function(|lua, (auth, key): (Option<mlua::LuaString>, Option<mlua::LuaString>)| {
-            // A value that is not UTF-8 presents no key.
-            let auth = auth.as_ref().and_then(|s| s.to_str().ok());
-            let key = key.as_ref().and_then(|s| s.to_str().ok());
+        lua.create_function(|lua, (auth, key): (Value, Value)| {
+            let (auth, key) = (header_text(&auth), header_text(&key));
             match llmproxy_core::http::client::api_key(auth.as_deref(), key.as_deref()) {
                 Some(k) => Ok(Value::String(lua.create_string(k)?)),
                 None => Ok(Value::Nil),

@@ -85,10 +85,13 @@ impl KeySet {
 }
 
 /// The API key of a request (core's rule,
-/// [`llmproxy_core::http::client::api_key`]).
+/// [`llmproxy_core::http::client::api_key`]; a header sent twice presents
+/// nothing, [`llmproxy_core::http::client::sole`]). A value that is not
+/// text presents no key.
 pub fn presented_key(headers: &HeaderMap) -> Option<String> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    llmproxy_core::http::client::api_key(text("authorization"), text("x-api-key")).map(str::to_owned)
+    use llmproxy_core::http::client::{api_key, sole};
+    let text = |name: &str| sole(headers.get_all(name).iter().map(|v| v.to_str().unwrap_or_default()));
+    api_key(text("authorization"), text("x-api-key")).map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -147,5 +150,10 @@ mod tests {
         assert_eq!(presented_key(&h).as_deref(), Some("sk-b"));
         h.insert("authorization", HeaderValue::from_static("Bearer sk-a"));
         assert_eq!(presented_key(&h).as_deref(), Some("sk-a"));
+        // Sent twice: neither Bearer token is used (x-api-key still is).
+        h.append("authorization", HeaderValue::from_static("Bearer sk-c"));
+        assert_eq!(presented_key(&h).as_deref(), Some("sk-b"));
+        h.append("x-api-key", HeaderValue::from_static("sk-d"));
+        assert_eq!(presented_key(&h), None);
     }
 }

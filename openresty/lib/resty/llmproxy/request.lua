@@ -5,7 +5,6 @@
 
 local ngx = ngx
 
-local type = type
 local tostring = tostring
 local tonumber = tonumber
 local io_open = io.open
@@ -60,11 +59,9 @@ local function request_fields(ctx, raw)
         client_ip = ngx_var.remote_addr,
         path = ngx_var.uri,
     }
-    -- The key (core's rule, the gateway's): Bearer, else x-api-key. A
-    -- header sent twice comes as a table: it presents no key.
-    local auth, key = raw["authorization"], raw["x-api-key"]
-    request.api_key = ctx.state.llmproxy.api_key(type(auth) == "string" and auth or nil,
-        type(key) == "string" and key or nil)
+    -- The key (core's rule, the gateway's): Bearer, else x-api-key; a
+    -- header sent twice (a table here) presents none.
+    request.api_key = ctx.state.llmproxy.api_key(raw["authorization"], raw["x-api-key"])
     return request
 end
 
