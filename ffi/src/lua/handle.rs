@@ -148,9 +148,9 @@ impl UserData for LuaHandle {
              this,
              (used, global_remaining, key_remaining, concurrent_count, took, kind, retry_after): (
                 Option<f64>,
-                i64,
-                i64,
-                i64,
+                f64,
+                f64,
+                f64,
                 bool,
                 Option<mlua::BorrowedStr>,
                 Option<f64>,
@@ -162,10 +162,11 @@ impl UserData for LuaHandle {
                     let now = llmproxy_core::clock::current_time(chrono::Utc::now(), e.admission.zone);
                     (keys::key_info(&e.keys, key, keys::quota_units(used)), now)
                 };
+                // Counts as the host's store gives them (Lua numbers).
                 let status = RateLimitStatus {
-                    global_remaining,
-                    key_remaining,
-                    concurrent_count,
+                    global_remaining: global_remaining as i64,
+                    key_remaining: key_remaining as i64,
+                    concurrent_count: concurrent_count as i64,
                 };
                 let mut verdict = "standard";
                 let out = this.step(
