@@ -16,8 +16,9 @@
 //! local ev, err = h:event(data, latency_ms)  -- { data = text|nil (as it came),
 //!                                      --   drop = bool, status =, headers = }
 //! local b, err = h:usage(status?)      -- status: the client's, when the
-//!                                      -- handle saw no answer; { usage =, record = tbl|nil, billable_tokens =,
-//!                                      --   limit_tokens =, ..., metrics = {...} }
+//!                                      -- handle saw no answer; { record_json = text
+//!                                      --   (the usage hook's record, else the backend's usage),
+//!                                      --   billable_tokens =, limit_tokens =, ..., metrics = {...} }
 //!                                      -- (llmproxy.usage_charge's table)
 //! local r, err = h:auth(used_quota)    -- nil: admitted; r: the refusal
 //!                                      -- { status =, code =, message =, reason =, throttles = }
@@ -47,7 +48,7 @@ use llmproxy_core::policy::rate_stage::{self, RateStep};
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
-use super::{charge_table, convert, keys, policy, reply, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
+use super::{charge_table, keys, policy, reply, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
 use crate::input;
@@ -255,12 +256,14 @@ impl UserData for LuaHandle {
             this.step(
                 lua,
                 |h, engine| Ok(h.usage(engine)),
-                |lua, shared, b| {
+                |lua, _, b| {
                     let t = charge_table(lua, b.charge)?;
-                    t.raw_set("usage", convert::to_lua(lua, &b.usage, &shared.array_mt)?)?;
-                    if let Some(record) = &b.record {
-                        t.raw_set("record", convert::to_lua(lua, record, &shared.array_mt)?)?;
-                    }
+                    // The record (the script's, else the backend's usage) as
+                    // JSON text, keys sorted: what the host logs and the
+                    // ledger stores.
+                    let mut record = b.record.unwrap_or(b.usage);
+                    record.sort_all_objects();
+                    t.raw_set("record_json", lua.create_string(record.to_string())?)?;
                     Ok(Value::Table(t))
                 },
             )

@@ -246,8 +246,8 @@ end
 --
 -- Frees the request's concurrency slot (on every path); runs the `usage`
 -- hook on the usage captured from the response (the final usage chunk for
--- streams; a failing script records the raw usage), keeps the record in
--- `ngx.ctx.llmproxy.usage_record`, logs it at NOTICE level and charges
+-- streams; a failing script records the raw usage), keeps the record as
+-- JSON text in `ngx.ctx.llmproxy.usage_json`, logs it at NOTICE level and charges
 -- the key's quota (`billable_tokens`, else `total_tokens`) and tokens per
 -- minute; queues the ledger row of an admitted request (never waits,
 -- except in a worker that is exiting: then until it is committed);

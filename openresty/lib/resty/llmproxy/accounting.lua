@@ -34,8 +34,8 @@ local _M = {}
 local POOL_STATS_EVERY = 1 -- seconds between two copies of this worker's pool stats
 local pool_stats_at = 0
 
--- The usage of an answer that reported none (read-only).
-local ZERO_USAGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 }
+-- The ledger's record of a request no usage step ran for.
+local ZERO_USAGE_JSON = '{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
 
 -- What happens when the usage hook fails: `{fallback, deny}` (it never
 -- denies: the answer is sent).
@@ -43,16 +43,15 @@ local USAGE = { "recording the raw usage", "recording the raw usage" }
 
 -- The handle's usage step (core's: the usage hook on the backend's usage,
 -- zeros when it reported none, and the charge that follows); the record
--- goes to the log, the quota (shared dict or Redis), the ledger (in log())
--- and the metrics.
+-- (JSON text from Rust) goes to the log and the ledger (in log()), the
+-- charge to the quota (shared dict or Redis) and the metrics.
 local function record_usage(state, ctx)
     local backend = ctx.backend
     local charge = step(ctx, "usage", USAGE, ctx.h.usage, ctx.status or ngx.status)
     if not charge then
         return
     end
-    local record = charge.record or charge.usage
-    ctx.usage_record = record
+    ctx.usage_json = charge.record_json
     ctx.charge = charge
     local billable = charge.billable_tokens
     local dict = state.limits_dict
@@ -78,9 +77,8 @@ local function record_usage(state, ctx)
         end
     end
     if log_level() >= NOTICE then
-        local text = state.encode(record) or "?"
-        ctx.usage_text = text
-        ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", backend and backend.name or "-", "': ", text)
+        ngx_log(NOTICE, "llmproxy: usage of request ", ctx.id, " on '", backend and backend.name or "-", "': ",
+            ctx.usage_json)
     end
 end
 
@@ -134,7 +132,6 @@ local ZERO_CHARGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0
 -- queued for the module's writer thread; never waits (a full queue drops
 -- the record and counts it).
 local function write_ledger(state, ctx)
-    local record = ctx.usage_record or ZERO_USAGE
     local charge = ctx.charge or ZERO_CHARGE
     local req = request_of(ctx)
     local model = req and req:body_get("/model")
@@ -155,7 +152,7 @@ local function write_ledger(state, ctx)
         billable_tokens = charge.billable_tokens,
         cost = charge.cost,
         latency_ms = (ngx_now() - ctx.started) * 1000,
-        record = ctx.usage_text or state.encode(record) or "{}",
+        record = ctx.usage_json or ZERO_USAGE_JSON,
     })
     if ok == false then
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": the ledger queue is full; usage record dropped (counted)")

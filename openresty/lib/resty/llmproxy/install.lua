@@ -4,7 +4,6 @@
 -- @module resty.llmproxy.install
 
 local ngx = ngx
-local json = require "resty.llmproxy.json"
 local metrics = require "resty.llmproxy.metrics"
 local backends = require "resty.llmproxy.backends"
 local W = require "resty.llmproxy.worker"
@@ -159,7 +158,6 @@ local function load(config, opts)
         engine = engine,
         version = llmproxy.version,
         null = llmproxy.null,
-        encode = json.encoder(llmproxy, { sort_keys = true }),
         config = describe_config(config),
         enabled = enabled,
         enabled_names = concat(names, ", "),
