@@ -158,7 +158,7 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
 /// reference for the table and another call to store it. A `null` value
 /// leaves its global absent (`nil`, not `json.null`): `if not key_info`
 /// works for an unknown key.
-pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) -> mlua::Result<()> {
+pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]) -> mlua::Result<()> {
     let m = markers(lua)?;
     // Owned here, outside the closure (see `json_to_lua`).
     let mut texts = Vec::new();
@@ -172,12 +172,18 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) ->
     // pops both: the stack is balanced after each global.
     unsafe {
         lua.exec_raw::<()>((env, &m.array_mt), |state| {
-            for (name, value) in globals.iter().filter(|(_, v)| !v.is_null()) {
-                if ffi::lua_checkstack(state, 2) == 0 {
+            for (name, value) in globals {
+                if matches!(value, Global::Json(Value::Null)) {
+                    continue;
+                }
+                if ffi::lua_checkstack(state, 4) == 0 {
                     ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
                 }
                 ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
-                push_json(state, value, 2, &mut texts, &mut plain);
+                match value {
+                    Global::Json(v) => push_json(state, v, 2, &mut texts, &mut plain),
+                    Global::Fields(fields) => push_fields(state, fields, &mut plain),
+                }
                 ffi::lua_rawset(state, 1);
             }
         })?;
@@ -185,6 +191,57 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) ->
     drop(m);
     record_texts(lua, texts, &plain);
     Ok(())
+}
+
+/// One global of [`set_globals`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Global<'a> {
+    /// A JSON value.
+    Json(&'a Value),
+    /// A flat table of booleans and integers (`standard_checks`,
+    /// `rate_limit_status`, `current_time`), pushed as it is, without a
+    /// JSON value built first.
+    Fields(&'a [(&'static str, Scalar)]),
+}
+
+impl<'a> From<&'a Value> for Global<'a> {
+    fn from(v: &'a Value) -> Self {
+        Global::Json(v)
+    }
+}
+
+/// A field of [`Global::Fields`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scalar {
+    /// A boolean.
+    Bool(bool),
+    /// An integer (a Lua number, as a JSON integer would be).
+    Int(i64),
+}
+
+/// Push `fields` as one table on the stack of `state`.
+///
+/// # Safety
+/// `state` is live and inside a protected call (an allocation failure
+/// raises). Integers go to `plain` as [`push_json`] records them.
+unsafe fn push_fields(state: *mut lua_State, fields: &[(&'static str, Scalar)], plain: &mut Vec<u64>) {
+    // The table, a key and a value.
+    if ffi::lua_checkstack(state, 3) == 0 {
+        ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
+    }
+    ffi::lua_createtable(state, 0, c_int::try_from(fields.len()).unwrap_or(0));
+    for (name, field) in fields {
+        ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+        match *field {
+            Scalar::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
+            Scalar::Int(i) => {
+                let f = i as f64;
+                plain.push(f.to_bits());
+                ffi::lua_pushnumber(state, f);
+            }
+        }
+        ffi::lua_rawset(state, -3);
+    }
 }
 
 /// Record numbers whose text a double does not reproduce, and the doubles

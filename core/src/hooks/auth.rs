@@ -4,9 +4,9 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{expect_object, optional_status, optional_string, required_bool, serialized};
+use super::{expect_object, optional_status, optional_string, required_bool};
 use super::{HookInput, HookName, RequestInfo};
-use crate::convert;
+use crate::convert::{self, Global, Scalar};
 use crate::error::HookError;
 
 /// Results of the standard key checks, shown to the script as
@@ -65,9 +65,23 @@ impl HookInput for AuthInput<'_> {
         unsafe { self.request.defer(lua)? };
         // SAFETY: as above.
         let key_info = unsafe { convert::defer_object(lua, "key_info", self.key_info)? };
-        let checks = serialized(&self.standard_checks)?;
+        let c = &self.standard_checks;
+        let checks = [
+            ("key_valid", Scalar::Bool(c.key_valid)),
+            ("status_active", Scalar::Bool(c.status_active)),
+            ("not_expired", Scalar::Bool(c.not_expired)),
+            ("ip_allowed", Scalar::Bool(c.ip_allowed)),
+            ("quota_available", Scalar::Bool(c.quota_available)),
+        ];
         // An unknown key's `null` key_info is left out (`nil`).
-        convert::set_globals(lua, env, &[("key_info", key_info), ("standard_checks", &checks)])
+        convert::set_globals(
+            lua,
+            env,
+            &[
+                ("key_info", key_info.into()),
+                ("standard_checks", Global::Fields(&checks)),
+            ],
+        )
     }
 }
 

@@ -4,9 +4,9 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{expect_object, optional_non_negative, optional_string, required_bool, serialized};
+use super::{expect_object, optional_non_negative, optional_string, required_bool};
 use super::{HookInput, HookName, RequestInfo};
-use crate::convert;
+use crate::convert::{self, Global, Scalar};
 use crate::error::HookError;
 
 /// The standard limiter's view, shown as `rate_limit_status`.
@@ -57,13 +57,23 @@ impl HookInput for RateLimitInput<'_> {
         unsafe { self.request.defer(lua)? };
         // SAFETY: as above.
         let key_info = unsafe { convert::defer_object(lua, "key_info", self.key_info)? };
-        let status = serialized(&self.rate_limit_status)?;
-        let time = serialized(&self.current_time)?;
+        let s = &self.rate_limit_status;
+        let status = [
+            ("global_remaining", Scalar::Int(s.global_remaining)),
+            ("key_remaining", Scalar::Int(s.key_remaining)),
+            ("concurrent_count", Scalar::Int(s.concurrent_count)),
+        ];
+        let t = &self.current_time;
+        let time = [
+            ("hour", Scalar::Int(i64::from(t.hour))),
+            ("weekday", Scalar::Int(i64::from(t.weekday))),
+            ("timestamp", Scalar::Int(t.timestamp)),
+        ];
         // An unknown key's `null` key_info is left out (`nil`).
         let globals = [
-            ("key_info", key_info),
-            ("rate_limit_status", &status),
-            ("current_time", &time),
+            ("key_info", key_info.into()),
+            ("rate_limit_status", Global::Fields(&status)),
+            ("current_time", Global::Fields(&time)),
         ];
         convert::set_globals(lua, env, &globals)
     }

@@ -46,7 +46,11 @@ impl HookInput for UsageInput<'_> {
         // SAFETY: as for `request`.
         unsafe { self.response.defer(lua)? };
         let metadata = serialized(self.metadata)?;
-        convert::set_globals(lua, env, &[("usage", self.usage), ("metadata", &metadata)])
+        convert::set_globals(
+            lua,
+            env,
+            &[("usage", self.usage.into()), ("metadata", (&metadata).into())],
+        )
     }
 }
 
