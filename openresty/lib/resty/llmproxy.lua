@@ -173,9 +173,10 @@ _M.error_body = failure.body
 --- Admit, route and rewrite the request for its backend.
 --
 -- Reads the body (also when spooled to a file) and parses the request
--- once, in Rust, into an `llmproxy.request` handle (`id` from a sane
--- `X-Request-ID` or `$request_id`, title-cased headers, client_ip, path,
--- api_key from a Bearer token or x-api-key, the body). Admission as the
+-- once, in Rust, into the core's request handle (`id` from a sane
+-- `X-Request-ID` or a new `req_` id as the gateway makes them, title-cased
+-- headers, client_ip, path, api_key from a Bearer token or x-api-key, the
+-- body). Admission as the
 -- gateway's: the standard checks and `auth`, the shared limiter and
 -- `rate_limit` (refusals: 401/403/429 through error_handler; the key is
 -- removed before upstream), then `routing` (a failure falls
