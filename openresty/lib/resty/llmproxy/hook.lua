@@ -53,8 +53,8 @@ local function account(ctx, hook, policy, t0, denied, fell)
     end
 end
 
---- Run `hook` outside a request's data path (auth, rate_limit,
--- error_handler) on the request `req` with the other globals as a table,
+--- Run `hook` outside the request handle's steps (error_handler) on the
+-- request `req` with the other globals as a table,
 -- its failure policy applied by the core (`engine:run_step`, as the
 -- handle's steps and the gateway apply it); metrics, script log lines and
 -- the error log line as for a handle's step.

@@ -159,8 +159,8 @@ local function latency_ms(ctx)
     return (ngx_now() - (ctx.upstream_started or ctx.started)) * 1000
 end
 
--- The request's `llmproxy.request` for the hooks outside the data path
--- (auth, rate_limit, error_handler) and the ledger, made from its handle
+-- The request's `llmproxy.request` for error_handler (outside the
+-- handle's steps) and the ledger's model, made from its handle
 -- on first use (most requests need none), or nil without a handle.
 local function request_of(ctx)
     local req = ctx.req
