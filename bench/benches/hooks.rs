@@ -279,17 +279,7 @@ fn bench_pipeline_hooks(c: &mut Criterion) {
     use llmproxy_core::hooks::{
         RequestTransformInput, ResponseInfo, ResponseTransformInput, UsageInput, UsageMetadata,
     };
-    let script = |name: &str| {
-        std::fs::read_to_string(format!("{}/../examples/scripts/{name}.lua", env!("CARGO_MANIFEST_DIR")))
-            .expect("script")
-    };
-    let yaml = format!(
-        "scripts:\n  request_transform:\n    script: |\n{}\n  response_transform:\n    script: |\n{}\n  usage:\n    script: |\n{}\n",
-        indent(&script("request_transform")),
-        indent(&script("response_transform")),
-        indent(&script("usage"))
-    );
-    let engine = Engine::new(Config::from_yaml(&yaml, std::path::Path::new(".")).expect("config")).expect("engine");
+    let engine = seed_engine(&["request_transform", "response_transform", "usage"]);
     let body: Value = serde_json::from_str(
         r#"{"model":"gpt-4","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello to the benchmark, please."}],"temperature":0.7,"viplevel":3}"#,
     )
@@ -352,16 +342,7 @@ fn bench_pipeline_hooks(c: &mut Criterion) {
 /// with a key's full record as `key_info` (the scripts read three fields).
 fn bench_admission_hooks(c: &mut Criterion) {
     use llmproxy_core::hooks::{AuthInput, CurrentTime, RateLimitInput, RateLimitStatus, StandardChecks};
-    let script = |name: &str| {
-        std::fs::read_to_string(format!("{}/../examples/scripts/{name}.lua", env!("CARGO_MANIFEST_DIR")))
-            .expect("script")
-    };
-    let yaml = format!(
-        "scripts:\n  auth:\n    script: |\n{}\n  rate_limit:\n    script: |\n{}\n",
-        indent(&script("auth")),
-        indent(&script("rate_limit"))
-    );
-    let engine = Engine::new(Config::from_yaml(&yaml, std::path::Path::new(".")).expect("config")).expect("engine");
+    let engine = seed_engine(&["auth", "rate_limit"]);
     let req = request(Arc::new(
         serde_json::json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "viplevel": 3}),
     ));
@@ -416,12 +397,19 @@ fn bench_admission_hooks(c: &mut Criterion) {
     g.finish();
 }
 
-fn indent(script: &str) -> String {
-    script
-        .lines()
-        .map(|l| format!("      {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// An engine running the seed's script (`examples/scripts/<hook>.lua`) for
+/// each of `hooks`.
+fn seed_engine(hooks: &[&str]) -> Engine {
+    let mut yaml = String::from("scripts:\n");
+    for hook in hooks {
+        let path = format!("{}/../examples/scripts/{hook}.lua", env!("CARGO_MANIFEST_DIR"));
+        let script = std::fs::read_to_string(path).expect("script");
+        yaml.push_str(&format!("  {hook}:\n    script: |\n"));
+        for line in script.lines() {
+            yaml.push_str(&format!("      {line}\n"));
+        }
+    }
+    Engine::new(Config::from_yaml(&yaml, std::path::Path::new(".")).expect("config")).expect("engine")
 }
 
 criterion_group!(
