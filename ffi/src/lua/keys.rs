@@ -69,15 +69,20 @@ pub(crate) fn admission_input(
     client_ip: Option<&str>,
     used_quota: u64,
 ) -> (Json, StandardChecks) {
-    let record = key.and_then(|k| store.get(k)).map(|e| &e.record);
-    let checks = standard_checks_with_usage(record, used_quota, client_ip, Utc::now());
-    (key_info(store, key, used_quota), checks)
+    let entry = key.and_then(|k| store.get(k));
+    let checks = standard_checks_with_usage(entry.map(|e| &e.record), used_quota, client_ip, Utc::now());
+    (info_with_usage(entry, used_quota), checks)
 }
 
 /// The `key_info` of the key a request presented, with its live usage;
 /// `null` when the key is unknown.
 pub(crate) fn key_info(store: &KeyStore, key: Option<&str>, used_quota: u64) -> Json {
-    key.and_then(|k| store.get(k)).map_or(Json::Null, |e| {
+    info_with_usage(key.and_then(|k| store.get(k)), used_quota)
+}
+
+/// `entry`'s `key_info` with `used_quota` as its usage; `null` for none.
+fn info_with_usage(entry: Option<&KeyEntry>, used_quota: u64) -> Json {
+    entry.map_or(Json::Null, |e| {
         let mut info = e.info.clone();
         if let Json::Object(m) = &mut info {
             m.insert("used_quota".into(), used_quota.into());
