@@ -168,15 +168,16 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]
     // raises a Lua error the call returns as an error (the closure owns
     // nothing that needs dropping; each push to `texts` or `plain`
     // completes before the next Lua call). Each name and value is pushed
-    // (`push_json` checks stack space) and stored with `lua_rawset`, which
-    // pops both: the stack is balanced after each global.
+    // (`push_json` and `push_fields` check stack space) and stored with
+    // `lua_rawset`, which pops both: the stack is balanced after each
+    // global.
     unsafe {
         lua.exec_raw::<()>((env, &m.array_mt), |state| {
             for (name, value) in globals {
                 if matches!(value, Global::Json(Value::Null)) {
                     continue;
                 }
-                if ffi::lua_checkstack(state, 4) == 0 {
+                if ffi::lua_checkstack(state, 2) == 0 {
                     ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
                 }
                 ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
