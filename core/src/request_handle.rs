@@ -30,7 +30,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::OnError;
 use crate::hooks::{
@@ -158,6 +158,9 @@ pub struct Billing {
     pub record: Option<Value>,
     /// The charge: quota, tokens per minute, ledger columns, metrics.
     pub charge: usage::Charge,
+    /// The record (`record`, else `usage`) as every host logs it and the
+    /// ledger stores it ([`usage::record_json`]).
+    pub record_json: String,
 }
 
 /// One API request, from its parsed body to its charge.
@@ -448,10 +451,7 @@ impl RequestHandle {
     /// none), and the charge that follows. Never denies (see the module).
     pub fn usage(&mut self, engine: &Engine) -> Step<Billing> {
         self.called = engine.is_enabled(HookName::Usage);
-        let raw = self
-            .usage
-            .clone()
-            .unwrap_or_else(|| json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}));
+        let raw = self.usage.clone().unwrap_or_else(usage::zero_usage);
         let null_response;
         let response = match &self.response {
             Some(r) => r,
@@ -487,10 +487,12 @@ impl RequestHandle {
                 UsageRecord::Custom(map) => Some(Value::Object(map)),
             };
             let charge = usage::charge(&raw, record.as_ref());
+            let record_json = usage::record_json(record.as_ref().unwrap_or(&raw));
             Billing {
                 usage: raw,
                 record,
                 charge,
+                record_json,
             }
         })
     }

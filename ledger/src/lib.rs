@@ -32,6 +32,9 @@ use serde_json::Value;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod row;
+
+pub use row::{Charged, Served};
 
 /// One ledger row.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,6 +18,10 @@
 //!
 //! Token counts are whole numbers: rounded, and 0 for anything that is not
 //! a finite positive number.
+//!
+//! The record every host logs and stores in the ledger is [`record_json`]'s
+//! text of the script's record, else of the backend's usage ([`zero_usage`]
+//! when it reported none).
 
 use serde_json::Value;
 
@@ -78,6 +82,21 @@ pub fn charge(raw: &Value, record: Option<&Value>) -> Charge {
     }
 }
 
+/// The usage of an answer that reported none (and of a request no backend
+/// answered).
+pub fn zero_usage() -> Value {
+    serde_json::json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+}
+
+/// The usage record as every host logs it and the ledger stores it: JSON
+/// text with the keys of every object sorted, so the same record reads the
+/// same in every host whatever order a backend or a script wrote it in.
+pub fn record_json(record: &Value) -> String {
+    let mut sorted = record.clone();
+    sorted.sort_all_objects();
+    sorted.to_string()
+}
+
 /// A token count: rounded, 0 unless finite and positive.
 fn whole(v: Option<f64>) -> u64 {
     match v {
@@ -128,5 +147,20 @@ mod tests {
     fn a_huge_billable_saturates() {
         let record = serde_json::json!({"billable_tokens": 1e30});
         assert_eq!(charge(&serde_json::json!({}), Some(&record)).billable_tokens, u64::MAX);
+    }
+
+    #[test]
+    fn the_record_reads_the_same_whatever_the_order_it_was_written_in() {
+        let record: Value =
+            serde_json::from_str(r#"{"total_tokens":3,"extra":{"b":1,"a":[{"d":1,"c":2}]},"cost":0.5}"#)
+                .expect("record");
+        assert_eq!(
+            record_json(&record),
+            r#"{"cost":0.5,"extra":{"a":[{"c":2,"d":1}],"b":1},"total_tokens":3}"#
+        );
+        assert_eq!(
+            record_json(&zero_usage()),
+            r#"{"completion_tokens":0,"prompt_tokens":0,"total_tokens":0}"#
+        );
     }
 }

@@ -20,6 +20,9 @@
 //!                                      --   (the usage hook's record, else the backend's usage),
 //!                                      --   billable_tokens =, limit_tokens =, ..., metrics = {...} }
 //!                                      -- (llmproxy.usage_charge's table)
+//! h:ledger({ node =, key_fp =, backend =, status =, is_stream =, latency_ms = })
+//!                                      -- the request's ledger row, queued: true,
+//!                                      -- false (queue full), nil (no ledger)
 //! local r, err = h:auth(used_quota)    -- nil: admitted; r: the refusal
 //!                                      -- { status =, code =, message =, reason =, throttles = }
 //! local r, err = h:rate_limit(used_quota, global_remaining, key_remaining,
@@ -45,7 +48,9 @@ use std::panic::{self, AssertUnwindSafe};
 use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::hooks::{AuthVerdict, HeaderChange, RateLimitStatus, RateVerdict, RouteDecision};
 use llmproxy_core::policy::rate_stage::{self, RateStep};
+use llmproxy_core::policy::usage::Charge;
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
+use llmproxy_ledger::{Charged, LedgerRecord, Served};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
 use super::{charge_table, keys, policy, reply, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
@@ -67,6 +72,8 @@ pub(super) struct LuaHandle {
     fell_back: Option<Failure>,
     /// The last admission script's verdict, as the host logs it.
     verdict: &'static str,
+    /// What the usage step charged (for the ledger row).
+    charged: Option<(Charge, String)>,
 }
 
 impl LuaHandle {
@@ -85,6 +92,7 @@ impl LuaHandle {
             shared,
             fell_back: None,
             verdict: "standard",
+            charged: None,
         }
     }
 
@@ -253,20 +261,67 @@ impl UserData for LuaHandle {
             if let Some(status) = status {
                 this.handle.answered(status);
             }
-            this.step(
+            let mut charged = None;
+            let out = this.step(
                 lua,
                 |h, engine| Ok(h.usage(engine)),
                 |lua, _, b| {
-                    let t = charge_table(lua, b.charge)?;
+                    let t = charge_table(lua, &b.charge)?;
                     // The record (the script's, else the backend's usage) as
-                    // JSON text, keys sorted: what the host logs and the
-                    // ledger stores.
-                    let mut record = b.record.unwrap_or(b.usage);
-                    record.sort_all_objects();
-                    t.raw_set("record_json", lua.create_string(record.to_string())?)?;
+                    // every host logs it and the ledger stores it.
+                    t.raw_set("record_json", lua.create_string(&b.record_json)?)?;
+                    charged = Some((b.charge, b.record_json));
                     Ok(Value::Table(t))
                 },
-            )
+            );
+            this.charged = charged;
+            out
+        });
+        // h:ledger(served) -> true (queued), false (the queue was full:
+        // dropped and counted), nil (no ledger). The row is core's
+        // (`LedgerRecord::of`: the request and what h:usage charged, zero
+        // usage when it did not run); `served` holds what only nginx knows:
+        // { node =, key_fp =, backend =, status =, is_stream =, latency_ms = }.
+        // Never blocks.
+        methods.add_method("ledger", |_, this, served: Table| {
+            let engine = this.engine.borrow::<LuaEngine>()?;
+            let Some(w) = &engine.ledger else {
+                return Ok(None);
+            };
+            let text = |k: &str| -> mlua::Result<Option<String>> {
+                Ok(match served.raw_get::<Value>(k)? {
+                    Value::String(s) => Some(s.to_string_lossy()),
+                    _ => None,
+                })
+            };
+            let (node, key_fp, backend) = (text("node")?, text("key_fp")?, text("backend")?);
+            let number = |k: &str| -> mlua::Result<Option<f64>> {
+                Ok(match served.raw_get::<Value>(k)? {
+                    Value::Integer(i) => Some(i as f64),
+                    Value::Number(n) if n.is_finite() => Some(n),
+                    _ => None,
+                })
+            };
+            let charged = this
+                .charged
+                .as_ref()
+                .map(|(charge, record_json)| Charged { charge, record_json });
+            let row = LedgerRecord::of(
+                this.handle.request(),
+                charged,
+                Served {
+                    node: node.as_deref().unwrap_or_default(),
+                    key_fp: key_fp.as_deref(),
+                    backend: backend.as_deref(),
+                    status: number("status")?.map_or(0, |n| n.clamp(0.0, 999.0) as u16),
+                    is_stream: matches!(served.raw_get::<Value>("is_stream")?, Value::Boolean(true)),
+                    answered_ms: llmproxy_ledger::now_ms(),
+                    latency_ms: number("latency_ms")?.unwrap_or(0.0),
+                    // nginx charges every row's billable tokens to its key.
+                    charge_quota: true,
+                },
+            );
+            Ok(Some(w.try_record(row)))
         });
         // h:answer_is_stream(status, content_type) -> whether the backend's
         // answer goes through h:stream + h:event (else h:respond): core's

@@ -3,8 +3,9 @@
 //! the quota charging are the same code; `llmproxy usage --config FILE`
 //! reads what nginx wrote.
 //!
-//! `log()` hands a record to `engine:ledger_record(tbl)`, which never
-//! blocks: [`Ledger::try_record`] drops (and counts) a record when the queue
+//! `log()` hands a request's row to the writer with `h:ledger(served)`
+//! (`handle.rs`; the row is `LedgerRecord::of`, as in the gateway), which
+//! never blocks: [`Ledger::try_record`] drops (and counts) a record when the queue
 //! is full rather than wait in an nginx phase. The writer is per process and
 //! per database file: engines rebuilt by a reload share it.
 

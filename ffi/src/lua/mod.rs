@@ -405,14 +405,6 @@ impl UserData for LuaEngine {
                 cfg,
             )))
         });
-        // engine:ledger_record(tbl) -> true (queued), false (the queue was
-        // full: dropped and counted), nil (no ledger). Never blocks.
-        methods.add_method("ledger_record", |_, this, t: Table| {
-            let Some(w) = &this.ledger else {
-                return Ok(None);
-            };
-            Ok(Some(w.try_record(ledger_record(&t)?)))
-        });
         // engine:ledger_flush(seconds) -> whether everything queued so far
         // was committed within `seconds` (nil without a ledger). Blocks the
         // caller: for a worker that is exiting, never on a request's path.
@@ -527,7 +519,7 @@ fn log_lines(lua: &Lua, lines: Vec<script_log::Line>) -> mlua::Result<Value> {
 
 /// A charge as `{ billable_tokens, limit_tokens, prompt_tokens,
 /// completion_tokens, total_tokens, cost, metrics = {kind = value} }`.
-fn charge_table(lua: &Lua, c: llmproxy_core::policy::usage::Charge) -> mlua::Result<Table> {
+fn charge_table(lua: &Lua, c: &llmproxy_core::policy::usage::Charge) -> mlua::Result<Table> {
     let out = lua.create_table_with_capacity(0, 9)?;
     out.raw_set("billable_tokens", c.billable_tokens)?;
     out.raw_set("limit_tokens", c.limit_tokens)?;
@@ -536,8 +528,8 @@ fn charge_table(lua: &Lua, c: llmproxy_core::policy::usage::Charge) -> mlua::Res
     out.raw_set("total_tokens", c.total_tokens)?;
     out.raw_set("cost", c.cost)?;
     let metrics = lua.create_table_with_capacity(0, c.metrics.len())?;
-    for (kind, v) in c.metrics {
-        metrics.raw_set(kind, v)?;
+    for (kind, v) in &c.metrics {
+        metrics.raw_set(*kind, *v)?;
     }
     out.raw_set("metrics", metrics)?;
     Ok(out)
@@ -973,47 +965,6 @@ fn with_fields(lua: &Lua, this: &LuaRequest, fields: &Value) -> Result<Request, 
     this.request.with_fields(&json, bytes)
 }
 
-/// A ledger record from `log()`'s table.
-fn ledger_record(t: &Table) -> mlua::Result<llmproxy_ledger::LedgerRecord> {
-    let text = |k: &str| -> mlua::Result<Option<String>> {
-        Ok(match t.raw_get::<Value>(k)? {
-            Value::String(s) => Some(s.to_string_lossy()),
-            Value::Integer(i) => Some(i.to_string()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        })
-    };
-    let num = |k: &str| -> mlua::Result<Option<f64>> {
-        Ok(match t.raw_get::<Value>(k)? {
-            Value::Integer(i) => Some(i as f64),
-            Value::Number(n) if n.is_finite() => Some(n),
-            _ => None,
-        })
-    };
-    let count = |k: &str| -> mlua::Result<u64> { Ok(num(k)?.filter(|n| *n > 0.0).map_or(0, |n| n.round() as u64)) };
-    Ok(llmproxy_ledger::LedgerRecord {
-        request_id: text("request_id")?.unwrap_or_default(),
-        ts_ms: llmproxy_ledger::now_ms(),
-        node: text("node")?.unwrap_or_default(),
-        key_fp: text("key_fp")?,
-        user_id: text("user_id")?,
-        backend: text("backend")?,
-        model: text("model")?,
-        path: text("path")?.unwrap_or_default(),
-        is_stream: matches!(t.raw_get::<Value>("is_stream")?, Value::Boolean(true)),
-        status: num("status")?.map_or(0, |n| n.clamp(0.0, 999.0) as u16),
-        prompt_tokens: count("prompt_tokens")?,
-        completion_tokens: count("completion_tokens")?,
-        total_tokens: count("total_tokens")?,
-        billable_tokens: count("billable_tokens")?,
-        cost: num("cost")?,
-        latency_ms: num("latency_ms")?.unwrap_or(0.0),
-        record: text("record")?.unwrap_or_else(|| String::from("{}")),
-        // nginx charges every record's billable tokens to its key.
-        charge_quota: true,
-    })
-}
-
 /// `req:body_json(patch)` without the Lua plumbing.
 fn body_json(lua: &Lua, this: &LuaRequest, patch: &Value) -> Result<String, Failure> {
     let body = &this.request.info().body;
@@ -1277,7 +1228,7 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 Value::Nil => None,
                 other => Some(json(&other, "record")?),
             };
-            charge_table(lua, llmproxy_core::policy::usage::charge(&raw, record.as_ref()))
+            charge_table(lua, &llmproxy_core::policy::usage::charge(&raw, record.as_ref()))
         })?,
     )?;
     // llmproxy.metric_headers() -> { [name] = "# HELP ...\n# TYPE ..." }:

@@ -40,13 +40,13 @@ use llmproxy_core::policy::rate_stage::{self, RateRefusal, RateStep};
 use llmproxy_core::policy::usage as usage_policy;
 use llmproxy_core::request_handle::Step;
 use llmproxy_core::HookName;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::backend::Backend;
 use super::batched::{Batched, Unsettled};
 use super::errors::{ErrorType, Failure};
 use super::keyset::KeyEntry;
-use super::ledger::LedgerRecord;
+use super::ledger::{Charged, LedgerRecord, Served};
 use super::limiter::{AcquireArgs, Acquired};
 use super::live::Live;
 use super::pipeline::{Denied, Timings};
@@ -687,10 +687,6 @@ pub(crate) fn run_usage(shared: &Shared, live: &Live, job: UsageJob) {
     }
 }
 
-fn zero_usage() -> Value {
-    json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
-}
-
 /// The usage stage of one admitted request: the script (a pure call,
 /// [`UsageJob::record`]), then its effects: metrics, the quota charge, the
 /// ledger record and the sinks ([`UsageJob::finish`]).
@@ -706,7 +702,11 @@ pub(crate) struct UsageJob {
 
 impl UsageJob {
     fn new(inner: TicketInner, mut c: Completion, answered_ms: i64) -> UsageJob {
-        let raw = c.usage.take().filter(Value::is_object).unwrap_or_else(zero_usage);
+        let raw = c
+            .usage
+            .take()
+            .filter(Value::is_object)
+            .unwrap_or_else(usage_policy::zero_usage);
         let response = c.response.take().unwrap_or_else(|| ResponseInfo {
             status_code: c.status,
             body: Arc::new(Value::Null),
@@ -784,29 +784,24 @@ impl UsageJob {
             }
         }
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-        let model = info.body.get("model").and_then(Value::as_str).map(str::to_owned);
-        let key_fp = caller.key_id.as_deref().map(str::to_owned);
-        let user_id = info.user_id.clone();
-        let path = info.path.clone().unwrap_or_default();
-        let ledger_record = shared.ledger.as_ref().map(|_| LedgerRecord {
-            request_id: info.id.clone(),
-            ts_ms: answered_ms,
-            node: shared.node.clone(),
-            key_fp: key_fp.clone(),
-            user_id: user_id.clone(),
-            backend: backend_name.clone(),
-            model: model.clone(),
-            path: path.clone(),
-            is_stream: c.is_stream,
-            status: c.status,
-            prompt_tokens: charged.prompt_tokens,
-            completion_tokens: charged.completion_tokens,
-            total_tokens: charged.total_tokens,
-            billable_tokens: billable,
-            cost: charged.cost,
-            latency_ms,
-            record: record.to_string(),
-            charge_quota: matches!(*shared.state, State::Local(_)),
+        let key_fp = caller.key_id.as_deref();
+        let ledger_record = shared.ledger.as_ref().map(|_| {
+            let record_json = usage_policy::record_json(&record);
+            let charged = Charged {
+                charge: &charged,
+                record_json: &record_json,
+            };
+            let served = Served {
+                node: &shared.node,
+                key_fp,
+                backend: backend_name.as_deref(),
+                status: c.status,
+                is_stream: c.is_stream,
+                answered_ms,
+                latency_ms,
+                charge_quota: matches!(*shared.state, State::Local(_)),
+            };
+            LedgerRecord::of(&info, Some(charged), served)
         });
         shared.state.charge(
             Charge {
@@ -823,14 +818,14 @@ impl UsageJob {
             request_id: info.id.clone(),
             backend: backend_name.unwrap_or_default(),
             backend_url,
-            path,
+            path: info.path.clone().unwrap_or_default(),
             is_stream: c.is_stream,
             raw,
             record,
             status: c.status,
-            key_fingerprint: key_fp,
-            user_id,
-            model,
+            key_fingerprint: key_fp.map(str::to_owned),
+            user_id: info.user_id.clone(),
+            model: info.body.get("model").and_then(Value::as_str).map(str::to_owned),
             billable_tokens: billable,
             latency_ms,
             estimated,

@@ -10,7 +10,6 @@ local backends = require "resty.llmproxy.backends"
 local limits = require "resty.llmproxy.limits"
 local W = require "resty.llmproxy.worker"
 
-local type = type
 local pairs = pairs
 local ipairs = ipairs
 local tonumber = tonumber
@@ -27,15 +26,11 @@ local log_level = require("resty.llmproxy.util").log_level
 local flush_ledger = require("resty.llmproxy.install").flush_ledger
 local key_id = require("resty.llmproxy.admission").key_id
 local step = require("resty.llmproxy.hook").step
-local request_of = require("resty.llmproxy.util").request_of
 
 local _M = {}
 
 local POOL_STATS_EVERY = 1 -- seconds between two copies of this worker's pool stats
 local pool_stats_at = 0
-
--- The ledger's record of a request no usage step ran for.
-local ZERO_USAGE_JSON = '{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
 
 -- What happens when the usage hook fails: `{fallback, deny}` (it never
 -- denies: the answer is sent).
@@ -43,8 +38,8 @@ local USAGE = { "recording the raw usage", "recording the raw usage" }
 
 -- The handle's usage step (core's: the usage hook on the backend's usage,
 -- zeros when it reported none, and the charge that follows); the record
--- (JSON text from Rust) goes to the log and the ledger (in log()), the
--- charge to the quota (shared dict or Redis) and the metrics.
+-- (JSON text from core) goes to the log, the charge to the quota (shared
+-- dict or Redis) and the metrics; the handle keeps both for the ledger row.
 local function record_usage(state, ctx)
     local backend = ctx.backend
     local charge = step(ctx, "usage", USAGE, ctx.h.usage, ctx.status or ngx.status)
@@ -52,7 +47,6 @@ local function record_usage(state, ctx)
         return
     end
     ctx.usage_json = charge.record_json
-    ctx.charge = charge
     local billable = charge.billable_tokens
     local dict = state.limits_dict
     if state.redis then
@@ -126,33 +120,19 @@ local function record_attempts(state, ctx)
     end
 end
 
-local ZERO_CHARGE = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, billable_tokens = 0 }
-
--- The ledger row of an admitted request (the gateway's `LedgerRecord`),
--- queued for the module's writer thread; never waits (a full queue drops
--- the record and counts it).
+-- The ledger row of an admitted request, queued for the module's writer
+-- thread: core builds it from the request handle and what its usage step
+-- charged (zero usage when none ran); nginx adds what only it knows. Never
+-- waits (a full queue drops the row and counts it).
 local function write_ledger(state, ctx)
-    local charge = ctx.charge or ZERO_CHARGE
-    local req = request_of(ctx)
-    local model = req and req:body_get("/model")
     local backend = ctx.tried and ctx.backend
-    local ok = state.engine:ledger_record({
-        request_id = ctx.id,
+    local ok = ctx.h:ledger({
         node = state.node,
         key_fp = key_id(state, ctx),
-        user_id = ctx.key and ctx.key.info.user_id or nil,
         backend = backend and backend.name or nil,
-        model = type(model) == "string" and model or nil,
-        path = ngx_var.uri,
-        is_stream = ctx.sse ~= nil,
         status = ngx.status,
-        prompt_tokens = charge.prompt_tokens,
-        completion_tokens = charge.completion_tokens,
-        total_tokens = charge.total_tokens,
-        billable_tokens = charge.billable_tokens,
-        cost = charge.cost,
+        is_stream = ctx.sse ~= nil,
         latency_ms = (ngx_now() - ctx.started) * 1000,
-        record = ctx.usage_json or ZERO_USAGE_JSON,
     })
     if ok == false then
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": the ledger queue is full; usage record dropped (counted)")
