@@ -304,7 +304,7 @@ impl Engine {
         let Some(Output { value: v, .. }) = self.run(input)? else {
             return Ok(UsageRecord::Raw);
         };
-        self.checked(HookName::Usage, &input.request.id, UsageRecord::from_result(&v))
+        self.checked(HookName::Usage, &input.request.id, UsageRecord::from_result(v))
     }
 
     /// `error_handler`: the error response to send.
@@ -404,7 +404,7 @@ impl Engine {
             HookName::RequestTransform => RequestRewrite::validate(&value),
             HookName::ResponseTransform => ResponseRewrite::validate(&value),
             HookName::RateLimit => RateVerdict::from_result(&value).map(|_| ()),
-            HookName::Usage => UsageRecord::from_result(&value).map(|_| ()),
+            HookName::Usage => UsageRecord::check(&value),
             HookName::ErrorHandler => {
                 let fallback = globals
                     .get("error")

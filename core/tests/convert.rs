@@ -301,7 +301,7 @@ fn deep_and_large_inputs_are_errors_not_crashes() {
 /// encoder. Both must give the same JSON and the same errors: each value
 /// is returned bare and inside a table with an empty metatable.
 /// Values every encoder of a script's result is checked on.
-const RESULT_VALUES: [&str; 16] = [
+const RESULT_VALUES: [&str; 19] = [
     "{}",
     "{1, 2, 3}",
     "{[1] = 'a', [3] = 'c'}",
@@ -318,6 +318,11 @@ const RESULT_VALUES: [&str; 16] = [
     "{s = string.rep('x', 5000)}",
     "{deep = json.decode(string.rep('[', 30) .. string.rep(']', 30))}",
     "{['ünï'] = 'ok', [''] = 'empty'}",
+    // More pairs than the stack walk keeps on the stack, nested in a small
+    // object, and a number key next to the same key as a string.
+    "(function() local t = {} for i = 1, 70 do t['k' .. (i * 7919 % 97)] = {i = i} end return {big = t} end)()",
+    "{[1] = 'number', ['1'] = 'string', [2] = 'two'}",
+    "{[string.char(200)] = 1}",
 ];
 
 #[test]
@@ -467,6 +472,10 @@ fn duplicate_keys_are_refused_in_every_direction() {
     // In a script, json.decode refuses them too.
     let got = usage(r#"return {ok = pcall(json.decode, '{"a":1,"a":2}')}"#, json!({}));
     assert_eq!(got, Ok(json!({"ok": false})));
+    // A result cannot make one either: `[1]` and `["1"]` are one JSON key.
+    let err = usage("return {t = {[1] = 'a', ['1'] = 'b', [2] = 'c'}}", json!({})).expect_err("two keys \"1\"");
+    assert_eq!(err.0, ErrorKind::BadOutput);
+    assert!(err.1.contains("both the JSON key \"1\""), "{}", err.1);
 }
 
 /// A number whose own text a double reproduces keeps it, even when another

@@ -22,6 +22,7 @@
 //! materialized re-uses the original JSON for every field the script did not
 //! read, so untouched data round-trips byte for byte.
 
+use std::borrow::Cow;
 use std::ffi::{c_int, c_void};
 use std::io::Write;
 
@@ -199,10 +200,10 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]
 pub(crate) enum Global<'a> {
     /// A JSON value.
     Json(&'a Value),
-    /// A flat table of booleans and integers (`standard_checks`,
-    /// `rate_limit_status`, `current_time`), pushed as it is, without a
-    /// JSON value built first.
-    Fields(&'a [(&'static str, Scalar)]),
+    /// A flat table of scalars (`standard_checks`, `rate_limit_status`,
+    /// `current_time`, `metadata`), pushed as it is, without a JSON value
+    /// built first.
+    Fields(&'a [(&'static str, Scalar<'a>)]),
 }
 
 impl<'a> From<&'a Value> for Global<'a> {
@@ -213,11 +214,16 @@ impl<'a> From<&'a Value> for Global<'a> {
 
 /// A field of [`Global::Fields`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Scalar {
+pub(crate) enum Scalar<'a> {
     /// A boolean.
     Bool(bool),
     /// An integer (a Lua number, as a JSON integer would be).
     Int(i64),
+    /// A number; absent when it is not finite (as `serde_json` makes
+    /// null of it).
+    Num(f64),
+    /// A string.
+    Str(&'a str),
 }
 
 /// Push `fields` as one table on the stack of `state`.
@@ -225,7 +231,7 @@ pub(crate) enum Scalar {
 /// # Safety
 /// `state` is live and inside a protected call (an allocation failure
 /// raises). Integers go to `plain` as [`push_json`] records them.
-unsafe fn push_fields(state: *mut lua_State, fields: &[(&'static str, Scalar)], plain: &mut Vec<u64>) {
+unsafe fn push_fields(state: *mut lua_State, fields: &[(&'static str, Scalar<'_>)], plain: &mut Vec<u64>) {
     // The table, a key and a value.
     if ffi::lua_checkstack(state, 3) == 0 {
         ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
@@ -239,6 +245,15 @@ unsafe fn push_fields(state: *mut lua_State, fields: &[(&'static str, Scalar)], 
                 let f = i as f64;
                 plain.push(f.to_bits());
                 ffi::lua_pushnumber(state, f);
+            }
+            // As in JSON: a number that is not finite is null (absent).
+            Scalar::Num(f) if !f.is_finite() => ffi::lua_pushnil(state),
+            Scalar::Num(f) => {
+                plain.push(f.to_bits());
+                ffi::lua_pushnumber(state, f);
+            }
+            Scalar::Str(s) => {
+                ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
             }
         }
         ffi::lua_rawset(state, -3);
@@ -445,7 +460,7 @@ trait Emit {
     fn array_push(&mut self, a: &mut Self::Array, item: Self::Item);
     fn array_close(&mut self, a: Self::Array) -> Self::Item;
     fn object_open(&mut self, len: usize) -> Self::Object;
-    fn object_next(&mut self, o: &mut Self::Object, index: usize, key: String);
+    fn object_next(&mut self, o: &mut Self::Object, index: usize, key: &str);
     fn object_push(&mut self, o: &mut Self::Object, item: Self::Item);
     fn object_close(&mut self, o: Self::Object) -> Self::Item;
 }
@@ -487,8 +502,8 @@ impl Emit for ToValue {
     fn object_open(&mut self, len: usize) -> Self::Object {
         (Map::with_capacity(len), String::new())
     }
-    fn object_next(&mut self, o: &mut Self::Object, _: usize, key: String) {
-        o.1 = key;
+    fn object_next(&mut self, o: &mut Self::Object, _: usize, key: &str) {
+        key.clone_into(&mut o.1);
     }
     fn object_push(&mut self, o: &mut Self::Object, item: Value) {
         o.0.insert(std::mem::take(&mut o.1), item);
@@ -547,11 +562,11 @@ impl Emit for ToText {
     fn object_open(&mut self, _: usize) {
         self.out.push(b'{');
     }
-    fn object_next(&mut self, _: &mut (), index: usize, key: String) {
+    fn object_next(&mut self, _: &mut (), index: usize, key: &str) {
         if index > 0 {
             self.out.push(b',');
         }
-        self.quoted(&key);
+        self.quoted(key);
         self.out.push(b':');
     }
     fn object_push(&mut self, _: &mut (), (): ()) {}
@@ -559,6 +574,10 @@ impl Emit for ToText {
         self.out.push(b'}');
     }
 }
+
+/// Most pairs an object may have for [`RawWalk`] to keep them all on the
+/// stack while it writes the object (a bigger one is walked key by key).
+const MAX_PAIRS_ON_STACK: usize = 64;
 
 /// [`Encoder`]'s rules, on the raw Lua stack, into an [`Emit`].
 struct RawWalk<E> {
@@ -694,6 +713,14 @@ impl<E: Emit> RawWalk<E> {
             .into());
         }
         self.charge(2)?;
+        if shape.count <= MAX_PAIRS_ON_STACK
+            && ffi::lua_checkstack(state, c_int::try_from(2 * shape.count + 3).unwrap_or(c_int::MAX)) != 0
+        {
+            let base = ffi::lua_gettop(state);
+            let object = self.object_on_stack(state, idx, depth, base);
+            ffi::lua_settop(state, base);
+            return object;
+        }
         // Keys first (in table order, as Encoder), then values by sorted key.
         // (JSON key, the Lua key when it is a number)
         let mut keys: Vec<(String, Option<f64>)> = Vec::with_capacity(shape.count);
@@ -718,6 +745,7 @@ impl<E: Emit> RawWalk<E> {
             }
         }
         keys.sort_by(|a, b| a.0.cmp(&b.0));
+        no_duplicate_key(keys.iter().map(|k| k.0.as_str()))?;
         let mut map = self.emit.object_open(keys.len());
         for (i, (key, number)) in keys.into_iter().enumerate() {
             match number {
@@ -726,7 +754,7 @@ impl<E: Emit> RawWalk<E> {
                     ffi::lua_pushlstring(state, key.as_ptr().cast(), key.len());
                 }
             }
-            self.emit.object_next(&mut map, i, key);
+            self.emit.object_next(&mut map, i, &key);
             ffi::lua_rawget(state, idx);
             let value = self.value(state, ffi::lua_gettop(state), depth + 1);
             ffi::lua_pop(state, 1);
@@ -734,6 +762,74 @@ impl<E: Emit> RawWalk<E> {
         }
         Ok(self.emit.object_close(map))
     }
+}
+
+impl<E: Emit> RawWalk<E> {
+    /// The object at `idx` with its pairs kept on the stack above `base`
+    /// while it is written: keys are read where they are (no copy, and no
+    /// second lookup of each value by its key). The caller checked the stack
+    /// has room for every pair and resets it to `base` afterwards.
+    ///
+    /// # Safety
+    /// As [`RawWalk::table`]; `base` is the top of the stack.
+    unsafe fn object_on_stack(
+        &mut self,
+        state: *mut lua_State,
+        idx: c_int,
+        depth: usize,
+        base: c_int,
+    ) -> Result<E::Item, RawError> {
+        ffi::lua_pushnil(state);
+        let mut pairs: c_int = 0;
+        while ffi::lua_next(state, idx) != 0 {
+            pairs += 1;
+            // The key again, for `lua_next` to take; the pair stays.
+            ffi::lua_pushvalue(state, -2);
+        }
+        // Pair i: its key at base + 2i + 1, its value just above.
+        let mut keys: Vec<(Cow<'_, str>, c_int)> = Vec::with_capacity(usize::try_from(pairs).unwrap_or(0));
+        for i in 0..pairs {
+            let at = base + 2 * i + 1;
+            let key = if ffi::lua_type(state, at) == ffi::LUA_TSTRING {
+                let text = std::str::from_utf8(stack::str_at(state, at))
+                    .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")))?;
+                if depth == 1 && self.skip == Some(text) {
+                    continue;
+                }
+                Cow::Borrowed(text)
+            } else {
+                Cow::Owned(object_key(state, at)?)
+            };
+            self.charge(key.len() + 4)?;
+            keys.push((key, at + 1));
+        }
+        // Stable, as the other path: keys equal as JSON keep table order.
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        no_duplicate_key(keys.iter().map(|k| &*k.0))?;
+        let mut map = self.emit.object_open(keys.len());
+        for (i, (key, at)) in keys.iter().enumerate() {
+            self.emit.object_next(&mut map, i, key);
+            let value = self.value(state, *at, depth + 1)?;
+            self.emit.object_push(&mut map, value);
+        }
+        Ok(self.emit.object_close(map))
+    }
+}
+
+/// An error when two keys of one table are the same JSON key (`[1]` and
+/// `["1"]`): JSON text would have the key twice, which every parser of
+/// ours refuses. `keys` are sorted.
+fn no_duplicate_key<'k>(keys: impl Iterator<Item = &'k str>) -> Result<(), ConvertError> {
+    let mut last = None;
+    for key in keys {
+        if last == Some(key) {
+            return Err(ConvertError(format!(
+                "a table has two keys that are both the JSON key \"{key}\" (a number and a string)"
+            )));
+        }
+        last = Some(key);
+    }
+    Ok(())
 }
 
 /// The object key at `idx` as [`Encoder`] writes it.
@@ -912,6 +1008,7 @@ impl Encoder<'_> {
         // Lua tables have no order; sorted keys make the output the same in
         // every host and every run.
         fields.sort_by(|a, b| a.0.cmp(&b.0));
+        no_duplicate_key(fields.iter().map(|f| f.0.as_str()))?;
         let mut map = Map::with_capacity(fields.len());
         for (key, v) in fields {
             let value = self.value(v, depth + 1)?;

@@ -4,8 +4,8 @@ use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{expect_object, optional_non_negative, serialized, HookInput, HookName, RequestInfo, ResponseInfo};
-use crate::convert;
+use super::{expect_object, optional_non_negative, HookInput, HookName, RequestInfo, ResponseInfo};
+use crate::convert::{self, Global, Scalar};
 use crate::error::HookError;
 
 /// Facts about the upstream exchange, shown as `metadata`.
@@ -45,11 +45,16 @@ impl HookInput for UsageInput<'_> {
         unsafe { self.request.defer(lua)? };
         // SAFETY: as for `request`.
         unsafe { self.response.defer(lua)? };
-        let metadata = serialized(self.metadata)?;
+        let m = self.metadata;
+        let metadata = [
+            ("backend_url", Scalar::Str(&m.backend_url)),
+            ("latency_ms", Scalar::Num(m.latency_ms)),
+            ("is_stream", Scalar::Bool(m.is_stream)),
+        ];
         convert::set_globals(
             lua,
             env,
-            &[("usage", self.usage.into()), ("metadata", (&metadata).into())],
+            &[("usage", self.usage.into()), ("metadata", Global::Fields(&metadata))],
         )
     }
 }
@@ -65,10 +70,10 @@ pub enum UsageRecord {
 }
 
 impl UsageRecord {
-    /// Validate a script result.
-    pub fn from_result(value: &Value) -> Result<Self, HookError> {
+    /// Check a script result against the hook's contract.
+    pub fn check(value: &Value) -> Result<(), HookError> {
         if value.is_null() {
-            return Ok(UsageRecord::Raw);
+            return Ok(());
         }
         let what = "usage";
         let obj = expect_object(value, what)?;
@@ -81,7 +86,16 @@ impl UsageRecord {
         ] {
             optional_non_negative(obj, key, what)?;
         }
-        Ok(UsageRecord::Custom(obj.clone()))
+        Ok(())
+    }
+
+    /// A script result, checked ([`UsageRecord::check`]).
+    pub fn from_result(value: Value) -> Result<Self, HookError> {
+        Self::check(&value)?;
+        Ok(match value {
+            Value::Object(map) => UsageRecord::Custom(map),
+            _ => UsageRecord::Raw,
+        })
     }
 
     /// Tokens to charge against the key's quota: `billable_tokens` when the
