@@ -363,3 +363,53 @@ GET /drive
 200 200 429; counters in Redis: true
 --- no_error_log
 [error]
+
+
+
+=== TEST 11: with Redis state the ledger keeps the rows but not the quota (Redis holds it), as the gateway's ledger: a config over the same file with local state reads the key's configured usage
+--- yaml
+keys:
+  - {key: sk-r11, user_id: l, total_quota: 1000, used_quota: 5}
+state: {backend: redis, url: "redis://127.0.0.1:$TEST_NGINX_REDIS_PORT", prefix: "t11:"}
+ledger: {path: $TEST_NGINX_SERVROOT/html/redis-usage.db, flush_ms: 10}
+--- hooks
+  usage:
+    script: |
+      return {billable_tokens = 40}
+--- config
+    location = /drive {
+        content_by_lua_block {
+            local drive = require "llmproxy_drive"
+            local port = ngx.var.server_port
+            local h = { Authorization = "Bearer sk-r11" }
+            local s1 = drive.chat(port, '{"model":"gpt-4"}', h)
+            local s2 = drive.chat(port, '{"model":"gpt-4"}', h)
+            ngx.sleep(0.5)
+            local prefix = ngx.config.prefix()
+            local run = function(args)
+                local p = io.popen("$TEST_NGINX_LLMPROXY_BIN " .. args .. " 2>&1")
+                local out = p:read("*a")
+                p:close()
+                return out
+            end
+            local conf = prefix .. "html/llmproxy.yaml"
+            local rows = run("usage --records --config " .. conf)
+            local n = select(2, rows:gsub('"request_id"', ""))
+            local billed = run("usage --config " .. conf):match('"billable_tokens":%s*(%d+)')
+            -- The same keys and ledger, local state: `used_quota` is then the
+            -- ledger's key_usage, else the configured value.
+            local f = assert(io.open(prefix .. "html/local.yaml", "w"))
+            f:write("keys:\n  - {key: sk-r11, user_id: l, total_quota: 1000, used_quota: 5}\n",
+                "ledger: {path: ", prefix, "html/redis-usage.db}\n")
+            f:close()
+            local listed = run("keys list --config " .. prefix .. "html/local.yaml")
+            ngx.say(s1, " ", s2, "; rows: ", n, ", billed: ", billed,
+                "; the ledger's quota usage: ", listed:match("active%s+%d+%s+(%d+)"))
+        }
+    }
+--- request
+GET /drive
+--- response_body
+200 200; rows: 2, billed: 80; the ledger's quota usage: 5
+--- no_error_log
+[error]
