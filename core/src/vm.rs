@@ -246,17 +246,19 @@ impl Vm {
         let used = lua.used_memory();
         lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
         self.state.watchdog.arm(budget.unwrap_or(timeout));
-        let result = convert::run_args(lua).and_then(|[generation, n1, s1, n2, s2, n3, s3]| {
-            self.state
-                .run
-                .call::<(Value, bool)>((chunk, &self.env, generation, n1, s1, n2, s2, n3, s3))
-        });
+        let result =
+            convert::run_args(lua, limits, spec.body_as_text).and_then(|[generation, n1, s1, n2, s2, n3, s3]| {
+                self.state
+                    .run
+                    .call::<(Value, bool)>((chunk, &self.env, generation, n1, s1, n2, s2, n3, s3))
+            });
         let result = result.map(|(value, emptied)| {
             self.env_emptied = Some(emptied);
             value
         });
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);
+        let encoded = convert::take_result(lua);
 
         // A limit can fire inside a helper whose error a script never sees
         // (`print` of a table whose `__tostring` loops, then a normal
@@ -304,6 +306,10 @@ impl Vm {
             }
         };
         let bad = |e: convert::ConvertError| HookError::bad_output(format!("{} returned {e}", spec.hook));
+        if let Some(encoded) = encoded {
+            let (value, body) = encoded.map_err(bad)?;
+            return Ok(Output { value, body });
+        }
         let body = match &value {
             Value::Table(t) if spec.body_as_text => body_text(lua, t, limits).map_err(bad)?,
             _ => None,

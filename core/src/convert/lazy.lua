@@ -19,6 +19,7 @@ local next = rust.next
 local lower = rust.lower
 local ARRAY_MT = rust.array_mt
 local CALL_DATA = rust.call_data
+local encode_result = rust.encode_result
 
 -- Marks the metatable of a lazy table. Scripts cannot reach it: the
 -- sandbox's `getmetatable` materialises a lazy table first, which removes
@@ -199,7 +200,8 @@ local MAX_GLOBALS = rust.max_globals
 -- with its source `slot1`
 -- @tparam number name2 second lazy global, with its source `slot2`
 -- @tparam number name3 third lazy global, with its source `slot3`
--- @return the chunk's first result, and whether `env` was emptied (false
+-- @return the chunk's first result (nil when it was encoded here: see
+-- `encode_result`), and whether `env` was emptied (false
 -- when the call left more than `MAX_GLOBALS` globals: the VM is then
 -- discarded, as emptying that table would walk all of it on every later
 -- call). When the chunk raises, the VM empties `env` itself.
@@ -221,6 +223,11 @@ local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, sl
         n = n + 1
     end
     rawset(env, "_G", env)
+    -- A table is encoded here when the host asked for it (no second
+    -- protected call to read it back); then there is nothing to hand back.
+    if type(result) == "table" and encode_result(result, ARRAY_MT, headers_mt, CALL_DATA) then
+        result = nil
+    end
     return result, n <= MAX_GLOBALS
 end
 

@@ -76,6 +76,28 @@ pub(crate) struct CallData {
     sources: RefCell<CallSources>,
     /// The texts of the numbers this call converted (see `numbers.rs`).
     pub(super) texts: RefCell<NumberTexts>,
+    /// How the call's result is encoded inside the call, and what that
+    /// gave (see [`encode_result`]).
+    result: RefCell<ResultSlot>,
+}
+
+/// How the current call's result is encoded where the script returned it
+/// ([`run_args`]), and the outcome ([`take_result`]).
+#[derive(Default)]
+struct ResultSlot {
+    /// The output limits, and whether `body` is wanted as text.
+    spec: Option<(super::Limits, bool)>,
+    /// The encoded result: the value (without `body` when that is text)
+    /// and the body's text.
+    out: Option<super::EncodedResult>,
+}
+
+/// The result the last call encoded inside it, if it did.
+pub(crate) fn take_result(lua: &Lua) -> Option<super::EncodedResult> {
+    let d = call_data(lua)?;
+    let mut slot = d.result.borrow_mut();
+    slot.spec = None;
+    slot.out.take()
 }
 
 /// The sources of the lazy tables of the current call.
@@ -126,6 +148,7 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
     unsafe {
         rust.raw_set("load_field", lua.create_c_function(load_field)?)?;
         rust.raw_set("load_missing", lua.create_c_function(load_missing)?)?;
+        rust.raw_set("encode_result", lua.create_c_function(encode_result)?)?;
     }
     rust.raw_set("array_mt", super::markers(lua)?.array_mt.clone())?;
     rust.raw_set("max_globals", crate::vm::MAX_REUSED_GLOBALS)?;
@@ -254,9 +277,20 @@ pub(crate) unsafe fn defer_object<'a>(lua: &Lua, name: &str, value: &'a Value) -
 
 /// `run`'s arguments after `chunk` and `env`: the call's generation and its
 /// lazy globals (1-based index in `LAZY_GLOBALS`, 0 for none) with their
-/// sources.
-pub(crate) fn run_args(lua: &Lua) -> mlua::Result<[f64; 1 + 2 * MAX_DEFERRED]> {
+/// sources. The call will encode a table it returns where the script
+/// returned it, within `limits` (`body_as_text`: the table's `body` as JSON
+/// text, the rest as a value; see [`encode_result`]), instead of handing it
+/// back to be read in a protected call of its own; [`take_result`] has it.
+pub(crate) fn run_args(
+    lua: &Lua,
+    limits: super::Limits,
+    body_as_text: bool,
+) -> mlua::Result<[f64; 1 + 2 * MAX_DEFERRED]> {
     let d = call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+    *d.result.borrow_mut() = ResultSlot {
+        spec: Some((limits, body_as_text)),
+        out: None,
+    };
     let s = d.sources.borrow();
     let mut args = [0.0; 1 + 2 * MAX_DEFERRED];
     args[0] = s.generation as f64;
@@ -315,7 +349,7 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
             ffi::lua_pushnil(state);
             return 1;
         };
-        let Some(data) = call_data_at(state) else {
+        let Some(data) = call_data_at(state, CALL_DATA_ARG) else {
             return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
         };
         let source = match data.source(ffi::lua_tonumber(state, 1), ffi::lua_tonumber(state, 2)) {
@@ -349,7 +383,7 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
 unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
     // SAFETY: the function's contract; the cache is argument 1.
     unsafe {
-        let Some(data) = call_data_at(state) else {
+        let Some(data) = call_data_at(state, CALL_DATA_ARG) else {
             return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
         };
         let source = match data.source(ffi::lua_tonumber(state, 2), ffi::lua_tonumber(state, 3)) {
@@ -392,21 +426,51 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
     }
 }
 
+/// `encode_result(result, array_mt, headers_mt, call_data)`: encode the
+/// table a script returned, as [`run_args`] asked, into the call's
+/// [`CallData`]; `true` when it did (the caller then drops the result),
+/// `false` when the result is to be handed back (no encoding asked for, or
+/// a part the raw walk leaves to the general encoder).
+///
+/// # Safety
+/// Called by Lua only, as `lazy.lua` does, with a table as argument 1.
+/// Conversion errors are kept, not raised; an allocation failure (the
+/// memory limit is armed: the script's own allowance) raises through
+/// frames that own at most the values being built, which unwinding drops.
+unsafe extern "C-unwind" fn encode_result(state: *mut lua_State) -> c_int {
+    // SAFETY: the function's contract; `encode_result_at` wants the result,
+    // the array marker and the headers metatable at 1, 2, 3, as here.
+    unsafe {
+        let Some(data) = call_data_at(state, 4) else {
+            return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
+        };
+        let spec = data.result.borrow().spec;
+        let Some((limits, body_as_text)) = spec.filter(|_| ffi::lua_type(state, 1) == ffi::LUA_TTABLE) else {
+            ffi::lua_pushboolean(state, 0);
+            return 1;
+        };
+        let texts = || {
+            let t = data.texts.borrow();
+            (!t.is_empty()).then(|| t.settled())
+        };
+        let out = super::encode_result_at(state, limits, body_as_text, texts);
+        let encoded = out.is_some();
+        data.result.borrow_mut().out = out;
+        ffi::lua_pushboolean(state, c_int::from(encoded));
+        1
+    }
+}
+
 /// The loaders' [`CallData`] argument.
 ///
 /// # Safety
-/// `state` is live; argument 6 is the light userdata `install` made, which
-/// points into the VM's app data for the VM's life.
-unsafe fn call_data_at<'a>(state: *mut lua_State) -> Option<&'a CallData> {
+/// `state` is live; argument `arg` is the light userdata `install` made,
+/// which points into the VM's app data for the VM's life.
+unsafe fn call_data_at<'a>(state: *mut lua_State, arg: c_int) -> Option<&'a CallData> {
     // SAFETY: the caller's contract; `CallData` is only ever borrowed
     // shared (its parts are `RefCell`s), so a shared reference here aliases
     // nothing mutable.
-    unsafe {
-        ffi::lua_touserdata(state, CALL_DATA_ARG)
-            .cast::<CallData>()
-            .cast_const()
-            .as_ref()
-    }
+    unsafe { ffi::lua_touserdata(state, arg).cast::<CallData>().cast_const().as_ref() }
 }
 
 /// The string argument at `index` when it is valid UTF-8.

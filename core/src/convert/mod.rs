@@ -38,7 +38,7 @@ mod numbers;
 pub mod parse;
 
 pub(crate) use fields::{push_str, Field, Fields, PushTable};
-pub(crate) use lazy::{begin_call, defer, defer_object, end_call, run_args};
+pub(crate) use lazy::{begin_call, defer, defer_object, end_call, run_args, take_result};
 pub(crate) use numbers::NumberTexts;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
@@ -382,33 +382,109 @@ fn raw_walk<E: Emit>(
 ) -> Result<Option<(E, E::Item)>, ConvertError> {
     let array_mt = markers(lua)?.array_mt.clone();
     let headers_mt = lazy::headers_metatable(lua);
+    let texts = number_texts(lua);
+    let mut out = Ok(None);
+    // SAFETY: `exec_raw` pushes `t` (index 1), the array marker (index 2) and
+    // the headers metatable or nil (index 3), as `walk_at` wants them, and
+    // runs the closure in a protected call.
+    unsafe {
+        lua.exec_raw::<()>((t, &array_mt, headers_mt.as_ref()), |state| {
+            out = walk_at(state, 1, limits, skip, texts, emit);
+        })?;
+    }
+    out
+}
+
+/// [`RawWalk`] on the value at `idx` into `emit`, with the array marker at
+/// stack index 2 and the headers metatable (or nil) at 3: `None` when it
+/// met a table it leaves to [`Encoder`] (a metatable of its own).
+///
+/// # Safety
+/// `state` is live and inside a protected call, with those values at those
+/// indices. `RawWalk` only reads: it keeps the stack balanced on every
+/// path, checks stack space before it pushes, never converts a key in place
+/// (numbers are read with lua_tonumber), and copies string bytes while the
+/// string is on the stack. It runs no Lua code (no metamethod is called).
+unsafe fn walk_at<E: Emit>(
+    state: *mut lua_State,
+    idx: c_int,
+    limits: Limits,
+    skip: Option<&'static str>,
+    texts: Option<NumberTexts>,
+    emit: E,
+) -> Result<Option<(E, E::Item)>, ConvertError> {
     let mut walk = RawWalk {
         limits,
         used: 0,
         array_mt: 2,
         headers_mt: 3,
-        texts: number_texts(lua),
+        texts,
         skip,
         emit,
     };
-    let mut out = Ok(None);
-    // SAFETY: `exec_raw` pushes `t` (index 1), the array marker (index 2) and
-    // the headers metatable or nil (index 3) and runs the closure in a
-    // protected call. `RawWalk` only reads: it
-    // keeps the stack balanced on every path, checks stack space before it
-    // pushes, never converts a key in place (numbers are read with
-    // lua_tonumber), and copies string bytes while the string is on the
-    // stack. It runs no Lua code (no metamethod is called).
-    unsafe {
-        lua.exec_raw::<()>((t, &array_mt, headers_mt.as_ref()), |state| {
-            out = match walk.value(state, 1, 1) {
-                Ok(item) => Ok(Some(item)),
-                Err(RawError::General) => Ok(None),
-                Err(RawError::Convert(e)) => Err(e),
-            };
-        })?;
+    match walk.value(state, idx, 1) {
+        Ok(item) => Ok(Some((walk.emit, item))),
+        Err(RawError::General) => Ok(None),
+        Err(RawError::Convert(e)) => Err(e),
     }
-    Ok(out?.map(|item| (walk.emit, item)))
+}
+
+/// A result encoded inside its call: the value (without `body` when that
+/// is text) and the body's JSON text.
+pub(crate) type EncodedResult = Result<(Value, Option<Vec<u8>>), ConvertError>;
+
+/// A call's result encoded where it was returned, inside the call (see
+/// `lazy.lua`'s `run`): the result table at stack index 1, the array
+/// marker at 2 and the headers metatable (or nil) at 3. `body_as_text`:
+/// the table's `body` as JSON text, the rest as a value ([`crate::vm`]'s
+/// split, in the same order and limits). `None` when a part needs the
+/// general [`Encoder`]: the host then encodes the whole result after the
+/// call, as it would have.
+///
+/// # Safety
+/// As [`walk_at`], with a table at index 1. `texts` gives this call's
+/// number texts (settled again for each walk).
+pub(crate) unsafe fn encode_result_at(
+    state: *mut lua_State,
+    limits: Limits,
+    body_as_text: bool,
+    texts: impl Fn() -> Option<NumberTexts>,
+) -> Option<EncodedResult> {
+    let mut body = None;
+    if body_as_text {
+        if ffi::lua_checkstack(state, 1) == 0 {
+            return None;
+        }
+        ffi::lua_pushlstring(state, c"body".as_ptr(), 4);
+        match ffi::lua_rawget(state, 1) {
+            ffi::LUA_TNIL => ffi::lua_pop(state, 1),
+            ffi::LUA_TTABLE => {
+                let top = ffi::lua_gettop(state);
+                let text = walk_at(state, top, limits, None, texts(), ToText { out: Vec::new() });
+                ffi::lua_settop(state, top - 1);
+                match text {
+                    Ok(Some((text, ()))) => body = Some(text.out),
+                    Ok(None) => return None,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            // A body that is not a table: the general path's rules.
+            _ => {
+                ffi::lua_pop(state, 1);
+                return None;
+            }
+        }
+    }
+    let rest = Limits {
+        max_bytes: limits.max_bytes.saturating_sub(body.as_ref().map_or(0, Vec::len)),
+        ..limits
+    };
+    let skip = body.is_some().then_some("body");
+    match walk_at(state, 1, rest, skip, texts(), ToValue) {
+        Ok(Some((_, value))) => Some(Ok((value, body))),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
+    }
 }
 
 /// Convert a Lua value to JSON text within `limits`: the text
