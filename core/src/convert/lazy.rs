@@ -325,6 +325,8 @@ fn source_of(lua: &Lua, cache: &Table) -> mlua::Result<Source> {
 const ARRAY_MT_ARG: c_int = 4;
 const HEADERS_MT_ARG: c_int = 5;
 const CALL_DATA_ARG: c_int = 6;
+/// Stack position of `encode_result`'s [`CallData`] argument.
+const ENCODE_CALL_DATA_ARG: c_int = 4;
 
 /// `load_field(slot, generation, key, array_mt, headers_mt, call_data)`,
 /// the loader behind every cache's `__index`: field `key` of source
@@ -441,7 +443,7 @@ unsafe extern "C-unwind" fn encode_result(state: *mut lua_State) -> c_int {
     // SAFETY: the function's contract; `encode_result_at` wants the result,
     // the array marker and the headers metatable at 1, 2, 3, as here.
     unsafe {
-        let Some(data) = call_data_at(state, 4) else {
+        let Some(data) = call_data_at(state, ENCODE_CALL_DATA_ARG) else {
             return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
         };
         let spec = data.result.borrow().spec;
