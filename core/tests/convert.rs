@@ -301,7 +301,7 @@ fn deep_and_large_inputs_are_errors_not_crashes() {
 /// encoder. Both must give the same JSON and the same errors: each value
 /// is returned bare and inside a table with an empty metatable.
 /// Values every encoder of a script's result is checked on.
-const RESULT_VALUES: [&str; 19] = [
+const RESULT_VALUES: [&str; 20] = [
     "{}",
     "{1, 2, 3}",
     "{[1] = 'a', [3] = 'c'}",
@@ -323,6 +323,8 @@ const RESULT_VALUES: [&str; 19] = [
     "(function() local t = {} for i = 1, 70 do t['k' .. (i * 7919 % 97)] = {i = i} end return {big = t} end)()",
     "{[1] = 'number', ['1'] = 'string', [2] = 'two'}",
     "{[string.char(200)] = 1}",
+    // Strings the text encoder copies whole next to ones it escapes.
+    "{e = 'q\"b\\\\s\\n\\t\\1\\31/\\127é', ['k\"\\n'] = 'plain', p = 'http://x/y'}",
 ];
 
 #[test]
@@ -330,6 +332,81 @@ fn stack_encoder_and_general_encoder_agree() {
     for v in RESULT_VALUES {
         let plain = usage(&format!("return {{v = {v}}}"), json!({}));
         let general = usage(&format!("return setmetatable({{v = {v}}}, {{}})"), json!({}));
+        assert_eq!(plain, general, "{v}");
+    }
+}
+
+/// The objects inside a body (nested, or items of an array) are lazy views
+/// too: a script sees plain tables, what it did not touch is encoded byte
+/// for byte as the client sent it (key order and number texts included),
+/// and a table it changed or made is encoded as a plain table (keys
+/// sorted).
+#[test]
+fn objects_inside_a_body_are_lazy_views_that_behave_as_plain_tables() {
+    let client = r#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo","n":1.50},5,[{"x":1}]],"meta":{"b":1,"a":{"z":1,"y":[{"q":true}]}}}"#;
+    let copy = "local t = {} for k, v in pairs(request.body) do t[k] = v end";
+    let cases = [
+        (
+            "a copy keeps what it did not touch (the copy's own keys sorted)",
+            format!("{copy} return {{body = t}}"),
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo","n":1.50},5,[{"x":1}]],"meta":{"b":1,"a":{"z":1,"y":[{"q":true}]}},"model":"m"}"#.to_owned(),
+        ),
+        (
+            "a changed item is a plain table, the rest untouched",
+            "request.body.messages[1].content = 'changed' return {body = request.body}".to_owned(),
+            client.replace(r#"{"role":"user","content":"hi"}"#, r#"{"content":"changed","role":"user"}"#),
+        ),
+        (
+            "an item read, not changed, keeps its text",
+            "local _ = #request.body.messages[2].role + #request.body.messages[1].content return {body = request.body}"
+                .to_owned(),
+            client.to_owned(),
+        ),
+    ];
+    for (what, script, want) in cases {
+        let e = engine(HookName::RequestTransform, &script);
+        let input = json!({"request": {"id": "r", "body_raw": client}});
+        let got = typed_transform_body(&e, &input).expect(what);
+        assert_eq!(String::from_utf8_lossy(&got), want, "{what}");
+    }
+    let reads = [
+        ("length and items", "local m = request.body.messages return {v = {#m, type(m[1]), m[3], m[4][1].x}}", json!([4, "table", 5, 1])),
+        ("same view on every read", "local m = request.body.messages return {v = m[1] == m[1] and request.body.meta.a == request.body.meta.a}", json!(true)),
+        ("pairs over an item", "local ks = {} for k in pairs(request.body.messages[2]) do ks[#ks + 1] = k end table.sort(ks) return {v = ks}", json!(["content", "n", "role"])),
+        ("ipairs over the array", "local n = 0 for _, m in ipairs(request.body.messages) do n = n + 1 end return {v = n}", json!(4)),
+        ("rawget and next", "local a = request.body.meta.a return {v = {rawget(a, 'z'), next(request.body.messages[1]) ~= nil}}", json!([1, true])),
+        ("deep reads", "return {v = request.body.meta.a.y[1].q}", json!(true)),
+        ("json.encode of an item", "return {v = json.decode(json.encode(request.body.messages[2]))}", json!({"content": "yo", "n": 1.5, "role": "assistant"})),
+        ("a new field on an item", "local m = request.body.messages[1] m.name = 'x' return {v = m}", json!({"content": "hi", "name": "x", "role": "user"})),
+    ];
+    let input = json!({"request": {"id": "r", "body": serde_json::from_str::<Value>(client).expect("json")}});
+    for (what, script, want) in reads {
+        assert_eq!(usage(script, input.clone()).map(|v| v["v"].clone()), Ok(want), "{what}");
+    }
+}
+
+/// A lazy view in a script's result (a field of the input the script
+/// returned whole, read from or not) is written by the stack encoder as
+/// the general encoder writes it: the source's order, the source's JSON
+/// for fields no script read, and the same errors past the depth limit.
+#[test]
+fn lazy_views_encode_alike_on_both_encoders() {
+    let deep = (0..62).fold(json!(1), |v, _| json!([v]));
+    let input = json!({"request": {"id": "r", "body": {
+        "model": "m", "z": 1, "a": [1, {"b": 2}], "meta": {"k": "v", "n": {"x": [true, null]}}, "deep": deep,
+    }}});
+    let cases = [
+        "request.body.meta",
+        "{request.body.meta, request.body.meta.n}",
+        "(function() local m = request.body.meta local _ = m.n.x return m end)()",
+        "(function() local m = request.body.meta local _ = m.k return {m, m.n} end)()",
+        "request.body",
+        "{w = {request.body}}",
+        "{w = {x = {request.body}}}",
+    ];
+    for v in cases {
+        let plain = usage(&format!("return {{v = {v}}}"), input.clone());
+        let general = usage(&format!("return setmetatable({{v = {v}}}, {{}})"), input.clone());
         assert_eq!(plain, general, "{v}");
     }
 }

@@ -7,6 +7,7 @@
 //! registry reference, no protected call of its own (converting through
 //! mlua values cost more than the routing script that read the field).
 
+use std::borrow::Cow;
 use std::ffi::c_int;
 use std::sync::Arc;
 
@@ -19,8 +20,9 @@ pub(crate) trait Fields {
     fn names(&self) -> Vec<&str>;
     /// Field `name` ([`Field::Nil`] when absent).
     fn field(&self, name: &str) -> Field<'_>;
-    /// The JSON of field `name`, for encoding a field no script read.
-    fn json(&self, name: &str) -> Option<Value>;
+    /// The JSON of field `name`, for encoding a field no script read
+    /// (borrowed where the data holds it as JSON).
+    fn json(&self, name: &str) -> Option<Cow<'_, Value>>;
 }
 
 /// A JSON object's top-level fields, in their original order.
@@ -35,8 +37,8 @@ impl Fields for Value {
         self.get(name).map_or(Field::Nil, Field::Json)
     }
 
-    fn json(&self, name: &str) -> Option<Value> {
-        self.get(name).cloned()
+    fn json(&self, name: &str) -> Option<Cow<'_, Value>> {
+        self.get(name).map(Cow::Borrowed)
     }
 }
 

@@ -48,6 +48,14 @@ function headers_mt.__index(headers, name)
     return nil
 end
 
+-- Put a view at each index `views` lists ({index, slot, ...}) of `array`:
+-- the objects of a JSON array stay lazy too.
+local function fill(array, views, generation)
+    for i = 1, #views, 2 do
+        rawset(array, views[i], lazy(views[i + 1], generation))
+    end
+end
+
 -- Metatable of every cache: a read of a field not cached yet converts it.
 local cache_mt = {}
 
@@ -56,9 +64,11 @@ function cache_mt.__index(cache, key)
         return nil
     end
     local generation = rawget(cache, GENERATION)
-    local value, child = load_field(rawget(cache, SOURCE), generation, key, ARRAY_MT, headers_mt, CALL_DATA)
+    local value, child, views = load_field(rawget(cache, SOURCE), generation, key, ARRAY_MT, headers_mt, CALL_DATA)
     if child then
         value = lazy(child, generation)
+    elseif views then
+        fill(value, views, generation)
     end
     if value ~= nil then
         rawset(cache, key, value)
@@ -77,10 +87,16 @@ local function materialize(t)
     local cache = rawget(mt, "__index")
     setmetatable(t, nil)
     local generation = rawget(cache, GENERATION)
-    local children = load_missing(cache, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt, CALL_DATA)
+    local children, views = load_missing(cache, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt, CALL_DATA)
     if children then
         for i = 1, #children, 2 do
             rawset(cache, children[i], lazy(children[i + 1], generation))
+        end
+    end
+    if views then
+        -- {field, index, slot, ...}: the objects of the array fields.
+        for i = 1, #views, 3 do
+            rawset(rawget(cache, views[i]), views[i + 1], lazy(views[i + 2], generation))
         end
     end
     for key, value in next, cache do
@@ -147,14 +163,19 @@ function lazy(slot, generation)
     return t
 end
 
+-- Most spare views a VM keeps: a call over a long array of objects makes
+-- a view per object, and the VM would keep them all for good.
+local MAX_SPARES = 64
+
 -- At the start of a call, turn the views the last call handed out into
 -- spares: those it left untouched, with their caches emptied (so nothing
--- they held outlives the next call's start); the others are dropped.
+-- they held outlives the next call's start), up to `MAX_SPARES`; the
+-- others are dropped.
 local function recycle()
     for i = 1, used do
         local t, mt, cache = used_t[i], used_mt[i], used_cache[i]
         used_t[i], used_mt[i], used_cache[i] = nil, nil, nil
-        if untouched(t, mt) then
+        if spares < MAX_SPARES and untouched(t, mt) then
             for key in next, cache do
                 rawset(cache, key, nil)
             end

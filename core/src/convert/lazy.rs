@@ -10,6 +10,13 @@
 //! scripts see ordinary Lua semantics. Encoding a lazy table re-uses the
 //! source's JSON for every field the script did not read.
 //!
+//! Inside a parsed body every object is a view of its own: a nested object
+//! and each object item of an array (the array itself is a plain table, so
+//! that `#` and `ipairs` work). A script that copies a body field by field,
+//! as the seed's transforms do, then hands back views of `messages`' items
+//! that encode as the client's JSON, with neither side converting them.
+//! Host data (not a body) converts its JSON fields whole (ADR 059).
+//!
 //! The tables are built in Lua (`lazy.lua`), inside the call's one protected
 //! call: a hook registers its inputs as sources ([`defer`]), and the VM runs
 //! `run(chunk, env, generation, name, slot, ...)`, which sets the lazy
@@ -48,17 +55,41 @@ const LAZY_GLOBALS: [&str; 4] = ["request", "response", "backends", "key_info"];
 
 /// Where a lazy table's fields come from.
 #[derive(Clone)]
-enum Source {
-    /// A parsed body, shared by every hook of the request.
-    Json(Arc<Value>),
+pub(super) enum Source {
+    /// An object in a parsed body shared by every hook of the request: the
+    /// body itself or an object inside it (`node` points into `root`).
+    Json { root: Arc<Value>, node: *const Value },
     /// Host data borrowed for the current call only (see [`defer`]).
     Borrowed(*const (dyn Fields + 'static)),
 }
 
 impl Source {
-    fn fields(&self) -> &dyn Fields {
+    /// A whole parsed body.
+    fn body(root: &Arc<Value>) -> Source {
+        Source::Json {
+            root: Arc::clone(root),
+            node: Arc::as_ptr(root),
+        }
+    }
+
+    /// `node`, an object inside this source's body, as a source of its
+    /// own; `None` for host data (its JSON fields are converted whole).
+    fn nested(&self, node: &Value) -> Option<Source> {
         match self {
-            Source::Json(v) => &**v,
+            Source::Json { root, .. } => Some(Source::Json {
+                root: Arc::clone(root),
+                node,
+            }),
+            Source::Borrowed(_) => None,
+        }
+    }
+
+    /// The fields behind the lazy table.
+    pub(super) fn fields(&self) -> &dyn Fields {
+        match self {
+            // SAFETY: `node` points into `root`, which this source keeps
+            // alive; a parsed body is never changed behind its `Arc`.
+            Source::Json { node, .. } => unsafe { &**node },
             // SAFETY: `defer`'s contract: the data outlives the call, and
             // `CallData::source` hands out sources of the current call only.
             Source::Borrowed(p) => unsafe { &**p },
@@ -312,6 +343,40 @@ pub(super) fn cache_of(t: &Table) -> Option<Table> {
     .then_some(cache)
 }
 
+/// With a table's metatable on top of the stack: when it is a lazy
+/// table's of the current call, push its cache and return its source;
+/// else leave the stack as it was.
+///
+/// # Safety
+/// `state` is live with a table on top and room for two more values.
+/// Only raw reads (of a key string Lua already holds, `__index`), so
+/// nothing allocates and no metamethod runs.
+pub(super) unsafe fn view_source(state: *mut lua_State, data: &CallData) -> Option<Source> {
+    // SAFETY: the function's contract.
+    unsafe {
+        let mt = ffi::lua_gettop(state);
+        ffi::lua_pushlstring(state, c"__index".as_ptr(), 7);
+        if ffi::lua_rawget(state, mt) != ffi::LUA_TTABLE {
+            ffi::lua_settop(state, mt);
+            return None;
+        }
+        let number_at = |key: LightUserData| {
+            ffi::lua_pushlightuserdata(state, key.0);
+            let n = (ffi::lua_rawget(state, mt + 1) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(state, -1));
+            ffi::lua_pop(state, 1);
+            n
+        };
+        let source = match (number_at(SOURCE_KEY), number_at(GENERATION_KEY)) {
+            (Some(slot), Some(generation)) => data.source(slot, generation).ok(),
+            _ => None,
+        };
+        if source.is_none() {
+            ffi::lua_settop(state, mt);
+        }
+        source
+    }
+}
+
 /// The source behind `cache`; an error when it is another call's.
 fn source_of(lua: &Lua, cache: &Table) -> mlua::Result<Source> {
     let (slot, generation) = (cache.raw_get(SOURCE_KEY)?, cache.raw_get(GENERATION_KEY)?);
@@ -331,7 +396,9 @@ const ENCODE_CALL_DATA_ARG: c_int = 4;
 /// `load_field(slot, generation, key, array_mt, headers_mt, call_data)`,
 /// the loader behind every cache's `__index`: field `key` of source
 /// `slot`, converted; or `nil` and the slot of a new source when the field
-/// is a JSON object, which `lazy.lua` turns into a lazy table.
+/// is a JSON object, which `lazy.lua` turns into a lazy table; or an array
+/// without its object items, `nil` and `{index, slot, ...}` of those items
+/// for `lazy.lua` to put views at.
 ///
 /// A raw C function, not an mlua callback: the callback's argument
 /// conversion, its own protection and the registry references of the
@@ -359,11 +426,23 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
             Err(message) => return ffi::luaL_error(state, message.as_ptr()),
         };
         let field = source.fields().field(name);
-        if let Field::Object(object) = field {
-            let child = data.push(Source::Json(Arc::clone(object)));
+        let child = match field {
+            Field::Object(object) => Some(Source::body(object)),
+            Field::Json(object @ Value::Object(_)) => source.nested(object),
+            _ => None,
+        };
+        if let Some(child) = child {
             ffi::lua_pushnil(state);
-            ffi::lua_pushnumber(state, child as f64);
+            ffi::lua_pushnumber(state, data.push(child) as f64);
             return 2;
+        }
+        if let Field::Json(Value::Array(items)) = field {
+            if let Some(views) = element_views(&source, items, data) {
+                push_outside_limit(state, data, |to| push_array(state, items, &views, to));
+                ffi::lua_pushnil(state);
+                push_pairs(state, &views);
+                return 3;
+            }
         }
         if field.allocates() {
             push_outside_limit(state, data, |to| fields::push(state, &field, to));
@@ -378,7 +457,8 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
 /// call_data)`: load every field of source `slot` that `cache` lacks into
 /// it, in one call (a script iterating a body would otherwise cross into
 /// Rust once per field). JSON objects come back as `{name, slot, ...}` for
-/// `lazy.lua` to wrap; `nil` when there are none.
+/// `lazy.lua` to wrap (`nil` when there are none), then, when arrays held
+/// objects, `{name, index, slot, ...}` for the views to put in them.
 ///
 /// # Safety
 /// As [`load_field`].
@@ -394,6 +474,9 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
         };
         let fields = source.fields();
         let mut children = Vec::new();
+        // (field name, index in that array, slot) of each array item that
+        // becomes a view.
+        let mut items_views = Vec::new();
         push_outside_limit(state, data, |to| {
             for name in fields.names() {
                 ffi::luaL_checkstack(state, 2, std::ptr::null());
@@ -403,28 +486,115 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
                     continue;
                 }
                 ffi::lua_pop(state, 1);
-                match fields.field(name) {
-                    Field::Object(object) => children.push((name, data.push(Source::Json(Arc::clone(object))))),
-                    field => {
-                        fields::push_str(state, name);
-                        fields::push(state, &field, to);
-                        ffi::lua_rawset(state, 1);
-                    }
+                let field = fields.field(name);
+                let child = match field {
+                    Field::Object(object) => Some(Source::body(object)),
+                    Field::Json(object @ Value::Object(_)) => source.nested(object),
+                    _ => None,
+                };
+                if let Some(child) = child {
+                    children.push((name, data.push(child)));
+                    continue;
                 }
+                fields::push_str(state, name);
+                match field {
+                    Field::Json(Value::Array(items)) => match element_views(&source, items, data) {
+                        Some(views) => {
+                            push_array(state, items, &views, to);
+                            items_views.extend(views.into_iter().map(|(i, slot)| (name, i, slot)));
+                        }
+                        None => fields::push(state, &field, to),
+                    },
+                    _ => fields::push(state, &field, to),
+                }
+                ffi::lua_rawset(state, 1);
             }
         });
+        ffi::luaL_checkstack(state, 4, std::ptr::null());
         if children.is_empty() {
             ffi::lua_pushnil(state);
+        } else {
+            ffi::lua_createtable(state, c_int::try_from(children.len() * 2).unwrap_or(0), 0);
+            for (i, (name, slot)) in children.iter().enumerate() {
+                fields::push_str(state, name);
+                ffi::lua_rawseti(state, -2, (2 * i + 1) as ffi::lua_Integer);
+                ffi::lua_pushnumber(state, *slot as f64);
+                ffi::lua_rawseti(state, -2, (2 * i + 2) as ffi::lua_Integer);
+            }
+        }
+        if items_views.is_empty() {
             return 1;
         }
-        ffi::lua_createtable(state, c_int::try_from(children.len() * 2).unwrap_or(0), 0);
-        for (i, (name, slot)) in children.iter().enumerate() {
+        ffi::lua_createtable(state, c_int::try_from(items_views.len() * 3).unwrap_or(0), 0);
+        for (i, (name, index, slot)) in items_views.iter().enumerate() {
+            let at = (3 * i) as ffi::lua_Integer;
             fields::push_str(state, name);
+            ffi::lua_rawseti(state, -2, at + 1);
+            ffi::lua_pushnumber(state, *index as f64);
+            ffi::lua_rawseti(state, -2, at + 2);
+            ffi::lua_pushnumber(state, *slot as f64);
+            ffi::lua_rawseti(state, -2, at + 3);
+        }
+        2
+    }
+}
+
+/// The objects among `items` (an array field of `source`) as sources of
+/// their own, by 1-based index; `None` when there are none, or `source`
+/// is host data (the array is then converted whole).
+fn element_views(source: &Source, items: &[Value], data: &CallData) -> Option<Vec<(usize, usize)>> {
+    if !matches!(source, Source::Json { .. }) || !items.iter().any(Value::is_object) {
+        return None;
+    }
+    let views = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            let child = item.as_object().and(source.nested(item))?;
+            Some((i + 1, data.push(child)))
+        })
+        .collect();
+    Some(views)
+}
+
+/// Push `items` as a JSON array table, leaving out the items `views` lists
+/// (`lazy.lua` puts a view at each).
+///
+/// # Safety
+/// As [`fields::push`].
+unsafe fn push_array(state: *mut lua_State, items: &[Value], views: &[(usize, usize)], to: &mut PushTo<'_>) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        ffi::luaL_checkstack(state, 3, std::ptr::null());
+        ffi::lua_createtable(state, c_int::try_from(items.len()).unwrap_or(0), 0);
+        let mut views = views.iter().map(|v| v.0).peekable();
+        for (i, item) in items.iter().enumerate() {
+            if views.next_if_eq(&(i + 1)).is_some() {
+                continue;
+            }
+            fields::push(state, &Field::Json(item), to);
+            ffi::lua_rawseti(state, -2, (i + 1) as ffi::lua_Integer);
+        }
+        ffi::lua_pushvalue(state, to.array_mt);
+        ffi::lua_setmetatable(state, -2);
+    }
+}
+
+/// Push `{index1, slot1, index2, slot2, ...}`.
+///
+/// # Safety
+/// `state` is live; an allocation failure raises (nothing owned here).
+unsafe fn push_pairs(state: *mut lua_State, pairs: &[(usize, usize)]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        ffi::luaL_checkstack(state, 2, std::ptr::null());
+        ffi::lua_createtable(state, c_int::try_from(pairs.len() * 2).unwrap_or(0), 0);
+        for (i, (index, slot)) in pairs.iter().enumerate() {
+            ffi::lua_pushnumber(state, *index as f64);
             ffi::lua_rawseti(state, -2, (2 * i + 1) as ffi::lua_Integer);
             ffi::lua_pushnumber(state, *slot as f64);
             ffi::lua_rawseti(state, -2, (2 * i + 2) as ffi::lua_Integer);
         }
-        1
     }
 }
 
@@ -455,7 +625,7 @@ unsafe extern "C-unwind" fn encode_result(state: *mut lua_State) -> c_int {
             let t = data.texts.borrow();
             (!t.is_empty()).then(|| t.settled())
         };
-        let out = super::encode_result_at(state, limits, body_as_text, texts);
+        let out = super::encode_result_at(state, limits, body_as_text, texts, data);
         let encoded = out.is_some();
         data.result.borrow_mut().out = out;
         ffi::lua_pushboolean(state, c_int::from(encoded));
@@ -541,7 +711,7 @@ pub(super) fn encoding_fields(lua: &Lua, cache: &Table) -> mlua::Result<Vec<(Str
         if !cached.is_nil() {
             out.push((name.to_owned(), Ok(cached)));
         } else if let Some(original) = fields.json(name) {
-            out.push((name.to_owned(), Err(original)));
+            out.push((name.to_owned(), Err(original.into_owned())));
         }
     }
     Ok(out)

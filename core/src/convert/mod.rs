@@ -13,9 +13,9 @@
 //! - Depth and size are bounded in both directions: deep or cyclic tables are
 //!   errors, never a stack overflow.
 //!
-//! Inputs are **lazy** (`lazy.rs`): `request`, `response`, `backends` and the
-//! bodies are empty tables whose top-level fields convert the first time they
-//! are read. A routing script that reads `request.body.viplevel` does not pay
+//! Inputs are **lazy** (`lazy.rs`): `request`, `response`, `backends`, the
+//! bodies and every object inside a body are empty tables whose fields
+//! convert the first time they are read. A routing script that reads `request.body.viplevel` does not pay
 //! for a 1 MB `messages` array, nor for the headers. Iterating (`pairs`,
 //! `next`) or writing a new key turns the table into a plain one first, so
 //! scripts see ordinary Lua semantics. Encoding a lazy table that was never
@@ -24,7 +24,6 @@
 
 use std::borrow::Cow;
 use std::ffi::{c_int, c_void};
-use std::io::Write;
 
 use mlua::ffi::{self, lua_State};
 use mlua::{LightUserData, Lua, Table, Value as LuaValue};
@@ -383,13 +382,14 @@ fn raw_walk<E: Emit>(
     let array_mt = markers(lua)?.array_mt.clone();
     let headers_mt = lazy::headers_metatable(lua);
     let texts = number_texts(lua);
+    let data = lazy::call_data(lua);
     let mut out = Ok(None);
     // SAFETY: `exec_raw` pushes `t` (index 1), the array marker (index 2) and
     // the headers metatable or nil (index 3), as `walk_at` wants them, and
     // runs the closure in a protected call.
     unsafe {
         lua.exec_raw::<()>((t, &array_mt, headers_mt.as_ref()), |state| {
-            out = walk_at(state, 1, limits, skip, texts, emit);
+            out = walk_at(state, 1, limits, skip, texts, data.as_deref(), emit);
         })?;
     }
     out
@@ -411,9 +411,11 @@ unsafe fn walk_at<E: Emit>(
     limits: Limits,
     skip: Option<&'static str>,
     texts: Option<NumberTexts>,
+    data: Option<&lazy::CallData>,
     emit: E,
 ) -> Result<Option<(E, E::Item)>, ConvertError> {
     let mut walk = RawWalk {
+        data,
         limits,
         used: 0,
         array_mt: 2,
@@ -449,6 +451,7 @@ pub(crate) unsafe fn encode_result_at(
     limits: Limits,
     body_as_text: bool,
     texts: impl Fn() -> Option<NumberTexts>,
+    data: &lazy::CallData,
 ) -> Option<EncodedResult> {
     let mut body = None;
     if body_as_text {
@@ -460,7 +463,7 @@ pub(crate) unsafe fn encode_result_at(
             ffi::LUA_TNIL => ffi::lua_pop(state, 1),
             ffi::LUA_TTABLE => {
                 let top = ffi::lua_gettop(state);
-                let text = walk_at(state, top, limits, None, texts(), ToText { out: Vec::new() });
+                let text = walk_at(state, top, limits, None, texts(), Some(data), ToText::new());
                 ffi::lua_settop(state, top - 1);
                 match text {
                     Ok(Some((text, ()))) => body = Some(text.out),
@@ -480,7 +483,7 @@ pub(crate) unsafe fn encode_result_at(
         ..limits
     };
     let skip = body.is_some().then_some("body");
-    match walk_at(state, 1, rest, skip, texts(), ToValue) {
+    match walk_at(state, 1, rest, skip, texts(), Some(data), ToValue) {
         Ok(Some((_, value))) => Some(Ok((value, body))),
         Ok(None) => None,
         Err(e) => Some(Err(e)),
@@ -492,7 +495,7 @@ pub(crate) unsafe fn encode_result_at(
 /// building the value where [`RawWalk`] applies.
 pub fn lua_to_json_text(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Vec<u8>, ConvertError> {
     if let LuaValue::Table(t) = value {
-        if let Some((text, ())) = raw_walk(lua, t, limits, None, ToText { out: Vec::new() })? {
+        if let Some((text, ())) = raw_walk(lua, t, limits, None, ToText::new())? {
             return Ok(text.out);
         }
     }
@@ -539,6 +542,8 @@ trait Emit {
     fn object_next(&mut self, o: &mut Self::Object, index: usize, key: &str);
     fn object_push(&mut self, o: &mut Self::Object, item: Self::Item);
     fn object_close(&mut self, o: Self::Object) -> Self::Item;
+    /// A field of a lazy table no script read: its source's JSON.
+    fn json(&mut self, v: &Value) -> Self::Item;
 }
 
 /// [`Emit`] into a `serde_json::Value`.
@@ -584,6 +589,9 @@ impl Emit for ToValue {
     fn object_push(&mut self, o: &mut Self::Object, item: Value) {
         o.0.insert(std::mem::take(&mut o.1), item);
     }
+    fn json(&mut self, v: &Value) -> Value {
+        v.clone()
+    }
     fn object_close(&mut self, o: Self::Object) -> Value {
         Value::Object(o.0)
     }
@@ -596,10 +604,36 @@ struct ToText {
 }
 
 impl ToText {
-    fn quoted(&mut self, s: &str) {
-        // Writing a str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut self.out, s);
+    /// A text encoder with room for a typical body, so that the output is
+    /// not regrown several times while small values are appended.
+    fn new() -> ToText {
+        ToText {
+            out: Vec::with_capacity(TEXT_CAPACITY),
+        }
     }
+
+    /// `s` as a JSON string, as serde_json writes it: a string with nothing
+    /// to escape (nearly every key and most values) is copied whole.
+    fn quoted(&mut self, s: &str) {
+        if s.bytes().any(needs_escape) {
+            // Writing a str into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut self.out, s);
+            return;
+        }
+        self.out.reserve(s.len() + 2);
+        self.out.push(b'"');
+        self.out.extend_from_slice(s.as_bytes());
+        self.out.push(b'"');
+    }
+}
+
+/// Bytes [`ToText`] starts with room for.
+const TEXT_CAPACITY: usize = 1024;
+
+/// Whether serde_json escapes `b` inside a string: control characters,
+/// the quote and the backslash (nothing else, not `/` nor non-ASCII).
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
 }
 
 impl Emit for ToText {
@@ -617,8 +651,9 @@ impl Emit for ToText {
         self.out.extend_from_slice(n.as_str().as_bytes());
     }
     fn integer(&mut self, i: i64) {
-        // Writing into a Vec cannot fail.
-        let _ = write!(self.out, "{i}");
+        // Writing into a Vec cannot fail; serde_json writes integers
+        // without the formatting machinery of `write!`.
+        let _ = serde_json::to_writer(&mut self.out, &i);
     }
     fn string(&mut self, s: &str) {
         self.quoted(s);
@@ -646,6 +681,10 @@ impl Emit for ToText {
         self.out.push(b':');
     }
     fn object_push(&mut self, _: &mut (), (): ()) {}
+    fn json(&mut self, v: &Value) {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.out, v);
+    }
     fn object_close(&mut self, (): ()) {
         self.out.push(b'}');
     }
@@ -656,7 +695,10 @@ impl Emit for ToText {
 const MAX_PAIRS_ON_STACK: usize = 64;
 
 /// [`Encoder`]'s rules, on the raw Lua stack, into an [`Emit`].
-struct RawWalk<E> {
+struct RawWalk<'d, E> {
+    /// The call's conversion data, to encode its lazy tables (`None`: a
+    /// lazy table is left to [`Encoder`]).
+    data: Option<&'d lazy::CallData>,
     limits: Limits,
     used: usize,
     /// Stack index of the array marker.
@@ -671,7 +713,7 @@ struct RawWalk<E> {
     emit: E,
 }
 
-impl<E: Emit> RawWalk<E> {
+impl<E: Emit> RawWalk<'_, E> {
     fn charge(&mut self, bytes: usize) -> Result<(), RawError> {
         self.used = self.used.saturating_add(bytes);
         if self.used > self.limits.max_bytes {
@@ -764,10 +806,11 @@ impl<E: Emit> RawWalk<E> {
         if ffi::lua_getmetatable(state, idx) != 0 {
             marked_array = ffi::lua_rawequal(state, -1, self.array_mt) != 0;
             let headers = ffi::lua_rawequal(state, -1, self.headers_mt) != 0;
-            ffi::lua_pop(state, 1);
             if !marked_array && !headers {
-                return Err(RawError::General);
+                // The metatable stays on the stack for `lazy`.
+                return self.lazy(state, depth);
             }
+            ffi::lua_pop(state, 1);
         }
         let shape = stack::table_shape(state, idx);
         if shape.is_array(marked_array) {
@@ -840,7 +883,68 @@ impl<E: Emit> RawWalk<E> {
     }
 }
 
-impl<E: Emit> RawWalk<E> {
+impl<E: Emit> RawWalk<'_, E> {
+    /// A lazy table whose metatable is on top of the stack (which this
+    /// pops), as [`Encoder`] writes one: the fields in the source's order,
+    /// the Lua value of each field a script read and the source's JSON of
+    /// the others. [`RawError::General`] for a table with any other
+    /// metatable.
+    ///
+    /// # Safety
+    /// As [`RawWalk::table`], with the table's metatable on top of the
+    /// stack and room for two more values.
+    unsafe fn lazy(&mut self, state: *mut lua_State, depth: usize) -> Result<E::Item, RawError> {
+        let below = ffi::lua_gettop(state) - 1;
+        let source = self.data.and_then(|data| lazy::view_source(state, data));
+        let Some(source) = source else {
+            ffi::lua_settop(state, below);
+            return Err(RawError::General);
+        };
+        // The cache is on top, above the metatable.
+        let cache = ffi::lua_gettop(state);
+        let fields = source.fields();
+        let names = fields.names();
+        let mut object = self.emit.object_open(names.len());
+        let mut written = 0;
+        let mut result = Ok(());
+        for name in names {
+            ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+            let item = if ffi::lua_rawget(state, cache) != ffi::LUA_TNIL {
+                self.emit.object_next(&mut object, written, name);
+                let item = self.value(state, cache + 1, depth + 1);
+                ffi::lua_pop(state, 1);
+                item
+            } else {
+                ffi::lua_pop(state, 1);
+                let Some(original) = fields.json(name) else {
+                    continue;
+                };
+                self.emit.object_next(&mut object, written, name);
+                self.original(&original, depth)
+            };
+            match item {
+                Ok(item) => self.emit.object_push(&mut object, item),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            written += 1;
+        }
+        ffi::lua_settop(state, below);
+        result.map(|()| self.emit.object_close(object))
+    }
+
+    /// A field of a lazy table at `depth` that no script read: its JSON,
+    /// charged and bounded as [`Encoder`] does.
+    fn original(&mut self, original: &Value, depth: usize) -> Result<E::Item, RawError> {
+        self.charge(json_size(original))?;
+        if depth + json_depth(original) > self.limits.max_depth + 1 {
+            return Err(ConvertError(format!("nesting is deeper than {} levels", self.limits.max_depth)).into());
+        }
+        Ok(self.emit.json(original))
+    }
+
     /// The object at `idx` with its pairs kept on the stack above `base`
     /// while it is written: keys are read where they are (no copy, and no
     /// second lookup of each value by its key). The caller checked the stack

@@ -1,5 +1,6 @@
 //! The `request` global every hook sees.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use mlua::Lua;
@@ -149,14 +150,14 @@ impl convert::Fields for RequestInfo {
         }
     }
 
-    fn json(&self, name: &str) -> Option<Value> {
+    fn json(&self, name: &str) -> Option<Cow<'_, Value>> {
         if let Some(v) = self.extra.get(name) {
-            return Some(v.clone());
+            return Some(Cow::Borrowed(v));
         }
         match name {
-            "body" => Some((*self.body).clone()),
-            "headers" => Some(super::headers_json(&self.headers)),
-            other => self.text(other).map(|s| Value::String(s.to_owned())),
+            "body" => Some(Cow::Borrowed(&*self.body)),
+            "headers" => Some(Cow::Owned(super::headers_json(&self.headers))),
+            other => self.text(other).map(|s| Cow::Owned(Value::String(s.to_owned()))),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `routing`: pick a backend by name, or `nil` for the default balancer.
 
+use std::borrow::Cow;
 use std::ffi::c_int;
 
 use mlua::ffi;
@@ -104,18 +105,18 @@ impl convert::Fields for RoutingInput<'_> {
         self.backend(name).map_or(Field::Nil, |b| Field::Table(b))
     }
 
-    fn json(&self, name: &str) -> Option<Value> {
+    fn json(&self, name: &str) -> Option<Cow<'_, Value>> {
         // As the encoder writes the numbers of the Lua table.
         let n = |x: f64| convert::number(x).map_or(Value::Null, Value::Number);
         self.backend(name).map(|b| {
             // Keys sorted, as the encoder writes a plain table's.
-            serde_json::json!({
+            Cow::Owned(serde_json::json!({
                 "active_connections": n(b.active_connections as f64),
                 "healthy": b.healthy,
                 "latency_ms": n(b.latency_ms),
                 "url": b.url,
                 "weight": n(f64::from(b.weight)),
-            })
+            }))
         })
     }
 }

@@ -1,5 +1,6 @@
 //! `request_transform` and `response_transform`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use mlua::{Lua, Table};
@@ -102,12 +103,12 @@ impl convert::Fields for ResponseInfo {
         }
     }
 
-    fn json(&self, name: &str) -> Option<Value> {
+    fn json(&self, name: &str) -> Option<Cow<'_, Value>> {
         Some(match name {
-            "body" => (*self.body).clone(),
-            "headers" => super::headers_json(&self.headers),
-            "is_stream" => Value::Bool(self.is_stream),
-            "status_code" => Value::from(self.status_code),
+            "body" => Cow::Borrowed(&*self.body),
+            "headers" => Cow::Owned(super::headers_json(&self.headers)),
+            "is_stream" => Cow::Owned(Value::Bool(self.is_stream)),
+            "status_code" => Cow::Owned(Value::from(self.status_code)),
             _ => return None,
         })
     }
