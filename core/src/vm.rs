@@ -13,7 +13,6 @@ use crate::config::{Script, ScriptLimits};
 use crate::convert::{self, Limits};
 use crate::error::{ErrorKind, HookError};
 use crate::hooks::HookName;
-use crate::sandbox::context::CallContext;
 use crate::sandbox::{self, SandboxState};
 
 /// What one call runs and under which limits.
@@ -147,13 +146,11 @@ impl Vm {
         spec: &CallSpec<'_>,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
     ) -> Result<Output, HookError> {
-        convert::begin_call(&self.state.lua);
+        self.state.call_data.begin_call();
         self.over_budget = false;
         let result = self.run(spec, set_globals);
-        convert::end_call(&self.state.lua);
-        if let Some(mut ctx) = self.state.lua.app_data_mut::<CallContext>() {
-            ctx.release_held(!self.over_budget);
-        }
+        self.state.call_data.end_call();
+        self.state.context.borrow_mut().release_held(!self.over_budget);
         match self.env_emptied.take() {
             Some(true) => {}
             Some(false) => self.broken = true,
@@ -229,16 +226,14 @@ impl Vm {
 
         let timeout = Duration::from_millis(spec.limits.timeout_ms);
         let budget = spec.budget.filter(|b| *b < timeout);
-        if let Some(mut ctx) = lua.app_data_mut::<CallContext>() {
-            ctx.begin(
-                spec.hook,
-                &spec.script.name,
-                spec.request_id,
-                limits,
-                memory,
-                budget.is_some(),
-            );
-        }
+        self.state.context.borrow_mut().begin(
+            spec.hook,
+            &spec.script.name,
+            spec.request_id,
+            limits,
+            memory,
+            budget.is_some(),
+        );
 
         // Limits are armed only while the script runs: with a memory limit
         // set, mlua protects every API call, which costs more than the call
@@ -246,19 +241,18 @@ impl Vm {
         let used = lua.used_memory();
         lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
         self.state.watchdog.arm(budget.unwrap_or(timeout));
-        let result =
-            convert::run_args(lua, limits, spec.body_as_text).and_then(|[generation, n1, s1, n2, s2, n3, s3]| {
-                self.state
-                    .run
-                    .call::<(Value, bool)>((chunk, &self.env, generation, n1, s1, n2, s2, n3, s3))
-            });
+        let [generation, n1, s1, n2, s2, n3, s3] = self.state.call_data.run_args(limits, spec.body_as_text);
+        let result = self
+            .state
+            .run
+            .call::<(Value, bool)>((chunk, &self.env, generation, n1, s1, n2, s2, n3, s3));
         let result = result.map(|(value, emptied)| {
             self.env_emptied = Some(emptied);
             value
         });
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);
-        let encoded = convert::take_result(lua);
+        let encoded = self.state.call_data.take_result();
 
         // A limit can fire inside a helper whose error a script never sees
         // (`print` of a table whose `__tostring` loops, then a normal

@@ -30,6 +30,7 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use mlua::ffi::{self, lua_State};
@@ -123,14 +124,6 @@ struct ResultSlot {
     out: Option<super::EncodedResult>,
 }
 
-/// The result the last call encoded inside it, if it did.
-pub(crate) fn take_result(lua: &Lua) -> Option<super::EncodedResult> {
-    let d = call_data(lua)?;
-    let mut slot = d.result.borrow_mut();
-    slot.spec = None;
-    slot.out.take()
-}
-
 /// The sources of the lazy tables of the current call.
 #[derive(Default)]
 struct CallSources {
@@ -154,17 +147,18 @@ pub(crate) struct LazyLua {
     pub run: Function,
     /// `materialize(t)`, for the sandbox's `pairs`, `next`, `rawget`, ... .
     pub materialize: Function,
+    /// The VM's call data (also its app data, for the hooks' inputs and
+    /// the encoders): the VM's own handle, with no app data lookup per call.
+    pub data: Rc<CallData>,
 }
 
 /// Install lazy tables in a VM: the per-call source list, the Rust
 /// callbacks and the Lua half. Takes raw base functions from the globals,
 /// so it runs before the sandbox empties them.
 pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
-    lua.set_app_data(CallData::default());
-    let data = lua
-        .app_data_ref::<CallData>()
-        .map(|d| LightUserData(std::ptr::from_ref::<CallData>(&d).cast_mut().cast()))
-        .ok_or_else(|| mlua::Error::runtime("llmproxy: call data missing"))?;
+    let shared = Rc::new(CallData::default());
+    lua.set_app_data(Rc::clone(&shared));
+    let data = LightUserData(Rc::as_ptr(&shared).cast_mut().cast());
     let g = lua.globals();
     let rust = lua.create_table()?;
     for name in ["rawget", "rawset", "setmetatable", "getmetatable", "type", "next"] {
@@ -189,6 +183,7 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
     Ok(LazyLua {
         run: module.raw_get("run")?,
         materialize: module.raw_get("materialize")?,
+        data: shared,
     })
 }
 
@@ -202,34 +197,56 @@ pub(crate) fn headers_metatable(lua: &Lua) -> Option<Table> {
 }
 
 /// The current call's shared conversion data (`None` in a state without
-/// lazy tables).
-pub(super) fn call_data(lua: &Lua) -> Option<mlua::AppDataRef<'_, CallData>> {
-    lua.app_data_ref::<CallData>()
-}
-
-/// Start a call: lazy tables built from here on belong to it, and the
-/// number texts of the last call are forgotten.
-pub(crate) fn begin_call(lua: &Lua) {
-    if let Some(d) = call_data(lua) {
-        d.end_call();
-        d.texts.borrow_mut().clear();
-    }
-}
-
-/// End a call: its sources are dropped, and any lazy table of it that
-/// survived (nothing should) fails loudly instead of reading freed data.
-pub(crate) fn end_call(lua: &Lua) {
-    if let Some(d) = call_data(lua) {
-        d.end_call();
-    }
+/// lazy tables). The VM holds it too ([`LazyLua::data`]) and uses that.
+pub(super) fn call_data(lua: &Lua) -> Option<mlua::AppDataRef<'_, Rc<CallData>>> {
+    lua.app_data_ref::<Rc<CallData>>()
 }
 
 impl CallData {
-    fn end_call(&self) {
+    /// Start a call: lazy tables built from here on belong to it, and the
+    /// number texts of the last call are forgotten.
+    pub(crate) fn begin_call(&self) {
+        self.end_call();
+        self.texts.borrow_mut().clear();
+    }
+
+    /// End a call: its sources are dropped, and any lazy table of it that
+    /// survived (nothing should) fails loudly instead of reading freed
+    /// data.
+    pub(crate) fn end_call(&self) {
         let mut s = self.sources.borrow_mut();
         s.sources.clear();
         s.deferred = [None; MAX_DEFERRED];
         s.generation = s.generation.wrapping_add(1);
+    }
+
+    /// `run`'s arguments after `chunk` and `env`: the call's generation
+    /// and its lazy globals (1-based index in `LAZY_GLOBALS`, 0 for none)
+    /// with their sources. The call will encode a table it returns where
+    /// the script returned it, within `limits` (`body_as_text`: the
+    /// table's `body` as JSON text, the rest as a value; see
+    /// [`encode_result`]), instead of handing it back to be read in a
+    /// protected call of its own; [`CallData::take_result`] has it.
+    pub(crate) fn run_args(&self, limits: super::Limits, body_as_text: bool) -> [f64; 1 + 2 * MAX_DEFERRED] {
+        *self.result.borrow_mut() = ResultSlot {
+            spec: Some((limits, body_as_text)),
+            out: None,
+        };
+        let s = self.sources.borrow();
+        let mut args = [0.0; 1 + 2 * MAX_DEFERRED];
+        args[0] = s.generation as f64;
+        for (i, (name, slot)) in s.deferred.iter().flatten().enumerate() {
+            args[1 + 2 * i] = (name + 1) as f64;
+            args[2 + 2 * i] = *slot as f64;
+        }
+        args
+    }
+
+    /// The result the last call encoded inside it, if it did.
+    pub(crate) fn take_result(&self) -> Option<super::EncodedResult> {
+        let mut slot = self.result.borrow_mut();
+        slot.spec = None;
+        slot.out.take()
     }
 
     /// Source `slot` of the call `generation`; an error for another call's.
@@ -304,32 +321,6 @@ pub(crate) unsafe fn defer_object<'a>(lua: &Lua, name: &str, value: &'a Value) -
     // SAFETY: the caller's promise.
     unsafe { defer(lua, name, value)? };
     Ok(&NULL)
-}
-
-/// `run`'s arguments after `chunk` and `env`: the call's generation and its
-/// lazy globals (1-based index in `LAZY_GLOBALS`, 0 for none) with their
-/// sources. The call will encode a table it returns where the script
-/// returned it, within `limits` (`body_as_text`: the table's `body` as JSON
-/// text, the rest as a value; see [`encode_result`]), instead of handing it
-/// back to be read in a protected call of its own; [`take_result`] has it.
-pub(crate) fn run_args(
-    lua: &Lua,
-    limits: super::Limits,
-    body_as_text: bool,
-) -> mlua::Result<[f64; 1 + 2 * MAX_DEFERRED]> {
-    let d = call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
-    *d.result.borrow_mut() = ResultSlot {
-        spec: Some((limits, body_as_text)),
-        out: None,
-    };
-    let s = d.sources.borrow();
-    let mut args = [0.0; 1 + 2 * MAX_DEFERRED];
-    args[0] = s.generation as f64;
-    for (i, (name, slot)) in s.deferred.iter().flatten().enumerate() {
-        args[1 + 2 * i] = (name + 1) as f64;
-        args[2 + 2 * i] = *slot as f64;
-    }
-    Ok(args)
 }
 
 /// The cache table of a lazy table, or `None` for any other table.

@@ -37,7 +37,7 @@ mod numbers;
 pub mod parse;
 
 pub(crate) use fields::{push_str, Field, Fields, PushTable};
-pub(crate) use lazy::{begin_call, defer, defer_object, end_call, run_args, take_result};
+pub(crate) use lazy::{defer, defer_object, CallData};
 pub(crate) use numbers::NumberTexts;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
@@ -389,7 +389,7 @@ fn raw_walk<E: Emit>(
     // runs the closure in a protected call.
     unsafe {
         lua.exec_raw::<()>((t, &array_mt, headers_mt.as_ref()), |state| {
-            out = walk_at(state, 1, limits, skip, texts, data.as_deref(), emit);
+            out = walk_at(state, 1, limits, skip, texts, data.as_deref().map(|d| &**d), emit);
         })?;
     }
     out

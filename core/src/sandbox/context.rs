@@ -1,5 +1,7 @@
 //! What a Rust helper needs to know about the call it runs in.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use super::helpers::{write_log_line, Level};
@@ -10,6 +12,15 @@ use crate::hooks::HookName;
 pub const LOG_LINES_PER_CALL: u32 = 50;
 /// Longest log line a script may write; longer lines are cut.
 pub const LOG_LINE_MAX_BYTES: usize = 4096;
+
+/// A VM's [`CallContext`]: in its app data for the helpers, and held by
+/// the VM itself, which sets it up twice a call without an app data lookup.
+pub(crate) type SharedContext = Rc<RefCell<CallContext>>;
+
+/// The call context of the VM `lua` (`None` in a state without one).
+pub(crate) fn context(lua: &mlua::Lua) -> Option<mlua::AppDataRef<'_, SharedContext>> {
+    lua.app_data_ref::<SharedContext>()
+}
 
 /// Per-call facts, stored in the VM's app data for the duration of a call.
 #[derive(Debug)]

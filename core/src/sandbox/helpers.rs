@@ -4,6 +4,7 @@
 //! allocate more than the call's memory allowance.
 
 use std::fmt::Write as _;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use chrono::format::StrftimeItems;
@@ -12,7 +13,7 @@ use md5::Md5;
 use mlua::{Lua, LuaString, Table, Value, Variadic};
 use sha2::{Digest, Sha256};
 
-use super::context::{CallContext, LOG_LINES_PER_CALL, LOG_LINE_MAX_BYTES};
+use super::context::{context, CallContext, LOG_LINES_PER_CALL, LOG_LINE_MAX_BYTES};
 use super::watchdog::Watchdog;
 use crate::convert::parse::{self, ParseError};
 use crate::convert::{self, Limits, Markers};
@@ -47,8 +48,8 @@ fn call_limits(lua: &Lua) -> Limits {
         max_depth: c.limits.max_depth,
         max_bytes: c.memory_allowance,
     };
-    match lua.app_data_ref::<CallContext>() {
-        Some(c) => of(&c),
+    match context(lua) {
+        Some(c) => of(&c.borrow()),
         None => of(&CallContext::idle()),
     }
 }
@@ -325,23 +326,24 @@ fn log_message(args: &Variadic<Value>) -> mlua::Result<String> {
 }
 
 fn emit(lua: &Lua, level: Level, args: Variadic<Value>) -> mlua::Result<()> {
-    let Some(mut ctx) = lua.app_data_mut::<CallContext>() else {
+    let Some(shared) = context(lua).map(|c| Rc::clone(&c)) else {
         return Ok(());
     };
-    ctx.log_lines += 1;
-    if ctx.log_lines > LOG_LINES_PER_CALL + 1 {
-        return Ok(());
+    {
+        let mut ctx = shared.borrow_mut();
+        ctx.log_lines += 1;
+        if ctx.log_lines > LOG_LINES_PER_CALL + 1 {
+            return Ok(());
+        }
+        if ctx.log_lines == LOG_LINES_PER_CALL + 1 {
+            let msg = format!("script log limit of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped");
+            ctx.log(Level::Warn, msg);
+            return Ok(());
+        }
     }
-    if ctx.log_lines == LOG_LINES_PER_CALL + 1 {
-        let msg = format!("script log limit of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped");
-        ctx.log(Level::Warn, msg);
-        return Ok(());
-    }
-    drop(ctx);
+    // Not borrowed here: `__tostring` metamethods may log too.
     let msg = log_message(&args)?;
-    if let Some(mut ctx) = lua.app_data_mut::<CallContext>() {
-        ctx.log(level, msg);
-    }
+    shared.borrow_mut().log(level, msg);
     Ok(())
 }
 

@@ -31,12 +31,14 @@ mod random;
 mod timer;
 pub(crate) mod watchdog;
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use mlua::{LuaOptions, StdLib, Table, Value};
 
 use crate::convert::{self, Markers};
-use context::CallContext;
+use context::{CallContext, SharedContext};
 use watchdog::Watchdog;
 
 const PRELUDE: &str = include_str!("prelude.lua");
@@ -57,6 +59,10 @@ pub(crate) struct SandboxState {
     /// Runs one call: sets the call's lazy inputs, then the script
     /// (`convert::lazy`).
     pub run: mlua::Function,
+    /// The conversions' per-call data (`convert::lazy`).
+    pub call_data: Rc<convert::CallData>,
+    /// What the helpers know of the call running (also app data).
+    pub context: SharedContext,
 }
 
 impl Drop for SandboxState {
@@ -96,7 +102,8 @@ fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
     }
 
     Markers::install(&lua)?;
-    lua.set_app_data(CallContext::idle());
+    let context: SharedContext = Rc::new(RefCell::new(CallContext::idle()));
+    lua.set_app_data(Rc::clone(&context));
 
     watchdog.install(&lua);
     // Helpers that run long outside the interpreter poll the deadline.
@@ -217,6 +224,8 @@ fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
         env_mt,
         watchdog,
         run: lazy.run,
+        call_data: lazy.data,
+        context,
     })
 }
 

@@ -1113,9 +1113,7 @@ fn str_gsub(lua: &Lua, args: &mut MultiValue, sh: &Shared) -> BResult<MultiValue
     let mut out: Vec<u8> = Vec::with_capacity(src.len());
     // The result is built outside the Lua allocator: bound it by what the
     // script may still allocate, so `gsub` cannot amplify past the limit.
-    let max_out = lua
-        .app_data_ref::<super::context::CallContext>()
-        .map_or(usize::MAX, |c| c.memory_allowance);
+    let max_out = super::context::context(lua).map_or(usize::MAX, |c| c.borrow().memory_allowance);
     let too_big = || {
         Fail::Host(mlua::Error::MemoryError(format!(
             "string.gsub: the result is larger than the script's memory limit of {max_out} bytes"

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use mlua::{Lua, Table, Variadic};
 
-use super::context::CallContext;
+use super::context::context;
 
 /// A small, fast generator (xoshiro256**), seeded through SplitMix64.
 #[derive(Debug, Clone)]
@@ -79,8 +79,8 @@ impl Rng {
 }
 
 fn with_rng<R>(lua: &Lua, f: impl FnOnce(&mut Rng) -> R) -> R {
-    match lua.app_data_mut::<CallContext>() {
-        Some(mut ctx) => f(ctx.rng.get_or_insert_with(Rng::fresh)),
+    match context(lua) {
+        Some(ctx) => f(ctx.borrow_mut().rng.get_or_insert_with(Rng::fresh)),
         // Only between calls (never while a script runs).
         None => f(&mut Rng::fresh()),
     }
@@ -103,8 +103,8 @@ fn random(lua: &Lua, args: Variadic<f64>) -> mlua::Result<f64> {
 
 /// `math.randomseed(x)`: seeds the rest of this call only.
 fn randomseed(lua: &Lua, seed: f64) -> mlua::Result<()> {
-    if let Some(mut ctx) = lua.app_data_mut::<CallContext>() {
-        ctx.rng = Some(Rng::from_seed(seed.to_bits()));
+    if let Some(ctx) = context(lua) {
+        ctx.borrow_mut().rng = Some(Rng::from_seed(seed.to_bits()));
     }
     Ok(())
 }
