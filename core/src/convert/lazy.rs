@@ -541,7 +541,7 @@ fn element_views(source: &Source, items: &[Value], data: &CallData) -> Option<Ve
         .iter()
         .enumerate()
         .filter_map(|(i, item)| {
-            let child = item.as_object().and(source.nested(item))?;
+            let child = item.is_object().then(|| source.nested(item)).flatten()?;
             Some((i + 1, data.push(child)))
         })
         .collect();

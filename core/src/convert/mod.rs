@@ -15,8 +15,9 @@
 //!
 //! Inputs are **lazy** (`lazy.rs`): `request`, `response`, `backends`, the
 //! bodies and every object inside a body are empty tables whose fields
-//! convert the first time they are read. A routing script that reads `request.body.viplevel` does not pay
-//! for a 1 MB `messages` array, nor for the headers. Iterating (`pairs`,
+//! convert the first time they are read. A routing script that reads
+//! `request.body.viplevel` does not pay for a 1 MB `messages` array, nor
+//! for the headers. Iterating (`pairs`,
 //! `next`) or writing a new key turns the table into a plain one first, so
 //! scripts see ordinary Lua semantics. Encoding a lazy table that was never
 //! materialized re-uses the original JSON for every field the script did not
@@ -326,10 +327,10 @@ pub(super) unsafe fn push_json(
 ///
 /// Tables are walked on the Lua stack ([`RawWalk`]): going through
 /// mlua's `pairs` makes a registry reference of every string and table, which
-/// cost more than the conversion. A table with a metatable of its own (a lazy
-/// body the script never iterated, a script's `setmetatable`) takes the
-/// general path, [`Encoder`], for the whole value; both give the same JSON
-/// and the same errors.
+/// cost more than the conversion. A lazy view is written from its source
+/// there too; a table with any other metatable of its own (a script's
+/// `setmetatable`) takes the general path, [`Encoder`], for the whole
+/// value; both give the same JSON and the same errors.
 pub fn lua_to_json(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<Value, ConvertError> {
     to_json(lua, value, limits, None)
 }
@@ -507,8 +508,8 @@ pub fn lua_to_json_text(lua: &Lua, value: &LuaValue, limits: Limits) -> Result<V
 enum RawError {
     /// The value cannot be JSON (the same error [`Encoder`] gives).
     Convert(ConvertError),
-    /// A table with a metatable other than the array marker or the headers
-    /// metatable: use [`Encoder`].
+    /// A table with a metatable other than the array marker, the headers
+    /// metatable or a lazy view's of the current call: use [`Encoder`].
     General,
 }
 
