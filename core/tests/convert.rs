@@ -262,6 +262,10 @@ fn outputs_that_are_not_json_are_bad_output() {
         ("return {x = print}", "a function cannot be converted"),
         ("local t = {} t.self = t return t", "nesting is deeper than"),
         ("return {[true] = 1}", "a table key of type boolean"),
+        // Bare values are encoded inside the call too.
+        ("return print", "a function cannot be converted"),
+        ("return '\\255'", "not valid UTF-8"),
+        ("return 0/0", "cannot be represented in JSON"),
     ];
     for (src, msg) in cases {
         let err = usage(src, json!({})).expect_err(src);

@@ -244,9 +244,10 @@ local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, sl
         n = n + 1
     end
     rawset(env, "_G", env)
-    -- A table is encoded here when the host asked for it (no second
-    -- protected call to read it back); then there is nothing to hand back.
-    if type(result) == "table" and encode_result(result, ARRAY_MT, headers_mt, CALL_DATA) then
+    -- The result is encoded here when the host asked for it (no second
+    -- protected call, nor an mlua value, to read it back); then there is
+    -- nothing to hand back.
+    if result ~= nil and encode_result(result, ARRAY_MT, headers_mt, CALL_DATA) then
         result = nil
     end
     return result, n <= MAX_GLOBALS

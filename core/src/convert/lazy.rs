@@ -590,13 +590,15 @@ unsafe fn push_pairs(state: *mut lua_State, pairs: &[(usize, usize)]) {
 }
 
 /// `encode_result(result, array_mt, headers_mt, call_data)`: encode the
-/// table a script returned, as [`run_args`] asked, into the call's
+/// value a script returned (a table, or a string, number or boolean: a
+/// routing decision), as [`CallData::run_args`] asked, into the call's
 /// [`CallData`]; `true` when it did (the caller then drops the result),
 /// `false` when the result is to be handed back (no encoding asked for, or
 /// a part the raw walk leaves to the general encoder).
 ///
 /// # Safety
-/// Called by Lua only, as `lazy.lua` does, with a table as argument 1.
+/// Called by Lua only, as `lazy.lua` does, with a value other than nil as
+/// argument 1.
 /// Conversion errors are kept, not raised; an allocation failure (the
 /// memory limit is armed: the script's own allowance) raises through
 /// frames that own at most the values being built, which unwinding drops.
@@ -608,10 +610,12 @@ unsafe extern "C-unwind" fn encode_result(state: *mut lua_State) -> c_int {
             return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
         };
         let spec = data.result.borrow().spec;
-        let Some((limits, body_as_text)) = spec.filter(|_| ffi::lua_type(state, 1) == ffi::LUA_TTABLE) else {
+        let Some((limits, body_as_text)) = spec else {
             ffi::lua_pushboolean(state, 0);
             return 1;
         };
+        // Only a table has a `body` to take apart.
+        let body_as_text = body_as_text && ffi::lua_type(state, 1) == ffi::LUA_TTABLE;
         let texts = || {
             let t = data.texts.borrow();
             (!t.is_empty()).then(|| t.settled())

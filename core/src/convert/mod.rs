@@ -437,16 +437,16 @@ unsafe fn walk_at<E: Emit>(
 pub(crate) type EncodedResult = Result<(Value, Option<Vec<u8>>), ConvertError>;
 
 /// A call's result encoded where it was returned, inside the call (see
-/// `lazy.lua`'s `run`): the result table at stack index 1, the array
-/// marker at 2 and the headers metatable (or nil) at 3. `body_as_text`:
-/// the table's `body` as JSON text, the rest as a value ([`crate::vm`]'s
-/// split, in the same order and limits). `None` when a part needs the
+/// `lazy.lua`'s `run`): the result at stack index 1, the array marker at 2
+/// and the headers metatable (or nil) at 3. `body_as_text` (a table
+/// result only): the table's `body` as JSON text, the rest as a value
+/// ([`crate::vm`]'s split, in the same order and limits). `None` when a part needs the
 /// general [`Encoder`]: the host then encodes the whole result after the
 /// call, as it would have.
 ///
 /// # Safety
-/// As [`walk_at`], with a table at index 1. `texts` gives this call's
-/// number texts (settled again for each walk).
+/// As [`walk_at`], with a table at index 1 when `body_as_text`. `texts`
+/// gives this call's number texts (settled again for each walk).
 pub(crate) unsafe fn encode_result_at(
     state: *mut lua_State,
     limits: Limits,
