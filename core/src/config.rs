@@ -237,6 +237,17 @@ pub enum StateBackend {
     Redis,
 }
 
+impl StateBackend {
+    /// Whether the ledger's `key_usage` table holds the keys' quota usage
+    /// (each ledger row's billable tokens are charged there): with the
+    /// local backend it does; with Redis, Redis holds the quota and the
+    /// ledger keeps the rows only. The rule both hosts fill a ledger row's
+    /// `charge_quota` with.
+    pub fn ledger_holds_quota(self) -> bool {
+        self == StateBackend::Local
+    }
+}
+
 /// What a request gets when the state backend fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -612,7 +612,7 @@ local tests = {
     local e = assert(llmproxy.new("ledger: {path: " .. path .. ", flush_ms: 100}\n"))
     local h = assert(e:handle({ id = "r1", path = "/v1/chat/completions", user_id = "u1" },
       '{"model":"gpt-4","messages":[]}', "POST"))
-    assert(h:ledger({ node = "n", status = 200, charge_quota = true }) == true, "queued")
+    assert(h:ledger({ node = "n", status = 200 }) == true, "queued")
     assert(e:ledger_flush(5) == true, "committed")
     local s = e:ledger_stats()
     assert(s.written == 1 and s.pending == 0, "written " .. tostring(s.written))

@@ -20,8 +20,7 @@
 //!                                      --   (the usage hook's record, else the backend's usage),
 //!                                      --   billable_tokens =, limit_tokens =, ..., metrics = {...} }
 //!                                      -- (llmproxy.usage_charge's table)
-//! h:ledger({ node =, key_fp =, backend =, status =, is_stream =, latency_ms =,
-//!     charge_quota = })
+//! h:ledger({ node =, key_fp =, backend =, status =, is_stream =, latency_ms = })
 //!                                      -- the request's ledger row, queued: true,
 //!                                      -- false (queue full), nil (no ledger)
 //! local r, err = h:auth(used_quota)    -- nil: admitted; r: the refusal
@@ -281,10 +280,10 @@ impl UserData for LuaHandle {
         // h:ledger(served) -> true (queued), false (the queue was full:
         // dropped and counted), nil (no ledger). The row is core's
         // (`LedgerRecord::of`: the request and what h:usage charged, zero
-        // usage when it did not run); `served` holds what only nginx knows:
-        // { node =, key_fp =, backend =, status =, is_stream =, latency_ms =,
-        // charge_quota = (the ledger holds the keys' quota usage: the state
-        // is local) }. Never blocks.
+        // usage when it did not run; whether the row charges the key's quota
+        // in the ledger is core's rule for the config's state backend);
+        // `served` holds what only nginx knows: { node =, key_fp =,
+        // backend =, status =, is_stream =, latency_ms = }. Never blocks.
         methods.add_method("ledger", |_, this, served: Table| {
             let engine = this.engine.borrow::<LuaEngine>()?;
             let Some(w) = &engine.ledger else {
@@ -319,7 +318,7 @@ impl UserData for LuaHandle {
                     is_stream: matches!(served.raw_get::<Value>("is_stream")?, Value::Boolean(true)),
                     answered_ms: llmproxy_ledger::now_ms(),
                     latency_ms: number("latency_ms")?.unwrap_or(0.0),
-                    charge_quota: matches!(served.raw_get::<Value>("charge_quota")?, Value::Boolean(true)),
+                    charge_quota: engine.engine.config().state.backend.ledger_holds_quota(),
                 },
             );
             Ok(Some(w.try_record(row)))

@@ -799,7 +799,7 @@ impl UsageJob {
                 is_stream: c.is_stream,
                 answered_ms,
                 latency_ms,
-                charge_quota: matches!(*shared.state, State::Local(_)),
+                charge_quota: shared.state.backend().ledger_holds_quota(),
             };
             LedgerRecord::of(&info, Some(charged), served)
         });

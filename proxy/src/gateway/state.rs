@@ -116,6 +116,14 @@ impl State {
         }
     }
 
+    /// Which backend this is.
+    pub fn backend(&self) -> llmproxy_core::config::StateBackend {
+        match self {
+            State::Local(_) => llmproxy_core::config::StateBackend::Local,
+            State::Redis(_) => llmproxy_core::config::StateBackend::Redis,
+        }
+    }
+
     /// The local backend, when this is one.
     pub fn local(&self) -> Option<&LocalState> {
         match self {

@@ -133,9 +133,6 @@ local function write_ledger(state, ctx)
         status = ngx.status,
         is_stream = ctx.sse ~= nil,
         latency_ms = (ngx_now() - ctx.started) * 1000,
-        -- The ledger holds the keys' quota usage only with local state
-        -- (with Redis, Redis holds it), as in the gateway.
-        charge_quota = state.redis == nil,
     })
     if ok == false then
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": the ledger queue is full; usage record dropped (counted)")
