@@ -4,7 +4,6 @@
 
 use llmproxy_core::hooks::RequestInfo;
 use llmproxy_core::policy::usage::{self, Charge};
-use serde_json::Value;
 
 use crate::LedgerRecord;
 
@@ -50,8 +49,9 @@ impl LedgerRecord {
         let Charged { charge, record_json } = match charged {
             Some(c) => c,
             None => {
-                zero = usage::charge(&usage::zero_usage(), None);
-                zero_record = usage::record_json(&usage::zero_usage());
+                let usage = usage::zero_usage();
+                zero = usage::charge(&usage, None);
+                zero_record = usage::record_json(&usage);
                 Charged {
                     charge: &zero,
                     record_json: &zero_record,
@@ -65,7 +65,7 @@ impl LedgerRecord {
             key_fp: served.key_fp.map(str::to_owned),
             user_id: request.user_id.clone(),
             backend: served.backend.map(str::to_owned),
-            model: request.body.get("model").and_then(Value::as_str).map(str::to_owned),
+            model: request.model().map(str::to_owned),
             path: request.path.clone().unwrap_or_default(),
             is_stream: served.is_stream,
             status: served.status,
@@ -84,6 +84,8 @@ impl LedgerRecord {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    use serde_json::Value;
 
     use super::*;
 

@@ -825,7 +825,7 @@ impl UsageJob {
             status: c.status,
             key_fingerprint: key_fp.map(str::to_owned),
             user_id: info.user_id.clone(),
-            model: info.body.get("model").and_then(Value::as_str).map(str::to_owned),
+            model: info.model().map(str::to_owned),
             billable_tokens: billable,
             latency_ms,
             estimated,
