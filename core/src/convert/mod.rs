@@ -940,9 +940,7 @@ impl<E: Emit> RawWalk<'_, E> {
     /// charged and bounded as [`Encoder`] does.
     fn original(&mut self, original: &Value, depth: usize) -> Result<E::Item, RawError> {
         self.charge(json_size(original))?;
-        if depth + json_depth(original) > self.limits.max_depth + 1 {
-            return Err(ConvertError(format!("nesting is deeper than {} levels", self.limits.max_depth)).into());
-        }
+        unread_field_fits(original, depth, self.limits)?;
         Ok(self.emit.json(original))
     }
 
@@ -1208,12 +1206,7 @@ impl Encoder<'_> {
                 Ok(read) => self.value(&read, depth + 1)?,
                 Err(original) => {
                     self.charge(json_size(&original))?;
-                    if depth + json_depth(&original) > self.limits.max_depth + 1 {
-                        return Err(ConvertError(format!(
-                            "nesting is deeper than {} levels",
-                            self.limits.max_depth
-                        )));
-                    }
+                    unread_field_fits(&original, depth, self.limits)?;
                     original
                 }
             };
@@ -1240,6 +1233,18 @@ pub(crate) fn number(n: f64) -> Result<Number, ConvertError> {
 /// `-0`, as JSON writes it (a double keeps the sign; JSON text `-0` came in).
 fn negative_zero() -> Number {
     "-0".parse().unwrap_or_else(|_| Number::from(0))
+}
+
+/// Whether the source's JSON of an unread field of a lazy table at `depth`
+/// stays within `limits.max_depth` once written (both encoders' rule).
+fn unread_field_fits(original: &Value, depth: usize, limits: Limits) -> Result<(), ConvertError> {
+    if depth + json_depth(original) > limits.max_depth + 1 {
+        return Err(ConvertError(format!(
+            "nesting is deeper than {} levels",
+            limits.max_depth
+        )));
+    }
+    Ok(())
 }
 
 /// Approximate encoded size of a JSON value (used for the output budget).
