@@ -129,24 +129,9 @@ __DATA__
                 failed = failed + 1
                 ngx.say("FAIL ", ...)
             end
-            -- Whether two decoded JSON values are equal (objects as sets of
-            -- fields, as the gateway's runner compares them).
-            local function same(a, b)
-                if type(a) ~= "table" or type(b) ~= "table" then
-                    return a == b
-                end
-                for k, v in pairs(a) do
-                    if not same(v, b[k]) then
-                        return false
-                    end
-                end
-                for k in pairs(b) do
-                    if a[k] == nil then
-                        return false
-                    end
-                end
-                return true
-            end
+            -- Deep equality of decoded JSON values (objects as sets of fields,
+            -- as the gateway's runner compares them).
+            local same = require("casejson").same
 
             local function pointer(v, ptr)
                 for part in ptr:gmatch("/([^/]*)") do
