@@ -11,8 +11,9 @@
 //!
 //! - `lazy`: returns the body untouched: an object comes back exactly
 //!   (types, number texts and all: the documented lossless path);
-//! - `walked`: iterates the body first (materialising the lazy table), so
-//!   every value is converted to Lua and back: numbers come back with the
+//! - `walked`: iterates every table of the body first (materialising each
+//!   lazy view: objects inside a body are views too, ADR 059), so every
+//!   value is converted to Lua and back: numbers come back with the
 //!   text `llmproxy_fuzz::json` derives from the README's rules (their
 //!   double's text, or their own when a double does not hold them);
 //! - `decoded`: `json.decode` of the same text in the sandbox, encoded and
@@ -38,8 +39,13 @@ use serde_json::{json, Value};
 
 const LAZY: &str = "return {body = request.body}";
 const WALKED: &str = r#"
+local function walk(t)
+  for _, v in pairs(t) do
+    if type(v) == "table" then walk(v) end
+  end
+end
 local b = request.body
-if type(b) == "table" then for _ in pairs(b) do end end
+if type(b) == "table" then walk(b) end
 return {body = b}
 "#;
 const DECODED: &str = r#"
