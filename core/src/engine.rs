@@ -7,7 +7,6 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
@@ -144,8 +143,11 @@ impl Engine {
             None => self.pool.checkout().map_err(|e| e.at(hook, &cfg.script.name))?,
         };
         // A blocking call of a hook that overran an inline budget lately
-        // tells whether the script is slow or its worker was preempted.
-        let timed = (budget.is_none() && self.slow.is_suspect(hook)).then(Instant::now);
+        // tells whether the script is slow or its worker was preempted: by
+        // the CPU time it spends, which preemption does not add to.
+        let timed = (budget.is_none() && self.slow.is_suspect(hook))
+            .then(inline::ThreadCpu::now)
+            .flatten();
         let result = vm.vm().call(&spec, set_globals);
         let overran = vm.vm().over_budget();
         vm.finish();

@@ -13,11 +13,15 @@
 //!
 //! A budget is wall-clock time, and a worker can be preempted mid-call on a
 //! busy machine, so one overrun proves nothing about the script. The call
-//! that overran runs again where it may block, and there its duration is
-//! known: when that run also takes longer than the budget, the hook is
-//! slow and skips the inline attempt for [`SLOW_PERIOD`] (per engine and
-//! hook). A script that is slow on some inputs thus costs a worker about
-//! one budget per period; a fast script preempted once costs one re-run.
+//! that overran runs again where it may block, and there the CPU time it
+//! takes is measured (its thread's, [`ThreadCpu`]): when that run also
+//! spends more than the budget, the hook is slow and skips the inline
+//! attempt for [`SLOW_PERIOD`] (per engine and hook). A script that is slow
+//! on some inputs thus costs a worker about one budget per period; a fast
+//! script preempted once costs one re-run. The re-run's wall time would
+//! not tell: on a saturated machine the hook thread is preempted as the
+//! worker was, every re-run looked slow, and fast hooks stayed off the
+//! workers for good.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +128,28 @@ pub(crate) fn mark_overrun(hook: HookName, reason: Overrun) {
     });
 }
 
+/// The CPU time the calling thread has used: what a blocking re-run of a
+/// call spent, whatever the scheduler did meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ThreadCpu(Duration);
+
+impl ThreadCpu {
+    /// The calling thread's CPU time now; `None` where the clock is missing.
+    pub fn now() -> Option<ThreadCpu> {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec for the call.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        let secs = u64::try_from(ts.tv_sec).ok()?;
+        let nanos = u32::try_from(ts.tv_nsec).ok()?;
+        (rc == 0).then(|| ThreadCpu(Duration::new(secs, nanos)))
+    }
+
+    /// CPU time this thread spent since `self` (taken on the same thread).
+    pub fn elapsed(self) -> Duration {
+        ThreadCpu::now().map_or(Duration::ZERO, |now| now.0.saturating_sub(self.0))
+    }
+}
+
 /// Per hook: whether it overran lately, and until when its calls skip the
 /// inline attempt.
 #[derive(Debug, Default)]
@@ -156,8 +182,9 @@ impl SlowHooks {
         self.suspect_us[hook.index()].load(Ordering::Relaxed) != 0
     }
 
-    /// A blocking call of a suspect `hook` took `took`: the hook is slow
-    /// for [`SLOW_PERIOD`] when that is past the budget it overran.
+    /// A blocking call of a suspect `hook` spent `took` of CPU time: the
+    /// hook is slow for [`SLOW_PERIOD`] when that is past the budget it
+    /// overran.
     pub fn ran(&self, hook: HookName, took: Duration) {
         let budget_us = self.suspect_us[hook.index()].swap(0, Ordering::Relaxed);
         if budget_us != 0 && took.as_micros() >= u128::from(budget_us) {
@@ -200,6 +227,15 @@ mod tests {
         let r = std::panic::catch_unwind(|| attempt(Duration::from_millis(1), || panic!("boom")));
         assert!(r.is_err());
         assert!(budget().is_none());
+    }
+
+    #[test]
+    fn a_thread_waiting_spends_no_cpu_time() {
+        // What a preempted re-run looks like: time passes, the thread does
+        // not run.
+        let start = ThreadCpu::now().expect("a thread CPU clock");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(start.elapsed() < Duration::from_millis(30), "{:?}", start.elapsed());
     }
 
     #[test]
