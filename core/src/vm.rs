@@ -240,7 +240,10 @@ impl Vm {
         // itself for the input tables built above (see ADR 002).
         let used = lua.used_memory();
         lua.set_memory_limit(used.saturating_add(memory)).map_err(internal)?;
-        self.state.watchdog.arm(budget.unwrap_or(timeout));
+        match budget {
+            Some(budget) => self.state.watchdog.arm_budget(budget, timeout),
+            None => self.state.watchdog.arm(timeout),
+        }
         let [generation, n1, s1, n2, s2, n3, s3] = self.state.call_data.run_args(limits, spec.body_as_text);
         let result = self
             .state

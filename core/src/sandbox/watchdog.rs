@@ -12,10 +12,20 @@
 //! again, and the sandbox `pcall`/`xpcall` re-raise: no script can swallow
 //! its own timeout. A hook left over from a call that ended just before the
 //! timer reached it removes itself. See `docs/adr/045-deadline-watchdog.md`.
+//!
+//! An inline budget ([`Watchdog::arm_budget`], `crate::inline`) limits the
+//! time a call keeps its thread busy, and a thread the scheduler took away
+//! is not busy with the script: stopping a fast call its worker was
+//! preempted in cost a whole re-run elsewhere and the VM (a stopped VM is
+//! discarded, and the next one compiles its traces again). So a budgeted
+//! call's deadline is a point to look, not to stop: the timer samples the
+//! thread's CPU clock there and again half a budget later, and stops the
+//! call only when the thread ran for at least half of that time; otherwise
+//! it looks again later, up to the call's own time limit.
 
 use std::ffi::c_void;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +34,12 @@ use mlua::ffi;
 use super::timer::{self, Timer};
 
 const DISARMED: u64 = u64::MAX;
+
+/// No thread CPU clock: the call's deadline is a wall-clock deadline.
+const NO_CLOCK: i64 = i64::MIN;
+
+/// No CPU sample taken yet for the budgeted call.
+const UNSAMPLED: u64 = u64::MAX;
 
 /// The clock every deadline is measured on.
 fn epoch() -> Instant {
@@ -57,6 +73,21 @@ unsafe impl Send for StatePtr {}
 pub(crate) struct Watchdog {
     deadline_ns: AtomicU64,
     limit_ms: AtomicU64,
+    /// A budgeted call's CPU clock: the calling thread's
+    /// (`pthread_getcpuclockid`), or [`NO_CLOCK`].
+    cpu_clock: AtomicI64,
+    /// A budgeted call: half its budget, the interval between two looks.
+    look_ns: AtomicU64,
+    /// A budgeted call: its own time limit, past which it stops anyway.
+    hard_deadline_ns: AtomicU64,
+    /// A budgeted call: the thread's CPU time at the timer's last look
+    /// ([`UNSAMPLED`] before the first), and when that was.
+    cpu_seen_ns: AtomicU64,
+    wall_seen_ns: AtomicU64,
+    /// The deadline of the budgeted call the timer decided to stop: the
+    /// call's own thread fires when its deadline is still this one (so a
+    /// decision about a call that has ended never reaches the next).
+    stop_ns: AtomicU64,
     fired: AtomicBool,
     memory: AtomicBool,
     state: Mutex<StatePtr>,
@@ -74,6 +105,12 @@ impl Watchdog {
         let watchdog = Arc::new(Watchdog {
             deadline_ns: AtomicU64::new(DISARMED),
             limit_ms: AtomicU64::new(0),
+            cpu_clock: AtomicI64::new(NO_CLOCK),
+            look_ns: AtomicU64::new(0),
+            hard_deadline_ns: AtomicU64::new(DISARMED),
+            cpu_seen_ns: AtomicU64::new(UNSAMPLED),
+            wall_seen_ns: AtomicU64::new(0),
+            stop_ns: AtomicU64::new(DISARMED),
             fired: AtomicBool::new(false),
             memory: AtomicBool::new(false),
             state: Mutex::new(StatePtr(std::ptr::null_mut())),
@@ -124,11 +161,28 @@ impl Watchdog {
 
     /// Start a call that may run for `timeout`.
     pub fn arm(&self, timeout: Duration) {
-        let deadline = now_ns().saturating_add(u64::try_from(timeout.as_nanos()).unwrap_or(DISARMED));
-        self.limit_ms.store(
-            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.cpu_clock.store(NO_CLOCK, Ordering::Relaxed);
+        self.set_deadline(now_ns(), timeout, timeout);
+    }
+
+    /// Start a call that may keep its thread busy for `budget` (the
+    /// calling thread's CPU time, looked at by the timer from `budget / 2`
+    /// on: see the module's doc) and may last `timeout` in all.
+    pub fn arm_budget(&self, budget: Duration, timeout: Duration) {
+        let now = now_ns();
+        let look = duration_ns(budget) / 2;
+        self.cpu_clock.store(thread_cpu_clock(), Ordering::Relaxed);
+        self.look_ns.store(look, Ordering::Relaxed);
+        self.hard_deadline_ns
+            .store(now.saturating_add(duration_ns(timeout)), Ordering::Relaxed);
+        self.cpu_seen_ns.store(UNSAMPLED, Ordering::Relaxed);
+        self.set_deadline(now, Duration::from_nanos(look), budget);
+    }
+
+    fn set_deadline(&self, now: u64, after: Duration, limit: Duration) {
+        let deadline = now.saturating_add(duration_ns(after));
+        self.limit_ms
+            .store(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
         // Sequentially consistent with the timer's parking (see `Timer`).
         self.deadline_ns.store(deadline.min(DISARMED - 1), Ordering::SeqCst);
         self.timer.wake_if_parked();
@@ -151,11 +205,51 @@ impl Watchdog {
             return true;
         }
         let deadline = self.deadline_ns.load(Ordering::Relaxed);
-        if deadline != DISARMED && now_ns() > deadline {
-            self.fired.store(true, Ordering::Relaxed);
-            return true;
+        if deadline == DISARMED {
+            return false;
         }
-        false
+        let over = if self.cpu_clock.load(Ordering::Relaxed) == NO_CLOCK {
+            now_ns() > deadline
+        } else {
+            // A budgeted call: the timer decides (it looked at the CPU
+            // clock), or its own time limit passed.
+            self.stop_ns.load(Ordering::Relaxed) == deadline || now_ns() > self.hard_deadline_ns.load(Ordering::Relaxed)
+        };
+        if over {
+            self.fired.store(true, Ordering::Relaxed);
+        }
+        over
+    }
+
+    /// The timer at a budgeted call's deadline `deadline` (`now` is past
+    /// it): `true` to leave the call running (a later look is set, or the
+    /// call is no longer the one looked at), `false` to stop it. The call
+    /// runs on while its thread has not been running for half the time
+    /// since the last look, or at the first look.
+    fn look_again(&self, deadline: u64, now: u64) -> bool {
+        let clock = self.cpu_clock.load(Ordering::Relaxed);
+        if clock == NO_CLOCK || now > self.hard_deadline_ns.load(Ordering::Relaxed) {
+            return false;
+        }
+        // A clock that cannot be read (the thread is gone): stop.
+        let Some(cpu) = thread_cpu_ns(clock) else { return false };
+        // Should a new call have armed since `deadline` was read, these are
+        // its first samples, which can only make its first look a stop:
+        // what a call with no looks gets.
+        let seen = self.cpu_seen_ns.swap(cpu, Ordering::Relaxed);
+        let seen_at = self.wall_seen_ns.swap(now, Ordering::Relaxed);
+        if seen != UNSAMPLED && cpu.saturating_sub(seen).saturating_mul(2) >= now.saturating_sub(seen_at) {
+            return false;
+        }
+        let later = now
+            .saturating_add(self.look_ns.load(Ordering::Relaxed))
+            .min(DISARMED - 1);
+        // Moved only if it is still this call's deadline; else the call
+        // ended (or another began) and is left alone either way.
+        let _ = self
+            .deadline_ns
+            .compare_exchange(deadline, later, Ordering::SeqCst, Ordering::Relaxed);
+        true
     }
 
     /// Called by the timer thread: if the armed call is past its deadline,
@@ -166,6 +260,14 @@ impl Watchdog {
         let deadline = self.deadline_ns.load(Ordering::SeqCst);
         if deadline == DISARMED || now <= deadline {
             return;
+        }
+        // A budgeted call is looked at until the timer decides to stop it;
+        // then, as any call, interrupted every tick until it ends.
+        if self.cpu_clock.load(Ordering::Relaxed) != NO_CLOCK && self.stop_ns.load(Ordering::Relaxed) != deadline {
+            if self.look_again(deadline, now) {
+                return;
+            }
+            self.stop_ns.store(deadline, Ordering::Relaxed);
         }
         let slot = timer::lock(&self.state);
         let state = slot.0;
@@ -218,6 +320,38 @@ impl Watchdog {
     pub fn memory_hit(&self) -> bool {
         self.memory.load(Ordering::Relaxed)
     }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(DISARMED)
+}
+
+/// The calling thread's CPU clock, or [`NO_CLOCK`].
+fn thread_cpu_clock() -> i64 {
+    thread_local! {
+        static CLOCK: i64 = {
+            let mut id: libc::clockid_t = 0;
+            // SAFETY: `id` is valid for writes; `pthread_self` is this thread.
+            match unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) } {
+                0 => i64::from(id),
+                _ => NO_CLOCK,
+            }
+        };
+    }
+    CLOCK.with(|c| *c)
+}
+
+/// The CPU time (ns) on `clock`; `None` when it cannot be read.
+fn thread_cpu_ns(clock: i64) -> Option<u64> {
+    let id = libc::clockid_t::try_from(clock).ok()?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call.
+    if unsafe { libc::clock_gettime(id, &mut ts) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u64::try_from(ts.tv_nsec).ok()?;
+    Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }
 
 /// The registry key of a state's watchdog: an address no one else uses.
@@ -334,6 +468,62 @@ mod tests {
         dog.disarm();
         assert!(dog.check().is_err(), "a fired watchdog stays fired");
         dog.release();
+    }
+
+    /// `lua` with `sleep(ms)`: the thread waits off the CPU, as a worker
+    /// the scheduler preempted does.
+    fn with_sleep(lua: &mlua::Lua) {
+        let sleep = lua
+            .create_function(|_, ms: u64| {
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(())
+            })
+            .expect("sleep");
+        lua.globals().set("sleep", sleep).expect("set sleep");
+    }
+
+    #[test]
+    fn a_budgeted_call_whose_thread_waits_is_not_stopped_at_its_budget() {
+        let lua = interpreted();
+        with_sleep(&lua);
+        let dog = Watchdog::new().expect("timer");
+        dog.install(&lua);
+        dog.arm_budget(Duration::from_millis(2), Duration::from_secs(5));
+        // Ten budgets of waiting, then a little work: the thread never ran
+        // for half of any interval the timer looked at.
+        let n: i64 = lua
+            .load("sleep(20) local n = 0 for i = 1, 1000 do n = n + i end return n")
+            .eval()
+            .expect("not stopped");
+        dog.disarm();
+        assert_eq!(n, 500_500);
+        assert!(!dog.fired());
+        dog.release();
+    }
+
+    #[test]
+    fn a_budgeted_call_that_runs_is_stopped_and_one_that_waits_stops_at_its_time_limit() {
+        for (script, timeout) in [
+            ("while true do end", Duration::from_secs(5)),
+            ("while true do sleep(2) end", Duration::from_millis(30)),
+        ] {
+            let lua = interpreted();
+            with_sleep(&lua);
+            let dog = Watchdog::new().expect("timer");
+            dog.install(&lua);
+            dog.arm_budget(Duration::from_millis(2), timeout);
+            let started = Instant::now();
+            let err = lua.load(script).exec().expect_err("stopped");
+            dog.disarm();
+            assert!(err.to_string().contains("time limit of 2 ms"), "{script}: {err}");
+            assert!(dog.fired(), "{script}");
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "{script}: {:?}",
+                started.elapsed()
+            );
+            dog.release();
+        }
     }
 
     #[test]
