@@ -814,6 +814,10 @@ impl UsageJob {
             ledger_record,
             shared.ledger.as_deref(),
         );
+        // Built only for a sink, moved into the last one.
+        let Some((last, others)) = shared.usage_sinks.split_last() else {
+            return;
+        };
         let entry = UsageEntry {
             request_id: info.id.clone(),
             backend: backend_name.unwrap_or_default(),
@@ -830,8 +834,9 @@ impl UsageJob {
             latency_ms,
             estimated,
         };
-        for sink in shared.usage_sinks.iter() {
+        for sink in others {
             sink.record(entry.clone());
         }
+        last.record(entry);
     }
 }
