@@ -136,12 +136,8 @@ pub(crate) struct ThreadCpu(Duration);
 impl ThreadCpu {
     /// The calling thread's CPU time now; `None` where the clock is missing.
     pub fn now() -> Option<ThreadCpu> {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid, writable timespec for the call.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        let secs = u64::try_from(ts.tv_sec).ok()?;
-        let nanos = u32::try_from(ts.tv_nsec).ok()?;
-        (rc == 0).then(|| ThreadCpu(Duration::new(secs, nanos)))
+        crate::sandbox::watchdog::cpu_time_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+            .map(|ns| ThreadCpu(Duration::from_nanos(ns)))
     }
 
     /// CPU time this thread spent since `self` (taken on the same thread).

@@ -341,9 +341,15 @@ fn thread_cpu_clock() -> i64 {
     CLOCK.with(|c| *c)
 }
 
-/// The CPU time (ns) on `clock`; `None` when it cannot be read.
+/// The CPU time (ns) on `clock` (a thread's, from [`thread_cpu_clock`]);
+/// `None` when it cannot be read.
 fn thread_cpu_ns(clock: i64) -> Option<u64> {
-    let id = libc::clockid_t::try_from(clock).ok()?;
+    cpu_time_ns(libc::clockid_t::try_from(clock).ok()?)
+}
+
+/// The time (ns) on the CPU-time clock `id` (`CLOCK_THREAD_CPUTIME_ID`
+/// for the calling thread's); `None` when it cannot be read.
+pub(crate) fn cpu_time_ns(id: libc::clockid_t) -> Option<u64> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec for the call.
     if unsafe { libc::clock_gettime(id, &mut ts) } != 0 {
