@@ -11,8 +11,11 @@
 //! limits. This is sound because a hook call is a pure function of its
 //! inputs: nothing a call writes reaches the next one.
 //!
-//! A budget is wall-clock time, and a worker can be preempted mid-call on a
-//! busy machine, so one overrun proves nothing about the script. The call
+//! A budget counts the CPU time a call keeps its thread busy (the deadline
+//! timer looks at the thread's CPU clock, `Watchdog::arm_budget`): a worker
+//! the scheduler preempted mid-call is not stopped for the time it waited.
+//! One overrun still proves little about the script (the same call may be
+//! fast on the next input, or slow once while the JIT compiles). The call
 //! that overran runs again where it may block, and there the CPU time it
 //! takes is measured (its thread's, [`ThreadCpu`]): when that run also
 //! spends more than the budget, the hook is slow and skips the inline
