@@ -775,7 +775,6 @@ impl UsageJob {
             UsageRecord::Custom(m) => Some(Value::Object(m)),
         };
         let charged = usage_policy::charge(&raw, record.as_ref());
-        let record = record.unwrap_or_else(|| raw.clone());
         let billable = charged.billable_tokens;
         let backend_name = c.backend.as_ref().map(|b| b.name.clone());
         if let Some(b) = &c.backend {
@@ -786,7 +785,7 @@ impl UsageJob {
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         let key_fp = caller.key_id.as_deref();
         let ledger_record = shared.ledger.as_ref().map(|_| {
-            let record_json = usage_policy::record_json(&record);
+            let record_json = usage_policy::record_json(record.as_ref().unwrap_or(&raw));
             let charged = Charged {
                 charge: &charged,
                 record_json: &record_json,
@@ -818,6 +817,7 @@ impl UsageJob {
         let Some((last, others)) = shared.usage_sinks.split_last() else {
             return;
         };
+        let record = record.unwrap_or_else(|| raw.clone());
         let entry = UsageEntry {
             request_id: info.id.clone(),
             backend: backend_name.unwrap_or_default(),
