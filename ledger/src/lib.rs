@@ -539,21 +539,16 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
              status, prompt_tokens, completion_tokens, total_tokens, billable_tokens, cost, latency_ms, record)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
-        // A record answered before the key's last reset (`reset_ms`) is
-        // not charged, and a count set before it is not applied: the reset
-        // replaced the count they belong to, even when they reach the
-        // database after it.
-        let mut charge = tx.prepare_cached(
-            "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, 0, ?3)
-             ON CONFLICT(key_fp) DO UPDATE SET used = used + excluded.used, updated_ms = excluded.updated_ms
-             WHERE key_usage.reset_ms <= ?4",
-        )?;
         let mut set = tx.prepare_cached(
             "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(key_fp) DO UPDATE SET used = excluded.used, config_used = excluded.config_used,
              updated_ms = excluded.updated_ms WHERE key_usage.reset_ms <= ?5",
         )?;
         let now = now_ms();
+        // Quota charges are summed per key and applied once per key and
+        // batch (a row update per record was most of the writer's work
+        // with one busy key), in order with the usage sets between them.
+        let mut owed = Owed::default();
         for m in batch {
             match m {
                 Msg::Record(r, _) => {
@@ -577,7 +572,7 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
                         r.record,
                     ])?;
                     if let (true, Some(fp)) = (r.charge_quota && r.billable_tokens > 0, &r.key_fp) {
-                        charge.execute(params![fp, clamp(r.billable_tokens), now, r.ts_ms])?;
+                        owed.add(fp, r.ts_ms, r.billable_tokens);
                     }
                 }
                 Msg::SetUsed {
@@ -586,13 +581,57 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
                     config_used,
                     at_ms,
                 } => {
+                    owed.charge(&tx, now)?;
                     set.execute(params![key_fp, clamp(*used), clamp(*config_used), now, at_ms])?;
                 }
                 Msg::Flush(_) => {}
             }
         }
+        owed.charge(&tx, now)?;
     }
     tx.commit()
+}
+
+/// The quota charges of a batch not applied yet: per key, each record's
+/// answer time (Unix ms) and billable tokens, in the order they came.
+#[derive(Default)]
+struct Owed<'a>(Vec<(&'a str, Vec<(i64, u64)>)>);
+
+impl<'a> Owed<'a> {
+    fn add(&mut self, key_fp: &'a str, ts_ms: i64, billable: u64) {
+        match self.0.iter_mut().find(|(fp, _)| *fp == key_fp) {
+            Some((_, charges)) => charges.push((ts_ms, billable)),
+            None => self.0.push((key_fp, vec![(ts_ms, billable)])),
+        }
+    }
+
+    /// Apply what is owed, one row update per key. A record answered
+    /// before the key's last reset (`reset_ms`) is not charged: the reset
+    /// replaced the count it belongs to, even when the record reaches the
+    /// database after it. The transaction already wrote (the records), so
+    /// it holds the write lock: `reset_ms` cannot change between the read
+    /// and the update.
+    fn charge(&mut self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut reset = tx.prepare_cached("SELECT reset_ms FROM key_usage WHERE key_fp = ?1")?;
+        let mut add = tx.prepare_cached(
+            "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, 0, ?3)
+             ON CONFLICT(key_fp) DO UPDATE SET used = used + excluded.used, updated_ms = excluded.updated_ms",
+        )?;
+        for (key_fp, charges) in self.0.drain(..) {
+            let reset_ms: i64 = reset.query_row(params![key_fp], |r| r.get(0)).optional()?.unwrap_or(0);
+            let sum = charges
+                .iter()
+                .filter(|(ts_ms, _)| *ts_ms >= reset_ms)
+                .fold(0u64, |sum, (_, billable)| sum.saturating_add(*billable));
+            if sum > 0 {
+                add.execute(params![key_fp, clamp(sum), now])?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What `llmproxy usage` reads: filters.
@@ -803,6 +842,32 @@ mod tests {
         assert_eq!(read_key_usage(&conn).unwrap()["fp-a"].used, 7 + 4);
         // The records themselves are all in the ledger.
         assert_eq!(summarize(&conn, &Query::default()).unwrap()[0].requests, 3);
+    }
+
+    /// A usage set between two records of the same batch replaces what
+    /// came before it and keeps what came after, as one update per record
+    /// did.
+    #[test]
+    fn a_usage_set_inside_a_batch_applies_in_order() {
+        let dir = std::env::temp_dir().join(format!("llmproxy-ledger-order-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("u.db");
+        // One batch: a gathering window far longer than the test, ended
+        // by `close`.
+        let ledger = Ledger::open(&path, Duration::from_millis(5_000), 100, 16).unwrap();
+        for i in 0..3 {
+            ledger.record(rec(i, "fp-a", 4));
+            ledger.record(rec(10 + i, "fp-b", 5));
+        }
+        ledger.set_used("fp-a", 100, 100);
+        ledger.record(rec(20, "fp-a", 4));
+        ledger.record(rec(21, "fp-b", 5));
+        ledger.close();
+        assert_eq!(ledger.stats.batches.load(Ordering::Relaxed), 1);
+        let conn = open_ro(&path).unwrap();
+        let usage = read_key_usage(&conn).unwrap();
+        assert_eq!(usage["fp-a"].used, 100 + 4);
+        assert_eq!(usage["fp-b"].used, 4 * 5);
     }
 
     #[test]
