@@ -593,16 +593,13 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
 }
 
 /// The quota charges of a batch not applied yet: per key, each record's
-/// answer time (Unix ms) and billable tokens, in the order they came.
+/// answer time (Unix ms) and billable tokens.
 #[derive(Default)]
-struct Owed<'a>(Vec<(&'a str, Vec<(i64, u64)>)>);
+struct Owed<'a>(HashMap<&'a str, Vec<(i64, u64)>>);
 
 impl<'a> Owed<'a> {
     fn add(&mut self, key_fp: &'a str, ts_ms: i64, billable: u64) {
-        match self.0.iter_mut().find(|(fp, _)| *fp == key_fp) {
-            Some((_, charges)) => charges.push((ts_ms, billable)),
-            None => self.0.push((key_fp, vec![(ts_ms, billable)])),
-        }
+        self.0.entry(key_fp).or_default().push((ts_ms, billable));
     }
 
     /// Apply what is owed, one row update per key. A record answered
@@ -620,7 +617,7 @@ impl<'a> Owed<'a> {
             "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, 0, ?3)
              ON CONFLICT(key_fp) DO UPDATE SET used = used + excluded.used, updated_ms = excluded.updated_ms",
         )?;
-        for (key_fp, charges) in self.0.drain(..) {
+        for (key_fp, charges) in self.0.drain() {
             let reset_ms: i64 = reset.query_row(params![key_fp], |r| r.get(0)).optional()?.unwrap_or(0);
             let sum = charges
                 .iter()
