@@ -20,6 +20,7 @@ local lower = rust.lower
 local ARRAY_MT = rust.array_mt
 local CALL_DATA = rust.call_data
 local encode_result = rust.encode_result
+local push_staged = rust.push_staged
 
 -- Marks the metatable of a lazy table. Scripts cannot reach it: the
 -- sandbox's `getmetatable` materialises a lazy table first, which removes
@@ -221,13 +222,18 @@ local MAX_GLOBALS = rust.max_globals
 -- with its source `slot1`
 -- @tparam number name2 second lazy global, with its source `slot2`
 -- @tparam number name3 third lazy global, with its source `slot3`
+-- @tparam number staged 1 when the host staged eager globals for the call
+-- (`push_staged` sets them), else 0
 -- @return the chunk's first result (nil when it was encoded here: see
 -- `encode_result`), and whether `env` was emptied (false
 -- when the call left more than `MAX_GLOBALS` globals: the VM is then
 -- discarded, as emptying that table would walk all of it on every later
 -- call). When the chunk raises, the VM empties `env` itself.
-local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, slot3)
+local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, slot3, staged)
     recycle()
+    if staged ~= 0 then
+        push_staged(env, ARRAY_MT, CALL_DATA)
+    end
     if name1 ~= 0 then
         rawset(env, NAMES[name1], arm(name1, slot1, generation))
     end

@@ -38,7 +38,7 @@ use mlua::{Function, LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::Value;
 
 use super::fields::{self, Field, Fields, PushTo};
-use super::NumberTexts;
+use super::{Global, NumberTexts, Scalar};
 
 const LAZY_LUA: &str = include_str!("lazy.lua");
 
@@ -49,6 +49,8 @@ const GENERATION_KEY: LightUserData = LightUserData(3 as *mut c_void);
 /// Most lazy globals one call sets (`request`, and `backends`, `response`
 /// or `key_info`).
 const MAX_DEFERRED: usize = 3;
+/// `run`'s arguments after `chunk` and `env` ([`CallData::run_args`]).
+pub(crate) const RUN_ARGS: usize = 2 + 2 * MAX_DEFERRED;
 /// The globals that can be lazy. `run` gets a global's index in this list,
 /// not its name: pushing a string while the call's memory limit is armed
 /// costs mlua a protected call.
@@ -132,6 +134,20 @@ struct CallSources {
     /// Lazy globals registered for the call (index in [`LAZY_GLOBALS`]),
     /// with their source.
     deferred: [Option<(usize, usize)>; MAX_DEFERRED],
+    /// Eager globals staged for the call ([`super::stage_globals`]), set
+    /// by `push_staged` inside it.
+    staged: Vec<(&'static str, Staged)>,
+    /// The fields of the staged [`Global::Fields`], one list for all.
+    staged_fields: Vec<(&'static str, Scalar<'static>)>,
+}
+
+/// A staged global: [`Global`] without the borrows, which the staging
+/// caller promised outlive the call.
+#[derive(Clone, Copy)]
+enum Staged {
+    Json(*const Value),
+    /// A range of [`CallSources::staged_fields`].
+    Fields(usize, usize),
 }
 
 impl CallSources {
@@ -174,6 +190,7 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
         rust.raw_set("load_field", lua.create_c_function(load_field)?)?;
         rust.raw_set("load_missing", lua.create_c_function(load_missing)?)?;
         rust.raw_set("encode_result", lua.create_c_function(encode_result)?)?;
+        rust.raw_set("push_staged", lua.create_c_function(push_staged)?)?;
     }
     rust.raw_set("array_mt", super::markers(lua)?.array_mt.clone())?;
     rust.raw_set("max_globals", crate::vm::MAX_REUSED_GLOBALS)?;
@@ -217,6 +234,8 @@ impl CallData {
         let mut s = self.sources.borrow_mut();
         s.sources.clear();
         s.deferred = [None; MAX_DEFERRED];
+        s.staged.clear();
+        s.staged_fields.clear();
         s.generation = s.generation.wrapping_add(1);
     }
 
@@ -227,19 +246,45 @@ impl CallData {
     /// table's `body` as JSON text, the rest as a value; see
     /// [`encode_result`]), instead of handing it back to be read in a
     /// protected call of its own; [`CallData::take_result`] has it.
-    pub(crate) fn run_args(&self, limits: super::Limits, body_as_text: bool) -> [f64; 1 + 2 * MAX_DEFERRED] {
+    /// The last argument is 1 when globals were staged for the call
+    /// (`run` then calls `push_staged`), else 0.
+    pub(crate) fn run_args(&self, limits: super::Limits, body_as_text: bool) -> [f64; RUN_ARGS] {
         *self.result.borrow_mut() = ResultSlot {
             spec: Some((limits, body_as_text)),
             out: None,
         };
         let s = self.sources.borrow();
-        let mut args = [0.0; 1 + 2 * MAX_DEFERRED];
+        let mut args = [0.0; RUN_ARGS];
         args[0] = s.generation as f64;
         for (i, (name, slot)) in s.deferred.iter().flatten().enumerate() {
             args[1 + 2 * i] = (name + 1) as f64;
             args[2 + 2 * i] = *slot as f64;
         }
+        args[RUN_ARGS - 1] = f64::from(u8::from(!s.staged.is_empty()));
         args
+    }
+
+    /// Stage `globals` for the current call (see [`super::stage_globals`]).
+    ///
+    /// # Safety
+    /// As [`super::stage_globals`].
+    pub(super) unsafe fn stage(&self, globals: &[(&'static str, Global<'_>)]) {
+        let mut s = self.sources.borrow_mut();
+        for (name, value) in globals {
+            let staged = match *value {
+                Global::Json(Value::Null) => continue,
+                Global::Json(v) => Staged::Json(v),
+                Global::Fields(fields) => {
+                    let start = s.staged_fields.len();
+                    // SAFETY: the caller's promise (the strings outlive the
+                    // call); only the lifetime bound changes.
+                    s.staged_fields
+                        .extend(fields.iter().map(|(k, f)| (*k, unsafe { unbound(*f) })));
+                    Staged::Fields(start, s.staged_fields.len())
+                }
+            };
+            s.staged.push((name, staged));
+        }
     }
 
     /// The result the last call encoded inside it, if it did.
@@ -625,6 +670,52 @@ unsafe extern "C-unwind" fn encode_result(state: *mut lua_State) -> c_int {
         data.result.borrow_mut().out = out;
         ffi::lua_pushboolean(state, c_int::from(encoded));
         1
+    }
+}
+
+/// `push_staged(env, array_mt, call_data)`: set the globals staged for
+/// the current call ([`super::stage_globals`]) in `env`, with the memory
+/// limit lifted as the loaders lift it (the staged values are the hook's
+/// input, bounded by its limits, not the script's allocations).
+///
+/// # Safety
+/// Called by Lua only, as `lazy.lua`'s `run` does. An allocation failure
+/// (a real out-of-memory: the limit is lifted) raises through frames that
+/// own at most the number lists, which unwinding drops; the staged lists
+/// are only borrowed.
+unsafe extern "C-unwind" fn push_staged(state: *mut lua_State) -> c_int {
+    // SAFETY: the function's contract: `env` is argument 1 and the array
+    // marker argument 2, as `push_global` wants them; staged pointers are
+    // alive for the call (`stage`'s contract) and `end_call` clears them.
+    unsafe {
+        let Some(data) = call_data_at(state, 3) else {
+            return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
+        };
+        push_outside_limit(state, data, |to| {
+            let s = data.sources.borrow();
+            for (name, staged) in &s.staged {
+                let value = match *staged {
+                    Staged::Json(v) => Global::Json(&*v),
+                    Staged::Fields(start, end) => Global::Fields(&s.staged_fields[start..end]),
+                };
+                super::push_global(state, name, value, 2, to.texts, to.plain);
+            }
+        });
+        0
+    }
+}
+
+/// `scalar` with its borrow unbounded.
+///
+/// # Safety
+/// The string a [`Scalar::Str`] borrows outlives every use of the result.
+unsafe fn unbound(scalar: Scalar<'_>) -> Scalar<'static> {
+    match scalar {
+        Scalar::Bool(b) => Scalar::Bool(b),
+        Scalar::Int(i) => Scalar::Int(i),
+        Scalar::Num(n) => Scalar::Num(n),
+        // SAFETY: the caller's promise.
+        Scalar::Str(text) => Scalar::Str(unsafe { &*std::ptr::from_ref::<str>(text) }),
     }
 }
 

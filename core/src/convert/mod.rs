@@ -154,11 +154,11 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
 }
 
 /// Set each `name = value` of `globals` in the table `env`, eagerly, in
-/// one raw call: a hook's small globals (`usage`, `key_info`, `metadata`,
-/// ...). Through mlua each would be a protected call, a registry
-/// reference for the table and another call to store it. A `null` value
-/// leaves its global absent (`nil`, not `json.null`): `if not key_info`
-/// works for an unknown key.
+/// one raw call: the inputs of the calls that do not go through a hook's
+/// `Vm::call` (the JSON entry points) and of the error handler, whose
+/// input is built for the call. The hooks' inputs are staged instead
+/// ([`stage_globals`]). A `null` value leaves its global absent (`nil`,
+/// not `json.null`): `if not key_info` works for an unknown key.
 pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]) -> mlua::Result<()> {
     let m = markers(lua)?;
     // Owned here, outside the closure (see `json_to_lua`).
@@ -168,25 +168,12 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]
     // 2) and runs the closure in a protected call: an allocation failure
     // raises a Lua error the call returns as an error (the closure owns
     // nothing that needs dropping; each push to `texts` or `plain`
-    // completes before the next Lua call). Each name and value is pushed
-    // (`push_json` and `push_fields` check stack space) and stored with
-    // `lua_rawset`, which pops both: the stack is balanced after each
-    // global.
+    // completes before the next Lua call). `push_global` leaves the stack
+    // as it found it.
     unsafe {
         lua.exec_raw::<()>((env, &m.array_mt), |state| {
             for (name, value) in globals {
-                if matches!(value, Global::Json(Value::Null)) {
-                    continue;
-                }
-                if ffi::lua_checkstack(state, 2) == 0 {
-                    ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
-                }
-                ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
-                match value {
-                    Global::Json(v) => push_json(state, v, 2, &mut texts, &mut plain),
-                    Global::Fields(fields) => push_fields(state, fields, &mut plain),
-                }
-                ffi::lua_rawset(state, 1);
+                push_global(state, name, *value, 2, &mut texts, &mut plain);
             }
         })?;
     }
@@ -195,7 +182,52 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]
     Ok(())
 }
 
-/// One global of [`set_globals`].
+/// Stage `globals` for the current call of a VM: `run` (`lazy.lua`) sets
+/// them in the environment inside the call's own protected call, as it
+/// sets the lazy globals, instead of a protected call of their own before
+/// it (LuaJIT allocates two C closures for each of those). The same values
+/// as [`set_globals`]; `null` leaves a global absent.
+///
+/// # Safety
+/// Whatever `globals` borrows (a JSON value, a string of a [`Scalar`])
+/// stays alive and unchanged until the VM's current call ends, as for
+/// [`lazy::defer`]; the lists themselves are copied.
+pub(crate) unsafe fn stage_globals(lua: &Lua, globals: &[(&'static str, Global<'_>)]) -> mlua::Result<()> {
+    let data = lazy::call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
+    // SAFETY: the caller's promise.
+    unsafe { data.stage(globals) };
+    Ok(())
+}
+
+/// Push `value` and store it as `name` in the table at stack index 1 (a
+/// `null` leaves it absent); the array marker is at `array_mt`.
+///
+/// # Safety
+/// `state` is live and inside a protected call (an allocation failure
+/// raises), with the table at index 1. The stack is left as it was.
+pub(super) unsafe fn push_global(
+    state: *mut lua_State,
+    name: &str,
+    value: Global<'_>,
+    array_mt: c_int,
+    texts: &mut Vec<(f64, Number)>,
+    plain: &mut Vec<u64>,
+) {
+    if matches!(value, Global::Json(Value::Null)) {
+        return;
+    }
+    if ffi::lua_checkstack(state, 2) == 0 {
+        ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
+    }
+    ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+    match value {
+        Global::Json(v) => push_json(state, v, array_mt, texts, plain),
+        Global::Fields(fields) => push_fields(state, fields, plain),
+    }
+    ffi::lua_rawset(state, 1);
+}
+
+/// One global of [`set_globals`] and [`stage_globals`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Global<'a> {
     /// A JSON value.
@@ -239,24 +271,32 @@ unsafe fn push_fields(state: *mut lua_State, fields: &[(&'static str, Scalar<'_>
     ffi::lua_createtable(state, 0, c_int::try_from(fields.len()).unwrap_or(0));
     for (name, field) in fields {
         ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
-        match *field {
-            Scalar::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
-            Scalar::Int(i) => {
-                let f = i as f64;
-                plain.push(f.to_bits());
-                ffi::lua_pushnumber(state, f);
-            }
-            // As in JSON: a number that is not finite is null (absent).
-            Scalar::Num(f) if !f.is_finite() => ffi::lua_pushnil(state),
-            Scalar::Num(f) => {
-                plain.push(f.to_bits());
-                ffi::lua_pushnumber(state, f);
-            }
-            Scalar::Str(s) => {
-                ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
-            }
-        }
+        push_scalar(state, *field, plain);
         ffi::lua_rawset(state, -3);
+    }
+}
+
+/// Push one scalar (`nil` for a number that is not finite).
+///
+/// # Safety
+/// `state` is live, inside a protected call, with room for one value.
+unsafe fn push_scalar(state: *mut lua_State, scalar: Scalar<'_>, plain: &mut Vec<u64>) {
+    match scalar {
+        Scalar::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
+        Scalar::Int(i) => {
+            let f = i as f64;
+            plain.push(f.to_bits());
+            ffi::lua_pushnumber(state, f);
+        }
+        // As in JSON: a number that is not finite is null (absent).
+        Scalar::Num(f) if !f.is_finite() => ffi::lua_pushnil(state),
+        Scalar::Num(f) => {
+            plain.push(f.to_bits());
+            ffi::lua_pushnumber(state, f);
+        }
+        Scalar::Str(s) => {
+            ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
+        }
     }
 }
 

@@ -59,7 +59,7 @@ impl HookInput for AuthInput<'_> {
         Some(&self.request.id)
     }
 
-    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+    fn set_globals(&self, lua: &Lua, _env: &Table) -> mlua::Result<()> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
@@ -74,14 +74,13 @@ impl HookInput for AuthInput<'_> {
             ("quota_available", Scalar::Bool(c.quota_available)),
         ];
         // An unknown key's `null` key_info is left out (`nil`).
-        convert::set_globals(
-            lua,
-            env,
-            &[
-                ("key_info", key_info.into()),
-                ("standard_checks", Global::Fields(&checks)),
-            ],
-        )
+        let globals = [
+            ("key_info", key_info.into()),
+            ("standard_checks", Global::Fields(&checks)),
+        ];
+        // SAFETY: key_info is the input's (or a static null), which
+        // outlives the call; the lists are copied.
+        unsafe { convert::stage_globals(lua, &globals) }
     }
 }
 

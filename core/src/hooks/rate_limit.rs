@@ -51,7 +51,7 @@ impl HookInput for RateLimitInput<'_> {
         Some(&self.request.id)
     }
 
-    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+    fn set_globals(&self, lua: &Lua, _env: &Table) -> mlua::Result<()> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
@@ -75,7 +75,9 @@ impl HookInput for RateLimitInput<'_> {
             ("rate_limit_status", Global::Fields(&status)),
             ("current_time", Global::Fields(&time)),
         ];
-        convert::set_globals(lua, env, &globals)
+        // SAFETY: key_info is the input's (or a static null), which
+        // outlives the call; the lists are copied.
+        unsafe { convert::stage_globals(lua, &globals) }
     }
 }
 

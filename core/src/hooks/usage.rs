@@ -39,7 +39,7 @@ impl HookInput for UsageInput<'_> {
         Some(&self.request.id)
     }
 
-    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+    fn set_globals(&self, lua: &Lua, _env: &Table) -> mlua::Result<()> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
@@ -51,11 +51,10 @@ impl HookInput for UsageInput<'_> {
             ("latency_ms", Scalar::Num(m.latency_ms)),
             ("is_stream", Scalar::Bool(m.is_stream)),
         ];
-        convert::set_globals(
-            lua,
-            env,
-            &[("usage", self.usage.into()), ("metadata", Global::Fields(&metadata))],
-        )
+        let globals = [("usage", self.usage.into()), ("metadata", Global::Fields(&metadata))];
+        // SAFETY: `usage` and the backend URL are the input's, which
+        // outlives the call; the lists are copied.
+        unsafe { convert::stage_globals(lua, &globals) }
     }
 }
 
