@@ -159,7 +159,7 @@ impl CallSources {
 
 /// The Lua half of lazy tables, for the VM and the sandbox.
 pub(crate) struct LazyLua {
-    /// `run(chunk, env, generation, name1, slot1, name2, slot2)`.
+    /// `run(chunk, env, generation, name1, slot1, ..., staged)` (`lazy.lua`).
     pub run: Function,
     /// `materialize(t)`, for the sandbox's `pairs`, `next`, `rawget`, ... .
     pub materialize: Function,
