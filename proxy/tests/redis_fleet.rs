@@ -145,11 +145,13 @@ async fn with_fail_open_a_redis_outage_fails_no_request_and_settles_once_after()
         return;
     };
     let m = mock("m", |_| {}).await;
+    // A small room (batch 20), so the nodes run out of it during the
+    // outage and admit on their own limits (what this test is about).
     let yaml = config(
         &m.url(),
         &redis.url(),
         "open",
-        ", on_error: fail_open, timeout_ms: 100",
+        ", on_error: fail_open, timeout_ms: 100, batch: 20",
         "{key_rpm: 1000000}",
     );
     let a = TestGateway::start(&yaml).await;
