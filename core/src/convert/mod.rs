@@ -271,32 +271,24 @@ unsafe fn push_fields(state: *mut lua_State, fields: &[(&'static str, Scalar<'_>
     ffi::lua_createtable(state, 0, c_int::try_from(fields.len()).unwrap_or(0));
     for (name, field) in fields {
         ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
-        push_scalar(state, *field, plain);
+        match *field {
+            Scalar::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
+            Scalar::Int(i) => {
+                let f = i as f64;
+                plain.push(f.to_bits());
+                ffi::lua_pushnumber(state, f);
+            }
+            // As in JSON: a number that is not finite is null (absent).
+            Scalar::Num(f) if !f.is_finite() => ffi::lua_pushnil(state),
+            Scalar::Num(f) => {
+                plain.push(f.to_bits());
+                ffi::lua_pushnumber(state, f);
+            }
+            Scalar::Str(s) => {
+                ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
+            }
+        }
         ffi::lua_rawset(state, -3);
-    }
-}
-
-/// Push one scalar (`nil` for a number that is not finite).
-///
-/// # Safety
-/// `state` is live, inside a protected call, with room for one value.
-unsafe fn push_scalar(state: *mut lua_State, scalar: Scalar<'_>, plain: &mut Vec<u64>) {
-    match scalar {
-        Scalar::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
-        Scalar::Int(i) => {
-            let f = i as f64;
-            plain.push(f.to_bits());
-            ffi::lua_pushnumber(state, f);
-        }
-        // As in JSON: a number that is not finite is null (absent).
-        Scalar::Num(f) if !f.is_finite() => ffi::lua_pushnil(state),
-        Scalar::Num(f) => {
-            plain.push(f.to_bits());
-            ffi::lua_pushnumber(state, f);
-        }
-        Scalar::Str(s) => {
-            ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
-        }
     }
 }
 
