@@ -539,6 +539,9 @@ fn write_batch(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
              status, prompt_tokens, completion_tokens, total_tokens, billable_tokens, cost, latency_ms, record)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
+        // A count set before the key's last reset (`reset_ms`) is not
+        // applied: the reset replaced it, even when the set reaches the
+        // database after it.
         let mut set = tx.prepare_cached(
             "INSERT INTO key_usage (key_fp, used, config_used, updated_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(key_fp) DO UPDATE SET used = excluded.used, config_used = excluded.config_used,
@@ -789,6 +792,14 @@ impl StoredRecord {
 mod tests {
     use super::*;
 
+    /// A database path of its own for test `name`, in a directory emptied
+    /// first.
+    fn fresh_db(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("llmproxy-ledger-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("u.db")
+    }
+
     fn rec(i: u64, fp: &str, billable: u64) -> LedgerRecord {
         LedgerRecord {
             request_id: format!("req-{i}"),
@@ -816,9 +827,7 @@ mod tests {
     /// queued when it happens are not added to the reset count.
     #[test]
     fn a_reset_is_not_undone_by_records_answered_before_it() {
-        let dir = std::env::temp_dir().join(format!("llmproxy-ledger-reset-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("u.db");
+        let path = fresh_db("reset");
         let ledger = Ledger::open(&path, Duration::from_millis(100), 100, 16).unwrap();
         ledger.record(rec(0, "fp-a", 4));
         ledger.flush();
@@ -846,9 +855,7 @@ mod tests {
     /// did.
     #[test]
     fn a_usage_set_inside_a_batch_applies_in_order() {
-        let dir = std::env::temp_dir().join(format!("llmproxy-ledger-order-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("u.db");
+        let path = fresh_db("order");
         // One batch: a gathering window far longer than the test, ended
         // by `close`.
         let ledger = Ledger::open(&path, Duration::from_millis(5_000), 100, 16).unwrap();
@@ -869,9 +876,7 @@ mod tests {
 
     #[test]
     fn batches_commit_and_close_loses_nothing() {
-        let dir = std::env::temp_dir().join(format!("llmproxy-ledger-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("u.db");
+        let path = fresh_db("unit");
         let ledger = Ledger::open(&path, Duration::from_millis(20), 100, 16).unwrap();
         ledger.set_used("fp-a", 10, 10);
         for i in 0..1000 {
