@@ -53,6 +53,9 @@ pub(crate) struct Vm {
     chunks: HashMap<usize, Function>,
     /// Calls made on this VM.
     pub calls: u64,
+    /// The pool's tag of the thread that checked this VM out last (0 for
+    /// none), so that thread gets it back (`pool.rs`).
+    pub thread: u64,
     /// Set when mlua itself failed (e.g. its stack): the state is suspect.
     broken: bool,
     /// Whether the last call was stopped by its inline budget.
@@ -90,6 +93,7 @@ impl Vm {
             env,
             chunks: HashMap::new(),
             calls: 0,
+            thread: 0,
             broken: false,
             over_budget: false,
             env_emptied: None,
