@@ -2,7 +2,6 @@
 //! protocol (lazy inputs, limits armed only while the script runs, the
 //! environment emptied after the call).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,11 +45,13 @@ pub(crate) struct Vm {
     /// read-only base. Emptied after each call ([`Vm::reset_env`]), so
     /// nothing a call writes reaches the next one.
     env: Table,
-    /// Compiled chunks, keyed by the address of the script's source text.
+    /// Compiled chunks, with the address of their script's source text.
     /// Scripts live in the engine's immutable config, which outlives its
     /// VMs, so an address names one script for the VM's whole life; hashing
     /// the text itself would cost microseconds per call for long scripts.
-    chunks: HashMap<usize, Function>,
+    /// A list: a VM runs its engine's scripts, one per hook at most, and a
+    /// scan of a few addresses costs less than hashing one.
+    chunks: Vec<(usize, Function)>,
     /// Calls made on this VM.
     pub calls: u64,
     /// The pool's tag of the thread that checked this VM out last (0 for
@@ -91,7 +92,7 @@ impl Vm {
         Ok(Vm {
             state,
             env,
-            chunks: HashMap::new(),
+            chunks: Vec::new(),
             calls: 0,
             thread: 0,
             broken: false,
@@ -124,9 +125,15 @@ impl Vm {
 
     /// Compile `script` (text mode only) unless it is cached.
     pub fn compile(&mut self, script: &Script) -> Result<(), HookError> {
+        self.chunk_index(script).map(|_| ())
+    }
+
+    /// Where `script`'s compiled chunk is in `chunks`, compiled first if
+    /// it is not there.
+    fn chunk_index(&mut self, script: &Script) -> Result<usize, HookError> {
         let key = chunk_key(script);
-        if self.chunks.contains_key(&key) {
-            return Ok(());
+        if let Some(at) = self.chunks.iter().position(|(k, _)| *k == key) {
+            return Ok(at);
         }
         let f = self
             .state
@@ -137,8 +144,8 @@ impl Vm {
             .into_function()
             .map_err(|e| classify(e, &script.name, ErrorKind::ScriptError))?;
         f.set_environment(self.env.clone()).map_err(internal)?;
-        self.chunks.insert(key, f);
-        Ok(())
+        self.chunks.push((key, f));
+        Ok(self.chunks.len() - 1)
     }
 
     /// Run one call: `set_globals` fills the (empty) environment, then the
@@ -212,11 +219,8 @@ impl Vm {
         spec: &CallSpec<'_>,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
     ) -> Result<Output, HookError> {
-        self.compile(spec.script)?;
-        let chunk = self
-            .chunks
-            .get(&chunk_key(spec.script))
-            .ok_or_else(|| HookError::new(ErrorKind::Internal, "compiled chunk missing"))?;
+        let at = self.chunk_index(spec.script)?;
+        let chunk = &self.chunks[at].1;
         let lua = &self.state.lua;
         let limits = Limits {
             max_depth: spec.limits.max_depth,
