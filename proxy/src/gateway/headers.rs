@@ -112,16 +112,13 @@ pub fn for_scripts(map: &HeaderMap) -> Vec<(String, String)> {
     out
 }
 
-/// `content-type` -> `Content-Type`.
+/// `content-type` -> `Content-Type`. Header names are ASCII tokens, so
+/// ASCII case mapping is all it takes (Unicode's costs a lookup per letter).
 pub fn title_case(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     let mut upper = true;
     for c in name.chars() {
-        if upper {
-            out.extend(c.to_uppercase());
-        } else {
-            out.push(c);
-        }
+        out.push(if upper { c.to_ascii_uppercase() } else { c });
         upper = c == '-';
     }
     out
