@@ -143,9 +143,9 @@ impl Pool {
         };
         // The VM this thread used last goes first, if idle: its heap is
         // likely still in this core's caches, while a VM handed from one of
-        // the gateway's workers to the other at every call misses them on
-        // every call (~15% of the gateway's CPU per request with the four
-        // seed hooks).
+        // the gateway's workers to the other misses them on every call (the
+        // four-hook gateway used ~13% less CPU per request with this order;
+        // docs/benchmarks.md).
         if let Some(i) = inner.idle.iter().rposition(|vm| vm.thread == me) {
             let top = inner.idle.len() - 1;
             inner.idle.swap(i, top);
