@@ -19,6 +19,11 @@
 //! - `pipeline/*`: the seed's data-path scripts (request_transform,
 //!   response_transform, usage) and admission scripts (auth, rate_limit,
 //!   with a key's full record as `key_info`) through the engine.
+//! - `answer/usage_only/*`: a backend's answer through the request handle
+//!   of a billing-only configuration (the seed's usage script, no
+//!   response_transform): usage read from the answer, the script run, the
+//!   charge computed. The script does not read `response.body`, so the
+//!   answer is never parsed (compare `body_parse/*`).
 //!
 //! Run with `make bench-core`, which also writes docs/benchmarks.md.
 
@@ -288,10 +293,9 @@ fn bench_pipeline_hooks(c: &mut Criterion) {
     req.backend_url = Some("http://127.0.0.1:9000".into());
     let response = ResponseInfo {
         status_code: 200,
-        body: Arc::new(
-            serde_json::from_str(r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"llama-3-70b-instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the mock backend, friend."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28}}"#)
-                .expect("response"),
-        ),
+        body: serde_json::from_str::<serde_json::Value>(r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"llama-3-70b-instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the mock backend, friend."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28}}"#)
+                .expect("response")
+                .into(),
         headers: vec![("Content-Type".into(), "application/json".into())],
         is_stream: false,
     };
@@ -335,6 +339,51 @@ fn bench_pipeline_hooks(c: &mut Criterion) {
                 .expect("ok")
         })
     });
+    g.finish();
+}
+
+/// A completion of about `size` bytes: choices of ~1 KB of text each.
+fn completion(size: usize) -> Vec<u8> {
+    let text = "All work and no play makes a long answer. ".repeat(24);
+    let choices: Vec<Value> = (0..(size / 1100).max(1))
+        .map(|i| serde_json::json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "llama-3-70b-instruct",
+        "choices": choices, "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28},
+    }))
+    .expect("serializes")
+}
+
+fn bench_answer(c: &mut Criterion) {
+    use criterion::BatchSize;
+    use llmproxy_core::http::api::Api;
+    use llmproxy_core::request_handle::{RequestHandle, Step};
+    let engine = seed_engine(&["usage"]);
+    let req = request(Arc::new(
+        serde_json::json!({"model": "gpt-4", "viplevel": 3, "messages": [{"role": "user", "content": "hi"}]}),
+    ));
+    let mut g = c.benchmark_group("answer");
+    for (label, size) in SIZES {
+        let answer = completion(size);
+        g.bench_with_input(BenchmarkId::new("usage_only", label), &answer, |b, answer| {
+            b.iter_batched(
+                || {
+                    let mut h = RequestHandle::new(req.clone(), Some(Api::ChatCompletions));
+                    let _ = h.upstream(&engine, "http://127.0.0.1:9000");
+                    h
+                },
+                |mut h| {
+                    let _ = h.respond(&engine, 200, Vec::new(), black_box(answer), 1.0);
+                    match h.usage(&engine) {
+                        Step::Ran(billing) => billing,
+                        other => panic!("usage: {other:?}"),
+                    }
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     g.finish();
 }
 
@@ -419,6 +468,7 @@ criterion_group!(
     bench_memory_limit,
     bench_pipeline_hooks,
     bench_admission_hooks,
+    bench_answer,
     bench_compute
 );
 criterion_main!(benches);

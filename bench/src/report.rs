@@ -73,6 +73,14 @@ fn main() -> ExitCode {
             "seed rate_limit (peak hour), the same key record",
         ),
         (
+            "answer/usage_only/10KB",
+            "a 10 KB answer through the request handle, seed usage script only (the answer is not parsed)",
+        ),
+        (
+            "answer/usage_only/1MB",
+            "the same, 1 MB answer (compare the 1 MB body parse it no longer pays)",
+        ),
+        (
             "compute/sandboxed/jit",
             "byte loop over 200 messages (~200 KB), sandboxed, JIT compiler on",
         ),

@@ -35,8 +35,8 @@ use serde_json::Value;
 use crate::config::OnError;
 use crate::hooks::{
     AuthInput, AuthVerdict, BackendStatus, CurrentTime, HeaderChange, RateLimitInput, RateLimitStatus, RateVerdict,
-    RequestInfo, RequestTransformInput, ResponseInfo, ResponseTransformInput, RouteDecision, RoutingInput,
-    StandardChecks, UsageInput, UsageMetadata, UsageRecord,
+    RequestInfo, RequestTransformInput, ResponseBody, ResponseInfo, ResponseTransformInput, RouteDecision,
+    RoutingInput, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
 use crate::http::api::Api;
 use crate::http::usage_probe;
@@ -290,8 +290,9 @@ impl RequestHandle {
     }
 
     /// `response_transform` on a backend's non-stream answer to an API
-    /// call; the body is parsed once, here, when a script reads it (else
-    /// only its `usage` is read). Any other answer is relayed as is.
+    /// call, read once ([`usage_probe::answer`]: parsed for that script,
+    /// else parsed only if the usage script reads it). Any other answer is
+    /// relayed as is.
     pub fn respond(
         &mut self,
         engine: &Engine,
@@ -303,15 +304,15 @@ impl RequestHandle {
         self.status = status;
         self.latency_ms = latency_ms;
         let transform = self.api.is_some() && engine.is_enabled(HookName::ResponseTransform);
-        let scripted = transform || engine.is_enabled(HookName::Usage);
-        let (parsed, usage) = match self.api {
-            Some(_) => usage_probe::answer(body, scripted),
+        let usage_script = engine.is_enabled(HookName::Usage);
+        let (body, usage) = match self.api {
+            Some(_) => usage_probe::answer(body, transform, usage_script, || body.to_vec()),
             None => (None, None),
         };
         self.usage = usage;
-        self.response = parsed.map(|body| ResponseInfo {
+        self.response = body.map(|body| ResponseInfo {
             status_code: status,
-            body: Arc::new(body),
+            body,
             headers,
             is_stream: false,
         });
@@ -350,11 +351,14 @@ impl RequestHandle {
         crate::http::api::answer_is_stream(self.stream, status, content_type)
     }
 
-    /// Whether the backend's non-stream answer was JSON the hooks could
-    /// read (after [`RequestHandle::respond`]; a host may warn when a
-    /// transform could not see it).
+    /// Whether the backend's non-stream answer was parsed as JSON for the
+    /// hooks (after [`RequestHandle::respond`]; a host may warn when a
+    /// transform could not see it). An answer only a usage script could
+    /// read counts once that script read it.
     pub fn answer_parsed(&self) -> bool {
-        self.response.as_ref().is_some_and(|r| !r.is_stream)
+        self.response
+            .as_ref()
+            .is_some_and(|r| !r.is_stream && r.body.is_parsed())
     }
 
     /// A stream's answer begins: its status and headers, as
@@ -363,7 +367,7 @@ impl RequestHandle {
         self.status = status;
         self.response = Some(ResponseInfo {
             status_code: status,
-            body: Arc::new(Value::Null),
+            body: ResponseBody::default(),
             headers,
             is_stream: true,
         });
@@ -400,7 +404,7 @@ impl RequestHandle {
             self.usage = usage;
             self.response = Some(ResponseInfo {
                 status_code: status,
-                body: Arc::new(usage_body.unwrap_or(Value::Null)),
+                body: usage_body.unwrap_or(Value::Null).into(),
                 headers: headers.clone(),
                 is_stream: true,
             });
@@ -417,7 +421,7 @@ impl RequestHandle {
         self.called = true;
         let response = ResponseInfo {
             status_code: status,
-            body,
+            body: body.into(),
             headers,
             is_stream: true,
         };
@@ -459,7 +463,7 @@ impl RequestHandle {
                 // An answer no script read, or that was not JSON.
                 null_response = ResponseInfo {
                     status_code: self.status,
-                    body: Arc::new(Value::Null),
+                    body: ResponseBody::default(),
                     headers: Vec::new(),
                     is_stream: false,
                 };

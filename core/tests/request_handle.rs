@@ -237,6 +237,50 @@ fn the_usage_hook_sees_the_backends_status_when_the_answer_is_not_json() {
     assert_eq!(billing.record, Some(json!({"status": 502, "body": "userdata"})));
 }
 
+/// Without response_transform the answer reaches the usage script as
+/// text: parsed only when the script reads `response.body`; its usage is
+/// read either way.
+#[test]
+fn a_usage_script_parses_the_answer_only_when_it_reads_it() {
+    let cases: [(&str, &[u8], Value, bool); 3] = [
+        (
+            "return {tokens = usage.total_tokens}",
+            COMPLETION.as_bytes(),
+            json!({"tokens": 57}),
+            false,
+        ),
+        (
+            "return {id = response.body.id, choices = #response.body.choices, tokens = usage.total_tokens}",
+            COMPLETION.as_bytes(),
+            json!({"id": "c-1", "choices": 1, "tokens": 57}),
+            true,
+        ),
+        (
+            "return {body = type(response.body)}",
+            b"upstream said no",
+            json!({"body": "userdata"}),
+            false,
+        ),
+    ];
+    for (script, answer, record, parsed) in cases {
+        let engine = engine(&[("usage", script, "standard")]);
+        let mut h = handle(json!({"model": "gpt-4"}));
+        ran(h.upstream(&engine, "http://b"));
+        let relayed = ran(h.respond(&engine, 200, Vec::new(), answer, 3.0));
+        assert_eq!(relayed.body, None, "{script}");
+        assert!(!h.answer_parsed(), "{script}: nothing parsed before the script ran");
+        let billing = ran(h.usage(&engine));
+        assert_eq!(billing.record, Some(record), "{script}");
+        assert_eq!(h.answer_parsed(), parsed, "{script}");
+        if answer == COMPLETION.as_bytes() {
+            assert_eq!(
+                billing.usage["total_tokens"], 57,
+                "{script}: usage read without the parse"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_request_relayed_as_is_runs_no_transform_and_reads_no_usage() {
     let engine = seed_engine();

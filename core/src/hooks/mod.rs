@@ -22,7 +22,8 @@ pub use rate_limit::{CurrentTime, RateLimitInput, RateLimitStatus, RateVerdict};
 pub use request::RequestInfo;
 pub use routing::{BackendStatus, RouteDecision, RoutingInput};
 pub use transform::{
-    HeaderChange, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput,
+    HeaderChange, RequestRewrite, RequestTransformInput, ResponseBody, ResponseInfo, ResponseRewrite,
+    ResponseTransformInput,
 };
 pub use usage::{UsageInput, UsageMetadata, UsageRecord};
 

@@ -1,7 +1,8 @@
 //! `request_transform` and `response_transform`.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
@@ -39,8 +40,9 @@ impl HookInput for RequestTransformInput<'_> {
 pub struct ResponseInfo {
     /// HTTP status from the backend.
     pub status_code: u16,
-    /// The parsed body (for streams: this event's JSON).
-    pub body: Arc<Value>,
+    /// The body (for streams: this event's JSON), parsed or parsed when a
+    /// script first reads it.
+    pub body: ResponseBody,
     /// Response headers.
     pub headers: Vec<(String, String)>,
     /// Whether this is one event of a stream.
@@ -74,7 +76,7 @@ impl ResponseInfo {
                 .ok_or_else(|| String::from("'response.status_code' must be an integer"))?;
         }
         if let Some(body) = obj.get("body") {
-            r.body = Arc::new(body.clone());
+            r.body = body.clone().into();
         }
         if let Some(Value::Object(h)) = obj.get("headers") {
             r.headers = h
@@ -87,6 +89,101 @@ impl ResponseInfo {
     }
 }
 
+/// A response body as `response.body` shows it: JSON parsed already, or a
+/// backend's answer kept as text and parsed the first time a script reads
+/// it (once, by whichever clone reads it first). A usage script that reads
+/// only `usage` and `request` never pays for parsing a large answer; one
+/// that reads `response.body` pays for it on its own time, as it would for
+/// `json.decode`. Text that is not JSON reads as `nil`.
+#[derive(Clone)]
+pub struct ResponseBody(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Json(Arc<Value>),
+    Text(Arc<Unread>),
+}
+
+/// An answer kept as text until a script reads it.
+struct Unread {
+    text: Box<dyn AsRef<[u8]> + Send + Sync>,
+    /// The parse: `None` when the text is not JSON.
+    json: OnceLock<Option<Arc<Value>>>,
+}
+
+/// What a body that is not JSON reads as.
+static NULL: Value = Value::Null;
+
+impl ResponseBody {
+    /// A backend's answer, parsed when first read.
+    pub fn text(text: impl AsRef<[u8]> + Send + Sync + 'static) -> ResponseBody {
+        ResponseBody(Repr::Text(Arc::new(Unread {
+            text: Box::new(text),
+            json: OnceLock::new(),
+        })))
+    }
+
+    /// The body's JSON (`Value::Null` when it is not JSON), parsed now if
+    /// nothing read it before.
+    pub fn json(&self) -> &Value {
+        self.parsed().map_or(&NULL, |v| &**v)
+    }
+
+    /// Whether the body is parsed JSON: given as JSON, or text read since
+    /// and found to be JSON.
+    pub fn is_parsed(&self) -> bool {
+        match &self.0 {
+            Repr::Json(_) => true,
+            Repr::Text(t) => matches!(t.json.get(), Some(Some(_))),
+        }
+    }
+
+    fn parsed(&self) -> Option<&Arc<Value>> {
+        match &self.0 {
+            Repr::Json(json) => Some(json),
+            Repr::Text(t) => t
+                .json
+                .get_or_init(|| serde_json::from_slice::<Value>((*t.text).as_ref()).ok().map(Arc::new))
+                .as_ref(),
+        }
+    }
+
+    fn field(&self) -> Field<'_> {
+        self.parsed().map_or(Field::Json(&NULL), Field::json)
+    }
+}
+
+impl From<Arc<Value>> for ResponseBody {
+    fn from(json: Arc<Value>) -> ResponseBody {
+        ResponseBody(Repr::Json(json))
+    }
+}
+
+impl From<Value> for ResponseBody {
+    fn from(json: Value) -> ResponseBody {
+        Arc::new(json).into()
+    }
+}
+
+impl Default for ResponseBody {
+    fn default() -> ResponseBody {
+        Value::Null.into()
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Json(json) => json.fmt(f),
+            Repr::Text(t) => match t.json.get() {
+                Some(Some(json)) => json.fmt(f),
+                Some(None) => f.write_str("<not JSON>"),
+                None => write!(f, "<{} bytes, not read>", (*t.text).as_ref().len()),
+            },
+        }
+    }
+}
+
 /// `response` as a lazy table.
 impl convert::Fields for ResponseInfo {
     fn names(&self) -> Vec<&str> {
@@ -95,7 +192,7 @@ impl convert::Fields for ResponseInfo {
 
     fn field(&self, name: &str) -> Field<'_> {
         match name {
-            "body" => Field::json(&self.body),
+            "body" => self.body.field(),
             "headers" => Field::Headers(&self.headers),
             "is_stream" => Field::Bool(self.is_stream),
             "status_code" => Field::Number(f64::from(self.status_code)),
@@ -105,7 +202,7 @@ impl convert::Fields for ResponseInfo {
 
     fn json(&self, name: &str) -> Option<Cow<'_, Value>> {
         Some(match name {
-            "body" => Cow::Borrowed(&*self.body),
+            "body" => Cow::Borrowed(self.body.json()),
             "headers" => Cow::Owned(super::headers_json(&self.headers)),
             "is_stream" => Cow::Owned(Value::Bool(self.is_stream)),
             "status_code" => Cow::Owned(Value::from(self.status_code)),

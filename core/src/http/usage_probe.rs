@@ -11,17 +11,35 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
-/// A backend's whole (non-stream) answer read once: parsed when `parse`
-/// (a script reads it; `None` when it is not JSON), and its `usage` object
-/// (`None` when absent or not an object), read from the parse or, without
-/// one, probed.
-pub fn answer(body: &[u8], parse: bool) -> (Option<Json>, Option<Json>) {
-    let parsed = parse.then(|| serde_json::from_slice::<Json>(body).ok()).flatten();
-    let usage = match &parsed {
-        Some(json) => json.get("usage").filter(|u| u.is_object()).cloned(),
-        None => probe(body).and_then(|p| p.usage).filter(Json::is_object),
-    };
-    (parsed, usage)
+use crate::hooks::ResponseBody;
+
+/// A backend's whole (non-stream) answer to an API call, read once for the
+/// hooks: its body as `response.body` shows it, and its `usage` object
+/// (`None` when absent or not an object).
+///
+/// With `transform` (response_transform on, which must know before it runs
+/// whether the answer is JSON) the body is parsed now: `None` when it is
+/// not JSON. Else, with `usage_script`, it is kept as text (`own` makes the
+/// owned copy) and parsed only if the script reads it (ADR 060); else it
+/// is `None`. The usage is read from the parse, or probed without one.
+pub fn answer<T>(
+    text: &[u8],
+    transform: bool,
+    usage_script: bool,
+    own: impl FnOnce() -> T,
+) -> (Option<ResponseBody>, Option<Json>)
+where
+    T: AsRef<[u8]> + Send + Sync + 'static,
+{
+    if transform {
+        if let Ok(json) = serde_json::from_slice::<Json>(text) {
+            let usage = json.get("usage").filter(|u| u.is_object()).cloned();
+            return (Some(json.into()), usage);
+        }
+    }
+    let usage = probe(text).and_then(|p| p.usage).filter(Json::is_object);
+    let body = (!transform && usage_script).then(|| ResponseBody::text(own()));
+    (body, usage)
 }
 
 /// What the body filter needs of an answer.

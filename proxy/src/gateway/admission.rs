@@ -709,7 +709,7 @@ impl UsageJob {
             .unwrap_or_else(usage_policy::zero_usage);
         let response = c.response.take().unwrap_or_else(|| ResponseInfo {
             status_code: c.status,
-            body: Arc::new(Value::Null),
+            body: Default::default(),
             headers: Vec::new(),
             is_stream: c.is_stream,
         });

@@ -561,23 +561,20 @@ impl Exchange {
         let mut out_headers = headers::downstream(&parts.headers);
         let mut out_body = bytes.clone();
         let transform = self.live.stages.enabled(HookName::ResponseTransform);
-        // The whole answer is built only for a script that reads it; the
-        // usage record needs `usage` alone, read without the rest.
-        let scripted = transform || self.live.stages.enabled(HookName::Usage);
-        let (parsed, usage) = if self.endpoint.is_api() {
-            usage_probe::answer(&bytes, scripted)
+        let usage_script = self.live.stages.enabled(HookName::Usage);
+        let (body, usage) = if self.endpoint.is_api() {
+            usage_probe::answer(&bytes, transform, usage_script, || bytes.clone())
         } else {
             (None, None)
         };
-        let parsed = parsed.map(Arc::new);
         let latency_ms = latency.as_secs_f64() * 1e3;
         let completion = Completion {
             backend: Some(Arc::clone(b)),
             status,
             usage,
-            response: parsed.as_ref().map(|json| ResponseInfo {
+            response: body.clone().map(|body| ResponseInfo {
                 status_code: status,
-                body: Arc::clone(json),
+                body,
                 headers: Vec::new(),
                 is_stream: false,
             }),
@@ -589,13 +586,13 @@ impl Exchange {
         // else on its own. (A transform may change the status the client gets;
         // the ledger records the backend's.)
         let usage_job = self.ticket.take().and_then(|t| t.job(completion));
-        match parsed.as_ref().filter(|_| transform) {
-            Some(json) => {
+        match body.filter(|_| transform) {
+            Some(body) => {
                 let live = Arc::clone(&self.live);
                 let info = Arc::clone(&self.info);
                 let response = ResponseInfo {
                     status_code: status,
-                    body: Arc::clone(json),
+                    body,
                     headers: headers::for_scripts(&out_headers),
                     is_stream: false,
                 };
@@ -828,7 +825,7 @@ impl Exchange {
         let info = Arc::clone(&self.info);
         let response = ResponseInfo {
             status_code: r.status().as_u16(),
-            body: json,
+            body: json.into(),
             headers: headers::for_scripts(r.headers()),
             is_stream: false,
         };

@@ -123,7 +123,7 @@ impl Events {
         let value = Arc::new(value);
         let response = ResponseInfo {
             status_code: self.status,
-            body: Arc::clone(&value),
+            body: Arc::clone(&value).into(),
             headers: self.script_headers.clone(),
             is_stream: true,
         };
@@ -415,7 +415,7 @@ async fn relay(
         });
         let response = ResponseInfo {
             status_code: events.status,
-            body: events.usage_body.take().unwrap_or_default(),
+            body: events.usage_body.take().unwrap_or_default().into(),
             headers: Vec::new(),
             is_stream: true,
         };
