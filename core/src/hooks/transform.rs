@@ -94,7 +94,7 @@ impl ResponseInfo {
 /// it (once, by whichever clone reads it first). A usage script that reads
 /// only `usage` and `request` never pays for parsing a large answer; one
 /// that reads `response.body` pays for it on its own time, as it would for
-/// `json.decode`. Text that is not JSON reads as `nil`.
+/// `json.decode`. Text that is not JSON reads as JSON `null` (`json.null`).
 #[derive(Clone)]
 pub struct ResponseBody(Repr);
 
