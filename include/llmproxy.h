@@ -541,8 +541,9 @@ llmp_result llmp_handle_upstream(const llmp_engine *engine,
  * `status`, its headers as a JSON object of strings (`headers_json`,
  * `headers_len`; NULL for none), its body as it came, and `latency_ms`
  * since the request went upstream (scripts see it). The body is parsed
- * once, here, when a script reads it; the usage it reports is kept for
- * `llmp_handle_usage`.
+ * once, here, when response_transform is on; with only the usage hook on
+ * it is copied and parsed only if the usage script reads `response.body`.
+ * The usage it reports is kept for `llmp_handle_usage`.
  *
  * On success returns `LLMP_OK` and stores the status to send in
  * `*out_status`, the body to send in `*out_body`, `*out_body_len`

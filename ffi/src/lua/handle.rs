@@ -337,7 +337,8 @@ impl UserData for LuaHandle {
         // host counts the call).
         methods.add_method("called", |_, this, ()| Ok(this.handle.called()));
         // h:answer_parsed() -> whether the backend's answer (h:respond) was
-        // JSON the hooks could read.
+        // parsed as JSON for the hooks (an answer only the usage script
+        // could read counts once it read it).
         methods.add_method("answer_parsed", |_, this, ()| Ok(this.handle.answer_parsed()));
         // h:api() -> "chat_completions" | "completions" | "embeddings", or
         // nil for a request relayed as is.
