@@ -57,6 +57,11 @@ local tests = {
   { "version is a string", function()
     assert(type(llmproxy.version) == "string" and #llmproxy.version > 0)
   end },
+  { "allocator names where the library allocates; LLMPROXY_ALLOCATOR=system picks malloc", function()
+    local want = os.getenv("LLMPROXY_ALLOCATOR") == "system" and { system = true }
+      or { mimalloc = true, system = true }
+    assert(want[llmproxy.allocator], tostring(llmproxy.allocator))
+  end },
   { "null is a NULL light userdata, equal to cjson.null when lua-cjson is installed", function()
     assert(type(llmproxy.null) == "userdata")
     local ok, cjson = pcall(require, "cjson")

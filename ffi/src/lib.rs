@@ -31,8 +31,13 @@ pub mod input;
 /// cbindgen:ignore
 pub mod lua;
 
+/// cbindgen:ignore
+#[cfg(feature = "mimalloc")]
+pub mod allocator;
+
 /// With feature `mimalloc`: the library's Rust allocations (its own and the
-/// sandbox VMs') go to mimalloc instead of the host's malloc.
+/// sandbox VMs') go to mimalloc instead of the host's malloc, unless the
+/// process runs with `LLMPROXY_ALLOCATOR=system` ([`allocator`]).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::Allocator = allocator::Allocator;

@@ -1131,6 +1131,12 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
 
     let exports = lua.create_table()?;
     exports.raw_set("version", llmproxy_core::VERSION)?;
+    // Where the library's Rust allocations go: "mimalloc", or "system"
+    // (the host's malloc: a build without mimalloc, or LLMPROXY_ALLOCATOR=system).
+    #[cfg(feature = "mimalloc")]
+    exports.raw_set("allocator", crate::allocator::name())?;
+    #[cfg(not(feature = "mimalloc"))]
+    exports.raw_set("allocator", "system")?;
     exports.raw_set("null", Value::NULL)?;
     exports.raw_set("empty_array", Value::LightUserData(EMPTY_ARRAY))?;
     exports.raw_set("array_mt", array_mt)?;

@@ -1,0 +1,156 @@
+//! The library's global allocator (feature `mimalloc`): mimalloc, or the
+//! host's `malloc` when the process runs with `LLMPROXY_ALLOCATOR=system`.
+//!
+//! The choice is made once, at the library's first Rust allocation, and
+//! never changes, so every block is freed by the allocator that made it.
+//! `system` is for memory tools that watch `malloc` (valgrind, heaptrack):
+//! mimalloc maps its own pages, which they do not see. One build serves
+//! both (docs/adr/061-one-build-two-allocators.md).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use mimalloc::MiMalloc;
+
+/// The environment variable that picks the allocator.
+pub const ENV: &CStr = c"LLMPROXY_ALLOCATOR";
+
+const UNDECIDED: u8 = 0;
+const MIMALLOC: u8 = 1;
+const SYSTEM: u8 = 2;
+
+static CHOICE: AtomicU8 = AtomicU8::new(UNDECIDED);
+
+/// mimalloc unless `LLMPROXY_ALLOCATOR=system`; see the module doc.
+pub struct Allocator;
+
+/// Which allocator `value` of [`ENV`] picks (`None`: unset).
+fn choice_for(value: Option<&[u8]>) -> u8 {
+    match value {
+        Some(b"system") => SYSTEM,
+        _ => MIMALLOC,
+    }
+}
+
+/// Whether allocations go to the host's `malloc`.
+#[inline]
+fn system() -> bool {
+    match CHOICE.load(Ordering::Relaxed) {
+        MIMALLOC => false,
+        SYSTEM => true,
+        _ => decide(),
+    }
+}
+
+/// Read [`ENV`] once; the first thread to decide wins, so threads racing
+/// through the first allocation agree.
+#[cold]
+fn decide() -> bool {
+    // SAFETY: the name is NUL-terminated; `getenv` allocates nothing (an
+    // allocation here would recurse into this allocator) and the bytes it
+    // points to are read before this returns. `CStr::from_ptr` reads up to
+    // the value's NUL terminator.
+    let value = unsafe {
+        let p = libc::getenv(ENV.as_ptr());
+        (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes())
+    };
+    let want = choice_for(value);
+    match CHOICE.compare_exchange(UNDECIDED, want, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => want == SYSTEM,
+        Err(chosen) => chosen == SYSTEM,
+    }
+}
+
+/// The allocator in use, for logs and `llmproxy.allocator`: `"mimalloc"`
+/// or `"system"`.
+pub fn name() -> &'static str {
+    if system() {
+        "system"
+    } else {
+        "mimalloc"
+    }
+}
+
+// SAFETY: every method forwards to one of two allocators that implement
+// `GlobalAlloc` soundly, and `system()` returns the same answer for the
+// whole life of the process (`CHOICE` is set once, before the first
+// allocation returns), so `dealloc` and `realloc` reach the allocator that
+// made the block.
+unsafe impl GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe {
+            if system() {
+                System.alloc(layout)
+            } else {
+                MiMalloc.alloc(layout)
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe {
+            if system() {
+                System.alloc_zeroed(layout)
+            } else {
+                MiMalloc.alloc_zeroed(layout)
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, forwarded to the allocator that
+        // made `ptr` (see the impl's SAFETY note).
+        unsafe {
+            if system() {
+                System.dealloc(ptr, layout)
+            } else {
+                MiMalloc.dealloc(ptr, layout)
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as for `dealloc`.
+        unsafe {
+            if system() {
+                System.realloc(ptr, layout, new_size)
+            } else {
+                MiMalloc.realloc(ptr, layout, new_size)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_system_picks_the_host_malloc() {
+        let cases: &[(Option<&[u8]>, u8)] = &[
+            (None, MIMALLOC),
+            (Some(b"system"), SYSTEM),
+            (Some(b""), MIMALLOC),
+            (Some(b"mimalloc"), MIMALLOC),
+            (Some(b"System"), MIMALLOC),
+            (Some(b"system "), MIMALLOC),
+        ];
+        for (value, want) in cases {
+            assert_eq!(choice_for(*value), *want, "{:?}", value.map(String::from_utf8_lossy));
+        }
+    }
+
+    #[test]
+    fn the_choice_is_made_once() {
+        let first = name();
+        assert_eq!(name(), first);
+        assert_ne!(CHOICE.load(Ordering::Relaxed), UNDECIDED);
+    }
+}
