@@ -74,11 +74,13 @@ openresty-deps:
 	fi
 
 # t/003 runs nginx-conf/nginx.conf as written (scripts/nginx-demo), with
-# `llmproxy mock-backend`s as its backends.
+# `llmproxy mock-backend`s as its backends. The suites here run the release
+# `llmproxy` that `make serve` builds (the same cargo command, so `make test`
+# builds it once; a debug build would be another build of the whole server).
 test-openresty: openresty-deps $(OPENRESTY_LIB_TARGET)
 	perl -It/lib -c t/lib/Test/LLMProxy/Nginx.pm
-	$(CARGO) build -q -p llmproxy-server --bin llmproxy
-	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/debug/llmproxy LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" $(PROVE) $(PROVE_FLAGS) t/
+	$(CARGO) build -q --release -p llmproxy-server
+	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/release/llmproxy LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" $(PROVE) $(PROVE_FLAGS) t/
 
 # The README's nginx example: nginx-conf/nginx.conf as written on
 # examples/llmproxy.yaml (:8000), mock backends on 127.0.0.1:9001-9003.
@@ -96,8 +98,8 @@ nginx-down:
 test-openai-client-nginx: openresty-deps $(OPENRESTY_LIB_TARGET)
 	@command -v $(CARGO) >/dev/null 2>&1 || { echo "cargo not found: install the Rust toolchain" >&2; exit 1; }
 	$(MAKE) --no-print-directory -f mk/proxy.mk $(OPENRESTY_VENV)/.installed
-	$(CARGO) build -q -p llmproxy-server --bin llmproxy
-	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/debug/llmproxy LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" \
+	$(CARGO) build -q --release -p llmproxy-server
+	LLMPROXY_BIN=$(OPENRESTY_PROXY_DIR)/release/llmproxy LLMP_LIB_DIR="$(CURDIR)/$(OPENRESTY_LIB_DIR)" \
 	  $(OPENRESTY_VENV)/bin/python t/openai_client_nginx.py
 
 # The Lua modules under openresty/lib/resty/ (install, test-rock).

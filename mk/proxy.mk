@@ -19,9 +19,10 @@ $(VENV)/.installed: $(OPENAI_REQUIREMENTS)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r $(OPENAI_REQUIREMENTS)
 	@touch $@
 
+# The release binary of `make serve` (built once in `make test`).
 test-openai-client: check-toolchain $(VENV)/.installed
-	$(CARGO) build -q -p llmproxy-server --bin llmproxy
-	LLMPROXY_BIN=$(PROXY_TARGET_DIR)/debug/llmproxy $(VENV)/bin/python proxy/tests/openai_client/test_openai_client.py
+	$(CARGO) build -q --release -p llmproxy-server
+	LLMPROXY_BIN=$(PROXY_TARGET_DIR)/release/llmproxy $(VENV)/bin/python proxy/tests/openai_client/test_openai_client.py
 
 bench-http: check-toolchain
 	@scripts/apt-ensure nginx curl
