@@ -33,8 +33,17 @@ fn choice_for(value: Option<&[u8]>) -> u8 {
     }
 }
 
-/// Whether allocations go to the host's `malloc`.
-#[inline]
+/// Whether allocations go to mimalloc: one load and compare on the hot
+/// path; everything else is out of line ([`decide`], the system path).
+#[inline(always)]
+fn mimalloc() -> bool {
+    CHOICE.load(Ordering::Relaxed) == MIMALLOC
+}
+
+/// Whether allocations go to the host's `malloc` (deciding first if no
+/// allocation has yet).
+#[cold]
+#[inline(never)]
 fn system() -> bool {
     match CHOICE.load(Ordering::Relaxed) {
         MIMALLOC => false,
@@ -45,7 +54,6 @@ fn system() -> bool {
 
 /// Read [`ENV`] once; the first thread to decide wins, so threads racing
 /// through the first allocation agree.
-#[cold]
 fn decide() -> bool {
     // SAFETY: the name is NUL-terminated; `getenv` allocates nothing (an
     // allocation here would recurse into this allocator) and the bytes it
@@ -62,6 +70,22 @@ fn decide() -> bool {
     }
 }
 
+/// The slow side of each method: the system allocator, or mimalloc when
+/// this is the first allocation and it picks mimalloc.
+#[cold]
+#[inline(never)]
+unsafe fn alloc_slow(layout: Layout, zeroed: bool) -> *mut u8 {
+    // SAFETY: the caller's contract, forwarded.
+    unsafe {
+        match (system(), zeroed) {
+            (true, false) => System.alloc(layout),
+            (true, true) => System.alloc_zeroed(layout),
+            (false, false) => MiMalloc.alloc(layout),
+            (false, true) => MiMalloc.alloc_zeroed(layout),
+        }
+    }
+}
+
 /// The allocator in use, for logs and `llmproxy.allocator`: `"mimalloc"`
 /// or `"system"`.
 pub fn name() -> &'static str {
@@ -73,19 +97,19 @@ pub fn name() -> &'static str {
 }
 
 // SAFETY: every method forwards to one of two allocators that implement
-// `GlobalAlloc` soundly, and `system()` returns the same answer for the
-// whole life of the process (`CHOICE` is set once, before the first
-// allocation returns), so `dealloc` and `realloc` reach the allocator that
-// made the block.
+// `GlobalAlloc` soundly, and the choice is the same for the whole life of
+// the process (`CHOICE` is set once, before the first allocation returns;
+// a block to free or grow exists, so it was set), so `dealloc` and
+// `realloc` reach the allocator that made the block.
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract, forwarded.
         unsafe {
-            if system() {
-                System.alloc(layout)
-            } else {
+            if mimalloc() {
                 MiMalloc.alloc(layout)
+            } else {
+                alloc_slow(layout, false)
             }
         }
     }
@@ -94,10 +118,10 @@ unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract, forwarded.
         unsafe {
-            if system() {
-                System.alloc_zeroed(layout)
-            } else {
+            if mimalloc() {
                 MiMalloc.alloc_zeroed(layout)
+            } else {
+                alloc_slow(layout, true)
             }
         }
     }
@@ -107,10 +131,10 @@ unsafe impl GlobalAlloc for Allocator {
         // SAFETY: the caller's contract, forwarded to the allocator that
         // made `ptr` (see the impl's SAFETY note).
         unsafe {
-            if system() {
-                System.dealloc(ptr, layout)
-            } else {
+            if mimalloc() {
                 MiMalloc.dealloc(ptr, layout)
+            } else {
+                System.dealloc(ptr, layout)
             }
         }
     }
@@ -119,10 +143,10 @@ unsafe impl GlobalAlloc for Allocator {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as for `dealloc`.
         unsafe {
-            if system() {
-                System.realloc(ptr, layout, new_size)
-            } else {
+            if mimalloc() {
                 MiMalloc.realloc(ptr, layout, new_size)
+            } else {
+                System.realloc(ptr, layout, new_size)
             }
         }
     }
