@@ -86,7 +86,7 @@ unsafe fn alloc_slow(layout: Layout, zeroed: bool) -> *mut u8 {
     }
 }
 
-/// The allocator in use, for logs and `llmproxy.allocator`: `"mimalloc"`
+/// The allocator in use, as `llmproxy.allocator` shows it: `"mimalloc"`
 /// or `"system"`.
 pub fn name() -> &'static str {
     if system() {
