@@ -154,6 +154,10 @@ test-ffi-go: ffi $(FFI_PC)
 test-ffi-lua: ffi
 	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit examples/lua/conformance.lua conformance/cases/*.json
 	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit examples/lua/api_test.lua
+	@# The shipped build allocates through mimalloc unless LLMPROXY_ALLOCATOR=system (ADR 061).
+	for a in mimalloc system; do \
+	  LLMPROXY_ALLOCATOR=$$a LUA_CPATH='$(FFI_LIB_DIR)/lib?.so' luajit -e "assert(require('llmproxy').allocator == '$$a')" || exit 1; \
+	done; echo "llmproxy.allocator follows LLMPROXY_ALLOCATOR"
 
 # `make install` into a scratch PREFIX, then build and run hosts against it.
 export FFI_LUA_SMOKE := local m = require "llmproxy"; \
