@@ -46,8 +46,11 @@ FFI_PC        := $(FFI_PC_DIR)/llmproxy.pc
 FFI_PKG       := PKG_CONFIG_PATH=$(CURDIR)/$(FFI_PC_DIR)$${PKG_CONFIG_PATH:+:$$PKG_CONFIG_PATH}
 FFI_CFLAGS    := -std=c11 -Wall -Wextra -Werror -O2 -g -pthread
 FFI_C_COMMON  := examples/c/casefile.c examples/c/casefile.h include/llmproxy.h
-VALGRIND_FLAGS := --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible
-VALGRIND      := valgrind $(VALGRIND_FLAGS) -q
+# valgrind sees the library's Rust allocations only when they go to malloc
+# (LLMPROXY_ALLOCATOR=system, docs/adr/061); set per command, so the hosts'
+# other runs keep the shipped mimalloc path.
+VALGRIND_RUN  := LLMPROXY_ALLOCATOR=system valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible
+VALGRIND      := $(VALGRIND_RUN) -q
 
 # Go: the build cache and GOPATH live under ffi/target (ignored), no network.
 FFI_GO_ENV    := GOCACHE=$(CURDIR)/$(FFI_TARGET)/go/cache GOPATH=$(CURDIR)/$(FFI_TARGET)/go/path \
@@ -137,12 +140,11 @@ test-ffi-c: ffi $(FFI_OUT)/conformance $(FFI_OUT)/badcalls $(FFI_OUT)/threads $(
 # LLMPROXY_ALLOCATOR=system sends the library's Rust allocations to malloc,
 # where valgrind sees them; the heap summary of the `handle` run proves it
 # (on mimalloc it counts a handful of mallocs, here thousands).
-test-ffi-c-valgrind: export LLMPROXY_ALLOCATOR := system
 test-ffi-c-valgrind: test-ffi-c
 	LLMP_TIMEOUT_SCALE=20 $(VALGRIND) $(FFI_OUT)/conformance conformance/cases
 	$(VALGRIND) $(FFI_OUT)/badcalls
 	$(VALGRIND) $(FFI_OUT)/threads conformance/cases/001-seed-routing-viplevel-3.json 4 50
-	valgrind $(VALGRIND_FLAGS) $(FFI_OUT)/handle 2> $(FFI_OUT)/handle.valgrind || { cat $(FFI_OUT)/handle.valgrind; exit 1; }
+	$(VALGRIND_RUN) $(FFI_OUT)/handle 2> $(FFI_OUT)/handle.valgrind || { cat $(FFI_OUT)/handle.valgrind; exit 1; }
 	@allocs=$$(sed -n 's/.*total heap usage: \([0-9,]*\) allocs.*/\1/p' $(FFI_OUT)/handle.valgrind | tr -d ,); \
 	  test "$${allocs:-0}" -gt 1000 || { echo "valgrind saw $${allocs:-no} mallocs: the library's allocations went elsewhere (LLMPROXY_ALLOCATOR=system)" >&2; exit 1; }; \
 	  echo "valgrind: $$allocs mallocs checked in the handle run, no error, no leak"
