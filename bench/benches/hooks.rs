@@ -315,6 +315,19 @@ fn bench_pipeline_hooks(c: &mut Criterion) {
                 .expect("ok")
         })
     });
+    for (label, size) in SIZES {
+        let mut sized = request(Arc::new(chat_body(size)));
+        sized.backend_url = Some("http://127.0.0.1:9000".into());
+        g.bench_function(BenchmarkId::new("request_transform", label), |b| {
+            b.iter(|| {
+                engine
+                    .transform_request(&RequestTransformInput {
+                        request: black_box(&sized),
+                    })
+                    .expect("ok")
+            })
+        });
+    }
     g.bench_function("response_transform", |b| {
         b.iter(|| {
             engine

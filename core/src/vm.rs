@@ -12,6 +12,7 @@ use crate::config::{Script, ScriptLimits};
 use crate::convert::{self, Limits};
 use crate::error::{ErrorKind, HookError};
 use crate::hooks::HookName;
+use crate::http::fields::BodyText;
 use crate::sandbox::{self, SandboxState};
 
 /// What one call runs and under which limits.
@@ -35,7 +36,7 @@ pub(crate) struct Output {
     pub value: serde_json::Value,
     /// The result's `body` as JSON text, when the call asked for it
     /// ([`CallSpec::body_as_text`]) and the result held one.
-    pub body: Option<Vec<u8>>,
+    pub body: Option<BodyText>,
 }
 
 /// A sandboxed LuaJIT state with its compiled scripts.
@@ -328,7 +329,10 @@ impl Vm {
             None => convert::lua_to_json(lua, &value, rest),
         }
         .map_err(bad)?;
-        Ok(Output { value, body })
+        Ok(Output {
+            value,
+            body: body.map(BodyText::from),
+        })
     }
 }
 

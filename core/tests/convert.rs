@@ -594,3 +594,77 @@ fn a_short_number_is_not_respelled_as_a_long_one_with_the_same_double() {
         }
     }
 }
+
+/// A transform's new body is read from the spans the encoder noted
+/// (`model`, `stream`, `stream_options`) instead of scanning its text: the
+/// verdict (stream, include_usage, or the refusal) is the one a full read
+/// of the same text gives, for every way a script builds the body: the
+/// request's view handed back, a copy of it (a plain table holding views),
+/// a table decoded by the script, and one with more keys than the encoder
+/// keeps on the Lua stack.
+#[test]
+fn a_new_body_reads_the_same_from_its_spans_as_from_its_text() {
+    use llmproxy_core::http::fields::TextBody;
+    let many: serde_json::Map<String, Value> = (0..70).map(|i| (format!("k{i:02}"), json!(i))).collect();
+    let bodies = [
+        json!({}),
+        json!({"model": "gpt-4", "stream": true}),
+        json!({"stream": false, "stream_options": {"include_usage": true}}),
+        json!({"stream": true, "stream_options": {"include_usage": true}, "z": 1}),
+        json!({"stream": null, "stream_options": null}),
+        json!({"stream_options": {"include_usage": null, "other": 1}}),
+        json!({"messages": [{"stream": true, "stream_options": {"include_usage": true}}], "model": "m"}),
+        json!({"metadata": {"stream": "true"}, "stream": true}),
+        json!({"a": [[{"stream": 1}]], "stream": true, "stream_options": {"include_usage": false}}),
+        json!({"stream": "true"}),
+        json!({"stream": 1}),
+        json!({"stream": [true]}),
+        json!({"model": 4, "stream": true}),
+        json!({"model": null}),
+        json!({"stream_options": []}),
+        json!({"stream": true, "stream_options": {"include_usage": "yes"}}),
+        Value::Object({
+            let mut m = many.clone();
+            m.insert("stream".into(), json!(true));
+            m.insert("stream_options".into(), json!({"include_usage": true}));
+            m
+        }),
+        Value::Object({
+            let mut m = many;
+            m.insert("model".into(), json!(7));
+            m
+        }),
+    ];
+    let scripts = [
+        "return {body = request.body}",
+        "local b = {} for k, v in pairs(request.body) do b[k] = v end return {body = b}",
+        "return {body = json.decode(json.encode(request.body))}",
+    ];
+    for script in scripts {
+        let e = engine(HookName::RequestTransform, script);
+        for body in &bodies {
+            let info = llmproxy_core::hooks::RequestInfo {
+                id: "r".into(),
+                body: std::sync::Arc::new(body.clone()),
+                ..Default::default()
+            };
+            let got = e
+                .transform_request(&llmproxy_core::hooks::RequestTransformInput { request: &info })
+                .map(|r| r.and_then(|r| r.body).expect("a new body"));
+            // The full read, on the text the call wrote.
+            let text = match &got {
+                Ok(b) => b.text.clone(),
+                Err(_) => serde_json::to_vec(body).expect("text"),
+            };
+            let whole = TextBody::new(text);
+            match (&got, &whole) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{script} / {body}"),
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.kind, ErrorKind::BadOutput, "{script} / {body}");
+                    assert!(a.message.ends_with(&b.to_string()), "{script} / {body}: {a:?} / {b}");
+                }
+                _ => panic!("{script} / {body}: from the spans {got:?}, from the text {whole:?}"),
+            }
+        }
+    }
+}

@@ -30,16 +30,19 @@ use mlua::ffi::{self, lua_State};
 use mlua::{LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::{Map, Number, Value};
 
+use crate::http::fields::BodyText;
 use crate::stack;
 
 mod fields;
 pub(crate) mod lazy;
 mod numbers;
 pub mod parse;
+mod text;
 
 pub(crate) use fields::{push_str, Field, Fields, PushTable};
 pub(crate) use lazy::{defer, defer_object, CallData};
 pub(crate) use numbers::NumberTexts;
+use text::ToText;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.
 pub const NULL: LightUserData = LightUserData(std::ptr::null_mut());
@@ -466,7 +469,7 @@ unsafe fn walk_at<E: Emit>(
 
 /// A result encoded inside its call: the value (without `body` when that
 /// is text) and the body's JSON text.
-pub(crate) type EncodedResult = Result<(Value, Option<Vec<u8>>), ConvertError>;
+pub(crate) type EncodedResult = Result<(Value, Option<BodyText>), ConvertError>;
 
 /// A call's result encoded where it was returned, inside the call (see
 /// `lazy.lua`'s `run`): the result at stack index 1, the array marker at 2
@@ -499,7 +502,12 @@ pub(crate) unsafe fn encode_result_at(
                 let text = walk_at(state, top, limits, None, texts(), Some(data), ToText::new());
                 ffi::lua_settop(state, top - 1);
                 match text {
-                    Ok(Some((text, ()))) => body = Some(text.out),
+                    Ok(Some((text, ()))) => {
+                        body = Some(BodyText {
+                            text: text.out,
+                            top: text.top,
+                        })
+                    }
                     Ok(None) => return None,
                     Err(e) => return Some(Err(e)),
                 }
@@ -512,7 +520,9 @@ pub(crate) unsafe fn encode_result_at(
         }
     }
     let rest = Limits {
-        max_bytes: limits.max_bytes.saturating_sub(body.as_ref().map_or(0, Vec::len)),
+        max_bytes: limits
+            .max_bytes
+            .saturating_sub(body.as_ref().map_or(0, |b| b.text.len())),
         ..limits
     };
     let skip = body.is_some().then_some("body");
@@ -627,99 +637,6 @@ impl Emit for ToValue {
     }
     fn object_close(&mut self, o: Self::Object) -> Value {
         Value::Object(o.0)
-    }
-}
-
-/// [`Emit`] as JSON text (compact, as `serde_json::to_writer` writes a
-/// value).
-struct ToText {
-    out: Vec<u8>,
-}
-
-impl ToText {
-    /// A text encoder with room for a typical body, so that the output is
-    /// not regrown several times while small values are appended.
-    fn new() -> ToText {
-        ToText {
-            out: Vec::with_capacity(TEXT_CAPACITY),
-        }
-    }
-
-    /// `s` as a JSON string, as serde_json writes it: a string with nothing
-    /// to escape (nearly every key and most values) is copied whole.
-    fn quoted(&mut self, s: &str) {
-        if s.bytes().any(needs_escape) {
-            // Writing a str into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut self.out, s);
-            return;
-        }
-        self.out.reserve(s.len() + 2);
-        self.out.push(b'"');
-        self.out.extend_from_slice(s.as_bytes());
-        self.out.push(b'"');
-    }
-}
-
-/// Bytes [`ToText`] starts with room for.
-const TEXT_CAPACITY: usize = 1024;
-
-/// Whether serde_json escapes `b` inside a string: control characters,
-/// the quote and the backslash (nothing else, not `/` nor non-ASCII).
-fn needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
-}
-
-impl Emit for ToText {
-    type Item = ();
-    type Array = ();
-    type Object = ();
-
-    fn null(&mut self) {
-        self.out.extend_from_slice(b"null");
-    }
-    fn boolean(&mut self, b: bool) {
-        self.out.extend_from_slice(if b { b"true" } else { b"false" });
-    }
-    fn number(&mut self, n: Number) {
-        self.out.extend_from_slice(n.as_str().as_bytes());
-    }
-    fn integer(&mut self, i: i64) {
-        // Writing into a Vec cannot fail; serde_json writes integers
-        // without the formatting machinery of `write!`.
-        let _ = serde_json::to_writer(&mut self.out, &i);
-    }
-    fn string(&mut self, s: &str) {
-        self.quoted(s);
-    }
-    fn array_open(&mut self, _: usize) {
-        self.out.push(b'[');
-    }
-    fn array_next(&mut self, _: &mut (), index: usize) {
-        if index > 0 {
-            self.out.push(b',');
-        }
-    }
-    fn array_push(&mut self, _: &mut (), (): ()) {}
-    fn array_close(&mut self, (): ()) {
-        self.out.push(b']');
-    }
-    fn object_open(&mut self, _: usize) {
-        self.out.push(b'{');
-    }
-    fn object_next(&mut self, _: &mut (), index: usize, key: &str) {
-        if index > 0 {
-            self.out.push(b',');
-        }
-        self.quoted(key);
-        self.out.push(b':');
-    }
-    fn object_push(&mut self, _: &mut (), (): ()) {}
-    fn json(&mut self, v: &Value) {
-        // Writing into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut self.out, v);
-    }
-    fn object_close(&mut self, (): ()) {
-        self.out.push(b'}');
     }
 }
 

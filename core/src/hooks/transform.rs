@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
 use crate::convert::{self, Field};
 use crate::error::HookError;
-use crate::http::fields::TextBody;
+use crate::http::fields::{BodyText, TextBody};
 use crate::http::hop_by_hop;
 
 /// Input of the `request_transform` hook (`request.backend_url` is set).
@@ -267,7 +267,7 @@ impl RequestRewrite {
     /// Validate a script result (`body`: the result's body as text, taken
     /// out of `value` by the call, [`super::HookInput::BODY_AS_TEXT`]);
     /// `Ok(None)` means "unchanged".
-    pub fn from_result(value: &Value, body: Option<Vec<u8>>) -> Result<Option<Self>, HookError> {
+    pub(crate) fn from_result(value: &Value, body: Option<BodyText>) -> Result<Option<Self>, HookError> {
         if value.is_null() && body.is_none() {
             return Ok(None);
         }
@@ -275,7 +275,7 @@ impl RequestRewrite {
         let obj = expect_object(value, what)?;
         // The host decides `stream` from this body, as from the client's.
         let body = body_text(obj, body)
-            .map(TextBody::new)
+            .map(TextBody::from_encoded)
             .transpose()
             .map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
         Ok(Some(RequestRewrite {
@@ -312,7 +312,7 @@ pub struct ResponseRewrite {
 impl ResponseRewrite {
     /// Validate a script result (`body` as for
     /// [`RequestRewrite::from_result`]); `Ok(None)` means "unchanged".
-    pub fn from_result(value: &Value, body: Option<Vec<u8>>) -> Result<Option<Self>, HookError> {
+    pub(crate) fn from_result(value: &Value, body: Option<BodyText>) -> Result<Option<Self>, HookError> {
         if value.is_null() && body.is_none() {
             return Ok(None);
         }
@@ -320,7 +320,7 @@ impl ResponseRewrite {
         let obj = expect_object(value, what)?;
         Ok(Some(ResponseRewrite {
             status_code: optional_status(obj, "status_code", what)?,
-            body: body_text(obj, body),
+            body: body_text(obj, body).map(|b| b.text),
             headers: header_changes(obj, what)?,
         }))
     }
@@ -339,8 +339,8 @@ impl ResponseRewrite {
 
 /// The body as text: the call's, else (a result whose `body` a view or a
 /// metatable provided) the value's, encoded.
-fn body_text(obj: &Map<String, Value>, text: Option<Vec<u8>>) -> Option<Vec<u8>> {
-    text.or_else(|| obj.get("body").map(|b| b.to_string().into_bytes()))
+fn body_text(obj: &Map<String, Value>, text: Option<BodyText>) -> Option<BodyText> {
+    text.or_else(|| obj.get("body").map(|b| b.to_string().into_bytes().into()))
 }
 
 /// Parse `headers = {name = "value" | false | json.null}`; names must be

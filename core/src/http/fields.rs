@@ -19,6 +19,7 @@
 //! Absent fields are fine (the upstream decides whether they are required).
 
 use std::fmt;
+use std::ops::Range;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -145,25 +146,98 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// A body as JSON text, written by the core's encoder, which also noted
+/// where the values of the fields [`TextBody`] reads are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BodyText {
+    /// The JSON text.
+    pub text: Vec<u8>,
+    /// Where the top-level object's fields are; `None` when the text is not
+    /// an object or the writer did not note them.
+    pub top: Option<TopFields>,
+}
+
+impl From<Vec<u8>> for BodyText {
+    fn from(text: Vec<u8>) -> BodyText {
+        BodyText { text, top: None }
+    }
+}
+
+/// Where the values of a body object's `model`, `stream` and
+/// `stream_options` are in its text (byte ranges of each field present).
+/// With them [`TextBody`] reads three short slices instead of scanning a
+/// body that may be megabytes long.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TopFields {
+    spans: [Option<Range<usize>>; 3],
+}
+
+impl TopFields {
+    const NAMES: [&'static str; 3] = ["model", "stream", "stream_options"];
+
+    /// Which field `key` is, `None` for a field not read here.
+    pub fn index(key: &str) -> Option<usize> {
+        Self::NAMES.iter().position(|name| *name == key)
+    }
+
+    /// Note that field `index` (from [`TopFields::index`]) is at `span`.
+    pub fn set(&mut self, index: usize, span: Range<usize>) {
+        if let Some(slot) = self.spans.get_mut(index) {
+            *slot = Some(span);
+        }
+    }
+
+    /// The fields as [`TextBody::read`] finds them in `text`; `None` when a
+    /// span is not one JSON value of `text` (then the text is read whole).
+    fn read<'a>(&self, text: &'a [u8]) -> Option<Top<'a>> {
+        let raw = |i: usize| -> Option<Option<&'a RawValue>> {
+            match &self.spans[i] {
+                None => Some(None),
+                Some(span) => serde_json::from_slice::<&RawValue>(text.get(span.clone())?)
+                    .ok()
+                    .map(Some),
+            }
+        };
+        Some(Top {
+            model: raw(0)?,
+            stream: raw(1)?,
+            stream_options: raw(2)?,
+        })
+    }
+}
+
 impl TextBody {
     /// Check and read `text`, valid JSON text. A body that is not an
     /// object is not checked (as [`check`]) and is not a stream.
     pub fn new(text: Vec<u8>) -> Result<TextBody, FieldError> {
-        let (stream, include_usage) = Self::read(&text)?;
+        Self::from_encoded(text.into())
+    }
+
+    /// As [`TextBody::new`], reading only the fields' spans when the
+    /// encoder noted them.
+    pub(crate) fn from_encoded(body: BodyText) -> Result<TextBody, FieldError> {
+        let top = match &body.top {
+            Some(fields) => fields.read(&body.text).or_else(|| Self::top(&body.text)),
+            None => Self::top(&body.text),
+        };
+        let (stream, include_usage) = top.map_or(Ok((false, false)), Self::read)?;
         Ok(TextBody {
-            text,
+            text: body.text,
             stream,
             include_usage,
         })
     }
 
-    fn read(text: &[u8]) -> Result<(bool, bool), FieldError> {
+    /// The fields read of a body object's text; `None` when it is not an
+    /// object.
+    fn top(text: &[u8]) -> Option<Top<'_>> {
         if first_byte(text) != Some(b'{') {
-            return Ok((false, false));
+            return None;
         }
-        let Ok(top) = serde_json::from_slice::<Top<'_>>(text) else {
-            return Ok((false, false));
-        };
+        serde_json::from_slice::<Top<'_>>(text).ok()
+    }
+
+    fn read(top: Top<'_>) -> Result<(bool, bool), FieldError> {
         let err = |field, expected, got| FieldError { field, expected, got };
         match top.model.map(raw_type) {
             None | Some("string") => {}
