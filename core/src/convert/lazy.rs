@@ -87,6 +87,16 @@ impl Source {
         }
     }
 
+    /// The JSON object behind the lazy table, when it is one of a parsed
+    /// body.
+    pub(super) fn json_object(&self) -> Option<&serde_json::Map<String, Value>> {
+        match self {
+            // SAFETY: as in `fields`.
+            Source::Json { node, .. } => unsafe { &**node }.as_object(),
+            Source::Borrowed(_) => None,
+        }
+    }
+
     /// The fields behind the lazy table.
     pub(super) fn fields(&self) -> &dyn Fields {
         match self {
@@ -410,6 +420,32 @@ pub(super) unsafe fn view_source(state: *mut lua_State, data: &CallData) -> Opti
             ffi::lua_settop(state, mt);
         }
         source
+    }
+}
+
+/// Whether the cache at `cache` holds a field a script read (a string
+/// key; the cache's own keys are light userdata).
+///
+/// # Safety
+/// `state` is live with a table at `cache`.
+pub(super) unsafe fn holds_a_field(state: *mut lua_State, cache: c_int) -> bool {
+    // SAFETY: the function's contract; `lua_next` leaves the stack as it
+    // was once it returns 0, and each pair is popped here.
+    unsafe {
+        if ffi::lua_checkstack(state, 2) == 0 {
+            // Not known: the caller's general path decides field by field.
+            return true;
+        }
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, cache) != 0 {
+            let field = ffi::lua_type(state, -2) == ffi::LUA_TSTRING;
+            ffi::lua_pop(state, 1);
+            if field {
+                ffi::lua_pop(state, 1);
+                return true;
+            }
+        }
+        false
     }
 }
 

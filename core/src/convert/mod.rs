@@ -852,6 +852,15 @@ impl<E: Emit> RawWalk<'_, E> {
         };
         // The cache is on top, above the metatable.
         let cache = ffi::lua_gettop(state);
+        if let Some(object) = source.json_object() {
+            if !lazy::holds_a_field(state, cache) {
+                // No script read a field: the object as parsed, without a
+                // lookup per field in the cache and in the object.
+                let result = self.unread_object(object, depth);
+                ffi::lua_settop(state, below);
+                return result;
+            }
+        }
         let fields = source.fields();
         let names = fields.names();
         let mut object = self.emit.object_open(names.len());
@@ -883,6 +892,18 @@ impl<E: Emit> RawWalk<'_, E> {
         }
         ffi::lua_settop(state, below);
         result.map(|()| self.emit.object_close(object))
+    }
+
+    /// A lazy table at `depth` over `object` whose fields no script read:
+    /// what the loop of [`RawWalk::lazy`] writes for it, field by field.
+    fn unread_object(&mut self, object: &Map<String, Value>, depth: usize) -> Result<E::Item, RawError> {
+        let mut out = self.emit.object_open(object.len());
+        for (written, (name, original)) in object.iter().enumerate() {
+            self.emit.object_next(&mut out, written, name);
+            let item = self.original(original, depth)?;
+            self.emit.object_push(&mut out, item);
+        }
+        Ok(self.emit.object_close(out))
     }
 
     /// A field of a lazy table at `depth` that no script read: its JSON,
