@@ -23,6 +23,13 @@ pub(crate) trait Fields {
     /// The JSON of field `name`, for encoding a field no script read
     /// (borrowed where the data holds it as JSON).
     fn json(&self, name: &str) -> Option<Cow<'_, Value>>;
+    /// Every field that is present with its value, in [`Fields::names`]'
+    /// order (what a loader that wants them all walks).
+    fn each<'a>(&'a self, f: &mut dyn FnMut(&'a str, Field<'a>)) {
+        for name in self.names() {
+            f(name, self.field(name));
+        }
+    }
 }
 
 /// A JSON object's top-level fields, in their original order.
@@ -39,6 +46,14 @@ impl Fields for Value {
 
     fn json(&self, name: &str) -> Option<Cow<'_, Value>> {
         self.get(name).map(Cow::Borrowed)
+    }
+
+    fn each<'a>(&'a self, f: &mut dyn FnMut(&'a str, Field<'a>)) {
+        // The object's own order, without a list of names nor a lookup of
+        // each one.
+        for (name, value) in self.as_object().into_iter().flatten() {
+            f(name, Field::Json(value));
+        }
     }
 }
 

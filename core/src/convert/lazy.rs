@@ -550,15 +550,14 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
         // becomes a view.
         let mut items_views = Vec::new();
         push_outside_limit(state, data, |to| {
-            for name in fields.names() {
+            fields.each(&mut |name, field| {
                 ffi::luaL_checkstack(state, 2, std::ptr::null());
                 fields::push_str(state, name);
                 if ffi::lua_rawget(state, 1) != ffi::LUA_TNIL {
                     ffi::lua_pop(state, 1);
-                    continue;
+                    return;
                 }
                 ffi::lua_pop(state, 1);
-                let field = fields.field(name);
                 let child = match field {
                     Field::Object(object) => Some(Source::body(object)),
                     Field::Json(object @ Value::Object(_)) => source.nested(object),
@@ -566,7 +565,7 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
                 };
                 if let Some(child) = child {
                     children.push((name, data.push(child)));
-                    continue;
+                    return;
                 }
                 fields::push_str(state, name);
                 match field {
@@ -580,7 +579,7 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
                     _ => fields::push(state, &field, to),
                 }
                 ffi::lua_rawset(state, 1);
-            }
+            });
         });
         ffi::luaL_checkstack(state, 4, std::ptr::null());
         if children.is_empty() {

@@ -29,6 +29,7 @@ use std::ffi::{c_int, c_void};
 use mlua::ffi::{self, lua_State};
 use mlua::{LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::{Map, Number, Value};
+use smallvec::SmallVec;
 
 use crate::http::fields::BodyText;
 use crate::stack;
@@ -762,6 +763,19 @@ impl<E: Emit> RawWalk<'_, E> {
             }
             ffi::lua_pop(state, 1);
         }
+        if !marked_array && ffi::lua_objlen(state, idx) == 0 {
+            // No item 1 and no array marker: an object (`{}` when empty),
+            // whatever its keys; its pairs are walked once, without a count
+            // first.
+            self.charge(2)?;
+            let base = ffi::lua_gettop(state);
+            let object = self.object_on_stack(state, idx, depth, base);
+            ffi::lua_settop(state, base);
+            if let Some(object) = object? {
+                return Ok(object);
+            }
+            return self.object_by_keys(state, idx, depth, 0);
+        }
         let shape = stack::table_shape(state, idx);
         if shape.is_array(marked_array) {
             self.charge(2)?;
@@ -782,17 +796,31 @@ impl<E: Emit> RawWalk<'_, E> {
             .into());
         }
         self.charge(2)?;
-        if shape.count <= MAX_PAIRS_ON_STACK
-            && ffi::lua_checkstack(state, c_int::try_from(2 * shape.count + 3).unwrap_or(c_int::MAX)) != 0
-        {
-            let base = ffi::lua_gettop(state);
-            let object = self.object_on_stack(state, idx, depth, base);
-            ffi::lua_settop(state, base);
-            return object;
+        let base = ffi::lua_gettop(state);
+        let object = self.object_on_stack(state, idx, depth, base);
+        ffi::lua_settop(state, base);
+        match object? {
+            Some(object) => Ok(object),
+            None => self.object_by_keys(state, idx, depth, shape.count),
         }
+    }
+
+    /// The object at `idx`, too big to keep on the stack: its keys are
+    /// copied and each value looked up again by its key. `count`: the
+    /// number of pairs when known (0 when not).
+    ///
+    /// # Safety
+    /// As [`RawWalk::table`].
+    unsafe fn object_by_keys(
+        &mut self,
+        state: *mut lua_State,
+        idx: c_int,
+        depth: usize,
+        count: usize,
+    ) -> Result<E::Item, RawError> {
         // Keys first (in table order, as Encoder), then values by sorted key.
         // (JSON key, the Lua key when it is a number)
-        let mut keys: Vec<(String, Option<f64>)> = Vec::with_capacity(shape.count);
+        let mut keys: Vec<(String, Option<f64>)> = Vec::with_capacity(count);
         ffi::lua_pushnil(state);
         while ffi::lua_next(state, idx) != 0 {
             let number = (ffi::lua_type(state, -2) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(state, -2));
@@ -916,8 +944,10 @@ impl<E: Emit> RawWalk<'_, E> {
 
     /// The object at `idx` with its pairs kept on the stack above `base`
     /// while it is written: keys are read where they are (no copy, and no
-    /// second lookup of each value by its key). The caller checked the stack
-    /// has room for every pair and resets it to `base` afterwards.
+    /// second lookup of each value by its key). `None` when it has more
+    /// than [`MAX_PAIRS_ON_STACK`] pairs or the stack cannot hold them
+    /// (nothing written then). The caller resets the stack to `base`
+    /// afterwards.
     ///
     /// # Safety
     /// As [`RawWalk::table`]; `base` is the top of the stack.
@@ -927,16 +957,20 @@ impl<E: Emit> RawWalk<'_, E> {
         idx: c_int,
         depth: usize,
         base: c_int,
-    ) -> Result<E::Item, RawError> {
+    ) -> Result<Option<E::Item>, RawError> {
         ffi::lua_pushnil(state);
         let mut pairs: c_int = 0;
         while ffi::lua_next(state, idx) != 0 {
             pairs += 1;
+            // Room for this pair's key again and the next pair.
+            if pairs as usize > MAX_PAIRS_ON_STACK || ffi::lua_checkstack(state, 3) == 0 {
+                return Ok(None);
+            }
             // The key again, for `lua_next` to take; the pair stays.
             ffi::lua_pushvalue(state, -2);
         }
         // Pair i: its key at base + 2i + 1, its value just above.
-        let mut keys: Vec<(Cow<'_, str>, c_int)> = Vec::with_capacity(usize::try_from(pairs).unwrap_or(0));
+        let mut keys: SmallVec<[(Cow<'_, str>, c_int); 16]> = SmallVec::with_capacity(pairs as usize);
         for i in 0..pairs {
             let at = base + 2 * i + 1;
             let key = if ffi::lua_type(state, at) == ffi::LUA_TSTRING {
@@ -961,7 +995,7 @@ impl<E: Emit> RawWalk<'_, E> {
             let value = self.value(state, *at, depth + 1)?;
             self.emit.object_push(&mut map, value);
         }
-        Ok(self.emit.object_close(map))
+        Ok(Some(self.emit.object_close(map)))
     }
 }
 
