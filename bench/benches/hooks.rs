@@ -18,7 +18,9 @@
 //!
 //! - `pipeline/*`: the seed's data-path scripts (request_transform,
 //!   response_transform, usage) and admission scripts (auth, rate_limit,
-//!   with a key's full record as `key_info`) through the engine.
+//!   with a key's full record as `key_info`) through the engine;
+//!   request_transform also on 10 KB and 1 MB chat bodies (it copies the
+//!   body, so its cost grows with it).
 //! - `answer/usage_only/*`: a backend's answer through the request handle
 //!   of a billing-only configuration (the seed's usage script, no
 //!   response_transform): usage read from the answer, the script run, the

@@ -60,6 +60,11 @@ fn main() -> ExitCode {
             "seed request_transform (copies the body; the new body out as JSON text), small chat body",
         ),
         (
+            "pipeline/request_transform/10KB",
+            "the same, a 10 KB chat body (10 messages)",
+        ),
+        ("pipeline/request_transform/1MB", "the same, a 1 MB chat body"),
+        (
             "pipeline/response_transform",
             "seed response_transform (copies the body; the new body out as JSON text), small completion",
         ),
