@@ -763,37 +763,31 @@ impl<E: Emit> RawWalk<'_, E> {
             }
             ffi::lua_pop(state, 1);
         }
-        if !marked_array && ffi::lua_objlen(state, idx) == 0 {
-            // No item 1 and no array marker: an object (`{}` when empty),
-            // whatever its keys; its pairs are walked once, without a count
-            // first.
-            self.charge(2)?;
-            let base = ffi::lua_gettop(state);
-            let object = self.object_on_stack(state, idx, depth, base);
-            ffi::lua_settop(state, base);
-            if let Some(object) = object? {
-                return Ok(object);
+        // A table without item 1 nor the array marker is an object (`{}`
+        // when empty) whatever its keys: its pairs are then walked once,
+        // without counting them first.
+        let mut count = 0;
+        if marked_array || ffi::lua_objlen(state, idx) != 0 {
+            let shape = stack::table_shape(state, idx);
+            if shape.is_array(marked_array) {
+                self.charge(2)?;
+                let mut items = self.emit.array_open(shape.len);
+                for i in 1..=shape.len {
+                    self.emit.array_next(&mut items, i - 1);
+                    ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
+                    let item = self.value(state, ffi::lua_gettop(state), depth + 1);
+                    ffi::lua_pop(state, 1);
+                    self.emit.array_push(&mut items, item?);
+                }
+                return Ok(self.emit.array_close(items));
             }
-            return self.object_by_keys(state, idx, depth, 0);
-        }
-        let shape = stack::table_shape(state, idx);
-        if shape.is_array(marked_array) {
-            self.charge(2)?;
-            let mut items = self.emit.array_open(shape.len);
-            for i in 1..=shape.len {
-                self.emit.array_next(&mut items, i - 1);
-                ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
-                let item = self.value(state, ffi::lua_gettop(state), depth + 1);
-                ffi::lua_pop(state, 1);
-                self.emit.array_push(&mut items, item?);
+            if marked_array {
+                return Err(ConvertError(String::from(
+                    "a table marked as a JSON array has keys that are not 1..n",
+                ))
+                .into());
             }
-            return Ok(self.emit.array_close(items));
-        }
-        if marked_array {
-            return Err(ConvertError(String::from(
-                "a table marked as a JSON array has keys that are not 1..n",
-            ))
-            .into());
+            count = shape.count;
         }
         self.charge(2)?;
         let base = ffi::lua_gettop(state);
@@ -801,7 +795,7 @@ impl<E: Emit> RawWalk<'_, E> {
         ffi::lua_settop(state, base);
         match object? {
             Some(object) => Ok(object),
-            None => self.object_by_keys(state, idx, depth, shape.count),
+            None => self.object_by_keys(state, idx, depth, count),
         }
     }
 

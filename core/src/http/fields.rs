@@ -187,8 +187,9 @@ impl TopFields {
         }
     }
 
-    /// The fields as [`TextBody::read`] finds them in `text`; `None` when a
-    /// span is not one JSON value of `text` (then the text is read whole).
+    /// The fields [`TextBody::top`] would find in `text`, read from their
+    /// spans; `None` when a span is not one JSON value of `text` (then the
+    /// text is read whole).
     fn read<'a>(&self, text: &'a [u8]) -> Option<Top<'a>> {
         let raw = |i: usize| -> Option<Option<&'a RawValue>> {
             match &self.spans[i] {
