@@ -203,14 +203,30 @@ impl Engine {
 
     /// Drop the hop-by-hop headers a transform or error_handler result
     /// sets, with one warning each (why: [`crate::hooks::drop_hop_by_hop`]).
-    fn drop_hop_by_hop(&self, hook: HookName, request_id: Option<&str>, value: &mut Value) {
+    fn drop_hop_by_hop(
+        &self,
+        hook: HookName,
+        request_id: Option<&str>,
+        value: &mut Value,
+        read: Option<&mut crate::convert::ResultHeaders>,
+    ) {
         if !matches!(
             hook,
             HookName::RequestTransform | HookName::ResponseTransform | HookName::ErrorHandler
         ) {
             return;
         }
-        for header in crate::hooks::drop_hop_by_hop(value) {
+        let mut dropped = crate::hooks::drop_hop_by_hop(value);
+        if let Some(read) = read {
+            read.retain(|(name, _)| {
+                let hop = crate::http::hop_by_hop::is_hop_by_hop(name);
+                if hop {
+                    dropped.push(name.clone());
+                }
+                !hop
+            });
+        }
+        for header in dropped {
             tracing::warn!(
                 target: "llmproxy::hook",
                 request_id = request_id.unwrap_or("-"),
@@ -269,27 +285,47 @@ impl Engine {
 
     /// `request_transform`: changes to the request, `None` for unchanged.
     pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
-        let Some(Output { value: mut v, body }) = self.run(input)? else {
+        let Some(Output {
+            value: mut v,
+            body,
+            mut headers,
+        }) = self.run(input)?
+        else {
             return Ok(None);
         };
-        self.drop_hop_by_hop(HookName::RequestTransform, Some(&input.request.id), &mut v);
+        self.drop_hop_by_hop(
+            HookName::RequestTransform,
+            Some(&input.request.id),
+            &mut v,
+            headers.as_mut(),
+        );
         self.checked(
             HookName::RequestTransform,
             &input.request.id,
-            RequestRewrite::from_result(&v, body),
+            RequestRewrite::from_result(&v, body, headers),
         )
     }
 
     /// `response_transform`: changes to the response, `None` for unchanged.
     pub fn transform_response(&self, input: &ResponseTransformInput<'_>) -> Result<Option<ResponseRewrite>, HookError> {
-        let Some(Output { value: mut v, body }) = self.run(input)? else {
+        let Some(Output {
+            value: mut v,
+            body,
+            mut headers,
+        }) = self.run(input)?
+        else {
             return Ok(None);
         };
-        self.drop_hop_by_hop(HookName::ResponseTransform, Some(&input.request.id), &mut v);
+        self.drop_hop_by_hop(
+            HookName::ResponseTransform,
+            Some(&input.request.id),
+            &mut v,
+            headers.as_mut(),
+        );
         self.checked(
             HookName::ResponseTransform,
             &input.request.id,
-            ResponseRewrite::from_result(&v, body),
+            ResponseRewrite::from_result(&v, body, headers),
         )
     }
 
@@ -314,7 +350,7 @@ impl Engine {
         let Some(Output { value: mut v, .. }) = self.run(input)? else {
             return Ok(ErrorResponse::Default);
         };
-        self.drop_hop_by_hop(HookName::ErrorHandler, Some(&input.request.id), &mut v);
+        self.drop_hop_by_hop(HookName::ErrorHandler, Some(&input.request.id), &mut v, None);
         let fallback = input.error.status_code;
         self.checked(
             HookName::ErrorHandler,
@@ -395,7 +431,7 @@ impl Engine {
         let Some(Output { mut value, .. }) = self.run_raw(hook, request_id, false, set_globals)? else {
             return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
-        self.drop_hop_by_hop(hook, request_id, &mut value);
+        self.drop_hop_by_hop(hook, request_id, &mut value, None);
         let validated = match hook {
             HookName::Routing => {
                 let names = globals.get("backends").and_then(Value::as_object);

@@ -29,15 +29,10 @@ pub(crate) struct CallSpec<'a> {
     pub body_as_text: bool,
 }
 
-/// What a call returned, as JSON.
-#[derive(Debug)]
-pub(crate) struct Output {
-    /// The result (without `body` when that came as text).
-    pub value: serde_json::Value,
-    /// The result's `body` as JSON text, when the call asked for it
-    /// ([`CallSpec::body_as_text`]) and the result held one.
-    pub body: Option<BodyText>,
-}
+/// What a call returned, as JSON: the result, with a transform's `body`
+/// as JSON text and its `headers` as read, when the call asked for them
+/// ([`CallSpec::body_as_text`]) and they could be taken apart.
+pub(crate) type Output = convert::Encoded;
 
 /// A sandboxed LuaJIT state with its compiled scripts.
 pub(crate) struct Vm {
@@ -313,8 +308,7 @@ impl Vm {
         };
         let bad = |e: convert::ConvertError| HookError::bad_output(format!("{} returned {e}", spec.hook));
         if let Some(encoded) = encoded {
-            let (value, body) = encoded.map_err(bad)?;
-            return Ok(Output { value, body });
+            return encoded.map_err(bad);
         }
         let body = match &value {
             Value::Table(t) if spec.body_as_text => body_text(lua, t, limits).map_err(bad)?,
@@ -332,6 +326,7 @@ impl Vm {
         Ok(Output {
             value,
             body: body.map(BodyText::from),
+            headers: None,
         })
     }
 }

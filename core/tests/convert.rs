@@ -668,3 +668,59 @@ fn a_new_body_reads_the_same_from_its_spans_as_from_its_text() {
         }
     }
 }
+
+/// A transform's headers are read off the Lua stack when they are a table
+/// of strings, booleans and `json.null`, and encoded as a value otherwise:
+/// both give the same changes and the same refusals. The same results
+/// wrapped in a metatable of their own always take the general path after
+/// the call, so each case is compared with itself encoded that way.
+#[test]
+fn headers_read_off_the_stack_match_the_general_path() {
+    let many: String = (0..70).map(|i| format!("['X-H{i:02}'] = 'v', ")).collect();
+    let cases = [
+        "{['X-A'] = 'b'}".to_owned(),
+        "{['x-b'] = 'b', ['X-A'] = false, ['X-C'] = json.null, ['X-D'] = true}".to_owned(),
+        "{}".to_owned(),
+        "json.empty_array".to_owned(),
+        "request.headers".to_owned(),
+        "{Connection = 'close', ['Keep-Alive'] = 'x', ['X-A'] = '1'}".to_owned(),
+        "{['Bad Name'] = 'x', ['X-A'] = 'y'}".to_owned(),
+        "{['X-A'] = 'a\\r\\nb'}".to_owned(),
+        "{['X-A'] = 'a\\0b'}".to_owned(),
+        "{[''] = 'x'}".to_owned(),
+        "{['X-N'] = 3, ['X-F'] = 0.5}".to_owned(),
+        "{['X-T'] = {}}".to_owned(),
+        "{['X-T'] = {1, 2}}".to_owned(),
+        "{'x'}".to_owned(),
+        "{[1] = 'x', ['X-A'] = 'y'}".to_owned(),
+        "{['X-A'] = '\\255'}".to_owned(),
+        "{['\\255'] = 'x'}".to_owned(),
+        "{['X-A'] = print}".to_owned(),
+        "request.body".to_owned(),
+        format!("{{{many}}}"),
+        "{['X-A'] = string.rep('v', 4000)}".to_owned(),
+        "{['X-A'] = string.rep('v', 4070)}".to_owned(),
+    ];
+    let limits = ScriptLimits {
+        max_output_bytes: 4096,
+        ..ScriptLimits::default()
+    };
+    let info = llmproxy_core::hooks::RequestInfo {
+        id: "r".into(),
+        body: std::sync::Arc::new(json!({"model": "m", "a": 1})),
+        headers: vec![("X-Seen".into(), "yes".into()), ("Content-Type".into(), "a/b".into())],
+        ..Default::default()
+    };
+    let run = |source: &str| {
+        let e = Engine::new(Config::single_hook(HookName::RequestTransform, "t", source, limits)).expect("compiles");
+        e.transform_request(&llmproxy_core::hooks::RequestTransformInput { request: &info })
+            .map_err(|e| (e.kind, e.message))
+    };
+    for headers in &cases {
+        let read = run(&format!("return {{headers = {headers}, body = {{model = 'x'}}}}"));
+        let general = run(&format!(
+            "return setmetatable({{headers = {headers}, body = {{model = 'x'}}}}, {{}})"
+        ));
+        assert_eq!(read, general, "{headers}");
+    }
+}

@@ -35,12 +35,14 @@ use crate::http::fields::BodyText;
 use crate::stack;
 
 mod fields;
+mod headers;
 pub(crate) mod lazy;
 mod numbers;
 pub mod parse;
 mod text;
 
 pub(crate) use fields::{push_str, Field, Fields, PushTable};
+pub(crate) use headers::{HeaderValue, ResultHeaders};
 pub(crate) use lazy::{defer, defer_object, CallData};
 pub(crate) use numbers::NumberTexts;
 use text::ToText;
@@ -426,7 +428,15 @@ fn raw_walk<E: Emit>(
     // runs the closure in a protected call.
     unsafe {
         lua.exec_raw::<()>((t, &array_mt, headers_mt.as_ref()), |state| {
-            out = walk_at(state, 1, limits, skip, texts, data.as_deref().map(|d| &**d), emit);
+            out = walk_at(
+                state,
+                1,
+                limits,
+                [skip, None],
+                texts,
+                data.as_deref().map(|d| &**d),
+                emit,
+            );
         })?;
     }
     out
@@ -446,7 +456,7 @@ unsafe fn walk_at<E: Emit>(
     state: *mut lua_State,
     idx: c_int,
     limits: Limits,
-    skip: Option<&'static str>,
+    skip: Skip,
     texts: Option<NumberTexts>,
     data: Option<&lazy::CallData>,
     emit: E,
@@ -468,17 +478,28 @@ unsafe fn walk_at<E: Emit>(
     }
 }
 
-/// A result encoded inside its call: the value (without `body` when that
-/// is text) and the body's JSON text.
-pub(crate) type EncodedResult = Result<(Value, Option<BodyText>), ConvertError>;
+/// A result encoded inside its call.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    /// The result, without the parts below when they were taken apart.
+    pub value: Value,
+    /// A transform's `body` as JSON text.
+    pub body: Option<BodyText>,
+    /// A transform's `headers` as they were (see `headers.rs`).
+    pub headers: Option<ResultHeaders>,
+}
+
+/// [`encode_result_at`]'s outcome.
+pub(crate) type EncodedResult = Result<Encoded, ConvertError>;
 
 /// A call's result encoded where it was returned, inside the call (see
 /// `lazy.lua`'s `run`): the result at stack index 1, the array marker at 2
-/// and the headers metatable (or nil) at 3. `body_as_text` (a table
-/// result only): the table's `body` as JSON text, the rest as a value
-/// ([`crate::vm`]'s split, in the same order and limits). `None` when a part needs the
-/// general [`Encoder`]: the host then encodes the whole result after the
-/// call, as it would have.
+/// and the headers metatable (or nil) at 3. `body_as_text` (a transform's
+/// table result only): the table's `body` as JSON text and its `headers`
+/// read as they are when they have the common shape, the rest as a value
+/// ([`crate::vm`]'s split, in the same order and limits). `None` when a
+/// part needs the general [`Encoder`]: the host then encodes the whole
+/// result after the call, as it would have.
 ///
 /// # Safety
 /// As [`walk_at`], with a table at index 1 when `body_as_text`. `texts`
@@ -491,8 +512,10 @@ pub(crate) unsafe fn encode_result_at(
     data: &lazy::CallData,
 ) -> Option<EncodedResult> {
     let mut body = None;
+    let mut headers = None;
+    let mut rest = limits;
     if body_as_text {
-        if ffi::lua_checkstack(state, 1) == 0 {
+        if ffi::lua_checkstack(state, 4) == 0 {
             return None;
         }
         ffi::lua_pushlstring(state, c"body".as_ptr(), 4);
@@ -500,7 +523,7 @@ pub(crate) unsafe fn encode_result_at(
             ffi::LUA_TNIL => ffi::lua_pop(state, 1),
             ffi::LUA_TTABLE => {
                 let top = ffi::lua_gettop(state);
-                let text = walk_at(state, top, limits, None, texts(), Some(data), ToText::new());
+                let text = walk_at(state, top, limits, NO_SKIP, texts(), Some(data), ToText::new());
                 ffi::lua_settop(state, top - 1);
                 match text {
                     Ok(Some((text, ()))) => {
@@ -519,20 +542,36 @@ pub(crate) unsafe fn encode_result_at(
                 return None;
             }
         }
+        rest.max_bytes = rest.max_bytes.saturating_sub(body.as_ref().map_or(0, |b| b.text.len()));
+        ffi::lua_pushlstring(state, c"headers".as_ptr(), 7);
+        if ffi::lua_rawget(state, 1) == ffi::LUA_TTABLE {
+            let top = ffi::lua_gettop(state);
+            // Charged as the walk of the rest would: the key, then the table.
+            if let Some((read, charged)) = headers::read(state, top, 3) {
+                let charged = charged.saturating_add("headers".len() + 4);
+                // Past the limit: left to the walk, which says so as ever.
+                if charged <= rest.max_bytes {
+                    rest.max_bytes -= charged;
+                    headers = Some(read);
+                }
+            }
+        }
+        ffi::lua_pop(state, 1);
     }
-    let rest = Limits {
-        max_bytes: limits
-            .max_bytes
-            .saturating_sub(body.as_ref().map_or(0, |b| b.text.len())),
-        ..limits
-    };
-    let skip = body.is_some().then_some("body");
+    let skip = [body.is_some().then_some("body"), headers.is_some().then_some("headers")];
     match walk_at(state, 1, rest, skip, texts(), Some(data), ToValue) {
-        Ok(Some((_, value))) => Some(Ok((value, body))),
+        Ok(Some((_, value))) => Some(Ok(Encoded { value, body, headers })),
         Ok(None) => None,
         Err(e) => Some(Err(e)),
     }
 }
+
+/// Fields of a result's top-level table that a walk leaves out (a
+/// transform's body and headers, taken apart).
+type Skip = [Option<&'static str>; 2];
+
+/// Nothing left out.
+const NO_SKIP: Skip = [None, None];
 
 /// Convert a Lua value to JSON text within `limits`: the text
 /// [`lua_to_json`]'s value encodes as (`serde_json::to_writer`), without
@@ -659,8 +698,8 @@ struct RawWalk<'d, E> {
     headers_mt: c_int,
     /// Original texts of numbers a double changed.
     texts: Option<NumberTexts>,
-    /// A field of the top-level table left out.
-    skip: Option<&'static str>,
+    /// Fields of the top-level table left out.
+    skip: Skip,
     emit: E,
 }
 
@@ -819,7 +858,7 @@ impl<E: Emit> RawWalk<'_, E> {
         while ffi::lua_next(state, idx) != 0 {
             let number = (ffi::lua_type(state, -2) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(state, -2));
             let key = object_key(state, -2).and_then(|k| {
-                if depth == 1 && number.is_none() && self.skip == Some(k.as_str()) {
+                if depth == 1 && number.is_none() && self.skip.contains(&Some(k.as_str())) {
                     return Ok(None);
                 }
                 self.charge(k.len() + 4)?;
@@ -970,7 +1009,7 @@ impl<E: Emit> RawWalk<'_, E> {
             let key = if ffi::lua_type(state, at) == ffi::LUA_TSTRING {
                 let text = std::str::from_utf8(stack::str_at(state, at))
                     .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")))?;
-                if depth == 1 && self.skip == Some(text) {
+                if depth == 1 && self.skip.contains(&Some(text)) {
                     continue;
                 }
                 Cow::Borrowed(text)

@@ -39,9 +39,11 @@ pub trait HookInput {
     /// The hook this input is for.
     const HOOK: HookName;
 
-    /// The result's `body` is wanted as JSON text (a transform's new body,
-    /// which a host sends as is): it is encoded straight from the Lua
-    /// stack, without a `serde_json::Value` in between.
+    /// A transform's result: its `body` is wanted as JSON text (the new
+    /// body, which a host sends as is), encoded straight from the Lua
+    /// stack without a `serde_json::Value` in between, and its `headers`
+    /// are read off the stack as they are when they are a table of strings
+    /// and booleans (`convert/headers.rs`).
     const BODY_AS_TEXT: bool = false;
 
     /// The request id, for log lines written by the script.

@@ -8,7 +8,7 @@ use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
 use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
-use crate::convert::{self, Field};
+use crate::convert::{self, Field, HeaderValue};
 use crate::error::HookError;
 use crate::http::fields::{BodyText, TextBody};
 use crate::http::hop_by_hop;
@@ -264,11 +264,15 @@ pub struct RequestRewrite {
 }
 
 impl RequestRewrite {
-    /// Validate a script result (`body`: the result's body as text, taken
-    /// out of `value` by the call, [`super::HookInput::BODY_AS_TEXT`]);
-    /// `Ok(None)` means "unchanged".
-    pub(crate) fn from_result(value: &Value, body: Option<BodyText>) -> Result<Option<Self>, HookError> {
-        if value.is_null() && body.is_none() {
+    /// Validate a script result (`body`: the result's body as text and
+    /// `headers` its headers as read, taken out of `value` by the call,
+    /// [`super::HookInput::BODY_AS_TEXT`]); `Ok(None)` means "unchanged".
+    pub(crate) fn from_result(
+        value: &Value,
+        body: Option<BodyText>,
+        headers: Option<convert::ResultHeaders>,
+    ) -> Result<Option<Self>, HookError> {
+        if value.is_null() && body.is_none() && headers.is_none() {
             return Ok(None);
         }
         let what = "request_transform";
@@ -280,7 +284,10 @@ impl RequestRewrite {
             .map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
         Ok(Some(RequestRewrite {
             body,
-            headers: header_changes(obj, what)?,
+            headers: match headers {
+                Some(read) => read_header_changes(read, what)?,
+                None => header_changes(obj, what)?,
+            },
         }))
     }
 
@@ -312,8 +319,12 @@ pub struct ResponseRewrite {
 impl ResponseRewrite {
     /// Validate a script result (`body` as for
     /// [`RequestRewrite::from_result`]); `Ok(None)` means "unchanged".
-    pub(crate) fn from_result(value: &Value, body: Option<BodyText>) -> Result<Option<Self>, HookError> {
-        if value.is_null() && body.is_none() {
+    pub(crate) fn from_result(
+        value: &Value,
+        body: Option<BodyText>,
+        headers: Option<convert::ResultHeaders>,
+    ) -> Result<Option<Self>, HookError> {
+        if value.is_null() && body.is_none() && headers.is_none() {
             return Ok(None);
         }
         let what = "response_transform";
@@ -321,7 +332,10 @@ impl ResponseRewrite {
         Ok(Some(ResponseRewrite {
             status_code: optional_status(obj, "status_code", what)?,
             body: body_text(obj, body).map(|b| b.text),
-            headers: header_changes(obj, what)?,
+            headers: match headers {
+                Some(read) => read_header_changes(read, what)?,
+                None => header_changes(obj, what)?,
+            },
         }))
     }
 
@@ -361,6 +375,52 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
             )))
         }
     };
+    let given = headers.iter().map(|(name, value)| {
+        let value = match value {
+            Value::String(s) => Given::Text(Cow::Borrowed(s)),
+            Value::Number(n) => Given::Text(Cow::Owned(n.to_string())),
+            Value::Bool(true) => Given::Text(Cow::Borrowed("true")),
+            Value::Bool(false) | Value::Null => Given::Remove,
+            other => Given::Other(json_type(other)),
+        };
+        (Cow::Borrowed(name.as_str()), value)
+    });
+    checked_changes(given, what)
+}
+
+/// [`header_changes`] of headers the call read as they were
+/// ([`convert::ResultHeaders`]): the same checks, the same errors.
+pub(crate) fn read_header_changes(
+    headers: convert::ResultHeaders,
+    what: &str,
+) -> Result<Vec<(String, HeaderChange)>, HookError> {
+    let given = headers.into_iter().map(|(name, value)| {
+        let value = match value {
+            HeaderValue::Text(s) => Given::Text(Cow::Owned(s)),
+            HeaderValue::Bool(true) => Given::Text(Cow::Borrowed("true")),
+            HeaderValue::Bool(false) | HeaderValue::Null => Given::Remove,
+        };
+        (Cow::Owned(name), value)
+    });
+    checked_changes(given, what)
+}
+
+/// A header value of a script's result, as the checks see it.
+enum Given<'a> {
+    /// Text to set (a string, a number's text, `true`).
+    Text(Cow<'a, str>),
+    /// `false` or `json.null`.
+    Remove,
+    /// Anything else: its JSON type.
+    Other(&'static str),
+}
+
+/// The checked changes of `headers`, in the order given (the first bad one
+/// is the error), sorted by name.
+fn checked_changes<'a>(
+    headers: impl ExactSizeIterator<Item = (Cow<'a, str>, Given<'a>)>,
+    what: &str,
+) -> Result<Vec<(String, HeaderChange)>, HookError> {
     let mut out = Vec::with_capacity(headers.len());
     for (name, value) in headers {
         if name.is_empty() || !name.bytes().all(is_token_byte) {
@@ -369,18 +429,15 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
             )));
         }
         let change = match value {
-            Value::Bool(false) | Value::Null => HeaderChange::Remove,
-            Value::String(s) => HeaderChange::Set(s.clone()),
-            Value::Number(n) => HeaderChange::Set(n.to_string()),
-            Value::Bool(true) => HeaderChange::Set(String::from("true")),
-            other => {
+            Given::Text(v) => HeaderChange::Set(v.into_owned()),
+            Given::Remove => HeaderChange::Remove,
+            Given::Other(got) => {
                 return Err(HookError::bad_output(format!(
-                    "{what}: header '{name}' must be a string, or false to remove it, got {}",
-                    json_type(other)
+                    "{what}: header '{name}' must be a string, or false to remove it, got {got}"
                 )))
             }
         };
-        if hop_by_hop::is_hop_by_hop(name) {
+        if hop_by_hop::is_hop_by_hop(&name) {
             continue;
         }
         if let HeaderChange::Set(v) = &change {
@@ -390,7 +447,7 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
                 )));
             }
         }
-        out.push((name.clone(), change));
+        out.push((name.into_owned(), change));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
