@@ -12,16 +12,21 @@ use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
 use crate::config::{Config, HookConfig};
-use crate::convert::{self, Limits};
+use crate::convert::{self, Limits, ResultHeaders};
 use crate::error::{ConfigError, ErrorKind, HookError};
 use crate::hooks::{
     AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput, RateVerdict, RequestInfo,
     RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput, RouteDecision,
     RoutingInput, UsageInput, UsageRecord,
 };
+use crate::http::fields::BodyText;
 use crate::inline::{self, Overrun, SlowHooks};
 use crate::pool::{Pool, PoolStats};
 use crate::vm::{CallSpec, Output};
+
+/// How a transform's result is checked: its value, with the body and the
+/// headers the call took apart (`RequestRewrite::from_result`, ...).
+type TransformCheck<T> = fn(&Value, Option<BodyText>, Option<ResultHeaders>) -> Result<Option<T>, HookError>;
 
 /// Compiled hooks and the VMs that run them.
 pub struct Engine {
@@ -208,7 +213,7 @@ impl Engine {
         hook: HookName,
         request_id: Option<&str>,
         value: &mut Value,
-        read: Option<&mut crate::convert::ResultHeaders>,
+        read: Option<&mut ResultHeaders>,
     ) {
         if !matches!(
             hook,
@@ -285,48 +290,45 @@ impl Engine {
 
     /// `request_transform`: changes to the request, `None` for unchanged.
     pub fn transform_request(&self, input: &RequestTransformInput<'_>) -> Result<Option<RequestRewrite>, HookError> {
-        let Some(Output {
-            value: mut v,
-            body,
-            mut headers,
-        }) = self.run(input)?
-        else {
-            return Ok(None);
-        };
-        self.drop_hop_by_hop(
-            HookName::RequestTransform,
-            Some(&input.request.id),
-            &mut v,
-            headers.as_mut(),
-        );
-        self.checked(
+        let output = self.run(input)?;
+        self.transformed(
             HookName::RequestTransform,
             &input.request.id,
-            RequestRewrite::from_result(&v, body, headers),
+            output,
+            RequestRewrite::from_result,
         )
     }
 
     /// `response_transform`: changes to the response, `None` for unchanged.
     pub fn transform_response(&self, input: &ResponseTransformInput<'_>) -> Result<Option<ResponseRewrite>, HookError> {
+        let output = self.run(input)?;
+        self.transformed(
+            HookName::ResponseTransform,
+            &input.request.id,
+            output,
+            ResponseRewrite::from_result,
+        )
+    }
+
+    /// A transform's result (`None`: the script returned nil) checked by
+    /// `check`, with its hop-by-hop headers dropped first.
+    fn transformed<T>(
+        &self,
+        hook: HookName,
+        request_id: &str,
+        output: Option<Output>,
+        check: TransformCheck<T>,
+    ) -> Result<Option<T>, HookError> {
         let Some(Output {
             value: mut v,
             body,
             mut headers,
-        }) = self.run(input)?
+        }) = output
         else {
             return Ok(None);
         };
-        self.drop_hop_by_hop(
-            HookName::ResponseTransform,
-            Some(&input.request.id),
-            &mut v,
-            headers.as_mut(),
-        );
-        self.checked(
-            HookName::ResponseTransform,
-            &input.request.id,
-            ResponseRewrite::from_result(&v, body, headers),
-        )
+        self.drop_hop_by_hop(hook, Some(request_id), &mut v, headers.as_mut());
+        self.checked(hook, request_id, check(&v, body, headers))
     }
 
     /// `rate_limit`: the script's verdict over the standard limiter.
