@@ -272,7 +272,7 @@ impl RequestRewrite {
         body: Option<BodyText>,
         headers: Option<convert::ResultHeaders>,
     ) -> Result<Option<Self>, HookError> {
-        if value.is_null() && body.is_none() && headers.is_none() {
+        if value.is_null() && body.is_none() {
             return Ok(None);
         }
         let what = "request_transform";
@@ -284,10 +284,7 @@ impl RequestRewrite {
             .map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
         Ok(Some(RequestRewrite {
             body,
-            headers: match headers {
-                Some(read) => read_header_changes(read, what)?,
-                None => header_changes(obj, what)?,
-            },
+            headers: result_header_changes(obj, headers, what)?,
         }))
     }
 
@@ -324,7 +321,7 @@ impl ResponseRewrite {
         body: Option<BodyText>,
         headers: Option<convert::ResultHeaders>,
     ) -> Result<Option<Self>, HookError> {
-        if value.is_null() && body.is_none() && headers.is_none() {
+        if value.is_null() && body.is_none() {
             return Ok(None);
         }
         let what = "response_transform";
@@ -332,10 +329,7 @@ impl ResponseRewrite {
         Ok(Some(ResponseRewrite {
             status_code: optional_status(obj, "status_code", what)?,
             body: body_text(obj, body).map(|b| b.text),
-            headers: match headers {
-                Some(read) => read_header_changes(read, what)?,
-                None => header_changes(obj, what)?,
-            },
+            headers: result_header_changes(obj, headers, what)?,
         }))
     }
 
@@ -388,12 +382,22 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
     checked_changes(given, what)
 }
 
-/// [`header_changes`] of headers the call read as they were
-/// ([`convert::ResultHeaders`]): the same checks, the same errors.
-pub(crate) fn read_header_changes(
-    headers: convert::ResultHeaders,
+/// A transform result's header changes: of the headers the call read as
+/// they were (`read`, taken out of `obj`), else of `obj`'s.
+fn result_header_changes(
+    obj: &Map<String, Value>,
+    read: Option<convert::ResultHeaders>,
     what: &str,
 ) -> Result<Vec<(String, HeaderChange)>, HookError> {
+    match read {
+        Some(read) => read_header_changes(read, what),
+        None => header_changes(obj, what),
+    }
+}
+
+/// [`header_changes`] of headers the call read as they were
+/// ([`convert::ResultHeaders`]): the same checks, the same errors.
+fn read_header_changes(headers: convert::ResultHeaders, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
     let given = headers.into_iter().map(|(name, value)| {
         let value = match value {
             HeaderValue::Text(s) => Given::Text(Cow::Owned(s)),
