@@ -405,7 +405,7 @@ fn bench_answer(c: &mut Criterion) {
 /// `pipeline/auth` and `pipeline/rate_limit`: the seed's admission scripts
 /// with a key's full record as `key_info` (the scripts read three fields).
 fn bench_admission_hooks(c: &mut Criterion) {
-    use llmproxy_core::hooks::{AuthInput, CurrentTime, RateLimitInput, RateLimitStatus, StandardChecks};
+    use llmproxy_core::hooks::{AuthInput, CurrentTime, KeyInfo, RateLimitInput, RateLimitStatus, StandardChecks};
     let engine = seed_engine(&["auth", "rate_limit"]);
     let req = request(Arc::new(
         serde_json::json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "viplevel": 3}),
@@ -440,7 +440,7 @@ fn bench_admission_hooks(c: &mut Criterion) {
             engine
                 .auth(&AuthInput {
                     request: &req,
-                    key_info: black_box(&key_info),
+                    key_info: KeyInfo::live(black_box(&key_info), 50_000),
                     standard_checks: checks,
                 })
                 .expect("ok")
@@ -451,7 +451,7 @@ fn bench_admission_hooks(c: &mut Criterion) {
             engine
                 .rate_limit(&RateLimitInput {
                     request: &req,
-                    key_info: black_box(&key_info),
+                    key_info: KeyInfo::live(black_box(&key_info), 50_000),
                     rate_limit_status: status,
                     current_time: now,
                 })

@@ -34,8 +34,8 @@ use serde_json::Value;
 
 use crate::config::OnError;
 use crate::hooks::{
-    AuthInput, AuthVerdict, BackendStatus, CurrentTime, HeaderChange, RateLimitInput, RateLimitStatus, RateVerdict,
-    RequestInfo, RequestTransformInput, ResponseBody, ResponseInfo, ResponseTransformInput, RouteDecision,
+    AuthInput, AuthVerdict, BackendStatus, CurrentTime, HeaderChange, KeyInfo, RateLimitInput, RateLimitStatus,
+    RateVerdict, RequestInfo, RequestTransformInput, ResponseBody, ResponseInfo, ResponseTransformInput, RouteDecision,
     RoutingInput, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
 use crate::http::api::Api;
@@ -223,9 +223,9 @@ impl RequestHandle {
     }
 
     /// `auth`: the script's verdict over the standard checks of the key
-    /// the client presented (`key_info`: its record, `null` when unknown).
+    /// the client presented (`key_info`: its record and live usage).
     /// The host decides with [`crate::admission::decide_step`].
-    pub fn auth(&mut self, engine: &Engine, key_info: &Value, checks: StandardChecks) -> Step<AuthVerdict> {
+    pub fn auth(&mut self, engine: &Engine, key_info: KeyInfo<'_>, checks: StandardChecks) -> Step<AuthVerdict> {
         self.called = engine.is_enabled(HookName::Auth);
         let result = engine.auth(&AuthInput {
             request: &self.request,
@@ -241,7 +241,7 @@ impl RequestHandle {
     pub fn rate_limit(
         &mut self,
         engine: &Engine,
-        key_info: &Value,
+        key_info: KeyInfo<'_>,
         status: RateLimitStatus,
         now: CurrentTime,
     ) -> Step<RateVerdict> {

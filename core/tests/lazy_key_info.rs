@@ -1,11 +1,13 @@
 //! `key_info` reaches auth and rate_limit scripts as a lazy view (fields
 //! converted when read) with a plain table's semantics, and nothing a call
-//! does to it is seen by the next call.
+//! does to it is seen by the next call. A host's live count reads as
+//! `used_quota` in every way a script can see the record.
 
 use std::path::Path;
 
 use llmproxy_core::hooks::{
-    AuthInput, AuthVerdict, CurrentTime, RateLimitInput, RateLimitStatus, RateVerdict, RequestInfo, StandardChecks,
+    AuthInput, AuthVerdict, CurrentTime, KeyInfo, RateLimitInput, RateLimitStatus, RateVerdict, RequestInfo,
+    StandardChecks,
 };
 use llmproxy_core::{Config, Engine};
 use serde_json::{json, Value};
@@ -32,7 +34,7 @@ fn key_info() -> Value {
 }
 
 /// What the auth script said, as the reason of a deny.
-fn said(engine: &Engine, key_info: &Value) -> String {
+fn said(engine: &Engine, key_info: KeyInfo<'_>) -> String {
     let request = RequestInfo::default();
     match engine.auth(&AuthInput {
         request: &request,
@@ -64,7 +66,11 @@ fn an_auth_script_sees_key_info_as_a_plain_table() {
             format!("return {expr}")
         };
         let script = format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}");
-        assert_eq!(said(&engine("auth", &script), &key_info()), want, "{expr}");
+        assert_eq!(
+            said(&engine("auth", &script), KeyInfo::json(&key_info())),
+            want,
+            "{expr}"
+        );
     }
 }
 
@@ -77,25 +83,26 @@ fn what_a_call_does_to_key_info_is_gone_at_the_next_call() {
          return {allow = false, reason = seen}",
     );
     for _ in 0..3 {
-        assert_eq!(said(&e, &key_info()), "nil,u1");
+        assert_eq!(said(&e, KeyInfo::json(&key_info())), "nil,u1");
     }
     // Untouched views are re-armed: a call that only reads sees the new record.
     let e = engine("auth", "return {allow = false, reason = key_info.user_id}");
-    assert_eq!(said(&e, &key_info()), "u1");
-    assert_eq!(said(&e, &json!({"user_id": "u2"})), "u2");
+    assert_eq!(said(&e, KeyInfo::json(&key_info())), "u1");
+    assert_eq!(said(&e, KeyInfo::json(&json!({"user_id": "u2"}))), "u2");
 }
 
 #[test]
 fn an_unknown_keys_key_info_is_nil() {
     let e = engine("auth", "return {allow = false, reason = tostring(key_info)}");
-    assert_eq!(said(&e, &Value::Null), "nil");
+    assert_eq!(said(&e, KeyInfo::none()), "nil");
+    assert_eq!(said(&e, KeyInfo::live(&Value::Null, 3)), "nil");
 }
 
 #[test]
 fn a_rate_limit_script_reads_key_info_lazily_too() {
     let e = engine(
         "rate_limit",
-        "if key_info.user_id == 'u1' and key_info.total_quota == 100 then return {allow = false, retry_after = 7} end",
+        "if key_info.user_id == 'u1' and key_info.used_quota == 9 then return {allow = false, retry_after = 7} end",
     );
     let request = RequestInfo::default();
     let status = RateLimitStatus {
@@ -107,7 +114,7 @@ fn a_rate_limit_script_reads_key_info_lazily_too() {
     let verdict = e
         .rate_limit(&RateLimitInput {
             request: &request,
-            key_info: &info,
+            key_info: KeyInfo::live(&info, 9),
             rate_limit_status: status,
             current_time: CurrentTime {
                 hour: 3,
@@ -120,4 +127,56 @@ fn a_rate_limit_script_reads_key_info_lazily_too() {
         matches!(verdict, RateVerdict::Deny { retry_after: Some(r), .. } if r == 7.0),
         "{verdict:?}"
     );
+}
+
+#[test]
+fn the_hosts_live_count_is_the_used_quota_scripts_see() {
+    let with = key_info();
+    let mut without = key_info();
+    without.as_object_mut().map(|m| m.remove("used_quota"));
+    // (record, expression, what the script says)
+    let cases = [
+        (&with, "key_info.used_quota", "42"),
+        (&with, "rawget(key_info, 'used_quota')", "42"),
+        (
+            &with,
+            "local n = 0 for _ in pairs(key_info) do n = n + 1 end return n",
+            "7",
+        ),
+        (
+            &with,
+            "local u for k, v in pairs(key_info) do if k == 'used_quota' then u = v end end return u",
+            "42",
+        ),
+        (
+            &with,
+            "json.encode(key_info):find('\"used_quota\":42', 1, true) ~= nil",
+            "true",
+        ),
+        (&with, "key_info.total_quota", "100"),
+        (&without, "key_info.used_quota", "42"),
+        (
+            &without,
+            "local n = 0 for _ in pairs(key_info) do n = n + 1 end return n",
+            "7",
+        ),
+        (
+            &without,
+            "json.encode(key_info):find('\"used_quota\":42', 1, true) ~= nil",
+            "true",
+        ),
+    ];
+    for (record, expr, want) in cases {
+        let body = if expr.starts_with("local") {
+            expr.to_owned()
+        } else {
+            format!("return {expr}")
+        };
+        let script = format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}");
+        assert_eq!(
+            said(&engine("auth", &script), KeyInfo::live(record, 42)),
+            want,
+            "{expr}"
+        );
+    }
 }

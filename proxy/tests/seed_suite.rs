@@ -12,9 +12,9 @@ use std::path::PathBuf;
 
 use chrono::Timelike;
 use common::*;
-use llmproxy_core::hooks::{AuthInput, RateLimitInput, RateLimitStatus, RequestInfo, StandardChecks};
+use llmproxy_core::hooks::{AuthInput, KeyInfo, RateLimitInput, RateLimitStatus, RequestInfo, StandardChecks};
 use llmproxy_core::{Config, Engine};
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -184,7 +184,7 @@ fn the_documented_unknown_key_guard_does_not_fail() {
     };
     let auth = engine.auth(&AuthInput {
         request: &request,
-        key_info: &Value::Null,
+        key_info: KeyInfo::none(),
         standard_checks: none,
     });
     assert!(auth.is_ok(), "{auth:?}");
@@ -196,7 +196,7 @@ fn the_documented_unknown_key_guard_does_not_fail() {
     for hour in [3, 12] {
         let r = engine.rate_limit(&RateLimitInput {
             request: &request,
-            key_info: &Value::Null,
+            key_info: KeyInfo::none(),
             rate_limit_status: status,
             current_time: llmproxy_core::hooks::CurrentTime {
                 hour,

@@ -361,23 +361,6 @@ pub(crate) unsafe fn defer<'a>(lua: &Lua, name: &str, fields: &'a (dyn Fields + 
     Ok(())
 }
 
-/// Set the global `name` of the current call to a lazy view of `value`
-/// when it is a JSON object (a record whose fields a script may read a few
-/// of: `key_info`); returns what is left to set eagerly: `null` (nothing)
-/// then, else `value` itself.
-///
-/// # Safety
-/// As for [`defer`]: `value` outlives the VM's current call.
-pub(crate) unsafe fn defer_object<'a>(lua: &Lua, name: &str, value: &'a Value) -> mlua::Result<&'a Value> {
-    static NULL: Value = Value::Null;
-    if !value.is_object() {
-        return Ok(value);
-    }
-    // SAFETY: the caller's promise.
-    unsafe { defer(lua, name, value)? };
-    Ok(&NULL)
-}
-
 /// The cache table of a lazy table, or `None` for any other table.
 pub(super) fn cache_of(t: &Table) -> Option<Table> {
     let mt = t.metatable()?;

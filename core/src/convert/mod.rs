@@ -43,7 +43,7 @@ mod text;
 
 pub(crate) use fields::{push_str, Field, Fields, PushTable};
 pub(crate) use headers::{HeaderValue, ResultHeaders};
-pub(crate) use lazy::{defer, defer_object, CallData};
+pub(crate) use lazy::{defer, CallData};
 pub(crate) use numbers::NumberTexts;
 use text::ToText;
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{expect_object, optional_status, optional_string, required_bool};
-use super::{HookInput, HookName, RequestInfo};
+use super::{HookInput, HookName, KeyInfo, RequestInfo};
 use crate::convert::{self, Global, Scalar};
 use crate::error::HookError;
 
@@ -40,14 +40,14 @@ impl StandardChecks {
 }
 
 /// Input of the `auth` hook.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AuthInput<'a> {
     /// The client's request.
     pub request: &'a RequestInfo,
     /// The key's record (seed fields: key, user_id, name, status, quotas,
-    /// allowed_ips, expires_at); `null` when the key is unknown, which
-    /// scripts see as `key_info == nil`.
-    pub key_info: &'a Value,
+    /// allowed_ips, expires_at) with its live usage; none when the key is
+    /// unknown, which scripts see as `key_info == nil`.
+    pub key_info: KeyInfo<'a>,
     /// The standard checks.
     pub standard_checks: StandardChecks,
 }
@@ -64,7 +64,7 @@ impl HookInput for AuthInput<'_> {
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
         // SAFETY: as above.
-        let key_info = unsafe { convert::defer_object(lua, "key_info", self.key_info)? };
+        let key_info = unsafe { self.key_info.defer(lua)? };
         let c = &self.standard_checks;
         let checks = [
             ("key_valid", Scalar::Bool(c.key_valid)),

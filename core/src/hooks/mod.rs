@@ -8,6 +8,7 @@
 
 mod auth;
 mod error_handler;
+mod key_info;
 mod name;
 mod rate_limit;
 mod request;
@@ -17,6 +18,7 @@ mod usage;
 
 pub use auth::{AuthInput, AuthVerdict, StandardChecks};
 pub use error_handler::{ErrorInfo, ErrorInput, ErrorResponse};
+pub use key_info::KeyInfo;
 pub use name::HookName;
 pub use rate_limit::{CurrentTime, RateLimitInput, RateLimitStatus, RateVerdict};
 pub use request::RequestInfo;

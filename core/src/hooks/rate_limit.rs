@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{expect_object, optional_non_negative, optional_string, required_bool};
-use super::{HookInput, HookName, RequestInfo};
+use super::{HookInput, HookName, KeyInfo, RequestInfo};
 use crate::convert::{self, Global, Scalar};
 use crate::error::HookError;
 
@@ -32,12 +32,13 @@ pub struct CurrentTime {
 }
 
 /// Input of the `rate_limit` hook.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RateLimitInput<'a> {
     /// The client's request.
     pub request: &'a RequestInfo,
-    /// The key's record (`null` when unknown: `key_info == nil` in scripts).
-    pub key_info: &'a Value,
+    /// The key's record with its live usage (none when unknown:
+    /// `key_info == nil` in scripts).
+    pub key_info: KeyInfo<'a>,
     /// The standard limiter's counters.
     pub rate_limit_status: RateLimitStatus,
     /// The current time.
@@ -56,7 +57,7 @@ impl HookInput for RateLimitInput<'_> {
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
         // SAFETY: as above.
-        let key_info = unsafe { convert::defer_object(lua, "key_info", self.key_info)? };
+        let key_info = unsafe { self.key_info.defer(lua)? };
         let s = &self.rate_limit_status;
         let status = [
             ("global_remaining", Scalar::Int(s.global_remaining)),

@@ -46,7 +46,7 @@
 use std::panic::{self, AssertUnwindSafe};
 
 use llmproxy_core::admission::{self, Decision};
-use llmproxy_core::hooks::{AuthVerdict, HeaderChange, RateLimitStatus, RateVerdict, RouteDecision};
+use llmproxy_core::hooks::{AuthVerdict, HeaderChange, KeyInfo, RateLimitStatus, RateVerdict, RouteDecision};
 use llmproxy_core::policy::rate_stage::{self, RateStep};
 use llmproxy_core::policy::usage::Charge;
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
@@ -138,7 +138,7 @@ impl UserData for LuaHandle {
             let out = this.step(
                 lua,
                 |h, engine| {
-                    let step = h.auth(engine, &key_info, checks);
+                    let step = h.auth(engine, KeyInfo::json(&key_info), checks);
                     verdict = auth_label(&step);
                     Ok(admission::decide_step(
                         &checks,
@@ -181,7 +181,7 @@ impl UserData for LuaHandle {
                 let out = this.step(
                     lua,
                     |h, engine| {
-                        let step = h.rate_limit(engine, &key_info, status, now);
+                        let step = h.rate_limit(engine, KeyInfo::json(&key_info), status, now);
                         verdict = rate_label(&step);
                         Ok(step.map(|v| rate_stage::decide(&v, took, denial.as_ref())))
                     },

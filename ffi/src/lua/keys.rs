@@ -5,7 +5,7 @@
 
 use chrono::Utc;
 use llmproxy_core::clock::Zone;
-use llmproxy_core::hooks::StandardChecks;
+use llmproxy_core::hooks::{KeyInfo, StandardChecks};
 use llmproxy_core::keys::{identifies_caller, standard_checks_with_usage, KeyIndex, KeyRecord};
 use llmproxy_core::{Config, HookName};
 use serde_json::Value as Json;
@@ -82,13 +82,7 @@ pub(crate) fn key_info(store: &KeyStore, key: Option<&str>, used_quota: u64) -> 
 
 /// `entry`'s `key_info` with `used_quota` as its usage; `null` for none.
 fn info_with_usage(entry: Option<&KeyEntry>, used_quota: u64) -> Json {
-    entry.map_or(Json::Null, |e| {
-        let mut info = e.info.clone();
-        if let Json::Object(m) = &mut info {
-            m.insert("used_quota".into(), used_quota.into());
-        }
-        info
-    })
+    entry.map_or(Json::Null, |e| KeyInfo::live(&e.info, used_quota).to_json())
 }
 
 /// A quota count from Lua: a finite positive number, else 0.

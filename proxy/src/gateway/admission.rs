@@ -31,8 +31,8 @@ use llmproxy_core::admission::{self, Check};
 use llmproxy_core::clock::{self, Zone};
 use llmproxy_core::config::{LimitsConfig, StateOnError};
 use llmproxy_core::hooks::{
-    AuthVerdict, CurrentTime, RateLimitStatus, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageMetadata,
-    UsageRecord,
+    AuthVerdict, CurrentTime, KeyInfo, RateLimitStatus, RateVerdict, RequestInfo, ResponseInfo, StandardChecks,
+    UsageMetadata, UsageRecord,
 };
 use llmproxy_core::keys::standard_checks_with_usage;
 use llmproxy_core::policy::errors::GatewayError;
@@ -139,8 +139,12 @@ fn rate_refusal(shared: &Shared, r: RateRefusal) -> Refusal {
     Refusal::Fail(Box::new(f))
 }
 
-fn key_info(caller: &Caller, used: u64) -> Value {
-    caller.key.as_ref().map_or(Value::Null, |k| k.key_info(used))
+/// The `key_info` of `key` (none: an unknown key) with `used`.
+fn key_info(key: Option<&KeyEntry>, used: u64) -> KeyInfo<'_> {
+    match key {
+        Some(k) => k.key_info(used),
+        None => KeyInfo::none(),
+    }
 }
 
 /// The standard key checks before the request body is read
@@ -294,11 +298,6 @@ pub(crate) async fn admit_counted(
     let used = caller.key.as_ref().map_or(0, |k| counting.used(&k.fingerprint));
     let auth_script = live.stages.enabled(HookName::Auth);
     let rate_script = live.stages.enabled(HookName::RateLimit);
-    let info_value = if auth_script || rate_script {
-        key_info(caller, used)
-    } else {
-        Value::Null
-    };
     if live.auth_on {
         let checks = standard_checks_with_usage(
             caller.key.as_ref().map(|k| &k.record),
@@ -307,7 +306,7 @@ pub(crate) async fn admit_counted(
             Utc::now(),
         );
         let step = if auth_script {
-            auth_script_job(shared, live, info, info_value.clone(), checks, t).await?
+            auth_script_job(shared, live, info, caller.key.clone(), used, checks, t).await?
         } else {
             standard()
         };
@@ -330,7 +329,7 @@ pub(crate) async fn admit_counted(
             .await?;
         let took = acq.denial.is_none();
         let verdict = if rate_script {
-            match rate_limit_script_job(shared, live, info, info_value, acq.status, t).await {
+            match rate_limit_script_job(shared, live, info, caller.key.clone(), used, acq.status, t).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(d)) => {
                     if took {
@@ -374,14 +373,15 @@ async fn auth_script_job(
     shared: &Arc<Shared>,
     live: &Arc<Live>,
     info: &Arc<RequestInfo>,
-    info_value: Value,
+    key: Option<Arc<KeyEntry>>,
+    used: u64,
     checks: StandardChecks,
     t: &mut Timings,
 ) -> Result<Step<AuthVerdict>, Refusal> {
     let (l2, i2) = (Arc::clone(live), Arc::clone(info));
     let job = move || {
         let mut t = Timings::default();
-        let r = l2.stages.auth(&i2, &info_value, checks, &mut t);
+        let r = l2.stages.auth(&i2, key_info(key.as_deref(), used), checks, &mut t);
         (r, t)
     };
     Ok(
@@ -399,7 +399,8 @@ async fn rate_limit_script_job(
     shared: &Arc<Shared>,
     live: &Arc<Live>,
     info: &Arc<RequestInfo>,
-    info_value: Value,
+    key: Option<Arc<KeyEntry>>,
+    used: u64,
     status: RateLimitStatus,
     t: &mut Timings,
 ) -> Result<Result<RateVerdict, Denied>, Refusal> {
@@ -407,7 +408,9 @@ async fn rate_limit_script_job(
     let now = current_time(live.zone);
     let job = move || {
         let mut t = Timings::default();
-        let r = l2.stages.rate_limit(&i2, &info_value, status, now, &mut t);
+        let r = l2
+            .stages
+            .rate_limit(&i2, key_info(key.as_deref(), used), status, now, &mut t);
         (r, t)
     };
     hook_job(shared, HookName::RateLimit, job, || RateVerdict::Standard, t).await
@@ -458,7 +461,8 @@ pub(crate) async fn admit_redis(
     let record = caller.key.as_ref().map(|k| &k.record);
     let mut used = 0;
     let mut quota_total = 0;
-    let mut info_value = Value::Null;
+    // The usage `key_info` shows: the one auth saw, else the limiter's.
+    let mut info_used = None;
     if live.auth_on {
         if auth_script {
             if let Some(k) = &caller.key {
@@ -472,8 +476,8 @@ pub(crate) async fn admit_redis(
                 }
             }
             let checks = standard_checks_with_usage(record, used, info.client_ip.as_deref(), Utc::now());
-            info_value = key_info(caller, used);
-            let step = auth_script_job(shared, live, info, info_value.clone(), checks, t).await?;
+            info_used = Some(used);
+            let step = auth_script_job(shared, live, info, caller.key.clone(), used, checks, t).await?;
             judge_auth(shared, step, &checks, info, &live.config().auth_may_override)?;
         } else {
             // Everything but the quota now; the quota is checked by Redis in
@@ -529,10 +533,8 @@ pub(crate) async fn admit_redis(
         return Ok(Admitted { permit: slot(shared) });
     }
     let verdict = if rate_script {
-        if info_value.is_null() {
-            info_value = key_info(caller, acq.used);
-        }
-        let r = match rate_limit_script_job(shared, live, info, info_value, acq.status, t).await {
+        let used = info_used.unwrap_or(acq.used);
+        let r = match rate_limit_script_job(shared, live, info, caller.key.clone(), used, acq.status, t).await {
             Ok(r) => r,
             Err(overloaded) => {
                 if took {

@@ -2,14 +2,16 @@
 //!
 //! Built from the config's `keys:` and `keys_file:` (core's
 //! [`KeyRecord`]s) each time the config is (re)loaded; a request looks its
-//! key up once. Each entry keeps its `key_info` table ready for the `auth`
-//! and `rate_limit` scripts, so a request only adds the live `used_quota`.
+//! key up once. Each entry keeps its `key_info` record ready for the `auth`
+//! and `rate_limit` scripts, which read the live `used_quota` in its place
+//! (core's [`KeyInfo`]): a request copies nothing of it.
 
 use std::sync::Arc;
 
 use hyper::header::HeaderMap;
+use llmproxy_core::hooks::KeyInfo;
 use llmproxy_core::keys::{KeyIndex, KeyRecord};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// One configured key.
 #[derive(Debug)]
@@ -19,17 +21,15 @@ pub struct KeyEntry {
     pub record: KeyRecord,
     /// `sha256:` + 12 hex digits: what logs and the ledger show.
     pub fingerprint: Arc<str>,
-    info: Map<String, Value>,
+    /// The record as scripts see it ([`KeyRecord::key_info`]).
+    info: Value,
 }
 
 impl KeyEntry {
     /// Build an entry for `record` (its `key_info` is core's
     /// [`KeyRecord::key_info`], as in every host).
     pub fn new(record: KeyRecord) -> KeyEntry {
-        let info = match record.key_info(record.used_quota) {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        };
+        let info = record.key_info(record.used_quota);
         KeyEntry {
             fingerprint: Arc::from(record.fingerprint()),
             record,
@@ -38,10 +38,8 @@ impl KeyEntry {
     }
 
     /// The `key_info` global: the seed's fields with `used_quota` = `used`.
-    pub fn key_info(&self, used: u64) -> Value {
-        let mut m = self.info.clone();
-        m.insert("used_quota".into(), Value::from(used));
-        Value::Object(m)
+    pub fn key_info(&self, used: u64) -> KeyInfo<'_> {
+        KeyInfo::live(&self.info, used)
     }
 }
 
@@ -111,7 +109,7 @@ mod tests {
     fn key_info_has_the_seed_fields_and_the_live_usage() {
         let set = KeySet::new(&[record("sk-xxx")]);
         let e = set.get("sk-xxx").unwrap();
-        let info = e.key_info(50_123);
+        let info = e.key_info(50_123).to_json();
         for f in [
             "key",
             "user_id",
@@ -136,9 +134,9 @@ mod tests {
         let plain = set.get("sk-plain").unwrap();
         let hashed = set.get("sk-hashed").unwrap();
         assert_eq!(*hashed.fingerprint, *llmproxy_core::keys::key_fingerprint("sk-hashed"));
-        let info = hashed.key_info(1);
+        let info = hashed.key_info(1).to_json();
         assert!(info.get("key").is_none() && info["key_sha256"].is_string(), "{info}");
-        assert_eq!(plain.key_info(1)["key"], "sk-plain");
+        assert_eq!(plain.key_info(1).to_json()["key"], "sk-plain");
         assert!(set.get("sk-nope").is_none());
     }
 

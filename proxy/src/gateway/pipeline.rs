@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmproxy_core::hooks::{
-    AuthInput, AuthVerdict, BackendStatus, CurrentTime, ErrorInfo, ErrorInput, ErrorResponse, RateLimitInput,
+    AuthInput, AuthVerdict, BackendStatus, CurrentTime, ErrorInfo, ErrorInput, ErrorResponse, KeyInfo, RateLimitInput,
     RateLimitStatus, RateVerdict, RequestInfo, RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite,
     ResponseTransformInput, RouteDecision, RoutingInput, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
@@ -230,12 +230,12 @@ impl Stages {
     }
 
     /// `auth`: the script's verdict over the standard key checks
-    /// (`key_info` is `null` for an unknown key). A failing script denies
+    /// (`key_info` is none for an unknown key). A failing script denies
     /// (503) unless `on_error: standard`, which keeps the standard verdict.
     pub fn auth(
         &self,
         request: &RequestInfo,
-        key_info: &serde_json::Value,
+        key_info: KeyInfo<'_>,
         standard_checks: StandardChecks,
         timings: &mut Timings,
     ) -> StageResult<AuthVerdict> {
@@ -257,7 +257,7 @@ impl Stages {
     pub fn rate_limit(
         &self,
         request: &RequestInfo,
-        key_info: &serde_json::Value,
+        key_info: KeyInfo<'_>,
         rate_limit_status: RateLimitStatus,
         current_time: CurrentTime,
         timings: &mut Timings,
