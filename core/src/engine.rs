@@ -412,10 +412,10 @@ impl Engine {
         let set_globals = |lua: &Lua, env: &Table| -> mlua::Result<()> {
             // A global given as `null` is absent (`nil`), as for the typed
             // entry points ([`convert::set_globals`]).
-            let eager: Vec<(&str, convert::Global<'_>)> = globals
+            let eager: Vec<(&str, &Value)> = globals
                 .iter()
                 .filter(|(name, _)| *name != "request" && *name != "response")
-                .map(|(name, value)| (name.as_str(), value.into()))
+                .map(|(name, value)| (name.as_str(), value))
                 .collect();
             convert::set_globals(lua, env, &eager)?;
             // SAFETY: `request` and `response` are borrowed for this whole

@@ -222,6 +222,7 @@ local MAX_GLOBALS = rust.max_globals
 -- with its source `slot1`
 -- @tparam number name2 second lazy global, with its source `slot2`
 -- @tparam number name3 third lazy global, with its source `slot3`
+-- @tparam number name4 fourth lazy global, with its source `slot4`
 -- @tparam number staged 1 when the host staged eager globals for the call
 -- (`push_staged` sets them), else 0
 -- @return the chunk's first result (nil when it was encoded here: see
@@ -229,7 +230,7 @@ local MAX_GLOBALS = rust.max_globals
 -- when the call left more than `MAX_GLOBALS` globals: the VM is then
 -- discarded, as emptying that table would walk all of it on every later
 -- call). When the chunk raises, the VM empties `env` itself.
-local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, slot3, staged)
+local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, slot3, name4, slot4, staged)
     recycle()
     if staged ~= 0 then
         push_staged(env, ARRAY_MT, CALL_DATA)
@@ -242,6 +243,9 @@ local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, sl
     end
     if name3 ~= 0 then
         rawset(env, NAMES[name3], arm(name3, slot3, generation))
+    end
+    if name4 ~= 0 then
+        rawset(env, NAMES[name4], arm(name4, slot4, generation))
     end
     local result = chunk()
     local n = 0

@@ -38,7 +38,8 @@ use mlua::{Function, LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::Value;
 
 use super::fields::{self, Field, Fields, PushTo};
-use super::{Global, NumberTexts, Scalar};
+use super::scalars::ScalarFields;
+use super::{Global, NumberTexts};
 
 const LAZY_LUA: &str = include_str!("lazy.lua");
 
@@ -46,15 +47,24 @@ const LAZY_LUA: &str = include_str!("lazy.lua");
 const SOURCE_KEY: LightUserData = LightUserData(2 as *mut c_void);
 /// The hidden key under which a cache keeps the generation of its call.
 const GENERATION_KEY: LightUserData = LightUserData(3 as *mut c_void);
-/// Most lazy globals one call sets (`request`, and `backends`, `response`
-/// or `key_info`).
-const MAX_DEFERRED: usize = 3;
+/// Most lazy globals one call sets (`rate_limit`'s `request`, `key_info`,
+/// `rate_limit_status` and `current_time`).
+const MAX_DEFERRED: usize = 4;
 /// `run`'s arguments after `chunk` and `env` ([`CallData::run_args`]).
 pub(crate) const RUN_ARGS: usize = 2 + 2 * MAX_DEFERRED;
 /// The globals that can be lazy. `run` gets a global's index in this list,
 /// not its name: pushing a string while the call's memory limit is armed
 /// costs mlua a protected call.
-const LAZY_GLOBALS: [&str; 4] = ["request", "response", "backends", "key_info"];
+const LAZY_GLOBALS: [&str; 8] = [
+    "request",
+    "response",
+    "backends",
+    "key_info",
+    "standard_checks",
+    "rate_limit_status",
+    "current_time",
+    "metadata",
+];
 
 /// Where a lazy table's fields come from.
 #[derive(Clone)]
@@ -64,6 +74,8 @@ pub(super) enum Source {
     Json { root: Arc<Value>, node: *const Value },
     /// Host data borrowed for the current call only (see [`defer`]).
     Borrowed(*const (dyn Fields + 'static)),
+    /// A flat global of scalars the host staged ([`CallData::stage`]).
+    Scalars(Rc<ScalarFields>),
 }
 
 impl Source {
@@ -83,7 +95,7 @@ impl Source {
                 root: Arc::clone(root),
                 node,
             }),
-            Source::Borrowed(_) => None,
+            Source::Borrowed(_) | Source::Scalars(_) => None,
         }
     }
 
@@ -93,7 +105,7 @@ impl Source {
         match self {
             // SAFETY: as in `fields`.
             Source::Json { node, .. } => unsafe { &**node }.as_object(),
-            Source::Borrowed(_) => None,
+            Source::Borrowed(_) | Source::Scalars(_) => None,
         }
     }
 
@@ -106,6 +118,7 @@ impl Source {
             // SAFETY: `defer`'s contract: the data outlives the call, and
             // `CallData::source` hands out sources of the current call only.
             Source::Borrowed(p) => unsafe { &**p },
+            Source::Scalars(fields) => &**fields,
         }
     }
 }
@@ -145,25 +158,31 @@ struct CallSources {
     /// with their source.
     deferred: [Option<(usize, usize)>; MAX_DEFERRED],
     /// Eager globals staged for the call ([`super::stage_globals`]), set
-    /// by `push_staged` inside it.
-    staged: Vec<(&'static str, Staged)>,
-    /// The fields of the staged [`Global::Fields`], one list for all.
-    staged_fields: Vec<(&'static str, Scalar<'static>)>,
-}
-
-/// A staged global: [`Global`] without the borrows, which the staging
-/// caller promised outlive the call.
-#[derive(Clone, Copy)]
-enum Staged {
-    Json(*const Value),
-    /// A range of [`CallSources::staged_fields`].
-    Fields(usize, usize),
+    /// by `push_staged` inside it: JSON values the staging caller promised
+    /// outlive the call.
+    staged: Vec<(&'static str, *const Value)>,
 }
 
 impl CallSources {
     fn push(&mut self, source: Source) -> usize {
         self.sources.push(source);
         self.sources.len() - 1
+    }
+
+    /// Make `source` the lazy global `name` of the call.
+    fn defer(&mut self, name: &str, source: Source) -> mlua::Result<()> {
+        let name = LAZY_GLOBALS
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| mlua::Error::runtime(format!("llmproxy: '{name}' cannot be a lazy global")))?;
+        let slot = self.push(source);
+        let free = self
+            .deferred
+            .iter_mut()
+            .find(|d| d.is_none())
+            .ok_or_else(|| mlua::Error::runtime("llmproxy: too many lazy globals for one call"))?;
+        *free = Some((name, slot));
+        Ok(())
     }
 }
 
@@ -245,7 +264,6 @@ impl CallData {
         s.sources.clear();
         s.deferred = [None; MAX_DEFERRED];
         s.staged.clear();
-        s.staged_fields.clear();
         s.generation = s.generation.wrapping_add(1);
     }
 
@@ -274,27 +292,27 @@ impl CallData {
         args
     }
 
-    /// Stage `globals` for the current call (see [`super::stage_globals`]).
+    /// Stage `globals` for the current call (see [`super::stage_globals`]):
+    /// a JSON value is set as the call starts, a flat table of scalars
+    /// becomes a lazy global (a copy of its fields is its source).
     ///
     /// # Safety
     /// As [`super::stage_globals`].
-    pub(super) unsafe fn stage(&self, globals: &[(&'static str, Global<'_>)]) {
+    pub(super) unsafe fn stage(&self, globals: &[(&'static str, Global<'_>)]) -> mlua::Result<()> {
         let mut s = self.sources.borrow_mut();
         for (name, value) in globals {
-            let staged = match *value {
-                Global::Json(Value::Null) => continue,
-                Global::Json(v) => Staged::Json(v),
+            match *value {
+                Global::Json(Value::Null) => {}
+                Global::Json(v) => s.staged.push((name, v)),
                 Global::Fields(fields) => {
-                    let start = s.staged_fields.len();
                     // SAFETY: the caller's promise (the strings outlive the
-                    // call); only the lifetime bound changes.
-                    s.staged_fields
-                        .extend(fields.iter().map(|(k, f)| (*k, unsafe { unbound(*f) })));
-                    Staged::Fields(start, s.staged_fields.len())
+                    // call).
+                    let fields = unsafe { ScalarFields::new(fields) };
+                    s.defer(name, Source::Scalars(Rc::new(fields)))?;
                 }
-            };
-            s.staged.push((name, staged));
+            }
         }
+        Ok(())
     }
 
     /// The result the last call encoded inside it, if it did.
@@ -341,24 +359,13 @@ impl CallData {
 /// `fields` must stay alive and unchanged until the VM's current call ends
 /// ([`end_call`]): the view keeps a pointer to it, not a copy.
 pub(crate) unsafe fn defer<'a>(lua: &Lua, name: &str, fields: &'a (dyn Fields + 'a)) -> mlua::Result<()> {
-    let name = LAZY_GLOBALS
-        .iter()
-        .position(|n| *n == name)
-        .ok_or_else(|| mlua::Error::runtime(format!("llmproxy: '{name}' cannot be a lazy global")))?;
     let p: *const (dyn Fields + 'a) = fields;
     // SAFETY: only the lifetime bound of the trait object changes; the
     // caller keeps the data alive for as long as the pointer is reachable.
     let p: *const (dyn Fields + 'static) = unsafe { std::mem::transmute(p) };
     let d = call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
     let mut s = d.sources.borrow_mut();
-    let slot = s.push(Source::Borrowed(p));
-    let free = s
-        .deferred
-        .iter_mut()
-        .find(|d| d.is_none())
-        .ok_or_else(|| mlua::Error::runtime("llmproxy: too many lazy globals for one call"))?;
-    *free = Some((name, slot));
-    Ok(())
+    s.defer(name, Source::Borrowed(p))
 }
 
 /// The cache table of a lazy table, or `None` for any other table.
@@ -711,29 +718,11 @@ unsafe extern "C-unwind" fn push_staged(state: *mut lua_State) -> c_int {
         };
         push_outside_limit(state, data, |to| {
             let s = data.sources.borrow();
-            for (name, staged) in &s.staged {
-                let value = match *staged {
-                    Staged::Json(v) => Global::Json(&*v),
-                    Staged::Fields(start, end) => Global::Fields(&s.staged_fields[start..end]),
-                };
-                super::push_global(state, name, value, 2, to.texts, to.plain);
+            for (name, value) in &s.staged {
+                super::push_global(state, name, &**value, 2, to.texts, to.plain);
             }
         });
         0
-    }
-}
-
-/// `scalar` with its borrow unbounded.
-///
-/// # Safety
-/// The string a [`Scalar::Str`] borrows outlives every use of the result.
-unsafe fn unbound(scalar: Scalar<'_>) -> Scalar<'static> {
-    match scalar {
-        Scalar::Bool(b) => Scalar::Bool(b),
-        Scalar::Int(i) => Scalar::Int(i),
-        Scalar::Num(n) => Scalar::Num(n),
-        // SAFETY: the caller's promise.
-        Scalar::Str(text) => Scalar::Str(unsafe { &*std::ptr::from_ref::<str>(text) }),
     }
 }
 

@@ -39,6 +39,7 @@ mod headers;
 pub(crate) mod lazy;
 mod numbers;
 pub mod parse;
+mod scalars;
 mod text;
 
 pub(crate) use fields::{push_str, Field, Fields, PushTable};
@@ -165,7 +166,7 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
 /// input is built for the call. The hooks' inputs are staged instead
 /// ([`stage_globals`]). A `null` value leaves its global absent (`nil`,
 /// not `json.null`): `if not key_info` works for an unknown key.
-pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]) -> mlua::Result<()> {
+pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) -> mlua::Result<()> {
     let m = markers(lua)?;
     // Owned here, outside the closure (see `json_to_lua`).
     let mut texts = Vec::new();
@@ -179,7 +180,7 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]
     unsafe {
         lua.exec_raw::<()>((env, &m.array_mt), |state| {
             for (name, value) in globals {
-                push_global(state, name, *value, 2, &mut texts, &mut plain);
+                push_global(state, name, value, 2, &mut texts, &mut plain);
             }
         })?;
     }
@@ -201,8 +202,7 @@ pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, Global<'_>)]
 pub(crate) unsafe fn stage_globals(lua: &Lua, globals: &[(&'static str, Global<'_>)]) -> mlua::Result<()> {
     let data = lazy::call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
     // SAFETY: the caller's promise.
-    unsafe { data.stage(globals) };
-    Ok(())
+    unsafe { data.stage(globals) }
 }
 
 /// Push `value` and store it as `name` in the table at stack index 1 (a
@@ -214,33 +214,30 @@ pub(crate) unsafe fn stage_globals(lua: &Lua, globals: &[(&'static str, Global<'
 pub(super) unsafe fn push_global(
     state: *mut lua_State,
     name: &str,
-    value: Global<'_>,
+    value: &Value,
     array_mt: c_int,
     texts: &mut Vec<(f64, Number)>,
     plain: &mut Vec<u64>,
 ) {
-    if matches!(value, Global::Json(Value::Null)) {
+    if value.is_null() {
         return;
     }
     if ffi::lua_checkstack(state, 2) == 0 {
         ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
     }
     ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
-    match value {
-        Global::Json(v) => push_json(state, v, array_mt, texts, plain),
-        Global::Fields(fields) => push_fields(state, fields, plain),
-    }
+    push_json(state, value, array_mt, texts, plain);
     ffi::lua_rawset(state, 1);
 }
 
-/// One global of [`set_globals`] and [`stage_globals`].
+/// One global of [`stage_globals`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Global<'a> {
     /// A JSON value.
     Json(&'a Value),
     /// A flat table of scalars (`standard_checks`, `rate_limit_status`,
-    /// `current_time`, `metadata`), pushed as it is, without a JSON value
-    /// built first.
+    /// `current_time`, `metadata`): a lazy table whose fields convert when
+    /// read (`scalars.rs`), without a JSON value built first.
     Fields(&'a [(&'static str, Scalar<'a>)]),
 }
 
@@ -262,40 +259,6 @@ pub(crate) enum Scalar<'a> {
     Num(f64),
     /// A string.
     Str(&'a str),
-}
-
-/// Push `fields` as one table on the stack of `state`.
-///
-/// # Safety
-/// `state` is live and inside a protected call (an allocation failure
-/// raises). Integers go to `plain` as [`push_json`] records them.
-unsafe fn push_fields(state: *mut lua_State, fields: &[(&'static str, Scalar<'_>)], plain: &mut Vec<u64>) {
-    // The table, a key and a value.
-    if ffi::lua_checkstack(state, 3) == 0 {
-        ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
-    }
-    ffi::lua_createtable(state, 0, c_int::try_from(fields.len()).unwrap_or(0));
-    for (name, field) in fields {
-        ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
-        match *field {
-            Scalar::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
-            Scalar::Int(i) => {
-                let f = i as f64;
-                plain.push(f.to_bits());
-                ffi::lua_pushnumber(state, f);
-            }
-            // As in JSON: a number that is not finite is null (absent).
-            Scalar::Num(f) if !f.is_finite() => ffi::lua_pushnil(state),
-            Scalar::Num(f) => {
-                plain.push(f.to_bits());
-                ffi::lua_pushnumber(state, f);
-            }
-            Scalar::Str(s) => {
-                ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
-            }
-        }
-        ffi::lua_rawset(state, -3);
-    }
 }
 
 /// Record numbers whose text a double does not reproduce, and the doubles

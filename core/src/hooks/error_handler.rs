@@ -47,7 +47,7 @@ impl HookInput for ErrorInput<'_> {
         // `Vm::call` (the `HookInput` contract).
         unsafe { self.request.defer(lua)? };
         let error = serialized(self.error)?;
-        convert::set_globals(lua, env, &[("error", (&error).into())])
+        convert::set_globals(lua, env, &[("error", &error)])
     }
 }
 

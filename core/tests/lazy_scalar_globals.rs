@@ -1,0 +1,190 @@
+//! The flat globals of scalars (`standard_checks`, `rate_limit_status`,
+//! `current_time`, `metadata`) are lazy tables: a script reads, iterates,
+//! encodes and changes them as plain tables, numbers keep their JSON form,
+//! and nothing a call does to them is seen by the next call.
+
+use std::path::Path;
+
+use llmproxy_core::hooks::{
+    AuthInput, AuthVerdict, CurrentTime, KeyInfo, RateLimitInput, RateLimitStatus, RateVerdict, RequestInfo,
+    ResponseInfo, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
+};
+use llmproxy_core::{Config, Engine};
+use serde_json::{json, Value};
+
+fn engine(hook: &str, script: &str) -> Engine {
+    let yaml = format!(
+        "scripts:\n  {hook}:\n    script: {}\n",
+        serde_json::to_string(script).expect("text")
+    );
+    Engine::new(Config::from_yaml(&yaml, Path::new(".")).expect("config")).expect("engine")
+}
+
+/// A script that returns what `body` makes of the globals as a deny's
+/// reason (a string).
+fn reason_of(body: &str) -> String {
+    let body = if body.starts_with("local") {
+        body.to_owned()
+    } else {
+        format!("return {body}")
+    };
+    format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}")
+}
+
+fn auth_says(engine: &Engine, checks: StandardChecks) -> String {
+    let request = RequestInfo::default();
+    match engine.auth(&AuthInput {
+        request: &request,
+        key_info: KeyInfo::none(),
+        standard_checks: checks,
+    }) {
+        Ok(AuthVerdict::Deny { reason, .. }) => reason.unwrap_or_default(),
+        other => panic!("expected a deny with a reason, got {other:?}"),
+    }
+}
+
+fn rate_limit_says(engine: &Engine) -> String {
+    let request = RequestInfo::default();
+    let verdict = engine.rate_limit(&RateLimitInput {
+        request: &request,
+        key_info: KeyInfo::none(),
+        rate_limit_status: RateLimitStatus {
+            global_remaining: 900,
+            key_remaining: 7,
+            concurrent_count: 2,
+        },
+        current_time: CurrentTime {
+            hour: 15,
+            weekday: 3,
+            timestamp: 1_796_400_000,
+        },
+    });
+    match verdict {
+        Ok(RateVerdict::Deny { reason, .. }) => reason.unwrap_or_default(),
+        other => panic!("expected a deny with a reason, got {other:?}"),
+    }
+}
+
+const CHECKS: StandardChecks = StandardChecks {
+    key_valid: true,
+    status_active: false,
+    not_expired: true,
+    ip_allowed: true,
+    quota_available: false,
+};
+
+#[test]
+fn standard_checks_read_as_a_plain_table() {
+    let cases = [
+        ("tostring(standard_checks.key_valid) .. ',' .. tostring(standard_checks.status_active)", "true,false"),
+        ("local n = 0 for _ in pairs(standard_checks) do n = n + 1 end return n", "5"),
+        (
+            "local t = {} for k, v in pairs(standard_checks) do t[#t + 1] = k .. '=' .. tostring(v) end table.sort(t) return table.concat(t, ' ')",
+            "ip_allowed=true key_valid=true not_expired=true quota_available=false status_active=false",
+        ),
+        ("json.encode(standard_checks)", r#"{"ip_allowed":true,"key_valid":true,"not_expired":true,"quota_available":false,"status_active":false}"#),
+        ("rawget(standard_checks, 'not_expired')", "true"),
+        ("standard_checks.nope", "nil"),
+        ("type(standard_checks)", "table"),
+    ];
+    for (expr, want) in cases {
+        assert_eq!(auth_says(&engine("auth", &reason_of(expr)), CHECKS), want, "{expr}");
+    }
+}
+
+#[test]
+fn rate_limit_globals_keep_their_integers() {
+    let cases = [
+        (
+            "current_time.hour .. ',' .. current_time.weekday .. ',' .. current_time.timestamp",
+            "15,3,1796400000",
+        ),
+        (
+            "rate_limit_status.key_remaining + rate_limit_status.global_remaining",
+            "907",
+        ),
+        (
+            "json.encode(current_time)",
+            r#"{"hour":15,"timestamp":1796400000,"weekday":3}"#,
+        ),
+        (
+            "json.encode(rate_limit_status)",
+            r#"{"concurrent_count":2,"global_remaining":900,"key_remaining":7}"#,
+        ),
+        (
+            "local n = 0 for _ in pairs(rate_limit_status) do n = n + 1 end return n",
+            "3",
+        ),
+        (
+            "math.type and 'x' or tostring(current_time.timestamp == 1796400000)",
+            "true",
+        ),
+    ];
+    for (expr, want) in cases {
+        assert_eq!(rate_limit_says(&engine("rate_limit", &reason_of(expr))), want, "{expr}");
+    }
+}
+
+#[test]
+fn what_a_call_does_to_them_is_gone_at_the_next_call() {
+    let e = engine(
+        "rate_limit",
+        &reason_of(
+            "local seen = tostring(current_time.extra) .. ',' .. current_time.hour \
+             current_time.extra = 1 current_time.hour = 99 rate_limit_status.key_remaining = nil \
+             return seen",
+        ),
+    );
+    for _ in 0..3 {
+        assert_eq!(rate_limit_says(&e), "nil,15");
+    }
+    let e = engine(
+        "auth",
+        &reason_of("local s = tostring(standard_checks.key_valid) standard_checks.key_valid = 0 return s"),
+    );
+    for _ in 0..3 {
+        assert_eq!(auth_says(&e, CHECKS), "true");
+    }
+}
+
+/// What the usage script's record says of `metadata`, for `latency_ms`.
+fn usage_metadata(latency_ms: f64) -> Value {
+    let e = engine(
+        "usage",
+        "return {billable_tokens = 1, seen = json.encode(metadata), url = metadata.backend_url, \
+         latency = metadata.latency_ms, stream = metadata.is_stream}",
+    );
+    let request = RequestInfo::default();
+    let response = ResponseInfo::default();
+    let out = e
+        .usage(&UsageInput {
+            request: &request,
+            usage: &json!({"prompt_tokens": 1}),
+            response: &response,
+            metadata: &UsageMetadata {
+                backend_url: "http://b:1".into(),
+                latency_ms,
+                is_stream: true,
+            },
+        })
+        .expect("usage");
+    match out {
+        UsageRecord::Custom(m) => Value::Object(m),
+        other => panic!("expected a record, got {other:?}"),
+    }
+}
+
+#[test]
+fn metadata_reads_as_a_plain_table_and_a_number_that_is_not_finite_is_absent() {
+    let r = usage_metadata(12.5);
+    assert_eq!(r["url"], "http://b:1");
+    assert_eq!(r["latency"], 12.5);
+    assert_eq!(r["stream"], true);
+    assert_eq!(
+        r["seen"],
+        r#"{"backend_url":"http://b:1","is_stream":true,"latency_ms":12.5}"#
+    );
+    let r = usage_metadata(f64::NAN);
+    assert!(r.get("latency").is_none(), "{r}");
+    assert_eq!(r["seen"], r#"{"backend_url":"http://b:1","is_stream":true}"#);
+}
