@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use super::fields::{Field, Fields};
 use super::Scalar;
@@ -24,7 +25,8 @@ enum Converted {
 
 /// The fields of a staged [`super::Global::Fields`], copied for the call.
 pub(super) struct ScalarFields {
-    fields: Vec<(&'static str, Converted)>,
+    /// Inline: the hooks' globals have at most five fields.
+    fields: SmallVec<[(&'static str, Converted); 5]>,
 }
 
 impl ScalarFields {
@@ -36,7 +38,7 @@ impl ScalarFields {
     /// The strings of [`Scalar::Str`] outlive the call (the staging
     /// caller's promise): only pointers to them are kept.
     pub(super) unsafe fn new(fields: &[(&'static str, Scalar<'_>)]) -> ScalarFields {
-        let mut fields: Vec<(&'static str, Converted)> = fields
+        let mut fields: SmallVec<[(&'static str, Converted); 5]> = fields
             .iter()
             .filter_map(|(name, scalar)| {
                 let value = match *scalar {
@@ -48,7 +50,10 @@ impl ScalarFields {
                 Some((*name, value))
             })
             .collect();
-        fields.sort_unstable_by_key(|(name, _)| *name);
+        // The hooks list them sorted already.
+        if !fields.is_sorted_by_key(|(name, _)| *name) {
+            fields.sort_unstable_by_key(|(name, _)| *name);
+        }
         ScalarFields { fields }
     }
 

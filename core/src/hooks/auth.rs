@@ -66,12 +66,13 @@ impl HookInput for AuthInput<'_> {
         // SAFETY: as above.
         let key_info = unsafe { self.key_info.defer(lua)? };
         let c = &self.standard_checks;
+        // Sorted by name, as the view keeps them.
         let checks = [
-            ("key_valid", Scalar::Bool(c.key_valid)),
-            ("status_active", Scalar::Bool(c.status_active)),
-            ("not_expired", Scalar::Bool(c.not_expired)),
             ("ip_allowed", Scalar::Bool(c.ip_allowed)),
+            ("key_valid", Scalar::Bool(c.key_valid)),
+            ("not_expired", Scalar::Bool(c.not_expired)),
             ("quota_available", Scalar::Bool(c.quota_available)),
+            ("status_active", Scalar::Bool(c.status_active)),
         ];
         // An unknown key's `null` key_info is left out (`nil`).
         let globals = [

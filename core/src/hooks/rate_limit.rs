@@ -59,16 +59,17 @@ impl HookInput for RateLimitInput<'_> {
         // SAFETY: as above.
         let key_info = unsafe { self.key_info.defer(lua)? };
         let s = &self.rate_limit_status;
+        // Sorted by name, as the views keep them.
         let status = [
+            ("concurrent_count", Scalar::Int(s.concurrent_count)),
             ("global_remaining", Scalar::Int(s.global_remaining)),
             ("key_remaining", Scalar::Int(s.key_remaining)),
-            ("concurrent_count", Scalar::Int(s.concurrent_count)),
         ];
         let t = &self.current_time;
         let time = [
             ("hour", Scalar::Int(i64::from(t.hour))),
-            ("weekday", Scalar::Int(i64::from(t.weekday))),
             ("timestamp", Scalar::Int(t.timestamp)),
+            ("weekday", Scalar::Int(i64::from(t.weekday))),
         ];
         // An unknown key's `null` key_info is left out (`nil`).
         let globals = [

@@ -46,10 +46,11 @@ impl HookInput for UsageInput<'_> {
         // SAFETY: as for `request`.
         unsafe { self.response.defer(lua)? };
         let m = self.metadata;
+        // Sorted by name, as the view keeps them.
         let metadata = [
             ("backend_url", Scalar::Str(&m.backend_url)),
-            ("latency_ms", Scalar::Num(m.latency_ms)),
             ("is_stream", Scalar::Bool(m.is_stream)),
+            ("latency_ms", Scalar::Num(m.latency_ms)),
         ];
         let globals = [("usage", self.usage.into()), ("metadata", Global::Fields(&metadata))];
         // SAFETY: `usage` and the backend URL are the input's, which
