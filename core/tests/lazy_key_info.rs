@@ -33,6 +33,17 @@ fn key_info() -> Value {
            "allowed_ips": ["10.0.0.0/8", "127.0.0.1"], "expires_at": null})
 }
 
+/// An auth script that denies with what `expr` (an expression, or a
+/// block starting with `local` that returns one) gives, as a string.
+fn reason_of(expr: &str) -> String {
+    let body = if expr.starts_with("local") {
+        expr.to_owned()
+    } else {
+        format!("return {expr}")
+    };
+    format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}")
+}
+
 /// What the auth script said, as the reason of a deny.
 fn said(engine: &Engine, key_info: KeyInfo<'_>) -> String {
     let request = RequestInfo::default();
@@ -60,12 +71,7 @@ fn an_auth_script_sees_key_info_as_a_plain_table() {
         ("tostring(key_info.nope)", "nil"),
     ];
     for (expr, want) in cases {
-        let body = if expr.starts_with("local") {
-            expr.to_owned()
-        } else {
-            format!("return {expr}")
-        };
-        let script = format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}");
+        let script = reason_of(expr);
         assert_eq!(
             said(&engine("auth", &script), KeyInfo::json(&key_info())),
             want,
@@ -133,7 +139,9 @@ fn a_rate_limit_script_reads_key_info_lazily_too() {
 fn the_hosts_live_count_is_the_used_quota_scripts_see() {
     let with = key_info();
     let mut without = key_info();
-    without.as_object_mut().map(|m| m.remove("used_quota"));
+    if let Some(m) = without.as_object_mut() {
+        m.remove("used_quota");
+    }
     // (record, expression, what the script says)
     let cases = [
         (&with, "key_info.used_quota", "42"),
@@ -167,12 +175,7 @@ fn the_hosts_live_count_is_the_used_quota_scripts_see() {
         ),
     ];
     for (record, expr, want) in cases {
-        let body = if expr.starts_with("local") {
-            expr.to_owned()
-        } else {
-            format!("return {expr}")
-        };
-        let script = format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}");
+        let script = reason_of(expr);
         assert_eq!(
             said(&engine("auth", &script), KeyInfo::live(record, 42)),
             want,
