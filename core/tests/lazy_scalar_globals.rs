@@ -184,6 +184,12 @@ fn metadata_reads_as_a_plain_table_and_a_number_that_is_not_finite_is_absent() {
         r["seen"],
         r#"{"backend_url":"http://b:1","is_stream":true,"latency_ms":12.5}"#
     );
+    let r = usage_metadata(3.0);
+    assert_eq!(r["latency"], 3.0);
+    assert_eq!(
+        r["seen"],
+        r#"{"backend_url":"http://b:1","is_stream":true,"latency_ms":3}"#
+    );
     let r = usage_metadata(f64::NAN);
     assert!(r.get("latency").is_none(), "{r}");
     assert_eq!(r["seen"], r#"{"backend_url":"http://b:1","is_stream":true}"#);

@@ -16,8 +16,8 @@ use super::Scalar;
 /// One field's value, as a script sees it.
 enum Converted {
     Bool(bool),
-    /// A JSON number (pushed as JSON numbers are, so an integer encodes
-    /// back as one).
+    /// A JSON number, as the double a script gets encodes (pushed as JSON
+    /// numbers are, so it encodes back the same).
     Number(Value),
     /// A string the staging caller keeps alive for the call.
     Text(*const str),
@@ -44,7 +44,8 @@ impl ScalarFields {
                 let value = match *scalar {
                     Scalar::Bool(b) => Converted::Bool(b),
                     Scalar::Int(i) => Converted::Number(Value::from(i)),
-                    Scalar::Num(f) => Converted::Number(serde_json::Number::from_f64(f).map(Value::Number)?),
+                    // As a Lua number encodes: 3.0 is 3.
+                    Scalar::Num(f) => Converted::Number(Value::Number(super::number(f).ok()?)),
                     Scalar::Str(s) => Converted::Text(s),
                 };
                 Some((*name, value))
