@@ -3,13 +3,15 @@
 //! does to it is seen by the next call. A host's live count reads as
 //! `used_quota` in every way a script can see the record.
 
-use std::path::Path;
+mod common;
+
+use common::{engine, reason_of};
 
 use llmproxy_core::hooks::{
     AuthInput, AuthVerdict, CurrentTime, KeyInfo, RateLimitInput, RateLimitStatus, RateVerdict, RequestInfo,
     StandardChecks,
 };
-use llmproxy_core::{Config, Engine};
+use llmproxy_core::Engine;
 use serde_json::{json, Value};
 
 const CHECKS: StandardChecks = StandardChecks {
@@ -20,28 +22,9 @@ const CHECKS: StandardChecks = StandardChecks {
     quota_available: true,
 };
 
-fn engine(hook: &str, script: &str) -> Engine {
-    let yaml = format!(
-        "scripts:\n  {hook}:\n    script: {}\n",
-        serde_json::to_string(script).expect("text")
-    );
-    Engine::new(Config::from_yaml(&yaml, Path::new(".")).expect("config")).expect("engine")
-}
-
 fn key_info() -> Value {
     json!({"key": "sk-1", "user_id": "u1", "name": "n", "total_quota": 100, "used_quota": 7,
            "allowed_ips": ["10.0.0.0/8", "127.0.0.1"], "expires_at": null})
-}
-
-/// An auth script that denies with what `expr` (an expression, or a
-/// block starting with `local` that returns one) gives, as a string.
-fn reason_of(expr: &str) -> String {
-    let body = if expr.starts_with("local") {
-        expr.to_owned()
-    } else {
-        format!("return {expr}")
-    };
-    format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}")
 }
 
 /// What the auth script said, as the reason of a deny.

@@ -3,33 +3,16 @@
 //! encodes and changes them as plain tables, numbers keep their JSON form,
 //! and nothing a call does to them is seen by the next call.
 
-use std::path::Path;
+mod common;
+
+use common::{engine, reason_of};
 
 use llmproxy_core::hooks::{
     AuthInput, AuthVerdict, CurrentTime, KeyInfo, RateLimitInput, RateLimitStatus, RateVerdict, RequestInfo,
     ResponseInfo, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
-use llmproxy_core::{Config, Engine};
+use llmproxy_core::Engine;
 use serde_json::{json, Value};
-
-fn engine(hook: &str, script: &str) -> Engine {
-    let yaml = format!(
-        "scripts:\n  {hook}:\n    script: {}\n",
-        serde_json::to_string(script).expect("text")
-    );
-    Engine::new(Config::from_yaml(&yaml, Path::new(".")).expect("config")).expect("engine")
-}
-
-/// A script that returns what `body` makes of the globals as a deny's
-/// reason (a string).
-fn reason_of(body: &str) -> String {
-    let body = if body.starts_with("local") {
-        body.to_owned()
-    } else {
-        format!("return {body}")
-    };
-    format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}")
-}
 
 fn auth_says(engine: &Engine, checks: StandardChecks) -> String {
     let request = RequestInfo::default();
