@@ -20,7 +20,9 @@ use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
 use serde_json::{Map, Number, Value};
+use smallvec::SmallVec;
 
 /// Nodes between two polls of the interrupt.
 pub const INTERRUPT_EVERY: u32 = 4096;
@@ -219,39 +221,98 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let Some(first) = map.next_key::<String>()? else {
-            self.deeper()?;
-            self.state.charge(NODE_COST)?;
-            return Ok(Value::Object(Map::new()));
-        };
-        if first == NUMBER_TOKEN {
-            let text: String = map.next_value()?;
-            self.state.charge(NODE_COST + text.len())?;
-            let n = text
-                .parse::<Number>()
-                .map_err(|e| de::Error::custom(format!("invalid number: {e}")))?;
-            // A number past the largest double (`1e400`) would reach a
-            // script as NaN: refused, as without `arbitrary_precision`.
-            if n.as_f64().is_none() {
-                return Err(de::Error::custom("number out of range"));
+        let first = match map.next_key_seed(FirstKeySeed)? {
+            None => {
+                self.deeper()?;
+                self.state.charge(NODE_COST)?;
+                return Ok(Value::Object(Map::new()));
             }
-            return Ok(Value::Number(n));
-        }
+            Some(FirstKey::Number) => {
+                let text: String = map.next_value()?;
+                self.state.charge(NODE_COST + text.len())?;
+                let n = text
+                    .parse::<Number>()
+                    .map_err(|e| de::Error::custom(format!("invalid number: {e}")))?;
+                // A number past the largest double (`1e400`) would reach a
+                // script as NaN: refused, as without `arbitrary_precision`.
+                if n.as_f64().is_none() {
+                    return Err(de::Error::custom("number out of range"));
+                }
+                return Ok(Value::Number(n));
+            }
+            Some(FirstKey::Name(k)) => k,
+        };
         let child = self.deeper()?;
         self.state.charge(NODE_COST)?;
-        let mut out = Map::new();
+        // The pairs first, then a map of the right size: a map grown pair by
+        // pair rehashed its keys at every doubling.
+        let mut pairs: SmallVec<[(String, Value); PAIRS_INLINE]> = SmallVec::new();
         let mut key = Some(first);
         while let Some(k) = key {
             self.state.charge(NODE_COST + k.len())?;
             let v = map.next_value_seed(child)?;
-            if out.contains_key(&k) {
-                self.state.stop.set(Some(Stop::Duplicate));
-                return Err(de::Error::custom(format!("duplicate key \"{}\"", short(&k))));
-            }
-            out.insert(k, v);
+            pairs.push((k, v));
             key = map.next_key::<String>()?;
         }
+        let mut out = Map::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            match out.entry(k) {
+                Entry::Vacant(slot) => {
+                    slot.insert(v);
+                }
+                Entry::Occupied(taken) => {
+                    self.state.stop.set(Some(Stop::Duplicate));
+                    return Err(de::Error::custom(format!("duplicate key \"{}\"", short(taken.key()))));
+                }
+            }
+        }
         Ok(Value::Object(out))
+    }
+}
+
+/// Pairs of an object kept inline while it is read (most objects of a
+/// request have fewer).
+const PAIRS_INLINE: usize = 8;
+
+/// An object's first key: a name, or the token under which serde_json
+/// hands over a number's text (recognized without copying it).
+enum FirstKey {
+    Number,
+    Name(String),
+}
+
+/// Reads a [`FirstKey`].
+struct FirstKeySeed;
+
+impl<'de> DeserializeSeed<'de> for FirstKeySeed {
+    type Value = FirstKey;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<FirstKey, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for FirstKeySeed {
+    type Value = FirstKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<FirstKey, E> {
+        Ok(if s == NUMBER_TOKEN {
+            FirstKey::Number
+        } else {
+            FirstKey::Name(s.to_owned())
+        })
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<FirstKey, E> {
+        Ok(if s == NUMBER_TOKEN {
+            FirstKey::Number
+        } else {
+            FirstKey::Name(s)
+        })
     }
 }
 
