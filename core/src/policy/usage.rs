@@ -28,6 +28,10 @@ use serde_json::Value;
 /// The usage kinds counted per backend, besides `billable_tokens`.
 pub const METRIC_KINDS: [&str; 4] = ["prompt_tokens", "completion_tokens", "total_tokens", "cost"];
 
+/// The metric kind of the tokens charged to the key's quota (the last of
+/// [`Charge::metrics`]).
+pub const BILLABLE_KIND: &str = "billable_tokens";
+
 /// What one request is charged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Charge {
@@ -70,7 +74,7 @@ pub fn charge(raw: &Value, record: Option<&Value>) -> Charge {
                 .map(|v| (*k, v))
         })
         .collect();
-    metrics.push(("billable_tokens", billable_tokens as f64));
+    metrics.push((BILLABLE_KIND, billable_tokens as f64));
     Charge {
         billable_tokens,
         limit_tokens: whole(number(raw, "total_tokens")),

@@ -265,11 +265,10 @@ impl UserData for LuaHandle {
             let out = this.step(
                 lua,
                 |h, engine| Ok(h.usage(engine)),
-                |lua, _, b| {
-                    let t = charge_table(lua, &b.charge)?;
-                    // The record (the script's, else the backend's usage) as
-                    // every host logs it and the ledger stores it.
-                    t.raw_set("record_json", lua.create_string(&b.record_json)?)?;
+                |lua, shared, b| {
+                    // With the record (the script's, else the backend's
+                    // usage) as every host logs it and the ledger stores it.
+                    let t = charge_table(lua, &shared.charge_keys, &b.charge, Some(&b.record_json))?;
                     charged = Some((b.charge, b.record_json));
                     Ok(Value::Table(t))
                 },

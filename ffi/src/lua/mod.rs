@@ -69,6 +69,7 @@ mod script_log;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
+use std::rc::Rc;
 
 use llmproxy_core::config::{BalancerKind, OnError};
 use llmproxy_core::http::hop_by_hop;
@@ -88,6 +89,52 @@ struct Shared {
     array_mt: Table,
     /// Metatable of error tables (`__tostring`).
     err_mt: Table,
+    /// The field names of a charge table.
+    charge_keys: Rc<ChargeKeys>,
+}
+
+/// The keys of the table [`charge_table`] builds, made once: a name
+/// pushed as text is hashed and looked up in the host's string table on
+/// every request, which was most of the table's cost under nginx.
+struct ChargeKeys {
+    billable_tokens: mlua::LuaString,
+    limit_tokens: mlua::LuaString,
+    prompt_tokens: mlua::LuaString,
+    completion_tokens: mlua::LuaString,
+    total_tokens: mlua::LuaString,
+    cost: mlua::LuaString,
+    metrics: mlua::LuaString,
+    record_json: mlua::LuaString,
+    /// The keys of `metrics`: core's usage metric kinds.
+    kinds: Vec<(&'static str, mlua::LuaString)>,
+}
+
+impl ChargeKeys {
+    fn new(lua: &Lua) -> mlua::Result<ChargeKeys> {
+        use llmproxy_core::policy::usage::{BILLABLE_KIND, METRIC_KINDS};
+        let key = |name: &str| lua.create_string(name);
+        Ok(ChargeKeys {
+            billable_tokens: key("billable_tokens")?,
+            limit_tokens: key("limit_tokens")?,
+            prompt_tokens: key("prompt_tokens")?,
+            completion_tokens: key("completion_tokens")?,
+            total_tokens: key("total_tokens")?,
+            cost: key("cost")?,
+            metrics: key("metrics")?,
+            record_json: key("record_json")?,
+            kinds: METRIC_KINDS
+                .iter()
+                .chain(&[BILLABLE_KIND])
+                .map(|k| Ok((*k, key(k)?)))
+                .collect::<mlua::Result<_>>()?,
+        })
+    }
+
+    /// The key made for a metric `kind` (`None` for a kind core does not
+    /// list, which a charge never holds).
+    fn kind(&self, kind: &str) -> Option<&mlua::LuaString> {
+        self.kinds.iter().find(|(k, _)| *k == kind).map(|(_, s)| s)
+    }
 }
 
 impl Shared {
@@ -518,20 +565,32 @@ fn log_lines(lua: &Lua, lines: Vec<script_log::Line>) -> mlua::Result<Value> {
 }
 
 /// A charge as `{ billable_tokens, limit_tokens, prompt_tokens,
-/// completion_tokens, total_tokens, cost, metrics = {kind = value} }`.
-fn charge_table(lua: &Lua, c: &llmproxy_core::policy::usage::Charge) -> mlua::Result<Table> {
-    let out = lua.create_table_with_capacity(0, 9)?;
-    out.raw_set("billable_tokens", c.billable_tokens)?;
-    out.raw_set("limit_tokens", c.limit_tokens)?;
-    out.raw_set("prompt_tokens", c.prompt_tokens)?;
-    out.raw_set("completion_tokens", c.completion_tokens)?;
-    out.raw_set("total_tokens", c.total_tokens)?;
-    out.raw_set("cost", c.cost)?;
+/// completion_tokens, total_tokens, cost, metrics = {kind = value} }`, with
+/// `record_json` when given.
+fn charge_table(
+    lua: &Lua,
+    keys: &ChargeKeys,
+    c: &llmproxy_core::policy::usage::Charge,
+    record_json: Option<&str>,
+) -> mlua::Result<Table> {
+    let out = lua.create_table_with_capacity(0, 8)?;
+    out.raw_set(&keys.billable_tokens, c.billable_tokens)?;
+    out.raw_set(&keys.limit_tokens, c.limit_tokens)?;
+    out.raw_set(&keys.prompt_tokens, c.prompt_tokens)?;
+    out.raw_set(&keys.completion_tokens, c.completion_tokens)?;
+    out.raw_set(&keys.total_tokens, c.total_tokens)?;
+    out.raw_set(&keys.cost, c.cost)?;
     let metrics = lua.create_table_with_capacity(0, c.metrics.len())?;
     for (kind, v) in &c.metrics {
-        metrics.raw_set(*kind, *v)?;
+        match keys.kind(kind) {
+            Some(key) => metrics.raw_set(key, *v)?,
+            None => metrics.raw_set(*kind, *v)?,
+        }
     }
-    out.raw_set("metrics", metrics)?;
+    out.raw_set(&keys.metrics, metrics)?;
+    if let Some(text) = record_json {
+        out.raw_set(&keys.record_json, lua.create_string(text)?)?;
+    }
     Ok(out)
 }
 
@@ -1127,6 +1186,7 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     let shared = Shared {
         array_mt: array_mt.clone(),
         err_mt,
+        charge_keys: Rc::new(ChargeKeys::new(lua)?),
     };
 
     let exports = lua.create_table()?;
@@ -1234,7 +1294,8 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 Value::Nil => None,
                 other => Some(json(&other, "record")?),
             };
-            charge_table(lua, &llmproxy_core::policy::usage::charge(&raw, record.as_ref()))
+            let charge = llmproxy_core::policy::usage::charge(&raw, record.as_ref());
+            charge_table(lua, &shared_charge.charge_keys, &charge, None)
         })?,
     )?;
     // llmproxy.metric_headers() -> { [name] = "# HELP ...\n# TYPE ..." }:
