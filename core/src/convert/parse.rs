@@ -270,9 +270,10 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
     }
 }
 
-/// Pairs of an object kept inline while it is read (most objects of a
-/// request have fewer).
-const PAIRS_INLINE: usize = 8;
+/// Pairs of an object kept on the stack while it is read (a message has
+/// two; a bigger object spills them to the heap). Small: the parse recurses
+/// once per level, up to serde_json's 128.
+const PAIRS_INLINE: usize = 4;
 
 /// An object's first key: a name, or the token under which serde_json
 /// hands over a number's text (recognized without copying it).
