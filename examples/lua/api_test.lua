@@ -656,8 +656,10 @@ local tests = {
     local fields = { id = "r1", path = "/v1/chat/completions", user_id = "user_001" }
     local h = assert(seed:handle(fields, '{"model":"gpt-4","viplevel":3,"messages":[]}'))
     assert(tostring(h) == "llmproxy.handle" and h:api() == "chat_completions")
-    local name, err = h:route(globals)
+    local name, err, lines, called, fell_back = h:route(globals)
     assert(name == "ultra" and err == nil and h:called(), tostring(err))
+    -- A step also says what h:called() and h:fell_back() would.
+    assert(lines == nil and called == true and fell_back == nil)
     -- Hooks outside the data path run on the handle's request (one parse).
     assert(seed:run_prepared("routing", h:request(), globals) == "ultra")
     local up = assert(h:upstream("http://u"))
@@ -669,7 +671,8 @@ local tests = {
     local a = assert(h:respond(200, { ["Content-Type"] = "application/json" }, answer, 9.5))
     assert(a.status == 200 and a.body:find('"model":"gpt-4"', 1, true), a.body)
     assert(h:called() and h:answer_parsed())
-    local b = assert(h:usage())
+    local b, _, _, called_usage = h:usage()
+    assert(b and called_usage == true)
     assert(b.billable_tokens == 28 and b.limit_tokens == 57 and b.record_json:find('"discount":0.5', 1, true),
       b.record_json)
 
@@ -692,12 +695,14 @@ local tests = {
       local e = assert(llmproxy.new("scripts:\n  request_transform: {on_error: " .. policy
         .. ", script: \"error('boom')\"}\n"))
       local h = assert(e:handle({ path = "/v1/chat/completions" }, '{"model":"m"}'))
-      local up, err = h:upstream("http://b")
+      local up, err, _, called, fell_back = h:upstream("http://b")
+      assert(called == true)
       if policy == "standard" then
         assert(up and up.body == nil and err == nil, "the client's body goes")
-        assert(h:fell_back().kind == "script_error")
+        assert(h:fell_back().kind == "script_error" and fell_back.kind == "script_error")
       else
         expect_error("script_error", up, err)
+        assert(fell_back == nil)
       end
     end
   end },

@@ -40,8 +40,10 @@
 //! ```
 //!
 //! Each step returns `nil, err` when its hook failed under `on_error: deny`
-//! (the host answers 503), and, third, the lines its script logged. The
-//! handle keeps its engine alive.
+//! (the host answers 503); then, third, the lines its script logged (nil
+//! for none), fourth whether its script ran (`h:called()`) and fifth its
+//! failure under `on_error: standard` (`h:fell_back()`). The handle keeps
+//! its engine alive.
 
 use std::panic::{self, AssertUnwindSafe};
 
@@ -53,7 +55,7 @@ use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use llmproxy_ledger::{Charged, LedgerRecord, Served};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
-use super::{charge_table, keys, policy, reply, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
+use super::{charge_table, keys, log_lines, policy, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
 use crate::input;
@@ -120,7 +122,21 @@ impl LuaHandle {
             Ok(Step::Denied(e)) => Err(Failure::from(e)),
             Err(f) => Err(f),
         };
-        reply(lua, &self.shared, outcome, lines)
+        // What h:called() and h:fell_back() would say, returned with the
+        // step: the host reads both after every step whose script ran, and
+        // each call into the module costs more than the value.
+        let fell_back = match &self.fell_back {
+            Some(f) => Value::Table(self.shared.error(lua, f.clone())?),
+            None => Value::Nil,
+        };
+        let mut out = match outcome {
+            Ok(value) => MultiValue::from_vec(vec![value, Value::Nil]),
+            Err(f) => self.shared.fail(lua, f)?,
+        };
+        out.push_back(log_lines(lua, lines)?);
+        out.push_back(Value::Boolean(self.handle.called()));
+        out.push_back(fell_back);
+        Ok(out)
     }
 }
 

@@ -94,9 +94,8 @@ end
 -- nil, nil and the error of the host's input (a bug of this module,
 -- logged: the data path goes on as without the hook, admission refuses)
 local function step(ctx, hook, policy, method, ...)
-    local h = ctx.h
     local t0 = ctx.state.enabled[hook] and clock() -- a hook without a script is never timed
-    local res, err, lines = method(h, ...)
+    local res, err, lines, called, fell_back = method(ctx.h, ...)
     if lines then
         script_log(lines)
     end
@@ -105,10 +104,10 @@ local function step(ctx, hook, policy, method, ...)
         ngx_log(ERR, "llmproxy: ", hook, " step of request ", ctx.id, " failed: ", describe_error(err))
         return nil, nil, err
     end
-    if not (t0 and h:called()) then
+    if not (t0 and called) then
         return res -- no script ran: nothing to count, nothing failed
     end
-    account(ctx, hook, policy, t0, err, not err and h:fell_back() or nil)
+    account(ctx, hook, policy, t0, err, fell_back)
     return res, err
 end
 
