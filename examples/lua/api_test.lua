@@ -67,6 +67,18 @@ local tests = {
     local ok, cjson = pcall(require, "cjson")
     if ok then assert(cjson.null == llmproxy.null) end
   end },
+  { "hop_by_hop names the headers that stay on the client's hop, as core's rule says", function()
+    local drop = assert(llmproxy.hop_by_hop({
+      host = "h", connection = { "close, X-Secret", "x-other" }, ["x-secret"] = "s", ["x-other"] = "o",
+      ["proxy-authorization"] = "p", te = "trailers", ["x-kept"] = "k", [1] = "not a header",
+    }))
+    table.sort(drop)
+    assert(table.concat(drop, " ") == "connection proxy-authorization te x-other x-secret", table.concat(drop, " "))
+    assert(llmproxy.hop_by_hop({ host = "h", ["content-type"] = "application/json" }) == nil)
+    drop = assert(llmproxy.hop_by_hop({ connection = "keep-alive", ["Keep-Alive"] = "timeout=5" }))
+    table.sort(drop)
+    assert(table.concat(drop, " ") == "Keep-Alive connection", table.concat(drop, " "))
+  end },
   { "a string result comes back as a string, with a nil error", function()
     local res, err = engine:run("routing", routing_input({ viplevel = 3 }))
     assert(res == "ultra" and err == nil)

@@ -60,6 +60,7 @@
 
 pub mod convert;
 mod handle;
+mod hop_headers;
 mod keys;
 mod ledger;
 mod limiter;
@@ -72,7 +73,6 @@ use std::path::Path;
 use std::rc::Rc;
 
 use llmproxy_core::config::{BalancerKind, OnError};
-use llmproxy_core::http::hop_by_hop;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{AnyUserData, Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
@@ -1366,37 +1366,7 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // `ngx.req.get_headers()` gives it) that describe the client's
     // connection and must not go upstream, or nil when there are none: the
     // core's rule, so nginx and the gateway drop the same names.
-    exports.raw_set(
-        "hop_by_hop",
-        lua.create_function(|lua, headers: Table| {
-            let connection: Option<String> = match headers.raw_get::<Value>("connection")? {
-                Value::String(s) => Some(s.to_string_lossy()),
-                Value::Table(t) => Some(
-                    t.sequence_values::<String>()
-                        .collect::<mlua::Result<Vec<_>>>()?
-                        .join(","),
-                ),
-                _ => None,
-            };
-            let listed: Vec<String> = connection
-                .as_deref()
-                .map(|c| hop_by_hop::connection_names(c).collect())
-                .unwrap_or_default();
-            let mut drop: Vec<String> = Vec::new();
-            for pair in headers.pairs::<mlua::LuaString, Value>() {
-                let (name, _) = pair?;
-                // Names are compared in place; only the ones to drop are copied.
-                let Ok(name) = name.to_str() else { continue };
-                if hop_by_hop::is_hop_by_hop(&name) || listed.iter().any(|l| l.eq_ignore_ascii_case(&name)) {
-                    drop.push(name.to_owned());
-                }
-            }
-            if drop.is_empty() {
-                return Ok(Value::Nil);
-            }
-            Ok(Value::Table(lua.create_sequence_from(drop)?))
-        })?,
-    )?;
+    exports.raw_set("hop_by_hop", lua.create_function(hop_headers::names)?)?;
     let shared_request = shared.clone();
     exports.raw_set(
         "request",
