@@ -55,7 +55,7 @@ use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use llmproxy_ledger::{Charged, LedgerRecord, Served};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
-use super::{charge_table, keys, log_lines, policy, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
+use super::{charge_table, keys, log_lines, outcome_values, policy, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
 use crate::input;
@@ -125,18 +125,21 @@ impl LuaHandle {
         // What h:called() and h:fell_back() would say, returned with the
         // step: the host reads both after every step whose script ran, and
         // each call into the module costs more than the value.
-        let fell_back = match &self.fell_back {
-            Some(f) => Value::Table(self.shared.error(lua, f.clone())?),
-            None => Value::Nil,
-        };
-        let mut out = match outcome {
-            Ok(value) => MultiValue::from_vec(vec![value, Value::Nil]),
-            Err(f) => self.shared.fail(lua, f)?,
-        };
+        let fell_back = self.fell_back_value(lua)?;
+        let mut out = outcome_values(lua, &self.shared, outcome)?;
         out.push_back(log_lines(lua, lines)?);
         out.push_back(Value::Boolean(self.handle.called()));
         out.push_back(fell_back);
         Ok(out)
+    }
+
+    /// The last step's failure under `on_error: standard` as an error
+    /// table, or nil.
+    fn fell_back_value(&self, lua: &Lua) -> mlua::Result<Value> {
+        Ok(match &self.fell_back {
+            Some(f) => Value::Table(self.shared.error(lua, f.clone())?),
+            None => Value::Nil,
+        })
     }
 }
 
@@ -370,10 +373,7 @@ impl UserData for LuaHandle {
                 shared: this.shared.clone(),
             })
         });
-        methods.add_method("fell_back", |lua, this, ()| match &this.fell_back {
-            Some(f) => Ok(Value::Table(this.shared.error(lua, f.clone())?)),
-            None => Ok(Value::Nil),
-        });
+        methods.add_method("fell_back", |lua, this, ()| this.fell_back_value(lua));
     }
 }
 

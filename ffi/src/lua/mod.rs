@@ -535,14 +535,19 @@ fn reply(
     outcome: Result<Value, Failure>,
     lines: Vec<script_log::Line>,
 ) -> mlua::Result<MultiValue> {
-    let mut out = match outcome {
-        Ok(value) => MultiValue::from_vec(vec![value, Value::Nil]),
-        Err(f) => shared.fail(lua, f)?,
-    };
+    let mut out = outcome_values(lua, shared, outcome)?;
     if !lines.is_empty() {
         out.push_back(log_lines(lua, lines)?);
     }
     Ok(out)
+}
+
+/// `value, nil` or `nil, err`.
+fn outcome_values(lua: &Lua, shared: &Shared, outcome: Result<Value, Failure>) -> mlua::Result<MultiValue> {
+    match outcome {
+        Ok(value) => Ok(MultiValue::from_vec(vec![value, Value::Nil])),
+        Err(f) => shared.fail(lua, f),
+    }
 }
 
 /// The lines a call's scripts logged as
