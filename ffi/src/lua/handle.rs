@@ -55,7 +55,9 @@ use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use llmproxy_ledger::{Charged, LedgerRecord, Served};
 use mlua::{AnyUserData, Lua, LuaString, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 
-use super::{charge_table, keys, log_lines, outcome_values, policy, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared};
+use super::{
+    charge_table, keys, log_lines, outcome_values, policy, script_log, LuaEngine, LuaGlobals, LuaRequest, Shared,
+};
 use crate::capi::boundary::from_panic;
 use crate::capi::error::Failure;
 use crate::input;
