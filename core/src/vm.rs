@@ -248,15 +248,11 @@ impl Vm {
             Some(budget) => self.state.watchdog.arm_budget(budget, timeout),
             None => self.state.watchdog.arm(timeout),
         }
-        let [generation, n1, s1, n2, s2, n3, s3, n4, s4, staged] =
-            self.state.call_data.run_args(limits, spec.body_as_text);
-        let result = self
-            .state
-            .run
-            .call::<(Value, bool)>((chunk, &self.env, generation, n1, s1, n2, s2, n3, s3, n4, s4, staged));
+        let args = self.state.call_data.run_args(limits, spec.body_as_text);
+        let result = sandbox::pcall::call_run(lua, &self.state.traceback, &self.state.run, chunk, &self.env, &args);
         let result = result.map(|(value, emptied)| {
             self.env_emptied = Some(emptied);
-            value
+            value.unwrap_or(Value::Nil)
         });
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);

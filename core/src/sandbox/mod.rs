@@ -27,6 +27,7 @@ pub(crate) mod context;
 mod helpers;
 pub mod jit;
 pub mod pattern;
+pub(crate) mod pcall;
 mod random;
 mod timer;
 pub(crate) mod watchdog;
@@ -59,6 +60,8 @@ pub(crate) struct SandboxState {
     /// Runs one call: sets the call's lazy inputs, then the script
     /// (`convert::lazy`).
     pub run: mlua::Function,
+    /// The message handler `run` is called with ([`pcall`]).
+    pub traceback: mlua::Function,
     /// The conversions' per-call data (`convert::lazy`).
     pub call_data: Rc<convert::CallData>,
     /// What the helpers know of the call running (also app data).
@@ -217,6 +220,8 @@ fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
     // Nothing runs in the raw globals from here on; empty them so that no
     // forgotten path can reach `jit`, `os.exit` or the real libraries.
     lua.set_globals(lua.create_table()?)?;
+    // SAFETY: `traceback` is a message handler as LuaJIT calls one.
+    let traceback = unsafe { lua.create_c_function(pcall::traceback)? };
     lua.gc_collect()?;
 
     Ok(SandboxState {
@@ -224,6 +229,7 @@ fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
         env_mt,
         watchdog,
         run: lazy.run,
+        traceback,
         call_data: lazy.data,
         context,
     })
