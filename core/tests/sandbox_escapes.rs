@@ -307,6 +307,24 @@ return {present = table.concat(r, ","), time = type(os.time), clock = type(os.cl
         e("Try jit.on to defeat the time limit", "`jit.on()` then a hot loop", "jit.on() for i = 1, 1e9 do end", kind(ScriptError)),
         e("Try ffi.C", "`ffi.cdef` + `ffi.C.getpid()`", "ffi.cdef('int getpid(void);') return {p = ffi.C.getpid()}", kind(ScriptError)),
         e("Try package.loaded", "`package.loaded.io`", "return {t = type(package.loaded.io)}", kind(ScriptError)),
+        // Where the JIT compiler is on, views read numbers, booleans and
+        // objects through LuaJIT's FFI (`convert/lazy/fast_field.rs`): no
+        // C data, nor the FFI itself, may reach a script that way.
+        e(
+            "Try catching C data from a view's fields",
+            "read a number, a boolean, an object, a string, null and an absent field of `request.body`, twice, and the view's metatable",
+            r#"local b = request.body
+local r = {}
+for _ = 1, 2 do
+  for _, k in ipairs({"n", "b", "o", "s", "z", "absent"}) do r[#r + 1] = type(b[k]) end
+end
+return {types = table.concat(r, ","), n = b.n + 1, mt = type(getmetatable(b)), ffi = type(ffi)}"#,
+            value(json!({
+                "types": "number,boolean,table,string,userdata,nil,number,boolean,table,string,userdata,nil",
+                "n": 4, "mt": "nil", "ffi": "nil"
+            })),
+        )
+        .input(json!({"request": {"id": "r1", "body": {"n": 3, "b": true, "o": {"x": 1}, "s": "str", "z": null}}})),
         e(
             "Try a coroutine to escape the hook",
             "`coroutine.wrap` around an endless loop",

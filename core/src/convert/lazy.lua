@@ -57,6 +57,25 @@ local function fill(array, views, generation)
     end
 end
 
+-- Where the JIT compiler is on: the field read it can compile, a C
+-- function called through the FFI (`fast_field.rs`) for numbers, booleans,
+-- absent fields and objects; `load_field` (which ends a compiled trace)
+-- reads the rest. `fast_kind[0]` says what the call found.
+-- The call data goes as a pointer: the compiler cannot pass a light
+-- userdata as one.
+local fast_field, fast_kind, KIND, CALL_DATA_P
+if rust.ffi then
+    fast_field = rust.ffi.cast(rust.fast_field_type, rust.fast_field)
+    fast_kind = rust.ffi.new("int[1]")
+    CALL_DATA_P = rust.ffi.cast("void *", CALL_DATA)
+    KIND = rust.fast_kinds
+end
+local FAST_NIL = KIND and KIND["nil"]
+local FAST_NUMBER = KIND and KIND.number
+local FAST_TRUE = KIND and KIND["true"]
+local FAST_FALSE = KIND and KIND["false"]
+local FAST_OBJECT = KIND and KIND.object
+
 -- Metatable of every cache: a read of a field not cached yet converts it.
 local cache_mt = {}
 
@@ -65,7 +84,28 @@ function cache_mt.__index(cache, key)
         return nil
     end
     local generation = rawget(cache, GENERATION)
-    local value, child, views = load_field(rawget(cache, SOURCE), generation, key, ARRAY_MT, headers_mt, CALL_DATA)
+    local slot = rawget(cache, SOURCE)
+    if fast_field then
+        local x = fast_field(CALL_DATA_P, slot, generation, key, #key, fast_kind)
+        local kind = fast_kind[0]
+        local value
+        if kind == FAST_NUMBER then
+            value = x
+        elseif kind == FAST_OBJECT then
+            value = lazy(x, generation)
+        elseif kind == FAST_TRUE then
+            value = true
+        elseif kind == FAST_FALSE then
+            value = false
+        elseif kind == FAST_NIL then
+            return nil
+        end
+        if value ~= nil then
+            rawset(cache, key, value)
+            return value
+        end
+    end
+    local value, child, views = load_field(slot, generation, key, ARRAY_MT, headers_mt, CALL_DATA)
     if child then
         value = lazy(child, generation)
     elseif views then

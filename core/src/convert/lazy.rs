@@ -41,6 +41,8 @@ use super::fields::{self, Field, Fields, PushTo};
 use super::scalars::ScalarFields;
 use super::{Global, NumberTexts};
 
+mod fast_field;
+
 const LAZY_LUA: &str = include_str!("lazy.lua");
 
 /// The hidden key under which a cache keeps the index of its source.
@@ -224,6 +226,9 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
     rust.raw_set("array_mt", super::markers(lua)?.array_mt.clone())?;
     rust.raw_set("max_globals", crate::vm::MAX_REUSED_GLOBALS)?;
     rust.raw_set("call_data", data)?;
+    if crate::sandbox::jit::enabled() {
+        install_fast_field(lua, &rust)?;
+    }
     let module: Table = lua.load(LAZY_LUA).set_name("=llmproxy.lazy").call(rust)?;
     lua.set_app_data(HeadersMt(module.raw_get("headers_mt")?));
     Ok(LazyLua {
@@ -231,6 +236,41 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
         materialize: module.raw_get("materialize")?,
         data: shared,
     })
+}
+
+/// Give `lazy.lua` what it needs to read fields through the FFI
+/// ([`fast_field`]): LuaJIT's `ffi` module, opened for it alone (no global,
+/// no `require` entry: scripts cannot reach it, nor anything `lazy.lua`
+/// keeps in its upvalues), the function's address, its C type and the
+/// codes of its `kind`.
+fn install_fast_field(lua: &Lua, rust: &Table) -> mlua::Result<()> {
+    // SAFETY: `luaopen_ffi` follows the Lua C API (it returns the module).
+    let open = unsafe { lua.create_c_function(ffi::luaopen_ffi)? };
+    let module: Table = open.call(())?;
+    // `luaopen_ffi` also registers itself as a loaded module. The module
+    // must stay alive, though: it holds LuaJIT's only reference to the
+    // table of C types' metatables, which the JIT compiler reads when it
+    // records an FFI call. A registry key of our own keeps it (scripts
+    // cannot read the registry).
+    let loaded: Table = lua.named_registry_value("_LOADED")?;
+    loaded.raw_set("ffi", LuaValue::Nil)?;
+    lua.set_named_registry_value("llmproxy.ffi", &module)?;
+    rust.raw_set("ffi", module)?;
+    let address = fast_field::fast_field as *const () as *mut c_void;
+    rust.raw_set("fast_field", LightUserData(address))?;
+    rust.raw_set("fast_field_type", fast_field::SIGNATURE)?;
+    let kinds = lua.create_table()?;
+    for (name, code) in [
+        ("nil", fast_field::NIL),
+        ("number", fast_field::NUMBER),
+        ("true", fast_field::TRUE),
+        ("false", fast_field::FALSE),
+        ("object", fast_field::OBJECT),
+        ("other", fast_field::OTHER),
+    ] {
+        kinds.raw_set(name, code)?;
+    }
+    rust.raw_set("fast_kinds", kinds)
 }
 
 /// The metatable of headers tables (VM app data).
