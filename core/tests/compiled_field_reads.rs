@@ -1,7 +1,7 @@
 //! A view's field reads once LuaJIT has compiled them: where the JIT
-//! compiler is on, numbers, booleans, absent fields and objects are read
-//! through the FFI inside compiled traces, everything else through the C
-//! loader (`convert/lazy/fast_field.rs`). Thousands of calls on one VM,
+//! compiler is on, numbers, booleans, short strings, absent fields and
+//! objects are read through the FFI inside compiled traces, everything
+//! else through the C loader (`convert/lazy/fast_field.rs`). Thousands of calls on one VM,
 //! with the shape of the body changing from call to call, must read what
 //! the first, interpreted calls read.
 
@@ -30,7 +30,8 @@ fn body(i: u64) -> Value {
         0 => {
             json!({"n": i, "flag": true, "o": {"x": i + 1, "inner": {"y": 7}}, "s": "a", "big": 12345678901234567890u64, "list": [1]})
         }
-        1 => json!({"n": i, "flag": false, "o": {"x": i + 1}, "s": "b", "big": 1.5}),
+        // Longer than the strings the FFI path copies itself.
+        1 => json!({"n": i, "flag": false, "o": {"x": i + 1}, "s": "b".repeat(2000), "big": 1.5}),
         2 => json!({"n": i, "s": "c", "big": 7}),
         _ => json!({"n": i as f64 + 0.25, "flag": true, "o": {"inner": {"y": i}}, "s": "é", "big": 1e300, "list": []}),
     }

@@ -59,19 +59,23 @@ end
 
 -- Where the JIT compiler is on: the field read it can compile, a C
 -- function called through the FFI (`fast_field.rs`) for numbers, booleans,
--- absent fields and objects; `load_field` (which ends a compiled trace)
--- reads the rest. `fast_kind[0]` says what the call found.
+-- short strings, absent fields and objects; `load_field` (which ends a
+-- compiled trace) reads the rest. `found.kind` says what the call found.
 -- The call data goes as a pointer: the compiler cannot pass a light
 -- userdata as one.
-local fast_field, fast_kind, KIND, CALL_DATA_P
+local fast_field, found, ffi_string, KIND, CALL_DATA_P
 if rust.ffi then
-    fast_field = rust.ffi.cast(rust.fast_field_type, rust.fast_field)
-    fast_kind = rust.ffi.new("int[1]")
-    CALL_DATA_P = rust.ffi.cast("void *", CALL_DATA)
+    local ffi = rust.ffi
+    ffi.cdef(rust.fast_field_declarations)
+    fast_field = ffi.cast(rust.fast_field_type, rust.fast_field)
+    found = ffi.new("struct llmproxy_found")
+    ffi_string = ffi.string
+    CALL_DATA_P = ffi.cast("void *", CALL_DATA)
     KIND = rust.fast_kinds
 end
 local FAST_NIL = KIND and KIND["nil"]
 local FAST_NUMBER = KIND and KIND.number
+local FAST_STRING = KIND and KIND.string
 local FAST_TRUE = KIND and KIND["true"]
 local FAST_FALSE = KIND and KIND["false"]
 local FAST_OBJECT = KIND and KIND.object
@@ -86,11 +90,13 @@ function cache_mt.__index(cache, key)
     local generation = rawget(cache, GENERATION)
     local slot = rawget(cache, SOURCE)
     if fast_field then
-        local x = fast_field(CALL_DATA_P, slot, generation, key, #key, fast_kind)
-        local kind = fast_kind[0]
+        local x = fast_field(CALL_DATA_P, slot, generation, key, #key, found)
+        local kind = found.kind
         local value
         if kind == FAST_NUMBER then
             value = x
+        elseif kind == FAST_STRING then
+            value = ffi_string(found.text, found.len)
         elseif kind == FAST_OBJECT then
             value = lazy(x, generation)
         elseif kind == FAST_TRUE then

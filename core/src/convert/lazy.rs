@@ -258,6 +258,7 @@ fn install_fast_field(lua: &Lua, rust: &Table) -> mlua::Result<()> {
     rust.raw_set("ffi", module)?;
     let address = fast_field::fast_field as *const () as *mut c_void;
     rust.raw_set("fast_field", LightUserData(address))?;
+    rust.raw_set("fast_field_declarations", fast_field::DECLARATIONS)?;
     rust.raw_set("fast_field_type", fast_field::SIGNATURE)?;
     let kinds = lua.create_table()?;
     for (name, code) in [
@@ -267,6 +268,7 @@ fn install_fast_field(lua: &Lua, rust: &Table) -> mlua::Result<()> {
         ("false", fast_field::FALSE),
         ("object", fast_field::OBJECT),
         ("other", fast_field::OTHER),
+        ("string", fast_field::STRING),
     ] {
         kinds.raw_set(name, code)?;
     }

@@ -1,6 +1,7 @@
 //! The field read LuaJIT can compile: a plain C function `lazy.lua` calls
-//! through the FFI, for the fields whose value needs no Lua object (a
-//! number, a boolean, an absent field, an object that becomes a view).
+//! through the FFI, for the fields whose value it can make without the
+//! Lua API (a number, a boolean, a short string, an absent field, an
+//! object that becomes a view).
 //!
 //! [`super::load_field`] is a `lua_CFunction`. LuaJIT cannot compile a call
 //! to one: a compiled trace that reaches it exits to the interpreter, the
@@ -8,12 +9,12 @@
 //! cost ~2,000 instructions that way, half of a seed routing call. A call
 //! through the FFI is compiled into the trace like any other instruction;
 //! its price is that the callee may not touch the Lua state (no stack, no
-//! allocation, no error), so it describes the value in `kind` and
-//! `lazy.lua` makes it: a number is returned as is, an object's new source
-//! slot becomes a view there. Every other field (a string, an array,
+//! allocation, no error), so it describes the value in a [`Found`] and
+//! `lazy.lua` makes it: a number is returned as is, a string is copied
+//! from the bytes `Found` points at (`ffi.string`), an object's new source
+//! slot becomes a view. Every other field (a long string, an array,
 //! headers, host tables, JSON null) and every error go to
-//! [`super::load_field`], which converts them as before, under the same
-//! memory accounting.
+//! [`super::load_field`], which converts them as before.
 //!
 //! Only where the JIT compiler is on for sandbox VMs ([`crate::sandbox::jit`]):
 //! interpreted, an FFI call costs twice a C function's.
@@ -39,56 +40,100 @@ pub(super) const FALSE: c_int = 3;
 pub(super) const OBJECT: c_int = 4;
 /// Anything else: `load_field` reads it.
 pub(super) const OTHER: c_int = 5;
+/// The field is the string [`Found`] points at.
+pub(super) const STRING: c_int = 6;
 
-/// The C declaration `lazy.lua` casts [`fast_field`]'s address to.
-pub(super) const SIGNATURE: &str = "double (*)(void *, double, double, const char *, size_t, int *)";
+/// Longest string read this way. Unlike `load_field`'s, its copy is
+/// allocated under the script's memory limit (the FFI callee cannot lift
+/// it): a short one, once per field and call, is noise next to any limit.
+pub(super) const MAX_STRING: usize = 1024;
+
+/// The C declarations `lazy.lua` needs: [`Found`], and the type it casts
+/// [`fast_field`]'s address to.
+pub(super) const DECLARATIONS: &str = "struct llmproxy_found { int kind; int len; const char *text; };";
+/// See [`DECLARATIONS`].
+pub(super) const SIGNATURE: &str = "double (*)(void *, double, double, const char *, size_t, struct llmproxy_found *)";
+
+/// What [`fast_field`] found (`struct llmproxy_found`).
+#[repr(C)]
+pub(super) struct Found {
+    /// [`NIL`] ... [`STRING`].
+    kind: c_int,
+    /// A [`STRING`]'s length.
+    len: c_int,
+    /// A [`STRING`]'s bytes, alive until the call ends (they belong to its
+    /// input).
+    text: *const u8,
+}
 
 /// Field `len` bytes at `key` of source `slot` of call `generation`, as
-/// [`super::load_field`] would convert it, when it is a number, a boolean,
-/// absent or an object; `*kind` says which ([`NIL`] ... [`OTHER`]).
+/// [`super::load_field`] would convert it, when it is a number, a
+/// boolean, a string of at most [`MAX_STRING`] bytes, absent or an object;
+/// `found` says which, and where the string is.
 ///
 /// # Safety
 /// Called by LuaJIT's FFI from `lazy.lua` only: `data` is the VM's
 /// [`CallData`], `key` points at `len` readable bytes (a Lua string the
-/// caller holds), `kind` at one writable `int`. It touches no Lua state and
-/// cannot unwind (`extern "C"`: a panic aborts, and nothing here panics on
-/// any input).
+/// caller holds), `found` at a writable [`Found`]. It touches no Lua state
+/// and cannot unwind (`extern "C"`: a panic aborts, and nothing here panics
+/// on any input).
 pub(super) unsafe extern "C" fn fast_field(
     data: *const CallData,
     slot: f64,
     generation: f64,
     key: *const u8,
     len: usize,
-    kind: *mut c_int,
+    found: *mut Found,
 ) -> f64 {
     // SAFETY: the function's contract.
-    let (data, key, kind) = unsafe {
-        let Some(kind) = kind.as_mut() else {
+    let (data, key, found) = unsafe {
+        let Some(found) = found.as_mut() else {
             return 0.0;
         };
-        *kind = OTHER;
+        found.kind = OTHER;
         let Some(data) = data.as_ref() else {
             return 0.0;
         };
-        (data, std::slice::from_raw_parts(key, len), kind)
+        (data, std::slice::from_raw_parts(key, len), found)
     };
     // A key that is not UTF-8 names no field (as `load_field` reads it).
     let Ok(name) = std::str::from_utf8(key) else {
-        *kind = NIL;
+        found.kind = NIL;
         return 0.0;
     };
     // A lazy table of another call: `load_field` raises the error.
     let Ok(source) = data.source(slot, generation) else {
         return 0.0;
     };
-    let (found, value) = read(data, &source, name);
-    *kind = found;
+    read(data, &source, name, found)
+}
+
+/// Field `name` of `source` into `found` (see [`fast_field`]).
+fn read(data: &CallData, source: &Source, name: &str, found: &mut Found) -> f64 {
+    let field = source.fields().field(name);
+    let text = match field {
+        Field::Text(s) => Some(s),
+        Field::Json(Value::String(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    if let Some(text) = text {
+        match c_int::try_from(text.len()) {
+            Ok(len) if text.len() <= MAX_STRING => {
+                found.kind = STRING;
+                found.len = len;
+                found.text = text.as_ptr();
+            }
+            _ => {}
+        }
+        return 0.0;
+    }
+    let (kind, value) = scalar(data, source, field);
+    found.kind = kind;
     value
 }
 
-/// The kind and value of field `name` of `source` (see [`fast_field`]).
-fn read(data: &CallData, source: &Source, name: &str) -> (c_int, f64) {
-    let field = source.fields().field(name);
+/// The kind and value of a field that is not a string.
+fn scalar(data: &CallData, source: &Source, field: Field<'_>) -> (c_int, f64) {
     let child = match field {
         Field::Nil => return (NIL, 0.0),
         Field::Bool(b) => return (if b { TRUE } else { FALSE }, 0.0),
