@@ -133,22 +133,25 @@ local function materialize(t)
     end
     local cache = rawget(mt, "__index")
     setmetatable(t, nil)
+    -- The fields read so far, then the others straight into `t` (which
+    -- `load_missing` skips where present): each field goes into one
+    -- growing table, not into the cache and then into `t`.
+    for key, value in next, cache do
+        if type(key) == "string" then
+            rawset(t, key, value)
+        end
+    end
     local generation = rawget(cache, GENERATION)
-    local children, views = load_missing(cache, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt, CALL_DATA)
+    local children, views = load_missing(t, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt, CALL_DATA)
     if children then
         for i = 1, #children, 2 do
-            rawset(cache, children[i], lazy(children[i + 1], generation))
+            rawset(t, children[i], lazy(children[i + 1], generation))
         end
     end
     if views then
         -- {field, index, slot, ...}: the objects of the array fields.
         for i = 1, #views, 3 do
-            rawset(rawget(cache, views[i]), views[i + 1], lazy(views[i + 2], generation))
-        end
-    end
-    for key, value in next, cache do
-        if type(key) == "string" then
-            rawset(t, key, value)
+            rawset(rawget(t, views[i]), views[i + 1], lazy(views[i + 2], generation))
         end
     end
 end

@@ -557,9 +557,10 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
     }
 }
 
-/// `load_missing(cache, slot, generation, array_mt, headers_mt,
-/// call_data)`: load every field of source `slot` that `cache` lacks into
-/// it, in one call (a script iterating a body would otherwise cross into
+/// `load_missing(into, slot, generation, array_mt, headers_mt,
+/// call_data)`: load every field of source `slot` that table `into` lacks
+/// into it (`materialize` passes the view itself, holding the fields read
+/// so far), in one call (a script iterating a body would otherwise cross into
 /// Rust once per field). JSON objects come back as `{name, slot, ...}` for
 /// `lazy.lua` to wrap (`nil` when there are none), then, when arrays held
 /// objects, `{name, index, slot, ...}` for the views to put in them.
@@ -567,7 +568,7 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
 /// # Safety
 /// As [`load_field`].
 unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
-    // SAFETY: the function's contract; the cache is argument 1.
+    // SAFETY: the function's contract; the table to fill is argument 1.
     unsafe {
         let Some(data) = call_data_at(state, CALL_DATA_ARG) else {
             return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
