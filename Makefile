@@ -41,6 +41,10 @@ LUA_SOURCES := core/src/sandbox/prelude.lua core/src/convert/lazy.lua
 
 test-rust: check-toolchain
 	$(CARGO) test --workspace
+	# Again as nginx and C hosts run scripts (ADR 064): interpreted, with
+	# the sandbox's own code compiled.
+	LLMPROXY_SANDBOX_JIT=sandbox $(CARGO) test -p llmproxy-core --test sandbox_escapes \
+	  --test compiled_field_reads --test conformance --test inline_budget
 
 -include mk/*.mk
 
@@ -54,7 +58,7 @@ serve: release
 
 bench-core: check-toolchain
 	$(CARGO) bench -p llmproxy-bench --bench hooks
-	LLMPROXY_SANDBOX_JIT=off $(CARGO) bench -p llmproxy-bench --bench hooks -- compute/sandboxed
+	LLMPROXY_SANDBOX_JIT=sandbox $(CARGO) bench -p llmproxy-bench --bench hooks -- compute/sandboxed
 	$(CARGO) run -q --release -p llmproxy-bench --bin bench-report -- target/criterion docs/benchmarks.md
 
 clean:

@@ -12,7 +12,8 @@
 //!   memory limit set (mlua protects every API call while a limit is set).
 //! - `compute/*`: a compute-bound script (a byte loop over the text of 200
 //!   messages, ~200 KB) sandboxed (`jit` or `interpreted`, as the process
-//!   runs sandbox VMs: `LLMPROXY_SANDBOX_JIT=off` for the latter) and as the
+//!   runs sandbox VMs: `LLMPROXY_SANDBOX_JIT=sandbox` for the latter, where
+//!   scripts run interpreted as under nginx) and as the
 //!   same function in a plain LuaJIT state with the JIT compiler on and off,
 //!   its input built once.
 //!

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         ),
         (
             "compute/sandboxed/interpreted",
-            "the same, sandboxed, interpreted (`LLMPROXY_SANDBOX_JIT=off`, as under nginx)",
+            "the same, sandboxed, the script interpreted (`LLMPROXY_SANDBOX_JIT=sandbox`, as under nginx)",
         ),
         (
             "compute/plain/jit",
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
         String::new(),
         "## Core: hook calls in-process (criterion)".to_owned(),
         String::new(),
-        format!("Command: `make bench-core` (`cargo bench -p llmproxy-bench --bench hooks`, then `compute/sandboxed` again with `LLMPROXY_SANDBOX_JIT=off`); machine: {cores} cores. Medians from one run."),
+        format!("Command: `make bench-core` (`cargo bench -p llmproxy-bench --bench hooks`, then `compute/sandboxed` again with `LLMPROXY_SANDBOX_JIT=sandbox`); machine: {cores} cores. Medians from one run."),
         String::new(),
         "| benchmark | what | median |".to_owned(),
         "|---|---|---|".to_owned(),

@@ -140,6 +140,11 @@ impl Vm {
             .into_function()
             .map_err(|e| classify(e, &script.name, ErrorKind::ScriptError))?;
         f.set_environment(self.env.clone()).map_err(internal)?;
+        if let Some(off) = &self.state.scripts_interpreted {
+            // `jit.off(chunk, true)`: the chunk and every function defined
+            // in it (a script can define no other: there is no `load`).
+            off.call::<()>((&f, true)).map_err(internal)?;
+        }
         self.chunks.push((key, f));
         Ok(self.chunks.len() - 1)
     }

@@ -226,7 +226,7 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
     rust.raw_set("array_mt", super::markers(lua)?.array_mt.clone())?;
     rust.raw_set("max_globals", crate::vm::MAX_REUSED_GLOBALS)?;
     rust.raw_set("call_data", data)?;
-    if crate::sandbox::jit::enabled() {
+    if crate::sandbox::jit::mode() != crate::sandbox::jit::Mode::Off {
         install_fast_field(lua, &rust)?;
     }
     let module: Table = lua.load(LAZY_LUA).set_name("=llmproxy.lazy").call(rust)?;

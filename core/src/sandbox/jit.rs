@@ -1,4 +1,4 @@
-//! Whether sandbox VMs keep LuaJIT's JIT compiler on.
+//! How much of a sandbox VM LuaJIT's JIT compiler may compile.
 //!
 //! A compiled loop checks for hooks only in a LuaJIT built with
 //! `LUAJIT_ENABLE_CHECKHOOK`: elsewhere the deadline timer's hook would
@@ -6,11 +6,16 @@
 //! The vendored LuaJIT is built with the flag (`.cargo/config.toml`), but a
 //! flag can be lost (a `CFLAGS` of the builder's own replaces ours), so the
 //! answer comes from trying once per process: a compiled loop under a 2 ms
-//! deadline must be stopped by the watchdog. Module builds run on the host's
-//! LuaJIT (Debian's and OpenResty's are built without the flag) and keep
-//! the JIT compiler off without trying. An operator can turn it off
-//! anywhere with `LLMPROXY_SANDBOX_JIT=off` in the environment. See
-//! `docs/adr/045-deadline-watchdog.md`.
+//! deadline must be stopped by the watchdog. Where it is, everything is
+//! compiled ([`Mode::Everything`]). Module builds run on the host's LuaJIT
+//! (Debian's and OpenResty's are built without the flag): there only the
+//! sandbox's own Lua code is compiled (the lazy views, the prelude's
+//! wrappers), whose loops are bounded by the call's input, and every
+//! script's functions are marked not to be compiled
+//! ([`Mode::SandboxOnly`]). An operator can choose with
+//! `LLMPROXY_SANDBOX_JIT` in the environment: `off` (nothing compiled) or
+//! `sandbox` (scripts interpreted). See `docs/adr/045-deadline-watchdog.md`
+//! and `docs/adr/064-the-sandbox-code-compiled-everywhere.md`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -20,28 +25,50 @@ use super::watchdog::Watchdog;
 /// Iterations of the probe's loop: a tenth of a second or more compiled.
 const ITERATIONS: f64 = 4e8;
 
-/// The environment variable that turns the JIT compiler off for sandbox
-/// VMs (`off`); read once per process.
+/// The environment variable that chooses the [`Mode`] of sandbox VMs
+/// (`off`, `sandbox`); read once per process.
 pub const ENV_VAR: &str = "LLMPROXY_SANDBOX_JIT";
 
-/// Whether sandbox VMs run with the JIT compiler on in this process: the
-/// vendored LuaJIT, compiled loops interruptible, and not turned off by
-/// [`ENV_VAR`].
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        if !cfg!(feature = "vendored") || std::env::var(ENV_VAR).is_ok_and(|v| v == "off") {
-            return false;
+/// What the JIT compiler compiles in a sandbox VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Nothing: the JIT compiler is off (`LLMPROXY_SANDBOX_JIT=off`).
+    Off,
+    /// The sandbox's own Lua code only; scripts run interpreted, where the
+    /// deadline's hook reaches every loop.
+    SandboxOnly,
+    /// Everything, scripts included: compiled loops check for the
+    /// deadline's hook.
+    Everything,
+}
+
+/// The [`Mode`] of sandbox VMs in this process.
+pub fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        match std::env::var(ENV_VAR).as_deref() {
+            Ok("off") => return Mode::Off,
+            Ok("sandbox") => return Mode::SandboxOnly,
+            _ => {}
         }
-        let interruptible = compiled_loops_interruptible();
-        if !interruptible {
-            tracing::warn!(
-                "LuaJIT was built without LUAJIT_ENABLE_CHECKHOOK: compiled loops cannot be \
-                 interrupted, so sandboxed scripts run interpreted"
-            );
+        if !cfg!(feature = "vendored") {
+            return Mode::SandboxOnly;
         }
-        interruptible
+        if compiled_loops_interruptible() {
+            return Mode::Everything;
+        }
+        tracing::warn!(
+            "LuaJIT was built without LUAJIT_ENABLE_CHECKHOOK: compiled loops cannot be \
+             interrupted, so sandboxed scripts run interpreted"
+        );
+        Mode::SandboxOnly
     })
+}
+
+/// Whether scripts' own code is compiled in this process
+/// ([`Mode::Everything`]).
+pub fn enabled() -> bool {
+    mode() == Mode::Everything
 }
 
 /// Run a loop the JIT compiler turns into one trace within its first
@@ -76,6 +103,8 @@ mod tests {
             super::compiled_loops_interruptible(),
             "the vendored LuaJIT must be built with LUAJIT_ENABLE_CHECKHOOK (.cargo/config.toml)"
         );
-        assert!(super::enabled());
+        if std::env::var_os(super::ENV_VAR).is_none() {
+            assert!(super::enabled());
+        }
     }
 }

@@ -62,6 +62,10 @@ pub(crate) struct SandboxState {
     pub run: mlua::Function,
     /// The message handler `run` is called with ([`pcall`]).
     pub traceback: mlua::Function,
+    /// In [`jit::Mode::SandboxOnly`], LuaJIT's `jit.off`: every script's
+    /// chunk is marked with it, functions inside included, before it first
+    /// runs, so no script code is ever compiled.
+    pub scripts_interpreted: Option<mlua::Function>,
     /// The conversions' per-call data (`convert::lazy`).
     pub call_data: Rc<convert::CallData>,
     /// What the helpers know of the call running (also app data).
@@ -88,21 +92,27 @@ fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
     let lua = mlua::Lua::new_with(libs, LuaOptions::new())?;
     let g = lua.globals();
 
-    // The JIT compiler stays on only where the deadline can interrupt
-    // compiled loops (`jit.rs`).
-    let jit = if jit::enabled() {
-        "jit.on()"
-    } else {
+    // The JIT compiler compiles scripts only where the deadline can
+    // interrupt compiled loops, and the sandbox's own code wherever it is
+    // not turned off (`jit.rs`).
+    let mode = jit::mode();
+    let jit = if mode == jit::Mode::Off {
         "jit.off() jit.flush()"
+    } else {
+        "jit.on()"
     };
     lua.load(jit).set_name("=llmproxy.jit").exec()?;
     let jit_on: bool = lua
         .load("return (jit.status())")
         .set_name("=llmproxy.jit_status")
         .eval()?;
-    if jit_on != jit::enabled() {
+    if jit_on != (mode != jit::Mode::Off) {
         return Err(mlua::Error::runtime("llmproxy: could not set the JIT engine's mode"));
     }
+    let scripts_interpreted = match mode {
+        jit::Mode::SandboxOnly => Some(lua.load("return jit.off").set_name("=llmproxy.jit_off").eval()?),
+        jit::Mode::Off | jit::Mode::Everything => None,
+    };
 
     Markers::install(&lua)?;
     let context: SharedContext = Rc::new(RefCell::new(CallContext::idle()));
@@ -230,6 +240,7 @@ fn build_on(watchdog: Arc<Watchdog>) -> mlua::Result<SandboxState> {
         watchdog,
         run: lazy.run,
         traceback,
+        scripts_interpreted,
         call_data: lazy.data,
         context,
     })

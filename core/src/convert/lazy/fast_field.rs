@@ -16,8 +16,9 @@
 //! headers, host tables, JSON null) and every error go to
 //! [`super::load_field`], which converts them as before.
 //!
-//! Only where the JIT compiler is on for sandbox VMs ([`crate::sandbox::jit`]):
-//! interpreted, an FFI call costs twice a C function's.
+//! Wherever the JIT compiler is on for the sandbox's own code
+//! ([`crate::sandbox::jit::Mode`]): interpreted, an FFI call costs twice a
+//! C function's.
 
 use std::ffi::c_int;
 
