@@ -76,8 +76,10 @@ pub(super) struct Found {
 /// Called by LuaJIT's FFI from `lazy.lua` only: `data` is the VM's
 /// [`CallData`], `key` points at `len` readable bytes (a Lua string the
 /// caller holds), `found` at a writable [`Found`]. It touches no Lua state
-/// and cannot unwind (`extern "C"`: a panic aborts, and nothing here panics
-/// on any input).
+/// and does not unwind: a panic (none is expected; the call data's cells
+/// are never borrowed while Lua runs) is caught and the field left to
+/// `load_field`, as an unwinding `extern "C"` function would abort the
+/// process.
 pub(super) unsafe extern "C" fn fast_field(
     data: *const CallData,
     slot: f64,
@@ -102,11 +104,26 @@ pub(super) unsafe extern "C" fn fast_field(
         found.kind = NIL;
         return 0.0;
     };
-    // A lazy table of another call: `load_field` raises the error.
-    let Ok(source) = data.source(slot, generation) else {
-        return 0.0;
-    };
-    read(data, &source, name, found)
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut out = Found {
+            kind: OTHER,
+            len: 0,
+            text: std::ptr::null(),
+        };
+        // A lazy table of another call: `load_field` raises the error.
+        let value = match data.source(slot, generation) {
+            Ok(source) => read(data, &source, name, &mut out),
+            Err(_) => 0.0,
+        };
+        (out, value)
+    }));
+    match read {
+        Ok((out, value)) => {
+            *found = out;
+            value
+        }
+        Err(_) => 0.0,
+    }
 }
 
 /// Field `name` of `source` into `found` (see [`fast_field`]).
