@@ -257,7 +257,7 @@ impl Vm {
         let result = sandbox::pcall::call_run(lua, &self.state.traceback, &self.state.run, chunk, &self.env, &args);
         let result = result.map(|(value, emptied)| {
             self.env_emptied = Some(emptied);
-            value.unwrap_or(Value::Nil)
+            value
         });
         self.state.watchdog.disarm();
         let _ = lua.set_memory_limit(0);

@@ -101,6 +101,17 @@ impl Source {
         }
     }
 
+    /// The source of a view over `field` of this source, when the field is
+    /// an object that is read lazily: a body, or an object inside this
+    /// source's body (host data converts its JSON objects whole).
+    fn child(&self, field: &Field<'_>) -> Option<Source> {
+        match field {
+            Field::Object(object) => Some(Source::body(object)),
+            Field::Json(object @ Value::Object(_)) => self.nested(object),
+            _ => None,
+        }
+    }
+
     /// The JSON object behind the lazy table, when it is one of a parsed
     /// body.
     pub(super) fn json_object(&self) -> Option<&serde_json::Map<String, Value>> {
@@ -530,12 +541,7 @@ unsafe extern "C-unwind" fn load_field(state: *mut lua_State) -> c_int {
             Err(message) => return ffi::luaL_error(state, message.as_ptr()),
         };
         let field = source.fields().field(name);
-        let child = match field {
-            Field::Object(object) => Some(Source::body(object)),
-            Field::Json(object @ Value::Object(_)) => source.nested(object),
-            _ => None,
-        };
-        if let Some(child) = child {
+        if let Some(child) = source.child(&field) {
             ffi::lua_pushnil(state);
             ffi::lua_pushnumber(state, data.push(child) as f64);
             return 2;
@@ -591,12 +597,7 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
                     return;
                 }
                 ffi::lua_pop(state, 1);
-                let child = match field {
-                    Field::Object(object) => Some(Source::body(object)),
-                    Field::Json(object @ Value::Object(_)) => source.nested(object),
-                    _ => None,
-                };
-                if let Some(child) = child {
+                if let Some(child) = source.child(&field) {
                     children.push((name, data.push(child)));
                     return;
                 }

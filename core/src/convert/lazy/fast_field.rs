@@ -152,11 +152,11 @@ fn read(data: &CallData, source: &Source, name: &str, found: &mut Found) -> f64 
 
 /// The kind and value of a field that is not a string.
 fn scalar(data: &CallData, source: &Source, field: Field<'_>) -> (c_int, f64) {
-    let child = match field {
-        Field::Nil => return (NIL, 0.0),
-        Field::Bool(b) => return (if b { TRUE } else { FALSE }, 0.0),
-        Field::Json(Value::Bool(b)) => return (if *b { TRUE } else { FALSE }, 0.0),
-        Field::Number(n) => return (NUMBER, n),
+    match field {
+        Field::Nil => (NIL, 0.0),
+        Field::Bool(b) => (if b { TRUE } else { FALSE }, 0.0),
+        Field::Json(Value::Bool(b)) => (if *b { TRUE } else { FALSE }, 0.0),
+        Field::Number(n) => (NUMBER, n),
         Field::Json(Value::Number(n)) => {
             let (f, needs_text) = numbers::read(n);
             if needs_text {
@@ -164,14 +164,11 @@ fn scalar(data: &CallData, source: &Source, field: Field<'_>) -> (c_int, f64) {
             } else {
                 data.record(Vec::new(), &[f.to_bits()]);
             }
-            return (NUMBER, f);
+            (NUMBER, f)
         }
-        Field::Object(object) => Some(Source::body(object)),
-        Field::Json(object @ Value::Object(_)) => source.nested(object),
-        _ => None,
-    };
-    match child {
-        Some(child) => (OBJECT, data.push(child) as f64),
-        None => (OTHER, 0.0),
+        other => match source.child(&other) {
+            Some(child) => (OBJECT, data.push(child) as f64),
+            None => (OTHER, 0.0),
+        },
     }
 }
