@@ -22,13 +22,14 @@ use llmproxy_core::stack;
 use mlua::ffi::{self, lua_State};
 use mlua::{Lua, Table, Value};
 
+use super::protect;
+
 /// The Lua function: the names to drop, or nil when there are none.
 pub(crate) fn names(lua: &Lua, headers: Table) -> mlua::Result<Value> {
-    let mut drop = Vec::new();
-    // SAFETY: `exec_raw` pushes the table (index 1) and runs the closure in
-    // a protected call; `to_drop` keeps the stack balanced and copies what
-    // it keeps while the string is on the stack.
-    unsafe { lua.exec_raw::<()>(&headers, |state| drop = to_drop(state, 1))? };
+    // SAFETY: `with_tables` pushes the table (index 1) and runs the closure
+    // in a protected call; `to_drop` keeps the stack balanced and copies
+    // what it keeps while the string is on the stack.
+    let drop = unsafe { protect::with_tables(lua, &[&headers], |state| to_drop(state, 1))? };
     if drop.is_empty() {
         return Ok(Value::Nil);
     }

@@ -65,6 +65,7 @@ mod keys;
 mod ledger;
 mod limiter;
 mod policy;
+mod protect;
 mod request_table;
 mod script_log;
 

@@ -4,7 +4,7 @@
 //! `client_ip`, `path`, `api_key`, `body_raw`). Turning it into a JSON
 //! object and that object into the core's [`RequestInfo`] copied every
 //! string twice and the body's text once more; this reads the table on the
-//! host's stack, in one protected call, straight into a `RequestInfo`, and
+//! host's stack, in one protected call (`protect`), straight into a `RequestInfo`, and
 //! parses `body_raw` from the Lua string's own bytes.
 //!
 //! The JSON path stays the reference: a table this walk cannot read
@@ -23,22 +23,20 @@ use mlua::ffi::{self, lua_State};
 use mlua::{Lua, Table};
 
 use super::convert::Walk;
+use super::protect;
 use crate::input::{Request, MAX_BYTES, MAX_DEPTH};
 
 /// Read `t` in place: `None` when it needs the JSON path.
 pub(super) fn read(lua: &Lua, t: &Table, array_mt: &Table) -> Option<Request> {
-    let mut out = None;
     let walk = Walk {
         array_mt: 2,
         max_depth: MAX_DEPTH,
     };
-    // SAFETY: `exec_raw` pushes the table (index 1) and `array_mt` (index
-    // 2) and runs the closure in a protected call. The walk keeps the stack
-    // balanced (every early exit pops what it pushed) and borrows string
-    // bytes only while their string is on the stack.
-    let ran = unsafe { lua.exec_raw::<()>((t, array_mt), |state| out = fields(state, 1, &walk)) };
-    ran.ok()?;
-    out
+    // SAFETY: `with_tables` pushes the table (index 1) and `array_mt`
+    // (index 2) and runs the closure in a protected call. The walk keeps the
+    // stack balanced (every early exit pops what it pushed) and borrows
+    // string bytes only while their string is on the stack.
+    unsafe { protect::with_tables(lua, &[t, array_mt], |state| fields(state, 1, &walk)) }.ok()?
 }
 
 /// What the walk found, before the body's limits are recorded.
