@@ -16,8 +16,8 @@ use crate::convert::{self, Limits, ResultHeaders};
 use crate::error::{ConfigError, ErrorKind, HookError};
 use crate::hooks::{
     AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput, RateVerdict, RequestInfo,
-    RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput, RouteDecision,
-    RoutingInput, UsageInput, UsageRecord,
+    RequestRewrite, RequestTransformInput, ResponseInfo, ResponseRewrite, ResponseTransformInput, ResultForm,
+    RouteDecision, RoutingInput, UsageInput, UsageRecord,
 };
 use crate::http::fields::BodyText;
 use crate::inline::{self, Overrun, SlowHooks};
@@ -114,7 +114,7 @@ impl Engine {
         &self,
         hook: HookName,
         request_id: Option<&str>,
-        body_as_text: bool,
+        result_form: ResultForm,
         set_globals: impl FnOnce(&Lua, &Table) -> mlua::Result<()>,
     ) -> Result<Option<Output>, HookError> {
         let Some(cfg) = self.config.hook(hook) else {
@@ -137,7 +137,7 @@ impl Engine {
             limits: &cfg.limits,
             request_id,
             budget,
-            body_as_text,
+            result_form,
         };
         let mut vm = match budget {
             // An inline call must not wait for a VM.
@@ -200,8 +200,8 @@ impl Engine {
         }
     }
 
-    fn run<I: HookInput>(&self, input: &I) -> Result<Option<Output>, HookError> {
-        self.run_raw(I::HOOK, input.request_id(), I::BODY_AS_TEXT, |lua, env| {
+    pub(crate) fn run<I: HookInput>(&self, input: &I) -> Result<Option<Output>, HookError> {
+        self.run_raw(I::HOOK, input.request_id(), I::RESULT_FORM, |lua, env| {
             input.set_globals(lua, env)
         })
     }
@@ -323,6 +323,7 @@ impl Engine {
             value: mut v,
             body,
             mut headers,
+            ..
         }) = output
         else {
             return Ok(None);
@@ -341,10 +342,14 @@ impl Engine {
 
     /// `usage`: the usage record to store.
     pub fn usage(&self, input: &UsageInput<'_>) -> Result<UsageRecord, HookError> {
-        let Some(Output { value: v, .. }) = self.run(input)? else {
+        let Some(Output { value, text, .. }) = self.run(input)? else {
             return Ok(UsageRecord::Raw);
         };
-        self.checked(HookName::Usage, &input.request.id, UsageRecord::from_result(v))
+        let record = match text {
+            Some(text) => UsageRecord::from_text(text),
+            None => UsageRecord::from_result(value),
+        };
+        self.checked(HookName::Usage, &input.request.id, record)
     }
 
     /// `error_handler`: the error response to send.
@@ -430,7 +435,7 @@ impl Engine {
             }
             Ok(())
         };
-        let Some(Output { mut value, .. }) = self.run_raw(hook, request_id, false, set_globals)? else {
+        let Some(Output { mut value, .. }) = self.run_raw(hook, request_id, ResultForm::Value, set_globals)? else {
             return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
         self.drop_hop_by_hop(hook, request_id, &mut value, None);

@@ -153,14 +153,23 @@ pub enum Relay {
 pub struct Billing {
     /// The backend's usage (zeros when it reported none).
     pub usage: Value,
-    /// The usage hook's record; `None` when it is off, returned nil or
-    /// failed (the backend's usage is then the record).
-    pub record: Option<Value>,
+    /// Whether the record is the usage hook's; not when the hook is off,
+    /// returned nil or failed (the backend's usage is then the record).
+    pub custom: bool,
     /// The charge: quota, tokens per minute, ledger columns, metrics.
     pub charge: usage::Charge,
-    /// The record (`record`, else `usage`) as every host logs it and the
+    /// The record (the hook's, else `usage`) as every host logs it and the
     /// ledger stores it ([`usage::record_json`]).
     pub record_json: String,
+}
+
+impl Billing {
+    /// The usage hook's record as a JSON value (parsed from
+    /// `record_json`), or `None` when the backend's usage is the record.
+    pub fn record(&self) -> Option<Value> {
+        self.custom
+            .then(|| serde_json::from_str(&self.record_json).unwrap_or(Value::Null))
+    }
 }
 
 /// One API request, from its parsed body to its charge.
@@ -486,15 +495,13 @@ impl RequestHandle {
             Err(e) => Step::FellBack(UsageRecord::Raw, e),
         };
         step.map(|record| {
-            let record = match record {
-                UsageRecord::Raw => None,
-                UsageRecord::Custom(map) => Some(Value::Object(map)),
+            let (charge, custom, record_json) = match record {
+                UsageRecord::Raw => (usage::charge(&raw, None), false, usage::record_json(&raw)),
+                UsageRecord::Custom(c) => (usage::charge(&raw, Some(&c)), true, c.into_json()),
             };
-            let charge = usage::charge(&raw, record.as_ref());
-            let record_json = usage::record_json(record.as_ref().unwrap_or(&raw));
             Billing {
                 usage: raw,
-                record,
+                custom,
                 charge,
                 record_json,
             }

@@ -11,7 +11,7 @@ use mlua::{ffi, Function, Lua, Table, Value};
 use crate::config::{Script, ScriptLimits};
 use crate::convert::{self, Limits};
 use crate::error::{ErrorKind, HookError};
-use crate::hooks::HookName;
+use crate::hooks::{HookName, ResultForm};
 use crate::http::fields::BodyText;
 use crate::sandbox::{self, SandboxState};
 
@@ -24,14 +24,13 @@ pub(crate) struct CallSpec<'a> {
     /// An inline budget shorter than `limits.timeout_ms`: the watchdog stops
     /// the call there and [`Vm::over_budget`] tells it apart from a timeout.
     pub budget: Option<Duration>,
-    /// Encode the result's `body` as JSON text on its own
-    /// ([`crate::hooks::HookInput::BODY_AS_TEXT`]).
-    pub body_as_text: bool,
+    /// How the result is encoded ([`crate::hooks::HookInput::RESULT_FORM`]).
+    pub result_form: ResultForm,
 }
 
 /// What a call returned, as JSON: the result, with a transform's `body`
 /// as JSON text and its `headers` as read, when the call asked for them
-/// ([`CallSpec::body_as_text`]) and they could be taken apart.
+/// ([`CallSpec::result_form`]) and they could be taken apart.
 pub(crate) type Output = convert::Encoded;
 
 /// A sandboxed LuaJIT state with its compiled scripts.
@@ -253,7 +252,7 @@ impl Vm {
             Some(budget) => self.state.watchdog.arm_budget(budget, timeout),
             None => self.state.watchdog.arm(timeout),
         }
-        let args = self.state.call_data.run_args(limits, spec.body_as_text);
+        let args = self.state.call_data.run_args(limits, spec.result_form);
         let result = sandbox::pcall::call_run(lua, &self.state.traceback, &self.state.run, chunk, &self.env, &args);
         let result = result.map(|(value, emptied)| {
             self.env_emptied = Some(emptied);
@@ -313,7 +312,7 @@ impl Vm {
             return encoded.map_err(bad);
         }
         let body = match &value {
-            Value::Table(t) if spec.body_as_text => body_text(lua, t, limits).map_err(bad)?,
+            Value::Table(t) if spec.result_form == ResultForm::BodyText => body_text(lua, t, limits).map_err(bad)?,
             _ => None,
         };
         let rest = Limits {
@@ -329,6 +328,7 @@ impl Vm {
             value,
             body: body.map(BodyText::from),
             headers: None,
+            text: None,
         })
     }
 }

@@ -152,7 +152,7 @@ fn usage_metadata(latency_ms: f64) -> Value {
         })
         .expect("usage");
     match out {
-        UsageRecord::Custom(m) => Value::Object(m),
+        UsageRecord::Custom(c) => c.to_value(),
         other => panic!("expected a record, got {other:?}"),
     }
 }

@@ -113,7 +113,7 @@ fn the_seed_scripts_decide_every_step_of_one_request() {
         billing.usage,
         json!({"prompt_tokens": 15, "completion_tokens": 42, "total_tokens": 57})
     );
-    let record = billing.record.expect("the script's record");
+    let record = billing.record().expect("the script's record");
     assert_eq!(
         (record["billable_tokens"].clone(), record["discount"].clone()),
         (json!(28), json!(0.5))
@@ -132,7 +132,7 @@ fn without_scripts_the_client_and_backend_bytes_go_through() {
     assert_eq!((answer.status, answer.body, answer.headers), (201, None, Vec::new()));
     // The usage is read from the answer without a script.
     let billing = ran(h.usage(&engine));
-    assert_eq!((billing.record, billing.charge.billable_tokens), (None, 57));
+    assert_eq!((billing.record(), billing.charge.billable_tokens), (None, 57));
 }
 
 #[test]
@@ -211,7 +211,7 @@ fn a_failing_hook_falls_back_or_denies_by_its_policy() {
             _ => {
                 h.respond(&engine, 200, Vec::new(), COMPLETION.as_bytes(), 1.0);
                 h.usage(&engine)
-                    .map(|b| assert_eq!((b.record, b.charge.billable_tokens), (None, 57)))
+                    .map(|b| assert_eq!((b.record(), b.charge.billable_tokens), (None, 57)))
             }
         };
         let what = format!("{hook} with on_error: {on_error}");
@@ -234,7 +234,7 @@ fn the_usage_hook_sees_the_backends_status_when_the_answer_is_not_json() {
     ran(h.upstream(&engine, "http://b"));
     ran(h.respond(&engine, 502, Vec::new(), b"upstream said no", 3.0));
     let billing = ran(h.usage(&engine));
-    assert_eq!(billing.record, Some(json!({"status": 502, "body": "userdata"})));
+    assert_eq!(billing.record(), Some(json!({"status": 502, "body": "userdata"})));
 }
 
 /// Without response_transform the answer reaches the usage script as
@@ -270,7 +270,7 @@ fn a_usage_script_parses_the_answer_only_when_it_reads_it() {
         assert_eq!(relayed.body, None, "{script}");
         assert!(!h.answer_parsed(), "{script}: nothing parsed before the script ran");
         let billing = ran(h.usage(&engine));
-        assert_eq!(billing.record, Some(record), "{script}");
+        assert_eq!(billing.record(), Some(record), "{script}");
         assert_eq!(h.answer_parsed(), parsed, "{script}");
         if answer == COMPLETION.as_bytes() {
             assert_eq!(
@@ -312,12 +312,12 @@ fn the_host_tells_the_usage_hook_the_status_of_an_answer_the_handle_never_saw() 
     let engine = engine(&[("usage", "return {status = response.status_code}", "standard")]);
     let mut h = handle(json!({"model": "gpt-4"}));
     h.answered(429);
-    assert_eq!(ran(h.usage(&engine)).record, Some(json!({"status": 429})));
+    assert_eq!(ran(h.usage(&engine)).record(), Some(json!({"status": 429})));
     let mut h = handle(json!({"model": "gpt-4"}));
     ran(h.respond(&engine, 200, Vec::new(), b"{}", 1.0));
     h.answered(503);
     assert_eq!(
-        ran(h.usage(&engine)).record,
+        ran(h.usage(&engine)).record(),
         Some(json!({"status": 200})),
         "the backend's status, which the handle saw, stays"
     );

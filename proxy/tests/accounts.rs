@@ -574,7 +574,7 @@ async fn quota_exhausts_at_the_right_request() {
     assert_eq!(codes, [200, 200, 200, 429]);
     let recs = gw.usage.0.lock().unwrap().clone();
     assert_eq!(recs.last().unwrap().billable_tokens, 5);
-    assert_eq!(recs.last().unwrap().record["billable_tokens"], 5);
+    assert_eq!(recs.last().unwrap().record()["billable_tokens"], 5);
 }
 
 fn ledger_counts(path: &std::path::Path) -> (i64, i64, Vec<(String, i64)>) {

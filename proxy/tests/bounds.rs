@@ -539,7 +539,7 @@ async fn a_client_that_leaves_mid_stream_stops_the_upstream_and_is_charged_an_es
     assert_eq!(rec.status, 499);
     assert!(rec.estimated);
     assert_eq!(rec.raw["estimated"], true, "{}", rec.raw);
-    assert_eq!(rec.record["estimated"], true, "{}", rec.record);
+    assert_eq!(rec.record()["estimated"], true, "{}", rec.record_json);
     // "你好 there": 12 bytes of prompt text -> 3 tokens; one per event relayed.
     assert_eq!(rec.raw["prompt_tokens"], 3, "{}", rec.raw);
     assert!(rec.raw["completion_tokens"].as_u64().unwrap() >= 4, "{}", rec.raw);

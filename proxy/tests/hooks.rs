@@ -230,9 +230,9 @@ async fn usage_hook_records_the_seed_discount_plain_and_streamed() {
     let total = raw["total_tokens"].as_f64().unwrap();
     assert_eq!(e.raw, raw);
     assert!(!e.is_stream);
-    assert_eq!(e.record["discount"], 0.5);
-    assert_eq!(e.record["viplevel"], 3);
-    assert_eq!(e.record["billable_tokens"].as_f64(), Some((total * 0.5).floor()));
+    assert_eq!(e.record()["discount"], 0.5);
+    assert_eq!(e.record()["viplevel"], 3);
+    assert_eq!(e.record()["billable_tokens"].as_f64(), Some((total * 0.5).floor()));
 
     // Stream without include_usage: the gateway asks for it, records it,
     // and the client never sees the usage chunk.
@@ -247,10 +247,10 @@ async fn usage_hook_records_the_seed_discount_plain_and_streamed() {
     );
     let e = gw.usage.wait_for(&id).await;
     assert!(e.is_stream);
-    assert_eq!(e.record["discount"], 0.8);
+    assert_eq!(e.record()["discount"], 0.8);
     assert_eq!(e.raw["completion_tokens"], 4);
     assert_eq!(
-        e.record["billable_tokens"].as_f64(),
+        e.record()["billable_tokens"].as_f64(),
         Some((e.raw["total_tokens"].as_f64().unwrap() * 0.8).floor())
     );
 
@@ -269,7 +269,7 @@ async fn usage_hook_records_the_seed_discount_plain_and_streamed() {
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["completion_tokens"], 4);
     let id = s.header("x-request-id").unwrap().to_owned();
-    assert_eq!(gw.usage.wait_for(&id).await.record["discount"], 1.0);
+    assert_eq!(gw.usage.wait_for(&id).await.record()["discount"], 1.0);
 
     // The usage metrics count billable tokens.
     assert!(
@@ -303,7 +303,7 @@ async fn completions_and_embeddings_go_through_the_hooks() {
     assert_eq!(body["model"], "llama-3-70b-instruct");
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
     let id = r.header("x-request-id").unwrap().to_owned();
-    assert_eq!(gw.usage.wait_for(&id).await.record["billable_tokens"], 1);
+    assert_eq!(gw.usage.wait_for(&id).await.record()["billable_tokens"], 1);
 
     let r = post(
         &format!("{}/v1/completions", gw.base),

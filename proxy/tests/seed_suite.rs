@@ -95,8 +95,8 @@ async fn every_seed_script_gives_its_documented_outcome() {
         let id = r.header("x-request-id").unwrap().to_owned();
         // usage: the VIP discount.
         let e = gw.usage.wait_for(&id).await;
-        assert_eq!(e.record["discount"], discount, "{key}: {}", e.record);
-        let total = e.record["total_tokens"].as_f64().unwrap();
+        assert_eq!(e.record()["discount"], discount, "{key}: {}", e.record_json);
+        let total = e.record()["total_tokens"].as_f64().unwrap();
         assert_eq!(e.billable_tokens, (total * discount).floor() as u64);
         assert_eq!(e.model.as_deref(), Some(model), "upstream got {upstream}");
     }

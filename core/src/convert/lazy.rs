@@ -40,6 +40,7 @@ use serde_json::Value;
 use super::fields::{self, Field, Fields, PushTo};
 use super::scalars::ScalarFields;
 use super::{Global, NumberTexts};
+use crate::hooks::ResultForm;
 
 mod fast_field;
 
@@ -155,8 +156,8 @@ pub(crate) struct CallData {
 /// ([`run_args`]), and the outcome ([`take_result`]).
 #[derive(Default)]
 struct ResultSlot {
-    /// The output limits, and whether `body` is wanted as text.
-    spec: Option<(super::Limits, bool)>,
+    /// The output limits, and the form wanted.
+    spec: Option<(super::Limits, ResultForm)>,
     /// The encoded result: the value (without `body` when that is text)
     /// and the body's text.
     out: Option<super::EncodedResult>,
@@ -323,15 +324,14 @@ impl CallData {
     /// `run`'s arguments after `chunk` and `env`: the call's generation
     /// and its lazy globals (1-based index in `LAZY_GLOBALS`, 0 for none)
     /// with their sources. The call will encode a table it returns where
-    /// the script returned it, within `limits` (`body_as_text`: the
-    /// table's `body` as JSON text, the rest as a value; see
+    /// the script returned it, within `limits`, in `form` (see
     /// [`encode_result`]), instead of handing it back to be read in a
     /// protected call of its own; [`CallData::take_result`] has it.
     /// The last argument is 1 when globals were staged for the call
     /// (`run` then calls `push_staged`), else 0.
-    pub(crate) fn run_args(&self, limits: super::Limits, body_as_text: bool) -> [f64; RUN_ARGS] {
+    pub(crate) fn run_args(&self, limits: super::Limits, form: ResultForm) -> [f64; RUN_ARGS] {
         *self.result.borrow_mut() = ResultSlot {
-            spec: Some((limits, body_as_text)),
+            spec: Some((limits, form)),
             out: None,
         };
         let s = self.sources.borrow();
@@ -724,17 +724,18 @@ unsafe extern "C-unwind" fn encode_result(state: *mut lua_State) -> c_int {
             return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
         };
         let spec = data.result.borrow().spec;
-        let Some((limits, body_as_text)) = spec else {
+        let Some((limits, form)) = spec else {
             ffi::lua_pushboolean(state, 0);
             return 1;
         };
-        // Only a table has a `body` to take apart.
-        let body_as_text = body_as_text && ffi::lua_type(state, 1) == ffi::LUA_TTABLE;
+        // Only a table has a `body` to take apart, or is written as text.
+        let table = ffi::lua_type(state, 1) == ffi::LUA_TTABLE;
+        let form = if table { form } else { ResultForm::Value };
         let texts = || {
             let t = data.texts.borrow();
             (!t.is_empty()).then(|| t.settled())
         };
-        let out = super::encode_result_at(state, limits, body_as_text, texts, data);
+        let out = super::encode_result_at(state, limits, form, texts, data);
         let encoded = out.is_some();
         data.result.borrow_mut().out = out;
         ffi::lua_pushboolean(state, c_int::from(encoded));

@@ -31,6 +31,7 @@ use mlua::{LightUserData, Lua, Table, Value as LuaValue};
 use serde_json::{Map, Number, Value};
 use smallvec::SmallVec;
 
+use crate::hooks::ResultForm;
 use crate::http::fields::BodyText;
 use crate::stack;
 
@@ -450,6 +451,10 @@ pub(crate) struct Encoded {
     pub body: Option<BodyText>,
     /// A transform's `headers` as they were (see `headers.rs`).
     pub headers: Option<ResultHeaders>,
+    /// The whole result as JSON text, every object's keys sorted, with
+    /// where its billing fields are ([`ResultForm::SortedText`]); `value`
+    /// is then null.
+    pub text: Option<BodyText>,
 }
 
 /// [`encode_result_at`]'s outcome.
@@ -457,27 +462,47 @@ pub(crate) type EncodedResult = Result<Encoded, ConvertError>;
 
 /// A call's result encoded where it was returned, inside the call (see
 /// `lazy.lua`'s `run`): the result at stack index 1, the array marker at 2
-/// and the headers metatable (or nil) at 3. `body_as_text` (a transform's
-/// table result only): the table's `body` as JSON text and its `headers`
-/// read as they are when they have the common shape, the rest as a value
-/// ([`crate::vm`]'s split, in the same order and limits). `None` when a
-/// part needs the general [`Encoder`]: the host then encodes the whole
-/// result after the call, as it would have.
+/// and the headers metatable (or nil) at 3, in `form` (a table result
+/// only, for the forms but [`ResultForm::Value`]):
+/// - [`ResultForm::BodyText`]: the table's `body` as JSON text and its
+///   `headers` read as they are when they have the common shape, the rest
+///   as a value ([`crate::vm`]'s split, in the same order and limits);
+/// - [`ResultForm::SortedText`]: the whole table as JSON text, every
+///   object's keys sorted (also those of views no script read).
+///
+/// `None` when a part needs the general [`Encoder`]: the host then encodes
+/// the whole result after the call, as a value.
 ///
 /// # Safety
-/// As [`walk_at`], with a table at index 1 when `body_as_text`. `texts`
+/// As [`walk_at`], with a table at index 1 for the text forms. `texts`
 /// gives this call's number texts (settled again for each walk).
 pub(crate) unsafe fn encode_result_at(
     state: *mut lua_State,
     limits: Limits,
-    body_as_text: bool,
+    form: ResultForm,
     texts: impl Fn() -> Option<NumberTexts>,
     data: &lazy::CallData,
 ) -> Option<EncodedResult> {
+    if form == ResultForm::SortedText {
+        let noted = &crate::hooks::BILLING_FIELDS;
+        return match walk_at(state, 1, limits, NO_SKIP, texts(), Some(data), ToText::sorted(noted)) {
+            Ok(Some((text, ()))) => Some(Ok(Encoded {
+                value: Value::Null,
+                body: None,
+                headers: None,
+                text: Some(BodyText {
+                    text: text.out,
+                    top: text.top,
+                }),
+            })),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        };
+    }
     let mut body = None;
     let mut headers = None;
     let mut rest = limits;
-    if body_as_text {
+    if form == ResultForm::BodyText {
         if ffi::lua_checkstack(state, 4) == 0 {
             return None;
         }
@@ -523,7 +548,12 @@ pub(crate) unsafe fn encode_result_at(
     }
     let skip = [body.is_some().then_some("body"), headers.is_some().then_some("headers")];
     match walk_at(state, 1, rest, skip, texts(), Some(data), ToValue) {
-        Ok(Some((_, value))) => Some(Ok(Encoded { value, body, headers })),
+        Ok(Some((_, value))) => Some(Ok(Encoded {
+            value,
+            body,
+            headers,
+            text: None,
+        })),
         Ok(None) => None,
         Err(e) => Some(Err(e)),
     }
@@ -590,6 +620,11 @@ trait Emit {
     fn object_close(&mut self, o: Self::Object) -> Self::Item;
     /// A field of a lazy table no script read: its source's JSON.
     fn json(&mut self, v: &Value) -> Self::Item;
+    /// Whether the fields of a lazy table are written with their keys
+    /// sorted, as a table's are, rather than in the source's order.
+    fn sorts_views(&self) -> bool {
+        false
+    }
 }
 
 /// [`Emit`] into a `serde_json::Value`.
@@ -886,7 +921,10 @@ impl<E: Emit> RawWalk<'_, E> {
             }
         }
         let fields = source.fields();
-        let names = fields.names();
+        let mut names = fields.names();
+        if self.emit.sorts_views() {
+            names.sort_unstable();
+        }
         let mut object = self.emit.object_open(names.len());
         let mut written = 0;
         let mut result = Ok(());
@@ -921,8 +959,23 @@ impl<E: Emit> RawWalk<'_, E> {
     /// A lazy table at `depth` over `object` whose fields no script read:
     /// what the loop of [`RawWalk::lazy`] writes for it, field by field.
     fn unread_object(&mut self, object: &Map<String, Value>, depth: usize) -> Result<E::Item, RawError> {
-        let mut out = self.emit.object_open(object.len());
-        for (written, (name, original)) in object.iter().enumerate() {
+        if self.emit.sorts_views() {
+            let mut fields: Vec<(&String, &Value)> = object.iter().collect();
+            fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            return self.unread_fields(fields.into_iter(), object.len(), depth);
+        }
+        self.unread_fields(object.iter(), object.len(), depth)
+    }
+
+    /// The `len` fields of [`RawWalk::unread_object`], in their order.
+    fn unread_fields<'v>(
+        &mut self,
+        fields: impl Iterator<Item = (&'v String, &'v Value)>,
+        len: usize,
+        depth: usize,
+    ) -> Result<E::Item, RawError> {
+        let mut out = self.emit.object_open(len);
+        for (written, (name, original)) in fields.enumerate() {
             self.emit.object_next(&mut out, written, name);
             let item = self.original(original, depth)?;
             self.emit.object_push(&mut out, item);

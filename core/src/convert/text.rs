@@ -26,6 +26,11 @@ pub(super) struct ToText {
     /// The field being written at the top level, when it is one of those
     /// noted: which one, and where its value starts.
     field: Option<(usize, usize)>,
+    /// Write the objects of sources (views no script read) with their keys
+    /// sorted, as the walk writes a table's ([`ToText::sorted`]).
+    sort_sources: bool,
+    /// The top-level fields noted.
+    noting_names: &'static [&'static str],
 }
 
 impl ToText {
@@ -36,8 +41,22 @@ impl ToText {
             out: Vec::with_capacity(TEXT_CAPACITY),
             top: None,
             depth: 0,
-            noting: TopFields::default(),
+            noting: TopFields::of(&TopFields::BODY),
             field: None,
+            sort_sources: false,
+            noting_names: &TopFields::BODY,
+        }
+    }
+
+    /// A text encoder whose every object has its keys sorted (byte order),
+    /// those of sources too: what `policy::usage::record_json` writes for
+    /// the same value. It notes the top-level fields `noted`.
+    pub(super) fn sorted(noted: &'static [&'static str]) -> ToText {
+        ToText {
+            sort_sources: true,
+            noting: TopFields::of(noted),
+            noting_names: noted,
+            ..ToText::new()
         }
     }
 
@@ -80,19 +99,27 @@ impl ToText {
                 }
                 self.out.push(b']');
             }
-            Value::Object(map) => {
-                self.out.push(b'{');
-                for (i, (key, item)) in map.iter().enumerate() {
-                    if i > 0 {
-                        self.out.push(b',');
-                    }
-                    self.quoted(key);
-                    self.out.push(b':');
-                    self.value(item);
-                }
-                self.out.push(b'}');
+            Value::Object(map) if self.sort_sources => {
+                let mut fields: Vec<(&String, &Value)> = map.iter().collect();
+                fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                self.object(fields.into_iter());
             }
+            Value::Object(map) => self.object(map.iter()),
         }
+    }
+
+    /// An object of `fields`, in their order.
+    fn object<'v>(&mut self, fields: impl Iterator<Item = (&'v String, &'v Value)>) {
+        self.out.push(b'{');
+        for (i, (key, item)) in fields.enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            self.quoted(key);
+            self.out.push(b':');
+            self.value(item);
+        }
+        self.out.push(b'}');
     }
 
     /// A number as its text (the crate keeps every number's text:
@@ -169,17 +196,21 @@ impl Emit for ToText {
         self.quoted(key);
         self.out.push(b':');
         if top {
-            self.field = TopFields::index(key).map(|i| (i, self.out.len()));
+            self.field = self.noting.index(key).map(|i| (i, self.out.len()));
         }
     }
     fn object_push(&mut self, _: &mut (), (): ()) {}
     fn json(&mut self, v: &Value) {
         self.value(v);
     }
+    fn sorts_views(&self) -> bool {
+        self.sort_sources
+    }
     fn object_close(&mut self, (): ()) {
         if self.depth == 1 {
             self.end_field();
-            self.top = Some(std::mem::take(&mut self.noting));
+            let names = TopFields::of(self.noting_names);
+            self.top = Some(std::mem::replace(&mut self.noting, names));
         }
         self.depth -= 1;
         self.out.push(b'}');
@@ -267,7 +298,7 @@ mod tests {
             ("stream_options", r#"{"include_usage":true}"#),
         ] {
             let start = text.find(&format!("\"{name}\":{value}")).expect("in the text") + name.len() + 3;
-            expected.set(TopFields::index(name).expect("noted"), start..start + value.len());
+            expected.set(expected.index(name).expect("noted"), start..start + value.len());
         }
         assert_eq!(top, expected);
         // Text that is not an object notes nothing.

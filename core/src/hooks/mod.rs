@@ -27,9 +27,10 @@ pub use transform::{
     HeaderChange, RequestRewrite, RequestTransformInput, ResponseBody, ResponseInfo, ResponseRewrite,
     ResponseTransformInput,
 };
-pub use usage::{UsageInput, UsageMetadata, UsageRecord};
+pub use usage::{CustomRecord, UsageInput, UsageMetadata, UsageRecord};
 
 pub(crate) use transform::drop_hop_by_hop;
+pub(crate) use usage::BILLING_FIELDS;
 
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
@@ -41,12 +42,8 @@ pub trait HookInput {
     /// The hook this input is for.
     const HOOK: HookName;
 
-    /// A transform's result: its `body` is wanted as JSON text (the new
-    /// body, which a host sends as is), encoded straight from the Lua
-    /// stack without a `serde_json::Value` in between, and its `headers`
-    /// are read off the stack as they are when they are a table of strings
-    /// and booleans (`convert/headers.rs`).
-    const BODY_AS_TEXT: bool = false;
+    /// How the result leaves the call ([`ResultForm`]).
+    const RESULT_FORM: ResultForm = ResultForm::Value;
 
     /// The request id, for log lines written by the script.
     fn request_id(&self) -> Option<&str>;
@@ -58,6 +55,22 @@ pub trait HookInput {
     /// registered as lazy views of `self` (`convert::defer`), which the
     /// call drops before it returns.
     fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()>;
+}
+
+/// How a hook's result table is encoded where the script returned it,
+/// straight from the Lua stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultForm {
+    /// A `serde_json::Value`.
+    Value,
+    /// A transform's: its `body` as JSON text (the new body, which a host
+    /// sends as is) without a `serde_json::Value` in between, its `headers`
+    /// read off the stack as they are when they are a table of strings and
+    /// booleans (`convert/headers.rs`), the rest a value.
+    BodyText,
+    /// The whole table as JSON text with every object's keys sorted: the
+    /// usage record, which hosts log and the ledger stores as that text.
+    SortedText,
 }
 
 /// The JSON of a headers table no script read: keys sorted, as the encoder
@@ -158,8 +171,8 @@ fn optional_status(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Op
 }
 
 /// An optional non-negative number.
-fn optional_non_negative(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<f64>, HookError> {
-    match obj.get(key) {
+fn optional_non_negative(value: Option<&Value>, key: &str, what: &str) -> Result<Option<f64>, HookError> {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {
             Some(x) if x >= 0.0 => Ok(Some(x)),

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
-use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo};
+use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo, ResultForm};
 use crate::convert::{self, Field, HeaderValue};
 use crate::error::HookError;
 use crate::http::fields::{BodyText, TextBody};
@@ -22,7 +22,7 @@ pub struct RequestTransformInput<'a> {
 
 impl HookInput for RequestTransformInput<'_> {
     const HOOK: HookName = HookName::RequestTransform;
-    const BODY_AS_TEXT: bool = true;
+    const RESULT_FORM: ResultForm = ResultForm::BodyText;
 
     fn request_id(&self) -> Option<&str> {
         Some(&self.request.id)
@@ -226,7 +226,7 @@ pub struct ResponseTransformInput<'a> {
 
 impl HookInput for ResponseTransformInput<'_> {
     const HOOK: HookName = HookName::ResponseTransform;
-    const BODY_AS_TEXT: bool = true;
+    const RESULT_FORM: ResultForm = ResultForm::BodyText;
 
     fn request_id(&self) -> Option<&str> {
         Some(&self.request.id)
@@ -266,7 +266,7 @@ pub struct RequestRewrite {
 impl RequestRewrite {
     /// Validate a script result (`body`: the result's body as text and
     /// `headers` its headers as read, taken out of `value` by the call,
-    /// [`super::HookInput::BODY_AS_TEXT`]); `Ok(None)` means "unchanged".
+    /// [`ResultForm::BodyText`]); `Ok(None)` means "unchanged".
     pub(crate) fn from_result(
         value: &Value,
         body: Option<BodyText>,

@@ -2,11 +2,13 @@
 
 use mlua::{Lua, Table};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::{expect_object, optional_non_negative, HookInput, HookName, RequestInfo, ResponseInfo};
+use super::{expect_object, optional_non_negative, HookInput, HookName, RequestInfo, ResponseInfo, ResultForm};
 use crate::convert::{self, Global, Scalar};
 use crate::error::HookError;
+use crate::http::fields::BodyText;
+use crate::policy::usage::RecordFields;
 
 /// Facts about the upstream exchange, shown as `metadata`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +36,7 @@ pub struct UsageInput<'a> {
 
 impl HookInput for UsageInput<'_> {
     const HOOK: HookName = HookName::Usage;
+    const RESULT_FORM: ResultForm = ResultForm::SortedText;
 
     fn request_id(&self) -> Option<&str> {
         Some(&self.request.id)
@@ -66,7 +69,58 @@ pub enum UsageRecord {
     Raw,
     /// A table of usage fields; `billable_tokens` and `cost`, when present,
     /// are numbers >= 0.
-    Custom(Map<String, Value>),
+    Custom(CustomRecord),
+}
+
+/// The fields of a record a charge reads and [`UsageRecord::check`] checks.
+pub(crate) const BILLING_FIELDS: [&str; 5] = [
+    "billable_tokens",
+    "cost",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+];
+
+/// A usage script's table: the JSON text hosts log and the ledger stores
+/// ([`crate::policy::usage::record_json`]: every object's keys sorted),
+/// with the fields a charge reads taken out of it.
+///
+/// The sandbox writes the table as that text where the script returned it;
+/// no JSON value of the whole record is built (a usage call spent a third
+/// of its time building one, only to write it out again).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomRecord {
+    json: String,
+    /// The record's [`BILLING_FIELDS`], in that order, as
+    /// [`RecordFields::number`] gives them: checked, so each is absent,
+    /// null or a number >= 0.
+    billing: [Option<Option<f64>>; BILLING_FIELDS.len()],
+}
+
+impl CustomRecord {
+    /// The record as JSON text, every object's keys sorted.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// The record's own text, taken.
+    pub fn into_json(self) -> String {
+        self.json
+    }
+
+    /// The whole record as a JSON value (parsed from its text).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
+}
+
+/// A script's record is read by a charge through the fields it kept: those
+/// are all a charge reads.
+impl RecordFields for CustomRecord {
+    fn number(&self, key: &str) -> Option<Option<f64>> {
+        let i = BILLING_FIELDS.iter().position(|k| *k == key)?;
+        self.billing[i]
+    }
 }
 
 impl UsageRecord {
@@ -75,16 +129,9 @@ impl UsageRecord {
         if value.is_null() {
             return Ok(());
         }
-        let what = "usage";
-        let obj = expect_object(value, what)?;
-        for key in [
-            "billable_tokens",
-            "cost",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-        ] {
-            optional_non_negative(obj, key, what)?;
+        let obj = expect_object(value, WHAT)?;
+        for key in BILLING_FIELDS {
+            optional_non_negative(obj.get(key), key, WHAT)?;
         }
         Ok(())
     }
@@ -93,9 +140,34 @@ impl UsageRecord {
     pub fn from_result(value: Value) -> Result<Self, HookError> {
         Self::check(&value)?;
         Ok(match value {
-            Value::Object(map) => UsageRecord::Custom(map),
+            Value::Object(map) => UsageRecord::Custom(CustomRecord {
+                billing: BILLING_FIELDS.map(|k| map.get(k).map(Value::as_f64)),
+                json: crate::policy::usage::record_json(&Value::Object(map)),
+            }),
             _ => UsageRecord::Raw,
         })
+    }
+
+    /// A script's table written as JSON text with sorted keys (the
+    /// sandbox's [`crate::hooks::ResultForm::SortedText`]), checked as
+    /// [`UsageRecord::check`] checks its value, with the same errors. The
+    /// billing fields are read where the writer noted them.
+    pub(crate) fn from_text(written: BodyText) -> Result<Self, HookError> {
+        let BodyText { text, top } = written;
+        let (Some(top), Some(b'{')) = (top, text.first()) else {
+            // Not an object (an array): the value's check says why.
+            let value: Value =
+                serde_json::from_slice(&text).map_err(|e| HookError::bad_output(format!("{WHAT}: {e}")))?;
+            return Self::from_result(value);
+        };
+        let mut billing = [None; BILLING_FIELDS.len()];
+        for (i, (key, slot)) in BILLING_FIELDS.iter().zip(&mut billing).enumerate() {
+            if let Some(field) = top.span(i).and_then(|span| text.get(span)) {
+                *slot = Some(billing_field(key, field)?);
+            }
+        }
+        let json = String::from_utf8(text).map_err(|e| HookError::bad_output(format!("{WHAT}: {e}")))?;
+        Ok(UsageRecord::Custom(CustomRecord { json, billing }))
     }
 
     /// Tokens to charge against the key's quota: `billable_tokens` when the
@@ -103,12 +175,88 @@ impl UsageRecord {
     pub fn billable_tokens(&self, raw: &Value) -> f64 {
         let from = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
         match self {
-            UsageRecord::Custom(m) => m
-                .get("billable_tokens")
-                .and_then(Value::as_f64)
+            UsageRecord::Custom(c) => c
+                .number("billable_tokens")
+                .flatten()
                 .or_else(|| from(raw, "total_tokens"))
                 .unwrap_or(0.0),
             UsageRecord::Raw => from(raw, "total_tokens").unwrap_or(0.0),
+        }
+    }
+}
+
+/// What a record's errors are prefixed with.
+const WHAT: &str = "usage";
+
+/// A billing field `key` from its JSON text as the sandbox wrote it,
+/// checked as [`UsageRecord::check`] checks its value (`null`: as absent;
+/// a number >= 0), with the same errors.
+fn billing_field(key: &str, text: &[u8]) -> Result<Option<f64>, HookError> {
+    let kind = match text.first() {
+        Some(b'n') => return Ok(None),
+        Some(b'-' | b'0'..=b'9') => {
+            // Finite, as `Value::as_f64` reads a number's text.
+            let n = std::str::from_utf8(text).unwrap_or_default();
+            return match n.parse::<f64>().ok().filter(|x| x.is_finite()) {
+                Some(x) if x >= 0.0 => Ok(Some(x)),
+                _ => Err(HookError::bad_output(format!(
+                    "{WHAT}: '{key}' must be a number >= 0, got {n}"
+                ))),
+            };
+        }
+        Some(b'"') => "string",
+        Some(b't' | b'f') => "boolean",
+        Some(b'[') => "array",
+        _ => "table",
+    };
+    Err(HookError::bad_output(format!(
+        "{WHAT}: '{key}' must be a number, got {kind}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ScriptLimits};
+    use crate::Engine;
+
+    /// A record table leaves its call as sorted text with its billing
+    /// fields noted (the path `tests/usage_record_text.rs` compares with
+    /// the value path), not as a value.
+    #[test]
+    fn a_record_table_leaves_its_call_as_text() {
+        let script = "return { total_tokens = usage.total_tokens, b = { 2, 1 }, a = 'x', cost = 0.5 }";
+        let engine = Engine::new(Config::single_hook(
+            HookName::Usage,
+            "u",
+            script,
+            ScriptLimits::default(),
+        ))
+        .expect("engine");
+        let request = RequestInfo::default();
+        let usage = serde_json::json!({"total_tokens": 28});
+        let input = UsageInput {
+            request: &request,
+            usage: &usage,
+            response: &ResponseInfo::default(),
+            metadata: &UsageMetadata {
+                backend_url: String::new(),
+                latency_ms: 0.0,
+                is_stream: false,
+            },
+        };
+        let out = engine.run(&input).expect("ran").expect("enabled");
+        assert_eq!(out.value, Value::Null);
+        let text = out.text.expect("written as text");
+        assert_eq!(text.text, br#"{"a":"x","b":[2,1],"cost":0.5,"total_tokens":28}"#);
+        match UsageRecord::from_text(text).expect("a record") {
+            UsageRecord::Custom(c) => {
+                assert_eq!(c.number("total_tokens"), Some(Some(28.0)));
+                assert_eq!(c.number("cost"), Some(Some(0.5)));
+                assert_eq!(c.number("billable_tokens"), None);
+                assert_eq!(c.number("a"), None, "not a billing field");
+            }
+            UsageRecord::Raw => panic!("a table is a record"),
         }
     }
 }

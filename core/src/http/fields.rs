@@ -163,21 +163,44 @@ impl From<Vec<u8>> for BodyText {
     }
 }
 
-/// Where the values of a body object's `model`, `stream` and
-/// `stream_options` are in its text (byte ranges of each field present).
-/// With them [`TextBody`] reads three short slices instead of scanning a
-/// body that may be megabytes long.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Where the values of some fields of a JSON object are in its text
+/// (byte ranges of each field present), noted by the writer of the text:
+/// with them a reader reads a few short slices instead of scanning text
+/// that may be megabytes long. A body's `model`, `stream` and
+/// `stream_options` ([`TopFields::BODY`], for [`TextBody`]), a usage
+/// record's billing fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TopFields {
-    spans: [Option<Range<usize>>; 3],
+    names: &'static [&'static str],
+    spans: [Option<Range<usize>>; TopFields::MAX],
+}
+
+impl Default for TopFields {
+    fn default() -> TopFields {
+        TopFields::of(&TopFields::BODY)
+    }
 }
 
 impl TopFields {
-    const NAMES: [&'static str; 3] = ["model", "stream", "stream_options"];
+    /// The fields [`TextBody`] reads.
+    pub const BODY: [&'static str; 3] = ["model", "stream", "stream_options"];
+    /// The most fields noted.
+    pub const MAX: usize = 5;
 
-    /// Which field `key` is, `None` for a field not read here.
-    pub fn index(key: &str) -> Option<usize> {
-        Self::NAMES.iter().position(|name| *name == key)
+    /// Nothing noted yet of the fields `names` (at most [`TopFields::MAX`]).
+    pub const fn of(names: &'static [&'static str]) -> TopFields {
+        TopFields {
+            names,
+            spans: [const { None }; TopFields::MAX],
+        }
+    }
+
+    /// Which field `key` is, `None` for a field not noted.
+    pub fn index(&self, key: &str) -> Option<usize> {
+        self.names
+            .iter()
+            .position(|name| *name == key)
+            .filter(|i| *i < Self::MAX)
     }
 
     /// Note that field `index` (from [`TopFields::index`]) is at `span`.
@@ -185,6 +208,11 @@ impl TopFields {
         if let Some(slot) = self.spans.get_mut(index) {
             *slot = Some(span);
         }
+    }
+
+    /// Where field `index` is, when the object has it.
+    pub fn span(&self, index: usize) -> Option<Range<usize>> {
+        self.spans.get(index).cloned().flatten()
     }
 
     /// The fields [`TextBody::top`] would find in `text`, read from their

@@ -51,18 +51,33 @@ pub struct Charge {
     pub metrics: Vec<(&'static str, f64)>,
 }
 
+/// Where [`charge`] reads a record's fields: a whole record as a value,
+/// or a script's record by the fields it kept ([`crate::hooks::CustomRecord`]).
+pub trait RecordFields {
+    /// Field `key`: `None` when the record lacks it, else its value as a
+    /// number (`None` when it is not one: `Value::as_f64`).
+    fn number(&self, key: &str) -> Option<Option<f64>>;
+}
+
+impl RecordFields for Value {
+    fn number(&self, key: &str) -> Option<Option<f64>> {
+        self.get(key).map(Value::as_f64)
+    }
+}
+
 /// The charge of a request whose backend reported `raw` and whose usage
 /// hook recorded `record` (`None` when the hook is off, returned nil or
-/// failed: the raw usage is the record).
-pub fn charge(raw: &Value, record: Option<&Value>) -> Charge {
-    let number = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+/// failed: the raw usage is the record). Of `record` only its billing
+/// fields are read ([`RecordFields`]).
+pub fn charge(raw: &Value, record: Option<&dyn RecordFields>) -> Charge {
+    let number = |v: &dyn RecordFields, k: &str| v.number(k).flatten();
     let billable = match record {
         Some(r) => number(r, "billable_tokens").or_else(|| number(raw, "total_tokens")),
         None => number(raw, "total_tokens"),
     };
     let record = record.unwrap_or(raw);
-    let pick = |k: &str| match record.get(k) {
-        Some(v) => whole(v.as_f64()),
+    let pick = |k: &str| match record.number(k) {
+        Some(v) => whole(v),
         None => whole(number(raw, k)),
     };
     let billable_tokens = whole(billable);
@@ -165,7 +180,7 @@ mod tests {
         for case in cases {
             let name = case["name"].as_str().expect("name");
             let record = Some(&case["record"]).filter(|r| !r.is_null());
-            let got = charge(&case["raw"], record);
+            let got = charge(&case["raw"], record.map(|r| r as &dyn RecordFields));
             let want = &case["charge"];
             let count = |k: &str| want[k].as_u64().expect(k);
             assert_eq!(got.billable_tokens, count("billable_tokens"), "{name}");

@@ -15,6 +15,7 @@ use std::ptr;
 use llmproxy_core::hooks::{HeaderChange, RouteDecision};
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use llmproxy_core::Engine;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::boundary::{self, byte_slice, non_null, utf8_cstr};
@@ -443,9 +444,15 @@ pub unsafe extern "C" fn llmp_handle_usage(
         let step = h.handle.usage(engine);
         let b = h.settle(step)?;
         let c = &b.charge;
+        // The record's text, written as it is (it is JSON: core wrote it).
+        let record = b
+            .custom
+            .then(|| serde_json::from_str::<&RawValue>(&b.record_json))
+            .transpose()
+            .map_err(|e| Failure::new(llmp_result::LLMP_INTERNAL, format!("cannot read the record: {e}")))?;
         let out = BillingJson {
             usage: &b.usage,
-            record: b.record.as_ref(),
+            record,
             billable_tokens: c.billable_tokens,
             limit_tokens: c.limit_tokens,
             prompt_tokens: c.prompt_tokens,
@@ -472,7 +479,7 @@ pub unsafe extern "C" fn llmp_handle_usage(
 #[derive(serde::Serialize)]
 struct BillingJson<'a> {
     usage: &'a Value,
-    record: Option<&'a Value>,
+    record: Option<&'a RawValue>,
     billable_tokens: u64,
     limit_tokens: u64,
     prompt_tokens: u64,

@@ -1300,7 +1300,10 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
                 Value::Nil => None,
                 other => Some(json(&other, "record")?),
             };
-            let charge = llmproxy_core::policy::usage::charge(&raw, record.as_ref());
+            let record = record
+                .as_ref()
+                .map(|r| r as &dyn llmproxy_core::policy::usage::RecordFields);
+            let charge = llmproxy_core::policy::usage::charge(&raw, record);
             charge_table(lua, &shared_charge.charge_keys, &charge, None)
         })?,
     )?;

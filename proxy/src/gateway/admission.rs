@@ -772,11 +772,10 @@ impl UsageJob {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let backend_url = metadata.backend_url;
-        let record = match result {
-            UsageRecord::Raw => None,
-            UsageRecord::Custom(m) => Some(Value::Object(m)),
+        let (charged, record_json) = match result {
+            UsageRecord::Raw => (usage_policy::charge(&raw, None), usage_policy::record_json(&raw)),
+            UsageRecord::Custom(c) => (usage_policy::charge(&raw, Some(&c)), c.into_json()),
         };
-        let charged = usage_policy::charge(&raw, record.as_ref());
         let billable = charged.billable_tokens;
         let backend_name = c.backend.as_ref().map(|b| b.name.clone());
         if let Some(b) = &c.backend {
@@ -787,7 +786,6 @@ impl UsageJob {
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         let key_fp = caller.key_id.as_deref();
         let ledger_record = shared.ledger.as_ref().map(|_| {
-            let record_json = usage_policy::record_json(record.as_ref().unwrap_or(&raw));
             let charged = Charged {
                 charge: &charged,
                 record_json: &record_json,
@@ -819,7 +817,6 @@ impl UsageJob {
         let Some((last, others)) = shared.usage_sinks.split_last() else {
             return;
         };
-        let record = record.unwrap_or_else(|| raw.clone());
         let entry = UsageEntry {
             request_id: info.id.clone(),
             backend: backend_name.unwrap_or_default(),
@@ -827,7 +824,7 @@ impl UsageJob {
             path: info.path.clone().unwrap_or_default(),
             is_stream: c.is_stream,
             raw,
-            record,
+            record_json,
             status: c.status,
             key_fingerprint: key_fp.map(str::to_owned),
             user_id: info.user_id.clone(),

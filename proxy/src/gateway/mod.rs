@@ -86,9 +86,10 @@ pub struct UsageEntry {
     pub is_stream: bool,
     /// Usage as the backend reported it.
     pub raw: Value,
-    /// The record to store: the script's table, or `raw` when the hook is
+    /// The record to store as JSON text, every object's keys sorted (what
+    /// the ledger stores): the script's table, or `raw` when the hook is
     /// off, returned nil or failed.
-    pub record: Value,
+    pub record_json: String,
     /// The status the client got (499: the client went away first).
     pub status: u16,
     /// The fingerprint of the client's API key.
@@ -105,6 +106,13 @@ pub struct UsageEntry {
     /// The tokens were estimated by the gateway: the backend's usage never
     /// came (a stream whose client left first); `raw` has `"estimated": true`.
     pub estimated: bool,
+}
+
+impl UsageEntry {
+    /// The record as a JSON value (parsed from `record_json`).
+    pub fn record(&self) -> Value {
+        serde_json::from_str(&self.record_json).unwrap_or(Value::Null)
+    }
 }
 
 /// Where usage records go besides the ledger (`ledger:`): one record per
@@ -128,7 +136,7 @@ impl UsageSink for LogUsageSink {
             is_stream = e.is_stream,
             status = e.status,
             key = e.key_fingerprint.as_deref().unwrap_or("-"),
-            usage = %e.record,
+            usage = %e.record_json,
             "usage recorded"
         );
     }
