@@ -10,6 +10,8 @@ local backends = require "resty.llmproxy.backends"
 local limits = require "resty.llmproxy.limits"
 local W = require "resty.llmproxy.worker"
 
+local new_tab = require "table.new"
+
 local pairs = pairs
 local tostring = tostring
 local lower = string.lower
@@ -36,6 +38,9 @@ local send_local = require("resty.llmproxy.failure").send_local
 local prepare_request = require("resty.llmproxy.request").prepare
 
 local _M = {}
+
+-- Hash slots of a request's context table.
+local CTX_FIELDS = 32
 
 -- What happens when a hook of this phase fails: `{fallback, deny}`.
 local ROUTING = { "using the default balancer", "refusing the request" }
@@ -129,7 +134,10 @@ function _M.run()
     if state and req_get_method() == "GET" and ngx_var.uri == "/v1/models" then
         return send_local(200, state.models_body) -- the gateway's: no auth, no backend
     end
-    local ctx = { state = state, started = ngx_now() }
+    -- Sized for the fields the phases add (~20 for a proxied request), so
+    -- that it is not rehashed four times on the way.
+    local ctx = new_tab(0, CTX_FIELDS)
+    ctx.state, ctx.started = state, ngx_now()
     ngx.ctx.llmproxy = ctx
     if not state then
         ctx.id = ngx_var.request_id

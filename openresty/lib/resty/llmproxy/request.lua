@@ -51,18 +51,17 @@ local function read_request_body()
     return data
 end
 
--- The hooks' `request` as a table, as the standalone gateway builds it.
-local function request_fields(ctx, raw)
-    local request = {
+-- The hooks' `request` as a table, as the standalone gateway builds it,
+-- with the key's user when `entry` (the key's record) is known.
+local function request_fields(ctx, raw, api_key, entry)
+    return {
         id = ctx.id,
         headers = titled_headers(raw),
         client_ip = ngx_var.remote_addr,
         path = ngx_var.uri,
+        api_key = api_key,
+        user_id = entry and entry.info.user_id,
     }
-    -- The key (core's rule, the gateway's): Bearer, else x-api-key; a
-    -- header sent twice (a table here) presents none.
-    request.api_key = ctx.state.llmproxy.api_key(raw["authorization"], raw["x-api-key"])
-    return request
 end
 
 -- The configured key behind `api_key`: `{info, fp}` (info: the record as
@@ -109,11 +108,11 @@ local function prepare_request(state, ctx)
             end
         end
     end
-    local fields = request_fields(ctx, raw)
-    local entry = key_entry(state, fields.api_key)
-    if entry then
-        fields.user_id = entry.info.user_id
-    end
+    -- The key (core's rule, the gateway's): Bearer, else x-api-key; a
+    -- header sent twice (a table here) presents none.
+    local api_key = state.llmproxy.api_key(raw["authorization"], raw["x-api-key"])
+    local entry = key_entry(state, api_key)
+    local fields = request_fields(ctx, raw, api_key, entry)
     ctx.key = entry
     -- Settled by the headers before anything can fail, as in the gateway:
     -- only an identified caller's failures go through error_handler.
