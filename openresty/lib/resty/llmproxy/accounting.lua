@@ -11,7 +11,6 @@ local limits = require "resty.llmproxy.limits"
 local W = require "resty.llmproxy.worker"
 
 local pairs = pairs
-local ipairs = ipairs
 local tonumber = tonumber
 local max = math.max
 local ngx_log = ngx.log
@@ -84,27 +83,27 @@ local function record_attempts(state, ctx)
     end
     local set = state.backends
     local n = #attempts
-    local statuses, times, heads
     local status_v, time_v, head_v = ngx_var.upstream_status, ngx_var.upstream_response_time,
         ngx_var.upstream_header_time
-    if n == 1 and tonumber(status_v) and tonumber(time_v) and tonumber(head_v) then
-        statuses, times, heads = { status_v }, { time_v }, { head_v } -- one try: no list to split
-    else
-        statuses, times, heads = entries(status_v), entries(time_v), entries(head_v)
-    end
-    for i, b in ipairs(attempts) do
-        local t = tonumber(times[i])
-        if ctx.sse and i == n then
-            t = tonumber(heads[i]) or t -- streams: to the first event
+    local status, time, head = tonumber(status_v), tonumber(time_v), tonumber(head_v)
+    if n > 1 or not (status and time and head) then
+        -- Several tries, or one whose values are not plain numbers: lists
+        -- to split ("0.001, 0.002 : 0.003"), the last entry the last try's.
+        local statuses, times, heads = entries(status_v), entries(time_v), entries(head_v)
+        for i = 1, n - 1 do
+            local t = tonumber(times[i])
+            if W.store and t then
+                metrics.upstream_latency(W.store, attempts[i].name, t)
+            end
         end
-        if W.store and t then
-            metrics.upstream_latency(W.store, b.name, t)
-        end
+        status, time, head = tonumber(statuses[n]), tonumber(times[n]), tonumber(heads[n])
     end
     local last = attempts[n]
+    local t = ctx.sse and head or time -- streams: to the first event
+    if W.store and t then
+        metrics.upstream_latency(W.store, last.name, t)
+    end
     last.active = max(0, last.active - 1)
-    local status = tonumber(statuses[n])
-    local head = tonumber(heads[n])
     if not head and ngx.status == 499 then -- luacheck: ignore 542
         -- the client left before the backend answered: no verdict on it
     elseif not head or not status or status >= 500 then
