@@ -10,7 +10,6 @@
 //! the C function through a C frame, with the job as a light userdata.
 
 use std::ffi::{c_int, c_void};
-use std::panic::{self, AssertUnwindSafe};
 
 use mlua::ffi::{self, lua_State};
 use mlua::{IntoLua, Lua, Table};
@@ -21,18 +20,23 @@ struct Job<'a, F, R> {
     /// Pushes `tables` (mlua keeps them in its own reference thread).
     push: &'a dyn Fn(&Table) -> mlua::Result<()>,
     work: Option<F>,
-    /// `None` until the work ran; its error when it could not run.
-    out: Option<Result<R, &'static str>>,
+    /// What the work returned; `None` when it could not run.
+    out: Option<R>,
 }
 
 /// Run `work` in one `lua_cpcall` with `tables` pushed at stack indices
 /// `1..=tables.len()` of its frame; its result, or the error the walk
-/// raised (the stack is restored either way). A panic in `work` is
-/// caught and reported as an error: it never unwinds through LuaJIT.
+/// raised (the stack is restored either way).
+///
+/// A Lua error raised inside `work` (an allocation that fails) unwinds
+/// through its frames, dropping what they own, to the `lua_cpcall`, as
+/// under mlua's `exec_raw`; it is not caught on the way (`catch_unwind`
+/// would abort the process on LuaJIT's foreign exception).
 ///
 /// # Safety
-/// `work` gets the raw state: it must keep the stack balanced and read
-/// borrowed bytes only while their value is on the stack.
+/// `work` gets the raw state: it must keep the stack balanced, read
+/// borrowed bytes only while their value is on the stack, and not panic
+/// (as `exec_raw` requires of its closure).
 pub(super) unsafe fn with_tables<F, R>(lua: &Lua, tables: &[&Table], work: F) -> mlua::Result<R>
 where
     F: FnOnce(*mut lua_State) -> R,
@@ -53,11 +57,7 @@ where
             let top = ffi::lua_gettop(state);
             let code = ffi::lua_cpcall(state, run::<F, R>, &mut job as *mut Job<'_, F, R> as *mut c_void);
             let result = if code == ffi::LUA_OK {
-                match job.out {
-                    Some(Ok(r)) => Ok(r),
-                    Some(Err(why)) => Err(mlua::Error::RuntimeError(why.into())),
-                    None => Err(mlua::Error::StackError),
-                }
+                job.out.ok_or(mlua::Error::StackError)
             } else {
                 let message = String::from_utf8_lossy(llmproxy_core::stack::str_at(state, -1)).into_owned();
                 Err(if code == ffi::LUA_ERRMEM {
@@ -87,7 +87,7 @@ where
             return 0;
         }
         if let Some(work) = job.work.take() {
-            job.out = Some(panic::catch_unwind(AssertUnwindSafe(|| work(state))).map_err(|_| "a table walk panicked"));
+            job.out = Some(work(state));
         }
         0
     }
