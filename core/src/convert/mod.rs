@@ -47,6 +47,7 @@ pub(crate) use fields::{push_str, Field, Fields, PushTable};
 pub(crate) use headers::{HeaderValue, ResultHeaders};
 pub(crate) use lazy::{defer, CallData};
 pub(crate) use numbers::NumberTexts;
+pub(crate) use text::sorted_json;
 use text::ToText;
 
 /// `json.null`: a NULL light userdata, like lua-cjson's `cjson.null`.

@@ -29,8 +29,6 @@ pub(super) struct ToText {
     /// Write the objects of sources (views no script read) with their keys
     /// sorted, as the walk writes a table's ([`ToText::sorted`]).
     sort_sources: bool,
-    /// The top-level fields noted.
-    noting_names: &'static [&'static str],
 }
 
 impl ToText {
@@ -44,7 +42,6 @@ impl ToText {
             noting: TopFields::of(&TopFields::BODY),
             field: None,
             sort_sources: false,
-            noting_names: &TopFields::BODY,
         }
     }
 
@@ -55,7 +52,6 @@ impl ToText {
         ToText {
             sort_sources: true,
             noting: TopFields::of(noted),
-            noting_names: noted,
             ..ToText::new()
         }
     }
@@ -127,6 +123,16 @@ impl ToText {
     fn number_text(&mut self, n: &Number) {
         self.out.extend_from_slice(n.as_str().as_bytes());
     }
+}
+
+/// `v` as JSON text with every object's keys sorted (byte order): what
+/// `Value::sort_all_objects` then `to_string` writes, without the deep copy
+/// sorting in place would need (the usage record's text,
+/// `policy::usage::record_json`).
+pub(crate) fn sorted_json(v: &Value) -> Vec<u8> {
+    let mut t = ToText::sorted(&[]);
+    t.value(v);
+    t.out
 }
 
 /// Bytes [`ToText`] starts with room for.
@@ -209,8 +215,8 @@ impl Emit for ToText {
     fn object_close(&mut self, (): ()) {
         if self.depth == 1 {
             self.end_field();
-            let names = TopFields::of(self.noting_names);
-            self.top = Some(std::mem::replace(&mut self.noting, names));
+            let fresh = self.noting.cleared();
+            self.top = Some(std::mem::replace(&mut self.noting, fresh));
         }
         self.depth -= 1;
         self.out.push(b'}');

@@ -169,20 +169,6 @@ impl UsageRecord {
         let json = String::from_utf8(text).map_err(|e| HookError::bad_output(format!("{WHAT}: {e}")))?;
         Ok(UsageRecord::Custom(CustomRecord { json, billing }))
     }
-
-    /// Tokens to charge against the key's quota: `billable_tokens` when the
-    /// script gave it, else `total_tokens` of `raw`.
-    pub fn billable_tokens(&self, raw: &Value) -> f64 {
-        let from = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
-        match self {
-            UsageRecord::Custom(c) => c
-                .number("billable_tokens")
-                .flatten()
-                .or_else(|| from(raw, "total_tokens"))
-                .unwrap_or(0.0),
-            UsageRecord::Raw => from(raw, "total_tokens").unwrap_or(0.0),
-        }
-    }
 }
 
 /// What a record's errors are prefixed with.
@@ -190,28 +176,21 @@ const WHAT: &str = "usage";
 
 /// A billing field `key` from its JSON text as the sandbox wrote it,
 /// checked as [`UsageRecord::check`] checks its value (`null`: as absent;
-/// a number >= 0), with the same errors.
+/// a number >= 0). A finite number >= 0 or `null` is read off the text;
+/// anything else is parsed and refused by that check, with its words.
 fn billing_field(key: &str, text: &[u8]) -> Result<Option<f64>, HookError> {
-    let kind = match text.first() {
-        Some(b'n') => return Ok(None),
-        Some(b'-' | b'0'..=b'9') => {
-            // Finite, as `Value::as_f64` reads a number's text.
-            let n = std::str::from_utf8(text).unwrap_or_default();
-            return match n.parse::<f64>().ok().filter(|x| x.is_finite()) {
-                Some(x) if x >= 0.0 => Ok(Some(x)),
-                _ => Err(HookError::bad_output(format!(
-                    "{WHAT}: '{key}' must be a number >= 0, got {n}"
-                ))),
-            };
-        }
-        Some(b'"') => "string",
-        Some(b't' | b'f') => "boolean",
-        Some(b'[') => "array",
-        _ => "table",
-    };
-    Err(HookError::bad_output(format!(
-        "{WHAT}: '{key}' must be a number, got {kind}"
-    )))
+    if text == b"null" {
+        return Ok(None);
+    }
+    let number = std::str::from_utf8(text)
+        .ok()
+        .filter(|n| n.starts_with(|c: char| c == '-' || c.is_ascii_digit()))
+        .and_then(|n| n.parse::<f64>().ok());
+    if let Some(x) = number.filter(|x| x.is_finite() && *x >= 0.0) {
+        return Ok(Some(x));
+    }
+    let value: Value = serde_json::from_slice(text).map_err(|e| HookError::bad_output(format!("{WHAT}: {e}")))?;
+    optional_non_negative(Some(&value), key, WHAT)
 }
 
 #[cfg(test)]

@@ -203,6 +203,11 @@ impl TopFields {
             .filter(|i| *i < Self::MAX)
     }
 
+    /// Nothing noted yet of the same fields.
+    pub fn cleared(&self) -> TopFields {
+        TopFields::of(self.names)
+    }
+
     /// Note that field `index` (from [`TopFields::index`]) is at `span`.
     pub fn set(&mut self, index: usize, span: Range<usize>) {
         if let Some(slot) = self.spans.get_mut(index) {

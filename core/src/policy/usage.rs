@@ -111,49 +111,8 @@ pub fn zero_usage() -> Value {
 /// text with the keys of every object sorted, so the same record reads the
 /// same in every host whatever order a backend or a script wrote it in.
 pub fn record_json(record: &Value) -> String {
-    let mut out = Vec::with_capacity(128);
-    write_sorted(record, &mut out);
-    // Only serde_json's output and ASCII punctuation went in.
-    String::from_utf8(out).unwrap_or_default()
-}
-
-/// `v` as JSON text with each object's keys in byte order (what
-/// `Value::sort_all_objects` then `to_string` writes), without the deep
-/// copy sorting in place would need.
-fn write_sorted(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Object(map) => {
-            let mut fields: Vec<(&String, &Value)> = map.iter().collect();
-            fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (key, value)) in fields.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_scalar(&**key, out);
-                out.push(b':');
-                write_sorted(value, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_sorted(item, out);
-            }
-            out.push(b']');
-        }
-        scalar => write_scalar(scalar, out),
-    }
-}
-
-/// A string or scalar as serde_json writes it. Writing into a `Vec` cannot
-/// fail for these (no I/O, no map with non-string keys).
-fn write_scalar<T: serde::Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) {
-    let _ = serde_json::to_writer(out, v);
+    // JSON text: UTF-8 by construction.
+    String::from_utf8(crate::convert::sorted_json(record)).unwrap_or_default()
 }
 
 /// A token count: rounded, 0 unless finite and positive.
