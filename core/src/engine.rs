@@ -276,7 +276,7 @@ impl Engine {
         self.checked(
             HookName::Routing,
             &input.request.id,
-            RouteDecision::from_result(&v, names),
+            RouteDecision::from_result(v, names),
         )
     }
 
@@ -329,7 +329,7 @@ impl Engine {
             return Ok(None);
         };
         self.drop_hop_by_hop(hook, Some(request_id), &mut v, headers.as_mut());
-        self.checked(hook, request_id, check(&v, body, headers))
+        self.checked(hook, request_id, check(&v, body.map(|b| *b), headers))
     }
 
     /// `rate_limit`: the script's verdict over the standard limiter.
@@ -346,7 +346,7 @@ impl Engine {
             return Ok(UsageRecord::Raw);
         };
         let record = match text {
-            Some(text) => UsageRecord::from_text(text),
+            Some(text) => UsageRecord::from_text(*text),
             None => UsageRecord::from_result(value),
         };
         self.checked(HookName::Usage, &input.request.id, record)
@@ -443,7 +443,7 @@ impl Engine {
             HookName::Routing => {
                 let names = globals.get("backends").and_then(Value::as_object);
                 let names = names.into_iter().flat_map(|m| m.keys().map(String::as_str));
-                RouteDecision::from_result(&value, names).map(|_| ())
+                RouteDecision::from_result(value.clone(), names).map(|_| ())
             }
             HookName::Auth => AuthVerdict::from_result(&value).map(|_| ()),
             HookName::RequestTransform => RequestRewrite::validate(&value),

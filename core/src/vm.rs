@@ -326,7 +326,7 @@ impl Vm {
         .map_err(bad)?;
         Ok(Output {
             value,
-            body: body.map(BodyText::from),
+            body: body.map(|b| Box::new(BodyText::from(b))),
             headers: None,
             text: None,
         })

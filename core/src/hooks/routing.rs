@@ -166,16 +166,16 @@ pub enum RouteDecision {
 
 impl RouteDecision {
     /// Validate a script result against the backend names the host passed in.
-    pub fn from_result<'n>(value: &Value, mut names: impl Iterator<Item = &'n str>) -> Result<Self, HookError> {
+    pub fn from_result<'n>(value: Value, mut names: impl Iterator<Item = &'n str>) -> Result<Self, HookError> {
         match value {
             Value::Null => Ok(RouteDecision::Default),
-            Value::String(name) if names.any(|n| n == name) => Ok(RouteDecision::Backend(name.clone())),
+            Value::String(name) if names.any(|n| n == name) => Ok(RouteDecision::Backend(name)),
             Value::String(name) => Err(HookError::bad_output(format!(
                 "routing returned unknown backend '{name}'"
             ))),
             other => Err(HookError::bad_output(format!(
                 "routing must return a backend name (string) or nil, got {}",
-                json_type(other)
+                json_type(&other)
             ))),
         }
     }

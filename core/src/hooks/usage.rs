@@ -228,7 +228,7 @@ mod tests {
         assert_eq!(out.value, Value::Null);
         let text = out.text.expect("written as text");
         assert_eq!(text.text, br#"{"a":"x","b":[2,1],"cost":0.5,"total_tokens":28}"#);
-        match UsageRecord::from_text(text).expect("a record") {
+        match UsageRecord::from_text(*text).expect("a record") {
             UsageRecord::Custom(c) => {
                 assert_eq!(c.number("total_tokens"), Some(Some(28.0)));
                 assert_eq!(c.number("cost"), Some(Some(0.5)));
