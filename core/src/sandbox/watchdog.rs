@@ -3,8 +3,8 @@
 //! A call pays nothing for its deadline while it runs within it: no hook is
 //! set, so the interpreter runs at full speed and the JIT compiler, where
 //! it may stay on ([`super::jit`]), compiles loops as usual. The process's
-//! deadline timer ([`super::timer`]) looks at every armed watchdog each
-//! tick; once a call's deadline has passed it sets a count hook of 1 on
+//! deadline timer ([`super::timer`]) looks at the armed watchdogs when a
+//! deadline can have passed; once a call's has, it sets a count hook of 1 on
 //! the VM (`lua_sethook` may be called from another thread). The next VM
 //! instruction, or the next iteration of a compiled loop in a LuaJIT built
 //! with `LUAJIT_ENABLE_CHECKHOOK`, enters [`on_hook`], which raises the
@@ -102,6 +102,11 @@ impl Watchdog {
     /// cannot be started.
     pub fn new() -> std::io::Result<Arc<Self>> {
         let (timer, fork_generation) = timer::current()?;
+        Self::watched_by(timer, fork_generation)
+    }
+
+    /// A watchdog watched by `timer`.
+    fn watched_by(timer: &'static Timer, fork_generation: u64) -> std::io::Result<Arc<Self>> {
         let watchdog = Arc::new(Watchdog {
             deadline_ns: AtomicU64::new(DISARMED),
             limit_ms: AtomicU64::new(0),
@@ -184,8 +189,9 @@ impl Watchdog {
         self.limit_ms
             .store(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
         // Sequentially consistent with the timer's parking (see `Timer`).
-        self.deadline_ns.store(deadline.min(DISARMED - 1), Ordering::SeqCst);
-        self.timer.wake_if_parked();
+        let deadline = deadline.min(DISARMED - 1);
+        self.deadline_ns.store(deadline, Ordering::SeqCst);
+        self.timer.armed(now, deadline);
     }
 
     /// End a call. A fired watchdog stays fired (the VM is then discarded).
@@ -195,7 +201,13 @@ impl Watchdog {
 
     /// Whether a call is armed (seen by the timer).
     pub(super) fn armed(&self) -> bool {
-        self.deadline_ns.load(Ordering::SeqCst) != DISARMED
+        self.armed_deadline().is_some()
+    }
+
+    /// The armed call's deadline (seen by the timer).
+    pub(super) fn armed_deadline(&self) -> Option<u64> {
+        let deadline = self.deadline_ns.load(Ordering::SeqCst);
+        (deadline != DISARMED).then_some(deadline)
     }
 
     /// Whether the call is past its deadline, or the watchdog has fired;
@@ -322,7 +334,7 @@ impl Watchdog {
     }
 }
 
-fn duration_ns(d: Duration) -> u64 {
+pub(super) fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(DISARMED)
 }
 
@@ -530,6 +542,54 @@ mod tests {
             );
             dog.release();
         }
+    }
+
+    /// A watchdog on a timer of its own: the process's is shared with
+    /// every other test.
+    fn own_timer() -> (&'static Timer, Arc<Watchdog>) {
+        let timer = Timer::leaked(timer::fork_generation());
+        let dog = Watchdog::watched_by(timer, timer::fork_generation()).expect("timer");
+        (timer, dog)
+    }
+
+    #[test]
+    fn calls_that_may_run_long_do_not_wake_the_timer_every_tick() {
+        let (timer, dog) = own_timer();
+        let started = Instant::now();
+        let before = timer.scans();
+        // 200 ms of back-to-back calls, each allowed 100 ms.
+        while started.elapsed() < Duration::from_millis(200) {
+            dog.arm(Duration::from_millis(100));
+            let spin = Instant::now();
+            while spin.elapsed() < Duration::from_micros(50) {}
+            dog.disarm();
+        }
+        let scans = timer.scans() - before;
+        // A fixed tick of 1 ms looked ~200 times.
+        assert!(scans <= 10, "{scans} scans in 200 ms");
+        dog.release();
+    }
+
+    #[test]
+    fn a_call_is_stopped_on_time_after_the_timer_parked_or_slept_for_longer_calls() {
+        // A new timer with nothing armed parks at once; then it sleeps for
+        // the 5 s span of the first call, which a 5 ms call must cut short.
+        let (_, dog) = own_timer();
+        let lua = interpreted();
+        dog.install(&lua);
+        std::thread::sleep(Duration::from_millis(20));
+        dog.arm(Duration::from_secs(5));
+        let n: i64 = lua.load("return 1 + 1").eval().expect("runs");
+        dog.disarm();
+        assert_eq!(n, 2);
+        std::thread::sleep(Duration::from_millis(20));
+        dog.arm(Duration::from_millis(5));
+        let started = Instant::now();
+        let err = lua.load("while true do end").exec().expect_err("stopped");
+        dog.disarm();
+        assert!(err.to_string().contains("time limit of 5 ms"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        dog.release();
     }
 
     #[test]
