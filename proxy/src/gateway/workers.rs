@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -34,6 +35,26 @@ pub fn resolve(configured: usize) -> usize {
         return configured;
     }
     std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// How far ahead a worker's runtime always has a timer due.
+const TIMER_ANCHOR: Duration = Duration::from_secs(1);
+
+/// Keep a timer due within [`TIMER_ANCHOR`] in the runtime's timer wheel.
+///
+/// Every request arms timers (hyper's 30 s header read timeout while a
+/// connection waits for its next request, the upstream and write
+/// timeouts), and tokio's time driver wakes its own thread (a write to its
+/// eventfd, then one more `epoll_wait`) for a timer that is due before the
+/// driver's next wake-up, or for any timer when the wheel was empty as it
+/// parked. Between two requests on a connection the wheel often is, so
+/// nearly every request paid those two system calls. With a timer always
+/// due within a second, no request timer is ever earlier than the next
+/// wake-up, and the driver is woken once a second instead.
+async fn anchor_timers() {
+    loop {
+        tokio::time::sleep(TIMER_ANCHOR).await;
+    }
 }
 
 /// Running workers.
@@ -70,7 +91,12 @@ impl Workers {
                     // Until told to stop; then the runtime is dropped with
                     // whatever is left (the gateway drains connections
                     // before it stops its workers).
-                    let _ = rt.block_on(stopped);
+                    rt.block_on(async move {
+                        tokio::select! {
+                            _ = stopped => {}
+                            () = anchor_timers() => {}
+                        }
+                    });
                 })?;
             let handle = started
                 .recv()
