@@ -165,17 +165,19 @@ impl Timer {
     }
 
     /// A call was armed at `now` with its deadline at `deadline` (already
-    /// stored where [`Timer::scan`] reads it). Wakes the timer only if it
-    /// would otherwise look more than a tick late: it parked, or this call
-    /// has a shorter span than any before it.
+    /// stored where [`Timer::scan`] reads it). Wakes the timer only where
+    /// it could otherwise look more than a tick late: it parked, or this
+    /// call has a shorter span than any before it (the timer may be asleep
+    /// for a longer one, or about to be: its wake-up may have been worked
+    /// out with the old minimum, so that case always wakes it; the minimum
+    /// only falls, so this is rare).
     pub fn armed(&self, now: u64, deadline: u64) {
         let span = deadline.saturating_sub(now);
         let shorter = span < self.min_span_ns.load(Ordering::Relaxed);
         if shorter {
             self.min_span_ns.fetch_min(span, Ordering::Relaxed);
         }
-        let wake_at = self.wake_at_ns.load(Ordering::SeqCst);
-        if deadline.saturating_add(duration_ns(TICK)) < wake_at && (shorter || wake_at == PARKED) {
+        if shorter || self.wake_at_ns.load(Ordering::SeqCst) == PARKED {
             self.notify();
         }
     }
