@@ -204,7 +204,7 @@ impl Timer {
         let mut next: Option<u64> = None;
         lock(&self.watched).retain(|weak| {
             let Some(watchdog) = weak.upgrade() else { return false };
-            if watchdog.armed() {
+            if watchdog.armed_deadline().is_some() {
                 watchdog.interrupt_if_overdue(now);
                 // Read after: a budgeted call's look may have moved it.
                 if let Some(deadline) = watchdog.armed_deadline() {
@@ -217,8 +217,9 @@ impl Timer {
         next
     }
 
-    /// When to wake after a scan at `now` that found `next`, or
-    /// [`PARKED`] after [`IDLE`] with nothing armed.
+    /// When to wake after a scan at `now` that found `next`; [`PARKED`]
+    /// after [`IDLE`] with nothing armed, or while no call has ever been
+    /// armed (no span is known yet: the first arm wakes the timer).
     fn wake_at(&self, now: u64, next: Option<u64>, idle_since: u64) -> u64 {
         if next.is_none() && now.saturating_sub(idle_since) >= duration_ns(IDLE) {
             return PARKED;

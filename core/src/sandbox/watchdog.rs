@@ -199,12 +199,8 @@ impl Watchdog {
         self.deadline_ns.store(DISARMED, Ordering::Relaxed);
     }
 
-    /// Whether a call is armed (seen by the timer).
-    pub(super) fn armed(&self) -> bool {
-        self.armed_deadline().is_some()
-    }
-
-    /// The armed call's deadline (seen by the timer).
+    /// The armed call's deadline, `None` when no call is armed (seen by
+    /// the timer).
     pub(super) fn armed_deadline(&self) -> Option<u64> {
         let deadline = self.deadline_ns.load(Ordering::SeqCst);
         (deadline != DISARMED).then_some(deadline)

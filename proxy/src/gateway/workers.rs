@@ -49,8 +49,10 @@ const TIMER_ANCHOR: Duration = Duration::from_secs(1);
 /// driver's next wake-up, or for any timer when the wheel was empty as it
 /// parked. Between two requests on a connection the wheel often is, so
 /// nearly every request paid those two system calls. With a timer always
-/// due within a second, no request timer is ever earlier than the next
-/// wake-up, and the driver is woken once a second instead.
+/// due within a second, a request timer of a second or more (the header
+/// read timeout, the default upstream and write timeouts) is never due
+/// before the next wake-up, and the driver is woken once a second for the
+/// anchor instead.
 async fn anchor_timers() {
     loop {
         tokio::time::sleep(TIMER_ANCHOR).await;
