@@ -50,6 +50,7 @@ pub mod redis_url;
 pub mod request_handle;
 pub mod sandbox;
 pub mod shared_state;
+pub mod small_object;
 pub mod stack;
 pub mod usage_estimate;
 mod vm;

@@ -41,11 +41,11 @@ impl Fields for Value {
     }
 
     fn field(&self, name: &str) -> Field<'_> {
-        self.get(name).map_or(Field::Nil, Field::Json)
+        crate::small_object::get(self, name).map_or(Field::Nil, Field::Json)
     }
 
     fn json(&self, name: &str) -> Option<Cow<'_, Value>> {
-        self.get(name).map(Cow::Borrowed)
+        crate::small_object::get(self, name).map(Cow::Borrowed)
     }
 
     fn each<'a>(&'a self, f: &mut dyn FnMut(&'a str, Field<'a>)) {

@@ -36,6 +36,7 @@ use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
 use crate::error::HookError;
+use crate::small_object;
 
 /// The input of one hook call: which hook, and how to build its globals.
 pub trait HookInput {
@@ -128,7 +129,7 @@ pub(crate) fn drop_unknown_fields(hook: HookName, value: &mut Value) -> Vec<Stri
 
 /// A field that must be a boolean.
 fn required_bool(obj: &Map<String, Value>, key: &str, what: &str) -> Result<bool, HookError> {
-    match obj.get(key) {
+    match small_object::field(obj, key) {
         Some(Value::Bool(b)) => Ok(*b),
         Some(other) => Err(HookError::bad_output(format!(
             "{what}: '{key}' must be a boolean, got {}",
@@ -140,7 +141,7 @@ fn required_bool(obj: &Map<String, Value>, key: &str, what: &str) -> Result<bool
 
 /// An optional string field (`json.null` counts as absent).
 fn optional_string(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<String>, HookError> {
-    match obj.get(key) {
+    match small_object::field(obj, key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
@@ -155,7 +156,7 @@ fn optional_string(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Op
 /// 200..=599. 1xx codes are interim responses (a 101 switches protocols and
 /// hands the connection over), never a final answer a script can give.
 fn optional_status(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<u16>, HookError> {
-    match obj.get(key) {
+    match small_object::field(obj, key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(code @ 200..=599) => Ok(Some(code as u16)),

@@ -112,7 +112,7 @@ impl RateVerdict {
         }
         Ok(RateVerdict::Deny {
             reason: optional_string(obj, "reason", what)?,
-            retry_after: optional_non_negative(obj.get("retry_after"), "retry_after", what)?,
+            retry_after: optional_non_negative(crate::small_object::field(obj, "retry_after"), "retry_after", what)?,
         })
     }
 }

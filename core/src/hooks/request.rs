@@ -37,7 +37,7 @@ impl RequestInfo {
     /// The model the body names (`None` when `model` is absent or not a
     /// string), as the ledger and the usage log record it.
     pub fn model(&self) -> Option<&str> {
-        self.body.get("model").and_then(Value::as_str)
+        crate::small_object::get(&self.body, "model").and_then(Value::as_str)
     }
 
     /// Set the `request` global of the current call: a lazy view, each

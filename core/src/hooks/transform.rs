@@ -12,6 +12,7 @@ use crate::convert::{self, Field, HeaderValue};
 use crate::error::HookError;
 use crate::http::fields::{BodyText, TextBody};
 use crate::http::hop_by_hop;
+use crate::small_object;
 
 /// Input of the `request_transform` hook (`request.backend_url` is set).
 #[derive(Debug, Clone, Copy)]
@@ -69,22 +70,24 @@ impl ResponseInfo {
             status_code: 200,
             ..Default::default()
         };
-        if let Some(code) = obj.get("status_code") {
+        if let Some(code) = small_object::field(obj, "status_code") {
             r.status_code = code
                 .as_u64()
                 .and_then(|c| u16::try_from(c).ok())
                 .ok_or_else(|| String::from("'response.status_code' must be an integer"))?;
         }
-        if let Some(body) = obj.get("body") {
+        if let Some(body) = small_object::field(obj, "body") {
             r.body = body.clone().into();
         }
-        if let Some(Value::Object(h)) = obj.get("headers") {
+        if let Some(Value::Object(h)) = small_object::field(obj, "headers") {
             r.headers = h
                 .iter()
                 .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
                 .collect();
         }
-        r.is_stream = obj.get("is_stream").and_then(Value::as_bool).unwrap_or(false);
+        r.is_stream = small_object::field(obj, "is_stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(r)
     }
 }
@@ -295,7 +298,7 @@ impl RequestRewrite {
         }
         let what = "request_transform";
         let obj = expect_object(value, what)?;
-        if let Some(b) = obj.get("body") {
+        if let Some(b) = small_object::field(obj, "body") {
             crate::http::fields::check(b).map_err(|e| HookError::bad_output(format!("{what}: body: {e}")))?;
         }
         header_changes(obj, what).map(drop)
@@ -347,8 +350,8 @@ impl ResponseRewrite {
 
 /// The body as text: the call's, else (a result whose `body` a view or a
 /// metatable provided) the value's, encoded.
-fn body_text(obj: &Map<String, Value>, text: Option<BodyText>) -> Option<BodyText> {
-    text.or_else(|| obj.get("body").map(|b| b.to_string().into_bytes().into()))
+pub(super) fn body_text(obj: &Map<String, Value>, text: Option<BodyText>) -> Option<BodyText> {
+    text.or_else(|| small_object::field(obj, "body").map(|b| b.to_string().into_bytes().into()))
 }
 
 /// Parse `headers = {name = "value" | false | json.null}`; names must be
@@ -358,7 +361,7 @@ fn body_text(obj: &Map<String, Value>, text: Option<BodyText>) -> Option<BodyTex
 /// Hop-by-hop headers are skipped here; the engine drops them from the
 /// result first, with a warning (see [`drop_hop_by_hop`]).
 pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
-    let headers = match obj.get("headers") {
+    let headers = match small_object::field(obj, "headers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Object(h)) => h,
         Some(Value::Array(a)) if a.is_empty() => return Ok(Vec::new()),

@@ -131,7 +131,7 @@ impl UsageRecord {
         }
         let obj = expect_object(value, WHAT)?;
         for key in BILLING_FIELDS {
-            optional_non_negative(obj.get(key), key, WHAT)?;
+            optional_non_negative(crate::small_object::field(obj, key), key, WHAT)?;
         }
         Ok(())
     }

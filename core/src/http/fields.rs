@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::policy::errors::GatewayError;
+use crate::small_object;
 
 /// A request field with the wrong type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,17 +58,17 @@ pub fn check(body: &Value) -> Result<(), FieldError> {
         expected,
         got: json_type(v),
     };
-    match obj.get("model") {
+    match small_object::field(obj, "model") {
         None | Some(Value::String(_)) => {}
         Some(v) => return Err(err("model", "a string", v)),
     }
-    match obj.get("stream") {
+    match small_object::field(obj, "stream") {
         None | Some(Value::Bool(_) | Value::Null) => {}
         Some(v) => return Err(err("stream", "a boolean", v)),
     }
-    match obj.get("stream_options") {
+    match small_object::field(obj, "stream_options") {
         None | Some(Value::Null) => {}
-        Some(Value::Object(opts)) => match opts.get("include_usage") {
+        Some(Value::Object(opts)) => match small_object::field(opts, "include_usage") {
             None | Some(Value::Bool(_) | Value::Null) => {}
             Some(v) => return Err(err("stream_options.include_usage", "a boolean", v)),
         },

@@ -15,6 +15,7 @@
 use serde_json::{Map, Value};
 
 use crate::http::fields::TextBody;
+use crate::small_object;
 
 /// What to send upstream.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,8 +37,9 @@ pub fn body(original: &Value, new_body: Option<TextBody>, streams_usage: bool) -
     let (stream, asks_usage) = match &new_body {
         Some(b) => (b.stream, b.include_usage),
         None => (
-            original.get("stream") == Some(&Value::Bool(true)),
-            original.pointer("/stream_options/include_usage") == Some(&Value::Bool(true)),
+            small_object::get(original, "stream") == Some(&Value::Bool(true)),
+            small_object::get(original, "stream_options").and_then(|o| small_object::get(o, "include_usage"))
+                == Some(&Value::Bool(true)),
         ),
     };
     if stream && streams_usage && !asks_usage {

@@ -61,7 +61,7 @@ pub trait RecordFields {
 
 impl RecordFields for Value {
     fn number(&self, key: &str) -> Option<Option<f64>> {
-        self.get(key).map(Value::as_f64)
+        crate::small_object::get(self, key).map(Value::as_f64)
     }
 }
 
