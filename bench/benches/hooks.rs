@@ -462,6 +462,36 @@ fn bench_admission_hooks(c: &mut Criterion) {
     g.finish();
 }
 
+/// `pipeline/error_handler`: the seed's error handler on an upstream
+/// failure (it reads the error's type and the request id, and returns a
+/// status and a nested body).
+fn bench_error_handler(c: &mut Criterion) {
+    use llmproxy_core::hooks::{ErrorInfo, ErrorInput};
+    let engine = seed_engine(&["error_handler"]);
+    let req = request(Arc::new(
+        serde_json::json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "viplevel": 3}),
+    ));
+    let error = ErrorInfo {
+        kind: "backend_error".into(),
+        message: "the backend answered 502".into(),
+        status_code: 502,
+        backend_url: Some("http://127.0.0.1:9000".into()),
+        retry_count: 1,
+    };
+    let mut g = c.benchmark_group("pipeline");
+    g.bench_function("error_handler", |b| {
+        b.iter(|| {
+            engine
+                .handle_error(&ErrorInput {
+                    request: &req,
+                    error: black_box(&error),
+                })
+                .expect("ok")
+        })
+    });
+    g.finish();
+}
+
 /// An engine running the seed's script (`examples/scripts/<hook>.lua`) for
 /// each of `hooks`.
 fn seed_engine(hooks: &[&str]) -> Engine {
@@ -484,6 +514,7 @@ criterion_group!(
     bench_memory_limit,
     bench_pipeline_hooks,
     bench_admission_hooks,
+    bench_error_handler,
     bench_answer,
     bench_compute
 );

@@ -78,6 +78,10 @@ fn main() -> ExitCode {
             "seed rate_limit (peak hour), the same key record",
         ),
         (
+            "pipeline/error_handler",
+            "seed error_handler (an upstream failure as a custom error body)",
+        ),
+        (
             "answer/usage_only/10KB",
             "a 10 KB answer through the request handle, seed usage script only (the answer is not parsed)",
         ),

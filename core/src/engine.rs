@@ -354,16 +354,20 @@ impl Engine {
 
     /// `error_handler`: the error response to send.
     pub fn handle_error(&self, input: &ErrorInput<'_>) -> Result<ErrorResponse, HookError> {
-        let Some(Output { value: mut v, .. }) = self.run(input)? else {
+        let Some(Output {
+            value: mut v,
+            body,
+            mut headers,
+            ..
+        }) = self.run(input)?
+        else {
             return Ok(ErrorResponse::Default);
         };
-        self.drop_hop_by_hop(HookName::ErrorHandler, Some(&input.request.id), &mut v, None);
+        let rid = &input.request.id;
+        self.drop_hop_by_hop(HookName::ErrorHandler, Some(rid), &mut v, headers.as_mut());
         let fallback = input.error.status_code;
-        self.checked(
-            HookName::ErrorHandler,
-            &input.request.id,
-            ErrorResponse::from_result(&v, fallback),
-        )
+        let response = ErrorResponse::from_result(&v, body.map(|b| *b), headers, fallback);
+        self.checked(HookName::ErrorHandler, rid, response)
     }
 
     /// Run `hook` on a JSON object holding its globals (the form the CLI
@@ -457,7 +461,7 @@ impl Engine {
                     .and_then(Value::as_u64)
                     .and_then(|c| u16::try_from(c).ok())
                     .unwrap_or(500);
-                ErrorResponse::from_result(&value, fallback).map(|_| ())
+                ErrorResponse::from_result(&value, None, None, fallback).map(|_| ())
             }
         };
         self.checked(hook, request_id.unwrap_or("-"), validated)?;

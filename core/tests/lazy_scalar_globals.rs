@@ -1,15 +1,15 @@
 //! The flat globals of scalars (`standard_checks`, `rate_limit_status`,
-//! `current_time`, `metadata`) are lazy tables: a script reads, iterates,
+//! `current_time`, `metadata`, `error`) are lazy tables: a script reads, iterates,
 //! encodes and changes them as plain tables, numbers keep their JSON form,
 //! and nothing a call does to them is seen by the next call.
 
 mod common;
 
-use common::{engine, reason_of};
+use common::{engine, reason_of, returning};
 
 use llmproxy_core::hooks::{
-    AuthInput, AuthVerdict, CurrentTime, KeyInfo, RateLimitInput, RateLimitStatus, RateVerdict, RequestInfo,
-    ResponseInfo, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
+    AuthInput, AuthVerdict, CurrentTime, ErrorInfo, ErrorInput, ErrorResponse, KeyInfo, RateLimitInput,
+    RateLimitStatus, RateVerdict, RequestInfo, ResponseInfo, StandardChecks, UsageInput, UsageMetadata, UsageRecord,
 };
 use llmproxy_core::Engine;
 use serde_json::{json, Value};
@@ -176,4 +176,59 @@ fn metadata_reads_as_a_plain_table_and_a_number_that_is_not_finite_is_absent() {
     let r = usage_metadata(f64::NAN);
     assert!(r.get("latency").is_none(), "{r}");
     assert_eq!(r["seen"], r#"{"backend_url":"http://b:1","is_stream":true}"#);
+}
+
+/// What `expr` gives an error handler as a string, for a failure with or
+/// without a backend.
+fn error_handler_says(engine: &Engine, backend_url: Option<&str>) -> String {
+    let request = RequestInfo::default();
+    let error = ErrorInfo {
+        kind: "backend_error".into(),
+        message: "boom".into(),
+        status_code: 502,
+        backend_url: backend_url.map(str::to_owned),
+        retry_count: 2,
+    };
+    match engine.handle_error(&ErrorInput {
+        request: &request,
+        error: &error,
+    }) {
+        Ok(ErrorResponse::Custom { body, .. }) => {
+            let body: Value = serde_json::from_slice(&body).expect("a JSON body");
+            body["said"].as_str().unwrap_or_default().to_owned()
+        }
+        other => panic!("expected a custom error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_error_reads_as_a_plain_table() {
+    const URL: Option<&str> = Some("http://127.0.0.1:9000");
+    // (expression, backend_url, what it gives)
+    let cases = [
+        ("error.type .. ' ' .. error.message", URL, "backend_error boom"),
+        ("error.status_code + error.retry_count", URL, "504"),
+        ("error.backend_url", URL, "http://127.0.0.1:9000"),
+        ("error.backend_url", None, "nil"),
+        ("local n = 0 for _ in pairs(error) do n = n + 1 end return n", URL, "5"),
+        ("local n = 0 for _ in pairs(error) do n = n + 1 end return n", None, "4"),
+        (
+            "json.encode(error)",
+            URL,
+            r#"{"backend_url":"http://127.0.0.1:9000","message":"boom","retry_count":2,"status_code":502,"type":"backend_error"}"#,
+        ),
+        (
+            "json.encode(error)",
+            None,
+            r#"{"message":"boom","retry_count":2,"status_code":502,"type":"backend_error"}"#,
+        ),
+    ];
+    for (expr, url, want) in cases {
+        let script = returning(expr, "{body = {said = tostring(v)}}");
+        assert_eq!(
+            error_handler_says(&engine("error_handler", &script), url),
+            want,
+            "{expr} ({url:?})"
+        );
+    }
 }

@@ -58,7 +58,7 @@ pub(crate) const RUN_ARGS: usize = 2 + 2 * MAX_DEFERRED;
 /// The globals that can be lazy. `run` gets a global's index in this list,
 /// not its name: pushing a string while the call's memory limit is armed
 /// costs mlua a protected call.
-const LAZY_GLOBALS: [&str; 8] = [
+const LAZY_GLOBALS: [&str; 9] = [
     "request",
     "response",
     "backends",
@@ -67,6 +67,7 @@ const LAZY_GLOBALS: [&str; 8] = [
     "rate_limit_status",
     "current_time",
     "metadata",
+    "error",
 ];
 
 /// Where a lazy table's fields come from.

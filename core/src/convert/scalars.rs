@@ -1,5 +1,5 @@
 //! A flat global of scalars (`standard_checks`, `rate_limit_status`,
-//! `current_time`, `metadata`) as a lazy table's source: its fields are
+//! `current_time`, `metadata`, `error`) as a lazy table's source: its fields are
 //! converted when a script reads them, as the request's are.
 //!
 //! Most scripts read none or one of these fields; building each as a

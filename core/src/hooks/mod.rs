@@ -86,11 +86,6 @@ fn headers_json(headers: &[(String, String)]) -> Value {
     Value::Object(map)
 }
 
-/// `value` as the JSON a script sees it as.
-pub(crate) fn serialized<T: serde::Serialize>(value: &T) -> mlua::Result<Value> {
-    serde_json::to_value(value).map_err(mlua::Error::external)
-}
-
 /// The object a table-returning hook gave back, or a `bad_output` error.
 fn expect_object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Value>, HookError> {
     value

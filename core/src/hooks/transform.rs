@@ -387,7 +387,7 @@ pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec
 
 /// A transform result's header changes: of the headers the call read as
 /// they were (`read`, taken out of `obj`), else of `obj`'s.
-fn result_header_changes(
+pub(super) fn result_header_changes(
     obj: &Map<String, Value>,
     read: Option<convert::ResultHeaders>,
     what: &str,

@@ -1,4 +1,7 @@
-//! Helpers shared by the tests of the admission hooks' lazy globals.
+//! Helpers shared by the tests of the hooks' lazy globals and results.
+
+// Each test crate uses some of them.
+#![allow(dead_code)]
 
 use std::path::Path;
 
@@ -17,10 +20,17 @@ pub fn engine(hook: &str, script: &str) -> Engine {
 /// expression, or a block starting with `local` that returns one) gives,
 /// as a string reason.
 pub fn reason_of(expr: &str) -> String {
+    returning(expr, "{allow = false, reason = tostring(v)}")
+}
+
+/// A script that works out `v` from `expr` (an expression, or a block
+/// starting with `local` that returns one), then returns `result`, a Lua
+/// expression that reads `v`.
+pub fn returning(expr: &str, result: &str) -> String {
     let body = if expr.starts_with("local") {
         expr.to_owned()
     } else {
         format!("return {expr}")
     };
-    format!("local v = (function() {body} end)() return {{allow = false, reason = tostring(v)}}")
+    format!("local v = (function() {body} end)() return {result}")
 }

@@ -754,7 +754,7 @@ impl Exchange {
                 body,
                 headers: changes,
             }) => {
-                let mut r = json_response(status_code, Bytes::from(body.to_string()));
+                let mut r = json_response(status_code, Bytes::from(body));
                 headers::apply(r.headers_mut(), &changes, &self.info.id);
                 r
             }
