@@ -589,20 +589,32 @@ unsafe extern "C-unwind" fn load_missing(state: *mut lua_State) -> c_int {
         // (field name, index in that array, slot) of each array item that
         // becomes a view.
         let mut items_views = Vec::new();
+        // A field already in `into` (read before) is kept; when it holds
+        // none, nothing needs looking up.
+        ffi::luaL_checkstack(state, 2, std::ptr::null());
+        ffi::lua_pushnil(state);
+        let empty = ffi::lua_next(state, 1) == 0;
+        if !empty {
+            ffi::lua_pop(state, 2);
+        }
         push_outside_limit(state, data, |to| {
             fields.each(&mut |name, field| {
-                ffi::luaL_checkstack(state, 2, std::ptr::null());
+                ffi::luaL_checkstack(state, 3, std::ptr::null());
+                // The name is interned once, then copied on the stack.
                 fields::push_str(state, name);
-                if ffi::lua_rawget(state, 1) != ffi::LUA_TNIL {
+                if !empty {
+                    ffi::lua_pushvalue(state, -1);
+                    if ffi::lua_rawget(state, 1) != ffi::LUA_TNIL {
+                        ffi::lua_pop(state, 2);
+                        return;
+                    }
                     ffi::lua_pop(state, 1);
-                    return;
                 }
-                ffi::lua_pop(state, 1);
                 if let Some(child) = source.child(&field) {
+                    ffi::lua_pop(state, 1);
                     children.push((name, data.push(child)));
                     return;
                 }
-                fields::push_str(state, name);
                 match field {
                     Field::Json(Value::Array(items)) => match element_views(&source, items, data) {
                         Some(views) => {

@@ -8,7 +8,6 @@
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
 use crate::hooks::ResponseBody;
@@ -55,33 +54,30 @@ pub struct UsageProbe {
 /// `text`; `None` when `text` is not a JSON object or `usage` is not JSON
 /// within serde_json's nesting limit.
 pub fn probe(text: &[u8]) -> Option<UsageProbe> {
-    let top: Top<'_> = serde_json::from_slice(text).ok()?;
-    let usage = match top.usage {
-        Some(raw) => Some(serde_json::from_str(raw.get()).ok()?),
-        None => None,
-    };
+    let top: Top = serde_json::from_slice(text).ok()?;
     Some(UsageProbe {
-        usage,
+        usage: top.usage,
         has_choices: top.choices > 0,
     })
 }
 
-/// The top-level object: `usage` kept as text, `choices` counted, the rest
-/// skipped. A repeated key keeps its last value, as a full parse does.
-struct Top<'a> {
-    usage: Option<&'a RawValue>,
+/// The top-level object: `usage` parsed where it is met, `choices`
+/// counted, the rest skipped. A repeated key keeps its last value, as a
+/// full parse does.
+struct Top {
+    usage: Option<Json>,
     choices: usize,
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for Top<'a> {
+impl<'de> Deserialize<'de> for Top {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct TopVisitor;
         impl<'de> Visitor<'de> for TopVisitor {
-            type Value = Top<'de>;
+            type Value = Top;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
                 let mut top = Top {
                     usage: None,
                     choices: 0,
