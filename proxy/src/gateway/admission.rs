@@ -772,8 +772,11 @@ impl UsageJob {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let backend_url = metadata.backend_url;
+        // The record's text is for the ledger and the sinks only.
+        let kept = shared.ledger.is_some() || !shared.usage_sinks.is_empty();
         let (charged, record_json) = match result {
-            UsageRecord::Raw => (usage_policy::charge(&raw, None), usage_policy::record_json(&raw)),
+            UsageRecord::Raw if kept => (usage_policy::charge(&raw, None), usage_policy::record_json(&raw)),
+            UsageRecord::Raw => (usage_policy::charge(&raw, None), String::new()),
             UsageRecord::Custom(c) => (usage_policy::charge(&raw, Some(&c)), c.into_json()),
         };
         let billable = charged.billable_tokens;

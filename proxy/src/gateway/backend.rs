@@ -40,6 +40,9 @@ pub struct Backend {
     pub url: String,
     /// Balancer weight.
     pub weight: u32,
+    /// The `Host` header of a request to this backend, which the HTTP
+    /// client would otherwise format anew for every request.
+    pub host: HeaderValue,
     /// Headers added to every upstream request (e.g. an upstream API key).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Timeouts.
@@ -68,8 +71,10 @@ impl Backend {
             ));
         }
         let url = cfg.url.trim_end_matches('/').to_owned();
-        url.parse::<Uri>()
+        let parsed = url
+            .parse::<Uri>()
             .map_err(|e| format!("{key}.url: '{}' is not a valid URL: {e}", cfg.url))?;
+        let host = host_header(&parsed).ok_or_else(|| format!("{key}.url: '{}' has no host", cfg.url))?;
         let mut headers = Vec::with_capacity(cfg.headers.len());
         for (k, v) in &cfg.headers {
             let name = HeaderName::from_bytes(k.as_bytes())
@@ -102,6 +107,7 @@ impl Backend {
             name: cfg.name.clone(),
             url,
             weight: cfg.weight,
+            host,
             headers,
             timeouts,
             clients,
@@ -162,4 +168,40 @@ impl Backend {
 /// An empty request body, for probes and passthrough GETs.
 pub fn empty_body() -> Empty<Bytes> {
     Empty::new()
+}
+
+/// The `Host` header for requests to `uri`: its host, and its port unless
+/// it is the scheme's default (as the HTTP client writes it).
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let text = match uri.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_header_is_what_the_client_would_write() {
+        let cases = [
+            ("http://127.0.0.1:19001", "127.0.0.1:19001"),
+            ("http://example.com", "example.com"),
+            ("http://example.com:80/v1", "example.com"),
+            ("http://[::1]:8080/prefix", "[::1]:8080"),
+            ("https://api.example.com:443", "api.example.com"),
+            ("https://api.example.com:8443", "api.example.com:8443"),
+        ];
+        for (url, want) in cases {
+            let uri: Uri = url.parse().expect("a URI");
+            assert_eq!(host_header(&uri), Some(HeaderValue::from_static(want)), "{url}");
+        }
+    }
 }

@@ -5,7 +5,6 @@
 //! Admission decides on counters in this process (the local backend, or a
 //! batched Redis node's view) or, with `state.mode: exact`, in Redis.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,7 +116,7 @@ enum Stop {
 pub async fn proxy(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    client_ip: &str,
     endpoint: Endpoint,
     path: String,
 ) -> Response<GatewayBody> {
@@ -145,7 +144,7 @@ pub async fn proxy(
         },
         api_key,
         user_id: key.map(|k| k.record.user_id.clone()),
-        client_ip: Some(peer.ip().to_string()),
+        client_ip: Some(client_ip.to_owned()),
         path: Some(path),
         ..RequestInfo::default()
     };
@@ -524,6 +523,9 @@ impl Exchange {
         let b = &plan.backend;
         let uri = b.uri(&self.path_and_query)?;
         let mut h = headers::upstream(&self.client_headers, self.endpoint.is_api());
+        // The backend's host, unless a script or the backend's config sets
+        // one below (the HTTP client only fills in a missing one).
+        h.insert(header::HOST, b.host.clone());
         if self.live.auth_on {
             // The client's key is the gateway's, never the backend's.
             h.remove(header::AUTHORIZATION);

@@ -115,11 +115,14 @@ pub fn for_scripts(map: &HeaderMap) -> Vec<(String, String)> {
 /// `content-type` -> `Content-Type`. Header names are ASCII tokens, so
 /// ASCII case mapping is all it takes (Unicode's costs a lookup per letter).
 pub fn title_case(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    let mut upper = true;
-    for c in name.chars() {
-        out.push(if upper { c.to_ascii_uppercase() } else { c });
-        upper = c == '-';
+    let mut out = name.to_owned();
+    // The first letter and each one after a `-`: copied whole, then those
+    // bytes changed in place (a letter at a time cost ten times as much).
+    let starts = std::iter::once(0).chain(name.match_indices('-').map(|(i, _)| i + 1));
+    for i in starts {
+        if let Some(first) = out.get_mut(i..i + 1) {
+            first.make_ascii_uppercase();
+        }
     }
     out
 }
@@ -144,6 +147,15 @@ mod tests {
     fn title_case_and_bearer() {
         assert_eq!(title_case("content-type"), "Content-Type");
         assert_eq!(title_case("x-request-id"), "X-Request-Id");
+        for (name, want) in [
+            ("", ""),
+            ("-", "-"),
+            ("a--b-", "A--B-"),
+            ("x-é-y", "X-é-Y"),
+            ("é-a", "é-A"),
+        ] {
+            assert_eq!(title_case(name), want, "{name}");
+        }
         let mut m = HeaderMap::new();
         m.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-1 "));
         assert_eq!(bearer(&m), Some("sk-1"));

@@ -71,10 +71,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut s
                     let builder = builder.clone();
                     move |stream: TcpStream| async move {
                         let _ = stream.set_nodelay(true);
+                        let peer = Peer {
+                            addr: peer,
+                            ip: Arc::from(peer.ip().to_string()),
+                        };
                         let metrics = Arc::clone(&shared.metrics);
                         let io = TokioIo::new(WriteTimeout::new(stream, write_timeout, metrics));
                         let service = service_fn(move |req| {
                             let shared = Arc::clone(&shared);
+                            let peer = peer.clone();
                             async move { Ok::<_, Infallible>(handle(shared, req, peer, role).await) }
                         });
                         let _ = watcher.watch(builder.serve_connection(io, service)).await;
@@ -103,11 +108,21 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role, mut s
     graceful.shutdown().await;
 }
 
+/// A connection's client: its address, and its IP as text (formatted once
+/// per connection, not for each of its requests).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// `addr`'s IP, as scripts and logs see it.
+    pub ip: Arc<str>,
+}
+
 /// Dispatch one request.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<hyper::body::Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
     role: Role,
 ) -> Response<GatewayBody> {
     // Endpoints match on the canonical path, and it is what goes upstream.
@@ -115,10 +130,10 @@ pub async fn handle(
         Ok(p) => p,
         Err(e) => {
             let raw = req.uri().path().to_owned();
-            return exchange::proxy(shared, req, peer, Endpoint::BadPath(e), raw).await;
+            return exchange::proxy(shared, req, &peer.ip, Endpoint::BadPath(e), raw).await;
         }
     };
-    if let Some(resp) = handle_admin(&shared, &req, &path, role, peer).await {
+    if let Some(resp) = handle_admin(&shared, &req, &path, role, peer.addr).await {
         return resp;
     }
     if role == Role::Admin {
@@ -147,10 +162,10 @@ pub async fn handle(
         (_, p) if p.starts_with("/v1/") => Endpoint::Passthrough,
         _ => Endpoint::NotFound,
     };
-    if let Some(wait) = shared.throttles.api.check(peer.ip(), Instant::now()) {
+    if let Some(wait) = shared.throttles.api.check(peer.addr.ip(), Instant::now()) {
         return throttled(&req, wait, "API key");
     }
-    exchange::proxy(shared, req, peer, endpoint, path).await
+    exchange::proxy(shared, req, &peer.ip, endpoint, path).await
 }
 
 /// The admin endpoints, on the listeners that serve them; `None` for
