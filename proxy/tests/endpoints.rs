@@ -147,15 +147,16 @@ async fn a_slow_script_does_not_stall_other_requests() {
 async fn a_script_past_the_inline_budget_runs_again_on_a_hook_thread() {
     let m = mock("m", |_| {}).await;
     let scripts = format!(
-        "scripts:\n  routing:\n    timeout_ms: 500\n    script: |\n{}",
-        script("if request.body.burn then\n  local t0 = time.now()\n  while time.now() - t0 < 0.08 do end\nend\nreturn \"m\"")
+        "scripts:\n  routing:\n    timeout_ms: 3000\n    script: |\n{}",
+        script("if request.body.burn then\n  local t0 = time.now()\n  while time.now() - t0 < 0.4 do end\nend\nreturn \"m\"")
     );
     let offloaded = |reason: &str| format!("llmproxy_hook_jobs_offloaded_total{{reason=\"{reason}\"}}");
     let calls = "llmproxy_hook_calls_total{hook=\"routing\"}";
     let timeouts = "llmproxy_hook_errors_total{hook=\"routing\",kind=\"timeout\"}";
     // A budget well above a fast call's cost, so that a loaded machine
     // (CI runs the suites in parallel on two cores) does not push a fast
-    // call past it.
+    // call past it; the slow call spins for 400 ms of wall time, so that
+    // its CPU time passes the budget even on a tenth of a core.
     for budget in [20, 0] {
         let y = format!(
             "backends:\n{}gateway:\n  inline_budget_ms: {budget}\n{scripts}",
@@ -196,14 +197,17 @@ async fn a_stream_event_past_the_inline_budget_is_transformed_once() {
 local d = response.body.choices and response.body.choices[1] and response.body.choices[1].delta
 if d and d.content == " the" then
   local t0 = time.now()
-  while time.now() - t0 < 0.08 do end
+  while time.now() - t0 < 0.4 do end
 end
 local copy = json.decode(json.encode(response.body))
 copy.mark = "t"
 return {body = copy}"#;
-    // The budget is well above a fast event's cost (see above).
+    // The budget is well above a fast event's cost (see above). The slow
+    // event spins for 400 ms of wall time: the budget counts the worker's
+    // CPU time, which reaches 20 ms even when the tests running beside
+    // this one leave it a tenth of a core.
     let y = format!(
-        "backends:\n{}gateway:\n  inline_budget_ms: 20\nscripts:\n  response_transform:\n    timeout_ms: 500\n    script: |\n{}",
+        "backends:\n{}gateway:\n  inline_budget_ms: 20\nscripts:\n  response_transform:\n    timeout_ms: 3000\n    script: |\n{}",
         backend("m", &m.url()),
         script(transform)
     );
