@@ -26,16 +26,22 @@ fn auth_says(engine: &Engine, checks: StandardChecks) -> String {
     }
 }
 
+const STATUS: RateLimitStatus = RateLimitStatus {
+    global_remaining: 900,
+    key_remaining: 7,
+    concurrent_count: 2,
+};
+
 fn rate_limit_says(engine: &Engine) -> String {
+    rate_limit_says_with(engine, STATUS)
+}
+
+fn rate_limit_says_with(engine: &Engine, status: RateLimitStatus) -> String {
     let request = RequestInfo::default();
     let verdict = engine.rate_limit(&RateLimitInput {
         request: &request,
         key_info: KeyInfo::none(),
-        rate_limit_status: RateLimitStatus {
-            global_remaining: 900,
-            key_remaining: 7,
-            concurrent_count: 2,
-        },
+        rate_limit_status: status,
         current_time: CurrentTime {
             hour: 15,
             weekday: 3,
@@ -105,6 +111,27 @@ fn rate_limit_globals_keep_their_integers() {
     ];
     for (expr, want) in cases {
         assert_eq!(rate_limit_says(&engine("rate_limit", &reason_of(expr))), want, "{expr}");
+    }
+}
+
+/// A count past 2^53 (a limit set that high) is no exact double: a script
+/// reads the nearest one, and encoding the global writes the count itself.
+#[test]
+fn an_integer_past_2_53_encodes_as_itself() {
+    let status = RateLimitStatus {
+        global_remaining: (1 << 53) + 1,
+        ..STATUS
+    };
+    let cases = [
+        (
+            "json.encode(rate_limit_status)",
+            r#"{"concurrent_count":2,"global_remaining":9007199254740993,"key_remaining":7}"#,
+        ),
+        ("rate_limit_status.global_remaining == 2^53", "true"),
+    ];
+    for (expr, want) in cases {
+        let engine = engine("rate_limit", &reason_of(expr));
+        assert_eq!(rate_limit_says_with(&engine, status), want, "{expr}");
     }
 }
 

@@ -11,14 +11,17 @@ use serde_json::Value;
 use smallvec::SmallVec;
 
 use super::fields::{Field, Fields};
-use super::Scalar;
+use super::{Scalar, MAX_SAFE_INTEGER};
 
 /// One field's value, as a script sees it.
 enum Converted {
     Bool(bool),
-    /// A JSON number, as the double a script gets encodes (pushed as JSON
-    /// numbers are, so it encodes back the same).
-    Number(Value),
+    /// A number whose double a script gets encodes back as the same JSON
+    /// (every integer within 2^53, every finite double): pushed as a plain
+    /// number, with no JSON value built and dropped on each call.
+    Number(f64),
+    /// An integer past 2^53, kept as JSON so that its text survives.
+    Exact(Box<Value>),
     /// A string the staging caller keeps alive for the call.
     Text(*const str),
 }
@@ -43,9 +46,10 @@ impl ScalarFields {
             .filter_map(|(name, scalar)| {
                 let value = match *scalar {
                     Scalar::Bool(b) => Converted::Bool(b),
-                    Scalar::Int(i) => Converted::Number(Value::from(i)),
-                    // As a Lua number encodes: 3.0 is 3.
-                    Scalar::Num(f) => Converted::Number(Value::Number(super::number(f).ok()?)),
+                    Scalar::Int(i) if i.unsigned_abs() <= MAX_SAFE_INTEGER as u64 => Converted::Number(i as f64),
+                    Scalar::Int(i) => Converted::Exact(Box::new(Value::from(i))),
+                    Scalar::Num(f) if f.is_finite() => Converted::Number(f),
+                    Scalar::Num(_) => return None,
                     Scalar::Str(s) => Converted::Text(s),
                 };
                 Some((*name, value))
@@ -67,7 +71,8 @@ impl Converted {
     fn field(&self) -> Field<'_> {
         match self {
             Converted::Bool(b) => Field::Bool(*b),
-            Converted::Number(v) => Field::Json(v),
+            Converted::Number(n) => Field::Number(*n),
+            Converted::Exact(v) => Field::Json(v),
             // SAFETY: `ScalarFields::new`'s contract.
             Converted::Text(s) => Field::Text(unsafe { &**s }),
         }
@@ -76,7 +81,9 @@ impl Converted {
     fn json(&self) -> Cow<'_, Value> {
         match self {
             Converted::Bool(b) => Cow::Owned(Value::Bool(*b)),
-            Converted::Number(v) => Cow::Borrowed(v),
+            // As a Lua number encodes: 3.0 is 3 (finite: see `new`).
+            Converted::Number(n) => Cow::Owned(super::number(*n).map_or(Value::Null, Value::Number)),
+            Converted::Exact(v) => Cow::Borrowed(v),
             // SAFETY: as in `field`.
             Converted::Text(s) => Cow::Owned(Value::String(unsafe { &**s }.to_owned())),
         }
