@@ -95,10 +95,10 @@ unsafe fn pair_at(state: *mut lua_State) -> Option<(String, HeaderValue, usize)>
         if ffi::lua_type(state, -2) != ffi::LUA_TSTRING {
             return None;
         }
-        let name = std::str::from_utf8(stack::str_at(state, -2)).ok()?.to_owned();
+        let name = stack::utf8(stack::str_at(state, -2)).ok()?.to_owned();
         let (value, bytes) = match ffi::lua_type(state, -1) {
             ffi::LUA_TSTRING => {
-                let text = std::str::from_utf8(stack::str_at(state, -1)).ok()?;
+                let text = stack::utf8(stack::str_at(state, -1)).ok()?;
                 (HeaderValue::Text(text.to_owned()), text.len() + 2)
             }
             ffi::LUA_TBOOLEAN => (HeaderValue::Bool(ffi::lua_toboolean(state, -1) != 0), 5),

@@ -808,12 +808,7 @@ unsafe fn key_at<'a>(state: *mut lua_State, index: c_int) -> Option<&'a str> {
         if ffi::lua_type(state, index) != ffi::LUA_TSTRING {
             return None;
         }
-        let mut len = 0usize;
-        let p = ffi::lua_tolstring(state, index, &mut len);
-        if p.is_null() {
-            return None;
-        }
-        std::str::from_utf8(std::slice::from_raw_parts(p.cast::<u8>(), len)).ok()
+        crate::stack::utf8(crate::stack::str_at(state, index)).ok()
     }
 }
 

@@ -762,7 +762,7 @@ impl<E: Emit> RawWalk<'_, E> {
             ffi::LUA_TSTRING => {
                 let bytes = stack::str_at(state, idx);
                 self.charge(bytes.len() + 2)?;
-                match std::str::from_utf8(bytes) {
+                match stack::utf8(bytes) {
                     Ok(s) => Ok(self.emit.string(s)),
                     Err(e) => Err(ConvertError(format!(
                         "string is not valid UTF-8 (invalid byte at offset {})",
@@ -1028,7 +1028,7 @@ impl<E: Emit> RawWalk<'_, E> {
         for i in 0..pairs {
             let at = base + 2 * i + 1;
             let key = if ffi::lua_type(state, at) == ffi::LUA_TSTRING {
-                let text = std::str::from_utf8(stack::str_at(state, at))
+                let text = stack::utf8(stack::str_at(state, at))
                     .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")))?;
                 if depth == 1 && self.skip.contains(&Some(text)) {
                     continue;
@@ -1075,7 +1075,7 @@ fn no_duplicate_key<'k>(keys: impl Iterator<Item = &'k str>) -> Result<(), Conve
 /// `state` is live with a value at `idx`.
 unsafe fn object_key(state: *mut lua_State, idx: c_int) -> Result<String, RawError> {
     match ffi::lua_type(state, idx) {
-        ffi::LUA_TSTRING => std::str::from_utf8(stack::str_at(state, idx))
+        ffi::LUA_TSTRING => stack::utf8(stack::str_at(state, idx))
             .map(str::to_owned)
             .map_err(|_| ConvertError(String::from("object key is not valid UTF-8")).into()),
         ffi::LUA_TNUMBER => {
@@ -1157,7 +1157,7 @@ impl Encoder<'_> {
             LuaValue::String(s) => {
                 let bytes = s.as_bytes();
                 self.charge(bytes.len() + 2)?;
-                match std::str::from_utf8(&bytes) {
+                match stack::utf8(&bytes) {
                     Ok(s) => Ok(Value::String(s.to_owned())),
                     Err(e) => Err(ConvertError(format!(
                         "string is not valid UTF-8 (invalid byte at offset {})",
