@@ -137,11 +137,17 @@ test-ffi-c: ffi $(FFI_OUT)/conformance $(FFI_OUT)/badcalls $(FFI_OUT)/threads $(
 
 # valgrind runs scripts ~20x slower: stretch time limits, except where a
 # timeout is the expected outcome (LLMP_TIMEOUT_SCALE, examples/c/conformance.c).
+# valgrind runs one thread at a time; with its default (unfair) lock a
+# script spinning in a loop kept the deadline timer's thread from running
+# for tens of seconds, so each case that must time out took 15-100 s
+# instead of a tenth of one (the suite 10 min instead of 15 s):
+# --fair-sched=yes hands the threads turns. Not for `threads`: there four
+# callers' turns add up past its unscaled 100 ms limit.
 # LLMPROXY_ALLOCATOR=system sends the library's Rust allocations to malloc,
 # where valgrind sees them; the heap summary of the `handle` run proves it
 # (on mimalloc it counts a handful of mallocs, here thousands).
 test-ffi-c-valgrind: test-ffi-c
-	LLMP_TIMEOUT_SCALE=20 $(VALGRIND) $(FFI_OUT)/conformance conformance/cases
+	LLMP_TIMEOUT_SCALE=20 $(VALGRIND) --fair-sched=yes $(FFI_OUT)/conformance conformance/cases
 	$(VALGRIND) $(FFI_OUT)/badcalls
 	$(VALGRIND) $(FFI_OUT)/threads conformance/cases/001-seed-routing-viplevel-3.json 4 50
 	$(VALGRIND_RUN) $(FFI_OUT)/handle 2> $(FFI_OUT)/handle.valgrind || { cat $(FFI_OUT)/handle.valgrind; exit 1; }
