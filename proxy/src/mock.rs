@@ -11,7 +11,8 @@
 //! forever` sends content events until the reader leaves, `endless` one
 //! event and then an event that never ends (64 KiB of data at a time, no
 //! blank line), `trickle` one byte of an event every `x-mock-chunk-delay-ms`
-//! (never finishing it). [`MockServer::open_streams`] counts the streams
+//! (never finishing it); and `burst` sends a whole stream in one write, as a
+//! backend that answers from a buffer does. [`MockServer::open_streams`] counts the streams
 //! still being written. Every `x-*` request header is echoed back as
 //! `x-echo-<name>` so tests can see what reached the backend, and
 //! `x-mock-path` gives the path and query the backend was asked for.
@@ -178,6 +179,8 @@ struct Knobs {
     chunks: usize,
     chunk_delay: Duration,
     hostile: Option<Hostile>,
+    /// Every event of a stream in one body frame (`x-mock-sse: burst`).
+    burst: bool,
 }
 
 /// A hostile stream (`x-mock-sse`).
@@ -221,6 +224,7 @@ async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
             Some(b"trickle") => Some(Hostile::Trickle),
             _ => None,
         },
+        burst: h.get("x-mock-sse").is_some_and(|v| v == "burst"),
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -380,6 +384,9 @@ async fn completion(state: &State, chat: bool, req: &Value, k: &Knobs) -> Respon
         events.push(Bytes::from(format!("data: {v}\n\n")));
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    if k.burst {
+        events = vec![Bytes::from(events.concat())];
+    }
 
     tokio::time::sleep(k.latency).await;
     let (tx, rx) = mpsc::channel(4);

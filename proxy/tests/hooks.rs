@@ -322,6 +322,49 @@ async fn completions_and_embeddings_go_through_the_hooks() {
     assert!(s.events().iter().all(|e| e["model"] == "qwen-72b-chat"));
 }
 
+/// A backend may send several events in one write: the head still comes
+/// from the first data event's transform, and every event is transformed
+/// once, in order, whether it arrived alone or with others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_arrive_together_are_transformed_in_order_with_the_head_from_the_first() {
+    let m = mock("m", |o| o.chunks = 4).await;
+    let yaml = format!(
+        "backends:\n{}scripts:\n  response_transform:\n    script: |\n{}",
+        backend("m", &m.url()),
+        script(
+            "local b = {}\nfor k, v in pairs(response.body) do b[k] = v end\n\
+             b.transformed = true\n\
+             local delta = response.body.choices[1] and response.body.choices[1].delta\n\
+             return {body = b, headers = {['X-Head-From'] = delta and delta.role or 'a later event'}}"
+        )
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let url = format!("{}/v1/chat/completions", gw.base);
+    for delivery in ["burst", "one event per write"] {
+        let s = post_stream(&url, &chat("x", json!({"stream": true})), &[("x-mock-sse", delivery)]).await;
+        assert_eq!(s.status, 200, "{delivery}");
+        assert_eq!(s.header("x-head-from"), Some("assistant"), "{delivery}");
+        assert_eq!(s.data().last().map(String::as_str), Some("[DONE]"), "{delivery}");
+        let events = s.events();
+        assert_eq!(events.len(), 5, "{delivery}: 4 content chunks + the final one");
+        assert!(
+            events.iter().all(|e| e["transformed"] == true),
+            "{delivery}: {events:?}"
+        );
+        let text: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "Hello from the mock", "{delivery}");
+    }
+    assert_eq!(
+        gw.metric("llmproxy_hook_calls_total{hook=\"response_transform\"}")
+            .await,
+        10.0,
+        "each event once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_arrive_incrementally() {
     let m = mock("slow", |o| {

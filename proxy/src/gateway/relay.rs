@@ -2,7 +2,8 @@
 //!
 //! The response head goes to the client when the backend's first event has
 //! arrived (until then a failure can still be retried on another backend;
-//! after it, never). Each event runs `response_transform` with
+//! after it, never), with that event alone: events that came in the same
+//! read are transformed after it is on its way. Each event runs `response_transform` with
 //! `response.is_stream = true` and the event's JSON as `response.body`;
 //! `[DONE]` and non-JSON events pass through untouched. The usage chunk is
 //! captured for the usage stage, and removed when only the gateway asked
@@ -250,6 +251,10 @@ pub(crate) async fn start(
         timings: Timings::default(),
         relayed: 0,
     };
+    // The head goes out with the first data event; the events after it in
+    // the same read are transformed by the relay task, so the client's
+    // first event does not wait for them.
+    let pending = first.split_off(head_events(&first));
     let Some((mut events, first_bytes)) = process(events, first).await else {
         return Err(UpstreamError::Io(String::from("the response_transform call was lost")));
     };
@@ -283,9 +288,14 @@ pub(crate) async fn start(
         // From here on the stream owns the request's slot and usage record.
         ticket: ex.ticket.take(),
     };
-    let stop_early = ended || events.denied.is_some();
     ex.shared.metrics.streams(1);
-    tokio::spawn(relay(body, parser, events, tx, start, stop_early, log));
+    let rest = Rest {
+        body,
+        parser,
+        pending,
+        ended,
+    };
+    tokio::spawn(relay(rest, events, tx, start, log));
     let mut resp = Response::new(GatewayBody::Channel(rx));
     *resp.status_mut() = status;
     *resp.headers_mut() = out_headers;
@@ -304,19 +314,46 @@ struct StreamLog {
     ticket: Option<Ticket>,
 }
 
-async fn relay(
-    mut body: Incoming,
-    mut parser: SseParser,
-    mut events: Events,
-    tx: mpsc::Sender<Bytes>,
-    start: StreamStart,
-    stop_early: bool,
-    mut log: StreamLog,
-) {
+/// How many of the first read's events go out with the head: up to and
+/// including the first data event (whose transform may change the head),
+/// or all of them when none carries data.
+fn head_events(first: &[Bytes]) -> usize {
+    first
+        .iter()
+        .position(|ev| sse::data(ev).is_some())
+        .map_or(first.len(), |i| i + 1)
+}
+
+/// The backend's side of a stream once its head is sent.
+struct Rest {
+    body: Incoming,
+    parser: SseParser,
+    /// Events of the first read not relayed yet.
+    pending: Vec<Bytes>,
+    /// The body has already ended.
+    ended: bool,
+}
+
+/// Relay the rest of a stream: the first read's pending events, then the
+/// backend's body until it ends.
+async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: StreamStart, mut log: StreamLog) {
+    let Rest {
+        mut body,
+        mut parser,
+        pending,
+        ended,
+    } = rest;
     let b = Arc::clone(&start.backend);
     let mut upstream_error: Option<UpstreamError> = None;
     let mut client_gone = false;
-    if !stop_early {
+    if !pending.is_empty() && events.denied.is_none() {
+        let Some((ev, out)) = process(events, pending).await else {
+            return finish_lost(log, &b);
+        };
+        events = ev;
+        client_gone = !out.is_empty() && tx.send(out).await.is_err();
+    }
+    if !(ended || client_gone || events.denied.is_some()) {
         loop {
             let chunk = tokio::select! {
                 _ = tx.closed() => { client_gone = true; break; }
