@@ -12,7 +12,8 @@
 #   BIN_DIR holds llmproxy and examples/loadgen (a release build).
 # Env: SECONDS_PER_RUN (default 8), ROUNDS (default 3: the peak,
 #      half-rate and c=1 runs are interleaved, the median round is kept;
-#      the c=1 rounds also time the first event of streamed answers),
+#      the c=1 rounds also time the first event of streamed answers, as
+#      the mock writes them and written whole in one write),
 #      CONNECTIONS (default 64), C1_SECONDS (default 4: each c=1 run).
 #
 # Each peak run also reports the CPU time the proxy's processes spent per
@@ -174,7 +175,11 @@ for r in $(seq 1 "$ROUNDS"); do
   T_DIRECT=$("$LOADGEN" ttfb "$URL_DIRECT" "$SBODY" $C1_DUR); echo "direct   $T_DIRECT" >&2
   T_NGINX=$("$LOADGEN" ttfb "$URL_NGINX" "$SBODY" $C1_DUR); echo "nginx    $T_NGINX" >&2
   T_GW=$("$LOADGEN" ttfb "$URL_GW" "$SBODY" $C1_DUR); echo "llmproxy $T_GW" >&2
-  ones+=("{\"od\":$O_DIRECT,\"on\":$O_NGINX,\"og\":$O_GW,\"ob\":$O_BGW,\"td\":$T_DIRECT,\"tn\":$T_NGINX,\"tg\":$T_GW}")
+  # The same streams from a backend that writes them whole, in one write.
+  B_DIRECT=$(LOADGEN_HEADER="x-mock-sse: burst" "$LOADGEN" ttfb "$URL_DIRECT" "$SBODY" $C1_DUR); echo "direct   $B_DIRECT" >&2
+  B_NGINX=$(LOADGEN_HEADER="x-mock-sse: burst" "$LOADGEN" ttfb "$URL_NGINX" "$SBODY" $C1_DUR); echo "nginx    $B_NGINX" >&2
+  B_GW=$(LOADGEN_HEADER="x-mock-sse: burst" "$LOADGEN" ttfb "$URL_GW" "$SBODY" $C1_DUR); echo "llmproxy $B_GW" >&2
+  ones+=("{\"od\":$O_DIRECT,\"on\":$O_NGINX,\"og\":$O_GW,\"ob\":$O_BGW,\"td\":$T_DIRECT,\"tn\":$T_NGINX,\"tg\":$T_GW,\"bd\":$B_DIRECT,\"bn\":$B_NGINX,\"bg\":$B_GW}")
 done
 # The round with the median p50 the 4-hook gateway adds over the mock.
 ONES=$(python3 bench/lib/rounds.py ones og od "${ones[@]}")
@@ -196,8 +201,9 @@ rounds = sys.argv[10]
 ones, c1_dur = json.loads(sys.argv[11]), sys.argv[12]
 od, on, og, ob = (ones[k] for k in ("od", "on", "og", "ob"))
 td, tn, tg = (ones[k] for k in ("td", "tn", "tg"))
+bd, bn, bg = (ones[k] for k in ("bd", "bn", "bg"))
 us_added = lambda r, m: (r[m] - od[m]) * 1000
-ttfb_added = lambda r: (r["p50_ms"] - td["p50_ms"]) * 1000
+ttfb_added = lambda r, direct=td: (r["p50_ms"] - direct["p50_ms"]) * 1000
 rd, rn, rg, rb, rr = (peaks[k] for k in ("rd", "rn", "rg", "rb", "rr"))
 hd, hn, hg = (halves[k] for k in ("hd", "hn", "hg"))
 ok = lambda c: "yes" if c else "**no**"
@@ -258,6 +264,17 @@ lines += [
 ]
 for name, r in (("mock directly", td), ("nginx proxy_pass", tn), ("llmproxy, 4 hooks", tg)):
     lines.append(f"| {name} | {r['requests']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {ttfb_added(r):.0f} |")
+lines += [
+    "",
+    "The same streams from a backend that writes each one whole, in one write "
+    "(`x-mock-sse: burst`, as a backend answering from a buffer does; the gateway sends the first "
+    "event before it transforms the others):",
+    "",
+    "| target | streams | first event p50 ms | p99 ms | added p50 µs |",
+    "|---|---|---|---|---|",
+]
+for name, r in (("mock directly", bd), ("nginx proxy_pass", bn), ("llmproxy, 4 hooks", bg)):
+    lines.append(f"| {name} | {r['requests']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {ttfb_added(r, bd):.0f} |")
 lines += [
     "",
     f"1,000 concurrent streams through llmproxy (same hooks, response_transform per event; "
