@@ -12,8 +12,8 @@
 //! event and then an event that never ends (64 KiB of data at a time, no
 //! blank line), `trickle` one byte of an event every `x-mock-chunk-delay-ms`
 //! (never finishing it); and `burst` sends a whole stream in one write, as a
-//! backend that answers from a buffer does. [`MockServer::open_streams`] counts the streams
-//! still being written. Every `x-*` request header is echoed back as
+//! backend that answers from a buffer does. [`MockServer::open_streams`]
+//! counts the streams still being written. Every `x-*` request header is echoed back as
 //! `x-echo-<name>` so tests can see what reached the backend, and
 //! `x-mock-path` gives the path and query the backend was asked for.
 //! `x-mock-connection: V` makes the answer carry `Connection: V` (for
@@ -214,17 +214,18 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
 async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Response<GatewayBody> {
     let o = &state.options;
     let h = req.headers().clone();
+    let sse = h.get("x-mock-sse").map(HeaderValue::as_bytes);
     let knobs = Knobs {
         latency: Duration::from_millis(header_u64(&h, "x-mock-delay-ms").unwrap_or(o.latency_ms)),
         chunks: header_u64(&h, "x-mock-chunks").map_or(o.chunks, |n| n as usize).max(1),
         chunk_delay: Duration::from_millis(header_u64(&h, "x-mock-chunk-delay-ms").unwrap_or(o.chunk_delay_ms)),
-        hostile: match h.get("x-mock-sse").map(HeaderValue::as_bytes) {
+        hostile: match sse {
             Some(b"forever") => Some(Hostile::Forever),
             Some(b"endless") => Some(Hostile::Endless),
             Some(b"trickle") => Some(Hostile::Trickle),
             _ => None,
         },
-        burst: h.get("x-mock-sse").is_some_and(|v| v == "burst"),
+        burst: sse == Some(b"burst"),
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();

@@ -3,11 +3,12 @@
 //! The response head goes to the client when the backend's first event has
 //! arrived (until then a failure can still be retried on another backend;
 //! after it, never), with that event alone: events that came in the same
-//! read are transformed after it is on its way. Each event runs `response_transform` with
-//! `response.is_stream = true` and the event's JSON as `response.body`;
-//! `[DONE]` and non-JSON events pass through untouched. The usage chunk is
-//! captured for the usage stage, and removed when only the gateway asked
-//! for it (core's `policy::sse`, the rule nginx follows too).
+//! read are transformed after it is on its way. Each event runs
+//! `response_transform` with `response.is_stream = true` and the event's
+//! JSON as `response.body`; `[DONE]` and non-JSON events pass through
+//! untouched. The usage chunk is captured for the usage stage, and removed
+//! when only the gateway asked for it (core's `policy::sse`, the rule nginx
+//! follows too).
 
 use llmproxy_core::policy::errors::{HOOK_ERROR, HOOK_FAILED};
 use std::borrow::Cow;
