@@ -21,6 +21,13 @@ local ARRAY_MT = rust.array_mt
 local CALL_DATA = rust.call_data
 local encode_result = rust.encode_result
 local push_staged = rust.push_staged
+-- LuaJIT's `table.clear` (which the JIT compiler compiles), where the
+-- host's LuaJIT has it.
+local clear = rust.clear or function(t)
+    for key in next, t do
+        rawset(t, key, nil)
+    end
+end
 
 -- Marks the metatable of a lazy table. Scripts cannot reach it: the
 -- sandbox's `getmetatable` materialises a lazy table first, which removes
@@ -80,15 +87,16 @@ local FAST_TRUE = KIND and KIND["true"]
 local FAST_FALSE = KIND and KIND["false"]
 local FAST_OBJECT = KIND and KIND.object
 
--- Metatable of every cache: a read of a field not cached yet converts it.
-local cache_mt = {}
-
-function cache_mt.__index(cache, key)
+-- A cache's own metatable (one per view, so that emptying the cache keeps
+-- it): `__index`, shared by every cache, converts a field not cached yet;
+-- the hidden keys `SOURCE` and `GENERATION` say where from.
+local function read_field(cache, key)
     if type(key) ~= "string" then
         return nil
     end
-    local generation = rawget(cache, GENERATION)
-    local slot = rawget(cache, SOURCE)
+    local where = getmetatable(cache)
+    local generation = rawget(where, GENERATION)
+    local slot = rawget(where, SOURCE)
     if fast_field then
         local x = fast_field(CALL_DATA_P, slot, generation, key, #key, found)
         local kind = found.kind
@@ -141,8 +149,9 @@ local function materialize(t)
             rawset(t, key, value)
         end
     end
-    local generation = rawget(cache, GENERATION)
-    local children, views = load_missing(t, rawget(cache, SOURCE), generation, ARRAY_MT, headers_mt, CALL_DATA)
+    local where = getmetatable(cache)
+    local generation = rawget(where, GENERATION)
+    local children, views = load_missing(t, rawget(where, SOURCE), generation, ARRAY_MT, headers_mt, CALL_DATA)
     if children then
         for i = 1, #children, 2 do
             rawset(t, children[i], lazy(children[i + 1], generation))
@@ -171,69 +180,73 @@ end
 -- A new view over source `slot` of the call `generation`: the (empty)
 -- table, its metatable and its cache.
 local function fresh(slot, generation)
-    local cache = setmetatable({ [SOURCE] = slot, [GENERATION] = generation }, cache_mt)
+    local cache = setmetatable({}, { __index = read_field, [SOURCE] = slot, [GENERATION] = generation })
     local mt = { __index = cache, __newindex = newindex, [LAZY] = true }
     return setmetatable({}, mt), mt, cache
 end
 
 -- Empty `cache` and point it at source `slot` of the call `generation`.
+-- `clear` is LuaJIT's `table.clear`, which the JIT compiler compiles: no
+-- loop here, nor anywhere else on a call's path through `run` (a loop on
+-- it would keep `run`, and the script with it, from being compiled). The
+-- hidden keys live in the cache's metatable, where `clear` leaves their
+-- slots: storing them again does not insert keys.
 local function rearm(cache, slot, generation)
-    for key in next, cache do
-        rawset(cache, key, nil)
-    end
-    rawset(cache, SOURCE, slot)
-    rawset(cache, GENERATION, generation)
+    clear(cache)
+    local where = getmetatable(cache)
+    rawset(where, SOURCE, slot)
+    rawset(where, GENERATION, generation)
 end
 
+-- Most views a call hands out that the VM keeps for the next call: a call
+-- over a long array of objects makes a view per object, and the VM would
+-- keep them all for good.
+local MAX_KEPT = 64
+
 -- The views made for JSON objects inside the inputs (`request.body`,
--- `request.body.metadata`, ...), kept for the next calls as the globals'
--- views are (see `arm`): `spare_*` can be taken by this call, `used_*`
--- were handed out by it. A view costs three tables; re-using one costs
--- emptying its cache.
-local spare_t, spare_mt, spare_cache, spares = {}, {}, {}, 0
-local used_t, used_mt, used_cache, used = {}, {}, {}, 0
+-- `request.body.metadata`, ...), kept for the next call as the globals'
+-- views are (see `arm`): `made_*` were handed out by this call (the table,
+-- its metatable and its cache), `kept_*` by the last one. The n-th view a
+-- call makes re-uses the last call's n-th when that one is untouched,
+-- which costs emptying its cache instead of three new tables. What a
+-- kept cache holds stays alive until the view is re-used or the call
+-- after next starts.
+local made_t, made_mt, made_cache, made = {}, {}, {}, 0
+local kept_t, kept_mt, kept_cache, kept = {}, {}, {}, 0
 
 --- A lazy table over source `slot` of the call `generation`.
 -- @tparam number slot the source's index in the call's source list
 -- @tparam number generation the call's generation
 -- @treturn table the (empty) lazy table
 function lazy(slot, generation)
+    local n = made + 1
     local t, mt, cache
-    if spares > 0 then
-        t, mt, cache = spare_t[spares], spare_mt[spares], spare_cache[spares]
-        spare_t[spares], spare_mt[spares], spare_cache[spares] = nil, nil, nil
-        spares = spares - 1
-        rawset(cache, SOURCE, slot)
-        rawset(cache, GENERATION, generation)
+    if n <= kept then
+        t, mt, cache = kept_t[n], kept_mt[n], kept_cache[n]
+    end
+    if t and untouched(t, mt) then
+        rearm(cache, slot, generation)
     else
         t, mt, cache = fresh(slot, generation)
     end
-    used = used + 1
-    used_t[used], used_mt[used], used_cache[used] = t, mt, cache
+    if n <= MAX_KEPT then
+        made = n
+        made_t[n], made_mt[n], made_cache[n] = t, mt, cache
+    end
     return t
 end
 
--- Most spare views a VM keeps: a call over a long array of objects makes
--- a view per object, and the VM would keep them all for good.
-local MAX_SPARES = 64
-
--- At the start of a call, turn the views the last call handed out into
--- spares: those it left untouched, with their caches emptied (so nothing
--- they held outlives the next call's start), up to `MAX_SPARES`; the
--- others are dropped.
-local function recycle()
-    for i = 1, used do
-        local t, mt, cache = used_t[i], used_mt[i], used_cache[i]
-        used_t[i], used_mt[i], used_cache[i] = nil, nil, nil
-        if spares < MAX_SPARES and untouched(t, mt) then
-            for key in next, cache do
-                rawset(cache, key, nil)
-            end
-            spares = spares + 1
-            spare_t[spares], spare_mt[spares], spare_cache[spares] = t, mt, cache
-        end
-    end
-    used = 0
+-- At the start of a call, the views the last call made become the ones to
+-- re-use; those of the call before are dropped (`clear` empties the lists
+-- without a loop).
+local function turn_views()
+    clear(kept_t)
+    clear(kept_mt)
+    clear(kept_cache)
+    kept_t, made_t = made_t, kept_t
+    kept_mt, made_mt = made_mt, kept_mt
+    kept_cache, made_cache = made_cache, kept_cache
+    kept, made = made, 0
 end
 
 -- The views of the lazy globals, kept from one call to the next by index in
@@ -258,12 +271,85 @@ local function arm(index, slot, generation)
     return t
 end
 
--- Most globals an environment may hold after a call and still be reused
--- (the Rust side's `MAX_REUSED_GLOBALS`).
+-- Most globals an environment may hold after a call, beyond the ones the
+-- host set, and still be reused (the Rust side's `MAX_REUSED_GLOBALS`).
 local MAX_GLOBALS = rust.max_globals
 
---- Run one call: set the call's lazy globals in `env`, run the chunk, then
--- empty `env` for the next call (keeping `_G`).
+-- Set the call's globals in `env`: the staged ones (their names come
+-- back, up to four) and the lazy ones.
+local function prepare(env, generation, name1, slot1, name2, slot2, name3, slot3, name4, slot4, staged)
+    turn_views()
+    local s1, s2, s3, s4
+    if staged ~= 0 then
+        s1, s2, s3, s4 = push_staged(env, ARRAY_MT, CALL_DATA)
+    end
+    if name1 ~= 0 then
+        rawset(env, NAMES[name1], arm(name1, slot1, generation))
+    end
+    if name2 ~= 0 then
+        rawset(env, NAMES[name2], arm(name2, slot2, generation))
+    end
+    if name3 ~= 0 then
+        rawset(env, NAMES[name3], arm(name3, slot3, generation))
+    end
+    if name4 ~= 0 then
+        rawset(env, NAMES[name4], arm(name4, slot4, generation))
+    end
+    return s1, s2, s3, s4
+end
+
+-- Remove every key of `env` (what a script defined as globals): the rare
+-- path, off the compiled one. The number of keys it removed.
+local function empty(env)
+    local n = 0
+    for key in next, env do
+        rawset(env, key, nil)
+        n = n + 1
+    end
+    return n
+end
+
+-- Empty `env` for the next call: the globals `prepare` set by name, then
+-- whatever else is left, and put `_G` back.
+local function finish(env, name1, name2, name3, name4, s1, s2, s3, s4)
+    if name1 ~= 0 then
+        rawset(env, NAMES[name1], nil)
+    end
+    if name2 ~= 0 then
+        rawset(env, NAMES[name2], nil)
+    end
+    if name3 ~= 0 then
+        rawset(env, NAMES[name3], nil)
+    end
+    if name4 ~= 0 then
+        rawset(env, NAMES[name4], nil)
+    end
+    if s1 then
+        rawset(env, s1, nil)
+        if s2 then
+            rawset(env, s2, nil)
+            if s3 then
+                rawset(env, s3, nil)
+                if s4 then
+                    rawset(env, s4, nil)
+                end
+            end
+        end
+    end
+    rawset(env, "_G", nil)
+    local n = 0
+    if next(env) ~= nil then
+        n = empty(env)
+    end
+    rawset(env, "_G", env)
+    return n <= MAX_GLOBALS
+end
+
+--- Run one call: set the call's globals in `env`, run the chunk, then
+-- empty `env` for the next call (keeping `_G`). Nothing on this path
+-- loops, so the JIT compiler can compile it with the script it runs; where
+-- the script loops (which ends that trace), `prepare` and `finish` are
+-- compiled on their own.
 -- @tparam function chunk the compiled script (its environment is `env`)
 -- @tparam table env the VM's environment
 -- @tparam number generation the call's generation
@@ -280,36 +366,16 @@ local MAX_GLOBALS = rust.max_globals
 -- discarded, as emptying that table would walk all of it on every later
 -- call). When the chunk raises, the VM empties `env` itself.
 local function run(chunk, env, generation, name1, slot1, name2, slot2, name3, slot3, name4, slot4, staged)
-    recycle()
-    if staged ~= 0 then
-        push_staged(env, ARRAY_MT, CALL_DATA)
-    end
-    if name1 ~= 0 then
-        rawset(env, NAMES[name1], arm(name1, slot1, generation))
-    end
-    if name2 ~= 0 then
-        rawset(env, NAMES[name2], arm(name2, slot2, generation))
-    end
-    if name3 ~= 0 then
-        rawset(env, NAMES[name3], arm(name3, slot3, generation))
-    end
-    if name4 ~= 0 then
-        rawset(env, NAMES[name4], arm(name4, slot4, generation))
-    end
+    local s1, s2, s3, s4 = prepare(env, generation, name1, slot1, name2, slot2, name3, slot3, name4, slot4, staged)
     local result = chunk()
-    local n = 0
-    for key in next, env do
-        rawset(env, key, nil)
-        n = n + 1
-    end
-    rawset(env, "_G", env)
+    local reusable = finish(env, name1, name2, name3, name4, s1, s2, s3, s4)
     -- The result is encoded here when the host asked for it (no second
     -- protected call, nor an mlua value, to read it back); then there is
     -- nothing to hand back.
     if result ~= nil and encode_result(result, ARRAY_MT, headers_mt, CALL_DATA) then
         result = nil
     end
-    return result, n <= MAX_GLOBALS
+    return result, reusable
 end
 
 return { materialize = materialize, run = run, headers_mt = headers_mt }

@@ -46,9 +46,11 @@ mod fast_field;
 
 const LAZY_LUA: &str = include_str!("lazy.lua");
 
-/// The hidden key under which a cache keeps the index of its source.
+/// The hidden key under which a cache's metatable keeps the index of its
+/// source.
 const SOURCE_KEY: LightUserData = LightUserData(2 as *mut c_void);
-/// The hidden key under which a cache keeps the generation of its call.
+/// The hidden key under which a cache's metatable keeps the generation of
+/// its call.
 const GENERATION_KEY: LightUserData = LightUserData(3 as *mut c_void);
 /// Most lazy globals one call sets (`rate_limit`'s `request`, `key_info`,
 /// `rate_limit_status` and `current_time`).
@@ -173,9 +175,19 @@ struct CallSources {
     /// with their source.
     deferred: [Option<(usize, usize)>; MAX_DEFERRED],
     /// Eager globals staged for the call ([`super::stage_globals`]), set
-    /// by `push_staged` inside it: JSON values the staging caller promised
-    /// outlive the call.
-    staged: Vec<(&'static str, *const Value)>,
+    /// by `push_staged` inside it.
+    staged: Vec<(&'static str, Staged)>,
+}
+
+/// The value of a staged global.
+#[derive(Clone, Copy)]
+enum Staged {
+    /// A JSON value the staging caller promised outlives the call.
+    Json(*const Value),
+    /// A string the staging caller promised outlives the call.
+    Text(*const str),
+    /// A number.
+    Number(f64),
 }
 
 impl CallSources {
@@ -236,6 +248,9 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
         rust.raw_set("encode_result", lua.create_c_function(encode_result)?)?;
         rust.raw_set("push_staged", lua.create_c_function(push_staged)?)?;
     }
+    if let Some(clear) = table_clear(lua) {
+        rust.raw_set("clear", clear)?;
+    }
     rust.raw_set("array_mt", super::markers(lua)?.array_mt.clone())?;
     rust.raw_set("max_globals", crate::vm::MAX_REUSED_GLOBALS)?;
     rust.raw_set("call_data", data)?;
@@ -249,6 +264,16 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<LazyLua> {
         materialize: module.raw_get("materialize")?,
         data: shared,
     })
+}
+
+/// LuaJIT's `table.clear`, which `require "table.clear"` would load: its
+/// loader is registered in `_PRELOAD` when the table library opens.
+/// `None` where the host's LuaJIT lacks it (`lazy.lua` then empties tables
+/// with a loop).
+fn table_clear(lua: &Lua) -> Option<Function> {
+    let preload: Table = lua.named_registry_value("_PRELOAD").ok()?;
+    let loader: Function = preload.raw_get("table.clear").ok()?;
+    loader.call(()).ok()
 }
 
 /// Give `lazy.lua` what it needs to read fields through the FFI
@@ -357,7 +382,9 @@ impl CallData {
         for (name, value) in globals {
             match *value {
                 Global::Json(Value::Null) => {}
-                Global::Json(v) => s.staged.push((name, v)),
+                Global::Json(v) => s.staged.push((name, Staged::Json(v))),
+                Global::Text(t) => s.staged.push((name, Staged::Text(t))),
+                Global::Number(n) => s.staged.push((name, Staged::Number(n))),
                 Global::Fields(fields) => {
                     // SAFETY: the caller's promise (the strings outlive the
                     // call).
@@ -427,7 +454,7 @@ pub(super) fn cache_of(t: &Table) -> Option<Table> {
     let mt = t.metatable()?;
     let cache: Table = mt.raw_get("__index").ok()?;
     matches!(
-        cache.raw_get::<LuaValue>(SOURCE_KEY),
+        cache.metatable()?.raw_get::<LuaValue>(SOURCE_KEY),
         Ok(LuaValue::Number(_) | LuaValue::Integer(_))
     )
     .then_some(cache)
@@ -438,7 +465,7 @@ pub(super) fn cache_of(t: &Table) -> Option<Table> {
 /// else leave the stack as it was.
 ///
 /// # Safety
-/// `state` is live with a table on top and room for two more values.
+/// `state` is live with a table on top and room for three more values.
 /// Only raw reads (of a key string Lua already holds, `__index`), so
 /// nothing allocates and no metamethod runs.
 pub(super) unsafe fn view_source(state: *mut lua_State, data: &CallData) -> Option<Source> {
@@ -450,9 +477,14 @@ pub(super) unsafe fn view_source(state: *mut lua_State, data: &CallData) -> Opti
             ffi::lua_settop(state, mt);
             return None;
         }
+        // The hidden keys are in the cache's own metatable.
+        if ffi::lua_getmetatable(state, mt + 1) == 0 {
+            ffi::lua_settop(state, mt);
+            return None;
+        }
         let number_at = |key: LightUserData| {
             ffi::lua_pushlightuserdata(state, key.0);
-            let n = (ffi::lua_rawget(state, mt + 1) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(state, -1));
+            let n = (ffi::lua_rawget(state, mt + 2) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(state, -1));
             ffi::lua_pop(state, 1);
             n
         };
@@ -460,6 +492,7 @@ pub(super) unsafe fn view_source(state: *mut lua_State, data: &CallData) -> Opti
             (Some(slot), Some(generation)) => data.source(slot, generation).ok(),
             _ => None,
         };
+        ffi::lua_pop(state, 1);
         if source.is_none() {
             ffi::lua_settop(state, mt);
         }
@@ -467,27 +500,23 @@ pub(super) unsafe fn view_source(state: *mut lua_State, data: &CallData) -> Opti
     }
 }
 
-/// Whether the cache at `cache` holds a field a script read (a string
-/// key; the cache's own keys are light userdata).
+/// Whether the cache at `cache` holds a field a script read (the cache
+/// holds nothing else).
 ///
 /// # Safety
 /// `state` is live with a table at `cache`.
 pub(super) unsafe fn holds_a_field(state: *mut lua_State, cache: c_int) -> bool {
     // SAFETY: the function's contract; `lua_next` leaves the stack as it
-    // was once it returns 0, and each pair is popped here.
+    // was once it returns 0, and the pair it found is popped here.
     unsafe {
         if ffi::lua_checkstack(state, 2) == 0 {
             // Not known: the caller's general path decides field by field.
             return true;
         }
         ffi::lua_pushnil(state);
-        while ffi::lua_next(state, cache) != 0 {
-            let field = ffi::lua_type(state, -2) == ffi::LUA_TSTRING;
-            ffi::lua_pop(state, 1);
-            if field {
-                ffi::lua_pop(state, 1);
-                return true;
-            }
+        if ffi::lua_next(state, cache) != 0 {
+            ffi::lua_pop(state, 2);
+            return true;
         }
         false
     }
@@ -495,7 +524,10 @@ pub(super) unsafe fn holds_a_field(state: *mut lua_State, cache: c_int) -> bool 
 
 /// The source behind `cache`; an error when it is another call's.
 fn source_of(lua: &Lua, cache: &Table) -> mlua::Result<Source> {
-    let (slot, generation) = (cache.raw_get(SOURCE_KEY)?, cache.raw_get(GENERATION_KEY)?);
+    let hidden = cache
+        .metatable()
+        .ok_or_else(|| mlua::Error::runtime("llmproxy: a lazy table without its source"))?;
+    let (slot, generation) = (hidden.raw_get(SOURCE_KEY)?, hidden.raw_get(GENERATION_KEY)?);
     call_data(lua)
         .ok_or(c"llmproxy: lazy sources missing")
         .and_then(|d| d.source(slot, generation))
@@ -759,7 +791,9 @@ unsafe extern "C-unwind" fn encode_result(state: *mut lua_State) -> c_int {
 /// `push_staged(env, array_mt, call_data)`: set the globals staged for
 /// the current call ([`super::stage_globals`]) in `env`, with the memory
 /// limit lifted as the loaders lift it (the staged values are the hook's
-/// input, bounded by its limits, not the script's allocations).
+/// input, bounded by its limits, not the script's allocations). Returns
+/// the names of the first [`MAX_NAMED_STAGED`] it set, for `lazy.lua` to
+/// remove them by name after the call.
 ///
 /// # Safety
 /// Called by Lua only, as `lazy.lua`'s `run` does. An allocation failure
@@ -774,13 +808,48 @@ unsafe extern "C-unwind" fn push_staged(state: *mut lua_State) -> c_int {
         let Some(data) = call_data_at(state, 3) else {
             return ffi::luaL_error(state, c"llmproxy: lazy sources missing".as_ptr());
         };
+        let mut named = 0;
         push_outside_limit(state, data, |to| {
             let s = data.sources.borrow();
             for (name, value) in &s.staged {
-                super::push_global(state, name, &**value, 2, to.texts, to.plain);
+                match *value {
+                    Staged::Json(v) => super::push_global(state, name, &*v, 2, to.texts, to.plain),
+                    Staged::Text(t) => set_global(state, name, |state| {
+                        let t = &*t;
+                        ffi::lua_pushlstring(state, t.as_ptr().cast(), t.len());
+                    }),
+                    Staged::Number(n) => set_global(state, name, |state| ffi::lua_pushnumber(state, n)),
+                }
+            }
+            if ffi::lua_checkstack(state, MAX_NAMED_STAGED as c_int) == 0 {
+                return;
+            }
+            for (name, _) in s.staged.iter().take(MAX_NAMED_STAGED) {
+                ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+                named += 1;
             }
         });
-        0
+        named
+    }
+}
+
+/// Most staged globals `push_staged` names (`run` removes any others with
+/// the walk it makes for globals a script defined).
+const MAX_NAMED_STAGED: usize = 4;
+
+/// Store the value `push` pushes as `name` in the table at stack index 1.
+///
+/// # Safety
+/// As [`super::push_global`].
+unsafe fn set_global(state: *mut lua_State, name: &str, push: impl FnOnce(*mut lua_State)) {
+    // SAFETY: the function's contract.
+    unsafe {
+        if ffi::lua_checkstack(state, 2) == 0 {
+            ffi::luaL_error(state, c"llmproxy: the Lua stack cannot grow".as_ptr());
+        }
+        ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+        push(state);
+        ffi::lua_rawset(state, 1);
     }
 }
 

@@ -241,6 +241,10 @@ pub(crate) enum Global<'a> {
     /// `current_time`, `metadata`): a lazy table whose fields convert when
     /// read (`scalars.rs`), without a JSON value built first.
     Fields(&'a [(&'static str, Scalar<'a>)]),
+    /// A string (`backend_url`).
+    Text(&'a str),
+    /// A number (`latency_ms`).
+    Number(f64),
 }
 
 impl<'a> From<&'a Value> for Global<'a> {
@@ -906,7 +910,7 @@ impl<E: Emit> RawWalk<'_, E> {
     ///
     /// # Safety
     /// As [`RawWalk::table`], with the table's metatable on top of the
-    /// stack and room for two more values.
+    /// stack and room for three more values.
     unsafe fn lazy(&mut self, state: *mut lua_State, depth: usize) -> Result<E::Item, RawError> {
         let below = ffi::lua_gettop(state) - 1;
         let source = self.data.and_then(|data| lazy::view_source(state, data));

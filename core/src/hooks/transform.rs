@@ -8,7 +8,7 @@ use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
 use super::{expect_object, json_type, optional_status, HookInput, HookName, RequestInfo, ResultForm};
-use crate::convert::{self, Field, HeaderValue};
+use crate::convert::{self, Field, Global, HeaderValue};
 use crate::error::HookError;
 use crate::http::fields::{BodyText, TextBody};
 use crate::http::hop_by_hop;
@@ -235,15 +235,19 @@ impl HookInput for ResponseTransformInput<'_> {
         Some(&self.request.id)
     }
 
-    fn set_globals(&self, lua: &Lua, env: &Table) -> mlua::Result<()> {
+    fn set_globals(&self, lua: &Lua, _env: &Table) -> mlua::Result<()> {
         // SAFETY: the input outlives the call: `set_globals` runs inside
-        // `Vm::call` (the `HookInput` contract).
+        // `Vm::call` (the `HookInput` contract); the backend URL is the
+        // input's.
         unsafe {
             self.request.defer(lua)?;
             self.response.defer(lua)?;
+            let globals = [
+                ("backend_url", Global::Text(self.backend_url)),
+                ("latency_ms", Global::Number(self.latency_ms)),
+            ];
+            convert::stage_globals(lua, &globals)
         }
-        env.raw_set("backend_url", self.backend_url)?;
-        env.raw_set("latency_ms", self.latency_ms)
     }
 }
 
