@@ -12,7 +12,7 @@ use mlua::{Lua, Table};
 use serde_json::{Map, Value};
 
 use crate::config::{Config, HookConfig};
-use crate::convert::{self, Limits, ResultHeaders};
+use crate::convert::{self, Global, Limits, ResultHeaders};
 use crate::error::{ConfigError, ErrorKind, HookError};
 use crate::hooks::{
     AuthInput, AuthVerdict, ErrorInput, ErrorResponse, HookInput, HookName, RateLimitInput, RateVerdict, RequestInfo,
@@ -418,18 +418,18 @@ impl Engine {
     ) -> Result<Value, HookError> {
         let cfg = self.enabled(hook)?;
         let request_id = request.map(|r| r.id.as_str());
-        let set_globals = |lua: &Lua, env: &Table| -> mlua::Result<()> {
+        let set_globals = |lua: &Lua, _env: &Table| -> mlua::Result<()> {
             // A global given as `null` is absent (`nil`), as for the typed
-            // entry points ([`convert::set_globals`]).
-            let eager: Vec<(&str, &Value)> = globals
+            // entry points.
+            let eager: Vec<(&str, Global<'_>)> = globals
                 .iter()
                 .filter(|(name, _)| *name != "request" && *name != "response")
-                .map(|(name, value)| (name.as_str(), value))
+                .map(|(name, value)| (name.as_str(), Global::Json(value)))
                 .collect();
-            convert::set_globals(lua, env, &eager)?;
-            // SAFETY: `request` and `response` are borrowed for this whole
-            // function, which outlasts the call.
+            // SAFETY: `globals`, `request` and `response` are borrowed for
+            // this whole function, which outlasts the call.
             unsafe {
+                convert::stage_globals(lua, &eager)?;
                 if let Some(r) = request {
                     r.defer(lua)?;
                 }

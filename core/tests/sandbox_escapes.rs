@@ -541,6 +541,25 @@ return {seen = ("a"):upper() .. ("b"):rep(2)}"#,
         .two_calls(done(), value(json!({"seen": "Abb"}))),
         Case::new(
             G,
+            "Leak a host global from call 1 to call 2",
+            "call 1 gets six globals from its host besides `phase` (more than the environment removes by name); call 2, given none, looks for them",
+            r#"if phase == 1 then return {done = 1} end
+local n = 0 for i = 1, 6 do if _G["g" .. i] ~= nil then n = n + 1 end end
+return {seen = n}"#,
+            Expect::Survives,
+        )
+        .steps(vec![
+            Step {
+                input: json!({"phase": 1, "g1": 1, "g2": "two", "g3": {"x": 3}, "g4": [4], "g5": true, "g6": 6}),
+                expect: done(),
+            },
+            Step {
+                input: json!({"phase": 2}),
+                expect: value(json!({"seen": 0})),
+            },
+        ]),
+        Case::new(
+            G,
             "Leak a request-body edit from call 1 to call 2",
             "call 1 edits `request.body`; call 2 (another request) reads its own body",
             r#"if phase == 1 then request.body.model = "evil" request.body.injected = true return {done = 1} end

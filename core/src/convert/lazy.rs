@@ -175,8 +175,9 @@ struct CallSources {
     /// with their source.
     deferred: [Option<(usize, usize)>; MAX_DEFERRED],
     /// Eager globals staged for the call ([`super::stage_globals`]), set
-    /// by `push_staged` inside it.
-    staged: Vec<(&'static str, Staged)>,
+    /// by `push_staged` inside it: each name (which the staging caller
+    /// promised outlives the call) with its value.
+    staged: Vec<(*const str, Staged)>,
 }
 
 /// The value of a staged global.
@@ -377,20 +378,24 @@ impl CallData {
     ///
     /// # Safety
     /// As [`super::stage_globals`].
-    pub(super) unsafe fn stage(&self, globals: &[(&'static str, Global<'_>)]) -> mlua::Result<()> {
+    pub(super) unsafe fn stage(&self, globals: &[(&str, Global<'_>)]) -> mlua::Result<()> {
         let mut s = self.sources.borrow_mut();
-        for (name, value) in globals {
-            match *value {
-                Global::Json(Value::Null) => {}
-                Global::Json(v) => s.staged.push((name, Staged::Json(v))),
-                Global::Text(t) => s.staged.push((name, Staged::Text(t))),
-                Global::Number(n) => s.staged.push((name, Staged::Number(n))),
+        for &(name, value) in globals {
+            let staged = match value {
+                Global::Json(Value::Null) => None,
+                Global::Json(v) => Some(Staged::Json(v)),
+                Global::Text(t) => Some(Staged::Text(t)),
+                Global::Number(n) => Some(Staged::Number(n)),
                 Global::Fields(fields) => {
                     // SAFETY: the caller's promise (the strings outlive the
                     // call).
                     let fields = unsafe { ScalarFields::new(fields) };
                     s.defer(name, Source::Scalars(Rc::new(fields)))?;
+                    None
                 }
+            };
+            if let Some(staged) = staged {
+                s.staged.push((name, staged));
             }
         }
         Ok(())
@@ -811,8 +816,9 @@ unsafe extern "C-unwind" fn push_staged(state: *mut lua_State) -> c_int {
         let mut named = 0;
         push_outside_limit(state, data, |to| {
             let s = data.sources.borrow();
-            for (name, value) in &s.staged {
-                match *value {
+            for &(name, value) in &s.staged {
+                let name = &*name;
+                match value {
                     Staged::Json(v) => super::push_global(state, name, &*v, 2, to.texts, to.plain),
                     Staged::Text(t) => set_global(state, name, |state| {
                         let t = &*t;
@@ -824,7 +830,8 @@ unsafe extern "C-unwind" fn push_staged(state: *mut lua_State) -> c_int {
             if ffi::lua_checkstack(state, MAX_NAMED_STAGED as c_int) == 0 {
                 return;
             }
-            for (name, _) in s.staged.iter().take(MAX_NAMED_STAGED) {
+            for &(name, _) in s.staged.iter().take(MAX_NAMED_STAGED) {
+                let name = &*name;
                 ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
                 named += 1;
             }

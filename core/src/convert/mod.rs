@@ -162,46 +162,18 @@ pub fn json_to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
     })
 }
 
-/// Set each `name = value` of `globals` in the table `env`, eagerly, in
-/// one raw call: the inputs of the calls that do not go through a hook's
-/// `Vm::call` (the JSON entry points) and of the error handler, whose
-/// input is built for the call. The hooks' inputs are staged instead
-/// ([`stage_globals`]). A `null` value leaves its global absent (`nil`,
-/// not `json.null`): `if not key_info` works for an unknown key.
-pub(crate) fn set_globals(lua: &Lua, env: &Table, globals: &[(&str, &Value)]) -> mlua::Result<()> {
-    let m = markers(lua)?;
-    // Owned here, outside the closure (see `json_to_lua`).
-    let mut texts = Vec::new();
-    let mut plain = Vec::new();
-    // SAFETY: `exec_raw` pushes `env` (index 1) and the array marker (index
-    // 2) and runs the closure in a protected call: an allocation failure
-    // raises a Lua error the call returns as an error (the closure owns
-    // nothing that needs dropping; each push to `texts` or `plain`
-    // completes before the next Lua call). `push_global` leaves the stack
-    // as it found it.
-    unsafe {
-        lua.exec_raw::<()>((env, &m.array_mt), |state| {
-            for (name, value) in globals {
-                push_global(state, name, value, 2, &mut texts, &mut plain);
-            }
-        })?;
-    }
-    drop(m);
-    record_texts(lua, texts, &plain);
-    Ok(())
-}
-
 /// Stage `globals` for the current call of a VM: `run` (`lazy.lua`) sets
 /// them in the environment inside the call's own protected call, as it
 /// sets the lazy globals, instead of a protected call of their own before
-/// it (LuaJIT allocates two C closures for each of those). The same values
-/// as [`set_globals`]; `null` leaves a global absent.
+/// it (LuaJIT allocates two C closures for each of those). A `null` value
+/// leaves its global absent (`nil`, not `json.null`): `if not key_info`
+/// works for an unknown key.
 ///
 /// # Safety
-/// Whatever `globals` borrows (a JSON value, a string of a [`Scalar`])
-/// stays alive and unchanged until the VM's current call ends, as for
-/// [`lazy::defer`]; the lists themselves are copied.
-pub(crate) unsafe fn stage_globals(lua: &Lua, globals: &[(&'static str, Global<'_>)]) -> mlua::Result<()> {
+/// Whatever `globals` borrows (a name, a JSON value, a string of a
+/// [`Scalar`]) stays alive and unchanged until the VM's current call ends,
+/// as for [`lazy::defer`]; the lists themselves are copied.
+pub(crate) unsafe fn stage_globals(lua: &Lua, globals: &[(&str, Global<'_>)]) -> mlua::Result<()> {
     let data = lazy::call_data(lua).ok_or_else(|| mlua::Error::runtime("llmproxy: lazy sources missing"))?;
     // SAFETY: the caller's promise.
     unsafe { data.stage(globals) }
