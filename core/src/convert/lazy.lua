@@ -170,13 +170,6 @@ local function newindex(t, key, value)
     rawset(t, key, value)
 end
 
--- A view can be re-armed for a later call when the script left it as it
--- was made: its metatable in place (nothing materialized it) and the table
--- itself empty (`table.insert` writes into it raw, without `__newindex`).
-local function untouched(t, mt)
-    return getmetatable(t) == mt and next(t) == nil
-end
-
 -- A new view over source `slot` of the call `generation`: the (empty)
 -- table, its metatable and its cache.
 local function fresh(slot, generation)
@@ -198,6 +191,28 @@ local function rearm(cache, slot, generation)
     rawset(where, GENERATION, generation)
 end
 
+-- A view over source `slot` of the call `generation` made from a view
+-- (`t`, its metatable `mt` and its cache) a call of this VM handed out:
+-- - untouched (its metatable in place, and the table itself empty:
+--   `table.insert` writes into it raw, without `__newindex`): the same
+--   view, its cache emptied;
+-- - materialized (its metatable gone: `materialize` detached it, and
+--   nothing else holds it or the cache): a new table with that metatable
+--   and cache;
+-- - written into raw, or none: a new view.
+local function renew(t, mt, cache, slot, generation)
+    if t then
+        if getmetatable(t) ~= mt then
+            rearm(cache, slot, generation)
+            return setmetatable({}, mt), mt, cache
+        elseif next(t) == nil then
+            rearm(cache, slot, generation)
+            return t, mt, cache
+        end
+    end
+    return fresh(slot, generation)
+end
+
 -- Most views a call hands out that the VM keeps for the next call: a call
 -- over a long array of objects makes a view per object, and the VM would
 -- keep them all for good.
@@ -207,10 +222,10 @@ local MAX_KEPT = 64
 -- `request.body.metadata`, ...), kept for the next call as the globals'
 -- views are (see `arm`): `made_*` were handed out by this call (the table,
 -- its metatable and its cache), `kept_*` by the last one. The n-th view a
--- call makes re-uses the last call's n-th when that one is untouched,
--- which costs emptying its cache instead of three new tables. What a
--- kept cache holds stays alive until the view is re-used or the call
--- after next starts.
+-- call makes is renewed from the last call's n-th (`renew`), which costs
+-- emptying its cache instead of four new tables, or one new table where
+-- the script materialized it. What a kept cache holds stays alive until
+-- the view is re-used or the call after next starts.
 local made_t, made_mt, made_cache, made = {}, {}, {}, 0
 local kept_t, kept_mt, kept_cache, kept = {}, {}, {}, 0
 
@@ -224,11 +239,7 @@ function lazy(slot, generation)
     if n <= kept then
         t, mt, cache = kept_t[n], kept_mt[n], kept_cache[n]
     end
-    if t and untouched(t, mt) then
-        rearm(cache, slot, generation)
-    else
-        t, mt, cache = fresh(slot, generation)
-    end
+    t, mt, cache = renew(t, mt, cache, slot, generation)
     if n <= MAX_KEPT then
         made = n
         made_t[n], made_mt[n], made_cache[n] = t, mt, cache
@@ -250,23 +261,17 @@ local function turn_views()
 end
 
 -- The views of the lazy globals, kept from one call to the next by index in
--- `NAMES`: the table, its metatable and its cache. An untouched view is
--- re-armed for the next call (its cache emptied and pointed at the new
--- source), which saves three tables per global per call; one a script
--- materialized or wrote into is replaced. Scripts cannot reach a cache,
+-- `NAMES`: the table, its metatable and its cache, renewed for each call
+-- (`renew`): an untouched view is re-armed (its cache emptied and pointed
+-- at the new source), which saves four tables per global per call; one a
+-- script materialized gets a new table. Scripts cannot reach a cache,
 -- and cannot keep a view past their call (the environment is emptied), so
 -- a re-armed view shows nothing of the previous call. What a cache held
 -- stays alive until the next call on this VM.
 local shell_t, shell_mt, shell_cache = {}, {}, {}
 
 local function arm(index, slot, generation)
-    local t, mt = shell_t[index], shell_mt[index]
-    if t and untouched(t, mt) then
-        rearm(shell_cache[index], slot, generation)
-        return t
-    end
-    local cache
-    t, mt, cache = fresh(slot, generation)
+    local t, mt, cache = renew(shell_t[index], shell_mt[index], shell_cache[index], slot, generation)
     shell_t[index], shell_mt[index], shell_cache[index] = t, mt, cache
     return t
 end
