@@ -145,9 +145,7 @@ local function materialize(t)
     -- `load_missing` skips where present): each field goes into one
     -- growing table, not into the cache and then into `t`.
     for key, value in next, cache do
-        if type(key) == "string" then
-            rawset(t, key, value)
-        end
+        rawset(t, key, value)
     end
     local where = getmetatable(cache)
     local generation = rawget(where, GENERATION)
@@ -280,6 +278,14 @@ end
 -- host set, and still be reused (the Rust side's `MAX_REUSED_GLOBALS`).
 local MAX_GLOBALS = rust.max_globals
 
+-- Set the lazy global `NAMES[index]` (none for 0) in `env`: its view
+-- over source `slot` of the call `generation`.
+local function set_view(env, index, slot, generation)
+    if index ~= 0 then
+        rawset(env, NAMES[index], arm(index, slot, generation))
+    end
+end
+
 -- Set the call's globals in `env`: the staged ones (their names come
 -- back, up to four) and the lazy ones.
 local function prepare(env, generation, name1, slot1, name2, slot2, name3, slot3, name4, slot4, staged)
@@ -288,18 +294,10 @@ local function prepare(env, generation, name1, slot1, name2, slot2, name3, slot3
     if staged ~= 0 then
         s1, s2, s3, s4 = push_staged(env, ARRAY_MT, CALL_DATA)
     end
-    if name1 ~= 0 then
-        rawset(env, NAMES[name1], arm(name1, slot1, generation))
-    end
-    if name2 ~= 0 then
-        rawset(env, NAMES[name2], arm(name2, slot2, generation))
-    end
-    if name3 ~= 0 then
-        rawset(env, NAMES[name3], arm(name3, slot3, generation))
-    end
-    if name4 ~= 0 then
-        rawset(env, NAMES[name4], arm(name4, slot4, generation))
-    end
+    set_view(env, name1, slot1, generation)
+    set_view(env, name2, slot2, generation)
+    set_view(env, name3, slot3, generation)
+    set_view(env, name4, slot4, generation)
     return s1, s2, s3, s4
 end
 
@@ -314,33 +312,25 @@ local function empty(env)
     return n
 end
 
+-- Remove the global `name` from `env` (nothing for nil).
+local function unset(env, name)
+    if name then
+        rawset(env, name, nil)
+    end
+end
+
 -- Empty `env` for the next call: the globals `prepare` set by name, then
 -- whatever else is left, and put `_G` back.
 local function finish(env, name1, name2, name3, name4, s1, s2, s3, s4)
-    if name1 ~= 0 then
-        rawset(env, NAMES[name1], nil)
-    end
-    if name2 ~= 0 then
-        rawset(env, NAMES[name2], nil)
-    end
-    if name3 ~= 0 then
-        rawset(env, NAMES[name3], nil)
-    end
-    if name4 ~= 0 then
-        rawset(env, NAMES[name4], nil)
-    end
-    if s1 then
-        rawset(env, s1, nil)
-        if s2 then
-            rawset(env, s2, nil)
-            if s3 then
-                rawset(env, s3, nil)
-                if s4 then
-                    rawset(env, s4, nil)
-                end
-            end
-        end
-    end
+    -- `NAMES[0]` is nil, as are the names `push_staged` did not return.
+    unset(env, NAMES[name1])
+    unset(env, NAMES[name2])
+    unset(env, NAMES[name3])
+    unset(env, NAMES[name4])
+    unset(env, s1)
+    unset(env, s2)
+    unset(env, s3)
+    unset(env, s4)
     rawset(env, "_G", nil)
     local n = 0
     if next(env) ~= nil then
