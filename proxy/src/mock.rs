@@ -13,11 +13,11 @@
 //! blank line), `trickle` one byte of an event every `x-mock-chunk-delay-ms`
 //! (never finishing it); and `burst` sends a whole stream in one write, as a
 //! backend that answers from a buffer does. [`MockServer::open_streams`]
-//! counts the streams still being written. Every `x-*` request header is echoed back as
-//! `x-echo-<name>` so tests can see what reached the backend, and
-//! `x-mock-path` gives the path and query the backend was asked for.
-//! `x-mock-connection: V` makes the answer carry `Connection: V` (for
-//! tests of headers a `Connection` header names).
+//! counts the streams still being written. Every `x-*` request header is
+//! echoed back as `x-echo-<name>` so tests can see what reached the
+//! backend, and `x-mock-path` gives the path and query the backend was
+//! asked for. `x-mock-connection: V` makes the answer carry
+//! `Connection: V` (for tests of headers a `Connection` header names).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -348,11 +348,11 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
     let mut upstream_error: Option<UpstreamError> = None;
     let mut client_gone = false;
     if !pending.is_empty() && events.denied.is_none() {
-        let Some((ev, out)) = process(events, pending).await else {
+        let Some((ev, gone)) = forward(events, pending, &tx).await else {
             return finish_lost(log, &b);
         };
         events = ev;
-        client_gone = !out.is_empty() && tx.send(out).await.is_err();
+        client_gone = gone;
     }
     if !(ended || client_gone || events.denied.is_some()) {
         loop {
@@ -377,12 +377,10 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
                 Ok(None) => {
                     let rest: Vec<Bytes> = std::mem::take(&mut parser).finish().into_iter().collect();
                     if !rest.is_empty() {
-                        if let Some((ev, out)) = process(events, rest).await {
-                            events = ev;
-                            let _ = tx.send(out).await;
-                        } else {
+                        let Some((ev, _)) = forward(events, rest, &tx).await else {
                             return finish_lost(log, &b);
-                        }
+                        };
+                        events = ev;
                     }
                     break;
                 }
@@ -392,11 +390,11 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
                 }
             };
             if !batch.is_empty() {
-                let Some((ev, out)) = process(events, batch).await else {
+                let Some((ev, gone)) = forward(events, batch, &tx).await else {
                     return finish_lost(log, &b);
                 };
                 events = ev;
-                if !out.is_empty() && tx.send(out).await.is_err() {
+                if gone {
                     client_gone = true;
                     break;
                 }
@@ -468,6 +466,15 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
             is_stream: true,
         });
     }
+}
+
+/// Transform `batch` and send what comes out of it to the client: the
+/// events' state and whether the client has left, or `None` when the hook
+/// call was lost.
+async fn forward(events: Events, batch: Vec<Bytes>, tx: &mpsc::Sender<Bytes>) -> Option<(Events, bool)> {
+    let (events, out) = process(events, batch).await?;
+    let gone = !out.is_empty() && tx.send(out).await.is_err();
+    Some((events, gone))
 }
 
 fn finish_lost(log: StreamLog, b: &Backend) {
