@@ -300,14 +300,20 @@ impl Engine {
     }
 
     /// `response_transform`: changes to the response, `None` for unchanged.
+    /// Header changes that leave a header as the backend sent it are
+    /// dropped (the seed's script returns `headers = response.headers`).
     pub fn transform_response(&self, input: &ResponseTransformInput<'_>) -> Result<Option<ResponseRewrite>, HookError> {
         let output = self.run(input)?;
-        self.transformed(
+        let mut rewrite = self.transformed(
             HookName::ResponseTransform,
             &input.request.id,
             output,
             ResponseRewrite::from_result,
-        )
+        )?;
+        if let Some(r) = &mut rewrite {
+            r.drop_unchanged_headers(&input.response.headers);
+        }
+        Ok(rewrite)
     }
 
     /// A transform's result (`None`: the script returned nil) checked by

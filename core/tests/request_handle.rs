@@ -104,6 +104,11 @@ fn the_seed_scripts_decide_every_step_of_one_request() {
     let headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
     let answer = ran(h.respond(&engine, 200, headers, COMPLETION.as_bytes(), 12.0));
     assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.headers,
+        Vec::new(),
+        "the seed echoes the backend's headers: nothing to apply"
+    );
     let client = json_of(answer.body.as_deref().expect("a new body"));
     assert_eq!(client["model"], "gpt-4");
     assert_eq!(client["choices"][0]["message"]["content"], "hi");
@@ -119,6 +124,37 @@ fn the_seed_scripts_decide_every_step_of_one_request() {
         (json!(28), json!(0.5))
     );
     assert_eq!((billing.charge.billable_tokens, billing.charge.limit_tokens), (28, 57));
+}
+
+#[test]
+fn a_response_transform_changes_only_the_headers_it_changes() {
+    let backend = || {
+        vec![
+            ("Content-Type".to_owned(), "application/json".to_owned()),
+            ("X-A".to_owned(), "1".to_owned()),
+        ]
+    };
+    let set = |name: &str, v: &str| (name.to_owned(), HeaderChange::Set(v.into()));
+    let cases: &[(&str, Vec<(String, HeaderChange)>)] = &[
+        ("return {headers = response.headers}", vec![]),
+        ("return {headers = {['X-A'] = '2'}}", vec![set("X-A", "2")]),
+        (
+            "return {headers = {['x-a'] = '1', ['X-New'] = '1'}}",
+            vec![set("X-New", "1")],
+        ),
+        ("return {headers = {['X-B'] = false}}", vec![]),
+        (
+            "return {headers = {['X-A'] = false}}",
+            vec![("X-A".to_owned(), HeaderChange::Remove)],
+        ),
+    ];
+    for (script, want) in cases {
+        let engine = engine(&[("response_transform", script, "deny")]);
+        let mut h = handle(json!({"model": "m"}));
+        ran(h.upstream(&engine, "http://127.0.0.1:9001"));
+        let answer = ran(h.respond(&engine, 200, backend(), COMPLETION.as_bytes(), 1.0));
+        assert_eq!(&answer.headers, want, "{script}");
+    }
 }
 
 #[test]
@@ -164,15 +200,10 @@ fn a_stream_asks_for_usage_and_hides_it_from_the_client() {
     ];
     for (data, want) in events {
         if data.starts_with('{') && want != Relay::Drop {
-            // The seed transform returns the response's headers and status.
+            // The seed transform returns the response's status and its
+            // headers as they were: no header changes.
             let ev = ran(h.event(&engine, data.as_bytes(), 5.0));
-            assert_eq!(
-                (ev.status, ev.headers),
-                (
-                    Some(200),
-                    vec![("Content-Type".to_owned(), HeaderChange::Set("text/event-stream".into()))]
-                )
-            );
+            assert_eq!((ev.status, ev.headers), (Some(200), Vec::new()));
         }
         let got = ran(h.event(&engine, data.as_bytes(), 5.0)).relay;
         match (&got, &want) {

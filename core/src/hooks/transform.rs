@@ -340,6 +340,23 @@ impl ResponseRewrite {
         }))
     }
 
+    /// Drop the header changes that leave `current` as it is: a header set
+    /// to the value it has (names compared case-insensitively), or removed
+    /// when absent. An echoed header then stays as the backend sent it,
+    /// repeated values included, and a host has nothing to apply.
+    pub(crate) fn drop_unchanged_headers(&mut self, current: &[(String, String)]) {
+        self.headers.retain(|(name, change)| {
+            let have = current
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            match change {
+                HeaderChange::Set(v) => have != Some(v.as_str()),
+                HeaderChange::Remove => have.is_some(),
+            }
+        });
+    }
+
     /// Validate a result held whole as JSON (the JSON entry points).
     pub fn validate(value: &Value) -> Result<(), HookError> {
         if value.is_null() {
