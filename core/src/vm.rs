@@ -344,8 +344,10 @@ fn body_text(lua: &Lua, t: &Table, limits: Limits) -> Result<Option<Vec<u8>>, co
     convert::lua_to_json_text(lua, &body, limits).map(Some)
 }
 
-/// Most globals an environment may hold after a call and still be reused
-/// (the hook's inputs, `_G`, and what a script defined as globals).
+/// Most globals an environment may hold after a call and still be reused:
+/// after a call that returned, those left once `lazy.lua`'s `finish` has
+/// removed the host's by name (what a script defined); after one that
+/// failed, all of them (the hook's inputs, `_G`, the script's).
 pub(crate) const MAX_REUSED_GLOBALS: usize = 256;
 
 /// The chunk cache key of `script`: the address of its source text.
