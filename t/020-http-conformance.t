@@ -178,8 +178,8 @@ __DATA__
                         if body then
                             headers["Content-Type"] = "application/json"
                         end
-                        local status, h, text = drive.request(port, method, req.path or "/v1/chat/completions",
-                            headers, body)
+                        local status, h, text, all = drive.request(port, method,
+                            req.path or "/v1/chat/completions", headers, body)
                         local e = req.expect or {}
                         if e.status and status ~= e.status then
                             fail(at, ": status ", tostring(status), " ~= ", e.status, "; body ", tostring(text))
@@ -197,6 +197,17 @@ __DATA__
                             local v = h and h[name]
                             if not (v and ngx.re.find(v, re, "jo")) then
                                 fail(at, ": header ", name, " is ", tostring(v), ", not /", re, "/")
+                            end
+                        end
+                        for name, want in pairs(e.header_values or {}) do
+                            local got = all and all[name] or {}
+                            local same_values = #got == #want
+                            for j = 1, #want do
+                                same_values = same_values and got[j] == want[j]
+                            end
+                            if not same_values then
+                                fail(at, ": header ", name, " came as ", cjson.encode(got), ", not ",
+                                    cjson.encode(want))
                             end
                         end
                         for _, name in ipairs(e.no_headers or {}) do

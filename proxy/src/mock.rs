@@ -17,7 +17,9 @@
 //! echoed back as `x-echo-<name>` so tests can see what reached the
 //! backend, and `x-mock-path` gives the path and query the backend was
 //! asked for. `x-mock-connection: V` makes the answer carry
-//! `Connection: V` (for tests of headers a `Connection` header names).
+//! `Connection: V` (for tests of headers a `Connection` header names), and
+//! each `x-mock-set-cookie: V` a `Set-Cookie: V` line of its own (for tests
+//! of a header the backend sends more than once).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -244,6 +246,9 @@ async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
     }
     if let Some(v) = h.get("x-mock-connection") {
         rh.insert(header::CONNECTION, v.clone());
+    }
+    for v in h.get_all("x-mock-set-cookie") {
+        rh.append(header::SET_COOKIE, v.clone());
     }
     for (name, value) in &h {
         if name.as_str().starts_with("x-") && !name.as_str().starts_with("x-mock-") {

@@ -125,6 +125,23 @@ async fn run_case(case: &Value, index: usize) -> Vec<String> {
                 other => failures.push(format!("{at}: header {hname} is {other:?}, not /{re}/")),
             }
         }
+        for (hname, want) in e["header_values"].as_object().into_iter().flatten() {
+            let got: Vec<&str> = r
+                .headers
+                .get_all(hname.as_str())
+                .iter()
+                .map(|v| v.to_str().unwrap_or("(not text)"))
+                .collect();
+            let want: Vec<&str> = want
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if got != want {
+                failures.push(format!("{at}: header {hname} came as {got:?}, not {want:?}"));
+            }
+        }
         for hname in e["no_headers"]
             .as_array()
             .into_iter()
@@ -233,6 +250,10 @@ fn malformed(e: &Value) -> Option<String> {
         let ok = match key.as_str() {
             "status" => v.is_u64(),
             "json" | "headers" => v.is_object(),
+            "header_values" => v.as_object().is_some_and(|m| {
+                m.values()
+                    .all(|l| l.as_array().is_some_and(|a| a.iter().all(Value::is_string)))
+            }),
             "no_headers" | "body_contains" | "body_lacks" => {
                 v.as_array().is_some_and(|a| a.iter().all(Value::is_string))
             }

@@ -28,8 +28,9 @@ end
 --- One request to 127.0.0.1:`port` (Connection: close); `headers`: name ->
 -- value, or a list of values (the header sent once per value).
 -- @treturn number status
--- @treturn table headers (lower-case names)
+-- @treturn table headers (lower-case names; the last value of a repeated one)
 -- @treturn string body
+-- @treturn table every value of each header, in order (lower-case names)
 function _M.request(port, method, path, headers, body)
     local sock = ngx.socket.tcp()
     sock:settimeout(10000)
@@ -69,14 +70,21 @@ function _M.request(port, method, path, headers, body)
     end
     local head, rest = raw:sub(1, head_end - 1), raw:sub(head_end + 4)
     local status = tonumber(head:match("^HTTP/1%.%d (%d+)"))
-    local h = {}
+    local h, all = {}, {}
     for name, value in head:gmatch("\r\n([^:\r\n]+):%s*([^\r\n]*)") do
-        h[name:lower()] = value
+        name = name:lower()
+        h[name] = value
+        local values = all[name]
+        if not values then
+            values = {}
+            all[name] = values
+        end
+        values[#values + 1] = value
     end
     if (h["transfer-encoding"] or ""):find("chunked") then
         rest = dechunk(rest)
     end
-    return status, h, rest
+    return status, h, rest, all
 end
 
 --- POST a chat completion with `body` (JSON text).
