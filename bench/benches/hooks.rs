@@ -28,6 +28,11 @@
 //!   charge computed. The script does not read `response.body`, so the
 //!   answer is never parsed (compare `body_parse/*`).
 //!
+//! The process allocates through mimalloc, as every host does (the
+//! gateway, the C library and the rock link it; docs/adr/014-allocator.md):
+//! a hook call allocates in its VM and in Rust, so glibc's malloc would
+//! measure a cost no host pays. The baseline rows use the same allocator.
+//!
 //! Run with `make bench-core`, which also writes docs/benchmarks.md.
 
 use std::hint::black_box;
@@ -40,6 +45,10 @@ use llmproxy_core::hooks::{BackendStatus, RequestInfo, RouteDecision, RoutingInp
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{Lua, Table, Value as LuaValue};
 use serde_json::Value;
+
+/// The hosts' allocator (see the module's doc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SIZES: [(&str, usize); 2] = [("10KB", 10 << 10), ("1MB", 1 << 20)];
 
