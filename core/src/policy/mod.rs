@@ -1,6 +1,9 @@
 //! Decisions every host makes the same way about a request, as pure
 //! functions of what the host knows (no I/O, no Lua).
 //!
+//! - [`backends`]: the default balancer and backend health (which backend
+//!   a request goes to when routing names none, and when a backend leaves
+//!   and rejoins the rotation).
 //! - [`breaker`]: the circuit breaker in front of the shared state (Redis).
 //! - [`errors`]: the failures a host answers itself (type, status, code,
 //!   message) and the type of a backend's error status.
@@ -22,6 +25,7 @@
 //! - [`upstream`]: the body sent to a backend (the script's, or the
 //!   client's bytes; `stream_options.include_usage` forced on streams).
 
+pub mod backends;
 pub mod breaker;
 pub mod errors;
 pub mod failure;

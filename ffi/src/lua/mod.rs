@@ -58,6 +58,7 @@
 //! hook's other globals once per change (immutable userdata, usable with
 //! any engine; see `crate::input` for how limits apply).
 
+mod balancer;
 pub mod convert;
 mod handle;
 mod hop_headers;
@@ -1334,6 +1335,9 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     exports.raw_set("limiter", lua.create_function(limiter::from_table)?)?;
     // llmproxy.breaker() -> the core's circuit breaker for the shared state.
     exports.raw_set("breaker", lua.create_function(limiter::breaker)?)?;
+    // llmproxy.balancer{kind, health, backends} -> the core's default
+    // balancer and backend health, for one worker (see `balancer.rs`).
+    exports.raw_set("balancer", lua.create_function(balancer::from_table)?)?;
     // llmproxy.failure_step(facts) -> "error_handler" | "response_transform"
     // | "send": core's order of the hooks on a failed request (ADR 042).
     exports.raw_set("failure_step", lua.create_function(policy::failure_step)?)?;

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use llmproxy_core::config::{BackendConfig, GatewayConfig};
 use llmproxy_core::hooks::BackendStatus;
 
+use super::balancer::Balancer;
 use super::health::Health;
 
 /// The pooled HTTP/1.1 client of one backend.
@@ -57,12 +58,14 @@ pub struct Backend {
 
 impl Backend {
     /// Build from the config, with upstream pools for `workers` connection
-    /// workers; errors name the config key.
+    /// workers and its health kept by `balancer`; errors name the config
+    /// key.
     pub fn from_config(
         index: usize,
         cfg: &BackendConfig,
         gateway: &GatewayConfig,
         workers: usize,
+        balancer: &Arc<Balancer>,
     ) -> Result<Backend, String> {
         let key = format!("backends[{index}]");
         if cfg.url.starts_with("https://") {
@@ -111,7 +114,7 @@ impl Backend {
             headers,
             timeouts,
             clients,
-            health: Arc::new(Health::new(&gateway.health)),
+            health: Arc::new(Health::new(Arc::clone(balancer), index, &cfg.name)),
         })
     }
 
@@ -132,13 +135,14 @@ impl Backend {
 
     /// What routing scripts see of this backend.
     pub fn status(&self) -> BackendStatus {
+        let v = self.health.view();
         BackendStatus {
             name: self.name.clone(),
             url: self.url.clone(),
-            healthy: self.health.is_healthy(),
+            healthy: v.healthy,
             weight: self.weight,
-            latency_ms: self.health.latency_ms(),
-            active_connections: self.health.active(),
+            latency_ms: v.latency_ms,
+            active_connections: v.active,
         }
     }
 

@@ -918,7 +918,7 @@ fn plan_sync(
     };
     let index = match chosen.and_then(|name| backends.iter().position(|b| b.name == name)) {
         Some(i) => Some(i),
-        None => shared.balancer.pick(backends, tried),
+        None => shared.balancer.pick(tried),
     };
     let Some(index) = index else {
         return Ok(None);

@@ -1,131 +1,86 @@
-//! Backend health: passive (consecutive failures and successes of real
-//! requests) and active (an optional periodic `GET` probe), plus the latency
-//! EWMA and in-flight count the balancer and routing scripts see.
+//! Backend health as one backend sees it: a handle onto the [`Balancer`]'s
+//! state (core's rules: failures and successes in a row of real requests
+//! and of the optional periodic `GET` probe, the latency EWMA, requests in
+//! flight), plus the probe task.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use llmproxy_core::config::HealthConfig;
+use llmproxy_core::policy::backends::{BackendView, HealthChange};
 
 use super::backend::Backend;
+use super::balancer::Balancer;
 
-/// Weight of a new observation in the latency EWMA.
-pub const EWMA_ALPHA: f64 = 0.3;
-
-/// Live health state of one backend. Every field is an atomic: it is read
-/// by every request and written by every response.
+/// One backend's health, read and written through the shared balancer.
 #[derive(Debug)]
 pub struct Health {
-    epoch: Instant,
-    healthy: AtomicBool,
-    failures: AtomicU32,
-    successes: AtomicU32,
-    last_failure_ms: AtomicU64,
-    ewma_bits: AtomicU64,
-    active: AtomicU64,
-    failures_to_unhealthy: u32,
-    successes_to_healthy: u32,
-    cooldown_ms: u64,
+    balancer: Arc<Balancer>,
+    index: usize,
+    /// The backend's name, for the log lines of health changes.
+    name: String,
 }
 
 impl Health {
-    /// A healthy backend with no history.
-    pub fn new(cfg: &HealthConfig) -> Self {
+    /// Backend `index` (named `name`) of `balancer`.
+    pub fn new(balancer: Arc<Balancer>, index: usize, name: &str) -> Self {
         Health {
-            epoch: Instant::now(),
-            healthy: AtomicBool::new(true),
-            failures: AtomicU32::new(0),
-            successes: AtomicU32::new(0),
-            last_failure_ms: AtomicU64::new(0),
-            ewma_bits: AtomicU64::new(0f64.to_bits()),
-            active: AtomicU64::new(0),
-            failures_to_unhealthy: cfg.failures_to_unhealthy,
-            successes_to_healthy: cfg.successes_to_healthy,
-            cooldown_ms: cfg.cooldown_ms,
+            balancer,
+            index,
+            name: name.to_owned(),
         }
     }
 
-    /// Whether the backend is considered healthy.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// Whether the balancer may send it traffic: healthy, or unhealthy for
-    /// longer than the cool-down (a trial request).
-    pub fn is_eligible(&self) -> bool {
-        self.is_healthy()
-            || self
-                .now_ms()
-                .saturating_sub(self.last_failure_ms.load(Ordering::Relaxed))
-                >= self.cooldown_ms
-    }
-
-    /// Latency EWMA in milliseconds (0 until the first observation).
-    pub fn latency_ms(&self) -> f64 {
-        f64::from_bits(self.ewma_bits.load(Ordering::Relaxed))
-    }
-
-    /// Requests in flight.
-    pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+    /// Health, latency EWMA and requests in flight, read at once.
+    pub fn view(&self) -> BackendView {
+        self.balancer.lock().view(self.index).unwrap_or(BackendView {
+            healthy: false,
+            latency_ms: 0.0,
+            active: 0,
+        })
     }
 
     /// Count one request in flight until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.balancer.lock().begin(self.index);
         InFlight(Arc::clone(self))
     }
 
-    /// A successful exchange that took `latency`.
+    /// A successful exchange whose answer's head came after `latency`
+    /// (`None`: a probe).
     pub fn success(&self, latency: Option<Duration>) {
-        if let Some(latency) = latency {
-            let ms = latency.as_secs_f64() * 1e3;
-            let _ = self
-                .ewma_bits
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                    let old = f64::from_bits(bits);
-                    let new = if old == 0.0 {
-                        ms
-                    } else {
-                        EWMA_ALPHA * ms + (1.0 - EWMA_ALPHA) * old
-                    };
-                    Some(new.to_bits())
-                });
-        }
-        self.failures.store(0, Ordering::Relaxed);
-        if !self.is_healthy() {
-            let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
-            if n >= self.successes_to_healthy {
-                self.healthy.store(true, Ordering::Relaxed);
-                self.successes.store(0, Ordering::Relaxed);
-                tracing::info!(target: "llmproxy::health", "backend healthy again");
-            }
-        }
+        let ms = latency.map(|l| l.as_secs_f64() * 1e3);
+        let change = self.balancer.lock().success(self.index, ms);
+        self.log(change);
     }
 
     /// A failed exchange (connect error, timeout, retryable status).
     pub fn failure(&self) {
-        self.successes.store(0, Ordering::Relaxed);
-        self.last_failure_ms.store(self.now_ms(), Ordering::Relaxed);
-        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.failures_to_unhealthy && self.healthy.swap(false, Ordering::Relaxed) {
-            tracing::warn!(target: "llmproxy::health", failures = n, "backend marked unhealthy");
-        }
+        let now = self.balancer.now_ms();
+        let change = self.balancer.lock().failure(self.index, now);
+        self.log(change);
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn log(&self, change: Option<HealthChange>) {
+        match change {
+            Some(HealthChange::Unhealthy { failures }) => {
+                tracing::warn!(target: "llmproxy::health", backend = %self.name, failures, "backend marked unhealthy");
+            }
+            Some(HealthChange::Healthy) => {
+                tracing::info!(target: "llmproxy::health", backend = %self.name, "backend healthy again");
+            }
+            None => {}
+        }
     }
 }
 
-/// A request in flight; decrements the count when dropped.
+/// A request in flight; ends it when dropped.
 #[derive(Debug)]
 pub struct InFlight(Arc<Health>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.balancer.lock().end(self.0.index);
     }
 }
 

@@ -163,8 +163,8 @@ pub struct Shared {
     live: ArcSwap<Live>,
     /// Backends, in config order (fixed at start).
     pub backends: Arc<[Arc<Backend>]>,
-    /// The default balancer.
-    pub balancer: Balancer,
+    /// The default balancer and the backends' health.
+    pub balancer: Arc<Balancer>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Threads for hook calls.
@@ -216,8 +216,10 @@ impl Shared {
         let mut problems = Vec::new();
         let mut backends = Vec::new();
         let workers = workers::resolve(config.gateway.workers);
+        let g = &config.gateway;
+        let balancer = Balancer::new(g.balancer, &g.health, config.backends.iter().map(|b| b.weight));
         for (i, b) in config.backends.iter().enumerate() {
-            match Backend::from_config(i, b, &config.gateway, workers) {
+            match Backend::from_config(i, b, &config.gateway, workers, &balancer) {
                 Ok(b) => backends.push(Arc::new(b)),
                 Err(e) => problems.push(e),
             }
@@ -270,7 +272,7 @@ impl Shared {
         let throttles = throttle::Throttles::new(&gateway.auth_throttle);
         Ok(Shared {
             live: ArcSwap::from_pointee(live),
-            balancer: Balancer::new(gateway.balancer, backends.len()),
+            balancer,
             backends: backends.into(),
             metrics,
             hooks,
@@ -303,12 +305,8 @@ impl Shared {
             .backends
             .iter()
             .map(|b| {
-                (
-                    b.name.clone(),
-                    b.health.is_healthy(),
-                    b.health.latency_ms(),
-                    b.health.active(),
-                )
+                let v = b.health.view();
+                (b.name.clone(), v.healthy, v.latency_ms, v.active)
             })
             .collect();
         let mut out = self.metrics.render(self.live().stages.engine().pool_stats(), &backends);

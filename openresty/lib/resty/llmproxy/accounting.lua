@@ -12,7 +12,6 @@ local W = require "resty.llmproxy.worker"
 
 local pairs = pairs
 local tonumber = tonumber
-local max = math.max
 local ngx_log = ngx.log
 local ERR = ngx.ERR
 local WARN = ngx.WARN
@@ -103,19 +102,20 @@ local function record_attempts(state, ctx)
     if W.store and t then
         metrics.upstream_latency(W.store, last.name, t)
     end
-    last.active = max(0, last.active - 1)
+    local verdict, latency_ms
     if not head and ngx.status == 499 then -- luacheck: ignore 542
         -- the client left before the backend answered: no verdict on it
     elseif not head or not status or status >= 500 then
-        backends.failure(set, last)
+        verdict = "failure"
     else
-        backends.success(set, last, head * 1000)
+        verdict, latency_ms = "success", head * 1000
     end
+    local healthy, ewma, active = backends.finish(set, last, verdict, latency_ms)
     if W.store then
         if n > 1 then
             metrics.retries(W.store, n - 1)
         end
-        metrics.backend(W.store, last.name, last.usable and last.healthy, last.ewma, last.active)
+        metrics.backend(W.store, last.name, last.usable and healthy, ewma, active)
     end
 end
 

@@ -1,10 +1,12 @@
 --- The backends of one worker: parsed once from the engine's config, with
--- passive health, latency EWMA, requests in flight and the default
--- balancer -- the standalone gateway's rules (proxy/src/gateway/health.rs,
--- balancer.rs) kept per nginx worker (docs/adr/026-openresty-backends.md).
+-- the core's default balancer and backend health (`llmproxy.balancer`:
+-- passive health, latency EWMA, requests in flight, the pick; the rules the
+-- standalone gateway follows) kept per nginx worker
+-- (docs/adr/026-openresty-backends.md). What is nginx's own stays here:
+-- which backends nginx can reach, and which a retry may go to.
 --
--- Pure Lua over `ngx.now`; used by resty.llmproxy in access (routing,
--- default balancer), balancer (retries) and log (health) phases.
+-- Used by resty.llmproxy in access (routing, default balancer), balancer
+-- (retries) and log (health) phases.
 --
 -- @module resty.llmproxy.backends
 
@@ -26,8 +28,6 @@ local ngx_now = ngx.now
 
 local _M = {}
 
---- Weight of a new observation in the latency EWMA (the gateway's).
-local EWMA_ALPHA = 0.3
 --- Routing globals are rebuilt at least this often (seconds), so scripts
 -- see fresh `latency_ms` and `active_connections`; a health change
 -- rebuilds them at once.
@@ -89,24 +89,22 @@ end
 -- @tparam table list `{ {name, url, weight?, headers?, timeouts?}, ... }`
 --   (`engine:backends()`)
 -- @tparam[opt] table gateway `engine:gateway()` (balancer kind, health, timeouts)
+-- @tparam table llmproxy the module (`require "llmproxy"`), for its balancer
 -- @treturn table|nil the set, or nil and an error
 -- @phases any
-function _M.new(list, gateway)
+function _M.new(list, gateway, llmproxy)
     gateway = type(gateway) == "table" and gateway or {}
-    local health = type(gateway.health) == "table" and gateway.health or {}
     local gt = type(gateway.timeouts) == "table" and gateway.timeouts or {}
     local set = {
         list = {},
         by_name = {},
-        kind = gateway.balancer or "weighted_round_robin",
-        failures_to_unhealthy = tonumber(health.failures_to_unhealthy) or 3,
-        successes_to_healthy = tonumber(health.successes_to_healthy) or 1,
-        cooldown = (tonumber(health.cooldown_ms) or 5000) / 1000,
+        balancer = nil, -- llmproxy.balancer over `list`, in its order
         version = 0, -- bumped when a backend's health flips
         globals = nil,
         globals_version = -1,
         globals_at = 0,
     }
+    local groups, ngroups, shape = {}, 0, {}
     for i, b in ipairs(list) do
         local name, url = b.name, b.url
         if type(name) ~= "string" or type(url) ~= "string" then
@@ -135,110 +133,98 @@ function _M.new(list, gateway)
         local t = type(b.timeouts) == "table" and b.timeouts or gt
         local first_byte = seconds(t.first_byte_ms or gt.first_byte_ms, nil)
         local idle = seconds(t.idle_ms or gt.idle_ms, nil)
+        local signature = header_signature(b.headers)
+        local group = groups[signature]
+        if not group then
+            ngroups = ngroups + 1
+            group = ngroups
+            groups[signature] = group
+        end
+        local weight = tonumber(b.weight) or 1
+        shape[i] = { weight = weight, usable = usable, group = group }
         local entry = {
+            index = i,
             name = name,
             url = url,
             scheme = scheme,
             host = host,
             port = port,
-            weight = tonumber(b.weight) or 1,
+            weight = weight,
             usable = usable,
             headers = type(b.headers) == "table" and next(b.headers) ~= nil and b.headers or nil,
-            signature = header_signature(b.headers),
+            -- backends with the same upstream headers: the ones a retry may go to
+            group = group,
             -- ngx.balancer.set_timeouts(connect, send, read) per try: nginx's
             -- read timeout covers the wait for the head and every gap after.
             connect_timeout = seconds(t.connect_ms or gt.connect_ms, nil),
             send_timeout = idle,
             read_timeout = (first_byte or idle) and max(first_byte or 0, idle or 0) or nil,
-            -- health, as this worker sees it
-            healthy = true,
-            failures = 0,
-            successes = 0,
-            last_failure = 0,
-            ewma = 0,
-            active = 0,
-            current = 0, -- smooth weighted round-robin
         }
         set.list[i] = entry
         set.by_name[name] = entry
     end
+    local ok, balancer = pcall(llmproxy.balancer,
+        { kind = gateway.balancer, health = gateway.health, backends = shape })
+    if not ok then
+        return nil, tostring(balancer)
+    end
+    set.balancer = balancer
     return set
 end
 
--- The candidates of `pick`, reused by every call (it never yields, and
--- reads only the entries it wrote): one table fewer per request.
-local scratch = {}
-
---- Whether the balancer may send `b` traffic: reachable, and healthy or
--- unhealthy for longer than the cool-down (a trial request).
-local function eligible(set, b, now)
-    return b.usable and (b.healthy or now - b.last_failure >= set.cooldown)
-end
-_M.eligible = eligible
-
---- Pick a backend with the default balancer.
+--- Pick a backend with the default balancer (the core's).
 --
--- Eligible backends not in `exclude` (and with header signature
--- `signature`, if given) first; when none is left, any reachable one not
--- yet tried, since trying beats failing outright.
+-- Eligible backends nginx can reach, not in `exclude` (and in `group`, if
+-- given) first; when none is left, any reachable one not yet tried, since
+-- trying beats failing outright.
 -- @tparam table set the backend set
 -- @tparam[opt] table exclude names already tried
--- @tparam[opt] string signature only backends with these upstream headers
+-- @tparam[opt] number group only backends of this group (the same upstream headers)
 -- @treturn table|nil the backend
 -- @phases any
-function _M.pick(set, exclude, signature)
-    local now = ngx_now()
-    local candidates, n = scratch, 0
-    for _, b in ipairs(set.list) do
-        if b.usable and not (exclude and exclude[b.name]) and (not signature or b.signature == signature)
-            and eligible(set, b, now) then
-            n = n + 1
-            candidates[n] = b
-        end
-    end
-    if n == 0 then
-        for _, b in ipairs(set.list) do
-            if b.usable and not (exclude and exclude[b.name]) and (not signature or b.signature == signature) then
-                n = n + 1
-                candidates[n] = b
+function _M.pick(set, exclude, group)
+    local skip
+    if exclude then
+        skip = {}
+        for name in pairs(exclude) do
+            local b = set.by_name[name]
+            if b then
+                skip[b.index] = true
             end
         end
     end
-    if n == 0 then
-        return nil
-    end
-    if n == 1 then
-        return candidates[1]
-    end
-    local best = candidates[1]
-    if set.kind == "least_connections" then
-        for i = 2, n do
-            local b = candidates[i]
-            if b.active / max(b.weight, 1) < best.active / max(best.weight, 1) then
-                best = b
-            end
-        end
-        return best
-    elseif set.kind == "lowest_latency" then
-        for i = 2, n do
-            if candidates[i].ewma < best.ewma then
-                best = candidates[i]
-            end
-        end
-        return best
-    end
-    local total = 0
-    for i = 1, n do
-        local b = candidates[i]
-        local w = max(b.weight, 1)
-        b.current = b.current + w
-        total = total + w
-        if b.current > best.current then
-            best = b
+    local i = set.balancer:pick(ngx_now() * 1000, skip, group)
+    return i and set.list[i]
+end
+
+--- A request goes to `b`.
+-- @treturn boolean healthy
+-- @treturn number latency EWMA (ms)
+-- @treturn number requests in flight
+-- @phases any
+function _M.begin(set, b)
+    return set.balancer:begin(b.index)
+end
+
+--- The request sent to `b` ended: `verdict` "success" (its head came
+-- `latency_ms` after it was sent), "failure" (connect error, timeout,
+-- 5xx), or nil (no verdict: the client left first).
+-- @treturn boolean healthy
+-- @treturn number latency EWMA (ms)
+-- @treturn number requests in flight
+-- @phases any
+function _M.finish(set, b, verdict, latency_ms)
+    local healthy, ewma, active, change, failures = set.balancer:finish(b.index, verdict, ngx_now() * 1000,
+        latency_ms)
+    if change then
+        set.version = set.version + 1
+        if change == "unhealthy" then
+            ngx.log(ngx.WARN, "llmproxy: backend '", b.name, "' marked unhealthy after ", failures, " failures")
+        else
+            ngx.log(ngx.NOTICE, "llmproxy: backend '", b.name, "' is healthy again")
         end
     end
-    best.current = best.current - total
-    return best
+    return healthy, ewma, active
 end
 
 --- How many other reachable backends share `first`'s upstream headers
@@ -247,42 +233,11 @@ end
 function _M.alternatives(set, first)
     local n = 0
     for _, b in ipairs(set.list) do
-        if b.usable and b ~= first and b.signature == first.signature then
+        if b.usable and b ~= first and b.group == first.group then
             n = n + 1
         end
     end
     return n
-end
-
---- A successful exchange with `b` that took `latency_ms` (nil: unknown).
--- @phases any
-function _M.success(set, b, latency_ms)
-    if latency_ms and latency_ms >= 0 then
-        b.ewma = b.ewma == 0 and latency_ms or EWMA_ALPHA * latency_ms + (1 - EWMA_ALPHA) * b.ewma
-    end
-    b.failures = 0
-    if not b.healthy then
-        b.successes = b.successes + 1
-        if b.successes >= set.successes_to_healthy then
-            b.healthy = true
-            b.successes = 0
-            set.version = set.version + 1
-            ngx.log(ngx.NOTICE, "llmproxy: backend '", b.name, "' is healthy again")
-        end
-    end
-end
-
---- A failed exchange with `b` (connect error, timeout, 5xx).
--- @phases any
-function _M.failure(set, b)
-    b.successes = 0
-    b.last_failure = ngx_now()
-    b.failures = b.failures + 1
-    if b.failures >= set.failures_to_unhealthy and b.healthy then
-        b.healthy = false
-        set.version = set.version + 1
-        ngx.log(ngx.WARN, "llmproxy: backend '", b.name, "' marked unhealthy after ", b.failures, " failures")
-    end
 end
 
 --- The routing hook's `backends` global as one `llmproxy.globals` handle,
@@ -298,13 +253,15 @@ function _M.routing_globals(set, llmproxy)
         return set.globals
     end
     local backends = {}
-    for _, b in ipairs(set.list) do
+    local balancer = set.balancer
+    for i, b in ipairs(set.list) do
+        local healthy, latency_ms, active = balancer:view(i)
         backends[b.name] = {
             url = b.url,
-            healthy = b.usable and b.healthy,
+            healthy = b.usable and healthy,
             weight = b.weight,
-            latency_ms = b.ewma,
-            active_connections = b.active,
+            latency_ms = latency_ms,
+            active_connections = active,
         }
     end
     local g, err = llmproxy.globals({ backends = backends })

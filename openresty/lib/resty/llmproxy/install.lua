@@ -96,7 +96,7 @@ local function load(config, opts)
     end
     local gateway = engine:gateway()
     local list = opts.backends or engine:backends()
-    local set, berr = backends.new(list, gateway)
+    local set, berr = backends.new(list, gateway, llmproxy)
     if not set then
         return nil, berr
     end

@@ -11,7 +11,6 @@ local W = require "resty.llmproxy.worker"
 
 local tostring = tostring
 local min = math.min
-local max = math.max
 local ngx_log = ngx.log
 local ERR = ngx.ERR
 local WARN = ngx.WARN
@@ -60,9 +59,8 @@ function _M.run()
     else
         local reason, code = get_last_failure()
         local previous = ctx.backend
-        previous.active = max(0, previous.active - 1)
-        backends.failure(set, previous)
-        backend = backends.pick(set, ctx.tried, previous.signature)
+        ctx.previous_view = { backends.finish(set, previous, "failure") }
+        backend = backends.pick(set, ctx.tried, previous.group)
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": backend '", previous.name, "' failed (", tostring(reason),
             code and (" " .. tostring(code)) or "", ")", backend and ("; retrying on '" .. backend.name .. "'") or "")
         if not backend then
@@ -73,14 +71,14 @@ function _M.run()
         ctx.tries = ctx.tries + 1
     end
     ctx.backend = backend
-    backend.active = backend.active + 1
+    local healthy, ewma, active = backends.begin(set, backend)
     ctx.upstream_started = ngx_now()
     local store = W.store
     if store then
-        metrics.backend(store, backend.name, backend.usable and backend.healthy, backend.ewma, backend.active)
-        local previous = ctx.attempts[#ctx.attempts - 1]
-        if previous then
-            metrics.backend(store, previous.name, previous.usable and previous.healthy, previous.ewma, previous.active)
+        metrics.backend(store, backend.name, backend.usable and healthy, ewma, active)
+        local previous, view = ctx.attempts[#ctx.attempts - 1], ctx.previous_view
+        if previous and view then
+            metrics.backend(store, previous.name, previous.usable and view[1], view[2], view[3])
         end
     end
     if state.apply_timeouts and (backend.connect_timeout or backend.read_timeout) then
