@@ -353,6 +353,47 @@ pub fn find(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
 }
 
+/// Upper bounds (seconds) of `llmproxy_upstream_latency_seconds`.
+pub const UPSTREAM_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Upper bounds (seconds) of `llmproxy_hook_duration_seconds`.
+pub const HOOK_BUCKETS: [f64; 12] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1,
+];
+
+/// The `le` label of a bucket's upper bound, as every host writes it.
+pub fn le(bound: f64) -> String {
+    bound.to_string()
+}
+
+/// Why the auth stage refused a request: the `reason` values of
+/// `llmproxy_auth_denied_total` (a standard check's
+/// [`crate::admission::Denial`] reason, the script's, a failed hook's).
+pub const AUTH_REASONS: [&str; 7] = [
+    "invalid_key",
+    "disabled",
+    "expired",
+    "ip_not_allowed",
+    "quota_exhausted",
+    "script",
+    "hook_failed",
+];
+
+/// Why the rate limit stage refused a request: the `reason` values of
+/// `llmproxy_rate_limited_total` (a limit's
+/// [`crate::policy::limits::LimitKind`], the script's, the shared state
+/// out of reach).
+pub const RATE_REASONS: [&str; 6] = [
+    "global_rpm",
+    "key_rpm",
+    "key_tpm",
+    "key_concurrency",
+    "script",
+    "state_unavailable",
+];
+
 /// The `# HELP` and `# TYPE` lines of `family`, each ending in a newline.
 pub fn header(family: &Family) -> String {
     format!(
@@ -443,6 +484,28 @@ fn split_labels(labels: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_a_stage_gives_is_a_label_value() {
+        for check in crate::admission::Check::ALL {
+            let reason = check.denial().reason;
+            assert!(AUTH_REASONS.contains(&reason), "{reason}");
+        }
+        for kind in crate::policy::limits::LimitKind::ALL {
+            assert!(RATE_REASONS.contains(&kind.as_str()), "{}", kind.as_str());
+        }
+    }
+
+    #[test]
+    fn bucket_labels_are_plain_decimals_in_increasing_order() {
+        for bounds in [&UPSTREAM_BUCKETS[..], &HOOK_BUCKETS[..]] {
+            assert!(bounds.windows(2).all(|w| w[0] < w[1]));
+        }
+        let labels: Vec<String> = HOOK_BUCKETS.iter().map(|b| le(*b)).collect();
+        assert_eq!(labels[0], "0.00001");
+        assert_eq!(le(1.0), "1");
+        assert_eq!(le(2.5), "2.5");
+    }
 
     #[test]
     fn names_are_unique_and_prometheus_shaped() {

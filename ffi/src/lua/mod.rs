@@ -1321,6 +1321,32 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             Ok(t)
         })?,
     )?;
+    // llmproxy.metric_values() -> { upstream_buckets, upstream_le,
+    // hook_buckets, hook_le, hooks, kinds, auth_reasons, rate_reasons }:
+    // the catalog's bucket bounds (with their `le` labels) and label values,
+    // the gateway's too.
+    exports.raw_set(
+        "metric_values",
+        lua.create_function(|lua, ()| {
+            use llmproxy_core::policy::metrics as catalog;
+            let t = lua.create_table_with_capacity(0, 8)?;
+            let le = |bounds: &[f64]| bounds.iter().map(|b| catalog::le(*b)).collect::<Vec<_>>();
+            t.raw_set("upstream_buckets", lua.create_sequence_from(catalog::UPSTREAM_BUCKETS)?)?;
+            t.raw_set("upstream_le", lua.create_sequence_from(le(&catalog::UPSTREAM_BUCKETS))?)?;
+            t.raw_set("hook_buckets", lua.create_sequence_from(catalog::HOOK_BUCKETS)?)?;
+            t.raw_set("hook_le", lua.create_sequence_from(le(&catalog::HOOK_BUCKETS))?)?;
+            // By `HookName::index` (the seed's table, as the gateway's
+            // per-hook metrics and log lines list them).
+            let mut hooks = HookName::ALL;
+            hooks.sort_by_key(|h| h.index());
+            t.raw_set("hooks", lua.create_sequence_from(hooks.map(HookName::as_str))?)?;
+            let kinds = llmproxy_core::ErrorKind::ALL.map(llmproxy_core::ErrorKind::as_str);
+            t.raw_set("kinds", lua.create_sequence_from(kinds)?)?;
+            t.raw_set("auth_reasons", lua.create_sequence_from(catalog::AUTH_REASONS)?)?;
+            t.raw_set("rate_reasons", lua.create_sequence_from(catalog::RATE_REASONS)?)?;
+            Ok(t)
+        })?,
+    )?;
     // llmproxy.metric_problems(text) -> { "problem", ... }: where an
     // exposition text departs from the catalog (empty: it follows it).
     exports.raw_set(

@@ -11,17 +11,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use llmproxy_core::policy::metrics as catalog;
+use llmproxy_core::policy::metrics::{AUTH_REASONS, HOOK_BUCKETS, RATE_REASONS, UPSTREAM_BUCKETS};
 use llmproxy_core::pool::PoolStats;
 use llmproxy_core::{ErrorKind, HookName};
-
-/// Upper bounds (seconds) of the upstream latency histogram.
-const UPSTREAM_BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-/// Upper bounds (seconds) of the hook latency histogram.
-const HOOK_BUCKETS: [f64; 12] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1,
-];
 
 /// A histogram with fixed buckets.
 #[derive(Debug)]
@@ -58,7 +50,8 @@ impl Histogram {
         let mut cumulative = 0;
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+            let le = catalog::le(*b);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
@@ -129,28 +122,6 @@ pub struct HookQueueGauges {
     /// (`llmproxy_core::inline::Overrun::ALL` order).
     pub offloaded: [u64; 3],
 }
-
-/// Why the auth stage refused a request (`llmproxy_auth_denied_total{reason}`).
-pub const AUTH_REASONS: [&str; 7] = [
-    "invalid_key",
-    "disabled",
-    "expired",
-    "ip_not_allowed",
-    "quota_exhausted",
-    "script",
-    "hook_failed",
-];
-
-/// Why the rate limit stage refused a request
-/// (`llmproxy_rate_limited_total{reason}`).
-pub const RATE_REASONS: [&str; 6] = [
-    "global_rpm",
-    "key_rpm",
-    "key_tpm",
-    "key_concurrency",
-    "script",
-    "state_unavailable",
-];
 
 /// Account-path gauges read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]

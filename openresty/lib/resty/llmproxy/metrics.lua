@@ -3,10 +3,10 @@
 -- them (docs/adr/025-openresty-metrics.md). The page is
 -- resty.llmproxy.metrics_render's.
 --
--- Names, types, help texts and labels are core's metric catalog
--- (`policy::metrics`, through `llmproxy.metric_headers()`), which the
--- standalone gateway prints from too; buckets are the gateway's
--- (proxy/src/gateway/metrics.rs, docs/gateway.md). A request's counts go
+-- Names, types, help texts, labels, bucket bounds and label values are
+-- core's metric catalog (`policy::metrics`, through
+-- `llmproxy.metric_headers()` and `llmproxy.metric_values()`), which the
+-- standalone gateway prints from too. A request's counts go
 -- to a per-worker Lua table first and are added to the shared dict (`incr`
 -- with an initial value: atomic across workers) by a timer every
 -- `sync_interval` seconds: a request costs table updates, not a few dozen
@@ -33,20 +33,28 @@ local _M = {}
 
 local SEP = "\31" -- between the parts of a key (never in a label value we write)
 
---- Upper bounds (seconds) of the upstream latency histogram, and their
--- `le` labels as the gateway writes them (Rust's `Display` of f64).
-local UPSTREAM_BUCKETS = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
-local UPSTREAM_LE = { "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5",
-    "10", "30" }
---- Upper bounds (seconds) of the hook latency histogram.
-local HOOK_BUCKETS = { 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1 }
-local HOOK_LE = { "0.00001", "0.000025", "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005",
-    "0.01", "0.05", "0.1" }
+-- The catalog's bucket bounds and label values (core's `policy::metrics`,
+-- which the gateway writes from too). Empty when the module cannot load:
+-- `init_worker` then says why, and nothing is counted.
+local values
+do
+    local ok, llmproxy = pcall(require, "llmproxy")
+    values = ok and llmproxy.metric_values() or {}
+end
 
---- The hooks, in the gateway's order (`HookName::ALL`).
-_M.HOOKS = { "routing", "auth", "request_transform", "response_transform", "rate_limit", "usage", "error_handler" }
+--- Upper bounds (seconds) of the upstream latency histogram, and their
+-- `le` labels.
+local UPSTREAM_BUCKETS = values.upstream_buckets or {}
+local UPSTREAM_LE = values.upstream_le or {}
+--- Upper bounds (seconds) of the hook latency histogram, and their `le`
+-- labels.
+local HOOK_BUCKETS = values.hook_buckets or {}
+local HOOK_LE = values.hook_le or {}
+
+--- The hooks, in the order of the seed's table (`HookName::index`).
+_M.HOOKS = values.hooks or {}
 --- Error kinds (`ErrorKind::ALL`).
-_M.KINDS = { "timeout", "memory", "script_error", "bad_output", "bad_input", "internal" }
+_M.KINDS = values.kinds or {}
 local KNOWN_KIND = {}
 for _, k in ipairs(_M.KINDS) do
     KNOWN_KIND[k] = true
@@ -278,10 +286,10 @@ function _M.pool(m, stats)
     end
 end
 
--- The gateway's reasons (proxy/src/gateway/metrics.rs).
-_M.AUTH_REASONS = { "invalid_key", "disabled", "expired", "ip_not_allowed", "quota_exhausted", "script",
-    "hook_failed" }
-_M.RATE_REASONS = { "global_rpm", "key_rpm", "key_tpm", "key_concurrency", "script", "state_unavailable" }
+--- Why the auth stage refused a request (the catalog's `reason` values).
+_M.AUTH_REASONS = values.auth_reasons or {}
+--- Why the rate limit stage refused a request (the catalog's `reason` values).
+_M.RATE_REASONS = values.rate_reasons or {}
 
 --- The auth stage refused a request (`reason` from `AUTH_REASONS`).
 -- @phases any
