@@ -1198,6 +1198,9 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
 
     let exports = lua.create_table()?;
     exports.raw_set("version", llmproxy_core::VERSION)?;
+    // llmproxy.UNLIMITED: `rate_limit_status`'s remaining count where no
+    // limit applies (core's `policy::limits::UNLIMITED`, the gateway's too).
+    exports.raw_set("UNLIMITED", llmproxy_core::policy::limits::UNLIMITED)?;
     // Where the library's Rust allocations go: "mimalloc", or "system"
     // (the host's malloc: a build without mimalloc, or LLMPROXY_ALLOCATOR=system).
     #[cfg(feature = "mimalloc")]

@@ -29,7 +29,6 @@ local RATE_LIMIT = { "using the standard verdict", "refusing the request" }
 
 local _M = {}
 
-local UNLIMITED = 2147483647 -- the gateway's "no limit" in rate_limit_status
 
 -- The key's live quota usage: `q:<fingerprint>` in the limits dict,
 -- shared by the workers (charged in log()), else the configured
@@ -84,7 +83,16 @@ local function key_id(state, ctx)
     return nil
 end
 
-local UNLIMITED_STATUS = { global_remaining = UNLIMITED, key_remaining = UNLIMITED, concurrent_count = 0 }
+-- What the rate_limit script sees where no limiter counted: core's
+-- `UNLIMITED` remaining (the gateway's too), read from the module once.
+local unlimited_status
+local function no_limit(state)
+    if not unlimited_status then
+        local n = state.llmproxy.UNLIMITED
+        unlimited_status = { global_remaining = n, key_remaining = n, concurrent_count = 0 }
+    end
+    return unlimited_status
+end
 
 -- The limiter's store: Redis (`state: {backend: redis}`) or the shared
 -- dict; the rule is the core's either way.
@@ -143,10 +151,10 @@ local function limit(state, ctx, used)
             if refusal then
                 return refusal
             end
-            acq = { status = UNLIMITED_STATUS, took = false }
+            acq = { status = no_limit(state), took = false }
         end
     else
-        acq = { status = UNLIMITED_STATUS, took = false }
+        acq = { status = no_limit(state), took = false }
     end
     ctx.limits = acq
     local st, denial = acq.status, acq.denial
