@@ -1,7 +1,8 @@
 # How a worker finds and keeps its engine: a relative config path is
 # relative to nginx's prefix (-p), not the working directory; with
 # `lua_code_cache off` (every request a new Lua VM, without the engine
-# init_worker built) requests get 503 engine_unavailable naming the cause.
+# init_worker built), or without the library on lua_package_cpath,
+# requests get 503 engine_unavailable naming the cause.
 
 use strict;
 use warnings;
@@ -115,3 +116,29 @@ POST /v1/chat/completions
 admitted
 --- no_error_log
 lua_code_cache
+
+
+
+=== TEST 5: the library is not on lua_package_cpath: init_worker says so, requests get 503 engine_unavailable
+--- http_config
+    init_worker_by_lua_block {
+        package.cpath = "/nonexistent/?.so"
+        require("resty.llmproxy").init_worker("$TEST_NGINX_SERVROOT/html/llmproxy.yaml")
+    }
+--- config
+    location /v1/ {
+        access_by_lua_block { require("resty.llmproxy").access() }
+        proxy_pass http://127.0.0.1:9;
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: a, url: "http://127.0.0.1:9"}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- error_code: 503
+--- response_body_like
+^\{"error":\{"message":"the gateway has no engine loaded \(the llmproxy module did not load\)","type":"backend_error","code":"engine_unavailable"\}\}$
+--- error_log
+cannot load the llmproxy module (is libllmproxy.so on lua_package_cpath?)

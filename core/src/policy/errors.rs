@@ -57,6 +57,19 @@ pub fn hook_failed_message(hook: &str, kind: &str) -> String {
     format!("the request was refused: the {hook} hook failed ({kind})")
 }
 
+/// The body of an error a host answers itself, OpenAI's shape:
+/// `{"error":{"message":…,"type":…,"code":…}}`, keys in that order.
+pub fn error_body(message: &str, kind: &str, code: &str) -> String {
+    // A string always serializes; the fallback only keeps this total.
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""));
+    format!(
+        "{{\"error\":{{\"message\":{},\"type\":{},\"code\":{}}}}}",
+        quote(message),
+        quote(kind),
+        quote(code)
+    )
+}
+
 /// A failure a host answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayError {
@@ -190,6 +203,33 @@ impl GatewayError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_error_body_reads_back_as_written() {
+        let controls: String = (0u8..32).map(char::from).collect();
+        let cases = [
+            "",
+            "plain",
+            "say \"hi\"",
+            "back\\slash",
+            controls.as_str(),
+            "\u{7f}",
+            "中文 ✓",
+            "</script>",
+        ];
+        for message in cases {
+            let body = error_body(message, "bad_request", "invalid_json");
+            assert!(!body.chars().any(|c| c.is_control() && c != '\u{7f}'), "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            assert_eq!(v["error"]["message"], message, "{body}");
+            assert_eq!(v["error"]["type"], "bad_request");
+            assert_eq!(v["error"]["code"], "invalid_json");
+        }
+        assert_eq!(
+            error_body("m", "t", "c"),
+            r#"{"error":{"message":"m","type":"t","code":"c"}}"#
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -1198,6 +1198,22 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
 
     let exports = lua.create_table()?;
     exports.raw_set("version", llmproxy_core::VERSION)?;
+    // llmproxy.error_body(message, type, code) -> the JSON text of an error
+    // the host answers itself (core's `policy::errors::error_body`, the
+    // gateway's too). Bytes that are not UTF-8 become U+FFFD.
+    exports.raw_set(
+        "error_body",
+        lua.create_function(
+            |_, (message, kind, code): (mlua::LuaString, mlua::LuaString, mlua::LuaString)| {
+                let text = |s: &mlua::LuaString| String::from_utf8_lossy(&s.as_bytes()).into_owned();
+                Ok(llmproxy_core::policy::errors::error_body(
+                    &text(&message),
+                    &text(&kind),
+                    &text(&code),
+                ))
+            },
+        )?,
+    )?;
     // llmproxy.UNLIMITED: `rate_limit_status`'s remaining count where no
     // limit applies (core's `policy::limits::UNLIMITED`, the gateway's too).
     exports.raw_set("UNLIMITED", llmproxy_core::policy::limits::UNLIMITED)?;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::HeaderMap;
-use serde_json::json;
 
 use super::backend::Backend;
 
@@ -93,7 +92,8 @@ impl Failure {
     }
 }
 
-/// `{"error": {"message", "type", "code"}}` as bytes.
+/// `{"error": {"message", "type", "code"}}` as bytes (core's
+/// [`llmproxy_core::policy::errors::error_body`]).
 pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
-    Bytes::from(json!({"error": {"message": message, "type": kind, "code": code}}).to_string())
+    Bytes::from(llmproxy_core::policy::errors::error_body(message, kind, code))
 }

@@ -6,7 +6,6 @@
 -- luacheck: globals ngx.status ngx.ctx ngx.header ngx.arg
 
 local ngx = ngx
-local json = require "resty.llmproxy.json"
 
 local type = type
 local pairs = pairs
@@ -30,17 +29,16 @@ local request_of = require("resty.llmproxy.util").request_of
 
 local _M = {}
 
---- The gateway's error body: `{"error": {"message", "type", "code"}}`,
--- byte for byte (proxy/src/gateway/errors.rs: serde_json, keys in this
--- order).
+--- The error body of a failure the module answers itself:
+-- `{"error": {"message", "type", "code"}}`, written by the core (the
+-- gateway's bodies, byte for byte).
 -- @tparam string message what happened
 -- @tparam string kind the error type (`bad_request`, `backend_error`, ...)
 -- @tparam string code a stable machine-readable code
 -- @treturn string the JSON text
 -- @phases any
 local function error_body(message, kind, code)
-    return '{"error":{"message":' .. json.quote(message) .. ',"type":' .. json.quote(kind)
-        .. ',"code":' .. json.quote(code) .. "}}"
+    return require("llmproxy").error_body(tostring(message), tostring(kind), tostring(code))
 end
 
 -- A failure of the request, the gateway's `Failure`: `kind` is what
@@ -216,19 +214,28 @@ end
 -- off`, every request runs in a fresh Lua VM, without the module state
 -- init_worker built (the library, loaded once per process, remembers that
 -- an engine was installed).
-local function no_engine_reason()
-    local ok, llmproxy = pcall(require, "llmproxy")
-    if ok and llmproxy.installed and llmproxy.installed() then
+-- Why the worker has no engine, when the module can tell.
+local function no_engine_reason(llmproxy)
+    if llmproxy.installed and llmproxy.installed() then
         return "lua_code_cache is off: each request runs in a new Lua VM, without the engine init_worker loaded;"
             .. " set lua_code_cache on"
     end
     return nil
 end
 
+-- The 503 when not even the module loads (the core writes every other body;
+-- init_worker has logged why).
+local NO_MODULE_BODY = '{"error":{"message":"the gateway has no engine loaded (the llmproxy module did not load)",'
+    .. '"type":"backend_error","code":"engine_unavailable"}}'
+
 -- 503 `engine_unavailable`, with the reason when there is one (also
 -- logged).
 local function no_engine()
-    local reason = no_engine_reason()
+    local ok, llmproxy = pcall(require, "llmproxy")
+    if not ok then
+        return send_local(503, NO_MODULE_BODY)
+    end
+    local reason = no_engine_reason(llmproxy)
     local message = "the gateway has no engine loaded"
     if reason then
         message = message .. " (" .. reason .. ")"

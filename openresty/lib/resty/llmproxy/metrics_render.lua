@@ -18,8 +18,13 @@ local gsub = string.gsub
 local concat = table.concat
 local sort = table.sort
 
--- `# HELP` and `# TYPE` lines of every family, by name.
-local HEAD = require("llmproxy").metric_headers()
+-- `# HELP` and `# TYPE` lines of every family, by name (empty when the
+-- module cannot load: `init_worker` then says why).
+local HEAD
+do
+    local ok, llmproxy = pcall(require, "llmproxy")
+    HEAD = ok and llmproxy.metric_headers() or {}
+end
 local SEP = metrics.SEP
 local UPSTREAM_LE = metrics.UPSTREAM_LE
 local HOOK_LE = metrics.HOOK_LE
