@@ -98,16 +98,6 @@ impl BackendSet {
         }
     }
 
-    /// The number of backends.
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// Whether there is no backend.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
     /// What the host shows of backend `i` (`None`: no such backend).
     pub fn view(&self, i: usize) -> Option<BackendView> {
         self.slots.get(i).map(|s| BackendView {
