@@ -503,6 +503,29 @@ pub enum BalancerKind {
     LowestLatency,
 }
 
+impl BalancerKind {
+    /// Every kind.
+    pub const ALL: [BalancerKind; 3] = [
+        BalancerKind::WeightedRoundRobin,
+        BalancerKind::LeastConnections,
+        BalancerKind::LowestLatency,
+    ];
+
+    /// The config's name (`gateway.balancer`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalancerKind::WeightedRoundRobin => "weighted_round_robin",
+            BalancerKind::LeastConnections => "least_connections",
+            BalancerKind::LowestLatency => "lowest_latency",
+        }
+    }
+
+    /// The kind [`BalancerKind::as_str`] names.
+    pub fn parse(name: &str) -> Option<BalancerKind> {
+        BalancerKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
 /// When a failed attempt is retried on another backend.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -1478,5 +1501,20 @@ mod account_section_tests {
         std::fs::write(dir.join("bad.yaml"), "- {key: sk-3, usr: x}\n").unwrap();
         let p = load("keys_file: bad.yaml\n", &dir).unwrap_err();
         assert!(p[0].starts_with("keys_file: "), "{p:?}");
+    }
+}
+
+#[cfg(test)]
+mod balancer_kind_tests {
+    use super::*;
+
+    #[test]
+    fn a_balancer_kind_is_named_as_the_config_names_it() {
+        for kind in BalancerKind::ALL {
+            let parsed: BalancerKind = serde_json::from_value(serde_json::json!(kind.as_str())).expect("a config name");
+            assert_eq!(parsed, kind);
+            assert_eq!(BalancerKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(BalancerKind::parse("round_robin"), None);
     }
 }

@@ -112,14 +112,9 @@ impl UserData for LuaBalancer {
 /// `llmproxy.balancer{kind, health, backends}` (see the module's doc).
 pub(crate) fn from_table(_: &Lua, t: Table) -> mlua::Result<LuaBalancer> {
     let kind = match t.raw_get::<Option<mlua::BorrowedStr>>("kind")?.as_deref() {
-        None | Some("weighted_round_robin") => BalancerKind::WeightedRoundRobin,
-        Some("least_connections") => BalancerKind::LeastConnections,
-        Some("lowest_latency") => BalancerKind::LowestLatency,
-        Some(other) => {
-            return Err(mlua::Error::runtime(format!(
-                "llmproxy.balancer: unknown kind '{other}'"
-            )))
-        }
+        None => BalancerKind::default(),
+        Some(name) => BalancerKind::parse(name)
+            .ok_or_else(|| mlua::Error::runtime(format!("llmproxy.balancer: unknown kind '{name}'")))?,
     };
     let mut health = HealthConfig::default();
     if let Some(h) = t.raw_get::<Option<Table>>("health")? {

@@ -74,7 +74,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::rc::Rc;
 
-use llmproxy_core::config::{BalancerKind, OnError};
+use llmproxy_core::config::OnError;
 use llmproxy_core::{Config, Engine, HookName};
 use mlua::{AnyUserData, Lua, MetaMethod, MultiValue, Table, UserData, UserDataMethods, Value};
 use serde_json::{Map, Value as Json};
@@ -638,14 +638,7 @@ fn gateway(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
     let t = lua.create_table_with_capacity(0, 7)?;
     t.raw_set("max_body_bytes", g.max_body_bytes)?;
     t.raw_set("max_response_bytes", g.max_response_bytes)?;
-    t.raw_set(
-        "balancer",
-        match g.balancer {
-            BalancerKind::WeightedRoundRobin => "weighted_round_robin",
-            BalancerKind::LeastConnections => "least_connections",
-            BalancerKind::LowestLatency => "lowest_latency",
-        },
-    )?;
+    t.raw_set("balancer", g.balancer.as_str())?;
     let retry = lua.create_table_with_capacity(0, 4)?;
     retry.raw_set("max_retries", g.retry.max_retries)?;
     let on_status = lua.create_table_with_capacity(g.retry.on_status.len(), 0)?;
