@@ -680,9 +680,14 @@ void llmp_handle_free(llmp_handle *handle);
  * needed): the JSON object a hook sees as `request`, e.g.
  * `{"id": "r1", "headers": {...}, "body_raw": "{\"model\": ...}"}`. The
  * body may be given parsed (`body`) or as JSON text (`body_raw`, what a
- * host usually holds); either way it is parsed here, once. Other fields:
- * `id`, `headers`, `user_id`, `api_key`, `client_ip`, `path`,
- * `backend_url`; any further field is passed to scripts as is.
+ * host usually holds); either way it is parsed here, once. The headers
+ * may be given as scripts see them (`headers`, kept as given) or as the
+ * HTTP message carried them (`headers_raw`: names in any case, an array
+ * of values for a header sent more than once), which the core turns into
+ * the form every HTTP host gives scripts (`Title-Case` names, repeated
+ * values joined by `, `). Other fields: `id`, `user_id`, `api_key`,
+ * `client_ip`, `path`, `backend_url`; any further field is passed to
+ * scripts as is.
  *
  * Limits: no engine is involved yet, so the text is parsed within the
  * largest limits a config may set (4 GiB, 1000 levels; JSON nested deeper

@@ -536,3 +536,24 @@ X-Debug: visible
 X-Seen-Debug: visible
 --- no_error_log
 [error]
+
+
+=== TEST 26: a header value that is not UTF-8 (HTTP allows it) reaches scripts as U+FFFD, as in the gateway
+--- hooks
+  routing:
+    script: |
+      if request.headers["X-Latin"] == "caf\239\191\189, ok" then
+        return "ultra"
+      end
+      return "standard"
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+x-latin: café
+x-latin: ok
+--- error_code: 200
+--- response_headers
+X-LLMProxy-Backend: ultra
+--- no_error_log
+[error]

@@ -319,6 +319,53 @@ local tests = {
     local deep = assert(llmproxy.request({ body_raw = '{"a":{"b":{"c":{"d":1}}}}' }))
     expect_error("invalid_argument", tight:run("routing", { request = deep, backends = BACKENDS }))
   end },
+  { "headers_raw and an answer's headers as nginx gives them reach scripts in the core's form", function()
+    -- The answer's body lists what response_transform sees, sorted.
+    local lists = assert(llmproxy.new("scripts:\n  response_transform:\n    script: |\n"
+      .. "      local function list(h)\n"
+      .. "        local out = {}\n"
+      .. "        for k, v in pairs(h) do out[#out + 1] = k .. '=' .. v end\n"
+      .. "        table.sort(out)\n"
+      .. "        return table.concat(out, ';')\n"
+      .. "      end\n"
+      .. "      return {body = {request = list(request.headers), response = list(response.headers)}}\n"))
+    -- ngx.req.get_headers()'s form: lower-case names, a table for a header
+    -- sent twice. The fast path (a table) and the JSON path (text) agree.
+    local raw = { ["content-type"] = "application/json", ["x-tag"] = { "a", "b" }, ["X-API-KEY"] = "k" }
+    local raw_json = '{"headers_raw":{"content-type":"application/json","x-tag":["a","b"],"X-API-KEY":"k"}}'
+    local want_request = "Content-Type=application/json;X-Api-Key=k;X-Tag=a, b"
+    local echoes = assert(llmproxy.new("scripts:\n  error_handler:\n    script: "
+      .. "'return { status_code = 500, body = request.headers }'\n"))
+    for _, fields in ipairs({ { headers_raw = raw }, raw_json }) do
+      local req = assert(llmproxy.request(fields))
+      local res = assert(echoes:run("error_handler", { request = req, error = { type = "t", message = "m" } },
+        { body_json = true }))
+      assert(res.body:find('"X-Tag":"a, b"', 1, true) and res.body:find('"X-Api-Key":"k"', 1, true)
+        and res.body:find('"Content-Type":"application/json"', 1, true), res.body)
+    end
+    local h = assert(lists:handle({ path = "/v1/chat/completions", headers_raw = raw }, '{"model":"m"}'))
+    assert(h:upstream("http://b"))
+    local a = assert(h:respond(200, { ["set-cookie"] = { "a=1", "b=2" }, ["content-length"] = 42,
+      ["x-latin"] = "caf\233" }, "{}", 1))
+    assert(a.body == '{"request":"' .. want_request
+      .. '","response":"Content-Length=42;Set-Cookie=a=1, b=2;X-Latin=caf\239\191\189"}', a.body)
+    -- What the JSON path refuses, with its words; `headers` as given stays as given.
+    for _, bad in ipairs({ { ["x-n"] = 7 }, { ["x-n"] = { "a", 2 } }, { ["x-n"] = { k = "v" } } }) do
+      local err = expect_error("invalid_argument", llmproxy.request({ headers_raw = bad }))
+      assert(err.message:find("'x-n' must be a string or an array of strings", 1, true), err.message)
+    end
+    expect_error("invalid_argument", llmproxy.request({ headers_raw = "x" }))
+    -- Bytes that are not UTF-8 (HTTP allows them) read as U+FFFD, as the
+    -- gateway reads them: the request is served.
+    local latin = assert(llmproxy.request({ headers_raw = { ["x-latin"] = { "caf\233", "ok" } } }))
+    local res_latin = assert(echoes:run("error_handler", { request = latin, error = { type = "t", message = "m" } },
+      { body_json = true }))
+    assert(res_latin.body == '{"X-Latin":"caf\239\191\189, ok"}', res_latin.body)
+    local given = assert(llmproxy.request({ headers = { ["x-lower"] = "1" } }))
+    local res = assert(lists:run("response_transform", { request = given, response = { status_code = 200 } },
+      { body_json = true }))
+    assert(res.body == '{"request":"x-lower=1","response":""}', res.body)
+  end },
   { "llmproxy.request: wrong arguments are invalid_argument", function()
     expect_error("invalid_argument", llmproxy.request(42))
     expect_error("invalid_argument", llmproxy.request(nil))

@@ -7,6 +7,7 @@ use mlua::Lua;
 use serde_json::{Map, Value};
 
 use crate::convert::{self, Field};
+use crate::http::script_headers::ScriptHeaders;
 
 /// What a script knows about the client's request. The body is parsed once
 /// per request by the host and shared by every hook of that request; scripts
@@ -52,7 +53,11 @@ impl RequestInfo {
     }
 
     /// Build a `RequestInfo` from the JSON form the CLI and the C ABI take.
-    /// `body` may be given parsed (`body`) or as raw JSON text (`body_raw`).
+    /// `body` may be given parsed (`body`) or as raw JSON text (`body_raw`);
+    /// `headers` as scripts see them, or the message's own (`headers_raw`:
+    /// names in any case, a header sent more than once as an array of its
+    /// values, as `ngx.req.get_headers()` gives them) for the core to put
+    /// in that form ([`crate::http::script_headers`]).
     pub fn from_json(value: &Value, limits: convert::Limits) -> Result<RequestInfo, String> {
         RequestInfo::default().with_fields(value, limits)
     }
@@ -87,6 +92,13 @@ impl RequestInfo {
                     .map(|(name, v)| (name.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
                     .collect();
             }
+            ("headers_raw", Value::Object(h)) => self.headers = headers_from_message(h)?,
+            ("headers_raw", other) => {
+                return Err(format!(
+                    "request.headers_raw must be an object, got {}",
+                    super::json_type(other)
+                ))
+            }
             ("user_id", Value::String(s)) => self.user_id = Some(s.clone()),
             ("api_key", Value::String(s)) => self.api_key = Some(s.clone()),
             ("client_ip", Value::String(s)) => self.client_ip = Some(s.clone()),
@@ -98,6 +110,28 @@ impl RequestInfo {
         }
         Ok(())
     }
+}
+
+/// `headers_raw` (see [`RequestInfo::from_json`]) as scripts see headers.
+fn headers_from_message(raw: &Map<String, Value>) -> Result<Vec<(String, String)>, String> {
+    let mut out = ScriptHeaders::with_capacity(raw.len());
+    for (name, value) in raw {
+        match value {
+            Value::String(v) => out.add(name, v.as_bytes()),
+            Value::Array(values) => {
+                for v in values {
+                    let v = v.as_str().ok_or_else(|| bad_raw_header(name))?;
+                    out.add(name, v.as_bytes());
+                }
+            }
+            _ => return Err(bad_raw_header(name)),
+        }
+    }
+    Ok(out.into_pairs())
+}
+
+fn bad_raw_header(name: &str) -> String {
+    format!("request.headers_raw: '{name}' must be a string or an array of strings")
 }
 
 /// The standard fields of `request`, sorted (the order `json.encode`
@@ -192,5 +226,22 @@ mod tests {
         assert_eq!((routed.id.as_str(), routed.headers.len()), ("r1", 1));
         assert!(base.with_fields(&json!([1]), limits).is_err());
         assert!(RequestInfo::from_json(&json!({"body_raw": "{"}), limits).is_err());
+    }
+
+    #[test]
+    fn headers_raw_takes_the_scripts_form() {
+        let limits = convert::Limits::default();
+        let raw = json!({"headers_raw": {"content-type": "application/json", "x-tag": ["a", "b"], "X-ONE": "1"}});
+        let req = RequestInfo::from_json(&raw, limits).unwrap();
+        let want: Vec<(String, String)> = [("Content-Type", "application/json"), ("X-Tag", "a, b"), ("X-One", "1")]
+            .iter()
+            .map(|(n, v)| ((*n).into(), (*v).into()))
+            .collect();
+        assert_eq!(req.headers, want);
+        assert!(RequestInfo::from_json(&json!({"headers_raw": "x"}), limits).is_err());
+        for bad in [json!({"x-n": 1}), json!({"x-n": ["a", 2]}), json!({"x-n": {"a": "b"}})] {
+            let err = RequestInfo::from_json(&json!({ "headers_raw": bad }), limits).unwrap_err();
+            assert!(err.contains("'x-n' must be a string or an array of strings"), "{err}");
+        }
     }
 }

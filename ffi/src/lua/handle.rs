@@ -3,13 +3,16 @@
 //!
 //! ```lua
 //! local h, err = engine:handle({ id = id, path = "/v1/chat/completions",
-//!     headers = hdrs, user_id = uid }, body_text)      -- 400 on err
+//!     headers_raw = ngx.req.get_headers(), user_id = uid }, body_text)  -- 400 on err
+//!                                      -- (headers_raw: the core gives scripts
+//!                                      -- its form; headers: that form, given)
 //! local name, err = h:route(globals)   -- llmproxy.globals({ backends = ... });
 //!                                      -- nil, nil: the host's balancer
 //! local up, err = h:upstream(url)      -- { body = text|nil (the client's),
 //!                                      --   headers = {name = value|false}|nil,
 //!                                      --   stream = bool }
 //! local a, err = h:respond(status, headers, body_text, latency_ms)
+//!                                      -- headers: ngx.resp.get_headers()'s form
 //!                                      -- { status =, body = text|nil, headers = }
 //! h:answer_is_stream(status, ctype)    -- true: h:stream + h:event; false: h:respond
 //! h:stream(status, headers)            -- a stream's answer begins, then per event:
@@ -49,6 +52,7 @@ use std::panic::{self, AssertUnwindSafe};
 
 use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::hooks::{AuthVerdict, HeaderChange, KeyInfo, RateLimitStatus, RateVerdict, RouteDecision};
+use llmproxy_core::http::script_headers::ScriptHeaders;
 use llmproxy_core::policy::rate_stage::{self, RateStep};
 use llmproxy_core::policy::usage::Charge;
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
@@ -448,18 +452,26 @@ fn header_changes(lua: &Lua, changes: &[(String, HeaderChange)]) -> mlua::Result
     Ok(Value::Table(t))
 }
 
-/// Response headers from `{name = value}` (strings and numbers).
+/// An answer's headers as the server gives them (`ngx.resp.get_headers()`:
+/// `{name = value}`, a value a string, a number, or a sequence of strings
+/// for a header sent more than once), in the form scripts see (core's
+/// [`ScriptHeaders`]).
 fn response_headers(headers: Option<Table>) -> mlua::Result<Vec<(String, String)>> {
     let Some(t) = headers else {
         return Ok(Vec::new());
     };
-    let mut out = Vec::new();
+    let mut out = ScriptHeaders::default();
     for pair in t.pairs::<String, Value>() {
         let (name, value) = pair?;
         match value {
-            Value::String(s) => out.push((name, s.to_str()?.to_owned())),
-            Value::Integer(i) => out.push((name, i.to_string())),
-            Value::Number(n) => out.push((name, n.to_string())),
+            Value::String(s) => out.add(&name, &s.as_bytes()),
+            Value::Integer(i) => out.add(&name, i.to_string().as_bytes()),
+            Value::Number(n) => out.add(&name, n.to_string().as_bytes()),
+            Value::Table(values) => {
+                for v in values.sequence_values::<LuaString>() {
+                    out.add(&name, &v?.as_bytes());
+                }
+            }
             other => {
                 return Err(mlua::Error::runtime(format!(
                     "header {name} must be a string, got {}",
@@ -468,5 +480,5 @@ fn response_headers(headers: Option<Table>) -> mlua::Result<Vec<(String, String)
             }
         }
     }
-    Ok(out)
+    Ok(out.into_pairs())
 }

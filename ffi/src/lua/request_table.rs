@@ -1,7 +1,7 @@
 //! `llmproxy.request(tbl)` read in place.
 //!
-//! The nginx host builds one fields table per request (`id`, `headers`,
-//! `client_ip`, `path`, `api_key`, `body_raw`). Turning it into a JSON
+//! The nginx host builds one fields table per request (`id`,
+//! `headers_raw`, `client_ip`, `path`, `api_key`, `body_raw`). Turning it into a JSON
 //! object and that object into the core's [`RequestInfo`] copied every
 //! string twice and the body's text once more; this reads the table on the
 //! host's stack, in one protected call (`protect`), straight into a `RequestInfo`, and
@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use llmproxy_core::convert::{self, Limits};
 use llmproxy_core::hooks::RequestInfo;
+use llmproxy_core::http::script_headers::ScriptHeaders;
 use llmproxy_core::stack;
 use mlua::ffi::{self, lua_State};
 use mlua::{Lua, Table};
@@ -49,6 +50,8 @@ struct Read {
     raw_body: Option<(usize, usize)>,
     /// Whether `body` was given parsed.
     body: bool,
+    /// Whether `headers` or `headers_raw` was given.
+    headers: bool,
 }
 
 /// # Safety
@@ -118,10 +121,22 @@ unsafe fn field(state: *mut lua_State, idx: c_int, key: &str, walk: &Walk, read:
         };
     }
     match key {
+        // Both: the JSON path decides which wins.
+        "headers" | "headers_raw" if read.headers => Step::Fallback,
         "headers" => match headers(state, idx, walk) {
             Some(h) => {
                 info.headers = h;
+                read.headers = true;
                 read.deepest = read.deepest.max(1);
+                Step::Next
+            }
+            None => Step::Fallback,
+        },
+        "headers_raw" => match raw_headers(state, idx, walk) {
+            Some((h, depth)) => {
+                info.headers = h;
+                read.headers = true;
+                read.deepest = read.deepest.max(depth);
                 Step::Next
             }
             None => Step::Fallback,
@@ -194,6 +209,71 @@ unsafe fn headers(state: *mut lua_State, idx: c_int, walk: &Walk) -> Option<Vec<
         }
     }
     Some(out)
+}
+
+/// A message's headers as nginx gives them (`headers_raw`: a string, or a
+/// sequence of strings for a header sent more than once, by name) in the
+/// form scripts see (core's [`ScriptHeaders`]: values are bytes, read
+/// lossily, as the gateway reads them), with their nesting; `None` when
+/// the JSON path would read it otherwise (other keys or values, a name
+/// that is not UTF-8: it gives the error). Only there, when another field
+/// sends the table down that path, does a value that is not UTF-8 fail the
+/// request: JSON text cannot hold it.
+///
+/// # Safety
+/// As [`fields`], with the headers' value at `idx`.
+unsafe fn raw_headers(state: *mut lua_State, idx: c_int, walk: &Walk) -> Option<(Vec<(String, String)>, usize)> {
+    if ffi::lua_type(state, idx) != ffi::LUA_TTABLE || ffi::lua_checkstack(state, 5) == 0 {
+        return None;
+    }
+    let mut out = ScriptHeaders::default();
+    let mut depth = 1;
+    ffi::lua_pushnil(state);
+    while ffi::lua_next(state, idx) != 0 {
+        let top = ffi::lua_gettop(state);
+        let added = text(state, top - 1).and_then(|name| match ffi::lua_type(state, top) {
+            ffi::LUA_TSTRING => {
+                out.add(name, stack::str_at(state, top));
+                Some(())
+            }
+            ffi::LUA_TTABLE => {
+                depth = 2;
+                repeated(state, top, walk, |value| out.add(name, value))
+            }
+            _ => None,
+        });
+        ffi::lua_pop(state, 1);
+        if added.is_none() {
+            ffi::lua_pop(state, 1);
+            return None;
+        }
+    }
+    Some((out.into_pairs(), depth))
+}
+
+/// Each value of a header sent more than once (a non-empty sequence of
+/// strings at `idx`), in order; `None` at the first that is not one (the
+/// caller then drops what was added).
+///
+/// # Safety
+/// As [`fields`], with a table at `idx` and room for three more values.
+unsafe fn repeated(state: *mut lua_State, idx: c_int, walk: &Walk, mut add: impl FnMut(&[u8])) -> Option<()> {
+    let (marked, shape) = walk.shape(state, idx);
+    if marked || !shape.is_array(false) {
+        return None;
+    }
+    for i in 1..=shape.len {
+        ffi::lua_rawgeti(state, idx, i as ffi::lua_Integer);
+        let is_string = ffi::lua_type(state, -1) == ffi::LUA_TSTRING;
+        if is_string {
+            add(stack::str_at(state, -1));
+        }
+        ffi::lua_pop(state, 1);
+        if !is_string {
+            return None;
+        }
+    }
+    Some(())
 }
 
 /// The UTF-8 string at `idx` (not a number: `lua_tolstring` would convert

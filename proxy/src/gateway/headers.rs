@@ -3,6 +3,7 @@
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use llmproxy_core::hooks::HeaderChange;
 use llmproxy_core::http::hop_by_hop;
+use llmproxy_core::http::script_headers::ScriptHeaders;
 
 /// Headers scripts may not set: the gateway computes them. (Hop-by-hop
 /// headers are dropped earlier, by core's engine.)
@@ -93,38 +94,14 @@ pub fn apply(map: &mut HeaderMap, changes: &[(String, HeaderChange)], request_id
     }
 }
 
-/// Headers as scripts see them: `Title-Case` names (`Content-Type`, as in
-/// the seed design's examples; HTTP/1 does not keep the client's case),
-/// values as text; repeated headers are joined with `, `.
+/// Headers as scripts see them (core's rule,
+/// [`llmproxy_core::http::script_headers`]).
 pub fn for_scripts(map: &HeaderMap) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::with_capacity(map.len());
+    let mut out = ScriptHeaders::with_capacity(map.keys_len());
     for (name, value) in map {
-        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        let name = title_case(name.as_str());
-        match out.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, v)) => {
-                v.push_str(", ");
-                v.push_str(&value);
-            }
-            None => out.push((name, value)),
-        }
+        out.add(name.as_str(), value.as_bytes());
     }
-    out
-}
-
-/// `content-type` -> `Content-Type`. Header names are ASCII tokens, so
-/// ASCII case mapping is all it takes (Unicode's costs a lookup per letter).
-pub fn title_case(name: &str) -> String {
-    let mut out = name.to_owned();
-    // The first letter and each one after a `-`: copied whole, then those
-    // bytes changed in place (a letter at a time cost ten times as much).
-    let starts = std::iter::once(0).chain(name.match_indices('-').map(|(i, _)| i + 1));
-    for i in starts {
-        if let Some(first) = out.get_mut(i..i + 1) {
-            first.make_ascii_uppercase();
-        }
-    }
-    out
+    out.into_pairs()
 }
 
 /// The token of `Authorization: Bearer <token>` (core's rule,
@@ -144,18 +121,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn title_case_and_bearer() {
-        assert_eq!(title_case("content-type"), "Content-Type");
-        assert_eq!(title_case("x-request-id"), "X-Request-Id");
-        for (name, want) in [
-            ("", ""),
-            ("-", "-"),
-            ("a--b-", "A--B-"),
-            ("x-é-y", "X-é-Y"),
-            ("é-a", "é-A"),
-        ] {
-            assert_eq!(title_case(name), want, "{name}");
-        }
+    fn bearer_token() {
         let mut m = HeaderMap::new();
         m.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-1 "));
         assert_eq!(bearer(&m), Some("sk-1"));

@@ -19,7 +19,6 @@ local resp_get_headers = ngx.resp.get_headers
 local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
 local is_json = require("resty.llmproxy.util").is_json
 local request_id = require("resty.llmproxy.util").request_id
-local titled_headers = require("resty.llmproxy.util").titled_headers
 local apply_response_headers = require("resty.llmproxy.failure").apply_response_headers
 local classify_error = require("resty.llmproxy.failure").classify
 local decide_error = require("resty.llmproxy.failure").decide
@@ -28,8 +27,10 @@ local failure_facts = require("resty.llmproxy.failure").facts
 
 local _M = {}
 
+-- The answer's headers as nginx gives them: the core puts them in the
+-- form scripts see.
 local function response_headers()
-    return titled_headers(resp_get_headers(MAX_HEADERS))
+    return resp_get_headers(MAX_HEADERS)
 end
 
 -- Buffer a backend's JSON answer for response_transform in body_filter

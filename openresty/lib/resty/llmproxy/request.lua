@@ -22,7 +22,6 @@ local req_clear_header = ngx.req.clear_header
 local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
 local describe_error = require("resty.llmproxy.util").describe_error
 local request_id = require("resty.llmproxy.util").request_id
-local titled_headers = require("resty.llmproxy.util").titled_headers
 local failure = require("resty.llmproxy.failure").new
 local known_failure = require("resty.llmproxy.failure").known
 
@@ -51,12 +50,13 @@ local function read_request_body()
     return data
 end
 
--- The hooks' `request` as a table, as the standalone gateway builds it,
--- with the key's user when `entry` (the key's record) is known.
+-- The hooks' `request` as a table, with the key's user when `entry` (the
+-- key's record) is known. The headers go as nginx gives them: the core puts
+-- them in the form scripts see in every host.
 local function request_fields(ctx, raw, api_key, entry)
     return {
         id = ctx.id,
-        headers = titled_headers(raw),
+        headers_raw = raw,
         client_ip = ngx_var.remote_addr,
         path = ngx_var.uri,
         api_key = api_key,

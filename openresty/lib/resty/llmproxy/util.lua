@@ -5,16 +5,12 @@
 local ngx = ngx
 
 local type = type
-local pairs = pairs
 local pcall = pcall
 local require = require
 local tostring = tostring
 local tonumber = tonumber
-local concat = table.concat
 local find = string.find
 local lower = string.lower
-local upper = string.upper
-local gsub = string.gsub
 local match = string.match
 local gmatch = string.gmatch
 local NOTICE = ngx.NOTICE
@@ -91,36 +87,6 @@ local function describe_error(err)
     return tostring(err.kind) .. ": " .. tostring(err.message) .. where
 end
 
--- `content-type` -> `Content-Type`, as the standalone gateway shows them;
--- the first 512 names seen are remembered (clients choose names freely).
-local titles, ntitles = {}, 0
-local function title_case(name)
-    local t = titles[name]
-    if t then
-        return t
-    end
-    t = gsub(lower(name), "^%l", upper):gsub("%-%l", upper)
-    if ntitles < 512 then
-        titles[name] = t
-        ntitles = ntitles + 1
-    end
-    return t
-end
-
--- nginx's header table (`ngx.req.get_headers()`, `ngx.resp.get_headers()`)
--- as scripts see headers: title-cased names, a repeated header's values
--- joined with ", " (the gateway's form).
-local function titled_headers(raw)
-    local headers = {}
-    for name, value in pairs(raw) do
-        if type(value) == "table" then
-            value = concat(value, ", ")
-        end
-        headers[title_case(name)] = value
-    end
-    return headers
-end
-
 -- The last entry of an `$upstream_*` list ("0.001, 0.002 : 0.003").
 local function last_entry(list)
     if not list or list == "" then
@@ -178,8 +144,6 @@ _M.PROTECTED_HEADERS = PROTECTED_HEADERS
 _M.clock = clock
 _M.describe_config = describe_config
 _M.describe_error = describe_error
-_M.title_case = title_case
-_M.titled_headers = titled_headers
 _M.last_entry = last_entry
 _M.entries = entries
 _M.request_id = request_id
