@@ -142,3 +142,30 @@ POST /v1/chat/completions
 ^\{"error":\{"message":"the gateway has no engine loaded \(the llmproxy module did not load\)","type":"backend_error","code":"engine_unavailable"\}\}$
 --- error_log
 cannot load the llmproxy module (is libllmproxy.so on lua_package_cpath?)
+
+
+
+=== TEST 6: a backend's config Host is not sent under nginx (proxy_pass writes its own): said when the backends load
+--- http_config
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker("html/llmproxy.yaml")
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local s = require("resty.llmproxy").status()
+            ngx.say(s and table.concat(s.backends, ",") or "not loaded")
+        }
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: vhost, url: "http://127.0.0.1:9", headers: {Host: llm.example, X-Key: k}}
+--- request
+GET /t
+--- response_body
+vhost
+--- error_log
+llmproxy: backend 'vhost': headers.Host is not sent: proxy_pass writes the Host header itself
+--- no_error_log
+[error]

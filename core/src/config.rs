@@ -961,6 +961,15 @@ impl RawConfig {
                     b.url
                 ));
             }
+            // `Host` may be named (a backend behind a name-based virtual
+            // host); the rest of what hosts write themselves may not.
+            for name in b.headers.keys() {
+                if !name.eq_ignore_ascii_case("host") && !crate::http::hop_by_hop::script_may_set(name) {
+                    problems.push(format!(
+                        "backends[{i}].headers: '{name}' is written by the host (hop-by-hop or Content-Length)"
+                    ));
+                }
+            }
         }
 
         let g = &self.gateway;

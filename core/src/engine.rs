@@ -206,9 +206,10 @@ impl Engine {
         })
     }
 
-    /// Drop the hop-by-hop headers a transform or error_handler result
-    /// sets, with one warning each (why: [`crate::hooks::drop_hop_by_hop`]).
-    fn drop_hop_by_hop(
+    /// Drop the headers a transform or error_handler result sets that no
+    /// script may set, with one warning each (which and why:
+    /// [`crate::hooks::drop_unsettable`]).
+    fn drop_unsettable(
         &self,
         hook: HookName,
         request_id: Option<&str>,
@@ -221,14 +222,14 @@ impl Engine {
         ) {
             return;
         }
-        let mut dropped = crate::hooks::drop_hop_by_hop(value);
+        let mut dropped = crate::hooks::drop_unsettable(value);
         if let Some(read) = read {
             read.retain(|(name, _)| {
-                let hop = crate::http::hop_by_hop::is_hop_by_hop(name);
-                if hop {
+                let may = crate::http::hop_by_hop::script_may_set(name);
+                if !may {
                     dropped.push(name.clone());
                 }
-                !hop
+                may
             });
         }
         for header in dropped {
@@ -238,7 +239,7 @@ impl Engine {
                 hook = hook.as_str(),
                 script = self.config.hook(hook).map_or("-", |c| &*c.script.name),
                 header = %header,
-                "a script may not set a hop-by-hop header; dropped"
+                "a script may not set this header (hop-by-hop, Content-Length or Host); dropped"
             );
         }
     }
@@ -334,7 +335,7 @@ impl Engine {
         else {
             return Ok(None);
         };
-        self.drop_hop_by_hop(hook, Some(request_id), &mut v, headers.as_mut());
+        self.drop_unsettable(hook, Some(request_id), &mut v, headers.as_mut());
         self.checked(hook, request_id, check(&v, body.map(|b| *b), headers))
     }
 
@@ -370,7 +371,7 @@ impl Engine {
             return Ok(ErrorResponse::Default);
         };
         let rid = &input.request.id;
-        self.drop_hop_by_hop(HookName::ErrorHandler, Some(rid), &mut v, headers.as_mut());
+        self.drop_unsettable(HookName::ErrorHandler, Some(rid), &mut v, headers.as_mut());
         let fallback = input.error.status_code;
         let response = ErrorResponse::from_result(&v, body.map(|b| *b), headers, fallback);
         self.checked(HookName::ErrorHandler, rid, response)
@@ -448,7 +449,7 @@ impl Engine {
         let Some(Output { mut value, .. }) = self.run_raw(hook, request_id, ResultForm::Value, set_globals)? else {
             return Err(HookError::new(ErrorKind::Internal, "hook disappeared").at(hook, &cfg.script.name));
         };
-        self.drop_hop_by_hop(hook, request_id, &mut value, None);
+        self.drop_unsettable(hook, request_id, &mut value, None);
         let validated = match hook {
             HookName::Routing => {
                 let names = globals.get("backends").and_then(Value::as_object);

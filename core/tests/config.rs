@@ -144,6 +144,13 @@ fn every_mistake_gets_a_clear_error_with_its_key_path() {
             &["backends[1].name: 'a' is already used by backends[0]", "backends[1].url: 'ftp://y' must start with http:// or https://"],
         ),
         (
+            "backends:\n  - {name: a, url: 'http://x', headers: {Host: llm.example, X-Key: k, Connection: close, content-length: '0'}}\n",
+            &[
+                "backends[0].headers: 'Connection' is written by the host",
+                "backends[0].headers: 'content-length' is written by the host",
+            ],
+        ),
+        (
             "scripts:\n  defaults: {timeout_ms: 0}\n  routing: {script: 'return 1', memory_mb: 100000}\n",
             &["scripts.defaults.timeout_ms: 0 is out of range", "scripts.routing.memory_mb: 100000 is out of range"],
         ),

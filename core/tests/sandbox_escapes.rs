@@ -1147,6 +1147,14 @@ fn outputs(v: &mut Vec<Case>) {
         .hook(HookName::RequestTransform),
         Case::new(
             G,
+            "Set Content-Length and Host upstream",
+            "request_transform sets `Content-Length = '0'` (request smuggling by a short length) and `Host` (the host writes both)",
+            "return {headers = {['Content-Length'] = '0', host = 'internal.example', ['X-A'] = '1'}}",
+            value(json!({"headers": {"X-A": "1"}})),
+        )
+        .hook(HookName::RequestTransform),
+        Case::new(
+            G,
             "Set a Proxy-* header",
             "error_handler sets `Proxy-Authenticate` (hop-by-hop)",
             "return {body = {}, headers = {['proxy-authenticate'] = 'Basic'}}",

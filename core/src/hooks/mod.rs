@@ -29,7 +29,7 @@ pub use transform::{
 };
 pub use usage::{CustomRecord, UsageInput, UsageMetadata, UsageRecord};
 
-pub(crate) use transform::drop_hop_by_hop;
+pub(crate) use transform::drop_unsettable;
 pub(crate) use usage::BILLING_FIELDS;
 
 use mlua::{Lua, Table};

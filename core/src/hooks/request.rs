@@ -7,7 +7,7 @@ use mlua::Lua;
 use serde_json::{Map, Value};
 
 use crate::convert::{self, Field};
-use crate::http::script_headers::ScriptHeaders;
+use crate::http::script_headers::{Message, ScriptHeaders};
 
 /// What a script knows about the client's request. The body is parsed once
 /// per request by the host and shared by every hook of that request; scripts
@@ -114,7 +114,7 @@ impl RequestInfo {
 
 /// `headers_raw` (see [`RequestInfo::from_json`]) as scripts see headers.
 fn headers_from_message(raw: &Map<String, Value>) -> Result<Vec<(String, String)>, String> {
-    let mut out = ScriptHeaders::with_capacity(raw.len());
+    let mut out = ScriptHeaders::new(Message::Request, raw.len());
     for (name, value) in raw {
         match value {
             Value::String(v) => out.add(name, v.as_bytes()),

@@ -379,8 +379,8 @@ pub(super) fn body_text(obj: &Map<String, Value>, text: Option<BodyText>) -> Opt
 /// HTTP tokens and values must not contain CR, LF or NUL (no header
 /// injection through a script).
 ///
-/// Hop-by-hop headers are skipped here; the engine drops them from the
-/// result first, with a warning (see [`drop_hop_by_hop`]).
+/// Headers no script may set are skipped here; the engine drops them from
+/// the result first, with a warning (see [`drop_unsettable`]).
 pub(crate) fn header_changes(obj: &Map<String, Value>, what: &str) -> Result<Vec<(String, HeaderChange)>, HookError> {
     let headers = match small_object::field(obj, "headers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
@@ -465,7 +465,7 @@ fn checked_changes<'a>(
                 )))
             }
         };
-        if hop_by_hop::is_hop_by_hop(&name) {
+        if !hop_by_hop::script_may_set(&name) {
             continue;
         }
         if let HeaderChange::Set(v) = &change {
@@ -481,28 +481,30 @@ fn checked_changes<'a>(
     Ok(out)
 }
 
-/// Remove the hop-by-hop entries ([`crate::http::hop_by_hop`]:
-/// `Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`,
-/// `Upgrade`, `Proxy-*`) from the `headers` table of a transform or
-/// error_handler result; returns the names removed.
+/// Remove the entries a script may not set from the `headers` table of a
+/// transform or error_handler result ([`hop_by_hop::script_may_set`]: the
+/// hop-by-hop ones, `Connection`, `Keep-Alive`, `TE`, `Trailer`,
+/// `Transfer-Encoding`, `Upgrade`, `Proxy-*`, and the two every host
+/// computes, `Content-Length` and `Host`); returns the names removed.
 ///
 /// Dropped with a warning rather than refused as `bad_output`: those
-/// headers describe the host's own connections and no host can honour a
-/// script's (a `Transfer-Encoding` or `Upgrade` the host does not do would
-/// break its framing), but scripts legitimately echo the headers they were
-/// given (the seed's response_transform returns `headers =
-/// response.headers`), and a host may show them a `Connection` or
-/// `Transfer-Encoding` it received; failing those scripts would turn a
-/// harmless echo into a hook failure. Dropping them from the result itself
-/// (not only from the parsed changes) means hosts that take the result as
-/// JSON (the C ABI, the Lua module) never see them either.
-pub(crate) fn drop_hop_by_hop(result: &mut Value) -> Vec<String> {
+/// headers describe the host's own connections or framing and no host can
+/// honour a script's (a `Transfer-Encoding` or `Content-Length` the host
+/// does not send would break its framing), but scripts legitimately echo
+/// the headers they were given (the seed's response_transform returns
+/// `headers = response.headers`), which carry a `Content-Length`, and a
+/// host may show them a `Connection` or `Transfer-Encoding` it received;
+/// failing those scripts would turn a harmless echo into a hook failure.
+/// Dropping them from the result itself (not only from the parsed
+/// changes) means hosts that take the result as JSON (the C ABI, the Lua
+/// module) never see them either: no host keeps a list of its own.
+pub(crate) fn drop_unsettable(result: &mut Value) -> Vec<String> {
     let Some(Value::Object(headers)) = result.get_mut("headers") else {
         return Vec::new();
     };
     let dropped: Vec<String> = headers
         .keys()
-        .filter(|k| hop_by_hop::is_hop_by_hop(k))
+        .filter(|k| !hop_by_hop::script_may_set(k))
         .cloned()
         .collect();
     for k in &dropped {

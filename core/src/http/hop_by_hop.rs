@@ -7,6 +7,9 @@
 //! and `Proxy` (the httpoxy header). On top of the list, every name a
 //! message's `Connection` header lists is hop-by-hop for that message
 //! ([`connection_names`]).
+//!
+//! Two more a host writes itself on every message it sends
+//! ([`HOST_COMPUTED`]): scripts may set neither ([`script_may_set`]).
 
 /// The fixed hop-by-hop names, lower case (`proxy-*` is matched by prefix).
 pub const NAMES: [&str; 6] = [
@@ -23,6 +26,20 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
         || name.eq_ignore_ascii_case("proxy")
         || name.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
+}
+
+/// Headers a host writes itself on every message it sends: the length of
+/// the body it sends (`Content-Length`) and the backend's authority
+/// (`Host`; a backend's config may name another, which the standalone
+/// gateway sends).
+pub const HOST_COMPUTED: [&str; 2] = ["content-length", "host"];
+
+/// Whether a script may set header `name` (any case) on a message: not a
+/// hop-by-hop header, nor one the host computes. Every host drops the
+/// others from a script's result, with a warning (the engine does it, so
+/// hosts apply what is left as it is).
+pub fn script_may_set(name: &str) -> bool {
+    !is_hop_by_hop(name) && !HOST_COMPUTED.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// The header names one `Connection` header value lists, lower case:
@@ -68,6 +85,22 @@ mod tests {
             "prox",
         ] {
             assert!(!is_hop_by_hop(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn what_a_script_may_set() {
+        for (name, may) in [
+            ("X-User-ID", true),
+            ("Content-Type", true),
+            ("Retry-After", true),
+            ("Content-Length", false),
+            ("HOST", false),
+            ("Transfer-Encoding", false),
+            ("Proxy-Authorization", false),
+            ("Hostname", true),
+        ] {
+            assert_eq!(script_may_set(name), may, "{name}");
         }
     }
 

@@ -8,16 +8,29 @@
 //! that are not UTF-8, which HTTP allows, read as U+FFFD: a client's odd
 //! header does not fail its request), a header sent more than once as one
 //! entry with its values joined by `, ` (RFC 9110 §5.3), in the order of
-//! first appearance. Scripts also look
-//! names up case-insensitively (`request.headers["content-type"]`), which
+//! first appearance. An answer's headers leave out those a script could
+//! not set back ([`super::hop_by_hop::script_may_set`]: hop-by-hop ones and
+//! `Content-Length`, which the host writes for the client's hop). Scripts
+//! also look names up case-insensitively (`request.headers["content-type"]`), which
 //! the lazy views provide.
 
-/// Builds the script form from a message's headers, pair by pair.
+/// Which message the headers are of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// The client's request: every header line.
+    Request,
+    /// A backend's answer: the lines a script may set
+    /// ([`super::hop_by_hop::script_may_set`]).
+    Answer,
+}
+
+/// Builds the script form from a message's headers, line by line.
 ///
 /// ```
-/// use llmproxy_core::http::script_headers::ScriptHeaders;
-/// let mut h = ScriptHeaders::with_capacity(3);
+/// use llmproxy_core::http::script_headers::{Message, ScriptHeaders};
+/// let mut h = ScriptHeaders::new(Message::Answer, 4);
 /// h.add("content-type", b"application/json");
+/// h.add("content-length", b"42");
 /// h.add("x-tag", b"a");
 /// h.add("X-TAG", b"b");
 /// assert_eq!(
@@ -25,32 +38,41 @@
 ///     vec![("Content-Type".into(), "application/json".into()), ("X-Tag".into(), "a, b".into())]
 /// );
 /// ```
-#[derive(Debug, Default)]
-pub struct ScriptHeaders(Vec<(String, String)>);
+#[derive(Debug)]
+pub struct ScriptHeaders {
+    message: Message,
+    pairs: Vec<(String, String)>,
+}
 
 impl ScriptHeaders {
-    /// Room for `n` distinct names.
-    pub fn with_capacity(n: usize) -> ScriptHeaders {
-        ScriptHeaders(Vec::with_capacity(n))
+    /// The headers of a `message`, with room for `n` distinct names.
+    pub fn new(message: Message, n: usize) -> ScriptHeaders {
+        ScriptHeaders {
+            message,
+            pairs: Vec::with_capacity(n),
+        }
     }
 
     /// Add one header line: its name in script form; its value, read as
     /// UTF-8 (lossily), joined to the one before of the same name, if any.
     pub fn add(&mut self, name: &str, value: &[u8]) {
+        if self.message == Message::Answer && !super::hop_by_hop::script_may_set(name) {
+            return;
+        }
         let name = title_case(name);
         let value = String::from_utf8_lossy(value);
-        match self.0.iter_mut().find(|(n, _)| *n == name) {
+        match self.pairs.iter_mut().find(|(n, _)| *n == name) {
             Some((_, joined)) => {
                 joined.push_str(", ");
                 joined.push_str(&value);
             }
-            None => self.0.push((name, value.into_owned())),
+            None => self.pairs.push((name, value.into_owned())),
         }
     }
 
     /// The headers, each name once, in the order first seen.
     pub fn into_pairs(self) -> Vec<(String, String)> {
-        self.0
+        self.pairs
     }
 }
 
@@ -113,7 +135,7 @@ mod tests {
             (&[("x-a", "caf\u{e9}")], &[("X-A", "caf\u{e9}")]),
         ];
         for (lines, want) in cases {
-            let mut h = ScriptHeaders::default();
+            let mut h = ScriptHeaders::new(Message::Request, 0);
             for (name, value) in lines {
                 h.add(name, value.as_bytes());
             }
@@ -123,8 +145,23 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_shows_only_what_a_script_may_set() {
+        for (message, want) in [
+            (Message::Request, vec!["Host", "Content-Length", "Connection", "X-A"]),
+            (Message::Answer, vec!["X-A"]),
+        ] {
+            let mut h = ScriptHeaders::new(message, 4);
+            for name in ["host", "content-length", "connection", "x-a"] {
+                h.add(name, b"v");
+            }
+            let names: Vec<String> = h.into_pairs().into_iter().map(|(n, _)| n).collect();
+            assert_eq!(names, want, "{message:?}");
+        }
+    }
+
+    #[test]
     fn bytes_that_are_not_utf8_read_as_replacement_characters() {
-        let mut h = ScriptHeaders::default();
+        let mut h = ScriptHeaders::new(Message::Request, 1);
         h.add("x-latin", b"caf\xe9");
         h.add("x-latin", b"ok");
         assert_eq!(

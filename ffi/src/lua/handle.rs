@@ -52,7 +52,7 @@ use std::panic::{self, AssertUnwindSafe};
 
 use llmproxy_core::admission::{self, Decision};
 use llmproxy_core::hooks::{AuthVerdict, HeaderChange, KeyInfo, RateLimitStatus, RateVerdict, RouteDecision};
-use llmproxy_core::http::script_headers::ScriptHeaders;
+use llmproxy_core::http::script_headers::{Message, ScriptHeaders};
 use llmproxy_core::policy::rate_stage::{self, RateStep};
 use llmproxy_core::policy::usage::Charge;
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
@@ -455,12 +455,12 @@ fn header_changes(lua: &Lua, changes: &[(String, HeaderChange)]) -> mlua::Result
 /// An answer's headers as the server gives them (`ngx.resp.get_headers()`:
 /// `{name = value}`, a value a string, a number, or a sequence of strings
 /// for a header sent more than once), in the form scripts see (core's
-/// [`ScriptHeaders`]).
+/// [`ScriptHeaders`]: without `Content-Length` and hop-by-hop headers).
 fn response_headers(headers: Option<Table>) -> mlua::Result<Vec<(String, String)>> {
     let Some(t) = headers else {
         return Ok(Vec::new());
     };
-    let mut out = ScriptHeaders::default();
+    let mut out = ScriptHeaders::new(Message::Answer, 0);
     for pair in t.pairs::<String, Value>() {
         let (name, value) = pair?;
         match value {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use llmproxy_core::convert::{self, Limits};
 use llmproxy_core::hooks::RequestInfo;
-use llmproxy_core::http::script_headers::ScriptHeaders;
+use llmproxy_core::http::script_headers::{Message, ScriptHeaders};
 use llmproxy_core::stack;
 use mlua::ffi::{self, lua_State};
 use mlua::{Lua, Table};
@@ -226,7 +226,7 @@ unsafe fn raw_headers(state: *mut lua_State, idx: c_int, walk: &Walk) -> Option<
     if ffi::lua_type(state, idx) != ffi::LUA_TTABLE || ffi::lua_checkstack(state, 5) == 0 {
         return None;
     }
-    let mut out = ScriptHeaders::default();
+    let mut out = ScriptHeaders::new(Message::Request, 0);
     let mut depth = 1;
     ffi::lua_pushnil(state);
     while ffi::lua_next(state, idx) != 0 {

@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
 use llmproxy_core::http::api::{answer_is_stream, Api};
 use llmproxy_core::http::fields::{self, TextBody};
+use llmproxy_core::http::script_headers::Message;
 use llmproxy_core::http::{path::PathError, usage_probe};
 use llmproxy_core::policy::errors::{self, GatewayError};
 use llmproxy_core::policy::failure::{self, Handled};
@@ -138,7 +139,7 @@ pub async fn proxy(
         id,
         // Scripts see the headers; without scripts nobody does.
         headers: if live.stages.any_enabled() {
-            headers::for_scripts(&parts.headers)
+            headers::for_scripts(&parts.headers, Message::Request)
         } else {
             Vec::new()
         },
@@ -595,7 +596,7 @@ impl Exchange {
                 let response = ResponseInfo {
                     status_code: status,
                     body,
-                    headers: headers::for_scripts(&out_headers),
+                    headers: headers::for_scripts(&out_headers, Message::Answer),
                     is_stream: false,
                 };
                 let url = b.url.clone();
@@ -828,7 +829,7 @@ impl Exchange {
         let response = ResponseInfo {
             status_code: r.status().as_u16(),
             body: json.into(),
-            headers: headers::for_scripts(r.headers()),
+            headers: headers::for_scripts(r.headers(), Message::Answer),
             is_stream: false,
         };
         let url = backend_url.to_owned();

@@ -3,11 +3,7 @@
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use llmproxy_core::hooks::HeaderChange;
 use llmproxy_core::http::hop_by_hop;
-use llmproxy_core::http::script_headers::ScriptHeaders;
-
-/// Headers scripts may not set: the gateway computes them. (Hop-by-hop
-/// headers are dropped earlier, by core's engine.)
-const PROTECTED: [&str; 4] = ["content-length", "transfer-encoding", "connection", "host"];
+use llmproxy_core::http::script_headers::{Message, ScriptHeaders};
 
 /// The hop-by-hop headers of one message (RFC 9110 §7.6.1): the fixed list
 /// (core's [`hop_by_hop::is_hop_by_hop`]) plus every name its `Connection`
@@ -67,17 +63,14 @@ pub fn downstream(backend: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Apply a script's header changes. Protected headers and values the HTTP
-/// layer rejects are skipped with a warning.
+/// Apply a script's header changes (the engine has dropped those no script
+/// may set: core's [`hop_by_hop::script_may_set`]). Values the HTTP layer
+/// rejects are skipped with a warning.
 pub fn apply(map: &mut HeaderMap, changes: &[(String, HeaderChange)], request_id: &str) {
     for (name, change) in changes {
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
             continue;
         };
-        if PROTECTED.contains(&name.as_str()) {
-            tracing::warn!(target: "llmproxy::gateway", request_id, header = %name, "a script may not set this header; ignored");
-            continue;
-        }
         match change {
             HeaderChange::Remove => {
                 map.remove(&name);
@@ -94,10 +87,10 @@ pub fn apply(map: &mut HeaderMap, changes: &[(String, HeaderChange)], request_id
     }
 }
 
-/// Headers as scripts see them (core's rule,
+/// The headers of a `message` as scripts see them (core's rule,
 /// [`llmproxy_core::http::script_headers`]).
-pub fn for_scripts(map: &HeaderMap) -> Vec<(String, String)> {
-    let mut out = ScriptHeaders::with_capacity(map.keys_len());
+pub fn for_scripts(map: &HeaderMap, message: Message) -> Vec<(String, String)> {
+    let mut out = ScriptHeaders::new(message, map.keys_len());
     for (name, value) in map {
         out.add(name.as_str(), value.as_bytes());
     }
@@ -148,17 +141,21 @@ mod tests {
     }
 
     #[test]
-    fn protected_headers_are_not_set() {
+    fn changes_apply_and_values_http_refuses_are_skipped() {
+        // (What no script may set never gets here: the engine drops it.)
         let mut m = HeaderMap::new();
+        m.insert("x-gone", HeaderValue::from_static("1"));
+        m.insert("x-kept", HeaderValue::from_static("2"));
         apply(
             &mut m,
             &[
-                ("Content-Length".into(), HeaderChange::Set("1".into())),
                 ("X-A".into(), HeaderChange::Set("b".into())),
+                ("X-Gone".into(), HeaderChange::Remove),
+                ("X-Bad".into(), HeaderChange::Set("a\u{7f}b".into())),
             ],
             "r",
         );
-        assert_eq!(m.len(), 1);
-        assert_eq!(m["x-a"], "b");
+        assert_eq!(m.len(), 2);
+        assert_eq!((m["x-a"].as_bytes(), m["x-kept"].as_bytes()), (&b"b"[..], &b"2"[..]));
     }
 }

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
 use llmproxy_core::hooks::{HeaderChange, RequestInfo, ResponseInfo};
+use llmproxy_core::http::script_headers::Message;
 use llmproxy_core::policy::sse as sse_policy;
 use llmproxy_core::HookName;
 use serde_json::Value;
@@ -241,7 +242,7 @@ pub(crate) async fn start(
         info: Arc::clone(&ex.info),
         backend_url: b.url.clone(),
         status: parts.status.as_u16(),
-        script_headers: headers::for_scripts(&out_headers),
+        script_headers: headers::for_scripts(&out_headers, Message::Answer),
         sent: start.sent,
         strip_usage: start.strip_usage,
         transform: start.transform,

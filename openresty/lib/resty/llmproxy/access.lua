@@ -14,7 +14,6 @@ local new_tab = require "table.new"
 
 local pairs = pairs
 local tostring = tostring
-local lower = string.lower
 local ngx_log = ngx.log
 local ERR = ngx.ERR
 local WARN = ngx.WARN
@@ -26,7 +25,6 @@ local req_get_method = ngx.req.get_method
 local req_set_header = ngx.req.set_header
 local req_clear_header = ngx.req.clear_header
 local step = require("resty.llmproxy.hook").step
-local PROTECTED_HEADERS = require("resty.llmproxy.util").PROTECTED_HEADERS
 local describe_error = require("resty.llmproxy.util").describe_error
 local admit = require("resty.llmproxy.admission").admit
 local denied_failure = require("resty.llmproxy.failure").denied
@@ -81,11 +79,10 @@ local function route(state, ctx)
     return backend
 end
 
+-- Set (or, for false and json.null, remove) one upstream header: a
+-- script's (the core dropped those no script may set) or the backend
+-- config's (checked when the config loaded).
 local function set_request_header(ctx, name, value)
-    if PROTECTED_HEADERS[lower(name)] then
-        ngx_log(WARN, "llmproxy: request ", ctx.id, ": a script may not set header ", name, "; ignored")
-        return
-    end
     if value == false or value == ctx.state.null then
         req_clear_header(name)
     else

@@ -21,7 +21,6 @@ local find = string.find
 local lower = string.lower
 local match = string.match
 local sort = table.sort
-local next = next
 local concat = table.concat
 local max = math.max
 local ngx_now = ngx.now
@@ -71,6 +70,25 @@ local function header_signature(headers)
     end
     sort(parts)
     return concat(parts, "\0")
+end
+
+-- The backend's config headers nginx sends: a `Host` is not (proxy_pass
+-- writes its own; the gateway sends it), said once here. nil for none.
+local function sent_headers(name, headers)
+    if type(headers) ~= "table" then
+        return nil
+    end
+    local sent
+    for k, v in pairs(headers) do
+        if lower(tostring(k)) == "host" then
+            ngx.log(ngx.WARN, "llmproxy: backend '", name, "': headers.", k,
+                " is not sent: proxy_pass writes the Host header itself")
+        else
+            sent = sent or {}
+            sent[k] = v
+        end
+    end
+    return sent
 end
 
 local function seconds(ms, default)
@@ -133,7 +151,8 @@ function _M.new(list, gateway, llmproxy)
         local t = type(b.timeouts) == "table" and b.timeouts or gt
         local first_byte = seconds(t.first_byte_ms or gt.first_byte_ms, nil)
         local idle = seconds(t.idle_ms or gt.idle_ms, nil)
-        local signature = header_signature(b.headers)
+        local headers = sent_headers(name, b.headers)
+        local signature = header_signature(headers)
         local group = groups[signature]
         if not group then
             ngroups = ngroups + 1
@@ -151,7 +170,7 @@ function _M.new(list, gateway, llmproxy)
             port = port,
             weight = weight,
             usable = usable,
-            headers = type(b.headers) == "table" and next(b.headers) ~= nil and b.headers or nil,
+            headers = headers,
             -- backends with the same upstream headers: the ones a retry may go to
             group = group,
             -- ngx.balancer.set_timeouts(connect, send, read) per try: nginx's

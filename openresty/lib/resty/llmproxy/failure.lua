@@ -13,17 +13,14 @@ local pcall = pcall
 local require = require
 local tostring = tostring
 local tonumber = tonumber
-local lower = string.lower
 local ngx_log = ngx.log
 local ERR = ngx.ERR
-local WARN = ngx.WARN
 local ngx_exit = ngx.exit
 local ngx_print = ngx.print
 local ngx_var = ngx.var
 local ngx_header = ngx.header
 local BODY_JSON = require("resty.llmproxy.hook").BODY_JSON
 local run_step = require("resty.llmproxy.hook").run_step
-local PROTECTED_HEADERS = require("resty.llmproxy.util").PROTECTED_HEADERS
 local last_entry = require("resty.llmproxy.util").last_entry
 local request_of = require("resty.llmproxy.util").request_of
 
@@ -70,15 +67,14 @@ local function denied_failure(hook, err)
     return f
 end
 
--- Headers of an error_handler result: set, or remove with false/null.
+-- Headers of an error_handler result: set, or remove with false/null (the
+-- core dropped those no script may set).
 local function apply_response_headers(ctx, headers)
     if type(headers) ~= "table" then
         return
     end
     for name, value in pairs(headers) do
-        if PROTECTED_HEADERS[lower(name)] then
-            ngx_log(WARN, "llmproxy: request ", ctx.id, ": a script may not set header ", name, "; ignored")
-        elseif value == false or value == ctx.state.null then
+        if value == false or value == ctx.state.null then
             ngx_header[name] = nil
         else
             ngx_header[name] = tostring(value)

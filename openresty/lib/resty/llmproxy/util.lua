@@ -34,14 +34,6 @@ end
 
 local MAX_HEADERS = 100
 
--- Headers a script may not set (nginx computes them), as in the gateway.
-local PROTECTED_HEADERS = {
-    ["content-length"] = true,
-    ["transfer-encoding"] = true,
-    ["connection"] = true,
-    ["host"] = true,
-}
-
 -- A monotonic clock in seconds with sub-microsecond resolution, for hook
 -- latency (ngx.now() is cached per event loop turn and has ms resolution).
 local clock
@@ -140,7 +132,6 @@ end
 _M.request_of = request_of
 _M.log_level = log_level
 _M.MAX_HEADERS = MAX_HEADERS
-_M.PROTECTED_HEADERS = PROTECTED_HEADERS
 _M.clock = clock
 _M.describe_config = describe_config
 _M.describe_error = describe_error
