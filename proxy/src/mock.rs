@@ -19,7 +19,9 @@
 //! asked for. `x-mock-connection: V` makes the answer carry
 //! `Connection: V` (for tests of headers a `Connection` header names), and
 //! each `x-mock-set-cookie: V` a `Set-Cookie: V` line of its own (for tests
-//! of a header the backend sends more than once).
+//! of a header the backend sends more than once); `x-mock-content-type: V`
+//! labels the answer `Content-Type: V` whatever it holds (a backend that
+//! mislabels its JSON).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -246,6 +248,9 @@ async fn handle(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
     }
     if let Some(v) = h.get("x-mock-connection") {
         rh.insert(header::CONNECTION, v.clone());
+    }
+    if let Some(v) = h.get("x-mock-content-type") {
+        rh.insert(header::CONTENT_TYPE, v.clone());
     }
     for v in h.get_all("x-mock-set-cookie") {
         rh.append(header::SET_COOKIE, v.clone());

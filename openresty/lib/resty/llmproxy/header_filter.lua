@@ -132,9 +132,10 @@ function _M.run()
         end
         return
     end
-    if not is_json(content_type) then
-        return
-    end
+    -- Whatever its Content-Type says, the answer is read whole: the core
+    -- parses it for response_transform and reads its usage when it holds
+    -- JSON (a backend that labels its JSON text/plain is still charged),
+    -- as the gateway does.
     if ngx_header["Content-Encoding"] then
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": compressed response, not transformed ",
             "(proxy_set_header Accept-Encoding \"\")")
