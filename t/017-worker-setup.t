@@ -169,3 +169,59 @@ vhost
 llmproxy: backend 'vhost': headers.Host is not sent: proxy_pass writes the Host header itself
 --- no_error_log
 [error]
+
+
+
+=== TEST 7: a retry policy that is not the default names the proxy_next_upstream line it needs, and the statuses nginx cannot retry
+--- http_config
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker("html/llmproxy.yaml")
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local s = require("resty.llmproxy").status()
+            ngx.say(s and table.concat(s.backends, ",") or "not loaded")
+        }
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: a, url: "http://127.0.0.1:9"}
+gateway:
+  retry: {on_status: [429, 418], on_timeout: false}
+--- request
+GET /t
+--- response_body
+a
+--- error_log
+llmproxy: gateway.retry is not the default: nginx retries what proxy_next_upstream says; for this policy set `proxy_next_upstream error http_429 non_idempotent;` in the location
+llmproxy: gateway.retry.on_status 418: proxy_next_upstream cannot name these statuses, so nginx does not retry them
+--- no_error_log
+[error]
+
+
+
+=== TEST 8: the default retry policy is the setup's proxy_next_upstream line: nothing to say
+--- http_config
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker("html/llmproxy.yaml")
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local s = require("resty.llmproxy").status()
+            ngx.say(s and table.concat(s.backends, ",") or "not loaded")
+        }
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: a, url: "http://127.0.0.1:9"}
+--- request
+GET /t
+--- response_body
+a
+--- no_error_log
+gateway.retry
+[error]

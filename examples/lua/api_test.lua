@@ -523,6 +523,30 @@ local tests = {
     local t = e:backends()[1].timeouts
     assert(t.connect_ms == 7 and t.first_byte_ms == 60000 and t.idle_ms == 5, "backend timeouts")
   end },
+  { "engine:gateway().retry.next_upstream: the proxy_next_upstream line of the config's retry policy", function()
+    local cases = {
+      { "", "error timeout http_500 http_502 http_503 http_504 non_idempotent", true, "" },
+      { "{on_status: [429, 502, 429], on_timeout: false}", "error http_429 http_502 non_idempotent", false, "" },
+      { "{on_status: [500, 501, 418]}", "error timeout http_500 non_idempotent", false, "418,501" },
+      { "{on_status: [], on_connect_error: false, on_timeout: false}", "off", false, "" },
+      { "{max_retries: 0}", "off", false, "" },
+    }
+    for _, c in ipairs(cases) do
+      local yaml = c[1] == "" and "gateway: {}\n" or ("gateway:\n  retry: " .. c[1] .. "\n")
+      local r = assert(llmproxy.new(yaml)):gateway().retry
+      assert(r.next_upstream == c[2], c[1] .. ": " .. r.next_upstream)
+      assert(r.next_upstream_is_default == c[3], c[1])
+      assert(is_array(r.next_upstream_unsupported) and table.concat(r.next_upstream_unsupported, ",") == c[4], c[1])
+    end
+    -- The setup nginx users copy carries the default policy's line.
+    local line = "proxy_next_upstream " .. cases[1][2] .. ";"
+    for _, path in ipairs({ "openresty/README.md", "nginx-conf/nginx.conf", "t/lib/Test/LLMProxy/Gateway.pm" }) do
+      local f = assert(io.open(path, "rb"))
+      local text = f:read("*a")
+      f:close()
+      assert(text:find(line, 1, true), path .. " lacks: " .. line)
+    end
+  end },
   { "engine:on_error(hook): the failure policy, nil when the hook is off", function()
     local e = assert(llmproxy.new("scripts:\n  auth: {script: 'return nil'}\n"
       .. "  routing: {script: 'return nil', on_error: deny}\n  usage: {script: 'return nil'}\n"))

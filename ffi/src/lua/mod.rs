@@ -649,6 +649,13 @@ fn gateway(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
     retry.raw_set("on_status", on_status)?;
     retry.raw_set("on_connect_error", g.retry.on_connect_error)?;
     retry.raw_set("on_timeout", g.retry.on_timeout)?;
+    let (directive, unsupported) = next_upstream(&g.retry);
+    let default = next_upstream(&llmproxy_core::config::RetryConfig::default()).0;
+    retry.raw_set("next_upstream_is_default", directive == default)?;
+    retry.raw_set("next_upstream", directive)?;
+    let unsupported = lua.create_sequence_from(unsupported)?;
+    unsupported.set_metatable(Some(this.shared.array_mt.clone()))?;
+    retry.raw_set("next_upstream_unsupported", unsupported)?;
     t.raw_set("retry", retry)?;
     let timeouts = lua.create_table_with_capacity(0, 3)?;
     timeouts.raw_set("connect_ms", g.timeouts.connect_ms)?;
@@ -665,6 +672,38 @@ fn gateway(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
     health.raw_set("probe_timeout_ms", h.probe_timeout_ms)?;
     t.raw_set("health", health)?;
     Ok(t)
+}
+
+/// Statuses nginx's `proxy_next_upstream` can name (`http_NNN`).
+const NGINX_RETRY_STATUSES: [u16; 7] = [403, 404, 429, 500, 502, 503, 504];
+
+/// The `proxy_next_upstream` value under which nginx retries what
+/// `gateway.retry` says the gateway retries (a POST is retried too:
+/// `non_idempotent`), and the statuses it lists that nginx cannot name.
+/// nginx decides whether a failure is retried before the module's balancer
+/// runs, so the policy reaches it only through this directive.
+fn next_upstream(retry: &llmproxy_core::config::RetryConfig) -> (String, Vec<u16>) {
+    if retry.max_retries == 0 {
+        return ("off".into(), Vec::new());
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if retry.on_connect_error {
+        parts.push("error".into());
+    }
+    if retry.on_timeout {
+        parts.push("timeout".into());
+    }
+    let mut statuses = retry.on_status.clone();
+    statuses.sort_unstable();
+    statuses.dedup();
+    let (named, unsupported): (Vec<u16>, Vec<u16>) =
+        statuses.into_iter().partition(|s| NGINX_RETRY_STATUSES.contains(s));
+    parts.extend(named.iter().map(|s| format!("http_{s}")));
+    if parts.is_empty() {
+        return ("off".into(), unsupported);
+    }
+    parts.push("non_idempotent".into());
+    (parts.join(" "), unsupported)
 }
 
 /// Options of `engine:run` and `engine:run_prepared` (an optional last

@@ -83,6 +83,23 @@ local function resolve_config(config)
 end
 
 -- Build a complete new state; nothing is replaced unless everything worked.
+-- nginx decides whether a failed try is retried (proxy_next_upstream)
+-- before the balancer runs: `gateway.retry` reaches it only through that
+-- directive. The setup's line is the default policy's; say which line
+-- another policy needs, and what nginx cannot retry.
+local function warn_retry(retry)
+    if not retry.next_upstream_is_default then
+        ngx_log(WARN, "llmproxy: gateway.retry is not the default: nginx retries what ",
+            "proxy_next_upstream says; for this policy set `proxy_next_upstream ", retry.next_upstream,
+            ";` in the location")
+    end
+    local unsupported = retry.next_upstream_unsupported
+    if #unsupported > 0 then
+        ngx_log(WARN, "llmproxy: gateway.retry.on_status ", concat(unsupported, ", "),
+            ": proxy_next_upstream cannot name these statuses, so nginx does not retry them")
+    end
+end
+
 local function load(config, opts)
     opts = opts or {}
     config = resolve_config(config)
@@ -95,6 +112,7 @@ local function load(config, opts)
         return nil, "cannot build the engine from " .. describe_config(config) .. ": " .. describe_error(err)
     end
     local gateway = engine:gateway()
+    warn_retry(gateway.retry)
     local list = opts.backends or engine:backends()
     local set, berr = backends.new(list, gateway, llmproxy)
     if not set then
