@@ -178,6 +178,18 @@ impl GatewayError {
         )
     }
 
+    /// The backend's answer is larger than `gateway.max_response_bytes`
+    /// (a host reads a whole answer to transform it and read its usage):
+    /// 502.
+    pub fn response_too_large() -> GatewayError {
+        GatewayError::new(
+            ErrorType::BackendError,
+            502,
+            "response_too_large",
+            "the backend response is too large",
+        )
+    }
+
     /// A client failed too many `what` checks (such as "API key") and must
     /// wait `wait_s` seconds (the auth throttle): 429.
     pub fn auth_throttled(what: &str, wait_s: u64) -> GatewayError {

@@ -49,8 +49,10 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
 /// what the gateway answers. `arg`: the bound of `body_too_large`, the
 /// seconds to wait of `auth_throttled` (for an API key), the
 /// detail of `invalid_json`, `invalid_field`, `body_unreadable`,
-/// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`;
-/// `hook_failed` takes the hook and the error's kind.
+/// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`
+/// (`no_backend`, `invalid_body`, `state_unavailable` and
+/// `response_too_large` take none); `hook_failed` takes the hook and the
+/// error's kind.
 pub(crate) fn gateway_error(
     _: &Lua,
     (name, arg, arg2): (mlua::BorrowedStr, Option<mlua::Value>, Option<String>),
@@ -81,6 +83,7 @@ pub(crate) fn gateway_error(
         "backend_unreachable" => GatewayError::backend_unreachable(text()),
         "backend_timeout" => GatewayError::backend_timeout(text()),
         "backend_failed" => GatewayError::backend_failed(text()),
+        "response_too_large" => GatewayError::response_too_large(),
         "state_unavailable" => GatewayError::state_unavailable(),
         "auth_throttled" => GatewayError::auth_throttled("API key", number()),
         "hook_failed" => {

@@ -501,7 +501,7 @@ impl Exchange {
             UpstreamError::Connect(m) => (GatewayError::backend_unreachable(m), retry.on_connect_error),
             UpstreamError::Timeout(phase) => (GatewayError::backend_timeout(phase), retry.on_timeout),
             UpstreamError::Io(m) => (GatewayError::backend_failed(m), retry.on_connect_error),
-            UpstreamError::TooLarge => (bound(&e, "response_too_large"), false),
+            UpstreamError::TooLarge => (GatewayError::response_too_large(), false),
             UpstreamError::InterimStatus(_) => (bound(&e, "backend_bad_status"), retry.on_connect_error),
             UpstreamError::EventTooLarge => (bound(&e, "event_too_large"), false),
         };

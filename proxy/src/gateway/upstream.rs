@@ -38,7 +38,7 @@ impl UpstreamError {
             UpstreamError::Connect(m) => GatewayError::backend_unreachable(m).message,
             UpstreamError::Timeout(phase) => GatewayError::backend_timeout(phase).message,
             UpstreamError::Io(m) => GatewayError::backend_failed(m).message,
-            UpstreamError::TooLarge => String::from("the backend response is too large"),
+            UpstreamError::TooLarge => GatewayError::response_too_large().message,
             UpstreamError::InterimStatus(status) => {
                 format!("the backend answered {status}, an interim (1xx) status, as its final response")
             }

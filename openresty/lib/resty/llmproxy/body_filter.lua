@@ -113,10 +113,13 @@ local function stream_filter(ctx)
     ngx.arg[1] = n > 0 and concat(out, "", 1, n) or nil
 end
 
--- Stop buffering an oversized response: emit what was held back.
+-- Stop buffering a response that grew past the bound without declaring
+-- its length (one that declared it was refused in header_filter, as the
+-- gateway refuses it): the status has gone out, so what was held back and
+-- the rest pass through, unread (no response_transform, no usage).
 local function give_up_buffering(ctx, chunk)
     ngx_log(WARN, "llmproxy: request ", ctx.id, ": response larger than ", ctx.state.max_response_bytes,
-        " bytes; passed through without response_transform or usage")
+        " bytes sent without a Content-Length; passed through without response_transform or usage")
     local held = ctx.transform and concat(ctx.chunks) or ""
     ctx.chunks, ctx.transform = nil, nil
     return held .. chunk

@@ -24,6 +24,7 @@ local classify_error = require("resty.llmproxy.failure").classify
 local decide_error = require("resty.llmproxy.failure").decide
 local error_body = require("resty.llmproxy.failure").body
 local failure_facts = require("resty.llmproxy.failure").facts
+local known_failure = require("resty.llmproxy.failure").known
 
 local _M = {}
 
@@ -49,8 +50,7 @@ end
 -- body_filter as on any answer. Without either: nginx's error page
 -- replaced by the gateway's error body; the backend's own error response
 -- passed through.
-local function handle_error(ctx, status)
-    local f, replace = classify_error(ctx, status)
+local function shape_failure(ctx, f, replace, status)
     ctx.failure = f
     local state = ctx.state
     local facts = failure_facts(ctx, f)
@@ -78,6 +78,13 @@ local function handle_error(ctx, status)
     ngx_header["Content-Encoding"] = nil
     apply_response_headers(ctx, headers)
     ctx.error_body = body
+end
+
+-- A status >= 400 after access(): a backend's error answer, or nginx's
+-- own error page.
+local function handle_error(ctx, status)
+    local f, replace = classify_error(ctx, status)
+    return shape_failure(ctx, f, replace, status)
 end
 
 --- Run the header filter phase for this request (`resty.llmproxy.header_filter()`, which checks
@@ -131,6 +138,16 @@ function _M.run()
             ctx.stream_counted = true
         end
         return
+    end
+    -- An answer larger than the bound is refused, as the gateway refuses
+    -- it (502, through error_handler), while the status can still change:
+    -- when its length is declared. (One sent in chunks past the bound is
+    -- passed through, not read: see json_filter.)
+    local length = tonumber(ngx_header["Content-Length"])
+    if length and length > state.max_response_bytes then
+        local f = known_failure("response_too_large")
+        f.backend_url, f.retry_count = ctx.backend.url, ctx.tries - 1
+        return shape_failure(ctx, f, true, status)
     end
     -- Whatever its Content-Type says, the answer is read whole: the core
     -- parses it for response_transform and reads its usage when it holds
