@@ -108,7 +108,9 @@ local function record_attempts(state, ctx)
     elseif not head or not status or status >= 500 then
         verdict = "failure"
     else
-        verdict, latency_ms = "success", head * 1000
+        -- The latency the balancer weighs is the one the metric reports:
+        -- to the whole answer, or to a stream's start (the gateway's).
+        verdict, latency_ms = "success", (t or head) * 1000
     end
     local healthy, ewma, active = backends.finish(set, last, verdict, latency_ms)
     if W.store then
