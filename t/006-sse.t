@@ -258,22 +258,27 @@ spread over 0.6 s: true
 
 
 
-=== TEST 12: the SSE splitter: CRLF, several data lines, comments, other fields kept
+=== TEST 12: the SSE splitter is the core's (llmproxy.sse_parser): CRLF, a lone CR, several data lines, comments, other fields kept, the bound
 --- config
     location = /t {
         content_by_lua_block {
-            local sse = require "resty.llmproxy.sse"
-            local p = sse.new()
-            local ev, n = sse.push(p, 'data: {"a"')
+            local llmproxy = require "llmproxy"
+            local p = llmproxy.sse_parser(64)
+            local ev, data, n = p:push('data: {"a"')
             ngx.say(n)
-            ev, n = sse.push(p, ':1}\n\nevent: x\r\nid: 7\r\ndata: a\r\ndata: b\r\n\r\n: keepalive\n\ndata: [DO')
-            ngx.say(n, " ", ev[1] == 'data: {"a":1}\n\n', " ", sse.data(ev[2]), " ", tostring(sse.data(ev[3])))
-            ngx.say((sse.with_data(ev[2], "{}"):gsub("\n", "|")))
-            ngx.say((sse.with_data(ev[1], "{}"):gsub("\n", "|")))
-            ev, n = sse.push(p, "NE]\n\n")
-            ngx.say(n, " ", sse.data(ev[1]), " ", tostring(sse.finish(p)))
-            sse.push(p, "data: tail")
-            ngx.say(sse.finish(p))
+            ev, data, n = p:push(':1}\n\nevent: x\r\nid: 7\r\ndata: a\r\ndata: b\r\n\r\n: keepalive\n\ndata: [DO')
+            ngx.say(n, " ", ev[1] == 'data: {"a":1}\n\n', " ", data[2], " ", tostring(data[3]))
+            ngx.say((llmproxy.sse_with_data(ev[2], "{}"):gsub("\n", "|")))
+            ngx.say((llmproxy.sse_with_data(ev[1], "{}"):gsub("\n", "|")))
+            ev, data, n = p:push("NE]\n\ndata: cr\r\rdata: tail")
+            ngx.say(n, " ", data[1], " ", data[2])
+            ngx.say(p:finish())
+            ngx.say(p:finish() == nil)
+            local _, _, m, over = p:push(string.rep("x", 65))
+            ngx.say(m, " ", over)
+            _, _, m, over = p:push("\n\ndata: late\n\n")
+            ngx.say(m, " ", over, " ", p:finish() == nil)
+            ngx.say((llmproxy.sse_data_event("{}"):gsub("\n", "|")))
         }
     }
 --- request
@@ -281,11 +286,15 @@ GET /t
 --- response_body
 0
 3 true a
-b nil
+b false
 event: x|id: 7|data: {}||
 data: {}||
-1 [DONE] nil
-data: tail
+2 [DONE] cr
+data: tailtail
+true
+0 true
+0 true true
+data: {}||
 
 
 

@@ -1,4 +1,4 @@
-//! The gateway's SSE parser (`gateway::sse`) on any byte stream, split
+//! The core's SSE parser (`http::sse`, every host's) on any byte stream, split
 //! into chunks in several ways, against a plain reading of the SSE spec.
 //!
 //! - Lines end at a CR, a LF or a CRLF; an event ends with its first blank
@@ -16,11 +16,10 @@
 
 #![no_main]
 
-use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use llmproxy_server::gateway::sse::{self, SseParser};
+use llmproxy_core::http::sse::{self, SseParser};
 
-type Parsed = (Vec<Bytes>, Option<Bytes>);
+type Parsed = (Vec<Vec<u8>>, Option<Vec<u8>>);
 
 /// The events and the rest of `stream`, fed to `p` in chunks ending at `cuts`.
 fn parse_with(mut p: SseParser, stream: &[u8], cuts: impl IntoIterator<Item = usize>) -> (Parsed, bool) {
@@ -77,11 +76,11 @@ fn reference(stream: &[u8]) -> Parsed {
     for (line, end) in lines(stream, true) {
         at += line.len() + end;
         if line.is_empty() && end > 0 {
-            events.push(Bytes::copy_from_slice(&stream[start..at]));
+            events.push(stream[start..at].to_vec());
             start = at;
         }
     }
-    let rest = (start < stream.len()).then(|| Bytes::copy_from_slice(&stream[start..]));
+    let rest = (start < stream.len()).then(|| stream[start..].to_vec());
     (events, rest)
 }
 
@@ -163,7 +162,7 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         assert_eq!(rest, None, "an overflowed parser keeps bytes");
     }
-    let largest = whole.0.iter().chain(whole.1.iter()).map(Bytes::len).max().unwrap_or(0);
+    let largest = whole.0.iter().chain(whole.1.iter()).map(Vec::len).max().unwrap_or(0);
     if largest < cap {
         assert!(!overflowed, "overflowed below the cap");
         assert_eq!((capped, rest), whole, "a cap no event reaches changed the events");

@@ -190,6 +190,18 @@ impl GatewayError {
         )
     }
 
+    /// A backend's stream event grew past `gateway.max_event_bytes`
+    /// without ending: 502 before the stream began, else the stream ends
+    /// with this error as its last event.
+    pub fn event_too_large() -> GatewayError {
+        GatewayError::new(
+            ErrorType::BackendError,
+            502,
+            "event_too_large",
+            "the backend sent a stream event larger than gateway.max_event_bytes",
+        )
+    }
+
     /// A client failed too many `what` checks (such as "API key") and must
     /// wait `wait_s` seconds (the auth throttle): 429.
     pub fn auth_throttled(what: &str, wait_s: u64) -> GatewayError {

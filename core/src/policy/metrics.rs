@@ -288,7 +288,7 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         "Upstream SSE events over gateway.max_event_bytes (the stream was ended).",
         &[],
-        Gateway,
+        Both,
     ),
     family(
         "llmproxy_usage_estimated_total",

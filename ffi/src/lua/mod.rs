@@ -47,7 +47,9 @@
 //! `healthz_body` (`GET /healthz`' body), `installed([true])` (a
 //! process-wide mark that a host installed an engine), and host rules from
 //! core: `usage`, `hop_by_hop`, `api_key`, `request_id`, `failure_step`
-//! (which hook shapes a failed request's response next, docs/adr/042).
+//! (which hook shapes a failed request's response next, docs/adr/042),
+//! `sse_parser`, `sse_with_data`, `sse_data_event` (a backend's event
+//! stream, as the gateway's relay reads it).
 //!
 //! The module runs in the host's Lua state (mlua `module` mode: LuaJIT comes
 //! from the host); scripts run in the engine's own sandbox states, never in
@@ -69,6 +71,7 @@ mod policy;
 mod protect;
 mod request_table;
 mod script_log;
+mod sse;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -638,6 +641,7 @@ fn gateway(lua: &Lua, this: &LuaEngine) -> mlua::Result<Table> {
     let t = lua.create_table_with_capacity(0, 7)?;
     t.raw_set("max_body_bytes", g.max_body_bytes)?;
     t.raw_set("max_response_bytes", g.max_response_bytes)?;
+    t.raw_set("max_event_bytes", g.max_event_bytes)?;
     t.raw_set("balancer", g.balancer.as_str())?;
     let retry = lua.create_table_with_capacity(0, 4)?;
     retry.raw_set("max_retries", g.retry.max_retries)?;
@@ -1457,6 +1461,12 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // connection and must not go upstream, or nil when there are none: the
     // core's rule, so nginx and the gateway drop the same names.
     exports.raw_set("hop_by_hop", lua.create_function(hop_headers::names)?)?;
+    // llmproxy.sse_parser(max_event_bytes), llmproxy.sse_with_data(event,
+    // data), llmproxy.sse_data_event(data): the core's server-sent events
+    // rules (`http::sse`, the gateway's relay's), see `sse.rs`.
+    exports.raw_set("sse_parser", lua.create_function(sse::new)?)?;
+    exports.raw_set("sse_with_data", lua.create_function(sse::with_data)?)?;
+    exports.raw_set("sse_data_event", lua.create_function(sse::data_event)?)?;
     let shared_request = shared.clone();
     exports.raw_set(
         "request",

@@ -50,8 +50,8 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
 /// seconds to wait of `auth_throttled` (for an API key), the
 /// detail of `invalid_json`, `invalid_field`, `body_unreadable`,
 /// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`
-/// (`no_backend`, `invalid_body`, `state_unavailable` and
-/// `response_too_large` take none); `hook_failed` takes the hook and the
+/// (`no_backend`, `invalid_body`, `state_unavailable`,
+/// `response_too_large` and `event_too_large` take none); `hook_failed` takes the hook and the
 /// error's kind.
 pub(crate) fn gateway_error(
     _: &Lua,
@@ -84,6 +84,7 @@ pub(crate) fn gateway_error(
         "backend_timeout" => GatewayError::backend_timeout(text()),
         "backend_failed" => GatewayError::backend_failed(text()),
         "response_too_large" => GatewayError::response_too_large(),
+        "event_too_large" => GatewayError::event_too_large(),
         "state_unavailable" => GatewayError::state_unavailable(),
         "auth_throttled" => GatewayError::auth_throttled("API key", number()),
         "hook_failed" => {

@@ -503,7 +503,7 @@ impl Exchange {
             UpstreamError::Io(m) => (GatewayError::backend_failed(m), retry.on_connect_error),
             UpstreamError::TooLarge => (GatewayError::response_too_large(), false),
             UpstreamError::InterimStatus(_) => (bound(&e, "backend_bad_status"), retry.on_connect_error),
-            UpstreamError::EventTooLarge => (bound(&e, "event_too_large"), false),
+            UpstreamError::EventTooLarge => (GatewayError::event_too_large(), false),
         };
         let f = self.failure_at(b, e.kind, e.status, e.code, e.message);
         if can_retry && retryable {

@@ -44,7 +44,6 @@ pub mod relay;
 pub mod reload;
 pub mod request_id;
 pub mod server;
-pub mod sse;
 pub mod state;
 pub mod throttle;
 pub mod upstream;

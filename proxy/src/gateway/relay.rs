@@ -35,9 +35,9 @@ use super::exchange::Exchange;
 use super::health::InFlight;
 use super::live::Live;
 use super::pipeline::{Denied, Timings};
-use super::sse::{self, SseParser};
 use super::upstream::{self, UpstreamError};
 use super::{headers, request_id, Shared};
+use llmproxy_core::http::sse::{self, SseParser};
 
 /// Frames buffered between the relay task and the client connection.
 const CHANNEL_FRAMES: usize = 16;
@@ -117,7 +117,7 @@ impl Events {
             Cow::Borrowed(_) => None,
         };
         let relay = |ev: Bytes| match &rewritten {
-            Some(d) => sse::with_data(&ev, d),
+            Some(d) => Bytes::from(sse::with_data(&ev, d)),
             None => ev,
         };
         let Some(value) = parsed.filter(|_| transform) else {
@@ -148,17 +148,22 @@ impl Events {
                     self.head = Some((rw.status_code, rw.headers));
                 }
                 match rw.body {
-                    Some(body) => Some(sse::with_data(&ev, &body)),
+                    Some(body) => Some(Bytes::from(sse::with_data(&ev, &body))),
                     None => Some(relay(ev)),
                 }
             }
             Err(d) => {
                 let msg = format!("the stream was stopped: the {} hook failed", d.hook);
                 self.denied = Some(d);
-                Some(sse::data_event(&error_body(&msg, HOOK_ERROR, HOOK_FAILED)))
+                Some(Bytes::from(sse::data_event(&error_body(&msg, HOOK_ERROR, HOOK_FAILED))))
             }
         }
     }
+}
+
+/// Events as the relay sends them (the parser's own buffers, not copied).
+fn frames(events: Vec<Vec<u8>>) -> Vec<Bytes> {
+    events.into_iter().map(Bytes::from).collect()
 }
 
 /// Run `process` where it may: with a response_transform script, inline
@@ -214,7 +219,7 @@ pub(crate) async fn start(
     while first.is_empty() {
         match upstream::next_chunk(&mut body, b.timeouts.idle, Some(deadline)).await? {
             Some(chunk) => {
-                first = parser.push(&chunk);
+                first = frames(parser.push(&chunk));
                 if parser.overflowed() {
                     ex.shared
                         .metrics
@@ -226,7 +231,7 @@ pub(crate) async fn start(
             }
             None => {
                 ended = true;
-                first.extend(std::mem::take(&mut parser).finish());
+                first.extend(std::mem::take(&mut parser).finish().map(Bytes::from));
                 break;
             }
         }
@@ -363,7 +368,7 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
             };
             let batch = match chunk {
                 Ok(Some(c)) => {
-                    let batch = parser.push(&c);
+                    let batch = frames(parser.push(&c));
                     if parser.overflowed() {
                         // Relay what completed, then end the stream.
                         log.shared
@@ -376,7 +381,11 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
                     batch
                 }
                 Ok(None) => {
-                    let rest: Vec<Bytes> = std::mem::take(&mut parser).finish().into_iter().collect();
+                    let rest: Vec<Bytes> = std::mem::take(&mut parser)
+                        .finish()
+                        .into_iter()
+                        .map(Bytes::from)
+                        .collect();
                     if !rest.is_empty() {
                         let Some((ev, _)) = forward(events, rest, &tx).await else {
                             return finish_lost(log, &b);
@@ -412,7 +421,7 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
             _ => "stream_interrupted",
         };
         let body = error_body(&e.message(), "backend_error", code);
-        let _ = tx.send(sse::data_event(&body)).await;
+        let _ = tx.send(Bytes::from(sse::data_event(&body))).await;
     }
     // Stop reading the backend now: dropping the body closes the upstream
     // connection (the client left, or the stream is over).

@@ -42,9 +42,7 @@ impl UpstreamError {
             UpstreamError::InterimStatus(status) => {
                 format!("the backend answered {status}, an interim (1xx) status, as its final response")
             }
-            UpstreamError::EventTooLarge => {
-                String::from("the backend sent a stream event larger than gateway.max_event_bytes")
-            }
+            UpstreamError::EventTooLarge => GatewayError::event_too_large().message,
         }
     }
 }

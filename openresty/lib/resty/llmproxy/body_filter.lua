@@ -5,7 +5,6 @@
 -- luacheck: globals ngx.status ngx.ctx ngx.header ngx.arg
 
 local ngx = ngx
-local sse = require "resty.llmproxy.sse"
 
 local next = next
 local concat = table.concat
@@ -15,7 +14,10 @@ local WARN = ngx.WARN
 local step = require("resty.llmproxy.hook").step
 local denied_failure = require("resty.llmproxy.failure").denied
 local error_body = require("resty.llmproxy.failure").body
+local known_failure = require("resty.llmproxy.failure").known
 local latency_ms = require("resty.llmproxy.util").latency_ms
+local metrics = require "resty.llmproxy.metrics"
+local W = require "resty.llmproxy.worker"
 
 local _M = {}
 
@@ -49,11 +51,11 @@ local function denied_body(err)
     return error_body(f.message, f.kind, f.code)
 end
 
--- One SSE event through the handle's event step (core's: usage capture,
--- the usage chunk only the module asked for removed, response_transform).
--- Returns the bytes to send (nil: drop the event).
-local function process_event(ctx, event)
-    local data = sse.data(event)
+-- One SSE event (its `data`, or false without a data line) through the
+-- handle's event step (core's: usage capture, the usage chunk only the
+-- module asked for removed, response_transform). Returns the bytes to send
+-- (nil: drop the event).
+local function process_event(ctx, event, data)
     if not data or data == "[DONE]" then
         return event
     end
@@ -63,8 +65,8 @@ local function process_event(ctx, event)
     local ev, err = step(ctx, "response_transform", RESPONSE_TRANSFORM, ctx.h.event, data, latency_ms(ctx))
     if err then
         ctx.sse_stopped = true
-        return sse.data_event(error_body("the stream was stopped: the response_transform hook failed",
-            "hook_error", "hook_failed"))
+        return ctx.state.llmproxy.sse_data_event(error_body(
+            "the stream was stopped: the response_transform hook failed", "hook_error", "hook_failed"))
     end
     if not ev then
         return event
@@ -74,13 +76,27 @@ local function process_event(ctx, event)
     end
     warn_head(ctx, ev.status, ev.headers)
     if ev.data then
-        return sse.with_data(event, ev.data)
+        return ctx.state.llmproxy.sse_with_data(event, ev.data)
     end
     return event
 end
 
+-- The stream's last event when an event grew past gateway.max_event_bytes
+-- without ending (the gateway's: the stream ends with this error).
+local function too_large_event(ctx)
+    ctx.sse_stopped, ctx.stream_failed = true, true
+    ngx_log(WARN, "llmproxy: request ", ctx.id, ": the backend sent a stream event larger than ",
+        ctx.state.max_event_bytes, " bytes; the stream was ended")
+    if W.store then
+        metrics.events_too_large(W.store)
+    end
+    local f = known_failure("event_too_large")
+    return ctx.state.llmproxy.sse_data_event(error_body(f.message, f.kind, f.code))
+end
+
 -- Relay an event stream: complete events are processed and sent as they
--- come; only an unfinished event is held back.
+-- come (the core's parser, `llmproxy.sse_parser`); only an unfinished
+-- event is held back, up to gateway.max_event_bytes.
 local function stream_filter(ctx)
     local chunk, eof = ngx.arg[1], ngx.arg[2]
     if ctx.sse_stopped then
@@ -88,22 +104,27 @@ local function stream_filter(ctx)
         return
     end
     local out, n = {}, 0
-    local events, count = sse.push(ctx.sse, chunk)
+    local events, datas, count, overflowed = ctx.sse:push(chunk)
     for i = 1, count do
-        local bytes = process_event(ctx, events[i])
+        local bytes = process_event(ctx, events[i], datas[i])
         if bytes then
             n = n + 1
             out[n] = bytes
         end
         if ctx.sse_stopped then
-            ngx.arg[2] = true -- truncate: nothing after the error event
             break
         end
     end
-    if eof and not ctx.sse_stopped then
-        local rest = sse.finish(ctx.sse)
+    if overflowed and not ctx.sse_stopped then
+        n = n + 1
+        out[n] = too_large_event(ctx)
+    end
+    if ctx.sse_stopped then
+        ngx.arg[2] = true -- truncate: nothing after the error event
+    elseif eof then
+        local rest, data = ctx.sse:finish()
         if rest then
-            local bytes = process_event(ctx, rest)
+            local bytes = process_event(ctx, rest, data)
             if bytes then
                 n = n + 1
                 out[n] = bytes

@@ -5,7 +5,6 @@
 -- luacheck: globals ngx.status ngx.ctx ngx.header ngx.arg
 
 local ngx = ngx
-local sse = require "resty.llmproxy.sse"
 local metrics = require "resty.llmproxy.metrics"
 local W = require "resty.llmproxy.worker"
 
@@ -126,7 +125,7 @@ function _M.run()
     end
     local transform = state.enabled.response_transform
     if ctx.h:answer_is_stream(status, content_type) then
-        ctx.sse = sse.new()
+        ctx.sse = state.llmproxy.sse_parser(state.max_event_bytes)
         ngx_header["Content-Length"] = nil
         if transform then
             ctx.sse_transform = true

@@ -184,6 +184,7 @@ local function load(config, opts)
         max_retries = tonumber(opts.max_retries) or gateway.retry.max_retries,
         max_body_bytes = tonumber(opts.max_body_bytes) or gateway.max_body_bytes,
         max_response_bytes = tonumber(opts.max_response_bytes) or gateway.max_response_bytes,
+        max_event_bytes = gateway.max_event_bytes, -- an unfinished stream event's bound
         apply_timeouts = opts.timeouts ~= false,
         -- What admission runs (auth, limits, the limits), as
         -- the gateway decides it; the keys are the config's.

@@ -328,6 +328,13 @@ function _M.state_skipped(m)
     incr(m, "ss", 1)
 end
 
+--- A backend's stream event grew past gateway.max_event_bytes (the
+-- stream was ended).
+-- @phases any
+function _M.events_too_large(m)
+    incr(m, "et", 1)
+end
+
 --- This worker's count of ignored result fields (`engine:ignored_fields()`).
 -- @phases any
 function _M.ignored_fields(m, stats)

@@ -1,9 +1,9 @@
-//! Server-sent events: splitting an upstream byte stream into events, and
-//! reading or replacing an event's `data`.
+//! Server-sent events: splitting a backend's byte stream into events, and
+//! reading or replacing an event's `data`. Every host relays streams
+//! through these rules: the gateway, and nginx through the Lua module's
+//! `llmproxy.sse_parser`.
 
 use std::borrow::Cow;
-
-use bytes::{Bytes, BytesMut};
 
 /// Splits a byte stream into complete events (each with its terminating
 /// blank line), however the stream was chunked. Lines end as the SSE spec
@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 /// ([`SseParser::finish`] returns it).
 #[derive(Debug)]
 pub struct SseParser {
-    buf: BytesMut,
+    buf: Vec<u8>,
     /// Where the scan of `buf` goes on, and what it knows there.
     scan: Scan,
     max: usize,
@@ -55,7 +55,7 @@ impl SseParser {
     /// A parser whose unfinished event may hold at most `max` bytes.
     pub fn with_max(max: usize) -> Self {
         SseParser {
-            buf: BytesMut::new(),
+            buf: Vec::new(),
             scan: Scan::START,
             max,
             overflowed: false,
@@ -64,19 +64,23 @@ impl SseParser {
 
     /// Add bytes; return the events they completed. Once overflowed, bytes
     /// are dropped.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<Vec<u8>> {
         if self.overflowed {
             return Vec::new();
         }
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
-        while let Some(end) = event_end(&self.buf, &mut self.scan) {
-            events.push(self.buf.split_to(end).freeze());
+        // Events are copied out and the buffer shifted once per push.
+        let mut start = 0;
+        while let Some(end) = event_end(&self.buf[start..], &mut self.scan) {
+            events.push(self.buf[start..start + end].to_vec());
+            start += end;
             self.scan = Scan::START;
         }
+        self.buf.drain(..start);
         if self.buf.len() > self.max {
             self.overflowed = true;
-            self.buf = BytesMut::new();
+            self.buf = Vec::new();
             self.scan = Scan::START;
         }
         events
@@ -89,8 +93,8 @@ impl SseParser {
 
     /// Whatever is left at the end of the stream: an unterminated event, or
     /// one ended by a CR the parser was holding (see [`SseParser`]).
-    pub fn finish(self) -> Option<Bytes> {
-        (!self.buf.is_empty()).then(|| self.buf.freeze())
+    pub fn finish(self) -> Option<Vec<u8>> {
+        (!self.buf.is_empty()).then_some(self.buf)
     }
 }
 
@@ -162,8 +166,8 @@ pub fn data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
 
 /// The event with its data replaced by `new_data` (one line of JSON); the
 /// other fields (`event:`, `id:`, comments) are kept.
-pub fn with_data(event: &[u8], new_data: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(new_data.len() + 16);
+pub fn with_data(event: &[u8], new_data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(new_data.len() + 16);
     for line in lines(event) {
         if line.is_empty() || line.starts_with(b"data:") {
             continue;
@@ -174,11 +178,11 @@ pub fn with_data(event: &[u8], new_data: &[u8]) -> Bytes {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(new_data);
     out.extend_from_slice(b"\n\n");
-    out.freeze()
+    out
 }
 
 /// An event carrying `data: <json>`.
-pub fn data_event(json: &[u8]) -> Bytes {
+pub fn data_event(json: &[u8]) -> Vec<u8> {
     with_data(b"", json)
 }
 
@@ -224,7 +228,7 @@ mod tests {
         let stream: &[u8] = b"data: a\n\ndata: b\r\n\r\n: c\n\r\ndata: d\r\n\ndata: e";
         for size in 1..stream.len() {
             let mut p = SseParser::default();
-            let events: Vec<Bytes> = stream.chunks(size).flat_map(|c| p.push(c)).collect();
+            let events: Vec<Vec<u8>> = stream.chunks(size).flat_map(|c| p.push(c)).collect();
             let want: [&[u8]; 4] = [b"data: a\n\n", b"data: b\r\n\r\n", b": c\n\r\n", b"data: d\r\n\n"];
             assert_eq!(events, want, "chunks of {size}");
             assert_eq!(p.finish().as_deref(), Some(&b"data: e"[..]));
@@ -244,12 +248,12 @@ mod tests {
     }
 
     /// The events and rest of `stream` fed whole and in every chunk size.
-    fn split_every_way(stream: &[u8]) -> (Vec<Bytes>, Option<Bytes>) {
+    fn split_every_way(stream: &[u8]) -> (Vec<Vec<u8>>, Option<Vec<u8>>) {
         let mut p = SseParser::default();
         let whole = (p.push(stream), p.finish());
         for size in 1..stream.len() {
             let mut p = SseParser::default();
-            let events: Vec<Bytes> = stream.chunks(size).flat_map(|c| p.push(c)).collect();
+            let events: Vec<Vec<u8>> = stream.chunks(size).flat_map(|c| p.push(c)).collect();
             assert_eq!((events, p.finish()), whole, "chunks of {size}: {stream:?}");
         }
         whole
