@@ -105,8 +105,10 @@ local function record_attempts(state, ctx)
     local verdict, latency_ms
     if not head and ngx.status == 499 then -- luacheck: ignore 542
         -- the client left before the backend answered: no verdict on it
-    elseif not head or not status or status >= 500 or ctx.stream_failed then
-        verdict = "failure" -- (a stream the module ended on a bound too, as the gateway's)
+    elseif not head or not status or status >= 500 or ctx.backend_failed then
+        -- (also an answer the module refused or cut on a bound, as the
+        -- gateway counts it)
+        verdict = "failure"
     else
         -- The latency the balancer weighs is the one the metric reports:
         -- to the whole answer, or to a stream's start (the gateway's).

@@ -84,7 +84,7 @@ end
 -- The stream's last event when an event grew past gateway.max_event_bytes
 -- without ending (the gateway's: the stream ends with this error).
 local function too_large_event(ctx)
-    ctx.sse_stopped, ctx.stream_failed = true, true
+    ctx.sse_stopped, ctx.backend_failed = true, true
     ngx_log(WARN, "llmproxy: request ", ctx.id, ": the backend sent a stream event larger than ",
         ctx.state.max_event_bytes, " bytes; the stream was ended")
     if W.store then

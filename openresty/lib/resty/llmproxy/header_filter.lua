@@ -146,6 +146,7 @@ function _M.run()
     if length and length > state.max_response_bytes then
         local f = known_failure("response_too_large")
         f.backend_url, f.retry_count = ctx.backend.url, ctx.tries - 1
+        ctx.backend_failed = true
         return shape_failure(ctx, f, true, status)
     end
     -- Whatever its Content-Type says, the answer is read whole: the core

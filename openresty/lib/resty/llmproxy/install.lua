@@ -82,7 +82,6 @@ local function resolve_config(config)
     return under_prefix(config) or config
 end
 
--- Build a complete new state; nothing is replaced unless everything worked.
 -- nginx decides whether a failed try is retried (proxy_next_upstream)
 -- before the balancer runs: `gateway.retry` reaches it only through that
 -- directive. The setup's line is the default policy's; say which line
@@ -100,6 +99,7 @@ local function warn_retry(retry)
     end
 end
 
+-- Build a complete new state; nothing is replaced unless everything worked.
 local function load(config, opts)
     opts = opts or {}
     config = resolve_config(config)
