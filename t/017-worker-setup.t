@@ -225,3 +225,38 @@ a
 --- no_error_log
 gateway.retry
 [error]
+
+
+
+=== TEST 9: active health probes (health.probe_interval_ms): a backend that does not answer is marked unhealthy without a request; one that answers 2xx stays healthy
+--- http_config
+    init_worker_by_lua_block {
+        require("resty.llmproxy").init_worker("html/llmproxy.yaml")
+    }
+--- config
+    location = /probe/ok {
+        return 200 "ok";
+    }
+    location = /t {
+        content_by_lua_block {
+            ngx.sleep(0.8) -- several probe rounds of 100 ms
+            ngx.say("slept")
+        }
+    }
+--- user_files
+>>> llmproxy.yaml
+backends:
+  - {name: live, url: "http://127.0.0.1:$TEST_NGINX_SERVER_PORT"}
+  - {name: dead, url: "http://127.0.0.1:9"}
+gateway:
+  health: {probe_interval_ms: 100, probe_path: /probe/ok, probe_timeout_ms: 200, failures_to_unhealthy: 3}
+--- request
+GET /t
+--- response_body
+slept
+--- error_log
+llmproxy: backend 'dead' marked unhealthy after 3 failures
+--- no_error_log
+backend 'live' marked unhealthy
+cannot start the health probe timer
+[crit]

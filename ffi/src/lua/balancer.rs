@@ -10,6 +10,7 @@
 //! local i = bal:pick(now_ms, skip, group)  -- skip: nil or {[i] = true}; group: nil or a group
 //! local healthy, latency_ms, active = bal:begin(i)
 //! local healthy, latency_ms, active, change, failures = bal:finish(i, "success" | "failure" | nil, now_ms, latency_ms)
+//! local healthy, latency_ms, active, change, failures = bal:probed(i, "success" | "failure", now_ms)
 //! local healthy, latency_ms, active = bal:view(i)
 //! ```
 
@@ -35,7 +36,41 @@ fn tuple(v: BackendView) -> ViewTuple {
     (v.healthy, v.latency_ms, v.active)
 }
 
+/// What `finish` and `probed` return: the backend's view, and its health
+/// change with the failures in a row that made it.
+type VerdictTuple = (bool, f64, u64, Option<&'static str>, Option<u32>);
+
 impl LuaBalancer {
+    /// Apply `verdict` to backend `i` (0-based).
+    fn verdict(
+        &self,
+        i: usize,
+        verdict: Option<&str>,
+        now_ms: f64,
+        latency_ms: Option<f64>,
+    ) -> mlua::Result<VerdictTuple> {
+        let change = {
+            let mut set = self.set.borrow_mut();
+            match verdict {
+                Some("success") => set.success(i, latency_ms),
+                Some("failure") => set.failure(i, now_ms),
+                None => None,
+                Some(other) => {
+                    return Err(mlua::Error::runtime(format!(
+                        "llmproxy.balancer: verdict '{other}' (success, failure or nil)"
+                    )))
+                }
+            }
+        };
+        let (healthy, latency_ms, active) = self.view(i);
+        let (change, failures) = match change {
+            Some(HealthChange::Unhealthy { failures }) => (Some("unhealthy"), Some(failures)),
+            Some(HealthChange::Healthy) => (Some("healthy"), None),
+            None => (None, None),
+        };
+        Ok((healthy, latency_ms, active, change, failures))
+    }
+
     /// The 0-based index of 1-based `i`, when it names a backend.
     fn index(&self, i: i64) -> mlua::Result<usize> {
         usize::try_from(i - 1)
@@ -82,27 +117,17 @@ impl UserData for LuaBalancer {
             "finish",
             |_, this, (i, verdict, now_ms, latency_ms): (i64, Option<mlua::BorrowedStr>, f64, Option<f64>)| {
                 let i = this.index(i)?;
-                let change = {
-                    let mut set = this.set.borrow_mut();
-                    set.end(i);
-                    match verdict.as_deref() {
-                        Some("success") => set.success(i, latency_ms),
-                        Some("failure") => set.failure(i, now_ms),
-                        None => None,
-                        Some(other) => {
-                            return Err(mlua::Error::runtime(format!(
-                                "llmproxy.balancer: finish: verdict '{other}' (success, failure or nil)"
-                            )))
-                        }
-                    }
-                };
-                let (healthy, latency_ms, active) = this.view(i);
-                let (change, failures) = match change {
-                    Some(HealthChange::Unhealthy { failures }) => (Some("unhealthy"), Some(failures)),
-                    Some(HealthChange::Healthy) => (Some("healthy"), None),
-                    None => (None, None),
-                };
-                Ok((healthy, latency_ms, active, change, failures))
+                this.set.borrow_mut().end(i);
+                this.verdict(i, verdict.as_deref(), now_ms, latency_ms)
+            },
+        );
+        // An active probe of backend `i` (no request of its own in flight)
+        // ended with `verdict` ("success" or "failure") -> as `finish`.
+        methods.add_method(
+            "probed",
+            |_, this, (i, verdict, now_ms): (i64, mlua::BorrowedStr, f64)| {
+                let i = this.index(i)?;
+                this.verdict(i, Some(&verdict), now_ms, None)
             },
         );
         methods.add_method("view", |_, this, i: i64| Ok(this.view(this.index(i)?)));

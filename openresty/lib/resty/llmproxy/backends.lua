@@ -232,16 +232,36 @@ end
 -- @treturn number latency EWMA (ms)
 -- @treturn number requests in flight
 -- @phases any
+-- Say that `b`'s health changed (the balancer's `change`), and bump the
+-- set's version (routing's globals are rebuilt).
+local function changed(set, b, change, failures)
+    set.version = set.version + 1
+    if change == "unhealthy" then
+        ngx.log(ngx.WARN, "llmproxy: backend '", b.name, "' marked unhealthy after ", failures, " failures")
+    else
+        ngx.log(ngx.NOTICE, "llmproxy: backend '", b.name, "' is healthy again")
+    end
+end
+
 function _M.finish(set, b, verdict, latency_ms)
     local healthy, ewma, active, change, failures = set.balancer:finish(b.index, verdict, ngx_now() * 1000,
         latency_ms)
     if change then
-        set.version = set.version + 1
-        if change == "unhealthy" then
-            ngx.log(ngx.WARN, "llmproxy: backend '", b.name, "' marked unhealthy after ", failures, " failures")
-        else
-            ngx.log(ngx.NOTICE, "llmproxy: backend '", b.name, "' is healthy again")
-        end
+        changed(set, b, change, failures)
+    end
+    return healthy, ewma, active
+end
+
+--- An active probe of `b` ended: `verdict` "success" (a 2xx to
+-- `health.probe_path`) or "failure"; counts as a request's would.
+-- @treturn boolean healthy
+-- @treturn number latency EWMA (ms)
+-- @treturn number requests in flight
+-- @phases any
+function _M.probed(set, b, verdict)
+    local healthy, ewma, active, change, failures = set.balancer:probed(b.index, verdict, ngx_now() * 1000)
+    if change then
+        changed(set, b, change, failures)
     end
     return healthy, ewma, active
 end

@@ -5,6 +5,7 @@
 
 local ngx = ngx
 local metrics = require "resty.llmproxy.metrics"
+local probe = require "resty.llmproxy.probe"
 local backends = require "resty.llmproxy.backends"
 local W = require "resty.llmproxy.worker"
 
@@ -185,6 +186,7 @@ local function load(config, opts)
         max_body_bytes = tonumber(opts.max_body_bytes) or gateway.max_body_bytes,
         max_response_bytes = tonumber(opts.max_response_bytes) or gateway.max_response_bytes,
         max_event_bytes = gateway.max_event_bytes, -- an unfinished stream event's bound
+        health = gateway.health, -- passive rules (the balancer's) and active probes (`probe`)
         apply_timeouts = opts.timeouts ~= false,
         -- What admission runs (auth, limits, the limits), as
         -- the gateway decides it; the keys are the config's.
@@ -249,6 +251,7 @@ local function install(config, opts)
     end
     W.current = state
     state.llmproxy.installed(true)
+    probe.start(state.health.probe_interval_ms)
     local dict = state.limits_dict
     if state.redis then
         -- Redis holds the usage (started as the gateway starts it).
