@@ -16,6 +16,7 @@ local ipairs = ipairs
 local tostring = tostring
 local tonumber = tonumber
 local match = string.match
+local find = string.find
 local tcp = ngx.socket.tcp
 local ngx_log = ngx.log
 local ERR = ngx.ERR
@@ -26,7 +27,10 @@ local _M = {}
 -- config headers, as the gateway sends it.
 local function request(b, path)
     local host = b.host
-    if b.port and tostring(b.port) ~= "80" then
+    if find(host, ":", 1, true) then
+        host = "[" .. host .. "]" -- IPv6
+    end
+    if b.port ~= 80 then
         host = host .. ":" .. tostring(b.port)
     end
     local req, n = { "GET ", path, " HTTP/1.1\r\nHost: ", host, "\r\n" }, 5
