@@ -16,6 +16,7 @@ local denied_failure = require("resty.llmproxy.failure").denied
 local error_body = require("resty.llmproxy.failure").body
 local known_failure = require("resty.llmproxy.failure").known
 local latency_ms = require("resty.llmproxy.util").latency_ms
+local is_json = require("resty.llmproxy.util").is_json
 local metrics = require "resty.llmproxy.metrics"
 local W = require "resty.llmproxy.worker"
 
@@ -178,7 +179,7 @@ local function json_filter(state, ctx)
         ngx.arg[1] = denied_body(err) -- the status is already sent: the body says what happened
         return
     end
-    if not h:answer_parsed() then
+    if not h:answer_parsed() and is_json(ngx.header["Content-Type"]) then
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": the backend's JSON response is not valid JSON; ",
             "passed through")
     end

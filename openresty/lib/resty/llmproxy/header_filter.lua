@@ -16,7 +16,6 @@ local ngx_header = ngx.header
 local req_get_headers = ngx.req.get_headers
 local resp_get_headers = ngx.resp.get_headers
 local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
-local is_json = require("resty.llmproxy.util").is_json
 local request_id = require("resty.llmproxy.util").request_id
 local apply_response_headers = require("resty.llmproxy.failure").apply_response_headers
 local classify_error = require("resty.llmproxy.failure").classify
@@ -54,7 +53,11 @@ local function shape_failure(ctx, f, replace, status)
     local state = ctx.state
     local facts = failure_facts(ctx, f)
     facts.source = replace and "gateway" or "upstream"
-    facts.json_body = is_json(ngx_header["Content-Type"]) and not ngx_header["Content-Encoding"]
+    -- Whether the answer is JSON is for the core to read (it parses the
+    -- buffered body and passes what is not JSON through as it came, as the
+    -- gateway does), whatever its Content-Type says; only a compressed
+    -- one cannot be read.
+    facts.json_body = not ngx_header["Content-Encoding"]
     facts.response_transform = (state.enabled.response_transform and ctx.api and ctx.h) and true or false
     local step = state.llmproxy.failure_step(facts)
     local new_status, body, headers
