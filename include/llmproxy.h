@@ -627,8 +627,10 @@ llmp_result llmp_handle_event(const llmp_engine *engine,
 
 /**
  * The usage step, after the answer was sent: the usage hook on the
- * backend's usage (zeros when it reported none) and what the request is
- * charged. Never fails because of the script: a failing one records the
+ * backend's usage (for a stream whose usage never came, the core's
+ * estimate from the request's text and the events passed to
+ * `llmp_handle_event`, marked `"estimated": true`; else zeros when it
+ * reported none) and what the request is charged. Never fails because of the script: a failing one records the
  * backend's usage (see `llmp_handle_fell_back`).
  *
  * On success returns `LLMP_OK` and stores in `*json`, `*json_len` a

@@ -161,6 +161,8 @@ pub struct Billing {
     /// The record (the hook's, else `usage`) as every host logs it and the
     /// ledger stores it ([`usage::record_json`]).
     pub record_json: String,
+    /// The tokens are the core's estimate: the stream's usage never came.
+    pub estimated: bool,
 }
 
 impl Billing {
@@ -190,6 +192,9 @@ pub struct RequestHandle {
     status: u16,
     latency_ms: f64,
     usage: Option<Value>,
+    /// A stream's content events relayed so far (each `data` but
+    /// `[DONE]`): what an estimate charges when its usage never comes.
+    relayed: u64,
     /// The last step called its hook's script.
     called: bool,
 }
@@ -208,6 +213,7 @@ impl RequestHandle {
             status: 0,
             latency_ms: 0.0,
             usage: None,
+            relayed: 0,
             called: false,
         }
     }
@@ -391,6 +397,9 @@ impl RequestHandle {
     /// too late to apply, as in the gateway).
     pub fn event(&mut self, engine: &Engine, data: &[u8], latency_ms: f64) -> Step<StreamEvent> {
         self.latency_ms = latency_ms;
+        if data != b"[DONE]" {
+            self.relayed += 1;
+        }
         let transform = self.api.is_some() && engine.is_enabled(HookName::ResponseTransform);
         let event = sse::event(data, self.strip_usage, transform);
         let usage_body = event.usage_body(data);
@@ -460,11 +469,35 @@ impl RequestHandle {
         }
     }
 
-    /// The `usage` hook on the backend's usage (zeros when it reported
-    /// none), and the charge that follows. Never denies (see the module).
+    /// How many content events of the stream the host relayed (each
+    /// `data` but `[DONE]`), for a host that does not hand every event to
+    /// [`RequestHandle::event`] (which counts those it gets): an estimate
+    /// charges them when the stream's usage never came.
+    pub fn relayed_events(&mut self, events: u64) {
+        self.relayed = self.relayed.max(events);
+    }
+
+    /// The usage of the answer: the backend's; for an API stream whose
+    /// usage never came (the client left first, or the backend sent none),
+    /// the core's estimate ([`crate::usage_estimate`], `"estimated": true`);
+    /// else zeros.
+    fn answer_usage(&self) -> Value {
+        if let Some(u) = &self.usage {
+            return u.clone();
+        }
+        let stream = self.response.as_ref().is_some_and(|r| r.is_stream);
+        if stream && self.api.is_some() {
+            return crate::usage_estimate::estimated_usage(&self.request.body, self.relayed);
+        }
+        usage::zero_usage()
+    }
+
+    /// The `usage` hook on the answer's usage (the backend's; an estimate
+    /// for a stream whose usage never came; zeros when it reported none),
+    /// and the charge that follows. Never denies (see the module).
     pub fn usage(&mut self, engine: &Engine) -> Step<Billing> {
         self.called = engine.is_enabled(HookName::Usage);
-        let raw = self.usage.clone().unwrap_or_else(usage::zero_usage);
+        let raw = self.answer_usage();
         let null_response;
         let response = match &self.response {
             Some(r) => r,
@@ -499,11 +532,13 @@ impl RequestHandle {
                 UsageRecord::Raw => (usage::charge(&raw, None), false, usage::record_json(&raw)),
                 UsageRecord::Custom(c) => (usage::charge(&raw, Some(&c)), true, c.into_json()),
             };
+            let estimated = crate::small_object::get(&raw, "estimated") == Some(&Value::Bool(true));
             Billing {
                 usage: raw,
                 custom,
                 charge,
                 record_json,
+                estimated,
             }
         })
     }

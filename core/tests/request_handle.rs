@@ -216,6 +216,52 @@ fn a_stream_asks_for_usage_and_hides_it_from_the_client() {
 }
 
 #[test]
+fn a_stream_whose_usage_never_comes_is_charged_an_estimate() {
+    let engine = engine(&[]);
+    // "你好 there": 12 bytes of prompt text -> 3 tokens.
+    let body = json!({"model": "gpt-4", "stream": true, "messages": [{"role": "user", "content": "你好 there"}]});
+    // (events the handle gets, events the host says it relayed, completion tokens)
+    let cases: [(usize, Option<u64>, u64); 3] = [(2, None, 2), (1, Some(5), 5), (3, Some(1), 3)];
+    for (given, told, completion) in cases {
+        let mut h = handle(body.clone());
+        ran(h.upstream(&engine, "http://b"));
+        h.stream(200, Vec::new());
+        for _ in 0..given {
+            ran(h.event(&engine, br#"{"choices":[{"delta":{"content":"a"}}]}"#, 1.0));
+        }
+        ran(h.event(&engine, b"[DONE]", 1.0));
+        if let Some(n) = told {
+            h.relayed_events(n);
+        }
+        let billing = ran(h.usage(&engine));
+        assert!(billing.estimated, "{given} {told:?}");
+        assert_eq!(
+            billing.usage,
+            json!({"prompt_tokens": 3, "completion_tokens": completion, "total_tokens": 3 + completion, "estimated": true}),
+            "{given} {told:?}"
+        );
+    }
+    // A stream whose usage came is charged what the backend said.
+    let mut h = handle(body);
+    ran(h.upstream(&engine, "http://b"));
+    h.stream(200, Vec::new());
+    ran(h.event(
+        &engine,
+        br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+        1.0,
+    ));
+    let billing = ran(h.usage(&engine));
+    assert!(!billing.estimated);
+    assert_eq!(billing.charge.total_tokens, 3);
+    // A whole answer without usage is zeros, not an estimate.
+    let mut h = handle(json!({"model": "gpt-4"}));
+    ran(h.respond(&engine, 200, Vec::new(), br#"{"choices":[]}"#, 1.0));
+    let billing = ran(h.usage(&engine));
+    assert!(!billing.estimated);
+    assert_eq!(billing.charge.total_tokens, 0);
+}
+
+#[test]
 fn a_failing_hook_falls_back_or_denies_by_its_policy() {
     let failing = "error('boom')";
     let body = json!({"model": "gpt-4"});

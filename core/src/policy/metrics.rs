@@ -295,7 +295,7 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         "Usage records with estimated tokens (the backend's usage never came).",
         &[],
-        Gateway,
+        Both,
     ),
     family(
         "llmproxy_hook_queue_depth",

@@ -18,8 +18,11 @@
 //! h:stream(status, headers)            -- a stream's answer begins, then per event:
 //! local ev, err = h:event(data, latency_ms)  -- { data = text|nil (as it came),
 //!                                      --   drop = bool, status =, headers = }
-//! local b, err = h:usage(status?)      -- status: the client's, when the
-//!                                      -- handle saw no answer; { record_json = text
+//! local b, err = h:usage(status?, relayed?)  -- status: the client's, when the
+//!                                      -- handle saw no answer; relayed: a stream's
+//!                                      -- content events relayed (its usage never
+//!                                      -- came: the core estimates, estimated = true);
+//!                                      -- { record_json = text
 //!                                      --   (the usage hook's record, else the backend's usage),
 //!                                      --   billable_tokens =, limit_tokens =, ..., metrics = {...} }
 //!                                      -- (llmproxy.usage_charge's table)
@@ -282,9 +285,12 @@ impl UserData for LuaHandle {
                 },
             )
         });
-        methods.add_method_mut("usage", |lua, this, status: Option<u16>| {
+        methods.add_method_mut("usage", |lua, this, (status, relayed): (Option<u16>, Option<u64>)| {
             if let Some(status) = status {
                 this.handle.answered(status);
+            }
+            if let Some(n) = relayed {
+                this.handle.relayed_events(n);
             }
             let mut charged = None;
             let out = this.step(
@@ -294,6 +300,9 @@ impl UserData for LuaHandle {
                     // With the record (the script's, else the backend's
                     // usage) as every host logs it and the ledger stores it.
                     let t = charge_table(lua, &shared.charge_keys, &b.charge, Some(&b.record_json))?;
+                    if b.estimated {
+                        t.raw_set("estimated", true)?;
+                    }
                     charged = Some((b.charge, b.record_json));
                     Ok(Value::Table(t))
                 },

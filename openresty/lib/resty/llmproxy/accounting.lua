@@ -35,14 +35,19 @@ local pool_stats_at = 0
 local USAGE = { "recording the raw usage", "recording the raw usage" }
 
 -- The handle's usage step (core's: the usage hook on the backend's usage,
--- zeros when it reported none, and the charge that follows); the record
--- (JSON text from core) goes to the log, the charge to the quota (shared
--- dict or Redis) and the metrics; the handle keeps both for the ledger row.
+-- an estimate from the content events relayed for a stream whose usage
+-- never came, zeros when it reported none, and the charge that follows);
+-- the record (JSON text from core) goes to the log, the charge to the quota
+-- (shared dict or Redis) and the metrics; the handle keeps both for the
+-- ledger row.
 local function record_usage(state, ctx)
     local backend = ctx.backend
-    local charge = step(ctx, "usage", USAGE, ctx.h.usage, ctx.status or ngx.status)
+    local charge = step(ctx, "usage", USAGE, ctx.h.usage, ctx.status or ngx.status, ctx.sse_relayed)
     if not charge then
         return
+    end
+    if charge.estimated and W.store then
+        metrics.usage_estimated(W.store)
     end
     ctx.usage_json = charge.record_json
     local billable = charge.billable_tokens

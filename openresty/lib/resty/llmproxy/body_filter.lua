@@ -82,6 +82,15 @@ local function process_event(ctx, event, data)
     return event
 end
 
+-- Count a content event of the stream (a `data` but `[DONE]`), as the
+-- gateway counts them: what the core's estimate charges when the stream's
+-- usage never comes (the client left first, or the backend sent none).
+local function relayed(ctx, data)
+    if data and data ~= "[DONE]" then
+        ctx.sse_relayed = (ctx.sse_relayed or 0) + 1
+    end
+end
+
 -- The stream's last event when an event grew past gateway.max_event_bytes
 -- without ending (the gateway's: the stream ends with this error).
 local function too_large_event(ctx)
@@ -107,6 +116,7 @@ local function stream_filter(ctx)
     local out, n = {}, 0
     local events, datas, count, overflowed = ctx.sse:push(chunk)
     for i = 1, count do
+        relayed(ctx, datas[i])
         local bytes = process_event(ctx, events[i], datas[i])
         if bytes then
             n = n + 1
@@ -125,6 +135,7 @@ local function stream_filter(ctx)
     elseif eof then
         local rest, data = ctx.sse:finish()
         if rest then
+            relayed(ctx, data)
             local bytes = process_event(ctx, rest, data)
             if bytes then
                 n = n + 1

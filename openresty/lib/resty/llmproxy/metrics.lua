@@ -328,6 +328,13 @@ function _M.state_skipped(m)
     incr(m, "ss", 1)
 end
 
+--- A usage record's tokens are the core's estimate (a stream's usage
+-- never came).
+-- @phases any
+function _M.usage_estimated(m)
+    incr(m, "ue", 1)
+end
+
 --- A backend's stream event grew past gateway.max_event_bytes (the
 -- stream was ended).
 -- @phases any

@@ -253,6 +253,8 @@ function _M.render(m, backends)
     out[#out + 1] = "llmproxy_state_errors_total " .. num(values.se or 0)
     out[#out + 1] = HEAD.llmproxy_state_skipped_total
     out[#out + 1] = "llmproxy_state_skipped_total " .. num(values.ss or 0)
+    out[#out + 1] = HEAD.llmproxy_usage_estimated_total
+    out[#out + 1] = "llmproxy_usage_estimated_total " .. num(values.ue or 0)
     out[#out + 1] = HEAD.llmproxy_sse_events_too_large_total
     out[#out + 1] = "llmproxy_sse_events_too_large_total " .. num(values.et or 0)
     if next(gauges.l) then
