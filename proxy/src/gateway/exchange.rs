@@ -524,8 +524,9 @@ impl Exchange {
         let b = &plan.backend;
         let uri = b.uri(&self.path_and_query)?;
         let mut h = headers::upstream(&self.client_headers, self.endpoint.is_api());
-        // The backend's host, unless a script or the backend's config sets
-        // one below (the HTTP client only fills in a missing one).
+        // The backend's host, unless the backend's config names one below
+        // (no script may set it: the engine drops it from a result; the
+        // HTTP client only fills in a missing one).
         h.insert(header::HOST, b.host.clone());
         if self.live.auth_on {
             // The client's key is the gateway's, never the backend's.
