@@ -397,7 +397,7 @@ impl RequestHandle {
     /// too late to apply, as in the gateway).
     pub fn event(&mut self, engine: &Engine, data: &[u8], latency_ms: f64) -> Step<StreamEvent> {
         self.latency_ms = latency_ms;
-        if data != b"[DONE]" {
+        if crate::http::sse::is_content(data) {
             self.relayed += 1;
         }
         let transform = self.api.is_some() && engine.is_enabled(HookName::ResponseTransform);
@@ -482,14 +482,18 @@ impl RequestHandle {
     /// the core's estimate ([`crate::usage_estimate`], `"estimated": true`);
     /// else zeros.
     fn answer_usage(&self) -> Value {
-        if let Some(u) = &self.usage {
-            return u.clone();
-        }
         let stream = self.response.as_ref().is_some_and(|r| r.is_stream);
-        if stream && self.api.is_some() {
-            return crate::usage_estimate::estimated_usage(&self.request.body, self.relayed);
-        }
-        usage::zero_usage()
+        let usage = if stream {
+            crate::usage_estimate::stream_usage(
+                self.usage.clone(),
+                self.api.is_some(),
+                &self.request.body,
+                self.relayed,
+            )
+        } else {
+            self.usage.clone()
+        };
+        usage.unwrap_or_else(usage::zero_usage)
     }
 
     /// The `usage` hook on the answer's usage (the backend's; an estimate
@@ -532,7 +536,7 @@ impl RequestHandle {
                 UsageRecord::Raw => (usage::charge(&raw, None), false, usage::record_json(&raw)),
                 UsageRecord::Custom(c) => (usage::charge(&raw, Some(&c)), true, c.into_json()),
             };
-            let estimated = crate::small_object::get(&raw, "estimated") == Some(&Value::Bool(true));
+            let estimated = crate::usage_estimate::is_estimated(&raw);
             Billing {
                 usage: raw,
                 custom,

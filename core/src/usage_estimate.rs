@@ -48,6 +48,23 @@ pub fn estimated_usage(request_body: &Value, content_events: u64) -> Value {
     })
 }
 
+/// The usage a finished stream is charged: what the backend `reported`;
+/// when it never came, for an API call, the estimate of its
+/// `content_events` ([`estimated_usage`]); else none.
+pub fn stream_usage(
+    reported: Option<Value>,
+    api_call: bool,
+    request_body: &Value,
+    content_events: u64,
+) -> Option<Value> {
+    reported.or_else(|| api_call.then(|| estimated_usage(request_body, content_events)))
+}
+
+/// Whether `usage` is an estimate ([`estimated_usage`] marks it).
+pub fn is_estimated(usage: &Value) -> bool {
+    crate::small_object::get(usage, "estimated") == Some(&Value::Bool(true))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

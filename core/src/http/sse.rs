@@ -142,6 +142,13 @@ fn event_end(buf: &[u8], scan: &mut Scan) -> Option<usize> {
     None
 }
 
+/// Whether `data`, an event's `data`, is content: anything but the
+/// stream's end marker `[DONE]`. Content events are what a usage estimate
+/// charges ([`crate::usage_estimate`]) when a stream's usage never comes.
+pub fn is_content(data: &[u8]) -> bool {
+    data != b"[DONE]"
+}
+
 /// The `data` of an event (several `data:` lines joined by `\n`), or `None`
 /// when the event has no data line (a comment, a bare `event:`).
 pub fn data(event: &[u8]) -> Option<Cow<'_, [u8]>> {

@@ -63,7 +63,7 @@ impl<'a> Event<'a> {
 /// `parse`, the event is parsed whenever it is JSON (the host runs
 /// `response_transform` on it); without, only as far as its `usage` needs.
 pub fn event(data: &[u8], strip_usage: bool, parse: bool) -> Event<'_> {
-    if data == b"[DONE]" {
+    if !crate::http::sse::is_content(data) {
         return Event::pass(Cow::Borrowed(data));
     }
     let mentions = memmem::find_iter(data, b"\"usage\"").take(2).count();

@@ -51,8 +51,8 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
 /// detail of `invalid_json`, `invalid_field`, `body_unreadable`,
 /// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`
 /// (`no_backend`, `invalid_body`, `state_unavailable`,
-/// `response_too_large` and `event_too_large` take none); `hook_failed` takes the hook and the
-/// error's kind.
+/// `response_too_large` and `event_too_large` take none); `hook_failed`
+/// takes the hook and the error's kind.
 pub(crate) fn gateway_error(
     _: &Lua,
     (name, arg, arg2): (mlua::BorrowedStr, Option<mlua::Value>, Option<String>),

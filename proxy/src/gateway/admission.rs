@@ -763,7 +763,7 @@ impl UsageJob {
             started,
             ..
         } = inner;
-        let estimated = llmproxy_core::small_object::get(&raw, "estimated") == Some(&Value::Bool(true));
+        let estimated = llmproxy_core::usage_estimate::is_estimated(&raw);
         if estimated {
             shared
                 .metrics

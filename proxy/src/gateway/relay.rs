@@ -95,7 +95,7 @@ impl Events {
         let Some(data) = sse::data(&ev) else {
             return Some(ev);
         };
-        if data.as_ref() == b"[DONE]" {
+        if !sse::is_content(&data) {
             return Some(ev);
         }
         self.relayed += 1;
@@ -452,13 +452,14 @@ async fn relay(rest: Rest, mut events: Events, tx: mpsc::Sender<Bytes>, start: S
         "request"
     );
     if let Some(ticket) = log.ticket.take() {
-        // No usage chunk (the client left first, or the backend never sent
-        // one): charge an estimate of what was relayed.
-        let usage = events.usage.take().or_else(|| {
-            start
-                .transform
-                .then(|| llmproxy_core::usage_estimate::estimated_usage(&log.info.body, events.relayed))
-        });
+        // The backend's usage; without its chunk (the client left first,
+        // or the backend never sent one), an estimate of what was relayed.
+        let usage = llmproxy_core::usage_estimate::stream_usage(
+            events.usage.take(),
+            start.transform,
+            &log.info.body,
+            events.relayed,
+        );
         let response = ResponseInfo {
             status_code: events.status,
             body: events.usage_body.take().unwrap_or_default().into(),

@@ -225,13 +225,6 @@ function _M.begin(set, b)
     return set.balancer:begin(b.index)
 end
 
---- The request sent to `b` ended: `verdict` "success" (its head came
--- `latency_ms` after it was sent), "failure" (connect error, timeout,
--- 5xx), or nil (no verdict: the client left first).
--- @treturn boolean healthy
--- @treturn number latency EWMA (ms)
--- @treturn number requests in flight
--- @phases any
 -- Say that `b`'s health changed (the balancer's `change`), and bump the
 -- set's version (routing's globals are rebuilt).
 local function changed(set, b, change, failures)
@@ -243,6 +236,14 @@ local function changed(set, b, change, failures)
     end
 end
 
+--- The request sent to `b` ended: `verdict` "success" (its whole answer,
+-- or a stream's start, came `latency_ms` after it was sent), "failure"
+-- (connect error, timeout, 5xx, an answer cut on a bound), or nil (no
+-- verdict: the client left first).
+-- @treturn boolean healthy
+-- @treturn number latency EWMA (ms)
+-- @treturn number requests in flight
+-- @phases any
 function _M.finish(set, b, verdict, latency_ms)
     local healthy, ewma, active, change, failures = set.balancer:finish(b.index, verdict, ngx_now() * 1000,
         latency_ms)

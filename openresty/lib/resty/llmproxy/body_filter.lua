@@ -82,9 +82,11 @@ local function process_event(ctx, event, data)
     return event
 end
 
--- Count a content event of the stream (a `data` but `[DONE]`), as the
--- gateway counts them: what the core's estimate charges when the stream's
--- usage never comes (the client left first, or the backend sent none).
+-- Count a content event of the stream (a `data` but `[DONE]`: core's
+-- `http::sse::is_content`, written out here because only this loop knows
+-- which events it relayed: none after a stop), as the gateway counts them:
+-- what the core's estimate charges when the stream's usage never comes
+-- (the client left first, or the backend sent none).
 local function relayed(ctx, data)
     if data and data ~= "[DONE]" then
         ctx.sse_relayed = (ctx.sse_relayed or 0) + 1
