@@ -538,9 +538,13 @@ llmp_result llmp_handle_upstream(const llmp_engine *engine,
 
 /**
  * The response_transform step on a backend's whole (non-stream) answer:
- * `status`, its headers as a JSON object of strings (`headers_json`,
- * `headers_len`; NULL for none), its body as it came, and `latency_ms`
- * since the request went upstream (scripts see it). The body is parsed
+ * `status`, its headers as a JSON object (`headers_json`, `headers_len`;
+ * NULL for none) whose values are strings (or numbers), or arrays of
+ * strings for a header sent more than once, its body as it came, and `latency_ms`
+ * since the request went upstream (scripts see it). Scripts see the
+ * headers as in every host: names in Title-Case, repeated values joined
+ * with `, `, without `Content-Length` and hop-by-hop headers (which a
+ * script may not set). The body is parsed
  * once, here, when response_transform is on; with only the usage hook on
  * it is copied and parsed only if the usage script reads `response.body`.
  * The usage it reports is kept for `llmp_handle_usage`.
@@ -551,7 +555,7 @@ llmp_result llmp_handle_upstream(const llmp_engine *engine,
  * header changes in `*out_headers` (as for `llmp_handle_upstream`).
  *
  * Errors: `LLMP_INVALID_ARGUMENT` for a NULL argument or headers that are
- * not a JSON object; a hook failure code when the script failed under
+ * not such an object; a hook failure code when the script failed under
  * `on_error: deny` (the host answers 503).
  *
  * # Safety
@@ -578,7 +582,7 @@ llmp_result llmp_handle_respond(const llmp_engine *engine,
  * `llmp_handle_respond`), which response_transform sees with each event.
  *
  * Errors: `LLMP_INVALID_ARGUMENT` for a NULL `handle` or headers that are
- * not a JSON object.
+ * not such an object.
  *
  * # Safety
  * `handle` is NULL or live; `headers_json` is NULL or `headers_len`

@@ -177,6 +177,48 @@ static void failure_policy(void) {
     }
 }
 
+/* The answer's headers as scripts see them, as in every host: Title-Case
+ * names, a repeated header joined, no Content-Length nor hop-by-hop
+ * header (a script may not set them); headers of the wrong shape refused. */
+static void answer_headers(void) {
+    llmp_engine *engine = engine_of(
+        "scripts:\n"
+        "  response_transform:\n"
+        "    script: |\n"
+        "      local seen = {}\n"
+        "      for name, value in pairs(response.headers) do seen[#seen + 1] = name .. '=' .. value end\n"
+        "      table.sort(seen)\n"
+        "      return {headers = {['X-Seen'] = table.concat(seen, ';')}}\n");
+    llmp_handle *h = engine ? handle_of(engine, "{\"model\":\"gpt-4\"}") : NULL;
+    if (h == NULL) {
+        check(0, "answer headers: engine and handle");
+        llmp_engine_free(engine);
+        return;
+    }
+    const char *given = "{\"content-type\":\"application/json\",\"content-length\":\"120\","
+                        "\"connection\":\"keep-alive\",\"transfer-encoding\":\"chunked\","
+                        "\"x-trace\":[\"a\",\"b\"],\"x-count\":3}";
+    uint16_t status = 0;
+    const char *out = NULL, *out_headers = NULL;
+    size_t out_len = 0;
+    llmp_result r = llmp_handle_respond(engine, h, 200, given, strlen(given), COMPLETION, strlen(COMPLETION), 1.0,
+                                        &status, &out, &out_len, &out_headers, NULL);
+    check(r == LLMP_OK && out_headers &&
+              strstr(out_headers, "\"X-Seen\":\"Content-Type=application/json;X-Count=3;X-Trace=a, b\""),
+          "respond: scripts see the answer's headers as every host shows them");
+    static const char *const WRONG[] = {"[]", "{\"x-a\":{}}", "{\"x-a\":[1]}", "{\"x-a\":true}"};
+    for (size_t i = 0; i < sizeof WRONG / sizeof WRONG[0]; i++) {
+        llmp_error *err = NULL;
+        r = llmp_handle_stream(h, 200, WRONG[i], strlen(WRONG[i]), &err);
+        char what[96];
+        snprintf(what, sizeof what, "stream refuses the headers %s", WRONG[i]);
+        check(r == LLMP_INVALID_ARGUMENT && err != NULL, what);
+        llmp_error_free(err);
+    }
+    llmp_handle_free(h);
+    llmp_engine_free(engine);
+}
+
 static void wrong_calls(const llmp_engine *engine) {
     static const char *const CASES[][3] = {
         /* request fields, body, what */
@@ -220,6 +262,7 @@ int main(void) {
     }
     seed_request(engine, globals);
     failure_policy();
+    answer_headers();
     wrong_calls(engine);
     llmp_globals_free(globals);
     llmp_engine_free(engine);

@@ -13,6 +13,7 @@ use std::ffi::{c_char, CString};
 use std::ptr;
 
 use llmproxy_core::hooks::{HeaderChange, RouteDecision};
+use llmproxy_core::http::script_headers::{Message, ScriptHeaders};
 use llmproxy_core::request_handle::{Relay, RequestHandle, Step};
 use llmproxy_core::Engine;
 use serde_json::value::RawValue;
@@ -243,9 +244,13 @@ pub unsafe extern "C" fn llmp_handle_upstream(
 }
 
 /// The response_transform step on a backend's whole (non-stream) answer:
-/// `status`, its headers as a JSON object of strings (`headers_json`,
-/// `headers_len`; NULL for none), its body as it came, and `latency_ms`
-/// since the request went upstream (scripts see it). The body is parsed
+/// `status`, its headers as a JSON object (`headers_json`, `headers_len`;
+/// NULL for none) whose values are strings (or numbers), or arrays of
+/// strings for a header sent more than once, its body as it came, and `latency_ms`
+/// since the request went upstream (scripts see it). Scripts see the
+/// headers as in every host: names in Title-Case, repeated values joined
+/// with `, `, without `Content-Length` and hop-by-hop headers (which a
+/// script may not set). The body is parsed
 /// once, here, when response_transform is on; with only the usage hook on
 /// it is copied and parsed only if the usage script reads `response.body`.
 /// The usage it reports is kept for `llmp_handle_usage`.
@@ -256,7 +261,7 @@ pub unsafe extern "C" fn llmp_handle_upstream(
 /// header changes in `*out_headers` (as for `llmp_handle_upstream`).
 ///
 /// Errors: `LLMP_INVALID_ARGUMENT` for a NULL argument or headers that are
-/// not a JSON object; a hook failure code when the script failed under
+/// not such an object; a hook failure code when the script failed under
 /// `on_error: deny` (the host answers 503).
 ///
 /// # Safety
@@ -317,7 +322,7 @@ pub unsafe extern "C" fn llmp_handle_respond(
 /// `llmp_handle_respond`), which response_transform sees with each event.
 ///
 /// Errors: `LLMP_INVALID_ARGUMENT` for a NULL `handle` or headers that are
-/// not a JSON object.
+/// not such an object.
 ///
 /// # Safety
 /// `handle` is NULL or live; `headers_json` is NULL or `headers_len`
@@ -555,20 +560,40 @@ unsafe fn optional_bytes<'a>(p: *const c_char, len: usize) -> Result<Option<&'a 
     unsafe { byte_slice(p, len, "headers_json") }.map(Some)
 }
 
-/// Response headers from a JSON object of strings.
+/// A backend's answer headers from a JSON object (a name's value a string
+/// or a number, or an array of strings for a header sent more than once), in the form
+/// scripts see in every host (core's [`ScriptHeaders`]: Title-Case names,
+/// repeated values joined, without `Content-Length` and hop-by-hop
+/// headers).
 fn response_headers(text: Option<&[u8]>) -> Result<Vec<(String, String)>, Failure> {
     let Some(text) = text else {
         return Ok(Vec::new());
     };
     let map: Map<String, Value> =
         serde_json::from_slice(text).map_err(|e| Failure::invalid(format!("headers_json: {e}")))?;
-    Ok(map
-        .into_iter()
-        .map(|(k, v)| match v {
-            Value::String(s) => (k, s),
-            other => (k, other.to_string()),
-        })
-        .collect())
+    let mut out = ScriptHeaders::new(Message::Answer, map.len());
+    for (name, value) in &map {
+        match value {
+            Value::String(s) => out.add(name, s.as_bytes()),
+            Value::Number(n) => out.add(name, n.to_string().as_bytes()),
+            Value::Array(values) => {
+                for v in values {
+                    let Value::String(s) = v else {
+                        return Err(not_a_header(name));
+                    };
+                    out.add(name, s.as_bytes());
+                }
+            }
+            _ => return Err(not_a_header(name)),
+        }
+    }
+    Ok(out.into_pairs())
+}
+
+fn not_a_header(name: &str) -> Failure {
+    Failure::invalid(format!(
+        "headers_json: header {name} must be a string, a number or an array of strings"
+    ))
 }
 
 /// Header changes as a JSON object (`null` removes), or `None` for none.
