@@ -171,6 +171,14 @@ __DATA__
                         if req.key then
                             headers.Authorization = "Bearer " .. req.key
                         end
+                        local pad = req.pad or {}
+                        if pad.header then
+                            headers["X-Pad"] = string.rep("a", pad.header)
+                        end
+                        local path = req.path or "/v1/chat/completions"
+                        if pad.query then
+                            path = path .. "?pad=" .. string.rep("a", pad.query)
+                        end
                         local body = req.raw or (req.body and cjson.encode(req.body))
                         if not body and method ~= "GET" then
                             body = '{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}'
@@ -178,8 +186,7 @@ __DATA__
                         if body then
                             headers["Content-Type"] = "application/json"
                         end
-                        local status, h, text, all = drive.request(port, method,
-                            req.path or "/v1/chat/completions", headers, body)
+                        local status, h, text, all = drive.request(port, method, path, headers, body)
                         local e = req.expect or {}
                         if e.status and status ~= e.status then
                             fail(at, ": status ", tostring(status), " ~= ", e.status, "; body ", tostring(text))

@@ -538,13 +538,17 @@ local tests = {
       assert(r.next_upstream_is_default == c[3], c[1])
       assert(is_array(r.next_upstream_unsupported) and table.concat(r.next_upstream_unsupported, ",") == c[4], c[1])
     end
-    -- The setup nginx users copy carries the default policy's line.
-    local line = "proxy_next_upstream " .. cases[1][2] .. ";"
+    -- The setup nginx users copy carries the default policy's line, and
+    -- the error pages that make nginx's own refusals JSON errors.
+    local lines = { "proxy_next_upstream " .. cases[1][2] .. ";", "error_page 400 414 /llmproxy/refused;",
+      "error_page 494 =431 /llmproxy/refused;" }
     for _, path in ipairs({ "openresty/README.md", "nginx-conf/nginx.conf", "t/lib/Test/LLMProxy/Gateway.pm" }) do
       local f = assert(io.open(path, "rb"))
       local text = f:read("*a")
       f:close()
-      assert(text:find(line, 1, true), path .. " lacks: " .. line)
+      for _, line in ipairs(lines) do
+        assert(text:find(line, 1, true), path .. " lacks: " .. line)
+      end
     end
   end },
   { "engine:on_error(hook): the failure policy, nil when the hook is off", function()

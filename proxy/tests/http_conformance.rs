@@ -67,7 +67,12 @@ async fn run_case(case: &Value, index: usize) -> Vec<String> {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         let method = Method::from_bytes(req["method"].as_str().unwrap_or("POST").as_bytes()).expect("method");
+        let pad = |what: &str| req["pad"][what].as_u64().map(|n| "a".repeat(n as usize));
         let path = req["path"].as_str().unwrap_or("/v1/chat/completions");
+        let path = match pad("query") {
+            Some(q) => format!("{path}?pad={q}"),
+            None => path.to_owned(),
+        };
         // A list value: the header sent once per value.
         let mut headers: Vec<(String, String)> = req["headers"]
             .as_object()
@@ -85,6 +90,9 @@ async fn run_case(case: &Value, index: usize) -> Vec<String> {
             .collect();
         if let Some(k) = req["key"].as_str() {
             headers.push(("authorization".into(), format!("Bearer {k}")));
+        }
+        if let Some(v) = pad("header") {
+            headers.push(("x-pad".into(), v));
         }
         let body = match (&req["raw"], &req["body"]) {
             (Value::String(raw), _) => Bytes::from(raw.clone()),

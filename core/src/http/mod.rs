@@ -2,7 +2,8 @@
 //! the API endpoints ([`api`]), the API key and request id a client
 //! presents ([`client`]),
 //! the canonical form of a request path ([`path`]), the OpenAI request fields
-//! a host acts on ([`fields`]), the hop-by-hop header names that are
+//! a host acts on ([`fields`]), the bounds of a request's head ([`head`]),
+//! the hop-by-hop header names that are
 //! never forwarded nor set by scripts ([`hop_by_hop`]), a message's headers
 //! as scripts see them ([`script_headers`]), a backend's event stream split
 //! into events ([`sse`]), and the `usage` of a backend's answer read
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod client;
 pub mod fields;
+pub mod head;
 pub mod hop_by_hop;
 pub mod path;
 pub mod script_headers;

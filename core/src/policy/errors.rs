@@ -103,6 +103,47 @@ impl GatewayError {
         )
     }
 
+    /// The request's target (path and query) is longer than
+    /// [`crate::http::head::MAX_URI_BYTES`]: 414.
+    pub fn uri_too_long() -> GatewayError {
+        GatewayError::new(
+            ErrorType::BadRequest,
+            414,
+            "uri_too_long",
+            format!(
+                "the request target is longer than {} bytes",
+                crate::http::head::MAX_URI_BYTES
+            ),
+        )
+    }
+
+    /// A request header, or all of them, is larger than
+    /// [`crate::http::head`]'s bounds: 431.
+    pub fn headers_too_large() -> GatewayError {
+        GatewayError::new(
+            ErrorType::BadRequest,
+            431,
+            "headers_too_large",
+            format!(
+                "a request header is larger than {} bytes, or all of them than {} bytes",
+                crate::http::head::MAX_HEADER_BYTES,
+                crate::http::head::MAX_HEAD_BYTES
+            ),
+        )
+    }
+
+    /// The HTTP server found the request malformed before it could be
+    /// read as one (a request line or a header it cannot parse, a header
+    /// that must be unique sent twice): 400.
+    pub fn malformed_request() -> GatewayError {
+        GatewayError::new(
+            ErrorType::BadRequest,
+            400,
+            "malformed_request",
+            "the request is not valid HTTP",
+        )
+    }
+
     /// The request body is not JSON: 400.
     pub fn invalid_json(detail: impl Display) -> GatewayError {
         GatewayError::new(

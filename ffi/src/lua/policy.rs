@@ -51,7 +51,8 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
 /// detail of `invalid_json`, `invalid_field`, `body_unreadable`,
 /// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`
 /// (`no_backend`, `invalid_body`, `state_unavailable`,
-/// `response_too_large` and `event_too_large` take none); `hook_failed`
+/// `response_too_large`, `event_too_large`, `uri_too_long`,
+/// `headers_too_large` and `malformed_request` take none); `hook_failed`
 /// takes the hook and the error's kind.
 pub(crate) fn gateway_error(
     _: &Lua,
@@ -77,6 +78,9 @@ pub(crate) fn gateway_error(
         "body_too_large" => GatewayError::body_too_large(number()),
         "invalid_json" => GatewayError::invalid_json(text()),
         "invalid_body" => GatewayError::invalid_body(),
+        "uri_too_long" => GatewayError::uri_too_long(),
+        "headers_too_large" => GatewayError::headers_too_large(),
+        "malformed_request" => GatewayError::malformed_request(),
         "invalid_field" => GatewayError::invalid_field(text()),
         "body_unreadable" => GatewayError::body_unreadable(text()),
         "no_backend" => GatewayError::no_backend(),

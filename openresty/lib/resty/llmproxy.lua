@@ -54,7 +54,7 @@
 --
 -- @module resty.llmproxy
 
--- luacheck: globals ngx.status ngx.header
+-- luacheck: globals ngx.status ngx.header ngx.ctx
 
 local ngx = ngx
 local W = require "resty.llmproxy.worker"
@@ -69,6 +69,9 @@ local body_filter = require "resty.llmproxy.body_filter"
 local accounting = require "resty.llmproxy.accounting"
 
 local ipairs = ipairs
+local tonumber = tonumber
+local find = string.find
+local sub = string.sub
 local error = error
 local fmt = string.format
 local get_phase = ngx.get_phase
@@ -303,6 +306,53 @@ function _M.healthz()
         return no_engine()
     end
     return send_local(200, state.llmproxy.healthz_body)
+end
+
+-- nginx's status for a refused head -> core's error for it.
+local REFUSED = { [414] = "uri_too_long", [431] = "headers_too_large" }
+-- Most bytes of a refused request's path that error_handler sees.
+local MAX_SHOWN_PATH = 256
+
+--- Answer a request nginx refused before any location ran: a request
+-- target or a header over `large_client_header_buffers` (414, and 494,
+-- which `error_page` maps to 431), a head it cannot parse or a header
+-- that must be unique sent twice (400). The client gets the error the
+-- standalone gateway gives such a request (core's `uri_too_long`,
+-- `headers_too_large`, `malformed_request`) with an `X-Request-ID`, not
+-- nginx's HTML page, through core's failure policy as any refusal: a
+-- refused head identifies no caller (its headers are not read), so
+-- error_handler shapes it only when auth is off. `log()` counts it.
+-- The `error_page` target is a URI, not a named location: nginx cannot
+-- redirect a request whose target it refused to a named location.
+-- @phases content
+-- @usage error_page 400 414 /llmproxy/refused;
+-- error_page 494 =431 /llmproxy/refused;
+-- location = /llmproxy/refused {
+--     internal;
+--     content_by_lua_block { require("resty.llmproxy").refused() }
+--     log_by_lua_block     { require("resty.llmproxy").log() }
+-- }
+function _M.refused()
+    check_phase("refused", "content")
+    local state = W.current
+    if not state then
+        return no_engine()
+    end
+    local f = failure.known(REFUSED[tonumber(ngx.var.status)] or "malformed_request")
+    local id = state.llmproxy.request_id(nil)
+    -- The request as error_handler sees it: the path it was sent to (this
+    -- location's is /llmproxy/refused), no headers, no body.
+    local target = ngx.var.request_uri or ""
+    local path = sub(target, 1, (find(target, "?", 1, true) or (#target + 1)) - 1)
+    local ctx = {
+        state = state,
+        id = id,
+        started = ngx.now(),
+        fields = { id = id, client_ip = ngx.var.remote_addr, path = sub(path, 1, MAX_SHOWN_PATH) },
+    }
+    ngx.ctx.llmproxy = ctx
+    ngx_header["X-Request-ID"] = id
+    return failure.fail(ctx, f)
 end
 
 --- Answer `GET /v1/models` as the gateway does: the config's

@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use llmproxy_core::hooks::{ErrorInfo, ErrorResponse, HeaderChange, RequestInfo, ResponseInfo};
 use llmproxy_core::http::api::{answer_is_stream, Api};
 use llmproxy_core::http::fields::{self, TextBody};
+use llmproxy_core::http::head::HeadRefusal;
 use llmproxy_core::http::script_headers::Message;
 use llmproxy_core::http::{path::PathError, usage_probe};
 use llmproxy_core::policy::errors::{self, GatewayError};
@@ -49,6 +50,9 @@ pub enum Endpoint {
     NotFound,
     /// The path has no canonical form (400 through `error_handler`).
     BadPath(PathError),
+    /// The request's head is over core's bounds (`http::head`): 414 or
+    /// 431 through `error_handler`.
+    BadHead(HeadRefusal),
 }
 
 impl Endpoint {
@@ -190,9 +194,18 @@ pub async fn proxy(
         );
         return ex.fail(f).await;
     }
-    if let Endpoint::BadPath(e) = endpoint {
-        let f = Failure::new(ErrorType::BadRequest, 400, "invalid_path", e.to_string());
-        return ex.fail(f).await;
+    match endpoint {
+        Endpoint::BadPath(e) => {
+            let f = Failure::new(ErrorType::BadRequest, 400, "invalid_path", e.to_string());
+            return ex.fail(f).await;
+        }
+        Endpoint::BadHead(refusal) => {
+            // A refused head identifies no caller: its headers are not
+            // read (nginx, which refuses such heads itself, cannot).
+            ex.identified = !ex.live.auth_on;
+            return ex.fail(Failure::of(refusal.error())).await;
+        }
+        _ => {}
     }
     // The key before the body: an unauthenticated body is never read.
     if ex.live.auth_on && !ex.live.stages.enabled(HookName::Auth) {

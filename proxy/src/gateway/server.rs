@@ -125,6 +125,12 @@ pub async fn handle(
     peer: Peer,
     role: Role,
 ) -> Response<GatewayBody> {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let lines = req.headers().iter().map(|(n, v)| (n.as_str().len(), v.len()));
+    if let Err(e) = llmproxy_core::http::head::check(target, lines) {
+        let shown = logged_path(req.uri().path());
+        return exchange::proxy(shared, req, &peer.ip, Endpoint::BadHead(e), shown).await;
+    }
     // Endpoints match on the canonical path, and it is what goes upstream.
     let path = match llmproxy_core::http::path::canonical(req.uri().path()) {
         Ok(p) => p,
@@ -166,6 +172,16 @@ pub async fn handle(
         return throttled(&req, wait, "API key");
     }
     exchange::proxy(shared, req, &peer.ip, endpoint, path).await
+}
+
+/// The start of a refused request's path, for the logs.
+fn logged_path(path: &str) -> String {
+    const SHOWN: usize = 256;
+    let mut end = path.len().min(SHOWN);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    path[..end].to_owned()
 }
 
 /// The admin endpoints, on the listeners that serve them; `None` for

@@ -103,6 +103,13 @@ $location
     location = /healthz {
         content_by_lua_block { require("resty.llmproxy").healthz() }
     }
+    error_page 400 414 /llmproxy/refused;
+    error_page 494 =431 /llmproxy/refused;
+    location = /llmproxy/refused {
+        internal;
+        content_by_lua_block { require("resty.llmproxy").refused() }
+        log_by_lua_block     { require("resty.llmproxy").log() }
+    }
 CONF
         unless (defined _sec($block, 'user_files')) {
             my $hooks = _sec($block, 'hooks');

@@ -1,0 +1,101 @@
+//! Bounds on a request's head (its target and headers), the same in every
+//! host: a request over them is refused before anything reads it, with
+//! core's error ([`GatewayError::uri_too_long`],
+//! [`GatewayError::headers_too_large`]; nginx's other refusals of a head
+//! are [`GatewayError::malformed_request`]).
+//!
+//! The numbers are nginx's defaults (`large_client_header_buffers 4 8k`:
+//! a request line or a header line fits in 8 KiB, the head in four such
+//! buffers), so a client meets the same limits behind either host. The
+//! gateway checks them itself; nginx applies its own directive, and the
+//! module answers nginx's refusals with the same errors.
+
+use crate::policy::errors::GatewayError;
+
+/// Longest request target (path and query), in bytes.
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
+/// Largest header (name, `: ` and value), in bytes.
+pub const MAX_HEADER_BYTES: usize = 8 << 10;
+
+/// Largest sum of the headers (each as [`MAX_HEADER_BYTES`] counts it), in
+/// bytes.
+pub const MAX_HEAD_BYTES: usize = 32 << 10;
+
+/// Which bound a request's head is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadRefusal {
+    /// The target is over [`MAX_URI_BYTES`].
+    UriTooLong,
+    /// A header is over [`MAX_HEADER_BYTES`], or all of them over
+    /// [`MAX_HEAD_BYTES`].
+    HeadersTooLarge,
+}
+
+impl HeadRefusal {
+    /// The error the client gets.
+    pub fn error(self) -> GatewayError {
+        match self {
+            HeadRefusal::UriTooLong => GatewayError::uri_too_long(),
+            HeadRefusal::HeadersTooLarge => GatewayError::headers_too_large(),
+        }
+    }
+}
+
+/// Whether a request whose target is `uri_bytes` long, with headers of
+/// the given (name, value) lengths in bytes, is within the bounds.
+///
+/// ```
+/// use llmproxy_core::http::head::{self, HeadRefusal};
+/// assert!(head::check(20, [(13, 30)]).is_ok());
+/// assert_eq!(head::check(9000, []), Err(HeadRefusal::UriTooLong));
+/// assert_eq!(head::check(20, [(5, 9000)]).unwrap_err().error().status, 431);
+/// ```
+pub fn check(uri_bytes: usize, headers: impl IntoIterator<Item = (usize, usize)>) -> Result<(), HeadRefusal> {
+    if uri_bytes > MAX_URI_BYTES {
+        return Err(HeadRefusal::UriTooLong);
+    }
+    let mut head = 0usize;
+    for (name, value) in headers {
+        let line = name.saturating_add(value).saturating_add(2);
+        head = head.saturating_add(line);
+        if line > MAX_HEADER_BYTES || head > MAX_HEAD_BYTES {
+            return Err(HeadRefusal::HeadersTooLarge);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a case is, the target's length, the headers' (name, value)
+    /// lengths, and the status of the refusal (none: within the bounds).
+    type Case = (&'static str, usize, Vec<(usize, usize)>, Option<u16>);
+
+    #[test]
+    fn heads_within_and_over_the_bounds() {
+        let line = MAX_HEADER_BYTES - 2 - 4; // a 4-byte name and its value fill a line
+        let cases: &[Case] = &[
+            ("no headers", 1, vec![], None),
+            ("the longest target", MAX_URI_BYTES, vec![], None),
+            ("a target one byte longer", MAX_URI_BYTES + 1, vec![], Some(414)),
+            ("the largest header", 1, vec![(4, line)], None),
+            ("a header one byte larger", 1, vec![(4, line + 1)], Some(431)),
+            ("four largest headers", 1, vec![(4, line); 4], None),
+            ("five of them", 1, vec![(4, line); 5], Some(431)),
+            ("many small headers within the head", 1, vec![(10, 20); 1000], None),
+            (
+                "more small headers than the head holds",
+                1,
+                vec![(10, 20); 1200],
+                Some(431),
+            ),
+        ];
+        for (what, uri, headers, refused) in cases {
+            let got = check(*uri, headers.iter().copied()).err().map(|e| e.error().status);
+            assert_eq!(got, *refused, "{what}");
+        }
+    }
+}
