@@ -79,6 +79,21 @@ local tests = {
     table.sort(drop)
     assert(table.concat(drop, " ") == "Keep-Alive connection", table.concat(drop, " "))
   end },
+  { "canonical_path is core's path rule: the form a host matches on and sends upstream", function()
+    local cases = {
+      { "/v1/chat/completions", "/v1/chat/completions" },
+      { "/v1//x/../chat/./%63ompletions", "/v1/chat/completions" },
+      { "/v1/a%3fb", "/v1/a%3Fb" },
+      { "/v1/chat%2Fcompletions", nil, "encoded '/'" },
+      { "/v1/../../x", nil, "above the root" },
+      { "/v1/\xff", nil, "not ASCII" },
+    }
+    for _, c in ipairs(cases) do
+      local path, err = llmproxy.canonical_path(c[1])
+      assert(path == c[2], c[1] .. ": " .. tostring(path))
+      assert((err == nil) == (c[3] == nil) and (c[3] == nil or err:find(c[3], 1, true)), c[1] .. ": " .. tostring(err))
+    end
+  end },
   { "a string result comes back as a string, with a nil error", function()
     local res, err = engine:run("routing", routing_input({ viplevel = 3 }))
     assert(res == "ultra" and err == nil)

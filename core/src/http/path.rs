@@ -39,6 +39,8 @@ pub enum PathError {
     EncodedNul,
     /// A `..` segment above the root.
     AboveRoot,
+    /// A byte that is not ASCII (RFC 3986: it must be percent-encoded).
+    NotAscii,
 }
 
 impl fmt::Display for PathError {
@@ -49,6 +51,7 @@ impl fmt::Display for PathError {
             PathError::EncodedSeparator => "the request path has an encoded '/' or '\\' (%2F, %5C)",
             PathError::EncodedNul => "the request path has an encoded NUL (%00)",
             PathError::AboveRoot => "the request path climbs above the root with '..'",
+            PathError::NotAscii => "the request path has a byte that is not ASCII (send it percent-encoded)",
         })
     }
 }
@@ -64,6 +67,9 @@ impl std::error::Error for PathError {}
 /// assert_eq!(canonical("/v1/../../x"), Err(PathError::AboveRoot));
 /// ```
 pub fn canonical(path: &str) -> Result<String, PathError> {
+    if !path.is_ascii() {
+        return Err(PathError::NotAscii);
+    }
     let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     let mut segments: Vec<String> = Vec::new();
     let mut trailing_slash = false;
@@ -177,6 +183,7 @@ mod tests {
             ("/v1/chat%2fcompletions", Err(PathError::EncodedSeparator)),
             ("/v1/chat%5Ccompletions", Err(PathError::EncodedSeparator)),
             ("/v1/x%00", Err(PathError::EncodedNul)),
+            ("/v1/\u{4f60}", Err(PathError::NotAscii)),
             ("/v1/x%", Err(PathError::InvalidEscape)),
             ("/v1/x%4", Err(PathError::InvalidEscape)),
             ("/v1/x%zz", Err(PathError::InvalidEscape)),

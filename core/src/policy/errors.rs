@@ -132,6 +132,12 @@ impl GatewayError {
         )
     }
 
+    /// The request path has no canonical form ([`crate::http::path`]):
+    /// 400.
+    pub fn invalid_path(why: impl Display) -> GatewayError {
+        GatewayError::new(ErrorType::BadRequest, 400, "invalid_path", why.to_string())
+    }
+
     /// The HTTP server found the request malformed before it could be
     /// read as one (a request line or a header it cannot parse, a header
     /// that must be unique sent twice): 400.

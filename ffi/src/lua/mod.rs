@@ -1454,6 +1454,24 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             ))
         })?,
     )?;
+    // llmproxy.canonical_path(path) -> the canonical form of a request's
+    // path (no query), or nil and why there is none (core's
+    // `http::path::canonical`, the gateway's: endpoints match on it, and it
+    // is what goes upstream).
+    exports.raw_set(
+        "canonical_path",
+        lua.create_function(|_, path: mlua::LuaString| {
+            use llmproxy_core::http::path::{canonical, PathError};
+            let bytes = path.as_bytes();
+            let canonical = std::str::from_utf8(&bytes)
+                .map_err(|_| PathError::NotAscii)
+                .and_then(canonical);
+            Ok(match canonical {
+                Ok(p) => (Some(p), None),
+                Err(e) => (None, Some(e.to_string())),
+            })
+        })?,
+    )?;
     // llmproxy.error_type(status) -> the error type of a backend's status.
     exports.raw_set("error_type", lua.create_function(policy::error_type)?)?;
     // llmproxy.hop_by_hop(headers) -> the names of `headers` (a table as

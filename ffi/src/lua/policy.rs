@@ -48,7 +48,7 @@ pub(crate) fn failure_step(_: &Lua, t: Table) -> mlua::Result<&'static str> {
 /// one of the failures the core names (`policy::errors`), so nginx answers
 /// what the gateway answers. `arg`: the bound of `body_too_large`, the
 /// seconds to wait of `auth_throttled` (for an API key), the
-/// detail of `invalid_json`, `invalid_field`, `body_unreadable`,
+/// detail of `invalid_json`, `invalid_field`, `invalid_path`, `body_unreadable`,
 /// `backend_unreachable`, `backend_failed`, the phase of `backend_timeout`
 /// (`no_backend`, `invalid_body`, `state_unavailable`,
 /// `response_too_large`, `event_too_large`, `uri_too_long`,
@@ -78,6 +78,7 @@ pub(crate) fn gateway_error(
         "body_too_large" => GatewayError::body_too_large(number()),
         "invalid_json" => GatewayError::invalid_json(text()),
         "invalid_body" => GatewayError::invalid_body(),
+        "invalid_path" => GatewayError::invalid_path(text()),
         "uri_too_long" => GatewayError::uri_too_long(),
         "headers_too_large" => GatewayError::headers_too_large(),
         "malformed_request" => GatewayError::malformed_request(),

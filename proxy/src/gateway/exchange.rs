@@ -195,10 +195,7 @@ pub async fn proxy(
         return ex.fail(f).await;
     }
     match endpoint {
-        Endpoint::BadPath(e) => {
-            let f = Failure::new(ErrorType::BadRequest, 400, "invalid_path", e.to_string());
-            return ex.fail(f).await;
-        }
+        Endpoint::BadPath(e) => return ex.fail(Failure::of(GatewayError::invalid_path(e))).await,
         Endpoint::BadHead(refusal) => {
             // A refused head identifies no caller: its headers are not
             // read (nginx, which refuses such heads itself, cannot).

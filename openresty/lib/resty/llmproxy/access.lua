@@ -34,6 +34,7 @@ local known_failure = require("resty.llmproxy.failure").known
 local no_engine = require("resty.llmproxy.failure").no_engine
 local send_local = require("resty.llmproxy.failure").send_local
 local prepare_request = require("resty.llmproxy.request").prepare
+local canonical_path = require("resty.llmproxy.request").canonical_path
 
 local _M = {}
 
@@ -128,13 +129,19 @@ end
 -- the phase, documents it).
 function _M.run()
     local state = W.current
-    if state and req_get_method() == "GET" and ngx_var.uri == "/v1/models" then
-        return send_local(200, state.models_body) -- the gateway's: no auth, no backend
+    local path, path_error
+    if state then
+        path, path_error = canonical_path(state)
+        if path == "/v1/models" and req_get_method() == "GET" then
+            return send_local(200, state.models_body) -- the gateway's: no auth, no backend
+        end
     end
     -- Sized for the fields the phases add (~20 for a proxied request), so
     -- that it is not rehashed four times on the way.
     local ctx = new_tab(0, CTX_FIELDS)
     ctx.state, ctx.started = state, ngx_now()
+    -- Refused (invalid_path) once the caller is known, as in the gateway.
+    ctx.path, ctx.path_error = path, path_error
     ngx.ctx.llmproxy = ctx
     if not state then
         ctx.id = ngx_var.request_id

@@ -19,6 +19,9 @@ local req_get_headers = ngx.req.get_headers
 local req_get_method = ngx.req.get_method
 local req_set_header = ngx.req.set_header
 local req_clear_header = ngx.req.clear_header
+local req_set_uri = ngx.req.set_uri
+local find = string.find
+local sub = string.sub
 local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
 local describe_error = require("resty.llmproxy.util").describe_error
 local request_id = require("resty.llmproxy.util").request_id
@@ -58,7 +61,7 @@ local function request_fields(ctx, raw, api_key, entry)
         id = ctx.id,
         headers_raw = raw,
         client_ip = ngx_var.remote_addr,
-        path = ngx_var.uri,
+        path = ctx.path or ngx_var.uri,
         api_key = api_key,
         user_id = entry and entry.info.user_id,
     }
@@ -81,6 +84,32 @@ local function key_entry(state, api_key)
         state.keys[api_key] = e
     end
     return e
+end
+
+-- The request's path in core's canonical form (`llmproxy.canonical_path`,
+-- the gateway's rule: endpoints match on it, scripts see it, it goes
+-- upstream), or nil and why there is none. nginx's `$uri` is its own
+-- decoding, and proxy_pass sends the path as the client wrote it; a path
+-- whose canonical form differs is set as the request's URI, which
+-- proxy_pass then sends instead. nginx escapes such a URI itself (a `%`
+-- too), so one whose canonical form keeps a percent-escape cannot be
+-- forwarded in that form: it is refused.
+-- @param state the worker's engine state
+-- @treturn string|nil the canonical path
+-- @treturn string|nil why the path has none
+function _M.canonical_path(state)
+    local target = ngx_var.request_uri or "/"
+    local q = find(target, "?", 1, true)
+    local raw = q and sub(target, 1, q - 1) or target
+    local path, err = state.llmproxy.canonical_path(raw)
+    if not path or path == raw then
+        return path, err
+    end
+    if find(path, "%", 1, true) then
+        return nil, "nginx cannot forward this path in its canonical form (" .. path .. "); send that form"
+    end
+    req_set_uri(path)
+    return path
 end
 
 -- Request headers nginx's proxy module writes itself.
@@ -118,6 +147,9 @@ local function prepare_request(state, ctx)
     -- only an identified caller's failures go through error_handler.
     ctx.identified = state.admission.auth and state.engine:caller_identified(fields.api_key, fields.client_ip)
     ctx.fields = fields -- error_handler's request if the body cannot be parsed
+    if ctx.path_error then
+        return known_failure("invalid_path", ctx.path_error)
+    end
     local limit = state.max_body_bytes
     local declared = tonumber(raw["content-length"])
     if declared and declared > limit then
