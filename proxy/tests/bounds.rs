@@ -317,6 +317,36 @@ async fn a_half_sent_body_gets_408_and_the_connection_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_does_not_name_its_host_as_http_requires_gets_400_and_the_connection_closes() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "")).await;
+    let body = r#"{"model":"gpt-4","messages":[]}"#;
+    // (what, the head's lines between the request line and the length, status)
+    let cases = [
+        ("HTTP/1.1 without Host", "POST /v1/chat/completions HTTP/1.1\r\n", 400),
+        (
+            "two Host lines",
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\nhost: b\r\n",
+            400,
+        ),
+        ("HTTP/1.0 without Host", "POST /v1/chat/completions HTTP/1.0\r\n", 200),
+    ];
+    for (what, head, status) in cases {
+        let request = format!("{head}content-length: {}\r\n\r\n{body}", body.len());
+        let (reply, closed) = raw(&addr_of(&gw), request.as_bytes(), Duration::from_secs(10)).await;
+        assert_eq!(status_of(&reply), status, "{what}: {reply}");
+        if status == 400 {
+            assert_eq!(body_of(&reply)["error"]["code"], "malformed_request", "{what}");
+            assert!(closed, "{what}: the connection closes after the 400");
+        }
+    }
+    let refused = gw
+        .metric(r#"llmproxy_requests_total{backend="none",status="400"}"#)
+        .await;
+    assert_eq!(refused, 2.0, "both refusals counted, with no backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_refused_and_the_cap_recovers() {
     let m = mock("m", |_| {}).await;
     let gw = TestGateway::start(&config(&m.url(), "gateway:\n  max_connections: 2\n")).await;

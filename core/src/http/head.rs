@@ -30,6 +30,8 @@ pub enum HeadRefusal {
     /// A header is over [`MAX_HEADER_BYTES`], or all of them over
     /// [`MAX_HEAD_BYTES`].
     HeadersTooLarge,
+    /// The request does not name its host as HTTP requires ([`host`]).
+    Malformed,
 }
 
 impl HeadRefusal {
@@ -38,6 +40,7 @@ impl HeadRefusal {
         match self {
             HeadRefusal::UriTooLong => GatewayError::uri_too_long(),
             HeadRefusal::HeadersTooLarge => GatewayError::headers_too_large(),
+            HeadRefusal::Malformed => GatewayError::malformed_request(),
         }
     }
 }
@@ -62,6 +65,28 @@ pub fn check(uri_bytes: usize, headers: impl IntoIterator<Item = (usize, usize)>
         if line > MAX_HEADER_BYTES || head > MAX_HEAD_BYTES {
             return Err(HeadRefusal::HeadersTooLarge);
         }
+    }
+    Ok(())
+}
+
+/// Whether a request names its host as HTTP requires (RFC 9112 §3.2): in
+/// exactly one `Host` line for HTTP/1.1, at most one otherwise. A server
+/// MUST refuse any other request; a host does with
+/// [`GatewayError::malformed_request`] and closes the connection, as nginx
+/// does. (A request with both `Content-Length` and `Transfer-Encoding`,
+/// which nginx refuses too, never reaches the gateway's handler: hyper
+/// reads its body by `Transfer-Encoding`, and the gateway frames the body
+/// it sends upstream itself.)
+///
+/// ```
+/// use llmproxy_core::http::head::{host, HeadRefusal};
+/// assert!(host(true, 1).is_ok());
+/// assert!(host(false, 0).is_ok());
+/// assert_eq!(host(true, 0), Err(HeadRefusal::Malformed));
+/// ```
+pub fn host(http11: bool, host_lines: usize) -> Result<(), HeadRefusal> {
+    if host_lines > 1 || (http11 && host_lines == 0) {
+        return Err(HeadRefusal::Malformed);
     }
     Ok(())
 }
@@ -96,6 +121,22 @@ mod tests {
         for (what, uri, headers, refused) in cases {
             let got = check(*uri, headers.iter().copied()).err().map(|e| e.error().status);
             assert_eq!(got, *refused, "{what}");
+        }
+    }
+
+    #[test]
+    fn requests_that_name_their_host_and_those_that_do_not() {
+        // (what, HTTP/1.1, Host lines, accepted)
+        let cases = [
+            ("HTTP/1.1 with a host", true, 1, true),
+            ("HTTP/1.0 without a host", false, 0, true),
+            ("HTTP/1.0 with a host", false, 1, true),
+            ("HTTP/1.1 without a host", true, 0, false),
+            ("two hosts", true, 2, false),
+            ("two hosts in HTTP/1.0", false, 2, false),
+        ];
+        for (what, http11, hosts, accepted) in cases {
+            assert_eq!(host(http11, hosts).is_ok(), accepted, "{what}");
         }
     }
 }

@@ -200,7 +200,11 @@ pub async fn proxy(
             // A refused head identifies no caller: its headers are not
             // read (nginx, which refuses such heads itself, cannot).
             ex.identified = !ex.live.auth_on;
-            return ex.fail(Failure::of(refusal.error())).await;
+            let mut f = Failure::of(refusal.error());
+            // A request that does not name its host as HTTP requires ends
+            // its connection, as in nginx.
+            f.close_connection = refusal == HeadRefusal::Malformed;
+            return ex.fail(f).await;
         }
         _ => {}
     }

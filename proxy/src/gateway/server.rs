@@ -127,7 +127,9 @@ pub async fn handle(
 ) -> Response<GatewayBody> {
     let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     let lines = req.headers().iter().map(|(n, v)| (n.as_str().len(), v.len()));
-    if let Err(e) = llmproxy_core::http::head::check(target, lines) {
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    let named = || llmproxy_core::http::head::host(req.version() == hyper::Version::HTTP_11, hosts);
+    if let Err(e) = llmproxy_core::http::head::check(target, lines).and_then(|()| named()) {
         let shown = logged_path(req.uri().path());
         return exchange::proxy(shared, req, &peer.ip, Endpoint::BadHead(e), shown).await;
     }
