@@ -669,6 +669,22 @@ llmp_result llmp_handle_usage(const llmp_engine *engine,
 const llmp_error *llmp_handle_fell_back(const llmp_handle *handle);
 
 /**
+ * The request's path in core's canonical form (`http::path`: unreserved
+ * escapes decoded, duplicate slashes and dot segments removed), which
+ * `llmp_handle_new` matched the endpoint on and scripts see as
+ * `request.path`: the path a host sends upstream, with the client's query
+ * string. (A path with no canonical form, such as one with an encoded
+ * `/`, makes `llmp_handle_new` fail with `LLMP_INVALID_ARGUMENT`; the
+ * gateway answers it 400 `invalid_path`.) NULL for a NULL handle.
+ *
+ * Ownership: borrowed from the handle, valid until it is freed.
+ *
+ * # Safety
+ * `handle` is NULL or live.
+ */
+const char *llmp_handle_path(const llmp_handle *handle);
+
+/**
  * Free a request handle. `llmp_handle_free(NULL)` does nothing.
  *
  * Ownership: takes `handle`; it and everything borrowed from it are

@@ -219,6 +219,36 @@ static void answer_headers(void) {
     llmp_engine_free(engine);
 }
 
+/* The path as the core reads it: canonical, what the host sends upstream;
+ * a path with no canonical form is refused. */
+static void canonical_paths(const llmp_engine *engine) {
+    static const char *const CASES[][3] = {
+        /* request fields, the canonical path (NULL: refused), what */
+        {"{\"path\":\"/v1/chat/completions\"}", "/v1/chat/completions", "a canonical path stays"},
+        {"{\"path\":\"/v1//x/../chat/./%63ompletions\"}", "/v1/chat/completions",
+         "slashes, dot segments and unreserved escapes are the core's"},
+        {"{\"path\":\"/v1/chat%2Fcompletions\"}", NULL, "an encoded '/' is refused"},
+        {"{\"path\":\"/v1/../../chat/completions\"}", NULL, "a '..' above the root is refused"},
+    };
+    for (size_t i = 0; i < sizeof CASES / sizeof CASES[0]; i++) {
+        llmp_handle *h = NULL;
+        llmp_error *err = NULL;
+        static const char BODY[] = "{\"model\":\"gpt-4\"}";
+        llmp_result r = llmp_handle_new(engine, CASES[i][0], strlen(CASES[i][0]), BODY, strlen(BODY), &h, &err);
+        char what[160];
+        snprintf(what, sizeof what, "path: %s", CASES[i][2]);
+        if (CASES[i][1]) {
+            const char *path = r == LLMP_OK ? llmp_handle_path(h) : NULL;
+            check(path && strcmp(path, CASES[i][1]) == 0, what);
+        } else {
+            check(r == LLMP_INVALID_ARGUMENT && h == NULL && err && strstr(llmp_error_message(err), "path"), what);
+        }
+        llmp_error_free(err);
+        llmp_handle_free(h);
+    }
+    check(llmp_handle_path(NULL) == NULL, "llmp_handle_path(NULL) is NULL");
+}
+
 static void wrong_calls(const llmp_engine *engine) {
     static const char *const CASES[][3] = {
         /* request fields, body, what */
@@ -263,6 +293,7 @@ int main(void) {
     seed_request(engine, globals);
     failure_policy();
     answer_headers();
+    canonical_paths(engine);
     wrong_calls(engine);
     llmp_globals_free(globals);
     llmp_engine_free(engine);

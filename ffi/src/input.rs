@@ -270,6 +270,13 @@ pub fn request_handle(
         )
         .into());
     }
+    // The path in core's canonical form: endpoints match on it, scripts
+    // see it, and it is what the host sends upstream (`llmp_handle_path`).
+    if let Some(raw) = info.path.take() {
+        let canonical =
+            llmproxy_core::http::path::canonical(&raw).map_err(|e| Refused::Body(GatewayError::invalid_path(e)))?;
+        info.path = Some(canonical);
+    }
     let path = info.path.as_deref().unwrap_or_default();
     let api = match method {
         Some(m) => Api::of_request(m, path),

@@ -39,8 +39,9 @@ pub enum PathError {
     EncodedNul,
     /// A `..` segment above the root.
     AboveRoot,
-    /// A byte that is not ASCII (RFC 3986: it must be percent-encoded).
-    NotAscii,
+    /// A space, a control or a non-ASCII byte (RFC 3986: it must be
+    /// percent-encoded).
+    Unencoded,
 }
 
 impl fmt::Display for PathError {
@@ -51,7 +52,9 @@ impl fmt::Display for PathError {
             PathError::EncodedSeparator => "the request path has an encoded '/' or '\\' (%2F, %5C)",
             PathError::EncodedNul => "the request path has an encoded NUL (%00)",
             PathError::AboveRoot => "the request path climbs above the root with '..'",
-            PathError::NotAscii => "the request path has a byte that is not ASCII (send it percent-encoded)",
+            PathError::Unencoded => {
+                "the request path has a byte that must be percent-encoded (a space, a control or a non-ASCII byte)"
+            }
         })
     }
 }
@@ -67,8 +70,8 @@ impl std::error::Error for PathError {}
 /// assert_eq!(canonical("/v1/../../x"), Err(PathError::AboveRoot));
 /// ```
 pub fn canonical(path: &str) -> Result<String, PathError> {
-    if !path.is_ascii() {
-        return Err(PathError::NotAscii);
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(PathError::Unencoded);
     }
     let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     let mut segments: Vec<String> = Vec::new();
@@ -183,7 +186,9 @@ mod tests {
             ("/v1/chat%2fcompletions", Err(PathError::EncodedSeparator)),
             ("/v1/chat%5Ccompletions", Err(PathError::EncodedSeparator)),
             ("/v1/x%00", Err(PathError::EncodedNul)),
-            ("/v1/\u{4f60}", Err(PathError::NotAscii)),
+            ("/v1/\u{4f60}", Err(PathError::Unencoded)),
+            ("/v1/a b", Err(PathError::Unencoded)),
+            ("/v1/a\u{0}", Err(PathError::Unencoded)),
             ("/v1/x%", Err(PathError::InvalidEscape)),
             ("/v1/x%4", Err(PathError::InvalidEscape)),
             ("/v1/x%zz", Err(PathError::InvalidEscape)),

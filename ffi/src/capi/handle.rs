@@ -31,6 +31,8 @@ use crate::input::{self, Request};
 /// the handle); different handles are independent.
 pub struct llmp_handle {
     handle: RequestHandle,
+    /// The request's canonical path (`llmp_handle_path`).
+    path: CString,
     /// The backend `llmp_handle_route` chose.
     backend: Option<CString>,
     /// What `llmp_handle_upstream` decided.
@@ -122,8 +124,11 @@ pub unsafe extern "C" fn llmp_handle_new(
 
 fn new_handle(engine: &Engine, text: &[u8], body: &[u8]) -> Result<llmp_handle, Failure> {
     let handle = input::request_handle(engine, Request::parse(text)?, body, None)?;
+    // Canonical paths hold no NUL (core refuses controls and `%00`).
+    let path = c_text(handle.request().path.clone().unwrap_or_default())?;
     Ok(llmp_handle {
         handle,
+        path,
         backend: None,
         upstream_body: None,
         upstream_headers: None,
@@ -513,6 +518,26 @@ pub unsafe extern "C" fn llmp_handle_fell_back(handle: *const llmp_handle) -> *c
             Some(h) => h.fell_back.as_ref().map_or(ptr::null(), |e| e as *const llmp_error),
             None => ptr::null(),
         }
+    })
+}
+
+/// The request's path in core's canonical form (`http::path`: unreserved
+/// escapes decoded, duplicate slashes and dot segments removed), which
+/// `llmp_handle_new` matched the endpoint on and scripts see as
+/// `request.path`: the path a host sends upstream, with the client's query
+/// string. (A path with no canonical form, such as one with an encoded
+/// `/`, makes `llmp_handle_new` fail with `LLMP_INVALID_ARGUMENT`; the
+/// gateway answers it 400 `invalid_path`.) NULL for a NULL handle.
+///
+/// Ownership: borrowed from the handle, valid until it is freed.
+///
+/// # Safety
+/// `handle` is NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn llmp_handle_path(handle: *const llmp_handle) -> *const c_char {
+    boundary::call_or(ptr::null(), || {
+        // SAFETY: NULL or live (the contract).
+        unsafe { handle.as_ref() }.map_or(ptr::null(), |h| h.path.as_ptr())
     })
 }
 

@@ -1464,7 +1464,7 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             use llmproxy_core::http::path::{canonical, PathError};
             let bytes = path.as_bytes();
             let canonical = std::str::from_utf8(&bytes)
-                .map_err(|_| PathError::NotAscii)
+                .map_err(|_| PathError::Unencoded)
                 .and_then(canonical);
             Ok(match canonical {
                 Ok(p) => (Some(p), None),
