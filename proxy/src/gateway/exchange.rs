@@ -50,8 +50,9 @@ pub enum Endpoint {
     NotFound,
     /// The path has no canonical form (400 through `error_handler`).
     BadPath(PathError),
-    /// The request's head is over core's bounds (`http::head`): 414 or
-    /// 431 through `error_handler`.
+    /// The request's head is over core's bounds or does not name its
+    /// host (`http::head`): 414, 431 or 400, through `error_handler` as
+    /// core's failure policy says.
     BadHead(HeadRefusal),
 }
 
