@@ -22,6 +22,26 @@ pub const MAX_HEADER_BYTES: usize = 8 << 10;
 /// bytes.
 pub const MAX_HEAD_BYTES: usize = 32 << 10;
 
+/// Most bytes of a refused head's path that the logs and `error_handler`
+/// see (its target may be far longer).
+pub const MAX_SHOWN_PATH_BYTES: usize = 256;
+
+/// The start of a refused head's `path` that the logs and `error_handler`
+/// see: at most [`MAX_SHOWN_PATH_BYTES`], cut at a character boundary.
+///
+/// ```
+/// use llmproxy_core::http::head::{shown_path, MAX_SHOWN_PATH_BYTES};
+/// assert_eq!(shown_path("/v1/x"), "/v1/x");
+/// assert_eq!(shown_path(&"a".repeat(9000)).len(), MAX_SHOWN_PATH_BYTES);
+/// ```
+pub fn shown_path(path: &str) -> &str {
+    let mut end = path.len().min(MAX_SHOWN_PATH_BYTES);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
 /// Which bound a request's head is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadRefusal {

@@ -1253,6 +1253,9 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // llmproxy.UNLIMITED: `rate_limit_status`'s remaining count where no
     // limit applies (core's `policy::limits::UNLIMITED`, the gateway's too).
     exports.raw_set("UNLIMITED", llmproxy_core::policy::limits::UNLIMITED)?;
+    // llmproxy.MAX_SHOWN_PATH_BYTES: most bytes of a refused request's path
+    // that error_handler sees (core's `http::head`, the gateway's too).
+    exports.raw_set("MAX_SHOWN_PATH_BYTES", llmproxy_core::http::head::MAX_SHOWN_PATH_BYTES)?;
     // Where the library's Rust allocations go: "mimalloc", or "system"
     // (the host's malloc: a build without mimalloc, or LLMPROXY_ALLOCATOR=system).
     #[cfg(feature = "mimalloc")]

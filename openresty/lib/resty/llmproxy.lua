@@ -70,8 +70,8 @@ local accounting = require "resty.llmproxy.accounting"
 
 local ipairs = ipairs
 local tonumber = tonumber
-local find = string.find
 local sub = string.sub
+local request_path = require("resty.llmproxy.util").request_path
 local error = error
 local fmt = string.format
 local get_phase = ngx.get_phase
@@ -310,8 +310,6 @@ end
 
 -- nginx's status for a refused head -> core's error for it.
 local REFUSED = { [414] = "uri_too_long", [431] = "headers_too_large" }
--- Most bytes of a refused request's path that error_handler sees.
-local MAX_SHOWN_PATH = 256
 
 --- Answer a request nginx refused before any location ran: a request
 -- target or a header over `large_client_header_buffers` (414, and 494,
@@ -340,15 +338,15 @@ function _M.refused()
     end
     local f = failure.known(REFUSED[tonumber(ngx.var.status)] or "malformed_request")
     local id = state.llmproxy.request_id(nil)
-    -- The request as error_handler sees it: the path it was sent to (this
-    -- location's is /llmproxy/refused), no headers, no body.
-    local target = ngx.var.request_uri or ""
-    local path = sub(target, 1, (find(target, "?", 1, true) or (#target + 1)) - 1)
+    -- The request as error_handler sees it: the start of the path it was
+    -- sent to (this location's is /llmproxy/refused; core's bound, the
+    -- gateway's), no headers, no body.
+    local path = sub(request_path(), 1, state.llmproxy.MAX_SHOWN_PATH_BYTES)
     local ctx = {
         state = state,
         id = id,
         started = ngx.now(),
-        fields = { id = id, client_ip = ngx.var.remote_addr, path = sub(path, 1, MAX_SHOWN_PATH) },
+        fields = { id = id, client_ip = ngx.var.remote_addr, path = path },
     }
     ngx.ctx.llmproxy = ctx
     ngx_header["X-Request-ID"] = id

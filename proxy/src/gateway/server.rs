@@ -130,7 +130,7 @@ pub async fn handle(
     let hosts = req.headers().get_all(header::HOST).iter().count();
     let named = || llmproxy_core::http::head::host(req.version() == hyper::Version::HTTP_11, hosts);
     if let Err(e) = llmproxy_core::http::head::check(target, lines).and_then(|()| named()) {
-        let shown = logged_path(req.uri().path());
+        let shown = llmproxy_core::http::head::shown_path(req.uri().path()).to_owned();
         return exchange::proxy(shared, req, &peer.ip, Endpoint::BadHead(e), shown).await;
     }
     // Endpoints match on the canonical path, and it is what goes upstream.
@@ -174,16 +174,6 @@ pub async fn handle(
         return throttled(&req, wait, "API key");
     }
     exchange::proxy(shared, req, &peer.ip, endpoint, path).await
-}
-
-/// The start of a refused request's path, for the logs.
-fn logged_path(path: &str) -> String {
-    const SHOWN: usize = 256;
-    let mut end = path.len().min(SHOWN);
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    path[..end].to_owned()
 }
 
 /// The admin endpoints, on the listeners that serve them; `None` for

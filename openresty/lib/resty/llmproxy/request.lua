@@ -21,10 +21,10 @@ local req_set_header = ngx.req.set_header
 local req_clear_header = ngx.req.clear_header
 local req_set_uri = ngx.req.set_uri
 local find = string.find
-local sub = string.sub
 local MAX_HEADERS = require("resty.llmproxy.util").MAX_HEADERS
 local describe_error = require("resty.llmproxy.util").describe_error
 local request_id = require("resty.llmproxy.util").request_id
+local request_path = require("resty.llmproxy.util").request_path
 local failure = require("resty.llmproxy.failure").new
 local known_failure = require("resty.llmproxy.failure").known
 
@@ -98,9 +98,7 @@ end
 -- @treturn string|nil the canonical path
 -- @treturn string|nil why the path has none
 function _M.canonical_path(state)
-    local target = ngx_var.request_uri or "/"
-    local q = find(target, "?", 1, true)
-    local raw = q and sub(target, 1, q - 1) or target
+    local raw = request_path()
     local path, err = state.llmproxy.canonical_path(raw)
     if not path or path == raw then
         return path, err

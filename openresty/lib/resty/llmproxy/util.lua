@@ -10,6 +10,7 @@ local require = require
 local tostring = tostring
 local tonumber = tonumber
 local find = string.find
+local sub = string.sub
 local lower = string.lower
 local match = string.match
 local gmatch = string.gmatch
@@ -109,6 +110,14 @@ local function request_id(headers)
     return core_request_id(type(id) == "string" and id or nil)
 end
 
+-- The path of the request as the client wrote it: `$request_uri`
+-- without its query string.
+local function request_path()
+    local target = ngx.var.request_uri or "/"
+    local q = find(target, "?", 1, true)
+    return q and sub(target, 1, q - 1) or target
+end
+
 local function is_json(content_type)
     return type(content_type) == "string" and find(lower(content_type), "^%s*application/[%w.+-]*json") ~= nil
 end
@@ -138,6 +147,7 @@ _M.describe_error = describe_error
 _M.last_entry = last_entry
 _M.entries = entries
 _M.request_id = request_id
+_M.request_path = request_path
 _M.is_json = is_json
 _M.latency_ms = latency_ms
 
