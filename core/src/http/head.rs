@@ -50,7 +50,7 @@ pub enum HeadRefusal {
     /// A header is over [`MAX_HEADER_BYTES`], or all of them over
     /// [`MAX_HEAD_BYTES`].
     HeadersTooLarge,
-    /// The request does not name its host as HTTP requires ([`host`]).
+    /// The request's header lines are not what HTTP allows ([`lines`]).
     Malformed,
 }
 
@@ -89,23 +89,60 @@ pub fn check(uri_bytes: usize, headers: impl IntoIterator<Item = (usize, usize)>
     Ok(())
 }
 
-/// Whether a request names its host as HTTP requires (RFC 9112 §3.2): in
-/// exactly one `Host` line for HTTP/1.1, at most one otherwise. A server
-/// MUST refuse any other request; a host does with
-/// [`GatewayError::malformed_request`] and closes the connection, as nginx
-/// does. (A request with both `Content-Length` and `Transfer-Encoding`,
-/// which nginx refuses too, never reaches the gateway's handler: hyper
-/// reads its body by `Transfer-Encoding`, and the gateway frames the body
-/// it sends upstream itself.)
+/// Headers a request may carry at most once: a second line of one is
+/// refused, never merged or picked from. These are the headers nginx
+/// itself refuses twice, so a client meets the same rule behind either
+/// host: two `Authorization` lines are neither "no key" nor "the first
+/// key", two `Content-Length`s or `Transfer-Encoding`s frame no body, and
+/// the conditional headers name one validator each.
+pub const UNIQUE_HEADERS: [&str; 11] = [
+    "host",
+    "authorization",
+    "content-length",
+    "transfer-encoding",
+    "content-range",
+    "expect",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+];
+
+/// Whether a request's header lines, by name (any case), are lines HTTP
+/// allows: a header of [`UNIQUE_HEADERS`] at most once, and the host named
+/// as RFC 9112 §3.2 requires (in exactly one `Host` line for HTTP/1.1, at
+/// most one otherwise). A server MUST refuse any other request; a host
+/// does with [`GatewayError::malformed_request`] and closes the
+/// connection, as nginx does. (A request with both `Content-Length` and
+/// `Transfer-Encoding`, which nginx refuses too, never reaches the
+/// gateway's handler: hyper reads its body by `Transfer-Encoding`, and the
+/// gateway frames the body it sends upstream itself.)
 ///
 /// ```
-/// use llmproxy_core::http::head::{host, HeadRefusal};
-/// assert!(host(true, 1).is_ok());
-/// assert!(host(false, 0).is_ok());
-/// assert_eq!(host(true, 0), Err(HeadRefusal::Malformed));
+/// use llmproxy_core::http::head::{lines, HeadRefusal};
+/// assert!(lines(true, ["Host", "Accept", "accept"]).is_ok());
+/// assert!(lines(false, ["content-type"]).is_ok());
+/// assert_eq!(lines(true, ["accept"]), Err(HeadRefusal::Malformed));
+/// assert_eq!(lines(true, ["host", "Authorization", "authorization"]), Err(HeadRefusal::Malformed));
 /// ```
-pub fn host(http11: bool, host_lines: usize) -> Result<(), HeadRefusal> {
-    if host_lines > 1 || (http11 && host_lines == 0) {
+pub fn lines<'n>(http11: bool, names: impl IntoIterator<Item = &'n str>) -> Result<(), HeadRefusal> {
+    let mut seen = 0u16;
+    for name in names {
+        let Some(i) = UNIQUE_HEADERS
+            .iter()
+            .position(|u| u.len() == name.len() && u.eq_ignore_ascii_case(name))
+        else {
+            continue;
+        };
+        let bit = 1u16 << i;
+        if seen & bit != 0 {
+            return Err(HeadRefusal::Malformed);
+        }
+        seen |= bit;
+    }
+    // "host" is the first of UNIQUE_HEADERS.
+    if http11 && seen & 1 == 0 {
         return Err(HeadRefusal::Malformed);
     }
     Ok(())
@@ -145,18 +182,44 @@ mod tests {
     }
 
     #[test]
-    fn requests_that_name_their_host_and_those_that_do_not() {
-        // (what, HTTP/1.1, Host lines, accepted)
-        let cases = [
-            ("HTTP/1.1 with a host", true, 1, true),
-            ("HTTP/1.0 without a host", false, 0, true),
-            ("HTTP/1.0 with a host", false, 1, true),
-            ("HTTP/1.1 without a host", true, 0, false),
-            ("two hosts", true, 2, false),
-            ("two hosts in HTTP/1.0", false, 2, false),
+    fn header_lines_http_allows_and_those_it_does_not() {
+        // (what, HTTP/1.1, the header names, accepted)
+        let cases: &[(&str, bool, &[&str], bool)] = &[
+            ("HTTP/1.1 with a host", true, &["host"], true),
+            ("HTTP/1.0 without a host", false, &[], true),
+            ("HTTP/1.0 with a host", false, &["Host"], true),
+            ("HTTP/1.1 without a host", true, &["accept"], false),
+            ("two hosts", true, &["host", "HOST"], false),
+            ("two hosts in HTTP/1.0", false, &["host", "host"], false),
+            ("a list header twice", true, &["host", "accept", "Accept"], true),
+            ("one of each unique header", true, &UNIQUE_HEADERS, true),
+            (
+                "authorization twice",
+                true,
+                &["host", "authorization", "Authorization"],
+                false,
+            ),
+            (
+                "content-length twice",
+                true,
+                &["content-length", "host", "content-length"],
+                false,
+            ),
+            (
+                "the last unique header twice",
+                true,
+                &["if-range", "host", "If-Range"],
+                false,
+            ),
+            (
+                "a name only one byte longer",
+                true,
+                &["host", "expects", "expects"],
+                true,
+            ),
         ];
-        for (what, http11, hosts, accepted) in cases {
-            assert_eq!(host(http11, hosts).is_ok(), accepted, "{what}");
+        for (what, http11, names, accepted) in cases {
+            assert_eq!(lines(*http11, names.iter().copied()).is_ok(), *accepted, "{what}");
         }
     }
 }

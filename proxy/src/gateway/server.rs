@@ -127,8 +127,8 @@ pub async fn handle(
 ) -> Response<GatewayBody> {
     let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     let lines = req.headers().iter().map(|(n, v)| (n.as_str().len(), v.len()));
-    let hosts = req.headers().get_all(header::HOST).iter().count();
-    let named = || llmproxy_core::http::head::host(req.version() == hyper::Version::HTTP_11, hosts);
+    let names = req.headers().iter().map(|(n, _)| n.as_str());
+    let named = || llmproxy_core::http::head::lines(req.version() == hyper::Version::HTTP_11, names);
     if let Err(e) = llmproxy_core::http::head::check(target, lines).and_then(|()| named()) {
         let shown = llmproxy_core::http::head::shown_path(req.uri().path()).to_owned();
         return exchange::proxy(shared, req, &peer.ip, Endpoint::BadHead(e), shown).await;
