@@ -415,7 +415,7 @@ POST /v1/chat/completions
 
 
 
-=== TEST 23: a failing response_transform under on_error: deny: the status has left, the body says hook_failed
+=== TEST 23: a failing response_transform under on_error: deny: 503 hook_failed (the head waits for the transform)
 --- hooks
   response_transform:
     on_error: deny
@@ -424,9 +424,9 @@ POST /v1/chat/completions
 --- request
 POST /v1/chat/completions
 {"model":"gpt-4"}
---- error_code: 200
+--- error_code: 503
 --- response_headers
-!Content-Length
+Content-Type: application/json
 --- response_body chomp
 {"error":{"message":"the request was refused: the response_transform hook failed (script_error)","type":"hook_error","code":"hook_failed"}}
 --- error_log
@@ -528,7 +528,6 @@ X-Mock-Status: 500
 --- error_code: 500
 --- response_headers
 Content-Type: application/json
-!Content-Length
 --- response_body chomp
 {"error":{"message":"normalised: mock error 500 (500)"}}
 --- no_error_log
@@ -687,3 +686,60 @@ Authorization: Bearer sk-good
 [400, 403, 429]
 --- response_body eval
 ['{"shaped":"bad_request"}', '{"shaped":"auth_error"}', '{"shaped":"auth_error"}']
+
+
+
+=== TEST 36: an answer past gateway.max_response_bytes sent without a Content-Length, read whole in a subrequest (response_transform configured): 502 response_too_large, as in the gateway
+--- yaml
+gateway: {max_response_bytes: 100, retry: {max_retries: 0}}
+--- hooks
+  response_transform:
+    script: |
+      return {body = {transformed = true}}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Mock-Message: 1
+--- error_code: 502
+--- response_body chomp
+{"error":{"message":"the backend response is too large","type":"backend_error","code":"response_too_large"}}
+--- no_error_log
+[error]
+
+
+
+=== TEST 37: the same answer without response_transform: its status has left when it grows past the bound, so it passes through unread, with a warning
+--- yaml
+gateway: {max_response_bytes: 100, retry: {max_retries: 0}}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Mock-Message: 1
+--- error_code: 200
+--- response_body_like
+^\{"id":"chatcmpl-1".*"total_tokens":57\}\}$
+--- error_log
+passed through without response_transform or usage
+
+
+
+=== TEST 38: a backend that closes the connection halfway through an answer read in a subrequest: 502 backend_failed through error_handler
+--- yaml
+gateway: {retry: {max_retries: 0}}
+--- hooks
+  response_transform:
+    script: |
+      return {body = {transformed = true}}
+  error_handler:
+    script: |
+      return {status_code = error.status_code, body = {seen = error.type, m = error.message}}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Mock-Break: 1
+--- error_code: 502
+--- response_body chomp
+{"m":"the backend connection failed: the answer was cut short","seen":"backend_error"}

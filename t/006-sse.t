@@ -303,3 +303,20 @@ data: {}||
 GET /metrics
 --- response_body_like
 \A(?=.*\nllmproxy_active_streams 0\n)(?=.*\nllmproxy_upstream_latency_seconds_count\{backend="standard"\} [1-9])
+
+
+
+=== TEST 14: on a stream, response_transform's status and header changes are logged, not applied: the head leaves before the first event
+--- hooks
+  response_transform:
+    script: |
+      return {status_code = 299, headers = {["X-Changed"] = "yes"}}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4","stream":true,"messages":[]}
+--- error_code: 200
+--- response_headers
+!X-Changed
+Content-Type: text/event-stream
+--- error_log
+they were already sent

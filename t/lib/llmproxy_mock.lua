@@ -16,7 +16,8 @@
 --
 -- Steering headers: `X-Mock-Status: N` answers N with an OpenAI-style
 -- error; `X-Mock-Delay-Ms` sleeps before the head; `X-Mock-Body: bad-json`
--- answers `{not json`. What the backend saw is reported in `X-Seen-*`
+-- answers `{not json`; `X-Mock-Break: 1` sends the first half of a chat
+-- completion, then closes the connection. What the backend saw is reported in `X-Seen-*`
 -- response headers (`X-Seen-Body`: bodies up to 512 bytes), so tests can
 -- check the rewritten request with `--- response_headers`.
 local cjson = require "cjson.safe"
@@ -148,8 +149,14 @@ function _M.chat(name, opts)
         and '[{"index":0,"message":{"role":"assistant","content":"Hello from the mock backend."},'
             .. '"finish_reason":"stop"}]'
         or "[]"
-    ngx.print('{"id":"chatcmpl-1","object":"chat.completion","model":', cjson.encode(model),
-        ',"choices":', choices, ',"usage":{"prompt_tokens":15,"completion_tokens":42,"total_tokens":57}}')
+    local answer = '{"id":"chatcmpl-1","object":"chat.completion","model":' .. cjson.encode(model)
+        .. ',"choices":' .. choices .. ',"usage":{"prompt_tokens":15,"completion_tokens":42,"total_tokens":57}}'
+    if headers["x-mock-break"] == "1" then
+        ngx.print(answer:sub(1, math.floor(#answer / 2)))
+        ngx.flush(true)
+        return ngx.exit(444)
+    end
+    ngx.print(answer)
 end
 
 return _M

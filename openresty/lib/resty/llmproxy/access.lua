@@ -9,6 +9,7 @@ local metrics = require "resty.llmproxy.metrics"
 local backends = require "resty.llmproxy.backends"
 local limits = require "resty.llmproxy.limits"
 local W = require "resty.llmproxy.worker"
+local capture = require "resty.llmproxy.capture"
 
 local new_tab = require "table.new"
 
@@ -105,6 +106,7 @@ local function prepare_upstream(ctx, backend)
     if not up then
         return nil
     end
+    ctx.asks_stream = up.stream
     if up.headers then
         for name, value in pairs(up.headers) do
             set_request_header(ctx, name, value)
@@ -184,6 +186,9 @@ function _M.run()
     f = prepare_upstream(ctx, backend)
     if f then
         return fail(ctx, f)
+    end
+    if capture.wanted(state, ctx) then
+        return capture.relay(ctx)
     end
 end
 

@@ -18,12 +18,12 @@ local WARN = ngx.WARN
 local NOTICE = ngx.NOTICE
 local worker_exiting = ngx.worker.exiting
 local ngx_now = ngx.now
-local ngx_var = ngx.var
 local entries = require("resty.llmproxy.util").entries
 local log_level = require("resty.llmproxy.util").log_level
 local flush_ledger = require("resty.llmproxy.install").flush_ledger
 local key_id = require("resty.llmproxy.admission").key_id
 local step = require("resty.llmproxy.hook").step
+local upstream_vars = require("resty.llmproxy.capture").upstream_vars
 
 local _M = {}
 
@@ -79,7 +79,8 @@ local function record_usage(state, ctx)
     end
 end
 
--- Health and upstream latency of every try, from nginx's `$upstream_*`.
+-- Health and upstream latency of every try, from nginx's `$upstream_*`
+-- (the subrequest's, for an answer read in one).
 local function record_attempts(state, ctx)
     local attempts = ctx.attempts
     if not attempts then
@@ -87,8 +88,7 @@ local function record_attempts(state, ctx)
     end
     local set = state.backends
     local n = #attempts
-    local status_v, time_v, head_v = ngx_var.upstream_status, ngx_var.upstream_response_time,
-        ngx_var.upstream_header_time
+    local status_v, time_v, head_v = upstream_vars(ctx)
     local status, time, head = tonumber(status_v), tonumber(time_v), tonumber(head_v)
     if n > 1 or not (status and time and head) then
         -- Several tries, or one whose values are not plain numbers: lists
@@ -138,7 +138,9 @@ local function write_ledger(state, ctx)
         node = state.node,
         key_fp = key_id(state, ctx),
         backend = backend and backend.name or nil,
-        status = ngx.status,
+        -- (the backend's status when response_transform changed the one
+        -- the client got, as the gateway records it)
+        status = ctx.head_status and ctx.status or ngx.status,
         is_stream = ctx.sse ~= nil,
         latency_ms = (ngx_now() - ctx.started) * 1000,
     })

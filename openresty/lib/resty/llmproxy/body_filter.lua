@@ -19,6 +19,7 @@ local latency_ms = require("resty.llmproxy.util").latency_ms
 local is_json = require("resty.llmproxy.util").is_json
 local metrics = require "resty.llmproxy.metrics"
 local W = require "resty.llmproxy.worker"
+local capture = require "resty.llmproxy.capture"
 
 local _M = {}
 
@@ -35,20 +36,26 @@ local function changes_head(ctx, status, headers)
     return headers ~= nil and next(headers) ~= nil
 end
 
--- The status and headers went out before the body: say once that a
--- transform's changes to them could not apply.
-local function warn_head(ctx, status, headers)
-    if not ctx.head_warned and changes_head(ctx, status, headers) then
+-- A transform's changes to the status and headers: kept for the head
+-- when the answer is read in a subrequest (`capture`), which sends it
+-- after; else the head went out before the body, and this says once that
+-- they could not apply.
+local function head_changes(ctx, status, headers)
+    if not changes_head(ctx, status, headers) or capture.keep_head(ctx, status, headers) then
+        return
+    end
+    if not ctx.head_warned then
         ctx.head_warned = true
-        -- seam: a content-phase mode (subrequest) could apply these.
         ngx_log(WARN, "llmproxy: request ", ctx.id, ": response_transform changed the status or headers; ",
             "they were already sent (only the body can change in body_filter)")
     end
 end
 
--- The body of a response the transform's denial stopped.
-local function denied_body(err)
+-- The body of a response the transform's denial stopped; its status and
+-- type when the head is still to be sent.
+local function denied_body(ctx, err)
     local f = denied_failure("response_transform", err)
+    capture.keep_head(ctx, f.status, { ["Content-Type"] = "application/json" })
     return error_body(f.message, f.kind, f.code)
 end
 
@@ -75,7 +82,7 @@ local function process_event(ctx, event, data)
     if ev.drop then
         return nil
     end
-    warn_head(ctx, ev.status, ev.headers)
+    head_changes(ctx, ev.status, ev.headers)
     if ev.data then
         return ctx.state.llmproxy.sse_with_data(event, ev.data)
     end
@@ -150,9 +157,15 @@ end
 
 -- Stop buffering a response that grew past the bound without declaring
 -- its length (one that declared it was refused in header_filter, as the
--- gateway refuses it): the status has gone out, so what was held back and
--- the rest pass through, unread (no response_transform, no usage).
+-- gateway refuses it). Read in a subrequest, it is dropped and refused
+-- when the subrequest ends (`capture`); else the status has gone out, so
+-- what was held back and the rest pass through, unread (no
+-- response_transform, no usage).
 local function give_up_buffering(ctx, chunk)
+    if ngx.is_subrequest then
+        ctx.too_large, ctx.chunks = true, nil
+        return nil
+    end
     ngx_log(WARN, "llmproxy: request ", ctx.id, ": response larger than ", ctx.state.max_response_bytes,
         " bytes sent without a Content-Length; passed through without response_transform or usage")
     local held = ctx.transform and concat(ctx.chunks) or ""
@@ -189,7 +202,7 @@ local function json_filter(state, ctx)
         return -- the usage was read; the body went out as it came
     end
     if err then
-        ngx.arg[1] = denied_body(err) -- the status is already sent: the body says what happened
+        ngx.arg[1] = denied_body(ctx, err)
         return
     end
     if not h:answer_parsed() and is_json(ngx.header["Content-Type"]) then
@@ -197,7 +210,7 @@ local function json_filter(state, ctx)
             "passed through")
     end
     if a then
-        warn_head(ctx, a.status, a.headers)
+        head_changes(ctx, a.status, a.headers)
     end
     ngx.arg[1] = a and a.body or body
 end
@@ -206,8 +219,17 @@ end
 -- the phase, documents it).
 function _M.run()
     local ctx = ngx.ctx.llmproxy
-    if not ctx then
-        return
+    if not ctx or ctx.relayed then
+        return -- (relayed: the main request of an answer read in a subrequest)
+    end
+    if ngx.is_subrequest then
+        if ctx.too_large then
+            ngx.arg[1] = nil
+            return
+        end
+        if ngx.arg[2] then
+            capture.note_upstream(ctx)
+        end
     end
     if ctx.error_body then
         if ctx.error_sent then

@@ -7,6 +7,7 @@
 local ngx = ngx
 local metrics = require "resty.llmproxy.metrics"
 local W = require "resty.llmproxy.worker"
+local note_upstream = require("resty.llmproxy.capture").note_upstream
 
 local type = type
 local ngx_log = ngx.log
@@ -110,6 +111,9 @@ function _M.run()
     end
     if ctx.handled then
         return -- written by access() itself
+    end
+    if ngx.is_subrequest then
+        note_upstream(ctx) -- for log(), which runs in the main request
     end
     local state = ctx.state
     if not state then

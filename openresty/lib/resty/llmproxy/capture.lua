@@ -1,0 +1,144 @@
+--- Answers read whole before their head goes out: with response_transform
+-- configured, a request that does not ask for a stream goes to its backend
+-- in a subrequest of its own location (`ngx.location.capture`, the
+-- request's context shared), whose header and body filters run as they run
+-- for any answer (errors shaped, the answer read whole, response_transform
+-- on it), and the access phase sends the result. The head goes out after
+-- the transform ran, so its status and header changes apply, as in the
+-- gateway (docs/adr/072).
+-- @module resty.llmproxy.capture
+
+-- luacheck: globals ngx.status ngx.ctx ngx.header ngx.arg
+
+local ngx = ngx
+
+local pairs = pairs
+local lower = string.lower
+local ngx_var = ngx.var
+local ngx_header = ngx.header
+local ngx_print = ngx.print
+local ngx_exit = ngx.exit
+local location_capture = ngx.location.capture
+local apply_response_headers = require("resty.llmproxy.failure").apply_response_headers
+local known_failure = require("resty.llmproxy.failure").known
+local fail = require("resty.llmproxy.failure").fail
+
+local _M = {}
+
+-- Headers of the subrequest's answer not copied to the client's: nginx
+-- frames the client's answer itself (its length is set from the body).
+local NOT_COPIED = {
+    ["content-length"] = true,
+    ["transfer-encoding"] = true,
+    ["connection"] = true,
+    ["keep-alive"] = true,
+}
+
+--- Whether this request's answer is read whole before its head goes out:
+-- an API call, not asking for a stream, with response_transform
+-- configured (whose status and header changes then apply).
+-- @tparam table state the engine state the request runs on
+-- @tparam table ctx the request's context (`asks_stream` from the upstream step)
+-- @treturn boolean
+-- @phases access
+function _M.wanted(state, ctx)
+    return state.enabled.response_transform == true and ctx.api ~= nil and ctx.asks_stream == false
+end
+
+--- Note the subrequest's `$upstream_*` values for the log phase, which
+-- runs in the main request only (where nginx leaves them empty).
+-- @tparam table ctx the request's context
+-- @phases header_filter, body_filter (of the subrequest)
+function _M.note_upstream(ctx)
+    local u = ctx.upstream_vars
+    if not u then
+        u = {}
+        ctx.upstream_vars = u
+    end
+    u.status, u.response_time, u.header_time = ngx_var.upstream_status, ngx_var.upstream_response_time,
+        ngx_var.upstream_header_time
+end
+
+--- The request's `$upstream_status`, `$upstream_response_time` and
+-- `$upstream_header_time`: nginx's, or those the subrequest noted.
+-- @tparam table ctx the request's context
+-- @return the three values (strings, or nil)
+-- @phases log
+function _M.upstream_vars(ctx)
+    local u = ctx.upstream_vars
+    if u then
+        return u.status, u.response_time, u.header_time
+    end
+    return ngx_var.upstream_status, ngx_var.upstream_response_time, ngx_var.upstream_header_time
+end
+
+--- Keep the head a response_transform asked for, to be sent once the
+-- subrequest ends (only while one runs: else the head has left).
+-- @tparam table ctx the request's context
+-- @tparam[opt] number status the status it asked for
+-- @tparam[opt] table headers the header changes (false or null: remove)
+-- @treturn boolean whether the head is still to be sent
+-- @phases body_filter
+function _M.keep_head(ctx, status, headers)
+    if not ngx.is_subrequest then
+        return false
+    end
+    ctx.head_status, ctx.head_headers = status, headers
+    return true
+end
+
+-- The method constants `ngx.location.capture` takes.
+local METHODS = {
+    GET = ngx.HTTP_GET, HEAD = ngx.HTTP_HEAD, POST = ngx.HTTP_POST, PUT = ngx.HTTP_PUT,
+    DELETE = ngx.HTTP_DELETE, OPTIONS = ngx.HTTP_OPTIONS, PATCH = ngx.HTTP_PATCH,
+}
+
+--- Send the request to its backend in a subrequest, then its answer to
+-- the client: the subrequest's status, headers and body (the phases'
+-- work on them done there), with response_transform's head changes
+-- applied. An answer cut short, or one found larger than
+-- `gateway.max_response_bytes`, is the gateway's 502 instead.
+-- @tparam table ctx the request's context
+-- @phases access
+function _M.relay(ctx)
+    local method = METHODS[ngx.req.get_method()]
+    if not method then
+        return -- proxy_pass relays it as any other
+    end
+    local res = location_capture(ngx_var.uri, {
+        method = method,
+        args = ngx_var.args,
+        ctx = ngx.ctx,
+        always_forward_body = true,
+    })
+    ctx.relayed = true
+    local body = res.body
+    if ctx.error_body and not ctx.error_sent then
+        -- nginx's own error (no backend answered), shaped by the
+        -- subrequest's header filter: nginx sends a subrequest's error
+        -- page no body, so its body filter never wrote this one.
+        body = ctx.error_body
+    elseif ctx.too_large or res.truncated then
+        local f = known_failure(ctx.too_large and "response_too_large" or "backend_failed",
+            "the answer was cut short")
+        local backend = ctx.backend
+        if backend then
+            f.backend_url, f.retry_count = backend.url, (ctx.tries or 1) - 1
+        end
+        ctx.backend_failed = true
+        return fail(ctx, f)
+    end
+    ctx.handled = true
+    ngx.status = ctx.head_status or res.status
+    for name, value in pairs(res.header) do
+        if not NOT_COPIED[lower(name)] then
+            ngx_header[name] = value
+        end
+    end
+    apply_response_headers(ctx, ctx.head_headers)
+    ngx_header["Content-Length"] = #body
+    ngx_print(body)
+    return ngx_exit(ngx.HTTP_OK)
+end
+
+return _M
