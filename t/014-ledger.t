@@ -170,3 +170,46 @@ ledger: {path: $TEST_NGINX_SERVROOT/html/quit.db, flush_ms: 100}
 GET /rows
 --- response_body
 rows: 2
+
+
+
+=== TEST 7: a client that leaves a stream before its end is recorded as 499, as the gateway records it; a stream read to its end as 200
+--- yaml
+ledger: {path: $TEST_NGINX_SERVROOT/html/left.db, flush_ms: 10}
+--- config
+    location = /leave {
+        content_by_lua_block {
+            local drive = require "llmproxy_drive"
+            local port = ngx.var.server_port
+            local body = '{"model":"gpt-4","stream":true,"messages":[]}'
+            local sock = ngx.socket.tcp()
+            assert(sock:connect("127.0.0.1", port))
+            assert(sock:send(table.concat({
+                "POST /v1/chat/completions HTTP/1.1", "Host: localhost", "Content-Type: application/json",
+                "X-Mock-Chunks: 6", "X-Mock-Chunk-Delay-Ms: 150", "Content-Length: " .. #body, "", body,
+            }, "\r\n")))
+            repeat
+                local line = assert(sock:receive("*l"))
+            until line:find("^data:")
+            sock:close() -- the client leaves after the first event
+            ngx.sleep(1.5) -- the stream's end reaches nginx, then its log phase
+            local status = drive.chat(port, body, { ["X-Mock-Chunks"] = "2" })
+            ngx.sleep(0.3)
+            local conf = ngx.config.prefix() .. "html/llmproxy.yaml"
+            local p = io.popen("@LLMPROXY_BIN@ usage --config " .. conf .. " --records 2>&1")
+            local out = p:read("*a")
+            p:close()
+            local rows = {}
+            for s in out:gmatch('"status":%s*(%d+)') do
+                rows[#rows + 1] = s
+            end
+            ngx.say("second stream: ", status, "; rows' statuses: ", table.concat(rows, " "))
+        }
+    }
+--- request
+GET /leave
+--- response_body
+second stream: 200; rows' statuses: 499 200
+--- timeout: 10
+--- no_error_log
+[error]

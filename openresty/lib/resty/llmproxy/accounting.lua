@@ -23,6 +23,7 @@ local log_level = require("resty.llmproxy.util").log_level
 local flush_ledger = require("resty.llmproxy.install").flush_ledger
 local key_id = require("resty.llmproxy.admission").key_id
 local step = require("resty.llmproxy.hook").step
+local ngx_var = ngx.var
 local upstream_vars = require("resty.llmproxy.capture").upstream_vars
 
 local _M = {}
@@ -34,6 +35,22 @@ local pool_stats_at = 0
 -- denies: the answer is sent).
 local USAGE = { "recording the raw usage", "recording the raw usage" }
 
+-- The status a request is charged and recorded with when it is not
+-- `otherwise`, as the gateway's: 499 when the client left a stream before
+-- its end (nginx's status is the 200 that went out with the head; the
+-- request did not complete, and the body filter never saw the stream's
+-- end); the backend's when response_transform changed the one the client
+-- got.
+local function served_status(ctx, otherwise)
+    if ctx.sse and not ctx.sse_ended and ngx_var.request_completion ~= "OK" then
+        return 499
+    end
+    if ctx.head_status then
+        return ctx.status
+    end
+    return otherwise
+end
+
 -- The handle's usage step (core's: the usage hook on the backend's usage,
 -- an estimate from the content events relayed for a stream whose usage
 -- never came, zeros when it reported none, and the charge that follows);
@@ -42,7 +59,8 @@ local USAGE = { "recording the raw usage", "recording the raw usage" }
 -- ledger row.
 local function record_usage(state, ctx)
     local backend = ctx.backend
-    local charge = step(ctx, "usage", USAGE, ctx.h.usage, ctx.status or ngx.status, ctx.sse_relayed)
+    local charge = step(ctx, "usage", USAGE, ctx.h.usage, served_status(ctx, ctx.status or ngx.status),
+        ctx.sse_relayed)
     if not charge then
         return
     end
@@ -138,9 +156,7 @@ local function write_ledger(state, ctx)
         node = state.node,
         key_fp = key_id(state, ctx),
         backend = backend and backend.name or nil,
-        -- (the backend's status when response_transform changed the one
-        -- the client got, as the gateway records it)
-        status = ctx.head_status and ctx.status or ngx.status,
+        status = served_status(ctx, ngx.status),
         is_stream = ctx.sse ~= nil,
         latency_ms = (ngx_now() - ctx.started) * 1000,
     })

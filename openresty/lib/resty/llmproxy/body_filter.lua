@@ -141,7 +141,9 @@ local function stream_filter(ctx)
     end
     if ctx.sse_stopped then
         ngx.arg[2] = true -- truncate: nothing after the error event
+        ctx.sse_ended = true
     elseif eof then
+        ctx.sse_ended = true
         local rest, data = ctx.sse:finish()
         if rest then
             relayed(ctx, data)
