@@ -45,6 +45,31 @@ impl ErrorType {
     }
 }
 
+/// The message `error_handler` sees (`error.message`) for a backend's own
+/// error answer with `status`: the answer's `error.message` when its body
+/// is OpenAI's error shape, else "the backend answered STATUS". Every host
+/// reads the answer's body before it calls `error_handler`.
+///
+/// ```
+/// use llmproxy_core::policy::errors::upstream_message;
+/// assert_eq!(upstream_message(500, br#"{"error":{"message":"overloaded"}}"#), "overloaded");
+/// assert_eq!(upstream_message(502, b"<html>bad gateway</html>"), "the backend answered 502");
+/// assert_eq!(upstream_message(404, br#"{"error":"nope"}"#), "the backend answered 404");
+/// ```
+pub fn upstream_message(status: u16, body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        message: String,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .map(|a| a.error.message)
+        .unwrap_or_else(|_| format!("the backend answered {status}"))
+}
+
 /// The type of the 503 a hook failing under `on_error: deny` gets (never
 /// shaped by `error_handler`, so not an [`ErrorType`]).
 pub const HOOK_ERROR: &str = "hook_error";

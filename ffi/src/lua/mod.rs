@@ -1250,6 +1250,18 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
             },
         )?,
     )?;
+    // llmproxy.upstream_message(status, body) -> what error_handler sees as
+    // `error.message` for a backend's error answer (core's
+    // `policy::errors::upstream_message`, the gateway's too).
+    exports.raw_set(
+        "upstream_message",
+        lua.create_function(|_, (status, body): (u16, mlua::LuaString)| {
+            Ok(llmproxy_core::policy::errors::upstream_message(
+                status,
+                &body.as_bytes(),
+            ))
+        })?,
+    )?;
     // llmproxy.UNLIMITED: `rate_limit_status`'s remaining count where no
     // limit applies (core's `policy::limits::UNLIMITED`, the gateway's too).
     exports.raw_set("UNLIMITED", llmproxy_core::policy::limits::UNLIMITED)?;

@@ -21,7 +21,7 @@ use llmproxy_core::http::fields::{self, TextBody};
 use llmproxy_core::http::head::HeadRefusal;
 use llmproxy_core::http::script_headers::Message;
 use llmproxy_core::http::{path::PathError, usage_probe};
-use llmproxy_core::policy::errors::{self, GatewayError};
+use llmproxy_core::policy::errors::{self, upstream_message, GatewayError};
 use llmproxy_core::policy::failure::{self, Handled};
 use llmproxy_core::policy::upstream as upstream_policy;
 use llmproxy_core::{keys, HookName};
@@ -446,7 +446,7 @@ impl Exchange {
                 .await
                 .unwrap_or_default();
             self.shared.metrics.upstream_latency(b.index, sent.elapsed());
-            let message = upstream_message(&bytes).unwrap_or_else(|| format!("the backend answered {status}"));
+            let message = upstream_message(status, &bytes);
             let mut f = self.failure_at(
                 &b,
                 ErrorType::of_upstream_status(status),
@@ -489,7 +489,7 @@ impl Exchange {
             b.health.success(Some(latency));
         }
         if status >= 400 {
-            let message = upstream_message(&bytes).unwrap_or_else(|| format!("the backend answered {status}"));
+            let message = upstream_message(status, &bytes);
             let mut f = self.failure_at(
                 &b,
                 ErrorType::of_upstream_status(status),
@@ -972,11 +972,6 @@ fn upstream_body(endpoint: Endpoint, original: &Value, raw: Bytes, new_body: Opt
 }
 
 /// `error.message` of an OpenAI-style error body.
-fn upstream_message(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned)
-}
-
 /// A JSON response with the given status.
 pub(crate) fn json_response(status: u16, body: Bytes) -> Response<GatewayBody> {
     let mut r = Response::new(GatewayBody::full(body));

@@ -40,12 +40,12 @@ local USAGE = { "recording the raw usage", "recording the raw usage" }
 -- its end (nginx's status is the 200 that went out with the head; the
 -- request did not complete, and the body filter never saw the stream's
 -- end); the backend's when response_transform changed the one the client
--- got.
+-- got on a successful answer (a failure records the client's).
 local function served_status(ctx, otherwise)
     if ctx.sse and not ctx.sse_ended and ngx_var.request_completion ~= "OK" then
         return 499
     end
-    if ctx.head_status then
+    if ctx.head_status and not ctx.failure then
         return ctx.status
     end
     return otherwise

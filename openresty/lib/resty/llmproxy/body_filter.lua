@@ -13,6 +13,7 @@ local ngx_log = ngx.log
 local WARN = ngx.WARN
 local step = require("resty.llmproxy.hook").step
 local denied_failure = require("resty.llmproxy.failure").denied
+local decide_error = require("resty.llmproxy.failure").decide
 local error_body = require("resty.llmproxy.failure").body
 local known_failure = require("resty.llmproxy.failure").known
 local latency_ms = require("resty.llmproxy.util").latency_ms
@@ -55,8 +56,29 @@ end
 -- type when the head is still to be sent.
 local function denied_body(ctx, err)
     local f = denied_failure("response_transform", err)
-    capture.keep_head(ctx, f.status, { ["Content-Type"] = "application/json" })
+    capture.keep_head(ctx, f.status, nil, true)
     return error_body(f.message, f.kind, f.code)
+end
+
+-- A backend's error answer whose error_handler waited for its body (read
+-- in a subrequest, header_filter): error_handler on the answer's own
+-- message, then core's next step. Returns the bytes to send, or nil when
+-- response_transform is to run on the answer.
+local function handle_error_answer(ctx, body)
+    local facts, f, llmproxy = ctx.deferred, ctx.failure, ctx.state.llmproxy
+    ctx.deferred = nil
+    f.message = llmproxy.upstream_message(ctx.status, body)
+    local status, replaced, headers
+    status, replaced, headers, facts.handled = decide_error(ctx, f)
+    if llmproxy.failure_step(facts) == "response_transform" then
+        ctx.transform = true
+        return nil
+    end
+    if not status then
+        return body -- the backend's answer, as it came
+    end
+    capture.keep_head(ctx, status, headers, true)
+    return replaced
 end
 
 -- One SSE event (its `data`, or false without a data line) through the
@@ -185,7 +207,7 @@ local function json_filter(state, ctx)
         end
         ctx.nbytes = ctx.nbytes + #chunk
         ctx.chunks[#ctx.chunks + 1] = chunk
-        if ctx.transform then
+        if ctx.transform or ctx.deferred then
             ngx.arg[1] = nil
         end
     end
@@ -194,6 +216,13 @@ local function json_filter(state, ctx)
     end
     local body = concat(ctx.chunks)
     ctx.chunks = nil
+    if ctx.deferred then
+        local out = handle_error_answer(ctx, body)
+        if out then
+            ngx.arg[1] = out
+            return
+        end
+    end
     if body == "" then
         return -- HEAD, 204, 304: nothing to transform
     end

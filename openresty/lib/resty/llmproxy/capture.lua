@@ -1,11 +1,12 @@
 --- Answers read whole before their head goes out: with response_transform
--- configured, a request that does not ask for a stream goes to its backend
--- in a subrequest of its own location (`ngx.location.capture`, the
--- request's context shared), whose header and body filters run as they run
--- for any answer (errors shaped, the answer read whole, response_transform
--- on it), and the access phase sends the result. The head goes out after
--- the transform ran, so its status and header changes apply, as in the
--- gateway (docs/adr/072).
+-- or error_handler configured, a request that does not ask for a stream
+-- goes to its backend in a subrequest of its own location
+-- (`ngx.location.capture`, the request's context shared), whose header
+-- and body filters run as they run for any answer (errors shaped, the
+-- answer read whole, response_transform on it; error_handler on a
+-- backend's error answer once its body is in), and the access phase sends
+-- the result. The head goes out after the hooks ran, so their status and
+-- header changes apply, as in the gateway (docs/adr/072).
 -- @module resty.llmproxy.capture
 
 -- luacheck: globals ngx.status ngx.ctx ngx.header ngx.arg
@@ -36,13 +37,16 @@ local NOT_COPIED = {
 
 --- Whether this request's answer is read whole before its head goes out:
 -- an API call, not asking for a stream, with response_transform
--- configured (whose status and header changes then apply).
+-- configured (whose status and header changes then apply) or
+-- error_handler (which then sees a backend's error answer's own message).
 -- @tparam table state the engine state the request runs on
 -- @tparam table ctx the request's context (`asks_stream` from the upstream step)
 -- @treturn boolean
 -- @phases access
 function _M.wanted(state, ctx)
-    return state.enabled.response_transform == true and ctx.api ~= nil and ctx.asks_stream == false
+    local enabled = state.enabled
+    return (enabled.response_transform or enabled.error_handler) == true and ctx.api ~= nil
+        and ctx.asks_stream == false
 end
 
 --- Note the subrequest's `$upstream_*` values for the log phase, which
@@ -72,18 +76,22 @@ function _M.upstream_vars(ctx)
     return ngx_var.upstream_status, ngx_var.upstream_response_time, ngx_var.upstream_header_time
 end
 
---- Keep the head a response_transform asked for, to be sent once the
--- subrequest ends (only while one runs: else the head has left).
+--- Keep the head a hook asked for once the answer's body was read
+-- (response_transform, or error_handler), to be sent when the subrequest
+-- ends (only while one runs: else the head has left).
 -- @tparam table ctx the request's context
 -- @tparam[opt] number status the status it asked for
 -- @tparam[opt] table headers the header changes (false or null: remove)
+-- @tparam[opt] boolean error_body the body is now an error this module
+-- wrote (`Content-Type: application/json`, no `Content-Encoding`, before
+-- `headers` apply)
 -- @treturn boolean whether the head is still to be sent
 -- @phases body_filter
-function _M.keep_head(ctx, status, headers)
+function _M.keep_head(ctx, status, headers, error_body)
     if not ngx.is_subrequest then
         return false
     end
-    ctx.head_status, ctx.head_headers = status, headers
+    ctx.head_status, ctx.head_headers, ctx.head_error_body = status, headers, error_body
     return true
 end
 
@@ -134,6 +142,10 @@ function _M.relay(ctx)
         if not NOT_COPIED[lower(name)] then
             ngx_header[name] = value
         end
+    end
+    if ctx.head_error_body then
+        ngx_header["Content-Type"] = "application/json"
+        ngx_header["Content-Encoding"] = nil
     end
     apply_response_headers(ctx, ctx.head_headers)
     ngx_header["Content-Length"] = #body

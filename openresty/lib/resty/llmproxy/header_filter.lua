@@ -61,6 +61,16 @@ local function shape_failure(ctx, f, replace, status)
     facts.json_body = not ngx_header["Content-Encoding"]
     facts.response_transform = (state.enabled.response_transform and ctx.api and ctx.h) and true or false
     local step = state.llmproxy.failure_step(facts)
+    if step == "error_handler" and not replace and ngx.is_subrequest then
+        -- The answer is read in a subrequest and its head waits
+        -- (`capture`): error_handler runs once the body is in, on the
+        -- answer's own error message, as in the gateway (body_filter).
+        ctx.deferred, ctx.status = facts, status
+        ctx.response_headers = response_headers()
+        ctx.chunks, ctx.nbytes = {}, 0
+        ngx_header["Content-Length"] = nil
+        return
+    end
     local new_status, body, headers
     if step == "error_handler" then
         new_status, body, headers, facts.handled = decide_error(ctx, f)
