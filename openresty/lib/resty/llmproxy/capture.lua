@@ -95,12 +95,6 @@ function _M.keep_head(ctx, status, headers, error_body)
     return true
 end
 
--- The method constants `ngx.location.capture` takes.
-local METHODS = {
-    GET = ngx.HTTP_GET, HEAD = ngx.HTTP_HEAD, POST = ngx.HTTP_POST, PUT = ngx.HTTP_PUT,
-    DELETE = ngx.HTTP_DELETE, OPTIONS = ngx.HTTP_OPTIONS, PATCH = ngx.HTTP_PATCH,
-}
-
 --- Send the request to its backend in a subrequest, then its answer to
 -- the client: the subrequest's status, headers and body (the phases'
 -- work on them done there), with response_transform's head changes
@@ -109,12 +103,8 @@ local METHODS = {
 -- @tparam table ctx the request's context
 -- @phases access
 function _M.relay(ctx)
-    local method = METHODS[ngx.req.get_method()]
-    if not method then
-        return -- proxy_pass relays it as any other
-    end
     local res = location_capture(ngx_var.uri, {
-        method = method,
+        method = ngx.HTTP_POST, -- (an API call is a POST: core's `http::api`)
         args = ngx_var.args,
         ctx = ngx.ctx,
         always_forward_body = true,
