@@ -50,7 +50,8 @@ pub enum HeadRefusal {
     /// A header is over [`MAX_HEADER_BYTES`], or all of them over
     /// [`MAX_HEAD_BYTES`].
     HeadersTooLarge,
-    /// The request's header lines are not what HTTP allows ([`lines`]).
+    /// The request's header lines are not what HTTP allows ([`lines`]), or
+    /// its method is not one a host reads ([`method`]).
     Malformed,
 }
 
@@ -148,6 +149,27 @@ pub fn lines<'n>(http11: bool, names: impl IntoIterator<Item = &'n str>) -> Resu
     Ok(())
 }
 
+/// Whether a request's method is one a host reads: a token of uppercase
+/// letters, `_` and `-`, as nginx reads one (it refuses `post` or `Get`
+/// before any phase runs). A method is case-sensitive (RFC 9110 §9.1), so a
+/// lowercase one is no method the API knows, and a backend should not
+/// receive it either.
+///
+/// ```
+/// use llmproxy_core::http::head::{method, HeadRefusal};
+/// assert!(method("POST").is_ok());
+/// assert!(method("M-SEARCH").is_ok());
+/// assert_eq!(method("post"), Err(HeadRefusal::Malformed));
+/// ```
+pub fn method(method: &str) -> Result<(), HeadRefusal> {
+    let read = !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-');
+    if read {
+        Ok(())
+    } else {
+        Err(HeadRefusal::Malformed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +242,23 @@ mod tests {
         ];
         for (what, http11, names, accepted) in cases {
             assert_eq!(lines(*http11, names.iter().copied()).is_ok(), *accepted, "{what}");
+        }
+    }
+
+    #[test]
+    fn methods_a_host_reads_and_those_it_refuses() {
+        for (m, read) in [
+            ("POST", true),
+            ("GET", true),
+            ("PROPFIND", true),
+            ("X_CUSTOM-1", false),
+            ("X_CUSTOM-A", true),
+            ("post", false),
+            ("Post", false),
+            ("", false),
+            ("PO ST", false),
+        ] {
+            assert_eq!(method(m).is_ok(), read, "{m:?}");
         }
     }
 }

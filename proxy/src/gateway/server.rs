@@ -129,7 +129,10 @@ pub async fn handle(
     let lines = req.headers().iter().map(|(n, v)| (n.as_str().len(), v.len()));
     let names = req.headers().iter().map(|(n, _)| n.as_str());
     let named = || llmproxy_core::http::head::lines(req.version() == hyper::Version::HTTP_11, names);
-    if let Err(e) = llmproxy_core::http::head::check(target, lines).and_then(|()| named()) {
+    let head = llmproxy_core::http::head::check(target, lines)
+        .and_then(|()| named())
+        .and_then(|()| llmproxy_core::http::head::method(req.method().as_str()));
+    if let Err(e) = head {
         let shown = llmproxy_core::http::head::shown_path(req.uri().path()).to_owned();
         return exchange::proxy(shared, req, &peer.ip, Endpoint::BadHead(e), shown).await;
     }
