@@ -743,3 +743,21 @@ X-Mock-Break: 1
 --- error_code: 502
 --- response_body chomp
 {"m":"the backend connection failed: the answer was cut short","seen":"backend_error"}
+
+
+
+=== TEST 39: error_handler alone runs when a backend's error answer's head arrives (no subrequest): it sees "the backend answered N", not the answer's own message (openresty/README.md, Errors)
+--- yaml
+gateway: {retry: {max_retries: 0}}
+--- hooks
+  error_handler:
+    script: |
+      return {status_code = 418, body = {seen = error.message}}
+--- request
+POST /v1/chat/completions
+{"model":"gpt-4"}
+--- more_headers
+X-Mock-Status: 500
+--- error_code: 418
+--- response_body chomp
+{"seen":"the backend answered 500"}

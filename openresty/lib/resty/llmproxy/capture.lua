@@ -1,6 +1,6 @@
 --- Answers read whole before their head goes out: with response_transform
--- or error_handler configured, a request that does not ask for a stream
--- goes to its backend in a subrequest of its own location
+-- configured, a request that does not ask for a stream goes to its backend
+-- in a subrequest of its own location
 -- (`ngx.location.capture`, the request's context shared), whose header
 -- and body filters run as they run for any answer (errors shaped, the
 -- answer read whole, response_transform on it; error_handler on a
@@ -37,16 +37,18 @@ local NOT_COPIED = {
 
 --- Whether this request's answer is read whole before its head goes out:
 -- an API call, not asking for a stream, with response_transform
--- configured (whose status and header changes then apply) or
--- error_handler (which then sees a backend's error answer's own message).
+-- configured (whose status and header changes then apply, and
+-- error_handler then sees a backend's error answer's own message). Not
+-- for error_handler alone: the module buffers an answer for
+-- response_transform anyway, so the subrequest costs it nothing
+-- measurable, while reading every answer whole for error_handler's sake
+-- costs about a third more CPU per request (docs/adr/072).
 -- @tparam table state the engine state the request runs on
 -- @tparam table ctx the request's context (`asks_stream` from the upstream step)
 -- @treturn boolean
 -- @phases access
 function _M.wanted(state, ctx)
-    local enabled = state.enabled
-    return (enabled.response_transform or enabled.error_handler) == true and ctx.api ~= nil
-        and ctx.asks_stream == false
+    return state.enabled.response_transform == true and ctx.api ~= nil and ctx.asks_stream == false
 end
 
 --- Note the subrequest's `$upstream_*` values for the log phase, which
