@@ -187,3 +187,37 @@ sending the default error
 GET /metrics
 --- response_body_like
 \A(?=.*\nllmproxy_hook_errors_total\{hook="routing",kind="timeout"\} 3\n)(?=.*\nllmproxy_hook_errors_total\{hook="request_transform",kind="memory"\} 4\n)(?=.*\nllmproxy_hook_errors_total\{hook="error_handler",kind="timeout"\} 2\n)
+
+
+
+=== TEST 6: a backend that breaks a stream off after its first event counts as a failure for its health, as in the gateway
+--- backends
+  - {name: standard, url: "http://127.0.0.1:$TEST_NGINX_PORT_1"}
+--- yaml
+gateway:
+  health: {failures_to_unhealthy: 1, cooldown_ms: 60000}
+--- config
+    location = /broken {
+        content_by_lua_block {
+            local body = '{"model":"gpt-4","stream":true,"messages":[]}'
+            local sock = ngx.socket.tcp()
+            assert(sock:connect("127.0.0.1", $TEST_NGINX_SERVER_PORT))
+            assert(sock:send(table.concat({
+                "POST /v1/chat/completions HTTP/1.1", "Host: localhost", "Connection: close",
+                "Content-Type: application/json", "X-Mock-Break: 1", "Content-Length: " .. #body, "", body,
+            }, "\r\n")))
+            local got = sock:receive("*a") or ""
+            sock:close()
+            ngx.sleep(0.2)
+            local m = assert(require("llmproxy_drive").metrics($TEST_NGINX_SERVER_PORT))
+            ngx.say("first event: ", got:find('"content":"Hello"', 1, true) ~= nil,
+                ", [DONE]: ", got:find("[DONE]", 1, true) ~= nil,
+                ", standard healthy: ", m['llmproxy_backend_healthy{backend="standard"}'])
+        }
+    }
+--- request
+GET /broken
+--- response_body
+first event: true, [DONE]: false, standard healthy: 0
+--- error_log
+backend 'standard' marked unhealthy after 1 failures

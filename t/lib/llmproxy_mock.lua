@@ -17,7 +17,7 @@
 -- Steering headers: `X-Mock-Status: N` answers N with an OpenAI-style
 -- error; `X-Mock-Delay-Ms` sleeps before the head; `X-Mock-Body: bad-json`
 -- answers `{not json`; `X-Mock-Break: 1` sends the first half of a chat
--- completion, then closes the connection. What the backend saw is reported in `X-Seen-*`
+-- completion (of a stream: its first event), then closes the connection. What the backend saw is reported in `X-Seen-*`
 -- response headers (`X-Seen-Body`: bodies up to 512 bytes), so tests can
 -- check the rewritten request with `--- response_headers`.
 local cjson = require "cjson.safe"
@@ -93,6 +93,9 @@ local function stream(model, include_usage, headers)
         local delta = i == 1 and ('{"role":"assistant","content":' .. cjson.encode(word) .. "}")
             or ('{"content":' .. cjson.encode(word) .. "}")
         send("data: " .. head .. '{"index":0,"delta":' .. delta .. ',"finish_reason":null}]' .. tail .. "\n\n")
+        if headers["x-mock-break"] == "1" then
+            return ngx.exit(444) -- the connection closes after the first event
+        end
     end
     send("data: " .. head .. '{"index":0,"delta":{},"finish_reason":"stop"}]' .. tail .. "\n\n")
     if include_usage then

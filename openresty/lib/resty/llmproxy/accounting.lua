@@ -35,6 +35,17 @@ local pool_stats_at = 0
 -- denies: the answer is sent).
 local USAGE = { "recording the raw usage", "recording the raw usage" }
 
+-- How a stream the body filter never saw end ended: "client" when the
+-- client left first (the request did not complete), "backend" when the
+-- backend broke it off (nginx completed the request and closes the
+-- client's connection); nil for any other request.
+local function stream_cut(ctx)
+    if not ctx.sse or ctx.sse_ended then
+        return nil
+    end
+    return ngx_var.request_completion == "OK" and "backend" or "client"
+end
+
 -- The status a request is charged and recorded with when it is not
 -- `otherwise`, as the gateway's: 499 when the client left a stream before
 -- its end (nginx's status is the 200 that went out with the head; the
@@ -42,7 +53,7 @@ local USAGE = { "recording the raw usage", "recording the raw usage" }
 -- end); the backend's when response_transform changed the one the client
 -- got on a successful answer (a failure records the client's).
 local function served_status(ctx, otherwise)
-    if ctx.sse and not ctx.sse_ended and ngx_var.request_completion ~= "OK" then
+    if stream_cut(ctx) == "client" then
         return 499
     end
     if ctx.head_status and not ctx.failure then
@@ -184,6 +195,11 @@ function _M.run()
         state.redis:release(acq)
     elseif acq and state.limits_dict then
         limits.release(state.limits_dict, acq)
+    end
+    if stream_cut(ctx) == "backend" then
+        -- A failure of the backend, for its health, as the gateway counts
+        -- a stream it broke off (nginx has logged why).
+        ctx.backend_failed = true
     end
     record_attempts(state, ctx)
     if ctx.admitted then
