@@ -761,3 +761,20 @@ X-Mock-Status: 500
 --- error_code: 418
 --- response_body chomp
 {"seen":"the backend answered 500"}
+
+
+
+=== TEST 40: first_byte_ms below idle_ms: a whole answer's head is bounded by first_byte_ms (504), a stream's by the larger of the two (nginx has one read timeout: openresty/README.md, Not yet)
+--- yaml
+gateway:
+  retry: {max_retries: 0}
+  timeouts: {first_byte_ms: 300, idle_ms: 3000}
+--- request eval
+["POST /v1/chat/completions\n{\"model\":\"gpt-4\"}",
+ "POST /v1/chat/completions\n{\"model\":\"gpt-4\",\"stream\":true}"]
+--- more_headers
+X-Mock-Delay-Ms: 800
+--- error_code eval
+[504, 200]
+--- response_body_like eval
+['"code":"backend_timeout"', 'data: \[DONE\]']

@@ -174,10 +174,15 @@ function _M.new(list, gateway, llmproxy)
             -- backends with the same upstream headers: the ones a retry may go to
             group = group,
             -- ngx.balancer.set_timeouts(connect, send, read) per try: nginx's
-            -- read timeout covers the wait for the head and every gap after.
+            -- one read timeout covers the wait for the head and every gap
+            -- after. A stream needs both, so it gets the larger; a whole
+            -- answer comes at once after its head, so the wait for the head
+            -- is the one that matters: first_byte_ms (the gateway's
+            -- deadline for it), else idle_ms.
             connect_timeout = seconds(t.connect_ms or gt.connect_ms, nil),
             send_timeout = idle,
-            read_timeout = (first_byte or idle) and max(first_byte or 0, idle or 0) or nil,
+            stream_read_timeout = (first_byte or idle) and max(first_byte or 0, idle or 0) or nil,
+            read_timeout = first_byte or idle,
         }
         set.list[i] = entry
         set.by_name[name] = entry

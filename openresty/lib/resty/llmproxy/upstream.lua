@@ -82,7 +82,10 @@ function _M.run()
         end
     end
     if state.apply_timeouts and (backend.connect_timeout or backend.read_timeout) then
-        local ok, err = set_timeouts(backend.connect_timeout, backend.send_timeout, backend.read_timeout)
+        -- (a request that is not an API call, or whose upstream step did not
+        -- say, may be a stream: it gets the stream's timeout)
+        local read = ctx.asks_stream == false and backend.read_timeout or backend.stream_read_timeout
+        local ok, err = set_timeouts(backend.connect_timeout, backend.send_timeout, read)
         if not ok then
             ngx_log(WARN, "llmproxy: set_timeouts: ", err)
         end
