@@ -94,6 +94,14 @@ local tests = {
       assert((err == nil) == (c[3] == nil) and (c[3] == nil or err:find(c[3], 1, true)), c[1] .. ": " .. tostring(err))
     end
   end },
+  { "shown_path is core's cut of a refused request's path: 256 bytes at most, at a character boundary", function()
+    assert(llmproxy.shown_path("/v1/x") == "/v1/x")
+    assert(llmproxy.shown_path("/" .. ("a"):rep(400)) == "/" .. ("a"):rep(255))
+    -- 254 bytes, then a 3-byte character across the bound: it is left out
+    local cut = llmproxy.shown_path("/" .. ("a"):rep(253) .. "\xe4\xbd\xa0" .. "b")
+    assert(cut == "/" .. ("a"):rep(253), #cut)
+    assert(llmproxy.shown_path("/\xff") == "/\xef\xbf\xbd", "not UTF-8: U+FFFD")
+  end },
   { "a string result comes back as a string, with a nil error", function()
     local res, err = engine:run("routing", routing_input({ viplevel = 3 }))
     assert(res == "ultra" and err == nil)

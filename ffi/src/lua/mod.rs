@@ -1265,9 +1265,17 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     // llmproxy.UNLIMITED: `rate_limit_status`'s remaining count where no
     // limit applies (core's `policy::limits::UNLIMITED`, the gateway's too).
     exports.raw_set("UNLIMITED", llmproxy_core::policy::limits::UNLIMITED)?;
-    // llmproxy.MAX_SHOWN_PATH_BYTES: most bytes of a refused request's path
-    // that error_handler sees (core's `http::head`, the gateway's too).
-    exports.raw_set("MAX_SHOWN_PATH_BYTES", llmproxy_core::http::head::MAX_SHOWN_PATH_BYTES)?;
+    // llmproxy.shown_path(path) -> the start of a refused request's path
+    // that error_handler sees (core's `http::head::shown_path`, the
+    // gateway's too: cut at a character boundary). Bytes that are not
+    // UTF-8 become U+FFFD, as a script's strings must be text.
+    exports.raw_set(
+        "shown_path",
+        lua.create_function(|_, path: mlua::LuaString| {
+            let bytes = path.as_bytes();
+            Ok(llmproxy_core::http::head::shown_path(&String::from_utf8_lossy(&bytes)).to_owned())
+        })?,
+    )?;
     // Where the library's Rust allocations go: "mimalloc", or "system"
     // (the host's malloc: a build without mimalloc, or LLMPROXY_ALLOCATOR=system).
     #[cfg(feature = "mimalloc")]

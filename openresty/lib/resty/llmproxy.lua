@@ -70,7 +70,6 @@ local accounting = require "resty.llmproxy.accounting"
 
 local ipairs = ipairs
 local tonumber = tonumber
-local sub = string.sub
 local request_path = require("resty.llmproxy.util").request_path
 local error = error
 local fmt = string.format
@@ -339,9 +338,9 @@ function _M.refused()
     local f = failure.known(REFUSED[tonumber(ngx.var.status)] or "malformed_request")
     local id = state.llmproxy.request_id(nil)
     -- The request as error_handler sees it: the start of the path it was
-    -- sent to (this location's is /llmproxy/refused; core's bound, the
+    -- sent to (this location's is /llmproxy/refused; core's rule, the
     -- gateway's), no headers, no body.
-    local path = sub(request_path(), 1, state.llmproxy.MAX_SHOWN_PATH_BYTES)
+    local path = state.llmproxy.shown_path(request_path())
     local ctx = {
         state = state,
         id = id,
