@@ -165,7 +165,8 @@ impl GatewayError {
 
     /// The HTTP server found the request malformed before it could be
     /// read as one (a request line or a header it cannot parse, a header
-    /// that must be unique sent twice): 400.
+    /// that must be unique sent twice, a method that is not an uppercase
+    /// token: `http::head`): 400.
     pub fn malformed_request() -> GatewayError {
         GatewayError::new(
             ErrorType::BadRequest,

@@ -50,9 +50,9 @@ pub enum Endpoint {
     NotFound,
     /// The path has no canonical form (400 through `error_handler`).
     BadPath(PathError),
-    /// The request's head is over core's bounds or does not name its
-    /// host (`http::head`): 414, 431 or 400, through `error_handler` as
-    /// core's failure policy says.
+    /// The request's head is over core's bounds, or its header lines or
+    /// method are not what HTTP allows (`http::head`): 414, 431 or 400,
+    /// through `error_handler` as core's failure policy says.
     BadHead(HeadRefusal),
 }
 
@@ -202,8 +202,8 @@ pub async fn proxy(
             // read (nginx, which refuses such heads itself, cannot).
             ex.identified = !ex.live.auth_on;
             let mut f = Failure::of(refusal.error());
-            // A request that does not name its host as HTTP requires ends
-            // its connection, as in nginx.
+            // A malformed request (its host, a header sent twice, its
+            // method) ends its connection, as in nginx.
             f.close_connection = refusal == HeadRefusal::Malformed;
             return ex.fail(f).await;
         }
@@ -971,7 +971,6 @@ fn upstream_body(endpoint: Endpoint, original: &Value, raw: Bytes, new_body: Opt
     (body, sent.stream, sent.strip_usage)
 }
 
-/// `error.message` of an OpenAI-style error body.
 /// A JSON response with the given status.
 pub(crate) fn json_response(status: u16, body: Bytes) -> Response<GatewayBody> {
     let mut r = Response::new(GatewayBody::full(body));

@@ -128,9 +128,9 @@ pub async fn handle(
     let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     let lines = req.headers().iter().map(|(n, v)| (n.as_str().len(), v.len()));
     let names = req.headers().iter().map(|(n, _)| n.as_str());
-    let named = || llmproxy_core::http::head::lines(req.version() == hyper::Version::HTTP_11, names);
+    let http11 = req.version() == hyper::Version::HTTP_11;
     let head = llmproxy_core::http::head::check(target, lines)
-        .and_then(|()| named())
+        .and_then(|()| llmproxy_core::http::head::lines(http11, names))
         .and_then(|()| llmproxy_core::http::head::method(req.method().as_str()));
     if let Err(e) = head {
         let shown = llmproxy_core::http::head::shown_path(req.uri().path()).to_owned();
