@@ -308,6 +308,20 @@ void llmp_string_free(char *s);
 const char *llmp_version(void);
 
 /**
+ * What LuaJIT's JIT compiler compiles in this library's sandbox VMs,
+ * NUL-terminated: `"everything"` (scripts too: their compiled loops still
+ * stop at the deadline, on the LuaJIT this library brings), `"sandbox"`
+ * (the sandbox's own code; scripts run interpreted, as on a host's
+ * LuaJIT without `LUAJIT_ENABLE_CHECKHOOK`) or `"off"`.
+ * `LLMPROXY_SANDBOX_JIT=off|sandbox` in the environment lowers it; the
+ * first call may take a few milliseconds (the library checks once that
+ * its LuaJIT interrupts a compiled loop).
+ *
+ * Ownership: static; do not free it. Thread safety: safe from any thread.
+ */
+const char *llmp_sandbox_jit(void);
+
+/**
  * The error's kind: `"invalid_argument"`, `"config"`, `"timeout"`,
  * `"memory"`, `"script_error"`, `"bad_output"`, `"internal"` or `"panic"`.
  *

@@ -1,9 +1,12 @@
-# mk/ffi.mk: libllmproxy (C ABI + LuaJIT module), its header, its hosts.
+# mk/ffi.mk: libllmproxy (C ABI; LuaJIT module), its header, its hosts.
 #
 # Included by the top Makefile (`-include mk/*.mk`); also runs on its own:
 # `make -f mk/ffi.mk test-ffi`. Paths are relative to the repository root.
 #
-#   make ffi                 build ffi/target/release/libllmproxy.{so,a}
+#   make ffi                 build the C ABI library with its own LuaJIT,
+#                            ffi/target/capi/release/libllmproxy.{so,a}, and
+#                            the Lua module on the host's LuaJIT,
+#                            ffi/target/release/libllmproxy.so (ADR 073)
 #   make ffi-pkgconfig       that, and ffi/target/pkgconfig/llmproxy.pc for it
 #   make ffi-header          regenerate include/llmproxy.h (cbindgen, pinned)
 #   make ffi-header-check    fail when include/llmproxy.h is out of date
@@ -11,10 +14,13 @@
 #   make test-ffi            header check + C, Go and LuaJIT hosts (+ valgrind)
 #   make bench-ffi           per-call cost: Rust in-process, C ABI, Lua module
 #                            -> docs/benchmarks.md (ffi-bench section)
-#   make install             lib, header, llmproxy.pc, Lua module link
+#   make install             C library, header, llmproxy.pc, Lua module
 #                            (PREFIX=/usr/local, DESTDIR= respected)
 #
-# ffi/ is a workspace of its own (mlua `module` mode, docs/adr/001).
+# ffi/ is a workspace of its own (docs/adr/001), built twice: in mlua
+# `module` mode (the Lua module, `require "llmproxy"`, on the host's LuaJIT:
+# what nginx loads) and in `vendored` mode (the C ABI alone, with a LuaJIT
+# of its own that compiles scripts: what C, Go and LuaJIT FFI hosts link).
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -23,13 +29,20 @@ CC ?= cc
 FFI_TARGET    := ffi/target
 FFI_LIB_DIR   := $(FFI_TARGET)/release
 FFI_SO        := $(FFI_LIB_DIR)/libllmproxy.so
-FFI_A         := $(FFI_LIB_DIR)/libllmproxy.a
 FFI_CARGO     := $(CARGO) --locked
 FFI_MANIFEST  := --manifest-path ffi/Cargo.toml --target-dir $(FFI_TARGET)
 # The shipped library allocates through mimalloc (docs/adr/035); valgrind
 # runs it with LLMPROXY_ALLOCATOR=system, where every Rust allocation is
 # malloc's (docs/adr/061).
 FFI_FEATURES  := --features mimalloc
+# The C ABI library (docs/adr/073): its own LuaJIT, built from source with
+# LUAJIT_ENABLE_CHECKHOOK (.cargo/config.toml) and linked in, hidden.
+CAPI_TARGET   := $(FFI_TARGET)/capi
+CAPI_LIB_DIR  := $(CAPI_TARGET)/release
+CAPI_SO       := $(CAPI_LIB_DIR)/libllmproxy.so
+CAPI_A        := $(CAPI_LIB_DIR)/libllmproxy.a
+CAPI_MANIFEST := --manifest-path ffi/Cargo.toml --target-dir $(CAPI_TARGET)
+CAPI_FEATURES := --no-default-features --features vendored,mimalloc
 FFI_VERSION    = $(shell sed -n 's/^version = "\(.*\)"/\1/p' ffi/Cargo.toml | head -1)
 FFI_DEBS      := luajit2 libluajit2-5.1-dev libjansson-dev lua-cjson golang-go pkg-config valgrind
 
@@ -75,6 +88,7 @@ ffi-deps:
 
 ffi: ffi-deps
 	$(FFI_CARGO) build --release $(FFI_MANIFEST) $(FFI_FEATURES)
+	$(FFI_CARGO) build --release $(CAPI_MANIFEST) $(CAPI_FEATURES)
 
 # The library and an uninstalled llmproxy.pc for it, for programs built
 # against the checkout: PKG_CONFIG_PATH=$PWD/ffi/target/pkgconfig.
@@ -83,7 +97,7 @@ ffi-pkgconfig: ffi $(FFI_PC)
 
 $(FFI_PC): ffi/llmproxy.pc.in ffi/Cargo.toml
 	@mkdir -p $(FFI_PC_DIR)
-	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/$(FFI_LIB_DIR)|' \
+	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/$(CAPI_LIB_DIR)|' \
 	    -e 's|@INCLUDEDIR@|$(CURDIR)/include|' -e 's|@VERSION@|$(FFI_VERSION)|' \
 	    -e 's|@RPATH@|-Wl,-rpath,$${libdir} |' $< > $@
 
@@ -110,19 +124,20 @@ ffi-header-check: ffi-tools
 lint-ffi:
 	$(CARGO) fmt --manifest-path ffi/Cargo.toml -- --check
 	$(FFI_CARGO) clippy --release $(FFI_MANIFEST) $(FFI_FEATURES) --all-targets -- -D warnings
+	$(FFI_CARGO) clippy --release $(CAPI_MANIFEST) $(CAPI_FEATURES) --all-targets -- -D warnings
 
 # ---- hosts --------------------------------------------------------------
 
 test-ffi: ffi-header-check test-ffi-unit test-ffi-c test-ffi-c-valgrind test-ffi-go test-ffi-lua test-ffi-install
 	@echo "test-ffi: C, Go and LuaJIT hosts passed"
 
-$(FFI_OUT)/%: examples/c/%.c $(FFI_C_COMMON) $(FFI_PC) $(FFI_SO)
+$(FFI_OUT)/%: examples/c/%.c $(FFI_C_COMMON) $(FFI_PC) $(CAPI_SO)
 	@mkdir -p $(FFI_OUT)
 	libs="$$($(FFI_PKG) pkg-config --libs llmproxy jansson)" && \
 	  $(CC) $(FFI_CFLAGS) -Iinclude -o $@ $< examples/c/casefile.c $$libs
 
-# The library is (re)built by cargo, which knows when it is stale.
-$(FFI_SO): ffi
+# The libraries are (re)built by cargo, which knows when they are stale.
+$(FFI_SO) $(CAPI_SO): ffi
 	@:
 
 # The crate's own unit tests (pure Rust: no Lua state is opened).
@@ -160,6 +175,7 @@ test-ffi-go: ffi $(FFI_PC)
 	cd examples/go && $(FFI_GO_ENV) go test -count=1 -race ./...
 
 test-ffi-lua: ffi
+	LLMP_CAPI_DIR=$(CAPI_LIB_DIR) luajit examples/lua/capi_host.lua
 	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit examples/lua/conformance.lua conformance/cases/*.json
 	LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit examples/lua/api_test.lua
 	@# The shipped build allocates through mimalloc unless LLMPROXY_ALLOCATOR=system (ADR 061).
@@ -189,13 +205,14 @@ install: install-ffi
 
 install-ffi: ffi
 	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LUA_CMODDIR)
-	install -m 0755 $(FFI_SO) $(DESTDIR)$(LIBDIR)/.libllmproxy.so.new
+	install -m 0755 $(CAPI_SO) $(DESTDIR)$(LIBDIR)/.libllmproxy.so.new
 	mv -f $(DESTDIR)$(LIBDIR)/.libllmproxy.so.new $(DESTDIR)$(LIBDIR)/libllmproxy.so
-	install -m 0644 $(FFI_A) $(DESTDIR)$(LIBDIR)/libllmproxy.a
+	install -m 0644 $(CAPI_A) $(DESTDIR)$(LIBDIR)/libllmproxy.a
 	install -m 0644 include/llmproxy.h $(DESTDIR)$(INCLUDEDIR)/llmproxy.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
 	    -e 's|@VERSION@|$(FFI_VERSION)|' -e 's|@RPATH@|-Wl,-rpath,$${libdir} |' ffi/llmproxy.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/llmproxy.pc
-	ln -sfn $(LIBDIR)/libllmproxy.so $(DESTDIR)$(LUA_CMODDIR)/llmproxy.so
+	install -m 0755 $(FFI_SO) $(DESTDIR)$(LUA_CMODDIR)/.llmproxy.so.new
+	mv -f $(DESTDIR)$(LUA_CMODDIR)/.llmproxy.so.new $(DESTDIR)$(LUA_CMODDIR)/llmproxy.so
 	@# Programs linked through llmproxy.pc carry an rpath to LIBDIR; the
 	@# loader cache serves the others (on Debian /usr/local/lib is in it).
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" -eq 0 ] && command -v $(LDCONFIG) >/dev/null; then $(LDCONFIG); fi
@@ -212,13 +229,13 @@ bench-ffi: ffi $(FFI_PC)
 	@mkdir -p $(FFI_OUT)
 	libs="$$($(FFI_PKG) pkg-config --libs llmproxy)" && \
 	  $(CC) -std=c11 -O2 -g -Wall -Wextra -Werror -Iinclude -o $(FFI_OUT)/bench_c bench/ffi/bench_c.c $$libs
-	$(FFI_CARGO) build --release $(FFI_MANIFEST) $(FFI_FEATURES) --example bench-inproc
+	$(FFI_CARGO) build --release $(CAPI_MANIFEST) $(CAPI_FEATURES) --example bench-inproc
 	@echo "bench-ffi on $$(nproc) cores, $(FFI_BENCH_N) calls each, routing script of case 001, ~10 KB body"
 	python3 bench/ffi/report.py . $(FFI_BENCH_N) $(FFI_BENCH_ROUNDS) $(FFI_BENCH_DOC) \
-	  -- $(FFI_TARGET)/release/examples/bench-inproc . $(FFI_BENCH_N) \
+	  -- $(CAPI_LIB_DIR)/examples/bench-inproc . $(FFI_BENCH_N) \
 	  -- $(FFI_OUT)/bench_c . $(FFI_BENCH_N) \
 	  -- env LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/bench_lua.lua . $(FFI_BENCH_N) \
-	  -- env LLMP_LIB_DIR=$(FFI_LIB_DIR) luajit bench/ffi/request_life.lua . $(FFI_BENCH_N)
+	  -- env LLMP_LIB_DIR=$(CAPI_LIB_DIR) luajit bench/ffi/request_life.lua . $(FFI_BENCH_N)
 
 # ---- housekeeping -------------------------------------------------------
 

@@ -11,6 +11,7 @@
  * valgrind too: nothing here may leak.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "llmproxy.h"
@@ -280,6 +281,16 @@ static void wrong_calls(const llmp_engine *engine) {
     llmp_handle_free(NULL);
 }
 
+/* The library brings its own LuaJIT, built so that compiled loops stop at
+ * the deadline: scripts are compiled unless LLMPROXY_SANDBOX_JIT lowers it. */
+static void sandbox_jit(void) {
+    const char *want = getenv("LLMPROXY_SANDBOX_JIT");
+    const char *mode = llmp_sandbox_jit();
+    if (want == NULL || want[0] == '\0') want = "everything";
+    printf("     sandbox_jit() = %s\n", mode ? mode : "(null)");
+    check(mode != NULL && strcmp(mode, want) == 0, "sandbox_jit() names what the sandbox compiles");
+}
+
 int main(void) {
     llmp_engine *engine = engine_of(SEED_YAML);
     llmp_globals *globals = NULL;
@@ -290,6 +301,7 @@ int main(void) {
         llmp_engine_free(engine);
         return 1;
     }
+    sandbox_jit();
     seed_request(engine, globals);
     failure_policy();
     answer_headers();

@@ -20,7 +20,7 @@
 //	defer r.Close()
 //	backend, err := engine.RoutePrepared(ctx, r, globals)
 //
-// Build: the package links libllmproxy and LuaJIT through pkg-config
+// Build: the package links libllmproxy (which brings its own LuaJIT) through pkg-config
 // (`llmproxy.pc`, installed by `make install`; `make test-ffi` points
 // PKG_CONFIG_PATH at an in-tree one).
 package llmproxy

@@ -62,6 +62,10 @@ local tests = {
       or { mimalloc = true, system = true }
     assert(want[llmproxy.allocator], tostring(llmproxy.allocator))
   end },
+  { "sandbox_jit: on the host's LuaJIT scripts run interpreted (ADR 073)", function()
+    local want = os.getenv("LLMPROXY_SANDBOX_JIT") == "off" and "off" or "sandbox"
+    assert(llmproxy.sandbox_jit == want, tostring(llmproxy.sandbox_jit))
+  end },
   { "null is a NULL light userdata, equal to cjson.null when lua-cjson is installed", function()
     assert(type(llmproxy.null) == "userdata")
     local ok, cjson = pcall(require, "cjson")

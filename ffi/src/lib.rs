@@ -7,14 +7,23 @@
 //!   cbindgen from this crate, checked in): opaque handles with `_new`/`_free`
 //!   pairs, one result enum, outputs only through out-parameters, a
 //!   caller-owned error object, a panic boundary on every entry point;
-//! - a **LuaJIT module** ([`lua`]), `luaopen_llmproxy`, for `require
-//!   "llmproxy"` in OpenResty or the `luajit` CLI.
+//! - a **LuaJIT module** (`lua`, in `module` builds), `luaopen_llmproxy`,
+//!   for `require "llmproxy"` in OpenResty or the `luajit` CLI.
 //!
-//! mlua is built in `module` mode: the library does not link LuaJIT, it uses
-//! the host's (a C or Go host links `-lluajit-5.1`). The sandbox VMs that run
-//! scripts are separate LuaJIT states created by the core, with their own
-//! allocator and limits; the host's own Lua state (in the module) is only
-//! used to convert arguments and results.
+//! The crate builds in one of two modes (docs/adr/073):
+//!
+//! - `module` (the default): C ABI and Lua module on the host process's
+//!   LuaJIT, which the library does not link; nginx and the `luajit` CLI
+//!   load it with `require "llmproxy"`. Sandboxed scripts run interpreted
+//!   there ([`llmproxy_core::sandbox::jit`]).
+//! - `vendored`: the C ABI alone, with a LuaJIT of its own, built with
+//!   `LUAJIT_ENABLE_CHECKHOOK` and linked in with hidden symbols, so a C,
+//!   Go or LuaJIT FFI host needs no LuaJIT and sandboxed scripts are
+//!   compiled. `make ffi` builds it into `ffi/target/capi`.
+//!
+//! Either way the sandbox VMs that run scripts are separate LuaJIT states
+//! created by the core, with their own allocator and limits; the host's own
+//! Lua state (in the module) is only used to convert arguments and results.
 //!
 //! Table of contents:
 //!
@@ -23,12 +32,14 @@
 //!   boundary ([`capi::boundary`]).
 //! - [`input`]: the hook lookup, and the inputs a host parses once and
 //!   reuses (a request, a hook's other globals), shared by both APIs.
-//! - [`lua`]: the LuaJIT module and its Lua <-> JSON conversion.
+//! - `lua` (`module` builds): the LuaJIT module and its Lua <-> JSON
+//!   conversion.
 
 pub mod capi;
 /// cbindgen:ignore
 pub mod input;
 /// cbindgen:ignore
+#[cfg(feature = "module")]
 pub mod lua;
 
 /// cbindgen:ignore

@@ -42,6 +42,18 @@ pub enum Mode {
     Everything,
 }
 
+impl Mode {
+    /// The mode as an operator names it: `off`, `sandbox` (the values of
+    /// [`ENV_VAR`]) or `everything`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::SandboxOnly => "sandbox",
+            Mode::Everything => "everything",
+        }
+    }
+}
+
 /// The [`Mode`] of sandbox VMs in this process.
 pub fn mode() -> Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();

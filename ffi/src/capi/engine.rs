@@ -325,3 +325,22 @@ pub extern "C" fn llmp_version() -> *const c_char {
             .as_ptr()
     })
 }
+
+/// What LuaJIT's JIT compiler compiles in this library's sandbox VMs,
+/// NUL-terminated: `"everything"` (scripts too: their compiled loops still
+/// stop at the deadline, on the LuaJIT this library brings), `"sandbox"`
+/// (the sandbox's own code; scripts run interpreted, as on a host's
+/// LuaJIT without `LUAJIT_ENABLE_CHECKHOOK`) or `"off"`.
+/// `LLMPROXY_SANDBOX_JIT=off|sandbox` in the environment lowers it; the
+/// first call may take a few milliseconds (the library checks once that
+/// its LuaJIT interrupts a compiled loop).
+///
+/// Ownership: static; do not free it. Thread safety: safe from any thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn llmp_sandbox_jit() -> *const c_char {
+    static NAME: OnceLock<CString> = OnceLock::new();
+    boundary::call_or(ptr::null(), || {
+        NAME.get_or_init(|| CString::new(llmproxy_core::sandbox::jit::mode().name()).unwrap_or_default())
+            .as_ptr()
+    })
+}

@@ -1233,6 +1233,9 @@ fn llmproxy(lua: &Lua) -> mlua::Result<Table> {
     };
 
     let exports = lua.create_table()?;
+    // What the sandbox VMs compile: "sandbox" on a host's LuaJIT (scripts
+    // interpreted), unless LLMPROXY_SANDBOX_JIT lowers it to "off".
+    exports.raw_set("sandbox_jit", llmproxy_core::sandbox::jit::mode().name())?;
     exports.raw_set("version", llmproxy_core::VERSION)?;
     // llmproxy.error_body(message, type, code) -> the JSON text of an error
     // the host answers itself (core's `policy::errors::error_body`, the
