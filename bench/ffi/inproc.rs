@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use llmproxy_core::conformance::Case;
 use llmproxy_core::convert::Limits;
+use llmproxy_core::engine::HookGlobals;
 use llmproxy_core::hooks::{BackendStatus, RequestInfo, RouteDecision, RoutingInput};
 use llmproxy_core::{Config, Engine, HookName};
 use serde_json::Value;
@@ -84,15 +85,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let out = engine.route(&typed);
         assert!(matches!(out, Ok(RouteDecision::Backend(ref b)) if b == "ultra"));
     });
-    let globals = input
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .filter(|(k, _)| *k != "request")
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let globals = HookGlobals::new(
+        input
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     bench("run_parts", n, || {
         let out = engine.run_parts(HookName::Routing, Some(&request), None, &globals);
         assert!(matches!(out, Ok(ref v) if *v == expect));

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mlua::{Lua, Table};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::config::{Config, HookConfig};
 use crate::convert::{self, Global, Limits, ResultHeaders};
@@ -409,40 +409,47 @@ impl Engine {
             Some(r) => Some(ResponseInfo::from_json(r).map_err(|e| at(HookError::bad_input(e)))?),
             None => None,
         };
-        self.run_parts(hook, request.as_ref(), response.as_ref(), obj)
+        let globals = HookGlobals::new(
+            obj.iter()
+                .filter(|(name, _)| *name != "request" && *name != "response")
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        self.run_parts(hook, request.as_ref(), response.as_ref(), &globals)
     }
 
     /// [`Engine::run_json`] with the request and response already built, so
     /// a host that runs several hooks on one request parses its body once.
     /// `globals` holds the hook's other globals (`backends`, `key_info`,
-    /// ...); its `request` and `response` entries, if any, are ignored.
+    /// ...), built once for any number of calls.
     pub fn run_parts(
         &self,
         hook: HookName,
         request: Option<&RequestInfo>,
         response: Option<&ResponseInfo>,
-        globals: &Map<String, Value>,
+        globals: &HookGlobals,
     ) -> Result<Value, HookError> {
         let cfg = self.enabled(hook)?;
         let request_id = request.map(|r| r.id.as_str());
         let set_globals = |lua: &Lua, _env: &Table| -> mlua::Result<()> {
             // A global given as `null` is absent (`nil`), as for the typed
             // entry points.
-            let eager: Vec<(&str, Global<'_>)> = globals
+            let shared: Vec<(&str, Global<'_>)> = globals
+                .values
                 .iter()
-                .filter(|(name, _)| *name != "request" && *name != "response")
-                .map(|(name, value)| (name.as_str(), Global::Json(value)))
+                .map(|(name, value)| (name.as_str(), Global::Shared(value)))
                 .collect();
             // SAFETY: `globals`, `request` and `response` are borrowed for
-            // this whole function, which outlasts the call.
+            // this whole function, which outlasts the call. `request` and
+            // `response` are lazy first: the others are lazy where the call
+            // has room left.
             unsafe {
-                convert::stage_globals(lua, &eager)?;
                 if let Some(r) = request {
                     r.defer(lua)?;
                 }
                 if let Some(r) = response {
                     r.defer(lua)?;
                 }
+                convert::stage_globals(lua, &shared)?;
             }
             Ok(())
         };
@@ -480,5 +487,52 @@ impl Engine {
         self.config
             .hook(hook)
             .ok_or_else(|| HookError::bad_input(format!("the {hook} hook is not enabled in this engine")))
+    }
+}
+
+/// A hook's globals other than `request` and `response` (`backends`,
+/// `key_info`, `usage`, `error`, ...), built once for any number of
+/// [`Engine::run_parts`] calls. A JSON object among them reaches scripts
+/// as a lazy table over it, whose fields convert when first read, as
+/// `request.body`'s do: a routing script that reads no backend converts
+/// none. Every object's keys are sorted here, once: `json.encode` writes a
+/// lazy table's fields in their stored order and a plain table's sorted,
+/// so the two agree, whether a script encodes the global as given or
+/// after `pairs` made a plain table of it.
+#[derive(Debug, Clone, Default)]
+pub struct HookGlobals {
+    values: Vec<(String, Arc<Value>)>,
+}
+
+impl HookGlobals {
+    /// The globals `entries` (name, value); `request` and `response` do not
+    /// belong here (see [`Engine::run_parts`]) and are dropped.
+    pub fn new(entries: impl IntoIterator<Item = (String, Value)>) -> HookGlobals {
+        let values = entries
+            .into_iter()
+            .filter(|(name, _)| name != "request" && name != "response")
+            .map(|(name, mut value)| {
+                sort_keys(&mut value);
+                (name, Arc::new(value))
+            })
+            .collect();
+        HookGlobals { values }
+    }
+
+    /// The global `name`, if given (its objects' keys sorted).
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values.iter().find(|(n, _)| n == name).map(|(_, v)| &**v)
+    }
+}
+
+/// Sort the keys of every object in `value`, nested ones too.
+fn sort_keys(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.sort_keys();
+            map.values_mut().for_each(sort_keys);
+        }
+        Value::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
     }
 }

@@ -225,6 +225,41 @@ fn the_lazy_request_table_behaves_as_a_plain_table() {
     }
 }
 
+/// A host's object globals (`run_json`, `run_parts`: the C ABI and the
+/// Lua module) are lazy tables over their JSON: one a script never reads
+/// costs nothing, and at any depth a lazy table and the plain table it
+/// turns into encode to the same text (keys sorted, whatever the host's
+/// order).
+#[test]
+fn object_globals_are_lazy_and_encode_as_plain_tables() {
+    let usage_global = json!({"z": 1, "nested": {"y": [{"b": 2, "a": 1}], "x": true}, "a": "s"});
+    let cases = [
+        (
+            "the top level",
+            "local lazy = json.encode(usage) for _ in pairs(usage) do end \
+             return {same = lazy == json.encode(usage), text = lazy}",
+        ),
+        (
+            "a nested object, read through the lazy table",
+            "local lazy = json.encode(usage.nested) for _ in pairs(usage.nested) do end \
+             return {same = lazy == json.encode(usage.nested), text = lazy}",
+        ),
+    ];
+    let sorted = [
+        r#"{"a":"s","nested":{"x":true,"y":[{"a":1,"b":2}]},"z":1}"#,
+        r#"{"x":true,"y":[{"a":1,"b":2}]}"#,
+    ];
+    for ((what, src), text) in cases.into_iter().zip(sorted) {
+        let input = json!({"request": {"id": "r", "body": {}}, "usage": usage_global.clone()});
+        let got = engine(HookName::Usage, src).run_json(HookName::Usage, &input);
+        assert_eq!(
+            got.map_err(|e| e.message),
+            Ok(json!({"same": true, "text": text})),
+            "{what}"
+        );
+    }
+}
+
 /// `backends` is lazy too: encoded before and after it turns into a plain
 /// table, it gives the same text, and every backend is there.
 #[test]

@@ -8,10 +8,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use llmproxy_core::engine::HookGlobals;
 use llmproxy_core::hooks::{RequestInfo, ResponseInfo, UsageInput, UsageMetadata, UsageRecord};
 use llmproxy_core::policy::usage::{charge, record_json, RecordFields};
 use llmproxy_core::{Config, Engine, HookName};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// Scripts returning every shape a record takes: scalars of each kind,
 /// nested and sorted objects, views no script read (their keys sorted
@@ -103,9 +104,13 @@ fn the_written_record_is_the_value_paths_record() {
             response: &response,
             metadata: &metadata,
         });
-        let mut globals = Map::new();
-        globals.insert("usage".into(), raw.clone());
-        globals.insert("metadata".into(), serde_json::to_value(&metadata).expect("metadata"));
+        let globals = HookGlobals::new([
+            ("usage".to_owned(), raw.clone()),
+            (
+                "metadata".to_owned(),
+                serde_json::to_value(&metadata).expect("metadata"),
+            ),
+        ]);
         let value = e.run_parts(HookName::Usage, Some(&request), Some(&response), &globals);
         match (text, value) {
             (Ok(UsageRecord::Raw), Ok(Value::Null)) => {}

@@ -23,6 +23,7 @@ use std::sync::OnceLock;
 
 use llmproxy_core::config::HookConfig;
 use llmproxy_core::convert::{self, Limits};
+use llmproxy_core::engine::HookGlobals;
 use llmproxy_core::hooks::{BackendStatus, RequestInfo, ResponseInfo};
 use llmproxy_core::http::{api::Api, fields};
 use llmproxy_core::policy::errors::GatewayError;
@@ -161,7 +162,7 @@ impl Request {
 #[derive(Debug, Default)]
 pub struct Globals {
     /// Every global but `request` and `response`.
-    map: Map<String, Value>,
+    globals: HookGlobals,
     /// `response`, when given.
     response: Option<ResponseInfo>,
     /// Size of the JSON text it came from (0 when built from host values).
@@ -176,7 +177,7 @@ pub struct Globals {
 impl Globals {
     /// The `backends` global, typed (built once, on first use).
     pub fn backends(&self) -> Result<&[BackendStatus], Failure> {
-        let typed = self.backends.get_or_init(|| match self.map.get("backends") {
+        let typed = self.backends.get_or_init(|| match self.globals.get("backends") {
             Some(b) => BackendStatus::list_from_json(b),
             None => Err("the globals have no backends".to_owned()),
         });
@@ -217,7 +218,7 @@ impl Globals {
             None => None,
         };
         Ok(Globals {
-            map,
+            globals: HookGlobals::new(map),
             response,
             bytes,
             depth,
@@ -345,7 +346,7 @@ pub fn run(
         hook,
         request.map(Request::info),
         globals.response.as_ref(),
-        &globals.map,
+        &globals.globals,
     )?)
 }
 

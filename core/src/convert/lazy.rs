@@ -198,6 +198,12 @@ impl CallSources {
     }
 
     /// Make `source` the lazy global `name` of the call.
+    /// Whether `name` may be a lazy global of this call: it is one of
+    /// [`LAZY_GLOBALS`] and the call has a free slot.
+    fn can_defer(&self, name: &str) -> bool {
+        LAZY_GLOBALS.contains(&name) && self.deferred.iter().any(Option::is_none)
+    }
+
     fn defer(&mut self, name: &str, source: Source) -> mlua::Result<()> {
         let name = LAZY_GLOBALS
             .iter()
@@ -384,6 +390,12 @@ impl CallData {
             let staged = match value {
                 Global::Json(Value::Null) => None,
                 Global::Json(v) => Some(Staged::Json(v)),
+                Global::Shared(v) if v.is_null() => None,
+                Global::Shared(v) if v.is_object() && s.can_defer(name) => {
+                    s.defer(name, Source::body(v))?;
+                    None
+                }
+                Global::Shared(v) => Some(Staged::Json(&**v)),
                 Global::Text(t) => Some(Staged::Text(t)),
                 Global::Number(n) => Some(Staged::Number(n)),
                 Global::Fields(fields) => {

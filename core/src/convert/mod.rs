@@ -209,6 +209,10 @@ pub(super) unsafe fn push_global(
 pub(crate) enum Global<'a> {
     /// A JSON value.
     Json(&'a Value),
+    /// A JSON value held for many calls: an object is a lazy table over
+    /// it, as `request.body` is (when the global's name may be lazy and
+    /// the call has room for one more), anything else as [`Global::Json`].
+    Shared(&'a std::sync::Arc<Value>),
     /// A flat table of scalars (`standard_checks`, `rate_limit_status`,
     /// `current_time`, `metadata`): a lazy table whose fields convert when
     /// read (`scalars.rs`), without a JSON value built first.
