@@ -346,6 +346,71 @@ async fn a_request_that_does_not_name_its_host_as_http_requires_gets_400_and_the
     assert_eq!(refused, 2.0, "both refusals counted, with no backend");
 }
 
+/// Heads hyper refuses before any request exists (docs/adr/074): the
+/// client gets the gateway's JSON error and a request id, not hyper's
+/// empty answer; each is counted as a request with no backend; the
+/// connection closes, and the next one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_the_http_parser_refuses_get_json_errors() {
+    let m = mock("m", |_| {}).await;
+    let gw = TestGateway::start(&config(&m.url(), "")).await;
+    let many_lines: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let long_target = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    // (what, the bytes sent, status, code)
+    let cases = [
+        (
+            "a header line without a colon",
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nnot a header\r\n\r\n".to_owned(),
+            400,
+            "malformed_request",
+        ),
+        (
+            "no request line",
+            "GARBAGE\r\n\r\n".to_owned(),
+            400,
+            "malformed_request",
+        ),
+        (
+            "an HTTP version that is not 1.x",
+            "GET / HTTP/3.0\r\nhost: x\r\n\r\n".to_owned(),
+            400,
+            "malformed_request",
+        ),
+        (
+            "more than 100 header lines",
+            format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many_lines}\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        ("a target over 64 KiB", long_target, 414, "uri_too_long"),
+    ];
+    for (what, bytes, status, code) in &cases {
+        let (reply, closed) = raw(&addr_of(&gw), bytes.as_bytes(), Duration::from_secs(10)).await;
+        assert_eq!(status_of(&reply), *status, "{what}: {reply}");
+        assert_eq!(body_of(&reply)["error"]["code"], *code, "{what}: {reply}");
+        assert_eq!(body_of(&reply)["error"]["type"], "bad_request", "{what}");
+        let head = reply.to_ascii_lowercase();
+        assert!(head.contains("content-type: application/json"), "{what}: {reply}");
+        assert!(head.contains("x-request-id: req_"), "{what}: {reply}");
+        assert!(closed, "{what}: the connection closes");
+    }
+    for (status, n) in [(400, 3.0), (431, 1.0), (414, 1.0)] {
+        let counted = gw
+            .metric(&format!(
+                r#"llmproxy_requests_total{{backend="none",status="{status}"}}"#
+            ))
+            .await;
+        assert_eq!(counted, n, "{status} counted with no backend");
+    }
+    let (reply, _) = raw(
+        &addr_of(&gw),
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status_of(&reply), 200, "the gateway still serves: {reply}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_refused_and_the_cap_recovers() {
     let m = mock("m", |_| {}).await;

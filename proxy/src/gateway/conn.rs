@@ -1,6 +1,8 @@
 //! Client connections: the cap on how many are open (`gateway.max_connections`)
-//! with a clear refusal, and the write timeout (`gateway.write_timeout_ms`)
-//! that drops a client which stopped reading (docs/adr/036).
+//! with a clear refusal, the write timeout (`gateway.write_timeout_ms`)
+//! that drops a client which stopped reading (docs/adr/036), and the JSON
+//! error in place of hyper's empty answer to a head it refused
+//! ([`super::unparsed`]).
 
 use std::future::Future;
 use std::io;
@@ -17,6 +19,7 @@ use tokio::time::Sleep;
 
 use super::errors::error_body;
 use super::metrics::Metrics;
+use super::unparsed;
 
 /// Refusals being written at once; connections over this are closed
 /// without an answer (each refusal holds its socket for a moment).
@@ -27,12 +30,16 @@ const REFUSAL_TIME: Duration = Duration::from_secs(1);
 /// An I/O stream whose writes fail with `TimedOut` when one stays blocked
 /// (the peer does not read) for longer than the timeout. hyper then drops
 /// the connection and the response body: a relay feeding it stops and
-/// drops its upstream.
+/// drops its upstream. hyper's empty answer to a head it refused is
+/// written as the gateway's JSON error instead ([`unparsed`]).
 pub struct WriteTimeout<T> {
     inner: T,
     timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     metrics: Arc<Metrics>,
+    /// The answer being written in place of hyper's refusal, and how much
+    /// of it is written.
+    replacing: Option<(Vec<u8>, usize)>,
 }
 
 impl<T> WriteTimeout<T> {
@@ -43,6 +50,7 @@ impl<T> WriteTimeout<T> {
             timeout,
             timer: None,
             metrics,
+            replacing: None,
         }
     }
 
@@ -78,9 +86,45 @@ impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> WriteTimeout<T> {
+    /// When `first` (the first bytes of a write of `total`) is hyper's
+    /// answer to a head it refused, or the write of its replacement is
+    /// under way: write the replacement and report the whole write done.
+    /// `None` for any other write.
+    fn replaced(&mut self, cx: &mut Context<'_>, first: &[u8], total: usize) -> Option<Poll<io::Result<usize>>> {
+        if self.replacing.is_none() {
+            // Cheap for every other write: hyper's refusals are 4xx heads
+            // of about 120 bytes.
+            if first.len() > 160 || !first.starts_with(b"HTTP/1.1 4") {
+                return None;
+            }
+            self.replacing = Some((unparsed::replacement(first, &self.metrics)?, 0));
+        }
+        loop {
+            let (bytes, written) = self.replacing.as_mut()?;
+            if *written == bytes.len() {
+                self.replacing = None;
+                return Some(Poll::Ready(Ok(total)));
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(0)) => return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into()))),
+                Poll::Ready(Ok(n)) => {
+                    *written += n;
+                    self.timer = None;
+                }
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => return Some(self.stalled(cx)),
+            }
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(r) = this.replaced(cx, buf, buf.len()) {
+            return r;
+        }
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Pending => this.stalled(cx),
             r => this.progressed(r),
@@ -93,6 +137,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        if let Some(r) = this.replaced(cx, first, bufs.iter().map(|b| b.len()).sum()) {
+            return r;
+        }
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Pending => this.stalled(cx),
             r => this.progressed(r),

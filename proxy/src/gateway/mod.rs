@@ -46,6 +46,7 @@ pub mod request_id;
 pub mod server;
 pub mod state;
 pub mod throttle;
+pub mod unparsed;
 pub mod upstream;
 pub mod workers;
 
