@@ -213,3 +213,48 @@ second stream: 200; rows' statuses: 499 200
 --- timeout: 10
 --- no_error_log
 [error]
+
+
+
+=== TEST 8: a client that leaves while its whole answer is read in a subrequest (response_transform on) is recorded as 499, as the gateway records it; the next request is served
+--- yaml
+ledger: {path: $TEST_NGINX_SERVROOT/html/left-capture.db, flush_ms: 10}
+--- hooks
+  response_transform:
+    script: |
+      return nil
+--- config
+    location = /leave {
+        content_by_lua_block {
+            local drive = require "llmproxy_drive"
+            local port = ngx.var.server_port
+            local body = '{"model":"gpt-4","messages":[]}'
+            local sock = ngx.socket.tcp()
+            assert(sock:connect("127.0.0.1", port))
+            assert(sock:send(table.concat({
+                "POST /v1/chat/completions HTTP/1.1", "Host: localhost", "Content-Type: application/json",
+                "X-Mock-Delay-Ms: 600", "Content-Length: " .. #body, "", body,
+            }, "\r\n")))
+            ngx.sleep(0.2)
+            sock:close() -- the client leaves while the backend has not answered yet
+            ngx.sleep(1.2) -- the backend's answer reaches nginx, then the log phase
+            local status = drive.chat(port, body, {})
+            ngx.sleep(0.3)
+            local conf = ngx.config.prefix() .. "html/llmproxy.yaml"
+            local p = io.popen("@LLMPROXY_BIN@ usage --config " .. conf .. " --records 2>&1")
+            local out = p:read("*a")
+            p:close()
+            local rows = {}
+            for s in out:gmatch('"status":%s*(%d+)') do
+                rows[#rows + 1] = s
+            end
+            ngx.say("next: ", status, "; rows' statuses: ", table.concat(rows, " "))
+        }
+    }
+--- request
+GET /leave
+--- response_body
+next: 200; rows' statuses: 499 200
+--- timeout: 10
+--- no_error_log
+[error]
