@@ -621,22 +621,36 @@ fn not_a_header(name: &str) -> Failure {
     ))
 }
 
-/// Header changes as a JSON object (`null` removes), or `None` for none.
+/// Header changes as a JSON object (`null` removes), or `None` for none:
+/// written as text, without a JSON value built first (the changes are
+/// checked and sorted by name; a Lua table's keys are unique).
 fn header_changes(changes: &[(String, HeaderChange)]) -> Result<Option<CString>, Failure> {
     if changes.is_empty() {
         return Ok(None);
     }
-    let map: Map<String, Value> = changes
-        .iter()
-        .map(|(name, change)| {
-            let v = match change {
-                HeaderChange::Set(s) => Value::String(s.clone()),
-                HeaderChange::Remove => Value::Null,
-            };
-            (name.clone(), v)
-        })
-        .collect();
-    c_text(Value::Object(map).to_string()).map(Some)
+    let mut out = Vec::with_capacity(2 + changes.iter().map(|(n, _)| n.len() + 32).sum::<usize>());
+    out.push(b'{');
+    for (i, (name, change)) in changes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_string(&mut out, name)?;
+        out.push(b':');
+        match change {
+            HeaderChange::Set(value) => json_string(&mut out, value)?,
+            HeaderChange::Remove => out.extend_from_slice(b"null"),
+        }
+    }
+    out.push(b'}');
+    CString::new(out)
+        .map(Some)
+        .map_err(|_| Failure::new(llmp_result::LLMP_INTERNAL, "text holds a NUL byte"))
+}
+
+/// Append `s` as a JSON string.
+fn json_string(out: &mut Vec<u8>, s: &str) -> Result<(), Failure> {
+    serde_json::to_writer(&mut *out, s)
+        .map_err(|e| Failure::new(llmp_result::LLMP_INTERNAL, format!("cannot encode a header: {e}")))
 }
 
 fn bytes_out(bytes: Option<&[u8]>) -> (*const c_char, usize) {

@@ -50,10 +50,11 @@ end
 -- `otherwise`, as the gateway's: 499 when the client left a stream before
 -- its end (nginx's status is the 200 that went out with the head; the
 -- request did not complete, and the body filter never saw the stream's
--- end); the backend's when response_transform changed the one the client
--- got on a successful answer (a failure records the client's).
+-- end) or left while its answer was read in a subrequest; the backend's
+-- when response_transform changed the one the client got on a successful
+-- answer (a failure records the client's).
 local function served_status(ctx, otherwise)
-    if stream_cut(ctx) == "client" then
+    if ctx.client_left or stream_cut(ctx) == "client" then
         return 499
     end
     if ctx.head_status and not ctx.failure then

@@ -19,6 +19,7 @@ local ngx_var = ngx.var
 local ngx_header = ngx.header
 local ngx_print = ngx.print
 local ngx_exit = ngx.exit
+local ngx_on_abort = ngx.on_abort
 local location_capture = ngx.location.capture
 local apply_response_headers = require("resty.llmproxy.failure").apply_response_headers
 local known_failure = require("resty.llmproxy.failure").known
@@ -105,6 +106,15 @@ end
 -- @tparam table ctx the request's context
 -- @phases access
 function _M.relay(ctx)
+    -- A client that leaves while its answer is read is a client that
+    -- left, as in the gateway and in nginx's proxy: the request ends (its
+    -- subrequest and the backend's connection with it) and is recorded as
+    -- 499. nginx says so only with `lua_check_client_abort on`; without
+    -- it, the answer goes out to the closed connection and counts as sent.
+    ngx_on_abort(function()
+        ctx.client_left = true
+        return ngx_exit(499)
+    end)
     local res = location_capture(ngx_var.uri, {
         method = ngx.HTTP_POST, -- (an API call is a POST: core's `http::api`)
         args = ngx_var.args,

@@ -74,6 +74,7 @@ sub gateway_setup {
         $block->set_value('http_config', <<"CONF" . $mocks . $extra_http);
     lua_shared_dict llmproxy_metrics 1m;
     lua_shared_dict llmproxy_limits 1m;
+    lua_check_client_abort on;
     upstream llmproxy_backends {
         server 0.0.0.1;   # never used: the balancer sets the peer
         balancer_by_lua_block { require("resty.llmproxy").balancer() }
