@@ -179,7 +179,10 @@ fn main() -> ExitCode {
         "| sandboxed / unsandboxed_bare (floor), 10 KB | {} | (for reference) |",
         ratio("routing/sandboxed/10KB", "routing/unsandboxed_bare/10KB")
     ));
-    out.push(size_ratio_row(rounds_dir, &ratio("routing/sandboxed/1MB", "routing/sandboxed/10KB")));
+    out.push(size_ratio_row(
+        rounds_dir,
+        &ratio("routing/sandboxed/1MB", "routing/sandboxed/10KB"),
+    ));
     out.push(format!(
         "| compute-bound script, sandboxed / plain LuaJIT, JIT on | {} | <= 1.3x |",
         ratio("compute/sandboxed/jit", "compute/plain/jit")
