@@ -155,7 +155,7 @@ fn main() -> ExitCode {
         String::new(),
         "## Core: hook calls in-process (criterion)".to_owned(),
         String::new(),
-        format!("Command: `make bench-core` (`cargo bench -p llmproxy-bench --bench hooks`, then `compute/sandboxed` again with `LLMPROXY_SANDBOX_JIT=sandbox`); machine: {cores} cores; allocator: mimalloc, as every host links. Medians from one run."),
+        format!("Command: `make bench-core` (three rounds of `cargo bench -p llmproxy-bench --bench hooks -- routing/sandboxed/` for the 1 MB / 10 KB ratio, then `cargo bench -p llmproxy-bench --bench hooks`, then `compute/sandboxed` again with `LLMPROXY_SANDBOX_JIT=sandbox`); machine: {cores} cores; allocator: mimalloc, as every host links. Medians from one run."),
         String::new(),
         "| benchmark | what | median |".to_owned(),
         "|---|---|---|".to_owned(),
