@@ -197,13 +197,13 @@ impl CallSources {
         self.sources.len() - 1
     }
 
-    /// Make `source` the lazy global `name` of the call.
     /// Whether `name` may be a lazy global of this call: it is one of
     /// [`LAZY_GLOBALS`] and the call has a free slot.
     fn can_defer(&self, name: &str) -> bool {
         LAZY_GLOBALS.contains(&name) && self.deferred.iter().any(Option::is_none)
     }
 
+    /// Make `source` the lazy global `name` of the call.
     fn defer(&mut self, name: &str, source: Source) -> mlua::Result<()> {
         let name = LAZY_GLOBALS
             .iter()
