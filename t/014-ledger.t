@@ -195,15 +195,7 @@ ledger: {path: $TEST_NGINX_SERVROOT/html/left.db, flush_ms: 10}
             ngx.sleep(1.5) -- the stream's end reaches nginx, then its log phase
             local status = drive.chat(port, body, { ["X-Mock-Chunks"] = "2" })
             ngx.sleep(0.3)
-            local conf = ngx.config.prefix() .. "html/llmproxy.yaml"
-            local p = io.popen("@LLMPROXY_BIN@ usage --config " .. conf .. " --records 2>&1")
-            local out = p:read("*a")
-            p:close()
-            local rows = {}
-            for s in out:gmatch('"status":%s*(%d+)') do
-                rows[#rows + 1] = s
-            end
-            ngx.say("second stream: ", status, "; rows' statuses: ", table.concat(rows, " "))
+            ngx.say("second stream: ", status, "; rows' statuses: ", drive.ledger_statuses("@LLMPROXY_BIN@"))
         }
     }
 --- request
@@ -240,15 +232,7 @@ ledger: {path: $TEST_NGINX_SERVROOT/html/left-capture.db, flush_ms: 10}
             ngx.sleep(1.2) -- the backend's answer reaches nginx, then the log phase
             local status = drive.chat(port, body, {})
             ngx.sleep(0.3)
-            local conf = ngx.config.prefix() .. "html/llmproxy.yaml"
-            local p = io.popen("@LLMPROXY_BIN@ usage --config " .. conf .. " --records 2>&1")
-            local out = p:read("*a")
-            p:close()
-            local rows = {}
-            for s in out:gmatch('"status":%s*(%d+)') do
-                rows[#rows + 1] = s
-            end
-            ngx.say("next: ", status, "; rows' statuses: ", table.concat(rows, " "))
+            ngx.say("next: ", status, "; rows' statuses: ", drive.ledger_statuses("@LLMPROXY_BIN@"))
         }
     }
 --- request

@@ -131,4 +131,20 @@ function _M.redis(port)
     return red
 end
 
+--- The statuses of the ledger's rows, oldest first, as `BIN usage
+-- --records` reads them from this nginx's html/llmproxy.yaml.
+-- @tparam string bin the llmproxy binary
+-- @treturn string the statuses, space-separated
+function _M.ledger_statuses(bin)
+    local conf = ngx.config.prefix() .. "html/llmproxy.yaml"
+    local p = io.popen(bin .. " usage --config " .. conf .. " --records 2>&1")
+    local out = p:read("*a")
+    p:close()
+    local rows = {}
+    for s in out:gmatch('"status":%s*(%d+)') do
+        rows[#rows + 1] = s
+    end
+    return table.concat(rows, " ")
+end
+
 return _M
