@@ -182,12 +182,9 @@ ledger: {path: $TEST_NGINX_SERVROOT/html/left.db, flush_ms: 10}
             local drive = require "llmproxy_drive"
             local port = ngx.var.server_port
             local body = '{"model":"gpt-4","stream":true,"messages":[]}'
-            local sock = ngx.socket.tcp()
-            assert(sock:connect("127.0.0.1", port))
-            assert(sock:send(table.concat({
-                "POST /v1/chat/completions HTTP/1.1", "Host: localhost", "Content-Type: application/json",
-                "X-Mock-Chunks: 6", "X-Mock-Chunk-Delay-Ms: 150", "Content-Length: " .. #body, "", body,
-            }, "\r\n")))
+            local sock = assert(drive.send(port, "POST", "/v1/chat/completions", {
+                ["Content-Type"] = "application/json", ["X-Mock-Chunks"] = "6", ["X-Mock-Chunk-Delay-Ms"] = "150",
+            }, body))
             repeat
                 local line = assert(sock:receive("*l"))
             until line:find("^data:")
@@ -221,12 +218,9 @@ ledger: {path: $TEST_NGINX_SERVROOT/html/left-capture.db, flush_ms: 10}
             local drive = require "llmproxy_drive"
             local port = ngx.var.server_port
             local body = '{"model":"gpt-4","messages":[]}'
-            local sock = ngx.socket.tcp()
-            assert(sock:connect("127.0.0.1", port))
-            assert(sock:send(table.concat({
-                "POST /v1/chat/completions HTTP/1.1", "Host: localhost", "Content-Type: application/json",
-                "X-Mock-Delay-Ms: 600", "Content-Length: " .. #body, "", body,
-            }, "\r\n")))
+            local sock = assert(drive.send(port, "POST", "/v1/chat/completions", {
+                ["Content-Type"] = "application/json", ["X-Mock-Delay-Ms"] = "600",
+            }, body))
             ngx.sleep(0.2)
             sock:close() -- the client leaves while the backend has not answered yet
             ngx.sleep(1.2) -- the backend's answer reaches nginx, then the log phase

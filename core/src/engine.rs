@@ -409,11 +409,7 @@ impl Engine {
             Some(r) => Some(ResponseInfo::from_json(r).map_err(|e| at(HookError::bad_input(e)))?),
             None => None,
         };
-        let globals = HookGlobals::new(
-            obj.iter()
-                .filter(|(name, _)| *name != "request" && *name != "response")
-                .map(|(name, value)| (name.clone(), value.clone())),
-        );
+        let globals = HookGlobals::new(obj.iter().map(|(name, value)| (name.clone(), value.clone())));
         self.run_parts(hook, request.as_ref(), response.as_ref(), &globals)
     }
 

@@ -25,13 +25,11 @@ local function dechunk(body)
     return table.concat(out)
 end
 
---- One request to 127.0.0.1:`port` (Connection: close); `headers`: name ->
--- value, or a list of values (the header sent once per value).
--- @treturn number status
--- @treturn table headers (lower-case names; the last value of a repeated one)
--- @treturn string body
--- @treturn table every value of each header, in order (lower-case names)
-function _M.request(port, method, path, headers, body)
+--- Send one request to 127.0.0.1:`port` (Connection: close) and leave
+-- its answer unread; `headers`: name -> value, or a list of values (the
+-- header sent once per value).
+-- @treturn table the connected cosocket, or nil and an error
+function _M.send(port, method, path, headers, body)
     local sock = ngx.socket.tcp()
     sock:settimeout(10000)
     local ok, err = sock:connect("127.0.0.1", port)
@@ -54,6 +52,20 @@ function _M.request(port, method, path, headers, body)
     req[#req + 1] = "\r\n"
     req[#req + 1] = body or ""
     assert(sock:send(table.concat(req)))
+    return sock
+end
+
+--- One request to 127.0.0.1:`port` (Connection: close), as `send` sends
+-- it, and its answer.
+-- @treturn number status
+-- @treturn table headers (lower-case names; the last value of a repeated one)
+-- @treturn string body
+-- @treturn table every value of each header, in order (lower-case names)
+function _M.request(port, method, path, headers, body)
+    local sock, err = _M.send(port, method, path, headers, body)
+    if not sock then
+        return nil, err
+    end
     local raw = {}
     while true do
         local data = sock:receiveany(65536)

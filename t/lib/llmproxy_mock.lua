@@ -17,9 +17,10 @@
 -- Steering headers: `X-Mock-Status: N` answers N with an OpenAI-style
 -- error; `X-Mock-Delay-Ms` sleeps before the head; `X-Mock-Body: bad-json`
 -- answers `{not json`; `X-Mock-Break: 1` sends the first half of a chat
--- completion (of a stream: its first event), then closes the connection. What the backend saw is reported in `X-Seen-*`
--- response headers (`X-Seen-Body`: bodies up to 512 bytes), so tests can
--- check the rewritten request with `--- response_headers`.
+-- completion (of a stream: its first event), then closes the connection.
+-- What the backend saw is reported in `X-Seen-*` response headers
+-- (`X-Seen-Body`: bodies up to 512 bytes), so tests can check the
+-- rewritten request with `--- response_headers`.
 local cjson = require "cjson.safe"
 
 local ngx = ngx

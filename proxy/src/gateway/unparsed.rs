@@ -40,19 +40,19 @@ pub const MAX_HEADER_LINES: usize = 100;
 /// The header lines of hyper's refusal, before its `date`.
 const REFUSAL_HEADERS: &[u8] = b"connection: close\r\ncontent-length: 0\r\ndate: ";
 
-/// The refusal `head` is, when it is hyper's answer to a head it refused:
-/// one of [`STATUS_LINES`], then exactly `connection: close`,
-/// `content-length: 0` and a `date`, and nothing after the blank line. The
-/// gateway's own answers always carry a body or an `x-request-id`, so
-/// none of them has this shape.
-pub fn refusal_of(head: &[u8]) -> Option<(HeadRefusal, &[u8])> {
-    let (line, refusal) = STATUS_LINES.iter().find(|(line, _)| head.starts_with(line))?;
+/// The refusal `head` is, with its status line and its `date`, when it
+/// is hyper's answer to a head it refused: one of [`STATUS_LINES`], then
+/// exactly `connection: close`, `content-length: 0` and a `date`, and
+/// nothing after the blank line. The gateway's own answers always carry a
+/// body or an `x-request-id`, so none of them has this shape.
+pub fn refusal_of(head: &[u8]) -> Option<(HeadRefusal, &'static [u8], &[u8])> {
+    let &(line, refusal) = STATUS_LINES.iter().find(|(line, _)| head.starts_with(line))?;
     let rest = head[line.len()..].strip_prefix(REFUSAL_HEADERS)?;
     let date = rest.strip_suffix(b"\r\n\r\n")?;
     if date.len() > 64 || date.contains(&b'\n') {
         return None;
     }
-    Some((*refusal, date))
+    Some((refusal, line, date))
 }
 
 /// The answer to send instead of hyper's empty one: the same status with
@@ -97,8 +97,7 @@ pub fn answer(refusal: HeadRefusal, date: &[u8], status_line: &[u8], metrics: &M
 /// [`refusal_of`], then [`answer`]: the bytes to write instead of `head`,
 /// or `None` to write `head` as it is.
 pub fn replacement(head: &[u8], metrics: &Metrics) -> Option<Vec<u8>> {
-    let (refusal, date) = refusal_of(head)?;
-    let status_line = head.split_inclusive(|b| *b == b'\n').next()?;
+    let (refusal, status_line, date) = refusal_of(head)?;
     Some(answer(refusal, date, status_line, metrics))
 }
 
@@ -131,7 +130,7 @@ mod tests {
             ),
         ];
         for (head, want) in cases {
-            assert_eq!(refusal_of(head.as_bytes()).map(|(r, _)| r), want, "{head:?}");
+            assert_eq!(refusal_of(head.as_bytes()).map(|(r, _, _)| r), want, "{head:?}");
         }
     }
 }
